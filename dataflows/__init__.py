@@ -1,0 +1,1 @@
+"""Bytewax dataflows and Kafka I/O that wire recsys/ to streams."""

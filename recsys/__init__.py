@@ -1,0 +1,1 @@
+"""Streaming recommender library: plain Python, no Kafka, no Bytewax."""

@@ -1,0 +1,331 @@
+"""Typed records that cross the system's boundaries, and their JSON codec.
+
+Four records, each mirrored by a JSON Schema in ``schemas/`` (the contract with producers
+and consumers in any language; ``tests/test_schemas.py`` proves the two agree):
+
+- :class:`Event`          ``schemas/event.v1.json``          input topic ``events``
+- :class:`CatalogItem`    ``schemas/catalog_item.v1.json``   input topic ``catalog``
+- :class:`Recommendation` ``schemas/recommendation.v1.json`` output topic ``recommendations``
+- :class:`DeadLetter`     ``schemas/dead_letter.v1.json``    output topic ``dead-letters``
+
+Decoding never raises anything but :class:`DecodeError`, whose message names the field and
+what was wrong, so a bad message can be dead-lettered with a reason instead of stopping the
+stream.
+
+>>> ev = decode_event(b'{"event_id":"e1","type":"click","user_id":"u1","item_id":"i9","ts":1700000000000}')
+>>> (ev.type, ev.user_id, ev.item_id, ev.ts)
+('click', 'u1', 'i9', 1700000000000)
+>>> decode_event(b'{"event_id":"e1","type":"hover","user_id":"u1","item_id":"i9","ts":0}')
+Traceback (most recent call last):
+...
+recsys.events.DecodeError: field 'type': unknown event type 'hover' (expected one of browse, click, add_to_cart, purchase, search)
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal, get_args
+
+import orjson
+
+EventType = Literal["browse", "click", "add_to_cart", "purchase", "search"]
+EVENT_TYPES: tuple[str, ...] = get_args(EventType)
+
+#: Schema versions written into every emitted record and checked on input.
+SCHEMA_VERSION = 1
+
+#: Default cap on one message's size. Real events are a few hundred bytes; anything near a
+#: megabyte is a producer bug, and parsing it would stall the stream for everyone.
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024
+
+_MAX_ID_LEN = 256  # ids longer than this are producer bugs, not identifiers
+_MAX_TEXT_LEN = 10_000  # item text beyond this adds nothing to a MiniLM embedding (256 tokens)
+
+
+class DecodeError(ValueError):
+    """A message that cannot become a typed record; the text is the dead-letter reason."""
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One shopper action. ``ts`` is epoch milliseconds (RFC 3339 strings are converted)."""
+
+    event_id: str
+    type: EventType
+    user_id: str
+    item_id: str | None
+    ts: int
+    session_id: str | None = None
+    query: str | None = None
+    price: float | None = None
+    quantity: int | None = None
+    context: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "event_id": self.event_id,
+            "type": self.type,
+            "user_id": self.user_id,
+            "ts": self.ts,
+        }
+        if self.item_id is not None:
+            out["item_id"] = self.item_id
+        for name in ("session_id", "query", "price", "quantity", "context"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogItem:
+    """An item upsert. ``text`` is what gets embedded (title, brand, category, description)."""
+
+    item_id: str
+    title: str
+    description: str | None = None
+    category: str | None = None
+    brand: str | None = None
+    price: float | None = None
+    available: bool = True
+    attributes: dict[str, Any] | None = None
+
+    @property
+    def text(self) -> str:
+        parts = [self.title, self.brand, self.category, self.description]
+        return " | ".join(p for p in parts if p)
+
+    @property
+    def repeat_purchase(self) -> bool:
+        """Items such as groceries that people buy again; these stay recommendable."""
+        return bool((self.attributes or {}).get("repeat_purchase", False))
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"item_id": self.item_id, "title": self.title, "available": self.available}
+        for name in ("description", "category", "brand", "price", "attributes"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class RecommendedItem:
+    item_id: str
+    score: float
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Recommendation:
+    """Ranked items for one user, emitted after one (or a coalesced run of) their events.
+
+    ``event_ts`` is the triggering event's time; ``emitted_at`` the wall clock at emission,
+    both epoch milliseconds, so ``emitted_at - append time`` is the serving latency.
+    """
+
+    user_id: str
+    items: tuple[RecommendedItem, ...]
+    trigger_event_id: str
+    model_version: str
+    event_ts: int
+    emitted_at: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "user_id": self.user_id,
+            "items": [{"item_id": i.item_id, "score": i.score, "reason": i.reason} for i in self.items],
+            "trigger_event_id": self.trigger_event_id,
+            "model_version": self.model_version,
+            "event_ts": self.event_ts,
+            "emitted_at": self.emitted_at,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class SourcePosition:
+    """Where a message came from: the coordinates a dead letter points back to."""
+
+    topic: str
+    partition: int
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A message the system refused, with why, and where it came from. Bytes are kept exact."""
+
+    payload: bytes
+    reason: str
+    source: SourcePosition
+    failed_at: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "payload_b64": base64.b64encode(self.payload).decode("ascii"),
+            "payload_preview": self.payload[:200].decode("utf-8", errors="replace"),
+            "reason": self.reason,
+            "source": {
+                "topic": self.source.topic,
+                "partition": self.source.partition,
+                "offset": self.source.offset,
+            },
+            "failed_at": self.failed_at,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """One raw message as read from a topic, before decoding."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+    timestamp_ms: int = 0  # broker append time (LogAppendTime or CreateTime)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def position(self) -> SourcePosition:
+        return SourcePosition(self.topic, self.partition, self.offset)
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def _loads(raw: bytes, max_bytes: int) -> dict[str, Any]:
+    if not isinstance(raw, (bytes, bytearray, memoryview)):
+        raise DecodeError(f"payload: expected bytes, got {type(raw).__name__}")
+    if len(raw) > max_bytes:
+        raise DecodeError(f"payload: oversized message of {len(raw)} bytes (limit {max_bytes})")
+    if len(raw) == 0:
+        raise DecodeError("payload: empty message")
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise DecodeError(f"payload: malformed or truncated JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise DecodeError(f"payload: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _str(obj: dict[str, Any], name: str, *, required: bool, max_len: int = _MAX_ID_LEN) -> str | None:
+    value = obj.get(name)
+    if value is None:
+        if required:
+            raise DecodeError(f"field '{name}': missing")
+        return None
+    if not isinstance(value, str):
+        raise DecodeError(f"field '{name}': expected a string, got {type(value).__name__}")
+    if required and not value:
+        raise DecodeError(f"field '{name}': empty string")
+    if len(value) > max_len:
+        raise DecodeError(f"field '{name}': longer than {max_len} characters")
+    return value
+
+
+def _number(obj: dict[str, Any], name: str) -> float | None:
+    value = obj.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise DecodeError(f"field '{name}': expected a finite number, got {value!r}")
+    if value < 0:
+        raise DecodeError(f"field '{name}': negative ({value})")
+    return float(value)
+
+
+def parse_ts(value: Any) -> int:
+    """Epoch milliseconds from an int/float of epoch ms or an RFC 3339 string.
+
+    >>> parse_ts("2019-10-01T00:00:01Z"), parse_ts(1569888001000)
+    (1569888001000, 1569888001000)
+    """
+    if isinstance(value, bool):
+        raise DecodeError("field 'ts': expected epoch milliseconds or an RFC 3339 string, got bool")
+    if isinstance(value, (int, float)):
+        if not math.isfinite(value) or value < 0:
+            raise DecodeError(f"field 'ts': not a valid epoch-millisecond time ({value!r})")
+        return int(value)
+    if isinstance(value, str):
+        try:
+            dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise DecodeError(f"field 'ts': not an RFC 3339 time ({value!r})") from None
+        if dt.tzinfo is None:
+            raise DecodeError(f"field 'ts': RFC 3339 time without a UTC offset ({value!r})")
+        return int(dt.timestamp() * 1000)
+    if value is None:
+        raise DecodeError("field 'ts': missing")
+    raise DecodeError(f"field 'ts': expected epoch milliseconds or an RFC 3339 string, got {type(value).__name__}")
+
+
+def event_from_dict(obj: dict[str, Any]) -> Event:
+    """Validate a parsed JSON object as an :class:`Event` (the rules of ``event.v1.json``)."""
+    etype = obj.get("type")
+    if etype is None:
+        raise DecodeError("field 'type': missing")
+    if etype not in EVENT_TYPES:
+        raise DecodeError(
+            f"field 'type': unknown event type {etype!r} (expected one of {', '.join(EVENT_TYPES)})"
+        )
+    event_id = _str(obj, "event_id", required=True)
+    user_id = _str(obj, "user_id", required=True)
+    item_id = _str(obj, "item_id", required=etype != "search")
+    query = _str(obj, "query", required=False, max_len=1_000)
+    if etype == "search" and not query:
+        raise DecodeError("field 'query': missing (required for search events)")
+    ts = parse_ts(obj.get("ts"))
+    session_id = _str(obj, "session_id", required=False)
+    price = _number(obj, "price")
+    quantity = obj.get("quantity")
+    if quantity is not None and (isinstance(quantity, bool) or not isinstance(quantity, int) or quantity < 0):
+        raise DecodeError(f"field 'quantity': expected a non-negative integer, got {quantity!r}")
+    context = obj.get("context")
+    if context is not None and not isinstance(context, dict):
+        raise DecodeError(f"field 'context': expected an object, got {type(context).__name__}")
+    return Event(event_id, etype, user_id, item_id, ts, session_id, query, price, quantity, context)  # type: ignore[arg-type]
+
+
+def catalog_item_from_dict(obj: dict[str, Any]) -> CatalogItem:
+    """Validate a parsed JSON object as a :class:`CatalogItem` (``catalog_item.v1.json``)."""
+    item_id = _str(obj, "item_id", required=True)
+    title = _str(obj, "title", required=True, max_len=_MAX_TEXT_LEN)
+    description = _str(obj, "description", required=False, max_len=_MAX_TEXT_LEN)
+    category = _str(obj, "category", required=False, max_len=1_000)
+    brand = _str(obj, "brand", required=False, max_len=1_000)
+    price = _number(obj, "price")
+    available = obj.get("available", True)
+    if not isinstance(available, bool):
+        raise DecodeError(f"field 'available': expected a boolean, got {type(available).__name__}")
+    attributes = obj.get("attributes")
+    if attributes is not None and not isinstance(attributes, dict):
+        raise DecodeError(f"field 'attributes': expected an object, got {type(attributes).__name__}")
+    return CatalogItem(item_id, title, description, category, brand, price, available, attributes)  # type: ignore[arg-type]
+
+
+def decode_event(raw: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Event:
+    return event_from_dict(_loads(raw, max_bytes))
+
+
+def decode_catalog_item(raw: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> CatalogItem:
+    return catalog_item_from_dict(_loads(raw, max_bytes))
+
+
+def encode(record: Event | CatalogItem | Recommendation | DeadLetter) -> bytes:
+    """Compact JSON bytes for any of the four records."""
+    return orjson.dumps(record.to_dict())
+
+
+def recommendation_from_dict(obj: dict[str, Any]) -> Recommendation:
+    """Inverse of :meth:`Recommendation.to_dict` (for consumers, tests and the tail command)."""
+    items = tuple(RecommendedItem(i["item_id"], float(i["score"]), i["reason"]) for i in obj["items"])
+    return Recommendation(
+        obj["user_id"], items, obj["trigger_event_id"], obj["model_version"], int(obj["event_ts"]), int(obj["emitted_at"])
+    )
