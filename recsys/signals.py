@@ -1,0 +1,295 @@
+"""Global signals learned from every user's events: trending popularity and co-visitation.
+
+Both live in memory and are persisted incrementally through a :class:`recsys.state.KVStore`:
+``export_dirty()`` hands back the records changed since the last export (to be written in the
+same atomic ``kv.write`` as user state and watermarks), ``load(kv)`` rebuilds from the store.
+Everything decays in *event* time (the events' ``ts``, epoch milliseconds), never wall time,
+so a replay produces the same numbers as the live run. Neither structure skips re-delivered
+events by itself: the caller guards them with per-partition watermarks.
+
+>>> pop = Popularity(half_life_h=1.0)
+>>> pop.update("a", 2.0, ts=0); pop.update("b", 1.0, ts=0)
+>>> pop.top(2, now_ts=3_600_000)           # one half-life later: halved
+[('a', 1.0), ('b', 0.5)]
+>>> cov = CoVisitation(half_life_h=1.0, max_neighbours=10, window=5)
+>>> cov.update([("a", "browse", 0)], "b", "click", ts=0)
+>>> cov.neighbours("a", 5), cov.neighbours("b", 5)
+([('b', 2.0, 1)], [('a', 2.0, 1)])
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import struct
+from typing import TYPE_CHECKING, Iterable
+
+import numpy as np
+import orjson
+
+if TYPE_CHECKING:  # runtime import would be circular: state imports EVENT_WEIGHTS from here
+    from recsys.state import KVStore
+
+#: How much one event says about a shopper's interest in its item: the one place these live.
+#: Search carries no item, so it weighs nothing.
+EVENT_WEIGHTS: dict[str, float] = {"browse": 1.0, "click": 2.0, "add_to_cart": 4.0, "purchase": 8.0, "search": 0.0}
+
+POP_PREFIX = b"pop:"
+COV_PREFIX = b"cov:"
+
+_MS_PER_HOUR = 3_600_000
+_POP_RECORD = struct.Struct("<dq")  # score at ref time, ref time (epoch ms)
+
+
+def decay_factor(dt_ms: float, half_life_ms: float) -> float:
+    """``0.5 ** (dt / half_life)`` with ``dt`` clamped at 0 (time never runs backwards).
+
+    >>> decay_factor(7_200_000, 3_600_000), decay_factor(-5, 3_600_000)
+    (0.25, 1.0)
+    """
+    if dt_ms <= 0:
+        return 1.0
+    return 0.5 ** (dt_ms / half_life_ms)
+
+
+def _check_half_life(half_life_h: float) -> float:
+    if not (half_life_h > 0 and math.isfinite(half_life_h)):
+        raise ValueError(f"half_life_h must be a positive finite number of hours, got {half_life_h!r}")
+    return half_life_h * _MS_PER_HOUR
+
+
+class Popularity:
+    """Time-decayed popularity ("trending") per item, in event time.
+
+    Per item: a score valid at a reference time (the newest event seen for it) and that
+    time; everything else is decayed lazily on read. Scores and times sit in numpy arrays so
+    ``top`` over ~100k items is one vectorised decay plus an ``argpartition`` (~1-2 ms).
+
+    >>> p = Popularity(half_life_h=24.0)
+    >>> p.update("x", 8.0, ts=1_000); p.update("y", 1.0, ts=1_000)
+    >>> p.top(5, now_ts=1_000, exclude={"x"})
+    [('y', 1.0)]
+    """
+
+    def __init__(self, half_life_h: float, *, initial_capacity: int = 1024) -> None:
+        self.half_life_h = half_life_h
+        self._half_life_ms = _check_half_life(half_life_h)
+        self._index: dict[str, int] = {}
+        self._ids: list[str] = []
+        cap = max(16, initial_capacity)
+        self._score = np.zeros(cap, dtype=np.float64)
+        self._ref = np.zeros(cap, dtype=np.int64)
+        self._dirty: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def _slot(self, item_id: str, ts: int) -> int:
+        i = self._index.get(item_id)
+        if i is not None:
+            return i
+        i = len(self._ids)
+        if i == len(self._score):  # grow by doubling: amortised O(1) inserts
+            self._score = np.concatenate([self._score, np.zeros(i, dtype=np.float64)])
+            self._ref = np.concatenate([self._ref, np.zeros(i, dtype=np.int64)])
+        self._index[item_id] = i
+        self._ids.append(item_id)
+        self._score[i] = 0.0
+        self._ref[i] = ts
+        return i
+
+    def update(self, item_id: str, weight: float, ts: int) -> None:
+        """Add ``weight`` for ``item_id`` at event time ``ts``; zero weights are ignored.
+
+        A late event (``ts`` before the item's reference time) is added already decayed to
+        the reference time, so no decay ever runs with a negative time step.
+        """
+        if weight == 0:
+            return
+        i = self._slot(item_id, ts)
+        ref = int(self._ref[i])
+        score = float(self._score[i])
+        if ts >= ref:
+            score = score * decay_factor(ts - ref, self._half_life_ms) + weight
+            self._ref[i] = ts
+        else:
+            score += weight * decay_factor(ref - ts, self._half_life_ms)
+        self._score[i] = score
+        self._dirty.add(item_id)
+
+    def score(self, item_id: str, now_ts: int) -> float:
+        """The item's score decayed to ``now_ts`` (0.0 for an unseen item)."""
+        i = self._index.get(item_id)
+        if i is None:
+            return 0.0
+        return float(self._score[i]) * decay_factor(now_ts - int(self._ref[i]), self._half_life_ms)
+
+    def top(self, n: int, now_ts: int, exclude: set[str] | frozenset[str] | None = None) -> list[tuple[str, float]]:
+        """The ``n`` highest-scoring items at ``now_ts`` as ``(item_id, score)``, best first.
+
+        Items in ``exclude`` and items scoring 0 are left out. Ties are broken by item id,
+        so the answer never depends on insertion order (e.g. before and after ``load``).
+        """
+        m = len(self._ids)
+        if n <= 0 or m == 0:
+            return []
+        exclude = exclude or frozenset()
+        dt = np.maximum(now_ts - self._ref[:m], 0).astype(np.float64)
+        eff = self._score[:m] * np.exp2(-dt / self._half_life_ms)
+        # Enough headroom that excluded items cannot push wanted ones out of the cut.
+        k = min(m, n + sum(1 for x in exclude if x in self._index))
+        ids = self._ids
+        if k < m:
+            cut = np.argpartition(-eff, k - 1)[:k]  # cut[k-1] is the k-th best; all better are in cut
+            threshold = eff[cut[k - 1]]
+            above = cut[eff[cut] > threshold].tolist()
+            tied = np.flatnonzero(eff == threshold).tolist()
+            if len(above) + len(tied) > k:  # ties at the cut: the smallest ids win, whatever the order
+                tied = heapq.nsmallest(k - len(above), tied, key=ids.__getitem__)
+            cand = above + tied
+        else:
+            cand = list(range(m))
+        ranked = sorted((j for j in cand if eff[j] > 0), key=lambda j: (-eff[j], ids[j]))
+        out: list[tuple[str, float]] = []
+        for j in ranked:
+            if ids[j] in exclude:
+                continue
+            out.append((ids[j], float(eff[j])))
+            if len(out) == n:
+                break
+        return out
+
+    def export_dirty(self) -> dict[bytes, bytes]:
+        """Records changed since the last export, ``b"pop:"+id -> (score, ref_ts)``; clears them."""
+        out: dict[bytes, bytes] = {}
+        for item_id in sorted(self._dirty):
+            i = self._index[item_id]
+            out[POP_PREFIX + item_id.encode()] = _POP_RECORD.pack(float(self._score[i]), int(self._ref[i]))
+        self._dirty.clear()
+        return out
+
+    def load(self, kv: KVStore) -> None:
+        """Replace everything held with the records under ``b"pop:"`` in ``kv``."""
+        self._index.clear()
+        self._ids.clear()
+        self._dirty.clear()
+        scores: list[float] = []
+        refs: list[int] = []
+        for key, value in kv.iter_prefix(POP_PREFIX):
+            score, ref = _POP_RECORD.unpack(value)
+            item_id = key[len(POP_PREFIX) :].decode()
+            self._index[item_id] = len(self._ids)
+            self._ids.append(item_id)
+            scores.append(score)
+            refs.append(ref)
+        cap = max(16, 2 * len(scores))
+        self._score = np.zeros(cap, dtype=np.float64)
+        self._ref = np.zeros(cap, dtype=np.int64)
+        self._score[: len(scores)] = scores
+        self._ref[: len(refs)] = refs
+
+
+class CoVisitation:
+    """Item-to-item co-visitation (OTTO style), weighted by event type and closeness in time.
+
+    When a user engages with item ``b`` after the recent items ``a1..an`` of their history
+    (its last ``window`` entries), each distinct ``a != b`` gains, symmetrically with ``b``,
+    ``EVENT_WEIGHTS[type_b] * 0.5 ** ((ts_b - ts_a) / half_life)`` and one raw co-occurrence.
+    A repeated ``a`` in the window counts once, at its most recent time. Each item keeps at
+    most ``max_neighbours`` neighbours: when a list overflows, its weakest pair is dropped
+    from both sides, so the relation stays symmetric. Accumulated weights are not decayed
+    over time (``neighbours`` takes no clock); the half-life only discounts distant pairs.
+
+    >>> c = CoVisitation(half_life_h=1.0, max_neighbours=2, window=5)
+    >>> hist = [("a", "browse", 0), ("b", "browse", 3_600_000)]
+    >>> c.update(hist, "c", "purchase", ts=3_600_000)
+    >>> c.neighbours("c", 5)
+    [('b', 8.0, 1), ('a', 4.0, 1)]
+    """
+
+    def __init__(self, half_life_h: float, max_neighbours: int, window: int = 5) -> None:
+        if max_neighbours <= 0 or window <= 0:
+            raise ValueError(f"max_neighbours and window must be > 0, got {max_neighbours}, {window}")
+        self.half_life_h = half_life_h
+        self.max_neighbours = max_neighbours
+        self.window = window
+        self._half_life_ms = _check_half_life(half_life_h)
+        # item -> neighbour -> [weight, raw count]
+        self._nbrs: dict[str, dict[str, list]] = {}
+        self._dirty: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self._nbrs)
+
+    def update(self, history: Iterable[tuple[str | None, str, int]], item_id: str | None, event_type: str, ts: int) -> None:
+        """Learn from one engagement with ``item_id`` given the user's history *before* it.
+
+        ``history`` is ``[(item_id, event_type, ts), ...]``, most recent last (as kept by
+        :class:`recsys.state.UserState`); entries without an item are ignored.
+        """
+        w = EVENT_WEIGHTS.get(event_type, 0.0)
+        if item_id is None or w == 0:
+            return
+        recent: dict[str, int] = {}
+        for a, _type_a, ts_a in list(history)[-self.window :]:
+            if a is None or a == item_id:
+                continue
+            gap = abs(ts - ts_a)  # out-of-order history: distance in time either way
+            if a not in recent or gap < recent[a]:
+                recent[a] = gap
+        for a in sorted(recent):
+            self._add_pair(a, item_id, w * decay_factor(recent[a], self._half_life_ms))
+
+    def _add_pair(self, a: str, b: str, weight: float) -> None:
+        for x, y in ((a, b), (b, a)):
+            nbrs = self._nbrs.setdefault(x, {})
+            entry = nbrs.get(y)
+            if entry is None:
+                nbrs[y] = [weight, 1]
+            else:
+                entry[0] += weight
+                entry[1] += 1
+            self._dirty.add(x)
+        for x in (a, b):
+            nbrs = self._nbrs.get(x)
+            if nbrs is not None and len(nbrs) > self.max_neighbours:
+                # the weakest goes; among equals the smallest id, so the choice is deterministic
+                victim = min(nbrs, key=lambda y: (nbrs[y][0], y))
+                self._drop_pair(x, victim)
+
+    def _drop_pair(self, x: str, y: str) -> None:
+        for p, q in ((x, y), (y, x)):
+            nbrs = self._nbrs.get(p)
+            if nbrs is not None and nbrs.pop(q, None) is not None:
+                self._dirty.add(p)
+                if not nbrs:
+                    del self._nbrs[p]
+
+    def neighbours(self, item_id: str, n: int) -> list[tuple[str, float, int]]:
+        """Up to ``n`` neighbours of ``item_id`` as ``(neighbour, weight, raw count)``,
+        heaviest first, ties by neighbour id."""
+        nbrs = self._nbrs.get(item_id)
+        if not nbrs or n <= 0:
+            return []
+        ranked = sorted(nbrs.items(), key=lambda kv: (-kv[1][0], kv[0]))[:n]
+        return [(y, float(e[0]), int(e[1])) for y, e in ranked]
+
+    def export_dirty(self) -> dict[bytes, bytes]:
+        """Changed lists since the last export, ``b"cov:"+id -> JSON [[nbr, weight, count]...]``
+        (an empty list for an item that lost all neighbours); clears them."""
+        out: dict[bytes, bytes] = {}
+        for item_id in sorted(self._dirty):
+            nbrs = self._nbrs.get(item_id, {})
+            out[COV_PREFIX + item_id.encode()] = orjson.dumps([[y, e[0], e[1]] for y, e in sorted(nbrs.items())])
+        self._dirty.clear()
+        return out
+
+    def load(self, kv: KVStore) -> None:
+        """Replace everything held with the records under ``b"cov:"`` in ``kv``."""
+        self._nbrs.clear()
+        self._dirty.clear()
+        for key, value in kv.iter_prefix(COV_PREFIX):
+            rows = orjson.loads(value)
+            if rows:
+                self._nbrs[key[len(COV_PREFIX):].decode()] = {y: [float(w), int(c)] for y, w, c in rows}
+

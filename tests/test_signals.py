@@ -1,0 +1,239 @@
+"""Global signals: time-decayed popularity and co-visitation, and their persistence."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import textwrap
+
+import orjson
+import pytest
+
+from recsys.signals import EVENT_WEIGHTS, CoVisitation, Popularity
+from recsys.state import MemoryKV, RocksKV
+
+H = 3_600_000  # one hour in ms
+
+
+@pytest.fixture(params=["memory", "rocks"])
+def kv(request, tmp_path):
+    store = MemoryKV() if request.param == "memory" else RocksKV(tmp_path / "db")
+    yield store
+    store.close()
+
+
+def test_event_weights_are_the_documented_ones():
+    assert EVENT_WEIGHTS == {"browse": 1.0, "click": 2.0, "add_to_cart": 4.0, "purchase": 8.0, "search": 0.0}
+
+
+# --------------------------------------------------------------------------- popularity
+
+
+def test_popularity_decays_by_hand():
+    p = Popularity(half_life_h=2.0)
+    p.update("a", 4.0, ts=0)
+    p.update("a", 1.0, ts=2 * H)  # 4 -> 2, + 1
+    assert p.score("a", 2 * H) == pytest.approx(3.0)
+    assert p.score("a", 6 * H) == pytest.approx(0.75)
+    assert p.score("a", 0) == pytest.approx(3.0)  # asking about the past never inflates
+
+
+def test_popularity_late_event_is_added_decayed():
+    p = Popularity(half_life_h=1.0)
+    p.update("a", 1.0, ts=2 * H)
+    p.update("a", 4.0, ts=0)
+    assert p.score("a", 2 * H) == pytest.approx(2.0)
+
+
+def test_popularity_unknown_item_scores_zero_and_zero_weights_are_ignored():
+    p = Popularity(half_life_h=1.0)
+    p.update("a", 0.0, ts=0)
+    assert p.score("a", 0) == 0.0 and len(p) == 0 and p.top(5, 0) == []
+
+
+def test_popularity_top_ranks_by_decayed_score():
+    p = Popularity(half_life_h=1.0)
+    p.update("old", 10.0, ts=0)  # 10 / 2**4 = 0.625 at 4h
+    p.update("new", 1.0, ts=4 * H)
+    p.update("mid", 2.0, ts=3 * H)  # 1.0 at 4h
+    assert p.top(3, now_ts=4 * H) == [("mid", 1.0), ("new", 1.0), ("old", 0.625)]  # tie broken by id
+    assert p.top(1, now_ts=0) == [("old", 10.0)]
+
+
+def test_popularity_top_excludes_and_still_fills_n():
+    p = Popularity(half_life_h=1.0)
+    for i in range(20):
+        p.update(f"i{i:02d}", float(i + 1), ts=0)
+    got = p.top(3, now_ts=0, exclude={"i19", "i18", "nonexistent"})
+    assert [i for i, _ in got] == ["i17", "i16", "i15"]
+
+
+def test_popularity_top_matches_a_full_sort_with_ties():
+    rng = random.Random(7)
+    p = Popularity(half_life_h=5.0, initial_capacity=4)  # forces growth too
+    for _ in range(3000):
+        p.update(f"i{rng.randrange(500)}", float(rng.choice([1, 2, 4, 8])), ts=rng.randrange(0, 10 * H, H))
+    now = 12 * H
+    items = {f"i{i}" for i in range(500)}
+    exclude = set(rng.sample(sorted(items), 40))
+    full = sorted(((i, p.score(i, now)) for i in items if p.score(i, now) > 0 and i not in exclude), key=lambda t: (-t[1], t[0]))
+    got = p.top(25, now, exclude)
+    assert [i for i, _ in got] == [i for i, _ in full[:25]]
+    assert [s for _, s in got] == pytest.approx([s for _, s in full[:25]])
+
+
+def test_popularity_top_breaks_mass_ties_by_id():
+    p = Popularity(half_life_h=1.0)
+    for i in reversed(range(5000)):
+        p.update(f"i{i:04d}", 1.0, ts=0)
+    p.update("z", 2.0, ts=0)
+    assert p.top(3, now_ts=0, exclude={"i0000"}) == [("z", 2.0), ("i0001", 1.0), ("i0002", 1.0)]
+
+
+def test_popularity_export_and_load_reproduce_identical_scores(kv):
+    rng = random.Random(1)
+    p = Popularity(half_life_h=3.0)
+    for _ in range(500):
+        p.update(f"i{rng.randrange(60)}", float(rng.choice([1, 2, 4, 8])), ts=rng.randrange(0, 50 * H))
+    kv.write(p.export_dirty())
+    assert p.export_dirty() == {}  # the dirty set was cleared
+    p.update("i1", 1.0, ts=51 * H)
+    changed = p.export_dirty()
+    assert list(changed) == [b"pop:i1"]  # only what changed since
+    kv.write(changed)
+    p.update("i2", 8.0, ts=52 * H)
+    kv.write(p.export_dirty())
+    q = Popularity(half_life_h=3.0)
+    q.load(kv)
+    assert len(q) == len(p)
+    for i in range(60):
+        assert q.score(f"i{i}", 60 * H) == p.score(f"i{i}", 60 * H)
+    assert q.top(10, 60 * H) == p.top(10, 60 * H)
+
+
+# --------------------------------------------------------------------------- co-visitation
+
+
+def test_covisit_weight_by_event_type_and_time_gap():
+    c = CoVisitation(half_life_h=1.0, max_neighbours=10, window=5)
+    c.update([("a", "browse", 0), ("b", "click", 2 * H)], "c", "add_to_cart", ts=2 * H)
+    assert c.neighbours("c", 5) == [("b", 4.0, 1), ("a", 1.0, 1)]  # 4 * 2**0, 4 * 2**-2
+
+
+def test_covisit_is_symmetric_and_accumulates():
+    c = CoVisitation(half_life_h=1.0, max_neighbours=10)
+    c.update([("a", "browse", 0)], "b", "click", ts=0)
+    c.update([("b", "browse", 0)], "a", "purchase", ts=0)
+    assert c.neighbours("a", 5) == [("b", 10.0, 2)]
+    assert c.neighbours("b", 5) == [("a", 10.0, 2)]
+
+
+def test_covisit_uses_only_the_last_window_items_and_skips_self_and_repeats():
+    c = CoVisitation(half_life_h=100.0, max_neighbours=10, window=3)
+    hist = [("old", "browse", 0), ("x", "browse", 0), ("b", "browse", 0), ("x", "browse", 0)]
+    c.update(hist, "x", "browse", ts=0)
+    assert c.neighbours("x", 5) == [("b", 1.0, 1)]
+    c.update([("b", "browse", 0), ("a", "browse", 0), ("a", "browse", 0)], "z", "browse", ts=0)
+    assert c.neighbours("z", 5) == [("a", 1.0, 1), ("b", 1.0, 1)]  # "a" twice in the window counts once
+
+
+def test_covisit_ignores_search_and_itemless_history():
+    c = CoVisitation(half_life_h=1.0, max_neighbours=10)
+    c.update([("a", "browse", 0)], None, "search", ts=0)
+    c.update([(None, "search", 0)], "b", "click", ts=0)
+    assert len(c) == 0
+
+
+def test_covisit_neighbours_ordered_by_weight_then_id_and_truncated():
+    c = CoVisitation(half_life_h=1.0, max_neighbours=10)
+    c.update([("b", "browse", 0)], "a", "browse", ts=0)
+    c.update([("c", "browse", 0)], "a", "purchase", ts=0)
+    c.update([("d", "browse", 0)], "a", "browse", ts=0)
+    assert c.neighbours("a", 2) == [("c", 8.0, 1), ("b", 1.0, 1)]
+    assert c.neighbours("unknown", 5) == []
+
+
+def test_covisit_stays_bounded_and_symmetric_under_eviction():
+    rng = random.Random(3)
+    c = CoVisitation(half_life_h=1.0, max_neighbours=4, window=5)
+    hist: list[tuple[str, str, int]] = []
+    for t in range(3000):
+        item, etype = f"i{rng.randrange(40)}", rng.choice(["browse", "click", "add_to_cart", "purchase"])
+        c.update(hist, item, etype, ts=t * 60_000)
+        hist = (hist + [(item, etype, t * 60_000)])[-5:]
+    pairs = {(a, b, w, n) for a in c._nbrs for b, w, n in c.neighbours(a, 100)}
+    assert pairs and all(len(c.neighbours(a, 100)) <= 4 for a in c._nbrs)
+    assert {(b, a, w, n) for a, b, w, n in pairs} == pairs
+
+
+def test_covisit_eviction_drops_the_weakest_pair_from_both_sides():
+    c = CoVisitation(half_life_h=1.0, max_neighbours=2)
+    c.update([("b", "browse", 0)], "a", "purchase", ts=0)  # a-b 8
+    c.update([("c", "browse", 0)], "a", "click", ts=0)  # a-c 2
+    c.update([("d", "browse", 0)], "a", "add_to_cart", ts=0)  # a-d 4 evicts a-c
+    assert [n for n, _, _ in c.neighbours("a", 5)] == ["b", "d"]
+    assert c.neighbours("c", 5) == []
+    c.update([("e", "browse", 0)], "a", "browse", ts=0)  # a-e 1 is the weakest: dropped at once
+    assert [n for n, _, _ in c.neighbours("a", 5)] == ["b", "d"] and c.neighbours("e", 5) == []
+
+
+def test_covisit_export_and_load_round_trip(kv):
+    rng = random.Random(5)
+    c = CoVisitation(half_life_h=2.0, max_neighbours=3)
+    hist: list[tuple[str, str, int]] = []
+    for t in range(400):
+        item = f"i{rng.randrange(25)}"
+        c.update(hist, item, "click", ts=t * H // 10)
+        hist = (hist + [(item, "click", t * H // 10)])[-5:]
+        if t % 50 == 0:
+            kv.write(c.export_dirty())
+    kv.write(c.export_dirty())
+    assert c.export_dirty() == {}
+    d = CoVisitation(half_life_h=2.0, max_neighbours=3)
+    d.load(kv)
+    for i in range(25):
+        assert d.neighbours(f"i{i}", 10) == c.neighbours(f"i{i}", 10)
+    assert len(d) == len(c)
+
+
+def test_covisit_item_that_loses_every_neighbour_is_exported_empty():
+    c = CoVisitation(half_life_h=1.0, max_neighbours=1)
+    c.update([("b", "browse", 0)], "a", "browse", ts=0)
+    c.export_dirty()
+    c.update([("c", "browse", 0)], "a", "purchase", ts=0)  # a-c 8 evicts a-b
+    out = c.export_dirty()
+    assert orjson.loads(out[b"cov:b"]) == []
+    kv = MemoryKV()
+    kv.write(out)
+    d = CoVisitation(half_life_h=1.0, max_neighbours=1)
+    d.load(kv)
+    assert d.neighbours("b", 5) == [] and len(d) == 2
+
+
+_RUN = textwrap.dedent(
+    """
+    import hashlib, random
+    from recsys.signals import CoVisitation, Popularity
+    rng = random.Random(11)
+    pop, cov = Popularity(1.0), CoVisitation(1.0, max_neighbours=3)
+    hist = []
+    for t in range(2000):
+        item = "i%d" % rng.randrange(30)
+        pop.update(item, 1.0, t)
+        cov.update(hist, item, "browse", t)
+        hist = (hist + [(item, "browse", t)])[-5:]
+    blob = repr(sorted(pop.export_dirty().items())) + repr(sorted(cov.export_dirty().items()))
+    blob += repr(pop.top(30, 2000)) + repr([cov.neighbours("i%d" % i, 5) for i in range(30)])
+    print(hashlib.sha256(blob.encode()).hexdigest())
+    """
+)
+
+
+def test_signals_do_not_depend_on_the_hash_seed():
+    outs = set()
+    for seed in ("1", "2"):
+        env = dict(os.environ, PYTHONHASHSEED=seed)
+        outs.add(subprocess.run([sys.executable, "-c", _RUN], env=env, capture_output=True, text=True, check=True).stdout)
+    assert len(outs) == 1
