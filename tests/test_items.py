@@ -1,0 +1,210 @@
+"""Catalog, item index (real faiss) and item space (real model, real rocksdict cache)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from recsys.embeddings import Embedder
+from recsys.events import CatalogItem, DecodeError
+from recsys.items import Catalog, ItemIndex, ItemSpace, load_jsonl
+
+DIM = 32
+
+
+def unit_rows(rng: np.random.Generator, n: int, dim: int = DIM) -> np.ndarray:
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(7)
+
+
+@pytest.fixture
+def random_index(rng: np.random.Generator) -> tuple[ItemIndex, list[str], np.ndarray]:
+    ids = [f"item-{i}" for i in range(500)]
+    vecs = unit_rows(rng, len(ids))
+    index = ItemIndex(DIM)
+    index.upsert(ids, vecs)
+    return index, ids, vecs
+
+
+@pytest.fixture(scope="module")
+def embedder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Embedder]:
+    emb = Embedder("all-MiniLM-L6-v2", cache_dir=str(tmp_path_factory.mktemp("items-embed")))
+    yield emb
+    emb.close()
+
+
+CATALOG = [
+    CatalogItem("shoe", "Red running shoes", category="Footwear", brand="Fleet"),
+    CatalogItem("sneaker", "Crimson jogging sneakers", category="Footwear"),
+    CatalogItem("cake", "Chocolate cake", category="Bakery"),
+    CatalogItem("tart", "Lemon tart", category="Bakery"),
+    CatalogItem("kettle", "Electric kettle 1.7 l", category="Kitchen"),
+]
+
+
+# ----------------------------------------------------------------------------- ItemIndex
+
+
+def test_search_returns_the_exact_nearest_neighbours(random_index, rng) -> None:
+    index, ids, vecs = random_index
+    queries = rng.standard_normal((20, DIM)).astype(np.float32)
+    results = index.search(queries, k=10)
+    brute = queries @ vecs.T
+    for q, got in enumerate(results):
+        top = np.argsort(-brute[q])[:10]
+        assert [item for item, _ in got] == [ids[i] for i in top]
+        np.testing.assert_allclose([s for _, s in got], brute[q, top], atol=1e-5)
+
+
+def test_batched_search_equals_per_query_search(random_index, rng) -> None:
+    index, ids, _ = random_index
+    queries = rng.standard_normal((16, DIM)).astype(np.float32)
+    exclude = [set(rng.choice(ids, size=j, replace=False).tolist()) for j in range(16)]
+    batched = index.search(queries, k=8, exclude=exclude)
+    singles = [index.search(queries[j : j + 1], k=8, exclude=[exclude[j]])[0] for j in range(16)]
+    assert batched == singles
+
+
+def test_exclusions_are_honoured_and_k_is_still_filled(random_index, rng) -> None:
+    index, ids, _ = random_index
+    query = rng.standard_normal((1, DIM)).astype(np.float32)
+    plain = [i for i, _ in index.search(query, k=30)[0]]
+    banned = set(plain[:25]) | {"not-in-index"}
+    got = [i for i, _ in index.search(query, k=10, exclude=[banned])[0]]
+    assert len(got) == 10
+    assert not banned & set(got)
+    assert got[:5] == plain[25:30]
+
+
+def test_upsert_replaces_an_existing_vector(random_index) -> None:
+    index, ids, vecs = random_index
+    target = vecs[3]
+    index.upsert(["item-0"], target[None, :] * 5.0)  # stored normalised
+    assert len(index) == len(ids)
+    np.testing.assert_allclose(index.vector("item-0"), target, atol=1e-6)
+    top2 = {i for i, _ in index.search(target[None, :], k=2)[0]}
+    assert top2 == {"item-0", "item-3"}
+
+
+def test_remove_drops_items_from_search_and_lookup(random_index) -> None:
+    index, ids, vecs = random_index
+    assert index.remove(["item-1", "item-2", "unknown"]) == 2
+    assert "item-1" not in index and len(index) == len(ids) - 2
+    assert index.vector("item-1") is None
+    hits = {i for i, _ in index.search(vecs[1:3], k=5)[0] + index.search(vecs[1:3], k=5)[1]}
+    assert not {"item-1", "item-2"} & hits
+    np.testing.assert_allclose(index.vectors(["item-3", "item-0"]), vecs[[3, 0]], atol=1e-6)
+
+
+def test_vectors_of_an_unknown_id_raises_key_error(random_index) -> None:
+    index, _, _ = random_index
+    with pytest.raises(KeyError, match="nope"):
+        index.vectors(["item-0", "nope"])
+
+
+def test_zero_norm_queries_return_nothing_but_others_still_answer(random_index, rng) -> None:
+    index, _, _ = random_index
+    queries = np.vstack([np.zeros(DIM, np.float32), rng.standard_normal(DIM).astype(np.float32)])
+    zero, other = index.search(queries, k=3)
+    assert zero == [] and len(other) == 3
+
+
+def test_search_never_returns_more_than_the_index_holds() -> None:
+    index = ItemIndex(2)
+    index.upsert(["a", "b"], np.array([[1, 0], [0, 1]], np.float32))
+    assert [i for i, _ in index.search(np.array([[1, 0.5]], np.float32), k=10)[0]] == ["a", "b"]
+    assert ItemIndex(2).search(np.array([[1, 0]], np.float32), k=3) == [[]]
+
+
+def test_last_vector_wins_for_an_id_repeated_in_one_upsert() -> None:
+    index = ItemIndex(2)
+    index.upsert(["a", "a"], np.array([[1, 0], [0, 1]], np.float32))
+    assert len(index) == 1
+    np.testing.assert_allclose(index.vector("a"), [0, 1])
+
+
+def test_wrong_dimension_is_rejected() -> None:
+    with pytest.raises(ValueError, match=r"\(n, 4\)"):
+        ItemIndex(4).upsert(["a"], np.ones((1, 3), np.float32))
+
+
+# ----------------------------------------------------------------------------- Catalog
+
+
+def test_catalog_reports_only_new_or_text_changed_items() -> None:
+    cat = Catalog()
+    assert [i.item_id for i in cat.upsert(CATALOG)] == [i.item_id for i in CATALOG]
+    changed = cat.upsert(
+        [
+            CatalogItem("shoe", "Red running shoes", category="Footwear", brand="Fleet", price=50.0),
+            CatalogItem("cake", "Chocolate fudge cake", category="Bakery"),
+        ]
+    )
+    assert [i.item_id for i in changed] == ["cake"]
+    assert cat.get("shoe").price == 50.0 and len(cat) == len(CATALOG)
+
+
+def test_catalog_unavailable_item_is_known_but_not_recommendable() -> None:
+    cat = Catalog()
+    cat.upsert([CatalogItem("x", "Thing", available=False)])
+    assert "x" in cat and not cat.is_recommendable("x")
+    assert not cat.is_recommendable("never-seen")
+
+
+# ----------------------------------------------------------------------------- ItemSpace
+
+
+def test_item_space_finds_semantic_neighbours(embedder: Embedder) -> None:
+    space = ItemSpace(embedder)
+    assert space.upsert(CATALOG) == len(CATALOG)
+    got = space.search(space.vectors(["shoe"]), k=2, exclude=[{"shoe"}])[0]
+    assert got[0][0] == "sneaker"
+
+
+def test_item_space_re_embeds_only_the_changed_item(embedder: Embedder) -> None:
+    space = ItemSpace(embedder)
+    space.upsert(CATALOG)
+    before = dict(embedder.stats)
+    old = space.vector("cake")
+    n = space.upsert(
+        [CatalogItem("cake", "Carrot cake", category="Bakery"), CatalogItem("tart", "Lemon tart", category="Bakery", price=3.0)]
+    )
+    assert n == 1
+    assert embedder.stats["misses"] - before["misses"] == 1
+    assert embedder.stats["hits"] == before["hits"]
+    assert float(old @ space.vector("cake")) < 0.99
+
+
+def test_unavailable_item_is_never_a_candidate_until_available_again(embedder: Embedder) -> None:
+    space = ItemSpace(embedder)
+    space.upsert(CATALOG)
+    sneaker = space.vectors(["sneaker"])
+    space.upsert([CatalogItem("sneaker", "Crimson jogging sneakers", category="Footwear", available=False)])
+    assert "sneaker" in space and not space.recommendable("sneaker")
+    assert space.vector("sneaker") is None
+    results = space.search(np.vstack([sneaker] * 3), k=len(CATALOG))
+    assert all("sneaker" not in {i for i, _ in r} for r in results)
+    assert all(len(r) == len(CATALOG) - 1 for r in results)
+    misses = embedder.stats["misses"]
+    assert space.upsert([CatalogItem("sneaker", "Crimson jogging sneakers", category="Footwear")]) == 1
+    assert embedder.stats["misses"] == misses  # back from the cache, not the model
+    assert space.recommendable("sneaker")
+    assert space.search(sneaker, k=1)[0][0][0] == "sneaker"
+
+
+def test_load_jsonl_reads_items_and_names_the_bad_line(tmp_path: Path) -> None:
+    good = tmp_path / "catalog.jsonl"
+    good.write_text('{"item_id": "a", "title": "A"}\n\n{"item_id": "b", "title": "B", "available": false}\n')
+    assert [(i.item_id, i.available) for i in load_jsonl(good)] == [("a", True), ("b", False)]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"item_id": "a", "title": "A"}\n{"item_id": "b"}\n')
+    with pytest.raises(DecodeError, match=r"line 2: field 'title': missing"):
+        load_jsonl(bad)
