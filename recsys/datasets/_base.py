@@ -1,0 +1,215 @@
+"""Shared pieces of the dataset adapters: the :class:`Dataset` record, the skip log, row
+reading with line numbers, and time parsing.
+
+Adapters never raise on a bad row: they count it in :attr:`Dataset.skipped` under a reason
+kind (``"truncated row"``) and keep the first few occurrences, with line numbers, in
+:attr:`Dataset.examples`. They do raise :class:`ValueError` for a wrong file or a wrong
+configuration (missing columns, unknown mapping keys), which no amount of skipping fixes.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from operator import attrgetter
+from typing import Any
+
+from tqdm import tqdm
+
+from recsys.events import CatalogItem, DecodeError, Event
+
+#: How many example lines each skip reason keeps: enough to find the pattern in the file,
+#: few enough that a file full of bad rows does not keep a million strings alive.
+EXAMPLES_PER_REASON = 3
+
+
+@dataclass
+class Dataset:
+    """A loaded event log: events sorted by ``ts`` (stable, so ties keep file order),
+    the catalog of the items they touch, and what was skipped and why.
+
+    >>> ds = Dataset("tiny", [Event("t:2", "click", "u1", "i1", 5), Event("t:3", "purchase", "u2", "i1", 9)],
+    ...              [CatalogItem("i1", "item i1")])
+    >>> s = ds.stats()
+    >>> (s["events"], s["types"], s["users"], s["items"], s["skipped"])
+    (2, {'click': 1, 'purchase': 1}, 2, 1, 0)
+    """
+
+    name: str
+    events: list[Event]
+    catalog: list[CatalogItem]
+    skipped: Counter[str] = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)
+
+    def stats(self) -> dict[str, Any]:
+        """Counts for a report: events by type, distinct users/items/sessions, time span, skips."""
+        types = Counter(e.type for e in self.events)
+        first = self.events[0].ts if self.events else None
+        last = self.events[-1].ts if self.events else None
+        return {
+            "name": self.name,
+            "events": len(self.events),
+            "types": dict(sorted(types.items())),
+            "users": len({e.user_id for e in self.events}),
+            "items": len({e.item_id for e in self.events if e.item_id is not None}),
+            "sessions": len({e.session_id for e in self.events if e.session_id is not None}),
+            "catalog_items": len(self.catalog),
+            "first_ts": first,
+            "last_ts": last,
+            "first_time": _iso(first),
+            "last_time": _iso(last),
+            "skipped": sum(self.skipped.values()),
+            "skipped_by_reason": dict(self.skipped.most_common()),
+            "examples": list(self.examples),
+        }
+
+
+def _iso(ts: int | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts / 1000, UTC).isoformat().replace("+00:00", "Z")
+
+
+class SkipLog:
+    """Counts skipped rows by reason kind and keeps the first few as readable examples.
+
+    >>> log = SkipLog()
+    >>> log.add("truncated row", 17, "data.csv", "8 of 9 fields")
+    >>> log.counts, log.examples
+    (Counter({'truncated row': 1}), ['truncated row at line 17 of data.csv: 8 of 9 fields'])
+    """
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.examples: list[str] = []
+
+    def add(self, kind: str, line: int, source: str | None = None, detail: str | None = None) -> None:
+        self.counts[kind] += 1
+        if self.counts[kind] <= EXAMPLES_PER_REASON:
+            where = f" of {source}" if source else ""
+            what = f": {detail}" if detail else ""
+            self.examples.append(f"{kind} at line {line}{where}{what}")
+
+    def decode_error(self, exc: DecodeError, line: int, source: str | None = None) -> None:
+        """Record a codec refusal; the kind is the field it names (``invalid field 'ts'``)."""
+        msg = str(exc)
+        head = msg.split(":", 1)[0]
+        self.add(f"invalid {head}", line, source, msg)
+
+
+def finish(
+    name: str,
+    events: list[Event],
+    skips: SkipLog,
+    limit: int | None,
+    catalog: Callable[[list[Event]], list[CatalogItem]],
+) -> Dataset:
+    """Sort events by time (stable), cut to ``limit``, then build the catalog of what is left."""
+    events.sort(key=attrgetter("ts"))
+    if limit is not None:
+        del events[limit:]
+    return Dataset(name, events, catalog(events), skips.counts, skips.examples)
+
+
+def csv_rows(
+    path: str | os.PathLike[str],
+    *,
+    delimiter: str,
+    required: tuple[str, ...],
+    skips: SkipLog,
+    limit: int | None,
+    progress: bool,
+    desc: str,
+) -> Iterator[tuple[int, dict[str, str]]]:
+    """Yield ``(line number, {column: value})`` for each well-formed data row of a CSV file.
+
+    Line numbers count from 1 at the header. Rows with fewer fields than the header are
+    skipped as ``"truncated row"``, rows with more as ``"extra fields"``; blank lines are
+    ignored. Raises :class:`ValueError` when a ``required`` column is absent from the header.
+    """
+    source = os.path.basename(path)
+    with open(path, newline="", encoding="utf-8", errors="replace") as fh:
+        reader = csv.reader(fh, delimiter=delimiter)
+        header = next(reader, None)
+        if header is None:
+            return
+        header = [h.strip().lstrip("\ufeff") for h in header]
+        missing = [c for c in required if c not in header]
+        if missing:
+            raise ValueError(f"{path}: header {header} lacks column(s) {missing}")
+        width = len(header)
+        read = 0
+        for row in tqdm(reader, desc=desc, unit=" rows", disable=not progress, mininterval=1.0):
+            if not row:
+                continue
+            if limit is not None and read >= limit:
+                break
+            read += 1
+            if len(row) != width:
+                kind = "truncated row" if len(row) < width else "extra fields"
+                skips.add(kind, reader.line_num, source, f"{len(row)} of {width} fields")
+                continue
+            yield reader.line_num, dict(zip(header, row))
+
+
+def parse_float(text: str) -> float | None:
+    """A float from a CSV cell, ``None`` for an empty cell; raises ValueError when malformed."""
+    text = text.strip()
+    return float(text) if text else None
+
+
+_ISO_CACHE: dict[str, int] = {}
+
+
+def iso_to_ms(text: str) -> int:
+    """Epoch ms from an ISO 8601 time; a trailing ``UTC``/``Z`` or none at all means UTC.
+
+    Logs repeat the same second many times, so parsed values are cached.
+
+    >>> iso_to_ms("2019-10-01 00:00:01 UTC"), iso_to_ms("2019-10-01T00:00:01Z"), iso_to_ms("2019-10-01T02:00:01+02:00")
+    (1569888001000, 1569888001000, 1569888001000)
+    """
+    cached = _ISO_CACHE.get(text)
+    if cached is not None:
+        return cached
+    clean = text.strip()
+    if clean.endswith(" UTC"):
+        clean = clean[:-4]
+    elif clean.endswith("Z"):
+        clean = clean[:-1]
+    dt = datetime.fromisoformat(clean)
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    ms = int(dt.timestamp() * 1000)
+    if len(_ISO_CACHE) < 1_000_000:  # a bound, so a log of all-distinct times cannot grow it forever
+        _ISO_CACHE[text] = ms
+    return ms
+
+
+_DAY_CACHE: dict[str, int] = {}
+
+
+def day_to_ms(text: str) -> int:
+    """Epoch ms of midnight UTC of a ``YYYY-MM-DD`` date.
+
+    >>> day_to_ms("2016-05-09")
+    1462752000000
+    """
+    cached = _DAY_CACHE.get(text)
+    if cached is None:
+        d = date.fromisoformat(text.strip())
+        cached = int(datetime(d.year, d.month, d.day, tzinfo=UTC).timestamp()) * 1000
+        _DAY_CACHE[text] = cached
+    return cached
+
+
+def id_catalog(events: list[Event], categories: dict[str, str] | None = None) -> list[CatalogItem]:
+    """One id-only :class:`CatalogItem` per item the events touch, in order of first appearance.
+
+    ``categories`` maps item id to a category label, for logs that carry one.
+    """
+    seen: dict[str, None] = dict.fromkeys(e.item_id for e in events if e.item_id is not None)
+    cats = categories or {}
+    return [CatalogItem(item, f"item {item}", category=cats.get(item)) for item in seen]
