@@ -1,0 +1,461 @@
+"""The Kafka boundary of the dataflow: a partitioned source, a flushing sink, and helpers.
+
+Everything talks to Kafka through a *client factory* (:class:`KafkaClientFactory`): an
+object with ``.consumer(**overrides)`` and ``.producer(**overrides)``. :class:`KafkaClients`
+builds real kafka-python clients from :class:`recsys.settings.Settings`;
+:class:`dataflows.memory_broker.InMemoryBroker` is the in-memory one used by tests.
+
+- :class:`KafkaSource` — a Bytewax ``FixedPartitionedSource`` whose partitions are the
+  topic's Kafka partitions (``"events#0"``, ...). Manual ``assign`` + ``seek`` to the resume
+  offset (Bytewax recovery stores it), non-blocking batched polls; yields
+  :class:`recsys.events.Envelope`. No consumer groups, no commits.
+- :class:`KafkaSink` — a Bytewax ``DynamicSink`` of ``(key, value)``; every batch is flushed
+  and checked before ``write_batch`` returns (at-least-once).
+- :func:`produce_records`, :func:`consume_all`, :func:`ensure_topics` for the demo, tests and
+  benchmarks.
+
+>>> from dataflows.memory_broker import InMemoryBroker
+>>> broker = InMemoryBroker()
+>>> ensure_topics(broker, {"events": 2})
+['events']
+>>> produce_records(broker, "events", [("u1", b"a"), ("u2", b"b")])
+2
+>>> sorted(e.value for e in consume_all(broker, "events", timeout_s=1))
+[b'a', b'b']
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timedelta, timezone
+from typing import Any, Protocol
+
+from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
+from bytewax.outputs import DynamicSink, StatelessSinkPartition
+from kafka.structs import TopicPartition
+
+from recsys.events import Envelope
+from recsys.settings import Settings
+
+__all__ = [
+    "BrokerUnavailableError",
+    "KafkaClientFactory",
+    "KafkaClients",
+    "KafkaSink",
+    "KafkaSource",
+    "UnknownTopicError",
+    "consume_all",
+    "ensure_topics",
+    "part_name",
+    "produce_records",
+]
+
+log = logging.getLogger(__name__)
+
+Key = str | bytes | None
+
+#: Producer batching delay. A few ms lets a burst share a request without adding visible
+#: latency (the flow's own epochs and the broker round trip are larger).
+PRODUCER_LINGER_MS = 5
+#: Idle backoff bounds: long enough that an idle partition does not spin a core, short
+#: enough not to dominate latency (the design keeps fetch_max_wait_ms at 10-50 ms).
+MIN_IDLE_BACKOFF_MS, MAX_IDLE_BACKOFF_MS = 1, 100
+#: How long a partition may take to report its high watermark (stop_at_end only).
+HIGHWATER_TIMEOUT_S = 15.0
+
+
+class UnknownTopicError(LookupError):
+    """A topic (or partition) that does not exist; names the topic and the bootstrap servers."""
+
+    def __init__(self, topic: str, bootstrap: str, *, partition: int | None = None) -> None:
+        self.topic, self.bootstrap, self.partition = topic, bootstrap, partition
+        what = f"topic {topic!r}" if partition is None else f"partition {partition} of topic {topic!r}"
+        super().__init__(
+            f"{what} does not exist on {bootstrap} (topics are not auto-created; "
+            f"create it first, e.g. with dataflows.kafka_io.ensure_topics)"
+        )
+
+
+class BrokerUnavailableError(ConnectionError):
+    """No Kafka broker answered at the bootstrap servers."""
+
+
+def _connect(make: Any, bootstrap: str, opts: dict[str, Any]) -> Any:
+    from kafka.errors import KafkaTimeoutError
+
+    try:
+        return make(**opts)
+    except KafkaTimeoutError as exc:  # kafka-python 3: "Unable to bootstrap from ..."
+        raise BrokerUnavailableError(
+            f"no Kafka broker answered at {bootstrap} (is it running? set RECSYS_BOOTSTRAP_SERVERS "
+            f"or --bootstrap-servers)"
+        ) from exc
+
+
+class KafkaClientFactory(Protocol):
+    """Makes Kafka clients: real (:class:`KafkaClients`) or in memory (``InMemoryBroker``)."""
+
+    bootstrap: str  # where the clients connect, for error messages
+
+    def consumer(self, **overrides: Any) -> Any: ...  # KafkaConsumer-like
+
+    def producer(self, **overrides: Any) -> Any: ...  # KafkaProducer-like
+
+
+class KafkaClients:
+    """Real kafka-python clients from settings: manual-assignment consumers, acks=all producers.
+
+    >>> KafkaClients(Settings(bootstrap_servers="127.0.0.1:9999")).bootstrap
+    '127.0.0.1:9999'
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.bootstrap = settings.bootstrap_servers
+
+    @classmethod
+    def for_bootstrap(cls, bootstrap: str, **settings: Any) -> "KafkaClients":
+        return cls(Settings(bootstrap_servers=bootstrap, **settings))
+
+    def __repr__(self) -> str:
+        return f"KafkaClients({self.bootstrap!r})"
+
+    def consumer(self, **overrides: Any) -> Any:
+        from kafka import KafkaConsumer
+
+        opts = {
+            **self.settings.kafka_options(),
+            "group_id": None,  # manual assignment; offsets live in Bytewax recovery
+            "enable_auto_commit": False,
+            "allow_auto_create_topics": False,
+            "auto_offset_reset": "earliest",  # a resume offset past retention re-reads rather than skips
+            "fetch_max_wait_ms": self.settings.fetch_max_wait_ms,
+            "max_poll_records": self.settings.poll_max_records,
+            **overrides,
+        }
+        return _connect(KafkaConsumer, self.bootstrap, opts)
+
+    def producer(self, **overrides: Any) -> Any:
+        from kafka import KafkaProducer
+
+        opts = {**self.settings.kafka_options(), "acks": "all", "linger_ms": PRODUCER_LINGER_MS, **overrides}
+        return _connect(KafkaProducer, self.bootstrap, opts)  # no serializers: keys and values are bytes
+
+    def admin(self, **overrides: Any) -> Any:
+        from kafka import KafkaAdminClient
+
+        return _connect(KafkaAdminClient, self.bootstrap, {**self.settings.kafka_options(), **overrides})
+
+
+def part_name(topic: str, partition: int) -> str:
+    """Bytewax partition key of a Kafka partition.
+
+    >>> part_name("events", 3)
+    'events#3'
+    """
+    return f"{topic}#{partition}"
+
+
+def _partition_of(name: str) -> int:
+    return int(name.rsplit("#", 1)[1])
+
+
+def _to_bytes(key: Key) -> bytes | None:
+    return key.encode("utf-8") if isinstance(key, str) else key
+
+
+def _partitions(clients: KafkaClientFactory, consumer: Any, topic: str) -> list[int]:
+    parts = consumer.partitions_for_topic(topic)
+    if not parts:
+        raise UnknownTopicError(topic, clients.bootstrap)
+    return sorted(parts)
+
+
+def _envelope(r: Any) -> Envelope:
+    # a tombstone (None value) becomes b"", which decoding dead-letters as an empty message
+    return Envelope(r.topic, r.partition, r.offset, r.key, r.value if r.value is not None else b"", r.timestamp)
+
+
+# ------------------------------------------------------------------------------ source
+
+
+class _KafkaPartition(StatefulSourcePartition[Envelope, int]):
+    """One Kafka partition: its own consumer, resume state = the next offset to read."""
+
+    def __init__(
+        self,
+        clients: KafkaClientFactory,
+        tp: TopicPartition,
+        start: int,
+        *,
+        poll_max_records: int,
+        fetch_max_wait_ms: int,
+        stop_at_end: bool,
+    ) -> None:
+        self._tp = tp
+        self._next = start
+        self._max = poll_max_records
+        self._backoff = timedelta(
+            milliseconds=min(max(fetch_max_wait_ms, MIN_IDLE_BACKOFF_MS), MAX_IDLE_BACKOFF_MS)
+        )
+        self._awake: datetime | None = None
+        self._consumer = clients.consumer(fetch_max_wait_ms=fetch_max_wait_ms, max_poll_records=poll_max_records)
+        self._consumer.assign([tp])
+        self._consumer.seek(tp, start)
+        self._pending: list[Any] = []
+        self._end: int | None = None
+        if stop_at_end:
+            self._end = self._read_highwater(clients.bootstrap)
+
+    def _read_highwater(self, bootstrap: str) -> int:
+        # The high watermark arrives with the first fetch response. (end_offsets() is not
+        # used: the local Tansu broker reports the last batch's base offset + 1 there.)
+        deadline = time.monotonic() + HIGHWATER_TIMEOUT_S
+        while (hw := self._consumer.highwater(self._tp)) is None:
+            if time.monotonic() > deadline:
+                self.close()
+                raise TimeoutError(
+                    f"no high watermark for {self._tp.topic}[{self._tp.partition}] from {bootstrap} "
+                    f"within {HIGHWATER_TIMEOUT_S:.0f} s"
+                )
+            got = self._consumer.poll(timeout_ms=50, max_records=self._max)
+            self._pending.extend(got.get(self._tp, ()))
+        return hw
+
+    def _done(self) -> bool:
+        return self._end is not None and not self._pending and self._next >= self._end
+
+    def next_batch(self) -> list[Envelope]:
+        if self._done():
+            self.close()
+            raise StopIteration()
+        if self._pending:
+            records, self._pending = self._pending, []
+        else:
+            records = self._consumer.poll(timeout_ms=0, max_records=self._max).get(self._tp, [])
+        if self._end is not None:
+            records = [r for r in records if r.offset < self._end]
+            # control records (transactions) leave offset gaps: the fetch position still advances
+            self._next = max(self._next, min(self._consumer.position(self._tp), self._end))
+        if not records:
+            self._awake = datetime.now(timezone.utc) + self._backoff
+            return []
+        self._awake = None
+        self._next = max(self._next, records[-1].offset + 1)
+        return [_envelope(r) for r in records]
+
+    def next_awake(self) -> datetime | None:
+        return self._awake
+
+    def snapshot(self) -> int:
+        return self._next
+
+    def close(self) -> None:
+        if self._consumer is not None:
+            self._consumer.close()
+            self._consumer = None
+
+
+class KafkaSource(FixedPartitionedSource[Envelope, int]):
+    """Read a topic as :class:`Envelope` items; one Bytewax partition per Kafka partition.
+
+    ``stop_at_end``: each partition stops at the high watermark it saw when built
+    (demo, replay, benchmarks); otherwise the source runs forever.
+    """
+
+    def __init__(
+        self,
+        clients: KafkaClientFactory,
+        topic: str,
+        *,
+        poll_max_records: int = 1000,
+        fetch_max_wait_ms: int = 20,
+        stop_at_end: bool = False,
+    ) -> None:
+        if poll_max_records <= 0:
+            raise ValueError(f"poll_max_records must be > 0, got {poll_max_records}")
+        self.clients = clients
+        self.topic = topic
+        self.poll_max_records = poll_max_records
+        self.fetch_max_wait_ms = fetch_max_wait_ms
+        self.stop_at_end = stop_at_end
+
+    @classmethod
+    def from_settings(cls, clients: KafkaClientFactory, topic: str, settings: Settings) -> "KafkaSource":
+        return cls(
+            clients,
+            topic,
+            poll_max_records=settings.poll_max_records,
+            fetch_max_wait_ms=settings.fetch_max_wait_ms,
+            stop_at_end=settings.stop_at_end,
+        )
+
+    def list_parts(self) -> list[str]:
+        consumer = self.clients.consumer()
+        try:
+            return [part_name(self.topic, p) for p in _partitions(self.clients, consumer, self.topic)]
+        finally:
+            consumer.close()
+
+    def build_part(self, step_id: str, for_part: str, resume_state: int | None) -> _KafkaPartition:
+        return _KafkaPartition(
+            self.clients,
+            TopicPartition(self.topic, _partition_of(for_part)),
+            0 if resume_state is None else resume_state,
+            poll_max_records=self.poll_max_records,
+            fetch_max_wait_ms=self.fetch_max_wait_ms,
+            stop_at_end=self.stop_at_end,
+        )
+
+
+# -------------------------------------------------------------------------------- sink
+
+
+class _KafkaSinkPartition(StatelessSinkPartition[tuple[Key, bytes]]):
+    def __init__(self, producer: Any, topic: str) -> None:
+        self._producer = producer
+        self._topic = topic
+
+    def write_batch(self, items: list[tuple[Key, bytes]]) -> None:
+        send = self._producer.send
+        futures = [send(self._topic, value=value, key=_to_bytes(key)) for key, value in items]
+        self._producer.flush()
+        _raise_failures(futures)  # nothing is silently dropped
+
+    def close(self) -> None:
+        self._producer.flush()
+        self._producer.close()
+
+
+class KafkaSink(DynamicSink[tuple[Key, bytes]]):
+    """Write ``(key, value)`` items to a topic, keyed (kafka's partitioner hashes the key).
+
+    Each ``write_batch`` returns only once the broker acknowledged every record (acks=all):
+    at-least-once, since a crash between a write and the next snapshot re-sends.
+    """
+
+    def __init__(self, clients: KafkaClientFactory, topic: str) -> None:
+        self.clients = clients
+        self.topic = topic
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _KafkaSinkPartition:
+        return _KafkaSinkPartition(self.clients.producer(), self.topic)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def produce_records(
+    clients: KafkaClientFactory,
+    topic: str,
+    records: Iterable[tuple[Key, bytes]],
+    rate: float | None = None,
+) -> int:
+    """Send ``(key, value)`` records, paced to ``rate`` records/s if given; flush; return the count.
+
+    Pacing sleeps to keep the i-th record at or after ``i / rate`` seconds from the start,
+    so bursts after a slow step are caught up rather than lost.
+    """
+    if rate is not None and rate <= 0:
+        raise ValueError(f"rate must be > 0 records/s, got {rate}")
+    producer = clients.producer()
+    count = 0
+    try:
+        start = time.monotonic()
+        futures = []
+        for key, value in records:
+            if rate is not None:
+                delay = start + count / rate - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+            futures.append(producer.send(topic, value=value, key=_to_bytes(key)))
+            count += 1
+            if len(futures) >= 10_000:  # bound memory held by futures on long runs
+                producer.flush()
+                _raise_failures(futures)
+                futures = []
+        producer.flush()
+        _raise_failures(futures)
+    finally:
+        producer.close()
+    return count
+
+
+def _raise_failures(futures: list[Any]) -> None:
+    """Raise the first failed send's error (``get`` re-raises it); call after ``flush``."""
+    for f in futures:
+        if not f.succeeded():
+            f.get(timeout=30)
+
+
+def consume_all(clients: KafkaClientFactory, topic: str, timeout_s: float = 10.0) -> list[Envelope]:
+    """Every record of a topic, from the beginning to the high watermark, by partition then offset.
+
+    Raises :class:`UnknownTopicError` for a missing topic and ``TimeoutError`` if the end
+    is not reached within ``timeout_s``.
+    """
+    consumer = clients.consumer()
+    try:
+        tps = [TopicPartition(topic, p) for p in _partitions(clients, consumer, topic)]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        out: dict[TopicPartition, list[Envelope]] = {tp: [] for tp in tps}
+        ends: dict[TopicPartition, int] = {}
+        deadline = time.monotonic() + timeout_s
+        while True:
+            for tp, records in consumer.poll(timeout_ms=50).items():
+                out[tp].extend(_envelope(r) for r in records)
+            for tp in tps:
+                if tp not in ends and (hw := consumer.highwater(tp)) is not None:
+                    ends[tp] = hw  # the end as first seen: records appended later are not awaited
+            if len(ends) == len(tps) and all(consumer.position(tp) >= ends[tp] for tp in tps):
+                break
+            if time.monotonic() > deadline:
+                got = sum(map(len, out.values()))
+                raise TimeoutError(f"read {got} records of {topic!r} from {clients.bootstrap} but not to its end in {timeout_s} s")
+        return [e for tp in tps for e in out[tp] if e.offset < ends[tp]]
+    finally:
+        consumer.close()
+
+
+def ensure_topics(
+    target: KafkaClientFactory | str, topics: Mapping[str, int], *, replication_factor: int = 1
+) -> list[str]:
+    """Create the missing ``{topic: partitions}``; existing topics are left as they are.
+
+    ``target`` is a bootstrap string, a :class:`KafkaClients`, or an ``InMemoryBroker``.
+    Returns the names created.
+    """
+    if hasattr(target, "create_topic"):  # InMemoryBroker
+        from kafka.errors import TopicAlreadyExistsError
+
+        created = []
+        for name, n in topics.items():
+            try:
+                target.create_topic(name, n)
+                created.append(name)
+            except TopicAlreadyExistsError:
+                pass
+        return created
+
+    from kafka.admin import NewTopic
+    from kafka.errors import TopicAlreadyExistsError
+
+    clients = KafkaClients.for_bootstrap(target) if isinstance(target, str) else target
+    admin = clients.admin()
+    try:
+        existing = set(admin.list_topics())
+        created = []
+        for name, n in topics.items():
+            if name in existing:
+                continue
+            try:
+                admin.create_topics([NewTopic(name, num_partitions=n, replication_factor=replication_factor)])
+                created.append(name)
+            except TopicAlreadyExistsError:  # created concurrently: fine
+                pass
+        return created
+    finally:
+        admin.close()

@@ -1,0 +1,55 @@
+"""Shared fixtures: the in-memory broker, one real local broker per session, unique topic names.
+
+Any test that uses ``local_broker`` is marked ``broker`` automatically (select or deselect
+with ``-m broker``); such tests run in CI and are not skipped.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from dataflows.kafka_io import KafkaClients
+from dataflows.local_broker import LocalBroker
+from dataflows.memory_broker import InMemoryBroker
+
+_topic_counter = itertools.count()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if "local_broker" in getattr(item, "fixturenames", ()) or "kafka_clients" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.broker)
+
+
+@pytest.fixture
+def memory_broker() -> InMemoryBroker:
+    """A fresh in-memory Kafka (no topics) for one test."""
+    return InMemoryBroker()
+
+
+@pytest.fixture(scope="session")
+def local_broker() -> Iterator[LocalBroker]:
+    """One real Tansu broker on 127.0.0.1 for the whole session; tests use unique topics."""
+    with LocalBroker() as broker:
+        yield broker
+
+
+@pytest.fixture
+def kafka_clients(local_broker: LocalBroker) -> KafkaClients:
+    """Real kafka-python clients for the session broker."""
+    return KafkaClients.for_bootstrap(local_broker.bootstrap)
+
+
+@pytest.fixture
+def topic_name(request: pytest.FixtureRequest) -> Callable[[str], str]:
+    """``topic_name("events")`` -> a name unique to this test and call, e.g. ``events-test_x-7``."""
+    test = re.sub(r"[^A-Za-z0-9._-]+", "_", request.node.name)[:100]
+
+    def make(prefix: str = "t") -> str:
+        return f"{prefix}-{test}-{next(_topic_counter)}"
+
+    return make

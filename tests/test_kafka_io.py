@@ -1,0 +1,277 @@
+"""The Kafka boundary: in-memory broker semantics, and KafkaSource/KafkaSink in real Bytewax flows.
+
+Flow tests run twice: over the in-memory broker and over the real local broker (``broker``).
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections import defaultdict
+from datetime import timedelta
+from pathlib import Path
+
+import bytewax.operators as op
+import pytest
+from bytewax.dataflow import Dataflow
+from bytewax.recovery import RecoveryConfig, init_db_dir
+from bytewax.testing import TestingSink, run_main
+from kafka.errors import TopicAlreadyExistsError
+from kafka.partitioner.default import murmur2
+from kafka.structs import TopicPartition
+
+from dataflows.kafka_io import (
+    KafkaSink,
+    KafkaSource,
+    UnknownTopicError,
+    consume_all,
+    ensure_topics,
+    produce_records,
+)
+from dataflows.memory_broker import InMemoryBroker
+from recsys.events import Envelope
+
+# ------------------------------------------------------------------ in-memory broker
+
+
+def test_offsets_are_consecutive_per_partition(memory_broker: InMemoryBroker) -> None:
+    memory_broker.create_topic("t", partitions=2)
+    producer = memory_broker.producer()
+    metas = [producer.send("t", value=b"v", partition=i % 2).get(1) for i in range(5)]
+    assert [(m.partition, m.offset) for m in metas] == [(0, 0), (1, 0), (0, 1), (1, 1), (0, 2)]
+
+
+def test_keys_route_like_kafka_pythons_murmur2_partitioner(memory_broker: InMemoryBroker) -> None:
+    memory_broker.create_topic("t", partitions=5)
+    producer = memory_broker.producer()
+    for i in range(200):
+        key = f"user-{i}".encode()
+        meta = producer.send("t", value=b"v", key=key).get(1)
+        assert meta.partition == (murmur2(key) & 0x7FFFFFFF) % 5
+
+
+def test_same_key_always_lands_in_one_partition(memory_broker: InMemoryBroker) -> None:
+    memory_broker.create_topic("t", partitions=4)
+    produce_records(memory_broker, "t", [("u7", str(i).encode()) for i in range(20)])
+    records = memory_broker.records("t")
+    assert len({e.partition for e in records}) == 1
+    assert [e.value for e in records] == [str(i).encode() for i in range(20)]
+
+
+def test_timestamps_are_append_time_unless_given(memory_broker: InMemoryBroker) -> None:
+    memory_broker.create_topic("t")
+    before = int(time.time() * 1000)
+    memory_broker.producer().send("t", value=b"now")
+    after = int(time.time() * 1000)
+    memory_broker.producer().send("t", value=b"given", timestamp_ms=1234)
+    now, given = memory_broker.records("t")
+    assert before <= now.timestamp_ms <= after
+    assert given.timestamp_ms == 1234
+
+
+def test_consumer_reads_from_sought_offset_in_batches(memory_broker: InMemoryBroker) -> None:
+    memory_broker.create_topic("t")
+    produce_records(memory_broker, "t", [(None, bytes([i])) for i in range(10)])
+    consumer = memory_broker.consumer(max_poll_records=3)
+    tp = TopicPartition("t", 0)
+    consumer.assign([tp])
+    consumer.seek(tp, 4)
+    assert consumer.highwater(tp) is None  # as kafka-python: unknown until fetched
+    first = consumer.poll(timeout_ms=0)[tp]
+    assert [r.offset for r in first] == [4, 5, 6]
+    assert (consumer.position(tp), consumer.highwater(tp)) == (7, 10)
+
+
+def test_poll_waits_for_a_record_up_to_its_timeout(memory_broker: InMemoryBroker) -> None:
+    memory_broker.create_topic("t")
+    consumer = memory_broker.consumer()
+    tp = TopicPartition("t", 0)
+    consumer.assign([tp])
+    start = time.monotonic()
+    assert consumer.poll(timeout_ms=100) == {}
+    assert time.monotonic() - start >= 0.09
+
+
+def test_producing_to_unknown_topic_names_it(memory_broker: InMemoryBroker) -> None:
+    with pytest.raises(UnknownTopicError, match="'nope' does not exist"):
+        memory_broker.producer().send("nope", value=b"x")
+
+
+def test_create_topic_twice_raises_like_kafka(memory_broker: InMemoryBroker) -> None:
+    memory_broker.create_topic("t", 2)
+    with pytest.raises(TopicAlreadyExistsError):
+        memory_broker.create_topic("t", 2)
+
+
+def test_ensure_topics_is_idempotent(memory_broker: InMemoryBroker) -> None:
+    assert ensure_topics(memory_broker, {"a": 2, "b": 1}) == ["a", "b"]
+    assert ensure_topics(memory_broker, {"a": 2, "c": 3}) == ["c"]
+    assert memory_broker.topics() == {"a": 2, "b": 1, "c": 3}
+
+
+def test_string_keys_are_sent_as_utf8(memory_broker: InMemoryBroker) -> None:
+    memory_broker.create_topic("t")
+    produce_records(memory_broker, "t", [("ü1", b"v"), (b"raw", b"w"), (None, b"x")])
+    assert [e.key for e in memory_broker.records("t")] == ["ü1".encode(), b"raw", None]
+
+
+def test_produce_records_paces_to_rate(memory_broker: InMemoryBroker) -> None:
+    memory_broker.create_topic("t")
+    start = time.monotonic()
+    assert produce_records(memory_broker, "t", [(None, b"v")] * 11, rate=100.0) == 11
+    assert time.monotonic() - start >= 0.095  # 10 intervals of 10 ms
+
+
+# ------------------------------------------------------------------ flows, both brokers
+
+
+@pytest.fixture(params=["memory", pytest.param("local", marks=pytest.mark.broker)])
+def clients(request: pytest.FixtureRequest):
+    """A client factory: the in-memory broker, or real clients on the session's local broker."""
+    if request.param == "memory":
+        return InMemoryBroker()
+    from dataflows.kafka_io import KafkaClients
+
+    return KafkaClients.for_bootstrap(request.getfixturevalue("local_broker").bootstrap)
+
+
+def _upper(env: Envelope) -> tuple[bytes | None, bytes]:
+    return env.key, env.value.upper()
+
+
+def _copy_flow(clients, src: str, dst: str, *, poll_max_records: int = 7) -> Dataflow:
+    flow = Dataflow("copy")
+    envelopes = op.input(
+        "in", flow, KafkaSource(clients, src, poll_max_records=poll_max_records, fetch_max_wait_ms=10, stop_at_end=True)
+    )
+    # (key, VALUE) per envelope
+    upper = op.map("upper", envelopes, _upper)
+    op.output("out", upper, KafkaSink(clients, dst))
+    return flow
+
+
+def _records(n: int, users: int = 5, start: int = 0) -> list[tuple[str, bytes]]:
+    return [(f"u{i % users}", f"e{i}".encode()) for i in range(start, start + n)]
+
+
+def _by_key(envelopes: list[Envelope]) -> dict[bytes | None, list[bytes]]:
+    out: dict[bytes | None, list[bytes]] = defaultdict(list)
+    for e in envelopes:
+        out[e.key].append(e.value)
+    return dict(out)
+
+
+def test_flow_copies_every_record_exactly_once_in_key_order(clients, topic_name) -> None:
+    src, dst = topic_name("src"), topic_name("dst")
+    ensure_topics(clients, {src: 3, dst: 3})
+    sent = _records(60)
+    produce_records(clients, src, sent)
+    run_main(_copy_flow(clients, src, dst))
+    out = consume_all(clients, dst, timeout_s=10)
+    expected: dict[bytes | None, list[bytes]] = defaultdict(list)
+    for key, value in sent:
+        expected[key.encode()].append(value.upper())
+    assert _by_key(out) == expected  # nothing lost or duplicated; per-key order kept
+
+
+def test_source_yields_envelopes_in_offset_order_per_partition(clients, topic_name) -> None:
+    src = topic_name("src")
+    ensure_topics(clients, {src: 2})
+    produce_records(clients, src, _records(30, users=4))
+    flow = Dataflow("read")
+    got: list[Envelope] = []
+    op.output("out", op.input("in", flow, KafkaSource(clients, src, poll_max_records=4, stop_at_end=True)), TestingSink(got))
+    run_main(flow)
+    for p in (0, 1):
+        offsets = [e.offset for e in got if e.partition == p]
+        assert offsets == list(range(len(offsets)))
+    assert sorted(e.value for e in got) == sorted(v for _, v in _records(30, users=4))
+    assert all(e.topic == src and e.timestamp_ms > 0 for e in got)
+
+
+def test_stop_at_end_ignores_records_appended_after_start(clients, topic_name) -> None:
+    src = topic_name("src")
+    ensure_topics(clients, {src: 1})
+    produce_records(clients, src, _records(5))
+    source = KafkaSource(clients, src, poll_max_records=2, stop_at_end=True)
+    part = source.build_part("in", source.list_parts()[0], None)
+    produce_records(clients, src, _records(3, start=5))  # after the end was fixed
+    got: list[Envelope] = []
+    deadline = time.monotonic() + 10
+    with pytest.raises(StopIteration):
+        while time.monotonic() < deadline:
+            got.extend(part.next_batch())
+    assert [e.value for e in got] == [f"e{i}".encode() for i in range(5)]
+    assert part.snapshot() == 5
+
+
+def test_stop_at_end_on_an_empty_topic_terminates(clients, topic_name) -> None:
+    src, dst = topic_name("src"), topic_name("dst")
+    ensure_topics(clients, {src: 2, dst: 1})
+    run_main(_copy_flow(clients, src, dst))
+    assert consume_all(clients, dst, timeout_s=10) == []
+
+
+def test_partition_resumes_at_the_snapshot_offset(clients, topic_name) -> None:
+    src = topic_name("src")
+    ensure_topics(clients, {src: 1})
+    produce_records(clients, src, _records(10))
+    source = KafkaSource(clients, src, stop_at_end=True)
+    part = source.build_part("in", source.list_parts()[0], 6)
+    got: list[Envelope] = []
+    with pytest.raises(StopIteration):
+        for _ in range(1000):
+            got.extend(part.next_batch())
+    assert [e.offset for e in got] == [6, 7, 8, 9]
+
+
+def test_idle_partition_backs_off_instead_of_spinning(clients, topic_name) -> None:
+    src = topic_name("src")
+    ensure_topics(clients, {src: 1})
+    source = KafkaSource(clients, src, fetch_max_wait_ms=80)
+    part = source.build_part("in", source.list_parts()[0], None)
+    try:
+        assert part.next_batch() == []
+        awake = part.next_awake()
+        assert awake is not None and awake.tzinfo is not None
+        from datetime import datetime, timezone
+
+        assert timedelta(0) < awake - datetime.now(timezone.utc) <= timedelta(milliseconds=80)
+    finally:
+        part.close()
+
+
+def test_recovery_reprocesses_only_records_appended_since_the_last_run(clients, topic_name, tmp_path: Path) -> None:
+    src, dst = topic_name("src"), topic_name("dst")
+    ensure_topics(clients, {src: 2, dst: 1})
+    init_db_dir(tmp_path, 1)
+    recovery = RecoveryConfig(tmp_path)
+    produce_records(clients, src, _records(20))
+    run_main(_copy_flow(clients, src, dst), epoch_interval=timedelta(milliseconds=50), recovery_config=recovery)
+    assert len(consume_all(clients, dst, timeout_s=10)) == 20
+    produce_records(clients, src, _records(7, start=20))
+    run_main(_copy_flow(clients, src, dst), epoch_interval=timedelta(milliseconds=50), recovery_config=recovery)
+    values = sorted(e.value for e in consume_all(clients, dst, timeout_s=10))
+    assert values == sorted(f"E{i}".encode() for i in range(27))
+
+
+def test_unknown_topic_error_names_topic_and_bootstrap(clients, topic_name) -> None:
+    missing = topic_name("missing")
+    with pytest.raises(UnknownTopicError) as info:
+        KafkaSource(clients, missing).list_parts()
+    assert repr(missing) in str(info.value) and clients.bootstrap in str(info.value)
+
+
+def test_unreachable_broker_error_names_the_bootstrap() -> None:
+    from dataflows.kafka_io import BrokerUnavailableError, KafkaClients
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        bootstrap = f"127.0.0.1:{s.getsockname()[1]}"
+    with pytest.raises(BrokerUnavailableError, match=bootstrap):
+        KafkaClients.for_bootstrap(bootstrap).consumer(bootstrap_timeout_ms=300)
+
+
+def test_consume_all_of_unknown_topic_raises(clients, topic_name) -> None:
+    with pytest.raises(UnknownTopicError):
+        consume_all(clients, topic_name("missing"), timeout_s=2)
