@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import math
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal, get_args
@@ -43,6 +44,19 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024
 
 _MAX_ID_LEN = 256  # ids longer than this are producer bugs, not identifiers
 _MAX_TEXT_LEN = 10_000  # item text beyond this adds nothing to a MiniLM embedding (256 tokens)
+
+
+#: Latest accepted event time, 9999-12-31T23:59:59.999Z: past it, times are producer bugs and
+#: would not fit the 64-bit integers that JSON consumers (and orjson) use.
+MAX_TS_MS = 253_402_300_799_999
+
+#: RFC 3339 date-time (the JSON Schema ``date-time`` format), stricter than ISO 8601 as accepted
+#: by ``datetime.fromisoformat``; ASCII digits only, upper-case ``Z``, no leap second, years
+#: 1971-9998 (so that every offset keeps the time inside 0..MAX_TS_MS).
+RFC3339_DATE_TIME = re.compile(
+    r"(197[1-9]|19[89][0-9]|[2-8][0-9]{3}|9[0-8][0-9]{2}|99[0-8][0-9]|999[0-8])-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])[Tt]([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]"
+    r"(\.[0-9]+)?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])"
+)
 
 
 class DecodeError(ValueError):
@@ -250,17 +264,20 @@ def parse_ts(value: Any) -> int:
     if isinstance(value, bool):
         raise DecodeError("field 'ts': expected epoch milliseconds or an RFC 3339 string, got bool")
     if isinstance(value, (int, float)):
-        if not math.isfinite(value) or value < 0:
+        if not math.isfinite(value) or value < 0 or value > MAX_TS_MS:
             raise DecodeError(f"field 'ts': not a valid epoch-millisecond time ({value!r})")
         return int(value)
     if isinstance(value, str):
+        if RFC3339_DATE_TIME.fullmatch(value) is None:
+            raise DecodeError(f"field 'ts': not an RFC 3339 time ({value[:40]!r})")
         try:
-            dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            dt = datetime.fromisoformat(value.replace("Z", "+00:00").replace("t", "T"))
         except ValueError:
-            raise DecodeError(f"field 'ts': not an RFC 3339 time ({value!r})") from None
-        if dt.tzinfo is None:
-            raise DecodeError(f"field 'ts': RFC 3339 time without a UTC offset ({value!r})")
-        return int(dt.timestamp() * 1000)
+            raise DecodeError(f"field 'ts': not a valid calendar time ({value[:40]!r})") from None
+        ts = int(dt.timestamp() * 1000)
+        if ts < 0:
+            raise DecodeError(f"field 'ts': before 1970-01-01 ({value[:40]!r})")
+        return ts
     if value is None:
         raise DecodeError("field 'ts': missing")
     raise DecodeError(f"field 'ts': expected epoch milliseconds or an RFC 3339 string, got {type(value).__name__}")
@@ -285,6 +302,8 @@ def event_from_dict(obj: dict[str, Any]) -> Event:
     session_id = _str(obj, "session_id", required=False)
     price = _number(obj, "price")
     quantity = obj.get("quantity")
+    if isinstance(quantity, float) and quantity.is_integer():
+        quantity = int(quantity)  # JSON has one number type: 2.0 is the integer 2
     if quantity is not None and (isinstance(quantity, bool) or not isinstance(quantity, int) or quantity < 0):
         raise DecodeError(f"field 'quantity': expected a non-negative integer, got {quantity!r}")
     context = obj.get("context")

@@ -1,0 +1,32 @@
+# The streamrec dataflow: `docker build -t streamrec .` then `docker run streamrec run --help`
+# (or `docker compose up`, see docker-compose.yml). Settings come from RECSYS_* variables.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    # The embedding model ships inside a Python package; never reach for the Hub at run time.
+    HF_HUB_OFFLINE=1 \
+    TRANSFORMERS_OFFLINE=1
+
+# The CPU build of torch first, in its own layer: the default index would pull ~3 GB of
+# CUDA libraries the dataflow never uses. Keep the pin equal to pyproject.toml's.
+RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+
+WORKDIR /app
+COPY . .
+RUN pip install . \
+    && useradd --create-home --uid 10001 recsys \
+    && mkdir -p /data/state /data/recovery /data/embeddings \
+    && chown -R recsys:recsys /data
+
+# Fresh named volumes copy this ownership, so the non-root user can write its state.
+USER recsys
+VOLUME ["/data/state", "/data/recovery", "/data/embeddings"]
+ENV RECSYS_STATE_DIR=/data/state \
+    RECSYS_RECOVERY_DIR=/data/recovery \
+    RECSYS_EMBED_CACHE_DIR=/data/embeddings
+
+ENTRYPOINT ["recsys"]
+CMD ["run"]

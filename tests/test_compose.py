@@ -1,0 +1,155 @@
+"""docker-compose.yml and the Dockerfile stay true to the code (no Docker engine needed).
+
+Parsed with PyYAML: the services exist and are wired in order, every RECSYS_* variable is a
+real setting, the topics created are exactly the settings' topic defaults, and the torch pin
+matches pyproject.toml.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from recsys.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "Dockerfile"
+TOPIC_FIELDS = ("events_topic", "catalog_topic", "recommendations_topic", "dead_letters_topic")
+SETTING_VARS = {Settings.env_var(f.name) for f in dataclasses.fields(Settings)}
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE_FILE.read_text())
+
+
+def environment(service: dict[str, Any]) -> dict[str, str]:
+    """A service's environment as a dict, whether written as a mapping or a list."""
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {k: str(v) for k, v in env.items()}
+
+
+def command_text(service: dict[str, Any]) -> str:
+    parts = [service.get("entrypoint") or [], service.get("command") or []]
+    return "\n".join(p if isinstance(p, str) else "\n".join(map(str, p)) for p in parts)
+
+
+def created_topics(compose: dict[str, Any]) -> dict[str, str]:
+    """Topic name -> the rest of its kafka-topics.sh line, for every topic kafka-init creates."""
+    lines = [line for line in command_text(compose["services"]["kafka-init"]).splitlines() if "--topic" in line]
+    return {re.search(r"--topic\s+(\S+)", line)[1]: line for line in lines}
+
+
+def test_compose_has_kafka_kafka_init_and_recsys_services(compose: dict[str, Any]) -> None:
+    assert {"kafka", "kafka-init", "recsys"} <= set(compose["services"])
+
+
+def test_recsys_is_built_from_the_repository_dockerfile(compose: dict[str, Any]) -> None:
+    build = compose["services"]["recsys"]["build"]
+    context = ROOT / (build if isinstance(build, str) else build.get("context", "."))
+    dockerfile = build.get("dockerfile", "Dockerfile") if isinstance(build, dict) else "Dockerfile"
+    assert (context / dockerfile).resolve() == DOCKERFILE
+    assert DOCKERFILE.is_file()
+
+
+def test_recsys_runs_the_live_dataflow(compose: dict[str, Any]) -> None:
+    assert compose["services"]["recsys"]["command"] == ["run"]
+    assert 'ENTRYPOINT ["recsys"]' in DOCKERFILE.read_text()
+
+
+def test_every_recsys_variable_in_compose_is_a_real_setting(compose: dict[str, Any]) -> None:
+    used = {var for service in compose["services"].values() for var in environment(service) if var.startswith("RECSYS_")}
+    commented = set(re.findall(r"#\s*(RECSYS_[A-Z0-9_]+):", COMPOSE_FILE.read_text()))
+    assert used, "the recsys service sets no RECSYS_* variables"
+    assert (used | commented) - SETTING_VARS == set()
+
+
+def test_every_recsys_variable_in_the_dockerfile_is_a_real_setting() -> None:
+    assert set(re.findall(r"\bRECSYS_[A-Z0-9_]+", DOCKERFILE.read_text())) - SETTING_VARS == set()
+
+
+def test_compose_settings_are_accepted_by_settings_from_env(compose: dict[str, Any]) -> None:
+    settings = Settings.from_env(environment(compose["services"]["recsys"]))
+    assert settings.bootstrap_servers == "kafka:9092"
+
+
+def test_recsys_topics_equal_the_settings_defaults(compose: dict[str, Any]) -> None:
+    env = environment(compose["services"]["recsys"])
+    for name in TOPIC_FIELDS:
+        assert env.get(Settings.env_var(name), getattr(Settings(), name)) == getattr(Settings(), name)
+
+
+def test_kafka_init_creates_exactly_the_settings_topics(compose: dict[str, Any]) -> None:
+    assert sorted(created_topics(compose)) == sorted(getattr(Settings(), name) for name in TOPIC_FIELDS)
+
+
+def test_every_topic_is_created_idempotently_with_a_partition_count(compose: dict[str, Any]) -> None:
+    for topic, line in created_topics(compose).items():
+        assert "--if-not-exists" in command_text(compose["services"]["kafka-init"]), topic
+        assert re.search(r"--partitions\s+[1-9][0-9]*", line), topic
+
+
+def test_only_the_catalog_topic_is_compacted(compose: dict[str, Any]) -> None:
+    compacted = {t for t, line in created_topics(compose).items() if "cleanup.policy=compact" in line}
+    assert compacted == {Settings().catalog_topic}
+
+
+def test_kafka_runs_in_kraft_mode(compose: dict[str, Any]) -> None:
+    env = environment(compose["services"]["kafka"])
+    roles = env.get("KAFKA_PROCESS_ROLES") or env.get("KAFKA_CFG_PROCESS_ROLES")
+    assert roles is not None and set(roles.split(",")) == {"broker", "controller"}
+    assert "KAFKA_ZOOKEEPER_CONNECT" not in env
+    assert env["KAFKA_CONTROLLER_QUORUM_VOTERS"].startswith(env["KAFKA_NODE_ID"] + "@")
+
+
+def test_kafka_has_a_healthcheck(compose: dict[str, Any]) -> None:
+    healthcheck = compose["services"]["kafka"]["healthcheck"]
+    assert "kafka" in " ".join(healthcheck["test"]) and healthcheck.get("retries", 0) > 0
+
+
+def test_kafka_init_waits_for_a_healthy_kafka(compose: dict[str, Any]) -> None:
+    assert compose["services"]["kafka-init"]["depends_on"]["kafka"]["condition"] == "service_healthy"
+
+
+def test_recsys_waits_for_kafka_init_to_complete(compose: dict[str, Any]) -> None:
+    condition = compose["services"]["recsys"]["depends_on"]["kafka-init"]["condition"]
+    assert condition == "service_completed_successfully"
+
+
+def test_recsys_keeps_its_state_directories_on_volumes(compose: dict[str, Any]) -> None:
+    recsys = compose["services"]["recsys"]
+    env = environment(recsys)
+    targets = {str(v).split(":")[1] for v in recsys["volumes"]}
+    for name in ("state_dir", "recovery_dir", "embed_cache_dir"):
+        assert env[Settings.env_var(name)] in targets, name
+    assert {str(v).split(":")[0] for v in recsys["volumes"]} <= set(compose["volumes"])
+
+
+def test_dockerfile_pins_the_same_torch_as_pyproject() -> None:
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    pins = [d.replace(" ", "") for d in dependencies if re.match(r"torch\s*==", d)]
+    assert pins == ["torch==2.13.0"]
+    dockerfile = DOCKERFILE.read_text()
+    assert re.findall(r"\btorch==[\w.+]+", dockerfile) == pins
+    assert "download.pytorch.org/whl/cpu" in dockerfile
+
+
+def test_dockerfile_installs_the_project_offline_on_python_3_11() -> None:
+    dockerfile = DOCKERFILE.read_text()
+    assert re.search(r"^FROM python:3\.11-slim\b", dockerfile, re.M)
+    assert re.search(r"pip install \.(\s|$)", dockerfile)
+    assert "HF_HUB_OFFLINE=1" in dockerfile
+
+
+def test_dockerignore_keeps_local_state_out_of_the_build() -> None:
+    ignored = set((ROOT / ".dockerignore").read_text().split())
+    assert {".venv", "var", "runs", ".git"} <= ignored

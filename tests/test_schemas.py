@@ -1,0 +1,566 @@
+"""The JSON Schemas in schemas/ and the Python records/decoder in recsys/events.py agree.
+
+Inputs (event, catalog item): for any JSON object, ``decode_*`` accepts exactly when the
+schema validates (formats asserted). Outputs (recommendation, dead letter): whatever the
+Python types hold, the encoded bytes validate. Known differences the schema cannot close are
+pinned below as strict xfails; each turns into a failure (to delete the mark) once the
+decoder is tightened.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import re
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from jsonschema import Draft202012Validator
+
+from recsys import schemas
+from recsys.events import (
+    EVENT_TYPES,
+    MAX_TS_MS,
+    SCHEMA_VERSION,
+    CatalogItem,
+    DeadLetter,
+    DecodeError,
+    Event,
+    Recommendation,
+    RecommendedItem,
+    SourcePosition,
+    decode_catalog_item,
+    decode_event,
+    encode,
+    recommendation_from_dict,
+)
+from recsys.schemas import SCHEMA_DIR, SCHEMA_NAMES, load_schema, validate
+
+INPUTS = ("event", "catalog_item")
+OUTPUTS = ("recommendation", "dead_letter")
+DECODERS = {"event": decode_event, "catalog_item": decode_catalog_item}
+
+# --------------------------------------------------------------------------- helpers
+
+
+def decoder_verdict(name: str, obj: Any) -> tuple[bool, str]:
+    """(accepted, reason) from the hand-written decoder, fed the JSON bytes."""
+    try:
+        DECODERS[name](orjson.dumps(obj))
+    except DecodeError as exc:
+        return False, str(exc)
+    return True, ""
+
+
+def assert_agree(name: str, obj: Any) -> None:
+    obj = orjson.loads(orjson.dumps(obj))  # what a consumer really sees
+    accepted, reason = decoder_verdict(name, obj)
+    errors = validate(name, obj)
+    assert accepted == (not errors), f"decoder {'accepted' if accepted else 'refused: ' + reason}; schema errors {errors}; object {obj!r}"
+
+
+def is_integral_float(value: Any) -> bool:
+    return isinstance(value, float) and value.is_integer()
+
+
+# --------------------------------------------------------------------------- strategies
+
+ABSENT = object()
+JSON_SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8)
+)
+JSON_VALUES = st.recursive(
+    JSON_SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3), max_leaves=6
+)
+JSON_OBJECTS = st.dictionaries(st.text(max_size=4), JSON_VALUES, max_size=3)
+
+
+def text_up_to(limit: int, min_size: int = 0, *, over: bool = False) -> st.SearchStrategy[str]:
+    """Short texts plus texts at ``limit`` (where codecs disagree), one longer when ``over``."""
+    near = st.integers(max(min_size, limit - 2), limit + over).map(lambda n: "x" * n)
+    return st.text(min_size=min_size, max_size=10) | near
+
+
+IDS = st.text(min_size=1, max_size=10) | st.integers(254, 256).map(lambda n: "i" * n)
+NON_NEGATIVE = st.integers(0, 2**63 - 1) | st.floats(min_value=0, allow_nan=False, allow_infinity=False)
+
+
+@st.composite
+def rfc3339(draw: st.DrawFn, *, real_days_only: bool = False) -> str:  # noqa: C901
+    """RFC 3339 date-time strings; unless ``real_days_only``, some name impossible days or second 60."""
+    year = draw(st.integers(1971, 9998) if real_days_only else st.integers(1, 9999))
+    month = draw(st.integers(1, 12))
+    day = draw(st.integers(1, 28 if real_days_only else 31))
+    second = draw(st.integers(0, 59 if real_days_only else 60))
+    frac = draw(st.just("") | st.text("0123456789", min_size=1, max_size=10).map(lambda d: "." + d))
+    offset = draw(
+        st.just("Z")
+        | st.builds(lambda s, h, m: f"{s}{h:02d}:{m:02d}", st.sampled_from("+-"), st.integers(0, 23), st.integers(0, 59))
+    )
+    sep = draw(st.sampled_from("Tt"))
+    hour, minute = draw(st.integers(0, 23)), draw(st.integers(0, 59))
+    return f"{year:04d}-{month:02d}-{day:02d}{sep}{hour:02d}:{minute:02d}:{second:02d}{frac}{offset}"
+
+
+BAD_TS_STRINGS = st.sampled_from(
+    [
+        "",
+        "yesterday",
+        "2019-10-01",  # a date, no time
+        "2019-10-01T00:00:01",  # no offset
+        "2019-10-01T00:00:01z",  # lower-case z: neither accepts it
+        "2019-13-01T00:00:01Z",
+        "2019-02-30T00:00:01Z",
+        "2019-10-01T24:00:00Z",
+        "2019-10-01T00:00:01+24:00",
+        "0000-10-01T00:00:01Z",
+        "2019-10-01T00:00:01Z\n",  # a trailing newline: Python's `$` would let it through
+        "\u0661\u0669-10-01T00:00:01Z",  # Arabic-Indic digits: `\d` would let them through
+    ]
+)
+VALID_TS = st.integers(0, MAX_TS_MS) | st.floats(min_value=0, max_value=MAX_TS_MS) | rfc3339(real_days_only=True)
+ANY_TS = (
+    VALID_TS
+    | rfc3339()
+    | BAD_TS_STRINGS
+    | st.integers(-(2**63), -1)
+    | st.floats(max_value=-1e-9, allow_infinity=False)
+    | st.booleans()
+    | st.none()
+)
+
+
+def _put_optional(draw: st.DrawFn, obj: dict[str, Any], name: str, values: st.SearchStrategy[Any]) -> None:
+    value = draw(st.just(ABSENT) | st.none() | values)
+    if value is not ABSENT:
+        obj[name] = value
+
+
+@st.composite
+def valid_events(draw: st.DrawFn) -> dict[str, Any]:
+    etype = draw(st.sampled_from(EVENT_TYPES))
+    obj: dict[str, Any] = {"event_id": draw(IDS), "type": etype, "user_id": draw(IDS), "ts": draw(VALID_TS)}
+    if etype == "search":
+        obj["query"] = draw(text_up_to(1000, min_size=1))
+        _put_optional(draw, obj, "item_id", text_up_to(256))
+    else:
+        obj["item_id"] = draw(IDS)
+        _put_optional(draw, obj, "query", text_up_to(1000))
+    _put_optional(draw, obj, "session_id", text_up_to(256))
+    _put_optional(draw, obj, "price", NON_NEGATIVE)
+    _put_optional(draw, obj, "quantity", st.integers(0, 2**63 - 1))
+    _put_optional(draw, obj, "context", JSON_OBJECTS)
+    _put_optional(draw, obj, "x_producer_field", JSON_VALUES)  # unknown fields are ignored
+    return obj
+
+
+@st.composite
+def valid_catalog_items(draw: st.DrawFn) -> dict[str, Any]:
+    obj: dict[str, Any] = {"item_id": draw(IDS), "title": draw(text_up_to(10_000, min_size=1))}
+    _put_optional(draw, obj, "description", text_up_to(10_000))
+    _put_optional(draw, obj, "category", text_up_to(1000))
+    _put_optional(draw, obj, "brand", text_up_to(1000))
+    _put_optional(draw, obj, "price", NON_NEGATIVE)
+    if draw(st.booleans()):
+        obj["available"] = draw(st.booleans())
+    _put_optional(draw, obj, "attributes", JSON_OBJECTS)
+    _put_optional(draw, obj, "x_producer_field", JSON_VALUES)
+    return obj
+
+
+EVENT_FIELD_VALUES: dict[str, st.SearchStrategy[Any]] = {
+    "event_id": IDS | st.just(""),
+    "type": st.sampled_from(EVENT_TYPES) | st.text(max_size=12),
+    "user_id": IDS | st.just(""),
+    "item_id": IDS | st.just(""),
+    "ts": ANY_TS,
+    "session_id": text_up_to(256, over=True),
+    "query": text_up_to(1000, over=True),
+    "price": NON_NEGATIVE | st.floats(max_value=-1e-9, allow_infinity=False) | st.integers(-(2**63), -1),
+    "quantity": st.integers(-5, 2**63 - 1) | st.floats(allow_nan=False, allow_infinity=False),
+    "context": JSON_OBJECTS,
+}
+CATALOG_FIELD_VALUES: dict[str, st.SearchStrategy[Any]] = {
+    "item_id": IDS | st.just(""),
+    "title": text_up_to(10_000, over=True) | st.just(""),
+    "description": text_up_to(10_000, over=True),
+    "category": text_up_to(1000, over=True),
+    "brand": text_up_to(1000, over=True),
+    "price": NON_NEGATIVE | st.integers(-(2**63), -1) | st.floats(max_value=-1e-9, allow_infinity=False),
+    "available": st.booleans(),
+    "attributes": JSON_OBJECTS,
+}
+
+
+@st.composite
+def mutated(draw: st.DrawFn, base: st.SearchStrategy[dict[str, Any]], field_values: dict[str, st.SearchStrategy[Any]]) -> dict[str, Any]:
+    """A valid object with one to three things broken: a field dropped, nulled or replaced."""
+    obj = dict(draw(base))
+    for _ in range(draw(st.integers(1, 3))):
+        name = draw(st.sampled_from(sorted(field_values)))
+        how = draw(st.sampled_from(["drop", "null", "plausible", "any_json"]))
+        if how == "drop":
+            obj.pop(name, None)
+        elif how == "null":
+            obj[name] = None
+        elif how == "plausible":
+            obj[name] = draw(field_values[name])
+        else:
+            obj[name] = draw(JSON_VALUES)
+    return obj
+
+
+def any_objects(field_values: dict[str, st.SearchStrategy[Any]]) -> st.SearchStrategy[dict[str, Any]]:
+    """Objects with any subset of the fields, each plausible or any JSON at all."""
+    return st.fixed_dictionaries({}, optional={name: values | JSON_VALUES for name, values in field_values.items()})
+
+
+EVENT_OBJECTS = valid_events() | mutated(valid_events(), EVENT_FIELD_VALUES) | any_objects(EVENT_FIELD_VALUES)
+CATALOG_OBJECTS = (
+    valid_catalog_items() | mutated(valid_catalog_items(), CATALOG_FIELD_VALUES) | any_objects(CATALOG_FIELD_VALUES)
+)
+
+# --------------------------------------------------------------------------- the schema files
+
+
+@pytest.mark.parametrize("name", SCHEMA_NAMES)
+def test_schema_is_a_valid_draft_2020_12_schema(name: str) -> None:
+    schema = load_schema(name)
+    Draft202012Validator.check_schema(schema)
+    assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+
+
+@pytest.mark.parametrize("name", SCHEMA_NAMES)
+def test_schema_id_names_the_file_and_its_version(name: str) -> None:
+    schema = load_schema(name)
+    assert schema["$id"].endswith(f"{name}.v{SCHEMA_VERSION}")
+    assert schema["title"] and schema["description"]
+
+
+def test_schema_dir_is_the_repository_schemas_folder_and_holds_every_schema() -> None:
+    assert SCHEMA_DIR == schemas.Path(__file__).resolve().parent.parent / "schemas"
+    assert sorted(p.name for p in SCHEMA_DIR.glob("*.json")) == sorted(f"{n}.v{SCHEMA_VERSION}.json" for n in SCHEMA_NAMES)
+
+
+def test_load_schema_accepts_a_versioned_name_and_returns_a_fresh_copy() -> None:
+    first = load_schema("event")
+    first["title"] = "changed"
+    assert load_schema("event.v1")["title"] != "changed"
+
+
+def test_load_schema_names_the_known_schemas_when_one_is_missing() -> None:
+    with pytest.raises(FileNotFoundError, match="catalog_item"):
+        load_schema("evnt")
+
+
+@pytest.mark.parametrize("name", SCHEMA_NAMES)
+def test_every_example_in_a_schema_validates(name: str) -> None:
+    examples = load_schema(name)["examples"]
+    assert examples
+    for example in examples:
+        assert validate(name, example) == []
+
+
+@pytest.mark.parametrize("name", INPUTS)
+def test_every_input_example_decodes(name: str) -> None:
+    for example in load_schema(name)["examples"]:
+        assert decoder_verdict(name, example) == (True, "")
+
+
+# --------------------------------------------------------------------------- fields match
+
+
+def test_event_schema_lists_exactly_the_event_fields() -> None:
+    assert set(load_schema("event")["properties"]) == {f.name for f in dataclasses.fields(Event)}
+
+
+def test_event_schema_requires_the_fields_the_dataclass_requires() -> None:
+    schema = load_schema("event")
+    no_default = {f.name for f in dataclasses.fields(Event) if f.default is dataclasses.MISSING}
+    # item_id has no default but is None for searches; search events need a query instead
+    assert set(schema["required"]) | set(schema["else"]["required"]) == no_default
+    assert schema["if"]["properties"]["type"] == {"const": "search"}
+    assert schema["then"]["required"] == ["query"]
+
+
+def test_event_schema_enumerates_exactly_the_event_types_in_order() -> None:
+    assert load_schema("event")["properties"]["type"]["enum"] == list(EVENT_TYPES)
+
+
+def test_catalog_schema_lists_the_fields_and_requires_those_without_defaults() -> None:
+    schema = load_schema("catalog_item")
+    fields = dataclasses.fields(CatalogItem)
+    assert set(schema["properties"]) == {f.name for f in fields}
+    assert set(schema["required"]) == {f.name for f in fields if f.default is dataclasses.MISSING}
+    assert schema["properties"]["available"]["default"] is CatalogItem("i", "t").available
+
+
+def test_recommendation_schema_lists_exactly_what_to_dict_emits() -> None:
+    schema = load_schema("recommendation")
+    emitted = Recommendation("u", (RecommendedItem("i", 1.0, "r"),), "e", "m", 0, 0).to_dict()
+    assert set(schema["properties"]) == set(schema["required"]) == set(emitted)
+    assert set(emitted) == {f.name for f in dataclasses.fields(Recommendation)} | {"schema_version"}
+    item_schema = schema["properties"]["items"]["items"]
+    item_fields = {f.name for f in dataclasses.fields(RecommendedItem)}
+    assert set(item_schema["properties"]) == set(item_schema["required"]) == item_fields == set(emitted["items"][0])
+    assert schema["properties"]["schema_version"] == {"const": SCHEMA_VERSION}
+
+
+def test_dead_letter_schema_lists_exactly_what_to_dict_emits() -> None:
+    schema = load_schema("dead_letter")
+    emitted = DeadLetter(b"x", "r", SourcePosition("t", 0, 0)).to_dict()
+    assert set(schema["properties"]) == set(schema["required"]) == set(emitted)
+    source = schema["properties"]["source"]
+    source_fields = {f.name for f in dataclasses.fields(SourcePosition)}
+    assert set(source["properties"]) == set(source["required"]) == source_fields == set(emitted["source"])
+    assert schema["properties"]["schema_version"] == {"const": SCHEMA_VERSION}
+
+
+@pytest.mark.parametrize(("name", "open_to_unknown_fields"), [(n, True) for n in INPUTS] + [(n, False) for n in OUTPUTS])
+def test_inputs_allow_unknown_fields_and_outputs_do_not(name: str, open_to_unknown_fields: bool) -> None:
+    example = dict(load_schema(name)["examples"][0], x_unknown=1)
+    assert (validate(name, example) == []) is open_to_unknown_fields
+
+
+# --------------------------------------------------------------------------- decoder == schema
+
+
+@settings(max_examples=400, deadline=None)
+@given(EVENT_OBJECTS)
+def test_decoder_accepts_an_event_exactly_when_the_schema_validates_it(obj: dict[str, Any]) -> None:
+    assume(not is_integral_float(obj.get("quantity")))  # known difference, see the xfail below
+    assert_agree("event", obj)
+
+
+@settings(max_examples=300, deadline=None)
+@given(CATALOG_OBJECTS)
+def test_decoder_accepts_a_catalog_item_exactly_when_the_schema_validates_it(obj: dict[str, Any]) -> None:
+    assert_agree("catalog_item", obj)
+
+
+@settings(max_examples=100, deadline=None)
+@given(valid_events())
+def test_generated_valid_events_pass_both_decoder_and_schema(obj: dict[str, Any]) -> None:
+    assert decoder_verdict("event", obj)[0]
+    assert validate("event", obj) == []
+
+
+@settings(max_examples=100, deadline=None)
+@given(valid_catalog_items())
+def test_generated_valid_catalog_items_pass_both_decoder_and_schema(obj: dict[str, Any]) -> None:
+    assert decoder_verdict("catalog_item", obj)[0]
+    assert validate("catalog_item", obj) == []
+
+
+CLICK = {"event_id": "e1", "type": "click", "user_id": "u1", "item_id": "i9", "ts": 1700000000000}
+SEARCH = {"event_id": "e2", "type": "search", "user_id": "u1", "query": "shoes", "ts": 0}
+REFUSED_EVENTS = {
+    "missing event_id": {k: v for k, v in CLICK.items() if k != "event_id"},
+    "missing ts": {k: v for k, v in CLICK.items() if k != "ts"},
+    "null user_id": {**CLICK, "user_id": None},
+    "click without item_id": {k: v for k, v in CLICK.items() if k != "item_id"},
+    "empty item_id on a click": {**CLICK, "item_id": ""},
+    "search without query": {k: v for k, v in SEARCH.items() if k != "query"},
+    "search with empty query": {**SEARCH, "query": ""},
+    "unknown type": {**CLICK, "type": "hover"},
+    "type of wrong case": {**CLICK, "type": "Click"},
+    "user_id a number": {**CLICK, "user_id": 7},
+    "event_id of 257 characters": {**CLICK, "event_id": "e" * 257},
+    "query of 1001 characters": {**SEARCH, "query": "q" * 1001},
+    "negative price": {**CLICK, "price": -0.01},
+    "price a string": {**CLICK, "price": "9.99"},
+    "price a boolean": {**CLICK, "price": True},
+    "negative quantity": {**CLICK, "quantity": -1},
+    "fractional quantity": {**CLICK, "quantity": 1.5},
+    "boolean quantity": {**CLICK, "quantity": True},
+    "context a list": {**CLICK, "context": [1]},
+    "negative ts": {**CLICK, "ts": -1},
+    "boolean ts": {**CLICK, "ts": True},
+    "ts without offset": {**CLICK, "ts": "2019-10-01T00:00:01"},
+    "ts on 30 February": {**CLICK, "ts": "2019-02-30T00:00:01Z"},
+    "ts at a leap second": {**CLICK, "ts": "2016-12-31T23:59:60Z"},
+}
+
+
+@pytest.mark.parametrize("obj", REFUSED_EVENTS.values(), ids=REFUSED_EVENTS.keys())
+def test_broken_event_is_refused_by_both_decoder_and_schema(obj: dict[str, Any]) -> None:
+    assert decoder_verdict("event", obj)[0] is False
+    assert validate("event", obj) != []
+
+
+ITEM = {"item_id": "i9", "title": "Shoe"}
+REFUSED_ITEMS = {
+    "missing title": {"item_id": "i9"},
+    "empty title": {**ITEM, "title": ""},
+    "title of 10001 characters": {**ITEM, "title": "t" * 10_001},
+    "brand of 1001 characters": {**ITEM, "brand": "b" * 1001},
+    "null available": {**ITEM, "available": None},
+    "available a string": {**ITEM, "available": "yes"},
+    "negative price": {**ITEM, "price": -1},
+    "attributes a string": {**ITEM, "attributes": "x"},
+}
+
+
+@pytest.mark.parametrize("obj", REFUSED_ITEMS.values(), ids=REFUSED_ITEMS.keys())
+def test_broken_catalog_item_is_refused_by_both_decoder_and_schema(obj: dict[str, Any]) -> None:
+    assert decoder_verdict("catalog_item", obj)[0] is False
+    assert validate("catalog_item", obj) != []
+
+
+@pytest.mark.parametrize(
+    ("name", "base", "field"),
+    [
+        ("event", CLICK, "event_id"),
+        ("event", CLICK, "user_id"),
+        ("event", CLICK, "item_id"),
+        ("event", CLICK, "session_id"),
+        ("event", SEARCH, "query"),
+        ("catalog_item", ITEM, "item_id"),
+        ("catalog_item", ITEM, "title"),
+        ("catalog_item", ITEM, "description"),
+        ("catalog_item", ITEM, "category"),
+        ("catalog_item", ITEM, "brand"),
+    ],
+)
+def test_string_length_limit_is_the_same_in_decoder_and_schema(name: str, base: dict[str, Any], field: str) -> None:
+    limit = load_schema(name)["properties"][field]["maxLength"]
+    assert decoder_verdict(name, {**base, field: "é" * limit})[0] is True  # counted in characters, not bytes
+    assert validate(name, {**base, field: "é" * limit}) == []
+    assert decoder_verdict(name, {**base, field: "é" * (limit + 1)})[0] is False
+    assert validate(name, {**base, field: "é" * (limit + 1)}) != []
+
+
+def test_a_number_too_large_for_a_double_is_refused_before_either_check() -> None:
+    # JSON allows 1e400; orjson refuses to parse it, and the schema's maximum refuses the
+    # infinity other parsers (JavaScript's JSON.parse) turn it into.
+    with pytest.raises(DecodeError, match="malformed"):
+        decode_event(b'{"event_id":"e","type":"click","user_id":"u","item_id":"i","ts":1e400}')
+    assert validate("event", {**CLICK, "ts": float("inf")}) != []
+
+
+@settings(max_examples=200, deadline=None)
+@given(rfc3339())
+def test_date_time_format_check_agrees_with_the_decoder_and_implies_the_pattern(text: str) -> None:
+    pattern = load_schema("event")["properties"]["ts"]["oneOf"][1]["pattern"]
+    ok = schemas.is_rfc3339_date_time(text)
+    assert ok == decoder_verdict("event", {**CLICK, "ts": text})[0]
+    assert not ok or re.search(pattern, text) is not None
+
+
+# --------------------------------------------------------------------------- re-encoding
+
+
+@settings(max_examples=100, deadline=None)
+@given(valid_events())
+def test_an_accepted_event_re_encodes_to_a_valid_event(obj: dict[str, Any]) -> None:
+    event = decode_event(orjson.dumps(obj))
+    assume(0 <= event.ts < 2**63)  # before 1970 or past 64 bits: see the xfails below
+    assert validate("event", orjson.loads(encode(event))) == []
+
+
+@settings(max_examples=100, deadline=None)
+@given(valid_catalog_items())
+def test_an_accepted_catalog_item_re_encodes_to_a_valid_catalog_item(obj: dict[str, Any]) -> None:
+    assert validate("catalog_item", orjson.loads(encode(decode_catalog_item(orjson.dumps(obj))))) == []
+
+
+RECOMMENDATIONS = st.builds(
+    Recommendation,
+    user_id=st.text(),
+    items=st.lists(
+        st.builds(RecommendedItem, st.text(), st.floats(allow_nan=False, allow_infinity=False), st.text()), max_size=5
+    ).map(tuple),
+    trigger_event_id=st.text(),
+    model_version=st.text(),
+    event_ts=st.integers(-(2**63), 2**63 - 1),
+    emitted_at=st.integers(0, 2**63 - 1),
+)
+DEAD_LETTERS = st.builds(
+    DeadLetter,
+    payload=st.binary(max_size=600),
+    reason=st.text(),
+    source=st.builds(SourcePosition, st.text(), st.integers(0, 2**31 - 1), st.integers(0, 2**63 - 1)),
+    failed_at=st.integers(0, 2**63 - 1),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(RECOMMENDATIONS)
+def test_every_recommendation_encodes_to_a_valid_recommendation(rec: Recommendation) -> None:
+    assert validate("recommendation", orjson.loads(encode(rec))) == []
+
+
+@settings(max_examples=100, deadline=None)
+@given(RECOMMENDATIONS)
+def test_a_recommendation_survives_encode_and_recommendation_from_dict(rec: Recommendation) -> None:
+    assert recommendation_from_dict(orjson.loads(encode(rec))) == rec
+
+
+@settings(max_examples=200, deadline=None)
+@given(DEAD_LETTERS)
+def test_every_dead_letter_encodes_to_a_valid_dead_letter(letter: DeadLetter) -> None:
+    assert validate("dead_letter", orjson.loads(encode(letter))) == []
+
+
+@settings(max_examples=100, deadline=None)
+@given(DEAD_LETTERS)
+def test_a_dead_letter_keeps_the_exact_payload_bytes(letter: DeadLetter) -> None:
+    assert base64.b64decode(orjson.loads(encode(letter))["payload_b64"], validate=True) == letter.payload
+
+
+def test_validate_reports_each_broken_field_by_path() -> None:
+    errors = validate("recommendation", {**Recommendation("u", (), "e", "m", 0, 0).to_dict(), "items": [{"item_id": 1}]})
+    assert errors[0].startswith("items/0")
+    assert any("score" in e for e in errors) and any("item_id" in e for e in errors)
+
+
+# --------------------------------------------------------------------------- known differences
+# Each asserts the agreement we want; each fails today; the decoder needs tightening
+# (reported to the lead; recsys/events.py is not this module's to change).
+
+LAX_TS_STRINGS = {
+    "space separator": "2019-10-01 00:00:01Z",
+    "any separator": "2019-10-01X00:00:01Z",
+    "no seconds": "2019-10-01T00:00Z",
+    "hour only": "2019-10-01T00Z",
+    "basic format": "20191001T000001Z",
+    "offset without minutes": "2019-10-01T00:00:01+00",
+    "offset without colon": "2019-10-01T00:00:01+0000",
+    "offset with seconds": "2019-10-01T00:00:01+00:00:00",
+    "week date": "2019-W40-1T00:00:01Z",
+    "comma fraction": "2019-10-01T00:00:01,5Z",
+    "empty fraction": "2019-10-01T00:00:01.Z",
+}
+
+
+@pytest.mark.parametrize("text", LAX_TS_STRINGS.values(), ids=LAX_TS_STRINGS.keys())
+def test_decoder_refuses_ts_strings_that_are_not_rfc3339(text: str) -> None:
+    assert_agree("event", {**CLICK, "ts": text})
+
+
+def test_decoder_and_schema_agree_on_an_integral_float_quantity() -> None:
+    assert_agree("event", {**CLICK, "quantity": 2.0})
+
+
+def test_an_accepted_pre_1970_event_re_encodes_to_a_valid_event() -> None:
+    try:
+        event = decode_event(orjson.dumps({**CLICK, "ts": "1969-12-31T23:59:59Z"}))
+    except DecodeError:
+        return  # refusing it is a fix too
+    assert validate("event", orjson.loads(encode(event))) == []
+
+
+def test_an_accepted_event_with_a_huge_ts_re_encodes() -> None:
+    # Recommendation.event_ts copies Event.ts, so this would also break encoding its recommendation.
+    try:
+        event = decode_event(orjson.dumps({**CLICK, "ts": 1e20}))
+    except DecodeError:
+        return  # refusing it is a fix too
+    assert validate("event", orjson.loads(encode(event))) == []
