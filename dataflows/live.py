@@ -1,0 +1,61 @@
+"""The live dataflow: Kafka ``events`` + ``catalog`` in, ``recommendations`` + ``dead-letters`` out.
+
+Run it with the CLI (``recsys run``) or directly with Bytewax::
+
+    python -m bytewax.run dataflows.live:live_flow -r var/recovery -s 2
+
+Settings come from ``RECSYS_*`` environment variables (see ``recsys/settings.py``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from bytewax.dataflow import Dataflow
+
+from dataflows.flow import build_flow
+from dataflows.kafka_io import KafkaClients, KafkaSink, KafkaSource
+from recsys.engine import Engine
+from recsys.items import load_jsonl
+from recsys.settings import Settings
+
+
+def engine_factory(settings: Settings, *, evaluate: bool = False, in_memory: bool = False):
+    """A zero-argument callable that opens the engine and loads the start-up catalog file."""
+
+    def build() -> Engine:
+        engine = Engine.open(settings, evaluate=evaluate, in_memory=in_memory)
+        if settings.catalog_file:
+            engine.upsert_catalog(load_jsonl(settings.catalog_file), progress=True)
+        return engine
+
+    return build
+
+
+def live_flow(settings: Settings | None = None, clients: Any = None, engine: Engine | None = None) -> Dataflow:
+    """The production graph over Kafka (or any object with the same client surface).
+
+    ``engine``: an engine already opened in this process (the CLI opens it first so that the
+    model and catalog are loaded before the first message); otherwise it opens on first batch.
+    """
+    settings = settings or Settings.from_env(os.environ)
+    clients = clients if clients is not None else KafkaClients(settings)
+
+    def source(topic: str) -> KafkaSource:
+        return KafkaSource(
+            clients,
+            topic,
+            poll_max_records=settings.poll_max_records,
+            fetch_max_wait_ms=settings.fetch_max_wait_ms,
+            stop_at_end=settings.stop_at_end,
+        )
+
+    return build_flow(
+        "recsys_live",
+        events=source(settings.events_topic),
+        catalog=source(settings.catalog_topic),
+        recommendations=KafkaSink(clients, settings.recommendations_topic),
+        dead_letters=KafkaSink(clients, settings.dead_letters_topic),
+        engine_factory=(lambda: engine) if engine is not None else engine_factory(settings),
+    )

@@ -1,0 +1,311 @@
+"""The per-batch step every flow runs: raw messages in, recommendations and dead letters out.
+
+One code path for live runs, replays, benchmarks and tests: the Bytewax dataflow calls
+:meth:`Engine.process` once per polled batch; the plain-Python backtest loop calls the same
+methods. Nothing here knows about Kafka or Bytewax.
+
+Exactly-once effect on state (decided in ARCHITECTURE.md): Bytewax rewinds sources to its last
+snapshot after a crash and re-delivers messages, while RocksDB has already absorbed some of
+them. So each batch is committed to RocksDB in ONE atomic write holding the touched user
+records (each with the last applied offset per partition), the changed global signals, the
+per-partition watermark of what the signals absorbed, the catalog upserts, and the outbox of
+emitted recommendations. A re-delivered message at or below the watermark changes nothing;
+if it triggered a recommendation, the exact bytes emitted the first time are re-emitted from
+the outbox, so output is at-least-once with identical duplicates only.
+
+Shape of one batch::
+
+    [Envelope(topic, partition, offset, key, value, timestamp_ms), ...]
+      -> BatchResult(recommendations=[(user_id, bytes)], dead_letters=[(key, bytes)], ...)
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import orjson
+
+from recsys.embeddings import Embedder
+from recsys.events import (
+    CatalogItem,
+    DeadLetter,
+    DecodeError,
+    Envelope,
+    Event,
+    Recommendation,
+    RecommendedItem,
+    catalog_item_from_dict,
+    decode_catalog_item,
+    decode_event,
+    encode,
+)
+from recsys.items import ItemSpace
+from recsys.recommender import MODEL_VERSION, Recommender, RecommenderConfig
+from recsys.settings import Settings
+from recsys.signals import EVENT_WEIGHTS, CoVisitation, Popularity
+from recsys.state import KVStore, MemoryKV, RocksKV, UserState, UserStore
+
+_ITEM_PREFIX = b"item:"
+_WATERMARK_PREFIX = b"wm:"
+_OUTBOX_PREFIX = b"o:"
+#: Recommendations kept per user for identical re-emission after a crash. The sink flushes
+#: every batch right after it is committed, so more than a couple can never be in doubt.
+_OUTBOX_LEN = 4
+
+
+@dataclass
+class Scored:
+    """What the system would have shown a user right before an event, and what they did."""
+
+    user_id: str
+    recommended: list[str]
+    targets: list[tuple[str, str]]  # (item_id, event_type) of this batch's events of the user
+    ts: int
+    new_user: bool
+
+
+@dataclass
+class BatchResult:
+    recommendations: list[tuple[str, bytes]] = field(default_factory=list)  # (user_id, json)
+    dead_letters: list[tuple[str | None, bytes]] = field(default_factory=list)  # (key, json)
+    scored: list[Scored] = field(default_factory=list)  # only when evaluating
+    counts: Counter = field(default_factory=Counter)
+
+
+class Engine:
+    """User state, global signals, items and the recommender behind one ``process`` call."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        kv: KVStore,
+        embedder: Embedder,
+        *,
+        clock: Callable[[], float] = time.time,
+        evaluate: bool = False,
+    ):
+        self.settings = settings
+        self.kv = kv
+        self.clock = clock
+        self.evaluate = evaluate
+        self.users = UserStore(kv, ttl_days=settings.state_ttl_days)
+        self.embedder = embedder
+        self.items = ItemSpace(embedder)
+        self.popularity = Popularity(half_life_h=settings.popularity_half_life_h)
+        self.covisit = CoVisitation(
+            half_life_h=settings.covisit_half_life_h, max_neighbours=settings.covisit_neighbours, window=5
+        )
+        self.popularity.load(kv)
+        self.covisit.load(kv)
+        self.watermarks: dict[tuple[str, int], int] = {}
+        for key, value in kv.iter_prefix(_WATERMARK_PREFIX):
+            topic, _, partition = key[len(_WATERMARK_PREFIX) :].decode().rpartition(":")
+            self.watermarks[(topic, int(partition))] = int(value)
+        stored_items = [catalog_item_from_dict(orjson.loads(v)) for _, v in kv.iter_prefix(_ITEM_PREFIX)]
+        if stored_items:
+            self.items.upsert(stored_items)
+        self.recommender = Recommender(self.items, self.popularity, self.covisit, RecommenderConfig(k=settings.top_k))
+        self.totals: Counter = Counter()
+
+    @classmethod
+    def open(cls, settings: Settings, *, evaluate: bool = False, in_memory: bool = False) -> "Engine":
+        """An engine on the RocksDB state directory and embedding cache named by ``settings``."""
+        if in_memory:
+            kv: KVStore = MemoryKV()
+        else:
+            Path(settings.state_dir).mkdir(parents=True, exist_ok=True)
+            kv = RocksKV(str(Path(settings.state_dir) / "rocks"))
+        embedder = Embedder(settings.model_name, settings.embed_cache_dir, batch_size=settings.embed_batch_size)
+        return cls(settings, kv, embedder, evaluate=evaluate)
+
+    def close(self) -> None:
+        self.kv.close()
+        self.embedder.close()
+
+    @property
+    def model_version(self) -> str:
+        return MODEL_VERSION
+
+    # ------------------------------------------------------------------ catalog
+
+    def upsert_catalog(self, items: list[CatalogItem], *, progress: bool = False) -> int:
+        """Add or update items (embedding only new or changed text) and persist them."""
+        if not items:
+            return 0
+        changed = self.items.upsert(items, progress=progress)
+        self.kv.write({_ITEM_PREFIX + i.item_id.encode(): encode(i) for i in items})
+        return changed
+
+    # ------------------------------------------------------------------ the step
+
+    def process(self, envelopes: list[Envelope]) -> BatchResult:
+        """Decode, validate, apply and recommend for one batch; commit it atomically."""
+        result = BatchResult()
+        counts = result.counts
+        now_ms = int(self.clock() * 1000)
+        catalog_topic = self.settings.catalog_topic
+        max_bytes = self.settings.max_message_bytes
+
+        # 1. catalog first, so an item and its first event in one batch work in either order
+        catalog_items: list[CatalogItem] = []
+        events: list[tuple[Envelope, Event]] = []
+        for env in envelopes:
+            try:
+                if env.topic == catalog_topic:
+                    counts["catalog_in"] += 1
+                    catalog_items.append(decode_catalog_item(env.value, max_bytes))
+                else:
+                    counts["events_in"] += 1
+                    events.append((env, decode_event(env.value, max_bytes)))
+            except DecodeError as exc:
+                self._dead_letter(result, env, str(exc), now_ms)
+        puts: dict[bytes, bytes] = {}
+        if catalog_items:
+            self.items.upsert(catalog_items)
+            for item in catalog_items:
+                puts[_ITEM_PREFIX + item.item_id.encode()] = encode(item)
+
+        # 2. validate against the catalog, group by user (keeping each user's order)
+        by_user: dict[str, list[tuple[Envelope, Event]]] = {}
+        admit_unknown = self.settings.unknown_items == "admit"
+        for env, event in events:
+            if event.item_id is not None and event.item_id not in self.items.catalog:
+                if not admit_unknown:
+                    self._dead_letter(result, env, f"field 'item_id': unknown item {event.item_id!r} (not in the catalog)", now_ms)
+                    continue
+                self.items.upsert([CatalogItem(event.item_id, title=f"item {event.item_id}")])
+            by_user.setdefault(event.user_id, []).append((env, event))
+        counts["valid_events"] += sum(len(v) for v in by_user.values())
+        if not by_user:
+            self._commit(puts)
+            self.totals.update(counts)
+            return result
+
+        user_ids = list(by_user)
+        states = self.users.get_many(user_ids, now_ts=max(ev.ts for v in by_user.values() for _, ev in v))
+        outboxes = self._load_outboxes(user_ids)
+
+        # 3. what we would have shown each user right before this batch (backtests only)
+        if self.evaluate:
+            self._score_before(result, by_user, states)
+
+        # 4. apply: signals first (they need the history before the event), then user state
+        fresh_users: list[str] = []
+        reemit: list[tuple[str, bytes]] = []
+        # Offsets are checked against the watermark as committed before this batch: users are
+        # processed in turn, not in offset order, so the watermark only moves at the end.
+        committed = dict(self.watermarks)
+        for user_id, user_events in by_user.items():
+            state = states[user_id]
+            applied_any = False
+            for env, event in user_events:
+                wm_key = (env.topic, env.partition)
+                if env.offset <= committed.get(wm_key, -1):
+                    counts["redelivered_skipped"] += 1
+                    stored = outboxes.get(user_id, {}).get((env.partition, env.offset))
+                    if stored is not None:
+                        reemit.append((user_id, stored))
+                    continue
+                if event.item_id is not None:
+                    self.covisit.update(state.history, event.item_id, event.type, event.ts)
+                    self.popularity.update(event.item_id, EVENT_WEIGHTS[event.type], event.ts)
+                vector = self.items.vector(event.item_id) if event.item_id is not None else None
+                state.apply(
+                    event,
+                    vector,
+                    env.partition,
+                    env.offset,
+                    history_len=self.settings.history_len,
+                    half_life_h=self.settings.interest_half_life_h,
+                )
+                if env.offset > self.watermarks.get(wm_key, -1):
+                    self.watermarks[wm_key] = env.offset
+                    puts[_WATERMARK_PREFIX + f"{env.topic}:{env.partition}".encode()] = str(env.offset).encode()
+                applied_any = True
+                counts["applied"] += 1
+            if applied_any:
+                fresh_users.append(user_id)
+
+        # 5. recommend for every user with a newly applied event (coalesced per batch)
+        if fresh_users:
+            now_ts = max(by_user[u][-1][1].ts for u in fresh_users)
+            ranked = self.recommender.recommend([states[u] for u in fresh_users], now_ts)
+            for user_id, items in zip(fresh_users, ranked):
+                env, trigger = by_user[user_id][-1]
+                payload = encode(self._recommendation(user_id, items, trigger, now_ms))
+                result.recommendations.append((user_id, payload))
+                box = outboxes.setdefault(user_id, {})
+                box[(env.partition, env.offset)] = payload
+                puts[_OUTBOX_PREFIX + user_id.encode()] = _encode_outbox(box)
+        result.recommendations.extend(reemit)
+        counts["recommendations"] += len(result.recommendations)
+        counts["reemitted"] += len(reemit)
+
+        # 6. one atomic write: users + signals + watermarks + outboxes + catalog
+        puts.update(self.users.puts([states[u] for u in fresh_users]))
+        self._commit(puts)
+        self.totals.update(counts)
+        return result
+
+    # ------------------------------------------------------------------ helpers
+
+    def _commit(self, puts: dict[bytes, bytes]) -> None:
+        puts.update(self.popularity.export_dirty())
+        puts.update(self.covisit.export_dirty())
+        if puts:
+            self.kv.write(puts)
+
+    def _dead_letter(self, result: BatchResult, env: Envelope, reason: str, now_ms: int) -> None:
+        letter = DeadLetter(payload=env.value, reason=reason, source=env.position, failed_at=now_ms)
+        result.dead_letters.append((env.key.decode("utf-8", "replace") if env.key else None, encode(letter)))
+        result.counts["dead_letters"] += 1
+
+    def _recommendation(self, user_id: str, items: list[RecommendedItem], trigger: Event, now_ms: int) -> Recommendation:
+        return Recommendation(
+            user_id=user_id,
+            items=tuple(items),
+            trigger_event_id=trigger.event_id,
+            model_version=self.model_version,
+            event_ts=trigger.ts,
+            emitted_at=max(now_ms, int(self.clock() * 1000)),
+        )
+
+    def _load_outboxes(self, user_ids: list[str]) -> dict[str, dict[tuple[int, int], bytes]]:
+        raw = self.kv.multi_get([_OUTBOX_PREFIX + u.encode() for u in user_ids])
+        return {u: _decode_outbox(r) for u, r in zip(user_ids, raw) if r is not None}
+
+    def _score_before(self, result: BatchResult, by_user, states: dict[str, UserState]) -> None:
+        users = [u for u, evs in by_user.items() if any(ev.item_id for _, ev in evs)]
+        if not users:
+            return
+        now_ts = max(by_user[u][0][1].ts for u in users)
+        ranked = self.recommender.recommend([states[u] for u in users], now_ts)
+        for user_id, items in zip(users, ranked):
+            evs = by_user[user_id]
+            result.scored.append(
+                Scored(
+                    user_id=user_id,
+                    recommended=[i.item_id for i in items],
+                    targets=[(ev.item_id, ev.type) for _, ev in evs if ev.item_id is not None],
+                    ts=evs[0][1].ts,
+                    new_user=not states[user_id].history,
+                )
+            )
+
+    def recommend_for(self, user_ids: list[str], now_ts: int, k: int | None = None) -> list[list[RecommendedItem]]:
+        """Recommendations for users from committed state, without changing anything."""
+        states = self.users.get_many(user_ids, now_ts=now_ts)
+        return self.recommender.recommend([states[u] for u in user_ids], now_ts, k)
+
+
+def _encode_outbox(box: dict[tuple[int, int], bytes]) -> bytes:
+    recent = sorted(box.items())[-_OUTBOX_LEN:]
+    return orjson.dumps([[p, o, payload.decode()] for (p, o), payload in recent])
+
+
+def _decode_outbox(raw: bytes) -> dict[tuple[int, int], bytes]:
+    return {(p, o): payload.encode() for p, o, payload in orjson.loads(raw)}

@@ -1,0 +1,209 @@
+"""Candidate generation and ranking with reasons taken from the actual scoring.
+
+Three candidate sources, scored together for a whole batch of users at once:
+
+- **content**: the user's decayed interest vector against the faiss item index (one batched
+  search for all users of a batch); reason ``similar to <history item>`` names the recent
+  history item whose vector is closest to the candidate.
+- **co-visitation**: neighbours of the user's most recent items, weighted by how recent the
+  anchor item is; reason ``bought together with <item>`` / ``viewed together with <item>``.
+- **trending**: time-decayed popularity, the whole answer for a user with no history.
+
+Each source's scores are normalised to [0, 1] per user, blended with fixed weights, and the
+largest contribution to an item's score names its reason. Purchased items (unless the catalog
+marks them ``repeat_purchase``) and unavailable items are never recommended.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from recsys.events import RecommendedItem
+from recsys.items import ItemSpace
+from recsys.signals import CoVisitation, Popularity
+from recsys.state import UserState
+
+MODEL_VERSION = "blend-v1"
+
+
+@dataclass(frozen=True)
+class BlendWeights:
+    """How much each normalised source counts. Co-visitation is the strongest single signal
+    on session data (OTTO, session-kNN literature); content carries cold items and sparse
+    users; trending breaks ties and fills."""
+
+    content: float = 1.0
+    covisit: float = 1.2
+    trending: float = 0.25
+
+
+@dataclass(frozen=True)
+class RecommenderConfig:
+    k: int = 10
+    content_candidates: int = 30
+    covisit_anchors: int = 3  # most recent distinct history items used as co-visitation anchors
+    covisit_per_anchor: int = 20
+    trending_candidates: int = 20
+    weights: BlendWeights = BlendWeights()
+
+
+class Recommender:
+    """Ranks items for many users at once. Pure reads: never changes state or signals.
+
+    Shape: ``recommend([UserState, ...], now_ts) -> [[RecommendedItem, ...], ...]``.
+    """
+
+    def __init__(self, items: ItemSpace, popularity: Popularity, covisit: CoVisitation, config: RecommenderConfig):
+        self.items = items
+        self.popularity = popularity
+        self.covisit = covisit
+        self.config = config
+
+    def excluded(self, state: UserState) -> set[str]:
+        """Items this user must not be shown: purchased ones that are not repeat purchases."""
+        out = set()
+        for item_id in state.purchased:
+            item = self.items.catalog.get(item_id)
+            if item is None or not item.repeat_purchase:
+                out.add(item_id)
+        return out
+
+    def recommend(self, states: list[UserState], now_ts: int, k: int | None = None) -> list[list[RecommendedItem]]:
+        cfg = self.config
+        k = k or cfg.k
+        exclusions = [self.excluded(s) for s in states]
+        # Trending is the same for everyone in a batch: filter it once.
+        trending = [
+            (item_id, pop)
+            for item_id, pop in self.popularity.top(cfg.trending_candidates + k, now_ts)
+            if self.items.recommendable(item_id)
+        ]
+        content = self._content_candidates(states, exclusions)
+        return [self._rank_one(s, excl, hits, trending, k) for s, excl, hits in zip(states, exclusions, content)]
+
+    # ------------------------------------------------------------------ sources
+
+    def _content_candidates(self, states: list[UserState], exclusions: list[set[str]]) -> list[list[tuple[str, float]]]:
+        rows, queries = [], []
+        for i, state in enumerate(states):
+            if state.interest is not None and np.any(state.interest):
+                rows.append(i)
+                queries.append(state.interest)
+        out: list[list[tuple[str, float]]] = [[] for _ in states]
+        if not queries or len(self.items.index) == 0:
+            return out
+        q = np.asarray(queries, dtype=np.float32)
+        q /= np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+        hits = self.items.search(q, self.config.content_candidates, exclude=[exclusions[i] for i in rows])
+        for row, h in zip(rows, hits):
+            out[row] = h
+        return out
+
+    def _rank_one(self, state: UserState, excl: set[str], content_hits, trending, k: int) -> list[RecommendedItem]:
+        """Blend the three sources for one user; ``best`` remembers each item's strongest evidence."""
+        w = self.config.weights
+        scores: dict[str, float] = {}
+        best: dict[str, tuple[float, str, str]] = {}  # item -> (contribution, source, anchor)
+
+        if content_hits:  # the index holds only available items; exclusions were applied there
+            top, low = content_hits[0][1], content_hits[-1][1]
+            scale = w.content * 0.5 / max(top - low, 1e-6)
+            for item_id, sim in content_hits:
+                c = w.content * 0.5 + (sim - low) * scale
+                scores[item_id] = c
+                best[item_id] = (c, "content", "")
+
+        covisit: dict[str, list] = {}  # item -> [summed weight, strongest anchor's weight, anchor, anchor type]
+        for rank, (anchor, anchor_type) in enumerate(_recent_distinct(state.history, self.config.covisit_anchors)):
+            recency = 1.0 / (1 + rank)
+            for item_id, weight, _count in self.covisit.neighbours(anchor, self.config.covisit_per_anchor):
+                value = weight * recency
+                entry = covisit.get(item_id)
+                if entry is None:
+                    covisit[item_id] = [value, value, anchor, anchor_type]
+                else:
+                    entry[0] += value
+                    if value > entry[1]:
+                        entry[1:] = [value, anchor, anchor_type]
+        if covisit:
+            norm = w.covisit / max(e[0] for e in covisit.values())
+            recommendable = self.items.recommendable
+            for item_id, (total, _, anchor, anchor_type) in covisit.items():
+                if item_id in excl or not recommendable(item_id):
+                    continue
+                c = total * norm
+                scores[item_id] = scores.get(item_id, 0.0) + c
+                if c > best.get(item_id, _NONE)[0]:
+                    best[item_id] = (c, "covisit_buy" if anchor_type == "purchase" else "covisit", anchor)
+
+        if trending:
+            norm = w.trending / (trending[0][1] or 1.0)
+            for item_id, pop in trending:
+                if item_id in excl:
+                    continue
+                c = pop * norm
+                scores[item_id] = scores.get(item_id, 0.0) + c
+                if c > best.get(item_id, _NONE)[0]:
+                    best[item_id] = (c, "trending", "")
+
+        ranked = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+        reasons = self._reasons(state, [(item_id, best[item_id]) for item_id, _ in ranked])
+        return [RecommendedItem(item_id, round(score, 6), reason) for (item_id, score), reason in zip(ranked, reasons)]
+
+    # ------------------------------------------------------------------ reasons
+
+    def _reasons(self, state: UserState, ranked: list[tuple[str, tuple[float, str, str]]]) -> list[str]:
+        """One reason per item, from the evidence that contributed most to its score."""
+        content_items = [item_id for item_id, (_, source, _) in ranked if source == "content"]
+        closest = self._closest_history_items(state, content_items)
+        out = []
+        for item_id, (_, source, anchor) in ranked:
+            if source == "covisit_buy":
+                out.append(f"bought together with {self._title(anchor)}")
+            elif source == "covisit":
+                out.append(f"viewed together with {self._title(anchor)}")
+            elif source == "content":
+                anchor, sim = closest.get(item_id, (None, 0.0))
+                if anchor is None:
+                    out.append("matches your interests")
+                elif anchor == item_id:
+                    out.append("you viewed this recently")
+                else:
+                    out.append(f"similar to {self._title(anchor)} you viewed (similarity {sim:.2f})")
+            else:
+                out.append("trending")
+        return out
+
+    def _closest_history_items(self, state: UserState, item_ids: list[str]) -> dict[str, tuple[str, float]]:
+        """For each item, the recent history item with the most similar vector (one matmul)."""
+        index = self.items.index
+        recent = [i for i, _ in _recent_distinct(state.history, 10) if i in index]
+        targets = [i for i in item_ids if i in index]
+        if not recent or not targets:
+            return {}
+        sims = index.vectors(targets) @ index.vectors(recent).T  # (targets, recent)
+        best = sims.argmax(axis=1)
+        return {t: (recent[j], float(sims[row, j])) for row, (t, j) in enumerate(zip(targets, best))}
+
+    def _title(self, item_id: str) -> str:
+        item = self.items.catalog.get(item_id)
+        title = item.title if item is not None else item_id
+        return title if len(title) <= 60 else title[:57] + "..."
+
+
+_NONE = (-1.0, "", "")
+
+
+def _recent_distinct(history: list[tuple[str, str, int]], n: int) -> list[tuple[str, str]]:
+    """The ``n`` most recent distinct items of a history, newest first, with their event type."""
+    seen: set[str] = set()
+    out = []
+    for item_id, etype, _ts in reversed(history):
+        if item_id not in seen:
+            seen.add(item_id)
+            out.append((item_id, etype))
+            if len(out) == n:
+                break
+    return out
