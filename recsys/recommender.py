@@ -169,7 +169,7 @@ class Recommender:
                 if anchor is None:
                     out.append("matches your interests")
                 elif anchor == item_id:
-                    out.append("you viewed this recently")
+                    out.append("you bought this before" if item_id in state.purchased else "you viewed this recently")
                 else:
                     out.append(f"similar to {self._title(anchor)} you viewed (similarity {sim:.2f})")
             else:
