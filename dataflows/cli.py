@@ -174,9 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max", type=int, default=0)
     p.set_defaults(func=cmd_tail)
 
-    from dataflows import demo
+    from dataflows import demo, replay_cli
 
     demo.add_parser(sub)
+    replay_cli.add_parser(sub)
     return parser
 
 

@@ -42,13 +42,18 @@ class EngineStep:
         self._factory = engine_factory
         self.engine: Engine | None = None
 
-    def __call__(self, batch: list[Envelope]) -> list[Out]:
+    def __call__(self, batch: list[Envelope] | list[list[Envelope]]) -> list[Out]:
         if self.engine is None:
             self.engine = self._factory()
-        result = self.engine.process(batch)
-        out = [Out("rec", key, payload) for key, payload in result.recommendations]
-        out.extend(Out("dead", key, payload) for key, payload in result.dead_letters)
-        out.extend(Out("scored", s.user_id, s) for s in result.scored)
+        # Kafka sources send Envelopes (the runtime's batch is the engine's batch); the replay
+        # source sends pre-cut batches as single items, processed one by one.
+        batches = batch if batch and isinstance(batch[0], list) else [batch]
+        out: list[Out] = []
+        for envelopes in batches:
+            result = self.engine.process(envelopes)
+            out.extend(Out("rec", key, payload) for key, payload in result.recommendations)
+            out.extend(Out("dead", key, payload) for key, payload in result.dead_letters)
+            out.extend(Out("scored", None, s) for s in result.scored)
         return out
 
 
@@ -75,5 +80,5 @@ def build_flow(
     op.output("dead_letters_out", dead, dead_letters)  # (key, json)
     if scored is not None:
         evals = op.filter_map("scored", outs, lambda o: o.payload if o.kind == "scored" else None)
-        op.output("scored_out", evals, scored)  # recsys.engine.Scored
+        op.output("scored_out", evals, scored)  # recsys.engine.ScoredBatch
     return flow

@@ -13,10 +13,13 @@ True
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +50,11 @@ _SETTING = "RECSYS_MODEL_NAME"
 
 class EmbeddingModelError(RuntimeError):
     """The configured model cannot be found or loaded offline; names ``RECSYS_MODEL_NAME``."""
+
+
+#: How long to wait for another process to finish with the cache (a cold catalog embeds at a
+#: few hundred texts per second, so a large one can hold it for minutes).
+_LOCK_WAIT_S = 900.0
 
 
 def resolve_model(model_name: str) -> str:
@@ -166,12 +174,15 @@ class Embedder:
         self.stats: dict[str, int] = {"hits": 0, "misses": 0, "model_loads": 0}
         self._model: Any = None
         self._dim = _dim_from_config(self.model_dir)
+        # The cache is opened only while embedding: RocksDB allows one process at a time, and
+        # a live flow, a replay and a demo on one machine share it.
         self._db: Rdict | None = None
+        self._cache_path: Path | None = None
         if cache_dir is not None:
-            path = Path(cache_dir) / _slug(self.model_id)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = Rdict(str(path), options=Options(raw_mode=True))
-            self._check_meta()
+            self._cache_path = Path(cache_dir) / _slug(self.model_id)
+            self._cache_path.parent.mkdir(parents=True, exist_ok=True)
+            with self._cache():
+                self._check_meta()
 
     # ----------------------------------------------------------------- properties
 
@@ -184,7 +195,32 @@ class Embedder:
 
     @property
     def cache_path(self) -> str | None:
-        return None if self._db is None else self._db.path()
+        return None if self._cache_path is None else str(self._cache_path)
+
+    @contextlib.contextmanager
+    def _cache(self) -> Iterator[None]:
+        """Hold the on-disk cache open (``self._db``) for one embedding call."""
+        if self._cache_path is None or self._db is not None:
+            yield
+            return
+        deadline = time.monotonic() + _LOCK_WAIT_S
+        warned = False
+        while True:
+            try:
+                self._db = Rdict(str(self._cache_path), options=Options(raw_mode=True))
+                break
+            except Exception as exc:  # rocksdict raises a bare Exception for a held lock
+                if "lock" not in str(exc).lower() or time.monotonic() > deadline:
+                    raise EmbeddingModelError(f"cannot open the embedding cache {self._cache_path}: {exc}") from exc
+                if not warned:
+                    print(f"waiting for the embedding cache {self._cache_path} (in use by another process)", flush=True)
+                    warned = True
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            self._db.close()
+            self._db = None
 
     # ----------------------------------------------------------------- embedding
 
@@ -200,6 +236,10 @@ class Embedder:
                 raise TypeError(f"embed expects strings, got {type(t).__name__}")
         if not texts:
             return np.empty((0, self.dim), dtype=np.float32)
+        with self._cache():
+            return self._embed(texts, progress)
+
+    def _embed(self, texts: list[str], progress: bool) -> np.ndarray:
         keys = [_text_key(t) for t in texts]
         first: dict[bytes, int] = {}
         for i, k in enumerate(keys):
@@ -310,7 +350,7 @@ class Embedder:
         meta = json.loads(raw)
         if meta.get("model_id") != self.model_id:
             raise EmbeddingModelError(
-                f"embedding cache {self._db.path()} belongs to {meta.get('model_id')!r}, not {self.model_id!r}"
+                f"embedding cache {self._cache_path} belongs to {meta.get('model_id')!r}, not {self.model_id!r}"
             )
         if self._dim is None and "dim" in meta:
             self._dim = int(meta["dim"])

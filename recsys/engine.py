@@ -58,21 +58,19 @@ _OUTBOX_LEN = 4
 
 
 @dataclass
-class Scored:
-    """What the system would have shown a user right before an event, and what they did."""
+class ScoredBatch:
+    """Backtests: a batch's valid events and what each of its users would have been shown
+    right before it (the input of :class:`recsys.evaluation.PrequentialScorer`)."""
 
-    user_id: str
-    recommended: list[str]
-    targets: list[tuple[str, str]]  # (item_id, event_type) of this batch's events of the user
-    ts: int
-    new_user: bool
+    events: list[Event]
+    recommended: dict[str, list[str]]
 
 
 @dataclass
 class BatchResult:
     recommendations: list[tuple[str, bytes]] = field(default_factory=list)  # (user_id, json)
     dead_letters: list[tuple[str | None, bytes]] = field(default_factory=list)  # (key, json)
-    scored: list[Scored] = field(default_factory=list)  # only when evaluating
+    scored: list[ScoredBatch] = field(default_factory=list)  # only when evaluating
     counts: Counter = field(default_factory=Counter)
 
 
@@ -87,11 +85,13 @@ class Engine:
         *,
         clock: Callable[[], float] = time.time,
         evaluate: bool = False,
+        eval_k: int = 20,
     ):
         self.settings = settings
         self.kv = kv
         self.clock = clock
         self.evaluate = evaluate
+        self.eval_k = eval_k
         self.users = UserStore(kv, ttl_days=settings.state_ttl_days)
         self.embedder = embedder
         self.items = ItemSpace(embedder)
@@ -191,7 +191,7 @@ class Engine:
 
         # 3. what we would have shown each user right before this batch (backtests only)
         if self.evaluate:
-            self._score_before(result, by_user, states)
+            self._score_before(result, [ev for _, ev in events if ev.user_id in by_user], states)
 
         # 4. apply: signals first (they need the history before the event), then user state
         fresh_users: list[str] = []
@@ -278,23 +278,11 @@ class Engine:
         raw = self.kv.multi_get([_OUTBOX_PREFIX + u.encode() for u in user_ids])
         return {u: _decode_outbox(r) for u, r in zip(user_ids, raw) if r is not None}
 
-    def _score_before(self, result: BatchResult, by_user, states: dict[str, UserState]) -> None:
-        users = [u for u, evs in by_user.items() if any(ev.item_id for _, ev in evs)]
-        if not users:
-            return
-        now_ts = max(by_user[u][0][1].ts for u in users)
-        ranked = self.recommender.recommend([states[u] for u in users], now_ts)
-        for user_id, items in zip(users, ranked):
-            evs = by_user[user_id]
-            result.scored.append(
-                Scored(
-                    user_id=user_id,
-                    recommended=[i.item_id for i in items],
-                    targets=[(ev.item_id, ev.type) for _, ev in evs if ev.item_id is not None],
-                    ts=evs[0][1].ts,
-                    new_user=not states[user_id].history,
-                )
-            )
+    def _score_before(self, result: BatchResult, events: list[Event], states: dict[str, UserState]) -> None:
+        users = list(dict.fromkeys(ev.user_id for ev in events if ev.item_id is not None))
+        ranked = self.recommender.recommend([states[u] for u in users], events[0].ts, self.eval_k) if users else []
+        recommended = {u: [i.item_id for i in items] for u, items in zip(users, ranked)}
+        result.scored.append(ScoredBatch(events, recommended))
 
     def recommend_for(self, user_ids: list[str], now_ts: int, k: int | None = None) -> list[list[RecommendedItem]]:
         """Recommendations for users from committed state, without changing anything."""
@@ -309,3 +297,26 @@ def _encode_outbox(box: dict[tuple[int, int], bytes]) -> bytes:
 
 def _decode_outbox(raw: bytes) -> dict[tuple[int, int], bytes]:
     return {(p, o): payload.encode() for p, o, payload in orjson.loads(raw)}
+
+
+class EngineModel:
+    """The full system as a backtest :class:`recsys.evaluation.Model`: ``learn`` runs the very
+    ``Engine.process`` step the dataflow runs (events re-encoded to the bytes a producer sends),
+    ``recommend`` reads committed state."""
+
+    name = "full-system"
+
+    def __init__(self, engine: Engine, topic: str = "events"):
+        self.engine = engine
+        self.topic = topic
+        self._offset = 0
+
+    def recommend(self, user_ids: list[str], k: int, now_ts: int) -> list[list[str]]:
+        return [[i.item_id for i in items] for items in self.engine.recommend_for(user_ids, now_ts, k)]
+
+    def learn(self, events: list[Event]) -> None:
+        envelopes = []
+        for event in events:
+            envelopes.append(Envelope(self.topic, 0, self._offset, event.user_id.encode(), encode(event), event.ts))
+            self._offset += 1
+        self.engine.process(envelopes)

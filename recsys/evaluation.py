@@ -29,10 +29,11 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 from tqdm.auto import tqdm
 
+from recsys.batching import user_disjoint_chunks
 from recsys.events import Event
 from recsys.metrics import MetricAccumulator
 
-__all__ = ["Model", "prequential", "leave_last_out", "user_disjoint_chunks", "PURCHASE_TYPES"]
+__all__ = ["Model", "prequential", "PrequentialScorer", "leave_last_out", "user_disjoint_chunks", "PURCHASE_TYPES"]
 
 #: Event types scored by ``target="next_purchase"``: the user committed to the item.
 PURCHASE_TYPES: frozenset[str] = frozenset({"add_to_cart", "purchase"})
@@ -69,27 +70,6 @@ def _check_inputs(models: Sequence[Model], events: Sequence[Event], ks: Sequence
     for i in range(1, len(events)):
         if events[i].ts < events[i - 1].ts:
             raise ValueError(f"events must be sorted by ts: event {i} ({events[i].ts}) precedes event {i - 1} ({events[i - 1].ts})")
-
-
-def user_disjoint_chunks(events: Sequence[Event], batch_size: int) -> Iterator[list[Event]]:
-    """Consecutive runs of at most ``batch_size`` events in which no user appears twice.
-
-    >>> evs = [Event(str(i), "click", u, "x", i) for i, u in enumerate("abacd")]
-    >>> [[e.user_id for e in c] for c in user_disjoint_chunks(evs, 3)]
-    [['a', 'b'], ['a', 'c', 'd']]
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    chunk: list[Event] = []
-    users: set[str] = set()
-    for ev in events:
-        if ev.user_id in users or len(chunk) >= batch_size:
-            yield chunk
-            chunk, users = [], set()
-        chunk.append(ev)
-        users.add(ev.user_id)
-    if chunk:
-        yield chunk
 
 
 def _assemble(
@@ -152,28 +132,17 @@ def prequential(
     popularity over the events before the scored one; coverage divides by ``catalog_size``
     (default: distinct items in ``events``).
     """
-    if target not in ("next", "next_purchase"):
-        raise ValueError(f"target must be 'next' or 'next_purchase', got {target!r}")
     _check_inputs(models, events, ks)
     kmax = max(ks)
     start = time.perf_counter()
-
-    def is_target(ev: Event) -> bool:
-        return ev.item_id is not None and (target == "next" or ev.type in PURCHASE_TYPES)
-
-    if series_every is None:
-        series_every = max(1, sum(1 for ev in events if is_target(ev)) // _SERIES_POINTS)
-    accs = {m.name: MetricAccumulator(ks, series_every=series_every, series_bucket_ms=series_bucket_ms) for m in models}
+    scorer = PrequentialScorer([m.name for m in models], ks, target=target, series_bucket_ms=series_bucket_ms,
+                               series_every=series_every, n_events_hint=events)
     timing = {m.name: {"recommend_s": 0.0, "learn_s": 0.0} for m in models}
-    counts: dict[str, int] = {}
-    total = 0
-    seen_users: set[str] = set()
 
     with tqdm(total=len(events), disable=not progress, desc="prequential", unit="ev", mininterval=1.0) as bar:
         for chunk in user_disjoint_chunks(events, batch_size):
-            targets = [ev for ev in chunk if is_target(ev)]
-            users = [ev.user_id for ev in targets]
-            recs: dict[str, list[list[str]]] = {}
+            users = [ev.user_id for ev in chunk if scorer.is_target(ev)]
+            recs: dict[str, dict[str, list[str]]] = {}
             if users:
                 for m in models:
                     t0 = time.perf_counter()
@@ -181,36 +150,82 @@ def prequential(
                     timing[m.name]["recommend_s"] += time.perf_counter() - t0
                     if len(lists) != len(users):
                         raise ValueError(f"model {m.name!r} returned {len(lists)} lists for {len(users)} users")
-                    recs[m.name] = lists
-            j = 0
-            for ev in chunk:
-                if j < len(targets) and ev is targets[j]:
-                    item = ev.item_id
-                    tags = ("new_user" if ev.user_id not in seen_users else "returning_user",)
-                    if item not in counts:
-                        tags += ("new_item",)
-                    for m in models:
-                        accs[m.name].add(
-                            recs[m.name][j], (item,), event_type=ev.type, tags=tags, ts=ev.ts,
-                            item_counts=counts, total=total,
-                        )
-                    j += 1
-                seen_users.add(ev.user_id)
-                if ev.item_id is not None:
-                    counts[ev.item_id] = counts.get(ev.item_id, 0) + 1
-                    total += 1
+                    recs[m.name] = dict(zip(users, lists))
+            scorer.score_chunk(chunk, recs)
             for m in models:
                 t0 = time.perf_counter()
                 m.learn(chunk)
                 timing[m.name]["learn_s"] += time.perf_counter() - t0
             bar.update(len(chunk))
 
-    return _assemble(
-        "prequential", models, accs, timing, ks=ks, n_events=len(events),
-        catalog_size=catalog_size or max(len(counts), 1), seconds=time.perf_counter() - start,
-        extra={"target": target, "batch_size": batch_size, "exclude_history": False,
-               "exclusion": _MODEL_EXCLUSION, "dataset": dataset},
-    )
+    return scorer.result(models, timing, n_events=len(events), catalog_size=catalog_size,
+                         seconds=time.perf_counter() - start, batch_size=batch_size, dataset=dataset)
+
+
+class PrequentialScorer:
+    """The scoring half of :func:`prequential`, usable by any driver that produces, for each
+    user-disjoint chunk, what every model would have shown its users right before the chunk.
+
+    :func:`prequential` drives it with plain-Python models; the Bytewax replay
+    (``dataflows/replay.py``) drives it from the engine's own pre-batch recommendations, so both
+    paths score with this one piece of code.
+    """
+
+    def __init__(
+        self,
+        model_names: Sequence[str],
+        ks: Sequence[int],
+        *,
+        target: Literal["next", "next_purchase"] = "next",
+        series_every: int | None = None,
+        series_bucket_ms: int | None = None,
+        n_events_hint: Sequence[Event] | None = None,
+    ):
+        if target not in ("next", "next_purchase"):
+            raise ValueError(f"target must be 'next' or 'next_purchase', got {target!r}")
+        self.target = target
+        self.ks = tuple(ks)
+        self.model_names = list(model_names)
+        if series_every is None:
+            n = sum(1 for ev in n_events_hint if self.is_target(ev)) if n_events_hint is not None else 0
+            series_every = max(1, n // _SERIES_POINTS)
+        self.accs = {
+            name: MetricAccumulator(ks, series_every=series_every, series_bucket_ms=series_bucket_ms)
+            for name in self.model_names
+        }
+        self.counts: dict[str, int] = {}
+        self.total = 0
+        self.seen_users: set[str] = set()
+
+    def is_target(self, ev: Event) -> bool:
+        return ev.item_id is not None and (self.target == "next" or ev.type in PURCHASE_TYPES)
+
+    def score_chunk(self, chunk: Sequence[Event], recs: dict[str, dict[str, list[str]]]) -> None:
+        """Score the chunk's target events against ``recs[model][user_id]``, then count the chunk."""
+        for ev in chunk:
+            if self.is_target(ev):
+                item = ev.item_id
+                tags = ("new_user" if ev.user_id not in self.seen_users else "returning_user",)
+                if item not in self.counts:
+                    tags += ("new_item",)
+                for name in self.model_names:
+                    self.accs[name].add(
+                        recs[name][ev.user_id], (item,), event_type=ev.type, tags=tags, ts=ev.ts,
+                        item_counts=self.counts, total=self.total,
+                    )
+            self.seen_users.add(ev.user_id)
+            if ev.item_id is not None:
+                self.counts[ev.item_id] = self.counts.get(ev.item_id, 0) + 1
+                self.total += 1
+
+    def result(self, models, timing, *, n_events: int, catalog_size: int | None, seconds: float,
+               batch_size: int, dataset: str | None) -> dict[str, Any]:
+        return _assemble(
+            "prequential", models, self.accs, timing, ks=self.ks, n_events=n_events,
+            catalog_size=catalog_size or max(len(self.counts), 1), seconds=seconds,
+            extra={"target": self.target, "batch_size": batch_size, "exclude_history": False,
+                   "exclusion": _MODEL_EXCLUSION, "dataset": dataset},
+        )
 
 
 def leave_last_out(
