@@ -37,6 +37,8 @@ def add_parser(sub) -> None:
     p.add_argument("--limit", type=int, default=None, help="only the first N events (by time)")
     p.add_argument("--batch-size", type=int, default=500, help="events per replay batch")
     p.add_argument("--map", action="append", default=[], metavar="FIELD=COLUMN", help="csv: column mapping (repeat)")
+    p.add_argument("--emit", default=None, metavar="FILE",
+                   help="also compute the live output recommendations and write them to FILE (JSONL); slower")
     p.add_argument("--state-dir", default=None, help="keep replay state in RocksDB here (default: in memory)")
     p.add_argument("--embed-cache-dir", default=None, help="embedding cache (default: RECSYS_EMBED_CACHE_DIR or var/embeddings)")
     p.add_argument("--out", required=True, help="output directory")
@@ -124,7 +126,7 @@ def run_replay(args: argparse.Namespace) -> int:
     repeat_items = {c.item_id for c in ds.catalog if c.repeat_purchase}
 
     def open_engine(evaluate: bool) -> Engine:
-        engine = Engine.open(settings, evaluate=evaluate, in_memory=args.state_dir is None)
+        engine = Engine.open(settings, evaluate=evaluate, in_memory=args.state_dir is None, emit=bool(args.emit))
         engine.eval_k = max(ks)
         engine.upsert_catalog(ds.catalog, progress=True)
         return engine
@@ -139,7 +141,15 @@ def run_replay(args: argparse.Namespace) -> int:
         if "full-system" in names:
             scorer = PrequentialScorer(["full-system"], ks, target=args.target, n_events_hint=ds.events)
             start = time.perf_counter()
-            counts = replay_full_system(engine, ds.events, scorer, batch_size=args.batch_size)
+            emitted = open(args.emit, "wb") if args.emit else None
+            try:
+                counts = replay_full_system(
+                    engine, ds.events, scorer, batch_size=args.batch_size,
+                    on_recommendations=(lambda items: emitted.writelines(v + b"\n" for _, v in items)) if emitted else None,
+                )
+            finally:
+                if emitted is not None:
+                    emitted.close()
             seconds = time.perf_counter() - start
 
             class _Named:

@@ -86,12 +86,14 @@ class Engine:
         clock: Callable[[], float] = time.time,
         evaluate: bool = False,
         eval_k: int = 20,
+        emit: bool = True,
     ):
         self.settings = settings
         self.kv = kv
         self.clock = clock
         self.evaluate = evaluate
         self.eval_k = eval_k
+        self.emit = emit  # False: a backtest that only scores skips the output recommendations
         self.users = UserStore(kv, ttl_days=settings.state_ttl_days)
         self.embedder = embedder
         self.items = ItemSpace(embedder)
@@ -112,7 +114,7 @@ class Engine:
         self.totals: Counter = Counter()
 
     @classmethod
-    def open(cls, settings: Settings, *, evaluate: bool = False, in_memory: bool = False) -> "Engine":
+    def open(cls, settings: Settings, *, evaluate: bool = False, in_memory: bool = False, emit: bool = True) -> "Engine":
         """An engine on the RocksDB state directory and embedding cache named by ``settings``."""
         if in_memory:
             kv: KVStore = MemoryKV()
@@ -120,7 +122,7 @@ class Engine:
             Path(settings.state_dir).mkdir(parents=True, exist_ok=True)
             kv = RocksKV(str(Path(settings.state_dir) / "rocks"))
         embedder = Embedder(settings.model_name, settings.embed_cache_dir, batch_size=settings.embed_batch_size)
-        return cls(settings, kv, embedder, evaluate=evaluate)
+        return cls(settings, kv, embedder, evaluate=evaluate, emit=emit)
 
     def close(self) -> None:
         self.kv.close()
@@ -231,7 +233,7 @@ class Engine:
                 fresh_users.append(user_id)
 
         # 5. recommend for every user with a newly applied event (coalesced per batch)
-        if fresh_users:
+        if fresh_users and self.emit:
             now_ts = max(by_user[u][-1][1].ts for u in fresh_users)
             ranked = self.recommender.recommend([states[u] for u in fresh_users], now_ts)
             for user_id, items in zip(fresh_users, ranked):
@@ -280,14 +282,16 @@ class Engine:
 
     def _score_before(self, result: BatchResult, events: list[Event], states: dict[str, UserState]) -> None:
         users = list(dict.fromkeys(ev.user_id for ev in events if ev.item_id is not None))
-        ranked = self.recommender.recommend([states[u] for u in users], events[0].ts, self.eval_k) if users else []
+        ranked = self.recommender.recommend([states[u] for u in users], events[0].ts, self.eval_k, explain=False) if users else []
         recommended = {u: [i.item_id for i in items] for u, items in zip(users, ranked)}
         result.scored.append(ScoredBatch(events, recommended))
 
-    def recommend_for(self, user_ids: list[str], now_ts: int, k: int | None = None) -> list[list[RecommendedItem]]:
+    def recommend_for(
+        self, user_ids: list[str], now_ts: int, k: int | None = None, *, explain: bool = True
+    ) -> list[list[RecommendedItem]]:
         """Recommendations for users from committed state, without changing anything."""
         states = self.users.get_many(user_ids, now_ts=now_ts)
-        return self.recommender.recommend([states[u] for u in user_ids], now_ts, k)
+        return self.recommender.recommend([states[u] for u in user_ids], now_ts, k, explain=explain)
 
 
 def _encode_outbox(box: dict[tuple[int, int], bytes]) -> bytes:
@@ -312,7 +316,7 @@ class EngineModel:
         self._offset = 0
 
     def recommend(self, user_ids: list[str], k: int, now_ts: int) -> list[list[str]]:
-        return [[i.item_id for i in items] for items in self.engine.recommend_for(user_ids, now_ts, k)]
+        return [[i.item_id for i in items] for items in self.engine.recommend_for(user_ids, now_ts, k, explain=False)]
 
     def learn(self, events: list[Event]) -> None:
         envelopes = []

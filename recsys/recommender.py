@@ -70,7 +70,10 @@ class Recommender:
                 out.add(item_id)
         return out
 
-    def recommend(self, states: list[UserState], now_ts: int, k: int | None = None) -> list[list[RecommendedItem]]:
+    def recommend(
+        self, states: list[UserState], now_ts: int, k: int | None = None, *, explain: bool = True
+    ) -> list[list[RecommendedItem]]:
+        """Top-``k`` items per user; ``explain=False`` (backtest scoring) skips the reason texts."""
         cfg = self.config
         k = k or cfg.k
         exclusions = [self.excluded(s) for s in states]
@@ -81,7 +84,7 @@ class Recommender:
             if self.items.recommendable(item_id)
         ]
         content = self._content_candidates(states, exclusions)
-        return [self._rank_one(s, excl, hits, trending, k) for s, excl, hits in zip(states, exclusions, content)]
+        return [self._rank_one(s, excl, hits, trending, k, explain) for s, excl, hits in zip(states, exclusions, content)]
 
     # ------------------------------------------------------------------ sources
 
@@ -101,7 +104,7 @@ class Recommender:
             out[row] = h
         return out
 
-    def _rank_one(self, state: UserState, excl: set[str], content_hits, trending, k: int) -> list[RecommendedItem]:
+    def _rank_one(self, state: UserState, excl: set[str], content_hits, trending, k: int, explain: bool) -> list[RecommendedItem]:
         """Blend the three sources for one user; ``best`` remembers each item's strongest evidence."""
         w = self.config.weights
         scores: dict[str, float] = {}
@@ -149,6 +152,8 @@ class Recommender:
                     best[item_id] = (c, "trending", "")
 
         ranked = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+        if not explain:
+            return [RecommendedItem(item_id, score, "") for item_id, score in ranked]
         reasons = self._reasons(state, [(item_id, best[item_id]) for item_id, _ in ranked])
         return [RecommendedItem(item_id, round(score, 6), reason) for (item_id, score), reason in zip(ranked, reasons)]
 

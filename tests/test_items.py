@@ -208,3 +208,24 @@ def test_load_jsonl_reads_items_and_names_the_bad_line(tmp_path: Path) -> None:
     bad.write_text('{"item_id": "a", "title": "A"}\n{"item_id": "b"}\n')
     with pytest.raises(DecodeError, match=r"line 2: field 'title': missing"):
         load_jsonl(bad)
+
+
+def test_large_index_switches_to_ivf_and_keeps_upsert_remove_and_quality():
+    rng = np.random.default_rng(7)
+    centres = rng.normal(size=(20, 32)).astype(np.float32)
+    vecs = centres[rng.integers(20, size=3000)] + 0.1 * rng.normal(size=(3000, 32)).astype(np.float32)
+    ids = [f"v{i}" for i in range(3000)]
+    index = ItemIndex(32, ivf_threshold=2000, nprobe=8)
+    index.upsert(ids, vecs)
+    assert index.approximate and len(index) == 3000
+    normed = vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
+    queries = normed[:50]
+    exact = np.argsort(-(queries @ normed.T), axis=1)[:, :10]
+    got = index.search(queries, 10)
+    overlap = np.mean([len({ids[j] for j in exact[r]} & {i for i, _ in got[r]}) / 10 for r in range(50)])
+    assert overlap >= 0.8  # approximate, but close on clustered data
+    index.remove(["v0"])
+    assert "v0" not in index and all(i != "v0" for i, _ in index.search(queries[:1], 10)[0])
+    index.upsert(["v1"], -vecs[1:2])  # replaced: now points the other way
+    np.testing.assert_allclose(index.vector("v1"), -normed[1], atol=1e-6)
+    assert all(i != "v1" for i, _ in index.search(queries[1:2], 5)[0])
