@@ -29,6 +29,7 @@ from typing import Callable
 
 import orjson
 
+from recsys.blend import Blend, QualityMonitor, ShownCache
 from recsys.embeddings import Embedder
 from recsys.events import (
     CatalogItem,
@@ -110,7 +111,14 @@ class Engine:
         stored_items = [catalog_item_from_dict(orjson.loads(v)) for _, v in kv.iter_prefix(_ITEM_PREFIX)]
         if stored_items:
             self.items.upsert(stored_items)
-        self.recommender = Recommender(self.items, self.popularity, self.covisit, RecommenderConfig(k=settings.top_k))
+        # river in the loop: the re-ranker learns from what users did after what we showed them;
+        # the monitor tracks that hit rate and resets the re-ranker when behaviour drifts.
+        self.blend = Blend()
+        self.shown = ShownCache()
+        self.monitor = QualityMonitor()
+        self.recommender = Recommender(
+            self.items, self.popularity, self.covisit, RecommenderConfig(k=settings.top_k), blend=self.blend
+        )
         self.totals: Counter = Counter()
 
     @classmethod
@@ -204,6 +212,7 @@ class Engine:
         for user_id, user_events in by_user.items():
             state = states[user_id]
             applied_any = False
+            self._learn_from_shown(user_id, user_events, committed, counts)
             for env, event in user_events:
                 wm_key = (env.topic, env.partition)
                 if env.offset <= committed.get(wm_key, -1):
@@ -235,8 +244,9 @@ class Engine:
         # 5. recommend for every user with a newly applied event (coalesced per batch)
         if fresh_users and self.emit:
             now_ts = max(by_user[u][-1][1].ts for u in fresh_users)
-            ranked = self.recommender.recommend([states[u] for u in fresh_users], now_ts)
-            for user_id, items in zip(fresh_users, ranked):
+            ranked = self.recommender.rank([states[u] for u in fresh_users], now_ts)
+            for user_id, (items, shown) in zip(fresh_users, ranked):
+                self.shown.put(user_id, shown)
                 env, trigger = by_user[user_id][-1]
                 payload = encode(self._recommendation(user_id, items, trigger, now_ms))
                 result.recommendations.append((user_id, payload))
@@ -282,16 +292,43 @@ class Engine:
 
     def _score_before(self, result: BatchResult, events: list[Event], states: dict[str, UserState]) -> None:
         users = list(dict.fromkeys(ev.user_id for ev in events if ev.item_id is not None))
-        ranked = self.recommender.recommend([states[u] for u in users], events[0].ts, self.eval_k, explain=False) if users else []
-        recommended = {u: [i.item_id for i in items] for u, items in zip(users, ranked)}
+        ranked = self.recommender.rank([states[u] for u in users], events[0].ts, self.eval_k, explain=False) if users else []
+        recommended = {}
+        for u, (items, shown) in zip(users, ranked):
+            recommended[u] = [i.item_id for i in items]
+            self.shown.put(u, shown)
         result.scored.append(ScoredBatch(events, recommended))
 
     def recommend_for(
-        self, user_ids: list[str], now_ts: int, k: int | None = None, *, explain: bool = True
+        self, user_ids: list[str], now_ts: int, k: int | None = None, *, explain: bool = True, remember: bool = False
     ) -> list[list[RecommendedItem]]:
-        """Recommendations for users from committed state, without changing anything."""
+        """Recommendations for users from committed state. ``remember``: count them as shown,
+        so the re-ranker learns from what these users do next (backtests); else no side effect."""
         states = self.users.get_many(user_ids, now_ts=now_ts)
-        return self.recommender.recommend([states[u] for u in user_ids], now_ts, k, explain=explain)
+        ranked = self.recommender.rank([states[u] for u in user_ids], now_ts, k, explain=explain)
+        if remember:
+            for user_id, (_, shown) in zip(user_ids, ranked):
+                self.shown.put(user_id, shown)
+        return [items for items, _ in ranked]
+
+    def _learn_from_shown(self, user_id: str, user_events, committed: dict, counts: Counter) -> None:
+        """Teach the re-ranker with the user's first new event against what they were last shown."""
+        shown = self.shown.get(user_id)
+        if shown is None or not shown.items:
+            return
+        for env, event in user_events:
+            if event.item_id is None or env.offset <= committed.get((env.topic, env.partition), -1):
+                continue
+            try:
+                position: int | None = shown.items.index(event.item_id)
+            except ValueError:
+                position = None
+            self.blend.learn(shown.features, position)
+            if self.monitor.update(position is not None and position < self.settings.top_k):
+                self.blend.reset()
+                counts["drift_detected"] += 1
+            self.shown.put(user_id, shown.__class__([], shown.features[:0]))  # learned once
+            return
 
 
 def _encode_outbox(box: dict[tuple[int, int], bytes]) -> bytes:
@@ -316,7 +353,7 @@ class EngineModel:
         self._offset = 0
 
     def recommend(self, user_ids: list[str], k: int, now_ts: int) -> list[list[str]]:
-        return [[i.item_id for i in items] for items in self.engine.recommend_for(user_ids, now_ts, k, explain=False)]
+        return [[i.item_id for i in items] for items in self.engine.recommend_for(user_ids, now_ts, k, explain=False, remember=True)]
 
     def learn(self, events: list[Event]) -> None:
         envelopes = []

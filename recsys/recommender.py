@@ -9,8 +9,10 @@ Three candidate sources, scored together for a whole batch of users at once:
   anchor item is; reason ``bought together with <item>`` / ``viewed together with <item>``.
 - **trending**: time-decayed popularity, the whole answer for a user with no history.
 
-Each source's scores are normalised to [0, 1] per user, blended with fixed weights, and the
-largest contribution to an item's score names its reason. Purchased items (unless the catalog
+Each source's scores are normalised to [0, 1] per user into a row of signals (plus whether the
+user saw the item recently and whether it shares a category with their recent items); the score
+is a hand-set blend of the signals plus what the online re-ranker (:mod:`recsys.blend`) learned
+from what users did next, and the source with the largest contribution names the reason. Purchased items (unless the catalog
 marks them ``repeat_purchase``) and unavailable items are never recommended.
 """
 
@@ -20,12 +22,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from recsys.blend import FEATURES, Blend, Shown
 from recsys.events import RecommendedItem
 from recsys.items import ItemSpace
 from recsys.signals import CoVisitation, Popularity
 from recsys.state import UserState
 
 MODEL_VERSION = "blend-v1"
+N_FEATURES = len(FEATURES)
 
 
 @dataclass(frozen=True)
@@ -55,11 +59,21 @@ class Recommender:
     Shape: ``recommend([UserState, ...], now_ts) -> [[RecommendedItem, ...], ...]``.
     """
 
-    def __init__(self, items: ItemSpace, popularity: Popularity, covisit: CoVisitation, config: RecommenderConfig):
+    def __init__(
+        self,
+        items: ItemSpace,
+        popularity: Popularity,
+        covisit: CoVisitation,
+        config: RecommenderConfig,
+        blend: Blend | None = None,
+    ):
         self.items = items
         self.popularity = popularity
         self.covisit = covisit
         self.config = config
+        self.blend = blend or Blend(min_examples=10**12)  # none given: the hand-set blend only
+        w = config.weights
+        self._base = np.array([w.content, w.covisit, w.trending, 0.0, 0.0, 0.0], dtype=np.float32)
 
     def excluded(self, state: UserState) -> set[str]:
         """Items this user must not be shown: purchased ones that are not repeat purchases."""
@@ -74,6 +88,12 @@ class Recommender:
         self, states: list[UserState], now_ts: int, k: int | None = None, *, explain: bool = True
     ) -> list[list[RecommendedItem]]:
         """Top-``k`` items per user; ``explain=False`` (backtest scoring) skips the reason texts."""
+        return [items for items, _ in self.rank(states, now_ts, k, explain=explain)]
+
+    def rank(
+        self, states: list[UserState], now_ts: int, k: int | None = None, *, explain: bool = True
+    ) -> list[tuple[list[RecommendedItem], Shown]]:
+        """Like :meth:`recommend`, with each list's signal rows (what the blend learns from)."""
         cfg = self.config
         k = k or cfg.k
         exclusions = [self.excluded(s) for s in states]
@@ -104,19 +124,24 @@ class Recommender:
             out[row] = h
         return out
 
-    def _rank_one(self, state: UserState, excl: set[str], content_hits, trending, k: int, explain: bool) -> list[RecommendedItem]:
-        """Blend the three sources for one user; ``best`` remembers each item's strongest evidence."""
-        w = self.config.weights
-        scores: dict[str, float] = {}
-        best: dict[str, tuple[float, str, str]] = {}  # item -> (contribution, source, anchor)
+    def _rank_one(
+        self, state: UserState, excl: set[str], content_hits, trending, k: int, explain: bool
+    ) -> tuple[list[RecommendedItem], Shown]:
+        """Score one user's candidates: signal rows, hand-set blend + learned logit, top ``k``."""
+        rows: dict[str, list[float]] = {}  # item -> signals in FEATURES order
+        anchors: dict[str, tuple[str, str]] = {}  # item -> (co-visitation anchor, its event type)
+
+        def row(item_id: str) -> list[float]:
+            r = rows.get(item_id)
+            if r is None:
+                r = rows[item_id] = [0.0] * N_FEATURES
+            return r
 
         if content_hits:  # the index holds only available items; exclusions were applied there
             top, low = content_hits[0][1], content_hits[-1][1]
-            scale = w.content * 0.5 / max(top - low, 1e-6)
+            scale = 0.5 / max(top - low, 1e-6)
             for item_id, sim in content_hits:
-                c = w.content * 0.5 + (sim - low) * scale
-                scores[item_id] = c
-                best[item_id] = (c, "content", "")
+                row(item_id)[0] = 0.5 + (sim - low) * scale
 
         covisit: dict[str, list] = {}  # item -> [summed weight, strongest anchor's weight, anchor, anchor type]
         for rank, (anchor, anchor_type) in enumerate(_recent_distinct(state.history, self.config.covisit_anchors)):
@@ -131,31 +156,53 @@ class Recommender:
                     if value > entry[1]:
                         entry[1:] = [value, anchor, anchor_type]
         if covisit:
-            norm = w.covisit / max(e[0] for e in covisit.values())
+            norm = 1.0 / max(e[0] for e in covisit.values())
             recommendable = self.items.recommendable
             for item_id, (total, _, anchor, anchor_type) in covisit.items():
                 if item_id in excl or not recommendable(item_id):
                     continue
-                c = total * norm
-                scores[item_id] = scores.get(item_id, 0.0) + c
-                if c > best.get(item_id, _NONE)[0]:
-                    best[item_id] = (c, "covisit_buy" if anchor_type == "purchase" else "covisit", anchor)
+                row(item_id)[1] = total * norm
+                anchors[item_id] = (anchor, anchor_type)
 
         if trending:
-            norm = w.trending / (trending[0][1] or 1.0)
+            norm = 1.0 / (trending[0][1] or 1.0)
             for item_id, pop in trending:
-                if item_id in excl:
-                    continue
-                c = pop * norm
-                scores[item_id] = scores.get(item_id, 0.0) + c
-                if c > best.get(item_id, _NONE)[0]:
-                    best[item_id] = (c, "trending", "")
+                if item_id not in excl:
+                    row(item_id)[2] = pop * norm
 
-        ranked = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+        if not rows:
+            return [], Shown([], np.zeros((0, N_FEATURES), dtype=np.float32))
+        recent = _recent_distinct(state.history, 10)
+        seen = {i for i, _ in recent}
+        catalog = self.items.catalog
+        categories = {c for c in (getattr(catalog.get(i), "category", None) for i in seen) if c}
+        ids = list(rows)
+        for item_id in ids:
+            r = rows[item_id]
+            r[3] = 1.0 if item_id in seen else 0.0
+            if categories:
+                item = catalog.get(item_id)
+                r[4] = 1.0 if item is not None and item.category in categories else 0.0
+        x = np.asarray([rows[i] for i in ids], dtype=np.float32)
+        learned = self.blend.learned(x)
+        scores = x @ self._base + learned
+        order = sorted(range(len(ids)), key=lambda j: (-scores[j], ids[j]))[:k]
+        shown = Shown([ids[j] for j in order], x[order])
         if not explain:
-            return [RecommendedItem(item_id, score, "") for item_id, score in ranked]
-        reasons = self._reasons(state, [(item_id, best[item_id]) for item_id, _ in ranked])
-        return [RecommendedItem(item_id, round(score, 6), reason) for (item_id, score), reason in zip(ranked, reasons)]
+            return [RecommendedItem(ids[j], float(scores[j]), "") for j in order], shown
+        # The reason is the source whose signal contributed most to this item's final score
+        # (hand-set weight + what the blend learned for that signal).
+        w_eff = self._base[:3] + (self.blend.weights()[:3] if self.blend.active else 0.0)
+        evidence = []
+        for j in order:
+            contributions = x[j, :3] * w_eff
+            source = ("content", "covisit", "trending")[int(np.argmax(contributions))]
+            anchor, anchor_type = anchors.get(ids[j], ("", ""))
+            if source == "covisit" and anchor_type == "purchase":
+                source = "covisit_buy"
+            evidence.append((ids[j], (float(contributions.max()), source, anchor)))
+        reasons = self._reasons(state, evidence)
+        return [RecommendedItem(ids[j], round(float(scores[j]), 6), reason) for j, reason in zip(order, reasons)], shown
 
     # ------------------------------------------------------------------ reasons
 
@@ -196,9 +243,6 @@ class Recommender:
         item = self.items.catalog.get(item_id)
         title = item.title if item is not None else item_id
         return title if len(title) <= 60 else title[:57] + "..."
-
-
-_NONE = (-1.0, "", "")
 
 
 def _recent_distinct(history: list[tuple[str, str, int]], n: int) -> list[tuple[str, str]]:
