@@ -9,7 +9,8 @@ so a replay survives a crash like the live flow.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+import itertools
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
@@ -23,28 +24,25 @@ from recsys.evaluation import PrequentialScorer
 from recsys.events import Envelope, Event, encode
 
 
-def envelope_batches(events: Iterable[Event], topic: str = "events", batch_size: int = 500) -> list[list[Envelope]]:
-    """Events -> batches of Envelopes on one partition, offsets = position in the file."""
-    batches, offset = [], 0
+def envelope_batches(events: Iterable[Event], topic: str = "events", batch_size: int = 500, start: int = 0) -> Iterator[list[Envelope]]:
+    """Events -> batches of Envelopes on one partition, offsets = position in the file (lazy)."""
+    offset = start
     for chunk in user_disjoint_chunks(events, batch_size):
         batch = []
         for event in chunk:
             batch.append(Envelope(topic, 0, offset, event.user_id.encode(), encode(event), event.ts))
             offset += 1
-        batches.append(batch)
-    return batches
+        yield batch
 
 
-class _ReplayPartition(StatefulSourcePartition[Envelope, int]):
-    def __init__(self, batches: list[list[Envelope]], start: int):
-        self._batches = batches
-        self._next = start
+class _ReplayPartition(StatefulSourcePartition[list[Envelope], int]):
+    def __init__(self, events: Sequence[Event], start: int, batch_size: int):
+        self._next = start  # index of the first event not yet emitted
+        self._batches = envelope_batches(itertools.islice(events, start, None), batch_size=batch_size, start=start)
 
     def next_batch(self) -> list[list[Envelope]]:
-        if self._next >= len(self._batches):
-            raise StopIteration()
-        batch = self._batches[self._next]
-        self._next += 1
+        batch = next(self._batches)  # StopIteration at the end of the file ends the partition
+        self._next += len(batch)
         return [batch]  # one item: the engine sees exactly this cut
 
     def snapshot(self) -> int:
@@ -52,16 +50,17 @@ class _ReplayPartition(StatefulSourcePartition[Envelope, int]):
 
 
 class ReplaySource(FixedPartitionedSource[list[Envelope], int]):
-    """One partition holding the pre-cut batches of a replay."""
+    """One partition over an event list, cut into batches lazily (memory stays flat)."""
 
-    def __init__(self, batches: list[list[Envelope]]):
-        self._batches = batches
+    def __init__(self, events: Sequence[Event], batch_size: int = 500):
+        self._events = events
+        self._batch_size = batch_size
 
     def list_parts(self) -> list[str]:
         return ["replay#0"]
 
     def build_part(self, step_id: str, for_part: str, resume_state: int | None) -> _ReplayPartition:
-        return _ReplayPartition(self._batches, resume_state or 0)
+        return _ReplayPartition(self._events, resume_state or 0, self._batch_size)
 
 
 class _CallbackPartition(StatelessSinkPartition[Any]):
@@ -93,7 +92,6 @@ def replay_full_system(
     progress: bool = True,
 ) -> dict[str, int]:
     """Run the live graph over ``events`` with ``engine`` (evaluate mode) feeding ``scorer``."""
-    batches = envelope_batches(events, batch_size=batch_size)
     counts = {"recommendations": 0, "dead_letters": 0}
     bar = tqdm(total=len(events), disable=not progress, desc="replay (bytewax)", unit="ev", mininterval=1.0)
 
@@ -112,7 +110,7 @@ def replay_full_system(
 
     flow = build_flow(
         "recsys_replay",
-        events=ReplaySource(batches),
+        events=ReplaySource(events, batch_size),
         recommendations=CallbackSink(recs),
         dead_letters=CallbackSink(dead),
         scored=CallbackSink(scored),

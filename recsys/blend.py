@@ -137,22 +137,35 @@ class QualityMonitor:
     ...     _ = m.update(hit)
     >>> m.hit_rate
     0.75
+    >>> m = QualityMonitor()
+    >>> rises = [m.update(i % 10 < (2 if i < 2000 else 8)) for i in range(4000)]
+    >>> drops = [m.update(i % 10 < 1) for i in range(2000)]
+    >>> any(rises), any(drops)  # learning that works is no drift; a collapse is
+    (False, True)
     """
 
     def __init__(self, window: int = 1000, delta: float = 0.002):
         self.rolling = utils.Rolling(stats.Mean, window_size=window)
         self.adwin = drift.ADWIN(delta=delta)
         self.n = 0
-        self.drifts = 0
+        self.changes = 0  # any change ADWIN saw
+        self.drifts = 0  # drops in the hit rate
 
     def update(self, hit: bool | int) -> bool:
-        """Add one outcome; True when ADWIN detects a change in the hit rate."""
+        """Add one outcome; True when ADWIN detects that the hit rate DROPPED.
+
+        ADWIN flags any change of the mean; a rise is what learning is for, so only a drop
+        (the estimate after the cut below the one before it) counts as drift to react to.
+        """
         self.n += 1
         self.rolling.update(float(hit))
+        before = self.adwin.estimation
         self.adwin.update(float(hit))
         if self.adwin.drift_detected:
-            self.drifts += 1
-            return True
+            self.changes += 1
+            if self.adwin.estimation < before:
+                self.drifts += 1
+                return True
         return False
 
     @property

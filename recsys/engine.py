@@ -21,6 +21,7 @@ Shape of one batch::
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ import orjson
 
 from recsys.blend import Blend, QualityMonitor, ShownCache
 from recsys.embeddings import Embedder
+from recsys.head import Example, Head, HeadConfig
 from recsys.events import (
     CatalogItem,
     DeadLetter,
@@ -116,8 +118,18 @@ class Engine:
         self.blend = Blend()
         self.shown = ShownCache()
         self.monitor = QualityMonitor()
+        self.head: Head | None = None
+        if settings.head_enabled:
+            self.head = Head(
+                HeadConfig(dim=embedder.dim, lr=settings.head_lr, max_steps_per_call=settings.head_steps_per_batch, seed=settings.seed),
+                self.items.index.vectors_or_zero,
+            )
+        # In-memory engines (backtests) neither load nor write model snapshots.
+        persistent = not isinstance(kv, MemoryKV)
+        self.models = ModelStore(Path(settings.state_dir) / "models" if persistent else None, settings.head_snapshot_interval_s, clock)
+        self.models.restore(self)
         self.recommender = Recommender(
-            self.items, self.popularity, self.covisit, RecommenderConfig(k=settings.top_k), blend=self.blend
+            self.items, self.popularity, self.covisit, RecommenderConfig(k=settings.top_k), blend=self.blend, head=self.head
         )
         self.totals: Counter = Counter()
 
@@ -133,12 +145,14 @@ class Engine:
         return cls(settings, kv, embedder, evaluate=evaluate, emit=emit)
 
     def close(self) -> None:
+        self.models.save(self, force=True)
         self.kv.close()
         self.embedder.close()
 
     @property
     def model_version(self) -> str:
-        return MODEL_VERSION
+        """Names what produced a recommendation: the blend and the head snapshot in use."""
+        return MODEL_VERSION if self.head is None else f"{MODEL_VERSION}+{self.head.version}"
 
     # ------------------------------------------------------------------ catalog
 
@@ -206,6 +220,7 @@ class Engine:
         # 4. apply: signals first (they need the history before the event), then user state
         fresh_users: list[str] = []
         reemit: list[tuple[str, bytes]] = []
+        examples: list[Example] = []  # for the head: each newly applied event, after its history
         # Offsets are checked against the watermark as committed before this batch: users are
         # processed in turn, not in offset order, so the watermark only moves at the end.
         committed = dict(self.watermarks)
@@ -225,6 +240,8 @@ class Engine:
                     self.covisit.update(state.history, event.item_id, event.type, event.ts)
                     self.popularity.update(event.item_id, EVENT_WEIGHTS[event.type], event.ts)
                 vector = self.items.vector(event.item_id) if event.item_id is not None else None
+                if self.head is not None and event.item_id is not None and state.history:
+                    examples.append(Example(list(state.history), event.item_id, event.type, event.ts))
                 state.apply(
                     event,
                     vector,
@@ -241,7 +258,13 @@ class Engine:
             if applied_any:
                 fresh_users.append(user_id)
 
-        # 5. recommend for every user with a newly applied event (coalesced per batch)
+        # 5. learn (bounded steps; only newly applied events, so a re-delivery is never learned twice)
+        if examples:
+            stats = self.head.learn(examples)
+            counts["head_steps"] += stats["steps"]
+        self.models.save(self)
+
+        # 6. recommend for every user with a newly applied event (coalesced per batch)
         if fresh_users and self.emit:
             now_ts = max(by_user[u][-1][1].ts for u in fresh_users)
             ranked = self.recommender.rank([states[u] for u in fresh_users], now_ts)
@@ -257,7 +280,7 @@ class Engine:
         counts["recommendations"] += len(result.recommendations)
         counts["reemitted"] += len(reemit)
 
-        # 6. one atomic write: users + signals + watermarks + outboxes + catalog
+        # 7. one atomic write: users + signals + watermarks + outboxes + catalog
         puts.update(self.users.puts([states[u] for u in fresh_users]))
         self._commit(puts)
         self.totals.update(counts)
@@ -361,3 +384,57 @@ class EngineModel:
             envelopes.append(Envelope(self.topic, 0, self._offset, event.user_id.encode(), encode(event), event.ts))
             self._offset += 1
         self.engine.process(envelopes)
+
+
+class ModelStore:
+    """Versioned snapshots of the learned models (head with its optimizer, re-ranker) on disk.
+
+    Written at most every ``interval_s`` (and on close) as ``models-<head version>.pt``
+    (atomic: temp file, then rename); the newest is loaded at start-up, so learning continues
+    where it stopped. The events between the last snapshot and a crash are in RocksDB state but
+    not in the restored head: they are not learned again (never twice), only lost to learning.
+    """
+
+    KEEP = 3
+
+    def __init__(self, directory: Path | None, interval_s: float, clock: Callable[[], float]):
+        self.directory = directory
+        self.interval_s = interval_s
+        self.clock = clock
+        self._last = clock()
+
+    def restore(self, engine: "Engine") -> str | None:
+        if self.directory is None:
+            return None
+        snapshots = sorted(self.directory.glob("models-*.pt"), key=lambda p: p.stat().st_mtime)
+        if not snapshots:
+            return None
+        import pickle
+
+        import torch
+
+        state = torch.load(snapshots[-1], weights_only=False)
+        if engine.head is not None and state.get("head") is not None:
+            engine.head.load_state_dict(state["head"])
+        if state.get("blend") is not None:
+            engine.blend.__dict__.update(pickle.loads(state["blend"]).__dict__)
+        return snapshots[-1].name
+
+    def save(self, engine: "Engine", *, force: bool = False) -> Path | None:
+        now = self.clock()
+        if self.directory is None or (not force and now - self._last < self.interval_s):
+            return None
+        self._last = now
+        import pickle
+
+        import torch
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        version = engine.head.version if engine.head is not None else "nohead"
+        path = self.directory / f"models-{version}.pt"
+        tmp = path.with_suffix(".tmp")
+        torch.save({"head": engine.head.state_dict() if engine.head else None, "blend": pickle.dumps(engine.blend)}, tmp)
+        os.replace(tmp, path)
+        for old in sorted(self.directory.glob("models-*.pt"), key=lambda p: p.stat().st_mtime)[: -self.KEEP]:
+            old.unlink(missing_ok=True)
+        return path

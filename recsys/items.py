@@ -26,8 +26,6 @@ import numpy as np
 
 from recsys.events import CatalogItem, DecodeError, decode_catalog_item
 
-#: Scores are rounded to this many decimals for stable output (float32 carries ~7 digits).
-_SCORE_DECIMALS = 6
 
 
 def _faiss_search(index: faiss.Index, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -81,6 +79,7 @@ class ItemIndex:
         self._to_str: dict[int, str] = {}
         self._next_id = 0
         self._store = np.zeros((1024, dim), dtype=np.float32)  # row = internal id
+        self._names = np.empty(1024, dtype=object)  # internal id -> item id, for vectorised lookups
 
     @property
     def approximate(self) -> bool:
@@ -135,7 +134,11 @@ class ItemIndex:
             grown = np.zeros((max(self._next_id, 2 * len(self._store)), self.dim), dtype=np.float32)
             grown[: len(self._store)] = self._store
             self._store = grown
+            names = np.empty(len(grown), dtype=object)
+            names[: len(self._names)] = self._names
+            self._names = names
         self._store[ints] = vecs
+        self._names[ints] = list(item_ids)
         for item_id, n in zip(item_ids, ints.tolist()):
             self._to_int[item_id] = n
             self._to_str[n] = item_id
@@ -159,6 +162,14 @@ class ItemIndex:
         """The stored (normalised) vector, or None for an unknown id."""
         n = self._to_int.get(item_id)
         return None if n is None else self._store[n].copy()
+
+    def vectors_or_zero(self, item_ids: Sequence[str]) -> np.ndarray:
+        """Like :meth:`vectors`, with a zero row for ids not (or no longer) in the index."""
+        get = self._to_int.get
+        ints = np.fromiter((get(i, -1) for i in item_ids), dtype=np.int64, count=len(item_ids))
+        out = self._store[np.maximum(ints, 0)]
+        out[ints < 0] = 0.0
+        return out
 
     def vectors(self, item_ids: Sequence[str]) -> np.ndarray:
         """``(len(item_ids), dim)`` stored vectors; KeyError names the first unknown id."""
@@ -200,19 +211,20 @@ class ItemIndex:
         scores, ints = _faiss_search(self._index, np.ascontiguousarray(q[valid]), fetch)
         results = empty
         rows = np.flatnonzero(valid)
-        to_str = self._to_str
-        for row, s_row, i_row in zip(rows.tolist(), scores.tolist(), ints.tolist()):
-            ex = exclude[row] if exclude is not None else ()
+        names = self._names
+        for row, s_row, i_row in zip(rows.tolist(), scores, ints):
+            ex = exclude[row] if exclude is not None else None
+            hit = i_row[i_row >= 0]
+            if not ex:  # the common case: no per-user exclusions, one vectorised slice
+                hit = hit[:k]
+                results[row] = list(zip(names[hit].tolist(), s_row[: len(hit)].tolist()))
+                continue
             out = results[row]
-            for n, s in zip(i_row, s_row):
-                if n < 0:
-                    break
-                item_id = to_str[n]
-                if item_id in ex:
-                    continue
-                out.append((item_id, round(s, _SCORE_DECIMALS)))
-                if len(out) == k:
-                    break
+            for item_id, score in zip(names[hit].tolist(), s_row[: len(hit)].tolist()):
+                if item_id not in ex:
+                    out.append((item_id, score))
+                    if len(out) == k:
+                        break
         return results
 
 
@@ -290,6 +302,14 @@ class ItemSpace:
 
     def vector(self, item_id: str) -> np.ndarray | None:
         return self.index.vector(item_id)
+
+    def vectors_or_zero(self, item_ids: Sequence[str]) -> np.ndarray:
+        """Like :meth:`vectors`, with a zero row for ids not (or no longer) in the index."""
+        get = self._to_int.get
+        ints = np.fromiter((get(i, -1) for i in item_ids), dtype=np.int64, count=len(item_ids))
+        out = self._store[np.maximum(ints, 0)]
+        out[ints < 0] = 0.0
+        return out
 
     def vectors(self, item_ids: Sequence[str]) -> np.ndarray:
         return self.index.vectors(item_ids)

@@ -24,6 +24,7 @@ import numpy as np
 
 from recsys.blend import FEATURES, Blend, Shown
 from recsys.events import RecommendedItem
+from recsys.head import Head
 from recsys.items import ItemSpace
 from recsys.signals import CoVisitation, Popularity
 from recsys.state import UserState
@@ -66,8 +67,10 @@ class Recommender:
         covisit: CoVisitation,
         config: RecommenderConfig,
         blend: Blend | None = None,
+        head: Head | None = None,
     ):
         self.items = items
+        self.head = head
         self.popularity = popularity
         self.covisit = covisit
         self.config = config
@@ -103,29 +106,42 @@ class Recommender:
             for item_id, pop in self.popularity.top(cfg.trending_candidates + k, now_ts)
             if self.items.recommendable(item_id)
         ]
-        content = self._content_candidates(states, exclusions)
-        return [self._rank_one(s, excl, hits, trending, k, explain) for s, excl, hits in zip(states, exclusions, content)]
+        queries = self._queries(states, now_ts)
+        content = self._content_candidates(queries, exclusions)
+        return [
+            self._rank_one(s, excl, hits, trending, k, explain, q)
+            for s, excl, hits, q in zip(states, exclusions, content, queries)
+        ]
 
     # ------------------------------------------------------------------ sources
 
-    def _content_candidates(self, states: list[UserState], exclusions: list[set[str]]) -> list[list[tuple[str, float]]]:
-        rows, queries = [], []
+    def _queries(self, states: list[UserState], now_ts: int) -> np.ndarray:
+        """One query vector per user for the frozen index: the learned head's ``B^T A h`` when
+        there is a head (retrieval follows learning without re-indexing), else the user's
+        decayed interest vector. Zero rows for users with no history."""
+        dim = self.items.index.dim
+        if self.head is not None:
+            return self.head.query_vectors([s.history for s in states], [now_ts] * len(states))
+        q = np.zeros((len(states), dim), dtype=np.float32)
         for i, state in enumerate(states):
-            if state.interest is not None and np.any(state.interest):
-                rows.append(i)
-                queries.append(state.interest)
-        out: list[list[tuple[str, float]]] = [[] for _ in states]
-        if not queries or len(self.items.index) == 0:
+            if state.interest is not None:
+                q[i] = state.interest
+        return q
+
+    def _content_candidates(self, queries: np.ndarray, exclusions: list[set[str]]) -> list[list[tuple[str, float]]]:
+        out: list[list[tuple[str, float]]] = [[] for _ in range(len(queries))]
+        rows = np.flatnonzero(np.abs(queries).sum(axis=1) > 0)
+        if len(rows) == 0 or len(self.items.index) == 0:
             return out
-        q = np.asarray(queries, dtype=np.float32)
+        q = queries[rows].astype(np.float32, copy=True)
         q /= np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
         hits = self.items.search(q, self.config.content_candidates, exclude=[exclusions[i] for i in rows])
-        for row, h in zip(rows, hits):
+        for row, h in zip(rows.tolist(), hits):
             out[row] = h
         return out
 
     def _rank_one(
-        self, state: UserState, excl: set[str], content_hits, trending, k: int, explain: bool
+        self, state: UserState, excl: set[str], content_hits, trending, k: int, explain: bool, query: np.ndarray
     ) -> tuple[list[RecommendedItem], Shown]:
         """Score one user's candidates: signal rows, hand-set blend + learned logit, top ``k``."""
         rows: dict[str, list[float]] = {}  # item -> signals in FEATURES order
@@ -184,6 +200,8 @@ class Recommender:
                 item = catalog.get(item_id)
                 r[4] = 1.0 if item is not None and item.category in categories else 0.0
         x = np.asarray([rows[i] for i in ids], dtype=np.float32)
+        if self.head is not None and query.any():
+            x[:, 5] = self.items.index.vectors_or_zero(ids) @ query  # the head's score, every candidate
         learned = self.blend.learned(x)
         scores = x @ self._base + learned
         order = sorted(range(len(ids)), key=lambda j: (-scores[j], ids[j]))[:k]

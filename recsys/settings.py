@@ -63,6 +63,12 @@ class Settings:
     covisit_half_life_h: float = 24.0 * 30
     covisit_neighbours: int = 50  # co-visitation neighbours kept per item (bounds memory)
     unknown_items: Literal["dead_letter", "admit"] = "dead_letter"
+    # --- learning ---
+    head_enabled: bool = True  # the learned head over frozen vectors (off: interest vector retrieval)
+    head_steps_per_batch: int = 1  # optimizer steps per polled batch: bounds training cost
+    head_lr: float = 1e-3
+    head_snapshot_interval_s: float = 30.0  # versioned head + re-ranker snapshots in state_dir/models
+    seed: int = 0
 
     @classmethod
     def env_var(cls, name: str) -> str:
@@ -85,7 +91,7 @@ class Settings:
         return dataclasses.replace(self, **changes)
 
     def __post_init__(self) -> None:
-        positive = ("poll_max_records", "max_message_bytes", "history_len", "top_k", "embed_batch_size", "covisit_neighbours")
+        positive = ("poll_max_records", "max_message_bytes", "history_len", "top_k", "embed_batch_size", "covisit_neighbours", "head_steps_per_batch")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{self.env_var(name)}: must be > 0, got {getattr(self, name)}")

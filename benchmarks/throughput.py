@@ -1,0 +1,504 @@
+"""End-to-end throughput and latency of the live dataflow on the local broker; prints figures, asserts nothing.
+
+    .venv/bin/python benchmarks/throughput.py [--mode both|max|latency] [--events 100000]
+        [--latency-events 30000] [--rate 1000] [--catalog-items 10000] [--partitions 2]
+        [--users 20000] [--out results.json] [--profile DIR] [--flow-args "--poll-max-records 500"]
+
+Everything runs on this machine: the real Kafka-protocol broker (Tansu, :class:`LocalBroker`),
+the real flow as a child process (``python -m dataflows.cli run``), synthetic data
+(:mod:`recsys.synthetic`: ``generate_catalog`` / ``generate_events``, never a quality claim).
+
+0. setup: a ``--catalog-items`` catalog written as JSONL; its texts are embedded here, in the
+   benchmark process, so the flow finds every vector in the cache and never loads the model
+   (the time of that first embedding, and whether the cache was cold, is printed).
+1. ``max`` (sustained throughput): ``--events`` events are produced into ``events`` FIRST,
+   then ``recsys run --stop-at-end`` starts; events/s = events / (flow prints "ready" ->
+   flow process exits). The recommendations topic is counted afterwards.
+2. ``latency``: the flow starts first (running forever), a small warm-up stream is sent and
+   awaited, then ``--latency-events`` events are offered at ``--rate`` events/s; once
+   recommendations stop arriving the flow gets SIGINT. Latency = broker append timestamp of
+   the trigger event (the producer's CreateTime, set at ``send``) -> the recommendation's
+   ``emitted_at``, as :func:`dataflows.demo.summarize` computes it. Also reported: the
+   per-event latency (every event -> the first recommendation of its user emitted after it
+   was applied), which also counts the events that a coalesced recommendation answers.
+3. peak RSS of the flow process: ``VmHWM`` (the kernel's high-water mark of resident memory)
+   sampled from ``/proc/<pid>/status`` every 50 ms until the process exits. (``ru_maxrss`` from
+   ``wait4`` is not used: Linux carries the parent's peak across fork+exec into it, so it
+   reports this benchmark process, which loaded the model, not the flow.)
+
+The load average (``os.getloadavg``) is printed before and after each mode: the figures mean
+little on a busy machine. JSON of all figures with ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import json
+import os
+import platform
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+from dataflows.cli import default_topics
+from dataflows.demo import summarize
+from dataflows.kafka_io import KafkaClients, consume_all, ensure_topics, produce_records
+from dataflows.local_broker import LocalBroker
+from recsys.embeddings import Embedder
+from recsys.events import CatalogItem, Event, encode
+from recsys.settings import Settings
+from recsys.synthetic import generate_catalog, generate_events
+
+#: Seconds without a new recommendation after which the latency run counts as drained.
+QUIET_S = 3.0
+#: Warm-up events sent (and awaited) before the measured latency stream: the flow builds its
+#: Kafka consumers only after "ready", and that one-off start-up is not per-event latency.
+WARMUP_EVENTS = 200
+#: How often /proc/<pid>/status is sampled for VmHWM / VmRSS.
+RSS_SAMPLE_S = 0.05
+#: Upper bound on reading a whole topic back at the end (100k records on a 2-core box: ~10 s).
+CONSUME_TIMEOUT_S = 300.0
+
+
+def loadavg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# --------------------------------------------------------------------------- the flow process
+
+
+class FlowProcess:
+    """``python -m dataflows.cli run`` as a child: its output, "ready" time, exit time, peak RSS.
+
+    One waiter thread reaps the child (so the exit time is precise) and one samples its VmHWM;
+    nothing else may wait on it.
+    """
+
+    def __init__(self, cmd: list[str], *, echo: bool = False) -> None:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.cmd = cmd
+        self.echo = echo
+        self.start_t = time.perf_counter()
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env)
+        self.pid = self.proc.pid
+        self.lines: deque[str] = deque(maxlen=200)
+        self.ready_t: float | None = None
+        self.ready_line = ""
+        self.stopped_line = ""
+        self.exit_t: float | None = None
+        self.returncode: int | None = None
+        self.vm_hwm_kib = 0
+        self.vm_rss_kib = 0
+        self._ready = threading.Event()
+        self._exited = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+        threading.Thread(target=self._wait, daemon=True).start()
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            line = line.rstrip("\n")
+            self.lines.append(line)
+            if self.echo:
+                log("    flow: " + line)
+            if self.ready_t is None and line.startswith("ready"):
+                self.ready_t = time.perf_counter()
+                self.ready_line = line
+                self._ready.set()
+            elif line.startswith("stopped:"):
+                self.stopped_line = line
+
+    def _wait(self) -> None:
+        _, status = os.waitpid(self.pid, 0)
+        self.exit_t = time.perf_counter()
+        self.returncode = os.waitstatus_to_exitcode(status)
+        self.proc.returncode = self.returncode  # so Popen never waits on a reaped pid
+        self._exited.set()
+        self._ready.set()  # wake a waiter for "ready" if it died first
+
+    def _sample(self) -> None:
+        status = Path(f"/proc/{self.pid}/status")
+        while not self._exited.is_set():
+            try:
+                for row in status.read_text().splitlines():
+                    if row.startswith("VmHWM:"):
+                        self.vm_hwm_kib = max(self.vm_hwm_kib, int(row.split()[1]))
+                    elif row.startswith("VmRSS:"):
+                        self.vm_rss_kib = int(row.split()[1])
+            except (OSError, ValueError, IndexError):  # gone, or a zombie without memory lines
+                pass
+            self._exited.wait(RSS_SAMPLE_S)
+
+    @property
+    def running(self) -> bool:
+        return not self._exited.is_set()
+
+    def wait_ready(self, timeout_s: float = 300.0) -> None:
+        if not self._ready.wait(timeout_s):
+            self.kill()
+            raise SystemExit(f"the flow did not print 'ready' within {timeout_s:.0f} s; its output ends:\n{self.tail()}")
+        if self.ready_t is None:
+            raise SystemExit(f"the flow exited (status {self.returncode}) before 'ready'; its output ends:\n{self.tail()}")
+
+    def wait_exit(self, timeout_s: float) -> bool:
+        return self._exited.wait(timeout_s)
+
+    def interrupt(self, timeout_s: float = 60.0) -> None:
+        """SIGINT (Bytewax finishes the epoch and exits), then SIGKILL if it hangs; our child only."""
+        if self.running:
+            os.kill(self.pid, signal.SIGINT)
+            if not self.wait_exit(timeout_s):
+                self.kill()
+
+    def kill(self) -> None:
+        if self.running:
+            os.kill(self.pid, signal.SIGKILL)
+            self.wait_exit(10.0)
+
+    def tail(self, n: int = 20) -> str:
+        return "\n".join(list(self.lines)[-n:]) or "(no output)"
+
+    def peak_rss_mib(self) -> float:
+        return round(self.vm_hwm_kib / 1024, 1)
+
+
+def flow_command(bootstrap: str, workdir: Path, catalog_path: Path, cache_dir: str, *, stop_at_end: bool,
+                 profile_to: Path | None, extra: list[str]) -> list[str]:
+    py = [sys.executable]
+    if profile_to is not None:
+        py += ["-m", "cProfile", "-o", str(profile_to)]
+    cmd = py + [
+        "-m", "dataflows.cli", "run",
+        "--bootstrap-servers", bootstrap,
+        "--state-dir", str(workdir / "state"),
+        "--recovery-dir", str(workdir / "recovery"),
+        "--catalog-file", str(catalog_path),
+        "--embed-cache-dir", cache_dir,
+    ]
+    if stop_at_end:
+        cmd.append("--stop-at-end")
+    return cmd + extra
+
+
+# --------------------------------------------------------------------------- setup
+
+
+def write_catalog(items: list[CatalogItem], path: Path) -> None:
+    with path.open("wb") as fh:
+        for item in items:
+            fh.write(encode(item) + b"\n")
+
+
+def prewarm_embeddings(items: list[CatalogItem], cache_dir: str, settings: Settings) -> dict:
+    """Embed every catalog text here so the flow only reads the cache; returns timing + cache stats."""
+    embedder = Embedder(settings.model_name, cache_dir, batch_size=settings.embed_batch_size)
+    t0 = time.perf_counter()
+    embedder.embed([item.text for item in items], progress=True)
+    took = time.perf_counter() - t0
+    stats = dict(embedder.stats)
+    embedder.close()
+    return {"seconds": round(took, 2), "texts": len(items), "cache_dir": cache_dir, **stats,
+            "cold_cache": stats["misses"] > 0}
+
+
+def keyed(events: list[Event]):
+    for ev in events:
+        yield ev.user_id.encode(), encode(ev)
+
+
+def start_broker(partitions: int, settings: Settings) -> tuple[LocalBroker, KafkaClients, Settings]:
+    broker = LocalBroker().start()
+    s = settings.replace(bootstrap_servers=broker.bootstrap)
+    clients = KafkaClients(s)
+    ensure_topics(clients, default_topics(s, partitions))
+    return broker, clients, s
+
+
+# --------------------------------------------------------------------------- mode max
+
+
+def run_max(args, items, catalog_path: Path, cache_dir: str, base: Settings, workroot: Path) -> dict:
+    events = generate_events(args.events, items, n_users=args.users, seed=args.seed)
+    load_before = loadavg()
+    log(f"\n[max] {len(events)} events, {len(items)} items, {args.users} users, {args.partitions} partitions; "
+        f"load average {load_before}")
+    broker, clients, s = start_broker(args.partitions, base)
+    try:
+        t0 = time.perf_counter()
+        n = produce_records(clients, s.events_topic, keyed(events))
+        produce_s = time.perf_counter() - t0
+        log(f"[max] produced {n} events in {produce_s:.1f} s ({n / produce_s:.0f}/s) before starting the flow")
+        workdir = workroot / "max"
+        profile_to = Path(args.profile) / "max.prof" if args.profile else None
+        flow = FlowProcess(flow_command(broker.bootstrap, workdir, catalog_path, cache_dir, stop_at_end=True,
+                                        profile_to=profile_to, extra=args.flow_args), echo=args.verbose)
+        flow.wait_ready()
+        startup_s = flow.ready_t - flow.start_t
+        log(f"[max] flow ready after {startup_s:.1f} s: {flow.ready_line}")
+        if not flow.wait_exit(args.max_wait_s):
+            flow.interrupt()
+            raise SystemExit(f"the flow did not finish {n} events within {args.max_wait_s:.0f} s; output:\n{flow.tail()}")
+        run_s = flow.exit_t - flow.ready_t
+        if flow.returncode != 0:
+            raise SystemExit(f"the flow exited with status {flow.returncode}; its output ends:\n{flow.tail()}")
+        log(f"[max] flow exited after {run_s:.2f} s: {flow.stopped_line}")
+        recs = consume_all(clients, s.recommendations_topic, timeout_s=CONSUME_TIMEOUT_S)
+        dead = consume_all(clients, s.dead_letters_topic, timeout_s=CONSUME_TIMEOUT_S)
+    finally:
+        broker.stop()
+    emitted = [orjson.loads(r.value)["emitted_at"] for r in recs]
+    result = {
+        "events": n,
+        "catalog_items": len(items),
+        "users": args.users,
+        "partitions": args.partitions,
+        "produce_s": round(produce_s, 2),
+        "flow_startup_s": round(startup_s, 2),
+        "ready_to_exit_s": round(run_s, 3),
+        "events_per_s": round(n / run_s, 1),
+        "recommendations": len(recs),
+        "dead_letters": len(dead),
+        "first_to_last_recommendation_s": round((max(emitted) - min(emitted)) / 1000, 3) if emitted else None,
+        "flow_totals": flow.stopped_line,
+        "peak_rss_mib": flow.peak_rss_mib(),
+        "loadavg_before": load_before,
+        "loadavg_after": loadavg(),
+    }
+    if profile_to is not None:
+        result["profile"] = str(profile_to)
+    log(f"[max] {result['events_per_s']:.0f} events/s ({n} events in {run_s:.2f} s, ready -> exit); "
+        f"{len(recs)} recommendations, {len(dead)} dead letters; peak RSS {result['peak_rss_mib']} MiB; "
+        f"load average {result['loadavg_after']}")
+    return result
+
+
+# --------------------------------------------------------------------------- mode latency
+
+
+def _wait_for_recommendations(clients: KafkaClients, topic: str, at_least: int, flow: FlowProcess,
+                              quiet_s: float, timeout_s: float) -> int:
+    """Poll ``topic`` with one consumer until ``at_least`` records are there and none came for
+    ``quiet_s``; returns the count. A persistent consumer: cheap, unlike re-reading the topic."""
+    from kafka.structs import TopicPartition
+
+    consumer = clients.consumer()
+    try:
+        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        count, last_new = 0, time.monotonic()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            got = sum(len(v) for v in consumer.poll(timeout_ms=200).values())
+            if got:
+                count += got
+                last_new = time.monotonic()
+            elif count >= at_least and time.monotonic() - last_new >= quiet_s:
+                return count
+            if not flow.running:
+                raise SystemExit(f"the flow stopped unexpectedly (status {flow.returncode}):\n{flow.tail()}")
+        return count
+    finally:
+        consumer.close()
+
+
+def per_event_latencies(events, recs) -> np.ndarray:
+    """ms from each event's append to the first recommendation of its user whose trigger is at or
+    after the event in the partition (the first answer that had seen it)."""
+    ev_pos = {}  # event_id -> (partition, offset)
+    for env in events:
+        ev_pos[orjson.loads(env.value)["event_id"]] = (env.partition, env.offset)
+    answers: dict[str, list[tuple[tuple[int, int], int]]] = {}  # user -> [((partition, offset), emitted_at)]
+    for env in recs:
+        rec = orjson.loads(env.value)
+        pos = ev_pos.get(rec["trigger_event_id"])
+        if pos is not None:
+            answers.setdefault(rec["user_id"], []).append((pos, rec["emitted_at"]))
+    for rows in answers.values():
+        rows.sort()
+    out = []
+    for env in events:
+        ev = orjson.loads(env.value)
+        rows = answers.get(ev["user_id"])
+        if not rows:
+            continue
+        i = bisect.bisect_left(rows, ((env.partition, env.offset), -1))
+        if i < len(rows) and rows[i][0][0] == env.partition:
+            out.append(rows[i][1] - env.timestamp_ms)
+    return np.asarray(out, dtype=np.float64)
+
+
+def _pcts(a: np.ndarray) -> dict[str, float]:
+    if not len(a):
+        return {}
+    return {p: round(float(np.percentile(a, q)), 1) for p, q in (("p50", 50), ("p95", 95), ("p99", 99), ("max", 100))}
+
+
+def run_latency(args, items, catalog_path: Path, cache_dir: str, base: Settings, workroot: Path) -> dict:
+    all_events = generate_events(args.latency_events + WARMUP_EVENTS, items, n_users=args.users, seed=args.seed + 1)
+    warmup, events = all_events[:WARMUP_EVENTS], all_events[WARMUP_EVENTS:]
+    load_before = loadavg()
+    log(f"\n[latency] {len(events)} events offered at {args.rate:.0f}/s, {len(items)} items, {args.users} users, "
+        f"{args.partitions} partitions; load average {load_before}")
+    broker, clients, s = start_broker(args.partitions, base)
+    try:
+        workdir = workroot / "latency"
+        profile_to = Path(args.profile) / "latency.prof" if args.profile else None
+        flow = FlowProcess(flow_command(broker.bootstrap, workdir, catalog_path, cache_dir, stop_at_end=False,
+                                        profile_to=profile_to, extra=args.flow_args), echo=args.verbose)
+        try:
+            flow.wait_ready()
+            log(f"[latency] flow ready after {flow.ready_t - flow.start_t:.1f} s: {flow.ready_line}")
+            produce_records(clients, s.events_topic, keyed(warmup), rate=args.rate)
+            n_warm = _wait_for_recommendations(clients, s.recommendations_topic, 1, flow, 1.0, 120.0)
+            log(f"[latency] warm-up: {len(warmup)} events -> {n_warm} recommendations")
+            t0 = time.perf_counter()
+            n = produce_records(clients, s.events_topic, keyed(events), rate=args.rate)
+            produce_s = time.perf_counter() - t0
+            log(f"[latency] offered {n} events in {produce_s:.1f} s ({n / produce_s:.0f}/s achieved)")
+            n_recs = _wait_for_recommendations(clients, s.recommendations_topic, n_warm + 1, flow, QUIET_S, args.max_wait_s)
+            log(f"[latency] {n_recs} recommendations, none new for {QUIET_S:.0f} s: stopping the flow (SIGINT)")
+            hwm_before_stop = flow.vm_hwm_kib
+        finally:
+            flow.interrupt()
+        log(f"[latency] {flow.stopped_line}")
+        event_envs = consume_all(clients, s.events_topic, timeout_s=CONSUME_TIMEOUT_S)
+        rec_envs = consume_all(clients, s.recommendations_topic, timeout_s=CONSUME_TIMEOUT_S)
+        dead = consume_all(clients, s.dead_letters_topic, timeout_s=CONSUME_TIMEOUT_S)
+    finally:
+        broker.stop()
+    measured_ids = {ev.event_id for ev in events}
+    measured = [e for e in event_envs if orjson.loads(e.value)["event_id"] in measured_ids]
+    measured_recs = [r for r in rec_envs if orjson.loads(r.value)["trigger_event_id"] in measured_ids]
+    summary = summarize(measured, measured_recs, dead)
+    every = per_event_latencies(measured, measured_recs)
+    result = {
+        "events": n,
+        "offered_rate": args.rate,
+        "achieved_produce_rate": round(n / produce_s, 1),
+        "catalog_items": len(items),
+        "users": args.users,
+        "partitions": args.partitions,
+        "warmup_events": len(warmup),
+        "recommendations": len(measured_recs),
+        "dead_letters": len(dead),
+        "summary": summary,  # dataflows.demo.summarize over the measured events
+        "latency_ms_trigger": _trigger_pcts(measured, measured_recs),
+        "latency_ms_every_event": _pcts(every),
+        "events_answered": int(len(every)),
+        "flow_totals": flow.stopped_line,
+        "peak_rss_mib": flow.peak_rss_mib(),
+        "peak_rss_mib_before_sigint": round(hwm_before_stop / 1024, 1),
+        "loadavg_before": load_before,
+        "loadavg_after": loadavg(),
+    }
+    if profile_to is not None:
+        result["profile"] = str(profile_to)
+    lat = result["latency_ms_trigger"]
+    log(f"[latency] trigger event append -> emitted_at: p50 {lat['p50']:.0f} ms, p95 {lat['p95']:.0f} ms, "
+        f"p99 {lat['p99']:.0f} ms, max {lat['max']:.0f} ms over {len(measured_recs)} recommendations")
+    ev = result["latency_ms_every_event"]
+    if ev:
+        log(f"[latency] every event -> first recommendation after it: p50 {ev['p50']:.0f} ms, p95 {ev['p95']:.0f} ms, "
+            f"p99 {ev['p99']:.0f} ms over {len(every)} events")
+    log(f"[latency] peak RSS {result['peak_rss_mib']} MiB; load average {result['loadavg_after']}")
+    return result
+
+
+def _trigger_pcts(events, recs) -> dict[str, float]:
+    append_ts = {orjson.loads(e.value)["event_id"]: e.timestamp_ms for e in events}
+    lat = []
+    for r in recs:
+        rec = orjson.loads(r.value)
+        if rec["trigger_event_id"] in append_ts:
+            lat.append(rec["emitted_at"] - append_ts[rec["trigger_event_id"]])
+    return _pcts(np.asarray(lat, dtype=np.float64))
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--mode", choices=("both", "max", "latency"), default="both")
+    p.add_argument("--events", type=int, default=100_000, help="events for the sustained-throughput run")
+    p.add_argument("--latency-events", type=int, default=30_000, help="events offered in the latency run")
+    p.add_argument("--rate", type=float, default=1000.0, help="events/s offered in the latency run")
+    p.add_argument("--catalog-items", type=int, default=10_000)
+    p.add_argument("--users", type=int, default=20_000)
+    p.add_argument("--partitions", type=int, default=2, help="partitions of the events and recommendations topics")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--embed-cache-dir", default=None, help="embedding cache (default: the settings' var/embeddings)")
+    p.add_argument("--flow-args", type=shlex.split, default=[], help="extra flags for `recsys run`, one quoted string")
+    p.add_argument("--profile", default=None, metavar="DIR", help="run the flow under cProfile; .prof files go here")
+    p.add_argument("--max-wait-s", type=float, default=900.0, help="give up on a run after this long")
+    p.add_argument("--out", default=None, help="write all figures as JSON here")
+    p.add_argument("--verbose", "-v", action="store_true", help="echo the flow's output")
+    args = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.profile:
+        Path(args.profile).mkdir(parents=True, exist_ok=True)
+
+    base = Settings.from_env(os.environ)
+    cache_dir = args.embed_cache_dir or base.embed_cache_dir
+    results: dict = {
+        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]) if argv is None else argv,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+                    "loadavg_start": loadavg()},
+    }
+    log(f"machine: {os.cpu_count()} CPUs, load average {results['machine']['loadavg_start']} (1, 5, 15 min)")
+    with tempfile.TemporaryDirectory(prefix="recsys-bench-") as tmp:
+        workroot = Path(tmp)
+        items = generate_catalog(args.catalog_items, seed=args.seed)
+        catalog_path = workroot / "catalog.jsonl"
+        write_catalog(items, catalog_path)
+        log(f"setup: {len(items)} catalog items -> {catalog_path}; embedding their texts into {cache_dir} ...")
+        emb = prewarm_embeddings(items, cache_dir, base)
+        results["embedding"] = emb
+        what = "cold cache: embedded with the model" if emb["cold_cache"] else "warm cache: read from the cache"
+        log(f"setup: first embedding of {emb['texts']} texts took {emb['seconds']:.1f} s ({what}; "
+            f"{emb['hits']} hits, {emb['misses']} misses, {emb['model_loads']} model loads)")
+        if args.mode in ("both", "max"):
+            results["max"] = run_max(args, items, catalog_path, cache_dir, base, workroot)
+        if args.mode in ("both", "latency"):
+            results["latency"] = run_latency(args, items, catalog_path, cache_dir, base, workroot)
+    results["machine"]["loadavg_end"] = loadavg()
+
+    log("\n==== results ====")
+    log(f"load average (1/5/15 min): start {results['machine']['loadavg_start']}, end {results['machine']['loadavg_end']} "
+        f"on {os.cpu_count()} CPUs")
+    if "max" in results:
+        m = results["max"]
+        log(f"events/s (sustained, {m['events']} events, {m['catalog_items']} items, {m['partitions']} partitions): "
+            f"{m['events_per_s']:.0f}; peak RSS {m['peak_rss_mib']} MiB")
+    if "latency" in results:
+        lt = results["latency"]
+        lat, ev = lt["latency_ms_trigger"], lt["latency_ms_every_event"]
+        log(f"latency at {lt['offered_rate']:.0f}/s offered ({lt['events']} events): p50 {lat['p50']:.0f} ms, "
+            f"p95 {lat['p95']:.0f} ms, p99 {lat['p99']:.0f} ms (trigger append -> emitted_at); "
+            f"every event: p99 {ev.get('p99', float('nan')):.0f} ms; peak RSS {lt['peak_rss_mib']} MiB")
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+        log(f"figures -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""The engine's learning lifecycle: exactly-once learning, snapshots, versions, feedback rules."""
+
+from __future__ import annotations
+
+import numpy as np
+import orjson
+import pytest
+
+from recsys.engine import Engine
+from recsys.events import CatalogItem, Envelope, Event, encode
+from recsys.settings import Settings
+from recsys.synthetic import generate_catalog, generate_events
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("emb"))
+
+
+@pytest.fixture(scope="module")
+def catalog():
+    return generate_catalog(60, seed=21)
+
+
+def _settings(tmp_path, cache, **kw) -> Settings:
+    return Settings(state_dir=str(tmp_path / "state"), embed_cache_dir=cache, head_snapshot_interval_s=3600, **kw)
+
+
+def _envelopes(events, start=0):
+    return [Envelope("events", 0, start + i, e.user_id.encode(), encode(e), e.ts) for i, e in enumerate(events)]
+
+
+def _head_params(engine):
+    return {k: v.clone() for k, v in engine.head.state_dict()["model"].items()} if "model" in engine.head.state_dict() else None
+
+
+def test_a_redelivered_batch_changes_nothing_not_even_the_head(tmp_path, cache, catalog):
+    engine = Engine.open(_settings(tmp_path, cache))
+    engine.upsert_catalog(catalog)
+    events = generate_events(600, catalog, n_users=30, seed=22)
+    batch = _envelopes(events)
+    engine.process(batch)
+    version = engine.head.version
+    query = engine.head.query_vectors([[("i1", "click", 0), ("i2", "browse", 1)]], [2])
+    users = {u: s for u, s in engine.users.get_many(sorted({e.user_id for e in events}), now_ts=0).items()}
+    again = engine.process(batch)  # re-delivery after a crash: same offsets
+    assert again.counts["applied"] == 0 and again.counts["redelivered_skipped"] == len(events)
+    assert engine.head.version == version
+    np.testing.assert_array_equal(engine.head.query_vectors([[("i1", "click", 0), ("i2", "browse", 1)]], [2]), query)
+    after = engine.users.get_many(sorted(users), now_ts=0)
+    assert all(after[u] == users[u] for u in users)
+    engine.close()
+
+
+def test_model_version_names_the_head_and_learning_continues_after_restart(tmp_path, cache, catalog):
+    settings = _settings(tmp_path, cache)
+    events = generate_events(1200, catalog, n_users=40, seed=23)
+    engine = Engine.open(settings)
+    engine.upsert_catalog(catalog)
+    result = engine.process(_envelopes(events[:600]))
+    rec = orjson.loads(result.recommendations[0][1])
+    assert rec["model_version"] == engine.model_version and "head-" in rec["model_version"]
+    version = engine.head.version
+    probe = engine.head.query_vectors([[("i3", "purchase", 0)]], [1])
+    engine.close()  # writes the snapshot
+
+    restarted = Engine.open(settings)
+    assert restarted.head.version == version  # loaded, not a fresh head
+    np.testing.assert_allclose(restarted.head.query_vectors([[("i3", "purchase", 0)]], [1]), probe, rtol=1e-6)
+    restarted.process(_envelopes(events[600:], start=600))
+    assert restarted.head.version != version  # and it keeps learning
+    restarted.close()
+
+
+def test_purchased_items_are_not_recommended_again_unless_repeat_purchase(tmp_path, cache):
+    items = [CatalogItem(f"r{i}", f"running shoe model {i}", category="shoes") for i in range(20)]
+    items.append(CatalogItem("coffee", "ground coffee beans", category="coffee", attributes={"repeat_purchase": True}))
+    engine = Engine.open(_settings(tmp_path, cache))
+    engine.upsert_catalog(items)
+    events = [Event("e0", "click", "u", "r1", 1000), Event("e1", "purchase", "u", "r1", 2000), Event("e2", "purchase", "u", "coffee", 3000)]
+    for i in range(30):  # others make r1 and coffee popular, so only the rule can keep r1 out
+        events.append(Event(f"o{i}", "purchase", f"v{i}", "r1" if i % 2 else "coffee", 500 + i))
+    events.sort(key=lambda e: e.ts)
+    result = engine.process(_envelopes(events))
+    mine = [orjson.loads(p) for u, p in result.recommendations if u == "u"][-1]
+    ids = [i["item_id"] for i in mine["items"]]
+    assert "r1" not in ids
+    assert "coffee" in ids
+    engine.close()
+
+
+def test_unavailable_items_are_never_recommended(tmp_path, cache, catalog):
+    engine = Engine.open(_settings(tmp_path, cache))
+    engine.upsert_catalog(catalog)
+    events = generate_events(400, catalog, n_users=10, seed=24)
+    engine.process(_envelopes(events))
+    popular = engine.popularity.top(5, events[-1].ts)[0][0]
+    item = next(c for c in catalog if c.item_id == popular)
+    off = Envelope("catalog", 0, 0, item.item_id.encode(), encode(CatalogItem(item.item_id, item.title, available=False)), 0)
+    result = engine.process([off] + _envelopes(events[:50], start=400))
+    for _, payload in result.recommendations:
+        assert popular not in [i["item_id"] for i in orjson.loads(payload)["items"]]
+    engine.close()
+
+
+def test_feedback_weights_order_purchase_over_cart_over_click_over_browse(tmp_path, cache, catalog):
+    engine = Engine.open(_settings(tmp_path, cache))
+    engine.upsert_catalog(catalog)
+    events = [Event(f"e{t}", t, f"u{t}", f"i{n}", 1000) for n, t in enumerate(["browse", "click", "add_to_cart", "purchase"])]
+    engine.process(_envelopes(events))
+    scores = [engine.popularity.score(f"i{n}", 1000) for n in range(4)]
+    assert scores == sorted(scores) and len(set(scores)) == 4
+    engine.close()
