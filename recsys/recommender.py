@@ -144,23 +144,10 @@ class Recommender:
         self, state: UserState, excl: set[str], content_hits, trending, k: int, explain: bool, query: np.ndarray
     ) -> tuple[list[RecommendedItem], Shown]:
         """Score one user's candidates: signal rows, hand-set blend + learned logit, top ``k``."""
-        rows: dict[str, list[float]] = {}  # item -> signals in FEATURES order
-        anchors: dict[str, tuple[str, str]] = {}  # item -> (co-visitation anchor, its event type)
-
-        def row(item_id: str) -> list[float]:
-            r = rows.get(item_id)
-            if r is None:
-                r = rows[item_id] = [0.0] * N_FEATURES
-            return r
-
-        if content_hits:  # the index holds only available items; exclusions were applied there
-            top, low = content_hits[0][1], content_hits[-1][1]
-            scale = 0.5 / max(top - low, 1e-6)
-            for item_id, sim in content_hits:
-                row(item_id)[0] = 0.5 + (sim - low) * scale
-
+        recent = _recent_distinct(state.history, 10)
+        # co-visitation: neighbours of the most recent items, anchors weighted by recency
         covisit: dict[str, list] = {}  # item -> [summed weight, strongest anchor's weight, anchor, anchor type]
-        for rank, (anchor, anchor_type) in enumerate(_recent_distinct(state.history, self.config.covisit_anchors)):
+        for rank, (anchor, anchor_type) in enumerate(recent[: self.config.covisit_anchors]):
             recency = 1.0 / (1 + rank)
             for item_id, weight, _count in self.covisit.neighbours(anchor, self.config.covisit_per_anchor):
                 value = weight * recency
@@ -171,40 +158,36 @@ class Recommender:
                     entry[0] += value
                     if value > entry[1]:
                         entry[1:] = [value, anchor, anchor_type]
-        if covisit:
-            norm = 1.0 / max(e[0] for e in covisit.values())
-            recommendable = self.items.recommendable
-            for item_id, (total, _, anchor, anchor_type) in covisit.items():
-                if item_id in excl or not recommendable(item_id):
-                    continue
-                row(item_id)[1] = total * norm
-                anchors[item_id] = (anchor, anchor_type)
+        indexed = self.items.index  # holds exactly the recommendable items (unavailable ones are removed)
+        cov_ids = [i for i in covisit if i not in excl and i in indexed]
+        tr_ids = [i for i, _ in trending if i not in excl]
 
-        if trending:
-            norm = 1.0 / (trending[0][1] or 1.0)
-            for item_id, pop in trending:
-                if item_id not in excl:
-                    row(item_id)[2] = pop * norm
-
-        if not rows:
+        # the union of candidates, in a deterministic order: content, co-visitation, trending
+        ids = list(dict.fromkeys([i for i, _ in content_hits] + cov_ids + tr_ids))
+        if not ids:
             return [], Shown([], np.zeros((0, N_FEATURES), dtype=np.float32))
-        recent = _recent_distinct(state.history, 10)
-        seen = {i for i, _ in recent}
-        catalog = self.items.catalog
-        categories = {c for c in (getattr(catalog.get(i), "category", None) for i in seen) if c}
-        ids = list(rows)
-        for item_id in ids:
-            r = rows[item_id]
-            r[3] = 1.0 if item_id in seen else 0.0
-            if categories:
-                item = catalog.get(item_id)
-                r[4] = 1.0 if item is not None and item.category in categories else 0.0
-        x = np.asarray([rows[i] for i in ids], dtype=np.float32)
-        if self.head is not None and query.any():
-            x[:, 5] = self.items.index.vectors_or_zero(ids) @ query  # the head's score, every candidate
-        learned = self.blend.learned(x)
-        scores = x @ self._base + learned
-        order = sorted(range(len(ids)), key=lambda j: (-scores[j], ids[j]))[:k]
+        pos = {item_id: j for j, item_id in enumerate(ids)}
+        x = np.zeros((len(ids), N_FEATURES), dtype=np.float32)
+        if content_hits:  # the index holds only available items; exclusions were applied there
+            sims = np.fromiter((sim for _, sim in content_hits), dtype=np.float32, count=len(content_hits))
+            low = sims[-1]
+            x[: len(content_hits), 0] = 0.5 + 0.5 * (sims - low) / max(float(sims[0] - low), 1e-6)
+        if cov_ids:
+            vals = np.fromiter((covisit[i][0] for i in cov_ids), dtype=np.float32, count=len(cov_ids))
+            x[[pos[i] for i in cov_ids], 1] = vals / max(float(vals.max()), 1e-12)
+        if tr_ids:
+            top = trending[0][1] or 1.0
+            pops = dict(trending)
+            x[[pos[i] for i in tr_ids], 2] = [pops[i] / top for i in tr_ids]
+        seen_rows = [pos[i] for i, _ in recent if i in pos]
+        if seen_rows:
+            x[seen_rows, 3] = 1.0
+        code = self.items.category_code
+        categories = {code.get(i, -1) for i, _ in recent} - {-1}
+        if categories:
+            x[:, 4] = np.isin(np.fromiter((code.get(i, -1) for i in ids), dtype=np.int64, count=len(ids)), list(categories))
+        scores = x @ self._base + self.blend.learned(x)
+        order = np.argsort(-scores, kind="stable")[:k].tolist()  # ties keep the candidate order
         shown = Shown([ids[j] for j in order], x[order])
         if not explain:
             return [RecommendedItem(ids[j], float(scores[j]), "") for j in order], shown
@@ -215,7 +198,7 @@ class Recommender:
         for j in order:
             contributions = x[j, :3] * w_eff
             source = ("content", "covisit", "trending")[int(np.argmax(contributions))]
-            anchor, anchor_type = anchors.get(ids[j], ("", ""))
+            anchor, anchor_type = covisit[ids[j]][2:] if ids[j] in covisit else ("", "")
             if source == "covisit" and anchor_type == "purchase":
                 source = "covisit_buy"
             evidence.append((ids[j], (float(contributions.max()), source, anchor)))

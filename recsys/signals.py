@@ -216,6 +216,7 @@ class CoVisitation:
         self._half_life_ms = _check_half_life(half_life_h)
         # item -> neighbour -> [weight, raw count]
         self._nbrs: dict[str, dict[str, list]] = {}
+        self._ranked: dict[str, list[tuple[str, float, int]]] = {}  # sorted neighbours, until they change
         self._dirty: set[str] = set()
 
     def __len__(self) -> int:
@@ -250,6 +251,7 @@ class CoVisitation:
                 entry[0] += weight
                 entry[1] += 1
             self._dirty.add(x)
+            self._ranked.pop(x, None)
         for x in (a, b):
             nbrs = self._nbrs.get(x)
             if nbrs is not None and len(nbrs) > self.max_neighbours:
@@ -262,17 +264,23 @@ class CoVisitation:
             nbrs = self._nbrs.get(p)
             if nbrs is not None and nbrs.pop(q, None) is not None:
                 self._dirty.add(p)
+                self._ranked.pop(p, None)
                 if not nbrs:
                     del self._nbrs[p]
 
     def neighbours(self, item_id: str, n: int) -> list[tuple[str, float, int]]:
         """Up to ``n`` neighbours of ``item_id`` as ``(neighbour, weight, raw count)``,
         heaviest first, ties by neighbour id."""
-        nbrs = self._nbrs.get(item_id)
-        if not nbrs or n <= 0:
+        if n <= 0:
             return []
-        ranked = sorted(nbrs.items(), key=lambda kv: (-kv[1][0], kv[0]))[:n]
-        return [(y, float(e[0]), int(e[1])) for y, e in ranked]
+        ranked = self._ranked.get(item_id)
+        if ranked is None:  # sorted once per change of the item's neighbours, not per read
+            nbrs = self._nbrs.get(item_id)
+            if not nbrs:
+                return []
+            ranked = [(y, float(e[0]), int(e[1])) for y, e in sorted(nbrs.items(), key=lambda kv: (-kv[1][0], kv[0]))]
+            self._ranked[item_id] = ranked
+        return ranked[:n]
 
     def export_dirty(self) -> dict[bytes, bytes]:
         """Changed lists since the last export, ``b"cov:"+id -> JSON [[nbr, weight, count]...]``
@@ -287,6 +295,7 @@ class CoVisitation:
     def load(self, kv: KVStore) -> None:
         """Replace everything held with the records under ``b"cov:"`` in ``kv``."""
         self._nbrs.clear()
+        self._ranked.clear()
         self._dirty.clear()
         for key, value in kv.iter_prefix(COV_PREFIX):
             rows = orjson.loads(value)
