@@ -42,6 +42,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.create_topics:
         ensure_topics(clients, default_topics(settings, args.partitions))
     engine = engine_factory(settings)()
+    engine.embedder.warm()  # new catalog items then embed in milliseconds
     print(
         f"ready: {len(engine.items.catalog)} items, {engine.users.count()} users in state; "
         f"reading {settings.events_topic!r} + {settings.catalog_topic!r} from {settings.bootstrap_servers}",

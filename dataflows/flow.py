@@ -22,7 +22,7 @@ from typing import Any, Callable
 import bytewax.operators as op
 from bytewax.dataflow import Dataflow
 from bytewax.inputs import Source
-from bytewax.outputs import Sink
+from bytewax.outputs import FixedPartitionedSink, Sink
 
 from recsys.engine import Engine
 from recsys.events import Envelope
@@ -76,9 +76,17 @@ def build_flow(
     outs = op.flat_map_batch("process", stream, EngineStep(engine_factory))  # Out
     recs = op.filter_map("recommendations", outs, lambda o: (o.key, o.payload) if o.kind == "rec" else None)
     dead = op.filter_map("dead_letters", outs, lambda o: (o.key, o.payload) if o.kind == "dead" else None)
-    op.output("recommendations_out", recs, recommendations)  # (user_id, json)
-    op.output("dead_letters_out", dead, dead_letters)  # (key, json)
+    _output("recommendations_out", recs, recommendations)  # (user_id, json)
+    _output("dead_letters_out", dead, dead_letters)  # (key, json)
     if scored is not None:
         evals = op.filter_map("scored", outs, lambda o: o.payload if o.kind == "scored" else None)
         op.output("scored_out", evals, scored)  # recsys.engine.ScoredBatch
     return flow
+
+
+def _output(step_id: str, stream: Any, sink: Sink[Any]) -> None:
+    """``op.output``; a partitioned sink gets ``(routing key, (key, value))``, as Bytewax routes
+    by the first element and hands only the second to the partition."""
+    if isinstance(sink, FixedPartitionedSink):
+        stream = op.map(step_id + "_route", stream, lambda kv: (kv[0] or "", kv))
+    op.output(step_id, stream, sink)

@@ -9,8 +9,8 @@ builds real kafka-python clients from :class:`recsys.settings.Settings`;
   topic's Kafka partitions (``"events#0"``, ...). Manual ``assign`` + ``seek`` to the resume
   offset (Bytewax recovery stores it), non-blocking batched polls; yields
   :class:`recsys.events.Envelope`. No consumer groups, no commits.
-- :class:`KafkaSink` — a Bytewax ``DynamicSink`` of ``(key, value)``; every batch is flushed
-  and checked before ``write_batch`` returns (at-least-once).
+- :class:`KafkaSink` — a Bytewax ``FixedPartitionedSink`` of ``(key, value)``; sends are flushed
+  and checked at every epoch snapshot, before Bytewax commits the epoch (at-least-once).
 - :func:`produce_records`, :func:`consume_all`, :func:`ensure_topics` for the demo, tests and
   benchmarks.
 
@@ -33,7 +33,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
-from bytewax.outputs import DynamicSink, StatelessSinkPartition
+from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 from kafka.structs import TopicPartition
 
 from recsys.events import Envelope
@@ -322,34 +322,46 @@ class KafkaSource(FixedPartitionedSource[Envelope, int]):
 # -------------------------------------------------------------------------------- sink
 
 
-class _KafkaSinkPartition(StatelessSinkPartition[tuple[Key, bytes]]):
+class _KafkaSinkPartition(StatefulSinkPartition[tuple[Key, bytes], None]):
     def __init__(self, producer: Any, topic: str) -> None:
         self._producer = producer
         self._topic = topic
+        self._pending: list[Any] = []
 
     def write_batch(self, items: list[tuple[Key, bytes]]) -> None:
         send = self._producer.send
-        futures = [send(self._topic, value=value, key=_to_bytes(key)) for key, value in items]
+        self._pending.extend(send(self._topic, value=value, key=_to_bytes(key)) for key, value in items)
+
+    def snapshot(self) -> None:
+        # Bytewax snapshots every partition at the end of an epoch, before it commits the epoch
+        # (which moves the source offsets on): everything sent so far must be acknowledged now.
         self._producer.flush()
-        _raise_failures(futures)  # nothing is silently dropped
+        pending, self._pending = self._pending, []
+        _raise_failures(pending)  # nothing is silently dropped
+        return None
 
     def close(self) -> None:
-        self._producer.flush()
+        self.snapshot()
         self._producer.close()
 
 
-class KafkaSink(DynamicSink[tuple[Key, bytes]]):
+class KafkaSink(FixedPartitionedSink[tuple[Key, bytes], None]):
     """Write ``(key, value)`` items to a topic, keyed (kafka's partitioner hashes the key).
 
-    Each ``write_batch`` returns only once the broker acknowledged every record (acks=all):
-    at-least-once, since a crash between a write and the next snapshot re-sends.
+    Sends are not waited for batch by batch; the partition's epoch snapshot flushes and checks
+    every send before Bytewax commits the epoch: at-least-once, with one broker round trip
+    per epoch instead of one per batch (which cost a fifth of the main thread's time).
+    The flow feeds it ``(routing key, (key, value))`` pairs (:func:`dataflows.flow.build_flow`).
     """
 
     def __init__(self, clients: KafkaClientFactory, topic: str) -> None:
         self.clients = clients
         self.topic = topic
 
-    def build(self, step_id: str, worker_index: int, worker_count: int) -> _KafkaSinkPartition:
+    def list_parts(self) -> list[str]:
+        return [f"{self.topic}-producer"]  # one producer; its own partitioner spreads by key
+
+    def build_part(self, step_id: str, for_part: str, resume_state: None) -> _KafkaSinkPartition:
         return _KafkaSinkPartition(self.clients.producer(), self.topic)
 
 

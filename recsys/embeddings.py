@@ -355,6 +355,10 @@ class Embedder:
         if self._dim is None and "dim" in meta:
             self._dim = int(meta["dim"])
 
+    def warm(self) -> None:
+        """Load the model now, so the first new item later embeds in milliseconds, not seconds."""
+        self._load()
+
     def close(self) -> None:
         """Close the cache (the model, if loaded, is simply dropped)."""
         if self._db is not None:

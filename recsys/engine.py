@@ -58,6 +58,9 @@ _OUTBOX_PREFIX = b"o:"
 #: Recommendations kept per user for identical re-emission after a crash. The sink flushes
 #: every batch right after it is committed, so more than a couple can never be in doubt.
 _OUTBOX_LEN = 4
+#: After a drop in the live hit rate: the head learns this many times faster for this many steps.
+_DRIFT_LR_BOOST = 5.0
+_DRIFT_BOOST_STEPS = 200
 
 
 @dataclass
@@ -119,6 +122,7 @@ class Engine:
         self.shown = ShownCache()
         self.monitor = QualityMonitor()
         self.head: Head | None = None
+        self._boost_steps_left = 0
         if settings.head_enabled:
             self.head = Head(
                 HeadConfig(dim=embedder.dim, lr=settings.head_lr, max_steps_per_call=settings.head_steps_per_batch, seed=settings.seed),
@@ -262,6 +266,10 @@ class Engine:
         if examples:
             stats = self.head.learn(examples)
             counts["head_steps"] += stats["steps"]
+            if self._boost_steps_left > 0:
+                self._boost_steps_left -= stats["steps"]
+                if self._boost_steps_left <= 0:
+                    self.head.set_lr(self.settings.head_lr)
         self.models.save(self)
 
         # 6. recommend for every user with a newly applied event (coalesced per batch)
@@ -348,7 +356,11 @@ class Engine:
                 position = None
             self.blend.learn(shown.features, position)
             if self.monitor.update(position is not None and position < self.settings.top_k):
+                # Behaviour changed: forget the re-ranker's old evidence, let the head move faster.
                 self.blend.reset()
+                if self.head is not None:
+                    self.head.set_lr(self.settings.head_lr * _DRIFT_LR_BOOST)
+                    self._boost_steps_left = _DRIFT_BOOST_STEPS
                 counts["drift_detected"] += 1
             self.shown.put(user_id, shown.__class__([], shown.features[:0]))  # learned once
             return

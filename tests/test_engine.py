@@ -111,3 +111,32 @@ def test_feedback_weights_order_purchase_over_cart_over_click_over_browse(tmp_pa
     scores = [engine.popularity.score(f"i{n}", 1000) for n in range(4)]
     assert scores == sorted(scores) and len(set(scores)) == 4
     engine.close()
+
+
+def test_a_new_item_is_recommendable_as_soon_as_its_catalog_event_is_processed(tmp_path, cache):
+    items = [CatalogItem(f"t{i}", f"green tea variety {i}", category="tea") for i in range(8)]
+    items += [CatalogItem(f"k{i}", f"kitchen knife model {i}", category="knives") for i in range(40)]
+    engine = Engine.open(_settings(tmp_path, cache, head_enabled=False))
+    engine.upsert_catalog(items)
+    events = [Event(f"e{i}", "click", "u", f"t{i % 8}", 1000 + i) for i in range(8)]
+    engine.process(_envelopes(events))
+    new = CatalogItem("t-new", "organic green tea leaves", category="tea")
+    catalog_msg = Envelope("catalog", 0, 0, b"t-new", encode(new), 0)
+    result = engine.process([catalog_msg] + _envelopes([Event("e9", "browse", "u", "t1", 2000)], start=8))
+    rec = orjson.loads(result.recommendations[-1][1])
+    assert "t-new" in [i["item_id"] for i in rec["items"]]  # found by content similarity, no event on it yet
+    engine.close()
+
+
+def test_a_new_user_gets_trending_then_personalised_after_one_event(tmp_path, cache, catalog):
+    engine = Engine.open(_settings(tmp_path, cache))
+    engine.upsert_catalog(catalog)
+    engine.process(_envelopes(generate_events(500, catalog, n_users=30, seed=25)))
+    cold = engine.recommend_for(["stranger"], now_ts=2_000_000_000_000)[0]
+    assert cold and all(i.reason == "trending" for i in cold)
+    item = catalog[5]
+    engine.process(_envelopes([Event("s1", "click", "stranger", item.item_id, 1_700_000_100_000)], start=500))
+    warm = engine.recommend_for(["stranger"], now_ts=1_700_000_100_001)[0]
+    assert any(i.reason != "trending" for i in warm)
+    assert [i.item_id for i in warm] != [i.item_id for i in cold]
+    engine.close()

@@ -146,7 +146,9 @@ def _copy_flow(clients, src: str, dst: str, *, poll_max_records: int = 7) -> Dat
     )
     # (key, VALUE) per envelope
     upper = op.map("upper", envelopes, _upper)
-    op.output("out", upper, KafkaSink(clients, dst))
+    # a partitioned sink: (routing key, (kafka key, value)), as dataflows.flow feeds it
+    routed = op.map("route", upper, lambda kv: ((kv[0] or b"").decode(), kv))
+    op.output("out", routed, KafkaSink(clients, dst))
     return flow
 
 
