@@ -14,7 +14,7 @@ dashboards) and an ADWIN drift detector; on drift the blend forgets what it lear
 changed, so old evidence misleads) and the engine is told, so other learners can react.
 
 >>> blend = Blend(min_examples=1)
->>> x = np.array([[1.0, 0, 0, 0, 0, 0], [0, 1.0, 0, 0, 0, 0]], dtype=np.float32)
+>>> x = np.array([[1.0, 0, 0, 0, 0, 0, 0], [0, 1.0, 0, 0, 0, 0, 0]], dtype=np.float32)
 >>> blend.learned(x).tolist()  # nothing learned yet
 [0.0, 0.0]
 >>> for _ in range(50):
@@ -32,7 +32,7 @@ import numpy as np
 from river import drift, linear_model, optim, stats, utils
 
 #: Signals per candidate, in column order.
-FEATURES = ("content", "covisit", "trending", "seen", "category", "head")
+FEATURES = ("content", "covisit", "trending", "seen", "category", "head", "next")
 
 
 class Blend:

@@ -269,6 +269,18 @@ class Embedder:
 
     def _encode_missing(self, pending: list[tuple[bytes, str]], progress: bool) -> dict[bytes, np.ndarray]:
         model = self._load()
+        import torch
+
+        # Bulk encoding uses the cores; the engine keeps torch at one thread otherwise (its
+        # small per-batch head ops only pay thread synchronisation for a second thread).
+        before = torch.get_num_threads()
+        torch.set_num_threads(self.num_threads or min(DEFAULT_MAX_TORCH_THREADS, os.cpu_count() or 1))
+        try:
+            return self._encode_batches(model, pending, progress)
+        finally:
+            torch.set_num_threads(before)
+
+    def _encode_batches(self, model: Any, pending: list[tuple[bytes, str]], progress: bool) -> dict[bytes, np.ndarray]:
         # Longest first, so each batch pads to similar lengths (what encode() does internally).
         pending.sort(key=lambda kt: len(kt[1]), reverse=True)
         batches = [pending[i : i + self.batch_size] for i in range(0, len(pending), self.batch_size)]
@@ -313,8 +325,7 @@ class Embedder:
         import torch
         from sentence_transformers import SentenceTransformer
 
-        threads = self.num_threads or min(DEFAULT_MAX_TORCH_THREADS, torch.get_num_threads())
-        torch.set_num_threads(threads)
+        # threads: set per bulk encode (_encode_missing), never left changed for the process
         try:
             model = SentenceTransformer(str(self.model_dir), device=self.device)
         except Exception as exc:  # noqa: BLE001 - translated at the edge, cause kept

@@ -42,6 +42,7 @@ class BlendWeights:
     content: float = 1.0
     covisit: float = 1.2
     trending: float = 0.25
+    next: float = 1.0  # directed transitions: what people engaged with right after the last items
 
 
 @dataclass(frozen=True)
@@ -68,15 +69,17 @@ class Recommender:
         config: RecommenderConfig,
         blend: Blend | None = None,
         head: Head | None = None,
+        transitions: CoVisitation | None = None,
     ):
         self.items = items
         self.head = head
+        self.transitions = transitions
         self.popularity = popularity
         self.covisit = covisit
         self.config = config
         self.blend = blend or Blend(min_examples=10**12)  # none given: the hand-set blend only
         w = config.weights
-        self._base = np.array([w.content, w.covisit, w.trending, 0.0, 0.0, 0.0], dtype=np.float32)
+        self._base = np.array([w.content, w.covisit, w.trending, 0.0, 0.0, 0.0, w.next], dtype=np.float32)
 
     def excluded(self, state: UserState) -> set[str]:
         """Items this user must not be shown: purchased ones that are not repeat purchases."""
@@ -160,10 +163,20 @@ class Recommender:
                         entry[1:] = [value, anchor, anchor_type]
         indexed = self.items.index  # holds exactly the recommendable items (unavailable ones are removed)
         cov_ids = [i for i in covisit if i not in excl and i in indexed]
+        # transitions: what came right after the last two items (the last counts double)
+        nxt: dict[str, float] = {}
+        nxt_anchor: dict[str, str] = {}
+        if self.transitions is not None:
+            for weight_of_anchor, (anchor, _) in zip((1.0, 0.5), recent[:2]):
+                for item_id, weight, _count in self.transitions.neighbours(anchor, self.config.covisit_per_anchor):
+                    if item_id not in excl and item_id in indexed:
+                        nxt[item_id] = nxt.get(item_id, 0.0) + weight * weight_of_anchor
+                        nxt_anchor.setdefault(item_id, anchor)
+        nxt_ids = list(nxt)
         tr_ids = [i for i, _ in trending if i not in excl]
 
         # the union of candidates, in a deterministic order: content, co-visitation, trending
-        ids = list(dict.fromkeys([i for i, _ in content_hits] + cov_ids + tr_ids))
+        ids = list(dict.fromkeys([i for i, _ in content_hits] + cov_ids + nxt_ids + tr_ids))
         if not ids:
             return [], Shown([], np.zeros((0, N_FEATURES), dtype=np.float32))
         pos = {item_id: j for j, item_id in enumerate(ids)}
@@ -175,6 +188,9 @@ class Recommender:
         if cov_ids:
             vals = np.fromiter((covisit[i][0] for i in cov_ids), dtype=np.float32, count=len(cov_ids))
             x[[pos[i] for i in cov_ids], 1] = vals / max(float(vals.max()), 1e-12)
+        if nxt_ids:
+            vals = np.fromiter((nxt[i] for i in nxt_ids), dtype=np.float32, count=len(nxt_ids))
+            x[[pos[i] for i in nxt_ids], 6] = vals / max(float(vals.max()), 1e-12)
         if tr_ids:
             top = trending[0][1] or 1.0
             pops = dict(trending)
@@ -193,14 +209,17 @@ class Recommender:
             return [RecommendedItem(ids[j], float(scores[j]), "") for j in order], shown
         # The reason is the source whose signal contributed most to this item's final score
         # (hand-set weight + what the blend learned for that signal).
-        w_eff = self._base[:3] + (self.blend.weights()[:3] if self.blend.active else 0.0)
+        sources = (0, 1, 2, 6)  # content, co-visitation, trending, transitions
+        w_eff = self._base[list(sources)] + (self.blend.weights()[list(sources)] if self.blend.active else 0.0)
         evidence = []
         for j in order:
-            contributions = x[j, :3] * w_eff
-            source = ("content", "covisit", "trending")[int(np.argmax(contributions))]
+            contributions = x[j, list(sources)] * w_eff
+            source = ("content", "covisit", "trending", "next")[int(np.argmax(contributions))]
             anchor, anchor_type = covisit[ids[j]][2:] if ids[j] in covisit else ("", "")
             if source == "covisit" and anchor_type == "purchase":
                 source = "covisit_buy"
+            elif source == "next":
+                anchor = nxt_anchor[ids[j]]
             evidence.append((ids[j], (float(contributions.max()), source, anchor)))
         reasons = self._reasons(state, evidence)
         return [RecommendedItem(ids[j], round(float(scores[j]), 6), reason) for j, reason in zip(order, reasons)], shown
@@ -217,6 +236,8 @@ class Recommender:
                 out.append(f"bought together with {self._title(anchor)}")
             elif source == "covisit":
                 out.append(f"viewed together with {self._title(anchor)}")
+            elif source == "next":
+                out.append(f"often chosen right after {self._title(anchor)}")
             elif source == "content":
                 anchor, sim = closest.get(item_id, (None, 0.0))
                 if anchor is None:

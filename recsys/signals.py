@@ -36,6 +36,7 @@ EVENT_WEIGHTS: dict[str, float] = {"browse": 1.0, "click": 2.0, "add_to_cart": 4
 
 POP_PREFIX = b"pop:"
 COV_PREFIX = b"cov:"
+NEXT_PREFIX = b"nxt:"  # directed transitions (CoVisitation(directed=True))
 
 _MS_PER_HOUR = 3_600_000
 _POP_RECORD = struct.Struct("<dq")  # score at ref time, ref time (epoch ms)
@@ -207,9 +208,14 @@ class CoVisitation:
     [('b', 8.0, 1), ('a', 4.0, 1)]
     """
 
-    def __init__(self, half_life_h: float, max_neighbours: int, window: int = 5) -> None:
+    def __init__(
+        self, half_life_h: float, max_neighbours: int, window: int = 5, *, directed: bool = False, prefix: bytes = b""
+    ) -> None:
         if max_neighbours <= 0 or window <= 0:
             raise ValueError(f"max_neighbours and window must be > 0, got {max_neighbours}, {window}")
+        # directed: only a -> b ("b came after a"), the transition signal of session data
+        self.directed = directed
+        self.prefix = prefix or (NEXT_PREFIX if directed else COV_PREFIX)
         self.half_life_h = half_life_h
         self.max_neighbours = max_neighbours
         self.window = window
@@ -242,7 +248,7 @@ class CoVisitation:
             self._add_pair(a, item_id, w * decay_factor(recent[a], self._half_life_ms))
 
     def _add_pair(self, a: str, b: str, weight: float) -> None:
-        for x, y in ((a, b), (b, a)):
+        for x, y in ((a, b),) if self.directed else ((a, b), (b, a)):
             nbrs = self._nbrs.setdefault(x, {})
             entry = nbrs.get(y)
             if entry is None:
@@ -252,7 +258,7 @@ class CoVisitation:
                 entry[1] += 1
             self._dirty.add(x)
             self._ranked.pop(x, None)
-        for x in (a, b):
+        for x in (a,) if self.directed else (a, b):
             nbrs = self._nbrs.get(x)
             if nbrs is not None and len(nbrs) > self.max_neighbours:
                 # the weakest goes; among equals the smallest id, so the choice is deterministic
@@ -260,7 +266,7 @@ class CoVisitation:
                 self._drop_pair(x, victim)
 
     def _drop_pair(self, x: str, y: str) -> None:
-        for p, q in ((x, y), (y, x)):
+        for p, q in ((x, y),) if self.directed else ((x, y), (y, x)):
             nbrs = self._nbrs.get(p)
             if nbrs is not None and nbrs.pop(q, None) is not None:
                 self._dirty.add(p)
@@ -288,7 +294,7 @@ class CoVisitation:
         out: dict[bytes, bytes] = {}
         for item_id in sorted(self._dirty):
             nbrs = self._nbrs.get(item_id, {})
-            out[COV_PREFIX + item_id.encode()] = orjson.dumps([[y, e[0], e[1]] for y, e in sorted(nbrs.items())])
+            out[self.prefix + item_id.encode()] = orjson.dumps([[y, e[0], e[1]] for y, e in sorted(nbrs.items())])
         self._dirty.clear()
         return out
 
@@ -297,8 +303,8 @@ class CoVisitation:
         self._nbrs.clear()
         self._ranked.clear()
         self._dirty.clear()
-        for key, value in kv.iter_prefix(COV_PREFIX):
+        for key, value in kv.iter_prefix(self.prefix):
             rows = orjson.loads(value)
             if rows:
-                self._nbrs[key[len(COV_PREFIX):].decode()] = {y: [float(w), int(c)] for y, w, c in rows}
+                self._nbrs[key[len(self.prefix):].decode()] = {y: [float(w), int(c)] for y, w, c in rows}
 
