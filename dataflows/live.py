@@ -42,19 +42,10 @@ def live_flow(settings: Settings | None = None, clients: Any = None, engine: Eng
     settings = settings or Settings.from_env(os.environ)
     clients = clients if clients is not None else KafkaClients(settings)
 
-    def source(topic: str) -> KafkaSource:
-        return KafkaSource(
-            clients,
-            topic,
-            poll_max_records=settings.poll_max_records,
-            fetch_max_wait_ms=settings.fetch_max_wait_ms,
-            stop_at_end=settings.stop_at_end,
-        )
-
     return build_flow(
         "recsys_live",
-        events=source(settings.events_topic),
-        catalog=source(settings.catalog_topic),
+        events=KafkaSource.from_settings(clients, settings.events_topic, settings),
+        catalog=KafkaSource.from_settings(clients, settings.catalog_topic, settings),
         recommendations=KafkaSink(clients, settings.recommendations_topic),
         dead_letters=KafkaSink(clients, settings.dead_letters_topic),
         engine_factory=(lambda: engine) if engine is not None else engine_factory(settings),

@@ -119,6 +119,9 @@ def run_replay(args: argparse.Namespace) -> int:
     settings = Settings.from_env(os.environ).replace(
         unknown_items="admit",
         top_k=max(ks),
+        # a backtest compares with baselines that never forget; the live TTL (a memory bound)
+        # would reset users idle for months in logs that span months, and skew the comparison
+        state_ttl_days=36_500.0,
         state_dir=args.state_dir or "var/replay-state",
         recovery_dir=None,
         **({"embed_cache_dir": args.embed_cache_dir} if args.embed_cache_dir else {}),

@@ -99,10 +99,23 @@ class Blend:
 
 @dataclass
 class Shown:
-    """What a user was last shown: ranked item ids and their signal rows."""
+    """What a user was last shown, and every candidate it was ranked from.
+
+    ``candidates``/``features`` hold all candidates in ranked order (the first ``len(items)``
+    were shown). The re-ranker learns from all of them: learning only from what was shown
+    would never give a signal that rarely reaches the top (say, trending) a positive example.
+    """
 
     items: list[str]
-    features: np.ndarray  # (len(items), len(FEATURES))
+    features: np.ndarray  # (len(candidates), len(FEATURES)), ranked order
+    candidates: list[str] | None = None
+
+    def position(self, item_id: str) -> int | None:
+        """Rank of ``item_id`` among all candidates (None if it was not a candidate)."""
+        try:
+            return (self.candidates or self.items).index(item_id)
+        except ValueError:
+            return None
 
 
 class ShownCache:
@@ -112,7 +125,7 @@ class ShownCache:
     teach the blend twice.
     """
 
-    def __init__(self, max_users: int = 100_000):
+    def __init__(self, max_users: int = 50_000):  # ~3 KB a user (all candidates)
         self.max_users = max_users
         self._data: OrderedDict[str, Shown] = OrderedDict()
 

@@ -371,10 +371,7 @@ class Engine:
         for env, event in user_events:
             if event.item_id is None or env.offset <= committed.get((env.topic, env.partition), -1):
                 continue
-            try:
-                position: int | None = shown.items.index(event.item_id)
-            except ValueError:
-                position = None
+            position = shown.position(event.item_id)
             self.blend.learn(shown.features, position)
             if self.monitor.update(position is not None and position < self.settings.top_k):
                 # Behaviour changed: forget the re-ranker's old evidence, let the head move faster.
@@ -383,7 +380,7 @@ class Engine:
                     self.head.set_lr(self.settings.head_lr * _DRIFT_LR_BOOST)
                     self._boost_steps_left = _DRIFT_BOOST_STEPS
                 counts["drift_detected"] += 1
-            self.shown.put(user_id, shown.__class__([], shown.features[:0]))  # learned once
+            self.shown.put(user_id, shown.__class__([], shown.features[:0], []))  # learned once
             return
 
 

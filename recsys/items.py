@@ -311,14 +311,6 @@ class ItemSpace:
     def vector(self, item_id: str) -> np.ndarray | None:
         return self.index.vector(item_id)
 
-    def vectors_or_zero(self, item_ids: Sequence[str]) -> np.ndarray:
-        """Like :meth:`vectors`, with a zero row for ids not (or no longer) in the index."""
-        get = self._to_int.get
-        ints = np.fromiter((get(i, -1) for i in item_ids), dtype=np.int64, count=len(item_ids))
-        out = self._store[np.maximum(ints, 0)]
-        out[ints < 0] = 0.0
-        return out
-
     def vectors(self, item_ids: Sequence[str]) -> np.ndarray:
         return self.index.vectors(item_ids)
 
