@@ -15,6 +15,7 @@ import pytest
 from dataflows.kafka_io import KafkaClients
 from dataflows.local_broker import LocalBroker
 from dataflows.memory_broker import InMemoryBroker
+from recsys.state import MemoryKV, RocksKV
 
 _topic_counter = itertools.count()
 
@@ -23,6 +24,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "local_broker" in getattr(item, "fixturenames", ()) or "kafka_clients" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.broker)
+
+
+@pytest.fixture(params=["memory", "rocks"])
+def kv(request, tmp_path):
+    """Each KV backend in turn, so one contract suite covers both (real rocksdict on disk)."""
+    store = MemoryKV() if request.param == "memory" else RocksKV(tmp_path / "db")
+    yield store
+    store.close()
 
 
 @pytest.fixture

@@ -12,16 +12,9 @@ import orjson
 import pytest
 
 from recsys.signals import EVENT_WEIGHTS, CoVisitation, Popularity
-from recsys.state import MemoryKV, RocksKV
+from recsys.state import MemoryKV
 
 H = 3_600_000  # one hour in ms
-
-
-@pytest.fixture(params=["memory", "rocks"])
-def kv(request, tmp_path):
-    store = MemoryKV() if request.param == "memory" else RocksKV(tmp_path / "db")
-    yield store
-    store.close()
 
 
 def test_event_weights_are_the_documented_ones():

@@ -33,13 +33,6 @@ from recsys.state import (
 H = 3_600_000  # one hour in ms
 
 
-@pytest.fixture(params=["memory", "rocks"])
-def kv(request, tmp_path):
-    store = MemoryKV() if request.param == "memory" else RocksKV(tmp_path / "db")
-    yield store
-    store.close()
-
-
 # --------------------------------------------------------------------------- KV contract
 
 
