@@ -216,14 +216,17 @@ class Recommender:
         w_eff = self._base[list(sources)] + (self.blend.weights()[list(sources)] if self.blend.active else 0.0)
         evidence = []
         for j in order:
-            contributions = x[j, list(sources)] * w_eff
+            signals = x[j, list(sources)]
+            # only sources this item actually came from can explain it (learned weights may be
+            # negative, so a zero signal could otherwise out-"contribute" a real one)
+            contributions = np.where(signals > 0, signals * w_eff, -np.inf)
             source = ("content", "covisit", "trending", "next")[int(np.argmax(contributions))]
             anchor, anchor_type = covisit[ids[j]][2:] if ids[j] in covisit else ("", "")
             if source == "covisit" and anchor_type == "purchase":
                 source = "covisit_buy"
             elif source == "next":
-                anchor = nxt_anchor[ids[j]]
-            evidence.append((ids[j], (float(contributions.max()), source, anchor)))
+                anchor = nxt_anchor.get(ids[j], "")
+            evidence.append((ids[j], (float(signals.max()), source, anchor)))
         reasons = self._reasons(state, evidence)
         return [RecommendedItem(ids[j], round(float(scores[j]), 6), reason) for j, reason in zip(order, reasons)], shown
 

@@ -142,3 +142,26 @@ def test_a_new_user_gets_trending_then_personalised_after_one_event(tmp_path, ca
     assert any(i.reason != "trending" for i in warm)
     assert [i.item_id for i in warm] != [i.item_id for i in cold]
     engine.close()
+
+
+def test_reasons_stay_valid_when_the_reranker_learned_negative_weights(tmp_path, cache, catalog):
+    """With learned weights below zero, every reason still names a source the item came from.
+
+    Guards the path of a crash seen in the crash test (a zero signal "explained" an item and
+    its anchor lookup raised KeyError); this test does not reproduce that exact crash."""
+    engine = Engine.open(_settings(tmp_path, cache, top_k=60))  # explain every candidate
+    engine.upsert_catalog(catalog)
+    events = generate_events(1500, catalog, n_users=40, seed=26)
+    engine.process(_envelopes(events[:700]))
+    punish = np.zeros((4, 7), dtype=np.float32)
+    punish[:, [0, 1, 2, 6]] = 1.0  # every source signal, never engaged: weights go negative
+    effective = lambda: engine.recommender._base + engine.blend.weights()  # noqa: E731
+    while not (effective()[[0, 1, 2, 6]] < 0).all():
+        engine.blend.learn(punish, None)
+    assert engine.blend.active
+    result = engine.process(_envelopes(events[700:], start=700))
+    assert result.recommendations
+    for _, payload in result.recommendations:
+        for item in orjson.loads(payload)["items"]:
+            assert item["reason"] and not item["reason"].endswith(("with ", "after ")), item["reason"]
+    engine.close()
