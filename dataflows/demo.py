@@ -208,7 +208,7 @@ def summarize(events, recs, dead) -> dict:
         emitted.append(rec["emitted_at"])
         if rec["trigger_event_id"] in append_ts:
             latencies.append(rec["emitted_at"] - append_ts[rec["trigger_event_id"]])
-    reasons = Counter(orjson.loads(d.value)["reason"].split(":")[0] + ": " + orjson.loads(d.value)["reason"].split(": ", 1)[-1][:40] for d in dead)
+    reasons = Counter(orjson.loads(d.value)["reason"][:60] for d in dead)
     first = min((e.timestamp_ms for e in events), default=0)
     span_s = max((max(emitted, default=first) - first) / 1000, 1e-3)
     lat = np.array(latencies or [0])

@@ -322,7 +322,6 @@ class Embedder:
         # Set before importing the libraries that read them; never overrides a caller's choice.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-        import torch
         from sentence_transformers import SentenceTransformer
 
         # threads: set per bulk encode (_encode_missing), never left changed for the process

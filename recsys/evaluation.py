@@ -24,7 +24,7 @@ Everything but the timings is deterministic given the models and the events.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from tqdm.auto import tqdm

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 from datetime import date
 from pathlib import Path
 from typing import Any

@@ -15,6 +15,7 @@ recsys.settings.SettingsError: RECSYS_TOP_K: expected int, got 'ten'
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any, Literal, Mapping, get_args, get_origin
@@ -164,7 +165,8 @@ def add_cli_flags(parser: Any) -> None:
         text = f.type if isinstance(f.type, str) else str(f.type)
         helptext = f"(env {Settings.env_var(f.name)}, default {f.default!r})"
         if text.startswith("bool"):
-            parser.add_argument(flag, dest=f.name, default=None, action="store_true", help=helptext)
+            # --x / --no-x: a setting that defaults to true can be switched off too
+            parser.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction, help=helptext)
         elif text.startswith("int"):
             parser.add_argument(flag, dest=f.name, default=None, type=int, help=helptext)
         elif text.startswith("float"):

@@ -18,7 +18,6 @@ from recsys.events import Event
 from recsys.state import (
     MAX_PURCHASED,
     KVStore,
-    MemoryKV,
     RocksKV,
     StateDecodeError,
     StoreClosedError,
