@@ -58,7 +58,7 @@ def main() -> None:
               f"{args.items} items, {args.users} users, head {'off' if args.no_head else 'on'}; totals {dict(engine.totals)}")
         engine.close()
     if profiler:
-        pstats.Stats(profiler).sort_stats("tottime").print_stats(20)
+        pstats.Stats(profiler).sort_stats(os.environ.get("SORT", "tottime")).print_stats(int(os.environ.get("TOP", "20")))
 
 
 if __name__ == "__main__":

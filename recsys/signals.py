@@ -39,6 +39,7 @@ COV_PREFIX = b"cov:"
 NEXT_PREFIX = b"nxt:"  # directed transitions (CoVisitation(directed=True))
 
 _MS_PER_HOUR = 3_600_000
+_NO_NEIGHBOURS: tuple = ([], np.zeros(0), [])  # shared empty answer (never modified)
 _POP_RECORD = struct.Struct("<dq")  # score at ref time, ref time (epoch ms)
 
 
@@ -222,7 +223,7 @@ class CoVisitation:
         self._half_life_ms = _check_half_life(half_life_h)
         # item -> neighbour -> [weight, raw count]
         self._nbrs: dict[str, dict[str, list]] = {}
-        self._ranked: dict[str, list[tuple[str, float, int]]] = {}  # sorted neighbours, until they change
+        self._ranked: dict[str, tuple] = {}  # sorted neighbour columns, until they change
         self._dirty: set[str] = set()
 
     def __len__(self) -> int:
@@ -279,14 +280,22 @@ class CoVisitation:
         heaviest first, ties by neighbour id."""
         if n <= 0:
             return []
+        names, weights, counts = self.ranked(item_id)
+        return list(zip(names[:n], weights[:n].tolist(), counts[:n]))
+
+    def ranked(self, item_id: str) -> tuple[list[str], np.ndarray, list[int]]:
+        """All neighbours, sorted as in :meth:`neighbours`, as columns: names, weights
+        (float32 array, for the ranker's vectorised scoring) and raw counts. Sorted once per
+        change of the item's neighbours, not per read; do not modify what is returned."""
         ranked = self._ranked.get(item_id)
-        if ranked is None:  # sorted once per change of the item's neighbours, not per read
+        if ranked is None:
             nbrs = self._nbrs.get(item_id)
             if not nbrs:
-                return []
-            ranked = [(y, float(e[0]), int(e[1])) for y, e in sorted(nbrs.items(), key=lambda kv: (-kv[1][0], kv[0]))]
+                return _NO_NEIGHBOURS
+            rows = sorted(nbrs.items(), key=lambda kv: (-kv[1][0], kv[0]))
+            ranked = ([y for y, _ in rows], np.array([e[0] for _, e in rows], dtype=np.float64), [int(e[1]) for _, e in rows])
             self._ranked[item_id] = ranked
-        return ranked[:n]
+        return ranked
 
     def export_dirty(self) -> dict[bytes, bytes]:
         """Changed lists since the last export, ``b"cov:"+id -> JSON [[nbr, weight, count]...]``

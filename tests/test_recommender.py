@@ -1,0 +1,172 @@
+"""The batched ranker: a batch ranks each user exactly as if alone; exclusions, reasons, order.
+
+The item vectors come from a small seeded embedder (the ranker, not the embedding model, is
+under test here); signals are the real ones, fed by a generated stream.
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+
+import numpy as np
+import pytest
+
+from recsys.blend import Blend
+from recsys.events import CatalogItem, Event
+from recsys.items import ItemSpace
+from recsys.recommender import BlendWeights, Recommender, RecommenderConfig
+from recsys.signals import EVENT_WEIGHTS, CoVisitation, Popularity
+from recsys.state import UserState
+
+DIM = 16
+
+
+class SeededEmbedder:
+    """A vector per text from a seeded RNG keyed by the text's category word (first word), so
+    items of one category are close: enough structure for content candidates and reasons."""
+
+    dim = DIM
+
+    def embed(self, texts: list[str], progress: bool = False) -> np.ndarray:
+        out = []
+        for text in texts:
+            base = np.random.default_rng(zlib.crc32(text.split()[0].encode())).normal(size=DIM)
+            noise = np.random.default_rng(zlib.crc32(text.encode())).normal(size=DIM)
+            out.append(base + 0.5 * noise)
+        return np.asarray(out, dtype=np.float32)
+
+
+def _world(n_items=120, n_users=40, n_events=1500, seed=3, learned=False):
+    """Items, signals and user states after a generated stream (some purchases, some repeats)."""
+    rnd = random.Random(seed)
+    cats = ["shoe", "coffee", "lamp", "book", "tent"]
+    items = ItemSpace(SeededEmbedder())
+    catalog = [
+        CatalogItem(f"i{i}", f"{cats[i % 5]} model {i}", category=cats[i % 5],
+                    attributes={"repeat_purchase": True} if i % 7 == 0 else None)
+        for i in range(n_items)
+    ]
+    items.upsert(catalog)
+    pop, cov = Popularity(half_life_h=24.0), CoVisitation(half_life_h=1.0, max_neighbours=30)
+    nxt = CoVisitation(half_life_h=1.0, max_neighbours=30, directed=True)
+    states = {f"u{u}": UserState(f"u{u}") for u in range(n_users)}
+    for offset in range(n_events):
+        user = f"u{rnd.randrange(n_users)}"
+        state = states[user]
+        # users stay mostly within one category, as shoppers do
+        cat = rnd.choice([hash(user) % 5, rnd.randrange(5)])
+        item = f"i{rnd.randrange(n_items // 5) * 5 + cat}"
+        etype = rnd.choices(["browse", "click", "add_to_cart", "purchase"], [6, 3, 2, 1])[0]
+        ev = Event(event_id=f"e{offset}", type=etype, user_id=user, item_id=item, ts=1_000_000 + offset * 60_000)
+        cov.update(state.history, item, etype, ev.ts)
+        nxt.update(state.history, item, etype, ev.ts)
+        pop.update(item, EVENT_WEIGHTS[etype], ev.ts)
+        state.apply(ev, items.vector(item), 0, offset, history_len=20, half_life_h=24.0)
+    blend = Blend(min_examples=1)
+    if learned:  # a re-ranker that learned something, including negative weights
+        x = np.eye(7, dtype=np.float32)
+        for _ in range(30):
+            blend.learn(x, positive=1)
+    rec = Recommender(items, pop, cov, RecommenderConfig(), blend=blend if learned else None, transitions=nxt)
+    return rec, states, 1_000_000 + n_events * 60_000
+
+
+@pytest.mark.parametrize("learned", [False, True])
+def test_a_batch_ranks_every_user_exactly_as_alone(learned):
+    rec, states, now = _world(learned=learned)
+    users = list(states.values()) + [UserState("nobody")]
+    together = rec.rank(users, now)
+    for state, (items, shown) in zip(users, together):
+        (alone_items, alone_shown), = rec.rank([state], now)
+        assert [(i.item_id, i.score, i.reason) for i in items] == [(i.item_id, i.score, i.reason) for i in alone_items]
+        assert shown.candidates == alone_shown.candidates
+        np.testing.assert_allclose(shown.features, alone_shown.features, rtol=1e-6)
+    assert all(items for items, _ in together)  # everybody, the newcomer included, gets a list
+
+
+def test_shown_candidates_come_from_every_source_in_score_order():
+    rec, states, now = _world()
+    for items, shown in rec.rank(list(states.values()), now):
+        scores = shown.features @ rec._base
+        assert np.all(np.diff(scores) <= 1e-6)  # ranked order (no learned part here)
+        assert shown.items == shown.candidates[: len(items)] == [i.item_id for i in items]
+        assert len(set(shown.candidates)) == len(shown.candidates)
+        assert (shown.features[:, 2] > 0).any()  # trending candidates are in every pool
+    pooled = np.vstack([s.features for _, s in rec.rank(list(states.values()), now)])
+    for column in (0, 1, 2, 6):  # content, co-visitation, trending, transitions all contribute
+        assert pooled[:, column].max() == pytest.approx(1.0)
+
+
+def test_purchased_and_unavailable_items_are_never_candidates():
+    rec, states, now = _world()
+    ranked = rec.rank(list(states.values()), now)
+    bought_once = 0
+    for state, (_, shown) in zip(states.values(), ranked):
+        excluded = {i for i in state.purchased if int(i[1:]) % 7 != 0}
+        bought_once += len(excluded)
+        assert not excluded & set(shown.candidates), state.user_id
+    assert bought_once > 0
+    top = ranked[0][1].candidates[0]
+    rec.items.upsert([CatalogItem(top, "gone", available=False)])
+    assert all(top not in s.candidates for _, s in rec.rank(list(states.values()), now))
+
+
+def test_a_repeat_purchase_item_may_come_back():
+    rec, states, now = _world()
+    repeat = [(s, i) for s in states.values() for i in s.purchased if int(i[1:]) % 7 == 0]
+    assert repeat
+    back = 0
+    for state, item in repeat:
+        (_, shown), = rec.rank([state], now)
+        back += item in shown.candidates
+    assert back > 0
+
+
+def test_reasons_name_real_evidence():
+    rec, states, now = _world(learned=True)
+    titles = {i.title: i.item_id for i in rec.items.catalog.items.values()}
+    for state, (items, _) in zip(states.values(), rec.rank(list(states.values()), now)):
+        history = {item for item, _, _ in state.history}
+        bought = {item for item, etype, _ in state.history if etype == "purchase"}
+        for item in items:
+            reason = item.reason
+            for lead in ("similar to ", "viewed together with ", "bought together with ", "often chosen right after "):
+                if reason.startswith(lead):
+                    anchor = titles[reason[len(lead):].split(" you viewed")[0]]
+                    assert anchor in history, reason
+                    if lead == "bought together with ":
+                        assert anchor in bought
+                    if lead in ("viewed together with ", "bought together with "):
+                        assert item.item_id in [n for n, _, _ in rec.covisit.neighbours(anchor, 100)]
+                    if lead == "often chosen right after ":
+                        assert item.item_id in [n for n, _, _ in rec.transitions.neighbours(anchor, 100)]
+                    break
+            else:
+                assert reason in ("trending", "matches your interests", "you viewed this recently", "you bought this before"), reason
+
+
+def test_ties_keep_the_candidate_order():
+    rec, states, now = _world()
+    nobody = UserState("nobody")  # only trending: the ranking is the trending order
+    (items, _), = rec.rank([nobody], now, k=5)
+    trending = [i for i, _ in rec.popularity.top(30, now)][:5]
+    assert [i.item_id for i in items] == trending
+    assert {i.reason for i in items} == {"trending"}
+
+
+def test_the_co_visitation_reason_names_the_strongest_anchor():
+    items = ItemSpace(SeededEmbedder())
+    items.upsert([CatalogItem(i, f"{i} thing") for i in ("weak", "strong", "target", "filler")])
+    cov = CoVisitation(half_life_h=1.0, max_neighbours=10)
+    cov.update([("weak", "browse", 0)], "target", "browse", ts=0)  # weak ~ target: 1
+    for _ in range(3):
+        cov.update([("strong", "purchase", 0)], "target", "purchase", ts=0)  # strong ~ target: 24
+    rec = Recommender(items, Popularity(half_life_h=1.0), cov,
+                      RecommenderConfig(content_candidates=0, weights=BlendWeights(content=0.0)))
+    user = UserState("u")
+    # "weak" is the most recent anchor (recency 1), "strong" the one before (recency 1/2)
+    user.history = [("strong", "purchase", 0), ("weak", "browse", 1)]
+    (items_out, _), = rec.rank([user], now_ts=2)
+    target = next(i for i in items_out if i.item_id == "target")
+    assert target.reason == "bought together with strong thing"
