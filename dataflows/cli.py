@@ -31,7 +31,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the live dataflow in this process until stopped (or the input ends with --stop-at-end)."""
     from dataflows.kafka_io import KafkaClients, ensure_topics
-    from dataflows.live import engine_factory, live_flow
+    from dataflows.live import engine_factory, live_flow, settle_heap
     from bytewax.errors import BytewaxRuntimeError
 
     from dataflows.runner import run
@@ -42,6 +42,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         ensure_topics(clients, default_topics(settings, args.partitions))
     engine = engine_factory(settings)()
     engine.embedder.warm()  # new catalog items then embed in milliseconds
+    settle_heap()  # the model is loaded now: keep it out of the collector's full passes
     print(
         f"ready: {len(engine.items.catalog)} items, {engine.users.count()} users in state; "
         f"reading {settings.events_topic!r} + {settings.catalog_topic!r} from {settings.bootstrap_servers}",

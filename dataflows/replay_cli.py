@@ -92,6 +92,7 @@ def build_baselines(names: list[str], engine, repeat_items: set[str], seed: int,
 
 
 def run_replay(args: argparse.Namespace) -> int:
+    from dataflows.live import settle_heap
     from dataflows.replay import replay_full_system
     from recsys.datasets import load_dataset
     from recsys.engine import Engine, EngineModel
@@ -135,6 +136,7 @@ def run_replay(args: argparse.Namespace) -> int:
         return engine
 
     engine = open_engine(evaluate=args.protocol == "prequential")
+    settle_heap()
     baselines = build_baselines(names, engine, repeat_items, args.seed, len(ds.catalog))
     catalog_size = len(ds.catalog) or None
 

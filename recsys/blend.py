@@ -26,6 +26,7 @@ True
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -97,18 +98,20 @@ class Blend:
         return {"weights": dict(zip(FEATURES, w.tolist())), "intercept": b, "examples": self.examples}
 
 
-@dataclass
+@dataclass(slots=True)
 class Shown:
     """What a user was last shown, and every candidate it was ranked from.
 
     ``candidates``/``features`` hold all candidates in ranked order (the first ``len(items)``
     were shown). The re-ranker learns from all of them: learning only from what was shown
     would never give a signal that rarely reaches the top (say, trending) a positive example.
+    Tuples and slots: tens of thousands of these are kept, and tuples of strings drop out of
+    the garbage collector's view (its full passes are the stream's worst pauses).
     """
 
-    items: list[str]
+    items: Sequence[str]
     features: np.ndarray  # (len(candidates), len(FEATURES)), ranked order
-    candidates: list[str] | None = None
+    candidates: Sequence[str] | None = None
 
     def position(self, item_id: str) -> int | None:
         """Rank of ``item_id`` among all candidates (None if it was not a candidate)."""

@@ -380,7 +380,7 @@ class Engine:
                     self.head.set_lr(self.settings.head_lr * _DRIFT_LR_BOOST)
                     self._boost_steps_left = _DRIFT_BOOST_STEPS
                 counts["drift_detected"] += 1
-            self.shown.put(user_id, Shown([], shown.features[:0], []))  # learned once
+            self.shown.put(user_id, Shown((), shown.features[:0], ()))  # learned once
             return
 
 

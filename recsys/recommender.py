@@ -185,7 +185,7 @@ class Recommender:
             top = min(hi, lo + k)
             why = reasons[lo:top] if reasons is not None else [""] * (top - lo)
             items = list(map(RecommendedItem, names[lo:top], shown_scores[lo:top], why))
-            out.append((items, Shown(names[lo:top], x[lo:hi].copy(), names[lo:hi])))
+            out.append((items, Shown(tuple(names[lo:top]), x[lo:hi].copy(), tuple(names[lo:hi]))))
         return out
 
     # ------------------------------------------------------------------ sources

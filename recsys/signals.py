@@ -39,7 +39,7 @@ COV_PREFIX = b"cov:"
 NEXT_PREFIX = b"nxt:"  # directed transitions (CoVisitation(directed=True))
 
 _MS_PER_HOUR = 3_600_000
-_NO_NEIGHBOURS: tuple = ([], np.zeros(0), [])  # shared empty answer (never modified)
+_NO_NEIGHBOURS: tuple = ((), np.zeros(0), ())  # shared empty answer (never modified)
 _POP_RECORD = struct.Struct("<dq")  # score at ref time, ref time (epoch ms)
 
 
@@ -221,8 +221,12 @@ class CoVisitation:
         self.max_neighbours = max_neighbours
         self.window = window
         self._half_life_ms = _check_half_life(half_life_h)
-        # item -> neighbour -> [weight, raw count]
-        self._nbrs: dict[str, dict[str, list]] = {}
+        # item -> neighbour -> weight, and -> raw count. Two dicts of plain floats/ints rather
+        # than one of [weight, count] lists: such dicts are invisible to Python's cyclic
+        # garbage collector, whose full passes over ~500k small lists stalled the stream for
+        # ~0.5 s (the p99 latency); see benchmarks/README.md.
+        self._nbrs: dict[str, dict[str, float]] = {}
+        self._counts: dict[str, dict[str, int]] = {}
         self._ranked: dict[str, tuple] = {}  # sorted neighbour columns, until they change
         self._dirty: set[str] = set()
 
@@ -251,29 +255,27 @@ class CoVisitation:
     def _add_pair(self, a: str, b: str, weight: float) -> None:
         for x, y in ((a, b),) if self.directed else ((a, b), (b, a)):
             nbrs = self._nbrs.setdefault(x, {})
-            entry = nbrs.get(y)
-            if entry is None:
-                nbrs[y] = [weight, 1]
-            else:
-                entry[0] += weight
-                entry[1] += 1
+            counts = self._counts.setdefault(x, {})
+            nbrs[y] = nbrs.get(y, 0.0) + weight
+            counts[y] = counts.get(y, 0) + 1
             self._dirty.add(x)
             self._ranked.pop(x, None)
         for x in (a,) if self.directed else (a, b):
             nbrs = self._nbrs.get(x)
             if nbrs is not None and len(nbrs) > self.max_neighbours:
                 # the weakest goes; among equals the smallest id, so the choice is deterministic
-                victim = min(nbrs, key=lambda y: (nbrs[y][0], y))
+                victim = min(nbrs, key=lambda y: (nbrs[y], y))
                 self._drop_pair(x, victim)
 
     def _drop_pair(self, x: str, y: str) -> None:
         for p, q in ((x, y),) if self.directed else ((x, y), (y, x)):
             nbrs = self._nbrs.get(p)
             if nbrs is not None and nbrs.pop(q, None) is not None:
+                del self._counts[p][q]
                 self._dirty.add(p)
                 self._ranked.pop(p, None)
                 if not nbrs:
-                    del self._nbrs[p]
+                    del self._nbrs[p], self._counts[p]
 
     def neighbours(self, item_id: str, n: int) -> list[tuple[str, float, int]]:
         """Up to ``n`` neighbours of ``item_id`` as ``(neighbour, weight, raw count)``,
@@ -283,7 +285,7 @@ class CoVisitation:
         names, weights, counts = self.ranked(item_id)
         return list(zip(names[:n], weights[:n].tolist(), counts[:n]))
 
-    def ranked(self, item_id: str) -> tuple[list[str], np.ndarray, list[int]]:
+    def ranked(self, item_id: str) -> tuple[tuple[str, ...], np.ndarray, tuple[int, ...]]:
         """All neighbours, sorted as in :meth:`neighbours`, as columns: names, weights
         (float32 array, for the ranker's vectorised scoring) and raw counts. Sorted once per
         change of the item's neighbours, not per read; do not modify what is returned."""
@@ -292,8 +294,10 @@ class CoVisitation:
             nbrs = self._nbrs.get(item_id)
             if not nbrs:
                 return _NO_NEIGHBOURS
-            rows = sorted(nbrs.items(), key=lambda kv: (-kv[1][0], kv[0]))
-            ranked = ([y for y, _ in rows], np.array([e[0] for _, e in rows], dtype=np.float64), [int(e[1]) for _, e in rows])
+            names = sorted(nbrs, key=lambda y: (-nbrs[y], y))
+            counts = self._counts[item_id]
+            # tuples of plain values, untracked by the garbage collector like the dicts above
+            ranked = (tuple(names), np.array([nbrs[y] for y in names], dtype=np.float64), tuple(counts[y] for y in names))
             self._ranked[item_id] = ranked
         return ranked
 
@@ -302,18 +306,21 @@ class CoVisitation:
         (an empty list for an item that lost all neighbours); clears them."""
         out: dict[bytes, bytes] = {}
         for item_id in sorted(self._dirty):
-            nbrs = self._nbrs.get(item_id, {})
-            out[self.prefix + item_id.encode()] = orjson.dumps([[y, e[0], e[1]] for y, e in sorted(nbrs.items())])
+            nbrs, counts = self._nbrs.get(item_id, {}), self._counts.get(item_id, {})
+            out[self.prefix + item_id.encode()] = orjson.dumps([[y, nbrs[y], counts[y]] for y in sorted(nbrs)])
         self._dirty.clear()
         return out
 
     def load(self, kv: KVStore) -> None:
         """Replace everything held with the records under ``b"cov:"`` in ``kv``."""
         self._nbrs.clear()
+        self._counts.clear()
         self._ranked.clear()
         self._dirty.clear()
         for key, value in kv.iter_prefix(self.prefix):
             rows = orjson.loads(value)
             if rows:
-                self._nbrs[key[len(self.prefix):].decode()] = {y: [float(w), int(c)] for y, w, c in rows}
+                item_id = key[len(self.prefix):].decode()
+                self._nbrs[item_id] = {y: float(w) for y, w, _ in rows}
+                self._counts[item_id] = {y: int(c) for y, _, c in rows}
 

@@ -90,7 +90,7 @@ def test_shown_candidates_come_from_every_source_in_score_order():
     for items, shown in rec.rank(list(states.values()), now):
         scores = shown.features @ rec._base
         assert np.all(np.diff(scores) <= 1e-6)  # ranked order (no learned part here)
-        assert shown.items == shown.candidates[: len(items)] == [i.item_id for i in items]
+        assert list(shown.items) == list(shown.candidates[: len(items)]) == [i.item_id for i in items]
         assert len(set(shown.candidates)) == len(shown.candidates)
         assert (shown.features[:, 2] > 0).any()  # trending candidates are in every pool
     pooled = np.vstack([s.features for _, s in rec.rank(list(states.values()), now)])

@@ -230,3 +230,18 @@ def test_signals_do_not_depend_on_the_hash_seed():
         env = dict(os.environ, PYTHONHASHSEED=seed)
         outs.add(subprocess.run([sys.executable, "-c", _RUN], env=env, capture_output=True, text=True, check=True).stdout)
     assert len(outs) == 1
+
+
+def test_co_visitation_keeps_its_pairs_out_of_the_garbage_collectors_view():
+    """Full GC passes over ~500k [weight, count] lists stalled the live stream for ~0.5 s
+    (benchmarks/README.md); neighbour maps of plain floats and ints are never scanned."""
+    import gc
+
+    c = CoVisitation(half_life_h=1.0, max_neighbours=3, window=5)
+    for i in range(50):
+        c.update([(f"i{i}", "browse", 0), (f"i{i + 1}", "click", 1)], f"i{i + 2}", "purchase", ts=2)
+    c.neighbours("i3", 5)  # builds the sorted cache too
+    gc.collect()
+    assert c._nbrs and not any(gc.is_tracked(d) for d in c._nbrs.values())
+    assert not any(gc.is_tracked(d) for d in c._counts.values())
+    assert not any(gc.is_tracked(r[0]) or gc.is_tracked(r[2]) for r in c._ranked.values())
