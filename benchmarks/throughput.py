@@ -1,7 +1,7 @@
 """End-to-end throughput and latency of the live dataflow on the local broker; prints figures, asserts nothing.
 
     .venv/bin/python benchmarks/throughput.py [--mode both|max|latency] [--events 100000]
-        [--latency-events 30000] [--rate 1000] [--catalog-items 10000] [--partitions 2]
+        [--latency-events 30000] [--rate 1000] [--new-items 20] [--catalog-items 10000] [--partitions 2]
         [--users 20000] [--out results.json] [--profile DIR] [--flow-args "--poll-max-records 500"]
 
 Everything runs on this machine: the real Kafka-protocol broker (Tansu, :class:`LocalBroker`),
@@ -21,6 +21,11 @@ the real flow as a child process (``python -m dataflows.cli run``), synthetic da
    ``emitted_at``, as :func:`dataflows.demo.summarize` computes it. Also reported: the
    per-event latency (every event -> the first recommendation of its user emitted after it
    was applied), which also counts the events that a coalesced recommendation answers.
+   New items: during the latency run ``--new-items`` (20) brand-new catalog items are
+   published to ``catalog``, each a near-twin of a known item; a shopper never seen before
+   clicks the known twin right after (and again 0.1, 0.25, 0.5 s later: the two topics are
+   read independently, so a click can overtake the catalog record). Reported: the time from
+   the new item's catalog append to the first recommendation (anyone's) listing it.
 3. peak RSS of the flow process: ``VmHWM`` (the kernel's high-water mark of resident memory)
    sampled from ``/proc/<pid>/status`` every 50 ms until the process exits. (``ru_maxrss`` from
    ``wait4`` is not used: Linux carries the parent's peak across fork+exec into it, so it
@@ -34,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import dataclasses
 import json
 import os
 import platform
@@ -64,6 +70,8 @@ QUIET_S = 3.0
 #: Warm-up events sent (and awaited) before the measured latency stream: the flow builds its
 #: Kafka consumers only after "ready", and that one-off start-up is not per-event latency.
 WARMUP_EVENTS = 200
+#: When a new-item probe's shopper clicks, in seconds after the new item's catalog append.
+PROBE_CLICKS_S = (0.0, 0.1, 0.25, 0.5)
 #: How often /proc/<pid>/status is sampled for VmHWM / VmRSS.
 RSS_SAMPLE_S = 0.05
 #: Upper bound on reading a whole topic back at the end (100k records on a 2-core box: ~10 s).
@@ -290,6 +298,82 @@ def run_max(args, items, catalog_path: Path, cache_dir: str, base: Settings, wor
 # --------------------------------------------------------------------------- mode latency
 
 
+#: Words no synthetic item uses, so a probe pair is each other's nearest neighbour.
+_PROBE_WORDS = ("zephyr", "quartz", "lantern", "origami", "walnut", "saffron", "glacier", "mosaic", "cobalt",
+                "harbor", "meadow", "velvet", "ember", "prism", "tundra", "juniper", "falcon", "marble")
+
+
+def probe_pairs(n: int) -> list[tuple[CatalogItem, CatalogItem]]:
+    """``n`` pairs (known item, new item) of near-identical, unusual texts. The known items go
+    into the start-up catalog; the new ones are published during the latency run, their texts
+    made unique to this run so the embedding cache never has them."""
+    run = f"r{time.time_ns() % 10**9}"
+    pairs = []
+    for j in range(n):
+        w = [_PROBE_WORDS[(j * 7 + k * 5) % len(_PROBE_WORDS)] for k in range(3)]
+        stem = f"{w[0]} {w[1]} {w[2]} set {j}"
+        pairs.append((CatalogItem(item_id=f"probe-known-{j}", title=stem, category="probe"),
+                      CatalogItem(item_id=f"probe-new-{j}", title=f"{stem} deluxe {run}", category="probe")))
+    return pairs
+
+
+def new_item_probes(pairs: list[tuple[CatalogItem, CatalogItem]], seed: int) -> list[tuple[CatalogItem, Event]]:
+    """For each pair: the new item, and a shopper never seen before who clicks the known item
+    right after the new item's catalog event, so the content source should offer the new one.
+    What is timed is the whole path: the catalog record is consumed, its (new) text embedded
+    by the loaded model, the index updated, the shopper's event ranked, the result emitted."""
+    return [
+        (new, Event(event_id=f"probe-trigger-{seed}-{j}", type="click", user_id=f"newcomer-{seed}-{j}",
+                    item_id=known.item_id, ts=int(time.time() * 1000)))
+        for j, (known, new) in enumerate(pairs)
+    ]
+
+
+def send_probes(clients: KafkaClients, s: Settings, probes, duration_s: float) -> threading.Thread:
+    """Send the probes evenly over ``duration_s`` from a thread (alongside the offered stream)."""
+
+    def run() -> None:
+        producer = clients.producer()
+        try:
+            for j, (item, trigger) in enumerate(probes):
+                time.sleep(duration_s / (len(probes) + 1))
+                producer.send(s.catalog_topic, value=encode(item), key=item.item_id.encode())
+                producer.flush()  # the catalog record is appended before the events that need it
+                appended = time.monotonic()
+                # Catalog and events are separate topics, so the flow may read the click before
+                # the catalog record; the shopper clicks again a little later, as shoppers do.
+                for k, delay in enumerate(PROBE_CLICKS_S):
+                    time.sleep(max(0.0, appended + delay - time.monotonic()))
+                    click = dataclasses.replace(trigger, event_id=f"{trigger.event_id}-{k}", ts=int(time.time() * 1000))
+                    producer.send(s.events_topic, value=encode(click), key=click.user_id.encode())
+                    producer.flush()
+        finally:
+            producer.close()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def new_item_times(catalog_envs, rec_envs, probes) -> dict:
+    """ms from each new item's catalog append to the first recommendation (anyone's) listing it."""
+    appended = {}
+    for env in catalog_envs:
+        item_id = orjson.loads(env.value)["item_id"]
+        appended.setdefault(item_id, env.timestamp_ms)
+    first: dict[str, int] = {}
+    for env in rec_envs:
+        rec = orjson.loads(env.value)
+        for it in rec["items"]:
+            if it["item_id"] in appended:
+                first[it["item_id"]] = min(first.get(it["item_id"], rec["emitted_at"]), rec["emitted_at"])
+    times = [first[i.item_id] - appended[i.item_id] for i, _ in probes if i.item_id in first and i.item_id in appended]
+    within_s = sum(t <= 1000 for t in times)
+    return {"new_items": len(probes), "recommended": len(times), "within_1s": within_s,
+            **_pcts(np.asarray(times, dtype=np.float64))}
+
+
+
 def _wait_for_recommendations(clients: KafkaClients, topic: str, at_least: int, flow: FlowProcess,
                               quiet_s: float, timeout_s: float) -> int:
     """Poll ``topic`` with one consumer until ``at_least`` records are there and none came for
@@ -367,8 +451,12 @@ def run_latency(args, items, catalog_path: Path, cache_dir: str, base: Settings,
             produce_records(clients, s.events_topic, keyed(warmup), rate=args.rate)
             n_warm = _wait_for_recommendations(clients, s.recommendations_topic, 1, flow, 1.0, 120.0)
             log(f"[latency] warm-up: {len(warmup)} events -> {n_warm} recommendations")
+            probes = new_item_probes(probe_pairs(args.new_items), args.seed)
+            prober = send_probes(clients, s, probes, len(events) / args.rate) if probes else None
             t0 = time.perf_counter()
             n = produce_records(clients, s.events_topic, keyed(events), rate=args.rate)
+            if prober is not None:
+                prober.join()
             produce_s = time.perf_counter() - t0
             log(f"[latency] offered {n} events in {produce_s:.1f} s ({n / produce_s:.0f}/s achieved)")
             n_recs = _wait_for_recommendations(clients, s.recommendations_topic, n_warm + 1, flow, QUIET_S, args.max_wait_s)
@@ -380,8 +468,10 @@ def run_latency(args, items, catalog_path: Path, cache_dir: str, base: Settings,
         event_envs = consume_all(clients, s.events_topic, timeout_s=CONSUME_TIMEOUT_S)
         rec_envs = consume_all(clients, s.recommendations_topic, timeout_s=CONSUME_TIMEOUT_S)
         dead = consume_all(clients, s.dead_letters_topic, timeout_s=CONSUME_TIMEOUT_S)
+        catalog_envs = consume_all(clients, s.catalog_topic, timeout_s=CONSUME_TIMEOUT_S)
     finally:
         broker.stop()
+    new_items = new_item_times(catalog_envs, rec_envs, probes)
     measured_ids = {ev.event_id for ev in events}
     measured = [e for e in event_envs if orjson.loads(e.value)["event_id"] in measured_ids]
     measured_recs = [r for r in rec_envs if orjson.loads(r.value)["trigger_event_id"] in measured_ids]
@@ -402,6 +492,7 @@ def run_latency(args, items, catalog_path: Path, cache_dir: str, base: Settings,
         "latency_ms_every_event": _pcts(every),
         "events_answered": int(len(every)),
         "flow_totals": flow.stopped_line,
+        "new_item_to_recommended_ms": new_items,
         "peak_rss_mib": flow.peak_rss_mib(),
         "peak_rss_mib_before_sigint": round(hwm_before_stop / 1024, 1),
         "loadavg_before": load_before,
@@ -416,6 +507,12 @@ def run_latency(args, items, catalog_path: Path, cache_dir: str, base: Settings,
     if ev:
         log(f"[latency] every event -> first recommendation after it: p50 {ev['p50']:.0f} ms, p95 {ev['p95']:.0f} ms, "
             f"p99 {ev['p99']:.0f} ms over {len(every)} events")
+    if new_items.get("recommended"):
+        log(f"[latency] new item: catalog append -> first recommendation listing it: p50 {new_items['p50']:.0f} ms, "
+            f"max {new_items['max']:.0f} ms ({new_items['recommended']} of {new_items['new_items']} new items recommended, "
+            f"{new_items['within_1s']} within 1 s)")
+    elif probes:
+        log(f"[latency] new item: none of {len(probes)} new items was recommended")
     log(f"[latency] peak RSS {result['peak_rss_mib']} MiB; load average {result['loadavg_after']}")
     return result
 
@@ -439,6 +536,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--events", type=int, default=100_000, help="events for the sustained-throughput run")
     p.add_argument("--latency-events", type=int, default=30_000, help="events offered in the latency run")
     p.add_argument("--rate", type=float, default=1000.0, help="events/s offered in the latency run")
+    p.add_argument("--new-items", type=int, default=20,
+                   help="latency run: new catalog items published during the stream, timed to their first recommendation")
     p.add_argument("--catalog-items", type=int, default=10_000)
     p.add_argument("--users", type=int, default=20_000)
     p.add_argument("--partitions", type=int, default=2, help="partitions of the events and recommendations topics")
@@ -467,10 +566,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="recsys-bench-") as tmp:
         workroot = Path(tmp)
         items = generate_catalog(args.catalog_items, seed=args.seed)
+        known = [k for k, _ in probe_pairs(args.new_items)]  # anchors for the new-item probes (no events)
         catalog_path = workroot / "catalog.jsonl"
-        write_catalog(items, catalog_path)
-        log(f"setup: {len(items)} catalog items -> {catalog_path}; embedding their texts into {cache_dir} ...")
-        emb = prewarm_embeddings(items, cache_dir, base)
+        write_catalog(items + known, catalog_path)
+        log(f"setup: {len(items)} catalog items (+{len(known)} probe anchors) -> {catalog_path}; "
+            f"embedding their texts into {cache_dir} ...")
+        emb = prewarm_embeddings(items + known, cache_dir, base)
         results["embedding"] = emb
         what = "cold cache: embedded with the model" if emb["cold_cache"] else "warm cache: read from the cache"
         log(f"setup: first embedding of {emb['texts']} texts took {emb['seconds']:.1f} s ({what}; "
@@ -494,6 +595,10 @@ def main(argv: list[str] | None = None) -> int:
         log(f"latency at {lt['offered_rate']:.0f}/s offered ({lt['events']} events): p50 {lat['p50']:.0f} ms, "
             f"p95 {lat['p95']:.0f} ms, p99 {lat['p99']:.0f} ms (trigger append -> emitted_at); "
             f"every event: p99 {ev.get('p99', float('nan')):.0f} ms; peak RSS {lt['peak_rss_mib']} MiB")
+        ni = lt["new_item_to_recommended_ms"]
+        if ni.get("recommended"):
+            log(f"new item, catalog append -> first recommendation listing it: p50 {ni['p50']:.0f} ms, "
+                f"max {ni['max']:.0f} ms ({ni['recommended']} of {ni['new_items']} recommended, {ni['within_1s']} within 1 s)")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
         log(f"figures -> {args.out}")

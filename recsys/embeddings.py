@@ -35,6 +35,7 @@ DEFAULT_MAX_TORCH_THREADS = 2
 
 #: A tqdm bar is only worth drawing for a real backlog (about 0.5 s of work and up).
 _PROGRESS_MIN_TEXTS = 200
+_BULK_TEXTS = 64  # from this many texts on, encoding uses more than one torch thread
 
 #: Weights are fingerprinted by their size and their first and last MiB: enough to tell a
 #: fine-tuned copy from the original without hashing ~90 MB on every start-up.
@@ -271,10 +272,13 @@ class Embedder:
         model = self._load()
         import torch
 
-        # Bulk encoding uses the cores; the engine keeps torch at one thread otherwise (its
-        # small per-batch head ops only pay thread synchronisation for a second thread).
+        # Bulk encoding uses the cores; a few texts (new items arriving in the live stream) stay
+        # on one thread. Measured on the 2-core target with the broker busy on the other core:
+        # one short text takes 7-9 ms on one thread and 25-500 ms on two (the second OpenMP
+        # thread waits for a core), which was the live stream's worst latency spike.
         before = torch.get_num_threads()
-        torch.set_num_threads(self.num_threads or min(DEFAULT_MAX_TORCH_THREADS, os.cpu_count() or 1))
+        bulk = len(pending) >= _BULK_TEXTS
+        torch.set_num_threads(self.num_threads or (min(DEFAULT_MAX_TORCH_THREADS, os.cpu_count() or 1) if bulk else 1))
         try:
             return self._encode_batches(model, pending, progress)
         finally:
