@@ -135,7 +135,9 @@ def run_replay(args: argparse.Namespace) -> int:
         engine.upsert_catalog(ds.catalog, progress=True)
         return engine
 
-    engine = open_engine(evaluate=args.protocol == "prequential")
+    # evaluate mode in both protocols: leave-last-out training then ranks before each batch
+    # as the live flow does, so the re-ranker learns (its scores are simply not used there)
+    engine = open_engine(evaluate=True)
     settle_heap()
     baselines = build_baselines(names, engine, repeat_items, args.seed, len(ds.catalog))
     catalog_size = len(ds.catalog) or None

@@ -6,6 +6,7 @@ import numpy as np
 import orjson
 import pytest
 
+from recsys.blend import FEATURES
 from recsys.engine import Engine
 from recsys.events import CatalogItem, Envelope, Event, encode
 from recsys.settings import Settings
@@ -89,6 +90,27 @@ def test_purchased_items_are_not_recommended_again_unless_repeat_purchase(tmp_pa
     engine.close()
 
 
+def test_a_shoppers_most_bought_repeat_items_come_back_as_buy_again(tmp_path, cache):
+    """Groceries: the user's own staples are candidates (and the reason says so) even when
+    nobody else buys them and the latest basket was about something else."""
+    items = [CatalogItem(f"g{i}", f"grocery product {i}", category="grocery", attributes={"repeat_purchase": True}) for i in range(40)]
+    engine = Engine.open(_settings(tmp_path, cache, top_k=20))
+    engine.upsert_catalog(items)
+    events = [Event(f"e{i}", "purchase", "u", item, 1000 * i) for i, item in enumerate(["g7", "g7", "g7", "g3", "g3"] + [f"g{20 + i}" for i in range(6)])]
+    for i in range(60):  # everyone else buys other things, so only "buy again" can bring g7 back
+        events.append(Event(f"o{i}", "purchase", f"v{i % 6}", f"g{30 + i % 10}", 100 + i))
+    events.sort(key=lambda e: e.ts)
+    engine.process(_envelopes(events))
+    state = engine.users.get_many(["u"], now_ts=20_000)["u"]
+    assert state.bought["g7"] == 3 and state.bought["g3"] == 2
+    (recs, shown), = engine.recommender.rank([state], now_ts=20_000)
+    again = {c: float(row[FEATURES.index("again")]) for c, row in zip(shown.candidates, shown.features)}
+    assert again["g7"] == 1.0 and again["g3"] == pytest.approx(2 / 3) and again["g35"] == 0.0
+    reasons = {i.item_id: i.reason for i in recs}
+    assert reasons.get("g7") == "you buy this often", reasons  # not co-visited with the latest items
+    engine.close()
+
+
 def test_unavailable_items_are_never_recommended(tmp_path, cache, catalog):
     engine = Engine.open(_settings(tmp_path, cache))
     engine.upsert_catalog(catalog)
@@ -153,12 +175,20 @@ def test_reasons_stay_valid_when_the_reranker_learned_negative_weights(tmp_path,
     engine.upsert_catalog(catalog)
     events = generate_events(1500, catalog, n_users=40, seed=26)
     engine.process(_envelopes(events[:700]))
-    punish = np.zeros((4, 7), dtype=np.float32)
-    punish[:, [0, 1, 2, 6]] = 1.0  # every source signal, never engaged: weights go negative
+    new_sources, again = [0, 1, 2, 6, 7], 8  # content, covisit, trending, next, session; buy again
+    sources = new_sources + [again]
+    novel = np.zeros((4, len(FEATURES)), dtype=np.float32)
+    novel[1:, new_sources] = 1.0  # every source signal, never engaged; the engaged row had none
+    familiar = np.zeros((4, len(FEATURES)), dtype=np.float32)
+    familiar[:, 3] = 1.0  # all seen (familiar vs familiar pairs teach every weight) ...
+    familiar[1:, again] = 1.0  # ... and "buy again" never engaged
     effective = lambda: engine.recommender._base + engine.blend.weights()  # noqa: E731
-    while not (effective()[[0, 1, 2, 6]] < 0).all():
-        engine.blend.learn(punish, None)
-    assert engine.blend.active
+    for _ in range(100_000):  # weights go negative
+        if (effective()[sources] < 0).all() and engine.blend.active:
+            break
+        engine.blend.learn(novel, 0)
+        engine.blend.learn(familiar, 0)
+    assert engine.blend.active and (effective()[sources] < 0).all()
     result = engine.process(_envelopes(events[700:], start=700))
     assert result.recommendations
     for _, payload in result.recommendations:

@@ -12,7 +12,7 @@ import zlib
 import numpy as np
 import pytest
 
-from recsys.blend import Blend
+from recsys.blend import FEATURES, Blend
 from recsys.events import CatalogItem, Event
 from recsys.items import ItemSpace
 from recsys.recommender import BlendWeights, Recommender, RecommenderConfig
@@ -63,9 +63,9 @@ def _world(n_items=120, n_users=40, n_events=1500, seed=3, learned=False):
         nxt.update(state.history, item, etype, ev.ts)
         pop.update(item, EVENT_WEIGHTS[etype], ev.ts)
         state.apply(ev, items.vector(item), 0, offset, history_len=20, half_life_h=24.0)
-    blend = Blend(min_examples=1)
+    blend = Blend(RecommenderConfig().weights.vector(), min_examples=1)
     if learned:  # a re-ranker that learned something, including negative weights
-        x = np.eye(7, dtype=np.float32)
+        x = np.eye(len(FEATURES), dtype=np.float32)
         for _ in range(30):
             blend.learn(x, positive=1)
     rec = Recommender(items, pop, cov, RecommenderConfig(), blend=blend if learned else None, transitions=nxt)
@@ -143,6 +143,9 @@ def test_reasons_name_real_evidence():
                         assert item.item_id in [n for n, _, _ in rec.transitions.neighbours(anchor, 100)]
                     break
             else:
+                if reason == "you buy this often":
+                    assert item.item_id in state.purchased and rec.items.catalog.get(item.item_id).repeat_purchase
+                    continue
                 assert reason in ("trending", "matches your interests", "you viewed this recently", "you bought this before"), reason
 
 

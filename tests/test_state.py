@@ -9,6 +9,7 @@ import sys
 import textwrap
 
 import numpy as np
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -245,6 +246,25 @@ def test_purchased_is_bounded_distinct_and_most_recent_last():
     assert len(s.purchased) == MAX_PURCHASED
     assert s.purchased[-1] == "p10" and s.purchased.count("p10") == 1
     assert s.purchased[:2] == ["p5", "p6"]  # p0..p4 fell off; p10 moved to the end, not duplicated
+    assert set(s.bought) == set(s.purchased) and s.bought["p10"] == 2 and s.bought["p6"] == 1
+
+
+def test_bought_counts_purchases_per_item_only():
+    s = UserState("u")
+    for i, (etype, item) in enumerate([("purchase", "a"), ("click", "a"), ("purchase", "b"), ("purchase", "a")]):
+        apply(s, ev(etype, item, i), offset=i)
+    assert s.bought == {"a": 2, "b": 1}
+
+
+def test_records_written_before_bought_existed_decode_with_no_counts():
+    s = UserState("u", purchased=["a"], bought={"a": 3})
+    raw = encode_user(s)
+    version, flags, updated_ts, meta_len = state._HEADER.unpack_from(raw)
+    meta = orjson.loads(raw[state._HEADER.size : state._HEADER.size + meta_len])
+    del meta["b"]
+    old_meta = orjson.dumps(meta)
+    old = state._HEADER.pack(version, flags, updated_ts, len(old_meta)) + old_meta
+    assert decode_user(old).bought == {} and decode_user(old).purchased == ["a"]
 
 
 def test_apply_rejects_another_users_event():
@@ -281,6 +301,7 @@ _states = st.builds(
     session_id=st.one_of(st.none(), _ids),
     updated_ts=_ts,
     last_applied=st.dictionaries(st.integers(0, 1000), st.integers(-1, 2**62)),
+    bought=st.dictionaries(_ids, st.integers(1, 10**6), max_size=20),
 )
 
 

@@ -1,0 +1,237 @@
+"""Session neighbours (V-SKNN) as a global signal: "shoppers whose sessions looked like yours
+went on to these items".
+
+Co-visitation and transitions look at the last few items; on anonymous click sessions the next
+item is best predicted from the *whole* current session (Ludewig & Jannach 2018; the
+``session_knn`` baseline led YooChoose and DIGINETICA before this module existed). This is
+the same scoring as :class:`recsys.baselines.SessionKNNModel`, kept incrementally and with
+hard memory bounds so it can live inside the engine:
+
+- at most ``max_sessions`` sessions, each holding its last ``max_session_len`` distinct items;
+  when full, the least recently active session is evicted and its slot reused;
+- an inverted index item -> the ``sample_size`` sessions that most recently added it.
+
+Sessions are ``Event.session_id`` when present, else runs of a user's events with gaps under
+``session_gap_min``. Everything is ordered by a sequence number of applied events (never wall
+time), so a replay gives the same answers as the live run, and ``load`` rebuilds exactly the
+structure that was exported. Like the other global signals it does not skip re-delivered
+events itself: the engine guards it with its per-partition watermarks.
+
+>>> s = SessionNeighbours()
+>>> for i, (user, item) in enumerate([("u1", "a"), ("u1", "b"), ("u1", "c"), ("u2", "a"), ("u2", "b")]):
+...     s.update(user, None, item, ts=i)
+>>> [(item, round(score, 3)) for item, score in s.scores(["u2"], 5)[0]]  # u1 shares a, b with u2
+[('a', 0.612), ('b', 0.612), ('c', 0.612)]
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from typing import TYPE_CHECKING
+
+import numpy as np
+import orjson
+
+if TYPE_CHECKING:
+    from recsys.state import KVStore
+
+SESSION_PREFIX = b"ses:"
+_META_KEY = b"ses:~meta"  # '~' sorts after every slot key (digits)
+
+
+class SessionNeighbours:
+    """Incremental session-kNN over every user's sessions, bounded in memory and persisted."""
+
+    def __init__(
+        self,
+        *,
+        k: int = 100,
+        sample_size: int = 500,
+        max_session_len: int = 50,
+        session_gap_min: float = 30.0,
+        max_sessions: int = 200_000,
+    ) -> None:
+        if min(k, sample_size, max_session_len, max_sessions) <= 0:
+            raise ValueError("k, sample_size, max_session_len and max_sessions must be > 0")
+        self.k = k
+        self.sample_size = sample_size
+        self.max_session_len = max_session_len
+        self.session_gap_ms = session_gap_min * 60_000
+        self.max_sessions = max_sessions
+        self._reset()
+
+    def _reset(self) -> None:
+        self._seq = 0  # applied events so far: the only clock of this structure
+        # slot -> session: owner, session key, last event ts, items (item -> seq when first added,
+        # negated once the item's postings pushed this session out), newest interaction last
+        self._sessions: dict[int, dict] = {}
+        self._lru: OrderedDict[int, None] = OrderedDict()  # slots, least recently active first
+        self._current: dict[str, int] = {}  # user -> slot of their latest session
+        self._postings: dict[str, deque[int]] = {}  # item -> slots, most recent last
+        self._active = np.zeros(1024, dtype=np.int64)  # slot -> seq of its latest event
+        self._length = np.zeros(1024, dtype=np.float64)  # slot -> distinct items held
+        self._dirty: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    # ------------------------------------------------------------------ learning
+
+    def update(self, user_id: str, session_id: str | None, item_id: str | None, ts: int) -> None:
+        """Add one engagement of ``user_id`` with ``item_id`` to their current session."""
+        if item_id is None:
+            return
+        self._seq += 1
+        slot = self._current.get(user_id)
+        session = self._sessions.get(slot) if slot is not None else None
+        if session is not None and (
+            (session_id is not None and session["key"] != session_id)
+            or (session_id is None and (session["key"] is not None or ts - session["ts"] > self.session_gap_ms))
+        ):
+            session = None
+        if session is None:
+            slot = self._new_slot()
+            session = self._sessions[slot] = {"user": user_id, "key": session_id, "ts": ts, "items": {}}
+            self._current[user_id] = slot
+        items: dict[str, int] = session["items"]
+        if item_id in items:  # seen in this session: move to the newest position, keep its posting
+            items[item_id] = items.pop(item_id)
+        else:
+            items[item_id] = self._seq
+            self._post(item_id, slot)
+            if len(items) > self.max_session_len:
+                oldest = next(iter(items))
+                if items.pop(oldest) > 0:
+                    self._unpost(oldest, slot)
+        session["ts"] = max(session["ts"], ts)
+        self._active[slot] = self._seq
+        self._length[slot] = len(items)
+        self._lru[slot] = None
+        self._lru.move_to_end(slot)
+        self._dirty.add(slot)
+
+    def _new_slot(self) -> int:
+        if len(self._sessions) < self.max_sessions:
+            slot = len(self._sessions)
+            if slot >= len(self._active):  # grow by doubling
+                self._active = np.concatenate([self._active, np.zeros_like(self._active)])
+                self._length = np.concatenate([self._length, np.zeros_like(self._length)])
+            return slot
+        slot, _ = self._lru.popitem(last=False)  # full: the least recently active session goes
+        old = self._sessions.pop(slot)
+        for item, seq in old["items"].items():
+            if seq > 0:
+                self._unpost(item, slot)
+        if self._current.get(old["user"]) == slot:
+            del self._current[old["user"]]
+        return slot
+
+    def _post(self, item_id: str, slot: int) -> None:
+        postings = self._postings.get(item_id)
+        if postings is None:
+            postings = self._postings[item_id] = deque(maxlen=self.sample_size)
+        elif len(postings) == self.sample_size:  # the oldest session falls out of this item's list
+            pushed = postings[0]
+            items = self._sessions[pushed]["items"]
+            items[item_id] = -abs(items[item_id])
+            self._dirty.add(pushed)
+        postings.append(slot)
+
+    def _unpost(self, item_id: str, slot: int) -> None:
+        postings = self._postings[item_id]
+        postings.remove(slot)
+        if not postings:
+            del self._postings[item_id]
+
+    # ------------------------------------------------------------------ reading
+
+    def scores(self, user_ids: list[str], n: int) -> list[list[tuple[str, float]]]:
+        """Per user, up to ``n`` items voted for by the ``k`` most similar sessions, best first.
+
+        The user's latest session is the query: a binary vector with linearly decaying
+        position weights (newest 1, oldest 1/len). Candidate neighbours are the sessions in
+        the postings of its items; the ``sample_size`` most recently active are compared by
+        cosine similarity, and the ``k`` most similar vote for their items with their
+        similarity. Ties break by item id (scores) and slot (neighbours): deterministic.
+        """
+        out: list[list[tuple[str, float]]] = []
+        for user_id in user_ids:
+            slot = self._current.get(user_id)
+            session = self._sessions.get(slot) if slot is not None else None
+            out.append(self._score_one(slot, session["items"], n) if session else [])
+        return out
+
+    def _score_one(self, own: int, items: dict[str, int], n: int) -> list[tuple[str, float]]:
+        query = list(items)[-self.max_session_len :]
+        m = len(query)
+        lists = [self._postings.get(item, ()) for item in query]
+        sizes = np.fromiter((len(p) for p in lists), dtype=np.int64, count=m)
+        if sizes.sum() == 0:
+            return []
+        slots = np.fromiter((s for p in lists for s in p), dtype=np.int64, count=int(sizes.sum()))
+        weights = np.repeat(np.arange(1, m + 1, dtype=np.float64) / m, sizes)
+        sids, inverse = np.unique(slots, return_inverse=True)
+        dots = np.bincount(inverse, weights=weights)
+        keep = sids != own
+        sids, dots = sids[keep], dots[keep]
+        if len(sids) == 0:
+            return []
+        if len(sids) > self.sample_size:  # the most recently active sessions
+            recent = np.argpartition(-self._active[sids], self.sample_size - 1)[: self.sample_size]
+            sids, dots = sids[recent], dots[recent]
+        sims = dots / np.sqrt(m * self._length[sids])
+        top = np.lexsort((sids, -sims))[: self.k]
+        votes: dict[str, float] = {}
+        for sim, sid in zip(sims[top].tolist(), sids[top].tolist()):
+            for item in self._sessions[sid]["items"]:
+                votes[item] = votes.get(item, 0.0) + sim
+        ranked = sorted(votes.items(), key=lambda kv: (-kv[1], kv[0]))
+        return ranked[:n]
+
+    # ------------------------------------------------------------------ persistence
+
+    def export_dirty(self) -> dict[bytes, bytes]:
+        """Sessions changed since the last export (``b"ses:<slot>"`` -> JSON) and the sequence
+        counter; clears them. A slot reused after an eviction is simply overwritten."""
+        if not self._dirty:
+            return {}
+        out: dict[bytes, bytes] = {}
+        for slot in sorted(self._dirty):
+            s = self._sessions.get(slot)
+            if s is not None:
+                record = [s["user"], s["key"], s["ts"], int(self._active[slot]), list(s["items"].items())]
+                out[SESSION_PREFIX + str(slot).encode()] = orjson.dumps(record)
+        out[_META_KEY] = orjson.dumps({"seq": self._seq})
+        self._dirty.clear()
+        return out
+
+    def load(self, kv: KVStore) -> None:
+        """Replace everything held with the records under ``b"ses:"`` in ``kv``.
+
+        Postings are rebuilt from the items still posted, in the order they were added (their
+        sequence number; postings only ever append and remove, so that is their live order),
+        and the recency order from each session's latest event, so the loaded structure
+        answers exactly as the one that was exported.
+        """
+        self._reset()
+        adds: list[tuple[int, int, str]] = []
+        by_activity: list[tuple[int, int]] = []
+        for key, value in kv.iter_prefix(SESSION_PREFIX):
+            if key == _META_KEY:
+                self._seq = int(orjson.loads(value)["seq"])
+                continue
+            slot = int(key[len(SESSION_PREFIX) :])
+            user, session_key, ts, active, items = orjson.loads(value)
+            while slot >= len(self._active):
+                self._active = np.concatenate([self._active, np.zeros_like(self._active)])
+                self._length = np.concatenate([self._length, np.zeros_like(self._length)])
+            self._sessions[slot] = {"user": user, "key": session_key, "ts": ts, "items": {i: s for i, s in items}}
+            self._active[slot] = active
+            self._length[slot] = len(items)
+            by_activity.append((active, slot))
+            adds.extend((seq, slot, item) for item, seq in items if seq > 0)
+        for active, slot in sorted(by_activity):
+            self._lru[slot] = None
+            self._current[self._sessions[slot]["user"]] = slot  # the user's latest session wins
+        for _seq, slot, item in sorted(adds):
+            self._post(item, slot)

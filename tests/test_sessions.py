@@ -1,0 +1,179 @@
+"""Session neighbours (V-SKNN inside the engine): scoring, session cuts, memory bounds, persistence."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from recsys.sessions import SessionNeighbours
+
+MIN = 60_000  # one minute in ms
+
+
+def _feed(s: SessionNeighbours, rows) -> None:
+    for user, session, item, ts in rows:
+        s.update(user, session, item, ts)
+
+
+def test_votes_are_cosine_similarities_with_position_weights():
+    s = SessionNeighbours()
+    _feed(s, [("u1", None, "a", 0), ("u1", None, "b", 1), ("u1", None, "c", 2)])
+    _feed(s, [("u3", None, "b", 3), ("u3", None, "d", 4)])
+    _feed(s, [("u2", None, "a", 5), ("u2", None, "b", 6)])
+    # query u2 = [a (weight 1/2), b (weight 1)]; u1 holds a, b: dot 1.5 over sqrt(2 * 3);
+    # u3 holds b: dot 1 over sqrt(2 * 2)
+    sim1, sim3 = 1.5 / math.sqrt(6), 1.0 / math.sqrt(4)
+    got = dict(s.scores(["u2"], 10)[0])
+    assert got == pytest.approx({"a": sim1, "b": sim1 + sim3, "c": sim1, "d": sim3})
+    assert [i for i, _ in s.scores(["u2"], 2)[0]] == ["b", "a"]  # best first, ties by id
+
+
+def test_own_session_is_not_a_neighbour_and_unknown_users_get_nothing():
+    s = SessionNeighbours()
+    _feed(s, [("u1", None, "a", 0), ("u1", None, "b", 1)])
+    assert s.scores(["u1", "nobody"], 5) == [[], []]
+
+
+def test_sessions_are_cut_by_session_id_or_by_the_gap():
+    s = SessionNeighbours(session_gap_min=30)
+    _feed(s, [("u", "s1", "a", 0), ("u", "s1", "b", 1), ("u", "s2", "c", 2)])  # new id: new session
+    assert len(s) == 2
+    _feed(s, [("v", None, "a", 0), ("v", None, "b", 29 * MIN), ("v", None, "c", 60 * MIN)])  # 31 min gap
+    assert len(s) == 4
+    # v's current session is [c] alone: its neighbour is u's second session, voting only c
+    assert s.scores(["v"], 5) == [[("c", 1.0)]]
+
+
+def test_a_repeated_item_moves_to_the_newest_position_and_is_posted_once():
+    s = SessionNeighbours()
+    _feed(s, [("u1", None, "a", 0), ("u1", None, "b", 1), ("u1", None, "a", 2)])
+    assert list(s._sessions[s._current["u1"]]["items"]) == ["b", "a"]
+    assert list(s._postings["a"]) == [s._current["u1"]]
+    _feed(s, [("u2", None, "a", 3)])
+    assert dict(s.scores(["u2"], 5)[0]) == pytest.approx({"a": 1 / math.sqrt(2), "b": 1 / math.sqrt(2)})
+
+
+def _invariants(s: SessionNeighbours) -> None:
+    """Postings list exactly the live sessions holding an item with a positive sequence."""
+    posted = {(slot, item) for item, slots in s._postings.items() for slot in slots}
+    held = {(slot, item) for slot, sess in s._sessions.items() for item, seq in sess["items"].items() if seq > 0}
+    assert posted == held
+    assert all(len(p) <= s.sample_size for p in s._postings.values())
+    assert all(len(sess["items"]) <= s.max_session_len for sess in s._sessions.values())
+    assert len(s) <= s.max_sessions and set(s._lru) == set(s._sessions)
+    assert all(s._sessions[slot]["user"] == user for user, slot in s._current.items())
+
+
+def test_memory_stays_bounded_under_a_long_stream():
+    rng = random.Random(3)
+    s = SessionNeighbours(k=5, sample_size=4, max_session_len=3, max_sessions=10)
+    for t in range(3000):
+        user = f"u{rng.randrange(40)}"
+        s.update(user, None, f"i{rng.randrange(15)}", t * MIN * rng.choice([1, 1, 40]))
+        if t % 97 == 0:
+            _invariants(s)
+    _invariants(s)
+    assert len(s) == 10 and len(s._current) <= 10
+
+
+def test_the_least_recently_active_session_is_evicted_first():
+    s = SessionNeighbours(max_sessions=2)
+    _feed(s, [("u1", None, "a", 0), ("u2", None, "a", 1), ("u1", None, "b", 2)])  # u2's is now the oldest
+    _feed(s, [("u3", None, "a", 3)])
+    assert set(s._current) == {"u1", "u3"}
+    assert [i for i, _ in s.scores(["u3"], 5)[0]] == ["a", "b"]  # only u1's session is left to vote
+
+
+def _brute_force(sessions: dict[str, list[str]], query_user: str) -> dict[str, float]:
+    """V-SKNN with every other session as a neighbour (no sampling, no k cut)."""
+    query = sessions[query_user]
+    w = {item: (pos + 1) / len(query) for pos, item in enumerate(query)}
+    votes: dict[str, float] = {}
+    for user, items in sessions.items():
+        if user == query_user:
+            continue
+        dot = sum(w.get(i, 0.0) for i in items)
+        if dot:
+            for i in items:
+                votes[i] = votes.get(i, 0.0) + dot / math.sqrt(len(query) * len(items))
+    return votes
+
+
+def test_scores_match_a_brute_force_reference_when_nothing_is_cut():
+    rng = random.Random(9)
+    s = SessionNeighbours(k=1000, sample_size=1000)
+    sessions: dict[str, list[str]] = {}
+    for t in range(600):
+        user, item = f"u{rng.randrange(60)}", f"i{rng.randrange(40)}"
+        s.update(user, None, item, t)
+        items = sessions.setdefault(user, [])
+        if item in items:
+            items.remove(item)
+        items.append(item)
+    for user in sorted(sessions)[:20]:
+        want = _brute_force(sessions, user)
+        got = s.scores([user], 1000)[0]
+        assert dict(got) == pytest.approx(want)
+        assert [v for _, v in got] == sorted((v for _, v in got), reverse=True)
+
+
+def _stream(rng: random.Random, n: int, start: int = 0):
+    for t in range(start, start + n):
+        user = f"u{rng.randrange(30)}"
+        session = None if rng.random() < 0.5 else f"{user}-s{t // 200}"
+        yield user, session, f"i{rng.randrange(20)}", t * MIN
+
+
+def test_export_and_load_answer_exactly_as_before_and_keep_learning_alike(kv):
+    rng = random.Random(5)
+    s = SessionNeighbours(k=10, sample_size=6, max_session_len=5, max_sessions=25)
+    for n, row in enumerate(_stream(rng, 1500)):
+        s.update(*row)
+        if n % 100 == 0:
+            kv.write(s.export_dirty())
+    kv.write(s.export_dirty())
+    assert s.export_dirty() == {}
+    d = SessionNeighbours(k=10, sample_size=6, max_session_len=5, max_sessions=25)
+    d.load(kv)
+    users = [f"u{i}" for i in range(30)]
+    assert d.scores(users, 50) == s.scores(users, 50)
+    _invariants(d)
+    more = list(_stream(random.Random(6), 500, start=1500))  # evictions and pushed-out postings go on
+    for row in more:
+        s.update(*row)
+        d.update(*row)
+    assert d.scores(users, 50) == s.scores(users, 50)
+    assert d.export_dirty() == s.export_dirty()
+
+
+def test_rejects_non_positive_bounds():
+    with pytest.raises(ValueError):
+        SessionNeighbours(max_sessions=0)
+
+
+_RUN = textwrap.dedent(
+    """
+    import hashlib, random
+    from recsys.sessions import SessionNeighbours
+    rng = random.Random(11)
+    s = SessionNeighbours(k=8, sample_size=5, max_session_len=4, max_sessions=30)
+    for t in range(2000):
+        s.update("u%d" % rng.randrange(40), None, "i%d" % rng.randrange(30), t * 600_000)
+    blob = repr(sorted(s.export_dirty().items())) + repr(s.scores(["u%d" % i for i in range(40)], 20))
+    print(hashlib.sha256(blob.encode()).hexdigest())
+    """
+)
+
+
+def test_sessions_do_not_depend_on_the_hash_seed():
+    outs = set()
+    for seed in ("1", "2"):
+        env = dict(os.environ, PYTHONHASHSEED=seed)
+        outs.add(subprocess.run([sys.executable, "-c", _RUN], env=env, capture_output=True, text=True, check=True).stdout)
+    assert len(outs) == 1
