@@ -294,7 +294,10 @@ class CoVisitation:
             nbrs = self._nbrs.get(item_id)
             if not nbrs:
                 return _NO_NEIGHBOURS
-            names = sorted(nbrs, key=lambda y: (-nbrs[y], y))
+            # heaviest first, ties by id: two C-level sorts (stable, and reverse keeps stability)
+            # instead of one with a Python key function; this runs after every change
+            names = sorted(nbrs)
+            names.sort(key=nbrs.__getitem__, reverse=True)
             counts = self._counts[item_id]
             # tuples of plain values, untracked by the garbage collector like the dicts above
             ranked = (tuple(names), np.array([nbrs[y] for y in names], dtype=np.float64), tuple(counts[y] for y in names))
