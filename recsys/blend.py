@@ -16,9 +16,9 @@ correction is off, so a new system ranks exactly by the hand-set blend. Scoring 
 matrix-vector product for a whole candidate matrix.
 
 **Monitor.** Hit@k of the last shown list against the next event feeds a rolling mean (for
-dashboards) and an ADWIN drift detector; on a drop the engine lets the head learn faster for a
-while. The blend is not reset: it keeps adapting at its constant rate, and forgetting everything
-on each detected drop measurably hurt every backtest that had one.
+dashboards) and an ADWIN drift detector (river); a detected drop is counted and reported. It
+triggers no reset: forgetting the re-ranker on each drop, or raising the head's learning rate,
+measurably hurt every backtest that had drops (see the engine), and both keep adapting anyway.
 
 >>> blend = Blend(min_examples=1)
 >>> x = np.array([[1.0, 0, 0, 0, 0, 0, 0, 0, 0], [0, 1.0, 0, 0, 0, 0, 0, 0, 0]], dtype=np.float32)

@@ -125,8 +125,8 @@ class Engine:
         stored_items = [catalog_item_from_dict(orjson.loads(v)) for _, v in kv.iter_prefix(_ITEM_PREFIX)]
         if stored_items:
             self.items.upsert(stored_items)
-        # river in the loop: the re-ranker learns from what users did after what we showed them;
-        # the monitor tracks that hit rate and resets the re-ranker when behaviour drifts.
+        # Online re-ranking: the blend learns from what users did after what we showed them;
+        # the monitor (river: rolling mean + ADWIN) tracks that hit rate and counts drops.
         rec_config = RecommenderConfig(k=settings.top_k)
         self.blend = Blend(rec_config.weights.vector(), seed=settings.seed)
         self.shown = ShownCache()

@@ -26,6 +26,7 @@ events itself: the engine guards it with its per-partition watermarks.
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict, deque
 from typing import TYPE_CHECKING
 
@@ -168,7 +169,7 @@ class SessionNeighbours:
         sizes = np.fromiter((len(p) for p in lists), dtype=np.int64, count=m)
         if sizes.sum() == 0:
             return []
-        slots = np.fromiter((s for p in lists for s in p), dtype=np.int64, count=int(sizes.sum()))
+        slots = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64, count=int(sizes.sum()))  # in C
         weights = np.repeat(np.arange(1, m + 1, dtype=np.float64) / m, sizes)
         sids, inverse = np.unique(slots, return_inverse=True)
         dots = np.bincount(inverse, weights=weights)
