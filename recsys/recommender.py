@@ -1,6 +1,6 @@
 """Candidate generation and ranking with reasons taken from the actual scoring.
 
-Four candidate sources, scored together for a whole batch of users at once:
+Six candidate sources, scored together for a whole batch of users at once:
 
 - **content**: the user's query vector (the learned head's, else the decayed interest vector)
   against the faiss item index, one batched search; reason ``similar to <history item>``
@@ -9,12 +9,16 @@ Four candidate sources, scored together for a whole batch of users at once:
   anchor item is; reason ``bought together with <item>`` / ``viewed together with <item>``
   names the anchor that contributed most.
 - **transitions**: what people engaged with right after the user's last two items.
+- **session neighbours**: items that sessions like the user's current one went on to
+  (:mod:`recsys.sessions`, V-SKNN); reason ``chosen in sessions like yours``.
+- **buy again**: the user's own most-bought items that the catalog marks ``repeat_purchase``;
+  reason ``you buy this often``.
 - **trending**: time-decayed popularity, the whole answer for a user with no history.
 
 Each source's scores are normalised to [0, 1] per user into a row of signals (plus whether the
-user saw the item recently and whether it shares a category with their recent items); the score
-is a hand-set blend of the signals plus what the online re-ranker (:mod:`recsys.blend`) learned
-from what users did next, and the source with the largest contribution names the reason.
+user saw the item recently, graded by how recently, and whether it shares a category with their
+recent items); the score is a hand-set blend of the signals plus the correction the online
+re-ranker (:mod:`recsys.blend`) learned from what users did next, and the source with the largest contribution names the reason.
 Purchased items (unless the catalog marks them ``repeat_purchase``) and unavailable items are
 never recommended.
 

@@ -37,6 +37,8 @@ if TYPE_CHECKING:
     from recsys.state import KVStore
 
 SESSION_PREFIX = b"ses:"
+#: From this many postings on, one bincount over all slots beats sorting them (np.unique).
+_DIRECT_BINCOUNT_MIN = 4096
 _META_KEY = b"ses:~meta"  # '~' sorts after every slot key (digits)
 
 
@@ -171,8 +173,13 @@ class SessionNeighbours:
             return []
         slots = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64, count=int(sizes.sum()))  # in C
         weights = np.repeat(np.arange(1, m + 1, dtype=np.float64) / m, sizes)
-        sids, inverse = np.unique(slots, return_inverse=True)
-        dots = np.bincount(inverse, weights=weights)
+        if len(slots) > _DIRECT_BINCOUNT_MIN:  # long sessions of popular items (grocery baskets)
+            dots = np.bincount(slots, weights=weights, minlength=len(self._active))
+            sids = np.flatnonzero(dots)  # same sessions, order and sums as the unique() path
+            dots = dots[sids]
+        else:
+            sids, inverse = np.unique(slots, return_inverse=True)
+            dots = np.bincount(inverse, weights=weights)
         keep = sids != own
         sids, dots = sids[keep], dots[keep]
         if len(sids) == 0:
