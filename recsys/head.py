@@ -148,11 +148,6 @@ class Head:
         self._pop_q = np.zeros(0, dtype=np.float64)  # sampling probabilities, with the CDF below
         self._pop_cdf: np.ndarray | None = None  # cached sampling CDF; None after counts change
 
-    def set_lr(self, lr: float) -> None:
-        """Change the learning rate of the optimizer (e.g. while behaviour drifts)."""
-        for group in self._opt.param_groups:
-            group["lr"] = lr
-
     @property
     def version(self) -> str:
         """``"head-<optimizer steps so far>"``: changes exactly when the parameters do."""
