@@ -82,7 +82,6 @@ class ItemIndex:
         self._next_id = 0
         self._store = np.zeros((1024, dim), dtype=np.float32)  # row = internal id
         self._names = np.empty(1024, dtype=object)  # internal id -> item id, for vectorised lookups
-        self.version = 0  # bumped on every change: caches of rows (see recsys.recommender) check it
 
     @property
     def approximate(self) -> bool:
@@ -142,7 +141,6 @@ class ItemIndex:
             self._names = names
         self._store[ints] = vecs
         self._names[ints] = list(item_ids)
-        self.version += 1
         for item_id, n in zip(item_ids, ints.tolist()):
             self._to_int[item_id] = n
             self._to_str[n] = item_id
@@ -158,7 +156,6 @@ class ItemIndex:
             return 0
         for n in ints:
             del self._to_str[n]
-        self.version += 1
         # One call: each remove_ids compacts the whole flat array.
         self._index.remove_ids(np.asarray(ints, dtype=np.int64))
         return len(ints)
@@ -329,13 +326,11 @@ class ItemSpace:
         self.index = ItemIndex(self.dim)
         self.category_code: dict[str, int] = {}  # item -> small int per distinct category (ranking signal)
         self._codes: dict[str, int] = {}
-        self.version = 0  # bumped by every upsert (categories may change without the index)
-        self._category_rows: tuple[tuple[int, int], np.ndarray] | None = None
+        self._category_rows = np.full(0, -1, dtype=np.int64)  # index row -> category code
 
     def upsert(self, items: Iterable[CatalogItem], progress: bool = False) -> int:
         """Apply catalog updates; returns how many items got a new vector in the index."""
         items = list(items)
-        self.version += 1
         changed = {i.item_id for i in self.catalog.upsert(items)}
         latest = {i.item_id: i for i in items}
         for item_id, item in latest.items():
@@ -351,22 +346,23 @@ class ItemSpace:
         if to_index:
             vecs = self.embedder.embed([item.text for item in to_index], progress=progress)
             self.index.upsert([item.item_id for item in to_index], vecs)
+        # keep the row -> category array current for just these items (rows of removed or
+        # re-embedded items are never candidates again, so their old entries are harmless)
+        rows = self.index.rows(list(latest))
+        codes = np.fromiter((self.category_code.get(i, -1) for i in latest), dtype=np.int64, count=len(latest))
+        self.category_rows()[rows[rows >= 0]] = codes[rows >= 0]
         return len(to_index)
 
     def recommendable(self, item_id: str) -> bool:
         return self.catalog.is_recommendable(item_id) and item_id in self.index
 
     def category_rows(self) -> np.ndarray:
-        """Category code per index row (-1: none), rebuilt only after the catalog or index changed."""
-        stamp = (self.version, self.index.version)
-        if self._category_rows is None or self._category_rows[0] != stamp:
-            codes = np.full(self.index.row_capacity, -1, dtype=np.int64)
-            for item_id, code in self.category_code.items():
-                row = self.index.row(item_id)
-                if row >= 0:
-                    codes[row] = code
-            self._category_rows = (stamp, codes)
-        return self._category_rows[1]
+        """Category code per index row (-1: none), kept up to date by :meth:`upsert`."""
+        if len(self._category_rows) < self.index.row_capacity:  # the index grew
+            grown = np.full(self.index.row_capacity, -1, dtype=np.int64)
+            grown[: len(self._category_rows)] = self._category_rows
+            self._category_rows = grown
+        return self._category_rows
 
     @property
     def n_categories(self) -> int:
