@@ -7,7 +7,10 @@ with ``-m broker``); such tests run in CI and are not skipped.
 from __future__ import annotations
 
 import itertools
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -62,3 +65,18 @@ def topic_name(request: pytest.FixtureRequest) -> Callable[[str], str]:
         return f"{prefix}-{test}-{next(_topic_counter)}"
 
     return make
+
+
+@pytest.fixture
+def outputs_under_hash_seeds() -> Callable[[str], set[str]]:
+    """``run(code)`` -> the distinct stdouts of ``python -c code`` under two PYTHONHASHSEEDs;
+    one element means the output does not depend on string hashing (set/dict order)."""
+
+    def run(code: str) -> set[str]:
+        outs = set()
+        for seed in ("1", "2"):
+            env = dict(os.environ, PYTHONHASHSEED=seed)
+            outs.add(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout)
+        return outs
+
+    return run
