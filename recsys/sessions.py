@@ -9,7 +9,9 @@ hard memory bounds so it can live inside the engine:
 
 - at most ``max_sessions`` sessions, each holding its last ``max_session_len`` distinct items;
   when full, the least recently active session is evicted and its slot reused;
-- an inverted index item -> the ``sample_size`` sessions that most recently added it.
+- an inverted index item -> the ``sample_size`` sessions that most recently added it;
+- each session's items also as int32 codes in one ``max_sessions x max_session_len`` array
+  (40 MB at the default bounds), so the ``k`` neighbours vote with one ``bincount``.
 
 Sessions are ``Event.session_id`` when present, else runs of a user's events with gaps under
 ``session_gap_min``. Everything is ordered by a sequence number of applied events (never wall
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import itertools
 from collections import OrderedDict, deque
+from operator import itemgetter
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -71,8 +74,13 @@ class SessionNeighbours:
         self._lru: OrderedDict[int, None] = OrderedDict()  # slots, least recently active first
         self._current: dict[str, int] = {}  # user -> slot of their latest session
         self._postings: dict[str, deque[int]] = {}  # item -> slots, most recent last
+        # item -> small int code and back, for voting with numpy (every posted item has one)
+        self._code: dict[str, int] = {}
+        self._names: list[str] = []
         self._active = np.zeros(1024, dtype=np.int64)  # slot -> seq of its latest event
         self._length = np.zeros(1024, dtype=np.float64)  # slot -> distinct items held
+        # slot -> codes of the items it holds (in any order), -1 padded: neighbours vote from here
+        self._held = np.full((1024, self.max_session_len), -1, dtype=np.int32)
         self._dirty: set[int] = set()
 
     def __len__(self) -> int:
@@ -109,6 +117,7 @@ class SessionNeighbours:
         session["ts"] = max(session["ts"], ts)
         self._active[slot] = self._seq
         self._length[slot] = len(items)
+        self._hold(slot, items)
         self._lru[slot] = None
         self._lru.move_to_end(slot)
         self._dirty.add(slot)
@@ -116,9 +125,7 @@ class SessionNeighbours:
     def _new_slot(self) -> int:
         if len(self._sessions) < self.max_sessions:
             slot = len(self._sessions)
-            if slot >= len(self._active):  # grow by doubling
-                self._active = np.concatenate([self._active, np.zeros_like(self._active)])
-                self._length = np.concatenate([self._length, np.zeros_like(self._length)])
+            self._grow(slot)
             return slot
         slot, _ = self._lru.popitem(last=False)  # full: the least recently active session goes
         old = self._sessions.pop(slot)
@@ -133,12 +140,31 @@ class SessionNeighbours:
         postings = self._postings.get(item_id)
         if postings is None:
             postings = self._postings[item_id] = deque(maxlen=self.sample_size)
+            self._intern(item_id)
         elif len(postings) == self.sample_size:  # the oldest session falls out of this item's list
             pushed = postings[0]
             items = self._sessions[pushed]["items"]
             items[item_id] = -abs(items[item_id])
             self._dirty.add(pushed)
         postings.append(slot)
+
+    def _grow(self, slot: int) -> None:
+        """Make the per-slot arrays long enough for ``slot`` (doubling)."""
+        while slot >= len(self._active):
+            self._active = np.concatenate([self._active, np.zeros_like(self._active)])
+            self._length = np.concatenate([self._length, np.zeros_like(self._length)])
+            self._held = np.concatenate([self._held, np.full_like(self._held, -1)])
+
+    def _hold(self, slot: int, items: dict[str, int]) -> None:
+        row = self._held[slot]
+        row[: len(items)] = np.fromiter(map(self._code.__getitem__, items), dtype=np.int32, count=len(items))
+        row[len(items) :] = -1
+
+    def _intern(self, item_id: str) -> None:
+        """Give ``item_id`` a code if it has none (codes stay: at most one per distinct item)."""
+        if item_id not in self._code:
+            self._code[item_id] = len(self._names)
+            self._names.append(item_id)
 
     def _unpost(self, item_id: str, slot: int) -> None:
         postings = self._postings[item_id]
@@ -189,11 +215,18 @@ class SessionNeighbours:
             sids, dots = sids[recent], dots[recent]
         sims = dots / np.sqrt(m * self._length[sids])
         top = np.lexsort((sids, -sims))[: self.k]
-        votes: dict[str, float] = {}
-        for sim, sid in zip(sims[top].tolist(), sids[top].tolist()):
-            for item in self._sessions[sid]["items"]:
-                votes[item] = votes.get(item, 0.0) + sim
-        ranked = sorted(votes.items(), key=lambda kv: (-kv[1], kv[0]))
+        # every neighbour votes its similarity for each of its items: one bincount over item
+        # codes, summed in neighbour order (the same floats as adding them up one by one)
+        held = self._held[sids[top]]  # neighbours x max_session_len item codes
+        voters = held >= 0
+        voted, inverse = np.unique(held[voters], return_inverse=True)  # row-major: neighbour order
+        votes = np.bincount(inverse, weights=np.broadcast_to(sims[top, None], held.shape)[voters])
+        if len(votes) > n:  # only the n best (and everything tied with the n-th) need sorting
+            keep = np.flatnonzero(votes >= -np.partition(-votes, n - 1)[n - 1])
+            voted, votes = voted[keep], votes[keep]
+        # best first, ties by item id: two C-level sorts (stable; reverse keeps stability)
+        ranked = sorted(zip(map(self._names.__getitem__, voted.tolist()), votes.tolist()))
+        ranked.sort(key=itemgetter(1), reverse=True)
         return ranked[:n]
 
     # ------------------------------------------------------------------ persistence
@@ -230,14 +263,15 @@ class SessionNeighbours:
                 continue
             slot = int(key[len(SESSION_PREFIX) :])
             user, session_key, ts, active, items = orjson.loads(value)
-            while slot >= len(self._active):
-                self._active = np.concatenate([self._active, np.zeros_like(self._active)])
-                self._length = np.concatenate([self._length, np.zeros_like(self._length)])
+            self._grow(slot)
             self._sessions[slot] = {"user": user, "key": session_key, "ts": ts, "items": {i: s for i, s in items}}
             self._active[slot] = active
             self._length[slot] = len(items)
             by_activity.append((active, slot))
             adds.extend((seq, slot, item) for item, seq in items if seq > 0)
+            for item, _seq in items:  # also items no longer posted: their sessions still vote
+                self._intern(item)
+            self._hold(slot, self._sessions[slot]["items"])
         for active, slot in sorted(by_activity):
             self._lru[slot] = None
             self._current[self._sessions[slot]["user"]] = slot  # the user's latest session wins

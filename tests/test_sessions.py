@@ -65,6 +65,9 @@ def _invariants(s: SessionNeighbours) -> None:
     assert all(len(sess["items"]) <= s.max_session_len for sess in s._sessions.values())
     assert len(s) <= s.max_sessions and set(s._lru) == set(s._sessions)
     assert all(s._sessions[slot]["user"] == user for user, slot in s._current.items())
+    for slot, sess in s._sessions.items():  # the vote array holds exactly each session's items
+        row = s._held[slot]
+        assert sorted(s._names[c] for c in row[row >= 0]) == sorted(sess["items"])
 
 
 def test_memory_stays_bounded_under_a_long_stream():
@@ -118,6 +121,19 @@ def test_scores_match_a_brute_force_reference_when_nothing_is_cut():
         got = s.scores([user], 1000)[0]
         assert dict(got) == pytest.approx(want)
         assert [v for _, v in got] == sorted((v for _, v in got), reverse=True)
+
+
+def test_a_cut_at_n_is_the_prefix_of_the_full_ranking_even_through_ties():
+    rng = random.Random(4)
+    s = SessionNeighbours(k=30, sample_size=50)
+    for t in range(2000):  # short sessions of few items: many equal vote totals
+        s.update(f"u{rng.randrange(200)}", None, f"i{rng.randrange(30)}", t * MIN * rng.choice([1, 40]))
+    users = sorted(s._current)
+    full = s.scores(users, 10_000)
+    assert sum(len(r) - len({v for _, v in r}) for r in full) > 50  # ties really occur
+    for n in (1, 3, 7):
+        assert s.scores(users, n) == [r[:n] for r in full]
+    assert all(r == sorted(r, key=lambda kv: (-kv[1], kv[0])) for r in full)
 
 
 def _stream(rng: random.Random, n: int, start: int = 0):
