@@ -305,12 +305,17 @@ class CoVisitation:
         return ranked
 
     def export_dirty(self) -> dict[bytes, bytes]:
-        """Changed lists since the last export, ``b"cov:"+id -> JSON [[nbr, weight, count]...]``
-        (an empty list for an item that lost all neighbours); clears them."""
+        """Changed lists since the last export, ``b"cov:"+id -> JSON [{nbr: weight}, {nbr: count}]``
+        (an empty list for an item that lost all neighbours); clears them. The two maps are
+        dumped as they are (orjson, in C): every batch rewrites the lists of every item it
+        touched, so this runs for ~10 items per event."""
         out: dict[bytes, bytes] = {}
+        nbrs, counts, prefix = self._nbrs, self._counts, self.prefix
         for item_id in sorted(self._dirty):
-            nbrs, counts = self._nbrs.get(item_id, {}), self._counts.get(item_id, {})
-            out[self.prefix + item_id.encode()] = orjson.dumps([[y, nbrs[y], counts[y]] for y in sorted(nbrs)])
+            if item_id in nbrs:
+                out[prefix + item_id.encode()] = orjson.dumps([nbrs[item_id], counts[item_id]])
+            else:
+                out[prefix + item_id.encode()] = b"[]"
         self._dirty.clear()
         return out
 
@@ -322,8 +327,14 @@ class CoVisitation:
         self._dirty.clear()
         for key, value in kv.iter_prefix(self.prefix):
             rows = orjson.loads(value)
-            if rows:
-                item_id = key[len(self.prefix):].decode()
+            if not rows:
+                continue
+            item_id = key[len(self.prefix):].decode()
+            if isinstance(rows[0], dict):  # [{nbr: weight}, {nbr: count}]
+                weights, counts = rows
+                self._nbrs[item_id] = {y: float(w) for y, w in weights.items()}
+                self._counts[item_id] = counts
+            else:  # written before 2026-11-30: [[nbr, weight, count], ...]
                 self._nbrs[item_id] = {y: float(w) for y, w, _ in rows}
                 self._counts[item_id] = {y: int(c) for y, _, c in rows}
 

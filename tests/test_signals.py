@@ -188,6 +188,17 @@ def test_covisit_export_and_load_round_trip(kv):
     assert len(d) == len(c)
 
 
+def test_covisit_loads_records_in_the_earlier_row_format():
+    kv = MemoryKV()
+    kv.write({b"cov:a": orjson.dumps([["b", 2.5, 3], ["c", 1.0, 1]]), b"cov:b": orjson.dumps([["a", 2.5, 3]]),
+              b"cov:c": orjson.dumps([["a", 1.0, 1]])})
+    c = CoVisitation(half_life_h=1.0, max_neighbours=5)
+    c.load(kv)
+    assert c.neighbours("a", 5) == [("b", 2.5, 3), ("c", 1.0, 1)]
+    c.update([("b", "browse", 0)], "a", "browse", ts=0)  # and keeps learning; re-exported anew
+    assert orjson.loads(c.export_dirty()[b"cov:a"]) == [{"b": 3.5, "c": 1.0}, {"b": 4, "c": 1}]
+
+
 def test_covisit_item_that_loses_every_neighbour_is_exported_empty():
     c = CoVisitation(half_life_h=1.0, max_neighbours=1)
     c.update([("b", "browse", 0)], "a", "browse", ts=0)
