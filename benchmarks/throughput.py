@@ -27,7 +27,8 @@ the real flow as a child process (``python -m dataflows.cli run``), synthetic da
    read independently, so a click can overtake the catalog record). Reported: the time from
    the new item's catalog append to the first recommendation (anyone's) listing it.
 3. peak RSS of the flow process: ``VmHWM`` (the kernel's high-water mark of resident memory)
-   sampled from ``/proc/<pid>/status`` every 50 ms until the process exits. (``ru_maxrss`` from
+   sampled from ``/proc/<pid>/status`` every 50 ms until the process exits; with
+   ``--flow-args "--processes N"``, the sum of the peaks of the supervisor and its shards. (``ru_maxrss`` from
    ``wait4`` is not used: Linux carries the parent's peak across fork+exec into it, so it
    reports this benchmark process, which loaded the model, not the flow.)
 
@@ -140,16 +141,21 @@ class FlowProcess:
         self._ready.set()  # wake a waiter for "ready" if it died first
 
     def _sample(self) -> None:
-        status = Path(f"/proc/{self.pid}/status")
+        # the flow process and, with --processes N, its shard processes: their peaks are summed
+        peaks: dict[int, int] = {}
         while not self._exited.is_set():
-            try:
-                for row in status.read_text().splitlines():
-                    if row.startswith("VmHWM:"):
-                        self.vm_hwm_kib = max(self.vm_hwm_kib, int(row.split()[1]))
-                    elif row.startswith("VmRSS:"):
-                        self.vm_rss_kib = int(row.split()[1])
-            except (OSError, ValueError, IndexError):  # gone, or a zombie without memory lines
-                pass
+            rss = 0
+            for pid in [self.pid, *_children(self.pid)]:
+                try:
+                    for row in Path(f"/proc/{pid}/status").read_text().splitlines():
+                        if row.startswith("VmHWM:"):
+                            peaks[pid] = max(peaks.get(pid, 0), int(row.split()[1]))
+                        elif row.startswith("VmRSS:"):
+                            rss += int(row.split()[1])
+                except (OSError, ValueError, IndexError):  # gone, or a zombie without memory lines
+                    pass
+            self.vm_hwm_kib = max(self.vm_hwm_kib, sum(peaks.values()))
+            self.vm_rss_kib = rss
             self._exited.wait(RSS_SAMPLE_S)
 
     @property
@@ -183,6 +189,13 @@ class FlowProcess:
 
     def peak_rss_mib(self) -> float:
         return round(self.vm_hwm_kib / 1024, 1)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except (OSError, ValueError):
+        return []
 
 
 def flow_command(bootstrap: str, workdir: Path, catalog_path: Path, cache_dir: str, *, stop_at_end: bool,
@@ -455,9 +468,9 @@ def run_latency(args, items, catalog_path: Path, cache_dir: str, base: Settings,
             prober = send_probes(clients, s, probes, len(events) / args.rate) if probes else None
             t0 = time.perf_counter()
             n = produce_records(clients, s.events_topic, keyed(events), rate=args.rate)
+            produce_s = time.perf_counter() - t0  # the offered stream only (the probes' thread ends later)
             if prober is not None:
                 prober.join()
-            produce_s = time.perf_counter() - t0
             log(f"[latency] offered {n} events in {produce_s:.1f} s ({n / produce_s:.0f}/s achieved)")
             n_recs = _wait_for_recommendations(clients, s.recommendations_topic, n_warm + 1, flow, QUIET_S, args.max_wait_s)
             log(f"[latency] {n_recs} recommendations, none new for {QUIET_S:.0f} s: stopping the flow (SIGINT)")
