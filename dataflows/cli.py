@@ -30,22 +30,39 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the live dataflow in this process until stopped (or the input ends with --stop-at-end)."""
-    from dataflows.kafka_io import KafkaClients, ensure_topics
-    from dataflows.live import engine_factory, live_flow, settle_heap
-    from bytewax.errors import BytewaxRuntimeError
-
-    from dataflows.runner import run
+    from dataflows.kafka_io import KafkaClients, check_shards, ensure_topics
 
     settings = _settings(args)
     clients = KafkaClients(settings)
     if args.create_topics:
-        ensure_topics(clients, default_topics(settings, args.partitions))
+        ensure_topics(clients, default_topics(settings, max(args.partitions, args.processes)))
+    if args.processes < 1:
+        sys.exit(f"recsys run: --processes must be >= 1, got {args.processes}")
+    if max(args.processes, settings.shards) > 1:
+        try:
+            check_shards(clients, settings.events_topic, max(args.processes, settings.shards))
+        except ValueError as exc:
+            sys.exit(f"recsys run: {exc}")
+    if args.processes > 1:  # N shard processes (dataflows/shards.py), each running this command
+        from dataflows.shards import run_shards
+
+        try:
+            return run_shards(settings, args.processes)
+        except ValueError as exc:
+            sys.exit(f"recsys run: {exc}")
+    from bytewax.errors import BytewaxRuntimeError
+
+    from dataflows.live import engine_factory, live_flow, settle_heap
+    from dataflows.runner import run
+
+    settings = settings.for_shard()
     engine = engine_factory(settings)()
     engine.embedder.warm()  # new catalog items then embed in milliseconds
     settle_heap()  # the model is loaded now: keep it out of the collector's full passes
+    shard = f" (shard {settings.shard} of {settings.shards})" if settings.shards > 1 else ""
     print(
         f"ready: {len(engine.items.catalog)} items, {engine.users.count()} users in state; "
-        f"reading {settings.events_topic!r} + {settings.catalog_topic!r} from {settings.bootstrap_servers}",
+        f"reading {settings.events_topic!r}{shard} + {settings.catalog_topic!r} from {settings.bootstrap_servers}",
         flush=True,
     )
     flow = live_flow(settings, clients, engine=engine)
@@ -57,13 +74,24 @@ def cmd_run(args: argparse.Namespace) -> int:
         pass
     except BytewaxRuntimeError as exc:
         # Bytewax turns Ctrl-C inside its run loop into this error; anything else is real.
-        if "signal received" not in str(exc):
+        if not _interrupted(exc):
             raise
     finally:
         totals = engine.totals
         print("stopped: " + ", ".join(f"{k}={v}" for k, v in sorted(totals.items())), flush=True)
         engine.close()
     return 0
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """Whether a Bytewax error is a Ctrl-C / SIGINT stop: its own "signal received", or a
+    KeyboardInterrupt raised inside one of our source or sink calls (its cause chain)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, KeyboardInterrupt) or "signal received" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def default_topics(settings: Settings, partitions: int) -> dict[str, int]:
@@ -154,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_cli_flags(p)
     p.add_argument("--create-topics", action="store_true", help="create the four topics if missing")
     p.add_argument("--partitions", type=int, default=2, help="partitions for created topics")
+    p.add_argument("--processes", type=int, default=1,
+                   help="run this many shard processes, each owning the events partitions p %% N == i "
+                        "(one core each; see dataflows/shards.py)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("broker", help=cmd_broker.__doc__)

@@ -272,6 +272,10 @@ class KafkaSource(FixedPartitionedSource[Envelope, int]):
 
     ``stop_at_end``: each partition stops at the high watermark it saw when built
     (demo, replay, benchmarks); otherwise the source runs forever.
+
+    ``shard``/``shards``: read only the partitions ``p`` with ``p % shards == shard`` (the
+    events topic of one of ``shards`` independent processes; producers key events by user, so
+    each user belongs to exactly one shard). A shard left without partitions is an error.
     """
 
     def __init__(
@@ -282,9 +286,14 @@ class KafkaSource(FixedPartitionedSource[Envelope, int]):
         poll_max_records: int = 1000,
         fetch_max_wait_ms: int = 20,
         stop_at_end: bool = False,
+        shard: int = 0,
+        shards: int = 1,
     ) -> None:
         if poll_max_records <= 0:
             raise ValueError(f"poll_max_records must be > 0, got {poll_max_records}")
+        if shards <= 0 or not 0 <= shard < shards:
+            raise ValueError(f"need shards >= 1 and 0 <= shard < shards, got shard {shard} of {shards}")
+        self.shard, self.shards = shard, shards
         self.clients = clients
         self.topic = topic
         self.poll_max_records = poll_max_records
@@ -292,21 +301,29 @@ class KafkaSource(FixedPartitionedSource[Envelope, int]):
         self.stop_at_end = stop_at_end
 
     @classmethod
-    def from_settings(cls, clients: KafkaClientFactory, topic: str, settings: Settings) -> "KafkaSource":
+    def from_settings(cls, clients: KafkaClientFactory, topic: str, settings: Settings, *, sharded: bool = False) -> "KafkaSource":
+        """``sharded``: this process reads only its shard's partitions (the events topic);
+        otherwise every partition (the catalog: every shard needs every item)."""
         return cls(
             clients,
             topic,
             poll_max_records=settings.poll_max_records,
             fetch_max_wait_ms=settings.fetch_max_wait_ms,
             stop_at_end=settings.stop_at_end,
+            shard=settings.shard if sharded else 0,
+            shards=settings.shards if sharded else 1,
         )
 
     def list_parts(self) -> list[str]:
         consumer = self.clients.consumer()
         try:
-            return [part_name(self.topic, p) for p in _partitions(self.clients, consumer, self.topic)]
+            partitions = _partitions(self.clients, consumer, self.topic)
         finally:
             consumer.close()
+        mine = [p for p in partitions if p % self.shards == self.shard]
+        if not mine:
+            raise ValueError(_no_partitions(self.topic, len(partitions), self.shard, self.shards))
+        return [part_name(self.topic, p) for p in mine]
 
     def build_part(self, step_id: str, for_part: str, resume_state: int | None) -> _KafkaPartition:
         return _KafkaPartition(
@@ -317,6 +334,23 @@ class KafkaSource(FixedPartitionedSource[Envelope, int]):
             fetch_max_wait_ms=self.fetch_max_wait_ms,
             stop_at_end=self.stop_at_end,
         )
+
+
+def _no_partitions(topic: str, n: int, shard: int, shards: int) -> str:
+    return (f"topic {topic!r} has {n} partition(s): shard {shard} of {shards} would read none; "
+            f"give the topic at least {shards} partitions (a multiple of the shard count)")
+
+
+def check_shards(clients: KafkaClientFactory, topic: str, shards: int) -> None:
+    """Raise ``ValueError`` (naming the topic) unless every one of ``shards`` shards gets a
+    partition of ``topic``: checked before any shard loads its model."""
+    consumer = clients.consumer()
+    try:
+        n = len(_partitions(clients, consumer, topic))
+    finally:
+        consumer.close()
+    if n < shards:
+        raise ValueError(_no_partitions(topic, n, n, shards))
 
 
 # -------------------------------------------------------------------------------- sink

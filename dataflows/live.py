@@ -50,13 +50,15 @@ def live_flow(settings: Settings | None = None, clients: Any = None, engine: Eng
 
     ``engine``: an engine already opened in this process (the CLI opens it first so that the
     model and catalog are loaded before the first message); otherwise it opens on first batch.
+    ``settings`` given are used as they are; read from the environment, they are this shard's
+    (:meth:`Settings.for_shard`: with ``RECSYS_SHARDS`` > 1, per-shard state directories).
     """
-    settings = settings or Settings.from_env(os.environ)
+    settings = settings or Settings.from_env(os.environ).for_shard()
     clients = clients if clients is not None else KafkaClients(settings)
 
     return build_flow(
         "recsys_live",
-        events=KafkaSource.from_settings(clients, settings.events_topic, settings),
+        events=KafkaSource.from_settings(clients, settings.events_topic, settings, sharded=True),
         catalog=KafkaSource.from_settings(clients, settings.catalog_topic, settings),
         recommendations=KafkaSink(clients, settings.recommendations_topic),
         dead_letters=KafkaSink(clients, settings.dead_letters_topic),

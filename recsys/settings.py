@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, Literal, Mapping, get_args, get_origin
 
 ENV_PREFIX = "RECSYS_"
@@ -46,6 +47,9 @@ class Settings:
     fetch_max_wait_ms: int = 20  # broker-side wait for data; bounds idle latency
     max_message_bytes: int = 64 * 1024  # larger messages are dead-lettered as oversized
     stop_at_end: bool = False  # stop at the high watermark seen at start (demo, replay, bench)
+    # --- scale-out: N independent processes, each owning the events partitions p % N == shard ---
+    shards: int = 1
+    shard: int = 0
     # --- state and recovery ---
     state_dir: str = "var/state"  # RocksDB user state + global signals
     recovery_dir: str | None = "var/recovery"  # Bytewax recovery snapshots; None disables
@@ -96,12 +100,29 @@ class Settings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{self.env_var(name)}: must be > 0, got {getattr(self, name)}")
+        if self.shards <= 0 or not 0 <= self.shard < self.shards:
+            raise SettingsError(
+                f"{self.env_var('shard')}={self.shard}, {self.env_var('shards')}={self.shards}: "
+                "need shards >= 1 and 0 <= shard < shards"
+            )
         if self.snapshot_interval_s <= 0:
             raise SettingsError(f"{self.env_var('snapshot_interval_s')}: must be > 0")
         for f in fields(self):
             allowed = _literal_choices(f.type)
             if allowed and getattr(self, f.name) not in allowed:
                 raise SettingsError(f"{self.env_var(f.name)}: expected one of {allowed}, got {getattr(self, f.name)!r}")
+
+    def for_shard(self) -> "Settings":
+        """The settings one shard process runs with: with several shards, each keeps its own
+        state and recovery directories (``<dir>/shard-<i>``; one RocksDB cannot be shared by
+        two processes). One shard runs with the directories as given."""
+        if self.shards == 1:
+            return self
+        sub = f"shard-{self.shard}"
+        return self.replace(
+            state_dir=str(Path(self.state_dir) / sub),
+            recovery_dir=str(Path(self.recovery_dir) / sub) if self.recovery_dir else None,
+        )
 
     def kafka_options(self) -> dict[str, Any]:
         """Connection options common to kafka-python's KafkaConsumer and KafkaProducer."""
@@ -116,6 +137,16 @@ class Settings:
         if self.ssl_cafile:
             opts["ssl_cafile"] = self.ssl_cafile
         return opts
+
+    def to_env(self) -> dict[str, str]:
+        """Every setting as its ``RECSYS_*`` variable: how a parent process hands its settings
+        (secrets included, never on a command line) to the child processes it starts.
+        ``Settings.from_env(s.to_env()) == s``."""
+        out: dict[str, str] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[self.env_var(f.name)] = "" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+        return out
 
     def public_dict(self) -> dict[str, Any]:
         """All settings, with secrets masked, for logs and reports."""

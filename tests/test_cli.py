@@ -79,3 +79,78 @@ def test_bytewax_run_entry_point_runs_the_live_flow(local_broker, topic_name, tm
     )
     recs = consume_all(KafkaClients.for_bootstrap(local_broker.bootstrap), prefix + "recommendations")
     assert {orjson.loads(r.value)["user_id"] for r in recs} == {e.user_id for e in events}
+
+
+def test_run_with_two_processes_splits_the_users_between_two_shards(local_broker, topic_name, tmp_path):
+    """`recsys run --processes 2`: two shard processes, each with its own partition, users, state."""
+    prefix = topic_name("sh") + "-"
+    catalog = generate_catalog(30, seed=5)
+    events = generate_events(400, catalog, n_users=40, seed=6)
+    catalog_file = tmp_path / "catalog.jsonl"
+    catalog_file.write_bytes(b"\n".join(encode(c) for c in catalog) + b"\n")
+    topics = ["--events-topic", prefix + "events", "--catalog-topic", prefix + "catalog",
+              "--recommendations-topic", prefix + "recommendations", "--dead-letters-topic", prefix + "dead-letters"]
+    ensure_topics(local_broker.bootstrap, {prefix + "events": 2, prefix + "catalog": 1,
+                                           prefix + "recommendations": 2, prefix + "dead-letters": 1})
+    producer = KafkaClients.for_bootstrap(local_broker.bootstrap).producer()
+    for e in events:
+        producer.send(prefix + "events", key=e.user_id.encode(), value=encode(e))
+    producer.flush()
+    producer.close()
+    done = subprocess.run(
+        [sys.executable, "-m", "dataflows.cli", "run", "--processes", "2", "--stop-at-end", *topics,
+         "--bootstrap-servers", local_broker.bootstrap, "--state-dir", str(tmp_path / "state"),
+         "--recovery-dir", str(tmp_path / "recovery"), "--embed-cache-dir", str(tmp_path / "emb"),
+         "--catalog-file", str(catalog_file)],
+        cwd=ROOT, check=True, timeout=300, capture_output=True, text=True,
+    )
+    lines = done.stdout.splitlines()
+    assert any(line.startswith("ready: 2 shard processes") for line in lines), done.stdout
+    shard_totals = [line for line in lines if line.startswith("[shard ") and "stopped:" in line]
+    assert len(shard_totals) == 2
+    assert lines[-1].startswith("stopped:") and "applied=400," in lines[-1] and "events_in=400," in lines[-1]
+    # every user is answered, by the shard that owns the user's partition
+    owner = {e.user_id: partition_for_key(e.user_id.encode(), 2) for e in events}
+    assert len(set(owner.values())) == 2
+    recs = consume_all(KafkaClients.for_bootstrap(local_broker.bootstrap), prefix + "recommendations")
+    assert {orjson.loads(r.value)["user_id"] for r in recs} == set(owner)
+    for i in (0, 1):
+        assert (tmp_path / "state" / f"shard-{i}").is_dir() and (tmp_path / "recovery" / f"shard-{i}").is_dir()
+        mine = sum(1 for p in owner.values() if p == i)
+        assert f"[shard {i}] ready:" in done.stdout
+        assert any(line.startswith(f"[shard {i}] stopped:") for line in shard_totals)
+        assert mine > 0
+
+
+def test_run_refuses_more_processes_than_events_partitions(local_broker, topic_name, tmp_path):
+    prefix = topic_name("sh1") + "-"
+    ensure_topics(local_broker.bootstrap, {prefix + t: 1 for t in ("events", "catalog", "recommendations", "dead-letters")})
+    done = subprocess.run(
+        [sys.executable, "-m", "dataflows.cli", "run", "--processes", "2", "--stop-at-end",
+         "--events-topic", prefix + "events", "--catalog-topic", prefix + "catalog",
+         "--recommendations-topic", prefix + "recommendations", "--dead-letters-topic", prefix + "dead-letters",
+         "--bootstrap-servers", local_broker.bootstrap, "--state-dir", str(tmp_path / "state"),
+         "--recovery-dir", str(tmp_path / "recovery"), "--embed-cache-dir", str(tmp_path / "emb")],
+        cwd=ROOT, timeout=300, capture_output=True, text=True,
+    )
+    assert done.returncode != 0
+    assert "shard 1 of 2 would read none" in done.stderr and "at least 2 partitions" in done.stderr
+
+
+def test_a_sigint_inside_a_source_call_counts_as_a_stop_and_other_errors_do_not():
+    from bytewax.errors import BytewaxRuntimeError
+
+    from dataflows.cli import _interrupted
+
+    def raised(inner: BaseException) -> BytewaxRuntimeError:
+        try:
+            try:
+                raise inner
+            except BaseException as exc:
+                raise BytewaxRuntimeError("error calling `StatefulSourcePartition.next_batch`") from exc
+        except BytewaxRuntimeError as outer:
+            return outer
+
+    assert _interrupted(raised(KeyboardInterrupt()))
+    assert _interrupted(BytewaxRuntimeError("signal received"))
+    assert not _interrupted(raised(ValueError("topic 'events' has 1 partition(s)")))

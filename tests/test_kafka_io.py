@@ -24,8 +24,10 @@ from dataflows.kafka_io import (
     KafkaSink,
     KafkaSource,
     UnknownTopicError,
+    check_shards,
     consume_all,
     ensure_topics,
+    part_name,
     produce_records,
 )
 from dataflows.memory_broker import InMemoryBroker
@@ -255,6 +257,21 @@ def test_recovery_reprocesses_only_records_appended_since_the_last_run(clients, 
     run_main(_copy_flow(clients, src, dst), epoch_interval=timedelta(milliseconds=50), recovery_config=recovery)
     values = sorted(e.value for e in consume_all(clients, dst, timeout_s=10))
     assert values == sorted(f"E{i}".encode() for i in range(27))
+
+
+def test_a_shard_reads_only_its_partitions_and_a_shard_without_one_is_refused(clients, topic_name) -> None:
+    topic = topic_name("sharded")
+    ensure_topics(clients, {topic: 4})
+    assert KafkaSource(clients, topic).list_parts() == [part_name(topic, p) for p in range(4)]
+    assert KafkaSource(clients, topic, shard=1, shards=2).list_parts() == [part_name(topic, 1), part_name(topic, 3)]
+    assert KafkaSource(clients, topic, shard=0, shards=3).list_parts() == [part_name(topic, 0), part_name(topic, 3)]
+    check_shards(clients, topic, 4)
+    with pytest.raises(ValueError, match=f"{topic!r} has 4 partition.*at least 5 partitions"):
+        check_shards(clients, topic, 5)
+    with pytest.raises(ValueError, match="shard 4 of 5 would read none"):
+        KafkaSource(clients, topic, shard=4, shards=5).list_parts()
+    with pytest.raises(ValueError, match="shard 2 of 2"):
+        KafkaSource(clients, topic, shard=2, shards=2)
 
 
 def test_unknown_topic_error_names_topic_and_bootstrap(clients, topic_name) -> None:

@@ -7,11 +7,14 @@ invalid message lands in dead letters with a reason and its source coordinates.
 
 from __future__ import annotations
 
+import dataclasses
+
 import orjson
 import pytest
 
 from dataflows.kafka_io import KafkaClients, consume_all, ensure_topics, produce_records
 from dataflows.live import live_flow
+from dataflows.memory_broker import partition_for_key
 from dataflows.runner import run
 from recsys.engine import Engine
 from recsys.events import encode
@@ -124,3 +127,33 @@ def test_rerun_on_same_state_and_recovery_emits_nothing_new(memory_broker, tmp_p
     run(live_flow(settings, memory_broker, engine=engine), recovery_dir=settings.recovery_dir, snapshot_interval_s=1.0)
     engine.close()
     assert len(consume_all(memory_broker, settings.recommendations_topic)) == len(first["recs"])
+
+
+def test_two_shards_split_the_users_and_each_sees_the_whole_catalog(memory_broker, tmp_path, catalog, embed_cache):
+    """Shards of one stream (``--shards 2 --shard i``), run one after the other: each reads its
+    own events partition and keeps its own users, both read every catalog record, and together
+    they answer every event exactly as the one-process flow's contract asks."""
+    events = generate_events(1200, catalog, n_users=120, seed=7)
+    base = _settings(tmp_path, embed_cache, shards=2)
+    ensure_topics(memory_broker, {base.events_topic: 2, base.catalog_topic: 1, base.recommendations_topic: 2,
+                                  base.dead_letters_topic: 1})
+    late = dataclasses.replace(catalog[0], item_id="late-item")  # announced by the catalog topic only
+    produce_records(memory_broker, base.catalog_topic, [(late.item_id.encode(), encode(late))])
+    produce_records(memory_broker, base.events_topic, [(e.user_id.encode(), encode(e)) for e in events])
+    owner = {e.user_id: partition_for_key(e.user_id.encode(), 2) for e in events}
+    totals = []
+    for shard in (0, 1):
+        settings = base.replace(shard=shard).for_shard()
+        engine = Engine.open(settings)
+        engine.upsert_catalog(catalog)
+        run(live_flow(settings, memory_broker, engine=engine), recovery_dir=settings.recovery_dir, snapshot_interval_s=1.0)
+        assert "late-item" in engine.items.catalog
+        assert engine.users.count() == sum(1 for p in owner.values() if p == shard)
+        totals.append(dict(engine.totals))
+        engine.close()
+    assert [t["applied"] for t in totals] == [sum(1 for e in events if owner[e.user_id] == s) for s in (0, 1)]
+    recs = [orjson.loads(r.value) for r in consume_all(memory_broker, base.recommendations_topic)]
+    assert {r["user_id"] for r in recs} == set(owner)
+    last_event = {e.user_id: e.event_id for e in events}
+    assert {(r["user_id"], r["trigger_event_id"]) for r in recs} >= set(last_event.items())
+    assert all(validate("recommendation", r) == [] for r in recs)

@@ -1,0 +1,159 @@
+"""Scale-out over processes: ``recsys run --processes N`` runs N shard processes and supervises them.
+
+One Python process is bound to one core (the GIL); the flow is CPU bound. So the stream is
+split by Kafka partition: shard ``i`` of ``N`` reads the ``events`` partitions ``p`` with
+``p % N == i`` (producers key events by user, so every user belongs to exactly one shard),
+reads the whole ``catalog`` topic (every shard needs every item), keeps its own RocksDB state
+and Bytewax recovery under ``<dir>/shard-<i>``, and writes to the shared output topics. Each
+shard is an ordinary single-process flow (``recsys run --shards N --shard i`` runs one by
+hand, on this machine or another), with the same crash guarantees: a killed shard resumes
+from its own recovery snapshot and skips what its state has already applied.
+
+What the shards do not share: the global signals (co-visitation, transitions, popularity,
+session neighbours) and the learned head and re-ranker. Each learns them from its own users'
+events, a 1/N sample of the stream. Sharing them (one trainer publishing snapshots to every
+shard) is the open design question in ARCHITECTURE.md.
+
+This module only starts, watches and stops the shard processes: settings travel as
+``RECSYS_*`` variables (:meth:`Settings.to_env`), each output line is relayed with a
+``[shard i]`` prefix, "ready" is printed once every shard is ready, and the "stopped:" totals
+are summed. If one shard fails, the others are stopped and the exit status is the failure's,
+so that whatever supervises this process restarts the set.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import threading
+from typing import Callable
+
+from recsys.settings import Settings
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: the shard gets SIGTERM if this supervisor dies (even by SIGKILL): no orphans."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+def parse_totals(line: str) -> dict[str, int]:
+    """``"stopped: a=1, b=2"`` -> ``{"a": 1, "b": 2}``.
+
+    >>> parse_totals("stopped: applied=3, events_in=4")
+    {'applied': 3, 'events_in': 4}
+    """
+    body = line.split(":", 1)[1]
+    return {k.strip(): int(v) for k, v in (part.split("=") for part in body.split(",") if "=" in part)}
+
+
+class Shard:
+    """One shard process: its output relayed line by line, its ready and stopped lines kept."""
+
+    def __init__(self, index: int, settings: Settings, emit: Callable[[str], None]) -> None:
+        self.index = index
+        # this supervisor stops its shards with SIGINT: an expected stop, no Rust backtrace
+        env = {**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1", "RUST_BACKTRACE": "0"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dataflows.cli", "run"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+            env=env,
+            start_new_session=True,  # a terminal's Ctrl-C reaches the supervisor only, which forwards it
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+        )
+        self.ready_line = ""
+        self.stopped_line = ""
+        self.ready = threading.Event()
+        self._emit = emit
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            line = raw.rstrip("\n")
+            if line.startswith("ready") and not self.ready_line:
+                self.ready_line = line
+                self.ready.set()
+            elif line.startswith("stopped:"):
+                self.stopped_line = line
+            self._emit(f"[shard {self.index}] {line}")
+        self.ready.set()  # ended (maybe before ready): wake whoever waits
+
+    def interrupt(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # Bytewax finishes the epoch and exits
+
+    def wait(self, timeout_s: float | None = None) -> int:
+        code = self.proc.wait(timeout_s)
+        self._reader.join(5.0)
+        return code
+
+
+def run_shards(settings: Settings, processes: int, *, emit: Callable[[str], None] = print) -> int:
+    """Run ``processes`` shards of ``settings`` until they all stop; returns the exit status."""
+    if processes < 2:
+        raise ValueError(f"run_shards needs at least 2 processes, got {processes}")
+    if settings.shards != 1:
+        raise ValueError("--processes starts every shard itself: do not combine it with --shards/--shard")
+    lock = threading.Lock()
+
+    def say(line: str) -> None:
+        with lock:
+            emit(line)
+            sys.stdout.flush()
+
+    shards = [Shard(i, settings.replace(shards=processes, shard=i), say) for i in range(processes)]
+    stopping = threading.Event()
+
+    def stop(*_: object) -> None:
+        stopping.set()
+        for shard in shards:
+            shard.interrupt()
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for shard in shards:
+            while not shard.ready.wait(0.2) and not stopping.is_set():
+                pass
+        if all(shard.ready_line for shard in shards):
+            say(f"ready: {processes} shard processes (" + "; ".join(
+                f"shard {s.index} pid {s.proc.pid}: {s.ready_line.removeprefix('ready: ').split(';')[0]}" for s in shards
+            ) + ")")
+        codes: dict[int, int] = {}
+        while len(codes) < len(shards):
+            for shard in shards:
+                if shard.index in codes:
+                    continue
+                try:
+                    codes[shard.index] = shard.wait(0.2)
+                except subprocess.TimeoutExpired:
+                    continue
+                if codes[shard.index] != 0 and not stopping.is_set():
+                    say(f"[shard {shard.index}] exited with status {codes[shard.index]}: stopping the other shards")
+                    stop()
+        totals: dict[str, int] = {}
+        for shard in shards:
+            if shard.stopped_line:
+                for key, value in parse_totals(shard.stopped_line).items():
+                    totals[key] = totals.get(key, 0) + value
+        say("stopped: " + ", ".join(f"{k}={v}" for k, v in sorted(totals.items())))
+        failed = [code for code in codes.values() if code != 0]
+        return failed[0] if failed else 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for shard in shards:
+            if shard.proc.poll() is None:
+                shard.proc.kill()
+                shard.proc.wait()
