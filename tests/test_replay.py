@@ -11,6 +11,7 @@ from dataflows.cli import main
 from dataflows.replay import replay_full_system
 from recsys.engine import Engine, EngineModel
 from recsys.evaluation import PrequentialScorer, prequential
+from recsys.events import encode
 from recsys.settings import Settings
 from recsys.synthetic import generate_catalog, generate_events
 
@@ -96,3 +97,21 @@ def test_replay_cli_leave_last_out_states_the_exclusion(tmp_path, stream):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["exclude_history"] is True
     assert "recall@50" in metrics["models"]["full-system"]
+
+
+def test_replay_cli_shards_split_the_users_and_still_score_every_event(tmp_path, stream):
+    catalog, events, cache = stream
+    events_file, catalog_file = tmp_path / "events.jsonl", tmp_path / "catalog.jsonl"
+    events_file.write_bytes(b"\n".join(encode(e) for e in events) + b"\n")
+    catalog_file.write_bytes(b"\n".join(encode(c) for c in catalog) + b"\n")
+    args = ["replay", "--format", "jsonl", "--events", str(events_file), "--catalog", str(catalog_file),
+            "--models", "full-system", "--embed-cache-dir", cache]
+    runs = {}
+    for n in (1, 2):
+        assert main(args + ["--shards", str(n), "--out", str(tmp_path / f"s{n}")]) == 0
+        runs[n] = json.loads((tmp_path / f"s{n}" / "metrics.json").read_text())
+    assert [runs[n]["full_system"]["shards"] for n in (1, 2)] == [1, 2]
+    assert runs[1]["scored"] == runs[2]["scored"] == len(events)
+    assert runs[1]["models"]["full-system"] != runs[2]["models"]["full-system"]  # two engines learned apart
+    with pytest.raises(SystemExit, match="only with --protocol prequential"):
+        main(args + ["--shards", "2", "--protocol", "leave-last-out", "--out", str(tmp_path / "loo")])
