@@ -14,6 +14,7 @@ restarted on the same state and recovery directories until it finishes. Afterwar
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -26,6 +27,7 @@ import orjson
 import pytest
 
 from dataflows.kafka_io import KafkaClients, consume_all, ensure_topics, produce_records
+from dataflows.memory_broker import partition_for_key
 from recsys.embeddings import Embedder
 from recsys.events import encode
 from recsys.items import ItemSpace
@@ -62,10 +64,10 @@ class _Child:
     def output(self) -> str:
         return self.log.read_bytes()[self._start :].decode("utf-8", "replace")
 
-    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> float:
+    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S, marker: str = "ready:") -> float:
         """Block until the child printed its ``ready:`` line; returns the time it took."""
         t0 = time.monotonic()
-        while "ready:" not in self.output():
+        while marker not in self.output():
             if self.proc.poll() is not None:
                 pytest.fail(f"recsys run exited with {self.proc.returncode} before ready:\n{self.output()[-3000:]}")
             if time.monotonic() - t0 > timeout_s:
@@ -94,7 +96,7 @@ class _Child:
             self._fh.close()
 
 
-def _run_args(settings: Settings, catalog_file: Path) -> list[str]:
+def _run_args(settings: Settings, catalog_file: Path, processes: int) -> list[str]:
     return [
         sys.executable, "-m", "dataflows.cli", "run", "--stop-at-end",
         "--bootstrap-servers", settings.bootstrap_servers,
@@ -108,7 +110,26 @@ def _run_args(settings: Settings, catalog_file: Path) -> list[str]:
         "--catalog-file", str(catalog_file),
         "--snapshot-interval-s", "0.5",
         "--poll-max-records", "500",
+        "--processes", str(processes),
     ]  # fmt: skip
+
+
+def _shard_dirs(state_dir: str, processes: int) -> list[str]:
+    return [state_dir] if processes == 1 else [str(Path(state_dir) / f"shard-{i}") for i in range(processes)]
+
+
+def _sigkill_shard(supervisor: _Child, shard: int) -> bool:
+    """SIGKILL one shard process of a ``--processes N`` run (its pid is in the supervisor's ready
+    line), then wait for the supervisor to stop the others and exit; False if it had finished."""
+    if supervisor.proc.poll() is not None:
+        return False
+    pid = int(re.search(rf"shard {shard} pid (\d+)", supervisor.output()).group(1))
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:  # that shard already finished its partition
+        pass
+    code = supervisor.wait_exit()
+    return code != 0
 
 
 def _users(state_dir: str) -> dict[str, UserState]:
@@ -136,7 +157,11 @@ def _triggers(clients: KafkaClients, topic: str) -> set[tuple[str, str]]:
     return {(r["user_id"], r["trigger_event_id"]) for r in recs}
 
 
-def test_sigkilled_run_ends_in_the_same_state_with_only_identical_duplicates(local_broker, tmp_path, topic_name):
+@pytest.mark.parametrize("processes", [1, 2], ids=["one-process", "two-shards"])
+def test_sigkilled_run_ends_in_the_same_state_with_only_identical_duplicates(local_broker, tmp_path, topic_name, processes):
+    """With ``processes=2`` the run is ``recsys run --processes 2`` and each kill SIGKILLs one
+    shard process (alternately): its supervisor then stops the other shard and exits failed,
+    and the restart resumes both shards from their own directories."""
     started = time.monotonic()
     catalog = generate_catalog(N_ITEMS, seed=11)
     events = generate_events(N_EVENTS, catalog, n_users=N_USERS, seed=12)
@@ -179,9 +204,10 @@ def test_sigkilled_run_ends_in_the_same_state_with_only_identical_duplicates(loc
 
     # --- reference run, left alone
     t0 = time.monotonic()
-    child = _Child(_run_args(ref, catalog_file), tmp_path / "ref.log", tmp_path)
+    ready = "ready:" if processes == 1 else f"ready: {processes} shard processes"
+    child = _Child(_run_args(ref, catalog_file, processes), tmp_path / "ref.log", tmp_path)
     try:
-        ready_s = child.wait_ready()
+        ready_s = child.wait_ready(marker=ready)
         assert child.wait_exit() == 0, child.output()[-3000:]
     finally:
         child.close()
@@ -195,16 +221,16 @@ def test_sigkilled_run_ends_in_the_same_state_with_only_identical_duplicates(loc
     seen = 0
     for fraction in KILL_FRACTIONS:
         delay = round(min(2.5, max(0.5, fraction * ref_processing_s)), 2)
-        child = _Child(_run_args(crash, catalog_file), log, tmp_path)
+        child = _Child(_run_args(crash, catalog_file, processes), log, tmp_path)
         try:
-            child.wait_ready()
+            child.wait_ready(marker=ready)
             time.sleep(delay)
             # kill only once this life made new progress (on a slow box start-up and the
             # re-delivery of what the last life already did may outlast the delay)
             deadline = time.monotonic() + PROGRESS_TIMEOUT_S
             while len(_triggers(clients, crash.recommendations_topic)) <= seen and time.monotonic() < deadline:
                 time.sleep(0.3)
-            killed = child.sigkill()
+            killed = child.sigkill() if processes == 1 else _sigkill_shard(child, len(kills) % processes)
         finally:
             child.close()
         if not killed:  # it finished before the kill: the stream is done, stop killing
@@ -213,9 +239,9 @@ def test_sigkilled_run_ends_in_the_same_state_with_only_identical_duplicates(loc
         kills.append({"delay_s": delay, "distinct_recs": done})
         assert done > seen, f"no progress between kills: {kills}"
         seen = done
-    child = _Child(_run_args(crash, catalog_file), log, tmp_path)
+    child = _Child(_run_args(crash, catalog_file, processes), log, tmp_path)
     try:
-        child.wait_ready()
+        child.wait_ready(marker=ready)
         assert child.wait_exit() == 0, child.output()[-3000:]
         final_output = child.output()
     finally:
@@ -259,7 +285,13 @@ def test_sigkilled_run_ends_in_the_same_state_with_only_identical_duplicates(loc
     assert not differing, f"{len(differing)} (user, trigger) pairs emitted with different bytes, e.g. {example}"
 
     # the same final state
-    ref_users, crash_users = _users(ref.state_dir), _users(crash.state_dir)
+    ref_users, crash_users = {}, {}
+    for ref_dir, crash_dir in zip(_shard_dirs(ref.state_dir, processes), _shard_dirs(crash.state_dir, processes)):
+        ref_users.update(_users(ref_dir))
+        crash_users.update(_users(crash_dir))
+    if processes > 1:  # each shard holds exactly the users of its partition
+        for shard, shard_dir in enumerate(_shard_dirs(crash.state_dir, processes)):
+            assert {u for u in _users(shard_dir)} == {u for u in last_event if partition_for_key(u.encode(), 2) == shard}
     assert len(ref_users) == N_USERS
     assert set(crash_users) == set(ref_users)
     for uid, want in ref_users.items():
@@ -275,7 +307,8 @@ def test_sigkilled_run_ends_in_the_same_state_with_only_identical_duplicates(loc
         if want.interest is not None:
             assert np.allclose(got.interest, want.interest, rtol=1e-5, atol=1e-6), uid
     now_ts = events[-1].ts
-    ref_pop, crash_pop = _popularity(ref.state_dir, now_ts), _popularity(crash.state_dir, now_ts)
-    assert len(ref_pop) > 0 and ref_pop.keys() == crash_pop.keys()
-    for item, score in ref_pop.items():
-        assert np.isclose(crash_pop[item], score, rtol=1e-5), item
+    for ref_dir, crash_dir in zip(_shard_dirs(ref.state_dir, processes), _shard_dirs(crash.state_dir, processes)):
+        ref_pop, crash_pop = _popularity(ref_dir, now_ts), _popularity(crash_dir, now_ts)
+        assert len(ref_pop) > 0 and ref_pop.keys() == crash_pop.keys()
+        for item, score in ref_pop.items():
+            assert np.isclose(crash_pop[item], score, rtol=1e-5), item
