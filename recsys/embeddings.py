@@ -56,6 +56,8 @@ class EmbeddingModelError(RuntimeError):
 #: How long to wait for another process to finish with the cache (a cold catalog embeds at a
 #: few hundred texts per second, so a large one can hold it for minutes).
 _LOCK_WAIT_S = 900.0
+#: How long a small (live) embedding call waits for a cache another process holds.
+_LIVE_LOCK_WAIT_S = 0.02
 
 
 def resolve_model(model_name: str) -> str:
@@ -172,7 +174,7 @@ class Embedder:
         self.model_dir = _local_model_dir(model_name)
         short = model_name.rstrip("/").split("/")[-1] if model_name in PACKAGED_MODEL_NAMES else self.model_dir.name
         self.model_id = f"{short}@{_fingerprint(self.model_dir)}"
-        self.stats: dict[str, int] = {"hits": 0, "misses": 0, "model_loads": 0}
+        self.stats: dict[str, int] = {"hits": 0, "misses": 0, "model_loads": 0, "uncached_calls": 0}
         self._model: Any = None
         self._dim = _dim_from_config(self.model_dir)
         # The cache is opened only while embedding: RocksDB allows one process at a time, and
@@ -199,20 +201,34 @@ class Embedder:
         return None if self._cache_path is None else str(self._cache_path)
 
     @contextlib.contextmanager
-    def _cache(self) -> Iterator[None]:
-        """Hold the on-disk cache open (``self._db``) for one embedding call."""
+    def _cache(self, wait: bool = True) -> Iterator[None]:
+        """Hold the on-disk cache open (``self._db``) for one embedding call.
+
+        ``wait=False`` (a few live texts): if another process holds the cache for more than
+        ``_LIVE_LOCK_WAIT_S``, embed without it rather than stall the stream. Shard processes
+        share one cache and receive each new catalog item at the same moment, so one of them
+        always finds it held; the model is cheaper (~8 ms a text) than the wait (the first
+        version slept 200 ms here, the worst of the two-shard latency tail)."""
         if self._cache_path is None or self._db is not None:
             yield
             return
-        deadline = time.monotonic() + _LOCK_WAIT_S
+        start = time.monotonic()
         warned = False
         while True:
             try:
                 self._db = Rdict(str(self._cache_path), options=Options(raw_mode=True))
                 break
             except Exception as exc:  # rocksdict raises a bare Exception for a held lock
-                if "lock" not in str(exc).lower() or time.monotonic() > deadline:
+                waited = time.monotonic() - start
+                if "lock" not in str(exc).lower() or waited > _LOCK_WAIT_S:
                     raise EmbeddingModelError(f"cannot open the embedding cache {self._cache_path}: {exc}") from exc
+                if not wait:
+                    if waited > _LIVE_LOCK_WAIT_S:
+                        self.stats["uncached_calls"] += 1
+                        yield  # self._db stays None: nothing read from or written to the cache
+                        return
+                    time.sleep(0.002)
+                    continue
                 if not warned:
                     print(f"waiting for the embedding cache {self._cache_path} (in use by another process)", flush=True)
                     warned = True
@@ -237,7 +253,7 @@ class Embedder:
                 raise TypeError(f"embed expects strings, got {type(t).__name__}")
         if not texts:
             return np.empty((0, self.dim), dtype=np.float32)
-        with self._cache():
+        with self._cache(wait=len(texts) >= _BULK_TEXTS):
             return self._embed(texts, progress)
 
     def _embed(self, texts: list[str], progress: bool) -> np.ndarray:

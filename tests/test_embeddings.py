@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -82,7 +83,7 @@ def test_warm_cache_serves_identical_vectors_without_loading_the_model(
     assert warm[1]["model_loads"] == 1
     with Embedder("all-MiniLM-L6-v2", cache_dir=str(cache_dir)) as restarted:
         vecs = restarted.embed(TEXTS)
-        assert restarted.stats == {"hits": 3, "misses": 0, "model_loads": 0}
+        assert restarted.stats == {"hits": 3, "misses": 0, "model_loads": 0, "uncached_calls": 0}
     np.testing.assert_array_equal(vecs, warm[0])
 
 
@@ -92,6 +93,28 @@ def test_only_texts_missing_from_the_cache_reach_the_model(embedder: Embedder) -
     embedder.embed(["blue denim jacket", "green tea, organic"])
     assert embedder.stats["hits"] - before["hits"] == 1
     assert embedder.stats["misses"] - before["misses"] == 1
+
+
+def test_a_few_live_texts_do_not_wait_for_a_cache_another_holder_has_open(embedder: Embedder) -> None:
+    """Shards share one cache and embed each new catalog item at the same moment: the one that
+    finds the cache held embeds without it instead of stalling its stream."""
+    from rocksdict import Options, Rdict
+
+    embedder.embed(["warm-up text"])  # the model is loaded
+    holder = Rdict(embedder.cache_path, options=Options(raw_mode=True))
+    try:
+        before = dict(embedder.stats)
+        t0 = time.monotonic()
+        vec = embedder.embed(["brand-new item text"])
+        took = time.monotonic() - t0
+    finally:
+        holder.close()
+    assert took < 0.15, f"waited {took:.3f} s for the held cache"
+    assert embedder.stats["uncached_calls"] - before["uncached_calls"] == 1
+    assert embedder.stats["misses"] - before["misses"] == 1
+    again = embedder.embed(["brand-new item text"])  # not written while uncached: embedded anew
+    assert embedder.stats["misses"] - before["misses"] == 2
+    np.testing.assert_allclose(again, vec, atol=1e-6)
 
 
 def test_duplicate_texts_in_one_call_are_embedded_once(embedder: Embedder) -> None:
