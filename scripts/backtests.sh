@@ -15,3 +15,8 @@ for protocol in prequential leave-last-out; do
 done
 # speed: the full system alone over all 1,469,307 lines
 $R --format completejourney --models full-system --out runs/completejourney-full
+# what sharding costs: the full system as two shards (users split like Kafka's partitioner)
+$R --format rees46 --events "$D/rees46/2019-Oct_head17k.csv" --models full-system --shards 2 --out runs/rees46-prequential-2shards
+$R --format diginetica --events "$D/diginetica" --models full-system --shards 2 --out runs/diginetica-prequential-2shards
+$R --format yoochoose --events "$D/yoochoose" --models full-system --shards 2 --out runs/yoochoose-prequential-2shards
+$R --format completejourney --limit 300000 --models full-system --shards 2 --out runs/completejourney-300k-prequential-2shards
