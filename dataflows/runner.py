@@ -1,9 +1,12 @@
 """Run a dataflow in this process with Bytewax recovery switched on.
 
 Bytewax keeps source offsets (and its own state) in SQLite recovery partitions; after a crash
-the same command resumes from the last snapshot. One worker per process: kafka-python costs
-most of the time and holds the GIL, so scale out with processes (``python -m bytewax.run
-dataflows.live:live_flow -i N -a hosts``), not threads (ARCHITECTURE.md).
+the same command resumes from the last snapshot. One worker per process: the engine and
+kafka-python hold the GIL, so scale out with processes, not threads (ARCHITECTURE.md). The
+processes are independent shards (``recsys run --processes N``, or ``--shards N --shard i``
+each; :mod:`dataflows.shards`), each one such single-worker flow, not one Bytewax cluster
+(``-i/-a``): a cluster's workers would share one state directory and only one of them would
+read the catalog.
 """
 
 from __future__ import annotations
