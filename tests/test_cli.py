@@ -46,20 +46,27 @@ def test_tail_prints_recommendations_readably(local_broker, topic_name, capsys):
     assert "user u1 (after e1, blend-v1): i9 0.50 [trending]" in out
 
 
-def test_bytewax_run_entry_point_runs_the_live_flow(local_broker, topic_name, tmp_path):
-    """`python -m bytewax.run dataflows.live:live_flow` with settings from the environment."""
-    prefix = topic_name("bw") + "-"
-    catalog = generate_catalog(30, seed=3)
-    events = generate_events(300, catalog, n_users=20, seed=4)
+def _published_stream(bootstrap: str, prefix: str, tmp_path: Path, *, partitions: int, seed: int, n_users: int):
+    """A catalog file and the four ``prefix``-ed topics, with synthetic events keyed by user in
+    ``<prefix>events`` (``partitions`` partitions); returns the events and the catalog file."""
+    catalog = generate_catalog(30, seed=seed)
+    events = generate_events(10 * n_users, catalog, n_users=n_users, seed=seed + 1)
     catalog_file = tmp_path / "catalog.jsonl"
     catalog_file.write_bytes(b"\n".join(encode(c) for c in catalog) + b"\n")
-    topics = {prefix + t: 1 for t in ("events", "catalog", "recommendations", "dead-letters")}
-    ensure_topics(local_broker.bootstrap, topics)
-    producer = KafkaClients.for_bootstrap(local_broker.bootstrap).producer()
+    ensure_topics(bootstrap, {prefix + "events": partitions, prefix + "catalog": 1,
+                              prefix + "recommendations": partitions, prefix + "dead-letters": 1})
+    producer = KafkaClients.for_bootstrap(bootstrap).producer()
     for e in events:
         producer.send(prefix + "events", key=e.user_id.encode(), value=encode(e))
     producer.flush()
     producer.close()
+    return events, catalog_file
+
+
+def test_bytewax_run_entry_point_runs_the_live_flow(local_broker, topic_name, tmp_path):
+    """`python -m bytewax.run dataflows.live:live_flow` with settings from the environment."""
+    prefix = topic_name("bw") + "-"
+    events, catalog_file = _published_stream(local_broker.bootstrap, prefix, tmp_path, partitions=1, seed=3, n_users=20)
     env = {
         **os.environ,
         "RECSYS_BOOTSTRAP_SERVERS": local_broker.bootstrap,
@@ -84,19 +91,9 @@ def test_bytewax_run_entry_point_runs_the_live_flow(local_broker, topic_name, tm
 def test_run_with_two_processes_splits_the_users_between_two_shards(local_broker, topic_name, tmp_path):
     """`recsys run --processes 2`: two shard processes, each with its own partition, users, state."""
     prefix = topic_name("sh") + "-"
-    catalog = generate_catalog(30, seed=5)
-    events = generate_events(400, catalog, n_users=40, seed=6)
-    catalog_file = tmp_path / "catalog.jsonl"
-    catalog_file.write_bytes(b"\n".join(encode(c) for c in catalog) + b"\n")
+    events, catalog_file = _published_stream(local_broker.bootstrap, prefix, tmp_path, partitions=2, seed=5, n_users=40)
     topics = ["--events-topic", prefix + "events", "--catalog-topic", prefix + "catalog",
               "--recommendations-topic", prefix + "recommendations", "--dead-letters-topic", prefix + "dead-letters"]
-    ensure_topics(local_broker.bootstrap, {prefix + "events": 2, prefix + "catalog": 1,
-                                           prefix + "recommendations": 2, prefix + "dead-letters": 1})
-    producer = KafkaClients.for_bootstrap(local_broker.bootstrap).producer()
-    for e in events:
-        producer.send(prefix + "events", key=e.user_id.encode(), value=encode(e))
-    producer.flush()
-    producer.close()
     done = subprocess.run(
         [sys.executable, "-m", "dataflows.cli", "run", "--processes", "2", "--stop-at-end", *topics,
          "--bootstrap-servers", local_broker.bootstrap, "--state-dir", str(tmp_path / "state"),
@@ -108,7 +105,8 @@ def test_run_with_two_processes_splits_the_users_between_two_shards(local_broker
     assert any(line.startswith("ready: 2 shard processes") for line in lines), done.stdout
     shard_totals = [line for line in lines if line.startswith("[shard ") and "stopped:" in line]
     assert len(shard_totals) == 2
-    assert lines[-1].startswith("stopped:") and "applied=400," in lines[-1] and "events_in=400," in lines[-1]
+    n = len(events)
+    assert lines[-1].startswith("stopped:") and f"applied={n}," in lines[-1] and f"events_in={n}," in lines[-1]
     # every user is answered, by the shard that owns the user's partition
     owner = {e.user_id: partition_for_key(e.user_id.encode(), 2) for e in events}
     assert len(set(owner.values())) == 2
