@@ -285,6 +285,8 @@ class Catalog:
 
     def __init__(self) -> None:
         self.items: dict[str, CatalogItem] = {}
+        #: ids of the items marked ``repeat_purchase`` (latest version), for set arithmetic
+        self.repeatable: set[str] = set()
 
     def upsert(self, items: Iterable[CatalogItem]) -> list[CatalogItem]:
         """Store the items; returns (latest versions of) those new or with changed ``text``."""
@@ -294,6 +296,10 @@ class Catalog:
             if old is None or old.text != item.text or item.item_id in changed:
                 changed[item.item_id] = item
             self.items[item.item_id] = item
+            if item.repeat_purchase:
+                self.repeatable.add(item.item_id)
+            else:
+                self.repeatable.discard(item.item_id)
         return list(changed.values())
 
     def get(self, item_id: str) -> CatalogItem | None:

@@ -116,13 +116,9 @@ class Recommender:
         self.blend = blend or Blend(self._base, min_examples=10**12)  # none given: the hand-set blend only
 
     def excluded(self, state: UserState) -> set[str]:
-        """Items this user must not be shown: purchased ones that are not repeat purchases."""
-        out = set()
-        for item_id in state.purchased:
-            item = self.items.catalog.get(item_id)
-            if item is None or not item.repeat_purchase:
-                out.add(item_id)
-        return out
+        """Items this user must not be shown: purchased ones that are not repeat purchases
+        (one set difference: grocery shoppers have bought hundreds of items)."""
+        return set(state.purchased).difference(self.items.catalog.repeatable)
 
     def recommend(
         self, states: list[UserState], now_ts: int, k: int | None = None, *, explain: bool = True

@@ -22,6 +22,7 @@ from __future__ import annotations
 import heapq
 import math
 import struct
+from operator import itemgetter
 from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
@@ -40,6 +41,7 @@ NEXT_PREFIX = b"nxt:"  # directed transitions (CoVisitation(directed=True))
 
 _MS_PER_HOUR = 3_600_000
 _NO_NEIGHBOURS: tuple = ((), np.zeros(0), ())  # shared empty answer (never modified)
+_WEIGHT_THEN_ID = itemgetter(1, 0)  # (neighbour, weight) -> (weight, neighbour): the weakest, ties by id
 _POP_RECORD = struct.Struct("<dq")  # score at ref time, ref time (epoch ms)
 
 
@@ -264,7 +266,7 @@ class CoVisitation:
             nbrs = self._nbrs.get(x)
             if nbrs is not None and len(nbrs) > self.max_neighbours:
                 # the weakest goes; among equals the smallest id, so the choice is deterministic
-                victim = min(nbrs, key=lambda y: (nbrs[y], y))
+                victim = min(nbrs.items(), key=_WEIGHT_THEN_ID)[0]
                 self._drop_pair(x, victim)
 
     def _drop_pair(self, x: str, y: str) -> None:
