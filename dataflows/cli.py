@@ -55,8 +55,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from dataflows.live import engine_factory, live_flow, settle_heap
     from dataflows.runner import run
 
+    from recsys.engine import StateLayoutError
+
     settings = settings.for_shard()
-    engine = engine_factory(settings)()
+    try:
+        engine = engine_factory(settings)()
+    except StateLayoutError as exc:
+        sys.exit(f"recsys run: {exc}")
     engine.embedder.warm()  # new catalog items then embed in milliseconds
     settle_heap()  # the model is loaded now: keep it out of the collector's full passes
     shard = f" (shard {settings.shard} of {settings.shards})" if settings.shards > 1 else ""

@@ -57,6 +57,11 @@ from recsys.state import KVStore, MemoryKV, RocksKV, UserState, UserStore
 _ITEM_PREFIX = b"item:"
 _WATERMARK_PREFIX = b"wm:"
 _OUTBOX_PREFIX = b"o:"
+_LAYOUT_KEY = b"meta:shard"  # "<shard>/<shards>" of the process that wrote this state
+
+
+class StateLayoutError(RuntimeError):
+    """The state directory was written by a different shard layout (``--shards``)."""
 #: Recommendations kept per user for identical re-emission after a crash. The sink flushes
 #: every batch right after it is committed, so more than a couple can never be in doubt.
 _OUTBOX_LEN = 4
@@ -114,6 +119,7 @@ class Engine:
         )
         # whole-session neighbours (V-SKNN): the strongest signal on anonymous click sessions
         self.sessions = SessionNeighbours()
+        self._check_layout(kv, settings)
         self.popularity.load(kv)
         self.covisit.load(kv)
         self.transitions.load(kv)
@@ -153,6 +159,22 @@ class Engine:
         )
         self.totals: Counter = Counter()
 
+    @staticmethod
+    def _check_layout(kv: KVStore, settings: Settings) -> None:
+        """Refuse state written under another shard count: users belong to shards by partition,
+        so with another count some of them (and their partitions' offsets) live elsewhere."""
+        layout = f"{settings.shard}/{settings.shards}".encode()
+        stored = kv.get(_LAYOUT_KEY)
+        if stored is None:
+            kv.write({_LAYOUT_KEY: layout})
+        elif stored != layout:
+            old_shard, _, old_shards = stored.decode().partition("/")
+            raise StateLayoutError(
+                f"the state in {settings.state_dir} was written by shard {old_shard} of {old_shards}, and this "
+                f"process is shard {settings.shard} of {settings.shards}: a new shard count moves users between "
+                f"shards. Keep --processes/--shards {old_shards}, or start from new state and recovery directories."
+            )
+
     @classmethod
     def open(cls, settings: Settings, *, evaluate: bool = False, in_memory: bool = False, emit: bool = True) -> "Engine":
         """An engine on the RocksDB state directory and embedding cache named by ``settings``."""
@@ -162,7 +184,12 @@ class Engine:
             Path(settings.state_dir).mkdir(parents=True, exist_ok=True)
             kv = RocksKV(str(Path(settings.state_dir) / "rocks"))
         embedder = Embedder(settings.model_name, settings.embed_cache_dir, batch_size=settings.embed_batch_size)
-        return cls(settings, kv, embedder, evaluate=evaluate, emit=emit)
+        try:
+            return cls(settings, kv, embedder, evaluate=evaluate, emit=emit)
+        except BaseException:
+            kv.close()  # a refused state directory stays openable by the next attempt
+            embedder.close()
+            raise
 
     def close(self) -> None:
         self.models.save(self, force=True)

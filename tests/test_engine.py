@@ -195,3 +195,15 @@ def test_reasons_stay_valid_when_the_reranker_learned_negative_weights(tmp_path,
         for item in orjson.loads(payload)["items"]:
             assert item["reason"] and not item["reason"].endswith(("with ", "after ")), item["reason"]
     engine.close()
+
+
+def test_state_written_under_another_shard_count_is_refused_naming_both(tmp_path):
+    from recsys.engine import StateLayoutError
+
+    base = Settings(state_dir=str(tmp_path / "state"), embed_cache_dir=str(tmp_path / "emb"), head_enabled=False)
+    Engine.open(base.replace(shards=2, shard=1)).close()
+    Engine.open(base.replace(shards=2, shard=1)).close()  # the same layout reopens
+    with pytest.raises(StateLayoutError, match=r"written by shard 1 of 2.*shard 1 of 3.*Keep --processes/--shards 2"):
+        Engine.open(base.replace(shards=3, shard=1))
+    with pytest.raises(StateLayoutError, match="shard 0 of 1"):
+        Engine.open(base)
