@@ -33,11 +33,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from dataflows.kafka_io import KafkaClients, check_shards, ensure_topics
 
     settings = _settings(args)
+    if args.processes < 1:
+        sys.exit(f"recsys run: --processes must be >= 1, got {args.processes}")
     clients = KafkaClients(settings)
     if args.create_topics:
         ensure_topics(clients, default_topics(settings, max(args.partitions, args.processes)))
-    if args.processes < 1:
-        sys.exit(f"recsys run: --processes must be >= 1, got {args.processes}")
     if max(args.processes, settings.shards) > 1:
         try:
             check_shards(clients, settings.events_topic, max(args.processes, settings.shards))
