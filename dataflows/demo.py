@@ -108,17 +108,10 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def _start_flow(settings) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "dataflows.cli", "run"]
-    for key, value in settings.public_dict().items():
-        if value is None or key == "sasl_password":
-            continue
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):  # boolean settings are --x / --no-x flags
-            cmd.append(flag if value else "--no-" + key.replace("_", "-"))
-        else:
-            cmd += [flag, str(value)]
-    # the demo ends the flow with SIGINT itself: that expected stop must not print a Rust
-    # backtrace even where the shell exports RUST_BACKTRACE=1
-    env = {**os.environ, "RUST_BACKTRACE": "0"}
+    # settings travel as RECSYS_* variables, as the shard supervisor hands them on; the demo
+    # ends the flow with SIGINT itself: that expected stop must not print a Rust backtrace
+    # even where the shell exports RUST_BACKTRACE=1
+    env = {**os.environ, **settings.to_env(), "RUST_BACKTRACE": "0"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env)
     deadline = time.time() + 300
     while time.time() < deadline:
