@@ -220,21 +220,28 @@ def test_a_signal_to_recsys_broker_stops_the_broker_process_too(sig, children):
     client = KafkaClients.for_bootstrap(f"{HOST}:{port}").consumer()  # a connected client: Tansu ignores SIGTERM then
     try:
         code, took = broker.stop_with(sig, timeout_s=10)
-    finally:
         client.close()
-    assert code == 0 and took < 5, broker.output
-    assert "Traceback" not in broker.output
-    deadline = time.monotonic() + 5
-    while _listening(port) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not _listening(port), f"the Tansu process (pid {tansu_pid}) still listens on {port}"
+        assert code == 0 and took < 5, broker.output
+        assert "Traceback" not in broker.output
+        deadline = time.monotonic() + 5
+        while _listening(port) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _listening(port), f"the Tansu process (pid {tansu_pid}) still listens on {port}"
+        with pytest.raises(ProcessLookupError):
+            os.kill(tansu_pid, 0)
+    finally:  # a leak fails the test above; the process the test started must not outlive it
+        client.close()
+        _kill_if(tansu_pid, f"tcp://{HOST}:{port}")
+
+
+def _kill_if(pid: int, marker: str) -> None:
+    """SIGKILL ``pid`` only if it is still the process we started (its command line names ``marker``)."""
     try:
-        os.kill(tansu_pid, 0)
-    except ProcessLookupError:
-        pass
-    else:  # pragma: no cover - a leak: clean up what the test started before failing
-        os.kill(tansu_pid, signal.SIGKILL)
-        pytest.fail(f"the Tansu process (pid {tansu_pid}) outlived `recsys broker`")
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return
+    if marker in cmdline:
+        os.kill(pid, signal.SIGKILL)
 
 
 # ----------------------------------------------------------------------------- defect 5: one clear line
