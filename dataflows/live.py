@@ -2,7 +2,8 @@
 
 Run it with the CLI (``recsys run``) or directly with Bytewax::
 
-    python -m bytewax.run dataflows.live:live_flow -r var/recovery -s 2
+    mkdir -p var/recovery && python -m bytewax.recovery var/recovery 1    # once
+    python -m bytewax.run dataflows.live:live_flow -r var/recovery -s 2 -b 0
 
 Settings come from ``RECSYS_*`` environment variables (see ``recsys/settings.py``).
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import os
+import threading
 from typing import Any
 
 from bytewax.dataflow import Dataflow
@@ -57,8 +59,12 @@ def live_flow(
     ``stop``: a ``threading.Event``; once set, both sources end their input and the flow
     stops in order (:class:`dataflows.runner.StopSignals`).
     """
-    from dataflows.runner import stoppable
+    from dataflows.runner import StopSignals, stoppable
 
+    if settings is None and stop is None and threading.current_thread() is threading.main_thread():
+        # built by `python -m bytewax.run dataflows.live:live_flow`: Ctrl-C and SIGTERM stop
+        # in order there too, instead of through a Rust panic (dataflows/runner.py)
+        stop = StopSignals().running().requested
     settings = settings or Settings.from_env(os.environ).for_shard()
     clients = clients if clients is not None else KafkaClients(settings)
 
