@@ -61,7 +61,8 @@ def _require_broker(settings: Settings, command: str, topics: tuple[str, ...] = 
         names = ", ".join(repr(t) for t in missing)
         hint = ("create them (recsys run --create-topics creates the four topics) or name existing ones "
                 "with the topic flags" if command == "run" else "check the topic name (--topic / the topic flags)")
-        known = ", ".join(sorted(t for t in existing if not t.startswith("_"))) or "none"
+        others = sorted(t for t in existing if not t.startswith("_"))
+        known = ", ".join(others[:8]) + (f" and {len(others) - 8} more" if len(others) > 8 else "") if others else "none"
         fail(command, f"topic {names} does not exist on {settings.bootstrap_servers} (it has: {known}); {hint}")
 
 
