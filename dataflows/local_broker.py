@@ -107,7 +107,7 @@ class LocalBroker:
             return self
         if self.requested_port is not None and port_in_use(self.requested_port):
             raise LocalBrokerError(
-                f"port {self.requested_port} on {HOST} is already in use (another broker?); "
+                f"{HOST}:{self.requested_port} is already in use (another broker?); "
                 "stop that process or choose another port"
             )
         binary = self._binary or _resolve_binary()
