@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -110,11 +111,16 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def _start_flow(settings) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "dataflows.cli", "run"]
-    # settings travel as RECSYS_* variables, as the shard supervisor hands them on; the demo
-    # ends the flow with SIGINT itself: that expected stop must not print a Rust backtrace
-    # even where the shell exports RUST_BACKTRACE=1
-    env = {**os.environ, **settings.to_env(), "RUST_BACKTRACE": "0"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env)
+    # settings travel as RECSYS_* variables, as the shard supervisor hands them on
+    from dataflows.shards import _die_with_parent
+
+    env = {**os.environ, **settings.to_env()}
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env,
+        # the terminal's Ctrl-C reaches the demo only, which stops the flow once (a second
+        # signal would stop it at once, without committing); the flow dies with the demo
+        start_new_session=True, preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+    )
     deadline = time.time() + 300
     while time.time() < deadline:
         line = proc.stdout.readline()
@@ -135,7 +141,7 @@ def _echo(proc: subprocess.Popen) -> None:
 
 def _stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
-        proc.send_signal(2)  # SIGINT: Bytewax finishes the epoch and exits
+        proc.send_signal(signal.SIGTERM)  # the flow ends its input, commits the epoch and exits
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:

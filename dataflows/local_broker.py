@@ -125,7 +125,10 @@ class LocalBroker:
                 "--storage-engine", "memory://tansu/",
             ]
             with open(self._log_path, "ab") as logf:  # a file, not a pipe: a chatty broker never blocks
-                self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT)
+                # its own session: a terminal's Ctrl-C reaches the owner only, which stops its
+                # clients first and then the broker (stop()), not all of them at once
+                self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                                              start_new_session=True)
             atexit.register(self.stop)
             try:
                 self._wait_ready()

@@ -50,6 +50,7 @@ class Child:
         self.proc = subprocess.Popen(
             args, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
             preexec_fn=_ignore_sigint if background else None,
+            start_new_session=not background,  # a foreground job: its own process group, as a terminal makes it
         )
         self.lines: list[str] = []
         self._queue: queue.Queue[str | None] = queue.Queue()
@@ -370,3 +371,26 @@ def test_a_bad_argument_is_refused_before_anything_heavy_is_imported(args):
     assert took < 5, report
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("recsys "), done.stderr
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_the_demo_stops_the_flow_once_in_order_and_the_broker(children):
+    """A terminal's Ctrl-C reaches the whole foreground process group: the demo alone must act
+    on it (the flow and the broker are stopped by it, once, in order: no panic, no traceback)."""
+    demo = Child([*RECSYS, "demo", "--events", "400", "--rate", "50"], background=False)
+    children.append(demo)
+    started = demo.wait_for("      broker ", READY_TIMEOUT_S)
+    tansu_pid = int(started.split("(pid ")[1].split(")")[0])
+    demo.wait_for("[5/5] streaming", READY_TIMEOUT_S)
+    time.sleep(2.0)
+    start = time.monotonic()
+    os.killpg(demo.proc.pid, signal.SIGINT)  # the terminal's Ctrl-C: every process of the group
+    code = demo.proc.wait(30)
+    took = time.monotonic() - start
+    time.sleep(0.2)
+    assert code == 130 and took < STOP_TIMEOUT_S, demo.output
+    assert "panicked" not in demo.output and "Traceback" not in demo.output, demo.output
+    assert any(line.strip().startswith("flow: stopped:") for line in demo.lines), demo.output
+    assert demo.lines[-1] == "recsys demo: interrupted", demo.output
+    with pytest.raises(ProcessLookupError):
+        os.kill(tansu_pid, 0)
