@@ -150,11 +150,13 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def _stream_and_report(args, settings, clients, events_path, flow_proc, consume_all, produce_records) -> int:
-    from dataflows.cli import format_recommendation
+    halt = threading.Event()  # Ctrl-C: the producer stops and closes while the broker is still up
 
     def records():
         with open(events_path, "rb") as fh:
             for i, line in enumerate(fh):
+                if halt.is_set():
+                    return
                 if i == 100:
                     yield from BAD_MESSAGES
                 yield (orjson.loads(line)["user_id"].encode(), line.rstrip(b"\n"))
@@ -171,7 +173,19 @@ def _stream_and_report(args, settings, clients, events_path, flow_proc, consume_
         finally:
             done.set()
 
-    threading.Thread(target=produce, daemon=True).start()
+    producer = threading.Thread(target=produce, daemon=True)
+    producer.start()
+    try:
+        return _follow(args, settings, clients, flow_proc, consume_all, done, produced)
+    finally:
+        halt.set()
+        producer.join(10)
+
+
+def _follow(args, settings, clients, flow_proc, consume_all, done, produced) -> int:
+    """Print recommendations as they arrive; once the stream is sent and they stop coming, the summary."""
+    from dataflows.cli import format_recommendation
+
     shown, last_count, stable_since = 0, -1, None
     recs = []
     while True:

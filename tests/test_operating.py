@@ -46,9 +46,9 @@ def _ignore_sigint() -> None:  # pragma: no cover - runs in the child
 class Child:
     """A command as a child process; its merged output read line by line in a thread."""
 
-    def __init__(self, args: list[str], *, background: bool = True) -> None:
+    def __init__(self, args: list[str], *, background: bool = True, env: dict[str, str] | None = None) -> None:
         self.proc = subprocess.Popen(
-            args, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+            args, cwd=ROOT, env={**_env(), **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
             preexec_fn=_ignore_sigint if background else None,
             start_new_session=not background,  # a foreground job: its own process group, as a terminal makes it
         )
@@ -394,3 +394,18 @@ def test_ctrl_c_in_the_demo_stops_the_flow_once_in_order_and_the_broker(children
     assert demo.lines[-1] == "recsys demo: interrupted", demo.output
     with pytest.raises(ProcessLookupError):
         os.kill(tansu_pid, 0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_stops_the_flow_under_the_bytewax_runner_in_order(sig, local_broker, topic_name, tmp_path, children):
+    """`python -m bytewax.run dataflows.live:live_flow` (settings from RECSYS_* variables)."""
+    prefix = topic_name("bw") + "-"
+    _, flags = _stream(local_broker.bootstrap, prefix, tmp_path)
+    env = {"RECSYS_" + flags[i][2:].replace("-", "_").upper(): flags[i + 1] for i in range(0, len(flags), 2)}
+    flow = Child([sys.executable, "-m", "bytewax.run", "dataflows.live:live_flow"], env=env)
+    children.append(flow)
+    _wait_applied(local_broker.bootstrap, prefix + "recommendations", timeout_s=READY_TIMEOUT_S)
+    code, took = flow.stop_with(sig)
+    assert code == 0 and took < STOP_TIMEOUT_S, flow.output
+    assert "panicked" not in flow.output and "Traceback" not in flow.output, flow.output
