@@ -143,7 +143,8 @@ def _run_one(settings: Settings, clients, signals) -> int:
             raise
         abrupt = True
     finally:
-        print("stopped: " + ", ".join(f"{k}={v}" for k, v in sorted(engine.totals.items())), flush=True)
+        totals = {"events_in": 0, "applied": 0, **engine.totals}  # also when nothing came in
+        print("stopped: " + ", ".join(f"{k}={v}" for k, v in sorted(totals.items())), flush=True)
         engine.close()
     if abrupt:
         fail("run", "stopped at once by a second signal; the last epoch was not committed (a restart resumes "
