@@ -15,6 +15,7 @@ from typing import Any
 
 from bytewax.dataflow import Dataflow
 
+from dataflows.catalog_table import ResumeAtLeast, bootstrap_catalog, report
 from dataflows.flow import build_flow
 from dataflows.kafka_io import KafkaClients, KafkaSink, KafkaSource
 from recsys.engine import Engine
@@ -49,18 +50,28 @@ def live_flow(settings: Settings | None = None, clients: Any = None, engine: Eng
     """The production graph over Kafka (or any object with the same client surface).
 
     ``engine``: an engine already opened in this process (the CLI opens it first so that the
-    model and catalog are loaded before the first message); otherwise it opens on first batch.
+    model and catalog are loaded before the first message); otherwise it is opened here.
     ``settings`` given are used as they are; read from the environment, they are this shard's
     (:meth:`Settings.for_shard`: with ``RECSYS_SHARDS`` > 1, per-shard state directories).
+
+    Before the graph is built the catalog topic is read to its high watermark into the engine
+    (:mod:`dataflows.catalog_table`): the catalog is a table bootstrapped before any event,
+    and the catalog source resumes where that read stopped.
     """
     settings = settings or Settings.from_env(os.environ).for_shard()
     clients = clients if clients is not None else KafkaClients(settings)
+    # Opened here, not lazily in the worker: the bootstrap needs it before the sources start.
+    engine = engine if engine is not None else engine_factory(settings)()
+    boot = bootstrap_catalog(engine, clients, settings.catalog_topic, dead_letters_topic=settings.dead_letters_topic,
+                             recommendations_topic=settings.recommendations_topic)
+    report(boot)
+    catalog = KafkaSource.from_settings(clients, settings.catalog_topic, settings)
 
     return build_flow(
         "recsys_live",
         events=KafkaSource.from_settings(clients, settings.events_topic, settings, sharded=True),
-        catalog=KafkaSource.from_settings(clients, settings.catalog_topic, settings),
+        catalog=ResumeAtLeast(catalog, boot.parts()),
         recommendations=KafkaSink(clients, settings.recommendations_topic),
         dead_letters=KafkaSink(clients, settings.dead_letters_topic),
-        engine_factory=(lambda: engine) if engine is not None else engine_factory(settings),
+        engine_factory=lambda: engine,
     )
