@@ -16,11 +16,15 @@ from typing import Any
 from bytewax.dataflow import Dataflow
 
 from dataflows.catalog_table import ResumeAtLeast, bootstrap_catalog, report
-from dataflows.flow import build_flow
+from dataflows.flow import Ticks, build_flow
 from dataflows.kafka_io import KafkaClients, KafkaSink, KafkaSource
 from recsys.engine import Engine
 from recsys.items import load_jsonl
 from recsys.settings import Settings
+
+#: The timer of a flow that runs until stopped: the precision of the unknown-item wait's
+#: deadline on an idle stream, and of the metrics' refresh. A tick costs microseconds.
+TICK_INTERVAL_S = 0.25
 
 
 def engine_factory(settings: Settings, *, evaluate: bool = False, in_memory: bool = False):
@@ -74,4 +78,7 @@ def live_flow(settings: Settings | None = None, clients: Any = None, engine: Eng
         recommendations=KafkaSink(clients, settings.recommendations_topic),
         dead_letters=KafkaSink(clients, settings.dead_letters_topic),
         engine_factory=lambda: engine,
+        # a run to the end seen at start ends when its sources do: it has no timer (nothing
+        # waits there either: Engine turns the unknown-item wait off for it)
+        ticks=None if settings.stop_at_end else Ticks(TICK_INTERVAL_S),
     )
