@@ -18,6 +18,7 @@ from bytewax.dataflow import Dataflow
 from dataflows.catalog_table import ResumeAtLeast, bootstrap_catalog, report
 from dataflows.flow import Ticks, build_flow
 from dataflows.kafka_io import KafkaClients, KafkaSink, KafkaSource
+from dataflows.metrics import FlowMetrics, Watched
 from recsys.engine import Engine
 from recsys.items import load_jsonl
 from recsys.settings import Settings
@@ -69,12 +70,18 @@ def live_flow(settings: Settings | None = None, clients: Any = None, engine: Eng
     boot = bootstrap_catalog(engine, clients, settings.catalog_topic, dead_letters_topic=settings.dead_letters_topic,
                              recommendations_topic=settings.recommendations_topic)
     report(boot)
+    metrics = FlowMetrics(settings)
+    metrics.tick(engine)  # gauges filled before the first scrape
+    if (url := metrics.serve()) is not None:
+        print(f"metrics: {url}", flush=True)
     catalog = KafkaSource.from_settings(clients, settings.catalog_topic, settings)
+    events = KafkaSource.from_settings(clients, settings.events_topic, settings, sharded=True)
 
     return build_flow(
         "recsys_live",
-        events=KafkaSource.from_settings(clients, settings.events_topic, settings, sharded=True),
-        catalog=ResumeAtLeast(catalog, boot.parts()),
+        events=Watched(events, settings.events_topic, metrics),
+        catalog=Watched(ResumeAtLeast(catalog, boot.parts()), settings.catalog_topic, metrics),
+        observer=metrics,
         recommendations=KafkaSink(clients, settings.recommendations_topic),
         dead_letters=KafkaSink(clients, settings.dead_letters_topic),
         engine_factory=lambda: engine,

@@ -85,6 +85,10 @@ class BatchResult:
     dead_letters: list[tuple[str | None, bytes]] = field(default_factory=list)  # (key, json)
     scored: list[ScoredBatch] = field(default_factory=list)  # only when evaluating
     counts: Counter = field(default_factory=Counter)
+    # issue 10 (metrics, plain data for dataflows/metrics.py): decoded events by type, and users
+    # with no stored state before this batch (new, or reset after their TTL)
+    event_types: Counter = field(default_factory=Counter)
+    new_users: int = 0
 
 
 class Engine:
@@ -240,6 +244,7 @@ class Engine:
                     events.append((env, decode_event(env.value, max_bytes)))
             except DecodeError as exc:
                 self._dead_letter(result, env, str(exc), now_ms)
+        result.event_types.update(event.type for _, event in events)
         puts: dict[bytes, bytes] = {}
         if catalog_items:
             self.items.upsert(catalog_items)
@@ -274,6 +279,7 @@ class Engine:
         user_ids = list(by_user)
         states = self.users.get_many(user_ids, now_ts=max(ev.ts for v in by_user.values() for _, ev in v))
         outboxes = self._load_outboxes(user_ids)
+        result.new_users = sum(1 for state in states.values() if not state.last_applied)
 
         # 3. what we would have shown each user right before this batch (backtests only)
         if self.evaluate:
