@@ -98,7 +98,7 @@ class EngineStep:
         if batch and isinstance(batch[0], list):
             batches = batch
         else:
-            envelopes = [e for e in batch if e is not TICK]
+            envelopes = [e for e in batch if not isinstance(e, Tick)]
             ticked = len(envelopes) < len(batch)
             batches = [envelopes] if envelopes or (ticked and len(self.engine.waiting)) else []
             if ticked and self.observer is not None:

@@ -111,8 +111,10 @@ class Settings:
                 f"{self.env_var('shard')}={self.shard}, {self.env_var('shards')}={self.shards}: "
                 "need shards >= 1 and 0 <= shard < shards"
             )
-        if self.unknown_item_wait_s < 0 or self.status_interval_s <= 0:
-            raise SettingsError(f"{self.env_var('unknown_item_wait_s')} must be >= 0 and {self.env_var('status_interval_s')} > 0")
+        if self.unknown_item_wait_s < 0:
+            raise SettingsError(f"{self.env_var('unknown_item_wait_s')}: must be >= 0, got {self.unknown_item_wait_s}")
+        if self.status_interval_s <= 0:
+            raise SettingsError(f"{self.env_var('status_interval_s')}: must be > 0 (--quiet switches the status line off)")
         if self.metrics_port is not None and not 0 < self.metrics_port < 65536:
             raise SettingsError(f"{self.env_var('metrics_port')}: expected a TCP port, got {self.metrics_port}")
         if self.snapshot_interval_s <= 0:

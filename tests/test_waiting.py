@@ -58,3 +58,13 @@ def test_no_wait_passes_events_through_unchanged(tmp_path):
     room = WaitingRoom(RocksKV(tmp_path / "db"), wait_s=0.0, clock=lambda: 0.0)
     batch = [_env(Event("e1", "click", "u", "nope", ts=1), 0)]
     assert room.sort(batch, known=set(), committed={}).ready == batch
+
+
+def test_the_wait_is_a_validated_setting():
+    import pytest
+
+    from recsys.settings import Settings, SettingsError
+
+    assert Settings.from_env({"RECSYS_UNKNOWN_ITEM_WAIT_S": "0.5"}).unknown_item_wait_s == 0.5
+    with pytest.raises(SettingsError, match="RECSYS_UNKNOWN_ITEM_WAIT_S"):
+        Settings(unknown_item_wait_s=-1)
