@@ -82,6 +82,8 @@ def bootstrap_catalog(engine: Engine, clients: KafkaClientFactory, topic: str, *
         while True:
             batch = [_envelope(r) for rs in consumer.poll(timeout_ms=100, max_records=chunk).values() for r in rs]
             for tp in tps:
+                # highwater(), not end_offsets(): the local Tansu broker reports the last batch's
+                # base offset + 1 there (ARCHITECTURE.md, facts about the local broker)
                 if tp not in ends and (hw := consumer.highwater(tp)) is not None:
                     ends[tp] = hw  # the end as first seen: later records are the flow's
             batch = [e for e in batch if e.offset < ends.get(TopicPartition(e.topic, e.partition), e.offset + 1)]
