@@ -2,9 +2,14 @@
 
 Run it with the CLI (``recsys run``) or directly with Bytewax::
 
-    python -m bytewax.run dataflows.live:live_flow -r var/recovery -s 2
+    python -m bytewax.run dataflows.live:live_flow -r var/recovery -s 2 -b 0
 
-Settings come from ``RECSYS_*`` environment variables (see ``recsys/settings.py``).
+(``-b``: Bytewax's backup interval, required with recovery; a new recovery directory is
+initialised with ``python -m bytewax.recovery var/recovery 1``, which ``recsys run`` does by
+itself.) Settings come from ``RECSYS_*`` environment variables (see ``recsys/settings.py``).
+
+Before the graph starts, the catalog topic is read to its high watermark into the engine
+(:mod:`dataflows.catalog_table`); metrics and the status line: :mod:`dataflows.metrics`.
 """
 
 from __future__ import annotations
