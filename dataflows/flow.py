@@ -11,18 +11,17 @@
 
 Sources yield :class:`recsys.events.Envelope`; sinks take ``(key, bytes)`` pairs. The live flow
 adds a timer (:class:`Ticks`): on an idle stream, events waiting for their catalog item still
-meet their deadline, and the metrics and the status line stay current. The engine
-is built lazily inside the worker (not when the flow is imported), so
-``python -m bytewax.run dataflows.live:live_flow`` works without module-level globals.
+meet their deadline, and the metrics and the status line stay current. The engine comes from
+a factory called on the first batch inside the worker (not when the flow is imported), so no
+flow needs a module-level global (the live flow opens it before, for the catalog bootstrap).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Protocol
-
-import time
 
 import bytewax.operators as op
 from bytewax.dataflow import Dataflow
