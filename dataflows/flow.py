@@ -3,28 +3,33 @@
 ::
 
     catalog source ─┐
-                    ├─ merge ─► process (Engine.process, once per polled batch)
-    events source ──┘              │ stream of Out("rec" | "dead" | "scored", key, payload)
+    events source ──┼─ merge ─► process (Engine.process, once per polled batch)
+    ticks (live) ───┘              │ stream of Out("rec" | "dead" | "scored", key, payload)
                                    ├─► recommendations sink   (user_id, json bytes)
                                    ├─► dead-letters sink      (key, json bytes)
                                    └─► scored sink (backtests only: what we would have shown)
 
-Sources yield :class:`recsys.events.Envelope`; sinks take ``(key, bytes)`` pairs. The engine
-is built lazily inside the worker (not when the flow is imported), so
-``python -m bytewax.run dataflows.live:live_flow`` works without module-level globals.
+Sources yield :class:`recsys.events.Envelope`; sinks take ``(key, bytes)`` pairs. The live flow
+adds a timer (:class:`Ticks`): on an idle stream, events waiting for their catalog item still
+meet their deadline, and the metrics and the status line stay current. The engine comes from
+a factory called on the first batch inside the worker (not when the flow is imported), so no
+flow needs a module-level global (the live flow opens it before, for the catalog bootstrap).
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from datetime import datetime, timedelta, timezone
+from typing import Any, Callable, Protocol
 
 import bytewax.operators as op
 from bytewax.dataflow import Dataflow
-from bytewax.inputs import Source
+from bytewax.inputs import DynamicSource, Source, StatelessSourcePartition
 from bytewax.outputs import FixedPartitionedSink, Sink
 
-from recsys.engine import Engine
+from recsys.engine import BatchResult, Engine
 from recsys.events import Envelope
 
 
@@ -35,22 +40,79 @@ class Out:
     payload: Any
 
 
+class Tick:
+    """The timer's item: no data, a call of the engine step (see :class:`Ticks`)."""
+
+    __slots__ = ()
+
+
+TICK = Tick()
+
+
+class _TickPartition(StatelessSourcePartition[Tick]):
+    def __init__(self, interval: timedelta, stop: threading.Event | None) -> None:
+        self._interval = interval
+        self._stop = stop
+        self._awake = datetime.now(timezone.utc)
+
+    def next_batch(self) -> list[Tick]:
+        if self._stop is not None and self._stop.is_set():  # an orderly stop ends every source
+            raise StopIteration()
+        self._awake = datetime.now(timezone.utc) + self._interval
+        return [TICK]
+
+    def next_awake(self) -> datetime:
+        return self._awake
+
+
+class Ticks(DynamicSource[Tick]):
+    """One :data:`TICK` every ``interval_s`` per worker; nothing to recover. Never ends, so only
+    flows that run until stopped have one."""
+
+    def __init__(self, interval_s: float, stop: threading.Event | None = None) -> None:
+        self.interval = timedelta(seconds=interval_s)
+        self.stop = stop  # set: the timer ends, like the sources (dataflows.runner.StopSignals)
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _TickPartition:
+        return _TickPartition(self.interval, self.stop)
+
+
+class StepObserver(Protocol):
+    """Watches the engine step (``dataflows.metrics.FlowMetrics``): plain data in, no effect."""
+
+    def batch(self, engine: Engine, envelopes: list[Envelope], result: BatchResult, seconds: float) -> None: ...
+
+    def tick(self, engine: Engine) -> None: ...
+
+
 class EngineStep:
     """The callable given to ``flat_map_batch``: builds the engine on first use in the worker."""
 
-    def __init__(self, engine_factory: Callable[[], Engine]):
+    def __init__(self, engine_factory: Callable[[], Engine], observer: StepObserver | None = None):
         self._factory = engine_factory
         self.engine: Engine | None = None
+        self.observer = observer
 
-    def __call__(self, batch: list[Envelope] | list[list[Envelope]]) -> list[Out]:
+    def __call__(self, batch: list[Any]) -> list[Out]:
         if self.engine is None:
             self.engine = self._factory()
         # Kafka sources send Envelopes (the runtime's batch is the engine's batch); the replay
-        # source sends pre-cut batches as single items, processed one by one.
-        batches = batch if batch and isinstance(batch[0], list) else [batch]
+        # source sends pre-cut batches as single items, processed one by one; the timer's ticks
+        # call the engine with no data only while events wait for their catalog item.
+        if batch and isinstance(batch[0], list):
+            batches = batch
+        else:
+            envelopes = [e for e in batch if not isinstance(e, Tick)]
+            ticked = len(envelopes) < len(batch)
+            batches = [envelopes] if envelopes or (ticked and len(self.engine.waiting)) else []
+            if ticked and self.observer is not None:
+                self.observer.tick(self.engine)
         out: list[Out] = []
         for envelopes in batches:
+            started = time.perf_counter()
             result = self.engine.process(envelopes)
+            if self.observer is not None:
+                self.observer.batch(self.engine, envelopes, result, time.perf_counter() - started)
             out.extend(Out("rec", key, payload) for key, payload in result.recommendations)
             out.extend(Out("dead", key, payload) for key, payload in result.dead_letters)
             out.extend(Out("scored", None, s) for s in result.scored)
@@ -66,6 +128,8 @@ def build_flow(
     engine_factory: Callable[[], Engine],
     catalog: Source[Envelope] | None = None,
     scored: Sink[Any] | None = None,
+    ticks: Source[Tick] | None = None,
+    observer: StepObserver | None = None,
 ) -> Dataflow:
     """Wire sources, the engine step and sinks into a dataflow."""
     flow = Dataflow(flow_id)
@@ -73,7 +137,9 @@ def build_flow(
     if catalog is not None:
         catalog_stream = op.input("catalog_in", flow, catalog)  # Envelope
         stream = op.merge("merge_inputs", catalog_stream, stream)  # Envelope
-    outs = op.flat_map_batch("process", stream, EngineStep(engine_factory))  # Out
+    if ticks is not None:
+        stream = op.merge("merge_ticks", op.input("ticks_in", flow, ticks), stream)  # Envelope | Tick
+    outs = op.flat_map_batch("process", stream, EngineStep(engine_factory, observer))  # Out
     recs = op.filter_map("recommendations", outs, lambda o: (o.key, o.payload) if o.kind == "rec" else None)
     dead = op.filter_map("dead_letters", outs, lambda o: (o.key, o.payload) if o.kind == "dead" else None)
     _output("recommendations_out", recs, recommendations)  # (user_id, json)

@@ -261,6 +261,12 @@ class _KafkaPartition(StatefulSourcePartition[Envelope, int]):
     def snapshot(self) -> int:
         return self._next
 
+    # issue 10 (metrics): consumer lag for dataflows/metrics.py, from the high watermark the
+    # last fetch reported (no request of its own); None until the first fetch answered.
+    def lag(self) -> int | None:
+        hw = self._consumer.highwater(self._tp) if self._consumer is not None else None
+        return None if hw is None else max(hw - self._next, 0)
+
     def close(self) -> None:
         if self._consumer is not None:
             self._consumer.close()

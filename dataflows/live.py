@@ -5,7 +5,12 @@ Run it with the CLI (``recsys run``) or directly with Bytewax::
     mkdir -p var/recovery && python -m bytewax.recovery var/recovery 1    # once
     python -m bytewax.run dataflows.live:live_flow -r var/recovery -s 2 -b 0
 
-Settings come from ``RECSYS_*`` environment variables (see ``recsys/settings.py``).
+(``-b``: Bytewax's backup interval, required with recovery; a new recovery directory is
+initialised with ``python -m bytewax.recovery var/recovery 1``, which ``recsys run`` does by
+itself.) Settings come from ``RECSYS_*`` environment variables (see ``recsys/settings.py``).
+
+Before the graph starts, the catalog topic is read to its high watermark into the engine
+(:mod:`dataflows.catalog_table`); metrics and the status line: :mod:`dataflows.metrics`.
 """
 
 from __future__ import annotations
@@ -17,11 +22,17 @@ from typing import Any
 
 from bytewax.dataflow import Dataflow
 
-from dataflows.flow import build_flow
+from dataflows.catalog_table import ResumeAtLeast, bootstrap_catalog, report
+from dataflows.flow import Ticks, build_flow
 from dataflows.kafka_io import KafkaClients, KafkaSink, KafkaSource
+from dataflows.metrics import FlowMetrics, Watched
 from recsys.engine import Engine
 from recsys.items import load_jsonl
 from recsys.settings import Settings
+
+#: The timer of a flow that runs until stopped: the precision of the unknown-item wait's
+#: deadline on an idle stream, and of the metrics' refresh. A tick costs microseconds.
+TICK_INTERVAL_S = 0.25
 
 
 def engine_factory(settings: Settings, *, evaluate: bool = False, in_memory: bool = False):
@@ -53,11 +64,15 @@ def live_flow(
     """The production graph over Kafka (or any object with the same client surface).
 
     ``engine``: an engine already opened in this process (the CLI opens it first so that the
-    model and catalog are loaded before the first message); otherwise it opens on first batch.
+    model and catalog are loaded before the first message); otherwise it is opened here.
     ``settings`` given are used as they are; read from the environment, they are this shard's
     (:meth:`Settings.for_shard`: with ``RECSYS_SHARDS`` > 1, per-shard state directories).
-    ``stop``: a ``threading.Event``; once set, both sources end their input and the flow
-    stops in order (:class:`dataflows.runner.StopSignals`).
+    ``stop``: a ``threading.Event``; once set, every source (the timer too) ends its input
+    and the flow stops in order (:class:`dataflows.runner.StopSignals`).
+
+    Before the graph is built the catalog topic is read to its high watermark into the engine
+    (:mod:`dataflows.catalog_table`): the catalog is a table bootstrapped before any event,
+    and the catalog source resumes where that read stopped.
     """
     from dataflows.runner import StopSignals, stoppable
 
@@ -67,12 +82,27 @@ def live_flow(
         stop = StopSignals().running().requested
     settings = settings or Settings.from_env(os.environ).for_shard()
     clients = clients if clients is not None else KafkaClients(settings)
+    # Opened here, not lazily in the worker: the bootstrap needs it before the sources start.
+    engine = engine if engine is not None else engine_factory(settings)()
+    boot = bootstrap_catalog(engine, clients, settings.catalog_topic, dead_letters_topic=settings.dead_letters_topic,
+                             recommendations_topic=settings.recommendations_topic)
+    report(boot)
+    metrics = FlowMetrics(settings)
+    metrics.tick(engine)  # gauges filled before the first scrape
+    if (url := metrics.serve()) is not None:
+        print(f"metrics: {url}", flush=True)
+    catalog = KafkaSource.from_settings(clients, settings.catalog_topic, settings)
+    events = KafkaSource.from_settings(clients, settings.events_topic, settings, sharded=True)
 
     return build_flow(
         "recsys_live",
-        events=stoppable(KafkaSource.from_settings(clients, settings.events_topic, settings, sharded=True), stop),
-        catalog=stoppable(KafkaSource.from_settings(clients, settings.catalog_topic, settings), stop),
+        events=stoppable(Watched(events, settings.events_topic, metrics), stop),
+        catalog=stoppable(Watched(ResumeAtLeast(catalog, boot.parts()), settings.catalog_topic, metrics), stop),
+        observer=metrics,
         recommendations=KafkaSink(clients, settings.recommendations_topic),
         dead_letters=KafkaSink(clients, settings.dead_letters_topic),
-        engine_factory=(lambda: engine) if engine is not None else engine_factory(settings),
+        engine_factory=lambda: engine,
+        # a run to the end seen at start ends when its sources do: it has no timer (nothing
+        # waits there either: Engine turns the unknown-item wait off for it)
+        ticks=None if settings.stop_at_end else Ticks(TICK_INTERVAL_S, stop),
     )

@@ -53,6 +53,7 @@ from recsys.sessions import SessionNeighbours
 from recsys.settings import Settings
 from recsys.signals import EVENT_WEIGHTS, CoVisitation, Popularity
 from recsys.state import KVStore, MemoryKV, RocksKV, UserState, UserStore
+from recsys.waiting import WaitingRoom
 
 _ITEM_PREFIX = b"item:"
 _WATERMARK_PREFIX = b"wm:"
@@ -84,6 +85,10 @@ class BatchResult:
     dead_letters: list[tuple[str | None, bytes]] = field(default_factory=list)  # (key, json)
     scored: list[ScoredBatch] = field(default_factory=list)  # only when evaluating
     counts: Counter = field(default_factory=Counter)
+    # issue 10 (metrics, plain data for dataflows/metrics.py): decoded events by type, and users
+    # with no stored state before this batch (new, or reset after their TTL)
+    event_types: Counter = field(default_factory=Counter)
+    new_users: int = 0
 
 
 class Engine:
@@ -158,6 +163,11 @@ class Engine:
             blend=self.blend, head=self.head, transitions=self.transitions, sessions=self.sessions,
         )
         self.totals: Counter = Counter()
+        # issue 10: an event whose item is not in the catalog yet waits for it (bounded, in state;
+        # recsys/waiting.py). Not in backtests that admit unknown items, nor in a run that stops
+        # at the end seen at start: the catalog was read to that end before any event.
+        wait_s = 0.0 if settings.unknown_items == "admit" or settings.stop_at_end else settings.unknown_item_wait_s
+        self.waiting = WaitingRoom(kv, wait_s, clock, settings.max_message_bytes)
 
     @staticmethod
     def _check_layout(kv: KVStore, settings: Settings) -> None:
@@ -234,6 +244,7 @@ class Engine:
                     events.append((env, decode_event(env.value, max_bytes)))
             except DecodeError as exc:
                 self._dead_letter(result, env, str(exc), now_ms)
+        result.event_types.update(event.type for _, event in events)
         puts: dict[bytes, bytes] = {}
         if catalog_items:
             self.items.upsert(catalog_items)
@@ -241,6 +252,15 @@ class Engine:
                 puts[_ITEM_PREFIX + item.item_id.encode()] = encode(item)
 
         # 2. validate against the catalog, group by user (keeping each user's order)
+        # issue 10: events for items not in the catalog yet wait for it (recsys/waiting.py)
+        waited = self.waiting.sort(events, self.items.catalog, self.watermarks)
+        events = waited.ready
+        puts.update(waited.puts)
+        if waited.parked:
+            counts["waited"] += waited.parked
+        for env, event in waited.expired:
+            self._dead_letter(result, env, f"field 'item_id': unknown item {event.item_id!r} (not in the catalog "
+                                           f"after waiting {self.waiting.wait_s:g} s)", now_ms)
         by_user: dict[str, list[tuple[Envelope, Event]]] = {}
         admit_unknown = self.settings.unknown_items == "admit"
         for env, event in events:
@@ -252,13 +272,14 @@ class Engine:
             by_user.setdefault(event.user_id, []).append((env, event))
         counts["valid_events"] += sum(len(v) for v in by_user.values())
         if not by_user:
-            self._commit(puts)
+            self._commit(puts, waited.deletes)
             self.totals.update(counts)
             return result
 
         user_ids = list(by_user)
         states = self.users.get_many(user_ids, now_ts=max(ev.ts for v in by_user.values() for _, ev in v))
         outboxes = self._load_outboxes(user_ids)
+        result.new_users = sum(1 for state in states.values() if not state.last_applied)
 
         # 3. what we would have shown each user right before this batch (backtests only)
         if self.evaluate:
@@ -277,7 +298,7 @@ class Engine:
             self._learn_from_shown(user_id, user_events, committed, counts)
             for env, event in user_events:
                 wm_key = (env.topic, env.partition)
-                if env.offset <= committed.get(wm_key, -1):
+                if env.offset <= committed.get(wm_key, -1) and (env.topic, env.partition, env.offset) not in waited.released:
                     counts["redelivered_skipped"] += 1
                     stored = outboxes.get(user_id, {}).get((env.partition, env.offset))
                     if stored is not None:
@@ -336,19 +357,19 @@ class Engine:
 
         # 7. one atomic write: users + signals + watermarks + outboxes + catalog
         puts.update(self.users.puts([states[u] for u in fresh_users]))
-        self._commit(puts)
+        self._commit(puts, waited.deletes)
         self.totals.update(counts)
         return result
 
     # ------------------------------------------------------------------ helpers
 
-    def _commit(self, puts: dict[bytes, bytes]) -> None:
+    def _commit(self, puts: dict[bytes, bytes], deletes: list[bytes] = ()) -> None:
         puts.update(self.popularity.export_dirty())
         puts.update(self.covisit.export_dirty())
         puts.update(self.transitions.export_dirty())
         puts.update(self.sessions.export_dirty())
-        if puts:
-            self.kv.write(puts)
+        if puts or deletes:
+            self.kv.write(puts, deletes)
 
     def _dead_letter(self, result: BatchResult, env: Envelope, reason: str, now_ms: int) -> None:
         letter = DeadLetter(payload=env.value, reason=reason, source=env.position, failed_at=now_ms)

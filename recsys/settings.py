@@ -74,6 +74,12 @@ class Settings:
     head_lr: float = 1e-3
     head_snapshot_interval_s: float = 30.0  # versioned head + re-ranker snapshots in state_dir/models
     seed: int = 0
+    # --- issue 10 metrics/bootstrap ---
+    unknown_item_wait_s: float = 2.0  # an event for an item not in the catalog yet waits this long for it, then is dead-lettered
+    metrics_port: int | None = None  # Prometheus endpoint on 127.0.0.1:<port + shard>; None: off
+    metrics_host: str = "127.0.0.1"  # address the metrics endpoint listens on (0.0.0.0 in a container)
+    status_interval_s: float = 10.0  # a status line on stderr every this many seconds
+    quiet: bool = False  # no status line
 
     @classmethod
     def env_var(cls, name: str) -> str:
@@ -105,6 +111,12 @@ class Settings:
                 f"{self.env_var('shard')}={self.shard}, {self.env_var('shards')}={self.shards}: "
                 "need shards >= 1 and 0 <= shard < shards"
             )
+        if self.unknown_item_wait_s < 0:
+            raise SettingsError(f"{self.env_var('unknown_item_wait_s')}: must be >= 0, got {self.unknown_item_wait_s}")
+        if self.status_interval_s <= 0:
+            raise SettingsError(f"{self.env_var('status_interval_s')}: must be > 0 (--quiet switches the status line off)")
+        if self.metrics_port is not None and not 0 < self.metrics_port < 65536:
+            raise SettingsError(f"{self.env_var('metrics_port')}: expected a TCP port, got {self.metrics_port}")
         if self.snapshot_interval_s <= 0:
             raise SettingsError(f"{self.env_var('snapshot_interval_s')}: must be > 0")
         for f in fields(self):

@@ -153,3 +153,63 @@ def test_dockerfile_installs_the_project_offline_on_python_3_11() -> None:
 def test_dockerignore_keeps_local_state_out_of_the_build() -> None:
     ignored = set((ROOT / ".dockerignore").read_text().split())
     assert {".venv", "var", "runs", ".git"} <= ignored
+
+
+# ---------------------------------------------------------------- metrics (issue 10)
+
+DEPLOY = ROOT / "deploy"
+DASHBOARD = DEPLOY / "grafana" / "dashboards" / "recsys.json"
+
+
+def _dashboard_exprs() -> list[str]:
+    import json
+
+    def walk(node: Any) -> list[str]:
+        if isinstance(node, dict):
+            return ([node["expr"]] if isinstance(node.get("expr"), str) else []) + [e for v in node.values() for e in walk(v)]
+        if isinstance(node, list):
+            return [e for v in node for e in walk(v)]
+        return []
+
+    return walk(json.loads(DASHBOARD.read_text()))
+
+
+def test_every_metric_the_dashboard_queries_is_one_the_code_exports() -> None:
+    from dataflows.metrics import FlowMetrics
+
+    exported = FlowMetrics(Settings(), status=None).series_names()
+    queried = {name for expr in _dashboard_exprs() for name in re.findall(r"\brecsys_[a-z0-9_]+", expr)}
+    assert len(queried) >= 10
+    assert queried - exported == set()
+
+
+def test_the_dashboard_shows_throughput_lag_latency_dead_letters_and_freshness() -> None:
+    exprs = " ".join(_dashboard_exprs())
+    for needle in ("recsys_events_in_total", "recsys_consumer_lag_records", "histogram_quantile(0.99",
+                   "recsys_event_to_recommendation_seconds_bucket", "recsys_dead_letters_total",
+                   "recsys_model_update_age_seconds"):
+        assert needle in exprs, needle
+
+
+def test_prometheus_scrapes_the_port_the_recsys_service_serves_metrics_on(compose: dict[str, Any]) -> None:
+    env = environment(compose["services"]["recsys"])
+    settings = Settings.from_env(env)
+    assert settings.metrics_port is not None and settings.metrics_host == "0.0.0.0"
+    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    targets = [t for job in config["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]]
+    assert f"recsys:{settings.metrics_port}" in targets
+
+
+def test_prometheus_and_grafana_mount_files_that_exist(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert {"prometheus", "grafana"} <= set(services)
+    for name in ("prometheus", "grafana"):
+        for volume in services[name]["volumes"]:
+            source = str(volume).split(":")[0]
+            if source.startswith("./"):
+                assert (ROOT / source).exists(), (name, source)
+    datasource = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text())
+    assert datasource["datasources"][0]["url"] == "http://prometheus:9090"
+    provider = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "dashboards" / "recsys.yml").read_text())
+    mounted = {str(v).split(":")[1] for v in services["grafana"]["volumes"]}
+    assert provider["providers"][0]["options"]["path"] in mounted

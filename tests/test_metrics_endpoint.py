@@ -1,0 +1,214 @@
+"""Live metrics (issue 10): the Prometheus endpoint scraped over real HTTP during a live run on
+the local broker, its counters checked against what was produced; and the status line."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+import orjson
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from dataflows.kafka_io import KafkaClients, consume_all, ensure_topics, produce_records
+from dataflows.metrics import FlowMetrics
+from recsys.events import encode
+from recsys.settings import Settings
+from recsys.synthetic import generate_catalog, generate_events
+
+ROOT = Path(__file__).resolve().parents[1]
+BAD = [b"not json", b'{"event_id": "b", "type": "hover", "user_id": "u-bad", "item_id": "i1", "ts": 1}',
+       b'{"event_id": "c", "type": "click", "user_id": "u-bad", "ts": 1}']
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scrape(url: str) -> dict[tuple[str, tuple], float]:
+    """``{(sample name, sorted labels): value}`` from one GET of the endpoint."""
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def total(samples: dict, name: str, **labels: str) -> float:
+    return sum(v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= set(ls))
+
+
+def test_every_metric_is_named_recsys_thing_unit_with_help_text():
+    metrics = FlowMetrics(Settings(), status=None)
+    families = list(metrics.registry.collect())
+    assert len(families) >= 20
+    for family in families:
+        assert family.name.startswith("recsys_"), family.name
+        assert family.documentation, family.name
+
+
+def test_the_endpoint_counts_what_was_produced_during_a_live_run(local_broker, topic_name, tmp_path):
+    prefix = topic_name("m") + "-"
+    bootstrap = local_broker.bootstrap
+    clients = KafkaClients.for_bootstrap(bootstrap)
+    catalog = generate_catalog(30, seed=31)
+    events = generate_events(600, catalog, n_users=60, seed=32)
+    ensure_topics(bootstrap, {prefix + "events": 2, prefix + "catalog": 1, prefix + "recommendations": 2,
+                              prefix + "dead-letters": 1})
+    produce_records(clients, prefix + "catalog", [(c.item_id.encode(), encode(c)) for c in catalog])
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dataflows.cli", "run", "--events-topic", prefix + "events",
+         "--catalog-topic", prefix + "catalog", "--recommendations-topic", prefix + "recommendations",
+         "--dead-letters-topic", prefix + "dead-letters", "--bootstrap-servers", bootstrap,
+         "--metrics-port", str(port), "--status-interval-s", "1", "--state-dir", str(tmp_path / "state"),
+         "--recovery-dir", str(tmp_path / "recovery"), "--embed-cache-dir", str(tmp_path / "emb")],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "RUST_BACKTRACE": "0"},
+    )
+    stderr: list[str] = []
+    threading.Thread(target=lambda: stderr.extend(proc.stderr), daemon=True).start()
+    url = f"http://127.0.0.1:{port}/metrics"
+    try:
+        for line in proc.stdout:
+            if line.startswith("metrics:"):
+                assert line.split()[1] == url
+                break
+        # the endpoint answers before any event
+        assert total(scrape(url), "recsys_catalog_items") == len(catalog)
+        records = [(e.user_id.encode(), encode(e)) for e in events] + [(b"u-bad", v) for v in BAD]
+        produce_records(clients, prefix + "events", records)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            samples = scrape(url)
+            if total(samples, "recsys_events_applied_total") == len(events) and \
+                    total(samples, "recsys_dead_letters_total") == len(BAD):
+                break
+            time.sleep(0.5)
+        time.sleep(1.5)  # one more status line and timer tick
+        samples = scrape(url)
+        recs = consume_all(clients, prefix + "recommendations")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    by_type = Counter(e.type for e in events)
+    for event_type, n in by_type.items():
+        assert total(samples, "recsys_events_in_total", type=event_type) == n, event_type
+    assert total(samples, "recsys_records_consumed_total", topic=prefix + "events") == len(events) + len(BAD)
+    assert total(samples, "recsys_events_applied_total") == len(events)
+    assert total(samples, "recsys_recommendations_out_total") == len(recs) > 0
+    assert total(samples, "recsys_dead_letters_total", reason="malformed_json") == 1
+    assert total(samples, "recsys_dead_letters_total", reason="unknown_event_type") == 1
+    assert total(samples, "recsys_dead_letters_total", reason="missing_field") == 1
+    assert total(samples, "recsys_dead_letters_total", reason="unknown_item") == 0
+    for partition in ("0", "1"):
+        assert total(samples, "recsys_consumer_lag_records", topic=prefix + "events", partition=partition) == 0
+    assert total(samples, "recsys_event_to_recommendation_seconds_count") == len(recs)
+    assert 0 < total(samples, "recsys_event_to_recommendation_seconds_sum") < 60 * len(recs)
+    assert total(samples, "recsys_batch_processing_seconds_count") > 0
+    assert total(samples, "recsys_state_users") == len({e.user_id for e in events})
+    assert total(samples, "recsys_state_size_bytes") > 0
+    assert total(samples, "recsys_process_resident_memory_bytes") > 100e6  # the model is loaded
+    assert total(samples, "recsys_model_version", model="head") >= 0
+    assert total(samples, "recsys_model_update_age_seconds", model="reranker") >= 0
+    assert 0 <= total(samples, "recsys_rolling_hit_rate_ratio") <= 1
+    status = [line for line in stderr if line.startswith("status:")]
+    assert status and "events/s" in status[-1] and "lag" in status[-1] and "p99" in status[-1], stderr
+    assert any("3 dead letters" in line or "(3 in all)" in line for line in status), status
+
+
+@pytest.mark.slow
+def test_each_shard_serves_its_own_port(local_broker, topic_name, tmp_path):
+    """--processes 2: shard i serves on RECSYS_METRICS_PORT + i; together they count every event."""
+    prefix = topic_name("m2") + "-"
+    bootstrap = local_broker.bootstrap
+    clients = KafkaClients.for_bootstrap(bootstrap)
+    catalog = generate_catalog(20, seed=41)
+    events = generate_events(300, catalog, n_users=40, seed=42)
+    ensure_topics(bootstrap, {prefix + "events": 2, prefix + "catalog": 1, prefix + "recommendations": 2,
+                              prefix + "dead-letters": 1})
+    produce_records(clients, prefix + "catalog", [(c.item_id.encode(), encode(c)) for c in catalog])
+    produce_records(clients, prefix + "events", [(e.user_id.encode(), encode(e)) for e in events])
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dataflows.cli", "run", "--processes", "2", "--events-topic", prefix + "events",
+         "--catalog-topic", prefix + "catalog", "--recommendations-topic", prefix + "recommendations",
+         "--dead-letters-topic", prefix + "dead-letters", "--bootstrap-servers", bootstrap, "--quiet",
+         "--metrics-port", str(port), "--state-dir", str(tmp_path / "state"),
+         "--recovery-dir", str(tmp_path / "recovery"), "--embed-cache-dir", str(tmp_path / "emb")],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "RUST_BACKTRACE": "0"},
+    )
+    try:
+        urls = set()
+        for line in proc.stdout:
+            if "metrics: " in line:  # each shard says where, after its catalog bootstrap
+                urls.add(line.split("metrics: ")[1].strip())
+            if len(urls) == 2:
+                break
+        assert urls == {f"http://127.0.0.1:{port}/metrics", f"http://127.0.0.1:{port + 1}/metrics"}
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            applied = [total(scrape(u), "recsys_events_applied_total") for u in sorted(urls)]
+            if sum(applied) == len(events):
+                break
+            time.sleep(0.5)
+        assert sum(applied) == len(events) and all(a > 0 for a in applied), applied
+        shards = [total(scrape(u), "recsys_shard_info", shard=str(i), shards="2") for i, u in enumerate(sorted(urls))]
+        assert shards == [1, 1]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _engine_data(tmp_path):
+    """The plain attributes FlowMetrics reads from an engine (the real one is tested live above)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(waiting=[], items=SimpleNamespace(catalog={"i1": 1}), monitor=SimpleNamespace(hit_rate=0.25),
+                           blend=SimpleNamespace(examples=3), head=None, users=SimpleNamespace(count=lambda: 7))
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_a_status_line_every_interval_on_stderr_unless_quiet(tmp_path, quiet):
+    import io
+
+    from recsys.engine import BatchResult
+    from recsys.events import Envelope
+
+    now = [1000.0]
+    out = io.StringIO()
+    metrics = FlowMetrics(Settings(state_dir=str(tmp_path), status_interval_s=5.0, quiet=quiet), status=out,
+                          clock=lambda: now[0])
+    engine = _engine_data(tmp_path)
+    result = BatchResult(recommendations=[("u1", b"{}")], dead_letters=[(None, orjson.dumps({"reason": "payload: empty message"}))])
+    result.counts.update(events_in=10, applied=9)
+    envelopes = [Envelope("events", 0, i, b"u1", b"{}", timestamp_ms=int(now[0] * 1000) - 40) for i in range(10)]
+    metrics.batch(engine, envelopes, result, 0.01)
+    now[0] += 4.0
+    metrics.tick(engine)
+    assert out.getvalue() == ""  # not due yet
+    now[0] += 1.0
+    metrics.tick(engine)
+    lines = out.getvalue().splitlines()
+    if quiet:
+        assert lines == []
+    else:
+        assert lines == ["status: 2 events/s, lag 0, p99 40 ms (append -> recommendation), 1 dead letters (1 in all), "
+                         "1 recommendations timed"]
