@@ -21,6 +21,7 @@ Shape of one batch::
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections import Counter
@@ -53,6 +54,8 @@ from recsys.sessions import SessionNeighbours
 from recsys.settings import Settings
 from recsys.signals import EVENT_WEIGHTS, CoVisitation, Popularity
 from recsys.state import KVStore, MemoryKV, RocksKV, UserState, UserStore
+
+_log = logging.getLogger(__name__)
 
 _ITEM_PREFIX = b"item:"
 _WATERMARK_PREFIX = b"wm:"
@@ -451,6 +454,10 @@ class EngineModel:
             self.engine.process(envelopes)
 
 
+class ModelSnapshotError(RuntimeError):
+    """A model snapshot under ``state_dir/models`` that cannot be loaded safely; names the file."""
+
+
 class ModelStore:
     """Versioned snapshots of the learned models (head with its optimizer, re-ranker) on disk.
 
@@ -458,9 +465,18 @@ class ModelStore:
     (atomic: temp file, then rename); the newest is loaded at start-up, so learning continues
     where it stopped. The events between the last snapshot and a crash are in RocksDB state but
     not in the restored head: they are not learned again (never twice), only lost to learning.
+
+    A snapshot holds plain data only, so loading one cannot run code (whoever can write to
+    ``state_dir/models`` must not own the flow): the head's tensors, numbers and strings,
+    read with ``torch.load(weights_only=True)``, and the re-ranker as JSON text
+    (:func:`blend_to_json`). A file that needs anything else (a pickled object, as a crafted
+    file would) is refused with :class:`ModelSnapshotError` naming it; move it away to start
+    without it. A snapshot of the old format (the re-ranker pickled) restores its head only.
     """
 
     KEEP = 3
+    #: 1 (before): the re-ranker pickled; its head is still restored, its re-ranker never unpickled
+    FORMAT = 2
 
     def __init__(self, directory: Path | None, interval_s: float, clock: Callable[[], float]):
         self.directory = directory
@@ -474,32 +490,89 @@ class ModelStore:
         snapshots = sorted(self.directory.glob("models-*.pt"), key=lambda p: p.stat().st_mtime)
         if not snapshots:
             return None
-        import pickle
-
         import torch
 
-        state = torch.load(snapshots[-1], weights_only=False)
+        path = snapshots[-1]
+        try:
+            state = torch.load(path, weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, ...
+            raise ModelSnapshotError(
+                f"model snapshot {path} holds more than plain tensors and numbers (or is damaged), so it "
+                f"is not loaded: loading it could run code. Move it out of {self.directory} to start "
+                f"from the previous snapshot (or none). ({type(exc).__name__}: {str(exc)[:300]})"
+            ) from exc
+        fmt = state.get("format", 1) if isinstance(state, dict) else None
+        if fmt not in (1, self.FORMAT):
+            raise ModelSnapshotError(
+                f"model snapshot {path} is not of a known format (1 or {self.FORMAT}); move it out of "
+                f"{self.directory} to start without it"
+            )
         if engine.head is not None and state.get("head") is not None:
             engine.head.load_state_dict(state["head"])
-        if state.get("blend") is not None:
-            engine.blend.__dict__.update(pickle.loads(state["blend"]).__dict__)
-        return snapshots[-1].name
+        if fmt == 1:  # its re-ranker is a pickle: never unpickled, the re-ranker starts afresh
+            _log.warning("model snapshot %s: old format, the head is restored, the re-ranker is not", path)
+        elif state.get("blend") is not None:
+            blend_from_json(engine.blend, state["blend"])
+        return path.name
 
     def save(self, engine: "Engine", *, force: bool = False) -> Path | None:
         now = self.clock()
         if self.directory is None or (not force and now - self._last < self.interval_s):
             return None
         self._last = now
-        import pickle
-
         import torch
 
         self.directory.mkdir(parents=True, exist_ok=True)
         version = engine.head.version if engine.head is not None else "nohead"
         path = self.directory / f"models-{version}.pt"
         tmp = path.with_suffix(".tmp")
-        torch.save({"head": engine.head.state_dict() if engine.head else None, "blend": pickle.dumps(engine.blend)}, tmp)
+        state = {"format": self.FORMAT, "head": engine.head.state_dict() if engine.head else None, "blend": blend_to_json(engine.blend)}
+        torch.save(state, tmp)
         os.replace(tmp, path)
         for old in sorted(self.directory.glob("models-*.pt"), key=lambda p: p.stat().st_mtime)[: -self.KEEP]:
             old.unlink(missing_ok=True)
         return path
+
+
+def blend_to_json(blend: Blend) -> str:
+    """The re-ranker's whole state as JSON text: numbers, arrays (as lists with their dtype) and
+    its random generator's state. Raises ``TypeError`` for an attribute of any other type, so
+    a field added to :class:`recsys.blend.Blend` is noticed here rather than silently dropped.
+
+    >>> b = Blend(seed=1); c = Blend(seed=2)
+    >>> blend_from_json(c, blend_to_json(b)); blend_to_json(c) == blend_to_json(b)
+    True
+    """
+    import json
+
+    import numpy as np
+
+    out: dict[str, object] = {}
+    for name, value in vars(blend).items():
+        if isinstance(value, np.ndarray):
+            out[name] = {"ndarray": value.tolist(), "dtype": str(value.dtype)}
+        elif isinstance(value, np.random.Generator):
+            out[name] = {"generator": value.bit_generator.state}
+        elif value is None or isinstance(value, (bool, int, float, str)):
+            out[name] = value
+        else:
+            raise TypeError(f"blend_to_json: Blend.{name} is a {type(value).__name__}; teach the snapshot format about it")
+    return json.dumps(out)  # stdlib json: the generator state holds 128-bit integers
+
+
+def blend_from_json(blend: Blend, text: str) -> None:
+    """Restore :func:`blend_to_json` output into ``blend`` (attributes it names only)."""
+    import json
+
+    import numpy as np
+
+    for name, value in json.loads(text).items():
+        if isinstance(value, dict) and "ndarray" in value:
+            value = np.asarray(value["ndarray"], dtype=np.dtype(value["dtype"]))
+        elif isinstance(value, dict) and "generator" in value:
+            rng = np.random.default_rng()
+            if value["generator"].get("bit_generator") != type(rng.bit_generator).__name__:
+                raise ModelSnapshotError(f"re-ranker snapshot: unknown generator {value['generator'].get('bit_generator')!r}")
+            rng.bit_generator.state = value["generator"]
+            value = rng
+        setattr(blend, name, value)
