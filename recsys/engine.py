@@ -61,6 +61,8 @@ _ITEM_PREFIX = b"item:"
 _WATERMARK_PREFIX = b"wm:"
 _OUTBOX_PREFIX = b"o:"
 _LAYOUT_KEY = b"meta:shard"  # "<shard>/<shards>" of the process that wrote this state
+#: A dead letter's key: the refused message's key, cut to this many bytes (ids are <= 256 chars).
+_DEAD_LETTER_KEY_BYTES = 1024
 
 
 class StateLayoutError(RuntimeError):
@@ -355,7 +357,9 @@ class Engine:
 
     def _dead_letter(self, result: BatchResult, env: Envelope, reason: str, now_ms: int) -> None:
         letter = DeadLetter(payload=env.value, reason=reason, source=env.position, failed_at=now_ms)
-        result.dead_letters.append((env.key.decode("utf-8", "replace") if env.key else None, encode(letter)))
+        # the key is bounded like the payload: a poison message's key must not outgrow the request
+        key = env.key[:_DEAD_LETTER_KEY_BYTES].decode("utf-8", "replace") if env.key else None
+        result.dead_letters.append((key, encode(letter)))
         result.counts["dead_letters"] += 1
 
     def _recommendation(self, user_id: str, items: list[RecommendedItem], trigger: Event, now_ms: int) -> Recommendation:
