@@ -36,6 +36,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.processes < 1:
         sys.exit(f"recsys run: --processes must be >= 1, got {args.processes}")
     clients = KafkaClients(settings)
+    if args.rebuild_state:  # before any shard starts: under --processes N this wipes every shard's
+        from dataflows.runner import wipe_for_rebuild
+
+        try:
+            removed = wipe_for_rebuild(settings.for_shard().state_dir, settings.for_shard().recovery_dir)
+        except ValueError as exc:
+            sys.exit(f"recsys run: {exc}")
+        print(f"rebuild: removed {', '.join(removed) or 'nothing'}; replaying every topic from its earliest offset", flush=True)
     if args.create_topics:
         ensure_topics(clients, default_topics(settings, max(args.partitions, args.processes)))
     if max(args.processes, settings.shards) > 1:
@@ -52,15 +60,24 @@ def cmd_run(args: argparse.Namespace) -> int:
             sys.exit(f"recsys run: {exc}")
     from bytewax.errors import BytewaxRuntimeError
 
+    from dataflows.kafka_io import OffsetResetError
     from dataflows.live import engine_factory, live_flow, settle_heap
-    from dataflows.runner import run
+    from dataflows.runner import StateBehindRecoveryError, check_state_against_recovery, run
 
-    from recsys.engine import StateLayoutError
+    from recsys.engine import ModelSnapshotError, StateLayoutError
+    from recsys.state import StoreCorruptionError
 
     settings = settings.for_shard()
     try:
         engine = engine_factory(settings)()
-    except StateLayoutError as exc:
+    except (StateLayoutError, StoreCorruptionError, ModelSnapshotError) as exc:
+        sys.exit(f"recsys run: {exc}")
+    try:
+        check_state_against_recovery(
+            engine.positions, settings.recovery_dir, state_dir=settings.state_dir, legacy_watermarks=engine.watermarks
+        )
+    except StateBehindRecoveryError as exc:
+        engine.close()
         sys.exit(f"recsys run: {exc}")
     engine.embedder.warm()  # new catalog items then embed in milliseconds
     settle_heap()  # the model is loaded now: keep it out of the collector's full passes
@@ -73,19 +90,34 @@ def cmd_run(args: argparse.Namespace) -> int:
     flow = live_flow(settings, clients, engine=engine)
     # Ctrl-C / SIGTERM: let Bytewax finish the current epoch and close cleanly.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    failure = None
     try:
         run(flow, recovery_dir=settings.recovery_dir, snapshot_interval_s=settings.snapshot_interval_s)
     except KeyboardInterrupt:
         pass
     except BytewaxRuntimeError as exc:
         # Bytewax turns Ctrl-C inside its run loop into this error; anything else is real.
-        if not _interrupted(exc):
+        if (lost := _cause(exc, OffsetResetError)) is not None:
+            failure = f"recsys run: {lost}"
+        elif not _interrupted(exc):
             raise
     finally:
         totals = engine.totals
         print("stopped: " + ", ".join(f"{k}={v}" for k, v in sorted(totals.items())), flush=True)
         engine.close()
+    if failure:
+        sys.exit(failure)
     return 0
+
+
+def _cause(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The first ``kind`` error in ``exc``'s cause chain (Bytewax wraps what sources raise)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, kind):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _interrupted(exc: BaseException) -> bool:
@@ -187,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_cli_flags(p)
     p.add_argument("--create-topics", action="store_true", help="create the four topics if missing")
     p.add_argument("--partitions", type=int, default=2, help="partitions for created topics")
+    p.add_argument("--rebuild-state", action="store_true",
+                   help="delete the state and recovery directories first, then replay every topic from its "
+                        "earliest offset into fresh state (after a refusal: state behind recovery, corruption)")
     p.add_argument("--processes", type=int, default=1,
                    help="run this many shard processes, each owning the events partitions p %% N == i "
                         "(one core each; see dataflows/shards.py)")

@@ -39,6 +39,7 @@ from recsys.events import (
     CatalogItem,
     DeadLetter,
     DecodeError,
+    OFFSETS_RESET_FROM,
     Envelope,
     Event,
     Recommendation,
@@ -53,13 +54,18 @@ from recsys.recommender import MODEL_VERSION, Recommender, RecommenderConfig
 from recsys.sessions import SessionNeighbours
 from recsys.settings import Settings
 from recsys.signals import EVENT_WEIGHTS, CoVisitation, Popularity
-from recsys.state import KVStore, MemoryKV, RocksKV, UserState, UserStore
+from recsys.state import USER_PREFIX, KVStore, MemoryKV, RocksKV, UserState, UserStore, decode_user, encode_user
 
 _log = logging.getLogger(__name__)
 
 _ITEM_PREFIX = b"item:"
 _WATERMARK_PREFIX = b"wm:"
 _OUTBOX_PREFIX = b"o:"
+#: ``pos:<topic>:<partition>`` -> the last offset processed, whatever became of the message
+#: (applied, skipped, dead-lettered): checked at start against the recovery offsets
+#: (:func:`dataflows.runner.check_state_against_recovery`).
+_POSITION_PREFIX = b"pos:"
+_OFFSET_RESET_PREFIX = b"rst:"  # rst:<topic>:<partition> -> the old-log offset of the last reset absorbed
 _LAYOUT_KEY = b"meta:shard"  # "<shard>/<shards>" of the process that wrote this state
 #: A dead letter's key: the refused message's key, cut to this many bytes (ids are <= 256 chars).
 _DEAD_LETTER_KEY_BYTES = 1024
@@ -133,6 +139,8 @@ class Engine:
         for key, value in kv.iter_prefix(_WATERMARK_PREFIX):
             topic, _, partition = key[len(_WATERMARK_PREFIX) :].decode().rpartition(":")
             self.watermarks[(topic, int(partition))] = int(value)
+        self.positions = _load_offsets(kv, _POSITION_PREFIX)  # (topic, partition) -> last offset processed
+        self._offset_resets_done: set[tuple[str, int, int]] = set()
         stored_items = [catalog_item_from_dict(orjson.loads(v)) for _, v in kv.iter_prefix(_ITEM_PREFIX)]
         if stored_items:
             self.items.upsert(stored_items)
@@ -225,6 +233,8 @@ class Engine:
         now_ms = int(self.clock() * 1000)
         catalog_topic = self.settings.catalog_topic
         max_bytes = self.settings.max_message_bytes
+        if any(env.extra for env in envelopes):
+            self._forget_offsets_of_reset_partitions(envelopes)
 
         # 1. catalog first, so an item and its first event in one batch work in either order
         catalog_items: list[CatalogItem] = []
@@ -239,7 +249,7 @@ class Engine:
                     events.append((env, decode_event(env.value, max_bytes)))
             except DecodeError as exc:
                 self._dead_letter(result, env, str(exc), now_ms)
-        puts: dict[bytes, bytes] = {}
+        puts: dict[bytes, bytes] = self._advance_positions(envelopes)
         if catalog_items:
             self.items.upsert(catalog_items)
             for item in catalog_items:
@@ -355,6 +365,47 @@ class Engine:
         if puts:
             self.kv.write(puts)
 
+    def _advance_positions(self, envelopes: list[Envelope]) -> dict[bytes, bytes]:
+        """``pos:`` records for what this batch consumed, where it moved a partition forward."""
+        puts: dict[bytes, bytes] = {}
+        for env in envelopes:
+            key = (env.topic, env.partition)
+            if env.offset > self.positions.get(key, -1):
+                self.positions[key] = env.offset
+                puts[_POSITION_PREFIX + f"{env.topic}:{env.partition}".encode()] = str(env.offset).encode()
+        return puts
+
+    def _forget_offsets_of_reset_partitions(self, envelopes: list[Envelope]) -> None:
+        """A partition re-read from a new log (its topic re-created; the source says so in
+        ``Envelope.extra``): its old offsets mean nothing, so forget every mark of them (the
+        watermark, each user's last applied offset, the outbox entries, the position) before
+        the new messages are applied. Once per reset: recorded under ``rst:``, last, so a crash
+        part-way repeats it, and a re-delivery after it does not."""
+        for env in envelopes:
+            reset_from = env.extra.get(OFFSETS_RESET_FROM)
+            if reset_from is None or (env.topic, env.partition, reset_from) in self._offset_resets_done:
+                continue
+            self._offset_resets_done.add((env.topic, env.partition, reset_from))
+            tag = f"{env.topic}:{env.partition}".encode()
+            if self.kv.get(_OFFSET_RESET_PREFIX + tag) == str(reset_from).encode():
+                continue
+            _log.warning("%s[%d]: the offsets went backwards (from %d): forgetting the old offsets", env.topic, env.partition, reset_from)
+            if env.topic != self.settings.catalog_topic:  # users and outboxes hold events offsets only
+                for prefix, rewrite in ((USER_PREFIX, _user_without), (_OUTBOX_PREFIX, _outbox_without)):
+                    puts: dict[bytes, bytes] = {}
+                    for key, raw in self.kv.iter_prefix(prefix):
+                        changed = rewrite(raw, env.partition)
+                        if changed is not None:
+                            puts[key] = changed
+                        if len(puts) >= 10_000:
+                            self.kv.write(puts)
+                            puts = {}
+                    self.kv.write(puts)
+            self.watermarks.pop((env.topic, env.partition), None)
+            self.positions.pop((env.topic, env.partition), None)
+            self.kv.write({}, [_WATERMARK_PREFIX + tag, _POSITION_PREFIX + tag])
+            self.kv.write({_OFFSET_RESET_PREFIX + tag: str(reset_from).encode()})
+
     def _dead_letter(self, result: BatchResult, env: Envelope, reason: str, now_ms: int) -> None:
         letter = DeadLetter(payload=env.value, reason=reason, source=env.position, failed_at=now_ms)
         # the key is bounded like the payload: a poison message's key must not outgrow the request
@@ -425,6 +476,28 @@ def _encode_outbox(box: dict[tuple[int, int], bytes]) -> bytes:
 
 def _decode_outbox(raw: bytes) -> dict[tuple[int, int], bytes]:
     return {(p, o): payload.encode() for p, o, payload in orjson.loads(raw)}
+
+
+def _load_offsets(kv: KVStore, prefix: bytes) -> dict[tuple[str, int], int]:
+    out: dict[tuple[str, int], int] = {}
+    for key, value in kv.iter_prefix(prefix):
+        topic, _, partition = key[len(prefix) :].decode().rpartition(":")
+        out[(topic, int(partition))] = int(value)
+    return out
+
+
+def _user_without(raw: bytes, partition: int) -> bytes | None:
+    state = decode_user(raw)
+    if partition not in state.last_applied:
+        return None
+    del state.last_applied[partition]
+    return encode_user(state)
+
+
+def _outbox_without(raw: bytes, partition: int) -> bytes | None:
+    box = _decode_outbox(raw)
+    kept = {po: payload for po, payload in box.items() if po[0] != partition}
+    return None if len(kept) == len(box) else _encode_outbox(kept)
 
 
 class EngineModel:

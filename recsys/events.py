@@ -215,6 +215,12 @@ class DeadLetter:
         }
 
 
+#: ``Envelope.extra`` key a source sets on every message of a partition it re-reads after the
+#: partition's offsets went backwards (the topic was re-created): the offset it had reached in
+#: the old log. The engine then forgets that partition's idempotence marks, once.
+OFFSETS_RESET_FROM = "offsets_reset_from"
+
+
 @dataclass(frozen=True, slots=True)
 class Envelope:
     """One raw message as read from a topic, before decoding."""
@@ -225,7 +231,7 @@ class Envelope:
     key: bytes | None
     value: bytes
     timestamp_ms: int = 0  # broker append time (LogAppendTime or CreateTime)
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. OFFSETS_RESET_FROM
 
     @property
     def position(self) -> SourcePosition:

@@ -74,6 +74,10 @@ class Settings:
     head_lr: float = 1e-3
     head_snapshot_interval_s: float = 30.0  # versioned head + re-ranker snapshots in state_dir/models
     seed: int = 0
+    # --- issue 9 integrity ---
+    # a partition's log no longer holds the offset the flow recovered (topic re-created,
+    # retention, broker data loss): stop naming both offsets, or go on from its start / end
+    on_offset_reset: Literal["fail", "earliest", "latest"] = "fail"
 
     @classmethod
     def env_var(cls, name: str) -> str:

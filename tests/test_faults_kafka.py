@@ -114,3 +114,144 @@ def test_a_2mb_and_a_10mb_poison_message_are_dead_lettered_and_the_flow_goes_on(
         assert letter["source"]["topic"] == settings.events_topic
     recs = consume_all(clients, settings.recommendations_topic, timeout_s=30)
     assert {orjson.loads(r.value)["user_id"] for r in recs} == {e.user_id for e in events}
+
+
+# ------------------------------------------------------------------ through `recsys run`
+
+
+def _cli(settings: Settings, catalog_file: Path, *extra: str) -> int:
+    """``recsys run --stop-at-end`` in this process; SystemExit carries a refusal's message."""
+    from dataflows.cli import main
+
+    return main([
+        "run", "--stop-at-end",
+        "--bootstrap-servers", settings.bootstrap_servers,
+        "--events-topic", settings.events_topic,
+        "--catalog-topic", settings.catalog_topic,
+        "--recommendations-topic", settings.recommendations_topic,
+        "--dead-letters-topic", settings.dead_letters_topic,
+        "--state-dir", settings.state_dir,
+        "--recovery-dir", str(settings.recovery_dir),
+        "--embed-cache-dir", settings.embed_cache_dir,
+        "--catalog-file", str(catalog_file),
+        "--snapshot-interval-s", "0.5",
+        "--poll-max-records", "100",
+        *extra,
+    ])  # fmt: skip
+
+
+def _catalog_file(tmp_path: Path, catalog) -> Path:
+    path = tmp_path / "catalog.jsonl"
+    path.write_bytes(b"\n".join(encode(c) for c in catalog) + b"\n")
+    return path
+
+
+def _users(state_dir: str) -> dict:
+    from recsys.state import USER_PREFIX, RocksKV, decode_user
+
+    kv = RocksKV(Path(state_dir) / "rocks")
+    try:
+        return {k: decode_user(v) for k, v in kv.iter_prefix(USER_PREFIX)}
+    finally:
+        kv.close()
+
+
+def _stopped_totals(out: str) -> dict[str, int]:
+    line = [ln for ln in out.splitlines() if ln.startswith("stopped:")][-1]
+    return {k: int(v) for k, v in (kv.split("=") for kv in line.removeprefix("stopped: ").split(", ") if kv)}
+
+
+def _recreate(clients: KafkaClients, topic: str, partitions: int) -> None:
+    import time
+
+    admin = clients.admin()
+    try:
+        admin.delete_topics([topic])
+        deadline = time.monotonic() + 10
+        while topic in admin.list_topics():
+            assert time.monotonic() < deadline, f"{topic} not deleted"
+            time.sleep(0.1)
+    finally:
+        admin.close()
+    ensure_topics(clients, {topic: partitions})
+
+
+# ------------------------------------------------------------------ defect 4: broker data loss
+
+
+@pytest.mark.slow
+def test_a_partition_whose_log_lost_the_recovered_offset_stops_the_flow_until_told_how_to_go_on(
+    local_broker, tmp_path, embed_cache, catalog, topic_name, capsys
+):
+    settings = _settings(local_broker, tmp_path, embed_cache, topic_name("lost") + "-")
+    clients = KafkaClients(settings)
+    _topics(clients, settings)
+    catalog_file = _catalog_file(tmp_path, catalog)
+    produce_records(clients, settings.events_topic, _records(generate_events(300, catalog, n_users=30, seed=21)))
+    assert _cli(settings, catalog_file) == 0
+    assert _stopped_totals(capsys.readouterr().out)["applied"] == 300
+
+    # the topic is re-created (or the broker lost its data) and holds 100 new events
+    _recreate(clients, settings.events_topic, 1)
+    fresh = [e for e in generate_events(100, catalog, n_users=10, seed=22)]
+    fresh = [type(e)(f"new-{e.event_id}", e.type, f"new-{e.user_id}", e.item_id, e.ts) for e in fresh]
+    produce_records(clients, settings.events_topic, _records(fresh))
+
+    with pytest.raises(SystemExit) as refused:  # before the fix: ran on, read nothing, exit 0
+        _cli(settings, catalog_file)
+    message = str(refused.value.code)
+    assert f"topic {settings.events_topic!r} partition 0" in message
+    assert "offset 300" in message and "ends at offset 100" in message
+    assert "--on-offset-reset earliest" in message and "latest" in message
+
+    # earliest: the new log is read from its start, and none of it is taken for a re-delivery
+    capsys.readouterr()
+    assert _cli(settings, catalog_file, "--on-offset-reset", "earliest") == 0
+    assert _stopped_totals(capsys.readouterr().out)["applied"] == 100
+    users = _users(settings.state_dir)
+    for user_id in {e.user_id for e in fresh}:
+        state = users[b"u:" + user_id.encode()]
+        assert len(state.history) == sum(1 for e in fresh if e.user_id == user_id and e.item_id)
+    # the next restart resumes normally in the new log
+    assert _cli(settings, catalog_file) == 0
+
+    # latest: after another loss, go on from the end of the log, skipping what is there
+    _recreate(clients, settings.events_topic, 1)
+    produce_records(clients, settings.events_topic, _records(fresh[:20]))
+    capsys.readouterr()
+    assert _cli(settings, catalog_file, "--on-offset-reset", "latest") == 0
+    assert _stopped_totals(capsys.readouterr().out).get("applied", 0) == 0
+
+
+# ------------------------------------------------------------------ defect 5: state behind recovery
+
+
+@pytest.mark.slow
+def test_state_behind_the_recovery_offsets_is_refused_and_rebuild_state_restores_it(
+    local_broker, tmp_path, embed_cache, catalog, topic_name, capsys
+):
+    import shutil
+
+    settings = _settings(local_broker, tmp_path, embed_cache, topic_name("behind") + "-")
+    clients = KafkaClients(settings)
+    _topics(clients, settings, events_partitions=2)
+    catalog_file = _catalog_file(tmp_path, catalog)
+    produce_records(clients, settings.catalog_topic, [(c.item_id.encode(), encode(c)) for c in catalog])
+    events = generate_events(400, catalog, n_users=40, seed=31)
+    produce_records(clients, settings.events_topic, _records(events))
+    assert _cli(settings, catalog_file) == 0
+    reference = _users(settings.state_dir)
+    assert len(reference) == 40
+
+    shutil.rmtree(Path(settings.state_dir) / "rocks")  # the state is lost; the recovery is not
+    with pytest.raises(SystemExit) as refused:  # before the fix: "ready: 0 users", exit 0
+        _cli(settings, catalog_file)
+    message = str(refused.value.code)
+    assert "behind the recovery offsets" in message and "--rebuild-state" in message
+    assert f"{settings.events_topic}[0] resumes at offset" in message and "processed nothing" in message
+
+    capsys.readouterr()
+    assert _cli(settings, catalog_file, "--rebuild-state") == 0
+    assert "rebuild: removed" in capsys.readouterr().out
+    assert _users(settings.state_dir) == reference
+    assert _cli(settings, catalog_file) == 0  # and it starts normally again
