@@ -246,7 +246,10 @@ class Engine:
                     catalog_items.append(decode_catalog_item(env.value, max_bytes))
                 else:
                     counts["events_in"] += 1
-                    events.append((env, decode_event(env.value, max_bytes)))
+                    event = decode_event(env.value, max_bytes)
+                    if env.key != event.user_id.encode():
+                        self._check_key(env, event, counts)
+                    events.append((env, event))
             except DecodeError as exc:
                 self._dead_letter(result, env, str(exc), now_ms)
         puts: dict[bytes, bytes] = self._advance_positions(envelopes)
@@ -364,6 +367,20 @@ class Engine:
         puts.update(self.sessions.export_dirty())
         if puts:
             self.kv.write(puts)
+
+    def _check_key(self, env: Envelope, event: Event, counts: Counter) -> None:
+        """An event whose Kafka key is not its ``user_id`` (or that has none) may sit in another
+        partition than the user's other events. One process holds every partition: it is
+        applied and counted (``key_mismatch``). With shards it would live on a shard that does not
+        own the user and split their state: it is refused (a dead letter naming both)."""
+        if self.settings.shards == 1:
+            counts["key_mismatch"] += 1
+            return
+        key = "no key" if env.key is None else f"key {env.key[:64].decode('utf-8', 'replace')!r}"
+        raise DecodeError(
+            f"key: {key} is not the event's user_id {event.user_id!r}; with {self.settings.shards} shards the user's "
+            f"events must all be keyed by user_id to reach the shard that owns them (producers: key by user_id)"
+        )
 
     def _advance_positions(self, envelopes: list[Envelope]) -> dict[bytes, bytes]:
         """``pos:`` records for what this batch consumed, where it moved a partition forward."""

@@ -59,10 +59,11 @@ def _topics(clients: KafkaClients, s: Settings, events_partitions: int = 1) -> N
     ensure_topics(clients, {s.events_topic: events_partitions, s.catalog_topic: 1, s.recommendations_topic: 1, s.dead_letters_topic: 1})
 
 
-def _run(clients: KafkaClients, settings: Settings) -> dict:
+def _run(clients: KafkaClients, settings: Settings, catalog=()) -> dict:
     """One life of the live flow in this process, until the end of input; its totals."""
     engine = Engine.open(settings)
     try:
+        engine.upsert_catalog(list(catalog))  # as a start-up catalog file would
         run(live_flow(settings, clients, engine=engine), recovery_dir=settings.recovery_dir, snapshot_interval_s=settings.snapshot_interval_s)
         return dict(engine.totals)
     finally:
@@ -255,3 +256,46 @@ def test_state_behind_the_recovery_offsets_is_refused_and_rebuild_state_restores
     assert "rebuild: removed" in capsys.readouterr().out
     assert _users(settings.state_dir) == reference
     assert _cli(settings, catalog_file) == 0  # and it starts normally again
+
+
+# ------------------------------------------------------------------ keys that are not the user
+
+
+def _mis_keyed(catalog) -> list[tuple[bytes | None, bytes]]:
+    a, b = generate_events(2, catalog, n_users=1, seed=41)
+    keyless = type(a)("k1", a.type, "u-keyless", a.item_id, a.ts)
+    wrong = type(b)("k2", b.type, "u-wrong", b.item_id, b.ts)
+    return [(None, encode(keyless)), (b"someone-else", encode(wrong))]
+
+
+@pytest.mark.slow
+def test_with_shards_an_event_not_keyed_by_its_user_is_dead_lettered(local_broker, tmp_path, embed_cache, catalog, topic_name):
+    base = _settings(local_broker, tmp_path, embed_cache, topic_name("keys") + "-", shards=2)
+    clients = KafkaClients(base)
+    _topics(clients, base, events_partitions=2)
+    produce_records(clients, base.catalog_topic, [(c.item_id.encode(), encode(c)) for c in catalog])
+    events = generate_events(200, catalog, n_users=20, seed=42)
+    produce_records(clients, base.events_topic, _records(events[:100]) + _mis_keyed(catalog) + _records(events[100:]))
+    totals = [_run(clients, base.replace(shard=i).for_shard(), catalog) for i in (0, 1)]
+
+    assert sum(t["applied"] for t in totals) == len(events)
+    assert sum(t.get("dead_letters", 0) for t in totals) == 2
+    dead = [orjson.loads(d.value) for d in consume_all(clients, base.dead_letters_topic, timeout_s=30)]
+    reasons = sorted(d["reason"] for d in dead)
+    assert "key: key 'someone-else' is not the event's user_id 'u-wrong'" in reasons[0]
+    assert "key: no key is not the event's user_id 'u-keyless'" in reasons[1]
+    users = [set(_users(base.replace(shard=i).for_shard().state_dir)) for i in (0, 1)]
+    assert not users[0] & users[1] and len(users[0] | users[1]) == 20
+    assert not {b"u:u-keyless", b"u:u-wrong"} & (users[0] | users[1])
+
+
+@pytest.mark.slow
+def test_in_one_process_an_event_not_keyed_by_its_user_is_applied_and_counted(local_broker, tmp_path, embed_cache, catalog, topic_name):
+    settings = _settings(local_broker, tmp_path, embed_cache, topic_name("keys1") + "-")
+    clients = KafkaClients(settings)
+    _topics(clients, settings, events_partitions=2)
+    events = generate_events(50, catalog, n_users=5, seed=43)
+    produce_records(clients, settings.events_topic, _records(events) + _mis_keyed(catalog))
+    totals = _run(clients, settings, catalog)
+    assert totals["applied"] == len(events) + 2 and totals["key_mismatch"] == 2
+    assert totals.get("dead_letters", 0) == 0
