@@ -36,7 +36,7 @@ from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 from kafka.structs import TopicPartition
 
-from recsys.events import OFFSETS_RESET_FROM, Envelope
+from recsys.events import OFFSETS_RESET_FROM, OFFSETS_RESET_TO, Envelope
 from recsys.settings import Settings
 
 __all__ = [
@@ -251,7 +251,7 @@ class _KafkaPartition(StatefulSourcePartition[Envelope, int]):
         self._consumer.assign([tp])
         self._pending: list[Any] = []
         self._end: int | None = None
-        self._reset_from: int | None = None  # set once the log's offsets went backwards under us
+        self._control: Envelope | None = None  # tells the engine of a move we made (on_offset_reset)
         self._bootstrap = clients.bootstrap
         try:
             if not resumed:
@@ -316,8 +316,12 @@ class _KafkaPartition(StatefulSourcePartition[Envelope, int]):
             "(on_offset_reset=%s)",
             self._tp.topic, self._tp.partition, self._next, log_start, end, target, self._policy,
         )
-        if target < self._next:  # the offsets went backwards (topic re-created): tell the engine
-            self._reset_from = self._next
+        # sent ahead of the new log's records: the engine records the move, and forgets the
+        # partition's old offsets when they went backwards (topic re-created)
+        self._control = Envelope(
+            self._tp.topic, self._tp.partition, target - 1, None, b"",
+            extra={OFFSETS_RESET_FROM: self._next, OFFSETS_RESET_TO: target},
+        )
         self._next = target
         self._consumer.seek(self._tp, target)
 
@@ -337,6 +341,9 @@ class _KafkaPartition(StatefulSourcePartition[Envelope, int]):
         return records
 
     def next_batch(self) -> list[Envelope]:
+        if self._control is not None:
+            control, self._control = self._control, None
+            return [control]
         if self._done():
             self.close()
             raise StopIteration()
@@ -353,11 +360,7 @@ class _KafkaPartition(StatefulSourcePartition[Envelope, int]):
             return []
         self._awake = None
         self._next = max(self._next, records[-1].offset + 1)
-        out = [_envelope(r) for r in records]
-        if self._reset_from is not None:
-            for env in out:
-                env.extra[OFFSETS_RESET_FROM] = self._reset_from
-        return out
+        return [_envelope(r) for r in records]
 
     def next_awake(self) -> datetime | None:
         return self._awake

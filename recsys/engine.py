@@ -40,6 +40,7 @@ from recsys.events import (
     DeadLetter,
     DecodeError,
     OFFSETS_RESET_FROM,
+    OFFSETS_RESET_TO,
     Envelope,
     Event,
     Recommendation,
@@ -65,7 +66,7 @@ _OUTBOX_PREFIX = b"o:"
 #: (applied, skipped, dead-lettered): checked at start against the recovery offsets
 #: (:func:`dataflows.runner.check_state_against_recovery`).
 _POSITION_PREFIX = b"pos:"
-_OFFSET_RESET_PREFIX = b"rst:"  # rst:<topic>:<partition> -> the old-log offset of the last reset absorbed
+_OFFSET_RESET_PREFIX = b"rst:"  # rst:<topic>:<partition> -> "<old>><new>": the last source move absorbed
 _LAYOUT_KEY = b"meta:shard"  # "<shard>/<shards>" of the process that wrote this state
 #: A dead letter's key: the refused message's key, cut to this many bytes (ids are <= 256 chars).
 _DEAD_LETTER_KEY_BYTES = 1024
@@ -140,7 +141,6 @@ class Engine:
             topic, _, partition = key[len(_WATERMARK_PREFIX) :].decode().rpartition(":")
             self.watermarks[(topic, int(partition))] = int(value)
         self.positions = _load_offsets(kv, _POSITION_PREFIX)  # (topic, partition) -> last offset processed
-        self._offset_resets_done: set[tuple[str, int, int]] = set()
         stored_items = [catalog_item_from_dict(orjson.loads(v)) for _, v in kv.iter_prefix(_ITEM_PREFIX)]
         if stored_items:
             self.items.upsert(stored_items)
@@ -234,7 +234,7 @@ class Engine:
         catalog_topic = self.settings.catalog_topic
         max_bytes = self.settings.max_message_bytes
         if any(env.extra for env in envelopes):
-            self._forget_offsets_of_reset_partitions(envelopes)
+            envelopes = self._absorb_offset_resets(envelopes)
 
         # 1. catalog first, so an item and its first event in one batch work in either order
         catalog_items: list[CatalogItem] = []
@@ -392,36 +392,42 @@ class Engine:
                 puts[_POSITION_PREFIX + f"{env.topic}:{env.partition}".encode()] = str(env.offset).encode()
         return puts
 
-    def _forget_offsets_of_reset_partitions(self, envelopes: list[Envelope]) -> None:
-        """A partition re-read from a new log (its topic re-created; the source says so in
-        ``Envelope.extra``): its old offsets mean nothing, so forget every mark of them (the
-        watermark, each user's last applied offset, the outbox entries, the position) before
-        the new messages are applied. Once per reset: recorded under ``rst:``, last, so a crash
-        part-way repeats it, and a re-delivery after it does not."""
+    def _absorb_offset_resets(self, envelopes: list[Envelope]) -> list[Envelope]:
+        """Take the source's control envelopes out of the batch (:data:`OFFSETS_RESET_FROM`):
+        the source moved a partition's position because its log lost the flow's offset. Record
+        the new position; when the offsets went backwards (the topic was re-created), the old
+        ones mean nothing any more, so first forget every mark of them (the watermark, each
+        user's last applied offset, outbox entries), before the new log's messages are applied.
+        Once per move: it is recorded under ``rst:`` last, so a crash part-way repeats it, and the
+        same move sent again after a crash (recovery still at the old offset) is not repeated."""
+        kept = []
         for env in envelopes:
-            reset_from = env.extra.get(OFFSETS_RESET_FROM)
-            if reset_from is None or (env.topic, env.partition, reset_from) in self._offset_resets_done:
+            old, new = env.extra.get(OFFSETS_RESET_FROM), env.extra.get(OFFSETS_RESET_TO)
+            if old is None or new is None:
+                kept.append(env)
                 continue
-            self._offset_resets_done.add((env.topic, env.partition, reset_from))
             tag = f"{env.topic}:{env.partition}".encode()
-            if self.kv.get(_OFFSET_RESET_PREFIX + tag) == str(reset_from).encode():
-                continue
-            _log.warning("%s[%d]: the offsets went backwards (from %d): forgetting the old offsets", env.topic, env.partition, reset_from)
-            if env.topic != self.settings.catalog_topic:  # users and outboxes hold events offsets only
-                for prefix, rewrite in ((USER_PREFIX, _user_without), (_OUTBOX_PREFIX, _outbox_without)):
-                    puts: dict[bytes, bytes] = {}
-                    for key, raw in self.kv.iter_prefix(prefix):
-                        changed = rewrite(raw, env.partition)
-                        if changed is not None:
-                            puts[key] = changed
-                        if len(puts) >= 10_000:
-                            self.kv.write(puts)
-                            puts = {}
-                    self.kv.write(puts)
-            self.watermarks.pop((env.topic, env.partition), None)
-            self.positions.pop((env.topic, env.partition), None)
-            self.kv.write({}, [_WATERMARK_PREFIX + tag, _POSITION_PREFIX + tag])
-            self.kv.write({_OFFSET_RESET_PREFIX + tag: str(reset_from).encode()})
+            done = self.kv.get(_OFFSET_RESET_PREFIX + tag) == f"{old}>{new}".encode()
+            if new < old and not done:
+                _log.warning("%s[%d]: offsets went backwards (%d -> %d): forgetting the old ones", env.topic, env.partition, old, new)
+                if env.topic != self.settings.catalog_topic:  # users and outboxes hold events offsets only
+                    for prefix, rewrite in ((USER_PREFIX, _user_without), (_OUTBOX_PREFIX, _outbox_without)):
+                        puts: dict[bytes, bytes] = {}
+                        for key, raw in self.kv.iter_prefix(prefix):
+                            changed = rewrite(raw, env.partition)
+                            if changed is not None:
+                                puts[key] = changed
+                            if len(puts) >= 10_000:
+                                self.kv.write(puts)
+                                puts = {}
+                        self.kv.write(puts)
+                self.watermarks.pop((env.topic, env.partition), None)
+                self.kv.write({}, [_WATERMARK_PREFIX + tag])
+            if not done:
+                # the source's position is now `new`: everything below it counts as processed
+                self.positions[(env.topic, env.partition)] = new - 1
+                self.kv.write({_POSITION_PREFIX + tag: str(new - 1).encode(), _OFFSET_RESET_PREFIX + tag: f"{old}>{new}".encode()})
+        return kept
 
     def _dead_letter(self, result: BatchResult, env: Envelope, reason: str, now_ms: int) -> None:
         letter = DeadLetter(payload=env.value, reason=reason, source=env.position, failed_at=now_ms)

@@ -215,10 +215,14 @@ class DeadLetter:
         }
 
 
-#: ``Envelope.extra`` key a source sets on every message of a partition it re-reads after the
-#: partition's offsets went backwards (the topic was re-created): the offset it had reached in
-#: the old log. The engine then forgets that partition's idempotence marks, once.
+#: A source that moved a partition's position by itself (``--on-offset-reset earliest|latest``
+#: after the log lost the flow's offset) first sends a *control* envelope: empty value, offset
+#: = the new position - 1, and in ``extra`` the old position (``OFFSETS_RESET_FROM``) and the
+#: new one (``OFFSETS_RESET_TO``). The engine records the move (and, when the offsets went
+#: backwards because the topic was re-created, forgets the partition's old idempotence marks,
+#: once) and never treats it as a message.
 OFFSETS_RESET_FROM = "offsets_reset_from"
+OFFSETS_RESET_TO = "offsets_reset_to"
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,7 +235,7 @@ class Envelope:
     key: bytes | None
     value: bytes
     timestamp_ms: int = 0  # broker append time (LogAppendTime or CreateTime)
-    extra: dict[str, Any] = field(default_factory=dict)  # e.g. OFFSETS_RESET_FROM
+    extra: dict[str, Any] = field(default_factory=dict)  # control envelopes: OFFSETS_RESET_FROM/_TO
 
     @property
     def position(self) -> SourcePosition:

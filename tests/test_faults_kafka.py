@@ -222,6 +222,9 @@ def test_a_partition_whose_log_lost_the_recovered_offset_stops_the_flow_until_to
     capsys.readouterr()
     assert _cli(settings, catalog_file, "--on-offset-reset", "latest") == 0
     assert _stopped_totals(capsys.readouterr().out).get("applied", 0) == 0
+    produce_records(clients, settings.events_topic, _records(fresh[20:30]))  # and reads what comes next
+    assert _cli(settings, catalog_file) == 0
+    assert _stopped_totals(capsys.readouterr().out)["applied"] == 10
 
 
 # ------------------------------------------------------------------ defect 5: state behind recovery
@@ -299,3 +302,70 @@ def test_in_one_process_an_event_not_keyed_by_its_user_is_applied_and_counted(lo
     totals = _run(clients, settings, catalog)
     assert totals["applied"] == len(events) + 2 and totals["key_mismatch"] == 2
     assert totals.get("dead_letters", 0) == 0
+
+
+@pytest.mark.slow
+def test_a_broker_that_lost_its_data_under_a_running_flow_stops_it_by_name(tmp_path, embed_cache, catalog, topic_name):
+    """The issue's scenario: the broker (memory storage) is killed and restarted under a running
+    flow, and the topics are re-created with fewer records. The flow stops, naming the partition
+    and both offsets (before: it sat silent, then skipped everything below its old offsets)."""
+    import os
+    import re
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from dataflows.local_broker import LocalBroker
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    prefix = topic_name("restart") + "-"
+    catalog_file = _catalog_file(tmp_path, catalog)
+    events = generate_events(300, catalog, n_users=30, seed=51)
+    log = tmp_path / "flow.log"
+    proc = None
+    first = LocalBroker(port=port).start()
+    second = None
+    try:
+        settings = _settings(first, tmp_path, embed_cache, prefix).replace(stop_at_end=False)
+        clients = KafkaClients(settings)
+        _topics(clients, settings)
+        produce_records(clients, settings.events_topic, _records(events))
+        args = [sys.executable, "-m", "dataflows.cli", "run", "--bootstrap-servers", settings.bootstrap_servers,
+                "--events-topic", settings.events_topic, "--catalog-topic", settings.catalog_topic,
+                "--recommendations-topic", settings.recommendations_topic, "--dead-letters-topic", settings.dead_letters_topic,
+                "--state-dir", settings.state_dir, "--recovery-dir", str(settings.recovery_dir),
+                "--embed-cache-dir", settings.embed_cache_dir, "--catalog-file", str(catalog_file),
+                "--snapshot-interval-s", "0.5"]  # fmt: skip
+        with log.open("wb") as fh:
+            proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        deadline = time.monotonic() + 90
+        users = {e.user_id for e in events}
+        while {orjson.loads(r.value)["user_id"] for r in consume_all(clients, settings.recommendations_topic)} != users:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        time.sleep(1.5)  # a snapshot or two after the last event: the recovery holds offset 300
+
+        first.stop()  # the broker dies with all its data; it comes back empty on the same port
+        second = LocalBroker(port=port).start()
+        _topics(clients, settings)
+        produce_records(clients, settings.events_topic, _records(events[:100]))
+        try:
+            code = proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the flow went on after the broker lost its data:\n" + log.read_text()[-3000:])
+        out = log.read_text()
+        assert code != 0
+        # the log end it names is 0 or 100, depending on whether the flow looked before the refill
+        named = re.search(rf"topic {re.escape(repr(settings.events_topic))} partition 0: the flow is at offset 300, but its log ends at offset (0|100) ", out)
+        assert named is not None, out[-3000:]
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        first.stop()
+        if second is not None:
+            second.stop()
