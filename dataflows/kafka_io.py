@@ -252,59 +252,64 @@ class _KafkaPartition(StatefulSourcePartition[Envelope, int]):
         self._pending: list[Any] = []
         self._end: int | None = None
         self._control: Envelope | None = None  # tells the engine of a move we made (on_offset_reset)
+        self._clients = clients
         self._bootstrap = clients.bootstrap
         try:
             if not resumed:
                 self._next = max(start, self._consumer.beginning_offsets([tp])[tp])
             self._consumer.seek(tp, self._next)
-            end = self._read_highwater()
+            end = self._read_highwater(self._consumer, self._pending)
             if end is None or end < self._next:
-                self._verify_position()
-                end = self._read_highwater()
+                end = self._verify_position()
         except BaseException:
             self.close()
             raise
         if stop_at_end:
             self._end = end
 
-    def _read_highwater(self) -> int | None:
-        """The log end, from a fetch at the current position; None when the broker answers that
-        the position is out of range. (end_offsets() is not used: the local Tansu broker reports
-        the last batch's base offset + 1 there.)"""
+    def _read_highwater(self, consumer: Any, pending: list[Any]) -> int | None:
+        """The log end, from a fetch at ``consumer``'s position (records fetched meanwhile go to
+        ``pending``); None when the broker answers that the position is out of range.
+        (end_offsets() is not used: the local Tansu broker reports the last batch's base offset
+        + 1 there.)"""
         from kafka.errors import OffsetOutOfRangeError
 
         deadline = time.monotonic() + HIGHWATER_TIMEOUT_S
         try:
-            while (hw := self._consumer.highwater(self._tp)) is None:
+            while (hw := consumer.highwater(self._tp)) is None:
                 if time.monotonic() > deadline:
                     raise TimeoutError(
                         f"no high watermark for {self._tp.topic}[{self._tp.partition}] from {self._bootstrap} "
                         f"within {HIGHWATER_TIMEOUT_S:.0f} s"
                     )
-                got = self._consumer.poll(timeout_ms=50, max_records=self._max)
-                self._pending.extend(got.get(self._tp, ()))
+                got = consumer.poll(timeout_ms=50, max_records=self._max)
+                pending.extend(got.get(self._tp, ()))
         except OffsetOutOfRangeError:
             return None
         return hw
 
     def _bounds(self) -> tuple[int, int]:
-        """The log's (start, end) now; the end from a fetch at the start (always in range)."""
-        log_start = self._consumer.beginning_offsets([self._tp])[self._tp]
-        self._consumer.seek(self._tp, log_start)
-        self._pending = []
-        end = self._read_highwater()
-        self._pending = []
+        """The log's (start, end) now, read by a new consumer from the log start (the reading
+        consumer keeps the high watermark of its last fetch, and its position may be out of range)."""
+        probe = self._clients.consumer(max_poll_records=1, auto_offset_reset="none")
+        try:
+            probe.assign([self._tp])
+            log_start = probe.beginning_offsets([self._tp])[self._tp]
+            probe.seek(self._tp, log_start)
+            end = self._read_highwater(probe, [])
+        finally:
+            probe.close()
         return log_start, log_start if end is None else end
 
-    def _verify_position(self) -> None:
-        """Keep reading at ``_next`` if the log holds it; otherwise (still so after
-        :data:`OFFSET_LOSS_CONFIRM_S`) fail or move, as ``on_offset_reset`` says."""
+    def _verify_position(self) -> int:
+        """The log end, if the log still holds ``_next``. Otherwise (still so after
+        :data:`OFFSET_LOSS_CONFIRM_S`) raise :class:`OffsetResetError`, or move to the log's
+        start or end, as ``on_offset_reset`` says, and return the end."""
         deadline = time.monotonic() + OFFSET_LOSS_CONFIRM_S
         while True:
             log_start, end = self._bounds()
             if log_start <= self._next <= end:
-                self._consumer.seek(self._tp, self._next)
-                return
+                return end
             if time.monotonic() >= deadline:
                 break
             time.sleep(0.2)
@@ -323,7 +328,9 @@ class _KafkaPartition(StatefulSourcePartition[Envelope, int]):
             extra={OFFSETS_RESET_FROM: self._next, OFFSETS_RESET_TO: target},
         )
         self._next = target
+        self._pending = []
         self._consumer.seek(self._tp, target)
+        return end
 
     def _done(self) -> bool:
         return self._end is not None and not self._pending and self._next >= self._end
