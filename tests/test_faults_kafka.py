@@ -369,3 +369,27 @@ def test_a_broker_that_lost_its_data_under_a_running_flow_stops_it_by_name(tmp_p
         first.stop()
         if second is not None:
             second.stop()
+
+
+@pytest.mark.slow
+def test_state_rolled_back_behind_the_recovery_offsets_is_refused(local_broker, tmp_path, embed_cache, catalog, topic_name):
+    """An older copy of the state put back (a restored backup, or a write-ahead log that lost its
+    tail) under a newer recovery directory: refused, naming how far each side got."""
+    import shutil
+
+    settings = _settings(local_broker, tmp_path, embed_cache, topic_name("rolled") + "-")
+    clients = KafkaClients(settings)
+    _topics(clients, settings)
+    catalog_file = _catalog_file(tmp_path, catalog)
+    events = generate_events(300, catalog, n_users=30, seed=61)
+    produce_records(clients, settings.events_topic, _records(events[:200]))
+    assert _cli(settings, catalog_file) == 0
+    shutil.copytree(Path(settings.state_dir) / "rocks", tmp_path / "backup")
+    produce_records(clients, settings.events_topic, _records(events[200:]))
+    assert _cli(settings, catalog_file) == 0
+
+    shutil.rmtree(Path(settings.state_dir) / "rocks")
+    shutil.copytree(tmp_path / "backup", Path(settings.state_dir) / "rocks")
+    with pytest.raises(SystemExit) as refused:
+        _cli(settings, catalog_file)
+    assert f"{settings.events_topic}[0] resumes at offset 300, the state has processed up to 199" in str(refused.value.code)
