@@ -661,14 +661,20 @@ def blend_to_json(blend: Blend) -> str:
 
 
 def blend_from_json(blend: Blend, text: str) -> None:
-    """Restore :func:`blend_to_json` output into ``blend`` (attributes it names only)."""
+    """Restore :func:`blend_to_json` output into ``blend``: only attributes it already has, and
+    only numeric arrays (the file is data from disk, whoever wrote it)."""
     import json
 
     import numpy as np
 
     for name, value in json.loads(text).items():
+        if name not in vars(blend):
+            raise ModelSnapshotError(f"re-ranker snapshot: unknown attribute {name!r}")
         if isinstance(value, dict) and "ndarray" in value:
-            value = np.asarray(value["ndarray"], dtype=np.dtype(value["dtype"]))
+            dtype = np.dtype(value["dtype"])
+            if dtype.kind not in "fiub":
+                raise ModelSnapshotError(f"re-ranker snapshot: {name} has dtype {dtype}, expected a numeric one")
+            value = np.asarray(value["ndarray"], dtype=dtype)
         elif isinstance(value, dict) and "generator" in value:
             rng = np.random.default_rng()
             if value["generator"].get("bit_generator") != type(rng.bit_generator).__name__:
