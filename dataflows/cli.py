@@ -77,6 +77,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from dataflows.kafka_io import KafkaClients, check_shards, ensure_topics
 
     clients = KafkaClients(settings)
+    if args.rebuild_state:  # before any shard starts: under --processes N this wipes every shard's
+        from dataflows.runner import wipe_for_rebuild
+
+        try:
+            removed = wipe_for_rebuild(settings.for_shard().state_dir, settings.for_shard().recovery_dir)
+        except ValueError as exc:
+            fail("run", str(exc))
+        print(f"rebuild: removed {', '.join(removed) or 'nothing'}; replaying every topic from its earliest offset", flush=True)
     if args.create_topics:
         _require_broker(settings, "run")
         ensure_topics(clients, default_topics(settings, max(args.partitions, args.processes)))
@@ -105,17 +113,26 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run_one(settings: Settings, clients, signals) -> int:
-    """Load the engine (a signal aborts at once), then run the flow until the input ends or a
-    signal asks for an orderly stop; prints one ``stopped:`` line of totals."""
+    """Load the engine (a signal aborts at once), check it against recovery, then run the flow
+    until the input ends or a signal asks for an orderly stop; prints one ``stopped:`` line."""
+    from dataflows.kafka_io import OffsetResetError
     from dataflows.live import engine_factory, live_flow, settle_heap
-    from dataflows.runner import run
-    from recsys.engine import StateLayoutError
+    from dataflows.runner import StateBehindRecoveryError, check_state_against_recovery, run
+    from recsys.engine import ModelSnapshotError, StateLayoutError
+    from recsys.state import StoreCorruptionError
 
     settings = settings.for_shard()
     print(f"loading the model and state from {settings.state_dir} (Ctrl-C aborts) ...", flush=True)
     try:
         engine = engine_factory(settings)()
-    except StateLayoutError as exc:
+    except (StateLayoutError, StoreCorruptionError, ModelSnapshotError) as exc:
+        fail("run", str(exc))
+    try:
+        check_state_against_recovery(
+            engine.positions, settings.recovery_dir, state_dir=settings.state_dir, legacy_watermarks=engine.watermarks
+        )
+    except StateBehindRecoveryError as exc:
+        engine.close()
         fail("run", str(exc))
     try:
         engine.embedder.warm()  # new catalog items then embed in milliseconds
@@ -134,22 +151,39 @@ def _run_one(settings: Settings, clients, signals) -> int:
     from bytewax.errors import BytewaxRuntimeError
 
     abrupt = False
+    failure = None
     try:
         run(flow, recovery_dir=settings.recovery_dir, snapshot_interval_s=settings.snapshot_interval_s)
     except (KeyboardInterrupt, BytewaxRuntimeError) as exc:
-        # a second signal while the flow was stopping: stopped at once, the epoch not
-        # committed (a restart resumes from the last snapshot); anything else is a real error
-        if not _interrupted(exc):
+        # a lost offset (--on-offset-reset fail) is reported in one line; a second signal while
+        # the flow was stopping stopped it at once, the epoch not committed (a restart resumes
+        # from the last snapshot); anything else is a real error
+        if (lost := _cause(exc, OffsetResetError)) is not None:
+            failure = str(lost)
+        elif not _interrupted(exc):
             raise
-        abrupt = True
+        else:
+            abrupt = True
     finally:
         totals = {"events_in": 0, "applied": 0, **engine.totals}  # also when nothing came in
         print("stopped: " + ", ".join(f"{k}={v}" for k, v in sorted(totals.items())), flush=True)
         engine.close()
+    if failure:
+        fail("run", failure)
     if abrupt:
         fail("run", "stopped at once by a second signal; the last epoch was not committed (a restart resumes "
                     "from the last snapshot and skips what the state has applied)", 130)
     return 0
+
+
+def _cause(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The first ``kind`` error in ``exc``'s cause chain (Bytewax wraps what sources raise)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, kind):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _interrupted(exc: BaseException) -> bool:
@@ -300,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_cli_flags(p)
     p.add_argument("--create-topics", action="store_true", help="create the four topics if missing")
     p.add_argument("--partitions", type=positive_int, default=2, help="partitions for created topics")
+    p.add_argument("--rebuild-state", action="store_true",
+                   help="delete the state and recovery directories first, then replay every topic from its "
+                        "earliest offset into fresh state (after a refusal: state behind recovery, corruption)")
     p.add_argument("--processes", type=positive_int, default=1,
                    help="run this many shard processes, each owning the events partitions p %% N == i "
                         "(one core each; see dataflows/shards.py)")

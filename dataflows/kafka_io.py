@@ -36,7 +36,7 @@ from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 from kafka.structs import TopicPartition
 
-from recsys.events import Envelope
+from recsys.events import OFFSETS_RESET_FROM, OFFSETS_RESET_TO, Envelope
 from recsys.settings import Settings
 
 __all__ = [
@@ -45,6 +45,7 @@ __all__ = [
     "KafkaClients",
     "KafkaSink",
     "KafkaSource",
+    "OffsetResetError",
     "UnknownTopicError",
     "consume_all",
     "ensure_topics",
@@ -63,8 +64,11 @@ PRODUCER_BATCH_BYTES = 256 * 1024
 #: Idle backoff bounds: long enough that an idle partition does not spin a core, short
 #: enough not to dominate latency (the design keeps fetch_max_wait_ms at 10-50 ms).
 MIN_IDLE_BACKOFF_MS, MAX_IDLE_BACKOFF_MS = 1, 100
-#: How long a partition may take to report its high watermark (stop_at_end only).
+#: How long a partition may take to report its high watermark.
 HIGHWATER_TIMEOUT_S = 15.0
+#: How long a log end below the flow's position must persist before it counts as data loss:
+#: a new partition leader can report a lagging high watermark for a moment after an election.
+OFFSET_LOSS_CONFIRM_S = 2.0
 
 
 class UnknownTopicError(LookupError):
@@ -76,6 +80,25 @@ class UnknownTopicError(LookupError):
         super().__init__(
             f"{what} does not exist on {bootstrap} (topics are not auto-created; "
             f"create it first, e.g. with dataflows.kafka_io.ensure_topics)"
+        )
+
+
+class OffsetResetError(RuntimeError):
+    """A partition's log no longer holds the offset the flow recovered or reached: records
+    were lost (retention, a broker that lost its data) or the topic was re-created."""
+
+    def __init__(self, topic: str, partition: int, offset: int, log_start: int, log_end: int) -> None:
+        self.topic, self.partition, self.offset = topic, partition, offset
+        self.log_start, self.log_end = log_start, log_end
+        if offset > log_end:
+            what = f"its log ends at offset {log_end} (the topic was re-created or the broker lost data)"
+        else:
+            what = f"its log now starts at offset {log_start} (records {offset}..{log_start - 1} were deleted unread)"
+        super().__init__(
+            f"topic {topic!r} partition {partition}: the flow is at offset {offset}, but {what}. Not going on "
+            f"silently. To go on, restart with --on-offset-reset earliest (read the partition from offset "
+            f"{log_start}) or latest (from offset {log_end}; RECSYS_ON_OFFSET_RESET), or rebuild everything "
+            f"with `recsys run --rebuild-state`."
         )
 
 
@@ -191,7 +214,14 @@ def _envelope(r: Any) -> Envelope:
 
 
 class _KafkaPartition(StatefulSourcePartition[Envelope, int]):
-    """One Kafka partition: its own consumer, resume state = the next offset to read."""
+    """One Kafka partition: its own consumer, resume state = the next offset to read.
+
+    ``resumed``: ``start`` came from Bytewax recovery. Then the partition's log must still hold
+    it (log start <= start <= log end); if it does not, ``on_offset_reset`` decides: ``"fail"``
+    raises :class:`OffsetResetError`, ``"earliest"`` / ``"latest"`` go on from the log's start
+    / end (with a warning). The same check runs while reading (the consumer never resets its
+    position by itself). A fresh partition starts at the log start.
+    """
 
     def __init__(
         self,
@@ -202,48 +232,132 @@ class _KafkaPartition(StatefulSourcePartition[Envelope, int]):
         poll_max_records: int,
         fetch_max_wait_ms: int,
         stop_at_end: bool,
+        resumed: bool = False,
+        on_offset_reset: str = "fail",
     ) -> None:
         self._tp = tp
         self._next = start
         self._max = poll_max_records
+        self._policy = on_offset_reset
         self._backoff = timedelta(
             milliseconds=min(max(fetch_max_wait_ms, MIN_IDLE_BACKOFF_MS), MAX_IDLE_BACKOFF_MS)
         )
         self._awake: datetime | None = None
-        self._consumer = clients.consumer(fetch_max_wait_ms=fetch_max_wait_ms, max_poll_records=poll_max_records)
+        # "none": an offset out of range raises instead of being reset silently (kafka-python's
+        # "earliest" re-read from the log start, where the engine skipped what it thought it had)
+        self._consumer = clients.consumer(
+            fetch_max_wait_ms=fetch_max_wait_ms, max_poll_records=poll_max_records, auto_offset_reset="none"
+        )
         self._consumer.assign([tp])
-        self._consumer.seek(tp, start)
         self._pending: list[Any] = []
         self._end: int | None = None
+        self._control: Envelope | None = None  # tells the engine of a move we made (on_offset_reset)
+        self._clients = clients
+        self._bootstrap = clients.bootstrap
+        try:
+            if not resumed:
+                self._next = max(start, self._consumer.beginning_offsets([tp])[tp])
+            self._consumer.seek(tp, self._next)
+            end = self._read_highwater(self._consumer, self._pending)
+            if end is None or end < self._next:
+                end = self._verify_position()
+        except BaseException:
+            self.close()
+            raise
         if stop_at_end:
-            self._end = self._read_highwater(clients.bootstrap)
+            self._end = end
 
-    def _read_highwater(self, bootstrap: str) -> int:
-        # The high watermark arrives with the first fetch response. (end_offsets() is not
-        # used: the local Tansu broker reports the last batch's base offset + 1 there.)
+    def _read_highwater(self, consumer: Any, pending: list[Any]) -> int | None:
+        """The log end, from a fetch at ``consumer``'s position (records fetched meanwhile go to
+        ``pending``); None when the broker answers that the position is out of range.
+        (end_offsets() is not used: the local Tansu broker reports the last batch's base offset
+        + 1 there.)"""
+        from kafka.errors import OffsetOutOfRangeError
+
         deadline = time.monotonic() + HIGHWATER_TIMEOUT_S
-        while (hw := self._consumer.highwater(self._tp)) is None:
-            if time.monotonic() > deadline:
-                self.close()
-                raise TimeoutError(
-                    f"no high watermark for {self._tp.topic}[{self._tp.partition}] from {bootstrap} "
-                    f"within {HIGHWATER_TIMEOUT_S:.0f} s"
-                )
-            got = self._consumer.poll(timeout_ms=50, max_records=self._max)
-            self._pending.extend(got.get(self._tp, ()))
+        try:
+            while (hw := consumer.highwater(self._tp)) is None:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"no high watermark for {self._tp.topic}[{self._tp.partition}] from {self._bootstrap} "
+                        f"within {HIGHWATER_TIMEOUT_S:.0f} s"
+                    )
+                got = consumer.poll(timeout_ms=50, max_records=self._max)
+                pending.extend(got.get(self._tp, ()))
+        except OffsetOutOfRangeError:
+            return None
         return hw
+
+    def _bounds(self) -> tuple[int, int]:
+        """The log's (start, end) now, read by a new consumer from the log start (the reading
+        consumer keeps the high watermark of its last fetch, and its position may be out of range)."""
+        probe = self._clients.consumer(max_poll_records=1, auto_offset_reset="none")
+        try:
+            probe.assign([self._tp])
+            log_start = probe.beginning_offsets([self._tp])[self._tp]
+            probe.seek(self._tp, log_start)
+            end = self._read_highwater(probe, [])
+        finally:
+            probe.close()
+        return log_start, log_start if end is None else end
+
+    def _verify_position(self) -> int:
+        """The log end, if the log still holds ``_next``. Otherwise (still so after
+        :data:`OFFSET_LOSS_CONFIRM_S`) raise :class:`OffsetResetError`, or move to the log's
+        start or end, as ``on_offset_reset`` says, and return the end."""
+        deadline = time.monotonic() + OFFSET_LOSS_CONFIRM_S
+        while True:
+            log_start, end = self._bounds()
+            if log_start <= self._next <= end:
+                return end
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.2)
+        if self._policy == "fail":
+            raise OffsetResetError(self._tp.topic, self._tp.partition, self._next, log_start, end)
+        target = log_start if self._policy == "earliest" else end
+        log.warning(
+            "%s[%d]: the flow was at offset %d but the log holds %d..%d; going on from offset %d "
+            "(on_offset_reset=%s)",
+            self._tp.topic, self._tp.partition, self._next, log_start, end, target, self._policy,
+        )
+        # sent ahead of the new log's records: the engine records the move, and forgets the
+        # partition's old offsets when they went backwards (topic re-created)
+        self._control = Envelope(
+            self._tp.topic, self._tp.partition, target - 1, None, b"",
+            extra={OFFSETS_RESET_FROM: self._next, OFFSETS_RESET_TO: target},
+        )
+        self._next = target
+        self._pending = []
+        self._consumer.seek(self._tp, target)
+        return end
 
     def _done(self) -> bool:
         return self._end is not None and not self._pending and self._next >= self._end
 
+    def _poll(self) -> list[Any]:
+        from kafka.errors import OffsetOutOfRangeError
+
+        try:
+            records = self._consumer.poll(timeout_ms=0, max_records=self._max).get(self._tp, [])
+        except OffsetOutOfRangeError:  # the broker says so: below the log start or past its end
+            self._verify_position()
+            return []
+        if not records and (hw := self._consumer.highwater(self._tp)) is not None and hw < self._next:
+            self._verify_position()  # an idle partition whose log end fell below us: data lost under us
+        return records
+
     def next_batch(self) -> list[Envelope]:
+        if self._control is not None:
+            control, self._control = self._control, None
+            return [control]
         if self._done():
             self.close()
             raise StopIteration()
         if self._pending:
             records, self._pending = self._pending, []
         else:
-            records = self._consumer.poll(timeout_ms=0, max_records=self._max).get(self._tp, [])
+            records = self._poll()
         if self._end is not None:
             records = [r for r in records if r.offset < self._end]
             # control records (transactions) leave offset gaps: the fetch position still advances
@@ -294,6 +408,7 @@ class KafkaSource(FixedPartitionedSource[Envelope, int]):
         stop_at_end: bool = False,
         shard: int = 0,
         shards: int = 1,
+        on_offset_reset: str = "fail",
     ) -> None:
         if poll_max_records <= 0:
             raise ValueError(f"poll_max_records must be > 0, got {poll_max_records}")
@@ -305,6 +420,7 @@ class KafkaSource(FixedPartitionedSource[Envelope, int]):
         self.poll_max_records = poll_max_records
         self.fetch_max_wait_ms = fetch_max_wait_ms
         self.stop_at_end = stop_at_end
+        self.on_offset_reset = on_offset_reset  # a recovered offset the log no longer holds: _KafkaPartition
 
     @classmethod
     def from_settings(cls, clients: KafkaClientFactory, topic: str, settings: Settings, *, sharded: bool = False) -> "KafkaSource":
@@ -318,6 +434,7 @@ class KafkaSource(FixedPartitionedSource[Envelope, int]):
             stop_at_end=settings.stop_at_end,
             shard=settings.shard if sharded else 0,
             shards=settings.shards if sharded else 1,
+            on_offset_reset=settings.on_offset_reset,
         )
 
     def list_parts(self) -> list[str]:
@@ -339,6 +456,8 @@ class KafkaSource(FixedPartitionedSource[Envelope, int]):
             poll_max_records=self.poll_max_records,
             fetch_max_wait_ms=self.fetch_max_wait_ms,
             stop_at_end=self.stop_at_end,
+            resumed=resume_state is not None,
+            on_offset_reset=self.on_offset_reset,
         )
 
 

@@ -21,6 +21,7 @@ Shape of one batch::
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections import Counter
@@ -38,6 +39,8 @@ from recsys.events import (
     CatalogItem,
     DeadLetter,
     DecodeError,
+    OFFSETS_RESET_FROM,
+    OFFSETS_RESET_TO,
     Envelope,
     Event,
     Recommendation,
@@ -52,13 +55,22 @@ from recsys.recommender import MODEL_VERSION, Recommender, RecommenderConfig
 from recsys.sessions import SessionNeighbours
 from recsys.settings import Settings
 from recsys.signals import EVENT_WEIGHTS, CoVisitation, Popularity
-from recsys.state import KVStore, MemoryKV, RocksKV, UserState, UserStore
+from recsys.state import USER_PREFIX, KVStore, MemoryKV, RocksKV, UserState, UserStore, decode_user, encode_user
 from recsys.waiting import WaitingRoom
+
+_log = logging.getLogger(__name__)
 
 _ITEM_PREFIX = b"item:"
 _WATERMARK_PREFIX = b"wm:"
 _OUTBOX_PREFIX = b"o:"
+#: ``pos:<topic>:<partition>`` -> the last offset processed, whatever became of the message
+#: (applied, skipped, dead-lettered): checked at start against the recovery offsets
+#: (:func:`dataflows.runner.check_state_against_recovery`).
+_POSITION_PREFIX = b"pos:"
+_OFFSET_RESET_PREFIX = b"rst:"  # rst:<topic>:<partition> -> "<old>><new>": the last source move absorbed
 _LAYOUT_KEY = b"meta:shard"  # "<shard>/<shards>" of the process that wrote this state
+#: A dead letter's key: the refused message's key, cut to this many bytes (ids are <= 256 chars).
+_DEAD_LETTER_KEY_BYTES = 1024
 
 
 class StateLayoutError(RuntimeError):
@@ -133,6 +145,7 @@ class Engine:
         for key, value in kv.iter_prefix(_WATERMARK_PREFIX):
             topic, _, partition = key[len(_WATERMARK_PREFIX) :].decode().rpartition(":")
             self.watermarks[(topic, int(partition))] = int(value)
+        self.positions = _load_offsets(kv, _POSITION_PREFIX)  # (topic, partition) -> last offset processed
         stored_items = [catalog_item_from_dict(orjson.loads(v)) for _, v in kv.iter_prefix(_ITEM_PREFIX)]
         if stored_items:
             self.items.upsert(stored_items)
@@ -230,6 +243,8 @@ class Engine:
         now_ms = int(self.clock() * 1000)
         catalog_topic = self.settings.catalog_topic
         max_bytes = self.settings.max_message_bytes
+        if any(env.extra for env in envelopes):
+            envelopes = self._absorb_offset_resets(envelopes)
 
         # 1. catalog first, so an item and its first event in one batch work in either order
         catalog_items: list[CatalogItem] = []
@@ -241,11 +256,15 @@ class Engine:
                     catalog_items.append(decode_catalog_item(env.value, max_bytes))
                 else:
                     counts["events_in"] += 1
-                    events.append((env, decode_event(env.value, max_bytes)))
+                    event = decode_event(env.value, max_bytes)
+                    if env.key != event.user_id.encode():
+                        self._check_key(env, event, counts)
+                    events.append((env, event))
             except DecodeError as exc:
                 self._dead_letter(result, env, str(exc), now_ms)
         result.event_types.update(event.type for _, event in events)
         puts: dict[bytes, bytes] = {}
+        puts: dict[bytes, bytes] = self._advance_positions(envelopes)
         if catalog_items:
             self.items.upsert(catalog_items)
             for item in catalog_items:
@@ -371,9 +390,72 @@ class Engine:
         if puts or deletes:
             self.kv.write(puts, deletes)
 
+    def _check_key(self, env: Envelope, event: Event, counts: Counter) -> None:
+        """An event whose Kafka key is not its ``user_id`` (or that has none) may sit in another
+        partition than the user's other events. One process holds every partition: it is
+        applied and counted (``key_mismatch``). With shards it would live on a shard that does not
+        own the user and split their state: it is refused (a dead letter naming both)."""
+        if self.settings.shards == 1:
+            counts["key_mismatch"] += 1
+            return
+        key = "no key" if env.key is None else f"key {env.key[:64].decode('utf-8', 'replace')!r}"
+        raise DecodeError(
+            f"key: {key} is not the event's user_id {event.user_id!r}; with {self.settings.shards} shards the user's "
+            f"events must all be keyed by user_id to reach the shard that owns them (producers: key by user_id)"
+        )
+
+    def _advance_positions(self, envelopes: list[Envelope]) -> dict[bytes, bytes]:
+        """``pos:`` records for what this batch consumed, where it moved a partition forward."""
+        puts: dict[bytes, bytes] = {}
+        for env in envelopes:
+            key = (env.topic, env.partition)
+            if env.offset > self.positions.get(key, -1):
+                self.positions[key] = env.offset
+                puts[_POSITION_PREFIX + f"{env.topic}:{env.partition}".encode()] = str(env.offset).encode()
+        return puts
+
+    def _absorb_offset_resets(self, envelopes: list[Envelope]) -> list[Envelope]:
+        """Take the source's control envelopes out of the batch (:data:`OFFSETS_RESET_FROM`):
+        the source moved a partition's position because its log lost the flow's offset. Record
+        the new position; when the offsets went backwards (the topic was re-created), the old
+        ones mean nothing any more, so first forget every mark of them (the watermark, each
+        user's last applied offset, outbox entries), before the new log's messages are applied.
+        Once per move: it is recorded under ``rst:`` last, so a crash part-way repeats it, and the
+        same move sent again after a crash (recovery still at the old offset) is not repeated."""
+        kept = []
+        for env in envelopes:
+            old, new = env.extra.get(OFFSETS_RESET_FROM), env.extra.get(OFFSETS_RESET_TO)
+            if old is None or new is None:
+                kept.append(env)
+                continue
+            tag = f"{env.topic}:{env.partition}".encode()
+            done = self.kv.get(_OFFSET_RESET_PREFIX + tag) == f"{old}>{new}".encode()
+            if new < old and not done:
+                _log.warning("%s[%d]: offsets went backwards (%d -> %d): forgetting the old ones", env.topic, env.partition, old, new)
+                if env.topic != self.settings.catalog_topic:  # users and outboxes hold events offsets only
+                    for prefix, rewrite in ((USER_PREFIX, _user_without), (_OUTBOX_PREFIX, _outbox_without)):
+                        puts: dict[bytes, bytes] = {}
+                        for key, raw in self.kv.iter_prefix(prefix):
+                            changed = rewrite(raw, env.partition)
+                            if changed is not None:
+                                puts[key] = changed
+                            if len(puts) >= 10_000:
+                                self.kv.write(puts)
+                                puts = {}
+                        self.kv.write(puts)
+                self.watermarks.pop((env.topic, env.partition), None)
+                self.kv.write({}, [_WATERMARK_PREFIX + tag])
+            if not done:
+                # the source's position is now `new`: everything below it counts as processed
+                self.positions[(env.topic, env.partition)] = new - 1
+                self.kv.write({_POSITION_PREFIX + tag: str(new - 1).encode(), _OFFSET_RESET_PREFIX + tag: f"{old}>{new}".encode()})
+        return kept
+
     def _dead_letter(self, result: BatchResult, env: Envelope, reason: str, now_ms: int) -> None:
         letter = DeadLetter(payload=env.value, reason=reason, source=env.position, failed_at=now_ms)
-        result.dead_letters.append((env.key.decode("utf-8", "replace") if env.key else None, encode(letter)))
+        # the key is bounded like the payload: a poison message's key must not outgrow the request
+        key = env.key[:_DEAD_LETTER_KEY_BYTES].decode("utf-8", "replace") if env.key else None
+        result.dead_letters.append((key, encode(letter)))
         result.counts["dead_letters"] += 1
 
     def _recommendation(self, user_id: str, items: list[RecommendedItem], trigger: Event, now_ms: int) -> Recommendation:
@@ -441,6 +523,28 @@ def _decode_outbox(raw: bytes) -> dict[tuple[int, int], bytes]:
     return {(p, o): payload.encode() for p, o, payload in orjson.loads(raw)}
 
 
+def _load_offsets(kv: KVStore, prefix: bytes) -> dict[tuple[str, int], int]:
+    out: dict[tuple[str, int], int] = {}
+    for key, value in kv.iter_prefix(prefix):
+        topic, _, partition = key[len(prefix) :].decode().rpartition(":")
+        out[(topic, int(partition))] = int(value)
+    return out
+
+
+def _user_without(raw: bytes, partition: int) -> bytes | None:
+    state = decode_user(raw)
+    if partition not in state.last_applied:
+        return None
+    del state.last_applied[partition]
+    return encode_user(state)
+
+
+def _outbox_without(raw: bytes, partition: int) -> bytes | None:
+    box = _decode_outbox(raw)
+    kept = {po: payload for po, payload in box.items() if po[0] != partition}
+    return None if len(kept) == len(box) else _encode_outbox(kept)
+
+
 class EngineModel:
     """The full system as a backtest :class:`recsys.evaluation.Model`: ``learn`` runs the very
     ``Engine.process`` step the dataflow runs (events re-encoded to the bytes a producer sends),
@@ -472,6 +576,10 @@ class EngineModel:
             self.engine.process(envelopes)
 
 
+class ModelSnapshotError(RuntimeError):
+    """A model snapshot under ``state_dir/models`` that cannot be loaded safely; names the file."""
+
+
 class ModelStore:
     """Versioned snapshots of the learned models (head with its optimizer, re-ranker) on disk.
 
@@ -479,9 +587,18 @@ class ModelStore:
     (atomic: temp file, then rename); the newest is loaded at start-up, so learning continues
     where it stopped. The events between the last snapshot and a crash are in RocksDB state but
     not in the restored head: they are not learned again (never twice), only lost to learning.
+
+    A snapshot holds plain data only, so loading one cannot run code (whoever can write to
+    ``state_dir/models`` must not own the flow): the head's tensors, numbers and strings,
+    read with ``torch.load(weights_only=True)``, and the re-ranker as JSON text
+    (:func:`blend_to_json`). A file that needs anything else (a pickled object, as a crafted
+    file would) is refused with :class:`ModelSnapshotError` naming it; move it away to start
+    without it. A snapshot of the old format (the re-ranker pickled) restores its head only.
     """
 
     KEEP = 3
+    #: 1 (before): the re-ranker pickled; its head is still restored, its re-ranker never unpickled
+    FORMAT = 2
 
     def __init__(self, directory: Path | None, interval_s: float, clock: Callable[[], float]):
         self.directory = directory
@@ -495,32 +612,95 @@ class ModelStore:
         snapshots = sorted(self.directory.glob("models-*.pt"), key=lambda p: p.stat().st_mtime)
         if not snapshots:
             return None
-        import pickle
-
         import torch
 
-        state = torch.load(snapshots[-1], weights_only=False)
+        path = snapshots[-1]
+        try:
+            state = torch.load(path, weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, ...
+            raise ModelSnapshotError(
+                f"model snapshot {path} holds more than plain tensors and numbers (or is damaged), so it "
+                f"is not loaded: loading it could run code. Move it out of {self.directory} to start "
+                f"from the previous snapshot (or none). ({type(exc).__name__}: {str(exc)[:300]})"
+            ) from exc
+        fmt = state.get("format", 1) if isinstance(state, dict) else None
+        if fmt not in (1, self.FORMAT):
+            raise ModelSnapshotError(
+                f"model snapshot {path} is not of a known format (1 or {self.FORMAT}); move it out of "
+                f"{self.directory} to start without it"
+            )
         if engine.head is not None and state.get("head") is not None:
             engine.head.load_state_dict(state["head"])
-        if state.get("blend") is not None:
-            engine.blend.__dict__.update(pickle.loads(state["blend"]).__dict__)
-        return snapshots[-1].name
+        if fmt == 1:  # its re-ranker is a pickle: never unpickled, the re-ranker starts afresh
+            _log.warning("model snapshot %s: old format, the head is restored, the re-ranker is not", path)
+        elif state.get("blend") is not None:
+            blend_from_json(engine.blend, state["blend"])
+        return path.name
 
     def save(self, engine: "Engine", *, force: bool = False) -> Path | None:
         now = self.clock()
         if self.directory is None or (not force and now - self._last < self.interval_s):
             return None
         self._last = now
-        import pickle
-
         import torch
 
         self.directory.mkdir(parents=True, exist_ok=True)
         version = engine.head.version if engine.head is not None else "nohead"
         path = self.directory / f"models-{version}.pt"
         tmp = path.with_suffix(".tmp")
-        torch.save({"head": engine.head.state_dict() if engine.head else None, "blend": pickle.dumps(engine.blend)}, tmp)
+        state = {"format": self.FORMAT, "head": engine.head.state_dict() if engine.head else None, "blend": blend_to_json(engine.blend)}
+        torch.save(state, tmp)
         os.replace(tmp, path)
         for old in sorted(self.directory.glob("models-*.pt"), key=lambda p: p.stat().st_mtime)[: -self.KEEP]:
             old.unlink(missing_ok=True)
         return path
+
+
+def blend_to_json(blend: Blend) -> str:
+    """The re-ranker's whole state as JSON text: numbers, arrays (as lists with their dtype) and
+    its random generator's state. Raises ``TypeError`` for an attribute of any other type, so
+    a field added to :class:`recsys.blend.Blend` is noticed here rather than silently dropped.
+
+    >>> b = Blend(seed=1); c = Blend(seed=2)
+    >>> blend_from_json(c, blend_to_json(b)); blend_to_json(c) == blend_to_json(b)
+    True
+    """
+    import json
+
+    import numpy as np
+
+    out: dict[str, object] = {}
+    for name, value in vars(blend).items():
+        if isinstance(value, np.ndarray):
+            out[name] = {"ndarray": value.tolist(), "dtype": str(value.dtype)}
+        elif isinstance(value, np.random.Generator):
+            out[name] = {"generator": value.bit_generator.state}
+        elif value is None or isinstance(value, (bool, int, float, str)):
+            out[name] = value
+        else:
+            raise TypeError(f"blend_to_json: Blend.{name} is a {type(value).__name__}; teach the snapshot format about it")
+    return json.dumps(out)  # stdlib json: the generator state holds 128-bit integers
+
+
+def blend_from_json(blend: Blend, text: str) -> None:
+    """Restore :func:`blend_to_json` output into ``blend``: only attributes it already has, and
+    only numeric arrays (the file is data from disk, whoever wrote it)."""
+    import json
+
+    import numpy as np
+
+    for name, value in json.loads(text).items():
+        if name not in vars(blend):
+            raise ModelSnapshotError(f"re-ranker snapshot: unknown attribute {name!r}")
+        if isinstance(value, dict) and "ndarray" in value:
+            dtype = np.dtype(value["dtype"])
+            if dtype.kind not in "fiub":
+                raise ModelSnapshotError(f"re-ranker snapshot: {name} has dtype {dtype}, expected a numeric one")
+            value = np.asarray(value["ndarray"], dtype=dtype)
+        elif isinstance(value, dict) and "generator" in value:
+            rng = np.random.default_rng()
+            if value["generator"].get("bit_generator") != type(rng.bit_generator).__name__:
+                raise ModelSnapshotError(f"re-ranker snapshot: unknown generator {value['generator'].get('bit_generator')!r}")
+            rng.bit_generator.state = value["generator"]
+            value = rng
+        setattr(blend, name, value)

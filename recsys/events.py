@@ -6,7 +6,7 @@ and consumers in any language; ``tests/test_schemas.py`` proves the two agree):
 - :class:`Event`          ``schemas/event.v1.json``          input topic ``events``
 - :class:`CatalogItem`    ``schemas/catalog_item.v1.json``   input topic ``catalog``
 - :class:`Recommendation` ``schemas/recommendation.v1.json`` output topic ``recommendations``
-- :class:`DeadLetter`     ``schemas/dead_letter.v1.json``    output topic ``dead-letters``
+- :class:`DeadLetter`     ``schemas/dead_letter.v2.json``    output topic ``dead-letters``
 
 Decoding never raises anything but :class:`DecodeError`, whose message names the field and
 what was wrong, so a bad message can be dead-lettered with a reason instead of stopping the
@@ -24,6 +24,7 @@ recsys.events.DecodeError: field 'type': unknown event type 'hover' (expected on
 from __future__ import annotations
 
 import base64
+import hashlib
 import math
 import re
 from dataclasses import dataclass, field
@@ -37,6 +38,14 @@ EVENT_TYPES: tuple[str, ...] = get_args(EventType)
 
 #: Schema versions written into every emitted record and checked on input.
 SCHEMA_VERSION = 1
+#: The dead letter's own version: v2 keeps a bounded prefix of the payload with its size and
+#: hash (v1 carried the whole payload, which could outgrow the producer's request limit).
+DEAD_LETTER_SCHEMA_VERSION = 2
+
+#: Payload bytes a dead letter carries (base64: 4/3 of it, ~342 KB): the whole of anything up
+#: to four times the default message limit, and well inside the producer's and the broker's
+#: 1 MB default request size, so a refused message of any size can always be dead-lettered.
+DEAD_LETTER_PAYLOAD_BYTES = 256 * 1024
 
 #: Default cap on one message's size. Real events are a few hundred bytes; anything near a
 #: megabyte is a producer bug, and parsing it would stall the stream for everyone.
@@ -171,7 +180,16 @@ class SourcePosition:
 
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
-    """A message the system refused, with why, and where it came from. Bytes are kept exact."""
+    """A message the system refused, with why, and where it came from.
+
+    The payload is kept exactly up to :data:`DEAD_LETTER_PAYLOAD_BYTES`; beyond that the dead
+    letter carries that prefix, says ``payload_truncated``, and keeps the full size and SHA-256,
+    so the original can still be found and verified at its source coordinates.
+
+    >>> d = DeadLetter(b"x" * 300_000, "too big", SourcePosition("events", 0, 7)).to_dict()
+    >>> d["payload_size"], d["payload_truncated"], len(base64.b64decode(d["payload_b64"]))
+    (300000, True, 262144)
+    """
 
     payload: bytes
     reason: str
@@ -179,9 +197,13 @@ class DeadLetter:
     failed_at: int = 0
 
     def to_dict(self) -> dict[str, Any]:
+        kept = self.payload[:DEAD_LETTER_PAYLOAD_BYTES]
         return {
-            "schema_version": SCHEMA_VERSION,
-            "payload_b64": base64.b64encode(self.payload).decode("ascii"),
+            "schema_version": DEAD_LETTER_SCHEMA_VERSION,
+            "payload_b64": base64.b64encode(kept).decode("ascii"),
+            "payload_truncated": len(kept) < len(self.payload),
+            "payload_size": len(self.payload),
+            "payload_sha256": hashlib.sha256(self.payload).hexdigest(),
             "payload_preview": self.payload[:200].decode("utf-8", errors="replace"),
             "reason": self.reason,
             "source": {
@@ -191,6 +213,16 @@ class DeadLetter:
             },
             "failed_at": self.failed_at,
         }
+
+
+#: A source that moved a partition's position by itself (``--on-offset-reset earliest|latest``
+#: after the log lost the flow's offset) first sends a *control* envelope: empty value, offset
+#: = the new position - 1, and in ``extra`` the old position (``OFFSETS_RESET_FROM``) and the
+#: new one (``OFFSETS_RESET_TO``). The engine records the move (and, when the offsets went
+#: backwards because the topic was re-created, forgets the partition's old idempotence marks,
+#: once) and never treats it as a message.
+OFFSETS_RESET_FROM = "offsets_reset_from"
+OFFSETS_RESET_TO = "offsets_reset_to"
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,7 +235,7 @@ class Envelope:
     key: bytes | None
     value: bytes
     timestamp_ms: int = 0  # broker append time (LogAppendTime or CreateTime)
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # control envelopes: OFFSETS_RESET_FROM/_TO
 
     @property
     def position(self) -> SourcePosition:

@@ -6,8 +6,8 @@ they serve tests, tooling and users checking their own producers. ``jsonschema``
 imported only inside :func:`validate`, since it is a test/tooling dependency.
 
 Names are the file stems without the version (``"event"``, ``"catalog_item"``,
-``"recommendation"``, ``"dead_letter"``), meaning the current version ``v1``; a
-versioned stem (``"event.v1"``) works too.
+``"recommendation"``, ``"dead_letter"``), meaning the current version (``v1``; ``v2`` for
+the dead letter); a versioned stem (``"dead_letter.v1"``) works too.
 
 >>> load_schema("event")["$id"]
 'urn:streamrec:schema:event.v1'
@@ -25,7 +25,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from recsys.events import RFC3339_DATE_TIME, SCHEMA_VERSION
+from recsys.events import DEAD_LETTER_SCHEMA_VERSION, RFC3339_DATE_TIME, SCHEMA_VERSION
 
 #: The repository's ``schemas/`` directory (next to the ``recsys`` package; an editable
 #: install keeps that layout).
@@ -33,6 +33,8 @@ SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
 
 #: Every schema, by name.
 SCHEMA_NAMES: tuple[str, ...] = ("event", "catalog_item", "recommendation", "dead_letter")
+#: The current version of each schema whose version is not :data:`SCHEMA_VERSION`.
+CURRENT_VERSIONS: dict[str, int] = {"dead_letter": DEAD_LETTER_SCHEMA_VERSION}
 
 # RFC 3339 date-time syntax as the schemas' ``pattern`` spells it (``[0-9]``, not ``\d``,
 # which in Python also matches non-ASCII digits). Used for the ``date-time`` format check.
@@ -43,7 +45,7 @@ def schema_path(name: str) -> Path:
     """Path of the schema file ``name`` (``"event"`` -> ``SCHEMA_DIR/event.v1.json``)."""
     stem = name.removesuffix(".json")
     if ".v" not in stem:
-        stem = f"{stem}.v{SCHEMA_VERSION}"
+        stem = f"{stem}.v{CURRENT_VERSIONS.get(stem, SCHEMA_VERSION)}"
     return SCHEMA_DIR / f"{stem}.json"
 
 

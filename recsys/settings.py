@@ -80,6 +80,10 @@ class Settings:
     metrics_host: str = "127.0.0.1"  # address the metrics endpoint listens on (0.0.0.0 in a container)
     status_interval_s: float = 10.0  # a status line on stderr every this many seconds
     quiet: bool = False  # no status line
+    # --- issue 9 integrity ---
+    # a partition's log no longer holds the offset the flow recovered (topic re-created,
+    # retention, broker data loss): stop naming both offsets, or go on from its start / end
+    on_offset_reset: Literal["fail", "earliest", "latest"] = "fail"
 
     @classmethod
     def env_var(cls, name: str) -> str:

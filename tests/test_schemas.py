@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
 import re
 from typing import Any
 
@@ -22,6 +23,8 @@ from jsonschema import Draft202012Validator
 
 from recsys import schemas
 from recsys.events import (
+    DEAD_LETTER_PAYLOAD_BYTES,
+    DEAD_LETTER_SCHEMA_VERSION,
     EVENT_TYPES,
     MAX_TS_MS,
     SCHEMA_VERSION,
@@ -240,13 +243,22 @@ def test_schema_is_a_valid_draft_2020_12_schema(name: str) -> None:
 @pytest.mark.parametrize("name", SCHEMA_NAMES)
 def test_schema_id_names_the_file_and_its_version(name: str) -> None:
     schema = load_schema(name)
-    assert schema["$id"].endswith(f"{name}.v{SCHEMA_VERSION}")
+    version = schemas.CURRENT_VERSIONS.get(name, SCHEMA_VERSION)
+    assert schema["$id"].endswith(f"{name}.v{version}")
     assert schema["title"] and schema["description"]
+    if "schema_version" in schema["properties"]:
+        assert schema["properties"]["schema_version"] == {"const": version}
+
+
+#: Versions replaced by a newer one, kept so that records already written stay checkable.
+SUPERSEDED = ("dead_letter.v1.json",)
 
 
 def test_schema_dir_is_the_repository_schemas_folder_and_holds_every_schema() -> None:
     assert SCHEMA_DIR == schemas.Path(__file__).resolve().parent.parent / "schemas"
-    assert sorted(p.name for p in SCHEMA_DIR.glob("*.json")) == sorted(f"{n}.v{SCHEMA_VERSION}.json" for n in SCHEMA_NAMES)
+    current = [schemas.schema_path(n).name for n in SCHEMA_NAMES]
+    assert schemas.schema_path("dead_letter").name == f"dead_letter.v{DEAD_LETTER_SCHEMA_VERSION}.json"
+    assert sorted(p.name for p in SCHEMA_DIR.glob("*.json")) == sorted([*current, *SUPERSEDED])
 
 
 def test_load_schema_accepts_a_versioned_name_and_returns_a_fresh_copy() -> None:
@@ -320,7 +332,7 @@ def test_dead_letter_schema_lists_exactly_what_to_dict_emits() -> None:
     source = schema["properties"]["source"]
     source_fields = {f.name for f in dataclasses.fields(SourcePosition)}
     assert set(source["properties"]) == set(source["required"]) == source_fields == set(emitted["source"])
-    assert schema["properties"]["schema_version"] == {"const": SCHEMA_VERSION}
+    assert schema["properties"]["schema_version"] == {"const": DEAD_LETTER_SCHEMA_VERSION}
 
 
 @pytest.mark.parametrize(("name", "open_to_unknown_fields"), [(n, True) for n in INPUTS] + [(n, False) for n in OUTPUTS])
@@ -512,7 +524,26 @@ def test_every_dead_letter_encodes_to_a_valid_dead_letter(letter: DeadLetter) ->
 @settings(max_examples=100, deadline=None)
 @given(DEAD_LETTERS)
 def test_a_dead_letter_keeps_the_exact_payload_bytes(letter: DeadLetter) -> None:
-    assert base64.b64decode(orjson.loads(encode(letter))["payload_b64"], validate=True) == letter.payload
+    out = orjson.loads(encode(letter))
+    assert base64.b64decode(out["payload_b64"], validate=True) == letter.payload
+    assert out["payload_truncated"] is False and out["payload_size"] == len(letter.payload)
+    assert out["payload_sha256"] == hashlib.sha256(letter.payload).hexdigest()
+
+
+@pytest.mark.parametrize("size", [DEAD_LETTER_PAYLOAD_BYTES, DEAD_LETTER_PAYLOAD_BYTES + 1, 10 * 2**20])
+def test_a_dead_letter_of_a_huge_message_keeps_a_bounded_prefix_its_size_and_hash(size: int) -> None:
+    payload = bytes(range(256)) * (size // 256) + b"z" * (size % 256)
+    encoded = encode(DeadLetter(payload, "payload: oversized", SourcePosition("events", 0, 1)))
+    out = orjson.loads(encoded)
+    assert validate("dead_letter", out) == []
+    assert len(encoded) < 400_000  # fits a producer's default 1 MB request, whatever the message size
+    assert base64.b64decode(out["payload_b64"]) == payload[:DEAD_LETTER_PAYLOAD_BYTES]
+    assert out["payload_truncated"] is (size > DEAD_LETTER_PAYLOAD_BYTES)
+    assert out["payload_size"] == size and out["payload_sha256"] == hashlib.sha256(payload).hexdigest()
+
+
+def test_the_superseded_v1_dead_letter_schema_still_validates_its_own_example() -> None:
+    assert validate("dead_letter.v1", load_schema("dead_letter.v1")["examples"][0]) == []
 
 
 def test_validate_reports_each_broken_field_by_path() -> None:
