@@ -66,13 +66,17 @@ def build_flow(
     engine_factory: Callable[[], Engine],
     catalog: Source[Envelope] | None = None,
     scored: Sink[Any] | None = None,
+    control: Source[Envelope] | None = None,
 ) -> Dataflow:
-    """Wire sources, the engine step and sinks into a dataflow."""
+    """Wire sources, the engine step and sinks into a dataflow (``control``: erasure requests)."""
     flow = Dataflow(flow_id)
     stream = op.input("events_in", flow, events)  # Envelope
     if catalog is not None:
         catalog_stream = op.input("catalog_in", flow, catalog)  # Envelope
         stream = op.merge("merge_inputs", catalog_stream, stream)  # Envelope
+    if control is not None:
+        control_stream = op.input("control_in", flow, control)  # Envelope
+        stream = op.merge("merge_control", control_stream, stream)  # Envelope
     outs = op.flat_map_batch("process", stream, EngineStep(engine_factory))  # Out
     recs = op.filter_map("recommendations", outs, lambda o: (o.key, o.payload) if o.kind == "rec" else None)
     dead = op.filter_map("dead_letters", outs, lambda o: (o.key, o.payload) if o.kind == "dead" else None)

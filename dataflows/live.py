@@ -16,7 +16,7 @@ from typing import Any
 from bytewax.dataflow import Dataflow
 
 from dataflows.flow import build_flow
-from dataflows.kafka_io import KafkaClients, KafkaSink, KafkaSource
+from dataflows.kafka_io import KafkaClients, KafkaSink, KafkaSource, ensure_topics
 from recsys.engine import Engine
 from recsys.items import load_jsonl
 from recsys.settings import Settings
@@ -55,11 +55,15 @@ def live_flow(settings: Settings | None = None, clients: Any = None, engine: Eng
     """
     settings = settings or Settings.from_env(os.environ).for_shard()
     clients = clients if clients is not None else KafkaClients(settings)
+    # erasure requests: every shard reads the whole control topic; a missing topic only means
+    # none was ever sent, so it is created (one partition keeps requests in order)
+    ensure_topics(clients, {settings.control_topic: 1})
 
     return build_flow(
         "recsys_live",
         events=KafkaSource.from_settings(clients, settings.events_topic, settings, sharded=True),
         catalog=KafkaSource.from_settings(clients, settings.catalog_topic, settings),
+        control=KafkaSource.from_settings(clients, settings.control_topic, settings),
         recommendations=KafkaSink(clients, settings.recommendations_topic),
         dead_letters=KafkaSink(clients, settings.dead_letters_topic),
         engine_factory=(lambda: engine) if engine is not None else engine_factory(settings),

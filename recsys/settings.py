@@ -74,6 +74,13 @@ class Settings:
     head_lr: float = 1e-3
     head_snapshot_interval_s: float = 30.0  # versioned head + re-ranker snapshots in state_dir/models
     seed: int = 0
+    # --- issue 9 state ---
+    # events whose ts is further ahead of their message's broker timestamp are dead-lettered
+    # (a clock bug must not age out or decay everyone else's state); 0 disables the check
+    max_event_ahead_s: float = 3600.0
+    dedup_window: int = 50  # event_ids remembered per user: a re-sent event_id is counted once
+    sweep_keys_per_batch: int = 500  # user records checked for expiry per batch (0: no sweep)
+    control_topic: str = "control"  # erasure requests ({"type": "forget_user", "user_id": ...})
 
     @classmethod
     def env_var(cls, name: str) -> str:
@@ -105,6 +112,9 @@ class Settings:
                 f"{self.env_var('shard')}={self.shard}, {self.env_var('shards')}={self.shards}: "
                 "need shards >= 1 and 0 <= shard < shards"
             )
+        for name in ("max_event_ahead_s", "dedup_window", "sweep_keys_per_batch"):
+            if getattr(self, name) < 0:
+                raise SettingsError(f"{self.env_var(name)}: must be >= 0, got {getattr(self, name)}")
         if self.snapshot_interval_s <= 0:
             raise SettingsError(f"{self.env_var('snapshot_interval_s')}: must be > 0")
         for f in fields(self):

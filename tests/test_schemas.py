@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
 from recsys import schemas
+from recsys.control import decode_control
 from recsys.events import (
     EVENT_TYPES,
     MAX_TS_MS,
@@ -39,9 +40,9 @@ from recsys.events import (
 )
 from recsys.schemas import SCHEMA_DIR, SCHEMA_NAMES, load_schema, validate
 
-INPUTS = ("event", "catalog_item")
+INPUTS = ("event", "catalog_item", "control")
 OUTPUTS = ("recommendation", "dead_letter")
-DECODERS = {"event": decode_event, "catalog_item": decode_catalog_item}
+DECODERS = {"event": decode_event, "catalog_item": decode_catalog_item, "control": decode_control}
 
 # --------------------------------------------------------------------------- helpers
 
@@ -357,6 +358,17 @@ def test_generated_valid_events_pass_both_decoder_and_schema(obj: dict[str, Any]
 def test_generated_valid_catalog_items_pass_both_decoder_and_schema(obj: dict[str, Any]) -> None:
     assert decoder_verdict("catalog_item", obj)[0]
     assert validate("catalog_item", obj) == []
+
+
+CONTROL_OBJECTS = st.fixed_dictionaries(
+    {}, optional={"type": st.sampled_from(["forget_user", "forget"]) | JSON_VALUES, "user_id": IDS | st.just("") | JSON_VALUES}
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(CONTROL_OBJECTS)
+def test_decoder_accepts_a_control_message_exactly_when_the_schema_validates_it(obj: dict[str, Any]) -> None:
+    assert_agree("control", obj)
 
 
 CLICK = {"event_id": "e1", "type": "click", "user_id": "u1", "item_id": "i9", "ts": 1700000000000}

@@ -1,0 +1,118 @@
+"""Issue 9, the state faults: no event changes another user's state, re-sent events count once,
+idle users and their outboxes leave the disk, hostile values are refused with a reason."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from recsys.engine import Engine
+from recsys.events import CatalogItem, Envelope, Event, encode
+from recsys.settings import Settings
+from recsys.state import decode_user, user_key
+
+T0 = 1_700_000_000_000
+DAY_MS = 86_400_000
+ITEMS = [CatalogItem(f"i{n}", f"product number {n}", category="things") for n in range(20)]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("emb"))
+
+
+def _settings(tmp_path, cache, **kw) -> Settings:
+    kw.setdefault("head_enabled", False)
+    return Settings(state_dir=str(tmp_path / "state"), embed_cache_dir=cache, head_snapshot_interval_s=3600, **kw)
+
+
+def _open(tmp_path, cache, **kw) -> Engine:
+    engine = Engine.open(_settings(tmp_path, cache, **kw))
+    engine.upsert_catalog(ITEMS)
+    return engine
+
+
+def _env(event: Event, offset: int, *, broker_ts: int | None = None, partition: int = 0) -> Envelope:
+    ts = event.ts if broker_ts is None else broker_ts
+    return Envelope("events", partition, offset, event.user_id.encode(), encode(event), ts)
+
+
+def _dead_reasons(result) -> list[str]:
+    return [orjson.loads(p)["reason"] for _, p in result.dead_letters]
+
+
+# --------------------------------------------------------------------------- defect 2
+
+
+def test_an_event_from_the_year_9998_leaves_100_other_users_intact(tmp_path, cache):
+    engine = _open(tmp_path, cache)
+    users = [f"u{n}" for n in range(100)]
+    engine.process([_env(Event(f"a{n}", "click", u, f"i{n % 20}", T0 + n), n) for n, u in enumerate(users)])
+    later = T0 + 60_000
+    batch = [_env(Event(f"b{n}", "click", u, f"i{(n + 1) % 20}", later + n), 100 + n) for n, u in enumerate(users)]
+    year_9998 = 253_370_764_800_000
+    batch.insert(50, _env(Event("bad", "click", "clockbug", "i3", year_9998), 200, broker_ts=later))
+    result = engine.process(batch)
+
+    reasons = _dead_reasons(result)
+    assert len(reasons) == 1 and "ahead of the message's broker timestamp" in reasons[0] and "RECSYS_MAX_EVENT_AHEAD_S" in reasons[0]
+    states = engine.users.get_many(users, now_ts=later)
+    assert all(len(states[u].history) == 2 for u in users), [u for u in users if len(states[u].history) != 2][:5]
+    assert engine.kv.get(user_key("clockbug")) is None
+    engine.close()
+
+
+def test_an_event_within_the_allowed_clock_skew_is_applied(tmp_path, cache):
+    engine = _open(tmp_path, cache, max_event_ahead_s=600)
+    ok = engine.process([_env(Event("e1", "click", "u", "i1", T0 + 500_000), 0, broker_ts=T0)])
+    assert ok.counts["applied"] == 1 and not ok.dead_letters
+    late = engine.process([_env(Event("e2", "click", "u", "i2", T0 + 700_000), 1, broker_ts=T0)])
+    assert late.counts["dead_letters"] == 1 and late.counts["applied"] == 0
+    engine.close()
+
+
+def test_idle_expiry_is_per_user_against_their_own_event_time(tmp_path, cache):
+    # broker timestamps equal event times here, so only the TTL can act: a user back after
+    # 2 days starts afresh; one back after an hour, in the same batch, keeps everything
+    engine = _open(tmp_path, cache, state_ttl_days=1.0)
+    engine.process([_env(Event("a1", "purchase", "gone", "i1", T0), 0), _env(Event("b1", "purchase", "stays", "i2", T0), 1)])
+    engine.process([
+        _env(Event("b2", "click", "stays", "i3", T0 + 3_600_000), 2),
+        _env(Event("a2", "click", "gone", "i4", T0 + 2 * DAY_MS), 3),
+    ])
+    states = {u: decode_user(engine.kv.get(user_key(u))) for u in ("gone", "stays")}
+    assert [h[0] for h in states["stays"].history] == ["i2", "i3"] and states["stays"].bought == {"i2": 1}
+    assert [h[0] for h in states["gone"].history] == ["i4"] and states["gone"].bought == {}
+    engine.close()
+
+
+# --------------------------------------------------------------------------- defect 3
+
+
+def test_a_resent_event_id_is_counted_once_even_across_a_restart(tmp_path, cache):
+    buy = Event("order-17", "purchase", "u", "i5", T0)
+    engine = _open(tmp_path, cache)
+    first = engine.process([_env(buy, 0), _env(buy, 1)])  # a retry in the same poll
+    assert first.counts["applied"] == 1 and first.counts["duplicates"] == 1
+    engine.close()
+
+    engine = _open(tmp_path, cache)  # a re-run of the upstream job, after a restart
+    again = engine.process([_env(buy, 2), _env(Event("order-18", "click", "u", "i6", T0 + 1), 3)])
+    assert again.counts["duplicates"] == 1 and again.counts["applied"] == 1
+    state = engine.users.get_many(["u"], now_ts=T0)["u"]
+    assert state.bought == {"i5": 1}
+    assert [h[0] for h in state.history] == ["i5", "i6"]
+    assert state.counts["purchase"] == pytest.approx(1.0, rel=1e-6)
+    engine.close()
+
+
+def test_the_dedup_window_is_bounded_and_other_users_may_reuse_an_id(tmp_path, cache):
+    engine = _open(tmp_path, cache, dedup_window=3)
+    events = [Event(f"e{n}", "click", "u", f"i{n}", T0 + n) for n in range(5)]
+    engine.process([_env(e, n) for n, e in enumerate(events)])
+    state = engine.users.get_many(["u"], now_ts=T0)["u"]
+    assert state.recent_ids == ["e2", "e3", "e4"]
+    # another user's event with the same id is theirs; an id older than the window is applied again
+    result = engine.process([_env(Event("e4", "click", "v", "i1", T0 + 9), 5), _env(Event("e0", "click", "u", "i0", T0 + 10), 6)])
+    assert result.counts["applied"] == 2 and result.counts["duplicates"] == 0
+    engine.close()
