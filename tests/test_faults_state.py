@@ -116,3 +116,39 @@ def test_the_dedup_window_is_bounded_and_other_users_may_reuse_an_id(tmp_path, c
     result = engine.process([_env(Event("e4", "click", "v", "i1", T0 + 9), 5), _env(Event("e0", "click", "u", "i0", T0 + 10), 6)])
     assert result.counts["applied"] == 2 and result.counts["duplicates"] == 0
     engine.close()
+
+
+# --------------------------------------------------------------------------- defect 8
+
+
+def test_the_running_sweep_deletes_idle_users_and_their_outboxes_but_never_a_live_one(tmp_path, cache):
+    engine = _open(tmp_path, cache, state_ttl_days=1.0, sweep_keys_per_batch=10)
+    idle = [f"idle{n:02d}" for n in range(30)]
+    engine.process([_env(Event(f"a{n}", "click", u, f"i{n % 20}", T0 + n), n) for n, u in enumerate(idle)])
+    engine.process([_env(Event("l1", "click", "live", "i1", T0 + DAY_MS // 2), 30)])
+    assert all(engine.kv.get(b"o:" + u.encode()) for u in idle)  # each has an outbox
+    swept, offset = [], 31
+    for n in range(6):  # the newest event is 1.2 days after the idle users' last one
+        result = engine.process([_env(Event(f"f{n}", "click", "fresh", "i2", T0 + int(1.2 * DAY_MS) + n), offset)])
+        offset += 1
+        swept.append(result.counts["swept_users"])
+    assert max(swept) <= 10 and sum(swept) == 30  # a bounded slice per batch, every idle user once
+    users = {k[2:].decode() for k, _ in engine.kv.iter_prefix(b"u:")}
+    outboxes = {k[2:].decode() for k, _ in engine.kv.iter_prefix(b"o:")}
+    assert users == outboxes == {"live", "fresh"}
+    assert len(engine.users.get_many(["live"], now_ts=T0)["live"].history) == 1
+    engine.close()
+
+
+def test_the_sweep_spares_a_user_of_the_same_batch_and_can_be_switched_off(tmp_path, cache):
+    engine = _open(tmp_path, cache, state_ttl_days=1.0, sweep_keys_per_batch=0)
+    engine.process([_env(Event("a", "click", "old", "i1", T0), 0)])
+    engine.process([_env(Event("b", "click", "new", "i1", T0 + 2 * DAY_MS), 1)])
+    assert engine.kv.get(user_key("old")) is not None  # no sweep: reset on its next event only
+    engine.close()
+    engine = _open(tmp_path, cache, state_ttl_days=1.0, sweep_keys_per_batch=100)
+    # "old" is expired at the stream's clock, but it has an event in this very batch
+    result = engine.process([_env(Event("c", "click", "new", "i2", T0 + 2 * DAY_MS + 1), 2), _env(Event("d", "click", "old", "i3", T0 + 2 * DAY_MS), 3)])
+    assert result.counts["swept_users"] == 0
+    assert [h[0] for h in decode_user(engine.kv.get(user_key("old"))).history] == ["i3"]
+    engine.close()
