@@ -152,3 +152,41 @@ def test_the_sweep_spares_a_user_of_the_same_batch_and_can_be_switched_off(tmp_p
     assert result.counts["swept_users"] == 0
     assert [h[0] for h in decode_user(engine.kv.get(user_key("old"))).history] == ["i3"]
     engine.close()
+
+
+# --------------------------------------------------------------------------- hostile values
+
+_CLICK = b'{"event_id": "h1", "type": "purchase", "user_id": "u-h", "item_id": "i1", "ts": 1700000000000'
+HOSTILE = {
+    "price 1e308": (_CLICK + b', "price": 1e308}', "field 'price': 1e+308 is above the limit of 1e+12"),
+    "quantity of 300 digits": (_CLICK + b', "quantity": ' + b"9" * 300 + b"}", "field 'quantity': 1e+300 is above the limit of 1000000"),
+    "NUL in user_id": (_CLICK.replace(b'"u-h"', b'"u\\u0000h"') + b"}", "field 'user_id': contains the control or bidirectional character U+0000"),
+    "right-to-left override in item_id": (_CLICK.replace(b'"i1"', '"i\u202e1"'.encode()) + b"}", "field 'item_id': contains the control or bidirectional character U+202E"),
+    "context nested 500 deep": (_CLICK + b', "context": ' + b'{"a": ' * 500 + b"1" + b"}" * 500 + b"}", "field 'context': nested deeper than 16 levels"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_a_hostile_value_is_dead_lettered_with_its_reason(tmp_path, cache, case):
+    raw, reason = HOSTILE[case]
+    engine = _open(tmp_path, cache)
+    result = engine.process([Envelope("events", 0, 0, b"u-h", raw, T0)])
+    assert _dead_reasons(result) == [reason]
+    assert result.counts["applied"] == 0 and not list(engine.kv.iter_prefix(b"u:"))
+    engine.close()
+
+
+def test_values_at_the_limits_are_accepted(tmp_path, cache):
+    ok = _CLICK + b', "price": 1e12, "quantity": 1000000, "context": ' + b'{"a": ' * 15 + b"[1]" + b"}" * 15 + b"}"
+    engine = _open(tmp_path, cache)
+    result = engine.process([Envelope("events", 0, 0, b"u-h", ok, T0)])
+    assert result.counts["applied"] == 1 and not result.dead_letters
+    engine.close()
+
+
+def test_a_catalog_item_with_attributes_nested_300_deep_is_dead_lettered_not_a_crash(tmp_path, cache):
+    raw = b'{"item_id": "deep", "title": "t", "attributes": ' + b'{"a": ' * 300 + b"1" + b"}" * 300 + b"}"
+    engine = _open(tmp_path, cache)
+    result = engine.process([Envelope("catalog", 0, 0, b"deep", raw, T0)])  # storing it used to raise
+    assert _dead_reasons(result) == ["field 'attributes': nested deeper than 16 levels"]
+    engine.close()
