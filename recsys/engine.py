@@ -408,10 +408,14 @@ class Engine:
         """One bounded step of the expiry sweep: of the next ``sweep_keys_per_batch`` user
         records (a cursor over ``u:`` keys, wrapping around), the keys of those idle longer
         than the TTL at the stream's clock, with their outboxes, to delete in this batch's
-        write. Users of this batch are never deleted (their records are being written)."""
-        limit = self.settings.sweep_keys_per_batch
-        if limit <= 0 or not self._persistent or self._stream_ts == 0:
+        write. Users of this batch are never deleted (their records are being written).
+
+        The slice is ``sweep_keys_per_batch`` keys, or twice the batch's users if more: a batch
+        adds at most that many users, so a full pass always outpaces new users and the number
+        of stored users stays within a small multiple of those active within the TTL."""
+        if self.settings.sweep_keys_per_batch <= 0 or not self._persistent or self._stream_ts == 0:
             return []
+        limit = max(self.settings.sweep_keys_per_batch, 2 * len(batch_users))
         expired, self._sweep_from = self.users.sweep_slice(self._stream_ts, self._sweep_from, limit)
         doomed = [u for u in expired if u not in batch_users]
         counts["swept_users"] += len(doomed)
