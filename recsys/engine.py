@@ -60,8 +60,15 @@ _ITEM_PREFIX = b"item:"
 _WATERMARK_PREFIX = b"wm:"
 _OUTBOX_PREFIX = b"o:"
 _LAYOUT_KEY = b"meta:shard"  # "<shard>/<shards>" of the process that wrote this state
-#: Erasures are logged here, with the id's hash only (``recsys.control.user_hash``).
+#: Erasures are logged here, with the id's hash only (``recsys.control.user_hash``). An audit
+#: record must not vanish because nobody configured logging: without a handler of its own the
+#: logger writes INFO to stderr (an application's handlers on the root see it too).
 AUDIT_LOG = logging.getLogger("recsys.audit")
+if not AUDIT_LOG.handlers:
+    _audit_handler = logging.StreamHandler()
+    _audit_handler.setFormatter(logging.Formatter("%(asctime)s recsys.audit %(message)s"))
+    AUDIT_LOG.addHandler(_audit_handler)
+    AUDIT_LOG.setLevel(logging.INFO)
 
 
 class StateLayoutError(RuntimeError):
