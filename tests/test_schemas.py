@@ -156,7 +156,7 @@ def valid_events(draw: st.DrawFn) -> dict[str, Any]:
     obj: dict[str, Any] = {"event_id": draw(IDS), "type": etype, "user_id": draw(IDS), "ts": draw(VALID_TS)}
     if etype == "search":
         obj["query"] = draw(text_up_to(1000, min_size=1))
-        _put_optional(draw, obj, "item_id", text_up_to(256))
+        _put_optional(draw, obj, "item_id", IDS | st.just(""))
     else:
         obj["item_id"] = draw(IDS)
         _put_optional(draw, obj, "query", text_up_to(1000))
