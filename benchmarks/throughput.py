@@ -26,7 +26,15 @@ the real flow as a child process (``python -m dataflows.cli run``), synthetic da
    clicks the known twin right after (and again 0.1, 0.25, 0.5 s later: the two topics are
    read independently, so a click can overtake the catalog record). Reported: the time from
    the new item's catalog append to the first recommendation (anyone's) listing it.
-3. peak RSS of the flow process: ``VmHWM`` (the kernel's high-water mark of resident memory)
+3. ``longrun`` (the state bound, issue 9): ``--longrun-events`` (1M) events over
+   ``--longrun-users`` (500k) users, stream time advancing ``--longrun-gap-ms`` per event, with
+   a short ``--longrun-ttl-h`` (1 h of stream time), fed in batches of ``--longrun-batch`` to the
+   very ``Engine.process`` step the flow runs, in this process, on RocksDB (no broker: Kafka
+   holds no state of ours, and producing 1M events would only make the run longer). Every
+   ``--report-every`` (100k) events it prints the users and outboxes in state, the on-disk size
+   of the state directory and this process's RSS; both must level off once the sweep keeps pace.
+   Events are generated chunk by chunk, so the RSS is the engine's, not the input's.
+4. peak RSS of the flow process: ``VmHWM`` (the kernel's high-water mark of resident memory)
    sampled from ``/proc/<pid>/status`` every 50 ms until the process exits; with
    ``--flow-args "--processes N"``, the sum of the peaks of the supervisor and its shards. (``ru_maxrss`` from
    ``wait4`` is not used: Linux carries the parent's peak across fork+exec into it, so it
@@ -56,6 +64,9 @@ from pathlib import Path
 
 import numpy as np
 import orjson
+
+from recsys.engine import Engine
+from recsys.events import Envelope
 
 from dataflows.cli import default_topics
 from dataflows.demo import summarize
@@ -543,9 +554,63 @@ def _trigger_pcts(events, recs) -> dict[str, float]:
 # --------------------------------------------------------------------------- main
 
 
+def dir_size_mib(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
+
+
+def own_rss_mib() -> float:
+    for row in Path("/proc/self/status").read_text().splitlines():
+        if row.startswith("VmRSS:"):
+            return int(row.split()[1]) / 1024
+    return float("nan")
+
+
+def run_longrun(args, items, cache_dir: str, base: Settings, workroot: Path) -> dict:
+    """The long run of the state bound: see the module docstring, step 3."""
+    import dataclasses as dc
+
+    settings = base.replace(
+        state_dir=str(workroot / "longrun-state"), embed_cache_dir=cache_dir, state_ttl_days=args.longrun_ttl_h / 24,
+        head_snapshot_interval_s=3600.0,
+    )
+    engine = Engine.open(settings)
+    engine.upsert_catalog(items)
+    log(f"longrun: {args.longrun_events} events over {args.longrun_users} users, {args.longrun_gap_ms} ms of stream time "
+        f"per event, TTL {args.longrun_ttl_h} h, batches of {args.longrun_batch}, sweep >= {settings.sweep_keys_per_batch} keys/batch")
+    rows, offset, start_ts, t0 = [], 0, 1_700_000_000_000, time.perf_counter()
+    chunk = args.report_every
+    for c in range(0, args.longrun_events, chunk):
+        n = min(chunk, args.longrun_events - c)
+        events = generate_events(n, items, n_users=args.longrun_users, seed=args.seed + 1 + c // chunk,
+                                 start_ts=start_ts, mean_gap_ms=args.longrun_gap_ms)
+        start_ts = events[-1].ts
+        swept = 0
+        for b in range(0, n, args.longrun_batch):
+            envs = [Envelope("events", 0, offset + i, e.user_id.encode(), encode(dc.replace(e, event_id=f"c{c}-{e.event_id}")), e.ts)
+                    for i, e in enumerate(events[b : b + args.longrun_batch])]
+            offset += len(envs)
+            swept += engine.process(envs).counts["swept_users"]
+        del events
+        row = {
+            "events": c + n,
+            "stream_hours": round((start_ts - 1_700_000_000_000) / 3_600_000, 2),
+            "users_in_state": sum(1 for _ in engine.kv.iter_prefix(b"u:")),
+            "outboxes": sum(1 for _ in engine.kv.iter_prefix(b"o:")),
+            "swept": swept,
+            "disk_mib": round(dir_size_mib(Path(settings.state_dir)), 1),
+            "rss_mib": round(own_rss_mib(), 1),
+            "events_per_s": round((c + n) / (time.perf_counter() - t0)),
+        }
+        rows.append(row)
+        log("longrun: " + ", ".join(f"{k} {v}" for k, v in row.items()))
+    engine.close()
+    return {"events": args.longrun_events, "users": args.longrun_users, "ttl_h": args.longrun_ttl_h,
+            "gap_ms": args.longrun_gap_ms, "batch": args.longrun_batch, "rows": rows}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--mode", choices=("both", "max", "latency"), default="both")
+    p.add_argument("--mode", choices=("both", "max", "latency", "longrun"), default="both")
     p.add_argument("--events", type=int, default=100_000, help="events for the sustained-throughput run")
     p.add_argument("--latency-events", type=int, default=30_000, help="events offered in the latency run")
     p.add_argument("--rate", type=float, default=1000.0, help="events/s offered in the latency run")
@@ -560,6 +625,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", default=None, metavar="DIR", help="run the flow under cProfile; .prof files go here")
     p.add_argument("--max-wait-s", type=float, default=900.0, help="give up on a run after this long")
     p.add_argument("--out", default=None, help="write all figures as JSON here")
+    p.add_argument("--longrun-events", type=int, default=1_000_000, help="longrun: events in all")
+    p.add_argument("--longrun-users", type=int, default=500_000, help="longrun: distinct users")
+    p.add_argument("--longrun-ttl-h", type=float, default=1.0, help="longrun: the state TTL, hours of stream time")
+    p.add_argument("--longrun-gap-ms", type=float, default=20.0, help="longrun: mean stream time between events")
+    p.add_argument("--longrun-batch", type=int, default=1000, help="longrun: events per Engine.process batch")
+    p.add_argument("--report-every", type=int, default=100_000, help="longrun: print disk and RSS every this many events")
     p.add_argument("--verbose", "-v", action="store_true", help="echo the flow's output")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -593,6 +664,8 @@ def main(argv: list[str] | None = None) -> int:
             results["max"] = run_max(args, items, catalog_path, cache_dir, base, workroot)
         if args.mode in ("both", "latency"):
             results["latency"] = run_latency(args, items, catalog_path, cache_dir, base, workroot)
+        if args.mode == "longrun":
+            results["longrun"] = run_longrun(args, items, cache_dir, base, workroot)
     results["machine"]["loadavg_end"] = loadavg()
 
     log("\n==== results ====")

@@ -323,6 +323,42 @@ def _readable(payload: bytes | None) -> str:
         return (payload or b"").decode("utf-8", "replace")
 
 
+# --------------------------------------------------------------------------- forget
+
+
+def cmd_forget(args: argparse.Namespace) -> int:
+    """Erase shoppers (right to be forgotten): send forget_user requests to the control topic,
+    which every running shard applies; or, with --offline, erase them from a stopped flow's state."""
+    from recsys.control import ControlMessage, encode_control, user_hash
+
+    settings = _settings(args, "forget")
+    if args.offline:
+        from recsys.engine import Engine
+        from recsys.state import StoreOpenError
+
+        try:
+            engine = Engine.open(settings.for_shard())
+        except StoreOpenError as exc:
+            fail("forget", f"--offline: {exc} (is the flow running? then leave out --offline)")
+        try:
+            engine.forget(args.user_ids, source="cli")
+        finally:
+            engine.close()
+        where = f"state {settings.for_shard().state_dir}"
+    else:
+        from dataflows.kafka_io import KafkaClients, ensure_topics, produce_records
+
+        _require_broker(settings, "forget")
+        clients = KafkaClients(settings)
+        ensure_topics(clients, {settings.control_topic: 1})
+        records = ((u.encode(), encode_control(ControlMessage("forget_user", u))) for u in args.user_ids)
+        produce_records(clients, settings.control_topic, records)
+        where = f"topic {settings.control_topic!r}"
+    for user_id in args.user_ids:  # the audit line: the id's hash, never the id
+        print(f"forget_user user_sha256={user_hash(user_id)} -> {where}", flush=True)
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -366,6 +402,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max", type=non_negative_int, default=0, metavar="N",
                    help="stop after N records (default 0: no limit)")
     p.set_defaults(func=cmd_tail)
+
+    p = sub.add_parser("forget", help=cmd_forget.__doc__)
+    add_cli_flags(p)
+    p.add_argument("user_ids", nargs="+", metavar="USER_ID", help="the shoppers to erase (their user_id as in the events)")
+    p.add_argument("--offline", action="store_true", help="erase from --state-dir directly (the flow must be stopped)")
+    p.set_defaults(func=cmd_forget)
 
     from dataflows import demo, replay_cli
 

@@ -130,13 +130,17 @@ def build_flow(
     scored: Sink[Any] | None = None,
     ticks: Source[Tick] | None = None,
     observer: StepObserver | None = None,
+    control: Source[Envelope] | None = None,
 ) -> Dataflow:
-    """Wire sources, the engine step and sinks into a dataflow."""
+    """Wire sources, the engine step and sinks into a dataflow (``control``: erasure requests)."""
     flow = Dataflow(flow_id)
     stream = op.input("events_in", flow, events)  # Envelope
     if catalog is not None:
         catalog_stream = op.input("catalog_in", flow, catalog)  # Envelope
         stream = op.merge("merge_inputs", catalog_stream, stream)  # Envelope
+    if control is not None:
+        control_stream = op.input("control_in", flow, control)  # Envelope
+        stream = op.merge("merge_control", control_stream, stream)  # Envelope
     if ticks is not None:
         stream = op.merge("merge_ticks", op.input("ticks_in", flow, ticks), stream)  # Envelope | Tick
     outs = op.flat_map_batch("process", stream, EngineStep(engine_factory, observer))  # Out

@@ -24,7 +24,7 @@ from bytewax.dataflow import Dataflow
 
 from dataflows.catalog_table import ResumeAtLeast, bootstrap_catalog, report
 from dataflows.flow import Ticks, build_flow
-from dataflows.kafka_io import KafkaClients, KafkaSink, KafkaSource
+from dataflows.kafka_io import KafkaClients, KafkaSink, KafkaSource, ensure_topics
 from dataflows.metrics import FlowMetrics, Watched
 from recsys.engine import Engine
 from recsys.items import load_jsonl
@@ -93,11 +93,16 @@ def live_flow(
         print(f"metrics: {url}", flush=True)
     catalog = KafkaSource.from_settings(clients, settings.catalog_topic, settings)
     events = KafkaSource.from_settings(clients, settings.events_topic, settings, sharded=True)
+    # erasure requests: every shard reads the whole control topic; a missing topic only means
+    # none was ever sent, so it is created (one partition keeps requests in order)
+    ensure_topics(clients, {settings.control_topic: 1})
+    control = KafkaSource.from_settings(clients, settings.control_topic, settings)
 
     return build_flow(
         "recsys_live",
         events=stoppable(Watched(events, settings.events_topic, metrics), stop),
         catalog=stoppable(Watched(ResumeAtLeast(catalog, boot.parts()), settings.catalog_topic, metrics), stop),
+        control=stoppable(control, stop),
         observer=metrics,
         recommendations=KafkaSink(clients, settings.recommendations_topic),
         dead_letters=KafkaSink(clients, settings.dead_letters_topic),

@@ -160,6 +160,10 @@ class ShownCache:
     def get(self, user_id: str) -> Shown | None:
         return self._data.get(user_id)
 
+    def discard(self, user_id: str) -> None:
+        """Forget what ``user_id`` was shown (an erasure)."""
+        self._data.pop(user_id, None)
+
     def __len__(self) -> int:
         return len(self._data)
 

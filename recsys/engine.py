@@ -33,6 +33,7 @@ import orjson
 
 from recsys.batching import user_disjoint_chunks
 from recsys.blend import Blend, QualityMonitor, Shown, ShownCache
+from recsys.control import TOMBSTONE_PREFIX, ControlMessage, decode_control, tombstone_key, user_hash
 from recsys.embeddings import Embedder
 from recsys.head import Example, Head, HeadConfig
 from recsys.events import (
@@ -55,7 +56,7 @@ from recsys.recommender import MODEL_VERSION, Recommender, RecommenderConfig
 from recsys.sessions import SessionNeighbours
 from recsys.settings import Settings
 from recsys.signals import EVENT_WEIGHTS, CoVisitation, Popularity
-from recsys.state import USER_PREFIX, KVStore, MemoryKV, RocksKV, UserState, UserStore, decode_user, encode_user
+from recsys.state import USER_PREFIX, KVStore, MemoryKV, RocksKV, UserState, UserStore, decode_user, encode_user, user_key
 from recsys.waiting import WaitingRoom
 
 _log = logging.getLogger(__name__)
@@ -71,6 +72,15 @@ _OFFSET_RESET_PREFIX = b"rst:"  # rst:<topic>:<partition> -> "<old>><new>": the 
 _LAYOUT_KEY = b"meta:shard"  # "<shard>/<shards>" of the process that wrote this state
 #: A dead letter's key: the refused message's key, cut to this many bytes (ids are <= 256 chars).
 _DEAD_LETTER_KEY_BYTES = 1024
+#: Erasures are logged here, with the id's hash only (``recsys.control.user_hash``). An audit
+#: record must not vanish because nobody configured logging: without a handler of its own the
+#: logger writes INFO to stderr (an application's handlers on the root see it too).
+AUDIT_LOG = logging.getLogger("recsys.audit")
+if not AUDIT_LOG.handlers:
+    _audit_handler = logging.StreamHandler()
+    _audit_handler.setFormatter(logging.Formatter("%(asctime)s recsys.audit %(message)s"))
+    AUDIT_LOG.addHandler(_audit_handler)
+    AUDIT_LOG.setLevel(logging.INFO)
 
 
 class StateLayoutError(RuntimeError):
@@ -146,6 +156,14 @@ class Engine:
             topic, _, partition = key[len(_WATERMARK_PREFIX) :].decode().rpartition(":")
             self.watermarks[(topic, int(partition))] = int(value)
         self.positions = _load_offsets(kv, _POSITION_PREFIX)  # (topic, partition) -> last offset processed
+        # erased users: id hash -> erasure time (events older than that are dropped)
+        self.tombstones: dict[str, int] = {
+            key[len(TOMBSTONE_PREFIX) :].decode(): int(orjson.loads(v)["erased_at"]) for key, v in kv.iter_prefix(TOMBSTONE_PREFIX)
+        }
+        # the incremental expiry sweep: the next user key to look at, and the stream's clock
+        # (newest applied event time; events too far ahead of the broker never get here)
+        self._sweep_from = b""
+        self._stream_ts = 0
         stored_items = [catalog_item_from_dict(orjson.loads(v)) for _, v in kv.iter_prefix(_ITEM_PREFIX)]
         if stored_items:
             self.items.upsert(stored_items)
@@ -167,8 +185,9 @@ class Engine:
                 HeadConfig(dim=embedder.dim, lr=settings.head_lr, max_steps_per_call=settings.head_steps_per_batch, seed=settings.seed),
                 self.items.index.vectors_or_zero,
             )
-        # In-memory engines (backtests) neither load nor write model snapshots.
-        persistent = not isinstance(kv, MemoryKV)
+        # In-memory engines (backtests) neither load nor write model snapshots, nor sweep
+        # (their input is finite, and a MemoryKV scan from a key sorts the whole store).
+        persistent = self._persistent = not isinstance(kv, MemoryKV)
         self.models = ModelStore(Path(settings.state_dir) / "models" if persistent else None, settings.head_snapshot_interval_s, clock)
         self.models.restore(self)
         self.recommender = Recommender(
@@ -242,18 +261,23 @@ class Engine:
         counts = result.counts
         now_ms = int(self.clock() * 1000)
         catalog_topic = self.settings.catalog_topic
+        control_topic = self.settings.control_topic
         max_bytes = self.settings.max_message_bytes
         if any(env.extra for env in envelopes):
             envelopes = self._absorb_offset_resets(envelopes)
 
         # 1. catalog first, so an item and its first event in one batch work in either order
         catalog_items: list[CatalogItem] = []
+        controls: list[tuple[Envelope, ControlMessage]] = []
         events: list[tuple[Envelope, Event]] = []
         for env in envelopes:
             try:
                 if env.topic == catalog_topic:
                     counts["catalog_in"] += 1
                     catalog_items.append(decode_catalog_item(env.value, max_bytes))
+                elif env.topic == control_topic:
+                    counts["control_in"] += 1
+                    controls.append((env, decode_control(env.value, max_bytes)))
                 else:
                     counts["events_in"] += 1
                     event = decode_event(env.value, max_bytes)
@@ -263,12 +287,15 @@ class Engine:
             except DecodeError as exc:
                 self._dead_letter(result, env, str(exc), now_ms)
         result.event_types.update(event.type for _, event in events)
-        puts: dict[bytes, bytes] = {}
         puts: dict[bytes, bytes] = self._advance_positions(envelopes)
         if catalog_items:
             self.items.upsert(catalog_items)
             for item in catalog_items:
                 puts[_ITEM_PREFIX + item.item_id.encode()] = encode(item)
+        # erasures before any event of the batch: committed at once, so no event below can
+        # read the erased records back
+        for env, message in controls:
+            self._apply_control(env, message, now_ms, counts)
 
         # 2. validate against the catalog, group by user (keeping each user's order)
         # issue 10: events for items not in the catalog yet wait for it (recsys/waiting.py)
@@ -278,11 +305,21 @@ class Engine:
         if waited.parked:
             counts["waited"] += waited.parked
         for env, event in waited.expired:
+            if self.tombstones and self._erased_before(event):
+                counts["forgotten_dropped"] += 1  # an erased user's data is never published again
+                continue
             self._dead_letter(result, env, f"field 'item_id': unknown item {event.item_id!r} (not in the catalog "
                                            f"after waiting {self.waiting.wait_s:g} s)", now_ms)
         by_user: dict[str, list[tuple[Envelope, Event]]] = {}
         admit_unknown = self.settings.unknown_items == "admit"
         for env, event in events:
+            ahead = self._ahead_of_broker(env, event)
+            if ahead is not None:
+                self._dead_letter(result, env, ahead, now_ms)
+                continue
+            if self.tombstones and self._erased_before(event):
+                counts["forgotten_dropped"] += 1  # no dead letter: it would publish their data again
+                continue
             if event.item_id is not None and event.item_id not in self.items.catalog:
                 if not admit_unknown:
                     self._dead_letter(result, env, f"field 'item_id': unknown item {event.item_id!r} (not in the catalog)", now_ms)
@@ -296,7 +333,8 @@ class Engine:
             return result
 
         user_ids = list(by_user)
-        states = self.users.get_many(user_ids, now_ts=max(ev.ts for v in by_user.values() for _, ev in v))
+        # expiry per user, against the user's own next event: no event may reset another user
+        states = self.users.get_many(user_ids, now_ts={u: evs[0][1].ts for u, evs in by_user.items()})
         outboxes = self._load_outboxes(user_ids)
         result.new_users = sum(1 for state in states.values() if not state.last_applied)
 
@@ -323,6 +361,10 @@ class Engine:
                     if stored is not None:
                         reemit.append((user_id, stored))
                     continue
+                if state.is_duplicate(event.event_id):  # a producer retry: absorbed, not applied
+                    counts["duplicates"] += 1
+                    self._advance_watermark(env, puts)
+                    continue
                 if event.item_id is not None:
                     self.covisit.update(state.history, event.item_id, event.type, event.ts)
                     self.transitions.update(state.history, event.item_id, event.type, event.ts)
@@ -338,10 +380,10 @@ class Engine:
                     env.offset,
                     history_len=self.settings.history_len,
                     half_life_h=self.settings.interest_half_life_h,
+                    dedup_window=self.settings.dedup_window,
                 )
-                if env.offset > self.watermarks.get(wm_key, -1):
-                    self.watermarks[wm_key] = env.offset
-                    puts[_WATERMARK_PREFIX + f"{env.topic}:{env.partition}".encode()] = str(env.offset).encode()
+                self._advance_watermark(env, puts)
+                self._stream_ts = max(self._stream_ts, event.ts)
                 applied_any = True
                 counts["applied"] += 1
             if applied_any:
@@ -374,13 +416,33 @@ class Engine:
         counts["recommendations"] += len(result.recommendations)
         counts["reemitted"] += len(reemit)
 
-        # 7. one atomic write: users + signals + watermarks + outboxes + catalog
+        # 7. one atomic write: users + signals + watermarks + outboxes + catalog + expired users
         puts.update(self.users.puts([states[u] for u in fresh_users]))
-        self._commit(puts, waited.deletes)
+        self._commit(puts, [*waited.deletes, *self._sweep(by_user, counts)])
         self.totals.update(counts)
         return result
 
     # ------------------------------------------------------------------ helpers
+
+    def _advance_watermark(self, env: Envelope, puts: dict[bytes, bytes]) -> None:
+        """Record that the message at ``env`` is absorbed (written with this batch)."""
+        wm_key = (env.topic, env.partition)
+        if env.offset > self.watermarks.get(wm_key, -1):
+            self.watermarks[wm_key] = env.offset
+            puts[_WATERMARK_PREFIX + f"{env.topic}:{env.partition}".encode()] = str(env.offset).encode()
+
+    def _ahead_of_broker(self, env: Envelope, event: Event) -> str | None:
+        """The dead-letter reason for an event time further ahead of its message's broker
+        timestamp than ``max_event_ahead_s`` (a producer clock bug: absorbed, it would push
+        the decay clocks of trending and co-visitation far ahead); None when it is fine or
+        the broker time is unknown (0)."""
+        limit_ms = self.settings.max_event_ahead_s * 1000
+        if limit_ms <= 0 or env.timestamp_ms <= 0 or event.ts - env.timestamp_ms <= limit_ms:
+            return None
+        return (
+            f"field 'ts': {event.ts} is {(event.ts - env.timestamp_ms) / 1000:.0f} s ahead of the message's broker "
+            f"timestamp {env.timestamp_ms} (limit RECSYS_MAX_EVENT_AHEAD_S={self.settings.max_event_ahead_s:g})"
+        )
 
     def _commit(self, puts: dict[bytes, bytes], deletes: list[bytes] = ()) -> None:
         puts.update(self.popularity.export_dirty())
@@ -450,6 +512,72 @@ class Engine:
                 self.positions[(env.topic, env.partition)] = new - 1
                 self.kv.write({_POSITION_PREFIX + tag: str(new - 1).encode(), _OFFSET_RESET_PREFIX + tag: f"{old}>{new}".encode()})
         return kept
+    def _sweep(self, batch_users: dict, counts: Counter) -> list[bytes]:
+        """One bounded step of the expiry sweep: of the next ``sweep_keys_per_batch`` user
+        records (a cursor over ``u:`` keys, wrapping around), the keys of those idle longer
+        than the TTL at the stream's clock, with their outboxes, to delete in this batch's
+        write. Users of this batch are never deleted (their records are being written).
+
+        The slice is ``sweep_keys_per_batch`` keys, or twice the batch's users if more: a batch
+        adds at most that many users, so a full pass always outpaces new users and the number
+        of stored users stays within a small multiple of those active within the TTL."""
+        if self.settings.sweep_keys_per_batch <= 0 or not self._persistent or self._stream_ts == 0:
+            return []
+        limit = max(self.settings.sweep_keys_per_batch, 2 * len(batch_users))
+        expired, self._sweep_from = self.users.sweep_slice(self._stream_ts, self._sweep_from, limit)
+        doomed = [u for u in expired if u not in batch_users]
+        counts["swept_users"] += len(doomed)
+        return [key for u in doomed for key in (user_key(u), _OUTBOX_PREFIX + u.encode())]
+
+    # ------------------------------------------------------------------ erasure
+
+    def forget(self, user_ids: list[str], *, erased_at_ms: int | None = None, source: str = "cli") -> int:
+        """Erase users (the right to be forgotten) in one atomic write; returns how many.
+
+        Deleted: the user record (with its dedup window), the outbox of past recommendations,
+        every session of theirs (:meth:`SessionNeighbours.forget_user`) and, in memory, what
+        they were last shown. Written: a tombstone ``fg:<sha256 of id>`` with the erasure time
+        (``erased_at_ms``, default now): their events older than that are dropped, newer ones
+        start a new user. Each erasure is logged to ``recsys.audit`` with the id's hash only.
+        Global aggregates (popularity, co-visitation, the head) hold no ids and are kept.
+        """
+        erased_at = int(self.clock() * 1000) if erased_at_ms is None else erased_at_ms
+        puts: dict[bytes, bytes] = {}
+        deletes: list[bytes] = []
+        for user_id in dict.fromkeys(user_ids):
+            deletes.extend(self._erase(user_id, erased_at, source, puts))
+        self._commit(puts, deletes)
+        return len(dict.fromkeys(user_ids))
+
+    def _erase(self, user_id: str, erased_at: int, source: str, puts: dict[bytes, bytes]) -> list[bytes]:
+        """The keys to delete and the tombstone to write (into ``puts``) for one erasure."""
+        deletes = [user_key(user_id), _OUTBOX_PREFIX + user_id.encode(), *self.sessions.forget_user(user_id),
+                   *self.waiting.forget_user(user_id)]
+        self.shown.discard(user_id)
+        digest = user_hash(user_id)
+        erased_at = max(erased_at, self.tombstones.get(digest, 0))
+        self.tombstones[digest] = erased_at
+        puts[tombstone_key(user_id)] = orjson.dumps({"erased_at": erased_at, "source": source})
+        AUDIT_LOG.info("forget_user user_sha256=%s erased_at=%d source=%s keys_deleted=%d", digest, erased_at, source, len(deletes))
+        return deletes
+
+    def _apply_control(self, env: Envelope, message: ControlMessage, now_ms: int, counts: Counter) -> None:
+        """One control message, committed in its own atomic write with its offset (so a
+        re-delivered request is skipped, and a crash before the write re-runs it whole)."""
+        if env.offset <= self.watermarks.get((env.topic, env.partition), -1):
+            counts["redelivered_skipped"] += 1
+            return
+        puts: dict[bytes, bytes] = {}
+        source = f"{env.topic}:{env.partition}:{env.offset}"
+        deletes = self._erase(message.user_id, env.timestamp_ms or now_ms, source, puts)
+        self._advance_watermark(env, puts)
+        self._commit(puts, deletes)
+        counts["forgotten"] += 1
+
+    def _erased_before(self, event: Event) -> bool:
+        """Whether ``event``'s user was erased at or after the event's time."""
+        erased_at = self.tombstones.get(user_hash(event.user_id))
+        return erased_at is not None and event.ts <= erased_at
 
     def _dead_letter(self, result: BatchResult, env: Envelope, reason: str, now_ms: int) -> None:
         letter = DeadLetter(payload=env.value, reason=reason, source=env.position, failed_at=now_ms)

@@ -53,6 +53,19 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024
 
 _MAX_ID_LEN = 256  # ids longer than this are producer bugs, not identifiers
 _MAX_TEXT_LEN = 10_000  # item text beyond this adds nothing to a MiniLM embedding (256 tokens)
+#: Hostile values (issue 9), each dead-lettered with a reason rather than carried along:
+#: a price above a trillion (any currency) or a quantity above a million is a unit or parsing
+#: bug, and such numbers overflow any sum downstream (a 300-digit quantity is not even a 64-bit
+#: integer, so re-encoding the event would fail);
+MAX_PRICE = 1e12
+MAX_QUANTITY = 1_000_000
+#: ``context`` / ``attributes`` nested deeper than this: nobody needs it, and past 254 levels
+#: orjson cannot even re-encode the record (the catalog would crash on storing it);
+MAX_NESTING = 16
+#: ids (event, user, item, session) with control characters (NUL, C0, DEL, C1) or bidirectional
+#: formatting characters (ALM, LRM, RLM, LRE..RLO, LRI..PDI): invisible, they make two ids look
+#: alike in logs and tools, or reorder what an operator reads (U+202E), and NUL ends C strings.
+_FORBIDDEN_IN_IDS = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 #: Latest accepted event time, 9999-12-31T23:59:59.999Z: past it, times are producer bugs and
@@ -276,6 +289,33 @@ def _str(obj: dict[str, Any], name: str, *, required: bool, max_len: int = _MAX_
     return value
 
 
+def _id(obj: dict[str, Any], name: str, *, required: bool) -> str | None:
+    """An identifier: a string as :func:`_str` checks it, without invisible characters."""
+    value = _str(obj, name, required=required)
+    if value is not None:
+        bad = _FORBIDDEN_IN_IDS.search(value)
+        if bad is not None:
+            raise DecodeError(f"field '{name}': contains the control or bidirectional character U+{ord(bad.group()):04X}")
+    return value
+
+
+def _nested(obj: dict[str, Any], name: str) -> dict[str, Any] | None:
+    """An optional JSON object nested at most :data:`MAX_NESTING` levels deep."""
+    value = obj.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise DecodeError(f"field '{name}': expected an object, got {type(value).__name__}")
+    level, depth = [value], 1
+    while level:
+        level = [v for x in level for v in (x.values() if isinstance(x, dict) else x) if isinstance(v, (dict, list))]
+        if level:
+            depth += 1
+            if depth > MAX_NESTING:
+                raise DecodeError(f"field '{name}': nested deeper than {MAX_NESTING} levels")
+    return value
+
+
 def _number(obj: dict[str, Any], name: str) -> float | None:
     value = obj.get(name)
     if value is None:
@@ -284,6 +324,8 @@ def _number(obj: dict[str, Any], name: str) -> float | None:
         raise DecodeError(f"field '{name}': expected a finite number, got {value!r}")
     if value < 0:
         raise DecodeError(f"field '{name}': negative ({value})")
+    if value > MAX_PRICE:
+        raise DecodeError(f"field '{name}': {value:g} is above the limit of {MAX_PRICE:g}")
     return float(value)
 
 
@@ -324,29 +366,29 @@ def event_from_dict(obj: dict[str, Any]) -> Event:
         raise DecodeError(
             f"field 'type': unknown event type {etype!r} (expected one of {', '.join(EVENT_TYPES)})"
         )
-    event_id = _str(obj, "event_id", required=True)
-    user_id = _str(obj, "user_id", required=True)
-    item_id = _str(obj, "item_id", required=etype != "search")
+    event_id = _id(obj, "event_id", required=True)
+    user_id = _id(obj, "user_id", required=True)
+    item_id = _id(obj, "item_id", required=etype != "search")
     query = _str(obj, "query", required=False, max_len=1_000)
     if etype == "search" and not query:
         raise DecodeError("field 'query': missing (required for search events)")
     ts = parse_ts(obj.get("ts"))
-    session_id = _str(obj, "session_id", required=False)
+    session_id = _id(obj, "session_id", required=False)
     price = _number(obj, "price")
     quantity = obj.get("quantity")
     if isinstance(quantity, float) and quantity.is_integer():
         quantity = int(quantity)  # JSON has one number type: 2.0 is the integer 2
     if quantity is not None and (isinstance(quantity, bool) or not isinstance(quantity, int) or quantity < 0):
         raise DecodeError(f"field 'quantity': expected a non-negative integer, got {quantity!r}")
-    context = obj.get("context")
-    if context is not None and not isinstance(context, dict):
-        raise DecodeError(f"field 'context': expected an object, got {type(context).__name__}")
+    if quantity is not None and quantity > MAX_QUANTITY:
+        raise DecodeError(f"field 'quantity': {quantity:.3g} is above the limit of {MAX_QUANTITY}")
+    context = _nested(obj, "context")
     return Event(event_id, etype, user_id, item_id, ts, session_id, query, price, quantity, context)  # type: ignore[arg-type]
 
 
 def catalog_item_from_dict(obj: dict[str, Any]) -> CatalogItem:
     """Validate a parsed JSON object as a :class:`CatalogItem` (``catalog_item.v1.json``)."""
-    item_id = _str(obj, "item_id", required=True)
+    item_id = _id(obj, "item_id", required=True)
     title = _str(obj, "title", required=True, max_len=_MAX_TEXT_LEN)
     description = _str(obj, "description", required=False, max_len=_MAX_TEXT_LEN)
     category = _str(obj, "category", required=False, max_len=1_000)
@@ -355,9 +397,7 @@ def catalog_item_from_dict(obj: dict[str, Any]) -> CatalogItem:
     available = obj.get("available", True)
     if not isinstance(available, bool):
         raise DecodeError(f"field 'available': expected a boolean, got {type(available).__name__}")
-    attributes = obj.get("attributes")
-    if attributes is not None and not isinstance(attributes, dict):
-        raise DecodeError(f"field 'attributes': expected an object, got {type(attributes).__name__}")
+    attributes = _nested(obj, "attributes")
     return CatalogItem(item_id, title, description, category, brand, price, available, attributes)  # type: ignore[arg-type]
 
 

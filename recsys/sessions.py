@@ -28,6 +28,7 @@ events itself: the engine guards it with its per-partition watermarks.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 from collections import OrderedDict, deque
 from operator import itemgetter
@@ -82,6 +83,8 @@ class SessionNeighbours:
         # slot -> codes of the items it holds (in any order), -1 padded: neighbours vote from here
         self._held = np.full((1024, self.max_session_len), -1, dtype=np.int32)
         self._dirty: set[int] = set()
+        self._next_slot = 0  # slots below this have been used
+        self._free: list[int] = []  # heap of unused slots below _next_slot (freed by forget_user)
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -123,8 +126,11 @@ class SessionNeighbours:
         self._dirty.add(slot)
 
     def _new_slot(self) -> int:
-        if len(self._sessions) < self.max_sessions:
-            slot = len(self._sessions)
+        if self._free:  # the lowest slot an erasure freed: the same choice after a reload
+            return heapq.heappop(self._free)
+        if self._next_slot < self.max_sessions:
+            slot = self._next_slot
+            self._next_slot += 1
             self._grow(slot)
             return slot
         slot, _ = self._lru.popitem(last=False)  # full: the least recently active session goes
@@ -171,6 +177,25 @@ class SessionNeighbours:
         postings.remove(slot)
         if not postings:
             del self._postings[item_id]
+
+    def forget_user(self, user_id: str) -> list[bytes]:
+        """Erase every session of ``user_id`` (the right to be forgotten): their postings,
+        votes and records go, their slots are reused. Returns the keys to delete from the
+        store in the same write as the rest of the erasure."""
+        slots = sorted(slot for slot, s in self._sessions.items() if s["user"] == user_id)
+        for slot in slots:
+            session = self._sessions.pop(slot)
+            for item, seq in session["items"].items():
+                if seq > 0:
+                    self._unpost(item, slot)
+            self._lru.pop(slot, None)
+            self._active[slot] = 0
+            self._length[slot] = 0
+            self._held[slot] = -1
+            self._dirty.discard(slot)
+            heapq.heappush(self._free, slot)
+        self._current.pop(user_id, None)
+        return [SESSION_PREFIX + str(slot).encode() for slot in slots]
 
     # ------------------------------------------------------------------ reading
 
@@ -272,6 +297,8 @@ class SessionNeighbours:
             for item, _seq in items:  # also items no longer posted: their sessions still vote
                 self._intern(item)
             self._hold(slot, self._sessions[slot]["items"])
+        self._next_slot = max(self._sessions, default=-1) + 1
+        self._free = [slot for slot in range(self._next_slot) if slot not in self._sessions]  # sorted: a heap
         for active, slot in sorted(by_activity):
             self._lru[slot] = None
             self._current[self._sessions[slot]["user"]] = slot  # the user's latest session wins

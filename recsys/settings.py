@@ -84,6 +84,13 @@ class Settings:
     # a partition's log no longer holds the offset the flow recovered (topic re-created,
     # retention, broker data loss): stop naming both offsets, or go on from its start / end
     on_offset_reset: Literal["fail", "earliest", "latest"] = "fail"
+    # --- issue 9 state ---
+    # events whose ts is further ahead of their message's broker timestamp are dead-lettered
+    # (a clock bug must not age out or decay everyone else's state); 0 disables the check
+    max_event_ahead_s: float = 3600.0
+    dedup_window: int = 50  # event_ids remembered per user: a re-sent event_id is counted once
+    sweep_keys_per_batch: int = 500  # user records checked for expiry per batch (0: no sweep)
+    control_topic: str = "control"  # erasure requests ({"type": "forget_user", "user_id": ...})
 
     @classmethod
     def env_var(cls, name: str) -> str:
@@ -121,6 +128,9 @@ class Settings:
             raise SettingsError(f"{self.env_var('status_interval_s')}: must be > 0 (--quiet switches the status line off)")
         if self.metrics_port is not None and not 0 < self.metrics_port < 65536:
             raise SettingsError(f"{self.env_var('metrics_port')}: expected a TCP port, got {self.metrics_port}")
+        for name in ("max_event_ahead_s", "dedup_window", "sweep_keys_per_batch"):
+            if getattr(self, name) < 0:
+                raise SettingsError(f"{self.env_var(name)}: must be >= 0, got {getattr(self, name)}")
         if self.snapshot_interval_s <= 0:
             raise SettingsError(f"{self.env_var('snapshot_interval_s')}: must be > 0")
         for f in fields(self):

@@ -30,7 +30,7 @@ import bisect
 import os
 import struct
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Protocol, runtime_checkable
+from typing import Iterable, Iterator, Mapping, Protocol, runtime_checkable
 
 import numpy as np
 import orjson
@@ -42,6 +42,10 @@ USER_PREFIX = b"u:"
 
 #: Purchases remembered per user (to filter already-bought items); bounds the record size.
 MAX_PURCHASED = 1000
+#: Event ids remembered per user to drop a re-sent event (``RECSYS_DEDUP_WINDOW``): a producer
+#: retry or a re-run upstream job repeats an event_id within seconds, long before the user has
+#: done 50 more things; 50 ids cost ~1 KB of the record.
+DEFAULT_DEDUP_WINDOW = 50
 
 _MS_PER_HOUR = 3_600_000
 _MS_PER_DAY = 86_400_000
@@ -74,6 +78,8 @@ class KVStore(Protocol):
     def write(self, puts: dict[bytes, bytes], deletes: Iterable[bytes] = ()) -> None: ...
 
     def iter_prefix(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]: ...
+
+    def iter_from(self, start: bytes, prefix: bytes) -> Iterator[tuple[bytes, bytes]]: ...
 
     def close(self) -> None: ...
 
@@ -123,6 +129,12 @@ class MemoryKV:
     def iter_prefix(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
         data = self._live()
         snapshot = sorted((k, v) for k, v in data.items() if k.startswith(prefix))
+        return iter(snapshot)
+
+    def iter_from(self, start: bytes, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
+        """Like ``iter_prefix(prefix)``, from the first key >= ``start`` (a resumable scan)."""
+        data = self._live()
+        snapshot = sorted((k, v) for k, v in data.items() if k.startswith(prefix) and k >= start)
         return iter(snapshot)
 
     def close(self) -> None:
@@ -244,6 +256,10 @@ class RocksKV:
         except Exception as exc:  # noqa: BLE001
             self._reraise(exc)
 
+    def iter_from(self, start: bytes, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
+        """Like ``iter_prefix(prefix)``, from the first key >= ``start`` (a resumable scan)."""
+        return _take_prefix(self._live().items(from_key=max(start, prefix)), prefix)
+
     def close(self) -> None:
         if self._db is not None:
             db, self._db = self._db, None
@@ -271,6 +287,8 @@ class UserState:
       in their top 10, more than recent popularity's 5%; plain counts beat decayed ones).
     - ``updated_ts``: the newest event time applied (decay reference; TTL clock).
     - ``last_applied``: partition -> highest offset applied.
+    - ``recent_ids``: the ``event_id`` of the last applied events, oldest first (at most the
+      dedup window): an event whose id is here is a re-sent duplicate (:meth:`is_duplicate`).
     """
 
     user_id: str
@@ -282,6 +300,7 @@ class UserState:
     updated_ts: int = 0
     last_applied: dict[int, int] = field(default_factory=dict)
     bought: dict[str, int] = field(default_factory=dict)
+    recent_ids: list[str] = field(default_factory=list)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, UserState):
@@ -299,7 +318,12 @@ class UserState:
             and self.session_id == other.session_id
             and self.updated_ts == other.updated_ts
             and self.last_applied == other.last_applied
+            and self.recent_ids == other.recent_ids
         )
+
+    def is_duplicate(self, event_id: str) -> bool:
+        """Whether an event with this id was applied recently (within the dedup window)."""
+        return event_id in self.recent_ids
 
     def is_applied(self, partition: int, offset: int) -> bool:
         """Whether the event at ``(partition, offset)`` has already been absorbed."""
@@ -314,8 +338,13 @@ class UserState:
         *,
         history_len: int,
         half_life_h: float,
+        dedup_window: int = DEFAULT_DEDUP_WINDOW,
     ) -> bool:
         """Absorb one event read from ``(partition, offset)``; False (and no change) if already done.
+
+        Its ``event_id`` joins :attr:`recent_ids` (the last ``dedup_window`` kept); whether an
+        event is a re-sent duplicate is the caller's question (:meth:`is_duplicate`), asked
+        before any global signal learns from it.
 
         ``vector`` is the item's embedding (None when unknown: the interest is then only
         decayed). Decay runs in event time with half-life ``half_life_h`` hours. The decay
@@ -386,6 +415,10 @@ class UserState:
             if event.session_id is not None:
                 self.session_id = event.session_id
         self.last_applied[partition] = offset
+        if dedup_window > 0:
+            self.recent_ids.append(event.event_id)
+            if len(self.recent_ids) > dedup_window:
+                del self.recent_ids[: len(self.recent_ids) - dedup_window]
         return True
 
 
@@ -418,6 +451,7 @@ def encode_user(state: UserState) -> bytes:
             "s": state.session_id,
             "l": sorted(state.last_applied.items()),
             "b": state.bought,
+            "e": state.recent_ids,
         }
     )
     if state.interest is None:
@@ -457,6 +491,7 @@ def decode_user(raw: bytes) -> UserState:
         updated_ts,
         {p: o for p, o in meta["l"]},
         meta.get("b", {}),  # records written before purchase counts existed have none
+        meta.get("e", []),  # nor those written before the dedup window
     )
 
 
@@ -494,12 +529,18 @@ class UserStore:
     def _expired(self, updated_ts: int, now_ts: int) -> bool:
         return now_ts - updated_ts > self._ttl_ms
 
-    def get_many(self, user_ids: Iterable[str], now_ts: int) -> dict[str, UserState]:
-        """``user_id -> state``; a fresh state for unknown users and for expired records."""
+    def get_many(self, user_ids: Iterable[str], now_ts: int | Mapping[str, int]) -> dict[str, UserState]:
+        """``user_id -> state``; a fresh state for unknown users and for expired records.
+
+        ``now_ts``: one time for all (a query), or each user's own time (``user_id -> ts``, the
+        engine: the user's own next event), so that no user's event can expire another user.
+        """
         ids = list(dict.fromkeys(user_ids))
         out: dict[str, UserState] = {}
+        per_user = now_ts if isinstance(now_ts, Mapping) else None
         for uid, raw in zip(ids, self.kv.multi_get([user_key(u) for u in ids])):
-            if raw is None or self._expired(record_updated_ts(raw), now_ts):
+            now = per_user[uid] if per_user is not None else now_ts
+            if raw is None or self._expired(record_updated_ts(raw), now):  # type: ignore[arg-type]
                 out[uid] = UserState(uid)
             else:
                 out[uid] = decode_user(raw)
@@ -516,8 +557,29 @@ class UserStore:
             self.kv.write({}, doomed[i : i + chunk])
         return len(doomed)
 
+    def sweep_slice(self, now_ts: int, start: bytes, limit: int) -> tuple[list[str], bytes]:
+        """One bounded step of an incremental expiry sweep: of the (at most) ``limit`` user
+        records from key ``start`` on, the ids of those idle longer than the TTL at ``now_ts``
+        (nothing is deleted here), and the key to start the next step from (``b""`` once the
+        scan has wrapped around: the next step starts over at the first user).
+
+        >>> kv = MemoryKV()
+        >>> kv.write(UserStore(kv, ttl_days=1).puts([UserState("a", updated_ts=0), UserState("b", updated_ts=10**9)]))
+        >>> UserStore(kv, ttl_days=1).sweep_slice(10**9, b"", 10)
+        (['a'], b'')
+        """
+        expired: list[str] = []
+        next_start = b""
+        for n, (key, raw) in enumerate(self.kv.iter_from(start or USER_PREFIX, USER_PREFIX)):
+            if n == limit:
+                next_start = key
+                break
+            if self._expired(record_updated_ts(raw), now_ts):
+                expired.append(key[len(USER_PREFIX) :].decode())
+        return expired, next_start
+
     def delete_user(self, user_id: str) -> None:
-        """Forget a user entirely (e.g. an erasure request)."""
+        """Delete the user record alone (the full erasure is ``Engine.forget``)."""
         self.kv.write({}, [user_key(user_id)])
 
     def count(self) -> int:

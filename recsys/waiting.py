@@ -126,6 +126,13 @@ class WaitingRoom:
                 out.ready.append((env, event))
         return out
 
+    def forget_user(self, user_id: str) -> list[bytes]:
+        """Drop a user's parked events (an erasure): the keys to delete in the same write."""
+        queue = self.queues.pop(user_id, [])
+        for env, _event, _deadline in queue:
+            self.positions.discard((env.topic, env.partition, env.offset))
+        return [_key((env.topic, env.partition, env.offset)) for env, _event, _deadline in queue]
+
     def _park(self, out: Sorted, env: Envelope, event: Event, deadline: float) -> None:
         pos = (env.topic, env.partition, env.offset)
         self.queues.setdefault(event.user_id, []).append((env, event, deadline))
