@@ -121,7 +121,7 @@ def test_a_2mb_and_a_10mb_poison_message_are_dead_lettered_and_the_flow_goes_on(
 
 
 def _cli(settings: Settings, catalog_file: Path, *extra: str) -> int:
-    """``recsys run --stop-at-end`` in this process; SystemExit carries a refusal's message."""
+    """``recsys run --stop-at-end`` in this process; a refusal is one line on stderr and SystemExit(1)."""
     from dataflows.cli import main
 
     return main([
@@ -200,7 +200,8 @@ def test_a_partition_whose_log_lost_the_recovered_offset_stops_the_flow_until_to
 
     with pytest.raises(SystemExit) as refused:  # before the fix: ran on, read nothing, exit 0
         _cli(settings, catalog_file)
-    message = str(refused.value.code)
+    assert refused.value.code == 1
+    message = capsys.readouterr().err
     assert f"topic {settings.events_topic!r} partition 0" in message
     assert "offset 300" in message and "ends at offset 100" in message
     assert "--on-offset-reset earliest" in message and "latest" in message
@@ -250,7 +251,8 @@ def test_state_behind_the_recovery_offsets_is_refused_and_rebuild_state_restores
     shutil.rmtree(Path(settings.state_dir) / "rocks")  # the state is lost; the recovery is not
     with pytest.raises(SystemExit) as refused:  # before the fix: "ready: 0 users", exit 0
         _cli(settings, catalog_file)
-    message = str(refused.value.code)
+    assert refused.value.code == 1
+    message = capsys.readouterr().err
     assert "behind the recovery offsets" in message and "--rebuild-state" in message
     assert f"{settings.events_topic}[0] resumes at offset" in message and "processed nothing" in message
 
@@ -392,4 +394,5 @@ def test_state_rolled_back_behind_the_recovery_offsets_is_refused(local_broker, 
     shutil.copytree(tmp_path / "backup", Path(settings.state_dir) / "rocks")
     with pytest.raises(SystemExit) as refused:
         _cli(settings, catalog_file)
-    assert f"{settings.events_topic}[0] resumes at offset 300, the state has processed up to 199" in str(refused.value.code)
+    assert refused.value.code == 1
+    assert f"{settings.events_topic}[0] resumes at offset 300, the state has processed up to 199" in capsys.readouterr().err
