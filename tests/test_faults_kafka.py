@@ -374,7 +374,7 @@ def test_a_broker_that_lost_its_data_under_a_running_flow_stops_it_by_name(tmp_p
 
 
 @pytest.mark.slow
-def test_state_rolled_back_behind_the_recovery_offsets_is_refused(local_broker, tmp_path, embed_cache, catalog, topic_name):
+def test_state_rolled_back_behind_the_recovery_offsets_is_refused(local_broker, tmp_path, embed_cache, catalog, topic_name, capsys):
     """An older copy of the state put back (a restored backup, or a write-ahead log that lost its
     tail) under a newer recovery directory: refused, naming how far each side got."""
     import shutil
