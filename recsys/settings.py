@@ -74,6 +74,8 @@ class Settings:
     head_lr: float = 1e-3
     head_snapshot_interval_s: float = 30.0  # versioned head + re-ranker snapshots in state_dir/models
     seed: int = 0
+    # --- issue 14 ---
+    rerank_enabled: bool = True  # the online re-ranker learns from what users did next (off: the hand-set blend only)
 
     @classmethod
     def env_var(cls, name: str) -> str:

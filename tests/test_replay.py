@@ -115,3 +115,28 @@ def test_replay_cli_shards_split_the_users_and_still_score_every_event(tmp_path,
     assert runs[1]["models"]["full-system"] != runs[2]["models"]["full-system"]  # two engines learned apart
     with pytest.raises(SystemExit, match="only with --protocol prequential"):
         main(args + ["--shards", "2", "--protocol", "leave-last-out", "--out", str(tmp_path / "loo")])
+
+
+# ---- issue 14: scoring depth is a property of the measurement, not of the model
+
+
+def _write_fixture(tmp_path, stream):
+    catalog, events, cache = stream
+    events_file, catalog_file = tmp_path / "events.jsonl", tmp_path / "catalog.jsonl"
+    events_file.write_bytes(b"\n".join(encode(e) for e in events) + b"\n")
+    catalog_file.write_bytes(b"\n".join(encode(c) for c in catalog) + b"\n")
+    return ["replay", "--format", "jsonl", "--events", str(events_file), "--catalog", str(catalog_file),
+            "--embed-cache-dir", cache]
+
+
+@pytest.mark.parametrize("protocol,deeper", [("leave-last-out", "10,50"), ("prequential", "10,50")])
+def test_asking_for_a_deeper_cutoff_does_not_change_the_full_systems_metrics_at_10(tmp_path, stream, protocol, deeper):
+    args = _write_fixture(tmp_path, stream) + ["--protocol", protocol, "--models", "full-system"]
+    runs = {}
+    for ks in ("10", deeper):
+        out = tmp_path / f"k{ks.replace(',', '_')}"
+        assert main(args + ["--k", ks, "--out", str(out)]) == 0
+        runs[ks] = json.loads((out / "metrics.json").read_text())["models"]["full-system"]
+    at10 = {m: v for m, v in runs["10"].items() if m.endswith("@10")}
+    assert at10 and at10 == {m: runs[deeper][m] for m in at10}
+    assert runs[deeper]["recall@50"] >= runs[deeper]["recall@10"]
