@@ -140,3 +140,27 @@ def test_asking_for_a_deeper_cutoff_does_not_change_the_full_systems_metrics_at_
     at10 = {m: v for m, v in runs["10"].items() if m.endswith("@10")}
     assert at10 and at10 == {m: runs[deeper][m] for m in at10}
     assert runs[deeper]["recall@50"] >= runs[deeper]["recall@10"]
+
+
+def test_ablation_rows_run_beside_the_full_system_and_margins_carry_bootstrap_intervals(tmp_path, stream):
+    args = _write_fixture(tmp_path, stream)
+    out = tmp_path / "abl"
+    models = "popularity,recently_seen,full-system,full-system/frozen,full-system/no-head,full-system/no-reranker"
+    assert main(args + ["--k", "10", "--models", models, "--warmup-share", "0.3", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    rows = metrics["models"]
+    assert set(rows) == set(models.split(","))
+    assert metrics["scored"] == len(stream[1])
+    # each ablation is a different system: none of them scores exactly as the full system
+    for variant in ("full-system/frozen", "full-system/no-head", "full-system/no-reranker"):
+        assert rows[variant] != rows["full-system"], variant
+    assert metrics["ablation"]["freeze_after_events"] == int(0.3 * len(stream[1]))
+    margin = metrics["margins"]["ndcg@10"]
+    assert margin["baseline"] in ("popularity", "recently_seen")  # never an ablation
+    lo, hi = margin["ci95"]
+    assert lo <= margin["margin"] <= hi
+    assert margin["verdict"] == ("win" if lo > 0 else "loss" if hi < 0 else "not significant")
+    assert "_per_user" not in metrics  # in-memory only
+    report = (out / "report.md").read_text()
+    assert "95% bootstrap interval" in report and "| full-system/frozen |" in report
+    assert "## Fallback" in report and "| recently_seen |" in report
