@@ -9,7 +9,9 @@ same stream, score with :class:`recsys.metrics.MetricAccumulator`, and return::
      "per_type": {name: {event_type: {...}}}, "slices": {name: {slice: {...}}},
      "series": {name: [{"start_ts", "end_ts", "n", "hr@10", ...}, ...]},
      "timing": {name: {"recommend_s", "learn_s"}}, "events": n, "scored": n_scored,
-     "catalog_size": n_items, "seconds": s, "events_per_s": r}
+     "catalog_size": n_items, "seconds": s, "events_per_s": r,
+     "fallback": {name: {"lists", "fell_back", "share", ...}},  # models with ``fallback_stats``
+     "_per_user": {name: per-user metric sums}}  # for recsys.bootstrap; never written to disk
 
 Everything but the timings is deterministic given the models and the events.
 
