@@ -7,13 +7,14 @@ bash scripts/setup.sh
 R=".venv/bin/recsys replay"
 D="../shared/data"
 # every baseline, the full system and its ablations (frozen / no head / no re-ranker), with
-# bootstrap intervals; SASRec too (all+sasrec) except in the prequential runs of the logs that
-# span months (DIGINETICA 312 days, Complete Journey 74 days), where a nightly retraining
-# costs hours on two cores
+# bootstrap intervals; SASRec too (all+sasrec) in leave-last-out and on REES46, not in the
+# other prequential runs, where a nightly retraining (7 on YooChoose, 312 on DIGINETICA, 74 on
+# Complete Journey) costs from tens of minutes to hours on two cores
 for protocol in prequential leave-last-out; do
   $R --format rees46 --events "$D/rees46/2019-Oct_head17k.csv" --protocol $protocol --models all+sasrec --out runs/rees46-$protocol
-  $R --format yoochoose --events "$D/yoochoose" --protocol $protocol --models all+sasrec --out runs/yoochoose-$protocol
 done
+$R --format yoochoose --events "$D/yoochoose" --protocol leave-last-out --models all+sasrec --out runs/yoochoose-leave-last-out
+$R --format yoochoose --events "$D/yoochoose" --protocol prequential --models all --out runs/yoochoose-prequential
 $R --format diginetica --events "$D/diginetica" --protocol leave-last-out --models all+sasrec --out runs/diginetica-leave-last-out
 $R --format diginetica --events "$D/diginetica" --protocol prequential --models all --out runs/diginetica-prequential
 # all models on the first 300k of 1.47M lines (the baselines' cost); the full system on all below
