@@ -49,6 +49,12 @@ def _net(n_items: int, dim: int, max_len: int, blocks: int, heads: int, dropout:
             self.encoder = nn.TransformerEncoder(layer, blocks, enable_nested_tensor=False)
             self.norm = nn.LayerNorm(dim)
             self.drop = nn.Dropout(dropout)
+            # small initial embeddings: N(0, 1) rows scaled by sqrt(dim) saturate the logits
+            # (a 64-d dot product of std 64) and nothing is learned in a few hundred steps
+            nn.init.normal_(self.item.weight, std=dim**-0.5 / 4)
+            nn.init.normal_(self.pos.weight, std=0.02)
+            with torch.no_grad():
+                self.item.weight[0].zero_()
             self.register_buffer("causal", torch.triu(torch.ones(max_len, max_len, dtype=torch.bool), 1))
 
         def forward(self, seq):  # (B, L) item ids, 0 = padding, left-padded
@@ -67,7 +73,7 @@ class SASRecModel(PeriodicallyTrained):
     """Self-attentive sequential recommendation; see the module doc."""
 
     def __init__(self, dim: int = 64, *, max_len: int = 50, blocks: int = 2, heads: int = 1, dropout: float = 0.2,
-                 epochs: int = 20, batch_size: int = 128, lr: float = 1e-3, retrain_every_h: float | None = None,
+                 epochs: int = 20, batch_size: int = 128, lr: float = 5e-3, retrain_every_h: float | None = None,
                  seed: int = 0, cache_dir: str | None = None, cache_key: str | None = None,
                  repeat_items: Collection[str] = (), fill_half_life_h: float | None = 24.0,
                  name: str = "sasrec") -> None:
@@ -123,6 +129,7 @@ class SASRecModel(PeriodicallyTrained):
         path = self._cache_path()
         if path is not None and path.exists():
             self._net.load_state_dict(torch.load(path, weights_only=True))
+            self._net.eval()
             return
         start = time.perf_counter()
         threads = torch.get_num_threads()
