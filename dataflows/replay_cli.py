@@ -252,10 +252,16 @@ def run_replay(args: argparse.Namespace) -> int:
     result["ablation"] = {"warmup_share": args.warmup_share, "freeze_after_events": freeze_after,
                           "frozen": "head, re-ranker, co-visitation, transitions and popularity stop learning "
                                     "after the warm-up; user state and session memory go on"}
-    from recsys.bootstrap import margins
+    from recsys.bootstrap import margin_ci, margins
 
     primary = [f"{m}@{k}" for k in ks for m in (("hr", "ndcg") if args.protocol == "prequential" else ("recall", "ndcg"))]
     result["margins"] = margins(result, primary, n_boot=1000, seed=args.seed)
+    # what each part adds: the full system over each of its ablations, same intervals
+    result["ablation_margins"] = {
+        variant: {metric: margin_ci(result["_per_user"], "full-system", variant, metric, n_boot=1000, seed=args.seed)
+                  for metric in primary}
+        for variant in ABLATIONS if variant in names and "full-system" in names
+    }
     result["dataset"] = ds.name
     result["dataset_stats"] = {k: v for k, v in stats.items() if k not in ("examples",)}
     result["seed"] = args.seed

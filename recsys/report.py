@@ -168,6 +168,22 @@ def _margin_section(margins: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _ablation_section(ablations: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
+    """What each part of the full system adds: its margin over each ablation, with intervals."""
+    if not ablations:
+        return []
+    lines = ["", "## What each part adds: full system vs its ablations (95% bootstrap interval over users)", "",
+             "| ablation | metric | ablation | full system | full system's margin | 95% interval | verdict |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for variant, per_metric in ablations.items():
+        for metric, m in per_metric.items():
+            ci = m.get("ci95")
+            interval = f"[{_pct(ci[0])}, {_pct(ci[1])}]" if ci else "n/a"
+            lines.append(f"| {variant} | {metric} | {m['baseline_value']:.4f} | {m['full_value']:.4f} | "
+                         f"{_pct(m.get('margin'))} | {interval} | {m['verdict']} |")
+    return lines
+
+
 def _fallback_section(fallback: dict[str, dict[str, Any]]) -> list[str]:
     """How often each baseline had nothing of its own for a user it knew (popularity filled)."""
     if not fallback:
@@ -241,6 +257,7 @@ def write_report(
     models = data["models"]
     md += _table(models, metric_columns(models), first="model", bold_best=True)
     md += _margin_section(result.get("margins") or {})
+    md += _ablation_section(result.get("ablation_margins") or {})
     md += _fallback_section(result.get("fallback") or {})
     timing = result.get("timing") or {}
     if timing:

@@ -161,6 +161,10 @@ def test_ablation_rows_run_beside_the_full_system_and_margins_carry_bootstrap_in
     assert lo <= margin["margin"] <= hi
     assert margin["verdict"] == ("win" if lo > 0 else "loss" if hi < 0 else "not significant")
     assert "_per_user" not in metrics  # in-memory only
+    frozen = metrics["ablation_margins"]["full-system/frozen"]["ndcg@10"]
+    assert frozen["full_value"] == pytest.approx(rows["full-system"]["ndcg@10"])  # per-user sums, re-added
+    assert frozen["baseline_value"] == pytest.approx(rows["full-system/frozen"]["ndcg@10"])
     report = (out / "report.md").read_text()
     assert "95% bootstrap interval" in report and "| full-system/frozen |" in report
+    assert "What each part adds" in report
     assert "## Fallback" in report and "| recently_seen |" in report
