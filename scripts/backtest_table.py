@@ -60,6 +60,18 @@ def table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def ablation_line(metrics: dict, metric: str = "ndcg@10") -> str:
+    """The full system's margin over each ablation on ``metric``, with its interval."""
+    parts = []
+    for variant, per_metric in (metrics.get("ablation_margins") or {}).items():
+        m = per_metric.get(metric)
+        if m and m.get("ci95"):
+            lo, hi = m["ci95"]
+            mark = " ✓" if m["verdict"] == "win" else " ✗" if m["verdict"] == "loss" else ""
+            parts.append(f"{variant.split('/')[-1]} {_pct(m['margin'])} [{_pct(lo)}, {_pct(hi)}]{mark}")
+    return f"What each part adds, the full system's {metric} over each ablation: " + "; ".join(parts) + "." if parts else ""
+
+
 def main(root: str = "runs") -> None:
     for path in sorted(Path(root).glob("*/metrics.json")):
         m = json.loads(path.read_text())
@@ -68,6 +80,8 @@ def main(root: str = "runs") -> None:
         excl = "history excluded from the ranking" if m.get("exclude_history") else "history not excluded"
         print(f"#### {m.get('dataset')} — {m['protocol']} ({m['events']:,} events; {excl})\n")
         print(table(m))
+        if ablation_line(m):
+            print("\n" + ablation_line(m))
         margins = m.get("margins") or {}
         if margins:
             best = ", ".join(f"{c}: {v['baseline']}" for c, v in margins.items())
