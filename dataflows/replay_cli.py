@@ -19,7 +19,13 @@ import sys
 import time
 from pathlib import Path
 
-ALL_MODELS = ("popularity", "recent_popularity", "covisitation", "session_knn", "content", "river_biased_mf", "full-system")
+BASELINES = ("popularity", "recent_popularity", "recently_seen", "most_bought", "covisitation", "session_knn",
+             "itemknn", "transitions", "content", "river_biased_mf", "bpr_mf", "sasrec")
+#: the full system without parts of itself (issue 14): rows that say what each part adds
+ABLATIONS = ("full-system/frozen", "full-system/no-head", "full-system/no-reranker")
+ALL_MODELS = BASELINES + ("full-system",) + ABLATIONS
+#: left out of ``--models all`` (too slow for CI); scripts/backtests.sh names it
+NOT_IN_ALL = ("sasrec",)
 FORMATS = ("jsonl", "rees46", "diginetica", "yoochoose", "completejourney", "csv")
 #: Formats whose --events may be a directory (of the dataset's files).
 DIRECTORY_FORMATS = ("diginetica", "yoochoose", "completejourney")
@@ -32,7 +38,14 @@ def add_parser(sub) -> None:
     p.add_argument("--catalog", default=None, help="catalog file (JSONL items; format-specific otherwise)")
     p.add_argument("--protocol", default="prequential", choices=("prequential", "leave-last-out"))
     p.add_argument("--k", default=None, help="cut-offs, e.g. 10 or 10,20 (default 10,20; leave-last-out 10,50)")
-    p.add_argument("--models", default="all", help=f"all or a comma list of: {', '.join(ALL_MODELS)}")
+    p.add_argument("--models", default="all",
+                   help=f"all (every model but {', '.join(NOT_IN_ALL)}; most_bought only where the catalog has "
+                        f"repeat-purchase items), all+sasrec, or a comma list of: {', '.join(ALL_MODELS)}")
+    p.add_argument("--retrain-every", type=float, default=24.0, metavar="HOURS",
+                   help="prequential: batch-trained baselines (bpr_mf, sasrec) retrain from everything seen "
+                        "so far every HOURS of event time (default 24: the nightly job)")
+    p.add_argument("--warmup-share", type=float, default=0.5,
+                   help="full-system/frozen: share of the (training) stream learned before all learning stops")
     p.add_argument("--include-history", action="store_true", help="leave-last-out: rank the whole catalog")
     p.add_argument("--target", default="next", choices=("next", "next_purchase"), help="prequential target")
     p.add_argument("--seed", type=int, default=0)
@@ -63,15 +76,20 @@ def _parse_ks(text: str | None, protocol: str) -> tuple[int, ...]:
 
 
 def _parse_models(text: str) -> list[str]:
-    names = list(ALL_MODELS) if text == "all" else [n.strip() for n in text.split(",") if n.strip()]
+    if text in ("all", "all+sasrec"):
+        return [n for n in ALL_MODELS if n not in NOT_IN_ALL or text == "all+sasrec"]
+    names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in ALL_MODELS]
     if unknown:
         raise SystemExit(f"recsys replay: unknown model(s) {unknown}; choose from {', '.join(ALL_MODELS)}")
     return names
 
 
-def build_baselines(names: list[str], engine, repeat_items: set[str], seed: int, n_items: int) -> list:
-    """Baseline models by name; the content baseline reads the engine's frozen item vectors."""
+def build_baselines(names: list[str], engine, repeat_items: set[str], seed: int, n_items: int, *,
+                    retrain_every_h: float | None = None, cache_key: str | None = None) -> list:
+    """Baseline models by name; the content baseline reads the engine's frozen item vectors.
+    ``retrain_every_h``: prequential period of the batch-trained baselines (None: train once
+    when first asked to rank, as leave-last-out does); ``cache_key`` names a trained SASRec."""
     from recsys.baselines import (
         ContentModel,
         CoVisitationModel,
@@ -80,6 +98,8 @@ def build_baselines(names: list[str], engine, repeat_items: set[str], seed: int,
         RiverBiasedMFModel,
         SessionKNNModel,
     )
+    from recsys.history_baselines import ItemKNNModel, MostBoughtModel, RecentlySeenModel, TransitionModel
+    from recsys.trained_baselines import BPRMFModel
 
     def vectors(item_ids: list[str]):
         return engine.items.index.vectors(item_ids)
@@ -92,8 +112,21 @@ def build_baselines(names: list[str], engine, repeat_items: set[str], seed: int,
         # exact search up to 20k items; HNSW beyond (exact costs catalog x 384 flops per query)
         "content": lambda: ContentModel(vectors, repeat_items=repeat_items, hnsw_m=32 if n_items > 20_000 else None),
         "river_biased_mf": lambda: RiverBiasedMFModel(repeat_items=repeat_items, seed=seed),
+        "recently_seen": lambda: RecentlySeenModel(repeat_items=repeat_items),
+        "most_bought": lambda: MostBoughtModel(repeat_items=repeat_items),
+        "itemknn": lambda: ItemKNNModel(repeat_items=repeat_items),
+        "transitions": lambda: TransitionModel(repeat_items=repeat_items),
+        "bpr_mf": lambda: BPRMFModel(repeat_items=repeat_items, seed=seed, retrain_every_h=retrain_every_h),
+        "sasrec": lambda: _sasrec(repeat_items, seed, retrain_every_h, cache_key),
     }
-    return [factories[n]() for n in names if n != "full-system"]
+    return [factories[n]() for n in names if not n.startswith("full-system")]
+
+
+def _sasrec(repeat_items: set[str], seed: int, retrain_every_h: float | None, cache_key: str | None):
+    from recsys.sasrec import SASRecModel
+
+    return SASRecModel(repeat_items=repeat_items, seed=seed, retrain_every_h=retrain_every_h,
+                       cache_dir="var/sasrec" if cache_key else None, cache_key=cache_key)
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -151,7 +184,8 @@ def run_replay(args: argparse.Namespace) -> int:
 
     settings = Settings.from_env(os.environ).replace(
         unknown_items="admit",
-        top_k=max(ks),
+        # top_k stays the live list length: the system ranks, shows and learns at that depth
+        # whatever depth the backtest scores (deeper lists are padded, never re-ranked)
         # a backtest compares with baselines that never forget; the live TTL (a memory bound)
         # would reset users idle for months in logs that span months, and skew the comparison
         state_ttl_days=36_500.0,
@@ -160,12 +194,18 @@ def run_replay(args: argparse.Namespace) -> int:
         **({"embed_cache_dir": args.embed_cache_dir} if args.embed_cache_dir else {}),
     )
     repeat_items = {c.item_id for c in ds.catalog if c.repeat_purchase}
+    if args.models in ("all", "all+sasrec") and not repeat_items:
+        names = [n for n in names if n != "most_bought"]  # nothing can be bought again here
 
     if args.shards < 1 or (args.shards > 1 and args.protocol != "prequential"):
         raise SystemExit("recsys replay: --shards N needs N >= 1, and N > 1 only with --protocol prequential")
 
-    def open_engine(evaluate: bool, shard: int = 0) -> Engine:
+    def open_engine(evaluate: bool, shard: int = 0, variant: str = "full-system") -> Engine:
         shard_settings = settings.replace(shards=args.shards, shard=shard).for_shard()
+        if variant == "full-system/no-head":
+            shard_settings = shard_settings.replace(head_enabled=False)
+        elif variant == "full-system/no-reranker":
+            shard_settings = shard_settings.replace(rerank_enabled=False)
         engine = Engine.open(shard_settings, evaluate=evaluate, in_memory=args.state_dir is None, emit=bool(args.emit))
         engine.eval_k = max(ks)
         engine.upsert_catalog(ds.catalog, progress=True)
@@ -175,8 +215,29 @@ def run_replay(args: argparse.Namespace) -> int:
     # as the live flow does, so the re-ranker learns (its scores are simply not used there)
     engine = open_engine(evaluate=True)
     settle_heap()
-    baselines = build_baselines(names, engine, repeat_items, args.seed, len(ds.catalog))
+    baselines = build_baselines(
+        names, engine, repeat_items, args.seed, len(ds.catalog),
+        retrain_every_h=args.retrain_every if args.protocol == "prequential" else None,
+        cache_key=f"{ds.name}-{args.protocol}-{args.limit or 'all'}-{len(ds.events)}-seed{args.seed}",
+    )
     catalog_size = len(ds.catalog) or None
+    freeze_after = int(args.warmup_share * len(ds.events))
+
+    def ablation(variant: str) -> dict:
+        """One ablation row, on an engine of its own (same scoring code as the full system)."""
+        variant_engine = open_engine(evaluate=args.protocol != "prequential", variant=variant)
+        model = EngineModel(variant_engine, batch_size=args.batch_size, name=variant,
+                            freeze_after=freeze_after if variant == "full-system/frozen" else None)
+        try:
+            if args.protocol == "prequential":
+                # the plain loop over EngineModel scores exactly as the Bytewax replay does
+                # (tests/test_replay.py), one engine step per batch
+                return prequential([model], ds.events, ks=ks, target=args.target, batch_size=args.batch_size,
+                                   catalog_size=catalog_size, dataset=ds.name)
+            return leave_last_out([model], ds.events, ks=ks, exclude_history=not args.include_history,
+                                  catalog_size=catalog_size, dataset=ds.name)
+        finally:
+            variant_engine.close()
 
     if args.protocol == "prequential":
         result = prequential(baselines, ds.events, ks=ks, target=args.target, batch_size=args.batch_size,
@@ -212,7 +273,24 @@ def run_replay(args: argparse.Namespace) -> int:
     else:
         models = baselines + ([EngineModel(engine)] if "full-system" in names else [])
         result = leave_last_out(models, ds.events, ks=ks, exclude_history=not args.include_history,
-                                catalog_size=catalog_size, dataset=ds.name)
+                                catalog_size=catalog_size, dataset=ds.name) if models else None
+    for variant in (n for n in names if n in ABLATIONS):
+        result = _merge(result, ablation(variant))
+    if result is None:
+        raise SystemExit("recsys replay: no model to run")
+    result["ablation"] = {"warmup_share": args.warmup_share, "freeze_after_events": freeze_after,
+                          "frozen": "head, re-ranker, co-visitation, transitions and popularity stop learning "
+                                    "after the warm-up; user state and session memory go on"}
+    from recsys.bootstrap import margin_ci, margins
+
+    primary = [f"{m}@{k}" for k in ks for m in (("hr", "ndcg") if args.protocol == "prequential" else ("recall", "ndcg"))]
+    result["margins"] = margins(result, primary, n_boot=1000, seed=args.seed)
+    # what each part adds: the full system over each of its ablations, same intervals
+    result["ablation_margins"] = {
+        variant: {metric: margin_ci(result["_per_user"], "full-system", variant, metric, n_boot=1000, seed=args.seed)
+                  for metric in primary}
+        for variant in ABLATIONS if variant in names and "full-system" in names
+    }
     result["dataset"] = ds.name
     result["dataset_stats"] = {k: v for k, v in stats.items() if k not in ("examples",)}
     result["seed"] = args.seed
@@ -244,8 +322,9 @@ def _merge(base: dict | None, extra: dict) -> dict:
     """Add the full system's prequential result to the baselines' (same keys, per model)."""
     if base is None:
         return extra
-    for key in ("models", "per_type", "slices", "series", "timing"):
+    for key in ("models", "per_type", "slices", "series", "timing", "fallback", "_per_user"):
         base.setdefault(key, {}).update(extra.get(key, {}))
-    base["full_system"] = extra["full_system"]
+    if "full_system" in extra:
+        base["full_system"] = extra["full_system"]
     base["seconds"] = base.get("seconds", 0.0) + extra["seconds"]
     return base

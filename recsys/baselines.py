@@ -1,4 +1,5 @@
-"""Baseline recommenders for backtests: popularity, co-visitation, session kNN, content, river MF.
+"""Baseline recommenders for backtests: popularity, recently seen, most bought, co-visitation,
+session kNN, ItemKNN, transitions, content, river MF, BPR-MF.
 
 Each class implements :class:`recsys.evaluation.Model`: ``learn(events)`` absorbs events in
 timestamp order, ``recommend(user_ids, k, now_ts)`` returns one ranked list of item ids per
@@ -8,6 +9,12 @@ model is deterministic given its inputs (ties break toward the item seen first).
 One exclusion rule, identical across models: a user is never recommended an item they
 purchased, unless the item is in ``repeat_items``; nothing else is excluded. Every model
 fills short lists with time-decayed popularity (``fill_half_life_h``; ``None`` = all-time).
+
+Falling back is counted: ``fallback_stats`` holds, over every list asked for a user the model
+had already learned an event of, how many (``lists``) and how many of them the model's own
+evidence contributed nothing to (``fell_back``: the list is pure popularity, or, for the
+neighbourhood models, no neighbour was found), plus the same per distinct user. A model that
+silently became popularity on some log says so in the report.
 
 >>> from recsys.events import Event
 >>> stream = [Event(f"e{i}", t, u, item, i) for i, (t, u, item) in enumerate([
@@ -35,6 +42,11 @@ __all__ = [
     "SessionKNNModel",
     "ContentModel",
     "RiverBiasedMFModel",
+    "RecentlySeenModel",
+    "MostBoughtModel",
+    "ItemKNNModel",
+    "TransitionModel",
+    "BPRMFModel",
 ]
 
 #: Evidence of interest per event type: a purchase says more than a glance (OTTO-style weights).
@@ -135,6 +147,8 @@ class _Baseline:
     """Shared plumbing: item index, purchase exclusion, popularity fill, merge of candidates."""
 
     name: str
+    #: False for models that are popularity by design (their "fallback" is the model itself)
+    reports_fallback = True
 
     def __init__(self, *, name: str, repeat_items: Collection[str], fill_half_life_h: float | None) -> None:
         self.name = name
@@ -142,6 +156,24 @@ class _Baseline:
         self._items = _ItemIndex()
         self._pop = _DecayedCounts(fill_half_life_h)
         self._purchased: dict[str, set[int]] = {}
+        self._known_users: set[str] = set()  # users with at least one learned event with an item
+        # positions (in the current ``_candidates`` call) of users the model found no evidence
+        # for, although it returned candidates (e.g. session-kNN voting only the user's own items)
+        self._no_evidence: set[int] = set()
+        self._fallback = {"lists": 0, "fell_back": 0}
+        self._fallback_users: dict[str, bool] = {}  # user -> fell back at least once
+
+    @property
+    def fallback_stats(self) -> dict[str, float] | None:
+        """How often the model had nothing of its own for a user it knew (see the module doc);
+        ``None`` for the popularity models, which are the fallback."""
+        if not self.reports_fallback:
+            return None
+        lists, fell = self._fallback["lists"], self._fallback["fell_back"]
+        users = len(self._fallback_users)
+        fell_users = sum(self._fallback_users.values())
+        return {"lists": lists, "fell_back": fell, "share": fell / lists if lists else 0.0,
+                "users": users, "users_fell_back": fell_users, "user_share": fell_users / users if users else 0.0}
 
     # ---- learning
     def learn(self, events: Sequence[Event]) -> None:
@@ -150,6 +182,7 @@ class _Baseline:
             if ev.item_id is None:
                 continue
             idx = self._items.add(ev.item_id)
+            self._known_users.add(ev.user_id)
             self._pop.add(idx, 1.0, ev.ts)
             if ev.type == "purchase" and ev.item_id not in self.repeat_items:
                 self._purchased.setdefault(ev.user_id, set()).add(idx)
@@ -169,13 +202,15 @@ class _Baseline:
             return []
         excluded = [self._purchased.get(u, _EMPTY) for u in user_ids]
         m = k + max(len(e) for e in excluded)
+        self._no_evidence = set()
         primary = self._candidates(user_ids, m, now_ts)
         fill = self._pop.top(m + k).tolist()
         ids = self._items.ids
         out = []
-        for cands, excl in zip(primary, excluded):
+        for pos, (user, cands, excl) in enumerate(zip(user_ids, primary, excluded)):
             ranked: list[int] = []
             taken: set[int] = set()
+            own = 0  # items from the model's own candidates
             for source in (cands, fill):
                 for i in source:
                     if i in excl or i in taken:
@@ -184,8 +219,15 @@ class _Baseline:
                     taken.add(i)
                     if len(ranked) == k:
                         break
+                if source is cands:
+                    own = len(ranked)
                 if len(ranked) == k:
                     break
+            if user in self._known_users and k > 0:
+                fell = own == 0 or pos in self._no_evidence
+                self._fallback["lists"] += 1
+                self._fallback["fell_back"] += fell
+                self._fallback_users[user] = self._fallback_users.get(user, False) or fell
             out.append([ids[i] for i in ranked])
         return out
 
@@ -203,6 +245,8 @@ class PopularityModel(_Baseline):
     [['b', 'a']]
     """
 
+    reports_fallback = False
+
     def __init__(self, *, repeat_items: Collection[str] = (), name: str = "popularity") -> None:
         super().__init__(name=name, repeat_items=repeat_items, fill_half_life_h=None)
 
@@ -217,6 +261,8 @@ class RecentPopularityModel(_Baseline):
     >>> m.recommend(["x"], k=2, now_ts=2 * h)  # a: 2 * 1/4 = 0.5 < b: 1
     [['b', 'a']]
     """
+
+    reports_fallback = False
 
     def __init__(self, half_life_h: float = 24.0, *, repeat_items: Collection[str] = (), name: str = "recent_popularity") -> None:
         if half_life_h <= 0:
@@ -418,6 +464,8 @@ class SessionKNNModel(_Baseline):
             for sim, sid in zip(sims[top].tolist(), sids[top].tolist()):
                 for item in self._sessions[sid]:
                     scores[item] += sim
+            if scores.keys() <= set(session):  # neighbours only re-voted the user's own items
+                self._no_evidence.add(len(out))
             out.append(_top_keys(scores, m))
         return out
 

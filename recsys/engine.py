@@ -133,6 +133,9 @@ class Engine:
         self.evaluate = evaluate
         self.eval_k = eval_k
         self.emit = emit  # False: a backtest that only scores skips the output recommendations
+        # Backtest ablation (issue 14): after freeze(), the head, the re-ranker, co-visitation,
+        # transitions and popularity stop learning; user state and session memory go on.
+        self.learning = True
         self.users = UserStore(kv, ttl_days=settings.state_ttl_days)
         self.embedder = embedder
         self.items = ItemSpace(embedder)
@@ -366,9 +369,10 @@ class Engine:
                     self._advance_watermark(env, puts)
                     continue
                 if event.item_id is not None:
-                    self.covisit.update(state.history, event.item_id, event.type, event.ts)
-                    self.transitions.update(state.history, event.item_id, event.type, event.ts)
-                    self.popularity.update(event.item_id, EVENT_WEIGHTS[event.type], event.ts)
+                    if self.learning:
+                        self.covisit.update(state.history, event.item_id, event.type, event.ts)
+                        self.transitions.update(state.history, event.item_id, event.type, event.ts)
+                        self.popularity.update(event.item_id, EVENT_WEIGHTS[event.type], event.ts)
                     self.sessions.update(event.user_id, event.session_id, event.item_id, event.ts)
                 vector = self.items.vector(event.item_id) if event.item_id is not None else None
                 if self.head is not None and event.item_id is not None and state.history:
@@ -394,7 +398,7 @@ class Engine:
         #    so a re-delivery is never learned twice (a crash loses the buffer: never learned)
         self._pending.extend(examples)
         del self._pending[: -_MAX_PENDING_EXAMPLES]
-        if self.head is not None and len(self._pending) >= self.head.config.batch_size:
+        if self.head is not None and self.learning and len(self._pending) >= self.head.config.batch_size:
             examples, self._pending = self._pending, []
             stats = self.head.learn(examples)
             counts["head_steps"] += stats["steps"]
@@ -609,6 +613,10 @@ class Engine:
             self.shown.put(u, shown)
         result.scored.append(ScoredBatch(events, recommended))
 
+    def freeze(self) -> None:
+        """Stop all learning from here on (backtest ablation: what learning online adds)."""
+        self.learning = False
+
     def recommend_for(
         self, user_ids: list[str], now_ts: int, k: int | None = None, *, explain: bool = True, remember: bool = False
     ) -> list[list[RecommendedItem]]:
@@ -624,7 +632,7 @@ class Engine:
     def _learn_from_shown(self, user_id: str, user_events, committed: dict, counts: Counter) -> None:
         """Teach the re-ranker with the user's first new event against what they were last shown."""
         shown = self.shown.get(user_id)
-        if shown is None or not shown.items:
+        if shown is None or not shown.items or not (self.learning and self.settings.rerank_enabled):
             return
         for env, event in user_events:
             if event.item_id is None or env.offset <= committed.get((env.topic, env.partition), -1):
@@ -686,16 +694,24 @@ class EngineModel:
 
     name = "full-system"
 
-    def __init__(self, engine: Engine, topic: str = "events", batch_size: int = 500):
+    def __init__(self, engine: Engine, topic: str = "events", batch_size: int = 500, *,
+                 name: str = "full-system", freeze_after: int | None = None):
         self.engine = engine
         self.topic = topic
         self.batch_size = batch_size
+        self.name = name
+        self.freeze_after = freeze_after  # ablation: engine.freeze() once this many events were learned
         self._offset = 0
 
     def recommend(self, user_ids: list[str], k: int, now_ts: int) -> list[list[str]]:
         return [[i.item_id for i in items] for items in self.engine.recommend_for(user_ids, now_ts, k, explain=False, remember=True)]
 
     def learn(self, events: list[Event]) -> None:
+        if self.freeze_after is not None and self.engine.learning and self._offset + len(events) > self.freeze_after:
+            cut = max(self.freeze_after - self._offset, 0)
+            self.learn(events[:cut])
+            self.engine.freeze()
+            events = events[cut:]
         for chunk in user_disjoint_chunks(events, self.batch_size):
             envelopes = []
             for event in chunk:

@@ -9,7 +9,9 @@ same stream, score with :class:`recsys.metrics.MetricAccumulator`, and return::
      "per_type": {name: {event_type: {...}}}, "slices": {name: {slice: {...}}},
      "series": {name: [{"start_ts", "end_ts", "n", "hr@10", ...}, ...]},
      "timing": {name: {"recommend_s", "learn_s"}}, "events": n, "scored": n_scored,
-     "catalog_size": n_items, "seconds": s, "events_per_s": r}
+     "catalog_size": n_items, "seconds": s, "events_per_s": r,
+     "fallback": {name: {"lists", "fell_back", "share", ...}},  # models with ``fallback_stats``
+     "_per_user": {name: per-user metric sums}}  # for recsys.bootstrap; never written to disk
 
 Everything but the timings is deterministic given the models and the events.
 
@@ -93,6 +95,10 @@ def _assemble(
     out["slices"] = {name: r["slices"] for name, r in reports.items()}
     out["series"] = {name: r["series"] for name, r in reports.items()}
     out["timing"] = timing
+    fallback = {m.name: getattr(m, "fallback_stats", None) for m in models}
+    out["fallback"] = {name: stats for name, stats in fallback.items() if stats is not None}
+    # per-user metric sums for the bootstrap (recsys.bootstrap); "_" keys stay out of metrics.json
+    out["_per_user"] = {m.name: accs[m.name].per_user() for m in models}
     out["events"] = n_events
     out["scored"] = scored
     out["catalog_size"] = catalog_size
@@ -211,7 +217,7 @@ class PrequentialScorer:
                 for name in self.model_names:
                     self.accs[name].add(
                         recs[name][ev.user_id], (item,), event_type=ev.type, tags=tags, ts=ev.ts,
-                        item_counts=self.counts, total=self.total,
+                        item_counts=self.counts, total=self.total, user=ev.user_id,
                     )
             self.seen_users.add(ev.user_id)
             if ev.item_id is not None:
@@ -325,7 +331,7 @@ def leave_last_out(
         for m in models:
             accs[m.name].add(
                 ranked[i][m.name], (ev.item_id,), event_type=ev.type, tags=tags, ts=ev.ts,  # type: ignore[arg-type]
-                item_counts=counts, total=total,
+                item_counts=counts, total=total, user=ev.user_id,
             )
 
     exclusion = _MODEL_EXCLUSION + (

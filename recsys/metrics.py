@@ -201,6 +201,9 @@ class MetricAccumulator:
         self._per_type: dict[str, _Sums] = {}
         self._slices: dict[str, _Sums] = {}
         self._covered: dict[int, set[str]] = {k: set() for k in self.ks}
+        # per-user sums of every list metric (``add(user=...)``): bootstrap over users
+        self._metric_names = [f"{m}@{k}" for k in self.ks for m in _LIST_METRICS]
+        self._per_user: dict[str, list[float]] = {}
         # series buckets: key -> [sums, start_ts, end_ts]
         self._series: dict[int, list[Any]] = {}
 
@@ -218,8 +221,10 @@ class MetricAccumulator:
         ts: int | None = None,
         item_counts: Mapping[str, float] | None = None,
         total: float = 0,
+        user: str | None = None,
     ) -> None:
-        """Score one list (best first) against its relevant set and add it to every group it belongs to."""
+        """Score one list (best first) against its relevant set and add it to every group it
+        belongs to; with ``user``, also to that user's sums (:meth:`per_user`)."""
         _check(relevant, self.ks[0])
         kmax = self.ks[-1]
         ranks = _hit_ranks(recommended, relevant, kmax)
@@ -237,6 +242,13 @@ class MetricAccumulator:
         if item_counts is not None and total > 0 and recommended:
             nov = {k: novelty(recommended, item_counts, total, k) for k in self.ks}  # type: ignore[misc]
         self._overall.add(values, nov)
+        if user is not None:
+            sums = self._per_user.get(user)
+            if sums is None:
+                sums = self._per_user[user] = [0.0] * (len(self._metric_names) + 1)
+            sums[0] += 1
+            for j, name in enumerate(self._metric_names, start=1):
+                sums[j] += values[name]
         if event_type is not None:
             self._group(self._per_type, event_type).add(values, nov)
         for tag in tags:
@@ -251,6 +263,19 @@ class MetricAccumulator:
         if ts is not None:
             bucket[1] = ts if bucket[1] is None else min(bucket[1], ts)
             bucket[2] = ts if bucket[2] is None else max(bucket[2], ts)
+
+    def per_user(self) -> dict[str, Any]:
+        """``{"metrics": [name, ...], "users": [id, ...], "n": [lists per user],
+        "sums": [[sum of each metric over the user's lists], ...]}`` for lists added with a user.
+
+        >>> acc = MetricAccumulator(ks=(1,))
+        >>> acc.add(["a"], {"a"}, user="u"); acc.add(["b"], {"a"}, user="u"); acc.add(["a"], {"a"}, user="v")
+        >>> pu = acc.per_user(); pu["users"], pu["n"], [s[pu["metrics"].index("hr@1")] for s in pu["sums"]]
+        (['u', 'v'], [2, 1], [1.0, 1.0])
+        """
+        users = list(self._per_user)
+        return {"metrics": list(self._metric_names), "users": users,
+                "n": [int(self._per_user[u][0]) for u in users], "sums": [self._per_user[u][1:] for u in users]}
 
     def _group(self, groups: dict[str, _Sums], name: str) -> _Sums:
         g = groups.get(name)

@@ -140,6 +140,11 @@ class Recommender:
             return []
         cfg = self.config
         k = k or cfg.k
+        # Candidates come from a fixed depth (the configured list length), never from the length
+        # asked for: what is ranked, shown and learned from must not depend on how deep a
+        # backtest scores (issue 14). Lists asked deeper than the candidates reach are padded
+        # with trending items after them (``_pad``), outside what the re-ranker learns from.
+        depth = cfg.k
         index = self.items.index
         n = len(states)
         cap = index.row_capacity + 1
@@ -171,14 +176,14 @@ class Recommender:
         # ``session_candidates`` votes bring candidates in; the rest only mark candidates that
         # other sources brought (a vote is evidence either way)
         if self.sessions is not None:
-            self._add_session_votes(parts, states, exclusions, k)
+            self._add_session_votes(parts, states, exclusions, depth)
         # buy again: the user's own most-bought items that may be bought again
         self._add_buy_again(parts, states, exclusions)
 
         # trending is the same for everyone in a batch
         trending = [
             (item_id, pop)
-            for item_id, pop in self.popularity.top(cfg.trending_candidates + k, now_ts)
+            for item_id, pop in self.popularity.top(cfg.trending_candidates + depth, now_ts)
             if self.items.recommendable(item_id)
         ]
         if trending:
@@ -200,12 +205,29 @@ class Recommender:
         reasons = self._reasons_for(batch, order, bounds, k, recents, states) if explain else None
         shown_scores = (np.round(scores.astype(np.float64), 6) if explain else scores).tolist()
         out = []
+        short = [u for u in range(n) if bounds[u + 1] - bounds[u] < k]
+        pads = self._pad([names[bounds[u]:bounds[u + 1]] for u in short], [exclusions[u] for u in short], k, now_ts)
+        pad_of = dict(zip(short, pads))
         for u in range(n):
             lo, hi = int(bounds[u]), int(bounds[u + 1])
             top = min(hi, lo + k)
             why = reasons[lo:top] if reasons is not None else [""] * (top - lo)
             items = list(map(RecommendedItem, names[lo:top], shown_scores[lo:top], why))
+            items += [RecommendedItem(i, 0.0, "trending" if explain else "") for i in pad_of.get(u, ())]
             out.append((items, Shown(tuple(names[lo:top]), x[lo:hi].copy(), tuple(names[lo:hi]))))
+        return out
+
+    def _pad(self, ranked: list[list[str]], exclusions: list[set[str]], k: int, now_ts: int) -> list[list[str]]:
+        """Per short list, the trending items that follow it up to ``k``: recommendable, not
+        excluded, not ranked already; in trending order, so a deeper ask only appends."""
+        if not ranked:
+            return []
+        need = k + max(len(r) + len(e) for r, e in zip(ranked, exclusions))
+        pool = [i for i, _ in self.popularity.top(need, now_ts) if self.items.recommendable(i)]
+        out = []
+        for names, excl in zip(ranked, exclusions):
+            taken = set(names)
+            out.append([i for i in pool if i not in taken and i not in excl][: k - len(names)])
         return out
 
     # ------------------------------------------------------------------ sources

@@ -147,6 +147,57 @@ def _plot_bars(groups: dict[str, dict[str, dict[str, Any]]], metric: str, path: 
     return True
 
 
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x * 100:+.1f}%"
+
+
+def _margin_section(margins: dict[str, dict[str, Any]]) -> list[str]:
+    """The full system against the best baseline per metric, with 95% bootstrap intervals."""
+    if not margins:
+        return []
+    lines = ["", "## Full system vs the best baseline (95% bootstrap interval over users)", "",
+             "| metric | best baseline | full system | baseline | margin | 95% interval | verdict |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for metric, m in margins.items():
+        ci = m.get("ci95")
+        interval = f"[{_pct(ci[0])}, {_pct(ci[1])}]" if ci else "n/a"
+        lines.append(f"| {metric} | {m['baseline']} | {m['full_value']:.4f} | {m['baseline_value']:.4f} | "
+                     f"{_pct(m.get('margin'))} | {interval} | {m['verdict']} |")
+    n_boot = next(iter(margins.values())).get("n_boot")
+    lines += ["", f"A margin counts as a win only when its interval excludes zero ({n_boot} resamples of users)."]
+    return lines
+
+
+def _ablation_section(ablations: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
+    """What each part of the full system adds: its margin over each ablation, with intervals."""
+    if not ablations:
+        return []
+    lines = ["", "## What each part adds: full system vs its ablations (95% bootstrap interval over users)", "",
+             "| ablation | metric | ablation | full system | full system's margin | 95% interval | verdict |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for variant, per_metric in ablations.items():
+        for metric, m in per_metric.items():
+            ci = m.get("ci95")
+            interval = f"[{_pct(ci[0])}, {_pct(ci[1])}]" if ci else "n/a"
+            lines.append(f"| {variant} | {metric} | {m['baseline_value']:.4f} | {m['full_value']:.4f} | "
+                         f"{_pct(m.get('margin'))} | {interval} | {m['verdict']} |")
+    return lines
+
+
+def _fallback_section(fallback: dict[str, dict[str, Any]]) -> list[str]:
+    """How often each baseline had nothing of its own for a user it knew (popularity filled)."""
+    if not fallback:
+        return []
+    lines = ["", "## Fallback: lists the model's own evidence did not contribute to", "",
+             "| model | lists (known users) | fell back | share of lists | share of users (at least once) |",
+             "|---|---:|---:|---:|---:|"]
+    for name, f in fallback.items():
+        lines.append(f"| {name} | {f['lists']} | {f['fell_back']} | {f['share']:.1%} | {f['user_share']:.1%} |")
+    lines += ["", "A fallen-back list is popularity (or, for the neighbourhood models, the user's own items "
+              "only): the model found no neighbour or no evidence for that user."]
+    return lines
+
+
 def write_report(
     result: dict[str, Any],
     out_dir: str | Path,
@@ -162,7 +213,7 @@ def write_report(
     data["dataset"] = dataset if dataset is not None else result.get("dataset")
     data["models"] = {name: {k: float(v) for k, v in m.items()} for name, m in (result.get("models") or {}).items()}
     for key, value in result.items():
-        if key not in data:
+        if key not in data and not key.startswith("_"):  # "_" keys: in-memory only (per-user sums)
             data[key] = value
     data["title"] = title
     data["command"] = command
@@ -205,6 +256,9 @@ def write_report(
     md += facts + ["", "## Metrics (best per column in bold)", ""]
     models = data["models"]
     md += _table(models, metric_columns(models), first="model", bold_best=True)
+    md += _margin_section(result.get("margins") or {})
+    md += _ablation_section(result.get("ablation_margins") or {})
+    md += _fallback_section(result.get("fallback") or {})
     timing = result.get("timing") or {}
     if timing:
         md += ["", "## Time per model (s)", ""]

@@ -91,6 +91,8 @@ class Settings:
     dedup_window: int = 50  # event_ids remembered per user: a re-sent event_id is counted once
     sweep_keys_per_batch: int = 500  # user records checked for expiry per batch (0: no sweep)
     control_topic: str = "control"  # erasure requests ({"type": "forget_user", "user_id": ...})
+    # --- issue 14 ---
+    rerank_enabled: bool = True  # the online re-ranker learns from what users did next (off: the hand-set blend only)
 
     @classmethod
     def env_var(cls, name: str) -> str:

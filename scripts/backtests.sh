@@ -6,13 +6,20 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 R=".venv/bin/recsys replay"
 D="../shared/data"
+# every baseline, the full system and its ablations (frozen / no head / no re-ranker), with
+# bootstrap intervals; SASRec too (all+sasrec) in leave-last-out and on REES46, not in the
+# other prequential runs, where a nightly retraining (7 on YooChoose, 312 on DIGINETICA, 74 on
+# Complete Journey) costs from tens of minutes to hours on two cores
 for protocol in prequential leave-last-out; do
-  $R --format rees46 --events "$D/rees46/2019-Oct_head17k.csv" --protocol $protocol --out runs/rees46-$protocol
-  $R --format diginetica --events "$D/diginetica" --protocol $protocol --out runs/diginetica-$protocol
-  $R --format yoochoose --events "$D/yoochoose" --protocol $protocol --out runs/yoochoose-$protocol
-  # all models on the first 300k of 1.47M lines (the baselines' cost); the full system on all below
-  $R --format completejourney --limit 300000 --protocol $protocol --out runs/completejourney-300k-$protocol
+  $R --format rees46 --events "$D/rees46/2019-Oct_head17k.csv" --protocol $protocol --models all+sasrec --out runs/rees46-$protocol
 done
+$R --format yoochoose --events "$D/yoochoose" --protocol leave-last-out --models all+sasrec --out runs/yoochoose-leave-last-out
+$R --format yoochoose --events "$D/yoochoose" --protocol prequential --models all --out runs/yoochoose-prequential
+$R --format diginetica --events "$D/diginetica" --protocol leave-last-out --models all+sasrec --out runs/diginetica-leave-last-out
+$R --format diginetica --events "$D/diginetica" --protocol prequential --models all --out runs/diginetica-prequential
+# all models on the first 300k of 1.47M lines (the baselines' cost); the full system on all below
+$R --format completejourney --limit 300000 --protocol leave-last-out --models all+sasrec --out runs/completejourney-300k-leave-last-out
+$R --format completejourney --limit 300000 --protocol prequential --models all --out runs/completejourney-300k-prequential
 # speed: the full system alone over all 1,469,307 lines
 $R --format completejourney --models full-system --out runs/completejourney-full
 # what sharding costs: the full system as two shards (users split like Kafka's partitioner)

@@ -13,8 +13,10 @@ from recsys.baselines import (
     RiverBiasedMFModel,
     SessionKNNModel,
 )
-from recsys.evaluation import Model
+from recsys.evaluation import Model, leave_last_out
 from recsys.events import Event
+from recsys.history_baselines import ItemKNNModel, MostBoughtModel, RecentlySeenModel, TransitionModel
+from recsys.trained_baselines import BPRMFModel
 
 H = 3_600_000  # one hour in ms
 
@@ -37,6 +39,11 @@ FACTORIES = {
     "session_knn": lambda: SessionKNNModel(),
     "content": lambda: ContentModel(RNG_VECTORS),
     "river_mf": lambda: RiverBiasedMFModel(n_factors=4, seed=3),
+    "recently_seen": lambda: RecentlySeenModel(),
+    "most_bought": lambda: MostBoughtModel(),
+    "itemknn": lambda: ItemKNNModel(),
+    "transitions": lambda: TransitionModel(),
+    "bpr_mf": lambda: BPRMFModel(factors=4, epochs=3, seed=3),
 }
 
 
@@ -243,3 +250,140 @@ def test_river_mf_reading_scores_does_not_add_users_to_the_river_model():
     m.learn(stream([("u", "a"), ("v", "b")]))
     m.recommend(["ghost"], k=2, now_ts=9)
     assert "ghost" not in m.model.u_latents
+
+
+# ---- issue 14: recently seen, most bought, transitions, ItemKNN, BPR-MF, fallback counting
+
+DAY = 24 * H
+
+
+def test_recently_seen_reshows_the_users_distinct_items_newest_first_without_purchases():
+    m = RecentlySeenModel(fill_half_life_h=None)
+    m.learn(stream([("u", "a"), ("u", "b"), ("u", "c", "purchase"), ("u", "a"), ("v", "p"), ("w", "p")]))
+    # a (newest), b; c was bought; then popularity: p (2)
+    assert m.recommend(["u"], k=3, now_ts=9) == [["a", "b", "p"]]
+
+
+def test_recently_seen_keeps_only_its_history_length():
+    m = RecentlySeenModel(history=2, fill_half_life_h=None)
+    m.learn(stream([("u", "a"), ("u", "b"), ("u", "c")]))
+    assert m.recommend(["u"], k=2, now_ts=9) == [["c", "b"]]
+
+
+def test_most_bought_ranks_by_purchase_count_then_recency_and_ignores_views():
+    m = MostBoughtModel(repeat_items={"milk", "eggs", "tea", "tv"}, fill_half_life_h=None)
+    m.learn(stream([("u", "eggs", "purchase"), ("u", "milk", "purchase"), ("u", "tea", "purchase"),
+                    ("u", "milk", "purchase"), ("u", "tv", "click"), ("u", "tv", "click"), ("u", "tv", "click")]))
+    # milk 2; tea and eggs 1 each, tea bought later; tv only viewed: after them, by popularity
+    assert m.recommend(["u"], k=4, now_ts=9) == [["milk", "tea", "eggs", "tv"]]
+
+
+def test_transitions_count_the_next_distinct_item_however_far_apart():
+    evs = [ev(0, "u1", "a", ts=0), ev(1, "u1", "a", ts=DAY), ev(2, "u1", "b", ts=9 * DAY),  # a, a, b: one a->b
+           ev(3, "u2", "a", ts=0), ev(4, "u2", "c", ts=30 * DAY), ev(5, "u3", "a", ts=0), ev(6, "u3", "c", ts=40 * DAY),
+           ev(7, "me", "b", ts=0), ev(8, "me", "a", ts=50 * DAY)]
+    m = TransitionModel(fill_half_life_h=None)
+    m.learn(evs)
+    assert m.recommend(["me"], k=2, now_ts=50 * DAY) == [["c", "b"]]  # a->c twice, a->b once
+    assert m.fallback_stats["fell_back"] == 0
+
+
+def test_itemknn_scores_are_binary_cosine_over_whole_histories():
+    # users of a: u1 u2 u3 me (4); b: u1 u2 (2); c: u2 u3 u4 (3); d: u4
+    rows = [("u1", "a"), ("u1", "b"), ("u2", "a"), ("u2", "b"), ("u2", "c"), ("u3", "a"), ("u3", "c"),
+            ("u4", "c"), ("u4", "d"), ("me", "a")]
+    m = ItemKNNModel(fill_half_life_h=None)
+    m.learn([ev(i, u, it, ts=i * 3 * DAY) for i, (u, it) in enumerate(rows)])
+    idx = m._items.pos
+    names, sims = m.neighbours(idx["a"])
+    assert [m._items.ids[j] for j in names] == ["b", "c"]
+    assert sims == pytest.approx([2 / np.sqrt(4 * 2), 2 / np.sqrt(4 * 3)])
+    assert m.recommend(["me"], k=2, now_ts=99 * DAY) == [["b", "c"]]
+    names, sims = m.neighbours(idx["c"])  # c: a (2 of 3 and 4 users), d (1 of 3 and 1), b (1 of 3 and 2)
+    assert dict(zip([m._items.ids[j] for j in names], sims)) == pytest.approx(
+        {"a": 2 / np.sqrt(12), "d": 1 / np.sqrt(3), "b": 1 / np.sqrt(6)})
+
+
+def test_itemknn_shrink_lowers_similarities_of_rare_pairs():
+    rows = [("u1", "a"), ("u1", "b")]
+    m = ItemKNNModel(shrink=1.0)
+    m.learn(stream(rows))
+    assert m.neighbours(0)[1] == pytest.approx([1 / (1 + 1)])
+
+
+def _days_apart_log(n_users=40, groups=10, n_long=10):
+    """Each user walks the chain x -> y -> z (-> w for the first ``n_long`` users) of their
+    group, two to three days between events: one event per visit, as on a review log."""
+    events, i = [], 0
+    for u in range(n_users):
+        g = u % groups
+        for step, item in enumerate(("x", "y", "z", "w")[: 4 if u < n_long else 3]):
+            events.append(Event(f"e{i}", "click", f"u{u}", f"{item}{g}", (u * 7 + step * 2) * DAY + u * H))
+            i += 1
+    return sorted(events, key=lambda e: e.ts)
+
+
+def test_on_a_log_of_events_days_apart_itemknn_and_transitions_find_neighbours_and_time_window_models_fall_back():
+    events = _days_apart_log()
+    models = [ItemKNNModel(), TransitionModel(), CoVisitationModel(), SessionKNNModel(), PopularityModel()]
+    r = leave_last_out(models, events, ks=(10,), progress=False)
+    fb = r["fallback"]
+    assert "popularity" not in fb  # popularity is the fallback
+    assert fb["itemknn"]["lists"] == fb["transitions"]["lists"] == 40
+    assert fb["itemknn"]["fell_back"] == 0  # every history item has co-occurring items
+    # the 30 short walkers' last item y has the successor z (from their group's long walker);
+    # the 10 long walkers' last item z has none in training (every w is held out)
+    assert fb["transitions"]["fell_back"] == 10
+    assert fb["covisitation"]["share"] == 1.0  # every pair is further apart than its 24 h gap
+    assert fb["session_knn"]["share"] == 1.0  # one-event sessions: neighbours only re-vote the user's item
+    # real neighbours find the held-out z of the short walkers; the fallen-back models cannot
+    assert r["models"]["transitions"]["recall@10"] == pytest.approx(30 / 40)
+    assert r["models"]["itemknn"]["recall@10"] >= 30 / 40
+    assert r["models"]["covisitation"]["recall@10"] == r["models"]["popularity"]["recall@10"] < 0.5
+
+
+def test_fallback_is_counted_only_for_users_the_model_knows():
+    m = TransitionModel()
+    m.learn(stream([("u", "a"), ("v", "a"), ("v", "b")]))
+    m.recommend(["u", "v", "stranger"], k=2, now_ts=9)  # u: a->b; v: b has no successor; stranger unknown
+    assert m.fallback_stats == {"lists": 2, "fell_back": 1, "share": 0.5, "users": 2, "users_fell_back": 1,
+                                "user_share": 0.5}
+    assert PopularityModel().fallback_stats is None
+
+
+def test_bpr_mf_personalises_against_popularity():
+    shares = []
+    for seed in range(3):
+        rng = random.Random(seed)
+        rows = []
+        for _ in range(400):
+            u = rng.randrange(10)
+            rows.append((f"u{u}", f"{'g1' if u < 3 else 'g2'}_{rng.randrange(4)}"))
+        m = BPRMFModel(factors=8, epochs=40, seed=seed, fill_half_life_h=None)
+        m.learn(stream(rows))
+        recs = m.recommend(["u0"], k=4, now_ts=999)[0]
+        shares.append(sum(i.startswith("g1") for i in recs) / 4)
+    assert sum(shares) / len(shares) > 0.7
+
+
+def test_bpr_mf_with_a_retrain_period_trains_at_the_first_ask_of_each_new_period():
+    m = BPRMFModel(factors=2, epochs=1, retrain_every_h=24.0)
+    m.learn([ev(0, "u", "a", ts=0), ev(1, "v", "b", ts=H)])
+    m.recommend(["u"], k=1, now_ts=2 * H)  # day 0: the first ask fixes the period, nothing trained yet
+    assert m.trainings == 0 and m.fallback_stats["fell_back"] == 1
+    m.recommend(["u"], k=1, now_ts=DAY + H)  # day 1: the nightly job has run
+    m.recommend(["u"], k=1, now_ts=DAY + 2 * H)
+    assert m.trainings == 1 and m.fallback_stats["fell_back"] == 1
+    m.learn([ev(2, "w", "c", ts=DAY + 3 * H)])
+    m.recommend(["w"], k=1, now_ts=DAY + 4 * H)  # w arrived after the training: not in the model
+    assert m.trainings == 1 and m.fallback_stats["fell_back"] == 2
+    m.recommend(["w"], k=1, now_ts=2 * DAY)
+    assert m.trainings == 2 and m.fallback_stats["fell_back"] == 2
+
+
+def test_bpr_mf_trains_once_in_leave_last_out_style_use():
+    m = BPRMFModel(factors=2, epochs=1)
+    m.learn(random_stream())
+    m.recommend(["u1"], k=3, now_ts=0)
+    m.recommend(["u2"], k=3, now_ts=0)
+    assert m.trainings == 1

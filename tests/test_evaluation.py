@@ -251,3 +251,19 @@ def test_report_markdown_bolds_the_best_model_per_column_and_states_the_protocol
     assert "| b | 0.2500 | **0.2000** |" in md
     assert "leave_last_out" in md and "exclude_history: True" in md
     assert "recsys backtest --protocol loo" in md
+
+
+def test_results_carry_each_baselines_fallback_and_per_user_sums_that_add_up_to_the_means():
+    from recsys.history_baselines import TransitionModel
+
+    evs = [Event(str(i), "click", u, it, i) for i, (u, it) in enumerate(
+        [("u1", "a"), ("u1", "b"), ("u2", "a"), ("u2", "b"), ("u3", "c"), ("u3", "a"), ("u1", "c")])]
+    r = prequential([PopularityModel(), TransitionModel()], evs, ks=(1,), batch_size=1, progress=False)
+    assert set(r["fallback"]) == {"transitions"}  # popularity is the fallback itself
+    # known users asked: u1 (after a: no successor yet), u2 (after a: a->b), u3 (after c: none), u1 (after b: none)
+    assert r["fallback"]["transitions"]["lists"] == 4 and r["fallback"]["transitions"]["fell_back"] == 3
+    for name in ("popularity", "transitions"):
+        pu = r["_per_user"][name]
+        col = pu["metrics"].index("hr@1")
+        assert sum(pu["n"]) == r["scored"]
+        assert sum(s[col] for s in pu["sums"]) / sum(pu["n"]) == pytest.approx(r["models"][name]["hr@1"])

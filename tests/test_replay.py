@@ -115,3 +115,56 @@ def test_replay_cli_shards_split_the_users_and_still_score_every_event(tmp_path,
     assert runs[1]["models"]["full-system"] != runs[2]["models"]["full-system"]  # two engines learned apart
     with pytest.raises(SystemExit, match="only with --protocol prequential"):
         main(args + ["--shards", "2", "--protocol", "leave-last-out", "--out", str(tmp_path / "loo")])
+
+
+# ---- issue 14: scoring depth is a property of the measurement, not of the model
+
+
+def _write_fixture(tmp_path, stream):
+    catalog, events, cache = stream
+    events_file, catalog_file = tmp_path / "events.jsonl", tmp_path / "catalog.jsonl"
+    events_file.write_bytes(b"\n".join(encode(e) for e in events) + b"\n")
+    catalog_file.write_bytes(b"\n".join(encode(c) for c in catalog) + b"\n")
+    return ["replay", "--format", "jsonl", "--events", str(events_file), "--catalog", str(catalog_file),
+            "--embed-cache-dir", cache]
+
+
+@pytest.mark.parametrize("protocol,deeper", [("leave-last-out", "10,50"), ("prequential", "10,50")])
+def test_asking_for_a_deeper_cutoff_does_not_change_the_full_systems_metrics_at_10(tmp_path, stream, protocol, deeper):
+    args = _write_fixture(tmp_path, stream) + ["--protocol", protocol, "--models", "full-system"]
+    runs = {}
+    for ks in ("10", deeper):
+        out = tmp_path / f"k{ks.replace(',', '_')}"
+        assert main(args + ["--k", ks, "--out", str(out)]) == 0
+        runs[ks] = json.loads((out / "metrics.json").read_text())["models"]["full-system"]
+    at10 = {m: v for m, v in runs["10"].items() if m.endswith("@10")}
+    assert at10 and at10 == {m: runs[deeper][m] for m in at10}
+    assert runs[deeper]["recall@50"] >= runs[deeper]["recall@10"]
+
+
+def test_ablation_rows_run_beside_the_full_system_and_margins_carry_bootstrap_intervals(tmp_path, stream):
+    args = _write_fixture(tmp_path, stream)
+    out = tmp_path / "abl"
+    models = "popularity,recently_seen,full-system,full-system/frozen,full-system/no-head,full-system/no-reranker"
+    assert main(args + ["--k", "10", "--models", models, "--warmup-share", "0.3", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    rows = metrics["models"]
+    assert set(rows) == set(models.split(","))
+    assert metrics["scored"] == len(stream[1])
+    # each ablation is a different system: none of them scores exactly as the full system
+    for variant in ("full-system/frozen", "full-system/no-head", "full-system/no-reranker"):
+        assert rows[variant] != rows["full-system"], variant
+    assert metrics["ablation"]["freeze_after_events"] == int(0.3 * len(stream[1]))
+    margin = metrics["margins"]["ndcg@10"]
+    assert margin["baseline"] in ("popularity", "recently_seen")  # never an ablation
+    lo, hi = margin["ci95"]
+    assert lo <= margin["margin"] <= hi
+    assert margin["verdict"] == ("win" if lo > 0 else "loss" if hi < 0 else "not significant")
+    assert "_per_user" not in metrics  # in-memory only
+    frozen = metrics["ablation_margins"]["full-system/frozen"]["ndcg@10"]
+    assert frozen["full_value"] == pytest.approx(rows["full-system"]["ndcg@10"])  # per-user sums, re-added
+    assert frozen["baseline_value"] == pytest.approx(rows["full-system/frozen"]["ndcg@10"])
+    report = (out / "report.md").read_text()
+    assert "95% bootstrap interval" in report and "| full-system/frozen |" in report
+    assert "What each part adds" in report
+    assert "## Fallback" in report and "| recently_seen |" in report
