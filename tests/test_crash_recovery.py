@@ -47,7 +47,7 @@ N_ITEMS = 300
 #: early enough that at least 3 kills land before the stream ends.
 KILL_FRACTIONS = (0.04, 0.08, 0.12, 0.06)
 READY_TIMEOUT_S = 60.0
-RUN_TIMEOUT_S = 120.0
+RUN_TIMEOUT_S = 300.0  # generous: a loaded machine runs the 50k events several times slower
 PROGRESS_TIMEOUT_S = 30.0
 
 
