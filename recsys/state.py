@@ -258,7 +258,9 @@ class RocksKV:
 
     def iter_from(self, start: bytes, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
         """Like ``iter_prefix(prefix)``, from the first key >= ``start`` (a resumable scan)."""
-        return _take_prefix(self._live().items(from_key=max(start, prefix)), prefix)
+        it = self._live().iter(self._read_opts)
+        it.seek(max(start, prefix))
+        return self._scan(it, prefix)  # checked like iter_prefix: a bad block is an error, not the end
 
     def close(self) -> None:
         if self._db is not None:
