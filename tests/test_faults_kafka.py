@@ -223,7 +223,10 @@ def test_a_partition_whose_log_lost_the_recovered_offset_stops_the_flow_until_to
     capsys.readouterr()
     assert _cli(settings, catalog_file, "--on-offset-reset", "latest") == 0
     assert _stopped_totals(capsys.readouterr().out).get("applied", 0) == 0
-    produce_records(clients, settings.events_topic, _records(fresh[20:30]))  # and reads what comes next
+    # and reads what comes next (new event ids: the ones above were applied in the first new log,
+    # and a re-sent event_id is a duplicate, not applied again)
+    later = [type(e)(f"later-{e.event_id}", e.type, e.user_id, e.item_id, e.ts) for e in fresh[20:30]]
+    produce_records(clients, settings.events_topic, _records(later))
     assert _cli(settings, catalog_file) == 0
     assert _stopped_totals(capsys.readouterr().out)["applied"] == 10
 
