@@ -171,7 +171,7 @@ class Recommender:
         # ``session_candidates`` votes bring candidates in; the rest only mark candidates that
         # other sources brought (a vote is evidence either way)
         if self.sessions is not None:
-            self._add_session_votes(parts, states, exclusions, k)
+            self._add_session_votes(parts, states, excl_rows, k)
         # buy again: the user's own most-bought items that may be bought again
         self._add_buy_again(parts, states, exclusions)
 
@@ -245,20 +245,22 @@ class Recommender:
             keep = rows >= 0  # neighbours that are not recommendable are no candidates
             parts.add(source, np.repeat(owners, lengths)[keep], rows[keep], values[keep], anchors[keep])
 
-    def _add_session_votes(self, parts: "_Entries", states: list[UserState], exclusions: list[set[str]], k: int) -> None:
+    def _add_session_votes(self, parts: "_Entries", states: list[UserState], excl_rows: list[np.ndarray], k: int) -> None:
         n = self.config.session_candidates
-        votes = self.sessions.scores([s.user_id for s in states], n + k)
-        names = [item for v in votes for item, _ in v]
-        if not names:
+        users, codes, values = self.sessions.ranked_votes([s.user_id for s in states], n + k)
+        if not len(users):
             return
-        users = np.repeat(np.arange(len(votes)), [len(v) for v in votes])
-        values = np.fromiter((score for v in votes for _, score in v), dtype=np.float32, count=len(names))
-        rows = self.items.index.rows(names)
-        ok = (rows >= 0) & np.fromiter((i not in exclusions[u] for i, u in zip(names, users.tolist())), dtype=bool, count=len(names))
+        rows = self.items.index.rows(self.sessions.item_names(codes))
+        # an excluded item that is in the index is one of the user's excluded rows
+        cap = self.items.index.row_capacity + 1
+        excl_owner = np.repeat(np.arange(len(states)), [len(e) for e in excl_rows])
+        ok = rows >= 0
+        if len(excl_owner):
+            ok &= ~np.isin(users * cap + rows, excl_owner * cap + np.concatenate(excl_rows))
         # each usable vote's rank among the user's usable votes, for the cut at n
-        per_user = np.bincount(users[ok], minlength=len(votes))
+        per_user = np.bincount(users[ok], minlength=len(states))
         rank = np.cumsum(ok) - 1 - (np.cumsum(per_user) - per_user)[users]
-        parts.add(_SESSION, users[ok], rows[ok], values[ok], attach_only=rank[ok] >= n)
+        parts.add(_SESSION, users[ok], rows[ok], values[ok].astype(np.float32), attach_only=rank[ok] >= n)
 
     def _add_buy_again(self, parts: "_Entries", states: list[UserState], exclusions: list[set[str]]) -> None:
         """The user's most-bought purchasable-again items with their purchase counts, ties to
