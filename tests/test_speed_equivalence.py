@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from recsys.sessions import SessionNeighbours
+from recsys.signals import CoVisitation
 
 MIN = 60_000
 
@@ -91,3 +92,58 @@ def test_batched_session_votes_equal_the_per_user_reference(bounds, users, items
         assert s.scores(everyone, n) == _reference_scores(s, everyone, n)
         assert s.scores(everyone[:1], n) == _reference_scores(s, everyone[:1], n)
 
+
+class _CoVisitationReference(CoVisitation):
+    """``CoVisitation`` before the remembered weakest pairs: a full ``min`` on every overflow."""
+
+    def _add_pair(self, a: str, b: str, weight: float) -> None:
+        for x, y in ((a, b),) if self.directed else ((a, b), (b, a)):
+            nbrs = self._nbrs.setdefault(x, {})
+            counts = self._counts.setdefault(x, {})
+            nbrs[y] = nbrs.get(y, 0.0) + weight
+            counts[y] = counts.get(y, 0) + 1
+            self._dirty.add(x)
+            self._ranked.pop(x, None)
+        for x in (a,) if self.directed else (a, b):
+            nbrs = self._nbrs.get(x)
+            if nbrs is not None and len(nbrs) > self.max_neighbours:
+                victim = min(nbrs.items(), key=itemgetter(1, 0))[0]
+                self._drop_pair(x, victim)
+
+    def _drop_pair(self, x: str, y: str) -> None:
+        for p, q in ((x, y),) if self.directed else ((x, y), (y, x)):
+            nbrs = self._nbrs.get(p)
+            if nbrs is not None and nbrs.pop(q, None) is not None:
+                del self._counts[p][q]
+                self._dirty.add(p)
+                self._ranked.pop(p, None)
+                if not nbrs:
+                    del self._nbrs[p], self._counts[p]
+
+
+@pytest.mark.parametrize("directed", [False, True])
+@pytest.mark.parametrize("max_neighbours, items", [(3, 30), (10, 200), (50, 400)])
+def test_co_visitation_drops_the_same_weakest_pairs_as_a_full_scan(directed, max_neighbours, items):
+    rng = random.Random(max_neighbours * 7 + directed)
+    fast = CoVisitation(half_life_h=0.5, max_neighbours=max_neighbours, window=5, directed=directed)
+    slow = _CoVisitationReference(half_life_h=0.5, max_neighbours=max_neighbours, window=5, directed=directed)
+    histories: dict[str, list] = {}
+    types = ["browse", "click", "add_to_cart", "purchase", "search"]
+    ts = 0
+    for n in range(20_000):
+        ts += rng.choice([1, 1000, 60_000, 3_600_000])  # equal weights (ties by id) and decayed ones
+        user = f"u{rng.randrange(40)}"
+        hist = histories.setdefault(user, [])
+        item, etype = f"i{int(rng.paretovariate(1.2)) % items}", rng.choice(types)
+        fast.update(hist, item, etype, ts)
+        slow.update(hist, item, etype, ts)
+        hist.append((item, etype, ts))
+        del hist[:-5]
+        if n % 997 == 0:
+            assert fast.export_dirty() == slow.export_dirty()  # same bytes: same maps, same order
+    assert fast.export_dirty() == slow.export_dirty()
+    assert fast._nbrs == slow._nbrs and fast._counts == slow._counts
+    assert all(list(fast._nbrs[i].items()) == list(slow._nbrs[i].items()) for i in slow._nbrs)
+    for item_id, low in fast._weakest.items():  # what is remembered is the list's true start
+        assert list(low) == sorted(zip(fast._nbrs[item_id].values(), fast._nbrs[item_id]))[: len(low)]
+    assert sum(len(n) > max_neighbours - 1 for n in slow._nbrs.values()) > 5  # lists really overflowed
