@@ -325,14 +325,18 @@ class Recommender:
         users = batch.user[entry]
         closest = self._closest_history_items(batch.row[entry], users, source == _SOURCES.index(_CONTENT), recents)
         names = self.items.index.names(batch.row[entry]).tolist()
-        for i, (pos, e, u, src) in enumerate(zip(shown.tolist(), entry.tolist(), users.tolist(), source.tolist())):
+        # anchors as plain lists, read once (indexing numpy per shown item costs more than the rest)
+        no_anchor = [-1] * len(entry)
+        cov_anchor = batch.anchor[_COVISIT][entry].tolist() if _COVISIT in batch.anchor else no_anchor
+        next_anchor = batch.anchor[_NEXT][entry].tolist() if _NEXT in batch.anchor else no_anchor
+        for i, (pos, u, src) in enumerate(zip(shown.tolist(), users.tolist(), source.tolist())):
             kind, item_id = _SOURCES[src], names[i]
             if kind == _COVISIT:
-                anchor, anchor_type = recents[u][batch.anchor[_COVISIT][e]]
+                anchor, anchor_type = recents[u][cov_anchor[i]]
                 verb = "bought" if anchor_type == "purchase" else "viewed"
                 out[pos] = f"{verb} together with {self._title(anchor)}"
             elif kind == _NEXT:
-                out[pos] = f"often chosen right after {self._title(recents[u][batch.anchor[_NEXT][e]][0])}"
+                out[pos] = f"often chosen right after {self._title(recents[u][next_anchor[i]][0])}"
             elif kind == _SESSION:
                 out[pos] = "chosen in sessions like yours"
             elif kind == _AGAIN:
