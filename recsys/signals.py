@@ -235,6 +235,8 @@ class CoVisitation:
         # item -> the lightest ``(weight, neighbour)`` pairs of its list, ascending: exactly the
         # list's first few in that order (every change below keeps it so, or shortens it), so
         # the weakest is at hand when the list overflows. Tuples of plain values: untracked.
+        # Anything that changes ``_nbrs`` must go through ``_add_pair``/``_drop_pair`` (or drop
+        # the item's entry here), or a stale entry would pick the wrong victim.
         self._weakest: dict[str, tuple[tuple[float, str], ...]] = {}
         self._dirty: set[str] = set()
 
@@ -326,7 +328,9 @@ class CoVisitation:
             names.sort(key=nbrs.__getitem__, reverse=True)
             counts = self._counts[item_id]
             # tuples of plain values, untracked by the garbage collector like the dicts above
-            ranked = (tuple(names), np.array([nbrs[y] for y in names], dtype=np.float64), tuple(counts[y] for y in names))
+            # (map over the dicts' __getitem__ runs in C: this is rebuilt for most anchors read)
+            ranked = (tuple(names), np.fromiter(map(nbrs.__getitem__, names), dtype=np.float64, count=len(names)),
+                      tuple(map(counts.__getitem__, names)))
             self._ranked[item_id] = ranked
         return ranked
 
