@@ -1,9 +1,17 @@
 """Engine.process alone (no Kafka): events/s and where the time goes, for the benchmark workload.
 
     .venv/bin/python benchmarks/engine_speed.py [--items 10000] [--users 20000] [--events 40000]
-        [--batch 1000] [--no-head] [--profile]
+        [--batch 1000] [--windows 20000] [--settle-heap] [--no-head] [--profile]
 
 Synthetic data (load test only). Prints events/s, µs/event, and with --profile the top functions.
+Wall-clock rates on a shared machine are noisy, so every figure is also given per second of
+this process's CPU time (``time.process_time``: both user and system time of all its threads),
+which other processes on the machine barely move. ``--windows N`` prints both rates for every N
+events, from the first event (the first window includes the warm-up batches), to show whether
+the engine slows as its global state fills. ``--settle-heap`` freezes start-up objects out of
+the garbage collector's view once the catalog is loaded, as ``recsys run`` and ``recsys replay``
+do (``dataflows.live.settle_heap``); without it, full collections rescan torch, the model and
+the benchmark's own event list, and that cost lands on whatever line allocates.
 """
 
 from __future__ import annotations
@@ -29,6 +37,8 @@ def main() -> None:
     p.add_argument("--events", type=int, default=40_000)
     p.add_argument("--batch", type=int, default=1000)
     p.add_argument("--no-head", action="store_true")
+    p.add_argument("--windows", type=int, default=0, help="also print the rates for every N events")
+    p.add_argument("--settle-heap", action="store_true", help="gc.freeze() after start-up, as recsys run does")
     p.add_argument("--profile", action="store_true")
     p.add_argument("--embed-cache-dir", default="var/embeddings")
     args = p.parse_args()
@@ -41,21 +51,48 @@ def main() -> None:
         settings = Settings(state_dir=tmp, embed_cache_dir=args.embed_cache_dir, head_enabled=not args.no_head)
         engine = Engine.open(settings)
         engine.upsert_catalog(catalog)
+        if args.settle_heap:
+            from dataflows.live import settle_heap
+
+            settle_heap()
         warm = args.batch * 5
+        window_start = (time.perf_counter(), time.process_time(), 0)
+        windows = []
+
+        def window(done: int) -> None:
+            nonlocal window_start
+            wall0, cpu0, n0 = window_start
+            wall, cpu = time.perf_counter(), time.process_time()
+            windows.append((n0, done, done - n0, wall - wall0, cpu - cpu0))
+            print(f"  events {n0:>7,}-{done:>7,}: {(done - n0) / (wall - wall0):>7,.0f} events/s wall, "
+                  f"{(done - n0) / max(cpu - cpu0, 1e-9):>7,.0f} events/CPU-s, load {os.getloadavg()[0]:.1f}", flush=True)
+            window_start = (wall, cpu, done)
+
         for i in range(0, warm, args.batch):
             engine.process(envs[i : i + args.batch])
+            if args.windows and (i + args.batch) % args.windows == 0:
+                window(i + args.batch)
         profiler = cProfile.Profile() if args.profile else None
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         if profiler:
             profiler.enable()
         for i in range(warm, len(envs), args.batch):
             engine.process(envs[i : i + args.batch])
+            done = min(i + args.batch, len(envs))
+            if args.windows and (done % args.windows == 0 or done == len(envs)):
+                window(done)
         if profiler:
             profiler.disable()
-        took = time.perf_counter() - start
+        took, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         n = len(envs) - warm
-        print(f"engine: {n / took:,.0f} events/s ({took / n * 1e6:.0f} µs/event), batch {args.batch}, "
+        print(f"engine: {n / took:,.0f} events/s ({took / n * 1e6:.0f} µs/event) wall, "
+              f"{n / cpu:,.0f} events/CPU-s ({cpu / n * 1e6:.0f} CPU-µs/event), batch {args.batch}, "
               f"{args.items} items, {args.users} users, head {'off' if args.no_head else 'on'}; totals {dict(engine.totals)}")
+        if len(windows) >= 2:
+            first, last = windows[0], windows[-1]
+            print(f"last window / first window: {last[2] / last[3] / (first[2] / first[3]):.2f} wall, "
+                  f"{last[2] / last[4] / (first[2] / first[4]):.2f} CPU")
+        print(f"load average: {os.getloadavg()}")
         engine.close()
     if profiler:
         pstats.Stats(profiler).sort_stats(os.environ.get("SORT", "tottime")).print_stats(int(os.environ.get("TOP", "20")))

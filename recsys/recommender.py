@@ -176,7 +176,7 @@ class Recommender:
         # ``session_candidates`` votes bring candidates in; the rest only mark candidates that
         # other sources brought (a vote is evidence either way)
         if self.sessions is not None:
-            self._add_session_votes(parts, states, exclusions, depth)
+            self._add_session_votes(parts, states, excl_rows, depth)
         # buy again: the user's own most-bought items that may be bought again
         self._add_buy_again(parts, states, exclusions)
 
@@ -267,20 +267,22 @@ class Recommender:
             keep = rows >= 0  # neighbours that are not recommendable are no candidates
             parts.add(source, np.repeat(owners, lengths)[keep], rows[keep], values[keep], anchors[keep])
 
-    def _add_session_votes(self, parts: "_Entries", states: list[UserState], exclusions: list[set[str]], k: int) -> None:
+    def _add_session_votes(self, parts: "_Entries", states: list[UserState], excl_rows: list[np.ndarray], k: int) -> None:
         n = self.config.session_candidates
-        votes = self.sessions.scores([s.user_id for s in states], n + k)
-        names = [item for v in votes for item, _ in v]
-        if not names:
+        users, codes, values = self.sessions.ranked_votes([s.user_id for s in states], n + k)
+        if not len(users):
             return
-        users = np.repeat(np.arange(len(votes)), [len(v) for v in votes])
-        values = np.fromiter((score for v in votes for _, score in v), dtype=np.float32, count=len(names))
-        rows = self.items.index.rows(names)
-        ok = (rows >= 0) & np.fromiter((i not in exclusions[u] for i, u in zip(names, users.tolist())), dtype=bool, count=len(names))
+        rows = self.items.index.rows(self.sessions.item_names(codes))
+        # an excluded item that is in the index is one of the user's excluded rows
+        cap = self.items.index.row_capacity + 1
+        excl_owner = np.repeat(np.arange(len(states)), [len(e) for e in excl_rows])
+        ok = rows >= 0
+        if len(excl_owner):
+            ok &= ~np.isin(users * cap + rows, excl_owner * cap + np.concatenate(excl_rows))
         # each usable vote's rank among the user's usable votes, for the cut at n
-        per_user = np.bincount(users[ok], minlength=len(votes))
+        per_user = np.bincount(users[ok], minlength=len(states))
         rank = np.cumsum(ok) - 1 - (np.cumsum(per_user) - per_user)[users]
-        parts.add(_SESSION, users[ok], rows[ok], values[ok], attach_only=rank[ok] >= n)
+        parts.add(_SESSION, users[ok], rows[ok], values[ok].astype(np.float32), attach_only=rank[ok] >= n)
 
     def _add_buy_again(self, parts: "_Entries", states: list[UserState], exclusions: list[set[str]]) -> None:
         """The user's most-bought purchasable-again items with their purchase counts, ties to
@@ -345,14 +347,18 @@ class Recommender:
         users = batch.user[entry]
         closest = self._closest_history_items(batch.row[entry], users, source == _SOURCES.index(_CONTENT), recents)
         names = self.items.index.names(batch.row[entry]).tolist()
-        for i, (pos, e, u, src) in enumerate(zip(shown.tolist(), entry.tolist(), users.tolist(), source.tolist())):
+        # anchors as plain lists, read once (indexing numpy per shown item costs more than the rest)
+        no_anchor = [-1] * len(entry)
+        cov_anchor = batch.anchor[_COVISIT][entry].tolist() if _COVISIT in batch.anchor else no_anchor
+        next_anchor = batch.anchor[_NEXT][entry].tolist() if _NEXT in batch.anchor else no_anchor
+        for i, (pos, u, src) in enumerate(zip(shown.tolist(), users.tolist(), source.tolist())):
             kind, item_id = _SOURCES[src], names[i]
             if kind == _COVISIT:
-                anchor, anchor_type = recents[u][batch.anchor[_COVISIT][e]]
+                anchor, anchor_type = recents[u][cov_anchor[i]]
                 verb = "bought" if anchor_type == "purchase" else "viewed"
                 out[pos] = f"{verb} together with {self._title(anchor)}"
             elif kind == _NEXT:
-                out[pos] = f"often chosen right after {self._title(recents[u][batch.anchor[_NEXT][e]][0])}"
+                out[pos] = f"often chosen right after {self._title(recents[u][next_anchor[i]][0])}"
             elif kind == _SESSION:
                 out[pos] = "chosen in sessions like yours"
             elif kind == _AGAIN:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import OrderedDict, deque
-from operator import itemgetter
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -41,8 +40,6 @@ if TYPE_CHECKING:
     from recsys.state import KVStore
 
 SESSION_PREFIX = b"ses:"
-#: From this many postings on, one bincount over all slots beats sorting them (np.unique).
-_DIRECT_BINCOUNT_MIN = 4096
 _META_KEY = b"ses:~meta"  # '~' sorts after every slot key (digits)
 
 
@@ -208,51 +205,100 @@ class SessionNeighbours:
         cosine similarity, and the ``k`` most similar vote for their items with their
         similarity. Ties break by item id (scores) and slot (neighbours): deterministic.
         """
-        out: list[list[tuple[str, float]]] = []
-        for user_id in user_ids:
-            slot = self._current.get(user_id)
-            session = self._sessions.get(slot) if slot is not None else None
-            out.append(self._score_one(slot, session["items"], n) if session else [])
+        owner, codes, votes = self.ranked_votes(user_ids, n)
+        out: list[list[tuple[str, float]]] = [[] for _ in user_ids]
+        for u, item, vote in zip(owner.tolist(), self.item_names(codes), votes.tolist()):
+            out[u].append((item, vote))
         return out
 
-    def _score_one(self, own: int, items: dict[str, int], n: int) -> list[tuple[str, float]]:
-        query = list(items)[-self.max_session_len :]
-        m = len(query)
-        lists = [self._postings.get(item, ()) for item in query]
-        sizes = np.fromiter((len(p) for p in lists), dtype=np.int64, count=m)
-        if sizes.sum() == 0:
-            return []
-        slots = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64, count=int(sizes.sum()))  # in C
-        weights = np.repeat(np.arange(1, m + 1, dtype=np.float64) / m, sizes)
-        if len(slots) > _DIRECT_BINCOUNT_MIN:  # long sessions of popular items (grocery baskets)
-            dots = np.bincount(slots, weights=weights, minlength=len(self._active))
-            sids = np.flatnonzero(dots)  # same sessions, order and sums as the unique() path
-            dots = dots[sids]
-        else:
-            sids, inverse = np.unique(slots, return_inverse=True)
-            dots = np.bincount(inverse, weights=weights)
-        keep = sids != own
-        sids, dots = sids[keep], dots[keep]
-        if len(sids) == 0:
-            return []
-        if len(sids) > self.sample_size:  # the most recently active sessions
-            recent = np.argpartition(-self._active[sids], self.sample_size - 1)[: self.sample_size]
-            sids, dots = sids[recent], dots[recent]
-        sims = dots / np.sqrt(m * self._length[sids])
-        top = np.lexsort((sids, -sims))[: self.k]
-        # every neighbour votes its similarity for each of its items: one bincount over item
-        # codes, summed in neighbour order (the same floats as adding them up one by one)
-        held = self._held[sids[top]]  # neighbours x max_session_len item codes
+    def item_names(self, codes: np.ndarray) -> list[str]:
+        """Item ids of the codes :meth:`ranked_votes` returns."""
+        return list(map(self._names.__getitem__, codes.tolist()))
+
+    def ranked_votes(self, user_ids: list[str], n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`scores` for a whole batch as three arrays ``(user position, item code, vote)``:
+        grouped by user in ``user_ids`` order, each user's best first (ties by item id).
+
+        Every step is one array operation over all users' entries, grouped by a ``user *
+        size + id`` key; each group's sums add the same floats in the same order as scoring
+        the user alone (query position, then posting order; neighbour order for votes), so
+        the votes are bit-identical to the per-user computation
+        (``tests/test_speed_equivalence.py`` pins that against the per-user reference).
+        """
+        empty = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64))
+        get, max_len = self._postings.get, self.max_session_len
+        lists: list = []  # posting lists of every query item, users' queries one after another
+        owners, lengths, own = [], [], []
+        for u, user_id in enumerate(user_ids):
+            slot = self._current.get(user_id)
+            session = self._sessions.get(slot) if slot is not None else None
+            if not session:
+                continue
+            query = list(session["items"])[-max_len:]
+            lists += map(get, query, itertools.repeat(()))
+            owners.append(u)
+            lengths.append(len(query))
+            own.append(slot)
+        if not owners or n <= 0:
+            return empty
+        m = np.asarray(lengths, dtype=np.int64)
+        sizes = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
+        total = int(sizes.sum())
+        if total == 0:
+            return empty
+        slots = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64, count=total)  # in C
+        # query q's item at position j (from 1, oldest first) weighs j / m_q
+        q_of_item = np.repeat(np.arange(len(m)), m)
+        position = np.arange(1, len(lists) + 1) - np.repeat(np.cumsum(m) - m, m)
+        weights = np.repeat(position.astype(np.float64) / m[q_of_item], sizes)
+        n_slots = len(self._active)
+        keys, inverse = np.unique(np.repeat(q_of_item, sizes) * n_slots + slots, return_inverse=True)
+        dots = np.bincount(inverse, weights=weights)  # per (query, session), in entry order
+        q, sids = np.divmod(keys, n_slots)
+        keep = sids != np.asarray(own, dtype=np.int64)[q]
+        q, sids, dots = q[keep], sids[keep], dots[keep]
+        if len(q) == 0:
+            return empty
+        per_q = np.bincount(q, minlength=len(m))
+        if per_q.max() > self.sample_size:  # the most recently active sessions (activity is unique)
+            pick = np.lexsort((-self._active[sids], q))
+            rank = np.arange(len(q)) - np.repeat(np.cumsum(per_q) - per_q, per_q)
+            pick = np.sort(pick[rank < self.sample_size])
+            q, sids, dots = q[pick], sids[pick], dots[pick]
+        sims = dots / np.sqrt(m[q] * self._length[sids])
+        # the k most similar per query, most similar first, ties by slot
+        order = np.lexsort((sids, -sims, q))
+        q, sids, sims = q[order], sids[order], sims[order]
+        per_q = np.bincount(q, minlength=len(m))
+        top = np.arange(len(q)) - np.repeat(np.cumsum(per_q) - per_q, per_q) < self.k
+        q, sids, sims = q[top], sids[top], sims[top]
+        # every neighbour votes its similarity for each of its items, in neighbour order
+        held = self._held[sids]  # neighbours x max_session_len item codes
         voters = held >= 0
-        voted, inverse = np.unique(held[voters], return_inverse=True)  # row-major: neighbour order
-        votes = np.bincount(inverse, weights=np.broadcast_to(sims[top, None], held.shape)[voters])
-        if len(votes) > n:  # only the n best (and everything tied with the n-th) need sorting
-            keep = np.flatnonzero(votes >= -np.partition(-votes, n - 1)[n - 1])
-            voted, votes = voted[keep], votes[keep]
-        # best first, ties by item id: two C-level sorts (stable; reverse keeps stability)
-        ranked = sorted(zip(map(self._names.__getitem__, voted.tolist()), votes.tolist()))
-        ranked.sort(key=itemgetter(1), reverse=True)
-        return ranked[:n]
+        n_codes = len(self._names)
+        vkeys, inverse = np.unique((np.broadcast_to(q[:, None], held.shape)[voters] * n_codes + held[voters]),
+                                   return_inverse=True)
+        votes = np.bincount(inverse, weights=np.broadcast_to(sims[:, None], held.shape)[voters])
+        vq, codes = np.divmod(vkeys, n_codes)
+        # only each query's n best (and everything tied with its n-th) need ordering by id
+        per_q = np.bincount(vq, minlength=len(m))
+        if per_q.max() > n:
+            start = np.cumsum(per_q) - per_q
+            padded = np.full((len(m), int(per_q.max())), -np.inf)
+            padded[vq, np.arange(len(vq)) - start[vq]] = votes
+            nth = -np.partition(-padded, n - 1, axis=1)[:, n - 1]
+            keep = votes >= nth[vq]
+            vq, codes, votes = vq[keep], codes[keep], votes[keep]
+        # best first, ties by item id: rank the distinct candidate codes by their ids once
+        distinct, code_at = np.unique(codes, return_inverse=True)
+        names = np.array(self.item_names(distinct), dtype=object)
+        id_rank = np.empty(len(distinct), dtype=np.int64)
+        id_rank[np.argsort(names, kind="stable")] = np.arange(len(distinct))
+        order = np.lexsort((id_rank[code_at], -votes, vq))
+        vq, codes, votes = vq[order], codes[order], votes[order]
+        per_q = np.bincount(vq, minlength=len(m))
+        first = np.arange(len(vq)) - np.repeat(np.cumsum(per_q) - per_q, per_q) < n
+        return np.asarray(owners, dtype=np.int64)[vq[first]], codes[first], votes[first]
 
     # ------------------------------------------------------------------ persistence
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import heapq
 import math
 import struct
-from operator import itemgetter
 from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
@@ -41,7 +40,10 @@ NEXT_PREFIX = b"nxt:"  # directed transitions (CoVisitation(directed=True))
 
 _MS_PER_HOUR = 3_600_000
 _NO_NEIGHBOURS: tuple = ((), np.zeros(0), ())  # shared empty answer (never modified)
-_WEIGHT_THEN_ID = itemgetter(1, 0)  # (neighbour, weight) -> (weight, neighbour): the weakest, ties by id
+#: How many of an overflowing list's weakest pairs one scan remembers. Each overflow drops the
+#: weakest pair; a full ``min`` over ~50 pairs on every overflow was the co-visitation update's
+#: largest cost once lists fill, so one scan now serves the next several overflows.
+_WEAKEST_KEPT = 8
 _POP_RECORD = struct.Struct("<dq")  # score at ref time, ref time (epoch ms)
 
 
@@ -230,6 +232,12 @@ class CoVisitation:
         self._nbrs: dict[str, dict[str, float]] = {}
         self._counts: dict[str, dict[str, int]] = {}
         self._ranked: dict[str, tuple] = {}  # sorted neighbour columns, until they change
+        # item -> the lightest ``(weight, neighbour)`` pairs of its list, ascending: exactly the
+        # list's first few in that order (every change below keeps it so, or shortens it), so
+        # the weakest is at hand when the list overflows. Tuples of plain values: untracked.
+        # Anything that changes ``_nbrs`` must go through ``_add_pair``/``_drop_pair`` (or drop
+        # the item's entry here), or a stale entry would pick the wrong victim.
+        self._weakest: dict[str, tuple[tuple[float, str], ...]] = {}
         self._dirty: set[str] = set()
 
     def __len__(self) -> int:
@@ -255,29 +263,47 @@ class CoVisitation:
             self._add_pair(a, item_id, w * decay_factor(recent[a], self._half_life_ms))
 
     def _add_pair(self, a: str, b: str, weight: float) -> None:
+        weakest = self._weakest
         for x, y in ((a, b),) if self.directed else ((a, b), (b, a)):
             nbrs = self._nbrs.setdefault(x, {})
             counts = self._counts.setdefault(x, {})
-            nbrs[y] = nbrs.get(y, 0.0) + weight
+            old = nbrs.get(y)
+            new = nbrs[y] = (0.0 if old is None else old) + weight
             counts[y] = counts.get(y, 0) + 1
             self._dirty.add(x)
             self._ranked.pop(x, None)
+            low = weakest.get(x)
+            if low:  # keep the lightest pairs exact: (old, y) leaves them, (new, y) may enter
+                if old is not None and (old, y) <= low[-1]:
+                    low = low[: low.index((old, y))]  # y's new place is unknown: cut before it
+                if (new, y) < low[-1] if low else False:
+                    low = tuple(sorted(low + ((new, y),)))[:-1]  # one of the len(low) lightest now
+                weakest[x] = low
         for x in (a,) if self.directed else (a, b):
             nbrs = self._nbrs.get(x)
             if nbrs is not None and len(nbrs) > self.max_neighbours:
                 # the weakest goes; among equals the smallest id, so the choice is deterministic
-                victim = min(nbrs.items(), key=_WEIGHT_THEN_ID)[0]
-                self._drop_pair(x, victim)
+                low = weakest.get(x)
+                if not low:
+                    low = weakest[x] = tuple(heapq.nsmallest(_WEAKEST_KEPT, zip(nbrs.values(), nbrs)))
+                self._drop_pair(x, low[0][1])
 
     def _drop_pair(self, x: str, y: str) -> None:
         for p, q in ((x, y),) if self.directed else ((x, y), (y, x)):
             nbrs = self._nbrs.get(p)
-            if nbrs is not None and nbrs.pop(q, None) is not None:
+            if nbrs is not None:
+                w = nbrs.pop(q, None)
+                if w is None:
+                    continue
                 del self._counts[p][q]
                 self._dirty.add(p)
                 self._ranked.pop(p, None)
+                low = self._weakest.get(p)
+                if low and (w, q) <= low[-1]:
+                    self._weakest[p] = tuple(pair for pair in low if pair[1] != q)
                 if not nbrs:
                     del self._nbrs[p], self._counts[p]
+                    self._weakest.pop(p, None)
 
     def neighbours(self, item_id: str, n: int) -> list[tuple[str, float, int]]:
         """Up to ``n`` neighbours of ``item_id`` as ``(neighbour, weight, raw count)``,
@@ -302,7 +328,9 @@ class CoVisitation:
             names.sort(key=nbrs.__getitem__, reverse=True)
             counts = self._counts[item_id]
             # tuples of plain values, untracked by the garbage collector like the dicts above
-            ranked = (tuple(names), np.array([nbrs[y] for y in names], dtype=np.float64), tuple(counts[y] for y in names))
+            # (map over the dicts' __getitem__ runs in C: this is rebuilt for most anchors read)
+            ranked = (tuple(names), np.fromiter(map(nbrs.__getitem__, names), dtype=np.float64, count=len(names)),
+                      tuple(map(counts.__getitem__, names)))
             self._ranked[item_id] = ranked
         return ranked
 
@@ -326,6 +354,7 @@ class CoVisitation:
         self._nbrs.clear()
         self._counts.clear()
         self._ranked.clear()
+        self._weakest.clear()
         self._dirty.clear()
         for key, value in kv.iter_prefix(self.prefix):
             rows = orjson.loads(value)
