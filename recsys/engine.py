@@ -49,6 +49,7 @@ from recsys.events import (
 )
 from recsys.items import ItemSpace
 from recsys.recommender import MODEL_VERSION, Recommender, RecommenderConfig
+from recsys.search import Search, SearchConfig  # issue 13
 from recsys.sessions import SessionNeighbours
 from recsys.settings import Settings
 from recsys.signals import EVENT_WEIGHTS, CoVisitation, Popularity
@@ -84,6 +85,7 @@ class BatchResult:
     dead_letters: list[tuple[str | None, bytes]] = field(default_factory=list)  # (key, json)
     scored: list[ScoredBatch] = field(default_factory=list)  # only when evaluating
     counts: Counter = field(default_factory=Counter)
+    search_results: list[tuple[str, bytes]] = field(default_factory=list)  # (user_id, json); issue 13
 
 
 class Engine:
@@ -157,6 +159,11 @@ class Engine:
             self.items, self.popularity, self.covisit, rec_config,
             blend=self.blend, head=self.head, transitions=self.transitions, sessions=self.sessions,
         )
+        # issue 13: search (recsys/search); its learned associations commit with the other signals
+        self.search = Search(self.items, self.popularity, SearchConfig(k=settings.search_k, personalise=settings.search_personalise),
+                             head=self.head, clock=clock)
+        self.search.upsert(list(self.items.catalog.items.values()))
+        self.search.load(kv)
         self.totals: Counter = Counter()
 
     @staticmethod
@@ -208,6 +215,7 @@ class Engine:
         if not items:
             return 0
         changed = self.items.upsert(items, progress=progress)
+        self.search.upsert(items)  # issue 13
         self.kv.write({_ITEM_PREFIX + i.item_id.encode(): encode(i) for i in items})
         return changed
 
@@ -237,6 +245,7 @@ class Engine:
         puts: dict[bytes, bytes] = {}
         if catalog_items:
             self.items.upsert(catalog_items)
+            self.search.upsert(catalog_items)  # issue 13
             for item in catalog_items:
                 puts[_ITEM_PREFIX + item.item_id.encode()] = encode(item)
 
@@ -263,6 +272,10 @@ class Engine:
         # 3. what we would have shown each user right before this batch (backtests only)
         if self.evaluate:
             self._score_before(result, [ev for _, ev in events if ev.user_id in by_user], states)
+
+        # 3b. issue 13: answer the batch's searches from the state before it; learn from its new events
+        result.search_results = self.search.step(by_user, states, self.watermarks, now_ms, self.model_version)
+        counts["search_results"] += len(result.search_results)
 
         # 4. apply: signals first (they need the history before the event), then user state
         fresh_users: list[str] = []
@@ -347,6 +360,7 @@ class Engine:
         puts.update(self.covisit.export_dirty())
         puts.update(self.transitions.export_dirty())
         puts.update(self.sessions.export_dirty())
+        puts.update(self.search.export_dirty())  # issue 13
         if puts:
             self.kv.write(puts)
 

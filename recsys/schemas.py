@@ -32,7 +32,7 @@ from recsys.events import RFC3339_DATE_TIME, SCHEMA_VERSION
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
 
 #: Every schema, by name.
-SCHEMA_NAMES: tuple[str, ...] = ("event", "catalog_item", "recommendation", "dead_letter")
+SCHEMA_NAMES: tuple[str, ...] = ("event", "catalog_item", "recommendation", "dead_letter", "search_result")  # search_result: issue 13
 
 # RFC 3339 date-time syntax as the schemas' ``pattern`` spells it (``[0-9]``, not ``\d``,
 # which in Python also matches non-ASCII digits). Used for the ``date-time`` format check.

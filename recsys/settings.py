@@ -74,6 +74,10 @@ class Settings:
     head_lr: float = 1e-3
     head_snapshot_interval_s: float = 30.0  # versioned head + re-ranker snapshots in state_dir/models
     seed: int = 0
+    # --- issue 13 search ---
+    search_results_topic: str = "search-results"  # output topic of answers to `search` events
+    search_k: int = 10  # items per search result
+    search_personalise: bool = True  # re-rank search results for the shopper (off: the ablation)
 
     @classmethod
     def env_var(cls, name: str) -> str:
