@@ -105,6 +105,7 @@ def default_topics(settings: Settings, partitions: int) -> dict[str, int]:
         settings.catalog_topic: 1,
         settings.recommendations_topic: partitions,
         settings.dead_letters_topic: 1,
+        settings.search_results_topic: partitions,  # issue 13: answers to search events
     }
 
 

@@ -62,5 +62,6 @@ def live_flow(settings: Settings | None = None, clients: Any = None, engine: Eng
         catalog=KafkaSource.from_settings(clients, settings.catalog_topic, settings),
         recommendations=KafkaSink(clients, settings.recommendations_topic),
         dead_letters=KafkaSink(clients, settings.dead_letters_topic),
+        search_results=KafkaSink(clients, settings.search_results_topic),  # issue 13
         engine_factory=(lambda: engine) if engine is not None else engine_factory(settings),
     )
