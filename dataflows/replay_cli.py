@@ -45,6 +45,11 @@ def add_parser(sub) -> None:
     p.add_argument("--state-dir", default=None, help="keep replay state in RocksDB here (default: in memory)")
     p.add_argument("--embed-cache-dir", default=None, help="embedding cache (default: RECSYS_EMBED_CACHE_DIR or var/embeddings)")
     p.add_argument("--out", required=True, help="output directory")
+    # issue 13: the search backtest on derived queries (recsys/search/replay.py)
+    p.add_argument("--task", default="recommend", choices=("recommend", "search"), help="what to backtest")
+    from recsys.search.replay import add_arguments as add_search_arguments
+
+    add_search_arguments(p)
     p.set_defaults(func=run_replay)
 
 
@@ -131,6 +136,11 @@ def run_replay(args: argparse.Namespace) -> int:
         **({"embed_cache_dir": args.embed_cache_dir} if args.embed_cache_dir else {}),
     )
     repeat_items = {c.item_id for c in ds.catalog if c.repeat_purchase}
+    if args.task == "search":  # issue 13
+        from recsys.search import replay as search_replay
+
+        search_replay.run(args, ds, settings, command)
+        return 0
 
     if args.shards < 1 or (args.shards > 1 and args.protocol != "prequential"):
         raise SystemExit("recsys replay: --shards N needs N >= 1, and N > 1 only with --protocol prequential")

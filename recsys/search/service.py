@@ -156,6 +156,8 @@ class Search:
         #: Backtests: called with ``(event, state)`` for each newly applied search, before it
         #: is learned from (the search replay ranks its baselines there).
         self.observer: Callable[[Event, UserState], None] | None = None
+        #: False: answer nothing (a backtest whose observer ranks by itself)
+        self.respond = True
 
     # ------------------------------------------------------------------ state
 
@@ -193,14 +195,16 @@ class Search:
                 if event.type == "search" and event.query:
                     if new and self.observer is not None:
                         self.observer(event, states[user_id])
+                    if new:
+                        self.windows.open(user_id, query_key(event.query), event.query, event.ts)
+                    if not self.respond:
+                        continue
                     ranked = self.rank(event.query, states[user_id], event.ts)
                     result = SearchResult(
                         user_id, event.query, tuple(ranked.items), ranked.no_match, event.event_id,
                         f"{self.version} ({model_version})", event.ts, max(now_ms, int(self.clock() * 1000)),
                     )
                     out.append((user_id, encode(result)))
-                    if new:
-                        self.windows.open(user_id, query_key(event.query), event.query, event.ts)
                 elif new:
                     self.learn_event(event)
         return out
