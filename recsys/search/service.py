@@ -90,6 +90,25 @@ class SearchConfig:
         return w if self.personalise else w * _PERSONAL_MASK
 
 
+def _query_embed(embedder: Any) -> Callable[[list[str]], np.ndarray]:
+    """The item embedder's model without its disk cache: queries are arbitrary text, so they
+    must not grow the item cache without bound, and an item cache held by another process (a
+    replay, the demo) must not make a search wait. The model loads on the first query."""
+    from recsys.embeddings import Embedder
+
+    if not isinstance(embedder, Embedder):
+        return embedder.embed  # any TextEmbedder (tests): its own embed
+    uncached: list[Embedder] = []
+
+    def embed(texts: list[str]) -> np.ndarray:
+        if not uncached:
+            uncached.append(Embedder(embedder.model_name, None, batch_size=embedder.batch_size, device=embedder.device,
+                                     num_threads=embedder.num_threads))
+        return uncached[0].embed(texts)
+
+    return embed
+
+
 class QueryEncoder:
     """Query text -> frozen sentence-transformer vector, with an LRU cache of ``capacity``.
 
@@ -147,7 +166,7 @@ class Search:
         self.head = head
         self.clock = clock
         self.lexical = LexicalIndex(rebuild_interval_s=self.config.rebuild_interval_s)
-        self.encoder = QueryEncoder(items.embedder.embed, self.config.query_cache)
+        self.encoder = QueryEncoder(_query_embed(items.embedder), self.config.query_cache)
         self.associations = QueryAssociations(
             rate=self.config.learn_rate, max_items=self.config.max_items_per_query, max_queries=self.config.max_queries
         )
