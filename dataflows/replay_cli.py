@@ -111,6 +111,14 @@ def run_replay(args: argparse.Namespace) -> int:
     ks = _parse_ks(args.k, args.protocol)
     names = _parse_models(args.models)
     mapping = dict(m.split("=", 1) for m in args.map) if args.map else None
+    if args.task == "search" and args.query_log:  # issue 13: a real search log, not an event log
+        from recsys.search import replay as search_replay
+
+        search_replay.run_query_log(args, Settings.from_env(os.environ).replace(
+            unknown_items="admit", state_ttl_days=36_500.0, state_dir=args.state_dir or "var/replay-state", recovery_dir=None,
+            **({"embed_cache_dir": args.embed_cache_dir} if args.embed_cache_dir else {})),
+            "recsys replay " + " ".join(shlex.quote(a) for a in sys.argv[2:]))
+        return 0
     if args.format != "completejourney" and not args.events:
         raise SystemExit("recsys replay: --events is required for this format")
     command = "recsys replay " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 2 else "recsys replay"

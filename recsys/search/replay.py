@@ -174,6 +174,9 @@ def add_arguments(parser: Any) -> None:
                         help="--task search: fraction of the engagements that get a derived search (deterministic)")
     parser.add_argument("--search-targets", default="purchase",
                         help="--task search: event types that get a derived search before them (comma list)")
+    parser.add_argument("--query-log", default=None, metavar="CSV",
+                        help="--task search: score on a real search log instead of derived queries (columns by "
+                             "--map user_id=,query=,query_ts=,item_id=,ts=; see recsys/search/querylog.py)")
 
 
 def run(args: Any, ds: Any, settings: Any, command: str) -> dict[str, Any]:
@@ -196,6 +199,34 @@ def run(args: Any, ds: Any, settings: Any, command: str) -> dict[str, Any]:
     result.update(protocol="search (derived queries)", dataset=ds.name, exclude_history=False, note=PROTOCOL_NOTE,
                   targets=list(types), sample=args.search_sample, catalog_size=len(ds.catalog), batch_size=args.batch_size)
     paths = write_report(result, args.out, title=f"Search backtest: {ds.name} ({PROTOCOL_NOTE})", command=command,
+                         dataset=ds.name)
+    print(open(os.path.join(args.out, "report.md"), encoding="utf-8").read(), flush=True)
+    print("wrote " + ", ".join(str(p) for p in paths), flush=True)
+    return result
+
+
+def run_query_log(args: Any, settings: Any, command: str) -> dict[str, Any]:
+    """``recsys replay --task search --query-log FILE``: score the engaged item of each logged search."""
+    from recsys.engine import Engine
+    from recsys.report import write_report
+    from recsys.search.querylog import load_query_log
+
+    mapping = dict(m.split("=", 1) for m in args.map) if args.map else None
+    ds, targets = load_query_log(args.query_log, mapping, args.catalog, limit=args.limit, progress=True)
+    for reason, n in sorted(ds.skipped.items()):
+        print(f"  skipped {n} row(s): {reason}", flush=True)
+    print(f"query log: {len(ds.events)} events, {len(targets)} searches with an engaged item, "
+          f"{len(ds.catalog)} items", flush=True)
+    engine = Engine.open(replace(settings, search_k=10), in_memory=args.state_dir is None, emit=False)
+    try:
+        engine.upsert_catalog(ds.catalog, progress=True)
+        result = replay_search(engine, ds.events, targets, k=10, batch_size=args.batch_size)
+    finally:
+        engine.close()
+    note = "logged searches and the item engaged after each"
+    result.update(protocol="search (query log)", dataset=ds.name, exclude_history=False, note=note,
+                  catalog_size=len(ds.catalog), batch_size=args.batch_size, skipped=dict(ds.skipped))
+    paths = write_report(result, args.out, title=f"Search backtest: {args.query_log} ({note})", command=command,
                          dataset=ds.name)
     print(open(os.path.join(args.out, "report.md"), encoding="utf-8").read(), flush=True)
     print("wrote " + ", ".join(str(p) for p in paths), flush=True)
