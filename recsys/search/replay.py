@@ -117,7 +117,7 @@ class SearchScorer:
         if target is None or event.query is None:
             return
         start = time.perf_counter()
-        ranked = self.search.rank_modes(event.query, state, event.ts, self.k, self.modes)
+        ranked = self.search.rank_modes(event.query, state, event.ts, self.k, self.modes, user_id=event.user_id)
         self.rank_s += time.perf_counter() - start
         self.n += 1
         key = query_key(event.query)

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import orjson
 
 from recsys.events import CatalogItem, Envelope, Event, RecommendedItem, SearchResult, encode
 from recsys.search.learned import QueryAssociations, SearchWindows
@@ -65,8 +66,70 @@ DEFAULT_WEIGHTS: dict[str, float] = {
     "affinity": 0.3, "category": 0.5, "brand": 0.3, "bought": 1.0, "seen": 0.3, "price": 0.2,
 }
 
-#: Baselines of the search replay, ranked from the same candidates and signals as ``full``.
-MODES = ("bm25", "semantic", "bm25+semantic", "popular-matches", "no-personal", "full")
+#: Baselines of the search replay, ranked from the same candidates and signals as ``full``
+#: (``full-handset``: the full system without the learned re-ranker's correction).
+MODES = ("bm25", "semantic", "bm25+semantic", "popular-matches", "no-personal", "full-handset", "full")
+RERANK_KEY = b"sqr:weights"
+
+
+class SearchReranker:
+    """Online pairwise correction to the hand-set search weights, learned from what shoppers
+    engage with after a search (the rule of :mod:`recsys.search.learned`).
+
+    Like :class:`recsys.blend.Blend` for recommendations, on the search signals: when the
+    engaged item was among a search's candidates, it should outscore ``n_negatives`` others of
+    the same list drawn at random (seeded), one logistic SGD step on the total score
+    ``(prior + w) . (x_pos - x_neg)`` per pair. Off until ``min_examples`` rows were learned.
+    Persisted as one record (``b"sqr:weights"``) in the engine's atomic write.
+
+    >>> r = SearchReranker(np.zeros(2), min_examples=1, lr=0.5)
+    >>> x = np.array([[1.0, 0.0], [0.0, 1.0]])
+    >>> for _ in range(20):
+    ...     _ = r.learn(x, positive=1)
+    >>> bool(r.correction(x)[1] > r.correction(x)[0])
+    True
+    """
+
+    def __init__(self, prior: np.ndarray, *, lr: float = 0.05, l2: float = 1e-3, n_negatives: int = 3,
+                 min_examples: int = 200, seed: int = 0) -> None:
+        self.prior = np.asarray(prior, dtype=np.float64)
+        self.lr, self.l2, self.n_negatives, self.min_examples = lr, l2, n_negatives, min_examples
+        self.rng = np.random.default_rng(seed)
+        self.w = np.zeros(len(self.prior))
+        self.examples = 0
+        self._dirty = False
+
+    @property
+    def active(self) -> bool:
+        return self.examples >= self.min_examples
+
+    def correction(self, x: np.ndarray) -> np.ndarray:
+        return x @ self.w if self.active else np.zeros(len(x))
+
+    def learn(self, x: np.ndarray, positive: int) -> int:
+        if len(x) < 2:
+            return 0
+        others = np.delete(np.arange(len(x)), positive)
+        negatives = self.rng.choice(others, size=min(self.n_negatives, len(others)), replace=False)
+        d = x[positive] - x[negatives]
+        g = 1.0 / (1.0 + np.exp(np.clip(d @ (self.prior + self.w), -30.0, 30.0)))
+        self.w += self.lr * ((g[:, None] * d).mean(axis=0) - self.l2 * self.w)
+        self.examples += len(negatives) + 1
+        self._dirty = True
+        return len(negatives) + 1
+
+    def export_dirty(self) -> dict[bytes, bytes]:
+        if not self._dirty:
+            return {}
+        self._dirty = False
+        return {RERANK_KEY: orjson.dumps([self.w.tolist(), self.examples])}
+
+    def load(self, kv: KVStore) -> None:
+        raw = kv.get(RERANK_KEY)
+        if raw:
+            w, self.examples = orjson.loads(raw)
+            if len(w) == len(self.w):
+                self.w = np.array(w, dtype=np.float64)
 
 
 @dataclass(frozen=True)
@@ -81,6 +144,8 @@ class SearchConfig:
     max_items_per_query: int = 50
     query_cache: int = 10_000  # query vectors kept (LRU)
     rebuild_interval_s: float = 1.0  # BM25 rebuild at most this often while the catalog changes
+    rerank: bool = True  # learn a correction to the weights from engagements after searches
+    seed: int = 0
 
     def weight_vector(self) -> np.ndarray:
         unknown = set(self.weights) - set(FEATURES)
@@ -172,6 +237,9 @@ class Search:
         )
         self.windows = SearchWindows()
         self._weights = self.config.weight_vector()
+        self.reranker = SearchReranker(self._weights, seed=self.config.seed)
+        #: user -> (candidate ids, their signals) of their last search, until an engagement teaches the re-ranker
+        self._shown: OrderedDict[str, tuple[list[str], np.ndarray]] = OrderedDict()
         #: Backtests: called with ``(event, state)`` for each newly applied search, before it
         #: is learned from (the search replay ranks its baselines there).
         self.observer: Callable[[Event, UserState], None] | None = None
@@ -186,15 +254,23 @@ class Search:
     def export_dirty(self) -> dict[bytes, bytes]:
         out = self.associations.export_dirty()
         out.update(self.windows.export_dirty())
+        out.update(self.reranker.export_dirty())
         return out
 
     def load(self, kv: KVStore) -> None:
         self.associations.load(kv)
         self.windows.load(kv)
+        self.reranker.load(kv)
 
     @property
     def version(self) -> str:
-        return SEARCH_VERSION if self.head is None or not self.config.personalise else f"{SEARCH_VERSION}+{self.head.version}"
+        """The ranking's version: the search code, the re-ranker's examples, the head's version."""
+        version = SEARCH_VERSION
+        if self.config.rerank and self.reranker.active:
+            version += f"+rerank-{self.reranker.examples}"
+        if self.head is not None and self.config.personalise:
+            version += f"+{self.head.version}"
+        return version
 
     # ------------------------------------------------------------------ the engine's hook
 
@@ -218,7 +294,7 @@ class Search:
                         self.windows.open(user_id, query_key(event.query), event.query, event.ts)
                     if not self.respond:
                         continue
-                    ranked = self.rank(event.query, states[user_id], event.ts)
+                    ranked = self.rank(event.query, states[user_id], event.ts, user_id=user_id if new else None)
                     result = SearchResult(
                         user_id, event.query, tuple(ranked.items), ranked.no_match, event.event_id,
                         f"{self.version} ({model_version})", event.ts, max(now_ms, int(self.clock() * 1000)),
@@ -233,28 +309,49 @@ class Search:
         hit = self.windows.follow(event.user_id, event.item_id, event.type, event.ts)
         if hit is not None and event.item_id is not None:
             self.associations.learn(hit[0], event.item_id, hit[1])
+            shown = self._shown.pop(event.user_id, None)
+            if shown is not None and self.config.rerank and event.item_id in shown[0]:
+                self.reranker.learn(shown[1], shown[0].index(event.item_id))
+
+    def _remember(self, user_id: str, c: _Candidates, keep: np.ndarray) -> None:
+        rows = np.flatnonzero(keep)
+        self._shown[user_id] = ([c.ids[j] for j in rows.tolist()], c.x[rows])
+        self._shown.move_to_end(user_id)
+        if len(self._shown) > 50_000:  # bounded: a user who never engages is forgotten
+            self._shown.popitem(last=False)
+
+    def _scores(self, x: np.ndarray) -> np.ndarray:
+        scores = x @ self._weights
+        return scores + self.reranker.correction(x) if self.config.rerank else scores
 
     # ------------------------------------------------------------------ ranking
 
-    def rank(self, query: str, state: UserState | None, now_ts: int, *, k: int | None = None) -> Ranked:
-        """The top ``k`` items for ``query`` and this user (``state`` None: anonymous)."""
+    def rank(self, query: str, state: UserState | None, now_ts: int, *, k: int | None = None,
+             user_id: str | None = None) -> Ranked:
+        """The top ``k`` items for ``query`` and this user (``state`` None: anonymous);
+        ``user_id``: remember the candidates, so the re-ranker learns from what the user picks."""
         k = self.config.k if k is None else k
         cands = self.candidates(query, state, now_ts)
         if cands.no_match:
             return Ranked([], no_match=True)
         keep = self._eligible(cands)
-        scores = cands.x @ self._weights
+        if user_id is not None:
+            self._remember(user_id, cands, keep)
+        scores = self._scores(cands.x)
         order = [j for j in np.lexsort((np.array(cands.ids, dtype=object).astype(str), -scores)) if keep[j]][:k]
         items = [RecommendedItem(cands.ids[j], round(float(scores[j]), 6), self._reason(query, cands, j, state))
                  for j in order]
         return Ranked(items, no_match=False)
 
-    def rank_modes(self, query: str, state: UserState | None, now_ts: int, k: int, modes: Sequence[str] = MODES
-                   ) -> dict[str, list[str]]:
-        """Item ids per ranking mode (:data:`MODES`) from one candidate set: the search replay."""
+    def rank_modes(self, query: str, state: UserState | None, now_ts: int, k: int, modes: Sequence[str] = MODES,
+                   *, user_id: str | None = None) -> dict[str, list[str]]:
+        """Item ids per ranking mode (:data:`MODES`) from one candidate set: the search replay.
+        ``user_id``: remember the candidates for the re-ranker, as a live search does."""
         cands = self.candidates(query, state, now_ts)
         if cands.no_match:
             return {m: [] for m in modes}
+        if user_id is not None:
+            self._remember(user_id, cands, self._eligible(cands))
         ids = np.array(cands.ids, dtype=object).astype(str)
         x = cands.x
         out: dict[str, list[str]] = {}
@@ -270,8 +367,10 @@ class Search:
                 score, keep = x[:, _COL["popular"]], self._eligible(cands)
             elif mode == "no-personal":
                 score, keep = x @ (self._weights * _PERSONAL_MASK), self._eligible(cands)
-            elif mode == "full":
+            elif mode == "full-handset":
                 score, keep = x @ (full if full is not None else self._weights), self._eligible(cands)
+            elif mode == "full":
+                score, keep = self._scores(x), self._eligible(cands)
             else:
                 raise ValueError(f"unknown search mode {mode!r}; known: {MODES}")
             order = np.lexsort((ids, -score))
