@@ -230,3 +230,20 @@ def test_associations_are_bounded():
     assert len(a.weights("q3")) == 3
     exported = a.export_dirty()
     assert exported[b"sqa:q1"] == b""  # evicted queries are deleted from the store too
+
+
+def test_the_search_reranker_learns_from_engagements_and_survives_a_restart(tmp_path, cache):
+    settings = _settings(tmp_path, cache)
+    eng = Engine.open(settings)
+    eng.upsert_catalog(CATALOG)
+    eng.search.lexical.rebuild_interval_s = 0.0
+    stream = Stream(eng)
+    for n in range(20):  # the engaged item is among the candidates shown: a pairwise lesson each
+        stream.events(("search", f"r{n}", "running shoe"), ("purchase", f"r{n}", "shoe-road"))
+    learned = eng.search.reranker.w.copy()
+    assert eng.search.reranker.examples >= 20 and abs(learned).sum() > 0
+    eng.close()
+    again = Engine.open(settings)
+    assert again.search.reranker.examples == eng.search.reranker.examples
+    assert (again.search.reranker.w == learned).all()
+    again.close()
