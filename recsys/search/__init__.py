@@ -4,7 +4,10 @@ associations, re-ranked for the shopper. No Kafka or Bytewax here, like the rest
 - :mod:`recsys.search.text`: normalisation, tokens, typo repair, order-free query keys
 - :mod:`recsys.search.lexical`: BM25 (``bm25s``) over the catalog text
 - :mod:`recsys.search.learned`: what shoppers choose after a query (the attribution rule)
+- :mod:`recsys.search.semantic`: query vectors (the frozen model, an LRU cache)
+- :mod:`recsys.search.rerank`: the online pairwise re-ranker of search
 - :mod:`recsys.search.service`: :class:`Search`, the engine's search surface
+- :mod:`recsys.search.querylog`: a shop's own search log for the backtest
 - :mod:`recsys.search.replay`: the derived-query backtest (``recsys replay --task search``)
 """
 

@@ -35,10 +35,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import orjson
 
 from recsys.events import CatalogItem, Envelope, Event, RecommendedItem, SearchResult, encode
 from recsys.search.learned import QueryAssociations, SearchWindows
+from recsys.search.rerank import SearchReranker
+from recsys.search.semantic import QueryEncoder, query_embedder
 from recsys.search.lexical import LexicalIndex, item_tokens
 from recsys.search.text import query_key, tokenize
 from recsys.signals import EVENT_WEIGHTS
@@ -69,67 +70,6 @@ DEFAULT_WEIGHTS: dict[str, float] = {
 #: Baselines of the search replay, ranked from the same candidates and signals as ``full``
 #: (``full-handset``: the full system without the learned re-ranker's correction).
 MODES = ("bm25", "semantic", "bm25+semantic", "popular-matches", "no-personal", "full-handset", "full")
-RERANK_KEY = b"sqr:weights"
-
-
-class SearchReranker:
-    """Online pairwise correction to the hand-set search weights, learned from what shoppers
-    engage with after a search (the rule of :mod:`recsys.search.learned`).
-
-    Like :class:`recsys.blend.Blend` for recommendations, on the search signals: when the
-    engaged item was among a search's candidates, it should outscore ``n_negatives`` others of
-    the same list drawn at random (seeded), one logistic SGD step on the total score
-    ``(prior + w) . (x_pos - x_neg)`` per pair. Off until ``min_examples`` rows were learned.
-    Persisted as one record (``b"sqr:weights"``) in the engine's atomic write.
-
-    >>> r = SearchReranker(np.zeros(2), min_examples=1, lr=0.5)
-    >>> x = np.array([[1.0, 0.0], [0.0, 1.0]])
-    >>> for _ in range(20):
-    ...     _ = r.learn(x, positive=1)
-    >>> bool(r.correction(x)[1] > r.correction(x)[0])
-    True
-    """
-
-    def __init__(self, prior: np.ndarray, *, lr: float = 0.05, l2: float = 1e-3, n_negatives: int = 3,
-                 min_examples: int = 200, seed: int = 0) -> None:
-        self.prior = np.asarray(prior, dtype=np.float64)
-        self.lr, self.l2, self.n_negatives, self.min_examples = lr, l2, n_negatives, min_examples
-        self.rng = np.random.default_rng(seed)
-        self.w = np.zeros(len(self.prior))
-        self.examples = 0
-        self._dirty = False
-
-    @property
-    def active(self) -> bool:
-        return self.examples >= self.min_examples
-
-    def correction(self, x: np.ndarray) -> np.ndarray:
-        return x @ self.w if self.active else np.zeros(len(x))
-
-    def learn(self, x: np.ndarray, positive: int) -> int:
-        if len(x) < 2:
-            return 0
-        others = np.delete(np.arange(len(x)), positive)
-        negatives = self.rng.choice(others, size=min(self.n_negatives, len(others)), replace=False)
-        d = x[positive] - x[negatives]
-        g = 1.0 / (1.0 + np.exp(np.clip(d @ (self.prior + self.w), -30.0, 30.0)))
-        self.w += self.lr * ((g[:, None] * d).mean(axis=0) - self.l2 * self.w)
-        self.examples += len(negatives) + 1
-        self._dirty = True
-        return len(negatives) + 1
-
-    def export_dirty(self) -> dict[bytes, bytes]:
-        if not self._dirty:
-            return {}
-        self._dirty = False
-        return {RERANK_KEY: orjson.dumps([self.w.tolist(), self.examples])}
-
-    def load(self, kv: KVStore) -> None:
-        raw = kv.get(RERANK_KEY)
-        if raw:
-            w, self.examples = orjson.loads(raw)
-            if len(w) == len(self.w):
-                self.w = np.array(w, dtype=np.float64)
 
 
 @dataclass(frozen=True)
@@ -153,53 +93,6 @@ class SearchConfig:
             raise ValueError(f"unknown search signals {sorted(unknown)}; known: {FEATURES}")
         w = np.array([self.weights.get(f, 0.0) for f in FEATURES], dtype=np.float64)
         return w if self.personalise else w * _PERSONAL_MASK
-
-
-def _query_embed(embedder: Any) -> Callable[[list[str]], np.ndarray]:
-    """The item embedder's model without its disk cache: queries are arbitrary text, so they
-    must not grow the item cache without bound, and an item cache held by another process (a
-    replay, the demo) must not make a search wait. The model loads on the first query."""
-    from recsys.embeddings import Embedder
-
-    if not isinstance(embedder, Embedder):
-        return embedder.embed  # any TextEmbedder (tests): its own embed
-    uncached: list[Embedder] = []
-
-    def embed(texts: list[str]) -> np.ndarray:
-        if not uncached:
-            uncached.append(Embedder(embedder.model_name, None, batch_size=embedder.batch_size, device=embedder.device,
-                                     num_threads=embedder.num_threads))
-        return uncached[0].embed(texts)
-
-    return embed
-
-
-class QueryEncoder:
-    """Query text -> frozen sentence-transformer vector, with an LRU cache of ``capacity``.
-
-    ``stats``: ``hits``, ``misses`` and ``encode_s`` (seconds spent encoding misses).
-    """
-
-    def __init__(self, embed: Callable[[list[str]], np.ndarray], capacity: int = 10_000) -> None:
-        self._embed = embed
-        self.capacity = capacity
-        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
-        self.stats = {"hits": 0, "misses": 0, "encode_s": 0.0}
-
-    def __call__(self, text: str) -> np.ndarray:
-        vec = self._cache.get(text)
-        if vec is not None:
-            self._cache.move_to_end(text)
-            self.stats["hits"] += 1
-            return vec
-        start = time.perf_counter()
-        vec = np.asarray(self._embed([text])[0], dtype=np.float32)
-        self.stats["encode_s"] += time.perf_counter() - start
-        self.stats["misses"] += 1
-        self._cache[text] = vec
-        if len(self._cache) > self.capacity:
-            self._cache.popitem(last=False)
-        return vec
 
 
 @dataclass
@@ -231,7 +124,7 @@ class Search:
         self.head = head
         self.clock = clock
         self.lexical = LexicalIndex(rebuild_interval_s=self.config.rebuild_interval_s)
-        self.encoder = QueryEncoder(_query_embed(items.embedder), self.config.query_cache)
+        self.encoder = QueryEncoder(query_embedder(items.embedder), self.config.query_cache)
         self.associations = QueryAssociations(
             rate=self.config.learn_rate, max_items=self.config.max_items_per_query, max_queries=self.config.max_queries
         )
