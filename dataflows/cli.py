@@ -88,7 +88,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.create_topics:
         _require_broker(settings, "run")
         ensure_topics(clients, default_topics(settings, max(args.partitions, args.processes)))
-    _require_broker(settings, "run", tuple(default_topics(settings, 1)))
+    # the topics it reads, and the two outputs it has always needed; the search-results and
+    # control topics are created by the flow when missing (dataflows/live.py)
+    _require_broker(settings, "run", (settings.events_topic, settings.catalog_topic,
+                                      settings.recommendations_topic, settings.dead_letters_topic))
     if max(args.processes, settings.shards) > 1:
         try:
             check_shards(clients, settings.events_topic, max(args.processes, settings.shards))
@@ -203,6 +206,7 @@ def default_topics(settings: Settings, partitions: int) -> dict[str, int]:
         settings.catalog_topic: 1,
         settings.recommendations_topic: partitions,
         settings.dead_letters_topic: 1,
+        settings.search_results_topic: partitions,  # issue 13: answers to search events
     }
 
 

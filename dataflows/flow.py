@@ -7,6 +7,7 @@
     ticks (live) ───┘              │ stream of Out("rec" | "dead" | "scored", key, payload)
                                    ├─► recommendations sink   (user_id, json bytes)
                                    ├─► dead-letters sink      (key, json bytes)
+                                   ├─► search-results sink    (user_id, json bytes; issue 13)
                                    └─► scored sink (backtests only: what we would have shown)
 
 Sources yield :class:`recsys.events.Envelope`; sinks take ``(key, bytes)`` pairs. The live flow
@@ -35,7 +36,7 @@ from recsys.events import Envelope
 
 @dataclass(frozen=True, slots=True)
 class Out:
-    kind: str  # "rec" | "dead" | "scored"
+    kind: str  # "rec" | "dead" | "scored" | "search"
     key: str | None
     payload: Any
 
@@ -116,6 +117,7 @@ class EngineStep:
             out.extend(Out("rec", key, payload) for key, payload in result.recommendations)
             out.extend(Out("dead", key, payload) for key, payload in result.dead_letters)
             out.extend(Out("scored", None, s) for s in result.scored)
+            out.extend(Out("search", key, payload) for key, payload in result.search_results)  # issue 13
         return out
 
 
@@ -131,8 +133,10 @@ def build_flow(
     ticks: Source[Tick] | None = None,
     observer: StepObserver | None = None,
     control: Source[Envelope] | None = None,
+    search_results: Sink[tuple[str | None, bytes]] | None = None,
 ) -> Dataflow:
-    """Wire sources, the engine step and sinks into a dataflow (``control``: erasure requests)."""
+    """Wire sources, the engine step and sinks into a dataflow (``control``: erasure requests;
+    ``search_results``: answers to ``search`` events, dropped without that sink)."""
     flow = Dataflow(flow_id)
     stream = op.input("events_in", flow, events)  # Envelope
     if catalog is not None:
@@ -148,6 +152,9 @@ def build_flow(
     dead = op.filter_map("dead_letters", outs, lambda o: (o.key, o.payload) if o.kind == "dead" else None)
     _output("recommendations_out", recs, recommendations)  # (user_id, json)
     _output("dead_letters_out", dead, dead_letters)  # (key, json)
+    if search_results is not None:  # issue 13
+        found = op.filter_map("search_results", outs, lambda o: (o.key, o.payload) if o.kind == "search" else None)
+        _output("search_results_out", found, search_results)  # (user_id, json)
     if scored is not None:
         evals = op.filter_map("scored", outs, lambda o: o.payload if o.kind == "scored" else None)
         op.output("scored_out", evals, scored)  # recsys.engine.ScoredBatch

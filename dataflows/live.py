@@ -96,6 +96,9 @@ def live_flow(
     # erasure requests: every shard reads the whole control topic; a missing topic only means
     # none was ever sent, so it is created (one partition keeps requests in order)
     ensure_topics(clients, {settings.control_topic: 1})
+    # answers to search events (issue 13): created like the events topic when missing, so a
+    # deployment from before search gains the topic instead of failing its first search
+    ensure_topics(clients, {settings.search_results_topic: _partitions_of(clients, settings.events_topic)})
     control = KafkaSource.from_settings(clients, settings.control_topic, settings)
 
     return build_flow(
@@ -106,8 +109,18 @@ def live_flow(
         observer=metrics,
         recommendations=KafkaSink(clients, settings.recommendations_topic),
         dead_letters=KafkaSink(clients, settings.dead_letters_topic),
+        search_results=KafkaSink(clients, settings.search_results_topic),  # issue 13
         engine_factory=lambda: engine,
         # a run to the end seen at start ends when its sources do: it has no timer (nothing
         # waits there either: Engine turns the unknown-item wait off for it)
         ticks=None if settings.stop_at_end else Ticks(TICK_INTERVAL_S, stop),
     )
+
+
+def _partitions_of(clients: Any, topic: str) -> int:
+    """How many partitions ``topic`` has (1 when it cannot be told)."""
+    consumer = clients.consumer()
+    try:
+        return len(consumer.partitions_for_topic(topic) or ()) or 1
+    finally:
+        consumer.close()

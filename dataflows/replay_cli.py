@@ -60,6 +60,11 @@ def add_parser(sub) -> None:
     p.add_argument("--state-dir", default=None, help="keep replay state in RocksDB here (default: in memory)")
     p.add_argument("--embed-cache-dir", default=None, help="embedding cache (default: RECSYS_EMBED_CACHE_DIR or var/embeddings)")
     p.add_argument("--out", required=True, help="output directory")
+    # issue 13: the search backtest on derived queries (recsys/search/replay.py)
+    p.add_argument("--task", default="recommend", choices=("recommend", "search"), help="what to backtest")
+    from recsys.search.replay import add_arguments as add_search_arguments
+
+    add_search_arguments(p)
     p.set_defaults(func=run_replay)
 
 
@@ -159,6 +164,15 @@ def run_replay(args: argparse.Namespace) -> int:
     from recsys.datasets import load_dataset
 
     mapping = dict(m.split("=", 1) for m in args.map) if args.map else None
+    if args.task == "search" and args.query_log:  # issue 13: a real search log, not an event log
+        from recsys.search import replay as search_replay
+        from recsys.settings import Settings
+
+        search_replay.run_query_log(args, Settings.from_env(os.environ).replace(
+            unknown_items="admit", state_ttl_days=36_500.0, state_dir=args.state_dir or "var/replay-state", recovery_dir=None,
+            **({"embed_cache_dir": args.embed_cache_dir} if args.embed_cache_dir else {})),
+            "recsys replay " + " ".join(shlex.quote(a) for a in sys.argv[2:]))
+        return 0
     command = "recsys replay " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 2 else "recsys replay"
 
     t0 = time.perf_counter()
@@ -194,6 +208,11 @@ def run_replay(args: argparse.Namespace) -> int:
         **({"embed_cache_dir": args.embed_cache_dir} if args.embed_cache_dir else {}),
     )
     repeat_items = {c.item_id for c in ds.catalog if c.repeat_purchase}
+    if args.task == "search":  # issue 13
+        from recsys.search import replay as search_replay
+
+        search_replay.run(args, ds, settings, command)
+        return 0
     if args.models in ("all", "all+sasrec") and not repeat_items:
         names = [n for n in names if n != "most_bought"]  # nothing can be bought again here
 

@@ -53,6 +53,8 @@ from recsys.events import (
 )
 from recsys.items import ItemSpace
 from recsys.recommender import MODEL_VERSION, Recommender, RecommenderConfig
+from recsys.search import Search, SearchConfig  # issue 13
+from recsys.search.learned import window_key
 from recsys.sessions import SessionNeighbours
 from recsys.settings import Settings
 from recsys.signals import EVENT_WEIGHTS, CoVisitation, Popularity
@@ -111,6 +113,7 @@ class BatchResult:
     # with no stored state before this batch (new, or reset after their TTL)
     event_types: Counter = field(default_factory=Counter)
     new_users: int = 0
+    search_results: list[tuple[str, bytes]] = field(default_factory=list)  # (user_id, json); issue 13
 
 
 class Engine:
@@ -197,6 +200,11 @@ class Engine:
             self.items, self.popularity, self.covisit, rec_config,
             blend=self.blend, head=self.head, transitions=self.transitions, sessions=self.sessions,
         )
+        # issue 13: search (recsys/search); its learned associations commit with the other signals
+        self.search = Search(self.items, self.popularity, SearchConfig(k=settings.search_k, personalise=settings.search_personalise),
+                             head=self.head, clock=clock)
+        self.search.upsert(list(self.items.catalog.items.values()))
+        self.search.load(kv)
         self.totals: Counter = Counter()
         # issue 10: an event whose item is not in the catalog yet waits for it (bounded, in state;
         # recsys/waiting.py). Not in backtests that admit unknown items, nor in a run that stops
@@ -253,6 +261,7 @@ class Engine:
         if not items:
             return 0
         changed = self.items.upsert(items, progress=progress)
+        self.search.upsert(items)  # issue 13
         self.kv.write({_ITEM_PREFIX + i.item_id.encode(): encode(i) for i in items})
         return changed
 
@@ -293,6 +302,7 @@ class Engine:
         puts: dict[bytes, bytes] = self._advance_positions(envelopes)
         if catalog_items:
             self.items.upsert(catalog_items)
+            self.search.upsert(catalog_items)  # issue 13
             for item in catalog_items:
                 puts[_ITEM_PREFIX + item.item_id.encode()] = encode(item)
         # erasures before any event of the batch: committed at once, so no event below can
@@ -344,6 +354,10 @@ class Engine:
         # 3. what we would have shown each user right before this batch (backtests only)
         if self.evaluate:
             self._score_before(result, [ev for _, ev in events if ev.user_id in by_user], states)
+
+        # 3b. issue 13: answer the batch's searches from the state before it; learn from its new events
+        result.search_results = self.search.step(by_user, states, self.watermarks, now_ms, self.model_version)
+        counts["search_results"] += len(result.search_results)
 
         # 4. apply: signals first (they need the history before the event), then user state
         fresh_users: list[str] = []
@@ -453,6 +467,7 @@ class Engine:
         puts.update(self.covisit.export_dirty())
         puts.update(self.transitions.export_dirty())
         puts.update(self.sessions.export_dirty())
+        puts.update(self.search.export_dirty())  # issue 13
         if puts or deletes:
             self.kv.write(puts, deletes)
 
@@ -531,7 +546,7 @@ class Engine:
         expired, self._sweep_from = self.users.sweep_slice(self._stream_ts, self._sweep_from, limit)
         doomed = [u for u in expired if u not in batch_users]
         counts["swept_users"] += len(doomed)
-        return [key for u in doomed for key in (user_key(u), _OUTBOX_PREFIX + u.encode())]
+        return [key for u in doomed for key in (user_key(u), _OUTBOX_PREFIX + u.encode(), window_key(u))]
 
     # ------------------------------------------------------------------ erasure
 
@@ -556,7 +571,7 @@ class Engine:
     def _erase(self, user_id: str, erased_at: int, source: str, puts: dict[bytes, bytes]) -> list[bytes]:
         """The keys to delete and the tombstone to write (into ``puts``) for one erasure."""
         deletes = [user_key(user_id), _OUTBOX_PREFIX + user_id.encode(), *self.sessions.forget_user(user_id),
-                   *self.waiting.forget_user(user_id)]
+                   *self.waiting.forget_user(user_id), *self.search.forget_user(user_id)]
         self.shown.discard(user_id)
         digest = user_hash(user_id)
         erased_at = max(erased_at, self.tombstones.get(digest, 0))

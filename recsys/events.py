@@ -420,3 +420,45 @@ def recommendation_from_dict(obj: dict[str, Any]) -> Recommendation:
     return Recommendation(
         obj["user_id"], items, obj["trigger_event_id"], obj["model_version"], int(obj["event_ts"]), int(obj["emitted_at"])
     )
+
+
+# --------------------------------------------------------------------------- search (issue 13)
+
+
+@dataclass(frozen=True, slots=True)
+class SearchResult:
+    """Ranked items for one ``search`` event (``schemas/search_result.v1.json``, topic
+    ``search-results``). ``no_match``: nothing in the catalog matched the query (``items`` is
+    then empty). Times as in :class:`Recommendation`: the search's event time and the wall
+    clock at emission, epoch milliseconds."""
+
+    user_id: str
+    query: str
+    items: tuple[RecommendedItem, ...]
+    no_match: bool
+    trigger_event_id: str
+    model_version: str
+    event_ts: int
+    emitted_at: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "user_id": self.user_id,
+            "query": self.query,
+            "items": [{"item_id": i.item_id, "score": i.score, "reason": i.reason} for i in self.items],
+            "no_match": self.no_match,
+            "trigger_event_id": self.trigger_event_id,
+            "model_version": self.model_version,
+            "event_ts": self.event_ts,
+            "emitted_at": self.emitted_at,
+        }
+
+
+def search_result_from_dict(obj: dict[str, Any]) -> SearchResult:
+    """Inverse of :meth:`SearchResult.to_dict` (for consumers and tests)."""
+    items = tuple(RecommendedItem(i["item_id"], float(i["score"]), i["reason"]) for i in obj["items"])
+    return SearchResult(
+        obj["user_id"], obj["query"], items, bool(obj["no_match"]), obj["trigger_event_id"], obj["model_version"],
+        int(obj["event_ts"]), int(obj["emitted_at"]),
+    )

@@ -32,7 +32,7 @@ from recsys.events import DEAD_LETTER_SCHEMA_VERSION, RFC3339_DATE_TIME, SCHEMA_
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
 
 #: Every schema, by name.
-SCHEMA_NAMES: tuple[str, ...] = ("event", "catalog_item", "recommendation", "dead_letter", "control")
+SCHEMA_NAMES: tuple[str, ...] = ("event", "catalog_item", "recommendation", "dead_letter", "control", "search_result")  # search_result: issue 13
 #: The current version of each schema whose version is not :data:`SCHEMA_VERSION`.
 CURRENT_VERSIONS: dict[str, int] = {"dead_letter": DEAD_LETTER_SCHEMA_VERSION}
 

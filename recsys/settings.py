@@ -93,6 +93,10 @@ class Settings:
     control_topic: str = "control"  # erasure requests ({"type": "forget_user", "user_id": ...})
     # --- issue 14 ---
     rerank_enabled: bool = True  # the online re-ranker learns from what users did next (off: the hand-set blend only)
+    # --- issue 13 search ---
+    search_results_topic: str = "search-results"  # output topic of answers to `search` events
+    search_k: int = 10  # items per search result
+    search_personalise: bool = True  # re-rank search results for the shopper (off: the ablation)
 
     @classmethod
     def env_var(cls, name: str) -> str:

@@ -41,10 +41,11 @@ from recsys.events import (
     encode,
     recommendation_from_dict,
 )
+from recsys.events import SearchResult, search_result_from_dict  # issue 13
 from recsys.schemas import SCHEMA_DIR, SCHEMA_NAMES, load_schema, validate
 
 INPUTS = ("event", "catalog_item", "control")
-OUTPUTS = ("recommendation", "dead_letter")
+OUTPUTS = ("recommendation", "dead_letter", "search_result")
 DECODERS = {"event": decode_event, "catalog_item": decode_catalog_item, "control": decode_control}
 
 # --------------------------------------------------------------------------- helpers
@@ -621,3 +622,46 @@ def test_an_accepted_event_with_a_huge_ts_re_encodes() -> None:
     except DecodeError:
         return  # refusing it is a fix too
     assert validate("event", orjson.loads(encode(event))) == []
+
+
+# --------------------------------------------------------------------------- search results (issue 13)
+
+SEARCH_RESULTS = st.builds(
+    SearchResult,
+    user_id=st.text(),
+    query=st.text(),
+    items=st.lists(
+        st.builds(RecommendedItem, st.text(), st.floats(allow_nan=False, allow_infinity=False), st.text()), max_size=5
+    ).map(tuple),
+    no_match=st.booleans(),
+    trigger_event_id=st.text(),
+    model_version=st.text(),
+    event_ts=st.integers(-(2**63), 2**63 - 1),
+    emitted_at=st.integers(0, 2**63 - 1),
+)
+
+
+def test_search_result_schema_lists_exactly_what_to_dict_emits() -> None:
+    schema = load_schema("search_result")
+    emitted = SearchResult("u", "tent", (RecommendedItem("i", 1.0, "r"),), False, "e", "m", 0, 0).to_dict()
+    assert set(schema["properties"]) == set(emitted)
+    assert set(emitted) == {f.name for f in dataclasses.fields(SearchResult)} | {"schema_version"}
+    assert set(schema["required"]) == set(emitted)
+
+
+@settings(max_examples=200, deadline=None)
+@given(SEARCH_RESULTS)
+def test_every_search_result_encodes_to_a_valid_search_result(result: SearchResult) -> None:
+    assert validate("search_result", orjson.loads(encode(result))) == []
+
+
+@settings(max_examples=100, deadline=None)
+@given(SEARCH_RESULTS)
+def test_a_search_result_survives_encode_and_search_result_from_dict(result: SearchResult) -> None:
+    assert search_result_from_dict(orjson.loads(encode(result))) == result
+
+
+def test_a_search_result_missing_its_query_is_refused() -> None:
+    obj = SearchResult("u", "tent", (), True, "e", "m", 0, 0).to_dict()
+    del obj["query"]
+    assert any("query" in e for e in validate("search_result", obj))

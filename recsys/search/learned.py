@@ -1,0 +1,198 @@
+"""Learned query -> item associations: what shoppers choose after searching, online and persisted.
+
+**The attribution rule.** A ``search`` by a user opens a window on that user's next
+:data:`FOLLOW_EVENTS` events (5) within :data:`FOLLOW_MS` (30 minutes) of the search, in event
+time. Each ``click``, ``add_to_cart`` or ``purchase`` of an item inside the window is an
+engagement with that item *after that query*, weighing ``EVENT_WEIGHTS[type] / 8`` (purchase
+1, add to cart 0.5, click 0.25). A ``browse`` counts toward the 5 events but is no engagement;
+a new search closes the window and opens its own. Queries are identified by
+:func:`recsys.search.text.query_key` (normalised, sorted tokens: word order does not matter).
+
+**The association.** Per query, an exponential moving average over its engagements: each
+engagement first multiplies all of the query's weights by ``1 - rate`` and then adds
+``rate * weight`` to the chosen item. So weights stay in [0, 1], and when what shoppers choose
+after a query changes, the new choice overtakes the old one after a fixed number of
+engagements whatever the history (rate 0.25: an item the query always led to drops to 0.42
+after three purchases of another, which has then risen to 0.58). Bounded: at most
+``max_items`` items per query (the lightest goes) and ``max_queries`` queries (the one least
+recently engaged with goes).
+
+**Crash safety.** Like :class:`recsys.signals.CoVisitation`: ``export_dirty()`` returns the
+changed records (``b"sqa:" + key``; the open windows under ``b"sqw:" + user``) for the
+engine's one atomic write per batch, ``load(kv)`` restores them, and the engine only feeds
+events above the committed watermark, so a re-delivered event is never learned twice.
+
+>>> a = QueryAssociations(rate=0.5)
+>>> a.learn("tent", "t1", 1.0); a.learn("tent", "t2", 1.0)
+>>> a.top("tent", 5)
+[('t2', 0.5), ('t1', 0.25)]
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import TYPE_CHECKING
+
+import orjson
+
+from recsys.signals import EVENT_WEIGHTS
+
+if TYPE_CHECKING:
+    from recsys.state import KVStore
+
+ASSOC_PREFIX = b"sqa:"
+WINDOW_PREFIX = b"sqw:"
+#: Events of the same user after a search that can still be attributed to it.
+FOLLOW_EVENTS = 5
+#: ... and the time after the search within which they must fall (event time).
+FOLLOW_MS = 30 * 60 * 1000
+#: Event types that count as choosing an item after a search, with their weight (purchase 1).
+ENGAGEMENTS = {t: EVENT_WEIGHTS[t] / EVENT_WEIGHTS["purchase"] for t in ("click", "add_to_cart", "purchase")}
+
+
+class QueryAssociations:
+    """Query key -> item -> weight in [0, 1], an exponential moving average per query."""
+
+    def __init__(self, *, rate: float = 0.25, max_items: int = 50, max_queries: int = 100_000) -> None:
+        if not 0 < rate <= 1:
+            raise ValueError(f"rate must be in (0, 1], got {rate}")
+        self.rate = rate
+        self.max_items = max_items
+        self.max_queries = max_queries
+        self._items: OrderedDict[str, dict[str, float]] = OrderedDict()  # least recently learned first
+        self._counts: dict[str, int] = {}  # engagements per query (for reasons and slices)
+        self._dirty: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def learn(self, key: str, item_id: str, weight: float) -> None:
+        """One engagement with ``item_id`` after query ``key`` (weight in (0, 1])."""
+        if not key or weight <= 0:
+            return
+        items = self._items.get(key)
+        if items is None:
+            items = self._items[key] = {}
+        else:
+            self._items.move_to_end(key)
+        keep = 1.0 - self.rate
+        for other in items:
+            items[other] *= keep
+        items[item_id] = items.get(item_id, 0.0) + self.rate * weight
+        if len(items) > self.max_items:
+            del items[min(items, key=lambda i: (items[i], i))]
+        self._counts[key] = self._counts.get(key, 0) + 1
+        self._dirty.add(key)
+        while len(self._items) > self.max_queries:
+            old, _ = self._items.popitem(last=False)
+            self._counts.pop(old, None)
+            self._dirty.add(old)
+
+    def weights(self, key: str) -> dict[str, float]:
+        """Item -> weight for a query key (empty when nothing was learned); do not modify."""
+        return self._items.get(key, {})
+
+    def engagements(self, key: str) -> int:
+        return self._counts.get(key, 0)
+
+    def top(self, key: str, n: int) -> list[tuple[str, float]]:
+        items = self._items.get(key, {})
+        return sorted(items.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
+
+    def export_dirty(self) -> dict[bytes, bytes]:
+        """Changed queries as ``b"sqa:"+key -> JSON [{item: weight}, count]`` (``b""``: evicted)."""
+        out: dict[bytes, bytes] = {}
+        for key in sorted(self._dirty):
+            items = self._items.get(key)
+            out[ASSOC_PREFIX + key.encode()] = b"" if items is None else orjson.dumps([items, self._counts[key]])
+        self._dirty.clear()
+        return out
+
+    def load(self, kv: KVStore) -> None:
+        """Replace everything held with the records under ``b"sqa:"``."""
+        self._items.clear()
+        self._counts.clear()
+        self._dirty.clear()
+        for key, value in kv.iter_prefix(ASSOC_PREFIX):
+            if value:
+                items, count = orjson.loads(value)
+                name = key[len(ASSOC_PREFIX):].decode()
+                self._items[name] = {i: float(w) for i, w in items.items()}
+                self._counts[name] = int(count)
+
+
+def window_key(user_id: str) -> bytes:
+    """Store key of a user's open search window."""
+    return WINDOW_PREFIX + user_id.encode()
+
+
+class SearchWindows:
+    """Each user's open search window: ``(query key, query as typed, search ts, events left)``.
+
+    Bounded by ``max_users`` (the least recently opened goes); persisted like the associations.
+
+    >>> w = SearchWindows()
+    >>> w.open("u1", "tent", "Tent", ts=0)
+    >>> w.follow("u1", "t1", "purchase", ts=60_000)
+    ('tent', 1.0)
+    >>> w.follow("u1", "t2", "click", ts=FOLLOW_MS + 1)  # too late: window closed
+    """
+
+    def __init__(self, *, follow_events: int = FOLLOW_EVENTS, follow_ms: int = FOLLOW_MS, max_users: int = 200_000) -> None:
+        self.follow_events = follow_events
+        self.follow_ms = follow_ms
+        self.max_users = max_users
+        self._open: OrderedDict[str, list] = OrderedDict()
+        self._dirty: set[str] = set()
+
+    def open(self, user_id: str, key: str, query: str, ts: int) -> None:
+        self._open.pop(user_id, None)
+        self._open[user_id] = [key, query, ts, self.follow_events]
+        self._dirty.add(user_id)
+        while len(self._open) > self.max_users:
+            old, _ = self._open.popitem(last=False)
+            self._dirty.add(old)
+
+    def last_query(self, user_id: str) -> str | None:
+        window = self._open.get(user_id)
+        return None if window is None else window[1]
+
+    def follow(self, user_id: str, item_id: str | None, event_type: str, ts: int) -> tuple[str, float] | None:
+        """A later event of the user: ``(query key, engagement weight)`` when it is attributed."""
+        window = self._open.get(user_id)
+        if window is None:
+            return None
+        key, _query, opened, left = window
+        if ts - opened > self.follow_ms or left <= 0:
+            del self._open[user_id]
+            self._dirty.add(user_id)
+            return None
+        window[3] = left - 1
+        if window[3] <= 0:
+            del self._open[user_id]
+        self._dirty.add(user_id)
+        weight = ENGAGEMENTS.get(event_type)
+        if weight is None or item_id is None:
+            return None
+        return key, weight
+
+    def forget_user(self, user_id: str) -> list[bytes]:
+        """Drop a user's window (an erasure); the key to delete with it."""
+        self._open.pop(user_id, None)
+        self._dirty.discard(user_id)
+        return [window_key(user_id)]
+
+    def export_dirty(self) -> dict[bytes, bytes]:
+        out: dict[bytes, bytes] = {}
+        for user_id in sorted(self._dirty):
+            window = self._open.get(user_id)
+            out[WINDOW_PREFIX + user_id.encode()] = b"" if window is None else orjson.dumps(window)
+        self._dirty.clear()
+        return out
+
+    def load(self, kv: KVStore) -> None:
+        self._open.clear()
+        self._dirty.clear()
+        for key, value in kv.iter_prefix(WINDOW_PREFIX):
+            if value:
+                self._open[key[len(WINDOW_PREFIX):].decode()] = list(orjson.loads(value))

@@ -1,0 +1,100 @@
+"""A shop's own search log as a search backtest: one CSV row per search, with what was engaged.
+
+Columns, named by ``--map FIELD=COLUMN`` (``recsys replay --task search --query-log FILE``):
+
+- ``user_id``, ``query``, ``query_ts`` (required): who searched what, when;
+- ``item_id``, ``ts`` (optional per row): the item engaged after the search and when; a row
+  without an item is a search nobody engaged with (answered and learned from, not scored);
+- ``type`` (optional column; else ``default_type``, default ``click``): the engagement's type;
+- ``ts_unit`` (``ms``, ``s`` or ``iso``, as for ``--format csv``), ``delimiter``.
+
+Each row becomes a ``search`` event at ``query_ts`` and, with an item, an engagement event at
+``ts`` (at least 1 ms after the search). Rows with a missing field or a bad time are skipped
+and counted. The catalog is the ids the log names (``item <id>``: no text at all, the
+``--unknown-items admit`` case) unless ``--catalog`` gives one (JSONL); with ids only, search
+has only what it learns from the log's own engagements to go on.
+
+>>> import tempfile, os
+>>> path = os.path.join(tempfile.mkdtemp(), "log.csv")
+>>> _ = open(path, "w").write("uid,q,qt,item,et\\nu1,red shoe,1000,i9,5000\\nu2,tent,2000,,\\n")
+>>> ds, targets = load_query_log(path, {"user_id": "uid", "query": "q", "query_ts": "qt", "item_id": "item", "ts": "et"})
+>>> [(e.type, e.user_id, e.item_id, e.ts, e.query) for e in ds.events]
+[('search', 'u1', None, 1000, 'red shoe'), ('search', 'u2', None, 2000, 'tent'), ('click', 'u1', 'i9', 5000, None)]
+>>> targets, [c.item_id for c in ds.catalog]
+({'querylog:2:s': 'i9'}, ['i9'])
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from recsys.datasets._base import Dataset, SkipLog, csv_rows, id_catalog, iso_to_ms
+from recsys.datasets.jsonl import load_jsonl_catalog
+from recsys.events import EVENT_TYPES, Event
+
+_COLUMNS = ("user_id", "query", "query_ts", "item_id", "ts", "type")
+_OPTIONS = ("ts_unit", "default_type", "delimiter")
+_REQUIRED = ("user_id", "query", "query_ts")
+
+
+def _parse_time(unit: str):
+    if unit == "ms":
+        return lambda text: int(float(text))
+    if unit == "s":
+        return lambda text: round(float(text) * 1000)
+    if unit == "iso":
+        return iso_to_ms
+    raise ValueError(f"mapping['ts_unit']: {unit!r} is not one of 'ms', 's', 'iso'")
+
+
+def load_query_log(path: str, mapping: dict[str, Any] | None, catalog_path: str | None = None, *,
+                   limit: int | None = None, progress: bool = False) -> tuple[Dataset, dict[str, str]]:
+    """``(dataset, search event id -> engaged item)`` from a query log (see the module)."""
+    mapping = dict(mapping or {})
+    unknown = sorted(set(mapping) - set(_COLUMNS) - set(_OPTIONS))
+    if unknown:
+        raise ValueError(f"query log mapping: unknown key(s) {unknown} (known: {', '.join(_COLUMNS + _OPTIONS)})")
+    missing = [k for k in _REQUIRED if not mapping.get(k)]
+    if missing:
+        raise ValueError(f"query log mapping: missing column name(s) for {missing} (--map FIELD=COLUMN)")
+    default_type = mapping.get("default_type", "click")
+    if default_type not in EVENT_TYPES or default_type == "search":
+        raise ValueError(f"query log mapping['default_type']: {default_type!r} is not an engagement type")
+    to_ms = _parse_time(mapping.get("ts_unit", "ms"))
+    col = {k: mapping[k] for k in _COLUMNS if mapping.get(k)}
+    skips = SkipLog()
+    source = os.path.basename(path)
+    events: list[Event] = []
+    targets: dict[str, str] = {}
+    rows = csv_rows(path, delimiter=mapping.get("delimiter", ","), required=tuple(col[k] for k in _REQUIRED),
+                    skips=skips, limit=limit, progress=progress, desc="query log")
+    for line, row in rows:
+        user, query, raw_qt = (row.get(col[k], "").strip() for k in _REQUIRED)
+        if not user or not query:
+            skips.add("missing user or query", line, source)
+            continue
+        try:
+            qts = to_ms(raw_qt)
+        except (ValueError, TypeError):
+            skips.add("bad query time", line, source, raw_qt)
+            continue
+        sid = f"querylog:{line}:s"
+        events.append(Event(sid, "search", user, None, qts, query=query[:1000]))
+        item = row.get(col["item_id"], "").strip() if "item_id" in col else ""
+        if not item:
+            continue
+        etype = row.get(col["type"], "").strip() if "type" in col else default_type
+        if etype not in EVENT_TYPES or etype == "search":
+            skips.add("unknown engagement type", line, source, etype)
+            continue
+        try:
+            ets = to_ms(row.get(col["ts"], "")) if "ts" in col and row.get(col["ts"], "").strip() else qts + 1
+        except (ValueError, TypeError):
+            skips.add("bad engagement time", line, source)
+            continue
+        events.append(Event(f"querylog:{line}:e", etype, user, item, max(ets, qts + 1)))  # type: ignore[arg-type]
+        targets[sid] = item
+    events.sort(key=lambda e: e.ts)
+    catalog = load_jsonl_catalog(catalog_path, skips) if catalog_path else id_catalog(events)
+    return Dataset("querylog", events, catalog, skips.counts, skips.examples), targets

@@ -1,0 +1,419 @@
+"""Personalised search: candidates from three retrievers, one linear score, reasons that name the cause.
+
+Per search ``(query, user state, time)``:
+
+1. **Candidates** (each source bounded by ``config.candidates``): BM25 over the item text
+   (:class:`~recsys.search.lexical.LexicalIndex`, query tokens typo-repaired against the catalog
+   vocabulary), the frozen sentence-transformer's query vector against the faiss item index
+   (vectors of repeated queries come from an LRU cache), the items learned for the query
+   (:class:`~recsys.search.learned.QueryAssociations`), and the user's own history items that
+   match the query lexically.
+2. **Signals** per candidate, in :data:`FEATURES` order: ``lexical`` (BM25 / the query's best),
+   ``semantic`` (cosine of query and item), ``learned`` (association weight, 0-1), ``popular``
+   (log decayed popularity / the candidates' best), and the personal ones: ``affinity`` (cosine
+   of the user's vector -- the learned head's query, else the decayed interest -- and the item),
+   ``category`` and ``brand`` (the share of the user's weighted history in the item's category /
+   brand), ``bought`` (bought before), ``seen`` (in the history, not bought) and ``price``
+   (closeness of the price to the median of the user's history, ``exp(-|log ratio|)``).
+3. **Score** = ``weights . signals``; ``personalise=False`` zeroes the personal weights (the
+   ablation of the search replay).
+4. **No match**: no query word is (close to) a catalog word, nothing was learned for the query
+   and no item is semantically closer than ``min_semantic``: the answer is empty with
+   ``no_match`` set. Without a lexical match, only items above ``min_semantic`` (or learned) stay.
+
+The reason of a result is its largest contribution: ``matches 'tent'``, ``often chosen after
+searching 'tent'``, ``bought before``, ``like the Blue tent you bought``, ...
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from recsys.events import CatalogItem, Envelope, Event, RecommendedItem, SearchResult, encode
+from recsys.search.learned import QueryAssociations, SearchWindows
+from recsys.search.rerank import SearchReranker
+from recsys.search.semantic import QueryEncoder, query_embedder
+from recsys.search.lexical import LexicalIndex, item_tokens
+from recsys.search.text import query_key, tokenize
+from recsys.signals import EVENT_WEIGHTS
+
+if TYPE_CHECKING:
+    from recsys.head import Head
+    from recsys.items import ItemSpace
+    from recsys.signals import Popularity
+    from recsys.state import KVStore, UserState
+
+#: Names what ranked a search result (bumped when the ranking changes meaning).
+SEARCH_VERSION = "search-1"
+
+FEATURES = ("lexical", "semantic", "learned", "popular", "affinity", "category", "brand", "bought", "seen", "price")
+PERSONAL = ("affinity", "category", "brand", "bought", "seen", "price")
+_COL = {name: i for i, name in enumerate(FEATURES)}
+_PERSONAL_MASK = np.array([0.0 if f in PERSONAL else 1.0 for f in FEATURES])
+
+#: Hand-set weights (see the README's Search section for how they were chosen). ``learned`` is
+#: large so that what shoppers actually chose after a query outranks text similarity once a
+#: few engagements are in; ``bought`` because on grocery logs the next purchase is very often
+#: a product bought before.
+DEFAULT_WEIGHTS: dict[str, float] = {
+    "lexical": 1.0, "semantic": 1.0, "learned": 3.0, "popular": 0.3,
+    "affinity": 0.3, "category": 0.5, "brand": 0.3, "bought": 1.0, "seen": 0.3, "price": 0.2,
+}
+
+#: Baselines of the search replay, ranked from the same candidates and signals as ``full``
+#: (``full`` as configured; ``full+rerank``: the hand-set weights plus the learned re-ranker's
+#: correction, measured whether or not ``SearchConfig.rerank`` puts it in the live score).
+MODES = ("bm25", "semantic", "bm25+semantic", "popular-matches", "no-personal", "full", "full+rerank")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    k: int = 10  # results per search
+    candidates: int = 200  # per retriever
+    min_semantic: float = 0.4  # MiniLM cosine below which a text is no match for the query
+    personalise: bool = True
+    weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
+    learn_rate: float = 0.25  # see recsys.search.learned
+    max_queries: int = 100_000
+    max_items_per_query: int = 50
+    query_cache: int = 10_000  # query vectors kept (LRU)
+    rebuild_interval_s: float = 1.0  # BM25 rebuild at most this often while the catalog changes
+    # Add the re-ranker's learned correction to the live score. It always learns (cheap), but
+    # is off by default: on derived queries it helped REES46 (NDCG@10 0.8406 -> 0.9056) and
+    # hurt Complete Journey (0.3945 -> 0.3196); see the README's Search section.
+    rerank: bool = False
+    seed: int = 0
+
+    def weight_vector(self) -> np.ndarray:
+        unknown = set(self.weights) - set(FEATURES)
+        if unknown:
+            raise ValueError(f"unknown search signals {sorted(unknown)}; known: {FEATURES}")
+        w = np.array([self.weights.get(f, 0.0) for f in FEATURES], dtype=np.float64)
+        return w if self.personalise else w * _PERSONAL_MASK
+
+
+@dataclass
+class Ranked:
+    """One answer: the ranked items (with score and reason) and whether nothing matched."""
+
+    items: list[RecommendedItem]
+    no_match: bool = False
+
+
+@dataclass
+class _Candidates:
+    ids: list[str]
+    x: np.ndarray  # (n, len(FEATURES))
+    lexical_hit: np.ndarray  # bool (n,)
+    semantic_hit: np.ndarray  # bool (n,): from the vector search and above min_semantic
+    tokens: list[str]  # repaired query tokens known to BM25
+    no_match: bool
+
+
+class Search:
+    """The search surface of the engine: catalog text in, events in, ranked answers out."""
+
+    def __init__(self, items: ItemSpace, popularity: Popularity, config: SearchConfig | None = None,
+                 *, head: Head | None = None, clock: Callable[[], float] = time.time) -> None:
+        self.items = items
+        self.popularity = popularity
+        self.config = config or SearchConfig()
+        self.head = head
+        self.clock = clock
+        self.lexical = LexicalIndex(rebuild_interval_s=self.config.rebuild_interval_s)
+        self.encoder = QueryEncoder(query_embedder(items.embedder), self.config.query_cache)
+        self.associations = QueryAssociations(
+            rate=self.config.learn_rate, max_items=self.config.max_items_per_query, max_queries=self.config.max_queries
+        )
+        self.windows = SearchWindows()
+        self._weights = self.config.weight_vector()
+        self.reranker = SearchReranker(self._weights, seed=self.config.seed)
+        #: user -> (candidate ids, their signals) of their last search, until an engagement teaches the re-ranker
+        self._shown: OrderedDict[str, tuple[list[str], np.ndarray]] = OrderedDict()
+        #: Backtests: called with ``(event, state)`` for each newly applied search, before it
+        #: is learned from (the search replay ranks its baselines there).
+        self.observer: Callable[[Event, UserState], None] | None = None
+        #: False: answer nothing (a backtest whose observer ranks by itself)
+        self.respond = True
+
+    # ------------------------------------------------------------------ state
+
+    def upsert(self, items: Sequence[CatalogItem]) -> None:
+        self.lexical.upsert(items)
+
+    def export_dirty(self) -> dict[bytes, bytes]:
+        out = self.associations.export_dirty()
+        out.update(self.windows.export_dirty())
+        out.update(self.reranker.export_dirty())
+        return out
+
+    def load(self, kv: KVStore) -> None:
+        self.associations.load(kv)
+        self.windows.load(kv)
+        self.reranker.load(kv)
+
+    @property
+    def version(self) -> str:
+        """The ranking's version: the search code, the re-ranker's examples, the head's version."""
+        version = SEARCH_VERSION
+        if self.config.rerank and self.reranker.active:
+            version += f"+rerank-{self.reranker.examples}"
+        if self.head is not None and self.config.personalise:
+            version += f"+{self.head.version}"
+        return version
+
+    # ------------------------------------------------------------------ the engine's hook
+
+    def step(self, by_user: dict[str, list[tuple[Envelope, Event]]], states: dict[str, UserState],
+             committed: dict[tuple[str, int], int], now_ms: int, model_version: str) -> list[tuple[str, bytes]]:
+        """Answer every search of a batch and learn from its newly applied events.
+
+        ``states`` are the users as committed before this batch (a search is ranked without
+        the events that follow it in the batch); ``committed`` the watermarks before it: events
+        at or below them were learned from already (re-delivered) and are only answered again.
+        Returns ``(user_id, SearchResult JSON)`` per search event.
+        """
+        out: list[tuple[str, bytes]] = []
+        for user_id, events in by_user.items():
+            for env, event in events:
+                new = env.offset > committed.get((env.topic, env.partition), -1)
+                if event.type == "search" and event.query:
+                    if new and self.observer is not None:
+                        self.observer(event, states[user_id])
+                    if new:
+                        self.windows.open(user_id, query_key(event.query), event.query, event.ts)
+                    if not self.respond:
+                        continue
+                    ranked = self.rank(event.query, states[user_id], event.ts, user_id=user_id if new else None)
+                    result = SearchResult(
+                        user_id, event.query, tuple(ranked.items), ranked.no_match, event.event_id,
+                        f"{self.version} ({model_version})", event.ts, max(now_ms, int(self.clock() * 1000)),
+                    )
+                    out.append((user_id, encode(result)))
+                elif new:
+                    self.learn_event(event)
+        return out
+
+    def forget_user(self, user_id: str) -> list[bytes]:
+        """An erasure: drop the user's open search window (it holds their last query) and what
+        they were last shown; returns the stored key to delete in the erasure's write."""
+        self._shown.pop(user_id, None)
+        return self.windows.forget_user(user_id)
+
+    def learn_event(self, event: Event) -> None:
+        """Attribute one non-search event to its user's open search window, if any."""
+        hit = self.windows.follow(event.user_id, event.item_id, event.type, event.ts)
+        if hit is not None and event.item_id is not None:
+            self.associations.learn(hit[0], event.item_id, hit[1])
+            shown = self._shown.pop(event.user_id, None)
+            if shown is not None and event.item_id in shown[0]:
+                self.reranker.learn(shown[1], shown[0].index(event.item_id))
+
+    def _remember(self, user_id: str, c: _Candidates, keep: np.ndarray) -> None:
+        rows = np.flatnonzero(keep)
+        self._shown[user_id] = ([c.ids[j] for j in rows.tolist()], c.x[rows])
+        self._shown.move_to_end(user_id)
+        if len(self._shown) > 50_000:  # bounded: a user who never engages is forgotten
+            self._shown.popitem(last=False)
+
+    def _scores(self, x: np.ndarray) -> np.ndarray:
+        scores = x @ self._weights
+        return scores + self.reranker.correction(x) if self.config.rerank else scores
+
+    # ------------------------------------------------------------------ ranking
+
+    def rank(self, query: str, state: UserState | None, now_ts: int, *, k: int | None = None,
+             user_id: str | None = None) -> Ranked:
+        """The top ``k`` items for ``query`` and this user (``state`` None: anonymous);
+        ``user_id``: remember the candidates, so the re-ranker learns from what the user picks."""
+        k = self.config.k if k is None else k
+        cands = self.candidates(query, state, now_ts)
+        if cands.no_match:
+            return Ranked([], no_match=True)
+        keep = self._eligible(cands)
+        if user_id is not None:
+            self._remember(user_id, cands, keep)
+        scores = self._scores(cands.x)
+        order = [j for j in np.lexsort((np.array(cands.ids, dtype=object).astype(str), -scores)) if keep[j]][:k]
+        items = [RecommendedItem(cands.ids[j], round(float(scores[j]), 6), self._reason(query, cands, j, state))
+                 for j in order]
+        return Ranked(items, no_match=False)
+
+    def rank_modes(self, query: str, state: UserState | None, now_ts: int, k: int, modes: Sequence[str] = MODES,
+                   *, user_id: str | None = None) -> dict[str, list[str]]:
+        """Item ids per ranking mode (:data:`MODES`) from one candidate set: the search replay.
+        ``user_id``: remember the candidates for the re-ranker, as a live search does."""
+        cands = self.candidates(query, state, now_ts)
+        if cands.no_match:
+            return {m: [] for m in modes}
+        if user_id is not None:
+            self._remember(user_id, cands, self._eligible(cands))
+        ids = np.array(cands.ids, dtype=object).astype(str)
+        x = cands.x
+        out: dict[str, list[str]] = {}
+        for mode in modes:
+            if mode == "bm25":
+                score, keep = x[:, _COL["lexical"]], cands.lexical_hit
+            elif mode == "semantic":
+                score, keep = x[:, _COL["semantic"]], cands.semantic_hit
+            elif mode == "bm25+semantic":
+                score, keep = x[:, _COL["lexical"]] + x[:, _COL["semantic"]], self._eligible(cands)
+            elif mode == "popular-matches":
+                score, keep = x[:, _COL["popular"]], self._eligible(cands)
+            elif mode == "no-personal":
+                score, keep = x @ (self._weights * _PERSONAL_MASK), self._eligible(cands)
+            elif mode == "full":
+                score, keep = self._scores(x), self._eligible(cands)
+            elif mode == "full+rerank":
+                score, keep = x @ self._weights + self.reranker.correction(x), self._eligible(cands)
+            else:
+                raise ValueError(f"unknown search mode {mode!r}; known: {MODES}")
+            order = np.lexsort((ids, -score))
+            out[mode] = [cands.ids[j] for j in order if keep[j]][:k]
+        return out
+
+    @staticmethod
+    def _eligible(c: _Candidates) -> np.ndarray:
+        learned = c.x[:, _COL["learned"]] > 0
+        return c.lexical_hit | c.semantic_hit | learned
+
+    def candidates(self, query: str, state: UserState | None, now_ts: int) -> _Candidates:
+        cfg = self.config
+        catalog = self.items.catalog
+        tokens = self.lexical.vocabulary.repair(tokenize(query))
+        known = self.lexical.known(tokens)
+        # lexical: the full score vector (sparse sums in C), its top, plus the user's own matches
+        lex_ids, lex_scores = self.lexical.scores(known)
+        lex: dict[str, float] = {}
+        if len(lex_ids):
+            hits = np.flatnonzero(lex_scores > 0)
+            top = hits[np.argpartition(-lex_scores[hits], min(cfg.candidates, len(hits)) - 1)[: cfg.candidates]] if len(hits) else hits
+            best = float(lex_scores[hits].max()) if len(hits) else 1.0
+            lex = {lex_ids[j]: float(lex_scores[j]) / best for j in top.tolist()}
+            if state is not None and state.history:
+                pos = self.lexical.position
+                for item_id, _t, _ts in state.history:
+                    j = pos(item_id)
+                    if j >= 0 and lex_scores[j] > 0:
+                        lex[item_id] = float(lex_scores[j]) / best
+        # semantic: the cached query vector against the faiss index
+        qvec = self.encoder(" ".join(tokenize(query)) or query)
+        sem_hits = self.items.search(qvec, cfg.candidates)[0] if len(self.items.index) else []
+        sem_set = {i for i, s in sem_hits if s >= cfg.min_semantic}
+        learned = self.associations.weights(query_key(query))
+        if not lex and not sem_set and not learned:
+            return _Candidates([], np.zeros((0, len(FEATURES))), np.zeros(0, bool), np.zeros(0, bool), known, True)
+        ids = [i for i in dict.fromkeys([*lex, *(i for i, _ in sem_hits), *learned]) if catalog.is_recommendable(i)]
+        n = len(ids)
+        x = np.zeros((n, len(FEATURES)), dtype=np.float64)
+        vecs = self.items.index.vectors_or_zero(ids)
+        x[:, _COL["lexical"]] = [lex.get(i, 0.0) for i in ids]
+        x[:, _COL["semantic"]] = np.clip(vecs @ qvec, 0.0, None)
+        x[:, _COL["learned"]] = [learned.get(i, 0.0) for i in ids]
+        pop = np.log1p([self.popularity.score(i, now_ts) for i in ids])
+        x[:, _COL["popular"]] = pop / pop.max() if n and pop.max() > 0 else 0.0
+        if state is not None and cfg.personalise:
+            self._personal(x, ids, vecs, state, now_ts)
+        return _Candidates(ids, x, np.array([i in lex for i in ids], dtype=bool),
+                           np.array([i in sem_set for i in ids], dtype=bool), known, False)
+
+    def _personal(self, x: np.ndarray, ids: list[str], vecs: np.ndarray, state: UserState, now_ts: int) -> None:
+        catalog = self.items.catalog
+        history = state.history
+        if not history and not state.bought:
+            return
+        # the user's vector: the learned head's query when there is one, else the decayed interest
+        user = None
+        if self.head is not None and history:
+            user = self.head.query_vectors([history], [now_ts])[0]
+        elif state.interest is not None:
+            user = state.interest
+        if user is not None and float(np.linalg.norm(user)) > 0:
+            x[:, _COL["affinity"]] = np.clip(vecs @ (user / np.linalg.norm(user)), 0.0, None)
+        cats: Counter[str] = Counter()
+        brands: Counter[str] = Counter()
+        prices: list[float] = []
+        for item_id, etype, _ts in history:
+            item = catalog.get(item_id)
+            if item is None:
+                continue
+            w = EVENT_WEIGHTS.get(etype, 0.0)
+            if item.category:
+                cats[item.category] += w
+            if item.brand:
+                brands[item.brand] += w
+            if item.price:
+                prices.append(item.price)
+        total_c, total_b = sum(cats.values()) or 1.0, sum(brands.values()) or 1.0
+        median = float(np.median(prices)) if prices else None
+        seen = {h[0] for h in history}
+        for j, item_id in enumerate(ids):
+            item = catalog.get(item_id)
+            if item is None:
+                continue
+            if item.category:
+                x[j, _COL["category"]] = cats.get(item.category, 0.0) / total_c
+            if item.brand:
+                x[j, _COL["brand"]] = brands.get(item.brand, 0.0) / total_b
+            if item_id in state.bought:
+                x[j, _COL["bought"]] = 1.0
+            elif item_id in seen:
+                x[j, _COL["seen"]] = 1.0
+            if median and item.price:
+                x[j, _COL["price"]] = math.exp(-abs(math.log(item.price / median)))
+
+    # ------------------------------------------------------------------ reasons
+
+    def _reason(self, query: str, c: _Candidates, j: int, state: UserState | None) -> str:
+        contrib = c.x[j] * self._weights
+        cause = FEATURES[int(np.argmax(contrib))] if contrib.max() > 0 else "semantic"
+        q = query.strip()
+        if cause == "lexical":
+            item = self.items.catalog.get(c.ids[j])
+            words = set(item_tokens(item)) if item is not None else set()
+            matched = [t for t in dict.fromkeys(c.tokens) if t in words]
+            return f"matches '{' '.join(matched) or q}'"
+        if cause == "learned":
+            return f"often chosen after searching '{q}'"
+        if cause == "popular":
+            return f"popular for '{q}'"
+        if cause == "bought":
+            return "bought before"
+        if cause == "seen":
+            return "you looked at this recently"
+        if cause in ("affinity", "category", "brand", "price") and state is not None and state.history:
+            return self._like(c.ids[j], state)
+        return f"close to '{q}'"
+
+    def _like(self, item_id: str, state: UserState) -> str:
+        """``like the <title> you bought/viewed``: the latest history item of the same category."""
+        catalog = self.items.catalog
+        item = catalog.get(item_id)
+        pick = None
+        for hid, etype, _ts in reversed(state.history):
+            h = catalog.get(hid)
+            if h is not None and hid != item_id and (item is None or h.category == item.category):
+                pick = (h, etype)
+                break
+        if pick is None:
+            hid, etype, _ = state.history[-1]
+            h = catalog.get(hid)
+            if h is None:
+                return "suits your taste"
+            pick = (h, etype)
+        h, etype = pick
+        title = h.title if len(h.title) <= 50 else h.title[:47] + "..."
+        verb = "bought" if etype == "purchase" else "added to cart" if etype == "add_to_cart" else "viewed"
+        return f"like the {title} you {verb}"
+
+    def stats(self) -> dict[str, Any]:
+        return {"lexical_items": len(self.lexical), "lexical_rebuilds": self.lexical.rebuilds,
+                "lexical_last_rebuild_s": self.lexical.last_rebuild_s, "queries_learned": len(self.associations),
+                **{f"query_cache_{k}": v for k, v in self.encoder.stats.items()}}

@@ -1,0 +1,249 @@
+"""Personalised search (issue 13) on a tiny catalog with the real model and the real engine step.
+
+Retrieval (BM25 + semantic), query handling (typos, word order, no match), learned query ->
+item associations (an id-only item becomes findable; a change of what shoppers choose is
+followed within a stated number of engagements), personalisation, and crash safety.
+"""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from recsys.engine import Engine
+from recsys.events import CatalogItem, Envelope, Event, encode
+from recsys.schemas import validate
+from recsys.search import QueryAssociations, Vocabulary, query_key, tokenize
+from recsys.settings import Settings
+
+CATALOG = [
+    CatalogItem("tent-blue", "Blue dome tent", category="Camping/Tents", brand="Alpina", price=120.0),
+    CatalogItem("tent-green", "Green tunnel tent for four", category="Camping/Tents", brand="Northway", price=240.0),
+    CatalogItem("bag-down", "Down sleeping bag", category="Camping/Sleeping bags", brand="Alpina", price=90.0),
+    CatalogItem("stove", "Gas camping stove", category="Camping/Cooking", brand="Northway", price=45.0),
+    CatalogItem("shoe-trail", "Trail running shoe", category="Footwear/Running", brand="Alpina", price=110.0),
+    CatalogItem("shoe-road", "Road running shoe", category="Footwear/Running", brand="Speedo", price=95.0),
+    CatalogItem("coffee", "Ground coffee beans", category="Grocery/Coffee", brand="Roast", price=8.0),
+    CatalogItem("mug", "Enamel coffee mug", category="Camping/Cooking", brand="Alpina", price=12.0),
+    CatalogItem("creme", "Crème brûlée dessert", category="Grocery/Desserts", brand="Roast", price=4.0),
+    CatalogItem("x9", "item x9"),  # an id-only item: no text worth matching
+]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("emb"))
+
+
+def _settings(tmp_path, cache, **kw) -> Settings:
+    return Settings(state_dir=str(tmp_path / "state"), embed_cache_dir=cache, head_snapshot_interval_s=3600, **kw)
+
+
+@pytest.fixture
+def engine(tmp_path, cache):
+    eng = Engine.open(_settings(tmp_path, cache), in_memory=True)
+    eng.upsert_catalog(CATALOG)
+    eng.search.lexical.rebuild_interval_s = 0.0
+    yield eng
+    eng.close()
+
+
+class Stream:
+    """Feeds events through ``Engine.process`` as a producer would, one batch per call."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.offset = 0
+        self.ts = 1_700_000_000_000
+        self.n = 0
+
+    def events(self, *specs: tuple) -> list[dict]:
+        """``(type, user, item_or_query)`` each one minute apart; returns the search results."""
+        envs = []
+        for etype, user, what in specs:
+            self.ts += 60_000
+            self.n += 1
+            ev = Event(f"e{self.n}", etype, user, None if etype == "search" else what, self.ts,
+                       query=what if etype == "search" else None)
+            envs.append(Envelope("events", 0, self.offset, user.encode(), encode(ev), self.ts))
+            self.offset += 1
+        result = self.engine.process(envs)
+        return [orjson.loads(payload) for _, payload in result.search_results]
+
+    def search(self, user: str, query: str) -> dict:
+        (answer,) = self.events(("search", user, query))
+        return answer
+
+
+def ids(answer: dict) -> list[str]:
+    return [i["item_id"] for i in answer["items"]]
+
+
+# --------------------------------------------------------------------------- query handling
+
+
+def test_tokens_are_normalised_accent_free_and_plural_folded():
+    assert tokenize("Crème Brûlée TENTS, t-shirt") == ["creme", "brulee", "tent", "t", "shirt"]
+    assert query_key("running shoes trail") == query_key("Trail  Running Shoe")
+
+
+def test_typo_repair_finds_the_closest_catalog_word_and_leaves_far_words_alone():
+    vocab = Vocabulary(["tent", "sleeping", "bag", "stove", "coffee"])
+    assert vocab.repair(["tnet", "sleping", "cofee", "stvoe", "zzzzzz"]) == ["tent", "sleeping", "coffee", "stove", "zzzzzz"]
+
+
+# --------------------------------------------------------------------------- retrieval
+
+
+def test_bm25_finds_the_items_that_match_and_says_so(engine):
+    answer = Stream(engine).search("u1", "tent")
+    assert validate("search_result", answer) == []
+    assert set(ids(answer)[:2]) == {"tent-blue", "tent-green"}
+    assert answer["items"][0]["reason"] == "matches 'tent'"
+    assert answer["no_match"] is False and answer["query"] == "tent"
+
+
+def test_semantic_retrieval_finds_items_without_a_shared_word(engine):
+    # no catalog word in the query: only the sentence-transformer can connect them
+    answer = Stream(engine).search("u1", "jogging sneakers")
+    assert answer["no_match"] is False
+    assert set(ids(answer)) == {"shoe-road", "shoe-trail"}  # only items closer than min_semantic
+    assert answer["items"][0]["reason"] == "close to 'jogging sneakers'"
+
+
+def test_typos_accents_and_word_order_do_not_change_the_answer(engine):
+    stream = Stream(engine)
+    exact = ids(stream.search("u1", "sleeping bag"))
+    assert exact[0] == "bag-down"
+    assert ids(stream.search("u1", "bag sleeping")) == exact
+    assert ids(stream.search("u1", "sleping bagg"))[0] == "bag-down"
+    assert ids(stream.search("u1", "CREME BRULEE"))[0] == "creme"
+
+
+def test_a_query_that_matches_nothing_says_no_match(engine):
+    answer = Stream(engine).search("u1", "qzxv wplkj")
+    assert answer["no_match"] is True and answer["items"] == []
+    assert validate("search_result", answer) == []
+
+
+def test_a_new_catalog_item_is_found_by_its_words_after_the_upsert(engine):
+    stream = Stream(engine)
+    assert "hammock" not in {i for i in ids(stream.search("u1", "hammock"))}
+    engine.process([Envelope("catalog", 0, 0, b"hammock", encode(CatalogItem("hammock", "Travel hammock", category="Camping")), 0)])
+    answer = stream.search("u1", "hammock")
+    assert ids(answer)[0] == "hammock" and answer["items"][0]["reason"] == "matches 'hammock'"
+
+
+# --------------------------------------------------------------------------- learned associations
+
+
+def test_an_id_only_item_becomes_findable_by_the_query_people_choose_it_after(engine):
+    stream = Stream(engine)
+    assert "x9" not in ids(stream.search("u0", "picnic set"))
+    for n in range(3):  # three shoppers search, then buy the id-only item
+        stream.events(("search", f"s{n}", "picnic set"), ("click", f"s{n}", "x9"), ("purchase", f"s{n}", "x9"))
+    answer = stream.search("u9", "Set picnic")  # another shopper, other word order
+    assert ids(answer)[0] == "x9"
+    assert answer["items"][0]["reason"] == "often chosen after searching 'Set picnic'"
+
+
+def test_engagements_outside_the_window_teach_nothing(engine):
+    stream = Stream(engine)
+    stream.events(("search", "s1", "picnic set"), *[("browse", "s1", "stove")] * 5, ("purchase", "s1", "x9"))
+    assert engine.search.associations.weights(query_key("picnic set")) == {}
+
+
+def test_the_top_result_follows_a_change_of_what_shoppers_choose_within_three_engagements(engine):
+    """Online learning: 10 shoppers choose the blue tent after 'tent'; then shoppers switch to
+    the green one. The association is a moving average with rate 0.25 (recsys.search.learned),
+    so the switch shows at the top after at most 3 engagements, despite the blue tent's larger
+    popularity."""
+    stream = Stream(engine)
+    for n in range(10):
+        stream.events(("search", f"a{n}", "tent"), ("purchase", f"a{n}", "tent-blue"))
+    assert ids(stream.search("probe", "tent"))[0] == "tent-blue"
+    needed = None
+    for n in range(1, 6):
+        stream.events(("search", f"b{n}", "tent"), ("purchase", f"b{n}", "tent-green"))
+        if ids(stream.search("probe", "tent"))[0] == "tent-green":
+            needed = n
+            break
+    assert needed is not None and needed <= 3
+
+
+# --------------------------------------------------------------------------- personalisation
+
+
+def test_two_shoppers_get_the_same_query_ranked_by_their_own_history(engine):
+    stream = Stream(engine)
+    stream.events(("purchase", "alpina-fan", "tent-blue"), ("purchase", "alpina-fan", "bag-down"), ("purchase", "alpina-fan", "mug"))
+    stream.events(("purchase", "speedo-fan", "shoe-road"), ("click", "speedo-fan", "shoe-road"))
+    stream.events(("purchase", "other", "shoe-trail"), ("click", "other", "shoe-trail"))  # equally popular shoes
+    a = stream.search("alpina-fan", "running shoe")
+    s = stream.search("speedo-fan", "running shoe")
+    assert ids(a)[0] == "shoe-trail" and ids(s)[0] == "shoe-road"
+    assert s["items"][0]["reason"] in ("bought before", "matches 'running shoe'")
+    assert a["items"][0]["reason"].startswith("like the ") or a["items"][0]["reason"].startswith("matches")
+
+
+def test_personalisation_off_ranks_everyone_alike(tmp_path, cache):
+    eng = Engine.open(_settings(tmp_path, cache, search_personalise=False), in_memory=True)
+    eng.upsert_catalog(CATALOG)
+    stream = Stream(eng)
+    stream.events(("purchase", "alpina-fan", "tent-blue"), ("purchase", "alpina-fan", "bag-down"))
+    stream.events(("purchase", "speedo-fan", "shoe-road"))
+    assert ids(stream.search("alpina-fan", "running shoe")) == ids(stream.search("speedo-fan", "running shoe"))
+    eng.close()
+
+
+# --------------------------------------------------------------------------- crash safety
+
+
+def test_associations_survive_a_restart_and_a_redelivered_batch_is_not_learned_twice(tmp_path, cache):
+    settings = _settings(tmp_path, cache)
+    eng = Engine.open(settings)
+    eng.upsert_catalog(CATALOG)
+    stream = Stream(eng)
+    stream.events(("search", "s1", "picnic set"), ("purchase", "s1", "x9"))
+    learned = dict(eng.search.associations.weights(query_key("picnic set")))
+    assert learned == {"x9": 0.25}
+    eng.close()
+
+    again = Engine.open(settings)  # RocksDB state as committed
+    assert again.search.associations.weights(query_key("picnic set")) == learned
+    ts = stream.ts
+    redelivered = [Envelope("events", 0, o, b"s1", encode(Event(f"r{o}", "purchase", "s1", "x9", ts)), ts) for o in (0, 1)]
+    again.process(redelivered)  # offsets at or below the watermark
+    assert again.search.associations.weights(query_key("picnic set")) == learned
+    again.close()
+
+
+def test_associations_are_bounded():
+    a = QueryAssociations(max_items=3, max_queries=2)
+    for i in range(10):
+        a.learn("q1", f"i{i}", 1.0)
+    a.learn("q2", "x", 1.0)
+    a.learn("q3", "y", 1.0)
+    assert len(a.weights("q1")) == 0 and len(a) == 2  # q1 was least recently learned: evicted
+    for i in range(10):
+        a.learn("q3", f"i{i}", 1.0)
+    assert len(a.weights("q3")) == 3
+    exported = a.export_dirty()
+    assert exported[b"sqa:q1"] == b""  # evicted queries are deleted from the store too
+
+
+def test_the_search_reranker_learns_from_engagements_and_survives_a_restart(tmp_path, cache):
+    settings = _settings(tmp_path, cache)
+    eng = Engine.open(settings)
+    eng.upsert_catalog(CATALOG)
+    eng.search.lexical.rebuild_interval_s = 0.0
+    stream = Stream(eng)
+    for n in range(20):  # the engaged item is among the candidates shown: a pairwise lesson each
+        stream.events(("search", f"r{n}", "running shoe"), ("purchase", f"r{n}", "shoe-road"))
+    learned = eng.search.reranker.w.copy()
+    assert eng.search.reranker.examples >= 20 and abs(learned).sum() > 0
+    eng.close()
+    again = Engine.open(settings)
+    assert again.search.reranker.examples == eng.search.reranker.examples
+    assert (again.search.reranker.w == learned).all()
+    again.close()
