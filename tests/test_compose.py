@@ -21,7 +21,10 @@ from recsys.settings import Settings
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
-TOPIC_FIELDS = ("events_topic", "catalog_topic", "recommendations_topic", "dead_letters_topic")
+#: every topic the flow reads or writes (the flow creates control and search-results when missing,
+#: but a production Kafka usually forbids that: kafka-init creates them all)
+TOPIC_FIELDS = ("events_topic", "catalog_topic", "recommendations_topic", "dead_letters_topic", "control_topic",
+                "search_results_topic")
 SETTING_VARS = {Settings.env_var(f.name) for f in dataclasses.fields(Settings)}
 
 
