@@ -31,7 +31,7 @@ _REQUIRED = ("user_id", "item_id", "ts")
 _CATALOG_FIELDS = ("item_id", "title", "description", "category", "brand", "price")
 
 
-def _ts_parser(unit: str) -> Callable[[str], int]:
+def ts_parser(unit: str) -> Callable[[str], int]:
     if unit == "ms":
         return lambda text: int(float(text))
     if unit == "s":
@@ -66,7 +66,7 @@ def load_csv(
 ) -> Dataset:
     """Load a delimited event log described by ``mapping`` (see the module docstring)."""
     mapping = _check_mapping(mapping)
-    parse_ts = _ts_parser(mapping.get("ts_unit", "ms"))
+    parse_ts = ts_parser(mapping.get("ts_unit", "ms"))
     cols = {k: mapping[k] for k in _COLUMN_KEYS if mapping.get(k)}
     default_type = mapping.get("default_type", "click")
     type_map: dict[str, str] = mapping.get("type_map") or {}

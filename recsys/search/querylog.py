@@ -29,23 +29,14 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from recsys.datasets._base import Dataset, SkipLog, csv_rows, id_catalog, iso_to_ms
+from recsys.datasets._base import Dataset, SkipLog, csv_rows, id_catalog
+from recsys.datasets.generic_csv import ts_parser
 from recsys.datasets.jsonl import load_jsonl_catalog
 from recsys.events import EVENT_TYPES, Event
 
 _COLUMNS = ("user_id", "query", "query_ts", "item_id", "ts", "type")
 _OPTIONS = ("ts_unit", "default_type", "delimiter")
 _REQUIRED = ("user_id", "query", "query_ts")
-
-
-def _parse_time(unit: str):
-    if unit == "ms":
-        return lambda text: int(float(text))
-    if unit == "s":
-        return lambda text: round(float(text) * 1000)
-    if unit == "iso":
-        return iso_to_ms
-    raise ValueError(f"mapping['ts_unit']: {unit!r} is not one of 'ms', 's', 'iso'")
 
 
 def load_query_log(path: str, mapping: dict[str, Any] | None, catalog_path: str | None = None, *,
@@ -61,7 +52,7 @@ def load_query_log(path: str, mapping: dict[str, Any] | None, catalog_path: str 
     default_type = mapping.get("default_type", "click")
     if default_type not in EVENT_TYPES or default_type == "search":
         raise ValueError(f"query log mapping['default_type']: {default_type!r} is not an engagement type")
-    to_ms = _parse_time(mapping.get("ts_unit", "ms"))
+    to_ms = ts_parser(mapping.get("ts_unit", "ms"))
     col = {k: mapping[k] for k in _COLUMNS if mapping.get(k)}
     skips = SkipLog()
     source = os.path.basename(path)
