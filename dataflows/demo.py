@@ -67,7 +67,7 @@ def build_demo_data(n_events: int, out_dir: Path) -> tuple[Path, Path, int, int]
 
 def run_demo(args: argparse.Namespace) -> int:
     from dataflows.kafka_io import KafkaClients, consume_all, ensure_topics, produce_records
-    from dataflows.local_broker import LocalBroker
+    from dataflows.local_broker import LocalBroker, _free_port
     from recsys.embeddings import Embedder
     from recsys.items import load_jsonl
     from recsys.settings import Settings
@@ -94,6 +94,8 @@ def run_demo(args: argparse.Namespace) -> int:
             state_dir=str(DEMO_DIR / "state"),
             recovery_dir=str(DEMO_DIR / "recovery"),
             catalog_file=str(catalog_path),
+            # live metrics on a free loopback port (the flow prints "metrics: <url>", echoed below)
+            metrics_port=base.metrics_port or _free_port(),
         )
         clients = KafkaClients(settings)
         from dataflows.cli import default_topics
