@@ -17,15 +17,18 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import orjson
+
+from dataflows.argtypes import positive_float, positive_int
 
 DEMO_DIR = Path("var/demo")
 
@@ -43,9 +46,9 @@ BAD_MESSAGES: list[tuple[bytes | None, bytes]] = [
 
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="run the whole pipeline on a local broker with demo data")
-    p.add_argument("--events", type=int, default=20_000, help="demo events to stream")
-    p.add_argument("--rate", type=float, default=2_000.0, help="events per second offered")
-    p.add_argument("--partitions", type=int, default=2)
+    p.add_argument("--events", type=positive_int, default=20_000, help="demo events to stream")
+    p.add_argument("--rate", type=positive_float, default=2_000.0, help="events per second offered (> 0)")
+    p.add_argument("--partitions", type=positive_int, default=2, help="partitions of the events topic")
     p.add_argument("--show", type=int, default=8, help="recommendations to print while streaming")
     p.set_defaults(func=run_demo)
 
@@ -108,11 +111,16 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def _start_flow(settings) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "dataflows.cli", "run"]
-    # settings travel as RECSYS_* variables, as the shard supervisor hands them on; the demo
-    # ends the flow with SIGINT itself: that expected stop must not print a Rust backtrace
-    # even where the shell exports RUST_BACKTRACE=1
-    env = {**os.environ, **settings.to_env(), "RUST_BACKTRACE": "0"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env)
+    # settings travel as RECSYS_* variables, as the shard supervisor hands them on
+    from dataflows.shards import _die_with_parent
+
+    env = {**os.environ, **settings.to_env()}
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env,
+        # the terminal's Ctrl-C reaches the demo only, which stops the flow once (a second
+        # signal would stop it at once, without committing); the flow dies with the demo
+        start_new_session=True, preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+    )
     deadline = time.time() + 300
     while time.time() < deadline:
         line = proc.stdout.readline()
@@ -133,7 +141,7 @@ def _echo(proc: subprocess.Popen) -> None:
 
 def _stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
-        proc.send_signal(2)  # SIGINT: Bytewax finishes the epoch and exits
+        proc.send_signal(signal.SIGTERM)  # the flow ends its input, commits the epoch and exits
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
@@ -142,11 +150,13 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def _stream_and_report(args, settings, clients, events_path, flow_proc, consume_all, produce_records) -> int:
-    from dataflows.cli import format_recommendation
+    halt = threading.Event()  # Ctrl-C: the producer stops and closes while the broker is still up
 
     def records():
         with open(events_path, "rb") as fh:
             for i, line in enumerate(fh):
+                if halt.is_set():
+                    return
                 if i == 100:
                     yield from BAD_MESSAGES
                 yield (orjson.loads(line)["user_id"].encode(), line.rstrip(b"\n"))
@@ -156,10 +166,26 @@ def _stream_and_report(args, settings, clients, events_path, flow_proc, consume_
     produced = {}
 
     def produce():
-        produced["n"] = produce_records(clients, settings.events_topic, records(), rate=args.rate)
-        done.set()
+        try:
+            produced["n"] = produce_records(clients, settings.events_topic, records(), rate=args.rate)
+        except Exception as exc:  # reported by the loop below, which must not wait forever
+            produced["error"] = exc
+        finally:
+            done.set()
 
-    threading.Thread(target=produce, daemon=True).start()
+    producer = threading.Thread(target=produce, daemon=True)
+    producer.start()
+    try:
+        return _follow(args, settings, clients, flow_proc, consume_all, done, produced)
+    finally:
+        halt.set()
+        producer.join(10)
+
+
+def _follow(args, settings, clients, flow_proc, consume_all, done, produced) -> int:
+    """Print recommendations as they arrive; once the stream is sent and they stop coming, the summary."""
+    from dataflows.cli import format_recommendation
+
     shown, last_count, stable_since = 0, -1, None
     recs = []
     while True:
@@ -171,6 +197,9 @@ def _stream_and_report(args, settings, clients, events_path, flow_proc, consume_
         print(f"      ... {len(recs)} recommendations so far", flush=True)
         if flow_proc.poll() is not None:
             print("dataflow stopped unexpectedly", file=sys.stderr)
+            return 1
+        if "error" in produced:
+            print(f"recsys demo: producing the events failed: {produced['error']}", file=sys.stderr)
             return 1
         if done.is_set():
             if len(recs) == last_count:
@@ -203,7 +232,9 @@ def summarize(events, recs, dead) -> dict:
         emitted.append(rec["emitted_at"])
         if rec["trigger_event_id"] in append_ts:
             latencies.append(rec["emitted_at"] - append_ts[rec["trigger_event_id"]])
-    reasons = Counter(orjson.loads(d.value)["reason"][:60] for d in dead)
+    import numpy as np
+
+    reasons = Counter(orjson.loads(d.value)["reason"] for d in dead)
     first = min((e.timestamp_ms for e in events), default=0)
     span_s = max((max(emitted, default=first) - first) / 1000, 1e-3)
     lat = np.array(latencies or [0])
@@ -218,6 +249,18 @@ def summarize(events, recs, dead) -> dict:
     }
 
 
+def format_reason(n: int, reason: str, width: int = 96) -> str:
+    """One dead-letter reason of the summary, whole, wrapped at word boundaries.
+
+    >>> print(format_reason(2, "field 'type': unknown event type 'hover' (expected one of browse, click)", width=50))
+        2 x field 'type': unknown event type 'hover'
+            (expected one of browse, click)
+    """
+    head = f"    {n} x "
+    return textwrap.fill(reason, width=width, initial_indent=head, subsequent_indent=" " * 8,
+                         break_long_words=False, break_on_hyphens=False)
+
+
 def print_summary(s: dict) -> None:
     lat = s["latency_ms"]
     print("\n==== summary ====")
@@ -225,7 +268,7 @@ def print_summary(s: dict) -> None:
     print(f"recommendations out  {s['recommendations_out']} (for {s['users']} users; a user's events in one batch share one)")
     print(f"dead letters         {s['dead_letters']}")
     for reason, n in s["dead_letter_reasons"].items():
-        print(f"    {n} x {reason}")
+        print(format_reason(n, reason))
     print(f"throughput           {s['events_per_s']} events/s (append of first event -> last recommendation)")
     print(f"latency              p50 {lat['p50']:.0f} ms, p95 {lat['p95']:.0f} ms, p99 {lat['p99']:.0f} ms (append -> emitted_at)")
     print(f"details              {DEMO_DIR}/summary.json")

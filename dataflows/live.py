@@ -2,7 +2,8 @@
 
 Run it with the CLI (``recsys run``) or directly with Bytewax::
 
-    python -m bytewax.run dataflows.live:live_flow -r var/recovery -s 2
+    mkdir -p var/recovery && python -m bytewax.recovery var/recovery 1    # once
+    python -m bytewax.run dataflows.live:live_flow -r var/recovery -s 2 -b 0
 
 Settings come from ``RECSYS_*`` environment variables (see ``recsys/settings.py``).
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import os
+import threading
 from typing import Any
 
 from bytewax.dataflow import Dataflow
@@ -45,21 +47,31 @@ def settle_heap() -> None:
     gc.freeze()
 
 
-def live_flow(settings: Settings | None = None, clients: Any = None, engine: Engine | None = None) -> Dataflow:
+def live_flow(
+    settings: Settings | None = None, clients: Any = None, engine: Engine | None = None, stop: Any = None
+) -> Dataflow:
     """The production graph over Kafka (or any object with the same client surface).
 
     ``engine``: an engine already opened in this process (the CLI opens it first so that the
     model and catalog are loaded before the first message); otherwise it opens on first batch.
     ``settings`` given are used as they are; read from the environment, they are this shard's
     (:meth:`Settings.for_shard`: with ``RECSYS_SHARDS`` > 1, per-shard state directories).
+    ``stop``: a ``threading.Event``; once set, both sources end their input and the flow
+    stops in order (:class:`dataflows.runner.StopSignals`).
     """
+    from dataflows.runner import StopSignals, stoppable
+
+    if settings is None and stop is None and threading.current_thread() is threading.main_thread():
+        # built by `python -m bytewax.run dataflows.live:live_flow`: Ctrl-C and SIGTERM stop
+        # in order there too, instead of through a Rust panic (dataflows/runner.py)
+        stop = StopSignals().running().requested
     settings = settings or Settings.from_env(os.environ).for_shard()
     clients = clients if clients is not None else KafkaClients(settings)
 
     return build_flow(
         "recsys_live",
-        events=KafkaSource.from_settings(clients, settings.events_topic, settings, sharded=True),
-        catalog=KafkaSource.from_settings(clients, settings.catalog_topic, settings),
+        events=stoppable(KafkaSource.from_settings(clients, settings.events_topic, settings, sharded=True), stop),
+        catalog=stoppable(KafkaSource.from_settings(clients, settings.catalog_topic, settings), stop),
         recommendations=KafkaSink(clients, settings.recommendations_topic),
         dead_letters=KafkaSink(clients, settings.dead_letters_topic),
         engine_factory=(lambda: engine) if engine is not None else engine_factory(settings),

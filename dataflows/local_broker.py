@@ -25,7 +25,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-__all__ = ["LocalBroker", "LocalBrokerError", "main"]
+__all__ = ["LocalBroker", "LocalBrokerError", "main", "port_in_use"]
 
 HOST = "127.0.0.1"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")  # the broker colours its log lines
@@ -41,6 +41,14 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((HOST, 0))
         return s.getsockname()[1]
+
+
+def port_in_use(port: int, host: str = HOST) -> bool:
+    """Whether something already listens on ``host:port`` (checked before starting a broker
+    there: the broker itself would panic with a Rust backtrace)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
+        return s.connect_ex((host, port)) == 0
 
 
 class LocalBroker:
@@ -97,6 +105,11 @@ class LocalBroker:
         """Spawn the broker and return once a kafka-python client can fetch metadata."""
         if self.running:
             return self
+        if self.requested_port is not None and port_in_use(self.requested_port):
+            raise LocalBrokerError(
+                f"{HOST}:{self.requested_port} is already in use (another broker?); "
+                "stop that process or choose another port"
+            )
         binary = self._binary or _resolve_binary()
         self._log_dir = tempfile.TemporaryDirectory(prefix="tansu-")
         self._log_path = Path(self._log_dir.name) / "broker.log"
@@ -112,7 +125,10 @@ class LocalBroker:
                 "--storage-engine", "memory://tansu/",
             ]
             with open(self._log_path, "ab") as logf:  # a file, not a pipe: a chatty broker never blocks
-                self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT)
+                # its own session: a terminal's Ctrl-C reaches the owner only, which stops its
+                # clients first and then the broker (stop()), not all of them at once
+                self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                                              start_new_session=True)
             atexit.register(self.stop)
             try:
                 self._wait_ready()

@@ -21,6 +21,8 @@ from pathlib import Path
 
 ALL_MODELS = ("popularity", "recent_popularity", "covisitation", "session_knn", "content", "river_biased_mf", "full-system")
 FORMATS = ("jsonl", "rees46", "diginetica", "yoochoose", "completejourney", "csv")
+#: Formats whose --events may be a directory (of the dataset's files).
+DIRECTORY_FORMATS = ("diginetica", "yoochoose", "completejourney")
 
 
 def add_parser(sub) -> None:
@@ -94,24 +96,43 @@ def build_baselines(names: list[str], engine, repeat_items: set[str], seed: int,
     return [factories[n]() for n in names if n != "full-system"]
 
 
-def run_replay(args: argparse.Namespace) -> int:
-    from dataflows.live import settle_heap
-    from dataflows.replay import replay_full_system
-    from recsys.datasets import load_dataset
-    from recsys.engine import Engine, EngineModel
-    from recsys.evaluation import PrequentialScorer, leave_last_out, prequential
-    from recsys.report import write_report
-    from recsys.settings import Settings
+def _check_args(args: argparse.Namespace) -> None:
+    """Refuse wrong arguments in one line, before anything heavy is imported or read."""
+    if args.limit is not None and args.limit < 1:
+        raise SystemExit(f"recsys replay: --limit must be a whole number >= 1, got {args.limit}")
+    if args.batch_size < 1:
+        raise SystemExit(f"recsys replay: --batch-size must be a whole number >= 1, got {args.batch_size}")
+    if args.shards < 1 or (args.shards > 1 and args.protocol != "prequential"):
+        raise SystemExit("recsys replay: --shards N needs N >= 1, and N > 1 only with --protocol prequential")
+    bad_maps = [m for m in args.map if "=" not in m]
+    if bad_maps:
+        raise SystemExit(f"recsys replay: --map expects FIELD=COLUMN, got {bad_maps[0]!r}")
+    if args.format != "completejourney" and not args.events:
+        raise SystemExit(f"recsys replay: --events PATH is required for --format {args.format}")
+    for flag, path in (("--events", args.events), ("--catalog", args.catalog)):
+        if path is None or (flag == "--events" and args.format == "completejourney" and path == "-"):
+            continue
+        if not os.path.exists(path):
+            raise SystemExit(f"recsys replay: {flag} {path}: no such file or directory; check the path")
+        if os.path.isdir(path) and (flag == "--catalog" or args.format not in DIRECTORY_FORMATS):
+            raise SystemExit(f"recsys replay: {flag} {path} is a directory; --format {args.format} reads a file here")
 
+
+def run_replay(args: argparse.Namespace) -> int:
     ks = _parse_ks(args.k, args.protocol)
     names = _parse_models(args.models)
+    _check_args(args)
+
+    from recsys.datasets import load_dataset
+
     mapping = dict(m.split("=", 1) for m in args.map) if args.map else None
-    if args.format != "completejourney" and not args.events:
-        raise SystemExit("recsys replay: --events is required for this format")
     command = "recsys replay " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 2 else "recsys replay"
 
     t0 = time.perf_counter()
-    ds = load_dataset(args.format, args.events, args.catalog, mapping=mapping, limit=args.limit, progress=True)
+    try:
+        ds = load_dataset(args.format, args.events, args.catalog, mapping=mapping, limit=args.limit, progress=True)
+    except (ValueError, OSError) as exc:  # a wrong file, header or mapping: the adapters name it
+        raise SystemExit(f"recsys replay: cannot read --events {args.events} as --format {args.format}: {exc}") from None
     stats = ds.stats()
     print(f"loaded {ds.name}: {stats['events']} events, {stats['users']} users, {stats['items']} items, "
           f"{len(ds.catalog)} catalog items in {time.perf_counter() - t0:.1f}s", flush=True)
@@ -119,6 +140,14 @@ def run_replay(args: argparse.Namespace) -> int:
         print(f"  skipped {n} row(s): {reason}", flush=True)
     for example in ds.examples[:5]:
         print(f"    e.g. {example}", flush=True)
+
+    # heavy imports (torch via the engine) only once the arguments and the data are good
+    from dataflows.live import settle_heap
+    from dataflows.replay import replay_full_system
+    from recsys.engine import Engine, EngineModel
+    from recsys.evaluation import PrequentialScorer, leave_last_out, prequential
+    from recsys.report import write_report
+    from recsys.settings import Settings
 
     settings = Settings.from_env(os.environ).replace(
         unknown_items="admit",

@@ -29,11 +29,17 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from typing import Callable
 
 from recsys.settings import Settings
 
 _PR_SET_PDEATHSIG = 1
+#: After a stop, how long a shard may take to commit its epoch and exit before it is killed
+#: (an orderly stop takes well under a second once the model is loaded).
+STOP_GRACE_S = 30.0
+#: The exit status of a shard stopped before its flow started (`recsys run` while loading).
+INTERRUPTED = 130
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
@@ -59,7 +65,6 @@ class Shard:
 
     def __init__(self, index: int, settings: Settings, emit: Callable[[str], None]) -> None:
         self.index = index
-        # this supervisor stops its shards with SIGINT: an expected stop, no Rust backtrace
         env = {**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1", "RUST_BACKTRACE": "0"}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "dataflows.cli", "run"],
@@ -91,8 +96,10 @@ class Shard:
         self.ready.set()  # ended (maybe before ready): wake whoever waits
 
     def interrupt(self) -> None:
+        # SIGTERM, not SIGINT: a shard started from a background job inherits an ignored
+        # SIGINT; either way `recsys run` ends its input, commits the epoch and exits
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)  # Bytewax finishes the epoch and exits
+            self.proc.send_signal(signal.SIGTERM)
 
     def wait(self, timeout_s: float | None = None) -> int:
         code = self.proc.wait(timeout_s)
@@ -115,8 +122,11 @@ def run_shards(settings: Settings, processes: int, *, emit: Callable[[str], None
 
     shards = [Shard(i, settings.replace(shards=processes, shard=i), say) for i in range(processes)]
     stopping = threading.Event()
+    stop_at: list[float] = []
 
     def stop(*_: object) -> None:
+        if not stop_at:
+            stop_at.append(time.monotonic())
         stopping.set()
         for shard in shards:
             shard.interrupt()
@@ -138,7 +148,12 @@ def run_shards(settings: Settings, processes: int, *, emit: Callable[[str], None
                 try:
                     codes[shard.index] = shard.wait(0.2)
                 except subprocess.TimeoutExpired:
+                    if stop_at and time.monotonic() - stop_at[0] > STOP_GRACE_S:
+                        say(f"[shard {shard.index}] still running {STOP_GRACE_S:.0f} s after the stop: killed")
+                        shard.proc.kill()
                     continue
+                if stopping.is_set() and codes[shard.index] == INTERRUPTED:
+                    codes[shard.index] = 0  # stopped while loading, as asked
                 if codes[shard.index] != 0 and not stopping.is_set():
                     say(f"[shard {shard.index}] exited with status {codes[shard.index]}: stopping the other shards")
                     stop()

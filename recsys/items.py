@@ -8,10 +8,10 @@
 >>> import numpy as np
 >>> index = ItemIndex(dim=2)
 >>> index.upsert(["north", "east", "south"], np.array([[0, 1], [1, 0], [0, -1]], dtype=np.float32))
->>> index.search(np.array([[0.1, 1.0]], dtype=np.float32), k=2)
-[[('north', 1.0), ('east', 0.1)]]
->>> index.search(np.array([[0.1, 1.0]], dtype=np.float32), k=2, exclude=[{"north"}])
-[[('east', 0.1), ('south', -1.0)]]
+>>> index.search(np.array([[0.5, 1.0]], dtype=np.float32), k=2)
+[[('north', 1.0), ('east', 0.5)]]
+>>> index.search(np.array([[0.5, 1.0]], dtype=np.float32), k=2, exclude=[{"north"}])
+[[('east', 0.5), ('south', -1.0)]]
 """
 
 from __future__ import annotations

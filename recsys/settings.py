@@ -193,9 +193,12 @@ def _coerce(var: str, tp: Any, raw: str) -> Any:
     return raw
 
 
-def add_cli_flags(parser: Any) -> None:
-    """Add one ``--flag`` per setting to an argparse parser (defaults come from the env)."""
+def add_cli_flags(parser: Any, only: tuple[str, ...] | None = None) -> None:
+    """Add one ``--flag`` per setting to an argparse parser (defaults come from the env);
+    ``only``: just these settings (a command that uses a few lists only those in its help)."""
     for f in fields(Settings):
+        if only is not None and f.name not in only:
+            continue
         flag = "--" + f.name.replace("_", "-")
         text = f.type if isinstance(f.type, str) else str(f.type)
         helptext = f"(env {Settings.env_var(f.name)}, default {f.default!r})"

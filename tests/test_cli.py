@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import orjson
@@ -152,3 +154,115 @@ def test_a_sigint_inside_a_source_call_counts_as_a_stop_and_other_errors_do_not(
     assert _interrupted(raised(KeyboardInterrupt()))
     assert _interrupted(BytewaxRuntimeError("signal received"))
     assert not _interrupted(raised(ValueError("topic 'events' has 1 partition(s)")))
+
+
+# ----------------------------------------------------------------------------- issue 10, defect 7
+
+
+def _send(bootstrap: str, topic: str, values: list[bytes], partition: int | None = None) -> None:
+    producer = KafkaClients.for_bootstrap(bootstrap).producer()
+    for v in values:
+        producer.send(topic, value=v, partition=partition)
+    producer.flush()
+    producer.close()
+
+
+def _tail(bootstrap: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dataflows.cli", "tail", "--bootstrap-servers", bootstrap, *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def test_tail_max_stops_after_n_records_with_and_without_follow(local_broker, topic_name):
+    topic = topic_name("dl")
+    ensure_topics(local_broker.bootstrap, {topic: 1})
+    _send(local_broker.bootstrap, topic, [f"record {i}".encode() for i in range(20)])
+    for follow in ([], ["-f"]):
+        done = _tail(local_broker.bootstrap, "--topic", topic, "--max", "5", *follow, timeout=30)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.splitlines() == [f"record {i}" for i in range(5)], follow
+    done = _tail(local_broker.bootstrap, "--topic", topic)  # no --max, no -f: everything, then stop
+    assert done.returncode == 0 and len(done.stdout.splitlines()) == 20
+
+
+def test_tail_follow_prints_every_new_record_once_whatever_its_partition(local_broker, topic_name):
+    """One consumer that continues where it was: a record that arrives in an earlier partition
+    than one already printed is printed (not a repeat of the later one)."""
+    topic = topic_name("f")
+    ensure_topics(local_broker.bootstrap, {topic: 2})
+    _send(local_broker.bootstrap, topic, [b"b1"], partition=1)
+    tail = subprocess.Popen([sys.executable, "-m", "dataflows.cli", "tail", "-f", "--topic", topic,
+                             "--bootstrap-servers", local_broker.bootstrap],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert tail.stdout.readline() == "b1\n"
+        _send(local_broker.bootstrap, topic, [b"a1"], partition=0)
+        _send(local_broker.bootstrap, topic, [b"b2"], partition=1)
+        time.sleep(3.0)
+        tail.send_signal(signal.SIGINT)  # Ctrl-C ends a follow: exit 0, quietly
+        out, err = tail.communicate(timeout=10)
+    finally:
+        if tail.poll() is None:
+            tail.kill()
+            tail.wait()
+    assert tail.returncode == 0, err
+    assert "Traceback" not in err
+    assert sorted(out.splitlines()) == ["a1", "b2"]
+
+
+def _help(*command: str) -> str:
+    return subprocess.run([sys.executable, "-m", "dataflows.cli", *command, "--help"], cwd=ROOT, capture_output=True,
+                          text=True, check=True, timeout=30).stdout
+
+
+def _options(help_text: str) -> dict[str, str]:
+    """``--flag`` -> its help text, from argparse's --help output."""
+    options: dict[str, str] = {}
+    current = None
+    for line in help_text.split("options:", 1)[1].splitlines():
+        stripped = line.strip()
+        if stripped.startswith("-"):
+            names = [w.rstrip(",") for w in stripped.split("  ")[0].split() if w.startswith("--")]
+            current = names[0] if names else None
+            if current:
+                options[current] = stripped.split("  ", 1)[1].strip() if "  " in stripped else ""
+        elif current and stripped:
+            options[current] = (options[current] + " " + stripped).strip()
+    return options
+
+
+def test_produce_and_tail_help_list_only_connection_and_topic_flags():
+    connection = {"--bootstrap-servers", "--security-protocol", "--sasl-mechanism", "--sasl-username",
+                  "--sasl-password", "--ssl-cafile"}
+    produce = set(_options(_help("produce")))
+    tail = set(_options(_help("tail")))
+    assert produce == connection | {"--help", "--events-topic", "--catalog-topic", "--catalog", "--topic", "--rate"}
+    assert tail == connection | {"--help", "--recommendations-topic", "--topic", "--follow", "--max"}
+
+
+def test_every_flag_of_tail_and_broker_has_help_text():
+    for command in ("tail", "broker", "produce"):
+        for flag, text in _options(_help(command)).items():
+            assert text, f"recsys {command} {flag} has no help text"
+
+
+def test_the_demo_summary_shows_dead_letter_reasons_whole(capsys):
+    from dataflows.demo import print_summary
+
+    reasons = {
+        "field 'type': unknown event type 'hover' (expected one of browse, click, add_to_cart, purchase, search)": 1,
+        "field 'item_id': unknown item 'no-such-item' (not in the catalog; unknown_items=dead_letter)": 2,
+    }
+    from recsys.events import Envelope
+
+    from dataflows.demo import summarize
+
+    dead = [Envelope("dead-letters", 0, i, None, orjson.dumps({"reason": reason}), 0)
+            for i, reason in enumerate(r for r, n in reasons.items() for _ in range(n))]
+    summary = summarize([], [], dead)
+    assert summary["dead_letter_reasons"] == reasons
+    print_summary(summary)
+    out = capsys.readouterr().out
+    flat = " ".join(out.split())  # wrapped lines joined again
+    for reason, n in reasons.items():
+        assert f"{n} x {reason}" in flat
+    assert max(len(line) for line in out.splitlines()) <= 100

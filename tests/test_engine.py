@@ -120,6 +120,7 @@ def test_unavailable_items_are_never_recommended(tmp_path, cache, catalog):
     item = next(c for c in catalog if c.item_id == popular)
     off = Envelope("catalog", 0, 0, item.item_id.encode(), encode(CatalogItem(item.item_id, item.title, available=False)), 0)
     result = engine.process([off] + _envelopes(events[:50], start=400))
+    assert result.recommendations  # else the loop below proves nothing
     for _, payload in result.recommendations:
         assert popular not in [i["item_id"] for i in orjson.loads(payload)["items"]]
     engine.close()

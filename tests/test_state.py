@@ -36,8 +36,13 @@ H = 3_600_000  # one hour in ms
 # --------------------------------------------------------------------------- KV contract
 
 
-def test_kv_satisfies_protocol(kv):
-    assert isinstance(kv, KVStore)
+def test_kv_backend_implements_every_protocol_method_with_its_signature(kv):
+    """A runtime_checkable isinstance only checks that names exist; the parameters must match too."""
+    import inspect
+
+    for name in ("get", "multi_get", "write", "iter_prefix", "close"):
+        expected = list(inspect.signature(getattr(KVStore, name)).parameters)[1:]
+        assert list(inspect.signature(getattr(kv, name)).parameters) == expected, name
 
 
 def test_kv_get_missing_is_none(kv):

@@ -1,0 +1,411 @@
+"""Operating the processes for real: starting, stopping by signal, and what each failure says.
+
+Every test here runs the real command (``python -m dataflows.cli``, which is what the
+``recsys`` script runs) as a child process against the real local broker, and sends real
+signals. A process started by a shell in the background inherits an *ignored* SIGINT; the
+children here are started that way, as an operator's ``recsys run &`` would be.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dataflows.kafka_io import KafkaClients, consume_all, ensure_topics
+from dataflows.local_broker import HOST
+from recsys.events import encode
+from recsys.synthetic import generate_catalog, generate_events
+
+ROOT = Path(__file__).resolve().parents[1]
+RECSYS = [sys.executable, "-m", "dataflows.cli"]
+#: Generous for a busy 2-core machine: loading torch and the model takes 10-20 s there.
+READY_TIMEOUT_S = 180
+#: How long an orderly stop may take once the flow runs ("within a few seconds").
+STOP_TIMEOUT_S = 10
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _ignore_sigint() -> None:  # pragma: no cover - runs in the child
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class Child:
+    """A command as a child process; its merged output read line by line in a thread."""
+
+    def __init__(self, args: list[str], *, background: bool = True, env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen(
+            args, cwd=ROOT, env={**_env(), **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+            preexec_fn=_ignore_sigint if background else None,
+            start_new_session=not background,  # a foreground job: its own process group, as a terminal makes it
+        )
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+            self._queue.put(line)
+        self._queue.put(None)
+
+    def wait_for(self, prefix: str, timeout_s: float) -> str:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                line = self._queue.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if line is None:
+                pytest.fail(f"exited ({self.proc.wait()}) before printing {prefix!r}:\n" + self.output)
+            if line.startswith(prefix):
+                return line.rstrip("\n")
+        pytest.fail(f"no {prefix!r} line within {timeout_s} s:\n" + self.output)
+
+    def stop_with(self, sig: signal.Signals, timeout_s: float = STOP_TIMEOUT_S) -> tuple[int, float]:
+        start = time.monotonic()
+        self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"still running {timeout_s} s after {sig.name}:\n" + self.output)
+        time.sleep(0.2)  # the reader thread drains the pipe
+        return code, time.monotonic() - start
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+
+@pytest.fixture
+def children() -> Iterator[list[Child]]:
+    """Children started by a test; any still running at its end are killed (by pid)."""
+    started: list[Child] = []
+    yield started
+    for child in started:
+        child.kill()
+
+
+def _stream(bootstrap: str, prefix: str, tmp_path: Path, *, n_users: int = 30, partitions: int = 2) -> tuple[int, list[str]]:
+    """The four ``prefix``-ed topics with a catalog file and events produced first; returns
+    the number of events and the settings flags of ``recsys run`` for them."""
+    catalog = generate_catalog(30, seed=7)
+    events = generate_events(5 * n_users, catalog, n_users=n_users, seed=8)
+    catalog_file = tmp_path / "catalog.jsonl"
+    catalog_file.write_bytes(b"\n".join(encode(c) for c in catalog) + b"\n")
+    ensure_topics(bootstrap, {prefix + "events": partitions, prefix + "catalog": 1,
+                              prefix + "recommendations": partitions, prefix + "dead-letters": 1})
+    producer = KafkaClients.for_bootstrap(bootstrap).producer()
+    for e in events:
+        producer.send(prefix + "events", key=e.user_id.encode(), value=encode(e))
+    producer.flush()
+    producer.close()
+    flags = ["--bootstrap-servers", bootstrap, "--events-topic", prefix + "events", "--catalog-topic", prefix + "catalog",
+             "--recommendations-topic", prefix + "recommendations", "--dead-letters-topic", prefix + "dead-letters",
+             "--state-dir", str(tmp_path / "state"), "--recovery-dir", str(tmp_path / "recovery"),
+             "--embed-cache-dir", str(tmp_path / "emb"), "--catalog-file", str(catalog_file),
+             "--snapshot-interval-s", "0.5"]
+    return len(events), flags
+
+
+def _totals(line: str) -> dict[str, int]:
+    from dataflows.shards import parse_totals
+
+    return parse_totals(line)
+
+
+def _wait_applied(bootstrap: str, topic: str, timeout_s: float = 60) -> None:
+    """Until the flow has answered (recommendations written): there is work to commit."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if consume_all(KafkaClients.for_bootstrap(bootstrap), topic, timeout_s=10):
+            return
+        time.sleep(0.5)
+    pytest.fail(f"no recommendations in {topic!r} within {timeout_s} s")
+
+
+# ----------------------------------------------------------------------------- defects 3 and 4: stops
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_stops_run_in_order_with_one_line_of_totals_and_no_panic(sig, local_broker, topic_name, tmp_path, children):
+    prefix = topic_name("stop1") + "-"
+    n, flags = _stream(local_broker.bootstrap, prefix, tmp_path)
+    flow = Child([*RECSYS, "run", *flags])
+    children.append(flow)
+    flow.wait_for("ready:", READY_TIMEOUT_S)
+    _wait_applied(local_broker.bootstrap, prefix + "recommendations")
+    time.sleep(1.0)  # let the flow drain the produced events
+    code, took = flow.stop_with(sig)
+    assert code == 0, flow.output
+    assert took < STOP_TIMEOUT_S
+    assert "panicked" not in flow.output and "Traceback" not in flow.output, flow.output
+    stopped = [line for line in flow.lines if line.startswith("stopped:")]
+    assert len(stopped) == 1, flow.output
+    assert _totals(stopped[0])["applied"] == n
+    assert flow.lines[-1] == stopped[0]  # the totals are the last word
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_to_the_supervisor_stops_every_shard_and_commits_what_is_done(
+    sig, local_broker, topic_name, tmp_path, children
+):
+    prefix = topic_name("stop2") + "-"
+    n, flags = _stream(local_broker.bootstrap, prefix, tmp_path)
+    supervisor = Child([*RECSYS, "run", "--processes", "2", *flags])
+    children.append(supervisor)
+    ready = supervisor.wait_for("ready: 2 shard processes", 2 * READY_TIMEOUT_S)
+    shard_pids = [int(pid) for pid in re.findall(r"shard \d+ pid (\d+)", ready)]
+    assert len(shard_pids) == 2, ready
+    _wait_applied(local_broker.bootstrap, prefix + "recommendations")
+    time.sleep(1.5)
+    code, took = supervisor.stop_with(sig)
+    assert code == 0, supervisor.output
+    assert took < STOP_TIMEOUT_S
+    for pid in shard_pids:  # every shard process is gone, not left behind
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert "panicked" not in supervisor.output and "Traceback" not in supervisor.output, supervisor.output
+    assert len([line for line in supervisor.lines if line.startswith("[shard ") and "] stopped:" in line]) == 2
+    assert supervisor.lines[-1].startswith("stopped:")
+    assert _totals(supervisor.lines[-1])["applied"] == n
+    if sig is signal.SIGTERM:  # committed: a restart on the same state and recovery reads nothing again
+        again = subprocess.run([*RECSYS, "run", "--processes", "2", "--stop-at-end", *flags], cwd=ROOT, env=_env(),
+                               capture_output=True, text=True, timeout=2 * READY_TIMEOUT_S)
+        assert again.returncode == 0, again.stdout + again.stderr
+        last = again.stdout.splitlines()[-1]
+        assert _totals(last).get("events_in", 0) == 0, again.stdout
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((HOST, port)) == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_to_recsys_broker_stops_the_broker_process_too(sig, children):
+    port = _free_port()
+    broker = Child([*RECSYS, "broker", "--port", str(port)])
+    children.append(broker)
+    ready = broker.wait_for("broker ready", 60)
+    tansu_pid = int(ready.split("(pid ")[1].split(")")[0])
+    client = KafkaClients.for_bootstrap(f"{HOST}:{port}").consumer()  # a connected client: Tansu ignores SIGTERM then
+    try:
+        code, took = broker.stop_with(sig, timeout_s=10)
+        client.close()
+        assert code == 0 and took < 5, broker.output
+        assert "Traceback" not in broker.output
+        deadline = time.monotonic() + 5
+        while _listening(port) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _listening(port), f"the Tansu process (pid {tansu_pid}) still listens on {port}"
+        with pytest.raises(ProcessLookupError):
+            os.kill(tansu_pid, 0)
+    finally:  # a leak fails the test above; the process the test started must not outlive it
+        client.close()
+        _kill_if(tansu_pid, f"tcp://{HOST}:{port}")
+
+
+def _kill_if(pid: int, marker: str) -> None:
+    """SIGKILL ``pid`` only if it is still the process we started (its command line names ``marker``)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return
+    if marker in cmdline:
+        os.kill(pid, signal.SIGKILL)
+
+
+# ----------------------------------------------------------------------------- defect 5: one clear line
+
+
+def _one_line_failure(done: subprocess.CompletedProcess, *words: str) -> str:
+    """The failure was said in one line (stderr) naming ``words``, with no traceback."""
+    assert done.returncode != 0, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr and "panicked" not in done.stderr, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+def _recsys(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([*RECSYS, *args], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("command", [["run"], ["tail"], ["produce", "README.md"]], ids=["run", "tail", "produce"])
+def test_no_broker_is_said_within_10_s_in_one_line_and_nothing_is_ready(command):
+    port = _free_port()  # nothing listens there
+    start = time.monotonic()
+    done = _recsys(*command, "--bootstrap-servers", f"{HOST}:{port}", timeout=60)
+    took = time.monotonic() - start
+    line = _one_line_failure(done, "no Kafka broker answered", f"{HOST}:{port}", "--bootstrap-servers")
+    assert took < 10, f"took {took:.1f} s: {line}"
+    assert "ready" not in done.stdout
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_the_model_loads_is_one_line(local_broker, topic_name, tmp_path, children):
+    prefix = topic_name("load") + "-"
+    _, flags = _stream(local_broker.bootstrap, prefix, tmp_path, n_users=3)
+    flow = Child([*RECSYS, "run", *flags], background=False)
+    children.append(flow)
+    deadline = time.monotonic() + 15  # the line comes once the broker answered; loading takes 10-20 s more
+    while not any(line.startswith("loading the model") for line in flow.lines) and time.monotonic() < deadline:
+        assert flow.proc.poll() is None, flow.output
+        time.sleep(0.1)
+    time.sleep(1.0)
+    code, _ = flow.stop_with(signal.SIGINT, timeout_s=30)
+    assert code == 130, flow.output
+    assert "Traceback" not in flow.output and "panicked" not in flow.output, flow.output
+    assert not any(line.startswith("ready") for line in flow.lines)
+    assert flow.lines[-1].startswith("recsys run: stopped by SIGINT before the flow started"), flow.output
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["replay", "--events", "no/such/file.jsonl", "--out", "OUT"], ["--events", "no/such/file.jsonl", "no such file"]),
+        (["replay", "--events", "tests", "--out", "OUT"], ["--events", "is a directory", "--format jsonl"]),
+        (["replay", "--format", "rees46", "--events", "pyproject.toml", "--out", "OUT"], ["lacks column", "--format rees46"]),
+        (["replay", "--limit", "-5", "--format", "completejourney", "--out", "OUT"], ["--limit", "-5"]),
+        (["produce", "--rate", "0", "README.md"], ["--rate", "'0'", "> 0"]),
+        (["produce", "no/such/events.jsonl"], ["no such file", "no/such/events.jsonl"]),
+    ],
+    ids=["replay-missing-path", "replay-directory-for-a-file", "replay-wrong-csv-columns", "replay-negative-limit",
+         "produce-rate-0", "produce-missing-file"],
+)
+def test_a_wrong_argument_or_file_is_one_line(args, words, tmp_path):
+    args = [str(tmp_path / "out") if a == "OUT" else a for a in args]
+    _one_line_failure(_recsys(*args, timeout=60), *words)
+
+
+def test_tail_of_a_missing_topic_is_one_line_naming_the_topic(local_broker):
+    done = _recsys("tail", "--topic", "no-such-topic-anywhere", "--bootstrap-servers", local_broker.bootstrap)
+    line = _one_line_failure(done, "'no-such-topic-anywhere'", "does not exist", local_broker.bootstrap)
+    assert "kafka_io" not in line and "ensure_topics" not in line  # not a Python function: a fix an operator can make
+
+
+def test_broker_on_a_port_in_use_is_one_line():
+    with socket.socket() as taken:
+        taken.bind((HOST, 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = _recsys("broker", "--port", str(port), timeout=60)
+    _one_line_failure(done, f"port {port}", "already in use", "--port")
+
+
+# ----------------------------------------------------------------------------- defect 6: validation first
+
+_PROBE = """
+import sys, time
+start = time.perf_counter()
+from dataflows.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit as exc:  # as the interpreter would: a message goes to stderr
+    if isinstance(exc.code, str):
+        print(exc.code, file=sys.stderr)
+heavy = sorted(m for m in ("torch", "bytewax", "sentence_transformers", "pandas", "faiss", "kafka") if m in sys.modules)
+print(f"HEAVY={','.join(heavy)} SECONDS={time.perf_counter() - start:.2f}")
+"""
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["replay", "--k", "abc", "--out", "x"],
+        ["replay", "--k", "0", "--out", "x"],
+        ["replay", "--models", "foo", "--out", "x"],
+        ["replay", "--shards", "0", "--out", "x"],
+        ["replay", "--limit", "-5", "--out", "x"],
+        ["run", "--shards", "0"],
+        ["run", "--top-k", "0"],
+        ["run", "--processes", "0"],
+        ["run", "--processes", "two"],
+        ["demo", "--rate", "0"],
+        ["demo", "--events", "-1"],
+        ["produce", "--rate", "-3", "x.jsonl"],
+        ["tail", "--max", "-1"],
+        ["broker", "--port", "99999"],
+    ],
+    ids=lambda a: " ".join(a),
+)
+def test_a_bad_argument_is_refused_before_anything_heavy_is_imported(args):
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", _PROBE, *args], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=60)
+    took = time.monotonic() - start
+    report = done.stdout.strip().splitlines()[-1]
+    assert report.startswith("HEAVY= "), f"{report}\n{done.stderr}"  # torch, bytewax, kafka, pandas: none imported
+    assert took < 5, report
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("recsys "), done.stderr
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_the_demo_stops_the_flow_once_in_order_and_the_broker(children):
+    """A terminal's Ctrl-C reaches the whole foreground process group: the demo alone must act
+    on it (the flow and the broker are stopped by it, once, in order: no panic, no traceback)."""
+    demo = Child([*RECSYS, "demo", "--events", "400", "--rate", "50"], background=False)
+    children.append(demo)
+    started = demo.wait_for("      broker ", READY_TIMEOUT_S)
+    tansu_pid = int(started.split("(pid ")[1].split(")")[0])
+    demo.wait_for("[5/5] streaming", READY_TIMEOUT_S)
+    time.sleep(2.0)
+    start = time.monotonic()
+    os.killpg(demo.proc.pid, signal.SIGINT)  # the terminal's Ctrl-C: every process of the group
+    code = demo.proc.wait(30)
+    took = time.monotonic() - start
+    time.sleep(0.2)
+    assert code == 130 and took < STOP_TIMEOUT_S, demo.output
+    assert "panicked" not in demo.output and "Traceback" not in demo.output, demo.output
+    assert any(line.strip().startswith("flow: stopped:") for line in demo.lines), demo.output
+    assert demo.lines[-1] == "recsys demo: interrupted", demo.output
+    with pytest.raises(ProcessLookupError):
+        os.kill(tansu_pid, 0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_stops_the_flow_under_the_bytewax_runner_in_order(sig, local_broker, topic_name, tmp_path, children):
+    """`python -m bytewax.run dataflows.live:live_flow` (settings from RECSYS_* variables)."""
+    prefix = topic_name("bw") + "-"
+    _, flags = _stream(local_broker.bootstrap, prefix, tmp_path)
+    env = {"RECSYS_" + flags[i][2:].replace("-", "_").upper(): flags[i + 1] for i in range(0, len(flags), 2)}
+    flow = Child([sys.executable, "-m", "bytewax.run", "dataflows.live:live_flow"], env=env)
+    children.append(flow)
+    _wait_applied(local_broker.bootstrap, prefix + "recommendations", timeout_s=READY_TIMEOUT_S)
+    code, took = flow.stop_with(sig)
+    assert code == 0 and took < STOP_TIMEOUT_S, flow.output
+    assert "panicked" not in flow.output and "Traceback" not in flow.output, flow.output
