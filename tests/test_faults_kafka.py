@@ -121,9 +121,21 @@ def test_a_2mb_and_a_10mb_poison_message_are_dead_lettered_and_the_flow_goes_on(
 
 
 def _cli(settings: Settings, catalog_file: Path, *extra: str) -> int:
-    """``recsys run --stop-at-end`` in this process; a refusal is one line on stderr and SystemExit(1)."""
+    """``recsys run --stop-at-end`` in this process (its signal handlers are put back after);
+    a refusal raises SystemExit, its one line on stderr."""
+    import signal
+
     from dataflows.cli import main
 
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _main(main, settings, catalog_file, *extra)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def _main(main, settings: Settings, catalog_file: Path, *extra: str) -> int:
     return main([
         "run", "--stop-at-end",
         "--bootstrap-servers", settings.bootstrap_servers,
@@ -198,10 +210,11 @@ def test_a_partition_whose_log_lost_the_recovered_offset_stops_the_flow_until_to
     fresh = [type(e)(f"new-{e.event_id}", e.type, f"new-{e.user_id}", e.item_id, e.ts) for e in fresh]
     produce_records(clients, settings.events_topic, _records(fresh))
 
+    capsys.readouterr()
     with pytest.raises(SystemExit) as refused:  # before the fix: ran on, read nothing, exit 0
         _cli(settings, catalog_file)
-    assert refused.value.code == 1
     message = capsys.readouterr().err
+    assert refused.value.code == 1
     assert f"topic {settings.events_topic!r} partition 0" in message
     assert "offset 300" in message and "ends at offset 100" in message
     assert "--on-offset-reset earliest" in message and "latest" in message
@@ -252,10 +265,11 @@ def test_state_behind_the_recovery_offsets_is_refused_and_rebuild_state_restores
     assert len(reference) == 40
 
     shutil.rmtree(Path(settings.state_dir) / "rocks")  # the state is lost; the recovery is not
+    capsys.readouterr()
     with pytest.raises(SystemExit) as refused:  # before the fix: "ready: 0 users", exit 0
         _cli(settings, catalog_file)
-    assert refused.value.code == 1
     message = capsys.readouterr().err
+    assert refused.value.code == 1
     assert "behind the recovery offsets" in message and "--rebuild-state" in message
     assert f"{settings.events_topic}[0] resumes at offset" in message and "processed nothing" in message
 
@@ -395,7 +409,7 @@ def test_state_rolled_back_behind_the_recovery_offsets_is_refused(local_broker, 
 
     shutil.rmtree(Path(settings.state_dir) / "rocks")
     shutil.copytree(tmp_path / "backup", Path(settings.state_dir) / "rocks")
-    with pytest.raises(SystemExit) as refused:
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
         _cli(settings, catalog_file)
-    assert refused.value.code == 1
     assert f"{settings.events_topic}[0] resumes at offset 300, the state has processed up to 199" in capsys.readouterr().err
