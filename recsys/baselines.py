@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from recsys.events import Event
+from recsys.feedback import EVENT_WEIGHTS, MS_PER_HOUR
 
 __all__ = [
     "TYPE_WEIGHTS",
@@ -50,9 +51,9 @@ __all__ = [
 ]
 
 #: Evidence of interest per event type: a purchase says more than a glance (OTTO-style weights).
-TYPE_WEIGHTS: Mapping[str, float] = {"browse": 1.0, "click": 2.0, "add_to_cart": 4.0, "purchase": 8.0}
+TYPE_WEIGHTS: Mapping[str, float] = EVENT_WEIGHTS  # the system's own table (recsys.feedback)
 
-_HOUR_MS = 3_600_000
+_HOUR_MS = MS_PER_HOUR
 # Decayed scores are stored as w * 2**((ts - ref) / half_life); re-base once the exponent
 # passes this, long before float64 (max ~2**1023) could overflow.
 _REBASE_EXPONENT = 60.0
@@ -313,7 +314,7 @@ class CoVisitationModel(_Baseline):
         self._ref_ts: int | None = None
 
     def _weight(self, ev: Event) -> float:
-        w = self.type_weights.get(ev.type, 1.0)
+        w = self.type_weights.get(ev.type, 0.0)
         if self.half_life_ms is None:
             return w
         if self._ref_ts is None:

@@ -54,7 +54,7 @@ from torch import nn
 
 from recsys.events import Event
 from recsys.items import ItemIndex
-from recsys.signals import EVENT_WEIGHTS
+from recsys.feedback import EVENT_WEIGHTS, MS_PER_HOUR
 
 __all__ = ["HeadConfig", "Example", "Head", "HeadModel"]
 
@@ -64,7 +64,6 @@ VectorFn = Callable[[list[str]], np.ndarray]
 _TYPES = tuple(EVENT_WEIGHTS)  # browse, click, add_to_cart, purchase, search
 _TYPE_INDEX = {t: i for i, t in enumerate(_TYPES)}
 _OTHER_TYPE = len(_TYPES)  # unknown event types (and padding) share the last slot
-_MS_PER_HOUR = 3_600_000
 _STATE_FORMAT = 1
 # Masked attention logits: far below any real one, yet finite so empty rows give 0, not NaN.
 _MASKED = -1e9
@@ -184,7 +183,7 @@ class Head:
             rank[rows, cols] = lengths[rows] - 1 - cols
             ts = np.fromiter((entry[2] for entry in flat), dtype=np.int64, count=len(flat))
             now = np.asarray(now_ts, dtype=np.int64)[rows]
-            age_h[rows, cols] = np.maximum(now - ts, 0) / _MS_PER_HOUR
+            age_h[rows, cols] = np.maximum(now - ts, 0) / MS_PER_HOUR
             mask[rows, cols] = True
         mat = np.zeros((len(pos) + 1, self.config.dim), dtype=np.float32)
         if pos:

@@ -27,18 +27,15 @@ from typing import TYPE_CHECKING, Iterable
 import numpy as np
 import orjson
 
-if TYPE_CHECKING:  # runtime import would be circular: state imports EVENT_WEIGHTS from here
-    from recsys.state import KVStore
+from recsys.feedback import EVENT_WEIGHTS, MS_PER_HOUR, decay_factor  # noqa: F401 - EVENT_WEIGHTS re-exported
 
-#: How much one event says about a shopper's interest in its item: the one place these live.
-#: Search carries no item, so it weighs nothing.
-EVENT_WEIGHTS: dict[str, float] = {"browse": 1.0, "click": 2.0, "add_to_cart": 4.0, "purchase": 8.0, "search": 0.0}
+if TYPE_CHECKING:
+    from recsys.state import KVStore
 
 POP_PREFIX = b"pop:"
 COV_PREFIX = b"cov:"
 NEXT_PREFIX = b"nxt:"  # directed transitions (CoVisitation(directed=True))
 
-_MS_PER_HOUR = 3_600_000
 _NO_NEIGHBOURS: tuple = ((), np.zeros(0), ())  # shared empty answer (never modified)
 #: How many of an overflowing list's weakest pairs one scan remembers. Each overflow drops the
 #: weakest pair; a full ``min`` over ~50 pairs on every overflow was the co-visitation update's
@@ -47,21 +44,10 @@ _WEAKEST_KEPT = 8
 _POP_RECORD = struct.Struct("<dq")  # score at ref time, ref time (epoch ms)
 
 
-def decay_factor(dt_ms: float, half_life_ms: float) -> float:
-    """``0.5 ** (dt / half_life)`` with ``dt`` clamped at 0 (time never runs backwards).
-
-    >>> decay_factor(7_200_000, 3_600_000), decay_factor(-5, 3_600_000)
-    (0.25, 1.0)
-    """
-    if dt_ms <= 0:
-        return 1.0
-    return 0.5 ** (dt_ms / half_life_ms)
-
-
 def _check_half_life(half_life_h: float) -> float:
     if not (half_life_h > 0 and math.isfinite(half_life_h)):
         raise ValueError(f"half_life_h must be a positive finite number of hours, got {half_life_h!r}")
-    return half_life_h * _MS_PER_HOUR
+    return half_life_h * MS_PER_HOUR
 
 
 class Popularity:

@@ -36,7 +36,7 @@ import numpy as np
 import orjson
 
 from recsys.events import Event
-from recsys.signals import EVENT_WEIGHTS, decay_factor
+from recsys.feedback import EVENT_WEIGHTS, MS_PER_DAY, MS_PER_HOUR, decay_factor
 
 USER_PREFIX = b"u:"
 
@@ -47,8 +47,6 @@ MAX_PURCHASED = 1000
 #: done 50 more things; 50 ids cost ~1 KB of the record.
 DEFAULT_DEDUP_WINDOW = 50
 
-_MS_PER_HOUR = 3_600_000
-_MS_PER_DAY = 86_400_000
 
 
 # --------------------------------------------------------------------------- key-value stores
@@ -365,7 +363,7 @@ class UserState:
             raise ValueError(f"UserState.apply: event for user {event.user_id!r} applied to {self.user_id!r}")
         if offset <= self.last_applied.get(partition, -1):
             return False
-        half_life_ms = half_life_h * _MS_PER_HOUR
+        half_life_ms = half_life_h * MS_PER_HOUR
         ts = event.ts
         late = ts < self.updated_ts
         if late:
@@ -526,7 +524,7 @@ class UserStore:
             raise ValueError(f"ttl_days must be > 0, got {ttl_days}")
         self.kv = kv
         self.ttl_days = ttl_days
-        self._ttl_ms = ttl_days * _MS_PER_DAY
+        self._ttl_ms = ttl_days * MS_PER_DAY
 
     def _expired(self, updated_ts: int, now_ts: int) -> bool:
         return now_ts - updated_ts > self._ttl_ms

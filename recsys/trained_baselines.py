@@ -22,10 +22,11 @@ import numpy as np
 
 from recsys.baselines import _Baseline, _ItemIndex, _top_indices
 from recsys.events import Event
+from recsys.feedback import MS_PER_HOUR
 
 __all__ = ["BPRMFModel", "PeriodicallyTrained"]
 
-_HOUR_MS = 3_600_000
+_HOUR_MS = MS_PER_HOUR
 
 
 class PeriodicallyTrained(_Baseline):

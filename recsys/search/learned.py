@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from recsys.signals import EVENT_WEIGHTS
+from recsys.feedback import EVENT_WEIGHTS
 
 if TYPE_CHECKING:
     from recsys.state import KVStore

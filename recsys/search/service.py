@@ -42,7 +42,7 @@ from recsys.search.rerank import SearchReranker
 from recsys.search.semantic import QueryEncoder, query_embedder
 from recsys.search.lexical import LexicalIndex, item_tokens
 from recsys.search.text import query_key, tokenize
-from recsys.signals import EVENT_WEIGHTS
+from recsys.feedback import EVENT_WEIGHTS
 
 if TYPE_CHECKING:
     from recsys.head import Head
