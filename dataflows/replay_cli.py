@@ -145,7 +145,8 @@ def _check_args(args: argparse.Namespace) -> None:
     bad_maps = [m for m in args.map if "=" not in m]
     if bad_maps:
         raise SystemExit(f"recsys replay: --map expects FIELD=COLUMN, got {bad_maps[0]!r}")
-    if args.format != "completejourney" and not args.events:
+    query_log = getattr(args, "task", "recommend") == "search" and getattr(args, "query_log", None)
+    if args.format != "completejourney" and not args.events and not query_log:  # a query log is its own input
         raise SystemExit(f"recsys replay: --events PATH is required for --format {args.format}")
     for flag, path in (("--events", args.events), ("--catalog", args.catalog)):
         if path is None or (flag == "--events" and args.format == "completejourney" and path == "-"):
