@@ -154,6 +154,14 @@ class RecommendedItem:
     score: float
     reason: str
 
+    def to_dict(self) -> dict[str, Any]:
+        """The item as it appears in a recommendation or a search result."""
+        return {"item_id": self.item_id, "score": self.score, "reason": self.reason}
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any]) -> "RecommendedItem":
+        return cls(obj["item_id"], float(obj["score"]), obj["reason"])
+
 
 @dataclass(frozen=True, slots=True)
 class Recommendation:
@@ -174,7 +182,7 @@ class Recommendation:
         return {
             "schema_version": SCHEMA_VERSION,
             "user_id": self.user_id,
-            "items": [{"item_id": i.item_id, "score": i.score, "reason": i.reason} for i in self.items],
+            "items": [i.to_dict() for i in self.items],
             "trigger_event_id": self.trigger_event_id,
             "model_version": self.model_version,
             "event_ts": self.event_ts,
@@ -416,7 +424,7 @@ def encode(record: Event | CatalogItem | Recommendation | DeadLetter) -> bytes:
 
 def recommendation_from_dict(obj: dict[str, Any]) -> Recommendation:
     """Inverse of :meth:`Recommendation.to_dict` (for consumers, tests and the tail command)."""
-    items = tuple(RecommendedItem(i["item_id"], float(i["score"]), i["reason"]) for i in obj["items"])
+    items = tuple(RecommendedItem.from_dict(i) for i in obj["items"])
     return Recommendation(
         obj["user_id"], items, obj["trigger_event_id"], obj["model_version"], int(obj["event_ts"]), int(obj["emitted_at"])
     )
@@ -446,7 +454,7 @@ class SearchResult:
             "schema_version": SCHEMA_VERSION,
             "user_id": self.user_id,
             "query": self.query,
-            "items": [{"item_id": i.item_id, "score": i.score, "reason": i.reason} for i in self.items],
+            "items": [i.to_dict() for i in self.items],
             "no_match": self.no_match,
             "trigger_event_id": self.trigger_event_id,
             "model_version": self.model_version,
@@ -457,7 +465,7 @@ class SearchResult:
 
 def search_result_from_dict(obj: dict[str, Any]) -> SearchResult:
     """Inverse of :meth:`SearchResult.to_dict` (for consumers and tests)."""
-    items = tuple(RecommendedItem(i["item_id"], float(i["score"]), i["reason"]) for i in obj["items"])
+    items = tuple(RecommendedItem.from_dict(i) for i in obj["items"])
     return SearchResult(
         obj["user_id"], obj["query"], items, bool(obj["no_match"]), obj["trigger_event_id"], obj["model_version"],
         int(obj["event_ts"]), int(obj["emitted_at"]),
