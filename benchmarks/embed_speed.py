@@ -16,8 +16,8 @@ import time
 
 import numpy as np
 
-from recsys.embeddings import Embedder
-from recsys.items import ItemIndex
+from recsys.items.catalog import VectorIndex
+from recsys.items.embeddings import Embedder
 
 ADJECTIVES = ["red", "blue", "organic", "wireless", "leather", "stainless", "kids'", "vintage", "compact", "deluxe"]
 NOUNS = ["running shoes", "coffee beans", "headphones", "backpack", "kettle", "yoga mat", "desk lamp", "jacket",
@@ -57,7 +57,7 @@ def bench_embed(n_texts: int, batch_size: int) -> np.ndarray:
 def bench_search(n_items: int, dim: int, k: int, repeat_s: float = 2.0) -> None:
     rng = np.random.default_rng(0)
     vecs = rng.standard_normal((n_items, dim)).astype(np.float32)
-    index = ItemIndex(dim)
+    index = VectorIndex(dim)
     t0 = time.perf_counter()
     index.upsert([f"i{i}" for i in range(n_items)], vecs)
     print(f"index build                {time.perf_counter() - t0:8.3f} s  ({n_items} items, {dim}-d)")

@@ -1,4 +1,4 @@
-"""Engine.process alone (no Kafka): events/s and where the time goes, for the benchmark workload.
+"""Shard.process alone (no Kafka): events/s and where the time goes, for the benchmark workload.
 
     .venv/bin/python benchmarks/engine_speed.py [--items 10000] [--users 20000] [--events 40000]
         [--batch 1000] [--windows 20000] [--settle-heap] [--no-head] [--profile]
@@ -23,10 +23,10 @@ import pstats
 import tempfile
 import time
 
-from recsys.embeddings import Embedder
-from recsys.engine import Engine
 from recsys.events import Envelope, encode
+from recsys.items.embeddings import Embedder
 from recsys.settings import Settings
+from recsys.shard.step import Shard
 from recsys.synthetic import generate_catalog, generate_events
 
 
@@ -49,7 +49,7 @@ def main() -> None:
     envs = [Envelope("events", 0, i, e.user_id.encode(), encode(e), e.ts) for i, e in enumerate(events)]
     with tempfile.TemporaryDirectory() as tmp:
         settings = Settings(state_dir=tmp, embed_cache_dir=args.embed_cache_dir, head_enabled=not args.no_head)
-        engine = Engine.open(settings)
+        engine = Shard.open(settings)
         engine.upsert_catalog(catalog)
         if args.settle_heap:
             from dataflows.live import settle_heap

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/gc_pauses.py [--batch 50] [--events 60000] [--no-freeze]
 
-Small batches (``--batch 50``: what a poll returns at ~1,000 events/s) through Engine.process,
+Small batches (``--batch 50``: what a poll returns at ~1,000 events/s) through Shard.process,
 with a ``gc.callbacks`` hook timing every collection per generation. Prints the batch time
 percentiles, the worst pause per generation and how many objects the collector tracks.
 ``--no-freeze`` skips :func:`dataflows.live.settle_heap` (what ``recsys run`` does after
@@ -20,10 +20,10 @@ import time
 import numpy as np
 
 from dataflows.live import settle_heap
-from recsys.embeddings import Embedder
-from recsys.engine import Engine
 from recsys.events import Envelope, encode
+from recsys.items.embeddings import Embedder
 from recsys.settings import Settings
+from recsys.shard.step import Shard
 from recsys.synthetic import generate_catalog, generate_events
 
 
@@ -52,7 +52,7 @@ def main() -> None:
             pauses[info["generation"]].append(time.perf_counter() - started[0])
 
     with tempfile.TemporaryDirectory() as tmp:
-        engine = Engine.open(Settings(state_dir=tmp, embed_cache_dir=args.embed_cache_dir))
+        engine = Shard.open(Settings(state_dir=tmp, embed_cache_dir=args.embed_cache_dir))
         engine.upsert_catalog(catalog)
         if not args.no_freeze:
             settle_heap()
@@ -64,7 +64,7 @@ def main() -> None:
             took.append(time.perf_counter() - t)
         gc.callbacks.remove(timer)
         ms = np.array(took[len(took) // 3 :]) * 1000  # the last two thirds: state has built up
-        print(f"freeze {'off' if args.no_freeze else 'on'}, batches of {args.batch}: Engine.process "
+        print(f"freeze {'off' if args.no_freeze else 'on'}, batches of {args.batch}: Shard.process "
               f"p50 {np.percentile(ms, 50):.1f} ms, p99 {np.percentile(ms, 99):.1f} ms, max {ms.max():.1f} ms")
         for generation, times in pauses.items():
             if times:

@@ -1,4 +1,4 @@
-"""Cost of the learned head (recsys.head): training per event, query vectors per user.
+"""Cost of the learned head (recsys.ranking.head): training per event, query vectors per user.
 
 Run: ``.venv/bin/python benchmarks/head_speed.py [--dim 384] [--items 20000] [--threads 1] [--repeat 3]``
 
@@ -16,7 +16,7 @@ import time
 import numpy as np
 import torch
 
-from recsys.head import Example, Head, HeadConfig
+from recsys.ranking.head import Example, Head, HeadConfig
 
 _T0 = 1_700_000_000_000
 _TYPES = ("browse", "click", "add_to_cart", "purchase")
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
     lookup_s = [0.0]
 
-    def vectors(ids: list[str]) -> np.ndarray:  # the caller's side (ItemIndex.vectors costs about the same)
+    def vectors(ids: list[str]) -> np.ndarray:  # the caller's side (VectorIndex.vectors costs about the same)
         t0 = time.perf_counter()
         out = mat[[row[i] for i in ids]]
         lookup_s[0] += time.perf_counter() - t0

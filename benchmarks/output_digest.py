@@ -33,10 +33,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from recsys.embeddings import Embedder  # noqa: E402
-from recsys.engine import Engine  # noqa: E402
 from recsys.events import Envelope, encode  # noqa: E402
+from recsys.items.embeddings import Embedder  # noqa: E402
 from recsys.settings import Settings  # noqa: E402
+from recsys.shard.step import Shard  # noqa: E402
 from recsys.synthetic import generate_catalog, generate_events  # noqa: E402
 
 DATA_DIRS = [Path("/work/shared/data"), Path("../shared/data")]
@@ -56,7 +56,7 @@ def synthetic(name: str, n_items: int, n_users: int, n_events: int, batches, cac
     out, shown = hashlib.sha256(), hashlib.sha256()
     count = 0
     with tempfile.TemporaryDirectory() as tmp:
-        engine = Engine.open(Settings(state_dir=tmp, embed_cache_dir=cache), in_memory=True)
+        engine = Shard.open(Settings(state_dir=tmp, embed_cache_dir=cache), in_memory=True)
         engine.upsert_catalog(catalog)
         i = 0
         for size in batches():
@@ -79,7 +79,7 @@ def rees46(data: Path, cache: str) -> tuple[str, str, int] | None:
         return None
     with tempfile.TemporaryDirectory() as tmp:
         emit = Path(tmp) / "emit.jsonl"
-        cmd = [sys.executable, "-m", "dataflows.cli", "replay", "--format", "rees46", "--events", str(events),
+        cmd = [sys.executable, "-m", "recsys_cli", "replay", "--format", "rees46", "--events", str(events),
                "--models", "full-system", "--out", str(Path(tmp) / "out"), "--emit", str(emit),
                "--embed-cache-dir", cache]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)

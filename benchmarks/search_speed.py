@@ -1,5 +1,5 @@
 """Search cost per event (no Kafka): query encoding (cache miss / hit), BM25 rebuild, and the
-time ``Engine.process`` spends on a batch that holds one search.
+time ``Shard.process`` spends on a batch that holds one search.
 
     .venv/bin/python benchmarks/search_speed.py [--items 10000] [--users 2000] [--searches 300]
 
@@ -16,10 +16,10 @@ import time
 
 import numpy as np
 
-from recsys.embeddings import Embedder
-from recsys.engine import Engine
 from recsys.events import Envelope, Event, encode
+from recsys.items.embeddings import Embedder
 from recsys.settings import Settings
+from recsys.shard.step import Shard
 from recsys.synthetic import generate_catalog, generate_events
 
 
@@ -46,7 +46,7 @@ def main() -> None:
     queries = [q for pair in zip(fresh, fresh) for q in pair]  # each query twice: a miss, then a hit
     with tempfile.TemporaryDirectory() as tmp:
         settings = Settings(state_dir=tmp, embed_cache_dir=args.embed_cache_dir, recovery_dir=None)
-        engine = Engine.open(settings)
+        engine = Shard.open(settings)
         start = time.perf_counter()
         engine.upsert_catalog(catalog)
         engine.search.lexical.rebuild_interval_s = 0.0
@@ -77,7 +77,7 @@ def main() -> None:
         enc = engine.search.encoder.stats
         print(f"query encoding (MiniLM, cache miss): {1000 * enc['encode_s'] / max(enc['misses'], 1):.2f} ms/query "
               f"over {enc['misses']} distinct queries")
-        print(f"Engine.process, batch = one search event: {_pct(steps)}")
+        print(f"Shard.process, batch = one search event: {_pct(steps)}")
         print(f"  new query (encoded):        {_pct(misses)}")
         print(f"  repeated query (LRU cache): {_pct(hits)}")
         engine.close()

@@ -15,8 +15,9 @@ import timeit
 import numpy as np
 
 from recsys.events import Event
-from recsys.signals import CoVisitation, Popularity
-from recsys.state import UserState, decode_user, encode_user
+from recsys.signals.covisitation import CoVisitation
+from recsys.signals.popularity import Popularity
+from recsys.store.users import UserState, decode_user, encode_user
 
 
 def per_op_us(fn, number: int) -> float:

@@ -5,7 +5,7 @@
         [--users 20000] [--out results.json] [--profile DIR] [--flow-args "--poll-max-records 500"]
 
 Everything runs on this machine: the real Kafka-protocol broker (Tansu, :class:`LocalBroker`),
-the real flow as a child process (``python -m dataflows.cli run``), synthetic data
+the real flow as a child process (``python -m recsys_cli run``), synthetic data
 (:mod:`recsys.synthetic`: ``generate_catalog`` / ``generate_events``, never a quality claim).
 
 0. setup: a ``--catalog-items`` catalog written as JSONL; its texts are embedded here, in the
@@ -18,7 +18,7 @@ the real flow as a child process (``python -m dataflows.cli run``), synthetic da
    awaited, then ``--latency-events`` events are offered at ``--rate`` events/s; once
    recommendations stop arriving the flow gets SIGINT. Latency = broker append timestamp of
    the trigger event (the producer's CreateTime, set at ``send``) -> the recommendation's
-   ``emitted_at``, as :func:`dataflows.demo.summarize` computes it. Also reported: the
+   ``emitted_at``, as :func:`recsys_cli.demo.summarize` computes it. Also reported: the
    per-event latency (every event -> the first recommendation of its user emitted after it
    was applied), which also counts the events that a coalesced recommendation answers.
    New items: during the latency run ``--new-items`` (20) brand-new catalog items are
@@ -29,7 +29,7 @@ the real flow as a child process (``python -m dataflows.cli run``), synthetic da
 3. ``longrun`` (the state bound, issue 9): ``--longrun-events`` (1M) events over
    ``--longrun-users`` (500k) users, stream time advancing ``--longrun-gap-ms`` per event, with
    a short ``--longrun-ttl-h`` (1 h of stream time), fed in batches of ``--longrun-batch`` to the
-   very ``Engine.process`` step the flow runs, in this process, on RocksDB (no broker: Kafka
+   very ``Shard.process`` step the flow runs, in this process, on RocksDB (no broker: Kafka
    holds no state of ours, and producing 1M events would only make the run longer). Every
    ``--report-every`` (100k) events it prints the users and outboxes in state, the on-disk size
    of the state directory and this process's RSS; both must level off once the sweep keeps pace.
@@ -65,17 +65,20 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from recsys.engine import Engine
-from recsys.events import Envelope
-
-from dataflows.cli import default_topics
-from dataflows.demo import summarize
-from dataflows.kafka_io import KafkaClients, consume_all, ensure_topics, produce_records
-from dataflows.local_broker import LocalBroker
-from recsys.embeddings import Embedder
-from recsys.events import CatalogItem, Event, encode
+from dataflows.kafka_io import (
+    KafkaClients,
+    consume_all,
+    default_topics,
+    ensure_topics,
+    produce_records,
+)
+from recsys.events import CatalogItem, Envelope, Event, encode
+from recsys.items.embeddings import Embedder
 from recsys.settings import Settings
+from recsys.shard.step import Shard
 from recsys.synthetic import generate_catalog, generate_events
+from recsys_cli.demo import summarize
+from recsys_cli.local_broker import LocalBroker
 
 #: Seconds without a new recommendation after which the latency run counts as drained.
 QUIET_S = 3.0
@@ -102,7 +105,7 @@ def log(msg: str) -> None:
 
 
 class FlowProcess:
-    """``python -m dataflows.cli run`` as a child: its output, "ready" time, exit time, peak RSS.
+    """``python -m recsys_cli run`` as a child: its output, "ready" time, exit time, peak RSS.
 
     One waiter thread reaps the child (so the exit time is precise) and one samples its VmHWM;
     nothing else may wait on it.
@@ -215,7 +218,7 @@ def flow_command(bootstrap: str, workdir: Path, catalog_path: Path, cache_dir: s
     if profile_to is not None:
         py += ["-m", "cProfile", "-o", str(profile_to)]
     cmd = py + [
-        "-m", "dataflows.cli", "run",
+        "-m", "recsys_cli", "run",
         "--bootstrap-servers", bootstrap,
         "--state-dir", str(workdir / "state"),
         "--recovery-dir", str(workdir / "recovery"),
@@ -511,7 +514,7 @@ def run_latency(args, items, catalog_path: Path, cache_dir: str, base: Settings,
         "warmup_events": len(warmup),
         "recommendations": len(measured_recs),
         "dead_letters": len(dead),
-        "summary": summary,  # dataflows.demo.summarize over the measured events
+        "summary": summary,  # recsys_cli.demo.summarize over the measured events
         "latency_ms_trigger": _trigger_pcts(measured, measured_recs),
         "latency_ms_every_event": _pcts(every),
         "events_answered": int(len(every)),
@@ -573,7 +576,7 @@ def run_longrun(args, items, cache_dir: str, base: Settings, workroot: Path) -> 
         state_dir=str(workroot / "longrun-state"), embed_cache_dir=cache_dir, state_ttl_days=args.longrun_ttl_h / 24,
         head_snapshot_interval_s=3600.0,
     )
-    engine = Engine.open(settings)
+    engine = Shard.open(settings)
     engine.upsert_catalog(items)
     log(f"longrun: {args.longrun_events} events over {args.longrun_users} users, {args.longrun_gap_ms} ms of stream time "
         f"per event, TTL {args.longrun_ttl_h} h, batches of {args.longrun_batch}, sweep >= {settings.sweep_keys_per_batch} keys/batch")
@@ -629,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--longrun-users", type=int, default=500_000, help="longrun: distinct users")
     p.add_argument("--longrun-ttl-h", type=float, default=1.0, help="longrun: the state TTL, hours of stream time")
     p.add_argument("--longrun-gap-ms", type=float, default=20.0, help="longrun: mean stream time between events")
-    p.add_argument("--longrun-batch", type=int, default=1000, help="longrun: events per Engine.process batch")
+    p.add_argument("--longrun-batch", type=int, default=1000, help="longrun: events per Shard.process batch")
     p.add_argument("--report-every", type=int, default=100_000, help="longrun: print disk and RSS every this many events")
     p.add_argument("--verbose", "-v", action="store_true", help="echo the flow's output")
     args = p.parse_args(argv)

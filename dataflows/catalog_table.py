@@ -2,7 +2,7 @@
 
 Before the flow starts, :func:`bootstrap_catalog` reads every partition of the ``catalog``
 topic up to its high watermark and feeds the records through the engine's own step
-(:meth:`recsys.engine.Engine.process`, so items are validated, embedded and committed to RocksDB
+(:meth:`recsys.shard.step.Shard.process`, so items are validated, embedded and committed to RocksDB
 exactly as in the flow, and bad records get the same dead letters). Only then does the flow
 start; its catalog source resumes where the bootstrap stopped (:class:`ResumeAtLeast`), so a
 record is applied once, in offset order, and a fresh instance never sees an event before the
@@ -34,8 +34,14 @@ from typing import Any
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from kafka.structs import TopicPartition
 
-from dataflows.kafka_io import HIGHWATER_TIMEOUT_S, KafkaClientFactory, _envelope, _partitions, part_name
-from recsys.engine import Engine
+from dataflows.kafka_io import (
+    HIGHWATER_TIMEOUT_S,
+    KafkaClientFactory,
+    _envelope,
+    _partitions,
+    part_name,
+)
+from recsys.shard.step import Shard
 
 #: Key prefix, in the engine's RocksDB, of the next catalog offset to read per partition.
 BOOT_PREFIX = b"catalog-boot:"
@@ -60,7 +66,7 @@ def _boot_key(topic: str, partition: int) -> bytes:
     return BOOT_PREFIX + f"{topic}:{partition}".encode()
 
 
-def bootstrap_catalog(engine: Engine, clients: KafkaClientFactory, topic: str, *, dead_letters_topic: str,
+def bootstrap_catalog(engine: Shard, clients: KafkaClientFactory, topic: str, *, dead_letters_topic: str,
                       recommendations_topic: str, chunk: int = 1000) -> Bootstrapped:
     """Apply the catalog topic up to its high watermark to ``engine``; returns what was read.
 

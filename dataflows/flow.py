@@ -3,7 +3,7 @@
 ::
 
     catalog source ─┐
-    events source ──┼─ merge ─► process (Engine.process, once per polled batch)
+    events source ──┼─ merge ─► process (Shard.process, once per polled batch)
     ticks (live) ───┘              │ stream of Out("rec" | "dead" | "scored", key, payload)
                                    ├─► recommendations sink   (user_id, json bytes)
                                    ├─► dead-letters sink      (key, json bytes)
@@ -30,8 +30,8 @@ from bytewax.dataflow import Dataflow
 from bytewax.inputs import DynamicSource, Source, StatelessSourcePartition
 from bytewax.outputs import FixedPartitionedSink, Sink
 
-from recsys.engine import BatchResult, Engine
 from recsys.events import Envelope
+from recsys.shard.step import BatchResult, Shard
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,17 +81,17 @@ class Ticks(DynamicSource[Tick]):
 class StepObserver(Protocol):
     """Watches the engine step (``dataflows.metrics.FlowMetrics``): plain data in, no effect."""
 
-    def batch(self, engine: Engine, envelopes: list[Envelope], result: BatchResult, seconds: float) -> None: ...
+    def batch(self, engine: Shard, envelopes: list[Envelope], result: BatchResult, seconds: float) -> None: ...
 
-    def tick(self, engine: Engine) -> None: ...
+    def tick(self, engine: Shard) -> None: ...
 
 
-class EngineStep:
+class ShardStep:
     """The callable given to ``flat_map_batch``: builds the engine on first use in the worker."""
 
-    def __init__(self, engine_factory: Callable[[], Engine], observer: StepObserver | None = None):
-        self._factory = engine_factory
-        self.engine: Engine | None = None
+    def __init__(self, shard_factory: Callable[[], Shard], observer: StepObserver | None = None):
+        self._factory = shard_factory
+        self.engine: Shard | None = None
         self.observer = observer
 
     def __call__(self, batch: list[Any]) -> list[Out]:
@@ -127,7 +127,7 @@ def build_flow(
     events: Source[Envelope],
     recommendations: Sink[tuple[str | None, bytes]],
     dead_letters: Sink[tuple[str | None, bytes]],
-    engine_factory: Callable[[], Engine],
+    shard_factory: Callable[[], Shard],
     catalog: Source[Envelope] | None = None,
     scored: Sink[Any] | None = None,
     ticks: Source[Tick] | None = None,
@@ -147,7 +147,7 @@ def build_flow(
         stream = op.merge("merge_control", control_stream, stream)  # Envelope
     if ticks is not None:
         stream = op.merge("merge_ticks", op.input("ticks_in", flow, ticks), stream)  # Envelope | Tick
-    outs = op.flat_map_batch("process", stream, EngineStep(engine_factory, observer))  # Out
+    outs = op.flat_map_batch("process", stream, ShardStep(shard_factory, observer))  # Out
     recs = op.filter_map("recommendations", outs, lambda o: (o.key, o.payload) if o.kind == "rec" else None)
     dead = op.filter_map("dead_letters", outs, lambda o: (o.key, o.payload) if o.kind == "dead" else None)
     _output("recommendations_out", recs, recommendations)  # (user_id, json)
@@ -157,7 +157,7 @@ def build_flow(
         _output("search_results_out", found, search_results)  # (user_id, json)
     if scored is not None:
         evals = op.filter_map("scored", outs, lambda o: o.payload if o.kind == "scored" else None)
-        op.output("scored_out", evals, scored)  # recsys.engine.ScoredBatch
+        op.output("scored_out", evals, scored)  # recsys.shard.step.ScoredBatch
     return flow
 
 

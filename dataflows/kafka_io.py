@@ -3,7 +3,7 @@
 Everything talks to Kafka through a *client factory* (:class:`KafkaClientFactory`): an
 object with ``.consumer(**overrides)`` and ``.producer(**overrides)``. :class:`KafkaClients`
 builds real kafka-python clients from :class:`recsys.settings.Settings`;
-:class:`dataflows.memory_broker.InMemoryBroker` is the in-memory one used by tests.
+:class:`dataflows.testing.memory_broker.InMemoryBroker` is the in-memory one used by tests.
 
 - :class:`KafkaSource` — a Bytewax ``FixedPartitionedSource`` whose partitions are the
   topic's Kafka partitions (``"events#0"``, ...). Manual ``assign`` + ``seek`` to the resume
@@ -14,7 +14,7 @@ builds real kafka-python clients from :class:`recsys.settings.Settings`;
 - :func:`produce_records`, :func:`consume_all`, :func:`ensure_topics` for the demo, tests and
   benchmarks.
 
->>> from dataflows.memory_broker import InMemoryBroker
+>>> from dataflows.testing.memory_broker import InMemoryBroker
 >>> broker = InMemoryBroker()
 >>> ensure_topics(broker, {"events": 2})
 ['events']
@@ -34,6 +34,7 @@ from typing import Any, Protocol
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
+from kafka.partitioner.default import murmur2
 from kafka.structs import TopicPartition
 
 from recsys.events import OFFSETS_RESET_FROM, OFFSETS_RESET_TO, Envelope
@@ -126,6 +127,17 @@ class KafkaClientFactory(Protocol):
     def consumer(self, **overrides: Any) -> Any: ...  # KafkaConsumer-like
 
     def producer(self, **overrides: Any) -> Any: ...  # KafkaProducer-like
+
+    def admin(self, **overrides: Any) -> Any: ...  # KafkaAdminClient-like (list_topics, create_topics, close)
+
+
+def partition_for_key(key: bytes, partitions: int) -> int:
+    """The partition kafka-python's default partitioner picks for a key (murmur2, as Java's).
+
+    >>> partition_for_key(b"u1", 1)
+    0
+    """
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
 class KafkaClients:
@@ -600,26 +612,26 @@ def consume_all(clients: KafkaClientFactory, topic: str, timeout_s: float = 10.0
         consumer.close()
 
 
+def default_topics(settings: Settings, partitions: int) -> dict[str, int]:
+    """The topics a run needs, ``{name: partitions}``: keyed topics get ``partitions``."""
+    return {
+        settings.events_topic: partitions,
+        settings.catalog_topic: 1,
+        settings.recommendations_topic: partitions,
+        settings.dead_letters_topic: 1,
+        settings.search_results_topic: partitions,  # issue 13: answers to search events
+    }
+
+
 def ensure_topics(
     target: KafkaClientFactory | str, topics: Mapping[str, int], *, replication_factor: int = 1
 ) -> list[str]:
     """Create the missing ``{topic: partitions}``; existing topics are left as they are.
 
-    ``target`` is a bootstrap string, a :class:`KafkaClients`, or an ``InMemoryBroker``.
+    ``target`` is a bootstrap string or a :class:`KafkaClientFactory` (real, or the test broker:
+    both hand out an admin client).
     Returns the names created.
     """
-    if hasattr(target, "create_topic"):  # InMemoryBroker
-        from kafka.errors import TopicAlreadyExistsError
-
-        created = []
-        for name, n in topics.items():
-            try:
-                target.create_topic(name, n)
-                created.append(name)
-            except TopicAlreadyExistsError:
-                pass
-        return created
-
     from kafka.admin import NewTopic
     from kafka.errors import TopicAlreadyExistsError
 

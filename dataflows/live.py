@@ -26,22 +26,22 @@ from dataflows.catalog_table import ResumeAtLeast, bootstrap_catalog, report
 from dataflows.flow import Ticks, build_flow
 from dataflows.kafka_io import KafkaClients, KafkaSink, KafkaSource, ensure_topics
 from dataflows.metrics import FlowMetrics, Watched
-from recsys.engine import Engine
-from recsys.items import load_jsonl
+from recsys.items.catalog import read_catalog_file
 from recsys.settings import Settings
+from recsys.shard.step import Shard
 
 #: The timer of a flow that runs until stopped: the precision of the unknown-item wait's
 #: deadline on an idle stream, and of the metrics' refresh. A tick costs microseconds.
 TICK_INTERVAL_S = 0.25
 
 
-def engine_factory(settings: Settings, *, evaluate: bool = False, in_memory: bool = False):
+def shard_factory(settings: Settings, *, evaluate: bool = False, in_memory: bool = False):
     """A zero-argument callable that opens the engine and loads the start-up catalog file."""
 
-    def build() -> Engine:
-        engine = Engine.open(settings, evaluate=evaluate, in_memory=in_memory)
+    def build() -> Shard:
+        engine = Shard.open(settings, evaluate=evaluate, in_memory=in_memory)
         if settings.catalog_file:
-            engine.upsert_catalog(load_jsonl(settings.catalog_file), progress=True)
+            engine.upsert_catalog(read_catalog_file(settings.catalog_file), progress=True)
         settle_heap()
         return engine
 
@@ -59,7 +59,7 @@ def settle_heap() -> None:
 
 
 def live_flow(
-    settings: Settings | None = None, clients: Any = None, engine: Engine | None = None, stop: Any = None
+    settings: Settings | None = None, clients: Any = None, engine: Shard | None = None, stop: Any = None
 ) -> Dataflow:
     """The production graph over Kafka (or any object with the same client surface).
 
@@ -83,7 +83,7 @@ def live_flow(
     settings = settings or Settings.from_env(os.environ).for_shard()
     clients = clients if clients is not None else KafkaClients(settings)
     # Opened here, not lazily in the worker: the bootstrap needs it before the sources start.
-    engine = engine if engine is not None else engine_factory(settings)()
+    engine = engine if engine is not None else shard_factory(settings)()
     boot = bootstrap_catalog(engine, clients, settings.catalog_topic, dead_letters_topic=settings.dead_letters_topic,
                              recommendations_topic=settings.recommendations_topic)
     report(boot)
@@ -110,9 +110,9 @@ def live_flow(
         recommendations=KafkaSink(clients, settings.recommendations_topic),
         dead_letters=KafkaSink(clients, settings.dead_letters_topic),
         search_results=KafkaSink(clients, settings.search_results_topic),  # issue 13
-        engine_factory=lambda: engine,
+        shard_factory=lambda: engine,
         # a run to the end seen at start ends when its sources do: it has no timer (nothing
-        # waits there either: Engine turns the unknown-item wait off for it)
+        # waits there either: Shard turns the unknown-item wait off for it)
         ticks=None if settings.stop_at_end else Ticks(TICK_INTERVAL_S, stop),
     )
 

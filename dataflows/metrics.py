@@ -2,7 +2,7 @@
 
 One :class:`FlowMetrics` per process (per shard), one registry, every name
 ``recsys_<thing>_<unit>`` with help text. It is fed plain data only: the engine's per-batch
-:class:`recsys.engine.BatchResult` and its public attributes (through
+:class:`recsys.shard.step.BatchResult` and its public attributes (through
 :class:`dataflows.flow.StepObserver`), and each source partition's lag (:class:`Watched`).
 Nothing here changes what the flow does; ``recsys/`` stays free of Prometheus.
 
@@ -31,11 +31,18 @@ from typing import Any, Callable, TextIO
 import numpy as np
 import orjson
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    start_http_server,
+)
 
-from recsys.engine import BatchResult, Engine
 from recsys.events import Envelope
 from recsys.settings import Settings
+from recsys.shard.step import BatchResult, Shard
 
 #: Latency buckets (seconds): the design's range is tens to hundreds of milliseconds.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
@@ -85,7 +92,7 @@ class FlowMetrics:
         self.dead = Counter("recsys_dead_letters", "Messages dead-lettered, by reason class", ["reason"], registry=r)
         self.lag = Gauge("recsys_consumer_lag_records", "High watermark minus next offset to read, per input partition",
                          ["topic", "partition"], registry=r)
-        self.batch_time = Histogram("recsys_batch_processing_seconds", "Engine time per polled batch",
+        self.batch_time = Histogram("recsys_batch_processing_seconds", "Shard time per polled batch",
                                     buckets=BATCH_BUCKETS, registry=r)
         self.latency = Histogram("recsys_event_to_recommendation_seconds",
                                  "Broker append of a user's last event in a batch -> its recommendation",
@@ -145,8 +152,8 @@ class FlowMetrics:
             self._lags[(topic, partition)] = lag
             self.lag.labels(topic, str(partition)).set(lag)
 
-    def batch(self, engine: Engine, envelopes: list[Envelope], result: BatchResult, seconds: float) -> None:
-        """After each ``Engine.process``: counts, processing time, latencies."""
+    def batch(self, engine: Shard, envelopes: list[Envelope], result: BatchResult, seconds: float) -> None:
+        """After each ``Shard.process``: counts, processing time, latencies."""
         now_ms = self.clock() * 1000
         self.batch_time.observe(seconds)
         catalog_topic = self.settings.catalog_topic
@@ -181,13 +188,13 @@ class FlowMetrics:
             self._users += result.new_users
         self.tick(engine)
 
-    def tick(self, engine: Engine) -> None:
+    def tick(self, engine: Shard) -> None:
         """On every timer tick and batch: gauges, and the status line when due."""
         now = self.clock()
         self.waiting.set(len(engine.waiting))
         self.items.set(len(engine.items.catalog))
         self.hit_rate.set(engine.monitor.hit_rate)
-        versions = {"reranker": engine.blend.examples}
+        versions = {"reranker": engine.reranker.examples}
         if engine.head is not None:
             versions["head"] = engine.head.n_updates
         for model, version in versions.items():

@@ -1,7 +1,7 @@
 """Replay an event file through the live graph: a file source instead of Kafka, same engine.
 
 The source turns each event back into the JSON bytes a producer would have sent, so replays
-exercise the real codec too. Batches are cut with :func:`recsys.batching.user_disjoint_chunks`
+exercise the real codec too. Batches are cut with :func:`recsys.shard.batching.user_disjoint_chunks`
 so that the engine's "what we would have shown" is exact per event, and each batch travels as
 ONE stream item so the runtime cannot re-cut it. Resume state is the index of the next batch,
 so a replay survives a crash like the live flow.
@@ -18,10 +18,10 @@ from bytewax.testing import run_main
 from tqdm.auto import tqdm
 
 from dataflows.flow import build_flow
-from recsys.batching import user_disjoint_chunks
-from recsys.engine import Engine, ScoredBatch
-from recsys.evaluation import PrequentialScorer
+from recsys.backtest.protocols import PrequentialScorer
 from recsys.events import Envelope, Event, encode
+from recsys.shard.batching import user_disjoint_chunks
+from recsys.shard.step import ScoredBatch, Shard
 
 
 def envelope_batches(events: Iterable[Event], topic: str = "events", batch_size: int = 500, start: int = 0) -> Iterator[list[Envelope]]:
@@ -82,7 +82,7 @@ class CallbackSink(DynamicSink[Any]):
 
 
 def replay_full_system(
-    engine: Engine,
+    engine: Shard,
     events: list[Event],
     scorer: PrequentialScorer,
     *,
@@ -114,7 +114,7 @@ def replay_full_system(
         recommendations=CallbackSink(recs),
         dead_letters=CallbackSink(dead),
         scored=CallbackSink(scored),
-        engine_factory=lambda: engine,
+        shard_factory=lambda: engine,
     )
     run_main(flow)
     bar.close()

@@ -211,7 +211,7 @@ def check_state_against_recovery(
     """Refuse to start when the state has not processed every message below the offsets the
     flow will resume from (state deleted, its write-ahead log truncated, an older backup
     restored): those messages would be skipped for good. ``processed``: the engine's last
-    processed offset per partition (:attr:`recsys.engine.Engine.positions`).
+    processed offset per partition (:attr:`recsys.shard.step.Shard.positions`).
     ``legacy_watermarks``: the applied-event watermarks, for state written before positions
     were kept (then only the partitions they name are checked)."""
     resume = recovered_offsets(recovery_dir)

@@ -67,7 +67,7 @@ class Shard:
         self.index = index
         env = {**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1", "RUST_BACKTRACE": "0"}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dataflows.cli", "run"],
+            [sys.executable, "-m", "recsys_cli", "run"],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

@@ -10,6 +10,8 @@ True
 
 from __future__ import annotations
 
+import math
+
 #: How much one event says about a shopper's interest in its item (OTTO-style weights).
 #: Search carries no item, so it weighs nothing.
 EVENT_WEIGHTS: dict[str, float] = {"browse": 1.0, "click": 2.0, "add_to_cart": 4.0, "purchase": 8.0, "search": 0.0}
@@ -27,3 +29,14 @@ def decay_factor(dt_ms: float, half_life_ms: float) -> float:
     if dt_ms <= 0:
         return 1.0
     return 0.5 ** (dt_ms / half_life_ms)
+
+
+def half_life_ms(half_life_h: float) -> float:
+    """A half-life in hours as milliseconds; refuses what cannot be one.
+
+    >>> half_life_ms(0.5)
+    1800000.0
+    """
+    if not (half_life_h > 0 and math.isfinite(half_life_h)):
+        raise ValueError(f"half_life_h must be a positive finite number of hours, got {half_life_h!r}")
+    return half_life_h * MS_PER_HOUR

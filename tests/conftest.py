@@ -16,9 +16,9 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from dataflows.kafka_io import KafkaClients
-from dataflows.local_broker import LocalBroker
-from dataflows.memory_broker import InMemoryBroker
-from recsys.state import MemoryKV, RocksKV
+from dataflows.testing.memory_broker import InMemoryBroker
+from recsys.store.kv import MemoryKV, RocksKV
+from recsys_cli.local_broker import LocalBroker
 
 _topic_counter = itertools.count()
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from recsys.bootstrap import margin_ci, margins
+from recsys.backtest.bootstrap import margin_ci, margins
 
 
 def _pu(values, n=None):

@@ -46,7 +46,7 @@ def _publish_catalog_then_events(bootstrap: str, prefix: str, *, partitions: int
 
 def _run(bootstrap: str, prefix: str, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "dataflows.cli", "run", "--stop-at-end", *_topics(prefix), *extra,
+        [sys.executable, "-m", "recsys_cli", "run", "--stop-at-end", *_topics(prefix), *extra,
          "--poll-max-records", "20", "--bootstrap-servers", bootstrap, "--state-dir", str(tmp_path / "state"),
          "--recovery-dir", str(tmp_path / "recovery"), "--embed-cache-dir", str(tmp_path / "emb")],
         cwd=ROOT, timeout=300, capture_output=True, text=True,
@@ -93,7 +93,7 @@ def test_an_event_waits_for_its_late_catalog_item_and_an_unknown_one_is_dead_let
     produce_records(clients, prefix + "catalog", [(c.item_id.encode(), encode(c)) for c in catalog])
     wait_s = 3.0
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dataflows.cli", "run", *_topics(prefix), "--bootstrap-servers", bootstrap,
+        [sys.executable, "-m", "recsys_cli", "run", *_topics(prefix), "--bootstrap-servers", bootstrap,
          "--unknown-item-wait-s", str(wait_s), "--state-dir", str(tmp_path / "state"),
          "--recovery-dir", str(tmp_path / "recovery"), "--embed-cache-dir", str(tmp_path / "emb"), "--quiet"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

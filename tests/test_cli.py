@@ -11,11 +11,15 @@ from pathlib import Path
 
 import orjson
 
-from dataflows.cli import main
-from dataflows.kafka_io import KafkaClients, consume_all, ensure_topics
-from dataflows.memory_broker import partition_for_key
+from dataflows.kafka_io import (
+    KafkaClients,
+    consume_all,
+    ensure_topics,
+    partition_for_key,
+)
 from recsys.events import encode
 from recsys.synthetic import generate_catalog, generate_events
+from recsys_cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,7 +101,7 @@ def test_run_with_two_processes_splits_the_users_between_two_shards(local_broker
     topics = ["--events-topic", prefix + "events", "--catalog-topic", prefix + "catalog",
               "--recommendations-topic", prefix + "recommendations", "--dead-letters-topic", prefix + "dead-letters"]
     done = subprocess.run(
-        [sys.executable, "-m", "dataflows.cli", "run", "--processes", "2", "--stop-at-end", *topics,
+        [sys.executable, "-m", "recsys_cli", "run", "--processes", "2", "--stop-at-end", *topics,
          "--bootstrap-servers", local_broker.bootstrap, "--state-dir", str(tmp_path / "state"),
          "--recovery-dir", str(tmp_path / "recovery"), "--embed-cache-dir", str(tmp_path / "emb"),
          "--catalog-file", str(catalog_file)],
@@ -126,7 +130,7 @@ def test_run_refuses_more_processes_than_events_partitions(local_broker, topic_n
     prefix = topic_name("sh1") + "-"
     ensure_topics(local_broker.bootstrap, {prefix + t: 1 for t in ("events", "catalog", "recommendations", "dead-letters")})
     done = subprocess.run(
-        [sys.executable, "-m", "dataflows.cli", "run", "--processes", "2", "--stop-at-end",
+        [sys.executable, "-m", "recsys_cli", "run", "--processes", "2", "--stop-at-end",
          "--events-topic", prefix + "events", "--catalog-topic", prefix + "catalog",
          "--recommendations-topic", prefix + "recommendations", "--dead-letters-topic", prefix + "dead-letters",
          "--bootstrap-servers", local_broker.bootstrap, "--state-dir", str(tmp_path / "state"),
@@ -140,7 +144,7 @@ def test_run_refuses_more_processes_than_events_partitions(local_broker, topic_n
 def test_a_sigint_inside_a_source_call_counts_as_a_stop_and_other_errors_do_not():
     from bytewax.errors import BytewaxRuntimeError
 
-    from dataflows.cli import _interrupted
+    from recsys_cli.main import _interrupted
 
     def raised(inner: BaseException) -> BytewaxRuntimeError:
         try:
@@ -168,7 +172,7 @@ def _send(bootstrap: str, topic: str, values: list[bytes], partition: int | None
 
 
 def _tail(bootstrap: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dataflows.cli", "tail", "--bootstrap-servers", bootstrap, *args],
+    return subprocess.run([sys.executable, "-m", "recsys_cli", "tail", "--bootstrap-servers", bootstrap, *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
@@ -190,7 +194,7 @@ def test_tail_follow_prints_every_new_record_once_whatever_its_partition(local_b
     topic = topic_name("f")
     ensure_topics(local_broker.bootstrap, {topic: 2})
     _send(local_broker.bootstrap, topic, [b"b1"], partition=1)
-    tail = subprocess.Popen([sys.executable, "-m", "dataflows.cli", "tail", "-f", "--topic", topic,
+    tail = subprocess.Popen([sys.executable, "-m", "recsys_cli", "tail", "-f", "--topic", topic,
                              "--bootstrap-servers", local_broker.bootstrap],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -210,7 +214,7 @@ def test_tail_follow_prints_every_new_record_once_whatever_its_partition(local_b
 
 
 def _help(*command: str) -> str:
-    return subprocess.run([sys.executable, "-m", "dataflows.cli", *command, "--help"], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "recsys_cli", *command, "--help"], cwd=ROOT, capture_output=True,
                           text=True, check=True, timeout=30).stdout
 
 
@@ -246,15 +250,14 @@ def test_every_flag_of_tail_and_broker_has_help_text():
 
 
 def test_the_demo_summary_shows_dead_letter_reasons_whole(capsys):
-    from dataflows.demo import print_summary
+    from recsys_cli.demo import print_summary
 
     reasons = {
         "field 'type': unknown event type 'hover' (expected one of browse, click, add_to_cart, purchase, search)": 1,
         "field 'item_id': unknown item 'no-such-item' (not in the catalog; unknown_items=dead_letter)": 2,
     }
     from recsys.events import Envelope
-
-    from dataflows.demo import summarize
+    from recsys_cli.demo import summarize
 
     dead = [Envelope("dead-letters", 0, i, None, orjson.dumps({"reason": reason}), 0)
             for i, reason in enumerate(r for r, n in reasons.items() for _ in range(n))]

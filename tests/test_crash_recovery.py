@@ -1,6 +1,6 @@
 """The crash test the product promises: ``kill -9`` the live flow repeatedly, get the same result.
 
-Two runs of ``python -m dataflows.cli run --stop-at-end`` over one 50k-event stream in the real
+Two runs of ``python -m recsys_cli run --stop-at-end`` over one 50k-event stream in the real
 local broker: a reference run left alone, and a crash run SIGKILLed several times mid-stream and
 restarted on the same state and recovery directories until it finishes. Afterwards:
 
@@ -26,15 +26,21 @@ import numpy as np
 import orjson
 import pytest
 
-from dataflows.kafka_io import KafkaClients, consume_all, ensure_topics, produce_records
-from dataflows.memory_broker import partition_for_key
-from recsys.embeddings import Embedder
+from dataflows.kafka_io import (
+    KafkaClients,
+    consume_all,
+    ensure_topics,
+    partition_for_key,
+    produce_records,
+)
 from recsys.events import encode
-from recsys.items import ItemSpace
+from recsys.items.catalog import ItemSpace
+from recsys.items.embeddings import Embedder
 from recsys.schemas import validate
 from recsys.settings import Settings
-from recsys.signals import Popularity
-from recsys.state import USER_PREFIX, RocksKV, UserState, decode_user
+from recsys.signals.popularity import Popularity
+from recsys.store.kv import RocksKV
+from recsys.store.users import USER_PREFIX, UserState, decode_user
 from recsys.synthetic import generate_catalog, generate_events
 
 pytestmark = pytest.mark.slow
@@ -98,7 +104,7 @@ class _Child:
 
 def _run_args(settings: Settings, catalog_file: Path, processes: int) -> list[str]:
     return [
-        sys.executable, "-m", "dataflows.cli", "run", "--stop-at-end",
+        sys.executable, "-m", "recsys_cli", "run", "--stop-at-end",
         "--bootstrap-servers", settings.bootstrap_servers,
         "--events-topic", settings.events_topic,
         "--catalog-topic", settings.catalog_topic,

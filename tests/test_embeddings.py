@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from recsys.embeddings import Embedder, EmbeddingModelError, resolve_model
+from recsys.items.embeddings import Embedder, EmbeddingModelError, resolve_model
 
 TEXTS = ["red running shoes", "crimson jogging sneakers", "chocolate cake"]
 

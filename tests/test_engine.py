@@ -6,10 +6,10 @@ import numpy as np
 import orjson
 import pytest
 
-from recsys.blend import FEATURES
-from recsys.engine import Engine
 from recsys.events import CatalogItem, Envelope, Event, encode
+from recsys.ranking.features import FEATURES
 from recsys.settings import Settings
+from recsys.shard.step import Shard
 from recsys.synthetic import generate_catalog, generate_events
 
 
@@ -36,7 +36,7 @@ def _head_params(engine):
 
 
 def test_a_redelivered_batch_changes_nothing_not_even_the_head(tmp_path, cache, catalog):
-    engine = Engine.open(_settings(tmp_path, cache))
+    engine = Shard.open(_settings(tmp_path, cache))
     engine.upsert_catalog(catalog)
     events = generate_events(600, catalog, n_users=30, seed=22)
     batch = _envelopes(events)
@@ -56,7 +56,7 @@ def test_a_redelivered_batch_changes_nothing_not_even_the_head(tmp_path, cache, 
 def test_model_version_names_the_head_and_learning_continues_after_restart(tmp_path, cache, catalog):
     settings = _settings(tmp_path, cache)
     events = generate_events(1200, catalog, n_users=40, seed=23)
-    engine = Engine.open(settings)
+    engine = Shard.open(settings)
     engine.upsert_catalog(catalog)
     result = engine.process(_envelopes(events[:600]))
     rec = orjson.loads(result.recommendations[0][1])
@@ -65,7 +65,7 @@ def test_model_version_names_the_head_and_learning_continues_after_restart(tmp_p
     probe = engine.head.query_vectors([[("i3", "purchase", 0)]], [1])
     engine.close()  # writes the snapshot
 
-    restarted = Engine.open(settings)
+    restarted = Shard.open(settings)
     assert restarted.head.version == version  # loaded, not a fresh head
     np.testing.assert_allclose(restarted.head.query_vectors([[("i3", "purchase", 0)]], [1]), probe, rtol=1e-6)
     restarted.process(_envelopes(events[600:], start=600))
@@ -76,7 +76,7 @@ def test_model_version_names_the_head_and_learning_continues_after_restart(tmp_p
 def test_purchased_items_are_not_recommended_again_unless_repeat_purchase(tmp_path, cache):
     items = [CatalogItem(f"r{i}", f"running shoe model {i}", category="shoes") for i in range(20)]
     items.append(CatalogItem("coffee", "ground coffee beans", category="coffee", attributes={"repeat_purchase": True}))
-    engine = Engine.open(_settings(tmp_path, cache))
+    engine = Shard.open(_settings(tmp_path, cache))
     engine.upsert_catalog(items)
     events = [Event("e0", "click", "u", "r1", 1000), Event("e1", "purchase", "u", "r1", 2000), Event("e2", "purchase", "u", "coffee", 3000)]
     for i in range(30):  # others make r1 and coffee popular, so only the rule can keep r1 out
@@ -94,7 +94,7 @@ def test_a_shoppers_most_bought_repeat_items_come_back_as_buy_again(tmp_path, ca
     """Groceries: the user's own staples are candidates (and the reason says so) even when
     nobody else buys them and the latest basket was about something else."""
     items = [CatalogItem(f"g{i}", f"grocery product {i}", category="grocery", attributes={"repeat_purchase": True}) for i in range(40)]
-    engine = Engine.open(_settings(tmp_path, cache, top_k=20))
+    engine = Shard.open(_settings(tmp_path, cache, top_k=20))
     engine.upsert_catalog(items)
     events = [Event(f"e{i}", "purchase", "u", item, 1000 * i) for i, item in enumerate(["g7", "g7", "g7", "g3", "g3"] + [f"g{20 + i}" for i in range(6)])]
     for i in range(60):  # everyone else buys other things, so only "buy again" can bring g7 back
@@ -112,7 +112,7 @@ def test_a_shoppers_most_bought_repeat_items_come_back_as_buy_again(tmp_path, ca
 
 
 def test_unavailable_items_are_never_recommended(tmp_path, cache, catalog):
-    engine = Engine.open(_settings(tmp_path, cache))
+    engine = Shard.open(_settings(tmp_path, cache))
     engine.upsert_catalog(catalog)
     events = generate_events(400, catalog, n_users=10, seed=24)
     engine.process(_envelopes(events))
@@ -127,7 +127,7 @@ def test_unavailable_items_are_never_recommended(tmp_path, cache, catalog):
 
 
 def test_feedback_weights_order_purchase_over_cart_over_click_over_browse(tmp_path, cache, catalog):
-    engine = Engine.open(_settings(tmp_path, cache))
+    engine = Shard.open(_settings(tmp_path, cache))
     engine.upsert_catalog(catalog)
     events = [Event(f"e{t}", t, f"u{t}", f"i{n}", 1000) for n, t in enumerate(["browse", "click", "add_to_cart", "purchase"])]
     engine.process(_envelopes(events))
@@ -139,7 +139,7 @@ def test_feedback_weights_order_purchase_over_cart_over_click_over_browse(tmp_pa
 def test_a_new_item_is_recommendable_as_soon_as_its_catalog_event_is_processed(tmp_path, cache):
     items = [CatalogItem(f"t{i}", f"green tea variety {i}", category="tea") for i in range(8)]
     items += [CatalogItem(f"k{i}", f"kitchen knife model {i}", category="knives") for i in range(40)]
-    engine = Engine.open(_settings(tmp_path, cache, head_enabled=False))
+    engine = Shard.open(_settings(tmp_path, cache, head_enabled=False))
     engine.upsert_catalog(items)
     events = [Event(f"e{i}", "click", "u", f"t{i % 8}", 1000 + i) for i in range(8)]
     engine.process(_envelopes(events))
@@ -152,7 +152,7 @@ def test_a_new_item_is_recommendable_as_soon_as_its_catalog_event_is_processed(t
 
 
 def test_a_new_user_gets_trending_then_personalised_after_one_event(tmp_path, cache, catalog):
-    engine = Engine.open(_settings(tmp_path, cache))
+    engine = Shard.open(_settings(tmp_path, cache))
     engine.upsert_catalog(catalog)
     events = generate_events(500, catalog, n_users=30, seed=25)
     engine.process(_envelopes(events))
@@ -172,7 +172,7 @@ def test_reasons_stay_valid_when_the_reranker_learned_negative_weights(tmp_path,
 
     Guards the path of a crash seen in the crash test (a zero signal "explained" an item and
     its anchor lookup raised KeyError); this test does not reproduce that exact crash."""
-    engine = Engine.open(_settings(tmp_path, cache, top_k=60))  # explain every candidate
+    engine = Shard.open(_settings(tmp_path, cache, top_k=60))  # explain every candidate
     engine.upsert_catalog(catalog)
     events = generate_events(1500, catalog, n_users=40, seed=26)
     engine.process(_envelopes(events[:700]))
@@ -183,13 +183,13 @@ def test_reasons_stay_valid_when_the_reranker_learned_negative_weights(tmp_path,
     familiar = np.zeros((4, len(FEATURES)), dtype=np.float32)
     familiar[:, 3] = 1.0  # all seen (familiar vs familiar pairs teach every weight) ...
     familiar[1:, again] = 1.0  # ... and "buy again" never engaged
-    effective = lambda: engine.recommender._base + engine.blend.weights()  # noqa: E731
+    effective = lambda: engine.recommender._base + engine.reranker.weights()  # noqa: E731
     for _ in range(100_000):  # weights go negative
-        if (effective()[sources] < 0).all() and engine.blend.active:
+        if (effective()[sources] < 0).all() and engine.reranker.active:
             break
-        engine.blend.learn(novel, 0)
-        engine.blend.learn(familiar, 0)
-    assert engine.blend.active and (effective()[sources] < 0).all()
+        engine.reranker.learn(novel, 0)
+        engine.reranker.learn(familiar, 0)
+    assert engine.reranker.active and (effective()[sources] < 0).all()
     result = engine.process(_envelopes(events[700:], start=700))
     assert result.recommendations
     for _, payload in result.recommendations:
@@ -199,12 +199,12 @@ def test_reasons_stay_valid_when_the_reranker_learned_negative_weights(tmp_path,
 
 
 def test_state_written_under_another_shard_count_is_refused_naming_both(tmp_path):
-    from recsys.engine import StateLayoutError
+    from recsys.shard.step import StateLayoutError
 
     base = Settings(state_dir=str(tmp_path / "state"), embed_cache_dir=str(tmp_path / "emb"), head_enabled=False)
-    Engine.open(base.replace(shards=2, shard=1)).close()
-    Engine.open(base.replace(shards=2, shard=1)).close()  # the same layout reopens
+    Shard.open(base.replace(shards=2, shard=1)).close()
+    Shard.open(base.replace(shards=2, shard=1)).close()  # the same layout reopens
     with pytest.raises(StateLayoutError, match=r"written by shard 1 of 2.*shard 1 of 3.*Keep --processes/--shards 2"):
-        Engine.open(base.replace(shards=3, shard=1))
+        Shard.open(base.replace(shards=3, shard=1))
     with pytest.raises(StateLayoutError, match="shard 0 of 1"):
-        Engine.open(base)
+        Shard.open(base)

@@ -4,8 +4,13 @@ import random
 
 import pytest
 
-from recsys.baselines import CoVisitationModel, PopularityModel
-from recsys.evaluation import Model, leave_last_out, prequential, user_disjoint_chunks
+from recsys.backtest.baselines import CoVisitationBaseline, PopularityBaseline
+from recsys.backtest.protocols import (
+    BacktestModel,
+    leave_last_out,
+    prequential,
+    user_disjoint_chunks,
+)
 from recsys.events import Event
 
 
@@ -69,8 +74,8 @@ def deterministic_part(result):
 
 
 def test_baselines_and_test_doubles_satisfy_the_model_protocol():
-    assert isinstance(OwnHistoryModel(), Model)
-    assert isinstance(PopularityModel(), Model)
+    assert isinstance(OwnHistoryModel(), BacktestModel)
+    assert isinstance(PopularityBaseline(), BacktestModel)
 
 
 def test_chunks_never_repeat_a_user_and_keep_stream_order():
@@ -91,7 +96,7 @@ def test_prequential_scores_an_event_before_learning_it():
 def test_prequential_with_batch_size_one_matches_hand_computed_popularity():
     # pop before each event: {} -> miss; {a:1} u2 a hit; {a:2} u3 b miss; {a:2,b:1} u4 b: rank 2
     events = stream([("u1", "a"), ("u2", "a"), ("u3", "b"), ("u4", "b")])
-    r = prequential([PopularityModel()], events, ks=(1, 2), batch_size=1, progress=False)
+    r = prequential([PopularityBaseline()], events, ks=(1, 2), batch_size=1, progress=False)
     m = r["models"]["popularity"]
     assert m["hr@1"] == pytest.approx(1 / 4)
     assert m["hr@2"] == pytest.approx(2 / 4)
@@ -109,8 +114,8 @@ def test_prequential_results_do_not_depend_on_chunking_for_a_per_user_model():
 
 def test_prequential_is_deterministic_for_the_baselines():
     events = random_stream()
-    a = prequential([PopularityModel(), CoVisitationModel()], events, progress=False, batch_size=50)
-    b = prequential([PopularityModel(), CoVisitationModel()], events, progress=False, batch_size=50)
+    a = prequential([PopularityBaseline(), CoVisitationBaseline()], events, progress=False, batch_size=50)
+    b = prequential([PopularityBaseline(), CoVisitationBaseline()], events, progress=False, batch_size=50)
     assert deterministic_part(a) == deterministic_part(b)
 
 
@@ -153,7 +158,7 @@ def test_slices_tag_new_users_and_new_items_at_their_first_appearance():
 
 
 def test_result_has_the_contract_keys():
-    r = prequential([PopularityModel()], random_stream(100), progress=False)
+    r = prequential([PopularityBaseline()], random_stream(100), progress=False)
     for key in ("models", "per_type", "slices", "series", "events", "seconds", "events_per_s", "exclude_history"):
         assert key in r
     metrics = r["models"]["popularity"]
@@ -164,12 +169,12 @@ def test_result_has_the_contract_keys():
 
 def test_unsorted_events_are_refused():
     with pytest.raises(ValueError, match="sorted by ts"):
-        prequential([PopularityModel()], [ev(0, "u", "a", ts=5), ev(1, "u", "b", ts=4)], progress=False)
+        prequential([PopularityBaseline()], [ev(0, "u", "a", ts=5), ev(1, "u", "b", ts=4)], progress=False)
 
 
 def test_duplicate_model_names_are_refused():
     with pytest.raises(ValueError, match="unique"):
-        prequential([PopularityModel(), PopularityModel()], random_stream(10), progress=False)
+        prequential([PopularityBaseline(), PopularityBaseline()], random_stream(10), progress=False)
 
 
 def test_leave_last_out_holds_out_each_users_last_interaction_only_for_users_with_two():
@@ -185,15 +190,15 @@ def test_leave_last_out_holds_out_each_users_last_interaction_only_for_users_wit
 def test_leave_last_out_learns_other_users_later_events():
     # u1's held-out b (ts 1) is predictable only from u2's later events (ts 2, 3)
     events = stream([("u1", "a"), ("u1", "b"), ("u2", "b"), ("u3", "b")])
-    r = leave_last_out([PopularityModel()], events, ks=(1,), progress=False)
+    r = leave_last_out([PopularityBaseline()], events, ks=(1,), progress=False)
     assert r["models"]["popularity"]["hr@1"] == 1.0
 
 
 def test_leave_last_out_excluding_history_drops_the_users_own_items():
     # pop: a=3, b=1 (u1 holds out b). With history {a} dropped, b is first; without, a is first.
     events = stream([("u2", "a"), ("u3", "a"), ("u1", "a"), ("u4", "b"), ("u1", "b")])
-    on = leave_last_out([PopularityModel()], events, ks=(1,), progress=False)
-    off = leave_last_out([PopularityModel()], events, ks=(1,), exclude_history=False, progress=False)
+    on = leave_last_out([PopularityBaseline()], events, ks=(1,), progress=False)
+    off = leave_last_out([PopularityBaseline()], events, ks=(1,), exclude_history=False, progress=False)
     assert on["models"]["popularity"]["hr@1"] == 1.0
     assert off["models"]["popularity"]["hr@1"] == 0.0
     assert off["exclude_history"] is False
@@ -201,8 +206,8 @@ def test_leave_last_out_excluding_history_drops_the_users_own_items():
 
 def test_leave_last_out_does_not_depend_on_the_ranking_batch_size():
     events = random_stream(800, users=40)
-    a = leave_last_out([PopularityModel(), CoVisitationModel()], events, batch_size=1, progress=False)
-    b = leave_last_out([PopularityModel(), CoVisitationModel()], events, batch_size=1000, progress=False)
+    a = leave_last_out([PopularityBaseline(), CoVisitationBaseline()], events, batch_size=1, progress=False)
+    b = leave_last_out([PopularityBaseline(), CoVisitationBaseline()], events, batch_size=1000, progress=False)
     assert deterministic_part(a) == deterministic_part(b)
     assert a["models"]["covisitation"]["recall@50"] > 0
 
@@ -215,9 +220,9 @@ def test_write_report_writes_contract_json_markdown_and_valid_pngs(tmp_path):
 
     from matplotlib.image import imread
 
-    from recsys.report import write_report
+    from recsys.backtest.report import write_report
 
-    result = prequential([PopularityModel(), CoVisitationModel()], random_stream(400), ks=(5, 10),
+    result = prequential([PopularityBaseline(), CoVisitationBaseline()], random_stream(400), ks=(5, 10),
                          progress=False, dataset="synthetic")
     paths = write_report(result, tmp_path / "out", title="Synthetic backtest", command="recsys backtest --demo")
     names = {p.name for p in paths}
@@ -238,7 +243,7 @@ def test_write_report_writes_contract_json_markdown_and_valid_pngs(tmp_path):
 
 
 def test_report_markdown_bolds_the_best_model_per_column_and_states_the_protocol(tmp_path):
-    from recsys.report import write_report
+    from recsys.backtest.report import write_report
 
     result = {
         "protocol": "leave_last_out", "exclude_history": True, "events": 10, "seconds": 1.0, "ks": [10],
@@ -254,11 +259,11 @@ def test_report_markdown_bolds_the_best_model_per_column_and_states_the_protocol
 
 
 def test_results_carry_each_baselines_fallback_and_per_user_sums_that_add_up_to_the_means():
-    from recsys.history_baselines import TransitionModel
+    from recsys.backtest.history_baselines import TransitionBaseline
 
     evs = [Event(str(i), "click", u, it, i) for i, (u, it) in enumerate(
         [("u1", "a"), ("u1", "b"), ("u2", "a"), ("u2", "b"), ("u3", "c"), ("u3", "a"), ("u1", "c")])]
-    r = prequential([PopularityModel(), TransitionModel()], evs, ks=(1,), batch_size=1, progress=False)
+    r = prequential([PopularityBaseline(), TransitionBaseline()], evs, ks=(1,), batch_size=1, progress=False)
     assert set(r["fallback"]) == {"transitions"}  # popularity is the fallback itself
     # known users asked: u1 (after a: no successor yet), u2 (after a: a->b), u3 (after c: none), u1 (after b: none)
     assert r["fallback"]["transitions"]["lists"] == 4 and r["fallback"]["transitions"]["fell_back"] == 3

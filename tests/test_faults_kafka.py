@@ -21,10 +21,10 @@ import pytest
 from dataflows.kafka_io import KafkaClients, consume_all, ensure_topics, produce_records
 from dataflows.live import live_flow
 from dataflows.runner import run
-from recsys.engine import Engine
 from recsys.events import DEAD_LETTER_PAYLOAD_BYTES, encode
 from recsys.schemas import validate
 from recsys.settings import Settings
+from recsys.shard.step import Shard
 from recsys.synthetic import generate_catalog, generate_events
 
 
@@ -61,7 +61,7 @@ def _topics(clients: KafkaClients, s: Settings, events_partitions: int = 1) -> N
 
 def _run(clients: KafkaClients, settings: Settings, catalog=()) -> dict:
     """One life of the live flow in this process, until the end of input; its totals."""
-    engine = Engine.open(settings)
+    engine = Shard.open(settings)
     try:
         engine.upsert_catalog(list(catalog))  # as a start-up catalog file would
         run(live_flow(settings, clients, engine=engine), recovery_dir=settings.recovery_dir, snapshot_interval_s=settings.snapshot_interval_s)
@@ -125,7 +125,7 @@ def _cli(settings: Settings, catalog_file: Path, *extra: str) -> int:
     a refusal raises SystemExit, its one line on stderr."""
     import signal
 
-    from dataflows.cli import main
+    from recsys_cli.main import main
 
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -160,7 +160,8 @@ def _catalog_file(tmp_path: Path, catalog) -> Path:
 
 
 def _users(state_dir: str) -> dict:
-    from recsys.state import USER_PREFIX, RocksKV, decode_user
+    from recsys.store.kv import RocksKV
+    from recsys.store.users import USER_PREFIX, decode_user
 
     kv = RocksKV(Path(state_dir) / "rocks")
     try:
@@ -335,7 +336,7 @@ def test_a_broker_that_lost_its_data_under_a_running_flow_stops_it_by_name(tmp_p
     import sys
     import time
 
-    from dataflows.local_broker import LocalBroker
+    from recsys_cli.local_broker import LocalBroker
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -352,7 +353,7 @@ def test_a_broker_that_lost_its_data_under_a_running_flow_stops_it_by_name(tmp_p
         clients = KafkaClients(settings)
         _topics(clients, settings)
         produce_records(clients, settings.events_topic, _records(events))
-        args = [sys.executable, "-m", "dataflows.cli", "run", "--bootstrap-servers", settings.bootstrap_servers,
+        args = [sys.executable, "-m", "recsys_cli", "run", "--bootstrap-servers", settings.bootstrap_servers,
                 "--events-topic", settings.events_topic, "--catalog-topic", settings.catalog_topic,
                 "--recommendations-topic", settings.recommendations_topic, "--dead-letters-topic", settings.dead_letters_topic,
                 "--state-dir", settings.state_dir, "--recovery-dir", str(settings.recovery_dir),

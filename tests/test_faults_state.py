@@ -6,10 +6,10 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from recsys.engine import Engine
 from recsys.events import CatalogItem, Envelope, Event, encode
 from recsys.settings import Settings
-from recsys.state import decode_user, user_key
+from recsys.shard.step import Shard
+from recsys.store.users import decode_user, user_key
 
 T0 = 1_700_000_000_000
 DAY_MS = 86_400_000
@@ -26,8 +26,8 @@ def _settings(tmp_path, cache, **kw) -> Settings:
     return Settings(state_dir=str(tmp_path / "state"), embed_cache_dir=cache, head_snapshot_interval_s=3600, **kw)
 
 
-def _open(tmp_path, cache, **kw) -> Engine:
-    engine = Engine.open(_settings(tmp_path, cache, **kw))
+def _open(tmp_path, cache, **kw) -> Shard:
+    engine = Shard.open(_settings(tmp_path, cache, **kw))
     engine.upsert_catalog(ITEMS)
     return engine
 

@@ -10,15 +10,15 @@ import orjson
 import pytest
 from rocksdict import Options, Rdict
 
-from dataflows.cli import main as cli_main
 from dataflows.kafka_io import consume_all, ensure_topics, produce_records
 from dataflows.live import live_flow
 from dataflows.runner import run
 from recsys.control import ControlMessage, decode_control, encode_control, user_hash
-from recsys.engine import Engine
 from recsys.events import CatalogItem, DecodeError, Envelope, Event, encode
 from recsys.schemas import validate
 from recsys.settings import Settings
+from recsys.shard.step import Shard
+from recsys_cli.main import main as cli_main
 
 VICTIM = "shopper-7f3a9c"
 T0 = 1_700_000_000_000
@@ -35,8 +35,8 @@ def _settings(tmp_path, cache, **kw) -> Settings:
     return Settings(state_dir=str(tmp_path / "state"), embed_cache_dir=cache, head_snapshot_interval_s=3600, **kw)
 
 
-def _open(settings: Settings) -> Engine:
-    engine = Engine.open(settings)
+def _open(settings: Settings) -> Shard:
+    engine = Shard.open(settings)
     engine.upsert_catalog(ITEMS)
     return engine
 

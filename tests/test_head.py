@@ -1,4 +1,4 @@
-"""The learned head (recsys.head): determinism, persistence, purity, its starting point, its
+"""The learned head (recsys.ranking.head): determinism, persistence, purity, its starting point, its
 budget, and that it learns a preference the frozen vectors cannot express alone."""
 
 from __future__ import annotations
@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from recsys.baselines import ContentModel
-from recsys.evaluation import prequential
+from recsys.backtest.baselines import ContentBaseline
+from recsys.backtest.protocols import prequential
 from recsys.events import Event
-from recsys.head import Example, Head, HeadConfig, HeadModel
-from recsys.items import ItemIndex
-
+from recsys.items.catalog import VectorIndex
+from recsys.ranking.head import Example, Head, HeadConfig, HeadOnly
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -166,9 +165,9 @@ def test_search_examples_teach_nothing():
 
 def test_head_model_never_recommends_what_the_user_purchased():
     vecs, _ = _small_world()
-    index = ItemIndex(DIM)
+    index = VectorIndex(DIM)
     index.upsert(list(vecs), np.stack(list(vecs.values())))
-    model = HeadModel(Head(_config(), index.vectors), index)
+    model = HeadOnly(Head(_config(), index.vectors), index)
     model.learn([Event("e1", "purchase", "u", "i1", _T0), Event("e2", "click", "u", "i2", _T0 + 1)])
     recs = model.recommend(["u", "stranger"], k=len(vecs), now_ts=_T0 + 2)
     assert "i1" not in recs[0] and len(recs[0]) == len(vecs) - 1
@@ -207,10 +206,10 @@ def _permutation_stream(n_events=4000, n_users=100, n_clusters=10, per_cluster=2
 
 def test_head_learns_a_transition_the_frozen_vectors_cannot_express():
     ids, vecs, events = _permutation_stream()
-    index = ItemIndex(32)
+    index = VectorIndex(32)
     index.upsert(ids, vecs)
-    head = HeadModel(Head(HeadConfig(dim=32, batch_size=64, n_neg=64, lr=1e-2), index.vectors), index)
-    content = ContentModel({i: index.vector(i) for i in ids})
+    head = HeadOnly(Head(HeadConfig(dim=32, batch_size=64, n_neg=64, lr=1e-2), index.vectors), index)
+    content = ContentBaseline({i: index.vector(i) for i in ids})
     r = prequential([head, content], events, ks=(10,), batch_size=100, progress=False,
                     series_every=(len(events) + 1) // 2)
     (h1, h2), (c1, c2) = ([p["hr@10"] for p in r["series"][name]] for name in ("head", "content"))

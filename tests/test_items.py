@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from recsys.embeddings import Embedder
 from recsys.events import CatalogItem, DecodeError
-from recsys.items import Catalog, ItemIndex, ItemSpace, load_jsonl
+from recsys.items.catalog import Catalog, ItemSpace, VectorIndex, read_catalog_file
+from recsys.items.embeddings import Embedder
 
 DIM = 32
 
@@ -26,10 +26,10 @@ def rng() -> np.random.Generator:
 
 
 @pytest.fixture
-def random_index(rng: np.random.Generator) -> tuple[ItemIndex, list[str], np.ndarray]:
+def random_index(rng: np.random.Generator) -> tuple[VectorIndex, list[str], np.ndarray]:
     ids = [f"item-{i}" for i in range(500)]
     vecs = unit_rows(rng, len(ids))
-    index = ItemIndex(DIM)
+    index = VectorIndex(DIM)
     index.upsert(ids, vecs)
     return index, ids, vecs
 
@@ -50,7 +50,7 @@ CATALOG = [
 ]
 
 
-# ----------------------------------------------------------------------------- ItemIndex
+# ----------------------------------------------------------------------------- VectorIndex
 
 
 def test_search_returns_the_exact_nearest_neighbours(random_index, rng) -> None:
@@ -118,14 +118,14 @@ def test_zero_norm_queries_return_nothing_but_others_still_answer(random_index, 
 
 
 def test_search_never_returns_more_than_the_index_holds() -> None:
-    index = ItemIndex(2)
+    index = VectorIndex(2)
     index.upsert(["a", "b"], np.array([[1, 0], [0, 1]], np.float32))
     assert [i for i, _ in index.search(np.array([[1, 0.5]], np.float32), k=10)[0]] == ["a", "b"]
-    assert ItemIndex(2).search(np.array([[1, 0]], np.float32), k=3) == [[]]
+    assert VectorIndex(2).search(np.array([[1, 0]], np.float32), k=3) == [[]]
 
 
 def test_last_vector_wins_for_an_id_repeated_in_one_upsert() -> None:
-    index = ItemIndex(2)
+    index = VectorIndex(2)
     index.upsert(["a", "a"], np.array([[1, 0], [0, 1]], np.float32))
     assert len(index) == 1
     np.testing.assert_allclose(index.vector("a"), [0, 1])
@@ -133,7 +133,7 @@ def test_last_vector_wins_for_an_id_repeated_in_one_upsert() -> None:
 
 def test_wrong_dimension_is_rejected() -> None:
     with pytest.raises(ValueError, match=r"\(n, 4\)"):
-        ItemIndex(4).upsert(["a"], np.ones((1, 3), np.float32))
+        VectorIndex(4).upsert(["a"], np.ones((1, 3), np.float32))
 
 
 # ----------------------------------------------------------------------------- Catalog
@@ -203,11 +203,11 @@ def test_unavailable_item_is_never_a_candidate_until_available_again(embedder: E
 def test_load_jsonl_reads_items_and_names_the_bad_line(tmp_path: Path) -> None:
     good = tmp_path / "catalog.jsonl"
     good.write_text('{"item_id": "a", "title": "A"}\n\n{"item_id": "b", "title": "B", "available": false}\n')
-    assert [(i.item_id, i.available) for i in load_jsonl(good)] == [("a", True), ("b", False)]
+    assert [(i.item_id, i.available) for i in read_catalog_file(good)] == [("a", True), ("b", False)]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"item_id": "a", "title": "A"}\n{"item_id": "b"}\n')
     with pytest.raises(DecodeError, match=r"line 2: field 'title': missing"):
-        load_jsonl(bad)
+        read_catalog_file(bad)
 
 
 def test_large_index_switches_to_ivf_and_keeps_upsert_remove_and_quality():
@@ -215,7 +215,7 @@ def test_large_index_switches_to_ivf_and_keeps_upsert_remove_and_quality():
     centres = rng.normal(size=(20, 32)).astype(np.float32)
     vecs = centres[rng.integers(20, size=3000)] + 0.1 * rng.normal(size=(3000, 32)).astype(np.float32)
     ids = [f"v{i}" for i in range(3000)]
-    index = ItemIndex(32, ivf_threshold=2000, nprobe=8)
+    index = VectorIndex(32, ivf_threshold=2000, nprobe=8)
     index.upsert(ids, vecs)
     assert index.approximate and len(index) == 3000
     normed = vecs / np.linalg.norm(vecs, axis=1, keepdims=True)

@@ -30,7 +30,7 @@ from dataflows.kafka_io import (
     part_name,
     produce_records,
 )
-from dataflows.memory_broker import InMemoryBroker
+from dataflows.testing.memory_broker import InMemoryBroker
 from recsys.events import Envelope
 
 # ------------------------------------------------------------------ in-memory broker

@@ -13,9 +13,15 @@ import pytest
 from kafka import KafkaConsumer
 from kafka.structs import TopicPartition
 
-from dataflows.kafka_io import KafkaClients, KafkaSource, consume_all, ensure_topics, produce_records
-from dataflows.local_broker import LocalBroker, LocalBrokerError
-from dataflows.memory_broker import InMemoryBroker
+from dataflows.kafka_io import (
+    KafkaClients,
+    KafkaSource,
+    consume_all,
+    ensure_topics,
+    produce_records,
+)
+from dataflows.testing.memory_broker import InMemoryBroker
+from recsys_cli.local_broker import LocalBroker, LocalBrokerError
 
 pytestmark = pytest.mark.broker
 
@@ -120,7 +126,7 @@ def test_ensure_topics_leaves_existing_topics_alone(local_broker: LocalBroker, t
 
 def test_module_main_runs_until_interrupted() -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dataflows.local_broker", "--port", "0", "--topic", "demo:2"],
+        [sys.executable, "-m", "recsys_cli.local_broker", "--port", "0", "--topic", "demo:2"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from recsys.metrics import (
+from recsys.backtest.metrics import (
     MetricAccumulator,
     catalog_coverage,
     hr_at_k,

@@ -67,7 +67,7 @@ def test_the_endpoint_counts_what_was_produced_during_a_live_run(local_broker, t
     produce_records(clients, prefix + "catalog", [(c.item_id.encode(), encode(c)) for c in catalog])
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dataflows.cli", "run", "--events-topic", prefix + "events",
+        [sys.executable, "-m", "recsys_cli", "run", "--events-topic", prefix + "events",
          "--catalog-topic", prefix + "catalog", "--recommendations-topic", prefix + "recommendations",
          "--dead-letters-topic", prefix + "dead-letters", "--bootstrap-servers", bootstrap,
          "--metrics-port", str(port), "--status-interval-s", "1", "--state-dir", str(tmp_path / "state"),
@@ -144,7 +144,7 @@ def test_each_shard_serves_its_own_port(local_broker, topic_name, tmp_path):
     produce_records(clients, prefix + "events", [(e.user_id.encode(), encode(e)) for e in events])
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dataflows.cli", "run", "--processes", "2", "--events-topic", prefix + "events",
+        [sys.executable, "-m", "recsys_cli", "run", "--processes", "2", "--events-topic", prefix + "events",
          "--catalog-topic", prefix + "catalog", "--recommendations-topic", prefix + "recommendations",
          "--dead-letters-topic", prefix + "dead-letters", "--bootstrap-servers", bootstrap, "--quiet",
          "--metrics-port", str(port), "--state-dir", str(tmp_path / "state"),
@@ -182,15 +182,15 @@ def _engine_data(tmp_path):
     from types import SimpleNamespace
 
     return SimpleNamespace(waiting=[], items=SimpleNamespace(catalog={"i1": 1}), monitor=SimpleNamespace(hit_rate=0.25),
-                           blend=SimpleNamespace(examples=3), head=None, users=SimpleNamespace(count=lambda: 7))
+                           reranker=SimpleNamespace(examples=3), head=None, users=SimpleNamespace(count=lambda: 7))
 
 
 @pytest.mark.parametrize("quiet", [False, True])
 def test_a_status_line_every_interval_on_stderr_unless_quiet(tmp_path, quiet):
     import io
 
-    from recsys.engine import BatchResult
     from recsys.events import Envelope
+    from recsys.shard.step import BatchResult
 
     now = [1000.0]
     out = io.StringIO()

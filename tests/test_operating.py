@@ -1,6 +1,6 @@
 """Operating the processes for real: starting, stopping by signal, and what each failure says.
 
-Every test here runs the real command (``python -m dataflows.cli``, which is what the
+Every test here runs the real command (``python -m recsys_cli``, which is what the
 ``recsys`` script runs) as a child process against the real local broker, and sends real
 signals. A process started by a shell in the background inherits an *ignored* SIGINT; the
 children here are started that way, as an operator's ``recsys run &`` would be.
@@ -23,12 +23,12 @@ from pathlib import Path
 import pytest
 
 from dataflows.kafka_io import KafkaClients, consume_all, ensure_topics
-from dataflows.local_broker import HOST
 from recsys.events import encode
 from recsys.synthetic import generate_catalog, generate_events
+from recsys_cli.local_broker import HOST
 
 ROOT = Path(__file__).resolve().parents[1]
-RECSYS = [sys.executable, "-m", "dataflows.cli"]
+RECSYS = [sys.executable, "-m", "recsys_cli"]
 #: Generous for a busy 2-core machine: loading torch and the model takes 10-20 s there.
 READY_TIMEOUT_S = 180
 #: How long an orderly stop may take once the flow runs ("within a few seconds").
@@ -330,7 +330,7 @@ def test_broker_on_a_port_in_use_is_one_line():
 _PROBE = """
 import sys, time
 start = time.perf_counter()
-from dataflows.cli import main
+from recsys_cli.main import main
 try:
     main(sys.argv[1:])
 except SystemExit as exc:  # as the interpreter would: a message goes to stderr

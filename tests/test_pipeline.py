@@ -1,4 +1,4 @@
-"""End to end through the real graph: producer bytes -> KafkaSource -> Engine -> KafkaSink.
+"""End to end through the real graph: producer bytes -> KafkaSource -> Shard -> KafkaSink.
 
 Runs the same flow over the in-memory broker and over the real local broker (Tansu): every
 valid event yields (or is coalesced into) a schema-valid recommendation for its user, and every
@@ -12,14 +12,19 @@ import dataclasses
 import orjson
 import pytest
 
-from dataflows.kafka_io import KafkaClients, consume_all, ensure_topics, produce_records
+from dataflows.kafka_io import (
+    KafkaClients,
+    consume_all,
+    ensure_topics,
+    partition_for_key,
+    produce_records,
+)
 from dataflows.live import live_flow
-from dataflows.memory_broker import partition_for_key
 from dataflows.runner import run
-from recsys.engine import Engine
 from recsys.events import encode
 from recsys.schemas import validate
 from recsys.settings import Settings
+from recsys.shard.step import Shard
 from recsys.synthetic import generate_catalog, generate_events
 
 BAD = [
@@ -49,7 +54,7 @@ def _run_pipeline(clients, settings: Settings, catalog, events) -> dict:
     records = [(e.user_id.encode(), encode(e)) for e in events]
     records[50:50] = [(k, v) for k, v, _ in BAD]
     produce_records(clients, settings.events_topic, records)
-    engine = Engine.open(settings)
+    engine = Shard.open(settings)
     engine.upsert_catalog(catalog)  # the start-up catalog file path; the topic re-upserts the same
     run(live_flow(settings, clients, engine=engine), recovery_dir=settings.recovery_dir, snapshot_interval_s=1.0)
     totals = dict(engine.totals)
@@ -123,7 +128,7 @@ def test_rerun_on_same_state_and_recovery_emits_nothing_new(memory_broker, tmp_p
     events = generate_events(500, catalog, n_users=50, seed=6)
     settings = _settings(tmp_path, embed_cache)
     first = _run_pipeline(memory_broker, settings, catalog, events)
-    engine = Engine.open(settings)
+    engine = Shard.open(settings)
     run(live_flow(settings, memory_broker, engine=engine), recovery_dir=settings.recovery_dir, snapshot_interval_s=1.0)
     engine.close()
     assert len(consume_all(memory_broker, settings.recommendations_topic)) == len(first["recs"])
@@ -144,7 +149,7 @@ def test_two_shards_split_the_users_and_each_sees_the_whole_catalog(memory_broke
     totals = []
     for shard in (0, 1):
         settings = base.replace(shard=shard).for_shard()
-        engine = Engine.open(settings)
+        engine = Shard.open(settings)
         engine.upsert_catalog(catalog)
         run(live_flow(settings, memory_broker, engine=engine), recovery_dir=settings.recovery_dir, snapshot_interval_s=1.0)
         assert "late-item" in engine.items.catalog

@@ -52,3 +52,80 @@ PLACEHOLDERS = ("DEMO_SUMMARY", "BENCHMARK_FIGURES", "THROUGHPUT_TABLE", "ENGINE
 def test_readme_has_no_unfilled_placeholders():
     readme = (ROOT / "README.md").read_text()
     assert [p for p in PLACEHOLDERS if p in readme] == []
+
+
+# --------------------------------------------------------------------------- layout (issue 15)
+
+PACKAGES = ("recsys", "dataflows", "recsys_cli")
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """First-party modules ``path`` imports anywhere (functions too), except under
+    ``if TYPE_CHECKING:`` (annotations only: never executed)."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    skip: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            skip.update(id(n) for stmt in node.body for n in ast.walk(stmt))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{a.name}" for a in node.names)  # `from pkg import module`
+    return {n for n in names if n.split(".")[0] in PACKAGES}
+
+
+def _import_graph() -> dict[str, set[str]]:
+    files = [p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")]
+    modules = {_module_name(p): p for p in files}
+    return {m: {n for n in _imports(p) if n in modules and n != m} for m, p in modules.items()}
+
+
+def test_no_import_circles():
+    graph = _import_graph()
+    cycles = []
+    state: dict[str, int] = {}
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for n in sorted(graph[m]):
+            if state.get(n) == 1:
+                cycles.append(path[path.index(n):] + [n] if n in path else [m, n])
+            elif n not in state:
+                visit(n, path + [n])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    # a package's __init__ importing its own submodule is not a circle worth reporting
+    cycles = [c for c in cycles if not all(x.startswith(c[0] + ".") or x == c[0] for x in c[1:])]
+    assert cycles == [], "import circles: " + "; ".join(" -> ".join(c) for c in cycles)
+    assert len(graph) > 40  # the walk really found the code
+
+
+def test_only_tests_import_the_test_broker():
+    graph = _import_graph()
+    users = sorted(m for m, deps in graph.items() if any(d.startswith("dataflows.testing") for d in deps)
+                   and not m.startswith("dataflows.testing"))
+    assert users == []
+
+
+def test_library_flows_and_cli_stay_in_their_layers():
+    """recsys imports neither the flows nor the CLI; the flows never import the CLI."""
+    graph = _import_graph()
+    up = sorted((m, d) for m, deps in graph.items() for d in deps
+                if (m.startswith("recsys.") and d.split(".")[0] in ("dataflows", "recsys_cli"))
+                or (m.startswith("dataflows") and d.startswith("recsys_cli")))
+    assert up == []

@@ -12,12 +12,15 @@ import zlib
 import numpy as np
 import pytest
 
-from recsys.blend import FEATURES, Blend
 from recsys.events import CatalogItem, Event
-from recsys.items import ItemSpace
-from recsys.recommender import BlendWeights, Recommender, RecommenderConfig
-from recsys.signals import EVENT_WEIGHTS, CoVisitation, Popularity
-from recsys.state import UserState
+from recsys.feedback import EVENT_WEIGHTS
+from recsys.items.catalog import ItemSpace
+from recsys.ranking.features import FEATURES, PriorWeights
+from recsys.ranking.recommender import Recommender, RecommenderConfig
+from recsys.ranking.reranker import PairwiseReranker
+from recsys.signals.covisitation import CoVisitation
+from recsys.signals.popularity import Popularity
+from recsys.store.users import UserState
 
 DIM = 16
 
@@ -63,12 +66,12 @@ def _world(n_items=120, n_users=40, n_events=1500, seed=3, learned=False):
         nxt.update(state.history, item, etype, ev.ts)
         pop.update(item, EVENT_WEIGHTS[etype], ev.ts)
         state.apply(ev, items.vector(item), 0, offset, history_len=20, half_life_h=24.0)
-    blend = Blend(RecommenderConfig().weights.vector(), min_examples=1)
+    blend = PairwiseReranker(RecommenderConfig().weights.vector(), min_examples=1)
     if learned:  # a re-ranker that learned something, including negative weights
         x = np.eye(len(FEATURES), dtype=np.float32)
         for _ in range(30):
             blend.learn(x, positive=1)
-    rec = Recommender(items, pop, cov, RecommenderConfig(), blend=blend if learned else None, transitions=nxt)
+    rec = Recommender(items, pop, cov, RecommenderConfig(), reranker=blend if learned else None, transitions=nxt)
     return rec, states, 1_000_000 + n_events * 60_000
 
 
@@ -166,7 +169,7 @@ def test_the_co_visitation_reason_names_the_strongest_anchor():
     for _ in range(3):
         cov.update([("strong", "purchase", 0)], "target", "purchase", ts=0)  # strong ~ target: 24
     rec = Recommender(items, Popularity(half_life_h=1.0), cov,
-                      RecommenderConfig(content_candidates=0, weights=BlendWeights(content=0.0)))
+                      RecommenderConfig(content_candidates=0, weights=PriorWeights(content=0.0)))
     user = UserState("u")
     # "weak" is the most recent anchor (recency 1), "strong" the one before (recency 1/2)
     user.history = [("strong", "purchase", 0), ("weak", "browse", 1)]

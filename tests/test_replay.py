@@ -7,13 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from dataflows.cli import main
 from dataflows.replay import replay_full_system
-from recsys.engine import Engine, EngineModel
-from recsys.evaluation import PrequentialScorer, prequential
+from recsys.backtest.protocols import PrequentialScorer, prequential
+from recsys.backtest.system import FullSystem
 from recsys.events import encode
 from recsys.settings import Settings
+from recsys.shard.step import Shard
 from recsys.synthetic import generate_catalog, generate_events
+from recsys_cli.main import main
 
 REES46 = Path(__file__).resolve().parents[2] / "shared" / "data" / "rees46" / "2019-Oct_head17k.csv"
 
@@ -25,8 +26,8 @@ def stream(tmp_path_factory):
     return catalog, events, str(tmp_path_factory.mktemp("emb"))
 
 
-def _engine(cache: str, catalog, *, evaluate: bool) -> Engine:
-    engine = Engine.open(Settings(embed_cache_dir=cache, unknown_items="admit", top_k=20), evaluate=evaluate, in_memory=True)
+def _engine(cache: str, catalog, *, evaluate: bool) -> Shard:
+    engine = Shard.open(Settings(embed_cache_dir=cache, unknown_items="admit", top_k=20), evaluate=evaluate, in_memory=True)
     engine.upsert_catalog(catalog)
     return engine
 
@@ -46,7 +47,7 @@ def test_bytewax_replay_and_plain_loop_give_identical_metrics(stream):
     flow_result = scorer.result([_Named()], {}, n_events=len(events), catalog_size=len(catalog), seconds=1.0, batch_size=100, dataset="t")
 
     engine = _engine(cache, catalog, evaluate=False)
-    loop_result = prequential([EngineModel(engine)], events, ks=ks, batch_size=100, progress=False, catalog_size=len(catalog))
+    loop_result = prequential([FullSystem(engine)], events, ks=ks, batch_size=100, progress=False, catalog_size=len(catalog))
     engine.close()
 
     assert flow_result["scored"] == loop_result["scored"] == len(events)
@@ -57,11 +58,11 @@ def test_bytewax_replay_and_plain_loop_give_identical_metrics(stream):
 
 def test_engine_replay_learns_beyond_popularity(stream):
     """On a stream whose users stick to a favourite category, the full system beats popularity."""
-    from recsys.baselines import PopularityModel
+    from recsys.backtest.baselines import PopularityBaseline
 
     catalog, events, cache = stream
     engine = _engine(cache, catalog, evaluate=False)
-    result = prequential([EngineModel(engine), PopularityModel()], events, ks=(10,), batch_size=100, progress=False)
+    result = prequential([FullSystem(engine), PopularityBaseline()], events, ks=(10,), batch_size=100, progress=False)
     engine.close()
     assert result["models"]["full-system"]["hr@10"] > result["models"]["popularity"]["hr@10"]
 

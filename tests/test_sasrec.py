@@ -1,7 +1,7 @@
 """SASRec baseline: learns order, is seeded, caches its weights per (log, split, seed)."""
 
+from recsys.backtest.sasrec import SASRecBaseline
 from recsys.events import Event
-from recsys.sasrec import SASRecModel
 
 
 def _chains():
@@ -10,7 +10,7 @@ def _chains():
 
 
 def _tiny(**kw):
-    return SASRecModel(dim=16, epochs=20, max_len=4, batch_size=4, lr=1e-2, seed=0, **kw)
+    return SASRecBaseline(dim=16, epochs=20, max_len=4, batch_size=4, lr=1e-2, seed=0, **kw)
 
 
 def test_sasrec_learns_what_follows_a_sequence_not_what_is_popular():

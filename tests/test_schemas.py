@@ -23,7 +23,7 @@ from jsonschema import Draft202012Validator
 
 from recsys import schemas
 from recsys.control import decode_control
-from recsys.events import (
+from recsys.events import (  # issue 13
     DEAD_LETTER_PAYLOAD_BYTES,
     DEAD_LETTER_SCHEMA_VERSION,
     EVENT_TYPES,
@@ -35,13 +35,14 @@ from recsys.events import (
     Event,
     Recommendation,
     RecommendedItem,
+    SearchResult,
     SourcePosition,
     decode_catalog_item,
     decode_event,
     encode,
     recommendation_from_dict,
+    search_result_from_dict,
 )
-from recsys.events import SearchResult, search_result_from_dict  # issue 13
 from recsys.schemas import SCHEMA_DIR, SCHEMA_NAMES, load_schema, validate
 
 INPUTS = ("event", "catalog_item", "control")

@@ -10,11 +10,11 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from recsys.engine import Engine
 from recsys.events import CatalogItem, Envelope, Event, encode
 from recsys.schemas import validate
 from recsys.search import QueryAssociations, Vocabulary, query_key, tokenize
 from recsys.settings import Settings
+from recsys.shard.step import Shard
 
 CATALOG = [
     CatalogItem("tent-blue", "Blue dome tent", category="Camping/Tents", brand="Alpina", price=120.0),
@@ -41,7 +41,7 @@ def _settings(tmp_path, cache, **kw) -> Settings:
 
 @pytest.fixture
 def engine(tmp_path, cache):
-    eng = Engine.open(_settings(tmp_path, cache), in_memory=True)
+    eng = Shard.open(_settings(tmp_path, cache), in_memory=True)
     eng.upsert_catalog(CATALOG)
     eng.search.lexical.rebuild_interval_s = 0.0
     yield eng
@@ -49,9 +49,9 @@ def engine(tmp_path, cache):
 
 
 class Stream:
-    """Feeds events through ``Engine.process`` as a producer would, one batch per call."""
+    """Feeds events through ``Shard.process`` as a producer would, one batch per call."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Shard) -> None:
         self.engine = engine
         self.offset = 0
         self.ts = 1_700_000_000_000
@@ -187,7 +187,7 @@ def test_two_shoppers_get_the_same_query_ranked_by_their_own_history(engine):
 
 
 def test_personalisation_off_ranks_everyone_alike(tmp_path, cache):
-    eng = Engine.open(_settings(tmp_path, cache, search_personalise=False), in_memory=True)
+    eng = Shard.open(_settings(tmp_path, cache, search_personalise=False), in_memory=True)
     eng.upsert_catalog(CATALOG)
     stream = Stream(eng)
     stream.events(("purchase", "alpina-fan", "tent-blue"), ("purchase", "alpina-fan", "bag-down"))
@@ -201,7 +201,7 @@ def test_personalisation_off_ranks_everyone_alike(tmp_path, cache):
 
 def test_associations_survive_a_restart_and_a_redelivered_batch_is_not_learned_twice(tmp_path, cache):
     settings = _settings(tmp_path, cache)
-    eng = Engine.open(settings)
+    eng = Shard.open(settings)
     eng.upsert_catalog(CATALOG)
     stream = Stream(eng)
     stream.events(("search", "s1", "picnic set"), ("purchase", "s1", "x9"))
@@ -209,7 +209,7 @@ def test_associations_survive_a_restart_and_a_redelivered_batch_is_not_learned_t
     assert learned == {"x9": 0.25}
     eng.close()
 
-    again = Engine.open(settings)  # RocksDB state as committed
+    again = Shard.open(settings)  # RocksDB state as committed
     assert again.search.associations.weights(query_key("picnic set")) == learned
     ts = stream.ts
     redelivered = [Envelope("events", 0, o, b"s1", encode(Event(f"r{o}", "purchase", "s1", "x9", ts)), ts) for o in (0, 1)]
@@ -234,7 +234,7 @@ def test_associations_are_bounded():
 
 def test_the_search_reranker_learns_from_engagements_and_survives_a_restart(tmp_path, cache):
     settings = _settings(tmp_path, cache)
-    eng = Engine.open(settings)
+    eng = Shard.open(settings)
     eng.upsert_catalog(CATALOG)
     eng.search.lexical.rebuild_interval_s = 0.0
     stream = Stream(eng)
@@ -243,7 +243,7 @@ def test_the_search_reranker_learns_from_engagements_and_survives_a_restart(tmp_
     learned = eng.search.reranker.w.copy()
     assert eng.search.reranker.examples >= 20 and abs(learned).sum() > 0
     eng.close()
-    again = Engine.open(settings)
+    again = Shard.open(settings)
     assert again.search.reranker.examples == eng.search.reranker.examples
     assert (again.search.reranker.w == learned).all()
     again.close()

@@ -1,4 +1,4 @@
-"""Search end to end through the real graph: producer bytes -> KafkaSource -> Engine -> the
+"""Search end to end through the real graph: producer bytes -> KafkaSource -> Shard -> the
 ``search-results`` KafkaSink, over the in-memory broker and over the real local broker (Tansu).
 
 Every search event gets exactly one schema-valid answer keyed by its user, naming the event it
@@ -14,10 +14,10 @@ import pytest
 from dataflows.kafka_io import KafkaClients, consume_all, ensure_topics, produce_records
 from dataflows.live import live_flow
 from dataflows.runner import run
-from recsys.engine import Engine
 from recsys.events import CatalogItem, Event, encode
 from recsys.schemas import validate
 from recsys.settings import Settings
+from recsys.shard.step import Shard
 
 CATALOG = [
     CatalogItem("tent-blue", "Blue dome tent", category="Camping/Tents", brand="Alpina", price=120.0),
@@ -60,7 +60,7 @@ def _run(clients, settings: Settings, events: list[Event]) -> list:
                             settings.dead_letters_topic: 1, settings.search_results_topic: 2})
     produce_records(clients, settings.catalog_topic, ((c.item_id.encode(), encode(c)) for c in CATALOG))
     produce_records(clients, settings.events_topic, [(e.user_id.encode(), encode(e)) for e in events])
-    engine = Engine.open(settings)
+    engine = Shard.open(settings)
     engine.upsert_catalog(CATALOG)
     run(live_flow(settings, clients, engine=engine), recovery_dir=settings.recovery_dir, snapshot_interval_s=1.0)
     engine.close()

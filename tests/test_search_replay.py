@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from dataflows.cli import main
-from recsys.engine import Engine
 from recsys.events import CatalogItem, Event
 from recsys.search import MODES
 from recsys.search.replay import category_queries, derive_searches, replay_search
 from recsys.settings import Settings
+from recsys.shard.step import Shard
 from recsys.synthetic import generate_catalog, generate_events
+from recsys_cli.main import main
 
 REES46 = Path(__file__).resolve().parents[2] / "shared" / "data" / "rees46" / "2019-Oct_head17k.csv"
 
@@ -34,7 +34,7 @@ def test_the_replay_scores_every_derived_search_in_every_mode(tmp_path):
     catalog = generate_catalog(60, seed=5)
     events, targets = derive_searches(generate_events(1500, catalog, n_users=40, seed=6), category_queries(catalog),
                                       types=("purchase", "add_to_cart"))
-    engine = Engine.open(Settings(embed_cache_dir=str(tmp_path / "emb"), unknown_items="admit"), in_memory=True, emit=False)
+    engine = Shard.open(Settings(embed_cache_dir=str(tmp_path / "emb"), unknown_items="admit"), in_memory=True, emit=False)
     engine.upsert_catalog(catalog)
     result = replay_search(engine, events, targets, k=10, batch_size=200, progress=False)
     engine.close()

@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from recsys.sessions import SessionNeighbours
+from recsys.signals.sessions import SessionNeighbours
 
 MIN = 60_000  # one minute in ms
 
@@ -173,7 +173,7 @@ def test_rejects_non_positive_bounds():
 _RUN = textwrap.dedent(
     """
     import hashlib, random
-    from recsys.sessions import SessionNeighbours
+    from recsys.signals.sessions import SessionNeighbours
     rng = random.Random(11)
     s = SessionNeighbours(k=8, sample_size=5, max_session_len=4, max_sessions=30)
     for t in range(2000):

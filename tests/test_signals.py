@@ -8,8 +8,10 @@ import textwrap
 import orjson
 import pytest
 
-from recsys.signals import EVENT_WEIGHTS, CoVisitation, Popularity
-from recsys.state import MemoryKV
+from recsys.feedback import EVENT_WEIGHTS
+from recsys.signals.covisitation import CoVisitation
+from recsys.signals.popularity import Popularity
+from recsys.store.kv import MemoryKV
 
 H = 3_600_000  # one hour in ms
 
@@ -216,7 +218,8 @@ def test_covisit_item_that_loses_every_neighbour_is_exported_empty():
 _RUN = textwrap.dedent(
     """
     import hashlib, random
-    from recsys.signals import CoVisitation, Popularity
+    from recsys.signals.covisitation import CoVisitation
+    from recsys.signals.popularity import Popularity
     rng = random.Random(11)
     pop, cov = Popularity(1.0), CoVisitation(1.0, max_neighbours=3)
     hist = []

@@ -15,8 +15,8 @@ from operator import itemgetter
 import numpy as np
 import pytest
 
-from recsys.sessions import SessionNeighbours
-from recsys.signals import CoVisitation
+from recsys.signals.covisitation import CoVisitation
+from recsys.signals.sessions import SessionNeighbours
 
 MIN = 60_000
 

@@ -14,15 +14,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from recsys import signals, state
+from recsys import feedback
 from recsys.events import Event
-from recsys.state import (
+from recsys.signals.popularity import Popularity
+from recsys.store import users as user_codec
+from recsys.store.kv import KVStore, RocksKV, StoreClosedError, StoreOpenError
+from recsys.store.users import (
     MAX_PURCHASED,
-    KVStore,
-    RocksKV,
     StateDecodeError,
-    StoreClosedError,
-    StoreOpenError,
     UserState,
     UserStore,
     decode_user,
@@ -126,7 +125,7 @@ def test_rocks_second_open_of_a_live_store_is_refused(tmp_path):
 _WRITER = textwrap.dedent(
     """
     import sys
-    from recsys.state import RocksKV
+    from recsys.store.kv import RocksKV
     kv = RocksKV(sys.argv[1])
     i = 0
     while True:
@@ -264,11 +263,11 @@ def test_bought_counts_purchases_per_item_only():
 def test_records_written_before_bought_existed_decode_with_no_counts():
     s = UserState("u", purchased=["a"], bought={"a": 3})
     raw = encode_user(s)
-    version, flags, updated_ts, meta_len = state._HEADER.unpack_from(raw)
-    meta = orjson.loads(raw[state._HEADER.size : state._HEADER.size + meta_len])
+    version, flags, updated_ts, meta_len = user_codec._HEADER.unpack_from(raw)
+    meta = orjson.loads(raw[user_codec._HEADER.size : user_codec._HEADER.size + meta_len])
     del meta["b"]
     old_meta = orjson.dumps(meta)
-    old = state._HEADER.pack(version, flags, updated_ts, len(old_meta)) + old_meta
+    old = user_codec._HEADER.pack(version, flags, updated_ts, len(old_meta)) + old_meta
     assert decode_user(old).bought == {} and decode_user(old).purchased == ["a"]
 
 
@@ -284,8 +283,8 @@ def test_apply_rejects_vector_of_another_dimension():
         apply(s, ev("click", "b", 1), np.ones(4), offset=1)
 
 
-def test_event_weights_come_from_signals():
-    assert state.EVENT_WEIGHTS is signals.EVENT_WEIGHTS
+def test_user_state_weighs_events_with_the_one_shared_table():
+    assert user_codec.EVENT_WEIGHTS is feedback.EVENT_WEIGHTS
 
 
 # --------------------------------------------------------------------------- codec
@@ -392,7 +391,7 @@ def test_store_delete_user_forgets_them(kv):
 
 def test_store_puts_commit_atomically_with_signal_records(kv):
     users = UserStore(kv, ttl_days=1)
-    pop = signals.Popularity(half_life_h=1)
+    pop = Popularity(half_life_h=1)
     s = UserState("a")
     apply(s, ev("click", "x", 0, user="a"))
     pop.update("x", 2.0, 0)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from recsys.state import RocksKV, StoreCorruptionError
+from recsys.store.kv import RocksKV, StoreCorruptionError
 
 
 def _fill(path: Path) -> None:
@@ -69,26 +69,27 @@ DIM = 8
 
 
 class _Models:
-    """What :class:`ModelStore` reads and writes on an engine: its head and its re-ranker."""
+    """What :class:`ModelSnapshots` reads and writes on an engine: its head and its re-ranker."""
 
     def __init__(self, seed: int) -> None:
         import numpy as np
 
-        from recsys.blend import FEATURES, Blend
-        from recsys.head import Head, HeadConfig
+        from recsys.ranking.features import FEATURES
+        from recsys.ranking.head import Head, HeadConfig
+        from recsys.ranking.reranker import PairwiseReranker
 
         rng = np.random.default_rng(seed)
         vecs = {f"i{j}": rng.normal(size=DIM).astype(np.float32) for j in range(30)}
         lookup = lambda ids: np.stack([vecs[i] for i in ids]) if ids else np.zeros((0, DIM), np.float32)  # noqa: E731
         # the head's seed is part of its config, which a snapshot must match: only the blend's differs
         self.head = Head(HeadConfig(dim=DIM, history_len=5, batch_size=16, n_neg=8, seed=0), lookup)
-        self.blend = Blend(np.linspace(0.1, 1.0, len(FEATURES)), seed=seed, min_examples=1)
+        self.reranker = PairwiseReranker(np.linspace(0.1, 1.0, len(FEATURES)), seed=seed, min_examples=1)
 
 
 def _trained(seed: int = 0) -> _Models:
     import numpy as np
 
-    from recsys.head import Example
+    from recsys.ranking.head import Example
 
     m = _Models(seed)
     rng = np.random.default_rng(seed)
@@ -99,7 +100,7 @@ def _trained(seed: int = 0) -> _Models:
         history.append((item, "click", 1_700_000_000_000 + n * 60_000))
     m.head.learn(examples)
     for _ in range(20):
-        m.blend.learn(rng.normal(size=(10, m.blend.prior.shape[0])), int(rng.integers(10)))
+        m.reranker.learn(rng.normal(size=(10, m.reranker.prior.shape[0])), int(rng.integers(10)))
     return m
 
 
@@ -107,11 +108,11 @@ def test_a_model_snapshot_round_trips_head_and_re_ranker(tmp_path: Path) -> None
     import numpy as np
     import torch
 
-    from recsys.engine import ModelStore, blend_to_json
+    from recsys.shard.snapshots import ModelSnapshots, reranker_to_json
 
     src = _trained(seed=1)
-    assert src.head.n_updates > 0 and src.blend.examples > 0
-    store = ModelStore(tmp_path / "models", 30.0, clock=lambda: 0.0)
+    assert src.head.n_updates > 0 and src.reranker.examples > 0
+    store = ModelSnapshots(tmp_path / "models", 30.0, clock=lambda: 0.0)
     path = store.save(src, force=True)
     dst = _Models(seed=2)  # untrained, another re-ranker seed: everything must come from the file
     assert store.restore(dst) == path.name
@@ -120,17 +121,17 @@ def test_a_model_snapshot_round_trips_head_and_re_ranker(tmp_path: Path) -> None
     assert a["rng"] == b["rng"]
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert torch.equal(a["pop_counts"], b["pop_counts"])
-    assert blend_to_json(src.blend) == blend_to_json(dst.blend)
+    assert reranker_to_json(src.reranker) == reranker_to_json(dst.reranker)
     # and they go on identically: same random draws, same weights after the same update
-    x = np.random.default_rng(5).normal(size=(10, src.blend.prior.shape[0]))
-    src.blend.learn(x, 3), dst.blend.learn(x, 3)
-    assert np.array_equal(src.blend.w, dst.blend.w)
+    x = np.random.default_rng(5).normal(size=(10, src.reranker.prior.shape[0]))
+    src.reranker.learn(x, 3), dst.reranker.learn(x, 3)
+    assert np.array_equal(src.reranker.w, dst.reranker.w)
 
 
 def test_a_model_snapshot_crafted_to_run_code_is_refused_unrun(tmp_path: Path) -> None:
     import pickle
 
-    from recsys.engine import ModelSnapshotError, ModelStore
+    from recsys.shard.snapshots import ModelSnapshotError, ModelSnapshots
 
     marker = tmp_path / "pwned"
 
@@ -146,13 +147,13 @@ def test_a_model_snapshot_crafted_to_run_code_is_refused_unrun(tmp_path: Path) -
     torch.save({"head": None, "blend": pickle.dumps(Exploit())}, models / "models-head-1.pt")
     (models / "models-head-2.pt").write_bytes(pickle.dumps({"head": Exploit()}))
     os.utime(models / "models-head-1.pt", (1_000, 1_000))  # head-2 is the newest: loaded first
-    store = ModelStore(models, 30.0, clock=lambda: 0.0)
+    store = ModelSnapshots(models, 30.0, clock=lambda: 0.0)
     with pytest.raises(ModelSnapshotError, match="models-head-2.pt"):
         store.restore(_Models(seed=0))
     assert not marker.exists()
     # the older file of the old layout: its pickled re-ranker is never unpickled
     (models / "models-head-2.pt").unlink()
     target = _Models(seed=0)
-    before = target.blend.w.copy()
+    before = target.reranker.w.copy()
     assert store.restore(target) == "models-head-1.pt"
-    assert not marker.exists() and (target.blend.w == before).all()
+    assert not marker.exists() and (target.reranker.w == before).all()

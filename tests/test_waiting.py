@@ -1,10 +1,10 @@
-"""recsys/waiting.py: events for items the catalog has not delivered yet wait in state, bounded."""
+"""recsys/shard/waiting.py: events for items the catalog has not delivered yet wait in state, bounded."""
 
 from __future__ import annotations
 
 from recsys.events import Envelope, Event, encode
-from recsys.state import RocksKV
-from recsys.waiting import WaitingRoom
+from recsys.shard.waiting import WaitingRoom
+from recsys.store.kv import RocksKV
 
 
 def _env(ev: Event, offset: int) -> tuple[Envelope, Event]:

@@ -19,7 +19,14 @@ from __future__ import annotations
 import csv
 import os
 
-from recsys.datasets._base import Dataset, SkipLog, csv_rows, day_to_ms, finish, id_catalog
+from recsys.datasets._base import (
+    Dataset,
+    SkipLog,
+    csv_rows,
+    day_to_ms,
+    finish,
+    id_catalog,
+)
 from recsys.events import DecodeError, Event, event_from_dict
 
 NAME = "diginetica"

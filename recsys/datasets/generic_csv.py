@@ -21,9 +21,24 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from recsys.datasets._base import Dataset, SkipLog, csv_rows, finish, id_catalog, iso_to_ms, parse_float
+from recsys.datasets._base import (
+    Dataset,
+    SkipLog,
+    csv_rows,
+    finish,
+    id_catalog,
+    iso_to_ms,
+    parse_float,
+)
 from recsys.datasets.jsonl import load_jsonl_catalog
-from recsys.events import EVENT_TYPES, CatalogItem, DecodeError, Event, catalog_item_from_dict, event_from_dict
+from recsys.events import (
+    EVENT_TYPES,
+    CatalogItem,
+    DecodeError,
+    Event,
+    catalog_item_from_dict,
+    event_from_dict,
+)
 
 _COLUMN_KEYS = ("user_id", "item_id", "ts", "type", "session_id", "price", "quantity", "query")
 _OPTION_KEYS = ("ts_unit", "default_type", "type_map", "delimiter", "name")

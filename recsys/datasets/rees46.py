@@ -16,7 +16,14 @@ from __future__ import annotations
 
 import os
 
-from recsys.datasets._base import Dataset, SkipLog, csv_rows, finish, iso_to_ms, parse_float
+from recsys.datasets._base import (
+    Dataset,
+    SkipLog,
+    csv_rows,
+    finish,
+    iso_to_ms,
+    parse_float,
+)
 from recsys.events import CatalogItem, DecodeError, Event, event_from_dict
 
 NAME = "rees46"

@@ -13,7 +13,14 @@ associations, re-ranked for the shopper. No Kafka or Bytewax here, like the rest
 
 from recsys.search.learned import QueryAssociations, SearchWindows
 from recsys.search.lexical import LexicalIndex
-from recsys.search.service import FEATURES, MODES, SEARCH_VERSION, Ranked, Search, SearchConfig
+from recsys.search.service import (
+    FEATURES,
+    MODES,
+    SEARCH_VERSION,
+    Ranked,
+    Search,
+    SearchConfig,
+)
 from recsys.search.text import Vocabulary, query_key, tokenize
 
 __all__ = [

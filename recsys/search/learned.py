@@ -17,7 +17,7 @@ after three purchases of another, which has then risen to 0.58). Bounded: at mos
 ``max_items`` items per query (the lightest goes) and ``max_queries`` queries (the one least
 recently engaged with goes).
 
-**Crash safety.** Like :class:`recsys.signals.CoVisitation`: ``export_dirty()`` returns the
+**Crash safety.** Like :class:`recsys.signals.covisitation.CoVisitation`: ``export_dirty()`` returns the
 changed records (``b"sqa:" + key``; the open windows under ``b"sqw:" + user``) for the
 engine's one atomic write per batch, ``load(kv)`` restores them, and the engine only feeds
 events above the committed watermark, so a re-delivered event is never learned twice.
@@ -38,7 +38,7 @@ import orjson
 from recsys.feedback import EVENT_WEIGHTS
 
 if TYPE_CHECKING:
-    from recsys.state import KVStore
+    from recsys.store.kv import KVStore
 
 ASSOC_PREFIX = b"sqa:"
 WINDOW_PREFIX = b"sqw:"

@@ -13,7 +13,7 @@ hash of the event id) to bound the replay's time.
 **Such queries favour category matching**: every item of the category matches the query
 word for word, so lexical retrieval alone finds the category and the ranking inside it decides.
 
-The whole stream (with the searches) runs through :meth:`recsys.engine.Engine.process`, the
+The whole stream (with the searches) runs through :meth:`recsys.shard.step.Shard.process`, the
 step the dataflow runs, so the user state, the popularity and the learned associations are
 those of the live system at that moment. At each search, before it is learned from, every
 mode of :data:`recsys.search.MODES` ranks from the same candidates and is scored against the
@@ -32,8 +32,8 @@ from collections import Counter, defaultdict
 from dataclasses import replace
 from typing import Any
 
+from recsys.backtest.metrics import hr_at_k, mrr_at_k, ndcg_at_k
 from recsys.events import CatalogItem, Event
-from recsys.metrics import hr_at_k, mrr_at_k, ndcg_at_k
 from recsys.search.service import MODES
 from recsys.search.text import query_key
 
@@ -147,12 +147,12 @@ class SearchScorer:
 def replay_search(engine: Any, events: list[Event], targets: dict[str, str], *, k: int = 10,
                   batch_size: int = 500, progress: bool = True) -> dict[str, Any]:
     """Run ``events`` (with derived searches) through ``engine.process``, scoring every search."""
-    from recsys.engine import EngineModel
+    from recsys.backtest.system import FullSystem
 
     scorer = SearchScorer(engine.search, targets, k)
     engine.search.observer = scorer
     engine.search.respond = False  # the scorer ranks; the engine's own answer would be the "full" mode again
-    model = EngineModel(engine, batch_size=batch_size)
+    model = FullSystem(engine, batch_size=batch_size)
     start = time.perf_counter()
     step = 50_000
     for i in range(0, len(events), step):
@@ -181,8 +181,8 @@ def add_arguments(parser: Any) -> None:
 
 def run(args: Any, ds: Any, settings: Any, command: str) -> dict[str, Any]:
     """``recsys replay --task search``: derive the searches, replay, write metrics.json + report."""
-    from recsys.engine import Engine
-    from recsys.report import write_report
+    from recsys.backtest.report import write_report
+    from recsys.shard.step import Shard
 
     queries = (completejourney_queries(args.events, ds.catalog) if ds.name == "completejourney"
                else category_queries(ds.catalog))
@@ -190,7 +190,7 @@ def run(args: Any, ds: Any, settings: Any, command: str) -> dict[str, Any]:
     events, targets = derive_searches(ds.events, queries, types=types, sample=args.search_sample)
     print(f"derived {len(targets)} searches ({len(queries)} items with a query; targets {types}, "
           f"sample {args.search_sample})", flush=True)
-    engine = Engine.open(replace(settings, search_k=10), in_memory=args.state_dir is None, emit=False)
+    engine = Shard.open(replace(settings, search_k=10), in_memory=args.state_dir is None, emit=False)
     try:
         engine.upsert_catalog(ds.catalog, progress=True)
         result = replay_search(engine, events, targets, k=10, batch_size=args.batch_size)
@@ -207,9 +207,9 @@ def run(args: Any, ds: Any, settings: Any, command: str) -> dict[str, Any]:
 
 def run_query_log(args: Any, settings: Any, command: str) -> dict[str, Any]:
     """``recsys replay --task search --query-log FILE``: score the engaged item of each logged search."""
-    from recsys.engine import Engine
-    from recsys.report import write_report
+    from recsys.backtest.report import write_report
     from recsys.search.querylog import load_query_log
+    from recsys.shard.step import Shard
 
     mapping = dict(m.split("=", 1) for m in args.map) if args.map else None
     ds, targets = load_query_log(args.query_log, mapping, args.catalog, limit=args.limit, progress=True)
@@ -217,7 +217,7 @@ def run_query_log(args: Any, settings: Any, command: str) -> dict[str, Any]:
         print(f"  skipped {n} row(s): {reason}", flush=True)
     print(f"query log: {len(ds.events)} events, {len(targets)} searches with an engaged item, "
           f"{len(ds.catalog)} items", flush=True)
-    engine = Engine.open(replace(settings, search_k=10), in_memory=args.state_dir is None, emit=False)
+    engine = Shard.open(replace(settings, search_k=10), in_memory=args.state_dir is None, emit=False)
     try:
         engine.upsert_catalog(ds.catalog, progress=True)
         result = replay_search(engine, ds.events, targets, k=10, batch_size=args.batch_size)

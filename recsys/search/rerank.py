@@ -8,7 +8,7 @@ import numpy as np
 import orjson
 
 if TYPE_CHECKING:
-    from recsys.state import KVStore
+    from recsys.store.kv import KVStore
 
 RERANK_KEY = b"sqr:weights"
 
@@ -17,7 +17,7 @@ class SearchReranker:
     """Online pairwise correction to the hand-set search weights, learned from what shoppers
     engage with after a search (the rule of :mod:`recsys.search.learned`).
 
-    Like :class:`recsys.blend.Blend` for recommendations, on the search signals: when the
+    Like :class:`recsys.ranking.reranker.PairwiseReranker` for recommendations, on the search signals: when the
     engaged item was among a search's candidates, it should outscore ``n_negatives`` others of
     the same list drawn at random (seeded), one logistic SGD step on the total score
     ``(prior + w) . (x_pos - x_neg)`` per pair. Off until ``min_examples`` rows were learned.

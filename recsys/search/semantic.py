@@ -14,7 +14,7 @@ def query_embedder(embedder: Any) -> Callable[[list[str]], np.ndarray]:
     """The item embedder's model without its disk cache: queries are arbitrary text, so they
     must not grow the item cache without bound, and an item cache held by another process (a
     replay, the demo) must not make a search wait. The model loads on the first query."""
-    from recsys.embeddings import Embedder
+    from recsys.items.embeddings import Embedder
 
     if not isinstance(embedder, Embedder):
         return embedder.embed  # any TextEmbedder (tests): its own embed

@@ -36,19 +36,27 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from recsys.events import CatalogItem, Envelope, Event, RecommendedItem, SearchResult, encode
+from recsys.events import (
+    CatalogItem,
+    Envelope,
+    Event,
+    RecommendedItem,
+    SearchResult,
+    encode,
+)
+from recsys.feedback import EVENT_WEIGHTS
 from recsys.search.learned import QueryAssociations, SearchWindows
+from recsys.search.lexical import LexicalIndex, item_tokens
 from recsys.search.rerank import SearchReranker
 from recsys.search.semantic import QueryEncoder, query_embedder
-from recsys.search.lexical import LexicalIndex, item_tokens
 from recsys.search.text import query_key, tokenize
-from recsys.feedback import EVENT_WEIGHTS
 
 if TYPE_CHECKING:
-    from recsys.head import Head
-    from recsys.items import ItemSpace
-    from recsys.signals import Popularity
-    from recsys.state import KVStore, UserState
+    from recsys.items.catalog import ItemSpace
+    from recsys.ranking.head import Head
+    from recsys.signals.popularity import Popularity
+    from recsys.store.kv import KVStore
+    from recsys.store.users import UserState
 
 #: Names what ranked a search result (bumped when the ranking changes meaning).
 SEARCH_VERSION = "search-1"

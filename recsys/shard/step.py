@@ -1,0 +1,670 @@
+"""The per-batch step every flow runs: raw messages in, recommendations and dead letters out.
+
+One code path for live runs, replays, benchmarks and tests: the Bytewax dataflow calls
+:meth:`Shard.process` once per polled batch; the plain-Python backtest loop calls the same
+methods. Nothing here knows about Kafka or Bytewax.
+
+Exactly-once effect on state (decided in ARCHITECTURE.md): Bytewax rewinds sources to its last
+snapshot after a crash and re-delivers messages, while RocksDB has already absorbed some of
+them. So each batch is committed to RocksDB in ONE atomic write holding the touched user
+records (each with the last applied offset per partition), the changed global signals, the
+per-partition watermark of what the signals absorbed, the catalog upserts, and the outbox of
+emitted recommendations. A re-delivered message at or below the watermark changes nothing;
+if it triggered a recommendation, the exact bytes emitted the first time are re-emitted from
+the outbox, so output is at-least-once with identical duplicates only.
+
+Shape of one batch::
+
+    [Envelope(topic, partition, offset, key, value, timestamp_ms), ...]
+      -> BatchResult(recommendations=[(user_id, bytes)], dead_letters=[(key, bytes)], ...)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import orjson
+
+from recsys.control import (
+    TOMBSTONE_PREFIX,
+    ControlMessage,
+    decode_control,
+    tombstone_key,
+    user_hash,
+)
+from recsys.events import (
+    OFFSETS_RESET_FROM,
+    OFFSETS_RESET_TO,
+    CatalogItem,
+    DeadLetter,
+    DecodeError,
+    Envelope,
+    Event,
+    Recommendation,
+    RecommendedItem,
+    catalog_item_from_dict,
+    decode_catalog_item,
+    decode_event,
+    encode,
+)
+from recsys.feedback import EVENT_WEIGHTS
+from recsys.items.catalog import ItemSpace
+from recsys.items.embeddings import Embedder
+from recsys.ranking.head import Example, Head, HeadConfig
+from recsys.ranking.recommender import MODEL_VERSION, Recommender, RecommenderConfig
+from recsys.ranking.reranker import PairwiseReranker, QualityMonitor, ShownCache, learn_from_next_item
+from recsys.search import Search, SearchConfig  # issue 13
+from recsys.search.learned import window_key
+from recsys.settings import Settings
+from recsys.shard.outbox import (
+    decode_outbox,
+    encode_outbox,
+    load_offsets,
+    outbox_without,
+    user_without,
+)
+from recsys.shard.snapshots import ModelSnapshots
+from recsys.shard.waiting import WaitingRoom
+from recsys.signals.covisitation import CoVisitation
+from recsys.signals.popularity import Popularity
+from recsys.signals.sessions import SessionNeighbours
+from recsys.store.kv import KVStore, MemoryKV, RocksKV
+from recsys.store.users import USER_PREFIX, UserState, UserStore, user_key
+
+_log = logging.getLogger(__name__)
+
+_ITEM_PREFIX = b"item:"
+_WATERMARK_PREFIX = b"wm:"
+_OUTBOX_PREFIX = b"o:"
+#: ``pos:<topic>:<partition>`` -> the last offset processed, whatever became of the message
+#: (applied, skipped, dead-lettered): checked at start against the recovery offsets
+#: (:func:`dataflows.runner.check_state_against_recovery`).
+_POSITION_PREFIX = b"pos:"
+_OFFSET_RESET_PREFIX = b"rst:"  # rst:<topic>:<partition> -> "<old>><new>": the last source move absorbed
+_LAYOUT_KEY = b"meta:shard"  # "<shard>/<shards>" of the process that wrote this state
+#: A dead letter's key: the refused message's key, cut to this many bytes (ids are <= 256 chars).
+_DEAD_LETTER_KEY_BYTES = 1024
+#: Erasures are logged here, with the id's hash only (``recsys.control.user_hash``). An audit
+#: record must not vanish because nobody configured logging: without a handler of its own the
+#: logger writes INFO to stderr (an application's handlers on the root see it too).
+AUDIT_LOG = logging.getLogger("recsys.audit")
+if not AUDIT_LOG.handlers:
+    _audit_handler = logging.StreamHandler()
+    _audit_handler.setFormatter(logging.Formatter("%(asctime)s recsys.audit %(message)s"))
+    AUDIT_LOG.addHandler(_audit_handler)
+    AUDIT_LOG.setLevel(logging.INFO)
+
+
+class StateLayoutError(RuntimeError):
+    """The state directory was written by a different shard layout (``--shards``)."""
+#: Training examples waiting for a head step; older ones are dropped past this (bounded memory).
+_MAX_PENDING_EXAMPLES = 4096
+
+
+@dataclass
+class ScoredBatch:
+    """Backtests: a batch's valid events and what each of its users would have been shown
+    right before it (the input of :class:`recsys.backtest.protocols.PrequentialScorer`)."""
+
+    events: list[Event]
+    recommended: dict[str, list[str]]
+
+
+@dataclass
+class BatchResult:
+    recommendations: list[tuple[str, bytes]] = field(default_factory=list)  # (user_id, json)
+    dead_letters: list[tuple[str | None, bytes]] = field(default_factory=list)  # (key, json)
+    scored: list[ScoredBatch] = field(default_factory=list)  # only when evaluating
+    counts: Counter = field(default_factory=Counter)
+    # issue 10 (metrics, plain data for dataflows/metrics.py): decoded events by type, and users
+    # with no stored state before this batch (new, or reset after their TTL)
+    event_types: Counter = field(default_factory=Counter)
+    new_users: int = 0
+    search_results: list[tuple[str, bytes]] = field(default_factory=list)  # (user_id, json); issue 13
+
+
+class Shard:
+    """User state, global signals, items and the recommender behind one ``process`` call."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        kv: KVStore,
+        embedder: Embedder,
+        *,
+        clock: Callable[[], float] = time.time,
+        evaluate: bool = False,
+        eval_k: int = 20,
+        emit: bool = True,
+    ):
+        self.settings = settings
+        self.kv = kv
+        self.clock = clock
+        self.evaluate = evaluate
+        self.eval_k = eval_k
+        self.emit = emit  # False: a backtest that only scores skips the output recommendations
+        # Backtest ablation (issue 14): after freeze(), the head, the re-ranker, co-visitation,
+        # transitions and popularity stop learning; user state and session memory go on.
+        self.learning = True
+        self.users = UserStore(kv, ttl_days=settings.state_ttl_days)
+        self.embedder = embedder
+        self.items = ItemSpace(embedder)
+        self.popularity = Popularity(half_life_h=settings.popularity_half_life_h)
+        self.covisit = CoVisitation(
+            half_life_h=settings.covisit_half_life_h, max_neighbours=settings.covisit_neighbours, window=5
+        )
+        # directed, adjacent pairs only: "what did people engage with right after this item"
+        self.transitions = CoVisitation(
+            half_life_h=settings.covisit_half_life_h, max_neighbours=settings.covisit_neighbours, window=1, directed=True
+        )
+        # whole-session neighbours (V-SKNN): the strongest signal on anonymous click sessions
+        self.sessions = SessionNeighbours()
+        self._check_layout(kv, settings)
+        self.popularity.load(kv)
+        self.covisit.load(kv)
+        self.transitions.load(kv)
+        self.sessions.load(kv)
+        self.watermarks: dict[tuple[str, int], int] = {}
+        for key, value in kv.iter_prefix(_WATERMARK_PREFIX):
+            topic, _, partition = key[len(_WATERMARK_PREFIX) :].decode().rpartition(":")
+            self.watermarks[(topic, int(partition))] = int(value)
+        self.positions = load_offsets(kv, _POSITION_PREFIX)  # (topic, partition) -> last offset processed
+        # erased users: id hash -> erasure time (events older than that are dropped)
+        self.tombstones: dict[str, int] = {
+            key[len(TOMBSTONE_PREFIX) :].decode(): int(orjson.loads(v)["erased_at"]) for key, v in kv.iter_prefix(TOMBSTONE_PREFIX)
+        }
+        # the incremental expiry sweep: the next user key to look at, and the stream's clock
+        # (newest applied event time; events too far ahead of the broker never get here)
+        self._sweep_from = b""
+        self._stream_ts = 0
+        stored_items = [catalog_item_from_dict(orjson.loads(v)) for _, v in kv.iter_prefix(_ITEM_PREFIX)]
+        if stored_items:
+            self.items.upsert(stored_items)
+        # Online re-ranking: the blend learns from what users did after what we showed them;
+        # the monitor (river: rolling mean + ADWIN) tracks that hit rate and counts drops.
+        rec_config = RecommenderConfig(k=settings.top_k)
+        self.reranker = PairwiseReranker(rec_config.weights.vector(), seed=settings.seed)
+        self.shown = ShownCache()
+        self.monitor = QualityMonitor()
+        self.head: Head | None = None
+        self._pending: list[Example] = []  # head training examples not yet learned
+        if settings.head_enabled:
+            import torch
+
+            # One thread: the head's per-batch tensors are small, and a second thread only adds
+            # synchronisation (measured 4x slower on 2-event batches); bulk embedding raises it.
+            torch.set_num_threads(1)
+            self.head = Head(
+                HeadConfig(dim=embedder.dim, lr=settings.head_lr, max_steps_per_call=settings.head_steps_per_batch, seed=settings.seed),
+                self.items.index.vectors_or_zero,
+            )
+        # In-memory engines (backtests) neither load nor write model snapshots, nor sweep
+        # (their input is finite, and a MemoryKV scan from a key sorts the whole store).
+        persistent = self._persistent = not isinstance(kv, MemoryKV)
+        self.models = ModelSnapshots(Path(settings.state_dir) / "models" if persistent else None, settings.head_snapshot_interval_s, clock)
+        self.models.restore(self)
+        self.recommender = Recommender(
+            self.items, self.popularity, self.covisit, rec_config,
+            reranker=self.reranker, head=self.head, transitions=self.transitions, sessions=self.sessions,
+        )
+        # issue 13: search (recsys/search); its learned associations commit with the other signals
+        self.search = Search(self.items, self.popularity, SearchConfig(k=settings.search_k, personalise=settings.search_personalise),
+                             head=self.head, clock=clock)
+        self.search.upsert(list(self.items.catalog.items.values()))
+        self.search.load(kv)
+        self.totals: Counter = Counter()
+        # issue 10: an event whose item is not in the catalog yet waits for it (bounded, in state;
+        # recsys/shard/waiting.py). Not in backtests that admit unknown items, nor in a run that stops
+        # at the end seen at start: the catalog was read to that end before any event.
+        wait_s = 0.0 if settings.unknown_items == "admit" or settings.stop_at_end else settings.unknown_item_wait_s
+        self.waiting = WaitingRoom(kv, wait_s, clock, settings.max_message_bytes)
+
+    @staticmethod
+    def _check_layout(kv: KVStore, settings: Settings) -> None:
+        """Refuse state written under another shard count: users belong to shards by partition,
+        so with another count some of them (and their partitions' offsets) live elsewhere."""
+        layout = f"{settings.shard}/{settings.shards}".encode()
+        stored = kv.get(_LAYOUT_KEY)
+        if stored is None:
+            kv.write({_LAYOUT_KEY: layout})
+        elif stored != layout:
+            old_shard, _, old_shards = stored.decode().partition("/")
+            raise StateLayoutError(
+                f"the state in {settings.state_dir} was written by shard {old_shard} of {old_shards}, and this "
+                f"process is shard {settings.shard} of {settings.shards}: a new shard count moves users between "
+                f"shards. Keep --processes/--shards {old_shards}, or start from new state and recovery directories."
+            )
+
+    @classmethod
+    def open(cls, settings: Settings, *, evaluate: bool = False, in_memory: bool = False, emit: bool = True) -> "Shard":
+        """An engine on the RocksDB state directory and embedding cache named by ``settings``."""
+        if in_memory:
+            kv: KVStore = MemoryKV()
+        else:
+            Path(settings.state_dir).mkdir(parents=True, exist_ok=True)
+            kv = RocksKV(str(Path(settings.state_dir) / "rocks"))
+        embedder = Embedder(settings.model_name, settings.embed_cache_dir, batch_size=settings.embed_batch_size)
+        try:
+            return cls(settings, kv, embedder, evaluate=evaluate, emit=emit)
+        except BaseException:
+            kv.close()  # a refused state directory stays openable by the next attempt
+            embedder.close()
+            raise
+
+    def close(self) -> None:
+        self.models.save(self, force=True)
+        self.kv.close()
+        self.embedder.close()
+
+    @property
+    def model_version(self) -> str:
+        """Names what produced a recommendation: the blend and the head snapshot in use."""
+        return MODEL_VERSION if self.head is None else f"{MODEL_VERSION}+{self.head.version}"
+
+    # ------------------------------------------------------------------ catalog
+
+    def upsert_catalog(self, items: list[CatalogItem], *, progress: bool = False) -> int:
+        """Add or update items (embedding only new or changed text) and persist them."""
+        if not items:
+            return 0
+        changed = self.items.upsert(items, progress=progress)
+        self.search.upsert(items)  # issue 13
+        self.kv.write({_ITEM_PREFIX + i.item_id.encode(): encode(i) for i in items})
+        return changed
+
+    # ------------------------------------------------------------------ the step
+
+    def process(self, envelopes: list[Envelope]) -> BatchResult:
+        """Decode, validate, apply and recommend for one batch; commit it atomically."""
+        result = BatchResult()
+        counts = result.counts
+        now_ms = int(self.clock() * 1000)
+        catalog_topic = self.settings.catalog_topic
+        control_topic = self.settings.control_topic
+        max_bytes = self.settings.max_message_bytes
+        if any(env.extra for env in envelopes):
+            envelopes = self._absorb_offset_resets(envelopes)
+
+        # 1. catalog first, so an item and its first event in one batch work in either order
+        catalog_items: list[CatalogItem] = []
+        controls: list[tuple[Envelope, ControlMessage]] = []
+        events: list[tuple[Envelope, Event]] = []
+        for env in envelopes:
+            try:
+                if env.topic == catalog_topic:
+                    counts["catalog_in"] += 1
+                    catalog_items.append(decode_catalog_item(env.value, max_bytes))
+                elif env.topic == control_topic:
+                    counts["control_in"] += 1
+                    controls.append((env, decode_control(env.value, max_bytes)))
+                else:
+                    counts["events_in"] += 1
+                    event = decode_event(env.value, max_bytes)
+                    if env.key != event.user_id.encode():
+                        self._check_key(env, event, counts)
+                    events.append((env, event))
+            except DecodeError as exc:
+                self._dead_letter(result, env, str(exc), now_ms)
+        result.event_types.update(event.type for _, event in events)
+        puts: dict[bytes, bytes] = self._advance_positions(envelopes)
+        if catalog_items:
+            self.items.upsert(catalog_items)
+            self.search.upsert(catalog_items)  # issue 13
+            for item in catalog_items:
+                puts[_ITEM_PREFIX + item.item_id.encode()] = encode(item)
+        # erasures before any event of the batch: committed at once, so no event below can
+        # read the erased records back
+        for env, message in controls:
+            self._apply_control(env, message, now_ms, counts)
+
+        # 2. validate against the catalog, group by user (keeping each user's order)
+        # issue 10: events for items not in the catalog yet wait for it (recsys/shard/waiting.py)
+        waited = self.waiting.sort(events, self.items.catalog, self.watermarks)
+        events = waited.ready
+        puts.update(waited.puts)
+        if waited.parked:
+            counts["waited"] += waited.parked
+        for env, event in waited.expired:
+            if self.tombstones and self._erased_before(event):
+                counts["forgotten_dropped"] += 1  # an erased user's data is never published again
+                continue
+            self._dead_letter(result, env, f"field 'item_id': unknown item {event.item_id!r} (not in the catalog "
+                                           f"after waiting {self.waiting.wait_s:g} s)", now_ms)
+        by_user: dict[str, list[tuple[Envelope, Event]]] = {}
+        admit_unknown = self.settings.unknown_items == "admit"
+        for env, event in events:
+            ahead = self._ahead_of_broker(env, event)
+            if ahead is not None:
+                self._dead_letter(result, env, ahead, now_ms)
+                continue
+            if self.tombstones and self._erased_before(event):
+                counts["forgotten_dropped"] += 1  # no dead letter: it would publish their data again
+                continue
+            if event.item_id is not None and event.item_id not in self.items.catalog:
+                if not admit_unknown:
+                    self._dead_letter(result, env, f"field 'item_id': unknown item {event.item_id!r} (not in the catalog)", now_ms)
+                    continue
+                self.items.upsert([CatalogItem(event.item_id, title=f"item {event.item_id}")])
+            by_user.setdefault(event.user_id, []).append((env, event))
+        counts["valid_events"] += sum(len(v) for v in by_user.values())
+        if not by_user:
+            self._commit(puts, waited.deletes)
+            self.totals.update(counts)
+            return result
+
+        user_ids = list(by_user)
+        # expiry per user, against the user's own next event: no event may reset another user
+        states = self.users.get_many(user_ids, now_ts={u: evs[0][1].ts for u, evs in by_user.items()})
+        outboxes = self._load_outboxes(user_ids)
+        result.new_users = sum(1 for state in states.values() if not state.last_applied)
+
+        # 3. what we would have shown each user right before this batch (backtests only)
+        if self.evaluate:
+            self._score_before(result, [ev for _, ev in events if ev.user_id in by_user], states)
+
+        # 3b. issue 13: answer the batch's searches from the state before it; learn from its new events
+        result.search_results = self.search.step(by_user, states, self.watermarks, now_ms, self.model_version)
+        counts["search_results"] += len(result.search_results)
+
+        # 4. apply: signals first (they need the history before the event), then user state
+        fresh_users: list[str] = []
+        reemit: list[tuple[str, bytes]] = []
+        examples: list[Example] = []  # for the head: each newly applied event, after its history
+        # Offsets are checked against the watermark as committed before this batch: users are
+        # processed in turn, not in offset order, so the watermark only moves at the end.
+        committed = dict(self.watermarks)
+        for user_id, user_events in by_user.items():
+            state = states[user_id]
+            applied_any = False
+            self._learn_from_shown(user_id, user_events, committed, counts)
+            for env, event in user_events:
+                wm_key = (env.topic, env.partition)
+                if env.offset <= committed.get(wm_key, -1) and (env.topic, env.partition, env.offset) not in waited.released:
+                    counts["redelivered_skipped"] += 1
+                    stored = outboxes.get(user_id, {}).get((env.partition, env.offset))
+                    if stored is not None:
+                        reemit.append((user_id, stored))
+                    continue
+                if state.is_duplicate(event.event_id):  # a producer retry: absorbed, not applied
+                    counts["duplicates"] += 1
+                    self._advance_watermark(env, puts)
+                    continue
+                if event.item_id is not None:
+                    if self.learning:
+                        self.covisit.update(state.history, event.item_id, event.type, event.ts)
+                        self.transitions.update(state.history, event.item_id, event.type, event.ts)
+                        self.popularity.update(event.item_id, EVENT_WEIGHTS[event.type], event.ts)
+                    self.sessions.update(event.user_id, event.session_id, event.item_id, event.ts)
+                vector = self.items.vector(event.item_id) if event.item_id is not None else None
+                if self.head is not None and event.item_id is not None and state.history:
+                    examples.append(Example(list(state.history), event.item_id, event.type, event.ts))
+                state.apply(
+                    event,
+                    vector,
+                    env.partition,
+                    env.offset,
+                    history_len=self.settings.history_len,
+                    half_life_h=self.settings.interest_half_life_h,
+                    dedup_window=self.settings.dedup_window,
+                )
+                self._advance_watermark(env, puts)
+                self._stream_ts = max(self._stream_ts, event.ts)
+                applied_any = True
+                counts["applied"] += 1
+            if applied_any:
+                fresh_users.append(user_id)
+
+        # 5. learn once a full training batch has accumulated (a bounded buffer, so the cost per
+        #    event is fixed however the stream is batched); only newly applied events enter it,
+        #    so a re-delivery is never learned twice (a crash loses the buffer: never learned)
+        self._pending.extend(examples)
+        del self._pending[: -_MAX_PENDING_EXAMPLES]
+        if self.head is not None and self.learning and len(self._pending) >= self.head.config.batch_size:
+            examples, self._pending = self._pending, []
+            stats = self.head.learn(examples)
+            counts["head_steps"] += stats["steps"]
+        self.models.save(self)
+
+        # 6. recommend for every user with a newly applied event (coalesced per batch)
+        if fresh_users and self.emit:
+            now_ts = max(by_user[u][-1][1].ts for u in fresh_users)
+            ranked = self.recommender.rank([states[u] for u in fresh_users], now_ts)
+            for user_id, (items, shown) in zip(fresh_users, ranked):
+                self.shown.put(user_id, shown)
+                env, trigger = by_user[user_id][-1]
+                payload = encode(self._recommendation(user_id, items, trigger, now_ms))
+                result.recommendations.append((user_id, payload))
+                box = outboxes.setdefault(user_id, {})
+                box[(env.partition, env.offset)] = payload
+                puts[_OUTBOX_PREFIX + user_id.encode()] = encode_outbox(box)
+        result.recommendations.extend(reemit)
+        counts["recommendations"] += len(result.recommendations)
+        counts["reemitted"] += len(reemit)
+
+        # 7. one atomic write: users + signals + watermarks + outboxes + catalog + expired users
+        puts.update(self.users.puts([states[u] for u in fresh_users]))
+        self._commit(puts, [*waited.deletes, *self._sweep(by_user, counts)])
+        self.totals.update(counts)
+        return result
+
+    # ------------------------------------------------------------------ helpers
+
+    def _advance_watermark(self, env: Envelope, puts: dict[bytes, bytes]) -> None:
+        """Record that the message at ``env`` is absorbed (written with this batch)."""
+        wm_key = (env.topic, env.partition)
+        if env.offset > self.watermarks.get(wm_key, -1):
+            self.watermarks[wm_key] = env.offset
+            puts[_WATERMARK_PREFIX + f"{env.topic}:{env.partition}".encode()] = str(env.offset).encode()
+
+    def _ahead_of_broker(self, env: Envelope, event: Event) -> str | None:
+        """The dead-letter reason for an event time further ahead of its message's broker
+        timestamp than ``max_event_ahead_s`` (a producer clock bug: absorbed, it would push
+        the decay clocks of trending and co-visitation far ahead); None when it is fine or
+        the broker time is unknown (0)."""
+        limit_ms = self.settings.max_event_ahead_s * 1000
+        if limit_ms <= 0 or env.timestamp_ms <= 0 or event.ts - env.timestamp_ms <= limit_ms:
+            return None
+        return (
+            f"field 'ts': {event.ts} is {(event.ts - env.timestamp_ms) / 1000:.0f} s ahead of the message's broker "
+            f"timestamp {env.timestamp_ms} (limit RECSYS_MAX_EVENT_AHEAD_S={self.settings.max_event_ahead_s:g})"
+        )
+
+    def _commit(self, puts: dict[bytes, bytes], deletes: list[bytes] = ()) -> None:
+        puts.update(self.popularity.export_dirty())
+        puts.update(self.covisit.export_dirty())
+        puts.update(self.transitions.export_dirty())
+        puts.update(self.sessions.export_dirty())
+        puts.update(self.search.export_dirty())  # issue 13
+        if puts or deletes:
+            self.kv.write(puts, deletes)
+
+    def _check_key(self, env: Envelope, event: Event, counts: Counter) -> None:
+        """An event whose Kafka key is not its ``user_id`` (or that has none) may sit in another
+        partition than the user's other events. One process holds every partition: it is
+        applied and counted (``key_mismatch``). With shards it would live on a shard that does not
+        own the user and split their state: it is refused (a dead letter naming both)."""
+        if self.settings.shards == 1:
+            counts["key_mismatch"] += 1
+            return
+        key = "no key" if env.key is None else f"key {env.key[:64].decode('utf-8', 'replace')!r}"
+        raise DecodeError(
+            f"key: {key} is not the event's user_id {event.user_id!r}; with {self.settings.shards} shards the user's "
+            f"events must all be keyed by user_id to reach the shard that owns them (producers: key by user_id)"
+        )
+
+    def _advance_positions(self, envelopes: list[Envelope]) -> dict[bytes, bytes]:
+        """``pos:`` records for what this batch consumed, where it moved a partition forward."""
+        puts: dict[bytes, bytes] = {}
+        for env in envelopes:
+            key = (env.topic, env.partition)
+            if env.offset > self.positions.get(key, -1):
+                self.positions[key] = env.offset
+                puts[_POSITION_PREFIX + f"{env.topic}:{env.partition}".encode()] = str(env.offset).encode()
+        return puts
+
+    def _absorb_offset_resets(self, envelopes: list[Envelope]) -> list[Envelope]:
+        """Take the source's control envelopes out of the batch (:data:`OFFSETS_RESET_FROM`):
+        the source moved a partition's position because its log lost the flow's offset. Record
+        the new position; when the offsets went backwards (the topic was re-created), the old
+        ones mean nothing any more, so first forget every mark of them (the watermark, each
+        user's last applied offset, outbox entries), before the new log's messages are applied.
+        Once per move: it is recorded under ``rst:`` last, so a crash part-way repeats it, and the
+        same move sent again after a crash (recovery still at the old offset) is not repeated."""
+        kept = []
+        for env in envelopes:
+            old, new = env.extra.get(OFFSETS_RESET_FROM), env.extra.get(OFFSETS_RESET_TO)
+            if old is None or new is None:
+                kept.append(env)
+                continue
+            tag = f"{env.topic}:{env.partition}".encode()
+            done = self.kv.get(_OFFSET_RESET_PREFIX + tag) == f"{old}>{new}".encode()
+            if new < old and not done:
+                _log.warning("%s[%d]: offsets went backwards (%d -> %d): forgetting the old ones", env.topic, env.partition, old, new)
+                if env.topic != self.settings.catalog_topic:  # users and outboxes hold events offsets only
+                    for prefix, rewrite in ((USER_PREFIX, user_without), (_OUTBOX_PREFIX, outbox_without)):
+                        puts: dict[bytes, bytes] = {}
+                        for key, raw in self.kv.iter_prefix(prefix):
+                            changed = rewrite(raw, env.partition)
+                            if changed is not None:
+                                puts[key] = changed
+                            if len(puts) >= 10_000:
+                                self.kv.write(puts)
+                                puts = {}
+                        self.kv.write(puts)
+                self.watermarks.pop((env.topic, env.partition), None)
+                self.kv.write({}, [_WATERMARK_PREFIX + tag])
+            if not done:
+                # the source's position is now `new`: everything below it counts as processed
+                self.positions[(env.topic, env.partition)] = new - 1
+                self.kv.write({_POSITION_PREFIX + tag: str(new - 1).encode(), _OFFSET_RESET_PREFIX + tag: f"{old}>{new}".encode()})
+        return kept
+    def _sweep(self, batch_users: dict, counts: Counter) -> list[bytes]:
+        """One bounded step of the expiry sweep: of the next ``sweep_keys_per_batch`` user
+        records (a cursor over ``u:`` keys, wrapping around), the keys of those idle longer
+        than the TTL at the stream's clock, with their outboxes, to delete in this batch's
+        write. Users of this batch are never deleted (their records are being written).
+
+        The slice is ``sweep_keys_per_batch`` keys, or twice the batch's users if more: a batch
+        adds at most that many users, so a full pass always outpaces new users and the number
+        of stored users stays within a small multiple of those active within the TTL."""
+        if self.settings.sweep_keys_per_batch <= 0 or not self._persistent or self._stream_ts == 0:
+            return []
+        limit = max(self.settings.sweep_keys_per_batch, 2 * len(batch_users))
+        expired, self._sweep_from = self.users.sweep_slice(self._stream_ts, self._sweep_from, limit)
+        doomed = [u for u in expired if u not in batch_users]
+        counts["swept_users"] += len(doomed)
+        return [key for u in doomed for key in (user_key(u), _OUTBOX_PREFIX + u.encode(), window_key(u))]
+
+    # ------------------------------------------------------------------ erasure
+
+    def forget(self, user_ids: list[str], *, erased_at_ms: int | None = None, source: str = "cli") -> int:
+        """Erase users (the right to be forgotten) in one atomic write; returns how many.
+
+        Deleted: the user record (with its dedup window), the outbox of past recommendations,
+        every session of theirs (:meth:`SessionNeighbours.forget_user`) and, in memory, what
+        they were last shown. Written: a tombstone ``fg:<sha256 of id>`` with the erasure time
+        (``erased_at_ms``, default now): their events older than that are dropped, newer ones
+        start a new user. Each erasure is logged to ``recsys.audit`` with the id's hash only.
+        Global aggregates (popularity, co-visitation, the head) hold no ids and are kept.
+        """
+        erased_at = int(self.clock() * 1000) if erased_at_ms is None else erased_at_ms
+        puts: dict[bytes, bytes] = {}
+        deletes: list[bytes] = []
+        for user_id in dict.fromkeys(user_ids):
+            deletes.extend(self._erase(user_id, erased_at, source, puts))
+        self._commit(puts, deletes)
+        return len(dict.fromkeys(user_ids))
+
+    def _erase(self, user_id: str, erased_at: int, source: str, puts: dict[bytes, bytes]) -> list[bytes]:
+        """The keys to delete and the tombstone to write (into ``puts``) for one erasure."""
+        deletes = [user_key(user_id), _OUTBOX_PREFIX + user_id.encode(), *self.sessions.forget_user(user_id),
+                   *self.waiting.forget_user(user_id), *self.search.forget_user(user_id)]
+        self.shown.discard(user_id)
+        digest = user_hash(user_id)
+        erased_at = max(erased_at, self.tombstones.get(digest, 0))
+        self.tombstones[digest] = erased_at
+        puts[tombstone_key(user_id)] = orjson.dumps({"erased_at": erased_at, "source": source})
+        AUDIT_LOG.info("forget_user user_sha256=%s erased_at=%d source=%s keys_deleted=%d", digest, erased_at, source, len(deletes))
+        return deletes
+
+    def _apply_control(self, env: Envelope, message: ControlMessage, now_ms: int, counts: Counter) -> None:
+        """One control message, committed in its own atomic write with its offset (so a
+        re-delivered request is skipped, and a crash before the write re-runs it whole)."""
+        if env.offset <= self.watermarks.get((env.topic, env.partition), -1):
+            counts["redelivered_skipped"] += 1
+            return
+        puts: dict[bytes, bytes] = {}
+        source = f"{env.topic}:{env.partition}:{env.offset}"
+        deletes = self._erase(message.user_id, env.timestamp_ms or now_ms, source, puts)
+        self._advance_watermark(env, puts)
+        self._commit(puts, deletes)
+        counts["forgotten"] += 1
+
+    def _erased_before(self, event: Event) -> bool:
+        """Whether ``event``'s user was erased at or after the event's time."""
+        erased_at = self.tombstones.get(user_hash(event.user_id))
+        return erased_at is not None and event.ts <= erased_at
+
+    def _dead_letter(self, result: BatchResult, env: Envelope, reason: str, now_ms: int) -> None:
+        letter = DeadLetter(payload=env.value, reason=reason, source=env.position, failed_at=now_ms)
+        # the key is bounded like the payload: a poison message's key must not outgrow the request
+        key = env.key[:_DEAD_LETTER_KEY_BYTES].decode("utf-8", "replace") if env.key else None
+        result.dead_letters.append((key, encode(letter)))
+        result.counts["dead_letters"] += 1
+
+    def _recommendation(self, user_id: str, items: list[RecommendedItem], trigger: Event, now_ms: int) -> Recommendation:
+        return Recommendation(
+            user_id=user_id,
+            items=tuple(items),
+            trigger_event_id=trigger.event_id,
+            model_version=self.model_version,
+            event_ts=trigger.ts,
+            emitted_at=max(now_ms, int(self.clock() * 1000)),
+        )
+
+    def _load_outboxes(self, user_ids: list[str]) -> dict[str, dict[tuple[int, int], bytes]]:
+        raw = self.kv.multi_get([_OUTBOX_PREFIX + u.encode() for u in user_ids])
+        return {u: decode_outbox(r) for u, r in zip(user_ids, raw) if r is not None}
+
+    def _score_before(self, result: BatchResult, events: list[Event], states: dict[str, UserState]) -> None:
+        users = list(dict.fromkeys(ev.user_id for ev in events if ev.item_id is not None))
+        ranked = self.recommender.rank([states[u] for u in users], events[0].ts, self.eval_k, explain=False) if users else []
+        recommended = {}
+        for u, (items, shown) in zip(users, ranked):
+            recommended[u] = [i.item_id for i in items]
+            self.shown.put(u, shown)
+        result.scored.append(ScoredBatch(events, recommended))
+
+    def freeze(self) -> None:
+        """Stop all learning from here on (backtest ablation: what learning online adds)."""
+        self.learning = False
+
+    def recommend_for(
+        self, user_ids: list[str], now_ts: int, k: int | None = None, *, explain: bool = True, remember: bool = False
+    ) -> list[list[RecommendedItem]]:
+        """Recommendations for users from committed state. ``remember``: count them as shown,
+        so the re-ranker learns from what these users do next (backtests); else no side effect."""
+        states = self.users.get_many(user_ids, now_ts=now_ts)
+        ranked = self.recommender.rank([states[u] for u in user_ids], now_ts, k, explain=explain)
+        if remember:
+            for user_id, (_, shown) in zip(user_ids, ranked):
+                self.shown.put(user_id, shown)
+        return [items for items, _ in ranked]
+
+    def _learn_from_shown(self, user_id: str, user_events, committed: dict, counts: Counter) -> None:
+        """Teach the re-ranker with the user's first new event (one with an item, not a re-delivery)
+        against what they were last shown (:func:`recsys.ranking.reranker.learn_from_next_item`)."""
+        shown = self.shown.get(user_id)
+        if shown is None or not shown.items or not (self.learning and self.settings.rerank_enabled):
+            return
+        for env, event in user_events:
+            if event.item_id is None or env.offset <= committed.get((env.topic, env.partition), -1):
+                continue
+            if learn_from_next_item(self.reranker, self.monitor, self.shown, user_id, event.item_id, self.settings.top_k):
+                counts["drift_detected"] += 1
+            return

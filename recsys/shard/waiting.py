@@ -1,0 +1,144 @@
+"""Events whose item the catalog has not delivered yet wait, for a bounded time, in state.
+
+The catalog and the events are two topics: a shop that announces an item and a shopper who
+clicks it a moment later can reach the flow in the other order. So an event for an item not
+(yet) in the catalog is parked instead of being dead-lettered at once; it is applied as soon as
+the item arrives, or dead-lettered as an unknown item once it has waited ``wait_s`` seconds
+(``RECSYS_UNKNOWN_ITEM_WAIT_S``). Each user's events keep their order: while one of a user's
+events waits, the user's later events wait behind it.
+
+Crash safety: parked events live in the engine's RocksDB (``wait:<topic>:<partition>:<offset>``
+-> the raw message and its deadline), written and deleted in the batch's one atomic write. So a
+parked event survives a crash although Bytewax has moved its source offset on, and a
+re-delivered copy of a parked event is dropped here. An unknown-item event at or below the
+partition's committed watermark that is not parked was dead-lettered before (the partition is
+read in order): it is dead-lettered again at once (at-least-once, like every output).
+
+Time is the engine's clock (wall time); the flow calls the engine on a timer too, so a parked
+event meets its deadline on an idle stream. With ``wait_s == 0`` nothing waits.
+
+>>> from recsys.store.kv import MemoryKV
+>>> from recsys.events import Envelope, Event, encode
+>>> now = [0.0]
+>>> room = WaitingRoom(MemoryKV(), wait_s=2.0, clock=lambda: now[0])
+>>> ev = Event("e1", "click", "u1", "new-item", ts=0)
+>>> sorted_ = room.sort([(Envelope("events", 0, 7, b"u1", encode(ev)), ev)], known=set(), committed={})
+>>> (len(sorted_.ready), len(sorted_.expired), len(room))
+(0, 0, 1)
+>>> later = room.sort([], known={"new-item"}, committed={})  # the catalog caught up
+>>> ([e.event_id for _, e in later.ready], len(room), later.released)
+(['e1'], 0, {('events', 0, 7)})
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable, Container
+from dataclasses import dataclass, field
+
+import orjson
+
+from recsys.events import DecodeError, Envelope, Event, decode_event
+from recsys.store.kv import KVStore
+
+WAIT_PREFIX = b"wait:"
+
+Position = tuple[str, int, int]  # topic, partition, offset
+
+
+def _key(pos: Position) -> bytes:
+    topic, partition, offset = pos
+    return WAIT_PREFIX + f"{topic}:{partition}:{offset:020d}".encode()
+
+
+@dataclass
+class Sorted:
+    """One batch's events after the waiting room: ``ready`` to apply (released ones first, each
+    user's order kept), ``expired`` to dead-letter as unknown items, ``released`` = positions of
+    parked events applied now (below the watermark, yet never applied), and the KV changes."""
+
+    ready: list[tuple[Envelope, Event]] = field(default_factory=list)
+    expired: list[tuple[Envelope, Event]] = field(default_factory=list)
+    released: set[Position] = field(default_factory=set)
+    puts: dict[bytes, bytes] = field(default_factory=dict)
+    deletes: list[bytes] = field(default_factory=list)
+    parked: int = 0
+
+
+class WaitingRoom:
+    """Parked events by user, in arrival order, persisted in ``kv``."""
+
+    def __init__(self, kv: KVStore, wait_s: float, clock: Callable[[], float], max_message_bytes: int = 1 << 20):
+        self.wait_s = wait_s
+        self.clock = clock
+        # user -> [(envelope, event, deadline)], oldest first
+        self.queues: dict[str, list[tuple[Envelope, Event, float]]] = {}
+        self.positions: set[Position] = set()
+        for _, raw in kv.iter_prefix(WAIT_PREFIX):
+            topic, partition, offset, key, value, ts, deadline = orjson.loads(raw)
+            env = Envelope(topic, partition, offset, base64.b64decode(key) if key is not None else None,
+                           base64.b64decode(value), ts)
+            try:
+                event = decode_event(env.value, max_message_bytes)
+            except DecodeError:  # it decoded when parked; a changed limit must not stop start-up
+                continue
+            self.queues.setdefault(event.user_id, []).append((env, event, deadline))
+            self.positions.add((topic, partition, offset))
+        for queue in self.queues.values():
+            queue.sort(key=lambda q: (q[0].topic, q[0].partition, q[0].offset))
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def sort(self, events: list[tuple[Envelope, Event]], known: Container[str],
+             committed: dict[tuple[str, int], int]) -> Sorted:
+        """Release what the catalog now knows, expire what waited too long, park what must wait."""
+        out = Sorted()
+        if self.wait_s <= 0 and not self.positions:
+            out.ready = events
+            return out
+        now = self.clock()
+        for user, queue in list(self.queues.items()):
+            while queue:
+                env, event, deadline = queue[0]
+                if event.item_id is None or event.item_id in known:
+                    out.ready.append((env, event))
+                    out.released.add((env.topic, env.partition, env.offset))
+                elif now >= deadline or self.wait_s <= 0:
+                    out.expired.append((env, event))
+                else:
+                    break
+                queue.pop(0)
+                self.positions.discard((env.topic, env.partition, env.offset))
+                out.deletes.append(_key((env.topic, env.partition, env.offset)))
+            if not queue:
+                del self.queues[user]
+        for env, event in events:
+            pos = (env.topic, env.partition, env.offset)
+            if pos in self.positions:
+                continue  # a re-delivered copy of a parked event
+            unknown = event.item_id is not None and event.item_id not in known
+            if event.user_id in self.queues or (unknown and env.offset > committed.get((env.topic, env.partition), -1)):
+                self._park(out, env, event, now + self.wait_s)
+            elif unknown:
+                out.expired.append((env, event))  # re-delivered after it was dead-lettered
+            else:
+                out.ready.append((env, event))
+        return out
+
+    def forget_user(self, user_id: str) -> list[bytes]:
+        """Drop a user's parked events (an erasure): the keys to delete in the same write."""
+        queue = self.queues.pop(user_id, [])
+        for env, _event, _deadline in queue:
+            self.positions.discard((env.topic, env.partition, env.offset))
+        return [_key((env.topic, env.partition, env.offset)) for env, _event, _deadline in queue]
+
+    def _park(self, out: Sorted, env: Envelope, event: Event, deadline: float) -> None:
+        pos = (env.topic, env.partition, env.offset)
+        self.queues.setdefault(event.user_id, []).append((env, event, deadline))
+        self.positions.add(pos)
+        key = base64.b64encode(env.key).decode() if env.key is not None else None
+        out.puts[_key(pos)] = orjson.dumps(
+            [env.topic, env.partition, env.offset, key, base64.b64encode(env.value).decode(), env.timestamp_ms, deadline]
+        )
+        out.parked += 1

@@ -1,0 +1,352 @@
+"""Session neighbours (V-SKNN) as a global signal: "shoppers whose sessions looked like yours
+went on to these items".
+
+Co-visitation and transitions look at the last few items; on anonymous click sessions the next
+item is best predicted from the *whole* current session (Ludewig & Jannach 2018; the
+``session_knn`` baseline led YooChoose and DIGINETICA before this module existed). This is
+the same scoring as :class:`recsys.backtest.baselines.SessionKNNBaseline`, kept incrementally and with
+hard memory bounds so it can live inside the engine:
+
+- at most ``max_sessions`` sessions, each holding its last ``max_session_len`` distinct items;
+  when full, the least recently active session is evicted and its slot reused;
+- an inverted index item -> the ``sample_size`` sessions that most recently added it;
+- each session's items also as int32 codes in one ``max_sessions x max_session_len`` array
+  (40 MB at the default bounds), so the ``k`` neighbours vote with one ``bincount``.
+
+Sessions are ``Event.session_id`` when present, else runs of a user's events with gaps under
+``session_gap_min``. Everything is ordered by a sequence number of applied events (never wall
+time), so a replay gives the same answers as the live run, and ``load`` rebuilds exactly the
+structure that was exported. Like the other global signals it does not skip re-delivered
+events itself: the engine guards it with its per-partition watermarks.
+
+>>> s = SessionNeighbours()
+>>> for i, (user, item) in enumerate([("u1", "a"), ("u1", "b"), ("u1", "c"), ("u2", "a"), ("u2", "b")]):
+...     s.update(user, None, item, ts=i)
+>>> [(item, round(score, 3)) for item, score in s.scores(["u2"], 5)[0]]  # u1 shares a, b with u2
+[('a', 0.612), ('b', 0.612), ('c', 0.612)]
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import OrderedDict, deque
+from typing import TYPE_CHECKING
+
+import numpy as np
+import orjson
+
+if TYPE_CHECKING:
+    from recsys.store.kv import KVStore
+
+SESSION_PREFIX = b"ses:"
+_META_KEY = b"ses:~meta"  # '~' sorts after every slot key (digits)
+
+
+class SessionNeighbours:
+    """Incremental session-kNN over every user's sessions, bounded in memory and persisted."""
+
+    def __init__(
+        self,
+        *,
+        k: int = 100,
+        sample_size: int = 500,
+        max_session_len: int = 50,
+        session_gap_min: float = 30.0,
+        max_sessions: int = 200_000,
+    ) -> None:
+        if min(k, sample_size, max_session_len, max_sessions) <= 0:
+            raise ValueError("k, sample_size, max_session_len and max_sessions must be > 0")
+        self.k = k
+        self.sample_size = sample_size
+        self.max_session_len = max_session_len
+        self.session_gap_ms = session_gap_min * 60_000
+        self.max_sessions = max_sessions
+        self._reset()
+
+    def _reset(self) -> None:
+        self._seq = 0  # applied events so far: the only clock of this structure
+        # slot -> session: owner, session key, last event ts, items (item -> seq when first added,
+        # negated once the item's postings pushed this session out), newest interaction last
+        self._sessions: dict[int, dict] = {}
+        self._lru: OrderedDict[int, None] = OrderedDict()  # slots, least recently active first
+        self._current: dict[str, int] = {}  # user -> slot of their latest session
+        self._postings: dict[str, deque[int]] = {}  # item -> slots, most recent last
+        # item -> small int code and back, for voting with numpy (every posted item has one)
+        self._code: dict[str, int] = {}
+        self._names: list[str] = []
+        self._active = np.zeros(1024, dtype=np.int64)  # slot -> seq of its latest event
+        self._length = np.zeros(1024, dtype=np.float64)  # slot -> distinct items held
+        # slot -> codes of the items it holds (in any order), -1 padded: neighbours vote from here
+        self._held = np.full((1024, self.max_session_len), -1, dtype=np.int32)
+        self._dirty: set[int] = set()
+        self._next_slot = 0  # slots below this have been used
+        self._free: list[int] = []  # heap of unused slots below _next_slot (freed by forget_user)
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    # ------------------------------------------------------------------ learning
+
+    def update(self, user_id: str, session_id: str | None, item_id: str | None, ts: int) -> None:
+        """Add one engagement of ``user_id`` with ``item_id`` to their current session."""
+        if item_id is None:
+            return
+        self._seq += 1
+        slot = self._current.get(user_id)
+        session = self._sessions.get(slot) if slot is not None else None
+        if session is not None and (
+            (session_id is not None and session["key"] != session_id)
+            or (session_id is None and (session["key"] is not None or ts - session["ts"] > self.session_gap_ms))
+        ):
+            session = None
+        if session is None:
+            slot = self._new_slot()
+            session = self._sessions[slot] = {"user": user_id, "key": session_id, "ts": ts, "items": {}}
+            self._current[user_id] = slot
+        items: dict[str, int] = session["items"]
+        if item_id in items:  # seen in this session: move to the newest position, keep its posting
+            items[item_id] = items.pop(item_id)
+        else:
+            items[item_id] = self._seq
+            self._post(item_id, slot)
+            if len(items) > self.max_session_len:
+                oldest = next(iter(items))
+                if items.pop(oldest) > 0:
+                    self._unpost(oldest, slot)
+        session["ts"] = max(session["ts"], ts)
+        self._active[slot] = self._seq
+        self._length[slot] = len(items)
+        self._hold(slot, items)
+        self._lru[slot] = None
+        self._lru.move_to_end(slot)
+        self._dirty.add(slot)
+
+    def _new_slot(self) -> int:
+        if self._free:  # the lowest slot an erasure freed: the same choice after a reload
+            return heapq.heappop(self._free)
+        if self._next_slot < self.max_sessions:
+            slot = self._next_slot
+            self._next_slot += 1
+            self._grow(slot)
+            return slot
+        slot, _ = self._lru.popitem(last=False)  # full: the least recently active session goes
+        old = self._sessions.pop(slot)
+        for item, seq in old["items"].items():
+            if seq > 0:
+                self._unpost(item, slot)
+        if self._current.get(old["user"]) == slot:
+            del self._current[old["user"]]
+        return slot
+
+    def _post(self, item_id: str, slot: int) -> None:
+        postings = self._postings.get(item_id)
+        if postings is None:
+            postings = self._postings[item_id] = deque(maxlen=self.sample_size)
+            self._intern(item_id)
+        elif len(postings) == self.sample_size:  # the oldest session falls out of this item's list
+            pushed = postings[0]
+            items = self._sessions[pushed]["items"]
+            items[item_id] = -abs(items[item_id])
+            self._dirty.add(pushed)
+        postings.append(slot)
+
+    def _grow(self, slot: int) -> None:
+        """Make the per-slot arrays long enough for ``slot`` (doubling)."""
+        while slot >= len(self._active):
+            self._active = np.concatenate([self._active, np.zeros_like(self._active)])
+            self._length = np.concatenate([self._length, np.zeros_like(self._length)])
+            self._held = np.concatenate([self._held, np.full_like(self._held, -1)])
+
+    def _hold(self, slot: int, items: dict[str, int]) -> None:
+        row = self._held[slot]
+        row[: len(items)] = np.fromiter(map(self._code.__getitem__, items), dtype=np.int32, count=len(items))
+        row[len(items) :] = -1
+
+    def _intern(self, item_id: str) -> None:
+        """Give ``item_id`` a code if it has none (codes stay: at most one per distinct item)."""
+        if item_id not in self._code:
+            self._code[item_id] = len(self._names)
+            self._names.append(item_id)
+
+    def _unpost(self, item_id: str, slot: int) -> None:
+        postings = self._postings[item_id]
+        postings.remove(slot)
+        if not postings:
+            del self._postings[item_id]
+
+    def forget_user(self, user_id: str) -> list[bytes]:
+        """Erase every session of ``user_id`` (the right to be forgotten): their postings,
+        votes and records go, their slots are reused. Returns the keys to delete from the
+        store in the same write as the rest of the erasure."""
+        slots = sorted(slot for slot, s in self._sessions.items() if s["user"] == user_id)
+        for slot in slots:
+            session = self._sessions.pop(slot)
+            for item, seq in session["items"].items():
+                if seq > 0:
+                    self._unpost(item, slot)
+            self._lru.pop(slot, None)
+            self._active[slot] = 0
+            self._length[slot] = 0
+            self._held[slot] = -1
+            self._dirty.discard(slot)
+            heapq.heappush(self._free, slot)
+        self._current.pop(user_id, None)
+        return [SESSION_PREFIX + str(slot).encode() for slot in slots]
+
+    # ------------------------------------------------------------------ reading
+
+    def scores(self, user_ids: list[str], n: int) -> list[list[tuple[str, float]]]:
+        """Per user, up to ``n`` items voted for by the ``k`` most similar sessions, best first.
+
+        The user's latest session is the query: a binary vector with linearly decaying
+        position weights (newest 1, oldest 1/len). Candidate neighbours are the sessions in
+        the postings of its items; the ``sample_size`` most recently active are compared by
+        cosine similarity, and the ``k`` most similar vote for their items with their
+        similarity. Ties break by item id (scores) and slot (neighbours): deterministic.
+        """
+        owner, codes, votes = self.ranked_votes(user_ids, n)
+        out: list[list[tuple[str, float]]] = [[] for _ in user_ids]
+        for u, item, vote in zip(owner.tolist(), self.item_names(codes), votes.tolist()):
+            out[u].append((item, vote))
+        return out
+
+    def item_names(self, codes: np.ndarray) -> list[str]:
+        """Item ids of the codes :meth:`ranked_votes` returns."""
+        return list(map(self._names.__getitem__, codes.tolist()))
+
+    def ranked_votes(self, user_ids: list[str], n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`scores` for a whole batch as three arrays ``(user position, item code, vote)``:
+        grouped by user in ``user_ids`` order, each user's best first (ties by item id).
+
+        Every step is one array operation over all users' entries, grouped by a ``user *
+        size + id`` key; each group's sums add the same floats in the same order as scoring
+        the user alone (query position, then posting order; neighbour order for votes), so
+        the votes are bit-identical to the per-user computation
+        (``tests/test_speed_equivalence.py`` pins that against the per-user reference).
+        """
+        empty = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64))
+        get, max_len = self._postings.get, self.max_session_len
+        lists: list = []  # posting lists of every query item, users' queries one after another
+        owners, lengths, own = [], [], []
+        for u, user_id in enumerate(user_ids):
+            slot = self._current.get(user_id)
+            session = self._sessions.get(slot) if slot is not None else None
+            if not session:
+                continue
+            query = list(session["items"])[-max_len:]
+            lists += map(get, query, itertools.repeat(()))
+            owners.append(u)
+            lengths.append(len(query))
+            own.append(slot)
+        if not owners or n <= 0:
+            return empty
+        m = np.asarray(lengths, dtype=np.int64)
+        sizes = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
+        total = int(sizes.sum())
+        if total == 0:
+            return empty
+        slots = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64, count=total)  # in C
+        # query q's item at position j (from 1, oldest first) weighs j / m_q
+        q_of_item = np.repeat(np.arange(len(m)), m)
+        position = np.arange(1, len(lists) + 1) - np.repeat(np.cumsum(m) - m, m)
+        weights = np.repeat(position.astype(np.float64) / m[q_of_item], sizes)
+        n_slots = len(self._active)
+        keys, inverse = np.unique(np.repeat(q_of_item, sizes) * n_slots + slots, return_inverse=True)
+        dots = np.bincount(inverse, weights=weights)  # per (query, session), in entry order
+        q, sids = np.divmod(keys, n_slots)
+        keep = sids != np.asarray(own, dtype=np.int64)[q]
+        q, sids, dots = q[keep], sids[keep], dots[keep]
+        if len(q) == 0:
+            return empty
+        per_q = np.bincount(q, minlength=len(m))
+        if per_q.max() > self.sample_size:  # the most recently active sessions (activity is unique)
+            pick = np.lexsort((-self._active[sids], q))
+            rank = np.arange(len(q)) - np.repeat(np.cumsum(per_q) - per_q, per_q)
+            pick = np.sort(pick[rank < self.sample_size])
+            q, sids, dots = q[pick], sids[pick], dots[pick]
+        sims = dots / np.sqrt(m[q] * self._length[sids])
+        # the k most similar per query, most similar first, ties by slot
+        order = np.lexsort((sids, -sims, q))
+        q, sids, sims = q[order], sids[order], sims[order]
+        per_q = np.bincount(q, minlength=len(m))
+        top = np.arange(len(q)) - np.repeat(np.cumsum(per_q) - per_q, per_q) < self.k
+        q, sids, sims = q[top], sids[top], sims[top]
+        # every neighbour votes its similarity for each of its items, in neighbour order
+        held = self._held[sids]  # neighbours x max_session_len item codes
+        voters = held >= 0
+        n_codes = len(self._names)
+        vkeys, inverse = np.unique((np.broadcast_to(q[:, None], held.shape)[voters] * n_codes + held[voters]),
+                                   return_inverse=True)
+        votes = np.bincount(inverse, weights=np.broadcast_to(sims[:, None], held.shape)[voters])
+        vq, codes = np.divmod(vkeys, n_codes)
+        # only each query's n best (and everything tied with its n-th) need ordering by id
+        per_q = np.bincount(vq, minlength=len(m))
+        if per_q.max() > n:
+            start = np.cumsum(per_q) - per_q
+            padded = np.full((len(m), int(per_q.max())), -np.inf)
+            padded[vq, np.arange(len(vq)) - start[vq]] = votes
+            nth = -np.partition(-padded, n - 1, axis=1)[:, n - 1]
+            keep = votes >= nth[vq]
+            vq, codes, votes = vq[keep], codes[keep], votes[keep]
+        # best first, ties by item id: rank the distinct candidate codes by their ids once
+        distinct, code_at = np.unique(codes, return_inverse=True)
+        names = np.array(self.item_names(distinct), dtype=object)
+        id_rank = np.empty(len(distinct), dtype=np.int64)
+        id_rank[np.argsort(names, kind="stable")] = np.arange(len(distinct))
+        order = np.lexsort((id_rank[code_at], -votes, vq))
+        vq, codes, votes = vq[order], codes[order], votes[order]
+        per_q = np.bincount(vq, minlength=len(m))
+        first = np.arange(len(vq)) - np.repeat(np.cumsum(per_q) - per_q, per_q) < n
+        return np.asarray(owners, dtype=np.int64)[vq[first]], codes[first], votes[first]
+
+    # ------------------------------------------------------------------ persistence
+
+    def export_dirty(self) -> dict[bytes, bytes]:
+        """Sessions changed since the last export (``b"ses:<slot>"`` -> JSON) and the sequence
+        counter; clears them. A slot reused after an eviction is simply overwritten."""
+        if not self._dirty:
+            return {}
+        out: dict[bytes, bytes] = {}
+        for slot in sorted(self._dirty):
+            s = self._sessions.get(slot)
+            if s is not None:
+                record = [s["user"], s["key"], s["ts"], int(self._active[slot]), list(s["items"].items())]
+                out[SESSION_PREFIX + str(slot).encode()] = orjson.dumps(record)
+        out[_META_KEY] = orjson.dumps({"seq": self._seq})
+        self._dirty.clear()
+        return out
+
+    def load(self, kv: KVStore) -> None:
+        """Replace everything held with the records under ``b"ses:"`` in ``kv``.
+
+        Postings are rebuilt from the items still posted, in the order they were added (their
+        sequence number; postings only ever append and remove, so that is their live order),
+        and the recency order from each session's latest event, so the loaded structure
+        answers exactly as the one that was exported.
+        """
+        self._reset()
+        adds: list[tuple[int, int, str]] = []
+        by_activity: list[tuple[int, int]] = []
+        for key, value in kv.iter_prefix(SESSION_PREFIX):
+            if key == _META_KEY:
+                self._seq = int(orjson.loads(value)["seq"])
+                continue
+            slot = int(key[len(SESSION_PREFIX) :])
+            user, session_key, ts, active, items = orjson.loads(value)
+            self._grow(slot)
+            self._sessions[slot] = {"user": user, "key": session_key, "ts": ts, "items": {i: s for i, s in items}}
+            self._active[slot] = active
+            self._length[slot] = len(items)
+            by_activity.append((active, slot))
+            adds.extend((seq, slot, item) for item, seq in items if seq > 0)
+            for item, _seq in items:  # also items no longer posted: their sessions still vote
+                self._intern(item)
+            self._hold(slot, self._sessions[slot]["items"])
+        self._next_slot = max(self._sessions, default=-1) + 1
+        self._free = [slot for slot in range(self._next_slot) if slot not in self._sessions]  # sorted: a heap
+        for active, slot in sorted(by_activity):
+            self._lru[slot] = None
+            self._current[self._sessions[slot]["user"]] = slot  # the user's latest session wins
+        for _seq, slot, item in sorted(adds):
+            self._post(item, slot)

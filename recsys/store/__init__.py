@@ -1,0 +1,2 @@
+"""Where state lives: the key-value contract and its backends (kv), and the per-user records
+kept in it (users). See docs/MAP.md."""

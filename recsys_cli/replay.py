@@ -1,0 +1,356 @@
+"""``recsys replay``: backtest the full system and the baselines on an event log, side by side.
+
+Prequential (default): the full system runs through the live Bytewax graph with a file source
+(:func:`dataflows.replay.replay_full_system`); the baselines run through the plain-Python loop
+(:func:`recsys.backtest.protocols.prequential`); both cut the stream the same way and score with the
+same :class:`recsys.backtest.protocols.PrequentialScorer`. Leave-last-out: every model, the full system
+included (its ``learn`` is the dataflow's own ``Shard.process`` step), through
+:func:`recsys.backtest.protocols.leave_last_out`.
+
+Writes ``DIR/metrics.json``, ``DIR/report.md`` and PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+BASELINES = ("popularity", "recent_popularity", "recently_seen", "most_bought", "covisitation", "session_knn",
+             "itemknn", "transitions", "content", "river_biased_mf", "bpr_mf", "sasrec")
+#: the full system without parts of itself (issue 14): rows that say what each part adds
+ABLATIONS = ("full-system/frozen", "full-system/no-head", "full-system/no-reranker")
+ALL_MODELS = BASELINES + ("full-system",) + ABLATIONS
+#: left out of ``--models all`` (too slow for CI); scripts/backtests.sh names it
+NOT_IN_ALL = ("sasrec",)
+FORMATS = ("jsonl", "rees46", "diginetica", "yoochoose", "completejourney", "csv")
+#: Formats whose --events may be a directory (of the dataset's files).
+DIRECTORY_FORMATS = ("diginetica", "yoochoose", "completejourney")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("replay", help="backtest on an event file: full system and baselines side by side")
+    p.add_argument("--events", default=None, help="event file or folder (optional for completejourney)")
+    p.add_argument("--format", default="jsonl", choices=FORMATS)
+    p.add_argument("--catalog", default=None, help="catalog file (JSONL items; format-specific otherwise)")
+    p.add_argument("--protocol", default="prequential", choices=("prequential", "leave-last-out"))
+    p.add_argument("--k", default=None, help="cut-offs, e.g. 10 or 10,20 (default 10,20; leave-last-out 10,50)")
+    p.add_argument("--models", default="all",
+                   help=f"all (every model but {', '.join(NOT_IN_ALL)}; most_bought only where the catalog has "
+                        f"repeat-purchase items), all+sasrec, or a comma list of: {', '.join(ALL_MODELS)}")
+    p.add_argument("--retrain-every", type=float, default=24.0, metavar="HOURS",
+                   help="prequential: batch-trained baselines (bpr_mf, sasrec) retrain from everything seen "
+                        "so far every HOURS of event time (default 24: the nightly job)")
+    p.add_argument("--warmup-share", type=float, default=0.5,
+                   help="full-system/frozen: share of the (training) stream learned before all learning stops")
+    p.add_argument("--include-history", action="store_true", help="leave-last-out: rank the whole catalog")
+    p.add_argument("--target", default="next", choices=("next", "next_purchase"), help="prequential target")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None, help="only the first N events (by time)")
+    p.add_argument("--batch-size", type=int, default=500, help="events per replay batch")
+    p.add_argument("--shards", type=int, default=1,
+                   help="prequential: replay the full system as N shards (users split as Kafka would split "
+                        "them over N partitions, each shard its own engine), to measure what sharding costs")
+    p.add_argument("--map", action="append", default=[], metavar="FIELD=COLUMN", help="csv: column mapping (repeat)")
+    p.add_argument("--emit", default=None, metavar="FILE",
+                   help="also compute the live output recommendations and write them to FILE (JSONL); slower")
+    p.add_argument("--state-dir", default=None, help="keep replay state in RocksDB here (default: in memory)")
+    p.add_argument("--embed-cache-dir", default=None, help="embedding cache (default: RECSYS_EMBED_CACHE_DIR or var/embeddings)")
+    p.add_argument("--out", required=True, help="output directory")
+    # issue 13: the search backtest on derived queries (recsys/search/replay.py)
+    p.add_argument("--task", default="recommend", choices=("recommend", "search"), help="what to backtest")
+    from recsys.search.replay import add_arguments as add_search_arguments
+
+    add_search_arguments(p)
+    p.set_defaults(func=run_replay)
+
+
+def _parse_ks(text: str | None, protocol: str) -> tuple[int, ...]:
+    if text is None:
+        return (10, 50) if protocol == "leave-last-out" else (10, 20)
+    try:
+        ks = tuple(sorted({int(x) for x in text.split(",") if x.strip()}))
+    except ValueError:
+        raise SystemExit(f"recsys replay: --k expects whole numbers like 10 or 10,20, got {text!r}") from None
+    if not ks or ks[0] < 1:
+        raise SystemExit(f"recsys replay: --k must be positive, got {text!r}")
+    return ks
+
+
+def _parse_models(text: str) -> list[str]:
+    if text in ("all", "all+sasrec"):
+        return [n for n in ALL_MODELS if n not in NOT_IN_ALL or text == "all+sasrec"]
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in ALL_MODELS]
+    if unknown:
+        raise SystemExit(f"recsys replay: unknown model(s) {unknown}; choose from {', '.join(ALL_MODELS)}")
+    return names
+
+
+def build_baselines(names: list[str], engine, repeat_items: set[str], seed: int, n_items: int, *,
+                    retrain_every_h: float | None = None, cache_key: str | None = None) -> list:
+    """Baseline models by name; the content baseline reads the engine's frozen item vectors.
+    ``retrain_every_h``: prequential period of the batch-trained baselines (None: train once
+    when first asked to rank, as leave-last-out does); ``cache_key`` names a trained SASRec."""
+    from recsys.backtest.baselines import (
+        ContentBaseline,
+        CoVisitationBaseline,
+        PopularityBaseline,
+        RecentPopularityBaseline,
+        RiverBiasedMFBaseline,
+        SessionKNNBaseline,
+    )
+    from recsys.backtest.history_baselines import (
+        ItemKNNBaseline,
+        MostBoughtBaseline,
+        RecentlySeenBaseline,
+        TransitionBaseline,
+    )
+    from recsys.backtest.trained_baselines import BPRMFBaseline
+
+    def vectors(item_ids: list[str]):
+        return engine.items.index.vectors(item_ids)
+
+    factories = {
+        "popularity": lambda: PopularityBaseline(repeat_items=repeat_items),
+        "recent_popularity": lambda: RecentPopularityBaseline(repeat_items=repeat_items),
+        "covisitation": lambda: CoVisitationBaseline(repeat_items=repeat_items),
+        "session_knn": lambda: SessionKNNBaseline(repeat_items=repeat_items),
+        # exact search up to 20k items; HNSW beyond (exact costs catalog x 384 flops per query)
+        "content": lambda: ContentBaseline(vectors, repeat_items=repeat_items, hnsw_m=32 if n_items > 20_000 else None),
+        "river_biased_mf": lambda: RiverBiasedMFBaseline(repeat_items=repeat_items, seed=seed),
+        "recently_seen": lambda: RecentlySeenBaseline(repeat_items=repeat_items),
+        "most_bought": lambda: MostBoughtBaseline(repeat_items=repeat_items),
+        "itemknn": lambda: ItemKNNBaseline(repeat_items=repeat_items),
+        "transitions": lambda: TransitionBaseline(repeat_items=repeat_items),
+        "bpr_mf": lambda: BPRMFBaseline(repeat_items=repeat_items, seed=seed, retrain_every_h=retrain_every_h),
+        "sasrec": lambda: _sasrec(repeat_items, seed, retrain_every_h, cache_key),
+    }
+    return [factories[n]() for n in names if not n.startswith("full-system")]
+
+
+def _sasrec(repeat_items: set[str], seed: int, retrain_every_h: float | None, cache_key: str | None):
+    from recsys.backtest.sasrec import SASRecBaseline
+
+    return SASRecBaseline(repeat_items=repeat_items, seed=seed, retrain_every_h=retrain_every_h,
+                       cache_dir="var/sasrec" if cache_key else None, cache_key=cache_key)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Refuse wrong arguments in one line, before anything heavy is imported or read."""
+    if args.limit is not None and args.limit < 1:
+        raise SystemExit(f"recsys replay: --limit must be a whole number >= 1, got {args.limit}")
+    if args.batch_size < 1:
+        raise SystemExit(f"recsys replay: --batch-size must be a whole number >= 1, got {args.batch_size}")
+    if args.shards < 1 or (args.shards > 1 and args.protocol != "prequential"):
+        raise SystemExit("recsys replay: --shards N needs N >= 1, and N > 1 only with --protocol prequential")
+    bad_maps = [m for m in args.map if "=" not in m]
+    if bad_maps:
+        raise SystemExit(f"recsys replay: --map expects FIELD=COLUMN, got {bad_maps[0]!r}")
+    query_log = getattr(args, "task", "recommend") == "search" and getattr(args, "query_log", None)
+    if args.format != "completejourney" and not args.events and not query_log:  # a query log is its own input
+        raise SystemExit(f"recsys replay: --events PATH is required for --format {args.format}")
+    for flag, path in (("--events", args.events), ("--catalog", args.catalog)):
+        if path is None or (flag == "--events" and args.format == "completejourney" and path == "-"):
+            continue
+        if not os.path.exists(path):
+            raise SystemExit(f"recsys replay: {flag} {path}: no such file or directory; check the path")
+        if os.path.isdir(path) and (flag == "--catalog" or args.format not in DIRECTORY_FORMATS):
+            raise SystemExit(f"recsys replay: {flag} {path} is a directory; --format {args.format} reads a file here")
+
+
+def run_replay(args: argparse.Namespace) -> int:
+    ks = _parse_ks(args.k, args.protocol)
+    names = _parse_models(args.models)
+    _check_args(args)
+
+    from recsys.datasets import load_dataset
+
+    mapping = dict(m.split("=", 1) for m in args.map) if args.map else None
+    if args.task == "search" and args.query_log:  # issue 13: a real search log, not an event log
+        from recsys.search import replay as search_replay
+        from recsys.settings import Settings
+
+        search_replay.run_query_log(args, Settings.from_env(os.environ).replace(
+            unknown_items="admit", state_ttl_days=36_500.0, state_dir=args.state_dir or "var/replay-state", recovery_dir=None,
+            **({"embed_cache_dir": args.embed_cache_dir} if args.embed_cache_dir else {})),
+            "recsys replay " + " ".join(shlex.quote(a) for a in sys.argv[2:]))
+        return 0
+    command = "recsys replay " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 2 else "recsys replay"
+
+    t0 = time.perf_counter()
+    try:
+        ds = load_dataset(args.format, args.events, args.catalog, mapping=mapping, limit=args.limit, progress=True)
+    except (ValueError, OSError) as exc:  # a wrong file, header or mapping: the adapters name it
+        raise SystemExit(f"recsys replay: cannot read --events {args.events} as --format {args.format}: {exc}") from None
+    stats = ds.stats()
+    print(f"loaded {ds.name}: {stats['events']} events, {stats['users']} users, {stats['items']} items, "
+          f"{len(ds.catalog)} catalog items in {time.perf_counter() - t0:.1f}s", flush=True)
+    for reason, n in sorted(ds.skipped.items()):
+        print(f"  skipped {n} row(s): {reason}", flush=True)
+    for example in ds.examples[:5]:
+        print(f"    e.g. {example}", flush=True)
+
+    # heavy imports (torch via the engine) only once the arguments and the data are good
+    from dataflows.live import settle_heap
+    from dataflows.replay import replay_full_system
+    from recsys.backtest.protocols import PrequentialScorer, leave_last_out, prequential
+    from recsys.backtest.report import write_report
+    from recsys.backtest.system import FullSystem
+    from recsys.settings import Settings
+    from recsys.shard.step import Shard
+
+    settings = Settings.from_env(os.environ).replace(
+        unknown_items="admit",
+        # top_k stays the live list length: the system ranks, shows and learns at that depth
+        # whatever depth the backtest scores (deeper lists are padded, never re-ranked)
+        # a backtest compares with baselines that never forget; the live TTL (a memory bound)
+        # would reset users idle for months in logs that span months, and skew the comparison
+        state_ttl_days=36_500.0,
+        state_dir=args.state_dir or "var/replay-state",
+        recovery_dir=None,
+        **({"embed_cache_dir": args.embed_cache_dir} if args.embed_cache_dir else {}),
+    )
+    repeat_items = {c.item_id for c in ds.catalog if c.repeat_purchase}
+    if args.task == "search":  # issue 13
+        from recsys.search import replay as search_replay
+
+        search_replay.run(args, ds, settings, command)
+        return 0
+    if args.models in ("all", "all+sasrec") and not repeat_items:
+        names = [n for n in names if n != "most_bought"]  # nothing can be bought again here
+
+    if args.shards < 1 or (args.shards > 1 and args.protocol != "prequential"):
+        raise SystemExit("recsys replay: --shards N needs N >= 1, and N > 1 only with --protocol prequential")
+
+    def open_engine(evaluate: bool, shard: int = 0, variant: str = "full-system") -> Shard:
+        shard_settings = settings.replace(shards=args.shards, shard=shard).for_shard()
+        if variant == "full-system/no-head":
+            shard_settings = shard_settings.replace(head_enabled=False)
+        elif variant == "full-system/no-reranker":
+            shard_settings = shard_settings.replace(rerank_enabled=False)
+        engine = Shard.open(shard_settings, evaluate=evaluate, in_memory=args.state_dir is None, emit=bool(args.emit))
+        engine.eval_k = max(ks)
+        engine.upsert_catalog(ds.catalog, progress=True)
+        return engine
+
+    # evaluate mode in both protocols: leave-last-out training then ranks before each batch
+    # as the live flow does, so the re-ranker learns (its scores are simply not used there)
+    engine = open_engine(evaluate=True)
+    settle_heap()
+    baselines = build_baselines(
+        names, engine, repeat_items, args.seed, len(ds.catalog),
+        retrain_every_h=args.retrain_every if args.protocol == "prequential" else None,
+        cache_key=f"{ds.name}-{args.protocol}-{args.limit or 'all'}-{len(ds.events)}-seed{args.seed}",
+    )
+    catalog_size = len(ds.catalog) or None
+    freeze_after = int(args.warmup_share * len(ds.events))
+
+    def ablation(variant: str) -> dict:
+        """One ablation row, on an engine of its own (same scoring code as the full system)."""
+        variant_engine = open_engine(evaluate=args.protocol != "prequential", variant=variant)
+        model = FullSystem(variant_engine, batch_size=args.batch_size, name=variant,
+                            freeze_after=freeze_after if variant == "full-system/frozen" else None)
+        try:
+            if args.protocol == "prequential":
+                # the plain loop over FullSystem scores exactly as the Bytewax replay does
+                # (tests/test_replay.py), one engine step per batch
+                return prequential([model], ds.events, ks=ks, target=args.target, batch_size=args.batch_size,
+                                   catalog_size=catalog_size, dataset=ds.name)
+            return leave_last_out([model], ds.events, ks=ks, exclude_history=not args.include_history,
+                                  catalog_size=catalog_size, dataset=ds.name)
+        finally:
+            variant_engine.close()
+
+    if args.protocol == "prequential":
+        result = prequential(baselines, ds.events, ks=ks, target=args.target, batch_size=args.batch_size,
+                             catalog_size=catalog_size, dataset=ds.name) if baselines else None
+        if "full-system" in names:
+            scorer = PrequentialScorer(["full-system"], ks, target=args.target, n_events_hint=ds.events)
+            start = time.perf_counter()
+            emitted = open(args.emit, "wb") if args.emit else None
+            try:
+                counts: dict[str, int] = {}
+                for shard, (shard_engine, events) in enumerate(_shards(ds.events, args.shards, engine, open_engine)):
+                    if args.shards > 1:
+                        print(f"shard {shard} of {args.shards}: {len(events)} events", flush=True)
+                    done = replay_full_system(
+                        shard_engine, events, scorer, batch_size=args.batch_size,
+                        on_recommendations=(lambda items: emitted.writelines(v + b"\n" for _, v in items)) if emitted else None,
+                    )
+                    counts = {k: counts.get(k, 0) + v for k, v in done.items()}
+                    if shard_engine is not engine:
+                        shard_engine.close()
+            finally:
+                if emitted is not None:
+                    emitted.close()
+            seconds = time.perf_counter() - start
+
+            class _Named:
+                name = "full-system"
+
+            full = scorer.result([_Named()], {"full-system": {"replay_s": seconds}}, n_events=len(ds.events),
+                                 catalog_size=catalog_size, seconds=seconds, batch_size=args.batch_size, dataset=ds.name)
+            full["full_system"] = {"events_per_s": len(ds.events) / seconds, "seconds": seconds, "shards": args.shards, **counts}
+            result = _merge(result, full)
+    else:
+        models = baselines + ([FullSystem(engine)] if "full-system" in names else [])
+        result = leave_last_out(models, ds.events, ks=ks, exclude_history=not args.include_history,
+                                catalog_size=catalog_size, dataset=ds.name) if models else None
+    for variant in (n for n in names if n in ABLATIONS):
+        result = _merge(result, ablation(variant))
+    if result is None:
+        raise SystemExit("recsys replay: no model to run")
+    result["ablation"] = {"warmup_share": args.warmup_share, "freeze_after_events": freeze_after,
+                          "frozen": "head, re-ranker, co-visitation, transitions and popularity stop learning "
+                                    "after the warm-up; user state and session memory go on"}
+    from recsys.backtest.bootstrap import margin_ci, margins
+
+    primary = [f"{m}@{k}" for k in ks for m in (("hr", "ndcg") if args.protocol == "prequential" else ("recall", "ndcg"))]
+    result["margins"] = margins(result, primary, n_boot=1000, seed=args.seed)
+    # what each part adds: the full system over each of its ablations, same intervals
+    result["ablation_margins"] = {
+        variant: {metric: margin_ci(result["_per_user"], "full-system", variant, metric, n_boot=1000, seed=args.seed)
+                  for metric in primary}
+        for variant in ABLATIONS if variant in names and "full-system" in names
+    }
+    result["dataset"] = ds.name
+    result["dataset_stats"] = {k: v for k, v in stats.items() if k not in ("examples",)}
+    result["seed"] = args.seed
+    result["protocol"] = args.protocol
+    engine.close()
+    paths = write_report(result, args.out, title=f"Backtest: {ds.name} ({args.protocol})", command=command, dataset=ds.name)
+    print(Path(args.out, "report.md").read_text(), flush=True)
+    print("wrote " + ", ".join(str(p) for p in paths), flush=True)
+    return 0
+
+
+def _shards(events: list, n: int, engine, open_engine):
+    """``(engine, events)`` per shard: one shard is everything on ``engine``; with ``n`` > 1,
+    users go where Kafka's default partitioner would put their key among ``n`` partitions
+    (the live split), each shard on a fresh engine of its own. All shards feed one scorer, one
+    shard after the other: hit rates and NDCG are per event, so the totals are exact; the
+    new-item / new-user slices and the time series are not comparable with a one-shard run."""
+    if n == 1:
+        yield engine, events
+        return
+    from dataflows.kafka_io import partition_for_key
+
+    owner = {u: partition_for_key(u.encode(), n) for u in {e.user_id for e in events}}
+    for shard in range(n):
+        yield (engine if shard == 0 else open_engine(True, shard)), [e for e in events if owner[e.user_id] == shard]
+
+
+def _merge(base: dict | None, extra: dict) -> dict:
+    """Add the full system's prequential result to the baselines' (same keys, per model)."""
+    if base is None:
+        return extra
+    for key in ("models", "per_type", "slices", "series", "timing", "fallback", "_per_user"):
+        base.setdefault(key, {}).update(extra.get(key, {}))
+    if "full_system" in extra:
+        base["full_system"] = extra["full_system"]
+    base["seconds"] = base.get("seconds", 0.0) + extra["seconds"]
+    return base
