@@ -2,7 +2,10 @@
 
 Every field can be set by an environment variable (``RECSYS_`` + the field name in upper
 case, e.g. ``RECSYS_BOOTSTRAP_SERVERS``) and by the CLI flag of the same name
-(``--bootstrap-servers``). Nothing below start-up reads ``os.environ``.
+(``--bootstrap-servers``). Nothing below start-up reads ``os.environ``: ``Settings(...)`` takes
+only its arguments, and :meth:`Settings.from_env` reads the mapping it is given. pydantic-settings
+reads the variables and pydantic validates them (types, ranges, choices); every refusal is a
+one-line :class:`SettingsError` that names the variable.
 
 >>> s = Settings.from_env({"RECSYS_TOP_K": "5", "RECSYS_EVENTS_TOPIC": "ev"})
 >>> (s.top_k, s.events_topic, s.recommendations_topic)
@@ -16,10 +19,12 @@ recsys.settings.SettingsError: RECSYS_TOP_K: expected int, got 'ten'
 from __future__ import annotations
 
 import argparse
-import dataclasses
-from dataclasses import dataclass, fields
+import types
 from pathlib import Path
-from typing import Any, Literal, Mapping, get_args, get_origin
+from typing import Any, Literal, Mapping, Union, get_args, get_origin
+
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 ENV_PREFIX = "RECSYS_"
 
@@ -28,8 +33,11 @@ class SettingsError(ValueError):
     """A setting with a value of the wrong type or out of range; names the variable."""
 
 
-@dataclass(frozen=True)
-class Settings:
+class Settings(BaseSettings):
+    """Every setting, validated on construction (a bad one raises :class:`SettingsError`)."""
+
+    model_config = SettingsConfigDict(frozen=True, env_prefix=ENV_PREFIX, protected_namespaces=())
+
     # --- Kafka connection (kafka-python client options) ---
     bootstrap_servers: str = "127.0.0.1:9092"
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
@@ -43,9 +51,9 @@ class Settings:
     recommendations_topic: str = "recommendations"
     dead_letters_topic: str = "dead-letters"
     # --- consumption ---
-    poll_max_records: int = 1000  # records per poll per partition: the batch the flow coalesces
+    poll_max_records: int = Field(1000, gt=0)  # records per poll per partition: the batch the flow coalesces
     fetch_max_wait_ms: int = 20  # broker-side wait for data; bounds idle latency
-    max_message_bytes: int = 64 * 1024  # larger messages are dead-lettered as oversized
+    max_message_bytes: int = Field(64 * 1024, gt=0)  # larger messages are dead-lettered as oversized
     stop_at_end: bool = False  # stop at the high watermark seen at start (demo, replay, bench)
     # --- scale-out: N independent processes, each owning the events partitions p % N == shard ---
     shards: int = 1
@@ -53,29 +61,29 @@ class Settings:
     # --- state and recovery ---
     state_dir: str = "var/state"  # RocksDB user state + global signals
     recovery_dir: str | None = "var/recovery"  # Bytewax recovery snapshots; None disables
-    snapshot_interval_s: float = 2.0  # Bytewax epoch length = offset snapshot interval
-    history_len: int = 50  # recent events kept per user
+    snapshot_interval_s: float = Field(2.0, gt=0)  # Bytewax epoch length = offset snapshot interval
+    history_len: int = Field(50, gt=0)  # recent events kept per user
     state_ttl_days: float = 90.0  # users idle longer than this are evicted on next touch/sweep
     # --- embeddings ---
     model_name: str = "all-MiniLM-L6-v2"  # the packaged model, or any sentence-transformers path
     embed_cache_dir: str = "var/embeddings"
-    embed_batch_size: int = 64
+    embed_batch_size: int = Field(64, gt=0)
     catalog_file: str | None = None  # JSONL of catalog items loaded at start-up
     # --- recommendations ---
-    top_k: int = 10
+    top_k: int = Field(10, gt=0)
     interest_half_life_h: float = 24.0 * 7  # decay of the user interest vector and counts
     popularity_half_life_h: float = 24.0  # decay of "trending"
     covisit_half_life_h: float = 24.0 * 30
-    covisit_neighbours: int = 50  # co-visitation neighbours kept per item (bounds memory)
+    covisit_neighbours: int = Field(50, gt=0)  # co-visitation neighbours kept per item (bounds memory)
     unknown_items: Literal["dead_letter", "admit"] = "dead_letter"
     # --- learning ---
     head_enabled: bool = True  # the learned head over frozen vectors (off: interest vector retrieval)
-    head_steps_per_batch: int = 1  # optimizer steps per polled batch: bounds training cost
+    head_steps_per_batch: int = Field(1, gt=0)  # optimizer steps per polled batch: bounds training cost
     head_lr: float = 1e-3
     head_snapshot_interval_s: float = 30.0  # versioned head + re-ranker snapshots in state_dir/models
     seed: int = 0
     # --- issue 10 metrics/bootstrap ---
-    unknown_item_wait_s: float = 2.0  # an event for an item not in the catalog yet waits this long for it, then is dead-lettered
+    unknown_item_wait_s: float = Field(2.0, ge=0)  # an event for an item not in the catalog yet waits this long for it, then is dead-lettered
     metrics_port: int | None = None  # Prometheus endpoint on 127.0.0.1:<port + shard>; None: off
     metrics_host: str = "127.0.0.1"  # address the metrics endpoint listens on (0.0.0.0 in a container)
     status_interval_s: float = 10.0  # a status line on stderr every this many seconds
@@ -87,9 +95,9 @@ class Settings:
     # --- issue 9 state ---
     # events whose ts is further ahead of their message's broker timestamp are dead-lettered
     # (a clock bug must not age out or decay everyone else's state); 0 disables the check
-    max_event_ahead_s: float = 3600.0
-    dedup_window: int = 50  # event_ids remembered per user: a re-sent event_id is counted once
-    sweep_keys_per_batch: int = 500  # user records checked for expiry per batch (0: no sweep)
+    max_event_ahead_s: float = Field(3600.0, ge=0)
+    dedup_window: int = Field(50, ge=0)  # event_ids remembered per user: a re-sent event_id is counted once
+    sweep_keys_per_batch: int = Field(500, ge=0)  # user records checked for expiry per batch (0: no sweep)
     control_topic: str = "control"  # erasure requests ({"type": "forget_user", "user_id": ...})
     # --- issue 14 ---
     rerank_enabled: bool = True  # the online re-ranker learns from what users did next (off: the hand-set blend only)
@@ -99,50 +107,68 @@ class Settings:
     search_personalise: bool = True  # re-rank search results for the shopper (off: the ablation)
 
     @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # the arguments only: no os.environ, .env file or secrets directory behind the caller's back
+        return (init_settings,)
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise SettingsError(_one_line(exc)) from None
+
+    @classmethod
     def env_var(cls, name: str) -> str:
         return ENV_PREFIX + name.upper()
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], **overrides: Any) -> "Settings":
         """Settings from environment variables, then ``overrides`` (e.g. parsed CLI flags)."""
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            var = cls.env_var(f.name)
-            if var in environ:
-                values[f.name] = _coerce(var, f.type, environ[var])
-        for name, value in overrides.items():
-            if value is not None:
-                values[name] = value
+        values = _MappingEnvSource(cls, environ)()
+        values.update({name: value for name, value in overrides.items() if value is not None})
         return cls(**values)
 
     def replace(self, **changes: Any) -> "Settings":
-        return dataclasses.replace(self, **changes)
+        """A copy with ``changes``, validated like any new settings."""
+        return type(self)(**{**self.model_dump(), **changes})
 
-    def __post_init__(self) -> None:
-        positive = ("poll_max_records", "max_message_bytes", "history_len", "top_k", "embed_batch_size", "covisit_neighbours", "head_steps_per_batch")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise SettingsError(f"{self.env_var(name)}: must be > 0, got {getattr(self, name)}")
+    @field_validator("*", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any, info: ValidationInfo) -> Any:
+        """An empty value unsets an optional setting (``RECSYS_RECOVERY_DIR=`` disables recovery)."""
+        if value == "" and type(None) in get_args(cls.model_fields[info.field_name].annotation):
+            return None
+        return value
+
+    @field_validator("metrics_port")
+    @classmethod
+    def _tcp_port(cls, port: int | None) -> int | None:
+        if port is not None and not 0 < port < 65536:
+            raise ValueError(f"expected a TCP port, got {port}")
+        return port
+
+    @field_validator("status_interval_s")
+    @classmethod
+    def _status_interval(cls, seconds: float) -> float:
+        if seconds <= 0:
+            raise ValueError("must be > 0 (--quiet switches the status line off)")
+        return seconds
+
+    @model_validator(mode="after")
+    def _shard_in_range(self) -> "Settings":
         if self.shards <= 0 or not 0 <= self.shard < self.shards:
             raise SettingsError(
                 f"{self.env_var('shard')}={self.shard}, {self.env_var('shards')}={self.shards}: "
                 "need shards >= 1 and 0 <= shard < shards"
             )
-        if self.unknown_item_wait_s < 0:
-            raise SettingsError(f"{self.env_var('unknown_item_wait_s')}: must be >= 0, got {self.unknown_item_wait_s}")
-        if self.status_interval_s <= 0:
-            raise SettingsError(f"{self.env_var('status_interval_s')}: must be > 0 (--quiet switches the status line off)")
-        if self.metrics_port is not None and not 0 < self.metrics_port < 65536:
-            raise SettingsError(f"{self.env_var('metrics_port')}: expected a TCP port, got {self.metrics_port}")
-        for name in ("max_event_ahead_s", "dedup_window", "sweep_keys_per_batch"):
-            if getattr(self, name) < 0:
-                raise SettingsError(f"{self.env_var(name)}: must be >= 0, got {getattr(self, name)}")
-        if self.snapshot_interval_s <= 0:
-            raise SettingsError(f"{self.env_var('snapshot_interval_s')}: must be > 0")
-        for f in fields(self):
-            allowed = _literal_choices(f.type)
-            if allowed and getattr(self, f.name) not in allowed:
-                raise SettingsError(f"{self.env_var(f.name)}: expected one of {allowed}, got {getattr(self, f.name)!r}")
+        return self
 
     def for_shard(self) -> "Settings":
         """The settings one shard process runs with: with several shards, each keeps its own
@@ -175,72 +201,86 @@ class Settings:
         (secrets included, never on a command line) to the child processes it starts.
         ``Settings.from_env(s.to_env()) == s``."""
         out: dict[str, str] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            out[self.env_var(f.name)] = "" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            out[self.env_var(name)] = "" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
         return out
 
     def public_dict(self) -> dict[str, Any]:
         """All settings, with secrets masked, for logs and reports."""
-        d = dataclasses.asdict(self)
+        d = self.model_dump()
         if d.get("sasl_password"):
             d["sasl_password"] = "***"
         return d
 
 
-def _literal_choices(tp: Any) -> tuple[Any, ...]:
-    tp = _resolve(tp)
-    return get_args(tp) if get_origin(tp) is Literal else ()
+class _MappingEnvSource(EnvSettingsSource):
+    """pydantic-settings' environment source over a given mapping instead of ``os.environ``."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        self._environ = environ
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        # the variables are upper case (RECSYS_TOP_K); pydantic-settings looks them up lower-cased
+        return {name.lower(): value for name, value in self._environ.items() if name == name.upper()}
 
 
-def _resolve(tp: Any) -> Any:
-    if isinstance(tp, str):  # from __future__ annotations
-        return eval(tp, {"Literal": Literal})  # noqa: S307 - our own annotations only
-    return tp
+_EXPECTED = {"int_parsing": "int", "int_type": "int", "int_from_float": "int", "float_parsing": "float",
+             "float_type": "float", "bool_parsing": "bool", "bool_type": "bool", "string_type": "str"}
+_BOUNDS = {"greater_than": ("gt", ">"), "greater_than_equal": ("ge", ">="), "less_than": ("lt", "<"),
+           "less_than_equal": ("le", "<=")}
 
 
-def _coerce(var: str, tp: Any, raw: str) -> Any:
-    text = str(_resolve(tp)) if not isinstance(tp, str) else tp
-    if raw == "" and "None" in text:
-        return None
-    try:
-        if text.startswith("int"):
-            return int(raw)
-        if text.startswith("float"):
-            return float(raw)
-        if text.startswith("bool"):
-            lowered = raw.strip().lower()
-            if lowered in ("1", "true", "yes", "on"):
-                return True
-            if lowered in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(raw)
-    except ValueError:
-        kind = text.split(" ")[0].split("|")[0]
-        raise SettingsError(f"{var}: expected {kind}, got {raw!r}") from None
-    return raw
+def _one_line(exc: ValidationError) -> str:
+    """The first of pydantic's errors as one line that names the variable: ``RECSYS_TOP_K: expected int, got 'ten'``."""
+    err = exc.errors(include_url=False)[0]
+    kind, value, ctx = err["type"], err.get("input"), err.get("ctx") or {}
+    if not err["loc"]:  # a check across fields (SettingsError) names its variables itself
+        return str(ctx.get("error", err["msg"]))
+    name = str(err["loc"][0])
+    if kind == "extra_forbidden":
+        return f"{name}: not a setting"
+    var = Settings.env_var(name)
+    if kind in _EXPECTED:
+        return f"{var}: expected {_EXPECTED[kind]}, got {value!r}"
+    if kind in _BOUNDS:
+        key, op = _BOUNDS[kind]
+        return f"{var}: must be {op} {ctx[key]}, got {value}"
+    if kind == "literal_error":
+        return f"{var}: expected one of {get_args(Settings.model_fields[name].annotation)}, got {value!r}"
+    if kind == "value_error":
+        return f"{var}: {ctx['error']}"
+    return f"{var}: {err['msg']}, got {value!r}"
+
+
+def _scalar(annotation: Any) -> Any:
+    """``int`` for ``int | None``; the annotation itself otherwise."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        return args[0] if len(args) == 1 else annotation
+    return annotation
 
 
 def add_cli_flags(parser: Any, only: tuple[str, ...] | None = None) -> None:
     """Add one ``--flag`` per setting to an argparse parser (defaults come from the env);
     ``only``: just these settings (a command that uses a few lists only those in its help)."""
-    for f in fields(Settings):
-        if only is not None and f.name not in only:
+    for name, field in Settings.model_fields.items():
+        if only is not None and name not in only:
             continue
-        flag = "--" + f.name.replace("_", "-")
-        text = f.type if isinstance(f.type, str) else str(f.type)
-        helptext = f"(env {Settings.env_var(f.name)}, default {f.default!r})"
-        if text.startswith("bool"):
+        flag = "--" + name.replace("_", "-")
+        kind = _scalar(field.annotation)
+        helptext = f"(env {Settings.env_var(name)}, default {field.default!r})"
+        if kind is bool:
             # --x / --no-x: a setting that defaults to true can be switched off too
-            parser.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction, help=helptext)
-        elif text.startswith("int"):
-            parser.add_argument(flag, dest=f.name, default=None, type=int, help=helptext)
-        elif text.startswith("float"):
-            parser.add_argument(flag, dest=f.name, default=None, type=float, help=helptext)
+            parser.add_argument(flag, dest=name, default=None, action=argparse.BooleanOptionalAction, help=helptext)
+        elif kind in (int, float):
+            parser.add_argument(flag, dest=name, default=None, type=kind, help=helptext)
         else:
-            parser.add_argument(flag, dest=f.name, default=None, help=helptext)
+            parser.add_argument(flag, dest=name, default=None, help=helptext)
 
 
 def settings_from_args(args: Any, environ: Mapping[str, str]) -> Settings:
-    overrides = {f.name: getattr(args, f.name, None) for f in fields(Settings)}
+    """Settings from parsed :func:`add_cli_flags` flags over ``environ`` over the defaults."""
+    overrides = {name: getattr(args, name, None) for name in Settings.model_fields}
     return Settings.from_env(environ, **overrides)

@@ -7,7 +7,6 @@ matches pyproject.toml.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import tomllib
 from pathlib import Path
@@ -25,7 +24,7 @@ DOCKERFILE = ROOT / "Dockerfile"
 #: but a production Kafka usually forbids that: kafka-init creates them all)
 TOPIC_FIELDS = ("events_topic", "catalog_topic", "recommendations_topic", "dead_letters_topic", "control_topic",
                 "search_results_topic")
-SETTING_VARS = {Settings.env_var(f.name) for f in dataclasses.fields(Settings)}
+SETTING_VARS = {Settings.env_var(name) for name in Settings.model_fields}
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import pkgutil
 import re
 import subprocess
@@ -40,7 +39,7 @@ def test_readme_starts_with_the_two_commands_and_ci_runs_the_test_one():
 
 def test_readme_documents_every_setting():
     readme = (ROOT / "README.md").read_text()
-    missing = [Settings.env_var(f.name) for f in dataclasses.fields(Settings) if Settings.env_var(f.name) not in readme]
+    missing = [Settings.env_var(name) for name in Settings.model_fields if Settings.env_var(name) not in readme]
     assert missing == []
 
 

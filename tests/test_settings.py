@@ -1,12 +1,13 @@
-"""Settings: validation, the per-shard directories, and the hand-over to child processes."""
+"""Settings: validation and its messages, env and flags, the per-shard directories, and the hand-over to child processes."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
 
-from recsys.settings import Settings, SettingsError
+from recsys.settings import Settings, SettingsError, add_cli_flags, settings_from_args
 
 
 def test_one_shard_keeps_the_directories_as_given():
@@ -34,3 +35,64 @@ def test_to_env_round_trips_every_setting_including_none_bools_and_secrets():
     assert all(k.startswith("RECSYS_") for k in env)
     assert Settings.from_env(env) == s
     assert Settings.from_env(Settings().to_env()) == Settings()
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"RECSYS_TOP_K": "ten"}, "RECSYS_TOP_K: expected int, got 'ten'"),
+    ({"RECSYS_TOP_K": "0"}, "RECSYS_TOP_K: must be > 0, got 0"),
+    ({"RECSYS_SNAPSHOT_INTERVAL_S": "soon"}, "RECSYS_SNAPSHOT_INTERVAL_S: expected float, got 'soon'"),
+    ({"RECSYS_STOP_AT_END": "maybe"}, "RECSYS_STOP_AT_END: expected bool, got 'maybe'"),
+    ({"RECSYS_DEDUP_WINDOW": "-1"}, "RECSYS_DEDUP_WINDOW: must be >= 0, got -1"),
+    ({"RECSYS_METRICS_PORT": "70000"}, "RECSYS_METRICS_PORT: expected a TCP port, got 70000"),
+    ({"RECSYS_STATUS_INTERVAL_S": "0"}, "RECSYS_STATUS_INTERVAL_S: must be > 0 (--quiet switches the status line off)"),
+])
+def test_a_bad_variable_is_refused_in_one_line_naming_it(env, message):
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env(env)
+    assert str(info.value) == message
+
+
+def test_a_bad_choice_names_the_allowed_values():
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({"RECSYS_ON_OFFSET_RESET": "rewind"})
+    assert str(info.value) == "RECSYS_ON_OFFSET_RESET: expected one of ('fail', 'earliest', 'latest'), got 'rewind'"
+
+
+def test_a_flag_beats_its_variable_which_beats_the_default():
+    parser = argparse.ArgumentParser()
+    add_cli_flags(parser)
+    args = parser.parse_args(["--top-k", "7", "--no-head-enabled"])
+    s = settings_from_args(args, {"RECSYS_TOP_K": "5", "RECSYS_HEAD_ENABLED": "true", "RECSYS_SEARCH_K": "3"})
+    assert (s.top_k, s.head_enabled, s.search_k, s.history_len) == (7, False, 3, Settings().history_len)
+
+
+def test_only_lists_just_those_flags():
+    parser = argparse.ArgumentParser()
+    add_cli_flags(parser, only=("bootstrap_servers", "metrics_port"))
+    args = parser.parse_args(["--metrics-port", "9100"])
+    assert vars(args) == {"bootstrap_servers": None, "metrics_port": 9100}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--top-k", "3"])
+
+
+def test_constructing_settings_never_reads_os_environ(monkeypatch):
+    monkeypatch.setenv("RECSYS_TOP_K", "99")
+    assert Settings().top_k == 10
+    assert Settings.from_env({}).top_k == 10
+
+
+def test_an_empty_variable_unsets_an_optional_setting_only():
+    s = Settings.from_env({"RECSYS_RECOVERY_DIR": "", "RECSYS_METRICS_PORT": "", "RECSYS_EVENTS_TOPIC": ""})
+    assert (s.recovery_dir, s.metrics_port, s.events_topic) == (None, None, "")
+
+
+def test_replace_validates_the_copy_and_leaves_the_original():
+    s = Settings(top_k=5)
+    assert s.replace(top_k=6).top_k == 6 and s.top_k == 5
+    with pytest.raises(SettingsError, match="^RECSYS_TOP_K: must be > 0, got 0$"):
+        s.replace(top_k=0)
+
+
+def test_an_unknown_setting_is_refused():
+    with pytest.raises(SettingsError, match="^top_n: not a setting$"):
+        Settings(top_n=5)

@@ -29,7 +29,6 @@ import os
 import re
 import time
 from collections import Counter, defaultdict
-from dataclasses import replace
 from typing import Any
 
 from recsys.backtest.metrics import hr_at_k, mrr_at_k, ndcg_at_k
@@ -190,7 +189,7 @@ def run(args: Any, ds: Any, settings: Any, command: str) -> dict[str, Any]:
     events, targets = derive_searches(ds.events, queries, types=types, sample=args.search_sample)
     print(f"derived {len(targets)} searches ({len(queries)} items with a query; targets {types}, "
           f"sample {args.search_sample})", flush=True)
-    engine = Shard.open(replace(settings, search_k=10), in_memory=args.state_dir is None, emit=False)
+    engine = Shard.open(settings.replace(search_k=10), in_memory=args.state_dir is None, emit=False)
     try:
         engine.upsert_catalog(ds.catalog, progress=True)
         result = replay_search(engine, events, targets, k=10, batch_size=args.batch_size)
@@ -217,7 +216,7 @@ def run_query_log(args: Any, settings: Any, command: str) -> dict[str, Any]:
         print(f"  skipped {n} row(s): {reason}", flush=True)
     print(f"query log: {len(ds.events)} events, {len(targets)} searches with an engaged item, "
           f"{len(ds.catalog)} items", flush=True)
-    engine = Shard.open(replace(settings, search_k=10), in_memory=args.state_dir is None, emit=False)
+    engine = Shard.open(settings.replace(search_k=10), in_memory=args.state_dir is None, emit=False)
     try:
         engine.upsert_catalog(ds.catalog, progress=True)
         result = replay_search(engine, ds.events, targets, k=10, batch_size=args.batch_size)
