@@ -76,7 +76,7 @@ from recsys.events import CatalogItem, Envelope, Event, encode
 from recsys.items.embeddings import Embedder
 from recsys.settings import Settings
 from recsys.shard.step import Shard
-from recsys.synthetic import generate_catalog, generate_events
+from recsys.synthetic import generate_catalog, generate_events, with_searches
 from recsys_cli.demo import summarize
 from recsys_cli.local_broker import LocalBroker
 
@@ -463,6 +463,8 @@ def _pcts(a: np.ndarray) -> dict[str, float]:
 def run_latency(args, items, catalog_path: Path, cache_dir: str, base: Settings, workroot: Path) -> dict:
     all_events = generate_events(args.latency_events + WARMUP_EVENTS, items, n_users=args.users, seed=args.seed + 1)
     warmup, events = all_events[:WARMUP_EVENTS], all_events[WARMUP_EVENTS:]
+    if args.search_share:  # issue 13: the mixed workload, searches answered by the same step
+        events = with_searches(events, items, args.search_share, seed=args.seed + 2)
     load_before = loadavg()
     log(f"\n[latency] {len(events)} events offered at {args.rate:.0f}/s, {len(items)} items, {args.users} users, "
         f"{args.partitions} partitions; load average {load_before}")
@@ -496,6 +498,7 @@ def run_latency(args, items, catalog_path: Path, cache_dir: str, base: Settings,
         rec_envs = consume_all(clients, s.recommendations_topic, timeout_s=CONSUME_TIMEOUT_S)
         dead = consume_all(clients, s.dead_letters_topic, timeout_s=CONSUME_TIMEOUT_S)
         catalog_envs = consume_all(clients, s.catalog_topic, timeout_s=CONSUME_TIMEOUT_S)
+        search_envs = consume_all(clients, s.search_results_topic, timeout_s=CONSUME_TIMEOUT_S) if args.search_share else []
     finally:
         broker.stop()
     new_items = new_item_times(catalog_envs, rec_envs, probes)
@@ -520,6 +523,10 @@ def run_latency(args, items, catalog_path: Path, cache_dir: str, base: Settings,
         "events_answered": int(len(every)),
         "flow_totals": flow.stopped_line,
         "new_item_to_recommended_ms": new_items,
+        "search_share": args.search_share,
+        "searches": sum(1 for ev in events if ev.type == "search"),
+        "search_results": len(search_envs),
+        "latency_ms_search": _trigger_pcts(measured, search_envs) if search_envs else {},
         "peak_rss_mib": flow.peak_rss_mib(),
         "peak_rss_mib_before_sigint": round(hwm_before_stop / 1024, 1),
         "loadavg_before": load_before,
@@ -534,6 +541,10 @@ def run_latency(args, items, catalog_path: Path, cache_dir: str, base: Settings,
     if ev:
         log(f"[latency] every event -> first recommendation after it: p50 {ev['p50']:.0f} ms, p95 {ev['p95']:.0f} ms, "
             f"p99 {ev['p99']:.0f} ms over {len(every)} events")
+    if search_envs:
+        sl = result["latency_ms_search"]
+        log(f"[latency] search append -> search result emitted_at: p50 {sl['p50']:.0f} ms, p95 {sl['p95']:.0f} ms, "
+            f"p99 {sl['p99']:.0f} ms over {len(search_envs)} of {result['searches']} searches")
     if new_items.get("recommended"):
         log(f"[latency] new item: catalog append -> first recommendation listing it: p50 {new_items['p50']:.0f} ms, "
             f"max {new_items['max']:.0f} ms ({new_items['recommended']} of {new_items['new_items']} new items recommended, "
@@ -617,6 +628,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--events", type=int, default=100_000, help="events for the sustained-throughput run")
     p.add_argument("--latency-events", type=int, default=30_000, help="events offered in the latency run")
     p.add_argument("--rate", type=float, default=1000.0, help="events/s offered in the latency run")
+    p.add_argument("--search-share", type=float, default=0.0,
+                   help="latency run: share of the offered events that are searches (issue 13's mixed workload: 0.2)")
     p.add_argument("--new-items", type=int, default=20,
                    help="latency run: new catalog items published during the stream, timed to their first recommendation")
     p.add_argument("--catalog-items", type=int, default=10_000)

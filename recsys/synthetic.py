@@ -71,3 +71,30 @@ def generate_events(
         item = pool[int(rng.integers(len(pool)))]
         events.append(Event(f"e{n}", _TYPES[int(types[n])], f"u{u}", item, int(ts[n]), session_id=f"s{u}"))
     return events
+
+
+def with_searches(events: list[Event], items: list[CatalogItem], share: float, *, seed: int = 0) -> list[Event]:
+    """The stream with about ``share`` of its events turned into searches: the same user at the
+    same time searching two words of the item's title (brand or adjective, and category), as a
+    shopper types before clicking. For the mixed-workload latency benchmark (issue 13).
+
+    >>> items = generate_catalog(20, seed=1)
+    >>> mixed = with_searches(generate_events(200, items, n_users=5, seed=1), items, 0.2, seed=1)
+    >>> n = sum(e.type == "search" for e in mixed); 20 < n < 60, all(e.query for e in mixed if e.type == "search")
+    (True, True)
+    """
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"share must be within [0, 1], got {share}")
+    titles = {item.item_id: item for item in items}
+    rng = np.random.default_rng(seed)
+    pick = rng.random(len(events)) < share
+    out = []
+    for ev, search in zip(events, pick.tolist()):
+        item = titles.get(ev.item_id or "")
+        if search and item is not None:
+            first = item.brand if rng.random() < 0.5 and item.brand else item.title.split()[0]
+            out.append(Event(f"{ev.event_id}-q", "search", ev.user_id, None, ev.ts, session_id=ev.session_id,
+                             query=f"{first} {item.category or ''}".strip()))
+        else:
+            out.append(ev)
+    return out

@@ -53,13 +53,20 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run_demo)
 
 
+#: Share of the demo's purchases that a search for the item's category words comes before.
+SEARCH_SHARE = 0.05
+
+
 def build_demo_data(n_events: int, out_dir: Path) -> tuple[Path, Path, int, int]:
-    """Write demo ``catalog.jsonl`` and ``events.jsonl`` (the project's formats) from Complete Journey."""
+    """Write demo ``catalog.jsonl`` and ``events.jsonl`` (the project's formats) from Complete
+    Journey, with a search for its category words 1 ms before about 5% of the purchases."""
     from recsys.datasets import load_dataset, write_jsonl
+    from recsys.search.replay import category_queries, derive_searches
 
     ds = load_dataset("completejourney", None, limit=n_events)
     used = {e.item_id for e in ds.events}
     ds.catalog = [c for c in ds.catalog if c.item_id in used]
+    ds.events, _ = derive_searches(ds.events, category_queries(ds.catalog), sample=SEARCH_SHARE)
     events_path, catalog_path = out_dir / "events.jsonl", out_dir / "catalog.jsonl"
     write_jsonl(ds, str(events_path), str(catalog_path))
     return events_path, catalog_path, len(ds.events), len(ds.catalog)
@@ -83,7 +90,8 @@ def run_demo(args: argparse.Namespace) -> int:
     DEMO_DIR.mkdir(parents=True, exist_ok=True)
     print(f"[1/5] demo data from Complete Journey ({args.events} events) ...", flush=True)
     events_path, catalog_path, n_events, n_items = build_demo_data(args.events, DEMO_DIR)
-    print(f"      {n_events} purchase events, {n_items} catalog items -> {DEMO_DIR}/", flush=True)
+    print(f"      {n_events} events (purchases, and searches before some), {n_items} catalog items -> {DEMO_DIR}/",
+          flush=True)
 
     base = Settings.from_env(os.environ)
     print("[2/5] embedding the catalog once (cached for later runs) ...", flush=True)
@@ -218,14 +226,18 @@ def _follow(args, settings, clients, flow_proc, consume_all, done, produced) -> 
 
     events = consume_all(clients, settings.events_topic, timeout_s=5.0)
     dead = consume_all(clients, settings.dead_letters_topic, timeout_s=5.0)
-    summary = summarize(events, recs, dead)
+    searches = consume_all(clients, settings.search_results_topic, timeout_s=5.0)
+    for env in searches[:2]:
+        print("      " + format_search_result(env.value), flush=True)
+    summary = summarize(events, recs, dead, searches)
     (DEMO_DIR / "summary.json").write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
     print_summary(summary)
     return 0
 
 
-def summarize(events, recs, dead) -> dict:
-    """Counts, throughput and latency (broker append of the trigger -> emitted_at)."""
+def summarize(events, recs, dead, searches=()) -> dict:
+    """Counts, throughput and latency (broker append of the trigger -> emitted_at), for the
+    recommendations and, apart, for the search results."""
     append_ts = {}
     for env in events:
         try:
@@ -244,6 +256,9 @@ def summarize(events, recs, dead) -> dict:
     first = min((e.timestamp_ms for e in events), default=0)
     span_s = max((max(emitted, default=first) - first) / 1000, 1e-3)
     lat = np.array(latencies or [0])
+    search_lat = [orjson.loads(env.value)["emitted_at"] - append_ts[tid] for env in searches
+                  if (tid := orjson.loads(env.value)["trigger_event_id"]) in append_ts]
+    slat = np.array(search_lat or [0])
     return {
         "events_in": len(events),
         "recommendations_out": len(recs),
@@ -252,6 +267,8 @@ def summarize(events, recs, dead) -> dict:
         "dead_letter_reasons": dict(reasons),
         "events_per_s": round(len(events) / span_s, 1),
         "latency_ms": {p: float(np.percentile(lat, q)) for p, q in (("p50", 50), ("p95", 95), ("p99", 99))},
+        "search_results_out": len(searches),
+        "search_latency_ms": {p: float(np.percentile(slat, q)) for p, q in (("p50", 50), ("p95", 95), ("p99", 99))},
     }
 
 
@@ -260,6 +277,12 @@ def format_recommendation(payload: bytes) -> str:
     head = f"user {rec['user_id']} (after {rec['trigger_event_id']}, {rec['model_version']}):"
     items = "; ".join(f"{i['item_id']} {i['score']:.2f} [{i['reason']}]" for i in rec["items"][:5])
     return f"{head} {items}"
+
+
+def format_search_result(payload: bytes) -> str:
+    res = orjson.loads(payload)
+    items = "; ".join(f"{i['item_id']} [{i['reason']}]" for i in res["items"][:3]) or "no match"
+    return f"search by user {res['user_id']} for {res['query']!r}: {items}"
 
 
 def format_reason(n: int, reason: str, width: int = 96) -> str:
@@ -284,4 +307,8 @@ def print_summary(s: dict) -> None:
         print(format_reason(n, reason))
     print(f"throughput           {s['events_per_s']} events/s (append of first event -> last recommendation)")
     print(f"latency              p50 {lat['p50']:.0f} ms, p95 {lat['p95']:.0f} ms, p99 {lat['p99']:.0f} ms (append -> emitted_at)")
+    if s.get("search_results_out"):
+        sl = s["search_latency_ms"]
+        print(f"search results out   {s['search_results_out']}, latency p50 {sl['p50']:.0f} ms, p95 {sl['p95']:.0f} ms, "
+              f"p99 {sl['p99']:.0f} ms")
     print(f"details              {DEMO_DIR}/summary.json")

@@ -269,3 +269,21 @@ def test_the_demo_summary_shows_dead_letter_reasons_whole(capsys):
     for reason, n in reasons.items():
         assert f"{n} x {reason}" in flat
     assert max(len(line) for line in out.splitlines()) <= 100
+
+
+def test_the_demo_summary_reports_search_results_and_their_latency_apart(capsys):
+    from recsys.events import Envelope
+    from recsys_cli.demo import format_search_result, print_summary, summarize
+
+    events = [Envelope("events", 0, 0, b"u", orjson.dumps({"event_id": "e1"}), 1_000),
+              Envelope("events", 0, 1, b"u", orjson.dumps({"event_id": "q1"}), 2_000)]
+    rec = {"user_id": "u", "trigger_event_id": "e1", "emitted_at": 1_030, "items": []}
+    found = {"user_id": "u", "query": "tea", "trigger_event_id": "q1", "emitted_at": 2_012,
+             "items": [{"item_id": "i1", "reason": "matches 'tea'"}]}
+    summary = summarize(events, [Envelope("recommendations", 0, 0, b"u", orjson.dumps(rec), 0)], [],
+                        [Envelope("search-results", 0, 0, b"u", orjson.dumps(found), 0)])
+    assert summary["search_results_out"] == 1
+    assert summary["search_latency_ms"]["p50"] == 12.0 and summary["latency_ms"]["p50"] == 30.0
+    assert format_search_result(orjson.dumps(found)) == "search by user u for 'tea': i1 [matches 'tea']"
+    print_summary(summary)
+    assert "search results out   1, latency p50 12 ms" in capsys.readouterr().out

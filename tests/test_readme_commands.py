@@ -102,6 +102,9 @@ PLANS: dict[str, Plan] = {
     ".venv/bin/python benchmarks/throughput.py --flow-args \"--processes 2\" --out runs/bench-2p.json":
         Plan(" --help", expect="usage:"),
     ".venv/bin/python benchmarks/throughput.py --out runs/bench.json": Plan(" --help", expect="usage:"),
+    ".venv/bin/python benchmarks/throughput.py --mode latency --search-share 0.2": Plan(
+        " --latency-events 300 --rate 300 --catalog-items 200 --users 200 --new-items 0", slow=True,
+        expect="search append -> search result emitted_at"),
     "recsys replay --events PATH [--format jsonl|rees46|diginetica|yoochoose|completejourney|csv] "
     "[--catalog PATH] [--protocol prequential|leave-last-out] [--k 10,20] [--models all|NAME,...] "
     "[--include-history] [--target next|next_purchase] [--seed N] [--limit N] [--map FIELD=COLUMN ...] "
