@@ -36,24 +36,14 @@ from recsys.events import Event
 from recsys.feedback import EVENT_WEIGHTS, MS_PER_HOUR
 
 __all__ = [
-    "TYPE_WEIGHTS",
     "PopularityBaseline",
     "RecentPopularityBaseline",
     "CoVisitationBaseline",
     "SessionKNNBaseline",
     "ContentBaseline",
     "RiverBiasedMFBaseline",
-    "RecentlySeenBaseline",
-    "MostBoughtBaseline",
-    "ItemKNNBaseline",
-    "TransitionBaseline",
-    "BPRMFBaseline",
 ]
 
-#: Evidence of interest per event type: a purchase says more than a glance (OTTO-style weights).
-TYPE_WEIGHTS: Mapping[str, float] = EVENT_WEIGHTS  # the system's own table (recsys.feedback)
-
-MS_PER_HOUR = MS_PER_HOUR
 # Decayed scores are stored as w * 2**((ts - ref) / half_life); re-base once the exponent
 # passes this, long before float64 (max ~2**1023) could overflow.
 _REBASE_EXPONENT = 60.0
@@ -276,7 +266,7 @@ class CoVisitationBaseline(_Baseline):
 
     When a user touches item ``b`` with an event of type ``t``, every other item ``a`` among
     their last ``window`` distinct items (touched at most ``max_gap_h`` hours ago) gains
-    ``TYPE_WEIGHTS[t]`` (time-decayed with ``half_life_h``) in both ``C[a][b]`` and ``C[b][a]``.
+    ``EVENT_WEIGHTS[t]`` (time-decayed with ``half_life_h``) in both ``C[a][b]`` and ``C[b][a]``.
     Each row keeps its ``max_neighbours`` strongest entries. A user's score for ``b`` sums
     ``C[a][b] / (1 + r)`` over their ``query_items`` most recent items ``a`` (``r = 0`` for the
     newest); popularity fills the rest.
@@ -297,7 +287,7 @@ class CoVisitationBaseline(_Baseline):
         max_gap_h: float = 24.0,
         query_items: int = 5,
         max_neighbours: int = 50,
-        type_weights: Mapping[str, float] = TYPE_WEIGHTS,
+        type_weights: Mapping[str, float] = EVENT_WEIGHTS,
         repeat_items: Collection[str] = (),
         fill_half_life_h: float | None = 24.0,
         name: str = "covisitation",

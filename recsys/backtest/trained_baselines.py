@@ -26,7 +26,6 @@ from recsys.feedback import MS_PER_HOUR
 
 __all__ = ["BPRMFBaseline", "PeriodicallyTrained"]
 
-MS_PER_HOUR = MS_PER_HOUR
 
 
 class PeriodicallyTrained(_Baseline):
