@@ -69,7 +69,7 @@ from recsys.shard.outbox import (
     user_without,
 )
 from recsys.shard.snapshots import ModelSnapshots
-from recsys.shard.waiting import WaitingRoom
+from recsys.shard.waiting import Sorted, WaitingRoom
 from recsys.signals.covisitation import CoVisitation
 from recsys.signals.popularity import Popularity
 from recsys.signals.sessions import SessionNeighbours
@@ -280,17 +280,58 @@ class Shard:
     # ------------------------------------------------------------------ the step
 
     def process(self, envelopes: list[Envelope]) -> BatchResult:
-        """Decode, validate, apply and recommend for one batch; commit it atomically."""
+        """Decode, validate, apply and recommend for one batch; commit it atomically.
+
+        The phases, each a method below: decode (catalog upserts and erasures first), admit
+        (the waiting room, catalog and clock checks; events grouped by user in each user's
+        order), answer the batch's searches, apply (global signals, then user state), learn the
+        head, rank for every user with a newly applied event, and one atomic write of it all.
+        """
         result = BatchResult()
         counts = result.counts
         now_ms = int(self.clock() * 1000)
+        if any(env.extra for env in envelopes):
+            envelopes = self._absorb_offset_resets(envelopes)
+        events, puts = self._decode(envelopes, result, now_ms)
+        by_user, waited = self._admit(events, result, puts, now_ms)
+        if not by_user:
+            self._commit(puts, waited.deletes)
+            self.totals.update(counts)
+            return result
+
+        user_ids = list(by_user)
+        # expiry per user, against the user's own next event: no event may reset another user
+        states = self.users.get_many(user_ids, now_ts={u: evs[0][1].ts for u, evs in by_user.items()})
+        outboxes = self._load_outboxes(user_ids)
+        result.new_users = sum(1 for state in states.values() if not state.last_applied)
+
+        # what we would have shown each user right before this batch (backtests only)
+        if self.evaluate:
+            self._score_before(result, [ev for _, ev in waited.ready if ev.user_id in by_user], states)
+
+        # issue 13: answer the batch's searches from the state before it; learn from its new events
+        result.search_results = self.search.step(by_user, states, self.watermarks, now_ms, self.model_version)
+        counts["search_results"] += len(result.search_results)
+
+        fresh_users, reemit, examples = self._apply(by_user, states, outboxes, waited, puts, counts)
+        self._learn_head(examples, counts)
+        self._rank_and_emit(fresh_users, by_user, states, outboxes, reemit, puts, result, now_ms)
+
+        # one atomic write: users + signals + watermarks + outboxes + catalog + expired users
+        puts.update(self.users.puts([states[u] for u in fresh_users]))
+        self._commit(puts, [*waited.deletes, *self._sweep(by_user, counts)])
+        self.totals.update(counts)
+        return result
+
+    def _decode(self, envelopes: list[Envelope], result: BatchResult,
+                now_ms: int) -> tuple[list[tuple[Envelope, Event]], dict[bytes, bytes]]:
+        """Decode every message (a bad one is dead-lettered); apply catalog upserts and erasures
+        at once. Returns the decoded events and the batch's first puts (positions, catalog)."""
+        counts = result.counts
         catalog_topic = self.settings.catalog_topic
         control_topic = self.settings.control_topic
         max_bytes = self.settings.max_message_bytes
-        if any(env.extra for env in envelopes):
-            envelopes = self._absorb_offset_resets(envelopes)
-
-        # 1. catalog first, so an item and its first event in one batch work in either order
+        # catalog first, so an item and its first event in one batch work in either order
         catalog_items: list[CatalogItem] = []
         controls: list[tuple[Envelope, ControlMessage]] = []
         events: list[tuple[Envelope, Event]] = []
@@ -321,8 +362,14 @@ class Shard:
         # read the erased records back
         for env, message in controls:
             self._apply_control(env, message, now_ms, counts)
+        return events, puts
 
-        # 2. validate against the catalog, group by user (keeping each user's order)
+    def _admit(self, events: list[tuple[Envelope, Event]], result: BatchResult, puts: dict[bytes, bytes],
+               now_ms: int) -> tuple[dict[str, list[tuple[Envelope, Event]]], Sorted]:
+        """The events that may be applied now, grouped by user in each user's order, and what the
+        waiting room did (parked, released, expired, its puts and deletes)."""
+        counts = result.counts
+        # validate against the catalog, group by user (keeping each user's order)
         # issue 10: events for items not in the catalog yet wait for it (recsys/shard/waiting.py)
         waited = self.waiting.sort(events, self.items.catalog, self.watermarks)
         events = waited.ready
@@ -352,26 +399,15 @@ class Shard:
                 self.items.upsert([CatalogItem(event.item_id, title=f"item {event.item_id}")])
             by_user.setdefault(event.user_id, []).append((env, event))
         counts["valid_events"] += sum(len(v) for v in by_user.values())
-        if not by_user:
-            self._commit(puts, waited.deletes)
-            self.totals.update(counts)
-            return result
+        return by_user, waited
 
-        user_ids = list(by_user)
-        # expiry per user, against the user's own next event: no event may reset another user
-        states = self.users.get_many(user_ids, now_ts={u: evs[0][1].ts for u, evs in by_user.items()})
-        outboxes = self._load_outboxes(user_ids)
-        result.new_users = sum(1 for state in states.values() if not state.last_applied)
-
-        # 3. what we would have shown each user right before this batch (backtests only)
-        if self.evaluate:
-            self._score_before(result, [ev for _, ev in events if ev.user_id in by_user], states)
-
-        # 3b. issue 13: answer the batch's searches from the state before it; learn from its new events
-        result.search_results = self.search.step(by_user, states, self.watermarks, now_ms, self.model_version)
-        counts["search_results"] += len(result.search_results)
-
-        # 4. apply: signals first (they need the history before the event), then user state
+    def _apply(self, by_user: dict[str, list[tuple[Envelope, Event]]], states: dict[str, UserState],
+               outboxes: dict[str, dict[tuple[int, int], bytes]], waited: Sorted, puts: dict[bytes, bytes],
+               counts: Counter) -> tuple[list[str], list[tuple[str, bytes]], list[Example]]:
+        """Apply each new event: the re-ranker learns from it, the global signals absorb it (they
+        need the history before it), then the user's state. A re-delivered event is skipped (its
+        stored recommendation re-emitted), a duplicate absorbed. Returns the users with a newly
+        applied event, the re-emissions and the head's new training examples."""
         fresh_users: list[str] = []
         reemit: list[tuple[str, bytes]] = []
         examples: list[Example] = []  # for the head: each newly applied event, after its history
@@ -418,10 +454,13 @@ class Shard:
                 counts["applied"] += 1
             if applied_any:
                 fresh_users.append(user_id)
+        return fresh_users, reemit, examples
 
-        # 5. learn once a full training batch has accumulated (a bounded buffer, so the cost per
-        #    event is fixed however the stream is batched); only newly applied events enter it,
-        #    so a re-delivery is never learned twice (a crash loses the buffer: never learned)
+    def _learn_head(self, examples: list[Example], counts: Counter) -> None:
+        """The head learns once a full training batch has accumulated (a bounded buffer, so the
+        cost per event is fixed however the stream is batched); only newly applied events enter
+        it, so a re-delivery is never learned twice (a crash loses the buffer: never learned).
+        Model snapshots are written from here, at most every ``head_snapshot_interval_s``."""
         self._pending.extend(examples)
         del self._pending[: -_MAX_PENDING_EXAMPLES]
         if self.head is not None and self.learning and len(self._pending) >= self.head.config.batch_size:
@@ -430,7 +469,12 @@ class Shard:
             counts["head_steps"] += stats["steps"]
         self.models.save(self)
 
-        # 6. recommend for every user with a newly applied event (coalesced per batch)
+    def _rank_and_emit(self, fresh_users: list[str], by_user: dict[str, list[tuple[Envelope, Event]]],
+                       states: dict[str, UserState], outboxes: dict[str, dict[tuple[int, int], bytes]],
+                       reemit: list[tuple[str, bytes]], puts: dict[bytes, bytes], result: BatchResult, now_ms: int) -> None:
+        """Rank for every user with a newly applied event (coalesced per batch), each list into
+        the user's outbox (written with the batch) and the result, re-emissions after them."""
+        counts = result.counts
         if fresh_users and self.emit:
             now_ts = max(by_user[u][-1][1].ts for u in fresh_users)
             ranked = self.recommender.rank([states[u] for u in fresh_users], now_ts)
@@ -445,12 +489,6 @@ class Shard:
         result.recommendations.extend(reemit)
         counts["recommendations"] += len(result.recommendations)
         counts["reemitted"] += len(reemit)
-
-        # 7. one atomic write: users + signals + watermarks + outboxes + catalog + expired users
-        puts.update(self.users.puts([states[u] for u in fresh_users]))
-        self._commit(puts, [*waited.deletes, *self._sweep(by_user, counts)])
-        self.totals.update(counts)
-        return result
 
     # ------------------------------------------------------------------ helpers
 
