@@ -1,6 +1,6 @@
 """The crash test the product promises: ``kill -9`` the live flow repeatedly, get the same result.
 
-One 10k-event stream (500 users, 300 items) in the real local broker, shared by both cases. A
+One 16k-event stream (800 users, 300 items) in the real local broker, shared by both cases. A
 reference ``python -m dataflows.cli run --stop-at-end --processes 2`` is left alone (once per
 module); then, per case (one process, or two shards), a crash run of the same command is
 SIGKILLed three times, each time once its output topic has reached a different fraction of the
@@ -51,14 +51,19 @@ from recsys.synthetic import generate_catalog, generate_events
 
 pytestmark = pytest.mark.slow
 
-N_EVENTS = 10_000
-N_USERS = 500
+N_EVENTS = 16_000
+N_USERS = 800
 N_ITEMS = 300
 PARTITIONS = 2
 REF_PROCESSES = 2
 #: Kill each life of a crash run once its output topic holds this fraction of the reference
-#: run's output: three kills, all mid-stream, at varied points, on any machine speed.
+#: run's output (and MIN_STEP more than when it got ready, up to NEAR_END: a shard that got
+#: ready first may have run ahead): three kills, all mid-stream, at varied points, at any speed.
 KILL_AT = (0.2, 0.45, 0.7)
+MIN_STEP = 0.03
+#: With two shards, kill the other shard instead when the next one's partition holds this
+#: fraction of its reference output (it may be about to finish).
+NEAR_END = 0.85
 READY_TIMEOUT_S = 90.0
 RUN_TIMEOUT_S = 300.0  # generous: a loaded machine runs the stream several times slower
 PROGRESS_TIMEOUT_S = 60.0
@@ -183,10 +188,30 @@ class _OutputCount:
         self._tps = [TopicPartition(topic, p) for p in range(partitions)]
 
     def __call__(self) -> int:
-        return sum(self._consumer.end_offsets(self._tps).values())
+        return sum(self.by_partition())
+
+    def by_partition(self) -> list[int]:
+        ends = self._consumer.end_offsets(self._tps)
+        return [ends[tp] for tp in self._tps]
 
     def close(self) -> None:
         self._consumer.close()
+
+
+def _counted(count: _OutputCount) -> list[int]:
+    try:
+        return count.by_partition()
+    finally:
+        count.close()
+
+
+def _shard_to_kill(count: _OutputCount, ref_records: list[int], turn: int) -> int:
+    """Shards are killed in turn, unless the one whose turn it is has nearly finished its
+    partition (shards start at different moments on a loaded box): then the other.
+    Producers and the flow key by user, so output partition ``i`` is shard ``i``'s."""
+    done = [n / max(1, ref) for n, ref in zip(count.by_partition(), ref_records)]
+    shard = turn % PARTITIONS
+    return shard if done[shard] < NEAR_END else min(range(PARTITIONS), key=done.__getitem__)
 
 
 @dataclass
@@ -198,7 +223,7 @@ class _Stream:
     catalog_file: Path
     last_event: dict[str, str]  # user -> id of their last event
     now_ts: int
-    ref_records: int  # records in the reference's recommendations topic
+    ref_records: list[int]  # records in each partition of the reference's recommendations topic
     ref_distinct: int  # distinct (user, trigger) among them
     ref_shard_users: list[dict[str, UserState]]
     ref_shard_pop: list[dict[str, float]]
@@ -249,7 +274,7 @@ def stream(local_broker, tmp_path_factory) -> _Stream:
         catalog_file=catalog_file,
         last_event={e.user_id: e.event_id for e in events},
         now_ts=now_ts,
-        ref_records=_OutputCount(clients, base.recommendations_topic, PARTITIONS)(),
+        ref_records=_counted(_OutputCount(clients, base.recommendations_topic, PARTITIONS)),
         ref_distinct=len(_triggers(clients, base.recommendations_topic)),
         ref_shard_users=[_users(d) for d in dirs],
         ref_shard_pop=[_popularity(d, now_ts) for d in dirs],
@@ -261,7 +286,7 @@ def stream(local_broker, tmp_path_factory) -> _Stream:
 @pytest.mark.parametrize("processes", [1, 2], ids=["one-process", "two-shards"])
 def test_sigkilled_run_ends_in_the_same_state_with_only_identical_duplicates(stream, tmp_path, processes):
     """With ``processes=2`` the run is ``recsys run --processes 2`` and each kill SIGKILLs one
-    shard process (alternately): its supervisor then stops the other shard and exits failed,
+    shard process (in turn, unless that one has nearly finished its partition): its supervisor then stops the other shard and exits failed,
     and the restart resumes both shards from their own directories."""
     clients = stream.clients
     name = stream.base.recommendations_topic.replace("ref-recommendations", f"crash{processes}")
@@ -278,13 +303,16 @@ def test_sigkilled_run_ends_in_the_same_state_with_only_identical_duplicates(str
     t0 = time.monotonic()
     log = tmp_path / "crash.log"
     kills: list[dict] = []
+    ref_total = sum(stream.ref_records)
     output_count = _OutputCount(clients, crash.recommendations_topic, PARTITIONS)
     try:
         for fraction in KILL_AT:
-            mark = max(int(fraction * stream.ref_records), kills[-1]["records"] + 1 if kills else 1)
             child = _Child(_run_args(crash, stream.catalog_file, processes), log, tmp_path)
             try:
                 ready_s = child.wait_ready(marker=ready)
+                at_ready = output_count()
+                step = min(at_ready + int(MIN_STEP * ref_total), int(NEAR_END * ref_total))
+                mark = max(int(fraction * ref_total), step, kills[-1]["records"] + 1 if kills else 1)
                 while (n := output_count()) < mark:
                     if child.proc.poll() is not None:
                         pytest.fail(f"crash run exited ({child.proc.returncode}) at {n} of {mark} records:\n{child.output()[-3000:]}")
@@ -292,11 +320,13 @@ def test_sigkilled_run_ends_in_the_same_state_with_only_identical_duplicates(str
                         pytest.fail(f"crash run reached only {n} of {mark} records in {PROGRESS_TIMEOUT_S} s: {kills}")
                     time.sleep(0.05)
                 run_s = time.monotonic() - child.started - ready_s
-                killed = child.sigkill() if processes == 1 else _sigkill_shard(child, len(kills) % processes)
+                shard = 0 if processes == 1 else _shard_to_kill(output_count, stream.ref_records, len(kills))
+                killed = child.sigkill() if processes == 1 else _sigkill_shard(child, shard)
             finally:
                 child.close()
             assert killed, f"the crash run finished before kill {len(kills) + 1}: {kills}"
-            kills.append({"ready_s": round(ready_s, 1), "ran_s": round(run_s, 1), "records": output_count(),
+            kills.append({"ready_s": round(ready_s, 1), "at_ready": at_ready, "ran_s": round(run_s, 1),
+                          **({"shard": shard} if processes > 1 else {}), "records": output_count(),
                           "distinct": len(_triggers(clients, crash.recommendations_topic))})  # fmt: skip
     finally:
         output_count.close()
@@ -324,7 +354,7 @@ def test_sigkilled_run_ends_in_the_same_state_with_only_identical_duplicates(str
     summary = (
         f"\ncrash test ({processes} process{'es' if processes > 1 else ''}): {stream.timings}; crash run {crash_s:.1f}s, "
         f"kills={len(kills)} {kills}, last life {last_s:.1f}s ({ready_s:.1f}s to ready); reference recs="
-        f"{stream.ref_records} distinct={stream.ref_distinct}, crash recs={len(crash_recs)} distinct={len(groups)} "
+        f"{sum(stream.ref_records)} distinct={stream.ref_distinct}, crash recs={len(crash_recs)} distinct={len(groups)} "
         f"duplicates={duplicates} (groups with copies: {sum(1 for n in copies.values() if n > 1)}); "
         f"last run: {final_output.strip().splitlines()[-1]}"
     )
