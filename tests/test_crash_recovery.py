@@ -1,6 +1,6 @@
 """The crash test the product promises: ``kill -9`` the live flow repeatedly, get the same result.
 
-One 16k-event stream (800 users, 300 items) in the real local broker, shared by both cases. A
+One 12k-event stream (600 users, 300 items) in the real local broker, shared by both cases. A
 reference ``python -m dataflows.cli run --stop-at-end --processes 2`` is left alone (once per
 module); then, per case (one process, or two shards), a crash run of the same command is
 SIGKILLed three times, each time once its output topic has reached a different fraction of the
@@ -12,7 +12,8 @@ state and recovery directories until it finishes. Afterwards:
   each shard holds exactly its partition's users and the same popularity as the reference's
   shard, and one process holds the reference's popularity summed over its two shards (decayed
   scores add up);
-- every user's last event triggered a recommendation in the crash run's output;
+- every user's last event triggered a recommendation in the crash run's output, which holds as
+  many distinct (user, trigger) recommendations as the reference's, all schema-valid;
 - duplicates in the crash run's output are byte-identical re-emissions only;
 - nothing was dead-lettered.
 
@@ -51,8 +52,8 @@ from recsys.synthetic import generate_catalog, generate_events
 
 pytestmark = pytest.mark.slow
 
-N_EVENTS = 16_000
-N_USERS = 800
+N_EVENTS = 12_000
+N_USERS = 600
 N_ITEMS = 300
 PARTITIONS = 2
 REF_PROCESSES = 2
@@ -181,7 +182,9 @@ def _triggers(clients: KafkaClients, topic: str) -> set[tuple[str, str]]:
 
 class _OutputCount:
     """Records in a topic so far (the sum of its partitions' end offsets): one cheap broker
-    request per call, so a crash run can be killed the moment its output passes a mark."""
+    request per call, so a crash run can be killed the moment its output passes a mark.
+    (The local broker's end offsets trail what ``consume_all`` reads by up to a batch: fine
+    for a mark, which is why the assertions count with ``consume_all``.)"""
 
     def __init__(self, clients: KafkaClients, topic: str, partitions: int) -> None:
         self._consumer = clients.consumer()
@@ -351,6 +354,7 @@ def test_sigkilled_run_ends_in_the_same_state_with_only_identical_duplicates(str
         groups[key].add(env.value)
         copies[key] += 1
     duplicates = len(crash_recs) - len(groups)
+    read_s = time.monotonic() - t0
     summary = (
         f"\ncrash test ({processes} process{'es' if processes > 1 else ''}): {stream.timings}; crash run {crash_s:.1f}s, "
         f"kills={len(kills)} {kills}, last life {last_s:.1f}s ({ready_s:.1f}s to ready); reference recs="
@@ -368,9 +372,11 @@ def test_sigkilled_run_ends_in_the_same_state_with_only_identical_duplicates(str
 
     # nothing missing, everything valid (duplicates are byte-identical: one check per payload)
     assert not crash_dead
+    t1 = time.monotonic()
     for payloads in groups.values():
         for payload in payloads:
             assert validate("recommendation", orjson.loads(payload)) == []
+    validate_s = time.monotonic() - t1
     missing = [(u, e) for u, e in stream.last_event.items() if (u, e) not in groups]
     assert not missing, f"{len(missing)} users' last events have no recommendation, e.g. {missing[:5]}"
     assert len(groups) == stream.ref_distinct
@@ -414,4 +420,4 @@ def test_sigkilled_run_ends_in_the_same_state_with_only_identical_duplicates(str
         assert len(ref_pop) > 0 and ref_pop.keys() == crash_pop.keys()
         for item, score in ref_pop.items():
             assert np.isclose(crash_pop[item], score, rtol=1e-5), item
-    print(f"comparison {time.monotonic() - t0:.1f}s")
+    print(f"comparison {time.monotonic() - t0:.1f}s (reading the output {read_s:.1f}s, validating it {validate_s:.1f}s)")
