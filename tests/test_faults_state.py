@@ -140,6 +140,22 @@ def test_the_running_sweep_deletes_idle_users_and_their_outboxes_but_never_a_liv
     engine.close()
 
 
+def test_the_sweep_reads_no_records_while_no_stored_user_can_have_expired(tmp_path, cache):
+    engine = _open(tmp_path, cache, state_ttl_days=1.0, sweep_keys_per_batch=10)
+    scans = []
+    iter_from = engine.kv.iter_from
+    engine.kv.iter_from = lambda start, prefix: scans.append(start) or iter_from(start, prefix)
+    idle = [f"idle{n:02d}" for n in range(30)]
+    engine.process([_env(Event(f"a{n}", "click", u, f"i{n % 20}", T0 + n), n) for n, u in enumerate(idle)])
+    read = len(scans)  # a full pass over the store as it was: every record is now known >= T0
+    for n in range(3):  # less than the TTL after the oldest record: no slice can find anything
+        engine.process([_env(Event(f"w{n}", "click", "w", "i1", T0 + DAY_MS // 2 + n), 30 + n)])
+    assert len(scans) == read
+    result = engine.process([_env(Event("f", "click", "fresh", "i2", T0 + int(1.2 * DAY_MS)), 40)])
+    assert len(scans) == read + 1 and result.counts["swept_users"] == 10  # the bounded slice again
+    engine.close()
+
+
 def test_the_sweep_spares_a_user_of_the_same_batch_and_can_be_switched_off(tmp_path, cache):
     engine = _open(tmp_path, cache, state_ttl_days=1.0, sweep_keys_per_batch=0)
     engine.process([_env(Event("a", "click", "old", "i1", T0), 0)])

@@ -305,6 +305,7 @@ class UserStore:
         self.kv = kv
         self.ttl_days = ttl_days
         self._ttl_ms = ttl_days * MS_PER_DAY
+        self.last_slice_oldest: int | None = None  # set by sweep_slice: the oldest updated_ts it read
 
     def _expired(self, updated_ts: int, now_ts: int) -> bool:
         return now_ts - updated_ts > self._ttl_ms
@@ -351,12 +352,17 @@ class UserStore:
         """
         expired: list[str] = []
         next_start = b""
+        oldest = None  # the smallest updated_ts among the records looked at (kept for the caller)
         for n, (key, raw) in enumerate(self.kv.iter_from(start or USER_PREFIX, USER_PREFIX)):
             if n == limit:
                 next_start = key
                 break
-            if self._expired(record_updated_ts(raw), now_ts):
+            updated_ts = record_updated_ts(raw)
+            if oldest is None or updated_ts < oldest:
+                oldest = updated_ts
+            if self._expired(updated_ts, now_ts):
                 expired.append(key[len(USER_PREFIX) :].decode())
+        self.last_slice_oldest = oldest
         return expired, next_start
 
     def delete_user(self, user_id: str) -> None:
