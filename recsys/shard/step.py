@@ -71,6 +71,7 @@ from recsys.shard.outbox import (
 from recsys.shard.snapshots import ModelSnapshots
 from recsys.shard.waiting import WaitingRoom
 from recsys.signals.covisitation import CoVisitation
+from recsys.signals.exchange import SignalExchange, signal_checksum
 from recsys.signals.popularity import Popularity
 from recsys.signals.sessions import SessionNeighbours
 from recsys.store.kv import KVStore, MemoryKV, RocksKV
@@ -126,6 +127,7 @@ class BatchResult:
     event_types: Counter = field(default_factory=Counter)
     new_users: int = 0
     search_results: list[tuple[str, bytes]] = field(default_factory=list)  # (user_id, json); issue 13
+    exchange: list[bytes] = field(default_factory=list)  # issue 11: signal-op messages to publish
 
 
 class Shard:
@@ -169,6 +171,9 @@ class Shard:
         self.covisit.load(kv)
         self.transitions.load(kv)
         self.sessions.load(kv)
+        # issue 11: with sharing, signal updates go through the exchange log (recsys/signals/exchange.py)
+        self.exchange = SignalExchange(kv, settings.shard, self.covisit, self.transitions, self.popularity,
+                                       self.sessions) if settings.share_signals else None
         self.watermarks: dict[tuple[str, int], int] = {}
         for key, value in kv.iter_prefix(_WATERMARK_PREFIX):
             topic, _, partition = key[len(_WATERMARK_PREFIX) :].decode().rpartition(":")
@@ -394,7 +399,10 @@ class Shard:
                     counts["duplicates"] += 1
                     self._advance_watermark(env, puts)
                     continue
-                if event.item_id is not None:
+                if event.item_id is not None and self.exchange is not None:  # applied from the log
+                    self.exchange.record(event.user_id, event.session_id, event.item_id, event.type, event.ts,
+                                         state.history if self.learning else None)
+                elif event.item_id is not None:
                     if self.learning:
                         self.covisit.update(state.history, event.item_id, event.type, event.ts)
                         self.transitions.update(state.history, event.item_id, event.type, event.ts)
@@ -448,9 +456,26 @@ class Shard:
 
         # 7. one atomic write: users + signals + watermarks + outboxes + catalog + expired users
         puts.update(self.users.puts([states[u] for u in fresh_users]))
+        if self.exchange is not None and (message := self.exchange.seal(puts)) is not None:
+            result.exchange.append(message)
         self._commit(puts, [*waited.deletes, *self._sweep(by_user, counts)])
         self.totals.update(counts)
         return result
+
+    # ------------------------------------------------------------------ issue 11: the exchange
+
+    def apply_exchange(self, records: list[tuple[int, bytes]]) -> int:
+        """Apply exchange-log records ``(position, message)`` in log order, committed with the
+        log position in one atomic write (:meth:`recsys.signals.exchange.SignalExchange.apply`)."""
+        puts: dict[bytes, bytes] = {}
+        deletes: list[bytes] = []
+        applied = self.exchange.apply(records, puts, deletes)
+        self._commit(puts, deletes)
+        return applied
+
+    def signal_checksum(self) -> str:
+        """sha256 of the committed global signals: equal on shards holding identical ones."""
+        return signal_checksum(self.kv)
 
     # ------------------------------------------------------------------ helpers
 
