@@ -291,6 +291,7 @@ class Shard:
         now_ms = int(self.clock() * 1000)
         catalog_topic = self.settings.catalog_topic
         control_topic = self.settings.control_topic
+        exchange_topic = self.settings.exchange_topic if self.exchange is not None else None
         max_bytes = self.settings.max_message_bytes
         if any(env.extra for env in envelopes):
             envelopes = self._absorb_offset_resets(envelopes)
@@ -299,9 +300,12 @@ class Shard:
         catalog_items: list[CatalogItem] = []
         controls: list[tuple[Envelope, ControlMessage]] = []
         events: list[tuple[Envelope, Event]] = []
+        exchanged: list[tuple[int, bytes]] = []  # issue 11: the exchange log's records, in log order
         for env in envelopes:
             try:
-                if env.topic == catalog_topic:
+                if env.topic == exchange_topic:
+                    exchanged.append((env.offset, env.value))
+                elif env.topic == catalog_topic:
                     counts["catalog_in"] += 1
                     catalog_items.append(decode_catalog_item(env.value, max_bytes))
                 elif env.topic == control_topic:
@@ -316,6 +320,8 @@ class Shard:
             except DecodeError as exc:
                 self._dead_letter(result, env, str(exc), now_ms)
         result.event_types.update(event.type for _, event in events)
+        if exchanged:  # committed at once with its log position (recsys/signals/exchange.py)
+            counts["exchange_applied"] += self.apply_exchange(exchanged)
         puts: dict[bytes, bytes] = self._advance_positions(envelopes)
         if catalog_items:
             self.items.upsert(catalog_items)

@@ -135,6 +135,7 @@ class SignalExchange:
         self._outbox = {int(k[len(OUTBOX_PREFIX):]): v for k, v in kv.iter_prefix(OUTBOX_PREFIX)}
         self._ops: list[Op] = []
         self.applied_ops = 0  # counts, for the cost figures
+        self.refused = 0  # log records that were not exchange messages (skipped by every shard alike)
 
     # ---------------------------------------------------------------- the origin's side
 
@@ -178,7 +179,11 @@ class SignalExchange:
                 continue
             self.position = position
             puts[POSITION_KEY] = str(position).encode()
-            message = decode_message(raw)
+            try:
+                message = decode_message(raw)
+            except ExchangeFormatError:
+                self.refused += 1  # every shard refuses the same record: they stay identical
+                continue
             if message.seq <= self.applied.get(message.origin, 0):
                 continue  # published twice (an outbox re-send): once is enough
             self.apply_ops(message.ops)
