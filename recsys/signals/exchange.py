@@ -24,6 +24,11 @@ origin (its outbox re-sends after a crash), is skipped. A sealed message waits i
 outbox (written in its batch's own atomic write) until the origin sees it come back from the
 log, so a crash between commit and publish loses nothing.
 
+Not (yet) through the log: an erasure (``forget_user``) removes the user's sessions on each
+shard when that shard reads the control topic, at its own log position, so after one the session
+records of two shards may differ (the checksum says so); the head, the re-ranker and search's
+learned associations stay per shard.
+
 Message (version 1): ``b"X1"`` + zlib(orjson ``[origin, seq, ops]``), each op one applied
 event with an item: ``[user_id, session_id, item_id, event_type, ts, history]``, ``history``
 being the user's last ``window`` history entries ``[[item, type, ts], ...]`` before the event,
