@@ -223,3 +223,17 @@ def test_two_sharing_shards_score_closer_to_one_process_than_two_alone(embedder)
     alone = _replay(embedder, catalog, evs, 2, False)
     # measured: HR@10 0.535 one process, 0.533 two sharing shards, 0.451 two alone
     assert abs(shared[0] - one[0]) < abs(alone[0] - one[0]) / 4, (one, shared, alone)
+
+
+@pytest.mark.parametrize("lag", [1, 3])
+def test_replayed_shards_end_with_identical_signals_whatever_the_exchange_lag(embedder, catalog, events, lag):
+    shards = []
+    for s in range(3):
+        shard = Shard(_settings(shards=3, shard=s, share_signals=True), MemoryKV(), embedder, evaluate=True, emit=False)
+        shard.upsert_catalog(catalog)
+        shards.append(shard)
+    stats = replay_shared_shards(shards, events, lambda u: partition_for_key(u.encode(), 3),
+                                 PrequentialScorer(["full-system"], (10,)), batch_size=100, lag=lag)
+    assert len({shard.signal_checksum() for shard in shards}) == 1
+    assert stats["applied_ops"] == 3 * sum(1 for e in events if e.item_id is not None)  # every op, on every shard
+    assert stats["exchange_bytes"] > 0 and all(shard.exchange.position == stats["exchange_messages"] - 1 for shard in shards)
