@@ -4,10 +4,12 @@
 
     catalog source ─┐
     events source ──┼─ merge ─► process (Shard.process, once per polled batch)
-    ticks (live) ───┘              │ stream of Out("rec" | "dead" | "scored", key, payload)
+    ticks (live) ───┤              │ stream of Out("rec" | "dead" | "scored", key, payload)
+    exchange log ───┘              │ (issue 11, with sharing: every shard's signal operations)
                                    ├─► recommendations sink   (user_id, json bytes)
                                    ├─► dead-letters sink      (key, json bytes)
                                    ├─► search-results sink    (user_id, json bytes; issue 13)
+                                   ├─► exchange sink (issue 11: this shard's op messages, (shard, bytes))
                                    └─► scored sink (backtests only: what we would have shown)
 
 Sources yield :class:`recsys.events.Envelope`; sinks take ``(key, bytes)`` pairs. The live flow
@@ -36,7 +38,7 @@ from recsys.shard.step import BatchResult, Shard
 
 @dataclass(frozen=True, slots=True)
 class Out:
-    kind: str  # "rec" | "dead" | "scored" | "search"
+    kind: str  # "rec" | "dead" | "scored" | "search" | "exchange"
     key: str | None
     payload: Any
 
@@ -95,8 +97,12 @@ class ShardStep:
         self.observer = observer
 
     def __call__(self, batch: list[Any]) -> list[Out]:
+        out: list[Out] = []
         if self.engine is None:
             self.engine = self._factory()
+            if self.engine.exchange is not None:  # issue 11: sealed before a crash, maybe never published
+                origin = str(self.engine.exchange.origin)
+                out.extend(Out("exchange", origin, m) for m in self.engine.exchange.pending())
         # Kafka sources send Envelopes (the runtime's batch is the engine's batch); the replay
         # source sends pre-cut batches as single items, processed one by one; the timer's ticks
         # call the engine with no data only while events wait for their catalog item.
@@ -108,7 +114,6 @@ class ShardStep:
             batches = [envelopes] if envelopes or (ticked and len(self.engine.waiting)) else []
             if ticked and self.observer is not None:
                 self.observer.tick(self.engine)
-        out: list[Out] = []
         for envelopes in batches:
             started = time.perf_counter()
             result = self.engine.process(envelopes)
@@ -118,6 +123,7 @@ class ShardStep:
             out.extend(Out("dead", key, payload) for key, payload in result.dead_letters)
             out.extend(Out("scored", None, s) for s in result.scored)
             out.extend(Out("search", key, payload) for key, payload in result.search_results)  # issue 13
+            out.extend(Out("exchange", str(self.engine.exchange.origin), m) for m in result.exchange)  # issue 11
         return out
 
 
@@ -134,9 +140,12 @@ def build_flow(
     observer: StepObserver | None = None,
     control: Source[Envelope] | None = None,
     search_results: Sink[tuple[str | None, bytes]] | None = None,
+    exchange: Source[Envelope] | None = None,
+    exchange_out: Sink[tuple[str | None, bytes]] | None = None,
 ) -> Dataflow:
     """Wire sources, the engine step and sinks into a dataflow (``control``: erasure requests;
-    ``search_results``: answers to ``search`` events, dropped without that sink)."""
+    ``search_results``: answers to ``search`` events, dropped without that sink; ``exchange``
+    and ``exchange_out``: the exchange log read whole and written to, with sharing on)."""
     flow = Dataflow(flow_id)
     stream = op.input("events_in", flow, events)  # Envelope
     if catalog is not None:
@@ -145,6 +154,8 @@ def build_flow(
     if control is not None:
         control_stream = op.input("control_in", flow, control)  # Envelope
         stream = op.merge("merge_control", control_stream, stream)  # Envelope
+    if exchange is not None:  # issue 11
+        stream = op.merge("merge_exchange", op.input("exchange_in", flow, exchange), stream)  # Envelope
     if ticks is not None:
         stream = op.merge("merge_ticks", op.input("ticks_in", flow, ticks), stream)  # Envelope | Tick
     outs = op.flat_map_batch("process", stream, ShardStep(shard_factory, observer))  # Out
@@ -155,6 +166,9 @@ def build_flow(
     if search_results is not None:  # issue 13
         found = op.filter_map("search_results", outs, lambda o: (o.key, o.payload) if o.kind == "search" else None)
         _output("search_results_out", found, search_results)  # (user_id, json)
+    if exchange_out is not None:  # issue 11
+        ops = op.filter_map("exchange", outs, lambda o: (o.key, o.payload) if o.kind == "exchange" else None)
+        _output("exchange_out", ops, exchange_out)  # (origin shard, op message)
     if scored is not None:
         evals = op.filter_map("scored", outs, lambda o: o.payload if o.kind == "scored" else None)
         op.output("scored_out", evals, scored)  # recsys.shard.step.ScoredBatch

@@ -24,7 +24,7 @@ from bytewax.dataflow import Dataflow
 
 from dataflows.catalog_table import ResumeAtLeast, bootstrap_catalog, report
 from dataflows.flow import Ticks, build_flow
-from dataflows.kafka_io import KafkaClients, KafkaSink, KafkaSource, ensure_topics
+from dataflows.kafka_io import KafkaClients, KafkaSink, KafkaSource, ensure_topics, part_name
 from dataflows.metrics import FlowMetrics, Watched
 from recsys.items.catalog import read_catalog_file
 from recsys.settings import Settings
@@ -100,6 +100,12 @@ def live_flow(
     # deployment from before search gains the topic instead of failing its first search
     ensure_topics(clients, {settings.search_results_topic: _partitions_of(clients, settings.events_topic)})
     control = KafkaSource.from_settings(clients, settings.control_topic, settings)
+    exchange = exchange_out = None
+    if engine.exchange is not None:  # issue 11: the exchange log, read whole from the position in state
+        ensure_topics(clients, {settings.exchange_topic: 1})  # one partition: one total order
+        log = KafkaSource.from_settings(clients, settings.exchange_topic, settings)
+        exchange = stoppable(ResumeAtLeast(log, {part_name(settings.exchange_topic, 0): engine.exchange.position + 1}), stop)
+        exchange_out = KafkaSink(clients, settings.exchange_topic)
 
     return build_flow(
         "recsys_live",
@@ -110,6 +116,8 @@ def live_flow(
         recommendations=KafkaSink(clients, settings.recommendations_topic),
         dead_letters=KafkaSink(clients, settings.dead_letters_topic),
         search_results=KafkaSink(clients, settings.search_results_topic),  # issue 13
+        exchange=exchange,
+        exchange_out=exchange_out,
         shard_factory=lambda: engine,
         # a run to the end seen at start ends when its sources do: it has no timer (nothing
         # waits there either: Shard turns the unknown-item wait off for it)

@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     # --- scale-out: N independent processes, each owning the events partitions p % N == shard ---
     shards: int = 1
     shard: int = 0
+    # issue 11: shards learn the global signals from everyone's events through an exchange log
+    share_signals: bool = False
+    exchange_topic: str = "signal-exchange"  # the exchange log: one partition, every shard reads all of it
     # --- state and recovery ---
     state_dir: str = "var/state"  # RocksDB user state + global signals
     recovery_dir: str | None = "var/recovery"  # Bytewax recovery snapshots; None disables

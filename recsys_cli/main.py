@@ -186,6 +186,9 @@ def _run_one(settings: Settings, clients, signals) -> int:
             abrupt = True
     finally:
         totals = {"events_in": 0, "applied": 0, **engine.totals}  # also when nothing came in
+        if engine.exchange is not None:  # issue 11: equal on every shard that applied the same log
+            print(f"global signals: sha256={engine.signal_checksum()} at exchange position {engine.exchange.position}",
+                  flush=True)
         print("stopped: " + ", ".join(f"{k}={v}" for k, v in sorted(totals.items())), flush=True)
         engine.close()
     if failure:

@@ -54,6 +54,14 @@ def add_parser(sub) -> None:
     p.add_argument("--shards", type=int, default=1,
                    help="prequential: replay the full system as N shards (users split as Kafka would split "
                         "them over N partitions, each shard its own engine), to measure what sharding costs")
+    p.add_argument("--share", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --shards N: the shards share the global signals through one exchange log, "
+                        "interleaved in event time (recsys/backtest/shards.py; default: on when N > 1); "
+                        "--no-share: each shard learns from its own users only, one shard after the other")
+    p.add_argument("--exchange-lag", type=int, default=1, metavar="ROUNDS",
+                   help="with sharing: rounds (each shard one batch) before every shard has applied a "
+                        "round's signal updates (default 1: the next batch sees them, as a live exchange "
+                        "consumer polling between two event batches does)")
     p.add_argument("--map", action="append", default=[], metavar="FIELD=COLUMN", help="csv: column mapping (repeat)")
     p.add_argument("--emit", default=None, metavar="FILE",
                    help="also compute the live output recommendations and write them to FILE (JSONL); slower")
@@ -147,6 +155,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise SystemExit(f"recsys replay: --batch-size must be a whole number >= 1, got {args.batch_size}")
     if args.shards < 1 or (args.shards > 1 and args.protocol != "prequential"):
         raise SystemExit("recsys replay: --shards N needs N >= 1, and N > 1 only with --protocol prequential")
+    if args.exchange_lag < 1:
+        raise SystemExit(f"recsys replay: --exchange-lag must be a whole number >= 1, got {args.exchange_lag}")
+    if args.share and (args.protocol != "prequential" or args.emit):
+        raise SystemExit("recsys replay: --share runs only with --protocol prequential and without --emit")
     bad_maps = [m for m in args.map if "=" not in m]
     if bad_maps:
         raise SystemExit(f"recsys replay: --map expects FIELD=COLUMN, got {bad_maps[0]!r}")
@@ -226,8 +238,12 @@ def run_replay(args: argparse.Namespace) -> int:
     if args.shards < 1 or (args.shards > 1 and args.protocol != "prequential"):
         raise SystemExit("recsys replay: --shards N needs N >= 1, and N > 1 only with --protocol prequential")
 
+    share = args.share if args.share is not None else (args.shards > 1 and args.protocol == "prequential" and not args.emit)
+
     def open_engine(evaluate: bool, shard: int = 0, variant: str = "full-system") -> Shard:
         shard_settings = settings.replace(shards=args.shards, shard=shard).for_shard()
+        if share and variant == "full-system":
+            shard_settings = shard_settings.replace(share_signals=True)
         if variant == "full-system/no-head":
             shard_settings = shard_settings.replace(head_enabled=False)
         elif variant == "full-system/no-reranker":
@@ -274,7 +290,9 @@ def run_replay(args: argparse.Namespace) -> int:
             emitted = open(args.emit, "wb") if args.emit else None
             try:
                 counts: dict[str, int] = {}
-                for shard, (shard_engine, events) in enumerate(_shards(ds.events, args.shards, engine, open_engine)):
+                if share:
+                    counts = _replay_shared(ds.events, args, engine, open_engine, scorer)
+                for shard, (shard_engine, events) in enumerate(() if share else _shards(ds.events, args.shards, engine, open_engine)):
                     if args.shards > 1:
                         print(f"shard {shard} of {args.shards}: {len(events)} events", flush=True)
                     done = replay_full_system(
@@ -294,7 +312,8 @@ def run_replay(args: argparse.Namespace) -> int:
 
             full = scorer.result([_Named()], {"full-system": {"replay_s": seconds}}, n_events=len(ds.events),
                                  catalog_size=catalog_size, seconds=seconds, batch_size=args.batch_size, dataset=ds.name)
-            full["full_system"] = {"events_per_s": len(ds.events) / seconds, "seconds": seconds, "shards": args.shards, **counts}
+            full["full_system"] = {"events_per_s": len(ds.events) / seconds, "seconds": seconds, "shards": args.shards,
+                                   "share": share, **counts}
             result = _merge(result, full)
     else:
         models = baselines + ([FullSystem(engine)] if "full-system" in names else [])
@@ -342,6 +361,43 @@ def _shards(events: list, n: int, engine, open_engine):
     owner = {u: partition_for_key(u.encode(), n) for u in {e.user_id for e in events}}
     for shard in range(n):
         yield (engine if shard == 0 else open_engine(True, shard)), [e for e in events if owner[e.user_id] == shard]
+
+
+def _replay_shared(events: list, args, engine, open_engine, scorer) -> dict:
+    """The full system as ``--shards`` shards sharing the global signals
+    (:func:`recsys.backtest.shards.replay_shared_shards`); prints the exchange's cost figures
+    and each shard's signal checksum (all equal: every shard applied the same log)."""
+    from dataflows.kafka_io import partition_for_key
+    from recsys.backtest.shards import replay_shared_shards
+    from tqdm.auto import tqdm
+
+    n = args.shards
+    shards = [engine] + [open_engine(True, s) for s in range(1, n)]
+    bar = tqdm(total=len(events), desc=f"replay ({n} shards, shared)", unit="ev", mininterval=1.0)
+    try:
+        stats = replay_shared_shards(shards, events, lambda u: partition_for_key(u.encode(), n), scorer,
+                                     batch_size=args.batch_size, lag=args.exchange_lag, on_round=bar.update)
+        bar.close()
+        sums = [shard.signal_checksum() for shard in shards]
+    finally:
+        for shard in shards[1:]:
+            shard.close()
+    remote_ops = stats["applied_ops"] * (n - 1) / n if n else 0
+    stats.update({
+        "exchange_lag_rounds": args.exchange_lag,
+        "exchange_bytes_per_event": stats["exchange_bytes"] / max(len(events), 1),
+        # every shard applies every op (its own too): the same code and cost per op
+        "apply_us_per_op": 1e6 * stats["apply_cpu_s"] / max(stats["applied_ops"], 1),
+        "remote_ops": remote_ops,
+        "signal_checksums": sums,
+    })
+    print(f"exchange: {stats['exchange_messages']} messages, {stats['exchange_bytes_per_event']:.1f} bytes/event, "
+          f"{stats['apply_us_per_op']:.1f} us CPU per applied op, lag {args.exchange_lag} round(s)", flush=True)
+    for s, digest in enumerate(sums):
+        print(f"shard {s}: global signals sha256 {digest}", flush=True)
+    if len(set(sums)) != 1:
+        raise SystemExit("recsys replay: the shards' global signals differ after applying the same log (a bug)")
+    return stats
 
 
 def _merge(base: dict | None, extra: dict) -> dict:

@@ -22,8 +22,26 @@ $R --format completejourney --limit 300000 --protocol leave-last-out --models al
 $R --format completejourney --limit 300000 --protocol prequential --models all --out runs/completejourney-300k-prequential
 # speed: the full system alone over all 1,469,307 lines
 $R --format completejourney --models full-system --out runs/completejourney-full
-# what sharding costs: the full system as two shards (users split like Kafka's partitioner)
-$R --format rees46 --events "$D/rees46/2019-Oct_head17k.csv" --models full-system --shards 2 --out runs/rees46-prequential-2shards
-$R --format diginetica --events "$D/diginetica" --models full-system --shards 2 --out runs/diginetica-prequential-2shards
-$R --format yoochoose --events "$D/yoochoose" --models full-system --shards 2 --out runs/yoochoose-prequential-2shards
-$R --format completejourney --limit 300000 --models full-system --shards 2 --out runs/completejourney-300k-prequential-2shards
+# what sharding costs: the full system as two shards (users split like Kafka's partitioner), each
+# learning from its own users only (--no-share; sharing is the default with --shards N > 1)
+$R --format rees46 --events "$D/rees46/2019-Oct_head17k.csv" --models full-system --shards 2 --no-share --out runs/rees46-prequential-2shards
+$R --format diginetica --events "$D/diginetica" --models full-system --shards 2 --no-share --out runs/diginetica-prequential-2shards
+$R --format yoochoose --events "$D/yoochoose" --models full-system --shards 2 --no-share --out runs/yoochoose-prequential-2shards
+$R --format completejourney --limit 300000 --models full-system --shards 2 --no-share --out runs/completejourney-300k-prequential-2shards
+# issue 11: the shards share the global signals (one exchange log, interleaved in event time,
+# lag 1 round); --no-share: each shard learns from its own users only, as before
+for n in 2 4 8; do
+  $R --format rees46 --events "$D/rees46/2019-Oct_head17k.csv" --models full-system --shards $n --out runs/rees46-prequential-${n}shards-shared
+  $R --format diginetica --events "$D/diginetica" --models full-system --shards $n --out runs/diginetica-prequential-${n}shards-shared
+  $R --format yoochoose --events "$D/yoochoose" --models full-system --shards $n --out runs/yoochoose-prequential-${n}shards-shared
+  $R --format completejourney --limit 300000 --models full-system --shards $n --out runs/completejourney-300k-prequential-${n}shards-shared
+done
+for n in 4 8; do
+  $R --format rees46 --events "$D/rees46/2019-Oct_head17k.csv" --models full-system --shards $n --no-share --out runs/rees46-prequential-${n}shards
+  $R --format diginetica --events "$D/diginetica" --models full-system --shards $n --no-share --out runs/diginetica-prequential-${n}shards
+  $R --format yoochoose --events "$D/yoochoose" --models full-system --shards $n --no-share --out runs/yoochoose-prequential-${n}shards
+  $R --format completejourney --limit 300000 --models full-system --shards $n --no-share --out runs/completejourney-300k-prequential-${n}shards
+done
+# what is left of the gap at 4 shards is the head and the re-ranker (learned per shard): both off
+RECSYS_HEAD_ENABLED=false RECSYS_RERANK_ENABLED=false $R --format diginetica --events "$D/diginetica" --models full-system --out runs/diginetica-prequential-nomodels
+RECSYS_HEAD_ENABLED=false RECSYS_RERANK_ENABLED=false $R --format diginetica --events "$D/diginetica" --models full-system --shards 4 --out runs/diginetica-prequential-4shards-shared-nomodels

@@ -23,7 +23,7 @@ DOCKERFILE = ROOT / "Dockerfile"
 #: every topic the flow reads or writes (the flow creates control and search-results when missing,
 #: but a production Kafka usually forbids that: kafka-init creates them all)
 TOPIC_FIELDS = ("events_topic", "catalog_topic", "recommendations_topic", "dead_letters_topic", "control_topic",
-                "search_results_topic")
+                "search_results_topic", "exchange_topic")
 SETTING_VARS = {Settings.env_var(name) for name in Settings.model_fields}
 
 

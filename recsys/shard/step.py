@@ -76,6 +76,7 @@ from recsys.shard.outbox import (
 from recsys.shard.snapshots import ModelSnapshots
 from recsys.shard.waiting import Sorted, WaitingRoom
 from recsys.signals.covisitation import CoVisitation
+from recsys.signals.exchange import SignalExchange, signal_checksum
 from recsys.signals.popularity import Popularity
 from recsys.signals.sessions import SessionNeighbours
 from recsys.store.kv import KVStore, MemoryKV, RocksKV
@@ -131,6 +132,7 @@ class BatchResult:
     event_types: Counter = field(default_factory=Counter)
     new_users: int = 0
     search_results: list[tuple[str, bytes]] = field(default_factory=list)  # (user_id, json); issue 13
+    exchange: list[bytes] = field(default_factory=list)  # issue 11: signal-op messages to publish
 
 
 class Shard:
@@ -174,6 +176,9 @@ class Shard:
         self.covisit.load(kv)
         self.transitions.load(kv)
         self.sessions.load(kv)
+        # issue 11: with sharing, signal updates go through the exchange log (recsys/signals/exchange.py)
+        self.exchange = SignalExchange(kv, settings.shard, self.covisit, self.transitions, self.popularity,
+                                       self.sessions) if settings.share_signals else None
         self.watermarks: dict[tuple[str, int], int] = {}
         for key, value in kv.iter_prefix(_WATERMARK_PREFIX):
             topic, _, partition = key[len(_WATERMARK_PREFIX) :].decode().rpartition(":")
@@ -334,6 +339,8 @@ class Shard:
             self._pass_oldest = written if self._pass_oldest is None else min(self._pass_oldest, written)
             if self._sweep_floor is not None:
                 self._sweep_floor = min(self._sweep_floor, written)
+        if self.exchange is not None and (message := self.exchange.seal(puts)) is not None:
+            result.exchange.append(message)  # issue 11: this batch's signal ops, sealed with it
         self._commit(puts, [*waited.deletes, *self._sweep(by_user, counts)])
         self.totals.update(counts)
         return result
@@ -345,14 +352,18 @@ class Shard:
         counts = result.counts
         catalog_topic = self.settings.catalog_topic
         control_topic = self.settings.control_topic
+        exchange_topic = self.settings.exchange_topic if self.exchange is not None else None
         max_bytes = self.settings.max_message_bytes
         # catalog first, so an item and its first event in one batch work in either order
         catalog_items: list[CatalogItem] = []
         controls: list[tuple[Envelope, ControlMessage]] = []
         events: list[tuple[Envelope, Event]] = []
+        exchanged: list[tuple[int, bytes]] = []  # issue 11: the exchange log's records, in log order
         for env in envelopes:
             try:
-                if env.topic == catalog_topic:
+                if env.topic == exchange_topic:
+                    exchanged.append((env.offset, env.value))
+                elif env.topic == catalog_topic:
                     counts["catalog_in"] += 1
                     catalog_items.append(decode_catalog_item(env.value, max_bytes))
                 elif env.topic == control_topic:
@@ -367,6 +378,8 @@ class Shard:
             except DecodeError as exc:
                 self._dead_letter(result, env, str(exc), now_ms)
         result.event_types.update(event.type for _, event in events)
+        if exchanged:  # committed at once with its log position (recsys/signals/exchange.py)
+            counts["exchange_applied"] += self.apply_exchange(exchanged)
         puts: dict[bytes, bytes] = self._advance_positions(envelopes)
         if catalog_items:
             self.items.upsert(catalog_items)
@@ -445,7 +458,10 @@ class Shard:
                     counts["duplicates"] += 1
                     self._advance_watermark(env, puts)
                     continue
-                if event.item_id is not None:
+                if event.item_id is not None and self.exchange is not None:  # applied from the log
+                    self.exchange.record(event.user_id, event.session_id, event.item_id, event.type, event.ts,
+                                         state.history if self.learning else None)
+                elif event.item_id is not None:
                     if self.learning:
                         self.covisit.update(state.history, event.item_id, event.type, event.ts)
                         self.transitions.update(state.history, event.item_id, event.type, event.ts)
@@ -504,6 +520,21 @@ class Shard:
         result.recommendations.extend(reemit)
         counts["recommendations"] += len(result.recommendations)
         counts["reemitted"] += len(reemit)
+
+    # ------------------------------------------------------------------ issue 11: the exchange
+
+    def apply_exchange(self, records: list[tuple[int, bytes]]) -> int:
+        """Apply exchange-log records ``(position, message)`` in log order, committed with the
+        log position in one atomic write (:meth:`recsys.signals.exchange.SignalExchange.apply`)."""
+        puts: dict[bytes, bytes] = {}
+        deletes: list[bytes] = []
+        applied = self.exchange.apply(records, puts, deletes)
+        self._commit(puts, deletes)
+        return applied
+
+    def signal_checksum(self) -> str:
+        """sha256 of the committed global signals: equal on shards holding identical ones."""
+        return signal_checksum(self.kv)
 
     # ------------------------------------------------------------------ helpers
 
