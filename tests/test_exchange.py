@@ -158,6 +158,42 @@ def test_sealed_messages_wait_in_the_outbox_across_a_restart(tmp_path, embedder,
     _close(restarted)
 
 
+def _forget(user_id: str, offset: int) -> Envelope:
+    return Envelope("control", 0, offset, None, orjson.dumps({"type": "forget_user", "user_id": user_id}), 1_900_000_000_000)
+
+
+def test_an_erasure_drops_the_users_sessions_at_one_log_position_on_every_shard(tmp_path, embedder, catalog, events):
+    log, shards = _log_of_two_shards(tmp_path, embedder, catalog, events)
+    owner = next(s for s in (0, 1) if any(partition_for_key(e.user_id.encode(), 2) == s for e in events))
+    user = next(e.user_id for e in events if partition_for_key(e.user_id.encode(), 2) == owner and e.item_id)
+    # shard 0 reads the erasure before it applies the log, shard 1 after: at different positions
+    for message in shards[0].process([_forget(user, 0)]).exchange:
+        log.append((len(log), message))
+    shards[0].apply_exchange(log)
+    shards[1].apply_exchange(log)
+    for message in shards[1].process([_forget(user, 0)]).exchange:
+        log.append((len(log), message))
+    for shard in shards:
+        shard.apply_exchange(log)
+    assert shards[0].signal_checksum() == shards[1].signal_checksum()
+    assert all(user not in {s["user"] for s in shard.sessions._sessions.values()} for shard in shards)
+    assert any(True for _ in shards[0].kv.iter_prefix(b"ses:"))  # everyone else's sessions are still there
+    _close(*shards)
+
+
+def test_an_offline_erasure_waits_in_the_outbox_for_the_log(tmp_path, embedder, catalog, events):
+    shard = _open(tmp_path, embedder, catalog, "s0")
+    user = next(e.user_id for e in events if partition_for_key(e.user_id.encode(), 2) == 0 and e.item_id)
+    sealed = [m for batch in _batches(events, 2, 0) for m in shard.process(batch).exchange]
+    shard.apply_exchange(list(enumerate(sealed)))
+    assert user in {s["user"] for s in shard.sessions._sessions.values()}
+    assert shard.forget([user]) == 1 and len(shard.exchange.pending()) == 1  # `recsys forget --offline`
+    assert user in {s["user"] for s in shard.sessions._sessions.values()}  # not before the log says so
+    shard.apply_exchange([(len(sealed), shard.exchange.pending()[0])])
+    assert user not in {s["user"] for s in shard.sessions._sessions.values()} and shard.exchange.pending() == []
+    _close(shard)
+
+
 def test_sharing_off_records_nothing_and_writes_no_exchange_keys(tmp_path, embedder, catalog, events):
     shard = _open(tmp_path, embedder, catalog, "s0", shards=1, share=False)
     result = shard.process(next(_batches(events, 1, 0)))

@@ -389,7 +389,7 @@ class Shard:
         # erasures before any event of the batch: committed at once, so no event below can
         # read the erased records back
         for env, message in controls:
-            self._apply_control(env, message, now_ms, counts)
+            self._apply_control(env, message, now_ms, result)
         return events, puts
 
     def _admit(self, events: list[tuple[Envelope, Event]], result: BatchResult, puts: dict[bytes, bytes],
@@ -529,6 +529,9 @@ class Shard:
         puts: dict[bytes, bytes] = {}
         deletes: list[bytes] = []
         applied = self.exchange.apply(records, puts, deletes)
+        if deletes:  # an erasure's freed session slot reused by a later op: its new record stays
+            puts.update(self.sessions.export_dirty())
+            deletes = [key for key in deletes if key not in puts]
         self._commit(puts, deletes)
         return applied
 
@@ -672,12 +675,19 @@ class Shard:
         deletes: list[bytes] = []
         for user_id in dict.fromkeys(user_ids):
             deletes.extend(self._erase(user_id, erased_at, source, puts))
+        if self.exchange is not None:  # issue 11: the op waits in the outbox, published at the next start
+            self.exchange.seal(puts)
         self._commit(puts, deletes)
         return len(dict.fromkeys(user_ids))
 
     def _erase(self, user_id: str, erased_at: int, source: str, puts: dict[bytes, bytes]) -> list[bytes]:
         """The keys to delete and the tombstone to write (into ``puts``) for one erasure."""
-        deletes = [user_key(user_id), _OUTBOX_PREFIX + user_id.encode(), *self.sessions.forget_user(user_id),
+        if self.exchange is None:
+            sessions = self.sessions.forget_user(user_id)
+        else:  # issue 11: every shard drops the sessions at the same exchange-log position
+            sessions = []
+            self.exchange.record_forget(user_id, erased_at)
+        deletes = [user_key(user_id), _OUTBOX_PREFIX + user_id.encode(), *sessions,
                    *self.waiting.forget_user(user_id), *self.search.forget_user(user_id)]
         self.shown.discard(user_id)
         digest = user_hash(user_id)
@@ -687,9 +697,11 @@ class Shard:
         AUDIT_LOG.info("forget_user user_sha256=%s erased_at=%d source=%s keys_deleted=%d", digest, erased_at, source, len(deletes))
         return deletes
 
-    def _apply_control(self, env: Envelope, message: ControlMessage, now_ms: int, counts: Counter) -> None:
+    def _apply_control(self, env: Envelope, message: ControlMessage, now_ms: int, result: BatchResult) -> None:
         """One control message, committed in its own atomic write with its offset (so a
-        re-delivered request is skipped, and a crash before the write re-runs it whole)."""
+        re-delivered request is skipped, and a crash before the write re-runs it whole). With
+        sharing, that write also seals the erasure's op for the exchange log (``result``)."""
+        counts = result.counts
         if env.offset <= self.watermarks.get((env.topic, env.partition), -1):
             counts["redelivered_skipped"] += 1
             return
@@ -697,6 +709,8 @@ class Shard:
         source = f"{env.topic}:{env.partition}:{env.offset}"
         deletes = self._erase(message.user_id, env.timestamp_ms or now_ms, source, puts)
         self._advance_watermark(env, puts)
+        if self.exchange is not None and (sealed := self.exchange.seal(puts)) is not None:
+            result.exchange.append(sealed)  # issue 11: the sessions go at the op's log position
         self._commit(puts, deletes)
         counts["forgotten"] += 1
 

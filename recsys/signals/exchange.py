@@ -24,15 +24,25 @@ origin (its outbox re-sends after a crash), is skipped. A sealed message waits i
 outbox (written in its batch's own atomic write) until the origin sees it come back from the
 log, so a crash between commit and publish loses nothing.
 
-Not (yet) through the log: an erasure (``forget_user``) removes the user's sessions on each
-shard when that shard reads the control topic, at its own log position, so after one the session
-records of two shards may differ (the checksum says so); the head, the re-ranker and search's
-learned associations stay per shard.
+Erasures go through the log too: with sharing on, a shard that erases a user (``forget_user``
+from the control topic, or ``recsys forget --offline``) does not drop the user's sessions from
+its session-neighbour index itself; it seals a :data:`FORGET_OP` op in the erasure's own atomic
+write, and every shard drops them when it applies that op, at the same log position, so the
+session records stay identical (the checksum says so). Every shard reads the control topic and
+publishes the op; applying it again finds nothing to drop. Not through the log: the head, the
+re-ranker and search's learned associations, which stay per shard.
+
+Bootstrapping: a new or wiped shard starts from a snapshot of the shared records (every key
+under :data:`SIGNAL_PREFIXES`, with the log position and the per-origin sequence numbers they
+hold) that running shards write now and then, and reads the log from the snapshot's position + 1
+(:mod:`recsys.signals.snapshot`).
 
 Message (version 1): ``b"X1"`` + zlib(orjson ``[origin, seq, ops]``), each op one applied
 event with an item: ``[user_id, session_id, item_id, event_type, ts, history]``, ``history``
 being the user's last ``window`` history entries ``[[item, type, ts], ...]`` before the event,
 or ``null`` when the shard was not learning (frozen: only the session memory goes on).
+An erasure's op is ``[user_id, null, null, "forget_user", erased_at, null]``
+(:data:`FORGET_OP`: no event type has that name). Every shard must run code that knows it.
 
 >>> ops = [["u1", None, "b", "click", 5, [["a", "browse", 1]]]]
 >>> decode_message(encode_message(3, 7, ops)) == OpMessage(3, 7, ops)
@@ -74,6 +84,8 @@ OUTBOX_PREFIX = b"x:o:"
 SIGNAL_PREFIXES = (POP_PREFIX, COV_PREFIX, NEXT_PREFIX, SESSION_PREFIX)
 
 Op = list  # [user_id, session_id, item_id, event_type, ts, history | None]
+#: The event-type field of an erasure's op: drop every session of the op's user.
+FORGET_OP = "forget_user"
 
 
 class ExchangeFormatError(ValueError):
@@ -166,6 +178,20 @@ class SignalExchange:
         puts[SEQ_KEY] = str(self.next_seq).encode()
         return message
 
+    def record_forget(self, user_id: str, erased_at: int) -> None:
+        """Note an erasure's signal-side effect (drop the user's sessions) as an op, applied by
+        every shard at its log position instead of by this shard now."""
+        self._ops.append([user_id, None, None, FORGET_OP, erased_at, None])
+
+    def resume_numbering(self, puts: dict[bytes, bytes]) -> None:
+        """Number the next sealed message after this origin's last one applied from the log:
+        a wiped shard restored from a snapshot (its ``x:seq`` lost) must not reuse a sequence
+        number every shard would skip as already applied. Adds ``x:seq`` to ``puts`` when moved."""
+        last = self.applied.get(self.origin, 0)
+        if last >= self.next_seq:
+            self.next_seq = last + 1
+            puts[SEQ_KEY] = str(self.next_seq).encode()
+
     def pending(self) -> list[bytes]:
         """This shard's sealed messages not yet seen back in the log, oldest first (to publish
         again after a restart: appliers skip a ``(origin, seq)`` they have applied)."""
@@ -191,7 +217,7 @@ class SignalExchange:
                 continue
             if message.seq <= self.applied.get(message.origin, 0):
                 continue  # published twice (an outbox re-send): once is enough
-            self.apply_ops(message.ops)
+            self.apply_ops(message.ops, deletes)
             self.applied[message.origin] = message.seq
             puts[APPLIED_PREFIX + str(message.origin).encode()] = str(message.seq).encode()
             if message.origin == self.origin:
@@ -201,11 +227,17 @@ class SignalExchange:
             done += 1
         return done
 
-    def apply_ops(self, ops: Iterable[Op]) -> None:
-        """The very signal updates the step makes for each op's event, in order."""
+    def apply_ops(self, ops: Iterable[Op], deletes: list[bytes] | None = None) -> None:
+        """The very signal updates the step makes for each op's event, in order; an erasure's op
+        (:data:`FORGET_OP`) drops the user's sessions, their keys added to ``deletes``."""
         covisit, transitions, popularity, sessions = self.covisit, self.transitions, self.popularity, self.sessions
         n = 0
         for user_id, session_id, item_id, event_type, ts, history in ops:
+            if event_type == FORGET_OP:
+                dropped = sessions.forget_user(user_id)
+                if deletes is not None:
+                    deletes.extend(dropped)
+                continue
             if history is not None:
                 covisit.update(history, item_id, event_type, ts)
                 transitions.update(history, item_id, event_type, ts)
