@@ -17,35 +17,188 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 import threading
+import time
+from pathlib import Path
 from typing import Any
 
 from bytewax.dataflow import Dataflow
 
 from dataflows.catalog_table import ResumeAtLeast, bootstrap_catalog, report
 from dataflows.flow import Ticks, build_flow
-from dataflows.kafka_io import KafkaClients, KafkaSink, KafkaSource, ensure_topics, part_name
+from dataflows.kafka_io import (
+    HIGHWATER_TIMEOUT_S,
+    KafkaClients,
+    KafkaSink,
+    KafkaSource,
+    _envelope,
+    ensure_topics,
+    part_name,
+)
 from dataflows.metrics import FlowMetrics, Watched
 from recsys.items.catalog import read_catalog_file
 from recsys.settings import Settings
-from recsys.shard.step import Shard
+from recsys.shard.step import Shard, StateLayoutError
+from recsys.signals.snapshot import (
+    SnapshotInfo,
+    SnapshotWriter,
+    bootstrap,
+    newest_snapshot,
+)
+from recsys.store.kv import RocksKV
 
 #: The timer of a flow that runs until stopped: the precision of the unknown-item wait's
 #: deadline on an idle stream, and of the metrics' refresh. A tick costs microseconds.
 TICK_INTERVAL_S = 0.25
 
 
-def shard_factory(settings: Settings, *, evaluate: bool = False, in_memory: bool = False):
-    """A zero-argument callable that opens the engine and loads the start-up catalog file."""
+def shard_factory(settings: Settings, *, evaluate: bool = False, in_memory: bool = False, clients: Any = None):
+    """A zero-argument callable that opens the engine and loads the start-up catalog file.
+
+    With sharing (issue 11) on a persistent state it also bootstraps the exchange: a blank
+    state is first loaded from the newest snapshot of the shared records, then the exchange
+    log is read from the state's position + 1 to its end (:func:`catch_up_exchange`; Kafka
+    through ``clients``, default real clients from ``settings``), or the start is refused
+    (:class:`ExchangeBootstrapError`) when retention deleted what the state needs."""
 
     def build() -> Shard:
+        sharing = settings.share_signals and not in_memory and not evaluate
+        loaded = load_exchange_snapshot(settings) if sharing else None
         engine = Shard.open(settings, evaluate=evaluate, in_memory=in_memory)
+        if sharing and engine.exchange is not None:
+            try:
+                catch_up_exchange(engine, clients if clients is not None else KafkaClients(settings), settings, loaded)
+            except BaseException:
+                engine.close()
+                raise
         if settings.catalog_file:
             engine.upsert_catalog(read_catalog_file(settings.catalog_file), progress=True)
         settle_heap()
         return engine
 
     return build
+
+
+# ------------------------------------------------------------------ issue 11: bootstrapping a shard
+
+
+class ExchangeBootstrapError(StateLayoutError):
+    """The exchange log no longer holds what this shard's state needs to catch up, and no
+    snapshot covers the gap: started, its global signals would differ from the other shards'
+    for good. (A :class:`StateLayoutError`: a state the shard refuses to start on.)"""
+
+
+def load_exchange_snapshot(settings: Settings) -> SnapshotInfo | None:
+    """Load the newest snapshot of ``settings.exchange_topic`` into this shard's state when the
+    state is blank (:func:`recsys.signals.snapshot.bootstrap`); prints what it did."""
+    if not settings.exchange_snapshot_dir:
+        return None
+    Path(settings.state_dir).mkdir(parents=True, exist_ok=True)
+    kv = RocksKV(str(Path(settings.state_dir) / "rocks"), verify=False)  # Shard.open verifies it next
+    try:
+        started = time.perf_counter()
+        info = bootstrap(kv, settings.exchange_snapshot_dir, settings.exchange_topic, origin=settings.shard)
+    finally:
+        kv.close()
+    if info is not None:
+        print(f"exchange: blank state loaded from snapshot {info.path} ({info.records} records, "
+              f"{info.file_bytes / 2**20:.1f} MiB) at position {info.position} in {time.perf_counter() - started:.1f}s; "
+              f"reading {settings.exchange_topic!r} from offset {info.position + 1}", file=sys.stdout, flush=True)
+    return info
+
+
+def exchange_gap_message(topic: str, start: int, log_start: int, *, state_position: int,
+                         snapshot_dir: str | None, loaded: SnapshotInfo | None, newest: SnapshotInfo | None,
+                         interval_s: float) -> str:
+    """Why a shard refuses to start: its state needs the exchange log from ``start``, which
+    retention deleted (the log starts at ``log_start``)."""
+    if loaded is not None:
+        where = f"it was loaded from the newest snapshot, {loaded.path}, at position {loaded.position}"
+    elif state_position >= 0:
+        where = f"its state has applied the log up to position {state_position}"
+    else:
+        where = "its state is blank"
+    if newest is None:
+        snaps = f"no snapshot of {topic!r} is in {snapshot_dir}" if snapshot_dir else "snapshots are off (RECSYS_EXCHANGE_SNAPSHOT_DIR)"
+    else:
+        snaps = f"the newest snapshot in {snapshot_dir} is at position {newest.position}"
+    return (
+        f"exchange topic {topic!r} partition 0: this shard needs the log from offset {start} ({where}), but the log "
+        f"now starts at offset {log_start}: records {start}..{log_start - 1} were deleted (retention), and {snaps}. "
+        f"Started, its global signals would never equal the other shards'. To go on, put a snapshot at position "
+        f">= {log_start - 1} in {snapshot_dir or 'RECSYS_EXCHANGE_SNAPSHOT_DIR'} (running sharing shards write one "
+        f"every RECSYS_EXCHANGE_SNAPSHOT_INTERVAL_S={interval_s:g} s) and start this shard on an empty state "
+        f"directory, which loads it."
+    )
+
+
+def catch_up_exchange(engine: Shard, clients: Any, settings: Settings, loaded: SnapshotInfo | None = None,
+                      *, timeout_s: float = 600.0) -> int:
+    """Read the exchange log from the state's position + 1 to the end seen at start and apply it
+    (through :meth:`Shard.process`, so the positions are recorded as in the flow), before any
+    event: the shard starts on the signals everyone holds, and a shard restored from a
+    snapshot numbers its next message after its last one in the log. Refuses
+    (:class:`ExchangeBootstrapError`) when the log starts above that position + 1. Returns
+    how many records it read."""
+    from kafka.structs import TopicPartition
+
+    topic = settings.exchange_topic
+    ensure_topics(clients, {topic: 1})  # one partition: one total order
+    tp = TopicPartition(topic, 0)
+    start = engine.exchange.position + 1
+    consumer = clients.consumer(auto_offset_reset="none")
+    read = 0
+    try:
+        consumer.assign([tp])
+        log_start = consumer.beginning_offsets([tp])[tp]
+        if log_start > start:
+            raise ExchangeBootstrapError(exchange_gap_message(
+                topic, start, log_start, state_position=engine.exchange.position, loaded=loaded,
+                snapshot_dir=settings.exchange_snapshot_dir, newest=newest_snapshot(settings.exchange_snapshot_dir, topic),
+                interval_s=settings.exchange_snapshot_interval_s))
+        consumer.seek(tp, start)
+        end, began = None, time.monotonic()
+        while True:
+            records = consumer.poll(timeout_ms=50).get(tp, [])
+            if end is None:
+                end = consumer.highwater(tp)  # the end as first seen: later records come through the flow
+            records = [r for r in records if end is None or r.offset < end]
+            if records:
+                engine.process([_envelope(r) for r in records])
+                read += len(records)
+            if end is not None and consumer.position(tp) >= end:
+                break
+            waited = time.monotonic() - began
+            if waited > timeout_s or (end is None and waited > HIGHWATER_TIMEOUT_S):
+                raise TimeoutError(f"exchange topic {topic!r} on {clients.bootstrap}: read {read} records from offset "
+                                   f"{start} but not to its end (high watermark {end}) within {waited:.0f} s")
+    finally:
+        consumer.close()
+    puts: dict[bytes, bytes] = {}
+    engine.exchange.resume_numbering(puts)
+    if puts:
+        engine.kv.write(puts)
+    if read or loaded is not None:
+        print(f"exchange: applied {read} records of {topic!r} from offset {start} up to position "
+              f"{engine.exchange.position} before any event", file=sys.stdout, flush=True)
+    return read
+
+
+class SnapshotObserver:
+    """The step observer (``dataflows.metrics.FlowMetrics``) plus the exchange snapshots: after
+    every batch and tick (a point between two atomic writes) the writer may cut one."""
+
+    def __init__(self, inner: Any, writer: SnapshotWriter) -> None:
+        self.inner, self.writer = inner, writer
+
+    def batch(self, engine: Shard, envelopes: list, result: Any, seconds: float) -> None:
+        self.inner.batch(engine, envelopes, result, seconds)
+        self.writer.maybe_write(engine.kv)
+
+    def tick(self, engine: Shard) -> None:
+        self.inner.tick(engine)
+        self.writer.maybe_write(engine.kv)
 
 
 def settle_heap() -> None:
@@ -83,7 +236,7 @@ def live_flow(
     settings = settings or Settings.from_env(os.environ).for_shard()
     clients = clients if clients is not None else KafkaClients(settings)
     # Opened here, not lazily in the worker: the bootstrap needs it before the sources start.
-    engine = engine if engine is not None else shard_factory(settings)()
+    engine = engine if engine is not None else shard_factory(settings, clients=clients)()
     boot = bootstrap_catalog(engine, clients, settings.catalog_topic, dead_letters_topic=settings.dead_letters_topic,
                              recommendations_topic=settings.recommendations_topic)
     report(boot)
@@ -101,18 +254,23 @@ def live_flow(
     ensure_topics(clients, {settings.search_results_topic: _partitions_of(clients, settings.events_topic)})
     control = KafkaSource.from_settings(clients, settings.control_topic, settings)
     exchange = exchange_out = None
+    observer: Any = metrics
     if engine.exchange is not None:  # issue 11: the exchange log, read whole from the position in state
         ensure_topics(clients, {settings.exchange_topic: 1})  # one partition: one total order
         log = KafkaSource.from_settings(clients, settings.exchange_topic, settings)
+        log.on_offset_reset = "fail"  # skipping exchange records would part the shards' signals for good
         exchange = stoppable(ResumeAtLeast(log, {part_name(settings.exchange_topic, 0): engine.exchange.position + 1}), stop)
         exchange_out = KafkaSink(clients, settings.exchange_topic)
+        if settings.exchange_snapshot_dir and settings.exchange_snapshot_interval_s > 0:  # for shards started later
+            observer = SnapshotObserver(metrics, SnapshotWriter(settings.exchange_snapshot_dir, settings.exchange_topic,
+                                                                settings.exchange_snapshot_interval_s, origin=settings.shard))
 
     return build_flow(
         "recsys_live",
         events=stoppable(Watched(events, settings.events_topic, metrics), stop),
         catalog=stoppable(Watched(ResumeAtLeast(catalog, boot.parts()), settings.catalog_topic, metrics), stop),
         control=stoppable(control, stop),
-        observer=metrics,
+        observer=observer,
         recommendations=KafkaSink(clients, settings.recommendations_topic),
         dead_letters=KafkaSink(clients, settings.dead_letters_topic),
         search_results=KafkaSink(clients, settings.search_results_topic),  # issue 13

@@ -61,6 +61,10 @@ class Settings(BaseSettings):
     # issue 11: shards learn the global signals from everyone's events through an exchange log
     share_signals: bool = False
     exchange_topic: str = "signal-exchange"  # the exchange log: one partition, every shard reads all of it
+    # issue 11 bootstrapping: snapshots of the shared records a new or wiped shard starts from
+    # (recsys/signals/snapshot.py); one directory every shard can read and write (not per shard)
+    exchange_snapshot_dir: str | None = "var/exchange-snapshots"  # None: no snapshots written or read
+    exchange_snapshot_interval_s: float = Field(300.0, ge=0)  # a running shard writes one this often (0: never)
     # --- state and recovery ---
     state_dir: str = "var/state"  # RocksDB user state + global signals
     recovery_dir: str | None = "var/recovery"  # Bytewax recovery snapshots; None disables
