@@ -215,3 +215,51 @@ def test_prometheus_and_grafana_mount_files_that_exist(compose: dict[str, Any]) 
     provider = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "dashboards" / "recsys.yml").read_text())
     mounted = {str(v).split(":")[1] for v in services["grafana"]["volumes"]}
     assert provider["providers"][0]["options"]["path"] in mounted
+
+
+# ---------------------------------------------------------------- shard replicas (issue 11)
+
+
+def shard_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The services that run one sharing shard each (RECSYS_SHARE_SIGNALS on)."""
+    return {name: s for name, s in compose["services"].items()
+            if Settings.from_env(environment(s)).share_signals and name != "recsys"}
+
+
+def test_compose_runs_n_shard_replicas_sharing_the_signals(compose: dict[str, Any]) -> None:
+    shards = shard_services(compose)
+    settings = [Settings.from_env(environment(s)) for s in shards.values()]
+    n = len(shards)
+    assert n >= 2
+    assert {s.shards for s in settings} == {n}  # every replica knows how many there are
+    assert sorted(s.shard for s in settings) == list(range(n))  # each index once
+    for name, service in shards.items():
+        assert "shards" in service.get("profiles", []), name  # not started next to the one-process service
+        assert service["depends_on"]["kafka-init"]["condition"] == "service_completed_successfully", name
+        assert service["command"] == ["run"], name
+    events = created_topics(compose)[Settings().events_topic]
+    assert int(re.search(r"--partitions\s+(\d+)", events)[1]) % n == 0  # every shard gets partitions
+
+
+def test_each_shard_keeps_its_own_state_and_all_share_one_snapshot_volume(compose: dict[str, Any]) -> None:
+    own, shared = [], set()
+    for name, service in shard_services(compose).items():
+        settings = Settings.from_env(environment(service))
+        mounts = {str(v).split(":")[1]: str(v).split(":")[0] for v in service["volumes"]}
+        assert settings.exchange_snapshot_dir and settings.exchange_snapshot_interval_s > 0, name
+        shared.add(mounts[settings.exchange_snapshot_dir])  # a volume, not the container's disk
+        own.append((mounts[settings.state_dir], mounts[settings.recovery_dir]))
+        assert set(mounts.values()) <= set(compose["volumes"]), name
+    assert len(shared) == 1  # one snapshot directory for all: a new shard finds the others' snapshots
+    assert len({v for pair in own for v in pair}) == 2 * len(own)  # no two shards share a RocksDB or recovery
+
+
+def test_the_exchange_topic_is_one_partition_with_delete_retention_longer_than_the_snapshot_interval(
+        compose: dict[str, Any]) -> None:
+    line = created_topics(compose)[Settings().exchange_topic]
+    assert re.search(r"--partitions\s+1\b", line)  # one total order
+    assert "cleanup.policy=delete" in line and "compact" not in line  # operations, not latest values per key
+    retention_ms = int(re.search(r"retention\.ms=(\d+)", line)[1])
+    for service in shard_services(compose).values():
+        interval_s = Settings.from_env(environment(service)).exchange_snapshot_interval_s
+        assert retention_ms >= 10 * interval_s * 1000  # a snapshot always covers what retention deleted
