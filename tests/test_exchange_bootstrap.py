@@ -5,6 +5,8 @@ others, exactly once across the snapshot's boundary."""
 from __future__ import annotations
 
 import os
+import re
+import signal
 import time
 
 import pytest
@@ -17,8 +19,14 @@ from test_exchange import (  # noqa: F401
     embedder,
     events,
 )
+from test_operating import READY_TIMEOUT_S, RECSYS, Child, _stream, children  # noqa: F401, E402
 
-from dataflows.live import ExchangeBootstrapError, exchange_gap_message
+from dataflows.kafka_io import KafkaClients, consume_all, produce_records
+from dataflows.live import (
+    ExchangeBootstrapError,
+    catch_up_exchange,
+)
+from dataflows.testing.memory_broker import InMemoryBroker
 from recsys.signals.exchange import SIGNAL_PREFIXES, decode_message
 from recsys.signals.snapshot import (
     LOADING_KEY,
@@ -34,6 +42,10 @@ from recsys.signals.snapshot import (
 from recsys.store.kv import MemoryKV, RocksKV
 
 TOPIC = "signal-exchange"
+
+
+class SnapshotInfo0:
+    position = -1  # no snapshot yet
 
 
 def _late(tmp_path, embedder, catalog, name: str, snapshots, *, shard: int):  # noqa: F811
@@ -151,9 +163,109 @@ def test_shared_prefixes_cover_every_global_signal_once():
     assert set(SIGNAL_PREFIXES) <= set(shared_prefixes()) and len(set(shared_prefixes())) == len(shared_prefixes())
 
 
-def test_the_refusal_names_the_topic_the_offsets_and_the_snapshots(tmp_path):
-    message = exchange_gap_message(TOPIC, 0, 40, state_position=-1, snapshot_dir=str(tmp_path), loaded=None,
-                                   newest=None, interval_s=300)
-    assert "'signal-exchange' partition 0" in message and "from offset 0" in message
-    assert "starts at offset 40" in message and "records 0..39" in message and f"no snapshot of 'signal-exchange' is in {tmp_path}" in message
-    assert issubclass(ExchangeBootstrapError, RuntimeError)
+class RetainedBroker(InMemoryBroker):
+    """The in-memory broker with retention: each partition's log starts at ``log_start`` (the
+    records below it deleted), as a real broker's does after retention ran (the local Tansu
+    broker implements neither retention nor DeleteRecords, so this cannot run there)."""
+
+    def __init__(self, log_start: int) -> None:
+        super().__init__()
+        self.log_start = log_start
+
+    def consumer(self, **overrides):
+        consumer = super().consumer(**overrides)
+        consumer.beginning_offsets = lambda tps: {tp: self.log_start for tp in tps}
+        return consumer
+
+
+def _published(broker, log) -> None:
+    broker.create_topic(TOPIC, 1)
+    produce_records(broker, TOPIC, [(None, raw) for _, raw in log])
+
+
+def test_a_log_trimmed_above_what_the_state_needs_is_refused_by_name(tmp_path, embedder, catalog, events):  # noqa: F811
+    log, shards = _log_of_two_shards(tmp_path, embedder, catalog, events)
+    _close(*shards)
+    broker = RetainedBroker(log_start=len(log) // 2)
+    _published(broker, log)
+    blank = _open(tmp_path, embedder, catalog, "blank", shard=1)
+    with pytest.raises(ExchangeBootstrapError) as refused:
+        catch_up_exchange(blank, broker, blank.settings.replace(exchange_topic=TOPIC, exchange_snapshot_dir=str(tmp_path / "snaps")))
+    message = str(refused.value)
+    assert f"exchange topic {TOPIC!r} partition 0: this shard needs the log from offset 0 (its state is blank)" in message
+    assert f"starts at offset {len(log) // 2}" in message and f"records 0..{len(log) // 2 - 1}" in message
+    assert f"no snapshot of {TOPIC!r} is in {tmp_path / 'snaps'}" in message
+    assert blank.exchange.position == -1  # nothing applied
+    _close(blank)
+
+
+def test_a_snapshot_at_or_after_the_log_start_lets_a_blank_shard_catch_up(tmp_path, embedder, catalog, events):  # noqa: F811
+    log, shards = _log_of_two_shards(tmp_path, embedder, catalog, events)
+    cut = len(log) // 2
+    shards[0].apply_exchange(log[:cut])
+    write_snapshot(shards[0].kv, tmp_path / "snaps", TOPIC)
+    shards[0].apply_exchange(log)
+    broker = RetainedBroker(log_start=cut)  # what the snapshot holds is all retention deleted
+    _published(broker, log)
+    loaded, late = _late(tmp_path, embedder, catalog, "late", tmp_path / "snaps", shard=1)
+    settings = late.settings.replace(exchange_topic=TOPIC, exchange_snapshot_dir=str(tmp_path / "snaps"))
+    assert catch_up_exchange(late, broker, settings, loaded) == len(log) - cut  # read from the cut on, once
+    assert late.signal_checksum() == shards[0].signal_checksum()
+    assert late.positions[(TOPIC, 0)] == len(log) - 1  # recorded as the flow records it
+    _close(shards[0], shards[1], late)
+
+
+# ------------------------------------------------------------------------ live, on the real broker
+
+
+def _checksum(output: str) -> tuple[str, int]:
+    found = re.findall(r"global signals: sha256=([0-9a-f]{64}) at exchange position (\d+)", output)
+    assert found, output
+    return found[-1][0], int(found[-1][1])
+
+
+def _drained(bootstrap: str, topic: str, quiet_s: float = 4, timeout_s: float = 150) -> int:
+    """Until the exchange log has stopped growing for ``quiet_s``; its length."""
+    clients = KafkaClients.for_bootstrap(bootstrap)
+    deadline, last, still_since = time.monotonic() + timeout_s, -1, time.monotonic()
+    while time.monotonic() < deadline:
+        count = len(consume_all(clients, topic, timeout_s=5))
+        if count != last:
+            last, still_since = count, time.monotonic()
+        elif count and time.monotonic() - still_since > quiet_s:
+            return count
+        time.sleep(0.5)
+    pytest.fail(f"{topic!r} still growing after {timeout_s} s")
+
+
+@pytest.mark.slow
+def test_a_shard_started_late_from_a_snapshot_ends_with_the_others_checksum_live(local_broker, topic_name, tmp_path, children):  # noqa: F811
+    prefix = topic_name("boot") + "-"
+    _, flags = _stream(local_broker.bootstrap, prefix, tmp_path, n_users=40)
+    snaps = tmp_path / "snaps"
+    flags += ["--shards", "2", "--share-signals", "--exchange-topic", prefix + "exchange",
+              "--exchange-snapshot-dir", str(snaps), "--exchange-snapshot-interval-s", "1"]
+    # shard 0 runs alone first: its users' ops fill the exchange log, and it cuts snapshots
+    first = Child([*RECSYS, "run", "--shard", "0", *flags])
+    children.append(first)
+    first.wait_for("ready:", READY_TIMEOUT_S)
+    length = _drained(local_broker.bootstrap, prefix + "exchange")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (newest_snapshot(snaps, prefix + "exchange") or SnapshotInfo0).position < length - 1:
+        time.sleep(0.5)
+    assert first.stop_with(signal.SIGTERM, timeout_s=30)[0] == 0, first.output
+    cut = newest_snapshot(snaps, prefix + "exchange")
+    assert cut is not None and cut.position == length - 1, first.output
+    # shard 1 starts late on a blank state: from the snapshot, not from offset 0; shard 0 resumes
+    late = Child([*RECSYS, "run", "--shard", "1", *flags])
+    again = Child([*RECSYS, "run", "--shard", "0", *flags])
+    children.extend([late, again])
+    loaded = late.wait_for("exchange: blank state loaded from snapshot", 2 * READY_TIMEOUT_S)
+    assert f"at position {cut.position}" in loaded and f"from offset {cut.position + 1}" in loaded
+    late.wait_for("ready:", 2 * READY_TIMEOUT_S)
+    again.wait_for("ready:", 2 * READY_TIMEOUT_S)
+    total = _drained(local_broker.bootstrap, prefix + "exchange")
+    assert total > length  # shard 1's users' ops came after the cut
+    for child in (late, again):
+        assert child.stop_with(signal.SIGTERM, timeout_s=30)[0] == 0, child.output
+    assert _checksum(late.output) == _checksum(again.output) == (_checksum(again.output)[0], total - 1)
