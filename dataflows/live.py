@@ -41,6 +41,7 @@ from recsys.items.catalog import read_catalog_file
 from recsys.settings import Settings
 from recsys.shard.step import Shard, StateLayoutError
 from recsys.signals.snapshot import (
+    SnapshotError,
     SnapshotInfo,
     SnapshotWriter,
     bootstrap,
@@ -99,6 +100,8 @@ def load_exchange_snapshot(settings: Settings) -> SnapshotInfo | None:
     try:
         started = time.perf_counter()
         info = bootstrap(kv, settings.exchange_snapshot_dir, settings.exchange_topic, origin=settings.shard)
+    except SnapshotError as exc:
+        raise ExchangeBootstrapError(f"exchange bootstrap of {settings.state_dir}: {exc}") from exc
     finally:
         kv.close()
     if info is not None:

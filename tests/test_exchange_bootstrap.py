@@ -269,3 +269,19 @@ def test_a_shard_started_late_from_a_snapshot_ends_with_the_others_checksum_live
     for child in (late, again):
         assert child.stop_with(signal.SIGTERM, timeout_s=30)[0] == 0, child.output
     assert _checksum(late.output) == _checksum(again.output) == (_checksum(again.output)[0], total - 1)
+
+
+def test_a_damaged_newest_snapshot_is_passed_over_for_the_one_before(tmp_path):
+    source = MemoryKV()
+    source.write({b"pop:a": b"1", b"x:pos": b"4"})
+    older = write_snapshot(source, tmp_path, TOPIC)
+    source.write({b"pop:a": b"2", b"x:pos": b"9"})
+    newer = write_snapshot(source, tmp_path, TOPIC)
+    raw = bytearray(open(newer.path, "rb").read())
+    raw[-5] ^= 0xFF
+    open(newer.path, "wb").write(bytes(raw))
+    kv = MemoryKV()
+    assert bootstrap(kv, tmp_path, TOPIC, origin=0).position == older.position and kv.get(b"pop:a") == b"1"
+    os.remove(older.path)
+    with pytest.raises(SnapshotError, match="damaged"):
+        bootstrap(MemoryKV(), tmp_path, TOPIC, origin=0)

@@ -272,13 +272,24 @@ def bootstrap(kv: KVStore, directory: str | os.PathLike[str] | None, topic: str,
     interrupted = kv.get(LOADING_KEY) is not None
     if not interrupted and not is_blank(kv):
         return None
-    info = newest_snapshot(directory, topic)
+    info, records, damaged = None, [], []
+    for _, path in reversed(list_snapshots(directory, topic) if directory else []):
+        try:  # the newest readable one; a damaged file is passed over, by name
+            info, records = read_records(path)
+        except (SnapshotError, OSError) as exc:
+            damaged.append(str(exc))
+            _log.warning("exchange snapshot skipped: %s", exc)
+            continue
+        if info.topic == topic:
+            break
+        info = None
     if info is None:
-        if interrupted:
-            raise SnapshotError(f"a snapshot load into this state was interrupted, and no snapshot of {topic!r} "
-                                f"is left in {directory}: delete the state directory and start again")
+        if interrupted or damaged:
+            raise SnapshotError(f"no usable snapshot of {topic!r} in {directory}"
+                                + (f" (damaged: {'; '.join(damaged)})" if damaged else "")
+                                + (": a load into this state was interrupted; delete the state directory and start again"
+                                   if interrupted else ""))
         return None
-    info, records = read_records(info.path)
     if interrupted:  # a crash part-way: clear what it wrote, then load whole
         stale = [key for prefix in shared_prefixes() for key, _ in kv.iter_prefix(prefix)]
         for at in range(0, len(stale), _CHUNK):
