@@ -40,6 +40,7 @@ from dataflows.metrics import FlowMetrics, Watched
 from recsys.items.catalog import read_catalog_file
 from recsys.settings import Settings
 from recsys.shard.step import Shard, StateLayoutError
+from recsys.signals.exchange import POSITION_KEY
 from recsys.signals.snapshot import (
     SnapshotError,
     SnapshotInfo,
@@ -65,11 +66,12 @@ def shard_factory(settings: Settings, *, evaluate: bool = False, in_memory: bool
 
     def build() -> Shard:
         sharing = settings.share_signals and not in_memory and not evaluate
-        loaded = load_exchange_snapshot(settings) if sharing else None
+        kafka = (clients if clients is not None else KafkaClients(settings)) if sharing else None
+        loaded = load_exchange_snapshot(settings, kafka) if sharing else None
         engine = Shard.open(settings, evaluate=evaluate, in_memory=in_memory)
         if sharing and engine.exchange is not None:
             try:
-                catch_up_exchange(engine, clients if clients is not None else KafkaClients(settings), settings, loaded)
+                catch_up_exchange(engine, kafka, settings, loaded)
             except BaseException:
                 engine.close()
                 raise
@@ -90,25 +92,44 @@ class ExchangeBootstrapError(StateLayoutError):
     for good. (A :class:`StateLayoutError`: a state the shard refuses to start on.)"""
 
 
-def load_exchange_snapshot(settings: Settings) -> SnapshotInfo | None:
+def load_exchange_snapshot(settings: Settings, clients: Any = None) -> SnapshotInfo | None:
     """Load the newest snapshot of ``settings.exchange_topic`` into this shard's state when the
-    state is blank (:func:`recsys.signals.snapshot.bootstrap`); prints what it did."""
+    state is blank, or when the exchange log (its start read through ``clients``) no longer
+    holds what the state needs and the snapshot does (:func:`recsys.signals.snapshot.bootstrap`);
+    prints what it did."""
     if not settings.exchange_snapshot_dir:
         return None
+    log_start = _log_start(clients, settings.exchange_topic) if clients is not None else None
     Path(settings.state_dir).mkdir(parents=True, exist_ok=True)
     kv = RocksKV(str(Path(settings.state_dir) / "rocks"), verify=False)  # Shard.open verifies it next
     try:
         started = time.perf_counter()
-        info = bootstrap(kv, settings.exchange_snapshot_dir, settings.exchange_topic, origin=settings.shard)
+        blank = kv.get(POSITION_KEY) is None
+        info = bootstrap(kv, settings.exchange_snapshot_dir, settings.exchange_topic, origin=settings.shard,
+                         log_start=log_start)
     except SnapshotError as exc:
         raise ExchangeBootstrapError(f"exchange bootstrap of {settings.state_dir}: {exc}") from exc
     finally:
         kv.close()
     if info is not None:
-        print(f"exchange: blank state loaded from snapshot {info.path} ({info.records} records, "
+        what = "blank state" if blank else f"shared records (the log now starts at offset {log_start}; users kept)"
+        print(f"exchange: {what} loaded from snapshot {info.path} ({info.records} records, "
               f"{info.file_bytes / 2**20:.1f} MiB) at position {info.position} in {time.perf_counter() - started:.1f}s; "
               f"reading {settings.exchange_topic!r} from offset {info.position + 1}", file=sys.stdout, flush=True)
     return info
+
+
+def _log_start(clients: Any, topic: str) -> int:
+    """The first offset the exchange log still holds (created with one partition if missing)."""
+    from kafka.structs import TopicPartition
+
+    ensure_topics(clients, {topic: 1})  # one partition: one total order
+    consumer = clients.consumer()
+    try:
+        tp = TopicPartition(topic, 0)
+        return consumer.beginning_offsets([tp])[tp]
+    finally:
+        consumer.close()
 
 
 def exchange_gap_message(topic: str, start: int, log_start: int, *, state_position: int,
@@ -131,8 +152,8 @@ def exchange_gap_message(topic: str, start: int, log_start: int, *, state_positi
         f"now starts at offset {log_start}: records {start}..{log_start - 1} were deleted (retention), and {snaps}. "
         f"Started, its global signals would never equal the other shards'. To go on, put a snapshot at position "
         f">= {log_start - 1} in {snapshot_dir or 'RECSYS_EXCHANGE_SNAPSHOT_DIR'} (running sharing shards write one "
-        f"every RECSYS_EXCHANGE_SNAPSHOT_INTERVAL_S={interval_s:g} s) and start this shard on an empty state "
-        f"directory, which loads it."
+        f"every RECSYS_EXCHANGE_SNAPSHOT_INTERVAL_S={interval_s:g} s) and start this shard again: it loads it "
+        f"(a blank state whole; a state behind the log keeps its users, its shared records replaced)."
     )
 
 

@@ -285,3 +285,44 @@ def test_a_damaged_newest_snapshot_is_passed_over_for_the_one_before(tmp_path):
     os.remove(older.path)
     with pytest.raises(SnapshotError, match="damaged"):
         bootstrap(MemoryKV(), tmp_path, TOPIC, origin=0)
+
+
+def test_a_shard_behind_the_log_start_moves_onto_a_newer_snapshot_and_keeps_its_users(tmp_path, embedder, catalog, events):  # noqa: F811
+    from dataflows.live import shard_factory
+
+    log, shards = _log_of_two_shards(tmp_path, embedder, catalog, events)
+    behind, cut = len(log) // 4, len(log) // 2
+    shards[1].apply_exchange(log[:behind])  # shard 1 was down while the log went on
+    users = shards[1].users.count()
+    shards[0].apply_exchange(log[:cut])
+    write_snapshot(shards[0].kv, tmp_path / "snaps", TOPIC)
+    shards[0].apply_exchange(log)
+    broker = RetainedBroker(log_start=cut)  # retention deleted everything the snapshot holds
+    _published(broker, log)
+    settings = shards[1].settings.replace(exchange_topic=TOPIC, exchange_snapshot_dir=str(tmp_path / "snaps"),
+                                          embed_cache_dir=str(tmp_path / "emb"))
+    _close(shards[1])
+    engine = shard_factory(settings, clients=broker)()  # as `recsys run` opens it
+    assert engine.users.count() == users > 0  # its own users kept
+    assert engine.exchange.position == len(log) - 1 and engine.signal_checksum() == shards[0].signal_checksum()
+    assert engine.exchange.pending() == []  # its messages the snapshot holds are not published again
+    engine.close()
+    _close(shards[0])
+
+
+def test_a_shard_behind_the_log_start_without_a_covering_snapshot_is_refused(tmp_path, embedder, catalog, events):  # noqa: F811
+    log, shards = _log_of_two_shards(tmp_path, embedder, catalog, events)
+    behind, cut = len(log) // 4, len(log) // 2
+    shards[1].apply_exchange(log[:behind])
+    shards[0].apply_exchange(log[:behind])
+    write_snapshot(shards[0].kv, tmp_path / "snaps", TOPIC)  # as old as shard 1's state: no help
+    broker = RetainedBroker(log_start=cut)
+    _published(broker, log)
+    kv = shards[1].kv
+    assert bootstrap(kv, tmp_path / "snaps", TOPIC, origin=1, log_start=cut) is None
+    with pytest.raises(ExchangeBootstrapError, match=f"this shard needs the log from offset {behind} \\(its state has "
+                                                     f"applied the log up to position {behind - 1}\\), but the log now "
+                                                     f"starts at offset {cut}"):
+        catch_up_exchange(shards[1], broker, shards[1].settings.replace(exchange_topic=TOPIC,
+                                                                        exchange_snapshot_dir=str(tmp_path / "snaps")))
+    _close(*shards)

@@ -22,10 +22,11 @@ File: ``<topic>.<position, 20 digits>.snapshot`` = ``b"RXS1\\n"`` + one JSON hea
 (:class:`SnapshotInfo` fields) + zlib of the records, each ``len(key)`` (4 bytes, little
 endian), key, ``len(value)``, value, in prefix then key order.
 
-Loading (:func:`bootstrap`) happens only into a blank state (no exchange position, no shared
-record): it writes a marker first, the records in chunks, and last the position, the applied
-sequence numbers and the shard's next sequence number, removing the marker; a crash part-way
-leaves the marker, and the next start clears the shared records and loads again.
+Loading (:func:`bootstrap`) happens into a blank state (no exchange position, no shared
+record), or into one whose position the log's start has passed (its shared records replaced,
+its users kept): it writes a marker first, the records in chunks, and last the position, the
+applied sequence numbers and the shard's next sequence number, removing the marker; a crash
+part-way leaves the marker, and the next start clears the shared records and loads again.
 
 >>> from recsys.store.kv import MemoryKV
 >>> import tempfile
@@ -56,6 +57,7 @@ import orjson
 from recsys.signals import exchange as _exchange
 from recsys.signals.exchange import (
     APPLIED_PREFIX,
+    OUTBOX_PREFIX,
     POSITION_KEY,
     SEQ_KEY,
     SIGNAL_PREFIXES,
@@ -264,13 +266,21 @@ def is_blank(kv: KVStore) -> bool:
     return all(next(iter(kv.iter_prefix(prefix)), None) is None for prefix in shared_prefixes())
 
 
-def bootstrap(kv: KVStore, directory: str | os.PathLike[str] | None, topic: str, *, origin: int) -> SnapshotInfo | None:
-    """Load ``topic``'s newest snapshot from ``directory`` into ``kv`` if ``kv`` is blank (or
-    holds a load a crash interrupted), before the shard is built on it; None when nothing was
-    loaded (state not blank, or no snapshot). Sets the shard's next sequence number after its
-    origin's last one in the snapshot. Raises :class:`SnapshotError` for a damaged file."""
+def bootstrap(kv: KVStore, directory: str | os.PathLike[str] | None, topic: str, *, origin: int,
+              log_start: int | None = None) -> SnapshotInfo | None:
+    """Load ``topic``'s newest snapshot from ``directory`` into ``kv`` before the shard is built
+    on it, when ``kv`` is blank, or holds a load a crash interrupted, or (``log_start`` given:
+    the exchange log's first offset) has applied the log only to below ``log_start - 1`` while
+    the snapshot is at or after it: then its shared records are replaced and its user state is
+    kept. None when nothing was loaded (the state needs no snapshot, there is none, or none
+    covers the gap: the caller refuses). Sets the shard's next sequence number after its
+    origin's last one in the snapshot and drops its outbox messages the snapshot holds.
+    Raises :class:`SnapshotError` when every snapshot there is damaged."""
     interrupted = kv.get(LOADING_KEY) is not None
-    if not interrupted and not is_blank(kv):
+    raw = kv.get(POSITION_KEY)
+    position = -1 if raw is None else int(raw)
+    behind = log_start is not None and position + 1 < log_start
+    if not interrupted and not behind and not is_blank(kv):
         return None
     info, records, damaged = None, [], []
     for _, path in reversed(list_snapshots(directory, topic) if directory else []):
@@ -290,17 +300,25 @@ def bootstrap(kv: KVStore, directory: str | os.PathLike[str] | None, topic: str,
                                 + (": a load into this state was interrupted; delete the state directory and start again"
                                    if interrupted else ""))
         return None
-    if interrupted:  # a crash part-way: clear what it wrote, then load whole
-        stale = [key for prefix in shared_prefixes() for key, _ in kv.iter_prefix(prefix)]
-        for at in range(0, len(stale), _CHUNK):
-            kv.write({}, stale[at:at + _CHUNK])
+    if not interrupted and info.position <= position:
+        return None  # the state is as far as the snapshot: the log (or the refusal) decides
+    if behind and log_start is not None and info.position < log_start - 1:
+        return None  # does not reach the log's start either: the caller refuses, naming both
+    # a crash part-way, or a behind state: clear the shared records, then load whole
+    stale = [key for prefix in shared_prefixes() for key, _ in kv.iter_prefix(prefix)]
     kv.write({LOADING_KEY: info.path.encode()})
+    for at in range(0, len(stale), _CHUNK):
+        kv.write({}, stale[at:at + _CHUNK])
     for at in range(0, len(records), _CHUNK):
         kv.write(dict(records[at:at + _CHUNK]))
+    raw_seq = kv.get(SEQ_KEY)
+    mine = info.applied.get(origin, 0)
     last = {POSITION_KEY: str(info.position).encode(),
             **{APPLIED_PREFIX + str(o).encode(): str(s).encode() for o, s in info.applied.items()},
-            SEQ_KEY: str(info.applied.get(origin, 0) + 1).encode()}
-    kv.write(last, [LOADING_KEY])
+            SEQ_KEY: str(max(mine + 1, 1 if raw_seq is None else int(raw_seq))).encode()}
+    gone = [key for key, _ in kv.iter_prefix(APPLIED_PREFIX) if key not in last]
+    gone += [key for key, _ in kv.iter_prefix(OUTBOX_PREFIX) if int(key[len(OUTBOX_PREFIX):]) <= mine]
+    kv.write(last, [*gone, LOADING_KEY])
     return info
 
 
