@@ -326,3 +326,16 @@ def test_a_shard_behind_the_log_start_without_a_covering_snapshot_is_refused(tmp
         catch_up_exchange(shards[1], broker, shards[1].settings.replace(exchange_topic=TOPIC,
                                                                         exchange_snapshot_dir=str(tmp_path / "snaps")))
     _close(*shards)
+
+
+def test_a_temporary_file_left_by_a_killed_writer_is_cleared_and_never_loaded(tmp_path):
+    kv = MemoryKV()
+    kv.write({b"x:pos": b"3", b"pop:a": b"1"})
+    left = tmp_path / f".{TOPIC}.{'9' * 20}.snapshot.123.456.tmp"
+    left.write_bytes(b"RXS1\n{half")
+    assert newest_snapshot(tmp_path, TOPIC) is None  # never taken for a snapshot
+    os.utime(left, (time.time() - 7200, time.time() - 7200))
+    writer = SnapshotWriter(tmp_path, TOPIC, 1, clock=lambda: 1e9)
+    writer._last = 0
+    assert writer.maybe_write(kv, wait=True) and not left.exists()
+    assert newest_snapshot(tmp_path, TOPIC).position == 3

@@ -375,6 +375,10 @@ class SnapshotWriter:
             self.written.append(write_file(self.directory, self.topic, position, applied, records, origin=self.origin))
             for _, old in list_snapshots(self.directory, self.topic)[:-self.keep]:
                 old.unlink(missing_ok=True)
+            # a temporary file left by a writer killed part-way (an hour old: not one being written)
+            for stale in self.directory.glob(f".{self.topic}.*{SUFFIX}.*.tmp"):
+                if time.time() - stale.stat().st_mtime > 3600:
+                    stale.unlink(missing_ok=True)
         except OSError as exc:  # a full or unreachable volume must not stop the stream: counted, logged
             self.failures += 1
             _log.warning("exchange snapshot at position %d not written to %s: %s", position, self.directory, exc)
