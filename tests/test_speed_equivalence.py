@@ -21,6 +21,7 @@ from recsys.ranking.recommender import Recommender, RecommenderConfig
 from recsys.signals.covisitation import CoVisitation
 from recsys.signals.popularity import Popularity
 from recsys.signals.sessions import SessionNeighbours
+from recsys.store.users import UserState
 
 MIN = 60_000
 
@@ -243,3 +244,45 @@ def test_ivf_search_by_cell_equals_faiss_search(threads):
         assert ivf.parallel_mode == 0 and faiss.omp_get_max_threads() == threads  # both restored
     finally:
         faiss.omp_set_num_threads(before)
+
+
+def _add_neighbours_reference(rec: Recommender, parts, source, signal, recents, anchor_weights) -> None:
+    """``Recommender._add_neighbours`` before the one-pass read (a loop per user and anchor)."""
+    names, vals, lengths, owners, slots = [], [], [], [], []
+    n = rec.config.covisit_per_anchor
+    for u, recent in enumerate(recents):
+        for a, (anchor, _) in enumerate(recent[: len(anchor_weights)]):
+            nbr_names, nbr_weights, _ = signal.ranked(anchor)
+            if nbr_names:
+                names += nbr_names[:n]
+                vals.append(nbr_weights[:n])
+                lengths.append(min(n, len(nbr_names)))
+                owners.append(u)
+                slots.append(a)
+    if names:
+        rows = rec.items.index.rows(names)
+        anchors = np.repeat(slots, lengths)
+        values = np.concatenate(vals) * np.asarray(anchor_weights)[anchors]
+        keep = rows >= 0
+        parts.add(source, np.repeat(owners, lengths)[keep], rows[keep], values[keep], anchors[keep])
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_one_pass_neighbour_entries_equal_the_per_user_reference(seed):
+    from test_recommender import _world
+
+    from recsys.ranking.recommender import _Entries, _recent_distinct
+
+    rec, states, _now = _world(n_items=150, n_users=60, n_events=2500, seed=seed)
+    rec.items.index.remove(["i3", "i10", "i25"])  # neighbours and anchors that left the index
+    users = list(states.values()) + [UserState("nobody")]
+    recents = [_recent_distinct(s.history, 10) for s in users]
+    for signal, weights in ((rec.covisit, [1.0, 0.5, 1 / 3]), (rec.transitions, [1.0, 0.5])):
+        for batch in (recents, recents[:1], recents[-1:], []):
+            fast, slow = _Entries(), _Entries()
+            rec._add_neighbours(fast, 1, signal, batch, weights)
+            _add_neighbours_reference(rec, slow, 1, signal, batch, weights)
+            assert len(fast.parts) == len(slow.parts) == (1 if batch is recents else len(fast.parts))
+            for a, b in zip(fast.parts, slow.parts):
+                assert a[0] == b[0] and all(x.dtype == y.dtype and x.tobytes() == y.tobytes() for x, y in zip(a[1:], b[1:]))
+    assert len(fast.parts) == 0 and any(len(r) > 3 for r in recents)

@@ -31,7 +31,9 @@ users. ``tests/test_recommender.py`` proves a batch ranks each user exactly as i
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
+from operator import itemgetter
 
 import numpy as np
 
@@ -224,24 +226,26 @@ class Recommender:
     def _add_neighbours(self, parts: "_Entries", source: int, signal: CoVisitation,
                         recents: list[list[tuple[str, str]]], anchor_weights: list[float]) -> None:
         """Entries for the neighbours of each user's most recent items (anchor ``a`` of a user
-        contributes ``weight * anchor_weights[a]``), remembering which anchor each came from."""
-        names, vals, lengths, owners, slots = [], [], [], [], []
-        n = self.config.covisit_per_anchor
-        for u, recent in enumerate(recents):
-            for a, (anchor, _) in enumerate(recent[: len(anchor_weights)]):
-                nbr_names, nbr_weights, _ = signal.ranked(anchor)
-                if nbr_names:
-                    names += nbr_names[:n]
-                    vals.append(nbr_weights[:n])
-                    lengths.append(min(n, len(nbr_names)))
-                    owners.append(u)
-                    slots.append(a)
-        if names:
-            rows = self.items.index.rows(names)  # one lookup for the whole batch
-            anchors = np.repeat(slots, lengths)
-            values = np.concatenate(vals) * np.asarray(anchor_weights)[anchors]
-            keep = rows >= 0  # neighbours that are not recommendable are no candidates
-            parts.add(source, np.repeat(owners, lengths)[keep], rows[keep], values[keep], anchors[keep])
+        contributes ``weight * anchor_weights[a]``), remembering which anchor each came from.
+        Every (user, anchor) pair of the batch is read in one pass (``map`` over the signal's
+        sorted lists), its first ``covisit_per_anchor`` neighbours in one chain."""
+        n, m = self.config.covisit_per_anchor, len(anchor_weights)
+        heads = [recent[:m] for recent in recents]
+        per_user = np.fromiter(map(len, heads), dtype=np.int64, count=len(heads))
+        ranked = list(map(signal.ranked, [anchor for head in heads for anchor, _ in head]))
+        if not ranked:
+            return
+        lengths = np.minimum(np.fromiter(map(len, map(itemgetter(0), ranked)), dtype=np.int64, count=len(ranked)), n)
+        if not lengths.any():
+            return
+        names = list(itertools.chain.from_iterable(r[0][:n] for r in ranked))
+        rows = self.items.index.rows(names)  # one lookup for the whole batch
+        slots = np.arange(len(ranked)) - np.repeat(np.cumsum(per_user) - per_user, per_user)
+        anchors = np.repeat(slots, lengths)
+        values = np.concatenate([r[1][:n] for r in ranked]) * np.asarray(anchor_weights)[anchors]
+        keep = rows >= 0  # neighbours that are not recommendable are no candidates
+        owners = np.repeat(np.repeat(np.arange(len(heads)), per_user), lengths)
+        parts.add(source, owners[keep], rows[keep], values[keep], anchors[keep])
 
     def _add_session_votes(self, parts: "_Entries", states: list[UserState], excl_rows: list[np.ndarray], k: int) -> None:
         n = self.config.session_candidates
