@@ -15,8 +15,13 @@ from operator import itemgetter
 import numpy as np
 import pytest
 
+from recsys.events import CatalogItem
+from recsys.items.catalog import ItemSpace
+from recsys.ranking.recommender import Recommender, RecommenderConfig
 from recsys.signals.covisitation import CoVisitation
+from recsys.signals.popularity import Popularity
 from recsys.signals.sessions import SessionNeighbours
+from recsys.store.users import UserState
 
 MIN = 60_000
 
@@ -147,3 +152,137 @@ def test_co_visitation_drops_the_same_weakest_pairs_as_a_full_scan(directed, max
     for item_id, low in fast._weakest.items():  # what is remembered is the list's true start
         assert list(low) == sorted(zip(fast._nbrs[item_id].values(), fast._nbrs[item_id]))[: len(low)]
     assert sum(len(n) > max_neighbours - 1 for n in slow._nbrs.values()) > 5  # lists really overflowed
+
+
+def _closest_history_items_reference(rec: Recommender, rows, users, wanted, recents) -> dict[int, tuple[str, float]]:
+    """``Recommender._closest_history_items`` before the batch gathers (one loop per user)."""
+    picks = np.flatnonzero(wanted)
+    if len(picks) == 0:
+        return {}
+    index = rec.items.index
+    out = {}
+    bounds = np.flatnonzero(np.diff(users[picks])) + 1  # picks are grouped by user
+    for group in np.split(picks, bounds):
+        recent = [i for i, _ in recents[int(users[group[0]])] if i in index]
+        if not recent:
+            continue
+        sims = index.vectors_of_rows(rows[group]) @ index.vectors_of_rows(index.rows(recent)).T
+        best = sims.argmax(axis=1)
+        for p, j, sim in zip(group.tolist(), best.tolist(), sims[np.arange(len(group)), best].tolist()):
+            out[p] = (recent[j], sim)
+    return out
+
+
+class _RandomEmbedder:
+    """Production-sized vectors (384 dims, so BLAS takes the paths it takes in the engine),
+    with near-duplicates so that argmax meets near-ties."""
+
+    dim = 384
+
+    def embed(self, texts: list[str], progress: bool = False) -> np.ndarray:
+        out = []
+        for text in texts:
+            n = int(text.split()[1])
+            base = np.random.default_rng(n // 3).normal(size=self.dim)  # every 3 items share a base
+            out.append(base + 1e-4 * np.random.default_rng(n).normal(size=self.dim))
+        return np.asarray(out, dtype=np.float32)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_batched_closest_history_items_equal_the_per_user_reference(seed):
+    rng = np.random.default_rng(seed)
+    items = ItemSpace(_RandomEmbedder())
+    items.upsert([CatalogItem(f"i{i}", f"item {i}") for i in range(3000)])
+    items.index.remove([f"i{i}" for i in range(0, 3000, 11)])  # history items no longer indexed
+    rec = Recommender(items, Popularity(half_life_h=1.0), CoVisitation(half_life_h=1.0, max_neighbours=20), RecommenderConfig())
+    n_users = 400
+    recents = []
+    for u in range(n_users):  # 0..10 distinct recent items, some unindexed, some users none at all
+        n = int(rng.integers(0, 11)) if u % 9 else 0
+        recents.append([(f"i{i}", "click") for i in rng.choice(3000, size=n, replace=False).tolist()])
+    per_user = rng.integers(0, 12, size=n_users)  # shown positions per user, grouped by user
+    users = np.repeat(np.arange(n_users), per_user)
+    indexed = np.flatnonzero(np.arange(3000) % 11 != 0)
+    rows = items.index.rows([f"i{i}" for i in rng.choice(indexed, size=len(users)).tolist()])
+    for wanted in (rng.random(len(users)) < 0.6, np.ones(len(users), bool), np.zeros(len(users), bool)):
+        fast = rec._closest_history_items(rows, users, wanted, recents)
+        slow = _closest_history_items_reference(rec, rows, users, wanted, recents)
+        assert fast == slow  # same keys, anchors and floats (==, every bit that prints)
+        assert list(fast) == sorted(fast)
+    assert len(slow) == 0 and len(fast) == 0  # the last round wanted nothing
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_ivf_search_by_cell_equals_faiss_search(threads):
+    """The cell-ordered scan gives faiss's own answer bit for bit, through the engine's entry
+    point (one thread below faiss's BLAS threshold) and directly at 1-3 OpenMP threads (the
+    quantizer then runs once per thread's slice, as inside ``IndexIVF::search``)."""
+    import faiss
+
+    from recsys.items.catalog import VectorIndex, _faiss_search, _ivf_search_by_cell
+
+    rng = np.random.default_rng(threads)
+    centres = rng.normal(size=(40, 384))
+    vecs = centres[rng.integers(0, 40, 6000)] + 0.3 * rng.normal(size=(6000, 384))
+    vecs[5000:5100] = vecs[4000:4100]  # exact duplicates: tied scores, so the heap's tie order counts
+    index = VectorIndex(384, ivf_threshold=5000)
+    index.upsert([f"i{i}" for i in range(6000)], vecs.astype(np.float32))
+    assert index.approximate
+    ivf = index._index
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(threads)
+    try:
+        for m in (2, 5, 21, 257, 1000):
+            q = (centres[rng.integers(0, 40, m)] + 0.5 * rng.normal(size=(m, 384))).astype(np.float32)
+            q[: m // 4] = vecs[rng.integers(4000, 4100, m // 4)]  # queries on the duplicates
+            faiss.normalize_L2(q)
+            for k in (1, 30, 130):
+                want_s, want_i = ivf.search(q, k)
+                for got_s, got_i in (_faiss_search(ivf, q, k), _ivf_search_by_cell(ivf, q, k)):
+                    assert np.array_equal(got_i, want_i)
+                    assert got_s.tobytes() == want_s.tobytes()
+        assert ivf.parallel_mode == 0 and faiss.omp_get_max_threads() == threads  # both restored
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
+def _add_neighbours_reference(rec: Recommender, parts, source, signal, recents, anchor_weights) -> None:
+    """``Recommender._add_neighbours`` before the one-pass read (a loop per user and anchor)."""
+    names, vals, lengths, owners, slots = [], [], [], [], []
+    n = rec.config.covisit_per_anchor
+    for u, recent in enumerate(recents):
+        for a, (anchor, _) in enumerate(recent[: len(anchor_weights)]):
+            nbr_names, nbr_weights, _ = signal.ranked(anchor)
+            if nbr_names:
+                names += nbr_names[:n]
+                vals.append(nbr_weights[:n])
+                lengths.append(min(n, len(nbr_names)))
+                owners.append(u)
+                slots.append(a)
+    if names:
+        rows = rec.items.index.rows(names)
+        anchors = np.repeat(slots, lengths)
+        values = np.concatenate(vals) * np.asarray(anchor_weights)[anchors]
+        keep = rows >= 0
+        parts.add(source, np.repeat(owners, lengths)[keep], rows[keep], values[keep], anchors[keep])
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_one_pass_neighbour_entries_equal_the_per_user_reference(seed):
+    from test_recommender import _world
+
+    from recsys.ranking.recommender import _Entries, _recent_distinct
+
+    rec, states, _now = _world(n_items=150, n_users=60, n_events=2500, seed=seed)
+    rec.items.index.remove(["i3", "i10", "i25"])  # neighbours and anchors that left the index
+    users = list(states.values()) + [UserState("nobody")]
+    recents = [_recent_distinct(s.history, 10) for s in users]
+    for signal, weights in ((rec.covisit, [1.0, 0.5, 1 / 3]), (rec.transitions, [1.0, 0.5])):
+        for batch in (recents, recents[:1], recents[-1:], []):
+            fast, slow = _Entries(), _Entries()
+            rec._add_neighbours(fast, 1, signal, batch, weights)
+            _add_neighbours_reference(rec, slow, 1, signal, batch, weights)
+            assert len(fast.parts) == len(slow.parts) == (1 if batch is recents else len(fast.parts))
+            for a, b in zip(fast.parts, slow.parts):
+                assert a[0] == b[0] and all(x.dtype == y.dtype and x.tobytes() == y.tobytes() for x, y in zip(a[1:], b[1:]))
+    assert len(fast.parts) == 0 and any(len(r) > 3 for r in recents)

@@ -31,7 +31,9 @@ users. ``tests/test_recommender.py`` proves a batch ranks each user exactly as i
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
+from operator import itemgetter
 
 import numpy as np
 
@@ -224,24 +226,26 @@ class Recommender:
     def _add_neighbours(self, parts: "_Entries", source: int, signal: CoVisitation,
                         recents: list[list[tuple[str, str]]], anchor_weights: list[float]) -> None:
         """Entries for the neighbours of each user's most recent items (anchor ``a`` of a user
-        contributes ``weight * anchor_weights[a]``), remembering which anchor each came from."""
-        names, vals, lengths, owners, slots = [], [], [], [], []
-        n = self.config.covisit_per_anchor
-        for u, recent in enumerate(recents):
-            for a, (anchor, _) in enumerate(recent[: len(anchor_weights)]):
-                nbr_names, nbr_weights, _ = signal.ranked(anchor)
-                if nbr_names:
-                    names += nbr_names[:n]
-                    vals.append(nbr_weights[:n])
-                    lengths.append(min(n, len(nbr_names)))
-                    owners.append(u)
-                    slots.append(a)
-        if names:
-            rows = self.items.index.rows(names)  # one lookup for the whole batch
-            anchors = np.repeat(slots, lengths)
-            values = np.concatenate(vals) * np.asarray(anchor_weights)[anchors]
-            keep = rows >= 0  # neighbours that are not recommendable are no candidates
-            parts.add(source, np.repeat(owners, lengths)[keep], rows[keep], values[keep], anchors[keep])
+        contributes ``weight * anchor_weights[a]``), remembering which anchor each came from.
+        Every (user, anchor) pair of the batch is read in one pass (``map`` over the signal's
+        sorted lists), its first ``covisit_per_anchor`` neighbours in one chain."""
+        n, m = self.config.covisit_per_anchor, len(anchor_weights)
+        heads = [recent[:m] for recent in recents]
+        per_user = np.fromiter(map(len, heads), dtype=np.int64, count=len(heads))
+        ranked = list(map(signal.ranked, [anchor for head in heads for anchor, _ in head]))
+        if not ranked:
+            return
+        lengths = np.minimum(np.fromiter(map(len, map(itemgetter(0), ranked)), dtype=np.int64, count=len(ranked)), n)
+        if not lengths.any():
+            return
+        names = list(itertools.chain.from_iterable(r[0][:n] for r in ranked))
+        rows = self.items.index.rows(names)  # one lookup for the whole batch
+        slots = np.arange(len(ranked)) - np.repeat(np.cumsum(per_user) - per_user, per_user)
+        anchors = np.repeat(slots, lengths)
+        values = np.concatenate([r[1][:n] for r in ranked]) * np.asarray(anchor_weights)[anchors]
+        keep = rows >= 0  # neighbours that are not recommendable are no candidates
+        owners = np.repeat(np.repeat(np.arange(len(heads)), per_user), lengths)
+        parts.add(source, owners[keep], rows[keep], values[keep], anchors[keep])
 
     def _add_session_votes(self, parts: "_Entries", states: list[UserState], excl_rows: list[np.ndarray], k: int) -> None:
         n = self.config.session_candidates
@@ -354,23 +358,51 @@ class Recommender:
     def _closest_history_items(self, rows: np.ndarray, users: np.ndarray, wanted: np.ndarray,
                                recents: list[list[tuple[str, str]]]) -> dict[int, tuple[str, float]]:
         """For the wanted candidates (positions in ``rows``), the user's recent item with the
-        most similar vector: ``{position: (history item, similarity)}``; one small matrix
-        product per user (gathering all pairs at once would copy ~100 MB per batch)."""
+        most similar vector: ``{position: (history item, similarity)}``.
+
+        One small matrix product per user, exactly as before (the same operand shapes and
+        layouts go to BLAS, so every similarity keeps its last bit: a differently shaped
+        product, e.g. one over all users, can change it, and it picks the anchor on near-ties
+        and is printed). Everything around the products is done once for the batch: the
+        recent items' rows in one lookup, both sides' vectors in one gather each, the answers
+        collected as arrays (``tests/test_speed_equivalence.py`` pins this against the per-user
+        loop it replaced).
+        """
         picks = np.flatnonzero(wanted)
         if len(picks) == 0:
             return {}
         index = self.items.index
-        out = {}
-        bounds = np.flatnonzero(np.diff(users[picks])) + 1  # picks are grouped by user
-        for group in np.split(picks, bounds):
-            recent = [i for i, _ in recents[int(users[group[0]])] if i in index]
-            if not recent:
-                continue
-            sims = index.vectors_of_rows(rows[group]) @ index.vectors_of_rows(index.rows(recent)).T
-            best = sims.argmax(axis=1)
-            for p, j, sim in zip(group.tolist(), best.tolist(), sims[np.arange(len(group)), best].tolist()):
-                out[p] = (recent[j], sim)
-        return out
+        owner = users[picks]  # picks are grouped by user
+        starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
+        ends = np.r_[starts[1:], len(picks)]
+        group_recents = [recents[u] for u in owner[starts].tolist()]
+        recent_ids = [i for recent in group_recents for i, _ in recent]
+        recent_rows = index.rows(recent_ids)  # -1: not in the index
+        in_index = recent_rows >= 0
+        lengths = np.fromiter(map(len, group_recents), dtype=np.int64, count=len(group_recents))
+        kept = np.bincount(np.repeat(np.arange(len(lengths)), lengths)[in_index], minlength=len(lengths))
+        kept_ids = np.asarray(recent_ids, dtype=object)[in_index]
+        r_bounds = np.r_[0, np.cumsum(kept)].tolist()
+        cand = index.vectors_of_rows(rows[picks])  # (picks, dim), one gather
+        hist = index.vectors_of_rows(recent_rows[in_index])  # (kept recent items, dim), one gather
+        has = kept > 0
+        blocks, best = [], []  # per user with recent items: its similarities (flat), its argmax per pick
+        for lo, hi, r0, r1 in zip(starts.tolist(), ends.tolist(), r_bounds[:-1], r_bounds[1:]):
+            if r1 > r0:
+                sims = cand[lo:hi] @ hist[r0:r1].T
+                best.append(sims.argmax(axis=1))
+                blocks.append(sims.ravel())
+        if not blocks:
+            return {}
+        # each answered pick's similarity, read from its user's block: start + pick * width + best
+        picks_of, width = (ends - starts)[has], kept[has]
+        best_all = np.concatenate(best)
+        block_start = np.cumsum(picks_of * width) - picks_of * width
+        local = np.arange(len(best_all)) - np.repeat(np.cumsum(picks_of) - picks_of, picks_of)
+        sims_all = np.concatenate(blocks)[np.repeat(block_start, picks_of) + local * np.repeat(width, picks_of) + best_all]
+        anchors = np.repeat(np.asarray(r_bounds[:-1])[has], picks_of) + best_all
+        answered = picks[np.repeat(has, ends - starts)]  # picks whose user has recent items in the index
+        return dict(zip(answered.tolist(), zip(kept_ids[anchors].tolist(), sims_all.tolist())))
 
     def _title(self, item_id: str) -> str:
         item = self.items.catalog.get(item_id)
