@@ -76,6 +76,7 @@ from recsys.events import CatalogItem, Envelope, Event, encode
 from recsys.items.embeddings import Embedder
 from recsys.settings import Settings
 from recsys.shard.step import Shard
+from recsys.store.kv import RocksKV
 from recsys.synthetic import generate_catalog, generate_events, with_searches
 from recsys_cli.demo import summarize
 from recsys_cli.local_broker import LocalBroker
@@ -612,14 +613,29 @@ def run_longrun(args, items, cache_dir: str, base: Settings, workroot: Path) -> 
             "outboxes": sum(1 for _ in engine.kv.iter_prefix(b"o:")),
             "swept": swept,
             "disk_mib": round(dir_size_mib(Path(settings.state_dir)), 1),
+            **_rocks_sizes(engine.kv),
             "rss_mib": round(own_rss_mib(), 1),
             "events_per_s": round((c + n) / (time.perf_counter() - t0)),
         }
         rows.append(row)
         log("longrun: " + ", ".join(f"{k} {v}" for k, v in row.items()))
+    compacted = None
+    if isinstance(engine.kv, RocksKV):
+        # What the state holds once RocksDB has reclaimed obsolete versions and tombstones.
+        engine.kv.compact()
+        compacted = {"disk_mib": round(dir_size_mib(Path(settings.state_dir)), 1), **_rocks_sizes(engine.kv)}
+        log("longrun: after a full compaction: " + ", ".join(f"{k} {v}" for k, v in compacted.items()))
     engine.close()
     return {"events": args.longrun_events, "users": args.longrun_users, "ttl_h": args.longrun_ttl_h,
-            "gap_ms": args.longrun_gap_ms, "batch": args.longrun_batch, "rows": rows}
+            "gap_ms": args.longrun_gap_ms, "batch": args.longrun_batch, "rows": rows, "after_full_compaction": compacted}
+
+
+def _rocks_sizes(kv) -> dict:  # noqa: ANN001 - a KVStore
+    """RocksDB's live-data estimate and table-file total, MiB (empty for other stores)."""
+    if not isinstance(kv, RocksKV):
+        return {}
+    sizes = kv.size_report()
+    return {"live_mib": round(sizes["live_data"] / 2**20, 1), "sst_mib": round(sizes["sst_files"] / 2**20, 1)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -164,6 +164,19 @@ class RocksKV:
             raise StoreCorruptionError(f"RocksDB at {self.path!r} is corrupted: {exc}") from exc
         raise exc
 
+    def size_report(self) -> dict[str, int]:
+        """RocksDB's own size figures, in bytes: ``live_data`` (its estimate of the data a full
+        compaction would keep) and ``sst_files`` (what the table files hold now, obsolete
+        versions and tombstones included). Disk above the first is space RocksDB reclaims as it
+        compacts; the long-run benchmark prints both to tell growth from compaction lag."""
+        db = self._live()
+        return {"live_data": int(db.property_int_value("rocksdb.estimate-live-data-size") or 0),
+                "sst_files": int(db.property_int_value("rocksdb.total-sst-files-size") or 0)}
+
+    def compact(self) -> None:
+        """Compact the whole key range now (RocksDB does this gradually on its own)."""
+        self._live().compact_range(None, None)
+
     def verify(self) -> int:
         """Read every key and value once, checking block checksums; returns the key count.
         Raises :class:`StoreCorruptionError` naming the damaged file."""
