@@ -129,6 +129,7 @@ class FlowProcess:
         self.returncode: int | None = None
         self.vm_hwm_kib = 0
         self.vm_rss_kib = 0
+        self.cpu_ticks: dict[int, int] = {}  # pid -> utime + stime (clock ticks), last sampled
         self._ready = threading.Event()
         self._exited = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
@@ -165,6 +166,8 @@ class FlowProcess:
             rss = 0
             for pid in [self.pid, *_children(self.pid)]:
                 try:
+                    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                    self.cpu_ticks[pid] = int(fields[11]) + int(fields[12])  # utime + stime
                     for row in Path(f"/proc/{pid}/status").read_text().splitlines():
                         if row.startswith("VmHWM:"):
                             peaks[pid] = max(peaks.get(pid, 0), int(row.split()[1]))
@@ -204,6 +207,11 @@ class FlowProcess:
 
     def tail(self, n: int = 20) -> str:
         return "\n".join(list(self.lines)[-n:]) or "(no output)"
+
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system) of the flow and its shard processes, as last sampled
+        (every ``RSS_SAMPLE_S``; a process's last 50 ms before it exits may be missed)."""
+        return sum(self.cpu_ticks.values()) / os.sysconf("SC_CLK_TCK")
 
     def peak_rss_mib(self) -> float:
         return round(self.vm_hwm_kib / 1024, 1)
@@ -347,9 +355,9 @@ def run_drained(args, items, catalog_path: Path, cache_dir: str, base: Settings,
     """Like ``max`` (the events produced first, then the flow), but the flow runs until stopped
     and the clock stops at the last output it wrote: with sharing on, a shard's ``--stop-at-end``
     would end its exchange log at the end it saw at start (empty), so the shards would not apply
-    each other's operations at all. Both settings are measured this same way. Drained: the
-    recommendations and exchange logs have not grown for ``QUIET_S``; then SIGINT, and the
-    run counts only if every user's last event was answered. events/s = events / (flow
+    each other's operations at all. Both settings are measured this same way. Drained: every
+    user's last event answered (the recommendations are read as they come) and, with sharing,
+    the exchange log unchanged for ``QUIET_S``; then SIGINT. events/s = events / (flow
     "ready" -> the last recommendation's ``emitted_at`` or, with sharing, the last exchange
     record's append, whichever is later). With sharing the shards' checksums are compared."""
     events = generate_events(args.events, items, n_users=args.users, seed=args.seed)
@@ -370,21 +378,37 @@ def run_drained(args, items, catalog_path: Path, cache_dir: str, base: Settings,
         try:
             flow.wait_ready()
             startup_s = flow.ready_t - flow.start_t
+            time.sleep(2 * RSS_SAMPLE_S)
+            cpu_ready_s = flow.cpu_s()
             log(f"[{tag}] flow ready after {startup_s:.1f} s: {flow.ready_line}")
             deadline = time.perf_counter() + args.max_wait_s
+            waiting = {(e.user_id, e.event_id) for e in {e.user_id: e for e in events}.values()}
+            recs_seen = clients.consumer()
+            recs_seen.assign([TopicPartition(s.recommendations_topic, p) for p in range(args.partitions)])
+            recs_seen.seek_to_beginning()
             last, still_since = None, time.perf_counter()
-            while True:
-                if not flow.running:
-                    raise SystemExit(f"the flow exited (status {flow.returncode}); its output ends:\n{flow.tail()}")
-                if time.perf_counter() > deadline:
-                    raise SystemExit(f"not drained within {args.max_wait_s:.0f} s; output:\n{flow.tail()}")
-                now = (_log_end(clients, s.recommendations_topic, args.partitions),
-                       _log_end(clients, exchange_topic, 1) if share else 0)
-                if now != last:
-                    last, still_since = now, time.perf_counter()
-                elif now[0] and time.perf_counter() - still_since > QUIET_S:
-                    break
-                time.sleep(0.5)
+            try:
+                while True:
+                    if not flow.running:
+                        raise SystemExit(f"the flow exited (status {flow.returncode}); its output ends:\n{flow.tail()}")
+                    if time.perf_counter() > deadline:
+                        raise SystemExit(f"not drained within {args.max_wait_s:.0f} s ({len(waiting)} users' last "
+                                         f"events unanswered); output:\n{flow.tail()}")
+                    for records in recs_seen.poll(timeout_ms=200).values():
+                        for r in records:
+                            rec = orjson.loads(r.value)
+                            waiting.discard((rec["user_id"], rec["trigger_event_id"]))
+                    if waiting:
+                        continue
+                    now = _log_end(clients, exchange_topic, 1) if share else 0
+                    if now != last:
+                        last, still_since = now, time.perf_counter()
+                    elif time.perf_counter() - still_since > QUIET_S:
+                        break
+                    time.sleep(0.2)
+            finally:
+                recs_seen.close()
+            cpu_s = flow.cpu_s() - cpu_ready_s  # ready -> drained: the work's CPU, not start-up's or the stop's
         finally:
             flow.interrupt()
         log(f"[{tag}] {flow.stopped_line}")
@@ -409,6 +433,8 @@ def run_drained(args, items, catalog_path: Path, cache_dir: str, base: Settings,
         "flow_startup_s": round(startup_s, 2),
         "ready_to_drained_s": round(run_s, 3),
         "events_per_s": round(n / run_s, 1),
+        "flow_cpu_s": round(cpu_s, 1),  # the supervisor and its shards, ready -> drained
+        "events_per_cpu_s": round(n / cpu_s, 1),
         "recommendations": len(recs),
         "users_last_event_unanswered": unanswered,
         "dead_letters": len(dead),
@@ -424,6 +450,7 @@ def run_drained(args, items, catalog_path: Path, cache_dir: str, base: Settings,
     if unanswered:
         raise SystemExit(f"[{tag}] {unanswered} users' last events were not answered: not drained; {result}")
     line = (f"[{tag}] {what}: {result['events_per_s']:.0f} events/s ({n} events in {run_s:.2f} s, ready -> drained); "
+            f"flow CPU {cpu_s:.1f} s ({n / cpu_s:.0f} events per CPU-second); "
             f"{len(recs)} recommendations, {len(dead)} dead letters; peak RSS {result['peak_rss_mib']} MiB")
     if share:
         line += (f"; exchange {len(exchange)} records, {result['exchange_bytes_per_event']} bytes/event; shards' "
@@ -443,8 +470,11 @@ def run_sharing(args, items, catalog_path: Path, cache_dir: str, base: Settings,
                                          tag=f"sharing-{key}-{r + 1}"))
     off = float(np.median([x["events_per_s"] for x in runs["off"]]))
     on = float(np.median([x["events_per_s"] for x in runs["on"]]))
+    cpu_off = float(np.median([x["events_per_cpu_s"] for x in runs["off"]]))
+    cpu_on = float(np.median([x["events_per_cpu_s"] for x in runs["on"]]))
     return {"off": runs["off"], "on": runs["on"], "median_events_per_s_off": off, "median_events_per_s_on": on,
-            "on_over_off": round(on / off, 3), "checksums_equal": all(x["checksums_equal"] for x in runs["on"])}
+            "on_over_off": round(on / off, 3), "median_events_per_cpu_s_off": cpu_off, "median_events_per_cpu_s_on": cpu_on,
+            "checksums_equal": all(x["checksums_equal"] for x in runs["on"])}
 
 
 # --------------------------------------------------------------------------- mode latency
@@ -835,7 +865,9 @@ def main(argv: list[str] | None = None) -> int:
         log(f"sharing (issue 11), {args.flow_args or 'one process'}, {args.events} events, ready -> drained, median of "
             f"{args.rounds}: off {sh['median_events_per_s_off']:.0f} events/s "
             f"{[x['events_per_s'] for x in sh['off']]}, on {sh['median_events_per_s_on']:.0f} events/s "
-            f"{[x['events_per_s'] for x in sh['on']]}: {100 * sh['on_over_off']:.1f}% of off; shards' checksums "
+            f"{[x['events_per_s'] for x in sh['on']]}: {100 * sh['on_over_off']:.1f}% of off; events per CPU-second "
+            f"off {sh['median_events_per_cpu_s_off']:.0f}, on {sh['median_events_per_cpu_s_on']:.0f} "
+            f"({100 * sh['median_events_per_cpu_s_on'] / sh['median_events_per_cpu_s_off']:.1f}%); shards' checksums "
             f"{'equal in every run' if sh['checksums_equal'] else 'NOT equal'}")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
