@@ -1,6 +1,6 @@
 """End-to-end throughput and latency of the live dataflow on the local broker; prints figures, asserts nothing.
 
-    .venv/bin/python benchmarks/throughput.py [--mode both|max|latency] [--events 100000]
+    .venv/bin/python benchmarks/throughput.py [--mode both|max|latency|longrun|sharing] [--events 100000]
         [--latency-events 30000] [--rate 1000] [--new-items 20] [--catalog-items 10000] [--partitions 2]
         [--users 20000] [--out results.json] [--profile DIR] [--flow-args "--poll-max-records 500"]
 
@@ -34,6 +34,11 @@ the real flow as a child process (``python -m recsys_cli run``), synthetic data
    ``--report-every`` (100k) events it prints the users and outboxes in state, the on-disk size
    of the state directory and this process's RSS; both must level off once the sweep keeps pace.
    Events are generated chunk by chunk, so the RSS is the engine's, not the input's.
+3b. ``sharing`` (issue 11): ``--rounds`` pairs of max-like runs with ``--share-signals`` off and
+   on (order swapped every round), each until drained instead of ``--stop-at-end`` (a sharing
+   shard would stop its exchange log at the end it saw at start); events/s from "ready" to the
+   last output, events per CPU-second of the flow, and the shards' checksums (see
+   :func:`run_drained`).
 4. peak RSS of the flow process: ``VmHWM`` (the kernel's high-water mark of resident memory)
    sampled from ``/proc/<pid>/status`` every 50 ms until the process exits; with
    ``--flow-args "--processes N"``, the sum of the peaks of the supervisor and its shards. (``ru_maxrss`` from
