@@ -1,6 +1,6 @@
 """End-to-end throughput and latency of the live dataflow on the local broker; prints figures, asserts nothing.
 
-    .venv/bin/python benchmarks/throughput.py [--mode both|max|latency] [--events 100000]
+    .venv/bin/python benchmarks/throughput.py [--mode both|max|latency|longrun|sharing] [--events 100000]
         [--latency-events 30000] [--rate 1000] [--new-items 20] [--catalog-items 10000] [--partitions 2]
         [--users 20000] [--out results.json] [--profile DIR] [--flow-args "--poll-max-records 500"]
 
@@ -34,6 +34,11 @@ the real flow as a child process (``python -m recsys_cli run``), synthetic data
    ``--report-every`` (100k) events it prints the users and outboxes in state, the on-disk size
    of the state directory and this process's RSS; both must level off once the sweep keeps pace.
    Events are generated chunk by chunk, so the RSS is the engine's, not the input's.
+3b. ``sharing`` (issue 11): ``--rounds`` pairs of max-like runs with ``--share-signals`` off and
+   on (order swapped every round), each until drained instead of ``--stop-at-end`` (a sharing
+   shard would stop its exchange log at the end it saw at start); events/s from "ready" to the
+   last output, events per CPU-second of the flow, and the shards' checksums (see
+   :func:`run_drained`).
 4. peak RSS of the flow process: ``VmHWM`` (the kernel's high-water mark of resident memory)
    sampled from ``/proc/<pid>/status`` every 50 ms until the process exits; with
    ``--flow-args "--processes N"``, the sum of the peaks of the supervisor and its shards. (``ru_maxrss`` from
@@ -52,6 +57,7 @@ import dataclasses
 import json
 import os
 import platform
+import re
 import shlex
 import signal
 import subprocess
@@ -64,6 +70,7 @@ from pathlib import Path
 
 import numpy as np
 import orjson
+from kafka.structs import TopicPartition
 
 from dataflows.kafka_io import (
     KafkaClients,
@@ -121,12 +128,14 @@ class FlowProcess:
         self.pid = self.proc.pid
         self.lines: deque[str] = deque(maxlen=200)
         self.ready_t: float | None = None
+        self.ready_wall: float | None = None  # time.time() of the same moment: compared with emitted_at
         self.ready_line = ""
         self.stopped_line = ""
         self.exit_t: float | None = None
         self.returncode: int | None = None
         self.vm_hwm_kib = 0
         self.vm_rss_kib = 0
+        self.cpu_ticks: dict[int, int] = {}  # pid -> utime + stime (clock ticks), last sampled
         self._ready = threading.Event()
         self._exited = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
@@ -142,6 +151,7 @@ class FlowProcess:
                 log("    flow: " + line)
             if self.ready_t is None and line.startswith("ready"):
                 self.ready_t = time.perf_counter()
+                self.ready_wall = time.time()
                 self.ready_line = line
                 self._ready.set()
             elif line.startswith("stopped:"):
@@ -162,6 +172,8 @@ class FlowProcess:
             rss = 0
             for pid in [self.pid, *_children(self.pid)]:
                 try:
+                    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                    self.cpu_ticks[pid] = int(fields[11]) + int(fields[12])  # utime + stime
                     for row in Path(f"/proc/{pid}/status").read_text().splitlines():
                         if row.startswith("VmHWM:"):
                             peaks[pid] = max(peaks.get(pid, 0), int(row.split()[1]))
@@ -201,6 +213,11 @@ class FlowProcess:
 
     def tail(self, n: int = 20) -> str:
         return "\n".join(list(self.lines)[-n:]) or "(no output)"
+
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system) of the flow and its shard processes, as last sampled
+        (every ``RSS_SAMPLE_S``; a process's last 50 ms before it exits may be missed)."""
+        return sum(self.cpu_ticks.values()) / os.sysconf("SC_CLK_TCK")
 
     def peak_rss_mib(self) -> float:
         return round(self.vm_hwm_kib / 1024, 1)
@@ -321,6 +338,149 @@ def run_max(args, items, catalog_path: Path, cache_dir: str, base: Settings, wor
         f"{len(recs)} recommendations, {len(dead)} dead letters; peak RSS {result['peak_rss_mib']} MiB; "
         f"load average {result['loadavg_after']}")
     return result
+
+
+# --------------------------------------------------------------------------- mode sharing (issue 11)
+
+#: The checksum line each sharing shard prints at stop (``recsys run``).
+_CHECKSUM_LINE = re.compile(r"\[shard (\d+)\] global signals: sha256=([0-9a-f]{64}) at exchange position (-?\d+)")
+
+
+def _log_end(clients: KafkaClients, topic: str, partitions: int) -> int:
+    """The sum of ``topic``'s log-end offsets (cheap: no record is read)."""
+    consumer = clients.consumer()
+    try:
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
+        return sum(consumer.end_offsets(tps).values())
+    finally:
+        consumer.close()
+
+
+def run_drained(args, items, catalog_path: Path, cache_dir: str, base: Settings, workroot: Path, *,
+                share: bool, tag: str) -> dict:
+    """Like ``max`` (the events produced first, then the flow), but the flow runs until stopped
+    and the clock stops at the last output it wrote: with sharing on, a shard's ``--stop-at-end``
+    would end its exchange log at the end it saw at start (empty), so the shards would not apply
+    each other's operations at all. Both settings are measured this same way. Drained: every
+    user's last event answered (the recommendations are read as they come) and, with sharing,
+    the exchange log unchanged for ``QUIET_S``; then SIGINT. events/s = events / (flow
+    "ready" -> the last recommendation's ``emitted_at`` or, with sharing, the last exchange
+    record's append, whichever is later). With sharing the shards' checksums are compared."""
+    events = generate_events(args.events, items, n_users=args.users, seed=args.seed)
+    load_before = loadavg()
+    what = "sharing ON" if share else "sharing off"
+    log(f"\n[{tag}] {what}: {len(events)} events, {len(items)} items, {args.users} users, {args.partitions} partitions; "
+        f"load average {load_before}")
+    broker, clients, s = start_broker(args.partitions, base)
+    exchange_topic = s.exchange_topic
+    extra = [*args.flow_args, *(["--share-signals", "--exchange-topic", exchange_topic] if share else [])]
+    try:
+        if share:
+            ensure_topics(clients, {exchange_topic: 1})
+        n = produce_records(clients, s.events_topic, keyed(events))
+        workdir = workroot / tag
+        flow = FlowProcess(flow_command(broker.bootstrap, workdir, catalog_path, cache_dir, stop_at_end=False,
+                                        profile_to=None, extra=extra), echo=args.verbose)
+        try:
+            flow.wait_ready()
+            startup_s = flow.ready_t - flow.start_t
+            time.sleep(2 * RSS_SAMPLE_S)
+            cpu_ready_s = flow.cpu_s()
+            log(f"[{tag}] flow ready after {startup_s:.1f} s: {flow.ready_line}")
+            deadline = time.perf_counter() + args.max_wait_s
+            waiting = {(e.user_id, e.event_id) for e in {e.user_id: e for e in events}.values()}
+            recs_seen = clients.consumer()
+            recs_seen.assign([TopicPartition(s.recommendations_topic, p) for p in range(args.partitions)])
+            recs_seen.seek_to_beginning()
+            last, still_since = None, time.perf_counter()
+            try:
+                while True:
+                    if not flow.running:
+                        raise SystemExit(f"the flow exited (status {flow.returncode}); its output ends:\n{flow.tail()}")
+                    if time.perf_counter() > deadline:
+                        raise SystemExit(f"not drained within {args.max_wait_s:.0f} s ({len(waiting)} users' last "
+                                         f"events unanswered); output:\n{flow.tail()}")
+                    for records in recs_seen.poll(timeout_ms=200).values():
+                        for r in records:
+                            rec = orjson.loads(r.value)
+                            waiting.discard((rec["user_id"], rec["trigger_event_id"]))
+                    if waiting:
+                        continue
+                    now = _log_end(clients, exchange_topic, 1) if share else 0
+                    if now != last:
+                        last, still_since = now, time.perf_counter()
+                    elif time.perf_counter() - still_since > QUIET_S:
+                        break
+                    time.sleep(0.2)
+            finally:
+                recs_seen.close()
+            cpu_s = flow.cpu_s() - cpu_ready_s  # ready -> drained: the work's CPU, not start-up's or the stop's
+        finally:
+            flow.interrupt()
+        log(f"[{tag}] {flow.stopped_line}")
+        recs = consume_all(clients, s.recommendations_topic, timeout_s=CONSUME_TIMEOUT_S)
+        exchange = consume_all(clients, exchange_topic, timeout_s=CONSUME_TIMEOUT_S) if share else []
+        dead = consume_all(clients, s.dead_letters_topic, timeout_s=CONSUME_TIMEOUT_S)
+    finally:
+        broker.stop()
+    triggers = set()
+    last_emitted = 0
+    for r in recs:
+        rec = orjson.loads(r.value)
+        triggers.add((rec["user_id"], rec["trigger_event_id"]))
+        last_emitted = max(last_emitted, rec["emitted_at"])
+    unanswered = len({(e.user_id, e.event_id) for e in {e.user_id: e for e in events}.values()} - triggers)
+    end_ms = max([last_emitted, *(env.timestamp_ms for env in exchange)])
+    run_s = end_ms / 1000 - flow.ready_wall
+    sums = sorted((int(a), b, int(c)) for a, b, c in _CHECKSUM_LINE.findall("\n".join(flow.lines)))
+    result = {
+        "share_signals": share,
+        "events": n,
+        "flow_startup_s": round(startup_s, 2),
+        "ready_to_drained_s": round(run_s, 3),
+        "events_per_s": round(n / run_s, 1),
+        "flow_cpu_s": round(cpu_s, 1),  # the supervisor and its shards, ready -> drained
+        "events_per_cpu_s": round(n / cpu_s, 1),
+        "recommendations": len(recs),
+        "users_last_event_unanswered": unanswered,
+        "dead_letters": len(dead),
+        "exchange_records": len(exchange),
+        "exchange_bytes_per_event": round(sum(len(env.value) for env in exchange) / max(n, 1), 1),
+        "checksums": [{"shard": a, "sha256": b, "position": c} for a, b, c in sums],
+        "checksums_equal": bool(sums) and len({(b, c) for _, b, c in sums}) == 1 and sums[0][2] == len(exchange) - 1,
+        "flow_totals": flow.stopped_line,
+        "peak_rss_mib": flow.peak_rss_mib(),
+        "loadavg_before": load_before,
+        "loadavg_after": loadavg(),
+    }
+    if unanswered:
+        raise SystemExit(f"[{tag}] {unanswered} users' last events were not answered: not drained; {result}")
+    line = (f"[{tag}] {what}: {result['events_per_s']:.0f} events/s ({n} events in {run_s:.2f} s, ready -> drained); "
+            f"flow CPU {cpu_s:.1f} s ({n / cpu_s:.0f} events per CPU-second); "
+            f"{len(recs)} recommendations, {len(dead)} dead letters; peak RSS {result['peak_rss_mib']} MiB")
+    if share:
+        line += (f"; exchange {len(exchange)} records, {result['exchange_bytes_per_event']} bytes/event; shards' "
+                 f"checksums {'EQUAL' if result['checksums_equal'] else 'DIFFER'} {[(a, b[:12], c) for a, b, c in sums]}")
+    log(line + f"; load average {result['loadavg_after']}")
+    return result
+
+
+def run_sharing(args, items, catalog_path: Path, cache_dir: str, base: Settings, workroot: Path) -> dict:
+    """``--rounds`` pairs of :func:`run_drained`, sharing off and on, the order swapped every
+    round (so a load that rises or falls over the runs weighs on both alike)."""
+    runs: dict[str, list[dict]] = {"off": [], "on": []}
+    for r in range(args.rounds):
+        for share in ((False, True) if r % 2 == 0 else (True, False)):
+            key = "on" if share else "off"
+            runs[key].append(run_drained(args, items, catalog_path, cache_dir, base, workroot, share=share,
+                                         tag=f"sharing-{key}-{r + 1}"))
+    off = float(np.median([x["events_per_s"] for x in runs["off"]]))
+    on = float(np.median([x["events_per_s"] for x in runs["on"]]))
+    cpu_off = float(np.median([x["events_per_cpu_s"] for x in runs["off"]]))
+    cpu_on = float(np.median([x["events_per_cpu_s"] for x in runs["on"]]))
+    return {"off": runs["off"], "on": runs["on"], "median_events_per_s_off": off, "median_events_per_s_on": on,
+            "on_over_off": round(on / off, 3), "median_events_per_cpu_s_off": cpu_off, "median_events_per_cpu_s_on": cpu_on,
+            "checksums_equal": all(x["checksums_equal"] for x in runs["on"])}
 
 
 # --------------------------------------------------------------------------- mode latency
@@ -640,7 +800,7 @@ def _rocks_sizes(kv) -> dict:  # noqa: ANN001 - a KVStore
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--mode", choices=("both", "max", "latency", "longrun"), default="both")
+    p.add_argument("--mode", choices=("both", "max", "latency", "longrun", "sharing"), default="both")
     p.add_argument("--events", type=int, default=100_000, help="events for the sustained-throughput run")
     p.add_argument("--latency-events", type=int, default=30_000, help="events offered in the latency run")
     p.add_argument("--rate", type=float, default=1000.0, help="events/s offered in the latency run")
@@ -663,6 +823,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--longrun-gap-ms", type=float, default=20.0, help="longrun: mean stream time between events")
     p.add_argument("--longrun-batch", type=int, default=1000, help="longrun: events per Shard.process batch")
     p.add_argument("--report-every", type=int, default=100_000, help="longrun: print disk and RSS every this many events")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="sharing: pairs of runs, sharing off and on (order swapped every round)")
     p.add_argument("--verbose", "-v", action="store_true", help="echo the flow's output")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -698,6 +860,8 @@ def main(argv: list[str] | None = None) -> int:
             results["latency"] = run_latency(args, items, catalog_path, cache_dir, base, workroot)
         if args.mode == "longrun":
             results["longrun"] = run_longrun(args, items, cache_dir, base, workroot)
+        if args.mode == "sharing":
+            results["sharing"] = run_sharing(args, items, catalog_path, cache_dir, base, workroot)
     results["machine"]["loadavg_end"] = loadavg()
 
     log("\n==== results ====")
@@ -717,6 +881,15 @@ def main(argv: list[str] | None = None) -> int:
         if ni.get("recommended"):
             log(f"new item, catalog append -> first recommendation listing it: p50 {ni['p50']:.0f} ms, "
                 f"max {ni['max']:.0f} ms ({ni['recommended']} of {ni['new_items']} recommended, {ni['within_1s']} within 1 s)")
+    if "sharing" in results:
+        sh = results["sharing"]
+        log(f"sharing (issue 11), {args.flow_args or 'one process'}, {args.events} events, ready -> drained, median of "
+            f"{args.rounds}: off {sh['median_events_per_s_off']:.0f} events/s "
+            f"{[x['events_per_s'] for x in sh['off']]}, on {sh['median_events_per_s_on']:.0f} events/s "
+            f"{[x['events_per_s'] for x in sh['on']]}: {100 * sh['on_over_off']:.1f}% of off; events per CPU-second "
+            f"off {sh['median_events_per_cpu_s_off']:.0f}, on {sh['median_events_per_cpu_s_on']:.0f} "
+            f"({100 * sh['median_events_per_cpu_s_on'] / sh['median_events_per_cpu_s_off']:.1f}%); shards' checksums "
+            f"{'equal in every run' if sh['checksums_equal'] else 'NOT equal'}")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
         log(f"figures -> {args.out}")

@@ -42,6 +42,12 @@ for n in 4 8; do
   $R --format yoochoose --events "$D/yoochoose" --models full-system --shards $n --no-share --out runs/yoochoose-prequential-${n}shards
   $R --format completejourney --limit 300000 --models full-system --shards $n --no-share --out runs/completejourney-300k-prequential-${n}shards
 done
+# the ceiling of replicating every op to every shard, backed by replays at 16 and 64 shards
+# (DIGINETICA: the fastest log), shared and alone
+for n in 16 64; do
+  $R --format diginetica --events "$D/diginetica" --models full-system --shards $n --out runs/diginetica-prequential-${n}shards-shared
+  $R --format diginetica --events "$D/diginetica" --models full-system --shards $n --no-share --out runs/diginetica-prequential-${n}shards
+done
 # what is left of the gap at 4 shards is the head and the re-ranker (learned per shard): both off
 RECSYS_HEAD_ENABLED=false RECSYS_RERANK_ENABLED=false $R --format diginetica --events "$D/diginetica" --models full-system --out runs/diginetica-prequential-nomodels
 RECSYS_HEAD_ENABLED=false RECSYS_RERANK_ENABLED=false $R --format diginetica --events "$D/diginetica" --models full-system --shards 4 --out runs/diginetica-prequential-4shards-shared-nomodels
