@@ -525,15 +525,20 @@ class KafkaSink(FixedPartitionedSink[tuple[Key, bytes], None]):
     The flow feeds it ``(routing key, (key, value))`` pairs (:func:`dataflows.flow.build_flow`).
     """
 
-    def __init__(self, clients: KafkaClientFactory, topic: str) -> None:
+    def __init__(self, clients: KafkaClientFactory, topic: str, *, ordered: bool = False) -> None:
         self.clients = clients
         self.topic = topic
+        # ``ordered``: one request in flight, so a retried send can never land after a later
+        # one. The exchange log needs it: a shard skips any message whose sequence number is
+        # not above the last it applied from that origin, so a reordered message would be lost.
+        self.ordered = ordered
 
     def list_parts(self) -> list[str]:
         return [f"{self.topic}-producer"]  # one producer; its own partitioner spreads by key
 
     def build_part(self, step_id: str, for_part: str, resume_state: None) -> _KafkaSinkPartition:
-        return _KafkaSinkPartition(self.clients.producer(), self.topic)
+        overrides = {"max_in_flight_requests_per_connection": 1} if self.ordered else {}
+        return _KafkaSinkPartition(self.clients.producer(**overrides), self.topic)
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -284,7 +284,7 @@ def live_flow(
         log = KafkaSource.from_settings(clients, settings.exchange_topic, settings)
         log.on_offset_reset = "fail"  # skipping exchange records would part the shards' signals for good
         exchange = stoppable(ResumeAtLeast(log, {part_name(settings.exchange_topic, 0): engine.exchange.position + 1}), stop)
-        exchange_out = KafkaSink(clients, settings.exchange_topic)
+        exchange_out = KafkaSink(clients, settings.exchange_topic, ordered=True)  # seq order = log order
         if settings.exchange_snapshot_dir and settings.exchange_snapshot_interval_s > 0:  # for shards started later
             observer = SnapshotObserver(metrics, SnapshotWriter(settings.exchange_snapshot_dir, settings.exchange_topic,
                                                                 settings.exchange_snapshot_interval_s, origin=settings.shard))

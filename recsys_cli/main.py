@@ -81,6 +81,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = _settings(args, "run")
     if args.processes > 1 and settings.shards != 1:
         fail("run", "--processes starts every shard itself: do not combine it with --shards/--shard", 2)
+    if settings.stop_at_end and settings.share_signals:
+        # a shard reads the exchange log to the end it saw at start, which on a fresh topic is
+        # empty: it would run to the end of its events having applied no other shard's signals
+        fail("run", "--stop-at-end with --share-signals: a shard would stop at the exchange log's end seen at start "
+                    "and never apply the other shards' signal operations; run without --stop-at-end and stop the "
+                    "flow with SIGTERM once the events are drained (or use `recsys replay --shards N` for a "
+                    "bounded run)", 2)
     from dataflows.kafka_io import (
         KafkaClients,
         check_shards,

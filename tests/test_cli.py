@@ -141,6 +141,18 @@ def test_run_refuses_more_processes_than_events_partitions(local_broker, topic_n
     assert "shard 1 of 2 would read none" in done.stderr and "at least 2 partitions" in done.stderr
 
 
+def test_run_refuses_stop_at_end_with_shared_signals(tmp_path):
+    """Before the refusal, each shard of such a run read the exchange log only to the end it saw
+    at start (empty on a fresh topic), applied no other shard's signals, and exited 0."""
+    done = subprocess.run(
+        [sys.executable, "-m", "recsys_cli", "run", "--processes", "2", "--stop-at-end", "--share-signals",
+         "--bootstrap-servers", "127.0.0.1:9", "--state-dir", str(tmp_path / "state")],
+        cwd=ROOT, timeout=120, capture_output=True, text=True,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "--stop-at-end with --share-signals" in done.stderr and "SIGTERM" in done.stderr
+
+
 def test_a_sigint_inside_a_source_call_counts_as_a_stop_and_other_errors_do_not():
     from bytewax.errors import BytewaxRuntimeError
 

@@ -21,6 +21,7 @@ from kafka.partitioner.default import murmur2
 from kafka.structs import TopicPartition
 
 from dataflows.kafka_io import (
+    KafkaClients,
     KafkaSink,
     KafkaSource,
     UnknownTopicError,
@@ -294,3 +295,20 @@ def test_unreachable_broker_error_names_the_bootstrap() -> None:
 def test_consume_all_of_unknown_topic_raises(clients, topic_name) -> None:
     with pytest.raises(UnknownTopicError):
         consume_all(clients, topic_name("missing"), timeout_s=2)
+
+
+@pytest.mark.broker
+def test_an_ordered_sink_keeps_one_request_in_flight(local_broker, topic_name) -> None:
+    """The exchange log's sink (issue 11): a shard skips any message whose sequence number is
+    not above the last it applied from that origin, so a retry must never land a message
+    after a later one; kafka-python's default (5 requests in flight) allows exactly that."""
+    clients = KafkaClients.for_bootstrap(local_broker.bootstrap)
+    ensure_topics(clients, {topic_name: 1})
+    ordered = KafkaSink(clients, topic_name, ordered=True).build_part("s", f"{topic_name}-producer", None)
+    plain = KafkaSink(clients, topic_name).build_part("s", f"{topic_name}-producer", None)
+    try:
+        assert ordered._producer.config["max_in_flight_requests_per_connection"] == 1
+        assert plain._producer.config["max_in_flight_requests_per_connection"] > 1
+    finally:
+        ordered.close()
+        plain.close()
