@@ -47,6 +47,7 @@ from recsys.events import (
 from recsys.feedback import EVENT_WEIGHTS
 from recsys.search.learned import QueryAssociations, SearchWindows
 from recsys.search.lexical import LexicalIndex, item_tokens
+from recsys.search.outbox import SearchOutbox
 from recsys.search.rerank import SearchReranker
 from recsys.search.semantic import QueryEncoder, query_embedder
 from recsys.search.text import query_key, tokenize
@@ -141,6 +142,7 @@ class Search:
             rate=self.config.learn_rate, max_items=self.config.max_items_per_query, max_queries=self.config.max_queries
         )
         self.windows = SearchWindows()
+        self.outbox = SearchOutbox()  # answers as first emitted, for re-delivered searches
         self._weights = self.config.weight_vector()
         self.reranker = SearchReranker(self._weights, seed=self.config.seed)
         #: user -> (candidate ids, their signals) of their last search, until an engagement teaches the re-ranker
@@ -150,6 +152,9 @@ class Search:
         self.observer: Callable[[Event, UserState], None] | None = None
         #: False: answer nothing (a backtest whose observer ranks by itself)
         self.respond = True
+        #: Called with ``(user_id, query key, search ts, item ids)`` for each new search answered
+        #: (:class:`recsys.search.intent.SearchIntent` keeps them for the next recommendations).
+        self.on_answer: Callable[[str, str, int, list[str]], None] | None = None
 
     # ------------------------------------------------------------------ state
 
@@ -160,9 +165,11 @@ class Search:
         out = self.associations.export_dirty()
         out.update(self.windows.export_dirty())
         out.update(self.reranker.export_dirty())
+        out.update(self.outbox.export_dirty())
         return out
 
     def load(self, kv: KVStore) -> None:
+        self.outbox.load(kv)
         self.associations.load(kv)
         self.windows.load(kv)
         self.reranker.load(kv)
@@ -185,7 +192,9 @@ class Search:
 
         ``states`` are the users as committed before this batch (a search is ranked without
         the events that follow it in the batch); ``committed`` the watermarks before it: events
-        at or below them were learned from already (re-delivered) and are only answered again.
+        at or below them were learned from already (re-delivered). A re-delivered search
+        re-emits the bytes stored in its user's search outbox when it was first answered
+        (:mod:`recsys.search.outbox`), else it is answered again from the current state.
         Returns ``(user_id, SearchResult JSON)`` per search event.
         """
         out: list[tuple[str, bytes]] = []
@@ -199,21 +208,30 @@ class Search:
                         self.windows.open(user_id, query_key(event.query), event.query, event.ts)
                     if not self.respond:
                         continue
+                    if not new and (stored := self.outbox.get(user_id, env.partition, env.offset, event.event_id)) is not None:
+                        out.append((user_id, stored))
+                        continue
                     ranked = self.rank(event.query, states[user_id], event.ts, user_id=user_id if new else None)
                     result = SearchResult(
                         user_id, event.query, tuple(ranked.items), ranked.no_match, event.event_id,
                         f"{self.version} ({model_version})", event.ts, max(now_ms, int(self.clock() * 1000)),
                     )
-                    out.append((user_id, encode(result)))
+                    payload = encode(result)
+                    if new:
+                        self.outbox.put(user_id, env.partition, env.offset, event.event_id, payload)
+                        if self.on_answer is not None:
+                            self.on_answer(user_id, query_key(event.query), event.ts, [i.item_id for i in ranked.items])
+                    out.append((user_id, payload))
                 elif new:
                     self.learn_event(event)
         return out
 
     def forget_user(self, user_id: str) -> list[bytes]:
-        """An erasure: drop the user's open search window (it holds their last query) and what
-        they were last shown; returns the stored key to delete in the erasure's write."""
+        """An erasure: drop the user's open search window (it holds their last query), what
+        they were last shown and their stored search results; returns the stored keys to
+        delete in the erasure's write."""
         self._shown.pop(user_id, None)
-        return self.windows.forget_user(user_id)
+        return [*self.windows.forget_user(user_id), *self.outbox.forget_user(user_id)]
 
     def learn_event(self, event: Event) -> None:
         """Attribute one non-search event to its user's open search window, if any."""

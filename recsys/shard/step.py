@@ -65,6 +65,7 @@ from recsys.ranking.reranker import (
 )
 from recsys.search import Search, SearchConfig  # issue 13
 from recsys.search.learned import window_key
+from recsys.search.outbox import outbox_key as search_outbox_key
 from recsys.settings import Settings
 from recsys.shard.outbox import (
     decode_outbox,
@@ -653,7 +654,7 @@ class Shard:
             self._pass_oldest = None
         doomed = [u for u in expired if u not in batch_users]
         counts["swept_users"] += len(doomed)
-        return [key for u in doomed for key in (user_key(u), _OUTBOX_PREFIX + u.encode(), window_key(u))]
+        return [key for u in doomed for key in (user_key(u), _OUTBOX_PREFIX + u.encode(), window_key(u), search_outbox_key(u))]
 
     # ------------------------------------------------------------------ erasure
 
