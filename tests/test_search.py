@@ -274,3 +274,29 @@ def test_a_redelivered_search_re_emits_the_bytes_first_emitted_and_erasure_drops
     assert eng.kv.get(b"sqo:u1") is None
     eng.close()
 
+
+# --------------------------------------------------------------------------- search informs recommendations
+
+
+def test_with_search_in_history_a_recent_query_leads_the_next_recommendations(tmp_path, cache):
+    """RECSYS_SEARCH_IN_HISTORY (recsys/search/intent.py): while the search window is open, the
+    user's recommendations start with that search's top items (minus purchased ones); after the
+    window closes (5 events), or with the setting off, they do not."""
+    lists = {}
+    for on in (False, True):
+        eng = Shard.open(_settings(tmp_path / str(on), cache, search_in_history=on), in_memory=True)
+        eng.upsert_catalog(CATALOG)
+        eng.search.lexical.rebuild_interval_s = 0.0
+        stream = Stream(eng)
+        stream.events(*[("click", "u1", "coffee"), ("click", "u1", "mug")] * 2)
+        answer = stream.search("u1", "sleeping bag")
+        recs = eng.recommend_for(["u1"], stream.ts)[0]
+        lists[on] = [i.item_id for i in recs]
+        if on:
+            first = ids(answer)[:3]
+            assert first and lists[on][: len(first)] == first
+            assert recs[0].reason == "you searched 'sleeping bag'"
+            stream.events(*[("browse", "u1", "coffee")] * 5)  # the window closes
+            assert eng.recommend_for(["u1"], stream.ts)[0][0].reason != "you searched 'sleeping bag'"
+        eng.close()
+    assert lists[False][0] != lists[True][0] == "bag-down"

@@ -64,6 +64,7 @@ from recsys.ranking.reranker import (
     learn_from_next_item,
 )
 from recsys.search import Search, SearchConfig  # issue 13
+from recsys.search.intent import SearchIntent
 from recsys.search.learned import window_key
 from recsys.search.outbox import outbox_key as search_outbox_key
 from recsys.settings import Settings
@@ -233,6 +234,8 @@ class Shard:
                              head=self.head, clock=clock)
         self.search.upsert(list(self.items.catalog.items.values()))
         self.search.load(kv)
+        if settings.search_in_history:  # a recent query leads the next recommendations
+            self.recommender = SearchIntent(self.recommender, self.search)
         self.totals: Counter = Counter()
         # issue 10: an event whose item is not in the catalog yet waits for it (bounded, in state;
         # recsys/shard/waiting.py). Not in backtests that admit unknown items, nor in a run that stops
