@@ -1,7 +1,7 @@
 """Does a recent search help the next recommendations? (issue 13, ``RECSYS_SEARCH_IN_HISTORY``)
 
     .venv/bin/python benchmarks/search_in_recs.py --format rees46 --events ../shared/data/rees46/2019-Oct_head17k.csv --search-targets purchase,add_to_cart
-    .venv/bin/python benchmarks/search_in_recs.py --format completejourney --limit 200000 --search-sample 0.03
+    .venv/bin/python benchmarks/search_in_recs.py --format completejourney --limit 100000 --search-sample 0.03
 
 The log gets the search backtest's derived searches (``recsys/search/replay.py``: a search
 1 ms before each sampled purchase / add to cart whose query is the item's category path; Ai et

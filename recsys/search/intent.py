@@ -39,7 +39,7 @@ MODES = ("lead", "interleave")
 class SearchIntent:
     """A recommender whose lists start with the user's open search's top items."""
 
-    def __init__(self, recommender: Any, search: Search, *, slots: int = INTENT_SLOTS, mode: str = "lead",
+    def __init__(self, recommender: Any, search: Search, *, slots: int = INTENT_SLOTS, mode: str = "interleave",
                  max_users: int = 50_000) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")

@@ -13,8 +13,10 @@ Per search ``(query, user state, time)``:
    (log decayed popularity / the candidates' best), and the personal ones: ``affinity`` (cosine
    of the user's vector -- the learned head's query, else the decayed interest -- and the item),
    ``category`` and ``brand`` (the share of the user's weighted history in the item's category /
-   brand), ``bought`` (bought before), ``seen`` (in the history, not bought) and ``price``
-   (closeness of the price to the median of the user's history, ``exp(-|log ratio|)``).
+   brand), ``bought`` (bought before), ``seen`` (in the history, not bought), ``price``
+   (closeness of the price to the median of the user's history, ``exp(-|log ratio|)``) and
+   ``rebuy`` (bought before, times the share of the user's purchases that were repeats: a
+   shopper who mostly buys again vs one who mostly tries new things).
 3. **Score** = ``weights . signals``; ``personalise=False`` zeroes the personal weights (the
    ablation of the search replay).
 4. **No match**: no query word is (close to) a catalog word, nothing was learned for the query
@@ -62,8 +64,8 @@ if TYPE_CHECKING:
 #: Names what ranked a search result (bumped when the ranking changes meaning).
 SEARCH_VERSION = "search-1"
 
-FEATURES = ("lexical", "semantic", "learned", "popular", "affinity", "category", "brand", "bought", "seen", "price")
-PERSONAL = ("affinity", "category", "brand", "bought", "seen", "price")
+FEATURES = ("lexical", "semantic", "learned", "popular", "affinity", "category", "brand", "bought", "seen", "price", "rebuy")
+PERSONAL = ("affinity", "category", "brand", "bought", "seen", "price", "rebuy")
 _COL = {name: i for i, name in enumerate(FEATURES)}
 _PERSONAL_MASK = np.array([0.0 if f in PERSONAL else 1.0 for f in FEATURES])
 
@@ -73,7 +75,7 @@ _PERSONAL_MASK = np.array([0.0 if f in PERSONAL else 1.0 for f in FEATURES])
 #: a product bought before.
 DEFAULT_WEIGHTS: dict[str, float] = {
     "lexical": 1.0, "semantic": 1.0, "learned": 3.0, "popular": 0.3,
-    "affinity": 0.3, "category": 0.5, "brand": 0.3, "bought": 1.0, "seen": 0.3, "price": 0.2,
+    "affinity": 0.3, "category": 0.5, "brand": 0.3, "bought": 1.0, "seen": 0.3, "price": 0.2, "rebuy": 0.0,
 }
 
 #: Baselines of the search replay, ranked from the same candidates and signals as ``full``
@@ -95,8 +97,8 @@ class SearchConfig:
     query_cache: int = 10_000  # query vectors kept (LRU)
     rebuild_interval_s: float = 1.0  # BM25 rebuild at most this often while the catalog changes
     # Add the re-ranker's learned correction to the live score. It always learns (cheap), but
-    # is off by default: on derived queries it helped REES46 (NDCG@10 0.8406 -> 0.9056) and
-    # hurt Complete Journey (0.3945 -> 0.3196); see the README's Search section.
+    # is off by default: on derived queries it helped REES46 (NDCG@10 0.8406 -> 0.9145) and
+    # hurt Complete Journey (0.3945 -> 0.3123); see the README's Search section.
     rerank: bool = False
     seed: int = 0
 
@@ -380,6 +382,8 @@ class Search:
         total_c, total_b = sum(cats.values()) or 1.0, sum(brands.values()) or 1.0
         median = float(np.median(prices)) if prices else None
         seen = {h[0] for h in history}
+        purchases = sum(state.bought.values())
+        rebuy = (purchases - len(state.bought)) / purchases if purchases else 0.0  # share of purchases that were repeats
         for j, item_id in enumerate(ids):
             item = catalog.get(item_id)
             if item is None:
@@ -390,6 +394,7 @@ class Search:
                 x[j, _COL["brand"]] = brands.get(item.brand, 0.0) / total_b
             if item_id in state.bought:
                 x[j, _COL["bought"]] = 1.0
+                x[j, _COL["rebuy"]] = rebuy
             elif item_id in seen:
                 x[j, _COL["seen"]] = 1.0
             if median and item.price:
@@ -410,7 +415,7 @@ class Search:
             return f"often chosen after searching '{q}'"
         if cause == "popular":
             return f"popular for '{q}'"
-        if cause == "bought":
+        if cause in ("bought", "rebuy"):
             return "bought before"
         if cause == "seen":
             return "you looked at this recently"
