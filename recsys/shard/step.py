@@ -234,7 +234,7 @@ class Shard:
                              head=self.head, clock=clock)
         self.search.upsert(list(self.items.catalog.items.values()))
         self.search.load(kv)
-        if settings.search_in_history:  # a recent query leads the next recommendations
+        if settings.search_in_history:  # a recent query enters the next recommendations
             self.recommender = SearchIntent(self.recommender, self.search)
         self.totals: Counter = Counter()
         # issue 10: an event whose item is not in the catalog yet waits for it (bounded, in state;
