@@ -105,6 +105,11 @@ PLANS: dict[str, Plan] = {
     ".venv/bin/python benchmarks/throughput.py --mode latency --search-share 0.2": Plan(
         " --latency-events 300 --rate 300 --catalog-items 200 --users 200 --new-items 0", slow=True,
         expect="search append -> search result emitted_at"),
+    # issue 13: does a recent search help the next recommendations (two full systems, a long replay)
+    ".venv/bin/python benchmarks/search_in_recs.py --format rees46 --events ../shared/data/rees46/2019-Oct_head17k.csv "
+    "--search-targets purchase,add_to_cart": Plan(" --help", expect="usage:"),
+    ".venv/bin/python benchmarks/search_in_recs.py --format completejourney --limit 100000 --search-sample 0.03":
+        Plan(" --help", expect="usage:"),
     "recsys replay --events PATH [--format jsonl|rees46|diginetica|yoochoose|completejourney|csv] "
     "[--catalog PATH] [--protocol prequential|leave-last-out] [--k 10,20] [--models all|NAME,...] "
     "[--include-history] [--target next|next_purchase] [--seed N] [--limit N] [--map FIELD=COLUMN ...] "

@@ -7,6 +7,8 @@ followed within a stated number of engagements), personalisation, and crash safe
 
 from __future__ import annotations
 
+import time
+
 import orjson
 import pytest
 
@@ -247,3 +249,54 @@ def test_the_search_reranker_learns_from_engagements_and_survives_a_restart(tmp_
     assert again.search.reranker.examples == eng.search.reranker.examples
     assert (again.search.reranker.w == learned).all()
     again.close()
+
+
+def test_a_redelivered_search_re_emits_the_bytes_first_emitted_and_erasure_drops_them(tmp_path, cache):
+    """Exactly-once search results (recsys/search/outbox.py): the search is answered, the user
+    then buys, and the search is re-delivered (a crash before the source's snapshot). The state
+    has moved on (the bought item now ranks first) and the clock too, yet the answer re-emitted
+    is byte for byte the first one; an erasure deletes the stored answers with the user."""
+    eng = Shard.open(_settings(tmp_path, cache))
+    eng.upsert_catalog(CATALOG)
+    eng.search.lexical.rebuild_interval_s = 0.0
+    stream = Stream(eng)
+    stream.events(("purchase", "other", "shoe-trail"), ("click", "other", "shoe-trail"))
+    search = Envelope("events", 0, stream.offset, b"u1", encode(Event("q1", "search", "u1", None, stream.ts + 1, query="running shoe")), stream.ts)
+    stream.offset += 1
+    (first,) = eng.process([search]).search_results
+    stream.events(*[("purchase", "u1", "shoe-road")] * 3)
+    assert ids(stream.search("u1", "running shoe"))[0] == "shoe-road"  # a fresh search sees the purchases
+    time.sleep(0.01)
+    (again,) = eng.process([search]).search_results  # re-delivered: offset below the watermark
+    assert again == first and orjson.loads(first[1])["trigger_event_id"] == "q1"
+    assert eng.kv.get(b"sqo:u1") is not None
+    eng.forget(["u1"])
+    assert eng.kv.get(b"sqo:u1") is None
+    eng.close()
+
+
+# --------------------------------------------------------------------------- search informs recommendations
+
+
+def test_with_search_in_history_a_recent_query_enters_the_next_recommendations(tmp_path, cache):
+    """RECSYS_SEARCH_IN_HISTORY (recsys/search/intent.py): while the search window is open, the
+    search's top items are interleaved with the user's recommendations (the recommender's first
+    item first); after the window closes (5 events), or with the setting off, they are not."""
+    lists = {}
+    for on in (False, True):
+        eng = Shard.open(_settings(tmp_path / str(on), cache, search_in_history=on), in_memory=True)
+        eng.upsert_catalog(CATALOG)
+        eng.search.lexical.rebuild_interval_s = 0.0
+        stream = Stream(eng)
+        stream.events(*[("click", "u1", "coffee"), ("click", "u1", "mug")] * 2)
+        answer = stream.search("u1", "sleeping bag")
+        recs = eng.recommend_for(["u1"], stream.ts)[0]
+        lists[on] = [i.item_id for i in recs]
+        if on:
+            assert ids(answer)[0] == "bag-down"
+            assert lists[on][1] == "bag-down" and recs[1].reason == "you searched 'sleeping bag'"
+            assert lists[on][0] == lists[False][0]  # the recommender's first item stays first
+            stream.events(*[("browse", "u1", "coffee")] * 5)  # the window closes
+            assert all(i.reason != "you searched 'sleeping bag'" for i in eng.recommend_for(["u1"], stream.ts)[0])
+        eng.close()
+    assert lists[False][1] != "bag-down"

@@ -153,6 +153,13 @@ class SearchWindows:
             old, _ = self._open.popitem(last=False)
             self._dirty.add(old)
 
+    def open_window(self, user_id: str, now_ts: int) -> tuple[str, str, int] | None:
+        """``(query key, query, search ts)`` of the user's window if it is still open at ``now_ts``."""
+        window = self._open.get(user_id)
+        if window is None or window[3] <= 0 or now_ts - window[2] > self.follow_ms:
+            return None
+        return window[0], window[1], window[2]
+
     def last_query(self, user_id: str) -> str | None:
         window = self._open.get(user_id)
         return None if window is None else window[1]

@@ -19,9 +19,13 @@ class SearchReranker:
 
     Like :class:`recsys.ranking.reranker.PairwiseReranker` for recommendations, on the search signals: when the
     engaged item was among a search's candidates, it should outscore ``n_negatives`` others of
-    the same list drawn at random (seeded), one logistic SGD step on the total score
-    ``(prior + w) . (x_pos - x_neg)`` per pair. Off until ``min_examples`` rows were learned.
-    Persisted as one record (``b"sqr:weights"``) in the engine's atomic write.
+    the same list, one logistic SGD step on the total score ``(prior + w) . (x_pos - x_neg)``
+    per pair. The negatives are the engaged item's strongest competitors under the current
+    score (``hard=True``, the default: the items a top-10 is decided between), or drawn at
+    random from the candidates (``hard=False``, seeded: most of them are far below the top, so
+    the weights learn to separate the engaged item from the tail, not from its neighbours).
+    Off until ``min_examples`` rows were learned. Persisted as one record (``b"sqr:weights"``)
+    in the engine's atomic write.
 
     >>> r = SearchReranker(np.zeros(2), min_examples=1, lr=0.5)
     >>> x = np.array([[1.0, 0.0], [0.0, 1.0]])
@@ -32,9 +36,9 @@ class SearchReranker:
     """
 
     def __init__(self, prior: np.ndarray, *, lr: float = 0.05, l2: float = 1e-3, n_negatives: int = 3,
-                 min_examples: int = 200, seed: int = 0) -> None:
+                 min_examples: int = 200, hard: bool = True, seed: int = 0) -> None:
         self.prior = np.asarray(prior, dtype=np.float64)
-        self.lr, self.l2, self.n_negatives, self.min_examples = lr, l2, n_negatives, min_examples
+        self.lr, self.l2, self.n_negatives, self.min_examples, self.hard = lr, l2, n_negatives, min_examples, hard
         self.rng = np.random.default_rng(seed)
         self.w = np.zeros(len(self.prior))
         self.examples = 0
@@ -51,7 +55,12 @@ class SearchReranker:
         if len(x) < 2:
             return 0
         others = np.delete(np.arange(len(x)), positive)
-        negatives = self.rng.choice(others, size=min(self.n_negatives, len(others)), replace=False)
+        n = min(self.n_negatives, len(others))
+        if self.hard:  # the strongest competitors now (ties: candidate order)
+            scores = x[others] @ (self.prior + self.w)
+            negatives = others[np.argsort(-scores, kind="stable")[:n]]
+        else:
+            negatives = self.rng.choice(others, size=n, replace=False)
         d = x[positive] - x[negatives]
         g = 1.0 / (1.0 + np.exp(np.clip(d @ (self.prior + self.w), -30.0, 30.0)))
         self.w += self.lr * ((g[:, None] * d).mean(axis=0) - self.l2 * self.w)

@@ -13,8 +13,10 @@ Per search ``(query, user state, time)``:
    (log decayed popularity / the candidates' best), and the personal ones: ``affinity`` (cosine
    of the user's vector -- the learned head's query, else the decayed interest -- and the item),
    ``category`` and ``brand`` (the share of the user's weighted history in the item's category /
-   brand), ``bought`` (bought before), ``seen`` (in the history, not bought) and ``price``
-   (closeness of the price to the median of the user's history, ``exp(-|log ratio|)``).
+   brand), ``bought`` (bought before), ``seen`` (in the history, not bought), ``price``
+   (closeness of the price to the median of the user's history, ``exp(-|log ratio|)``) and
+   ``rebuy`` (bought before, times the share of the user's purchases that were repeats: a
+   shopper who mostly buys again vs one who mostly tries new things).
 3. **Score** = ``weights . signals``; ``personalise=False`` zeroes the personal weights (the
    ablation of the search replay).
 4. **No match**: no query word is (close to) a catalog word, nothing was learned for the query
@@ -47,6 +49,7 @@ from recsys.events import (
 from recsys.feedback import EVENT_WEIGHTS
 from recsys.search.learned import QueryAssociations, SearchWindows
 from recsys.search.lexical import LexicalIndex, item_tokens
+from recsys.search.outbox import SearchOutbox
 from recsys.search.rerank import SearchReranker
 from recsys.search.semantic import QueryEncoder, query_embedder
 from recsys.search.text import query_key, tokenize
@@ -61,8 +64,8 @@ if TYPE_CHECKING:
 #: Names what ranked a search result (bumped when the ranking changes meaning).
 SEARCH_VERSION = "search-1"
 
-FEATURES = ("lexical", "semantic", "learned", "popular", "affinity", "category", "brand", "bought", "seen", "price")
-PERSONAL = ("affinity", "category", "brand", "bought", "seen", "price")
+FEATURES = ("lexical", "semantic", "learned", "popular", "affinity", "category", "brand", "bought", "seen", "price", "rebuy")
+PERSONAL = ("affinity", "category", "brand", "bought", "seen", "price", "rebuy")
 _COL = {name: i for i, name in enumerate(FEATURES)}
 _PERSONAL_MASK = np.array([0.0 if f in PERSONAL else 1.0 for f in FEATURES])
 
@@ -72,7 +75,7 @@ _PERSONAL_MASK = np.array([0.0 if f in PERSONAL else 1.0 for f in FEATURES])
 #: a product bought before.
 DEFAULT_WEIGHTS: dict[str, float] = {
     "lexical": 1.0, "semantic": 1.0, "learned": 3.0, "popular": 0.3,
-    "affinity": 0.3, "category": 0.5, "brand": 0.3, "bought": 1.0, "seen": 0.3, "price": 0.2,
+    "affinity": 0.3, "category": 0.5, "brand": 0.3, "bought": 1.0, "seen": 0.3, "price": 0.2, "rebuy": 0.0,
 }
 
 #: Baselines of the search replay, ranked from the same candidates and signals as ``full``
@@ -94,8 +97,8 @@ class SearchConfig:
     query_cache: int = 10_000  # query vectors kept (LRU)
     rebuild_interval_s: float = 1.0  # BM25 rebuild at most this often while the catalog changes
     # Add the re-ranker's learned correction to the live score. It always learns (cheap), but
-    # is off by default: on derived queries it helped REES46 (NDCG@10 0.8406 -> 0.9056) and
-    # hurt Complete Journey (0.3945 -> 0.3196); see the README's Search section.
+    # is off by default: on derived queries it helped REES46 (NDCG@10 0.8406 -> 0.9145) and
+    # hurt Complete Journey (0.3945 -> 0.3123); see the README's Search section.
     rerank: bool = False
     seed: int = 0
 
@@ -141,6 +144,7 @@ class Search:
             rate=self.config.learn_rate, max_items=self.config.max_items_per_query, max_queries=self.config.max_queries
         )
         self.windows = SearchWindows()
+        self.outbox = SearchOutbox()  # answers as first emitted, for re-delivered searches
         self._weights = self.config.weight_vector()
         self.reranker = SearchReranker(self._weights, seed=self.config.seed)
         #: user -> (candidate ids, their signals) of their last search, until an engagement teaches the re-ranker
@@ -150,6 +154,9 @@ class Search:
         self.observer: Callable[[Event, UserState], None] | None = None
         #: False: answer nothing (a backtest whose observer ranks by itself)
         self.respond = True
+        #: Called with ``(user_id, query key, search ts, item ids)`` for each new search answered
+        #: (:class:`recsys.search.intent.SearchIntent` keeps them for the next recommendations).
+        self.on_answer: Callable[[str, str, int, list[str]], None] | None = None
 
     # ------------------------------------------------------------------ state
 
@@ -160,9 +167,11 @@ class Search:
         out = self.associations.export_dirty()
         out.update(self.windows.export_dirty())
         out.update(self.reranker.export_dirty())
+        out.update(self.outbox.export_dirty())
         return out
 
     def load(self, kv: KVStore) -> None:
+        self.outbox.load(kv)
         self.associations.load(kv)
         self.windows.load(kv)
         self.reranker.load(kv)
@@ -185,7 +194,9 @@ class Search:
 
         ``states`` are the users as committed before this batch (a search is ranked without
         the events that follow it in the batch); ``committed`` the watermarks before it: events
-        at or below them were learned from already (re-delivered) and are only answered again.
+        at or below them were learned from already (re-delivered). A re-delivered search
+        re-emits the bytes stored in its user's search outbox when it was first answered
+        (:mod:`recsys.search.outbox`), else it is answered again from the current state.
         Returns ``(user_id, SearchResult JSON)`` per search event.
         """
         out: list[tuple[str, bytes]] = []
@@ -199,21 +210,30 @@ class Search:
                         self.windows.open(user_id, query_key(event.query), event.query, event.ts)
                     if not self.respond:
                         continue
+                    if not new and (stored := self.outbox.get(user_id, env.partition, env.offset, event.event_id)) is not None:
+                        out.append((user_id, stored))
+                        continue
                     ranked = self.rank(event.query, states[user_id], event.ts, user_id=user_id if new else None)
                     result = SearchResult(
                         user_id, event.query, tuple(ranked.items), ranked.no_match, event.event_id,
                         f"{self.version} ({model_version})", event.ts, max(now_ms, int(self.clock() * 1000)),
                     )
-                    out.append((user_id, encode(result)))
+                    payload = encode(result)
+                    if new:
+                        self.outbox.put(user_id, env.partition, env.offset, event.event_id, payload)
+                        if self.on_answer is not None:
+                            self.on_answer(user_id, query_key(event.query), event.ts, [i.item_id for i in ranked.items])
+                    out.append((user_id, payload))
                 elif new:
                     self.learn_event(event)
         return out
 
     def forget_user(self, user_id: str) -> list[bytes]:
-        """An erasure: drop the user's open search window (it holds their last query) and what
-        they were last shown; returns the stored key to delete in the erasure's write."""
+        """An erasure: drop the user's open search window (it holds their last query), what
+        they were last shown and their stored search results; returns the stored keys to
+        delete in the erasure's write."""
         self._shown.pop(user_id, None)
-        return self.windows.forget_user(user_id)
+        return [*self.windows.forget_user(user_id), *self.outbox.forget_user(user_id)]
 
     def learn_event(self, event: Event) -> None:
         """Attribute one non-search event to its user's open search window, if any."""
@@ -362,6 +382,8 @@ class Search:
         total_c, total_b = sum(cats.values()) or 1.0, sum(brands.values()) or 1.0
         median = float(np.median(prices)) if prices else None
         seen = {h[0] for h in history}
+        purchases = sum(state.bought.values())
+        rebuy = (purchases - len(state.bought)) / purchases if purchases else 0.0  # share of purchases that were repeats
         for j, item_id in enumerate(ids):
             item = catalog.get(item_id)
             if item is None:
@@ -372,6 +394,7 @@ class Search:
                 x[j, _COL["brand"]] = brands.get(item.brand, 0.0) / total_b
             if item_id in state.bought:
                 x[j, _COL["bought"]] = 1.0
+                x[j, _COL["rebuy"]] = rebuy
             elif item_id in seen:
                 x[j, _COL["seen"]] = 1.0
             if median and item.price:
@@ -392,7 +415,7 @@ class Search:
             return f"often chosen after searching '{q}'"
         if cause == "popular":
             return f"popular for '{q}'"
-        if cause == "bought":
+        if cause in ("bought", "rebuy"):
             return "bought before"
         if cause == "seen":
             return "you looked at this recently"

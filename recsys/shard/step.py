@@ -64,7 +64,9 @@ from recsys.ranking.reranker import (
     learn_from_next_item,
 )
 from recsys.search import Search, SearchConfig  # issue 13
+from recsys.search.intent import SearchIntent
 from recsys.search.learned import window_key
+from recsys.search.outbox import outbox_key as search_outbox_key
 from recsys.settings import Settings
 from recsys.shard.outbox import (
     decode_outbox,
@@ -232,6 +234,8 @@ class Shard:
                              head=self.head, clock=clock)
         self.search.upsert(list(self.items.catalog.items.values()))
         self.search.load(kv)
+        if settings.search_in_history:  # a recent query enters the next recommendations
+            self.recommender = SearchIntent(self.recommender, self.search)
         self.totals: Counter = Counter()
         # issue 10: an event whose item is not in the catalog yet waits for it (bounded, in state;
         # recsys/shard/waiting.py). Not in backtests that admit unknown items, nor in a run that stops
@@ -656,7 +660,7 @@ class Shard:
             self._pass_oldest = None
         doomed = [u for u in expired if u not in batch_users]
         counts["swept_users"] += len(doomed)
-        return [key for u in doomed for key in (user_key(u), _OUTBOX_PREFIX + u.encode(), window_key(u))]
+        return [key for u in doomed for key in (user_key(u), _OUTBOX_PREFIX + u.encode(), window_key(u), search_outbox_key(u))]
 
     # ------------------------------------------------------------------ erasure
 
