@@ -13,8 +13,13 @@ returns between two event batches (a broker round trip, ~10-50 ms, against a bat
 A larger lag models a slower exchange. With one shard and ``lag=1`` the scores equal the
 unshared run (the ranking before each batch sees exactly the same signals).
 
+With the models shared too (:class:`recsys.signals.exchange.SharedModels`, on with sharing
+unless both the head and the re-ranker are off) every shard also trains its head and re-ranker
+from each message it applies, so they too learn from every shard's users, one round late.
+
 Shape: ``events`` (time-ordered ``Event`` list) -> the ``scorer`` filled, and a dict of counts
-and cost figures (``exchange_bytes``, ``exchange_messages``, ``applied_ops``, ``apply_cpu_s``).
+and cost figures (``exchange_bytes``, ``exchange_messages``, ``applied_ops``, ``apply_cpu_s``;
+with shared models ``model_checksums``, ``models_identical`` and ``model_versions``).
 """
 
 from __future__ import annotations
@@ -85,7 +90,31 @@ def replay_shared_shards(
             on_round(len(round_events))
     while sealed:
         _apply_all(shards, sealed.popleft(), stats)
+    if any(shard.shared_models is not None for shard in shards):  # the learned models through the log too
+        sums = [model_checksum(shard) for shard in shards]
+        stats["model_checksums"] = sums
+        stats["models_identical"] = len(set(sums)) == 1
+        stats["model_versions"] = sorted({shard.model_version for shard in shards})
+        stats["model_learn_cpu_s"] = sum(shard.shared_models.learn_cpu_s for shard in shards if shard.shared_models)
     return stats
+
+
+def model_checksum(shard: Shard) -> str:
+    """sha256 (hex) of a shard's learned models: every head parameter and optimizer moment, and
+    the re-ranker's weights and example count. Equal on shards that learned the same log."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    if shard.head is not None:
+        state = shard.head.state_dict()
+        for name in sorted(state["model"]):
+            digest.update(name.encode() + state["model"][name].numpy().tobytes())
+        for slot in state["optimizer"]["state"].values():
+            for name in sorted(slot):
+                digest.update(name.encode() + slot[name].numpy().tobytes())
+        digest.update(str(state["n_updates"]).encode())
+    digest.update(shard.reranker.w.tobytes() + str(shard.reranker.examples).encode())
+    return digest.hexdigest()
 
 
 def _apply_all(shards: Sequence[Shard], records: list[tuple[int, bytes]], stats: dict) -> None:

@@ -33,7 +33,7 @@ True
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -93,20 +93,33 @@ class PairwiseReranker:
 
         Returns the number of rows learned from (the positive and its sampled negatives).
         """
+        rows = self.sample_pair(x, positive)
+        return 0 if rows is None else self.learn_pair(rows)
+
+    def sample_pair(self, x: np.ndarray, positive: int | None) -> np.ndarray | None:
+        """The rows one :meth:`learn` step learns from: row ``positive`` of ``x`` first, then its
+        ``n_negatives`` others drawn with this re-ranker's generator (None when nothing is
+        learned). Split from :meth:`learn_pair` so that shards sharing the models (issue 11)
+        can draw at the shard that showed the list and learn on every shard alike."""
         if positive is None or len(x) < 2:
-            return 0
+            return None
         others = np.delete(np.arange(len(x)), positive)
         negatives = self.rng.choice(others, size=min(self.n_negatives, len(others)), replace=False)
-        d = x[positive].astype(np.float64) - x[negatives].astype(np.float64)  # (negatives, features)
+        return x[np.concatenate(([positive], negatives))]
+
+    def learn_pair(self, rows: np.ndarray) -> int:
+        """One SGD step: ``rows[0]`` (engaged) against each of ``rows[1:]`` (its negatives).
+        Returns the number of rows learned from."""
+        d = rows[0].astype(np.float64) - rows[1:].astype(np.float64)  # (negatives, features)
         margin = d @ (self.prior + self.w)
         g = 1.0 / (1.0 + np.exp(np.clip(margin, -30.0, 30.0)))  # d loss / d margin, negated
         # A familiar item against a new one teaches only the familiarity weights: otherwise the
         # frequent re-visits (the last item again; a grocery staple) push every source that
         # finds *new* items below zero, and new items come out ranked worse than at random.
-        familiar = x[:, _FAMILIAR_COLS].max(axis=1) > 0
-        mask = np.where((familiar[negatives] == familiar[positive])[:, None], 1.0, _FAMILIAR_MASK)
+        familiar = rows[:, _FAMILIAR_COLS].max(axis=1) > 0
+        mask = np.where((familiar[1:] == familiar[0])[:, None], 1.0, _FAMILIAR_MASK)
         self.w += self.lr * ((g[:, None] * d * mask).mean(axis=0) - self.l2 * self.w)
-        n = len(negatives) + 1
+        n = len(rows)
         self.examples += n
         return n
 
@@ -211,10 +224,11 @@ class QualityMonitor:
 
 
 def learn_from_next_item(reranker: PairwiseReranker, monitor: QualityMonitor, cache: ShownCache, user_id: str,
-                         item_id: str, top_k: int) -> bool:
+                         item_id: str, top_k: int, record: Callable[[np.ndarray], None] | None = None) -> bool:
     """Teach the re-ranker with the item a user engaged with next, against the list they were
     last shown (``cache`` holds it; it must be there); that list then teaches nothing more.
-    Returns whether the monitor detected a drop in the hit rate.
+    With ``record`` (shards sharing the models, issue 11) the step's rows
+    (:meth:`PairwiseReranker.sample_pair`) go to ``record`` instead of being learned here. Returns whether the monitor detected a drop in the hit rate.
 
     A drop is counted (dashboards), and nothing else: resetting the re-ranker to the hand-set
     blend on each detected drop cost REES46 leave-last-out Recall@10 0.142 -> 0.126 and left
@@ -223,7 +237,10 @@ def learn_from_next_item(reranker: PairwiseReranker, monitor: QualityMonitor, ca
     """
     shown = cache.get(user_id)
     position = shown.position(item_id)
-    reranker.learn(shown.features, position)
+    if record is None:
+        reranker.learn(shown.features, position)
+    elif (rows := reranker.sample_pair(shown.features, position)) is not None:
+        record(rows)  # shared models (issue 11): learned when the exchange log comes back
     drop = monitor.update(position is not None and position < top_k)
     cache.put(user_id, Shown((), shown.features[:0], ()))  # learned once
     return drop

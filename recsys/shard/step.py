@@ -78,7 +78,7 @@ from recsys.shard.outbox import (
 from recsys.shard.snapshots import ModelSnapshots
 from recsys.shard.waiting import Sorted, WaitingRoom
 from recsys.signals.covisitation import CoVisitation
-from recsys.signals.exchange import SignalExchange, signal_checksum
+from recsys.signals.exchange import SharedModels, SignalExchange, signal_checksum
 from recsys.signals.popularity import Popularity
 from recsys.signals.sessions import SessionNeighbours
 from recsys.store.kv import KVStore, MemoryKV, RocksKV
@@ -224,7 +224,18 @@ class Shard:
         # (their input is finite, and a MemoryKV scan from a key sorts the whole store).
         persistent = self._persistent = not isinstance(kv, MemoryKV)
         self.models = ModelSnapshots(Path(settings.state_dir) / "models" if persistent else None, settings.head_snapshot_interval_s, clock)
-        self.models.restore(self)
+        # issue 11: with sharing the head and the re-ranker learn from the exchange log, the same on
+        # every shard; their state is then in RocksDB with the log position (not the snapshot files)
+        self.shared_models: SharedModels | None = None
+        if self.exchange is not None and (self.head is not None or settings.rerank_enabled):
+            self.shared_models = SharedModels(
+                kv, self.head, self.reranker if settings.rerank_enabled else None,
+                history_len=self.head.config.history_len if self.head is not None else 0,
+                vectors_for=self._admit_remote_items if settings.unknown_items == "admit" else None,
+                persistent=persistent, checkpoint_interval_s=settings.head_snapshot_interval_s, clock=clock)
+            self.exchange.share_models(self.shared_models)
+        else:
+            self.models.restore(self)
         self.recommender = Recommender(
             self.items, self.popularity, self.covisit, rec_config,
             reranker=self.reranker, head=self.head, transitions=self.transitions, sessions=self.sessions,
@@ -282,8 +293,19 @@ class Shard:
 
     @property
     def model_version(self) -> str:
-        """Names what produced a recommendation: the blend and the head snapshot in use."""
-        return MODEL_VERSION if self.head is None else f"{MODEL_VERSION}+{self.head.version}"
+        """Names what produced a recommendation: the blend and the head snapshot in use; with
+        shared models also the exchange-log position they were last changed at (``@x<position>``:
+        any shard that applied the log that far holds the same models)."""
+        version = MODEL_VERSION if self.head is None else f"{MODEL_VERSION}+{self.head.version}"
+        return version if self.shared_models is None else f"{version}@{self.shared_models.version}"
+
+    def _admit_remote_items(self, item_ids: list[str]) -> None:
+        """Shared models with ``unknown_items=admit``: an item another shard admitted is admitted
+        here too, as the origin did (so every shard's head reads the same vector for it)."""
+        catalog = self.items.catalog
+        missing = [i for i in dict.fromkeys(item_ids) if i not in catalog]
+        if missing:
+            self.items.upsert([CatalogItem(i, title=f"item {i}") for i in missing])
 
     # ------------------------------------------------------------------ catalog
 
@@ -472,7 +494,7 @@ class Shard:
                         self.popularity.update(event.item_id, EVENT_WEIGHTS[event.type], event.ts)
                     self.sessions.update(event.user_id, event.session_id, event.item_id, event.ts)
                 vector = self.items.vector(event.item_id) if event.item_id is not None else None
-                if self.head is not None and event.item_id is not None and state.history:
+                if self.head is not None and event.item_id is not None and state.history and self.shared_models is None:
                     examples.append(Example(list(state.history), event.item_id, event.type, event.ts))
                 state.apply(
                     event,
@@ -778,6 +800,7 @@ class Shard:
         for env, event in user_events:
             if event.item_id is None or env.offset <= committed.get((env.topic, env.partition), -1):
                 continue
-            if learn_from_next_item(self.reranker, self.monitor, self.shown, user_id, event.item_id, self.settings.top_k):
+            record = self.exchange.record_pair if self.shared_models is not None else None  # issue 11
+            if learn_from_next_item(self.reranker, self.monitor, self.shown, user_id, event.item_id, self.settings.top_k, record):
                 counts["drift_detected"] += 1
             return

@@ -29,15 +29,25 @@ from the control topic, or ``recsys forget --offline``) does not drop the user's
 its session-neighbour index itself; it seals a :data:`FORGET_OP` op in the erasure's own atomic
 write, and every shard drops them when it applies that op, at the same log position, so the
 session records stay identical (the checksum says so). Every shard reads the control topic and
-publishes the op; applying it again finds nothing to drop. Not through the log: the head, the
-re-ranker and search's learned associations, which stay per shard.
+publishes the op; applying it again finds nothing to drop.
+
+Learned models through the same log (message version 2, :class:`SharedModels`): each op then
+carries the user's last ``history_len`` history entries (what the head's training example
+reads), and the message a list of re-ranker steps, each the feature rows of the engaged
+candidate and its sampled negatives (drawn at the shard that showed the list). Every shard
+trains its head and re-ranker from the log's messages, in log order, right after applying their
+signal ops: the same examples in the same order from the same start, so after the same log
+position every shard holds the same model parameters (bit for bit on CPU, one torch thread).
+Not through the log: search's learned associations, which stay per shard.
 
 Bootstrapping: a new or wiped shard starts from a snapshot of the shared records (every key
-under :data:`SIGNAL_PREFIXES`, with the log position and the per-origin sequence numbers they
-hold) that running shards write now and then, and reads the log from the snapshot's position + 1
-(:mod:`recsys.signals.snapshot`).
+under :data:`SHARED_PREFIXES`: the signals and the shared models' checkpoint and log, with the
+log position and the per-origin sequence numbers they hold) that running shards write now and
+then, and reads the log from the snapshot's position + 1 (:mod:`recsys.signals.snapshot`).
 
-Message (version 1): ``b"X1"`` + zlib(orjson ``[origin, seq, ops]``), each op one applied
+Message (version 2): ``b"X2"`` + zlib(orjson ``[origin, seq, ops, pairs]``), ``pairs`` being
+``[[n_rows, base64 of the float32 rows], ...]`` (row 0 the engaged candidate). Version 1 (still
+read; it teaches the models nothing, its histories being too short for the head):: ``b"X1"`` + zlib(orjson ``[origin, seq, ops]``), each op one applied
 event with an item: ``[user_id, session_id, item_id, event_type, ts, history]``, ``history``
 being the user's last ``window`` history entries ``[[item, type, ts], ...]`` before the event,
 or ``null`` when the shard was not learning (frozen: only the session memory goes on).
@@ -51,11 +61,16 @@ True
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import io
+import logging
+import time
 import zlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
+import numpy as np
 import orjson
 
 from recsys.feedback import EVENT_WEIGHTS
@@ -64,6 +79,8 @@ from recsys.signals.popularity import POP_PREFIX
 from recsys.signals.sessions import SESSION_PREFIX
 
 if TYPE_CHECKING:
+    from recsys.ranking.head import Head
+    from recsys.ranking.reranker import PairwiseReranker
     from recsys.signals.covisitation import CoVisitation
     from recsys.signals.popularity import Popularity
     from recsys.signals.sessions import SessionNeighbours
@@ -87,6 +104,16 @@ Op = list  # [user_id, session_id, item_id, event_type, ts, history | None]
 #: The event-type field of an erasure's op: drop every session of the op's user.
 FORGET_OP = "forget_user"
 
+#: Version 2 carries the models' training inputs too (:class:`SharedModels`).
+MESSAGE_MAGIC_V2 = b"X2"
+#: The shared learned models in RocksDB (:class:`SharedModels`): ``xm:ckpt`` -> a checkpoint (the
+#: head, its pending examples and the re-ranker's weights at a log position), ``xm:log:<position>``
+#: -> each message applied since that checkpoint, re-learned on start. Another shard's copy of
+#: these records (with SIGNAL_PREFIXES and the exchange position) is a complete model state.
+MODEL_CHECKPOINT_KEY = b"xm:ckpt"
+MODEL_REPLAY_PREFIX = b"xm:log:"
+SHARED_MODEL_PREFIXES = (MODEL_CHECKPOINT_KEY, MODEL_REPLAY_PREFIX)
+
 
 class ExchangeFormatError(ValueError):
     """A message that is not an exchange message of a version this code reads."""
@@ -100,6 +127,8 @@ class OpMessage:
     origin: int
     seq: int
     ops: list
+    pairs: Sequence = ()  # version 2: the re-ranker's steps, [[n_rows, base64 float32 rows], ...]
+    version: int = 1
 
 
 def encode_message(origin: int, seq: int, ops: Sequence[Op]) -> bytes:
@@ -108,14 +137,39 @@ def encode_message(origin: int, seq: int, ops: Sequence[Op]) -> bytes:
 
 
 def decode_message(raw: bytes) -> OpMessage:
-    """The :class:`OpMessage` in ``raw``; :class:`ExchangeFormatError` when it is not one."""
-    if raw[:2] != MESSAGE_MAGIC:
-        raise ExchangeFormatError(f"not an exchange message of version 1 (starts {raw[:2]!r}, expected {MESSAGE_MAGIC!r})")
+    """The :class:`OpMessage` in ``raw`` (version 1 or 2); :class:`ExchangeFormatError` when it is not one."""
+    magic = raw[:2]
+    if magic not in (MESSAGE_MAGIC, MESSAGE_MAGIC_V2):
+        raise ExchangeFormatError(f"not an exchange message of version 1 or 2 (starts {magic!r}, expected "
+                                  f"{MESSAGE_MAGIC!r} or {MESSAGE_MAGIC_V2!r})")
     try:
-        origin, seq, ops = orjson.loads(zlib.decompress(raw[2:]))
+        body = orjson.loads(zlib.decompress(raw[2:]))
+        if magic == MESSAGE_MAGIC:
+            origin, seq, ops = body
+            return OpMessage(int(origin), int(seq), ops)
+        origin, seq, ops, pairs = body
+        return OpMessage(int(origin), int(seq), ops, pairs, 2)
     except (zlib.error, orjson.JSONDecodeError, ValueError, TypeError) as exc:
-        raise ExchangeFormatError(f"exchange message body unreadable: {exc}") from None
-    return OpMessage(int(origin), int(seq), ops)
+        raise ExchangeFormatError(f"exchange message (version {2 if magic == MESSAGE_MAGIC_V2 else 1}) body unreadable: {exc}") from None
+
+
+def encode_message_v2(origin: int, seq: int, ops: Sequence[Op], pairs: Sequence[np.ndarray]) -> bytes:
+    """Version 2: the ops (histories as long as the head reads) and the re-ranker's steps.
+
+    >>> rows = np.array([[1, 0], [0, 1.5]], np.float32)
+    >>> m = decode_message(encode_message_v2(1, 2, [], [rows]))
+    >>> (m.version, pair_rows(m.pairs[0]).tolist())
+    (2, [[1.0, 0.0], [0.0, 1.5]])
+    """
+    wire = [[len(r), base64.b64encode(np.ascontiguousarray(r, dtype="<f4").tobytes()).decode()] for r in pairs]
+    return MESSAGE_MAGIC_V2 + zlib.compress(orjson.dumps([origin, seq, ops, wire]), _ZLIB_LEVEL)
+
+
+def pair_rows(pair: Sequence) -> np.ndarray:
+    """One re-ranker step of a version 2 message as its ``(n_rows, features)`` float32 rows."""
+    n, data = pair
+    rows = np.frombuffer(base64.b64decode(data), dtype="<f4").astype(np.float32)
+    return rows.reshape(int(n), -1)
 
 
 def signal_checksum(kv: KVStore) -> str:
@@ -151,6 +205,8 @@ class SignalExchange:
         self.next_seq = 1 if raw is None else int(raw)
         self._outbox = {int(k[len(OUTBOX_PREFIX):]): v for k, v in kv.iter_prefix(OUTBOX_PREFIX)}
         self._ops: list[Op] = []
+        self.models: SharedModels | None = None  # set by share_models: version 2 messages
+        self._pairs: list[np.ndarray] = []
         self.applied_ops = 0  # counts, for the cost figures
         self.refused = 0  # log records that were not exchange messages (skipped by every shard alike)
 
@@ -163,15 +219,29 @@ class SignalExchange:
         tail = None if history is None else [list(h) for h in list(history)[-self.window:]]
         self._ops.append([user_id, session_id, item_id, event_type, ts, tail])
 
+    def share_models(self, models: SharedModels) -> None:
+        """Share the learned models through the log too: seal version 2 messages (histories as
+        long as the head reads, plus the re-ranker's steps) and train ``models`` from each
+        message applied."""
+        self.models = models
+        self.window = max(self.window, models.history_len)
+
+    def record_pair(self, rows: np.ndarray) -> None:
+        """Note one re-ranker step (:meth:`recsys.ranking.reranker.PairwiseReranker.sample_pair`'s rows)."""
+        self._pairs.append(rows)
+
     def seal(self, puts: dict[bytes, bytes]) -> bytes | None:
         """The message of the operations recorded since the last seal (None if there are
         none); adds its outbox entry and the next sequence number to ``puts`` (the batch's
         atomic write), so a crash after that write re-publishes it from :meth:`pending`."""
-        if not self._ops:
+        if not self._ops and not self._pairs:
             return None
         seq = self.next_seq
-        message = encode_message(self.origin, seq, self._ops)
-        self._ops = []
+        if self.models is None:
+            message = encode_message(self.origin, seq, self._ops)
+        else:
+            message = encode_message_v2(self.origin, seq, self._ops, self._pairs)
+        self._ops, self._pairs = [], []
         self.next_seq = seq + 1
         self._outbox[seq] = message
         puts[OUTBOX_PREFIX + str(seq).encode()] = message
@@ -218,6 +288,8 @@ class SignalExchange:
             if message.seq <= self.applied.get(message.origin, 0):
                 continue  # published twice (an outbox re-send): once is enough
             self.apply_ops(message.ops, deletes)
+            if self.models is not None:
+                self.models.learn(position, raw, message, puts, deletes)
             self.applied[message.origin] = message.seq
             puts[APPLIED_PREFIX + str(message.origin).encode()] = str(message.seq).encode()
             if message.origin == self.origin:
@@ -245,3 +317,152 @@ class SignalExchange:
             sessions.update(user_id, session_id, item_id, ts)
             n += 1
         self.applied_ops += n
+
+
+# ---------------------------------------------------------------------- the shared learned models
+
+
+_log = logging.getLogger(__name__)
+#: The head's examples waiting for a full training batch (as the unshared step bounds them).
+_MAX_PENDING_EXAMPLES = 4096
+_CHECKPOINT_FORMAT = 1
+
+
+class SharedModels:
+    """The head and the re-ranker learned from the exchange log (issue 11), the same on every shard.
+
+    For each message applied (:meth:`SignalExchange.apply`, after its signal ops, in log order):
+    every op with a history is one head :class:`~recsys.ranking.head.Example` (history before
+    the event -> its item), collected as the unshared step collects a batch's; once a message
+    leaves ``batch_size`` of them waiting the head learns them (one bounded ``Head.learn`` call,
+    as the unshared step does once per batch). Each re-ranker step of the message is learned
+    (:meth:`~recsys.ranking.reranker.PairwiseReranker.learn_pair`). ``position`` is the log
+    position of the last message that changed either model: the models' version, the same on
+    every shard that has applied the log that far.
+
+    Exactly-once across restarts, without writing the head per batch: with a persistent store
+    every applied message is also written under ``xm:log:<position>`` (in the batch's atomic
+    write, with the exchange position), and at most every ``checkpoint_interval_s`` a checkpoint
+    of the models (head state, pending examples, re-ranker weights, ``position``) replaces
+    those records (``xm:ckpt``, same write). On start the checkpoint is loaded and the messages
+    after it are learned again, so the models equal those of a shard that never stopped.
+    """
+
+    def __init__(self, kv: KVStore, head: Head | None, reranker: PairwiseReranker | None, *,
+                 history_len: int, vectors_for: Callable[[Iterable[str]], None] | None = None,
+                 persistent: bool = False, checkpoint_interval_s: float = 30.0,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.head, self.reranker = head, reranker
+        self.history_len = history_len
+        self.ensure_items = vectors_for  # makes every id of an example known to this shard's item space
+        self.persistent = persistent
+        self.checkpoint_interval_s = checkpoint_interval_s
+        self.clock = clock
+        self.pending: list = []
+        self.position = -1  # the log position of the last message that changed a model
+        self.learned_at = -1  # the log position of the last message learned (changed a model or not)
+        self.head_calls = 0
+        self.learn_cpu_s = 0.0  # CPU seconds spent learning (the cost figures)
+        self._replay: list[bytes] = []  # xm:log: keys written since the checkpoint
+        self._last_checkpoint = clock()
+        if persistent:
+            self._restore(kv)
+
+    @property
+    def version(self) -> str:
+        """``x<position>``: the log position the shared models were last changed at."""
+        return f"x{self.position}"
+
+    def learn(self, position: int, raw: bytes, message: OpMessage, puts: dict[bytes, bytes], deletes: list[bytes]) -> None:
+        """Learn one applied message (positions only ever grow); with a persistent store adds its
+        replay record, or a checkpoint, to the batch's write."""
+        t0 = time.process_time()
+        self._learn(position, message)
+        self.learn_cpu_s += time.process_time() - t0
+        if not self.persistent:
+            return
+        if self.clock() - self._last_checkpoint >= self.checkpoint_interval_s:
+            puts[MODEL_CHECKPOINT_KEY] = self.checkpoint()
+            deletes.extend(self._replay)
+            for key in self._replay:
+                puts.pop(key, None)
+            self._replay = []
+            self._last_checkpoint = self.clock()
+        else:
+            key = MODEL_REPLAY_PREFIX + f"{position:020d}".encode()
+            puts[key] = raw
+            self._replay.append(key)
+
+    def _learn(self, position: int, message: OpMessage) -> None:
+        self.learned_at = position
+        if message.version < 2:
+            return  # version 1 histories are cut to the signals' window: nothing for the models
+        changed = False
+        head = self.head
+        if head is not None:
+            from recsys.ranking.head import Example
+
+            examples = [Example([tuple(h) for h in history], item_id, event_type, ts)
+                        for _, _, item_id, event_type, ts, history in message.ops if history]
+            if examples:
+                if self.ensure_items is not None:
+                    self.ensure_items([i for ex in examples for i in (ex.target, *(h[0] for h in ex.history))])
+                self.pending.extend(examples)
+                del self.pending[:-_MAX_PENDING_EXAMPLES]
+            if len(self.pending) >= head.config.batch_size:
+                batch, self.pending = self.pending, []
+                changed = head.learn(batch)["steps"] > 0 or changed
+                self.head_calls += 1
+        if self.reranker is not None:
+            for pair in message.pairs:
+                self.reranker.learn_pair(pair_rows(pair))
+                changed = True
+        if changed:
+            self.position = position
+
+    # ------------------------------------------------------------------ persistence
+
+    def checkpoint(self) -> bytes:
+        """The models' state as bytes (torch.save of plain tensors, numbers and strings)."""
+        import torch
+
+        state = {
+            "format": _CHECKPOINT_FORMAT,
+            "position": self.position,
+            "learned_at": self.learned_at,
+            "head": self.head.state_dict() if self.head is not None else None,
+            "pending": orjson.dumps([[ex.history, ex.target, ex.target_type, ex.ts] for ex in self.pending]).decode(),
+            "reranker": None if self.reranker is None else orjson.dumps(
+                {"w": self.reranker.w.tolist(), "examples": self.reranker.examples}).decode(),
+        }
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        return buf.getvalue()
+
+    def _restore(self, kv: KVStore) -> None:
+        raw = kv.get(MODEL_CHECKPOINT_KEY)
+        if raw is not None:
+            import torch
+
+            from recsys.ranking.head import Example
+
+            state = torch.load(io.BytesIO(raw), weights_only=True)
+            if state.get("format") != _CHECKPOINT_FORMAT:
+                raise ExchangeFormatError(f"shared model checkpoint of unknown format {state.get('format')!r}")
+            self.position, self.learned_at = int(state["position"]), int(state["learned_at"])
+            if self.head is not None and state["head"] is not None:
+                self.head.load_state_dict(state["head"])
+            self.pending = [Example([tuple(h) for h in hist], t, ty, ts) for hist, t, ty, ts in orjson.loads(state["pending"])]
+            if self.reranker is not None and state["reranker"] is not None:
+                rr = orjson.loads(state["reranker"])
+                self.reranker.w = np.asarray(rr["w"], dtype=np.float64)
+                self.reranker.examples = int(rr["examples"])
+        replayed = 0
+        for key, raw_message in kv.iter_prefix(MODEL_REPLAY_PREFIX):
+            position = int(key[len(MODEL_REPLAY_PREFIX):])
+            self._replay.append(key)
+            if position > self.learned_at:
+                self._learn(position, decode_message(raw_message))
+                replayed += 1
+        if raw is not None or replayed:
+            _log.info("shared models restored at log position %d (%d messages learned again)", self.learned_at, replayed)
