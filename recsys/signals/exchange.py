@@ -113,6 +113,8 @@ MESSAGE_MAGIC_V2 = b"X2"
 MODEL_CHECKPOINT_KEY = b"xm:ckpt"
 MODEL_REPLAY_PREFIX = b"xm:log:"
 SHARED_MODEL_PREFIXES = (MODEL_CHECKPOINT_KEY, MODEL_REPLAY_PREFIX)
+#: Everything a snapshot carries to bootstrap a shard (:mod:`recsys.signals.snapshot`).
+SHARED_PREFIXES = SIGNAL_PREFIXES + SHARED_MODEL_PREFIXES
 
 
 class ExchangeFormatError(ValueError):

@@ -54,12 +54,12 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from recsys.signals import exchange as _exchange
 from recsys.signals.exchange import (
     APPLIED_PREFIX,
     OUTBOX_PREFIX,
     POSITION_KEY,
     SEQ_KEY,
+    SHARED_PREFIXES,
     SIGNAL_PREFIXES,
 )
 
@@ -102,12 +102,9 @@ class SnapshotInfo:
 
 
 def shared_prefixes() -> tuple[bytes, ...]:
-    """The key prefixes every shard holds identically at a log position: the exchange's
-    ``SHARED_PREFIXES`` when it names them, else ``SIGNAL_PREFIXES`` plus any
-    ``SHARED_MODEL_PREFIXES`` (shared model state), each once, in that order."""
-    named = getattr(_exchange, "SHARED_PREFIXES", None)
-    prefixes = tuple(named) if named else (*SIGNAL_PREFIXES, *getattr(_exchange, "SHARED_MODEL_PREFIXES", ()))
-    return tuple(dict.fromkeys(prefixes))
+    """The key prefixes every shard holds identically at a log position: the global signals
+    and the shared models' checkpoint and replay log (the exchange's ``SHARED_PREFIXES``)."""
+    return SHARED_PREFIXES
 
 
 def snapshot_name(topic: str, position: int) -> str:
