@@ -80,3 +80,15 @@ def outputs_under_hash_seeds() -> Callable[[str], set[str]]:
         return outs
 
     return run
+
+
+@pytest.fixture(scope="module")
+def embedder(tmp_path_factory: pytest.TempPathFactory):
+    """One sentence-transformer for every shard of a test module (loading it is most of a
+    shard's start). Modules that test the embedder itself define their own."""
+    from recsys.items.embeddings import Embedder
+    from recsys.settings import Settings
+
+    model = Embedder(Settings().model_name, str(tmp_path_factory.mktemp("emb")))
+    yield model
+    model.close()

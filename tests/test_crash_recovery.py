@@ -254,19 +254,18 @@ class _Stream:
     timings: str
 
 
-@pytest.fixture(scope="module")
-def stream(local_broker, tmp_path_factory) -> _Stream:
-    """Produce the stream once, then run the uninterrupted two-shard reference over it (which
-    embeds the catalog into the cache every later run reads)."""
-    t0 = time.monotonic()
-    root = tmp_path_factory.mktemp("crash")
+def _produce_stream(bootstrap: str, root: Path, name: str, *, n_events: int, n_users: int, seed: int,
+                    partitions: int, extra_topics: dict[str, int] | None = None):
+    """A synthetic catalog file and event stream on fresh topics (``<name>-<random>-``), with the
+    settings of the uninterrupted reference run: ``(base settings, clients, catalog file, events)``.
+    Shared by the crash tests (this module, ``test_crash_sharing.py``)."""
     catalog = generate_catalog(N_ITEMS, seed=11)
-    events = generate_events(N_EVENTS, catalog, n_users=N_USERS, seed=12)
+    events = generate_events(n_events, catalog, n_users=n_users, seed=seed)
     catalog_file = root / "catalog.jsonl"
     catalog_file.write_bytes(b"\n".join(encode(c) for c in catalog) + b"\n")
-    prefix = f"crash-{uuid.uuid4().hex[:8]}-"
+    prefix = f"{name}-{uuid.uuid4().hex[:8]}-"
     base = Settings(
-        bootstrap_servers=local_broker.bootstrap,
+        bootstrap_servers=bootstrap,
         events_topic=prefix + "events",
         catalog_topic=prefix + "catalog",
         recommendations_topic=prefix + "ref-recommendations",
@@ -276,9 +275,21 @@ def stream(local_broker, tmp_path_factory) -> _Stream:
         recovery_dir=str(root / "ref" / "recovery"),
     )
     clients = KafkaClients(base)
-    ensure_topics(clients, {base.events_topic: PARTITIONS, base.catalog_topic: 1,
-                            base.recommendations_topic: PARTITIONS, base.dead_letters_topic: 1})  # fmt: skip
-    assert produce_records(clients, base.events_topic, ((e.user_id, encode(e)) for e in events)) == N_EVENTS
+    ensure_topics(clients, {base.events_topic: partitions, base.catalog_topic: 1,
+                            base.recommendations_topic: partitions, base.dead_letters_topic: 1,
+                            **{prefix + t: n for t, n in (extra_topics or {}).items()}})  # fmt: skip
+    assert produce_records(clients, base.events_topic, ((e.user_id, encode(e)) for e in events)) == n_events
+    return base, clients, catalog_file, events
+
+
+@pytest.fixture(scope="module")
+def stream(local_broker, tmp_path_factory) -> _Stream:
+    """Produce the stream once, then run the uninterrupted two-shard reference over it (which
+    embeds the catalog into the cache every later run reads)."""
+    t0 = time.monotonic()
+    root = tmp_path_factory.mktemp("crash")
+    base, clients, catalog_file, events = _produce_stream(local_broker.bootstrap, root, "crash", n_events=N_EVENTS,
+                                                          n_users=N_USERS, seed=12, partitions=PARTITIONS)
     setup_s = time.monotonic() - t0
 
     t0 = time.monotonic()

@@ -38,7 +38,6 @@ import random
 import re
 import signal
 import time
-import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +50,7 @@ from test_crash_recovery import (
     NEAR_END,
     _Child,
     _popularity,
+    _produce_stream,
     _Progress,
     _run_args,
     _shard_dirs,
@@ -65,9 +65,7 @@ from dataflows.kafka_io import (
     consume_all,
     ensure_topics,
     partition_for_key,
-    produce_records,
 )
-from recsys.events import encode
 from recsys.settings import Settings
 from recsys.signals.covisitation import CoVisitation
 from recsys.signals.exchange import SignalExchange, decode_message, signal_checksum
@@ -75,13 +73,11 @@ from recsys.signals.popularity import Popularity
 from recsys.signals.sessions import SessionNeighbours
 from recsys.store.kv import MemoryKV
 from recsys.store.users import UserState
-from recsys.synthetic import generate_catalog, generate_events
 
 pytestmark = pytest.mark.slow
 
 N_EVENTS = 6_000
 N_USERS = 300
-N_ITEMS = 300
 SHARDS = 2
 #: Each kill lands once the crash run's output holds a fraction of the reference's distinct
 #: recommendations drawn from one of these ranges (seeded: the same moments every run).
@@ -235,26 +231,10 @@ class _Reference:
 def reference(local_broker, tmp_path_factory) -> _Reference:
     t0 = time.monotonic()
     root = tmp_path_factory.mktemp("crash-sharing")
-    catalog = generate_catalog(N_ITEMS, seed=11)
-    events = generate_events(N_EVENTS, catalog, n_users=N_USERS, seed=13)
-    catalog_file = root / "catalog.jsonl"
-    catalog_file.write_bytes(b"\n".join(encode(c) for c in catalog) + b"\n")
-    prefix = f"crashshare-{uuid.uuid4().hex[:8]}-"
-    base = Settings(
-        bootstrap_servers=local_broker.bootstrap,
-        events_topic=prefix + "events",
-        catalog_topic=prefix + "catalog",
-        recommendations_topic=prefix + "ref-recommendations",
-        dead_letters_topic=prefix + "ref-dead-letters",
-        embed_cache_dir=str(root / "embeddings"),
-        state_dir=str(root / "ref" / "state"),
-        recovery_dir=str(root / "ref" / "recovery"),
-    )
-    clients = KafkaClients(base)
-    exchange_topic = prefix + "ref-exchange"
-    ensure_topics(clients, {base.events_topic: SHARDS, base.catalog_topic: 1, exchange_topic: 1,
-                            base.recommendations_topic: SHARDS, base.dead_letters_topic: 1})  # fmt: skip
-    assert produce_records(clients, base.events_topic, ((e.user_id, encode(e)) for e in events)) == N_EVENTS
+    base, clients, catalog_file, events = _produce_stream(local_broker.bootstrap, root, "crashshare", n_events=N_EVENTS,
+                                                          n_users=N_USERS, seed=13, partitions=SHARDS,
+                                                          extra_topics={"ref-exchange": 1})
+    exchange_topic = base.events_topic.removesuffix("events") + "ref-exchange"
     last_event = {e.user_id: e.event_id for e in events}
     setup_s = time.monotonic() - t0
 

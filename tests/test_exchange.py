@@ -10,21 +10,12 @@ from dataflows.kafka_io import partition_for_key
 from recsys.backtest.protocols import PrequentialScorer
 from recsys.backtest.shards import replay_shared_shards
 from recsys.events import Envelope, Event, encode
-from recsys.items.embeddings import Embedder
 from recsys.settings import Settings
 from recsys.shard.batching import user_disjoint_chunks
 from recsys.shard.step import Shard
 from recsys.signals.exchange import ExchangeFormatError, OpMessage, decode_message, encode_message
 from recsys.store.kv import MemoryKV, RocksKV
 from recsys.synthetic import generate_catalog, generate_events
-
-
-@pytest.fixture(scope="module")
-def embedder(tmp_path_factory):
-    """One sentence-transformer for every shard of the module (loading it is most of a shard's start)."""
-    model = Embedder(Settings().model_name, str(tmp_path_factory.mktemp("emb")))
-    yield model
-    model.close()
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from dataflows.kafka_io import partition_for_key
 from recsys.backtest.protocols import PrequentialScorer
 from recsys.backtest.shards import replay_shared_shards
 from recsys.events import Envelope, encode
-from recsys.items.embeddings import Embedder
 from recsys.settings import Settings
 from recsys.shard.batching import user_disjoint_chunks
 from recsys.shard.step import Shard
@@ -23,13 +22,6 @@ from recsys.signals.exchange import (
 )
 from recsys.store.kv import MemoryKV, RocksKV
 from recsys.synthetic import generate_catalog, generate_events
-
-
-@pytest.fixture(scope="module")
-def embedder(tmp_path_factory):
-    model = Embedder(Settings().model_name, str(tmp_path_factory.mktemp("emb")))
-    yield model
-    model.close()
 
 
 @pytest.fixture(scope="module")
