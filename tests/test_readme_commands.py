@@ -105,6 +105,10 @@ PLANS: dict[str, Plan] = {
     ".venv/bin/python benchmarks/throughput.py --mode latency --search-share 0.2": Plan(
         " --latency-events 300 --rate 300 --catalog-items 200 --users 200 --new-items 0", slow=True,
         expect="search append -> search result emitted_at"),
+    # issue 9: the state bound over 1M events (an hour here): a few thousand events, the same rows
+    ".venv/bin/python benchmarks/throughput.py --mode longrun": Plan(
+        " --catalog-items 200 --new-items 0 --longrun-events 3000 --longrun-users 1000 --report-every 1000",
+        slow=True, expect="after a full compaction"),
     # issue 13: does a recent search help the next recommendations (two full systems, a long replay)
     ".venv/bin/python benchmarks/search_in_recs.py --format rees46 --events ../shared/data/rees46/2019-Oct_head17k.csv "
     "--search-targets purchase,add_to_cart": Plan(" --help", expect="usage:"),
