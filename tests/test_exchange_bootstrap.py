@@ -16,7 +16,6 @@ from test_exchange import (  # noqa: F401
     _log_of_two_shards,
     _open,
     catalog,
-    embedder,
     events,
 )
 from test_operating import READY_TIMEOUT_S, RECSYS, Child, _stream, children  # noqa: F401, E402
