@@ -254,6 +254,23 @@ class _Stream:
     timings: str
 
 
+def _assert_same_users(got_users: dict[str, UserState], want_users: dict[str, UserState]) -> None:
+    """Users equal field by field (float sums and the interest vector to float tolerance)."""
+    assert set(got_users) == set(want_users)
+    for uid, want in want_users.items():
+        got = got_users[uid]
+        assert got.history == want.history, uid
+        assert got.purchased == want.purchased, uid
+        assert got.last_applied == want.last_applied, uid
+        assert got.updated_ts == want.updated_ts, uid
+        assert got.session_id == want.session_id, uid
+        assert got.counts.keys() == want.counts.keys(), uid
+        assert np.allclose([got.counts[k] for k in want.counts], list(want.counts.values()), rtol=1e-5), uid
+        assert (got.interest is None) == (want.interest is None), uid
+        if want.interest is not None:
+            assert np.allclose(got.interest, want.interest, rtol=1e-5, atol=1e-6), uid
+
+
 def _produce_stream(bootstrap: str, root: Path, name: str, *, n_events: int, n_users: int, seed: int,
                     partitions: int, extra_topics: dict[str, int] | None = None):
     """A synthetic catalog file and event stream on fresh topics (``<name>-<random>-``), with the
@@ -429,18 +446,7 @@ def test_sigkilled_run_ends_in_the_same_state_with_only_identical_duplicates(str
             assert set(users) == {u for u in stream.last_event if partition_for_key(u.encode(), PARTITIONS) == shard}
     assert len(ref_users) == N_USERS
     assert set(crash_users) == set(ref_users)
-    for uid, want in ref_users.items():
-        got = crash_users[uid]
-        assert got.history == want.history, uid
-        assert got.purchased == want.purchased, uid
-        assert got.last_applied == want.last_applied, uid
-        assert got.updated_ts == want.updated_ts, uid
-        assert got.session_id == want.session_id, uid
-        assert got.counts.keys() == want.counts.keys(), uid
-        assert np.allclose([got.counts[k] for k in want.counts], list(want.counts.values()), rtol=1e-5), uid
-        assert (got.interest is None) == (want.interest is None), uid
-        if want.interest is not None:
-            assert np.allclose(got.interest, want.interest, rtol=1e-5, atol=1e-6), uid
+    _assert_same_users(crash_users, ref_users)
     if processes == REF_PROCESSES:  # shard by shard
         pairs = list(zip(stream.ref_shard_pop, (_popularity(d, stream.now_ts) for d in crash_dirs)))
     else:  # one process holds what the reference's shards hold together

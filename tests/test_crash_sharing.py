@@ -48,6 +48,7 @@ import pytest
 from kafka.structs import TopicPartition
 from test_crash_recovery import (
     NEAR_END,
+    _assert_same_users,
     _Child,
     _popularity,
     _produce_stream,
@@ -194,22 +195,6 @@ def _once(records: list[tuple[int, bytes]]) -> tuple[dict[int, list[int]], Count
 
 def _log(clients: KafkaClients, topic: str) -> list[tuple[int, bytes]]:
     return [(env.offset, env.value) for env in consume_all(clients, topic, timeout_s=60)]
-
-
-def _assert_same_users(got_users: dict[str, UserState], want_users: dict[str, UserState]) -> None:
-    assert set(got_users) == set(want_users)
-    for uid, want in want_users.items():
-        got = got_users[uid]
-        assert got.history == want.history, uid
-        assert got.purchased == want.purchased, uid
-        assert got.last_applied == want.last_applied, uid
-        assert got.updated_ts == want.updated_ts, uid
-        assert got.session_id == want.session_id, uid
-        assert got.counts.keys() == want.counts.keys(), uid
-        assert np.allclose([got.counts[k] for k in want.counts], list(want.counts.values()), rtol=1e-5), uid
-        assert (got.interest is None) == (want.interest is None), uid
-        if want.interest is not None:
-            assert np.allclose(got.interest, want.interest, rtol=1e-5, atol=1e-6), uid
 
 
 @dataclass
