@@ -321,10 +321,13 @@ def test_sigkilled_sharing_shard_ends_with_the_same_users_and_the_log_applied_on
           f"({'equal to' if c0 == reference.sums[0][1] else 'not'} the reference's {reference.sums[0][1][:12]}: "
           f"its log interleaves the shards otherwise)")
 
-    # the kills were real: two, mid-stream, each after new progress
+    # the kills were real: two, each after new progress, the first mid-stream. A sharing run
+    # never ends by itself, and on a loaded box the restarted run can finish the stream before
+    # the second mark is seen: that kill then lands on a drained run, and what it proves is the
+    # restart (outbox re-sends skipped, nothing applied twice), not a mid-stream cut.
     assert len(kills) == len(KILL_RANGES)
     distinct = [k["distinct"] for k in kills]
-    assert 0 < distinct[0] < distinct[1] < ref_total, kills
+    assert 0 < distinct[0] < ref_total and distinct[0] < distinct[1] <= ref_total, kills
 
     # both shards: the same signals at the same position, the log's last
     assert (c0, p0) == (c1, p1), sums
