@@ -254,6 +254,17 @@ class _Stream:
     timings: str
 
 
+def _wait_for_mark(child: _Child, progress: "_Progress", mark: int, ready_s: float, kills: list[dict]) -> None:
+    """Wait until the crash run's output holds ``mark`` distinct recommendations; fail if the
+    run exits first or makes no such progress within :data:`PROGRESS_TIMEOUT_S`."""
+    while (n := progress()) < mark:
+        if child.proc.poll() is not None:
+            pytest.fail(f"crash run exited ({child.proc.returncode}) at {n} of {mark} distinct recommendations:\n{child.output()[-3000:]}")
+        if time.monotonic() - child.started > ready_s + PROGRESS_TIMEOUT_S:
+            pytest.fail(f"crash run reached only {n} of {mark} distinct recommendations in {PROGRESS_TIMEOUT_S} s: {kills}")
+        time.sleep(0.05)
+
+
 def _assert_same_users(got_users: dict[str, UserState], want_users: dict[str, UserState]) -> None:
     """Users equal field by field (float sums and the interest vector to float tolerance)."""
     assert set(got_users) == set(want_users)
@@ -364,12 +375,7 @@ def test_sigkilled_run_ends_in_the_same_state_with_only_identical_duplicates(str
                 at_ready = progress.caught_up()
                 step = min(at_ready + int(MIN_STEP * ref_total), int(NEAR_END * ref_total))
                 mark = max(int(fraction * ref_total), step, kills[-1]["distinct"] + 1 if kills else 1)
-                while (n := progress()) < mark:
-                    if child.proc.poll() is not None:
-                        pytest.fail(f"crash run exited ({child.proc.returncode}) at {n} of {mark} distinct recommendations:\n{child.output()[-3000:]}")
-                    if time.monotonic() - child.started > ready_s + PROGRESS_TIMEOUT_S:
-                        pytest.fail(f"crash run reached only {n} of {mark} distinct recommendations in {PROGRESS_TIMEOUT_S} s: {kills}")
-                    time.sleep(0.05)
+                _wait_for_mark(child, progress, mark, ready_s, kills)
                 run_s = time.monotonic() - child.started - ready_s
                 shard = 0 if processes == 1 else _shard_to_kill(progress, stream.ref_records, len(kills))
                 killed = child.sigkill() if processes == 1 else _sigkill_shard(child, shard)

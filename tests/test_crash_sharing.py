@@ -59,6 +59,7 @@ from test_crash_recovery import (
     _sigkill_shard,
     _triggers,
     _users,
+    _wait_for_mark,
 )
 
 from dataflows.kafka_io import (
@@ -88,7 +89,6 @@ MIN_STEP = 0.03
 #: Drained: every user's last event answered and the exchange log unchanged this long.
 STILL_S = 5.0  # a shard under load may take seconds to poll the last message
 DRAIN_TIMEOUT_S = 240.0
-PROGRESS_TIMEOUT_S = 60.0
 _CHECKSUM = re.compile(r"\[shard (\d)\] global signals: sha256=([0-9a-f]{64}) at exchange position (-?\d+)")
 
 
@@ -286,12 +286,7 @@ def test_sigkilled_sharing_shard_ends_with_the_same_users_and_the_log_applied_on
                 at_ready = progress.caught_up()
                 step = min(at_ready + int(MIN_STEP * ref_total), int(NEAR_END * ref_total))
                 mark = max(int(fraction * ref_total), step, kills[-1]["distinct"] + 1 if kills else 1)
-                while (n := progress()) < mark:
-                    if child.proc.poll() is not None:
-                        pytest.fail(f"crash run exited ({child.proc.returncode}) at {n} of {mark}:\n{child.output()[-3000:]}")
-                    if time.monotonic() - child.started > ready_s + PROGRESS_TIMEOUT_S:
-                        pytest.fail(f"crash run reached only {n} of {mark} in {PROGRESS_TIMEOUT_S} s: {kills}")
-                    time.sleep(0.05)
+                _wait_for_mark(child, progress, mark, ready_s, kills)
                 shard = _shard_to_kill(progress, reference.ref_records, len(kills))
                 killed = _sigkill_shard(child, shard)
             finally:
