@@ -622,7 +622,12 @@ def _pcts(a: np.ndarray) -> dict[str, float]:
 
 
 def run_latency(args, items, catalog_path: Path, cache_dir: str, base: Settings, workroot: Path) -> dict:
-    all_events = generate_events(args.latency_events + WARMUP_EVENTS, items, n_users=args.users, seed=args.seed + 1)
+    # The stream's clock must be the wall clock: the new-item probes are stamped now, and a
+    # stream dated years earlier would then look idle past the state TTL to the expiry sweep,
+    # which would delete every user it reaches (and time that, not the system).
+    n_latency = args.latency_events + WARMUP_EVENTS
+    start_ts = int(time.time() * 1000) - n_latency * 50  # generate_events: 50 ms apart on average
+    all_events = generate_events(n_latency, items, n_users=args.users, seed=args.seed + 1, start_ts=start_ts)
     warmup, events = all_events[:WARMUP_EVENTS], all_events[WARMUP_EVENTS:]
     if args.search_share:  # issue 13: the mixed workload, searches answered by the same step
         events = with_searches(events, items, args.search_share, seed=args.seed + 2)
