@@ -214,8 +214,7 @@ class VectorIndex:
 
     def vectors_or_zero(self, item_ids: Sequence[str]) -> np.ndarray:
         """Like :meth:`vectors`, with a zero row for ids not (or no longer) in the index."""
-        get = self._to_int.get
-        ints = np.fromiter((get(i, -1) for i in item_ids), dtype=np.int64, count=len(item_ids))
+        ints = self.rows(item_ids)
         out = self._store[np.maximum(ints, 0)]
         out[ints < 0] = 0.0
         return out

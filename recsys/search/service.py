@@ -29,6 +29,7 @@ searching 'tent'``, ``bought before``, ``like the Blue tent you bought``, ...
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections import Counter, OrderedDict
@@ -338,21 +339,26 @@ class Search:
         learned = self.associations.weights(query_key(query))
         if not lex and not sem_set and not learned:
             return _Candidates([], np.zeros((0, len(FEATURES))), np.zeros(0, bool), np.zeros(0, bool), known, True)
-        ids = [i for i in dict.fromkeys([*lex, *(i for i, _ in sem_hits), *learned]) if catalog.is_recommendable(i)]
+        known_items = catalog.items
+        entries = [(i, item) for i in dict.fromkeys([*lex, *(i for i, _ in sem_hits), *learned])
+                   if (item := known_items.get(i)) is not None and item.available]  # is_recommendable
+        ids = [i for i, _ in entries]
         n = len(ids)
         x = np.zeros((n, len(FEATURES)), dtype=np.float64)
         vecs = self.items.index.vectors_or_zero(ids)
-        x[:, _COL["lexical"]] = [lex.get(i, 0.0) for i in ids]
+        x[:, _COL["lexical"]] = np.fromiter(map(lex.get, ids, itertools.repeat(0.0)), dtype=np.float64, count=n)
         x[:, _COL["semantic"]] = np.clip(vecs @ qvec, 0.0, None)
-        x[:, _COL["learned"]] = [learned.get(i, 0.0) for i in ids]
-        pop = np.log1p([self.popularity.score(i, now_ts) for i in ids])
+        x[:, _COL["learned"]] = np.fromiter(map(learned.get, ids, itertools.repeat(0.0)), dtype=np.float64, count=n)
+        pop = np.log1p(self.popularity.scores(ids, now_ts))
         x[:, _COL["popular"]] = pop / pop.max() if n and pop.max() > 0 else 0.0
         if state is not None and cfg.personalise:
-            self._personal(x, ids, vecs, state, now_ts)
+            self._personal(x, entries, vecs, state, now_ts)
         return _Candidates(ids, x, np.array([i in lex for i in ids], dtype=bool),
                            np.array([i in sem_set for i in ids], dtype=bool), known, False)
 
-    def _personal(self, x: np.ndarray, ids: list[str], vecs: np.ndarray, state: UserState, now_ts: int) -> None:
+    def _personal(self, x: np.ndarray, entries: list[tuple[str, CatalogItem]], vecs: np.ndarray, state: UserState,
+                  now_ts: int) -> None:
+        """The personal signals of each candidate ``(item_id, catalog item)``, written into ``x``."""
         catalog = self.items.catalog
         history = state.history
         if not history and not state.bought:
@@ -384,21 +390,21 @@ class Search:
         seen = {h[0] for h in history}
         purchases = sum(state.bought.values())
         rebuy = (purchases - len(state.bought)) / purchases if purchases else 0.0  # share of purchases that were repeats
-        for j, item_id in enumerate(ids):
-            item = catalog.get(item_id)
-            if item is None:
-                continue
+        bought = state.bought
+        col_c, col_b, col_bought, col_rebuy, col_seen, col_price = (
+            _COL["category"], _COL["brand"], _COL["bought"], _COL["rebuy"], _COL["seen"], _COL["price"])
+        for j, (item_id, item) in enumerate(entries):
             if item.category:
-                x[j, _COL["category"]] = cats.get(item.category, 0.0) / total_c
+                x[j, col_c] = cats.get(item.category, 0.0) / total_c
             if item.brand:
-                x[j, _COL["brand"]] = brands.get(item.brand, 0.0) / total_b
-            if item_id in state.bought:
-                x[j, _COL["bought"]] = 1.0
-                x[j, _COL["rebuy"]] = rebuy
+                x[j, col_b] = brands.get(item.brand, 0.0) / total_b
+            if item_id in bought:
+                x[j, col_bought] = 1.0
+                x[j, col_rebuy] = rebuy
             elif item_id in seen:
-                x[j, _COL["seen"]] = 1.0
+                x[j, col_seen] = 1.0
             if median and item.price:
-                x[j, _COL["price"]] = math.exp(-abs(math.log(item.price / median)))
+                x[j, col_price] = math.exp(-abs(math.log(item.price / median)))
 
     # ------------------------------------------------------------------ reasons
 
@@ -407,8 +413,13 @@ class Search:
         cause = FEATURES[int(np.argmax(contrib))] if contrib.max() > 0 else "semantic"
         q = query.strip()
         if cause == "lexical":
-            item = self.items.catalog.get(c.ids[j])
-            words = set(item_tokens(item)) if item is not None else set()
+            # the lexical index holds every available item's current tokens (tokenising the
+            # item again here was a fifth of a search's cost)
+            tokens = self.lexical.docs.get(c.ids[j])
+            if tokens is None:
+                item = self.items.catalog.get(c.ids[j])
+                tokens = item_tokens(item) if item is not None else []
+            words = set(tokens)
             matched = [t for t in dict.fromkeys(c.tokens) if t in words]
             return f"matches '{' '.join(matched) or q}'"
         if cause == "learned":
