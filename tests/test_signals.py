@@ -39,6 +39,17 @@ def test_popularity_late_event_is_added_decayed():
     assert p.score("a", 2 * H) == pytest.approx(2.0)
 
 
+def test_popularity_scores_of_many_items_are_exactly_score_of_each():
+    rng = random.Random(3)
+    p = Popularity(half_life_h=1.5)
+    for _ in range(2_000):
+        p.update(f"i{rng.randrange(300)}", rng.choice((1.0, 2.0, 4.0, 8.0)), ts=rng.randrange(0, 40 * H))
+    ids = [f"i{n}" for n in range(320)]  # some never seen
+    for now in (0, 7 * H + 123, 40 * H, 90 * H + 1):  # before some references (no decay), and after
+        assert p.scores(ids, now).tolist() == [p.score(i, now) for i in ids]  # bit for bit, not approx
+    assert p.scores([], 0).shape == (0,)
+
+
 def test_popularity_unknown_item_scores_zero_and_zero_weights_are_ignored():
     p = Popularity(half_life_h=1.0)
     p.update("a", 0.0, ts=0)
