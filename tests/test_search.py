@@ -7,6 +7,7 @@ followed within a stated number of engagements), personalisation, and crash safe
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import orjson
@@ -134,6 +135,38 @@ def test_a_new_catalog_item_is_found_by_its_words_after_the_upsert(engine):
     engine.process([Envelope("catalog", 0, 0, b"hammock", encode(CatalogItem("hammock", "Travel hammock", category="Camping")), 0)])
     answer = stream.search("u1", "hammock")
     assert ids(answer)[0] == "hammock" and answer["items"][0]["reason"] == "matches 'hammock'"
+
+
+def test_a_repeated_query_sees_a_new_item_before_bm25_is_rebuilt(engine):
+    # the query's retrieval answers are cached; the vector search's answer must be dropped when
+    # the vector index changes, even while BM25 waits for its next rebuild
+    stream = Stream(engine)
+    assert "hammock" not in ids(stream.search("u1", "hammock"))
+    engine.search.lexical.rebuild_interval_s = 3600.0  # BM25 keeps its old build
+    engine.process([Envelope("catalog", 0, 0, b"hammock", encode(CatalogItem("hammock", "Travel hammock", category="Camping")), 0)])
+    assert "hammock" in ids(stream.search("u1", "hammock"))
+
+
+def test_cached_retrieval_answers_equal_fresh_ones_as_the_catalog_changes(tmp_path, cache):
+    engines = [Shard.open(_settings(tmp_path / name, cache), in_memory=True) for name in ("cached", "fresh")]
+    engines[1].search.config = dataclasses.replace(engines[1].search.config, retrieval_cache=0)
+    queries = ["tent", "blue tent", "coffee", "running shoes", "camping", "tnet", "hammock", "mug alpina"]
+    answers = []
+    for eng in engines:
+        eng.upsert_catalog(CATALOG)
+        eng.search.lexical.rebuild_interval_s = 0.0
+        stream, got = Stream(eng), []
+        for round_ in range(3):
+            for n, query in enumerate(queries):
+                got.append(stream.search(f"u{n % 3}", query))
+                if n % 3 == 0:
+                    stream.events(("click", f"u{n % 3}", CATALOG[(n + round_) % len(CATALOG)].item_id))
+            extra = CatalogItem(f"new{round_}", ["Travel hammock", "Steel camping mug", "Blue rain tent"][round_], category="Camping")
+            eng.process([Envelope("catalog", 0, round_, extra.item_id.encode(), encode(extra), 0)])
+        answers.append([{k: v for k, v in a.items() if k != "emitted_at"} for a in got])
+        eng.close()
+    assert engines[0].search._semantic_version >= 0  # the cache was in use
+    assert answers[0] == answers[1]
 
 
 # --------------------------------------------------------------------------- learned associations

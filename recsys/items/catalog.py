@@ -124,6 +124,7 @@ class VectorIndex:
         self.nprobe = nprobe
         self._index: faiss.Index = faiss.IndexIDMap(faiss.IndexFlatIP(dim))
         self._approximate = False
+        self._version = 0
         self._to_int: dict[str, int] = {}
         self._to_str: dict[int, str] = {}
         self._next_id = 0
@@ -148,6 +149,12 @@ class VectorIndex:
 
     def __len__(self) -> int:
         return len(self._to_int)
+
+    @property
+    def version(self) -> int:
+        """Changes whenever an answer of :meth:`search` could: every upsert and removal (for
+        callers that cache answers, such as search's per-query retrieval)."""
+        return self._version
 
     def __contains__(self, item_id: object) -> bool:
         return item_id in self._to_int
@@ -193,6 +200,7 @@ class VectorIndex:
             self._to_str[n] = item_id
         if len(ints):
             self._index.add_with_ids(vecs, ints)
+            self._version += 1
         if not self._approximate and len(self._to_int) >= self.ivf_threshold:
             self._switch_to_ivf()
 
@@ -205,6 +213,7 @@ class VectorIndex:
             del self._to_str[n]
         # One call: each remove_ids compacts the whole flat array.
         self._index.remove_ids(np.asarray(ints, dtype=np.int64))
+        self._version += 1
         return len(ints)
 
     def vector(self, item_id: str) -> np.ndarray | None:

@@ -96,6 +96,9 @@ class SearchConfig:
     max_queries: int = 100_000
     max_items_per_query: int = 50
     query_cache: int = 10_000  # query vectors kept (LRU)
+    # queries whose BM25 and vector-search answers are kept (LRU; each is dropped when its
+    # index changes): a repeated query skips both retrievals, about half a search's cost
+    retrieval_cache: int = 1_000
     rebuild_interval_s: float = 1.0  # BM25 rebuild at most this often while the catalog changes
     # Add the re-ranker's learned correction to the live score. It always learns (cheap), but
     # is off by default: on derived queries it helped REES46 (NDCG@10 0.8406 -> 0.9145) and
@@ -120,6 +123,17 @@ class Ranked:
 
 
 @dataclass
+class _Lexical:
+    """One query's BM25 retrieval: the top items (score / best), and every hit (its position
+    in the built index, ascending, and its raw score) for the user's own matches."""
+
+    top: dict[str, float]
+    hit_rows: np.ndarray
+    hit_scores: np.ndarray
+    best: float
+
+
+@dataclass
 class _Candidates:
     ids: list[str]
     x: np.ndarray  # (n, len(FEATURES))
@@ -141,6 +155,11 @@ class Search:
         self.clock = clock
         self.lexical = LexicalIndex(rebuild_interval_s=self.config.rebuild_interval_s)
         self.encoder = QueryEncoder(query_embedder(items.embedder), self.config.query_cache)
+        # per-query retrieval answers (the same for every user), dropped when their index changes
+        self._lexical_cache: OrderedDict[tuple[str, ...], _Lexical] = OrderedDict()
+        self._lexical_built = -1
+        self._semantic_cache: OrderedDict[str, list[tuple[str, float]]] = OrderedDict()
+        self._semantic_version = -1
         self.associations = QueryAssociations(
             rate=self.config.learn_rate, max_items=self.config.max_items_per_query, max_queries=self.config.max_queries
         )
@@ -313,28 +332,66 @@ class Search:
         learned = c.x[:, _COL["learned"]] > 0
         return c.lexical_hit | c.semantic_hit | learned
 
+    def _lexical_retrieval(self, known: list[str]) -> _Lexical:
+        """BM25 for these (known, repaired) query tokens: the top ``candidates`` items and every
+        hit's score, cached per token list until the BM25 index is rebuilt."""
+        if self._lexical_built != self.lexical.rebuilds:
+            self._lexical_cache.clear()
+            self._lexical_built = self.lexical.rebuilds
+        key = tuple(known)
+        got = self._lexical_cache.get(key)
+        if got is not None:
+            self._lexical_cache.move_to_end(key)
+            return got
+        cfg = self.config
+        lex_ids, lex_scores = self.lexical.scores(known)
+        hits = np.flatnonzero(lex_scores > 0) if len(lex_ids) else np.zeros(0, dtype=np.int64)
+        top = hits[np.argpartition(-lex_scores[hits], min(cfg.candidates, len(hits)) - 1)[: cfg.candidates]] if len(hits) else hits
+        best = float(lex_scores[hits].max()) if len(hits) else 1.0
+        got = _Lexical({lex_ids[j]: float(lex_scores[j]) / best for j in top.tolist()}, hits, lex_scores[hits], best)
+        self._lexical_cache[key] = got
+        if len(self._lexical_cache) > cfg.retrieval_cache:
+            self._lexical_cache.popitem(last=False)
+        return got
+
+    def _semantic_retrieval(self, qtext: str, qvec: np.ndarray) -> list[tuple[str, float]]:
+        """The ``candidates`` items nearest the query vector, cached per query text until the
+        vector index changes (any upsert or removal)."""
+        index = self.items.index
+        if self._semantic_version != index.version:
+            self._semantic_cache.clear()
+            self._semantic_version = index.version
+        got = self._semantic_cache.get(qtext)
+        if got is not None:
+            self._semantic_cache.move_to_end(qtext)
+            return got
+        got = self.items.search(qvec, self.config.candidates)[0] if len(index) else []
+        self._semantic_cache[qtext] = got
+        if len(self._semantic_cache) > self.config.retrieval_cache:
+            self._semantic_cache.popitem(last=False)
+        return got
+
     def candidates(self, query: str, state: UserState | None, now_ts: int) -> _Candidates:
         cfg = self.config
         catalog = self.items.catalog
         tokens = self.lexical.vocabulary.repair(tokenize(query))
         known = self.lexical.known(tokens)
-        # lexical: the full score vector (sparse sums in C), its top, plus the user's own matches
-        lex_ids, lex_scores = self.lexical.scores(known)
-        lex: dict[str, float] = {}
-        if len(lex_ids):
-            hits = np.flatnonzero(lex_scores > 0)
-            top = hits[np.argpartition(-lex_scores[hits], min(cfg.candidates, len(hits)) - 1)[: cfg.candidates]] if len(hits) else hits
-            best = float(lex_scores[hits].max()) if len(hits) else 1.0
-            lex = {lex_ids[j]: float(lex_scores[j]) / best for j in top.tolist()}
-            if state is not None and state.history:
-                pos = self.lexical.position
-                for item_id, _t, _ts in state.history:
-                    j = pos(item_id)
-                    if j >= 0 and lex_scores[j] > 0:
-                        lex[item_id] = float(lex_scores[j]) / best
-        # semantic: the cached query vector against the faiss index
-        qvec = self.encoder(" ".join(tokenize(query)) or query)
-        sem_hits = self.items.search(qvec, cfg.candidates)[0] if len(self.items.index) else []
+        # lexical: the query's top (cached per query), plus the user's own matches
+        lexical = self._lexical_retrieval(known)
+        lex = dict(lexical.top)
+        if lexical.hit_rows.size and state is not None and state.history:
+            pos = self.lexical.position
+            rows, scores, best = lexical.hit_rows, lexical.hit_scores, lexical.best
+            for item_id, _t, _ts in state.history:
+                j = pos(item_id)
+                if j >= 0:
+                    k = int(np.searchsorted(rows, j))
+                    if k < len(rows) and rows[k] == j:
+                        lex[item_id] = float(scores[k]) / best
+        # semantic: the cached query vector against the faiss index (the answer cached per query)
+        qtext = " ".join(tokenize(query)) or query
+        qvec = self.encoder(qtext)
+        sem_hits = self._semantic_retrieval(qtext, qvec)
         sem_set = {i for i, s in sem_hits if s >= cfg.min_semantic}
         learned = self.associations.weights(query_key(query))
         if not lex and not sem_set and not learned:
