@@ -348,18 +348,19 @@ def cmd_forget(args: argparse.Namespace) -> int:
 
     settings = _settings(args, "forget")
     if args.offline:
-        from recsys.shard.step import Shard
+        from recsys.shard.offline import forget_offline
         from recsys.store.kv import StoreOpenError
 
         try:
-            engine = Shard.open(settings.for_shard())
+            done = forget_offline(settings, args.user_ids)
+        except FileNotFoundError as exc:
+            fail("forget", f"--offline: {exc}")
         except StoreOpenError as exc:
             fail("forget", f"--offline: {exc} (is the flow running? then leave out --offline)")
-        try:
-            engine.forget(args.user_ids, source="cli")
-        finally:
-            engine.close()
-        where = f"state {settings.for_shard().state_dir}"
+        for stored, held in done:
+            how = f"shard {stored.shard} of {stored.shards}" + (", signals shared: the erasure op is published at its next start" if stored.shared else "")
+            print(f"forget: {stored.state_dir}: {held} of {len(set(args.user_ids))} held here ({how})", flush=True)
+        where = "state " + ", ".join(str(stored.state_dir) for stored, _ in done)
     else:
         from dataflows.kafka_io import KafkaClients, ensure_topics, produce_records
 

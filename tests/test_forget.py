@@ -136,6 +136,50 @@ def test_forget_offline_from_the_cli(tmp_path, cache):
     assert _raw_hits(settings.state_dir, b"keep")
 
 
+def _cli_forget_offline(state_dir, cache, *extra) -> int:
+    return cli_main(["forget", VICTIM, "--offline", "--state-dir", str(state_dir), "--embed-cache-dir", cache, "--no-head-enabled", *extra])
+
+
+def test_forget_offline_reaches_every_shard_of_a_multi_process_state(tmp_path, cache, capsys):
+    # `recsys run --processes 2` keeps <state>/shard-0 and <state>/shard-1; the erasure used to
+    # open (and create) an empty <state>/rocks, print its audit line and leave both shards as they were
+    base = tmp_path / "state"
+    for shard in range(2):
+        engine = _open(_settings(tmp_path, cache, shards=2, shard=shard).for_shard())
+        engine.process(_envs(_history([VICTIM, f"keep{shard}"])))
+        engine.close()
+    assert _cli_forget_offline(base, cache) == 0
+    for shard in range(2):
+        assert _raw_hits(str(base / f"shard-{shard}"), VICTIM.encode()) == []
+        assert _raw_hits(str(base / f"shard-{shard}"), f"keep{shard}".encode())
+    assert not (base / "rocks").exists()
+    out = capsys.readouterr().out
+    assert "shard-0: 1 of 1 held here (shard 0 of 2)" in out and "shard-1: 1 of 1 held here (shard 1 of 2)" in out
+
+
+def test_forget_offline_refuses_a_directory_without_flow_state(tmp_path, cache, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _cli_forget_offline(tmp_path / "typo", cache)
+    assert exit_.value.code == 1
+    assert "no flow state under" in capsys.readouterr().err and not (tmp_path / "typo").exists()
+
+
+def test_forget_offline_of_a_sharing_state_goes_through_the_exchange_without_the_flag(tmp_path, cache):
+    # without --share-signals the erasure dropped the user's sessions on this shard only, so its
+    # global signals left the other shards'; the state says it shares, and that is enough now
+    settings = _settings(tmp_path, cache, share_signals=True)
+    engine = _open(settings)
+    engine.process(_envs(_history([VICTIM, "keep"])))
+    before = len(engine.exchange.pending())  # the batch's own message, not yet seen back from the log
+    engine.close()
+    assert _cli_forget_offline(settings.state_dir, cache) == 0
+    engine = _open(settings)
+    try:
+        assert len(engine.exchange.pending()) == before + 1  # the erasure op, published at the next start
+    finally:
+        engine.close()
+
+
 def test_control_messages_are_validated_and_the_schema_agrees():
     good = {"type": "forget_user", "user_id": "u1"}
     assert decode_control(orjson.dumps(good)) == ControlMessage("forget_user", "u1") and validate("control", good) == []
