@@ -247,3 +247,18 @@ def test_a_held_message_is_applied_after_the_wait_without_the_record_and_counted
     assert late.exchange.position == 0 and late.totals["exchange_unknown_items"] == 1
     assert late.signal_checksum() == origin.signal_checksum()
     assert model_checksum(late) != model_checksum(origin)  # the zero vector: what the wait avoids
+
+
+def test_sharing_shards_draw_the_rerankers_negatives_from_streams_of_their_own(embedder, catalog):
+    """The shards pool their re-ranker steps through the log: drawn from one seed everywhere,
+    every shard would pick the same negative positions at the same time (each draw N times in
+    the pooled steps). Shard 0 keeps one process's stream, so one shard still equals it."""
+    one = _shard(embedder, catalog, 0, 1, share=False)
+    draws = []
+    for s in range(3):
+        shard = _shard(embedder, catalog, s, 3)
+        draws.append(shard.reranker.rng.choice(20, size=3, replace=False).tolist())
+    assert draws[0] == one.reranker.rng.choice(20, size=3, replace=False).tolist()
+    assert draws[0] != draws[1] and draws[1] != draws[2] and draws[0] != draws[2]
+    alone = [_shard(embedder, catalog, s, 3, share=False).reranker.rng.random() for s in range(2)]
+    assert alone[0] == alone[1]  # --no-share is unchanged: each shard alone, as before

@@ -205,7 +205,11 @@ class Shard:
         # Online re-ranking: the blend learns from what users did after what we showed them;
         # the monitor (river: rolling mean + ADWIN) tracks that hit rate and counts drops.
         rec_config = RecommenderConfig(k=settings.top_k)
-        self.reranker = PairwiseReranker(rec_config.weights.vector(), seed=settings.seed)
+        # issue 11: sharing shards pool their re-ranker steps, so each draws its negatives from a
+        # stream of its own (shard 0: one process's); with one seed everywhere, N shards would
+        # draw the same negative positions in lock-step, every draw N times over
+        rerank_seed = [settings.seed, settings.shard] if settings.share_signals and settings.shard > 0 else settings.seed
+        self.reranker = PairwiseReranker(rec_config.weights.vector(), seed=rerank_seed)
         self.shown = ShownCache()
         self.monitor = QualityMonitor()
         self.head: Head | None = None
