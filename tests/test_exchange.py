@@ -193,6 +193,72 @@ def test_sharing_off_records_nothing_and_writes_no_exchange_keys(tmp_path, embed
     _close(shard)
 
 
+def _user_of(shard: int, shards: int = 2, prefix: str = "q") -> str:
+    return next(f"{prefix}{i}" for i in range(100) if partition_for_key(f"{prefix}{i}".encode(), shards) == shard)
+
+
+def _event_env(event: Event, shard: int, offset: int) -> Envelope:
+    return Envelope("events", shard, offset, event.user_id.encode(), encode(event), event.ts)
+
+
+def test_search_associations_learned_on_one_shard_are_found_by_a_search_on_the_other(tmp_path, embedder, catalog):
+    shards = [_open(tmp_path, embedder, catalog, f"s{s}", shard=s) for s in range(2)]
+    query, item, ts = "zorblax quintessa", catalog[7].item_id, 1_700_000_000_000
+    a_user, b_user = _user_of(0), _user_of(1)
+
+    def search_on_b(offset: int) -> list[str]:
+        result = shards[1].process([_event_env(Event(f"b{offset}", "search", b_user, None, ts + offset, query=query), 1, offset)])
+        (_, payload), = result.search_results
+        return [i["item_id"] for i in orjson.loads(payload)["items"]]
+
+    assert item not in search_on_b(0)  # nothing ties the made-up words to the item yet
+    # shard 0's user searches, then buys the item: the association goes into shard 0's message
+    log = [(0, m) for m in shards[0].process([
+        _event_env(Event("a0", "search", a_user, None, ts + 10, query=query), 0, 0),
+        _event_env(Event("a1", "purchase", a_user, item, ts + 20), 0, 1)]).exchange]
+    assert len(log) == 1 and shards[0].search.associations.weights("quintessa zorblax") == {}  # recorded, not learned
+    for shard in shards:
+        shard.apply_exchange(log)
+    learned = [shard.search.associations.top("quintessa zorblax", 5) for shard in shards]
+    assert learned[0] == learned[1] == [(item, 0.25)]
+    assert item in search_on_b(1)  # shard 1 learned it from shard 0's engagement
+    # the associations are global signals: identical records, in the checksum and the snapshots
+    records = [dict(shard.kv.iter_prefix(b"sqa:")) for shard in shards]
+    assert records[0] == records[1] != {} and shards[0].signal_checksum() == shards[1].signal_checksum()
+    _close(*shards)
+
+
+def test_two_sharing_shards_end_with_identical_search_associations(tmp_path, embedder, catalog):
+    """Many users on both shards search and engage, interleaved; every shard applies the log in
+    its order, some while the other shard is still sealing: the same associations everywhere."""
+    rng = np.random.default_rng(5)
+    shards = [_open(tmp_path, embedder, catalog, f"s{s}", shard=s) for s in range(2)]
+    queries = ["running shoe", "trail tent", "camp stove", "rain jacket"]
+    log: list[tuple[int, bytes]] = []
+    offsets, ts = [0, 0], 1_700_000_000_000
+    for batch in range(12):
+        for s, shard in enumerate(shards):
+            envs = []
+            for u in range(3):
+                user = _user_of(s, prefix=f"w{batch % 4}-{u}-")
+                ts += 1000
+                envs.append(_event_env(Event(f"{user}-{ts}", "search", user, None, ts, query=str(rng.choice(queries))), s, offsets[s]))
+                offsets[s] += 1
+                for _ in range(2):
+                    ts += 1000
+                    kind = str(rng.choice(["click", "add_to_cart", "purchase", "browse"]))
+                    envs.append(_event_env(Event(f"{user}-{ts}", kind, user, catalog[int(rng.integers(20))].item_id, ts), s, offsets[s]))
+                    offsets[s] += 1
+            log.extend((len(log) + i, m) for i, m in enumerate(shard.process(envs).exchange))
+        shards[batch % 2].apply_exchange(log)  # one shard keeps up, the other lags a batch
+    for shard in shards:
+        shard.apply_exchange(log)
+    assert len(shards[0].search.associations) >= 3
+    assert dict(shards[0].kv.iter_prefix(b"sqa:")) == dict(shards[1].kv.iter_prefix(b"sqa:"))
+    assert shards[0].signal_checksum() == shards[1].signal_checksum()
+    _close(*shards)
+
+
 def _scores(result_models) -> tuple[float, float]:
     m = result_models["full-system"]
     return m["hr@10"], m["ndcg@10"]

@@ -8,8 +8,8 @@ import torch
 
 from dataflows.kafka_io import partition_for_key
 from recsys.backtest.protocols import PrequentialScorer
-from recsys.backtest.shards import replay_shared_shards
-from recsys.events import Envelope, encode
+from recsys.backtest.shards import model_checksum, replay_shared_shards
+from recsys.events import CatalogItem, Envelope, encode
 from recsys.settings import Settings
 from recsys.shard.batching import user_disjoint_chunks
 from recsys.shard.step import Shard
@@ -19,6 +19,7 @@ from recsys.signals.exchange import (
     SHARED_MODEL_PREFIXES,
     decode_message,
     encode_message,
+    encode_message_v2,
 )
 from recsys.store.kv import MemoryKV, RocksKV
 from recsys.synthetic import generate_catalog, generate_events
@@ -180,3 +181,84 @@ def test_a_recommendation_names_the_shared_model_version_that_made_it(embedder, 
     assert first["model_version"].endswith(f"@x{a.shared_models.position}") and a.shared_models.position >= 0
     a.apply_exchange(log[half:])
     assert a.model_version != first["model_version"]  # the models moved on; the sent one still names its own
+
+
+class _Still:
+    """A clock that moves only when told."""
+
+    def __init__(self) -> None:
+        self.t = 5_000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _waiting_shard(embedder, items, shard: int, clock) -> Shard:
+    """A live-like sharing shard: unknown items are not admitted (they wait for the catalog)."""
+    settings = Settings(state_ttl_days=36_500.0, shards=2, shard=shard, share_signals=True, unknown_item_wait_s=2.0)
+    engine = Shard(settings, MemoryKV(), embedder, clock=clock)
+    engine.upsert_catalog(items)
+    return engine
+
+
+def _message_naming(catalog, new_item: str) -> bytes:
+    """One exchange message of 300 head examples (a full training batch), one of them ending
+    on ``new_item``: the head learns from it as soon as it is applied."""
+    ts, ops = 1_700_000_000_000, []
+    for i in range(300):
+        prev, item = catalog[i % 40].item_id, catalog[(i * 7 + 1) % 40].item_id
+        ops.append([f"u{i}", None, new_item if i == 150 else item, "click", ts + i, [[prev, "click", ts + i - 1]]])
+    return encode_message_v2(0, 1, ops, [])
+
+
+def test_a_message_naming_an_item_not_in_the_catalog_yet_waits_for_its_record(embedder, catalog):
+    """Live, shard 1 reads shard 0's message before the new item's catalog record: its head must
+    not learn a zero vector for the item where shard 0's learns the item's own."""
+    fresh = CatalogItem("fresh-1", title="insulated two person trail tent", category="tents", brand="acme", price=99.0)
+    clock = _Still()
+    origin, late = _waiting_shard(embedder, [*catalog, fresh], 0, clock), _waiting_shard(embedder, catalog, 1, clock)
+    log = [(0, _message_naming(catalog, fresh.item_id))]
+    origin.apply_exchange(log)
+    assert origin.shared_models.head_calls == 1
+    late.apply_exchange(log)
+    assert late.exchange.position == -1 and late.shared_models.head_calls == 0  # held: nothing applied
+    assert len(late.popularity) == 0  # signals wait with the models: one log, one position
+    clock.t += 1.0
+    late.process([Envelope("catalog", 0, 0, b"fresh-1", encode(fresh), 0)])  # the record arrives
+    assert late.exchange.position == 0 and late.shared_models.head_calls == 1
+    assert model_checksum(late) == model_checksum(origin)
+    assert late.signal_checksum() == origin.signal_checksum()
+
+
+def test_a_held_message_is_applied_after_the_wait_without_the_record_and_counted(embedder, catalog):
+    """Bounded: past ``unknown_item_wait_s`` the log goes on (signals must not stall for good);
+    the head then learns a zero vector for the item, which is why it waits first."""
+    fresh = CatalogItem("fresh-2", title="ultralight down sleeping bag", category="bags", brand="acme", price=150.0)
+    clock = _Still()
+    origin, late = _waiting_shard(embedder, [*catalog, fresh], 0, clock), _waiting_shard(embedder, catalog, 1, clock)
+    log = [(0, _message_naming(catalog, fresh.item_id))]
+    origin.apply_exchange(log)
+    late.apply_exchange(log)
+    clock.t += 1.0
+    late.process([])
+    assert late.exchange.position == -1  # still within the wait
+    clock.t += 1.5
+    late.process([])
+    assert late.exchange.position == 0 and late.totals["exchange_unknown_items"] == 1
+    assert late.signal_checksum() == origin.signal_checksum()
+    assert model_checksum(late) != model_checksum(origin)  # the zero vector: what the wait avoids
+
+
+def test_sharing_shards_draw_the_rerankers_negatives_from_streams_of_their_own(embedder, catalog):
+    """The shards pool their re-ranker steps through the log: drawn from one seed everywhere,
+    every shard would pick the same negative positions at the same time (each draw N times in
+    the pooled steps). Shard 0 keeps one process's stream, so one shard still equals it."""
+    one = _shard(embedder, catalog, 0, 1, share=False)
+    draws = []
+    for s in range(3):
+        shard = _shard(embedder, catalog, s, 3)
+        draws.append(shard.reranker.rng.choice(20, size=3, replace=False).tolist())
+    assert draws[0] == one.reranker.rng.choice(20, size=3, replace=False).tolist()
+    assert draws[0] != draws[1] and draws[1] != draws[2] and draws[0] != draws[2]
+    alone = [_shard(embedder, catalog, s, 3, share=False).reranker.rng.random() for s in range(2)]
+    assert alone[0] == alone[1]  # --no-share is unchanged: each shard alone, as before

@@ -56,7 +56,7 @@ class PairwiseReranker:
         l2: float = 1e-2,
         n_negatives: int = 3,
         min_examples: int = 500,
-        seed: int = 0,
+        seed: int | list[int] = 0,  # anything numpy's default_rng takes (a sharing shard: [seed, shard])
     ):
         self.prior = np.zeros(len(FEATURES)) if prior is None else np.asarray(prior, dtype=np.float64)
         if self.prior.shape != (len(FEATURES),):

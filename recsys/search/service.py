@@ -177,6 +177,10 @@ class Search:
         #: Called with ``(user_id, query key, search ts, item ids)`` for each new search answered
         #: (:class:`recsys.search.intent.SearchIntent` keeps them for the next recommendations).
         self.on_answer: Callable[[str, str, int, list[str]], None] | None = None
+        #: Issue 11, with sharing: called with ``(query key, item id, weight)`` instead of learning
+        #: the association here (:meth:`recsys.signals.exchange.SignalExchange.record_search`):
+        #: every shard learns it when it applies the exchange log.
+        self.record_association: Callable[[str, str, float], None] | None = None
 
     # ------------------------------------------------------------------ state
 
@@ -259,7 +263,10 @@ class Search:
         """Attribute one non-search event to its user's open search window, if any."""
         hit = self.windows.follow(event.user_id, event.item_id, event.type, event.ts)
         if hit is not None and event.item_id is not None:
-            self.associations.learn(hit[0], event.item_id, hit[1])
+            if self.record_association is not None:
+                self.record_association(hit[0], event.item_id, hit[1])
+            else:
+                self.associations.learn(hit[0], event.item_id, hit[1])
             shown = self._shown.pop(event.user_id, None)
             if shown is not None and event.item_id in shown[0]:
                 self.reranker.learn(shown[1], shown[0].index(event.item_id))

@@ -205,7 +205,11 @@ class Shard:
         # Online re-ranking: the blend learns from what users did after what we showed them;
         # the monitor (river: rolling mean + ADWIN) tracks that hit rate and counts drops.
         rec_config = RecommenderConfig(k=settings.top_k)
-        self.reranker = PairwiseReranker(rec_config.weights.vector(), seed=settings.seed)
+        # issue 11: sharing shards pool their re-ranker steps, so each draws its negatives from a
+        # stream of its own (shard 0: one process's); with one seed everywhere, N shards would
+        # draw the same negative positions in lock-step, every draw N times over
+        rerank_seed = [settings.seed, settings.shard] if settings.share_signals and settings.shard > 0 else settings.seed
+        self.reranker = PairwiseReranker(rec_config.weights.vector(), seed=rerank_seed)
         self.shown = ShownCache()
         self.monitor = QualityMonitor()
         self.head: Head | None = None
@@ -234,6 +238,7 @@ class Shard:
                 vectors_for=self._admit_remote_items if settings.unknown_items == "admit" else None,
                 persistent=persistent, checkpoint_interval_s=settings.head_snapshot_interval_s, clock=clock)
             self.exchange.share_models(self.shared_models)
+            self.shared_models.is_known = self.items.catalog.__contains__
         else:
             self.models.restore(self)
         self.recommender = Recommender(
@@ -245,9 +250,17 @@ class Shard:
                              head=self.head, clock=clock)
         self.search.upsert(list(self.items.catalog.items.values()))
         self.search.load(kv)
+        if self.exchange is not None:  # issue 11: the learned associations through the exchange log too
+            self.exchange.share_search(self.search.associations)
+            self.search.record_association = self.exchange.record_search
         if settings.search_in_history:  # a recent query enters the next recommendations
             self.recommender = SearchIntent(self.recommender, self.search)
         self.totals: Counter = Counter()
+        # issue 11: exchange records held back until this shard's catalog knows every item their head
+        # examples name (position -> message; in memory: the state's log position has not moved, so
+        # after a restart they are read from the log again), and since when the first one waits
+        self._exchange_held: dict[int, bytes] = {}
+        self._held_at: tuple[int, float] | None = None
         # issue 10: an event whose item is not in the catalog yet waits for it (bounded, in state;
         # recsys/shard/waiting.py). Not in backtests that admit unknown items, nor in a run that stops
         # at the end seen at start: the catalog was read to that end before any event.
@@ -404,14 +417,15 @@ class Shard:
             except DecodeError as exc:
                 self._dead_letter(result, env, str(exc), now_ms)
         result.event_types.update(event.type for _, event in events)
-        if exchanged:  # committed at once with its log position (recsys/signals/exchange.py)
-            counts["exchange_applied"] += self.apply_exchange(exchanged)
         puts: dict[bytes, bytes] = self._advance_positions(envelopes)
         if catalog_items:
             self.items.upsert(catalog_items)
             self.search.upsert(catalog_items)  # issue 13
             for item in catalog_items:
                 puts[_ITEM_PREFIX + item.item_id.encode()] = encode(item)
+        # after the batch's catalog records: a held exchange message may be waiting for one of them
+        if exchanged or self._exchange_held:  # committed at once with its log position (recsys/signals/exchange.py)
+            counts["exchange_applied"] += self.apply_exchange(exchanged)
         # erasures before any event of the batch: committed at once, so no event below can
         # read the erased records back
         for env, message in controls:
@@ -554,12 +568,36 @@ class Shard:
         log position in one atomic write (:meth:`recsys.signals.exchange.SignalExchange.apply`)."""
         puts: dict[bytes, bytes] = {}
         deletes: list[bytes] = []
-        applied = self.exchange.apply(records, puts, deletes)
+        if self._exchange_held:  # what waited for the catalog goes first, in log order (a re-read once)
+            records = sorted({**self._exchange_held, **dict(records)}.items())
+        applied = self.exchange.apply(records, puts, deletes, hold=self._hold_for_catalog)
+        self._exchange_held = {p: raw for p, raw in records if p > self.exchange.position}
+        if not self._exchange_held:
+            self._held_at = None
         if deletes:  # an erasure's freed session slot reused by a later op: its new record stays
             puts.update(self.sessions.export_dirty())
             deletes = [key for key in deletes if key not in puts]
         self._commit(puts, deletes)
         return applied
+
+    def _hold_for_catalog(self, position: int, items: list[str]) -> bool:
+        """Whether to hold the exchange log at ``position``, whose message teaches the shared head
+        about ``items`` this shard's catalog does not hold yet (their catalog records are on
+        their way: the origin knew them). Learned now, the head would read zero vectors for them
+        where other shards read the items' own, and the shards' models would part for good; so
+        the log waits (signals and models alike, this shard's events go on) until a batch brings
+        the records, up to ``unknown_item_wait_s`` (the wait an event gets), then goes on
+        without them, logged and counted (``exchange_unknown_items``)."""
+        now = self.clock()
+        if self._held_at is None or self._held_at[0] != position:
+            self._held_at = (position, now)
+        if now - self._held_at[1] < self.settings.unknown_item_wait_s:
+            return True
+        _log.warning("exchange log position %d: %d item(s) still not in the catalog after %.1f s (%s); the shared "
+                     "head learns zero vectors for them here, so this shard's models may differ from the others'",
+                     position, len(items), now - self._held_at[1], ", ".join(items[:5]))
+        self.totals["exchange_unknown_items"] += len(items)
+        return False
 
     def signal_checksum(self) -> str:
         """sha256 of the committed global signals: equal on shards holding identical ones."""

@@ -38,7 +38,14 @@ candidate and its sampled negatives (drawn at the shard that showed the list). E
 trains its head and re-ranker from the log's messages, in log order, right after applying their
 signal ops: the same examples in the same order from the same start, so after the same log
 position every shard holds the same model parameters (bit for bit on CPU, one torch thread).
-Not through the log: search's learned associations, which stay per shard.
+
+Search's learned query -> item associations (:class:`recsys.search.learned.QueryAssociations`)
+through the same log: the search window that attributes an engagement to a query is the user's,
+so it stays on the user's shard, but the association it teaches is global. A sharing shard
+records each ``learn(query key, item, weight)`` as a :data:`SEARCH_OP` op instead of learning
+it, and every shard learns it when it applies the op, so the associations (``sqa:`` records,
+covered by the checksum and the snapshots) are the same on every shard at the same position.
+Not through the log: search's re-ranker, which stays per shard.
 
 Bootstrapping: a new or wiped shard starts from a snapshot of the shared records (every key
 under :data:`SHARED_PREFIXES`: the signals and the shared models' checkpoint and log, with the
@@ -52,7 +59,9 @@ event with an item: ``[user_id, session_id, item_id, event_type, ts, history]``,
 being the user's last ``window`` history entries ``[[item, type, ts], ...]`` before the event,
 or ``null`` when the shard was not learning (frozen: only the session memory goes on).
 An erasure's op is ``[user_id, null, null, "forget_user", erased_at, null]``
-(:data:`FORGET_OP`: no event type has that name). Every shard must run code that knows it.
+(:data:`FORGET_OP`: no event type has that name), and a search association's
+``[query key, null, item_id, "search_learn", weight, null]`` (:data:`SEARCH_OP`). Every shard
+must run code that knows them.
 
 >>> ops = [["u1", None, "b", "click", 5, [["a", "browse", 1]]]]
 >>> decode_message(encode_message(3, 7, ops)) == OpMessage(3, 7, ops)
@@ -74,6 +83,7 @@ import numpy as np
 import orjson
 
 from recsys.feedback import EVENT_WEIGHTS
+from recsys.search.learned import ASSOC_PREFIX
 from recsys.signals.covisitation import COV_PREFIX, NEXT_PREFIX
 from recsys.signals.popularity import POP_PREFIX
 from recsys.signals.sessions import SESSION_PREFIX
@@ -81,6 +91,7 @@ from recsys.signals.sessions import SESSION_PREFIX
 if TYPE_CHECKING:
     from recsys.ranking.head import Head
     from recsys.ranking.reranker import PairwiseReranker
+    from recsys.search.learned import QueryAssociations
     from recsys.signals.covisitation import CoVisitation
     from recsys.signals.popularity import Popularity
     from recsys.signals.sessions import SessionNeighbours
@@ -97,12 +108,15 @@ POSITION_KEY = b"x:pos"
 APPLIED_PREFIX = b"x:a:"
 SEQ_KEY = b"x:seq"
 OUTBOX_PREFIX = b"x:o:"
-#: The records the checksum covers: every global signal, nothing per user or per shard.
-SIGNAL_PREFIXES = (POP_PREFIX, COV_PREFIX, NEXT_PREFIX, SESSION_PREFIX)
+#: The records the checksum covers: every global signal, nothing per user or per shard (search's
+#: learned associations included: they go through the log as :data:`SEARCH_OP` ops).
+SIGNAL_PREFIXES = (POP_PREFIX, COV_PREFIX, NEXT_PREFIX, SESSION_PREFIX, ASSOC_PREFIX)
 
 Op = list  # [user_id, session_id, item_id, event_type, ts, history | None]
 #: The event-type field of an erasure's op: drop every session of the op's user.
 FORGET_OP = "forget_user"
+#: The event-type field of a search association's op: ``[query key, None, item, SEARCH_OP, weight, None]``.
+SEARCH_OP = "search_learn"
 
 #: Version 2 carries the models' training inputs too (:class:`SharedModels`).
 MESSAGE_MAGIC_V2 = b"X2"
@@ -208,6 +222,7 @@ class SignalExchange:
         self._outbox = {int(k[len(OUTBOX_PREFIX):]): v for k, v in kv.iter_prefix(OUTBOX_PREFIX)}
         self._ops: list[Op] = []
         self.models: SharedModels | None = None  # set by share_models: version 2 messages
+        self.associations: QueryAssociations | None = None  # set by share_search: search's learned associations
         self._pairs: list[np.ndarray] = []
         self.applied_ops = 0  # counts, for the cost figures
         self.refused = 0  # log records that were not exchange messages (skipped by every shard alike)
@@ -227,6 +242,16 @@ class SignalExchange:
         message applied."""
         self.models = models
         self.window = max(self.window, models.history_len)
+
+    def share_search(self, associations: QueryAssociations) -> None:
+        """Share search's learned query -> item associations through the log: the shard records
+        each association it would learn (:meth:`record_search`), and every shard learns it into
+        ``associations`` when it applies the op."""
+        self.associations = associations
+
+    def record_search(self, key: str, item_id: str, weight: float) -> None:
+        """Note one search association (``QueryAssociations.learn``'s arguments) instead of learning it."""
+        self._ops.append([key, None, item_id, SEARCH_OP, weight, None])
 
     def record_pair(self, rows: np.ndarray) -> None:
         """Note one re-ranker step (:meth:`recsys.ranking.reranker.PairwiseReranker.sample_pair`'s rows)."""
@@ -271,23 +296,36 @@ class SignalExchange:
 
     # ---------------------------------------------------------------- every shard's side
 
-    def apply(self, records: Iterable[tuple[int, bytes]], puts: dict[bytes, bytes], deletes: list[bytes]) -> int:
+    def apply(self, records: Iterable[tuple[int, bytes]], puts: dict[bytes, bytes], deletes: list[bytes],
+              hold: Callable[[int, list[str]], bool] | None = None) -> int:
         """Apply the log's ``(position, message)`` records in order, skipping positions at or
         below the last applied and ``(origin, seq)`` already applied; adds the new position
         and per-origin sequence numbers to ``puts`` (and this shard's own messages seen back
-        to ``deletes``, leaving the outbox). Returns how many messages were applied."""
+        to ``deletes``, leaving the outbox). Returns how many messages were applied.
+
+        ``hold(position, items)``: called (with shared models) for a message whose head examples
+        name items this shard's catalog does not hold yet (:meth:`SharedModels.unknown_items`);
+        True stops here, before that message, leaving it and everything after it unapplied
+        (:attr:`position` says where it stopped), so that no shard's head learns a zero vector
+        where another's learns the item's own."""
         done = 0
         for position, raw in records:
             if position <= self.position:
                 continue
-            self.position = position
-            puts[POSITION_KEY] = str(position).encode()
             try:
                 message = decode_message(raw)
             except ExchangeFormatError:
+                message = None
+            fresh = message is not None and message.seq > self.applied.get(message.origin, 0)
+            if fresh and hold is not None and self.models is not None and (missing := self.models.unknown_items(message)):
+                if hold(position, missing):
+                    break  # not applied, position unchanged: the caller offers it again later
+            self.position = position
+            puts[POSITION_KEY] = str(position).encode()
+            if message is None:
                 self.refused += 1  # every shard refuses the same record: they stay identical
                 continue
-            if message.seq <= self.applied.get(message.origin, 0):
+            if not fresh:
                 continue  # published twice (an outbox re-send): once is enough
             self.apply_ops(message.ops, deletes)
             if self.models is not None:
@@ -303,10 +341,15 @@ class SignalExchange:
 
     def apply_ops(self, ops: Iterable[Op], deletes: list[bytes] | None = None) -> None:
         """The very signal updates the step makes for each op's event, in order; an erasure's op
-        (:data:`FORGET_OP`) drops the user's sessions, their keys added to ``deletes``."""
+        (:data:`FORGET_OP`) drops the user's sessions, their keys added to ``deletes``; a search
+        association's op (:data:`SEARCH_OP`) is learned by the associations (when shared)."""
         covisit, transitions, popularity, sessions = self.covisit, self.transitions, self.popularity, self.sessions
         n = 0
         for user_id, session_id, item_id, event_type, ts, history in ops:
+            if event_type == SEARCH_OP:
+                if self.associations is not None:
+                    self.associations.learn(user_id, item_id, ts)
+                continue
             if event_type == FORGET_OP:
                 dropped = sessions.forget_user(user_id)
                 if deletes is not None:
@@ -328,6 +371,7 @@ _log = logging.getLogger(__name__)
 #: The head's examples waiting for a full training batch (as the unshared step bounds them).
 _MAX_PENDING_EXAMPLES = 4096
 _CHECKPOINT_FORMAT = 1
+_NOT_EVENTS = (FORGET_OP, SEARCH_OP)  # ops that are no applied event (their history is null anyway)
 
 
 class SharedModels:
@@ -357,6 +401,9 @@ class SharedModels:
         self.head, self.reranker = head, reranker
         self.history_len = history_len
         self.ensure_items = vectors_for  # makes every id of an example known to this shard's item space
+        #: Whether an item id is in this shard's catalog (None: every item counts as known). With
+        #: ``ensure_items`` unset, a message naming an unknown item waits for it (:meth:`unknown_items`).
+        self.is_known: Callable[[str], bool] | None = None
         self.persistent = persistent
         self.checkpoint_interval_s = checkpoint_interval_s
         self.clock = clock
@@ -374,6 +421,20 @@ class SharedModels:
     def version(self) -> str:
         """``x<position>``: the log position the shared models were last changed at."""
         return f"x{self.position}"
+
+    def unknown_items(self, message: OpMessage) -> list[str]:
+        """The items the head would read a vector for in ``message`` (each example's target and
+        history) that this shard's catalog does not hold: the head would learn a zero vector for
+        them, where a shard that knows them learns their own. Empty when nothing is missing, or
+        when the head is off, the message teaches it nothing, or unknown items are admitted."""
+        if self.head is None or message.version < 2 or self.ensure_items is not None or self.is_known is None:
+            return []
+        known = self.is_known
+        missing = {item_id for _, _, item_id, event_type, _, history in message.ops
+                   if history and event_type not in _NOT_EVENTS and not known(item_id)}
+        missing.update(h[0] for *_, event_type, _, history in message.ops
+                       if history and event_type not in _NOT_EVENTS for h in history if not known(h[0]))
+        return sorted(missing)
 
     def learn(self, position: int, raw: bytes, message: OpMessage, puts: dict[bytes, bytes], deletes: list[bytes]) -> None:
         """Learn one applied message (positions only ever grow); with a persistent store adds its
