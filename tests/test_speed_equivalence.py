@@ -149,8 +149,10 @@ def test_co_visitation_drops_the_same_weakest_pairs_as_a_full_scan(directed, max
     assert fast.export_dirty() == slow.export_dirty()
     assert fast._nbrs == slow._nbrs and fast._counts == slow._counts
     assert all(list(fast._nbrs[i].items()) == list(slow._nbrs[i].items()) for i in slow._nbrs)
-    for item_id, low in fast._weakest.items():  # what is remembered is the list's true start
-        assert list(low) == sorted(zip(fast._nbrs[item_id].values(), fast._nbrs[item_id]))[: len(low)]
+    for item_id, heap in fast._heaps.items():  # each heap holds every current pair of its list
+        assert set(zip(fast._nbrs[item_id].values(), fast._nbrs[item_id])) <= set(heap)
+        assert len(heap) <= max_neighbours + 16
+    assert fast._heaps.keys() <= fast._nbrs.keys()
     assert sum(len(n) > max_neighbours - 1 for n in slow._nbrs.values()) > 5  # lists really overflowed
 
 
