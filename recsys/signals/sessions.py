@@ -273,10 +273,7 @@ class SessionNeighbours:
         top = np.arange(len(q)) - np.repeat(np.cumsum(per_q) - per_q, per_q) < self.k
         q, sids, sims = q[top], sids[top], sims[top]
         # every neighbour votes its similarity for each of its items, in neighbour order
-        # neighbours x item codes: rows are left-packed (-1 after a session's items), so only the
-        # longest neighbour's width is read, not max_session_len (same entries, in the same order)
-        width = int(self._length[sids].max()) if len(sids) else 0
-        held = self._held[sids, :width]
+        held = self._held[sids]  # neighbours x max_session_len item codes
         voters = held >= 0
         n_codes = len(self._names)
         vkeys, inverse = np.unique((np.broadcast_to(q[:, None], held.shape)[voters] * n_codes + held[voters]),
