@@ -1,7 +1,8 @@
 """Shard.process alone (no Kafka): events/s and where the time goes, for the benchmark workload.
 
     .venv/bin/python benchmarks/engine_speed.py [--items 10000] [--users 20000] [--events 40000]
-        [--batch 1000] [--windows 20000] [--settle-heap] [--no-head] [--profile]
+        [--batch 1000] [--windows 20000] [--settle-heap] [--no-head]
+        [--profile [--profile-from N] [--profile-out FILE]]
 
 Synthetic data (load test only). Prints events/s, µs/event, and with --profile the top functions.
 Wall-clock rates on a shared machine are noisy, so every figure is also given per second of
@@ -40,6 +41,9 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=0, help="also print the rates for every N events")
     p.add_argument("--settle-heap", action="store_true", help="gc.freeze() after start-up, as recsys run does")
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--profile-from", type=int, default=0,
+                   help="with --profile: start profiling at this event (to see what a late window pays for)")
+    p.add_argument("--profile-out", default="", help="with --profile: also write the pstats file here")
     p.add_argument("--embed-cache-dir", default="var/embeddings")
     args = p.parse_args()
     print(f"load average: {os.getloadavg()}")
@@ -73,10 +77,12 @@ def main() -> None:
             if args.windows and (i + args.batch) % args.windows == 0:
                 window(i + args.batch)
         profiler = cProfile.Profile() if args.profile else None
+        profiling = False
         start, cpu_start = time.perf_counter(), time.process_time()
-        if profiler:
-            profiler.enable()
         for i in range(warm, len(envs), args.batch):
+            if profiler and i >= args.profile_from and not profiling:
+                profiler.enable()
+                profiling = True
             engine.process(envs[i : i + args.batch])
             done = min(i + args.batch, len(envs))
             if args.windows and (done % args.windows == 0 or done == len(envs)):
@@ -95,6 +101,8 @@ def main() -> None:
         print(f"load average: {os.getloadavg()}")
         engine.close()
     if profiler:
+        if args.profile_out:
+            profiler.dump_stats(args.profile_out)
         pstats.Stats(profiler).sort_stats(os.environ.get("SORT", "tottime")).print_stats(int(os.environ.get("TOP", "20")))
 
 

@@ -15,7 +15,10 @@ is unchanged. Runs (synthetic data is for load only; here it only has to exercis
 
 For the synthetic runs the digest covers each payload with ``emitted_at`` removed (items,
 scores, reasons, trigger, model version) and, separately, the feature rows the re-ranker sees
-(``Shown``) as raw float32 bytes.
+(``Shown``) as raw float32 bytes, and of the engine's state at the end (every key and value it
+would persist, less the outboxes, whose payloads hold ``emitted_at``): user records, co-visitation
+and transition lists, sessions, popularity, so a faster signal structure must also store the same
+bytes.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ def _strip(payload: bytes) -> bytes:
     return json.dumps(rec, sort_keys=True, separators=(",", ":")).encode()
 
 
-def synthetic(name: str, n_items: int, n_users: int, n_events: int, batches, cache: str) -> tuple[str, str, int]:
+def synthetic(name: str, n_items: int, n_users: int, n_events: int, batches, cache: str) -> tuple[str, str, int, str]:
     catalog = generate_catalog(n_items, seed=0)
     Embedder("all-MiniLM-L6-v2", cache).embed([c.text for c in catalog])
     events = generate_events(n_events, catalog, n_users=n_users, seed=1)
@@ -69,8 +72,13 @@ def synthetic(name: str, n_items: int, n_users: int, n_events: int, batches, cac
                 s = engine.shown.get(user_id)
                 shown.update(repr((s.items, s.candidates)).encode() + s.features.tobytes())
                 count += 1
+        # everything the engine would persist, less the outboxes (their payloads hold emitted_at)
+        state = hashlib.sha256()
+        for key, value in sorted(engine.kv.iter_prefix(b"")):
+            if not key.startswith(b"o:"):
+                state.update(b"%d:%s%d:%s" % (len(key), key, len(value), value))
         engine.close()
-    return out.hexdigest(), shown.hexdigest(), count
+    return out.hexdigest(), shown.hexdigest(), count, state.hexdigest()
 
 
 def rees46(data: Path, cache: str) -> tuple[str, str, int] | None:
@@ -126,7 +134,8 @@ def main() -> None:
                 print("rees46: skipped (no shared data)")
                 continue
         took = time.process_time() - start
-        print(f"{run}: payloads {digests[0]}  {'shown' if run != 'rees46' else 'metrics'} {digests[1]}  "
+        state = f"  state {digests[3]}" if len(digests) > 3 else ""
+        print(f"{run}: payloads {digests[0]}  {'shown' if run != 'rees46' else 'metrics'} {digests[1]}{state}  "
               f"({digests[2]} recommendations, {took:.1f} CPU-s)", flush=True)
 
 

@@ -149,8 +149,10 @@ def test_co_visitation_drops_the_same_weakest_pairs_as_a_full_scan(directed, max
     assert fast.export_dirty() == slow.export_dirty()
     assert fast._nbrs == slow._nbrs and fast._counts == slow._counts
     assert all(list(fast._nbrs[i].items()) == list(slow._nbrs[i].items()) for i in slow._nbrs)
-    for item_id, low in fast._weakest.items():  # what is remembered is the list's true start
-        assert list(low) == sorted(zip(fast._nbrs[item_id].values(), fast._nbrs[item_id]))[: len(low)]
+    for item_id, heap in fast._heaps.items():  # each heap holds every current pair of its list
+        assert set(zip(fast._nbrs[item_id].values(), fast._nbrs[item_id])) <= set(heap)
+        assert len(heap) <= max_neighbours + 16
+    assert fast._heaps.keys() <= fast._nbrs.keys()
     assert sum(len(n) > max_neighbours - 1 for n in slow._nbrs.values()) > 5  # lists really overflowed
 
 
@@ -286,3 +288,71 @@ def test_one_pass_neighbour_entries_equal_the_per_user_reference(seed):
             for a, b in zip(fast.parts, slow.parts):
                 assert a[0] == b[0] and all(x.dtype == y.dtype and x.tobytes() == y.tobytes() for x, y in zip(a[1:], b[1:]))
     assert len(fast.parts) == 0 and any(len(r) > 3 for r in recents)
+
+
+def test_rank_order_equals_the_three_key_lexsort():
+    """The ranking's one-sort order is ``np.lexsort((first_seen, -scores, user))`` exactly: ties in
+    score (many, with -0.0 against +0.0, subnormals and infinities), users in any order."""
+    from recsys.ranking.recommender import _rank_order
+
+    rng = np.random.default_rng(7)
+    special = np.array([0.0, -0.0, 1e-40, -1e-40, np.inf, -np.inf, 3.5, -3.5, 1.0], dtype=np.float32)
+    for trial in range(400):
+        n = int(rng.integers(0, 2000))
+        user = rng.integers(0, int(rng.integers(1, 60)), n).astype(np.int64)
+        if trial % 2:
+            user = np.sort(user)  # as the grouped batch gives them
+        kind = trial % 4
+        if kind == 0:
+            scores = (rng.integers(-3, 4, n) * 0.5).astype(np.float32)
+        elif kind == 1:
+            scores = rng.normal(size=n).astype(np.float32)
+        elif kind == 2:
+            scores = np.where(rng.random(n) < 0.3, np.float32(-0.0), rng.normal(size=n)).astype(np.float32)
+        else:
+            scores = rng.choice(special, n)
+        first_seen = rng.permutation(n * 5)[:n].astype(np.int64)
+        assert np.array_equal(_rank_order(user, scores, first_seen), np.lexsort((first_seen, -scores, user)))
+    with_nan = np.array([1.0, np.nan, 1.0], dtype=np.float32)  # never produced; lexsort's answer
+    assert _rank_order(np.zeros(3, np.int64), with_nan, np.arange(3)).tolist() == np.lexsort((np.arange(3), -with_nan, np.zeros(3))).tolist()
+
+
+class _LexsortEntries:
+    """``_Entries`` grouping with the two-key lexsort it used before (the reference)."""
+
+    @staticmethod
+    def make():
+        from recsys.ranking.recommender import _Entries
+
+        class Reference(_Entries):
+            def _order(self, key, seq, attach):
+                return np.lexsort((seq, key))
+
+        return Reference()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_entries_group_equals_the_lexsort_grouping(seed):
+    import recsys.ranking.recommender as r
+
+    _AGAIN, _CONTENT, _COVISIT, _NEXT, _SESSION, _TRENDING, _Entries = (
+        r._AGAIN, r._CONTENT, r._COVISIT, r._NEXT, r._SESSION, r._TRENDING, r._Entries)
+    rng = np.random.default_rng(seed)
+    n_users, cap = int(rng.integers(1, 40)), 64
+    fast, slow = _Entries(), _LexsortEntries.make()
+    sources = [_CONTENT, _COVISIT, _NEXT, _SESSION, _AGAIN, _TRENDING]
+    if seed == 5:  # a source added twice and out of order: the lexsort path, still the same answer
+        sources = [_COVISIT, _CONTENT, _COVISIT, _SESSION]
+    for src in sources:
+        m = int(rng.integers(0, 400))
+        args = (rng.integers(0, n_users, m), rng.integers(0, cap - 1, m), rng.integers(1, 4, m) * 0.25)
+        anchors = rng.integers(0, 3, m) if src in (_COVISIT, _NEXT) else None
+        attach = rng.random(m) < 0.4 if src == _SESSION else None
+        for entries in (fast, slow):
+            entries.add(src, *args, anchors=anchors, attach_only=attach)
+    excl_owner = rng.integers(0, n_users, 30)
+    excl_rows = rng.integers(0, cap - 1, 30)
+    a, b = fast.group(cap, excl_rows, excl_owner), slow.group(cap, excl_rows, excl_owner)
+    for x, y in ((a.key, b.key), (a.user, b.user), (a.row, b.row), (a.features, b.features), (a.first_seen, b.first_seen)):
+        assert x.dtype == y.dtype and x.tobytes() == y.tobytes()
+    assert a.anchor.keys() == b.anchor.keys() and all(a.anchor[s].tobytes() == b.anchor[s].tobytes() for s in a.anchor)

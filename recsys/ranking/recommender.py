@@ -176,8 +176,8 @@ class Recommender:
             self._context_features(batch, recents, cap)
         scores = x @ self._base + self.reranker.learned(x)
         # rank: by user, best score first, ties in candidate order (content, co-visitation, ...)
-        order = np.lexsort((batch.first_seen, -scores, batch.user))
-        user, rows, x, scores = batch.user[order], batch.row[order], x[order], scores[order]
+        order = _rank_order(batch.user, scores, batch.first_seen)
+        user, rows, x, scores = batch.user[order], batch.row[order], x.take(order, axis=0), scores[order]
         bounds = np.searchsorted(user, np.arange(n + 1))
         names = index.names(rows).tolist()
         reasons = self._reasons_for(batch, order, bounds, k, recents, states) if explain else None
@@ -423,6 +423,38 @@ def _recent_distinct(history: list[tuple[str, str, int]], n: int) -> list[tuple[
     return out
 
 
+def _rank_order(user: np.ndarray, scores: np.ndarray, first_seen: np.ndarray) -> np.ndarray:
+    """``np.lexsort((first_seen, -scores, user))``, the ranking's order, in one sort instead of three.
+
+    ``user`` and ``-scores`` (float32) are packed into one int64 key: the user in the high 32
+    bits, the score's bits mapped to an order-preserving unsigned integer in the low 32 (-0.0 is
+    made +0.0 first, as the float comparison treats them as equal). One unstable sort of that
+    key puts every user's candidates best first; only runs of equal keys (tied scores) are then
+    re-sorted by ``first_seen`` (unique per candidate), so the result is lexsort's, position
+    for position (``tests/test_speed_equivalence.py``). A lexsort over three keys of ~110k
+    candidates cost ~35 ms per 1,000-user batch (three stable passes), ~8% of the engine; this is
+    ~10 ms. Scores with a NaN (never produced by the blend) take lexsort itself.
+    """
+    neg = np.negative(scores, dtype=np.float32) + np.float32(0.0)  # -0.0 + 0.0 == +0.0
+    if len(neg) == 0 or len(user) and int(user.max()) >= 1 << 31 or np.isnan(neg).any():
+        return np.lexsort((first_seen, -scores, user))
+    bits = neg.view(np.int32).astype(np.int64)
+    # negative floats: larger magnitude is smaller, so flip the magnitude bits; then shift to >= 0
+    bits = np.where(bits < 0, bits ^ 0x7FFFFFFF, bits) + (1 << 31)
+    key = (user.astype(np.int64) << 32) | bits
+    order = np.argsort(key)
+    ranked = key[order]
+    tied = ranked[1:] == ranked[:-1]
+    if tied.any():
+        in_run = np.zeros(len(ranked), dtype=bool)
+        in_run[1:] |= tied
+        in_run[:-1] |= tied
+        at = np.flatnonzero(in_run)
+        sub = order[at]
+        order[at] = sub[np.lexsort((first_seen[sub], ranked[at]))]
+    return order
+
+
 def _valid(rows: np.ndarray) -> np.ndarray:
     return rows[rows >= 0]
 
@@ -463,7 +495,7 @@ class _Entries:
         if len(excluded_rows):
             keep = ~np.isin(key, excluded_owner * cap + excluded_rows)
             src, user, row, val, anchor, seq, key, attach = (a[keep] for a in (src, user, row, val, anchor, seq, key, attach))
-        order = np.lexsort((seq, key))
+        order = self._order(key, seq, attach)
         src, user, row, val, anchor, seq, key, attach = (a[order] for a in (src, user, row, val, anchor, seq, key, attach))
         first = np.ones(len(key), dtype=bool)
         first[1:] = key[1:] != key[:-1]
@@ -497,6 +529,22 @@ class _Entries:
             real = np.bincount(gid[~attach], minlength=n) > 0
             batch = batch.subset(real)
         return batch
+
+
+    def _order(self, key: np.ndarray, seq: np.ndarray, attach: np.ndarray) -> np.ndarray:
+        """``np.lexsort((seq, key))`` with one sort of distinct int64 values instead of two
+        stable passes (~25 -> ~8 ms for a 1,000-user batch). The parts are added in increasing
+        source order, so a real entry's ``seq`` grows with its position in the concatenation,
+        and attach-only entries (``seq`` = max) follow the real ones of their key in that order
+        too: ``key``, then attach, then position, packed into one value, is the same order.
+        Anything else (a source added twice or out of order, keys too wide to pack) takes lexsort."""
+        sources = [p[0] for p in self.parts]
+        bits = max(len(key), 1).bit_length() + 1  # the position, and one bit for attach
+        if (any(a >= b for a, b in zip(sources, sources[1:])) or not len(key) or int(key.min()) < 0
+                or int(key.max()) >= 1 << (63 - bits)):
+            return np.lexsort((seq, key))
+        packed = (key << bits) | (attach.astype(np.int64) << (bits - 1)) | np.arange(len(key), dtype=np.int64)
+        return np.argsort(packed)
 
 
 @dataclass

@@ -27,10 +27,9 @@ COV_PREFIX = b"cov:"
 NEXT_PREFIX = b"nxt:"  # directed transitions (CoVisitation(directed=True))
 
 _NO_NEIGHBOURS: tuple = ((), np.zeros(0), ())  # shared empty answer (never modified)
-#: How many of an overflowing list's weakest pairs one scan remembers. Each overflow drops the
-#: weakest pair; a full ``min`` over ~50 pairs on every overflow was the co-visitation update's
-#: largest cost once lists fill, so one scan now serves the next several overflows.
-_WEAKEST_KEPT = 8
+#: Stale entries an item's heap of pairs may hold beyond its list's length before it is rebuilt
+#: from the list (see ``CoVisitation._heaps``).
+_HEAP_SLACK = 16
 
 
 class CoVisitation:
@@ -70,12 +69,16 @@ class CoVisitation:
         self._nbrs: dict[str, dict[str, float]] = {}
         self._counts: dict[str, dict[str, int]] = {}
         self._ranked: dict[str, tuple] = {}  # sorted neighbour columns, until they change
-        # item -> the lightest ``(weight, neighbour)`` pairs of its list, ascending: exactly the
-        # list's first few in that order (every change below keeps it so, or shortens it), so
-        # the weakest is at hand when the list overflows. Tuples of plain values: untracked.
-        # Anything that changes ``_nbrs`` must go through ``_add_pair``/``_drop_pair`` (or drop
-        # the item's entry here), or a stale entry would pick the wrong victim.
-        self._weakest: dict[str, tuple[tuple[float, str], ...]] = {}
+        # item -> a heap of ``(weight, neighbour)`` pairs, made at the list's first overflow: it
+        # holds every current pair of the list, and stale ones (a pair whose weight has grown
+        # since, or that left the list), so the weakest current pair, the one an overflow drops,
+        # is the first heap entry that still matches the list (stale ones are popped on the way).
+        # Weights only grow, so a change is one push; the heap is rebuilt from the list once it
+        # is _HEAP_SLACK entries longer. It replaces a remembered "lightest 8" that every change
+        # had to patch and that ran out after a few overflows (then a scan of the whole list):
+        # once lists were full that was 60-70% of the update's cost (benchmarks/README.md).
+        # Anything that changes ``_nbrs`` must go through ``_add_pair``/``_drop_pair``.
+        self._heaps: dict[str, list[tuple[float, str]]] = {}
         self._dirty: set[str] = set()
 
     def __len__(self) -> int:
@@ -101,7 +104,7 @@ class CoVisitation:
             self._add_pair(a, item_id, w * decay_factor(recent[a], self._half_life_ms))
 
     def _add_pair(self, a: str, b: str, weight: float) -> None:
-        weakest = self._weakest
+        heaps, limit = self._heaps, self.max_neighbours + _HEAP_SLACK
         for x, y in ((a, b),) if self.directed else ((a, b), (b, a)):
             nbrs = self._nbrs.setdefault(x, {})
             counts = self._counts.setdefault(x, {})
@@ -110,21 +113,24 @@ class CoVisitation:
             counts[y] = counts.get(y, 0) + 1
             self._dirty.add(x)
             self._ranked.pop(x, None)
-            low = weakest.get(x)
-            if low:  # keep the lightest pairs exact: (old, y) leaves them, (new, y) may enter
-                if old is not None and (old, y) <= low[-1]:
-                    low = low[: low.index((old, y))]  # y's new place is unknown: cut before it
-                if (new, y) < low[-1] if low else False:
-                    low = tuple(sorted(low + ((new, y),)))[:-1]  # one of the len(low) lightest now
-                weakest[x] = low
+            heap = heaps.get(x)
+            if heap is not None:  # (old, y), if there, is stale now; (new, y) is the pair
+                if len(heap) < limit:
+                    heapq.heappush(heap, (new, y))
+                else:
+                    heap[:] = zip(nbrs.values(), nbrs)
+                    heapq.heapify(heap)
         for x in (a,) if self.directed else (a, b):
             nbrs = self._nbrs.get(x)
             if nbrs is not None and len(nbrs) > self.max_neighbours:
                 # the weakest goes; among equals the smallest id, so the choice is deterministic
-                low = weakest.get(x)
-                if not low:
-                    low = weakest[x] = tuple(heapq.nsmallest(_WEAKEST_KEPT, zip(nbrs.values(), nbrs)))
-                self._drop_pair(x, low[0][1])
+                heap = heaps.get(x)
+                if heap is None:
+                    heap = heaps[x] = list(zip(nbrs.values(), nbrs))
+                    heapq.heapify(heap)
+                while nbrs.get(heap[0][1]) != heap[0][0]:
+                    heapq.heappop(heap)  # stale
+                self._drop_pair(x, heapq.heappop(heap)[1])
 
     def _drop_pair(self, x: str, y: str) -> None:
         for p, q in ((x, y),) if self.directed else ((x, y), (y, x)):
@@ -136,12 +142,9 @@ class CoVisitation:
                 del self._counts[p][q]
                 self._dirty.add(p)
                 self._ranked.pop(p, None)
-                low = self._weakest.get(p)
-                if low and (w, q) <= low[-1]:
-                    self._weakest[p] = tuple(pair for pair in low if pair[1] != q)
-                if not nbrs:
+                if not nbrs:  # its heap entries, if any, are all stale: (w, q) too
                     del self._nbrs[p], self._counts[p]
-                    self._weakest.pop(p, None)
+                    self._heaps.pop(p, None)
 
     def neighbours(self, item_id: str, n: int) -> list[tuple[str, float, int]]:
         """Up to ``n`` neighbours of ``item_id`` as ``(neighbour, weight, raw count)``,
@@ -192,7 +195,7 @@ class CoVisitation:
         self._nbrs.clear()
         self._counts.clear()
         self._ranked.clear()
-        self._weakest.clear()
+        self._heaps.clear()
         self._dirty.clear()
         for key, value in kv.iter_prefix(self.prefix):
             rows = orjson.loads(value)
