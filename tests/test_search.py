@@ -220,6 +220,19 @@ def test_the_first_choice_after_a_search_is_credited_even_when_its_text_does_not
     assert learned == {"first+match": {"x9"}, "match": set()}
 
 
+def test_the_search_reranker_learns_from_the_first_credited_engagement(tmp_path, cache):
+    """With ``match``, coffee bought first in the basket is not credited to 'running shoe', so
+    the re-ranker still holds the search's candidates and learns from the shoe bought next
+    (before, the first engagement of the window used them up, whatever it was)."""
+    eng = Shard.open(_settings(tmp_path, cache, search_attribution="match"), in_memory=True)
+    eng.upsert_catalog(CATALOG)
+    eng.search.lexical.rebuild_interval_s = 0.0
+    Stream(eng).events(("search", "r1", "running shoe"), ("purchase", "r1", "coffee"), ("purchase", "r1", "shoe-road"))
+    assert eng.search.reranker.examples > 0
+    assert eng.search.credit_counts == {"credited": 1, "not credited": 1}
+    eng.close()
+
+
 def test_the_top_result_follows_a_change_of_what_shoppers_choose_within_three_engagements(engine):
     """Online learning: 10 shoppers choose the blue tent after 'tent'; then shoppers switch to
     the green one. The association is a moving average with rate 0.25 (recsys.search.learned),
