@@ -1,18 +1,21 @@
-"""Search weights fitted on the first part of a search replay, scored on the rest (issue 13).
+"""Search weights fitted on the first part of search replays, scored on the rest (issue 13).
 
     recsys replay --task search --format completejourney --limit 200000 --search-sample 0.03 --search-features --out runs/search-cj
-    .venv/bin/python benchmarks/search_weights.py runs/search-cj/search_features.npz
+    .venv/bin/python benchmarks/search_weights.py runs/search-cj/search_features.npz runs/search-rees46/search_features.npz
 
 ``--search-features`` keeps, for every scored search, the eligible candidates and their signals
 exactly as the replay ranked them (``recsys/search/replay.py``: ``SearchScorer.save_features``).
-The searches are split in stream order: the first ``--fit-share`` (default half) fit the weights,
-the rest are scored, so no weight is ever fitted on a search it is scored on. Fitted: a
-listwise softmax (the engaged item against all of its search's candidates, L2 toward 0)
-over the signals of ``full``, and, for a fair ablation, over the non-personal signals alone.
-Printed on the scored part: the hand-set weights (``full``, ``no-personal``, which first
-reproduce the replay's figures over all searches as a check) and the fitted ones, with
-HR@10 / NDCG@10 / MRR@10 overall and NDCG@10 for targets new to the shopper and already known.
-The ranking otherwise is the replay's: score descending, ties by item id.
+Each log's searches are split in stream order: the first ``--fit-share`` (default half) fit the
+weights, the rest are scored, so no weight is ever fitted on a search it is scored on. Fitted
+(a listwise softmax: the engaged item against all of its search's candidates, L2 toward 0,
+each log weighing equally): all signals; the non-personal ones alone (a fair ablation); and
+the personal ones with the non-personal weights fixed as they are (plus a free temperature),
+which is how ``DEFAULT_WEIGHTS``' personal weights were set. Printed per log on the scored
+part: the current default weights (which first reproduce the replay's ``full`` row over all
+searches, as a check), the hand-set personal weights they replaced and the fitted ones, with
+HR@10 / NDCG@10 / MRR@10 overall and NDCG@10 for targets new to the shopper and already known,
+and paired bootstrap intervals of the margins. The ranking is the replay's: score descending,
+ties by item id.
 """
 
 from __future__ import annotations
@@ -36,9 +39,11 @@ def load(path: str) -> dict:
 
 
 def metrics(d: dict, w: np.ndarray, searches: range) -> dict[str, float]:
-    """HR/NDCG/MRR@K of ranking each search's candidates by ``x . w`` (ties by id)."""
+    """HR/NDCG/MRR@K of ranking each search's candidates by ``x . w`` (ties by id); ``"per
+    search"``: each search's NDCG@K, in order."""
     x, off, idr, target, slices = d["x"], d["offsets"], d["id_rank"], d["target"], d["slices"]
     sums: dict[str, list[float]] = {}
+    per_search = []
     for s in searches:
         rank = None
         t = int(target[s])
@@ -50,13 +55,23 @@ def metrics(d: dict, w: np.ndarray, searches: range) -> dict[str, float]:
             rank = int(better.sum())  # 0-based
         hit = rank is not None and rank < K
         values = (float(hit), 1.0 / math.log2(rank + 2) if hit else 0.0, 1.0 / (rank + 1) if hit else 0.0)
+        per_search.append(values[1])
         for name in ("all", "target new to user" if "target new to user" in str(slices[s]) else "target in user history"):
             sums.setdefault(name, []).append(values)
     out = {}
     for name, rows in sums.items():
         a = np.array(rows)
         out[name] = {"n": len(a), f"hr@{K}": a[:, 0].mean(), f"ndcg@{K}": a[:, 1].mean(), f"mrr@{K}": a[:, 2].mean()}
+    out["per search"] = np.array(per_search)  # type: ignore[assignment]
     return out
+
+
+def margin_ci(full: np.ndarray, ablation: np.ndarray, rounds: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Relative NDCG gain of ``full`` over ``ablation`` (paired per search) with a 95% bootstrap interval."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(full), size=(rounds, len(full)))
+    ratios = full[idx].mean(axis=1) / np.maximum(ablation[idx].mean(axis=1), 1e-12) - 1
+    return full.mean() / max(ablation.mean(), 1e-12) - 1, float(np.percentile(ratios, 2.5)), float(np.percentile(ratios, 97.5))
 
 
 def fit(logs: list[tuple[dict, range]], mask: np.ndarray, l2: float, fixed: np.ndarray | None = None) -> np.ndarray:
@@ -126,6 +141,10 @@ def main() -> None:
     for path, d, (_, scored) in zip(args.features, logs, splits):
         print(f"\n{path}, the searches never fitted on:")
         table(d, rows, scored)
+        per = {label: metrics(d, w, scored)["per search"] for label, w in rows}
+        for better, worse in ((rows[2][0], rows[0][0]), (rows[2][0], rows[3][0]), (rows[2][0], rows[1][0])):
+            gain, lo, hi = margin_ci(per[better], per[worse])
+            print(f"'{better}' over '{worse}': NDCG@{K} {gain:+.1%} [95% paired bootstrap {lo:+.1%}, {hi:+.1%}]")
 
 
 def table(d: dict, rows: list[tuple[str, np.ndarray]], scored: range) -> None:
