@@ -233,6 +233,15 @@ def test_the_search_reranker_learns_from_the_first_credited_engagement(tmp_path,
     eng.close()
 
 
+def test_a_first_choice_credited_for_findability_does_not_use_up_the_reranker_s_lesson(engine):
+    """With the default rule the coffee bought first after 'running shoe' is credited to the
+    query (the first choice), but its text does not match: the re-ranker, which learns how to
+    order the text's candidates, waits for the shoe bought next (before, the coffee used it up)."""
+    Stream(engine).events(("search", "r1", "running shoe"), ("purchase", "r1", "coffee"), ("purchase", "r1", "shoe-road"))
+    assert set(engine.search.associations.weights(query_key("running shoe"))) == {"coffee", "shoe-road"}
+    assert engine.search.reranker.examples > 0
+
+
 def test_the_top_result_follows_a_change_of_what_shoppers_choose_within_three_engagements(engine):
     """Online learning: 10 shoppers choose the blue tent after 'tent'; then shoppers switch to
     the green one. The association is a moving average with rate 0.25 (recsys.search.learned),

@@ -109,7 +109,7 @@ class SearchConfig:
     rebuild_interval_s: float = 1.0  # BM25 rebuild at most this often while the catalog changes
     # Add the re-ranker's learned correction to the live score. It always learns (cheap), but
     # is off by default: on derived queries it barely moves REES46 (NDCG@10 0.9214 -> 0.9225)
-    # and hurts Complete Journey (0.4095 -> 0.2938); see the README's Search section.
+    # and hurts Complete Journey (0.4095 -> 0.3517); see the README's Search section.
     rerank: bool = False
     # Which engagements after a search are credited to its query (learned associations and the
     # re-ranker), see Search.credits: "first+match" the shopper's first choice after the search
@@ -277,17 +277,22 @@ class Search:
 
     def learn_event(self, event: Event) -> None:
         """Attribute one non-search event to its user's open search window, if any: an
-        engagement the query is credited with (:meth:`credits`) teaches the associations, and
-        the first such one teaches the re-ranker when it was among the search's candidates."""
+        engagement the query is credited with (:meth:`credits`) teaches the associations; the
+        first one that answers it by its text (:meth:`answers`; with ``all``, the first credited)
+        teaches the re-ranker when it was among the search's candidates. A first choice
+        credited only as such (not matching) teaches the associations, not the re-ranker."""
         hit = self.windows.follow(event.user_id, event.item_id, event.type, event.ts)
         if hit is None or event.item_id is None:
             return
         key, query, weight, first = hit
-        if not self.credits(query, event.item_id, first):
+        answers = self.config.attribution == "all" or self.answers(query, event.item_id)
+        if not answers and not (self.config.attribution == "first+match" and first in (None, event.item_id)):
             self.credit_counts["not credited"] += 1
             return
         self.credit_counts["credited"] += 1
         self.associations.learn(key, event.item_id, weight)
+        if not answers:  # the first choice, credited for findability: no lesson on ranking text matches
+            return
         shown = self._shown.pop(event.user_id, None)
         if shown is not None and event.item_id in shown[0]:
             self.reranker.learn(shown[1], shown[0].index(event.item_id))
@@ -308,6 +313,10 @@ class Search:
         rule = self.config.attribution
         if rule == "all" or (rule == "first+match" and first in (None, item_id)):
             return True
+        return self.answers(query, item_id)
+
+    def answers(self, query: str, item_id: str) -> bool:
+        """The text part of :meth:`credits`: the item's text matches the query, or text cannot judge."""
         if not self.lexical.docs.get(item_id):
             return True
         matching, qvec, answerable = self._matches(query)
