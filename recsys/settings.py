@@ -112,6 +112,7 @@ class Settings(BaseSettings):
     search_results_topic: str = "search-results"  # output topic of answers to `search` events
     search_k: int = 10  # items per search result
     search_personalise: bool = True  # re-rank search results for the shopper (off: the ablation)
+    search_attribution: Literal["first+match", "match", "all"] = "first+match"  # engagements credited to a search's query: first+match|match|all (recsys/search/service.py)
     search_in_history: bool = True  # a recent search's top items enter the user's next recommendations (recsys/search/intent.py)
 
     @classmethod

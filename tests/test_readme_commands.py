@@ -128,10 +128,13 @@ for _protocol in ("prequential", "leave-last-out"):
     PLANS[f"recsys replay --format completejourney --limit 300000 --protocol {_protocol} "
           f"--out runs/completejourney-300k-{_protocol}"] = Plan(_SMALL_REPLAY, slow=True, expect="wrote ")
 PLANS["recsys replay --task search --format rees46 --events ../shared/data/rees46/2019-Oct_head17k.csv "
-      "--search-targets purchase,add_to_cart --out runs/search-rees46"] = Plan(_SMALL_REPLAY, needs="data", slow=True,
-                                                                               expect="wrote ")
-PLANS["recsys replay --task search --format completejourney --limit 200000 --search-sample 0.03 --out runs/search-cj"] = \
-    Plan(_SMALL_REPLAY, slow=True, expect="wrote ")
+      "--search-targets purchase,add_to_cart --search-features --out runs/search-rees46"] = \
+    Plan(_SMALL_REPLAY, needs="data", slow=True, expect="wrote ")
+PLANS["recsys replay --task search --format completejourney --limit 200000 --search-sample 0.03 --search-features "
+      "--out runs/search-cj"] = Plan(_SMALL_REPLAY, slow=True, expect="wrote ")
+# issue 13: search weights fitted on the first half of those two replays' searches (needs their output)
+PLANS[".venv/bin/python benchmarks/search_weights.py runs/search-cj/search_features.npz "
+      "runs/search-rees46/search_features.npz"] = Plan(" --help", expect="usage:")
 PLANS["recsys replay --format completejourney --models full-system --out runs/completejourney-full"] = \
     Plan(_SMALL_REPLAY, slow=True, expect="wrote ")
 

@@ -188,6 +188,60 @@ def test_engagements_outside_the_window_teach_nothing(engine):
     assert engine.search.associations.weights(query_key("picnic set")) == {}
 
 
+def test_a_basket_s_other_products_are_not_credited_to_the_query(engine):
+    """The attribution rule (recsys/search/learned.py): after searching 'tent' the shopper buys
+    the tent and, in the same basket, coffee. The tent answers the query; the coffee (its text
+    far from 'tent', not the first choice) is something else the shopper did: before this rule
+    it was learned as an answer to 'tent' too."""
+    stream = Stream(engine)
+    stream.events(("search", "s1", "tent"), ("purchase", "s1", "tent-blue"), ("purchase", "s1", "coffee"),
+                  ("add_to_cart", "s1", "tent-green"))
+    assert set(engine.search.associations.weights(query_key("tent"))) == {"tent-blue", "tent-green"}
+    assert engine.search.credit_counts == {"credited": 2, "not credited": 1}
+
+
+def test_the_first_choice_after_a_search_is_credited_even_when_its_text_does_not_match(tmp_path, cache):
+    """'camping set' matches other items' text, yet shoppers pick the id-only x9 first: with the
+    default rule (first+match) x9 becomes findable by the query; with 'match' (text matches
+    only) it never would, and a later unrelated product is not credited under either."""
+    learned = {}
+    for rule in ("first+match", "match"):
+        eng = Shard.open(_settings(tmp_path / rule, cache, search_attribution=rule), in_memory=True)
+        eng.upsert_catalog(CATALOG)
+        eng.search.lexical.rebuild_interval_s = 0.0
+        stream = Stream(eng)
+        for n in range(3):
+            stream.events(("search", f"s{n}", "camping set"), ("click", f"s{n}", "x9"), ("purchase", f"s{n}", "x9"),
+                          ("purchase", f"s{n}", "coffee"))
+        learned[rule] = set(eng.search.associations.weights(query_key("camping set")))
+        if rule == "first+match":
+            assert ids(stream.search("u9", "camping set"))[0] == "x9"
+        eng.close()
+    assert learned == {"first+match": {"x9"}, "match": set()}
+
+
+def test_the_search_reranker_learns_from_the_first_credited_engagement(tmp_path, cache):
+    """With ``match``, coffee bought first in the basket is not credited to 'running shoe', so
+    the re-ranker still holds the search's candidates and learns from the shoe bought next
+    (before, the first engagement of the window used them up, whatever it was)."""
+    eng = Shard.open(_settings(tmp_path, cache, search_attribution="match"), in_memory=True)
+    eng.upsert_catalog(CATALOG)
+    eng.search.lexical.rebuild_interval_s = 0.0
+    Stream(eng).events(("search", "r1", "running shoe"), ("purchase", "r1", "coffee"), ("purchase", "r1", "shoe-road"))
+    assert eng.search.reranker.examples > 0
+    assert eng.search.credit_counts == {"credited": 1, "not credited": 1}
+    eng.close()
+
+
+def test_a_first_choice_credited_for_findability_does_not_use_up_the_reranker_s_lesson(engine):
+    """With the default rule the coffee bought first after 'running shoe' is credited to the
+    query (the first choice), but its text does not match: the re-ranker, which learns how to
+    order the text's candidates, waits for the shoe bought next (before, the coffee used it up)."""
+    Stream(engine).events(("search", "r1", "running shoe"), ("purchase", "r1", "coffee"), ("purchase", "r1", "shoe-road"))
+    assert set(engine.search.associations.weights(query_key("running shoe"))) == {"coffee", "shoe-road"}
+    assert engine.search.reranker.examples > 0
+
+
 def test_the_top_result_follows_a_change_of_what_shoppers_choose_within_three_engagements(engine):
     """Online learning: 10 shoppers choose the blue tent after 'tent'; then shoppers switch to
     the green one. The association is a moving average with rate 0.25 (recsys.search.learned),

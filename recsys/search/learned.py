@@ -8,6 +8,15 @@ engagement with that item *after that query*, weighing ``EVENT_WEIGHTS[type] / 8
 a new search closes the window and opens its own. Queries are identified by
 :func:`recsys.search.text.query_key` (normalised, sorted tokens: word order does not matter).
 
+**Only an answer to the query is credited** (:meth:`recsys.search.Search.credits`): an engaged
+item counts for the query when its text matches it (a BM25 score at least half the query's best,
+or a MiniLM cosine of at least ``min_semantic``), or when text cannot judge (the item has no
+text in the lexical index, or the query matches no item's text at all: the id-only catalog, a
+query in words the catalog does not use). The other engagements of the window (the milk bought
+in the same basket as the cereal searched for) are things the shopper also did, not answers to
+the query; they still use up the window's events. A window's other events are left to the
+recommender's co-visitation.
+
 **The association.** Per query, an exponential moving average over its engagements: each
 engagement first multiplies all of the query's weights by ``1 - rate`` and then adds
 ``rate * weight`` to the chosen item. So weights stay in [0, 1], and when what shoppers choose
@@ -127,14 +136,15 @@ def window_key(user_id: str) -> bytes:
 
 
 class SearchWindows:
-    """Each user's open search window: ``(query key, query as typed, search ts, events left)``.
+    """Each user's open search window: ``(query key, query as typed, search ts, events left,
+    first item engaged in it)``.
 
     Bounded by ``max_users`` (the least recently opened goes); persisted like the associations.
 
     >>> w = SearchWindows()
     >>> w.open("u1", "tent", "Tent", ts=0)
     >>> w.follow("u1", "t1", "purchase", ts=60_000)
-    ('tent', 1.0)
+    ('tent', 'Tent', 1.0, None)
     >>> w.follow("u1", "t2", "click", ts=FOLLOW_MS + 1)  # too late: window closed
     """
 
@@ -147,7 +157,7 @@ class SearchWindows:
 
     def open(self, user_id: str, key: str, query: str, ts: int) -> None:
         self._open.pop(user_id, None)
-        self._open[user_id] = [key, query, ts, self.follow_events]
+        self._open[user_id] = [key, query, ts, self.follow_events, None]  # None: no item engaged yet
         self._dirty.add(user_id)
         while len(self._open) > self.max_users:
             old, _ = self._open.popitem(last=False)
@@ -164,12 +174,16 @@ class SearchWindows:
         window = self._open.get(user_id)
         return None if window is None else window[1]
 
-    def follow(self, user_id: str, item_id: str | None, event_type: str, ts: int) -> tuple[str, float] | None:
-        """A later event of the user: ``(query key, engagement weight)`` when it is attributed."""
+    def follow(self, user_id: str, item_id: str | None, event_type: str,
+               ts: int) -> tuple[str, str, float, str | None] | None:
+        """A later event of the user: ``(query key, query as typed, engagement weight, the item
+        first engaged in the window before this event or None)`` when it falls in the window and
+        is an engagement (whether it is credited is the caller's rule)."""
         window = self._open.get(user_id)
         if window is None:
             return None
-        key, _query, opened, left = window
+        key, query, opened, left = window[:4]
+        first = window[4] if len(window) > 4 else None
         if ts - opened > self.follow_ms or left <= 0:
             del self._open[user_id]
             self._dirty.add(user_id)
@@ -181,7 +195,9 @@ class SearchWindows:
         weight = ENGAGEMENTS.get(event_type)
         if weight is None or item_id is None:
             return None
-        return key, weight
+        if first is None:
+            window[4:] = [item_id]
+        return key, query, weight, first
 
     def forget_user(self, user_id: str) -> list[bytes]:
         """Drop a user's window (an erasure); the key to delete with it."""

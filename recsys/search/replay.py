@@ -31,6 +31,8 @@ import time
 from collections import Counter, defaultdict
 from typing import Any
 
+import numpy as np
+
 from recsys.backtest.metrics import hr_at_k, mrr_at_k, ndcg_at_k
 from recsys.events import CatalogItem, Event
 from recsys.search.service import MODES
@@ -101,8 +103,12 @@ class SearchScorer:
     """The observer the replay hands to :class:`recsys.search.Search`: ranks every mode at each
     derived search and scores it against the item engaged after it."""
 
-    def __init__(self, search: Any, targets: dict[str, str], k: int = 10, modes: tuple[str, ...] = MODES) -> None:
+    def __init__(self, search: Any, targets: dict[str, str], k: int = 10, modes: tuple[str, ...] = MODES,
+                 *, keep_features: bool = False) -> None:
         self.search = search
+        #: ``keep_features``: per scored search, the eligible candidates' signals, the target's
+        #: row (-1: not a candidate), the id order for ties and the slices (:meth:`features`)
+        self.kept: list[tuple[np.ndarray, np.ndarray, int, int, tuple[str, ...]]] | None = [] if keep_features else None
         self.targets = targets
         self.k = k
         self.modes = modes
@@ -116,7 +122,9 @@ class SearchScorer:
         if target is None or event.query is None:
             return
         start = time.perf_counter()
-        ranked = self.search.rank_modes(event.query, state, event.ts, self.k, self.modes, user_id=event.user_id)
+        seen: list[tuple[list[str], np.ndarray]] = []
+        ranked = self.search.rank_modes(event.query, state, event.ts, self.k, self.modes, user_id=event.user_id,
+                                        on_candidates=None if self.kept is None else lambda i, x: seen.append((i, x)))
         self.rank_s += time.perf_counter() - start
         self.n += 1
         key = query_key(event.query)
@@ -124,6 +132,11 @@ class SearchScorer:
         slices = ("all", "returning user" if state.history else "new user",
                   "head query" if self.query_seen[key] >= HEAD_QUERY_MIN else "tail query",
                   "target in user history" if known else "target new to user")
+        if self.kept is not None:
+            ids, x = seen[0] if seen else ([], np.zeros((0, 0)))
+            order = np.argsort(np.argsort(np.array(ids, dtype=str), kind="stable"), kind="stable") if ids else np.zeros(0)
+            self.kept.append((x.astype(np.float32), order.astype(np.int32),
+                              ids.index(target) if target in ids else -1, event.ts, slices))
         self.query_seen[key] += 1
         k = self.k
         for mode, items in ranked.items():
@@ -135,6 +148,22 @@ class SearchScorer:
                 for name, v in values.items():
                     acc[name] += v
 
+    def save_features(self, path: str) -> None:
+        """The kept candidates as one ``.npz`` (``benchmarks/search_weights.py`` fits on it):
+        ``x`` all rows, ``offsets`` each search's first row, ``id_rank`` the rows' id order
+        within their search (the replay's tie break), ``target`` the target's row within its
+        search (-1: not a candidate), ``ts``, ``slices`` (one string per search, ``|``-joined),
+        ``features`` the signal names."""
+        from recsys.search.service import FEATURES
+
+        kept = self.kept or []
+        sizes = [len(k[1]) for k in kept]
+        x = np.concatenate([k[0] for k in kept if len(k[1])]) if any(sizes) else np.zeros((0, len(FEATURES)), np.float32)
+        np.savez_compressed(path, x=x, offsets=np.cumsum([0, *sizes]), features=np.array(FEATURES),
+                            id_rank=np.concatenate([k[1] for k in kept]) if kept else np.zeros(0, np.int32),
+                            target=np.array([k[2] for k in kept]), ts=np.array([k[3] for k in kept]),
+                            slices=np.array(["|".join(k[4]) for k in kept]))
+
     def result(self) -> dict[str, Any]:
         models = {m: {name: v / s["all"]["n"] for name, v in s["all"].items() if name != "n"} for m, s in self.sums.items()}
         slices = {m: {sl: {**{name: v / acc["n"] for name, v in acc.items() if name != "n"}, "n": acc["n"]}
@@ -144,11 +173,12 @@ class SearchScorer:
 
 
 def replay_search(engine: Any, events: list[Event], targets: dict[str, str], *, k: int = 10,
-                  batch_size: int = 500, progress: bool = True) -> dict[str, Any]:
-    """Run ``events`` (with derived searches) through ``engine.process``, scoring every search."""
+                  batch_size: int = 500, progress: bool = True, features: str | None = None) -> dict[str, Any]:
+    """Run ``events`` (with derived searches) through ``engine.process``, scoring every search;
+    ``features``: also write every search's candidates and signals there (``.npz``)."""
     from recsys.backtest.system import FullSystem
 
-    scorer = SearchScorer(engine.search, targets, k)
+    scorer = SearchScorer(engine.search, targets, k, keep_features=features is not None)
     engine.search.observer = scorer
     engine.search.respond = False  # the scorer ranks; the engine's own answer would be the "full" mode again
     model = FullSystem(engine, batch_size=batch_size)
@@ -162,6 +192,9 @@ def replay_search(engine: Any, events: list[Event], targets: dict[str, str], *, 
                   f"{time.perf_counter() - start:.0f}s", flush=True)
     seconds = time.perf_counter() - start
     out = scorer.result()
+    if features is not None:
+        scorer.save_features(features)
+        out.update(features=features)
     out.update(seconds=seconds, events=len(events), events_per_s=len(events) / seconds if seconds else None,
                search_stats=engine.search.stats())
     return out
@@ -176,6 +209,9 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--query-log", default=None, metavar="CSV",
                         help="--task search: score on a real search log instead of derived queries (columns by "
                              "--map user_id=,query=,query_ts=,item_id=,ts=; see recsys/search/querylog.py)")
+    parser.add_argument("--search-features", action="store_true",
+                        help="--task search: also write every search's candidates and signals to "
+                             "OUT/search_features.npz (for benchmarks/search_weights.py)")
 
 
 def run(args: Any, ds: Any, settings: Any, command: str) -> dict[str, Any]:
@@ -192,7 +228,9 @@ def run(args: Any, ds: Any, settings: Any, command: str) -> dict[str, Any]:
     engine = Shard.open(settings.replace(search_k=10), in_memory=args.state_dir is None, emit=False)
     try:
         engine.upsert_catalog(ds.catalog, progress=True)
-        result = replay_search(engine, events, targets, k=10, batch_size=args.batch_size)
+        os.makedirs(args.out, exist_ok=True)
+        features = os.path.join(args.out, "search_features.npz") if getattr(args, "search_features", False) else None
+        result = replay_search(engine, events, targets, k=10, batch_size=args.batch_size, features=features)
     finally:
         engine.close()
     result.update(protocol="search (derived queries)", dataset=ds.name, exclude_history=False, note=PROTOCOL_NOTE,

@@ -246,7 +246,8 @@ class Shard:
             reranker=self.reranker, head=self.head, transitions=self.transitions, sessions=self.sessions,
         )
         # issue 13: search (recsys/search); its learned associations commit with the other signals
-        self.search = Search(self.items, self.popularity, SearchConfig(k=settings.search_k, personalise=settings.search_personalise),
+        self.search = Search(self.items, self.popularity, SearchConfig(k=settings.search_k, personalise=settings.search_personalise,
+                                                                        attribution=settings.search_attribution),
                              head=self.head, clock=clock)
         self.search.upsert(list(self.items.catalog.items.values()))
         self.search.load(kv)
