@@ -49,6 +49,7 @@ def export(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    import numpy as np
     from recbole.config import Config
     from recbole.data import create_dataset, data_preparation
     from recbole.utils import get_model, get_trainer, init_seed
@@ -78,6 +79,17 @@ def run(args: argparse.Namespace) -> None:
     config = Config(model=args.model, dataset=args.dataset, config_dict=config_dict)
     init_seed(config["seed"], config["reproducibility"])
     dataset = create_dataset(config)
+    sequential = args.model == "SASRec"
+    # every user with two or more events is held out and scored, by the replay and here
+    uids = dataset.inter_feat[dataset.uid_field]
+    expected_users = int((np.bincount(np.asarray(uids.numpy() if hasattr(uids, "numpy") else uids)) >= 2).sum())
+    if sequential:
+        # A sequential dataset holds one row per event after a user's first (the items before it
+        # as the input, the event as the target), so a user with two events has one row, which
+        # RecBole's leave-one-out keeps in training (it never holds out a group's only row): such
+        # users were trained on their held-out item and never scored (2,048 of REES46's 2,850
+        # users scored). Hold out every user's last row, as the replay does.
+        dataset._split_index_by_leave_one_out = leave_last_out_index
     train_data, valid_data, test_data = data_preparation(config, dataset)
     model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
@@ -87,13 +99,40 @@ def run(args: argparse.Namespace) -> None:
     else:
         trainer.fit(train_data, None, saved=False, show_progress=False)
     result = trainer.evaluate(test_data, load_best_model=False, show_progress=False)
-    ours = _evaluate_our_rule(trainer, train_data, test_data, ks=(10, 50))
+    ours = _evaluate_our_rule(trainer, train_data, test_data, ks=(10, 50), sequential=sequential)
+    if ours["users"] != expected_users:
+        raise SystemExit(f"scored {ours['users']} users, expected every user with two or more events: {expected_users}")
     out = {"model": args.model, "dataset": args.dataset, "seconds": round(time.perf_counter() - t0, 1),
            "recbole_rule": {k: round(float(v), 4) for k, v in result.items()}, "our_rule": ours}
     print(json.dumps(out))
 
 
-def _evaluate_our_rule(trainer, train_data, test_data, ks) -> dict:
+def leave_last_out_index(grouped_index, leave_one_num: int) -> list[list[int]]:
+    """Split each user's rows (in time order) into train, [valid,] test: the last row is always
+    the test row, even when it is the user's only one; with ``leave_one_num == 2`` the row before
+    it, where there is one, is the validation row. Drop-in for RecBole's
+    ``Dataset._split_index_by_leave_one_out``, which keeps a group's only row in training."""
+    parts: list[list[int]] = [[] for _ in range(leave_one_num + 1)]
+    for index in grouped_index:
+        rows = list(index)
+        held = min(leave_one_num, len(rows))
+        parts[0].extend(rows[: len(rows) - held])
+        for j, row in enumerate(rows[len(rows) - held:]):
+            parts[leave_one_num + 1 - held + j].append(row)
+    return parts
+
+
+def history_items(train_targets: dict[int, list[int]], uid: int, prefix) -> list[int]:
+    """The user's training items: the targets of their training rows and, for a sequential model,
+    the items of the test row's input sequence (the user's first item is never a target, and a
+    user with two events has no training row at all)."""
+    items = set(train_targets.get(uid, ()))
+    if prefix is not None:
+        items.update(int(i) for i in prefix if int(i) != 0)  # 0: RecBole's padding item
+    return sorted(items)
+
+
+def _evaluate_our_rule(trainer, train_data, test_data, ks, sequential: bool = False) -> dict:
     """Score the trained RecBole model under the replay's rule: every item of the user's training
     history is masked, the held-out item too when it repeats one (so such a user counts as a
     miss, as in ``recsys replay``). RecBole's own full ranking unmasks the held-out item for
@@ -122,8 +161,9 @@ def _evaluate_our_rule(trainer, train_data, test_data, ks) -> dict:
             scores = model.full_sort_predict(interaction).view(-1, n_items).double() + tie_break
             scores[:, 0] = -np.inf
             uids = interaction[uid_field].numpy().tolist()
+            prefixes = interaction[model.ITEM_SEQ].numpy() if sequential else [None] * len(uids)
             for row, u in enumerate(uids):
-                hist = train_items.get(u)
+                hist = history_items(train_items, u, prefixes[row])
                 if hist:
                     scores[row, torch.tensor(hist, dtype=torch.int64)] = -np.inf
             pos = torch.full((len(uids),), -1, dtype=torch.int64)

@@ -176,3 +176,38 @@ def test_the_co_visitation_reason_names_the_strongest_anchor():
     (items_out, _), = rec.rank([user], now_ts=2)
     target = next(i for i in items_out if i.item_id == "target")
     assert target.reason == "bought together with strong thing"
+
+
+def test_seen_candidates_bring_the_users_recent_items_in_ranked_by_the_seen_column():
+    # With no content search and no co-visitation evidence, a user's own recent items are
+    # candidates only when ``seen_candidates`` brings them, graded as the "seen" column is;
+    # a purchased one stays out. Off by default: the pool is the other sources' alone.
+    items = ItemSpace(SeededEmbedder())
+    items.upsert([CatalogItem(i, f"{i} thing") for i in ("a", "b", "c", "hot")])
+    pop = Popularity(half_life_h=1.0)
+    pop.update("hot", 1.0, ts=0)
+    user = UserState("u")
+    user.history = [("a", "browse", 0), ("c", "purchase", 1), ("b", "browse", 2)]
+    user.purchased = ["c"]
+    config = dict(content_candidates=0, weights=PriorWeights(content=0.0, trending=0.0))
+    off = Recommender(items, pop, CoVisitation(half_life_h=1.0, max_neighbours=10), RecommenderConfig(**config))
+    (_, shown), = off.rank([user], now_ts=3)
+    assert shown.candidates == ("hot",)
+    # a re-ranker that learned to trust "seen" (and nothing else): b (newest) before a
+    x = np.eye(len(FEATURES), dtype=np.float32)
+    blend = PairwiseReranker(RecommenderConfig().weights.vector(), min_examples=1)
+    for _ in range(30):
+        blend.learn(x, positive=FEATURES.index("seen"))
+    on = Recommender(items, pop, CoVisitation(half_life_h=1.0, max_neighbours=10), RecommenderConfig(seen_candidates=10, **config),
+                     reranker=blend)
+    (ranked, shown), = on.rank([user], now_ts=3)
+    assert set(shown.candidates) == {"a", "b", "hot"}
+    seen = shown.features[:, FEATURES.index("seen")]
+    assert dict(zip(shown.candidates, seen.tolist())) == {"b": 1.0, "a": pytest.approx(1 / 3), "hot": 0.0}
+    assert [i.item_id for i in ranked][:2] == ["b", "a"]
+    # a steeper grade (power 2): the item two places back counts 1/9, not 1/3
+    steep = Recommender(items, pop, CoVisitation(half_life_h=1.0, max_neighbours=10),
+                        RecommenderConfig(seen_candidates=10, seen_grade_power=2.0, **config), reranker=blend)
+    (_, shown), = steep.rank([user], now_ts=3)
+    seen = shown.features[:, FEATURES.index("seen")]
+    assert dict(zip(shown.candidates, seen.tolist()))["a"] == pytest.approx(1 / 9)

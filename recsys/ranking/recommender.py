@@ -51,10 +51,11 @@ MODEL_VERSION = "blend-v1"
 N_FEATURES = len(FEATURES)
 
 # Candidate sources, in tie-break order, and the feature column each one fills.
-_CONTENT, _COVISIT, _NEXT, _SESSION, _AGAIN, _TRENDING = 0, 1, 2, 3, 4, 5
+_CONTENT, _COVISIT, _NEXT, _SESSION, _AGAIN, _TRENDING, _SEEN = 0, 1, 2, 3, 4, 5, 6
 _SOURCES = (_CONTENT, _COVISIT, _TRENDING, _NEXT, _SESSION, _AGAIN)  # the ones that can explain an item
 _COLUMN = {_CONTENT: COLUMN["content"], _COVISIT: COLUMN["covisit"], _NEXT: COLUMN["next"],
-           _SESSION: COLUMN["session"], _AGAIN: COLUMN["again"], _TRENDING: COLUMN["trending"]}
+           _SESSION: COLUMN["session"], _AGAIN: COLUMN["again"], _TRENDING: COLUMN["trending"],
+           _SEEN: COLUMN["seen"]}  # seen: set again from the user's recent items (_context_features)
 _PER_USER_SCALED = (_COVISIT, _NEXT, _SESSION, _AGAIN)  # divided by the user's largest value
 _NO_ROWS = np.zeros(0, dtype=np.int64)
 
@@ -68,6 +69,12 @@ class RecommenderConfig:
     trending_candidates: int = 20
     session_candidates: int = 30
     again_candidates: int = 30
+    # the user's most recent distinct items brought in as candidates themselves, so that the
+    # re-ranker's "seen" column can rank them (0: a seen item is ranked only when another
+    # source brings it; the default: figures in README "Backtests")
+    seen_candidates: int = 0
+    # "seen" of the r-th most recent distinct item (r = 0, 1, ...) is 1 / (1 + r) ** power
+    seen_grade_power: float = 1.0
     weights: PriorWeights = PriorWeights()
 
 
@@ -157,6 +164,8 @@ class Recommender:
             self._add_session_votes(parts, states, excl_rows, depth)
         # buy again: the user's own most-bought items that may be bought again
         self._add_buy_again(parts, states, exclusions)
+        if cfg.seen_candidates:
+            self._add_seen(parts, recents, cfg.seen_candidates)
 
         # trending is the same for everyone in a batch
         trending = [
@@ -281,6 +290,19 @@ class Recommender:
         if names:
             parts.add(_AGAIN, users, index.rows(names), np.asarray(counts, dtype=np.float32))
 
+    def _add_seen(self, parts: "_Entries", recents: list[list[tuple[str, str]]], m: int) -> None:
+        """The user's ``m`` most recent distinct items as candidates, graded by recency as the
+        "seen" column is (excluded ones are dropped when the entries are grouped)."""
+        heads = [recent[:m] for recent in recents]
+        counts = [len(h) for h in heads]
+        if not sum(counts):
+            return
+        users = np.repeat(np.arange(len(heads)), counts)
+        rows = self.items.index.rows([i for h in heads for i, _ in h])
+        grade = _seen_grade(np.concatenate([np.arange(c) for c in counts]), self.config.seen_grade_power)
+        ok = rows >= 0
+        parts.add(_SEEN, users[ok], rows[ok], grade[ok].astype(np.float32))
+
     def _context_features(self, batch: "_Batch", recents: list[list[tuple[str, str]]], cap: int) -> None:
         """Columns that depend on the user's recent items: seen recently, shares a category."""
         index, code = self.items.index, self.items.category_code
@@ -292,7 +314,7 @@ class Recommender:
         # seen, graded by recency (1, 1/2, 1/3 ...): the next click is the last item again far
         # more often than an older one (YooChoose 26% vs 6% for the one before, REES46 33% vs 5%)
         starts = np.repeat(np.cumsum(counts) - counts, counts)
-        grade = 1.0 / (1.0 + np.arange(len(recent_ids)) - starts)
+        grade = _seen_grade(np.arange(len(recent_ids)) - starts, self.config.seen_grade_power)
         seen_keys = owner[ok] * cap + recent_rows[ok]
         order = np.argsort(seen_keys)
         seen_keys, grade = seen_keys[order], grade[ok][order]
@@ -453,6 +475,12 @@ def _rank_order(user: np.ndarray, scores: np.ndarray, first_seen: np.ndarray) ->
         sub = order[at]
         order[at] = sub[np.lexsort((first_seen[sub], ranked[at]))]
     return order
+
+
+def _seen_grade(recency: np.ndarray, power: float) -> np.ndarray:
+    """The "seen" grade of the item ``recency`` places behind the user's most recent one: 1, 1/2, 1/3 ...
+    at ``power`` 1 (computed as before, exactly), steeper above."""
+    return 1.0 / (1.0 + recency) if power == 1.0 else (1.0 + recency) ** -power
 
 
 def _valid(rows: np.ndarray) -> np.ndarray:
