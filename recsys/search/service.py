@@ -147,6 +147,11 @@ class _Lexical:
     hit_scores: np.ndarray
     best: float
 
+    def score_at(self, row: int) -> float:
+        """The raw BM25 score of the item at ``row`` of the built index (0.0: not a hit)."""
+        k = int(np.searchsorted(self.hit_rows, row))
+        return float(self.hit_scores[k]) if k < len(self.hit_rows) and self.hit_rows[k] == row else 0.0
+
 
 @dataclass
 class _Candidates:
@@ -184,9 +189,6 @@ class Search:
         self.reranker = SearchReranker(self._weights, seed=self.config.seed)
         #: user -> (candidate ids, their signals) of their last search, until an engagement teaches the re-ranker
         self._shown: OrderedDict[str, tuple[list[str], np.ndarray]] = OrderedDict()
-        #: (query key, lexical rebuild) -> (items whose text matches the query lexically, query
-        #: vector, whether any item's text matches it): what :meth:`credits` judges by
-        self._matching: OrderedDict[tuple[str, int], tuple[frozenset[str], np.ndarray, bool]] = OrderedDict()
         #: engagements in a search window: credited to the query, or not (another product)
         self.credit_counts: Counter[str] = Counter()
         #: Backtests: called with ``(event, state)`` for each newly applied search, before it
@@ -326,33 +328,19 @@ class Search:
         """The text part of :meth:`credits`: the item's text matches the query, or text cannot judge."""
         if not self.lexical.docs.get(item_id):
             return True
-        matching, qvec, answerable = self._matches(query)
-        if not answerable or item_id in matching:
-            return True
+        known = self.lexical.known(self.lexical.vocabulary.repair(tokenize(query)))  # rebuilds if due
+        lexical = self._lexical_retrieval(known)
+        j = self.lexical.position(item_id)
+        if j >= 0 and lexical.hit_rows.size and lexical.score_at(j) >= self.config.credit_lexical * lexical.best:
+            return True  # matches the query's words
+        qtext = " ".join(tokenize(query)) or query
+        qvec = self.encoder(qtext)
+        if not lexical.hit_rows.size:  # no item's words match: does any item's meaning?
+            top = self._semantic_retrieval(qtext, qvec)
+            if not top or top[0][1] < self.config.min_semantic:
+                return True  # text cannot judge
         vec = self.items.index.vectors_or_zero([item_id])[0]
         return float(vec @ qvec) >= self.config.min_semantic
-
-    def _matches(self, query: str) -> tuple[frozenset[str], np.ndarray, bool]:
-        known = self.lexical.known(self.lexical.vocabulary.repair(tokenize(query)))  # rebuilds if due
-        cache_key = (query_key(query), self.lexical.rebuilds)
-        hit = self._matching.get(cache_key)
-        if hit is not None:
-            self._matching.move_to_end(cache_key)
-            return hit
-        ids, scores = self.lexical.scores(known)
-        matching: frozenset[str] = frozenset()
-        if len(ids) and float(scores.max()) > 0:
-            cut = self.config.credit_lexical * float(scores.max())
-            matching = frozenset(ids[j] for j in np.flatnonzero(scores >= cut).tolist())
-        qvec = self.encoder(" ".join(tokenize(query)) or query)
-        answerable = bool(matching)
-        if not answerable and len(self.items.index):
-            top = self.items.search(qvec, 1)[0]
-            answerable = bool(top) and top[0][1] >= self.config.min_semantic
-        hit = self._matching[cache_key] = (matching, qvec, answerable)
-        if len(self._matching) > 1024:
-            self._matching.popitem(last=False)
-        return hit
 
     def _remember(self, user_id: str, c: _Candidates, keep: np.ndarray) -> None:
         rows = np.flatnonzero(keep)
@@ -476,13 +464,10 @@ class Search:
         lex = dict(lexical.top)
         if lexical.hit_rows.size and state is not None and state.history:
             pos = self.lexical.position
-            rows, scores, best = lexical.hit_rows, lexical.hit_scores, lexical.best
             for item_id, _t, _ts in state.history:
                 j = pos(item_id)
-                if j >= 0:
-                    k = int(np.searchsorted(rows, j))
-                    if k < len(rows) and rows[k] == j:
-                        lex[item_id] = float(scores[k]) / best
+                if j >= 0 and (score := lexical.score_at(j)) > 0:
+                    lex[item_id] = score / lexical.best
         # semantic: the cached query vector against the faiss index (the answer cached per query)
         qtext = " ".join(tokenize(query)) or query
         qvec = self.encoder(qtext)
