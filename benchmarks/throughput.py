@@ -649,6 +649,7 @@ def run_latency(args, items, catalog_path: Path, cache_dir: str, base: Settings,
             probes = new_item_probes(probe_pairs(args.new_items), args.seed)
             prober = send_probes(clients, s, probes, len(events) / args.rate) if probes else None
             t0 = time.perf_counter()
+            cpu_at_start = flow.cpu_s()
             n = produce_records(clients, s.events_topic, keyed(events), rate=args.rate)
             produce_s = time.perf_counter() - t0  # the offered stream only (the probes' thread ends later)
             if prober is not None:
@@ -657,6 +658,8 @@ def run_latency(args, items, catalog_path: Path, cache_dir: str, base: Settings,
             n_recs = _wait_for_recommendations(clients, s.recommendations_topic, n_warm + 1, flow, QUIET_S, args.max_wait_s)
             log(f"[latency] {n_recs} recommendations, none new for {QUIET_S:.0f} s: stopping the flow (SIGINT)")
             hwm_before_stop = flow.vm_hwm_kib
+            cpu_offered = flow.cpu_s() - cpu_at_start  # the flow's CPU while the stream was offered and drained
+            wall_offered = time.perf_counter() - t0
         finally:
             flow.interrupt()
         log(f"[latency] {flow.stopped_line}")
@@ -693,6 +696,8 @@ def run_latency(args, items, catalog_path: Path, cache_dir: str, base: Settings,
         "searches": sum(1 for ev in events if ev.type == "search"),
         "search_results": len(search_envs),
         "latency_ms_search": _trigger_pcts(measured, search_envs) if search_envs else {},
+        "flow_cpu_s": round(cpu_offered, 2),
+        "flow_cpu_share": round(cpu_offered / wall_offered, 3),
         "peak_rss_mib": flow.peak_rss_mib(),
         "peak_rss_mib_before_sigint": round(hwm_before_stop / 1024, 1),
         "loadavg_before": load_before,
@@ -717,6 +722,8 @@ def run_latency(args, items, catalog_path: Path, cache_dir: str, base: Settings,
             f"{new_items['within_1s']} within 1 s)")
     elif probes:
         log(f"[latency] new item: none of {len(probes)} new items was recommended")
+    log(f"[latency] the flow used {cpu_offered:.1f} CPU-seconds from the first offered event to the last output "
+        f"({result['flow_cpu_share']:.0%} of one core over {wall_offered:.1f} s)")
     log(f"[latency] peak RSS {result['peak_rss_mib']} MiB; load average {result['loadavg_after']}")
     return result
 

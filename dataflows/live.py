@@ -26,7 +26,7 @@ from typing import Any
 from bytewax.dataflow import Dataflow
 
 from dataflows.catalog_table import ResumeAtLeast, bootstrap_catalog, report
-from dataflows.flow import Ticks, build_flow
+from dataflows.flow import Ticking, build_flow
 from dataflows.kafka_io import (
     HIGHWATER_TIMEOUT_S,
     KafkaClients,
@@ -51,7 +51,8 @@ from recsys.signals.snapshot import (
 from recsys.store.kv import RocksKV
 
 #: The timer of a flow that runs until stopped: the precision of the unknown-item wait's
-#: deadline on an idle stream, and of the metrics' refresh. A tick costs microseconds.
+#: deadline on an idle stream, and of the metrics' refresh. A tick costs microseconds; it rides
+#: on the control source's polls (dataflows.flow.Ticking), never on an input that sleeps.
 TICK_INTERVAL_S = 0.25
 
 
@@ -244,7 +245,7 @@ def live_flow(
     model and catalog are loaded before the first message); otherwise it is opened here.
     ``settings`` given are used as they are; read from the environment, they are this shard's
     (:meth:`Settings.for_shard`: with ``RECSYS_SHARDS`` > 1, per-shard state directories).
-    ``stop``: a ``threading.Event``; once set, every source (the timer too) ends its input
+    ``stop``: a ``threading.Event``; once set, every source ends its input
     and the flow stops in order (:class:`dataflows.runner.StopSignals`).
 
     Before the graph is built the catalog topic is read to its high watermark into the engine
@@ -293,7 +294,10 @@ def live_flow(
         "recsys_live",
         events=stoppable(Watched(events, settings.events_topic, metrics), stop),
         catalog=stoppable(Watched(ResumeAtLeast(catalog, boot.parts()), settings.catalog_topic, metrics), stop),
-        control=stoppable(control, stop),
+        # the timer rides on the control source (dataflows.flow.Ticking); a run to the end seen at
+        # start ends when its sources do and has none (nothing waits there either: Shard turns
+        # the unknown-item wait off for it)
+        control=stoppable(control if settings.stop_at_end else Ticking(control, TICK_INTERVAL_S), stop),
         observer=observer,
         recommendations=KafkaSink(clients, settings.recommendations_topic),
         dead_letters=KafkaSink(clients, settings.dead_letters_topic),
@@ -301,9 +305,6 @@ def live_flow(
         exchange=exchange,
         exchange_out=exchange_out,
         shard_factory=lambda: engine,
-        # a run to the end seen at start ends when its sources do: it has no timer (nothing
-        # waits there either: Shard turns the unknown-item wait off for it)
-        ticks=None if settings.stop_at_end else Ticks(TICK_INTERVAL_S, stop),
     )
 
 
