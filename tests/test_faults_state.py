@@ -206,3 +206,23 @@ def test_a_catalog_item_with_attributes_nested_300_deep_is_dead_lettered_not_a_c
     result = engine.process([Envelope("catalog", 0, 0, b"deep", raw, T0)])  # storing it used to raise
     assert _dead_reasons(result) == ["field 'attributes': nested deeper than 16 levels"]
     engine.close()
+
+
+def test_the_sweep_also_drops_what_memory_holds_of_an_expired_user(tmp_path, cache):
+    """The sweep deleted an expired user's stored search window and search outbox but left their
+    in-memory copies: the process kept the user's last query (shown in a later recommendation's
+    reason, "you searched '...'") past the TTL that promises it is gone, and a restarted process
+    did not, so the two disagreed. What the process remembers of a swept user must go with it."""
+    engine = _open(tmp_path, cache, state_ttl_days=1.0, sweep_keys_per_batch=100)
+    engine.process([_env(Event("s", "search", "searcher", None, T0, query="product number"), 0)])
+    engine.process([_env(Event("c", "click", "searcher", "i3", T0 + 1), 1)])
+    windows, outbox = engine.search.windows, engine.search.outbox
+    assert windows.last_query("searcher") == "product number" and outbox.get("searcher", 0, 0, "s") is not None
+    result = engine.process([_env(Event("f", "click", "fresh", "i2", T0 + 2 * DAY_MS), 2)])
+    assert result.counts["swept_users"] == 1 and engine.kv.get(user_key("searcher")) is None
+    assert windows.last_query("searcher") is None  # main: 'product number'
+    assert outbox.get("searcher", 0, 0, "s") is None
+    engine.close()
+    reopened = _open(tmp_path, cache, state_ttl_days=1.0, sweep_keys_per_batch=100)  # and a restart agrees
+    assert reopened.search.windows.last_query("searcher") is None
+    reopened.close()

@@ -65,8 +65,6 @@ from recsys.ranking.reranker import (
 )
 from recsys.search import Search, SearchConfig  # issue 13
 from recsys.search.intent import SearchIntent
-from recsys.search.learned import window_key
-from recsys.search.outbox import outbox_key as search_outbox_key
 from recsys.settings import Settings
 from recsys.shard.outbox import (
     decode_outbox,
@@ -721,7 +719,11 @@ class Shard:
             self._pass_oldest = None
         doomed = [u for u in expired if u not in batch_users]
         counts["swept_users"] += len(doomed)
-        return [key for u in doomed for key in (user_key(u), _OUTBOX_PREFIX + u.encode(), window_key(u), search_outbox_key(u))]
+        deletes = []
+        for u in doomed:  # what memory holds of the user goes too (the open search window: their last query)
+            self.shown.discard(u)
+            deletes += [user_key(u), _OUTBOX_PREFIX + u.encode(), *self.search.forget_user(u)]
+        return deletes
 
     # ------------------------------------------------------------------ erasure
 
