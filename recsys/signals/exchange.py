@@ -397,8 +397,12 @@ class SharedModels:
     def __init__(self, kv: KVStore, head: Head | None, reranker: PairwiseReranker | None, *,
                  history_len: int, vectors_for: Callable[[Iterable[str]], None] | None = None,
                  persistent: bool = False, checkpoint_interval_s: float = 30.0,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, train: bool = True) -> None:
         self.head, self.reranker = head, reranker
+        #: False on a shard served by a trainer (:mod:`recsys.signals.trainer`): messages still carry
+        #: the training inputs, but this shard learns nothing from them; its models are loaded
+        #: from the trainer's snapshots (:meth:`load_checkpoint`), and nothing is persisted here.
+        self.train = train
         self.history_len = history_len
         self.ensure_items = vectors_for  # makes every id of an example known to this shard's item space
         #: Whether an item id is in this shard's catalog (None: every item counts as known). With
@@ -414,7 +418,7 @@ class SharedModels:
         self.learn_cpu_s = 0.0  # CPU seconds spent learning (the cost figures)
         self._replay: list[bytes] = []  # xm:log: keys written since the checkpoint
         self._last_checkpoint = clock()
-        if persistent:
+        if persistent and train:
             self._restore(kv)
 
     @property
@@ -427,7 +431,8 @@ class SharedModels:
         history) that this shard's catalog does not hold: the head would learn a zero vector for
         them, where a shard that knows them learns their own. Empty when nothing is missing, or
         when the head is off, the message teaches it nothing, or unknown items are admitted."""
-        if self.head is None or message.version < 2 or self.ensure_items is not None or self.is_known is None:
+        if (self.head is None or not self.train or message.version < 2 or self.ensure_items is not None
+                or self.is_known is None):
             return []
         known = self.is_known
         missing = {item_id for _, _, item_id, event_type, _, history in message.ops
@@ -438,7 +443,9 @@ class SharedModels:
 
     def learn(self, position: int, raw: bytes, message: OpMessage, puts: dict[bytes, bytes], deletes: list[bytes]) -> None:
         """Learn one applied message (positions only ever grow); with a persistent store adds its
-        replay record, or a checkpoint, to the batch's write."""
+        replay record, or a checkpoint, to the batch's write. Nothing when not training here."""
+        if not self.train:
+            return
         t0 = time.process_time()
         self._learn(position, message)
         self.learn_cpu_s += time.process_time() - t0
@@ -502,24 +509,30 @@ class SharedModels:
         torch.save(state, buf)
         return buf.getvalue()
 
+    def load_checkpoint(self, raw: bytes, *, pending: bool = True) -> None:
+        """Take the models' state from :meth:`checkpoint`'s bytes (a shard served by a trainer:
+        the trainer's snapshot; ``pending=False`` leaves the head's waiting examples out)."""
+        import torch
+
+        from recsys.ranking.head import Example
+
+        state = torch.load(io.BytesIO(raw), weights_only=True)
+        if state.get("format") != _CHECKPOINT_FORMAT:
+            raise ExchangeFormatError(f"shared model checkpoint of unknown format {state.get('format')!r}")
+        self.position, self.learned_at = int(state["position"]), int(state["learned_at"])
+        if self.head is not None and state["head"] is not None:
+            self.head.load_state_dict(state["head"])
+        if pending:
+            self.pending = [Example([tuple(h) for h in hist], t, ty, ts) for hist, t, ty, ts in orjson.loads(state["pending"])]
+        if self.reranker is not None and state["reranker"] is not None:
+            rr = orjson.loads(state["reranker"])
+            self.reranker.w = np.asarray(rr["w"], dtype=np.float64)
+            self.reranker.examples = int(rr["examples"])
+
     def _restore(self, kv: KVStore) -> None:
         raw = kv.get(MODEL_CHECKPOINT_KEY)
         if raw is not None:
-            import torch
-
-            from recsys.ranking.head import Example
-
-            state = torch.load(io.BytesIO(raw), weights_only=True)
-            if state.get("format") != _CHECKPOINT_FORMAT:
-                raise ExchangeFormatError(f"shared model checkpoint of unknown format {state.get('format')!r}")
-            self.position, self.learned_at = int(state["position"]), int(state["learned_at"])
-            if self.head is not None and state["head"] is not None:
-                self.head.load_state_dict(state["head"])
-            self.pending = [Example([tuple(h) for h in hist], t, ty, ts) for hist, t, ty, ts in orjson.loads(state["pending"])]
-            if self.reranker is not None and state["reranker"] is not None:
-                rr = orjson.loads(state["reranker"])
-                self.reranker.w = np.asarray(rr["w"], dtype=np.float64)
-                self.reranker.examples = int(rr["examples"])
+            self.load_checkpoint(raw)
         replayed = 0
         for key, raw_message in kv.iter_prefix(MODEL_REPLAY_PREFIX):
             position = int(key[len(MODEL_REPLAY_PREFIX):])
