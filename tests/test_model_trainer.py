@@ -16,11 +16,16 @@ import pytest
 
 from dataflows.kafka_io import partition_for_key
 from recsys.backtest.protocols import PrequentialScorer
-from recsys.backtest.shards import model_checksum, replay_shared_shards
+from recsys.backtest.shards import (
+    model_checksum,
+    replay_shared_shards,
+    serving_checksum,
+)
 from recsys.events import Envelope, encode
 from recsys.settings import Settings
 from recsys.shard.batching import user_disjoint_chunks
 from recsys.shard.step import Shard
+from recsys.signals.exchange import SharedModels
 from recsys.signals.trainer import (
     ModelTrainer,
     newest_model_snapshot,
@@ -76,8 +81,10 @@ def test_a_trainer_publishing_every_message_at_once_serves_the_models_shards_tra
     today, _, today_scorer, _ = _replay(embedder, catalog, events, 3, trainer=False)
     served, trainer, scorer, stats = _replay(embedder, catalog, events, 3, trainer=True, publish_every=1, publish_lag=0)
     assert trainer.head.n_updates > 0 and stats["model_publications"] > 10
-    # every shard, and the trainer, hold bit for bit the models each shard of today trained itself
-    assert {model_checksum(e) for e in served} == {model_checksum(trainer)} == {model_checksum(today[0])}
+    # the trainer holds bit for bit the models each shard of today trained itself, and every shard serves them
+    assert model_checksum(trainer) == model_checksum(today[0])
+    assert {serving_checksum(e) for e in served} == {serving_checksum(trainer)} == {serving_checksum(today[0])}
+    assert stats["served_as_trained"]
     assert served[0].model_version == today[0].model_version
     assert _hits(scorer) == _hits(today_scorer)  # the same recommendations, scored the same
     assert stats["model_learn_cpu_s"] == 0  # the shards trained nothing themselves
@@ -85,7 +92,7 @@ def test_a_trainer_publishing_every_message_at_once_serves_the_models_shards_tra
 
 def test_shards_served_by_a_trainer_train_nothing_and_lag_by_the_publication(embedder, catalog, events):
     served, trainer, _, stats = _replay(embedder, catalog, events, 2, trainer=True, publish_every=8, publish_lag=2)
-    assert {model_checksum(e) for e in served} == {model_checksum(trainer)}  # the last one reaches them at the end
+    assert {serving_checksum(e) for e in served} == {serving_checksum(trainer)}  # the last one reaches them at the end
     assert stats["model_publications"] < stats["exchange_messages"] / 4
     # a shard alone on the same log, served by nobody, learns nothing: training is the trainer's
     idle, producer = _shard(embedder, catalog, 1, trainer=True), _shard(embedder, catalog, 0, trainer=True)
@@ -128,7 +135,7 @@ def test_a_live_shard_loads_the_newest_snapshot_between_batches_and_names_its_ve
     assert trainer.publications == 0 and trainer.maybe_publish(force=True)
     live = _shard(embedder, catalog, 1, kv=RocksKV(str(tmp_path / "rocks")), trainer=True, state_dir=str(tmp_path),
                   exchange_snapshot_dir=str(snapshots))
-    assert model_checksum(live) == model_checksum(trainer_engine)  # loaded at start
+    assert serving_checksum(live) == serving_checksum(trainer_engine)  # loaded at start
     version = live.model_version
     assert version.endswith(f"@x{trainer.models.position}") and trainer.models.position >= 0
     user = next(e for e in events if _owner(2)(e.user_id) == 1)
@@ -151,11 +158,11 @@ from recsys.signals.exchange import SharedModels
 from recsys.signals.trainer import ModelTrainer
 from recsys.store.kv import MemoryKV, RocksKV
 
-log_file, state, snaps, progress = sys.argv[1:5]
+log_file, state, snaps, progress, cache = sys.argv[1:6]
 log = [(i, bytes.fromhex(h)) for i, h in enumerate(orjson.loads(Path(log_file).read_bytes()))]
 catalog = [decode_catalog_item(bytes.fromhex(h), 1 << 20) for h in orjson.loads(Path(log_file + ".catalog").read_bytes())]
 settings = Settings(unknown_items="admit", state_ttl_days=36500.0, shards=2, shard=0, share_signals=True)
-engine = Shard(settings, MemoryKV(), Embedder(settings.model_name, None))  # the head and the catalog's vectors
+engine = Shard(settings, MemoryKV(), Embedder(settings.model_name, cache))  # the head and the catalog's vectors
 engine.upsert_catalog(catalog)
 kv = RocksKV(state)  # the trainer's own state: position, sequence numbers, models
 models = SharedModels(kv, engine.head, engine.reranker, history_len=engine.head.config.history_len,
@@ -198,7 +205,8 @@ def test_a_killed_trainer_resumes_without_learning_a_message_twice_or_skipping_o
     (tmp_path / "log.json.catalog").write_bytes(orjson.dumps([encode(c).hex() for c in catalog]))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     progress = tmp_path / "progress"
-    args = [sys.executable, "-c", _TRAINER_CHILD, str(log_file), str(tmp_path / "state"), str(tmp_path / "snaps"), str(progress)]
+    args = [sys.executable, "-c", _TRAINER_CHILD, str(log_file), str(tmp_path / "state"), str(tmp_path / "snaps"), str(progress),
+            str(Path(embedder.cache_path).parent)]  # the vectors the parent embedded (its cache, opened per call)
     rng = random.Random(7)
     kills = 0
     for _ in range(3):
@@ -221,5 +229,11 @@ def test_a_killed_trainer_resumes_without_learning_a_message_twice_or_skipping_o
     assert header["position"] == reference.models.position
     check = _shard(embedder, catalog, 1, trainer=True)
     check.load_models(payload)
-    assert model_checksum(check) == model_checksum(whole)
+    assert serving_checksum(check) == serving_checksum(whole)
     assert check.model_version == whole.model_version
+    # the trainer's own state (optimizer moments, sampler too) equals the uninterrupted one's
+    again = _shard(embedder, catalog, 0)
+    kv = RocksKV(str(tmp_path / "state"))
+    SharedModels(kv, again.head, again.reranker, history_len=again.head.config.history_len, persistent=True)
+    kv.close()
+    assert model_checksum(again) == model_checksum(whole)

@@ -125,9 +125,12 @@ def replay_shared_shards(
         stats["trainer_learn_cpu_s"] = trainer.shared_models.learn_cpu_s
         stats["trainer_version"] = model_trainer.version
     if any(shard.shared_models is not None for shard in shards):  # the learned models through the log too
-        sums = [model_checksum(shard) for shard in shards]
+        # served by a trainer, a shard holds what serves (no training state): compare that
+        checksum = serving_checksum if trainer is not None else model_checksum
+        sums = [checksum(shard) for shard in shards]
         if trainer is not None:
-            stats["trainer_model_checksum"] = model_checksum(trainer)
+            stats["trainer_serving_checksum"] = serving_checksum(trainer)
+            stats["served_as_trained"] = set(sums) == {stats["trainer_serving_checksum"]}
         stats["model_checksums"] = sums
         stats["models_identical"] = len(set(sums)) == 1
         stats["model_versions"] = sorted({shard.model_version for shard in shards})
@@ -149,6 +152,20 @@ def model_checksum(shard: Shard) -> str:
             for name in sorted(slot):
                 digest.update(name.encode() + slot[name].numpy().tobytes())
         digest.update(str(state["n_updates"]).encode())
+    digest.update(shard.reranker.w.tobytes() + str(shard.reranker.examples).encode())
+    return digest.hexdigest()
+
+
+def serving_checksum(shard: Shard) -> str:
+    """sha256 (hex) of what serves: the head's parameters and step count, the re-ranker's weights
+    and example count (a shard served by a trainer holds these, not the training state)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    if shard.head is not None:
+        for name, tensor in sorted(shard.head._towers.state_dict().items()):
+            digest.update(name.encode() + tensor.numpy().tobytes())
+        digest.update(str(shard.head.n_updates).encode())
     digest.update(shard.reranker.w.tobytes() + str(shard.reranker.examples).encode())
     return digest.hexdigest()
 

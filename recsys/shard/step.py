@@ -612,11 +612,11 @@ class Shard:
         return False
 
     def load_models(self, payload: bytes) -> None:
-        """Serve the models of a trainer's snapshot (:meth:`SharedModels.checkpoint` bytes) from the
-        next ranking on; their log position becomes the version recommendations name."""
+        """Serve the models of a trainer's snapshot (:meth:`SharedModels.serving_state` bytes) from
+        the next ranking on; their log position becomes the version recommendations name."""
         if self.shared_models is None:
             return
-        self.shared_models.load_checkpoint(payload, pending=False)
+        self.shared_models.load_serving(payload)
         self.totals["model_snapshots_loaded"] += 1
 
     def poll_model_snapshots(self, *, force: bool = False) -> bool:

@@ -11,7 +11,7 @@ recommendation names the log position of the snapshot's models (``...@x<position
 
 Where the snapshots go: files in the snapshot directory the shards already share for
 bootstrapping (``RECSYS_EXCHANGE_SNAPSHOT_DIR``), not a compacted topic. A snapshot is one blob
-(the head's parameters and optimizer moments, the re-ranker's weights: ~1-3 MB), replaced whole
+(the head's parameters and the re-ranker's weights, 1.2 MB at 384 dimensions), replaced whole
 each time: a compacted topic would keep it under one key, but a broker refuses messages over its
 ``message.max.bytes`` (1 MB by default), so the blob would have to be cut in parts with a marker
 saying which parts make one version, and a shard would read them all back at start. A file
@@ -31,7 +31,8 @@ the same version published again after a restart is the same file.
 
 File: ``<topic>.<position, 20 digits>.models`` = ``b"RXM1\\n"`` + one JSON header line (topic,
 position, learned_at, sha256 of the payload, written_at_ms) + the payload
-(:meth:`SharedModels.checkpoint`'s bytes).
+(:meth:`SharedModels.serving_state`: the parameters a shard serves with, not the optimizer's
+training state, which stays in the trainer's RocksDB).
 
 >>> import tempfile
 >>> d = tempfile.mkdtemp()
@@ -255,7 +256,7 @@ class ModelTrainer:
                or self.clock() - self._last_publish >= self.publish_every_s)
         if not (force or due):
             return False
-        self._publish(self.models.position, self.models.learned_at, self.models.checkpoint())
+        self._publish(self.models.position, self.models.learned_at, self.models.serving_state())
         self.published = self.models.position
         self._since_publish = 0
         self._last_publish = self.clock()
