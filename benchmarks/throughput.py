@@ -136,6 +136,7 @@ class FlowProcess:
         self.vm_hwm_kib = 0
         self.vm_rss_kib = 0
         self.cpu_ticks: dict[int, int] = {}  # pid -> utime + stime (clock ticks), last sampled
+        self.trainer_pids: set[int] = set()
         self._ready = threading.Event()
         self._exited = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
@@ -172,6 +173,8 @@ class FlowProcess:
             rss = 0
             for pid in [self.pid, *_children(self.pid)]:
                 try:
+                    if pid not in self.cpu_ticks and b"dataflows.trainer" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                        self.trainer_pids.add(pid)  # issue 11: the model trainer's CPU is also reported apart
                     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
                     self.cpu_ticks[pid] = int(fields[11]) + int(fields[12])  # utime + stime
                     for row in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -214,10 +217,12 @@ class FlowProcess:
     def tail(self, n: int = 20) -> str:
         return "\n".join(list(self.lines)[-n:]) or "(no output)"
 
-    def cpu_s(self) -> float:
+    def cpu_s(self, *, trainer: bool | None = None) -> float:
         """CPU seconds (user + system) of the flow and its shard processes, as last sampled
-        (every ``RSS_SAMPLE_S``; a process's last 50 ms before it exits may be missed)."""
-        return sum(self.cpu_ticks.values()) / os.sysconf("SC_CLK_TCK")
+        (every ``RSS_SAMPLE_S``; a process's last 50 ms before it exits may be missed).
+        ``trainer``: True, the model trainer's alone; False, everything but it; None: all."""
+        ticks = [t for pid, t in self.cpu_ticks.items() if trainer is None or (pid in self.trainer_pids) == trainer]
+        return sum(ticks) / os.sysconf("SC_CLK_TCK")
 
     def peak_rss_mib(self) -> float:
         return round(self.vm_hwm_kib / 1024, 1)
@@ -389,7 +394,7 @@ def run_drained(args, items, catalog_path: Path, cache_dir: str, base: Settings,
             flow.wait_ready()
             startup_s = flow.ready_t - flow.start_t
             time.sleep(2 * RSS_SAMPLE_S)
-            cpu_ready_s = flow.cpu_s()
+            cpu_ready_s, trainer_ready_s = flow.cpu_s(), flow.cpu_s(trainer=True)
             log(f"[{tag}] flow ready after {startup_s:.1f} s: {flow.ready_line}")
             deadline = time.perf_counter() + args.max_wait_s
             waiting = {(e.user_id, e.event_id) for e in {e.user_id: e for e in events}.values()}
@@ -419,6 +424,7 @@ def run_drained(args, items, catalog_path: Path, cache_dir: str, base: Settings,
             finally:
                 recs_seen.close()
             cpu_s = flow.cpu_s() - cpu_ready_s  # ready -> drained: the work's CPU, not start-up's or the stop's
+            trainer_cpu_s = flow.cpu_s(trainer=True) - trainer_ready_s  # (its start-up may overlap the window)
         finally:
             flow.interrupt()
         log(f"[{tag}] {flow.stopped_line}")
@@ -446,6 +452,8 @@ def run_drained(args, items, catalog_path: Path, cache_dir: str, base: Settings,
         "events_per_s": round(n / run_s, 1),
         "flow_cpu_s": round(cpu_s, 1),  # the supervisor and its shards, ready -> drained
         "events_per_cpu_s": round(n / cpu_s, 1),
+        "trainer_cpu_s": round(trainer_cpu_s, 1),  # included in flow_cpu_s
+        "events_per_cpu_s_without_trainer": round(n / max(cpu_s - trainer_cpu_s, 1e-9), 1),
         "recommendations": len(recs),
         "users_last_event_unanswered": unanswered,
         "dead_letters": len(dead),
@@ -461,7 +469,8 @@ def run_drained(args, items, catalog_path: Path, cache_dir: str, base: Settings,
     if unanswered:
         raise SystemExit(f"[{tag}] {unanswered} users' last events were not answered: not drained; {result}")
     line = (f"[{tag}] {what}: {result['events_per_s']:.0f} events/s ({n} events in {run_s:.2f} s, ready -> drained); "
-            f"flow CPU {cpu_s:.1f} s ({n / cpu_s:.0f} events per CPU-second); "
+            f"flow CPU {cpu_s:.1f} s ({n / cpu_s:.0f} events per CPU-second"
+            f"{f'; the trainer {trainer_cpu_s:.1f} s of it' if trainer else ''}); "
             f"{len(recs)} recommendations, {len(dead)} dead letters; peak RSS {result['peak_rss_mib']} MiB")
     if share:
         line += (f"; exchange {len(exchange)} records, {result['exchange_bytes_per_event']} bytes/event; shards' "
@@ -489,7 +498,9 @@ def run_sharing(args, items, catalog_path: Path, cache_dir: str, base: Settings,
         out.update({"trainer": runs["trainer"], "median_events_per_s_trainer": med["trainer"],
                     "trainer_over_off": round(med["trainer"] / med["off"], 3),
                     "trainer_over_on": round(med["trainer"] / med["on"], 3),
-                    "median_events_per_cpu_s_trainer": cpu["trainer"]})
+                    "median_events_per_cpu_s_trainer": cpu["trainer"],
+                    "median_events_per_cpu_s_trainer_shards_only": float(np.median(
+                        [x["events_per_cpu_s_without_trainer"] for x in runs["trainer"]]))})
     return out
 
 
@@ -911,7 +922,8 @@ def main(argv: list[str] | None = None) -> int:
             log(f"sharing with the model trainer: {sh['median_events_per_s_trainer']:.0f} events/s "
                 f"{[x['events_per_s'] for x in sh['trainer']]}: {100 * sh['trainer_over_off']:.1f}% of off, "
                 f"{100 * sh['trainer_over_on']:.1f}% of on (models trained on every shard); events per CPU-second "
-                f"{sh['median_events_per_cpu_s_trainer']:.0f} (the trainer's CPU included)")
+                f"{sh['median_events_per_cpu_s_trainer']:.0f} (the trainer's CPU included), "
+                f"{sh['median_events_per_cpu_s_trainer_shards_only']:.0f} (the shards' and the supervisor's alone)")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
         log(f"figures -> {args.out}")
