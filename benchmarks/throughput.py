@@ -173,8 +173,10 @@ class FlowProcess:
             rss = 0
             for pid in [self.pid, *_children(self.pid)]:
                 try:
-                    if pid not in self.cpu_ticks and b"dataflows.trainer" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                        self.trainer_pids.add(pid)  # issue 11: the model trainer's CPU is also reported apart
+                    # issue 11: the model trainer's CPU is also reported apart (looked at every sample: a
+                    # child seen between fork and exec still shows the supervisor's command line)
+                    if pid not in self.trainer_pids and b"dataflows.trainer" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                        self.trainer_pids.add(pid)
                     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
                     self.cpu_ticks[pid] = int(fields[11]) + int(fields[12])  # utime + stime
                     for row in Path(f"/proc/{pid}/status").read_text().splitlines():
