@@ -35,7 +35,7 @@ the real flow as a child process (``python -m recsys_cli run``), synthetic data
    of the state directory and this process's RSS; both must level off once the sweep keeps pace.
    Events are generated chunk by chunk, so the RSS is the engine's, not the input's.
 3b. ``sharing`` (issue 11): ``--rounds`` pairs of max-like runs with ``--share-signals`` off and
-   on (order swapped every round), each until drained instead of ``--stop-at-end`` (a sharing
+   on (order swapped every round; ``--sharing-trainer``: a third, on with ``--model-trainer``), each until drained instead of ``--stop-at-end`` (a sharing
    shard would stop its exchange log at the end it saw at start); events/s from "ready" to the
    last output, events per CPU-second of the flow, and the shards' checksums (see
    :func:`run_drained`).
@@ -136,6 +136,7 @@ class FlowProcess:
         self.vm_hwm_kib = 0
         self.vm_rss_kib = 0
         self.cpu_ticks: dict[int, int] = {}  # pid -> utime + stime (clock ticks), last sampled
+        self.trainer_pids: set[int] = set()
         self._ready = threading.Event()
         self._exited = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
@@ -172,6 +173,10 @@ class FlowProcess:
             rss = 0
             for pid in [self.pid, *_children(self.pid)]:
                 try:
+                    # issue 11: the model trainer's CPU is also reported apart (looked at every sample: a
+                    # child seen between fork and exec still shows the supervisor's command line)
+                    if pid not in self.trainer_pids and b"dataflows.trainer" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                        self.trainer_pids.add(pid)
                     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
                     self.cpu_ticks[pid] = int(fields[11]) + int(fields[12])  # utime + stime
                     for row in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -214,10 +219,12 @@ class FlowProcess:
     def tail(self, n: int = 20) -> str:
         return "\n".join(list(self.lines)[-n:]) or "(no output)"
 
-    def cpu_s(self) -> float:
+    def cpu_s(self, *, trainer: bool | None = None) -> float:
         """CPU seconds (user + system) of the flow and its shard processes, as last sampled
-        (every ``RSS_SAMPLE_S``; a process's last 50 ms before it exits may be missed)."""
-        return sum(self.cpu_ticks.values()) / os.sysconf("SC_CLK_TCK")
+        (every ``RSS_SAMPLE_S``; a process's last 50 ms before it exits may be missed).
+        ``trainer``: True, the model trainer's alone; False, everything but it; None: all."""
+        ticks = [t for pid, t in self.cpu_ticks.items() if trainer is None or (pid in self.trainer_pids) == trainer]
+        return sum(ticks) / os.sysconf("SC_CLK_TCK")
 
     def peak_rss_mib(self) -> float:
         return round(self.vm_hwm_kib / 1024, 1)
@@ -357,7 +364,7 @@ def _log_end(clients: KafkaClients, topic: str, partitions: int) -> int:
 
 
 def run_drained(args, items, catalog_path: Path, cache_dir: str, base: Settings, workroot: Path, *,
-                share: bool, tag: str) -> dict:
+                share: bool, tag: str, trainer: bool = False) -> dict:
     """Like ``max`` (the events produced first, then the flow), but the flow runs until stopped
     and the clock stops at the last output it wrote: with sharing on, a shard's ``--stop-at-end``
     would end its exchange log at the end it saw at start (empty), so the shards would not apply
@@ -365,15 +372,19 @@ def run_drained(args, items, catalog_path: Path, cache_dir: str, base: Settings,
     user's last event answered (the recommendations are read as they come) and, with sharing,
     the exchange log unchanged for ``QUIET_S``; then SIGINT. events/s = events / (flow
     "ready" -> the last recommendation's ``emitted_at`` or, with sharing, the last exchange
-    record's append, whichever is later). With sharing the shards' checksums are compared."""
+    record's append, whichever is later). With sharing the shards' checksums are compared.
+    ``trainer``: sharing with the train/serve split (``--model-trainer``): the trainer process
+    runs beside the shards and its CPU counts in the flow's; its publication lag does not
+    (the clock stops at the shards' last output)."""
     events = generate_events(args.events, items, n_users=args.users, seed=args.seed)
     load_before = loadavg()
-    what = "sharing ON" if share else "sharing off"
+    what = ("sharing ON + trainer" if trainer else "sharing ON") if share else "sharing off"
     log(f"\n[{tag}] {what}: {len(events)} events, {len(items)} items, {args.users} users, {args.partitions} partitions; "
         f"load average {load_before}")
     broker, clients, s = start_broker(args.partitions, base)
     exchange_topic = s.exchange_topic
-    extra = [*args.flow_args, *(["--share-signals", "--exchange-topic", exchange_topic] if share else [])]
+    extra = [*args.flow_args, *(["--share-signals", "--exchange-topic", exchange_topic] if share else []),
+             *(["--model-trainer", "--exchange-snapshot-dir", str(workroot / tag / "exchange-snapshots")] if trainer else [])]
     try:
         if share:
             ensure_topics(clients, {exchange_topic: 1})
@@ -385,7 +396,7 @@ def run_drained(args, items, catalog_path: Path, cache_dir: str, base: Settings,
             flow.wait_ready()
             startup_s = flow.ready_t - flow.start_t
             time.sleep(2 * RSS_SAMPLE_S)
-            cpu_ready_s = flow.cpu_s()
+            cpu_ready_s, trainer_ready_s = flow.cpu_s(), flow.cpu_s(trainer=True)
             log(f"[{tag}] flow ready after {startup_s:.1f} s: {flow.ready_line}")
             deadline = time.perf_counter() + args.max_wait_s
             waiting = {(e.user_id, e.event_id) for e in {e.user_id: e for e in events}.values()}
@@ -415,6 +426,7 @@ def run_drained(args, items, catalog_path: Path, cache_dir: str, base: Settings,
             finally:
                 recs_seen.close()
             cpu_s = flow.cpu_s() - cpu_ready_s  # ready -> drained: the work's CPU, not start-up's or the stop's
+            trainer_cpu_s = flow.cpu_s(trainer=True) - trainer_ready_s  # (its start-up may overlap the window)
         finally:
             flow.interrupt()
         log(f"[{tag}] {flow.stopped_line}")
@@ -435,12 +447,15 @@ def run_drained(args, items, catalog_path: Path, cache_dir: str, base: Settings,
     sums = sorted((int(a), b, int(c)) for a, b, c in _CHECKSUM_LINE.findall("\n".join(flow.lines)))
     result = {
         "share_signals": share,
+        "model_trainer": trainer,
         "events": n,
         "flow_startup_s": round(startup_s, 2),
         "ready_to_drained_s": round(run_s, 3),
         "events_per_s": round(n / run_s, 1),
         "flow_cpu_s": round(cpu_s, 1),  # the supervisor and its shards, ready -> drained
         "events_per_cpu_s": round(n / cpu_s, 1),
+        "trainer_cpu_s": round(trainer_cpu_s, 1),  # included in flow_cpu_s
+        "events_per_cpu_s_without_trainer": round(n / max(cpu_s - trainer_cpu_s, 1e-9), 1),
         "recommendations": len(recs),
         "users_last_event_unanswered": unanswered,
         "dead_letters": len(dead),
@@ -456,7 +471,8 @@ def run_drained(args, items, catalog_path: Path, cache_dir: str, base: Settings,
     if unanswered:
         raise SystemExit(f"[{tag}] {unanswered} users' last events were not answered: not drained; {result}")
     line = (f"[{tag}] {what}: {result['events_per_s']:.0f} events/s ({n} events in {run_s:.2f} s, ready -> drained); "
-            f"flow CPU {cpu_s:.1f} s ({n / cpu_s:.0f} events per CPU-second); "
+            f"flow CPU {cpu_s:.1f} s ({n / cpu_s:.0f} events per CPU-second"
+            f"{f'; the trainer {trainer_cpu_s:.1f} s of it' if trainer else ''}); "
             f"{len(recs)} recommendations, {len(dead)} dead letters; peak RSS {result['peak_rss_mib']} MiB")
     if share:
         line += (f"; exchange {len(exchange)} records, {result['exchange_bytes_per_event']} bytes/event; shards' "
@@ -468,19 +484,26 @@ def run_drained(args, items, catalog_path: Path, cache_dir: str, base: Settings,
 def run_sharing(args, items, catalog_path: Path, cache_dir: str, base: Settings, workroot: Path) -> dict:
     """``--rounds`` pairs of :func:`run_drained`, sharing off and on, the order swapped every
     round (so a load that rises or falls over the runs weighs on both alike)."""
-    runs: dict[str, list[dict]] = {"off": [], "on": []}
+    keys = ["off", "on", *(["trainer"] if args.sharing_trainer else [])]
+    runs: dict[str, list[dict]] = {key: [] for key in keys}
     for r in range(args.rounds):
-        for share in ((False, True) if r % 2 == 0 else (True, False)):
-            key = "on" if share else "off"
-            runs[key].append(run_drained(args, items, catalog_path, cache_dir, base, workroot, share=share,
-                                         tag=f"sharing-{key}-{r + 1}"))
-    off = float(np.median([x["events_per_s"] for x in runs["off"]]))
-    on = float(np.median([x["events_per_s"] for x in runs["on"]]))
-    cpu_off = float(np.median([x["events_per_cpu_s"] for x in runs["off"]]))
-    cpu_on = float(np.median([x["events_per_cpu_s"] for x in runs["on"]]))
-    return {"off": runs["off"], "on": runs["on"], "median_events_per_s_off": off, "median_events_per_s_on": on,
-            "on_over_off": round(on / off, 3), "median_events_per_cpu_s_off": cpu_off, "median_events_per_cpu_s_on": cpu_on,
-            "checksums_equal": all(x["checksums_equal"] for x in runs["on"])}
+        for key in (keys if r % 2 == 0 else keys[::-1]):
+            runs[key].append(run_drained(args, items, catalog_path, cache_dir, base, workroot, share=key != "off",
+                                         trainer=key == "trainer", tag=f"sharing-{key}-{r + 1}"))
+    med = {key: float(np.median([x["events_per_s"] for x in runs[key]])) for key in keys}
+    cpu = {key: float(np.median([x["events_per_cpu_s"] for x in runs[key]])) for key in keys}
+    out = {"off": runs["off"], "on": runs["on"], "median_events_per_s_off": med["off"], "median_events_per_s_on": med["on"],
+           "on_over_off": round(med["on"] / med["off"], 3), "median_events_per_cpu_s_off": cpu["off"],
+           "median_events_per_cpu_s_on": cpu["on"],
+           "checksums_equal": all(x["checksums_equal"] for key in keys[1:] for x in runs[key])}
+    if args.sharing_trainer:  # issue 11's train/serve split beside them
+        out.update({"trainer": runs["trainer"], "median_events_per_s_trainer": med["trainer"],
+                    "trainer_over_off": round(med["trainer"] / med["off"], 3),
+                    "trainer_over_on": round(med["trainer"] / med["on"], 3),
+                    "median_events_per_cpu_s_trainer": cpu["trainer"],
+                    "median_events_per_cpu_s_trainer_shards_only": float(np.median(
+                        [x["events_per_cpu_s_without_trainer"] for x in runs["trainer"]]))})
+    return out
 
 
 # --------------------------------------------------------------------------- mode latency
@@ -837,6 +860,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report-every", type=int, default=100_000, help="longrun: print disk and RSS every this many events")
     p.add_argument("--rounds", type=int, default=2,
                    help="sharing: pairs of runs, sharing off and on (order swapped every round)")
+    p.add_argument("--sharing-trainer", action="store_true",
+                   help="sharing: a third run per round, sharing on with the model trainer (--model-trainer)")
     p.add_argument("--verbose", "-v", action="store_true", help="echo the flow's output")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -902,6 +927,12 @@ def main(argv: list[str] | None = None) -> int:
             f"off {sh['median_events_per_cpu_s_off']:.0f}, on {sh['median_events_per_cpu_s_on']:.0f} "
             f"({100 * sh['median_events_per_cpu_s_on'] / sh['median_events_per_cpu_s_off']:.1f}%); shards' checksums "
             f"{'equal in every run' if sh['checksums_equal'] else 'NOT equal'}")
+        if "trainer" in sh:
+            log(f"sharing with the model trainer: {sh['median_events_per_s_trainer']:.0f} events/s "
+                f"{[x['events_per_s'] for x in sh['trainer']]}: {100 * sh['trainer_over_off']:.1f}% of off, "
+                f"{100 * sh['trainer_over_on']:.1f}% of on (models trained on every shard); events per CPU-second "
+                f"{sh['median_events_per_cpu_s_trainer']:.0f} (the trainer's CPU included), "
+                f"{sh['median_events_per_cpu_s_trainer_shards_only']:.0f} (the shards' and the supervisor's alone)")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
         log(f"figures -> {args.out}")

@@ -9,10 +9,12 @@ shard is an ordinary single-process flow (``recsys run --shards N --shard i`` ru
 hand, on this machine or another), with the same crash guarantees: a killed shard resumes
 from its own recovery snapshot and skips what its state has already applied.
 
-What the shards do not share: the global signals (co-visitation, transitions, popularity,
-session neighbours) and the learned head and re-ranker. Each learns them from its own users'
-events, a 1/N sample of the stream. Sharing them (one trainer publishing snapshots to every
-shard) is the open design question in ARCHITECTURE.md.
+Without ``--share-signals`` the shards do not share the global signals (co-visitation,
+transitions, popularity, session neighbours) nor the learned head and re-ranker: each learns them
+from its own users' events, a 1/N sample of the stream. With it they share them through the
+exchange log (docs/scale-out.md); with ``--model-trainer`` too, one more process, the model
+trainer (:mod:`dataflows.trainer`), trains the head and the re-ranker from that log once and the
+shards load its snapshots; it is stopped after the shards (it learns the log to its end first).
 
 This module only starts, watches and stops the shard processes: settings travel as
 ``RECSYS_*`` variables (:meth:`Settings.to_env`), each output line is relayed with a
@@ -61,13 +63,15 @@ def parse_totals(line: str) -> dict[str, int]:
 
 
 class Shard:
-    """One shard process: its output relayed line by line, its ready and stopped lines kept."""
+    """One shard process: its output relayed line by line, its ready and stopped lines kept.
+    ``module``: what it runs (``dataflows.trainer`` for the model trainer, index -1)."""
 
-    def __init__(self, index: int, settings: Settings, emit: Callable[[str], None]) -> None:
+    def __init__(self, index: int, settings: Settings, emit: Callable[[str], None], module: str = "recsys_cli") -> None:
         self.index = index
+        self.name = "trainer" if index < 0 else f"shard {index}"
         env = {**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1", "RUST_BACKTRACE": "0"}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "recsys_cli", "run"],
+            [sys.executable, "-m", module, *(["run"] if module == "recsys_cli" else [])],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -92,7 +96,7 @@ class Shard:
                 self.ready.set()
             elif line.startswith("stopped:"):
                 self.stopped_line = line
-            self._emit(f"[shard {self.index}] {line}")
+            self._emit(f"[{self.name}] {line}")
         self.ready.set()  # ended (maybe before ready): wake whoever waits
 
     def interrupt(self) -> None:
@@ -121,6 +125,9 @@ def run_shards(settings: Settings, processes: int, *, emit: Callable[[str], None
             sys.stdout.flush()
 
     shards = [Shard(i, settings.replace(shards=processes, shard=i), say) for i in range(processes)]
+    # issue 11 train/serve split: one trainer beside the shards trains the shared models (dataflows/trainer.py)
+    trainer = (Shard(-1, settings.replace(shards=processes), say, module="dataflows.trainer")
+               if settings.share_signals and settings.model_trainer else None)
     stopping = threading.Event()
     stop_at: list[float] = []
 
@@ -130,6 +137,8 @@ def run_shards(settings: Settings, processes: int, *, emit: Callable[[str], None
         stopping.set()
         for shard in shards:
             shard.interrupt()
+        if trainer is not None:
+            trainer.interrupt()
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -141,21 +150,25 @@ def run_shards(settings: Settings, processes: int, *, emit: Callable[[str], None
                 f"shard {s.index} pid {s.proc.pid}: {s.ready_line.removeprefix('ready: ').split(';')[0]}" for s in shards
             ) + ")")
         codes: dict[int, int] = {}
-        while len(codes) < len(shards):
-            for shard in shards:
+        watched = [*shards, *([trainer] if trainer is not None else [])]
+        while len(codes) < len(watched):
+            if trainer is not None and not stop_at and all(s.index in codes for s in shards):
+                stop_at.append(time.monotonic())
+                trainer.interrupt()  # every shard has stopped: the trainer learns the log to its end and stops
+            for shard in watched:
                 if shard.index in codes:
                     continue
                 try:
                     codes[shard.index] = shard.wait(0.2)
                 except subprocess.TimeoutExpired:
                     if stop_at and time.monotonic() - stop_at[0] > STOP_GRACE_S:
-                        say(f"[shard {shard.index}] still running {STOP_GRACE_S:.0f} s after the stop: killed")
+                        say(f"[{shard.name}] still running {STOP_GRACE_S:.0f} s after the stop: killed")
                         shard.proc.kill()
                     continue
                 if stopping.is_set() and codes[shard.index] == INTERRUPTED:
                     codes[shard.index] = 0  # stopped while loading, as asked
                 if codes[shard.index] != 0 and not stopping.is_set():
-                    say(f"[shard {shard.index}] exited with status {codes[shard.index]}: stopping the other shards")
+                    say(f"[{shard.name}] exited with status {codes[shard.index]}: stopping the other shards")
                     stop()
         totals: dict[str, int] = {}
         for shard in shards:
@@ -168,7 +181,7 @@ def run_shards(settings: Settings, processes: int, *, emit: Callable[[str], None
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        for shard in shards:
+        for shard in [*shards, *([trainer] if trainer is not None else [])]:
             if shard.proc.poll() is None:
                 shard.proc.kill()
                 shard.proc.wait()

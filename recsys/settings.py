@@ -65,6 +65,12 @@ class Settings(BaseSettings):
     # (recsys/signals/snapshot.py); one directory every shard can read and write (not per shard)
     exchange_snapshot_dir: str | None = "var/exchange-snapshots"  # None: no snapshots written or read
     exchange_snapshot_interval_s: float = Field(300.0, ge=0)  # a running shard writes one this often (0: never)
+    # issue 11 train/serve split (recsys/signals/trainer.py): with sharing, one trainer trains the shared
+    # head and re-ranker from the exchange log and publishes snapshots (in exchange_snapshot_dir) that
+    # the shards load between batches; off: every shard trains them itself from the log
+    model_trainer: bool = False
+    trainer_publish_messages: int = Field(20, gt=0)  # the trainer publishes after this many messages learned ...
+    trainer_publish_s: float = Field(1.0, ge=0)  # ... or this many seconds, whichever comes first (if the models changed)
     # --- state and recovery ---
     state_dir: str = "var/state"  # RocksDB user state + global signals
     recovery_dir: str | None = "var/recovery"  # Bytewax recovery snapshots; None disables

@@ -62,6 +62,16 @@ def add_parser(sub) -> None:
                    help="with sharing: rounds (each shard one batch) before every shard has applied a "
                         "round's signal updates (default 1: the next batch sees them, as a live exchange "
                         "consumer polling between two event batches does)")
+    p.add_argument("--trainer", action=argparse.BooleanOptionalAction, default=None,
+                   help="with sharing: the train/serve split (recsys/signals/trainer.py): one trainer trains "
+                        "the shared head and re-ranker from the log and publishes snapshots the shards load; "
+                        "default: RECSYS_MODEL_TRAINER (off: every shard trains them itself)")
+    p.add_argument("--trainer-publish-messages", type=int, default=None, metavar="K",
+                   help="with --trainer: the trainer publishes after every K messages learned "
+                        "(default: RECSYS_TRAINER_PUBLISH_MESSAGES)")
+    p.add_argument("--trainer-publish-lag", type=int, default=1, metavar="ROUNDS",
+                   help="with --trainer: rounds after the one a snapshot was published in before the shards "
+                        "serve it (default 1; 0: their next batch)")
     p.add_argument("--map", action="append", default=[], metavar="FIELD=COLUMN", help="csv: column mapping (repeat)")
     p.add_argument("--emit", default=None, metavar="FILE",
                    help="also compute the live output recommendations and write them to FILE (JSONL); slower")
@@ -159,6 +169,12 @@ def _check_args(args: argparse.Namespace) -> None:
         raise SystemExit(f"recsys replay: --exchange-lag must be a whole number >= 1, got {args.exchange_lag}")
     if args.share and (args.protocol != "prequential" or args.emit):
         raise SystemExit("recsys replay: --share runs only with --protocol prequential and without --emit")
+    if args.trainer and (args.share is False or args.shards < 1 or args.protocol != "prequential"):
+        raise SystemExit("recsys replay: --trainer needs sharing (--shards N, --protocol prequential)")
+    if args.trainer_publish_messages is not None and args.trainer_publish_messages < 1:
+        raise SystemExit(f"recsys replay: --trainer-publish-messages must be >= 1, got {args.trainer_publish_messages}")
+    if args.trainer_publish_lag < 0:
+        raise SystemExit(f"recsys replay: --trainer-publish-lag must be >= 0, got {args.trainer_publish_lag}")
     bad_maps = [m for m in args.map if "=" not in m]
     if bad_maps:
         raise SystemExit(f"recsys replay: --map expects FIELD=COLUMN, got {bad_maps[0]!r}")
@@ -240,10 +256,12 @@ def run_replay(args: argparse.Namespace) -> int:
 
     share = args.share if args.share is not None else (args.shards > 1 and args.protocol == "prequential" and not args.emit)
 
-    def open_engine(evaluate: bool, shard: int = 0, variant: str = "full-system") -> Shard:
+    trainer = share and (args.trainer if args.trainer is not None else settings.model_trainer)
+
+    def open_engine(evaluate: bool, shard: int = 0, variant: str = "full-system", role: str = "shard") -> Shard:
         shard_settings = settings.replace(shards=args.shards, shard=shard).for_shard()
-        if share and variant == "full-system":
-            shard_settings = shard_settings.replace(share_signals=True)
+        if share and variant == "full-system":  # the trainer's engine trains the shared models itself
+            shard_settings = shard_settings.replace(share_signals=True, model_trainer=trainer and role == "shard")
         if variant == "full-system/no-head":
             shard_settings = shard_settings.replace(head_enabled=False)
         elif variant == "full-system/no-reranker":
@@ -291,7 +309,7 @@ def run_replay(args: argparse.Namespace) -> int:
             try:
                 counts: dict[str, int] = {}
                 if share:
-                    counts = _replay_shared(ds.events, args, engine, open_engine, scorer)
+                    counts = _replay_shared(ds.events, args, engine, open_engine, scorer, trainer=trainer)
                 for shard, (shard_engine, events) in enumerate(() if share else _shards(ds.events, args.shards, engine, open_engine)):
                     if args.shards > 1:
                         print(f"shard {shard} of {args.shards}: {len(events)} events", flush=True)
@@ -363,25 +381,39 @@ def _shards(events: list, n: int, engine, open_engine):
         yield (engine if shard == 0 else open_engine(True, shard)), [e for e in events if owner[e.user_id] == shard]
 
 
-def _replay_shared(events: list, args, engine, open_engine, scorer) -> dict:
+def _replay_shared(events: list, args, engine, open_engine, scorer, *, trainer: bool = False) -> dict:
     """The full system as ``--shards`` shards sharing the global signals
     (:func:`recsys.backtest.shards.replay_shared_shards`); prints the exchange's cost figures
-    and each shard's signal checksum (all equal: every shard applied the same log)."""
+    and each shard's signal checksum (all equal: every shard applied the same log). With
+    ``trainer``, one more engine is the model trainer (the train/serve split)."""
     from dataflows.kafka_io import partition_for_key
     from recsys.backtest.shards import replay_shared_shards
     from tqdm.auto import tqdm
 
     n = args.shards
     shards = [engine] + [open_engine(True, s) for s in range(1, n)]
-    bar = tqdm(total=len(events), desc=f"replay ({n} shards, shared)", unit="ev", mininterval=1.0)
+    trainer_engine = open_engine(True, 0, role="trainer") if trainer else None
+    publish_every = args.trainer_publish_messages or engine.settings.trainer_publish_messages
+    bar = tqdm(total=len(events), desc=f"replay ({n} shards, shared{', trainer' if trainer else ''})", unit="ev",
+               mininterval=1.0)
     try:
         stats = replay_shared_shards(shards, events, lambda u: partition_for_key(u.encode(), n), scorer,
-                                     batch_size=args.batch_size, lag=args.exchange_lag, on_round=bar.update)
+                                     batch_size=args.batch_size, lag=args.exchange_lag, on_round=bar.update,
+                                     trainer=trainer_engine, publish_every=publish_every,
+                                     publish_lag=args.trainer_publish_lag)
         bar.close()
         sums = [shard.signal_checksum() for shard in shards]
     finally:
         for shard in shards[1:]:
             shard.close()
+        if trainer_engine is not None:
+            trainer_engine.close()
+    if trainer:
+        stats.update({"trainer_publish_messages": publish_every, "trainer_publish_lag_rounds": args.trainer_publish_lag})
+        print(f"trainer: {stats['model_publications']} snapshots published (every {publish_every} messages, served "
+              f"{args.trainer_publish_lag} round(s) later), {stats['trainer_learn_cpu_s']:.1f} s CPU learning; "
+              f"shards loaded {stats.get('model_loads', 0)} in {stats.get('model_load_cpu_s', 0.0):.1f} s CPU; "
+              f"shards serve {stats['model_versions']}, trainer at {stats['trainer_version']}", flush=True)
     remote_ops = stats["applied_ops"] * (n - 1) / n if n else 0
     stats.update({
         "exchange_lag_rounds": args.exchange_lag,

@@ -110,6 +110,8 @@ class StateLayoutError(RuntimeError):
     """The state directory was written by a different shard layout (``--shards``)."""
 #: Training examples waiting for a head step; older ones are dropped past this (bounded memory).
 _MAX_PENDING_EXAMPLES = 4096
+#: A shard served by a model trainer looks for a newer snapshot at most this often (one listing).
+MODEL_POLL_S = 0.5
 
 
 @dataclass
@@ -229,12 +231,17 @@ class Shard:
         # issue 11: with sharing the head and the re-ranker learn from the exchange log, the same on
         # every shard; their state is then in RocksDB with the log position (not the snapshot files)
         self.shared_models: SharedModels | None = None
+        # issue 11 train/serve split: a trainer trains them (recsys/signals/trainer.py); this shard loads
+        # the trainer's snapshots between batches (poll_model_snapshots) and trains nothing itself
+        self.served_by_trainer = settings.model_trainer and self.exchange is not None
+        self._model_poll_at = float("-inf")
         if self.exchange is not None and (self.head is not None or settings.rerank_enabled):
             self.shared_models = SharedModels(
                 kv, self.head, self.reranker if settings.rerank_enabled else None,
                 history_len=self.head.config.history_len if self.head is not None else 0,
                 vectors_for=self._admit_remote_items if settings.unknown_items == "admit" else None,
-                persistent=persistent, checkpoint_interval_s=settings.head_snapshot_interval_s, clock=clock)
+                persistent=persistent, checkpoint_interval_s=settings.head_snapshot_interval_s, clock=clock,
+                train=not self.served_by_trainer)
             self.exchange.share_models(self.shared_models)
             self.shared_models.is_known = self.items.catalog.__contains__
         else:
@@ -255,6 +262,8 @@ class Shard:
         if settings.search_in_history:  # a recent query enters the next recommendations
             self.recommender = SearchIntent(self.recommender, self.search)
         self.totals: Counter = Counter()
+        if self.served_by_trainer and persistent:  # a (re)started shard serves the newest published models at once
+            self.poll_model_snapshots()
         # issue 11: exchange records held back until this shard's catalog knows every item their head
         # examples name (position -> message; in memory: the state's log position has not moved, so
         # after a restart they are read from the log again), and since when the first one waits
@@ -342,6 +351,8 @@ class Shard:
         """
         result = BatchResult()
         counts = result.counts
+        if self.served_by_trainer and self._persistent:  # between two batches: the trainer's newest models
+            self.poll_model_snapshots()
         now_ms = int(self.clock() * 1000)
         if any(env.extra for env in envelopes):
             envelopes = self._absorb_offset_resets(envelopes)
@@ -597,6 +608,35 @@ class Shard:
                      position, len(items), now - self._held_at[1], ", ".join(items[:5]))
         self.totals["exchange_unknown_items"] += len(items)
         return False
+
+    def load_models(self, payload: bytes) -> None:
+        """Serve the models of a trainer's snapshot (:meth:`SharedModels.serving_state` bytes) from
+        the next ranking on; their log position becomes the version recommendations name."""
+        if self.shared_models is None:
+            return
+        self.shared_models.load_serving(payload)
+        self.totals["model_snapshots_loaded"] += 1
+
+    def poll_model_snapshots(self, *, force: bool = False) -> bool:
+        """Load the trainer's newest model snapshot when it is newer than the models served (looked
+        for at most every :data:`MODEL_POLL_S` unless ``force``). True when one was loaded."""
+        from recsys.signals import trainer
+
+        now = time.monotonic()
+        directory = self.settings.exchange_snapshot_dir
+        if self.shared_models is None or not directory or (not force and now - self._model_poll_at < MODEL_POLL_S):
+            return False
+        self._model_poll_at = now
+        info = trainer.newest_model_snapshot(directory, self.settings.exchange_topic, newer_than=self.shared_models.position)
+        if info is None:
+            return False
+        try:
+            _, payload = trainer.read_model_snapshot(info.path)
+        except (OSError, trainer.ModelSnapshotError) as exc:  # replaced meanwhile: the next poll finds a newer one
+            _log.warning("model snapshot %s not loaded: %s", info.path, exc)
+            return False
+        self.load_models(payload)
+        return True
 
     def signal_checksum(self) -> str:
         """sha256 of the committed global signals: equal on shards holding identical ones."""
