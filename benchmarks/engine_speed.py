@@ -1,7 +1,7 @@
 """Shard.process alone (no Kafka): events/s and where the time goes, for the benchmark workload.
 
     .venv/bin/python benchmarks/engine_speed.py [--items 10000] [--users 20000] [--events 40000]
-        [--batch 1000] [--windows 20000] [--settle-heap] [--no-head]
+        [--batch 1000] [--windows 20000] [--settle-heap] [--no-head] [--set NAME=VALUE ...]
         [--profile [--profile-from N] [--profile-out FILE]]
 
 Synthetic data (load test only). Prints events/s, µs/event, and with --profile the top functions.
@@ -45,14 +45,20 @@ def main() -> None:
                    help="with --profile: start profiling at this event (to see what a late window pays for)")
     p.add_argument("--profile-out", default="", help="with --profile: also write the pstats file here")
     p.add_argument("--embed-cache-dir", default="var/embeddings")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="a setting for the engine (e.g. session_query_items=10), validated as RECSYS_NAME would be")
     args = p.parse_args()
+    overrides = dict(item.split("=", 1) for item in args.set)
     print(f"load average: {os.getloadavg()}")
     catalog = generate_catalog(args.items, seed=0)
     Embedder("all-MiniLM-L6-v2", args.embed_cache_dir).embed([c.text for c in catalog], progress=True)
     events = generate_events(args.events, catalog, n_users=args.users, seed=1)
     envs = [Envelope("events", 0, i, e.user_id.encode(), encode(e), e.ts) for i, e in enumerate(events)]
     with tempfile.TemporaryDirectory() as tmp:
-        settings = Settings(state_dir=tmp, embed_cache_dir=args.embed_cache_dir, head_enabled=not args.no_head)
+        settings = Settings.from_env({Settings.env_var(name): value for name, value in overrides.items()},
+                                     state_dir=tmp, embed_cache_dir=args.embed_cache_dir, head_enabled=not args.no_head)
+        if overrides:
+            print(f"settings: {overrides}")
         engine = Shard.open(settings)
         engine.upsert_catalog(catalog)
         if args.settle_heap:

@@ -89,6 +89,11 @@ class Settings(BaseSettings):
     covisit_half_life_h: float = 24.0 * 30
     covisit_neighbours: int = Field(50, gt=0)  # co-visitation neighbours kept per item (bounds memory)
     unknown_items: Literal["dead_letter", "admit"] = "dead_letter"
+    # issue 12: bounds on the session-neighbour query's work as state grows (each changes the
+    # recommendations, so 0 = no bound, the default; recsys/signals/sessions.py)
+    session_query_items: int = Field(0, ge=0)  # the query is the current session's last N items (0: all it holds, up to 50)
+    session_postings_scanned: int = Field(0, ge=0)  # postings read per query item, most recent first (0: all, up to 500)
+    session_vote_items: int = Field(0, ge=0)  # each neighbour session votes for its last N items (0: all it holds)
     # --- learning ---
     head_enabled: bool = True  # the learned head over frozen vectors (off: interest vector retrieval)
     head_steps_per_batch: int = Field(1, gt=0)  # optimizer steps per polled batch: bounds training cost

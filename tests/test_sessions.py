@@ -168,6 +168,25 @@ def test_export_and_load_answer_exactly_as_before_and_keep_learning_alike(kv):
 def test_rejects_non_positive_bounds():
     with pytest.raises(ValueError):
         SessionNeighbours(max_sessions=0)
+    with pytest.raises(ValueError):
+        SessionNeighbours(query_items=-1)
+
+
+def _voted(bounds: dict) -> set[str]:
+    s = SessionNeighbours(**bounds)
+    _feed(s, [("u1", None, "a", 0), ("u1", None, "b", 1)])
+    _feed(s, [("u2", None, "c", 2), ("u2", None, "x", 3)])
+    _feed(s, [("u3", None, "a", 4), ("u3", None, "y", 5)])
+    _feed(s, [("q", None, "a", 6), ("q", None, "c", 7)])  # postings: a -> u1, u3, q; c -> u2, q
+    return {item for item, _ in s.scores(["q"], 10)[0]}
+
+
+def test_read_time_bounds_narrow_the_query_the_postings_and_the_votes():
+    assert _voted({}) == {"a", "b", "c", "x", "y"}
+    assert _voted({"query_items": 1}) == {"c", "x"}  # only the newest item, c, is asked: u2 answers
+    assert _voted({"postings_scanned": 2}) == {"a", "c", "x", "y"}  # a's oldest posting, u1, is not read
+    assert _voted({"vote_items": 1}) == {"b", "x", "y"}  # each neighbour votes for its newest item only
+    assert _voted({"query_items": 50, "postings_scanned": 500, "vote_items": 50}) == _voted({})
 
 
 _RUN = textwrap.dedent(

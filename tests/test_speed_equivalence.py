@@ -28,9 +28,10 @@ MIN = 60_000
 
 def _score_one_reference(s: SessionNeighbours, own: int, items: dict[str, int], n: int) -> list[tuple[str, float]]:
     """``SessionNeighbours._score_one`` before the batch version (one user at a time)."""
-    query = list(items)[-s.max_session_len :]
+    query = list(items)[-min(s.query_items or s.max_session_len, s.max_session_len) :]
     m = len(query)
-    lists = [s._postings.get(item, ()) for item in query]
+    lists = [list(s._postings.get(item, ()))[-s.postings_scanned:] if s.postings_scanned else s._postings.get(item, ())
+             for item in query]
     sizes = np.fromiter((len(p) for p in lists), dtype=np.int64, count=m)
     if sizes.sum() == 0:
         return []
@@ -54,6 +55,9 @@ def _score_one_reference(s: SessionNeighbours, own: int, items: dict[str, int], 
     top = np.lexsort((sids, -sims))[: s.k]
     held = s._held[sids[top]]
     voters = held >= 0
+    if s.vote_items:  # each neighbour's last vote_items items (rows hold them oldest first)
+        for r, length in enumerate(s._length[sids[top]].astype(int)):
+            voters[r, : max(length - s.vote_items, 0)] = False
     voted, inverse = np.unique(held[voters], return_inverse=True)
     votes = np.bincount(inverse, weights=np.broadcast_to(sims[top, None], held.shape)[voters])
     if len(votes) > n:
@@ -80,6 +84,11 @@ def _reference_scores(s: SessionNeighbours, user_ids: list[str], n: int) -> list
         (dict(k=7, sample_size=15, max_session_len=6, max_sessions=120), 200, 60, 5000),  # every cut, evictions
         (dict(k=50, sample_size=400, max_session_len=50), 150, 40, 12000),  # > 4096 postings per query
         (dict(k=20, sample_size=30), 400, 12, 4000),  # few items: many tied votes
+        # the read-time bounds of issue 12 (settings, off by default)
+        (dict(query_items=3, postings_scanned=7, vote_items=2), 300, 400, 6000),
+        (dict(k=7, sample_size=15, max_session_len=6, max_sessions=120, query_items=4, vote_items=5), 200, 60, 5000),
+        (dict(k=50, sample_size=400, max_session_len=50, postings_scanned=40), 150, 40, 12000),
+        (dict(query_items=60, postings_scanned=1000, vote_items=60), 300, 400, 6000),  # bounds above the sizes
     ],
 )
 def test_batched_session_votes_equal_the_per_user_reference(bounds, users, items, events):

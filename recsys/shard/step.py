@@ -172,7 +172,9 @@ class Shard:
             half_life_h=settings.covisit_half_life_h, max_neighbours=settings.covisit_neighbours, window=1, directed=True
         )
         # whole-session neighbours (V-SKNN): the strongest signal on anonymous click sessions
-        self.sessions = SessionNeighbours()
+        self.sessions = SessionNeighbours(query_items=settings.session_query_items,
+                                          postings_scanned=settings.session_postings_scanned,
+                                          vote_items=settings.session_vote_items)
         self._check_layout(kv, settings)
         self.popularity.load(kv)
         self.covisit.load(kv)

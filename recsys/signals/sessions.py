@@ -54,14 +54,28 @@ class SessionNeighbours:
         max_session_len: int = 50,
         session_gap_min: float = 30.0,
         max_sessions: int = 200_000,
+        query_items: int = 0,
+        postings_scanned: int = 0,
+        vote_items: int = 0,
     ) -> None:
         if min(k, sample_size, max_session_len, max_sessions) <= 0:
             raise ValueError("k, sample_size, max_session_len and max_sessions must be > 0")
+        if min(query_items, postings_scanned, vote_items) < 0:
+            raise ValueError("query_items, postings_scanned and vote_items must be >= 0 (0: no bound)")
         self.k = k
         self.sample_size = sample_size
         self.max_session_len = max_session_len
         self.session_gap_ms = session_gap_min * 60_000
         self.max_sessions = max_sessions
+        # Read-time bounds on the work of one query (issue 12: the session-neighbour votes'
+        # cost grows with the sessions and postings held, so the engine slows as state fills).
+        # Each changes the answers, so each is off (0) unless set: the query is the current
+        # session's last ``query_items`` items; each query item contributes its
+        # ``postings_scanned`` most recent postings; each neighbour votes for its last
+        # ``vote_items`` items (its similarity still counts its whole session).
+        self.query_items = query_items
+        self.postings_scanned = postings_scanned
+        self.vote_items = vote_items
         self._reset()
 
     def _reset(self) -> None:
@@ -226,7 +240,8 @@ class SessionNeighbours:
         (``tests/test_speed_equivalence.py`` pins that against the per-user reference).
         """
         empty = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64))
-        get, max_len = self._postings.get, self.max_session_len
+        max_len = min(self.query_items or self.max_session_len, self.max_session_len)
+        get = self._recent_postings if self.postings_scanned else self._postings.get
         lists: list = []  # posting lists of every query item, users' queries one after another
         owners, lengths, own = [], [], []
         for u, user_id in enumerate(user_ids):
@@ -275,6 +290,8 @@ class SessionNeighbours:
         # every neighbour votes its similarity for each of its items, in neighbour order
         held = self._held[sids]  # neighbours x max_session_len item codes
         voters = held >= 0
+        if self.vote_items:  # rows hold a session's items oldest first: its last vote_items columns
+            voters &= np.arange(held.shape[1]) >= (self._length[sids] - self.vote_items)[:, None]
         n_codes = len(self._names)
         vkeys, inverse = np.unique((np.broadcast_to(q[:, None], held.shape)[voters] * n_codes + held[voters]),
                                    return_inverse=True)
@@ -299,6 +316,15 @@ class SessionNeighbours:
         per_q = np.bincount(vq, minlength=len(m))
         first = np.arange(len(vq)) - np.repeat(np.cumsum(per_q) - per_q, per_q) < n
         return np.asarray(owners, dtype=np.int64)[vq[first]], codes[first], votes[first]
+
+    def _recent_postings(self, item_id: str, default=()):
+        """The ``postings_scanned`` most recent postings of ``item_id``, in posting order."""
+        postings = self._postings.get(item_id, default)
+        if len(postings) <= self.postings_scanned:
+            return postings
+        recent = list(itertools.islice(reversed(postings), self.postings_scanned))
+        recent.reverse()
+        return recent
 
     # ------------------------------------------------------------------ persistence
 
