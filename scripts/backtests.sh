@@ -20,6 +20,15 @@ $R --format diginetica --events "$D/diginetica" --protocol prequential --models 
 # all models on the first 300k of 1.47M lines (the baselines' cost); the full system on all below
 $R --format completejourney --limit 300000 --protocol leave-last-out --models all+sasrec --out runs/completejourney-300k-leave-last-out
 $R --format completejourney --limit 300000 --protocol prequential --models all --out runs/completejourney-300k-prequential
+# the README's Complete Journey leave-last-out ablations came from one run per ablation (in parallel on the
+# shared cores); and the same split with each basket's items in a seeded random order instead of the
+# log's product-id order (why transitions leads there: README, Complete Journey)
+for v in frozen no-head no-reranker; do
+  $R --format completejourney --limit 300000 --protocol leave-last-out --models full-system/$v --out runs/completejourney-300k-leave-last-out-$v
+done
+.venv/bin/python scripts/basket_order_experiment.py replay --format completejourney --limit 300000 --protocol leave-last-out \
+  --models popularity,recent_popularity,recently_seen,most_bought,covisitation,session_knn,itemknn,transitions,content,river_biased_mf,bpr_mf,full-system \
+  --out runs/completejourney-300k-leave-last-out-shuffled
 # speed: the full system alone over all 1,469,307 lines
 $R --format completejourney --models full-system --out runs/completejourney-full
 # what sharding costs: the full system as two shards (users split like Kafka's partitioner), each
