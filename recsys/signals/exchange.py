@@ -78,7 +78,7 @@ import math
 import time
 import zlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import orjson
@@ -189,6 +189,34 @@ def pair_rows(pair: Sequence) -> np.ndarray:
     n, data = pair
     rows = np.frombuffer(base64.b64decode(data), dtype="<f4").astype(np.float32)
     return rows.reshape(int(n), -1)
+
+
+def unread(records: Iterable[tuple[int, bytes]], position: int, applied: dict[int, int],
+           unknown_items: Callable[[OpMessage], list[str]] | None = None,
+           hold: Callable[[int, list[str]], bool] | None = None,
+           ) -> Iterator[tuple[int, bytes, OpMessage | None, bool]]:
+    """The exchange log's exactly-once reading rule, shared by every reader (a shard's
+    :meth:`SignalExchange.apply`, the model trainer's :meth:`recsys.signals.trainer.ModelTrainer.apply`).
+
+    Yields ``(position, raw, message or None, fresh)`` for each record after ``position``, in
+    order: ``message`` is None for a record that is not an exchange message (refused alike by
+    every reader); ``fresh`` is False for a message whose origin's sequence number ``applied``
+    already holds (a re-publication). ``applied`` is read as the caller updates it. Before a fresh
+    message naming items ``unknown_items`` reports missing, ``hold(position, items)`` is asked:
+    True stops the reading there, that message unread."""
+    for at, raw in records:
+        if at <= position:
+            continue
+        try:
+            message = decode_message(raw)
+        except ExchangeFormatError:
+            message = None
+        fresh = message is not None and message.seq > applied.get(message.origin, 0)
+        if fresh and hold is not None and unknown_items is not None and (missing := unknown_items(message)):
+            if hold(at, missing):
+                return
+        position = at
+        yield at, raw, message, fresh
 
 
 def signal_checksum(kv: KVStore) -> str:
@@ -312,17 +340,9 @@ class SignalExchange:
         (:attr:`position` says where it stopped), so that no shard's head learns a zero vector
         where another's learns the item's own."""
         done = 0
-        for position, raw in records:
-            if position <= self.position:
-                continue
-            try:
-                message = decode_message(raw)
-            except ExchangeFormatError:
-                message = None
-            fresh = message is not None and message.seq > self.applied.get(message.origin, 0)
-            if fresh and hold is not None and self.models is not None and (missing := self.models.unknown_items(message)):
-                if hold(position, missing):
-                    break  # not applied, position unchanged: the caller offers it again later
+        unknown = self.models.unknown_items if self.models is not None else None
+        # a held message is not applied and the position stays before it: the caller offers it again later
+        for position, raw, message, fresh in unread(records, self.position, self.applied, unknown, hold):
             self.position = position
             puts[POSITION_KEY] = str(position).encode()
             if message is None:

@@ -59,9 +59,8 @@ import orjson
 from recsys.signals.exchange import (
     APPLIED_PREFIX,
     POSITION_KEY,
-    ExchangeFormatError,
     SharedModels,
-    decode_message,
+    unread,
 )
 
 if TYPE_CHECKING:
@@ -221,17 +220,7 @@ class ModelTrainer:
         puts: dict[bytes, bytes] = {}
         deletes: list[bytes] = []
         done = 0
-        for position, raw in records:
-            if position <= self.position:
-                continue
-            try:
-                message = decode_message(raw)
-            except ExchangeFormatError:
-                message = None
-            fresh = message is not None and message.seq > self.applied.get(message.origin, 0)
-            if fresh and hold is not None and (missing := self.models.unknown_items(message)):
-                if hold(position, missing):
-                    break
+        for position, raw, message, fresh in unread(records, self.position, self.applied, self.models.unknown_items, hold):
             self.position = position
             puts[POSITION_KEY] = str(position).encode()
             if not fresh:
