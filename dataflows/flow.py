@@ -3,9 +3,9 @@
 ::
 
     catalog source ─┐
-    events source ──┼─ merge ─► process (Shard.process, once per polled batch)
-    control (+ticks)┤              │ stream of Out("rec" | "dead" | "scored", key, payload)
-    exchange log ───┘              │ (issue 11, with sharing: every shard's signal operations)
+    events source ──┼─ one input ─► process (Shard.process, once per polled batch)
+    control (+ticks)┤  (Inputs)        │ stream of Out("rec" | "dead" | "scored", key, payload)
+    exchange log ───┘                  │ (issue 11, with sharing: every shard's signal operations)
                                    ├─► recommendations sink   (user_id, json bytes)
                                    ├─► dead-letters sink      (key, json bytes)
                                    ├─► search-results sink    (user_id, json bytes; issue 13)
@@ -103,6 +103,48 @@ class Ticking(FixedPartitionedSource[Any, Any]):
         return _TickingPartition(self.source.build_part(step_id, for_part, resume_state), self.interval_s, self.clock)
 
 
+class Inputs(FixedPartitionedSource[Any, Any]):
+    """Several partitioned sources read as one Bytewax input: the live flow's events, catalog,
+    control and exchange partitions side by side, each built by the source that lists it.
+
+    One input, because Bytewax keeps an epoch clock per input partition, started when the
+    partition is built and restarted each time it closes an epoch, and a partition that has
+    closed an epoch is not polled again until every partition of every input has closed it too
+    (the epoch boundary is its backpressure, bytewax issue 353). Partitions of *one* input are
+    checked in the same activation and close their epochs together; partitions of separate
+    inputs were built at different moments (a Kafka consumer connecting takes tens of ms) and
+    their clocks drift further apart at every epoch, an idle partition closing late by up to its
+    poll interval. Measured with four inputs at 20 events/s: the events partitions went unpolled
+    for 150 ms at every 2-second epoch close at the start, 390 ms after 100 s, growing ~3 ms per
+    epoch (README, Performance); one input has one clock and no such hold.
+
+    Partition names must be distinct across the sources (Kafka's are ``topic#partition``).
+    Resume states are each source's own, under this input's step id.
+    """
+
+    def __init__(self, sources: list[FixedPartitionedSource[Any, Any]]) -> None:
+        self.sources = sources
+        self._owners: dict[str, FixedPartitionedSource[Any, Any]] | None = None
+
+    def list_parts(self) -> list[str]:
+        owners: dict[str, FixedPartitionedSource[Any, Any]] = {}
+        for source in self.sources:
+            for part in source.list_parts():
+                if part in owners:
+                    raise ValueError(f"two of the flow's sources list a partition named {part!r} "
+                                     f"({owners[part]!r} and {source!r}); each needs its own names")
+                owners[part] = source
+        self._owners = owners
+        return list(owners)
+
+    def build_part(self, step_id: str, for_part: str, resume_state: Any) -> StatefulSourcePartition[Any, Any]:
+        owners = self._owners if self._owners is not None else (self.list_parts() and self._owners)
+        assert owners is not None
+        if for_part not in owners:
+            raise ValueError(f"no source of this flow lists a partition named {for_part!r} (known: {sorted(owners)})")
+        return owners[for_part].build_part(step_id, for_part, resume_state)
+
+
 class StepObserver(Protocol):
     """Watches the engine step (``dataflows.metrics.FlowMetrics``): plain data in, no effect."""
 
@@ -169,15 +211,16 @@ def build_flow(
     ``search_results``: answers to ``search`` events, dropped without that sink; ``exchange``
     and ``exchange_out``: the exchange log read whole and written to, with sharing on)."""
     flow = Dataflow(flow_id)
-    stream = op.input("events_in", flow, events)  # Envelope
-    if catalog is not None:
-        catalog_stream = op.input("catalog_in", flow, catalog)  # Envelope
-        stream = op.merge("merge_inputs", catalog_stream, stream)  # Envelope
-    if control is not None:
-        control_stream = op.input("control_in", flow, control)  # Envelope
-        stream = op.merge("merge_control", control_stream, stream)  # Envelope
-    if exchange is not None:  # issue 11
-        stream = op.merge("merge_exchange", op.input("exchange_in", flow, exchange), stream)  # Envelope
+    extra = [source for source in (catalog, control, exchange) if source is not None]
+    if extra and all(isinstance(s, FixedPartitionedSource) for s in (events, *extra)):
+        # one input, one epoch clock (see Inputs); the step id stays the events input's, so a
+        # recovery directory from before keeps its events offsets
+        stream = op.input("events_in", flow, Inputs([events, *extra]))  # Envelope
+    else:
+        stream = op.input("events_in", flow, events)  # Envelope
+        for name, source in (("catalog", catalog), ("control", control), ("exchange", exchange)):
+            if source is not None:
+                stream = op.merge(f"merge_{name}", op.input(f"{name}_in", flow, source), stream)  # Envelope
     outs = op.flat_map_batch("process", stream, ShardStep(shard_factory, observer))  # Out
     recs = op.filter_map("recommendations", outs, lambda o: (o.key, o.payload) if o.kind == "rec" else None)
     dead = op.filter_map("dead_letters", outs, lambda o: (o.key, o.payload) if o.kind == "dead" else None)

@@ -277,7 +277,10 @@ def live_flow(
     # answers to search events (issue 13): created like the events topic when missing, so a
     # deployment from before search gains the topic instead of failing its first search
     ensure_topics(clients, {settings.search_results_topic: _partitions_of(clients, settings.events_topic)})
-    control = KafkaSource.from_settings(clients, settings.control_topic, settings)
+    # resumed no earlier than what the engine committed with the requests' effects: a recovery
+    # directory from before the flow had one input holds no control offsets (dataflows.flow.Inputs)
+    control = ResumeAtLeast(KafkaSource.from_settings(clients, settings.control_topic, settings),
+                            {part_name(t, p): o + 1 for (t, p), o in engine.positions.items() if t == settings.control_topic})
     exchange = exchange_out = None
     observer: Any = metrics
     if engine.exchange is not None:  # issue 11: the exchange log, read whole from the position in state

@@ -1,0 +1,126 @@
+"""The live flow's partitions are never held at an epoch boundary by another input's clock.
+
+Bytewax keeps an epoch clock per input partition, started when the partition is built, and a
+partition that has closed an epoch is not polled again until every partition of every input has
+closed it too (the boundary is its backpressure). Separate inputs are built at different moments
+(a Kafka consumer connecting takes tens of ms) and their clocks drift further apart at every
+epoch: on the local broker at 20 events/s the events partitions went unpolled for 150 ms at every
+2-second epoch close at first, 390 ms after 100 s (README, Performance). The live flow now reads
+all its partitions as one input (:class:`dataflows.flow.Inputs`), whose partitions close their
+epochs together.
+
+The first test wires :func:`dataflows.flow.build_flow` with sources whose partitions record when
+they are polled, the second partition built 0.3 s after the first (a slow connect), and checks
+that no partition goes unpolled for long while the flow runs several epochs.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
+from bytewax.testing import TestingSink, run_main
+
+from dataflows.flow import build_flow
+from dataflows.kafka_io import ensure_topics
+from dataflows.live import live_flow
+from recsys.settings import Settings
+from recsys.shard.step import Shard
+
+POLL_S = 0.01
+EPOCH_S = 0.4
+RUN_S = 2.6
+SLOW_BUILD_S = 0.3
+
+
+class _Polled(StatefulSourcePartition[object, None]):
+    """Returns nothing, asks to be polled every 10 ms, and records when it was; ends after RUN_S."""
+
+    def __init__(self, name: str, polls: dict[str, list[float]], until: float) -> None:
+        self.name, self.polls, self.until = name, polls, until
+
+    def next_batch(self) -> list[object]:
+        now = time.monotonic()
+        if now > self.until:
+            raise StopIteration()
+        self.polls.setdefault(self.name, []).append(now)
+        return []
+
+    def next_awake(self) -> datetime:
+        return datetime.now(timezone.utc) + timedelta(seconds=POLL_S)
+
+    def snapshot(self) -> None:
+        return None
+
+
+class _Source(FixedPartitionedSource[object, None]):
+    def __init__(self, name: str, polls: dict[str, list[float]], builds: list[str], until: list[float]) -> None:
+        self.name, self.polls, self.builds, self.until = name, polls, builds, until
+
+    def list_parts(self) -> list[str]:
+        return [self.name]
+
+    def build_part(self, step_id: str, for_part: str, resume_state: None) -> _Polled:
+        if self.builds:  # the second partition built connects slowly
+            time.sleep(SLOW_BUILD_S)
+        self.builds.append(for_part)
+        if not self.until:
+            self.until.append(time.monotonic() + RUN_S)
+        return _Polled(for_part, self.polls, self.until[0])
+
+
+def _no_engine() -> Shard:
+    raise AssertionError("no item reaches the step in this test")
+
+
+def test_no_partition_waits_for_another_inputs_epoch_clock() -> None:
+    polls: dict[str, list[float]] = {}
+    builds: list[str] = []
+    until: list[float] = []
+    flow = build_flow(
+        "inputs_test",
+        events=_Source("events#0", polls, builds, until),
+        catalog=_Source("catalog#0", polls, builds, until),
+        recommendations=TestingSink([]),
+        dead_letters=TestingSink([]),
+        shard_factory=_no_engine,
+    )
+    run_main(flow, epoch_interval=timedelta(seconds=EPOCH_S))
+    assert sorted(polls) == ["catalog#0", "events#0"], polls
+    for name, times in polls.items():
+        gaps = [b - a for a, b in zip(times, times[1:])]
+        assert len(times) > RUN_S / POLL_S / 4, (name, len(times))
+        # Separate inputs: the partition built first is not polled for ~SLOW_BUILD_S at every
+        # epoch boundary (its clock runs ahead of the other's and it waits for it).
+        assert max(gaps) < SLOW_BUILD_S / 2, (
+            f"partition {name} went {max(gaps) * 1000:.0f} ms without a poll: held at an epoch boundary "
+            f"by another input's clock")
+
+
+def test_inputs_refuses_two_sources_with_the_same_partition_name() -> None:
+    from dataflows.flow import Inputs
+
+    polls: dict[str, list[float]] = {}
+    both = Inputs([_Source("x#0", polls, [], []), _Source("x#0", polls, [], [])])
+    with pytest.raises(ValueError, match="'x#0'"):
+        both.list_parts()
+
+
+def test_the_live_flow_reads_every_topic_as_one_input(memory_broker, tmp_path) -> None:
+    settings = Settings(state_dir=str(tmp_path / "state"), recovery_dir=str(tmp_path / "recovery"),
+                        embed_cache_dir=str(tmp_path / "emb"), stop_at_end=False)
+    ensure_topics(memory_broker, {settings.events_topic: 2, settings.catalog_topic: 1,
+                                  settings.recommendations_topic: 2, settings.dead_letters_topic: 1})
+    engine = Shard.open(settings)
+    try:
+        flow = live_flow(settings, memory_broker, engine=engine, stop=threading.Event())
+        inputs = [step for step in flow.substeps if hasattr(step, "source")]
+        assert len(inputs) == 1, [step.step_id for step in inputs]
+        parts = inputs[0].source.list_parts()
+        for topic in (settings.events_topic, settings.catalog_topic, settings.control_topic):
+            assert any(p.startswith(topic + "#") for p in parts), (topic, parts)
+    finally:
+        engine.close()
