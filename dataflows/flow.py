@@ -83,9 +83,10 @@ class Ticking(FixedPartitionedSource[Any, Any]):
     passed while it had nothing to return: the live flow's timer.
 
     The timer rides on a source that is polled anyway (the control topic: idle almost always)
-    instead of being an input of its own. A Bytewax input that sleeps holds the whole flow at
-    every epoch boundary: inputs start no new epoch until every input has closed the last one
-    (bytewax issue 353), and a sleeping input closes it only when it wakes. A timer source that
+    instead of being an input of its own. A Bytewax input partition that sleeps holds the whole
+    flow at every epoch boundary: no partition is polled in a new epoch until every partition has
+    closed the last one (bytewax issue 353; see :class:`Inputs`), and a sleeping one closes it
+    only when it wakes. A timer source that
     slept 250 ms between ticks made every 2-second epoch close wait up to 250 ms, with events
     queueing behind it: p99 latency 1.4-2.0 s at 1,000 events/s instead of 0.4-0.9 s
     (README, Performance). Here the partition wakes as often as the Kafka partition under it.
