@@ -1,8 +1,9 @@
 """The model trainer process: the train/serve split of the shared models, live (issue 11).
 
 ``recsys run --processes N --share-signals --model-trainer`` starts this beside the N shards
-(:func:`dataflows.shards.run_shards`); ``python -m dataflows.trainer`` runs it by hand with the
-same ``RECSYS_*`` settings. It reads the exchange log (one partition) once, from its own
+(:func:`dataflows.shards.run_shards`); ``recsys trainer`` (or ``python -m dataflows.trainer``) runs
+it by hand, or in a container of its own (docker-compose.yml), with the shards' ``RECSYS_*``
+settings. It reads the exchange log (one partition) once, from its own
 position, and the whole ``catalog`` topic (the head reads the item vectors of every example), and
 trains the shared head and re-ranker with :class:`recsys.signals.trainer.ModelTrainer`: the same
 code and order as a sharing shard, state in a RocksDB of its own (``<state_dir>/trainer``),
@@ -246,12 +247,16 @@ def run_trainer(settings: Settings, clients: Any = None, stop: threading.Event |
                 opened.engine.embedder.close()
 
 
-def main() -> int:  # pragma: no cover - a process entry point (tests run it as one)
-    settings = Settings.from_env(os.environ)
+def run_until_signalled(settings: Settings) -> int:
+    """:func:`run_trainer` until SIGTERM or SIGINT (``recsys trainer``, ``python -m dataflows.trainer``)."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     return run_trainer(settings, stop=stop, emit=lambda line: print(line, flush=True))
+
+
+def main() -> int:  # pragma: no cover - a process entry point (tests run it as one)
+    return run_until_signalled(Settings.from_env(os.environ))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ version and age, move as it learns."""
 
 from __future__ import annotations
 
+import signal
 import socket
 import threading
 import time
@@ -16,8 +17,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from test_exchange_bootstrap import RetainedBroker
 from test_model_trainer import _owner, _shard
+from test_operating import READY_TIMEOUT_S, RECSYS, Child, children  # noqa: F401
 
-from dataflows.kafka_io import produce_records
+from dataflows.kafka_io import KafkaClients, ensure_topics, produce_records
 from dataflows.metrics import FlowMetrics, TrainerMetrics
 from dataflows.testing.memory_broker import InMemoryBroker
 from dataflows.trainer import run_trainer
@@ -270,3 +272,38 @@ def test_a_shard_served_by_the_trainer_exposes_the_version_it_serves_and_its_age
         assert metrics.registry.get_sample_value("recsys_served_model_age_seconds") == pytest.approx(1.0)
     finally:
         shard.kv.close()
+
+
+def test_recsys_trainer_runs_the_trainer_on_the_broker_as_the_compose_service_does(
+        local_broker, topic_name, tmp_path, embedder, catalog, log, whole, children):  # noqa: F811
+    """`recsys trainer` (docker-compose.yml's trainer service), on the real local broker: it learns the
+    log, serves its metrics on RECSYS_METRICS_PORT + RECSYS_SHARDS, and on SIGTERM publishes the
+    models of the whole log and exits 0."""
+    prefix = topic_name("trainer") + "-"
+    clients = KafkaClients.for_bootstrap(local_broker.bootstrap)
+    ensure_topics(clients, {prefix + "catalog": 1, prefix + "exchange": 1})
+    produce_records(clients, prefix + "catalog", [(c.item_id.encode(), encode(c)) for c in catalog])
+    produce_records(clients, prefix + "exchange", [(None, raw) for _, raw in log])
+    port = _free_port()
+    env = {"RECSYS_SHARDS": "2", "RECSYS_SHARE_SIGNALS": "true", "RECSYS_MODEL_TRAINER": "true",
+           "RECSYS_UNKNOWN_ITEMS": "admit", "RECSYS_METRICS_PORT": str(port - 2)}
+    trainer = Child([*RECSYS, "trainer", "--bootstrap-servers", local_broker.bootstrap, "--catalog-topic", prefix + "catalog",
+                     "--exchange-topic", prefix + "exchange", "--exchange-snapshot-dir", str(tmp_path / "snaps"),
+                     "--state-dir", str(tmp_path / "state"), "--embed-cache-dir", str(Path(embedder.cache_path).parent)],
+                    env=env)
+    children.append(trainer)
+    trainer.wait_for("ready: model trainer", READY_TIMEOUT_S)
+    assert f"metrics: http://127.0.0.1:{port}/metrics" in trainer.output
+
+    def learned() -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            samples = {s.name: s.value for f in text_string_to_metric_families(response.read().decode()) for s in f.samples}
+        return samples["recsys_trainer_learned_offset"]
+
+    _wait_for(lambda: learned() == len(log) - 1, 120)
+    code, _ = trainer.stop_with(signal.SIGTERM, timeout_s=60)
+    assert code == 0, trainer.output
+    assert f"trainer_learned={len(log) - 1}," in trainer.output and "trainer_state_snapshots=1" in trainer.output
+    engine = _shard(embedder, catalog, 1, trainer=True)
+    engine.load_models(read_model_snapshot(newest_model_snapshot(tmp_path / "snaps", prefix + "exchange").path)[1])
+    assert serving_checksum(engine) == serving_checksum(whole)
