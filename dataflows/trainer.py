@@ -86,22 +86,30 @@ def open_trainer(settings: Settings, clients: Any, *, log_start: int | None = No
     ts = trainer_settings(settings)
     if not ts.exchange_snapshot_dir:
         raise SystemExit("the model trainer publishes to RECSYS_EXCHANGE_SNAPSHOT_DIR: set it (the shards read it)")
-    if embedder is None:
+    own_embedder = embedder is None
+    if own_embedder:
         from recsys.items.embeddings import Embedder
 
         embedder = Embedder(ts.model_name, ts.embed_cache_dir, batch_size=ts.embed_batch_size)
-    engine = Shard(ts, MemoryKV(), embedder)
-    if ts.catalog_file:
-        engine.upsert_catalog(read_catalog_file(ts.catalog_file))
-    catalog = bootstrap_catalog(engine, clients, settings.catalog_topic, dead_letters_topic=settings.dead_letters_topic,
-                                recommendations_topic=settings.recommendations_topic)
-    Path(ts.state_dir).mkdir(parents=True, exist_ok=True)
-    kv = RocksKV(str(Path(ts.state_dir) / "rocks"))
+    kv = None
     try:
-        loaded = bootstrap_state(kv, ts.exchange_snapshot_dir, ts.exchange_topic, log_start=log_start)
-    except SnapshotError as exc:
-        kv.close()
-        raise SystemExit(f"trainer: state snapshot of {ts.state_dir}: {exc}") from exc
+        engine = Shard(ts, MemoryKV(), embedder)
+        if ts.catalog_file:
+            engine.upsert_catalog(read_catalog_file(ts.catalog_file))
+        catalog = bootstrap_catalog(engine, clients, settings.catalog_topic, dead_letters_topic=settings.dead_letters_topic,
+                                    recommendations_topic=settings.recommendations_topic)
+        Path(ts.state_dir).mkdir(parents=True, exist_ok=True)
+        kv = RocksKV(str(Path(ts.state_dir) / "rocks"))
+        try:
+            loaded = bootstrap_state(kv, ts.exchange_snapshot_dir, ts.exchange_topic, log_start=log_start)
+        except SnapshotError as exc:
+            raise SystemExit(f"trainer: state snapshot of {ts.state_dir}: {exc}") from exc
+    except BaseException:
+        if kv is not None:
+            kv.close()
+        if own_embedder:
+            embedder.close()
+        raise
     models = SharedModels(kv, engine.head, engine.reranker if ts.rerank_enabled else None,
                           history_len=engine.head.config.history_len if engine.head is not None else 0,
                           vectors_for=engine._admit_remote_items if ts.unknown_items == "admit" else None,
