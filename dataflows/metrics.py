@@ -117,7 +117,8 @@ class FlowMetrics:
                                    "-1: none yet, or models not shared)", registry=r)
         self.served_age = Gauge("recsys_served_model_age_seconds",
                                 "Seconds since the model trainer published the snapshot this shard serves "
-                                "(only with RECSYS_MODEL_TRAINER, once one is loaded)", registry=r)
+                                "(NaN until one is loaded: only with RECSYS_MODEL_TRAINER)", registry=r)
+        self.served_age.set(float("nan"))
         self._status = None if settings.quiet else status
         self._lags: dict[tuple[str, int], int] = {}
         self._versions: dict[str, tuple[int, float]] = {}
@@ -260,7 +261,8 @@ class TrainerMetrics:
                                "Log position of the models in the last snapshot published (the version x<offset> "
                                "shards load; -1: none yet)", registry=r)
         self.published_age = Gauge("recsys_trainer_published_model_age_seconds",
-                                   "Seconds since the trainer last published a model snapshot", registry=r)
+                                   "Seconds since the trainer last published a model snapshot (NaN: none yet)", registry=r)
+        self.published_age.set(float("nan"))
         self.learned = Counter("recsys_trainer_messages_learned", "Exchange messages learned", registry=r)
         self.publications = Counter("recsys_trainer_publications", "Model snapshots published", registry=r)
         self.state_snapshots = Counter("recsys_trainer_state_snapshots",

@@ -5,6 +5,7 @@ version and age, move as it learns."""
 
 from __future__ import annotations
 
+import math
 import signal
 import socket
 import threading
@@ -257,6 +258,7 @@ def test_a_shard_served_by_the_trainer_exposes_the_version_it_serves_and_its_age
         written = read_model_snapshot(newest_model_snapshot(snaps, TOPIC).path)[0]["written_at_ms"] / 1000
         now = [written + 7.0]
         metrics = FlowMetrics(shard.settings, status=None, clock=lambda: now[0])
+        assert math.isnan(metrics.registry.get_sample_value("recsys_served_model_age_seconds"))  # none loaded yet
         metrics.tick(shard)
         assert metrics.registry.get_sample_value("recsys_served_model_offset") == 5  # loaded at start
         assert metrics.registry.get_sample_value("recsys_served_model_age_seconds") == pytest.approx(7.0)
