@@ -7,7 +7,9 @@ One :class:`FlowMetrics` per process (per shard), one registry, every name
 Nothing here changes what the flow does; ``recsys/`` stays free of Prometheus.
 
 Served at ``http://RECSYS_METRICS_HOST:(RECSYS_METRICS_PORT + shard)/metrics`` when
-``RECSYS_METRICS_PORT`` is set (off by default). The status line (every
+``RECSYS_METRICS_PORT`` is set (off by default). The model trainer's (issue 11,
+:class:`TrainerMetrics`) are served on ``RECSYS_METRICS_PORT + RECSYS_SHARDS``, the port after the
+last shard's. The status line (every
 ``RECSYS_STATUS_INTERVAL_S``, unless ``RECSYS_QUIET``) reads the same numbers::
 
     status: 1998 events/s, lag 12, p99 48 ms (append -> recommendation), 0 dead letters (7 in all), 0 waiting
