@@ -139,19 +139,23 @@ def test_a_restarted_trainer_process_ends_with_the_models_of_one_that_never_stop
     assert _published(embedder, catalog, settings) == serving_checksum(whole)
 
 
+@pytest.mark.parametrize("checkpoint", ["every message", "none"])
 def test_a_trainer_past_the_log_retention_starts_from_its_state_snapshot_with_the_same_models(
-        tmp_path, embedder, catalog, log, whole):
+        tmp_path, embedder, catalog, log, whole, checkpoint):
     cut = len(log) // 2
     snaps = tmp_path / "snaps"
-    # checkpoints of the models (Adam moments, sampler, pending examples) after every message: the snapshot
-    # carries one, and each state read back below is the models the trainer held live
-    settings = partial(_trainer_settings, head_snapshot_interval_s=0.0)
+    # "every message": a checkpoint of the models (Adam moments, sampler, pending examples) after each, so the
+    # snapshot carries one and each state read back below is the models the trainer held live; "none" (the
+    # default 30 s is never reached here): the snapshot carries the messages learned, learned again at the load
+    settings = partial(_trainer_settings, head_snapshot_interval_s=0.0 if checkpoint == "every message" else 30.0)
     # a trainer that ran while the log was whole: its state snapshot at its stop, beside (not among) the shards'
     first = settings(tmp_path, "first")
     stopped = _run_to_end(first, _broker(log, catalog, upto=cut), embedder=embedder)
     assert any("trainer_state_snapshots=1" in line for line in stopped), stopped
     [(at, path)] = list_snapshots(snaps, state_snapshot_topic(TOPIC))
-    assert at == cut - 1 and b"xm:ckpt" in dict(read_records(path)[1])  # the models with their training state
+    held = dict(read_records(path)[1])
+    assert at == cut - 1 and (b"xm:ckpt" in held) == (checkpoint == "every message")  # the models' training state
+    assert sum(k.startswith(b"xm:log:") for k in held) == (0 if checkpoint == "every message" else cut)
     assert newest_snapshot(snaps, TOPIC) is None  # a shard never takes it for a snapshot of the signals
     retained = _broker(log, catalog, log_start=cut)  # retention deleted everything the snapshot holds
 
