@@ -18,12 +18,14 @@ WORKDIR /app
 COPY . .
 RUN pip install . \
     && useradd --create-home --uid 10001 recsys \
-    && mkdir -p /data/state /data/recovery /data/embeddings \
+    && mkdir -p /data/state /data/recovery /data/embeddings /data/exchange-snapshots \
     && chown -R recsys:recsys /data
 
-# Fresh named volumes copy this ownership, so the non-root user can write its state.
+# Fresh named volumes copy this ownership, so the non-root user can write its state (a volume
+# mounted where the image has no directory would be root's: docker-compose.yml's
+# exchange-snapshots, shared by the shard replicas and the trainer, needs its directory here).
 USER recsys
-VOLUME ["/data/state", "/data/recovery", "/data/embeddings"]
+VOLUME ["/data/state", "/data/recovery", "/data/embeddings", "/data/exchange-snapshots"]
 ENV RECSYS_STATE_DIR=/data/state \
     RECSYS_RECOVERY_DIR=/data/recovery \
     RECSYS_EMBED_CACHE_DIR=/data/embeddings

@@ -7,7 +7,9 @@ One :class:`FlowMetrics` per process (per shard), one registry, every name
 Nothing here changes what the flow does; ``recsys/`` stays free of Prometheus.
 
 Served at ``http://RECSYS_METRICS_HOST:(RECSYS_METRICS_PORT + shard)/metrics`` when
-``RECSYS_METRICS_PORT`` is set (off by default). The status line (every
+``RECSYS_METRICS_PORT`` is set (off by default). The model trainer's (issue 11,
+:class:`TrainerMetrics`) are served on ``RECSYS_METRICS_PORT + RECSYS_SHARDS``, the port after the
+last shard's. The status line (every
 ``RECSYS_STATUS_INTERVAL_S``, unless ``RECSYS_QUIET``) reads the same numbers::
 
     status: 1998 events/s, lag 12, p99 48 ms (append -> recommendation), 0 dead letters (7 in all), 0 waiting
@@ -111,6 +113,14 @@ class FlowMetrics:
                               "Share of recent shown lists whose next event hit them (the quality monitor's rolling mean)",
                               registry=r)
         self.drifts = Counter("recsys_quality_drifts", "Drops of the hit rate detected (ADWIN)", registry=r)
+        # issue 11: the shared models this shard serves (a trainer's snapshot, or trained here from the log)
+        self.served_offset = Gauge("recsys_served_model_offset",
+                                   "Exchange log position of the shared models served (their version x<offset>; "
+                                   "-1: none yet, or models not shared)", registry=r)
+        self.served_age = Gauge("recsys_served_model_age_seconds",
+                                "Seconds since the model trainer published the snapshot this shard serves "
+                                "(NaN until one is loaded: only with RECSYS_MODEL_TRAINER)", registry=r)
+        self.served_age.set(float("nan"))
         self._status = None if settings.quiet else status
         self._lags: dict[tuple[str, int], int] = {}
         self._versions: dict[str, tuple[int, float]] = {}
@@ -129,21 +139,15 @@ class FlowMetrics:
         """Start the HTTP endpoint if ``metrics_port`` is set; returns its URL."""
         if self.settings.metrics_port is None:
             return None
-        port = self.settings.metrics_port + self.settings.shard
-        self.server, _ = start_http_server(port, addr=self.settings.metrics_host, registry=self.registry)
-        return f"http://{self.settings.metrics_host}:{port}/metrics"
+        self.server, url = _serve(self.registry, self.settings.metrics_host, self.settings.metrics_port + self.settings.shard)
+        return url
 
     def close(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
-            self.server = None
+        self.server = _close(self.server)
 
     def series_names(self) -> set[str]:
         """Every series name this registry exports (``_total``, ``_bucket``... included)."""
-        suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count", "_created"),
-                    "gauge": ("",), "info": ("_info",), "summary": ("", "_sum", "_count", "_created")}
-        return {m.name + s for m in self.registry.collect() for s in suffixes.get(m.type, ("",))}
+        return _series_names(self.registry)
 
     # ------------------------------------------------------------------ observers
 
@@ -203,6 +207,11 @@ class FlowMetrics:
                 self._versions[model] = seen = (version, now)
             self.model_version.labels(model).set(version)
             self.model_age.labels(model).set(now - seen[1])
+        shared = getattr(engine, "shared_models", None)
+        self.served_offset.set(shared.position if shared is not None else -1)
+        written_at = getattr(engine, "served_snapshot_written_at", None)
+        if written_at is not None:
+            self.served_age.set(max(now - written_at, 0.0))
         if now - self._slow_at >= SLOW_GAUGES_INTERVAL_S:
             self._slow_at = now
             if self._users is None:
@@ -225,6 +234,92 @@ class FlowMetrics:
         self._interval_started, self._interval_events, self._interval_dead = now, 0, 0
         self._samples.clear()
         return line
+
+
+class TrainerMetrics:
+    """The model trainer's metrics (issue 11, :mod:`dataflows.trainer`): how far it has learned the
+    exchange log, the log's end, the version it published last and how old that is. Served at
+    ``RECSYS_METRICS_HOST:(RECSYS_METRICS_PORT + RECSYS_SHARDS)``, the port after the last shard's,
+    when ``RECSYS_METRICS_PORT`` is set.
+
+    >>> m = TrainerMetrics(Settings()); m.observe(position=9, log_end=15, published=7, published_at=100.0, now=103.5)
+    >>> m.value("recsys_trainer_lag_records"), m.value("recsys_trainer_published_model_age_seconds")
+    (5.0, 3.5)
+    """
+
+    def __init__(self, settings: Settings, clock: Callable[[], float] = time.time) -> None:
+        self.settings, self.clock = settings, clock
+        self.registry = r = CollectorRegistry()
+        ProcessCollector(namespace="recsys", registry=r)
+        self.position = Gauge("recsys_trainer_learned_offset",
+                              "Exchange log position the trainer has learned up to (committed in its state; -1: none)",
+                              registry=r)
+        self.log_end = Gauge("recsys_trainer_log_end_offset",
+                             "The exchange log's end as the trainer last saw it (high watermark: the next offset written)",
+                             registry=r)
+        self.lag = Gauge("recsys_trainer_lag_records", "Exchange log records not learned yet: log end - learned offset - 1",
+                         registry=r)
+        self.published = Gauge("recsys_trainer_published_model_offset",
+                               "Log position of the models in the last snapshot published (the version x<offset> "
+                               "shards load; -1: none yet)", registry=r)
+        self.published_age = Gauge("recsys_trainer_published_model_age_seconds",
+                                   "Seconds since the trainer last published a model snapshot (NaN: none yet)", registry=r)
+        self.published_age.set(float("nan"))
+        self.learned = Counter("recsys_trainer_messages_learned", "Exchange messages learned", registry=r)
+        self.publications = Counter("recsys_trainer_publications", "Model snapshots published", registry=r)
+        self.state_snapshots = Counter("recsys_trainer_state_snapshots",
+                                       "Snapshots of the trainer's own state written (for a trainer past retention)",
+                                       registry=r)
+        for gauge in (self.position, self.published):
+            gauge.set(-1)
+        self.server: Any = None
+
+    def observe(self, *, position: int, log_end: int | None, published: int, published_at: float | None,
+                now: float | None = None) -> None:
+        """After each step of the trainer's loop: where it stands."""
+        now = self.clock() if now is None else now
+        self.position.set(position)
+        if log_end is not None:
+            self.log_end.set(log_end)
+            self.lag.set(max(log_end - position - 1, 0))
+        self.published.set(published)
+        if published_at is not None:
+            self.published_age.set(max(now - published_at, 0.0))
+
+    def value(self, name: str) -> float | None:
+        """The current value of one of this registry's series (for tests and the status line)."""
+        return self.registry.get_sample_value(name)
+
+    def serve(self) -> str | None:
+        """Start the HTTP endpoint if ``metrics_port`` is set; returns its URL."""
+        if self.settings.metrics_port is None:
+            return None
+        self.server, url = _serve(self.registry, self.settings.metrics_host, self.settings.metrics_port + self.settings.shards)
+        return url
+
+    def close(self) -> None:
+        self.server = _close(self.server)
+
+    def series_names(self) -> set[str]:
+        return _series_names(self.registry)
+
+
+def _serve(registry: CollectorRegistry, host: str, port: int) -> tuple[Any, str]:
+    server, _ = start_http_server(port, addr=host, registry=registry)
+    return server, f"http://{host}:{port}/metrics"
+
+
+def _close(server: Any) -> None:
+    if server is not None:
+        server.shutdown()
+        server.server_close()
+    return None
+
+
+def _series_names(registry: CollectorRegistry) -> set[str]:
+    suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count", "_created"),
+                "gauge": ("",), "info": ("_info",), "summary": ("", "_sum", "_count", "_created")}
+    return {m.name + s for m in registry.collect() for s in suffixes.get(m.type, ("",))}
 
 
 def _dir_bytes(path: Path) -> int:

@@ -375,6 +375,17 @@ def cmd_forget(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_trainer(args: argparse.Namespace) -> int:
+    """Run the model trainer (issue 11) until stopped: it learns the shared head and re-ranker from the
+    exchange log once and publishes versioned snapshots that shards run with --model-trainer load
+    (one per deployment, with the shards' settings; `run --processes N --model-trainer` starts it itself)."""
+    settings = _settings(args, "trainer")
+    _require_broker(settings, "trainer", (settings.catalog_topic,))
+    from dataflows.trainer import run_until_signalled
+
+    return run_until_signalled(settings)
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -393,6 +404,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run this many shard processes, each owning the events partitions p %% N == i "
                         "(one core each; see dataflows/shards.py)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("trainer", help=cmd_trainer.__doc__)
+    add_cli_flags(p)
+    p.set_defaults(func=cmd_trainer)
 
     p = sub.add_parser("broker", help=cmd_broker.__doc__)
     p.add_argument("--port", type=tcp_port, default=9092,

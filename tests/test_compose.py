@@ -221,9 +221,19 @@ def test_prometheus_and_grafana_mount_files_that_exist(compose: dict[str, Any]) 
 
 
 def shard_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The services that run one sharing shard each (RECSYS_SHARE_SIGNALS on)."""
+    """The services that run one sharing shard each (RECSYS_SHARE_SIGNALS on, `recsys run`)."""
     return {name: s for name, s in compose["services"].items()
-            if Settings.from_env(environment(s)).share_signals and name != "recsys"}
+            if Settings.from_env(environment(s)).share_signals and name != "recsys" and name not in trainer_services(compose)}
+
+
+def trainer_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The services that run the model trainer (`recsys trainer`)."""
+    return {name: s for name, s in compose["services"].items() if s.get("command") == ["trainer"]}
+
+
+def mounts(service: dict[str, Any]) -> dict[str, str]:
+    """A service's mount target -> its source (a named volume or a path)."""
+    return {str(v).split(":")[1]: str(v).split(":")[0] for v in service.get("volumes", [])}
 
 
 def test_compose_runs_n_shard_replicas_sharing_the_signals(compose: dict[str, Any]) -> None:
@@ -263,3 +273,72 @@ def test_the_exchange_topic_is_one_partition_with_delete_retention_longer_than_t
     for service in shard_services(compose).values():
         interval_s = Settings.from_env(environment(service)).exchange_snapshot_interval_s
         assert retention_ms >= 10 * interval_s * 1000  # a snapshot always covers what retention deleted
+
+
+# ---------------------------------------------------------------- the model trainer (issue 11)
+
+
+def test_compose_runs_one_model_trainer_beside_the_shard_replicas(compose: dict[str, Any]) -> None:
+    from recsys_cli.main import build_parser, cmd_trainer
+
+    [(name, trainer)] = trainer_services(compose).items()
+    assert build_parser().parse_args(trainer["command"]).func is cmd_trainer  # `recsys trainer`, the image's entrypoint
+    assert 'ENTRYPOINT ["recsys"]' in DOCKERFILE.read_text() and "entrypoint" not in trainer
+    assert trainer["image"] == compose["services"]["recsys"]["image"]
+    assert "shards" in trainer["profiles"]  # started with the replicas, not beside the one-process service
+    assert trainer["depends_on"]["kafka-init"]["condition"] == "service_completed_successfully"  # the topics exist
+    for shard_name, shard in shard_services(compose).items():
+        # every shard starts it (a served shard without a trainer would serve its first models for
+        # ever), and stops before it: the trainer learns the log to its end at its stop
+        assert shard["depends_on"][name]["condition"] == "service_started", shard_name
+    assert trainer.get("restart") == "unless-stopped"
+
+
+def test_the_shards_load_the_trainers_models_only_when_a_trainer_runs(compose: dict[str, Any]) -> None:
+    served = {Settings.from_env(environment(s)).model_trainer for s in shard_services(compose).values()}
+    assert served == {bool(trainer_services(compose))}
+
+
+def test_the_trainer_shares_the_shards_snapshot_volume_and_keeps_its_own_state(compose: dict[str, Any]) -> None:
+    from dataflows.trainer import trainer_settings
+
+    [trainer] = trainer_services(compose).values()
+    settings = Settings.from_env(environment(trainer))
+    own = mounts(trainer)
+    shards = [(Settings.from_env(environment(s)), mounts(s)) for s in shard_services(compose).values()]
+    # the model snapshots it publishes are where the shards look, on the one volume they share
+    assert {own[settings.exchange_snapshot_dir]} == {m[s.exchange_snapshot_dir] for s, m in shards}
+    assert own[settings.exchange_snapshot_dir] in compose["volumes"]
+    # its RocksDB (under <state dir>/trainer) is on a volume of its own, no shard's
+    state = own[settings.state_dir]
+    assert trainer_settings(settings).state_dir.startswith(settings.state_dir + "/") and state in compose["volumes"]
+    assert all(state not in m.values() for _, m in shards)
+    assert set(own.values()) <= set(compose["volumes"])
+
+
+def test_the_trainer_runs_with_the_shards_settings(compose: dict[str, Any]) -> None:
+    """It trains the models the shards serve: the same head, re-ranker, topics, snapshot directory
+    and model; its environment is each shard's without the shard's index."""
+    [trainer] = trainer_services(compose).values()
+    env = environment(trainer)
+    assert "RECSYS_SHARD" not in env
+    for name, shard in shard_services(compose).items():
+        assert {k: v for k, v in environment(shard).items() if k != "RECSYS_SHARD"} == env, name
+    settings = Settings.from_env(env)
+    assert settings.share_signals and settings.exchange_snapshot_dir and settings.exchange_snapshot_interval_s > 0
+    assert settings.metrics_port is not None and settings.metrics_host == "0.0.0.0"  # served on port + shards
+
+
+def test_every_directory_a_volume_is_mounted_on_exists_in_the_image_for_its_user(compose: dict[str, Any]) -> None:
+    """A fresh named volume takes the ownership of the image's directory it is mounted on; where the
+    image has none, it is root's, and the image's non-root user cannot write it (the shards' and
+    the trainer's exchange-snapshots volume was such a one)."""
+    dockerfile = DOCKERFILE.read_text()
+    made = set(re.search(r"mkdir -p ([^\\&]+)", dockerfile)[1].split())
+    assert re.search(r"chown -R recsys:recsys /data\b", dockerfile) and all(d.startswith("/data/") for d in made)
+    for name, service in compose["services"].items():
+        if service.get("image") != compose["services"]["recsys"]["image"]:
+            continue
+        for target, source in mounts(service).items():
+            if source in compose["volumes"]:
+                assert target in made, (name, target)

@@ -263,7 +263,8 @@ def _recsys(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run([*RECSYS, *args], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("command", [["run"], ["tail"], ["produce", "README.md"]], ids=["run", "tail", "produce"])
+@pytest.mark.parametrize("command", [["run"], ["trainer"], ["tail"], ["produce", "README.md"]],
+                         ids=["run", "trainer", "tail", "produce"])
 def test_no_broker_is_said_within_10_s_in_one_line_and_nothing_is_ready(command):
     port = _free_port()  # nothing listens there
     start = time.monotonic()

@@ -237,6 +237,8 @@ class Shard:
         # the trainer's snapshots between batches (poll_model_snapshots) and trains nothing itself
         self.served_by_trainer = settings.model_trainer and self.exchange is not None
         self._model_poll_at = float("-inf")
+        #: when (epoch seconds) the trainer wrote the model snapshot served now (None: none loaded)
+        self.served_snapshot_written_at: float | None = None
         if self.exchange is not None and (self.head is not None or settings.rerank_enabled):
             self.shared_models = SharedModels(
                 kv, self.head, self.reranker if settings.rerank_enabled else None,
@@ -633,11 +635,13 @@ class Shard:
         if info is None:
             return False
         try:
-            _, payload = trainer.read_model_snapshot(info.path)
+            header, payload = trainer.read_model_snapshot(info.path)
         except (OSError, trainer.ModelSnapshotError) as exc:  # replaced meanwhile: the next poll finds a newer one
             _log.warning("model snapshot %s not loaded: %s", info.path, exc)
             return False
         self.load_models(payload)
+        written_ms = header.get("written_at_ms")
+        self.served_snapshot_written_at = written_ms / 1000 if written_ms is not None else None
         return True
 
     def signal_checksum(self) -> str:

@@ -263,7 +263,7 @@ def is_blank(kv: KVStore) -> bool:
     return all(next(iter(kv.iter_prefix(prefix)), None) is None for prefix in shared_prefixes())
 
 
-def bootstrap(kv: KVStore, directory: str | os.PathLike[str] | None, topic: str, *, origin: int,
+def bootstrap(kv: KVStore, directory: str | os.PathLike[str] | None, topic: str, *, origin: int | None,
               log_start: int | None = None) -> SnapshotInfo | None:
     """Load ``topic``'s newest snapshot from ``directory`` into ``kv`` before the shard is built
     on it, when ``kv`` is blank, or holds a load a crash interrupted, or (``log_start`` given:
@@ -271,7 +271,8 @@ def bootstrap(kv: KVStore, directory: str | os.PathLike[str] | None, topic: str,
     the snapshot is at or after it: then its shared records are replaced and its user state is
     kept. None when nothing was loaded (the state needs no snapshot, there is none, or none
     covers the gap: the caller refuses). Sets the shard's next sequence number after its
-    origin's last one in the snapshot and drops its outbox messages the snapshot holds.
+    origin's last one in the snapshot and drops its outbox messages the snapshot holds
+    (``origin=None``: a reader that publishes nothing, the model trainer: neither).
     Raises :class:`SnapshotError` when every snapshot there is damaged."""
     interrupted = kv.get(LOADING_KEY) is not None
     raw = kv.get(POSITION_KEY)
@@ -308,13 +309,14 @@ def bootstrap(kv: KVStore, directory: str | os.PathLike[str] | None, topic: str,
         kv.write({}, stale[at:at + _CHUNK])
     for at in range(0, len(records), _CHUNK):
         kv.write(dict(records[at:at + _CHUNK]))
-    raw_seq = kv.get(SEQ_KEY)
-    mine = info.applied.get(origin, 0)
     last = {POSITION_KEY: str(info.position).encode(),
-            **{APPLIED_PREFIX + str(o).encode(): str(s).encode() for o, s in info.applied.items()},
-            SEQ_KEY: str(max(mine + 1, 1 if raw_seq is None else int(raw_seq))).encode()}
+            **{APPLIED_PREFIX + str(o).encode(): str(s).encode() for o, s in info.applied.items()}}
     gone = [key for key, _ in kv.iter_prefix(APPLIED_PREFIX) if key not in last]
-    gone += [key for key, _ in kv.iter_prefix(OUTBOX_PREFIX) if int(key[len(OUTBOX_PREFIX):]) <= mine]
+    if origin is not None:
+        raw_seq = kv.get(SEQ_KEY)
+        mine = info.applied.get(origin, 0)
+        last[SEQ_KEY] = str(max(mine + 1, 1 if raw_seq is None else int(raw_seq))).encode()
+        gone += [key for key, _ in kv.iter_prefix(OUTBOX_PREFIX) if int(key[len(OUTBOX_PREFIX):]) <= mine]
     kv.write(last, [*gone, LOADING_KEY])
     return info
 
@@ -347,9 +349,12 @@ class SnapshotWriter:
             return False
         return True
 
-    def maybe_write(self, kv: KVStore, *, wait: bool = False) -> bool:
-        """Start a snapshot when one is due (see the class); ``wait``: finish it before returning."""
-        if not self.due():
+    def maybe_write(self, kv: KVStore, *, wait: bool = False, force: bool = False) -> bool:
+        """Start a snapshot when one is due (see the class); ``wait``: finish it before returning;
+        ``force``: due or not (after one being written; still none at a position one already has)."""
+        if force:
+            self.close()
+        elif not self.due():
             return False
         started = time.perf_counter()
         position, applied, records = read_shared(kv)

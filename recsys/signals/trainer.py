@@ -29,6 +29,13 @@ or published twice by its origin, is skipped as shards skip it). A snapshot is p
 after the write that holds its models, so no snapshot is ever ahead of the trainer's own state;
 the same version published again after a restart is the same file.
 
+A trainer's own state (position, per-origin sequence numbers, and the models with their
+training state: Adam moments, sampler counts, pending examples) is also snapshotted now and then
+(:func:`state_snapshot_topic`), so that a trainer whose state is blank, or fell below the log's
+start (retention), starts from it and the log after it instead of refusing: see
+:func:`bootstrap_state`. The published model snapshots cannot serve for that: they hold only what
+a shard serves with, and a trainer that went on from one would train with a fresh optimizer.
+
 File: ``<topic>.<position, 20 digits>.models`` = ``b"RXM1\\n"`` + one JSON header line (topic,
 position, learned_at, sha256 of the payload, written_at_ms) + the payload
 (:meth:`SharedModels.serving_state`: the parameters a shard serves with, not the optimizer's
@@ -72,6 +79,32 @@ SUFFIX = ".models"
 #: than one, so that a shard listing the directory while the trainer deletes finds one to load.
 KEEP = 3
 _log = logging.getLogger(__name__)
+
+
+def state_snapshot_topic(topic: str) -> str:
+    """The name the trainer's state snapshots go by in the snapshot directory: exchange snapshots
+    (:mod:`recsys.signals.snapshot`: the records under the shared prefixes, which in the trainer's
+    state are the models' checkpoint and replay log, with the position and sequence numbers) of
+    ``<topic>.trainer``. A shard never lists them (its snapshots are named after the topic alone).
+
+    >>> from recsys.signals.snapshot import snapshot_name
+    >>> snapshot_name(state_snapshot_topic("signal-exchange"), 41)
+    'signal-exchange.trainer.00000000000000000041.snapshot'
+    """
+    return f"{topic}.trainer"
+
+
+def bootstrap_state(kv: KVStore, directory: str | Path | None, topic: str, *, log_start: int | None = None):
+    """Load the trainer's newest state snapshot into ``kv`` (its RocksDB, before the
+    :class:`SharedModels` are built on it) when ``kv`` is blank, or has learned the log only to below
+    ``log_start - 1`` (retention deleted the rest) and the snapshot reaches ``log_start - 1``: the
+    trainer then reads the log from the snapshot's position + 1 and ends with the models of one
+    that read it all (:func:`recsys.signals.snapshot.bootstrap`, with no sequence numbers of its
+    own). Returns the snapshot's :class:`~recsys.signals.snapshot.SnapshotInfo`, or None when
+    nothing was loaded."""
+    from recsys.signals.snapshot import bootstrap
+
+    return bootstrap(kv, directory, state_snapshot_topic(topic), origin=None, log_start=log_start)
 
 
 class ModelSnapshotError(RuntimeError):
@@ -203,6 +236,7 @@ class ModelTrainer:
         self.position = -1 if raw is None else int(raw)
         self.applied = {int(k[len(APPLIED_PREFIX):]): int(v) for k, v in kv.iter_prefix(APPLIED_PREFIX)}
         self.published = -1  # the models' position in the last snapshot published by this process
+        self.published_at: float | None = None  # when (``clock``) it was published
         self._since_publish = 0
         self._last_publish = clock()
         self.learned_messages = 0  # counts, for the cost figures and tests
@@ -248,6 +282,6 @@ class ModelTrainer:
         self._publish(self.models.position, self.models.learned_at, self.models.serving_state())
         self.published = self.models.position
         self._since_publish = 0
-        self._last_publish = self.clock()
+        self._last_publish = self.published_at = self.clock()
         self.publications += 1
         return True

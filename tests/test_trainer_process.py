@@ -1,0 +1,315 @@
+"""The model trainer process (issue 11, dataflows/trainer.py) over the in-memory Kafka: a trainer
+restarted, or started past the exchange log's retention from its own state snapshot, ends with
+the models of one that read the whole log; its publication-lag metrics, and the shards' served
+version and age, move as it learns."""
+
+from __future__ import annotations
+
+import math
+import signal
+import socket
+import threading
+import time
+import urllib.request
+from functools import partial
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from test_exchange_bootstrap import RetainedBroker
+from test_model_trainer import _owner, _shard
+from test_operating import READY_TIMEOUT_S, RECSYS, Child, children  # noqa: F401
+
+from dataflows.kafka_io import KafkaClients, ensure_topics, produce_records
+from dataflows.metrics import FlowMetrics, TrainerMetrics
+from dataflows.testing.memory_broker import InMemoryBroker
+from dataflows.trainer import run_trainer
+from recsys.backtest.shards import model_checksum, serving_checksum
+from recsys.events import Envelope, encode
+from recsys.settings import Settings
+from recsys.shard.batching import user_disjoint_chunks
+from recsys.signals.exchange import SharedModels, decode_message
+from recsys.signals.snapshot import list_snapshots, newest_snapshot, read_records
+from recsys.signals.trainer import (
+    ModelTrainer,
+    newest_model_snapshot,
+    read_model_snapshot,
+    state_snapshot_topic,
+    write_model_snapshot,
+)
+from recsys.store.kv import MemoryKV, RocksKV
+from recsys.synthetic import generate_catalog, generate_events
+
+TOPIC = "signal-exchange"
+
+
+@pytest.fixture(scope="module")
+def catalog():
+    return generate_catalog(80, seed=51)
+
+
+@pytest.fixture(scope="module")
+def events(catalog):
+    return generate_events(1600, catalog, n_users=70, seed=52)
+
+
+@pytest.fixture(scope="module")
+def log(embedder, catalog, events) -> list[tuple[int, bytes]]:
+    """The exchange log of two sharing shards training the models themselves (head and re-ranker
+    on), one batch of each in turn, with one message re-published at the end (learned once)."""
+    producers = [_shard(embedder, catalog, s) for s in range(2)]
+    log: list[tuple[int, bytes]] = []
+    for chunk in user_disjoint_chunks(events, 80):
+        for s, engine in enumerate(producers):
+            part = [e for e in chunk if _owner(2)(e.user_id) == s]
+            envs = [Envelope("events", s, len(log) * 1000 + i, e.user_id.encode(), encode(e), e.ts) for i, e in enumerate(part)]
+            for message in engine.process(envs).exchange if part else ():
+                log.append((len(log), message))
+        for engine in producers:
+            engine.apply_exchange(log[-2:])
+    log.append((len(log), log[3][1]))
+    return log
+
+
+@pytest.fixture(scope="module")
+def whole(embedder, catalog, log):
+    """A trainer that learned the whole log at once (in memory): the models every other must end with."""
+    engine = _shard(embedder, catalog, 0)
+    reference = ModelTrainer(MemoryKV(), engine.shared_models, publish=lambda *a: None)
+    assert reference.apply(log) == len(log) - 1
+    assert engine.head.n_updates >= 3 and engine.reranker.examples > 0
+    return engine
+
+
+def _broker(log, catalog, *, upto: int | None = None, log_start: int | None = None, missing: str | None = None):
+    broker = InMemoryBroker() if log_start is None else RetainedBroker(log_start)
+    broker.create_topic("catalog", 1)
+    produce_records(broker, "catalog", [(c.item_id.encode(), encode(c)) for c in catalog if c.item_id != missing])
+    broker.create_topic(TOPIC, 1)
+    produce_records(broker, TOPIC, [(None, raw) for _, raw in log[:upto]])
+    return broker
+
+
+def _trainer_settings(tmp_path, name: str, **kw):
+    kw = {"exchange_snapshot_dir": str(tmp_path / "snaps"), "exchange_snapshot_interval_s": 3600.0,
+          "trainer_publish_messages": 7, "unknown_items": "admit", "state_ttl_days": 36_500.0, **kw}
+    return Settings(shards=2, share_signals=True, exchange_topic=TOPIC, state_dir=str(tmp_path / name), **kw)
+
+
+def _run_to_end(settings, broker, **kw) -> list[str]:
+    """run_trainer with the stop already asked: it learns the log to its end, publishes, returns."""
+    lines: list[str] = []
+    stop = threading.Event()
+    stop.set()
+    assert run_trainer(settings, broker, stop, emit=lines.append, **kw) == 0
+    return lines
+
+
+def _learned(embedder, catalog, settings) -> tuple:
+    """The models a trainer's state directory holds (restored as a restarted trainer restores
+    them, into an engine with the catalog), and its position."""
+    engine = _shard(embedder, catalog, 0)
+    kv = RocksKV(str(Path(settings.state_dir) / "trainer" / "rocks"))
+    try:
+        SharedModels(kv, engine.head, engine.reranker, history_len=engine.head.config.history_len, persistent=True)
+        position = int(kv.get(b"x:pos"))
+    finally:
+        kv.close()
+    return model_checksum(engine), position
+
+
+def _published(embedder, catalog, settings) -> str:
+    engine = _shard(embedder, catalog, 1, trainer=True)
+    engine.load_models(read_model_snapshot(newest_model_snapshot(settings.exchange_snapshot_dir, TOPIC).path)[1])
+    return serving_checksum(engine)
+
+
+def test_a_restarted_trainer_process_ends_with_the_models_of_one_that_never_stopped(tmp_path, embedder, catalog, log, whole):
+    """The trainer learns again the messages after its models' checkpoint when it restarts; the head
+    reads their items' vectors, so the catalog must be read first (before, the catalog topic was
+    read after it, and the messages were learned with placeholder vectors: other models)."""
+    cut = len(log) // 2
+    settings = _trainer_settings(tmp_path, "restarted", embed_cache_dir=str(Path(embedder.cache_path).parent))
+    _run_to_end(settings, _broker(log, catalog, upto=cut))
+    assert _learned(embedder, catalog, settings)[1] == cut - 1
+    _run_to_end(settings, _broker(log, catalog))
+    # its state holds the log since the last checkpoint (none within 30 s): read back, it is right either way;
+    # what it trained live and published is what the shards served, and that part differed
+    assert _learned(embedder, catalog, settings) == (model_checksum(whole), len(log) - 1)
+    assert _published(embedder, catalog, settings) == serving_checksum(whole)
+
+
+@pytest.mark.parametrize("checkpoint", ["every message", "none"])
+def test_a_trainer_past_the_log_retention_starts_from_its_state_snapshot_with_the_same_models(
+        tmp_path, embedder, catalog, log, whole, checkpoint):
+    cut = len(log) // 2
+    snaps = tmp_path / "snaps"
+    # "every message": a checkpoint of the models (Adam moments, sampler, pending examples) after each, so the
+    # snapshot carries one and each state read back below is the models the trainer held live; "none" (the
+    # default 30 s is never reached here): the snapshot carries the messages learned, learned again at the load
+    settings = partial(_trainer_settings, head_snapshot_interval_s=0.0 if checkpoint == "every message" else 30.0)
+    # a trainer that ran while the log was whole: its state snapshot at its stop, beside (not among) the shards'
+    first = settings(tmp_path, "first")
+    stopped = _run_to_end(first, _broker(log, catalog, upto=cut), embedder=embedder)
+    assert any("trainer_state_snapshots=1" in line for line in stopped), stopped
+    [(at, path)] = list_snapshots(snaps, state_snapshot_topic(TOPIC))
+    held = dict(read_records(path)[1])
+    assert at == cut - 1 and (b"xm:ckpt" in held) == (checkpoint == "every message")  # the models' training state
+    assert sum(k.startswith(b"xm:log:") for k in held) == (0 if checkpoint == "every message" else cut)
+    assert newest_snapshot(snaps, TOPIC) is None  # a shard never takes it for a snapshot of the signals
+    retained = _broker(log, catalog, log_start=cut)  # retention deleted everything the snapshot holds
+
+    # a blank trainer: refused without a snapshot, naming the gap ...
+    with pytest.raises(SystemExit) as refused:
+        _run_to_end(settings(tmp_path, "blank", exchange_snapshot_dir=str(tmp_path / "empty")), retained,
+                    embedder=embedder)
+    message = str(refused.value)
+    assert f"starts at offset {cut}, but the trainer needs it from 0 (its state is blank)" in message
+    assert f"records 0..{cut - 1} were deleted" in message and "no trainer state snapshot" in message
+
+    # ... and with one, it reads the log from the snapshot's position on and ends as the whole log's trainer
+    late = settings(tmp_path, "late")
+    lines = _run_to_end(late, retained, embedder=embedder)
+    assert any("state loaded from snapshot" in line and f"exchange position {cut - 1}" in line for line in lines), lines
+    learned = int(next(line for line in lines if line.startswith("stopped:")).split("trainer_learned=")[1].split(",")[0])
+    assert learned == len(log) - cut - 1  # from the cut on, the re-published message skipped
+    assert _learned(embedder, catalog, late) == (model_checksum(whole), len(log) - 1)
+    assert _published(embedder, catalog, late) == serving_checksum(whole)
+
+    # a trainer whose state stopped short of the new start keeps nothing of it: it moves onto the snapshot
+    behind = settings(tmp_path, "behind", exchange_snapshot_dir=str(tmp_path / "old-snaps"))
+    _run_to_end(behind, _broker(log, catalog, upto=cut // 2), embedder=embedder)
+    assert _learned(embedder, catalog, behind)[1] == cut // 2 - 1
+    with pytest.raises(SystemExit, match=f"learned the log up to position {cut // 2 - 1}"):
+        _run_to_end(behind, retained, embedder=embedder)  # its own snapshot is older than the log's start
+    _run_to_end(behind.replace(exchange_snapshot_dir=str(snaps)), retained, embedder=embedder)
+    assert _learned(embedder, catalog, behind) == (model_checksum(whole), len(log) - 1)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for(condition, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_the_trainer_metrics_follow_what_it_learned_of_the_log_and_published(tmp_path, embedder, catalog, log):
+    # the catalog record of one item comes late: the trainer holds the log at the first message naming it
+    first_seen: dict[str, int] = {}
+    for position, raw in log:
+        for _, _, item, _, _, history in decode_message(raw).ops:
+            for i in [item, *(h[0] for h in history or ())]:
+                first_seen.setdefault(i, position)
+    late_item, held_at = max(((i, p) for i, p in first_seen.items() if 2 < p < len(log) - 3), key=lambda ip: ip[1])
+    broker = _broker(log, catalog, upto=held_at + 3, missing=late_item)
+    port = _free_port()
+    settings = _trainer_settings(tmp_path, "metrics", unknown_items="dead_letter", unknown_item_wait_s=3600.0,
+                                 trainer_publish_messages=5, trainer_publish_s=3600.0, metrics_port=port - 2)
+    metrics = TrainerMetrics(settings)
+    stop = threading.Event()
+    lines: list[str] = []
+    runner = threading.Thread(target=run_trainer, args=(settings, broker, stop),
+                              kwargs={"emit": lines.append, "embedder": embedder, "metrics": metrics}, daemon=True)
+    runner.start()
+    try:
+        value = metrics.value
+        _wait_for(lambda: value("recsys_trainer_learned_offset") == held_at - 1 and value("recsys_trainer_log_end_offset") == held_at + 3)
+        time.sleep(0.5)  # held: it does not move on without the item
+        assert value("recsys_trainer_learned_offset") == held_at - 1
+        assert value("recsys_trainer_lag_records") == 3  # held_at, held_at + 1, held_at + 2
+        published = value("recsys_trainer_published_model_offset")
+        assert 0 <= published <= held_at - 1
+        age = value("recsys_trainer_published_model_age_seconds")
+        _wait_for(lambda: value("recsys_trainer_published_model_age_seconds") > age + 0.2)  # nothing new: it ages
+        # served over HTTP on RECSYS_METRICS_PORT + RECSYS_SHARDS, the port after the shards'
+        assert f"metrics: http://127.0.0.1:{port}/metrics" in lines
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            scraped = {s.name: s.value for f in text_string_to_metric_families(response.read().decode()) for s in f.samples}
+        assert scraped["recsys_trainer_learned_offset"] == held_at - 1 and scraped["recsys_trainer_lag_records"] == 3
+
+        # the item arrives, and the rest of the log: it learns to the end and publishes a newer version
+        produce_records(broker, "catalog", [(c.item_id.encode(), encode(c)) for c in catalog if c.item_id == late_item])
+        produce_records(broker, TOPIC, [(None, raw) for _, raw in log[held_at + 3:]])
+        _wait_for(lambda: value("recsys_trainer_learned_offset") == len(log) - 1)
+        assert value("recsys_trainer_log_end_offset") == len(log) and value("recsys_trainer_lag_records") == 0
+        assert value("recsys_trainer_messages_learned_total") == len(log) - 1
+        _wait_for(lambda: value("recsys_trainer_published_model_offset") > published)
+        assert value("recsys_trainer_publications_total") >= 2
+        assert value("recsys_trainer_published_model_age_seconds") < age + 60
+    finally:
+        stop.set()
+        runner.join(60)
+        metrics.close()
+    assert not runner.is_alive()
+    newest = newest_model_snapshot(tmp_path / "snaps", TOPIC)
+    assert metrics.value("recsys_trainer_published_model_offset") == newest.position
+
+
+def test_a_shard_served_by_the_trainer_exposes_the_version_it_serves_and_its_age(tmp_path, embedder, catalog):
+    snaps = tmp_path / "snaps"
+    source = _shard(embedder, catalog, 0)
+    source.shared_models.position = 5
+    write_model_snapshot(snaps, TOPIC, 5, 5, source.shared_models.serving_state())
+    shard = _shard(embedder, catalog, 1, kv=RocksKV(str(tmp_path / "rocks")), trainer=True, state_dir=str(tmp_path),
+                   exchange_snapshot_dir=str(snaps), exchange_topic=TOPIC)
+    try:
+        written = read_model_snapshot(newest_model_snapshot(snaps, TOPIC).path)[0]["written_at_ms"] / 1000
+        now = [written + 7.0]
+        metrics = FlowMetrics(shard.settings, status=None, clock=lambda: now[0])
+        assert math.isnan(metrics.registry.get_sample_value("recsys_served_model_age_seconds"))  # none loaded yet
+        metrics.tick(shard)
+        assert metrics.registry.get_sample_value("recsys_served_model_offset") == 5  # loaded at start
+        assert metrics.registry.get_sample_value("recsys_served_model_age_seconds") == pytest.approx(7.0)
+        now[0] += 2.5
+        metrics.tick(shard)
+        assert metrics.registry.get_sample_value("recsys_served_model_age_seconds") == pytest.approx(9.5)
+        source.shared_models.position = 12
+        path = write_model_snapshot(snaps, TOPIC, 12, 12, source.shared_models.serving_state())
+        assert shard.poll_model_snapshots(force=True)
+        now[0] = read_model_snapshot(path)[0]["written_at_ms"] / 1000 + 1.0
+        metrics.tick(shard)
+        assert metrics.registry.get_sample_value("recsys_served_model_offset") == 12
+        assert metrics.registry.get_sample_value("recsys_served_model_age_seconds") == pytest.approx(1.0)
+    finally:
+        shard.kv.close()
+
+
+def test_recsys_trainer_runs_the_trainer_on_the_broker_as_the_compose_service_does(
+        local_broker, topic_name, tmp_path, embedder, catalog, log, whole, children):  # noqa: F811
+    """`recsys trainer` (docker-compose.yml's trainer service), on the real local broker: it learns the
+    log, serves its metrics on RECSYS_METRICS_PORT + RECSYS_SHARDS, and on SIGTERM publishes the
+    models of the whole log and exits 0."""
+    prefix = topic_name("trainer") + "-"
+    clients = KafkaClients.for_bootstrap(local_broker.bootstrap)
+    ensure_topics(clients, {prefix + "catalog": 1, prefix + "exchange": 1})
+    produce_records(clients, prefix + "catalog", [(c.item_id.encode(), encode(c)) for c in catalog])
+    produce_records(clients, prefix + "exchange", [(None, raw) for _, raw in log])
+    port = _free_port()
+    env = {"RECSYS_SHARDS": "2", "RECSYS_SHARE_SIGNALS": "true", "RECSYS_MODEL_TRAINER": "true",
+           "RECSYS_UNKNOWN_ITEMS": "admit", "RECSYS_METRICS_PORT": str(port - 2)}
+    trainer = Child([*RECSYS, "trainer", "--bootstrap-servers", local_broker.bootstrap, "--catalog-topic", prefix + "catalog",
+                     "--exchange-topic", prefix + "exchange", "--exchange-snapshot-dir", str(tmp_path / "snaps"),
+                     "--state-dir", str(tmp_path / "state"), "--embed-cache-dir", str(Path(embedder.cache_path).parent)],
+                    env=env)
+    children.append(trainer)
+    trainer.wait_for("ready: model trainer", READY_TIMEOUT_S)
+    assert f"metrics: http://127.0.0.1:{port}/metrics" in trainer.output
+
+    def learned() -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            samples = {s.name: s.value for f in text_string_to_metric_families(response.read().decode()) for s in f.samples}
+        return samples["recsys_trainer_learned_offset"]
+
+    _wait_for(lambda: learned() == len(log) - 1, 120)
+    code, _ = trainer.stop_with(signal.SIGTERM, timeout_s=60)
+    assert code == 0, trainer.output
+    assert f"trainer_learned={len(log) - 1}," in trainer.output and "trainer_state_snapshots=1" in trainer.output
+    engine = _shard(embedder, catalog, 1, trainer=True)
+    engine.load_models(read_model_snapshot(newest_model_snapshot(tmp_path / "snaps", prefix + "exchange").path)[1])
+    assert serving_checksum(engine) == serving_checksum(whole)
