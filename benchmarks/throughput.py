@@ -25,7 +25,9 @@ the real flow as a child process (``python -m recsys_cli run``), synthetic data
    published to ``catalog``, each a near-twin of a known item; a shopper never seen before
    clicks the known twin right after (and again 0.1, 0.25, 0.5 s later: the two topics are
    read independently, so a click can overtake the catalog record). Reported: the time from
-   the new item's catalog append to the first recommendation (anyone's) listing it.
+   the new item's catalog append to the first recommendation (anyone's) listing it. And from
+   the flow's metrics endpoint: how often the events partitions went more than 100 / 500 ms
+   without a poll while the stream was offered (time the flow did not read them).
 3. ``longrun`` (the state bound, issue 9): ``--longrun-events`` (1M) events over
    ``--longrun-users`` (500k) users, stream time advancing ``--longrun-gap-ms`` per event, with
    a short ``--longrun-ttl-h`` (1 h of stream time), fed in batches of ``--longrun-batch`` to the
@@ -661,8 +663,12 @@ def run_latency(args, items, catalog_path: Path, cache_dir: str, base: Settings,
     try:
         workdir = workroot / "latency"
         profile_to = Path(args.profile) / "latency.prof" if args.profile else None
+        extra = list(args.flow_args)
+        if "--metrics-port" not in extra:  # the flow's poll intervals are read from its endpoint
+            extra += ["--metrics-port", str(_free_port())]
+        metrics_port = int(extra[extra.index("--metrics-port") + 1])
         flow = FlowProcess(flow_command(broker.bootstrap, workdir, catalog_path, cache_dir, stop_at_end=False,
-                                        profile_to=profile_to, extra=args.flow_args), echo=args.verbose)
+                                        profile_to=profile_to, extra=extra), echo=args.verbose)
         try:
             flow.wait_ready()
             log(f"[latency] flow ready after {flow.ready_t - flow.start_t:.1f} s: {flow.ready_line}")
@@ -671,6 +677,7 @@ def run_latency(args, items, catalog_path: Path, cache_dir: str, base: Settings,
             log(f"[latency] warm-up: {len(warmup)} events -> {n_warm} recommendations")
             probes = new_item_probes(probe_pairs(args.new_items), args.seed)
             prober = send_probes(clients, s, probes, len(events) / args.rate) if probes else None
+            polls_before = scrape_polls(metrics_port, s.events_topic)
             t0 = time.perf_counter()
             cpu_at_start = flow.cpu_s()
             n = produce_records(clients, s.events_topic, keyed(events), rate=args.rate)
@@ -683,6 +690,7 @@ def run_latency(args, items, catalog_path: Path, cache_dir: str, base: Settings,
             hwm_before_stop = flow.vm_hwm_kib
             cpu_offered = flow.cpu_s() - cpu_at_start  # the flow's CPU while the stream was offered and drained
             wall_offered = time.perf_counter() - t0
+            polls = poll_gaps(polls_before, scrape_polls(metrics_port, s.events_topic))
         finally:
             flow.interrupt()
         log(f"[latency] {flow.stopped_line}")
@@ -719,6 +727,7 @@ def run_latency(args, items, catalog_path: Path, cache_dir: str, base: Settings,
         "searches": sum(1 for ev in events if ev.type == "search"),
         "search_results": len(search_envs),
         "latency_ms_search": _trigger_pcts(measured, search_envs) if search_envs else {},
+        "events_polls": polls,
         "flow_cpu_s": round(cpu_offered, 2),
         "flow_cpu_share": round(cpu_offered / wall_offered, 3),
         "peak_rss_mib": flow.peak_rss_mib(),
@@ -747,8 +756,55 @@ def run_latency(args, items, catalog_path: Path, cache_dir: str, base: Settings,
         log(f"[latency] new item: none of {len(probes)} new items was recommended")
     log(f"[latency] the flow used {cpu_offered:.1f} CPU-seconds from the first offered event to the last output "
         f"({result['flow_cpu_share']:.0%} of one core over {wall_offered:.1f} s)")
+    log(f"[latency] the events partitions were polled {polls['polls']} times while the stream was offered: "
+        f"{polls['over_100ms']} more than 100 ms after the previous poll, {polls['over_500ms']} more than 500 ms; "
+        f"longest since the flow started {polls['longest_since_start_ms']} ms")
     log(f"[latency] peak RSS {result['peak_rss_mib']} MiB; load average {result['loadavg_after']}")
     return result
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def scrape_polls(port: int, topic: str, shards: int = 8) -> dict:
+    """The flows' ``recsys_input_poll_interval_seconds`` buckets for ``topic`` summed over the
+    shards' endpoints (``port + shard``), and the longest interval any of them saw since start."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    buckets: dict[float, float] = {}
+    longest = 0.0
+    for shard in range(shards):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port + shard}/metrics", timeout=5) as response:
+                text = response.read().decode()
+        except OSError:
+            break  # no shard on that port
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.labels.get("topic") != topic:
+                    continue
+                if sample.name == "recsys_input_poll_interval_seconds_bucket":
+                    le = float(sample.labels["le"])
+                    buckets[le] = buckets.get(le, 0.0) + sample.value
+                elif sample.name == "recsys_input_poll_interval_max_seconds":
+                    longest = max(longest, sample.value)
+    return {"buckets": buckets, "longest_s": longest}
+
+
+def poll_gaps(before: dict, after: dict) -> dict:
+    """Polls of a topic's partitions more than 0.1 / 0.5 s after the previous one, between two
+    :func:`scrape_polls` (the offered stream), and the longest since the flow started."""
+    delta = {le: n - before["buckets"].get(le, 0.0) for le, n in after["buckets"].items()}
+    total = delta.get(float("inf"), 0.0)
+    return {"polls": int(total), "over_100ms": int(total - delta.get(0.1, 0.0)),
+            "over_500ms": int(total - delta.get(0.5, 0.0)), "longest_since_start_ms": round(after["longest_s"] * 1000)}
 
 
 def _trigger_pcts(events, recs) -> dict[str, float]:

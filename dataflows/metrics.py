@@ -49,6 +49,9 @@ from recsys.shard.step import BatchResult, Shard
 #: Latency buckets (seconds): the design's range is tens to hundreds of milliseconds.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
 #: Batch processing buckets (seconds): a polled batch takes ~1 ms to ~1 s.
+#: time between two polls of an input partition: the idle backoff is 1-100 ms; anything longer
+#: is time the flow did not read the partition (a long batch, an epoch close held)
+POLL_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 #: The on-disk state size and users gauges are refreshed at most this often (a directory walk).
 SLOW_GAUGES_INTERVAL_S = 5.0
@@ -94,6 +97,12 @@ class FlowMetrics:
         self.dead = Counter("recsys_dead_letters", "Messages dead-lettered, by reason class", ["reason"], registry=r)
         self.lag = Gauge("recsys_consumer_lag_records", "High watermark minus next offset to read, per input partition",
                          ["topic", "partition"], registry=r)
+        self.poll_interval = Histogram("recsys_input_poll_interval_seconds",
+                                       "Time between two polls of an input partition (a long one: the flow did not read it)",
+                                       ["topic"], buckets=POLL_BUCKETS, registry=r)
+        self.poll_interval_max = Gauge("recsys_input_poll_interval_max_seconds",
+                                       "Longest time between two polls of an input partition since start", ["topic"],
+                                       registry=r)
         self.batch_time = Histogram("recsys_batch_processing_seconds", "Shard time per polled batch",
                                     buckets=BATCH_BUCKETS, registry=r)
         self.latency = Histogram("recsys_event_to_recommendation_seconds",
@@ -123,6 +132,7 @@ class FlowMetrics:
         self.served_age.set(float("nan"))
         self._status = None if settings.quiet else status
         self._lags: dict[tuple[str, int], int] = {}
+        self._poll_max: dict[str, float] = {}
         self._versions: dict[str, tuple[int, float]] = {}
         self._users = None
         self._slow_at = 0.0
@@ -155,6 +165,13 @@ class FlowMetrics:
         if lag is not None:
             self._lags[(topic, partition)] = lag
             self.lag.labels(topic, str(partition)).set(lag)
+
+    def polled(self, topic: str, seconds: float) -> None:
+        """The time since the partition's last poll (``_WatchedPartition``)."""
+        self.poll_interval.labels(topic).observe(seconds)
+        if seconds > self._poll_max.get(topic, 0.0):
+            self._poll_max[topic] = seconds
+            self.poll_interval_max.labels(topic).set(seconds)
 
     def batch(self, engine: Shard, envelopes: list[Envelope], result: BatchResult, seconds: float) -> None:
         """After each ``Shard.process``: counts, processing time, latencies."""
@@ -337,8 +354,13 @@ class _WatchedPartition(StatefulSourcePartition[Any, Any]):
     def __init__(self, inner: StatefulSourcePartition[Any, Any], topic: str, partition: int, metrics: FlowMetrics):
         self.inner, self.topic, self.partition, self.metrics = inner, topic, partition, metrics
         self._lag = getattr(inner, "lag", None)
+        self._polled_at: float | None = None
 
     def next_batch(self) -> Any:
+        now = time.monotonic()
+        if self._polled_at is not None:
+            self.metrics.polled(self.topic, now - self._polled_at)
+        self._polled_at = now
         batch = self.inner.next_batch()
         if self._lag is not None:
             self.metrics.partition_lag(self.topic, self.partition, self._lag())
@@ -355,7 +377,8 @@ class _WatchedPartition(StatefulSourcePartition[Any, Any]):
 
 
 class Watched(FixedPartitionedSource[Any, Any]):
-    """A partitioned Kafka source whose partitions report their lag to ``metrics``."""
+    """A partitioned Kafka source whose partitions report their lag and the time between their polls
+    to ``metrics``."""
 
     def __init__(self, inner: FixedPartitionedSource[Any, Any], topic: str, metrics: FlowMetrics) -> None:
         self.inner, self.topic, self.metrics = inner, topic, metrics

@@ -56,6 +56,37 @@ def test_every_metric_is_named_recsys_thing_unit_with_help_text():
         assert family.documentation, family.name
 
 
+def test_a_watched_partition_reports_the_time_between_its_polls():
+    from bytewax.inputs import StatefulSourcePartition
+
+    from dataflows.metrics import Watched
+
+    class _Inner(StatefulSourcePartition):
+        def next_batch(self):
+            return []
+
+        def snapshot(self):
+            return None
+
+    class _Source:
+        def list_parts(self):
+            return ["events#0"]
+
+        def build_part(self, step_id, for_part, resume_state):
+            return _Inner()
+
+    metrics = FlowMetrics(Settings(), status=None)
+    part = Watched(_Source(), "events", metrics).build_part("in", "events#0", None)
+    part.next_batch()  # the first poll has no interval
+    time.sleep(0.12)
+    part.next_batch()
+    part.next_batch()
+    buckets = {s.labels["le"]: s.value for s in metrics.registry.collect() for s in s.samples
+               if s.name == "recsys_input_poll_interval_seconds_bucket" and s.labels["topic"] == "events"}
+    assert buckets["+Inf"] == 2 and buckets["0.1"] == 1, buckets  # one of 120 ms, one immediate
+    assert 0.12 <= metrics.poll_interval_max.labels("events")._value.get() < 1.0
+
+
 def test_the_endpoint_counts_what_was_produced_during_a_live_run(local_broker, topic_name, tmp_path):
     prefix = topic_name("m") + "-"
     bootstrap = local_broker.bootstrap
@@ -116,6 +147,8 @@ def test_the_endpoint_counts_what_was_produced_during_a_live_run(local_broker, t
     assert total(samples, "recsys_dead_letters_total", reason="unknown_item") == 0
     for partition in ("0", "1"):
         assert total(samples, "recsys_consumer_lag_records", topic=prefix + "events", partition=partition) == 0
+    assert total(samples, "recsys_input_poll_interval_seconds_count", topic=prefix + "events") > 0
+    assert 0 < total(samples, "recsys_input_poll_interval_max_seconds", topic=prefix + "events") < 30
     assert total(samples, "recsys_event_to_recommendation_seconds_count") == len(recs)
     assert 0 < total(samples, "recsys_event_to_recommendation_seconds_sum") < 60 * len(recs)
     assert total(samples, "recsys_batch_processing_seconds_count") > 0
