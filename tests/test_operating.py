@@ -287,7 +287,10 @@ def test_ctrl_c_while_the_model_loads_is_one_line(local_broker, topic_name, tmp_
         time.sleep(0.1)
     time.sleep(1.0)
     code, _ = flow.stop_with(signal.SIGINT, timeout_s=30)
-    assert code == 130, flow.output
+    # 130, or the signal itself: after the one line below, CPython sometimes ends a process whose
+    # KeyboardInterrupt passed through C code by re-raising SIGINT at exit (seen twice under load,
+    # -2); a shell reports 130 for both, which is what an operator sees.
+    assert code in (130, -signal.SIGINT), flow.output
     assert "Traceback" not in flow.output and "panicked" not in flow.output, flow.output
     assert not any(line.startswith("ready") for line in flow.lines)
     assert flow.lines[-1].startswith("recsys run: stopped by SIGINT before the flow started"), flow.output
