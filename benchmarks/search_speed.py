@@ -16,10 +16,10 @@ events, then fed ``--mixed-events`` more in batches of random size between ``--m
 and ``--max-batch`` (what the live flow sees at 1,000 events/s), once as they are
 (recommendations only) and once with a share ``S`` of them turned into searches the way
 ``benchmarks/throughput.py --search-share`` does (``recsys.synthetic.with_searches``), each
-run on a fresh engine warmed the same way. Prints events/s (wall and per CPU-second), the CPU
-cost of a non-search event (the recommendations-only run's mean) and of a search event (the
-mixed run's CPU less its non-search events at that cost, per search), the time inside
-``Search.step`` per search, and a digest of the search results (items in order and their
+run on a fresh engine warmed the same way. Prints events/s (wall and per CPU-second) of both
+runs, and for the mixed run the CPU per event outside ``Search.step`` and the CPU inside it per
+search (in all, and in the batches whose queries were all cached: the steady state), the wall
+time of the first batch with a search and of the slowest batch, and a digest of the search results (items in order and their
 reasons: equal digests mean the same answers, e.g. across two trees; ``--results-out``
 writes the answers, emission time left out, to compare two trees' scores). ``--profile``:
 cProfile of the mixed run, the search path's functions by cumulative time. ``--warm-up``:
@@ -158,12 +158,10 @@ def mixed(args) -> None:
     walls = np.array([b[0] for b in m["batches"]]) * 1e3
     print(f"Shard.process per batch: the first with a search {first[0] * 1e3:.0f} ms, max {walls.max():.0f} ms, "
           f"p99 {np.percentile(walls, 99):.0f} ms, median {np.median(walls):.1f} ms (wall)")
-    if "recs only" in runs:
-        other = runs["recs only"]["cpu"] / n
-        per_search = (m["cpu"] - (n - n_search) * other) / max(n_search, 1)
-        print(f"CPU per event: non-search {other * 1e3:.3f} ms (recommendations-only run), "
-              f"search {per_search * 1e3:.3f} ms (mixed run less its non-search events), "
-              f"ratio {per_search / other:.1f}x")
+    rest = (m["cpu"] - m["step_cpu"]) / n
+    print(f"mixed run, CPU per event: {rest * 1e3:.3f} ms outside Search.step (every event: decode, state, "
+          f"signals, the recommendation), plus {m['step_cpu'] / max(n_search, 1) * 1e3:.3f} ms in Search.step "
+          f"per search: a search costs {(rest + m['step_cpu'] / max(n_search, 1)) / rest:.1f}x another event")
     print(f"load average: {os.getloadavg()}")
     if profiler is not None:
         if args.profile_out:

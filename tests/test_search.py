@@ -17,7 +17,7 @@ import pytest
 from recsys.events import CatalogItem, Envelope, Event, encode
 from recsys.schemas import validate
 from recsys.search import QueryAssociations, Vocabulary, query_key, tokenize
-from recsys.search.service import _top
+from recsys.search.service import _median, _top
 from recsys.settings import Settings
 from recsys.shard.step import Shard
 
@@ -460,6 +460,13 @@ def test_the_top_k_equals_the_full_sort_by_score_then_id_with_ties():
         k = int(rng.integers(0, 12))
         full = [j for j in np.lexsort((np.array(ids, dtype=object).astype(str), -scores)) if keep[j]][:k]
         assert _top(scores, ids, keep, k) == full
+
+
+def test_the_median_of_a_history_s_prices_equals_numpy_s():
+    rng = np.random.default_rng(1)
+    for _ in range(2000):
+        prices = rng.lognormal(3, 1, size=int(rng.integers(1, 30))).round(int(rng.integers(0, 3))).tolist()
+        assert _median(prices) == float(np.median(prices))
 
 
 def test_warm_up_loads_the_query_model_and_builds_bm25_before_the_first_search(engine):

@@ -168,6 +168,14 @@ class _Candidates:
     no_match: bool
 
 
+def _median(values: list[float]) -> float:
+    """``float(np.median(values))`` (the same float: the middle value, or the two middle values'
+    sum halved) without building an array, for the few prices of one history."""
+    s = sorted(values)
+    m = len(s) // 2
+    return float(s[m]) if len(s) % 2 else float((s[m - 1] + s[m]) / 2)
+
+
 def _top(scores: np.ndarray, ids: list[str], keep: np.ndarray, k: int) -> list[int]:
     """Positions of the ``k`` best kept candidates, by score then id: what
     ``[j for j in np.lexsort((ids, -scores)) if keep[j]][:k]`` gives, sorting only the kept
@@ -577,7 +585,7 @@ class Search:
             if item.price:
                 prices.append(item.price)
         total_c, total_b = sum(cats.values()) or 1.0, sum(brands.values()) or 1.0
-        median = float(np.median(prices)) if prices else None
+        median = _median(prices) if prices else None
         seen = {h[0] for h in history}
         purchases = sum(state.bought.values())
         rebuy = (purchases - len(state.bought)) / purchases if purchases else 0.0  # share of purchases that were repeats
