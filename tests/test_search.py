@@ -10,12 +10,14 @@ from __future__ import annotations
 import dataclasses
 import time
 
+import numpy as np
 import orjson
 import pytest
 
 from recsys.events import CatalogItem, Envelope, Event, encode
 from recsys.schemas import validate
 from recsys.search import QueryAssociations, Vocabulary, query_key, tokenize
+from recsys.search.service import _median, _top
 from recsys.settings import Settings
 from recsys.shard.step import Shard
 
@@ -387,3 +389,90 @@ def test_with_search_in_history_a_recent_query_enters_the_next_recommendations(t
             assert all(i.reason != "you searched 'sleeping bag'" for i in eng.recommend_for(["u1"], stream.ts)[0])
         eng.close()
     assert lists[False][1] != "bag-down"
+
+
+# --------------------------------------------------------------------------- a batch's searches at once
+
+
+def _envelopes(specs: list[tuple], first_offset: int = 0, ts: int = 1_700_000_000_000) -> list[Envelope]:
+    envs = []
+    for n, (etype, user, what) in enumerate(specs):
+        ev = Event(f"b{first_offset + n}", etype, user, None if etype == "search" else what, ts + 60_000 * (first_offset + n),
+                   query=what if etype == "search" else None)
+        envs.append(Envelope("events", 0, first_offset + n, user.encode(), encode(ev), ev.ts))
+    return envs
+
+
+def test_a_batch_of_searches_is_answered_as_ranking_each_search_alone(tmp_path, cache):
+    """``Search.step`` encodes a batch's new queries in one model call and asks the head for all
+    its searching shoppers at once; the answers equal ``Search.rank`` called for each search
+    alone on another engine (one model call per query, one head call per search): the same
+    items in the same order with the same reasons, scores equal to float rounding."""
+    history = _envelopes([("purchase", "alpina-fan", "tent-blue"), ("purchase", "alpina-fan", "bag-down"),
+                          ("click", "alpina-fan", "mug"), ("purchase", "speedo-fan", "shoe-road"),
+                          ("click", "speedo-fan", "shoe-trail"), ("add_to_cart", "coffee-fan", "coffee")])
+    searches = [("search", "alpina-fan", "running shoe"), ("search", "speedo-fan", "tent"),
+                ("search", "coffee-fan", "coffee mug"), ("search", "alpina-fan", "camping stove"),
+                ("search", "newcomer", "sleeping bag"), ("search", "speedo-fan", "running shoe"),
+                ("search", "coffee-fan", "dessert"), ("search", "newcomer", "something warm for the night")]
+    envs = _envelopes(searches, first_offset=len(history))
+    engines = []
+    for name in ("batch", "alone"):
+        eng = Shard.open(_settings(tmp_path / name, cache), in_memory=True)
+        eng.upsert_catalog(CATALOG)
+        eng.process(history)
+        engines.append(eng)
+    batch_engine, alone_engine = engines
+    assert batch_engine.search.head is not None  # the head's query is one of the personal signals
+    batch = [orjson.loads(p) for _, p in batch_engine.process(envs).search_results]
+    assert batch_engine.search.encoder.stats["calls"] == 1  # 7 distinct queries, one model call
+    states = alone_engine.users.get_many([user for _, user, _ in searches], now_ts=envs[0].timestamp_ms)
+    alone = [alone_engine.search.rank(query, states[user], env.timestamp_ms).items
+             for (_, user, query), env in zip(searches, envs)]
+    assert alone_engine.search.encoder.stats["calls"] == 7
+    assert len(batch) == len(alone) == len(searches) and sum(bool(a) for a in alone) >= 6
+    for answer, items in zip(sorted(batch, key=lambda a: int(a["trigger_event_id"][1:])), alone):
+        assert [(i["item_id"], i["reason"]) for i in answer["items"]] == [(i.item_id, i.reason) for i in items]
+        assert [i["score"] for i in answer["items"]] == pytest.approx([i.score for i in items], abs=2e-6)
+    for eng in engines:
+        eng.close()
+
+
+def test_query_vectors_encoded_together_equal_those_encoded_alone(engine):
+    texts = ["blue tent", "running shoe", "blue tent", "coffee", "a much longer query about warm sleeping bags"]
+    together = engine.search.encoder
+    together.encode_many(texts)
+    assert together.stats["calls"] == 1 and together.stats["misses"] == 4
+    alone = type(together)(together._embed)
+    for text in texts:
+        assert np.allclose(together(text), alone(text), atol=1e-6, rtol=0)
+    assert together.stats["calls"] == 1  # served from the cache
+    assert alone.stats["calls"] == 4
+
+
+def test_the_top_k_equals_the_full_sort_by_score_then_id_with_ties():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        n = int(rng.integers(0, 40))
+        scores = rng.integers(0, 5, size=n).astype(np.float64) / 4  # many ties
+        ids = [f"i{j}" for j in rng.permutation(n)]
+        keep = rng.random(n) < 0.7
+        k = int(rng.integers(0, 12))
+        full = [j for j in np.lexsort((np.array(ids, dtype=object).astype(str), -scores)) if keep[j]][:k]
+        assert _top(scores, ids, keep, k) == full
+
+
+def test_the_median_of_a_history_s_prices_equals_numpy_s():
+    rng = np.random.default_rng(1)
+    for _ in range(2000):
+        prices = rng.lognormal(3, 1, size=int(rng.integers(1, 30))).round(int(rng.integers(0, 3))).tolist()
+        assert _median(prices) == float(np.median(prices))
+
+
+def test_warm_up_loads_the_query_model_and_builds_bm25_before_the_first_search(engine):
+    engine.upsert_catalog([CatalogItem("lamp", "Camping lamp", category="Camping/Lights")])  # BM25 due again
+    engine.search.warm_up()
+    rebuilds, loads = engine.search.lexical.rebuilds, engine.items.embedder.stats["model_loads"]
+    assert ids(Stream(engine).search("u1", "camping lamp"))[0] == "lamp"
+    assert engine.search.lexical.rebuilds == rebuilds  # built by warm_up, not by the search
+    assert engine.items.embedder.stats["model_loads"] == loads == 1  # one model for items and queries

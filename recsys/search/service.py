@@ -129,6 +129,11 @@ class SearchConfig:
         return w if self.personalise else w * _PERSONAL_MASK
 
 
+def _query_text(query: str) -> str:
+    """What the sentence-transformer reads of a query (and the key of its cached vector)."""
+    return " ".join(tokenize(query)) or query
+
+
 @dataclass
 class Ranked:
     """One answer: the ranked items (with score and reason) and whether nothing matched."""
@@ -163,6 +168,28 @@ class _Candidates:
     no_match: bool
 
 
+def _median(values: list[float]) -> float:
+    """``float(np.median(values))`` (the same float: the middle value, or the two middle values'
+    sum halved) without building an array, for the few prices of one history."""
+    s = sorted(values)
+    m = len(s) // 2
+    return float(s[m]) if len(s) % 2 else float((s[m - 1] + s[m]) / 2)
+
+
+def _top(scores: np.ndarray, ids: list[str], keep: np.ndarray, k: int) -> list[int]:
+    """Positions of the ``k`` best kept candidates, by score then id: what
+    ``[j for j in np.lexsort((ids, -scores)) if keep[j]][:k]`` gives, sorting only the kept
+    candidates that score at least the k-th best (ties at the cut included)."""
+    rows = np.flatnonzero(keep)
+    if k <= 0 or not len(rows):
+        return []
+    if len(rows) > k:
+        kept = scores[rows]
+        rows = rows[kept >= np.partition(kept, len(kept) - k)[len(kept) - k]]
+    s = scores.tolist()
+    return sorted(rows.tolist(), key=lambda j: (-s[j], ids[j]))[:k]
+
+
 class Search:
     """The search surface of the engine: catalog text in, events in, ranked answers out."""
 
@@ -189,6 +216,8 @@ class Search:
         self.reranker = SearchReranker(self._weights, seed=self.config.seed)
         #: user -> (candidate ids, their signals) of their last search, until an engagement teaches the re-ranker
         self._shown: OrderedDict[str, tuple[list[str], np.ndarray]] = OrderedDict()
+        #: (user_id, search ts) -> the head's query for the user's state before the batch (step only)
+        self._head_queries: dict[tuple[str, int], np.ndarray] = {}
         #: engagements in a search window: credited to the query, or not (another product)
         self.credit_counts: Counter[str] = Counter()
         #: Backtests: called with ``(event, state)`` for each newly applied search, before it
@@ -205,6 +234,12 @@ class Search:
         self.record_association: Callable[[str, str, float], None] | None = None
 
     # ------------------------------------------------------------------ state
+
+    def warm_up(self) -> None:
+        """Load the query model and build BM25 now: the first search would otherwise wait for
+        both (seconds, and every event behind it in a live stream waits too)."""
+        self.encoder.warm_up()
+        self.lexical.known([])  # builds BM25 over the catalog loaded so far
 
     def upsert(self, items: Sequence[CatalogItem]) -> None:
         self.lexical.upsert(items)
@@ -245,6 +280,30 @@ class Search:
         (:mod:`recsys.search.outbox`), else it is answered again from the current state.
         Returns ``(user_id, SearchResult JSON)`` per search event.
         """
+        try:
+            if self.respond:
+                self._prepare(by_user, states)
+            return self._step(by_user, states, committed, now_ms, model_version)
+        finally:
+            self._head_queries.clear()  # only for this batch's states (SearchIntent ranks on later ones)
+
+    def _prepare(self, by_user: dict[str, list[tuple[Envelope, Event]]], states: dict[str, UserState]) -> None:
+        """What every search of the batch needs, computed for all at once: the vectors of new
+        query texts (one model call) and the head's query for each searching user and time
+        (one head call), the same to float rounding as one at a time."""
+        searches = [(user_id, event) for user_id, events in by_user.items() for _, event in events
+                    if event.type == "search" and event.query]
+        if not searches:
+            return
+        self.encoder.encode_many([_query_text(event.query) for _, event in searches])
+        if self.head is not None and self.config.personalise:
+            keys = list(dict.fromkeys((user_id, event.ts) for user_id, event in searches if states[user_id].history))
+            if keys:
+                vecs = self.head.query_vectors([states[u].history for u, _ in keys], [ts for _, ts in keys])
+                self._head_queries.update(zip(keys, vecs))
+
+    def _step(self, by_user: dict[str, list[tuple[Envelope, Event]]], states: dict[str, UserState],
+              committed: dict[tuple[str, int], int], now_ms: int, model_version: str) -> list[tuple[str, bytes]]:
         out: list[tuple[str, bytes]] = []
         for user_id, events in by_user.items():
             for env, event in events:
@@ -333,7 +392,7 @@ class Search:
         j = self.lexical.position(item_id)
         if j >= 0 and lexical.hit_rows.size and lexical.score_at(j) >= self.config.credit_lexical * lexical.best:
             return True  # matches the query's words
-        qtext = " ".join(tokenize(query)) or query
+        qtext = _query_text(query)
         qvec = self.encoder(qtext)
         if not lexical.hit_rows.size:  # no item's words match: does any item's meaning?
             top = self._semantic_retrieval(qtext, qvec)
@@ -367,9 +426,10 @@ class Search:
         if user_id is not None:
             self._remember(user_id, cands, keep)
         scores = self._scores(cands.x)
-        order = [j for j in np.lexsort((np.array(cands.ids, dtype=object).astype(str), -scores)) if keep[j]][:k]
-        items = [RecommendedItem(cands.ids[j], round(float(scores[j]), 6), self._reason(query, cands, j, state))
-                 for j in order]
+        order = _top(scores, cands.ids, keep, k)
+        causes = self._causes(cands.x[order])
+        items = [RecommendedItem(cands.ids[j], round(float(scores[j]), 6), self._reason(query, cands, j, state, cause))
+                 for j, cause in zip(order, causes)]
         return Ranked(items, no_match=False)
 
     def rank_modes(self, query: str, state: UserState | None, now_ts: int, k: int, modes: Sequence[str] = MODES,
@@ -469,7 +529,7 @@ class Search:
                 if j >= 0 and (score := lexical.score_at(j)) > 0:
                     lex[item_id] = score / lexical.best
         # semantic: the cached query vector against the faiss index (the answer cached per query)
-        qtext = " ".join(tokenize(query)) or query
+        qtext = _query_text(query)
         qvec = self.encoder(qtext)
         sem_hits = self._semantic_retrieval(qtext, qvec)
         sem_set = {i for i, s in sem_hits if s >= cfg.min_semantic}
@@ -503,7 +563,9 @@ class Search:
         # the user's vector: the learned head's query when there is one, else the decayed interest
         user = None
         if self.head is not None and history:
-            user = self.head.query_vectors([history], [now_ts])[0]
+            user = self._head_queries.get((state.user_id, now_ts))
+            if user is None:
+                user = self.head.query_vectors([history], [now_ts])[0]
         elif state.interest is not None:
             user = state.interest
         if user is not None and float(np.linalg.norm(user)) > 0:
@@ -523,31 +585,38 @@ class Search:
             if item.price:
                 prices.append(item.price)
         total_c, total_b = sum(cats.values()) or 1.0, sum(brands.values()) or 1.0
-        median = float(np.median(prices)) if prices else None
+        median = _median(prices) if prices else None
         seen = {h[0] for h in history}
         purchases = sum(state.bought.values())
         rebuy = (purchases - len(state.bought)) / purchases if purchases else 0.0  # share of purchases that were repeats
         bought = state.bought
-        col_c, col_b, col_bought, col_rebuy, col_seen, col_price = (
-            _COL["category"], _COL["brand"], _COL["bought"], _COL["rebuy"], _COL["seen"], _COL["price"])
-        for j, (item_id, item) in enumerate(entries):
-            if item.category:
-                x[j, col_c] = cats.get(item.category, 0.0) / total_c
-            if item.brand:
-                x[j, col_b] = brands.get(item.brand, 0.0) / total_b
-            if item_id in bought:
-                x[j, col_bought] = 1.0
-                x[j, col_rebuy] = rebuy
-            elif item_id in seen:
-                x[j, col_seen] = 1.0
-            if median and item.price:
-                x[j, col_price] = math.exp(-abs(math.log(item.price / median)))
+        # column by column (one list per signal, then one numpy write), the same floats as item by item
+        items = [item for _, item in entries]
+        if cats:
+            x[:, _COL["category"]] = [cats.get(item.category, 0.0) / total_c if item.category else 0.0 for item in items]
+        if brands:
+            x[:, _COL["brand"]] = [brands.get(item.brand, 0.0) / total_b if item.brand else 0.0 for item in items]
+        is_bought = [item_id in bought for item_id, _ in entries]
+        if any(is_bought):
+            x[:, _COL["bought"]] = is_bought
+            x[:, _COL["rebuy"]] = [rebuy if b else 0.0 for b in is_bought]
+        x[:, _COL["seen"]] = [not b and item_id in seen for b, (item_id, _) in zip(is_bought, entries)]
+        if median:
+            exp, log = math.exp, math.log
+            x[:, _COL["price"]] = [exp(-abs(log(item.price / median))) if item.price else 0.0 for item in items]
 
     # ------------------------------------------------------------------ reasons
 
-    def _reason(self, query: str, c: _Candidates, j: int, state: UserState | None) -> str:
-        contrib = c.x[j] * self._weights
-        cause = FEATURES[int(np.argmax(contrib))] if contrib.max() > 0 else "semantic"
+    def _causes(self, x: np.ndarray) -> list[str]:
+        """Each row's largest weighted signal (``semantic`` when none is positive)."""
+        if not len(x):
+            return []
+        contrib = x * self._weights
+        best, top = contrib.argmax(axis=1).tolist(), contrib.max(axis=1).tolist()
+        return [FEATURES[b] if t > 0 else "semantic" for b, t in zip(best, top)]
+
+    def _reason(self, query: str, c: _Candidates, j: int, state: UserState | None, cause: str) -> str:
+        """Why candidate ``j`` is shown, from its largest weighted signal ``cause`` (:meth:`_causes`)."""
         q = query.strip()
         if cause == "lexical":
             # the lexical index holds every available item's current tokens (tokenising the
