@@ -55,10 +55,11 @@ then, and reads the log from the snapshot's position + 1 (:mod:`recsys.signals.s
 Coverage (message version 3): a wiped shard also re-reads its own ``events`` partition into its
 blank user state, and the ops of the events still retained are in the shared signals already.
 So each message names the origin's input positions it covers, ``[[topic, partition, offset],
-...]``: every message of that partition at or below ``offset`` has had its ops sealed (in this
-message or an earlier one; an event waiting for its catalog item caps it below itself). Every
-shard, applying a message, keeps the highest covered offset per (origin, topic, partition)
-(``x:c:<origin>:<topic>:<partition>``, in the same atomic write as the ops, and in snapshots),
+...]``: every input message of that partition at or below ``offset`` has had its ops sealed (in
+this message or an earlier one; an event waiting for its catalog item caps it below itself).
+Every shard, applying a message, keeps the newest covered offset per (origin, topic, partition)
+(``x:c:<origin>:<topic>:<partition>``, in the same atomic write as the ops, and in snapshots; it
+only goes down when the input's offsets went backwards, :meth:`SignalExchange.uncover`),
 and a shard re-reading its own events at or below its own covered offset (:meth:`SignalExchange.covers`)
 applies them to its users but records no op, no re-ranker step and no search association for
 them. What was sealed but never reached the log (an outbox lost with the state) is not covered:
