@@ -17,6 +17,7 @@ from test_exchange import (  # noqa: F401
     _forget,
     _log_of_two_shards,
     _open,
+    _settings,
     catalog,
     events,
 )
@@ -28,7 +29,8 @@ from dataflows.live import (
     catch_up_exchange,
 )
 from dataflows.testing.memory_broker import InMemoryBroker
-from recsys.events import decode_event
+from recsys.events import CatalogItem, Envelope, decode_event, encode
+from recsys.shard.step import Shard
 from recsys.signals.exchange import SIGNAL_PREFIXES, decode_message
 from recsys.signals.snapshot import (
     LOADING_KEY,
@@ -176,6 +178,25 @@ def test_a_wiped_shard_re_reading_its_events_publishes_each_op_once(tmp_path, em
         assert shards[1].users.count() == whole[1].users.count()  # its users rebuilt
         _close(*shards)
     _close(*whole)
+
+
+def test_a_message_covers_no_event_still_waiting_for_its_catalog_item(tmp_path, embedder, catalog, events):  # noqa: F811
+    """An event parked for its item has no op sealed yet: the messages sealed meanwhile cover its
+    partition only below it, and the one with its op (once the item arrives) covers it."""
+    settings = _settings(state_dir=str(tmp_path / "s0"), shards=2, shard=0, share_signals=True).replace(
+        unknown_items="dead_letter", unknown_item_wait_s=3600.0)
+    shard = Shard(settings, RocksKV(str(tmp_path / "s0" / "rocks")), embedder)
+    shard.upsert_catalog(catalog)
+    batch = next(_batches(events, 2, 0))
+    at = next(i for i, env in enumerate(batch) if i > 0 and decode_event(env.value).item_id)
+    late = dataclasses.replace(decode_event(batch[at].value), item_id="late-item")
+    batch[at] = dataclasses.replace(batch[at], value=encode(late))
+    first = decode_message(shard.process(batch).exchange[0])
+    assert first.covered == [("events", 0, at - 1)] and shard.waiting.positions  # below the parked event
+    item = Envelope("catalog", 0, 0, b"late-item", encode(CatalogItem("late-item", title="a late item")))
+    second = decode_message(shard.process([item]).exchange[0])  # the item arrives: the event is released
+    assert "late-item" in [op[2] for op in second.ops] and second.covered == [("events", 0, len(batch) - 1)]
+    _close(shard)
 
 
 def test_a_snapshot_is_loaded_only_into_a_blank_state(tmp_path):
