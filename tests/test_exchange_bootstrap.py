@@ -29,7 +29,14 @@ from dataflows.live import (
     catch_up_exchange,
 )
 from dataflows.testing.memory_broker import InMemoryBroker
-from recsys.events import CatalogItem, Envelope, decode_event, encode
+from recsys.events import (
+    OFFSETS_RESET_FROM,
+    OFFSETS_RESET_TO,
+    CatalogItem,
+    Envelope,
+    decode_event,
+    encode,
+)
 from recsys.shard.step import Shard
 from recsys.signals.exchange import SIGNAL_PREFIXES, decode_message
 from recsys.signals.snapshot import (
@@ -196,6 +203,22 @@ def test_a_message_covers_no_event_still_waiting_for_its_catalog_item(tmp_path, 
     item = Envelope("catalog", 0, 0, b"late-item", encode(CatalogItem("late-item", title="a late item")))
     second = decode_message(shard.process([item]).exchange[0])  # the item arrives: the event is released
     assert "late-item" in [op[2] for op in second.ops] and second.covered == [("events", 0, len(batch) - 1)]
+    _close(shard)
+
+
+def test_a_re_created_events_topic_is_not_taken_for_a_re_read(tmp_path, embedder, catalog, events):  # noqa: F811
+    """Offsets that went backwards (the topic re-created) are new events, not covered ones."""
+    shard = _open(tmp_path, embedder, catalog, "s0")
+    first, second = list(_batches(events, 2, 0))[:2]
+    shard.apply_exchange([(0, shard.process(first).exchange[0])])
+    assert shard.exchange.covers("events", 0, len(first) - 1)
+    reset = Envelope("events", 0, -1, None, b"", extra={OFFSETS_RESET_FROM: len(first), OFFSETS_RESET_TO: 0})
+    renumbered = [dataclasses.replace(env, offset=i) for i, env in enumerate(second)]  # the new log from 0
+    message = decode_message(shard.process([reset, *renumbered]).exchange[0])
+    assert len(message.ops) == sum(1 for env in second if decode_event(env.value).item_id)  # each recorded
+    assert message.covered == [("events", 0, len(second) - 1)]
+    shard.apply_exchange([(1, shard.exchange.pending()[0])])
+    assert shard.kv.get(b"x:c:0:events:0") == str(len(second) - 1).encode()  # every shard's record goes down
     _close(shard)
 
 
