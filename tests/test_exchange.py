@@ -70,7 +70,7 @@ def test_an_op_message_round_trips_and_names_its_version():
            ["u2", None, "é", "purchase", 7, None]]
     raw = encode_message(4, 12, ops)
     assert decode_message(raw) == OpMessage(4, 12, ops)
-    with pytest.raises(ExchangeFormatError, match="version 1 or 2"):
+    with pytest.raises(ExchangeFormatError, match="version 1, 2 or 3"):
         decode_message(b"X9" + raw[2:])
 
 

@@ -4,6 +4,7 @@ others, exactly once across the snapshot's boundary."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import signal
@@ -13,8 +14,10 @@ import pytest
 from test_exchange import (  # noqa: F401
     _batches,
     _close,
+    _forget,
     _log_of_two_shards,
     _open,
+    _settings,
     catalog,
     events,
 )
@@ -26,6 +29,15 @@ from dataflows.live import (
     catch_up_exchange,
 )
 from dataflows.testing.memory_broker import InMemoryBroker
+from recsys.events import (
+    OFFSETS_RESET_FROM,
+    OFFSETS_RESET_TO,
+    CatalogItem,
+    Envelope,
+    decode_event,
+    encode,
+)
+from recsys.shard.step import Shard
 from recsys.signals.exchange import SIGNAL_PREFIXES, decode_message
 from recsys.signals.snapshot import (
     LOADING_KEY,
@@ -39,6 +51,7 @@ from recsys.signals.snapshot import (
     write_snapshot,
 )
 from recsys.store.kv import MemoryKV, RocksKV
+from recsys.synthetic import with_searches
 
 TOPIC = "signal-exchange"
 
@@ -98,13 +111,115 @@ def test_a_wiped_shard_restored_from_a_snapshot_numbers_its_messages_after_its_o
     _close(shards[1])  # shard 1's state is lost; it comes back on a blank directory
     _, wiped = _late(tmp_path, embedder, catalog, "wiped", tmp_path / "snaps", shard=1)
     assert wiped.exchange.next_seq == last_of_1 + 1
-    batch = next(_batches(events, 2, 1))
-    message = wiped.process(batch).exchange[0]  # its users' events, read again into the blank state
+    # new events of its users (offsets past everything its old messages covered) into the blank state
+    batch = [dataclasses.replace(env, offset=env.offset + 10_000) for env in next(_batches(events, 2, 1))]
+    message = wiped.process(batch).exchange[0]
     assert decode_message(message).seq == last_of_1 + 1  # not a number every shard would skip
     record = [(len(log), message)]
     assert shards[0].apply_exchange(record) == 1 and wiped.apply_exchange(record) == 1
     assert wiped.signal_checksum() == shards[0].signal_checksum()
     _close(shards[0], wiped)
+
+
+def _rounds(tmp_path, embedder, catalog, events, name: str, *, wipe_at: int | None = None,  # noqa: F811
+            lost: bool = False) -> tuple[list[tuple[int, bytes]], list]:
+    """Two sharing shards, round by round: shard 0 processes a batch of its users' events, shard 1
+    one of its own, their messages go to the log, and both apply the log so far. With ``wipe_at``:
+    shard 0 cuts a snapshot at round ``wipe_at // 2``; at round ``wipe_at`` shard 1 seals its batch
+    (its message published to the log, or ``lost`` with the state's outbox) and loses its state
+    directory before applying the log. It comes back on a blank one: the snapshot, the log after
+    it, then its ``events`` and ``control`` partitions read again from offset 0 (as far as it had
+    read), and the rounds go on. In round 1 both shards read an erasure of one of shard 1's users."""
+    batches = [list(_batches(events, 2, s)) for s in range(2)]
+    erased = next(e.user_id for env in batches[1][0] for e in [decode_event(env.value)] if e.item_id)
+    for s in range(2):
+        batches[s][1] = [_forget(erased, 0), *batches[s][1]]
+    shards = [_open(tmp_path, embedder, catalog, f"{name}{s}", shard=s) for s in range(2)]
+    snaps = tmp_path / f"{name}-snaps"
+    log: list[tuple[int, bytes]] = []
+
+    def publish(messages: list[bytes]) -> None:
+        log.extend((len(log), message) for message in messages)
+
+    for r in range(max(map(len, batches))):
+        for s, shard in enumerate(shards):
+            if r < len(batches[s]):
+                sealed = shard.process(batches[s][r]).exchange
+                if not (r == wipe_at and s == 1 and lost):
+                    publish(sealed)
+        if r == wipe_at:
+            _close(shards[1])  # its state directory is lost
+            _, shards[1] = _late(tmp_path, embedder, catalog, f"{name}1-wiped", snaps, shard=1)
+            assert shards[1].apply_exchange(log) > 0  # the log after the snapshot: its own old messages too
+            puts: dict[bytes, bytes] = {}
+            shards[1].exchange.resume_numbering(puts)  # as catch_up_exchange does
+            shards[1].kv.write(puts)
+            for batch in batches[1][:r + 1]:  # its events partition from the start of retention
+                publish(shards[1].process(batch).exchange)
+        for shard in shards:
+            shard.apply_exchange(log)
+        if wipe_at is not None and r == wipe_at // 2:
+            write_snapshot(shards[0].kv, snaps, TOPIC, origin=0)
+    return log, shards
+
+
+def test_a_wiped_shard_re_reading_its_events_publishes_each_op_once(tmp_path, embedder, catalog, events):  # noqa: F811
+    """Issue 11: a wiped shard rebuilds its users from its ``events`` partition, but the ops of the
+    events whose messages the log holds (before the snapshot, or after it) are not published
+    again; those of a sealed message lost with its state are, once. The signals end as those of a
+    run in which the shard was never wiped (not only equal across the shards). Re-ranker steps and
+    search associations follow the same rule: a re-read batch seals no message at all."""
+    events = with_searches(events, catalog, 0.2, seed=1)  # search associations go through the log too
+    whole_log, whole = _rounds(tmp_path, embedder, catalog, events, "whole")
+    expected = whole[0].signal_checksum()
+    ops = [decode_message(raw).ops for _, raw in whole_log]
+    assert len(ops) > 8 and whole[1].signal_checksum() == expected
+    assert sum(op[3] == "forget_user" for message in ops for op in message) == 2  # one erasure, read by both
+    assert any(op[3] == "search_learn" for message in ops for op in message)
+    assert any(decode_message(raw).pairs for _, raw in whole_log)  # re-ranker steps
+    for lost in (False, True):
+        name = "lost" if lost else "published"
+        log, shards = _rounds(tmp_path, embedder, catalog, events, name, wipe_at=24, lost=lost)
+        assert shards[0].signal_checksum() == shards[1].signal_checksum() == expected, name
+        assert [decode_message(raw).ops for _, raw in log] == ops, name  # each op once, in the same order
+        assert shards[1].users.count() == whole[1].users.count()  # its users rebuilt
+        _close(*shards)
+    _close(*whole)
+
+
+def test_a_message_covers_no_event_still_waiting_for_its_catalog_item(tmp_path, embedder, catalog, events):  # noqa: F811
+    """An event parked for its item has no op sealed yet: the messages sealed meanwhile cover its
+    partition only below it, and the one with its op (once the item arrives) covers it."""
+    settings = _settings(state_dir=str(tmp_path / "s0"), shards=2, shard=0, share_signals=True).replace(
+        unknown_items="dead_letter", unknown_item_wait_s=3600.0)
+    shard = Shard(settings, RocksKV(str(tmp_path / "s0" / "rocks")), embedder)
+    shard.upsert_catalog(catalog)
+    batch = next(_batches(events, 2, 0))
+    at = next(i for i, env in enumerate(batch) if i > 0 and decode_event(env.value).item_id)
+    late = dataclasses.replace(decode_event(batch[at].value), item_id="late-item")
+    batch[at] = dataclasses.replace(batch[at], value=encode(late))
+    first = decode_message(shard.process(batch).exchange[0])
+    assert first.covered == [("events", 0, at - 1)] and shard.waiting.positions  # below the parked event
+    item = Envelope("catalog", 0, 0, b"late-item", encode(CatalogItem("late-item", title="a late item")))
+    second = decode_message(shard.process([item]).exchange[0])  # the item arrives: the event is released
+    assert "late-item" in [op[2] for op in second.ops] and second.covered == [("events", 0, len(batch) - 1)]
+    _close(shard)
+
+
+def test_a_re_created_events_topic_is_not_taken_for_a_re_read(tmp_path, embedder, catalog, events):  # noqa: F811
+    """Offsets that went backwards (the topic re-created) are new events, not covered ones."""
+    shard = _open(tmp_path, embedder, catalog, "s0")
+    first, second = list(_batches(events, 2, 0))[:2]
+    shard.apply_exchange([(0, shard.process(first).exchange[0])])
+    assert shard.exchange.covers("events", 0, len(first) - 1)
+    reset = Envelope("events", 0, -1, None, b"", extra={OFFSETS_RESET_FROM: len(first), OFFSETS_RESET_TO: 0})
+    renumbered = [dataclasses.replace(env, offset=i) for i, env in enumerate(second)]  # the new log from 0
+    message = decode_message(shard.process([reset, *renumbered]).exchange[0])
+    assert len(message.ops) == sum(1 for env in second if decode_event(env.value).item_id)  # each recorded
+    assert message.covered == [("events", 0, len(second) - 1)]
+    shard.apply_exchange([(1, shard.exchange.pending()[0])])
+    assert shard.kv.get(b"x:c:0:events:0") == str(len(second) - 1).encode()  # every shard's record goes down
+    _close(shard)
 
 
 def test_a_snapshot_is_loaded_only_into_a_blank_state(tmp_path):

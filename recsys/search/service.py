@@ -270,7 +270,8 @@ class Search:
     # ------------------------------------------------------------------ the engine's hook
 
     def step(self, by_user: dict[str, list[tuple[Envelope, Event]]], states: dict[str, UserState],
-             committed: dict[tuple[str, int], int], now_ms: int, model_version: str) -> list[tuple[str, bytes]]:
+             committed: dict[tuple[str, int], int], now_ms: int, model_version: str,
+             shared: Callable[[Envelope], bool] | None = None) -> list[tuple[str, bytes]]:
         """Answer every search of a batch and learn from its newly applied events.
 
         ``states`` are the users as committed before this batch (a search is ranked without
@@ -278,7 +279,9 @@ class Search:
         at or below them were learned from already (re-delivered). A re-delivered search
         re-emits the bytes stored in its user's search outbox when it was first answered
         (:mod:`recsys.search.outbox`), else it is answered again from the current state.
-        Returns ``(user_id, SearchResult JSON)`` per search event.
+        Returns ``(user_id, SearchResult JSON)`` per search event. ``shared(envelope)`` True
+        (issue 11): the exchange log holds that event's associations already (a wiped shard
+        re-reading its partition); its user's window follows it, no association is recorded.
         """
         try:
             if self.respond:
@@ -330,7 +333,7 @@ class Search:
                             self.on_answer(user_id, query_key(event.query), event.ts, [i.item_id for i in ranked.items])
                     out.append((user_id, payload))
                 elif new:
-                    self.learn_event(event)
+                    self.learn_event(event, share=shared is None or not shared(env))
         return out
 
     def forget_user(self, user_id: str) -> list[bytes]:
@@ -340,7 +343,7 @@ class Search:
         self._shown.pop(user_id, None)
         return [*self.windows.forget_user(user_id), *self.outbox.forget_user(user_id)]
 
-    def learn_event(self, event: Event) -> None:
+    def learn_event(self, event: Event, *, share: bool = True) -> None:
         """Attribute one non-search event to its user's open search window, if any: an
         engagement the query is credited with (:meth:`credits`) teaches the associations; the
         first one that answers it by its text (:meth:`answers`; with ``all``, the first credited)
@@ -356,7 +359,8 @@ class Search:
             return
         self.credit_counts["credited"] += 1
         if self.record_association is not None:  # sharing: learned when the exchange log brings it back
-            self.record_association(key, event.item_id, weight)
+            if share:  # else the log holds it already (issue 11: a wiped shard re-reading its events)
+                self.record_association(key, event.item_id, weight)
         else:
             self.associations.learn(key, event.item_id, weight)
         if not answers:  # the first choice, credited for findability: no lesson on ranking text matches

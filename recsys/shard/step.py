@@ -362,6 +362,8 @@ class Shard:
             envelopes = self._absorb_offset_resets(envelopes)
         events, puts = self._decode(envelopes, result, now_ms)
         by_user, waited = self._admit(events, result, puts, now_ms)
+        if self.exchange is not None:  # issue 11: what the batch's sealed ops cover (with this batch's write)
+            self._cover()
         if not by_user:
             self._commit(puts, waited.deletes)
             self.totals.update(counts)
@@ -378,7 +380,8 @@ class Shard:
             self._score_before(result, [ev for _, ev in waited.ready if ev.user_id in by_user], states)
 
         # issue 13: answer the batch's searches from the state before it; learn from its new events
-        result.search_results = self.search.step(by_user, states, self.watermarks, now_ms, self.model_version)
+        result.search_results = self.search.step(by_user, states, self.watermarks, now_ms, self.model_version,
+                                                 shared=self._covered if self.exchange is not None else None)
         counts["search_results"] += len(result.search_results)
 
         fresh_users, reemit, examples = self._apply(by_user, states, outboxes, waited, puts, counts)
@@ -397,6 +400,25 @@ class Shard:
         self._commit(puts, [*waited.deletes, *self._sweep(by_user, counts)])
         self.totals.update(counts)
         return result
+
+    def _covered(self, env: Envelope) -> bool:
+        """Issue 11: whether the exchange log holds the ops of this input message already (a wiped
+        shard re-reading its partition): applied to the user, it records no op."""
+        return self.exchange is not None and self.exchange.covers(env.topic, env.partition, env.offset)
+
+    def _cover(self) -> None:
+        """Note the events positions the next sealed exchange message covers: each events
+        partition up to the last offset processed (this batch's included: it is committed with
+        the seal), but below any event of that partition still waiting for its catalog item
+        (its ops are recorded when it is released)."""
+        others = (self.settings.catalog_topic, self.settings.control_topic, self.settings.exchange_topic)
+        high = {at: offset for at, offset in self.positions.items() if at[0] not in others}
+        if self.waiting.positions:
+            for topic, partition, offset in self.waiting.positions:
+                if (topic, partition) in high and offset <= high[(topic, partition)]:
+                    high[(topic, partition)] = offset - 1
+        for (topic, partition), offset in high.items():
+            self.exchange.cover(topic, partition, offset)
 
     def _decode(self, envelopes: list[Envelope], result: BatchResult,
                 now_ms: int) -> tuple[list[tuple[Envelope, Event]], dict[bytes, bytes]]:
@@ -513,8 +535,9 @@ class Shard:
                     self._advance_watermark(env, puts)
                     continue
                 if event.item_id is not None and self.exchange is not None:  # applied from the log
-                    self.exchange.record(event.user_id, event.session_id, event.item_id, event.type, event.ts,
-                                         state.history if self.learning else None)
+                    if not self.exchange.covers(env.topic, env.partition, env.offset):  # else the log holds it
+                        self.exchange.record(event.user_id, event.session_id, event.item_id, event.type, event.ts,
+                                             state.history if self.learning else None)
                 elif event.item_id is not None:
                     if self.learning:
                         self.covisit.update(state.history, event.item_id, event.type, event.ts)
@@ -734,6 +757,8 @@ class Shard:
                         self.kv.write(puts)
                 self.watermarks.pop((env.topic, env.partition), None)
                 self.kv.write({}, [_WATERMARK_PREFIX + tag])
+                if self.exchange is not None:  # issue 11: the old offsets' coverage means nothing either
+                    self.exchange.uncover(env.topic, env.partition)
             if not done:
                 # the source's position is now `new`: everything below it counts as processed
                 self.positions[(env.topic, env.partition)] = new - 1
@@ -793,13 +818,16 @@ class Shard:
         self._commit(puts, deletes)
         return len(dict.fromkeys(user_ids))
 
-    def _erase(self, user_id: str, erased_at: int, source: str, puts: dict[bytes, bytes]) -> list[bytes]:
-        """The keys to delete and the tombstone to write (into ``puts``) for one erasure."""
+    def _erase(self, user_id: str, erased_at: int, source: str, puts: dict[bytes, bytes], *,
+               share: bool = True) -> list[bytes]:
+        """The keys to delete and the tombstone to write (into ``puts``) for one erasure
+        (``share`` False: the exchange log holds its op already, none is recorded)."""
         if self.exchange is None:
             sessions = self.sessions.forget_user(user_id)
         else:  # issue 11: every shard drops the sessions at the same exchange-log position
             sessions = []
-            self.exchange.record_forget(user_id, erased_at)
+            if share:
+                self.exchange.record_forget(user_id, erased_at)
         deletes = [user_key(user_id), _OUTBOX_PREFIX + user_id.encode(), *sessions,
                    *self.waiting.forget_user(user_id), *self.search.forget_user(user_id)]
         self.shown.discard(user_id)
@@ -820,10 +848,13 @@ class Shard:
             return
         puts: dict[bytes, bytes] = {}
         source = f"{env.topic}:{env.partition}:{env.offset}"
-        deletes = self._erase(message.user_id, env.timestamp_ms or now_ms, source, puts)
+        # issue 11: a wiped shard re-reading the control topic erases again, but its op is in the log already
+        deletes = self._erase(message.user_id, env.timestamp_ms or now_ms, source, puts, share=not self._covered(env))
         self._advance_watermark(env, puts)
-        if self.exchange is not None and (sealed := self.exchange.seal(puts)) is not None:
-            result.exchange.append(sealed)  # issue 11: the sessions go at the op's log position
+        if self.exchange is not None:
+            self.exchange.cover(env.topic, env.partition, env.offset)
+            if (sealed := self.exchange.seal(puts)) is not None:
+                result.exchange.append(sealed)  # issue 11: the sessions go at the op's log position
         self._commit(puts, deletes)
         counts["forgotten"] += 1
 
@@ -887,6 +918,8 @@ class Shard:
         for env, event in user_events:
             if event.item_id is None or env.offset <= committed.get((env.topic, env.partition), -1):
                 continue
+            if self._covered(env):
+                return  # issue 11: re-read by a wiped shard; the step it taught is in the log already
             record = self.exchange.record_pair if self.shared_models is not None else None  # issue 11
             if learn_from_next_item(self.reranker, self.monitor, self.shown, user_id, event.item_id, self.settings.top_k, record):
                 counts["drift_detected"] += 1

@@ -52,7 +52,24 @@ under :data:`SHARED_PREFIXES`: the signals and the shared models' checkpoint and
 log position and the per-origin sequence numbers they hold) that running shards write now and
 then, and reads the log from the snapshot's position + 1 (:mod:`recsys.signals.snapshot`).
 
-Message (version 2): ``b"X2"`` + zlib(orjson ``[origin, seq, ops, pairs]``), ``pairs`` being
+Coverage (message version 3): a wiped shard also re-reads its own ``events`` partition into its
+blank user state, and the ops of the events still retained are in the shared signals already.
+So each message names the origin's input positions it covers, ``[[topic, partition, offset],
+...]``: every input message of that partition at or below ``offset`` has had its ops sealed (in
+this message or an earlier one; an event waiting for its catalog item caps it below itself).
+Every shard, applying a message, keeps the newest covered offset per (origin, topic, partition)
+(``x:c:<origin>:<topic>:<partition>``, in the same atomic write as the ops, and in snapshots; it
+only goes down when the input's offsets went backwards, :meth:`SignalExchange.uncover`),
+and a shard re-reading its own events at or below its own covered offset (:meth:`SignalExchange.covers`)
+applies them to its users but records no op, no re-ranker step and no search association for
+them. What was sealed but never reached the log (an outbox lost with the state) is not covered:
+those events are recorded again, once. The records are not in the checksum: like the log
+position and the per-origin sequence numbers they are bookkeeping of the log, not signals, and
+they move with the batch boundaries, which differ between two runs that end in the same signals.
+
+Message (version 3, sealed now): ``b"X3"`` + zlib(orjson ``[origin, seq, ops, pairs or null, covered]``):
+version 2's fields (``pairs`` null: a shard not sharing the models, version 1's meaning) and the
+positions covered (above). Version 2 (still read): ``b"X2"`` + zlib(orjson ``[origin, seq, ops, pairs]``), ``pairs`` being
 ``[[n_rows, base64 of the float32 rows], ...]`` (row 0 the engaged candidate). Version 1 (still
 read; it teaches the models nothing, its histories being too short for the head):: ``b"X1"`` + zlib(orjson ``[origin, seq, ops]``), each op one applied
 event with an item: ``[user_id, session_id, item_id, event_type, ts, history]``, ``history``
@@ -118,9 +135,15 @@ Op = list  # [user_id, session_id, item_id, event_type, ts, history | None]
 FORGET_OP = "forget_user"
 #: The event-type field of a search association's op: ``[query key, None, item, SEARCH_OP, weight, None]``.
 SEARCH_OP = "search_learn"
+#: ``x:c:<origin>:<topic>:<partition>`` -> the highest input offset of that origin's partition whose
+#: ops the applied log holds (version 3 messages' ``covered``); in snapshots, not in the checksum.
+COVERED_PREFIX = b"x:c:"
 
 #: Version 2 carries the models' training inputs too (:class:`SharedModels`).
 MESSAGE_MAGIC_V2 = b"X2"
+#: Version 3 adds the input positions a message covers (see the module docstring).
+MESSAGE_MAGIC_V3 = b"X3"
+_MAGICS = {MESSAGE_MAGIC: 1, MESSAGE_MAGIC_V2: 2, MESSAGE_MAGIC_V3: 3}
 #: The shared learned models in RocksDB (:class:`SharedModels`): ``xm:ckpt`` -> a checkpoint (the
 #: head, its pending examples and the re-ranker's weights at a log position), ``xm:log:<position>``
 #: -> each message applied since that checkpoint, re-learned on start. Another shard's copy of
@@ -131,7 +154,7 @@ SHARED_MODEL_PREFIXES = (MODEL_CHECKPOINT_KEY, MODEL_REPLAY_PREFIX)
 #: A trainer's snapshot of the shared models for serving (:meth:`SharedModels.serving_state`).
 SERVING_MAGIC = b"XS1\n"
 #: Everything a snapshot carries to bootstrap a shard (:mod:`recsys.signals.snapshot`).
-SHARED_PREFIXES = SIGNAL_PREFIXES + SHARED_MODEL_PREFIXES
+SHARED_PREFIXES = SIGNAL_PREFIXES + SHARED_MODEL_PREFIXES + (COVERED_PREFIX,)
 
 
 class ExchangeFormatError(ValueError):
@@ -148,6 +171,8 @@ class OpMessage:
     ops: list
     pairs: Sequence = ()  # version 2: the re-ranker's steps, [[n_rows, base64 float32 rows], ...]
     version: int = 1
+    covered: Sequence = ()  # version 3: [[topic, partition, offset], ...] of the origin's input it covers
+    models: bool = False  # whether it carries the models' training inputs (version 2; version 3 with pairs)
 
 
 def encode_message(origin: int, seq: int, ops: Sequence[Op]) -> bytes:
@@ -156,20 +181,25 @@ def encode_message(origin: int, seq: int, ops: Sequence[Op]) -> bytes:
 
 
 def decode_message(raw: bytes) -> OpMessage:
-    """The :class:`OpMessage` in ``raw`` (version 1 or 2); :class:`ExchangeFormatError` when it is not one."""
+    """The :class:`OpMessage` in ``raw`` (version 1, 2 or 3); :class:`ExchangeFormatError` when it is not one."""
     magic = raw[:2]
-    if magic not in (MESSAGE_MAGIC, MESSAGE_MAGIC_V2):
-        raise ExchangeFormatError(f"not an exchange message of version 1 or 2 (starts {magic!r}, expected "
-                                  f"{MESSAGE_MAGIC!r} or {MESSAGE_MAGIC_V2!r})")
+    version = _MAGICS.get(magic)
+    if version is None:
+        raise ExchangeFormatError(f"not an exchange message of version 1, 2 or 3 (starts {magic!r}, expected "
+                                  f"{MESSAGE_MAGIC!r}, {MESSAGE_MAGIC_V2!r} or {MESSAGE_MAGIC_V3!r})")
     try:
         body = orjson.loads(zlib.decompress(raw[2:]))
-        if magic == MESSAGE_MAGIC:
+        if version == 1:
             origin, seq, ops = body
             return OpMessage(int(origin), int(seq), ops)
-        origin, seq, ops, pairs = body
-        return OpMessage(int(origin), int(seq), ops, pairs, 2)
+        if version == 2:
+            origin, seq, ops, pairs = body
+            return OpMessage(int(origin), int(seq), ops, pairs, 2, models=True)
+        origin, seq, ops, pairs, covered = body
+        covered = [(str(t), int(p), int(o)) for t, p, o in covered]
+        return OpMessage(int(origin), int(seq), ops, pairs or (), 3, covered, models=pairs is not None)
     except (zlib.error, orjson.JSONDecodeError, ValueError, TypeError) as exc:
-        raise ExchangeFormatError(f"exchange message (version {2 if magic == MESSAGE_MAGIC_V2 else 1}) body unreadable: {exc}") from None
+        raise ExchangeFormatError(f"exchange message (version {version}) body unreadable: {exc}") from None
 
 
 def encode_message_v2(origin: int, seq: int, ops: Sequence[Op], pairs: Sequence[np.ndarray]) -> bytes:
@@ -180,8 +210,25 @@ def encode_message_v2(origin: int, seq: int, ops: Sequence[Op], pairs: Sequence[
     >>> (m.version, pair_rows(m.pairs[0]).tolist())
     (2, [[1.0, 0.0], [0.0, 1.5]])
     """
-    wire = [[len(r), base64.b64encode(np.ascontiguousarray(r, dtype="<f4").tobytes()).decode()] for r in pairs]
+    wire = _wire_pairs(pairs)
     return MESSAGE_MAGIC_V2 + zlib.compress(orjson.dumps([origin, seq, ops, wire]), _ZLIB_LEVEL)
+
+
+def _wire_pairs(pairs: Sequence[np.ndarray]) -> list:
+    return [[len(r), base64.b64encode(np.ascontiguousarray(r, dtype="<f4").tobytes()).decode()] for r in pairs]
+
+
+def encode_message_v3(origin: int, seq: int, ops: Sequence[Op], pairs: Sequence[np.ndarray] | None,
+                      covered: Sequence[tuple[str, int, int]]) -> bytes:
+    """Version 3: version 2's fields (``pairs`` None: a shard not sharing the models) and the
+    input positions the message covers, ``(topic, partition, offset)`` each.
+
+    >>> m = decode_message(encode_message_v3(1, 2, [], None, [("events", 3, 41)]))
+    >>> (m.version, m.models, m.covered)
+    (3, False, [('events', 3, 41)])
+    """
+    wire = None if pairs is None else _wire_pairs(pairs)
+    return MESSAGE_MAGIC_V3 + zlib.compress(orjson.dumps([origin, seq, ops, wire, [list(c) for c in covered]]), _ZLIB_LEVEL)
 
 
 def pair_rows(pair: Sequence) -> np.ndarray:
@@ -243,6 +290,7 @@ class SignalExchange:
     def __init__(self, kv: KVStore, origin: int, covisit: CoVisitation, transitions: CoVisitation,
                  popularity: Popularity, sessions: SessionNeighbours) -> None:
         self.origin = origin
+        self._kv = kv
         self.covisit, self.transitions, self.popularity, self.sessions = covisit, transitions, popularity, sessions
         self.window = max(covisit.window, transitions.window)  # the history either update reads
         raw = kv.get(POSITION_KEY)
@@ -251,6 +299,12 @@ class SignalExchange:
         raw = kv.get(SEQ_KEY)
         self.next_seq = 1 if raw is None else int(raw)
         self._outbox = {int(k[len(OUTBOX_PREFIX):]): v for k, v in kv.iter_prefix(OUTBOX_PREFIX)}
+        #: (origin, topic, partition) -> the highest offset of that input the applied log covers
+        self.covered: dict[tuple[int, str, int], int] = {}
+        for key, value in kv.iter_prefix(COVERED_PREFIX):
+            origin_, topic, partition = key[len(COVERED_PREFIX):].decode().split(":")
+            self.covered[(int(origin_), topic, int(partition))] = int(value)
+        self._covering: dict[tuple[str, int], int] = {}  # this shard's input the next sealed message covers
         self._ops: list[Op] = []
         self.models: SharedModels | None = None  # set by share_models: version 2 messages
         self.associations: QueryAssociations | None = None  # set by share_search: search's learned associations
@@ -288,6 +342,27 @@ class SignalExchange:
         """Note one re-ranker step (:meth:`recsys.ranking.reranker.PairwiseReranker.sample_pair`'s rows)."""
         self._pairs.append(rows)
 
+    def covers(self, topic: str, partition: int, offset: int) -> bool:
+        """Whether the applied log holds the ops of this shard's input message at ``offset``
+        already (sealed by this shard before its state was lost): re-read, it is applied to the
+        user state, and records nothing."""
+        return offset <= self.covered.get((self.origin, topic, partition), -1)
+
+    def cover(self, topic: str, partition: int, offset: int) -> None:
+        """Note that every input message of ``topic``/``partition`` up to ``offset`` has had its
+        ops recorded (and is committed with them): the next sealed message says so. Call it
+        with the batch's atomic write; notes of a batch that seals nothing go with the next.
+        The newest note wins (offsets only go down when the input's offsets went backwards)."""
+        self._covering[(topic, partition)] = offset
+
+    def uncover(self, topic: str, partition: int) -> None:
+        """The input's offsets went backwards (its topic was re-created): forget this shard's
+        coverage of it, so that its new messages at low offsets are recorded; the next sealed
+        message sets every shard's record to the new offsets (committed here at once)."""
+        self._covering.pop((topic, partition), None)
+        if self.covered.pop((self.origin, topic, partition), None) is not None:
+            self._kv.write({}, [COVERED_PREFIX + f"{self.origin}:{topic}:{partition}".encode()])
+
     def seal(self, puts: dict[bytes, bytes]) -> bytes | None:
         """The message of the operations recorded since the last seal (None if there are
         none); adds its outbox entry and the next sequence number to ``puts`` (the batch's
@@ -295,11 +370,9 @@ class SignalExchange:
         if not self._ops and not self._pairs:
             return None
         seq = self.next_seq
-        if self.models is None:
-            message = encode_message(self.origin, seq, self._ops)
-        else:
-            message = encode_message_v2(self.origin, seq, self._ops, self._pairs)
-        self._ops, self._pairs = [], []
+        covered = [(t, p, o) for (t, p), o in sorted(self._covering.items())]
+        message = encode_message_v3(self.origin, seq, self._ops, None if self.models is None else self._pairs, covered)
+        self._ops, self._pairs, self._covering = [], [], {}
         self.next_seq = seq + 1
         self._outbox[seq] = message
         puts[OUTBOX_PREFIX + str(seq).encode()] = message
@@ -355,6 +428,11 @@ class SignalExchange:
                 self.models.learn(position, raw, message, puts, deletes)
             self.applied[message.origin] = message.seq
             puts[APPLIED_PREFIX + str(message.origin).encode()] = str(message.seq).encode()
+            for topic, partition, offset in message.covered:  # the origin's newest word on it
+                at = (message.origin, topic, partition)
+                if self.covered.get(at) != offset:
+                    self.covered[at] = offset
+                    puts[COVERED_PREFIX + f"{message.origin}:{topic}:{partition}".encode()] = str(offset).encode()
             if message.origin == self.origin:
                 for seq in [s for s in self._outbox if s <= message.seq]:
                     del self._outbox[seq]
@@ -454,7 +532,7 @@ class SharedModels:
         history) that this shard's catalog does not hold: the head would learn a zero vector for
         them, where a shard that knows them learns their own. Empty when nothing is missing, or
         when the head is off, the message teaches it nothing, or unknown items are admitted."""
-        if (self.head is None or not self.train or message.version < 2 or self.ensure_items is not None
+        if (self.head is None or not self.train or not message.models or self.ensure_items is not None
                 or self.is_known is None):
             return []
         known = self.is_known
@@ -488,7 +566,7 @@ class SharedModels:
 
     def _learn(self, position: int, message: OpMessage) -> None:
         self.learned_at = position
-        if message.version < 2:
+        if not message.models:
             return  # version 1 histories are cut to the signals' window: nothing for the models
         changed = False
         head = self.head
