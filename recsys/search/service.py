@@ -286,7 +286,7 @@ class Search:
         try:
             if self.respond:
                 self._prepare(by_user, states)
-            return self._step(by_user, states, committed, now_ms, model_version)
+            return self._step(by_user, states, committed, now_ms, model_version, shared)
         finally:
             self._head_queries.clear()  # only for this batch's states (SearchIntent ranks on later ones)
 
@@ -306,7 +306,8 @@ class Search:
                 self._head_queries.update(zip(keys, vecs))
 
     def _step(self, by_user: dict[str, list[tuple[Envelope, Event]]], states: dict[str, UserState],
-              committed: dict[tuple[str, int], int], now_ms: int, model_version: str) -> list[tuple[str, bytes]]:
+              committed: dict[tuple[str, int], int], now_ms: int, model_version: str,
+              shared: Callable[[Envelope], bool] | None) -> list[tuple[str, bytes]]:
         out: list[tuple[str, bytes]] = []
         for user_id, events in by_user.items():
             for env, event in events:
