@@ -63,6 +63,21 @@ def _owner(shards: int):
     return lambda u: partition_for_key(u.encode(), shards)
 
 
+def sharing_log(producers: list[Shard], events, size: int) -> list[tuple[int, bytes]]:
+    """The exchange log of two sharing shards (``producers``) fed ``events`` in user-disjoint
+    chunks of ``size``, one batch of each in turn, both applying each round's messages."""
+    log: list[tuple[int, bytes]] = []
+    for chunk in user_disjoint_chunks(events, size):
+        for s, engine in enumerate(producers):
+            part = [e for e in chunk if _owner(2)(e.user_id) == s]
+            envs = [Envelope("events", s, len(log) * 1000 + i, e.user_id.encode(), encode(e), e.ts) for i, e in enumerate(part)]
+            for message in engine.process(envs).exchange if part else ():
+                log.append((len(log), message))
+        for engine in producers:
+            engine.apply_exchange(log[-2:])
+    return log
+
+
 def _replay(embedder, catalog, events, shards: int, *, trainer: bool, **kw):
     engines = [_shard(embedder, catalog, s, shards, trainer=trainer) for s in range(shards)]
     trainer_engine = _shard(embedder, catalog, 0, shards) if trainer else None
@@ -183,16 +198,7 @@ def test_a_killed_trainer_resumes_without_learning_a_message_twice_or_skipping_o
     """SIGKILL the trainer (a process of its own, on RocksDB) at random moments, restart it each time:
     it ends with the models of a trainer that never stopped, bit for bit (every head step, Adam
     moment, sampler count and re-ranker example learned once), and publishes them."""
-    producers = [_shard(embedder, catalog, s) for s in range(2)]
-    log: list[tuple[int, bytes]] = []
-    for chunk in user_disjoint_chunks(events, 100):
-        for s, engine in enumerate(producers):
-            part = [e for e in chunk if _owner(2)(e.user_id) == s]
-            envs = [Envelope("events", s, len(log) * 1000 + i, e.user_id.encode(), encode(e), e.ts) for i, e in enumerate(part)]
-            for message in engine.process(envs).exchange if part else ():
-                log.append((len(log), message))
-        for engine in producers:
-            engine.apply_exchange(log[-2:])
+    log = sharing_log([_shard(embedder, catalog, s) for s in range(2)], events, 100)
     log.append((len(log), b"not an exchange message"))  # refused by every reader alike
     log.extend((len(log) + i, raw) for i, (_, raw) in enumerate(log[:5]))  # re-published: learned once
     whole = _shard(embedder, catalog, 0)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from test_exchange_bootstrap import RetainedBroker
-from test_model_trainer import _owner, _shard
+from test_model_trainer import _shard, sharing_log
 from test_operating import READY_TIMEOUT_S, RECSYS, Child, children  # noqa: F401
 
 from dataflows.kafka_io import KafkaClients, ensure_topics, produce_records
@@ -25,9 +25,8 @@ from dataflows.metrics import FlowMetrics, TrainerMetrics
 from dataflows.testing.memory_broker import InMemoryBroker
 from dataflows.trainer import run_trainer
 from recsys.backtest.shards import model_checksum, serving_checksum
-from recsys.events import Envelope, encode
+from recsys.events import encode
 from recsys.settings import Settings
-from recsys.shard.batching import user_disjoint_chunks
 from recsys.signals.exchange import SharedModels, decode_message
 from recsys.signals.snapshot import list_snapshots, newest_snapshot, read_records
 from recsys.signals.trainer import (
@@ -57,16 +56,7 @@ def events(catalog):
 def log(embedder, catalog, events) -> list[tuple[int, bytes]]:
     """The exchange log of two sharing shards training the models themselves (head and re-ranker
     on), one batch of each in turn, with one message re-published at the end (learned once)."""
-    producers = [_shard(embedder, catalog, s) for s in range(2)]
-    log: list[tuple[int, bytes]] = []
-    for chunk in user_disjoint_chunks(events, 80):
-        for s, engine in enumerate(producers):
-            part = [e for e in chunk if _owner(2)(e.user_id) == s]
-            envs = [Envelope("events", s, len(log) * 1000 + i, e.user_id.encode(), encode(e), e.ts) for i, e in enumerate(part)]
-            for message in engine.process(envs).exchange if part else ():
-                log.append((len(log), message))
-        for engine in producers:
-            engine.apply_exchange(log[-2:])
+    log = sharing_log([_shard(embedder, catalog, s) for s in range(2)], events, 80)
     log.append((len(log), log[3][1]))
     return log
 
