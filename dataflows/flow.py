@@ -139,7 +139,9 @@ class Inputs(FixedPartitionedSource[Any, Any]):
         return list(owners)
 
     def build_part(self, step_id: str, for_part: str, resume_state: Any) -> StatefulSourcePartition[Any, Any]:
-        owners = self._owners if self._owners is not None else (self.list_parts() and self._owners)
+        if self._owners is None:  # built on a worker that did not list the parts itself
+            self.list_parts()
+        owners = self._owners
         assert owners is not None
         if for_part not in owners:
             raise ValueError(f"no source of this flow lists a partition named {for_part!r} (known: {sorted(owners)})")
