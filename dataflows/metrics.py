@@ -79,7 +79,33 @@ def reason_class(reason: str) -> str:
     return "other"
 
 
-class FlowMetrics:
+class _Endpoint:
+    """A registry served over HTTP on ``metrics_port`` + :meth:`_port_offset` (the flow's and
+    the trainer's metrics alike)."""
+
+    settings: Settings
+    registry: CollectorRegistry
+    server: Any
+
+    def _port_offset(self) -> int:
+        raise NotImplementedError
+
+    def serve(self) -> str | None:
+        """Start the HTTP endpoint if ``metrics_port`` is set; returns its URL."""
+        if self.settings.metrics_port is None:
+            return None
+        self.server, url = _serve(self.registry, self.settings.metrics_host, self.settings.metrics_port + self._port_offset())
+        return url
+
+    def close(self) -> None:
+        self.server = _close(self.server)
+
+    def series_names(self) -> set[str]:
+        """Every series name this registry exports (``_total``, ``_bucket``... included)."""
+        return _series_names(self.registry)
+
+
+class FlowMetrics(_Endpoint):
     """The metrics of one flow process: observer of the engine step and of the sources."""
 
     def __init__(self, settings: Settings, *, status: TextIO | None = sys.stderr, clock: Callable[[], float] = time.time):
@@ -145,19 +171,8 @@ class FlowMetrics:
 
     # ------------------------------------------------------------------ serving
 
-    def serve(self) -> str | None:
-        """Start the HTTP endpoint if ``metrics_port`` is set; returns its URL."""
-        if self.settings.metrics_port is None:
-            return None
-        self.server, url = _serve(self.registry, self.settings.metrics_host, self.settings.metrics_port + self.settings.shard)
-        return url
-
-    def close(self) -> None:
-        self.server = _close(self.server)
-
-    def series_names(self) -> set[str]:
-        """Every series name this registry exports (``_total``, ``_bucket``... included)."""
-        return _series_names(self.registry)
+    def _port_offset(self) -> int:
+        return self.settings.shard  # each shard on metrics_port + its index
 
     # ------------------------------------------------------------------ observers
 
@@ -253,7 +268,7 @@ class FlowMetrics:
         return line
 
 
-class TrainerMetrics:
+class TrainerMetrics(_Endpoint):
     """The model trainer's metrics (issue 11, :mod:`dataflows.trainer`): how far it has learned the
     exchange log, the log's end, the version it published last and how old that is. Served at
     ``RECSYS_METRICS_HOST:(RECSYS_METRICS_PORT + RECSYS_SHARDS)``, the port after the last shard's,
@@ -307,18 +322,8 @@ class TrainerMetrics:
         """The current value of one of this registry's series (for tests and the status line)."""
         return self.registry.get_sample_value(name)
 
-    def serve(self) -> str | None:
-        """Start the HTTP endpoint if ``metrics_port`` is set; returns its URL."""
-        if self.settings.metrics_port is None:
-            return None
-        self.server, url = _serve(self.registry, self.settings.metrics_host, self.settings.metrics_port + self.settings.shards)
-        return url
-
-    def close(self) -> None:
-        self.server = _close(self.server)
-
-    def series_names(self) -> set[str]:
-        return _series_names(self.registry)
+    def _port_offset(self) -> int:
+        return self.settings.shards  # the port after the shards' (under --processes N)
 
 
 def _serve(registry: CollectorRegistry, host: str, port: int) -> tuple[Any, str]:
