@@ -90,11 +90,17 @@ class _Endpoint:
     def _port_offset(self) -> int:
         raise NotImplementedError
 
+    @property
+    def port(self) -> int | None:
+        """The port this endpoint serves on (None: ``metrics_port`` unset, not served); the
+        scrape targets of deploy/prometheus/prometheus.yml follow it (tests/test_compose.py)."""
+        return None if self.settings.metrics_port is None else self.settings.metrics_port + self._port_offset()
+
     def serve(self) -> str | None:
         """Start the HTTP endpoint if ``metrics_port`` is set; returns its URL."""
-        if self.settings.metrics_port is None:
+        if self.port is None:
             return None
-        self.server, url = _serve(self.registry, self.settings.metrics_host, self.settings.metrics_port + self._port_offset())
+        self.server, url = _serve(self.registry, self.settings.metrics_host, self.port)
         return url
 
     def close(self) -> None:

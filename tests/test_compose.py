@@ -177,9 +177,9 @@ def _dashboard_exprs() -> list[str]:
 
 
 def test_every_metric_the_dashboard_queries_is_one_the_code_exports() -> None:
-    from dataflows.metrics import FlowMetrics
+    from dataflows.metrics import FlowMetrics, TrainerMetrics
 
-    exported = FlowMetrics(Settings(), status=None).series_names()
+    exported = FlowMetrics(Settings(), status=None).series_names() | TrainerMetrics(Settings()).series_names()
     queried = {name for expr in _dashboard_exprs() for name in re.findall(r"\brecsys_[a-z0-9_]+", expr)}
     assert len(queried) >= 10
     assert queried - exported == set()
@@ -193,13 +193,89 @@ def test_the_dashboard_shows_throughput_lag_latency_dead_letters_and_freshness()
         assert needle in exprs, needle
 
 
+def scrape_targets() -> dict[str, dict[str, str]]:
+    """``host:port`` -> its labels (the job's name as ``job``), for every target Prometheus scrapes."""
+    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    return {target: {"job": job["job_name"], **{k: str(v) for k, v in (sc.get("labels") or {}).items()}}
+            for job in config["scrape_configs"] for sc in job["static_configs"] for target in sc["targets"]}
+
+
+def metrics_endpoints(compose: dict[str, Any]) -> dict[str, str]:
+    """``service:port`` -> the service, for every process a compose service runs that serves
+    metrics (RECSYS_METRICS_PORT set), at the port the code serves it on: a flow at
+    ``metrics_port + shard``, the trainer at ``metrics_port + shards`` (dataflows/metrics.py),
+    `run --processes N` as N shards (and its trainer with --model-trainer)."""
+    from dataflows.metrics import FlowMetrics, TrainerMetrics
+    from recsys_cli.main import build_parser, cmd_run, cmd_trainer
+
+    found: dict[str, str] = {}
+    for name, service in compose["services"].items():
+        env = environment(service)
+        if "RECSYS_METRICS_PORT" not in env:
+            continue
+        settings = Settings.from_env(env)
+        args = build_parser().parse_args(service["command"])
+        assert args.func in (cmd_run, cmd_trainer), name
+        assert settings.metrics_host == "0.0.0.0", name  # reachable from the prometheus container
+        if args.func is cmd_trainer:
+            endpoints = [TrainerMetrics(settings)]
+        elif args.processes > 1:
+            per_process = settings.replace(shards=args.processes)
+            endpoints = [FlowMetrics(per_process.replace(shard=i), status=None) for i in range(args.processes)]
+            endpoints += [TrainerMetrics(per_process)] if settings.model_trainer else []
+        else:
+            endpoints = [FlowMetrics(settings, status=None)]
+        for endpoint in endpoints:
+            found[f"{name}:{endpoint.port}"] = name
+    return found
+
+
 def test_prometheus_scrapes_the_port_the_recsys_service_serves_metrics_on(compose: dict[str, Any]) -> None:
     env = environment(compose["services"]["recsys"])
     settings = Settings.from_env(env)
     assert settings.metrics_port is not None and settings.metrics_host == "0.0.0.0"
-    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
-    targets = [t for job in config["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]]
-    assert f"recsys:{settings.metrics_port}" in targets
+    assert f"recsys:{settings.metrics_port}" in scrape_targets()
+
+
+def test_every_process_serving_metrics_is_a_scrape_target_at_its_port_and_no_other_is(compose: dict[str, Any]) -> None:
+    """Issue 11: the shard replicas and the trainer too, each in its own container at the port the
+    code gives it (shard-1 serves :9465 there, not :9464), labelled with its service so the
+    dashboard can tell them apart; and no target names a port nothing serves."""
+    endpoints = metrics_endpoints(compose)
+    targets = scrape_targets()
+    shards, trainers = shard_services(compose), trainer_services(compose)
+    assert set(shards) | set(trainers) | {"recsys"} <= set(endpoints.values())  # every kind is served
+    assert set(endpoints) == set(targets)
+    for target, service in endpoints.items():
+        labels = targets[target]
+        role = "trainer" if service in trainers else "shard" if service in shards else "single"
+        assert (labels.get("service"), labels.get("role")) == (service, role), target
+    # a target's labels must not collide with a metric's own labels (recsys_shard_info has `shard`)
+    from dataflows.metrics import FlowMetrics, TrainerMetrics
+
+    metric_labels = {label for m in (FlowMetrics(Settings(), status=None), TrainerMetrics(Settings()))
+                     for family in m.registry.collect() for sample in family.samples for label in sample.labels}
+    assert {k for labels in targets.values() for k in labels} & metric_labels == set()
+
+
+def test_prometheus_starts_without_the_one_process_service(compose: dict[str, Any]) -> None:
+    """`docker compose --profile shards up ... prometheus grafana` must not start `recsys` beside the
+    shard replicas (it would read every events partition a second time): Prometheus depends on no
+    service that serves metrics, and scrapes whichever deployment is up."""
+    depends = compose["services"]["prometheus"].get("depends_on") or []
+    assert set(depends) & set(metrics_endpoints(compose).values()) == set()
+
+
+def test_the_dashboard_shows_the_shared_model_versions_and_ages_per_shard_and_trainer() -> None:
+    exprs = _dashboard_exprs()
+    joined = " ".join(exprs)
+    for needle in ("recsys_trainer_published_model_offset", "recsys_trainer_published_model_age_seconds",
+                   "recsys_served_model_offset", "recsys_served_model_age_seconds", "recsys_trainer_lag_records"):
+        assert needle in joined, needle
+    # the shards' series are told apart by the label the scrape config gives every target
+    for needle in ("recsys_served_model_offset", "recsys_served_model_age_seconds"):
+        assert any(needle in e and "by (service)" in e for e in exprs), needle
+    assert all("service" in labels for labels in scrape_targets().values())
 
 
 def test_prometheus_and_grafana_mount_files_that_exist(compose: dict[str, Any]) -> None:
