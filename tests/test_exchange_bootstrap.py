@@ -21,7 +21,7 @@ from test_exchange import (  # noqa: F401
     catalog,
     events,
 )
-from test_operating import READY_TIMEOUT_S, RECSYS, Child, _stream, children  # noqa: F401, E402
+from test_operating import READY_TIMEOUT_S, RECSYS, Child, _stream, _totals, children  # noqa: F401, E402
 
 from dataflows.kafka_io import KafkaClients, consume_all, produce_records
 from dataflows.live import (
@@ -383,6 +383,65 @@ def test_a_shard_started_late_from_a_snapshot_ends_with_the_others_checksum_live
     for child in (late, again):
         assert child.stop_with(signal.SIGTERM, timeout_s=30)[0] == 0, child.output
     assert _checksum(late.output) == _checksum(again.output) == (_checksum(again.output)[0], total - 1)
+
+
+@pytest.mark.slow
+def test_a_shard_wiped_mid_run_restarts_from_the_newest_snapshot_and_ends_with_the_others_checksum_live(
+        local_broker, topic_name, tmp_path, children):  # noqa: F811
+    """Two sharing shard processes on the real local broker; shard 1 is killed (SIGKILL) and its state
+    and recovery directories deleted while shard 0 runs on. Restarted, it loads the newest snapshot,
+    reads the log after it and its own events partition from the start (rebuilding its users, but
+    publishing no op for the events the log covers: message version 3), then takes new events;
+    both end with the same global-signal checksum at the log's last position."""
+    import shutil
+
+    from recsys.synthetic import generate_catalog, generate_events
+
+    prefix = topic_name("wipe") + "-"
+    _, flags = _stream(local_broker.bootstrap, prefix, tmp_path, n_users=40)
+    snaps, exchange = tmp_path / "snaps", prefix + "exchange"
+    flags += ["--shards", "2", "--share-signals", "--exchange-topic", exchange,
+              "--exchange-snapshot-dir", str(snaps), "--exchange-snapshot-interval-s", "1"]
+    shards = [Child([*RECSYS, "run", "--shard", str(i), *flags]) for i in range(2)]
+    children.extend(shards)
+    for shard in shards:
+        shard.wait_for("ready:", 2 * READY_TIMEOUT_S)
+    length = _drained(local_broker.bootstrap, exchange)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (newest_snapshot(snaps, exchange) or SnapshotInfo0).position < length - 1:
+        time.sleep(0.5)
+    cut = newest_snapshot(snaps, exchange)
+    assert cut is not None and cut.position == length - 1, shards[0].output
+
+    shards[1].kill()  # SIGKILL, then its state is lost
+    for sub in ("state", "recovery"):
+        shutil.rmtree(tmp_path / sub / "shard-1")
+    wiped = Child([*RECSYS, "run", "--shard", "1", *flags])
+    children.append(wiped)
+    loaded = wiped.wait_for("exchange: blank state loaded from snapshot", 2 * READY_TIMEOUT_S)
+    assert f"at position {cut.position}" in loaded and f"from offset {cut.position + 1}" in loaded, loaded
+    wiped.wait_for("ready:", 2 * READY_TIMEOUT_S)
+    # new traffic for both shards' users, stamped after every event of the first part
+    clients = KafkaClients.for_bootstrap(local_broker.bootstrap)
+    old = [decode_event(env.value) for env in consume_all(clients, prefix + "events", timeout_s=5)]
+    later = [dataclasses.replace(e, event_id="late-" + e.event_id, ts=e.ts + 10**9)
+             for e in generate_events(60, generate_catalog(30, seed=7), n_users=40, seed=9)]
+    assert min(e.ts for e in later) > max(e.ts for e in old)
+    produce_records(clients, prefix + "events", [(e.user_id.encode(), encode(e)) for e in later])
+    total = _drained(local_broker.bootstrap, exchange)
+    for shard in (shards[0], wiped):
+        assert shard.stop_with(signal.SIGTERM, timeout_s=30)[0] == 0, shard.output
+    assert _checksum(wiped.output) == _checksum(shards[0].output) == (_checksum(shards[0].output)[0], total - 1)
+    # the re-read of shard 1's events published nothing again: every op after the cut is a new event's
+    # its users rebuilt: every event of its partition (shard 1 of 2 owns partition 1) applied once
+    owned = [env for env in consume_all(clients, prefix + "events", timeout_s=5) if env.partition == 1]
+    stopped = next(line for line in reversed(wiped.lines) if line.startswith("stopped:"))
+    assert _totals(stopped)["applied"] == len(owned), wiped.output
+    log = [decode_message(env.value) for env in consume_all(clients, exchange, timeout_s=5)]
+    first = min(e.ts for e in later)
+    assert all(op[4] < first for message in log[:length] for op in message.ops)
+    assert all(op[4] >= first for message in log[length:] for op in message.ops)
+    assert {message.origin for message in log[length:] if message.ops} == {0, 1}  # both took new events
 
 
 def test_a_damaged_newest_snapshot_is_passed_over_for_the_one_before(tmp_path):
