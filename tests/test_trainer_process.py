@@ -429,3 +429,28 @@ def test_a_trainer_killed_while_it_holds_a_message_learns_it_exactly_once_after_
     engine = _shard(embedder, catalog, 1, trainer=True)
     engine.load_models(read_model_snapshot(newest_model_snapshot(settings.exchange_snapshot_dir, settings.exchange_topic).path)[1])
     assert serving_checksum(engine) == serving_checksum(whole)
+
+
+@pytest.mark.xfail(strict=True, reason="known defect, not fixed (2026-12-02): the head reads item vectors when it "
+                                       "learns, so a message learned after the wait gave up (zero vectors) is learned "
+                                       "again at a restart with the item's own vector once its record arrived")
+def test_a_trainer_restarted_after_giving_up_on_an_item_publishes_its_version_again_with_the_same_bytes(
+        tmp_path, embedder, catalog, log):
+    """The wait gives up at once (RECSYS_UNKNOWN_ITEM_WAIT_S=0): the messages naming the late item are
+    learned with zero vectors for it and published. Its record arrives, the trainer restarts: it
+    restores its models by learning again the messages since its checkpoint (none within 30 s here),
+    now with the item's vector, and publishes the same version (log position) with other parameters,
+    so two shards can serve one version x<position> with different models (recsys/signals/trainer.py
+    says the same version published again after a restart is the same file)."""
+    late_item, _ = _late_item(log)
+    broker = _broker(log, catalog, missing=late_item)
+    settings = _trainer_settings(tmp_path, "gave-up", unknown_items="dead_letter", unknown_item_wait_s=0.0,
+                                 embed_cache_dir=str(Path(embedder.cache_path).parent))
+    assert _stopped(_run_to_end(settings, broker, embedder=embedder))["trainer_unknown_items"] > 0
+    first = newest_model_snapshot(settings.exchange_snapshot_dir, TOPIC)
+    before = read_model_snapshot(first.path)[1]
+    produce_records(broker, "catalog", [(c.item_id.encode(), encode(c)) for c in catalog if c.item_id == late_item])
+    _run_to_end(settings, broker, embedder=embedder)
+    again = newest_model_snapshot(settings.exchange_snapshot_dir, TOPIC)
+    assert again.position == first.position  # the same version ...
+    assert read_model_snapshot(again.path)[1] == before  # ... must be the same models
