@@ -5,7 +5,7 @@ live benchmark's mixed workload through ``Shard.process``.
     .venv/bin/python benchmarks/search_speed.py [--items 10000] [--users 2000] [--searches 300]
     .venv/bin/python benchmarks/search_speed.py --search-share 0.2 [--users 20000] [--warm-events 40000]
         [--mixed-events 20000] [--min-batch 20] [--max-batch 100] [--profile [--profile-out FILE]] [--skip-recs-only] [--warm-up]
-        [--results-out FILE]
+        [--results-out FILE] [--distinct-queries N [--zipf-s 1.0]]
 
 Synthetic catalog and shoppers (load test only). Without ``--search-share``: queries drawn
 from the catalog's words (half of them repeated, so the query-vector cache is exercised);
@@ -24,7 +24,10 @@ reasons: equal digests mean the same answers, e.g. across two trees; ``--results
 writes the answers, emission time left out, to compare two trees' scores). ``--profile``:
 cProfile of the mixed run, the search path's functions by cumulative time. ``--warm-up``:
 load the query model and build BM25 before the measured events (``Search.warm_up``), as a
-live flow can at start-up; without it the first search pays both.
+live flow can at start-up; without it the first search pays both. ``--distinct-queries N``:
+the searches' queries drawn from ``N`` distinct ones by a Zipf law (``--zipf-s``), see
+``recsys.synthetic.with_searches``: without it the stream has only 144 distinct queries, so
+any per-query cache looks perfect.
 """
 
 from __future__ import annotations
@@ -116,8 +119,13 @@ def mixed(args) -> None:
     Embedder("all-MiniLM-L6-v2", args.embed_cache_dir).embed([c.text for c in catalog], progress=True)
     events = generate_events(args.warm_events + args.mixed_events, catalog, n_users=args.users, seed=1)
     warm, plain = _envelopes(events[:args.warm_events]), events[args.warm_events:]
-    with_search = with_searches(plain, catalog, args.search_share, seed=2)
+    with_search = with_searches(plain, catalog, args.search_share, seed=2, distinct_queries=args.distinct_queries,
+                                zipf_s=args.zipf_s)
     n_search = sum(e.type == "search" for e in with_search)
+    queries = [e.query for e in with_search if e.type == "search"]
+    print(f"queries: {len(set(queries))} distinct in {len(queries)} searches "
+          f"({'the default stream' if args.distinct_queries is None else f'Zipf s={args.zipf_s} over {args.distinct_queries}'}); "
+          f"{len(set(queries)) / max(len(queries), 1):.0%} of the searches are a query's first")
     n = len(plain)
     rng = np.random.default_rng(3)
     sizes: list[int] = []
@@ -142,6 +150,10 @@ def mixed(args) -> None:
                     f.writelines(orjson.dumps(rec) + b"\n" for rec in answers)
             enc = engine.search.encoder.stats
             r["encode_s"] = enc["encode_s"]
+            base = getattr(engine.search, "base_stats", None)  # the candidates cache (absent in older trees)
+            if base is not None and name == "mixed":
+                print(f"    query candidates cache: {base['hits']} hits, {base['misses']} misses, "
+                      f"{len(engine.search._base_cache)} kept (bound {engine.search.config.retrieval_cache})")
             print(f"{name:>9}: {n / r['wall']:,.0f} events/s wall, {n / r['cpu']:,.0f} events/CPU-s "
                   f"({r['cpu'] / n * 1e3:.3f} CPU-ms/event); Search.step {r['step_cpu'] * 1e3:.0f} CPU-ms in all; "
                   f"{r['results']} search results, digest {r['digest']}; query vectors: {enc['misses']} encoded "
@@ -189,6 +201,9 @@ def main() -> None:
     p.add_argument("--warm-up", action="store_true",
                    help="--search-share: Search.warm_up() before the measured events (query model, BM25)")
     p.add_argument("--profile-out", default="", help="with --profile: also write the pstats file here")
+    p.add_argument("--distinct-queries", type=int, default=None,
+                   help="--search-share: draw the queries from this many distinct ones (Zipf) instead of the 144 default ones")
+    p.add_argument("--zipf-s", type=float, default=1.0, help="with --distinct-queries: the Zipf exponent over query rank")
     p.add_argument("--results-out", default="", help="--search-share: write the mixed run's search results here (JSONL)")
     args = p.parse_args()
     if args.search_share:

@@ -103,8 +103,11 @@ class SearchConfig:
     max_queries: int = 100_000
     max_items_per_query: int = 50
     query_cache: int = 10_000  # query vectors kept (LRU)
-    # queries whose BM25 and vector-search answers are kept (LRU; each is dropped when its
-    # index changes): a repeated query skips both retrievals, about half a search's cost
+    # normalised queries whose candidates before the shopper are kept (LRU, in memory): the
+    # BM25 and vector-search answers, the merged candidate list with its catalog entries,
+    # vector rows and lexical signal (Search._base). An entry is used only while the catalog,
+    # the BM25 build and the vector index are as they were when it was built, so answers are
+    # the same with any size (0: nothing kept). Settings.search_query_cache
     retrieval_cache: int = 1_000
     rebuild_interval_s: float = 1.0  # BM25 rebuild at most this often while the catalog changes
     # Add the re-ranker's learned correction to the live score. It always learns (cheap), but
@@ -159,6 +162,29 @@ class _Lexical:
 
 
 @dataclass
+class _Base:
+    """A query's candidates before the shopper: what every search of the query shares until the
+    catalog (:attr:`Catalog.version`), the BM25 build (:attr:`LexicalIndex.version`) or the
+    vector index (:attr:`VectorIndex.version`) changes -- ``version`` holds the three as they
+    were when it was built. The learned items and the user's own matches are added per search."""
+
+    version: tuple[int, int, int]
+    qvec: np.ndarray  # the encoder's vector of the query (the entry is rebuilt if the encoder's changes)
+    known: list[str]  # repaired query tokens known to BM25
+    key: str  # query_key: the learned associations' key
+    lexical: _Lexical
+    sem_hits: list[tuple[str, float]]  # the vector search's answer
+    sem_set: frozenset[str]  # ... those at least min_semantic
+    ids: list[str]  # available items of the BM25 top, then of the vector search's answer, each once
+    items: list[CatalogItem]  # their catalog entries
+    n_top: int  # the first n_top ids are from the BM25 top
+    rows: np.ndarray  # their vector index rows (-1: not in it)
+    lex: np.ndarray  # their lexical signal (BM25 / the query's best; 0 outside the top)
+    sem_hit: np.ndarray  # bool: in sem_set
+    where: dict[str, int]  # id -> position in ids
+
+
+@dataclass
 class _Candidates:
     ids: list[str]
     x: np.ndarray  # (n, len(FEATURES))
@@ -202,11 +228,11 @@ class Search:
         self.clock = clock
         self.lexical = LexicalIndex(rebuild_interval_s=self.config.rebuild_interval_s)
         self.encoder = QueryEncoder(query_embedder(items.embedder), self.config.query_cache)
-        # per-query retrieval answers (the same for every user), dropped when their index changes
-        self._lexical_cache: OrderedDict[tuple[str, ...], _Lexical] = OrderedDict()
-        self._lexical_built = -1
-        self._semantic_cache: OrderedDict[str, list[tuple[str, float]]] = OrderedDict()
-        self._semantic_version = -1
+        #: normalised query text -> its candidates before the shopper (_Base), LRU; in memory
+        #: only (a restart starts empty), each entry checked against the catalog's and the
+        #: indexes' versions on use
+        self._base_cache: OrderedDict[str, _Base] = OrderedDict()
+        self.base_stats = {"hits": 0, "misses": 0}
         self.associations = QueryAssociations(
             rate=self.config.learn_rate, max_items=self.config.max_items_per_query, max_queries=self.config.max_queries
         )
@@ -392,19 +418,17 @@ class Search:
         """The text part of :meth:`credits`: the item's text matches the query, or text cannot judge."""
         if not self.lexical.docs.get(item_id):
             return True
-        known = self.lexical.known(self.lexical.vocabulary.repair(tokenize(query)))  # rebuilds if due
-        lexical = self._lexical_retrieval(known)
+        base = self._base(query)  # rebuilds BM25 if due
+        lexical = base.lexical
         j = self.lexical.position(item_id)
         if j >= 0 and lexical.hit_rows.size and lexical.score_at(j) >= self.config.credit_lexical * lexical.best:
             return True  # matches the query's words
-        qtext = _query_text(query)
-        qvec = self.encoder(qtext)
         if not lexical.hit_rows.size:  # no item's words match: does any item's meaning?
-            top = self._semantic_retrieval(qtext, qvec)
+            top = base.sem_hits
             if not top or top[0][1] < self.config.min_semantic:
                 return True  # text cannot judge
         vec = self.items.index.vectors_or_zero([item_id])[0]
-        return float(vec @ qvec) >= self.config.min_semantic
+        return float(vec @ base.qvec) >= self.config.min_semantic
 
     def _remember(self, user_id: str, c: _Candidates, keep: np.ndarray) -> None:
         rows = np.flatnonzero(keep)
@@ -481,82 +505,112 @@ class Search:
         return c.lexical_hit | c.semantic_hit | learned
 
     def _lexical_retrieval(self, known: list[str]) -> _Lexical:
-        """BM25 for these (known, repaired) query tokens: the top ``candidates`` items and every
-        hit's score, cached per token list until the BM25 index is rebuilt."""
-        if self._lexical_built != self.lexical.rebuilds:
-            self._lexical_cache.clear()
-            self._lexical_built = self.lexical.rebuilds
-        key = tuple(known)
-        got = self._lexical_cache.get(key)
-        if got is not None:
-            self._lexical_cache.move_to_end(key)
-            return got
+        """BM25 for these (known, repaired) query tokens: the top ``candidates`` items and every hit's score."""
         cfg = self.config
         lex_ids, lex_scores = self.lexical.scores(known)
         hits = np.flatnonzero(lex_scores > 0) if len(lex_ids) else np.zeros(0, dtype=np.int64)
         top = hits[np.argpartition(-lex_scores[hits], min(cfg.candidates, len(hits)) - 1)[: cfg.candidates]] if len(hits) else hits
         best = float(lex_scores[hits].max()) if len(hits) else 1.0
-        got = _Lexical({lex_ids[j]: float(lex_scores[j]) / best for j in top.tolist()}, hits, lex_scores[hits], best)
-        self._lexical_cache[key] = got
-        if len(self._lexical_cache) > cfg.retrieval_cache:
-            self._lexical_cache.popitem(last=False)
-        return got
+        return _Lexical({lex_ids[j]: float(lex_scores[j]) / best for j in top.tolist()}, hits, lex_scores[hits], best)
 
-    def _semantic_retrieval(self, qtext: str, qvec: np.ndarray) -> list[tuple[str, float]]:
-        """The ``candidates`` items nearest the query vector, cached per query text until the
-        vector index changes (any upsert or removal)."""
-        index = self.items.index
-        if self._semantic_version != index.version:
-            self._semantic_cache.clear()
-            self._semantic_version = index.version
-        got = self._semantic_cache.get(qtext)
-        if got is not None:
-            self._semantic_cache.move_to_end(qtext)
-            return got
-        got = self.items.search(qvec, self.config.candidates)[0] if len(index) else []
-        self._semantic_cache[qtext] = got
-        if len(self._semantic_cache) > self.config.retrieval_cache:
-            self._semantic_cache.popitem(last=False)
-        return got
-
-    def candidates(self, query: str, state: UserState | None, now_ts: int) -> _Candidates:
-        cfg = self.config
-        catalog = self.items.catalog
-        tokens = self.lexical.vocabulary.repair(tokenize(query))
-        known = self.lexical.known(tokens)
-        # lexical: the query's top (cached per query), plus the user's own matches
-        lexical = self._lexical_retrieval(known)
-        lex = dict(lexical.top)
-        if lexical.hit_rows.size and state is not None and state.history:
-            pos = self.lexical.position
-            for item_id, _t, _ts in state.history:
-                j = pos(item_id)
-                if j >= 0 and (score := lexical.score_at(j)) > 0:
-                    lex[item_id] = score / lexical.best
-        # semantic: the cached query vector against the faiss index (the answer cached per query)
+    def _base(self, query: str) -> _Base:
+        """The query's candidates before the shopper (:class:`_Base`): from the cache while the
+        catalog, the BM25 build and the vector index are as they were when it was built (and
+        the query's vector is the encoder's), else built now and cached (LRU of
+        ``retrieval_cache`` normalised queries; 0: never cached, the same answers)."""
+        self.lexical.known([])  # rebuilds BM25 if due, as a search always has
         qtext = _query_text(query)
         qvec = self.encoder(qtext)
-        sem_hits = self._semantic_retrieval(qtext, qvec)
-        sem_set = {i for i, s in sem_hits if s >= cfg.min_semantic}
-        learned = self.associations.weights(query_key(query))
-        if not lex and not sem_set and not learned:
-            return _Candidates([], np.zeros((0, len(FEATURES))), np.zeros(0, bool), np.zeros(0, bool), known, True)
-        known_items = catalog.items
-        entries = [(i, item) for i in dict.fromkeys([*lex, *(i for i, _ in sem_hits), *learned])
+        index = self.items.index
+        version = (self.items.catalog.version, self.lexical.version, index.version)
+        cache = self._base_cache
+        got = cache.get(qtext)
+        if got is not None and got.version == version and got.qvec is qvec:
+            cache.move_to_end(qtext)
+            self.base_stats["hits"] += 1
+            return got
+        self.base_stats["misses"] += 1
+        cfg = self.config
+        tokens = tokenize(query)
+        known = self.lexical.known(self.lexical.vocabulary.repair(tokens))
+        lexical = self._lexical_retrieval(known)
+        sem_hits = self.items.search(qvec, cfg.candidates)[0] if len(index) else []
+        sem_set = frozenset(i for i, s in sem_hits if s >= cfg.min_semantic)
+        known_items = self.items.catalog.items
+        top = lexical.top
+        entries = [(i, item) for i in dict.fromkeys([*top, *(i for i, _ in sem_hits)])
                    if (item := known_items.get(i)) is not None and item.available]  # is_recommendable
         ids = [i for i, _ in entries]
         n = len(ids)
+        got = _Base(
+            version, qvec, known, query_key(query), lexical, sem_hits, sem_set, ids, [item for _, item in entries],
+            sum(1 for i in ids if i in top), index.rows(ids),
+            np.fromiter(map(top.get, ids, itertools.repeat(0.0)), dtype=np.float64, count=n),
+            np.array([i in sem_set for i in ids], dtype=bool), {i: j for j, i in enumerate(ids)},
+        )
+        if cfg.retrieval_cache > 0:
+            cache[qtext] = got
+            cache.move_to_end(qtext)
+            while len(cache) > cfg.retrieval_cache:
+                cache.popitem(last=False)
+        return got
+
+    def candidates(self, query: str, state: UserState | None, now_ts: int) -> _Candidates:
+        """Every candidate of the query for this user and its signals: the query's base
+        candidates (:meth:`_base`, the same for every user), the user's own history items that
+        match the query lexically, and the items learned for the query (never cached: they
+        change with every credited engagement), in that order, each once."""
+        cfg = self.config
+        base = self._base(query)
+        lexical = base.lexical
+        # the user's own lexical matches beyond the query's top
+        extra: dict[str, float] = {}
+        if lexical.hit_rows.size and state is not None and state.history:
+            pos, top = self.lexical.position, lexical.top
+            for item_id, _t, _ts in state.history:
+                if item_id not in top and (j := pos(item_id)) >= 0 and (score := lexical.score_at(j)) > 0:
+                    extra[item_id] = score / lexical.best
+        learned = self.associations.weights(base.key)
+        if not lexical.top and not extra and not base.sem_set and not learned:
+            return _Candidates([], np.zeros((0, len(FEATURES))), np.zeros(0, bool), np.zeros(0, bool), base.known, True)
+        known_items = self.items.catalog.items
+        ids, items, where = base.ids, base.items, base.where
+        index = self.items.index
+        n_top = base.n_top
+        if extra:  # the user's matches come right after the query's top (the order of a fresh merge)
+            extra_entries = [(i, item) for i in extra if (item := known_items.get(i)) is not None and item.available]
+            rest = [j for j in range(n_top, len(ids)) if ids[j] not in extra]  # the vector search's others
+            ids = [*ids[:n_top], *(i for i, _ in extra_entries), *(ids[j] for j in rest)]
+            items = [*items[:n_top], *(item for _, item in extra_entries), *(items[j] for j in rest)]
+            rows = np.concatenate([base.rows[:n_top], index.rows([i for i, _ in extra_entries]), base.rows[rest]])
+            lex_col = np.concatenate([base.lex[:n_top], np.array([extra[i] for i, _ in extra_entries], dtype=np.float64),
+                                      base.lex[rest]])
+            sem_hit = np.concatenate([base.sem_hit[:n_top], np.array([i in base.sem_set for i, _ in extra_entries], dtype=bool),
+                                      base.sem_hit[rest]])
+            n_lex, seen = n_top + len(extra_entries), set(ids)
+        else:
+            rows, lex_col, sem_hit, n_lex, seen = base.rows, base.lex, base.sem_hit, n_top, where
+        new = [(i, item) for i in learned if i not in seen and (item := known_items.get(i)) is not None and item.available]
+        if new:
+            ids = [*ids, *(i for i, _ in new)]
+            items = [*items, *(item for _, item in new)]
+            rows = np.concatenate([rows, index.rows([i for i, _ in new])])
+            lex_col = np.concatenate([lex_col, np.zeros(len(new))])
+            sem_hit = np.concatenate([sem_hit, np.zeros(len(new), dtype=bool)])
+        n = len(ids)
+        lex_hit = np.zeros(n, dtype=bool)
+        lex_hit[:n_lex] = True  # the query's top and the user's matches: the lexical candidates
         x = np.zeros((n, len(FEATURES)), dtype=np.float64)
-        vecs = self.items.index.vectors_or_zero(ids)
-        x[:, _COL["lexical"]] = np.fromiter(map(lex.get, ids, itertools.repeat(0.0)), dtype=np.float64, count=n)
-        x[:, _COL["semantic"]] = np.clip(vecs @ qvec, 0.0, None)
-        x[:, _COL["learned"]] = np.fromiter(map(learned.get, ids, itertools.repeat(0.0)), dtype=np.float64, count=n)
+        vecs = index.vectors_of_rows_or_zero(rows)
+        x[:, _COL["lexical"]] = lex_col
+        x[:, _COL["semantic"]] = np.clip(vecs @ base.qvec, 0.0, None)
+        if learned:
+            x[:, _COL["learned"]] = np.fromiter(map(learned.get, ids, itertools.repeat(0.0)), dtype=np.float64, count=n)
         pop = np.log1p(self.popularity.scores(ids, now_ts))
         x[:, _COL["popular"]] = pop / pop.max() if n and pop.max() > 0 else 0.0
         if state is not None and cfg.personalise:
-            self._personal(x, entries, vecs, state, now_ts)
-        return _Candidates(ids, x, np.array([i in lex for i in ids], dtype=bool),
-                           np.array([i in sem_set for i in ids], dtype=bool), known, False)
+            self._personal(x, list(zip(ids, items)), vecs, state, now_ts)
+        return _Candidates(ids, x, lex_hit, sem_hit, base.known, False)
 
     def _personal(self, x: np.ndarray, entries: list[tuple[str, CatalogItem]], vecs: np.ndarray, state: UserState,
                   now_ts: int) -> None:
@@ -670,4 +724,5 @@ class Search:
         return {"lexical_items": len(self.lexical), "lexical_rebuilds": self.lexical.rebuilds,
                 "lexical_last_rebuild_s": self.lexical.last_rebuild_s, "queries_learned": len(self.associations),
                 **{f"engagements_{k.replace(' ', '_')}": v for k, v in sorted(self.credit_counts.items())},
-                **{f"query_cache_{k}": v for k, v in self.encoder.stats.items()}}
+                **{f"query_cache_{k}": v for k, v in self.encoder.stats.items()},
+                **{f"base_cache_{k}": v for k, v in self.base_stats.items()}, "base_cache_size": len(self._base_cache)}
