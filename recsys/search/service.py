@@ -182,6 +182,7 @@ class _Base:
     lex: np.ndarray  # their lexical signal (BM25 / the query's best; 0 outside the top)
     sem_hit: np.ndarray  # bool: in sem_set
     where: dict[str, int]  # id -> position in ids
+    labels: np.ndarray  # (n, 2): their category's and brand's code (Search._label_code; -1: none)
 
 
 @dataclass
@@ -233,6 +234,9 @@ class Search:
         #: indexes' versions on use
         self._base_cache: OrderedDict[str, _Base] = OrderedDict()
         self.base_stats = {"hits": 0, "misses": 0}
+        #: category and brand names -> small ints, so a candidate's category and brand signals are
+        #: one array look-up (grows with the catalog's distinct names, never reassigned)
+        self._label_code: dict[str, int] = {}
         self.associations = QueryAssociations(
             rate=self.config.learn_rate, max_items=self.config.max_items_per_query, max_queries=self.config.max_queries
         )
@@ -547,6 +551,7 @@ class Search:
             sum(1 for i in ids if i in top), index.rows(ids),
             np.fromiter(map(top.get, ids, itertools.repeat(0.0)), dtype=np.float64, count=n),
             np.array([i in sem_set for i in ids], dtype=bool), {i: j for j, i in enumerate(ids)},
+            self._labels([item for _, item in entries]),
         )
         if cfg.retrieval_cache > 0:
             cache[qtext] = got
@@ -554,6 +559,16 @@ class Search:
             while len(cache) > cfg.retrieval_cache:
                 cache.popitem(last=False)
         return got
+
+    def _labels(self, items: list[CatalogItem]) -> np.ndarray:
+        """``(len(items), 2)`` codes of each item's category and brand (-1: none)."""
+        codes = self._label_code
+        out = np.full((len(items), 2), -1, dtype=np.int64)
+        for j, item in enumerate(items):
+            for k, name in enumerate((item.category, item.brand)):
+                if name:
+                    out[j, k] = codes.setdefault(name, len(codes))
+        return out
 
     def candidates(self, query: str, state: UserState | None, now_ts: int) -> _Candidates:
         """Every candidate of the query for this user and its signals: the query's base
@@ -587,9 +602,10 @@ class Search:
                                       base.lex[rest]])
             sem_hit = np.concatenate([base.sem_hit[:n_top], np.array([i in base.sem_set for i, _ in extra_entries], dtype=bool),
                                       base.sem_hit[rest]])
+            labels = np.concatenate([base.labels[:n_top], self._labels([item for _, item in extra_entries]), base.labels[rest]])
             n_lex, seen = n_top + len(extra_entries), set(ids)
         else:
-            rows, lex_col, sem_hit, n_lex, seen = base.rows, base.lex, base.sem_hit, n_top, where
+            rows, lex_col, sem_hit, labels, n_lex, seen = base.rows, base.lex, base.sem_hit, base.labels, n_top, where
         new = [(i, item) for i in learned if i not in seen and (item := known_items.get(i)) is not None and item.available]
         if new:
             ids = [*ids, *(i for i, _ in new)]
@@ -597,6 +613,7 @@ class Search:
             rows = np.concatenate([rows, index.rows([i for i, _ in new])])
             lex_col = np.concatenate([lex_col, np.zeros(len(new))])
             sem_hit = np.concatenate([sem_hit, np.zeros(len(new), dtype=bool)])
+            labels = np.concatenate([labels, self._labels([item for _, item in new])])
         n = len(ids)
         lex_hit = np.zeros(n, dtype=bool)
         lex_hit[:n_lex] = True  # the query's top and the user's matches: the lexical candidates
@@ -609,12 +626,13 @@ class Search:
         pop = np.log1p(self.popularity.scores(ids, now_ts))
         x[:, _COL["popular"]] = pop / pop.max() if n and pop.max() > 0 else 0.0
         if state is not None and cfg.personalise:
-            self._personal(x, list(zip(ids, items)), vecs, state, now_ts)
+            self._personal(x, list(zip(ids, items)), vecs, labels, state, now_ts)
         return _Candidates(ids, x, lex_hit, sem_hit, base.known, False)
 
-    def _personal(self, x: np.ndarray, entries: list[tuple[str, CatalogItem]], vecs: np.ndarray, state: UserState,
-                  now_ts: int) -> None:
-        """The personal signals of each candidate ``(item_id, catalog item)``, written into ``x``."""
+    def _personal(self, x: np.ndarray, entries: list[tuple[str, CatalogItem]], vecs: np.ndarray, labels: np.ndarray,
+                  state: UserState, now_ts: int) -> None:
+        """The personal signals of each candidate ``(item_id, catalog item)``, written into ``x``
+        (``labels``: the candidates' category and brand codes, :meth:`_labels`)."""
         catalog = self.items.catalog
         history = state.history
         if not history and not state.bought:
@@ -651,10 +669,15 @@ class Search:
         bought = state.bought
         # column by column (one list per signal, then one numpy write), the same floats as item by item
         items = [item for _, item in entries]
-        if cats:
-            x[:, _COL["category"]] = [cats.get(item.category, 0.0) / total_c if item.category else 0.0 for item in items]
-        if brands:
-            x[:, _COL["brand"]] = [brands.get(item.brand, 0.0) / total_b if item.brand else 0.0 for item in items]
+        # the user's share per category (brand) code, then one look-up per candidate: the same
+        # floats as ``cats.get(item.category, 0.0) / total_c`` item by item (0.0 without one)
+        for k, (col, counts, total) in enumerate(((_COL["category"], cats, total_c), (_COL["brand"], brands, total_b))):
+            if counts:
+                share = np.zeros(len(self._label_code) + 1)  # the last: code -1, no name
+                for name, w in counts.items():
+                    if (code := self._label_code.get(name)) is not None:
+                        share[code] = w / total
+                x[:, col] = share[labels[:, k]]
         is_bought = [item_id in bought for item_id, _ in entries]
         if any(is_bought):
             x[:, _COL["bought"]] = is_bought
