@@ -55,6 +55,30 @@ def _pct(xs: list[float]) -> str:
     return f"p50 {np.percentile(a, 50):.2f} ms, p99 {np.percentile(a, 99):.2f} ms, mean {a.mean():.2f} ms (n={len(a)})"
 
 
+def _nbytes(obj, _seen=None) -> int:
+    """Rough memory held by ``obj``: containers, arrays and dataclasses followed; strings and
+    catalog items are counted as references only (the catalog holds them anyway)."""
+    import dataclasses
+    import sys
+
+    seen = _seen if _seen is not None else set()
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes + 112
+    if isinstance(obj, (str, bytes)) or type(obj).__name__ == "CatalogItem":
+        return 0
+    size = sys.getsizeof(obj)
+    if isinstance(obj, dict):
+        size += sum(_nbytes(k, seen) + _nbytes(v, seen) for k, v in obj.items())
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        size += sum(_nbytes(v, seen) for v in obj)
+    elif dataclasses.is_dataclass(obj):
+        size += sum(_nbytes(getattr(obj, f.name), seen) for f in dataclasses.fields(obj))
+    return size
+
+
 def _envelopes(events, first_offset: int = 0) -> list[Envelope]:
     return [Envelope("events", 0, first_offset + i, e.user_id.encode(), encode(e), e.ts) for i, e in enumerate(events)]
 
@@ -152,8 +176,10 @@ def mixed(args) -> None:
             r["encode_s"] = enc["encode_s"]
             base = getattr(engine.search, "base_stats", None)  # the candidates cache (absent in older trees)
             if base is not None and name == "mixed":
-                print(f"    query candidates cache: {base['hits']} hits, {base['misses']} misses, "
-                      f"{len(engine.search._base_cache)} kept (bound {engine.search.config.retrieval_cache})")
+                kept = engine.search._base_cache
+                print(f"    query candidates cache: {base['hits']} hits, {base['misses']} misses, {len(kept)} kept "
+                      f"(bound {engine.search.config.retrieval_cache}), ~{_nbytes(kept) / max(len(kept), 1) / 1e3:.0f} kB "
+                      f"an entry")
             print(f"{name:>9}: {n / r['wall']:,.0f} events/s wall, {n / r['cpu']:,.0f} events/CPU-s "
                   f"({r['cpu'] / n * 1e3:.3f} CPU-ms/event); Search.step {r['step_cpu'] * 1e3:.0f} CPU-ms in all; "
                   f"{r['results']} search results, digest {r['digest']}; query vectors: {enc['misses']} encoded "

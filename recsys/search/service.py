@@ -29,6 +29,7 @@ searching 'tent'``, ``bought before``, ``like the Blue tent you bought``, ...
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import time
@@ -132,9 +133,14 @@ class SearchConfig:
         return w if self.personalise else w * _PERSONAL_MASK
 
 
+@functools.lru_cache(maxsize=4096)
 def _query_text(query: str) -> str:
-    """What the sentence-transformer reads of a query (and the key of its cached vector)."""
+    """What the sentence-transformer reads of a query (and the key of its cached vector and of
+    its candidates); kept for the last 4,096 queries typed, as :func:`_query_key`."""
     return " ".join(tokenize(query)) or query
+
+
+_query_key = functools.lru_cache(maxsize=4096)(query_key)
 
 
 @dataclass
@@ -346,7 +352,7 @@ class Search:
                     if new and self.observer is not None:
                         self.observer(event, states[user_id])
                     if new:
-                        self.windows.open(user_id, query_key(event.query), event.query, event.ts)
+                        self.windows.open(user_id, _query_key(event.query), event.query, event.ts)
                     if not self.respond:
                         continue
                     if not new and (stored := self.outbox.get(user_id, env.partition, env.offset, event.event_id)) is not None:
@@ -361,7 +367,7 @@ class Search:
                     if new:
                         self.outbox.put(user_id, env.partition, env.offset, event.event_id, payload)
                         if self.on_answer is not None:
-                            self.on_answer(user_id, query_key(event.query), event.ts, [i.item_id for i in ranked.items])
+                            self.on_answer(user_id, _query_key(event.query), event.ts, [i.item_id for i in ranked.items])
                     out.append((user_id, payload))
                 elif new:
                     self.learn_event(event, share=shared is None or not shared(env))
@@ -547,7 +553,7 @@ class Search:
         ids = [i for i, _ in entries]
         n = len(ids)
         got = _Base(
-            version, qvec, known, query_key(query), lexical, sem_hits, sem_set, ids, [item for _, item in entries],
+            version, qvec, known, _query_key(query), lexical, sem_hits, sem_set, ids, [item for _, item in entries],
             sum(1 for i in ids if i in top), index.rows(ids),
             np.fromiter(map(top.get, ids, itertools.repeat(0.0)), dtype=np.float64, count=n),
             np.array([i in sem_set for i in ids], dtype=bool), {i: j for j, i in enumerate(ids)},
@@ -594,19 +600,26 @@ class Search:
         n_top = base.n_top
         if extra:  # the user's matches come right after the query's top (the order of a fresh merge)
             extra_entries = [(i, item) for i in extra if (item := known_items.get(i)) is not None and item.available]
-            rest = [j for j in range(n_top, len(ids)) if ids[j] not in extra]  # the vector search's others
-            ids = [*ids[:n_top], *(i for i, _ in extra_entries), *(ids[j] for j in rest)]
-            items = [*items[:n_top], *(item for _, item in extra_entries), *(items[j] for j in rest)]
+            # the vector search's others: those the user's matches did not take up to the front
+            moved = {j for i in extra if (j := where.get(i, -1)) >= 0}  # (never in the top)
+            rest: slice | list[int] = slice(n_top, None)
+            rest_ids, rest_items = ids[n_top:], items[n_top:]
+            if moved:
+                rest = [j for j in range(n_top, len(ids)) if j not in moved]
+                rest_ids, rest_items = [ids[j] for j in rest], [items[j] for j in rest]
+            ids = [*ids[:n_top], *(i for i, _ in extra_entries), *rest_ids]
+            items = [*items[:n_top], *(item for _, item in extra_entries), *rest_items]
             rows = np.concatenate([base.rows[:n_top], index.rows([i for i, _ in extra_entries]), base.rows[rest]])
             lex_col = np.concatenate([base.lex[:n_top], np.array([extra[i] for i, _ in extra_entries], dtype=np.float64),
                                       base.lex[rest]])
             sem_hit = np.concatenate([base.sem_hit[:n_top], np.array([i in base.sem_set for i, _ in extra_entries], dtype=bool),
                                       base.sem_hit[rest]])
             labels = np.concatenate([base.labels[:n_top], self._labels([item for _, item in extra_entries]), base.labels[rest]])
-            n_lex, seen = n_top + len(extra_entries), set(ids)
+            n_lex = n_top + len(extra_entries)
         else:
-            rows, lex_col, sem_hit, labels, n_lex, seen = base.rows, base.lex, base.sem_hit, base.labels, n_top, where
-        new = [(i, item) for i in learned if i not in seen and (item := known_items.get(i)) is not None and item.available]
+            rows, lex_col, sem_hit, labels, n_lex = base.rows, base.lex, base.sem_hit, base.labels, n_top
+        new = [(i, item) for i in learned if i not in where and i not in extra
+               and (item := known_items.get(i)) is not None and item.available]
         if new:
             ids = [*ids, *(i for i, _ in new)]
             items = [*items, *(item for _, item in new)]
