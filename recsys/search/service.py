@@ -179,14 +179,14 @@ class _Base:
     known: list[str]  # repaired query tokens known to BM25
     key: str  # query_key: the learned associations' key
     lexical: _Lexical
-    sem_hits: list[tuple[str, float]]  # the vector search's answer
-    sem_set: frozenset[str]  # ... those at least min_semantic
+    best_semantic: float | None  # the vector search's best score (None: it found nothing)
+    any_semantic: bool  # it found an item at least min_semantic
     ids: list[str]  # available items of the BM25 top, then of the vector search's answer, each once
     items: list[CatalogItem]  # their catalog entries
     n_top: int  # the first n_top ids are from the BM25 top
     rows: np.ndarray  # their vector index rows (-1: not in it)
     lex: np.ndarray  # their lexical signal (BM25 / the query's best; 0 outside the top)
-    sem_hit: np.ndarray  # bool: in sem_set
+    sem_hit: np.ndarray  # bool: found by the vector search, at least min_semantic
     where: dict[str, int]  # id -> position in ids
     labels: np.ndarray  # (n, 2): their category's and brand's code (Search._label_code; -1: none)
 
@@ -434,8 +434,7 @@ class Search:
         if j >= 0 and lexical.hit_rows.size and lexical.score_at(j) >= self.config.credit_lexical * lexical.best:
             return True  # matches the query's words
         if not lexical.hit_rows.size:  # no item's words match: does any item's meaning?
-            top = base.sem_hits
-            if not top or top[0][1] < self.config.min_semantic:
+            if base.best_semantic is None or base.best_semantic < self.config.min_semantic:
                 return True  # text cannot judge
         vec = self.items.index.vectors_or_zero([item_id])[0]
         return float(vec @ base.qvec) >= self.config.min_semantic
@@ -553,7 +552,8 @@ class Search:
         ids = [i for i, _ in entries]
         n = len(ids)
         got = _Base(
-            version, qvec, known, _query_key(query), lexical, sem_hits, sem_set, ids, [item for _, item in entries],
+            version, qvec, known, _query_key(query), lexical, sem_hits[0][1] if sem_hits else None, bool(sem_set), ids,
+            [item for _, item in entries],
             sum(1 for i in ids if i in top), index.rows(ids),
             np.fromiter(map(top.get, ids, itertools.repeat(0.0)), dtype=np.float64, count=n),
             np.array([i in sem_set for i in ids], dtype=bool), {i: j for j, i in enumerate(ids)},
@@ -592,7 +592,7 @@ class Search:
                 if item_id not in top and (j := pos(item_id)) >= 0 and (score := lexical.score_at(j)) > 0:
                     extra[item_id] = score / lexical.best
         learned = self.associations.weights(base.key)
-        if not lexical.top and not extra and not base.sem_set and not learned:
+        if not lexical.top and not extra and not base.any_semantic and not learned:
             return _Candidates([], np.zeros((0, len(FEATURES))), np.zeros(0, bool), np.zeros(0, bool), base.known, True)
         known_items = self.items.catalog.items
         ids, items, where = base.ids, base.items, base.where
@@ -612,7 +612,7 @@ class Search:
             rows = np.concatenate([base.rows[:n_top], index.rows([i for i, _ in extra_entries]), base.rows[rest]])
             lex_col = np.concatenate([base.lex[:n_top], np.array([extra[i] for i, _ in extra_entries], dtype=np.float64),
                                       base.lex[rest]])
-            sem_hit = np.concatenate([base.sem_hit[:n_top], np.array([i in base.sem_set for i, _ in extra_entries], dtype=bool),
+            sem_hit = np.concatenate([base.sem_hit[:n_top], np.array([i in where and base.sem_hit[where[i]] for i, _ in extra_entries], dtype=bool),
                                       base.sem_hit[rest]])
             labels = np.concatenate([base.labels[:n_top], self._labels([item for _, item in extra_entries]), base.labels[rest]])
             n_lex = n_top + len(extra_entries)
