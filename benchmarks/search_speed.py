@@ -18,7 +18,8 @@ and ``--max-batch`` (what the live flow sees at 1,000 events/s), once as they ar
 ``benchmarks/throughput.py --search-share`` does (``recsys.synthetic.with_searches``), each
 run on a fresh engine warmed the same way. Prints events/s (wall and per CPU-second) of both
 runs, and for the mixed run the CPU per event outside ``Search.step`` and the CPU inside it per
-search (in all, and in the batches whose queries were all cached: the steady state), the wall
+search (in all, in the batches whose queries were all cached: the steady state, and without the
+CPU of the query model's calls), the query candidates cache's hits, misses and size, the wall
 time of the first batch with a search and of the slowest batch, and a digest of the search results (items in order and their
 reasons: equal digests mean the same answers, e.g. across two trees; ``--results-out``
 writes the answers, emission time left out, to compare two trees' scores). ``--profile``:
@@ -108,6 +109,16 @@ def _run(engine: Shard, envs: list[Envelope], sizes: list[int], profiler: cProfi
             in_step[1] += time.process_time() - c0
 
     engine.search.step = timed_step
+    embed, in_model = engine.search.encoder._embed, [0.0]
+
+    def timed_embed(texts):  # the query model's CPU (all its threads), inside Search.step
+        c0 = time.process_time()
+        try:
+            return embed(texts)
+        finally:
+            in_model[0] += time.process_time() - c0
+
+    engine.search.encoder._embed = timed_embed
     stats = engine.search.encoder.stats
     digest, n_results, i = hashlib.sha256(), 0, 0
     batches = []  # (process wall, Search.step CPU, searches answered, encoded a query)
@@ -132,7 +143,9 @@ def _run(engine: Shard, envs: list[Envelope], sizes: list[int], profiler: cProfi
         profiler.disable()
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     engine.search.step = inner
-    return {"wall": wall, "cpu": cpu, "step_wall": in_step[0], "step_cpu": in_step[1], "results": n_results,
+    engine.search.encoder._embed = embed
+    return {"wall": wall, "cpu": cpu, "step_wall": in_step[0], "step_cpu": in_step[1], "model_cpu": in_model[0],
+            "results": n_results,
             "digest": digest.hexdigest()[:16], "batches": batches}
 
 
@@ -192,7 +205,9 @@ def mixed(args) -> None:
     first = next(b for b in m["batches"] if b[2])
     print(f"Search.step per search: {m['step_cpu'] / max(n_search, 1) * 1e3:.2f} CPU-ms in all; "
           f"{sum(c for c, _ in cached) / max(sum(k for _, k in cached), 1) * 1e3:.2f} CPU-ms in the "
-          f"{len(cached)} batches whose queries were all cached")
+          f"{len(cached)} batches whose queries were all cached; "
+          f"{(m['step_cpu'] - m['model_cpu']) / max(n_search, 1) * 1e3:.2f} CPU-ms without the query model's calls "
+          f"({m['model_cpu']:.1f} CPU-s in them)")
     walls = np.array([b[0] for b in m["batches"]]) * 1e3
     print(f"Shard.process per batch: the first with a search {first[0] * 1e3:.0f} ms, max {walls.max():.0f} ms, "
           f"p99 {np.percentile(walls, 99):.0f} ms, median {np.median(walls):.1f} ms (wall)")

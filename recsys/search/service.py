@@ -7,7 +7,13 @@ Per search ``(query, user state, time)``:
    vocabulary), the frozen sentence-transformer's query vector against the faiss item index
    (vectors of repeated queries come from an LRU cache), the items learned for the query
    (:class:`~recsys.search.learned.QueryAssociations`), and the user's own history items that
-   match the query lexically.
+   match the query lexically. What does not depend on the shopper -- the BM25 and vector-search
+   answers, their merged list with catalog entries, vector rows, lexical signal and category /
+   brand codes -- is kept per normalised query (:meth:`Search._base`, an LRU of
+   ``retrieval_cache`` entries) and used only while the catalog, the BM25 build and the vector
+   index are at the versions it was built at; the learned items (they change with every
+   credited engagement) and the user's matches are laid over it per search, in the order one
+   merge of the four gives. So answers are the same whether it holds the query or not.
 2. **Signals** per candidate, in :data:`FEATURES` order: ``lexical`` (BM25 / the query's best),
    ``semantic`` (cosine of query and item), ``learned`` (association weight, 0-1), ``popular``
    (log decayed popularity / the candidates' best), and the personal ones: ``affinity`` (cosine
