@@ -260,8 +260,11 @@ def test_a_cached_query_sees_catalog_upserts_in_its_next_answer(engine):
     first = stream.search("u1", "travel hammock")
     assert "hammock" not in ids(first)
     assert ids(stream.search("u2", "travel hammock")) == ids(first)
-    hits = engine.search.base_stats["hits"]
+    hits, misses = engine.search.base_stats["hits"], engine.search.base_stats["misses"]
     assert hits >= 1  # the second search was served from the cache
+    _upsert(engine, 0, CATALOG[0])  # sent again unchanged (a full catalog sync): the cache stays
+    assert ids(stream.search("u3", "travel hammock")) == ids(first)
+    assert engine.search.base_stats["misses"] == misses
     _upsert(engine, 0, CatalogItem("hammock", "Travel hammock", category="Camping"))  # a new matching item
     assert ids(stream.search("u1", "travel hammock"))[0] == "hammock"
     _upsert(engine, 1, CatalogItem("stove", "Gas camping stove and travel hammock", category="Camping/Cooking"))  # text

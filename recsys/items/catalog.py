@@ -345,16 +345,18 @@ class Catalog:
         self.items: dict[str, CatalogItem] = {}
         #: ids of the items marked ``repeat_purchase`` (latest version), for set arithmetic
         self.repeatable: set[str] = set()
-        #: bumped by every :meth:`upsert` (any field, availability included): callers that cache
-        #: what they read of the items (search's per-query candidates) drop it when this changes
+        #: bumped by every :meth:`upsert` that changes an item (any field, availability included;
+        #: an item sent again unchanged does not): callers that cache what they read of the
+        #: items (search's per-query candidates) drop it when this changes
         self.version = 0
 
     def upsert(self, items: Iterable[CatalogItem]) -> list[CatalogItem]:
         """Store the items; returns (latest versions of) those new or with changed ``text``."""
         changed: dict[str, CatalogItem] = {}
-        self.version += 1
         for item in items:
             old = self.items.get(item.item_id)
+            if old is None or old != item:
+                self.version += 1
             if old is None or old.text != item.text or item.item_id in changed:
                 changed[item.item_id] = item
             self.items[item.item_id] = item
