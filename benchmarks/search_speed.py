@@ -5,7 +5,7 @@ live benchmark's mixed workload through ``Shard.process``.
     .venv/bin/python benchmarks/search_speed.py [--items 10000] [--users 2000] [--searches 300]
     .venv/bin/python benchmarks/search_speed.py --search-share 0.2 [--users 20000] [--warm-events 40000]
         [--mixed-events 20000] [--min-batch 20] [--max-batch 100] [--profile [--profile-out FILE]] [--skip-recs-only] [--warm-up]
-        [--results-out FILE]
+        [--results-out FILE] [--distinct-queries N [--zipf-s 1.0]]
 
 Synthetic catalog and shoppers (load test only). Without ``--search-share``: queries drawn
 from the catalog's words (half of them repeated, so the query-vector cache is exercised);
@@ -18,13 +18,17 @@ and ``--max-batch`` (what the live flow sees at 1,000 events/s), once as they ar
 ``benchmarks/throughput.py --search-share`` does (``recsys.synthetic.with_searches``), each
 run on a fresh engine warmed the same way. Prints events/s (wall and per CPU-second) of both
 runs, and for the mixed run the CPU per event outside ``Search.step`` and the CPU inside it per
-search (in all, and in the batches whose queries were all cached: the steady state), the wall
+search (in all, in the batches whose queries were all cached: the steady state, and without the
+CPU of the query model's calls), the query candidates cache's hits, misses and size, the wall
 time of the first batch with a search and of the slowest batch, and a digest of the search results (items in order and their
 reasons: equal digests mean the same answers, e.g. across two trees; ``--results-out``
 writes the answers, emission time left out, to compare two trees' scores). ``--profile``:
 cProfile of the mixed run, the search path's functions by cumulative time. ``--warm-up``:
 load the query model and build BM25 before the measured events (``Search.warm_up``), as a
-live flow can at start-up; without it the first search pays both.
+live flow can at start-up; without it the first search pays both. ``--distinct-queries N``:
+the searches' queries drawn from ``N`` distinct ones by a Zipf law (``--zipf-s``), see
+``recsys.synthetic.with_searches``: without it the stream has only 144 distinct queries, so
+any per-query cache looks perfect.
 """
 
 from __future__ import annotations
@@ -50,6 +54,30 @@ from recsys.synthetic import generate_catalog, generate_events, with_searches
 def _pct(xs: list[float]) -> str:
     a = np.array(xs) * 1000
     return f"p50 {np.percentile(a, 50):.2f} ms, p99 {np.percentile(a, 99):.2f} ms, mean {a.mean():.2f} ms (n={len(a)})"
+
+
+def _nbytes(obj, _seen=None) -> int:
+    """Rough memory held by ``obj``: containers, arrays and dataclasses followed; strings and
+    catalog items are counted as references only (the catalog holds them anyway)."""
+    import dataclasses
+    import sys
+
+    seen = _seen if _seen is not None else set()
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes + 112
+    if isinstance(obj, (str, bytes)) or type(obj).__name__ == "CatalogItem":
+        return 0
+    size = sys.getsizeof(obj)
+    if isinstance(obj, dict):
+        size += sum(_nbytes(k, seen) + _nbytes(v, seen) for k, v in obj.items())
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        size += sum(_nbytes(v, seen) for v in obj)
+    elif dataclasses.is_dataclass(obj):
+        size += sum(_nbytes(getattr(obj, f.name), seen) for f in dataclasses.fields(obj))
+    return size
 
 
 def _envelopes(events, first_offset: int = 0) -> list[Envelope]:
@@ -81,6 +109,16 @@ def _run(engine: Shard, envs: list[Envelope], sizes: list[int], profiler: cProfi
             in_step[1] += time.process_time() - c0
 
     engine.search.step = timed_step
+    embed, in_model = engine.search.encoder._embed, [0.0]
+
+    def timed_embed(texts):  # the query model's CPU (all its threads), inside Search.step
+        c0 = time.process_time()
+        try:
+            return embed(texts)
+        finally:
+            in_model[0] += time.process_time() - c0
+
+    engine.search.encoder._embed = timed_embed
     stats = engine.search.encoder.stats
     digest, n_results, i = hashlib.sha256(), 0, 0
     batches = []  # (process wall, Search.step CPU, searches answered, encoded a query)
@@ -105,7 +143,9 @@ def _run(engine: Shard, envs: list[Envelope], sizes: list[int], profiler: cProfi
         profiler.disable()
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     engine.search.step = inner
-    return {"wall": wall, "cpu": cpu, "step_wall": in_step[0], "step_cpu": in_step[1], "results": n_results,
+    engine.search.encoder._embed = embed
+    return {"wall": wall, "cpu": cpu, "step_wall": in_step[0], "step_cpu": in_step[1], "model_cpu": in_model[0],
+            "results": n_results,
             "digest": digest.hexdigest()[:16], "batches": batches}
 
 
@@ -116,8 +156,13 @@ def mixed(args) -> None:
     Embedder("all-MiniLM-L6-v2", args.embed_cache_dir).embed([c.text for c in catalog], progress=True)
     events = generate_events(args.warm_events + args.mixed_events, catalog, n_users=args.users, seed=1)
     warm, plain = _envelopes(events[:args.warm_events]), events[args.warm_events:]
-    with_search = with_searches(plain, catalog, args.search_share, seed=2)
+    with_search = with_searches(plain, catalog, args.search_share, seed=2, distinct_queries=args.distinct_queries,
+                                zipf_s=args.zipf_s)
     n_search = sum(e.type == "search" for e in with_search)
+    queries = [e.query for e in with_search if e.type == "search"]
+    print(f"queries: {len(set(queries))} distinct in {len(queries)} searches "
+          f"({'the default stream' if args.distinct_queries is None else f'Zipf s={args.zipf_s} over {args.distinct_queries}'}); "
+          f"{len(set(queries)) / max(len(queries), 1):.0%} of the searches are a query's first")
     n = len(plain)
     rng = np.random.default_rng(3)
     sizes: list[int] = []
@@ -142,6 +187,12 @@ def mixed(args) -> None:
                     f.writelines(orjson.dumps(rec) + b"\n" for rec in answers)
             enc = engine.search.encoder.stats
             r["encode_s"] = enc["encode_s"]
+            base = getattr(engine.search, "base_stats", None)  # the candidates cache (absent in older trees)
+            if base is not None and name == "mixed":
+                kept = engine.search._base_cache
+                print(f"    query candidates cache: {base['hits']} hits, {base['misses']} misses, {len(kept)} kept "
+                      f"(bound {engine.search.config.retrieval_cache}), ~{_nbytes(kept) / max(len(kept), 1) / 1e3:.0f} kB "
+                      f"an entry")
             print(f"{name:>9}: {n / r['wall']:,.0f} events/s wall, {n / r['cpu']:,.0f} events/CPU-s "
                   f"({r['cpu'] / n * 1e3:.3f} CPU-ms/event); Search.step {r['step_cpu'] * 1e3:.0f} CPU-ms in all; "
                   f"{r['results']} search results, digest {r['digest']}; query vectors: {enc['misses']} encoded "
@@ -154,7 +205,9 @@ def mixed(args) -> None:
     first = next(b for b in m["batches"] if b[2])
     print(f"Search.step per search: {m['step_cpu'] / max(n_search, 1) * 1e3:.2f} CPU-ms in all; "
           f"{sum(c for c, _ in cached) / max(sum(k for _, k in cached), 1) * 1e3:.2f} CPU-ms in the "
-          f"{len(cached)} batches whose queries were all cached")
+          f"{len(cached)} batches whose queries were all cached; "
+          f"{(m['step_cpu'] - m['model_cpu']) / max(n_search, 1) * 1e3:.2f} CPU-ms without the query model's calls "
+          f"({m['model_cpu']:.1f} CPU-s in them)")
     walls = np.array([b[0] for b in m["batches"]]) * 1e3
     print(f"Shard.process per batch: the first with a search {first[0] * 1e3:.0f} ms, max {walls.max():.0f} ms, "
           f"p99 {np.percentile(walls, 99):.0f} ms, median {np.median(walls):.1f} ms (wall)")
@@ -189,6 +242,9 @@ def main() -> None:
     p.add_argument("--warm-up", action="store_true",
                    help="--search-share: Search.warm_up() before the measured events (query model, BM25)")
     p.add_argument("--profile-out", default="", help="with --profile: also write the pstats file here")
+    p.add_argument("--distinct-queries", type=int, default=None,
+                   help="--search-share: draw the queries from this many distinct ones (Zipf) instead of the 144 default ones")
+    p.add_argument("--zipf-s", type=float, default=1.0, help="with --distinct-queries: the Zipf exponent over query rank")
     p.add_argument("--results-out", default="", help="--search-share: write the mixed run's search results here (JSONL)")
     args = p.parse_args()
     if args.search_share:

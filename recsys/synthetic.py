@@ -73,28 +73,78 @@ def generate_events(
     return events
 
 
-def with_searches(events: list[Event], items: list[CatalogItem], share: float, *, seed: int = 0) -> list[Event]:
+def with_searches(events: list[Event], items: list[CatalogItem], share: float, *, seed: int = 0,
+                  distinct_queries: int | None = None, zipf_s: float = 1.0) -> list[Event]:
     """The stream with about ``share`` of its events turned into searches: the same user at the
     same time searching two words of the item's title (brand or adjective, and category), as a
     shopper types before clicking. For the mixed-workload latency benchmark (issue 13).
+
+    Those queries are few (on :func:`generate_catalog`'s catalogs 8 categories x 18 words: 144),
+    so any per-query cache serves nearly all of them. ``distinct_queries=N``: each search's
+    query is drawn instead from :func:`query_pool`'s ``N`` queries by a Zipf law of exponent
+    ``zipf_s`` over their rank (a few head queries, a long tail seen once or never), as shop
+    query logs are shaped; the searches are the same events either way.
 
     >>> items = generate_catalog(20, seed=1)
     >>> mixed = with_searches(generate_events(200, items, n_users=5, seed=1), items, 0.2, seed=1)
     >>> n = sum(e.type == "search" for e in mixed); 20 < n < 60, all(e.query for e in mixed if e.type == "search")
     (True, True)
+    >>> many = with_searches(generate_events(2000, items, n_users=5, seed=1), items, 0.5, seed=1, distinct_queries=500)
+    >>> [e.event_id for e in many if e.type == "search"][:3] == [e.event_id for e in with_searches(
+    ...     generate_events(2000, items, n_users=5, seed=1), items, 0.5, seed=1) if e.type == "search"][:3]
+    True
+    >>> 150 < len({e.query for e in many if e.type == "search"}) <= 500
+    True
     """
     if not 0.0 <= share <= 1.0:
         raise ValueError(f"share must be within [0, 1], got {share}")
     titles = {item.item_id: item for item in items}
     rng = np.random.default_rng(seed)
     pick = rng.random(len(events)) < share
+    pool: list[str] = []
+    if distinct_queries is not None:
+        pool = query_pool(items, distinct_queries, seed=seed)
+        weights = 1.0 / np.arange(1, len(pool) + 1, dtype=np.float64) ** zipf_s
+        drawn = iter(np.random.default_rng(seed + 1).choice(len(pool), size=int(pick.sum()), p=weights / weights.sum()).tolist())
     out = []
     for ev, search in zip(events, pick.tolist()):
         item = titles.get(ev.item_id or "")
         if search and item is not None:
+            # the default stream's draws stay as they were whatever the queries
             first = item.brand if rng.random() < 0.5 and item.brand else item.title.split()[0]
-            out.append(Event(f"{ev.event_id}-q", "search", ev.user_id, None, ev.ts, session_id=ev.session_id,
-                             query=f"{first} {item.category or ''}".strip()))
+            query = pool[next(drawn)] if pool else f"{first} {item.category or ''}".strip()
+            out.append(Event(f"{ev.event_id}-q", "search", ev.user_id, None, ev.ts, session_id=ev.session_id, query=query))
         else:
             out.append(ev)
     return out
+
+
+def query_pool(items: list[CatalogItem], n: int, *, seed: int = 0) -> list[str]:
+    """``n`` distinct queries made from the catalog's words, most popular first (for
+    :func:`with_searches`' Zipf law): an item's category with one or two of its other words
+    (adjective, brand, its number), in either order, a fifth of them with one typo (two
+    neighbouring letters swapped, as typed in a hurry). Fewer than ``n`` only when the
+    catalog's words cannot make so many.
+
+    >>> pool = query_pool(generate_catalog(50, seed=0), 100, seed=0)
+    >>> len(pool), len(set(pool)), all(1 <= len(q.split()) <= 4 for q in pool)
+    (100, 100, True)
+    """
+    rng = np.random.default_rng(seed)
+    seen: dict[str, None] = {}
+    for _ in range(50 * n):
+        if len(seen) >= n or not items:
+            break
+        item = items[int(rng.integers(len(items)))]
+        words = [w for w in item.title.split() if w not in (item.category or "").split()]
+        extra = [*words, *([item.brand] if item.brand else [])]
+        chosen = [extra[j] for j in sorted(rng.choice(len(extra), size=min(len(extra), int(rng.integers(1, 3))),
+                                                      replace=False).tolist())] if extra else []
+        parts = [*chosen, item.category or ""] if rng.random() < 0.7 else [item.category or "", *chosen]
+        query = " ".join(p for p in parts if p)
+        if rng.random() < 0.2 and len(query) > 4:  # one typo: two neighbouring letters swapped
+            j = int(rng.integers(len(query) - 1))
+            if query[j] != " " and query[j + 1] != " ":
+                query = query[:j] + query[j + 1] + query[j] + query[j + 2:]
+        seen.setdefault(query, None)
+    return list(seen)

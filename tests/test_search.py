@@ -167,8 +167,140 @@ def test_cached_retrieval_answers_equal_fresh_ones_as_the_catalog_changes(tmp_pa
             eng.process([Envelope("catalog", 0, round_, extra.item_id.encode(), encode(extra), 0)])
         answers.append([{k: v for k, v in a.items() if k != "emitted_at"} for a in got])
         eng.close()
-    assert engines[0].search._semantic_version >= 0  # the cache was in use
+    assert engines[0].search.base_stats["hits"] > 0  # the cache was in use
     assert answers[0] == answers[1]
+
+
+def _upsert(eng: Shard, n: int, item: CatalogItem) -> None:
+    eng.process([Envelope("catalog", 0, n, item.item_id.encode(), encode(item), 0)])
+
+
+def test_the_query_candidates_cache_answers_as_building_every_search_afresh(tmp_path, cache):
+    """Search._base keeps each query's candidates before the shopper. Over a stream where the
+    catalog changes in every way that can move an answer (a new matching item, changed text, a
+    price, an item withdrawn and back) and what shoppers choose after a query changes the
+    learned associations, shoppers with histories (their own lexical matches join the
+    candidates) get the same answers, scores and reasons with the cache as without it (size 0)."""
+    engines = [Shard.open(_settings(tmp_path / name, cache, search_query_cache=size), in_memory=True)
+               for name, size in (("cached", 1000), ("fresh", 0))]
+    queries = ["tent", "blue tent", "coffee mug", "running shoes", "camping", "tnet", "hammock", "alpina", "picnic set"]
+    changes = [
+        CatalogItem("hammock", "Travel hammock", category="Camping", brand="Alpina", price=60.0),  # new, matches
+        CatalogItem("mug", "Enamel camping mug with lid", category="Camping/Cooking", brand="Alpina", price=12.0),  # text
+        CatalogItem("tent-green", "Green tunnel tent for four", category="Camping/Tents", brand="Northway", price=99.0),  # price
+        CatalogItem("tent-blue", "Blue dome tent", category="Camping/Tents", brand="Alpina", price=120.0, available=False),
+        CatalogItem("tent-blue", "Blue dome tent", category="Camping/Tents", brand="Alpina", price=120.0),  # back
+        CatalogItem("x9", "item x9", brand="Alpina", price=15.0),  # brand and price, no new words
+    ]
+    answers = []
+    for eng in engines:
+        eng.upsert_catalog(CATALOG)
+        eng.search.lexical.rebuild_interval_s = 0.0
+        stream, got = Stream(eng), []
+        for user, item in (("u0", "tent-green"), ("u1", "mug"), ("u1", "coffee"), ("u2", "shoe-road")):
+            stream.events(("purchase", user, item))  # histories: their own matches, prices, brands
+        for round_, change in enumerate([None, *changes]):
+            if change is not None:
+                _upsert(eng, round_, change)
+            for n, query in enumerate(queries):
+                user = f"u{(n + round_) % 4}"
+                got.append(stream.search(user, query))
+                # what the shopper chooses after the query moves its learned associations, which
+                # the next search of the query (another shopper) must see
+                choice = CATALOG[(3 * n + round_) % len(CATALOG)].item_id
+                got.extend(stream.events(("click", user, choice), ("purchase", user, choice)))
+                got.append(stream.search(f"u{(n + round_ + 1) % 4}", query))
+        answers.append([{k: v for k, v in a.items() if k != "emitted_at"} for a in got])
+    cached, fresh = engines[0].search, engines[1].search
+    assert cached.base_stats["hits"] > len(answers[0]) // 2 and len(fresh._base_cache) == 0  # the cache did serve
+    assert cached.associations.weights(query_key("picnic set"))  # associations were learned along the way
+    assert answers[0] == answers[1]
+    for eng in engines:
+        eng.close()
+
+
+def test_a_search_s_candidates_are_the_query_s_then_the_user_s_matches_then_the_learned(engine):
+    """The per-search part laid over a cached query's candidates gives what one merge of the
+    four sources gives: BM25's top, the user's own items matching the query, the vector
+    search's answer, the learned items, each once and available, in that order (the order the
+    re-ranker's lessons follow), with their lexical and semantic signals and hit flags."""
+    search = engine.search
+    search.config = dataclasses.replace(search.config, candidates=2)  # most matches fall outside the top
+    stream = Stream(engine)
+    stream.events(("purchase", "u1", "mug"), ("purchase", "u1", "stove"), ("click", "u1", "coffee"),
+                  ("purchase", "u1", "tent-green"))
+    stream.events(("search", "u2", "blue camping"), ("purchase", "u2", "x9"))  # learned: x9 after the query
+    _upsert(engine, 0, CatalogItem("bag-down", "Down sleeping bag", category="Camping/Sleeping bags", available=False))
+    state = engine.users.get_many(["u1"], now_ts=stream.ts)["u1"]
+    for _ in range(2):  # built, then from the cache
+        c = search.candidates("blue camping", state, stream.ts)
+        known = search.lexical.known(tokenize("blue camping"))
+        lexical = search._lexical_retrieval(known)
+        mine = {i: lexical.score_at(search.lexical.position(i)) / lexical.best for i, _, _ in state.history
+                if search.lexical.position(i) >= 0 and lexical.score_at(search.lexical.position(i)) > 0}
+        lex = {**lexical.top, **mine}
+        qvec = search.encoder("blue camping")
+        sem = engine.items.search(qvec, 2)[0]
+        learned = search.associations.weights(query_key("blue camping"))
+        want = [i for i in dict.fromkeys([*lex, *(i for i, _ in sem), *learned]) if engine.items.catalog.is_recommendable(i)]
+        sem_ids = {i for i, _ in sem}
+        assert set(mine) - set(lexical.top) - sem_ids and set(learned) - set(lex) - sem_ids  # every source adds its own
+        assert set(mine) & sem_ids - set(lexical.top)  # a match of the user's the vector search found too
+        assert c.ids == want and "bag-down" not in want
+        assert c.x[:, 0].tolist() == [lex.get(i, 0.0) for i in want]
+        assert c.x[:, 1].tolist() == np.clip(engine.items.index.vectors_or_zero(want) @ qvec, 0.0, None).tolist()
+        assert c.x[:, 2].tolist() == [learned.get(i, 0.0) for i in want]
+        assert c.lexical_hit.tolist() == [i in lex for i in want]
+        assert c.semantic_hit.tolist() == [any(i == j and s >= search.config.min_semantic for j, s in sem) for i in want]
+    assert search.base_stats["hits"] >= 1
+
+
+def test_a_cached_query_sees_catalog_upserts_in_its_next_answer(engine):
+    stream = Stream(engine)
+    first = stream.search("u1", "travel hammock")
+    assert "hammock" not in ids(first)
+    assert ids(stream.search("u2", "travel hammock")) == ids(first)
+    hits, misses = engine.search.base_stats["hits"], engine.search.base_stats["misses"]
+    assert hits >= 1  # the second search was served from the cache
+    _upsert(engine, 0, CATALOG[0])  # sent again unchanged (a full catalog sync): the cache stays
+    assert ids(stream.search("u3", "travel hammock")) == ids(first)
+    assert engine.search.base_stats["misses"] == misses
+    _upsert(engine, 0, CatalogItem("hammock", "Travel hammock", category="Camping"))  # a new matching item
+    assert ids(stream.search("u1", "travel hammock"))[0] == "hammock"
+    _upsert(engine, 1, CatalogItem("stove", "Gas camping stove and travel hammock", category="Camping/Cooking"))  # text
+    assert "stove" in ids(stream.search("u1", "travel hammock"))[:2]
+    _upsert(engine, 2, CatalogItem("hammock", "Travel hammock", category="Camping", available=False))  # withdrawn
+    assert "hammock" not in ids(stream.search("u1", "travel hammock"))
+
+
+def test_a_cached_query_follows_a_later_bm25_rebuild(engine):
+    # BM25 is rebuilt lazily (rebuild_interval_s): a query cached after an upsert but before the
+    # rebuild must not keep the old build's answer once the rebuild comes, with nothing else changed
+    stream = Stream(engine)
+    stream.search("u1", "hammock")
+    engine.search.lexical.rebuild_interval_s = 3600.0  # BM25 keeps its old build
+    _upsert(engine, 0, CatalogItem("hammock", "Travel hammock", category="Camping"))
+    before = stream.search("u1", "hammock")
+    assert before["items"][0]["item_id"] == "hammock" and not before["items"][0]["reason"].startswith("matches")
+    stream.search("u2", "hammock")  # cached as it is
+    engine.search.lexical.rebuild_interval_s = 0.0  # the rebuild is due: the next search rebuilds
+    assert stream.search("u1", "hammock")["items"][0]["reason"] == "matches 'hammock'"
+
+
+def test_the_query_candidates_cache_keeps_at_most_its_bound(tmp_path, cache):
+    eng = Shard.open(_settings(tmp_path, cache, search_query_cache=3), in_memory=True)
+    eng.upsert_catalog(CATALOG)
+    stream = Stream(eng)
+    queries = ["tent", "coffee", "mug", "shoe", "stove", "bag", "blue", "green", "trail"]
+    for query in queries:
+        stream.search("u1", query)
+        assert len(eng.search._base_cache) <= 3
+    assert list(eng.search._base_cache) == ["blue", "green", "trail"]  # the least recently used went
+    misses = eng.search.base_stats["misses"]
+    stream.search("u1", "blue")  # kept: served from the cache
+    stream.search("u1", "tent")  # dropped: built again
+    assert eng.search.base_stats["misses"] == misses + 1 and len(eng.search._base_cache) == 3
+    eng.close()
 
 
 # --------------------------------------------------------------------------- learned associations

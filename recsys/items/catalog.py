@@ -223,9 +223,12 @@ class VectorIndex:
 
     def vectors_or_zero(self, item_ids: Sequence[str]) -> np.ndarray:
         """Like :meth:`vectors`, with a zero row for ids not (or no longer) in the index."""
-        ints = self.rows(item_ids)
-        out = self._store[np.maximum(ints, 0)]
-        out[ints < 0] = 0.0
+        return self.vectors_of_rows_or_zero(self.rows(item_ids))
+
+    def vectors_of_rows_or_zero(self, rows: np.ndarray) -> np.ndarray:
+        """Stored vectors of ``rows`` (:meth:`rows`), a zero row where the row is -1."""
+        out = self._store[np.maximum(rows, 0)]
+        out[rows < 0] = 0.0
         return out
 
     def vectors(self, item_ids: Sequence[str]) -> np.ndarray:
@@ -342,12 +345,18 @@ class Catalog:
         self.items: dict[str, CatalogItem] = {}
         #: ids of the items marked ``repeat_purchase`` (latest version), for set arithmetic
         self.repeatable: set[str] = set()
+        #: bumped by every :meth:`upsert` that changes an item (any field, availability included;
+        #: an item sent again unchanged does not): callers that cache what they read of the
+        #: items (search's per-query candidates) drop it when this changes
+        self.version = 0
 
     def upsert(self, items: Iterable[CatalogItem]) -> list[CatalogItem]:
         """Store the items; returns (latest versions of) those new or with changed ``text``."""
         changed: dict[str, CatalogItem] = {}
         for item in items:
             old = self.items.get(item.item_id)
+            if old is None or old != item:
+                self.version += 1
             if old is None or old.text != item.text or item.item_id in changed:
                 changed[item.item_id] = item
             self.items[item.item_id] = item

@@ -59,6 +59,9 @@ class LexicalIndex:
         self._built_at = -float("inf")
         self.rebuilds = 0
         self.last_rebuild_s = 0.0
+        #: bumped whenever an answer of :meth:`known`, :meth:`scores` or ``vocabulary.repair``
+        #: could change: an upsert that changed an item's tokens, and every rebuild
+        self.version = 0
 
     def __len__(self) -> int:
         return len(self.docs)
@@ -69,12 +72,14 @@ class LexicalIndex:
             if not item.available:
                 if self.docs.pop(item.item_id, None) is not None:
                     self._dirty = True
+                    self.version += 1
                 continue
             tokens = item_tokens(item)
             if self.docs.get(item.item_id) != tokens:
                 self.docs[item.item_id] = tokens
                 self.vocabulary.add(tokens)
                 self._dirty = True
+                self.version += 1
 
     def _maybe_rebuild(self) -> None:
         if not self._dirty:
@@ -94,6 +99,7 @@ class LexicalIndex:
         self._dirty = False
         self._built_at = now
         self.rebuilds += 1
+        self.version += 1
         self.last_rebuild_s = time.perf_counter() - start
 
     def position(self, item_id: str) -> int:

@@ -7,7 +7,13 @@ Per search ``(query, user state, time)``:
    vocabulary), the frozen sentence-transformer's query vector against the faiss item index
    (vectors of repeated queries come from an LRU cache), the items learned for the query
    (:class:`~recsys.search.learned.QueryAssociations`), and the user's own history items that
-   match the query lexically.
+   match the query lexically. What does not depend on the shopper -- the BM25 and vector-search
+   answers, their merged list with catalog entries, vector rows, lexical signal and category /
+   brand codes -- is kept per normalised query (:meth:`Search._base`, an LRU of
+   ``retrieval_cache`` entries) and used only while the catalog, the BM25 build and the vector
+   index are at the versions it was built at; the learned items (they change with every
+   credited engagement) and the user's matches are laid over it per search, in the order one
+   merge of the four gives. So answers are the same whether it holds the query or not.
 2. **Signals** per candidate, in :data:`FEATURES` order: ``lexical`` (BM25 / the query's best),
    ``semantic`` (cosine of query and item), ``learned`` (association weight, 0-1), ``popular``
    (log decayed popularity / the candidates' best), and the personal ones: ``affinity`` (cosine
@@ -29,6 +35,7 @@ searching 'tent'``, ``bought before``, ``like the Blue tent you bought``, ...
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import time
@@ -103,8 +110,11 @@ class SearchConfig:
     max_queries: int = 100_000
     max_items_per_query: int = 50
     query_cache: int = 10_000  # query vectors kept (LRU)
-    # queries whose BM25 and vector-search answers are kept (LRU; each is dropped when its
-    # index changes): a repeated query skips both retrievals, about half a search's cost
+    # normalised queries whose candidates before the shopper are kept (LRU, in memory): the
+    # BM25 and vector-search answers, the merged candidate list with its catalog entries,
+    # vector rows and lexical signal (Search._base). An entry is used only while the catalog,
+    # the BM25 build and the vector index are as they were when it was built, so answers are
+    # the same with any size (0: nothing kept). Settings.search_query_cache
     retrieval_cache: int = 1_000
     rebuild_interval_s: float = 1.0  # BM25 rebuild at most this often while the catalog changes
     # Add the re-ranker's learned correction to the live score. It always learns (cheap), but
@@ -129,9 +139,14 @@ class SearchConfig:
         return w if self.personalise else w * _PERSONAL_MASK
 
 
+@functools.lru_cache(maxsize=4096)
 def _query_text(query: str) -> str:
-    """What the sentence-transformer reads of a query (and the key of its cached vector)."""
+    """What the sentence-transformer reads of a query (and the key of its cached vector and of
+    its candidates); kept for the last 4,096 queries typed, as :func:`_query_key`."""
     return " ".join(tokenize(query)) or query
+
+
+_query_key = functools.lru_cache(maxsize=4096)(query_key)
 
 
 @dataclass
@@ -156,6 +171,30 @@ class _Lexical:
         """The raw BM25 score of the item at ``row`` of the built index (0.0: not a hit)."""
         k = int(np.searchsorted(self.hit_rows, row))
         return float(self.hit_scores[k]) if k < len(self.hit_rows) and self.hit_rows[k] == row else 0.0
+
+
+@dataclass
+class _Base:
+    """A query's candidates before the shopper: what every search of the query shares until the
+    catalog (:attr:`Catalog.version`), the BM25 build (:attr:`LexicalIndex.version`) or the
+    vector index (:attr:`VectorIndex.version`) changes -- ``version`` holds the three as they
+    were when it was built. The learned items and the user's own matches are added per search."""
+
+    version: tuple[int, int, int]
+    qvec: np.ndarray  # the encoder's vector of the query (the entry is rebuilt if the encoder's changes)
+    known: list[str]  # repaired query tokens known to BM25
+    key: str  # query_key: the learned associations' key
+    lexical: _Lexical
+    best_semantic: float | None  # the vector search's best score (None: it found nothing)
+    any_semantic: bool  # it found an item at least min_semantic
+    ids: list[str]  # available items of the BM25 top, then of the vector search's answer, each once
+    items: list[CatalogItem]  # their catalog entries
+    n_top: int  # the first n_top ids are from the BM25 top
+    rows: np.ndarray  # their vector index rows (-1: not in it)
+    lex: np.ndarray  # their lexical signal (BM25 / the query's best; 0 outside the top)
+    sem_hit: np.ndarray  # bool: found by the vector search, at least min_semantic
+    where: dict[str, int]  # id -> position in ids
+    labels: np.ndarray  # (n, 2): their category's and brand's code (Search._label_code; -1: none)
 
 
 @dataclass
@@ -202,11 +241,14 @@ class Search:
         self.clock = clock
         self.lexical = LexicalIndex(rebuild_interval_s=self.config.rebuild_interval_s)
         self.encoder = QueryEncoder(query_embedder(items.embedder), self.config.query_cache)
-        # per-query retrieval answers (the same for every user), dropped when their index changes
-        self._lexical_cache: OrderedDict[tuple[str, ...], _Lexical] = OrderedDict()
-        self._lexical_built = -1
-        self._semantic_cache: OrderedDict[str, list[tuple[str, float]]] = OrderedDict()
-        self._semantic_version = -1
+        #: normalised query text -> its candidates before the shopper (_Base), LRU; in memory
+        #: only (a restart starts empty), each entry checked against the catalog's and the
+        #: indexes' versions on use
+        self._base_cache: OrderedDict[str, _Base] = OrderedDict()
+        self.base_stats = {"hits": 0, "misses": 0}
+        #: category and brand names -> small ints, so a candidate's category and brand signals are
+        #: one array look-up (grows with the catalog's distinct names, never reassigned)
+        self._label_code: dict[str, int] = {}
         self.associations = QueryAssociations(
             rate=self.config.learn_rate, max_items=self.config.max_items_per_query, max_queries=self.config.max_queries
         )
@@ -316,7 +358,7 @@ class Search:
                     if new and self.observer is not None:
                         self.observer(event, states[user_id])
                     if new:
-                        self.windows.open(user_id, query_key(event.query), event.query, event.ts)
+                        self.windows.open(user_id, _query_key(event.query), event.query, event.ts)
                     if not self.respond:
                         continue
                     if not new and (stored := self.outbox.get(user_id, env.partition, env.offset, event.event_id)) is not None:
@@ -331,7 +373,7 @@ class Search:
                     if new:
                         self.outbox.put(user_id, env.partition, env.offset, event.event_id, payload)
                         if self.on_answer is not None:
-                            self.on_answer(user_id, query_key(event.query), event.ts, [i.item_id for i in ranked.items])
+                            self.on_answer(user_id, _query_key(event.query), event.ts, [i.item_id for i in ranked.items])
                     out.append((user_id, payload))
                 elif new:
                     self.learn_event(event, share=shared is None or not shared(env))
@@ -392,19 +434,16 @@ class Search:
         """The text part of :meth:`credits`: the item's text matches the query, or text cannot judge."""
         if not self.lexical.docs.get(item_id):
             return True
-        known = self.lexical.known(self.lexical.vocabulary.repair(tokenize(query)))  # rebuilds if due
-        lexical = self._lexical_retrieval(known)
+        base = self._base(query)  # rebuilds BM25 if due
+        lexical = base.lexical
         j = self.lexical.position(item_id)
         if j >= 0 and lexical.hit_rows.size and lexical.score_at(j) >= self.config.credit_lexical * lexical.best:
             return True  # matches the query's words
-        qtext = _query_text(query)
-        qvec = self.encoder(qtext)
         if not lexical.hit_rows.size:  # no item's words match: does any item's meaning?
-            top = self._semantic_retrieval(qtext, qvec)
-            if not top or top[0][1] < self.config.min_semantic:
+            if base.best_semantic is None or base.best_semantic < self.config.min_semantic:
                 return True  # text cannot judge
         vec = self.items.index.vectors_or_zero([item_id])[0]
-        return float(vec @ qvec) >= self.config.min_semantic
+        return float(vec @ base.qvec) >= self.config.min_semantic
 
     def _remember(self, user_id: str, c: _Candidates, keep: np.ndarray) -> None:
         rows = np.flatnonzero(keep)
@@ -481,86 +520,138 @@ class Search:
         return c.lexical_hit | c.semantic_hit | learned
 
     def _lexical_retrieval(self, known: list[str]) -> _Lexical:
-        """BM25 for these (known, repaired) query tokens: the top ``candidates`` items and every
-        hit's score, cached per token list until the BM25 index is rebuilt."""
-        if self._lexical_built != self.lexical.rebuilds:
-            self._lexical_cache.clear()
-            self._lexical_built = self.lexical.rebuilds
-        key = tuple(known)
-        got = self._lexical_cache.get(key)
-        if got is not None:
-            self._lexical_cache.move_to_end(key)
-            return got
+        """BM25 for these (known, repaired) query tokens: the top ``candidates`` items and every hit's score."""
         cfg = self.config
         lex_ids, lex_scores = self.lexical.scores(known)
         hits = np.flatnonzero(lex_scores > 0) if len(lex_ids) else np.zeros(0, dtype=np.int64)
         top = hits[np.argpartition(-lex_scores[hits], min(cfg.candidates, len(hits)) - 1)[: cfg.candidates]] if len(hits) else hits
         best = float(lex_scores[hits].max()) if len(hits) else 1.0
-        got = _Lexical({lex_ids[j]: float(lex_scores[j]) / best for j in top.tolist()}, hits, lex_scores[hits], best)
-        self._lexical_cache[key] = got
-        if len(self._lexical_cache) > cfg.retrieval_cache:
-            self._lexical_cache.popitem(last=False)
-        return got
+        return _Lexical({lex_ids[j]: float(lex_scores[j]) / best for j in top.tolist()}, hits, lex_scores[hits], best)
 
-    def _semantic_retrieval(self, qtext: str, qvec: np.ndarray) -> list[tuple[str, float]]:
-        """The ``candidates`` items nearest the query vector, cached per query text until the
-        vector index changes (any upsert or removal)."""
-        index = self.items.index
-        if self._semantic_version != index.version:
-            self._semantic_cache.clear()
-            self._semantic_version = index.version
-        got = self._semantic_cache.get(qtext)
-        if got is not None:
-            self._semantic_cache.move_to_end(qtext)
-            return got
-        got = self.items.search(qvec, self.config.candidates)[0] if len(index) else []
-        self._semantic_cache[qtext] = got
-        if len(self._semantic_cache) > self.config.retrieval_cache:
-            self._semantic_cache.popitem(last=False)
-        return got
-
-    def candidates(self, query: str, state: UserState | None, now_ts: int) -> _Candidates:
-        cfg = self.config
-        catalog = self.items.catalog
-        tokens = self.lexical.vocabulary.repair(tokenize(query))
-        known = self.lexical.known(tokens)
-        # lexical: the query's top (cached per query), plus the user's own matches
-        lexical = self._lexical_retrieval(known)
-        lex = dict(lexical.top)
-        if lexical.hit_rows.size and state is not None and state.history:
-            pos = self.lexical.position
-            for item_id, _t, _ts in state.history:
-                j = pos(item_id)
-                if j >= 0 and (score := lexical.score_at(j)) > 0:
-                    lex[item_id] = score / lexical.best
-        # semantic: the cached query vector against the faiss index (the answer cached per query)
+    def _base(self, query: str) -> _Base:
+        """The query's candidates before the shopper (:class:`_Base`): from the cache while the
+        catalog, the BM25 build and the vector index are as they were when it was built (and
+        the query's vector is the encoder's), else built now and cached (LRU of
+        ``retrieval_cache`` normalised queries; 0: never cached, the same answers)."""
+        self.lexical.known([])  # rebuilds BM25 if due, as a search always has
         qtext = _query_text(query)
         qvec = self.encoder(qtext)
-        sem_hits = self._semantic_retrieval(qtext, qvec)
-        sem_set = {i for i, s in sem_hits if s >= cfg.min_semantic}
-        learned = self.associations.weights(query_key(query))
-        if not lex and not sem_set and not learned:
-            return _Candidates([], np.zeros((0, len(FEATURES))), np.zeros(0, bool), np.zeros(0, bool), known, True)
-        known_items = catalog.items
-        entries = [(i, item) for i in dict.fromkeys([*lex, *(i for i, _ in sem_hits), *learned])
+        index = self.items.index
+        version = (self.items.catalog.version, self.lexical.version, index.version)
+        cache = self._base_cache
+        got = cache.get(qtext)
+        if got is not None and got.version == version and got.qvec is qvec:
+            cache.move_to_end(qtext)
+            self.base_stats["hits"] += 1
+            return got
+        self.base_stats["misses"] += 1
+        cfg = self.config
+        tokens = tokenize(query)
+        known = self.lexical.known(self.lexical.vocabulary.repair(tokens))
+        lexical = self._lexical_retrieval(known)
+        sem_hits = self.items.search(qvec, cfg.candidates)[0] if len(index) else []
+        sem_set = frozenset(i for i, s in sem_hits if s >= cfg.min_semantic)
+        known_items = self.items.catalog.items
+        top = lexical.top
+        entries = [(i, item) for i in dict.fromkeys([*top, *(i for i, _ in sem_hits)])
                    if (item := known_items.get(i)) is not None and item.available]  # is_recommendable
         ids = [i for i, _ in entries]
         n = len(ids)
+        got = _Base(
+            version, qvec, known, _query_key(query), lexical, sem_hits[0][1] if sem_hits else None, bool(sem_set), ids,
+            [item for _, item in entries],
+            sum(1 for i in ids if i in top), index.rows(ids),
+            np.fromiter(map(top.get, ids, itertools.repeat(0.0)), dtype=np.float64, count=n),
+            np.array([i in sem_set for i in ids], dtype=bool), {i: j for j, i in enumerate(ids)},
+            self._labels([item for _, item in entries]),
+        )
+        if cfg.retrieval_cache > 0:
+            cache[qtext] = got
+            cache.move_to_end(qtext)
+            while len(cache) > cfg.retrieval_cache:
+                cache.popitem(last=False)
+        return got
+
+    def _labels(self, items: list[CatalogItem]) -> np.ndarray:
+        """``(len(items), 2)`` codes of each item's category and brand (-1: none)."""
+        codes = self._label_code
+        out = np.full((len(items), 2), -1, dtype=np.int64)
+        for j, item in enumerate(items):
+            for k, name in enumerate((item.category, item.brand)):
+                if name:
+                    out[j, k] = codes.setdefault(name, len(codes))
+        return out
+
+    def candidates(self, query: str, state: UserState | None, now_ts: int) -> _Candidates:
+        """Every candidate of the query for this user and its signals: the query's base
+        candidates (:meth:`_base`, the same for every user), the user's own history items that
+        match the query lexically, and the items learned for the query (never cached: they
+        change with every credited engagement), in that order, each once."""
+        cfg = self.config
+        base = self._base(query)
+        lexical = base.lexical
+        # the user's own lexical matches beyond the query's top
+        extra: dict[str, float] = {}
+        if lexical.hit_rows.size and state is not None and state.history:
+            pos, top = self.lexical.position, lexical.top
+            for item_id, _t, _ts in state.history:
+                if item_id not in top and (j := pos(item_id)) >= 0 and (score := lexical.score_at(j)) > 0:
+                    extra[item_id] = score / lexical.best
+        learned = self.associations.weights(base.key)
+        if not lexical.top and not extra and not base.any_semantic and not learned:
+            return _Candidates([], np.zeros((0, len(FEATURES))), np.zeros(0, bool), np.zeros(0, bool), base.known, True)
+        known_items = self.items.catalog.items
+        ids, items, where = base.ids, base.items, base.where
+        index = self.items.index
+        n_top = base.n_top
+        if extra:  # the user's matches come right after the query's top (the order of a fresh merge)
+            extra_entries = [(i, item) for i in extra if (item := known_items.get(i)) is not None and item.available]
+            # the vector search's others: those the user's matches did not take up to the front
+            moved = {j for i in extra if (j := where.get(i, -1)) >= 0}  # (never in the top)
+            rest: slice | list[int] = slice(n_top, None)
+            rest_ids, rest_items = ids[n_top:], items[n_top:]
+            if moved:
+                rest = [j for j in range(n_top, len(ids)) if j not in moved]
+                rest_ids, rest_items = [ids[j] for j in rest], [items[j] for j in rest]
+            ids = [*ids[:n_top], *(i for i, _ in extra_entries), *rest_ids]
+            items = [*items[:n_top], *(item for _, item in extra_entries), *rest_items]
+            rows = np.concatenate([base.rows[:n_top], index.rows([i for i, _ in extra_entries]), base.rows[rest]])
+            lex_col = np.concatenate([base.lex[:n_top], np.array([extra[i] for i, _ in extra_entries], dtype=np.float64),
+                                      base.lex[rest]])
+            sem_hit = np.concatenate([base.sem_hit[:n_top], np.array([i in where and base.sem_hit[where[i]] for i, _ in extra_entries], dtype=bool),
+                                      base.sem_hit[rest]])
+            labels = np.concatenate([base.labels[:n_top], self._labels([item for _, item in extra_entries]), base.labels[rest]])
+            n_lex = n_top + len(extra_entries)
+        else:
+            rows, lex_col, sem_hit, labels, n_lex = base.rows, base.lex, base.sem_hit, base.labels, n_top
+        new = [(i, item) for i in learned if i not in where and i not in extra
+               and (item := known_items.get(i)) is not None and item.available]
+        if new:
+            ids = [*ids, *(i for i, _ in new)]
+            items = [*items, *(item for _, item in new)]
+            rows = np.concatenate([rows, index.rows([i for i, _ in new])])
+            lex_col = np.concatenate([lex_col, np.zeros(len(new))])
+            sem_hit = np.concatenate([sem_hit, np.zeros(len(new), dtype=bool)])
+            labels = np.concatenate([labels, self._labels([item for _, item in new])])
+        n = len(ids)
+        lex_hit = np.zeros(n, dtype=bool)
+        lex_hit[:n_lex] = True  # the query's top and the user's matches: the lexical candidates
         x = np.zeros((n, len(FEATURES)), dtype=np.float64)
-        vecs = self.items.index.vectors_or_zero(ids)
-        x[:, _COL["lexical"]] = np.fromiter(map(lex.get, ids, itertools.repeat(0.0)), dtype=np.float64, count=n)
-        x[:, _COL["semantic"]] = np.clip(vecs @ qvec, 0.0, None)
-        x[:, _COL["learned"]] = np.fromiter(map(learned.get, ids, itertools.repeat(0.0)), dtype=np.float64, count=n)
+        vecs = index.vectors_of_rows_or_zero(rows)
+        x[:, _COL["lexical"]] = lex_col
+        x[:, _COL["semantic"]] = np.clip(vecs @ base.qvec, 0.0, None)
+        if learned:
+            x[:, _COL["learned"]] = np.fromiter(map(learned.get, ids, itertools.repeat(0.0)), dtype=np.float64, count=n)
         pop = np.log1p(self.popularity.scores(ids, now_ts))
         x[:, _COL["popular"]] = pop / pop.max() if n and pop.max() > 0 else 0.0
         if state is not None and cfg.personalise:
-            self._personal(x, entries, vecs, state, now_ts)
-        return _Candidates(ids, x, np.array([i in lex for i in ids], dtype=bool),
-                           np.array([i in sem_set for i in ids], dtype=bool), known, False)
+            self._personal(x, list(zip(ids, items)), vecs, labels, state, now_ts)
+        return _Candidates(ids, x, lex_hit, sem_hit, base.known, False)
 
-    def _personal(self, x: np.ndarray, entries: list[tuple[str, CatalogItem]], vecs: np.ndarray, state: UserState,
-                  now_ts: int) -> None:
-        """The personal signals of each candidate ``(item_id, catalog item)``, written into ``x``."""
+    def _personal(self, x: np.ndarray, entries: list[tuple[str, CatalogItem]], vecs: np.ndarray, labels: np.ndarray,
+                  state: UserState, now_ts: int) -> None:
+        """The personal signals of each candidate ``(item_id, catalog item)``, written into ``x``
+        (``labels``: the candidates' category and brand codes, :meth:`_labels`)."""
         catalog = self.items.catalog
         history = state.history
         if not history and not state.bought:
@@ -597,10 +688,15 @@ class Search:
         bought = state.bought
         # column by column (one list per signal, then one numpy write), the same floats as item by item
         items = [item for _, item in entries]
-        if cats:
-            x[:, _COL["category"]] = [cats.get(item.category, 0.0) / total_c if item.category else 0.0 for item in items]
-        if brands:
-            x[:, _COL["brand"]] = [brands.get(item.brand, 0.0) / total_b if item.brand else 0.0 for item in items]
+        # the user's share per category (brand) code, then one look-up per candidate: the same
+        # floats as ``cats.get(item.category, 0.0) / total_c`` item by item (0.0 without one)
+        for k, (col, counts, total) in enumerate(((_COL["category"], cats, total_c), (_COL["brand"], brands, total_b))):
+            if counts:
+                share = np.zeros(len(self._label_code) + 1)  # the last: code -1, no name
+                for name, w in counts.items():
+                    if (code := self._label_code.get(name)) is not None:
+                        share[code] = w / total
+                x[:, col] = share[labels[:, k]]
         is_bought = [item_id in bought for item_id, _ in entries]
         if any(is_bought):
             x[:, _COL["bought"]] = is_bought
@@ -670,4 +766,5 @@ class Search:
         return {"lexical_items": len(self.lexical), "lexical_rebuilds": self.lexical.rebuilds,
                 "lexical_last_rebuild_s": self.lexical.last_rebuild_s, "queries_learned": len(self.associations),
                 **{f"engagements_{k.replace(' ', '_')}": v for k, v in sorted(self.credit_counts.items())},
-                **{f"query_cache_{k}": v for k, v in self.encoder.stats.items()}}
+                **{f"query_cache_{k}": v for k, v in self.encoder.stats.items()},
+                **{f"base_cache_{k}": v for k, v in self.base_stats.items()}, "base_cache_size": len(self._base_cache)}
