@@ -68,6 +68,11 @@ PRODUCER_BATCH_BYTES = 256 * 1024
 #: Idle backoff bounds: long enough that an idle partition does not spin a core, short
 #: enough not to dominate latency (the design keeps fetch_max_wait_ms at 10-50 ms).
 MIN_IDLE_BACKOFF_MS, MAX_IDLE_BACKOFF_MS = 1, 100
+#: A poll of the shared consumer that found nothing this recently is not repeated for another
+#: partition: no fetch response can have come in between (Bytewax calls a worker's due partitions
+#: back to back, tens of microseconds apart). Each poll hands a task to the consumer's network
+#: thread, so four idle partitions polling apart cost that thread four wake-ups instead of one.
+FRESH_POLL_S = 0.001
 #: How long a partition may take to report its high watermark.
 HIGHWATER_TIMEOUT_S = 15.0
 #: How long a log end below the flow's position must persist before it counts as data loss:
@@ -268,6 +273,7 @@ class _SharedConsumer:
         self._buffers: dict[TopicPartition, list[Any]] = {}
         self._lost: set[TopicPartition] = set()  # out of range, until their owner seeks
         self._release = release
+        self.polled_at = float("-inf")  # time.monotonic() of the last poll that returned nothing
 
     def holds(self, tp: TopicPartition) -> bool:
         return tp in self._buffers
@@ -299,13 +305,17 @@ class _SharedConsumer:
         watermark, and Bytewax drains no buffer before every partition is built)."""
         from kafka.errors import OffsetOutOfRangeError
 
-        if not building and any(len(buffer) >= self._max for buffer in self._buffers.values()):
+        if not building and (
+            time.monotonic() - self.polled_at < FRESH_POLL_S
+            or any(len(buffer) >= self._max for buffer in self._buffers.values())
+        ):
             return
         try:
             got = self.consumer.poll(timeout_ms=timeout_ms, max_records=self._max)
         except OffsetOutOfRangeError as exc:  # the broker says so: below the log start or past its end
             self._lost |= (_named_partitions(exc) & self._buffers.keys()) or set(self._buffers)
             return
+        self.polled_at = float("-inf") if got else time.monotonic()
         for tp, records in got.items():
             buffer = self._buffers.get(tp)
             if buffer is not None:  # None: left since the fetch
@@ -541,11 +551,19 @@ class _KafkaPartition(StatefulSourcePartition[Envelope, int]):
                 # advances (with records buffered it is ahead of what was handed out)
                 self._next = max(self._next, min(self._shared.position(self._tp), self._end))
         if not records:
-            self._awake = datetime.now(timezone.utc) + self._backoff
+            self._awake = datetime.now(timezone.utc) + self._idle_wait()
             return []
         self._awake = None
         self._next = max(self._next, records[-1].offset + 1)
         return [_envelope(r) for r in records]
+
+    def _idle_wait(self) -> timedelta:
+        """The idle backoff, counted from the shared consumer's last empty poll, whoever made it:
+        the idle partitions of a worker then wake together, and one poll serves them all."""
+        since = time.monotonic() - self._shared.polled_at if self._shared is not None else 0.0
+        if not 0 <= since < self._backoff.total_seconds():  # no recent empty poll
+            return self._backoff
+        return max(self._backoff - timedelta(seconds=since), timedelta(milliseconds=MIN_IDLE_BACKOFF_MS))
 
     def next_awake(self) -> datetime | None:
         return self._awake
