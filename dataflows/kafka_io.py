@@ -73,6 +73,14 @@ MIN_IDLE_BACKOFF_MS, MAX_IDLE_BACKOFF_MS = 1, 100
 #: back to back, tens of microseconds apart). Each poll hands a task to the consumer's network
 #: thread, so four idle partitions polling apart cost that thread four wake-ups instead of one.
 FRESH_POLL_S = 0.001
+#: How long a partition holding part of a batch waits for the rest while its log holds it. A
+#: shared consumer's poll splits ``poll_max_records`` between partitions wherever a fetched chunk
+#: ends, so without the wait a partition's batch boundaries would depend on how the broker cut
+#: its fetch responses; with it, a batch is ``poll_max_records`` records whenever the log holds
+#: that many, as a partition's own consumer returned them. The engine coalesces a user's events
+#: per batch, so a restarted run emits the same recommendations as an uninterrupted one
+#: (tests/test_crash_recovery.py). The rest is one fetch round trip away: milliseconds.
+FULL_BATCH_WAIT_S = 0.2
 #: How long a partition may take to report its high watermark.
 HIGHWATER_TIMEOUT_S = 15.0
 #: How long a log end below the flow's position must persist before it counts as data loss:
@@ -419,6 +427,7 @@ class _KafkaPartition(StatefulSourcePartition[Envelope, int]):
         self._awake: datetime | None = None
         self._end: int | None = None
         self._control: Envelope | None = None  # tells the engine of a move we made (on_offset_reset)
+        self._short_since: float | None = None  # waiting for the rest of a batch since (FULL_BATCH_WAIT_S)
         self._clients = clients
         self._bootstrap = clients.bootstrap
         consumers = consumers if consumers is not None else SharedConsumers()
@@ -519,21 +528,42 @@ class _KafkaPartition(StatefulSourcePartition[Envelope, int]):
         # buffered records are at or above _next, so at or past the end too
         return self._end is not None and self._next >= self._end
 
-    def _read(self) -> list[Any]:
-        """Up to ``poll_max_records`` records: this partition's buffer, filled by a poll of the
-        shared consumer when empty."""
+    def _read(self) -> list[Any] | None:
+        """Up to ``poll_max_records`` records: this partition's buffer, topped up by a poll of the
+        shared consumer; None while it waits for the rest of a batch (:data:`FULL_BATCH_WAIT_S`)."""
         shared, tp = self._shared, self._tp
         assert shared is not None
-        if not shared.buffered(tp):
+        if shared.buffered(tp) < self._max:
             shared.poll()
         if shared.out_of_range(tp):  # the broker says so: below the log start or past its end
             shared.seek(tp, self._next)  # nothing buffered was handed out: read on from _next
             self._verify_position()
             return []
+        if self._batch_incomplete():
+            return None
         records = shared.take(tp, self._max)
         if not records and (hw := shared.highwater(tp)) is not None and hw < self._next:
             self._verify_position()  # an idle partition whose log end fell below us: data lost under us
         return records
+
+    def _batch_incomplete(self) -> bool:
+        """Whether the buffer holds part of a batch whose rest the log holds (not for longer
+        than :data:`FULL_BATCH_WAIT_S`)."""
+        assert self._shared is not None
+        buffered = self._shared.buffered(self._tp)
+        end = self._shared.highwater(self._tp)
+        if end is not None and self._end is not None:
+            end = min(end, self._end)
+        if not 0 < buffered < self._max or end is None or end - self._next < self._max:
+            self._short_since = None
+            return False
+        now = time.monotonic()
+        if self._short_since is None:
+            self._short_since = now
+        if now - self._short_since >= FULL_BATCH_WAIT_S:
+            self._short_since = None
+            return False
+        return True
 
     def next_batch(self) -> list[Envelope]:
         if self._control is not None:
@@ -543,6 +573,9 @@ class _KafkaPartition(StatefulSourcePartition[Envelope, int]):
             self.close()
             raise StopIteration()
         records = self._read()
+        if records is None:  # the rest of the batch is on its way: look again soon
+            self._awake = datetime.now(timezone.utc) + timedelta(milliseconds=MIN_IDLE_BACKOFF_MS)
+            return []
         if self._end is not None:
             records = [r for r in records if r.offset < self._end]
             assert self._shared is not None
