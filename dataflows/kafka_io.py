@@ -73,14 +73,17 @@ MIN_IDLE_BACKOFF_MS, MAX_IDLE_BACKOFF_MS = 1, 100
 #: back to back, tens of microseconds apart). Each poll hands a task to the consumer's network
 #: thread, so four idle partitions polling apart cost that thread four wake-ups instead of one.
 FRESH_POLL_S = 0.001
-#: How long a partition holding part of a batch waits for the rest while its log holds it. A
+#: How long a partition holding part of a batch may wait for the rest while its log holds it. A
 #: shared consumer's poll splits ``poll_max_records`` between partitions wherever a fetched chunk
 #: ends, so without the wait a partition's batch boundaries would depend on how the broker cut
 #: its fetch responses; with it, a batch is ``poll_max_records`` records whenever the log holds
 #: that many, as a partition's own consumer returned them. The engine coalesces a user's events
 #: per batch, so a restarted run emits the same recommendations as an uninterrupted one
-#: (tests/test_crash_recovery.py). The rest is one fetch round trip away: milliseconds.
-FULL_BATCH_WAIT_S = 0.2
+#: (tests/test_crash_recovery.py). The rest comes once the records fetched ahead of it (another
+#: partition's chunk, at most one fetch) have been handed out, batch by batch: under a second.
+#: Only a partition behind by a full batch waits, never one keeping up with the stream; the
+#: bound is a guard against a stall, after which the partial batch goes.
+FULL_BATCH_WAIT_S = 5.0
 #: How long a partition may take to report its high watermark.
 HIGHWATER_TIMEOUT_S = 15.0
 #: How long a log end below the flow's position must persist before it counts as data loss:

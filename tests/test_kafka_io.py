@@ -429,3 +429,35 @@ def test_a_busy_partition_cannot_fill_memory_through_an_idle_ones_polls(clients,
         for part in parts.values():
             part.close()
     assert counting.open == 0  # the last partition closed closes the consumer
+
+
+def test_batches_stay_full_where_the_shared_consumers_polls_split(clients, topic_name) -> None:
+    """A poll of the shared consumer splits poll_max_records between partitions wherever a fetched
+    chunk ends (the local broker cuts its responses by bytes); a partition's batches are still
+    poll_max_records records while its log holds them, as with a consumer of its own: the engine
+    coalesces a user's events per batch, so batch boundaries show in the recommendations."""
+    topic = topic_name("full")
+    ensure_topics(clients, {topic: 2})
+    producer = clients.producer()
+    try:
+        for i in range(10_000):  # partition by partition: the response carries one's end and the other's start
+            producer.send(topic, value=b"x" * 300, partition=i // 5000)
+        producer.flush()
+    finally:
+        producer.close()
+    consumers = SharedConsumers()
+    parts = {p: KafkaSource(clients, topic, poll_max_records=500, stop_at_end=True, consumers=consumers).build_part("in", part_name(topic, p), None)
+             for p in (0, 1)}
+    sizes: dict[int, list[int]] = {0: [], 1: []}
+    deadline = time.monotonic() + 30
+    while parts and time.monotonic() < deadline:
+        for p in list(parts):
+            try:
+                batch = parts[p].next_batch()
+            except StopIteration:
+                del parts[p]
+                continue
+            if batch:
+                assert [e.offset for e in batch] == list(range(sum(sizes[p]), sum(sizes[p]) + len(batch)))
+                sizes[p].append(len(batch))
+    assert sizes == {0: [500] * 10, 1: [500] * 10}
