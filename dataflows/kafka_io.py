@@ -550,14 +550,17 @@ class _KafkaPartition(StatefulSourcePartition[Envelope, int]):
         return records
 
     def _batch_incomplete(self) -> bool:
-        """Whether the buffer holds part of a batch whose rest the log holds (not for longer
-        than :data:`FULL_BATCH_WAIT_S`)."""
-        assert self._shared is not None
-        buffered = self._shared.buffered(self._tp)
-        end = self._shared.highwater(self._tp)
+        """Whether the buffer holds part of a batch whose rest the log holds and the consumer
+        has not fetched yet (not for longer than :data:`FULL_BATCH_WAIT_S`). Offsets the log
+        does not fill (transaction markers, compaction) end the wait once fetched past."""
+        shared = self._shared
+        assert shared is not None
+        buffered = shared.buffered(self._tp)
+        end = shared.highwater(self._tp)
         if end is not None and self._end is not None:
             end = min(end, self._end)
-        if not 0 < buffered < self._max or end is None or end - self._next < self._max:
+        if (not 0 < buffered < self._max or end is None or end - self._next < self._max
+                or shared.position(self._tp) >= end):
             self._short_since = None
             return False
         now = time.monotonic()
