@@ -207,6 +207,17 @@ def _stopped(lines: list[str]) -> dict[str, int]:
     return {k: int(v) for k, v in (kv.split("=") for kv in line[len("stopped:"):].replace(" ", "").split(","))}
 
 
+def _trainer_thread(settings, broker, embedder):
+    """``run_trainer`` started in a thread: its metrics, its stop event, its printed lines, the thread."""
+    metrics = TrainerMetrics(settings)
+    stop = threading.Event()
+    lines: list[str] = []
+    runner = threading.Thread(target=run_trainer, args=(settings, broker, stop),
+                              kwargs={"emit": lines.append, "embedder": embedder, "metrics": metrics}, daemon=True)
+    runner.start()
+    return metrics, stop, lines, runner
+
+
 def test_the_trainer_metrics_follow_what_it_learned_of_the_log_and_published(tmp_path, embedder, catalog, log):
     # the catalog record of one item comes late: the trainer holds the log at the first message naming it
     late_item, held_at = _late_item(log)
@@ -214,12 +225,7 @@ def test_the_trainer_metrics_follow_what_it_learned_of_the_log_and_published(tmp
     port = _free_port()
     settings = _trainer_settings(tmp_path, "metrics", unknown_items="dead_letter", unknown_item_wait_s=3600.0,
                                  trainer_publish_messages=5, trainer_publish_s=3600.0, metrics_port=port - 2)
-    metrics = TrainerMetrics(settings)
-    stop = threading.Event()
-    lines: list[str] = []
-    runner = threading.Thread(target=run_trainer, args=(settings, broker, stop),
-                              kwargs={"emit": lines.append, "embedder": embedder, "metrics": metrics}, daemon=True)
-    runner.start()
+    metrics, stop, lines, runner = _trainer_thread(settings, broker, embedder)
     try:
         value = metrics.value
         _wait_for(lambda: value("recsys_trainer_learned_offset") == held_at - 1 and value("recsys_trainer_log_end_offset") == held_at + 3)
@@ -350,12 +356,7 @@ def test_a_trainer_stopped_while_it_holds_a_message_learns_it_exactly_once_after
     broker = _broker(log, catalog, missing=late_item)
     settings = _trainer_settings(tmp_path, "held", unknown_items="dead_letter", unknown_item_wait_s=3600.0,
                                  embed_cache_dir=str(Path(embedder.cache_path).parent))
-    metrics = TrainerMetrics(settings)
-    stop = threading.Event()
-    lines: list[str] = []
-    runner = threading.Thread(target=run_trainer, args=(settings, broker, stop),
-                              kwargs={"emit": lines.append, "embedder": embedder, "metrics": metrics}, daemon=True)
-    runner.start()
+    metrics, stop, lines, runner = _trainer_thread(settings, broker, embedder)
     try:
         value = metrics.value
         _wait_for(lambda: value("recsys_trainer_learned_offset") == held_at - 1
