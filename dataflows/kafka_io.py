@@ -363,6 +363,16 @@ class _SharedConsumer:
         """The next offset the consumer fetches (records below it may still be buffered)."""
         return self.consumer.position(tp)
 
+    def connections(self) -> int | None:
+        """How many broker connections the consumer holds open now: 0 while no broker answers
+        (kafka-python keeps retrying without a word); None if the client does not say
+        (``KafkaConsumer.metrics()`` is documented as an unstable interface)."""
+        try:
+            count = (self.consumer.metrics() or {}).get("consumer-metrics", {}).get("connection-count")
+        except Exception:  # noqa: BLE001 - a figure for the status line, never a reason to stop
+            return None
+        return None if count is None else int(count)
+
 
 class SharedConsumers:
     """Hands each partition built on a worker the one :class:`_SharedConsumer` of that worker
@@ -621,6 +631,10 @@ class _KafkaPartition(StatefulSourcePartition[Envelope, int]):
     def lag(self) -> int | None:
         hw = self._shared.highwater(self._tp) if self._shared is not None else None
         return None if hw is None else max(hw - self._next, 0)
+
+    def connections(self) -> int | None:
+        """Broker connections of the consumer this partition reads through (for the status line)."""
+        return self._shared.connections() if self._shared is not None else None
 
     def close(self) -> None:
         if self._shared is not None:

@@ -164,6 +164,9 @@ class FlowMetrics(_Endpoint):
         self.served_age.set(float("nan"))
         self._status = None if settings.quiet else status
         self._lags: dict[tuple[str, int], int] = {}
+        # the input partitions' consumers: the status line says when none holds a broker connection
+        self._connection_probes: list[Callable[[], int | None]] = []
+        self._unreachable_since: float | None = None
         self._poll_max: dict[str, float] = {}
         self._versions: dict[str, tuple[int, float]] = {}
         self._users = None
@@ -186,6 +189,21 @@ class FlowMetrics(_Endpoint):
         if lag is not None:
             self._lags[(topic, partition)] = lag
             self.lag.labels(topic, str(partition)).set(lag)
+
+    def watch_connections(self, probe: Callable[[], int | None]) -> None:
+        """``probe()``: how many broker connections an input's consumer holds (None: unknown)."""
+        self._connection_probes.append(probe)
+
+    def _broker_note(self, now: float) -> str:
+        """``", no broker connection for N s (...)"`` while every input consumer reports none."""
+        counts = [probe() for probe in self._connection_probes]
+        if not counts or any(c is None or c > 0 for c in counts):
+            self._unreachable_since = None
+            return ""
+        if self._unreachable_since is None:
+            self._unreachable_since = now
+        return (f", no broker connection for {now - self._unreachable_since:.0f} s (is "
+                f"{self.settings.bootstrap_servers} up? the flow goes on when it answers)")
 
     def polled(self, topic: str, seconds: float) -> None:
         """The time since the partition's last poll (``_WatchedPartition``)."""
@@ -268,7 +286,7 @@ class FlowMetrics(_Endpoint):
         self._dead_total += self._interval_dead
         line = (f"status: {self._interval_events / took:.0f} events/s, lag {sum(self._lags.values())}, "
                 f"p99 {p99} (append -> recommendation), {self._interval_dead} dead letters ({self._dead_total} in all), "
-                f"{len(self._samples)} recommendations timed")
+                f"{len(self._samples)} recommendations timed{self._broker_note(now)}")
         self._interval_started, self._interval_events, self._interval_dead = now, 0, 0
         self._samples.clear()
         return line
@@ -365,6 +383,8 @@ class _WatchedPartition(StatefulSourcePartition[Any, Any]):
     def __init__(self, inner: StatefulSourcePartition[Any, Any], topic: str, partition: int, metrics: FlowMetrics):
         self.inner, self.topic, self.partition, self.metrics = inner, topic, partition, metrics
         self._lag = getattr(inner, "lag", None)
+        if (connections := getattr(inner, "connections", None)) is not None:
+            metrics.watch_connections(connections)
         self._polled_at: float | None = None
 
     def next_batch(self) -> Any:

@@ -413,3 +413,35 @@ def test_a_signal_stops_the_flow_under_the_bytewax_runner_in_order(sig, local_br
     code, took = flow.stop_with(sig)
     assert code == 0 and took < STOP_TIMEOUT_S, flow.output
     assert "panicked" not in flow.output and "Traceback" not in flow.output, flow.output
+
+
+# ----------------------------------------------------------------------------- the broker goes away
+
+
+@pytest.mark.slow
+def test_a_broker_gone_under_a_running_flow_is_said_in_its_status_lines(topic_name, tmp_path, children):
+    """Pull the broker away under a running flow: kafka-python retries without a word, and the
+    status lines used to go on with "lag 0" as if all were well. They now say that no broker
+    connection is left, and for how long."""
+    from recsys_cli.local_broker import LocalBroker
+
+    broker = LocalBroker(port=_free_port()).start()
+    try:
+        prefix = topic_name("gone") + "-"
+        _, flags = _stream(broker.bootstrap, prefix, tmp_path)
+        flow = Child([*RECSYS, "run", *flags, "--status-interval-s", "1"])
+        children.append(flow)
+        flow.wait_for("ready:", READY_TIMEOUT_S)
+        _wait_applied(broker.bootstrap, prefix + "recommendations")
+        line = flow.wait_for("status:", 30)
+        assert "no broker connection" not in line, flow.output  # while it answers, nothing is said
+    finally:
+        broker.stop()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = flow.wait_for("status:", 30)
+        if "no broker connection" in line:
+            break
+    else:
+        pytest.fail("no status line said the broker is gone:\n" + flow.output)
+    assert broker.bootstrap in line, line
