@@ -202,8 +202,7 @@ class FlowMetrics(_Endpoint):
             return ""
         if self._unreachable_since is None:
             self._unreachable_since = now
-        return (f", no broker connection for {now - self._unreachable_since:.0f} s (is "
-                f"{self.settings.bootstrap_servers} up? the flow goes on when it answers)")
+        return f", no broker connection for {now - self._unreachable_since:.0f} s (is {self.settings.bootstrap_servers} up?)"
 
     def polled(self, topic: str, seconds: float) -> None:
         """The time since the partition's last poll (``_WatchedPartition``)."""
