@@ -5,7 +5,11 @@ reference ``python -m recsys_cli run --stop-at-end --processes 2`` is left alone
 module); then, per case (one process, or two shards), a crash run of the same command is
 SIGKILLed three times, each time once its output topic holds a different fraction of the
 reference's distinct recommendations (so every kill lands mid-stream, at varied points), and restarted on the same
-state and recovery directories until it finishes. Afterwards:
+state and recovery directories until it finishes. With two shards a kill lands on one shard and
+the supervisor then stops the other in order; on a fast box that other shard can finish its
+partition meanwhile, so the output can be complete after a kill, or a later life finishes its
+stream before its kill lands: then the test goes on with the kills it made (at least one, with
+output still to come; every run printed says how many). Afterwards:
 
 - the crash state holds the same users with the same history, purchases and applied offsets
   (counts and interest vectors equal within float tolerance) as the reference; with two shards
@@ -20,7 +24,7 @@ state and recovery directories until it finishes. Afterwards:
 
 Where the time goes (printed per case): every ``recsys run`` start costs ~10-20 s on a loaded
 2-core box before its ``ready:`` line (importing torch and sentence-transformers, loading the
-model), so the test starts as few as it can: one reference for both cases, three kills each,
+model), so the test starts as few as it can: one reference for both cases, three kills each (fewer on a box fast enough to finish first),
 and the catalog is embedded once, by the first run, into a cache every run shares.
 """
 
@@ -254,15 +258,21 @@ class _Stream:
     timings: str
 
 
-def _wait_for_mark(child: _Child, progress: "_Progress", mark: int, ready_s: float, kills: list[dict]) -> None:
-    """Wait until the crash run's output holds ``mark`` distinct recommendations; fail if the
-    run exits first or makes no such progress within :data:`PROGRESS_TIMEOUT_S`."""
+def _wait_for_mark(child: _Child, progress: "_Progress", mark: int, ready_s: float, kills: list[dict],
+                   complete: int) -> bool:
+    """Wait until the crash run's output holds ``mark`` distinct recommendations (True); fail if
+    the run exits first or makes no such progress within :data:`PROGRESS_TIMEOUT_S`. False: after
+    a kill the run exited in order with the whole output (``complete`` distinct) written: the
+    stream was done before this life could be killed."""
     while (n := progress()) < mark:
         if child.proc.poll() is not None:
+            if child.proc.returncode == 0 and kills and n >= complete:
+                return False
             pytest.fail(f"crash run exited ({child.proc.returncode}) at {n} of {mark} distinct recommendations:\n{child.output()[-3000:]}")
         if time.monotonic() - child.started > ready_s + PROGRESS_TIMEOUT_S:
             pytest.fail(f"crash run reached only {n} of {mark} distinct recommendations in {PROGRESS_TIMEOUT_S} s: {kills}")
         time.sleep(0.05)
+    return True
 
 
 def _assert_same_users(got_users: dict[str, UserState], want_users: dict[str, UserState]) -> None:
@@ -375,12 +385,15 @@ def test_sigkilled_run_ends_in_the_same_state_with_only_identical_duplicates(str
                 at_ready = progress.caught_up()
                 step = min(at_ready + int(MIN_STEP * ref_total), int(NEAR_END * ref_total))
                 mark = max(int(fraction * ref_total), step, kills[-1]["distinct"] + 1 if kills else 1)
-                _wait_for_mark(child, progress, mark, ready_s, kills)
+                if not _wait_for_mark(child, progress, mark, ready_s, kills, ref_total):
+                    break  # the output was complete after the last kill (see the module docstring)
                 run_s = time.monotonic() - child.started - ready_s
                 shard = 0 if processes == 1 else _shard_to_kill(progress, stream.ref_records, len(kills))
                 killed = child.sigkill() if processes == 1 else _sigkill_shard(child, shard)
             finally:
                 child.close()
+            if not killed and kills and progress.caught_up() >= ref_total:
+                break  # this life finished the stream before its kill landed (module docstring)
             assert killed, f"the crash run finished before kill {len(kills) + 1}: {kills}"
             kills.append({"ready_s": round(ready_s, 1), "at_ready": at_ready, "ran_s": round(run_s, 1),
                           **({"shard": shard} if processes > 1 else {}),
@@ -418,11 +431,11 @@ def test_sigkilled_run_ends_in_the_same_state_with_only_identical_duplicates(str
     )
     print(summary)
 
-    # the kills were real: three, each mid-stream, each after new progress
-    assert len(kills) == len(KILL_AT)
+    # the kills were real: one to three, each after new progress, the first with output still to come
+    assert 1 <= len(kills) <= len(KILL_AT), kills
     distinct = [k["distinct"] for k in kills]
     assert 0 < distinct[0] and all(a < b for a, b in zip(distinct, distinct[1:])), kills
-    assert distinct[-1] < len(groups), kills
+    assert distinct[0] < len(groups), kills
 
     # nothing missing; what a restart re-emitted and what the last events triggered is valid
     # (validating all ~6k costs seconds: test_pipeline and test_schemas cover the plain path)
