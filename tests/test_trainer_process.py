@@ -432,17 +432,15 @@ def test_a_trainer_killed_while_it_holds_a_message_learns_it_exactly_once_after_
     assert serving_checksum(engine) == serving_checksum(whole)
 
 
-@pytest.mark.xfail(strict=True, reason="known defect, not fixed (2026-12-02): the head reads item vectors when it "
-                                       "learns, so a message learned after the wait gave up (zero vectors) is learned "
-                                       "again at a restart with the item's own vector once its record arrived")
 def test_a_trainer_restarted_after_giving_up_on_an_item_publishes_its_version_again_with_the_same_bytes(
         tmp_path, embedder, catalog, log):
     """The wait gives up at once (RECSYS_UNKNOWN_ITEM_WAIT_S=0): the messages naming the late item are
     learned with zero vectors for it and published. Its record arrives, the trainer restarts: it
     restores its models by learning again the messages since its checkpoint (none within 30 s here),
     now with the item's vector, and publishes the same version (log position) with other parameters,
-    so two shards can serve one version x<position> with different models (recsys/signals/trainer.py
-    says the same version published again after a restart is the same file)."""
+    so two shards could serve one version x<position> with different models (recsys/signals/trainer.py
+    says the same version published again after a restart is the same file). Fixed: a head step
+    that read an unknown item's vector is checkpointed at once, never learned again."""
     late_item, _ = _late_item(log)
     broker = _broker(log, catalog, missing=late_item)
     settings = _trainer_settings(tmp_path, "gave-up", unknown_items="dead_letter", unknown_item_wait_s=0.0,

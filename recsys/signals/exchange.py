@@ -492,7 +492,9 @@ class SharedModels:
     write, with the exchange position), and at most every ``checkpoint_interval_s`` a checkpoint
     of the models (head state, pending examples, re-ranker weights, ``position``) replaces
     those records (``xm:ckpt``, same write). On start the checkpoint is loaded and the messages
-    after it are learned again, so the models equal those of a shard that never stopped.
+    after it are learned again, so the models equal those of a shard that never stopped. A head
+    step that read the vector of an item the catalog did not hold (a wait that gave up: a zero
+    vector) is checkpointed at once, so no restart learns it again with the item's own vector.
     """
 
     def __init__(self, kv: KVStore, head: Head | None, reranker: PairwiseReranker | None, *,
@@ -518,6 +520,7 @@ class SharedModels:
         self.head_calls = 0
         self.learn_cpu_s = 0.0  # CPU seconds spent learning (the cost figures)
         self._replay: list[bytes] = []  # xm:log: keys written since the checkpoint
+        self._read_unknown = False  # a head step since the last checkpoint read an unknown item's vector
         self._last_checkpoint = clock()
         if persistent and train:
             self._restore(kv)
@@ -552,7 +555,11 @@ class SharedModels:
         self.learn_cpu_s += time.process_time() - t0
         if not self.persistent:
             return
-        if self.clock() - self._last_checkpoint >= self.checkpoint_interval_s:
+        if self._read_unknown or self.clock() - self._last_checkpoint >= self.checkpoint_interval_s:
+            # a head step that read an unknown item's (zero) vector is never learned again on a
+            # restart: by then the item's record may have come, and the step would read its own
+            # vector and end with other models under the same version
+            self._read_unknown = False
             puts[MODEL_CHECKPOINT_KEY] = self.checkpoint()
             deletes.extend(self._replay)
             for key in self._replay:
@@ -582,6 +589,9 @@ class SharedModels:
                 del self.pending[:-_MAX_PENDING_EXAMPLES]
             if len(self.pending) >= head.config.batch_size:
                 batch, self.pending = self.pending, []
+                if (known := self.is_known) is not None and self.ensure_items is None:
+                    self._read_unknown = self._read_unknown or any(
+                        not known(i) for ex in batch for i in (ex.target, *(h[0] for h in ex.history)))
                 changed = head.learn(batch)["steps"] > 0 or changed
                 self.head_calls += 1
         if self.reranker is not None:
