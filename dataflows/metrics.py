@@ -162,6 +162,10 @@ class FlowMetrics(_Endpoint):
                                 "Seconds since the model trainer published the snapshot this shard serves "
                                 "(NaN until one is loaded: only with RECSYS_MODEL_TRAINER)", registry=r)
         self.served_age.set(float("nan"))
+        self.connections = Gauge("recsys_broker_connections",
+                                 "Broker connections the input consumers hold now (0: the broker is unreachable; "
+                                 "kafka-python retries without a word)", registry=r)
+        self.connections.set_function(self._connection_count)
         self._status = None if settings.quiet else status
         self._lags: dict[tuple[str, int], int] = {}
         # the input partitions' consumers: the status line says when none holds a broker connection
@@ -193,6 +197,11 @@ class FlowMetrics(_Endpoint):
     def watch_connections(self, probe: Callable[[], int | None]) -> None:
         """``probe()``: how many broker connections an input's consumer holds (None: unknown)."""
         self._connection_probes.append(probe)
+
+    def _connection_count(self) -> float:
+        """The sum over the input consumers (NaN while none reports a count), read at scrape time."""
+        counts = [c for probe in self._connection_probes if (c := probe()) is not None]
+        return float(sum(counts)) if counts else float("nan")
 
     def _broker_note(self, now: float) -> str:
         """``", no broker connection for N s (...)"`` while every input consumer reports none."""

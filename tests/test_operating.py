@@ -425,16 +425,27 @@ def test_a_broker_gone_under_a_running_flow_is_said_in_its_status_lines(topic_na
     connection is left, and for how long."""
     from recsys_cli.local_broker import LocalBroker
 
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def connections() -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            return next(s.value for f in text_string_to_metric_families(response.read().decode())
+                        for s in f.samples if s.name == "recsys_broker_connections")
+
     broker = LocalBroker(port=_free_port()).start()
+    port = _free_port()
     try:
         prefix = topic_name("gone") + "-"
         _, flags = _stream(broker.bootstrap, prefix, tmp_path)
-        flow = Child([*RECSYS, "run", *flags, "--status-interval-s", "1"])
+        flow = Child([*RECSYS, "run", *flags, "--status-interval-s", "1", "--metrics-port", str(port)])
         children.append(flow)
         flow.wait_for("ready:", READY_TIMEOUT_S)
         _wait_applied(broker.bootstrap, prefix + "recommendations")
         line = flow.wait_for("status:", 30)
         assert "no broker connection" not in line, flow.output  # while it answers, nothing is said
+        assert connections() >= 1
     finally:
         broker.stop()
     deadline = time.monotonic() + 60
@@ -445,3 +456,4 @@ def test_a_broker_gone_under_a_running_flow_is_said_in_its_status_lines(topic_na
     else:
         pytest.fail("no status line said the broker is gone:\n" + flow.output)
     assert broker.bootstrap in line, line
+    assert connections() == 0  # the metric says it too
