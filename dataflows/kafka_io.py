@@ -799,12 +799,17 @@ def produce_records(
     topic: str,
     records: Iterable[tuple[Key, bytes]],
     rate: float | None = None,
+    too_large: Callable[[bytes, Exception], None] | None = None,
 ) -> int:
     """Send ``(key, value)`` records, paced to ``rate`` records/s if given; flush; return the count.
 
     Pacing sleeps to keep the i-th record at or after ``i / rate`` seconds from the start,
-    so bursts after a slow step are caught up rather than lost.
+    so bursts after a slow step are caught up rather than lost. A record over the producer's
+    largest request raises, or with ``too_large(value, error)`` is handed to it, unsent and
+    uncounted, and the rest go on.
     """
+    from kafka.errors import MessageSizeTooLargeError
+
     if rate is not None and rate <= 0:
         raise ValueError(f"rate must be > 0 records/s, got {rate}")
     producer = clients.producer()
@@ -817,7 +822,13 @@ def produce_records(
                 delay = start + count / rate - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)
-            futures.append(producer.send(topic, value=value, key=_to_bytes(key)))
+            try:
+                futures.append(producer.send(topic, value=value, key=_to_bytes(key)))
+            except MessageSizeTooLargeError as exc:  # refused before it is sent: nothing to undo
+                if too_large is None:
+                    raise
+                too_large(value, exc)
+                continue
             count += 1
             if len(futures) >= 10_000:  # bound memory held by futures on long runs
                 producer.flush()

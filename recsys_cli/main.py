@@ -262,9 +262,12 @@ def cmd_produce(args: argparse.Namespace) -> int:
     _require_broker(settings, "produce", (topic,))
     from dataflows.kafka_io import KafkaClients, produce_records
 
+    at = [0]  # the line being sent
+    refused: list[int] = []
+
     def records():
         with open(args.file, "rb") as fh:
-            for line in fh:
+            for at[0], line in enumerate(fh, start=1):
                 line = line.rstrip(b"\n")
                 if not line:
                     continue
@@ -274,10 +277,21 @@ def cmd_produce(args: argparse.Namespace) -> int:
                     key = None  # still sent: the flow dead-letters it with a reason
                 yield (str(key).encode() if key is not None else None, line)
 
+    def too_large(value: bytes, _exc: Exception) -> None:  # the broker would refuse it too: named, skipped
+        from kafka import KafkaProducer
+
+        refused.append(at[0])
+        print(f"recsys produce: line {at[0]} of {args.file}: {len(value):,} bytes, larger than the largest record the "
+              f"producer sends (max_request_size {KafkaProducer.DEFAULT_CONFIG['max_request_size']:,} bytes); not sent", file=sys.stderr)
+
     start = time.perf_counter()
-    n = produce_records(KafkaClients(settings), topic, records(), rate=args.rate)
+    n = produce_records(KafkaClients(settings), topic, records(), rate=args.rate, too_large=too_large)
     took = time.perf_counter() - start
     print(f"produced {n} records to {topic!r} in {took:.1f}s ({n / max(took, 1e-9):.0f}/s)")
+    if refused:
+        print(f"recsys produce: {len(refused)} line(s) not sent, too large (lines {', '.join(map(str, refused[:10]))}"
+              f"{', ...' if len(refused) > 10 else ''})", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -38,6 +38,25 @@ def test_produce_sends_a_jsonl_file_keyed_by_user(local_broker, topic_name, tmp_
         assert r.partition == partition_for_key(r.key, 3)
 
 
+def test_produce_names_a_line_too_large_to_send_and_sends_the_rest(local_broker, topic_name, tmp_path, capsys):
+    """A line over the producer's largest request (1 MiB) cannot go to the broker. It used to stop
+    `recsys produce` with kafka-python's traceback, leaving the lines after it unsent; now it is
+    named (file, line, size, limit), skipped, and the command exits 1 after sending the rest."""
+    topic = topic_name("big")
+    ensure_topics(local_broker.bootstrap, {topic: 1})
+    events = generate_events(6, generate_catalog(5, seed=1), n_users=3, seed=2)
+    lines = [encode(e) for e in events]
+    big = b'{"user_id": "u1", "pad": "' + b"x" * 2_000_000 + b'"}'
+    lines.insert(3, big)
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    assert main(["produce", str(path), "--topic", topic, "--bootstrap-servers", local_broker.bootstrap]) == 1
+    err = capsys.readouterr().err
+    assert f"line 4 of {path}" in err and f"{len(big):,} bytes" in err and "not sent" in err, err
+    assert [r.value for r in consume_all(KafkaClients.for_bootstrap(local_broker.bootstrap), topic)] == \
+        [encode(e) for e in events]
+
+
 def test_tail_prints_recommendations_readably(local_broker, topic_name, capsys):
     topic = topic_name("recs")
     ensure_topics(local_broker.bootstrap, {topic: 1})

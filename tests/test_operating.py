@@ -423,11 +423,11 @@ def test_a_broker_gone_under_a_running_flow_is_said_in_its_status_lines(topic_na
     """Pull the broker away under a running flow: kafka-python retries without a word, and the
     status lines used to go on with "lag 0" as if all were well. They now say that no broker
     connection is left, and for how long."""
-    from recsys_cli.local_broker import LocalBroker
-
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
+
+    from recsys_cli.local_broker import LocalBroker
 
     def connections() -> float:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
