@@ -236,6 +236,7 @@ def run_trainer(settings: Settings, clients: Any = None, stop: threading.Event |
         began = time.monotonic()
         while trainer.position + 1 < end and time.monotonic() - began < DRAIN_TIMEOUT_S:
             step(100)
+        trainer.checkpoint()  # a restart learns nothing again (a catalog update may change a vector meanwhile)
         trainer.maybe_publish(force=True)
         if writer is not None and writer.maybe_write(trainer.kv, force=True, wait=True):  # where the next start begins
             metrics.state_snapshots.inc()

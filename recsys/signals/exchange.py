@@ -559,17 +559,26 @@ class SharedModels:
             # a head step that read an unknown item's (zero) vector is never learned again on a
             # restart: by then the item's record may have come, and the step would read its own
             # vector and end with other models under the same version
-            self._read_unknown = False
-            puts[MODEL_CHECKPOINT_KEY] = self.checkpoint()
-            deletes.extend(self._replay)
-            for key in self._replay:
-                puts.pop(key, None)
-            self._replay = []
-            self._last_checkpoint = self.clock()
+            self.checkpoint_into(puts, deletes)
         else:
             key = MODEL_REPLAY_PREFIX + f"{position:020d}".encode()
             puts[key] = raw
             self._replay.append(key)
+
+    def checkpoint_into(self, puts: dict[bytes, bytes], deletes: list[bytes]) -> None:
+        """Add a checkpoint of the models as they are, replacing the replay records since the last
+        one, to a write (persistent and training only). Call it where everything learned is
+        committed by that write or before it: a model trainer stopping in order does, so that its
+        restart learns nothing again, with vectors a catalog update may have changed meanwhile."""
+        if not (self.train and self.persistent):
+            return
+        puts[MODEL_CHECKPOINT_KEY] = self.checkpoint()
+        deletes.extend(self._replay)
+        for key in self._replay:
+            puts.pop(key, None)
+        self._replay = []
+        self._read_unknown = False
+        self._last_checkpoint = self.clock()
 
     def _learn(self, position: int, message: OpMessage) -> None:
         self.learned_at = position

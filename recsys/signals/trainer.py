@@ -27,7 +27,10 @@ write per call of :meth:`ModelTrainer.apply`. So a killed trainer resumes where 
 left it: no example is learned twice and none skipped (a message re-delivered at an old position,
 or published twice by its origin, is skipped as shards skip it). A snapshot is published only
 after the write that holds its models, so no snapshot is ever ahead of the trainer's own state;
-the same version published again after a restart is the same file.
+the same version published again after a restart is the same file. (A trainer stopping in order
+checkpoints its models, so its restart learns nothing again; after a kill it learns the messages
+since its last checkpoint again, with the catalog as it is then: an item whose text changed
+meanwhile reads its new vector there.)
 
 A trainer's own state (position, per-origin sequence numbers, and the models with their
 training state: Adam moments, sampler counts, pending examples) is also snapshotted now and then
@@ -269,6 +272,15 @@ class ModelTrainer:
         self._since_publish += done
         self.maybe_publish()
         return done
+
+    def checkpoint(self) -> None:
+        """Write a checkpoint of the models (every call of :meth:`apply` has committed what it
+        learned), so that a restart learns no message again: a trainer stopping in order."""
+        puts: dict[bytes, bytes] = {}
+        deletes: list[bytes] = []
+        self.models.checkpoint_into(puts, deletes)
+        if puts:
+            self.kv.write(puts, deletes)
 
     def maybe_publish(self, *, force: bool = False) -> bool:
         """Publish a snapshot of the models when they changed since the last one and ``force``,
