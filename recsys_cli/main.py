@@ -179,8 +179,10 @@ def _run_one(settings: Settings, clients, signals) -> int:
 
     abrupt = False
     failure = None
+    in_order = False
     try:
         run(flow, recovery_dir=settings.recovery_dir, snapshot_interval_s=settings.snapshot_interval_s)
+        in_order = True  # every batch committed: what the engine holds is what its state holds
     except (KeyboardInterrupt, BytewaxRuntimeError) as exc:
         # a lost offset (--on-offset-reset fail) is reported in one line; a second signal while
         # the flow was stopping stopped it at once, the epoch not committed (a restart resumes
@@ -197,6 +199,8 @@ def _run_one(settings: Settings, clients, signals) -> int:
             print(f"global signals: sha256={engine.signal_checksum()} at exchange position {engine.exchange.position}",
                   flush=True)
         print("stopped: " + ", ".join(f"{k}={v}" for k, v in sorted(totals.items())), flush=True)
+        if in_order:
+            engine.checkpoint_shared_models()  # issue 11: a restart learns no exchange message again
         engine.close()
     if failure:
         fail("run", failure)

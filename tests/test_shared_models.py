@@ -170,6 +170,43 @@ def test_a_restarted_shard_ends_with_the_models_of_one_that_never_stopped(tmp_pa
     again.kv.close()
 
 
+def test_a_shard_whose_items_text_changed_then_stopped_in_order_ends_with_the_models_of_one_that_never_stopped(
+        tmp_path, embedder, catalog, events):
+    """`recsys run` stopping in order checkpoints the shared models (``Shard.checkpoint_shared_models``),
+    so the restart learns no message again. Before, it learned every message since the last
+    checkpoint again with the catalog in its state, and a catalog update that had changed an item's
+    text after those messages made their head steps read the item's new vector: the shard's models
+    parted from the other shards'."""
+    from collections import Counter
+    from dataclasses import replace
+
+    log = _log(embedder, catalog, events)
+    cut = 2 * len(log) // 3
+    named = Counter(i for _, raw in log[:cut] for op in decode_message(raw).ops if op[5]
+                    for i in (op[2], *(h[0] for h in op[5])))
+    item = next(c for c in catalog if c.item_id == named.most_common(1)[0][0])
+    renamed = replace(item, title="a cast-iron garden bench, weathered green", description="heavy, for outdoors")
+    whole = _shard(embedder, catalog, 1)
+    whole.apply_exchange(log[:cut])
+    whole.upsert_catalog([renamed])
+    whole.apply_exchange(log[cut:])
+
+    def reopen() -> Shard:  # no checkpoint of its own within the run (an hour apart)
+        return _shard(embedder, catalog, 1, kv=RocksKV(str(tmp_path / "rocks")), state_dir=str(tmp_path),
+                      head_snapshot_interval_s=3600.0)
+
+    first = reopen()
+    first.apply_exchange(log[:cut])
+    first.upsert_catalog([renamed])  # committed to its state
+    first.checkpoint_shared_models()  # a stop in order
+    first.kv.close()
+    again = reopen()
+    again.upsert_catalog([renamed])  # the catalog topic read on from the state's position
+    assert again.apply_exchange(log) == len(log) - cut
+    assert _same_models(again, whole) and again.model_version == whole.model_version
+    again.kv.close()
+
+
 def test_a_recommendation_names_the_shared_model_version_that_made_it(embedder, catalog, events):
     log = _log(embedder, catalog, events)
     half = len(log) // 2
