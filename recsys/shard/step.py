@@ -317,13 +317,8 @@ class Shard:
         again since the last checkpoint: for a stop in order, after the last batch is committed
         (`recsys run` calls it then). A restart then learns nothing again, where it would read the
         catalog as it is by then (an item whose text changed meanwhile: its new vector)."""
-        if self.shared_models is None or not self._persistent:
-            return
-        puts: dict[bytes, bytes] = {}
-        deletes: list[bytes] = []
-        self.shared_models.checkpoint_into(puts, deletes)
-        if puts:
-            self.kv.write(puts, deletes)
+        if self.shared_models is not None and self._persistent:
+            self.shared_models.write_checkpoint(self.kv)
 
     def close(self) -> None:
         self.models.save(self, force=True)

@@ -580,6 +580,14 @@ class SharedModels:
         self._read_unknown = False
         self._last_checkpoint = self.clock()
 
+    def write_checkpoint(self, kv: KVStore) -> None:
+        """:meth:`checkpoint_into` a write of its own to ``kv`` (a stop in order)."""
+        puts: dict[bytes, bytes] = {}
+        deletes: list[bytes] = []
+        self.checkpoint_into(puts, deletes)
+        if puts:
+            kv.write(puts, deletes)
+
     def _learn(self, position: int, message: OpMessage) -> None:
         self.learned_at = position
         if not message.models:

@@ -276,11 +276,7 @@ class ModelTrainer:
     def checkpoint(self) -> None:
         """Write a checkpoint of the models (every call of :meth:`apply` has committed what it
         learned), so that a restart learns no message again: a trainer stopping in order."""
-        puts: dict[bytes, bytes] = {}
-        deletes: list[bytes] = []
-        self.models.checkpoint_into(puts, deletes)
-        if puts:
-            self.kv.write(puts, deletes)
+        self.models.write_checkpoint(self.kv)
 
     def maybe_publish(self, *, force: bool = False) -> bool:
         """Publish a snapshot of the models when they changed since the last one and ``force``,
