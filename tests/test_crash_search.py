@@ -9,8 +9,9 @@ the reference; a crash run of the same command on its own directories is SIGKILL
 its recommendations topic holds 30% and then 65% of the reference's distinct
 recommendations, and restarted until it finishes. Afterwards:
 
-- the learned associations (``sqa:``: every query's items, weights and engagement counts) and
-  the open search windows (``sqw:``) equal the reference's (weights within float tolerance);
+- the learned associations (``sqa:``: every query's engagements and counts) and the open search
+  windows (``sqw:``) equal the reference's, record for record (the associations are averaged in
+  event time, so the partitions' interleaving, which a restart changes, does not matter);
 - every user holds the same history, purchases, applied offsets, counts and interest;
 - every search of the input has exactly one distinct answer in the crash run's
   ``search-results`` topic (as many as the reference's), and any second copy is a
@@ -178,10 +179,8 @@ def test_sigkilled_run_with_searches_keeps_learned_search_signals_and_answers_ea
     want, got = _signals(ref.state_dir), _signals(crash.state_dir)
     assert sum(1 for k in want if k.startswith(ASSOC_PREFIX)) > 20  # the stream taught many queries
     assert want.keys() == got.keys()
-    for key, (items, count) in ((k, v) for k, v in want.items() if k.startswith(ASSOC_PREFIX)):
-        got_items, got_count = got[key]
-        assert got_count == count and got_items.keys() == items.keys(), key
-        assert np.allclose([got_items[i] for i in items], list(items.values()), rtol=1e-9), key
+    for key in (k for k in want if k.startswith(ASSOC_PREFIX)):  # the same engagements, the same order
+        assert got[key] == want[key], key
     assert {k: v for k, v in got.items() if k.startswith(WINDOW_PREFIX)} == {
         k: v for k, v in want.items() if k.startswith(WINDOW_PREFIX)}
 

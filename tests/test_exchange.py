@@ -228,6 +228,18 @@ def test_search_associations_learned_on_one_shard_are_found_by_a_search_on_the_o
     _close(*shards)
 
 
+def test_a_search_op_sealed_before_ops_carried_its_time_is_learned_after_what_the_query_holds(tmp_path, embedder, catalog):
+    """Ops now carry the engagement's event time and tie-break (the associations average in event
+    time); an op sealed by the release before has ``None`` there and counts as the query's newest."""
+    from recsys.signals.exchange import SEARCH_OP
+
+    shard = _open(tmp_path, embedder, catalog, "s0")
+    a, b = catalog[1].item_id, catalog[2].item_id
+    shard.exchange.apply_ops([["tent", [2_000, 7], a, SEARCH_OP, 1.0, None], ["tent", None, b, SEARCH_OP, 1.0, None]])
+    assert shard.search.associations.top("tent", 2) == [(b, 0.25), (a, 0.1875)]
+    _close(shard)
+
+
 def test_two_sharing_shards_end_with_identical_search_associations(tmp_path, embedder, catalog):
     """Many users on both shards search and engage, interleaved; every shard applies the log in
     its order, some while the other shard is still sealing: the same associations everywhere."""

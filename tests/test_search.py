@@ -441,6 +441,60 @@ def test_associations_survive_a_restart_and_a_redelivered_batch_is_not_learned_t
     again.close()
 
 
+def test_learned_associations_do_not_depend_on_how_two_partitions_interleave(tmp_path, cache):
+    """One process reading two partitions sees each user's events in order, but how the two
+    users' events interleave depends on the consumer's fetches and differs after a restart (the
+    crash test with searches compares the learned weights with an uninterrupted run's)."""
+    t0 = 1_700_000_000_000
+
+    def shopper(user: str, partition: int, picks: list[str], start_ms: int) -> list[tuple[int, Event]]:
+        out = []
+        for n, item in enumerate(picks):
+            ts = t0 + start_ms + n * 120_000
+            out.append((partition, Event(f"{user}-s{n}", "search", user, None, ts, query="tent")))
+            out.append((partition, Event(f"{user}-p{n}", "purchase", user, item, ts + 60_000)))
+        return out
+
+    a = shopper("u1", 0, ["tent-blue", "tent-green", "tent-blue"], 0)
+    b = shopper("u2", 1, ["tent-green", "tent-green", "tent-blue"], 30_000)
+
+    def learned(name: str, order: list[tuple[int, Event]]) -> dict[bytes, bytes]:
+        eng = Shard.open(_settings(tmp_path / name, cache), in_memory=True)
+        try:
+            eng.upsert_catalog(CATALOG)
+            eng.search.lexical.rebuild_interval_s = 0.0
+            offsets = [0, 0]
+            for partition, ev in order:  # one batch per event: as the fetches happened to cut
+                eng.process([Envelope("events", partition, offsets[partition], ev.user_id.encode(), encode(ev), ev.ts)])
+                offsets[partition] += 1
+            return dict(eng.kv.iter_prefix(b"sqa:"))
+        finally:
+            eng.close()
+
+    by_time = learned("by-time", sorted(a + b, key=lambda pe: pe[1].ts))
+    assert set(by_time) == {b"sqa:tent"}
+    assert learned("u1-first", a + b) == by_time
+    assert learned("u2-first", b + a) == by_time
+
+
+def test_an_association_record_of_the_arrival_order_average_loads_as_the_starting_weights():
+    """A state written before the average was taken in event time (``[{item: weight}, count]``)
+    keeps its weights; each engagement since decays them like any other."""
+    from recsys.store.kv import MemoryKV
+
+    kv = MemoryKV()
+    kv.write({b"sqa:tent": orjson.dumps([{"t1": 0.5, "t2": 0.25}, 3])})
+    a = QueryAssociations()
+    a.load(kv)
+    assert a.weights("tent") == {"t1": 0.5, "t2": 0.25} and a.engagements("tent") == 3
+    a.learn("tent", "t2", 1.0, ts=1, event_id="e1")
+    assert a.weights("tent") == pytest.approx({"t1": 0.375, "t2": 0.4375})
+    again = QueryAssociations()
+    kv.write(a.export_dirty())
+    again.load(kv)
+    assert again.weights("tent") == a.weights("tent") and again.engagements("tent") == 4
+
+
 def test_associations_are_bounded():
     a = QueryAssociations(max_items=3, max_queries=2)
     for i in range(10):

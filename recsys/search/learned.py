@@ -17,14 +17,22 @@ in the same basket as the cereal searched for) are things the shopper also did, 
 the query; they still use up the window's events. A window's other events are left to the
 recommender's co-visitation.
 
-**The association.** Per query, an exponential moving average over its engagements: each
-engagement first multiplies all of the query's weights by ``1 - rate`` and then adds
+**The association.** Per query, an exponential moving average over its engagements *in event
+time*: each engagement first multiplies all of the query's weights by ``1 - rate`` and then adds
 ``rate * weight`` to the chosen item. So weights stay in [0, 1], and when what shoppers choose
 after a query changes, the new choice overtakes the old one after a fixed number of
 engagements whatever the history (rate 0.25: an item the query always led to drops to 0.42
-after three purchases of another, which has then risen to 0.58). Bounded: at most
-``max_items`` items per query (the lightest goes) and ``max_queries`` queries (the one least
-recently engaged with goes).
+after three purchases of another, which has then risen to 0.58).
+
+**Independent of arrival order.** One process reading several partitions sees each user's
+events in order, but how the users' events interleave depends on the consumer's fetches, and
+differs after a restart. An average taken in arrival order would then learn other weights
+than the uninterrupted run. So each query keeps its last :data:`KEEP_ENGAGEMENTS` engagements
+sorted by ``(event time, crc32 of the engagement's event id, item, weight)`` and its weights
+are the average over them in that order: the same records whatever the interleaving. (An
+engagement older than the query's last 64 weighs at most ``0.75 ** 64`` = 1e-8 of it: dropped.)
+Bounded: at most ``max_items`` items per query (the lightest go) and ``max_queries`` queries
+(the one least recently engaged with goes: at that bound alone, arrival order matters).
 
 **Crash safety.** Like :class:`recsys.signals.covisitation.CoVisitation`: ``export_dirty()`` returns the
 changed records (``b"sqa:" + key``; the open windows under ``b"sqw:" + user``) for the
@@ -39,6 +47,8 @@ events above the committed watermark, so a re-delivered event is never learned t
 
 from __future__ import annotations
 
+import bisect
+import zlib
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
@@ -59,75 +69,152 @@ FOLLOW_MS = 30 * 60 * 1000
 ENGAGEMENTS = {t: EVENT_WEIGHTS[t] / EVENT_WEIGHTS["purchase"] for t in ("click", "add_to_cart", "purchase")}
 
 
-class QueryAssociations:
-    """Query key -> item -> weight in [0, 1], an exponential moving average per query."""
+#: Engagements kept per query (see "Independent of arrival order" above).
+KEEP_ENGAGEMENTS = 64
 
-    def __init__(self, *, rate: float = 0.25, max_items: int = 50, max_queries: int = 100_000) -> None:
+#: An engagement: ``(event time, crc32 of its event id, item, weight)``; sorted, they are the order
+#: the average is taken in.
+Engagement = tuple[int, int, str, float]
+
+
+class QueryAssociations:
+    """Query key -> item -> weight in [0, 1], an exponential moving average per query, taken in
+    event time over its last :data:`KEEP_ENGAGEMENTS` engagements."""
+
+    def __init__(self, *, rate: float = 0.25, max_items: int = 50, max_queries: int = 100_000,
+                 keep: int = KEEP_ENGAGEMENTS) -> None:
         if not 0 < rate <= 1:
             raise ValueError(f"rate must be in (0, 1], got {rate}")
         self.rate = rate
         self.max_items = max_items
         self.max_queries = max_queries
-        self._items: OrderedDict[str, dict[str, float]] = OrderedDict()  # least recently learned first
+        self.keep = keep
+        self._engaged: OrderedDict[str, list[Engagement]] = OrderedDict()  # least recently learned first
         self._counts: dict[str, int] = {}  # engagements per query (for reasons and slices)
+        #: weights read from a record of the arrival-order average (before the event-time one):
+        #: query -> (item -> weight, the query's count then); they decay by ``1 - rate`` per
+        #: engagement since, and are dropped once ``keep`` engagements followed
+        self._legacy: dict[str, tuple[dict[str, float], int]] = {}
+        self._items: dict[str, dict[str, float]] = {}  # the weights, computed when first read
         self._dirty: set[str] = set()
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._engaged)
 
-    def learn(self, key: str, item_id: str, weight: float) -> None:
-        """One engagement with ``item_id`` after query ``key`` (weight in (0, 1])."""
+    def learn(self, key: str, item_id: str, weight: float, *, ts: int = 0, event_id: str = "") -> None:
+        """One engagement with ``item_id`` after query ``key`` (weight in (0, 1]): the event
+        ``event_id`` at ``ts`` (ms). Engagements equal in time are ordered by the crc32 of their
+        event ids, then item and weight."""
+        self.learn_at(key, item_id, weight, ts, zlib.crc32(event_id.encode()) if event_id else 0)
+
+    def learn_at(self, key: str, item_id: str, weight: float, ts: int, tie: int) -> None:
+        """:meth:`learn` with the tie-break already computed (the exchange log's ops carry it)."""
         if not key or weight <= 0:
             return
-        items = self._items.get(key)
-        if items is None:
-            items = self._items[key] = {}
+        engaged = self._engaged.get(key)
+        if engaged is None:
+            engaged = self._engaged[key] = []
         else:
-            self._items.move_to_end(key)
-        keep = 1.0 - self.rate
-        for other in items:
-            items[other] *= keep
-        items[item_id] = items.get(item_id, 0.0) + self.rate * weight
-        if len(items) > self.max_items:
-            del items[min(items, key=lambda i: (items[i], i))]
-        self._counts[key] = self._counts.get(key, 0) + 1
+            self._engaged.move_to_end(key)
+        bisect.insort(engaged, (int(ts), int(tie), item_id, float(weight)))
+        if len(engaged) > self.keep:
+            del engaged[0]
+        count = self._counts[key] = self._counts.get(key, 0) + 1
+        legacy = self._legacy.get(key)
+        if legacy is not None and count - legacy[1] >= self.keep:
+            del self._legacy[key]
+        self._items.pop(key, None)
         self._dirty.add(key)
-        while len(self._items) > self.max_queries:
-            old, _ = self._items.popitem(last=False)
-            self._counts.pop(old, None)
+        while len(self._engaged) > self.max_queries:
+            old, _ = self._engaged.popitem(last=False)
+            self._forget(old)
             self._dirty.add(old)
+
+    def last_ts(self, key: str) -> int:
+        """Event time of the query's latest engagement kept (0: none)."""
+        engaged = self._engaged.get(key)
+        return engaged[-1][0] if engaged else 0
+
+    def _forget(self, key: str) -> None:
+        self._counts.pop(key, None)
+        self._legacy.pop(key, None)
+        self._items.pop(key, None)
 
     def weights(self, key: str) -> dict[str, float]:
         """Item -> weight for a query key (empty when nothing was learned); do not modify."""
-        return self._items.get(key, {})
+        items = self._items.get(key)
+        if items is None:
+            engaged = self._engaged.get(key)
+            if engaged is None:
+                return {}
+            items = self._items[key] = self._average(key, engaged)
+        return items
+
+    def _average(self, key: str, engaged: list[Engagement]) -> dict[str, float]:
+        """The moving average over the sorted engagements (items in order of first appearance),
+        the lightest beyond ``max_items`` left out."""
+        keep, rate = 1.0 - self.rate, self.rate
+        items: dict[str, float] = {}
+        legacy = self._legacy.get(key)
+        if legacy is not None:
+            decay = keep ** (self._counts[key] - legacy[1] - len(engaged))  # engagements since, not kept
+            items = {i: w * decay for i, w in legacy[0].items()}
+        for _ts, _tie, item_id, weight in engaged:
+            for other in items:
+                items[other] *= keep
+            items[item_id] = items.get(item_id, 0.0) + rate * weight
+        if len(items) > self.max_items:
+            drop = set(sorted(items, key=lambda i: (items[i], i))[: len(items) - self.max_items])
+            items = {i: w for i, w in items.items() if i not in drop}
+        return items
 
     def engagements(self, key: str) -> int:
         return self._counts.get(key, 0)
 
     def top(self, key: str, n: int) -> list[tuple[str, float]]:
-        items = self._items.get(key, {})
+        items = self.weights(key)
         return sorted(items.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
 
     def export_dirty(self) -> dict[bytes, bytes]:
-        """Changed queries as ``b"sqa:"+key -> JSON [{item: weight}, count]`` (``b""``: evicted)."""
+        """Changed queries as ``b"sqa:"+key -> JSON {"e": [[ts, tie, item, weight], ...], "n":
+        count}`` (plus ``"b"``, ``"bn"``: weights read from an older record and the count then;
+        ``b""``: evicted)."""
         out: dict[bytes, bytes] = {}
         for key in sorted(self._dirty):
-            items = self._items.get(key)
-            out[ASSOC_PREFIX + key.encode()] = b"" if items is None else orjson.dumps([items, self._counts[key]])
+            engaged = self._engaged.get(key)
+            if engaged is None:
+                out[ASSOC_PREFIX + key.encode()] = b""
+                continue
+            record: dict = {"e": engaged, "n": self._counts[key]}
+            if (legacy := self._legacy.get(key)) is not None:
+                record["b"], record["bn"] = legacy
+            out[ASSOC_PREFIX + key.encode()] = orjson.dumps(record)
         self._dirty.clear()
         return out
 
     def load(self, kv: KVStore) -> None:
-        """Replace everything held with the records under ``b"sqa:"``."""
-        self._items.clear()
+        """Replace everything held with the records under ``b"sqa:"`` (an older record, ``[{item:
+        weight}, count]`` of the arrival-order average, becomes the query's starting weights)."""
+        self._engaged.clear()
         self._counts.clear()
+        self._legacy.clear()
+        self._items.clear()
         self._dirty.clear()
         for key, value in kv.iter_prefix(ASSOC_PREFIX):
-            if value:
-                items, count = orjson.loads(value)
-                name = key[len(ASSOC_PREFIX):].decode()
-                self._items[name] = {i: float(w) for i, w in items.items()}
+            if not value:
+                continue
+            record = orjson.loads(value)
+            name = key[len(ASSOC_PREFIX):].decode()
+            if isinstance(record, list):  # [{item: weight}, count]
+                items, count = record
+                self._engaged[name] = []
                 self._counts[name] = int(count)
+                self._legacy[name] = ({i: float(w) for i, w in items.items()}, int(count))
+                continue
+            self._engaged[name] = [(int(ts), int(tie), item, float(w)) for ts, tie, item, w in record["e"]]
+            self._counts[name] = int(record["n"])
+            if "b" in record:
+                self._legacy[name] = ({i: float(w) for i, w in record["b"].items()}, int(record["bn"]))
 
 
 def window_key(user_id: str) -> bytes:

@@ -39,6 +39,7 @@ import functools
 import itertools
 import math
 import time
+import zlib
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -270,10 +271,10 @@ class Search:
         #: Called with ``(user_id, query key, search ts, item ids)`` for each new search answered
         #: (:class:`recsys.search.intent.SearchIntent` keeps them for the next recommendations).
         self.on_answer: Callable[[str, str, int, list[str]], None] | None = None
-        #: Issue 11, with sharing: called with ``(query key, item id, weight)`` instead of learning
-        #: the association here (:meth:`recsys.signals.exchange.SignalExchange.record_search`):
+        #: Issue 11, with sharing: called with ``(query key, item id, weight, event time, tie-break)``
+        #: instead of learning the association here (:meth:`recsys.signals.exchange.SignalExchange.record_search`):
         #: every shard learns it when it applies the exchange log.
-        self.record_association: Callable[[str, str, float], None] | None = None
+        self.record_association: Callable[[str, str, float, int, int], None] | None = None
 
     # ------------------------------------------------------------------ state
 
@@ -401,11 +402,12 @@ class Search:
             self.credit_counts["not credited"] += 1
             return
         self.credit_counts["credited"] += 1
+        tie = zlib.crc32(event.event_id.encode())  # the associations' order among equal times
         if self.record_association is not None:  # sharing: learned when the exchange log brings it back
             if share:  # else the log holds it already (issue 11: a wiped shard re-reading its events)
-                self.record_association(key, event.item_id, weight)
+                self.record_association(key, event.item_id, weight, event.ts, tie)
         else:
-            self.associations.learn(key, event.item_id, weight)
+            self.associations.learn_at(key, event.item_id, weight, event.ts, tie)
         if not answers:  # the first choice, credited for findability: no lesson on ranking text matches
             return
         shown = self._shown.pop(event.user_id, None)

@@ -133,7 +133,9 @@ SIGNAL_PREFIXES = (POP_PREFIX, COV_PREFIX, NEXT_PREFIX, SESSION_PREFIX, ASSOC_PR
 Op = list  # [user_id, session_id, item_id, event_type, ts, history | None]
 #: The event-type field of an erasure's op: drop every session of the op's user.
 FORGET_OP = "forget_user"
-#: The event-type field of a search association's op: ``[query key, None, item, SEARCH_OP, weight, None]``.
+#: The event-type field of a search association's op: ``[query key, [event time, tie-break], item,
+#: SEARCH_OP, weight, None]`` (:meth:`recsys.search.learned.QueryAssociations.learn_at`; ops sealed
+#: before they carried the time have ``None`` there).
 SEARCH_OP = "search_learn"
 #: ``x:c:<origin>:<topic>:<partition>`` -> the highest input offset of that origin's partition whose
 #: ops the applied log holds (version 3 messages' ``covered``); in snapshots, not in the checksum.
@@ -334,9 +336,9 @@ class SignalExchange:
         ``associations`` when it applies the op."""
         self.associations = associations
 
-    def record_search(self, key: str, item_id: str, weight: float) -> None:
-        """Note one search association (``QueryAssociations.learn``'s arguments) instead of learning it."""
-        self._ops.append([key, None, item_id, SEARCH_OP, weight, None])
+    def record_search(self, key: str, item_id: str, weight: float, ts: int, tie: int) -> None:
+        """Note one search association (``QueryAssociations.learn_at``'s arguments) instead of learning it."""
+        self._ops.append([key, [ts, tie], item_id, SEARCH_OP, weight, None])
 
     def record_pair(self, rows: np.ndarray) -> None:
         """Note one re-ranker step (:meth:`recsys.ranking.reranker.PairwiseReranker.sample_pair`'s rows)."""
@@ -449,7 +451,11 @@ class SignalExchange:
         for user_id, session_id, item_id, event_type, ts, history in ops:
             if event_type == SEARCH_OP:
                 if self.associations is not None:
-                    self.associations.learn(user_id, item_id, ts)
+                    if session_id is not None:  # [event time, tie-break]
+                        self.associations.learn_at(user_id, item_id, ts, *session_id)
+                    else:  # a message sealed before ops carried them: after what the query holds
+                        self.associations.learn_at(user_id, item_id, ts, self.associations.last_ts(user_id),
+                                                   2**32 + self.associations.engagements(user_id))
                 continue
             if event_type == FORGET_OP:
                 dropped = sessions.forget_user(user_id)
