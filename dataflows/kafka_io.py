@@ -8,7 +8,8 @@ builds real kafka-python clients from :class:`recsys.settings.Settings`;
 - :class:`KafkaSource` — a Bytewax ``FixedPartitionedSource`` whose partitions are the
   topic's Kafka partitions (``"events#0"``, ...). Manual ``assign`` + ``seek`` to the resume
   offset (Bytewax recovery stores it), non-blocking batched polls; yields
-  :class:`recsys.events.Envelope`. No consumer groups, no commits.
+  :class:`recsys.events.Envelope`. No consumer groups, no commits. A worker's partitions share
+  one consumer (:class:`SharedConsumers`; across topics when the sources share one).
 - :class:`KafkaSink` — a Bytewax ``FixedPartitionedSink`` of ``(key, value)``; sends are flushed
   and checked at every epoch snapshot, before Bytewax commits the epoch (at-least-once).
 - :func:`produce_records`, :func:`consume_all`, :func:`ensure_topics` for the demo, tests and
@@ -27,8 +28,9 @@ builds real kafka-python clients from :class:`recsys.settings.Settings`;
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol
 
@@ -47,6 +49,7 @@ __all__ = [
     "KafkaSink",
     "KafkaSource",
     "OffsetResetError",
+    "SharedConsumers",
     "UnknownTopicError",
     "consume_all",
     "ensure_topics",
@@ -65,6 +68,25 @@ PRODUCER_BATCH_BYTES = 256 * 1024
 #: Idle backoff bounds: long enough that an idle partition does not spin a core, short
 #: enough not to dominate latency (the design keeps fetch_max_wait_ms at 10-50 ms).
 MIN_IDLE_BACKOFF_MS, MAX_IDLE_BACKOFF_MS = 1, 100
+#: A poll of the shared consumer that found nothing this recently is not repeated for another
+#: partition: no fetch response can have come in between (Bytewax calls a worker's due partitions
+#: back to back, tens of microseconds apart). Each poll hands a task to the consumer's network
+#: thread, so four idle partitions polling apart cost that thread four wake-ups instead of one.
+FRESH_POLL_S = 0.001
+#: How long a partition holding part of a batch may wait for the rest while its log holds it. A
+#: shared consumer's poll splits ``poll_max_records`` between partitions wherever a fetched chunk
+#: ends, so without the wait a partition's batch boundaries would depend on how the broker cut
+#: its fetch responses; with it, a batch is ``poll_max_records`` records whenever the log holds
+#: that many, as a partition's own consumer returned them. The engine coalesces a user's events
+#: per batch, so a restarted run emits the same recommendations as an uninterrupted one
+#: (tests/test_crash_recovery.py). The rest comes once the records fetched ahead of it (another
+#: partition's chunk, at most one fetch) have been handed out, batch by batch: under a second.
+#: Only runs to the end seen at start (``stop_at_end``: replays, benchmarks, the crash test)
+#: wait: there the log decides the batches. A live flow's batches depend on arrival times
+#: anyway, and there a partition behind by a batch would wait while the other partition's
+#: batches go first (one live run with it waiting had a p99 of 3 s at 1,000 events/s, against
+#: 1.4 s for the tree before beside it). The bound is a stall guard.
+FULL_BATCH_WAIT_S = 5.0
 #: How long a partition may take to report its high watermark.
 HIGHWATER_TIMEOUT_S = 15.0
 #: How long a log end below the flow's position must persist before it counts as data loss:
@@ -225,8 +247,171 @@ def _envelope(r: Any) -> Envelope:
 # ------------------------------------------------------------------------------ source
 
 
+def _named_partitions(exc: Exception) -> set[TopicPartition]:
+    """The partitions an ``OffsetOutOfRangeError`` names (kafka-python raises it with
+    ``{TopicPartition: fetch offset}``); empty when it names none."""
+    named = exc.args[0] if exc.args else None
+    return {tp for tp in named if isinstance(tp, TopicPartition)} if isinstance(named, dict) else set()
+
+
+class _SharedConsumer:
+    """One consumer for every partition a worker reads, and a buffer of fetched records per partition.
+
+    Why one: each consumer has its own network thread, which wakes for a fetch round trip every
+    ``fetch_max_wait_ms`` (~5% of a core each on an idle flow; README, Performance), and under load
+    each sends its own fetch requests. Shared, one fetch request carries every partition.
+
+    A poll made for one partition files the records of the others in their buffers. No poll is
+    made while a buffer holds ``poll_max_records`` or more (a poll returns at most that many), so
+    one busy topic cannot fill memory, and kafka-python fetches no more for a partition whose
+    records wait in a buffer. Only a partition being built polls regardless: its high watermark
+    comes with a fetch response queued behind what the consumer had fetched for the others, which
+    its polls move to their buffers (about one fetch, ``max_partition_fetch_bytes``, per
+    partition: memory the consumer held anyway). Not ``pause``/``resume``: kafka-python 3.0.12
+    parks the records of a partition paused in the middle of a fetched batch and hands them back
+    only in a state it seldom returns to; the partition is then never fetched again (seen as a
+    stop_at_end flow that never ended).
+
+    An ``OffsetOutOfRangeError`` is marked on the partitions it names until their owner deals
+    with it (:meth:`seek`).
+    """
+
+    def __init__(self, clients: KafkaClientFactory, *, poll_max_records: int, fetch_max_wait_ms: int,
+                 release: Callable[["_SharedConsumer"], None]) -> None:
+        # "none": an offset out of range raises instead of being reset silently (kafka-python's
+        # "earliest" re-read from the log start, where the engine skipped what it thought it had)
+        self.consumer: Any = clients.consumer(
+            fetch_max_wait_ms=fetch_max_wait_ms, max_poll_records=poll_max_records, auto_offset_reset="none"
+        )
+        self._max = poll_max_records
+        self._buffers: dict[TopicPartition, list[Any]] = {}
+        self._lost: set[TopicPartition] = set()  # out of range, until their owner seeks
+        self._release = release
+        self.polled_at = float("-inf")  # time.monotonic() of the last poll that returned nothing
+
+    def holds(self, tp: TopicPartition) -> bool:
+        return tp in self._buffers
+
+    def join(self, tp: TopicPartition, offset: int) -> None:
+        """Read ``tp`` too, from ``offset`` (the other partitions keep their positions and buffers)."""
+        self._buffers[tp] = []
+        try:
+            self.consumer.assign(list(self._buffers))
+            self.consumer.seek(tp, offset)  # before any poll: "none" has no position to start from
+        except BaseException:
+            self.leave(tp)
+            raise
+
+    def leave(self, tp: TopicPartition) -> None:
+        """Stop reading ``tp``; the last partition to leave closes the consumer."""
+        if self._buffers.pop(tp, None) is None:
+            return
+        self._lost.discard(tp)
+        if self._buffers:
+            self.consumer.assign(list(self._buffers))
+        else:
+            self.consumer.close()
+            self._release(self)
+
+    def poll(self, timeout_ms: int = 0, *, building: bool = False) -> None:
+        """One poll for every partition: what it returns goes to the partitions' buffers. None
+        while a buffer is full, unless ``building`` (a partition being built waits for its high
+        watermark, and Bytewax drains no buffer before every partition is built)."""
+        from kafka.errors import OffsetOutOfRangeError
+
+        if not building and (
+            time.monotonic() - self.polled_at < FRESH_POLL_S
+            or any(len(buffer) >= self._max for buffer in self._buffers.values())
+        ):
+            return
+        try:
+            got = self.consumer.poll(timeout_ms=timeout_ms, max_records=self._max)
+        except OffsetOutOfRangeError as exc:  # the broker says so: below the log start or past its end
+            self._lost |= (_named_partitions(exc) & self._buffers.keys()) or set(self._buffers)
+            return
+        self.polled_at = float("-inf") if got else time.monotonic()
+        for tp, records in got.items():
+            buffer = self._buffers.get(tp)
+            if buffer is not None:  # None: left since the fetch
+                buffer.extend(records)
+
+    def take(self, tp: TopicPartition, n: int) -> list[Any]:
+        """Up to ``n`` buffered records of ``tp``, oldest first."""
+        buffer = self._buffers[tp]
+        if len(buffer) <= n:
+            out, self._buffers[tp] = buffer, []
+        else:
+            out, self._buffers[tp] = buffer[:n], buffer[n:]
+        return out
+
+    def buffered(self, tp: TopicPartition) -> int:
+        return len(self._buffers[tp])
+
+    def out_of_range(self, tp: TopicPartition) -> bool:
+        return tp in self._lost
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        """Read ``tp`` from ``offset`` on: its buffer dropped, its out-of-range mark cleared."""
+        self._buffers[tp] = []
+        self._lost.discard(tp)
+        self.consumer.seek(tp, offset)
+
+    def highwater(self, tp: TopicPartition) -> int | None:
+        return self.consumer.highwater(tp)
+
+    def position(self, tp: TopicPartition) -> int:
+        """The next offset the consumer fetches (records below it may still be buffered)."""
+        return self.consumer.position(tp)
+
+    def connections(self) -> int | None:
+        """How many broker connections the consumer holds open now: 0 while no broker answers
+        (kafka-python keeps retrying without a word); None if the client does not say
+        (``KafkaConsumer.metrics()`` is documented as an unstable interface)."""
+        try:
+            count = (self.consumer.metrics() or {}).get("consumer-metrics", {}).get("connection-count")
+        except Exception:  # noqa: BLE001 - a figure for the status line, never a reason to stop
+            return None
+        return None if count is None else int(count)
+
+
+class SharedConsumers:
+    """Hands each partition built on a worker the one :class:`_SharedConsumer` of that worker
+    (thread) and client settings. Give the same object to every :class:`KafkaSource` of a flow
+    (:func:`dataflows.live.live_flow` does): then a process reads all its partitions (events,
+    catalog, control, exchange) through one consumer. A source given none shares one among its
+    own partitions. ``--processes N``: each process builds its own flow, so its own consumer.
+
+    A partition built again while the first one of that name is still open (a test building a
+    resumed partition beside the old one) gets a consumer of its own: one consumer cannot read
+    one partition from two positions.
+    """
+
+    def __init__(self) -> None:
+        self._local = threading.local()  # Bytewax workers are threads; a KafkaConsumer is not thread-safe
+        self.opened = 0  # consumers opened so far (all threads): one per worker is the point
+
+    def join(self, clients: KafkaClientFactory, tp: TopicPartition, offset: int, *,
+             poll_max_records: int, fetch_max_wait_ms: int) -> _SharedConsumer:
+        mine: dict[tuple[int, int, int], _SharedConsumer] = self._local.__dict__.setdefault("consumers", {})
+        key = (id(clients), poll_max_records, fetch_max_wait_ms)  # the consumer keeps ``clients`` alive
+        shared = mine.get(key)
+        if shared is None or shared.holds(tp):
+
+            def release(done: _SharedConsumer, key: tuple[int, int, int] = key) -> None:
+                if mine.get(key) is done:
+                    del mine[key]
+
+            shared = _SharedConsumer(clients, poll_max_records=poll_max_records,
+                                     fetch_max_wait_ms=fetch_max_wait_ms, release=release)
+            mine[key] = shared
+            self.opened += 1
+        shared.join(tp, offset)  # on failure a consumer opened for it alone is closed
+        return shared
+
+
 class _KafkaPartition(StatefulSourcePartition[Envelope, int]):
-    """One Kafka partition: its own consumer, resume state = the next offset to read.
+    """One Kafka partition, read through the consumer it shares with the other partitions of its
+    worker (:class:`SharedConsumers`); resume state = the next offset to read.
 
     ``resumed``: ``start`` came from Bytewax recovery. Then the partition's log must still hold
     it (log start <= start <= log end); if it does not, ``on_offset_reset`` decides: ``"fail"``
@@ -246,6 +431,7 @@ class _KafkaPartition(StatefulSourcePartition[Envelope, int]):
         stop_at_end: bool,
         resumed: bool = False,
         on_offset_reset: str = "fail",
+        consumers: SharedConsumers | None = None,
     ) -> None:
         self._tp = tp
         self._next = start
@@ -255,22 +441,22 @@ class _KafkaPartition(StatefulSourcePartition[Envelope, int]):
             milliseconds=min(max(fetch_max_wait_ms, MIN_IDLE_BACKOFF_MS), MAX_IDLE_BACKOFF_MS)
         )
         self._awake: datetime | None = None
-        # "none": an offset out of range raises instead of being reset silently (kafka-python's
-        # "earliest" re-read from the log start, where the engine skipped what it thought it had)
-        self._consumer = clients.consumer(
-            fetch_max_wait_ms=fetch_max_wait_ms, max_poll_records=poll_max_records, auto_offset_reset="none"
-        )
-        self._consumer.assign([tp])
-        self._pending: list[Any] = []
         self._end: int | None = None
         self._control: Envelope | None = None  # tells the engine of a move we made (on_offset_reset)
+        self._short_since: float | None = None  # waiting for the rest of a batch since (FULL_BATCH_WAIT_S)
         self._clients = clients
         self._bootstrap = clients.bootstrap
+        consumers = consumers if consumers is not None else SharedConsumers()
+        self._shared: _SharedConsumer | None = consumers.join(
+            clients, tp, start, poll_max_records=poll_max_records, fetch_max_wait_ms=fetch_max_wait_ms
+        )
         try:
             if not resumed:
-                self._next = max(start, self._consumer.beginning_offsets([tp])[tp])
-            self._consumer.seek(tp, self._next)
-            end = self._read_highwater(self._consumer, self._pending)
+                self._next = max(start, self._shared.consumer.beginning_offsets([tp])[tp])
+                self._shared.seek(tp, self._next)
+            end = self._read_highwater()
+            if end is None:  # out of range: read on from _next if the log still holds it
+                self._shared.seek(tp, self._next)
             if end is None or end < self._next:
                 end = self._verify_position()
         except BaseException:
@@ -279,36 +465,46 @@ class _KafkaPartition(StatefulSourcePartition[Envelope, int]):
         if stop_at_end:
             self._end = end
 
-    def _read_highwater(self, consumer: Any, pending: list[Any]) -> int | None:
-        """The log end, from a fetch at ``consumer``'s position (records fetched meanwhile go to
-        ``pending``); None when the broker answers that the position is out of range.
-        (end_offsets() is not used: the local Tansu broker reports the last batch's base offset
-        + 1 there.)"""
-        from kafka.errors import OffsetOutOfRangeError
-
+    def _read_highwater(self) -> int | None:
+        """The log end, from a fetch at this partition's position (records fetched meanwhile, its
+        own or other partitions', wait in their buffers); None when the broker answers that the
+        position is out of range. (end_offsets() is not used: the local Tansu broker reports the
+        last batch's base offset + 1 there.)"""
+        shared = self._shared
+        assert shared is not None
         deadline = time.monotonic() + HIGHWATER_TIMEOUT_S
-        try:
-            while (hw := consumer.highwater(self._tp)) is None:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(
-                        f"no high watermark for {self._tp.topic}[{self._tp.partition}] from {self._bootstrap} "
-                        f"within {HIGHWATER_TIMEOUT_S:.0f} s"
-                    )
-                got = consumer.poll(timeout_ms=50, max_records=self._max)
-                pending.extend(got.get(self._tp, ()))
-        except OffsetOutOfRangeError:
-            return None
-        return hw
+        while not shared.out_of_range(self._tp):
+            if (hw := shared.highwater(self._tp)) is not None:
+                return hw
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"no high watermark for {self._tp.topic}[{self._tp.partition}] from {self._bootstrap} "
+                    f"within {HIGHWATER_TIMEOUT_S:.0f} s"
+                )
+            shared.poll(timeout_ms=50, building=True)
+        return None
 
     def _bounds(self) -> tuple[int, int]:
         """The log's (start, end) now, read by a new consumer from the log start (the reading
         consumer keeps the high watermark of its last fetch, and its position may be out of range)."""
+        from kafka.errors import OffsetOutOfRangeError
+
         probe = self._clients.consumer(max_poll_records=1, auto_offset_reset="none")
         try:
             probe.assign([self._tp])
             log_start = probe.beginning_offsets([self._tp])[self._tp]
             probe.seek(self._tp, log_start)
-            end = self._read_highwater(probe, [])
+            deadline = time.monotonic() + HIGHWATER_TIMEOUT_S
+            try:
+                while (end := probe.highwater(self._tp)) is None:  # from a fetch: see _read_highwater
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(
+                            f"no high watermark for {self._tp.topic}[{self._tp.partition}] from {self._bootstrap} "
+                            f"within {HIGHWATER_TIMEOUT_S:.0f} s"
+                        )
+                    probe.poll(timeout_ms=50, max_records=1)
+            except OffsetOutOfRangeError:
+                end = None
         finally:
             probe.close()
         return log_start, log_start if end is None else end
@@ -340,24 +536,56 @@ class _KafkaPartition(StatefulSourcePartition[Envelope, int]):
             extra={OFFSETS_RESET_FROM: self._next, OFFSETS_RESET_TO: target},
         )
         self._next = target
-        self._pending = []
-        self._consumer.seek(self._tp, target)
+        assert self._shared is not None
+        self._shared.seek(self._tp, target)
         return end
 
     def _done(self) -> bool:
-        return self._end is not None and not self._pending and self._next >= self._end
+        # buffered records are at or above _next, so at or past the end too
+        return self._end is not None and self._next >= self._end
 
-    def _poll(self) -> list[Any]:
-        from kafka.errors import OffsetOutOfRangeError
-
-        try:
-            records = self._consumer.poll(timeout_ms=0, max_records=self._max).get(self._tp, [])
-        except OffsetOutOfRangeError:  # the broker says so: below the log start or past its end
+    def _read(self) -> list[Any] | None:
+        """Up to ``poll_max_records`` records: this partition's buffer, topped up by a poll of the
+        shared consumer; None while it waits for the rest of a batch (:data:`FULL_BATCH_WAIT_S`)."""
+        shared, tp = self._shared, self._tp
+        assert shared is not None
+        if shared.buffered(tp) < self._max:
+            shared.poll()
+        if shared.out_of_range(tp):  # the broker says so: below the log start or past its end
+            shared.seek(tp, self._next)  # nothing buffered was handed out: read on from _next
             self._verify_position()
             return []
-        if not records and (hw := self._consumer.highwater(self._tp)) is not None and hw < self._next:
+        if self._batch_incomplete():
+            return None
+        records = shared.take(tp, self._max)
+        if not records and (hw := shared.highwater(tp)) is not None and hw < self._next:
             self._verify_position()  # an idle partition whose log end fell below us: data lost under us
         return records
+
+    def _batch_incomplete(self) -> bool:
+        """Whether the buffer holds part of a batch whose rest the log holds (up to the end of a
+        ``stop_at_end`` run) and the consumer has not fetched yet (not for longer than
+        :data:`FULL_BATCH_WAIT_S`). Offsets the log
+        does not fill (transaction markers, compaction) end the wait once fetched past."""
+        shared = self._shared
+        assert shared is not None
+        buffered = shared.buffered(self._tp)
+        end = shared.highwater(self._tp)
+        if self._end is None:  # a live flow: see FULL_BATCH_WAIT_S
+            return False
+        if end is not None:
+            end = min(end, self._end)
+        if (not 0 < buffered < self._max or end is None or end - self._next < self._max
+                or shared.position(self._tp) >= end):
+            self._short_since = None
+            return False
+        now = time.monotonic()
+        if self._short_since is None:
+            self._short_since = now
+        if now - self._short_since >= FULL_BATCH_WAIT_S:
+            self._short_since = None
+            return False
+        return True
 
     def next_batch(self) -> list[Envelope]:
         if self._control is not None:
@@ -366,20 +594,31 @@ class _KafkaPartition(StatefulSourcePartition[Envelope, int]):
         if self._done():
             self.close()
             raise StopIteration()
-        if self._pending:
-            records, self._pending = self._pending, []
-        else:
-            records = self._poll()
+        records = self._read()
+        if records is None:  # the rest of the batch is on its way: look again soon
+            self._awake = datetime.now(timezone.utc) + timedelta(milliseconds=MIN_IDLE_BACKOFF_MS)
+            return []
         if self._end is not None:
             records = [r for r in records if r.offset < self._end]
-            # control records (transactions) leave offset gaps: the fetch position still advances
-            self._next = max(self._next, min(self._consumer.position(self._tp), self._end))
+            assert self._shared is not None
+            if not self._shared.buffered(self._tp):
+                # control records (transactions) leave offset gaps: the fetch position still
+                # advances (with records buffered it is ahead of what was handed out)
+                self._next = max(self._next, min(self._shared.position(self._tp), self._end))
         if not records:
-            self._awake = datetime.now(timezone.utc) + self._backoff
+            self._awake = datetime.now(timezone.utc) + self._idle_wait()
             return []
         self._awake = None
         self._next = max(self._next, records[-1].offset + 1)
         return [_envelope(r) for r in records]
+
+    def _idle_wait(self) -> timedelta:
+        """The idle backoff, counted from the shared consumer's last empty poll, whoever made it:
+        the idle partitions of a worker then wake together, and one poll serves them all."""
+        since = time.monotonic() - self._shared.polled_at if self._shared is not None else 0.0
+        if not 0 <= since < self._backoff.total_seconds():  # no recent empty poll
+            return self._backoff
+        return max(self._backoff - timedelta(seconds=since), timedelta(milliseconds=MIN_IDLE_BACKOFF_MS))
 
     def next_awake(self) -> datetime | None:
         return self._awake
@@ -390,25 +629,23 @@ class _KafkaPartition(StatefulSourcePartition[Envelope, int]):
     # issue 10 (metrics): consumer lag for dataflows/metrics.py, from the high watermark the
     # last fetch reported (no request of its own); None until the first fetch answered.
     def lag(self) -> int | None:
-        hw = self._consumer.highwater(self._tp) if self._consumer is not None else None
+        hw = self._shared.highwater(self._tp) if self._shared is not None else None
         return None if hw is None else max(hw - self._next, 0)
 
+    @property
+    def consumer_id(self) -> int | None:
+        """Which consumer this partition reads through: the partitions of one process share it,
+        and the metrics count its connections once."""
+        return None if self._shared is None else id(self._shared)
+
     def connections(self) -> int | None:
-        """How many broker connections this partition's consumer holds open now, for the status
-        line: 0 while no broker answers (kafka-python keeps retrying without a word); None if the
-        client does not say (``KafkaConsumer.metrics()`` is documented as an unstable interface)."""
-        if self._consumer is None:
-            return None
-        try:
-            count = (self._consumer.metrics() or {}).get("consumer-metrics", {}).get("connection-count")
-        except Exception:  # noqa: BLE001 - a figure for the status line, never a reason to stop
-            return None
-        return None if count is None else int(count)
+        """Broker connections of the consumer this partition reads through (for the status line)."""
+        return self._shared.connections() if self._shared is not None else None
 
     def close(self) -> None:
-        if self._consumer is not None:
-            self._consumer.close()
-            self._consumer = None
+        if self._shared is not None:
+            shared, self._shared = self._shared, None
+            shared.leave(self._tp)
 
 
 class KafkaSource(FixedPartitionedSource[Envelope, int]):
@@ -433,6 +670,7 @@ class KafkaSource(FixedPartitionedSource[Envelope, int]):
         shard: int = 0,
         shards: int = 1,
         on_offset_reset: str = "fail",
+        consumers: SharedConsumers | None = None,
     ) -> None:
         if poll_max_records <= 0:
             raise ValueError(f"poll_max_records must be > 0, got {poll_max_records}")
@@ -445,11 +683,15 @@ class KafkaSource(FixedPartitionedSource[Envelope, int]):
         self.fetch_max_wait_ms = fetch_max_wait_ms
         self.stop_at_end = stop_at_end
         self.on_offset_reset = on_offset_reset  # a recovered offset the log no longer holds: _KafkaPartition
+        # one consumer per worker for every partition built with it (the flow's other sources too)
+        self.consumers = consumers if consumers is not None else SharedConsumers()
 
     @classmethod
-    def from_settings(cls, clients: KafkaClientFactory, topic: str, settings: Settings, *, sharded: bool = False) -> "KafkaSource":
+    def from_settings(cls, clients: KafkaClientFactory, topic: str, settings: Settings, *, sharded: bool = False,
+                      consumers: SharedConsumers | None = None) -> "KafkaSource":
         """``sharded``: this process reads only its shard's partitions (the events topic);
-        otherwise every partition (the catalog: every shard needs every item)."""
+        otherwise every partition (the catalog: every shard needs every item). ``consumers``:
+        shared with the flow's other sources (one consumer for all)."""
         return cls(
             clients,
             topic,
@@ -459,6 +701,7 @@ class KafkaSource(FixedPartitionedSource[Envelope, int]):
             shard=settings.shard if sharded else 0,
             shards=settings.shards if sharded else 1,
             on_offset_reset=settings.on_offset_reset,
+            consumers=consumers,
         )
 
     def list_parts(self) -> list[str]:
@@ -482,6 +725,7 @@ class KafkaSource(FixedPartitionedSource[Envelope, int]):
             stop_at_end=self.stop_at_end,
             resumed=resume_state is not None,
             on_offset_reset=self.on_offset_reset,
+            consumers=self.consumers,
         )
 
 

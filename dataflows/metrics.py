@@ -170,6 +170,7 @@ class FlowMetrics(_Endpoint):
         self._lags: dict[tuple[str, int], int] = {}
         # the input partitions' consumers: the status line says when none holds a broker connection
         self._connection_probes: list[Callable[[], int | None]] = []
+        self._connection_owners: set[object] = set()
         self._unreachable_since: float | None = None
         self._poll_max: dict[str, float] = {}
         self._versions: dict[str, tuple[int, float]] = {}
@@ -194,8 +195,13 @@ class FlowMetrics(_Endpoint):
             self._lags[(topic, partition)] = lag
             self.lag.labels(topic, str(partition)).set(lag)
 
-    def watch_connections(self, probe: Callable[[], int | None]) -> None:
-        """``probe()``: how many broker connections an input's consumer holds (None: unknown)."""
+    def watch_connections(self, probe: Callable[[], int | None], owner: object = None) -> None:
+        """``probe()``: how many broker connections an input's consumer holds (None: unknown).
+        ``owner``: the consumer it reads; partitions that share one consumer count it once."""
+        if owner is not None:
+            if owner in self._connection_owners:
+                return
+            self._connection_owners.add(owner)
         self._connection_probes.append(probe)
 
     def _connection_count(self) -> float:
@@ -392,7 +398,7 @@ class _WatchedPartition(StatefulSourcePartition[Any, Any]):
         self.inner, self.topic, self.partition, self.metrics = inner, topic, partition, metrics
         self._lag = getattr(inner, "lag", None)
         if (connections := getattr(inner, "connections", None)) is not None:
-            metrics.watch_connections(connections)
+            metrics.watch_connections(connections, getattr(inner, "consumer_id", None))
         self._polled_at: float | None = None
 
     def next_batch(self) -> Any:

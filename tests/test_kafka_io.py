@@ -6,6 +6,7 @@ Flow tests run twice: over the in-memory broker and over the real local broker (
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections import defaultdict
 from datetime import timedelta
@@ -24,6 +25,7 @@ from dataflows.kafka_io import (
     KafkaClients,
     KafkaSink,
     KafkaSource,
+    SharedConsumers,
     UnknownTopicError,
     check_shards,
     consume_all,
@@ -312,3 +314,150 @@ def test_an_ordered_sink_keeps_one_request_in_flight(local_broker, topic_name) -
     finally:
         ordered.close()
         plain.close()
+
+
+# ------------------------------------------------------------------ one consumer per worker
+
+
+class _Counting:
+    """A client factory that counts the consumers it made and the most open at once."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.bootstrap = inner, inner.bootstrap
+        self.made = self.open = self.most_open = 0
+
+    def consumer(self, **overrides):
+        consumer = _Counted(self.inner.consumer(**overrides), self)
+        self.made += 1
+        self.open += 1
+        self.most_open = max(self.most_open, self.open)
+        return consumer
+
+    def producer(self, **overrides):
+        return self.inner.producer(**overrides)
+
+    def admin(self, **overrides):
+        return self.inner.admin(**overrides)
+
+
+class _Counted:
+    def __init__(self, consumer, counts: _Counting) -> None:
+        self._consumer, self._counts, self._closed = consumer, counts, False
+
+    def __getattr__(self, name: str):
+        return getattr(self._consumer, name)
+
+    def close(self, *args, **kwargs):
+        if not self._closed:
+            self._closed = True
+            self._counts.open -= 1
+        return self._consumer.close(*args, **kwargs)
+
+
+def test_one_consumer_reads_every_partition_of_every_topic_in_order_across_a_restart(clients, topic_name, tmp_path: Path) -> None:
+    """Issue 12: a process reading N partitions of several topics opens one consumer for all
+    (before: one each), and a run stopped mid-stream resumes every partition where it stopped:
+    every record once, in offset order per partition."""
+    from dataflows.flow import Inputs
+    from dataflows.runner import StoppableSource
+
+    a, b = topic_name("a"), topic_name("b")
+    ensure_topics(clients, {a: 3, b: 1})
+    produce_records(clients, a, _records(120, users=12))
+    produce_records(clients, b, _records(40))
+    init_db_dir(tmp_path, 1)
+    recovery = RecoveryConfig(tmp_path)
+
+    def life(stop_after: int | None) -> tuple[list[Envelope], _Counting, SharedConsumers]:
+        counting, consumers, stop, got = _Counting(clients), SharedConsumers(), threading.Event(), []
+
+        def seen(e: Envelope) -> Envelope:
+            got.append(e)
+            if stop_after is not None and len(got) >= stop_after:
+                stop.set()  # the input ends at its next poll; the epoch closes with the offsets read
+            return e
+
+        sources = [KafkaSource(counting, t, poll_max_records=5, fetch_max_wait_ms=10, stop_at_end=True, consumers=consumers)
+                   for t in (a, b)]
+        flow = Dataflow("shared")
+        op.inspect("sink", op.map("seen", op.input("in", flow, StoppableSource(Inputs(sources), stop)), seen))
+        run_main(flow, epoch_interval=timedelta(milliseconds=50), recovery_config=recovery)
+        return got, counting, consumers
+
+    first, counts, consumers = life(stop_after=50)
+    assert 50 <= len(first) < 160  # stopped mid-stream
+    assert consumers.opened == 1 and counts.most_open == 1 and counts.open == 0  # one reader, closed at the end
+    second, counts, consumers = life(stop_after=None)
+    assert consumers.opened == 1 and counts.most_open == 1 and counts.open == 0
+    for topic, partitions in ((a, 3), (b, 1)):
+        for p in range(partitions):
+            offsets = [e.offset for e in first + second if (e.topic, e.partition) == (topic, p)]
+            assert offsets == list(range(len(offsets))), (topic, p)  # once each, in order, resumed exactly
+    assert sorted(e.value for e in first + second if e.topic == a) == sorted(v for _, v in _records(120, users=12))
+    assert [e.value for e in first + second if e.topic == b] == [v for _, v in _records(40)]
+
+
+def test_a_busy_partition_cannot_fill_memory_through_an_idle_ones_polls(clients, topic_name) -> None:
+    """The shared consumer's buffers are bounded: polls made for an idle partition stop while the
+    busy partition's buffer holds poll_max_records, and the busy one then reads every record."""
+    busy, idle = topic_name("busy"), topic_name("idle")
+    ensure_topics(clients, {busy: 1, idle: 1})
+    produce_records(clients, busy, _records(200))
+    consumers, counting = SharedConsumers(), _Counting(clients)
+    parts = {t: KafkaSource(counting, t, poll_max_records=10, fetch_max_wait_ms=10, consumers=consumers).build_part("in", part_name(t, 0), None)
+             for t in (busy, idle)}
+    try:
+        shared = parts[busy]._shared
+        assert shared is parts[idle]._shared and consumers.opened == 1 and counting.open == 1
+        deadline = time.monotonic() + 10
+        while shared.buffered(TopicPartition(busy, 0)) < 10 and time.monotonic() < deadline:
+            assert parts[idle].next_batch() == []
+            time.sleep(0.005)
+        held = shared.buffered(TopicPartition(busy, 0))
+        for _ in range(50):
+            assert parts[idle].next_batch() == []
+            time.sleep(0.005)
+        # held may be above 10: the idle partition's build waited for its high watermark behind
+        # what the consumer had fetched for the busy one; from then on it does not grow
+        assert 10 <= shared.buffered(TopicPartition(busy, 0)) == held
+        got: list[Envelope] = []
+        while len(got) < 200 and time.monotonic() < deadline:
+            got.extend(parts[busy].next_batch())
+        assert [e.offset for e in got] == list(range(200))
+        assert parts[busy].snapshot() == 200
+    finally:
+        for part in parts.values():
+            part.close()
+    assert counting.open == 0  # the last partition closed closes the consumer
+
+
+def test_batches_stay_full_where_the_shared_consumers_polls_split(clients, topic_name) -> None:
+    """A poll of the shared consumer splits poll_max_records between partitions wherever a fetched
+    chunk ends (the local broker cuts its responses by bytes); a partition's batches are still
+    poll_max_records records while its log holds them, as with a consumer of its own: the engine
+    coalesces a user's events per batch, so batch boundaries show in the recommendations."""
+    topic = topic_name("full")
+    ensure_topics(clients, {topic: 2})
+    producer = clients.producer()
+    try:
+        for i in range(10_000):  # partition by partition: the response carries one's end and the other's start
+            producer.send(topic, value=b"x" * 300, partition=i // 5000)
+        producer.flush()
+    finally:
+        producer.close()
+    consumers = SharedConsumers()
+    parts = {p: KafkaSource(clients, topic, poll_max_records=500, stop_at_end=True, consumers=consumers).build_part("in", part_name(topic, p), None)
+             for p in (0, 1)}
+    sizes: dict[int, list[int]] = {0: [], 1: []}
+    deadline = time.monotonic() + 30
+    while parts and time.monotonic() < deadline:
+        for p in list(parts):
+            try:
+                batch = parts[p].next_batch()
+            except StopIteration:
+                del parts[p]
+                continue
+            if batch:
+                assert [e.offset for e in batch] == list(range(sum(sizes[p]), sum(sizes[p]) + len(batch)))
+                sizes[p].append(len(batch))
+    assert sizes == {0: [500] * 10, 1: [500] * 10}

@@ -87,6 +87,43 @@ def test_a_watched_partition_reports_the_time_between_its_polls():
     assert 0.12 <= metrics.poll_interval_max.labels("events")._value.get() < 1.0
 
 
+def test_partitions_reading_through_one_consumer_count_its_connections_once():
+    """A process reads all its partitions through one consumer: ``recsys_broker_connections`` is
+    that consumer's count, not the count times the partitions."""
+    from bytewax.inputs import StatefulSourcePartition
+
+    from dataflows.metrics import Watched
+
+    class _Inner(StatefulSourcePartition):
+        def __init__(self, consumer: object) -> None:
+            self.consumer_id = id(consumer)
+
+        def next_batch(self):
+            return []
+
+        def snapshot(self):
+            return None
+
+        def connections(self) -> int:
+            return 3
+
+    one, other = object(), object()
+    consumers = {"events#0": one, "events#1": one, "catalog#0": one, "exchange#0": other}
+
+    class _Source:
+        def list_parts(self):
+            return list(consumers)
+
+        def build_part(self, step_id, for_part, resume_state):
+            return _Inner(consumers[for_part])
+
+    metrics = FlowMetrics(Settings(), status=None)
+    for part in consumers:
+        Watched(_Source(), part.split("#")[0], metrics).build_part("in", part, None)
+    (value,) = [s.value for f in metrics.registry.collect() for s in f.samples if s.name == "recsys_broker_connections"]
+    assert value == 6  # two consumers of three connections each
+
+
 def test_the_endpoint_counts_what_was_produced_during_a_live_run(local_broker, topic_name, tmp_path):
     prefix = topic_name("m") + "-"
     bootstrap = local_broker.bootstrap
