@@ -450,7 +450,7 @@ class SignalExchange:
         n = 0
         for user_id, session_id, item_id, event_type, ts, history in ops:
             if event_type == SEARCH_OP:
-                if self.associations is not None:
+                if self.associations is not None:  # the op's ts field holds the weight
                     if session_id is not None:  # [event time, tie-break]
                         self.associations.learn_at(user_id, item_id, ts, *session_id)
                     else:  # a message sealed before ops carried them: after what the query holds
