@@ -77,6 +77,11 @@ KEEP_ENGAGEMENTS = 64
 Engagement = tuple[int, int, str, float]
 
 
+def tie_break(event_id: str) -> int:
+    """The order of an engagement among those at the same event time: the crc32 of its event id."""
+    return zlib.crc32(event_id.encode())
+
+
 class QueryAssociations:
     """Query key -> item -> weight in [0, 1], an exponential moving average per query, taken in
     event time over its last :data:`KEEP_ENGAGEMENTS` engagements."""
@@ -105,7 +110,7 @@ class QueryAssociations:
         """One engagement with ``item_id`` after query ``key`` (weight in (0, 1]): the event
         ``event_id`` at ``ts`` (ms). Engagements equal in time are ordered by the crc32 of their
         event ids, then item and weight."""
-        self.learn_at(key, item_id, weight, ts, zlib.crc32(event_id.encode()) if event_id else 0)
+        self.learn_at(key, item_id, weight, ts, tie_break(event_id))
 
     def learn_at(self, key: str, item_id: str, weight: float, ts: int, tie: int) -> None:
         """:meth:`learn` with the tie-break already computed (the exchange log's ops carry it)."""

@@ -39,7 +39,6 @@ import functools
 import itertools
 import math
 import time
-import zlib
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -56,7 +55,7 @@ from recsys.events import (
     encode,
 )
 from recsys.feedback import EVENT_WEIGHTS
-from recsys.search.learned import QueryAssociations, SearchWindows
+from recsys.search.learned import QueryAssociations, SearchWindows, tie_break
 from recsys.search.lexical import LexicalIndex, item_tokens
 from recsys.search.outbox import SearchOutbox
 from recsys.search.rerank import SearchReranker
@@ -402,7 +401,7 @@ class Search:
             self.credit_counts["not credited"] += 1
             return
         self.credit_counts["credited"] += 1
-        tie = zlib.crc32(event.event_id.encode())  # the associations' order among equal times
+        tie = tie_break(event.event_id)  # the associations' order among equal times
         if self.record_association is not None:  # sharing: learned when the exchange log brings it back
             if share:  # else the log holds it already (issue 11: a wiped shard re-reading its events)
                 self.record_association(key, event.item_id, weight, event.ts, tie)
