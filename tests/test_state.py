@@ -18,7 +18,7 @@ from recsys import feedback
 from recsys.events import Event
 from recsys.signals.popularity import Popularity
 from recsys.store import users as user_codec
-from recsys.store.kv import KVStore, RocksKV, StoreClosedError, StoreOpenError
+from recsys.store.kv import KVStore, MemoryKV, RocksKV, StoreClosedError, StoreOpenError
 from recsys.store.users import (
     MAX_PURCHASED,
     StateDecodeError,
@@ -52,6 +52,26 @@ def test_kv_write_then_get_returns_exact_bytes(kv):
     kv.write({b"k\x00\xff": b"\x00v\xff\x00", b"empty": b""})
     assert kv.get(b"k\x00\xff") == b"\x00v\xff\x00"
     assert kv.get(b"empty") == b""
+
+
+def test_memory_kv_keeps_what_it_stores_at_its_size():
+    """orjson's bytes are over-allocated to at least 4 KiB and never shrunk; a store that kept
+    them as given held ~4 KiB per small record (a replay's in-memory state: the 64-shard replay
+    ran out of memory). The store keeps right-sized copies with the same bytes."""
+    import tracemalloc
+
+    kv = MemoryKV()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        records = {b"item:%d" % i: orjson.dumps({"item_id": str(i), "title": f"item {i}"}) for i in range(2000)}
+        kv.write(records)
+        del records  # what is left is what the store holds
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert kv.get(b"item:7") == orjson.dumps({"item_id": "7", "title": "item 7"})
+    assert held < 2000 * 400, f"{held / 2000:.0f} bytes per stored record of ~40 bytes"
 
 
 def test_kv_multi_get_keeps_order_and_reports_missing(kv):
