@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 import textwrap
 
 import orjson
@@ -264,3 +265,18 @@ def test_co_visitation_keeps_its_pairs_out_of_the_garbage_collectors_view():
     assert c._nbrs and not any(gc.is_tracked(d) for d in c._nbrs.values())
     assert not any(gc.is_tracked(d) for d in c._counts.values())
     assert not any(gc.is_tracked(r[0]) or gc.is_tracked(r[2]) for r in c._ranked.values())
+
+
+def test_the_co_visitation_benchmark_runs_and_prints_its_windows():
+    """``benchmarks/covisit_speed.py`` (issue 12's co-visitation plateau, benchmarks/README.md) on a
+    tiny workload: one line per window and a digest that a change of the signal is checked with."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "benchmarks/covisit_speed.py", "--items", "300", "--users", "200",
+                          "--events", "3000", "--batch", "500", "--windows", "1000"],
+                         cwd=root, capture_output=True, text=True, timeout=120, check=True).stdout
+    assert sum(line.startswith("events ") for line in out.splitlines()) == 3
+    assert re.search(r"^digest [0-9a-f]{64}$", out, re.M)
