@@ -61,13 +61,13 @@ done
 RECSYS_HEAD_ENABLED=false RECSYS_RERANK_ENABLED=false $R --format diginetica --events "$D/diginetica" --models full-system --out runs/diginetica-prequential-nomodels
 RECSYS_HEAD_ENABLED=false RECSYS_RERANK_ENABLED=false $R --format diginetica --events "$D/diginetica" --models full-system --shards 4 --out runs/diginetica-prequential-4shards-shared-nomodels
 # DIGINETICA's last percent at 4 and 8 shards: the exchange path at one shard (scores exactly one
-# process), the head off alone and at 4 shards, and seeds 1 and 2 at 1, 4 and 8 shards
+# process), the head off alone and at 4 shards, and seeds 1-9 at 1, 2, 4 and 8 shards (seed 0 is above)
 $R --format diginetica --events "$D/diginetica" --models full-system --shards 1 --share --out runs/diginetica-prequential-1shard-shared
 RECSYS_HEAD_ENABLED=false $R --format diginetica --events "$D/diginetica" --models full-system --out runs/diginetica-prequential-nohead
 RECSYS_HEAD_ENABLED=false $R --format diginetica --events "$D/diginetica" --models full-system --shards 4 --out runs/diginetica-prequential-4shards-shared-nohead
-for seed in 1 2; do
+for seed in 1 2 3 4 5 6 7 8 9; do
   RECSYS_SEED=$seed $R --format diginetica --events "$D/diginetica" --models full-system --out runs/diginetica-prequential-seed$seed
-  for n in 4 8; do
+  for n in 2 4 8; do
     RECSYS_SEED=$seed $R --format diginetica --events "$D/diginetica" --models full-system --shards $n --out runs/diginetica-prequential-${n}shards-shared-seed$seed
   done
 done
