@@ -20,6 +20,13 @@ $R --format diginetica --events "$D/diginetica" --protocol prequential --models 
 # all models on the first 300k of 1.47M lines (the baselines' cost); the full system on all below
 $R --format completejourney --limit 300000 --protocol leave-last-out --models all+sasrec --out runs/completejourney-300k-leave-last-out
 $R --format completejourney --limit 300000 --protocol prequential --models all --out runs/completejourney-300k-prequential
+# SASRec's prequential rows, each a run of its own: retrained on everything seen every day of event
+# time (the nightly job), DIGINETICA weekly (312 daily trainings: ~4 hours here), Complete Journey
+# both ways
+$R --format yoochoose --events "$D/yoochoose" --protocol prequential --models sasrec --out runs/yoochoose-prequential-sasrec
+$R --format diginetica --events "$D/diginetica" --protocol prequential --models sasrec --retrain-every 168 --out runs/diginetica-prequential-sasrec
+$R --format completejourney --limit 300000 --protocol prequential --models sasrec --out runs/completejourney-300k-prequential-sasrec-daily
+$R --format completejourney --limit 300000 --protocol prequential --models sasrec --retrain-every 168 --out runs/completejourney-300k-prequential-sasrec-weekly
 # the README's Complete Journey leave-last-out ablations came from one run per ablation (in parallel on the
 # shared cores); and the same split with each basket's items in a seeded random order instead of the
 # log's product-id order (why transitions leads there: README, Complete Journey)
