@@ -104,6 +104,8 @@ class CoVisitation:
             self._add_pair(a, item_id, w * decay_factor(recent[a], self._half_life_ms))
 
     def _add_pair(self, a: str, b: str, weight: float) -> None:
+        if self._dropped_at_once(a, b, weight):
+            return
         heaps, limit = self._heaps, self.max_neighbours + _HEAP_SLACK
         for x, y in ((a, b),) if self.directed else ((a, b), (b, a)):
             nbrs = self._nbrs.setdefault(x, {})
@@ -131,6 +133,47 @@ class CoVisitation:
                 while nbrs.get(heap[0][1]) != heap[0][0]:
                     heapq.heappop(heap)  # stale
                 self._drop_pair(x, heapq.heappop(heap)[1])
+
+    def _dropped_at_once(self, a: str, b: str, weight: float) -> bool:
+        """Whether the new pair ``a``-``b`` would be the one its own overflow drops, leaving every
+        list as it was: then adding it is skipped (and the lists are neither marked changed nor
+        re-sorted). Exact: the same lists, in the same insertion order, as adding and dropping.
+
+        Once lists are full, about half of all overflows drop the pair that caused them (its
+        weight is one event's, below most pairs that have lasted): ~50k of 95k drops per 20k
+        events late in the engine benchmark (benchmarks/README.md, issue 12).
+        """
+        m, nbrs = self.max_neighbours, self._nbrs
+        nbrs_a = nbrs.get(a)
+        if nbrs_a is not None and b in nbrs_a:
+            return False  # an existing pair grows
+        if nbrs_a is not None and len(nbrs_a) >= m:  # a's list overflows first: (weight, b) is its weakest?
+            if not self._weakest_is(a, nbrs_a, weight, b):
+                return False
+            if not self.directed and b not in nbrs:
+                self._dirty.add(b)  # as for a below: b's list would have been made and emptied
+            return True
+        if self.directed:
+            return False
+        nbrs_b = nbrs.get(b)
+        if nbrs_b is None or len(nbrs_b) < m or a in nbrs_b or not self._weakest_is(b, nbrs_b, weight, a):
+            return False
+        if nbrs_a is None:
+            # adding would have made a's list and emptied it again; its export writes ``[]``, so
+            # the stored records stay exactly what adding and dropping wrote
+            self._dirty.add(a)
+        return True
+
+    def _weakest_is(self, x: str, nbrs: dict[str, float], weight: float, y: str) -> bool:
+        """Whether a new pair ``(weight, y)`` would be the weakest of ``x``'s full list (ties by
+        the smaller id, as an overflow drops)."""
+        heap = self._heaps.get(x)
+        if heap is None:
+            heap = self._heaps[x] = list(zip(nbrs.values(), nbrs))
+            heapq.heapify(heap)
+        while nbrs.get(heap[0][1]) != heap[0][0]:
+            heapq.heappop(heap)  # stale
+        return (weight, y) < heap[0]
 
     def _drop_pair(self, x: str, y: str) -> None:
         for p, q in ((x, y),) if self.directed else ((x, y), (y, x)):
