@@ -36,6 +36,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import orjson
 
+from recsys.signals._session_kernels import best_per_query, session_dots, session_votes, top_sessions
+
 if TYPE_CHECKING:
     from recsys.store.kv import KVStore
 
@@ -233,11 +235,13 @@ class SessionNeighbours:
         """:meth:`scores` for a whole batch as three arrays ``(user position, item code, vote)``:
         grouped by user in ``user_ids`` order, each user's best first (ties by item id).
 
-        Every step is one array operation over all users' entries, grouped by a ``user *
-        size + id`` key; each group's sums add the same floats in the same order as scoring
-        the user alone (query position, then posting order; neighbour order for votes), so
-        the votes are bit-identical to the per-user computation
-        (``tests/test_speed_equivalence.py`` pins that against the per-user reference).
+        The sums per (query, session) and per (query, item) and each query's ``k`` nearest
+        sessions are compiled loops over the whole batch (``_session_kernels``: no sort of the
+        batch's entries); the rest is one array operation over all users' entries. Each sum adds
+        the same floats in the same order as scoring the user alone (query position, then
+        posting order; neighbour order for votes), so the votes are bit-identical to the
+        per-user computation (``tests/test_speed_equivalence.py`` pins that against the per-user
+        reference).
         """
         empty = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64))
         max_len = min(self.query_items or self.max_session_len, self.max_session_len)
@@ -262,14 +266,8 @@ class SessionNeighbours:
         if total == 0:
             return empty
         slots = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64, count=total)  # in C
-        # query q's item at position j (from 1, oldest first) weighs j / m_q
-        q_of_item = np.repeat(np.arange(len(m)), m)
-        position = np.arange(1, len(lists) + 1) - np.repeat(np.cumsum(m) - m, m)
-        weights = np.repeat(position.astype(np.float64) / m[q_of_item], sizes)
-        n_slots = len(self._active)
-        keys, inverse = np.unique(np.repeat(q_of_item, sizes) * n_slots + slots, return_inverse=True)
-        dots = np.bincount(inverse, weights=weights)  # per (query, session), in entry order
-        q, sids = np.divmod(keys, n_slots)
+        # per (query, session): the query's item at position j (from 1, oldest first) weighs j / m_q
+        q, sids, dots = session_dots(slots, sizes, m, len(self._active))
         keep = sids != np.asarray(own, dtype=np.int64)[q]
         q, sids, dots = q[keep], sids[keep], dots[keep]
         if len(q) == 0:
@@ -282,30 +280,17 @@ class SessionNeighbours:
             q, sids, dots = q[pick], sids[pick], dots[pick]
         sims = dots / np.sqrt(m[q] * self._length[sids])
         # the k most similar per query, most similar first, ties by slot
-        order = np.lexsort((sids, -sims, q))
-        q, sids, sims = q[order], sids[order], sims[order]
-        per_q = np.bincount(q, minlength=len(m))
-        top = np.arange(len(q)) - np.repeat(np.cumsum(per_q) - per_q, per_q) < self.k
+        top = top_sessions(q, sids, sims, self.k)
         q, sids, sims = q[top], sids[top], sims[top]
-        # every neighbour votes its similarity for each of its items, in neighbour order
-        held = self._held[sids]  # neighbours x max_session_len item codes
-        voters = held >= 0
-        if self.vote_items:  # rows hold a session's items oldest first: its last vote_items columns
-            voters &= np.arange(held.shape[1]) >= (self._length[sids] - self.vote_items)[:, None]
-        n_codes = len(self._names)
-        vkeys, inverse = np.unique((np.broadcast_to(q[:, None], held.shape)[voters] * n_codes + held[voters]),
-                                   return_inverse=True)
-        votes = np.bincount(inverse, weights=np.broadcast_to(sims[:, None], held.shape)[voters])
-        vq, codes = np.divmod(vkeys, n_codes)
+        # every neighbour votes its similarity for each of its items, in neighbour order; rows
+        # hold a session's items oldest first, so a vote_items bound is a first column
+        first_col = np.zeros(len(sids), dtype=np.int64)
+        if self.vote_items:
+            first_col = np.maximum(self._length[sids] - self.vote_items, 0).astype(np.int64)
+        vq, codes, votes = session_votes(q, sids, sims, self._held, first_col, len(self._names))
         # only each query's n best (and everything tied with its n-th) need ordering by id
-        per_q = np.bincount(vq, minlength=len(m))
-        if per_q.max() > n:
-            start = np.cumsum(per_q) - per_q
-            padded = np.full((len(m), int(per_q.max())), -np.inf)
-            padded[vq, np.arange(len(vq)) - start[vq]] = votes
-            nth = -np.partition(-padded, n - 1, axis=1)[:, n - 1]
-            keep = votes >= nth[vq]
-            vq, codes, votes = vq[keep], codes[keep], votes[keep]
+        keep = best_per_query(vq, votes, n)
+        vq, codes, votes = vq[keep], codes[keep], votes[keep]
         # best first, ties by item id: rank the distinct candidate codes by their ids once
         distinct, code_at = np.unique(codes, return_inverse=True)
         names = np.array(self.item_names(distinct), dtype=object)

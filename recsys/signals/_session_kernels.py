@@ -1,0 +1,148 @@
+"""Compiled loops of :meth:`recsys.signals.sessions.SessionNeighbours.ranked_votes` (issue 12).
+
+Why compiled: session-kNN sums weights per (query, session) and per (query, item), and keeps
+each query's ``k`` most similar sessions. In numpy each of those is a sort of the whole batch's
+entries (``np.unique`` to group, ``np.lexsort`` to rank): late in the engine benchmark a batch of
+1,000 users has ~190k (query, session) pairs and ~2.5M (neighbour, item) votes, and those sorts
+were ~100 of the ~115 ms the batch's votes took. A dense numpy alternative (one ``bincount``
+over query x item) was measured slower (benchmarks/README.md). A loop per query with a
+scratch array indexed by session or item code needs no sort at all; Python cannot run it, so
+numba compiles it (``cache=True``: compiled once per machine, kept in ``__pycache__``).
+
+Every sum adds the same floats in the same order as the numpy code it replaces (entry order:
+query position, then posting order; neighbour order, then the neighbour's columns), starting
+from ``0.0`` as ``np.bincount`` does, so results are bit-identical
+(``tests/test_speed_equivalence.py`` pins them against the per-user reference).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+
+@njit(cache=True, nogil=True)
+def session_dots(slots, sizes, m, n_slots):  # pragma: no cover - compiled (tested through ranked_votes)
+    """Per query ``q`` (its ``m[q]`` items, oldest first, each with ``sizes`` posting entries in
+    ``slots``), the dot product of its position-weighted binary vector (item ``j`` from 1 weighs
+    ``j / m[q]``) with every session posted under its items. Returns ``(query, slot, dot)``
+    grouped by query in order, each query's sessions in the order first met."""
+    scratch = np.zeros(n_slots)
+    mark = np.zeros(n_slots, dtype=np.bool_)
+    touched = np.empty(n_slots, dtype=np.int64)
+    out_q = np.empty(len(slots), dtype=np.int64)
+    out_s = np.empty(len(slots), dtype=np.int64)
+    out_d = np.empty(len(slots))
+    n_out = 0
+    item = 0
+    entry = 0
+    for qi in range(len(m)):
+        mq = m[qi]
+        n_touched = 0
+        for j in range(mq):
+            w = (j + 1) / mq  # as numpy's float64 (position / m)
+            for e in range(entry, entry + sizes[item]):
+                s = slots[e]
+                if not mark[s]:
+                    mark[s] = True
+                    scratch[s] = 0.0
+                    touched[n_touched] = s
+                    n_touched += 1
+                scratch[s] += w
+            entry += sizes[item]
+            item += 1
+        for t in range(n_touched):
+            s = touched[t]
+            out_q[n_out] = qi
+            out_s[n_out] = s
+            out_d[n_out] = scratch[s]
+            mark[s] = False
+            n_out += 1
+    return out_q[:n_out], out_s[:n_out], out_d[:n_out]
+
+
+@njit(cache=True, nogil=True)
+def top_sessions(q, sids, sims, k):  # pragma: no cover - compiled
+    """Indices of each query's ``k`` most similar sessions, most similar first, ties by slot:
+    ``np.lexsort((sids, -sims, q))`` cut at ``k`` per query, for ``q`` grouped (ascending).
+    Only a query's ``k`` best (and whatever ties the ``k``-th) are sorted."""
+    out = np.empty(len(q), dtype=np.int64)
+    n_out = 0
+    lo = 0
+    while lo < len(q):
+        hi = lo
+        while hi < len(q) and q[hi] == q[lo]:
+            hi += 1
+        neg = -sims[lo:hi]
+        cand = np.arange(lo, hi)
+        if hi - lo > k:
+            kth = np.partition(neg, k - 1)[k - 1]
+            cand = cand[neg <= kth]
+        by_slot = cand[np.argsort(sids[cand], kind="mergesort")]
+        ranked = by_slot[np.argsort(-sims[by_slot], kind="mergesort")]
+        take = min(k, len(ranked))
+        out[n_out:n_out + take] = ranked[:take]
+        n_out += take
+        lo = hi
+    return out[:n_out]
+
+
+@njit(cache=True, nogil=True)
+def session_votes(q, sids, sims, held, first_col, n_codes):  # pragma: no cover - compiled
+    """Every neighbour (``q`` grouped, in neighbour order) votes its similarity for each item
+    code of its ``held`` row from column ``first_col``: the sum per (query, item). Returns
+    ``(query, code, votes)`` grouped by query in order, codes in the order first voted."""
+    scratch = np.zeros(n_codes)
+    mark = np.zeros(n_codes, dtype=np.bool_)
+    touched = np.empty(n_codes, dtype=np.int64)
+    width = held.shape[1]
+    out_q = np.empty(len(q) * width, dtype=np.int64)
+    out_c = np.empty(len(q) * width, dtype=np.int64)
+    out_v = np.empty(len(q) * width)
+    n_out = 0
+    lo = 0
+    while lo < len(q):
+        hi = lo
+        n_touched = 0
+        while hi < len(q) and q[hi] == q[lo]:
+            row = held[sids[hi]]
+            w = sims[hi]
+            for c in range(first_col[hi], width):
+                code = row[c]
+                if code >= 0:
+                    if not mark[code]:
+                        mark[code] = True
+                        scratch[code] = 0.0
+                        touched[n_touched] = code
+                        n_touched += 1
+                    scratch[code] += w
+            hi += 1
+        for t in range(n_touched):
+            code = touched[t]
+            out_q[n_out] = q[lo]
+            out_c[n_out] = code
+            out_v[n_out] = scratch[code]
+            mark[code] = False
+            n_out += 1
+        lo = hi
+    return out_q[:n_out], out_c[:n_out], out_v[:n_out]
+
+
+@njit(cache=True, nogil=True)
+def best_per_query(q, values, n):  # pragma: no cover - compiled
+    """Mask of each query's ``n`` largest ``values`` and everything tied with its ``n``-th (all
+    of a query with ``n`` or fewer), for ``q`` grouped: what a ``-inf``-padded query x entry
+    matrix and ``np.partition`` kept before, without the matrix (the longest query's width times
+    the batch's queries)."""
+    keep = np.ones(len(q), dtype=np.bool_)
+    lo = 0
+    while lo < len(q):
+        hi = lo
+        while hi < len(q) and q[hi] == q[lo]:
+            hi += 1
+        if hi - lo > n:
+            neg = -values[lo:hi]
+            nth = np.partition(neg.copy(), n - 1)[n - 1]
+            keep[lo:hi] = neg <= nth
+        lo = hi
+    return keep
