@@ -84,7 +84,7 @@ def main() -> None:
             print(f"events {done - n:>7,}-{done:>7,}: update {us[0]:6.1f}, ranked {us[1]:6.1f}, export {us[2]:6.1f}, "
                   f"together {us.sum():6.1f} CPU-us/event", flush=True)
             window_start = spent.copy()
-    sizes = [len(v) for v in cov._nbrs.values()]
+    sizes = [len(weights) for weights, _ in cov.lists().values()]
     print(f"whole run: update {spent[0]:.2f} s, ranked {spent[1]:.2f} s, export {spent[2]:.2f} s (CPU); "
           f"co-visitation lists {len(sizes)}, mean length {np.mean(sizes):.1f}")
     print(f"digest {digest.hexdigest()}")

@@ -8,19 +8,24 @@ move by a bit.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import random
 from operator import itemgetter
+from typing import Iterable
 
 import numpy as np
+import orjson
 import pytest
 
 from recsys.events import CatalogItem
+from recsys.feedback import EVENT_WEIGHTS, decay_factor, half_life_ms
 from recsys.items.catalog import ItemSpace
 from recsys.ranking.recommender import Recommender, RecommenderConfig
 from recsys.signals.covisitation import CoVisitation
 from recsys.signals.popularity import Popularity
 from recsys.signals.sessions import SessionNeighbours
+from recsys.store.kv import MemoryKV
 from recsys.store.users import UserState
 
 MIN = 60_000
@@ -107,7 +112,226 @@ def test_batched_session_votes_equal_the_per_user_reference(bounds, users, items
         assert s.scores(everyone[:1], n) == _reference_scores(s, everyone[:1], n)
 
 
-class _CoVisitationReference(CoVisitation):
+class _DictCoVisitation:
+    """``CoVisitation`` as it stood before its lists became rows of flat arrays (d53a691): dicts of
+    item -> neighbour -> weight and -> raw count, a heap of pairs per overflowed list.
+
+    When a user engages with item ``b`` after the recent items ``a1..an`` of their history
+    (its last ``window`` entries), each distinct ``a != b`` gains, symmetrically with ``b``,
+    ``EVENT_WEIGHTS[type_b] * 0.5 ** ((ts_b - ts_a) / half_life)`` and one raw co-occurrence.
+    A repeated ``a`` in the window counts once, at its most recent time. Each item keeps at
+    most ``max_neighbours`` neighbours: when a list overflows, its weakest pair is dropped
+    from both sides, so the relation stays symmetric. Accumulated weights are not decayed
+    over time (``neighbours`` takes no clock); the half-life only discounts distant pairs.
+
+    [('b', 8.0, 1), ('a', 4.0, 1)]
+    """
+
+    def __init__(
+        self, half_life_h: float, max_neighbours: int, window: int = 5, *, directed: bool = False, prefix: bytes = b""
+    ) -> None:
+        if max_neighbours <= 0 or window <= 0:
+            raise ValueError(f"max_neighbours and window must be > 0, got {max_neighbours}, {window}")
+        # directed: only a -> b ("b came after a"), the transition signal of session data
+        self.directed = directed
+        self.prefix = prefix or (b"nxt:" if directed else b"cov:")
+        self.half_life_h = half_life_h
+        self.max_neighbours = max_neighbours
+        self.window = window
+        self._half_life_ms = half_life_ms(half_life_h)
+        # item -> neighbour -> weight, and -> raw count. Two dicts of plain floats/ints rather
+        # than one of [weight, count] lists: such dicts are invisible to Python's cyclic
+        # garbage collector, whose full passes over ~500k small lists stalled the stream for
+        # ~0.5 s (the p99 latency); see benchmarks/README.md.
+        self._nbrs: dict[str, dict[str, float]] = {}
+        self._counts: dict[str, dict[str, int]] = {}
+        self._ranked: dict[str, tuple] = {}  # sorted neighbour columns, until they change
+        # item -> a heap of ``(weight, neighbour)`` pairs, made at the list's first overflow: it
+        # holds every current pair of the list, and stale ones (a pair whose weight has grown
+        # since, or that left the list), so the weakest current pair, the one an overflow drops,
+        # is the first heap entry that still matches the list (stale ones are popped on the way).
+        # Weights only grow, so a change is one push; the heap is rebuilt from the list once it
+        # is 16 entries longer. It replaces a remembered "lightest 8" that every change
+        # had to patch and that ran out after a few overflows (then a scan of the whole list):
+        # once lists were full that was 60-70% of the update's cost (benchmarks/README.md).
+        # Anything that changes ``_nbrs`` must go through ``_add_pair``/``_drop_pair``.
+        self._heaps: dict[str, list[tuple[float, str]]] = {}
+        self._dirty: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self._nbrs)
+
+    def update(self, history: Iterable[tuple[str | None, str, int]], item_id: str | None, event_type: str, ts: int) -> None:
+        """Learn from one engagement with ``item_id`` given the user's history *before* it.
+
+        ``history`` is ``[(item_id, event_type, ts), ...]``, most recent last (as kept by
+        :class:`recsys.store.users.UserState`); entries without an item are ignored.
+        """
+        w = EVENT_WEIGHTS.get(event_type, 0.0)
+        if item_id is None or w == 0:
+            return
+        recent: dict[str, int] = {}
+        for a, _type_a, ts_a in list(history)[-self.window :]:
+            if a is None or a == item_id:
+                continue
+            gap = abs(ts - ts_a)  # out-of-order history: distance in time either way
+            if a not in recent or gap < recent[a]:
+                recent[a] = gap
+        for a in sorted(recent):
+            self._add_pair(a, item_id, w * decay_factor(recent[a], self._half_life_ms))
+
+    def _add_pair(self, a: str, b: str, weight: float) -> None:
+        if self._dropped_at_once(a, b, weight):
+            return
+        heaps, limit = self._heaps, self.max_neighbours + 16
+        for x, y in ((a, b),) if self.directed else ((a, b), (b, a)):
+            nbrs = self._nbrs.setdefault(x, {})
+            counts = self._counts.setdefault(x, {})
+            old = nbrs.get(y)
+            new = nbrs[y] = (0.0 if old is None else old) + weight
+            counts[y] = counts.get(y, 0) + 1
+            self._dirty.add(x)
+            self._ranked.pop(x, None)
+            heap = heaps.get(x)
+            if heap is not None:  # (old, y), if there, is stale now; (new, y) is the pair
+                if len(heap) < limit:
+                    heapq.heappush(heap, (new, y))
+                else:
+                    heap[:] = zip(nbrs.values(), nbrs)
+                    heapq.heapify(heap)
+        for x in (a,) if self.directed else (a, b):
+            nbrs = self._nbrs.get(x)
+            if nbrs is not None and len(nbrs) > self.max_neighbours:
+                # the weakest goes; among equals the smallest id, so the choice is deterministic
+                heap = heaps.get(x)
+                if heap is None:
+                    heap = heaps[x] = list(zip(nbrs.values(), nbrs))
+                    heapq.heapify(heap)
+                while nbrs.get(heap[0][1]) != heap[0][0]:
+                    heapq.heappop(heap)  # stale
+                self._drop_pair(x, heapq.heappop(heap)[1])
+
+    def _dropped_at_once(self, a: str, b: str, weight: float) -> bool:
+        """Whether the new pair ``a``-``b`` would be the one its own overflow drops, leaving every
+        list as it was: then adding it is skipped (and the lists are neither marked changed nor
+        re-sorted). Exact: the same lists, in the same insertion order, as adding and dropping.
+
+        Once lists are full, about half of all overflows drop the pair that caused them (its
+        weight is one event's, below most pairs that have lasted): ~50k of 95k drops per 20k
+        events late in the engine benchmark (benchmarks/README.md, issue 12).
+        """
+        m, nbrs = self.max_neighbours, self._nbrs
+        nbrs_a = nbrs.get(a)
+        if nbrs_a is not None and b in nbrs_a:
+            return False  # an existing pair grows
+        if nbrs_a is not None and len(nbrs_a) >= m:  # a's list overflows first: (weight, b) is its weakest?
+            if not self._weakest_is(a, nbrs_a, weight, b):
+                return False
+            if not self.directed and b not in nbrs:
+                self._dirty.add(b)  # as for a below: b's list would have been made and emptied
+            return True
+        if self.directed:
+            return False
+        nbrs_b = nbrs.get(b)
+        if nbrs_b is None or len(nbrs_b) < m or a in nbrs_b or not self._weakest_is(b, nbrs_b, weight, a):
+            return False
+        if nbrs_a is None:
+            # adding would have made a's list and emptied it again; its export writes ``[]``, so
+            # the stored records stay exactly what adding and dropping wrote
+            self._dirty.add(a)
+        return True
+
+    def _weakest_is(self, x: str, nbrs: dict[str, float], weight: float, y: str) -> bool:
+        """Whether a new pair ``(weight, y)`` would be the weakest of ``x``'s full list (ties by
+        the smaller id, as an overflow drops)."""
+        heap = self._heaps.get(x)
+        if heap is None:
+            heap = self._heaps[x] = list(zip(nbrs.values(), nbrs))
+            heapq.heapify(heap)
+        while nbrs.get(heap[0][1]) != heap[0][0]:
+            heapq.heappop(heap)  # stale
+        return (weight, y) < heap[0]
+
+    def _drop_pair(self, x: str, y: str) -> None:
+        for p, q in ((x, y),) if self.directed else ((x, y), (y, x)):
+            nbrs = self._nbrs.get(p)
+            if nbrs is not None:
+                w = nbrs.pop(q, None)
+                if w is None:
+                    continue
+                del self._counts[p][q]
+                self._dirty.add(p)
+                self._ranked.pop(p, None)
+                if not nbrs:  # its heap entries, if any, are all stale: (w, q) too
+                    del self._nbrs[p], self._counts[p]
+                    self._heaps.pop(p, None)
+
+    def neighbours(self, item_id: str, n: int) -> list[tuple[str, float, int]]:
+        """Up to ``n`` neighbours of ``item_id`` as ``(neighbour, weight, raw count)``,
+        heaviest first, ties by neighbour id."""
+        if n <= 0:
+            return []
+        names, weights, counts = self.ranked(item_id)
+        return list(zip(names[:n], weights[:n].tolist(), counts[:n]))
+
+    def ranked(self, item_id: str) -> tuple[tuple[str, ...], np.ndarray, tuple[int, ...]]:
+        """All neighbours, sorted as in :meth:`neighbours`, as columns: names, weights
+        (float32 array, for the ranker's vectorised scoring) and raw counts. Sorted once per
+        change of the item's neighbours, not per read; do not modify what is returned."""
+        ranked = self._ranked.get(item_id)
+        if ranked is None:
+            nbrs = self._nbrs.get(item_id)
+            if not nbrs:
+                return ((), np.zeros(0), ())
+            # heaviest first, ties by id: two C-level sorts (stable, and reverse keeps stability)
+            # instead of one with a Python key function; this runs after every change
+            names = sorted(nbrs)
+            names.sort(key=nbrs.__getitem__, reverse=True)
+            counts = self._counts[item_id]
+            # tuples of plain values, untracked by the garbage collector like the dicts above
+            # (map over the dicts' __getitem__ runs in C: this is rebuilt for most anchors read)
+            ranked = (tuple(names), np.fromiter(map(nbrs.__getitem__, names), dtype=np.float64, count=len(names)),
+                      tuple(map(counts.__getitem__, names)))
+            self._ranked[item_id] = ranked
+        return ranked
+
+    def export_dirty(self) -> dict[bytes, bytes]:
+        """Changed lists since the last export, ``b"cov:"+id -> JSON [{nbr: weight}, {nbr: count}]``
+        (an empty list for an item that lost all neighbours); clears them. The two maps are
+        dumped as they are (orjson, in C): every batch rewrites the lists of every item it
+        touched, so this runs for ~10 items per event."""
+        out: dict[bytes, bytes] = {}
+        nbrs, counts, prefix = self._nbrs, self._counts, self.prefix
+        for item_id in sorted(self._dirty):
+            if item_id in nbrs:
+                out[prefix + item_id.encode()] = orjson.dumps([nbrs[item_id], counts[item_id]])
+            else:
+                out[prefix + item_id.encode()] = b"[]"
+        self._dirty.clear()
+        return out
+
+    def load(self, kv: KVStore) -> None:
+        """Replace everything held with the records under ``b"cov:"`` in ``kv``."""
+        self._nbrs.clear()
+        self._counts.clear()
+        self._ranked.clear()
+        self._heaps.clear()
+        self._dirty.clear()
+        for key, value in kv.iter_prefix(self.prefix):
+            rows = orjson.loads(value)
+            if not rows:
+                continue
+            item_id = key[len(self.prefix):].decode()
+            if isinstance(rows[0], dict):  # [{nbr: weight}, {nbr: count}]
+                weights, counts = rows
+                self._nbrs[item_id] = {y: float(w) for y, w in weights.items()}
+                self._counts[item_id] = counts
+            else:  # written before 2026-11-30: [[nbr, weight, count], ...]
+                self._nbrs[item_id] = {y: float(w) for y, w, _ in rows}
+                self._counts[item_id] = {y: int(c) for y, _, c in rows}
+
+
+class _CoVisitationReference(_DictCoVisitation):
     """``CoVisitation`` before the remembered weakest pairs: a full ``min`` on every overflow."""
 
     def _add_pair(self, a: str, b: str, weight: float) -> None:
@@ -135,56 +359,103 @@ class _CoVisitationReference(CoVisitation):
                     del self._nbrs[p], self._counts[p]
 
 
+def _names(items: int) -> list[str]:
+    """Item ids whose str order differs from naive byte order where it could: ASCII, Latin-1,
+    other planes, prefixes of each other."""
+    extra = ["é", "e", "ea", "Z", "z", "ä1", "a1", "日本", "日", "😀", "\U0010ffff", "a", "ab"]
+    return [f"i{n}" for n in range(items)] + extra
+
+
 @pytest.mark.parametrize("directed", [False, True])
 @pytest.mark.parametrize("max_neighbours, items", [(3, 30), (10, 200), (50, 400)])
-def test_co_visitation_drops_the_same_weakest_pairs_as_a_full_scan(directed, max_neighbours, items):
+def test_co_visitation_lists_equal_the_dict_version_and_a_full_scan(directed, max_neighbours, items):
+    """The arrays (``CoVisitation``) against the dicts they replaced (``_DictCoVisitation``,
+    which skipped the same pairs: the same exports, key for key) and against a full scan for
+    every victim (no skipping: the same store, the same lists, in the same order)."""
     rng = random.Random(max_neighbours * 7 + directed)
     fast = CoVisitation(half_life_h=0.5, max_neighbours=max_neighbours, window=5, directed=directed)
+    dicts = _DictCoVisitation(half_life_h=0.5, max_neighbours=max_neighbours, window=5, directed=directed)
     slow = _CoVisitationReference(half_life_h=0.5, max_neighbours=max_neighbours, window=5, directed=directed)
+    names = _names(items)
     histories: dict[str, list] = {}
     types = ["browse", "click", "add_to_cart", "purchase", "search"]
     ts = 0
-    # the records each would leave in a store; a new pair that its own overflow drops at once is
-    # skipped by the fast one, so it rewrites fewer (unchanged) lists, never other bytes
     fast_store: dict[bytes, bytes] = {}
     slow_store: dict[bytes, bytes] = {}
     writes = [0, 0]
 
-    def export_both() -> None:
-        f, s = fast.export_dirty(), slow.export_dirty()
-        assert f.items() <= s.items()  # what it writes, the reference writes too, the same bytes
+    def export_all() -> None:
+        f, d, s = fast.export_dirty(), dicts.export_dirty(), slow.export_dirty()
+        assert f == d  # the same records as the dict version, key for key
+        assert f.items() <= s.items()  # what it writes, the full scan writes too, the same bytes
         fast_store.update(f)
         slow_store.update(s)
         writes[0] += len(f)
         writes[1] += len(s)
-        assert fast_store == slow_store  # and what it leaves out, the reference rewrote unchanged
+        assert fast_store == slow_store  # and what it leaves out, the full scan rewrote unchanged
 
     for n in range(20_000):
-        ts += rng.choice([1, 1000, 60_000, 3_600_000])  # equal weights (ties by id) and decayed ones
+        ts += rng.choice([0, 1, 1000, 60_000, 3_600_000])  # equal weights (ties by id) and decayed ones
         user = f"u{rng.randrange(40)}"
         hist = histories.setdefault(user, [])
-        item, etype = f"i{int(rng.paretovariate(1.2)) % items}", rng.choice(types)
-        fast.update(hist, item, etype, ts)
-        slow.update(hist, item, etype, ts)
+        item, etype = names[int(rng.paretovariate(1.2)) % len(names)], rng.choice(types)
+        for c in (fast, dicts, slow):
+            c.update(hist, item, etype, ts)
         hist.append((item, etype, ts))
         del hist[:-5]
         if n % 997 == 0:
-            export_both()
-        if n % 1999 == 0:  # the same sorted answers, read as the ranker reads them
+            export_all()
+        if n % 613 == 0:  # the same sorted answers, read as the ranker reads them
             for i in (item, hist[0][0]):
                 fr, sr = fast.ranked(i), slow.ranked(i)
                 assert fr[0] == sr[0] and fr[1].tolist() == sr[1].tolist() and fr[2] == sr[2]
-    export_both()
-    # the skip happened (directed lists of 50 over 400 items: 227 of the 352 overflows drop their
-    # own new pair, but every such list is changed by another pair before the next export)
-    assert writes[0] < writes[1] or (directed and max_neighbours == 50)
-    assert fast._nbrs == slow._nbrs and fast._counts == slow._counts
-    assert all(list(fast._nbrs[i].items()) == list(slow._nbrs[i].items()) for i in slow._nbrs)
-    for item_id, heap in fast._heaps.items():  # each heap holds every current pair of its list
-        assert set(zip(fast._nbrs[item_id].values(), fast._nbrs[item_id])) <= set(heap)
-        assert len(heap) <= max_neighbours + 16
-    assert fast._heaps.keys() <= fast._nbrs.keys()
-    assert sum(len(n) > max_neighbours - 1 for n in slow._nbrs.values()) > 5  # lists really overflowed
+                assert fast.neighbours(i, 7) == dicts.neighbours(i, 7)
+    export_all()
+    # the skip happened (directed lists here: some overflows drop their own new pair, but every
+    # such list is changed by another pair before the next export, so no write is saved)
+    assert writes[0] < writes[1] or directed
+    held = fast.lists()
+    assert {i: (w, c) for i, (w, c) in held.items()} == {i: (slow._nbrs[i], slow._counts[i]) for i in slow._nbrs}
+    assert all(list(held[i][0].items()) == list(slow._nbrs[i].items()) for i in slow._nbrs)  # insertion order
+    assert len(fast) == len(slow._nbrs)
+    assert sum(len(n) > max_neighbours - 1 for n in slow._nbrs.values()) >= 5  # lists really overflowed
+
+
+@pytest.mark.parametrize("directed", [False, True])
+def test_co_visitation_loaded_from_the_store_goes_on_as_the_dict_version(directed):
+    """Stored records (written by the dict version), loaded into the arrays, go on to the same
+    lists; a list stored under a larger bound is held whole and shrinks one pair per overflow."""
+    rng = random.Random(11 + directed)
+    names = _names(120)
+    wide = _DictCoVisitation(half_life_h=0.5, max_neighbours=12, window=5, directed=directed)
+    histories: dict[str, list] = {}
+    events = []
+    ts = 0
+    for _ in range(8_000):
+        ts += rng.choice([0, 1000, 60_000])
+        user = f"u{rng.randrange(30)}"
+        events.append((user, names[int(rng.paretovariate(1.1)) % len(names)], rng.choice(["browse", "click", "purchase"]), ts))
+    for user, item, etype, t in events[:4_000]:
+        hist = histories.setdefault(user, [])
+        wide.update(hist, item, etype, t)
+        hist.append((item, etype, t))
+        del hist[:-5]
+    kv = MemoryKV()
+    kv.write(wide.export_dirty())
+    fast = CoVisitation(half_life_h=0.5, max_neighbours=8, window=5, directed=directed)
+    dicts = _DictCoVisitation(half_life_h=0.5, max_neighbours=8, window=5, directed=directed)
+    fast.load(kv)
+    dicts.load(kv)
+    assert fast.lists() == {i: (dicts._nbrs[i], dicts._counts[i]) for i in dicts._nbrs}
+    assert any(len(w) > 8 for w, _ in fast.lists().values())  # held whole
+    for user, item, etype, t in events[4_000:]:
+        hist = histories[user] if user in histories else histories.setdefault(user, [])
+        fast.update(hist, item, etype, t)
+        dicts.update(hist, item, etype, t)
+        hist.append((item, etype, t))
+        del hist[:-5]
+    assert fast.export_dirty() == dicts.export_dirty()
+    assert all(list(fast.lists()[i][0].items()) == list(dicts._nbrs[i].items()) for i in dicts._nbrs)
 
 
 def _closest_history_items_reference(rec: Recommender, rows, users, wanted, recents) -> dict[int, tuple[str, float]]:

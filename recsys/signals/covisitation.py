@@ -12,13 +12,13 @@ events are the caller's to skip.
 
 from __future__ import annotations
 
-import heapq
 from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 import orjson
 
 from recsys.feedback import EVENT_WEIGHTS, decay_factor, half_life_ms
+from recsys.signals._covisit_kernels import apply_pairs, ranked_order
 
 if TYPE_CHECKING:
     from recsys.store.kv import KVStore
@@ -27,9 +27,9 @@ COV_PREFIX = b"cov:"
 NEXT_PREFIX = b"nxt:"  # directed transitions (CoVisitation(directed=True))
 
 _NO_NEIGHBOURS: tuple = ((), np.zeros(0), ())  # shared empty answer (never modified)
-#: Stale entries an item's heap of pairs may hold beyond its list's length before it is rebuilt
-#: from the list (see ``CoVisitation._heaps``).
-_HEAP_SLACK = 16
+#: Pairs learned by :meth:`CoVisitation.update` are applied in one compiled call once this many
+#: wait (and before anything reads the lists).
+_PENDING_PAIRS = 8192
 
 
 class CoVisitation:
@@ -40,8 +40,18 @@ class CoVisitation:
     ``EVENT_WEIGHTS[type_b] * 0.5 ** ((ts_b - ts_a) / half_life)`` and one raw co-occurrence.
     A repeated ``a`` in the window counts once, at its most recent time. Each item keeps at
     most ``max_neighbours`` neighbours: when a list overflows, its weakest pair is dropped
-    from both sides, so the relation stays symmetric. Accumulated weights are not decayed
-    over time (``neighbours`` takes no clock); the half-life only discounts distant pairs.
+    from both sides (among equal weights the smallest id), so the relation stays symmetric. A
+    new pair that would be the one its own overflow drops is not added at all (the same lists).
+    Accumulated weights are not decayed over time (``neighbours`` takes no clock); the
+    half-life only discounts distant pairs.
+
+    Held as flat arrays: every item with a code (``_code``), its list as one row of neighbour
+    codes, weights and raw counts in insertion order (``_nb``, ``_wt``, ``_ct``; ``_ln`` pairs
+    held), changed by the compiled loops of :mod:`recsys.signals._covisit_kernels`. The rows
+    hold what the dicts of item -> neighbour -> weight held before (issue 12), in the same
+    order, so the stored records are byte-identical. Numpy arrays are also invisible to
+    Python's cyclic garbage collector, whose full passes over ~500k small containers once
+    stalled the stream (benchmarks/README.md).
 
     >>> c = CoVisitation(half_life_h=1.0, max_neighbours=2, window=5)
     >>> hist = [("a", "browse", 0), ("b", "browse", 3_600_000)]
@@ -62,27 +72,34 @@ class CoVisitation:
         self.max_neighbours = max_neighbours
         self.window = window
         self._half_life_ms = half_life_ms(half_life_h)
-        # item -> neighbour -> weight, and -> raw count. Two dicts of plain floats/ints rather
-        # than one of [weight, count] lists: such dicts are invisible to Python's cyclic
-        # garbage collector, whose full passes over ~500k small lists stalled the stream for
-        # ~0.5 s (the p99 latency); see benchmarks/README.md.
-        self._nbrs: dict[str, dict[str, float]] = {}
-        self._counts: dict[str, dict[str, int]] = {}
-        self._ranked: dict[str, tuple] = {}  # sorted neighbour columns, until they change
-        # item -> a heap of ``(weight, neighbour)`` pairs, made at the list's first overflow: it
-        # holds every current pair of the list, and stale ones (a pair whose weight has grown
-        # since, or that left the list), so the weakest current pair, the one an overflow drops,
-        # is the first heap entry that still matches the list (stale ones are popped on the way).
-        # Weights only grow, so a change is one push; the heap is rebuilt from the list once it
-        # is _HEAP_SLACK entries longer. It replaces a remembered "lightest 8" that every change
-        # had to patch and that ran out after a few overflows (then a scan of the whole list):
-        # once lists were full that was 60-70% of the update's cost (benchmarks/README.md).
-        # Anything that changes ``_nbrs`` must go through ``_add_pair``/``_drop_pair``.
-        self._heaps: dict[str, list[tuple[float, str]]] = {}
-        self._dirty: set[str] = set()
+        self._clear()
+
+    def _clear(self) -> None:
+        self._code: dict[str, int] = {}  # item id -> row (and the code it is known by in other rows)
+        self._names: list[str] = []  # code -> item id
+        # the ids' UTF-8 bytes, one after another, for comparing ids inside the compiled loops
+        self._name_buf = np.zeros(4096, dtype=np.uint8)
+        self._name_end = 0
+        self._name_off = np.zeros(1024, dtype=np.int64)
+        self._name_len = np.zeros(1024, dtype=np.int64)
+        width = self.max_neighbours + 1  # room for the pair that overflows, until it is dropped
+        self._nb = np.full((1024, width), -1, dtype=np.int32)
+        self._wt = np.zeros((1024, width), dtype=np.float64)
+        self._ct = np.zeros((1024, width), dtype=np.int64)
+        self._ln = np.zeros(1024, dtype=np.int64)
+        self._dirty = np.zeros(1024, dtype=np.bool_)  # rows to export
+        self._stale = np.zeros(1024, dtype=np.bool_)  # rows changed since their ``ranked`` answer
+        self._ranked: dict[int, tuple] = {}  # sorted neighbour columns, until they change
+        self._pa: list[int] = []  # pairs learned, not yet applied to the rows
+        self._pb: list[int] = []
+        self._pw: list[float] = []
 
     def __len__(self) -> int:
-        return len(self._nbrs)
+        """Items that have at least one neighbour."""
+        self._apply()
+        return int(np.count_nonzero(self._ln))
+
+    # ------------------------------------------------------------------ learning
 
     def update(self, history: Iterable[tuple[str | None, str, int]], item_id: str | None, event_type: str, ts: int) -> None:
         """Learn from one engagement with ``item_id`` given the user's history *before* it.
@@ -100,94 +117,54 @@ class CoVisitation:
             gap = abs(ts - ts_a)  # out-of-order history: distance in time either way
             if a not in recent or gap < recent[a]:
                 recent[a] = gap
-        for a in sorted(recent):
-            self._add_pair(a, item_id, w * decay_factor(recent[a], self._half_life_ms))
-
-    def _add_pair(self, a: str, b: str, weight: float) -> None:
-        if self._dropped_at_once(a, b, weight):
+        if not recent:
             return
-        heaps, limit = self._heaps, self.max_neighbours + _HEAP_SLACK
-        for x, y in ((a, b),) if self.directed else ((a, b), (b, a)):
-            nbrs = self._nbrs.setdefault(x, {})
-            counts = self._counts.setdefault(x, {})
-            old = nbrs.get(y)
-            new = nbrs[y] = (0.0 if old is None else old) + weight
-            counts[y] = counts.get(y, 0) + 1
-            self._dirty.add(x)
-            self._ranked.pop(x, None)
-            heap = heaps.get(x)
-            if heap is not None:  # (old, y), if there, is stale now; (new, y) is the pair
-                if len(heap) < limit:
-                    heapq.heappush(heap, (new, y))
-                else:
-                    heap[:] = zip(nbrs.values(), nbrs)
-                    heapq.heapify(heap)
-        for x in (a,) if self.directed else (a, b):
-            nbrs = self._nbrs.get(x)
-            if nbrs is not None and len(nbrs) > self.max_neighbours:
-                # the weakest goes; among equals the smallest id, so the choice is deterministic
-                heap = heaps.get(x)
-                if heap is None:
-                    heap = heaps[x] = list(zip(nbrs.values(), nbrs))
-                    heapq.heapify(heap)
-                while nbrs.get(heap[0][1]) != heap[0][0]:
-                    heapq.heappop(heap)  # stale
-                self._drop_pair(x, heapq.heappop(heap)[1])
+        b = self._intern(item_id)
+        for a in sorted(recent):
+            self._pa.append(self._intern(a))
+            self._pb.append(b)
+            self._pw.append(w * decay_factor(recent[a], self._half_life_ms))
+        if len(self._pa) >= _PENDING_PAIRS:
+            self._apply()
 
-    def _dropped_at_once(self, a: str, b: str, weight: float) -> bool:
-        """Whether the new pair ``a``-``b`` would be the one its own overflow drops, leaving every
-        list as it was: then adding it is skipped (and the lists are neither marked changed nor
-        re-sorted). Exact: the same lists, in the same insertion order, as adding and dropping.
+    def _apply(self) -> None:
+        """Apply the pending pairs, in the order learned (one compiled call)."""
+        if not self._pa:
+            return
+        pa = np.asarray(self._pa, dtype=np.int64)
+        pb = np.asarray(self._pb, dtype=np.int64)
+        pw = np.asarray(self._pw, dtype=np.float64)
+        self._pa, self._pb, self._pw = [], [], []
+        apply_pairs(pa, pb, pw, self._nb, self._wt, self._ct, self._ln, self._dirty, self._stale,
+                    self._name_buf, self._name_off, self._name_len, self.max_neighbours, self.directed)
 
-        Once lists are full, about half of all overflows drop the pair that caused them (its
-        weight is one event's, below most pairs that have lasted): ~50k of 95k drops per 20k
-        events late in the engine benchmark (benchmarks/README.md, issue 12).
-        """
-        m, nbrs = self.max_neighbours, self._nbrs
-        nbrs_a = nbrs.get(a)
-        if nbrs_a is not None and b in nbrs_a:
-            return False  # an existing pair grows
-        if nbrs_a is not None and len(nbrs_a) >= m:  # a's list overflows first: (weight, b) is its weakest?
-            if not self._weakest_is(a, nbrs_a, weight, b):
-                return False
-            if not self.directed and b not in nbrs:
-                self._dirty.add(b)  # as for a below: b's list would have been made and emptied
-            return True
-        if self.directed:
-            return False
-        nbrs_b = nbrs.get(b)
-        if nbrs_b is None or len(nbrs_b) < m or a in nbrs_b or not self._weakest_is(b, nbrs_b, weight, a):
-            return False
-        if nbrs_a is None:
-            # adding would have made a's list and emptied it again; its export writes ``[]``, so
-            # the stored records stay exactly what adding and dropping wrote
-            self._dirty.add(a)
-        return True
+    def _intern(self, item_id: str) -> int:
+        code = self._code.get(item_id)
+        if code is not None:
+            return code
+        code = self._code[item_id] = len(self._names)
+        self._names.append(item_id)
+        if code == len(self._ln):  # double every per-row array
+            self._nb = np.concatenate([self._nb, np.full_like(self._nb, -1)])
+            self._wt = np.concatenate([self._wt, np.zeros_like(self._wt)])
+            self._ct = np.concatenate([self._ct, np.zeros_like(self._ct)])
+            self._ln = np.concatenate([self._ln, np.zeros_like(self._ln)])
+            self._dirty = np.concatenate([self._dirty, np.zeros_like(self._dirty)])
+            self._stale = np.concatenate([self._stale, np.zeros_like(self._stale)])
+            self._name_off = np.concatenate([self._name_off, np.zeros_like(self._name_off)])
+            self._name_len = np.concatenate([self._name_len, np.zeros_like(self._name_len)])
+        raw = item_id.encode("utf-8", "surrogatepass")  # bytewise order = code point order
+        end = self._name_end + len(raw)
+        if end > len(self._name_buf):
+            grown = np.zeros(max(2 * len(self._name_buf), end), dtype=np.uint8)
+            grown[: self._name_end] = self._name_buf[: self._name_end]
+            self._name_buf = grown
+        self._name_buf[self._name_end:end] = np.frombuffer(raw, dtype=np.uint8)
+        self._name_off[code], self._name_len[code] = self._name_end, len(raw)
+        self._name_end = end
+        return code
 
-    def _weakest_is(self, x: str, nbrs: dict[str, float], weight: float, y: str) -> bool:
-        """Whether a new pair ``(weight, y)`` would be the weakest of ``x``'s full list (ties by
-        the smaller id, as an overflow drops)."""
-        heap = self._heaps.get(x)
-        if heap is None:
-            heap = self._heaps[x] = list(zip(nbrs.values(), nbrs))
-            heapq.heapify(heap)
-        while nbrs.get(heap[0][1]) != heap[0][0]:
-            heapq.heappop(heap)  # stale
-        return (weight, y) < heap[0]
-
-    def _drop_pair(self, x: str, y: str) -> None:
-        for p, q in ((x, y),) if self.directed else ((x, y), (y, x)):
-            nbrs = self._nbrs.get(p)
-            if nbrs is not None:
-                w = nbrs.pop(q, None)
-                if w is None:
-                    continue
-                del self._counts[p][q]
-                self._dirty.add(p)
-                self._ranked.pop(p, None)
-                if not nbrs:  # its heap entries, if any, are all stale: (w, q) too
-                    del self._nbrs[p], self._counts[p]
-                    self._heaps.pop(p, None)
+    # ------------------------------------------------------------------ reading
 
     def neighbours(self, item_id: str, n: int) -> list[tuple[str, float, int]]:
         """Up to ``n`` neighbours of ``item_id`` as ``(neighbour, weight, raw count)``,
@@ -199,57 +176,85 @@ class CoVisitation:
 
     def ranked(self, item_id: str) -> tuple[tuple[str, ...], np.ndarray, tuple[int, ...]]:
         """All neighbours, sorted as in :meth:`neighbours`, as columns: names, weights
-        (float32 array, for the ranker's vectorised scoring) and raw counts. Sorted once per
+        (float64 array, for the ranker's vectorised scoring) and raw counts. Sorted once per
         change of the item's neighbours, not per read; do not modify what is returned."""
-        ranked = self._ranked.get(item_id)
-        if ranked is None:
-            nbrs = self._nbrs.get(item_id)
-            if not nbrs:
-                return _NO_NEIGHBOURS
-            # heaviest first, ties by id: two C-level sorts (stable, and reverse keeps stability)
-            # instead of one with a Python key function; this runs after every change
-            names = sorted(nbrs)
-            names.sort(key=nbrs.__getitem__, reverse=True)
-            counts = self._counts[item_id]
-            # tuples of plain values, untracked by the garbage collector like the dicts above
-            # (map over the dicts' __getitem__ runs in C: this is rebuilt for most anchors read)
-            ranked = (tuple(names), np.fromiter(map(nbrs.__getitem__, names), dtype=np.float64, count=len(names)),
-                      tuple(map(counts.__getitem__, names)))
-            self._ranked[item_id] = ranked
+        if self._pa:
+            self._apply()
+        x = self._code.get(item_id)
+        if x is None or not self._ln[x]:
+            return _NO_NEIGHBOURS
+        ranked = self._ranked.get(x)
+        if ranked is None or self._stale[x]:
+            order = ranked_order(self._nb, self._wt, self._ln, x, self._name_buf, self._name_off, self._name_len)
+            names = self._names
+            # tuples of plain values, untracked by the garbage collector like the arrays
+            ranked = (tuple(map(names.__getitem__, self._nb[x, order].tolist())), self._wt[x, order],
+                      tuple(self._ct[x, order].tolist()))
+            self._ranked[x] = ranked
+            self._stale[x] = False
         return ranked
+
+    def items(self) -> list[str]:
+        """Ids of the items that have at least one neighbour, in code order."""
+        self._apply()
+        return [self._names[x] for x in np.flatnonzero(self._ln).tolist()]
+
+    def lists(self) -> dict[str, tuple[dict[str, float], dict[str, int]]]:
+        """Every item's list as it is stored: ``{item: ({nbr: weight}, {nbr: raw count})}``,
+        neighbours in insertion order (for tests and tools; the engine reads :meth:`ranked`)."""
+        self._apply()
+        return {self._names[x]: self._row(x) for x in np.flatnonzero(self._ln).tolist()}
+
+    def _row(self, x: int) -> tuple[dict[str, float], dict[str, int]]:
+        n = int(self._ln[x])
+        nbrs = list(map(self._names.__getitem__, self._nb[x, :n].tolist()))
+        return dict(zip(nbrs, self._wt[x, :n].tolist())), dict(zip(nbrs, self._ct[x, :n].tolist()))
+
+    # ------------------------------------------------------------------ persistence
 
     def export_dirty(self) -> dict[bytes, bytes]:
         """Changed lists since the last export, ``b"cov:"+id -> JSON [{nbr: weight}, {nbr: count}]``
-        (an empty list for an item that lost all neighbours); clears them. The two maps are
-        dumped as they are (orjson, in C): every batch rewrites the lists of every item it
-        touched, so this runs for ~10 items per event."""
+        (an empty list for an item that lost all neighbours); clears them. Neighbours in the
+        order they joined the list, as the dicts of the version before the arrays were dumped."""
+        self._apply()
         out: dict[bytes, bytes] = {}
-        nbrs, counts, prefix = self._nbrs, self._counts, self.prefix
-        for item_id in sorted(self._dirty):
-            if item_id in nbrs:
-                out[prefix + item_id.encode()] = orjson.dumps([nbrs[item_id], counts[item_id]])
+        prefix, names = self.prefix, self._names
+        dirty = np.flatnonzero(self._dirty)
+        for x in sorted(dirty.tolist(), key=names.__getitem__):
+            if self._ln[x]:
+                out[prefix + names[x].encode()] = orjson.dumps(list(self._row(x)))
             else:
-                out[prefix + item_id.encode()] = b"[]"
-        self._dirty.clear()
+                out[prefix + names[x].encode()] = b"[]"
+        self._dirty[dirty] = False
         return out
 
     def load(self, kv: KVStore) -> None:
-        """Replace everything held with the records under ``b"cov:"`` in ``kv``."""
-        self._nbrs.clear()
-        self._counts.clear()
-        self._ranked.clear()
-        self._heaps.clear()
-        self._dirty.clear()
+        """Replace everything held with the records under ``b"cov:"`` in ``kv``. A list stored
+        under a larger ``max_neighbours`` is held whole, and loses one pair per overflow after,
+        as the dicts of the version before the arrays did."""
+        self._clear()
+        stored = []
         for key, value in kv.iter_prefix(self.prefix):
             rows = orjson.loads(value)
             if not rows:
                 continue
-            item_id = key[len(self.prefix):].decode()
             if isinstance(rows[0], dict):  # [{nbr: weight}, {nbr: count}]
                 weights, counts = rows
-                self._nbrs[item_id] = {y: float(w) for y, w in weights.items()}
-                self._counts[item_id] = counts
+                pairs = [(y, float(w), int(counts[y])) for y, w in weights.items()]
             else:  # written before 2026-11-30: [[nbr, weight, count], ...]
-                self._nbrs[item_id] = {y: float(w) for y, w, _ in rows}
-                self._counts[item_id] = {y: int(c) for y, _, c in rows}
-
+                pairs = [(y, float(w), int(c)) for y, w, c in rows]
+            stored.append((key[len(self.prefix):].decode(), pairs))
+        longest = max((len(pairs) for _, pairs in stored), default=0)
+        if longest > self.max_neighbours:  # rows as wide as the longest list, and one more
+            width = longest + 1
+            self._nb = np.full((len(self._ln), width), -1, dtype=np.int32)
+            self._wt = np.zeros((len(self._ln), width), dtype=np.float64)
+            self._ct = np.zeros((len(self._ln), width), dtype=np.int64)
+        for item_id, pairs in stored:
+            x = self._intern(item_id)
+            codes = [self._intern(y) for y, _, _ in pairs]
+            n = len(pairs)
+            self._nb[x, :n] = codes
+            self._wt[x, :n] = [w for _, w, _ in pairs]
+            self._ct[x, :n] = [c for _, _, c in pairs]
+            self._ln[x] = n

@@ -1,0 +1,135 @@
+"""Compiled loops of :class:`recsys.signals.covisitation.CoVisitation` (issue 12).
+
+Why compiled: once the lists are full (the engine benchmark reaches the 50-neighbour bound by
+~100k events), almost every new pair overflows a list and its weakest pair must go; in Python
+that was dict and heap work per pair, ~150 CPU-us per event late in the benchmark, and sorting
+each changed list again for the ranker another ~100. The lists are rows of flat arrays
+(neighbour code, weight, raw count, in insertion order), and the loops below update them in
+the order the Python code did, with the same float additions, so every list, its order and
+its stored bytes are what the dict version gave (``tests/test_speed_equivalence.py`` runs both
+on the same streams).
+
+Ties between weights are broken by the smaller item id, compared as Python compares ``str``:
+the ids' UTF-8 bytes (``surrogatepass``), whose bytewise order is code point order, kept in one
+flat byte buffer (``names``) with an offset and a length per code.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+
+@njit(cache=True, nogil=True)
+def _name_less(names, offset, length, i, j):  # pragma: no cover - compiled
+    """Whether the id of code ``i`` sorts before that of code ``j`` (as Python ``str`` does)."""
+    oi, oj, li, lj = offset[i], offset[j], length[i], length[j]
+    for t in range(min(li, lj)):
+        ci, cj = names[oi + t], names[oj + t]
+        if ci != cj:
+            return ci < cj
+    return li < lj
+
+
+@njit(cache=True, nogil=True)
+def _weakest(nb, wt, ln, x, names, offset, length):  # pragma: no cover - compiled
+    """Column of row ``x``'s weakest pair: the smallest weight, among equals the smallest id."""
+    best = 0
+    for j in range(1, ln[x]):
+        if wt[x, j] < wt[x, best] or (wt[x, j] == wt[x, best] and _name_less(names, offset, length, nb[x, j], nb[x, best])):
+            best = j
+    return best
+
+
+@njit(cache=True, nogil=True)
+def _find(nb, ln, x, y):  # pragma: no cover - compiled
+    for j in range(ln[x]):
+        if nb[x, j] == y:
+            return j
+    return -1
+
+
+@njit(cache=True, nogil=True)
+def _drop(nb, wt, ct, ln, dirty, stale, x, y, directed):  # pragma: no cover - compiled
+    """Remove pair ``x``-``y`` (and ``y``-``x`` unless directed); later pairs move up a column,
+    as a dict keeps the order of the keys left after a deletion."""
+    for side in range(1 if directed else 2):
+        p, q = (x, y) if side == 0 else (y, x)
+        j = _find(nb, ln, p, q)
+        if j < 0:
+            continue
+        last = ln[p] - 1
+        for t in range(j, last):
+            nb[p, t] = nb[p, t + 1]
+            wt[p, t] = wt[p, t + 1]
+            ct[p, t] = ct[p, t + 1]
+        nb[p, last] = -1
+        wt[p, last] = 0.0
+        ct[p, last] = 0
+        ln[p] = last
+        dirty[p] = True
+        stale[p] = True
+
+
+@njit(cache=True, nogil=True)
+def apply_pairs(pa, pb, pw, nb, wt, ct, ln, dirty, stale, names, offset, length, max_neighbours, directed):  # pragma: no cover
+    """Add each pair ``pa[i]``-``pb[i]`` with weight ``pw[i]``, in order, as
+    ``CoVisitation._add_pair`` of the dict version did: a new pair that its own overflow would
+    drop at once is skipped (leaving every list as it was, only the ``[]`` record of a list
+    that adding would have made and emptied marked for export); otherwise the pair is added on
+    both sides (``0.0 + w`` when new, ``old + w`` when not; one raw count more), and a list
+    over ``max_neighbours`` loses its weakest pair on both sides (``a``'s first, then ``b``'s).
+    """
+    m = max_neighbours
+    for i in range(len(pa)):
+        a, b, w = pa[i], pb[i], pw[i]
+        # a new pair its own overflow would drop at once (CoVisitation._dropped_at_once)
+        if _find(nb, ln, a, b) < 0:
+            if ln[a] >= m:
+                k = _weakest(nb, wt, ln, a, names, offset, length)
+                if w < wt[a, k] or (w == wt[a, k] and _name_less(names, offset, length, b, nb[a, k])):
+                    if not directed and ln[b] == 0:
+                        dirty[b] = True
+                    continue
+            elif not directed and ln[b] >= m and _find(nb, ln, b, a) < 0:
+                k = _weakest(nb, wt, ln, b, names, offset, length)
+                if w < wt[b, k] or (w == wt[b, k] and _name_less(names, offset, length, a, nb[b, k])):
+                    if ln[a] == 0:
+                        dirty[a] = True
+                    continue
+        for side in range(1 if directed else 2):
+            x, y = (a, b) if side == 0 else (b, a)
+            j = _find(nb, ln, x, y)
+            if j < 0:
+                j = ln[x]
+                nb[x, j] = y
+                wt[x, j] = 0.0 + w
+                ct[x, j] = 1
+                ln[x] = j + 1
+            else:
+                wt[x, j] = wt[x, j] + w
+                ct[x, j] += 1
+            dirty[x] = True
+            stale[x] = True
+        for side in range(1 if directed else 2):
+            x = a if side == 0 else b
+            if ln[x] > m:
+                _drop(nb, wt, ct, ln, dirty, stale, x, nb[x, _weakest(nb, wt, ln, x, names, offset, length)], directed)
+
+
+@njit(cache=True, nogil=True)
+def ranked_order(nb, wt, ln, x, names, offset, length):  # pragma: no cover - compiled
+    """Columns of row ``x`` heaviest first, ties by id (insertion sort: at most a few dozen)."""
+    n = ln[x]
+    order = np.arange(n)
+    for i in range(1, n):
+        c = order[i]
+        j = i - 1
+        while j >= 0:
+            o = order[j]
+            if wt[x, o] > wt[x, c] or (wt[x, o] == wt[x, c] and _name_less(names, offset, length, nb[x, o], nb[x, c])):
+                break
+            order[j + 1] = o
+            j -= 1
+        order[j + 1] = c
+    return order
