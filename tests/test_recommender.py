@@ -176,6 +176,11 @@ def test_the_co_visitation_reason_names_the_strongest_anchor():
     (items_out, _), = rec.rank([user], now_ts=2)
     target = next(i for i in items_out if i.item_id == "target")
     assert target.reason == "bought together with strong thing"
+    # a renamed anchor is named by its new title in the next lists (titles are remembered only
+    # until the catalog changes)
+    items.upsert([CatalogItem("strong", "strong thing, now in blue")])
+    (items_out, _), = rec.rank([user], now_ts=2)
+    assert next(i for i in items_out if i.item_id == "target").reason == "bought together with strong thing, now in blue"
 
 
 def test_seen_candidates_bring_the_users_recent_items_in_ranked_by_the_seen_column():

@@ -31,9 +31,7 @@ users. ``tests/test_recommender.py`` proves a batch ranks each user exactly as i
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
-from operator import itemgetter
 
 import numpy as np
 
@@ -104,6 +102,8 @@ class Recommender:
         self.config = config
         self._base = config.weights.vector()
         self.reranker = reranker or PairwiseReranker(self._base, min_examples=10**12)  # none given: the hand-set blend only
+        self._titles: dict[str, str] = {}  # item id -> title as shown in reasons (see ``_title``)
+        self._titles_at: tuple[int, int] = (0, -1)  # (catalog, its version) they were read from
 
     def excluded(self, state: UserState) -> set[str]:
         """Items this user must not be shown: purchased ones that are not repeat purchases
@@ -236,22 +236,21 @@ class Recommender:
                         recents: list[list[tuple[str, str]]], anchor_weights: list[float]) -> None:
         """Entries for the neighbours of each user's most recent items (anchor ``a`` of a user
         contributes ``weight * anchor_weights[a]``), remembering which anchor each came from.
-        Every (user, anchor) pair of the batch is read in one pass (``map`` over the signal's
-        sorted lists), its first ``covisit_per_anchor`` neighbours in one chain."""
+        Every (user, anchor) pair of the batch is read in one compiled call
+        (:meth:`CoVisitation.top`: each anchor's first ``covisit_per_anchor`` neighbours)."""
         n, m = self.config.covisit_per_anchor, len(anchor_weights)
         heads = [recent[:m] for recent in recents]
         per_user = np.fromiter(map(len, heads), dtype=np.int64, count=len(heads))
-        ranked = list(map(signal.ranked, [anchor for head in heads for anchor, _ in head]))
-        if not ranked:
+        anchors_read = [anchor for head in heads for anchor, _ in head]
+        if not anchors_read:
             return
-        lengths = np.minimum(np.fromiter(map(len, map(itemgetter(0), ranked)), dtype=np.int64, count=len(ranked)), n)
+        lengths, names, weights = signal.top(anchors_read, n)
         if not lengths.any():
             return
-        names = list(itertools.chain.from_iterable(r[0][:n] for r in ranked))
         rows = self.items.index.rows(names)  # one lookup for the whole batch
-        slots = np.arange(len(ranked)) - np.repeat(np.cumsum(per_user) - per_user, per_user)
+        slots = np.arange(len(anchors_read)) - np.repeat(np.cumsum(per_user) - per_user, per_user)
         anchors = np.repeat(slots, lengths)
-        values = np.concatenate([r[1][:n] for r in ranked]) * np.asarray(anchor_weights)[anchors]
+        values = weights * np.asarray(anchor_weights)[anchors]
         keep = rows >= 0  # neighbours that are not recommendable are no candidates
         owners = np.repeat(np.repeat(np.arange(len(heads)), per_user), lengths)
         parts.add(source, owners[keep], rows[keep], values[keep], anchors[keep])
@@ -427,9 +426,22 @@ class Recommender:
         return dict(zip(answered.tolist(), zip(kept_ids[anchors].tolist(), sims_all.tolist())))
 
     def _title(self, item_id: str) -> str:
-        item = self.items.catalog.get(item_id)
-        title = item.title if item is not None else item_id
-        return title if len(title) <= 60 else title[:57] + "..."
+        """The item's title as reasons show it (at most 60 characters); remembered until the
+        catalog changes (its version), since the same anchors explain many lists."""
+        catalog = self.items.catalog
+        if self._titles_at != (id(catalog), catalog.version) or len(self._titles) > _MAX_TITLES:
+            self._titles.clear()
+            self._titles_at = (id(catalog), catalog.version)
+        title = self._titles.get(item_id)
+        if title is None:
+            item = catalog.get(item_id)
+            title = item.title if item is not None else item_id
+            title = self._titles[item_id] = title if len(title) <= 60 else title[:57] + "..."
+        return title
+
+
+#: Titles ``Recommender._title`` remembers before starting over (a bound on its memory).
+_MAX_TITLES = 100_000
 
 
 def _recent_distinct(history: list[tuple[str, str, int]], n: int) -> list[tuple[str, str]]:

@@ -133,3 +133,25 @@ def ranked_order(nb, wt, ln, x, names, offset, length):  # pragma: no cover - co
             j -= 1
         order[j + 1] = c
     return order
+
+
+@njit(cache=True, nogil=True)
+def top_many(xs, n, nb, wt, ln, names, offset, length):  # pragma: no cover - compiled
+    """For each row in ``xs`` (``-1``: no list), its first ``n`` neighbours in
+    :func:`ranked_order`: ``(pairs per row, neighbour codes, weights)``, rows one after another."""
+    counts = np.zeros(len(xs), dtype=np.int64)
+    codes = np.empty(len(xs) * n, dtype=np.int64)
+    weights = np.empty(len(xs) * n, dtype=np.float64)
+    k = 0
+    for i in range(len(xs)):
+        x = xs[i]
+        if x < 0 or ln[x] == 0:
+            continue
+        order = ranked_order(nb, wt, ln, x, names, offset, length)
+        take = min(n, len(order))
+        for t in range(take):
+            codes[k] = nb[x, order[t]]
+            weights[k] = wt[x, order[t]]
+            k += 1
+        counts[i] = take
+    return counts, codes[:k], weights[:k]

@@ -18,7 +18,7 @@ import numpy as np
 import orjson
 
 from recsys.feedback import EVENT_WEIGHTS, decay_factor, half_life_ms
-from recsys.signals._covisit_kernels import apply_pairs, ranked_order
+from recsys.signals._covisit_kernels import apply_pairs, ranked_order, top_many
 
 if TYPE_CHECKING:
     from recsys.store.kv import KVStore
@@ -193,6 +193,19 @@ class CoVisitation:
             self._ranked[x] = ranked
             self._stale[x] = False
         return ranked
+
+    def top(self, item_ids: list[str], n: int) -> tuple[np.ndarray, list[str], np.ndarray]:
+        """The first ``n`` neighbours of each of ``item_ids`` in :meth:`ranked` order, for a
+        whole batch of anchors in one compiled call: ``(neighbours per anchor, neighbour ids,
+        weights)``, anchors one after another (what ``ranked(i)[0][:n]`` and ``[1][:n]`` give,
+        concatenated)."""
+        if self._pa:
+            self._apply()
+        code = self._code.get
+        xs = np.fromiter((code(i, -1) for i in item_ids), dtype=np.int64, count=len(item_ids))
+        counts, codes, weights = top_many(xs, max(n, 0), self._nb, self._wt, self._ln,
+                                          self._name_buf, self._name_off, self._name_len)
+        return counts, list(map(self._names.__getitem__, codes.tolist())), weights
 
     def items(self) -> list[str]:
         """Ids of the items that have at least one neighbour, in code order."""
