@@ -8,7 +8,8 @@ engine does with them: ``update`` per event (with the user's history before it),
 each batch user's most recent distinct items (3 co-visitation anchors, 2 transition anchors, as
 ``Recommender._add_neighbours`` reads them) and ``export_dirty`` (the lists the batch's atomic
 write carries). Prints CPU-microseconds per event for each of the three per window, and a sha256
-of everything read and of every change to the stored records, so a change to ``recsys/signals/covisitation.py`` can be
+of everything read and of every change to the stored lists (decoded, so trees that store
+another record format compare), so a change to ``recsys/signals/covisitation.py`` can be
 checked for the same answers and the same stored bytes (compare the digests of two trees)::
 
     .venv/bin/python benchmarks/covisit_speed.py --events 200000
@@ -23,12 +24,25 @@ import os
 import time
 
 import numpy as np
+import orjson
 
 import recsys
 from recsys.ranking.recommender import _recent_distinct
 from recsys.settings import Settings
 from recsys.signals.covisitation import CoVisitation
 from recsys.synthetic import generate_catalog, generate_events
+
+
+def _decode(value: bytes) -> list[tuple[str, float, int]]:
+    """A stored list as ``[(neighbour, weight, count), ...]`` in stored order, from any record
+    format (as ``recsys.signals.covisitation.decode_record``, repeated here so that the digest
+    compares trees that wrote different formats)."""
+    rows = orjson.loads(value)
+    if isinstance(rows, dict):
+        return list(zip(rows["n"], map(float, rows["w"]), rows["c"]))
+    if rows and isinstance(rows[0], dict):
+        return [(y, float(w), rows[1][y]) for y, w in rows[0].items()]
+    return [(y, float(w), c) for y, w, c in rows]
 
 
 def main() -> None:
@@ -49,7 +63,7 @@ def main() -> None:
                        window=1, directed=True)
     histories: dict[str, list] = {}
     digest = hashlib.sha256()
-    stored: dict[bytes, bytes] = {}  # the records as the store would hold them
+    stored: dict[bytes, list] = {}  # the lists as the store would hold them
     spent = np.zeros(3)  # update, ranked, export: CPU seconds
     window_start, window_events = spent.copy(), 0
     for lo in range(0, len(events), args.batch):
@@ -72,10 +86,11 @@ def main() -> None:
         spent += (t1 - t0, t2 - t1, t3 - t2)
         for names, weights, counts in read:  # outside the timed parts
             digest.update("|".join(names).encode() + np.asarray(weights, dtype=np.float64).tobytes() + repr(counts).encode())
-        for key in sorted(exported):  # what the batch changed in the store (a rewrite of the same bytes is none)
-            if stored.get(key) != exported[key]:
-                stored[key] = exported[key]
-                digest.update(key + b"=" + exported[key])
+        for key in sorted(exported):  # what the batch changed in the store (a rewrite of the same list is none)
+            held = _decode(exported[key])
+            if stored.get(key) != held:
+                stored[key] = held
+                digest.update(key + b"=" + repr(held).encode())
         done = lo + len(batch)
         if done % args.windows == 0 or done == len(events):
             n = done - window_events
@@ -84,7 +99,8 @@ def main() -> None:
             print(f"events {done - n:>7,}-{done:>7,}: update {us[0]:6.1f}, ranked {us[1]:6.1f}, export {us[2]:6.1f}, "
                   f"together {us.sum():6.1f} CPU-us/event", flush=True)
             window_start = spent.copy()
-    sizes = [len(weights) for weights, _ in cov.lists().values()]
+    lists = cov.lists() if hasattr(cov, "lists") else {i: (w, None) for i, w in cov._nbrs.items()}  # arrays / dicts
+    sizes = [len(weights) for weights, _ in lists.values()]
     print(f"whole run: update {spent[0]:.2f} s, ranked {spent[1]:.2f} s, export {spent[2]:.2f} s (CPU); "
           f"co-visitation lists {len(sizes)}, mean length {np.mean(sizes):.1f}")
     print(f"digest {digest.hexdigest()}")

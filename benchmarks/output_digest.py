@@ -18,7 +18,8 @@ scores, reasons, trigger, model version) and, separately, the feature rows the r
 (``Shown``) as raw float32 bytes, and of the engine's state at the end (every key and value it
 would persist, less the outboxes, whose payloads hold ``emitted_at``): user records, co-visitation
 and transition lists, sessions, popularity, so a faster signal structure must also store the same
-bytes.
+bytes (co-visitation and transition records are decoded to the lists they hold, in order, since
+their record format changed on 2026-12-03; the state digests before that date hashed their bytes).
 """
 
 from __future__ import annotations
@@ -75,10 +76,24 @@ def synthetic(name: str, n_items: int, n_users: int, n_events: int, batches, cac
         # everything the engine would persist, less the outboxes (their payloads hold emitted_at)
         state = hashlib.sha256()
         for key, value in sorted(engine.kv.iter_prefix(b"")):
+            if key.startswith((b"cov:", b"nxt:")):  # the lists held, whichever record format stored them
+                value = repr(_covisit_list(value)).encode()
             if not key.startswith(b"o:"):
                 state.update(b"%d:%s%d:%s" % (len(key), key, len(value), value))
         engine.close()
     return out.hexdigest(), shown.hexdigest(), count, state.hexdigest()
+
+
+def _covisit_list(value: bytes) -> list:
+    """A co-visitation or transitions record as ``[(neighbour, weight, count), ...]`` in stored
+    order, from either format (``{"n", "w", "c"}`` since 2026-12-03, ``[{nbr: w}, {nbr: c}]``
+    before), so the state digest compares trees that store lists differently."""
+    rows = json.loads(value)
+    if isinstance(rows, dict):
+        return list(zip(rows["n"], map(float, rows["w"]), rows["c"]))
+    if rows and isinstance(rows[0], dict):
+        return [(y, float(w), rows[1][y]) for y, w in rows[0].items()]
+    return [(y, float(w), c) for y, w, c in rows]
 
 
 def rees46(data: Path, cache: str) -> tuple[str, str, int] | None:

@@ -79,6 +79,8 @@ def main() -> None:
     def cov_update() -> None:
         clock["t"] += 10
         cov.update(hist, ids[int(r.paretovariate(1.2)) % 5000], "click", clock["t"])
+        if hasattr(cov, "_apply"):  # since 2026-12-03 pairs wait for one compiled call per batch: time it per op
+            cov._apply()
 
     print(f"CoVisitation.update  {per_op_us(cov_update, 20_000):7.2f} µs/op  (window 5, 50 neighbours)")
 

@@ -202,15 +202,25 @@ def test_covisit_export_and_load_round_trip(kv):
     assert len(d) == len(c)
 
 
-def test_covisit_loads_records_in_the_earlier_row_format():
+@pytest.mark.parametrize("earlier", ["rows", "maps"])
+def test_covisit_loads_records_in_the_earlier_formats(earlier):
+    """Stores written before 2026-11-30 (``[[nbr, weight, count], ...]``) and before 2026-12-03
+    (``[{nbr: weight}, {nbr: count}]``) load, keep learning, and are re-exported in the new form."""
+    def record(pairs):
+        if earlier == "rows":
+            return orjson.dumps([list(p) for p in pairs])
+        return orjson.dumps([{y: w for y, w, _ in pairs}, {y: c for y, _, c in pairs}])
+
     kv = MemoryKV()
-    kv.write({b"cov:a": orjson.dumps([["b", 2.5, 3], ["c", 1.0, 1]]), b"cov:b": orjson.dumps([["a", 2.5, 3]]),
-              b"cov:c": orjson.dumps([["a", 1.0, 1]])})
+    kv.write({b"cov:a": record([("c", 1.0, 1), ("b", 2.5, 3)]), b"cov:b": record([("a", 2.5, 3)]),
+              b"cov:c": record([("a", 1.0, 1)])})
     c = CoVisitation(half_life_h=1.0, max_neighbours=5)
     c.load(kv)
     assert c.neighbours("a", 5) == [("b", 2.5, 3), ("c", 1.0, 1)]
     c.update([("b", "browse", 0)], "a", "browse", ts=0)  # and keeps learning; re-exported anew
-    assert orjson.loads(c.export_dirty()[b"cov:a"]) == [{"b": 3.5, "c": 1.0}, {"b": 4, "c": 1}]
+    out = c.export_dirty()
+    assert orjson.loads(out[b"cov:a"]) == {"n": ["c", "b"], "w": [1.0, 3.5], "c": [1, 4]}  # the order they joined
+    assert set(out) == {b"cov:a", b"cov:b"}
 
 
 def test_covisit_item_that_loses_every_neighbour_is_exported_empty():

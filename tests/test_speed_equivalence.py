@@ -22,7 +22,7 @@ from recsys.events import CatalogItem
 from recsys.feedback import EVENT_WEIGHTS, decay_factor, half_life_ms
 from recsys.items.catalog import ItemSpace
 from recsys.ranking.recommender import Recommender, RecommenderConfig
-from recsys.signals.covisitation import CoVisitation
+from recsys.signals.covisitation import CoVisitation, decode_record
 from recsys.signals.popularity import Popularity
 from recsys.signals.sessions import SessionNeighbours
 from recsys.store.kv import MemoryKV
@@ -359,6 +359,11 @@ class _CoVisitationReference(_DictCoVisitation):
                     del self._nbrs[p], self._counts[p]
 
 
+def _decoded(records: dict[bytes, bytes]) -> dict[bytes, list[tuple[str, float, int]]]:
+    """Stored records as the lists they hold, in order (the dict version wrote another format)."""
+    return {key: decode_record(value) for key, value in records.items()}
+
+
 def _names(items: int) -> list[str]:
     """Item ids whose str order differs from naive byte order where it could: ASCII, Latin-1,
     other planes, prefixes of each other."""
@@ -385,9 +390,9 @@ def test_co_visitation_lists_equal_the_dict_version_and_a_full_scan(directed, ma
     writes = [0, 0]
 
     def export_all() -> None:
-        f, d, s = fast.export_dirty(), dicts.export_dirty(), slow.export_dirty()
-        assert f == d  # the same records as the dict version, key for key
-        assert f.items() <= s.items()  # what it writes, the full scan writes too, the same bytes
+        f, d, s = _decoded(fast.export_dirty()), _decoded(dicts.export_dirty()), _decoded(slow.export_dirty())
+        assert f == d  # the same lists as the dict version, key for key, in the same order
+        assert f.items() <= s.items()  # what it writes, the full scan writes too, the same lists
         fast_store.update(f)
         slow_store.update(s)
         writes[0] += len(f)
@@ -454,7 +459,7 @@ def test_co_visitation_loaded_from_the_store_goes_on_as_the_dict_version(directe
         dicts.update(hist, item, etype, t)
         hist.append((item, etype, t))
         del hist[:-5]
-    assert fast.export_dirty() == dicts.export_dirty()
+    assert _decoded(fast.export_dirty()) == _decoded(dicts.export_dirty())
     assert all(list(fast.lists()[i][0].items()) == list(dicts._nbrs[i].items()) for i in dicts._nbrs)
 
 
