@@ -352,14 +352,18 @@ class Recommender:
         no_anchor = [-1] * len(entry)
         cov_anchor = batch.anchor[_COVISIT][entry].tolist() if _COVISIT in batch.anchor else no_anchor
         next_anchor = batch.anchor[_NEXT][entry].tolist() if _NEXT in batch.anchor else no_anchor
+        title = self._title
+        title("")  # brings the remembered titles up to the catalog's version, once per batch
+        titles = self._titles
         for i, (pos, u, src) in enumerate(zip(shown.tolist(), users.tolist(), source.tolist())):
             kind, item_id = _SOURCES[src], names[i]
             if kind == _COVISIT:
                 anchor, anchor_type = recents[u][cov_anchor[i]]
                 verb = "bought" if anchor_type == "purchase" else "viewed"
-                out[pos] = f"{verb} together with {self._title(anchor)}"
+                out[pos] = f"{verb} together with {titles.get(anchor) or title(anchor)}"
             elif kind == _NEXT:
-                out[pos] = f"often chosen right after {self._title(recents[u][next_anchor[i]][0])}"
+                anchor = recents[u][next_anchor[i]][0]
+                out[pos] = f"often chosen right after {titles.get(anchor) or title(anchor)}"
             elif kind == _SESSION:
                 out[pos] = "chosen in sessions like yours"
             elif kind == _AGAIN:
@@ -371,7 +375,7 @@ class Recommender:
                 elif anchor == item_id:
                     out[pos] = "you bought this before" if item_id in states[u].purchased else "you viewed this recently"
                 else:
-                    out[pos] = f"similar to {self._title(anchor)} you viewed (similarity {sim:.2f})"
+                    out[pos] = f"similar to {titles.get(anchor) or title(anchor)} you viewed (similarity {sim:.2f})"
             else:
                 out[pos] = "trending"
         return out
