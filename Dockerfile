@@ -16,7 +16,10 @@ RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 
 WORKDIR /app
 COPY . .
+# The signals' numba loops compiled once here, into the installed package's cache, so no
+# container compiles them during its first batch (run from / to import the installed copy).
 RUN pip install . \
+    && (cd / && python -m recsys.signals.compile_kernels) \
     && useradd --create-home --uid 10001 recsys \
     && mkdir -p /data/state /data/recovery /data/embeddings /data/exchange-snapshots \
     && chown -R recsys:recsys /data

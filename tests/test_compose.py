@@ -7,7 +7,10 @@ matches pyproject.toml.
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -150,6 +153,20 @@ def test_dockerfile_installs_the_project_offline_on_python_3_11() -> None:
     assert re.search(r"^FROM python:3\.11-slim\b", dockerfile, re.M)
     assert re.search(r"pip install \.(\s|$)", dockerfile)
     assert "HF_HUB_OFFLINE=1" in dockerfile
+
+
+def test_dockerfile_compiles_the_signals_loops_from_the_installed_package(tmp_path) -> None:
+    """The image compiles numba's loops at build time (no container compiles them in its first
+    batch); the step runs outside the source tree so it warms the installed copy, and the module
+    it names runs."""
+    dockerfile = DOCKERFILE.read_text()
+    step = re.search(r"\(cd / && python -m ([\w.]+)\)", dockerfile)
+    assert step and step.group(1) == "recsys.signals.compile_kernels"
+    assert dockerfile.index("pip install .") < step.start() < dockerfile.index("USER recsys")
+    out = subprocess.run([sys.executable, "-m", step.group(1)], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "compiled loops ready" in out.stdout
 
 
 def test_dockerignore_keeps_local_state_out_of_the_build() -> None:
