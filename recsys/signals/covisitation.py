@@ -50,8 +50,9 @@ class CoVisitation:
     held), changed by the compiled loops of :mod:`recsys.signals._covisit_kernels`. The rows
     hold what the dicts of item -> neighbour -> weight held before (issue 12), in the same
     order, so the stored lists are the same. Memory: ``(max_neighbours + 1) x 20`` bytes for
-    every item that ever took part in a pair (~1 KB at 50), full list or not; the dicts took
-    ~8 KB for a full list of 50. Numpy arrays are also invisible to
+    every item that ever took part in a pair (~1 KB at 50), full list or not; the dicts and heaps
+    before took ~12 KB per full list of 50 (tracemalloc, 2,000 items). Numpy arrays are also
+    invisible to
     Python's cyclic garbage collector, whose full passes over ~500k small containers once
     stalled the stream (benchmarks/README.md).
 
