@@ -33,10 +33,10 @@ from recsys.signals.covisitation import CoVisitation
 from recsys.synthetic import generate_catalog, generate_events
 
 
-def _decode(value: bytes) -> list[tuple[str, float, int]]:
+def decode_list(value: bytes) -> list[tuple[str, float, int]]:
     """A stored list as ``[(neighbour, weight, count), ...]`` in stored order, from any record
     format (as ``recsys.signals.covisitation.decode_record``, repeated here so that the digest
-    compares trees that wrote different formats)."""
+    compares trees that wrote different formats; ``output_digest.py`` uses it too)."""
     rows = orjson.loads(value)
     if isinstance(rows, dict):
         return list(zip(rows["n"], map(float, rows["w"]), rows["c"]))
@@ -87,7 +87,7 @@ def main() -> None:
         for names, weights, counts in read:  # outside the timed parts
             digest.update("|".join(names).encode() + np.asarray(weights, dtype=np.float64).tobytes() + repr(counts).encode())
         for key in sorted(exported):  # what the batch changed in the store (a rewrite of the same list is none)
-            held = _decode(exported[key])
+            held = decode_list(exported[key])
             if stored.get(key) != held:
                 stored[key] = held
                 digest.update(key + b"=" + repr(held).encode())

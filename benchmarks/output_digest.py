@@ -43,6 +43,8 @@ from recsys.settings import Settings  # noqa: E402
 from recsys.shard.step import Shard  # noqa: E402
 from recsys.synthetic import generate_catalog, generate_events  # noqa: E402
 
+from covisit_speed import decode_list  # noqa: E402  (beside this script: the record formats of every tree)
+
 DATA_DIRS = [Path("/work/shared/data"), Path("../shared/data")]
 
 
@@ -77,23 +79,11 @@ def synthetic(name: str, n_items: int, n_users: int, n_events: int, batches, cac
         state = hashlib.sha256()
         for key, value in sorted(engine.kv.iter_prefix(b"")):
             if key.startswith((b"cov:", b"nxt:")):  # the lists held, whichever record format stored them
-                value = repr(_covisit_list(value)).encode()
+                value = repr(decode_list(value)).encode()
             if not key.startswith(b"o:"):
                 state.update(b"%d:%s%d:%s" % (len(key), key, len(value), value))
         engine.close()
     return out.hexdigest(), shown.hexdigest(), count, state.hexdigest()
-
-
-def _covisit_list(value: bytes) -> list:
-    """A co-visitation or transitions record as ``[(neighbour, weight, count), ...]`` in stored
-    order, from either format (``{"n", "w", "c"}`` since 2026-12-03, ``[{nbr: w}, {nbr: c}]``
-    before), so the state digest compares trees that store lists differently."""
-    rows = json.loads(value)
-    if isinstance(rows, dict):
-        return list(zip(rows["n"], map(float, rows["w"]), rows["c"]))
-    if rows and isinstance(rows[0], dict):
-        return [(y, float(w), rows[1][y]) for y, w in rows[0].items()]
-    return [(y, float(w), c) for y, w, c in rows]
 
 
 def rees46(data: Path, cache: str) -> tuple[str, str, int] | None:

@@ -25,7 +25,7 @@ from recsys.ranking.recommender import Recommender, RecommenderConfig
 from recsys.signals.covisitation import CoVisitation, decode_record
 from recsys.signals.popularity import Popularity
 from recsys.signals.sessions import SessionNeighbours
-from recsys.store.kv import MemoryKV
+from recsys.store.kv import KVStore, MemoryKV
 from recsys.store.users import UserState
 
 MIN = 60_000

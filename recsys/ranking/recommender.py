@@ -352,9 +352,7 @@ class Recommender:
         no_anchor = [-1] * len(entry)
         cov_anchor = batch.anchor[_COVISIT][entry].tolist() if _COVISIT in batch.anchor else no_anchor
         next_anchor = batch.anchor[_NEXT][entry].tolist() if _NEXT in batch.anchor else no_anchor
-        title = self._title
-        title("")  # brings the remembered titles up to the catalog's version, once per batch
-        titles = self._titles
+        titles, title = self._titles_now(), self._title  # checked against the catalog once per batch
         for i, (pos, u, src) in enumerate(zip(shown.tolist(), users.tolist(), source.tolist())):
             kind, item_id = _SOURCES[src], names[i]
             if kind == _COVISIT:
@@ -432,16 +430,22 @@ class Recommender:
     def _title(self, item_id: str) -> str:
         """The item's title as reasons show it (at most 60 characters); remembered until the
         catalog changes (its version), since the same anchors explain many lists."""
+        titles = self._titles_now()
+        title = titles.get(item_id)
+        if title is None:
+            item = self.items.catalog.get(item_id)
+            title = item.title if item is not None else item_id
+            title = titles[item_id] = title if len(title) <= 60 else title[:57] + "..."
+        return title
+
+    def _titles_now(self) -> dict[str, str]:
+        """The remembered titles, emptied first if the catalog changed since (or they grew past
+        their bound)."""
         catalog = self.items.catalog
         if self._titles_at != (id(catalog), catalog.version) or len(self._titles) > _MAX_TITLES:
             self._titles.clear()
             self._titles_at = (id(catalog), catalog.version)
-        title = self._titles.get(item_id)
-        if title is None:
-            item = catalog.get(item_id)
-            title = item.title if item is not None else item_id
-            title = self._titles[item_id] = title if len(title) <= 60 else title[:57] + "..."
-        return title
+        return self._titles
 
 
 #: Titles ``Recommender._title`` remembers before starting over (a bound on its memory).

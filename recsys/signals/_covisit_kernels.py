@@ -42,6 +42,13 @@ def _weakest(nb, wt, ln, x, names, offset, length):  # pragma: no cover - compil
 
 
 @njit(cache=True, nogil=True)
+def _new_is_weakest(nb, wt, ln, x, w, y, names, offset, length):  # pragma: no cover - compiled
+    """Whether a new pair ``(w, y)`` would be the weakest of row ``x`` (ties by the smaller id)."""
+    k = _weakest(nb, wt, ln, x, names, offset, length)
+    return w < wt[x, k] or (w == wt[x, k] and _name_less(names, offset, length, y, nb[x, k]))
+
+
+@njit(cache=True, nogil=True)
 def _find(nb, ln, x, y):  # pragma: no cover - compiled
     for j in range(ln[x]):
         if nb[x, j] == y:
@@ -86,14 +93,12 @@ def apply_pairs(pa, pb, pw, nb, wt, ct, ln, dirty, stale, names, offset, length,
         # a new pair its own overflow would drop at once (CoVisitation._dropped_at_once)
         if _find(nb, ln, a, b) < 0:
             if ln[a] >= m:
-                k = _weakest(nb, wt, ln, a, names, offset, length)
-                if w < wt[a, k] or (w == wt[a, k] and _name_less(names, offset, length, b, nb[a, k])):
+                if _new_is_weakest(nb, wt, ln, a, w, b, names, offset, length):
                     if not directed and ln[b] == 0:
                         dirty[b] = True
                     continue
             elif not directed and ln[b] >= m and _find(nb, ln, b, a) < 0:
-                k = _weakest(nb, wt, ln, b, names, offset, length)
-                if w < wt[b, k] or (w == wt[b, k] and _name_less(names, offset, length, a, nb[b, k])):
+                if _new_is_weakest(nb, wt, ln, b, w, a, names, offset, length):
                     if ln[a] == 0:
                         dirty[a] = True
                     continue

@@ -142,7 +142,7 @@ def best_per_query(q, values, n):  # pragma: no cover - compiled
             hi += 1
         if hi - lo > n:
             neg = -values[lo:hi]
-            nth = np.partition(neg.copy(), n - 1)[n - 1]
+            nth = np.partition(neg, n - 1)[n - 1]  # a partitioned copy
             keep[lo:hi] = neg <= nth
         lo = hi
     return keep
