@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/engine_speed.py [--items 10000] [--users 20000] [--events 40000]
         [--batch 1000] [--windows 20000] [--settle-heap] [--no-head] [--set NAME=VALUE ...]
-        [--profile [--profile-from N] [--profile-out FILE]]
+        [--profile [--profile-from N] [--profile-out FILE]] [--phases]
 
 Synthetic data (load test only). Prints events/s, µs/event, and with --profile the top functions.
 Wall-clock rates on a shared machine are noisy, so every figure is also given per second of
@@ -13,6 +13,10 @@ the engine slows as its global state fills. ``--settle-heap`` freezes start-up o
 the garbage collector's view once the catalog is loaded, as ``recsys run`` and ``recsys replay``
 do (``dataflows.live.settle_heap``); without it, full collections rescan torch, the model and
 the benchmark's own event list, and that cost lands on whatever line allocates.
+``--phases`` (with ``--windows``) also prints, per window, the CPU-µs per event of each phase
+of the step and of the ranking's parts (nested: a part's time is inside its phase's). It times
+a dozen calls per batch, so unlike ``--profile`` it barely changes the rates: it shows which
+part grows as state fills.
 """
 
 from __future__ import annotations
@@ -30,6 +34,55 @@ from recsys.settings import Settings
 from recsys.shard.step import Shard
 from recsys.synthetic import generate_catalog, generate_events
 
+#: ``--phases``: (label, object path from the engine, method); parts of a phase are indented.
+#: "ranker" is the :class:`recsys.ranking.recommender.Recommender` (unwrapped from search intent).
+PHASES = (
+    ("decode", "", "_decode"),
+    ("admit", "", "_admit"),
+    ("load users", "users", "get_many"),
+    ("load outboxes", "", "_load_outboxes"),
+    ("search", "search", "step"),
+    ("apply", "", "_apply"),
+    ("  re-ranker learns", "", "_learn_from_shown"),
+    ("learn head", "", "_learn_head"),
+    ("rank and emit", "", "_rank_and_emit"),
+    ("  rank", "ranker", "rank"),
+    ("    head queries", "ranker", "_queries"),
+    ("    faiss search", "items.index", "search_rows"),
+    ("    neighbours", "ranker", "_add_neighbours"),
+    ("    session votes", "ranker", "_add_session_votes"),
+    ("    buy again", "ranker", "_add_buy_again"),
+    ("    context features", "ranker", "_context_features"),
+    ("    reasons", "ranker", "_reasons_for"),
+    ("commit", "", "_commit"),
+    ("  co-visitation export", "covisit", "export_dirty"),
+    ("  transitions export", "transitions", "export_dirty"),
+    ("  sessions export", "sessions", "export_dirty"),
+    ("  store write", "kv", "write"),
+)
+
+
+def time_phases(engine: Shard) -> dict[str, float]:
+    """Wrap the methods in :data:`PHASES` on their instances so that each adds its CPU seconds
+    to the returned dict (read and reset it per window)."""
+    spent = dict.fromkeys((label for label, _, _ in PHASES), 0.0)
+    for label, path, name in PHASES:
+        owner = engine
+        for attr in filter(None, path.split(".")):
+            # the ranker: the recommender itself, inside its search-intent wrapper when there is one
+            owner = getattr(engine.recommender, "_inner", engine.recommender) if attr == "ranker" else getattr(owner, attr)
+        method = getattr(owner, name)
+
+        def timed(*a, _method=method, _label=label, **kw):
+            t0 = time.process_time()
+            try:
+                return _method(*a, **kw)
+            finally:
+                spent[_label] += time.process_time() - t0
+
+        setattr(owner, name, timed)
+    return spent
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -44,6 +97,8 @@ def main() -> None:
     p.add_argument("--profile-from", type=int, default=0,
                    help="with --profile: start profiling at this event (to see what a late window pays for)")
     p.add_argument("--profile-out", default="", help="with --profile: also write the pstats file here")
+    p.add_argument("--phases", action="store_true",
+                   help="with --windows: CPU-µs per event of each phase of the step, per window")
     p.add_argument("--embed-cache-dir", default="var/embeddings")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="a setting for the engine (e.g. session_query_items=10), validated as RECSYS_NAME would be")
@@ -65,6 +120,8 @@ def main() -> None:
             from dataflows.live import settle_heap
 
             settle_heap()
+        spent = time_phases(engine) if args.phases else {}
+        phase_rows: list[dict[str, float]] = []
         warm = args.batch * 5
         window_start = (time.perf_counter(), time.process_time(), 0)
         windows = []
@@ -77,6 +134,9 @@ def main() -> None:
             print(f"  events {n0:>7,}-{done:>7,}: {(done - n0) / (wall - wall0):>7,.0f} events/s wall, "
                   f"{(done - n0) / max(cpu - cpu0, 1e-9):>7,.0f} events/CPU-s, load {os.getloadavg()[0]:.1f}", flush=True)
             window_start = (wall, cpu, done)
+            if spent:
+                phase_rows.append({label: t / (done - n0) * 1e6 for label, t in spent.items()})
+                spent.update(dict.fromkeys(spent, 0.0))
 
         for i in range(0, warm, args.batch):
             engine.process(envs[i : i + args.batch])
@@ -104,6 +164,12 @@ def main() -> None:
             first, last = windows[0], windows[-1]
             print(f"last window / first window: {last[2] / last[3] / (first[2] / first[3]):.2f} wall, "
                   f"{last[2] / last[4] / (first[2] / first[4]):.2f} CPU")
+        if phase_rows:
+            print("CPU-µs per event by phase, per window (parts indented, inside their phase):")
+            print(f"  {'':<22}" + "".join(f"{w[1] // 1000:>7}k" for w in windows))
+            for label, _, _ in PHASES:
+                print(f"  {label:<22}" + "".join(f"{row[label]:>8.0f}" for row in phase_rows))
+            print(f"  {'whole step (CPU)':<22}" + "".join(f"{w[4] / w[2] * 1e6:>8.0f}" for w in windows))
         print(f"load average: {os.getloadavg()}")
         engine.close()
     if profiler:
