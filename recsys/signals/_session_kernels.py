@@ -88,17 +88,21 @@ def top_sessions(q, sids, sims, k):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True)
-def session_votes(q, sids, sims, held, first_col, n_codes):  # pragma: no cover - compiled
+def session_votes(q, sids, sims, held, lengths, first_col, n_codes):  # pragma: no cover - compiled
     """Every neighbour (``q`` grouped, in neighbour order) votes its similarity for each item
-    code of its ``held`` row from column ``first_col``: the sum per (query, item). Returns
-    ``(query, code, votes)`` grouped by query in order, codes in the order first voted."""
+    code of its ``held`` row from column ``first_col`` up to its length (``lengths``: a row
+    holds its codes first, then ``-1`` padding, so the padding is never read). Returns
+    ``(query, code, votes)``: the sum per (query, item), grouped by query in order, codes in
+    the order first voted."""
     scratch = np.zeros(n_codes)
     mark = np.zeros(n_codes, dtype=np.bool_)
     touched = np.empty(n_codes, dtype=np.int64)
-    width = held.shape[1]
-    out_q = np.empty(len(q) * width, dtype=np.int64)
-    out_c = np.empty(len(q) * width, dtype=np.int64)
-    out_v = np.empty(len(q) * width)
+    total = 0
+    for i in range(len(sids)):
+        total += max(int(lengths[sids[i]]) - first_col[i], 0)
+    out_q = np.empty(total, dtype=np.int64)
+    out_c = np.empty(total, dtype=np.int64)
+    out_v = np.empty(total)
     n_out = 0
     lo = 0
     while lo < len(q):
@@ -107,15 +111,14 @@ def session_votes(q, sids, sims, held, first_col, n_codes):  # pragma: no cover 
         while hi < len(q) and q[hi] == q[lo]:
             row = held[sids[hi]]
             w = sims[hi]
-            for c in range(first_col[hi], width):
+            for c in range(first_col[hi], int(lengths[sids[hi]])):
                 code = row[c]
-                if code >= 0:
-                    if not mark[code]:
-                        mark[code] = True
-                        scratch[code] = 0.0
-                        touched[n_touched] = code
-                        n_touched += 1
-                    scratch[code] += w
+                if not mark[code]:
+                    mark[code] = True
+                    scratch[code] = 0.0
+                    touched[n_touched] = code
+                    n_touched += 1
+                scratch[code] += w
             hi += 1
         for t in range(n_touched):
             code = touched[t]
@@ -129,20 +132,27 @@ def session_votes(q, sids, sims, held, first_col, n_codes):  # pragma: no cover 
 
 
 @njit(cache=True, nogil=True)
-def best_per_query(q, values, n):  # pragma: no cover - compiled
-    """Mask of each query's ``n`` largest ``values`` and everything tied with its ``n``-th (all
-    of a query with ``n`` or fewer), for ``q`` grouped: what a ``-inf``-padded query x entry
-    matrix and ``np.partition`` kept before, without the matrix (the longest query's width times
-    the batch's queries)."""
-    keep = np.ones(len(q), dtype=np.bool_)
+def best_per_query(q, codes, values, rank_of_code, n):  # pragma: no cover - compiled
+    """Indices of each query's ``n`` best entries, largest ``values`` first, ties by item id
+    (``rank_of_code``: a code's rank by its id among all ids), for ``q`` grouped: the order of
+    ``np.lexsort((rank_of_code[codes], -values, q))`` cut at ``n`` per query. Only a query's ``n``
+    largest values (and everything tied with its ``n``-th) are sorted."""
+    out = np.empty(len(q), dtype=np.int64)
+    n_out = 0
     lo = 0
     while lo < len(q):
         hi = lo
         while hi < len(q) and q[hi] == q[lo]:
             hi += 1
+        neg = -values[lo:hi]
+        cand = np.arange(lo, hi)
         if hi - lo > n:
-            neg = -values[lo:hi]
             nth = np.partition(neg, n - 1)[n - 1]  # a partitioned copy
-            keep[lo:hi] = neg <= nth
+            cand = cand[neg <= nth]
+        by_id = cand[np.argsort(rank_of_code[codes[cand]], kind="mergesort")]
+        ranked = by_id[np.argsort(-values[by_id], kind="mergesort")]
+        take = min(n, len(ranked))
+        out[n_out:n_out + take] = ranked[:take]
+        n_out += take
         lo = hi
-    return keep
+    return out[:n_out]

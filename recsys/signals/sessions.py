@@ -91,6 +91,7 @@ class SessionNeighbours:
         # item -> small int code and back, for voting with numpy (every posted item has one)
         self._code: dict[str, int] = {}
         self._names: list[str] = []
+        self._rank_of_code = np.zeros(0, dtype=np.int64)  # see _id_rank
         self._active = np.zeros(1024, dtype=np.int64)  # slot -> seq of its latest event
         self._length = np.zeros(1024, dtype=np.float64)  # slot -> distinct items held
         # slot -> codes of the items it holds (in any order), -1 padded: neighbours vote from here
@@ -235,9 +236,10 @@ class SessionNeighbours:
         """:meth:`scores` for a whole batch as three arrays ``(user position, item code, vote)``:
         grouped by user in ``user_ids`` order, each user's best first (ties by item id).
 
-        The sums per (query, session) and per (query, item) and each query's ``k`` nearest
-        sessions are compiled loops over the whole batch (``_session_kernels``: no sort of the
-        batch's entries); the rest is one array operation over all users' entries. Each sum adds
+        The sums per (query, session) and per (query, item), each query's ``k`` nearest
+        sessions and its ``n`` best items are compiled loops over the whole batch
+        (``_session_kernels``: no sort of the batch's entries; ties by item id through each
+        code's rank by id, sorted once per new code, ``_id_rank``). Each sum adds
         the same floats in the same order as scoring the user alone (query position, then
         posting order; neighbour order for votes), so the votes are bit-identical to the
         per-user computation (``tests/test_speed_equivalence.py`` pins that against the per-user
@@ -287,20 +289,19 @@ class SessionNeighbours:
         first_col = np.zeros(len(sids), dtype=np.int64)
         if self.vote_items:
             first_col = np.maximum(self._length[sids] - self.vote_items, 0).astype(np.int64)
-        vq, codes, votes = session_votes(q, sids, sims, self._held, first_col, len(self._names))
-        # only each query's n best (and everything tied with its n-th) need ordering by id
-        keep = best_per_query(vq, votes, n)
-        vq, codes, votes = vq[keep], codes[keep], votes[keep]
-        # best first, ties by item id: rank the distinct candidate codes by their ids once
-        distinct, code_at = np.unique(codes, return_inverse=True)
-        names = np.array(self.item_names(distinct), dtype=object)
-        id_rank = np.empty(len(distinct), dtype=np.int64)
-        id_rank[np.argsort(names, kind="stable")] = np.arange(len(distinct))
-        order = np.lexsort((id_rank[code_at], -votes, vq))
-        vq, codes, votes = vq[order], codes[order], votes[order]
-        per_q = np.bincount(vq, minlength=len(m))
-        first = np.arange(len(vq)) - np.repeat(np.cumsum(per_q) - per_q, per_q) < n
-        return np.asarray(owners, dtype=np.int64)[vq[first]], codes[first], votes[first]
+        vq, codes, votes = session_votes(q, sids, sims, self._held, self._length, first_col, len(self._names))
+        # each query's n best, best first, ties by item id
+        best = best_per_query(vq, codes, votes, self._id_rank(), n)
+        return np.asarray(owners, dtype=np.int64)[vq[best]], codes[best], votes[best]
+
+    def _id_rank(self) -> np.ndarray:
+        """Code -> rank of its item id among all codes' ids (Python's ``str`` order), sorted
+        again only when codes were added since."""
+        if len(self._rank_of_code) != len(self._names):
+            names = np.array(self._names, dtype=object)
+            self._rank_of_code = np.empty(len(names), dtype=np.int64)
+            self._rank_of_code[np.argsort(names, kind="stable")] = np.arange(len(names))
+        return self._rank_of_code
 
     def _recent_postings(self, item_id: str, default=()):
         """The ``postings_scanned`` most recent postings of ``item_id``, in posting order."""
