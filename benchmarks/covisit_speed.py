@@ -36,7 +36,12 @@ from recsys.synthetic import generate_catalog, generate_events
 def decode_list(value: bytes) -> list[tuple[str, float, int]]:
     """A stored list as ``[(neighbour, weight, count), ...]`` in stored order, from any record
     format (as ``recsys.signals.covisitation.decode_record``, repeated here so that the digest
-    compares trees that wrote different formats; ``output_digest.py`` uses it too)."""
+    compares trees that wrote different formats; ``output_digest.py`` uses it too). Binary
+    records are read by the tree's own decoder: only trees that have it write them."""
+    if value[:1] == b"\x01":
+        from recsys.signals.covisitation import decode_record
+
+        return decode_record(value)
     rows = orjson.loads(value)
     if isinstance(rows, dict):
         return list(zip(rows["n"], map(float, rows["w"]), rows["c"]))

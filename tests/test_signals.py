@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from recsys.feedback import EVENT_WEIGHTS
-from recsys.signals.covisitation import CoVisitation
+from recsys.signals.covisitation import CoVisitation, decode_record
 from recsys.signals.popularity import Popularity
 from recsys.store.kv import MemoryKV
 
@@ -202,13 +202,16 @@ def test_covisit_export_and_load_round_trip(kv):
     assert len(d) == len(c)
 
 
-@pytest.mark.parametrize("earlier", ["rows", "maps"])
+@pytest.mark.parametrize("earlier", ["rows", "maps", "columns"])
 def test_covisit_loads_records_in_the_earlier_formats(earlier):
-    """Stores written before 2026-11-30 (``[[nbr, weight, count], ...]``) and before 2026-12-03
-    (``[{nbr: weight}, {nbr: count}]``) load, keep learning, and are re-exported in the new form."""
+    """Stores written before 2026-11-30 (``[[nbr, weight, count], ...]``), before 2026-12-03
+    (``[{nbr: weight}, {nbr: count}]``) and on 2026-12-03 (``{"n": ids, "w": weights, "c":
+    counts}``) load, keep learning, and are re-exported in the binary form."""
     def record(pairs):
         if earlier == "rows":
             return orjson.dumps([list(p) for p in pairs])
+        if earlier == "columns":
+            return orjson.dumps({"n": [y for y, _, _ in pairs], "w": [w for _, w, _ in pairs], "c": [c for _, _, c in pairs]})
         return orjson.dumps([{y: w for y, w, _ in pairs}, {y: c for y, _, c in pairs}])
 
     kv = MemoryKV()
@@ -219,8 +222,39 @@ def test_covisit_loads_records_in_the_earlier_formats(earlier):
     assert c.neighbours("a", 5) == [("b", 2.5, 3), ("c", 1.0, 1)]
     c.update([("b", "browse", 0)], "a", "browse", ts=0)  # and keeps learning; re-exported anew
     out = c.export_dirty()
-    assert orjson.loads(out[b"cov:a"]) == {"n": ["c", "b"], "w": [1.0, 3.5], "c": [1, 4]}  # the order they joined
+    assert out[b"cov:a"][:1] == b"\x01"
+    assert decode_record(out[b"cov:a"]) == [("c", 1.0, 1), ("b", 3.5, 4)]  # the order they joined
     assert set(out) == {b"cov:a", b"cov:b"}
+
+
+def test_covisit_binary_records_round_trip_any_id():
+    """Ids of any length and script, and weights to the last bit, come back from the binary
+    record as they went in."""
+    ids = ["a", "ünïcödé-" * 9, "🛒x", "", "Ω"]
+    c = CoVisitation(half_life_h=1.0, max_neighbours=10)
+    hist: list[tuple[str, str, int]] = []
+    for t, item in enumerate(ids * 3):
+        c.update(hist, item, "click", ts=t * 777)
+        hist = (hist + [(item, "click", t * 777)])[-5:]
+    out = c.export_dirty()
+    kv = MemoryKV()
+    kv.write(out)
+    d = CoVisitation(half_life_h=1.0, max_neighbours=10)
+    d.load(kv)
+    assert d.lists() == c.lists() and len(d.lists()) == len(ids)
+    for key, value in out.items():
+        name = key[len(b"cov:"):].decode()
+        weights, counts = c.lists()[name]
+        assert decode_record(value) == [(y, w, counts[y]) for y, w in weights.items()]
+
+
+def test_covisit_load_names_a_corrupt_record():
+    kv = MemoryKV()
+    good = CoVisitation(half_life_h=1.0, max_neighbours=5)
+    good.update([("b", "browse", 0)], "a", "browse", ts=0)
+    kv.write({key: value[:-1] if key == b"cov:a" else value for key, value in good.export_dirty().items()})
+    with pytest.raises(ValueError, match=re.escape("stored list b'cov:a': co-visitation record: 28 bytes, but its 1 pairs take 29")):
+        CoVisitation(half_life_h=1.0, max_neighbours=5).load(kv)
 
 
 def test_covisit_item_that_loses_every_neighbour_is_exported_empty():
@@ -240,7 +274,7 @@ def test_covisit_item_that_loses_every_neighbour_is_exported_empty():
 _RUN = textwrap.dedent(
     """
     import hashlib, random
-    from recsys.signals.covisitation import CoVisitation
+    from recsys.signals.covisitation import CoVisitation, decode_record
     from recsys.signals.popularity import Popularity
     rng = random.Random(11)
     pop, cov = Popularity(1.0), CoVisitation(1.0, max_neighbours=3)

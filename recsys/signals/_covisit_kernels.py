@@ -160,3 +160,54 @@ def top_many(xs, n, nb, wt, ln, names, offset, length):  # pragma: no cover - co
             k += 1
         counts[i] = take
     return counts, codes[:k], weights[:k]
+
+
+@njit(cache=True, nogil=True)
+def pack_rows(rows, nb, wt, ct, ln, names, offset, length):  # pragma: no cover - compiled
+    """The stored record of each row in ``rows`` (binary, see
+    :func:`recsys.signals.covisitation.decode_record`), one after another in one byte buffer:
+    ``(buffer, start, end)`` per row. A record is an 8-byte header (format byte ``1``, three zero
+    bytes, the pair count ``n`` as uint32), then ``n`` float64 weights, ``n`` int64 raw counts,
+    ``n`` uint32 byte lengths of the neighbour ids and the ids' UTF-8 bytes, all little-endian
+    and in insertion order. Records start at multiples of 8, so the numbers are written through
+    aligned views of the buffer; rows with no pairs get no record (``start == end``)."""
+    starts = np.zeros(len(rows), dtype=np.int64)
+    ends = np.zeros(len(rows), dtype=np.int64)
+    at = 0
+    for i in range(len(rows)):
+        x = rows[i]
+        n = ln[x]
+        starts[i] = at
+        if n == 0:
+            ends[i] = at
+            continue
+        size = 8 + 20 * n
+        for j in range(n):
+            size += length[nb[x, j]]
+        ends[i] = at + size
+        at += (size + 7) // 8 * 8
+    buf = np.zeros(at, dtype=np.uint8)
+    as_u32 = buf.view(np.uint32)
+    as_f64 = buf.view(np.float64)
+    as_i64 = buf.view(np.int64)
+    for i in range(len(rows)):
+        x = rows[i]
+        n = ln[x]
+        if n == 0:
+            continue
+        s = starts[i]
+        buf[s] = 1
+        as_u32[s // 4 + 1] = n
+        for j in range(n):
+            as_f64[s // 8 + 1 + j] = wt[x, j]
+            as_i64[s // 8 + 1 + n + j] = ct[x, j]
+        lens = s + 8 + 16 * n  # a multiple of 4
+        p = lens + 4 * n
+        for j in range(n):
+            y = nb[x, j]
+            as_u32[lens // 4 + j] = length[y]
+            o = offset[y]
+            for t in range(length[y]):
+                buf[p + t] = names[o + t]
+            p += length[y]
+    return buf, starts, ends

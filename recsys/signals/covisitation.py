@@ -18,7 +18,7 @@ import numpy as np
 import orjson
 
 from recsys.feedback import EVENT_WEIGHTS, decay_factor, half_life_ms
-from recsys.signals._covisit_kernels import apply_pairs, ranked_order, top_many
+from recsys.signals._covisit_kernels import apply_pairs, pack_rows, ranked_order, top_many
 
 if TYPE_CHECKING:
     from recsys.store.kv import KVStore
@@ -229,24 +229,24 @@ class CoVisitation:
     # ------------------------------------------------------------------ persistence
 
     def export_dirty(self) -> dict[bytes, bytes]:
-        """Changed lists since the last export, ``b"cov:"+id -> JSON {"n": [neighbour ids],
-        "w": [weights], "c": [raw counts]}`` in the order the neighbours joined the list (``[]``
-        for an item that lost all neighbours); clears them. Three columns, so the arrays are
-        dumped as they are (orjson, numpy, in C): every batch rewrites the list of every item
-        it touched. Before 2026-12-03 the record was ``[{nbr: weight}, {nbr: count}]``, which
-        meant building two dicts per list (three times the cost); :meth:`load` reads both."""
+        """Changed lists since the last export, ``b"cov:"+id ->`` the list's binary record (its
+        neighbours in the order they joined it, see :func:`decode_record`; ``[]`` for an item
+        that lost all neighbours); clears them. Every batch rewrites the list of every item it
+        touched, so the records are packed by one compiled call from the rows as they are held
+        (``pack_rows``): only the keys are built in Python. JSON records of earlier versions
+        (2026-11-30 to 2026-12-03) cost ~7x as much to write; :meth:`load` reads them all."""
         self._apply()
-        out: dict[bytes, bytes] = {}
-        prefix, names, numpy = self.prefix, self._names, orjson.OPT_SERIALIZE_NUMPY
         dirty = np.flatnonzero(self._dirty)
-        for x in sorted(dirty.tolist(), key=names.__getitem__):
-            n = self._ln[x]
-            if n:
-                record = {"n": list(map(names.__getitem__, self._nb[x, :n].tolist())), "w": self._wt[x, :n],
-                          "c": self._ct[x, :n]}
-                out[prefix + names[x].encode()] = orjson.dumps(record, option=numpy)
-            else:
-                out[prefix + names[x].encode()] = b"[]"
+        if not len(dirty):
+            return {}
+        prefix, names = self.prefix, self._names
+        rows = sorted(dirty.tolist(), key=names.__getitem__)
+        buf, starts, ends = pack_rows(np.asarray(rows, dtype=np.int64), self._nb, self._wt, self._ct, self._ln,
+                                      self._name_buf, self._name_off, self._name_len)
+        data = buf.tobytes()
+        out: dict[bytes, bytes] = {}
+        for x, lo, hi in zip(rows, starts.tolist(), ends.tolist()):
+            out[prefix + names[x].encode()] = data[lo:hi] if hi > lo else b"[]"
         self._dirty[dirty] = False
         return out
 
@@ -258,7 +258,10 @@ class CoVisitation:
         self._clear()
         stored = []
         for key, value in kv.iter_prefix(self.prefix):
-            pairs = decode_record(value)
+            try:
+                pairs = decode_record(value)
+            except ValueError as exc:  # orjson's error is one too
+                raise ValueError(f"stored list {key!r}: {exc}") from None
             if pairs:
                 stored.append((key[len(self.prefix):].decode(), pairs))
         longest = max((len(pairs) for _, pairs in stored), default=0)
@@ -279,15 +282,26 @@ class CoVisitation:
 
 def decode_record(value: bytes) -> list[tuple[str, float, int]]:
     """A stored list as ``[(neighbour, weight, raw count), ...]`` in the order the neighbours
-    joined it, from any format written so far:
+    joined it, from any format written so far. Since 2026-12-03 (second change that day) a
+    binary record (:func:`recsys.signals._covisit_kernels.pack_rows`: a header with the count,
+    then weights, counts, id lengths and ids); before, JSON:
 
-    >>> decode_record(b'{"n":["b","c"],"w":[2.5,1.0],"c":[3,1]}')  # since 2026-12-03
+    >>> import struct
+    >>> decode_record(struct.pack("<B3xI2d2q2I", 1, 2, 2.5, 1.0, 3, 1, 1, 2) + "bć".encode())
+    [('b', 2.5, 3), ('ć', 1.0, 1)]
+    >>> decode_record(b'{"n":["b","c"],"w":[2.5,1.0],"c":[3,1]}')  # 2026-12-03
     [('b', 2.5, 3), ('c', 1.0, 1)]
     >>> decode_record(b'[{"b":2.5,"c":1.0},{"b":3,"c":1}]')  # 2026-11-30 to 2026-12-03
     [('b', 2.5, 3), ('c', 1.0, 1)]
     >>> decode_record(b'[["b",2.5,3],["c",1.0,1]]'), decode_record(b"[]")  # before; no neighbours
     ([('b', 2.5, 3), ('c', 1.0, 1)], [])
+    >>> decode_record(b"\\x01\\x00\\x00\\x00\\x05\\x00\\x00\\x00")
+    Traceback (most recent call last):
+    ...
+    ValueError: co-visitation record: 8 bytes, too short for its 5 pairs
     """
+    if value[:1] == b"\x01":
+        return _decode_binary(value)
     rows = orjson.loads(value)
     if isinstance(rows, dict):
         return [(y, float(w), int(c)) for y, w, c in zip(rows["n"], rows["w"], rows["c"], strict=True)]
@@ -297,3 +311,17 @@ def decode_record(value: bytes) -> list[tuple[str, float, int]]:
         weights, counts = rows
         return [(y, float(w), int(counts[y])) for y, w in weights.items()]
     return [(y, float(w), int(c)) for y, w, c in rows]
+
+
+def _decode_binary(value: bytes) -> list[tuple[str, float, int]]:
+    n = int.from_bytes(value[4:8], "little")
+    ids_at = 8 + 20 * n
+    if len(value) < ids_at:
+        raise ValueError(f"co-visitation record: {len(value)} bytes, too short for its {n} pairs")
+    weights = np.frombuffer(value, dtype="<f8", count=n, offset=8).tolist()
+    counts = np.frombuffer(value, dtype="<i8", count=n, offset=8 + 8 * n).tolist()
+    ends = (ids_at + np.cumsum(np.frombuffer(value, dtype="<u4", count=n, offset=8 + 16 * n), dtype=np.int64)).tolist()
+    if (ends[-1] if n else ids_at) != len(value):
+        raise ValueError(f"co-visitation record: {len(value)} bytes, but its {n} pairs take {ends[-1] if n else ids_at}")
+    ids = [value[lo:hi].decode("utf-8", "surrogatepass") for lo, hi in zip([ids_at, *ends[:-1]], ends)]
+    return list(zip(ids, weights, counts))
