@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import random
 from operator import itemgetter
 from typing import Iterable
@@ -464,7 +465,8 @@ def test_co_visitation_loaded_from_the_store_goes_on_as_the_dict_version(directe
 
 
 def _closest_history_items_reference(rec: Recommender, rows, users, wanted, recents) -> dict[int, tuple[str, float]]:
-    """``Recommender._closest_history_items`` before the batch gathers (one loop per user)."""
+    """``Recommender._closest_history_items`` one user and one pick at a time, each similarity
+    the exactly rounded sum of the float64 products (``math.fsum``)."""
     picks = np.flatnonzero(wanted)
     if len(picks) == 0:
         return {}
@@ -475,10 +477,15 @@ def _closest_history_items_reference(rec: Recommender, rows, users, wanted, rece
         recent = [i for i, _ in recents[int(users[group[0]])] if i in index]
         if not recent:
             continue
-        sims = index.vectors_of_rows(rows[group]) @ index.vectors_of_rows(index.rows(recent)).T
-        best = sims.argmax(axis=1)
-        for p, j, sim in zip(group.tolist(), best.tolist(), sims[np.arange(len(group)), best].tolist()):
-            out[p] = (recent[j], sim)
+        hist = index.vectors_of_rows(index.rows(recent)).astype(np.float64)
+        for p in group.tolist():
+            cand = index.vectors_of_rows(rows[p : p + 1])[0].astype(np.float64)
+            sims = [math.fsum(cand * h) for h in hist]
+            best = int(np.argmax(sims))
+            mine = index.names(rows[p : p + 1])[0]  # an exact tie goes to the shown item itself
+            if mine in recent and sims[recent.index(mine)] == sims[best]:
+                best = recent.index(mine)
+            out[p] = (recent[best], sims[best])
     return out
 
 
@@ -516,9 +523,33 @@ def test_batched_closest_history_items_equal_the_per_user_reference(seed):
     for wanted in (rng.random(len(users)) < 0.6, np.ones(len(users), bool), np.zeros(len(users), bool)):
         fast = rec._closest_history_items(rows, users, wanted, recents)
         slow = _closest_history_items_reference(rec, rows, users, wanted, recents)
-        assert fast == slow  # same keys, anchors and floats (==, every bit that prints)
-        assert list(fast) == sorted(fast)
+        assert list(fast) == list(slow)  # the same picks answered, in order
+        for p, (anchor, sim) in slow.items():  # near-duplicate vectors: ties within 1e-12 may go either way
+            assert abs(fast[p][1] - sim) < 1e-12
+            assert fast[p][0] == anchor or _sim(rec, rows[p], fast[p][0]) > sim - 1e-12
     assert len(slow) == 0 and len(fast) == 0  # the last round wanted nothing
+
+
+def _sim(rec: Recommender, row: int, item_id: str) -> float:
+    index = rec.items.index
+    return math.fsum(index.vectors_of_rows(np.array([row]))[0].astype(np.float64)
+                     * index.vectors_of_rows(index.rows([item_id]))[0].astype(np.float64))
+
+
+def test_closest_history_item_on_an_exact_tie_is_the_shown_item_itself():
+    """Items with the same text have the same vector: among recent items tied exactly, the shown
+    item itself is named ("you viewed this recently"), wherever it stands in the history."""
+    items = ItemSpace(_RandomEmbedder())
+    items.upsert([CatalogItem("a", "item 3"), CatalogItem("b", "item 3"), CatalogItem("c", "item 3"),
+                  CatalogItem("z", "item 90")])
+    rec = Recommender(items, Popularity(half_life_h=1.0), CoVisitation(half_life_h=1.0, max_neighbours=20), RecommenderConfig())
+    rows = items.index.rows(["b", "b", "z", "a"])
+    users = np.array([0, 1, 2, 3])
+    recents = [[("a", "click"), ("b", "click"), ("c", "click")], [("a", "click"), ("c", "click")],
+               [("a", "click"), ("z", "click")], [("b", "click"), ("c", "click")]]
+    got = rec._closest_history_items(rows, users, np.ones(4, bool), recents)
+    assert [anchor for anchor, _ in got.values()] == ["b", "a", "z", "b"]  # itself; else the most recent
+    assert got[0][1] == got[1][1] == got[3][1] and abs(got[0][1] - 1.0) < 1e-6
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])

@@ -37,6 +37,7 @@ import numpy as np
 
 from recsys.events import RecommendedItem
 from recsys.items.catalog import ItemSpace
+from recsys.ranking._reason_kernels import closest_rows
 from recsys.ranking.features import COLUMN, FEATURES, PriorWeights
 from recsys.ranking.head import Head
 from recsys.ranking.reranker import PairwiseReranker, Shown
@@ -383,13 +384,12 @@ class Recommender:
         """For the wanted candidates (positions in ``rows``), the user's recent item with the
         most similar vector: ``{position: (history item, similarity)}``.
 
-        One small matrix product per user, exactly as before (the same operand shapes and
-        layouts go to BLAS, so every similarity keeps its last bit: a differently shaped
-        product, e.g. one over all users, can change it, and it picks the anchor on near-ties
-        and is printed). Everything around the products is done once for the batch: the
-        recent items' rows in one lookup, both sides' vectors in one gather each, the answers
-        collected as arrays (``tests/test_speed_equivalence.py`` pins this against the per-user
-        loop it replaced).
+        The recent items' rows in one lookup, both sides' vectors in one gather each, and every
+        similarity of the batch in one compiled loop (:mod:`recsys.ranking._reason_kernels`:
+        float64 sums of the float32 vectors, exact to ~1e-16 and the same on every machine, an
+        exact tie going to the shown item itself; before 2026-12-03 one small BLAS product per
+        user, whose last float32 bit depended on the CPU and the operands' shapes and picked
+        among items with the same text).
         """
         picks = np.flatnonzero(wanted)
         if len(picks) == 0:
@@ -404,28 +404,20 @@ class Recommender:
         in_index = recent_rows >= 0
         lengths = np.fromiter(map(len, group_recents), dtype=np.int64, count=len(group_recents))
         kept = np.bincount(np.repeat(np.arange(len(lengths)), lengths)[in_index], minlength=len(lengths))
-        kept_ids = np.asarray(recent_ids, dtype=object)[in_index]
-        r_bounds = np.r_[0, np.cumsum(kept)].tolist()
-        cand = index.vectors_of_rows(rows[picks])  # (picks, dim), one gather
-        hist = index.vectors_of_rows(recent_rows[in_index])  # (kept recent items, dim), one gather
-        has = kept > 0
-        blocks, best = [], []  # per user with recent items: its similarities (flat), its argmax per pick
-        for lo, hi, r0, r1 in zip(starts.tolist(), ends.tolist(), r_bounds[:-1], r_bounds[1:]):
-            if r1 > r0:
-                sims = cand[lo:hi] @ hist[r0:r1].T
-                best.append(sims.argmax(axis=1))
-                blocks.append(sims.ravel())
-        if not blocks:
+        has = kept > 0  # users with recent items in the index: the only ones answered
+        if not has.any():
             return {}
-        # each answered pick's similarity, read from its user's block: start + pick * width + best
-        picks_of, width = (ends - starts)[has], kept[has]
-        best_all = np.concatenate(best)
-        block_start = np.cumsum(picks_of * width) - picks_of * width
-        local = np.arange(len(best_all)) - np.repeat(np.cumsum(picks_of) - picks_of, picks_of)
-        sims_all = np.concatenate(blocks)[np.repeat(block_start, picks_of) + local * np.repeat(width, picks_of) + best_all]
-        anchors = np.repeat(np.asarray(r_bounds[:-1])[has], picks_of) + best_all
-        answered = picks[np.repeat(has, ends - starts)]  # picks whose user has recent items in the index
-        return dict(zip(answered.tolist(), zip(kept_ids[anchors].tolist(), sims_all.tolist())))
+        kept_ids = np.asarray(recent_ids, dtype=object)[in_index]
+        r_start = np.cumsum(kept) - kept
+        answered = picks[np.repeat(has, ends - starts)]
+        pick_len = (ends - starts)[has]
+        pick_lo = np.cumsum(pick_len) - pick_len
+        cand_rows, hist_rows = rows[answered], recent_rows[in_index]
+        cand = index.vectors_of_rows(cand_rows)  # (answered picks, dim), one gather
+        hist = index.vectors_of_rows(hist_rows)  # (kept recent items, dim), one gather
+        best, sims = closest_rows(cand, cand_rows, hist, hist_rows, pick_lo, pick_lo + pick_len,
+                                  r_start[has], (r_start + kept)[has])
+        return dict(zip(answered.tolist(), zip(kept_ids[best].tolist(), sims.tolist())))
 
     def _title(self, item_id: str) -> str:
         """The item's title as reasons show it (at most 60 characters); remembered until the
