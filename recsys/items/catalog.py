@@ -267,6 +267,14 @@ class VectorIndex:
         """Stored vectors of (valid) rows, shape ``rows.shape + (dim,)``."""
         return self._store[rows]
 
+    def vector_table(self) -> np.ndarray:
+        """Every row's stored vector, ``(row_capacity, dim)`` float32, for compiled loops that
+        read a few rows each (no gather copy). A read-only view: it is replaced, not resized,
+        when the index grows, so hold it no longer than one call."""
+        view = self._store.view()
+        view.flags.writeable = False
+        return view
+
     def search_rows(
         self, queries: np.ndarray, k: int, exclude_rows: Sequence[np.ndarray] | None = None
     ) -> tuple[np.ndarray, np.ndarray]:

@@ -22,25 +22,46 @@ import numpy as np
 from numba import njit
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _dot(a, b, dim):  # pragma: no cover - compiled
+    """``a . b`` in float64: eight running sums over the dimensions ``d = j (mod 8)``, then
+    added pairwise in a fixed order (independent sums: the CPU overlaps them; a fixed order:
+    the same result on every machine), then the last ``dim % 8`` terms."""
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
+    end = dim - dim % 8
+    for d in range(0, end, 8):
+        s0 += np.float64(a[d]) * np.float64(b[d])
+        s1 += np.float64(a[d + 1]) * np.float64(b[d + 1])
+        s2 += np.float64(a[d + 2]) * np.float64(b[d + 2])
+        s3 += np.float64(a[d + 3]) * np.float64(b[d + 3])
+        s4 += np.float64(a[d + 4]) * np.float64(b[d + 4])
+        s5 += np.float64(a[d + 5]) * np.float64(b[d + 5])
+        s6 += np.float64(a[d + 6]) * np.float64(b[d + 6])
+        s7 += np.float64(a[d + 7]) * np.float64(b[d + 7])
+    s = ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+    for d in range(end, dim):
+        s += np.float64(a[d]) * np.float64(b[d])
+    return s
+
+
 @njit(cache=True, nogil=True)
-def closest_rows(cand, cand_rows, hist, hist_rows, pick_lo, pick_hi, hist_lo, hist_hi):  # pragma: no cover
-    """For each group ``g`` (a user): each candidate vector ``cand[p]`` for ``p`` in
-    ``[pick_lo[g], pick_hi[g])`` against the history vectors ``hist[h]`` for ``h`` in
-    ``[hist_lo[g], hist_hi[g])`` (at least one, most recent first). Returns, per candidate, the
-    index into ``hist`` of its most similar history item and that similarity; ties go to the
-    candidate itself (the same index row, ``cand_rows[p] == hist_rows[h]``), else to the first."""
-    best = np.empty(len(cand), dtype=np.int64)
-    sims = np.empty(len(cand), dtype=np.float64)
-    dim = cand.shape[1]
+def closest_rows(table, cand_rows, hist_rows, pick_lo, pick_hi, hist_lo, hist_hi):  # pragma: no cover
+    """For each group ``g`` (a user): each candidate row ``cand_rows[p]`` for ``p`` in
+    ``[pick_lo[g], pick_hi[g])`` against the history rows ``hist_rows[h]`` for ``h`` in
+    ``[hist_lo[g], hist_hi[g])`` (at least one, most recent first), their vectors read from
+    ``table``. Returns, per candidate, the index into ``hist_rows`` of its most similar history
+    item and that similarity; ties go to the candidate itself (the same row), else to the first."""
+    best = np.empty(len(cand_rows), dtype=np.int64)
+    sims = np.empty(len(cand_rows), dtype=np.float64)
+    dim = table.shape[1]
     for g in range(len(pick_lo)):
         for p in range(pick_lo[g], pick_hi[g]):
+            c = cand_rows[p]
             top = -np.inf
             at = hist_lo[g]
             for h in range(hist_lo[g], hist_hi[g]):
-                s = 0.0
-                for d in range(dim):
-                    s += np.float64(cand[p, d]) * np.float64(hist[h, d])
-                if s > top or (s == top and hist_rows[h] == cand_rows[p]):
+                s = _dot(table[c], table[hist_rows[h]], dim)
+                if s > top or (s == top and hist_rows[h] == c):
                     top = s
                     at = h
             best[p] = at

@@ -384,8 +384,8 @@ class Recommender:
         """For the wanted candidates (positions in ``rows``), the user's recent item with the
         most similar vector: ``{position: (history item, similarity)}``.
 
-        The recent items' rows in one lookup, both sides' vectors in one gather each, and every
-        similarity of the batch in one compiled loop (:mod:`recsys.ranking._reason_kernels`:
+        The recent items' rows in one lookup, and every similarity of the batch in one compiled
+        loop over the index's vectors (:mod:`recsys.ranking._reason_kernels`:
         float64 sums of the float32 vectors, exact to ~1e-16 and the same on every machine, an
         exact tie going to the shown item itself; before 2026-12-03 one small BLAS product per
         user, whose last float32 bit depended on the CPU and the operands' shapes and picked
@@ -412,11 +412,8 @@ class Recommender:
         answered = picks[np.repeat(has, ends - starts)]
         pick_len = (ends - starts)[has]
         pick_lo = np.cumsum(pick_len) - pick_len
-        cand_rows, hist_rows = rows[answered], recent_rows[in_index]
-        cand = index.vectors_of_rows(cand_rows)  # (answered picks, dim), one gather
-        hist = index.vectors_of_rows(hist_rows)  # (kept recent items, dim), one gather
-        best, sims = closest_rows(cand, cand_rows, hist, hist_rows, pick_lo, pick_lo + pick_len,
-                                  r_start[has], (r_start + kept)[has])
+        best, sims = closest_rows(index.vector_table(), rows[answered], recent_rows[in_index], pick_lo,
+                                  pick_lo + pick_len, r_start[has], (r_start + kept)[has])
         return dict(zip(answered.tolist(), zip(kept_ids[best].tolist(), sims.tolist())))
 
     def _title(self, item_id: str) -> str:

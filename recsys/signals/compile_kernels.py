@@ -35,7 +35,7 @@ def compile_kernels() -> int:
         sessions.update(user, None, item, ts=0)
     sessions.ranked_votes(["u2", "u3"], 1)
     one = np.zeros(1, dtype=np.int64)
-    closest_rows(np.ones((1, 2), np.float32), one, np.ones((1, 2), np.float32), one, one, one + 1, one, one + 1)
+    closest_rows(np.ones((1, 2), np.float32), one, one, one, one + 1, one, one + 1)
     return 3
 
 
