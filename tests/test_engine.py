@@ -208,3 +208,32 @@ def test_state_written_under_another_shard_count_is_refused_naming_both(tmp_path
         Shard.open(base.replace(shards=3, shard=1))
     with pytest.raises(StateLayoutError, match="shard 0 of 1"):
         Shard.open(base)
+
+
+def test_a_redelivery_re_emits_the_stored_bytes_from_binary_and_older_json_outboxes(tmp_path, cache, catalog):
+    """A re-delivered trigger re-emits exactly the bytes emitted the first time, from the
+    binary outbox and from one an older tree stored as JSON (an upgrade in place)."""
+    from recsys.shard.outbox import decode_outbox
+
+    engine = Shard.open(_settings(tmp_path, cache))
+    engine.upsert_catalog(catalog)
+    events = generate_events(300, catalog, n_users=20, seed=24)
+    batch = _envelopes(events)
+    first = dict(engine.process(batch).recommendations)
+    boxes = dict(engine.kv.iter_prefix(b"o:"))
+    assert boxes and all(raw[:1] == b"\x01" for raw in boxes.values())
+    assert sorted(dict(engine.process(batch).recommendations).items()) == sorted(first.items())
+    engine.kv.write({key: orjson.dumps([[p, o, payload.decode()] for (p, o), payload in sorted(decode_outbox(raw).items())])
+                     for key, raw in boxes.items()})  # as trees before 2026-12-03 stored them
+    again = engine.process(batch)
+    assert again.counts["redelivered_skipped"] == len(events)
+    assert sorted(dict(again.recommendations).items()) == sorted(first.items())
+    engine.close()
+
+
+@pytest.mark.parametrize("raw", [b"\x01", b"\x01\x01", b"\x02\x00", b"\x01\x01" + b"\x00" * 16 + b"x"])
+def test_a_damaged_outbox_is_refused_with_its_size(raw):
+    from recsys.shard.outbox import decode_outbox
+
+    with pytest.raises(ValueError, match=r"outbox: .*\d+ bytes"):
+        decode_outbox(raw)

@@ -9,11 +9,15 @@
 >>> box = {(0, 7): b'{"a":1}', (0, 9): b'{"b":2}'}
 >>> decode_outbox(encode_outbox(box)) == box
 True
->>> outbox_without(encode_outbox(box), 0)
-b'[]'
+>>> decode_outbox(outbox_without(encode_outbox(box), 0))
+{}
+>>> decode_outbox(b'[[0,7,"{}"]]')  # as written before 2026-12-03
+{(0, 7): b'{}'}
 """
 
 from __future__ import annotations
+
+import struct
 
 import orjson
 
@@ -25,13 +29,36 @@ from recsys.store.users import decode_user, encode_user
 OUTBOX_LEN = 4
 
 
+#: An outbox entry's header: partition, offset, payload length (little-endian).
+_ENTRY = struct.Struct("<iqI")
+_BINARY = 1  # first byte of a binary outbox (a JSON one, before 2026-12-03, starts with "[")
+
+
 def encode_outbox(box: dict[tuple[int, int], bytes]) -> bytes:
+    """The last :data:`OUTBOX_LEN` entries by ``(partition, offset)``: a format byte, the count,
+    each entry's header (:data:`_ENTRY`), then the payloads one after another, as emitted.
+    Binary, so a payload is stored as its bytes (as a JSON string it was escaped, and parsed
+    again on every read: the user's outbox is read and rewritten with every batch they are in)."""
     recent = sorted(box.items())[-OUTBOX_LEN:]
-    return orjson.dumps([[p, o, payload.decode()] for (p, o), payload in recent])
+    heads = b"".join([_ENTRY.pack(p, o, len(payload)) for (p, o), payload in recent])
+    return bytes((_BINARY, len(recent))) + heads + b"".join([payload for _, payload in recent])
 
 
 def decode_outbox(raw: bytes) -> dict[tuple[int, int], bytes]:
-    return {(p, o): payload.encode() for p, o, payload in orjson.loads(raw)}
+    """Inverse of :func:`encode_outbox`; also reads the JSON outboxes written before 2026-12-03
+    (``[[partition, offset, payload], ...]``)."""
+    if raw[:1] == b"[":
+        return {(p, o): payload.encode() for p, o, payload in orjson.loads(raw)}
+    if raw[:1] != bytes((_BINARY,)) or len(raw) < 2 or len(raw) < 2 + raw[1] * _ENTRY.size:
+        raise ValueError(f"outbox: not a record of a known format ({len(raw)} bytes, starting {raw[:4]!r})")
+    out: dict[tuple[int, int], bytes] = {}
+    at = 2 + raw[1] * _ENTRY.size
+    for p, o, size in _ENTRY.iter_unpack(raw[2:at]):
+        out[(p, o)] = raw[at : at + size]
+        at += size
+    if at != len(raw):
+        raise ValueError(f"outbox: {len(raw)} bytes, but its entries take {at}")
+    return out
 
 
 def load_offsets(kv: KVStore, prefix: bytes) -> dict[tuple[str, int], int]:
