@@ -237,3 +237,27 @@ def test_a_damaged_outbox_is_refused_with_its_size(raw):
 
     with pytest.raises(ValueError, match=r"outbox: .*\d+ bytes"):
         decode_outbox(raw)
+
+
+def test_the_garbage_collector_is_paused_for_a_batch_and_resumed_after(tmp_path, cache, catalog):
+    """Collections in the middle of a batch moved its working set into the oldest generation
+    and triggered full passes (benchmarks/README.md); the collector is off while a batch runs,
+    on again after it, and a caller that turned it off keeps it off."""
+    import gc
+
+    engine = Shard.open(_settings(tmp_path, cache))
+    engine.upsert_catalog(catalog)
+    seen = []
+    apply = engine._apply
+    engine._apply = lambda *a, **kw: (seen.append(gc.isenabled()), apply(*a, **kw))[1]
+    events = generate_events(200, catalog, n_users=20, seed=25)
+    assert gc.isenabled()
+    engine.process(_envelopes(events[:100]))
+    assert seen == [False] and gc.isenabled()
+    gc.disable()
+    try:
+        engine.process(_envelopes(events[100:], start=100))
+        assert seen == [False, False] and not gc.isenabled()
+    finally:
+        gc.enable()
+    engine.close()

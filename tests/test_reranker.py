@@ -80,3 +80,24 @@ def test_familiar_against_new_pairs_teach_only_the_familiarity_weights():
         b.learn(new_only, 0)  # among new items co-visitation wins
     w = dict(zip(FEATURES, b.weights().tolist()))
     assert w["covisit"] > 0 > w["trending"]
+
+
+def test_the_shown_lists_held_drop_out_of_the_garbage_collectors_view():
+    """Tens of thousands of shown lists are held; as objects the collector tracks, every full
+    pass rescanned them. Held as plain tuples of strings and an array, they are untracked at
+    the collector's first passes (the inner tuples at the first, the outer one at the next),
+    and come back as the ``Shown`` that was put."""
+    import gc
+
+    from recsys.ranking.reranker import Shown, ShownCache
+
+    cache = ShownCache(max_users=3)
+    for u in range(5):
+        cache.put(f"u{u}", Shown([f"i{u}", "b"], np.full((3, len(FEATURES)), u, np.float32), ("i", "b", "c")))
+    gc.collect()
+    gc.collect()
+    assert len(cache) == 3 and cache.get("u0") is None
+    assert not any(gc.is_tracked(held) for held in cache._data.values())
+    got = cache.get("u4")
+    assert got.items == ("i4", "b") and got.candidates == ("i", "b", "c") and got.position("c") == 2
+    assert (got.features == 4).all()

@@ -160,16 +160,27 @@ class ShownCache:
 
     def __init__(self, max_users: int = 50_000):  # ~3 KB a user (all candidates)
         self.max_users = max_users
-        self._data: OrderedDict[str, Shown] = OrderedDict()
+        # user -> (items, candidates, feature bytes, shape, dtype): a plain tuple of strings,
+        # bytes and ints, which the garbage collector stops tracking after its first passes over it.
+        # A ``Shown`` (or any tuple holding an array) it tracks for as long as it is kept: tens
+        # of thousands of them, rescanned by every full pass.
+        self._data: OrderedDict[str, tuple] = OrderedDict()
 
     def put(self, user_id: str, shown: Shown) -> None:
-        self._data[user_id] = shown
+        x = shown.features
+        self._data[user_id] = (tuple(shown.items), None if shown.candidates is None else tuple(shown.candidates),
+                               x.tobytes(), x.shape, x.dtype.str)
         self._data.move_to_end(user_id)
         while len(self._data) > self.max_users:
             self._data.popitem(last=False)
 
     def get(self, user_id: str) -> Shown | None:
-        return self._data.get(user_id)
+        """What ``user_id`` was last shown (its features a read-only array), or None."""
+        held = self._data.get(user_id)
+        if held is None:
+            return None
+        items, candidates, raw, shape, dtype = held
+        return Shown(items, np.frombuffer(raw, dtype=dtype).reshape(shape), candidates)
 
     def discard(self, user_id: str) -> None:
         """Forget what ``user_id`` was shown (an erasure)."""
