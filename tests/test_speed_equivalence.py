@@ -22,6 +22,7 @@ import pytest
 from recsys.events import CatalogItem
 from recsys.feedback import EVENT_WEIGHTS, decay_factor, half_life_ms
 from recsys.items.catalog import ItemSpace
+from recsys.ranking import recommender as R
 from recsys.ranking.recommender import Recommender, RecommenderConfig
 from recsys.signals.covisitation import CoVisitation, decode_record
 from recsys.signals.popularity import Popularity
@@ -694,3 +695,82 @@ def test_entries_group_equals_the_lexsort_grouping(seed):
     for x, y in ((a.key, b.key), (a.user, b.user), (a.row, b.row), (a.features, b.features), (a.first_seen, b.first_seen)):
         assert x.dtype == y.dtype and x.tobytes() == y.tobytes()
     assert a.anchor.keys() == b.anchor.keys() and all(a.anchor[s].tobytes() == b.anchor[s].tobytes() for s in a.anchor)
+
+
+def _group_reference(self, cap: int, excluded_rows: np.ndarray, excluded_owner: np.ndarray) -> R._Batch:
+    """``_Entries.group`` as numpy passes over all entries, before the compiled pass (2026-12-03)."""
+    if not self.parts:
+        return R._Batch.empty()
+    src = np.concatenate([np.full(len(p[1]), p[0], dtype=np.int64) for p in self.parts])
+    user = np.concatenate([p[1] for p in self.parts])
+    row = np.concatenate([p[2] for p in self.parts])
+    val = np.concatenate([p[3] for p in self.parts])
+    anchor = np.concatenate([p[4] for p in self.parts])
+    attach = np.concatenate([p[5] for p in self.parts])
+    seq = src * self._SEQ_STRIDE + np.concatenate([np.arange(len(p[1])) for p in self.parts])
+    seq[attach] = np.iinfo(np.int64).max  # never a candidate's position
+    key = user * cap + row
+    if len(excluded_rows):
+        keep = ~np.isin(key, excluded_owner * cap + excluded_rows)
+        src, user, row, val, anchor, seq, key, attach = (a[keep] for a in (src, user, row, val, anchor, seq, key, attach))
+    order = self._order(key, seq, attach)
+    src, user, row, val, anchor, seq, key, attach = (a[order] for a in (src, user, row, val, anchor, seq, key, attach))
+    first = np.ones(len(key), dtype=bool)
+    first[1:] = key[1:] != key[:-1]
+    gid = np.cumsum(first) - 1
+    n = int(first.sum())
+    g_user = user[first]
+    features = np.zeros((n, R.N_FEATURES), dtype=np.float32)
+    anchors = {}
+    for source, column in R._COLUMN.items():
+        m = src == source
+        if not m.any():
+            continue
+        features[:, column] = np.bincount(gid[m], weights=val[m], minlength=n)
+        if source in R._PER_USER_SCALED:  # scale to [0, 1] per user
+            top = np.zeros(int(g_user.max()) + 1, dtype=np.float32)
+            np.maximum.at(top, g_user, features[:, column])
+            features[:, column] /= np.maximum(top[g_user], 1e-12)
+            # the anchor behind each candidate: for co-visitation the strongest single
+            # contribution (earliest on ties), for transitions the earliest one
+            g, v, a, q = gid[m], val[m], anchor[m], seq[m]
+            if source not in (R._COVISIT, R._NEXT):
+                continue
+            pick = np.lexsort((q, -v, g)) if source == R._COVISIT else np.arange(len(g))
+            g, a = g[pick], a[pick]
+            lead = np.ones(len(g), dtype=bool)
+            lead[1:] = g[1:] != g[:-1]
+            anchors[source] = np.full(n, -1, dtype=np.int64)
+            anchors[source][g[lead]] = a[lead]
+    batch = R._Batch(key[first], g_user, row[first], features, seq[first], anchors)
+    if attach.any():  # drop candidates that only attach-only entries named
+        real = np.bincount(gid[~attach], minlength=n) > 0
+        batch = batch.subset(real)
+    return batch
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_compiled_grouping_equals_the_numpy_passes(seed):
+    """Random entries of every source for a batch, with repeated (user, item)s, tied values,
+    attach-only entries and excluded rows: the same matrix (every bit), keys, first positions,
+    anchors and attach-only drop as the numpy version."""
+    rng = np.random.default_rng(seed)
+    n_users, cap = 60, 400
+    entries = R._Entries()
+    for source in (R._CONTENT, R._COVISIT, R._NEXT, R._SESSION, R._AGAIN, R._TRENDING, R._SEEN):
+        if source == R._SEEN and seed == 3:
+            continue  # a source absent from the batch
+        n = int(rng.integers(50, 600))
+        values = rng.choice([0.25, 0.5, 1.0, 3.0], size=n) if seed % 2 else rng.random(n) * 5
+        anchors = rng.integers(0, 5, size=n) if source in (R._COVISIT, R._NEXT) else None
+        attach = rng.random(n) < 0.3 if source == R._SESSION else None
+        entries.add(source, rng.integers(0, n_users, size=n), rng.integers(0, cap - 1, size=n),
+                    values.astype(np.float32), anchors, attach)
+    excluded_owner = rng.integers(0, n_users, size=40)
+    excluded_rows = rng.integers(0, cap - 1, size=40)
+    fast = entries.group(cap, excluded_rows, excluded_owner)
+    slow = _group_reference(entries, cap, excluded_rows, excluded_owner)
+    for field in ("key", "user", "row", "first_seen"):
+        assert np.array_equal(getattr(fast, field), getattr(slow, field)), field
+    assert fast.features.dtype == slow.features.dtype and np.array_equal(fast.features.view(np.int32), slow.features.view(np.int32))
+    assert fast.anchor.keys() == slow.anchor.keys() and all(np.array_equal(fast.anchor[s], slow.anchor[s]) for s in slow.anchor)

@@ -37,7 +37,7 @@ import numpy as np
 
 from recsys.events import RecommendedItem
 from recsys.items.catalog import ItemSpace
-from recsys.ranking._reason_kernels import closest_rows
+from recsys.ranking._kernels import closest_rows, group_entries
 from recsys.ranking.features import COLUMN, FEATURES, PriorWeights
 from recsys.ranking.head import Head
 from recsys.ranking.reranker import PairwiseReranker, Shown
@@ -56,6 +56,9 @@ _COLUMN = {_CONTENT: COLUMN["content"], _COVISIT: COLUMN["covisit"], _NEXT: COLU
            _SESSION: COLUMN["session"], _AGAIN: COLUMN["again"], _TRENDING: COLUMN["trending"],
            _SEEN: COLUMN["seen"]}  # seen: set again from the user's recent items (_context_features)
 _PER_USER_SCALED = (_COVISIT, _NEXT, _SESSION, _AGAIN)  # divided by the user's largest value
+# the same, as arrays indexed by source, for the compiled grouping
+_GROUP_COLUMNS = np.array([_COLUMN.get(s, -1) for s in range(max(_COLUMN) + 1)], dtype=np.int64)
+_GROUP_SCALED = np.isin(np.arange(max(_COLUMN) + 1), _PER_USER_SCALED)
 _NO_ROWS = np.zeros(0, dtype=np.int64)
 
 
@@ -385,7 +388,7 @@ class Recommender:
         most similar vector: ``{position: (history item, similarity)}``.
 
         The recent items' rows in one lookup, and every similarity of the batch in one compiled
-        loop over the index's vectors (:mod:`recsys.ranking._reason_kernels`:
+        loop over the index's vectors (:mod:`recsys.ranking._kernels`:
         float64 sums of the float32 vectors, exact to ~1e-16 and the same on every machine, an
         exact tie going to the shown item itself; before 2026-12-03 one small BLAS product per
         user, whose last float32 bit depended on the CPU and the operands' shapes and picked
@@ -533,40 +536,15 @@ class _Entries:
             keep = ~np.isin(key, excluded_owner * cap + excluded_rows)
             src, user, row, val, anchor, seq, key, attach = (a[keep] for a in (src, user, row, val, anchor, seq, key, attach))
         order = self._order(key, seq, attach)
-        src, user, row, val, anchor, seq, key, attach = (a[order] for a in (src, user, row, val, anchor, seq, key, attach))
-        first = np.ones(len(key), dtype=bool)
-        first[1:] = key[1:] != key[:-1]
-        gid = np.cumsum(first) - 1
-        n = int(first.sum())
-        g_user = user[first]
-        features = np.zeros((n, N_FEATURES), dtype=np.float32)
-        anchors = {}
-        for source, column in _COLUMN.items():
-            m = src == source
-            if not m.any():
-                continue
-            features[:, column] = np.bincount(gid[m], weights=val[m], minlength=n)
-            if source in _PER_USER_SCALED:  # scale to [0, 1] per user
-                top = np.zeros(int(g_user.max()) + 1, dtype=np.float32)
-                np.maximum.at(top, g_user, features[:, column])
-                features[:, column] /= np.maximum(top[g_user], 1e-12)
-                # the anchor behind each candidate: for co-visitation the strongest single
-                # contribution (earliest on ties), for transitions the earliest one
-                g, v, a, q = gid[m], val[m], anchor[m], seq[m]
-                if source not in (_COVISIT, _NEXT):
-                    continue
-                pick = np.lexsort((q, -v, g)) if source == _COVISIT else np.arange(len(g))
-                g, a = g[pick], a[pick]
-                lead = np.ones(len(g), dtype=bool)
-                lead[1:] = g[1:] != g[:-1]
-                anchors[source] = np.full(n, -1, dtype=np.int64)
-                anchors[source][g[lead]] = a[lead]
-        batch = _Batch(key[first], g_user, row[first], features, seq[first], anchors)
+        # one compiled pass over the sorted entries (recsys/ranking/_kernels.py: group_entries)
+        g_key, g_user, g_row, features, first_seen, cov, nxt, real, present = group_entries(
+            order, src, user, row, val, anchor, seq, attach, key, _GROUP_COLUMNS, _GROUP_SCALED, N_FEATURES,
+            _COVISIT, _NEXT)
+        anchors = {source: a for source, a in ((_COVISIT, cov), (_NEXT, nxt)) if present[source]}
+        batch = _Batch(g_key, g_user, g_row, features, first_seen, anchors)
         if attach.any():  # drop candidates that only attach-only entries named
-            real = np.bincount(gid[~attach], minlength=n) > 0
             batch = batch.subset(real)
         return batch
-
 
     def _order(self, key: np.ndarray, seq: np.ndarray, attach: np.ndarray) -> np.ndarray:
         """``np.lexsort((seq, key))`` with one sort of distinct int64 values instead of two

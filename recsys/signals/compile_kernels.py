@@ -1,4 +1,4 @@
-"""Compile the numba loops (signals, reasons) ahead of time: ``python -m recsys.signals.compile_kernels``.
+"""Compile the numba loops (signals, ranking) ahead of time: ``python -m recsys.signals.compile_kernels``.
 
 numba compiles a loop the first time it is called and keeps the machine code in a cache
 (``__pycache__`` beside the module, or the user's cache directory when that is not writable).
@@ -17,10 +17,10 @@ import time
 
 def compile_kernels() -> int:
     """Run every compiled loop once on a tiny input (compiling, or loading it from the cache);
-    returns how many structures were exercised (the two signals and the reasons' loop)."""
+    returns how many structures were exercised (the two signals and the ranker's loops)."""
     import numpy as np
 
-    from recsys.ranking._reason_kernels import closest_rows
+    from recsys.ranking._kernels import closest_rows, group_entries
     from recsys.signals.covisitation import CoVisitation
     from recsys.signals.sessions import SessionNeighbours
 
@@ -36,6 +36,8 @@ def compile_kernels() -> int:
     sessions.ranked_votes(["u2", "u3"], 1)
     one = np.zeros(1, dtype=np.int64)
     closest_rows(np.ones((1, 2), np.float32), one, one, one, one + 1, one, one + 1)
+    group_entries(one, one, one, one, np.ones(1, np.float32), one, one, np.zeros(1, np.bool_), one,
+                  one, np.ones(1, np.bool_), 1, 0, 0)
     return 3
 
 
