@@ -309,7 +309,7 @@ def test_co_visitation_keeps_its_pairs_out_of_the_garbage_collectors_view():
     gc.collect()
     assert len(c) > 40 and c._ranked
     tracked = [name for name, value in vars(c).items() if gc.is_tracked(value)]
-    assert sorted(tracked) == ["_names", "_pa", "_pb", "_pw", "_ranked"]  # one container each, not one per item
+    assert sorted(tracked) == ["_ids", "_names", "_pa", "_pb", "_pw", "_ranked"]  # one container each, not one per item
     assert not any(gc.is_tracked(r[0]) or gc.is_tracked(r[2]) for r in c._ranked.values())
 
 

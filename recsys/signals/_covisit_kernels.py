@@ -20,6 +20,33 @@ import numpy as np
 from numba import njit
 
 
+class IdBytes:
+    """Item ids' UTF-8 bytes (``surrogatepass``) one after another in one flat buffer, with an
+    offset and a length per code, so compiled loops can break ties by id (:func:`_name_less`):
+    bytewise order is code point order, Python's ``str`` order. Codes are given in order by the
+    caller (0, 1, 2, ...), one :meth:`add` each."""
+
+    def __init__(self) -> None:
+        self.buf = np.zeros(4096, dtype=np.uint8)
+        self.end = 0
+        self.offset = np.zeros(1024, dtype=np.int64)
+        self.length = np.zeros(1024, dtype=np.int64)
+
+    def add(self, code: int, item_id: str) -> None:
+        if code >= len(self.offset):  # doubling
+            self.offset = np.concatenate([self.offset, np.zeros_like(self.offset)])
+            self.length = np.concatenate([self.length, np.zeros_like(self.length)])
+        raw = item_id.encode("utf-8", "surrogatepass")
+        end = self.end + len(raw)
+        if end > len(self.buf):
+            grown = np.zeros(max(2 * len(self.buf), end), dtype=np.uint8)
+            grown[: self.end] = self.buf[: self.end]
+            self.buf = grown
+        self.buf[self.end:end] = np.frombuffer(raw, dtype=np.uint8)
+        self.offset[code], self.length[code] = self.end, len(raw)
+        self.end = end
+
+
 @njit(cache=True, nogil=True)
 def _name_less(names, offset, length, i, j):  # pragma: no cover - compiled
     """Whether the id of code ``i`` sorts before that of code ``j`` (as Python ``str`` does)."""

@@ -20,6 +20,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from recsys.signals._covisit_kernels import _name_less
+
 
 @njit(cache=True, nogil=True)
 def session_dots(slots, sizes, m, n_slots):  # pragma: no cover - compiled (tested through ranked_votes)
@@ -132,11 +134,12 @@ def session_votes(q, sids, sims, held, lengths, first_col, n_codes):  # pragma: 
 
 
 @njit(cache=True, nogil=True)
-def best_per_query(q, codes, values, rank_of_code, n):  # pragma: no cover - compiled
+def best_per_query(q, codes, values, n, names, offset, length):  # pragma: no cover - compiled
     """Indices of each query's ``n`` best entries, largest ``values`` first, ties by item id
-    (``rank_of_code``: a code's rank by its id among all ids), for ``q`` grouped: the order of
-    ``np.lexsort((rank_of_code[codes], -values, q))`` cut at ``n`` per query. Only a query's ``n``
-    largest values (and everything tied with its ``n``-th) are sorted."""
+    (the codes' ids compared on their UTF-8 bytes, as Python compares ``str``), for ``q``
+    grouped: the order of ``np.lexsort((ids, -values, q))`` cut at ``n`` per query. Only a
+    query's ``n`` largest values (and everything tied with its ``n``-th) are sorted (an
+    insertion sort: a few dozen each)."""
     out = np.empty(len(q), dtype=np.int64)
     n_out = 0
     lo = 0
@@ -144,15 +147,23 @@ def best_per_query(q, codes, values, rank_of_code, n):  # pragma: no cover - com
         hi = lo
         while hi < len(q) and q[hi] == q[lo]:
             hi += 1
-        neg = -values[lo:hi]
         cand = np.arange(lo, hi)
         if hi - lo > n:
+            neg = -values[lo:hi]
             nth = np.partition(neg, n - 1)[n - 1]  # a partitioned copy
             cand = cand[neg <= nth]
-        by_id = cand[np.argsort(rank_of_code[codes[cand]], kind="mergesort")]
-        ranked = by_id[np.argsort(-values[by_id], kind="mergesort")]
-        take = min(n, len(ranked))
-        out[n_out:n_out + take] = ranked[:take]
+        for i in range(1, len(cand)):  # by value, then by id
+            c = cand[i]
+            j = i - 1
+            while j >= 0:
+                o = cand[j]
+                if values[o] > values[c] or (values[o] == values[c] and _name_less(names, offset, length, codes[o], codes[c])):
+                    break
+                cand[j + 1] = o
+                j -= 1
+            cand[j + 1] = c
+        take = min(n, len(cand))
+        out[n_out:n_out + take] = cand[:take]
         n_out += take
         lo = hi
     return out[:n_out]

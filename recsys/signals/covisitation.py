@@ -18,7 +18,7 @@ import numpy as np
 import orjson
 
 from recsys.feedback import EVENT_WEIGHTS, decay_factor, half_life_ms
-from recsys.signals._covisit_kernels import apply_pairs, pack_rows, ranked_order, top_many
+from recsys.signals._covisit_kernels import IdBytes, apply_pairs, pack_rows, ranked_order, top_many
 
 if TYPE_CHECKING:
     from recsys.store.kv import KVStore
@@ -80,11 +80,7 @@ class CoVisitation:
     def _clear(self) -> None:
         self._code: dict[str, int] = {}  # item id -> row (and the code it is known by in other rows)
         self._names: list[str] = []  # code -> item id
-        # the ids' UTF-8 bytes, one after another, for comparing ids inside the compiled loops
-        self._name_buf = np.zeros(4096, dtype=np.uint8)
-        self._name_end = 0
-        self._name_off = np.zeros(1024, dtype=np.int64)
-        self._name_len = np.zeros(1024, dtype=np.int64)
+        self._ids = IdBytes()  # the ids' UTF-8 bytes, for comparing ids inside the compiled loops
         width = self.max_neighbours + 1  # room for the pair that overflows, until it is dropped
         self._nb = np.full((1024, width), -1, dtype=np.int32)
         self._wt = np.zeros((1024, width), dtype=np.float64)
@@ -139,7 +135,7 @@ class CoVisitation:
         pw = np.asarray(self._pw, dtype=np.float64)
         self._pa, self._pb, self._pw = [], [], []
         apply_pairs(pa, pb, pw, self._nb, self._wt, self._ct, self._ln, self._dirty, self._stale,
-                    self._name_buf, self._name_off, self._name_len, self.max_neighbours, self.directed)
+                    self._ids.buf, self._ids.offset, self._ids.length, self.max_neighbours, self.directed)
 
     def _intern(self, item_id: str) -> int:
         code = self._code.get(item_id)
@@ -154,17 +150,7 @@ class CoVisitation:
             self._ln = np.concatenate([self._ln, np.zeros_like(self._ln)])
             self._dirty = np.concatenate([self._dirty, np.zeros_like(self._dirty)])
             self._stale = np.concatenate([self._stale, np.zeros_like(self._stale)])
-            self._name_off = np.concatenate([self._name_off, np.zeros_like(self._name_off)])
-            self._name_len = np.concatenate([self._name_len, np.zeros_like(self._name_len)])
-        raw = item_id.encode("utf-8", "surrogatepass")  # bytewise order = code point order
-        end = self._name_end + len(raw)
-        if end > len(self._name_buf):
-            grown = np.zeros(max(2 * len(self._name_buf), end), dtype=np.uint8)
-            grown[: self._name_end] = self._name_buf[: self._name_end]
-            self._name_buf = grown
-        self._name_buf[self._name_end:end] = np.frombuffer(raw, dtype=np.uint8)
-        self._name_off[code], self._name_len[code] = self._name_end, len(raw)
-        self._name_end = end
+        self._ids.add(code, item_id)
         return code
 
     # ------------------------------------------------------------------ reading
@@ -188,7 +174,7 @@ class CoVisitation:
             return _NO_NEIGHBOURS
         ranked = self._ranked.get(x)
         if ranked is None or self._stale[x]:
-            order = ranked_order(self._nb, self._wt, self._ln, x, self._name_buf, self._name_off, self._name_len)
+            order = ranked_order(self._nb, self._wt, self._ln, x, self._ids.buf, self._ids.offset, self._ids.length)
             names = self._names
             # tuples of plain values, untracked by the garbage collector like the arrays
             ranked = (tuple(map(names.__getitem__, self._nb[x, order].tolist())), self._wt[x, order],
@@ -207,7 +193,7 @@ class CoVisitation:
         code = self._code.get
         xs = np.fromiter((code(i, -1) for i in item_ids), dtype=np.int64, count=len(item_ids))
         counts, codes, weights = top_many(xs, max(n, 0), self._nb, self._wt, self._ln,
-                                          self._name_buf, self._name_off, self._name_len)
+                                          self._ids.buf, self._ids.offset, self._ids.length)
         return counts, list(map(self._names.__getitem__, codes.tolist())), weights
 
     def items(self) -> list[str]:
@@ -242,7 +228,7 @@ class CoVisitation:
         prefix, names = self.prefix, self._names
         rows = sorted(dirty.tolist(), key=names.__getitem__)
         buf, starts, ends = pack_rows(np.asarray(rows, dtype=np.int64), self._nb, self._wt, self._ct, self._ln,
-                                      self._name_buf, self._name_off, self._name_len)
+                                      self._ids.buf, self._ids.offset, self._ids.length)
         data = buf.tobytes()
         out: dict[bytes, bytes] = {}
         for x, lo, hi in zip(rows, starts.tolist(), ends.tolist()):

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import orjson
 
+from recsys.signals._covisit_kernels import IdBytes
 from recsys.signals._session_kernels import best_per_query, session_dots, session_votes, top_sessions
 
 if TYPE_CHECKING:
@@ -91,7 +92,7 @@ class SessionNeighbours:
         # item -> small int code and back, for voting with numpy (every posted item has one)
         self._code: dict[str, int] = {}
         self._names: list[str] = []
-        self._rank_of_code = np.zeros(0, dtype=np.int64)  # see _id_rank
+        self._ids = IdBytes()  # their UTF-8 bytes: the compiled ranking breaks ties by id
         self._active = np.zeros(1024, dtype=np.int64)  # slot -> seq of its latest event
         self._length = np.zeros(1024, dtype=np.float64)  # slot -> distinct items held
         # slot -> codes of the items it holds (in any order), -1 padded: neighbours vote from here
@@ -184,6 +185,7 @@ class SessionNeighbours:
         """Give ``item_id`` a code if it has none (codes stay: at most one per distinct item)."""
         if item_id not in self._code:
             self._code[item_id] = len(self._names)
+            self._ids.add(len(self._names), item_id)
             self._names.append(item_id)
 
     def _unpost(self, item_id: str, slot: int) -> None:
@@ -238,8 +240,8 @@ class SessionNeighbours:
 
         The sums per (query, session) and per (query, item), each query's ``k`` nearest
         sessions and its ``n`` best items are compiled loops over the whole batch
-        (``_session_kernels``: no sort of the batch's entries; ties by item id through each
-        code's rank by id, sorted once per new code, ``_id_rank``). Each sum adds
+        (``_session_kernels``: no sort of the batch's entries; ties by item id, compared on the
+        ids' UTF-8 bytes). Each sum adds
         the same floats in the same order as scoring the user alone (query position, then
         posting order; neighbour order for votes), so the votes are bit-identical to the
         per-user computation (``tests/test_speed_equivalence.py`` pins that against the per-user
@@ -291,17 +293,8 @@ class SessionNeighbours:
             first_col = np.maximum(self._length[sids] - self.vote_items, 0).astype(np.int64)
         vq, codes, votes = session_votes(q, sids, sims, self._held, self._length, first_col, len(self._names))
         # each query's n best, best first, ties by item id
-        best = best_per_query(vq, codes, votes, self._id_rank(), n)
+        best = best_per_query(vq, codes, votes, n, self._ids.buf, self._ids.offset, self._ids.length)
         return np.asarray(owners, dtype=np.int64)[vq[best]], codes[best], votes[best]
-
-    def _id_rank(self) -> np.ndarray:
-        """Code -> rank of its item id among all codes' ids (Python's ``str`` order), sorted
-        again only when codes were added since."""
-        if len(self._rank_of_code) != len(self._names):
-            names = np.array(self._names, dtype=object)
-            self._rank_of_code = np.empty(len(names), dtype=np.int64)
-            self._rank_of_code[np.argsort(names, kind="stable")] = np.arange(len(names))
-        return self._rank_of_code
 
     def _recent_postings(self, item_id: str, default=()):
         """The ``postings_scanned`` most recent postings of ``item_id``, in posting order."""
