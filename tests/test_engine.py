@@ -261,3 +261,25 @@ def test_the_garbage_collector_is_paused_for_a_batch_and_resumed_after(tmp_path,
     finally:
         gc.enable()
     engine.close()
+
+
+def test_the_engine_benchmark_prints_its_windows_and_phases(tmp_path):
+    """``benchmarks/engine_speed.py --phases`` (issue 12, benchmarks/README.md) on a tiny
+    workload: a rate per window, then a table of CPU-µs per event by phase with one column per
+    window and the whole step last."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "benchmarks/engine_speed.py", "--items", "300", "--users", "200",
+                          "--events", "6000", "--batch", "500", "--windows", "3000", "--phases",
+                          "--embed-cache-dir", str(tmp_path / "emb")],
+                         cwd=root, capture_output=True, text=True, timeout=300, check=True).stdout
+    assert len(re.findall(r"^  events .* events/CPU-s", out, re.M)) == 2
+    table = out[out.index("CPU-µs per event by phase"):].splitlines()
+    rows = {line[:24].strip(): line[24:].split() for line in table[2:] if line.startswith("  ") and line[24:].split()}
+    assert {"decode", "apply", "rank", "reasons", "commit", "whole step (CPU)"} <= set(rows)
+    assert all(len(values) == 2 for values in rows.values())
+    assert all(float(r) <= float(w) for r, w in zip(rows["rank"], rows["whole step (CPU)"]))
