@@ -23,6 +23,33 @@ from numba import njit
 from recsys.signals._covisit_kernels import _name_less
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _accumulate(scratch, mark, touched, n_touched, key, w):  # pragma: no cover - compiled
+    """``scratch[key] += w``, starting from 0.0 the first time ``key`` is met in this query
+    (noted in ``touched``); returns the new count of keys touched."""
+    if not mark[key]:
+        mark[key] = True
+        scratch[key] = 0.0
+        touched[n_touched] = key
+        n_touched += 1
+    scratch[key] += w
+    return n_touched
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _emit(query, scratch, mark, touched, n_touched, out_q, out_k, out_v, n_out):  # pragma: no cover
+    """Append the query's sums, keys in the order first touched, and clear their marks;
+    returns the new output length."""
+    for t in range(n_touched):
+        key = touched[t]
+        out_q[n_out] = query
+        out_k[n_out] = key
+        out_v[n_out] = scratch[key]
+        mark[key] = False
+        n_out += 1
+    return n_out
+
+
 @njit(cache=True, nogil=True)
 def session_dots(slots, sizes, m, n_slots):  # pragma: no cover - compiled (tested through ranked_votes)
     """Per query ``q`` (its ``m[q]`` items, oldest first, each with ``sizes`` posting entries in
@@ -44,22 +71,10 @@ def session_dots(slots, sizes, m, n_slots):  # pragma: no cover - compiled (test
         for j in range(mq):
             w = (j + 1) / mq  # as numpy's float64 (position / m)
             for e in range(entry, entry + sizes[item]):
-                s = slots[e]
-                if not mark[s]:
-                    mark[s] = True
-                    scratch[s] = 0.0
-                    touched[n_touched] = s
-                    n_touched += 1
-                scratch[s] += w
+                n_touched = _accumulate(scratch, mark, touched, n_touched, slots[e], w)
             entry += sizes[item]
             item += 1
-        for t in range(n_touched):
-            s = touched[t]
-            out_q[n_out] = qi
-            out_s[n_out] = s
-            out_d[n_out] = scratch[s]
-            mark[s] = False
-            n_out += 1
+        n_out = _emit(qi, scratch, mark, touched, n_touched, out_q, out_s, out_d, n_out)
     return out_q[:n_out], out_s[:n_out], out_d[:n_out]
 
 
@@ -114,21 +129,9 @@ def session_votes(q, sids, sims, held, lengths, first_col, n_codes):  # pragma: 
             row = held[sids[hi]]
             w = sims[hi]
             for c in range(first_col[hi], int(lengths[sids[hi]])):
-                code = row[c]
-                if not mark[code]:
-                    mark[code] = True
-                    scratch[code] = 0.0
-                    touched[n_touched] = code
-                    n_touched += 1
-                scratch[code] += w
+                n_touched = _accumulate(scratch, mark, touched, n_touched, row[c], w)
             hi += 1
-        for t in range(n_touched):
-            code = touched[t]
-            out_q[n_out] = q[lo]
-            out_c[n_out] = code
-            out_v[n_out] = scratch[code]
-            mark[code] = False
-            n_out += 1
+        n_out = _emit(q[lo], scratch, mark, touched, n_touched, out_q, out_c, out_v, n_out)
         lo = hi
     return out_q[:n_out], out_c[:n_out], out_v[:n_out]
 
