@@ -44,7 +44,7 @@ from prometheus_client import (
 
 from recsys.events import Envelope
 from recsys.settings import Settings
-from recsys.shard.step import BatchResult, Shard
+from recsys.shard.step import PHASES, BatchResult, Shard
 
 #: Latency buckets (seconds): the design's range is tens to hundreds of milliseconds.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
@@ -57,6 +57,8 @@ BATCH_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2
 SLOW_GAUGES_INTERVAL_S = 5.0
 #: Latencies kept for the status line's p99 (the last interval's, at most this many).
 STATUS_SAMPLES = 20_000
+#: At most one slow-batch line per this many seconds; the batches in between are counted in it.
+SLOW_BATCH_LOG_INTERVAL_S = 1.0
 
 #: Dead-letter reason -> class, first match wins (the reasons are recsys.events' DecodeErrors).
 _REASON_CLASSES = (
@@ -137,6 +139,11 @@ class FlowMetrics(_Endpoint):
                                        registry=r)
         self.batch_time = Histogram("recsys_batch_processing_seconds", "Shard time per polled batch",
                                     buckets=BATCH_BUCKETS, registry=r)
+        self.phase_time = Counter("recsys_batch_phase_seconds",
+                                  "Shard time per phase of the step (models, decode, admit, load, score, search, "
+                                  "apply, head, rank, commit), summed over batches", ["phase"], registry=r)
+        for phase in PHASES:
+            self.phase_time.labels(phase)  # every phase exported from the start, at 0
         self.latency = Histogram("recsys_event_to_recommendation_seconds",
                                  "Broker append of a user's last event in a batch -> its recommendation",
                                  buckets=LATENCY_BUCKETS, registry=r)
@@ -181,6 +188,8 @@ class FlowMetrics(_Endpoint):
         self._interval_dead = 0
         self._dead_total = 0
         self._samples: deque[float] = deque(maxlen=STATUS_SAMPLES)
+        self._slow_logged_at = float("-inf")
+        self._slow_unlogged = 0
         self.server: Any = None
 
     # ------------------------------------------------------------------ serving
@@ -230,6 +239,10 @@ class FlowMetrics(_Endpoint):
         """After each ``Shard.process``: counts, processing time, latencies."""
         now_ms = self.clock() * 1000
         self.batch_time.observe(seconds)
+        for phase, spent in result.phase_seconds.items():
+            self.phase_time.labels(phase).inc(spent)
+        if 0 < self.settings.slow_batch_ms <= seconds * 1000:
+            self._slow_batch(len(envelopes), result, seconds, now_ms / 1000)
         catalog_topic = self.settings.catalog_topic
         last_append: dict[bytes, int] = {}  # user key -> append time of the user's last event here
         by_topic: dict[str, int] = {}
@@ -261,6 +274,19 @@ class FlowMetrics(_Endpoint):
         if self._users is not None:
             self._users += result.new_users
         self.tick(engine)
+
+    def _slow_batch(self, records: int, result: BatchResult, seconds: float, now: float) -> None:
+        """A batch over ``RECSYS_SLOW_BATCH_MS``: one line on stderr with where its time went
+        (at most one line a second; the slow batches in between are counted in the next)."""
+        if self._status is None:
+            return
+        if now - self._slow_logged_at < SLOW_BATCH_LOG_INTERVAL_S:
+            self._slow_unlogged += 1
+            return
+        self._slow_logged_at = now
+        self._status.write(slow_batch_line(records, result, seconds, self._slow_unlogged) + "\n")
+        self._status.flush()
+        self._slow_unlogged = 0
 
     def tick(self, engine: Shard) -> None:
         """On every timer tick and batch: gauges, and the status line when due."""
@@ -304,6 +330,24 @@ class FlowMetrics(_Endpoint):
         self._interval_started, self._interval_events, self._interval_dead = now, 0, 0
         self._samples.clear()
         return line
+
+
+def slow_batch_line(records: int, result: BatchResult, seconds: float, unlogged: int = 0) -> str:
+    """The slow-batch line: the batch's size and its phases, longest first (those over 1 ms).
+
+    >>> r = BatchResult(phase_seconds={"decode": 0.004, "rank": 0.41, "commit": 0.09, "head": 0.0002})
+    >>> r.counts["applied"] = 180
+    >>> slow_batch_line(200, r, 0.52, unlogged=3)
+    'slow batch: 520 ms for 200 records (180 applied, 0 recommendations): rank 410 ms, commit 90 ms, decode 4 ms, other 16 ms (3 more slow batches since the last line)'
+    """
+    phases = sorted(((spent, phase) for phase, spent in result.phase_seconds.items() if spent >= 0.001), reverse=True)
+    other = seconds - sum(result.phase_seconds.values())
+    parts = [f"{phase} {spent * 1000:.0f} ms" for spent, phase in phases]
+    if other >= 0.001:
+        parts.append(f"other {other * 1000:.0f} ms")
+    more = f" ({unlogged} more slow batches since the last line)" if unlogged else ""
+    return (f"slow batch: {seconds * 1000:.0f} ms for {records} records ({result.counts.get('applied', 0)} applied, "
+            f"{len(result.recommendations)} recommendations): {', '.join(parts)}{more}")
 
 
 class TrainerMetrics(_Endpoint):

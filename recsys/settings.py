@@ -106,6 +106,7 @@ class Settings(BaseSettings):
     metrics_host: str = "127.0.0.1"  # address the metrics endpoint listens on (0.0.0.0 in a container)
     status_interval_s: float = 10.0  # a status line on stderr every this many seconds
     quiet: bool = False  # no status line
+    slow_batch_ms: float = Field(500.0, ge=0)  # a batch that takes longer is logged on stderr with its phases (0: never)
     # --- issue 9 integrity ---
     # a partition's log no longer holds the offset the flow recovered (topic re-created,
     # retention, broker data loss): stop naming both offsets, or go on from its start / end

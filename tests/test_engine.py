@@ -263,6 +263,29 @@ def test_the_garbage_collector_is_paused_for_a_batch_and_resumed_after(tmp_path,
     engine.close()
 
 
+def test_each_batch_reports_the_wall_time_of_its_phases(tmp_path, cache, catalog):
+    """``BatchResult.phase_seconds`` (the slow-batch log and ``recsys_batch_phase_seconds``): every
+    phase a batch of events goes through, timed by the clock around ``process``, summing to no
+    more than the whole; a batch without events has no ranking phases."""
+    import time
+
+    from recsys.shard.step import PHASES
+
+    engine = Shard.open(_settings(tmp_path, cache))
+    engine.upsert_catalog(catalog)
+    events = generate_events(300, catalog, n_users=20, seed=26)
+    started = time.perf_counter()
+    result = engine.process(_envelopes(events))
+    took = time.perf_counter() - started
+    assert set(result.phase_seconds) == {"decode", "admit", "load", "search", "apply", "head", "rank", "commit"}
+    assert set(result.phase_seconds) <= set(PHASES)
+    assert all(s >= 0 for s in result.phase_seconds.values())
+    assert result.phase_seconds["rank"] > 0 and sum(result.phase_seconds.values()) <= took
+    empty = engine.process([])
+    assert set(empty.phase_seconds) == {"decode", "admit", "commit"}
+    engine.close()
+
+
 def test_the_engine_benchmark_prints_its_windows_and_phases(tmp_path):
     """``benchmarks/engine_speed.py --phases`` (issue 12, benchmarks/README.md) on a tiny
     workload: a rate per window, then a table of CPU-µs per event by phase with one column per

@@ -189,6 +189,8 @@ def test_the_endpoint_counts_what_was_produced_during_a_live_run(local_broker, t
     assert total(samples, "recsys_event_to_recommendation_seconds_count") == len(recs)
     assert 0 < total(samples, "recsys_event_to_recommendation_seconds_sum") < 60 * len(recs)
     assert total(samples, "recsys_batch_processing_seconds_count") > 0
+    assert 0 < total(samples, "recsys_batch_phase_seconds_total", phase="rank") \
+        < total(samples, "recsys_batch_phase_seconds_total") <= total(samples, "recsys_batch_processing_seconds_sum")
     assert total(samples, "recsys_state_users") == len({e.user_id for e in events})
     assert total(samples, "recsys_state_size_bytes") > 0
     assert total(samples, "recsys_process_resident_memory_bytes") > 100e6  # the model is loaded
@@ -282,3 +284,45 @@ def test_a_status_line_every_interval_on_stderr_unless_quiet(tmp_path, quiet):
     else:
         assert lines == ["status: 2 events/s, lag 0, p99 40 ms (append -> recommendation), 1 dead letters (1 in all), "
                          "1 recommendations timed"]
+
+
+def test_a_slow_batch_is_logged_with_its_phases_at_most_once_a_second(tmp_path):
+    """``RECSYS_SLOW_BATCH_MS``: a batch that took longer gets one line naming where its time went,
+    longest phase first; more slow batches within the second are counted in the next line; a
+    batch under the threshold, a threshold of 0 and ``--quiet`` print nothing."""
+    import io
+
+    from recsys.events import Envelope
+    from recsys.shard.step import BatchResult
+
+    now = [1000.0]
+    out = io.StringIO()
+    metrics = FlowMetrics(Settings(state_dir=str(tmp_path), slow_batch_ms=100), status=out, clock=lambda: now[0])
+    engine = _engine_data(tmp_path)
+    envelopes = [Envelope("events", 0, i, b"u1", b"{}", timestamp_ms=int(now[0] * 1000)) for i in range(40)]
+
+    def batch(seconds: float, **phases: float) -> None:
+        result = BatchResult(phase_seconds=phases)
+        result.counts.update(applied=38)
+        metrics.batch(engine, envelopes, result, seconds)
+
+    batch(0.09, rank=0.08)  # under the threshold
+    batch(0.25, decode=0.002, rank=0.06, head=0.15, commit=0.0004)
+    now[0] += 0.5
+    batch(0.3, rank=0.3)  # within the second: counted, not printed
+    batch(0.2, rank=0.2)
+    now[0] += 0.6
+    batch(0.12, commit=0.11)
+    assert out.getvalue().splitlines() == [
+        "slow batch: 250 ms for 40 records (38 applied, 0 recommendations): head 150 ms, rank 60 ms, decode 2 ms, "
+        "other 38 ms",
+        "slow batch: 120 ms for 40 records (38 applied, 0 recommendations): commit 110 ms, other 10 ms "
+        "(2 more slow batches since the last line)",
+    ]
+    phases = {s.labels["phase"]: s.value for f in metrics.registry.collect() if f.name == "recsys_batch_phase_seconds"
+              for s in f.samples if s.name.endswith("_total")}
+    assert phases["rank"] == pytest.approx(0.64) and phases["head"] == pytest.approx(0.15) and phases["models"] == 0
+    for settings in (Settings(state_dir=str(tmp_path), slow_batch_ms=0), Settings(state_dir=str(tmp_path), quiet=True)):
+        silent = io.StringIO()
+        FlowMetrics(settings, status=silent, clock=lambda: now[0]).batch(engine, envelopes, BatchResult(), 5.0)
+        assert silent.getvalue() == ""

@@ -137,6 +137,32 @@ class BatchResult:
     new_users: int = 0
     search_results: list[tuple[str, bytes]] = field(default_factory=list)  # (user_id, json); issue 13
     exchange: list[bytes] = field(default_factory=list)  # issue 11: signal-op messages to publish
+    # wall seconds of each phase of the step (see ``PHASES``), for the slow-batch log and metrics
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+
+
+#: The phases of ``Shard.process`` in order, as ``BatchResult.phase_seconds`` names them:
+#: models (the trainer's newest, between two batches), decode, admit (the waiting room and the
+#: checks), load (user records and outboxes), score (backtests only: the list before the batch),
+#: search, apply (signals, user state, the re-ranker's learning), head (its training step), rank
+#: (candidates, scores, reasons, payloads), commit (the changed signals exported, the sweep, the
+#: one atomic write).
+PHASES = ("models", "decode", "admit", "load", "score", "search", "apply", "head", "rank", "commit")
+
+
+class _Laps:
+    """Wall time per phase of one batch: ``lap(name)`` adds the time since the previous lap."""
+
+    __slots__ = ("seconds", "_at")
+
+    def __init__(self, seconds: dict[str, float]) -> None:
+        self.seconds = seconds
+        self._at = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self._at
+        self._at = now
 
 
 class Shard:
@@ -372,17 +398,22 @@ class Shard:
     def _process(self, envelopes: list[Envelope]) -> BatchResult:
         result = BatchResult()
         counts = result.counts
+        laps = _Laps(result.phase_seconds)
         if self.served_by_trainer and self._persistent:  # between two batches: the trainer's newest models
             self.poll_model_snapshots()
+            laps.lap("models")
         now_ms = int(self.clock() * 1000)
         if any(env.extra for env in envelopes):
             envelopes = self._absorb_offset_resets(envelopes)
         events, puts = self._decode(envelopes, result, now_ms)
+        laps.lap("decode")
         by_user, waited = self._admit(events, result, puts, now_ms)
         if self.exchange is not None:  # issue 11: what the batch's sealed ops cover (with this batch's write)
             self._cover()
+        laps.lap("admit")
         if not by_user:
             self._commit(puts, waited.deletes)
+            laps.lap("commit")
             self.totals.update(counts)
             return result
 
@@ -391,19 +422,25 @@ class Shard:
         states = self.users.get_many(user_ids, now_ts={u: evs[0][1].ts for u, evs in by_user.items()})
         outboxes = self._load_outboxes(user_ids)
         result.new_users = sum(1 for state in states.values() if not state.last_applied)
+        laps.lap("load")
 
         # what we would have shown each user right before this batch (backtests only)
         if self.evaluate:
             self._score_before(result, [ev for _, ev in waited.ready if ev.user_id in by_user], states)
+            laps.lap("score")
 
         # issue 13: answer the batch's searches from the state before it; learn from its new events
         result.search_results = self.search.step(by_user, states, self.watermarks, now_ms, self.model_version,
                                                  shared=self._covered if self.exchange is not None else None)
         counts["search_results"] += len(result.search_results)
+        laps.lap("search")
 
         fresh_users, reemit, examples = self._apply(by_user, states, outboxes, waited, puts, counts)
+        laps.lap("apply")
         self._learn_head(examples, counts)
+        laps.lap("head")
         self._rank_and_emit(fresh_users, by_user, states, outboxes, reemit, puts, result, now_ms)
+        laps.lap("rank")
 
         # one atomic write: users + signals + watermarks + outboxes + catalog + expired users
         puts.update(self.users.puts([states[u] for u in fresh_users]))
@@ -415,6 +452,7 @@ class Shard:
         if self.exchange is not None and (message := self.exchange.seal(puts)) is not None:
             result.exchange.append(message)  # issue 11: this batch's signal ops, sealed with it
         self._commit(puts, [*waited.deletes, *self._sweep(by_user, counts)])
+        laps.lap("commit")
         self.totals.update(counts)
         return result
 
