@@ -20,7 +20,12 @@ the real flow as a child process (``python -m recsys_cli run``), synthetic data
    the trigger event (the producer's CreateTime, set at ``send``) -> the recommendation's
    ``emitted_at``, as :func:`recsys_cli.demo.summarize` computes it. Also reported: the
    per-event latency (every event -> the first recommendation of its user emitted after it
-   was applied), which also counts the events that a coalesced recommendation answers.
+   was applied), which also counts the events that a coalesced recommendation answers; the
+   seconds of the run with the longest latencies (a tail spread over the run is the batches'
+   usual cost, one bad second is a stall; ``latency_ms_by_second`` in the JSON); and this
+   process's own garbage-collector pauses while it offered the stream (:class:`OwnPauses`:
+   everything built before is frozen out of the collector's view, since a 240 ms collection
+   of this process's heap once held its producer back and was counted as the flow's latency).
    New items: during the latency run ``--new-items`` (20) brand-new catalog items are
    published to ``catalog``, each a near-twin of a known item; a shopper never seen before
    clicks the known twin right after (and again 0.1, 0.25, 0.5 s later: the two topics are
@@ -56,6 +61,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import dataclasses
+import gc
 import json
 import os
 import platform
@@ -678,12 +684,18 @@ def run_latency(args, items, catalog_path: Path, cache_dir: str, base: Settings,
             probes = new_item_probes(probe_pairs(args.new_items), args.seed)
             prober = send_probes(clients, s, probes, len(events) / args.rate) if probes else None
             polls_before = scrape_polls(metrics_port, s.events_topic)
-            t0 = time.perf_counter()
-            cpu_at_start = flow.cpu_s()
-            n = produce_records(clients, s.events_topic, keyed(events), rate=args.rate)
-            produce_s = time.perf_counter() - t0  # the offered stream only (the probes' thread ends later)
-            if prober is not None:
-                prober.join()
+            own = OwnPauses().start()
+            try:
+                t0 = time.perf_counter()
+                cpu_at_start = flow.cpu_s()
+                n = produce_records(clients, s.events_topic, keyed(events), rate=args.rate)
+                produce_s = time.perf_counter() - t0  # the offered stream only (the probes' thread ends later)
+                if prober is not None:
+                    prober.join()
+            finally:
+                own_pauses = own.stop()
+            log(f"[latency] this benchmark's own garbage collector while offering: {own_pauses['collections']} "
+                f"collections, longest {own_pauses['longest_ms']:.1f} ms ({own_pauses['over_10ms']} over 10 ms)")
             log(f"[latency] offered {n} events in {produce_s:.1f} s ({n / produce_s:.0f}/s achieved)")
             n_recs = _wait_for_recommendations(clients, s.recommendations_topic, n_warm + 1, flow, QUIET_S, args.max_wait_s)
             log(f"[latency] {n_recs} recommendations, none new for {QUIET_S:.0f} s: stopping the flow (SIGINT)")
@@ -720,6 +732,7 @@ def run_latency(args, items, catalog_path: Path, cache_dir: str, base: Settings,
         "summary": summary,  # recsys_cli.demo.summarize over the measured events
         "latency_ms_trigger": _trigger_pcts(measured, measured_recs),
         "latency_ms_every_event": _pcts(every),
+        "latency_ms_by_second": latency_by_second(measured, measured_recs),
         "events_answered": int(len(every)),
         "flow_totals": flow.stopped_line,
         "new_item_to_recommended_ms": new_items,
@@ -728,6 +741,7 @@ def run_latency(args, items, catalog_path: Path, cache_dir: str, base: Settings,
         "search_results": len(search_envs),
         "latency_ms_search": _trigger_pcts(measured, search_envs) if search_envs else {},
         "events_polls": polls,
+        "benchmark_gc_while_offering": own_pauses,
         "flow_cpu_s": round(cpu_offered, 2),
         "flow_cpu_share": round(cpu_offered / wall_offered, 3),
         "peak_rss_mib": flow.peak_rss_mib(),
@@ -740,6 +754,9 @@ def run_latency(args, items, catalog_path: Path, cache_dir: str, base: Settings,
     lat = result["latency_ms_trigger"]
     log(f"[latency] trigger event append -> emitted_at: p50 {lat['p50']:.0f} ms, p95 {lat['p95']:.0f} ms, "
         f"p99 {lat['p99']:.0f} ms, max {lat['max']:.0f} ms over {len(measured_recs)} recommendations")
+    worst = tail_seconds(result["latency_ms_by_second"], lat["p95"])
+    if worst:
+        log(f"[latency] the seconds (of append time) with the longest latencies: {worst}")
     ev = result["latency_ms_every_event"]
     if ev:
         log(f"[latency] every event -> first recommendation after it: p50 {ev['p50']:.0f} ms, p95 {ev['p95']:.0f} ms, "
@@ -761,6 +778,42 @@ def run_latency(args, items, catalog_path: Path, cache_dir: str, base: Settings,
         f"longest since the flow started {polls['longest_since_start_ms']} ms")
     log(f"[latency] peak RSS {result['peak_rss_mib']} MiB; load average {result['loadavg_after']}")
     return result
+
+
+class OwnPauses:
+    """This benchmark process's own garbage-collector pauses while it offers the stream.
+
+    Its producer's I/O thread cannot send while the main thread collects (the GIL), so a long
+    collection here holds back records that already carry their CreateTime, and the flow is
+    blamed for the wait (a 240 ms one did, once per run). ``start`` moves everything built so
+    far (catalog, events, the model) out of the collector's view (``gc.freeze``; that alone
+    still left one 27-33 ms collection of the send futures per run) and switches the collector
+    off until ``stop``; every collection that runs anyway is timed and reported."""
+
+    def __init__(self) -> None:
+        self.pauses_ms: list[float] = []
+        self._t0 = 0.0
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        else:
+            self.pauses_ms.append((time.perf_counter() - self._t0) * 1000)
+
+    def start(self) -> "OwnPauses":
+        gc.collect()
+        gc.freeze()
+        gc.disable()
+        gc.callbacks.append(self._callback)
+        return self
+
+    def stop(self) -> dict:
+        gc.callbacks.remove(self._callback)
+        gc.enable()
+        gc.unfreeze()
+        p = self.pauses_ms
+        return {"collections": len(p), "longest_ms": round(max(p), 1) if p else 0.0,
+                "over_10ms": sum(1 for x in p if x > 10)}
 
 
 def _free_port() -> int:
@@ -807,14 +860,41 @@ def poll_gaps(before: dict, after: dict) -> dict:
             "over_500ms": int(total - delta.get(0.5, 0.0)), "longest_since_start_ms": round(after["longest_s"] * 1000)}
 
 
-def _trigger_pcts(events, recs) -> dict[str, float]:
+def _trigger_latencies(events, recs) -> tuple[np.ndarray, np.ndarray]:
+    """(append time, append -> emitted_at) in ms for every recommendation with a measured trigger."""
     append_ts = {orjson.loads(e.value)["event_id"]: e.timestamp_ms for e in events}
-    lat = []
+    at, lat = [], []
     for r in recs:
         rec = orjson.loads(r.value)
         if rec["trigger_event_id"] in append_ts:
+            at.append(append_ts[rec["trigger_event_id"]])
             lat.append(rec["emitted_at"] - append_ts[rec["trigger_event_id"]])
-    return _pcts(np.asarray(lat, dtype=np.float64))
+    return np.asarray(at, dtype=np.float64), np.asarray(lat, dtype=np.float64)
+
+
+def _trigger_pcts(events, recs) -> dict[str, float]:
+    return _pcts(_trigger_latencies(events, recs)[1])
+
+
+def latency_by_second(events, recs) -> list[dict]:
+    """Per second of append time: recommendations, p50, p99 and max latency (ms). Shows whether the
+    tail is spread over the run (the batches' usual cost) or a few stalls (one slow moment)."""
+    at, lat = _trigger_latencies(events, recs)
+    if not len(at):
+        return []
+    second = ((at - at.min()) // 1000).astype(np.int64)
+    rows = []
+    for s in np.unique(second):
+        x = lat[second == s]
+        rows.append({"second": int(s), "n": int(len(x)), "p50": round(float(np.percentile(x, 50)), 1),
+                     "p99": round(float(np.percentile(x, 99)), 1), "max": round(float(x.max()), 1)})
+    return rows
+
+
+def tail_seconds(rows: list[dict], threshold_ms: float) -> str:
+    """A line: how the recommendations over ``threshold_ms`` spread over the run's seconds."""
+    return ", ".join(f"s{r['second']}: max {r['max']:.0f} ms" for r in sorted(rows, key=lambda r: -r["max"])[:6]
+                     if r["max"] > threshold_ms)
 
 
 # --------------------------------------------------------------------------- main
