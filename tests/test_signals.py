@@ -309,7 +309,7 @@ def test_co_visitation_keeps_its_pairs_out_of_the_garbage_collectors_view():
     gc.collect()
     assert len(c) > 40 and c._ranked
     tracked = [name for name, value in vars(c).items() if gc.is_tracked(value)]
-    assert sorted(tracked) == ["_ids", "_names", "_pa", "_pb", "_pw", "_ranked"]  # one container each, not one per item
+    assert sorted(tracked) == ["_ids", "_names", "_pa", "_pb", "_pw", "_ranked", "_rows"]  # one container each, not one per item
     assert not any(gc.is_tracked(r[0]) or gc.is_tracked(r[2]) for r in c._ranked.values())
 
 
@@ -326,3 +326,41 @@ def test_the_co_visitation_benchmark_runs_and_prints_its_windows():
                          cwd=root, capture_output=True, text=True, timeout=120, check=True).stdout
     assert sum(line.startswith("events ") for line in out.splitlines()) == 3
     assert re.search(r"^digest [0-9a-f]{64}$", out, re.M)
+
+
+def test_candidate_rows_from_codes_follow_the_index_as_items_come_and_go():
+    """The ranker maps co-visitation and session-vote candidates to index rows from an array per
+    signal (``recsys/signals/coderows.py``): after every catalog change (new items, an upsert
+    that moves an item's row, a removal, an item back again) and every new code, the rows are
+    exactly what ``index.rows`` of the ids answers."""
+    import numpy as np
+
+    from recsys.items.catalog import VectorIndex
+    from recsys.signals.sessions import SessionNeighbours
+
+    rng = random.Random(7)
+    ids = [f"i{n}" for n in range(40)]
+    index = VectorIndex(4)
+    covisit = CoVisitation(half_life_h=24.0, max_neighbours=6)
+    sessions = SessionNeighbours()
+    history: dict[str, list] = {}
+    ts = 0
+    for step in range(12):
+        # the catalog changes: some items (re-)indexed with new vectors, some removed
+        index.upsert(rng.sample(ids, 8), np.random.default_rng(step).normal(size=(8, 4)).astype(np.float32))
+        index.remove(rng.sample(ids, 3))
+        for _ in range(60):  # events, new items among them (codes the maps have not seen)
+            user, item = f"u{rng.randrange(8)}", rng.choice(ids + [f"new{step}-{rng.randrange(4)}"])
+            ts += 60_000
+            covisit.update(history.setdefault(user, []), item, "click", ts)
+            history[user].append((item, "click", ts))
+            sessions.update(user, None, item, ts)
+        anchors = [i for h in history.values() for i, _, _ in h[-3:]]
+        counts, names, weights = covisit.top(anchors, 5)
+        got_counts, rows, got_weights = covisit.top_rows(anchors, 5, index)
+        np.testing.assert_array_equal(rows, index.rows(names))
+        np.testing.assert_array_equal(got_counts, counts)
+        np.testing.assert_array_equal(got_weights, weights)
+        users, codes, _ = sessions.ranked_votes(sorted(history), 10)
+        assert len(codes) > 0
+        np.testing.assert_array_equal(sessions.item_rows(codes, index), index.rows(sessions.item_names(codes)))

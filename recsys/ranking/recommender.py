@@ -248,10 +248,9 @@ class Recommender:
         anchors_read = [anchor for head in heads for anchor, _ in head]
         if not anchors_read:
             return
-        lengths, names, weights = signal.top(anchors_read, n)
+        lengths, rows, weights = signal.top_rows(anchors_read, n, self.items.index)
         if not lengths.any():
             return
-        rows = self.items.index.rows(names)  # one lookup for the whole batch
         slots = np.arange(len(anchors_read)) - np.repeat(np.cumsum(per_user) - per_user, per_user)
         anchors = np.repeat(slots, lengths)
         values = weights * np.asarray(anchor_weights)[anchors]
@@ -264,7 +263,7 @@ class Recommender:
         users, codes, values = self.sessions.ranked_votes([s.user_id for s in states], n + k)
         if not len(users):
             return
-        rows = self.items.index.rows(self.sessions.item_names(codes))
+        rows = self.sessions.item_rows(codes, self.items.index)
         # an excluded item that is in the index is one of the user's excluded rows
         cap = self.items.index.row_capacity + 1
         excl_owner = np.repeat(np.arange(len(states)), [len(e) for e in excl_rows])

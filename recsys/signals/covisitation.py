@@ -12,6 +12,7 @@ events are the caller's to skip.
 
 from __future__ import annotations
 
+import itertools
 from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
@@ -19,6 +20,7 @@ import orjson
 
 from recsys.feedback import EVENT_WEIGHTS, decay_factor, half_life_ms
 from recsys.signals._covisit_kernels import IdBytes, apply_pairs, pack_rows, ranked_order, top_many
+from recsys.signals.coderows import CodeRows, RowIndex
 
 if TYPE_CHECKING:
     from recsys.store.kv import KVStore
@@ -81,6 +83,7 @@ class CoVisitation:
         self._code: dict[str, int] = {}  # item id -> row (and the code it is known by in other rows)
         self._names: list[str] = []  # code -> item id
         self._ids = IdBytes()  # the ids' UTF-8 bytes, for comparing ids inside the compiled loops
+        self._rows = CodeRows()  # code -> row of the ranker's item index
         width = self.max_neighbours + 1  # room for the pair that overflows, until it is dropped
         self._nb = np.full((1024, width), -1, dtype=np.int32)
         self._wt = np.zeros((1024, width), dtype=np.float64)
@@ -188,13 +191,20 @@ class CoVisitation:
         whole batch of anchors in one compiled call: ``(neighbours per anchor, neighbour ids,
         weights)``, anchors one after another (what ``ranked(i)[0][:n]`` and ``[1][:n]`` give,
         concatenated)."""
+        counts, codes, weights = self._top_codes(item_ids, n)
+        return counts, list(map(self._names.__getitem__, codes.tolist())), weights
+
+    def top_rows(self, item_ids: list[str], n: int, index: RowIndex) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`top` with each neighbour as its row in ``index`` (-1: not in it) instead of
+        its id: what ``index.rows`` of :meth:`top`'s ids gives, from an array (:class:`CodeRows`)."""
+        counts, codes, weights = self._top_codes(item_ids, n)
+        return counts, self._rows.rows(codes, self._names, index), weights
+
+    def _top_codes(self, item_ids: list[str], n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if self._pa:
             self._apply()
-        code = self._code.get
-        xs = np.fromiter((code(i, -1) for i in item_ids), dtype=np.int64, count=len(item_ids))
-        counts, codes, weights = top_many(xs, max(n, 0), self._nb, self._wt, self._ln,
-                                          self._ids.buf, self._ids.offset, self._ids.length)
-        return counts, list(map(self._names.__getitem__, codes.tolist())), weights
+        xs = np.fromiter(map(self._code.get, item_ids, itertools.repeat(-1)), dtype=np.int64, count=len(item_ids))
+        return top_many(xs, max(n, 0), self._nb, self._wt, self._ln, self._ids.buf, self._ids.offset, self._ids.length)
 
     def items(self) -> list[str]:
         """Ids of the items that have at least one neighbour, in code order."""

@@ -38,6 +38,7 @@ import orjson
 
 from recsys.signals._covisit_kernels import IdBytes
 from recsys.signals._session_kernels import best_per_query, session_dots, session_votes, top_sessions
+from recsys.signals.coderows import CodeRows, RowIndex
 
 if TYPE_CHECKING:
     from recsys.store.kv import KVStore
@@ -93,6 +94,7 @@ class SessionNeighbours:
         self._code: dict[str, int] = {}
         self._names: list[str] = []
         self._ids = IdBytes()  # their UTF-8 bytes: the compiled ranking breaks ties by id
+        self._rows = CodeRows()  # code -> row of the ranker's item index
         self._active = np.zeros(1024, dtype=np.int64)  # slot -> seq of its latest event
         self._length = np.zeros(1024, dtype=np.float64)  # slot -> distinct items held
         # slot -> codes of the items it holds (in any order), -1 padded: neighbours vote from here
@@ -233,6 +235,11 @@ class SessionNeighbours:
     def item_names(self, codes: np.ndarray) -> list[str]:
         """Item ids of the codes :meth:`ranked_votes` returns."""
         return list(map(self._names.__getitem__, codes.tolist()))
+
+    def item_rows(self, codes: np.ndarray, index: RowIndex) -> np.ndarray:
+        """Rows in ``index`` of the codes :meth:`ranked_votes` returns (-1: not in it): what
+        ``index.rows(self.item_names(codes))`` gives, from an array (:class:`CodeRows`)."""
+        return self._rows.rows(codes, self._names, index)
 
     def ranked_votes(self, user_ids: list[str], n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """:meth:`scores` for a whole batch as three arrays ``(user position, item code, vote)``:
