@@ -419,6 +419,12 @@ def decode_catalog_item(raw: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) 
 
 def encode(record: Event | CatalogItem | Recommendation | DeadLetter) -> bytes:
     """Compact JSON bytes for any of the four records."""
+    if type(record) is Recommendation:  # the hot path: one per user per batch
+        # orjson writes the items (dataclasses) itself, field by field in definition order: the
+        # same bytes as their to_dict(), without ten dicts per recommendation (issue 12)
+        return orjson.dumps({"schema_version": SCHEMA_VERSION, "user_id": record.user_id, "items": record.items,
+                             "trigger_event_id": record.trigger_event_id, "model_version": record.model_version,
+                             "event_ts": record.event_ts, "emitted_at": record.emitted_at})
     return orjson.dumps(record.to_dict())
 
 

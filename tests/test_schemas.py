@@ -666,3 +666,19 @@ def test_a_search_result_missing_its_query_is_refused() -> None:
     obj = SearchResult("u", "tent", (), True, "e", "m", 0, 0).to_dict()
     del obj["query"]
     assert any("query" in e for e in validate("search_result", obj))
+
+
+def test_a_recommendation_encodes_to_the_bytes_of_its_dict() -> None:
+    """``encode`` lets orjson write a recommendation's items itself (the hot path, issue 12): the
+    bytes must be those of ``to_dict()`` (field order, escapes, non-ASCII, float formatting), and
+    they read back to the same recommendation."""
+    import orjson
+
+    from recsys.events import Recommendation, RecommendedItem, encode, recommendation_from_dict
+
+    items = (RecommendedItem("i\u00e9 \"1\"", 0.1 + 0.2, "similar to \u00abTent\u00bb you viewed (similarity 0.93)"),
+             RecommendedItem("i2", 1e-7, ""), RecommendedItem("\U0001f600", -3.0, "trending"))
+    for rec in (Recommendation("u\n1", items, "e1", "head-3@x7", 1_700_000_000_000, 1_700_000_000_123),
+                Recommendation("u2", (), "e2", "m", 0, 0)):
+        assert encode(rec) == orjson.dumps(rec.to_dict())
+        assert recommendation_from_dict(orjson.loads(encode(rec))) == rec
