@@ -21,7 +21,9 @@ output. Reading from the stored offset rather than from Bytewax's recovery offse
 module out of Bytewax's private recovery format.
 
 Cost: what applying those catalog records costs anyway (embedding new text dominates); a
-restart reads only what arrived since the previous start.
+restart after an orderly stop reads only what arrived since the stop
+(:func:`record_read_after_orderly_stop`), a restart after a crash what arrived since the last
+start or orderly stop.
 """
 
 from __future__ import annotations
@@ -120,6 +122,26 @@ def bootstrap_catalog(engine: Shard, clients: KafkaClientFactory, topic: str, *,
         consumer.close()
         if producer is not None:
             producer.close()
+
+
+def record_read_after_orderly_stop(engine: Shard, topic: str) -> int:
+    """After an orderly stop: the next bootstrap starts where the flow stopped reading ``topic``.
+
+    A flow that stopped in order flushed every output and committed its last epoch, so every
+    catalog record up to the engine's committed position in its partition is applied and its
+    dead letter, if any, is out. Before this, the next start read again every record since the
+    previous start (a restart after a day of catalog updates applied the whole day again; each
+    changes nothing). After a crash this is not called: the stored offset stays where the last
+    start or orderly stop left it, and the records after it are read again (at-least-once).
+    Returns the partitions moved forward."""
+    puts = {}
+    for (t, partition), offset in engine.positions.items():
+        key = _boot_key(topic, partition)
+        if t == topic and offset + 1 > int(engine.kv.get(key) or 0):
+            puts[key] = str(offset + 1).encode()
+    if puts:
+        engine.kv.write(puts)
+    return len(puts)
 
 
 class ResumeAtLeast(FixedPartitionedSource[Any, int]):

@@ -137,6 +137,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _run_one(settings: Settings, clients, signals) -> int:
     """Load the engine (a signal aborts at once), check it against recovery, then run the flow
     until the input ends or a signal asks for an orderly stop; prints one ``stopped:`` line."""
+    from dataflows.catalog_table import record_read_after_orderly_stop
     from dataflows.kafka_io import OffsetResetError
     from dataflows.live import live_flow, settle_heap, shard_factory
     from dataflows.runner import (
@@ -201,6 +202,7 @@ def _run_one(settings: Settings, clients, signals) -> int:
         print("stopped: " + ", ".join(f"{k}={v}" for k, v in sorted(totals.items())), flush=True)
         if in_order:
             engine.checkpoint_shared_models()  # issue 11: a restart learns no exchange message again
+            record_read_after_orderly_stop(engine, settings.catalog_topic)  # the next bootstrap starts here
         engine.close()
     if failure:
         fail("run", failure)

@@ -132,3 +132,10 @@ def test_an_event_waits_for_its_late_catalog_item_and_an_unknown_one_is_dead_let
             out, _ = proc.communicate()
     totals = _totals(out)
     assert totals["applied"] == 2 and totals["waited"] >= 2 and totals["dead_letters"] == 1, out
+    # stopped in order: the restart's bootstrap starts where the flow stopped reading the catalog
+    # (before, it read again the record the flow had applied, and every other one since its start)
+    again = _run(bootstrap, prefix, tmp_path)
+    assert again.returncode == 0, again.stdout + again.stderr
+    boot_line = [line for line in again.stdout.splitlines() if line.startswith("catalog:")]
+    assert boot_line and boot_line[0].startswith("catalog: 0 records of"), again.stdout
+    assert _totals(again.stdout).get("catalog_in", 0) == 0 and len(consume_all(clients, prefix + "dead-letters")) == 1
