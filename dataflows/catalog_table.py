@@ -136,8 +136,7 @@ def record_read_after_orderly_stop(engine: Shard, topic: str) -> int:
     Returns the partitions moved forward."""
     puts = {}
     for (t, partition), offset in engine.positions.items():
-        key = _boot_key(topic, partition)
-        if t == topic and offset + 1 > int(engine.kv.get(key) or 0):
+        if t == topic and offset + 1 > int(engine.kv.get(key := _boot_key(topic, partition)) or 0):
             puts[key] = str(offset + 1).encode()
     if puts:
         engine.kv.write(puts)
