@@ -137,7 +137,7 @@ def gap_message(settings: Settings, position: int, log_start: int) -> str:
 
 class _Hold:
     """Holds the log at a message naming items the catalog does not hold yet, up to
-    ``unknown_item_wait_s`` (as a shard does: the catalog records are on their way)."""
+    ``unknown_item_wait_s`` of ``clock`` (as a shard does: the catalog records are on their way)."""
 
     def __init__(self, wait_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.wait_s, self.clock = wait_s, clock
@@ -189,7 +189,8 @@ def run_trainer(settings: Settings, clients: Any = None, stop: threading.Event |
         consumer.seek(log_tp, trainer.position + 1)
         for tp in catalog_tps:
             consumer.seek(tp, boot.ends.get(tp.partition, 0))
-        hold = _Hold(settings.unknown_item_wait_s)
+        # time the engine spends applying catalog records does not count (as in a shard's waits)
+        hold = _Hold(settings.unknown_item_wait_s, clock=lambda: time.monotonic() - engine.waiting.credit)
         held: dict[int, bytes] = {}
         trainer.maybe_publish(force=True)  # restarted: its models are served again at once
         if (url := metrics.serve()) is not None:

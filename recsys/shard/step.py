@@ -510,10 +510,13 @@ class Shard:
         result.event_types.update(event.type for _, event in events)
         puts: dict[bytes, bytes] = self._advance_positions(envelopes)
         if catalog_items:
+            began = self.clock()
             self.items.upsert(catalog_items)
             self.search.upsert(catalog_items)  # issue 13
             for item in catalog_items:
                 puts[_ITEM_PREFIX + item.item_id.encode()] = encode(item)
+            # the catalog was catching up meanwhile: no event's wait for an item runs out for it
+            puts.update(self.waiting.credit_catalog(self.clock() - began))
         # after the batch's catalog records: a held exchange message may be waiting for one of them
         if exchanged or self._exchange_held:  # committed at once with its log position (recsys/signals/exchange.py)
             counts["exchange_applied"] += self.apply_exchange(exchanged)
@@ -679,8 +682,9 @@ class Shard:
         where other shards read the items' own, and the shards' models would part for good; so
         the log waits (signals and models alike, this shard's events go on) until a batch brings
         the records, up to ``unknown_item_wait_s`` (the wait an event gets), then goes on
-        without them, logged and counted (``exchange_unknown_items``)."""
-        now = self.clock()
+        without them, logged and counted (``exchange_unknown_items``). Time spent applying
+        catalog records does not count (the waiting room's clock)."""
+        now = self.clock() - self.waiting.credit
         if self._held_at is None or self._held_at[0] != position:
             self._held_at = (position, now)
         if now - self._held_at[1] < self.settings.unknown_item_wait_s:
