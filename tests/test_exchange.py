@@ -8,7 +8,7 @@ import pytest
 
 from dataflows.kafka_io import partition_for_key
 from recsys.backtest.protocols import PrequentialScorer
-from recsys.backtest.shards import replay_shared_shards
+from recsys.backtest.shards import model_checksum, replay_shared_shards
 from recsys.events import Envelope, Event, encode
 from recsys.settings import Settings
 from recsys.shard.batching import user_disjoint_chunks
@@ -240,15 +240,14 @@ def test_a_search_op_sealed_before_ops_carried_its_time_is_learned_after_what_th
     _close(shard)
 
 
-def test_two_sharing_shards_end_with_identical_search_associations(tmp_path, embedder, catalog):
+def _search_traffic(shards: list[Shard], catalog, batches: int) -> None:
     """Many users on both shards search and engage, interleaved; every shard applies the log in
-    its order, some while the other shard is still sealing: the same associations everywhere."""
+    its order, some while the other shard is still sealing; at the end both apply all of it."""
     rng = np.random.default_rng(5)
-    shards = [_open(tmp_path, embedder, catalog, f"s{s}", shard=s) for s in range(2)]
     queries = ["running shoe", "trail tent", "camp stove", "rain jacket"]
     log: list[tuple[int, bytes]] = []
     offsets, ts = [0, 0], 1_700_000_000_000
-    for batch in range(12):
+    for batch in range(batches):
         for s, shard in enumerate(shards):
             envs = []
             for u in range(3):
@@ -262,13 +261,41 @@ def test_two_sharing_shards_end_with_identical_search_associations(tmp_path, emb
                     envs.append(_event_env(Event(f"{user}-{ts}", kind, user, catalog[int(rng.integers(20))].item_id, ts), s, offsets[s]))
                     offsets[s] += 1
             log.extend((len(log) + i, m) for i, m in enumerate(shard.process(envs).exchange))
-        shards[batch % 2].apply_exchange(log)  # one shard keeps up, the other lags a batch
+        if shards[0].exchange is not None:
+            shards[batch % 2].apply_exchange(log)  # one shard keeps up, the other lags a batch
     for shard in shards:
-        shard.apply_exchange(log)
+        if shard.exchange is not None:
+            shard.apply_exchange(log)
+
+
+def test_two_sharing_shards_end_with_identical_search_associations(tmp_path, embedder, catalog):
+    shards = [_open(tmp_path, embedder, catalog, f"s{s}", shard=s) for s in range(2)]
+    _search_traffic(shards, catalog, 12)
     assert len(shards[0].search.associations) >= 3
     assert dict(shards[0].kv.iter_prefix(b"sqa:")) == dict(shards[1].kv.iter_prefix(b"sqa:"))
     assert shards[0].signal_checksum() == shards[1].signal_checksum()
     _close(*shards)
+
+
+def test_two_sharing_shards_learn_the_same_search_reranker_from_both_shards_engagements(tmp_path, embedder, catalog):
+    """Search's re-ranker learned per shard until 2026-12-03: each from its own users'
+    engagements, so two shards ranked the same query for the same shopper with other weights.
+    Now the shard that showed the list samples the step and every shard takes it from the log:
+    the same weights everywhere, learned from both shards' engagements (more than either's own)."""
+    alone = [_open(tmp_path, embedder, catalog, f"alone{s}", shard=s, share=False) for s in range(2)]
+    _search_traffic(alone, catalog, 30)
+    own = [shard.search.reranker.examples for shard in alone]
+    assert min(own) > 0
+    shards = [_open(tmp_path, embedder, catalog, f"s{s}", shard=s) for s in range(2)]
+    _search_traffic(shards, catalog, 30)
+    rerankers = [shard.search.reranker for shard in shards]
+    assert rerankers[0].examples == rerankers[1].examples > max(own)
+    assert rerankers[0].w.tobytes() == rerankers[1].w.tobytes() and rerankers[0].w.any()
+    assert shards[0].search.version == shards[1].search.version
+    # the weights are state, committed with the log position (and in the snapshots)
+    assert shards[0].kv.get(b"sqr:weights") == shards[1].kv.get(b"sqr:weights") is not None
+    assert model_checksum(shards[0]) == model_checksum(shards[1])
+    _close(*alone, *shards)
 
 
 def _scores(result_models) -> tuple[float, float]:

@@ -38,7 +38,7 @@ from recsys.events import (
     encode,
 )
 from recsys.shard.step import Shard
-from recsys.signals.exchange import SIGNAL_PREFIXES, decode_message
+from recsys.signals.exchange import SEARCH_RANK_OP, SIGNAL_PREFIXES, decode_message
 from recsys.signals.snapshot import (
     LOADING_KEY,
     SnapshotError,
@@ -168,11 +168,19 @@ def test_a_wiped_shard_re_reading_its_events_publishes_each_op_once(tmp_path, em
     events whose messages the log holds (before the snapshot, or after it) are not published
     again; those of a sealed message lost with its state are, once. The signals end as those of a
     run in which the shard was never wiped (not only equal across the shards). Re-ranker steps and
-    search associations follow the same rule: a re-read batch seals no message at all."""
+    search associations follow the same rule: a re-read batch seals no message at all. (Search
+    re-ranker steps are compared apart: sampled from what the shard showed, they may differ once
+    the wiped shard answered its re-read searches again from other state; the two shards still
+    learn the same weights from the log.)"""
     events = with_searches(events, catalog, 0.2, seed=1)  # search associations go through the log too
     whole_log, whole = _rounds(tmp_path, embedder, catalog, events, "whole")
     expected = whole[0].signal_checksum()
-    ops = [decode_message(raw).ops for _, raw in whole_log]
+
+    def signal_ops(log):
+        return [[op for op in decode_message(raw).ops if op[3] != SEARCH_RANK_OP] for _, raw in log]
+
+    ops = signal_ops(whole_log)
+    assert any(op[3] == SEARCH_RANK_OP for _, raw in whole_log for op in decode_message(raw).ops)
     assert len(ops) > 8 and whole[1].signal_checksum() == expected
     assert sum(op[3] == "forget_user" for message in ops for op in message) == 2  # one erasure, read by both
     assert any(op[3] == "search_learn" for message in ops for op in message)
@@ -181,7 +189,8 @@ def test_a_wiped_shard_re_reading_its_events_publishes_each_op_once(tmp_path, em
         name = "lost" if lost else "published"
         log, shards = _rounds(tmp_path, embedder, catalog, events, name, wipe_at=24, lost=lost)
         assert shards[0].signal_checksum() == shards[1].signal_checksum() == expected, name
-        assert [decode_message(raw).ops for _, raw in log] == ops, name  # each op once, in the same order
+        assert signal_ops(log) == ops, name  # each op once, in the same order
+        assert shards[0].kv.get(b"sqr:weights") == shards[1].kv.get(b"sqr:weights") is not None, name
         assert shards[1].users.count() == whole[1].users.count()  # its users rebuilt
         _close(*shards)
     _close(*whole)

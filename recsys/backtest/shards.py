@@ -140,7 +140,8 @@ def replay_shared_shards(
 
 def model_checksum(shard: Shard) -> str:
     """sha256 (hex) of a shard's learned models: every head parameter and optimizer moment, and
-    the re-ranker's weights and example count. Equal on shards that learned the same log."""
+    the re-rankers' weights and example counts (search's too). Equal on shards that learned the
+    same log."""
     import hashlib
 
     digest = hashlib.sha256()
@@ -153,6 +154,8 @@ def model_checksum(shard: Shard) -> str:
                 digest.update(name.encode() + slot[name].numpy().tobytes())
         digest.update(str(state["n_updates"]).encode())
     digest.update(shard.reranker.w.tobytes() + str(shard.reranker.examples).encode())
+    search = shard.search.reranker
+    digest.update(search.w.tobytes() + str(search.examples).encode())
     return digest.hexdigest()
 
 
@@ -167,6 +170,8 @@ def serving_checksum(shard: Shard) -> str:
             digest.update(name.encode() + tensor.numpy().tobytes())
         digest.update(str(shard.head.n_updates).encode())
     digest.update(shard.reranker.w.tobytes() + str(shard.reranker.examples).encode())
+    search = shard.search.reranker
+    digest.update(search.w.tobytes() + str(search.examples).encode())
     return digest.hexdigest()
 
 

@@ -52,8 +52,17 @@ class SearchReranker:
         return x @ self.w if self.active else np.zeros(len(x))
 
     def learn(self, x: np.ndarray, positive: int) -> int:
+        """One step: candidate ``positive`` of the feature rows ``x`` was engaged with; returns
+        the rows learned (0 for fewer than two candidates)."""
+        rows = self.sample(x, positive)
+        return 0 if rows is None else self.learn_rows(rows)
+
+    def sample(self, x: np.ndarray, positive: int) -> np.ndarray | None:
+        """One step's rows: the engaged candidate's features, then its negatives' (None: fewer
+        than two candidates). With shards sharing learning, the shard that showed the list
+        samples them and every shard learns them (:meth:`learn_rows`) from the exchange log."""
         if len(x) < 2:
-            return 0
+            return None
         others = np.delete(np.arange(len(x)), positive)
         n = min(self.n_negatives, len(others))
         if self.hard:  # the strongest competitors now (ties: candidate order)
@@ -61,12 +70,16 @@ class SearchReranker:
             negatives = others[np.argsort(-scores, kind="stable")[:n]]
         else:
             negatives = self.rng.choice(others, size=n, replace=False)
-        d = x[positive] - x[negatives]
+        return x[np.concatenate(([positive], negatives))]
+
+    def learn_rows(self, rows: np.ndarray) -> int:
+        """The logistic step for ``rows`` (:meth:`sample`'s: row 0 the engaged candidate)."""
+        d = rows[0] - rows[1:]
         g = 1.0 / (1.0 + np.exp(np.clip(d @ (self.prior + self.w), -30.0, 30.0)))
         self.w += self.lr * ((g[:, None] * d).mean(axis=0) - self.l2 * self.w)
-        self.examples += len(negatives) + 1
+        self.examples += len(rows)
         self._dirty = True
-        return len(negatives) + 1
+        return len(rows)
 
     def export_dirty(self) -> dict[bytes, bytes]:
         if not self._dirty:

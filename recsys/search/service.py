@@ -274,6 +274,8 @@ class Search:
         #: instead of learning the association here (:meth:`recsys.signals.exchange.SignalExchange.record_search`):
         #: every shard learns it when it applies the exchange log.
         self.record_association: Callable[[str, str, float, int, int], None] | None = None
+        #: the same for the re-ranker's steps (:meth:`recsys.signals.exchange.SignalExchange.record_search_step`)
+        self.record_rerank: Callable[[np.ndarray], None] | None = None
 
     # ------------------------------------------------------------------ state
 
@@ -411,7 +413,10 @@ class Search:
             return
         shown = self._shown.pop(event.user_id, None)
         if shown is not None and event.item_id in shown[0]:
-            self.reranker.learn(shown[1], shown[0].index(event.item_id))
+            if self.record_rerank is None:
+                self.reranker.learn(shown[1], shown[0].index(event.item_id))
+            elif share and (rows := self.reranker.sample(shown[1], shown[0].index(event.item_id))) is not None:
+                self.record_rerank(rows)  # sharing: every shard learns the step from the exchange log
 
     def credits(self, query: str, item_id: str, first: str | None = None) -> bool:
         """Whether an engagement with ``item_id`` after searching ``query`` is an answer to it

@@ -290,8 +290,9 @@ class Shard:
         self.search.upsert(list(self.items.catalog.items.values()))
         self.search.load(kv)
         if self.exchange is not None:  # issue 11: the learned associations through the exchange log too
-            self.exchange.share_search(self.search.associations)
+            self.exchange.share_search(self.search.associations, self.search.reranker)
             self.search.record_association = self.exchange.record_search
+            self.search.record_rerank = self.exchange.record_search_step
         if settings.search_in_history:  # a recent query enters the next recommendations
             self.recommender = SearchIntent(self.recommender, self.search)
         self.totals: Counter = Counter()

@@ -45,7 +45,17 @@ so it stays on the user's shard, but the association it teaches is global. A sha
 records each ``learn(query key, item, weight)`` as a :data:`SEARCH_OP` op instead of learning
 it, and every shard learns it when it applies the op, so the associations (``sqa:`` records,
 covered by the checksum and the snapshots) are the same on every shard at the same position.
-Not through the log: search's re-ranker, which stays per shard.
+Search's re-ranker the same way (since 2026-12-03; it learned per shard before): the shard
+whose user engaged after a search samples the step's rows (the engaged candidate's features and
+its negatives', :meth:`recsys.search.rerank.SearchReranker.sample`) and records them as a
+:data:`SEARCH_RANK_OP` op; every shard takes the step when it applies the op
+(:meth:`~recsys.search.rerank.SearchReranker.learn_rows`). Its weights (``sqr:weights``) are
+committed with the log position like the signals and are in the snapshots. Like the
+recommendation re-ranker's, they are not in the signal checksum (``model_checksum`` covers
+them): a step is sampled from the list the shard showed, and a wiped shard re-reading its events
+answers their searches again from other state, so its later steps may differ from those of a
+run never wiped (the shards still agree with each other: they learn the same log). It learns on
+every shard, a model trainer or not: eleven weights, one step per engagement.
 
 Bootstrapping: a new or wiped shard starts from a snapshot of the shared records (every key
 under :data:`SHARED_PREFIXES`: the signals and the shared models' checkpoint and log, with the
@@ -77,8 +87,9 @@ being the user's last ``window`` history entries ``[[item, type, ts], ...]`` bef
 or ``null`` when the shard was not learning (frozen: only the session memory goes on).
 An erasure's op is ``[user_id, null, null, "forget_user", erased_at, null]``
 (:data:`FORGET_OP`: no event type has that name), and a search association's
-``[query key, null, item_id, "search_learn", weight, null]`` (:data:`SEARCH_OP`). Every shard
-must run code that knows them.
+``[query key, null, item_id, "search_learn", weight, null]`` (:data:`SEARCH_OP`), and a search
+re-ranker step's ``[null, null, null, "search_rank", [n_rows, base64 of the float64 rows], null]``
+(:data:`SEARCH_RANK_OP`). Every shard must run code that knows them.
 
 >>> ops = [["u1", None, "b", "click", 5, [["a", "browse", 1]]]]
 >>> decode_message(encode_message(3, 7, ops)) == OpMessage(3, 7, ops)
@@ -102,6 +113,7 @@ import orjson
 
 from recsys.feedback import EVENT_WEIGHTS
 from recsys.search.learned import ASSOC_PREFIX
+from recsys.search.rerank import RERANK_KEY
 from recsys.signals.covisitation import COV_PREFIX, NEXT_PREFIX
 from recsys.signals.popularity import POP_PREFIX
 from recsys.signals.sessions import SESSION_PREFIX
@@ -110,6 +122,7 @@ if TYPE_CHECKING:
     from recsys.ranking.head import Head
     from recsys.ranking.reranker import PairwiseReranker
     from recsys.search.learned import QueryAssociations
+    from recsys.search.rerank import SearchReranker
     from recsys.signals.covisitation import CoVisitation
     from recsys.signals.popularity import Popularity
     from recsys.signals.sessions import SessionNeighbours
@@ -137,6 +150,9 @@ FORGET_OP = "forget_user"
 #: SEARCH_OP, weight, None]`` (:meth:`recsys.search.learned.QueryAssociations.learn_at`; ops sealed
 #: before they carried the time have ``None`` there).
 SEARCH_OP = "search_learn"
+#: The event-type field of a search re-ranker step's op: ``[None, None, None, SEARCH_RANK_OP,
+#: [n_rows, base64 of the float64 rows], None]`` (:meth:`recsys.search.rerank.SearchReranker.learn_rows`).
+SEARCH_RANK_OP = "search_rank"
 #: ``x:c:<origin>:<topic>:<partition>`` -> the highest input offset of that origin's partition whose
 #: ops the applied log holds (version 3 messages' ``covered``); in snapshots, not in the checksum.
 COVERED_PREFIX = b"x:c:"
@@ -156,7 +172,7 @@ SHARED_MODEL_PREFIXES = (MODEL_CHECKPOINT_KEY, MODEL_REPLAY_PREFIX)
 #: A trainer's snapshot of the shared models for serving (:meth:`SharedModels.serving_state`).
 SERVING_MAGIC = b"XS1\n"
 #: Everything a snapshot carries to bootstrap a shard (:mod:`recsys.signals.snapshot`).
-SHARED_PREFIXES = SIGNAL_PREFIXES + SHARED_MODEL_PREFIXES + (COVERED_PREFIX,)
+SHARED_PREFIXES = SIGNAL_PREFIXES + SHARED_MODEL_PREFIXES + (RERANK_KEY, COVERED_PREFIX)
 
 
 class ExchangeFormatError(ValueError):
@@ -310,6 +326,7 @@ class SignalExchange:
         self._ops: list[Op] = []
         self.models: SharedModels | None = None  # set by share_models: version 2 messages
         self.associations: QueryAssociations | None = None  # set by share_search: search's learned associations
+        self.search_reranker: SearchReranker | None = None  # set by share_search: search's re-ranker
         self._pairs: list[np.ndarray] = []
         self.applied_ops = 0  # counts, for the cost figures
         self.refused = 0  # log records that were not exchange messages (skipped by every shard alike)
@@ -330,11 +347,18 @@ class SignalExchange:
         self.models = models
         self.window = max(self.window, models.history_len)
 
-    def share_search(self, associations: QueryAssociations) -> None:
-        """Share search's learned query -> item associations through the log: the shard records
-        each association it would learn (:meth:`record_search`), and every shard learns it into
-        ``associations`` when it applies the op."""
+    def share_search(self, associations: QueryAssociations, reranker: SearchReranker | None = None) -> None:
+        """Share search's learned query -> item associations (and its re-ranker) through the log:
+        the shard records each association it would learn (:meth:`record_search`) and each
+        re-ranker step it would take (:meth:`record_search_step`), and every shard learns them into
+        ``associations`` and ``reranker`` when it applies the ops."""
         self.associations = associations
+        self.search_reranker = reranker
+
+    def record_search_step(self, rows: np.ndarray) -> None:
+        """Note one search re-ranker step (:meth:`recsys.search.rerank.SearchReranker.sample`'s rows)."""
+        data = base64.b64encode(np.ascontiguousarray(rows, dtype="<f8").tobytes()).decode()
+        self._ops.append([None, None, None, SEARCH_RANK_OP, [len(rows), data], None])
 
     def record_search(self, key: str, item_id: str, weight: float, ts: int, tie: int) -> None:
         """Note one search association (``QueryAssociations.learn_at``'s arguments) instead of learning it."""
@@ -445,10 +469,16 @@ class SignalExchange:
     def apply_ops(self, ops: Iterable[Op], deletes: list[bytes] | None = None) -> None:
         """The very signal updates the step makes for each op's event, in order; an erasure's op
         (:data:`FORGET_OP`) drops the user's sessions, their keys added to ``deletes``; a search
-        association's op (:data:`SEARCH_OP`) is learned by the associations (when shared)."""
+        association's op (:data:`SEARCH_OP`) is learned by the associations, and a search
+        re-ranker step's (:data:`SEARCH_RANK_OP`) by that re-ranker (when shared)."""
         covisit, transitions, popularity, sessions = self.covisit, self.transitions, self.popularity, self.sessions
         n = 0
         for user_id, session_id, item_id, event_type, ts, history in ops:
+            if event_type == SEARCH_RANK_OP:
+                if self.search_reranker is not None:  # the op's ts field holds the rows
+                    n, data = ts
+                    self.search_reranker.learn_rows(np.frombuffer(base64.b64decode(data), dtype="<f8").reshape(int(n), -1))
+                continue
             if event_type == SEARCH_OP:
                 if self.associations is not None:  # the op's ts field holds the weight
                     if session_id is not None:  # [event time, tie-break]
@@ -478,7 +508,7 @@ _log = logging.getLogger(__name__)
 #: The head's examples waiting for a full training batch (as the unshared step bounds them).
 _MAX_PENDING_EXAMPLES = 4096
 _CHECKPOINT_FORMAT = 1
-_NOT_EVENTS = (FORGET_OP, SEARCH_OP)  # ops that are no applied event (their history is null anyway)
+_NOT_EVENTS = (FORGET_OP, SEARCH_OP, SEARCH_RANK_OP)  # ops that are no applied event (their history is null anyway)
 
 
 class SharedModels:
