@@ -477,3 +477,53 @@ def test_a_trainer_restarted_after_an_items_text_changed_publishes_its_version_a
     again = newest_model_snapshot(settings.exchange_snapshot_dir, TOPIC)
     assert again.position == first.position  # the same version ...
     assert read_model_snapshot(again.path)[1] == before  # ... the same models
+
+
+class _SlowEmbedder:
+    """The module's embedder, taking ``delay_s`` more per call once ``on`` (a bulk import's
+    embedding: ~1.8 s per 1,000 items in the operator's run)."""
+
+    def __init__(self, embedder, delay_s: float) -> None:
+        self._inner, self.delay_s, self.on = embedder, delay_s, False
+
+    def embed(self, texts, **kw):
+        if self.on:
+            time.sleep(self.delay_s)
+        return self._inner.embed(texts, **kw)
+
+    def close(self) -> None:  # the module's embedder outlives the trainer
+        pass
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+def test_a_trainer_holding_for_an_items_record_does_not_count_a_catalog_import_ahead_of_it(tmp_path, embedder, catalog, log):
+    """The trainer holds the log at the first message naming an item its catalog lacks. The item's
+    record comes at the end of an import of 40 new items, read 10 a poll and embedded at 1 s a
+    poll: ~4 s of embedding before the record, more than the 2.5 s wait. Before 2026-12-03 the
+    wait counted that time and gave up (zero vectors for the item); the time applying catalog
+    records no longer counts, as for a shard's waiting events."""
+    from recsys.events import CatalogItem
+
+    late_item, held_at = _late_item(log)
+    broker = _broker(log, catalog, missing=late_item)
+    slow = _SlowEmbedder(embedder, 1.0)
+    settings = _trainer_settings(tmp_path, "import", unknown_items="dead_letter", unknown_item_wait_s=2.5,
+                                 poll_max_records=10, embed_cache_dir=str(Path(embedder.cache_path).parent))
+    metrics, stop, lines, runner = _trainer_thread(settings, broker, slow)
+    try:
+        value = metrics.value
+        _wait_for(lambda: value("recsys_trainer_learned_offset") == held_at - 1)
+        slow.on = True
+        imported = [CatalogItem(f"import-{i}", title=f"imported folding camp chair model {i}", category="chairs")
+                    for i in range(40)]
+        late = [c for c in catalog if c.item_id == late_item]
+        produce_records(broker, "catalog", [(c.item_id.encode(), encode(c)) for c in [*imported, *late]])
+        _wait_for(lambda: value("recsys_trainer_learned_offset") == len(log) - 1)
+    finally:
+        stop.set()
+        runner.join(60)
+        metrics.close()
+    assert not runner.is_alive()
+    assert _stopped(lines)["trainer_unknown_items"] == 0  # learned with the item's vector
