@@ -49,6 +49,19 @@ _META_KEY = b"__meta__"
 _SETTING = "RECSYS_MODEL_NAME"
 
 
+#: RocksDB's own info logs kept in the cache directory. Every open starts a new one and kept the
+#: last as ``LOG.old.<time>`` (~30 KB) for ever, and a live flow opens the cache for each batch
+#: that brings new items: 10,000 files and ~300 MB a day at 10,000 new items a day, and each open
+#: slower for the longer file list.
+_KEEP_INFO_LOGS = 2
+
+
+def _cache_options() -> Options:
+    options = Options(raw_mode=True)
+    options.set_keep_log_file_num(_KEEP_INFO_LOGS)
+    return options
+
+
 class EmbeddingModelError(RuntimeError):
     """The configured model cannot be found or loaded offline; names ``RECSYS_MODEL_NAME``."""
 
@@ -216,7 +229,7 @@ class Embedder:
         warned = False
         while True:
             try:
-                self._db = Rdict(str(self._cache_path), options=Options(raw_mode=True))
+                self._db = Rdict(str(self._cache_path), options=_cache_options())
                 break
             except Exception as exc:  # rocksdict raises a bare Exception for a held lock
                 waited = time.monotonic() - start

@@ -140,6 +140,7 @@ class RocksKV:
         self.path = os.fspath(path)
         options = Options(raw_mode=True)
         options.set_paranoid_checks(True)  # refuse to open on a damaged MANIFEST / WAL / file list
+        options.set_keep_log_file_num(5)  # RocksDB's info logs (one more per open): not for ever
         try:
             self._db: Rdict | None = Rdict(self.path, options=options)
         except Exception as exc:  # rocksdict raises bare Exception for IO/lock errors
