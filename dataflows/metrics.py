@@ -333,12 +333,18 @@ class FlowMetrics(_Endpoint):
 
 
 def slow_batch_line(records: int, result: BatchResult, seconds: float, unlogged: int = 0) -> str:
-    """The slow-batch line: the batch's size and its phases, longest first (those over 1 ms).
+    """The slow-batch line: the batch's size and its phases, longest first (those over 1 ms). A
+    batch with catalog records says how many (a catalog import's new items are embedded in
+    ``decode``), and one that parked events for items not in the catalog yet says that too.
 
     >>> r = BatchResult(phase_seconds={"decode": 0.004, "rank": 0.41, "commit": 0.09, "head": 0.0002})
     >>> r.counts["applied"] = 180
     >>> slow_batch_line(200, r, 0.52, unlogged=3)
     'slow batch: 520 ms for 200 records (180 applied, 0 recommendations): rank 410 ms, commit 90 ms, decode 4 ms, other 16 ms (3 more slow batches since the last line)'
+    >>> r = BatchResult(phase_seconds={"decode": 1.93})
+    >>> r.counts.update(catalog_in=900, events_in=100, waited=60)
+    >>> slow_batch_line(1000, r, 1.94)
+    'slow batch: 1940 ms for 1000 records (0 applied, 0 recommendations, 900 catalog records, 60 events parked for their item): decode 1930 ms, other 10 ms'
     """
     phases = sorted(((spent, phase) for phase, spent in result.phase_seconds.items() if spent >= 0.001), reverse=True)
     other = seconds - sum(result.phase_seconds.values())
@@ -346,8 +352,13 @@ def slow_batch_line(records: int, result: BatchResult, seconds: float, unlogged:
     if other >= 0.001:
         parts.append(f"other {other * 1000:.0f} ms")
     more = f" ({unlogged} more slow batches since the last line)" if unlogged else ""
-    return (f"slow batch: {seconds * 1000:.0f} ms for {records} records ({result.counts.get('applied', 0)} applied, "
-            f"{len(result.recommendations)} recommendations): {', '.join(parts)}{more}")
+    counts = result.counts
+    what = [f"{counts.get('applied', 0)} applied", f"{len(result.recommendations)} recommendations"]
+    if counts.get("catalog_in"):
+        what.append(f"{counts['catalog_in']} catalog records")
+    if counts.get("waited"):
+        what.append(f"{counts['waited']} events parked for their item")
+    return f"slow batch: {seconds * 1000:.0f} ms for {records} records ({', '.join(what)}): {', '.join(parts)}{more}"
 
 
 class TrainerMetrics(_Endpoint):
