@@ -170,8 +170,6 @@ def serving_checksum(shard: Shard) -> str:
             digest.update(name.encode() + tensor.numpy().tobytes())
         digest.update(str(shard.head.n_updates).encode())
     digest.update(shard.reranker.w.tobytes() + str(shard.reranker.examples).encode())
-    search = shard.search.reranker
-    digest.update(search.w.tobytes() + str(search.examples).encode())
     return digest.hexdigest()
 
 

@@ -685,7 +685,7 @@ class Shard:
         the records, up to ``unknown_item_wait_s`` (the wait an event gets), then goes on
         without them, logged and counted (``exchange_unknown_items``). Time spent applying
         catalog records does not count (the waiting room's clock)."""
-        now = self.clock() - self.waiting.credit
+        now = self.waiting.now()
         if self._held_at is None or self._held_at[0] != position:
             self._held_at = (position, now)
         if now - self._held_at[1] < self.settings.unknown_item_wait_s:
