@@ -232,8 +232,13 @@ def encode_message_v2(origin: int, seq: int, ops: Sequence[Op], pairs: Sequence[
     return MESSAGE_MAGIC_V2 + zlib.compress(orjson.dumps([origin, seq, ops, wire]), _ZLIB_LEVEL)
 
 
+def _wire_rows(rows: np.ndarray, dtype: str = "<f4") -> list:
+    """``[n_rows, base64 of the rows as dtype]``: a re-ranker step on the wire (:func:`pair_rows` reads it)."""
+    return [len(rows), base64.b64encode(np.ascontiguousarray(rows, dtype=dtype).tobytes()).decode()]
+
+
 def _wire_pairs(pairs: Sequence[np.ndarray]) -> list:
-    return [[len(r), base64.b64encode(np.ascontiguousarray(r, dtype="<f4").tobytes()).decode()] for r in pairs]
+    return [_wire_rows(r) for r in pairs]
 
 
 def encode_message_v3(origin: int, seq: int, ops: Sequence[Op], pairs: Sequence[np.ndarray] | None,
@@ -249,10 +254,11 @@ def encode_message_v3(origin: int, seq: int, ops: Sequence[Op], pairs: Sequence[
     return MESSAGE_MAGIC_V3 + zlib.compress(orjson.dumps([origin, seq, ops, wire, [list(c) for c in covered]]), _ZLIB_LEVEL)
 
 
-def pair_rows(pair: Sequence) -> np.ndarray:
-    """One re-ranker step of a version 2 message as its ``(n_rows, features)`` float32 rows."""
+def pair_rows(pair: Sequence, dtype: str = "<f4") -> np.ndarray:
+    """One re-ranker step of a version 2 message as its ``(n_rows, features)`` rows: float32, or
+    float64 with ``dtype="<f8"`` (search's steps, :data:`SEARCH_RANK_OP`)."""
     n, data = pair
-    rows = np.frombuffer(base64.b64decode(data), dtype="<f4").astype(np.float32)
+    rows = np.frombuffer(base64.b64decode(data), dtype=dtype).astype(np.dtype(dtype).newbyteorder("="))
     return rows.reshape(int(n), -1)
 
 
@@ -357,8 +363,7 @@ class SignalExchange:
 
     def record_search_step(self, rows: np.ndarray) -> None:
         """Note one search re-ranker step (:meth:`recsys.search.rerank.SearchReranker.sample`'s rows)."""
-        data = base64.b64encode(np.ascontiguousarray(rows, dtype="<f8").tobytes()).decode()
-        self._ops.append([None, None, None, SEARCH_RANK_OP, [len(rows), data], None])
+        self._ops.append([None, None, None, SEARCH_RANK_OP, _wire_rows(rows, "<f8"), None])
 
     def record_search(self, key: str, item_id: str, weight: float, ts: int, tie: int) -> None:
         """Note one search association (``QueryAssociations.learn_at``'s arguments) instead of learning it."""
@@ -476,8 +481,7 @@ class SignalExchange:
         for user_id, session_id, item_id, event_type, ts, history in ops:
             if event_type == SEARCH_RANK_OP:
                 if self.search_reranker is not None:  # the op's ts field holds the rows
-                    n, data = ts
-                    self.search_reranker.learn_rows(np.frombuffer(base64.b64decode(data), dtype="<f8").reshape(int(n), -1))
+                    self.search_reranker.learn_rows(pair_rows(ts, "<f8"))
                 continue
             if event_type == SEARCH_OP:
                 if self.associations is not None:  # the op's ts field holds the weight
