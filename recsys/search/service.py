@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import math
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
@@ -55,6 +54,7 @@ from recsys.events import (
     encode,
 )
 from recsys.feedback import EVENT_WEIGHTS
+from recsys.search._kernels import price_closeness
 from recsys.search.learned import QueryAssociations, SearchWindows, tie_break
 from recsys.search.lexical import LexicalIndex, item_tokens
 from recsys.search.outbox import SearchOutbox
@@ -188,13 +188,15 @@ class _Base:
     best_semantic: float | None  # the vector search's best score (None: it found nothing)
     any_semantic: bool  # it found an item at least min_semantic
     ids: list[str]  # available items of the BM25 top, then of the vector search's answer, each once
-    items: list[CatalogItem]  # their catalog entries
     n_top: int  # the first n_top ids are from the BM25 top
     rows: np.ndarray  # their vector index rows (-1: not in it)
     lex: np.ndarray  # their lexical signal (BM25 / the query's best; 0 outside the top)
     sem_hit: np.ndarray  # bool: found by the vector search, at least min_semantic
     where: dict[str, int]  # id -> position in ids
     labels: np.ndarray  # (n, 2): their category's and brand's code (Search._label_code; -1: none)
+    prices: np.ndarray  # float64: their catalog price (0.0: none)
+    pop_slots: np.ndarray  # their Popularity.slots, valid at pop_stamp (refreshed by Search._pop_slots)
+    pop_stamp: tuple[int, int]
 
 
 @dataclass
@@ -205,6 +207,11 @@ class _Candidates:
     semantic_hit: np.ndarray  # bool (n,): from the vector search and above min_semantic
     tokens: list[str]  # repaired query tokens known to BM25
     no_match: bool
+
+
+def _prices(items: Sequence[CatalogItem]) -> np.ndarray:
+    """Each item's catalog price as float64, 0.0 where it has none (the price signal's rule)."""
+    return np.array([item.price or 0.0 for item in items], dtype=np.float64)
 
 
 def _median(values: list[float]) -> float:
@@ -565,11 +572,11 @@ class Search:
         n = len(ids)
         got = _Base(
             version, qvec, known, _query_key(query), lexical, sem_hits[0][1] if sem_hits else None, bool(sem_set), ids,
-            [item for _, item in entries],
             sum(1 for i in ids if i in top), index.rows(ids),
             np.fromiter(map(top.get, ids, itertools.repeat(0.0)), dtype=np.float64, count=n),
             np.array([i in sem_set for i in ids], dtype=bool), {i: j for j, i in enumerate(ids)},
-            self._labels([item for _, item in entries]),
+            self._labels([item for _, item in entries]), _prices([item for _, item in entries]),
+            self.popularity.slots(ids), self.popularity.stamp,
         )
         if cfg.retrieval_cache > 0:
             cache[qtext] = got
@@ -577,6 +584,18 @@ class Search:
             while len(cache) > cfg.retrieval_cache:
                 cache.popitem(last=False)
         return got
+
+    def _pop_slots(self, base: _Base) -> np.ndarray:
+        """The base's candidates' popularity slots, looked up again only for those unknown then
+        when popularity has learned items since (all of them after it reloaded)."""
+        stamp = self.popularity.stamp
+        if base.pop_stamp != stamp:
+            if base.pop_stamp[0] != stamp[0]:
+                base.pop_slots = self.popularity.slots(base.ids)
+            elif (missing := np.flatnonzero(base.pop_slots < 0)).size:
+                base.pop_slots[missing] = self.popularity.slots([base.ids[j] for j in missing.tolist()])
+            base.pop_stamp = stamp
+        return base.pop_slots
 
     def _labels(self, items: list[CatalogItem]) -> np.ndarray:
         """``(len(items), 2)`` codes of each item's category and brand (-1: none)."""
@@ -607,38 +626,42 @@ class Search:
         if not lexical.top and not extra and not base.any_semantic and not learned:
             return _Candidates([], np.zeros((0, len(FEATURES))), np.zeros(0, bool), np.zeros(0, bool), base.known, True)
         known_items = self.items.catalog.items
-        ids, items, where = base.ids, base.items, base.where
+        ids, where = base.ids, base.where
         index = self.items.index
         n_top = base.n_top
+        pop_slots = self._pop_slots(base)
         if extra:  # the user's matches come right after the query's top (the order of a fresh merge)
             extra_entries = [(i, item) for i in extra if (item := known_items.get(i)) is not None and item.available]
             # the vector search's others: those the user's matches did not take up to the front
             moved = {j for i in extra if (j := where.get(i, -1)) >= 0}  # (never in the top)
             rest: slice | list[int] = slice(n_top, None)
-            rest_ids, rest_items = ids[n_top:], items[n_top:]
+            rest_ids = ids[n_top:]
             if moved:
                 rest = [j for j in range(n_top, len(ids)) if j not in moved]
-                rest_ids, rest_items = [ids[j] for j in rest], [items[j] for j in rest]
+                rest_ids = [ids[j] for j in rest]
             ids = [*ids[:n_top], *(i for i, _ in extra_entries), *rest_ids]
-            items = [*items[:n_top], *(item for _, item in extra_entries), *rest_items]
             rows = np.concatenate([base.rows[:n_top], index.rows([i for i, _ in extra_entries]), base.rows[rest]])
             lex_col = np.concatenate([base.lex[:n_top], np.array([extra[i] for i, _ in extra_entries], dtype=np.float64),
                                       base.lex[rest]])
             sem_hit = np.concatenate([base.sem_hit[:n_top], np.array([i in where and base.sem_hit[where[i]] for i, _ in extra_entries], dtype=bool),
                                       base.sem_hit[rest]])
             labels = np.concatenate([base.labels[:n_top], self._labels([item for _, item in extra_entries]), base.labels[rest]])
+            prices = np.concatenate([base.prices[:n_top], _prices([item for _, item in extra_entries]), base.prices[rest]])
+            slots = np.concatenate([pop_slots[:n_top], self.popularity.slots([i for i, _ in extra_entries]), pop_slots[rest]])
             n_lex = n_top + len(extra_entries)
         else:
             rows, lex_col, sem_hit, labels, n_lex = base.rows, base.lex, base.sem_hit, base.labels, n_top
+            prices, slots = base.prices, pop_slots
         new = [(i, item) for i in learned if i not in where and i not in extra
                and (item := known_items.get(i)) is not None and item.available]
         if new:
             ids = [*ids, *(i for i, _ in new)]
-            items = [*items, *(item for _, item in new)]
             rows = np.concatenate([rows, index.rows([i for i, _ in new])])
             lex_col = np.concatenate([lex_col, np.zeros(len(new))])
             sem_hit = np.concatenate([sem_hit, np.zeros(len(new), dtype=bool)])
             labels = np.concatenate([labels, self._labels([item for _, item in new])])
+            prices = np.concatenate([prices, _prices([item for _, item in new])])
+            slots = np.concatenate([slots, self.popularity.slots([i for i, _ in new])])
         n = len(ids)
         lex_hit = np.zeros(n, dtype=bool)
         lex_hit[:n_lex] = True  # the query's top and the user's matches: the lexical candidates
@@ -648,16 +671,17 @@ class Search:
         x[:, _COL["semantic"]] = np.clip(vecs @ base.qvec, 0.0, None)
         if learned:
             x[:, _COL["learned"]] = np.fromiter(map(learned.get, ids, itertools.repeat(0.0)), dtype=np.float64, count=n)
-        pop = np.log1p(self.popularity.scores(ids, now_ts))
+        pop = np.log1p(self.popularity.scores_at(slots, now_ts))
         x[:, _COL["popular"]] = pop / pop.max() if n and pop.max() > 0 else 0.0
         if state is not None and cfg.personalise:
-            self._personal(x, list(zip(ids, items)), vecs, labels, state, now_ts)
+            self._personal(x, ids, vecs, labels, prices, state, now_ts)
         return _Candidates(ids, x, lex_hit, sem_hit, base.known, False)
 
-    def _personal(self, x: np.ndarray, entries: list[tuple[str, CatalogItem]], vecs: np.ndarray, labels: np.ndarray,
-                  state: UserState, now_ts: int) -> None:
-        """The personal signals of each candidate ``(item_id, catalog item)``, written into ``x``
-        (``labels``: the candidates' category and brand codes, :meth:`_labels`)."""
+    def _personal(self, x: np.ndarray, ids: list[str], vecs: np.ndarray, labels: np.ndarray,
+                  cand_prices: np.ndarray, state: UserState, now_ts: int) -> None:
+        """The personal signals of each candidate, written into ``x`` (``vecs``, ``labels`` and
+        ``cand_prices``: the candidates' vectors, category and brand codes (:meth:`_labels`) and
+        catalog prices (0.0: none), row for row)."""
         catalog = self.items.catalog
         history = state.history
         if not history and not state.bought:
@@ -693,7 +717,6 @@ class Search:
         rebuy = (purchases - len(state.bought)) / purchases if purchases else 0.0  # share of purchases that were repeats
         bought = state.bought
         # column by column (one list per signal, then one numpy write), the same floats as item by item
-        items = [item for _, item in entries]
         # the user's share per category (brand) code, then one look-up per candidate: the same
         # floats as ``cats.get(item.category, 0.0) / total_c`` item by item (0.0 without one)
         for k, (col, counts, total) in enumerate(((_COL["category"], cats, total_c), (_COL["brand"], brands, total_b))):
@@ -703,14 +726,13 @@ class Search:
                     if (code := self._label_code.get(name)) is not None:
                         share[code] = w / total
                 x[:, col] = share[labels[:, k]]
-        is_bought = [item_id in bought for item_id, _ in entries]
+        is_bought = [item_id in bought for item_id in ids]
         if any(is_bought):
             x[:, _COL["bought"]] = is_bought
             x[:, _COL["rebuy"]] = [rebuy if b else 0.0 for b in is_bought]
-        x[:, _COL["seen"]] = [not b and item_id in seen for b, (item_id, _) in zip(is_bought, entries)]
-        if median:
-            exp, log = math.exp, math.log
-            x[:, _COL["price"]] = [exp(-abs(log(item.price / median))) if item.price else 0.0 for item in items]
+        x[:, _COL["seen"]] = [not b and item_id in seen for b, item_id in zip(is_bought, ids)]
+        if median:  # the C library's log and exp per candidate, as math's (recsys/search/_kernels.py)
+            x[:, _COL["price"]] = price_closeness(cand_prices, float(median))
 
     # ------------------------------------------------------------------ reasons
 

@@ -7,7 +7,7 @@ so an image runs this once at build time (``Dockerfile``) and every container st
 
 >>> from recsys.signals.compile_kernels import compile_kernels
 >>> compile_kernels()
-3
+4
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ import time
 
 def compile_kernels() -> int:
     """Run every compiled loop once on a tiny input (compiling, or loading it from the cache);
-    returns how many structures were exercised (the two signals and the ranker's loops)."""
+    returns how many structures were exercised (three signals and the ranker's loops)."""
     import numpy as np
 
     from recsys.ranking._kernels import closest_rows, group_entries
     from recsys.signals.covisitation import CoVisitation
+    from recsys.signals.popularity import Popularity
     from recsys.signals.sessions import SessionNeighbours
 
     cov = CoVisitation(half_life_h=1.0, max_neighbours=1, window=3)
@@ -38,7 +39,10 @@ def compile_kernels() -> int:
     closest_rows(np.ones((1, 2), np.float32), one, one, one, one + 1, one, one + 1)
     group_entries(one, one, one, one, np.ones(1, np.float32), one, one, np.zeros(1, np.bool_), one,
                   one, np.ones(1, np.bool_), 1, 0, 0)
-    return 3
+    popularity = Popularity(half_life_h=1.0)
+    popularity.update("a", 1.0, ts=0)
+    popularity.scores(["a", "x"], 1)
+    return 4
 
 
 def main() -> None:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from recsys.feedback import decay_factor, half_life_ms
+from recsys.signals._popularity_kernels import decayed_scores
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -55,6 +56,7 @@ class Popularity:
         self._score = np.zeros(cap, dtype=np.float64)
         self._ref = np.zeros(cap, dtype=np.int64)
         self._dirty: set[str] = set()
+        self._generation = 0  # bumped by load(), which renumbers the slots
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -102,18 +104,25 @@ class Popularity:
     def scores(self, item_ids: Sequence[str], now_ts: int) -> np.ndarray:
         """:meth:`score` of each item, as one array (the same floats: ``0.5 ** (dt / half_life)``
         with ``dt`` clamped at 0, as :func:`~recsys.feedback.decay_factor`)."""
-        rows = np.fromiter(map(self._index.get, item_ids, itertools.repeat(-1)), dtype=np.int64, count=len(item_ids))
-        known = rows >= 0
-        out = np.zeros(len(item_ids), dtype=np.float64)
-        if known.any():
-            r = rows[known]
-            dt = (now_ts - self._ref[r]).astype(np.float64)
-            # Python's pow, not np.power: numpy's vectorised pow differs in the last bit for ~5%
-            # of inputs, and these scores must equal score()'s (identical rankings)
-            x = (np.maximum(dt, 0.0) / self._half_life_ms).tolist()
-            decay = np.fromiter((0.5 ** v for v in x), dtype=np.float64, count=len(x))
-            out[known] = self._score[r] * decay
-        return out
+        return self.scores_at(self.slots(item_ids), now_ts)
+
+    @property
+    def stamp(self) -> tuple[int, int]:
+        """``(generation, items held)``: slots from :meth:`slots` stay valid while the generation
+        does (only :meth:`load` renumbers); an item unknown then (-1) may have one since if the
+        count grew."""
+        return self._generation, len(self._ids)
+
+    def slots(self, item_ids: Sequence[str]) -> np.ndarray:
+        """Each item's slot (int64; -1: never seen), for :meth:`scores_at`. A caller that scores
+        the same items again (search: a query's candidates) keeps them, see :attr:`stamp`."""
+        return np.fromiter(map(self._index.get, item_ids, itertools.repeat(-1)), dtype=np.int64, count=len(item_ids))
+
+    def scores_at(self, slots: np.ndarray, now_ts: int) -> np.ndarray:
+        """:meth:`scores` of the items at these :meth:`slots` (0.0 at -1)."""
+        # the C library's pow per item, as score() and Python's ** (numpy's vectorised power
+        # differs in the last bit for ~5% of inputs): see recsys/signals/_popularity_kernels.py
+        return decayed_scores(self._score, self._ref, slots, int(now_ts), float(self._half_life_ms), 0.5)
 
     def top(self, n: int, now_ts: int, exclude: set[str] | frozenset[str] | None = None) -> list[tuple[str, float]]:
         """The ``n`` highest-scoring items at ``now_ts`` as ``(item_id, score)``, best first.
@@ -164,6 +173,7 @@ class Popularity:
         self._index.clear()
         self._ids.clear()
         self._dirty.clear()
+        self._generation += 1
         scores: list[float] = []
         refs: list[int] = []
         for key, value in kv.iter_prefix(POP_PREFIX):
