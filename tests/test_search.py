@@ -48,7 +48,6 @@ def _settings(tmp_path, cache, **kw) -> Settings:
 def engine(tmp_path, cache):
     eng = Shard.open(_settings(tmp_path, cache), in_memory=True)
     eng.upsert_catalog(CATALOG)
-    eng.search.lexical.rebuild_interval_s = 0.0
     yield eng
     eng.close()
 
@@ -139,12 +138,10 @@ def test_a_new_catalog_item_is_found_by_its_words_after_the_upsert(engine):
     assert ids(answer)[0] == "hammock" and answer["items"][0]["reason"] == "matches 'hammock'"
 
 
-def test_a_repeated_query_sees_a_new_item_before_bm25_is_rebuilt(engine):
-    # the query's retrieval answers are cached; the vector search's answer must be dropped when
-    # the vector index changes, even while BM25 waits for its next rebuild
+def test_a_repeated_query_sees_a_new_item(engine):
+    # the query's retrieval answers are cached; they must be dropped when the catalog changes
     stream = Stream(engine)
     assert "hammock" not in ids(stream.search("u1", "hammock"))
-    engine.search.lexical.rebuild_interval_s = 3600.0  # BM25 keeps its old build
     engine.process([Envelope("catalog", 0, 0, b"hammock", encode(CatalogItem("hammock", "Travel hammock", category="Camping")), 0)])
     assert "hammock" in ids(stream.search("u1", "hammock"))
 
@@ -156,7 +153,6 @@ def test_cached_retrieval_answers_equal_fresh_ones_as_the_catalog_changes(tmp_pa
     answers = []
     for eng in engines:
         eng.upsert_catalog(CATALOG)
-        eng.search.lexical.rebuild_interval_s = 0.0
         stream, got = Stream(eng), []
         for round_ in range(3):
             for n, query in enumerate(queries):
@@ -169,6 +165,87 @@ def test_cached_retrieval_answers_equal_fresh_ones_as_the_catalog_changes(tmp_pa
         eng.close()
     assert engines[0].search.base_stats["hits"] > 0  # the cache was in use
     assert answers[0] == answers[1]
+
+
+def _fresh_bm25s(lex) -> tuple[list[str], object]:
+    """A bm25s index built from scratch over the index's current documents (the reference)."""
+    import bm25s
+
+    ids = [i for i, toks in lex.docs.items() if toks]
+    ref = bm25s.BM25(k1=lex.k1, b=lex.b)
+    ref.index([lex.docs[i] for i in ids], show_progress=False)
+    return ids, ref
+
+
+def test_bm25_scores_equal_a_fresh_bm25s_build_bit_for_bit_through_every_kind_of_upsert():
+    """The in-place index (recsys/search/lexical.py) against bm25s rebuilt from scratch after
+    every round of upserts: new items, changed text, items withdrawn and back, an item whose
+    text goes empty, and enough churn that withdrawn positions are reclaimed. Every query's
+    scores are the same float32 values item for item, and the top 50 (argpartition over the
+    hits, as Search takes them) the same items in the same order."""
+    from recsys.search.lexical import LexicalIndex
+
+    rng = np.random.default_rng(7)
+    words = [f"w{i}" for i in range(300)] + ["tent", "blue", "coffee", "mug", "shoe"]
+    zipf = 1.0 / np.arange(1, len(words) + 1)
+    zipf /= zipf.sum()
+
+    def text(n):
+        return " ".join(rng.choice(words, size=n, p=zipf))
+
+    lex = LexicalIndex()
+    live: set[str] = set()
+    queries = [["tent"], ["blue", "tent"], ["w0", "w1", "w0"], ["coffee", "mug", "w250"], ["w299", "nope"], ["w3"] * 3]
+    for round_ in range(12):
+        batch = []
+        for _ in range(400 if round_ == 0 else 120):
+            item_id = f"i{int(rng.integers(0, 1500))}"
+            kind = rng.random()
+            if kind < 0.15 and item_id in live:
+                batch.append(CatalogItem(item_id, text(3), available=False))
+                live.discard(item_id)
+            elif kind < 0.2:
+                batch.append(CatalogItem(item_id, "", category=None))  # no tokens at all
+                live.add(item_id)
+            else:
+                batch.append(CatalogItem(item_id, text(int(rng.integers(1, 12))), category=text(1), brand=text(1)))
+                live.add(item_id)
+        lex.upsert(batch)
+        ref_ids, ref = _fresh_bm25s(lex)
+        for q in queries:
+            ids, got = lex.scores(q)
+            known = lex.known(q)
+            if not known:
+                assert ids == [] and "nope" in q or not any(t in ref.vocab_dict for t in q)
+                continue
+            want = np.asarray(ref.get_scores(known), dtype=np.float32)
+            mine = np.array([got[lex.position(i)] for i in ref_ids], dtype=np.float32)
+            assert mine.tobytes() == want.tobytes()
+            hits_ref, hits = np.flatnonzero(want > 0), np.flatnonzero(got > 0)
+            assert len(hits_ref) == len(hits) and float(got.sum(dtype=np.float64)) == float(mine.sum(dtype=np.float64))
+            k = min(50, len(hits))
+            top_ref = [ref_ids[j] for j in hits_ref[np.argpartition(-want[hits_ref], k - 1)[:k]]]
+            top = [ids[j] for j in hits[np.argpartition(-got[hits], k - 1)[:k]]]
+            assert top == top_ref
+    assert len(lex._ids) < 2 * len(lex.docs) + 1024 + 120  # withdrawn positions were reclaimed along the way
+
+
+def test_an_item_s_new_text_is_matched_by_the_next_search_however_soon_it_changes(tmp_path, cache):
+    """BM25 was rebuilt at most once a second while upserts kept coming (and over the whole
+    catalog, in the batch's path): a second change within that second stayed unmatched and the
+    old text kept matching. Now every upsert updates the index in place (default settings)."""
+    engine = Shard.open(_settings(tmp_path, cache), in_memory=True)
+    engine.upsert_catalog(CATALOG)
+    stream = Stream(engine)
+    assert "hammock" not in ids(stream.search("u1", "hammock"))
+    _upsert(engine, 0, CatalogItem("hammock", "Travel hammock", category="Camping"))
+    first = stream.search("u1", "hammock")
+    assert first["items"][0]["item_id"] == "hammock" and first["items"][0]["reason"] == "matches 'hammock'"
+    _upsert(engine, 1, CatalogItem("hammock", "Travel swing chair", category="Camping"))  # within the same second
+    assert stream.search("u2", "swing chair")["items"][0]["item_id"] == "hammock"
+    assert stream.search("u2", "swing chair")["items"][0]["reason"] == "matches 'swing chair'"
+    assert all(not it["reason"].startswith("matches") for it in stream.search("u3", "hammock")["items"])
+    engine.close()
 
 
 def test_the_compiled_price_signal_equals_python_s_math_bit_for_bit():
@@ -210,7 +287,6 @@ def test_the_query_candidates_cache_answers_as_building_every_search_afresh(tmp_
     answers = []
     for eng in engines:
         eng.upsert_catalog(CATALOG)
-        eng.search.lexical.rebuild_interval_s = 0.0
         stream, got = Stream(eng), []
         for user, item in (("u0", "tent-green"), ("u1", "mug"), ("u1", "coffee"), ("u2", "shoe-road")):
             stream.events(("purchase", user, item))  # histories: their own matches, prices, brands
@@ -288,20 +364,6 @@ def test_a_cached_query_sees_catalog_upserts_in_its_next_answer(engine):
     assert "hammock" not in ids(stream.search("u1", "travel hammock"))
 
 
-def test_a_cached_query_follows_a_later_bm25_rebuild(engine):
-    # BM25 is rebuilt lazily (rebuild_interval_s): a query cached after an upsert but before the
-    # rebuild must not keep the old build's answer once the rebuild comes, with nothing else changed
-    stream = Stream(engine)
-    stream.search("u1", "hammock")
-    engine.search.lexical.rebuild_interval_s = 3600.0  # BM25 keeps its old build
-    _upsert(engine, 0, CatalogItem("hammock", "Travel hammock", category="Camping"))
-    before = stream.search("u1", "hammock")
-    assert before["items"][0]["item_id"] == "hammock" and not before["items"][0]["reason"].startswith("matches")
-    stream.search("u2", "hammock")  # cached as it is
-    engine.search.lexical.rebuild_interval_s = 0.0  # the rebuild is due: the next search rebuilds
-    assert stream.search("u1", "hammock")["items"][0]["reason"] == "matches 'hammock'"
-
-
 def test_the_query_candidates_cache_keeps_at_most_its_bound(tmp_path, cache):
     eng = Shard.open(_settings(tmp_path, cache, search_query_cache=3), in_memory=True)
     eng.upsert_catalog(CATALOG)
@@ -357,7 +419,6 @@ def test_the_first_choice_after_a_search_is_credited_even_when_its_text_does_not
     for rule in ("first+match", "match"):
         eng = Shard.open(_settings(tmp_path / rule, cache, search_attribution=rule), in_memory=True)
         eng.upsert_catalog(CATALOG)
-        eng.search.lexical.rebuild_interval_s = 0.0
         stream = Stream(eng)
         for n in range(3):
             stream.events(("search", f"s{n}", "camping set"), ("click", f"s{n}", "x9"), ("purchase", f"s{n}", "x9"),
@@ -375,7 +436,6 @@ def test_the_search_reranker_learns_from_the_first_credited_engagement(tmp_path,
     (before, the first engagement of the window used them up, whatever it was)."""
     eng = Shard.open(_settings(tmp_path, cache, search_attribution="match"), in_memory=True)
     eng.upsert_catalog(CATALOG)
-    eng.search.lexical.rebuild_interval_s = 0.0
     Stream(eng).events(("search", "r1", "running shoe"), ("purchase", "r1", "coffee"), ("purchase", "r1", "shoe-road"))
     assert eng.search.reranker.examples > 0
     assert eng.search.credit_counts == {"credited": 1, "not credited": 1}
@@ -477,7 +537,6 @@ def test_learned_associations_do_not_depend_on_how_two_partitions_interleave(tmp
         eng = Shard.open(_settings(tmp_path / name, cache), in_memory=True)
         try:
             eng.upsert_catalog(CATALOG)
-            eng.search.lexical.rebuild_interval_s = 0.0
             offsets = [0, 0]
             for partition, ev in order:  # one batch per event: as the fetches happened to cut
                 eng.process([Envelope("events", partition, offsets[partition], ev.user_id.encode(), encode(ev), ev.ts)])
@@ -528,7 +587,6 @@ def test_the_search_reranker_learns_from_engagements_and_survives_a_restart(tmp_
     settings = _settings(tmp_path, cache)
     eng = Shard.open(settings)
     eng.upsert_catalog(CATALOG)
-    eng.search.lexical.rebuild_interval_s = 0.0
     stream = Stream(eng)
     for n in range(20):  # the engaged item is among the candidates shown: a pairwise lesson each
         stream.events(("search", f"r{n}", "running shoe"), ("purchase", f"r{n}", "shoe-road"))
@@ -548,7 +606,6 @@ def test_a_redelivered_search_re_emits_the_bytes_first_emitted_and_erasure_drops
     is byte for byte the first one; an erasure deletes the stored answers with the user."""
     eng = Shard.open(_settings(tmp_path, cache))
     eng.upsert_catalog(CATALOG)
-    eng.search.lexical.rebuild_interval_s = 0.0
     stream = Stream(eng)
     stream.events(("purchase", "other", "shoe-trail"), ("click", "other", "shoe-trail"))
     search = Envelope("events", 0, stream.offset, b"u1", encode(Event("q1", "search", "u1", None, stream.ts + 1, query="running shoe")), stream.ts)
@@ -576,7 +633,6 @@ def test_with_search_in_history_a_recent_query_enters_the_next_recommendations(t
     for on in (False, True):
         eng = Shard.open(_settings(tmp_path / str(on), cache, search_in_history=on), in_memory=True)
         eng.upsert_catalog(CATALOG)
-        eng.search.lexical.rebuild_interval_s = 0.0
         stream = Stream(eng)
         stream.events(*[("click", "u1", "coffee"), ("click", "u1", "mug")] * 2)
         answer = stream.search("u1", "sleeping bag")
@@ -670,10 +726,9 @@ def test_the_median_of_a_history_s_prices_equals_numpy_s():
         assert _median(prices) == float(np.median(prices))
 
 
-def test_warm_up_loads_the_query_model_and_builds_bm25_before_the_first_search(engine):
-    engine.upsert_catalog([CatalogItem("lamp", "Camping lamp", category="Camping/Lights")])  # BM25 due again
+def test_warm_up_loads_the_query_model_before_the_first_search(engine):
+    engine.upsert_catalog([CatalogItem("lamp", "Camping lamp", category="Camping/Lights")])
     engine.search.warm_up()
-    rebuilds, loads = engine.search.lexical.rebuilds, engine.items.embedder.stats["model_loads"]
+    loads = engine.items.embedder.stats["model_loads"]
     assert ids(Stream(engine).search("u1", "camping lamp"))[0] == "lamp"
-    assert engine.search.lexical.rebuilds == rebuilds  # built by warm_up, not by the search
     assert engine.items.embedder.stats["model_loads"] == loads == 1  # one model for items and queries

@@ -2,7 +2,7 @@
 associations, re-ranked for the shopper. No Kafka or Bytewax here, like the rest of ``recsys``.
 
 - :mod:`recsys.search.text`: normalisation, tokens, typo repair, order-free query keys
-- :mod:`recsys.search.lexical`: BM25 (``bm25s``) over the catalog text
+- :mod:`recsys.search.lexical`: BM25 over the catalog text, updated in place by every upsert
 - :mod:`recsys.search.learned`: what shoppers choose after a query (the attribution rule)
 - :mod:`recsys.search.semantic`: query vectors (the frozen model, an LRU cache)
 - :mod:`recsys.search.rerank`: the online pairwise re-ranker of search

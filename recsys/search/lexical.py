@@ -1,27 +1,48 @@
-"""Lexical retrieval: BM25 (``bm25s``) over an item's title, description, category and brand.
+"""Lexical retrieval: BM25 over an item's title, description, category, brand and attributes,
+updated in place by every catalog upsert.
 
-``bm25s`` builds an immutable sparse matrix and cannot add documents, so the index is kept
-as the tokens per item (updated on every catalog upsert) plus a built ``bm25s.BM25`` that is
-rebuilt lazily: on the first search after a change, and then at most every
-``rebuild_interval_s`` seconds while changes keep arriving (measured on the busy 2-core box:
-1.85 s for Complete Journey's 29,977 items, 0.36 s for REES46's 6,493, 60-75 µs an item). Between rebuilds an item new to the catalog is already found by the semantic and the
-learned retrieval; a changed item keeps its old text here until the next rebuild.
+Why not a library's index: ``bm25s`` (used here until 2026-12-03) precomputes every
+(term, item) score into an immutable sparse matrix, so every catalog change meant rebuilding it
+over the whole catalog, lazily, on the next search: ~0.1 s at 10,000 items on the 2-core box
+(1.85 s at Complete Journey's 29,977), inside the batch's path, at most once a second while
+changes kept arriving; a live shop whose catalog changes every second spent that on every
+search batch, and a changed item kept its old text until the rebuild. ``rank_bm25`` rebuilds
+too; ``tantivy`` would update in place but tokenises and scores otherwise (every search figure
+moves) and adds an index with its own commits. So the index is kept here as postings (term ->
+{position: term frequency}), item lengths and the corpus totals, and a query's scores are
+computed when asked, from the statistics as they are at that moment:
+
+    score(q, d) = sum over q's known tokens t of  idf(t) * tf / (tf + k1 * (1 - b + b * |d| / avgdl)),
+    idf(t) = log(1 + (N - df(t) + 0.5) / (df(t) + 0.5))
+
+(Lucene's BM25, ``bm25s``'s default), with the same floats ``bm25s`` gives for the same
+documents: each term's score rounded to float32 from the same float64 arithmetic, and the
+query's terms added in float32 in query order. ``tests/test_search.py`` checks them bit for bit
+against a fresh ``bm25s`` build over the current documents through upserts, text changes,
+withdrawals and returns; ``bm25s`` stays a test dependency for that.
+
+Positions follow the order the items entered the catalog (an item withdrawn and back takes a
+new one, as it would in a fresh build), so ties among equal scores fall as in a fresh build;
+the positions of withdrawn items are reclaimed when they outnumber the live ones.
 
 >>> from recsys.events import CatalogItem
->>> lex = LexicalIndex(rebuild_interval_s=0)
+>>> lex = LexicalIndex()
 >>> lex.upsert([CatalogItem("t1", "Blue tent", category="Camping"), CatalogItem("b1", "Sleeping bag")])
 >>> [item for item, _ in lex.search(["tent"], 5)]
 ['t1']
+>>> lex.upsert([CatalogItem("b1", "Sleeping bag for a tent")])    # found by its new text at once
+>>> lex.search(["tent"], 5)                                         # equal scores: by id
+[('b1', 0.08287344127893448), ('t1', 0.08287344127893448)]
 >>> lex.search(["unknownword"], 5)
 []
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterable
+import math
+from collections import Counter
+from collections.abc import Iterable
 
-import bm25s
 import numpy as np
 
 from recsys.events import CatalogItem
@@ -42,84 +63,139 @@ def item_tokens(item: CatalogItem) -> list[str]:
 
 
 class LexicalIndex:
-    """BM25 over the available catalog items, rebuilt lazily after upserts (see the module)."""
+    """BM25 over the available catalog items, current after every upsert (see the module)."""
 
-    def __init__(self, *, k1: float = 1.2, b: float = 0.75, rebuild_interval_s: float = 1.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, *, k1: float = 1.2, b: float = 0.75) -> None:
         self.k1 = k1
         self.b = b
-        self.rebuild_interval_s = rebuild_interval_s
-        self.clock = clock
         self.docs: dict[str, list[str]] = {}
         self.vocabulary = Vocabulary()
-        self._bm25: bm25s.BM25 | None = None
-        self._ids: list[str] = []
-        self._pos: dict[str, int] = {}
-        self._dirty = False
-        self._built_at = -float("inf")
-        self.rebuilds = 0
-        self.last_rebuild_s = 0.0
-        #: bumped whenever an answer of :meth:`known`, :meth:`scores` or ``vocabulary.repair``
-        #: could change: an upsert that changed an item's tokens, and every rebuild
+        self._ids: list[str] = []  # position -> item id (withdrawn items keep theirs until reclaimed)
+        self._pos: dict[str, int] = {}  # item id -> position, for items with tokens
+        self._slot: dict[str, int] = {}  # item id -> position, for every item in docs
+        self._length = np.zeros(1024, dtype=np.int64)  # position -> token count (0: none, withdrawn)
+        self._postings: dict[str, dict[int, int]] = {}  # term -> {position: term frequency}
+        self._arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # term -> (positions, tf), as asked
+        self._n_docs = 0  # items with at least one token
+        self._total_len = 0
+        #: bumped whenever an answer of :meth:`known`, :meth:`scores`, :meth:`position` or
+        #: ``vocabulary.repair`` could change: every upsert that changed an item's tokens
         self.version = 0
 
     def __len__(self) -> int:
         return len(self.docs)
 
+    @property
+    def terms(self) -> int:
+        """Distinct terms in the index."""
+        return len(self._postings)
+
     def upsert(self, items: Iterable[CatalogItem]) -> None:
         """Take catalog upserts: unavailable items leave, others get their current tokens."""
         for item in items:
             if not item.available:
-                if self.docs.pop(item.item_id, None) is not None:
-                    self._dirty = True
+                old = self.docs.pop(item.item_id, None)
+                if old is not None:
+                    self._unindex(item.item_id, old)
+                    del self._slot[item.item_id]
                     self.version += 1
                 continue
             tokens = item_tokens(item)
-            if self.docs.get(item.item_id) != tokens:
-                self.docs[item.item_id] = tokens
-                self.vocabulary.add(tokens)
-                self._dirty = True
-                self.version += 1
+            old = self.docs.get(item.item_id)
+            if old == tokens:
+                continue
+            if old is None:
+                self._slot[item.item_id] = self._new_position(item.item_id)
+            else:
+                self._unindex(item.item_id, old)
+            self.docs[item.item_id] = tokens
+            self.vocabulary.add(tokens)
+            self._index(item.item_id, tokens)
+            self.version += 1
+        if len(self._ids) > 2 * len(self.docs) + 1024:
+            self._reclaim()
 
-    def _maybe_rebuild(self) -> None:
-        if not self._dirty:
+    def _new_position(self, item_id: str) -> int:
+        pos = len(self._ids)
+        self._ids.append(item_id)
+        if pos == len(self._length):
+            self._length = np.concatenate([self._length, np.zeros(pos, dtype=np.int64)])
+        return pos
+
+    def _index(self, item_id: str, tokens: list[str]) -> None:
+        if not tokens:
             return
-        now = self.clock()
-        if self._bm25 is not None and now - self._built_at < self.rebuild_interval_s:
+        pos = self._slot[item_id]
+        self._pos[item_id] = pos
+        self._length[pos] = len(tokens)
+        self._n_docs += 1
+        self._total_len += len(tokens)
+        for term, tf in Counter(tokens).items():
+            self._postings.setdefault(term, {})[pos] = tf
+            self._arrays.pop(term, None)
+
+    def _unindex(self, item_id: str, tokens: list[str]) -> None:
+        if not tokens:
             return
-        start = time.perf_counter()
-        self._ids = [i for i, toks in self.docs.items() if toks]
-        self._pos = {i: j for j, i in enumerate(self._ids)}
-        if self._ids:
-            bm25 = bm25s.BM25(k1=self.k1, b=self.b)
-            bm25.index([self.docs[i] for i in self._ids], show_progress=False)
-            self._bm25 = bm25
-        else:
-            self._bm25 = None
-        self._dirty = False
-        self._built_at = now
-        self.rebuilds += 1
+        pos = self._pos.pop(item_id)
+        self._length[pos] = 0
+        self._n_docs -= 1
+        self._total_len -= len(tokens)
+        for term in set(tokens):
+            postings = self._postings[term]
+            del postings[pos]
+            if not postings:
+                del self._postings[term]
+            self._arrays.pop(term, None)
+
+    def _reclaim(self) -> None:
+        """Number the items again in catalog order, dropping withdrawn items' positions."""
+        docs = self.docs
+        self.docs, self._ids, self._pos, self._slot = {}, [], {}, {}
+        self._length = np.zeros(max(1024, 2 * len(docs)), dtype=np.int64)
+        self._postings, self._arrays = {}, {}
+        self._n_docs = self._total_len = 0
+        for item_id, tokens in docs.items():
+            self.docs[item_id] = tokens
+            self._slot[item_id] = self._new_position(item_id)
+            self._index(item_id, tokens)
         self.version += 1
-        self.last_rebuild_s = time.perf_counter() - start
 
     def position(self, item_id: str) -> int:
-        """The item's position in :meth:`scores`'s arrays (-1: not in the built index)."""
+        """The item's position in :meth:`scores`'s arrays (-1: not in the index)."""
         return self._pos.get(item_id, -1)
 
     def known(self, tokens: list[str]) -> list[str]:
-        """The tokens that occur in the built index (others cannot match anything)."""
-        self._maybe_rebuild()
-        if self._bm25 is None:
-            return []
-        vocab = self._bm25.vocab_dict
-        return [t for t in tokens if t in vocab]
+        """The tokens that occur in the index (others cannot match anything)."""
+        postings = self._postings
+        return [t for t in tokens if t in postings]
+
+    def _term(self, term: str) -> tuple[np.ndarray, np.ndarray]:
+        got = self._arrays.get(term)
+        if got is None:
+            postings = self._postings[term]
+            got = (np.fromiter(postings.keys(), dtype=np.int64, count=len(postings)),
+                   np.fromiter(postings.values(), dtype=np.float32, count=len(postings)))
+            self._arrays[term] = got
+        return got
 
     def scores(self, tokens: list[str]) -> tuple[list[str], np.ndarray]:
-        """BM25 score of every indexed item for these query tokens: ``(ids, scores)``."""
+        """BM25 score of every position for these query tokens: ``(ids, scores)`` (float32; 0
+        at withdrawn items' positions), or ``([], [])`` when no token is known."""
         known = self.known(tokens)
         if not known:
             return [], np.zeros(0, dtype=np.float32)
-        return self._ids, np.asarray(self._bm25.get_scores(known), dtype=np.float32)  # type: ignore[union-attr]
+        n, k1, b = self._n_docs, self.k1, self.b
+        avg = self._total_len / n
+        out = np.zeros(len(self._ids), dtype=np.float32)
+        for term in known:  # in query order, repeats included: float32 sums as bm25s adds them
+            pos, tf = self._term(term)
+            df = len(pos)
+            idf = np.float32(math.log(1 + (n - df + 0.5) / (df + 0.5)))
+            tf64 = tf.astype(np.float64)
+            tfc = tf64 / (k1 * ((1 - b) + b * self._length[pos] / avg) + tf64)
+            out[pos] += (np.float64(idf) * tfc).astype(np.float32)
+        return self._ids, out
 
     def search(self, tokens: list[str], k: int) -> list[tuple[str, float]]:
         """Top ``k`` ``(item_id, bm25)`` with a positive score, best first (ties by id)."""

@@ -10,7 +10,7 @@ Per search ``(query, user state, time)``:
    match the query lexically. What does not depend on the shopper -- the BM25 and vector-search
    answers, their merged list with catalog entries, vector rows, lexical signal and category /
    brand codes -- is kept per normalised query (:meth:`Search._base`, an LRU of
-   ``retrieval_cache`` entries) and used only while the catalog, the BM25 build and the vector
+   ``retrieval_cache`` entries) and used only while the catalog, BM25 and the vector
    index are at the versions it was built at; the learned items (they change with every
    credited engagement) and the user's matches are laid over it per search, in the order one
    merge of the four gives. So answers are the same whether it holds the query or not.
@@ -113,10 +113,9 @@ class SearchConfig:
     # normalised queries whose candidates before the shopper are kept (LRU, in memory): the
     # BM25 and vector-search answers, the merged candidate list with its catalog entries,
     # vector rows and lexical signal (Search._base). An entry is used only while the catalog,
-    # the BM25 build and the vector index are as they were when it was built, so answers are
+    # BM25 and the vector index are as they were when it was built, so answers are
     # the same with any size (0: nothing kept). Settings.search_query_cache
     retrieval_cache: int = 1_000
-    rebuild_interval_s: float = 1.0  # BM25 rebuild at most this often while the catalog changes
     # Add the re-ranker's learned correction to the live score. It always learns (cheap), but
     # is off by default: on derived queries it barely moves REES46 (NDCG@10 0.9214 -> 0.9225)
     # and hurts Complete Journey (0.4095 -> 0.3517); see the README's Search section.
@@ -176,7 +175,7 @@ class _Lexical:
 @dataclass
 class _Base:
     """A query's candidates before the shopper: what every search of the query shares until the
-    catalog (:attr:`Catalog.version`), the BM25 build (:attr:`LexicalIndex.version`) or the
+    catalog (:attr:`Catalog.version`), BM25 (:attr:`LexicalIndex.version`) or the
     vector index (:attr:`VectorIndex.version`) changes -- ``version`` holds the three as they
     were when it was built. The learned items and the user's own matches are added per search."""
 
@@ -246,7 +245,7 @@ class Search:
         self.config = config or SearchConfig()
         self.head = head
         self.clock = clock
-        self.lexical = LexicalIndex(rebuild_interval_s=self.config.rebuild_interval_s)
+        self.lexical = LexicalIndex()
         self.encoder = QueryEncoder(query_embedder(items.embedder), self.config.query_cache)
         #: normalised query text -> its candidates before the shopper (_Base), LRU; in memory
         #: only (a restart starts empty), each entry checked against the catalog's and the
@@ -287,10 +286,9 @@ class Search:
     # ------------------------------------------------------------------ state
 
     def warm_up(self) -> None:
-        """Load the query model and build BM25 now: the first search would otherwise wait for
-        both (seconds, and every event behind it in a live stream waits too)."""
+        """Load the query model now: the first search would otherwise wait for it (seconds, and
+        every event behind it in a live stream waits too). BM25 is current after every upsert."""
         self.encoder.warm_up()
-        self.lexical.known([])  # builds BM25 over the catalog loaded so far
 
     def upsert(self, items: Sequence[CatalogItem]) -> None:
         self.lexical.upsert(items)
@@ -447,7 +445,7 @@ class Search:
         """The text part of :meth:`credits`: the item's text matches the query, or text cannot judge."""
         if not self.lexical.docs.get(item_id):
             return True
-        base = self._base(query)  # rebuilds BM25 if due
+        base = self._base(query)
         lexical = base.lexical
         j = self.lexical.position(item_id)
         if j >= 0 and lexical.hit_rows.size and lexical.score_at(j) >= self.config.credit_lexical * lexical.best:
@@ -543,10 +541,9 @@ class Search:
 
     def _base(self, query: str) -> _Base:
         """The query's candidates before the shopper (:class:`_Base`): from the cache while the
-        catalog, the BM25 build and the vector index are as they were when it was built (and
+        catalog, BM25 and the vector index are as they were when it was built (and
         the query's vector is the encoder's), else built now and cached (LRU of
         ``retrieval_cache`` normalised queries; 0: never cached, the same answers)."""
-        self.lexical.known([])  # rebuilds BM25 if due, as a search always has
         qtext = _query_text(query)
         qvec = self.encoder(qtext)
         index = self.items.index
@@ -791,8 +788,8 @@ class Search:
         return f"like the {title} you {verb}"
 
     def stats(self) -> dict[str, Any]:
-        return {"lexical_items": len(self.lexical), "lexical_rebuilds": self.lexical.rebuilds,
-                "lexical_last_rebuild_s": self.lexical.last_rebuild_s, "queries_learned": len(self.associations),
+        return {"lexical_items": len(self.lexical), "lexical_terms": self.lexical.terms,
+                "queries_learned": len(self.associations),
                 **{f"engagements_{k.replace(' ', '_')}": v for k, v in sorted(self.credit_counts.items())},
                 **{f"query_cache_{k}": v for k, v in self.encoder.stats.items()},
                 **{f"base_cache_{k}": v for k, v in self.base_stats.items()}, "base_cache_size": len(self._base_cache)}
