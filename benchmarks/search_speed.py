@@ -44,7 +44,7 @@ import time
 import numpy as np
 import orjson
 
-from recsys.events import Envelope, Event, encode
+from recsys.events import CatalogItem, Envelope, Event, encode
 from recsys.items.embeddings import Embedder
 from recsys.search.lexical import LexicalIndex
 from recsys.settings import Settings
@@ -272,7 +272,7 @@ def main() -> None:
         start = time.perf_counter()
         lexical.upsert(catalog)
         index_s = time.perf_counter() - start
-        one = catalog[0].__class__(catalog[0].item_id, catalog[0].title + " changed")
+        one = CatalogItem(catalog[0].item_id, catalog[0].title + " changed")
         start = time.perf_counter()
         lexical.upsert([one])
         print(f"catalog of {len(catalog)} items: BM25 index {index_s * 1000:.0f} ms from empty "
