@@ -266,8 +266,8 @@ def live_flow(
     boot = bootstrap_catalog(engine, clients, settings.catalog_topic, dead_letters_topic=settings.dead_letters_topic,
                              recommendations_topic=settings.recommendations_topic)
     report(boot)
-    # issue 13: the query model and BM25 over the catalog now, not on the first search (seconds,
-    # with every event behind that search waiting)
+    # issue 13: the query model now, not on the first search (seconds, with every event behind
+    # that search waiting); BM25 is current after every catalog upsert
     engine.search.warm_up()
     metrics = FlowMetrics(settings)
     metrics.tick(engine)  # gauges filled before the first scrape

@@ -81,6 +81,10 @@ def reason_class(reason: str) -> str:
     return "other"
 
 
+class MetricsPortError(RuntimeError):
+    """The metrics endpoint's port could not be bound (in use, or not allowed)."""
+
+
 class _Endpoint:
     """A registry served over HTTP on ``metrics_port`` + :meth:`_port_offset` (the flow's and
     the trainer's metrics alike)."""
@@ -102,7 +106,15 @@ class _Endpoint:
         """Start the HTTP endpoint if ``metrics_port`` is set; returns its URL."""
         if self.port is None:
             return None
-        self.server, url = _serve(self.registry, self.settings.metrics_host, self.port)
+        try:
+            self.server, url = _serve(self.registry, self.settings.metrics_host, self.port)
+        except OSError as exc:
+            offset = self._port_offset()
+            given = f"RECSYS_METRICS_PORT {self.settings.metrics_port}" + (f" + {offset}" if offset else "")
+            raise MetricsPortError(
+                f"metrics: cannot serve on {self.settings.metrics_host}:{self.port} ({given}): {exc.strerror or exc}; "
+                f"another process holds it? choose another --metrics-port (a run with --processes N uses it and the "
+                f"N ports after it)") from exc
         return url
 
     def close(self) -> None:

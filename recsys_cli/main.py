@@ -140,6 +140,7 @@ def _run_one(settings: Settings, clients, signals) -> int:
     from dataflows.catalog_table import record_read_after_orderly_stop
     from dataflows.kafka_io import OffsetResetError
     from dataflows.live import live_flow, settle_heap, shard_factory
+    from dataflows.metrics import MetricsPortError
     from dataflows.runner import (
         StateBehindRecoveryError,
         check_state_against_recovery,
@@ -167,6 +168,9 @@ def _run_one(settings: Settings, clients, signals) -> int:
         settle_heap()  # the model is loaded now: keep it out of the collector's full passes
         flow = live_flow(settings, clients, engine=engine, stop=signals.requested)
         signals.running()  # from here on a signal ends the input; the epoch is committed
+    except MetricsPortError as exc:
+        engine.close()
+        fail("run", str(exc))
     except KeyboardInterrupt:
         engine.close()
         raise
@@ -401,9 +405,13 @@ def cmd_trainer(args: argparse.Namespace) -> int:
     (one per deployment, with the shards' settings; `run --processes N --model-trainer` starts it itself)."""
     settings = _settings(args, "trainer")
     _require_broker(settings, "trainer", (settings.catalog_topic,))
+    from dataflows.metrics import MetricsPortError
     from dataflows.trainer import run_until_signalled
 
-    return run_until_signalled(settings)
+    try:
+        return run_until_signalled(settings)
+    except MetricsPortError as exc:
+        fail("trainer", str(exc))
 
 
 # --------------------------------------------------------------------------- main

@@ -4,6 +4,7 @@ the local broker, its counters checked against what was produced; and the status
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -33,6 +34,23 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _free_port_pair() -> int:
+    """A port P with P and P + 1 both free, below Linux's ephemeral range (32768-60999): a port
+    the kernel picked as free, plus the next one, was taken by a client connection's local port
+    in one CI run (the second shard could not serve)."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20_000, 32_000)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 1))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no two free consecutive ports in 20000-32000")
 
 
 def scrape(url: str) -> dict[tuple[str, tuple], float]:
@@ -214,7 +232,7 @@ def test_each_shard_serves_its_own_port(local_broker, topic_name, tmp_path):
                               prefix + "dead-letters": 1})
     produce_records(clients, prefix + "catalog", [(c.item_id.encode(), encode(c)) for c in catalog])
     produce_records(clients, prefix + "events", [(e.user_id.encode(), encode(e)) for e in events])
-    port = _free_port()
+    port = _free_port_pair()
     proc = subprocess.Popen(
         [sys.executable, "-m", "recsys_cli", "run", "--processes", "2", "--events-topic", prefix + "events",
          "--catalog-topic", prefix + "catalog", "--recommendations-topic", prefix + "recommendations",
@@ -326,3 +344,28 @@ def test_a_slow_batch_is_logged_with_its_phases_at_most_once_a_second(tmp_path):
         silent = io.StringIO()
         FlowMetrics(settings, status=silent, clock=lambda: now[0]).batch(engine, envelopes, BatchResult(), 5.0)
         assert silent.getvalue() == ""
+
+
+def test_a_metrics_port_in_use_is_one_clear_line_not_a_traceback(local_broker, topic_name, tmp_path):
+    """Another process holds the metrics port: `recsys run` says which port and what to do, in
+    one line, and exits 1 (it raised OSError from the HTTP server's bind before, a traceback)."""
+    prefix = topic_name("mp") + "-"
+    bootstrap = local_broker.bootstrap
+    ensure_topics(bootstrap, {prefix + "events": 1, prefix + "catalog": 1, prefix + "recommendations": 1,
+                              prefix + "dead-letters": 1})
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "recsys_cli", "run", "--events-topic", prefix + "events",
+             "--catalog-topic", prefix + "catalog", "--recommendations-topic", prefix + "recommendations",
+             "--dead-letters-topic", prefix + "dead-letters", "--bootstrap-servers", bootstrap,
+             "--metrics-port", str(port), "--state-dir", str(tmp_path / "state"),
+             "--recovery-dir", str(tmp_path / "recovery"), "--embed-cache-dir", str(tmp_path / "emb")],
+            cwd=ROOT, capture_output=True, text=True, timeout=180, env={**os.environ, "RUST_BACKTRACE": "0"},
+        )
+    out = done.stdout + done.stderr
+    assert done.returncode == 1, out
+    assert f"metrics: cannot serve on 127.0.0.1:{port} (RECSYS_METRICS_PORT {port})" in out, out
+    assert "choose another --metrics-port" in out and "Traceback" not in out, out
