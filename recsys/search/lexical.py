@@ -71,7 +71,6 @@ class LexicalIndex:
         self.docs: dict[str, list[str]] = {}
         self.vocabulary = Vocabulary()
         self._ids: list[str] = []  # position -> item id (withdrawn items keep theirs until reclaimed)
-        self._pos: dict[str, int] = {}  # item id -> position, for items with tokens
         self._slot: dict[str, int] = {}  # item id -> position, for every item in docs
         self._length = np.zeros(1024, dtype=np.int64)  # position -> token count (0: none, withdrawn)
         self._postings: dict[str, dict[int, int]] = {}  # term -> {position: term frequency}
@@ -126,7 +125,6 @@ class LexicalIndex:
         if not tokens:
             return
         pos = self._slot[item_id]
-        self._pos[item_id] = pos
         self._length[pos] = len(tokens)
         self._n_docs += 1
         self._total_len += len(tokens)
@@ -137,7 +135,7 @@ class LexicalIndex:
     def _unindex(self, item_id: str, tokens: list[str]) -> None:
         if not tokens:
             return
-        pos = self._pos.pop(item_id)
+        pos = self._slot[item_id]
         self._length[pos] = 0
         self._n_docs -= 1
         self._total_len -= len(tokens)
@@ -151,7 +149,7 @@ class LexicalIndex:
     def _reclaim(self) -> None:
         """Number the items again in catalog order, dropping withdrawn items' positions."""
         docs = self.docs
-        self.docs, self._ids, self._pos, self._slot = {}, [], {}, {}
+        self.docs, self._ids, self._slot = {}, [], {}
         self._length = np.zeros(max(1024, 2 * len(docs)), dtype=np.int64)
         self._postings, self._arrays = {}, {}
         self._n_docs = self._total_len = 0
@@ -162,8 +160,9 @@ class LexicalIndex:
         self.version += 1
 
     def position(self, item_id: str) -> int:
-        """The item's position in :meth:`scores`'s arrays (-1: not in the index)."""
-        return self._pos.get(item_id, -1)
+        """The item's position in :meth:`scores`'s arrays (-1: not in the index, or no tokens)."""
+        pos = self._slot.get(item_id, -1)
+        return pos if pos >= 0 and self._length[pos] else -1
 
     def known(self, tokens: list[str]) -> list[str]:
         """The tokens that occur in the index (others cannot match anything)."""
