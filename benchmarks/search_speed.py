@@ -5,7 +5,7 @@ live benchmark's mixed workload through ``Shard.process``.
     .venv/bin/python benchmarks/search_speed.py [--items 10000] [--users 2000] [--searches 300]
     .venv/bin/python benchmarks/search_speed.py --search-share 0.2 [--users 20000] [--warm-events 40000]
         [--mixed-events 20000] [--min-batch 20] [--max-batch 100] [--profile [--profile-out FILE]] [--skip-recs-only] [--warm-up]
-        [--results-out FILE] [--distinct-queries N [--zipf-s 1.0]]
+        [--results-out FILE] [--distinct-queries N [--zipf-s 1.0]] [--new-items N] [--price-changes N]
 
 Synthetic catalog and shoppers (load test only). Without ``--search-share``: queries drawn
 from the catalog's words (half of them repeated, so the query-vector cache is exercised);
@@ -28,13 +28,17 @@ load the query model and build BM25 before the measured events (``Search.warm_up
 live flow can at start-up; without it the first search pays both. ``--distinct-queries N``:
 the searches' queries drawn from ``N`` distinct ones by a Zipf law (``--zipf-s``), see
 ``recsys.synthetic.with_searches``: without it the stream has only 144 distinct queries, so
-any per-query cache looks perfect.
+any per-query cache looks perfect. ``--new-items N`` / ``--price-changes N``: that many new
+catalog items / price changes of existing items, spread evenly over each run (the live
+benchmark's ``--new-items`` sends 20 over its 20k events), so the cost of catalog churn to the
+query candidates cache shows.
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import dataclasses
 import hashlib
 import os
 import pstats
@@ -94,10 +98,35 @@ def _engine(tmp: str, args, catalog, warm: list[Envelope]) -> Shard:
     return engine
 
 
+def _catalog_changes(catalog: list[CatalogItem], new_items: int, price_changes: int, n_batches: int,
+                     ) -> dict[int, list[Envelope]]:
+    """``--new-items`` / ``--price-changes``: catalog records spread evenly over the mixed run's
+    batches (batch index -> records, processed at the start of that batch as the live flow
+    does). New items read like the catalog's (an existing item's title, brand and category,
+    with a word of their own); their texts are fixed, so the embedding cache holds them after
+    the first run. Price changes move an existing item's price by 10%."""
+    changes: list[CatalogItem] = []
+    for j in range(new_items):
+        like = catalog[(j * 7919) % len(catalog)]
+        changes.append(CatalogItem(f"new-item-{j}", title=f"{like.title} edition {j}", brand=like.brand,
+                                   category=like.category, price=like.price))
+    for j in range(price_changes):
+        item = catalog[(j * 104729 + 13) % len(catalog)]
+        changes.append(dataclasses.replace(item, price=round((item.price or 10.0) * 1.1, 2)))
+    order = np.random.default_rng(4).permutation(len(changes)).tolist()
+    out: dict[int, list[Envelope]] = {}
+    for k, j in enumerate(order):
+        item = changes[j]
+        batch = (k + 1) * n_batches // (len(changes) + 1)
+        out.setdefault(batch, []).append(Envelope("catalog", 0, k, item.item_id.encode(), encode(item), 0))
+    return out
+
+
 def _run(engine: Shard, envs: list[Envelope], sizes: list[int], profiler: cProfile.Profile | None,
-         results_out: list | None = None) -> dict:
-    """Feed ``envs`` in batches of ``sizes``: wall and CPU seconds in all, and per batch the
-    time ``Shard.process`` and ``Search.step`` took, its searches and whether it encoded a query."""
+         results_out: list | None = None, catalog_at: dict[int, list[Envelope]] | None = None) -> dict:
+    """Feed ``envs`` in batches of ``sizes`` (``catalog_at[b]`` first in batch ``b``): wall and
+    CPU seconds in all, and per batch the time ``Shard.process`` and ``Search.step`` took, its
+    searches and whether it encoded a query."""
     inner = engine.search.step
     in_step = [0.0, 0.0]
 
@@ -126,9 +155,9 @@ def _run(engine: Shard, envs: list[Envelope], sizes: list[int], profiler: cProfi
     wall0, cpu0 = time.perf_counter(), time.process_time()
     if profiler is not None:
         profiler.enable()
-    for size in sizes:
+    for b, size in enumerate(sizes):
         misses, step_cpu, b0 = stats["misses"], in_step[1], time.perf_counter()
-        result = engine.process(envs[i:i + size])
+        result = engine.process([*(catalog_at or {}).get(b, ()), *envs[i:i + size]])
         batches.append((time.perf_counter() - b0, in_step[1] - step_cpu, len(result.search_results),
                         stats["misses"] > misses))
         i += size
@@ -171,7 +200,9 @@ def mixed(args) -> None:
         sizes.append(int(rng.integers(args.min_batch, args.max_batch + 1)))
     print(f"{args.items} items, {args.users} users, warm-up {len(warm)} events, then {n} events in {len(sizes)} "
           f"batches of {args.min_batch}-{args.max_batch} (mean {n / len(sizes):.0f}); {n_search} searches "
-          f"({n_search / n:.0%}) in the mixed run")
+          f"({n_search / n:.0%}) in the mixed run; {args.new_items} new items and {args.price_changes} price "
+          f"changes spread over each run")
+    catalog_at = _catalog_changes(catalog, args.new_items, args.price_changes, len(sizes))
     runs = {}
     plan = [("mixed", with_search)] if args.skip_recs_only else [("recs only", plain), ("mixed", with_search)]
     profiler = cProfile.Profile() if args.profile else None
@@ -182,7 +213,7 @@ def mixed(args) -> None:
                 engine.search.warm_up()
             answers: list = []
             runs[name] = r = _run(engine, _envelopes(stream, len(warm)), sizes, profiler if name == "mixed" else None,
-                                  answers if args.results_out and name == "mixed" else None)
+                                  answers if args.results_out and name == "mixed" else None, catalog_at)
             if answers:
                 with open(args.results_out, "wb") as f:
                     f.writelines(orjson.dumps(rec) + b"\n" for rec in answers)
@@ -191,7 +222,8 @@ def mixed(args) -> None:
             base = getattr(engine.search, "base_stats", None)  # the candidates cache (absent in older trees)
             if base is not None and name == "mixed":
                 kept = engine.search._base_cache
-                print(f"    query candidates cache: {base['hits']} hits, {base['misses']} misses, {len(kept)} kept "
+                refreshed = f", {base['refreshed']} refreshed after a catalog change" if "refreshed" in base else ""
+                print(f"    query candidates cache: {base['hits']} hits{refreshed}, {base['misses']} misses, {len(kept)} kept "
                       f"(bound {engine.search.config.retrieval_cache}), ~{_nbytes(kept) / max(len(kept), 1) / 1e3:.0f} kB "
                       f"an entry")
             print(f"{name:>9}: {n / r['wall']:,.0f} events/s wall, {n / r['cpu']:,.0f} events/CPU-s "
@@ -246,6 +278,9 @@ def main() -> None:
     p.add_argument("--distinct-queries", type=int, default=None,
                    help="--search-share: draw the queries from this many distinct ones (Zipf) instead of the 144 default ones")
     p.add_argument("--zipf-s", type=float, default=1.0, help="with --distinct-queries: the Zipf exponent over query rank")
+    p.add_argument("--new-items", type=int, default=0, help="--search-share: new catalog items spread over each run")
+    p.add_argument("--price-changes", type=int, default=0,
+                   help="--search-share: price changes of existing items spread over each run")
     p.add_argument("--results-out", default="", help="--search-share: write the mixed run's search results here (JSONL)")
     args = p.parse_args()
     if args.search_share:

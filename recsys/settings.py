@@ -126,8 +126,8 @@ class Settings(BaseSettings):
     search_personalise: bool = True  # re-rank search results for the shopper (off: the ablation)
     search_attribution: Literal["first+match", "match", "all"] = "first+match"  # engagements credited to a search's query: first+match|match|all (recsys/search/service.py)
     # queries whose candidates before the shopper (BM25 and vector-search answers, the merged
-    # list) are kept in memory, least recently used dropped; each is rebuilt when the catalog
-    # or an index changes, so answers never depend on it. ~50-150 kB an entry (BM25's hits) at 10k items
+    # list) are kept in memory, least recently used dropped; each is caught up with every catalog
+    # change (Search._refresh), so answers never depend on it. ~50-150 kB an entry (BM25's hits) at 10k items
     search_query_cache: int = Field(1_000, ge=0)
     search_in_history: bool = True  # a recent search's top items enter the user's next recommendations (recsys/search/intent.py)
 

@@ -229,3 +229,42 @@ def test_large_index_switches_to_ivf_and_keeps_upsert_remove_and_quality():
     index.upsert(["v1"], -vecs[1:2])  # replaced: now points the other way
     np.testing.assert_allclose(index.vector("v1"), -normed[1], atol=1e-6)
     assert all(i != "v1" for i, _ in index.search(queries[1:2], 5)[0])
+
+
+def test_the_index_names_what_changed_since_a_version_and_forgets_across_its_switch_to_ivf(rng) -> None:
+    """Search catches a cached answer up through ``changed_since``: every id upserted or removed
+    after a version, and None where the journal cannot tell (before the switch to the inverted
+    file, whose answers all differ, or further back than it keeps)."""
+    index = VectorIndex(DIM, ivf_threshold=300, nprobe=4)
+    index.upsert([f"a{i}" for i in range(100)], unit_rows(rng, 100))
+    v = index.version
+    assert index.changed_since(v) == set()
+    index.upsert(["a1", "b1"], unit_rows(rng, 2))  # a1 replaced (removed and added), b1 new
+    index.remove(["a2", "unknown"])
+    index.remove(["unknown"])  # nothing removed: no new version
+    assert index.changed_since(v) == {"a1", "b1", "a2"}
+    assert index.changed_since(index.version) == set() and index.changed_since(index.version + 1) is None
+    before_switch = index.version
+    index.upsert([f"c{i}" for i in range(250)], unit_rows(rng, 250))
+    assert index.approximate
+    assert index.changed_since(before_switch) is None and index.changed_since(v) is None
+    after = index.version
+    index.upsert(["c1"], unit_rows(rng, 1))
+    assert index.changed_since(after) == {"c1"}
+    from recsys.items.catalog import JOURNAL_VERSIONS
+    for i in range(2 * JOURNAL_VERSIONS + 1):
+        index.remove([f"c{i % 250}"]) or index.upsert([f"c{i % 250}"], unit_rows(rng, 1))
+    assert index.changed_since(after) is None
+    assert index.changed_since(index.version - JOURNAL_VERSIONS) is not None
+
+
+def test_the_catalog_names_the_items_changed_since_a_version() -> None:
+    catalog = Catalog()
+    catalog.upsert([CatalogItem("a", "Red shoe"), CatalogItem("b", "Cake", price=3.0)])
+    v = catalog.version
+    catalog.upsert([CatalogItem("a", "Red shoe")])  # sent again unchanged: not a change
+    assert catalog.changed_since(v) == set() and catalog.version == v
+    catalog.upsert([CatalogItem("b", "Cake", price=3.5), CatalogItem("c", "Tea")])  # a price, a new item
+    catalog.upsert([CatalogItem("a", "Red shoe", available=False)])
+    assert catalog.changed_since(v) == {"a", "b", "c"} and catalog.changed_since(catalog.version - 1) == {"a"}
+    assert catalog.changed_since(-1) is None and catalog.changed_since(catalog.version + 1) is None

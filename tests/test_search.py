@@ -310,6 +310,116 @@ def test_the_query_candidates_cache_answers_as_building_every_search_afresh(tmp_
         eng.close()
 
 
+def test_a_catalog_change_catches_cached_queries_up_instead_of_building_them_again(tmp_path, cache):
+    """A price change, or a new item, used to drop every cached query's candidates (each
+    rebuilt on its next search: BM25, the vector search, the merged list's catalog entries).
+    Now a cached query is caught up with the change (``refreshed``): the same answers as an
+    engine that builds every search afresh, without a new build."""
+    engines = [Shard.open(_settings(tmp_path / name, cache, search_query_cache=size), in_memory=True)
+               for name, size in (("cached", 1000), ("fresh", 0))]
+    queries = ["tent", "running shoes", "coffee mug", "camping stove"]
+    answers = []
+    for eng in engines:
+        eng.upsert_catalog(CATALOG)
+        stream, got = Stream(eng), []
+        got.extend(stream.search("u1", q) for q in queries)
+        _upsert(eng, 0, dataclasses.replace(CATALOG[1], price=199.0))  # a price
+        got.extend(stream.search("u2", q) for q in queries)
+        _upsert(eng, 1, CatalogItem("lamp", "Paraffin lamp", category="Home/Lighting", price=30.0))  # a new item
+        got.extend(stream.search("u3", q) for q in queries)
+        answers.append([{k: v for k, v in a.items() if k != "emitted_at"} for a in got])
+    stats = engines[0].search.base_stats
+    assert stats["misses"] == len(queries) and stats["refreshed"] == 2 * len(queries)
+    assert answers[0] == answers[1]
+    assert [it["item_id"] for it in answers[0][len(queries) + 0]["items"]][:2] == ["tent-blue", "tent-green"]
+    for eng in engines:
+        eng.close()
+
+
+def test_cached_candidates_follow_every_kind_of_change_on_an_inverted_file_index_with_ties(tmp_path, cache):
+    """The refresh is exact on the approximate index too, where most answers hold items of
+    equal score (identical texts) across the vector search's cut, which faiss breaks by its
+    scan order and removals and re-adds change: items are added with texts others have,
+    withdrawn, brought back, given other texts and prices, between searches; a cached engine
+    answers as one that builds every search afresh."""
+    adjectives = ["blue", "green", "red", "black", "light", "steel", "wooden", "folding", "travel", "kids"]
+    nouns = ["tent", "kettle", "chair", "lamp", "mug", "backpack", "stove", "jacket", "bottle", "table", "hammock", "knife"]
+    texts = [f"{a} {n}" for a in adjectives for n in nouns]  # 120 texts, each given to 10 items: equal scores,
+    # and four given to 150 more each: ties beyond the spare items the vector search asks for (not settled)
+    titles = [texts[j % len(texts) if j < 1200 else (j % 4) * 13] for j in range(1800)]
+    catalog = [CatalogItem(f"i{j}", title, category=f"C{texts.index(title) % 7}", price=float(5 + j % 40))
+               for j, title in enumerate(titles)]  # the same title, the same category: the same text
+    rng = np.random.default_rng(11)
+    ops = []
+    for r in range(40):  # half of them on the four crowded texts
+        kind = ["new", "withdraw", "back", "text", "price"][r % 5]
+        j = int(rng.integers(1200, 1800) if r % 2 else rng.integers(1200))
+        text = texts[int(rng.integers(4)) * 13 if r % 3 else rng.integers(len(texts))]
+        ops.append((kind, j, text))
+    queries = ["blue tent", "folding chair", "steel bottle", "travel", "lamp", "wooden table", "green kettle",
+               "red chair", "black lamp"]
+    answers = []
+    for name, size in (("cached", 1000), ("fresh", 0)):
+        eng = Shard.open(_settings(tmp_path / name, cache, search_query_cache=size), in_memory=True)
+        eng.items.index.ivf_threshold = 1000
+        eng.search.config = dataclasses.replace(eng.search.config, candidates=8)  # cuts inside groups of 10
+        eng.upsert_catalog(catalog)
+        assert eng.items.index.approximate
+        stream, got, withdrawn = Stream(eng), [], []
+        for u in range(5):  # histories: prices, categories and brands of the candidates count for them
+            stream.events(*[("purchase", f"u{u}", f"i{(u * 397 + k * 1201) % 1800}") for k in range(3)])
+        for n, (kind, j, text) in enumerate(ops):
+            item = catalog[j]
+            if kind == "new":
+                # ids that sort first: a new item equal to an answer's items takes its place
+                change = CatalogItem(f"a{n}", text, category=f"C{texts.index(text) % 7}", price=9.0)
+            elif kind == "withdraw":
+                change = dataclasses.replace(item, available=False)
+                withdrawn.append(item)
+            elif kind == "back" and withdrawn:
+                change = withdrawn.pop(0)
+            elif kind == "text":
+                change = dataclasses.replace(item, title=text, category=f"C{texts.index(text) % 7}")
+            else:
+                change = dataclasses.replace(item, price=(item.price or 1.0) + 1.0)
+            _upsert(eng, n, change)
+            got.extend(stream.search(f"u{(n + q) % 5}", query) for q, query in enumerate(queries))
+        answers.append([{k: v for k, v in a.items() if k != "emitted_at"} for a in got])
+        if size:
+            stats = eng.search.base_stats
+            assert stats["refreshed"] > stats["misses"]  # most changes were caught up with
+            settled = [base.settled for base in eng.search._base_cache.values()]
+            assert True in settled and False in settled  # both kinds of answer were caught up with
+        eng.close()
+    assert answers[0] == answers[1]
+
+
+def test_a_cached_vector_search_answer_is_kept_only_where_no_change_can_move_it(engine):
+    """Search._semantic_unmoved, the rule that lets a cached query skip the vector search after
+    the index changed: kept when the changed items are outside the answer and score clearly
+    below its last item; searched again when one is in it, when a new one could enter, or when
+    the answer was not settled (equal scores across its cut, which faiss orders by its scans)."""
+    search = engine.search
+    search.config = dataclasses.replace(search.config, candidates=3)
+    base = search._base("camping tent")
+    answer = [i for i, _ in base.semantic]
+    assert len(answer) == 3 and base.settled
+    assert not search._semantic_unmoved(base, {answer[0]})  # in the answer
+    engine.upsert_catalog([CatalogItem("tent-red", "Red dome tent for camping", category="Camping/Tents"),
+                           CatalogItem("cake", "Chocolate birthday cake", category="Grocery/Desserts")])
+    qvec = base.qvec
+    assert float(engine.items.vector("tent-red") @ qvec) > base.semantic[-1][1]  # it would enter
+    assert not search._semantic_unmoved(base, {"tent-red"})
+    assert float(engine.items.vector("cake") @ qvec) < base.semantic[-1][1] - 1e-4
+    assert search._semantic_unmoved(base, {"cake"})  # far below the answer's last: cannot enter
+    engine.upsert_catalog([dataclasses.replace(CATALOG[6], available=False)])  # coffee leaves the index
+    assert "coffee" not in answer and search._semantic_unmoved(base, {"coffee", "cake"})
+    assert not search._semantic_unmoved(dataclasses.replace(base, settled=False), {"cake"})
+    assert not search._semantic_unmoved(dataclasses.replace(base, semantic=base.semantic[:2]), {"cake"})  # not full
+    fresh = search._semantic(qvec)
+    assert fresh[0][:3] != base.semantic and fresh[0][0][0] == "tent-red"  # what a new search gives
+
+
 def test_a_search_s_candidates_are_the_query_s_then_the_user_s_matches_then_the_learned(engine):
     """The per-search part laid over a cached query's candidates gives what one merge of the
     four sources gives: BM25's top, the user's own items matching the query, the vector

@@ -28,6 +28,9 @@ import numpy as np
 
 from recsys.events import CatalogItem, DecodeError, decode_catalog_item
 
+#: How many versions back :meth:`Catalog.changed_since` and :meth:`VectorIndex.changed_since` can
+#: always answer (they keep between this many and twice as many).
+JOURNAL_VERSIONS = 4096
 
 def _faiss_search(index: faiss.Index, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """``index.search``, single-threaded for batches below faiss's BLAS threshold
@@ -125,6 +128,10 @@ class VectorIndex:
         self._index: faiss.Index = faiss.IndexIDMap(faiss.IndexFlatIP(dim))
         self._approximate = False
         self._version = 0
+        #: the ids each version changed: ``_journal[i]`` those of version ``_journal_base + i + 1``
+        #: (see :meth:`changed_since`); restarted when the index is rebuilt as an inverted file
+        self._journal: list[list[str]] = []
+        self._journal_base = 0
         self._to_int: dict[str, int] = {}
         self._to_str: dict[int, str] = {}
         self._next_id = 0
@@ -146,6 +153,8 @@ class VectorIndex:
         index.nprobe = self.nprobe
         index.add_with_ids(vecs, ints)
         self._index, self._approximate = index, True
+        # every answer may change (approximate now): nothing before this point can be caught up with
+        self._journal, self._journal_base = [], self._version
 
     def __len__(self) -> int:
         return len(self._to_int)
@@ -155,6 +164,23 @@ class VectorIndex:
         """Changes whenever an answer of :meth:`search` could: every upsert and removal (for
         callers that cache answers, such as search's per-query retrieval)."""
         return self._version
+
+    def changed_since(self, version: int) -> set[str] | None:
+        """The ids upserted or removed after :attr:`version` was ``version``: an answer of
+        :meth:`search` read then differs now only through them. None when that is further back
+        than the index remembers (the last :data:`JOURNAL_VERSIONS` versions, never across its
+        switch to the inverted file)."""
+        start = version - self._journal_base
+        if start < 0 or version > self._version:
+            return None
+        return {item_id for ids in self._journal[start:] for item_id in ids}
+
+    def _journal_add(self, item_ids: list[str]) -> None:
+        self._version += 1
+        self._journal.append(item_ids)
+        if len(self._journal) > 2 * JOURNAL_VERSIONS:
+            del self._journal[:JOURNAL_VERSIONS]
+            self._journal_base += JOURNAL_VERSIONS
 
     def __contains__(self, item_id: object) -> bool:
         return item_id in self._to_int
@@ -200,20 +226,21 @@ class VectorIndex:
             self._to_str[n] = item_id
         if len(ints):
             self._index.add_with_ids(vecs, ints)
-            self._version += 1
+            self._journal_add(list(item_ids))
         if not self._approximate and len(self._to_int) >= self.ivf_threshold:
             self._switch_to_ivf()
 
     def remove(self, item_ids: Iterable[str]) -> int:
         """Drop these ids (unknown ones are ignored); returns how many were removed."""
-        ints = [self._to_int.pop(i) for i in set(item_ids) if i in self._to_int]
-        if not ints:
+        gone = [i for i in dict.fromkeys(item_ids) if i in self._to_int]
+        if not gone:
             return 0
+        ints = [self._to_int.pop(i) for i in gone]
         for n in ints:
             del self._to_str[n]
         # One call: each remove_ids compacts the whole flat array.
         self._index.remove_ids(np.asarray(ints, dtype=np.int64))
-        self._version += 1
+        self._journal_add(gone)
         return len(ints)
 
     def vector(self, item_id: str) -> np.ndarray | None:
@@ -355,8 +382,25 @@ class Catalog:
         self.repeatable: set[str] = set()
         #: bumped by every :meth:`upsert` that changes an item (any field, availability included;
         #: an item sent again unchanged does not): callers that cache what they read of the
-        #: items (search's per-query candidates) drop it when this changes
+        #: items (search's per-query candidates) catch up through :meth:`changed_since`
         self.version = 0
+        self._journal: list[str] = []  # the item each version changed: _journal[v - _journal_base - 1]
+        self._journal_base = 0
+
+    def changed_since(self, version: int) -> set[str] | None:
+        """The ids of the items changed (any field) after :attr:`version` was ``version``, or
+        None when that is further back than the catalog remembers (the last
+        :data:`JOURNAL_VERSIONS` changes at least).
+
+        >>> cat = Catalog(); _ = cat.upsert([CatalogItem("a", "Red shoe")]); v = cat.version
+        >>> _ = cat.upsert([CatalogItem("a", "Red shoe", price=9.0), CatalogItem("b", "Cake")])
+        >>> sorted(cat.changed_since(v)), cat.changed_since(cat.version), cat.changed_since(-1)
+        (['a', 'b'], set(), None)
+        """
+        start = version - self._journal_base
+        if start < 0 or version > self.version:
+            return None
+        return set(self._journal[start:])
 
     def upsert(self, items: Iterable[CatalogItem]) -> list[CatalogItem]:
         """Store the items; returns (latest versions of) those new or with changed ``text``."""
@@ -365,6 +409,7 @@ class Catalog:
             old = self.items.get(item.item_id)
             if old is None or old != item:
                 self.version += 1
+                self._journal.append(item.item_id)
             if old is None or old.text != item.text or item.item_id in changed:
                 changed[item.item_id] = item
             self.items[item.item_id] = item
@@ -372,6 +417,9 @@ class Catalog:
                 self.repeatable.add(item.item_id)
             else:
                 self.repeatable.discard(item.item_id)
+        if len(self._journal) > 2 * JOURNAL_VERSIONS:
+            del self._journal[:JOURNAL_VERSIONS]
+            self._journal_base += JOURNAL_VERSIONS
         return list(changed.values())
 
     def get(self, item_id: str) -> CatalogItem | None:

@@ -10,10 +10,12 @@ Per search ``(query, user state, time)``:
    match the query lexically. What does not depend on the shopper -- the BM25 and vector-search
    answers, their merged list with catalog entries, vector rows, lexical signal and category /
    brand codes -- is kept per normalised query (:meth:`Search._base`, an LRU of
-   ``retrieval_cache`` entries) and used only while the catalog, BM25 and the vector
-   index are at the versions it was built at; the learned items (they change with every
-   credited engagement) and the user's matches are laid over it per search, in the order one
-   merge of the four gives. So answers are the same whether it holds the query or not.
+   ``retrieval_cache`` entries); after a catalog change an entry is caught up with it
+   (BM25 asked again, the vector search only where a changed item is in its answer or could
+   enter it, the rest kept unless a changed item is on the list: :meth:`Search._refresh`);
+   the learned items (they change with every credited engagement) and the user's matches are
+   laid over it per search, in the order one merge of the four gives. So answers are the same
+   whether it holds the query or not.
 2. **Signals** per candidate, in :data:`FEATURES` order: ``lexical`` (BM25 / the query's best),
    ``semantic`` (cosine of query and item), ``learned`` (association weight, 0-1), ``popular``
    (log decayed popularity / the candidates' best), and the personal ones: ``affinity`` (cosine
@@ -40,7 +42,7 @@ import itertools
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -112,9 +114,9 @@ class SearchConfig:
     query_cache: int = 10_000  # query vectors kept (LRU)
     # normalised queries whose candidates before the shopper are kept (LRU, in memory): the
     # BM25 and vector-search answers, the merged candidate list with its catalog entries,
-    # vector rows and lexical signal (Search._base). An entry is used only while the catalog,
-    # BM25 and the vector index are as they were when it was built, so answers are
-    # the same with any size (0: nothing kept). Settings.search_query_cache
+    # vector rows and lexical signal (Search._base). After a catalog change an entry is caught
+    # up with it (Search._refresh), so answers are the same with any size (0: nothing kept).
+    # Settings.search_query_cache
     retrieval_cache: int = 1_000
     # Add the re-ranker's learned correction to the live score. It always learns (cheap), but
     # is off by default: on derived queries it barely moves REES46 (NDCG@10 0.9214 -> 0.9225)
@@ -146,6 +148,12 @@ def _query_text(query: str) -> str:
 
 
 _query_key = functools.lru_cache(maxsize=4096)(query_key)
+#: The vector search asks this many items beyond ``candidates``, to know where its cut falls
+#: (:meth:`Search._semantic`).
+_SEMANTIC_SPARE = 32
+#: A cached query's candidates are caught up with at most this many changed items; beyond,
+#: rebuilt (:meth:`Search._refresh`).
+_REFRESH_MAX_CHANGES = 256
 
 
 @dataclass
@@ -174,17 +182,19 @@ class _Lexical:
 
 @dataclass
 class _Base:
-    """A query's candidates before the shopper: what every search of the query shares until the
-    catalog (:attr:`Catalog.version`), BM25 (:attr:`LexicalIndex.version`) or the
-    vector index (:attr:`VectorIndex.version`) changes -- ``version`` holds the three as they
-    were when it was built. The learned items and the user's own matches are added per search."""
+    """A query's candidates before the shopper: what every search of the query shares. Built at
+    the catalog's (:attr:`Catalog.version`), BM25's (:attr:`LexicalIndex.version`) and the
+    vector index's (:attr:`VectorIndex.version`) versions, held in ``version``; after a change
+    it is caught up with rather than rebuilt where it can be (:meth:`Search._refresh`). The
+    learned items and the user's own matches are added per search."""
 
     version: tuple[int, int, int]
     qvec: np.ndarray  # the encoder's vector of the query (the entry is rebuilt if the encoder's changes)
     known: list[str]  # repaired query tokens known to BM25
     key: str  # query_key: the learned associations' key
     lexical: _Lexical
-    best_semantic: float | None  # the vector search's best score (None: it found nothing)
+    semantic: list[tuple[str, float]]  # the vector search's answer (Search._semantic)
+    settled: bool  # whether that answer is the same whatever order faiss scans the items in
     any_semantic: bool  # it found an item at least min_semantic
     ids: list[str]  # available items of the BM25 top, then of the vector search's answer, each once
     n_top: int  # the first n_top ids are from the BM25 top
@@ -196,6 +206,11 @@ class _Base:
     prices: np.ndarray  # float64: their catalog price (0.0: none)
     pop_slots: np.ndarray  # their Popularity.slots, valid at pop_stamp (refreshed by Search._pop_slots)
     pop_stamp: tuple[int, int]
+
+    @property
+    def best_semantic(self) -> float | None:
+        """The vector search's best score (None: it found nothing)."""
+        return self.semantic[0][1] if self.semantic else None
 
 
 @dataclass
@@ -251,7 +266,7 @@ class Search:
         #: only (a restart starts empty), each entry checked against the catalog's and the
         #: indexes' versions on use
         self._base_cache: OrderedDict[str, _Base] = OrderedDict()
-        self.base_stats = {"hits": 0, "misses": 0}
+        self.base_stats = {"hits": 0, "refreshed": 0, "misses": 0}
         #: category and brand names -> small ints, so a candidate's category and brand signals are
         #: one array look-up (grows with the catalog's distinct names, never reassigned)
         self._label_code: dict[str, int] = {}
@@ -541,25 +556,107 @@ class Search:
 
     def _base(self, query: str) -> _Base:
         """The query's candidates before the shopper (:class:`_Base`): from the cache while the
-        catalog, BM25 and the vector index are as they were when it was built (and
-        the query's vector is the encoder's), else built now and cached (LRU of
-        ``retrieval_cache`` normalised queries; 0: never cached, the same answers)."""
+        catalog, BM25 and the vector index are as they were when it was built (and the query's
+        vector is the encoder's); after a change, the cached entry caught up with it
+        (:meth:`_refresh`); else built now. Cached in an LRU of ``retrieval_cache`` normalised
+        queries (0: never cached, the same answers)."""
         qtext = _query_text(query)
         qvec = self.encoder(qtext)
-        index = self.items.index
-        version = (self.items.catalog.version, self.lexical.version, index.version)
+        version = (self.items.catalog.version, self.lexical.version, self.items.index.version)
         cache = self._base_cache
         got = cache.get(qtext)
-        if got is not None and got.version == version and got.qvec is qvec:
+        if got is not None and got.qvec is qvec:
+            if got.version == version:
+                cache.move_to_end(qtext)
+                self.base_stats["hits"] += 1
+                return got
+            got = self._refresh(got, query, version)
+        if got is None:
+            self.base_stats["misses"] += 1
+            got = self._build(query, qvec, version)
+        if self.config.retrieval_cache > 0:
+            cache[qtext] = got
             cache.move_to_end(qtext)
-            self.base_stats["hits"] += 1
-            return got
-        self.base_stats["misses"] += 1
+            while len(cache) > self.config.retrieval_cache:
+                cache.popitem(last=False)
+        return got
+
+    def _semantic(self, qvec: np.ndarray) -> tuple[list[tuple[str, float]], bool]:
+        """The vector search's top ``candidates`` items for the query, best first and equal scores
+        by id, and whether that answer is *settled*: the same whatever order faiss scans the
+        items in (faiss breaks equal scores by its scan order, which removals and re-adds
+        change). A few more are asked so that the cut is known to fall between two different
+        scores; where it does not (ties across it), the answer is not settled and is searched
+        again after any change to the index (:meth:`_semantic_unmoved`)."""
+        k = self.config.candidates
+        if not len(self.items.index):
+            return [], True
+        got = self.items.search(qvec, k + _SEMANTIC_SPARE)[0]
+        scores = [score for _, score in got]
+        if any(a == b for a, b in zip(scores, scores[1:])):  # equal scores: by id
+            got.sort(key=lambda hit: (-hit[1], hit[0]))
+        settled = len(got) <= k or len(got) < k + _SEMANTIC_SPARE or got[-1][1] < got[k - 1][1]
+        return got[:k], settled
+
+    def _semantic_unmoved(self, base: _Base, changed: set[str]) -> bool:
+        """Whether the vector search's answer in ``base`` is still the answer after the index
+        changed these items: none of them is in it, and each of them now in the index scores
+        clearly below its last item (so it cannot have entered; an item that left from outside
+        the answer took nothing from it). Needs a settled answer of ``candidates`` items when
+        an item was added (with fewer, every item searched was in it)."""
+        answer = base.semantic
+        if not base.settled or any(item_id in changed for item_id, _ in answer):
+            return False
+        index = self.items.index
+        present = [item_id for item_id in changed if item_id in index]
+        if not present:
+            return True
+        if len(answer) < self.config.candidates:
+            return False
+        # float32 dot products as faiss computes them, up to rounding: a margin far above it
+        scores = index.vectors(present) @ base.qvec
+        return bool((scores < answer[-1][1] - 1e-4).all())
+
+    def _refresh(self, old: _Base, query: str, version: tuple[int, int, int]) -> _Base | None:
+        """``old`` caught up with the catalog, BM25 and vector index as they are now, as
+        :meth:`_build` would give it, or None (build it). BM25 is asked again whenever it
+        changed (a new item moves every score: the document count and mean length); the
+        vector search only when a changed item is in its answer or could have entered it; the
+        merged list's catalog entries, rows and signals are kept when the two answers give the
+        same list and no changed item is on it. So a price change, or a new item, costs a
+        cached query one BM25 scoring instead of a new build (``base_stats["refreshed"]``)."""
+        catalog_changed = self.items.catalog.changed_since(old.version[0])
+        index_changed = self.items.index.changed_since(old.version[2])
+        if catalog_changed is None or index_changed is None:
+            return None
+        changed = catalog_changed | index_changed
+        if len(changed) > _REFRESH_MAX_CHANGES:
+            return None
+        self.base_stats["refreshed"] += 1
+        known = self.lexical.known(self.lexical.vocabulary.repair(tokenize(query)))
+        lexical = old.lexical
+        if old.version[1] != version[1] or known != old.known:
+            lexical = self._lexical_retrieval(known)
+        semantic, settled = old.semantic, old.settled
+        if index_changed and not self._semantic_unmoved(old, index_changed):
+            semantic, settled = self._semantic(old.qvec)
+        if (semantic != old.semantic or list(lexical.top) != list(old.lexical.top)
+                or any(item_id in old.where or item_id in old.lexical.top for item_id in changed)):
+            return self._build(query, old.qvec, version, known=known, lexical=lexical, semantic=(semantic, settled))
+        lex = old.lex if lexical is old.lexical else np.fromiter(
+            map(lexical.top.get, old.ids, itertools.repeat(0.0)), dtype=np.float64, count=len(old.ids))
+        return replace(old, version=version, known=known, lexical=lexical, lex=lex)
+
+    def _build(self, query: str, qvec: np.ndarray, version: tuple[int, int, int], *, known: list[str] | None = None,
+               lexical: _Lexical | None = None, semantic: tuple[list[tuple[str, float]], bool] | None = None) -> _Base:
+        """The query's candidates before the shopper, from the retrievers' answers (asked here
+        unless given: :meth:`_refresh` passes those it has)."""
         cfg = self.config
-        tokens = tokenize(query)
-        known = self.lexical.known(self.lexical.vocabulary.repair(tokens))
-        lexical = self._lexical_retrieval(known)
-        sem_hits = self.items.search(qvec, cfg.candidates)[0] if len(index) else []
+        if known is None:
+            known = self.lexical.known(self.lexical.vocabulary.repair(tokenize(query)))
+        if lexical is None:
+            lexical = self._lexical_retrieval(known)
+        sem_hits, settled = semantic if semantic is not None else self._semantic(qvec)
         sem_set = frozenset(i for i, s in sem_hits if s >= cfg.min_semantic)
         known_items = self.items.catalog.items
         top = lexical.top
@@ -567,20 +664,14 @@ class Search:
                    if (item := known_items.get(i)) is not None and item.available]  # is_recommendable
         ids = [i for i, _ in entries]
         n = len(ids)
-        got = _Base(
-            version, qvec, known, _query_key(query), lexical, sem_hits[0][1] if sem_hits else None, bool(sem_set), ids,
-            sum(1 for i in ids if i in top), index.rows(ids),
+        return _Base(
+            version, qvec, known, _query_key(query), lexical, sem_hits, settled, bool(sem_set), ids,
+            sum(1 for i in ids if i in top), self.items.index.rows(ids),
             np.fromiter(map(top.get, ids, itertools.repeat(0.0)), dtype=np.float64, count=n),
             np.array([i in sem_set for i in ids], dtype=bool), {i: j for j, i in enumerate(ids)},
             self._labels([item for _, item in entries]), _prices([item for _, item in entries]),
             self.popularity.slots(ids), self.popularity.stamp,
         )
-        if cfg.retrieval_cache > 0:
-            cache[qtext] = got
-            cache.move_to_end(qtext)
-            while len(cache) > cfg.retrieval_cache:
-                cache.popitem(last=False)
-        return got
 
     def _pop_slots(self, base: _Base) -> np.ndarray:
         """The base's candidates' popularity slots, looked up again only for those unknown then
