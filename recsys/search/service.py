@@ -550,9 +550,12 @@ class Search:
         cfg = self.config
         lex_ids, lex_scores = self.lexical.scores(known)
         hits = np.flatnonzero(lex_scores > 0) if len(lex_ids) else np.zeros(0, dtype=np.int64)
-        top = hits[np.argpartition(-lex_scores[hits], min(cfg.candidates, len(hits)) - 1)[: cfg.candidates]] if len(hits) else hits
-        best = float(lex_scores[hits].max()) if len(hits) else 1.0
-        return _Lexical({lex_ids[j]: float(lex_scores[j]) / best for j in top.tolist()}, hits, lex_scores[hits], best)
+        hit_scores = lex_scores[hits]
+        top = hits[np.argpartition(-hit_scores, min(cfg.candidates, len(hits)) - 1)[: cfg.candidates]] if len(hits) else hits
+        best = float(hit_scores.max()) if len(hits) else 1.0
+        # float64 of each float32 score over the best: the floats float(score) / best gives
+        shares = (lex_scores[top].astype(np.float64) / best).tolist()
+        return _Lexical(dict(zip(map(lex_ids.__getitem__, top.tolist()), shares)), hits, hit_scores, best)
 
     def _base(self, query: str) -> _Base:
         """The query's candidates before the shopper (:class:`_Base`): from the cache while the
