@@ -166,6 +166,11 @@ class FlowMetrics(_Endpoint):
         self.state_bytes = Gauge("recsys_state_size_bytes", "Size on disk of the state directory (RocksDB, models)", registry=r)
         self.waiting = Gauge("recsys_waiting_events", "Events waiting for their catalog item", registry=r)
         self.items = Gauge("recsys_catalog_items", "Items in the catalog", registry=r)
+        self.search_cache = Counter(
+            "recsys_search_cache", "Search's caches by outcome: cache=candidates (a query's candidates before the "
+            "shopper: hit, refreshed after a catalog change, rebuilt), cache=query_vectors (hit, encoded by the model)",
+            ["cache", "outcome"], registry=r)
+        self._search_seen: dict[tuple[str, str], int] = {}
         self.model_version = Gauge("recsys_model_version", "Updates so far: head optimizer steps, re-ranker examples",
                                    ["model"], registry=r)
         self.model_age = Gauge("recsys_model_update_age_seconds", "Seconds since the model last changed", ["model"], registry=r)
@@ -305,6 +310,7 @@ class FlowMetrics(_Endpoint):
         now = self.clock()
         self.waiting.set(len(engine.waiting))
         self.items.set(len(engine.items.catalog))
+        self._count_search_caches(engine)
         self.hit_rate.set(engine.monitor.hit_rate)
         versions = {"reranker": engine.reranker.examples}
         if engine.head is not None:
@@ -330,6 +336,17 @@ class FlowMetrics(_Endpoint):
         if self._status is not None and now - self._interval_started >= self.settings.status_interval_s:
             self._status.write(self.status_line(now) + "\n")
             self._status.flush()
+
+    def _count_search_caches(self, engine: Shard) -> None:
+        """Search's cache counts since the last tick into ``recsys_search_cache_total``."""
+        base, vectors = engine.search.base_stats, engine.search.encoder.stats
+        for key, total in ((("candidates", "hit"), base["hits"]), (("candidates", "refreshed"), base["refreshed"]),
+                           (("candidates", "rebuilt"), base["misses"]), (("query_vectors", "hit"), vectors["hits"]),
+                           (("query_vectors", "encoded"), vectors["misses"])):
+            grew = total - self._search_seen.get(key, 0)
+            if grew > 0:
+                self.search_cache.labels(*key).inc(grew)
+            self._search_seen[key] = total
 
     def status_line(self, now: float) -> str:
         """The numbers of the interval since the last line; starts the next interval."""

@@ -271,8 +271,47 @@ def _engine_data(tmp_path):
     """The plain attributes FlowMetrics reads from an engine (the real one is tested live above)."""
     from types import SimpleNamespace
 
+    search = SimpleNamespace(base_stats={"hits": 0, "refreshed": 0, "misses": 0},
+                             encoder=SimpleNamespace(stats={"hits": 0, "misses": 0}))
     return SimpleNamespace(waiting=[], items=SimpleNamespace(catalog={"i1": 1}), monitor=SimpleNamespace(hit_rate=0.25),
-                           reranker=SimpleNamespace(examples=3), head=None, users=SimpleNamespace(count=lambda: 7))
+                           reranker=SimpleNamespace(examples=3), head=None, users=SimpleNamespace(count=lambda: 7),
+                           search=search)
+
+
+def test_search_s_caches_are_counted_by_outcome(tmp_path):
+    """``recsys_search_cache_total{cache,outcome}`` from a real engine: a query's first search
+    rebuilds its candidates and encodes its text, the next is a hit, and after a price change a
+    refresh (the counts grow by what happened since the last tick)."""
+    from recsys.events import CatalogItem, Envelope, Event
+    from recsys.shard.step import Shard
+
+    engine = Shard.open(Settings(state_dir=str(tmp_path / "state"), embed_cache_dir=str(tmp_path / "emb"),
+                                 head_snapshot_interval_s=3600), in_memory=True)
+    tent = CatalogItem("tent", "Blue dome tent", category="Camping", price=120.0)
+    engine.upsert_catalog([tent, CatalogItem("mug", "Enamel coffee mug", category="Camping", price=12.0)])
+    metrics = FlowMetrics(Settings(state_dir=str(tmp_path), quiet=True))
+
+    def search(n: int) -> None:
+        ev = Event(f"s{n}", "search", f"u{n}", None, 1_700_000_000_000 + n, query="tent")
+        assert len(engine.process([Envelope("events", 0, n, ev.user_id.encode(), encode(ev), ev.ts)]).search_results) == 1
+
+    def counts() -> dict[tuple[str, str], float]:
+        return {(s.labels["cache"], s.labels["outcome"]): s.value for f in metrics.registry.collect()
+                if f.name == "recsys_search_cache" for s in f.samples if s.name.endswith("_total")}
+
+    search(0)
+    search(1)
+    metrics.tick(engine)
+    # a batch encodes its new queries first, then each search reads its vector: a hit each
+    assert counts() == {("candidates", "rebuilt"): 1, ("candidates", "hit"): 1,
+                        ("query_vectors", "encoded"): 1, ("query_vectors", "hit"): 2}
+    engine.upsert_catalog([CatalogItem("tent", "Blue dome tent", category="Camping", price=99.0)])
+    search(2)
+    metrics.tick(engine)
+    metrics.tick(engine)  # nothing new: nothing added
+    assert counts() == {("candidates", "rebuilt"): 1, ("candidates", "hit"): 1, ("candidates", "refreshed"): 1,
+                        ("query_vectors", "encoded"): 1, ("query_vectors", "hit"): 3}
+    engine.close()
 
 
 @pytest.mark.parametrize("quiet", [False, True])
