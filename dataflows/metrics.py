@@ -167,8 +167,9 @@ class FlowMetrics(_Endpoint):
         self.waiting = Gauge("recsys_waiting_events", "Events waiting for their catalog item", registry=r)
         self.items = Gauge("recsys_catalog_items", "Items in the catalog", registry=r)
         self.search_cache = Counter(
-            "recsys_search_cache", "Search's caches by outcome: cache=candidates (a query's candidates before the "
-            "shopper: hit, refreshed after a catalog change, rebuilt), cache=query_vectors (hit, encoded by the model)",
+            "recsys_search_cache", "Search's cache look-ups by outcome (each search, and each engagement checked "
+            "against its search's query): cache=candidates (a query's candidates before the shopper: hit, refreshed "
+            "after a catalog change, rebuilt), cache=query_vectors (hit, encoded by the model)",
             ["cache", "outcome"], registry=r)
         self._search_seen: dict[tuple[str, str], int] = {}
         self.model_version = Gauge("recsys_model_version", "Updates so far: head optimizer steps, re-ranker examples",
