@@ -32,6 +32,31 @@ from recsys.events import CatalogItem, DecodeError, decode_catalog_item
 #: always answer (they keep between this many and twice as many).
 JOURNAL_VERSIONS = 4096
 
+
+class _Journal:
+    """The ids each version of a container changed (version ``start + 1`` first), for callers
+    that cache what they read and catch up instead of starting over; bounded by
+    :data:`JOURNAL_VERSIONS`."""
+
+    def __init__(self, start: int = 0) -> None:
+        self._entries: list[Sequence[str]] = []
+        self._start = start
+
+    def add(self, item_ids: Sequence[str]) -> None:
+        """Record the next version's changed ids."""
+        self._entries.append(item_ids)
+        if len(self._entries) > 2 * JOURNAL_VERSIONS:
+            del self._entries[:JOURNAL_VERSIONS]
+            self._start += JOURNAL_VERSIONS
+
+    def since(self, version: int, current: int) -> set[str] | None:
+        """The ids changed after ``version`` up to ``current``; None when not remembered."""
+        at = version - self._start
+        if at < 0 or version > current:
+            return None
+        return {item_id for ids in self._entries[at:] for item_id in ids}
+
+
 def _faiss_search(index: faiss.Index, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """``index.search``, single-threaded for batches below faiss's BLAS threshold
     (``distance_compute_blas_threshold``: 20 queries in older faiss, 128,000 in 1.15, so in
@@ -128,10 +153,9 @@ class VectorIndex:
         self._index: faiss.Index = faiss.IndexIDMap(faiss.IndexFlatIP(dim))
         self._approximate = False
         self._version = 0
-        #: the ids each version changed: ``_journal[i]`` those of version ``_journal_base + i + 1``
-        #: (see :meth:`changed_since`); restarted when the index is rebuilt as an inverted file
-        self._journal: list[list[str]] = []
-        self._journal_base = 0
+        #: the ids each version changed (:meth:`changed_since`); restarted when the index is
+        #: rebuilt as an inverted file
+        self._journal = _Journal()
         self._to_int: dict[str, int] = {}
         self._to_str: dict[int, str] = {}
         self._next_id = 0
@@ -154,7 +178,7 @@ class VectorIndex:
         index.add_with_ids(vecs, ints)
         self._index, self._approximate = index, True
         # every answer may change (approximate now): nothing before this point can be caught up with
-        self._journal, self._journal_base = [], self._version
+        self._journal = _Journal(self._version)
 
     def __len__(self) -> int:
         return len(self._to_int)
@@ -170,17 +194,11 @@ class VectorIndex:
         :meth:`search` read then differs now only through them. None when that is further back
         than the index remembers (the last :data:`JOURNAL_VERSIONS` versions, never across its
         switch to the inverted file)."""
-        start = version - self._journal_base
-        if start < 0 or version > self._version:
-            return None
-        return {item_id for ids in self._journal[start:] for item_id in ids}
+        return self._journal.since(version, self._version)
 
     def _journal_add(self, item_ids: list[str]) -> None:
         self._version += 1
-        self._journal.append(item_ids)
-        if len(self._journal) > 2 * JOURNAL_VERSIONS:
-            del self._journal[:JOURNAL_VERSIONS]
-            self._journal_base += JOURNAL_VERSIONS
+        self._journal.add(item_ids)
 
     def __contains__(self, item_id: object) -> bool:
         return item_id in self._to_int
@@ -384,8 +402,7 @@ class Catalog:
         #: an item sent again unchanged does not): callers that cache what they read of the
         #: items (search's per-query candidates) catch up through :meth:`changed_since`
         self.version = 0
-        self._journal: list[str] = []  # the item each version changed: _journal[v - _journal_base - 1]
-        self._journal_base = 0
+        self._journal = _Journal()  # the item each version changed (changed_since)
 
     def changed_since(self, version: int) -> set[str] | None:
         """The ids of the items changed (any field) after :attr:`version` was ``version``, or
@@ -397,10 +414,7 @@ class Catalog:
         >>> sorted(cat.changed_since(v)), cat.changed_since(cat.version), cat.changed_since(-1)
         (['a', 'b'], set(), None)
         """
-        start = version - self._journal_base
-        if start < 0 or version > self.version:
-            return None
-        return set(self._journal[start:])
+        return self._journal.since(version, self.version)
 
     def upsert(self, items: Iterable[CatalogItem]) -> list[CatalogItem]:
         """Store the items; returns (latest versions of) those new or with changed ``text``."""
@@ -409,7 +423,7 @@ class Catalog:
             old = self.items.get(item.item_id)
             if old is None or old != item:
                 self.version += 1
-                self._journal.append(item.item_id)
+                self._journal.add((item.item_id,))
             if old is None or old.text != item.text or item.item_id in changed:
                 changed[item.item_id] = item
             self.items[item.item_id] = item
@@ -417,9 +431,6 @@ class Catalog:
                 self.repeatable.add(item.item_id)
             else:
                 self.repeatable.discard(item.item_id)
-        if len(self._journal) > 2 * JOURNAL_VERSIONS:
-            del self._journal[:JOURNAL_VERSIONS]
-            self._journal_base += JOURNAL_VERSIONS
         return list(changed.values())
 
     def get(self, item_id: str) -> CatalogItem | None:

@@ -264,7 +264,7 @@ class Search:
         self.encoder = QueryEncoder(query_embedder(items.embedder), self.config.query_cache)
         #: normalised query text -> its candidates before the shopper (_Base), LRU; in memory
         #: only (a restart starts empty), each entry checked against the catalog's and the
-        #: indexes' versions on use
+        #: indexes' versions on use and caught up with what changed since (_refresh)
         self._base_cache: OrderedDict[str, _Base] = OrderedDict()
         self.base_stats = {"hits": 0, "refreshed": 0, "misses": 0}
         #: category and brand names -> small ints, so a candidate's category and brand signals are
@@ -626,8 +626,9 @@ class Search:
         changed (a new item moves every score: the document count and mean length); the
         vector search only when a changed item is in its answer or could have entered it; the
         merged list's catalog entries, rows and signals are kept when the two answers give the
-        same list and no changed item is on it. So a price change, or a new item, costs a
-        cached query one BM25 scoring instead of a new build (``base_stats["refreshed"]``)."""
+        same list and no changed item is on it. So a new item costs a cached query one BM25
+        scoring instead of a new build, and a price change of an item off its list nothing
+        more (``base_stats["refreshed"]``)."""
         catalog_changed = self.items.catalog.changed_since(old.version[0])
         index_changed = self.items.index.changed_since(old.version[2])
         if catalog_changed is None or index_changed is None:
