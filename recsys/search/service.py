@@ -545,6 +545,10 @@ class Search:
         learned = c.x[:, _COL["learned"]] > 0
         return c.lexical_hit | c.semantic_hit | learned
 
+    def _known_tokens(self, query: str) -> list[str]:
+        """The query's tokens, typo-repaired against the catalog vocabulary, that BM25 knows."""
+        return self.lexical.known(self.lexical.vocabulary.repair(tokenize(query)))
+
     def _lexical_retrieval(self, known: list[str]) -> _Lexical:
         """BM25 for these (known, repaired) query tokens: the top ``candidates`` items and every hit's score."""
         cfg = self.config
@@ -637,9 +641,9 @@ class Search:
         if len(changed) > _REFRESH_MAX_CHANGES:
             return None
         self.base_stats["refreshed"] += 1
-        known = self.lexical.known(self.lexical.vocabulary.repair(tokenize(query)))
-        lexical = old.lexical
-        if old.version[1] != version[1] or known != old.known:
+        known, lexical = old.known, old.lexical
+        if old.version[1] != version[1]:  # (the vocabulary, hence the repaired tokens, only moves with BM25)
+            known = self._known_tokens(query)
             lexical = self._lexical_retrieval(known)
         semantic, settled = old.semantic, old.settled
         if index_changed and not self._semantic_unmoved(old, index_changed):
@@ -657,7 +661,7 @@ class Search:
         unless given: :meth:`_refresh` passes those it has)."""
         cfg = self.config
         if known is None:
-            known = self.lexical.known(self.lexical.vocabulary.repair(tokenize(query)))
+            known = self._known_tokens(query)
         if lexical is None:
             lexical = self._lexical_retrieval(known)
         sem_hits, settled = semantic if semantic is not None else self._semantic(qvec)
