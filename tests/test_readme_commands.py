@@ -109,6 +109,11 @@ PLANS: dict[str, Plan] = {
     ".venv/bin/python benchmarks/throughput.py --mode latency --rate 20 --latency-events 6000 --new-items 0": Plan(
         " --latency-events 100 --rate 200 --catalog-items 200 --users 200", slow=True,
         expect="the events partitions were polled"),
+    # the broker hop alone (a second of records at a low rate: the script as written, briefly)
+    ".venv/bin/python benchmarks/transport_floor.py": Plan(
+        " --seconds 1 --rate 200", expect="CreateTime -> in the consumer's hands"),
+    ".venv/bin/python benchmarks/transport_floor.py --fetch-max-wait-ms 5": Plan(
+        " --seconds 1 --rate 200", expect="consumer fetch_max_wait_ms 5,"),
     # issue 9: the state bound over 1M events (an hour here): a few thousand events, the same rows
     ".venv/bin/python benchmarks/throughput.py --mode longrun": Plan(
         " --catalog-items 200 --new-items 0 --longrun-events 3000 --longrun-users 1000 --report-every 1000",
