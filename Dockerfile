@@ -8,7 +8,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     # The embedding model ships inside a Python package; never reach for the Hub at run time.
     HF_HUB_OFFLINE=1 \
-    TRANSFORMERS_OFFLINE=1
+    TRANSFORMERS_OFFLINE=1 \
+    # glibc's heap in transparent huge pages: a growing process takes ~4x fewer page faults,
+    # which cost the head's training step 40-100 ms each second of a cold live flow (README,
+    # "Operating it": the memory allocator).
+    GLIBC_TUNABLES=glibc.malloc.hugetlb=1
 
 # The CPU build of torch first, in its own layer: the default index would pull ~3 GB of
 # CUDA libraries the dataflow never uses. Keep the pin equal to pyproject.toml's.
