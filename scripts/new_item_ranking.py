@@ -48,19 +48,6 @@ class _FullSystemLists:
         return out
 
 
-class _Recorded:
-    def __init__(self, model) -> None:
-        self.model, self.name, self.lists = model, model.name, {}
-
-    def learn(self, events) -> None:
-        self.model.learn(events)
-
-    def recommend(self, user_ids, k, now_ts):
-        out = self.model.recommend(user_ids, k, now_ts)
-        self.lists.update(zip(user_ids, out))
-        return out
-
-
 def _ndcg10(rows, weights) -> tuple[float, float]:
     """NDCG@10 and HR@10 over every held-out user of ``rows`` (candidates, signal rows, target),
     ranking each user's candidates by ``signals @ weights``, ties in the system's order."""
@@ -77,7 +64,7 @@ def _ndcg10(rows, weights) -> tuple[float, float]:
 
 
 def main() -> None:
-    from transitions_gap import _full_system  # noqa: PLC0415 - a sibling script
+    from transitions_gap import _full_system, _Recorded  # noqa: PLC0415 - a sibling script
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--limit", type=int, default=300_000)
