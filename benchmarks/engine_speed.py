@@ -104,7 +104,8 @@ def main() -> None:
                    help="a setting for the engine (e.g. session_query_items=10), validated as RECSYS_NAME would be")
     args = p.parse_args()
     overrides = dict(item.split("=", 1) for item in args.set)
-    print(f"load average: {os.getloadavg()}")
+    print(f"load average: {os.getloadavg()}; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES') or '(unset)'} "
+          "(README, Operating it: the memory allocator)")
     catalog = generate_catalog(args.items, seed=0)
     Embedder("all-MiniLM-L6-v2", args.embed_cache_dir).embed([c.text for c in catalog], progress=True)
     events = generate_events(args.events, catalog, n_users=args.users, seed=1)

@@ -1013,9 +1013,10 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {
         "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]) if argv is None else argv,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
-                    "loadavg_start": loadavg()},
+                    "loadavg_start": loadavg(), "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")},
     }
-    log(f"machine: {os.cpu_count()} CPUs, load average {results['machine']['loadavg_start']} (1, 5, 15 min)")
+    log(f"machine: {os.cpu_count()} CPUs, load average {results['machine']['loadavg_start']} (1, 5, 15 min); "
+        f"GLIBC_TUNABLES={results['machine']['glibc_tunables'] or '(unset)'} (README, Operating it: the memory allocator)")
     with tempfile.TemporaryDirectory(prefix="recsys-bench-") as tmp:
         workroot = Path(tmp)
         items = generate_catalog(args.catalog_items, seed=args.seed)
