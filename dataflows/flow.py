@@ -31,6 +31,8 @@ from bytewax.dataflow import Dataflow
 from bytewax.inputs import FixedPartitionedSource, Source, StatefulSourcePartition
 from bytewax.outputs import FixedPartitionedSink, Sink
 
+from dataflows.kafka_io import Acknowledgement
+
 from recsys.events import Envelope
 from recsys.shard.step import BatchResult, Shard
 
@@ -157,17 +159,25 @@ class StepObserver(Protocol):
 
 
 class ShardStep:
-    """The callable given to ``flat_map_batch``: builds the engine on first use in the worker."""
+    """The callable given to ``flat_map_batch``: builds the engine on first use in the worker.
 
-    def __init__(self, shard_factory: Callable[[], Shard], observer: StepObserver | None = None):
+    ``acknowledged``: the recommendations sink acknowledges what it delivered (the Kafka sink, at
+    its epoch flush); each batch's lists are then followed by an :class:`Acknowledgement` and
+    stay in the engine's outbox until it is done (:mod:`recsys.shard.outbox`)."""
+
+    def __init__(self, shard_factory: Callable[[], Shard], observer: StepObserver | None = None,
+                 acknowledged: bool = False):
         self._factory = shard_factory
         self.engine: Shard | None = None
         self.observer = observer
+        self.acknowledged = acknowledged
 
     def __call__(self, batch: list[Any]) -> list[Out]:
         out: list[Out] = []
         if self.engine is None:
             self.engine = self._factory()
+            if self.acknowledged:
+                self.engine.expect_acknowledgements()
             if self.engine.exchange is not None:  # issue 11: sealed before a crash, maybe never published
                 origin = str(self.engine.exchange.origin)
                 out.extend(Out("exchange", origin, m) for m in self.engine.exchange.pending())
@@ -188,6 +198,8 @@ class ShardStep:
             if self.observer is not None:
                 self.observer.batch(self.engine, envelopes, result, time.perf_counter() - started)
             out.extend(Out("rec", key, payload) for key, payload in result.recommendations)
+            if self.acknowledged and result.recommendations:
+                out.append(Out("rec", None, Acknowledgement(result.stamp, self.engine.acknowledge)))
             out.extend(Out("dead", key, payload) for key, payload in result.dead_letters)
             out.extend(Out("scored", None, s) for s in result.scored)
             out.extend(Out("search", key, payload) for key, payload in result.search_results)  # issue 13
@@ -224,7 +236,8 @@ def build_flow(
         for name, source in (("catalog", catalog), ("control", control), ("exchange", exchange)):
             if source is not None:
                 stream = op.merge(f"merge_{name}", op.input(f"{name}_in", flow, source), stream)  # Envelope
-    outs = op.flat_map_batch("process", stream, ShardStep(shard_factory, observer))  # Out
+    acknowledged = getattr(recommendations, "acknowledges", False)  # the Kafka sink: at its flush
+    outs = op.flat_map_batch("process", stream, ShardStep(shard_factory, observer, acknowledged))  # Out
     recs = op.filter_map("recommendations", outs, lambda o: (o.key, o.payload) if o.kind == "rec" else None)
     dead = op.filter_map("dead_letters", outs, lambda o: (o.key, o.payload) if o.kind == "dead" else None)
     _output("recommendations_out", recs, recommendations)  # (user_id, json)

@@ -11,7 +11,8 @@ builds real kafka-python clients from :class:`recsys.settings.Settings`;
   :class:`recsys.events.Envelope`. No consumer groups, no commits. A worker's partitions share
   one consumer (:class:`SharedConsumers`; across topics when the sources share one).
 - :class:`KafkaSink` — a Bytewax ``FixedPartitionedSink`` of ``(key, value)``; sends are flushed
-  and checked at every epoch snapshot, before Bytewax commits the epoch (at-least-once).
+  and checked at every epoch snapshot, before Bytewax commits the epoch (at-least-once); an
+  :class:`Acknowledgement` in the stream is acknowledged there, once everything before it is.
 - :func:`produce_records`, :func:`consume_all`, :func:`ensure_topics` for the demo, tests and
   benchmarks.
 
@@ -749,15 +750,39 @@ def check_shards(clients: KafkaClientFactory, topic: str, shards: int) -> None:
 # -------------------------------------------------------------------------------- sink
 
 
+class Acknowledgement:
+    """An item that follows a batch's records down a sink's stream (value of a ``(None, it)``
+    pair): an acknowledging sink (``acknowledges = True``) calls :meth:`done` once the broker has
+    acknowledged every record written before it; the engine's outbox then lets the batch's
+    lists go (:meth:`recsys.shard.step.Shard.acknowledge`). One worker per process
+    (dataflows/runner.py): the item never leaves the process, so it may hold a callback."""
+
+    __slots__ = ("stamp", "_callback")
+
+    def __init__(self, stamp: int, callback: Callable[[int], None]) -> None:
+        self.stamp, self._callback = stamp, callback
+
+    def done(self) -> None:
+        self._callback(self.stamp)
+
+    def __repr__(self) -> str:
+        return f"Acknowledgement({self.stamp})"
+
+
 class _KafkaSinkPartition(StatefulSinkPartition[tuple[Key, bytes], None]):
     def __init__(self, producer: Any, topic: str) -> None:
         self._producer = producer
         self._topic = topic
         self._pending: list[Any] = []
+        self._acknowledgement: Acknowledgement | None = None  # the last one written, not yet done
 
     def write_batch(self, items: list[tuple[Key, bytes]]) -> None:
         send = self._producer.send
-        self._pending.extend(send(self._topic, value=value, key=_to_bytes(key)) for key, value in items)
+        for key, value in items:
+            if type(value) is Acknowledgement:
+                self._acknowledgement = value
+            else:
+                self._pending.append(send(self._topic, value=value, key=_to_bytes(key)))
 
     def snapshot(self) -> None:
         # Bytewax snapshots every partition at the end of an epoch, before it commits the epoch
@@ -765,6 +790,9 @@ class _KafkaSinkPartition(StatefulSinkPartition[tuple[Key, bytes], None]):
         self._producer.flush()
         pending, self._pending = self._pending, []
         _raise_failures(pending)  # nothing is silently dropped
+        if self._acknowledgement is not None:  # everything written before it is delivered
+            acknowledgement, self._acknowledgement = self._acknowledgement, None
+            acknowledgement.done()
         return None
 
     def close(self) -> None:
@@ -777,9 +805,13 @@ class KafkaSink(FixedPartitionedSink[tuple[Key, bytes], None]):
 
     Sends are not waited for batch by batch; the partition's epoch snapshot flushes and checks
     every send before Bytewax commits the epoch: at-least-once, with one broker round trip
-    per epoch instead of one per batch (which cost a fifth of the main thread's time).
+    per epoch instead of one per batch (which cost a fifth of the main thread's time). So a
+    record is in doubt until that snapshot: an :class:`Acknowledgement` written after it is
+    done only then (``acknowledges``).
     The flow feeds it ``(routing key, (key, value))`` pairs (:func:`dataflows.flow.build_flow`).
     """
+
+    acknowledges = True
 
     def __init__(self, clients: KafkaClientFactory, topic: str, *, ordered: bool = False) -> None:
         self.clients = clients

@@ -212,7 +212,10 @@ def test_state_written_under_another_shard_count_is_refused_naming_both(tmp_path
 
 def test_a_redelivery_re_emits_the_stored_bytes_from_binary_and_older_json_outboxes(tmp_path, cache, catalog):
     """A re-delivered trigger re-emits exactly the bytes emitted the first time, from the
-    binary outbox and from one an older tree stored as JSON (an upgrade in place)."""
+    stamped binary outbox and from the two formats older trees stored (an upgrade in place):
+    binary without stamps (2026-12-03) and JSON (before)."""
+    import struct
+
     from recsys.shard.outbox import decode_outbox
 
     engine = Shard.open(_settings(tmp_path, cache))
@@ -221,17 +224,24 @@ def test_a_redelivery_re_emits_the_stored_bytes_from_binary_and_older_json_outbo
     batch = _envelopes(events)
     first = dict(engine.process(batch).recommendations)
     boxes = dict(engine.kv.iter_prefix(b"o:"))
-    assert boxes and all(raw[:1] == b"\x01" for raw in boxes.values())
+    assert boxes and all(raw[:1] == b"\x02" for raw in boxes.values())
     assert sorted(dict(engine.process(batch).recommendations).items()) == sorted(first.items())
-    engine.kv.write({key: orjson.dumps([[p, o, payload.decode()] for (p, o), payload in sorted(decode_outbox(raw).items())])
-                     for key, raw in boxes.items()})  # as trees before 2026-12-03 stored them
-    again = engine.process(batch)
-    assert again.counts["redelivered_skipped"] == len(events)
-    assert sorted(dict(again.recommendations).items()) == sorted(first.items())
+    entries = {key: sorted(decode_outbox(raw).items()) for key, raw in boxes.items()}
+    older = {
+        "binary of 2026-12-03": {key: bytes((1, len(e))) + b"".join(struct.pack("<iqI", p, o, len(pl)) for (p, o), (pl, _) in e)
+                                 + b"".join(pl for _, (pl, _) in e) for key, e in entries.items()},
+        "JSON": {key: orjson.dumps([[p, o, pl.decode()] for (p, o), (pl, _) in e]) for key, e in entries.items()},
+    }
+    for form, stored in older.items():
+        engine.kv.write(stored)
+        again = engine.process(batch)
+        assert again.counts["redelivered_skipped"] == len(events), form
+        assert sorted(dict(again.recommendations).items()) == sorted(first.items()), form
     engine.close()
 
 
-@pytest.mark.parametrize("raw", [b"\x01", b"\x01\x01", b"\x02\x00", b"\x01\x01" + b"\x00" * 16 + b"x"])
+@pytest.mark.parametrize("raw", [b"\x01", b"\x01\x01", b"\x02\x00", b"\x03\x00", b"\x01\x01" + b"\x00" * 16 + b"x",
+                                 b"\x02\x01\x00\x00\x00" + b"\x00" * 20])
 def test_a_damaged_outbox_is_refused_with_its_size(raw):
     from recsys.shard.outbox import decode_outbox
 

@@ -29,9 +29,11 @@ if TYPE_CHECKING:
     from recsys.store.kv import KVStore
 
 OUTBOX_PREFIX = b"sqo:"
-#: Search results kept per user. The sink flushes every batch right after it is committed, so
-#: only the last batch's can be in doubt; a user searching more often than this in one batch
-#: gets the older ones answered again after a crash (from the state then current).
+#: Search results kept per user. The sink flushes at each epoch snapshot
+#: (``RECSYS_SNAPSHOT_INTERVAL_S``), so every answer since the last one is in doubt; a user who
+#: searched more often than this since then gets the older ones answered again after a crash,
+#: from the state then current (never lost; the recommendations' outbox keeps every list not yet
+#: acknowledged instead, ``recsys.shard.outbox``).
 SEARCH_OUTBOX_LEN = 8
 
 

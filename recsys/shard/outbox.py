@@ -1,18 +1,29 @@
 """What a shard commits beside user state so that a crash loses and doubles nothing.
 
-- the **outbox**: each user's last few emitted recommendations, ``{(partition, offset): bytes}``,
-  so a re-delivered trigger re-emits exactly the bytes emitted the first time;
+- the **outbox**: each user's emitted recommendations that may still be needed after a crash,
+  ``{(partition, offset): (bytes, stamp)}``, so a re-delivered trigger re-emits exactly the
+  bytes emitted the first time (``stamp``: the batch that last emitted them, see below);
 - per-partition **offsets** (watermarks, positions) stored as ``<prefix><topic>:<partition>``;
 - the surgery a source move (an offset reset) needs: a user record or an outbox without one
   partition's entries.
 
->>> box = {(0, 7): b'{"a":1}', (0, 9): b'{"b":2}'}
->>> decode_outbox(encode_outbox(box)) == box
+Which entries are kept. A list is in doubt from the batch that emitted it until the sink has had
+it acknowledged: the Kafka sink sends without waiting and its producer flushes (every send
+acknowledged) at Bytewax's epoch snapshot, every ``RECSYS_SNAPSHOT_INTERVAL_S``; a crash before
+that re-delivers the epoch's events, and only the outbox can give back a list the broker never
+got. So an entry stays while its batch's ``stamp`` is above the acknowledged one
+(``Shard.acknowledge``), and the newest :data:`OUTBOX_LEN` stay whatever was acknowledged (a
+re-delivery from an older recovery snapshot then gets identical duplicates, as before). Until
+2026-12-04 only the newest four were kept: a shopper with more lists than that in one epoch lost
+the older ones to a crash while the broker was slow or away (``tests/test_output_acks.py``).
+
+>>> box = {(0, 7): (b'{"a":1}', 5), (0, 9): (b'{"b":2}', 6)}
+>>> decode_outbox(encode_outbox(box, acknowledged=6)) == box
 True
->>> decode_outbox(outbox_without(encode_outbox(box), 0))
+>>> decode_outbox(outbox_without(encode_outbox(box, acknowledged=6), 0))
 {}
->>> decode_outbox(b'[[0,7,"{}"]]')  # as written before 2026-12-03
-{(0, 7): b'{}'}
+>>> decode_outbox(b'[[0,7,"{}"]]')  # as written before 2026-12-03 (no stamp: 0)
+{(0, 7): (b'{}', 0)}
 """
 
 from __future__ import annotations
@@ -24,37 +35,49 @@ import orjson
 from recsys.store.kv import KVStore
 from recsys.store.users import decode_user, encode_user
 
-#: Recommendations kept per user for identical re-emission after a crash. The sink flushes
-#: every batch right after it is committed, so more than a couple can never be in doubt.
+#: Recommendations kept per user whether or not acknowledged (the unacknowledged ones are kept
+#: besides, however many).
 OUTBOX_LEN = 4
 
 
-#: An outbox entry's header: partition, offset, payload length (little-endian).
+#: An outbox entry's header: partition, offset, payload length and (format 2) the stamp of the
+#: batch that last emitted it (little-endian).
 _ENTRY = struct.Struct("<iqI")
-_BINARY = 1  # first byte of a binary outbox (a JSON one, before 2026-12-03, starts with "[")
+_STAMPED_ENTRY = struct.Struct("<iqIq")
+_BINARY = 1  # first byte of a binary outbox of 2026-12-03 (no stamps, a one-byte count); a JSON one starts with "["
+_STAMPED = 2  # first byte of a binary outbox with stamps (2026-12-04 on), then a four-byte count
+_STAMPED_HEAD = struct.Struct("<BI")
 
 
-def encode_outbox(box: dict[tuple[int, int], bytes]) -> bytes:
-    """The last :data:`OUTBOX_LEN` entries by ``(partition, offset)``: a format byte, the count,
-    each entry's header (:data:`_ENTRY`), then the payloads one after another, as emitted.
+def encode_outbox(box: dict[tuple[int, int], tuple[bytes, int]], acknowledged: int) -> bytes:
+    """The entries the outbox keeps (the module's docstring): a format byte, the count (4 bytes), each
+    entry's header (:data:`_STAMPED_ENTRY`), then the payloads one after another, as emitted.
     Binary, so a payload is stored as its bytes (as a JSON string it was escaped, and parsed
     again on every read: the user's outbox is read and rewritten with every batch they are in)."""
-    recent = sorted(box.items())[-OUTBOX_LEN:]
-    heads = b"".join([_ENTRY.pack(p, o, len(payload)) for (p, o), payload in recent])
-    return bytes((_BINARY, len(recent))) + heads + b"".join([payload for _, payload in recent])
+    entries = sorted(box.items())
+    newest = len(entries) - OUTBOX_LEN
+    kept = [entry for i, entry in enumerate(entries) if i >= newest or entry[1][1] > acknowledged]
+    heads = b"".join([_STAMPED_ENTRY.pack(p, o, len(payload), stamp) for (p, o), (payload, stamp) in kept])
+    return _STAMPED_HEAD.pack(_STAMPED, len(kept)) + heads + b"".join([payload for _, (payload, _) in kept])
 
 
-def decode_outbox(raw: bytes) -> dict[tuple[int, int], bytes]:
-    """Inverse of :func:`encode_outbox`; also reads the JSON outboxes written before 2026-12-03
-    (``[[partition, offset, payload], ...]``)."""
+def decode_outbox(raw: bytes) -> dict[tuple[int, int], tuple[bytes, int]]:
+    """Inverse of :func:`encode_outbox`; also reads the binary outboxes of 2026-12-03 and the JSON
+    ones written before (``[[partition, offset, payload], ...]``), their entries stamped 0."""
     if raw[:1] == b"[":
-        return {(p, o): payload.encode() for p, o, payload in orjson.loads(raw)}
-    if raw[:1] != bytes((_BINARY,)) or len(raw) < 2 or len(raw) < 2 + raw[1] * _ENTRY.size:
+        return {(p, o): (payload.encode(), 0) for p, o, payload in orjson.loads(raw)}
+    if raw[:1] == bytes((_STAMPED,)) and len(raw) >= _STAMPED_HEAD.size:
+        form, start, count = _STAMPED_ENTRY, _STAMPED_HEAD.size, _STAMPED_HEAD.unpack_from(raw)[1]
+    elif raw[:1] == bytes((_BINARY,)) and len(raw) >= 2:
+        form, start, count = _ENTRY, 2, raw[1]
+    else:
+        form = None
+    if form is None or len(raw) < start + count * form.size:
         raise ValueError(f"outbox: not a record of a known format ({len(raw)} bytes, starting {raw[:4]!r})")
-    out: dict[tuple[int, int], bytes] = {}
-    at = 2 + raw[1] * _ENTRY.size
-    for p, o, size in _ENTRY.iter_unpack(raw[2:at]):
-        out[(p, o)] = raw[at : at + size]
+    out: dict[tuple[int, int], tuple[bytes, int]] = {}
+    at = start + count * form.size
+    for p, o, size, *stamp in form.iter_unpack(raw[start:at]):
+        out[(p, o)] = (raw[at : at + size], stamp[0] if stamp else 0)
         at += size
     if at != len(raw):
         raise ValueError(f"outbox: {len(raw)} bytes, but its entries take {at}")
@@ -79,5 +102,5 @@ def user_without(raw: bytes, partition: int) -> bytes | None:
 
 def outbox_without(raw: bytes, partition: int) -> bytes | None:
     box = decode_outbox(raw)
-    kept = {po: payload for po, payload in box.items() if po[0] != partition}
-    return None if len(kept) == len(box) else encode_outbox(kept)
+    kept = {po: entry for po, entry in box.items() if po[0] != partition}
+    return None if len(kept) == len(box) else encode_outbox(kept, acknowledged=-1)  # every one kept

@@ -130,6 +130,7 @@ class BatchResult:
     recommendations: list[tuple[str, bytes]] = field(default_factory=list)  # (user_id, json)
     dead_letters: list[tuple[str | None, bytes]] = field(default_factory=list)  # (key, json)
     scored: list[ScoredBatch] = field(default_factory=list)  # only when evaluating
+    stamp: int = 0  # this batch's outbox stamp: ``Shard.acknowledge(stamp)`` once its lists are delivered
     counts: Counter = field(default_factory=Counter)
     # issue 10 (metrics, plain data for dataflows/metrics.py): decoded events by type, and users
     # with no stored state before this batch (new, or reset after their TTL)
@@ -229,6 +230,18 @@ class Shard:
         # stream's clock is within the TTL of it, no record can have expired and no slice is read
         self._sweep_floor: int | None = None
         self._pass_oldest: int | None = None  # the same over the current pass and what it wrote
+        # The outbox (recsys.shard.outbox): each batch's stamp, and the newest stamp whose lists
+        # the sink has had acknowledged. Stamps start from the clock (ns), so a life's stamps
+        # are above every earlier life's; entries of an earlier life count as acknowledged when
+        # one of the user's events is newly applied: every earlier trigger of theirs (one
+        # partition, in order) has been re-delivered by then and its entry re-stamped, so an
+        # entry not re-stamped had its trigger committed by Bytewax, which happens only after
+        # the sink flushed it. A re-delivery alone lets no entry go. Without a sink that acknowledges
+        # (replays, tests calling ``process``), a batch's lists count as delivered once
+        # ``process`` returned them (``expect_acknowledgements``).
+        self._stamp = time.time_ns()
+        self._acknowledged = self._stamp
+        self._acknowledging = False
         stored_items = [catalog_item_from_dict(orjson.loads(v)) for _, v in kv.iter_prefix(_ITEM_PREFIX)]
         if stored_items:
             self.items.upsert(stored_items)
@@ -383,6 +396,17 @@ class Shard:
 
     # ------------------------------------------------------------------ the step
 
+    def expect_acknowledgements(self) -> None:
+        """The lists of a batch stay in the outbox until :meth:`acknowledge` is called with its
+        stamp (or a later one): for a sink that delivers them later than ``process`` returns
+        (the Kafka sink: at its producer's flush, once per epoch)."""
+        self._acknowledging = True
+
+    def acknowledge(self, stamp: int) -> None:
+        """Every list of the batches up to ``BatchResult.stamp == stamp`` has been delivered: their
+        outbox entries may go (the next time their user's outbox is written)."""
+        self._acknowledged = max(self._acknowledged, stamp)
+
     def process(self, envelopes: list[Envelope]) -> BatchResult:
         """Decode, validate, apply and recommend for one batch; commit it atomically.
 
@@ -397,7 +421,10 @@ class Shard:
             return self._process(envelopes)
 
     def _process(self, envelopes: list[Envelope]) -> BatchResult:
-        result = BatchResult()
+        self._stamp += 1
+        if not self._acknowledging:  # the caller took the previous batch's lists (see __init__)
+            self._acknowledged = self._stamp - 1
+        result = BatchResult(stamp=self._stamp)
         counts = result.counts
         laps = _Laps(result.phase_seconds)
         if self.served_by_trainer and self._persistent:  # between two batches: the trainer's newest models
@@ -565,7 +592,7 @@ class Shard:
         return by_user, waited
 
     def _apply(self, by_user: dict[str, list[tuple[Envelope, Event]]], states: dict[str, UserState],
-               outboxes: dict[str, dict[tuple[int, int], bytes]], waited: Sorted, puts: dict[bytes, bytes],
+               outboxes: dict[str, dict[tuple[int, int], tuple[bytes, int]]], waited: Sorted, puts: dict[bytes, bytes],
                counts: Counter) -> tuple[list[str], list[tuple[str, bytes]], list[Example]]:
         """Apply each new event: the re-ranker learns from it, the global signals absorb it (they
         need the history before it), then the user's state. A re-delivered event is skipped (its
@@ -585,9 +612,12 @@ class Shard:
                 wm_key = (env.topic, env.partition)
                 if env.offset <= committed.get(wm_key, -1) and (env.topic, env.partition, env.offset) not in waited.released:
                     counts["redelivered_skipped"] += 1
-                    stored = outboxes.get(user_id, {}).get((env.partition, env.offset))
+                    box = outboxes.get(user_id, {})
+                    stored = box.get((env.partition, env.offset))
                     if stored is not None:
-                        reemit.append((user_id, stored))
+                        reemit.append((user_id, stored[0]))
+                        # in doubt again until this batch is acknowledged (see __init__)
+                        box[(env.partition, env.offset)] = (stored[0], self._stamp)
                     continue
                 if state.is_duplicate(event.event_id):  # a producer retry: absorbed, not applied
                     counts["duplicates"] += 1
@@ -637,7 +667,7 @@ class Shard:
         self.models.save(self)
 
     def _rank_and_emit(self, fresh_users: list[str], by_user: dict[str, list[tuple[Envelope, Event]]],
-                       states: dict[str, UserState], outboxes: dict[str, dict[tuple[int, int], bytes]],
+                       states: dict[str, UserState], outboxes: dict[str, dict[tuple[int, int], tuple[bytes, int]]],
                        reemit: list[tuple[str, bytes]], puts: dict[bytes, bytes], result: BatchResult, now_ms: int) -> None:
         """Rank for every user with a newly applied event (coalesced per batch), each list into
         the user's outbox (written with the batch) and the result, re-emissions after them."""
@@ -651,8 +681,13 @@ class Shard:
                 payload = encode(self._recommendation(user_id, items, trigger, now_ms))
                 result.recommendations.append((user_id, payload))
                 box = outboxes.setdefault(user_id, {})
-                box[(env.partition, env.offset)] = payload
-                puts[_OUTBOX_PREFIX + user_id.encode()] = encode_outbox(box)
+                box[(env.partition, env.offset)] = (payload, self._stamp)
+                puts[_OUTBOX_PREFIX + user_id.encode()] = encode_outbox(box, self._acknowledged)
+        # users with re-emitted lists only: their entries re-stamped, none let go (the later
+        # triggers of theirs may not be re-delivered yet: see __init__)
+        for user_id in dict.fromkeys(u for u, _ in reemit):
+            if _OUTBOX_PREFIX + user_id.encode() not in puts:
+                puts[_OUTBOX_PREFIX + user_id.encode()] = encode_outbox(outboxes[user_id], acknowledged=-1)
         result.recommendations.extend(reemit)
         counts["recommendations"] += len(result.recommendations)
         counts["reemitted"] += len(reemit)
@@ -940,7 +975,7 @@ class Shard:
             emitted_at=max(now_ms, int(self.clock() * 1000)),
         )
 
-    def _load_outboxes(self, user_ids: list[str]) -> dict[str, dict[tuple[int, int], bytes]]:
+    def _load_outboxes(self, user_ids: list[str]) -> dict[str, dict[tuple[int, int], tuple[bytes, int]]]:
         raw = self.kv.multi_get([_OUTBOX_PREFIX + u.encode() for u in user_ids])
         return {u: decode_outbox(r) for u, r in zip(user_ids, raw) if r is not None}
 

@@ -1,0 +1,176 @@
+"""Recommendations the sink has not had acknowledged survive a crash, however many a user got.
+
+The Kafka sink sends without waiting and has the producer flush (every send acknowledged by
+the broker) only at Bytewax's epoch snapshot (``RECSYS_SNAPSHOT_INTERVAL_S``, 2 s): until then
+every recommendation sent in the epoch is in doubt. After a crash the broker re-delivers the
+epoch's events; the engine has committed them already and re-emits, from each user's outbox,
+the bytes a re-delivered trigger produced the first time. Before 2026-12-04 the outbox kept a
+user's last four recommendations whatever had been acknowledged (its comment still said the
+sink flushed every batch, as it once did), so a user with more than four in one epoch lost the
+older ones when the producer had not delivered them: a broker that is slow or gone, then a
+crash. Now an entry leaves the outbox only once the sink has flushed the batch that emitted it.
+"""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from dataflows.kafka_io import consume_all, ensure_topics, produce_records
+from dataflows.live import live_flow
+from dataflows.runner import run
+from recsys.events import Event, encode
+from recsys.settings import Settings
+from recsys.shard.step import Shard
+from recsys.synthetic import generate_catalog
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+class _HeldFuture:
+    """A send waiting in the producer's buffer. Once the process has "died" nothing it does is
+    observed any more, so its teardown (Bytewax closes the sinks) finds nothing to raise."""
+
+    def __init__(self, producer: "_UnreachableProducer") -> None:
+        self._producer = producer
+        self._inner = None
+
+    def get(self, timeout: float | None = None):  # noqa: ANN201 - kafka-python's RecordMetadata
+        if self._inner is None:
+            raise AssertionError("a send's result was asked for before the producer flushed it")
+        return self._inner.get(timeout)
+
+    def succeeded(self) -> bool:
+        return self._producer._dead or (self._inner is not None and self._inner.succeeded())
+
+    def failed(self) -> bool:
+        return not self._producer._dead and self._inner is not None and self._inner.failed()
+
+
+class _UnreachableProducer:
+    """A producer whose broker does not answer (as kafka-python's, sends wait in its buffer until
+    ``flush`` delivers them); the process dies at the ``crash_at``-th send to ``topic``."""
+
+    def __init__(self, inner, topic: str, crash_at: int, sent: list[dict]) -> None:
+        self._inner, self._topic, self._crash_at, self._sent = inner, topic, crash_at, sent
+        self._held: list[tuple[tuple, dict, _HeldFuture]] = []
+        self._dead = False  # after the crash nothing more leaves this process
+
+    def send(self, topic, value=None, key=None, **kw):  # noqa: ANN001, ANN201
+        if topic == self._topic:
+            self._sent.append(orjson.loads(value))
+            if len(self._sent) == self._crash_at:
+                self._dead = True
+                raise _Crash(f"killed at recommendation {self._crash_at}, {len(self._held)} sends unacknowledged")
+        future = _HeldFuture(self)
+        self._held.append(((topic,), {"value": value, "key": key, **kw}, future))
+        return future
+
+    def flush(self, timeout: float | None = None) -> None:
+        if self._dead:
+            return
+        held, self._held = self._held, []
+        for args, kw, future in held:
+            future._inner = self._inner.send(*args, **kw)
+        self._inner.flush(timeout)
+
+    def close(self, timeout: float | None = None) -> None:
+        self.flush()  # nothing, once dead
+        self._inner.close(timeout)
+
+
+class _Outage:
+    """The in-memory broker's client factory, its producers those of an unreachable broker."""
+
+    def __init__(self, broker, topic: str, crash_at: int) -> None:
+        self.broker, self.topic, self.crash_at = broker, topic, crash_at
+        self.sent: list[dict] = []
+
+    def consumer(self, **kw):  # noqa: ANN201
+        return self.broker.consumer(**kw)
+
+    def producer(self, **kw):  # noqa: ANN201
+        return _UnreachableProducer(self.broker.producer(**kw), self.topic, self.crash_at, self.sent)
+
+    def admin(self, **kw):  # noqa: ANN201
+        return self.broker.admin(**kw)
+
+    @property
+    def bootstrap(self) -> str:
+        return self.broker.bootstrap
+
+
+def test_a_crash_before_the_sink_flushed_loses_no_recommendation_of_a_busy_user(memory_broker, tmp_path):
+    catalog = generate_catalog(60, seed=11)
+    settings = Settings(
+        events_topic="events", catalog_topic="catalog", recommendations_topic="recs", dead_letters_topic="dead",
+        state_dir=str(tmp_path / "state"), recovery_dir=str(tmp_path / "recovery"),
+        embed_cache_dir=str(tmp_path / "emb"), stop_at_end=True,
+        poll_max_records=1,  # one event a batch: each of the shopper's events gets its own list
+    )
+    ensure_topics(memory_broker, {"events": 1, "catalog": 1, "recs": 1, "dead": 1})
+    produce_records(memory_broker, "catalog", ((c.item_id.encode(), encode(c)) for c in catalog))
+    events = [Event(event_id=f"e{i}", type="click", user_id="busy", item_id=catalog[i].item_id, ts=1_700_000_000_000 + i * 1000)
+              for i in range(10)]
+    produce_records(memory_broker, "events", ((e.user_id.encode(), encode(e)) for e in events))
+
+    # first life: the broker takes nothing; the process dies at its sixth recommendation, well
+    # inside its first epoch (60 s), so nothing was ever flushed
+    outage = _Outage(memory_broker, "recs", crash_at=6)
+    engine = Shard.open(settings)
+    with pytest.raises(Exception, match="killed at recommendation 6"):
+        run(live_flow(settings, outage, engine=engine), recovery_dir=settings.recovery_dir, snapshot_interval_s=60.0)
+    engine.close()
+    in_doubt = [r["trigger_event_id"] for r in outage.sent]
+    assert len(in_doubt) == 6 and consume_all(memory_broker, "recs") == []
+
+    # second life, the broker back: the events are re-delivered; every list of the first life is
+    # re-emitted (before the fix: only the user's last four, e0 and e1 lost)
+    engine = Shard.open(settings)
+    run(live_flow(settings, memory_broker, engine=engine), recovery_dir=settings.recovery_dir, snapshot_interval_s=60.0)
+    engine.close()
+    delivered = [orjson.loads(r.value) for r in consume_all(memory_broker, "recs")]
+    triggers = {r["trigger_event_id"] for r in delivered}
+    assert set(in_doubt) <= triggers, f"lost: {sorted(set(in_doubt) - triggers)}"
+    # and re-emitted as first sent, byte for byte
+    first = {r["trigger_event_id"]: r for r in outage.sent}
+    assert all(first[r["trigger_event_id"]] == r for r in delivered if r["trigger_event_id"] in first)
+    assert triggers == {e.event_id for e in events}
+
+
+def test_an_outbox_keeps_what_is_not_acknowledged_and_lets_it_go_once_it_is(tmp_path):
+    """The engine's side, without a flow: with acknowledgements expected, every list stays until
+    its batch is acknowledged, then the user's next write keeps the newest four; without them
+    (a caller that took the lists when ``process`` returned), the newest four, as before."""
+    from recsys.events import Envelope
+    from recsys.shard.outbox import OUTBOX_LEN, decode_outbox
+
+    catalog = generate_catalog(30, seed=12)
+    events = [Event(event_id=f"e{i}", type="click", user_id="u", item_id=catalog[i].item_id, ts=1_700_000_000_000 + i)
+              for i in range(12)]
+    envelopes = [Envelope("events", 0, i, b"u", encode(e), e.ts) for i, e in enumerate(events)]
+
+    def outbox(engine: Shard) -> dict:
+        return decode_outbox(engine.kv.get(b"o:u"))
+
+    settings = Settings(state_dir=str(tmp_path / "state"), embed_cache_dir=str(tmp_path / "emb"), head_snapshot_interval_s=3600)
+    engine = Shard.open(settings, in_memory=True)
+    engine.upsert_catalog(catalog)
+    engine.expect_acknowledgements()
+    stamps = [engine.process([env]).stamp for env in envelopes[:8]]
+    assert sorted(o for _, o in outbox(engine)) == list(range(8))  # nothing acknowledged: all eight
+    engine.acknowledge(stamps[5])  # the batches up to the sixth delivered
+    engine.process([envelopes[8]])
+    assert sorted(o for _, o in outbox(engine)) == [5, 6, 7, 8]  # the newest four; 6 and 7 also unacknowledged
+    engine.process([envelopes[9]])
+    assert sorted(o for _, o in outbox(engine)) == [6, 7, 8, 9]
+    engine.close()
+
+    engine = Shard.open(settings.replace(state_dir=str(tmp_path / "state2")), in_memory=True)
+    engine.upsert_catalog(catalog)
+    for env in envelopes:
+        engine.process([env])
+    assert sorted(o for _, o in outbox(engine)) == list(range(12 - OUTBOX_LEN, 12))
+    engine.close()
