@@ -161,12 +161,13 @@ class StepObserver(Protocol):
 class ShardStep:
     """The callable given to ``flat_map_batch``: builds the engine on first use in the worker.
 
-    ``acknowledged``: the recommendations sink acknowledges what it delivered (the Kafka sink, at
-    its epoch flush); each batch's lists are then followed by an :class:`Acknowledgement` and
-    stay in the engine's outbox until it is done (:mod:`recsys.shard.outbox`)."""
+    ``acknowledged``: the outputs (``"recommendations"``, ``"search_results"``) whose sink
+    acknowledges what it delivered (the Kafka sink, at its epoch flush); each batch's output is
+    then followed by an :class:`Acknowledgement` and stays in the engine's outbox until that is
+    done (:mod:`recsys.shard.outbox`, :mod:`recsys.search.outbox`)."""
 
     def __init__(self, shard_factory: Callable[[], Shard], observer: StepObserver | None = None,
-                 acknowledged: bool = False):
+                 acknowledged: tuple[str, ...] = ()):
         self._factory = shard_factory
         self.engine: Shard | None = None
         self.observer = observer
@@ -177,7 +178,7 @@ class ShardStep:
         if self.engine is None:
             self.engine = self._factory()
             if self.acknowledged:
-                self.engine.expect_acknowledgements()
+                self.engine.expect_acknowledgements(*self.acknowledged)
             if self.engine.exchange is not None:  # issue 11: sealed before a crash, maybe never published
                 origin = str(self.engine.exchange.origin)
                 out.extend(Out("exchange", origin, m) for m in self.engine.exchange.pending())
@@ -198,11 +199,13 @@ class ShardStep:
             if self.observer is not None:
                 self.observer.batch(self.engine, envelopes, result, time.perf_counter() - started)
             out.extend(Out("rec", key, payload) for key, payload in result.recommendations)
-            if self.acknowledged and result.recommendations:
+            if "recommendations" in self.acknowledged and result.recommendations:
                 out.append(Out("rec", None, Acknowledgement(result.stamp, self.engine.acknowledge)))
             out.extend(Out("dead", key, payload) for key, payload in result.dead_letters)
             out.extend(Out("scored", None, s) for s in result.scored)
             out.extend(Out("search", key, payload) for key, payload in result.search_results)  # issue 13
+            if "search_results" in self.acknowledged and result.search_results:
+                out.append(Out("search", None, Acknowledgement(result.stamp, self.engine.acknowledge_search)))
             out.extend(Out("exchange", str(self.engine.exchange.origin), m) for m in result.exchange)  # issue 11
         return out
 
@@ -236,7 +239,8 @@ def build_flow(
         for name, source in (("catalog", catalog), ("control", control), ("exchange", exchange)):
             if source is not None:
                 stream = op.merge(f"merge_{name}", op.input(f"{name}_in", flow, source), stream)  # Envelope
-    acknowledged = getattr(recommendations, "acknowledges", False)  # the Kafka sink: at its flush
+    acknowledged = tuple(name for name, sink in (("recommendations", recommendations), ("search_results", search_results))
+                         if getattr(sink, "acknowledges", False))  # the Kafka sink: at its flush
     outs = op.flat_map_batch("process", stream, ShardStep(shard_factory, observer, acknowledged))  # Out
     recs = op.filter_map("recommendations", outs, lambda o: (o.key, o.payload) if o.kind == "rec" else None)
     dead = op.filter_map("dead_letters", outs, lambda o: (o.key, o.payload) if o.kind == "dead" else None)

@@ -63,7 +63,7 @@ class _UnreachableProducer:
             self._sent.append(orjson.loads(value))
             if len(self._sent) == self._crash_at:
                 self._dead = True
-                raise _Crash(f"killed at recommendation {self._crash_at}, {len(self._held)} sends unacknowledged")
+                raise _Crash(f"killed at output {self._crash_at}, {len(self._held)} sends unacknowledged")
         future = _HeldFuture(self)
         self._held.append(((topic,), {"value": value, "key": key, **kw}, future))
         return future
@@ -120,7 +120,7 @@ def test_a_crash_before_the_sink_flushed_loses_no_recommendation_of_a_busy_user(
     # inside its first epoch (60 s), so nothing was ever flushed
     outage = _Outage(memory_broker, "recs", crash_at=6)
     engine = Shard.open(settings)
-    with pytest.raises(Exception, match="killed at recommendation 6"):
+    with pytest.raises(Exception, match="killed at output 6"):
         run(live_flow(settings, outage, engine=engine), recovery_dir=settings.recovery_dir, snapshot_interval_s=60.0)
     engine.close()
     in_doubt = [r["trigger_event_id"] for r in outage.sent]
@@ -138,6 +138,41 @@ def test_a_crash_before_the_sink_flushed_loses_no_recommendation_of_a_busy_user(
     first = {r["trigger_event_id"]: r for r in outage.sent}
     assert all(first[r["trigger_event_id"]] == r for r in delivered if r["trigger_event_id"] in first)
     assert triggers == {e.event_id for e in events}
+
+
+def test_a_crash_before_the_sink_flushed_answers_no_search_twice_differently(memory_broker, tmp_path):
+    """The same for search results: a shopper's ten searches, one a batch, the process dying at
+    the tenth answer with none acknowledged. After the restart each search has been answered
+    with the bytes first sent (before the fix the search outbox kept the newest 8: the first
+    two were answered again, from the state then current, with another ``emitted_at``)."""
+    catalog = generate_catalog(60, seed=13)
+    settings = Settings(
+        events_topic="events", catalog_topic="catalog", recommendations_topic="recs", dead_letters_topic="dead",
+        search_results_topic="found", state_dir=str(tmp_path / "state"), recovery_dir=str(tmp_path / "recovery"),
+        embed_cache_dir=str(tmp_path / "emb"), stop_at_end=True, poll_max_records=1,
+    )
+    ensure_topics(memory_broker, {"events": 1, "catalog": 1, "recs": 1, "dead": 1, "found": 1})
+    produce_records(memory_broker, "catalog", ((c.item_id.encode(), encode(c)) for c in catalog))
+    words = [c.title.split()[0] for c in catalog[:10]]
+    events = [Event(event_id=f"s{i}", type="search", user_id="seeker", item_id=None, query=words[i], ts=1_700_000_000_000 + i * 1000)
+              for i in range(10)]
+    produce_records(memory_broker, "events", ((e.user_id.encode(), encode(e)) for e in events))
+
+    outage = _Outage(memory_broker, "found", crash_at=10)
+    engine = Shard.open(settings)
+    with pytest.raises(Exception, match="killed at output 10"):
+        run(live_flow(settings, outage, engine=engine), recovery_dir=settings.recovery_dir, snapshot_interval_s=60.0)
+    engine.close()
+    assert [r["trigger_event_id"] for r in outage.sent] == [e.event_id for e in events]
+
+    engine = Shard.open(settings)
+    run(live_flow(settings, memory_broker, engine=engine), recovery_dir=settings.recovery_dir, snapshot_interval_s=60.0)
+    engine.close()
+    first = {r["trigger_event_id"]: r for r in outage.sent}
+    answers = [orjson.loads(r.value) for r in consume_all(memory_broker, "found")]
+    assert {a["trigger_event_id"] for a in answers} == set(first)
+    changed = sorted(a["trigger_event_id"] for a in answers if a != first[a["trigger_event_id"]])
+    assert not changed, f"answered again differently: {changed}"
 
 
 def test_an_outbox_keeps_what_is_not_acknowledged_and_lets_it_go_once_it_is(tmp_path):
@@ -173,4 +208,31 @@ def test_an_outbox_keeps_what_is_not_acknowledged_and_lets_it_go_once_it_is(tmp_
     for env in envelopes:
         engine.process([env])
     assert sorted(o for _, o in outbox(engine)) == list(range(12 - OUTBOX_LEN, 12))
+    engine.close()
+
+
+def test_a_search_outbox_keeps_what_is_not_acknowledged_and_lets_it_go_once_it_is(tmp_path):
+    """The same for search answers: all ten kept until acknowledged, then the newest eight."""
+    from recsys.events import Envelope
+    from recsys.search.outbox import SEARCH_OUTBOX_LEN, outbox_key
+
+    catalog = generate_catalog(30, seed=14)
+    events = [Event(event_id=f"s{i}", type="search", user_id="u", item_id=None, query=catalog[i].title.split()[0],
+                    ts=1_700_000_000_000 + i) for i in range(12)]
+    envelopes = [Envelope("events", 0, i, b"u", encode(e), e.ts) for i, e in enumerate(events)]
+
+    def kept(engine: Shard) -> list[int]:
+        return sorted(o for _, o, *_ in orjson.loads(engine.kv.get(outbox_key("u"))))
+
+    settings = Settings(state_dir=str(tmp_path / "state"), embed_cache_dir=str(tmp_path / "emb"), head_snapshot_interval_s=3600)
+    engine = Shard.open(settings, in_memory=True)
+    engine.upsert_catalog(catalog)
+    engine.expect_acknowledgements("search_results")
+    stamps = [engine.process([env]).stamp for env in envelopes[:10]]
+    assert kept(engine) == list(range(10))
+    engine.acknowledge(stamps[-1], "search_results")
+    engine.process([envelopes[10]])
+    assert kept(engine) == list(range(11 - SEARCH_OUTBOX_LEN, 11))
+    with pytest.raises(ValueError, match="unknown output 'searches'"):
+        engine.acknowledge(stamps[-1], "searches")
     engine.close()

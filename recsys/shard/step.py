@@ -142,6 +142,10 @@ class BatchResult:
     phase_seconds: dict[str, float] = field(default_factory=dict)
 
 
+#: What :meth:`Shard.expect_acknowledgements` may name: the outputs with an outbox.
+_ACKNOWLEDGED_OUTPUTS = ("recommendations", "search_results")
+
+
 #: The phases of ``Shard.process`` in order, as ``BatchResult.phase_seconds`` names them:
 #: models (the trainer's newest, between two batches), decode, admit (the waiting room and the
 #: checks), load (user records and outboxes), score (backtests only: the list before the batch),
@@ -238,10 +242,11 @@ class Shard:
         # entry not re-stamped had its trigger committed by Bytewax, which happens only after
         # the sink flushed it. A re-delivery alone lets no entry go. Without a sink that acknowledges
         # (replays, tests calling ``process``), a batch's lists count as delivered once
-        # ``process`` returned them (``expect_acknowledgements``).
+        # ``process`` returned them (``expect_acknowledgements``). The search outbox
+        # (recsys.search.outbox) follows the same rule with the search sink's acknowledgements.
         self._stamp = time.time_ns()
         self._acknowledged = self._stamp
-        self._acknowledging = False
+        self._acknowledging: set[str] = set()
         stored_items = [catalog_item_from_dict(orjson.loads(v)) for _, v in kv.iter_prefix(_ITEM_PREFIX)]
         if stored_items:
             self.items.upsert(stored_items)
@@ -302,6 +307,7 @@ class Shard:
                              head=self.head, clock=clock)
         self.search.upsert(list(self.items.catalog.items.values()))
         self.search.load(kv)
+        self.search.outbox.acknowledged = self._stamp  # an earlier life's answers: as for the lists (above)
         if self.exchange is not None:  # issue 11: the learned associations through the exchange log too
             self.exchange.share_search(self.search.associations, self.search.reranker)
             self.search.record_association = self.exchange.record_search
@@ -396,16 +402,29 @@ class Shard:
 
     # ------------------------------------------------------------------ the step
 
-    def expect_acknowledgements(self) -> None:
-        """The lists of a batch stay in the outbox until :meth:`acknowledge` is called with its
-        stamp (or a later one): for a sink that delivers them later than ``process`` returns
-        (the Kafka sink: at its producer's flush, once per epoch)."""
-        self._acknowledging = True
+    def expect_acknowledgements(self, *outputs: str) -> None:
+        """The ``outputs`` (``"recommendations"``, ``"search_results"``; both if none named) of a
+        batch stay in their outbox until :meth:`acknowledge` is called with its stamp (or a
+        later one): for sinks that deliver them later than ``process`` returns (the Kafka sink:
+        at its producer's flush, once per epoch)."""
+        unknown = set(outputs) - set(_ACKNOWLEDGED_OUTPUTS)
+        if unknown:
+            raise ValueError(f"expect_acknowledgements: unknown outputs {sorted(unknown)} (known: {_ACKNOWLEDGED_OUTPUTS})")
+        self._acknowledging.update(outputs or _ACKNOWLEDGED_OUTPUTS)
 
-    def acknowledge(self, stamp: int) -> None:
-        """Every list of the batches up to ``BatchResult.stamp == stamp`` has been delivered: their
-        outbox entries may go (the next time their user's outbox is written)."""
-        self._acknowledged = max(self._acknowledged, stamp)
+    def acknowledge(self, stamp: int, output: str = "recommendations") -> None:
+        """Every one of ``output`` of the batches up to ``BatchResult.stamp == stamp`` has been
+        delivered: their outbox entries may go (the next time their user's outbox is written)."""
+        if output == "search_results":
+            self.search.outbox.acknowledged = max(self.search.outbox.acknowledged, stamp)
+        elif output == "recommendations":
+            self._acknowledged = max(self._acknowledged, stamp)
+        else:
+            raise ValueError(f"acknowledge: unknown output {output!r} (known: {_ACKNOWLEDGED_OUTPUTS})")
+
+    def acknowledge_search(self, stamp: int) -> None:
+        """``acknowledge(stamp, "search_results")``."""
+        self.acknowledge(stamp, "search_results")
 
     def process(self, envelopes: list[Envelope]) -> BatchResult:
         """Decode, validate, apply and recommend for one batch; commit it atomically.
@@ -422,8 +441,12 @@ class Shard:
 
     def _process(self, envelopes: list[Envelope]) -> BatchResult:
         self._stamp += 1
-        if not self._acknowledging:  # the caller took the previous batch's lists (see __init__)
+        # without acknowledgements, the caller took the previous batch's outputs (see __init__)
+        if "recommendations" not in self._acknowledging:
             self._acknowledged = self._stamp - 1
+        self.search.outbox.stamp = self._stamp
+        if "search_results" not in self._acknowledging:
+            self.search.outbox.acknowledged = self._stamp - 1
         result = BatchResult(stamp=self._stamp)
         counts = result.counts
         laps = _Laps(result.phase_seconds)
