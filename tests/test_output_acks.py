@@ -102,40 +102,47 @@ class _Outage:
         return self.broker.bootstrap
 
 
-def test_a_crash_before_the_sink_flushed_loses_no_recommendation_of_a_busy_user(memory_broker, tmp_path):
-    catalog = generate_catalog(60, seed=11)
+def _crash_then_restart(broker, tmp_path, catalog, events, topic: str, crash_at: int) -> tuple[list[dict], list[dict]]:
+    """Two lives of the live flow over ``events``, one a batch: in the first the broker takes
+    nothing and the process dies at its ``crash_at``-th send to ``topic``, well inside its first
+    epoch (60 s), so nothing was ever flushed; the second, the broker back, runs to the end.
+    Returns what the first life sent to ``topic`` and what the topic holds after the second."""
     settings = Settings(
         events_topic="events", catalog_topic="catalog", recommendations_topic="recs", dead_letters_topic="dead",
-        state_dir=str(tmp_path / "state"), recovery_dir=str(tmp_path / "recovery"),
+        search_results_topic="found", state_dir=str(tmp_path / "state"), recovery_dir=str(tmp_path / "recovery"),
         embed_cache_dir=str(tmp_path / "emb"), stop_at_end=True,
-        poll_max_records=1,  # one event a batch: each of the shopper's events gets its own list
+        poll_max_records=1,  # one event a batch: each of the shopper's events gets its own output
     )
-    ensure_topics(memory_broker, {"events": 1, "catalog": 1, "recs": 1, "dead": 1})
-    produce_records(memory_broker, "catalog", ((c.item_id.encode(), encode(c)) for c in catalog))
+    ensure_topics(broker, {"events": 1, "catalog": 1, "recs": 1, "dead": 1, "found": 1})
+    produce_records(broker, "catalog", ((c.item_id.encode(), encode(c)) for c in catalog))
+    produce_records(broker, "events", ((e.user_id.encode(), encode(e)) for e in events))
+    outage = _Outage(broker, topic, crash_at=crash_at)
+    for clients in (outage, broker):
+        engine = Shard.open(settings)
+        try:
+            if clients is outage:
+                with pytest.raises(Exception, match=f"killed at output {crash_at}"):
+                    run(live_flow(settings, clients, engine=engine), recovery_dir=settings.recovery_dir, snapshot_interval_s=60.0)
+                assert consume_all(broker, topic) == []  # nothing of the first life delivered
+            else:
+                run(live_flow(settings, clients, engine=engine), recovery_dir=settings.recovery_dir, snapshot_interval_s=60.0)
+        finally:
+            engine.close()
+    return outage.sent, [orjson.loads(r.value) for r in consume_all(broker, topic)]
+
+
+def test_a_crash_before_the_sink_flushed_loses_no_recommendation_of_a_busy_user(memory_broker, tmp_path):
+    catalog = generate_catalog(60, seed=11)
     events = [Event(event_id=f"e{i}", type="click", user_id="busy", item_id=catalog[i].item_id, ts=1_700_000_000_000 + i * 1000)
               for i in range(10)]
-    produce_records(memory_broker, "events", ((e.user_id.encode(), encode(e)) for e in events))
-
-    # first life: the broker takes nothing; the process dies at its sixth recommendation, well
-    # inside its first epoch (60 s), so nothing was ever flushed
-    outage = _Outage(memory_broker, "recs", crash_at=6)
-    engine = Shard.open(settings)
-    with pytest.raises(Exception, match="killed at output 6"):
-        run(live_flow(settings, outage, engine=engine), recovery_dir=settings.recovery_dir, snapshot_interval_s=60.0)
-    engine.close()
-    in_doubt = [r["trigger_event_id"] for r in outage.sent]
-    assert len(in_doubt) == 6 and consume_all(memory_broker, "recs") == []
-
-    # second life, the broker back: the events are re-delivered; every list of the first life is
-    # re-emitted (before the fix: only the user's last four, e0 and e1 lost)
-    engine = Shard.open(settings)
-    run(live_flow(settings, memory_broker, engine=engine), recovery_dir=settings.recovery_dir, snapshot_interval_s=60.0)
-    engine.close()
-    delivered = [orjson.loads(r.value) for r in consume_all(memory_broker, "recs")]
+    sent, delivered = _crash_then_restart(memory_broker, tmp_path, catalog, events, "recs", crash_at=6)
+    in_doubt = [r["trigger_event_id"] for r in sent]
+    assert len(in_doubt) == 6
+    # every list of the first life is re-emitted (before the fix: only the user's last four, e0
+    # and e1 lost), as first sent, byte for byte
     triggers = {r["trigger_event_id"] for r in delivered}
     assert set(in_doubt) <= triggers, f"lost: {sorted(set(in_doubt) - triggers)}"
-    # and re-emitted as first sent, byte for byte
-    first = {r["trigger_event_id"]: r for r in outage.sent}
+    first = {r["trigger_event_id"]: r for r in sent}
     assert all(first[r["trigger_event_id"]] == r for r in delivered if r["trigger_event_id"] in first)
     assert triggers == {e.event_id for e in events}
 
@@ -146,30 +153,11 @@ def test_a_crash_before_the_sink_flushed_answers_no_search_twice_differently(mem
     with the bytes first sent (before the fix the search outbox kept the newest 8: the first
     two were answered again, from the state then current, with another ``emitted_at``)."""
     catalog = generate_catalog(60, seed=13)
-    settings = Settings(
-        events_topic="events", catalog_topic="catalog", recommendations_topic="recs", dead_letters_topic="dead",
-        search_results_topic="found", state_dir=str(tmp_path / "state"), recovery_dir=str(tmp_path / "recovery"),
-        embed_cache_dir=str(tmp_path / "emb"), stop_at_end=True, poll_max_records=1,
-    )
-    ensure_topics(memory_broker, {"events": 1, "catalog": 1, "recs": 1, "dead": 1, "found": 1})
-    produce_records(memory_broker, "catalog", ((c.item_id.encode(), encode(c)) for c in catalog))
-    words = [c.title.split()[0] for c in catalog[:10]]
-    events = [Event(event_id=f"s{i}", type="search", user_id="seeker", item_id=None, query=words[i], ts=1_700_000_000_000 + i * 1000)
-              for i in range(10)]
-    produce_records(memory_broker, "events", ((e.user_id.encode(), encode(e)) for e in events))
-
-    outage = _Outage(memory_broker, "found", crash_at=10)
-    engine = Shard.open(settings)
-    with pytest.raises(Exception, match="killed at output 10"):
-        run(live_flow(settings, outage, engine=engine), recovery_dir=settings.recovery_dir, snapshot_interval_s=60.0)
-    engine.close()
-    assert [r["trigger_event_id"] for r in outage.sent] == [e.event_id for e in events]
-
-    engine = Shard.open(settings)
-    run(live_flow(settings, memory_broker, engine=engine), recovery_dir=settings.recovery_dir, snapshot_interval_s=60.0)
-    engine.close()
-    first = {r["trigger_event_id"]: r for r in outage.sent}
-    answers = [orjson.loads(r.value) for r in consume_all(memory_broker, "found")]
+    events = [Event(event_id=f"s{i}", type="search", user_id="seeker", item_id=None, query=catalog[i].title.split()[0],
+                    ts=1_700_000_000_000 + i * 1000) for i in range(10)]
+    sent, answers = _crash_then_restart(memory_broker, tmp_path, catalog, events, "found", crash_at=10)
+    assert [r["trigger_event_id"] for r in sent] == [e.event_id for e in events]
+    first = {r["trigger_event_id"]: r for r in sent}
     assert {a["trigger_event_id"] for a in answers} == set(first)
     changed = sorted(a["trigger_event_id"] for a in answers if a != first[a["trigger_event_id"]])
     assert not changed, f"answered again differently: {changed}"
