@@ -9,6 +9,8 @@ user's last four recommendations whatever had been acknowledged (its comment sti
 sink flushed every batch, as it once did), so a user with more than four in one epoch lost the
 older ones when the producer had not delivered them: a broker that is slow or gone, then a
 crash. Now an entry leaves the outbox only once the sink has flushed the batch that emitted it.
+The same holds for search answers, and for lists whose trigger waited for its catalog item
+(no re-delivery asks for those: a restart sends them again by itself).
 """
 
 from __future__ import annotations
@@ -224,3 +226,50 @@ def test_a_search_outbox_keeps_what_is_not_acknowledged_and_lets_it_go_once_it_i
     with pytest.raises(ValueError, match="unknown output 'searches'"):
         engine.acknowledge(stamps[-1], "searches")
     engine.close()
+
+
+def test_a_crash_before_the_sink_flushed_loses_no_list_of_an_event_that_waited_for_its_item(memory_broker, tmp_path):
+    """An event that arrived before its catalog item waits in state (recsys/shard/waiting.py);
+    its list is emitted when the item arrives, long after Bytewax committed the event's offset.
+    A crash before the sink flushed that list re-delivers the catalog record at most, never the
+    event, so no re-delivery can ask the outbox for it: the restart must send it by itself."""
+    import threading
+    import time
+
+    catalog = generate_catalog(40, seed=15)
+    late = catalog.pop()  # announced only once the event for it waits
+    settings = Settings(
+        events_topic="events", catalog_topic="catalog", recommendations_topic="recs", dead_letters_topic="dead",
+        search_results_topic="found", state_dir=str(tmp_path / "state"), recovery_dir=str(tmp_path / "recovery"),
+        embed_cache_dir=str(tmp_path / "emb"), unknown_item_wait_s=60.0,
+    )
+    ensure_topics(memory_broker, {"events": 1, "catalog": 1, "recs": 1, "dead": 1, "found": 1})
+    produce_records(memory_broker, "catalog", ((c.item_id.encode(), encode(c)) for c in catalog))
+    early = Event(event_id="early", type="click", user_id="u", item_id=late.item_id, ts=1_700_000_000_000)
+    produce_records(memory_broker, "events", [(b"u", encode(early))])
+
+    outage = _Outage(memory_broker, "recs", crash_at=1)  # dies sending the released event's list
+    engine = Shard.open(settings)
+
+    def announce() -> None:  # the item, once the event has waited through a few committed epochs
+        deadline = time.monotonic() + 60
+        while engine.totals.get("waited", 0) < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.0)
+        produce_records(memory_broker, "catalog", [(late.item_id.encode(), encode(late))])
+
+    announcer = threading.Thread(target=announce, daemon=True)
+    announcer.start()
+    with pytest.raises(Exception, match="killed at output 1"):
+        run(live_flow(settings, outage, engine=engine), recovery_dir=settings.recovery_dir, snapshot_interval_s=0.2)
+    announcer.join()
+    engine.close()
+    assert [r["trigger_event_id"] for r in outage.sent] == ["early"]
+
+    engine = Shard.open(settings.replace(stop_at_end=True))
+    run(live_flow(settings.replace(stop_at_end=True), memory_broker, engine=engine), recovery_dir=settings.recovery_dir,
+        snapshot_interval_s=0.2)
+    engine.close()
+    delivered = [orjson.loads(r.value) for r in consume_all(memory_broker, "recs")]
+    assert [r["trigger_event_id"] for r in delivered] == ["early"], "the waited event's list was lost"
+    assert delivered[0] == outage.sent[0]

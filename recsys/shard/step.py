@@ -28,7 +28,7 @@ from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Container
 
 import orjson
 
@@ -94,6 +94,10 @@ _OUTBOX_PREFIX = b"o:"
 #: (:func:`dataflows.runner.check_state_against_recovery`).
 _POSITION_PREFIX = b"pos:"
 _OFFSET_RESET_PREFIX = b"rst:"  # rst:<topic>:<partition> -> "<old>><new>": the last source move absorbed
+#: ``unsent:<stamp>`` -> lists no re-delivery can ask the outbox for (their trigger waited for its
+#: catalog item, so Bytewax committed its offset long before), kept until acknowledged and sent
+#: again by the next life's first batch (``Shard._resend``).
+_UNSENT_PREFIX = b"unsent:"
 _LAYOUT_KEY = b"meta:shard"  # "<shard>/<shards>" of the process that wrote this state
 #: A dead letter's key: the refused message's key, cut to this many bytes (ids are <= 256 chars).
 _DEAD_LETTER_KEY_BYTES = 1024
@@ -247,6 +251,10 @@ class Shard:
         self._stamp = time.time_ns()
         self._acknowledged = self._stamp
         self._acknowledging: set[str] = set()
+        # an earlier life's unacknowledged lists of released events (_UNSENT_PREFIX): sent again
+        # by the first batch; this life's, by stamp, until acknowledged
+        self._resend: dict[bytes, bytes] | None = dict(kv.iter_prefix(_UNSENT_PREFIX))
+        self._unsent: list[int] = []
         stored_items = [catalog_item_from_dict(orjson.loads(v)) for _, v in kv.iter_prefix(_ITEM_PREFIX)]
         if stored_items:
             self.items.upsert(stored_items)
@@ -463,7 +471,7 @@ class Shard:
             self._cover()
         laps.lap("admit")
         if not by_user:
-            self._commit(puts, waited.deletes)
+            self._commit(puts, [*waited.deletes, *self._unsent_upkeep(result, puts)])
             laps.lap("commit")
             self.totals.update(counts)
             return result
@@ -490,7 +498,7 @@ class Shard:
         laps.lap("apply")
         self._learn_head(examples, counts)
         laps.lap("head")
-        self._rank_and_emit(fresh_users, by_user, states, outboxes, reemit, puts, result, now_ms)
+        self._rank_and_emit(fresh_users, by_user, states, outboxes, reemit, puts, result, now_ms, waited.released)
         laps.lap("rank")
 
         # one atomic write: users + signals + watermarks + outboxes + catalog + expired users
@@ -502,7 +510,7 @@ class Shard:
                 self._sweep_floor = min(self._sweep_floor, written)
         if self.exchange is not None and (message := self.exchange.seal(puts)) is not None:
             result.exchange.append(message)  # issue 11: this batch's signal ops, sealed with it
-        self._commit(puts, [*waited.deletes, *self._sweep(by_user, counts)])
+        self._commit(puts, [*waited.deletes, *self._sweep(by_user, counts), *self._unsent_upkeep(result, puts)])
         laps.lap("commit")
         self.totals.update(counts)
         return result
@@ -691,10 +699,14 @@ class Shard:
 
     def _rank_and_emit(self, fresh_users: list[str], by_user: dict[str, list[tuple[Envelope, Event]]],
                        states: dict[str, UserState], outboxes: dict[str, dict[tuple[int, int], tuple[bytes, int]]],
-                       reemit: list[tuple[str, bytes]], puts: dict[bytes, bytes], result: BatchResult, now_ms: int) -> None:
+                       reemit: list[tuple[str, bytes]], puts: dict[bytes, bytes], result: BatchResult, now_ms: int,
+                       released: Container[tuple[str, int, int]] = ()) -> None:
         """Rank for every user with a newly applied event (coalesced per batch), each list into
-        the user's outbox (written with the batch) and the result, re-emissions after them."""
+        the user's outbox (written with the batch) and the result, re-emissions after them.
+        A list whose trigger waited for its item (``released``) is also kept as unsent until
+        acknowledged (:data:`_UNSENT_PREFIX`)."""
         counts = result.counts
+        unsent: list[list[str]] = []
         if fresh_users and self.emit:
             now_ts = max(by_user[u][-1][1].ts for u in fresh_users)
             ranked = self.recommender.rank([states[u] for u in fresh_users], now_ts)
@@ -706,6 +718,11 @@ class Shard:
                 box = outboxes.setdefault(user_id, {})
                 box[(env.partition, env.offset)] = (payload, self._stamp)
                 puts[_OUTBOX_PREFIX + user_id.encode()] = encode_outbox(box, self._acknowledged)
+                if (env.topic, env.partition, env.offset) in released and "recommendations" in self._acknowledging:
+                    unsent.append([user_id, payload.decode()])
+        if unsent:
+            puts[_unsent_key(self._stamp)] = orjson.dumps(unsent)
+            self._unsent.append(self._stamp)
         # users with re-emitted lists only: their entries re-stamped, none let go (the later
         # triggers of theirs may not be re-delivered yet: see __init__)
         for user_id in dict.fromkeys(u for u, _ in reemit):
@@ -998,6 +1015,31 @@ class Shard:
             emitted_at=max(now_ms, int(self.clock() * 1000)),
         )
 
+    def _unsent_upkeep(self, result: BatchResult, puts: dict[bytes, bytes]) -> list[bytes]:
+        """The first batch of a life sends an earlier life's unsent lists again (identical
+        bytes; not those of a user erased since), kept under this batch's stamp until
+        acknowledged; returns the keys to delete: those, and this life's acknowledged ones."""
+        deletes: list[bytes] = []
+        if self._resend:
+            again = []
+            for key, raw in sorted(self._resend.items()):
+                deletes.append(key)
+                for user_id, payload in orjson.loads(raw):
+                    erased_at = self.tombstones.get(user_hash(user_id))
+                    if erased_at is None or orjson.loads(payload)["event_ts"] > erased_at:
+                        again.append([user_id, payload])
+            result.recommendations.extend((u, p.encode()) for u, p in again)
+            result.counts["resent"] += len(again)
+            if again and "recommendations" in self._acknowledging:
+                key = _unsent_key(self._stamp)
+                puts[key] = orjson.dumps([*orjson.loads(puts.get(key, b"[]")), *again])
+                if not self._unsent or self._unsent[-1] != self._stamp:
+                    self._unsent.append(self._stamp)
+        self._resend = None
+        while self._unsent and self._unsent[0] <= self._acknowledged:
+            deletes.append(_unsent_key(self._unsent.pop(0)))
+        return deletes
+
     def _load_outboxes(self, user_ids: list[str]) -> dict[str, dict[tuple[int, int], tuple[bytes, int]]]:
         raw = self.kv.multi_get([_OUTBOX_PREFIX + u.encode() for u in user_ids])
         return {u: decode_outbox(r) for u, r in zip(user_ids, raw) if r is not None}
@@ -1042,6 +1084,10 @@ class Shard:
             if learn_from_next_item(self.reranker, self.monitor, self.shown, user_id, event.item_id, self.settings.top_k, record):
                 counts["drift_detected"] += 1
             return
+
+
+def _unsent_key(stamp: int) -> bytes:
+    return _UNSENT_PREFIX + f"{stamp:020d}".encode()
 
 
 @contextmanager
