@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import partial
 from datetime import datetime
 from typing import Any, Callable, Protocol
 
@@ -161,7 +162,7 @@ class StepObserver(Protocol):
 class ShardStep:
     """The callable given to ``flat_map_batch``: builds the engine on first use in the worker.
 
-    ``acknowledged``: the outputs (``"recommendations"``, ``"search_results"``) whose sink
+    ``acknowledged``: the outputs (``"recommendations"``, ``"dead_letters"``, ``"search_results"``) whose sink
     acknowledges what it delivered (the Kafka sink, at its epoch flush); each batch's output is
     then followed by an :class:`Acknowledgement` and stays in the engine's outbox until that is
     done (:mod:`recsys.shard.outbox`, :mod:`recsys.search.outbox`)."""
@@ -199,13 +200,14 @@ class ShardStep:
             if self.observer is not None:
                 self.observer.batch(self.engine, envelopes, result, time.perf_counter() - started)
             out.extend(Out("rec", key, payload) for key, payload in result.recommendations)
-            if "recommendations" in self.acknowledged and result.recommendations:
-                out.append(Out("rec", None, Acknowledgement(result.stamp, self.engine.acknowledge)))
             out.extend(Out("dead", key, payload) for key, payload in result.dead_letters)
             out.extend(Out("scored", None, s) for s in result.scored)
             out.extend(Out("search", key, payload) for key, payload in result.search_results)  # issue 13
-            if "search_results" in self.acknowledged and result.search_results:
-                out.append(Out("search", None, Acknowledgement(result.stamp, self.engine.acknowledge_search)))
+            for kind, output, items in (("rec", "recommendations", result.recommendations),
+                                        ("dead", "dead_letters", result.dead_letters),
+                                        ("search", "search_results", result.search_results)):
+                if items and output in self.acknowledged:  # behind the batch's items in that sink's stream
+                    out.append(Out(kind, None, Acknowledgement(result.stamp, partial(self.engine.acknowledge, output=output))))
             out.extend(Out("exchange", str(self.engine.exchange.origin), m) for m in result.exchange)  # issue 11
         return out
 
@@ -239,7 +241,8 @@ def build_flow(
         for name, source in (("catalog", catalog), ("control", control), ("exchange", exchange)):
             if source is not None:
                 stream = op.merge(f"merge_{name}", op.input(f"{name}_in", flow, source), stream)  # Envelope
-    acknowledged = tuple(name for name, sink in (("recommendations", recommendations), ("search_results", search_results))
+    acknowledged = tuple(name for name, sink in (("recommendations", recommendations), ("dead_letters", dead_letters),
+                                                 ("search_results", search_results))
                          if getattr(sink, "acknowledges", False))  # the Kafka sink: at its flush
     outs = op.flat_map_batch("process", stream, ShardStep(shard_factory, observer, acknowledged))  # Out
     recs = op.filter_map("recommendations", outs, lambda o: (o.key, o.payload) if o.kind == "rec" else None)

@@ -36,6 +36,7 @@ from dataflows.kafka_io import (
     _envelope,
     ensure_topics,
     part_name,
+    produce_records,
 )
 from dataflows.metrics import FlowMetrics, Watched
 from recsys.items.catalog import read_catalog_file
@@ -227,6 +228,19 @@ class SnapshotObserver:
         self.writer.maybe_write(engine.kv)
 
 
+def resend_unsent(engine: Shard, clients: Any, settings: Settings) -> int:
+    """Send again what an earlier life emitted that its sinks never had acknowledged and no
+    re-delivery brings back (``Shard.unsent``: lists of events that waited for their item, dead
+    letters of waits that ran out), wait for the broker to acknowledge them, then drop them
+    from state; before any event. Returns how many (copies of delivered ones are identical)."""
+    topics = {"recommendations": settings.recommendations_topic, "dead_letters": settings.dead_letters_topic}
+    sent = sum(produce_records(clients, topics[output], records) for output, records in engine.unsent().items())
+    engine.drop_unsent()
+    if sent:
+        print(f"re-sent {sent} outputs a stop left unacknowledged", flush=True)
+    return sent
+
+
 def settle_heap() -> None:
     """Hide everything alive now (imported modules, the catalog, loaded state) from Python's
     cyclic garbage collector. Its full passes scan every tracked object: with torch,
@@ -266,6 +280,7 @@ def live_flow(
     boot = bootstrap_catalog(engine, clients, settings.catalog_topic, dead_letters_topic=settings.dead_letters_topic,
                              recommendations_topic=settings.recommendations_topic)
     report(boot)
+    resend_unsent(engine, clients, settings)
     # issue 13: the query model now, not on the first search (seconds, with every event behind
     # that search waiting); BM25 is current after every catalog upsert
     engine.search.warm_up()

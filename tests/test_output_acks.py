@@ -15,6 +15,10 @@ The same holds for search answers, and for lists whose trigger waited for its ca
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
+
 import orjson
 import pytest
 
@@ -104,31 +108,37 @@ class _Outage:
         return self.broker.bootstrap
 
 
-def _crash_then_restart(broker, tmp_path, catalog, events, topic: str, crash_at: int) -> tuple[list[dict], list[dict]]:
-    """Two lives of the live flow over ``events``, one a batch: in the first the broker takes
-    nothing and the process dies at its ``crash_at``-th send to ``topic``, well inside its first
-    epoch (60 s), so nothing was ever flushed; the second, the broker back, runs to the end.
-    Returns what the first life sent to ``topic`` and what the topic holds after the second."""
+def _crash_then_restart(broker, tmp_path, catalog, events, topic: str, crash_at: int, *, snapshot_interval_s: float = 60.0,
+                        during: Callable[[Shard], None] | None = None, **settings_kw) -> tuple[list[dict], list[dict]]:
+    """Two lives of the live flow over ``events``: in the first the broker takes nothing and the
+    process dies at its ``crash_at``-th send to ``topic`` (by default well inside its first
+    epoch, 60 s, so nothing was ever flushed; ``during(engine)`` runs in a thread meanwhile);
+    the second, the broker back, runs to the end. Returns what the first life sent to ``topic``
+    and what the topic holds after the second."""
     settings = Settings(
         events_topic="events", catalog_topic="catalog", recommendations_topic="recs", dead_letters_topic="dead",
         search_results_topic="found", state_dir=str(tmp_path / "state"), recovery_dir=str(tmp_path / "recovery"),
-        embed_cache_dir=str(tmp_path / "emb"), stop_at_end=True,
-        poll_max_records=1,  # one event a batch: each of the shopper's events gets its own output
+        embed_cache_dir=str(tmp_path / "emb"), **settings_kw,
     )
     ensure_topics(broker, {"events": 1, "catalog": 1, "recs": 1, "dead": 1, "found": 1})
     produce_records(broker, "catalog", ((c.item_id.encode(), encode(c)) for c in catalog))
     produce_records(broker, "events", ((e.user_id.encode(), encode(e)) for e in events))
     outage = _Outage(broker, topic, crash_at=crash_at)
-    for clients in (outage, broker):
-        engine = Shard.open(settings)
+    for life, clients in ((settings, outage), (settings.replace(stop_at_end=True), broker)):
+        engine = Shard.open(life)
+        helper = threading.Thread(target=during, args=(engine,), daemon=True) if during and clients is outage else None
         try:
+            if helper is not None:
+                helper.start()
             if clients is outage:
                 with pytest.raises(Exception, match=f"killed at output {crash_at}"):
-                    run(live_flow(settings, clients, engine=engine), recovery_dir=settings.recovery_dir, snapshot_interval_s=60.0)
+                    run(live_flow(life, clients, engine=engine), recovery_dir=life.recovery_dir, snapshot_interval_s=snapshot_interval_s)
                 assert consume_all(broker, topic) == []  # nothing of the first life delivered
             else:
-                run(live_flow(settings, clients, engine=engine), recovery_dir=settings.recovery_dir, snapshot_interval_s=60.0)
+                run(live_flow(life, clients, engine=engine), recovery_dir=life.recovery_dir, snapshot_interval_s=snapshot_interval_s)
         finally:
+            if helper is not None:
+                helper.join()
             engine.close()
     return outage.sent, [orjson.loads(r.value) for r in consume_all(broker, topic)]
 
@@ -137,7 +147,7 @@ def test_a_crash_before_the_sink_flushed_loses_no_recommendation_of_a_busy_user(
     catalog = generate_catalog(60, seed=11)
     events = [Event(event_id=f"e{i}", type="click", user_id="busy", item_id=catalog[i].item_id, ts=1_700_000_000_000 + i * 1000)
               for i in range(10)]
-    sent, delivered = _crash_then_restart(memory_broker, tmp_path, catalog, events, "recs", crash_at=6)
+    sent, delivered = _crash_then_restart(memory_broker, tmp_path, catalog, events, "recs", crash_at=6, poll_max_records=1)
     in_doubt = [r["trigger_event_id"] for r in sent]
     assert len(in_doubt) == 6
     # every list of the first life is re-emitted (before the fix: only the user's last four, e0
@@ -157,7 +167,7 @@ def test_a_crash_before_the_sink_flushed_answers_no_search_twice_differently(mem
     catalog = generate_catalog(60, seed=13)
     events = [Event(event_id=f"s{i}", type="search", user_id="seeker", item_id=None, query=catalog[i].title.split()[0],
                     ts=1_700_000_000_000 + i * 1000) for i in range(10)]
-    sent, answers = _crash_then_restart(memory_broker, tmp_path, catalog, events, "found", crash_at=10)
+    sent, answers = _crash_then_restart(memory_broker, tmp_path, catalog, events, "found", crash_at=10, poll_max_records=1)
     assert [r["trigger_event_id"] for r in sent] == [e.event_id for e in events]
     first = {r["trigger_event_id"]: r for r in sent}
     assert {a["trigger_event_id"] for a in answers} == set(first)
@@ -233,43 +243,30 @@ def test_a_crash_before_the_sink_flushed_loses_no_list_of_an_event_that_waited_f
     its list is emitted when the item arrives, long after Bytewax committed the event's offset.
     A crash before the sink flushed that list re-delivers the catalog record at most, never the
     event, so no re-delivery can ask the outbox for it: the restart must send it by itself."""
-    import threading
-    import time
-
     catalog = generate_catalog(40, seed=15)
     late = catalog.pop()  # announced only once the event for it waits
-    settings = Settings(
-        events_topic="events", catalog_topic="catalog", recommendations_topic="recs", dead_letters_topic="dead",
-        search_results_topic="found", state_dir=str(tmp_path / "state"), recovery_dir=str(tmp_path / "recovery"),
-        embed_cache_dir=str(tmp_path / "emb"), unknown_item_wait_s=60.0,
-    )
-    ensure_topics(memory_broker, {"events": 1, "catalog": 1, "recs": 1, "dead": 1, "found": 1})
-    produce_records(memory_broker, "catalog", ((c.item_id.encode(), encode(c)) for c in catalog))
     early = Event(event_id="early", type="click", user_id="u", item_id=late.item_id, ts=1_700_000_000_000)
-    produce_records(memory_broker, "events", [(b"u", encode(early))])
 
-    outage = _Outage(memory_broker, "recs", crash_at=1)  # dies sending the released event's list
-    engine = Shard.open(settings)
-
-    def announce() -> None:  # the item, once the event has waited through a few committed epochs
+    def announce(engine: Shard) -> None:  # the item, once the event has waited through a few committed epochs
         deadline = time.monotonic() + 60
         while engine.totals.get("waited", 0) < 1 and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(1.0)
         produce_records(memory_broker, "catalog", [(late.item_id.encode(), encode(late))])
 
-    announcer = threading.Thread(target=announce, daemon=True)
-    announcer.start()
-    with pytest.raises(Exception, match="killed at output 1"):
-        run(live_flow(settings, outage, engine=engine), recovery_dir=settings.recovery_dir, snapshot_interval_s=0.2)
-    announcer.join()
-    engine.close()
-    assert [r["trigger_event_id"] for r in outage.sent] == ["early"]
+    # dies sending the released event's list; epochs of 0.2 s commit the event's offset meanwhile
+    sent, delivered = _crash_then_restart(memory_broker, tmp_path, catalog, [early], "recs", crash_at=1,
+                                          snapshot_interval_s=0.2, during=announce, unknown_item_wait_s=60.0)
+    assert [r["trigger_event_id"] for r in sent] == ["early"]
+    assert delivered == sent, "the waited event's list was lost"
 
-    engine = Shard.open(settings.replace(stop_at_end=True))
-    run(live_flow(settings.replace(stop_at_end=True), memory_broker, engine=engine), recovery_dir=settings.recovery_dir,
-        snapshot_interval_s=0.2)
-    engine.close()
-    delivered = [orjson.loads(r.value) for r in consume_all(memory_broker, "recs")]
-    assert [r["trigger_event_id"] for r in delivered] == ["early"], "the waited event's list was lost"
-    assert delivered[0] == outage.sent[0]
+
+def test_a_crash_before_the_sink_flushed_loses_no_dead_letter_of_an_event_whose_wait_ran_out(memory_broker, tmp_path):
+    """The same for the dead letter of an event whose item never came: it is emitted when the
+    wait runs out, long after Bytewax committed the event's offset; a crash before the dead
+    letters' sink flushed it lost it (no re-delivery brings it back)."""
+    orphan = Event(event_id="orphan", type="click", user_id="u", item_id="never-announced", ts=1_700_000_000_000)
+    sent, delivered = _crash_then_restart(memory_broker, tmp_path, generate_catalog(40, seed=16), [orphan], "dead", crash_at=1,
+                                          snapshot_interval_s=0.2, unknown_item_wait_s=1.0)
+    assert "never-announced" in sent[0]["reason"]
+    assert delivered == sent, "the expired event's dead letter was lost"

@@ -94,9 +94,10 @@ _OUTBOX_PREFIX = b"o:"
 #: (:func:`dataflows.runner.check_state_against_recovery`).
 _POSITION_PREFIX = b"pos:"
 _OFFSET_RESET_PREFIX = b"rst:"  # rst:<topic>:<partition> -> "<old>><new>": the last source move absorbed
-#: ``unsent:<stamp>`` -> lists no re-delivery can ask the outbox for (their trigger waited for its
-#: catalog item, so Bytewax committed its offset long before), kept until acknowledged and sent
-#: again by the next life's first batch (``Shard._resend``).
+#: ``unsent:<output>:<stamp>`` -> ``[[key, payload], ...]``: outputs no re-delivery can bring back
+#: (a list whose trigger waited for its catalog item, the dead letter of an event whose wait ran
+#: out: Bytewax committed the event's offset long before), kept until acknowledged; the next life
+#: sends what is left again before its first batch (``Shard.unsent``, ``dataflows.live``).
 _UNSENT_PREFIX = b"unsent:"
 _LAYOUT_KEY = b"meta:shard"  # "<shard>/<shards>" of the process that wrote this state
 #: A dead letter's key: the refused message's key, cut to this many bytes (ids are <= 256 chars).
@@ -146,8 +147,8 @@ class BatchResult:
     phase_seconds: dict[str, float] = field(default_factory=dict)
 
 
-#: What :meth:`Shard.expect_acknowledgements` may name: the outputs with an outbox.
-_ACKNOWLEDGED_OUTPUTS = ("recommendations", "search_results")
+#: What :meth:`Shard.expect_acknowledgements` may name: the outputs kept until acknowledged.
+_ACKNOWLEDGED_OUTPUTS = ("recommendations", "search_results", "dead_letters")
 
 
 #: The phases of ``Shard.process`` in order, as ``BatchResult.phase_seconds`` names them:
@@ -249,12 +250,13 @@ class Shard:
         # ``process`` returned them (``expect_acknowledgements``). The search outbox
         # (recsys.search.outbox) follows the same rule with the search sink's acknowledgements.
         self._stamp = time.time_ns()
-        self._acknowledged = self._stamp
+        self._acknowledged = dict.fromkeys(_ACKNOWLEDGED_OUTPUTS, self._stamp)  # per output
         self._acknowledging: set[str] = set()
-        # an earlier life's unacknowledged lists of released events (_UNSENT_PREFIX): sent again
-        # by the first batch; this life's, by stamp, until acknowledged
-        self._resend: dict[bytes, bytes] | None = dict(kv.iter_prefix(_UNSENT_PREFIX))
-        self._unsent: list[int] = []
+        # an earlier life's unacknowledged unsent outputs (_UNSENT_PREFIX), for ``unsent``; this
+        # life's: the stamps written per output, and the batch's own
+        self._left_unsent = dict(kv.iter_prefix(_UNSENT_PREFIX))
+        self._unsent: dict[str, list[int]] = {output: [] for output in _ACKNOWLEDGED_OUTPUTS}
+        self._batch_unsent: dict[str, list[list[str | None]]] = {}
         stored_items = [catalog_item_from_dict(orjson.loads(v)) for _, v in kv.iter_prefix(_ITEM_PREFIX)]
         if stored_items:
             self.items.upsert(stored_items)
@@ -315,7 +317,6 @@ class Shard:
                              head=self.head, clock=clock)
         self.search.upsert(list(self.items.catalog.items.values()))
         self.search.load(kv)
-        self.search.outbox.acknowledged = self._stamp  # an earlier life's answers: as for the lists (above)
         if self.exchange is not None:  # issue 11: the learned associations through the exchange log too
             self.exchange.share_search(self.search.associations, self.search.reranker)
             self.search.record_association = self.exchange.record_search
@@ -411,10 +412,10 @@ class Shard:
     # ------------------------------------------------------------------ the step
 
     def expect_acknowledgements(self, *outputs: str) -> None:
-        """The ``outputs`` (``"recommendations"``, ``"search_results"``; both if none named) of a
-        batch stay in their outbox until :meth:`acknowledge` is called with its stamp (or a
-        later one): for sinks that deliver them later than ``process`` returns (the Kafka sink:
-        at its producer's flush, once per epoch)."""
+        """The ``outputs`` (of :data:`_ACKNOWLEDGED_OUTPUTS`; all if none named) of a batch are
+        kept (the outboxes; :data:`_UNSENT_PREFIX`) until :meth:`acknowledge` is called with its
+        stamp (or a later one): for sinks that deliver them later than ``process`` returns (the
+        Kafka sink: at its producer's flush, once per epoch)."""
         unknown = set(outputs) - set(_ACKNOWLEDGED_OUTPUTS)
         if unknown:
             raise ValueError(f"expect_acknowledgements: unknown outputs {sorted(unknown)} (known: {_ACKNOWLEDGED_OUTPUTS})")
@@ -423,16 +424,9 @@ class Shard:
     def acknowledge(self, stamp: int, output: str = "recommendations") -> None:
         """Every one of ``output`` of the batches up to ``BatchResult.stamp == stamp`` has been
         delivered: their outbox entries may go (the next time their user's outbox is written)."""
-        if output == "search_results":
-            self.search.outbox.acknowledged = max(self.search.outbox.acknowledged, stamp)
-        elif output == "recommendations":
-            self._acknowledged = max(self._acknowledged, stamp)
-        else:
+        if output not in self._acknowledged:
             raise ValueError(f"acknowledge: unknown output {output!r} (known: {_ACKNOWLEDGED_OUTPUTS})")
-
-    def acknowledge_search(self, stamp: int) -> None:
-        """``acknowledge(stamp, "search_results")``."""
-        self.acknowledge(stamp, "search_results")
+        self._acknowledged[output] = max(self._acknowledged[output], stamp)
 
     def process(self, envelopes: list[Envelope]) -> BatchResult:
         """Decode, validate, apply and recommend for one batch; commit it atomically.
@@ -450,11 +444,11 @@ class Shard:
     def _process(self, envelopes: list[Envelope]) -> BatchResult:
         self._stamp += 1
         # without acknowledgements, the caller took the previous batch's outputs (see __init__)
-        if "recommendations" not in self._acknowledging:
-            self._acknowledged = self._stamp - 1
+        for output in _ACKNOWLEDGED_OUTPUTS:
+            if output not in self._acknowledging:
+                self._acknowledged[output] = self._stamp - 1
         self.search.outbox.stamp = self._stamp
-        if "search_results" not in self._acknowledging:
-            self.search.outbox.acknowledged = self._stamp - 1
+        self.search.outbox.acknowledged = self._acknowledged["search_results"]
         result = BatchResult(stamp=self._stamp)
         counts = result.counts
         laps = _Laps(result.phase_seconds)
@@ -471,7 +465,8 @@ class Shard:
             self._cover()
         laps.lap("admit")
         if not by_user:
-            self._commit(puts, [*waited.deletes, *self._unsent_upkeep(result, puts)])
+            unsent, sent = self._unsent_upkeep()
+            self._commit({**puts, **unsent}, [*waited.deletes, *sent])
             laps.lap("commit")
             self.totals.update(counts)
             return result
@@ -510,7 +505,8 @@ class Shard:
                 self._sweep_floor = min(self._sweep_floor, written)
         if self.exchange is not None and (message := self.exchange.seal(puts)) is not None:
             result.exchange.append(message)  # issue 11: this batch's signal ops, sealed with it
-        self._commit(puts, [*waited.deletes, *self._sweep(by_user, counts), *self._unsent_upkeep(result, puts)])
+        unsent, sent = self._unsent_upkeep()
+        self._commit({**puts, **unsent}, [*waited.deletes, *self._sweep(by_user, counts), *sent])
         laps.lap("commit")
         self.totals.update(counts)
         return result
@@ -603,6 +599,7 @@ class Shard:
                 continue
             self._dead_letter(result, env, f"field 'item_id': unknown item {event.item_id!r} (not in the catalog "
                                            f"after waiting {self.waiting.wait_s:g} s)", now_ms)
+            self._keep_unsent("dead_letters", *result.dead_letters[-1])  # its offset is long committed
         by_user: dict[str, list[tuple[Envelope, Event]]] = {}
         admit_unknown = self.settings.unknown_items == "admit"
         for env, event in events:
@@ -706,7 +703,6 @@ class Shard:
         A list whose trigger waited for its item (``released``) is also kept as unsent until
         acknowledged (:data:`_UNSENT_PREFIX`)."""
         counts = result.counts
-        unsent: list[list[str]] = []
         if fresh_users and self.emit:
             now_ts = max(by_user[u][-1][1].ts for u in fresh_users)
             ranked = self.recommender.rank([states[u] for u in fresh_users], now_ts)
@@ -717,12 +713,9 @@ class Shard:
                 result.recommendations.append((user_id, payload))
                 box = outboxes.setdefault(user_id, {})
                 box[(env.partition, env.offset)] = (payload, self._stamp)
-                puts[_OUTBOX_PREFIX + user_id.encode()] = encode_outbox(box, self._acknowledged)
-                if (env.topic, env.partition, env.offset) in released and "recommendations" in self._acknowledging:
-                    unsent.append([user_id, payload.decode()])
-        if unsent:
-            puts[_unsent_key(self._stamp)] = orjson.dumps(unsent)
-            self._unsent.append(self._stamp)
+                puts[_OUTBOX_PREFIX + user_id.encode()] = encode_outbox(box, self._acknowledged["recommendations"])
+                if (env.topic, env.partition, env.offset) in released:
+                    self._keep_unsent("recommendations", user_id, payload)
         # users with re-emitted lists only: their entries re-stamped, none let go (the later
         # triggers of theirs may not be re-delivered yet: see __init__)
         for user_id in dict.fromkeys(u for u, _ in reemit):
@@ -1015,30 +1008,46 @@ class Shard:
             emitted_at=max(now_ms, int(self.clock() * 1000)),
         )
 
-    def _unsent_upkeep(self, result: BatchResult, puts: dict[bytes, bytes]) -> list[bytes]:
-        """The first batch of a life sends an earlier life's unsent lists again (identical
-        bytes; not those of a user erased since), kept under this batch's stamp until
-        acknowledged; returns the keys to delete: those, and this life's acknowledged ones."""
-        deletes: list[bytes] = []
-        if self._resend:
-            again = []
-            for key, raw in sorted(self._resend.items()):
-                deletes.append(key)
-                for user_id, payload in orjson.loads(raw):
-                    erased_at = self.tombstones.get(user_hash(user_id))
-                    if erased_at is None or orjson.loads(payload)["event_ts"] > erased_at:
-                        again.append([user_id, payload])
-            result.recommendations.extend((u, p.encode()) for u, p in again)
-            result.counts["resent"] += len(again)
-            if again and "recommendations" in self._acknowledging:
-                key = _unsent_key(self._stamp)
-                puts[key] = orjson.dumps([*orjson.loads(puts.get(key, b"[]")), *again])
-                if not self._unsent or self._unsent[-1] != self._stamp:
-                    self._unsent.append(self._stamp)
-        self._resend = None
-        while self._unsent and self._unsent[0] <= self._acknowledged:
-            deletes.append(_unsent_key(self._unsent.pop(0)))
-        return deletes
+    def _keep_unsent(self, output: str, key: str | None, payload: bytes) -> None:
+        """Keep an output no re-delivery can bring back until its sink acknowledges it
+        (:data:`_UNSENT_PREFIX`); only for outputs whose sink acknowledges at all."""
+        if output in self._acknowledging:
+            self._batch_unsent.setdefault(output, []).append([key, payload.decode()])
+
+    def unsent(self) -> dict[str, list[tuple[str | None, bytes]]]:
+        """What an earlier life emitted and its sinks never acknowledged, of the outputs no
+        re-delivery brings back (:data:`_UNSENT_PREFIX`), per output, in emission order; a list
+        of a user erased since is left out. The flow sends them again before its first batch,
+        then calls :meth:`drop_unsent`."""
+        out: dict[str, list[tuple[str | None, bytes]]] = {}
+        for key, raw in sorted(self._left_unsent.items(), key=lambda kv: kv[0].rsplit(b":", 1)[1]):
+            output = key[len(_UNSENT_PREFIX):].split(b":")[0].decode()
+            for out_key, payload in orjson.loads(raw):
+                if output == "recommendations":
+                    erased_at = self.tombstones.get(user_hash(out_key))
+                    if erased_at is not None and orjson.loads(payload)["event_ts"] <= erased_at:
+                        continue
+                out.setdefault(output, []).append((out_key, payload.encode()))
+        return out
+
+    def drop_unsent(self) -> None:
+        """Forget what :meth:`unsent` returned (sent again, and acknowledged)."""
+        if self._left_unsent:
+            self.kv.write({}, list(self._left_unsent))
+            self._left_unsent = {}
+
+    def _unsent_upkeep(self) -> tuple[dict[bytes, bytes], list[bytes]]:
+        """This batch's unsent outputs under its stamp, and the keys of the acknowledged ones
+        to delete (both for the batch's write)."""
+        puts = {_unsent_key(output, self._stamp): orjson.dumps(entries) for output, entries in self._batch_unsent.items()}
+        for output in self._batch_unsent:
+            self._unsent[output].append(self._stamp)
+        self._batch_unsent = {}
+        deletes = []
+        for output, stamps in self._unsent.items():
+            while stamps and stamps[0] <= self._acknowledged[output]:
+                deletes.append(_unsent_key(output, stamps.pop(0)))
+        return puts, deletes
 
     def _load_outboxes(self, user_ids: list[str]) -> dict[str, dict[tuple[int, int], tuple[bytes, int]]]:
         raw = self.kv.multi_get([_OUTBOX_PREFIX + u.encode() for u in user_ids])
@@ -1086,8 +1095,8 @@ class Shard:
             return
 
 
-def _unsent_key(stamp: int) -> bytes:
-    return _UNSENT_PREFIX + f"{stamp:020d}".encode()
+def _unsent_key(output: str, stamp: int) -> bytes:
+    return _UNSENT_PREFIX + f"{output}:{stamp:020d}".encode()
 
 
 @contextmanager
