@@ -81,7 +81,7 @@ from recsys.signals.covisitation import CoVisitation
 from recsys.signals.exchange import SharedModels, SignalExchange, signal_checksum
 from recsys.signals.popularity import Popularity
 from recsys.signals.sessions import SessionNeighbours
-from recsys.store.kv import KVStore, MemoryKV, RocksKV
+from recsys.store.kv import KVStore, MemoryKV, RocksKV, StoreClosedError
 from recsys.store.users import USER_PREFIX, UserState, UserStore, user_key
 
 _log = logging.getLogger(__name__)
@@ -427,6 +427,16 @@ class Shard:
         if output not in self._acknowledged:
             raise ValueError(f"acknowledge: unknown output {output!r} (known: {_ACKNOWLEDGED_OUTPUTS})")
         self._acknowledged[output] = max(self._acknowledged[output], stamp)
+        # unsent outputs go at once: the sinks' last acknowledgement in a stop in order comes
+        # after the last batch, and what stays would be sent again by the next start
+        stamps, done = self._unsent[output], []
+        while stamps and stamps[0] <= stamp:
+            done.append(_unsent_key(output, stamps.pop(0)))
+        if done:
+            try:
+                self.kv.write({}, done)
+            except StoreClosedError:  # closed already: the next start sends them again (identical copies)
+                pass
 
     def process(self, envelopes: list[Envelope]) -> BatchResult:
         """Decode, validate, apply and recommend for one batch; commit it atomically.
@@ -465,8 +475,7 @@ class Shard:
             self._cover()
         laps.lap("admit")
         if not by_user:
-            unsent, sent = self._unsent_upkeep()
-            self._commit({**puts, **unsent}, [*waited.deletes, *sent])
+            self._commit({**puts, **self._unsent_puts()}, waited.deletes)
             laps.lap("commit")
             self.totals.update(counts)
             return result
@@ -505,8 +514,7 @@ class Shard:
                 self._sweep_floor = min(self._sweep_floor, written)
         if self.exchange is not None and (message := self.exchange.seal(puts)) is not None:
             result.exchange.append(message)  # issue 11: this batch's signal ops, sealed with it
-        unsent, sent = self._unsent_upkeep()
-        self._commit({**puts, **unsent}, [*waited.deletes, *self._sweep(by_user, counts), *sent])
+        self._commit({**puts, **self._unsent_puts()}, [*waited.deletes, *self._sweep(by_user, counts)])
         laps.lap("commit")
         self.totals.update(counts)
         return result
@@ -1036,18 +1044,14 @@ class Shard:
             self.kv.write({}, list(self._left_unsent))
             self._left_unsent = {}
 
-    def _unsent_upkeep(self) -> tuple[dict[bytes, bytes], list[bytes]]:
-        """This batch's unsent outputs under its stamp, and the keys of the acknowledged ones
-        to delete (both for the batch's write)."""
+    def _unsent_puts(self) -> dict[bytes, bytes]:
+        """This batch's unsent outputs under its stamp, for the batch's write (deleted by
+        :meth:`acknowledge`)."""
         puts = {_unsent_key(output, self._stamp): orjson.dumps(entries) for output, entries in self._batch_unsent.items()}
         for output in self._batch_unsent:
             self._unsent[output].append(self._stamp)
         self._batch_unsent = {}
-        deletes = []
-        for output, stamps in self._unsent.items():
-            while stamps and stamps[0] <= self._acknowledged[output]:
-                deletes.append(_unsent_key(output, stamps.pop(0)))
-        return puts, deletes
+        return puts
 
     def _load_outboxes(self, user_ids: list[str]) -> dict[str, dict[tuple[int, int], tuple[bytes, int]]]:
         raw = self.kv.multi_get([_OUTBOX_PREFIX + u.encode() for u in user_ids])
