@@ -64,8 +64,10 @@ PHASES = (
 
 def time_phases(engine: Shard) -> dict[str, float]:
     """Wrap the methods in :data:`PHASES` on their instances so that each adds its CPU seconds
-    to the returned dict (read and reset it per window)."""
+    to the returned dict (read and reset it per window); also the bytes each batch writes to the
+    store (keys and values put), all and the outboxes' (``written``, ``outboxes written``)."""
     spent = dict.fromkeys((label for label, _, _ in PHASES), 0.0)
+    spent.update({"written": 0.0, "outboxes written": 0.0})
     for label, path, name in PHASES:
         owner = engine
         for attr in filter(None, path.split(".")):
@@ -81,6 +83,14 @@ def time_phases(engine: Shard) -> dict[str, float]:
                 spent[_label] += time.process_time() - t0
 
         setattr(owner, name, timed)
+    write = engine.kv.write  # counted outside the timed call
+
+    def counted(puts, deletes=()):  # noqa: ANN001, ANN202
+        spent["written"] += sum(len(k) + len(v) for k, v in puts.items())
+        spent["outboxes written"] += sum(len(k) + len(v) for k, v in puts.items() if k.startswith(b"o:"))
+        return write(puts, deletes)
+
+    engine.kv.write = counted
     return spent
 
 
@@ -171,6 +181,9 @@ def main() -> None:
             for label, _, _ in PHASES:
                 print(f"  {label:<22}" + "".join(f"{row[label]:>8.0f}" for row in phase_rows))
             print(f"  {'whole step (CPU)':<22}" + "".join(f"{w[4] / w[2] * 1e6:>8.0f}" for w in windows))
+            print("bytes written to the store per event (keys and values put), per window:")
+            for label in ("written", "outboxes written"):
+                print(f"  {label:<22}" + "".join(f"{row[label] / 1e6:>8.0f}" for row in phase_rows))
         print(f"load average: {os.getloadavg()}")
         engine.close()
     if profiler:

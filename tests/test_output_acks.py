@@ -177,10 +177,11 @@ def test_a_crash_before_the_sink_flushed_answers_no_search_twice_differently(mem
 
 def test_an_outbox_keeps_what_is_not_acknowledged_and_lets_it_go_once_it_is(tmp_path):
     """The engine's side, without a flow: with acknowledgements expected, every list stays until
-    its batch is acknowledged, then the user's next write keeps the newest four; without them
-    (a caller that took the lists when ``process`` returned), the newest four, as before."""
+    its batch is acknowledged and goes with the user's next write after that; without them (a
+    caller that took the lists when ``process`` returned), only the batch's own list is kept
+    (until 2026-12-04: the newest four, whatever had been delivered)."""
     from recsys.events import Envelope
-    from recsys.shard.outbox import OUTBOX_LEN, decode_outbox
+    from recsys.shard.outbox import decode_outbox
 
     catalog = generate_catalog(30, seed=12)
     events = [Event(event_id=f"e{i}", type="click", user_id="u", item_id=catalog[i].item_id, ts=1_700_000_000_000 + i)
@@ -198,16 +199,19 @@ def test_an_outbox_keeps_what_is_not_acknowledged_and_lets_it_go_once_it_is(tmp_
     assert sorted(o for _, o in outbox(engine)) == list(range(8))  # nothing acknowledged: all eight
     engine.acknowledge(stamps[5])  # the batches up to the sixth delivered
     engine.process([envelopes[8]])
-    assert sorted(o for _, o in outbox(engine)) == [5, 6, 7, 8]  # the newest four; 6 and 7 also unacknowledged
+    assert sorted(o for _, o in outbox(engine)) == [6, 7, 8]
     engine.process([envelopes[9]])
     assert sorted(o for _, o in outbox(engine)) == [6, 7, 8, 9]
+    engine.acknowledge(stamps[-1] + 2)  # everything so far delivered
+    engine.process([envelopes[10]])
+    assert sorted(o for _, o in outbox(engine)) == [10]
     engine.close()
 
     engine = Shard.open(settings.replace(state_dir=str(tmp_path / "state2")), in_memory=True)
     engine.upsert_catalog(catalog)
     for env in envelopes:
         engine.process([env])
-    assert sorted(o for _, o in outbox(engine)) == list(range(12 - OUTBOX_LEN, 12))
+    assert sorted(o for _, o in outbox(engine)) == [11]
     engine.close()
 
 
