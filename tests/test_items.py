@@ -231,6 +231,31 @@ def test_large_index_switches_to_ivf_and_keeps_upsert_remove_and_quality():
     assert all(i != "v1" for i, _ in index.search(queries[1:2], 5)[0])
 
 
+def test_the_inverted_file_has_the_same_cells_whatever_the_machines_thread_count():
+    """faiss's k-means gives other centroids with another OpenMP thread count (4 threads differ
+    from 1 on these vectors), so a backtest or a shard answered differently on a machine with
+    another number of cores; the index trains with a fixed count (``IVF_TRAIN_THREADS``)."""
+    import faiss
+
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((60, 384)).astype(np.float32)
+    vecs = centres[rng.integers(0, 60, 6500)] + 0.3 * rng.standard_normal((6500, 384)).astype(np.float32)
+    ids = [f"i{i}" for i in range(6500)]
+    before = faiss.omp_get_max_threads()
+    cells = []
+    try:
+        for threads in (1, 4):
+            faiss.omp_set_num_threads(threads)  # as on a machine with that many cores
+            index = VectorIndex(384)
+            index.upsert(ids, vecs)
+            assert index.approximate
+            quantizer = index._index.quantizer
+            cells.append(quantizer.reconstruct_n(0, quantizer.ntotal))
+    finally:
+        faiss.omp_set_num_threads(before)
+    np.testing.assert_array_equal(cells[0], cells[1])
+
+
 def test_the_index_names_what_changed_since_a_version_and_forgets_across_its_switch_to_ivf(rng) -> None:
     """Search catches a cached answer up through ``changed_since``: every id upserted or removed
     after a version, and None where the journal cannot tell (before the switch to the inverted

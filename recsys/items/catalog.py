@@ -76,12 +76,29 @@ def _faiss_search(index: faiss.Index, q: np.ndarray, k: int) -> tuple[np.ndarray
 
 
 def _one_thread(fn, *args):
+    return _with_threads(1, fn, *args)
+
+
+def _with_threads(n: int, fn, *args):
+    """``fn(*args)`` with faiss's OpenMP parallel regions on ``n`` threads (this thread's
+    setting, put back after)."""
     threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
+    faiss.omp_set_num_threads(n)
     try:
         return fn(*args)
     finally:
         faiss.omp_set_num_threads(threads)
+
+
+#: OpenMP threads the inverted file is trained with, whatever the machine has. faiss's k-means
+#: gives other cells with another thread count: on clustered vectors 4 threads gave other
+#: centroids than 1, 2, 3 or 8, and the REES46 replay's recommendations differed between 1 and 2
+#: (``benchmarks/output_digest.py`` with ``OMP_NUM_THREADS=1``), so a backtest or a shard gave
+#: other answers on a machine with another number of cores. A fixed count gives the same cells
+#: for the same catalog everywhere; 2 is the count of the 2-core machine every figure in the
+#: README was measured on (its default), so they stay reproducible. Changing it changes every
+#: result made with an inverted file (catalogs past ``ivf_threshold``).
+IVF_TRAIN_THREADS = 2
 
 
 def _ivf_search_by_cell(index: faiss.IndexIVF, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -173,7 +190,8 @@ class VectorIndex:
         nlist = int(min(4096, max(64, 2 * np.sqrt(len(ints)))))
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(self.dim), self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
         sample = vecs[np.linspace(0, len(vecs) - 1, num=min(len(vecs), 64 * nlist)).astype(np.int64)]
-        index.train(sample)  # faiss k-means has a fixed seed: same catalog, same cells
+        # faiss k-means has a fixed seed and a fixed thread count here: same catalog, same cells
+        _with_threads(IVF_TRAIN_THREADS, index.train, sample)
         index.nprobe = self.nprobe
         index.add_with_ids(vecs, ints)
         self._index, self._approximate = index, True
