@@ -318,6 +318,7 @@ def run_max(args, items, catalog_path: Path, cache_dir: str, base: Settings, wor
                                         profile_to=profile_to, extra=args.flow_args), echo=args.verbose)
         flow.wait_ready()
         startup_s = flow.ready_t - flow.start_t
+        cpu_ready_s = flow.cpu_s()
         log(f"[max] flow ready after {startup_s:.1f} s: {flow.ready_line}")
         if not flow.wait_exit(args.max_wait_s):
             flow.interrupt()
@@ -325,6 +326,7 @@ def run_max(args, items, catalog_path: Path, cache_dir: str, base: Settings, wor
         run_s = flow.exit_t - flow.ready_t
         if flow.returncode != 0:
             raise SystemExit(f"the flow exited with status {flow.returncode}; its output ends:\n{flow.tail()}")
+        cpu_s = flow.cpu_s() - cpu_ready_s  # ready -> exit (the last sample's ~50 ms may be missed)
         log(f"[max] flow exited after {run_s:.2f} s: {flow.stopped_line}")
         recs = consume_all(clients, s.recommendations_topic, timeout_s=CONSUME_TIMEOUT_S)
         dead = consume_all(clients, s.dead_letters_topic, timeout_s=CONSUME_TIMEOUT_S)
@@ -340,6 +342,8 @@ def run_max(args, items, catalog_path: Path, cache_dir: str, base: Settings, wor
         "flow_startup_s": round(startup_s, 2),
         "ready_to_exit_s": round(run_s, 3),
         "events_per_s": round(n / run_s, 1),
+        "flow_cpu_s": round(cpu_s, 1),  # ready -> exit, every thread of the flow process
+        "events_per_cpu_s": round(n / max(cpu_s, 1e-9), 1),
         "recommendations": len(recs),
         "dead_letters": len(dead),
         "first_to_last_recommendation_s": round((max(emitted) - min(emitted)) / 1000, 3) if emitted else None,
@@ -350,7 +354,8 @@ def run_max(args, items, catalog_path: Path, cache_dir: str, base: Settings, wor
     }
     if profile_to is not None:
         result["profile"] = str(profile_to)
-    log(f"[max] {result['events_per_s']:.0f} events/s ({n} events in {run_s:.2f} s, ready -> exit); "
+    log(f"[max] {result['events_per_s']:.0f} events/s ({n} events in {run_s:.2f} s, ready -> exit; "
+        f"flow CPU {cpu_s:.1f} s, {result['events_per_cpu_s']:.0f} events per CPU-second); "
         f"{len(recs)} recommendations, {len(dead)} dead letters; peak RSS {result['peak_rss_mib']} MiB; "
         f"load average {result['loadavg_after']}")
     return result

@@ -316,3 +316,27 @@ def test_the_engine_benchmark_prints_its_windows_and_phases(tmp_path):
     assert {"decode", "apply", "rank", "reasons", "commit", "whole step (CPU)"} <= set(rows)
     assert all(len(values) == 2 for values in rows.values())
     assert all(float(r) <= float(w) for r, w in zip(rows["rank"], rows["whole step (CPU)"]))
+
+
+def test_an_open_engine_keeps_blas_on_one_thread(tmp_path, cache):
+    """A second BLAS thread only spins between the ranker's products, on the core the Kafka
+    client and other shards need (recsys/threads.py): opening an engine limits numpy's OpenBLAS
+    (its own threads) to one, whatever the process had set before, and leaves the process's
+    OpenMP threads (faiss's) as they were."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    def blas_threads() -> set[int]:
+        return {pool["num_threads"] for pool in threadpool_info() if pool.get("threading_layer") == "pthreads"}
+
+    limits = threadpool_limits(2, user_api="blas")  # as a process starts on a 2-core machine
+    try:
+        assert blas_threads() == {2}
+        import faiss
+
+        omp = faiss.omp_get_max_threads()
+        engine = Shard.open(_settings(tmp_path, cache, head_enabled=False))
+        assert blas_threads() == {1}
+        assert faiss.omp_get_max_threads() == omp
+        engine.close()
+    finally:
+        limits.restore_original_limits()

@@ -83,6 +83,7 @@ from recsys.signals.popularity import Popularity
 from recsys.signals.sessions import SessionNeighbours
 from recsys.store.kv import KVStore, MemoryKV, RocksKV, StoreClosedError
 from recsys.store.users import USER_PREFIX, UserState, UserStore, user_key
+from recsys.threads import one_blas_thread
 
 _log = logging.getLogger(__name__)
 
@@ -189,6 +190,7 @@ class Shard:
         eval_k: int = 20,
         emit: bool = True,
     ):
+        one_blas_thread()  # recsys/threads.py: a second BLAS thread only spins (issue 12)
         self.settings = settings
         self.kv = kv
         self.clock = clock
