@@ -31,7 +31,7 @@ import time
 from recsys.events import Envelope, encode
 from recsys.items.embeddings import Embedder
 from recsys.settings import Settings
-from recsys.shard.step import Shard
+from recsys.shard.step import _OUTBOX_PREFIX, Shard
 from recsys.synthetic import generate_catalog, generate_events
 
 #: ``--phases``: (label, object path from the engine, method); parts of a phase are indented.
@@ -87,7 +87,7 @@ def time_phases(engine: Shard) -> dict[str, float]:
 
     def counted(puts, deletes=()):  # noqa: ANN001, ANN202
         spent["written"] += sum(len(k) + len(v) for k, v in puts.items())
-        spent["outboxes written"] += sum(len(k) + len(v) for k, v in puts.items() if k.startswith(b"o:"))
+        spent["outboxes written"] += sum(len(k) + len(v) for k, v in puts.items() if k.startswith(_OUTBOX_PREFIX))
         return write(puts, deletes)
 
     engine.kv.write = counted

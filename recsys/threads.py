@@ -2,7 +2,7 @@
 
 numpy's OpenBLAS starts a worker thread per core and splits a large enough product between
 them; the ranker's batch-wide products (a feature matrix of ~170k rows by 9 columns times a
-weight vector, once per batch) are large enough. After each call the workers spin, waiting for
+weight vector, twice per batch) are large enough. After each call the workers spin, waiting for
 the next one, for longer than the engine takes to issue it: on the 2-core target
 ``perf`` counted 8.6% of all the engine benchmark's samples in OpenBLAS's
 ``blas_thread_server``, and a second core spinning is taken from what else runs there (the
@@ -15,10 +15,11 @@ each product's row is summed by one thread either way).
 The limit applies to the BLAS libraries that run threads of their own (``pthreads``: numpy's
 OpenBLAS), as the engine already keeps torch (``torch.set_num_threads(1)`` in
 :class:`recsys.shard.step.Shard`) and faiss's searches (:func:`recsys.items.catalog._faiss_search`)
-on one thread. A BLAS built on OpenMP (faiss's) is left alone: its thread count is the process's
-OpenMP setting, which limiting it would lower for faiss too, and faiss's training of the
-inverted file at ~5,000 items then gives other cells: the REES46 replay's recommendations
-changed (``output_digest.py``) when every BLAS was limited.
+on one thread. A BLAS built on OpenMP (faiss's) is left alone: its thread count is the OpenMP
+setting faiss shares, and limiting it lowered that for faiss too. Before faiss trained the
+inverted file with a fixed count (``recsys.items.catalog.IVF_TRAIN_THREADS``), that changed its
+cells and the REES46 replay's recommendations (``output_digest.py``); faiss's thread counts are
+chosen where faiss is called, not here.
 """
 
 from __future__ import annotations
