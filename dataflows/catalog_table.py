@@ -16,9 +16,11 @@ flushed to Kafka, and last the next offset to read per partition, under
 Bytewax recovery as before, starting at ``max(recovery offset, bootstrap end)``. After a crash
 the next bootstrap reads again from the stored offset to the new high watermark: records the
 last run's flow already applied are applied again, which changes nothing (an upsert of the same
-item; its embedding is cached), and a bad one is dead-lettered again: at-least-once, as every
-output. Reading from the stored offset rather than from Bytewax's recovery offset keeps this
-module out of Bytewax's private recovery format.
+item; its embedding is cached). A bad one is not refused again: its dead letter, and any
+recommendation the bootstrap released, stay in the engine's state until the flush acknowledged
+them, and a restart sends what a crash left there again, the bytes first sent. Reading from the
+stored offset rather than from Bytewax's recovery offset keeps this module out of Bytewax's
+private recovery format.
 
 Cost: what applying those catalog records costs anyway (embedding new text dominates); a
 restart after an orderly stop reads only what arrived since the stop
@@ -79,6 +81,11 @@ def bootstrap_catalog(engine: Shard, clients: KafkaClientFactory, topic: str, *,
     consumer = clients.consumer()
     producer = None
     records = dead = 0
+    last_stamp = None
+    # its outputs stay in the engine's state until the flush below has the broker acknowledge
+    # them: a crash before it leaves them to be sent again at the restart (dataflows.live.resend_unsent),
+    # which reads the refused records again but refuses none twice (recsys.shard.step.Shard._dead_letter)
+    engine.expect_acknowledgements("recommendations", "dead_letters")
     try:
         tps = [TopicPartition(topic, p) for p in _partitions(clients, consumer, topic)]
         consumer.assign(tps)
@@ -98,6 +105,7 @@ def bootstrap_catalog(engine: Shard, clients: KafkaClientFactory, topic: str, *,
             if batch:
                 last_progress = time.monotonic()
                 result = engine.process(batch)
+                last_stamp = result.stamp
                 records += len(batch)
                 dead += len(result.dead_letters)
                 if result.dead_letters or result.recommendations:
@@ -115,6 +123,9 @@ def bootstrap_catalog(engine: Shard, clients: KafkaClientFactory, topic: str, *,
                 )
         if producer is not None:
             producer.flush()  # outputs are acknowledged before the offsets below move on
+        if last_stamp is not None:
+            engine.acknowledge(last_stamp, "recommendations")
+            engine.acknowledge(last_stamp, "dead_letters")
         # Last: the offsets, so that a crash before this line only means reading again.
         engine.kv.write({_boot_key(topic, tp.partition): str(ends[tp]).encode() for tp in tps})
         return Bootstrapped(topic, records, dead, {tp.partition: ends[tp] for tp in tps}, time.monotonic() - started)

@@ -20,7 +20,10 @@ output still to come; every run printed says how many). Afterwards:
   many distinct (user, trigger) recommendations as the reference's; those and every re-emitted
   one are schema-valid;
 - duplicates in the crash run's output are byte-identical re-emissions only;
-- nothing was dead-lettered.
+- the stream's hostile messages (a truncated event every ``HOSTILE_EVERY``, spread over the
+  whole stream, so the kills' re-deliveries hold some) are dead-lettered as in the reference:
+  each one at least once, any copy byte-identical (before 2026-12-04 every restart refused
+  the re-delivered ones again with a new ``failed_at``).
 
 Where the time goes (printed per case): every ``recsys run`` start costs ~10-20 s on a loaded
 2-core box before its ``ready:`` line (importing torch and sentence-transformers, loading the
@@ -66,6 +69,8 @@ pytestmark = pytest.mark.slow
 N_EVENTS = 10_000
 N_USERS = 500
 N_ITEMS = 300
+#: one truncated event (the previous event's JSON cut short, keyed by its user) after every this many
+HOSTILE_EVERY = 250
 PARTITIONS = 2
 REF_PROCESSES = 2
 #: Kill each life of a crash run once its output topic holds this fraction of the reference
@@ -234,6 +239,15 @@ def _distinct_by_partition(clients: KafkaClients, topic: str) -> list[int]:
     return [len(s) for s in per]
 
 
+def _dead_letters_by_source(clients: KafkaClients, topic: str) -> dict[tuple[str, int, int], set[bytes]]:
+    """The dead letters in ``topic``, grouped by the refused message's coordinates: every copy's bytes."""
+    out: dict[tuple[str, int, int], set[bytes]] = defaultdict(set)
+    for env in consume_all(clients, topic, timeout_s=60):
+        source = orjson.loads(env.value)["source"]
+        out[(source["topic"], source["partition"], source["offset"])].add(env.value)
+    return dict(out)
+
+
 def _shard_to_kill(count: _Progress, ref_records: list[int], turn: int) -> int:
     """Shards are killed in turn, unless the one whose turn it is has nearly finished its
     partition (shards start at different moments on a loaded box): then the other.
@@ -255,6 +269,7 @@ class _Stream:
     ref_records: list[int]  # distinct (user, trigger) in each partition of the reference's output
     ref_shard_users: list[dict[str, UserState]]
     ref_shard_pop: list[dict[str, float]]
+    ref_dead_sources: set[tuple[str, int, int]]  # where the refused messages were (topic, partition, offset)
     timings: str
 
 
@@ -293,9 +308,10 @@ def _assert_same_users(got_users: dict[str, UserState], want_users: dict[str, Us
 
 
 def _produce_stream(bootstrap: str, root: Path, name: str, *, n_events: int, n_users: int, seed: int,
-                    partitions: int, extra_topics: dict[str, int] | None = None):
+                    partitions: int, extra_topics: dict[str, int] | None = None, hostile_every: int = 0):
     """A synthetic catalog file and event stream on fresh topics (``<name>-<random>-``), with the
     settings of the uninterrupted reference run: ``(base settings, clients, catalog file, events)``.
+    ``hostile_every``: after every that many events, the last one again cut short (undecodable).
     Shared by the crash tests (this module, ``test_crash_sharing.py``)."""
     catalog = generate_catalog(N_ITEMS, seed=11)
     events = generate_events(n_events, catalog, n_users=n_users, seed=seed)
@@ -316,7 +332,12 @@ def _produce_stream(bootstrap: str, root: Path, name: str, *, n_events: int, n_u
     ensure_topics(clients, {base.events_topic: partitions, base.catalog_topic: 1,
                             base.recommendations_topic: partitions, base.dead_letters_topic: 1,
                             **{prefix + t: n for t, n in (extra_topics or {}).items()}})  # fmt: skip
-    assert produce_records(clients, base.events_topic, ((e.user_id, encode(e)) for e in events)) == n_events
+    records: list[tuple[str, bytes]] = []
+    for i, e in enumerate(events, 1):
+        records.append((e.user_id, encode(e)))
+        if hostile_every and i % hostile_every == 0:
+            records.append((e.user_id, encode(e)[:-7]))
+    assert produce_records(clients, base.events_topic, records) == len(records)
     return base, clients, catalog_file, events
 
 
@@ -327,7 +348,8 @@ def stream(local_broker, tmp_path_factory) -> _Stream:
     t0 = time.monotonic()
     root = tmp_path_factory.mktemp("crash")
     base, clients, catalog_file, events = _produce_stream(local_broker.bootstrap, root, "crash", n_events=N_EVENTS,
-                                                          n_users=N_USERS, seed=12, partitions=PARTITIONS)
+                                                          n_users=N_USERS, seed=12, partitions=PARTITIONS,
+                                                          hostile_every=HOSTILE_EVERY)
     setup_s = time.monotonic() - t0
 
     t0 = time.monotonic()
@@ -338,7 +360,9 @@ def stream(local_broker, tmp_path_factory) -> _Stream:
     finally:
         child.close()
     ref_s = time.monotonic() - t0
-    assert consume_all(clients, base.dead_letters_topic, timeout_s=60) == []
+    ref_dead = _dead_letters_by_source(clients, base.dead_letters_topic)
+    assert len(ref_dead) == N_EVENTS // HOSTILE_EVERY and all(len(v) == 1 for v in ref_dead.values())
+    assert all("malformed or truncated JSON" in orjson.loads(next(iter(v)))["reason"] for v in ref_dead.values())
     dirs = _shard_dirs(base.state_dir, REF_PROCESSES)
     now_ts = events[-1].ts
     return _Stream(
@@ -350,6 +374,7 @@ def stream(local_broker, tmp_path_factory) -> _Stream:
         ref_records=_distinct_by_partition(clients, base.recommendations_topic),
         ref_shard_users=[_users(d) for d in dirs],
         ref_shard_pop=[_popularity(d, now_ts) for d in dirs],
+        ref_dead_sources=set(ref_dead),
         timings=f"shared setup {setup_s:.1f}s, reference run {ref_s:.1f}s ({ready_s:.1f}s to ready, "
         f"{ref_s - ready_s:.1f}s processing)",
     )
@@ -412,7 +437,7 @@ def test_sigkilled_run_ends_in_the_same_state_with_only_identical_duplicates(str
 
     t0 = time.monotonic()
     crash_recs = consume_all(clients, crash.recommendations_topic, timeout_s=60)
-    crash_dead = consume_all(clients, crash.dead_letters_topic, timeout_s=60)
+    crash_dead = _dead_letters_by_source(clients, crash.dead_letters_topic)
     groups: dict[tuple[str, str], set[bytes]] = defaultdict(set)
     copies: dict[tuple[str, str], int] = defaultdict(int)
     for env in crash_recs:
@@ -439,7 +464,10 @@ def test_sigkilled_run_ends_in_the_same_state_with_only_identical_duplicates(str
 
     # nothing missing; what a restart re-emitted and what the last events triggered is valid
     # (validating all ~6k costs seconds: test_pipeline and test_schemas cover the plain path)
-    assert not crash_dead
+    # each hostile message refused, any copy the same bytes (not refused again, differently)
+    assert set(crash_dead) == stream.ref_dead_sources, sorted(set(crash_dead) ^ stream.ref_dead_sources)[:5]
+    refused_again = {at: v for at, v in crash_dead.items() if len(v) > 1}
+    assert not refused_again, f"{len(refused_again)} messages refused again with other bytes, e.g. {next(iter(refused_again.items()))}"
     missing = [(u, e) for u, e in stream.last_event.items() if (u, e) not in groups]
     assert not missing, f"{len(missing)} users' last events have no recommendation, e.g. {missing[:5]}"
     t1 = time.monotonic()

@@ -93,12 +93,24 @@ class _Outage:
     def __init__(self, broker, topic: str, crash_at: int) -> None:
         self.broker, self.topic, self.crash_at = broker, topic, crash_at
         self.sent: list[dict] = []
+        self.producers: list[_UnreachableProducer] = []
 
     def consumer(self, **kw):  # noqa: ANN201
         return self.broker.consumer(**kw)
 
     def producer(self, **kw):  # noqa: ANN201
-        return _UnreachableProducer(self.broker.producer(**kw), self.topic, self.crash_at, self.sent)
+        producer = _UnreachableProducer(self.broker.producer(**kw), self.topic, self.crash_at, self.sent)
+        self.producers.append(producer)
+        return producer
+
+    def dead(self) -> bool:
+        return any(p._dead for p in self.producers)
+
+    def guard(self, engine: Shard) -> None:
+        """Once the process has "died", the sinks' teardown acknowledges nothing to ``engine``
+        (Bytewax closes them, and a dead producer's flush returns at once as if it delivered)."""
+        acknowledge = engine.acknowledge
+        engine.acknowledge = lambda stamp, output="recommendations": None if self.dead() else acknowledge(stamp, output)
 
     def admin(self, **kw):  # noqa: ANN201
         return self.broker.admin(**kw)
@@ -108,24 +120,27 @@ class _Outage:
         return self.broker.bootstrap
 
 
-def _crash_then_restart(broker, tmp_path, catalog, events, topic: str, crash_at: int, *, snapshot_interval_s: float = 60.0,
+def _crash_then_restart(broker, tmp_path, catalog: list, events: list[Event | tuple[bytes, bytes]], topic: str, crash_at: int, *, snapshot_interval_s: float = 60.0,
                         during: Callable[[Shard], None] | None = None, **settings_kw) -> tuple[list[dict], list[dict]]:
     """Two lives of the live flow over ``events``: in the first the broker takes nothing and the
     process dies at its ``crash_at``-th send to ``topic`` (by default well inside its first
     epoch, 60 s, so nothing was ever flushed; ``during(engine)`` runs in a thread meanwhile);
-    the second, the broker back, runs to the end. Returns what the first life sent to ``topic``
-    and what the topic holds after the second."""
+    the second, the broker back, runs to the end. ``catalog`` and ``events`` may hold raw
+    ``(key, value)`` messages. Returns what the first life sent to ``topic`` and what the topic holds after the
+    second."""
     settings = Settings(
         events_topic="events", catalog_topic="catalog", recommendations_topic="recs", dead_letters_topic="dead",
         search_results_topic="found", state_dir=str(tmp_path / "state"), recovery_dir=str(tmp_path / "recovery"),
         embed_cache_dir=str(tmp_path / "emb"), **settings_kw,
     )
     ensure_topics(broker, {"events": 1, "catalog": 1, "recs": 1, "dead": 1, "found": 1})
-    produce_records(broker, "catalog", ((c.item_id.encode(), encode(c)) for c in catalog))
-    produce_records(broker, "events", ((e.user_id.encode(), encode(e)) for e in events))
+    produce_records(broker, "catalog", (c if isinstance(c, tuple) else (c.item_id.encode(), encode(c)) for c in catalog))
+    produce_records(broker, "events", (e if isinstance(e, tuple) else (e.user_id.encode(), encode(e)) for e in events))
     outage = _Outage(broker, topic, crash_at=crash_at)
     for life, clients in ((settings, outage), (settings.replace(stop_at_end=True), broker)):
         engine = Shard.open(life)
+        if clients is outage:
+            outage.guard(engine)
         helper = threading.Thread(target=during, args=(engine,), daemon=True) if during and clients is outage else None
         try:
             if helper is not None:
@@ -274,3 +289,37 @@ def test_a_crash_before_the_sink_flushed_loses_no_dead_letter_of_an_event_whose_
                                           snapshot_interval_s=0.2, unknown_item_wait_s=1.0)
     assert "never-announced" in sent[0]["reason"]
     assert delivered == sent, "the expired event's dead letter was lost"
+
+
+def test_a_crash_before_the_sink_flushed_sends_each_refused_message_once_as_first_sent(memory_broker, tmp_path):
+    """Refused messages (undecodable, an unknown event type, an unknown item), one a batch, the
+    process dying at the third dead letter with none acknowledged; nothing of the first life
+    reached the broker. After the restart each refused message has one dead letter, the bytes
+    first sent. Before the fix the restart refused the re-delivered messages again, with a new
+    ``failed_at``: a consumer could not tell a repeat from a new refusal."""
+    catalog = generate_catalog(30, seed=17)
+    good = [Event(event_id=f"e{i}", type="click", user_id="u", item_id=catalog[i].item_id, ts=1_700_000_000_000 + i * 1000)
+            for i in range(6)]
+    bad = [(b"u", b'{"event_id": "x1", "type": "click", "user_id": "u"'),
+           (b"u", orjson.dumps({"event_id": "x2", "type": "hover", "user_id": "u", "item_id": catalog[0].item_id,
+                                "ts": 1_700_000_000_000})),
+           (b"u", orjson.dumps({"event_id": "x3", "type": "click", "user_id": "u", "item_id": "no-such-item",
+                                "ts": 1_700_000_000_000}))]
+    messages = [good[0], bad[0], good[1], good[2], bad[1], good[3], bad[2], good[4], good[5]]
+    sent, delivered = _crash_then_restart(memory_broker, tmp_path, catalog, messages, "dead", crash_at=3,
+                                          poll_max_records=1, unknown_item_wait_s=0.0)
+    assert [d["source"]["offset"] for d in sent] == [1, 4, 6]
+    assert delivered == sent, "refused again after the restart, with other bytes"
+
+
+def test_a_crash_in_the_catalog_bootstrap_loses_no_dead_letter_and_sends_none_twice(memory_broker, tmp_path):
+    """A bad catalog record read by the bootstrap before the flow starts (dataflows/catalog_table.py):
+    the process dies sending its dead letter, before the bootstrap's flush. The restart reads the
+    catalog again from the bootstrap's stored offset; the record was refused already, and its
+    dead letter goes out once, as first sent (it was sent again with a new ``failed_at`` before
+    2026-12-04; a restart that merely skipped the refused record would have lost it)."""
+    catalog = [*generate_catalog(20, seed=18), (b"broken", b'{"item_id": "broken", "title": ')]
+    events = [Event(event_id="e0", type="click", user_id="u", item_id=catalog[0].item_id, ts=1_700_000_000_000)]
+    sent, delivered = _crash_then_restart(memory_broker, tmp_path, catalog, events, "dead", crash_at=1)
+    assert [d["source"]["offset"] for d in sent] == [20]
+    assert delivered == sent, "the bootstrap's dead letter was lost or sent again differently"

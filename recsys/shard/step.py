@@ -228,6 +228,7 @@ class Shard:
             topic, _, partition = key[len(_WATERMARK_PREFIX) :].decode().rpartition(":")
             self.watermarks[(topic, int(partition))] = int(value)
         self.positions = load_offsets(kv, _POSITION_PREFIX)  # (topic, partition) -> last offset processed
+        self._processed_before: dict[tuple[str, int], int] = {}  # the positions before the current batch
         # erased users: id hash -> erasure time (events older than that are dropped)
         self.tombstones: dict[str, int] = {
             key[len(TOMBSTONE_PREFIX) :].decode(): int(orjson.loads(v)["erased_at"]) for key, v in kv.iter_prefix(TOMBSTONE_PREFIX)
@@ -550,6 +551,8 @@ class Shard:
         exchange_topic = self.settings.exchange_topic if self.exchange is not None else None
         max_bytes = self.settings.max_message_bytes
         # catalog first, so an item and its first event in one batch work in either order
+        # what earlier batches (an earlier life's included) processed: its refusals were made then
+        self._processed_before = dict(self.positions)
         catalog_items: list[CatalogItem] = []
         controls: list[tuple[Envelope, ControlMessage]] = []
         events: list[tuple[Envelope, Event]] = []
@@ -608,14 +611,13 @@ class Shard:
                 counts["forgotten_dropped"] += 1  # an erased user's data is never published again
                 continue
             self._dead_letter(result, env, f"field 'item_id': unknown item {event.item_id!r} (not in the catalog "
-                                           f"after waiting {self.waiting.wait_s:g} s)", now_ms)
-            self._keep_unsent("dead_letters", *result.dead_letters[-1])  # its offset is long committed
+                                           f"after waiting {self.waiting.wait_s:g} s)", now_ms, released=True)
         by_user: dict[str, list[tuple[Envelope, Event]]] = {}
         admit_unknown = self.settings.unknown_items == "admit"
         for env, event in events:
             ahead = self._ahead_of_broker(env, event)
             if ahead is not None:
-                self._dead_letter(result, env, ahead, now_ms)
+                self._dead_letter(result, env, ahead, now_ms, released=(env.topic, env.partition, env.offset) in waited.released)
                 continue
             if self.tombstones and self._erased_before(event):
                 counts["forgotten_dropped"] += 1  # no dead letter: it would publish their data again
@@ -1001,12 +1003,24 @@ class Shard:
         erased_at = self.tombstones.get(user_hash(event.user_id))
         return erased_at is not None and event.ts <= erased_at
 
-    def _dead_letter(self, result: BatchResult, env: Envelope, reason: str, now_ms: int) -> None:
+    def _dead_letter(self, result: BatchResult, env: Envelope, reason: str, now_ms: int, *, released: bool = False) -> None:
+        """Refuse the message at ``env``, once. Its dead letter is kept unsent until its sink
+        acknowledges it (:data:`_UNSENT_PREFIX`), so a restart sends those a crash left in doubt,
+        with the bytes first sent. A message re-delivered after a crash (at or below its
+        partition's position committed before this batch) was refused by that earlier batch:
+        nothing again (its refusal would carry another ``failed_at``; before 2026-12-04 every
+        restart refused the messages since the last epoch again). ``released``: an event that
+        waited for its catalog item, whose offset was committed long ago."""
+        if not released and env.offset <= self._processed_before.get((env.topic, env.partition), -1):
+            result.counts["redelivered_skipped"] += 1
+            return
         letter = DeadLetter(payload=env.value, reason=reason, source=env.position, failed_at=now_ms)
         # the key is bounded like the payload: a poison message's key must not outgrow the request
         key = env.key[:_DEAD_LETTER_KEY_BYTES].decode("utf-8", "replace") if env.key else None
-        result.dead_letters.append((key, encode(letter)))
+        payload = encode(letter)
+        result.dead_letters.append((key, payload))
         result.counts["dead_letters"] += 1
+        self._keep_unsent("dead_letters", key, payload)
 
     def _recommendation(self, user_id: str, items: list[RecommendedItem], trigger: Event, now_ms: int) -> Recommendation:
         return Recommendation(
