@@ -66,13 +66,42 @@ class Bootstrapped:
         return {part_name(self.topic, p): end for p, end in self.ends.items()}
 
 
+#: Seconds between the bootstrap's progress lines (the first after as long): a catalog of new
+#: text embeds at a few hundred records a second, so 30,000 took 73 s without a word.
+PROGRESS_EVERY_S = 5.0
+
+
 def _boot_key(topic: str, partition: int) -> bytes:
     return BOOT_PREFIX + f"{topic}:{partition}".encode()
 
 
+class _Progress:
+    """``catalog: N of M records of 'topic' applied (R/s, about S s left)`` on stdout every
+    ``every_s`` (the shard supervisor relays it, as the flow's status lines); nothing for a
+    bootstrap shorter than that."""
+
+    def __init__(self, topic: str, every_s: float) -> None:
+        self.topic, self.every_s = topic, every_s
+        self.started = self.last = time.monotonic()
+
+    def update(self, done: int, total: int | None) -> None:
+        now = time.monotonic()
+        if now - self.last < self.every_s:
+            return
+        self.last = now
+        rate = done / max(now - self.started, 1e-9)
+        if total is None:  # a partition's end not known yet
+            print(f"catalog: {done:,} records of {self.topic!r} applied ({rate:,.0f}/s) ...", flush=True)
+            return
+        left = f", about {(total - done) / rate:,.0f} s left" if rate > 0 and done < total else ""
+        print(f"catalog: {done:,} of {total:,} records of {self.topic!r} applied ({rate:,.0f}/s{left})", flush=True)
+
+
 def bootstrap_catalog(engine: Shard, clients: KafkaClientFactory, topic: str, *, dead_letters_topic: str,
-                      recommendations_topic: str, chunk: int = 1000) -> Bootstrapped:
+                      recommendations_topic: str, chunk: int = 1000,
+                      progress_every_s: float = PROGRESS_EVERY_S) -> Bootstrapped:
     """Apply the catalog topic up to its high watermark to ``engine``; returns what was read.
+    A long bootstrap says how far it is every ``progress_every_s`` (:class:`_Progress`).
 
     Raises ``TimeoutError`` when a partition makes no progress (and reports no high watermark)
     for ``HIGHWATER_TIMEOUT_S``.
@@ -89,9 +118,12 @@ def bootstrap_catalog(engine: Shard, clients: KafkaClientFactory, topic: str, *,
     try:
         tps = [TopicPartition(topic, p) for p in _partitions(clients, consumer, topic)]
         consumer.assign(tps)
+        starts: dict[TopicPartition, int] = {}
         for tp in tps:
             stored = engine.kv.get(_boot_key(topic, tp.partition))
-            consumer.seek(tp, int(stored) if stored else 0)
+            starts[tp] = int(stored) if stored else 0
+            consumer.seek(tp, starts[tp])
+        progress = _Progress(topic, progress_every_s)
         ends: dict[TopicPartition, int] = {}
         last_progress = time.monotonic()
         while True:
@@ -114,6 +146,8 @@ def bootstrap_catalog(engine: Shard, clients: KafkaClientFactory, topic: str, *,
                         producer.send(dead_letters_topic, key=key.encode() if key else None, value=value)
                     for key, value in result.recommendations:
                         producer.send(recommendations_topic, key=key.encode(), value=value)
+                total = sum(max(0, ends[tp] - starts[tp]) for tp in tps) if len(ends) == len(tps) else None
+                progress.update(records, total)
             if len(ends) == len(tps) and all(consumer.position(tp) >= ends[tp] for tp in tps):
                 break
             if time.monotonic() - last_progress > HIGHWATER_TIMEOUT_S:

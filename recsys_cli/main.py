@@ -131,7 +131,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         if signals.received is None:  # raised before our handlers: the terminal's Ctrl-C
             signals.received = "SIGINT"
-        fail("run", f"stopped by {signals.received} before the flow started; nothing was read from Kafka", 130)
+        fail("run", f"stopped by {signals.received} before the flow started; no event was read from Kafka", 130)
 
 
 def _run_one(settings: Settings, clients, signals) -> int:
