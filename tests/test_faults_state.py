@@ -23,7 +23,8 @@ def cache(tmp_path_factory):
 
 def _settings(tmp_path, cache, **kw) -> Settings:
     kw.setdefault("head_enabled", False)
-    return Settings(state_dir=str(tmp_path / "state"), embed_cache_dir=cache, head_snapshot_interval_s=3600, **kw)
+    kw.setdefault("head_snapshot_interval_s", 3600)
+    return Settings(state_dir=str(tmp_path / "state"), embed_cache_dir=cache, **kw)
 
 
 def _open(tmp_path, cache, **kw) -> Shard:
@@ -226,3 +227,69 @@ def test_the_sweep_also_drops_what_memory_holds_of_an_expired_user(tmp_path, cac
     reopened = _open(tmp_path, cache, state_ttl_days=1.0, sweep_keys_per_batch=100)  # and a restart agrees
     assert reopened.search.windows.last_query("searcher") is None
     reopened.close()
+
+
+class _DiskFull:
+    """The state store's writes fail from now on, as on a full disk (RocksDB raises for its log)."""
+
+    def __init__(self, kv) -> None:
+        self.kv, self.write = kv, kv.write
+        kv.write = self
+
+    def __call__(self, *args, **kwargs):
+        raise OSError(28, "No space left on device: While appending to file: .../rocks/000004.log")
+
+
+def _learning_batches(n_batches: int, per_batch: int = 300) -> list[list[Envelope]]:
+    """Clicks by a few users, each batch enough for a head step (256 examples) and for the
+    re-ranker to learn from the lists shown in the batch before."""
+    batches, offset = [], 0
+    for b in range(n_batches):
+        batch = []
+        for k in range(per_batch):
+            n = b * per_batch + k
+            event = Event(event_id=f"e{n}", type="click", user_id=f"u{n % 7}", item_id=f"i{(n * 7) % 20}", ts=T0 + n * 1000)
+            batch.append(_env(event, offset))
+            offset += 1
+        batches.append(batch)
+    return batches
+
+
+def _models(engine: Shard) -> tuple[str, str]:
+    from recsys.shard.snapshots import reranker_to_json
+
+    return engine.head.version, reranker_to_json(engine.reranker)
+
+
+@pytest.mark.parametrize("stop", ["close", "death"])
+def test_models_saved_after_a_failed_batch_hold_nothing_it_learned(tmp_path, cache, stop):
+    """A batch whose atomic write failed (a full disk here) is not in the state, so a restart
+    applies and learns its events again; the models it restores must not have learned them
+    already. Before 2026-12-04 the periodic snapshot was written in the middle of the batch,
+    after the head's step and before the write, and ``close`` after a failure (``recsys run``
+    closes the engine however the flow ended) saved the models too: either way a restart
+    learned the failed batch twice. ``close``: the flow failed and closed the engine; ``death``:
+    the process died after the periodic snapshot (every batch here: interval 0)."""
+    kw = {"head_enabled": True, "head_snapshot_interval_s": 0.0}
+    batches = _learning_batches(3)
+    engine = _open(tmp_path, cache, **kw)
+    for batch in batches[:2]:
+        engine.process(batch)
+    committed = _models(engine)
+    _DiskFull(engine.kv)
+    with pytest.raises(OSError, match="No space left"):
+        engine.process(batches[2])
+    assert _models(engine) != committed  # the failed batch did learn, in memory
+    if stop == "close":
+        engine.close()
+    else:  # nothing more runs in a dead process: only its files stay
+        engine.kv.write = engine.kv.write.write
+        engine.kv.close()
+        engine.embedder.close()
+    again = Shard.open(_settings(tmp_path, cache, **kw))
+    try:
+        assert _models(again) == committed, "the restored models learned from the batch the state does not hold"
+        again.upsert_catalog(ITEMS)
+        assert again.process(batches[2]).counts["applied"] == len(batches[2])  # applied, and learned, once
+    finally:
+        again.close()

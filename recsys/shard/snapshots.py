@@ -22,7 +22,8 @@ class ModelSnapshotError(RuntimeError):
 class ModelSnapshots:
     """Versioned snapshots of the learned models (head with its optimizer, re-ranker) on disk.
 
-    Written at most every ``interval_s`` (and on close) as ``models-<head version>.pt``
+    Written after a batch's atomic write, at most every ``interval_s`` (and on close, unless a
+    batch failed before its write), as ``models-<head version>.pt``
     (atomic: temp file, then rename); the newest is loaded at start-up, so learning continues
     where it stopped. The events between the last snapshot and a crash are in RocksDB state but
     not in the restored head: they are not learned again (never twice), only lost to learning.

@@ -229,6 +229,7 @@ class Shard:
             self.watermarks[(topic, int(partition))] = int(value)
         self.positions = load_offsets(kv, _POSITION_PREFIX)  # (topic, partition) -> last offset processed
         self._processed_before: dict[tuple[str, int], int] = {}  # the positions before the current batch
+        self._in_batch = False  # a batch began and its write is not done (it failed, if still so)
         # erased users: id hash -> erasure time (events older than that are dropped)
         self.tombstones: dict[str, int] = {
             key[len(TOMBSTONE_PREFIX) :].decode(): int(orjson.loads(v)["erased_at"]) for key, v in kv.iter_prefix(TOMBSTONE_PREFIX)
@@ -381,7 +382,10 @@ class Shard:
             self.shared_models.write_checkpoint(self.kv)
 
     def close(self) -> None:
-        self.models.save(self, force=True)
+        # not after a batch that failed before its write: the models learned from events the
+        # state does not hold, which a restart applies and learns again
+        if not self._in_batch:
+            self.models.save(self, force=True)
         self.kv.close()
         self.embedder.close()
 
@@ -455,6 +459,7 @@ class Shard:
             return self._process(envelopes)
 
     def _process(self, envelopes: list[Envelope]) -> BatchResult:
+        self._in_batch = True  # until the batch's write is done (:meth:`_committed`)
         self._stamp += 1
         # without acknowledgements, the caller took the previous batch's outputs (see __init__)
         for output in _ACKNOWLEDGED_OUTPUTS:
@@ -479,6 +484,7 @@ class Shard:
         laps.lap("admit")
         if not by_user:
             self._commit({**puts, **self._unsent_puts()}, waited.deletes)
+            self._committed()
             laps.lap("commit")
             self.totals.update(counts)
             return result
@@ -518,9 +524,18 @@ class Shard:
         if self.exchange is not None and (message := self.exchange.seal(puts)) is not None:
             result.exchange.append(message)  # issue 11: this batch's signal ops, sealed with it
         self._commit({**puts, **self._unsent_puts()}, [*waited.deletes, *self._sweep(by_user, counts)])
+        self._committed()
         laps.lap("commit")
         self.totals.update(counts)
         return result
+
+    def _committed(self) -> None:
+        """The batch is in the state: the models may be saved with what they learned from it (at
+        most every ``head_snapshot_interval_s``). Before 2026-12-04 the snapshot was written after
+        the head's step, before the batch's write: a batch that failed in between (a full disk, a
+        crash) was in the models but not in the state, and a restart learned it twice."""
+        self._in_batch = False
+        self.models.save(self)
 
     def _covered(self, env: Envelope) -> bool:
         """Issue 11: whether the exchange log holds the ops of this input message already (a wiped
@@ -697,14 +712,13 @@ class Shard:
         """The head learns once a full training batch has accumulated (a bounded buffer, so the
         cost per event is fixed however the stream is batched); only newly applied events enter
         it, so a re-delivery is never learned twice (a crash loses the buffer: never learned).
-        Model snapshots are written from here, at most every ``head_snapshot_interval_s``."""
+        Model snapshots are written after the batch's write (:meth:`_committed`)."""
         self._pending.extend(examples)
         del self._pending[: -_MAX_PENDING_EXAMPLES]
         if self.head is not None and self.learning and len(self._pending) >= self.head.config.batch_size:
             examples, self._pending = self._pending, []
             stats = self.head.learn(examples)
             counts["head_steps"] += stats["steps"]
-        self.models.save(self)
 
     def _rank_and_emit(self, fresh_users: list[str], by_user: dict[str, list[tuple[Envelope, Event]]],
                        states: dict[str, UserState], outboxes: dict[str, dict[tuple[int, int], tuple[bytes, int]]],
