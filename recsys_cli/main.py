@@ -148,7 +148,7 @@ def _run_one(settings: Settings, clients, signals) -> int:
     )
     from recsys.shard.snapshots import ModelSnapshotError
     from recsys.shard.step import StateLayoutError
-    from recsys.store.kv import StoreCorruptionError
+    from recsys.store.kv import StoreCorruptionError, StoreWriteError
 
     settings = settings.for_shard()
     print(f"loading the model and state from {settings.state_dir} (Ctrl-C aborts) ...", flush=True)
@@ -171,6 +171,9 @@ def _run_one(settings: Settings, clients, signals) -> int:
     except MetricsPortError as exc:
         engine.close()
         fail("run", str(exc))
+    except StoreWriteError as exc:  # the catalog bootstrap's writes: a full disk, most often
+        engine.close()
+        fail("run", f"{exc}. Make room (or fix the device) and run again")
     except KeyboardInterrupt:
         engine.close()
         raise
@@ -194,6 +197,9 @@ def _run_one(settings: Settings, clients, signals) -> int:
         # from the last snapshot); anything else is a real error
         if (lost := _cause(exc, OffsetResetError)) is not None:
             failure = str(lost)
+        elif (unwritable := _cause(exc, StoreWriteError)) is not None:  # a full disk, most often
+            failure = (f"{unwritable}. The batch was not committed and nothing is lost: make room (or fix the "
+                       f"device) and run again; the restart resumes from the last snapshot")
         elif not _interrupted(exc):
             raise
         else:

@@ -108,6 +108,11 @@ class MemoryKV:
         self._data = None
 
 
+class StoreWriteError(RuntimeError):
+    """RocksDB could not write (a full disk, a read-only or failing device); the message is
+    RocksDB's, which names the file, after the store's path. Nothing of that write is applied."""
+
+
 class StoreCorruptionError(RuntimeError):
     """RocksDB found damaged data (a block checksum mismatch, a truncated file); the message
     is RocksDB's, which names the file (e.g. ``.../000009.sst offset 426874``)."""
@@ -138,6 +143,7 @@ class RocksKV:
         from rocksdict import Options, Rdict, ReadOptions, WriteOptions  # noqa: PLC0415 - keep import cost off MemoryKV users
 
         self.path = os.fspath(path)
+        self._write_failed = False  # a write raised StoreWriteError (close then expects RocksDB to refuse too)
         options = Options(raw_mode=True)
         options.set_paranoid_checks(True)  # refuse to open on a damaged MANIFEST / WAL / file list
         options.set_keep_log_file_num(5)  # RocksDB's info logs (one more per open): not for ever
@@ -217,7 +223,11 @@ class RocksKV:
             batch.put(k, v)
         for k in deletes:
             batch.delete(k)
-        db.write(batch, self._write_opts)
+        try:
+            db.write(batch, self._write_opts)
+        except Exception as exc:  # noqa: BLE001 - rocksdict raises bare Exception
+            self._write_failed = True
+            raise StoreWriteError(f"cannot write the state store at {self.path!r}: {exc}") from exc
 
     def iter_prefix(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
         it = self._live().iter(self._read_opts)
@@ -246,5 +256,12 @@ class RocksKV:
     def close(self) -> None:
         if self._db is not None:
             db, self._db = self._db, None
-            db.close()  # flushes memtables; dropping the last reference releases the lock
-            del db
+            try:
+                db.close()  # flushes memtables; dropping the last reference releases the lock
+            except Exception as exc:  # noqa: BLE001 - rocksdict raises bare Exception
+                if not self._write_failed:
+                    raise StoreWriteError(f"cannot close the state store at {self.path!r}: {exc}") from exc
+                # a write failed already (reported): RocksDB refuses the flush for the same cause
+                # ("Writer has previous error"); every committed write is in its log
+            finally:
+                del db
