@@ -148,6 +148,7 @@ def _run_one(settings: Settings, clients, signals) -> int:
     )
     from recsys.shard.snapshots import ModelSnapshotError
     from recsys.shard.step import StateLayoutError
+    from recsys.items.embeddings import EmbeddingModelError
     from recsys.store.kv import StoreCorruptionError, StoreWriteError
 
     settings = settings.for_shard()
@@ -197,7 +198,8 @@ def _run_one(settings: Settings, clients, signals) -> int:
         # from the last snapshot); anything else is a real error
         if (lost := _cause(exc, OffsetResetError)) is not None:
             failure = str(lost)
-        elif (unwritable := _cause(exc, StoreWriteError)) is not None:  # a full disk, most often
+        elif (unwritable := _cause(exc, StoreWriteError) or _cause(exc, EmbeddingModelError)) is not None:
+            # a full disk, most often: the state store's write, or the embedding cache a new item needs
             failure = (f"{unwritable}. The batch was not committed and nothing is lost: make room (or fix the "
                        f"device) and run again; the restart resumes from the last snapshot")
         elif not _interrupted(exc):

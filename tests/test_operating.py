@@ -8,6 +8,7 @@ children here are started that way, as an operator's ``recsys run &`` would be.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import queue
 import re
@@ -506,3 +507,32 @@ def test_a_full_state_disk_stops_run_in_one_line_and_a_restart_with_room_loses_n
     assert again.proc.wait(timeout=READY_TIMEOUT_S + 120) == 0, again.output
     totals = _totals(next(line for line in again.lines if line.startswith("stopped:")))
     assert applied_before + totals["applied"] == n, (applied_before, totals)
+
+
+@pytest.mark.slow
+def test_a_full_embedding_cache_disk_stops_run_in_one_line(local_broker, topic_name, tmp_path, small_disk, children):
+    """The same for the embedding cache, on its own disk: a new catalog item must be embedded
+    and its vector cached, and the cache cannot even be opened on a full disk. Before, the
+    flow ended in Bytewax's and Python's tracebacks around RocksDB's message."""
+    prefix = topic_name("fullemb") + "-"
+    _, flags = _stream(local_broker.bootstrap, prefix, tmp_path)
+    flags = [f if f != str(tmp_path / "emb") else str(small_disk / "emb") for f in flags]
+    flow = Child([*RECSYS, "run", *flags], env={"RUST_BACKTRACE": "0"})
+    children.append(flow)
+    flow.wait_for("ready:", READY_TIMEOUT_S)
+    with open(small_disk / "filler", "wb") as filler:  # the disk full from here on
+        with pytest.raises(OSError):
+            while True:
+                filler.write(b"\0" * 65536)
+                filler.flush()
+    item = generate_catalog(31, seed=70)[-1]
+    producer = KafkaClients.for_bootstrap(local_broker.bootstrap).producer()
+    producer.send(prefix + "catalog", key=b"brand-new", value=encode(dataclasses.replace(item, item_id="brand-new",
+                                                                                      title="a text never embedded")))
+    producer.flush()
+    producer.close()
+    assert flow.proc.wait(timeout=120) == 1, flow.output
+    assert "Traceback" not in flow.output and "stack backtrace" not in flow.output, flow.output
+    assert flow.lines[-2].startswith("stopped: "), flow.output
+    assert flow.lines[-1].startswith(f"recsys run: cannot open the embedding cache {small_disk / 'emb'}"), flow.output
+    assert "No space left on device" in flow.lines[-1] and "make room" in flow.lines[-1], flow.lines[-1]
