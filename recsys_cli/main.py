@@ -192,11 +192,17 @@ def _run_one(settings: Settings, clients, signals) -> int:
     try:
         run(flow, recovery_dir=settings.recovery_dir, snapshot_interval_s=settings.snapshot_interval_s)
         in_order = True  # every batch committed: what the engine holds is what its state holds
-    except (KeyboardInterrupt, BytewaxRuntimeError) as exc:
+    except (KeyboardInterrupt, RuntimeError) as exc:  # BytewaxRuntimeError is a RuntimeError
         # a lost offset (--on-offset-reset fail) is reported in one line; a second signal while
         # the flow was stopping stopped it at once, the epoch not committed (a restart resumes
         # from the last snapshot); anything else is a real error
-        if (lost := _cause(exc, OffsetResetError)) is not None:
+        if isinstance(exc, RuntimeError) and not isinstance(exc, BytewaxRuntimeError):
+            if "SqliteFailure" not in str(exc):
+                raise
+            # Bytewax's recovery store (SQLite) could not write its snapshot: a full disk, most often
+            failure = (f"cannot write the recovery store in {settings.recovery_dir!r}: {exc}. Every batch "
+                       f"before it is in the state: make room (or fix the device) and run again")
+        elif (lost := _cause(exc, OffsetResetError)) is not None:
             failure = str(lost)
         elif (unwritable := _cause(exc, StoreWriteError) or _cause(exc, EmbeddingModelError)) is not None:
             # a full disk, most often: the state store's write, or the embedding cache a new item needs

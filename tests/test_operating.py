@@ -536,3 +536,41 @@ def test_a_full_embedding_cache_disk_stops_run_in_one_line(local_broker, topic_n
     assert flow.lines[-2].startswith("stopped: "), flow.output
     assert flow.lines[-1].startswith(f"recsys run: cannot open the embedding cache {small_disk / 'emb'}"), flow.output
     assert "No space left on device" in flow.lines[-1] and "make room" in flow.lines[-1], flow.lines[-1]
+
+
+@pytest.mark.slow
+def test_a_full_recovery_disk_stops_run_in_one_line_and_a_restart_with_room_loses_nothing(local_broker, topic_name, tmp_path,
+                                                                                           small_disk, children):
+    """The same for Bytewax's recovery store (SQLite) on its own disk: its epoch snapshot cannot
+    be written. Before, the flow ended in a Python traceback around Bytewax's ``SqliteFailure``."""
+    prefix = topic_name("fullrec") + "-"
+    n, flags = _stream(local_broker.bootstrap, prefix, tmp_path)
+    flags = [f if f != str(tmp_path / "recovery") else str(small_disk / "recovery") for f in flags]
+    flow = Child([*RECSYS, "run", *flags], env={"RUST_BACKTRACE": "0"})
+    children.append(flow)
+    flow.wait_for("ready:", READY_TIMEOUT_S)
+    _wait_applied(local_broker.bootstrap, prefix + "recommendations")
+    with open(small_disk / "filler", "wb") as filler:  # the disk full from here on
+        with pytest.raises(OSError):
+            while True:
+                filler.write(b"\0" * 65536)
+                filler.flush()
+    more = generate_events(100, generate_catalog(30, seed=7), n_users=10, seed=71)
+    producer = KafkaClients.for_bootstrap(local_broker.bootstrap).producer()
+    for e in more:
+        producer.send(prefix + "events", key=e.user_id.encode(), value=encode(dataclasses.replace(e, event_id="more-" + e.event_id)))
+    producer.flush()
+    producer.close()
+    assert flow.proc.wait(timeout=120) == 1, flow.output
+    assert "Traceback" not in flow.output and "stack backtrace" not in flow.output, flow.output
+    assert flow.lines[-2].startswith("stopped: "), flow.output
+    assert flow.lines[-1].startswith(f"recsys run: cannot write the recovery store in '{small_disk / 'recovery'}'"), flow.output
+    assert "database or disk is full" in flow.lines[-1] and "make room" in flow.lines[-1], flow.lines[-1]
+    applied_before = _totals(flow.lines[-2])["applied"]
+
+    (small_disk / "filler").unlink()
+    again = Child([*RECSYS, "run", *flags, "--stop-at-end"])
+    children.append(again)
+    assert again.proc.wait(timeout=READY_TIMEOUT_S + 120) == 0, again.output
+    totals = _totals(next(line for line in again.lines if line.startswith("stopped:")))
+    assert applied_before + totals["applied"] == n + len(more), (applied_before, totals)
