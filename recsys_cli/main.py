@@ -138,7 +138,7 @@ def _run_one(settings: Settings, clients, signals) -> int:
     """Load the engine (a signal aborts at once), check it against recovery, then run the flow
     until the input ends or a signal asks for an orderly stop; prints one ``stopped:`` line."""
     from dataflows.catalog_table import record_read_after_orderly_stop
-    from dataflows.kafka_io import OffsetResetError
+    from dataflows.kafka_io import BrokerUnavailableError, OffsetResetError
     from dataflows.live import live_flow, settle_heap, shard_factory
     from dataflows.metrics import MetricsPortError
     from dataflows.runner import (
@@ -175,6 +175,13 @@ def _run_one(settings: Settings, clients, signals) -> int:
     except StoreWriteError as exc:  # the catalog bootstrap's writes: a full disk, most often
         engine.close()
         fail("run", f"{exc}. Make room (or fix the device) and run again")
+    except BrokerUnavailableError as exc:  # gone since the check at start
+        engine.close()
+        fail("run", str(exc))
+    except TimeoutError as exc:  # reading the catalog (or exchange log) before the flow, the broker gone
+        engine.close()
+        fail("run", f"{exc}; is the broker up? Run again once it answers: what was read is applied again, "
+                    f"which changes nothing (what was embedded is cached)")
     except KeyboardInterrupt:
         engine.close()
         raise

@@ -460,6 +460,27 @@ def test_a_broker_gone_under_a_running_flow_is_said_in_its_status_lines(topic_na
     assert connections() == 0  # the metric says it too
 
 
+@pytest.mark.slow  # ~40 s: kafka-python gives up on a broker after 30 s
+def test_a_broker_gone_while_the_catalog_is_read_at_start_is_one_line(topic_name, tmp_path, children):
+    """Pull the broker away while ``recsys run`` loads: the catalog read before the flow (the
+    bootstrap) finds no broker (or, gone part-way, makes no progress for 15 s) and stops the
+    start. It said so, under a traceback."""
+    from recsys_cli.local_broker import LocalBroker
+
+    broker = LocalBroker(port=_free_port()).start()
+    try:
+        prefix = topic_name("gone-boot") + "-"
+        _, flags = _stream(broker.bootstrap, prefix, tmp_path)
+        flow = Child([*RECSYS, "run", *flags])
+        children.append(flow)
+        flow.wait_for("loading the model", READY_TIMEOUT_S)
+    finally:
+        broker.stop()
+    assert flow.proc.wait(timeout=READY_TIMEOUT_S) == 1, flow.output
+    assert "Traceback" not in flow.output, flow.output
+    assert flow.lines[-1].startswith(f"recsys run: no Kafka broker answered at {broker.bootstrap}"), flow.output
+
+
 # ----------------------------------------------------------------------------- a full disk
 
 
