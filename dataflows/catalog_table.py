@@ -97,11 +97,13 @@ class _Progress:
         print(f"catalog: {done:,} of {total:,} records of {self.topic!r} applied ({rate:,.0f}/s{left})", flush=True)
 
 
-def bootstrap_catalog(engine: Shard, clients: KafkaClientFactory, topic: str, *, dead_letters_topic: str,
+def bootstrap_catalog(engine: Shard, clients: KafkaClientFactory, topic: str, *, dead_letters_topic: str | None,
                       recommendations_topic: str, chunk: int = 1000,
                       progress_every_s: float = PROGRESS_EVERY_S) -> Bootstrapped:
     """Apply the catalog topic up to its high watermark to ``engine``; returns what was read.
     A long bootstrap says how far it is every ``progress_every_s`` (:class:`_Progress`).
+    ``dead_letters_topic`` None: refused records are counted, not sent (the model trainer reads
+    the catalog beside the shards, which dead-letter them).
 
     Raises ``TimeoutError`` when a partition makes no progress (and reports no high watermark)
     for ``HIGHWATER_TIMEOUT_S``.
@@ -142,7 +144,7 @@ def bootstrap_catalog(engine: Shard, clients: KafkaClientFactory, topic: str, *,
                 dead += len(result.dead_letters)
                 if result.dead_letters or result.recommendations:
                     producer = producer or clients.producer()
-                    for key, value in result.dead_letters:
+                    for key, value in result.dead_letters if dead_letters_topic is not None else ():
                         producer.send(dead_letters_topic, key=key.encode() if key else None, value=value)
                     for key, value in result.recommendations:
                         producer.send(recommendations_topic, key=key.encode(), value=value)

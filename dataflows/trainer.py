@@ -96,7 +96,8 @@ def open_trainer(settings: Settings, clients: Any, *, log_start: int | None = No
         engine = Shard(ts, MemoryKV(), embedder)
         if ts.catalog_file:
             engine.upsert_catalog(read_catalog_file(ts.catalog_file))
-        catalog = bootstrap_catalog(engine, clients, settings.catalog_topic, dead_letters_topic=settings.dead_letters_topic,
+        # the shards dead-letter the catalog's bad records; the trainer's running loop drops them too
+        catalog = bootstrap_catalog(engine, clients, settings.catalog_topic, dead_letters_topic=None,
                                     recommendations_topic=settings.recommendations_topic)
         Path(ts.state_dir).mkdir(parents=True, exist_ok=True)
         kv = RocksKV(str(Path(ts.state_dir) / "rocks"))

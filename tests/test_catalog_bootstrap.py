@@ -39,7 +39,9 @@ def _publish_catalog_then_events(bootstrap: str, prefix: str, *, partitions: int
     ensure_topics(bootstrap, {prefix + "events": partitions, prefix + "catalog": 1,
                               prefix + "recommendations": partitions, prefix + "dead-letters": 1})
     clients = KafkaClients.for_bootstrap(bootstrap)
-    produce_records(clients, prefix + "catalog", [(c.item_id.encode(), encode(c)) for c in catalog])
+    # and one record no shard can read, which must be dead-lettered once, not once per shard
+    produce_records(clients, prefix + "catalog", [*((c.item_id.encode(), encode(c)) for c in catalog),
+                                                  (b"broken", b'{"item_id": "broken", "title": ')])
     produce_records(clients, prefix + "events", [(e.user_id.encode(), encode(e)) for e in events])
     return catalog, events
 
@@ -67,8 +69,10 @@ def test_a_fresh_start_on_topics_with_data_dead_letters_no_event_as_unknown_item
     dead = consume_all(KafkaClients.for_bootstrap(local_broker.bootstrap), prefix + "dead-letters")
     reasons = [orjson.loads(d.value)["reason"] for d in dead]
     assert [r for r in reasons if "unknown item" in r] == []
+    # the broken catalog record once, however many shards read it (twice with two before 2026-12-04)
+    assert [orjson.loads(d.value)["source"]["topic"] for d in dead] == [prefix + "catalog"], reasons
     totals = _totals(done.stdout)
-    assert totals["applied"] == len(events) and totals.get("dead_letters", 0) == 0, done.stdout
+    assert totals["applied"] == len(events) and totals.get("dead_letters", 0) == 1, done.stdout
 
 
 def _wait_for(predicate, timeout_s: float, what: str):

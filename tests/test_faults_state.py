@@ -293,3 +293,26 @@ def test_models_saved_after_a_failed_batch_hold_nothing_it_learned(tmp_path, cac
         assert again.process(batches[2]).counts["applied"] == len(batches[2])  # applied, and learned, once
     finally:
         again.close()
+
+
+@pytest.mark.parametrize("shard", [0, 1])
+def test_a_bad_record_of_a_topic_every_shard_reads_is_dead_lettered_by_shard_0_alone(tmp_path, cache, shard):
+    """Every shard reads the whole catalog and control topics, so each of N shards refused the
+    same bad record and sent its own dead letter: N copies, each with its own ``failed_at``.
+    Now shard 0 dead-letters it and the others count it (``refused_on_shard_0``); a bad event
+    is its own shard's to dead-letter, whatever the shard."""
+    engine = Shard.open(_settings(tmp_path, cache, shards=2, shard=shard), in_memory=True)
+    try:
+        engine.upsert_catalog(ITEMS)
+        bad_event = Envelope("events", shard, 0, b"u", b'{"event_id": "x", "type": "click"', T0)
+        result = engine.process([Envelope("catalog", 0, 0, b"i-bad", b'{"item_id": "i-bad", "title": ', T0),
+                                 Envelope("control", 0, 0, None, b'{"op": "forget_user"}', T0), bad_event])
+        sources = [orjson.loads(payload)["source"]["topic"] for _, payload in result.dead_letters]
+        if shard == 0:
+            assert sorted(sources) == ["catalog", "control", "events"]
+            assert result.counts["refused_on_shard_0"] == 0
+        else:
+            assert sources == ["events"]
+            assert result.counts["refused_on_shard_0"] == 2
+    finally:
+        engine.close()

@@ -20,7 +20,7 @@ from test_exchange_bootstrap import RetainedBroker
 from test_model_trainer import _shard, sharing_log
 from test_operating import READY_TIMEOUT_S, RECSYS, Child, children  # noqa: F401
 
-from dataflows.kafka_io import KafkaClients, ensure_topics, produce_records
+from dataflows.kafka_io import KafkaClients, consume_all, ensure_topics, produce_records
 from dataflows.metrics import FlowMetrics, TrainerMetrics
 from dataflows.testing.memory_broker import InMemoryBroker
 from dataflows.trainer import run_trainer
@@ -293,18 +293,21 @@ def test_recsys_trainer_runs_the_trainer_on_the_broker_as_the_compose_service_do
         local_broker, topic_name, tmp_path, embedder, catalog, log, whole, children):  # noqa: F811
     """`recsys trainer` (docker-compose.yml's trainer service), on the real local broker: it learns the
     log, serves its metrics on RECSYS_METRICS_PORT + RECSYS_SHARDS, and on SIGTERM publishes the
-    models of the whole log and exits 0."""
+    models of the whole log and exits 0. A bad catalog record is the shards' to dead-letter: the
+    trainer sends none (it sent one more copy at every start before 2026-12-04)."""
     prefix = topic_name("trainer") + "-"
     clients = KafkaClients.for_bootstrap(local_broker.bootstrap)
-    ensure_topics(clients, {prefix + "catalog": 1, prefix + "exchange": 1})
-    produce_records(clients, prefix + "catalog", [(c.item_id.encode(), encode(c)) for c in catalog])
+    ensure_topics(clients, {prefix + "catalog": 1, prefix + "exchange": 1, prefix + "dead": 1})
+    produce_records(clients, prefix + "catalog", [*((c.item_id.encode(), encode(c)) for c in catalog),
+                                                  (b"broken", b'{"item_id": "broken", "title": ')])
     produce_records(clients, prefix + "exchange", [(None, raw) for _, raw in log])
     port = _free_port()
     env = {"RECSYS_SHARDS": "2", "RECSYS_SHARE_SIGNALS": "true", "RECSYS_MODEL_TRAINER": "true",
            "RECSYS_UNKNOWN_ITEMS": "admit", "RECSYS_METRICS_PORT": str(port - 2)}
     trainer = Child([*RECSYS, "trainer", "--bootstrap-servers", local_broker.bootstrap, "--catalog-topic", prefix + "catalog",
                      "--exchange-topic", prefix + "exchange", "--exchange-snapshot-dir", str(tmp_path / "snaps"),
-                     "--state-dir", str(tmp_path / "state"), "--embed-cache-dir", str(Path(embedder.cache_path).parent)],
+                     "--state-dir", str(tmp_path / "state"), "--embed-cache-dir", str(Path(embedder.cache_path).parent),
+                     "--dead-letters-topic", prefix + "dead"],
                     env=env)
     children.append(trainer)
     trainer.wait_for("ready: model trainer", READY_TIMEOUT_S)
@@ -319,6 +322,7 @@ def test_recsys_trainer_runs_the_trainer_on_the_broker_as_the_compose_service_do
     code, _ = trainer.stop_with(signal.SIGTERM, timeout_s=60)
     assert code == 0, trainer.output
     assert f"trainer_learned={len(log) - 1}," in trainer.output and "trainer_state_snapshots=1" in trainer.output
+    assert consume_all(clients, prefix + "dead", timeout_s=5) == []
     engine = _shard(embedder, catalog, 1, trainer=True)
     engine.load_models(read_model_snapshot(newest_model_snapshot(tmp_path / "snaps", prefix + "exchange").path)[1])
     assert serving_checksum(engine) == serving_checksum(whole)

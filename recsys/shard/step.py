@@ -589,7 +589,10 @@ class Shard:
                         self._check_key(env, event, counts)
                     events.append((env, event))
             except DecodeError as exc:
-                self._dead_letter(result, env, str(exc), now_ms)
+                if self._refused_on_shard_0(env):
+                    counts["refused_on_shard_0"] += 1
+                else:
+                    self._dead_letter(result, env, str(exc), now_ms)
         result.event_types.update(event.type for _, event in events)
         puts: dict[bytes, bytes] = self._advance_positions(envelopes)
         if catalog_items:
@@ -1016,6 +1019,14 @@ class Shard:
         """Whether ``event``'s user was erased at or after the event's time."""
         erased_at = self.tombstones.get(user_hash(event.user_id))
         return erased_at is not None and event.ts <= erased_at
+
+    def _refused_on_shard_0(self, env: Envelope) -> bool:
+        """Whether another shard dead-letters this refused message: every shard reads the whole
+        catalog and control topics, and only shard 0 dead-letters what they hold (the others count
+        ``refused_on_shard_0``). Before 2026-12-04 each of N shards sent its own dead letter for
+        the same bad catalog record."""
+        return (self.settings.shards > 1 and self.settings.shard != 0
+                and env.topic in (self.settings.catalog_topic, self.settings.control_topic))
 
     def _dead_letter(self, result: BatchResult, env: Envelope, reason: str, now_ms: int, *, released: bool = False) -> None:
         """Refuse the message at ``env``, once. Its dead letter is kept unsent until its sink
