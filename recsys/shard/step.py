@@ -565,9 +565,9 @@ class Shard:
         control_topic = self.settings.control_topic
         exchange_topic = self.settings.exchange_topic if self.exchange is not None else None
         max_bytes = self.settings.max_message_bytes
-        # catalog first, so an item and its first event in one batch work in either order
         # what earlier batches (an earlier life's included) processed: its refusals were made then
         self._processed_before = dict(self.positions)
+        # catalog first, so an item and its first event in one batch work in either order
         catalog_items: list[CatalogItem] = []
         controls: list[tuple[Envelope, ControlMessage]] = []
         events: list[tuple[Envelope, Event]] = []
