@@ -149,13 +149,18 @@ def _run_one(settings: Settings, clients, signals) -> int:
     from recsys.shard.snapshots import ModelSnapshotError
     from recsys.shard.step import StateLayoutError
     from recsys.items.embeddings import EmbeddingModelError
-    from recsys.store.kv import StoreCorruptionError, StoreWriteError
+    from recsys.store.kv import StoreCorruptionError, StoreOpenError, StoreWriteError
 
     settings = settings.for_shard()
     print(f"loading the model and state from {settings.state_dir} (Ctrl-C aborts) ...", flush=True)
     try:
         engine = shard_factory(settings)()
     except (StateLayoutError, StoreCorruptionError, ModelSnapshotError) as exc:
+        fail("run", str(exc))
+    except StoreOpenError as exc:
+        if "lock" in str(exc).lower():  # RocksDB allows one process per directory
+            fail("run", f"the state directory {settings.state_dir} is in use by another process ({exc}); stop the "
+                        f"other `recsys run` on it, or give this one its own --state-dir and --recovery-dir")
         fail("run", str(exc))
     try:
         check_state_against_recovery(

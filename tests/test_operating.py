@@ -481,6 +481,24 @@ def test_a_broker_gone_while_the_catalog_is_read_at_start_is_one_line(topic_name
     assert flow.lines[-1].startswith(f"recsys run: no Kafka broker answered at {broker.bootstrap}"), flow.output
 
 
+def test_a_second_run_on_the_same_state_directory_is_one_line(local_broker, topic_name, tmp_path, children):
+    """Two ``recsys run`` on one state directory (an operator's slip): RocksDB lets one process in,
+    and the second ended in a traceback around ``StoreOpenError``. Now one line naming the
+    directory and what to do; the first runs on."""
+    prefix = topic_name("twice") + "-"
+    _, flags = _stream(local_broker.bootstrap, prefix, tmp_path)
+    first = Child([*RECSYS, "run", *flags])
+    children.append(first)
+    first.wait_for("ready:", READY_TIMEOUT_S)
+    second = Child([*RECSYS, "run", *flags])
+    children.append(second)
+    assert second.proc.wait(timeout=READY_TIMEOUT_S) == 1, second.output
+    assert "Traceback" not in second.output, second.output
+    assert second.lines[-1].startswith(f"recsys run: the state directory {tmp_path / 'state'} is in use by another "
+                                       f"process"), second.output
+    assert first.proc.poll() is None, first.output
+
+
 # ----------------------------------------------------------------------------- a full disk
 
 
