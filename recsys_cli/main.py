@@ -433,10 +433,16 @@ def cmd_trainer(args: argparse.Namespace) -> int:
     _require_broker(settings, "trainer", (settings.catalog_topic,))
     from dataflows.metrics import MetricsPortError
     from dataflows.trainer import run_until_signalled
+    from recsys.store.kv import StoreOpenError
 
     try:
         return run_until_signalled(settings)
     except MetricsPortError as exc:
+        fail("trainer", str(exc))
+    except StoreOpenError as exc:
+        if "lock" in str(exc).lower():  # RocksDB allows one process per directory
+            fail("trainer", f"its state directory is in use by another process ({exc}): one trainer per deployment; "
+                            f"stop the other one")
         fail("trainer", str(exc))
 
 

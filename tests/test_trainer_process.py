@@ -328,6 +328,29 @@ def test_recsys_trainer_runs_the_trainer_on_the_broker_as_the_compose_service_do
     assert serving_checksum(engine) == serving_checksum(whole)
 
 
+def test_a_second_trainer_on_a_state_directory_in_use_is_one_line(local_broker, topic_name, tmp_path, embedder, catalog,
+                                                                   children):  # noqa: F811
+    """One trainer per deployment: a second one on the same state directory (its RocksDB held, here
+    by the test) ended in a traceback around RocksDB's lock error; now one line."""
+    prefix = topic_name("trainer2") + "-"
+    clients = KafkaClients.for_bootstrap(local_broker.bootstrap)
+    ensure_topics(clients, {prefix + "catalog": 1, prefix + "exchange": 1})
+    produce_records(clients, prefix + "catalog", [(c.item_id.encode(), encode(c)) for c in catalog])
+    (tmp_path / "state" / "trainer").mkdir(parents=True)
+    held = RocksKV(str(tmp_path / "state" / "trainer" / "rocks"))
+    try:
+        trainer = Child([*RECSYS, "trainer", "--bootstrap-servers", local_broker.bootstrap, "--catalog-topic", prefix + "catalog",
+                         "--exchange-topic", prefix + "exchange", "--exchange-snapshot-dir", str(tmp_path / "snaps"),
+                         "--state-dir", str(tmp_path / "state"), "--embed-cache-dir", str(Path(embedder.cache_path).parent)],
+                        env={"RECSYS_SHARE_SIGNALS": "true", "RECSYS_UNKNOWN_ITEMS": "admit"})
+        children.append(trainer)
+        assert trainer.proc.wait(timeout=READY_TIMEOUT_S) == 1, trainer.output
+    finally:
+        held.close()
+    assert "Traceback" not in trainer.output, trainer.output
+    assert trainer.lines[-1].startswith("recsys trainer: its state directory is in use by another process"), trainer.output
+
+
 # ---------------------------------------------------------------- a restart while a message is held
 
 
