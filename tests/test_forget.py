@@ -224,3 +224,26 @@ def test_forget_through_the_control_topic_end_to_end(local_broker, kafka_clients
     assert _raw_hits(settings.state_dir, b"x2")
     recs = consume_all(kafka_clients, settings.recommendations_topic, timeout_s=30)
     assert len(recs) >= 4
+
+
+def test_a_dead_letter_left_unsent_is_not_sent_again_after_its_shoppers_erasure(tmp_path, cache):
+    """A refused event is kept unsent until the dead letters' sink acknowledges it, and a restart
+    sends what is left (README, Guarantees); it holds the shopper's event. Erased before that
+    restart, they must not be published again: the dead letter is left out, as their lists are.
+    Another shopper's is sent as before."""
+    import time
+
+    settings = _settings(tmp_path, cache, unknown_item_wait_s=0.0)
+    engine = _open(settings)
+    engine.expect_acknowledgements()
+    bad = [Event(f"{u}-bad", "click", u, "no-such-item", T0) for u in (VICTIM, "bystander")]
+    assert len(engine.process(_envs(bad)).dead_letters) == 2
+    engine.process([_control(VICTIM, 0, int(time.time() * 1000) + 1000)])  # erased after the refusal
+    engine.close()  # nothing acknowledged
+
+    restarted = Shard.open(settings)
+    try:
+        left = restarted.unsent().get("dead_letters", [])
+        assert [key for key, _ in left] == ["bystander"], left
+    finally:
+        restarted.close()

@@ -1066,15 +1066,17 @@ class Shard:
     def unsent(self) -> dict[str, list[tuple[str | None, bytes]]]:
         """What an earlier life emitted and its sinks never acknowledged, of the outputs no
         re-delivery brings back (:data:`_UNSENT_PREFIX`), per output, in emission order; a list
-        of a user erased since is left out. The flow sends them again before its first batch,
-        then calls :meth:`drop_unsent`."""
+        of a user erased since, or a dead letter of a message keyed by them refused before the
+        erasure (it holds their event), is left out. The flow sends them again before its first
+        batch, then calls :meth:`drop_unsent`."""
         out: dict[str, list[tuple[str | None, bytes]]] = {}
         for key, raw in sorted(self._left_unsent.items(), key=lambda kv: kv[0].rsplit(b":", 1)[1]):
             output = key[len(_UNSENT_PREFIX):].split(b":")[0].decode()
             for out_key, payload in orjson.loads(raw):
-                if output == "recommendations":
-                    erased_at = self.tombstones.get(user_hash(out_key))
-                    if erased_at is not None and orjson.loads(payload)["event_ts"] <= erased_at:
+                erased_at = self.tombstones.get(user_hash(out_key)) if out_key is not None else None
+                if erased_at is not None:
+                    when = {"recommendations": "event_ts", "dead_letters": "failed_at"}.get(output)
+                    if when is not None and orjson.loads(payload)[when] <= erased_at:
                         continue
                 out.setdefault(output, []).append((out_key, payload.encode()))
         return out
