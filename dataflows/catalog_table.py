@@ -116,7 +116,9 @@ def bootstrap_catalog(engine: Shard, clients: KafkaClientFactory, topic: str, *,
     # its outputs stay in the engine's state until the flush below has the broker acknowledge
     # them: a crash before it leaves them to be sent again at the restart (dataflows.live.resend_unsent),
     # which reads the refused records again but refuses none twice (recsys.shard.step.Shard._dead_letter)
-    engine.expect_acknowledgements("recommendations", "dead_letters")
+    sends = dead_letters_topic is not None  # the trainer's read sends nothing: nothing to keep for it
+    if sends:
+        engine.expect_acknowledgements("recommendations", "dead_letters")
     try:
         tps = [TopicPartition(topic, p) for p in _partitions(clients, consumer, topic)]
         consumer.assign(tps)
@@ -159,7 +161,7 @@ def bootstrap_catalog(engine: Shard, clients: KafkaClientFactory, topic: str, *,
                 )
         if producer is not None:
             producer.flush()  # outputs are acknowledged before the offsets below move on
-        if last_stamp is not None:
+        if last_stamp is not None and sends:
             engine.acknowledge(last_stamp, "recommendations")
             engine.acknowledge(last_stamp, "dead_letters")
         # Last: the offsets, so that a crash before this line only means reading again.

@@ -516,6 +516,54 @@ def small_disk(tmp_path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
+def _fill(disk: Path) -> None:
+    """Write to ``disk`` until it is full (the disk stays full until the file is removed)."""
+    with open(disk / "filler", "wb") as filler:
+        with pytest.raises(OSError):
+            while True:
+                filler.write(b"\0" * 65536)
+                filler.flush()
+
+
+def _send(bootstrap: str, topic: str, records: list[tuple[bytes, bytes]]) -> None:
+    producer = KafkaClients.for_bootstrap(bootstrap).producer()
+    for key, value in records:
+        producer.send(topic, key=key, value=value)
+    producer.flush()
+    producer.close()
+
+
+def _run_with_on(small_disk: Path, name: str, flags: list[str], tmp_path: Path, children: list[Child], *,
+                 ready: bool = True) -> tuple[Child, list[str]]:
+    """``recsys run`` with its directory ``name`` (state, emb, recovery) on ``small_disk``; the
+    child (once ``ready:``, unless not ``ready``) and its flags."""
+    flags = [f if f != str(tmp_path / name) else str(small_disk / name) for f in flags]
+    flow = Child([*RECSYS, "run", *flags], env={"RUST_BACKTRACE": "0"})  # as an operator's shell has it
+    children.append(flow)
+    if ready:
+        flow.wait_for("ready:", READY_TIMEOUT_S)
+    return flow, flags
+
+
+def _stopped_in_one_line(flow: Child, starts: str, *words: str) -> int:
+    """The flow exited 1 with its totals, then one line starting with ``starts`` and holding
+    ``words``, and no traceback; returns the events it applied."""
+    assert flow.proc.wait(timeout=READY_TIMEOUT_S + 120) == 1, flow.output
+    assert "Traceback" not in flow.output and "stack backtrace" not in flow.output, flow.output
+    assert flow.lines[-2].startswith("stopped: "), flow.output
+    assert flow.lines[-1].startswith(starts), flow.output
+    assert all(w in flow.lines[-1] for w in words), flow.lines[-1]
+    return _totals(flow.lines[-2])["applied"]
+
+
+def _restart_to_the_end(flags: list[str], children: list[Child]) -> int:
+    """``recsys run --stop-at-end`` on the same settings; the events it applied."""
+    again = Child([*RECSYS, "run", *flags, "--stop-at-end"])
+    children.append(again)
+    assert again.proc.wait(timeout=READY_TIMEOUT_S + 120) == 0, again.output
+    return _totals(next(line for line in again.lines if line.startswith("stopped:")))["applied"]
+
+
 @pytest.mark.slow
 def test_a_full_state_disk_stops_run_in_one_line_and_a_restart_with_room_loses_nothing(local_broker, topic_name, tmp_path,
                                                                                         small_disk, children):
@@ -528,24 +576,12 @@ def test_a_full_state_disk_stops_run_in_one_line_and_a_restart_with_room_loses_n
     (dataflows/runner.py, bytewax issue #318)."""
     prefix = topic_name("full") + "-"
     n, flags = _stream(local_broker.bootstrap, prefix, tmp_path, n_users=4000)
-    flags = [f if f != str(tmp_path / "state") else str(small_disk / "state") for f in flags]
-    flow = Child([*RECSYS, "run", *flags], env={"RUST_BACKTRACE": "0"})  # as an operator's shell has it
-    children.append(flow)
-    code = flow.proc.wait(timeout=READY_TIMEOUT_S + 120)
-    assert code == 1, flow.output
-    assert "Traceback" not in flow.output and "stack backtrace" not in flow.output, flow.output
-    assert flow.lines[-2].startswith("stopped: "), flow.output
-    assert flow.lines[-1].startswith(f"recsys run: cannot write the state store at '{small_disk / 'state'}"), flow.output
-    assert "No space left on device" in flow.lines[-1] and "make room" in flow.lines[-1], flow.lines[-1]
-    applied_before = _totals(next(line for line in flow.lines if line.startswith("stopped:")))["applied"]
+    flow, flags = _run_with_on(small_disk, "state", flags, tmp_path, children, ready=False)
+    applied_before = _stopped_in_one_line(flow, f"recsys run: cannot write the state store at '{small_disk / 'state'}",
+                                          "No space left on device", "make room")
     assert 0 < applied_before < n, flow.output  # it filled up part-way
-
     subprocess.run(["mount", "-o", "remount,size=400m", str(small_disk)], check=True)
-    again = Child([*RECSYS, "run", *flags, "--stop-at-end"])
-    children.append(again)
-    assert again.proc.wait(timeout=READY_TIMEOUT_S + 120) == 0, again.output
-    totals = _totals(next(line for line in again.lines if line.startswith("stopped:")))
-    assert applied_before + totals["applied"] == n, (applied_before, totals)
+    assert applied_before + _restart_to_the_end(flags, children) == n
 
 
 @pytest.mark.slow
@@ -555,26 +591,12 @@ def test_a_full_embedding_cache_disk_stops_run_in_one_line(local_broker, topic_n
     flow ended in Bytewax's and Python's tracebacks around RocksDB's message."""
     prefix = topic_name("fullemb") + "-"
     _, flags = _stream(local_broker.bootstrap, prefix, tmp_path)
-    flags = [f if f != str(tmp_path / "emb") else str(small_disk / "emb") for f in flags]
-    flow = Child([*RECSYS, "run", *flags], env={"RUST_BACKTRACE": "0"})
-    children.append(flow)
-    flow.wait_for("ready:", READY_TIMEOUT_S)
-    with open(small_disk / "filler", "wb") as filler:  # the disk full from here on
-        with pytest.raises(OSError):
-            while True:
-                filler.write(b"\0" * 65536)
-                filler.flush()
-    item = generate_catalog(31, seed=70)[-1]
-    producer = KafkaClients.for_bootstrap(local_broker.bootstrap).producer()
-    producer.send(prefix + "catalog", key=b"brand-new", value=encode(dataclasses.replace(item, item_id="brand-new",
-                                                                                      title="a text never embedded")))
-    producer.flush()
-    producer.close()
-    assert flow.proc.wait(timeout=120) == 1, flow.output
-    assert "Traceback" not in flow.output and "stack backtrace" not in flow.output, flow.output
-    assert flow.lines[-2].startswith("stopped: "), flow.output
-    assert flow.lines[-1].startswith(f"recsys run: cannot open the embedding cache {small_disk / 'emb'}"), flow.output
-    assert "No space left on device" in flow.lines[-1] and "make room" in flow.lines[-1], flow.lines[-1]
+    flow, _ = _run_with_on(small_disk, "emb", flags, tmp_path, children)
+    _fill(small_disk)
+    item = dataclasses.replace(generate_catalog(31, seed=70)[-1], item_id="brand-new", title="a text never embedded")
+    _send(local_broker.bootstrap, prefix + "catalog", [(b"brand-new", encode(item))])
+    _stopped_in_one_line(flow, f"recsys run: cannot open the embedding cache {small_disk / 'emb'}",
+                         "No space left on device", "make room")
 
 
 @pytest.mark.slow
@@ -584,32 +606,13 @@ def test_a_full_recovery_disk_stops_run_in_one_line_and_a_restart_with_room_lose
     be written. Before, the flow ended in a Python traceback around Bytewax's ``SqliteFailure``."""
     prefix = topic_name("fullrec") + "-"
     n, flags = _stream(local_broker.bootstrap, prefix, tmp_path)
-    flags = [f if f != str(tmp_path / "recovery") else str(small_disk / "recovery") for f in flags]
-    flow = Child([*RECSYS, "run", *flags], env={"RUST_BACKTRACE": "0"})
-    children.append(flow)
-    flow.wait_for("ready:", READY_TIMEOUT_S)
+    flow, flags = _run_with_on(small_disk, "recovery", flags, tmp_path, children)
     _wait_applied(local_broker.bootstrap, prefix + "recommendations")
-    with open(small_disk / "filler", "wb") as filler:  # the disk full from here on
-        with pytest.raises(OSError):
-            while True:
-                filler.write(b"\0" * 65536)
-                filler.flush()
+    _fill(small_disk)
     more = generate_events(100, generate_catalog(30, seed=7), n_users=10, seed=71)
-    producer = KafkaClients.for_bootstrap(local_broker.bootstrap).producer()
-    for e in more:
-        producer.send(prefix + "events", key=e.user_id.encode(), value=encode(dataclasses.replace(e, event_id="more-" + e.event_id)))
-    producer.flush()
-    producer.close()
-    assert flow.proc.wait(timeout=120) == 1, flow.output
-    assert "Traceback" not in flow.output and "stack backtrace" not in flow.output, flow.output
-    assert flow.lines[-2].startswith("stopped: "), flow.output
-    assert flow.lines[-1].startswith(f"recsys run: cannot write the recovery store in '{small_disk / 'recovery'}'"), flow.output
-    assert "database or disk is full" in flow.lines[-1] and "make room" in flow.lines[-1], flow.lines[-1]
-    applied_before = _totals(flow.lines[-2])["applied"]
-
+    _send(local_broker.bootstrap, prefix + "events",
+          [(e.user_id.encode(), encode(dataclasses.replace(e, event_id="more-" + e.event_id))) for e in more])
+    applied_before = _stopped_in_one_line(flow, f"recsys run: cannot write the recovery store in '{small_disk / 'recovery'}'",
+                                          "database or disk is full", "make room")
     (small_disk / "filler").unlink()
-    again = Child([*RECSYS, "run", *flags, "--stop-at-end"])
-    children.append(again)
-    assert again.proc.wait(timeout=READY_TIMEOUT_S + 120) == 0, again.output
-    totals = _totals(next(line for line in again.lines if line.startswith("stopped:")))
-    assert applied_before + totals["applied"] == n + len(more), (applied_before, totals)
+    assert applied_before + _restart_to_the_end(flags, children) == n + len(more)
