@@ -220,6 +220,9 @@ def _run_one(settings: Settings, clients, signals) -> int:
             # a full disk, most often: the state store's write, or the embedding cache a new item needs
             failure = (f"{unwritable}. The batch was not committed and nothing is lost: make room (or fix the "
                        f"device) and run again; the restart resumes from the last snapshot")
+        elif (kafka := _kafka_error(exc)) is not None:  # e.g. sends the broker never acknowledged (120 s)
+            failure = (f"Kafka at {settings.bootstrap_servers}: {type(kafka).__name__}: {kafka}. Nothing is lost: run "
+                       f"again once the broker answers; the restart resumes from the last snapshot")
         elif not _interrupted(exc):
             raise
         else:
@@ -250,6 +253,13 @@ def _cause(exc: BaseException, kind: type[BaseException]) -> BaseException | Non
             return seen
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+def _kafka_error(exc: BaseException) -> BaseException | None:
+    """kafka-python's error in ``exc``'s cause chain (a sink's send that failed, a consumer's)."""
+    from kafka.errors import KafkaError
+
+    return _cause(exc, KafkaError)
 
 
 def _interrupted(exc: BaseException) -> bool:
