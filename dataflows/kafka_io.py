@@ -50,6 +50,7 @@ __all__ = [
     "KafkaSink",
     "KafkaSource",
     "OffsetResetError",
+    "ProduceError",
     "SharedConsumers",
     "UnknownTopicError",
     "consume_all",
@@ -832,6 +833,23 @@ class KafkaSink(FixedPartitionedSink[tuple[Key, bytes], None]):
 # ----------------------------------------------------------------------------- helpers
 
 
+#: How long :func:`produce_records` waits for the broker to acknowledge what it sent: just over
+#: kafka-python's delivery timeout (120 s), after which a send fails. A flush without a bound
+#: waited for ever with the broker gone (seen with `recsys produce`: over 5 minutes).
+PRODUCE_FLUSH_TIMEOUT_S = 150.0
+
+
+class ProduceError(RuntimeError):
+    """Sends of :func:`produce_records` the broker never acknowledged (it went away, most often):
+    ``acknowledged`` of the ``sent`` records are in the topic. Which ones is not known record by
+    record: each partition's go in order, but the partitions fail apart."""
+
+    def __init__(self, topic: str, sent: int, acknowledged: int, cause: Exception) -> None:
+        self.topic, self.sent, self.acknowledged = topic, sent, acknowledged
+        super().__init__(f"{acknowledged} of the {sent} records sent to {topic!r} were acknowledged "
+                         f"({type(cause).__name__}: {cause})")
+
+
 def produce_records(
     clients: KafkaClientFactory,
     topic: str,
@@ -844,17 +862,17 @@ def produce_records(
     Pacing sleeps to keep the i-th record at or after ``i / rate`` seconds from the start,
     so bursts after a slow step are caught up rather than lost. A record over the producer's
     largest request raises, or with ``too_large(value, error)`` is handed to it, unsent and
-    uncounted, and the rest go on.
+    uncounted, and the rest go on. Sends the broker never acknowledges raise :class:`ProduceError`.
     """
-    from kafka.errors import MessageSizeTooLargeError
+    from kafka.errors import KafkaError, MessageSizeTooLargeError
 
     if rate is not None and rate <= 0:
         raise ValueError(f"rate must be > 0 records/s, got {rate}")
     producer = clients.producer()
-    count = 0
+    count = acknowledged = 0
+    futures: list[Any] = []
     try:
         start = time.monotonic()
-        futures = []
         for key, value in records:
             if rate is not None:
                 delay = start + count / rate - time.monotonic()
@@ -869,11 +887,17 @@ def produce_records(
                 continue
             count += 1
             if len(futures) >= 10_000:  # bound memory held by futures on long runs
-                producer.flush()
+                producer.flush(timeout=PRODUCE_FLUSH_TIMEOUT_S)
                 _raise_failures(futures)
+                acknowledged += len(futures)
                 futures = []
-        producer.flush()
+        producer.flush(timeout=PRODUCE_FLUSH_TIMEOUT_S)
         _raise_failures(futures)
+    except KafkaError as exc:
+        if isinstance(exc, MessageSizeTooLargeError):
+            raise
+        producer.close(timeout=5)  # what is still buffered is lost with the broker: do not wait for it
+        raise ProduceError(topic, count, acknowledged + sum(1 for f in futures if f.succeeded()), exc) from exc
     finally:
         producer.close()
     return count

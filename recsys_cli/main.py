@@ -330,8 +330,15 @@ def cmd_produce(args: argparse.Namespace) -> int:
         print(f"recsys produce: line {at[0]} of {args.file}: {len(value):,} bytes, larger than the largest record the "
               f"producer sends (max_request_size {KafkaProducer.DEFAULT_CONFIG['max_request_size']:,} bytes); not sent", file=sys.stderr)
 
+    from dataflows.kafka_io import ProduceError
+
     start = time.perf_counter()
-    n = produce_records(KafkaClients(settings), topic, records(), rate=args.rate, too_large=too_large)
+    try:
+        n = produce_records(KafkaClients(settings), topic, records(), rate=args.rate, too_large=too_large)
+    except ProduceError as exc:  # the broker went away: kafka-python gives up after its timeouts (60-120 s)
+        fail("produce", f"the broker at {settings.bootstrap_servers} stopped answering (by line {at[0]} of "
+                        f"{args.file}): {exc}. Which records are missing is not known line by line: check with "
+                        f"`recsys tail --topic {topic}` before sending again")
     took = time.perf_counter() - start
     print(f"produced {n} records to {topic!r} in {took:.1f}s ({n / max(took, 1e-9):.0f}/s)")
     if refused:
