@@ -461,3 +461,50 @@ def test_batches_stay_full_where_the_shared_consumers_polls_split(clients, topic
                 assert [e.offset for e in batch] == list(range(sum(sizes[p]), sum(sizes[p]) + len(batch)))
                 sizes[p].append(len(batch))
     assert sizes == {0: [500] * 10, 1: [500] * 10}
+
+
+def test_sends_the_broker_never_acknowledges_raise_one_error_saying_how_many_got_in():
+    """The broker goes away while records are sent: kafka-python fails the sends still buffered
+    after its delivery timeout. ``produce_records`` says how many of those sent were acknowledged
+    (``recsys produce`` prints it in one line; before, a traceback after waiting for ever)."""
+    from kafka.errors import KafkaTimeoutError
+
+    from dataflows.kafka_io import PRODUCE_FLUSH_TIMEOUT_S, ProduceError, produce_records
+
+    class Future:
+        def __init__(self, ok: bool) -> None:
+            self.ok = ok
+
+        def succeeded(self) -> bool:
+            return self.ok
+
+        def get(self, timeout=None):  # noqa: ANN001, ANN201
+            if not self.ok:
+                raise KafkaTimeoutError("Expiring 2 record(s) for TopicPartition(topic='events', partition=1)")
+
+    class Producer:  # the broker took the first three records, then went away
+        def __init__(self) -> None:
+            self.sent, self.flushes, self.closed = 0, [], False
+
+        def send(self, topic, value=None, key=None):  # noqa: ANN001, ANN201
+            self.sent += 1
+            return Future(self.sent <= 3)
+
+        def flush(self, timeout=None):  # noqa: ANN001
+            self.flushes.append(timeout)
+
+        def close(self, timeout=None):  # noqa: ANN001
+            self.closed = True
+
+    producer = Producer()
+
+    class Clients:
+        bootstrap = "127.0.0.1:9"
+
+        def producer(self, **kw):  # noqa: ANN201
+            return producer
+
+    with pytest.raises(ProduceError, match=r"3 of the 5 records sent to 'events' were acknowledged \(KafkaTimeoutError") as err:
+        produce_records(Clients(), "events", [(b"u", b"{}")] * 5)
+    assert (err.value.sent, err.value.acknowledged) == (5, 3)
+    assert producer.flushes == [PRODUCE_FLUSH_TIMEOUT_S] and producer.closed  # never an unbounded wait
