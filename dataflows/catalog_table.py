@@ -146,7 +146,7 @@ def bootstrap_catalog(engine: Shard, clients: KafkaClientFactory, topic: str, *,
                 dead += len(result.dead_letters)
                 if result.dead_letters or result.recommendations:
                     producer = producer or clients.producer()
-                    for key, value in result.dead_letters if dead_letters_topic is not None else ():
+                    for key, value in result.dead_letters if sends else ():
                         producer.send(dead_letters_topic, key=key.encode() if key else None, value=value)
                     for key, value in result.recommendations:
                         producer.send(recommendations_topic, key=key.encode(), value=value)
