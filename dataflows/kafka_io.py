@@ -871,6 +871,7 @@ def produce_records(
     producer = clients.producer()
     count = acknowledged = 0
     futures: list[Any] = []
+    close_timeout = None  # wait for what is buffered, unless the broker is gone
     try:
         start = time.monotonic()
         for key, value in records:
@@ -896,10 +897,10 @@ def produce_records(
     except KafkaError as exc:
         if isinstance(exc, MessageSizeTooLargeError):
             raise
-        producer.close(timeout=5)  # what is still buffered is lost with the broker: do not wait for it
+        close_timeout = 5  # what is still buffered is lost with the broker: do not wait for it
         raise ProduceError(topic, count, acknowledged + sum(1 for f in futures if f.succeeded()), exc) from exc
     finally:
-        producer.close()
+        producer.close(timeout=close_timeout)
     return count
 
 

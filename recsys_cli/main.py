@@ -158,10 +158,8 @@ def _run_one(settings: Settings, clients, signals) -> int:
     except (StateLayoutError, StoreCorruptionError, ModelSnapshotError) as exc:
         fail("run", str(exc))
     except StoreOpenError as exc:
-        if "lock" in str(exc).lower():  # RocksDB allows one process per directory
-            fail("run", f"the state directory {settings.state_dir} is in use by another process ({exc}); stop the "
-                        f"other `recsys run` on it, or give this one its own --state-dir and --recovery-dir")
-        fail("run", str(exc))
+        fail("run", _in_use(exc, f"the state directory {settings.state_dir} is in use by another process ({exc}); stop "
+                                 f"the other `recsys run` on it, or give this one its own --state-dir and --recovery-dir"))
     try:
         check_state_against_recovery(
             engine.positions, settings.recovery_dir, state_dir=settings.state_dir, legacy_watermarks=engine.watermarks
@@ -253,6 +251,12 @@ def _cause(exc: BaseException, kind: type[BaseException]) -> BaseException | Non
             return seen
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+def _in_use(exc: BaseException, message: str) -> str:
+    """``message`` when RocksDB refused ``exc``'s open for its lock (one process per directory),
+    else the error as it is."""
+    return message if "lock" in str(exc).lower() else str(exc)
 
 
 def _kafka_error(exc: BaseException) -> BaseException | None:
@@ -457,10 +461,8 @@ def cmd_trainer(args: argparse.Namespace) -> int:
     except MetricsPortError as exc:
         fail("trainer", str(exc))
     except StoreOpenError as exc:
-        if "lock" in str(exc).lower():  # RocksDB allows one process per directory
-            fail("trainer", f"its state directory is in use by another process ({exc}): one trainer per deployment; "
-                            f"stop the other one")
-        fail("trainer", str(exc))
+        fail("trainer", _in_use(exc, f"its state directory is in use by another process ({exc}): one trainer per "
+                                     f"deployment; stop the other one"))
 
 
 # --------------------------------------------------------------------------- main

@@ -100,6 +100,9 @@ _OFFSET_RESET_PREFIX = b"rst:"  # rst:<topic>:<partition> -> "<old>><new>": the 
 #: out: Bytewax committed the event's offset long before), kept until acknowledged; the next life
 #: sends what is left again before its first batch (``Shard.unsent``, ``dataflows.live``).
 _UNSENT_PREFIX = b"unsent:"
+#: The field of an unsent output compared with its user's erasure time: a list of an event at or
+#: before the erasure, or a dead letter refused before it, is not sent again (``Shard.unsent``).
+_UNSENT_TIME_FIELD = {"recommendations": "event_ts", "dead_letters": "failed_at"}
 _LAYOUT_KEY = b"meta:shard"  # "<shard>/<shards>" of the process that wrote this state
 #: A dead letter's key: the refused message's key, cut to this many bytes (ids are <= 256 chars).
 _DEAD_LETTER_KEY_BYTES = 1024
@@ -1074,10 +1077,9 @@ class Shard:
             output = key[len(_UNSENT_PREFIX):].split(b":")[0].decode()
             for out_key, payload in orjson.loads(raw):
                 erased_at = self.tombstones.get(user_hash(out_key)) if out_key is not None else None
-                if erased_at is not None:
-                    when = {"recommendations": "event_ts", "dead_letters": "failed_at"}.get(output)
-                    if when is not None and orjson.loads(payload)[when] <= erased_at:
-                        continue
+                when = _UNSENT_TIME_FIELD.get(output)
+                if erased_at is not None and when is not None and orjson.loads(payload)[when] <= erased_at:
+                    continue
                 out.setdefault(output, []).append((out_key, payload.encode()))
         return out
 
