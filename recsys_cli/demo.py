@@ -197,10 +197,33 @@ def _stream_and_report(args, settings, clients, events_path, flow_proc, consume_
         producer.join(10)
 
 
-def _follow(args, settings, clients, flow_proc, consume_all, done, produced) -> int:
-    """Print recommendations as they arrive; once the stream is sent and they stop coming, the summary."""
+#: The longest the demo waits, once the stream is sent, for the flow to read all of it.
+_CATCH_UP_S = 300.0
 
-    shown, last_count, stable_since = 0, -1, None
+
+def _consumed(metrics_port: int, topic: str) -> float:
+    """Records of ``topic`` the flow has read and processed (its ``recsys_records_consumed``
+    counter); 0 while its metrics do not answer."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=2) as response:
+            text = response.read().decode()
+    except OSError:
+        return 0.0
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "recsys_records_consumed_total" and s.labels.get("topic") == topic)
+
+
+def _follow(args, settings, clients, flow_proc, consume_all, done, produced) -> int:
+    """Print recommendations as they arrive; once the stream is sent, the flow has read all of
+    it and they stop coming, the summary. (It waited for the recommendations to stop coming only:
+    on a fresh install the flow's first batch compiles the engine's kernels, ~15 s, and the
+    summary said 0 recommendations.)"""
+
+    shown, last_count, stable_since, sent_at = 0, -1, None, None
     recs = []
     while True:
         time.sleep(1.0)
@@ -216,7 +239,11 @@ def _follow(args, settings, clients, flow_proc, consume_all, done, produced) -> 
             print(f"recsys demo: producing the events failed: {produced['error']}", file=sys.stderr)
             return 1
         if done.is_set():
-            if len(recs) == last_count:
+            sent_at = sent_at or time.time()
+            behind = _consumed(settings.metrics_port, settings.events_topic) < produced.get("n", 0)
+            if behind and time.time() - sent_at < _CATCH_UP_S:
+                stable_since = None  # the flow has not read the whole stream yet
+            elif len(recs) == last_count:
                 stable_since = stable_since or time.time()
                 if time.time() - stable_since >= 3:
                     break
