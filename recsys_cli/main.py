@@ -149,6 +149,7 @@ def _run_one(settings: Settings, clients, signals) -> int:
     from recsys.shard.snapshots import ModelSnapshotError
     from recsys.shard.step import StateLayoutError
     from recsys.items.embeddings import EmbeddingModelError
+    from recsys.signals.compile_kernels import compile_kernels_announced
     from recsys.store.kv import StoreCorruptionError, StoreOpenError, StoreWriteError
 
     settings = settings.for_shard()
@@ -169,6 +170,7 @@ def _run_one(settings: Settings, clients, signals) -> int:
         fail("run", str(exc))
     try:
         engine.embedder.warm()  # new catalog items then embed in milliseconds
+        compile_kernels_announced(lambda line: print(line, flush=True))  # not in the first batch
         settle_heap()  # the model is loaded now: keep it out of the collector's full passes
         flow = live_flow(settings, clients, engine=engine, stop=signals.requested)
         signals.running()  # from here on a signal ends the input; the epoch is committed

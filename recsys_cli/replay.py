@@ -230,6 +230,7 @@ def run_replay(args: argparse.Namespace) -> int:
     from recsys.backtest.system import FullSystem
     from recsys.settings import Settings
     from recsys.shard.step import Shard
+    from recsys.signals.compile_kernels import compile_kernels_announced
 
     settings = Settings.from_env(os.environ).replace(
         unknown_items="admit",
@@ -274,6 +275,7 @@ def run_replay(args: argparse.Namespace) -> int:
     # evaluate mode in both protocols: leave-last-out training then ranks before each batch
     # as the live flow does, so the re-ranker learns (its scores are simply not used there)
     engine = open_engine(evaluate=True)
+    compile_kernels_announced()  # on a machine whose cache lacks them, not inside the measured replay
     settle_heap()
     baselines = build_baselines(
         names, engine, repeat_items, args.seed, len(ds.catalog),

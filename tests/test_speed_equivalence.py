@@ -774,3 +774,62 @@ def test_compiled_grouping_equals_the_numpy_passes(seed):
         assert np.array_equal(getattr(fast, field), getattr(slow, field)), field
     assert fast.features.dtype == slow.features.dtype and np.array_equal(fast.features.view(np.int32), slow.features.view(np.int32))
     assert fast.anchor.keys() == slow.anchor.keys() and all(np.array_equal(fast.anchor[s], slow.anchor[s]) for s in slow.anchor)
+
+
+# ---------------------------------------------------------------- compiled ahead of the first batch
+
+_COMPILED_BY_A_RUN = r"""
+import dataclasses, importlib, json, pathlib, sys, tempfile
+from numba.core.registry import CPUDispatcher
+from recsys.events import Envelope, encode
+from recsys.settings import Settings
+from recsys.shard.step import Shard
+from recsys.signals.compile_kernels import compile_kernels
+from recsys.synthetic import generate_catalog, generate_events
+
+root = pathlib.Path("recsys")
+modules = sorted(".".join(p.with_suffix("").parts) for p in root.rglob("_*kernels.py"))
+
+def compiled():
+    return {f"{m}.{a}": sorted(map(str, f.signatures)) for m in modules
+            for a, f in vars(importlib.import_module(m)).items()
+            if isinstance(f, CPUDispatcher) and f.targetoptions.get("inline") != "always"}
+
+compile_kernels()
+before = compiled()
+catalog = generate_catalog(200, seed=0)
+words = [c.text.split()[0] for c in catalog]
+events = [dataclasses.replace(e, type="search", item_id=None, query=words[i % len(words)]) if i % 5 == 0 else e
+          for i, e in enumerate(generate_events(2000, catalog, n_users=100, seed=1))]
+with tempfile.TemporaryDirectory() as tmp:
+    engine = Shard.open(Settings(state_dir=tmp, embed_cache_dir=sys.argv[1]))
+    engine.upsert_catalog(catalog)
+    for i in range(0, len(events), 100):
+        engine.process([Envelope("events", 0, i + j, e.user_id.encode(), encode(e), e.ts)
+                        for j, e in enumerate(events[i : i + 100])])
+    totals = dict(engine.totals)
+    engine.close()
+after = compiled()
+print(json.dumps({"modules": modules, "before": before, "after": after, "totals": totals}))
+"""
+
+
+def test_compile_kernels_compiles_every_loop_the_engine_calls(tmp_path):
+    """``compile_kernels`` (run by ``recsys run`` before its first batch, and by the image build)
+    leaves nothing for a run to compile: on a fresh machine each loop not compiled ahead costs
+    its first batch seconds (the ranker's closest-rows loop on the index's read-only vectors,
+    search's price loop). Run in a fresh process, so no other test has compiled them."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = subprocess.run([sys.executable, "-c", _COMPILED_BY_A_RUN, str(tmp_path / "emb")], capture_output=True,
+                         text=True, cwd=Path(__file__).resolve().parents[1], timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    found = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(found["modules"]) >= 5, found["modules"]
+    assert found["totals"]["search_results"] > 0 and found["totals"]["recommendations"] > 0, found["totals"]
+    assert found["before"]["recsys.ranking._kernels.closest_rows"], "compiled ahead"
+    compiled_by_the_run = {name: sorted(set(sigs) - set(found["before"][name])) for name, sigs in found["after"].items()}
+    assert not {name: sigs for name, sigs in compiled_by_the_run.items() if sigs}
