@@ -89,6 +89,11 @@ FRESH_POLL_S = 0.001
 #: batches go first (one live run with it waiting had a p99 of 3 s at 1,000 events/s, against
 #: 1.4 s for the tree before beside it). The bound is a stall guard.
 FULL_BATCH_WAIT_S = 5.0
+#: How often a source compares the partitions it reads with its topic's (the consumer's cached
+#: metadata: no request of its own), and how old that metadata may get: kafka-python refreshes
+#: it every ``metadata_max_age_ms`` (5 minutes by default; one small request a minute here).
+PARTITION_CHECK_S = 10.0
+METADATA_MAX_AGE_MS = 60_000
 #: How long a partition may take to report its high watermark.
 HIGHWATER_TIMEOUT_S = 15.0
 #: How long a log end below the flow's position must persist before it counts as data loss:
@@ -283,7 +288,8 @@ class _SharedConsumer:
         # "none": an offset out of range raises instead of being reset silently (kafka-python's
         # "earliest" re-read from the log start, where the engine skipped what it thought it had)
         self.consumer: Any = clients.consumer(
-            fetch_max_wait_ms=fetch_max_wait_ms, max_poll_records=poll_max_records, auto_offset_reset="none"
+            fetch_max_wait_ms=fetch_max_wait_ms, max_poll_records=poll_max_records, auto_offset_reset="none",
+            metadata_max_age_ms=METADATA_MAX_AGE_MS,  # partitions added to a topic seen within a minute (PartitionWatch)
         )
         self._max = poll_max_records
         self._buffers: dict[TopicPartition, list[Any]] = {}
@@ -376,6 +382,58 @@ class _SharedConsumer:
         return None if count is None else int(count)
 
 
+class PartitionWatch:
+    """Says when a topic gains partitions that its source should read, once.
+
+    Bytewax lists a source's partitions once, when the flow starts: a partition added to the topic
+    later (``kafka-topics --alter --partitions``) is not read until the flow starts again, and
+    the events keyed to it wait there unseen. Each partition of the source calls :meth:`check`
+    from its ``next_batch``; at most every :data:`PARTITION_CHECK_S` it compares the consumer's
+    metadata (kept fresh within :data:`METADATA_MAX_AGE_MS`) with what was listed, and calls
+    ``on_added`` with one line naming the topic and the partitions (the live flow stops in order
+    there and ``recsys run`` starts again; without a callback the line is logged).
+
+    >>> from dataflows.testing.memory_broker import InMemoryBroker
+    >>> broker = InMemoryBroker(); broker.create_topic("events", 2)
+    >>> said = []
+    >>> watch = PartitionWatch("events", [0], lambda p: p % 2 == 0, said.append, interval_s=0)
+    >>> watch.check(broker.consumer()); said
+    []
+    >>> broker.add_partitions("events", 4); watch.check(broker.consumer()); said
+    ["topic 'events' has 4 partitions now, 1 of which this process reads; partition 2 was added while it ran"]
+    """
+
+    def __init__(self, topic: str, listed: Iterable[int], mine: Callable[[int], bool],
+                 on_added: Callable[[str], object] | None, *, interval_s: float | None = None) -> None:
+        self.topic, self._listed, self._mine = topic, frozenset(listed), mine
+        self._on_added = on_added
+        self._interval_s = PARTITION_CHECK_S if interval_s is None else interval_s
+        self._checked_at = time.monotonic()
+        self.added: list[int] = []  # once found, the check stops
+
+    def check(self, consumer: Any) -> None:
+        now = time.monotonic()
+        if self.added or now - self._checked_at < self._interval_s:
+            return
+        self._checked_at = now
+        # kafka-python's cluster metadata as last refreshed; its public partitions_for_topic would
+        # block on a metadata request if the topic were gone from it (deleted): not in a batch's path
+        cluster = getattr(consumer, "_cluster", None)
+        found = cluster.partitions_for_topic(self.topic) if cluster is not None else consumer.partitions_for_topic(self.topic)
+        added = sorted(p for p in found or () if p not in self._listed and self._mine(p))
+        if not added:
+            return
+        self.added = added
+        names = ", ".join(map(str, added))
+        line = (f"topic {self.topic!r} has {len(found)} partitions now, {len(self._listed)} of which this process "
+                f"reads; partition{'s' if len(added) > 1 else ''} {names} {'were' if len(added) > 1 else 'was'} "
+                f"added while it ran")
+        if self._on_added is not None:
+            self._on_added(line)
+        else:
+            log.warning("%s: not read until the flow starts again (Bytewax lists partitions at start)", line)
+
+
 class SharedConsumers:
     """Hands each partition built on a worker the one :class:`_SharedConsumer` of that worker
     (thread) and client settings. Give the same object to every :class:`KafkaSource` of a flow
@@ -434,8 +492,10 @@ class _KafkaPartition(StatefulSourcePartition[Envelope, int]):
         resumed: bool = False,
         on_offset_reset: str = "fail",
         consumers: SharedConsumers | None = None,
+        watch: PartitionWatch | None = None,
     ) -> None:
         self._tp = tp
+        self._watch = watch
         self._next = start
         self._max = poll_max_records
         self._policy = on_offset_reset
@@ -596,6 +656,8 @@ class _KafkaPartition(StatefulSourcePartition[Envelope, int]):
         if self._done():
             self.close()
             raise StopIteration()
+        if self._watch is not None and self._shared is not None:
+            self._watch.check(self._shared.consumer)
         records = self._read()
         if records is None:  # the rest of the batch is on its way: look again soon
             self._awake = datetime.now(timezone.utc) + timedelta(milliseconds=MIN_IDLE_BACKOFF_MS)
@@ -687,6 +749,10 @@ class KafkaSource(FixedPartitionedSource[Envelope, int]):
         self.on_offset_reset = on_offset_reset  # a recovered offset the log no longer holds: _KafkaPartition
         # one consumer per worker for every partition built with it (the flow's other sources too)
         self.consumers = consumers if consumers is not None else SharedConsumers()
+        #: called with one line when the topic gains partitions this source should read (PartitionWatch);
+        #: None: logged. Not for a run to the end seen at start, which reads what it listed.
+        self.on_partitions_added: Callable[[str], object] | None = None
+        self._watch: PartitionWatch | None = None
 
     @classmethod
     def from_settings(cls, clients: KafkaClientFactory, topic: str, settings: Settings, *, sharded: bool = False,
@@ -715,6 +781,9 @@ class KafkaSource(FixedPartitionedSource[Envelope, int]):
         mine = [p for p in partitions if p % self.shards == self.shard]
         if not mine:
             raise ValueError(_no_partitions(self.topic, len(partitions), self.shard, self.shards))
+        if not self.stop_at_end:
+            self._watch = PartitionWatch(self.topic, mine, lambda p: p % self.shards == self.shard,
+                                         self.on_partitions_added)
         return [part_name(self.topic, p) for p in mine]
 
     def build_part(self, step_id: str, for_part: str, resume_state: int | None) -> _KafkaPartition:
@@ -728,6 +797,7 @@ class KafkaSource(FixedPartitionedSource[Envelope, int]):
             resumed=resume_state is not None,
             on_offset_reset=self.on_offset_reset,
             consumers=self.consumers,
+            watch=self._watch,
         )
 
 

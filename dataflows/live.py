@@ -20,6 +20,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -252,7 +253,8 @@ def settle_heap() -> None:
 
 
 def live_flow(
-    settings: Settings | None = None, clients: Any = None, engine: Shard | None = None, stop: Any = None
+    settings: Settings | None = None, clients: Any = None, engine: Shard | None = None, stop: Any = None,
+    on_partitions_added: Callable[[str], object] | None = None,
 ) -> Dataflow:
     """The production graph over Kafka (or any object with the same client surface).
 
@@ -266,6 +268,11 @@ def live_flow(
     Before the graph is built the catalog topic is read to its high watermark into the engine
     (:mod:`dataflows.catalog_table`): the catalog is a table bootstrapped before any event,
     and the catalog source resumes where that read stopped.
+
+    ``on_partitions_added``: called with one line when the events, catalog or control topic
+    gains partitions this process should read (Bytewax reads those it listed at start;
+    :class:`dataflows.kafka_io.PartitionWatch`). ``recsys run`` stops in order there and starts
+    again; without it the line is logged.
     """
     from dataflows.runner import StopSignals, stoppable
 
@@ -301,7 +308,10 @@ def live_flow(
     ensure_topics(clients, {settings.search_results_topic: _partitions_of(clients, settings.events_topic)})
     # resumed no earlier than what the engine committed with the requests' effects: a recovery
     # directory from before the flow had one input holds no control offsets (dataflows.flow.Inputs)
-    control = ResumeAtLeast(KafkaSource.from_settings(clients, settings.control_topic, settings, consumers=consumers),
+    requests = KafkaSource.from_settings(clients, settings.control_topic, settings, consumers=consumers)
+    for source in (catalog, events, requests):
+        source.on_partitions_added = on_partitions_added
+    control = ResumeAtLeast(requests,
                             {part_name(t, p): o + 1 for (t, p), o in engine.positions.items() if t == settings.control_topic})
     exchange = exchange_out = None
     observer: Any = metrics

@@ -127,11 +127,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     signals = StopSignals().loading()
     try:
-        return _run_one(settings, clients, signals)
+        status = _run_one(settings, clients, signals)
     except KeyboardInterrupt:
         if signals.received is None:  # raised before our handlers: the terminal's Ctrl-C
             signals.received = "SIGINT"
         fail("run", f"stopped by {signals.received} before the flow started; no event was read from Kafka", 130)
+    if status == RESTART:
+        _start_again()
+    return status
 
 
 def _run_one(settings: Settings, clients, signals) -> int:
@@ -168,11 +171,20 @@ def _run_one(settings: Settings, clients, signals) -> int:
     except StateBehindRecoveryError as exc:
         engine.close()
         fail("run", str(exc))
+    grown: list[str] = []  # a topic gained partitions this process should read: stop in order, start again
+
+    def partitions_added(line: str) -> None:
+        if not grown:
+            print(f"{line}: stopping in order to start again and read {'it' if ' was added' in line else 'them'} "
+                  f"(Bytewax lists a flow's partitions once, at start)", flush=True)
+        grown.append(line)
+        signals.requested.set()
+
     try:
         engine.embedder.warm()  # new catalog items then embed in milliseconds
         compile_kernels_announced(lambda line: print(line, flush=True))  # not in the first batch
         settle_heap()  # the model is loaded now: keep it out of the collector's full passes
-        flow = live_flow(settings, clients, engine=engine, stop=signals.requested)
+        flow = live_flow(settings, clients, engine=engine, stop=signals.requested, on_partitions_added=partitions_added)
         signals.running()  # from here on a signal ends the input; the epoch is committed
     except MetricsPortError as exc:
         engine.close()
@@ -242,7 +254,24 @@ def _run_one(settings: Settings, clients, signals) -> int:
     if abrupt:
         fail("run", "stopped at once by a second signal; the last epoch was not committed (a restart resumes "
                     "from the last snapshot and skips what the state has applied)", 130)
+    if grown and in_order and signals.received is None:  # not if a signal asked for the stop as well
+        return RESTART
     return 0
+
+
+#: :func:`_run_one`'s answer when a topic gained partitions: the flow stopped in order, start it again
+RESTART = -1
+
+
+def _start_again() -> None:
+    """Replace this process with the same ``recsys run`` command (same pid: a supervisor, a
+    container or ``--processes N`` sees one process go on), less ``--rebuild-state``: the state
+    was rebuilt already, and is current."""
+    argv = [arg for arg in sys.orig_argv if arg != "--rebuild-state"]
+    print("starting again: " + " ".join(argv[1:]), flush=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, argv)
 
 
 def _cause(exc: BaseException, kind: type[BaseException]) -> BaseException | None:

@@ -318,3 +318,29 @@ def test_the_demo_summary_reports_search_results_and_their_latency_apart(capsys)
     assert format_search_result(orjson.dumps(found)) == "search by user u for 'tea': i1 [matches 'tea']"
     print_summary(summary)
     assert "search results out   1, latency p50 12 ms" in capsys.readouterr().out
+
+
+_STARTED_AGAIN = r"""
+import os, sys
+from recsys_cli.main import _start_again
+if os.environ.get("STARTED_AGAIN"):
+    print("second start:", os.getpid(), sys.argv[1:])
+else:
+    os.environ["STARTED_AGAIN"] = "1"
+    print("first start:", os.getpid(), flush=True)
+    _start_again()
+"""
+
+
+def test_run_starts_again_as_the_same_process_and_command_less_rebuild_state():
+    """What ``recsys run`` does after a topic gained partitions and the flow stopped in order:
+    the same command in the same process (a container's or a supervisor's process goes on), but
+    never a second ``--rebuild-state``, which would wipe the state the first start rebuilt."""
+    out = subprocess.run([sys.executable, "-c", _STARTED_AGAIN, "run", "--rebuild-state", "--state-dir", "x"],
+                         capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr
+    first = next(line for line in out.stdout.splitlines() if line.startswith("first start:"))
+    second = next(line for line in out.stdout.splitlines() if line.startswith("second start:"))
+    assert "starting again: -c " in out.stdout and out.stdout.count("--rebuild-state") == 0, out.stdout
+    assert second.split(" ")[2] == first.split(" ")[2]  # the same pid
+    assert second.endswith("['run', '--state-dir', 'x']"), second

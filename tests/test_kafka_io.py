@@ -508,3 +508,29 @@ def test_sends_the_broker_never_acknowledges_raise_one_error_saying_how_many_got
         produce_records(Clients(), "events", [(b"u", b"{}")] * 5)
     assert (err.value.sent, err.value.acknowledged) == (5, 3)
     assert producer.flushes == [PRODUCE_FLUSH_TIMEOUT_S] and producer.closed  # never an unbounded wait
+
+
+def test_partition_watch_reads_kafka_pythons_cached_metadata_without_a_request(local_broker, topic_name) -> None:
+    """The real broker cannot add partitions (Tansu lacks CreatePartitions; the in-memory broker's
+    test in tests/test_live_inputs.py does), so here a source that listed one of a topic's two
+    partitions stands for one started before the second was added: the watch finds it in the
+    metadata of a real consumer reading the first (its ``_cluster``), and says so once."""
+    from dataflows.kafka_io import PartitionWatch
+
+    clients = KafkaClients.for_bootstrap(local_broker.bootstrap)
+    topic = topic_name("grown")
+    ensure_topics(clients, {topic: 2})
+    shared = SharedConsumers().join(clients, TopicPartition(topic, 0), 0, poll_max_records=10, fetch_max_wait_ms=10)
+    try:
+        shared.poll(timeout_ms=200)
+        said: list[str] = []
+        watch = PartitionWatch(topic, [0], lambda p: True, said.append, interval_s=0)
+        watch.check(shared.consumer)
+        watch.check(shared.consumer)
+        assert said == [f"topic {topic!r} has 2 partitions now, 1 of which this process reads; "
+                        f"partition 1 was added while it ran"]
+        mine_only = PartitionWatch(topic, [0], lambda p: p % 2 == 0, said.append, interval_s=0)
+        mine_only.check(shared.consumer)  # shard 0 of 2: partition 1 is the other shard's
+        assert len(said) == 1
+    finally:
+        shared.leave(TopicPartition(topic, 0))

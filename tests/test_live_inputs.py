@@ -124,3 +124,73 @@ def test_the_live_flow_reads_every_topic_as_one_input(memory_broker, tmp_path) -
             assert any(p.startswith(topic + "#") for p in parts), (topic, parts)
     finally:
         engine.close()
+
+
+def _until(condition, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_a_partition_added_while_the_flow_runs_stops_it_in_order_and_the_next_start_reads_it(
+        memory_broker, tmp_path, monkeypatch) -> None:
+    """Bytewax lists a source's partitions once, at start: events keyed to a partition added
+    later were never read until a restart, and nothing said so. Now the flow notices (within
+    ``PARTITION_CHECK_S`` of the consumer's metadata), names the topic and partition, and stops
+    in order (``recsys run`` then starts again); the next start reads the new partition from
+    its first offset, every event applied once across the two runs."""
+    from dataflows import kafka_io
+    from dataflows.kafka_io import produce_records
+    from dataflows.runner import run
+    from recsys.events import encode
+    from recsys.synthetic import generate_catalog, generate_events
+
+    monkeypatch.setattr(kafka_io, "PARTITION_CHECK_S", 0.2)
+    settings = Settings(state_dir=str(tmp_path / "state"), recovery_dir=str(tmp_path / "recovery"),
+                        embed_cache_dir=str(tmp_path / "emb"), stop_at_end=False, poll_max_records=100)
+    ensure_topics(memory_broker, {settings.events_topic: 1, settings.catalog_topic: 1,
+                                  settings.recommendations_topic: 1, settings.dead_letters_topic: 1})
+    catalog = generate_catalog(60, seed=3)
+    produce_records(memory_broker, settings.catalog_topic, ((c.item_id.encode(), encode(c)) for c in catalog))
+    events = generate_events(400, catalog, n_users=40, seed=2)
+    produce_records(memory_broker, settings.events_topic, ((e.user_id.encode(), encode(e)) for e in events[:200]))
+
+    def running(engine: Shard, **kw) -> tuple[threading.Thread, threading.Event]:
+        stop = threading.Event()
+        flow = live_flow(settings, memory_broker, engine=engine, stop=stop, **kw)
+        thread = threading.Thread(target=run, args=(flow,), daemon=True,
+                                  kwargs={"recovery_dir": settings.recovery_dir, "snapshot_interval_s": 1.0})
+        thread.start()
+        return thread, stop
+
+    said: list[str] = []
+    engine = Shard.open(settings)
+    try:
+        first, stop = running(engine, on_partitions_added=lambda line: (said.append(line), stop.set()))
+        _until(lambda: engine.totals["applied"] == 200, 60, "the first 200 events")
+        assert not said
+        memory_broker.add_partitions(settings.events_topic, 2)
+        produce_records(memory_broker, settings.events_topic, ((e.user_id.encode(), encode(e)) for e in events[200:]))
+        on_new = sum(r.partition == 1 for r in memory_broker.records(settings.events_topic))
+        assert 0 < on_new < 200, on_new
+        first.join(timeout=60)
+        assert not first.is_alive(), "the flow did not stop"
+        assert said == [f"topic {settings.events_topic!r} has 2 partitions now, 1 of which this process reads; "
+                        f"partition 1 was added while it ran"]
+        applied_first = engine.totals["applied"]
+        assert applied_first <= 400 - on_new  # nothing of partition 1 was read
+    finally:
+        engine.close()
+
+    engine = Shard.open(settings)  # as `recsys run` starting again
+    try:
+        second, stop = running(engine)
+        _until(lambda: applied_first + engine.totals["applied"] >= 400, 60, "the rest of the events")
+        time.sleep(1.0)  # nothing more comes: each event applied once across the two runs
+        stop.set()
+        second.join(timeout=60)
+        assert applied_first + engine.totals["applied"] == 400
+        assert engine.positions[(settings.events_topic, 1)] == on_new - 1
+    finally:
+        engine.close()

@@ -79,6 +79,14 @@ class InMemoryBroker:
                 raise TopicAlreadyExistsError(f"topic {name!r} already exists")
             self._topics[name] = _Topic([[] for _ in range(count)])
 
+    def add_partitions(self, name: str, total: int) -> None:
+        """Grow a topic to ``total`` partitions (Kafka's CreatePartitions; a topic never shrinks)."""
+        with self._cond:
+            topic = self._topic(name)
+            if total <= len(topic.partitions):
+                raise ValueError(f"topic {name!r} has {len(topic.partitions)} partitions; {total} adds none")
+            topic.partitions.extend([] for _ in range(total - len(topic.partitions)))
+
     def topics(self) -> dict[str, int]:
         """``{topic: partition count}``."""
         with self._cond:
