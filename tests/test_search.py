@@ -130,6 +130,35 @@ def test_a_query_that_matches_nothing_says_no_match(engine):
     assert validate("search_result", answer) == []
 
 
+def test_a_long_query_is_read_up_to_its_first_tokens_so_it_cannot_hold_the_batch(engine):
+    """A search event may carry up to 1,000 characters (the decoder's bound). The query model read
+    all of it (up to its 256 word pieces) and typo repair tried every word: 100-300 CPU-ms for one
+    such query against ~20 for a typical one, a cheap way to slow a shard. Now retrieval, the
+    query model and the learned associations read its first ``MAX_QUERY_TOKENS`` tokens."""
+    from recsys.search.text import MAX_QUERY_TOKENS
+
+    read: list[str] = []
+    encoder = engine.search.encoder
+    embed = encoder._embed
+    encoder._embed = lambda texts: (read.extend(texts), embed(texts))[1]
+    repaired: list[str] = []
+    repair = engine.search.lexical.vocabulary._repair_one
+    engine.search.lexical.vocabulary._repair_one = lambda token: (repaired.append(token), repair(token))[1]
+    noise = " ".join(f"qzx{n}vbk" for n in range(150))
+    stream = Stream(engine)
+    long_answer = stream.search("u1", ("tent " + noise)[:1000])
+    assert read and max(len(text.split()) for text in read) <= MAX_QUERY_TOKENS, read
+    assert len(repaired) <= MAX_QUERY_TOKENS
+    assert long_answer["query"] == ("tent " + noise)[:1000]  # the answer names the query as sent
+    short = " ".join(["tent"] + [f"qzx{n}vbk" for n in range(MAX_QUERY_TOKENS - 1)])
+    assert ids(long_answer) == ids(stream.search("u2", short))
+    assert ids(long_answer)[0] in {"tent-blue", "tent-green"}  # tents: the words read still find them
+    # a query of nothing but words that carry no meaning: the model reads a bounded text too
+    read.clear()
+    stream.search("u3", " ".join(["the"] * 200))
+    assert read and max(len(text) for text in read) <= 64, [len(t) for t in read]
+
+
 def test_a_new_catalog_item_is_found_by_its_words_after_the_upsert(engine):
     stream = Stream(engine)
     assert "hammock" not in {i for i in ids(stream.search("u1", "hammock"))}

@@ -62,7 +62,7 @@ from recsys.search.lexical import LexicalIndex, item_tokens
 from recsys.search.outbox import SearchOutbox
 from recsys.search.rerank import SearchReranker
 from recsys.search.semantic import QueryEncoder, query_embedder
-from recsys.search.text import query_key, tokenize
+from recsys.search.text import MAX_TOKENLESS_CHARS, query_key, query_tokens
 
 if TYPE_CHECKING:
     from recsys.items.catalog import ItemSpace
@@ -144,7 +144,7 @@ class SearchConfig:
 def _query_text(query: str) -> str:
     """What the sentence-transformer reads of a query (and the key of its cached vector and of
     its candidates); kept for the last 4,096 queries typed, as :func:`_query_key`."""
-    return " ".join(tokenize(query)) or query
+    return " ".join(query_tokens(query)) or query[:MAX_TOKENLESS_CHARS]
 
 
 _query_key = functools.lru_cache(maxsize=4096)(query_key)
@@ -547,7 +547,7 @@ class Search:
 
     def _known_tokens(self, query: str) -> list[str]:
         """The query's tokens, typo-repaired against the catalog vocabulary, that BM25 knows."""
-        return self.lexical.known(self.lexical.vocabulary.repair(tokenize(query)))
+        return self.lexical.known(self.lexical.vocabulary.repair(query_tokens(query)))
 
     def _lexical_retrieval(self, known: list[str]) -> _Lexical:
         """BM25 for these (known, repaired) query tokens: the top ``candidates`` items and every hit's score."""

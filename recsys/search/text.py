@@ -7,7 +7,8 @@ One tokeniser for item text and queries, so both meet in the same vocabulary:
 - a few English stop words dropped, and a light plural fold (``tents`` -> ``tent``,
   ``boxes`` -> ``box``; not ``glass``), applied the same way on both sides;
 - :func:`query_key`: the sorted distinct tokens, so ``"tent blue"`` and ``"Blue tents"`` are
-  one query for the learned associations (word-order tolerance).
+  one query for the learned associations (word-order tolerance);
+- :func:`query_tokens`: a query is read up to its first :data:`MAX_QUERY_TOKENS` tokens.
 
 >>> tokenize("Crème Brûlée, 2 x 100g Tents!")
 ['creme', 'brulee', '2', 'x', '100g', 'tent']
@@ -62,9 +63,29 @@ def tokenize(text: str | None) -> list[str]:
     return [_fold(t) for t in _SPLIT.split(normalize(text)) if t and t not in STOP_WORDS]
 
 
+#: How much of a query search reads: its first this many tokens (retrieval, typo repair, the
+#: query model and the learned associations). Shoppers type a few words; a search event may carry
+#: up to 1,000 characters, and the query model reads up to 256 word pieces, so one such query
+#: cost 100-300 CPU-ms against ~20 for a typical one (benchmarks/README.md, "Search: long
+#: queries"): a cheap way to hold a shard's batch. The answer still names the query as sent.
+MAX_QUERY_TOKENS = 16
+#: What the query model reads of a query without a token (only stop words or punctuation).
+MAX_TOKENLESS_CHARS = 64
+
+
+def query_tokens(query: str) -> list[str]:
+    """:func:`tokenize` of a query, its first :data:`MAX_QUERY_TOKENS` tokens.
+
+    >>> len(query_tokens("tent " * 100))
+    16
+    """
+    return tokenize(query)[:MAX_QUERY_TOKENS]
+
+
 def query_key(query: str) -> str:
-    """The order-free identity of a query: its sorted distinct tokens, space-joined ("" if none)."""
-    return " ".join(sorted(set(tokenize(query))))
+    """The order-free identity of a query: its sorted distinct tokens (the first
+    :data:`MAX_QUERY_TOKENS`), space-joined ("" if none)."""
+    return " ".join(sorted(set(query_tokens(query))))
 
 
 class Vocabulary:
