@@ -18,7 +18,11 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
 from typing import NoReturn
 
 
@@ -65,3 +69,38 @@ def fail(command: str, message: str, status: int = 1) -> NoReturn:
     """Print ``recsys <command>: <message>`` on stderr and exit: the one line an operator reads."""
     print(f"recsys {command}: {message}", file=sys.stderr, flush=True)
     raise SystemExit(status)
+
+
+def unwritable(path: str) -> str | None:
+    """Why this process cannot keep files in directory ``path`` (creating it if missing), or
+    None when it can: checked by writing (and removing) a small file there, which is what a
+    read-only volume or a directory owned by another user refuses.
+
+    >>> import tempfile; unwritable(tempfile.mkdtemp()) is None
+    True
+    >>> unwritable("README.md")
+    'it is a file, not a directory'
+    """
+    where = Path(path)
+    if where.exists() and not where.is_dir():
+        return "it is a file, not a directory"
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=where, prefix=".recsys-write-check-"):
+            pass
+    except OSError as exc:
+        elsewhere = exc.filename and Path(exc.filename) != where and not str(exc.filename).startswith(str(where / ".recsys"))
+        return f"cannot write there: {exc.strerror or exc}" + (f" ({exc.filename})" if elsewhere else "")
+    return None
+
+
+def require_writable(command: str, dirs: Mapping[str, str | None]) -> None:
+    """Refuse in one line, before anything loads, a directory the command would fail to write
+    into later (after loading the model, or after a whole backtest): ``dirs`` maps how the
+    operator names it (``"--state-dir / RECSYS_STATE_DIR"``) to its path; a None or empty path
+    is not used and not checked."""
+    for name, path in dirs.items():
+        if path and (why := unwritable(path)) is not None:
+            user = f" (user id {os.getuid()})" if hasattr(os, "getuid") else ""
+            hint = " Is the volume read-only, or owned by another user?" if why.startswith("cannot write") else ""
+            fail(command, f"{name} {path}: {why}; give a directory this process{user} can write.{hint}")

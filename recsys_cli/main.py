@@ -22,6 +22,7 @@ from recsys_cli.argtypes import (
     non_negative_int,
     positive_float,
     positive_int,
+    require_writable,
     tcp_port,
 )
 
@@ -38,6 +39,14 @@ def _settings(args: argparse.Namespace, command: str) -> Settings:
         return settings_from_args(args, os.environ)
     except SettingsError as exc:
         fail(command, f"bad setting: {exc}", 2)
+
+
+def _require_dirs(settings: Settings, command: str, *names: str) -> None:
+    """The directories ``names`` (settings fields) of ``settings`` can be written: a read-only
+    volume or another user's directory is refused in one line before the model loads, not by a
+    traceback from deep inside the start."""
+    require_writable(command, {f"--{name.replace('_', '-')} / {Settings.env_var(name)}": getattr(settings, name)
+                               for name in names})
 
 
 def _require_broker(settings: Settings, command: str, topics: tuple[str, ...] = ()) -> None:
@@ -95,6 +104,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         ensure_topics,
     )
 
+    _require_dirs(settings, "run", "state_dir", "recovery_dir", "embed_cache_dir",
+                  *(("exchange_snapshot_dir",) if settings.share_signals else ()))
     clients = KafkaClients(settings)
     if args.rebuild_state:  # before any shard starts: under --processes N this wipes every shard's
         from dataflows.runner import wipe_for_rebuild
@@ -482,6 +493,7 @@ def cmd_trainer(args: argparse.Namespace) -> int:
     exchange log once and publishes versioned snapshots that shards run with --model-trainer load
     (one per deployment, with the shards' settings; `run --processes N --model-trainer` starts it itself)."""
     settings = _settings(args, "trainer")
+    _require_dirs(settings, "trainer", "state_dir", "embed_cache_dir", "exchange_snapshot_dir")
     _require_broker(settings, "trainer", (settings.catalog_topic,))
     from dataflows.metrics import MetricsPortError
     from dataflows.trainer import run_until_signalled

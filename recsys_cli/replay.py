@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from recsys_cli.argtypes import require_writable
+
 BASELINES = ("popularity", "recent_popularity", "recently_seen", "most_bought", "covisitation", "session_knn",
              "itemknn", "transitions", "content", "river_biased_mf", "bpr_mf", "sasrec")
 #: the full system without parts of itself (issue 14): rows that say what each part adds
@@ -188,6 +190,12 @@ def _check_args(args: argparse.Namespace) -> None:
             raise SystemExit(f"recsys replay: {flag} {path}: no such file or directory; check the path")
         if os.path.isdir(path) and (flag == "--catalog" or args.format not in DIRECTORY_FORMATS):
             raise SystemExit(f"recsys replay: {flag} {path} is a directory; --format {args.format} reads a file here")
+    # the report is written after the whole backtest, the state and embeddings from its start:
+    # a directory that cannot be written is refused now, not by a traceback at the end
+    from recsys.settings import Settings
+
+    embed_cache_dir = args.embed_cache_dir or Settings.from_env(os.environ).embed_cache_dir
+    require_writable("replay", {"--out": args.out, "--state-dir": args.state_dir, "--embed-cache-dir": embed_cache_dir})
 
 
 def run_replay(args: argparse.Namespace) -> int:

@@ -276,6 +276,49 @@ def test_no_broker_is_said_within_10_s_in_one_line_and_nothing_is_ready(command)
     assert "ready" not in done.stdout
 
 
+@pytest.fixture
+def read_only_disk(tmp_path) -> Iterator[Path]:
+    """A read-only tmpfs, as a volume mounted read-only (mounting needs root: skipped where refused)."""
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(mount)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"a read-only volume needs a tmpfs, and mounting one was refused: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+@pytest.mark.parametrize("command, flag", [
+    (["run"], "--state-dir"), (["run"], "--recovery-dir"), (["run"], "--embed-cache-dir"),
+    (["trainer"], "--state-dir"),
+    (["replay", "--format", "jsonl", "--events", "README.md", "--models", "popularity"], "--out"),
+], ids=["run-state", "run-recovery", "run-embeddings", "trainer-state", "replay-out"])
+def test_a_directory_that_cannot_be_written_is_refused_in_one_line_before_anything_loads(
+        command, flag, read_only_disk, tmp_path):
+    """A read-only volume (or a directory of another user) under the state, the recovery store,
+    the embedding cache or a backtest's report: each ended in a traceback, `recsys run` after
+    loading the model, `recsys replay` after the whole backtest. Now one line, before loading."""
+    where = read_only_disk / "here"
+    args = [*command, flag, str(where)]
+    if command[0] != "replay":  # the other directories writable; refused before the broker is asked
+        args += ["--bootstrap-servers", f"{HOST}:{_free_port()}"]
+        for other in ("--state-dir", "--recovery-dir", "--embed-cache-dir"):
+            if other != flag:
+                args += [other, str(tmp_path / other.strip("-"))]
+    done = _recsys(*args, timeout=60)
+    _one_line_failure(done, f"{flag}", str(where), "Read-only file system", "can write")
+    assert "loading" not in done.stdout
+
+
+def test_a_state_directory_that_is_a_file_is_refused_in_one_line(tmp_path):
+    a_file = tmp_path / "state"
+    a_file.write_text("not a directory")
+    done = _recsys("run", "--state-dir", str(a_file), "--bootstrap-servers", f"{HOST}:{_free_port()}", timeout=60)
+    _one_line_failure(done, "--state-dir", "it is a file, not a directory")
+
+
 @pytest.mark.slow
 def test_ctrl_c_while_the_model_loads_is_one_line(local_broker, topic_name, tmp_path, children):
     prefix = topic_name("load") + "-"
