@@ -32,7 +32,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Callable
+from typing import Callable, Iterable
 
 from recsys.settings import Settings
 
@@ -62,9 +62,24 @@ def parse_totals(line: str) -> dict[str, int]:
     return {k.strip(): int(v) for k, v in (part.split("=") for part in body.split(",") if "=" in part)}
 
 
+def summed_totals(lines: Iterable[str]) -> dict[str, int]:
+    """The totals of several ``stopped:`` lines added up (the shards', and each shard's starts).
+
+    >>> summed_totals(["stopped: applied=3, events_in=4", "stopped: applied=2, dead_letters=1"])
+    {'applied': 5, 'events_in': 4, 'dead_letters': 1}
+    """
+    totals: dict[str, int] = {}
+    for line in lines:
+        for key, value in parse_totals(line).items():
+            totals[key] = totals.get(key, 0) + value
+    return totals
+
+
 class Shard:
-    """One shard process: its output relayed line by line, its ready and stopped lines kept.
-    ``module``: what it runs (``dataflows.trainer`` for the model trainer, index -1)."""
+    """One shard process: its output relayed line by line, its ready and stopped lines kept
+    (several stopped lines when it started again in place to read partitions added to a topic:
+    their totals add up). ``module``: what it runs (``dataflows.trainer`` for the model trainer,
+    index -1)."""
 
     def __init__(self, index: int, settings: Settings, emit: Callable[[str], None], module: str = "recsys_cli") -> None:
         self.index = index
@@ -81,7 +96,7 @@ class Shard:
             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         )
         self.ready_line = ""
-        self.stopped_line = ""
+        self.stopped_lines: list[str] = []
         self.ready = threading.Event()
         self._emit = emit
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -95,7 +110,7 @@ class Shard:
                 self.ready_line = line
                 self.ready.set()
             elif line.startswith("stopped:"):
-                self.stopped_line = line
+                self.stopped_lines.append(line)
             self._emit(f"[{self.name}] {line}")
         self.ready.set()  # ended (maybe before ready): wake whoever waits
 
@@ -170,11 +185,7 @@ def run_shards(settings: Settings, processes: int, *, emit: Callable[[str], None
                 if codes[shard.index] != 0 and not stopping.is_set():
                     say(f"[{shard.name}] exited with status {codes[shard.index]}: stopping the other shards")
                     stop()
-        totals: dict[str, int] = {}
-        for shard in shards:
-            if shard.stopped_line:
-                for key, value in parse_totals(shard.stopped_line).items():
-                    totals[key] = totals.get(key, 0) + value
+        totals = summed_totals(line for shard in shards for line in shard.stopped_lines)
         say("stopped: " + ", ".join(f"{k}={v}" for k, v in sorted(totals.items())))
         failed = [code for code in codes.values() if code != 0]
         return failed[0] if failed else 0

@@ -344,3 +344,20 @@ def test_run_starts_again_as_the_same_process_and_command_less_rebuild_state():
     assert "starting again: -c " in out.stdout and out.stdout.count("--rebuild-state") == 0, out.stdout
     assert second.split(" ")[2] == first.split(" ")[2]  # the same pid
     assert second.endswith("['run', '--state-dir', 'x']"), second
+
+
+def test_the_supervisor_adds_up_every_start_of_a_shard(tmp_path, monkeypatch):
+    """A shard of ``--processes N`` that started again in place (a topic gained partitions) prints
+    a ``stopped:`` line per start; the supervisor's sum counted only the last."""
+    from dataflows.shards import Shard, summed_totals
+    from recsys.settings import Settings
+
+    (tmp_path / "twice_started.py").write_text(
+        "print('ready: 1 items')\nprint('stopped: applied=3, events_in=4')\nprint('starting again: ...')\n"
+        "print('ready: 1 items')\nprint('stopped: applied=2, events_in=2')\n")
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    relayed: list[str] = []
+    shard = Shard(0, Settings(), relayed.append, module="twice_started")
+    assert shard.wait(30) == 0
+    assert summed_totals(shard.stopped_lines) == {"applied": 5, "events_in": 6}
+    assert relayed[0] == "[shard 0] ready: 1 items" and len(relayed) == 5
