@@ -871,3 +871,20 @@ def test_warm_up_loads_the_query_model_before_the_first_search(engine):
     loads = engine.items.embedder.stats["model_loads"]
     assert ids(Stream(engine).search("u1", "camping lamp"))[0] == "lamp"
     assert engine.items.embedder.stats["model_loads"] == loads == 1  # one model for items and queries
+
+
+def test_the_long_queries_benchmark_prints_a_row_per_kind_and_length(tmp_path):
+    """``benchmarks/long_queries.py`` (benchmarks/README.md, "Search: long queries") on a tiny
+    catalog: a row of median and largest CPU-ms for each kind of query and each length."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = subprocess.run([sys.executable, "benchmarks/long_queries.py", "--items", "200", "--repeats", "1",
+                          "--embed-cache-dir", str(tmp_path / "emb")], cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    rows = re.findall(r"^(catalog words|nonsense words|one word) +(\d+) +([\d.]+) +([\d.]+)$", out, re.M)
+    assert [(kind, int(n)) for kind, n, _, _ in rows] == [
+        (kind, n) for kind in ("catalog words", "nonsense words", "one word") for n in (20, 100, 300, 1000)]
+    assert all(float(median) <= float(largest) for _, _, median, largest in rows)
