@@ -276,18 +276,23 @@ def test_no_broker_is_said_within_10_s_in_one_line_and_nothing_is_ready(command)
     assert "ready" not in done.stdout
 
 
+def _tmpfs(where: Path, options: str, needed_for: str) -> Iterator[Path]:
+    """A tmpfs mounted at ``where`` with ``options`` while the test runs (mounting needs root:
+    the test is skipped where that is refused)."""
+    where.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"{needed_for} needs a tmpfs, and mounting one was refused: {done.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
 @pytest.fixture
 def read_only_disk(tmp_path) -> Iterator[Path]:
-    """A read-only tmpfs, as a volume mounted read-only (mounting needs root: skipped where refused)."""
-    mount = tmp_path / "ro"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(mount)], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"a read-only volume needs a tmpfs, and mounting one was refused: {done.stderr.strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+    """A read-only tmpfs, as a volume mounted read-only."""
+    yield from _tmpfs(tmp_path / "ro", "size=1m,ro", "a read-only volume")
 
 
 @pytest.mark.parametrize("command, flag", [
@@ -547,16 +552,8 @@ def test_a_second_run_on_the_same_state_directory_is_one_line(local_broker, topi
 
 @pytest.fixture
 def small_disk(tmp_path) -> Iterator[Path]:
-    """A 12 MiB tmpfs for the state (mounting needs root: skipped where that is refused)."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mount)], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"a full disk needs a small tmpfs, and mounting one was refused: {done.stderr.strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+    """A 12 MiB tmpfs for the state."""
+    yield from _tmpfs(tmp_path / "small", "size=12m", "a full disk")
 
 
 def _fill(disk: Path) -> None:
