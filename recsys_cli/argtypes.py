@@ -78,7 +78,7 @@ def unwritable(path: str) -> str | None:
 
     >>> import tempfile; unwritable(tempfile.mkdtemp()) is None
     True
-    >>> unwritable("README.md")
+    >>> with tempfile.NamedTemporaryFile() as a_file: unwritable(a_file.name)
     'it is a file, not a directory'
     """
     where = Path(path)

@@ -132,8 +132,8 @@ def test_a_query_that_matches_nothing_says_no_match(engine):
 
 def test_a_long_query_is_read_up_to_its_first_tokens_so_it_cannot_hold_the_batch(engine):
     """A search event may carry up to 1,000 characters (the decoder's bound). The query model read
-    all of it (up to its 256 word pieces) and typo repair tried every word: 100-300 CPU-ms for one
-    such query against ~20 for a typical one, a cheap way to slow a shard. Now retrieval, the
+    all of it (up to its 256 word pieces) and typo repair tried every word: 85-214 CPU-ms for one
+    such query against ~15-25 for a short one, a cheap way to slow a shard. Now retrieval, the
     query model and the learned associations read its first ``MAX_QUERY_TOKENS`` tokens."""
     from recsys.search.text import MAX_QUERY_TOKENS
 

@@ -66,7 +66,7 @@ def tokenize(text: str | None) -> list[str]:
 #: How much of a query search reads: its first this many tokens (retrieval, typo repair, the
 #: query model and the learned associations). Shoppers type a few words; a search event may carry
 #: up to 1,000 characters, and the query model reads up to 256 word pieces, so one such query
-#: cost 100-300 CPU-ms against ~20 for a typical one (benchmarks/README.md, "Search: long
+#: cost 85-214 CPU-ms against ~15-25 for a short one (benchmarks/README.md, "Search: long
 #: queries"): a cheap way to hold a shard's batch. The answer still names the query as sent.
 MAX_QUERY_TOKENS = 16
 #: What the query model reads of a query without a token (only stop words or punctuation).
