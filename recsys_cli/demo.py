@@ -220,8 +220,8 @@ def _consumed(metrics_port: int, topic: str) -> float:
 def _follow(args, settings, clients, flow_proc, consume_all, done, produced) -> int:
     """Print recommendations as they arrive; once the stream is sent, the flow has read all of
     it and they stop coming, the summary. (It waited for the recommendations to stop coming only:
-    on a fresh install the flow's first batch compiles the engine's kernels, ~15 s, and the
-    summary said 0 recommendations.)"""
+    a flow held up by one slow batch, as its first was on a fresh install while it compiled the
+    engine's loops, made the summary say 0 recommendations.)"""
 
     shown, last_count, stable_since, sent_at = 0, -1, None, None
     recs = []

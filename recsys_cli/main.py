@@ -186,8 +186,8 @@ def _run_one(settings: Settings, clients, signals) -> int:
 
     def partitions_added(line: str) -> None:
         if not grown:
-            print(f"{line}: stopping in order to start again and read {'it' if ' was added' in line else 'them'} "
-                  f"(Bytewax lists a flow's partitions once, at start)", flush=True)
+            print(f"{line}: stopping in order to start again and read what was added (Bytewax lists a flow's "
+                  f"partitions once, at start)", flush=True)
         grown.append(line)
         signals.requested.set()
 
@@ -279,8 +279,8 @@ def _start_again() -> None:
     container or ``--processes N`` sees one process go on), less ``--rebuild-state``: the state
     was rebuilt already, and is current."""
     argv = [arg for arg in sys.orig_argv if arg != "--rebuild-state"]
-    print("starting again: " + " ".join(argv[1:]), flush=True)
-    sys.stdout.flush()
+    print("starting again: " + " ".join(argv[1:]))
+    sys.stdout.flush()  # exec discards what the buffers hold
     sys.stderr.flush()
     os.execv(sys.executable, argv)
 

@@ -779,21 +779,18 @@ def test_compiled_grouping_equals_the_numpy_passes(seed):
 # ---------------------------------------------------------------- compiled ahead of the first batch
 
 _COMPILED_BY_A_RUN = r"""
-import dataclasses, importlib, json, pathlib, sys, tempfile
-from numba.core.registry import CPUDispatcher
+import dataclasses, json, pathlib, sys, tempfile
 from recsys.events import Envelope, encode
 from recsys.settings import Settings
 from recsys.shard.step import Shard
-from recsys.signals.compile_kernels import compile_kernels
+from recsys.signals.compile_kernels import KERNEL_MODULES, compile_kernels, compiled_signatures
 from recsys.synthetic import generate_catalog, generate_events
 
-root = pathlib.Path("recsys")
-modules = sorted(".".join(p.with_suffix("").parts) for p in root.rglob("_*kernels.py"))
+modules = sorted(".".join(p.with_suffix("").parts) for p in pathlib.Path("recsys").rglob("_*kernels.py"))
+assert modules == sorted(KERNEL_MODULES), (modules, KERNEL_MODULES)  # a new module of loops is listed
 
 def compiled():
-    return {f"{m}.{a}": sorted(map(str, f.signatures)) for m in modules
-            for a, f in vars(importlib.import_module(m)).items()
-            if isinstance(f, CPUDispatcher) and f.targetoptions.get("inline") != "always"}
+    return {name: sorted(sigs) for name, sigs in compiled_signatures().items()}
 
 compile_kernels()
 before = compiled()
