@@ -162,7 +162,10 @@ def test_sigkilled_run_with_searches_keeps_learned_search_signals_and_answers_ea
           f"crash run {crash_s:.1f}s, kills at {kills} of {ref_total} distinct recommendations; "
           f"search results {crash_records} records, {len(crash_answers)} distinct, {copies} re-emitted")
 
-    assert len(kills) == len(KILL_AT) and kills[0] < kills[1] < ref_total, kills
+    # both kills were real, the first with output still to come; the last life can emit its last
+    # batches between passing its mark and the kill (2,000 events are few batches), as the main
+    # crash test allows (tests/test_crash_recovery.py)
+    assert len(kills) == len(KILL_AT) and kills[0] < kills[1] <= ref_total and kills[0] < ref_total, kills
     assert consume_all(clients, ref.dead_letters_topic, timeout_s=30) == []
     assert consume_all(clients, crash.dead_letters_topic, timeout_s=30) == []
 
