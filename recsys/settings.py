@@ -19,6 +19,7 @@ recsys.settings.SettingsError: RECSYS_TOP_K: expected int, got 'ten'
 from __future__ import annotations
 
 import argparse
+import difflib
 import types
 from pathlib import Path
 from typing import Any, Literal, Mapping, Union, get_args, get_origin
@@ -155,7 +156,11 @@ class Settings(BaseSettings):
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], **overrides: Any) -> "Settings":
-        """Settings from environment variables, then ``overrides`` (e.g. parsed CLI flags)."""
+        """Settings from environment variables, then ``overrides`` (e.g. parsed CLI flags).
+
+        A ``RECSYS_*`` variable that is no setting is refused, naming the nearest one: a typo
+        (``RECSYS_BOOTSTRAP_SERVER``) would otherwise leave the default in force unnoticed."""
+        _refuse_unknown_variables(environ)
         values = _MappingEnvSource(cls, environ)()
         values.update({name: value for name, value in overrides.items() if value is not None})
         return cls(**values)
@@ -249,6 +254,15 @@ class _MappingEnvSource(EnvSettingsSource):
     def _load_env_vars(self) -> Mapping[str, str | None]:
         # the variables are upper case (RECSYS_TOP_K); pydantic-settings looks them up lower-cased
         return {name.lower(): value for name, value in self._environ.items() if name == name.upper()}
+
+
+def _refuse_unknown_variables(environ: Mapping[str, str]) -> None:
+    known = {Settings.env_var(name) for name in Settings.model_fields}
+    for var in environ:
+        if var.upper().startswith(ENV_PREFIX) and var not in known:
+            near = difflib.get_close_matches(var.upper(), known, n=1, cutoff=0.8)
+            hint = f"did you mean {near[0]}?" if near else "every setting: README, Settings"
+            raise SettingsError(f"{var}: not a setting ({hint})")
 
 
 _EXPECTED = {"int_parsing": "int", "int_type": "int", "int_from_float": "int", "float_parsing": "float",

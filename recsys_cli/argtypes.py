@@ -71,6 +71,16 @@ def fail(command: str, message: str, status: int = 1) -> NoReturn:
     raise SystemExit(status)
 
 
+def env_settings(command: str):  # noqa: ANN201 - Settings, imported here to keep this module light
+    """The settings the environment gives (``RECSYS_*``), or one line naming the bad variable."""
+    from recsys.settings import Settings, SettingsError
+
+    try:
+        return Settings.from_env(os.environ)
+    except SettingsError as exc:
+        fail(command, f"bad setting: {exc}", 2)
+
+
 def unwritable(path: str) -> str | None:
     """Why this process cannot keep files in directory ``path`` (creating it if missing), or
     None when it can: checked by writing (and removing) a small file there, which is what a

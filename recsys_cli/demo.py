@@ -28,7 +28,7 @@ from pathlib import Path
 
 import orjson
 
-from recsys_cli.argtypes import positive_float, positive_int
+from recsys_cli.argtypes import env_settings, positive_float, positive_int
 
 DEMO_DIR = Path("var/demo")
 
@@ -82,9 +82,9 @@ def run_demo(args: argparse.Namespace) -> int:
     )
     from recsys.items.catalog import read_catalog_file
     from recsys.items.embeddings import Embedder
-    from recsys.settings import Settings
     from recsys_cli.local_broker import LocalBroker, _free_port
 
+    base = env_settings("demo")
     for sub in ("state", "recovery"):
         shutil.rmtree(DEMO_DIR / sub, ignore_errors=True)
     DEMO_DIR.mkdir(parents=True, exist_ok=True)
@@ -93,7 +93,6 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"      {n_events} events (purchases, and searches before some), {n_items} catalog items -> {DEMO_DIR}/",
           flush=True)
 
-    base = Settings.from_env(os.environ)
     print("[2/5] embedding the catalog once (cached for later runs) ...", flush=True)
     embedder = Embedder(base.model_name, base.embed_cache_dir, batch_size=base.embed_batch_size)
     texts = [item.text for item in read_catalog_file(str(catalog_path))]

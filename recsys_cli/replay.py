@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from recsys_cli.argtypes import require_writable
+from recsys_cli.argtypes import env_settings, require_writable
 
 BASELINES = ("popularity", "recent_popularity", "recently_seen", "most_bought", "covisitation", "session_knn",
              "itemknn", "transitions", "content", "river_biased_mf", "bpr_mf", "sasrec")
@@ -192,9 +192,8 @@ def _check_args(args: argparse.Namespace) -> None:
             raise SystemExit(f"recsys replay: {flag} {path} is a directory; --format {args.format} reads a file here")
     # the report is written after the whole backtest, the state and embeddings from its start:
     # a directory that cannot be written is refused now, not by a traceback at the end
-    from recsys.settings import Settings
 
-    embed_cache_dir = args.embed_cache_dir or Settings.from_env(os.environ).embed_cache_dir
+    embed_cache_dir = args.embed_cache_dir or env_settings("replay").embed_cache_dir
     require_writable("replay", {"--out": args.out, "--state-dir": args.state_dir, "--embed-cache-dir": embed_cache_dir})
 
 
@@ -208,9 +207,8 @@ def run_replay(args: argparse.Namespace) -> int:
     mapping = dict(m.split("=", 1) for m in args.map) if args.map else None
     if args.task == "search" and args.query_log:  # issue 13: a real search log, not an event log
         from recsys.search import replay as search_replay
-        from recsys.settings import Settings
 
-        search_replay.run_query_log(args, Settings.from_env(os.environ).replace(
+        search_replay.run_query_log(args, env_settings("replay").replace(
             unknown_items="admit", state_ttl_days=36_500.0, state_dir=args.state_dir or "var/replay-state", recovery_dir=None,
             **({"embed_cache_dir": args.embed_cache_dir} if args.embed_cache_dir else {})),
             "recsys replay " + " ".join(shlex.quote(a) for a in sys.argv[2:]))
@@ -236,11 +234,10 @@ def run_replay(args: argparse.Namespace) -> int:
     from recsys.backtest.protocols import PrequentialScorer, leave_last_out, prequential
     from recsys.backtest.report import write_report
     from recsys.backtest.system import FullSystem
-    from recsys.settings import Settings
     from recsys.shard.step import Shard
     from recsys.signals.compile_kernels import compile_kernels_announced
 
-    settings = Settings.from_env(os.environ).replace(
+    settings = env_settings("replay").replace(
         unknown_items="admit",
         # top_k stays the live list length: the system ranks, shows and learns at that depth
         # whatever depth the backtest scores (deeper lists are padded, never re-ranked)

@@ -96,3 +96,31 @@ def test_replace_validates_the_copy_and_leaves_the_original():
 def test_an_unknown_setting_is_refused():
     with pytest.raises(SettingsError, match="^top_n: not a setting$"):
         Settings(top_n=5)
+
+
+@pytest.mark.parametrize("env, message", [
+    # a typo would otherwise leave the default in force: a flow reading 127.0.0.1:9092 while the
+    # operator believes it reads the shop's broker
+    ({"RECSYS_BOOTSTRAP_SERVER": "kafka:9092"},
+     "RECSYS_BOOTSTRAP_SERVER: not a setting (did you mean RECSYS_BOOTSTRAP_SERVERS?)"),
+    ({"RECSYS_TOPK": "5"}, "RECSYS_TOPK: not a setting (did you mean RECSYS_TOP_K?)"),
+    ({"recsys_top_k": "5"}, "recsys_top_k: not a setting (did you mean RECSYS_TOP_K?)"),
+    ({"RECSYS_COLOUR": "blue"}, "RECSYS_COLOUR: not a setting (every setting: README, Settings)"),
+])
+def test_a_variable_that_is_not_a_setting_is_refused_naming_the_nearest(env, message):
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({**env, "RECSYS_TOP_K": "7", "PATH": "/usr/bin", "RECSYSTEM": "x"})
+    assert str(info.value) == message
+
+
+def test_a_wrong_variable_stops_a_command_in_one_line_before_it_connects(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "RECSYS_BOOTSTRAP_SERVER": "kafka:9092"}
+    done = subprocess.run([sys.executable, "-m", "recsys_cli", "run", "--state-dir", str(tmp_path / "s")],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "recsys run: bad setting: RECSYS_BOOTSTRAP_SERVER: not a setting (did you mean RECSYS_BOOTSTRAP_SERVERS?)"]
