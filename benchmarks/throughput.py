@@ -580,6 +580,38 @@ def send_probes(clients: KafkaClients, s: Settings, probes, duration_s: float) -
     return thread
 
 
+def import_items(n: int) -> list[CatalogItem]:
+    """``n`` brand-new items for a bulk catalog import (``--import-items``): texts unique to this
+    run, so each is embedded by the flow's model, as a shop's new range would be."""
+    run = f"r{time.time_ns() % 10**9}"
+    words = _PROBE_WORDS
+    return [CatalogItem(item_id=f"import-{run}-{j}", category="import",
+                        title=f"{words[j % len(words)]} {words[(j // len(words)) % len(words)]} import {j} {run}")
+            for j in range(n)]
+
+
+def send_import(clients: KafkaClients, s: Settings, items: list[CatalogItem], after_s: float,
+                sent: dict) -> threading.Thread:
+    """Publish ``items`` to ``catalog`` all at once, ``after_s`` into the offered stream (from a
+    thread); ``sent["at"]``: the wall-clock time (ms) the first was sent."""
+
+    def run() -> None:
+        time.sleep(after_s)
+        producer = clients.producer()
+        try:
+            sent["at"] = time.time() * 1000
+            for item in items:
+                producer.send(s.catalog_topic, value=encode(item), key=item.item_id.encode())
+            producer.flush()
+            sent["flushed_at"] = time.time() * 1000
+        finally:
+            producer.close()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
 def new_item_times(catalog_envs, rec_envs, probes) -> dict:
     """ms from each new item's catalog append to the first recommendation (anyone's) listing it."""
     appended = {}
@@ -689,6 +721,9 @@ def run_latency(args, items, catalog_path: Path, cache_dir: str, base: Settings,
             log(f"[latency] warm-up: {len(warmup)} events -> {n_warm} recommendations")
             probes = new_item_probes(probe_pairs(args.new_items), args.seed)
             prober = send_probes(clients, s, probes, len(events) / args.rate) if probes else None
+            imported, import_sent = import_items(args.import_items), {}
+            importer = (send_import(clients, s, imported, len(events) / args.rate / 3, import_sent)
+                        if imported else None)
             polls_before = scrape_polls(metrics_port, s.events_topic)
             own = OwnPauses().start()
             try:
@@ -698,6 +733,8 @@ def run_latency(args, items, catalog_path: Path, cache_dir: str, base: Settings,
                 produce_s = time.perf_counter() - t0  # the offered stream only (the probes' thread ends later)
                 if prober is not None:
                     prober.join()
+                if importer is not None:
+                    importer.join()
             finally:
                 own_pauses = own.stop()
             log(f"[latency] this benchmark's own garbage collector while offering: {own_pauses['collections']} "
@@ -748,6 +785,8 @@ def run_latency(args, items, catalog_path: Path, cache_dir: str, base: Settings,
         "search_results": len(search_envs),
         "latency_ms_search": _trigger_pcts(measured, search_envs) if search_envs else {},
         "events_polls": polls,
+        "import_items": len(imported),
+        "import": import_latency(import_sent, trigger_at, trigger_ms) if imported else {},
         "benchmark_gc_while_offering": own_pauses,
         "flow_cpu_s": round(cpu_offered, 2),
         "flow_cpu_share": round(cpu_offered / wall_offered, 3),
@@ -772,6 +811,12 @@ def run_latency(args, items, catalog_path: Path, cache_dir: str, base: Settings,
         sl = result["latency_ms_search"]
         log(f"[latency] search append -> search result emitted_at: p50 {sl['p50']:.0f} ms, p95 {sl['p95']:.0f} ms, "
             f"p99 {sl['p99']:.0f} ms over {len(search_envs)} of {result['searches']} searches")
+    if imported:
+        im = result["import"]
+        log(f"[latency] bulk import of {len(imported)} new catalog items {im['sent_s']:.1f} s into the stream: the events "
+            f"appended in the {IMPORT_WINDOW_S:.0f} s after it: p50 {im['p50']:.0f} ms, p99 {im['p99']:.0f} ms, max "
+            f"{im['max']:.0f} ms over {im['n']} recommendations (before it: p99 {im['p99_before']:.0f} ms, max "
+            f"{im['max_before']:.0f} ms)")
     if new_items.get("recommended"):
         log(f"[latency] new item: catalog append -> first recommendation listing it: p50 {new_items['p50']:.0f} ms, "
             f"max {new_items['max']:.0f} ms ({new_items['recommended']} of {new_items['new_items']} new items recommended, "
@@ -785,6 +830,28 @@ def run_latency(args, items, catalog_path: Path, cache_dir: str, base: Settings,
         f"longest since the flow started {polls['longest_since_start_ms']} ms")
     log(f"[latency] peak RSS {result['peak_rss_mib']} MiB; load average {result['loadavg_after']}")
     return result
+
+
+#: The window after a bulk import's first record whose events' latencies are reported apart.
+IMPORT_WINDOW_S = 10.0
+
+
+def import_latency(sent: dict, trigger_at: np.ndarray, trigger_ms: np.ndarray) -> dict:
+    """Latencies of the recommendations triggered by events appended within
+    :data:`IMPORT_WINDOW_S` after the import's first record, and of those before it."""
+    at = sent.get("at")
+    if at is None:
+        return {}
+    during = (trigger_at >= at) & (trigger_at < at + IMPORT_WINDOW_S * 1000)
+    before = trigger_at < at
+    out = {"sent_s": round((at - trigger_at.min()) / 1000, 1) if len(trigger_at) else 0.0,
+           "send_ms": round(sent.get("flushed_at", at) - at, 1), "n": int(during.sum())}
+    for name, mask in (("", during), ("_before", before)):
+        lat = trigger_ms[mask]
+        out.update({f"p50{name}": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
+                    f"p99{name}": float(np.percentile(lat, 99)) if len(lat) else float("nan"),
+                    f"max{name}": float(lat.max()) if len(lat) else float("nan")})
+    return out
 
 
 class OwnPauses:
@@ -986,6 +1053,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="latency run: share of the offered events that are searches (issue 13's mixed workload: 0.2)")
     p.add_argument("--new-items", type=int, default=20,
                    help="latency run: new catalog items published during the stream, timed to their first recommendation")
+    p.add_argument("--import-items", type=int, default=0,
+                   help="latency run: brand-new catalog items published all at once a third into the stream "
+                        "(a shop's bulk import); the latency of the events offered meanwhile is reported apart")
     p.add_argument("--catalog-items", type=int, default=10_000)
     p.add_argument("--users", type=int, default=20_000)
     p.add_argument("--partitions", type=int, default=2, help="partitions of the events and recommendations topics")
