@@ -298,7 +298,15 @@ def live_flow(
     # one consumer for every partition of every topic this process reads: one fetch request for
     # all, one network thread (each consumer's cost ~5% of a core idle; README, Performance)
     consumers = SharedConsumers()
-    catalog = KafkaSource.from_settings(clients, settings.catalog_topic, settings, consumers=consumers)
+    # ... but the catalog's: it hands a batch at most catalog_poll_max_records records, so a bulk
+    # import of new text (embedded in the batch, ~3 ms an item) holds the events behind it for a
+    # slice's embedding, not a whole poll's (1,000 records: ~3 s). One consumer cannot hand one
+    # partition less than another: a poll that filled the catalog's buffer would hold every
+    # partition's next poll until the slices drained it. Measured (README, "Catalog import into
+    # a running flow"): an idle flow +1-2% of a core; with a 100 ms long poll for it instead of
+    # the events' 20, new items took twice as long to be recommended (p50 56 -> 134 ms)
+    catalog = KafkaSource.from_settings(clients, settings.catalog_topic, settings, consumers=consumers,
+                                        poll_max_records=settings.catalog_poll_max_records)
     events = KafkaSource.from_settings(clients, settings.events_topic, settings, sharded=True, consumers=consumers)
     # erasure requests: every shard reads the whole control topic; a missing topic only means
     # none was ever sent, so it is created (one partition keeps requests in order)

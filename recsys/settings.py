@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     # --- consumption ---
     poll_max_records: int = Field(1000, gt=0)  # records per poll per partition: the batch the flow coalesces
     fetch_max_wait_ms: int = 20  # broker-side wait for data; bounds idle latency
+    # catalog records one batch of the running flow takes at most: a bulk import of new text is
+    # embedded a slice at a time (~3 ms an item here), the events behind it served between slices
+    catalog_poll_max_records: int = Field(64, gt=0)
     max_message_bytes: int = Field(64 * 1024, gt=0)  # larger messages are dead-lettered as oversized
     stop_at_end: bool = False  # stop at the high watermark seen at start (demo, replay, bench)
     # --- scale-out: N independent processes, each owning the events partitions p % N == shard ---
