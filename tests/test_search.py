@@ -130,6 +130,53 @@ def test_a_query_that_matches_nothing_says_no_match(engine):
     assert validate("search_result", answer) == []
 
 
+def test_typo_repair_by_length_finds_what_a_scan_of_the_whole_vocabulary_finds():
+    """The vocabulary is kept sorted by length, and a repair scans only the lengths that can
+    reach the similarity bar (a scan of all 200k words of a large catalog cost ~57 ms a word).
+    Same answers as one scan of the whole sorted vocabulary, ties included (few letters: many
+    words are equally close), for a vocabulary built in steps as catalog upserts add words."""
+    import random
+
+    from rapidfuzz import process
+    from rapidfuzz.distance import DamerauLevenshtein
+
+    from recsys.search.text import TYPO_MIN_SCORE
+
+    rng = random.Random(7)
+    letters = "abcdest"
+    words = sorted({"".join(rng.choice(letters) for _ in range(rng.randint(2, 15))) for _ in range(4000)})
+    vocab = Vocabulary(words[::2])
+    vocab.add(words[1::2][:10])  # a few new words: inserted
+    vocab.add(words[1::2][10:])  # many: sorted in
+    tokens = ["".join(rng.choice(letters) for _ in range(rng.randint(4, 17))) for _ in range(1500)]
+    repaired = 0
+    for token in tokens:
+        if token in vocab:
+            continue
+        best = process.extractOne(token, words, scorer=DamerauLevenshtein.normalized_similarity,
+                                  score_cutoff=TYPO_MIN_SCORE)
+        assert vocab._closest(token) == (best[0] if best else token), token
+        repaired += best is not None
+    assert 100 < repaired < 1400, repaired  # both outcomes well represented
+
+
+def test_typo_repair_scans_the_vocabulary_for_a_few_words_of_a_query_only(engine):
+    """Each word typo repair tries is a scan of the catalog's whole vocabulary (~0.7 ms at
+    10,000 words). A query of 16 words none of which is in the catalog paid 16 scans (~12 of the
+    ~43 CPU-ms it cost, ``benchmarks/long_queries.py``). Now the first ``MAX_TYPO_REPAIRS`` such
+    words are tried and the rest read as typed; a real typo among the first is still repaired."""
+    from recsys.search.text import MAX_QUERY_TOKENS, MAX_TYPO_REPAIRS
+
+    scanned: list[str] = []
+    vocabulary = engine.search.lexical.vocabulary
+    scan = vocabulary._repair_one
+    vocabulary._repair_one = lambda token: (scanned.append(token), scan(token))[1]
+    stream = Stream(engine)
+    answer = stream.search("u1", " ".join(["tnet"] + [f"qzx{n}vbk" for n in range(MAX_QUERY_TOKENS - 1)]))
+    assert scanned == ["tnet"] + [f"qzx{n}vbk" for n in range(MAX_TYPO_REPAIRS - 1)]
+    assert ids(answer)[0] in {"tent-blue", "tent-green"}  # "tnet" read as "tent"
+
+
 def test_a_long_query_is_read_up_to_its_first_tokens_so_it_cannot_hold_the_batch(engine):
     """A search event may carry up to 1,000 characters (the decoder's bound). The query model read
     all of it (up to its 256 word pieces) and typo repair tried every word: 85-214 CPU-ms for one
