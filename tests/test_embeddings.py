@@ -152,3 +152,16 @@ def test_a_live_flow_embedding_new_items_one_by_one_does_not_fill_the_cache_dire
     own.close()
     logs = [p.name for p in Path(own.cache_path).iterdir() if p.name.startswith("LOG.old")]
     assert len(logs) <= 3, f"{len(logs)} old RocksDB info logs kept in the embedding cache"
+
+
+def test_loading_the_model_prints_no_progress_bar_of_its_own(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """`recsys run` says "loading the model and state ..." itself; transformers drew a
+    "Loading weights: 0%| ... 100%|" bar on stderr under it at every start (and in every log file
+    and replay), and left its bar setting as the process had it."""
+    from transformers.utils import logging as hf_logging
+
+    capfd.readouterr()
+    Embedder("all-MiniLM-L6-v2", tmp_path / "cache")._load()
+    out, err = capfd.readouterr()
+    assert "Loading weights" not in out + err and "it/s" not in err, err
+    assert hf_logging.is_progress_bar_enabled()  # the process's own choice is left as it was

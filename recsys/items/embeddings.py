@@ -356,8 +356,13 @@ class Embedder:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         from sentence_transformers import SentenceTransformer
+        from transformers.utils import logging as hf_logging
 
         # threads: set per bulk encode (_encode_missing), never left changed for the process
+        # no "Loading weights" bar: the commands say what they load themselves, and a bar drawn
+        # at every start fills operators' logs
+        bar = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
         try:
             model = SentenceTransformer(str(self.model_dir), device=self.device)
         except Exception as exc:  # noqa: BLE001 - translated at the edge, cause kept
@@ -365,6 +370,9 @@ class Embedder:
                 f"{_SETTING}={self.model_name!r}: cannot load a sentence-transformers model from "
                 f"{self.model_dir} offline ({type(exc).__name__}: {exc})"
             ) from exc
+        finally:
+            if bar:
+                hf_logging.enable_progress_bar()
         model.eval()
         actual = self._model_dimension(model)
         if self._dim is not None and actual != self._dim:
