@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import re
 import types
 from pathlib import Path
 from typing import Any, Literal, Mapping, Union, get_args, get_origin
@@ -162,7 +163,9 @@ class Settings(BaseSettings):
         """Settings from environment variables, then ``overrides`` (e.g. parsed CLI flags).
 
         A ``RECSYS_*`` variable that is no setting is refused, naming the nearest one: a typo
-        (``RECSYS_BOOTSTRAP_SERVER``) would otherwise leave the default in force unnoticed."""
+        (``RECSYS_BOOTSTRAP_SERVER``) would otherwise leave the default in force unnoticed. What
+        Kubernetes or Docker links set for a service named ``recsys`` is left alone
+        (:data:`PLATFORM_VARIABLES`)."""
         _refuse_unknown_variables(environ)
         values = _MappingEnvSource(cls, environ)()
         values.update({name: value for name, value in overrides.items() if value is not None})
@@ -259,10 +262,18 @@ class _MappingEnvSource(EnvSettingsSource):
         return {name.lower(): value for name, value in self._environ.items() if name == name.upper()}
 
 
+#: What a platform sets in a process's environment for a service or a linked container named
+#: ``recsys``, never a setting of ours: Kubernetes, in every pod of the namespace
+#: (``RECSYS_SERVICE_HOST``, ``RECSYS_SERVICE_PORT[_<port name>]``, ``RECSYS_PORT[_9464_TCP[_ADDR]]``),
+#: and Docker's legacy links (``RECSYS_NAME``, ``RECSYS_ENV_<var>``, the same ``RECSYS_PORT...``).
+PLATFORM_VARIABLES = re.compile(
+    r"RECSYS_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_\d+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)?|NAME|ENV_[A-Z0-9_]+)")
+
+
 def _refuse_unknown_variables(environ: Mapping[str, str]) -> None:
     known = {Settings.env_var(name) for name in Settings.model_fields}
     for var in environ:
-        if var.upper().startswith(ENV_PREFIX) and var not in known:
+        if var.upper().startswith(ENV_PREFIX) and var not in known and not PLATFORM_VARIABLES.fullmatch(var):
             near = difflib.get_close_matches(var.upper(), known, n=1, cutoff=0.8)
             hint = f"did you mean {near[0]}?" if near else "every setting: README, Settings"
             raise SettingsError(f"{var}: not a setting ({hint})")

@@ -113,6 +113,20 @@ def test_a_variable_that_is_not_a_setting_is_refused_naming_the_nearest(env, mes
     assert str(info.value) == message
 
 
+def test_what_kubernetes_or_docker_links_set_for_a_service_named_recsys_is_left_alone():
+    """A Service named ``recsys`` gives every pod of its namespace these variables (Docker's
+    legacy links give a linked container named so the same kind): not settings, and not ours
+    to refuse, even where one is close to a setting's name."""
+    platform = {"RECSYS_SERVICE_HOST": "10.0.0.7", "RECSYS_SERVICE_PORT": "9464", "RECSYS_SERVICE_PORT_METRICS": "9464",
+                "RECSYS_PORT": "tcp://10.0.0.7:9464", "RECSYS_PORT_9464_TCP": "tcp://10.0.0.7:9464",
+                "RECSYS_PORT_9464_TCP_PROTO": "tcp", "RECSYS_PORT_9464_TCP_PORT": "9464",
+                "RECSYS_PORT_9464_TCP_ADDR": "10.0.0.7", "RECSYS_NAME": "/web/recsys", "RECSYS_ENV_LANG": "C.UTF-8"}
+    s = Settings.from_env({**platform, "RECSYS_METRICS_PORT": "9464"})
+    assert (s.metrics_port, s.metrics_host) == (9464, "127.0.0.1")
+    with pytest.raises(SettingsError, match="^RECSYS_SERVICE_HOSTS: not a setting"):
+        Settings.from_env({"RECSYS_SERVICE_HOSTS": "x"})  # only those exact shapes
+
+
 def test_a_wrong_variable_stops_a_command_in_one_line_before_it_connects(tmp_path):
     import os
     import subprocess
