@@ -756,17 +756,16 @@ class KafkaSource(FixedPartitionedSource[Envelope, int]):
 
     @classmethod
     def from_settings(cls, clients: KafkaClientFactory, topic: str, settings: Settings, *, sharded: bool = False,
-                      consumers: SharedConsumers | None = None, poll_max_records: int | None = None,
-                      fetch_max_wait_ms: int | None = None) -> "KafkaSource":
+                      consumers: SharedConsumers | None = None, poll_max_records: int | None = None) -> "KafkaSource":
         """``sharded``: this process reads only its shard's partitions (the events topic);
         otherwise every partition (the catalog: every shard needs every item). ``consumers``:
-        shared with the flow's other sources (one consumer for all that read with the same
-        ``poll_max_records`` and ``fetch_max_wait_ms``, by default the settings')."""
+        shared with the flow's other sources (one consumer for all that read as many records a
+        batch: ``poll_max_records``, by default the settings')."""
         return cls(
             clients,
             topic,
             poll_max_records=poll_max_records or settings.poll_max_records,
-            fetch_max_wait_ms=settings.fetch_max_wait_ms if fetch_max_wait_ms is None else fetch_max_wait_ms,
+            fetch_max_wait_ms=settings.fetch_max_wait_ms,
             stop_at_end=settings.stop_at_end,
             shard=settings.shard if sharded else 0,
             shards=settings.shards if sharded else 1,

@@ -303,8 +303,8 @@ def live_flow(
     # slice's embedding, not a whole poll's (1,000 records: ~3 s). One consumer cannot hand one
     # partition less than another: a poll that filled the catalog's buffer would hold every
     # partition's next poll until the slices drained it. Measured (README, "Catalog import into
-    # a running flow"): an idle flow +1-2% of a core; with a 100 ms long poll for it instead of
-    # the events' 20, new items took twice as long to be recommended (p50 56 -> 134 ms)
+    # a running flow"): an idle flow +4-5% of a core (its fetch round trips); a 100 ms long poll
+    # for it cost +1.3% but new items took twice as long to be recommended (p50 56 -> 134 ms)
     catalog = KafkaSource.from_settings(clients, settings.catalog_topic, settings, consumers=consumers,
                                         poll_max_records=settings.catalog_poll_max_records)
     events = KafkaSource.from_settings(clients, settings.events_topic, settings, sharded=True, consumers=consumers)

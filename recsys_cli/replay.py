@@ -192,7 +192,6 @@ def _check_args(args: argparse.Namespace) -> None:
             raise SystemExit(f"recsys replay: {flag} {path} is a directory; --format {args.format} reads a file here")
     # the report is written after the whole backtest, the state and embeddings from its start:
     # a directory that cannot be written is refused now, not by a traceback at the end
-
     embed_cache_dir = args.embed_cache_dir or env_settings("replay").embed_cache_dir
     require_writable("replay", {"--out": args.out, "--state-dir": args.state_dir, "--embed-cache-dir": embed_cache_dir})
 
