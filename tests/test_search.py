@@ -164,6 +164,7 @@ def test_typo_repair_by_length_finds_what_a_scan_of_the_whole_vocabulary_finds()
     assert 100 < repaired < 1400, repaired  # both outcomes well represented
     for length, bucket in vocab._by_length.items():  # each length's words and letter counts line up
         assert bucket == sorted(bucket) and (vocab._counts[length] == _letter_counts(bucket)).all(), length
+    assert Vocabulary(["café"]).repair(["cafe"]) == ["café"]  # a character is one edit, whatever its bytes
 
 
 def test_typo_repair_scans_the_vocabulary_for_a_few_words_of_a_query_only(engine):

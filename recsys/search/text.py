@@ -108,7 +108,7 @@ def _letter_counts(words: list[str]) -> np.ndarray:
     word (capped at 255, which can only shrink a difference between two words)."""
     if not words:
         return np.zeros((0, _SLOTS), dtype=np.uint8)
-    data = [w.encode("utf-8") for w in words]
+    data = [w.encode("ascii", "replace") for w in words]  # one byte a character: any other is "?"
     lengths = np.fromiter(map(len, data), dtype=np.int64, count=len(data))
     codes = _SLOT[np.frombuffer(b"".join(data), dtype=np.uint8)]
     rows = np.repeat(np.arange(len(data)), lengths)
