@@ -71,12 +71,13 @@ def fail(command: str, message: str, status: int = 1) -> NoReturn:
     raise SystemExit(status)
 
 
-def env_settings(command: str):  # noqa: ANN201 - Settings, imported here to keep this module light
-    """The settings the environment gives (``RECSYS_*``), or one line naming the bad variable."""
-    from recsys.settings import Settings, SettingsError
+def settings_or_fail(command: str, args: argparse.Namespace | None = None):  # noqa: ANN201 - Settings, imported here to keep this module light
+    """The settings the environment (``RECSYS_*``) and, when given, the parsed setting flags
+    give, or one line naming the bad variable or flag."""
+    from recsys.settings import Settings, SettingsError, settings_from_args
 
     try:
-        return Settings.from_env(os.environ)
+        return Settings.from_env(os.environ) if args is None else settings_from_args(args, os.environ)
     except SettingsError as exc:
         fail(command, f"bad setting: {exc}", 2)
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import orjson
 
-from recsys_cli.argtypes import env_settings, positive_float, positive_int
+from recsys_cli.argtypes import settings_or_fail, positive_float, positive_int
 
 DEMO_DIR = Path("var/demo")
 
@@ -84,7 +84,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from recsys.items.embeddings import Embedder
     from recsys_cli.local_broker import LocalBroker, _free_port
 
-    base = env_settings("demo")
+    base = settings_or_fail("demo")
     for sub in ("state", "recovery"):
         shutil.rmtree(DEMO_DIR / sub, ignore_errors=True)
     DEMO_DIR.mkdir(parents=True, exist_ok=True)

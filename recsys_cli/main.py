@@ -15,7 +15,7 @@ import time
 
 import orjson
 
-from recsys.settings import Settings, SettingsError, add_cli_flags, settings_from_args
+from recsys.settings import Settings, add_cli_flags
 from recsys_cli.argtypes import (
     Parser,
     fail,
@@ -23,6 +23,7 @@ from recsys_cli.argtypes import (
     positive_float,
     positive_int,
     require_writable,
+    settings_or_fail,
     tcp_port,
 )
 
@@ -32,13 +33,6 @@ BROKER_PROBE_TIMEOUT_S = 5.0
 #: The settings flags of commands that only connect and name topics (produce, tail).
 CONNECTION_SETTINGS = ("bootstrap_servers", "security_protocol", "sasl_mechanism", "sasl_username",
                        "sasl_password", "ssl_cafile")
-
-
-def _settings(args: argparse.Namespace, command: str) -> Settings:
-    try:
-        return settings_from_args(args, os.environ)
-    except SettingsError as exc:
-        fail(command, f"bad setting: {exc}", 2)
 
 
 def _require_dirs(settings: Settings, command: str, *names: str) -> None:
@@ -87,7 +81,7 @@ def _require_broker(settings: Settings, command: str, topics: tuple[str, ...] = 
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the live dataflow in this process until stopped (or the input ends with --stop-at-end)."""
-    settings = _settings(args, "run")
+    settings = settings_or_fail("run", args)
     if args.processes > 1 and settings.shards != 1:
         fail("run", "--processes starts every shard itself: do not combine it with --shards/--shard", 2)
     if settings.stop_at_end and settings.share_signals:
@@ -344,7 +338,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 def cmd_produce(args: argparse.Namespace) -> int:
     """Send a JSONL file (events or catalog items) to a topic, keyed by user_id / item_id."""
-    settings = _settings(args, "produce")
+    settings = settings_or_fail("produce", args)
     if not os.path.exists(args.file):
         fail("produce", f"no such file: {args.file!r}; give the path of a JSONL file (one record per line)")
     if not os.path.isfile(args.file):
@@ -396,7 +390,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
 
 def cmd_tail(args: argparse.Namespace) -> int:
     """Print the recommendations topic readably (any other topic raw), from its beginning."""
-    settings = _settings(args, "tail")
+    settings = settings_or_fail("tail", args)
     topic = args.topic or settings.recommendations_topic
     _require_broker(settings, "tail", (topic,))
 
@@ -459,7 +453,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
     which every running shard applies; or, with --offline, erase them from a stopped flow's state."""
     from recsys.control import ControlMessage, encode_control, user_hash
 
-    settings = _settings(args, "forget")
+    settings = settings_or_fail("forget", args)
     if args.offline:
         from recsys.shard.offline import forget_offline
         from recsys.store.kv import StoreOpenError
@@ -492,7 +486,7 @@ def cmd_trainer(args: argparse.Namespace) -> int:
     """Run the model trainer (issue 11) until stopped: it learns the shared head and re-ranker from the
     exchange log once and publishes versioned snapshots that shards run with --model-trainer load
     (one per deployment, with the shards' settings; `run --processes N --model-trainer` starts it itself)."""
-    settings = _settings(args, "trainer")
+    settings = settings_or_fail("trainer", args)
     _require_dirs(settings, "trainer", "state_dir", "embed_cache_dir", "exchange_snapshot_dir")
     _require_broker(settings, "trainer", (settings.catalog_topic,))
     from dataflows.metrics import MetricsPortError

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from recsys_cli.argtypes import env_settings, require_writable
+from recsys_cli.argtypes import settings_or_fail, require_writable
 
 BASELINES = ("popularity", "recent_popularity", "recently_seen", "most_bought", "covisitation", "session_knn",
              "itemknn", "transitions", "content", "river_biased_mf", "bpr_mf", "sasrec")
@@ -192,7 +192,7 @@ def _check_args(args: argparse.Namespace) -> None:
             raise SystemExit(f"recsys replay: {flag} {path} is a directory; --format {args.format} reads a file here")
     # the report is written after the whole backtest, the state and embeddings from its start:
     # a directory that cannot be written is refused now, not by a traceback at the end
-    embed_cache_dir = args.embed_cache_dir or env_settings("replay").embed_cache_dir
+    embed_cache_dir = args.embed_cache_dir or settings_or_fail("replay").embed_cache_dir
     require_writable("replay", {"--out": args.out, "--state-dir": args.state_dir, "--embed-cache-dir": embed_cache_dir})
 
 
@@ -207,7 +207,7 @@ def run_replay(args: argparse.Namespace) -> int:
     if args.task == "search" and args.query_log:  # issue 13: a real search log, not an event log
         from recsys.search import replay as search_replay
 
-        search_replay.run_query_log(args, env_settings("replay").replace(
+        search_replay.run_query_log(args, settings_or_fail("replay").replace(
             unknown_items="admit", state_ttl_days=36_500.0, state_dir=args.state_dir or "var/replay-state", recovery_dir=None,
             **({"embed_cache_dir": args.embed_cache_dir} if args.embed_cache_dir else {})),
             "recsys replay " + " ".join(shlex.quote(a) for a in sys.argv[2:]))
@@ -236,7 +236,7 @@ def run_replay(args: argparse.Namespace) -> int:
     from recsys.shard.step import Shard
     from recsys.signals.compile_kernels import compile_kernels_announced
 
-    settings = env_settings("replay").replace(
+    settings = settings_or_fail("replay").replace(
         unknown_items="admit",
         # top_k stays the live list length: the system ranks, shows and learns at that depth
         # whatever depth the backtest scores (deeper lists are padded, never re-ranked)

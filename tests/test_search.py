@@ -936,7 +936,7 @@ def test_the_long_queries_benchmark_prints_a_row_per_kind_and_length(tmp_path):
     from pathlib import Path
 
     out = subprocess.run([sys.executable, "benchmarks/long_queries.py", "--items", "200", "--repeats", "1",
-                          "--embed-cache-dir", str(tmp_path / "emb")], cwd=Path(__file__).resolve().parents[1],
+                          "--vocabulary", "2000", "--embed-cache-dir", str(tmp_path / "emb")], cwd=Path(__file__).resolve().parents[1],
                          capture_output=True, text=True, timeout=300, check=True).stdout
     rows = re.findall(r"^(catalog words|nonsense words|one word) +(\d+) +([\d.]+) +([\d.]+)$", out, re.M)
     assert [(kind, int(n)) for kind, n, _, _ in rows] == [
