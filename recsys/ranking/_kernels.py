@@ -80,9 +80,10 @@ def closest_rows(table, cand_rows, hist_rows, pick_lo, pick_hi, hist_lo, hist_hi
 
 
 @njit(cache=True, nogil=True)
-def group_entries(order, src, user, row, val, anchor, seq, attach, key, columns, scaled, n_features,
+def group_entries(order, src, user, row, val, anchor, seq, attach, key, excluded, columns, scaled, n_features,
                   covisit, nxt):  # pragma: no cover - compiled
-    """The entries taken in ``order`` (sorted by key: each distinct (user, item) one run), one
+    """The entries taken in ``order`` (sorted by key: each distinct (user, item) one run), less
+    those whose key is in ``excluded`` (sorted ascending; read alongside, as a merge), one
     group per run: ``(key, user, row, features, first seq, co-visitation anchor, transition
     anchor, real, present)``.
 
@@ -93,7 +94,18 @@ def group_entries(order, src, user, row, val, anchor, seq, attach, key, columns,
       ``seq`` on ties; transition anchor: that of its first transition entry (``-1``: none);
     - real: whether a non-attach-only entry names the group; present: which sources had entries.
     """
-    m = len(order)
+    kept = np.empty(len(order), dtype=np.int64)
+    m = 0
+    x = 0
+    for i in range(len(order)):
+        k = key[order[i]]
+        while x < len(excluded) and excluded[x] < k:
+            x += 1
+        if x < len(excluded) and excluded[x] == k:
+            continue
+        kept[m] = order[i]
+        m += 1
+    order = kept[:m]
     n = 0
     for i in range(m):
         if i == 0 or key[order[i]] != key[order[i - 1]]:

@@ -105,21 +105,26 @@ def top_sessions(q, sids, sims, k):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True)
-def session_votes(q, sids, sims, held, lengths, first_col, n_codes):  # pragma: no cover - compiled
-    """Every neighbour (``q`` grouped, in neighbour order) votes its similarity for each item
-    code of its ``held`` row from column ``first_col`` up to its length (``lengths``: a row
-    holds its codes first, then ``-1`` padding, so the padding is never read). Returns
-    ``(query, code, votes)``: the sum per (query, item), grouped by query in order, codes in
-    the order first voted."""
+def top_session_votes(q, sids, sims, held, lengths, first_col, n_codes, n, names, offset, length):  # pragma: no cover
+    """:func:`session_votes` then :func:`best_per_query`, in one pass: each query's votes are
+    summed in a scratch array indexed by item code, and only its ``n`` best leave it. Returns
+    ``(query, code, votes)``: per query (grouped, in order), its ``n`` best items, largest
+    votes first, ties by item id. The same sums in the same order, the same selection and the
+    same tie order as the two loops (``tests/test_speed_equivalence.py``), without writing
+    every (query, item) sum out and reading it back: late in the engine benchmark a 1,000-user
+    batch has ~2.5M of them, ~60 MB of fresh arrays per batch."""
     scratch = np.zeros(n_codes)
     mark = np.zeros(n_codes, dtype=np.bool_)
     touched = np.empty(n_codes, dtype=np.int64)
-    total = 0
-    for i in range(len(sids)):
-        total += max(int(lengths[sids[i]]) - first_col[i], 0)
-    out_q = np.empty(total, dtype=np.int64)
-    out_c = np.empty(total, dtype=np.int64)
-    out_v = np.empty(total)
+    neg = np.empty(n_codes)
+    cand = np.empty(n_codes, dtype=np.int64)
+    groups = 0
+    for i in range(len(q)):
+        if i == 0 or q[i] != q[i - 1]:
+            groups += 1
+    out_q = np.empty(groups * max(n, 0), dtype=np.int64)
+    out_c = np.empty(groups * max(n, 0), dtype=np.int64)
+    out_v = np.empty(groups * max(n, 0))
     n_out = 0
     lo = 0
     while lo < len(q):
@@ -131,42 +136,35 @@ def session_votes(q, sids, sims, held, lengths, first_col, n_codes):  # pragma: 
             for c in range(first_col[hi], int(lengths[sids[hi]])):
                 n_touched = _accumulate(scratch, mark, touched, n_touched, row[c], w)
             hi += 1
-        n_out = _emit(q[lo], scratch, mark, touched, n_touched, out_q, out_c, out_v, n_out)
-        lo = hi
-    return out_q[:n_out], out_c[:n_out], out_v[:n_out]
-
-
-@njit(cache=True, nogil=True)
-def best_per_query(q, codes, values, n, names, offset, length):  # pragma: no cover - compiled
-    """Indices of each query's ``n`` best entries, largest ``values`` first, ties by item id
-    (the codes' ids compared on their UTF-8 bytes, as Python compares ``str``), for ``q``
-    grouped: the order of ``np.lexsort((ids, -values, q))`` cut at ``n`` per query. Only a
-    query's ``n`` largest values (and everything tied with its ``n``-th) are sorted (an
-    insertion sort: a few dozen each)."""
-    out = np.empty(len(q), dtype=np.int64)
-    n_out = 0
-    lo = 0
-    while lo < len(q):
-        hi = lo
-        while hi < len(q) and q[hi] == q[lo]:
-            hi += 1
-        cand = np.arange(lo, hi)
-        if hi - lo > n:
-            neg = -values[lo:hi]
-            nth = np.partition(neg, n - 1)[n - 1]  # a partitioned copy
-            cand = cand[neg <= nth]
-        for i in range(1, len(cand)):  # by value, then by id
+        # the n best of the touched codes (best_per_query's selection, on the codes directly)
+        n_cand = n_touched
+        for t in range(n_touched):
+            cand[t] = touched[t]
+        if n_touched > n:
+            for t in range(n_touched):
+                neg[t] = -scratch[touched[t]]
+            nth = np.partition(neg[:n_touched], n - 1)[n - 1]
+            n_cand = 0
+            for t in range(n_touched):
+                if -scratch[touched[t]] <= nth:
+                    cand[n_cand] = touched[t]
+                    n_cand += 1
+        for i in range(1, n_cand):  # by votes, then by id
             c = cand[i]
             j = i - 1
             while j >= 0:
                 o = cand[j]
-                if values[o] > values[c] or (values[o] == values[c] and _name_less(names, offset, length, codes[o], codes[c])):
+                if scratch[o] > scratch[c] or (scratch[o] == scratch[c] and _name_less(names, offset, length, o, c)):
                     break
                 cand[j + 1] = o
                 j -= 1
             cand[j + 1] = c
-        take = min(n, len(cand))
-        out[n_out:n_out + take] = cand[:take]
-        n_out += take
+        for t in range(min(n, n_cand)):
+            out_q[n_out] = q[lo]
+            out_c[n_out] = cand[t]
+            out_v[n_out] = scratch[cand[t]]
+            n_out += 1
+        for t in range(n_touched):
+            mark[touched[t]] = False
         lo = hi
-    return out[:n_out]
+    return out_q[:n_out], out_c[:n_out], out_v[:n_out]

@@ -75,7 +75,7 @@ def compile_kernels() -> int:
     closest_rows(vectors, one, one, one, one + 1, one, one + 1)
     vectors.flags.writeable = False  # the index's vector table is a read-only view
     closest_rows(vectors, one, one, one, one + 1, one, one + 1)
-    group_entries(one, one, one, one, np.ones(1, np.float32), one, one, np.zeros(1, np.bool_), one,
+    group_entries(one, one, one, one, np.ones(1, np.float32), one, one, np.zeros(1, np.bool_), one, one,
                   one, np.ones(1, np.bool_), 1, 0, 0)
     popularity = Popularity(half_life_h=1.0)
     popularity.update("a", 1.0, ts=0)

@@ -37,7 +37,7 @@ import numpy as np
 import orjson
 
 from recsys.signals._covisit_kernels import IdBytes
-from recsys.signals._session_kernels import best_per_query, session_dots, session_votes, top_sessions
+from recsys.signals._session_kernels import session_dots, top_session_votes, top_sessions
 from recsys.signals.coderows import CodeRows, RowIndex
 
 if TYPE_CHECKING:
@@ -298,10 +298,10 @@ class SessionNeighbours:
         first_col = np.zeros(len(sids), dtype=np.int64)
         if self.vote_items:
             first_col = np.maximum(self._length[sids] - self.vote_items, 0).astype(np.int64)
-        vq, codes, votes = session_votes(q, sids, sims, self._held, self._length, first_col, len(self._names))
-        # each query's n best, best first, ties by item id
-        best = best_per_query(vq, codes, votes, n, self._ids.buf, self._ids.offset, self._ids.length)
-        return np.asarray(owners, dtype=np.int64)[vq[best]], codes[best], votes[best]
+        # and each query's n best, best first, ties by item id
+        vq, codes, votes = top_session_votes(q, sids, sims, self._held, self._length, first_col, len(self._names), n,
+                                             self._ids.buf, self._ids.offset, self._ids.length)
+        return np.asarray(owners, dtype=np.int64)[vq], codes, votes
 
     def _recent_postings(self, item_id: str, default=()):
         """The ``postings_scanned`` most recent postings of ``item_id``, in posting order."""
