@@ -828,6 +828,10 @@ def run_latency(args, items, catalog_path: Path, cache_dir: str, base: Settings,
     log(f"[latency] the events partitions were polled {polls['polls']} times while the stream was offered: "
         f"{polls['over_100ms']} more than 100 ms after the previous poll, {polls['over_500ms']} more than 500 ms; "
         f"longest since the flow started {polls['longest_since_start_ms']} ms")
+    if polls["batches"]:
+        per_phase = ", ".join(f"{name} {ms:.2f}" for name, ms in sorted(polls["phase_ms_per_batch"].items(), key=lambda kv: -kv[1]))
+        log(f"[latency] the engine ran {polls['batches']} batches meanwhile ({n / polls['batches']:.1f} offered events "
+            f"a batch), {polls['batch_seconds'] / polls['batches'] * 1000:.2f} ms a batch; by phase (ms a batch): {per_phase}")
     log(f"[latency] peak RSS {result['peak_rss_mib']} MiB; load average {result['loadavg_after']}")
     return result
 
@@ -907,6 +911,8 @@ def scrape_polls(port: int, topic: str, shards: int = 8) -> dict:
 
     buckets: dict[float, float] = {}
     longest = 0.0
+    batches = {"count": 0.0, "seconds": 0.0}
+    phases: dict[str, float] = {}
     for shard in range(shards):
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port + shard}/metrics", timeout=5) as response:
@@ -915,6 +921,12 @@ def scrape_polls(port: int, topic: str, shards: int = 8) -> dict:
             break  # no shard on that port
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
+                if sample.name == "recsys_batch_processing_seconds_count":
+                    batches["count"] += sample.value
+                elif sample.name == "recsys_batch_processing_seconds_sum":
+                    batches["seconds"] += sample.value
+                elif sample.name == "recsys_batch_phase_seconds_total":
+                    phases[sample.labels["phase"]] = phases.get(sample.labels["phase"], 0.0) + sample.value
                 if sample.labels.get("topic") != topic:
                     continue
                 if sample.name == "recsys_input_poll_interval_seconds_bucket":
@@ -922,7 +934,7 @@ def scrape_polls(port: int, topic: str, shards: int = 8) -> dict:
                     buckets[le] = buckets.get(le, 0.0) + sample.value
                 elif sample.name == "recsys_input_poll_interval_max_seconds":
                     longest = max(longest, sample.value)
-    return {"buckets": buckets, "longest_s": longest}
+    return {"buckets": buckets, "longest_s": longest, "batches": batches, "phases": phases}
 
 
 def poll_gaps(before: dict, after: dict) -> dict:
@@ -930,8 +942,12 @@ def poll_gaps(before: dict, after: dict) -> dict:
     :func:`scrape_polls` (the offered stream), and the longest since the flow started."""
     delta = {le: n - before["buckets"].get(le, 0.0) for le, n in after["buckets"].items()}
     total = delta.get(float("inf"), 0.0)
+    batches = {key: after["batches"][key] - before["batches"][key] for key in after["batches"]}
+    phases = {name: after["phases"][name] - before["phases"].get(name, 0.0) for name in after["phases"]}
     return {"polls": int(total), "over_100ms": int(total - delta.get(0.1, 0.0)),
-            "over_500ms": int(total - delta.get(0.5, 0.0)), "longest_since_start_ms": round(after["longest_s"] * 1000)}
+            "over_500ms": int(total - delta.get(0.5, 0.0)), "longest_since_start_ms": round(after["longest_s"] * 1000),
+            "batches": int(batches["count"]), "batch_seconds": batches["seconds"],
+            "phase_ms_per_batch": {name: round(sec / max(batches["count"], 1) * 1000, 2) for name, sec in phases.items() if sec > 0}}
 
 
 def _trigger_latencies(events, recs) -> tuple[np.ndarray, np.ndarray]:
