@@ -24,28 +24,30 @@ from recsys.signals._covisit_kernels import _name_less
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _accumulate(scratch, mark, touched, n_touched, key, w):  # pragma: no cover - compiled
-    """``scratch[key] += w``, starting from 0.0 the first time ``key`` is met in this query
-    (noted in ``touched``); returns the new count of keys touched."""
-    if not mark[key]:
-        mark[key] = True
-        scratch[key] = 0.0
-        touched[n_touched] = key
-        n_touched += 1
+def _accumulate(scratch, touched, n_touched, key, w):  # pragma: no cover - compiled
+    """``scratch[key] += w``, noting ``key`` in ``touched`` the first time this query meets it;
+    returns the new count of keys touched. ``scratch`` is 0.0 wherever no key of this query has
+    been added yet (:func:`_emit` puts it back), and every weight is positive, so a key is new
+    exactly when its sum is still 0.0. Without a branch on that: the key is written at the end
+    of ``touched`` every time (``touched`` holds one slot more than there are keys), and the
+    count moves on only for a new key. A branch per vote was mispredicted about as often as it
+    was taken (votes name items at random): 47 -> 13 ms for 2.2M votes alone."""
+    touched[n_touched] = key
+    n_touched += scratch[key] == 0.0
     scratch[key] += w
     return n_touched
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _emit(query, scratch, mark, touched, n_touched, out_q, out_k, out_v, n_out):  # pragma: no cover
-    """Append the query's sums, keys in the order first touched, and clear their marks;
-    returns the new output length."""
+def _emit(query, scratch, touched, n_touched, out_q, out_k, out_v, n_out):  # pragma: no cover
+    """Append the query's sums, keys in the order first touched, and put their ``scratch``
+    back to 0.0; returns the new output length."""
     for t in range(n_touched):
         key = touched[t]
         out_q[n_out] = query
         out_k[n_out] = key
         out_v[n_out] = scratch[key]
-        mark[key] = False
+        scratch[key] = 0.0
         n_out += 1
     return n_out
 
@@ -57,8 +59,7 @@ def session_dots(slots, sizes, m, n_slots):  # pragma: no cover - compiled (test
     ``j / m[q]``) with every session posted under its items. Returns ``(query, slot, dot)``
     grouped by query in order, each query's sessions in the order first met."""
     scratch = np.zeros(n_slots)
-    mark = np.zeros(n_slots, dtype=np.bool_)
-    touched = np.empty(n_slots, dtype=np.int64)
+    touched = np.empty(n_slots + 1, dtype=np.int64)  # one slot more: see _accumulate
     out_q = np.empty(len(slots), dtype=np.int64)
     out_s = np.empty(len(slots), dtype=np.int64)
     out_d = np.empty(len(slots))
@@ -71,10 +72,10 @@ def session_dots(slots, sizes, m, n_slots):  # pragma: no cover - compiled (test
         for j in range(mq):
             w = (j + 1) / mq  # as numpy's float64 (position / m)
             for e in range(entry, entry + sizes[item]):
-                n_touched = _accumulate(scratch, mark, touched, n_touched, slots[e], w)
+                n_touched = _accumulate(scratch, touched, n_touched, slots[e], w)
             entry += sizes[item]
             item += 1
-        n_out = _emit(qi, scratch, mark, touched, n_touched, out_q, out_s, out_d, n_out)
+        n_out = _emit(qi, scratch, touched, n_touched, out_q, out_s, out_d, n_out)
     return out_q[:n_out], out_s[:n_out], out_d[:n_out]
 
 
@@ -114,8 +115,7 @@ def top_session_votes(q, sids, sims, held, lengths, first_col, n_codes, n, names
     every (query, item) sum out and reading it back: late in the engine benchmark a 1,000-user
     batch has ~2.5M of them, ~60 MB of fresh arrays per batch."""
     scratch = np.zeros(n_codes)
-    mark = np.zeros(n_codes, dtype=np.bool_)
-    touched = np.empty(n_codes, dtype=np.int64)
+    touched = np.empty(n_codes + 1, dtype=np.int64)  # one slot more: see _accumulate
     neg = np.empty(n_codes)
     cand = np.empty(n_codes, dtype=np.int64)
     groups = 0
@@ -134,7 +134,7 @@ def top_session_votes(q, sids, sims, held, lengths, first_col, n_codes, n, names
             row = held[sids[hi]]
             w = sims[hi]
             for c in range(first_col[hi], int(lengths[sids[hi]])):
-                n_touched = _accumulate(scratch, mark, touched, n_touched, row[c], w)
+                n_touched = _accumulate(scratch, touched, n_touched, row[c], w)
             hi += 1
         # the n best of the touched codes (best_per_query's selection, on the codes directly)
         n_cand = n_touched
@@ -165,6 +165,6 @@ def top_session_votes(q, sids, sims, held, lengths, first_col, n_codes, n, names
             out_v[n_out] = scratch[cand[t]]
             n_out += 1
         for t in range(n_touched):
-            mark[touched[t]] = False
+            scratch[touched[t]] = 0.0
         lo = hi
     return out_q[:n_out], out_c[:n_out], out_v[:n_out]
