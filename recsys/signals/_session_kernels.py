@@ -105,6 +105,39 @@ def top_sessions(q, sids, sims, k):  # pragma: no cover - compiled
     return out[:n_out]
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _nth_largest(scratch, touched, n_touched, n, heap):  # pragma: no cover - compiled
+    """The ``n``-th largest of ``scratch[touched[:n_touched]]`` (duplicates counted), as
+    ``-np.partition(-values, n - 1)[n - 1]`` gives it, for ``n_touched >= n``: the ``n`` largest
+    kept in a min-heap of ``n``, its root the answer. One pass, no copy of the values; past the
+    first few, a value rarely enters the heap, so the loop's branch is predicted well."""
+    for t in range(n):  # the first n, then heapified
+        heap[t] = scratch[touched[t]]
+    for start in range(n // 2 - 1, -1, -1):
+        _sift_down(heap, start, n)
+    for t in range(n, n_touched):
+        v = scratch[touched[t]]
+        if v > heap[0]:
+            heap[0] = v
+            _sift_down(heap, 0, n)
+    return heap[0]
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _sift_down(heap, i, n):  # pragma: no cover - compiled
+    """Restore the min-heap order below position ``i`` of ``heap[:n]``."""
+    while True:
+        smallest, left, right = i, 2 * i + 1, 2 * i + 2
+        if left < n and heap[left] < heap[smallest]:
+            smallest = left
+        if right < n and heap[right] < heap[smallest]:
+            smallest = right
+        if smallest == i:
+            return
+        heap[i], heap[smallest] = heap[smallest], heap[i]
+        i = smallest
+
+
 @njit(cache=True, nogil=True)
 def top_session_votes(q, sids, sims, held, lengths, first_col, n_codes, n, names, offset, length):  # pragma: no cover
     """:func:`session_votes` then :func:`best_per_query`, in one pass: each query's votes are
@@ -116,7 +149,7 @@ def top_session_votes(q, sids, sims, held, lengths, first_col, n_codes, n, names
     batch has ~2.5M of them, ~60 MB of fresh arrays per batch."""
     scratch = np.zeros(n_codes)
     touched = np.empty(n_codes + 1, dtype=np.int64)  # one slot more: see _accumulate
-    neg = np.empty(n_codes)
+    heap = np.empty(max(n, 1))
     cand = np.empty(n_codes, dtype=np.int64)
     groups = 0
     for i in range(len(q)):
@@ -141,9 +174,7 @@ def top_session_votes(q, sids, sims, held, lengths, first_col, n_codes, n, names
         for t in range(n_touched):
             cand[t] = touched[t]
         if n_touched > n:
-            for t in range(n_touched):
-                neg[t] = -scratch[touched[t]]
-            nth = np.partition(neg[:n_touched], n - 1)[n - 1]
+            nth = -_nth_largest(scratch, touched, n_touched, n, heap)
             n_cand = 0
             for t in range(n_touched):
                 if -scratch[touched[t]] <= nth:
