@@ -32,7 +32,7 @@ from recsys.events import Envelope, encode
 from recsys.items.embeddings import Embedder
 from recsys.settings import Settings
 from recsys.shard.step import _OUTBOX_PREFIX, Shard
-from recsys.synthetic import generate_catalog, generate_events
+from recsys.synthetic import generate_catalog, generate_events, generate_visits
 
 #: ``--phases``: (label, object path from the engine, method); parts of a phase are indented.
 #: "ranker" is the :class:`recsys.ranking.recommender.Recommender` (unwrapped from search intent).
@@ -60,6 +60,24 @@ PHASES = (
     ("  sessions export", "sessions", "export_dirty"),
     ("  store write", "kv", "write"),
 )
+
+
+def describe_histories(events, window: int, cap: int = 50) -> str:
+    """Per window of ``window`` events: the share that is its shopper's first event, and the
+    mean number of earlier events of the same shopper (at most ``cap``, the history kept): how
+    much each shopper had done, which the cost of ranking for them grows with."""
+    seen: dict[str, int] = {}
+    parts = []
+    for lo in range(0, len(events), window):
+        first = done = 0
+        for e in events[lo : lo + window]:
+            n = seen.get(e.user_id, 0)
+            first += n == 0
+            done += min(n, cap)
+            seen[e.user_id] = n + 1
+        size = len(events[lo : lo + window])
+        parts.append(f"{first / size:.0%} first / {done / size:.1f}")
+    return f"per window, events that are their shopper's first / mean earlier events of the shopper: {', '.join(parts)}"
 
 
 def time_phases(engine: Shard) -> dict[str, float]:
@@ -98,6 +116,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--items", type=int, default=10_000)
     p.add_argument("--users", type=int, default=20_000)
+    p.add_argument("--workload", choices=("returning", "visits"), default="returning",
+                   help="returning (default, issue 12's): --users shoppers come back all through the stream, so "
+                        "histories grow from the first event to the last; visits: --active-users shoppers on the "
+                        "site at a time, each for a visit of --mean-visit events, so what an event's shopper has "
+                        "done is the same in every window and only the global state grows")
+    p.add_argument("--active-users", type=int, default=2_000, help="--workload visits")
+    p.add_argument("--mean-visit", type=float, default=10.0, help="--workload visits: mean events per visit")
     p.add_argument("--events", type=int, default=40_000)
     p.add_argument("--batch", type=int, default=1000)
     p.add_argument("--no-head", action="store_true")
@@ -118,7 +143,11 @@ def main() -> None:
           "(README, Operating it: the memory allocator)")
     catalog = generate_catalog(args.items, seed=0)
     Embedder("all-MiniLM-L6-v2", args.embed_cache_dir).embed([c.text for c in catalog], progress=True)
-    events = generate_events(args.events, catalog, n_users=args.users, seed=1)
+    if args.workload == "visits":
+        events = generate_visits(args.events, catalog, active_users=args.active_users, mean_visit=args.mean_visit, seed=1)
+    else:
+        events = generate_events(args.events, catalog, n_users=args.users, seed=1)
+    print(f"workload: {args.workload}; {describe_histories(events, args.windows or len(events))}")
     envs = [Envelope("events", 0, i, e.user_id.encode(), encode(e), e.ts) for i, e in enumerate(events)]
     with tempfile.TemporaryDirectory() as tmp:
         settings = Settings.from_env({Settings.env_var(name): value for name, value in overrides.items()},
@@ -170,7 +199,7 @@ def main() -> None:
         n = len(envs) - warm
         print(f"engine: {n / took:,.0f} events/s ({took / n * 1e6:.0f} µs/event) wall, "
               f"{n / cpu:,.0f} events/CPU-s ({cpu / n * 1e6:.0f} CPU-µs/event), batch {args.batch}, "
-              f"{args.items} items, {args.users} users, head {'off' if args.no_head else 'on'}; totals {dict(engine.totals)}")
+              f"{args.items} items, {args.users if args.workload == 'returning' else f'{args.active_users} active'} users, head {'off' if args.no_head else 'on'}; totals {dict(engine.totals)}")
         if len(windows) >= 2:
             first, last = windows[0], windows[-1]
             print(f"last window / first window: {last[2] / last[3] / (first[2] / first[3]):.2f} wall, "

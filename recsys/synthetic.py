@@ -148,3 +148,63 @@ def query_pool(items: list[CatalogItem], n: int, *, seed: int = 0) -> list[str]:
                 query = query[:j] + query[j + 1] + query[j] + query[j + 2:]
         seen.setdefault(query, None)
     return list(seen)
+
+
+def generate_visits(
+    n_events: int,
+    items: list[CatalogItem],
+    *,
+    active_users: int = 2000,
+    mean_visit: float = 10.0,
+    seed: int = 0,
+    start_ts: int = 1_700_000_000_000,
+    mean_gap_ms: float = 50.0,
+) -> list[Event]:
+    """A shop's stream as visits: ``active_users`` shoppers are on the site at any moment, each
+    visit lasts a geometric number of events (mean ``mean_visit``), and a shopper who leaves is
+    replaced by a new one. For load only (issue 12): unlike :func:`generate_events`, where every
+    one of ``n_users`` shoppers comes back all through the stream so histories and sessions grow
+    from the first event to the last, here the length of the history an event finds is
+    stationary after the first ``active_users * mean_visit`` events or so, while the global
+    state (users stored, co-visitation, session postings) keeps growing: a run's windows then
+    differ by what the state holds, not by how much each shopper has done. Each event is the
+    shopper's favourite category 80% of the time, as in :func:`generate_events`.
+
+    >>> items = generate_catalog(50, seed=1)
+    >>> ev = generate_visits(4000, items, active_users=40, mean_visit=10, seed=1)
+    >>> len(ev), len({e.user_id for e in ev}) > 300, all(e.session_id == "s" + e.user_id[1:] for e in ev)
+    (4000, True, True)
+    >>> ev == generate_visits(4000, items, active_users=40, mean_visit=10, seed=1)
+    True
+    """
+    if active_users <= 0 or mean_visit < 1:
+        raise ValueError("active_users must be > 0 and mean_visit >= 1")
+    rng = np.random.default_rng(seed)
+    by_category: dict[str, list[str]] = {}
+    for item in items:
+        by_category.setdefault(item.category or "", []).append(item.item_id)
+    categories = sorted(by_category)
+    slot_user = np.arange(active_users)  # the shopper on each slot of the site
+    left = rng.geometric(1.0 / mean_visit, size=active_users)  # events left in each slot's visit
+    favourite = {u: int(rng.integers(len(categories))) for u in range(active_users)}
+    next_user = active_users
+    slots = rng.integers(active_users, size=n_events)
+    own = rng.random(n_events) < 0.8
+    types = rng.choice(len(_TYPES), size=n_events, p=_TYPE_P)
+    gaps = rng.exponential(mean_gap_ms, size=n_events).astype(np.int64) + 1
+    ts = start_ts + np.cumsum(gaps)
+    events = []
+    for n in range(n_events):
+        s = int(slots[n])
+        u = int(slot_user[s])
+        cat = categories[favourite[u]] if own[n] else categories[int(rng.integers(len(categories)))]
+        pool = by_category[cat]
+        item = pool[int(rng.integers(len(pool)))]
+        events.append(Event(f"e{n}", _TYPES[int(types[n])], f"u{u}", item, int(ts[n]), session_id=f"s{u}"))
+        left[s] -= 1
+        if left[s] == 0:  # the shopper leaves; a new one takes the slot
+            slot_user[s] = next_user
+            favourite[next_user] = int(rng.integers(len(categories)))
+            next_user += 1
+            left[s] = rng.geometric(1.0 / mean_visit)
+    return events

@@ -830,3 +830,22 @@ def test_compile_kernels_compiles_every_loop_the_engine_calls(tmp_path):
     assert found["before"]["recsys.ranking._kernels.closest_rows"], "compiled ahead"
     compiled_by_the_run = {name: sorted(set(sigs) - set(found["before"][name])) for name, sigs in found["after"].items()}
     assert not {name: sigs for name, sigs in compiled_by_the_run.items() if sigs}
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_most_active_sessions_per_query_equal_the_lexsort_cut(seed):
+    """The compiled cut of session-kNN's sample (``most_active_per_query``) keeps the entries
+    that sorting every (query, session) pair by query, then most recent activity, and cutting
+    each query at ``sample_size`` keeps (the code before it), ties included."""
+    from recsys.signals._session_kernels import most_active_per_query
+
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(1, 60, size=40)
+    q = np.repeat(np.arange(len(sizes)), sizes).astype(np.int64)
+    active = rng.integers(0, 30 if seed % 2 else 10**9, size=len(q)).astype(np.int64)  # odd seeds: many ties
+    for sample_size in (1, 5, 17, 59, 100):
+        per_q = np.bincount(q)
+        pick = np.lexsort((-active, q))
+        rank = np.arange(len(q)) - np.repeat(np.cumsum(per_q) - per_q, per_q)
+        expected = np.sort(pick[rank < sample_size])
+        assert np.array_equal(most_active_per_query(q, active, sample_size), expected)

@@ -80,6 +80,49 @@ def session_dots(slots, sizes, m, n_slots):  # pragma: no cover - compiled (test
 
 
 @njit(cache=True, nogil=True)
+def most_active_per_query(q, active, sample_size):  # pragma: no cover - compiled
+    """Indices, ascending, of each query's ``sample_size`` most recently active sessions (all of
+    them when it has no more), for ``q`` grouped (ascending): the first ``sample_size`` entries
+    of each query in the order of ``np.lexsort((-active, q))``, ties in ``active`` to the
+    earlier entry as that stable sort gives them, then sorted. Per query, the cut's value
+    comes from one pass with a min-heap, instead of a sort of every (query, session) pair of the
+    batch (~22 ms of a late 1,000-user batch on the benchmark's visits workload)."""
+    out = np.empty(len(q), dtype=np.int64)
+    heap = np.empty(max(sample_size, 1), dtype=active.dtype)
+    n_out = 0
+    lo = 0
+    while lo < len(q):
+        hi = lo
+        while hi < len(q) and q[hi] == q[lo]:
+            hi += 1
+        if hi - lo <= sample_size:
+            for i in range(lo, hi):
+                out[n_out] = i
+                n_out += 1
+        else:
+            for t in range(sample_size):
+                heap[t] = active[lo + t]
+            for start in range(sample_size // 2 - 1, -1, -1):
+                _sift_down(heap, start, sample_size)
+            for i in range(lo + sample_size, hi):
+                if active[i] > heap[0]:
+                    heap[0] = active[i]
+                    _sift_down(heap, 0, sample_size)
+            cut = heap[0]  # the sample_size-th largest
+            room = sample_size
+            for i in range(lo, hi):
+                room -= active[i] > cut
+            for i in range(lo, hi):  # above the cut, and the first `room` at it
+                if active[i] > cut or (active[i] == cut and room > 0):
+                    if active[i] == cut:
+                        room -= 1
+                    out[n_out] = i
+                    n_out += 1
+        lo = hi
+    return out[:n_out]
+
+
+@njit(cache=True, nogil=True)
 def top_sessions(q, sids, sims, k):  # pragma: no cover - compiled
     """Indices of each query's ``k`` most similar sessions, most similar first, ties by slot:
     ``np.lexsort((sids, -sims, q))`` cut at ``k`` per query, for ``q`` grouped (ascending).

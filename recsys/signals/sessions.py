@@ -37,7 +37,7 @@ import numpy as np
 import orjson
 
 from recsys.signals._covisit_kernels import IdBytes
-from recsys.signals._session_kernels import session_dots, top_session_votes, top_sessions
+from recsys.signals._session_kernels import most_active_per_query, session_dots, top_session_votes, top_sessions
 from recsys.signals.coderows import CodeRows, RowIndex
 
 if TYPE_CHECKING:
@@ -285,9 +285,7 @@ class SessionNeighbours:
             return empty
         per_q = np.bincount(q, minlength=len(m))
         if per_q.max() > self.sample_size:  # the most recently active sessions (activity is unique)
-            pick = np.lexsort((-self._active[sids], q))
-            rank = np.arange(len(q)) - np.repeat(np.cumsum(per_q) - per_q, per_q)
-            pick = np.sort(pick[rank < self.sample_size])
+            pick = most_active_per_query(q, self._active[sids], self.sample_size)
             q, sids, dots = q[pick], sids[pick], dots[pick]
         sims = dots / np.sqrt(m[q] * self._length[sids])
         # the k most similar per query, most similar first, ties by slot
