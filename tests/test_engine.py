@@ -340,3 +340,32 @@ def test_an_open_engine_keeps_blas_on_one_thread(tmp_path, cache):
         engine.close()
     finally:
         limits.restore_original_limits()
+
+
+def test_the_visits_workload_keeps_the_history_an_event_finds_stationary(tmp_path):
+    """``engine_speed.py --workload visits`` (issue 12): shoppers come and go, so after a warm-up
+    of about ``active users x mean visit`` events every window's events find about as much
+    history as the last window's, while in the
+    default workload every shopper keeps coming back and the history grows window by window.
+    The script prints both per window; the engine runs on it like on the default."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+
+    def histories(*workload: str) -> list[float]:
+        out = subprocess.run([sys.executable, "benchmarks/engine_speed.py", "--items", "300", "--events", "8000",
+                              "--batch", "500", "--windows", "2000", "--embed-cache-dir", str(tmp_path / "emb"), *workload],
+                             cwd=root, capture_output=True, text=True, timeout=300, check=True).stdout
+        assert len(re.findall(r"^  events .* events/CPU-s", out, re.M)) == 4
+        line = next(line for line in out.splitlines() if line.startswith("workload: "))
+        return [float(x) for x in re.findall(r"% first / ([0-9.]+)", line)]
+
+    visits = histories("--workload", "visits", "--active-users", "40", "--mean-visit", "8")
+    returning = histories("--users", "400")
+    assert len(visits) == len(returning) == 4
+    # 40 shoppers x 8 events: stationary within the first window already
+    assert max(visits) < 1.2 * min(visits), visits
+    assert returning[3] > returning[2] + 1 > returning[1] + 2  # one more event per shopper every window
