@@ -53,11 +53,8 @@ def generate_events(
     mean_gap_ms: float = 50.0,
 ) -> list[Event]:
     rng = np.random.default_rng(seed)
-    by_category: dict[str, list[str]] = {}
-    for item in items:
-        by_category.setdefault(item.category or "", []).append(item.item_id)
-    categories = sorted(by_category)
-    favourite = rng.integers(len(categories), size=n_users)
+    by_category = _by_category(items)
+    favourite = rng.integers(len(by_category), size=n_users)
     users = rng.integers(n_users, size=n_events)
     own = rng.random(n_events) < 0.8
     types = rng.choice(len(_TYPES), size=n_events, p=_TYPE_P)
@@ -66,11 +63,23 @@ def generate_events(
     events = []
     for n in range(n_events):
         u = int(users[n])
-        cat = categories[int(favourite[u])] if own[n] else categories[int(rng.integers(len(categories)))]
-        pool = by_category[cat]
-        item = pool[int(rng.integers(len(pool)))]
+        item = _pick_item(rng, by_category, int(favourite[u]), bool(own[n]))
         events.append(Event(f"e{n}", _TYPES[int(types[n])], f"u{u}", item, int(ts[n]), session_id=f"s{u}"))
     return events
+
+
+def _by_category(items: list[CatalogItem]) -> list[list[str]]:
+    """The items' ids per category, categories in sorted order."""
+    pools: dict[str, list[str]] = {}
+    for item in items:
+        pools.setdefault(item.category or "", []).append(item.item_id)
+    return [pools[c] for c in sorted(pools)]
+
+
+def _pick_item(rng: np.random.Generator, by_category: list[list[str]], favourite: int, own: bool) -> str:
+    """An item of the shopper's favourite category (``own``), else of a category at random."""
+    pool = by_category[favourite if own else int(rng.integers(len(by_category)))]
+    return pool[int(rng.integers(len(pool)))]
 
 
 def with_searches(events: list[Event], items: list[CatalogItem], share: float, *, seed: int = 0,
@@ -180,13 +189,10 @@ def generate_visits(
     if active_users <= 0 or mean_visit < 1:
         raise ValueError("active_users must be > 0 and mean_visit >= 1")
     rng = np.random.default_rng(seed)
-    by_category: dict[str, list[str]] = {}
-    for item in items:
-        by_category.setdefault(item.category or "", []).append(item.item_id)
-    categories = sorted(by_category)
+    by_category = _by_category(items)
     slot_user = np.arange(active_users)  # the shopper on each slot of the site
     left = rng.geometric(1.0 / mean_visit, size=active_users)  # events left in each slot's visit
-    favourite = {u: int(rng.integers(len(categories))) for u in range(active_users)}
+    favourite = {u: int(rng.integers(len(by_category))) for u in range(active_users)}
     next_user = active_users
     slots = rng.integers(active_users, size=n_events)
     own = rng.random(n_events) < 0.8
@@ -197,14 +203,12 @@ def generate_visits(
     for n in range(n_events):
         s = int(slots[n])
         u = int(slot_user[s])
-        cat = categories[favourite[u]] if own[n] else categories[int(rng.integers(len(categories)))]
-        pool = by_category[cat]
-        item = pool[int(rng.integers(len(pool)))]
+        item = _pick_item(rng, by_category, favourite[u], bool(own[n]))
         events.append(Event(f"e{n}", _TYPES[int(types[n])], f"u{u}", item, int(ts[n]), session_id=f"s{u}"))
         left[s] -= 1
         if left[s] == 0:  # the shopper leaves; a new one takes the slot
             slot_user[s] = next_user
-            favourite[next_user] = int(rng.integers(len(categories)))
+            favourite[next_user] = int(rng.integers(len(by_category)))
             next_user += 1
             left[s] = rng.geometric(1.0 / mean_visit)
     return events

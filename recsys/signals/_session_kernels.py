@@ -100,15 +100,7 @@ def most_active_per_query(q, active, sample_size):  # pragma: no cover - compile
                 out[n_out] = i
                 n_out += 1
         else:
-            for t in range(sample_size):
-                heap[t] = active[lo + t]
-            for start in range(sample_size // 2 - 1, -1, -1):
-                _sift_down(heap, start, sample_size)
-            for i in range(lo + sample_size, hi):
-                if active[i] > heap[0]:
-                    heap[0] = active[i]
-                    _sift_down(heap, 0, sample_size)
-            cut = heap[0]  # the sample_size-th largest
+            cut = _nth_largest(active[lo:hi], sample_size, heap)
             room = sample_size
             for i in range(lo, hi):
                 room -= active[i] > cut
@@ -149,19 +141,18 @@ def top_sessions(q, sids, sims, k):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _nth_largest(scratch, touched, n_touched, n, heap):  # pragma: no cover - compiled
-    """The ``n``-th largest of ``scratch[touched[:n_touched]]`` (duplicates counted), as
-    ``-np.partition(-values, n - 1)[n - 1]`` gives it, for ``n_touched >= n``: the ``n`` largest
-    kept in a min-heap of ``n``, its root the answer. One pass, no copy of the values; past the
-    first few, a value rarely enters the heap, so the loop's branch is predicted well."""
+def _nth_largest(values, n, heap):  # pragma: no cover - compiled
+    """The ``n``-th largest of ``values`` (duplicates counted), as ``-np.partition(-values, n -
+    1)[n - 1]`` gives it, for ``len(values) >= n``: the ``n`` largest kept in the min-heap
+    ``heap[:n]``, its root the answer. One pass, no copy of the values; past the first few, a
+    value rarely enters the heap, so the loop's branch is predicted well."""
     for t in range(n):  # the first n, then heapified
-        heap[t] = scratch[touched[t]]
+        heap[t] = values[t]
     for start in range(n // 2 - 1, -1, -1):
         _sift_down(heap, start, n)
-    for t in range(n, n_touched):
-        v = scratch[touched[t]]
-        if v > heap[0]:
-            heap[0] = v
+    for t in range(n, len(values)):
+        if values[t] > heap[0]:
+            heap[0] = values[t]
             _sift_down(heap, 0, n)
     return heap[0]
 
@@ -193,6 +184,7 @@ def top_session_votes(q, sids, sims, held, lengths, first_col, n_codes, n, names
     scratch = np.zeros(n_codes)
     touched = np.empty(n_codes + 1, dtype=np.int64)  # one slot more: see _accumulate
     heap = np.empty(max(n, 1))
+    sums = np.empty(n_codes)
     cand = np.empty(n_codes, dtype=np.int64)
     groups = 0
     for i in range(len(q)):
@@ -217,10 +209,12 @@ def top_session_votes(q, sids, sims, held, lengths, first_col, n_codes, n, names
         for t in range(n_touched):
             cand[t] = touched[t]
         if n_touched > n:
-            nth = -_nth_largest(scratch, touched, n_touched, n, heap)
+            for t in range(n_touched):
+                sums[t] = scratch[touched[t]]
+            nth = -_nth_largest(sums[:n_touched], n, heap)
             n_cand = 0
             for t in range(n_touched):
-                if -scratch[touched[t]] <= nth:
+                if -sums[t] <= nth:
                     cand[n_cand] = touched[t]
                     n_cand += 1
         for i in range(1, n_cand):  # by votes, then by id
