@@ -66,8 +66,10 @@ def compile_kernels() -> int:
     cov.ranked("c")
     cov.top(["c", "x"], 2)
     cov.export_dirty()
-    sessions = SessionNeighbours(k=2, sample_size=2)
-    for user, item in [("u1", "a"), ("u1", "b"), ("u2", "a"), ("u2", "c"), ("u3", "a")]:
+    # postings keep each item's sample_size latest sessions: u2's query (a, b) meets u1's and
+    # u3's sessions, one more than its sample, so the sample is cut too
+    sessions = SessionNeighbours(k=2, sample_size=1)
+    for user, item in [("u2", "a"), ("u2", "b"), ("u1", "a"), ("u1", "c"), ("u3", "b")]:
         sessions.update(user, None, item, ts=0)
     sessions.ranked_votes(["u2", "u3"], 1)
     one = np.zeros(1, dtype=np.int64)
