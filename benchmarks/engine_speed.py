@@ -197,9 +197,10 @@ def main() -> None:
             profiler.disable()
         took, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         n = len(envs) - warm
+        shoppers = args.users if args.workload == "returning" else f"{args.active_users} active"
         print(f"engine: {n / took:,.0f} events/s ({took / n * 1e6:.0f} µs/event) wall, "
               f"{n / cpu:,.0f} events/CPU-s ({cpu / n * 1e6:.0f} CPU-µs/event), batch {args.batch}, "
-              f"{args.items} items, {args.users if args.workload == 'returning' else f'{args.active_users} active'} users, head {'off' if args.no_head else 'on'}; totals {dict(engine.totals)}")
+              f"{args.items} items, {shoppers} users, head {'off' if args.no_head else 'on'}; totals {dict(engine.totals)}")
         if len(windows) >= 2:
             first, last = windows[0], windows[-1]
             print(f"last window / first window: {last[2] / last[3] / (first[2] / first[3]):.2f} wall, "

@@ -547,7 +547,8 @@ class _Entries:
 
     def _order(self, key: np.ndarray, seq: np.ndarray, attach: np.ndarray) -> np.ndarray:
         """``np.lexsort((seq, key))`` with one sort of distinct int64 values instead of two
-        stable passes (~25 -> ~8 ms for a 1,000-user batch; a sort of the values, not an argsort). The parts are added in increasing
+        stable passes (~25 -> ~8 ms for a 1,000-user batch; a sort of the values, not an
+        argsort). The parts are added in increasing
         source order, so a real entry's ``seq`` grows with its position in the concatenation,
         and attach-only entries (``seq`` = max) follow the real ones of their key in that order
         too: ``key``, then attach, then position, packed into one value, is the same order.
