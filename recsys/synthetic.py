@@ -56,16 +56,23 @@ def generate_events(
     by_category = _by_category(items)
     favourite = rng.integers(len(by_category), size=n_users)
     users = rng.integers(n_users, size=n_events)
-    own = rng.random(n_events) < 0.8
-    types = rng.choice(len(_TYPES), size=n_events, p=_TYPE_P)
-    gaps = rng.exponential(mean_gap_ms, size=n_events).astype(np.int64) + 1
-    ts = start_ts + np.cumsum(gaps)
+    own, types, ts = _event_columns(rng, n_events, start_ts, mean_gap_ms)
     events = []
     for n in range(n_events):
         u = int(users[n])
         item = _pick_item(rng, by_category, int(favourite[u]), bool(own[n]))
         events.append(Event(f"e{n}", _TYPES[int(types[n])], f"u{u}", item, int(ts[n]), session_id=f"s{u}"))
     return events
+
+
+def _event_columns(rng: np.random.Generator, n_events: int, start_ts: int,
+                   mean_gap_ms: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per event: whether it is in the shopper's favourite category (80%), its type (index into
+    ``_TYPES``), and its timestamp (exponential gaps of mean ``mean_gap_ms``, at least 1 ms)."""
+    own = rng.random(n_events) < 0.8
+    types = rng.choice(len(_TYPES), size=n_events, p=_TYPE_P)
+    gaps = rng.exponential(mean_gap_ms, size=n_events).astype(np.int64) + 1
+    return own, types, start_ts + np.cumsum(gaps)
 
 
 def _by_category(items: list[CatalogItem]) -> list[list[str]]:
@@ -195,10 +202,7 @@ def generate_visits(
     favourite = {u: int(rng.integers(len(by_category))) for u in range(active_users)}
     next_user = active_users
     slots = rng.integers(active_users, size=n_events)
-    own = rng.random(n_events) < 0.8
-    types = rng.choice(len(_TYPES), size=n_events, p=_TYPE_P)
-    gaps = rng.exponential(mean_gap_ms, size=n_events).astype(np.int64) + 1
-    ts = start_ts + np.cumsum(gaps)
+    own, types, ts = _event_columns(rng, n_events, start_ts, mean_gap_ms)
     events = []
     for n in range(n_events):
         s = int(slots[n])

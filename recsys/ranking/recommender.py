@@ -140,6 +140,9 @@ class Recommender:
         recents = [_recent_distinct(s.history, 10) for s in states]
         exclusions = [self.excluded(s) for s in states]
         excl_rows = [_valid(index.rows(list(e))) if e else _NO_ROWS for e in exclusions]
+        # every user's excluded rows as sorted keys ``user * cap + row``, for the candidates' filters
+        excl_keys = np.unique(np.repeat(np.arange(n), [len(e) for e in excl_rows]) * cap
+                              + np.concatenate(excl_rows + [_NO_ROWS]))
         parts = _Entries()
 
         # content: one faiss search for the batch (the index holds only recommendable items)
@@ -165,7 +168,7 @@ class Recommender:
         # ``session_candidates`` votes bring candidates in; the rest only mark candidates that
         # other sources brought (a vote is evidence either way)
         if self.sessions is not None:
-            self._add_session_votes(parts, states, excl_rows, depth)
+            self._add_session_votes(parts, states, excl_keys, depth)
         # buy again: the user's own most-bought items that may be bought again
         self._add_buy_again(parts, states, exclusions)
         if cfg.seen_candidates:
@@ -182,8 +185,7 @@ class Recommender:
             t_vals = np.array([p for _, p in trending], dtype=np.float32) / (trending[0][1] or 1.0)
             parts.add(_TRENDING, np.repeat(np.arange(n), len(t_rows)), np.tile(t_rows, n), np.tile(t_vals, n))
 
-        batch = parts.group(cap, np.concatenate(excl_rows + [_NO_ROWS]),
-                            np.repeat(np.arange(n), [len(e) for e in excl_rows]))
+        batch = parts.group(cap, excl_keys)
         x = batch.features
         if len(x):
             self._context_features(batch, recents, cap)
@@ -258,18 +260,16 @@ class Recommender:
         owners = np.repeat(np.repeat(np.arange(len(heads)), per_user), lengths)
         parts.add(source, owners[keep], rows[keep], values[keep], anchors[keep])
 
-    def _add_session_votes(self, parts: "_Entries", states: list[UserState], excl_rows: list[np.ndarray], k: int) -> None:
+    def _add_session_votes(self, parts: "_Entries", states: list[UserState], excl_keys: np.ndarray, k: int) -> None:
         n = self.config.session_candidates
         users, codes, values = self.sessions.ranked_votes([s.user_id for s in states], n + k)
         if not len(users):
             return
         rows = self.sessions.item_rows(codes, self.items.index)
         # an excluded item that is in the index is one of the user's excluded rows
-        cap = self.items.index.row_capacity + 1
-        excl_owner = np.repeat(np.arange(len(states)), [len(e) for e in excl_rows])
         ok = rows >= 0
-        if len(excl_owner):
-            ok &= ~np.isin(users * cap + rows, excl_owner * cap + np.concatenate(excl_rows))
+        if len(excl_keys):
+            ok &= ~np.isin(users * (self.items.index.row_capacity + 1) + rows, excl_keys)
         # each usable vote's rank among the user's usable votes, for the cut at n
         per_user = np.bincount(users[ok], minlength=len(states))
         rank = np.cumsum(ok) - 1 - (np.cumsum(per_user) - per_user)[users]
@@ -516,10 +516,11 @@ class _Entries:
         attach = np.zeros(len(users), dtype=bool) if attach_only is None else np.asarray(attach_only, dtype=bool)
         self.parts.append((source, users, np.asarray(rows, dtype=np.int64), np.asarray(values, dtype=np.float32), anchors, attach))
 
-    def group(self, cap: int, excluded_rows: np.ndarray, excluded_owner: np.ndarray) -> "_Batch":
+    def group(self, cap: int, excluded_keys: np.ndarray) -> "_Batch":
         """One row per distinct (user, item): summed values per source column, the earliest
         candidate order, the strongest co-visitation anchor and the first transition anchor.
-        Entries for a user's excluded rows are dropped."""
+        Entries whose key ``user * cap + row`` is in ``excluded_keys`` (sorted, distinct: a
+        user's excluded items) are dropped."""
         if not self.parts:
             return _Batch.empty()
         src = np.concatenate([np.full(len(p[1]), p[0], dtype=np.int64) for p in self.parts])
@@ -535,9 +536,8 @@ class _Entries:
         # one compiled pass over the sorted entries (recsys/ranking/_kernels.py: group_entries),
         # which leaves out the excluded keys as it goes: a merge with them sorted (a filter of
         # every entry before the sort, np.isin, was ~11 of the ~35 ms a late batch's grouping took)
-        excluded = np.unique(excluded_owner * cap + excluded_rows)
         g_key, g_user, g_row, features, first_seen, cov, nxt, real, present = group_entries(
-            order, src, user, row, val, anchor, seq, attach, key, excluded, _GROUP_COLUMNS, _GROUP_SCALED, N_FEATURES,
+            order, src, user, row, val, anchor, seq, attach, key, excluded_keys, _GROUP_COLUMNS, _GROUP_SCALED, N_FEATURES,
             _COVISIT, _NEXT)
         anchors = {source: a for source, a in ((_COVISIT, cov), (_NEXT, nxt)) if present[source]}
         batch = _Batch(g_key, g_user, g_row, features, first_seen, anchors)

@@ -79,6 +79,15 @@ def session_dots(slots, sizes, m, n_slots):  # pragma: no cover - compiled (test
     return out_q[:n_out], out_s[:n_out], out_d[:n_out]
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _run_end(q, lo):  # pragma: no cover - compiled
+    """The end of the run of equal values of ``q`` that starts at ``lo`` (one query's entries)."""
+    hi = lo
+    while hi < len(q) and q[hi] == q[lo]:
+        hi += 1
+    return hi
+
+
 @njit(cache=True, nogil=True)
 def most_active_per_query(q, active, sample_size):  # pragma: no cover - compiled
     """Indices, ascending, of each query's ``sample_size`` most recently active sessions (all of
@@ -92,9 +101,7 @@ def most_active_per_query(q, active, sample_size):  # pragma: no cover - compile
     n_out = 0
     lo = 0
     while lo < len(q):
-        hi = lo
-        while hi < len(q) and q[hi] == q[lo]:
-            hi += 1
+        hi = _run_end(q, lo)
         if hi - lo <= sample_size:
             for i in range(lo, hi):
                 out[n_out] = i
@@ -123,9 +130,7 @@ def top_sessions(q, sids, sims, k):  # pragma: no cover - compiled
     n_out = 0
     lo = 0
     while lo < len(q):
-        hi = lo
-        while hi < len(q) and q[hi] == q[lo]:
-            hi += 1
+        hi = _run_end(q, lo)
         neg = -sims[lo:hi]
         cand = np.arange(lo, hi)
         if hi - lo > k:
