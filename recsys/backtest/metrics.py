@@ -131,28 +131,37 @@ def novelty(recommended: Sequence[str], item_counts: Mapping[str, float], total:
 
 
 class _Sums:
-    """Running sums of the per-list metrics at each cutoff, for one group of events."""
+    """Running sums of the per-list metrics at each cutoff, for one group of events.
 
-    __slots__ = ("n", "sums", "novelty_sum", "novelty_n")
+    ``values`` come as a list in the order of ``names`` (``{metric}@{k}`` for every cutoff,
+    then metric), novelty as a list in the order of the cutoffs: the accumulator adds each
+    list to five or six groups, so the names are built once, not per list.
+    """
 
-    def __init__(self, ks: tuple[int, ...]) -> None:
+    __slots__ = ("ks", "names", "n", "sums", "novelty_sum", "novelty_n")
+
+    def __init__(self, ks: tuple[int, ...], names: list[str]) -> None:
+        self.ks = ks
+        self.names = names
         self.n = 0
-        self.sums = {f"{m}@{k}": 0.0 for k in ks for m in _LIST_METRICS}
-        self.novelty_sum = {k: 0.0 for k in ks}
+        self.sums = [0.0] * len(names)
+        self.novelty_sum = [0.0] * len(ks)
         self.novelty_n = 0
 
-    def add(self, values: Mapping[str, float], nov: Mapping[int, float] | None) -> None:
+    def add(self, values: list[float], nov: list[float] | None) -> None:
         self.n += 1
-        for name, v in values.items():
-            self.sums[name] += v
+        sums = self.sums
+        for j, v in enumerate(values):
+            sums[j] += v
         if nov is not None:
             self.novelty_n += 1
-            for k, v in nov.items():
-                self.novelty_sum[k] += v
+            nsum = self.novelty_sum
+            for j, v in enumerate(nov):
+                nsum[j] += v
 
     def means(self) -> dict[str, float]:
-        out = {name: (s / self.n if self.n else 0.0) for name, s in self.sums.items()}
-        for k, s in self.novelty_sum.items():
+        out = {name: (s / self.n if self.n else 0.0) for name, s in zip(self.names, self.sums)}
+        for k, s in zip(self.ks, self.novelty_sum):
             out[f"novelty@{k}"] = s / self.novelty_n if self.novelty_n else 0.0
         out["n"] = self.n
         return out
@@ -197,12 +206,14 @@ class MetricAccumulator:
             raise ValueError(f"series_every must be >= 1, got {series_every}")
         self.series_every = series_every
         self.series_bucket_ms = series_bucket_ms
-        self._overall = _Sums(self.ks)
+        # per-user sums of every list metric (``add(user=...)``): bootstrap over users
+        self._metric_names = [f"{m}@{k}" for k in self.ks for m in _LIST_METRICS]
+        self._overall = _Sums(self.ks, self._metric_names)
+        # ideal DCG per (cutoff, number of relevant items)
+        self._ideal: dict[tuple[int, int], float] = {}
         self._per_type: dict[str, _Sums] = {}
         self._slices: dict[str, _Sums] = {}
         self._covered: dict[int, set[str]] = {k: set() for k in self.ks}
-        # per-user sums of every list metric (``add(user=...)``): bootstrap over users
-        self._metric_names = [f"{m}@{k}" for k in self.ks for m in _LIST_METRICS]
         self._per_user: dict[str, list[float]] = {}
         # series buckets: key -> [sums, start_ts, end_ts]
         self._series: dict[int, list[Any]] = {}
@@ -229,26 +240,32 @@ class MetricAccumulator:
         kmax = self.ks[-1]
         ranks = _hit_ranks(recommended, relevant, kmax)
         n_rel = len(set(relevant))
-        values: dict[str, float] = {}
+        values: list[float] = []  # in the order of self._metric_names
         for k in self.ks:
             hits = [r for r in ranks if r <= k]
-            ideal = sum(1.0 / math.log2(r + 1) for r in range(1, min(k, n_rel) + 1))
-            values[f"hr@{k}"] = 1.0 if hits else 0.0
-            values[f"recall@{k}"] = len(hits) / n_rel
-            values[f"ndcg@{k}"] = sum(1.0 / math.log2(r + 1) for r in hits) / ideal
-            values[f"mrr@{k}"] = 1.0 / hits[0] if hits else 0.0
+            ideal = self._ideal.get((k, n_rel))
+            if ideal is None:
+                ideal = self._ideal[(k, n_rel)] = sum(1.0 / math.log2(r + 1) for r in range(1, min(k, n_rel) + 1))
+            values.append(1.0 if hits else 0.0)  # hr
+            values.append(len(hits) / n_rel)  # recall
+            values.append(sum(1.0 / math.log2(r + 1) for r in hits) / ideal)  # ndcg
+            values.append(1.0 / hits[0] if hits else 0.0)  # mrr
             self._covered[k].update(recommended[:k])
-        nov: dict[int, float] | None = None
+        nov: list[float] | None = None
         if item_counts is not None and total > 0 and recommended:
-            nov = {k: novelty(recommended, item_counts, total, k) for k in self.ks}  # type: ignore[misc]
+            # novelty() at every cutoff, each item's term computed once: the same terms summed
+            # in the same order, so the same floats
+            top = recommended[:kmax]
+            terms = [-math.log2(max(item_counts.get(i, 0), 1) / total) for i in top]
+            nov = [sum(terms[:k]) / len(top[:k]) for k in self.ks]
         self._overall.add(values, nov)
         if user is not None:
             sums = self._per_user.get(user)
             if sums is None:
                 sums = self._per_user[user] = [0.0] * (len(self._metric_names) + 1)
             sums[0] += 1
-            for j, name in enumerate(self._metric_names, start=1):
-                sums[j] += values[name]
+            for j, v in enumerate(values, start=1):
+                sums[j] += v
         if event_type is not None:
             self._group(self._per_type, event_type).add(values, nov)
         for tag in tags:
@@ -258,7 +275,7 @@ class MetricAccumulator:
             key = ts // self.series_bucket_ms
         bucket = self._series.get(key)
         if bucket is None:
-            bucket = self._series[key] = [_Sums(self.ks), ts, ts]
+            bucket = self._series[key] = [_Sums(self.ks, self._metric_names), ts, ts]
         bucket[0].add(values, nov)
         if ts is not None:
             bucket[1] = ts if bucket[1] is None else min(bucket[1], ts)
@@ -280,7 +297,7 @@ class MetricAccumulator:
     def _group(self, groups: dict[str, _Sums], name: str) -> _Sums:
         g = groups.get(name)
         if g is None:
-            g = groups[name] = _Sums(self.ks)
+            g = groups[name] = _Sums(self.ks, self._metric_names)
         return g
 
     def report(self, catalog_size: int | None = None) -> dict[str, Any]:
