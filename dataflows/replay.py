@@ -10,6 +10,7 @@ so a replay survives a crash like the live flow.
 from __future__ import annotations
 
 import itertools
+import time
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
@@ -91,14 +92,19 @@ def replay_full_system(
     on_recommendations: Callable[[list[tuple[str | None, bytes]]], None] | None = None,
     progress: bool = True,
 ) -> dict[str, int]:
-    """Run the live graph over ``events`` with ``engine`` (evaluate mode) feeding ``scorer``."""
-    counts = {"recommendations": 0, "dead_letters": 0}
+    """Run the live graph over ``events`` with ``engine`` (evaluate mode) feeding ``scorer``.
+
+    Returns the outputs' counts and ``scoring_s``, the seconds the scorer took (the metrics);
+    the engine's own time per phase is in ``engine.phase_totals``."""
+    counts: dict[str, Any] = {"recommendations": 0, "dead_letters": 0, "scoring_s": 0.0}
     bar = tqdm(total=len(events), disable=not progress, desc="replay (bytewax)", unit="ev", mininterval=1.0)
 
     def scored(items: list[ScoredBatch]) -> None:
+        t0 = time.perf_counter()
         for sb in items:
             scorer.score_chunk(sb.events, {model_name: sb.recommended})
             bar.update(len(sb.events))
+        counts["scoring_s"] += time.perf_counter() - t0
 
     def recs(items: list[tuple[str | None, bytes]]) -> None:
         counts["recommendations"] += len(items)

@@ -18,6 +18,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from recsys_cli.argtypes import settings_or_fail, require_writable
 
@@ -313,9 +314,11 @@ def run_replay(args: argparse.Namespace) -> int:
             start = time.perf_counter()
             emitted = open(args.emit, "wb") if args.emit else None
             try:
-                counts: dict[str, int] = {}
+                counts: dict[str, Any] = {}
+                phases: dict[str, float] = {}  # the engines' seconds per phase
                 if share:
                     counts = _replay_shared(ds.events, args, engine, open_engine, scorer, trainer=trainer)
+                    phases = counts.pop("phases")
                 for shard, (shard_engine, events) in enumerate(() if share else _shards(ds.events, args.shards, engine, open_engine)):
                     if args.shards > 1:
                         print(f"shard {shard} of {args.shards}: {len(events)} events", flush=True)
@@ -324,6 +327,8 @@ def run_replay(args: argparse.Namespace) -> int:
                         on_recommendations=(lambda items: emitted.writelines(v + b"\n" for _, v in items)) if emitted else None,
                     )
                     counts = {k: counts.get(k, 0) + v for k, v in done.items()}
+                    for phase, spent in shard_engine.phase_totals.items():
+                        phases[phase] = phases.get(phase, 0.0) + spent
                     if shard_engine is not engine:
                         shard_engine.close()
             finally:
@@ -338,6 +343,12 @@ def run_replay(args: argparse.Namespace) -> int:
                                  catalog_size=catalog_size, seconds=seconds, batch_size=args.batch_size, dataset=ds.name)
             full["full_system"] = {"events_per_s": len(ds.events) / seconds, "seconds": seconds, "shards": args.shards,
                                    "share": share, **counts}
+            if phases:  # where the replay's time went: the engine's phases, the scoring, the rest
+                spent = {phase: s for phase, s in phases.items() if s > 0}
+                if "scoring_s" in counts:  # the shared replay scores inside its loop: in "other"
+                    spent["scoring (metrics)"] = counts["scoring_s"]
+                spent["other (source, dataflow)"] = max(seconds - sum(spent.values()), 0.0)
+                full["full_system"]["phases_s"] = spent
             result = _merge(result, full)
     else:
         models = baselines + ([FullSystem(engine)] if "full-system" in names else [])
@@ -409,6 +420,11 @@ def _replay_shared(events: list, args, engine, open_engine, scorer, *, trainer: 
                                      publish_lag=args.trainer_publish_lag)
         bar.close()
         sums = [shard.signal_checksum() for shard in shards]
+        phases: dict[str, float] = {}
+        for shard in shards:
+            for phase, spent in shard.phase_totals.items():
+                phases[phase] = phases.get(phase, 0.0) + spent
+        stats["phases"] = phases
     finally:
         for shard in shards[1:]:
             shard.close()

@@ -114,6 +114,14 @@ def test_replay_cli_shards_split_the_users_and_still_score_every_event(tmp_path,
     assert [runs[n]["full_system"]["shards"] for n in (1, 2)] == [1, 2]
     assert runs[1]["scored"] == runs[2]["scored"] == len(events)
     assert runs[1]["models"]["full-system"] != runs[2]["models"]["full-system"]  # two engines learned apart
+    # where the time went: every shard engine's phases, the scoring and the rest add up to the replay
+    for n in (1, 2):
+        phases, seconds = runs[n]["full_system"]["phases_s"], runs[n]["full_system"]["seconds"]
+        assert phases["score"] > 0 and phases["apply"] > 0
+        assert phases.get("rank", 0.0) < phases["score"] / 10  # nothing is emitted without --emit
+        assert sum(phases.values()) == pytest.approx(seconds)
+    assert runs[1]["full_system"]["phases_s"]["scoring (metrics)"] > 0  # the shared replay scores in its loop
+    assert "## Where the full system's replay time went" in (tmp_path / "s2" / "report.md").read_text()
     with pytest.raises(SystemExit, match="only with --protocol prequential"):
         main(args + ["--shards", "2", "--protocol", "leave-last-out", "--out", str(tmp_path / "loo")])
 

@@ -198,6 +198,20 @@ def _fallback_section(fallback: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _phases_section(phases: dict[str, float]) -> list[str]:
+    """Where the full system's replay time went: the engine's phases (``recsys.shard.step.PHASES``),
+    the scoring, and the rest (the replay's source and the dataflow around the engine)."""
+    total = sum(phases.values())
+    if not phases or total <= 0:
+        return []
+    lines = ["", "## Where the full system's replay time went", "",
+             "| phase | seconds | share |", "|---|---:|---:|"]
+    lines += [f"| {name} | {s:.2f} | {s / total:.1%} |" for name, s in phases.items()]
+    lines += ["", "Engine phases as `recsys.shard.step.PHASES` names them (score: the list ranked before each "
+              "batch, which is what is scored; rank: the lists emitted after it, only with `--emit`)."]
+    return lines
+
+
 def write_report(
     result: dict[str, Any],
     out_dir: str | Path,
@@ -263,6 +277,7 @@ def write_report(
     if timing:
         md += ["", "## Time per model (s)", ""]
         md += _table(timing, sorted({c for t in timing.values() for c in t}), first="model", bold_best=False)
+    md += _phases_section((result.get("full_system") or {}).get("phases_s") or {})
     if primary:
         for key, heading in (("per_type", "per event type"), ("slices", "per slice")):
             groups = result.get(key) or {}

@@ -331,6 +331,9 @@ class Shard:
         if settings.search_in_history:  # a recent query enters the next recommendations
             self.recommender = SearchIntent(self.recommender, self.search)
         self.totals: Counter = Counter()
+        #: wall seconds of each phase (``PHASES``) summed over every batch so far: where a replay's
+        #: time went (``recsys replay`` reports them)
+        self.phase_totals: dict[str, float] = dict.fromkeys(PHASES, 0.0)
         if self.served_by_trainer and persistent:  # a (re)started shard serves the newest published models at once
             self.poll_model_snapshots()
         # issue 11: exchange records held back until this shard's catalog knows every item their head
@@ -459,7 +462,10 @@ class Shard:
         Python's cyclic garbage collector is paused for the batch (:func:`_collector_paused`).
         """
         with _collector_paused():
-            return self._process(envelopes)
+            result = self._process(envelopes)
+        for phase, seconds in result.phase_seconds.items():
+            self.phase_totals[phase] = self.phase_totals.get(phase, 0.0) + seconds
+        return result
 
     def _process(self, envelopes: list[Envelope]) -> BatchResult:
         self._in_batch = True  # until the batch's write is done (:meth:`_committed`)
