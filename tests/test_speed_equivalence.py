@@ -855,3 +855,51 @@ def test_most_active_sessions_per_query_equal_the_lexsort_cut(seed):
         rank = np.arange(len(q)) - np.repeat(np.cumsum(per_q) - per_q, per_q)
         expected = np.sort(pick[rank < sample_size])
         assert np.array_equal(most_active_per_query(q, active, sample_size), expected)
+
+
+def _buy_again_per_user(index, n: int, states: list[UserState], exclusions: list[set[str]]):
+    """The per-user buy-again candidates ``Recommender._add_buy_again`` gave before it became
+    one pass over the batch (2026-12-05): each user's purchases newest first, filtered, sorted
+    by count (stable, so ties stay newest first), cut at ``n``."""
+    users, names, counts = [], [], []
+    for u, (state, excl) in enumerate(zip(states, exclusions)):
+        ids = [i for i in reversed(state.purchased) if i not in excl and i in index]
+        ids.sort(key=lambda i: -state.bought.get(i, 1))
+        top = ids[:n]
+        users += [u] * len(top)
+        names += top
+        counts += [state.bought.get(i, 1) for i in top]
+    return users, index.rows(names).tolist(), [float(np.float32(c)) for c in counts]
+
+
+def test_buy_again_in_one_pass_equals_the_per_user_sort():
+    """Many ties, excluded items, items not in the index, users past the cut."""
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from recsys.items.catalog import VectorIndex
+
+    rng = random.Random(5)
+    vectors = VectorIndex(4)
+    ids = [f"i{j}" for j in range(300)]
+    vectors.upsert(ids[:250], np.eye(4, dtype=np.float32)[np.arange(250) % 4] + 0.1)  # i250.. unknown
+    cap = vectors.row_capacity + 1
+    for n in (1, 5, 30):
+        fake = SimpleNamespace(items=SimpleNamespace(index=vectors), config=SimpleNamespace(again_candidates=n))
+        states, exclusions = [], []
+        for u in range(60):
+            bought = rng.sample(ids, rng.choice([0, 1, 3, 40, 200]))
+            states.append(UserState(user_id=f"u{u}", purchased=list(bought),
+                                    bought={i: rng.choice([1, 1, 2, 3]) for i in bought if rng.random() < 0.9}))
+            exclusions.append({i for i in bought if rng.random() < 0.2})
+        rows = [vectors.rows(sorted(e)) for e in exclusions]
+        keys = np.unique(np.concatenate([u * cap + r[r >= 0] for u, r in enumerate(rows)] + [np.zeros(0, np.int64)]))
+        parts = R._Entries()
+        Recommender._add_buy_again(fake, parts, states, keys, cap)
+        got: tuple[list, list, list] = ([], [], [])
+        for _, users, rws, values, _, _ in parts.parts:
+            got[0].extend(users.tolist())
+            got[1].extend(rws.tolist())
+            got[2].extend(values.tolist())
+        assert got == _buy_again_per_user(vectors, n, states, exclusions), n
+        assert max(Counter(got[0]).values()) == n  # lists were cut

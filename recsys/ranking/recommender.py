@@ -31,6 +31,7 @@ users. ``tests/test_recommender.py`` proves a batch ranks each user exactly as i
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -170,7 +171,7 @@ class Recommender:
         if self.sessions is not None:
             self._add_session_votes(parts, states, excl_keys, depth)
         # buy again: the user's own most-bought items that may be bought again
-        self._add_buy_again(parts, states, exclusions)
+        self._add_buy_again(parts, states, excl_keys, cap)
         if cfg.seen_candidates:
             self._add_seen(parts, recents, cfg.seen_candidates)
 
@@ -275,22 +276,38 @@ class Recommender:
         rank = np.cumsum(ok) - 1 - (np.cumsum(per_user) - per_user)[users]
         parts.add(_SESSION, users[ok], rows[ok], values[ok].astype(np.float32), attach_only=rank[ok] >= n)
 
-    def _add_buy_again(self, parts: "_Entries", states: list[UserState], exclusions: list[set[str]]) -> None:
-        """The user's most-bought purchasable-again items with their purchase counts, ties to
-        the most recently bought (``UserState.bought``)."""
+    def _add_buy_again(self, parts: "_Entries", states: list[UserState], excl_keys: np.ndarray, cap: int) -> None:
+        """The user's ``again_candidates`` most-bought purchasable-again items with their
+        purchase counts, ties to the most recently bought (``UserState.bought``).
+
+        One pass over the batch: every user's purchases, newest first, then one stable sort by
+        (user, count descending) keeps each user's ties in recency order. Grocery shoppers have
+        bought hundreds of items; a sort per user in Python was ~3% of a Complete Journey replay.
+        """
         index, n = self.items.index, self.config.again_candidates
-        users, names, counts = [], [], []
-        for u, (state, excl) in enumerate(zip(states, exclusions)):
-            ids = [i for i in reversed(state.purchased) if i not in excl and i in index]
-            if not ids:
-                continue
-            ids.sort(key=lambda i: -state.bought.get(i, 1))  # stable: recency breaks ties
-            top = ids[:n]
-            users += [u] * len(top)
-            names += top
-            counts += [state.bought.get(i, 1) for i in top]
-        if names:
-            parts.add(_AGAIN, users, index.rows(names), np.asarray(counts, dtype=np.float32))
+        flat: list[str] = []
+        counts: list[int] = []
+        lens = []
+        for state in states:
+            ids = state.purchased[::-1]
+            lens.append(len(ids))
+            if ids:
+                flat += ids
+                counts += map(state.bought.get, ids, itertools.repeat(1))
+        if not flat:
+            return
+        users = np.repeat(np.arange(len(states)), lens)
+        rows = index.rows(flat)
+        ok = rows >= 0
+        if len(excl_keys):
+            ok &= ~np.isin(users * cap + rows, excl_keys)
+        users, rows, count = users[ok], rows[ok], np.asarray(counts, dtype=np.int64)[ok]
+        order = np.lexsort((-count, users))  # stable: equal counts stay newest first
+        users, rows, count = users[order], rows[order], count[order]
+        rank = np.arange(len(users)) - np.searchsorted(users, users)  # position in the user's list
+        keep = rank < n
+        if keep.any():
+            parts.add(_AGAIN, users[keep], rows[keep], count[keep].astype(np.float32))
 
     def _add_seen(self, parts: "_Entries", recents: list[list[tuple[str, str]]], m: int) -> None:
         """The user's ``m`` most recent distinct items as candidates, graded by recency as the
