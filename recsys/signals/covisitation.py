@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Iterable
 import numpy as np
 import orjson
 
-from recsys.feedback import EVENT_WEIGHTS, decay_factor, half_life_ms
+from recsys.feedback import EVENT_WEIGHTS, half_life_ms
 from recsys.signals._covisit_kernels import IdBytes, apply_pairs, pack_rows, ranked_order, top_many
 from recsys.signals.coderows import CodeRows, RowIndex
 
@@ -112,21 +112,28 @@ class CoVisitation:
         w = EVENT_WEIGHTS.get(event_type, 0.0)
         if item_id is None or w == 0:
             return
+        # the last ``window`` entries (a list, as UserState keeps it, is sliced without a copy of it all)
+        tail = history[-self.window :] if type(history) is list else list(history)[-self.window :]
         recent: dict[str, int] = {}
-        for a, _type_a, ts_a in list(history)[-self.window :]:
+        for a, _type_a, ts_a in tail:
             if a is None or a == item_id:
                 continue
             gap = abs(ts - ts_a)  # out-of-order history: distance in time either way
-            if a not in recent or gap < recent[a]:
+            seen = recent.get(a)
+            if seen is None or gap < seen:
                 recent[a] = gap
         if not recent:
             return
         b = self._intern(item_id)
+        half_life, code, intern = self._half_life_ms, self._code, self._intern
+        pa, pb, pw = self._pa, self._pb, self._pw
         for a in sorted(recent):
-            self._pa.append(self._intern(a))
-            self._pb.append(b)
-            self._pw.append(w * decay_factor(recent[a], self._half_life_ms))
-        if len(self._pa) >= _PENDING_PAIRS:
+            gap = recent[a]
+            pa.append(code[a] if a in code else intern(a))
+            pb.append(b)
+            # decay_factor(gap, half_life) inline: the same expression, so the same float
+            pw.append(w * (1.0 if gap <= 0 else 0.5 ** (gap / half_life)))
+        if len(pa) >= _PENDING_PAIRS:
             self._apply()
 
     def _apply(self) -> None:
