@@ -206,7 +206,7 @@ class MetricAccumulator:
             raise ValueError(f"series_every must be >= 1, got {series_every}")
         self.series_every = series_every
         self.series_bucket_ms = series_bucket_ms
-        # per-user sums of every list metric (``add(user=...)``): bootstrap over users
+        # every list's values come in this order (``{metric}@{k}``, cutoff by cutoff)
         self._metric_names = [f"{m}@{k}" for k in self.ks for m in _LIST_METRICS]
         self._overall = _Sums(self.ks, self._metric_names)
         # ideal DCG per (cutoff, number of relevant items)
@@ -214,6 +214,7 @@ class MetricAccumulator:
         self._per_type: dict[str, _Sums] = {}
         self._slices: dict[str, _Sums] = {}
         self._covered: dict[int, set[str]] = {k: set() for k in self.ks}
+        # per-user sums of every list metric (``add(user=...)``): bootstrap over users
         self._per_user: dict[str, list[float]] = {}
         # series buckets: key -> [sums, start_ts, end_ts]
         self._series: dict[int, list[Any]] = {}

@@ -305,8 +305,9 @@ class Recommender:
         count = np.asarray(counts, dtype=np.int64)
         order = np.lexsort((-count, users))  # stable: equal counts stay newest first
         rank = np.arange(len(order)) - np.searchsorted(users, users)  # position in the user's sorted list
-        slack = np.diff(np.searchsorted(excl_keys, np.arange(n_users + 1) * cap)) if len(excl_keys) else np.zeros(n_users, np.int64)
-        look = rank < n + slack[users]
+        excluded = np.diff(np.searchsorted(excl_keys, np.arange(n_users + 1) * cap))  # per user
+        look = rank < n + excluded[users]
+        held = np.bincount(users, minlength=n_users)
         while True:
             at = order[look]  # flat positions, by user then sorted
             u, c = users[look], count[at]
@@ -314,8 +315,7 @@ class Recommender:
             ok = rows >= 0
             if len(excl_keys):
                 ok &= ~np.isin(u * cap + rows, excl_keys)
-            short = (np.bincount(u[ok], minlength=n_users) < n) & (np.bincount(users, minlength=n_users)
-                                                                    > np.bincount(u, minlength=n_users))
+            short = (np.bincount(u[ok], minlength=n_users) < n) & (held > np.bincount(u, minlength=n_users))
             if not short.any():
                 break
             look |= short[users]  # those users' whole lists (rare: items out of the index)
