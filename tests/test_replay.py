@@ -122,6 +122,7 @@ def test_replay_cli_shards_split_the_users_and_still_score_every_event(tmp_path,
         assert sum(phases.values()) == pytest.approx(seconds)
     assert runs[1]["full_system"]["phases_s"]["scoring (metrics)"] > 0  # the shared replay scores in its loop
     assert "## Where the full system's replay time went" in (tmp_path / "s2" / "report.md").read_text()
+    assert (tmp_path / "s1" / "phases.png").stat().st_size > 0 and "![phases](phases.png)" in (tmp_path / "s1" / "report.md").read_text()
     with pytest.raises(SystemExit, match="only with --protocol prequential"):
         main(args + ["--shards", "2", "--protocol", "leave-last-out", "--out", str(tmp_path / "loo")])
 

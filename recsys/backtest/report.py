@@ -147,6 +147,24 @@ def _plot_bars(groups: dict[str, dict[str, dict[str, Any]]], metric: str, path: 
     return True
 
 
+def _plot_phases(phases: dict[str, float], n_events: int | None, path: Path, title: str) -> bool:
+    """Where the full system's replay time went, one bar per phase (µs an event when the event
+    count is known, else seconds)."""
+    shown = {name: s for name, s in phases.items() if s > 0}
+    if not shown:
+        return False
+    scale, unit = (1e6 / n_events, "µs an event") if n_events else (1.0, "seconds")
+    fig = _new_figure()
+    ax = fig.add_subplot()
+    names = list(shown)[::-1]  # the first phase on top
+    ax.barh(names, [shown[n] * scale for n in names])
+    ax.set_xlabel(unit)
+    ax.set_title(f"{title}\nwhere the full system's replay time went", fontsize="medium")
+    ax.grid(True, axis="x", alpha=0.3)
+    fig.savefig(path)
+    return True
+
+
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{x * 100:+.1f}%"
 
@@ -244,6 +262,9 @@ def write_report(
             path = out / f"series_{_safe(metric)}.png"
             if metric and _plot_series(series, metric, path, title):
                 plots.append(path)
+    phases = (result.get("full_system") or {}).get("phases_s") or {}
+    if phases and _plot_phases(phases, result.get("events"), out / "phases.png", title):
+        plots.append(out / "phases.png")
     if primary:
         for key, what, fname in (("per_type", "event type", "per_type.png"), ("slices", "slice", "slices.png")):
             groups = result.get(key) or {}
