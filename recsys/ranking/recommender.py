@@ -112,8 +112,12 @@ class Recommender:
 
     def excluded(self, state: UserState) -> set[str]:
         """Items this user must not be shown: purchased ones that are not repeat purchases
-        (one set difference: grocery shoppers have bought hundreds of items)."""
-        return set(state.purchased).difference(self.items.catalog.repeatable)
+        (one set difference: grocery shoppers have bought hundreds of items; when every one of
+        them may be bought again, as on a grocery log, no set of them is built at all)."""
+        repeatable = self.items.catalog.repeatable
+        if repeatable.issuperset(state.purchased):
+            return set()
+        return set(state.purchased).difference(repeatable)
 
     def rank(
         self, states: list[UserState], now_ts: int, k: int | None = None, *, explain: bool = True
