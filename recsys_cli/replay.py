@@ -17,6 +17,7 @@ import os
 import shlex
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -315,7 +316,7 @@ def run_replay(args: argparse.Namespace) -> int:
             emitted = open(args.emit, "wb") if args.emit else None
             try:
                 counts: dict[str, Any] = {}
-                phases: dict[str, float] = {}  # the engines' seconds per phase
+                phases: Counter = Counter()  # the engines' seconds per phase, summed
                 if share:
                     counts = _replay_shared(ds.events, args, engine, open_engine, scorer, trainer=trainer)
                     phases = counts.pop("phases")
@@ -327,8 +328,7 @@ def run_replay(args: argparse.Namespace) -> int:
                         on_recommendations=(lambda items: emitted.writelines(v + b"\n" for _, v in items)) if emitted else None,
                     )
                     counts = {k: counts.get(k, 0) + v for k, v in done.items()}
-                    for phase, spent in shard_engine.phase_totals.items():
-                        phases[phase] = phases.get(phase, 0.0) + spent
+                    phases.update(shard_engine.phase_totals)
                     if shard_engine is not engine:
                         shard_engine.close()
             finally:
@@ -420,11 +420,9 @@ def _replay_shared(events: list, args, engine, open_engine, scorer, *, trainer: 
                                      publish_lag=args.trainer_publish_lag)
         bar.close()
         sums = [shard.signal_checksum() for shard in shards]
-        phases: dict[str, float] = {}
+        stats["phases"] = Counter()
         for shard in shards:
-            for phase, spent in shard.phase_totals.items():
-                phases[phase] = phases.get(phase, 0.0) + spent
-        stats["phases"] = phases
+            stats["phases"].update(shard.phase_totals)
     finally:
         for shard in shards[1:]:
             shard.close()

@@ -127,7 +127,12 @@ def novelty(recommended: Sequence[str], item_counts: Mapping[str, float], total:
     items = recommended[:k]
     if not items or total <= 0:
         return None
-    return sum(-math.log2(max(item_counts.get(i, 0), 1) / total) for i in items) / len(items)
+    return sum(_self_information(items, item_counts, total)) / len(items)
+
+
+def _self_information(items: Sequence[str], item_counts: Mapping[str, float], total: float) -> list[float]:
+    """``-log2(count / total)`` of each item, an item never seen counted once (:func:`novelty`)."""
+    return [-math.log2(max(item_counts.get(i, 0), 1) / total) for i in items]
 
 
 class _Sums:
@@ -257,7 +262,7 @@ class MetricAccumulator:
             # novelty() at every cutoff, each item's term computed once: the same terms summed
             # in the same order, so the same floats
             top = recommended[:kmax]
-            terms = [-math.log2(max(item_counts.get(i, 0), 1) / total) for i in top]
+            terms = _self_information(top, item_counts, total)
             nov = [sum(terms[:k]) / len(top[:k]) for k in self.ks]
         self._overall.add(values, nov)
         if user is not None:

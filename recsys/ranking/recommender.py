@@ -173,7 +173,7 @@ class Recommender:
         # ``session_candidates`` votes bring candidates in; the rest only mark candidates that
         # other sources brought (a vote is evidence either way)
         if self.sessions is not None:
-            self._add_session_votes(parts, states, excl_keys, depth)
+            self._add_session_votes(parts, states, excl_keys, cap, depth)
         # buy again: the user's own most-bought items that may be bought again
         self._add_buy_again(parts, states, excl_keys, cap)
         if cfg.seen_candidates:
@@ -265,7 +265,8 @@ class Recommender:
         owners = np.repeat(np.repeat(np.arange(len(heads)), per_user), lengths)
         parts.add(source, owners[keep], rows[keep], values[keep], anchors[keep])
 
-    def _add_session_votes(self, parts: "_Entries", states: list[UserState], excl_keys: np.ndarray, k: int) -> None:
+    def _add_session_votes(self, parts: "_Entries", states: list[UserState], excl_keys: np.ndarray, cap: int,
+                           k: int) -> None:
         n = self.config.session_candidates
         users, codes, values = self.sessions.ranked_votes([s.user_id for s in states], n + k)
         if not len(users):
@@ -274,7 +275,7 @@ class Recommender:
         # an excluded item that is in the index is one of the user's excluded rows
         ok = rows >= 0
         if len(excl_keys):
-            ok &= ~np.isin(users * (self.items.index.row_capacity + 1) + rows, excl_keys)
+            ok &= ~np.isin(users * cap + rows, excl_keys)
         # each usable vote's rank among the user's usable votes, for the cut at n
         per_user = np.bincount(users[ok], minlength=len(states))
         rank = np.cumsum(ok) - 1 - (np.cumsum(per_user) - per_user)[users]

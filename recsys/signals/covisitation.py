@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Iterable
 import numpy as np
 import orjson
 
-from recsys.feedback import EVENT_WEIGHTS, half_life_ms
+from recsys.feedback import EVENT_WEIGHTS, decay_factor, half_life_ms
 from recsys.signals._covisit_kernels import IdBytes, apply_pairs, pack_rows, ranked_order, top_many
 from recsys.signals.coderows import CodeRows, RowIndex
 
@@ -125,15 +125,11 @@ class CoVisitation:
         if not recent:
             return
         b = self._intern(item_id)
-        half_life, code, intern = self._half_life_ms, self._code, self._intern
-        pa, pb, pw = self._pa, self._pb, self._pw
         for a in sorted(recent):
-            gap = recent[a]
-            pa.append(code[a] if a in code else intern(a))
-            pb.append(b)
-            # decay_factor(gap, half_life) inline: the same expression, so the same float
-            pw.append(w * (1.0 if gap <= 0 else 0.5 ** (gap / half_life)))
-        if len(pa) >= _PENDING_PAIRS:
+            self._pa.append(self._intern(a))
+            self._pb.append(b)
+            self._pw.append(w * decay_factor(recent[a], self._half_life_ms))
+        if len(self._pa) >= _PENDING_PAIRS:
             self._apply()
 
     def _apply(self) -> None:
