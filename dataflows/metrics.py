@@ -165,6 +165,8 @@ class FlowMetrics(_Endpoint):
         self.users = Gauge("recsys_state_users", "Users in state (counted at start, plus users first seen since)", registry=r)
         self.state_bytes = Gauge("recsys_state_size_bytes", "Size on disk of the state directory (RocksDB, models)", registry=r)
         self.waiting = Gauge("recsys_waiting_events", "Events waiting for their catalog item", registry=r)
+        self.deferred = Gauge("recsys_catalog_records_deferred",
+                              "Catalog records waiting for the embedding worker's vectors (RECSYS_EMBED_WORKER)", registry=r)
         self.items = Gauge("recsys_catalog_items", "Items in the catalog", registry=r)
         self.search_cache = Counter(
             "recsys_search_cache", "Search's cache look-ups by outcome (each search, and each engagement checked "
@@ -266,10 +268,10 @@ class FlowMetrics(_Endpoint):
         by_topic: dict[str, int] = {}
         for env in envelopes:
             by_topic[env.topic] = by_topic.get(env.topic, 0) + 1
-            if env.topic == catalog_topic:
-                self.new_item.observe(max(now_ms - env.timestamp_ms, 0) / 1000)
-            elif env.key is not None:
+            if env.topic != catalog_topic and env.key is not None:
                 last_append[env.key] = env.timestamp_ms
+        for appended_ms in result.catalog_applied_ms:  # indexed now (with the embedding worker: maybe later)
+            self.new_item.observe(max(now_ms - appended_ms, 0) / 1000)
         for topic, n in by_topic.items():
             self.consumed.labels(topic).inc(n)
         for event_type, n in result.event_types.items():
@@ -310,6 +312,7 @@ class FlowMetrics(_Endpoint):
         """On every timer tick and batch: gauges, and the status line when due."""
         now = self.clock()
         self.waiting.set(len(engine.waiting))
+        self.deferred.set(engine.deferred_records)
         self.items.set(len(engine.items.catalog))
         self._count_search_caches(engine)
         self.hit_rate.set(engine.monitor.hit_rate)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import itertools
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -486,8 +486,12 @@ class ItemSpace:
         self._codes: dict[str, int] = {}
         self._category_rows = np.full(0, -1, dtype=np.int64)  # index row -> category code
 
-    def upsert(self, items: Iterable[CatalogItem], progress: bool = False) -> int:
-        """Apply catalog updates; returns how many items got a new vector in the index."""
+    def upsert(self, items: Iterable[CatalogItem], progress: bool = False,
+               vectors: Mapping[str, np.ndarray] | None = None) -> int:
+        """Apply catalog updates; returns how many items got a new vector in the index.
+
+        ``vectors``: text -> vector already embedded (by the embedding worker,
+        :mod:`recsys.items.worker`); only the other texts go to the embedder."""
         items = list(items)
         changed = {i.item_id for i in self.catalog.upsert(items)}
         latest = {i.item_id: i for i in items}
@@ -502,7 +506,10 @@ class ItemSpace:
         ]
         self.index.remove(to_remove)
         if to_index:
-            vecs = self.embedder.embed([item.text for item in to_index], progress=progress)
+            known = vectors or {}
+            missing = list(dict.fromkeys(item.text for item in to_index if item.text not in known))
+            embedded = dict(zip(missing, self.embedder.embed(missing, progress=progress))) if missing else {}
+            vecs = np.stack([known[item.text] if item.text in known else embedded[item.text] for item in to_index])
             self.index.upsert([item.item_id for item in to_index], vecs)
         # keep the row -> category array current for just these items (rows of removed or
         # re-embedded items are never candidates again, so their old entries are harmless)
@@ -510,6 +517,14 @@ class ItemSpace:
         codes = np.fromiter((self.category_code.get(i, -1) for i in latest), dtype=np.int64, count=len(latest))
         self.category_rows()[rows[rows >= 0]] = codes[rows >= 0]
         return len(to_index)
+
+    def needs_vector(self, item: CatalogItem) -> bool:
+        """Whether :meth:`upsert` of ``item`` would embed its text: available, and new to the
+        index or with a text other than the catalog's."""
+        if not item.available:
+            return False
+        old = self.catalog.get(item.item_id)
+        return old is None or old.text != item.text or item.item_id not in self.index
 
     def recommendable(self, item_id: str) -> bool:
         return self.catalog.is_recommendable(item_id) and item_id in self.index

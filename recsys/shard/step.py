@@ -24,7 +24,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +57,7 @@ from recsys.events import (
 from recsys.feedback import EVENT_WEIGHTS, MS_PER_DAY
 from recsys.items.catalog import ItemSpace
 from recsys.items.embeddings import Embedder
+from recsys.items.worker import EmbeddingWorker, WorkerGone
 from recsys.ranking.head import Example, Head, HeadConfig
 from recsys.ranking.recommender import MODEL_VERSION, Recommender, RecommenderConfig
 from recsys.ranking.reranker import (
@@ -149,6 +150,9 @@ class BatchResult:
     exchange: list[bytes] = field(default_factory=list)  # issue 11: signal-op messages to publish
     # wall seconds of each phase of the step (see ``PHASES``), for the slow-batch log and metrics
     phase_seconds: dict[str, float] = field(default_factory=dict)
+    # broker append times (ms) of the catalog records applied in this batch: its own, and with the
+    # embedding worker those of earlier batches whose vectors came back (the new-item metric)
+    catalog_applied_ms: list[int] = field(default_factory=list)
 
 
 #: What :meth:`Shard.expect_acknowledgements` may name: the outputs kept until acknowledged.
@@ -346,6 +350,19 @@ class Shard:
         # at the end seen at start: the catalog was read to that end before any event.
         wait_s = 0.0 if settings.unknown_items == "admit" or settings.stop_at_end else settings.unknown_item_wait_s
         self.waiting = WaitingRoom(kv, wait_s, clock, settings.max_message_bytes)
+        # New item text embedded by a process of its own, off the batch's path (_defer_catalog).
+        # Only where an event can wait for its item (the waiting room), on persistent state (a
+        # backtest or an in-memory engine embeds in the batch, so it gives the same result every
+        # time), and not with shared signals (their hold for the catalog is not measured with it).
+        self._worker: EmbeddingWorker | None = None
+        # (job, records, their texts, their broker append times), in the order sent
+        self._deferred: deque[tuple[int | None, list[CatalogItem], list[str], list[int]]] = deque()
+        self._deferred_ids: Counter[str] = Counter()  # items with a record in _deferred
+        self._answers: dict[int, object] = {}  # the worker's answers not applied yet
+        self._credit_mark: float | None = None
+        if (settings.embed_worker and wait_s > 0 and persistent and not settings.share_signals
+                and isinstance(embedder, Embedder)):
+            self._worker = EmbeddingWorker(settings.model_name, embedder.cache_path, settings.embed_batch_size)
 
     @staticmethod
     def _check_layout(kv: KVStore, settings: Settings) -> None:
@@ -392,6 +409,8 @@ class Shard:
         # state does not hold, which a restart applies and learns again
         if not self._in_batch:
             self.models.save(self, force=True)
+        if self._worker is not None:  # records it had not answered are in the state: the next start embeds them
+            self._worker.close()
         self.kv.close()
         self.embedder.close()
 
@@ -578,6 +597,7 @@ class Shard:
         self._processed_before = dict(self.positions)
         # catalog first, so an item and its first event in one batch work in either order
         catalog_items: list[CatalogItem] = []
+        catalog_ms: list[int] = []  # their broker append times
         controls: list[tuple[Envelope, ControlMessage]] = []
         events: list[tuple[Envelope, Event]] = []
         exchanged: list[tuple[int, bytes]] = []  # issue 11: the exchange log's records, in log order
@@ -588,6 +608,7 @@ class Shard:
                 elif env.topic == catalog_topic:
                     counts["catalog_in"] += 1
                     catalog_items.append(decode_catalog_item(env.value, max_bytes))
+                    catalog_ms.append(env.timestamp_ms)
                 elif env.topic == control_topic:
                     counts["control_in"] += 1
                     controls.append((env, decode_control(env.value, max_bytes)))
@@ -604,11 +625,19 @@ class Shard:
                     self._dead_letter(result, env, str(exc), now_ms)
         result.event_types.update(event.type for _, event in events)
         puts: dict[bytes, bytes] = self._advance_positions(envelopes)
+        if self._deferred:
+            puts.update(self._apply_embedded(result))
         if catalog_items:
             began = self.clock()
-            self.items.upsert(catalog_items)
-            self.search.upsert(catalog_items)  # issue 13
-            for item in catalog_items:
+            now_items = catalog_items
+            if self._worker is not None:
+                now_items, deferred = self._defer_catalog(catalog_items, catalog_ms, result)
+                catalog_ms = [ms for ms, later in zip(catalog_ms, deferred) if not later]
+            if now_items:
+                self.items.upsert(now_items)
+                self.search.upsert(now_items)  # issue 13
+            result.catalog_applied_ms += catalog_ms
+            for item in catalog_items:  # every record in the state at once, deferred ones too
                 puts[_ITEM_PREFIX + item.item_id.encode()] = encode(item)
             # the catalog was catching up meanwhile: no event's wait for an item runs out for it
             puts.update(self.waiting.credit_catalog(self.clock() - began))
@@ -620,6 +649,89 @@ class Shard:
         for env, message in controls:
             self._apply_control(env, message, now_ms, result)
         return events, puts
+
+    def _defer_catalog(self, items: list[CatalogItem], appended_ms: list[int],
+                       result: BatchResult) -> tuple[list[CatalogItem], list[bool]]:
+        """Send the texts of the records that need the model to the embedding worker; returns
+        the records to apply now, and which of ``items`` were deferred. Deferred: a record whose
+        text the index has no vector for (:meth:`ItemSpace.needs_vector`), and every later record
+        of an item with one deferred (an item's records apply in their order). A new item is not
+        in the catalog until its record applies, so its events wait for it in the waiting room;
+        an item with a new text keeps its old vector until then. Each record is in the batch's
+        write as before, so a crash loses nothing: the next start embeds what the worker had not
+        answered."""
+        none = (items, [False] * len(items))
+        try:
+            if not self._deferred and not self._worker.started():
+                return none  # its model is still loading (a few seconds after start): in the batch
+        except WorkerGone as exc:
+            self._worker_gone(exc)
+            return none
+        deferred = [bool(self._deferred_ids[item.item_id]) or self.items.needs_vector(item) for item in items]
+        later = [item for item, d in zip(items, deferred) if d]
+        if not later:
+            return none
+        texts = list(dict.fromkeys(item.text for item in later if item.available))
+        try:
+            job = self._worker.submit(texts) if texts else None
+        except WorkerGone as exc:
+            self._worker_gone(exc)
+            self._apply_embedded(result)  # what was deferred before these, first (the credit's put follows)
+            return none
+        if self._credit_mark is None:
+            self._credit_mark = self.clock()
+        appended = [ms for ms, d in zip(appended_ms, deferred) if d]
+        self._deferred.append((job, later, texts, appended))
+        self._deferred_ids.update(item.item_id for item in later)
+        result.counts["catalog_deferred"] += len(later)
+        return [item for item, d in zip(items, deferred) if not d], deferred
+
+    def _apply_embedded(self, result: BatchResult) -> dict[bytes, bytes]:
+        """Apply, in order, the deferred catalog records whose vectors the worker has sent back
+        (all of them if the worker is gone). Returns the waiting room's credit: while records
+        wait for the worker the catalog is catching up, and no event's wait runs out for it."""
+        now = self.clock()
+        credit = now - self._credit_mark if self._credit_mark is not None else 0.0
+        self._credit_mark = now
+        if self._worker is not None:
+            try:
+                self._answers.update(self._worker.ready())
+            except WorkerGone as exc:
+                self._worker_gone(exc)
+        while self._deferred:
+            job, records, texts, appended = self._deferred[0]
+            vectors = None
+            if job is not None and self._worker is not None:
+                if job not in self._answers:
+                    break  # not back yet; the ones after it neither (answered in order)
+                answer = self._answers.pop(job)
+                if isinstance(answer, str):
+                    _log.warning("the embedding worker failed on %d text(s) (%s); embedding them in the batch",
+                                 len(texts), answer)
+                else:
+                    vectors = dict(zip(texts, answer))
+            self._deferred.popleft()
+            self.items.upsert(records, vectors=vectors)
+            self.search.upsert(records)  # issue 13
+            self._deferred_ids.subtract(item.item_id for item in records)
+            result.counts["catalog_deferred_applied"] += len(records)
+            result.catalog_applied_ms += appended
+        self._deferred_ids = +self._deferred_ids  # drop the zeros
+        if not self._deferred:
+            self._credit_mark = None
+        return self.waiting.credit_catalog(credit) if credit > 0 else {}
+
+    @property
+    def deferred_records(self) -> int:
+        """Catalog records waiting for the embedding worker's vectors."""
+        return sum(len(records) for _, records, _, _ in self._deferred)
+
+    def _worker_gone(self, exc: WorkerGone) -> None:
+        """The worker died: from now on new item text is embedded in the batch (what it had not
+        answered is, at :meth:`_apply_embedded`)."""
+        _log.error("%s; new item text is embedded in the batch from now on (RECSYS_EMBED_WORKER)", exc)
+        self._worker = None
+        self._answers.clear()
 
     def _admit(self, events: list[tuple[Envelope, Event]], result: BatchResult, puts: dict[bytes, bytes],
                now_ms: int) -> tuple[dict[str, list[tuple[Envelope, Event]]], Sorted]:

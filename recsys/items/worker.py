@@ -1,0 +1,228 @@
+"""New item text embedded in a process of its own, off the stream's path (``RECSYS_EMBED_WORKER``).
+
+A catalog record that brings text the index has no vector for needs the sentence-transformer:
+~12 ms of one core for one short text (compute-bound: the model's matrix products), ~20 ms with
+the embedding cache's open and write, and ~3.4 s per 1,000 texts of a bulk import. In the
+batch's path that time stalls every event of the batch and queues the ones behind it (the live
+latency benchmark's 20 new items cost ~20 ms of its p99). A thread cannot take it off the path:
+the model's Python between its matrix products holds the interpreter, and a thread beside the
+batch's own Python finished no sooner (measured: 26.8 ms against 28.9 ms for a batch of 16
+events with one new text, more CPU). A process of its own can: it loads the model once, on the
+other core, and answers each request with the vectors (the embedding cache is shared as before).
+
+The engine (:class:`recsys.shard.step.Shard`) sends the texts at the batch that decodes their
+catalog records and applies those records at the first batch that starts after the answer came
+back; see its ``_defer_catalog``. This module is only the process and its pipe, in the order
+requests were sent (one process, one request at a time, so answers come back in that order).
+
+A worker that dies (killed, out of memory) is noticed at the next read: :class:`WorkerGone`,
+and the engine embeds what was outstanding itself, as before the worker existed.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+from collections import deque
+from multiprocessing.connection import Connection
+from typing import Any
+
+import numpy as np
+
+
+#: Seconds :meth:`EmbeddingWorker.close` waits for the process to finish before killing it.
+_CLOSE_WAIT_S = 0.5
+
+
+class WorkerGone(RuntimeError):
+    """The embedding worker process is no longer there (it exited, or was killed)."""
+
+
+def _serve(inbox: Connection, outbox: Connection, model_name: str, cache_dir: str | None, batch_size: int) -> None:
+    """The worker process: one :class:`~recsys.items.embeddings.Embedder` on one thread, each
+    request ``(job, texts)`` answered with ``(job, vectors, None)`` or ``(job, None, error)``."""
+    # Ctrl-C, or a SIGTERM to the process group, is for the engine: it stops in order and
+    # closes this process (the engine's process gone, the next read here ends it as well)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from recsys.items.embeddings import Embedder
+
+    try:
+        embedder = Embedder(model_name, cache_dir, batch_size=batch_size, num_threads=1)
+        embedder.warm()
+    except Exception as exc:  # noqa: BLE001 - the parent reports it
+        embedder, error = None, f"{type(exc).__name__}: {exc}"
+    else:
+        error = None
+    try:
+        outbox.send(("ready", None, error))
+    except OSError:  # the engine's process is gone (stopped while this one loaded the model)
+        error = error or "gone"
+    if error is not None:
+        if embedder is not None:
+            embedder.close()
+        return
+    try:
+        while True:
+            try:
+                message = inbox.recv()
+            except (EOFError, OSError):  # the engine's process is gone
+                return
+            if message is None:
+                return
+            job, texts = message
+            try:
+                answer = (job, embedder.embed(texts), None)
+            except Exception as exc:  # noqa: BLE001 - the parent reports it and embeds itself
+                answer = (job, None, f"{type(exc).__name__}: {exc}")
+            try:
+                outbox.send(answer)
+            except OSError:  # the engine's process is gone
+                return
+    finally:
+        embedder.close()
+
+
+class EmbeddingWorker:
+    """A process that embeds texts for the engine, one request at a time, in order.
+
+    ``submit`` sends a request and returns its job number; ``ready`` returns, without waiting,
+    every answer that has come back since (job -> vectors, or the worker's error as a string);
+    ``result`` waits for one job. Raises :class:`WorkerGone` once the process is gone.
+    """
+
+    def __init__(self, model_name: str, cache_dir: str | os.PathLike[str] | None, batch_size: int = 64) -> None:
+        # A fresh interpreter (``python -m recsys.items.worker``), not multiprocessing's fork (of
+        # a process holding RocksDB handles and threads) or spawn (which imports the caller's
+        # main module again: Bytewax's runner, a script). Two pipes carry pickled messages.
+        to_child_r, to_child_w = os.pipe()
+        from_child_r, from_child_w = os.pipe()
+        args = [sys.executable, "-m", "recsys.items.worker", str(to_child_r), str(from_child_w),
+                model_name, "" if cache_dir is None else str(cache_dir), str(batch_size)]
+        self._process = subprocess.Popen(args, pass_fds=(to_child_r, from_child_w), stdin=subprocess.DEVNULL)
+        os.close(to_child_r)
+        os.close(from_child_w)
+        self._send_conn = Connection(to_child_w, readable=False)
+        self._conn = Connection(from_child_r, writable=False)
+        # Requests go out through a thread: a send blocks while the pipe is full, and the worker
+        # empties it only after writing its last answer, which this process reads between
+        # batches. A batch that sent while the worker was writing would wait for ever (found by
+        # a bulk import: 32 requests of 64 texts queued faster than the worker embedded them).
+        self._outgoing: queue.SimpleQueue = queue.SimpleQueue()
+        self._sender = threading.Thread(target=self._send_loop, name="recsys-embedding-sender", daemon=True)
+        self._sender.start()
+        self._started = False  # the worker's "ready" answer read
+        self._next_job = 0
+        self._sent: deque[int] = deque()  # jobs sent, answers not read yet, in order
+        self._answers: dict[int, np.ndarray | str] = {}
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid
+
+    def started(self) -> bool:
+        """Whether the process has its model loaded (not waited for: a few seconds after start)."""
+        if not self._started and self._poll(0):
+            self._read()
+        return self._started
+
+    @property
+    def outstanding(self) -> int:
+        """Requests sent whose answers have not been handed out yet."""
+        return len(self._sent) + len(self._answers)
+
+    def submit(self, texts: list[str]) -> int:
+        if self._process.poll() is not None:
+            raise WorkerGone(f"the embedding worker (pid {self.pid}) is gone: exit code {self._process.returncode}")
+        job = self._next_job
+        self._next_job += 1
+        self._outgoing.put((job, list(texts)))
+        self._sent.append(job)
+        return job
+
+    def _send_loop(self) -> None:
+        while True:
+            message = self._outgoing.get()
+            try:
+                self._send_conn.send(message)
+            except (OSError, ValueError):  # the worker is gone: the next read says so
+                return
+            if message is None:
+                return
+
+    def ready(self) -> dict[int, np.ndarray | str]:
+        """Every answer available now (none waited for), by job."""
+        while self._sent or not self._started:
+            if not self._poll(0):
+                break
+            self._read()
+        out, self._answers = self._answers, {}
+        return out
+
+    def result(self, job: int, timeout_s: float | None = None) -> np.ndarray | str:
+        """Job ``job``'s answer, waiting for it (``TimeoutError`` after ``timeout_s``)."""
+        while job not in self._answers:
+            if job not in self._sent:
+                raise KeyError(f"no embedding job {job} outstanding")
+            if not self._poll(timeout_s):
+                raise TimeoutError(f"embedding job {job} not answered within {timeout_s} s")
+            self._read()
+        return self._answers.pop(job)
+
+    def _poll(self, timeout_s: float | None) -> bool:
+        try:
+            return self._conn.poll(timeout_s)
+        except (EOFError, OSError) as exc:
+            raise WorkerGone(f"the embedding worker (pid {self.pid}) is gone: {exc}") from exc
+
+    def _read(self) -> None:
+        try:
+            job, vectors, error = self._conn.recv()
+        except (EOFError, OSError) as exc:
+            raise WorkerGone(f"the embedding worker (pid {self.pid}, exit code {self._process.poll()}) "
+                             f"is gone: {type(exc).__name__}") from exc
+        if job == "ready":
+            self._started = True
+            if error is not None:
+                raise WorkerGone(f"the embedding worker could not load its model: {error}")
+            return
+        expected = self._sent.popleft()
+        if job != expected:  # one process answering in order: never
+            raise WorkerGone(f"the embedding worker answered job {job}, expected {expected}")
+        self._answers[job] = vectors if error is None else error
+
+    def close(self) -> None:
+        """Stop the process: asked first (it is idle, most of the time), killed if it has not
+        finished within half a second (what it was still asked to embed is in the engine's
+        state, and the next start embeds it: a bulk import's queue is not worth waiting for;
+        the embedding cache is RocksDB, which a kill leaves consistent)."""
+        self._outgoing.put(None)
+        try:
+            self._process.wait(_CLOSE_WAIT_S)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+        self._sender.join(5.0)
+        self._send_conn.close()
+        self._conn.close()
+
+    def __repr__(self) -> str:
+        return f"EmbeddingWorker(pid={self.pid}, outstanding={self.outstanding})"
+
+
+def main(argv: list[str]) -> None:
+    """``python -m recsys.items.worker IN_FD OUT_FD MODEL CACHE_DIR BATCH_SIZE`` (started by
+    :class:`EmbeddingWorker`; an empty ``CACHE_DIR``: no cache)."""
+    in_fd, out_fd, model_name, cache_dir, batch_size = argv
+    _serve(Connection(int(in_fd), writable=False), Connection(int(out_fd), readable=False),
+           model_name, cache_dir or None, int(batch_size))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,226 @@
+"""recsys/items/worker.py and the engine's use of it (RECSYS_EMBED_WORKER): new item text embedded
+by a process of its own, off the batch's path, applied in order, lost by no crash."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+import orjson
+import pytest
+
+from recsys.events import CatalogItem, Envelope, Event, encode
+from recsys.items.embeddings import Embedder
+from recsys.items.worker import EmbeddingWorker, WorkerGone
+from recsys.settings import Settings
+from recsys.shard.step import Shard
+from recsys.store.kv import RocksKV
+
+_WAIT_S = 60.0  # the worker loads the model (a few seconds) before its first answer
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("emb"))
+
+
+def _settings(tmp_path, cache_dir: str, **overrides) -> Settings:
+    return Settings(state_dir=str(tmp_path / "state"), recovery_dir=None, embed_cache_dir=cache_dir, **overrides)
+
+
+def _catalog(offset: int, item_id: str, title: str, **fields) -> Envelope:
+    return Envelope("catalog", 0, offset, item_id.encode(), orjson.dumps({"item_id": item_id, "title": title, **fields}), 1_000)
+
+
+def _event(offset: int, event_id: str, user: str, item: str, ts: int = 1_000) -> Envelope:
+    return Envelope("events", 0, offset, user.encode(), encode(Event(event_id, "click", user, item, ts=ts)), ts)
+
+
+def _open(settings: Settings, embedder: Embedder) -> Shard:
+    engine = Shard(settings, RocksKV(settings.state_dir), embedder)
+    engine.upsert_catalog([CatalogItem("tent", title="Red dome tent"), CatalogItem("kettle", title="Steel kettle")])
+    return engine
+
+
+def _until_applied(engine: Shard, item_id: str):
+    """Empty batches (the flow's timer) until ``item_id`` is in the catalog; their results."""
+    results = []
+    deadline = time.monotonic() + _WAIT_S
+    while item_id not in engine.items.catalog:
+        assert time.monotonic() < deadline, f"{item_id} not applied within {_WAIT_S} s"
+        time.sleep(0.02)
+        results.append(engine.process([]))
+    return results
+
+
+def _started(engine: Shard) -> None:
+    deadline = time.monotonic() + _WAIT_S
+    while not engine._worker.started():
+        assert time.monotonic() < deadline, "the embedding worker did not start"
+        time.sleep(0.05)
+
+
+def test_the_worker_answers_in_order_with_the_vectors_the_engine_would_compute(cache_dir):
+    texts = [["Blue trail running shoes"], ["Cast iron skillet", "Wool socks, grey"], []]
+    worker = EmbeddingWorker(Settings().model_name, cache_dir)
+    try:
+        jobs = [worker.submit(t) for t in texts]
+        answers = [worker.result(job, timeout_s=_WAIT_S) for job in jobs]
+        assert worker.outstanding == 0
+    finally:
+        worker.close()
+    with Embedder(Settings().model_name, None) as local:
+        for got, t in zip(answers, texts[:2]):
+            np.testing.assert_array_equal(got, local.embed(t))
+    assert answers[2].shape == (0, 384)
+
+
+def test_a_new_item_is_embedded_off_the_batch_and_its_event_waits_for_it(tmp_path, cache_dir):
+    with Embedder(Settings().model_name, cache_dir) as embedder:
+        engine = _open(_settings(tmp_path, cache_dir, embed_worker=True), embedder)
+        try:
+            _started(engine)
+            misses = embedder.stats["misses"]  # the start-up catalog's
+            first = engine.process([_catalog(0, "boots", "Green hiking boots"), _event(0, "e1", "u1", "boots")])
+            # the batch returned without the model: nothing embedded in this process
+            assert embedder.stats["misses"] == misses and first.counts["catalog_deferred"] == 1
+            assert "boots" not in engine.items.catalog and first.counts["waited"] == 1 and not first.recommendations
+            later = _until_applied(engine, "boots")
+            assert sum(r.counts["catalog_deferred_applied"] for r in later) == 1
+            assert sum(r.counts["applied"] for r in later) == 1  # the event, released once its item applied
+            assert embedder.stats["misses"] == misses
+            with Embedder(Settings().model_name, None) as local:
+                np.testing.assert_array_equal(engine.items.vector("boots"), local.embed(["Green hiking boots"])[0])
+        finally:
+            engine.close()
+
+
+def test_an_items_later_records_apply_after_its_deferred_one_in_order(tmp_path, cache_dir):
+    with Embedder(Settings().model_name, cache_dir) as embedder:
+        engine = _open(_settings(tmp_path, cache_dir, embed_worker=True), embedder)
+        try:
+            _started(engine)
+            os.kill(engine._worker.pid, signal.SIGSTOP)  # no answer before the second batch
+            try:
+                engine.process([_catalog(0, "boots", "Green hiking boots", price=80.0)])
+                # the same item again before the worker answers: no new text, but it must not overtake
+                second = engine.process([_catalog(1, "boots", "Green hiking boots", price=60.0),
+                                         _catalog(2, "kettle", "Steel kettle", price=20.0)])
+            finally:
+                os.kill(engine._worker.pid, signal.SIGCONT)
+            assert second.counts["catalog_deferred"] == 1  # the kettle (known text) applied at once
+            assert engine.items.catalog.get("kettle").price == 20.0
+            _until_applied(engine, "boots")
+            assert engine.items.catalog.get("boots").price == 60.0
+            assert not engine._deferred and not engine._deferred_ids
+        finally:
+            engine.close()
+
+
+def test_a_record_the_worker_had_not_answered_is_in_the_state_after_a_crash(tmp_path, cache_dir):
+    settings = _settings(tmp_path, cache_dir, embed_worker=True)
+    with Embedder(Settings().model_name, cache_dir) as embedder:
+        engine = _open(settings, embedder)
+        _started(engine)
+        engine.process([_catalog(0, "boots", "Green hiking boots"), _event(0, "e1", "u1", "boots")])
+        assert "boots" not in engine.items.catalog
+        engine._worker._process.kill()  # dies with the request unanswered; the engine is dropped unclosed
+        engine.kv.close()
+        restarted = Shard(settings.model_copy(update={"embed_worker": False}), RocksKV(settings.state_dir), embedder)
+        try:
+            assert "boots" in restarted.items.catalog and restarted.items.vector("boots") is not None
+            out = restarted.process([])  # the parked event is released: its item is there
+            assert out.counts["applied"] == 1
+        finally:
+            restarted.close()
+
+
+def test_a_dead_worker_is_reported_and_the_engine_embeds_in_the_batch(tmp_path, cache_dir, caplog):
+    with Embedder(Settings().model_name, cache_dir) as embedder:
+        engine = _open(_settings(tmp_path, cache_dir, embed_worker=True), embedder)
+        try:
+            _started(engine)
+            engine.process([_catalog(0, "boots", "Green hiking boots"), _event(0, "e1", "u1", "boots")])
+            os.kill(engine._worker.pid, signal.SIGKILL)
+            engine._worker._process.wait()
+            out = engine.process([_catalog(1, "socks", "Wool socks")])
+            assert engine._worker is None and "is gone" in caplog.text
+            assert "boots" in engine.items.catalog and "socks" in engine.items.catalog
+            assert out.counts["applied"] == 1 and out.counts["catalog_deferred_applied"] == 1
+        finally:
+            engine.close()
+
+
+def test_replays_and_in_memory_engines_never_use_the_worker(tmp_path, cache_dir):
+    from recsys.store.kv import MemoryKV
+
+    with Embedder(Settings().model_name, cache_dir) as embedder:
+        memory = Shard(_settings(tmp_path, cache_dir, embed_worker=True), MemoryKV(), embedder)
+        no_wait = Shard(_settings(tmp_path, cache_dir, embed_worker=True, unknown_item_wait_s=0), RocksKV(tmp_path / "s2"), embedder)
+        try:
+            assert memory._worker is None and no_wait._worker is None
+        finally:
+            memory.close()
+            no_wait.close()
+
+
+def test_worker_gone_is_raised_when_the_process_is_killed(cache_dir):
+    worker = EmbeddingWorker(Settings().model_name, cache_dir)
+    try:
+        worker.result(worker.submit(["warm"]), timeout_s=_WAIT_S)
+        job = worker.submit(["x"])
+        os.kill(worker.pid, signal.SIGKILL)
+        worker._process.wait()
+        with pytest.raises(WorkerGone, match="is gone"):
+            worker.result(job, timeout_s=_WAIT_S)
+    finally:
+        worker.close()
+
+
+def test_requests_queued_faster_than_the_worker_embeds_never_block_the_engine(cache_dir):
+    """A bulk import sends a request per batch while the worker is still writing an earlier
+    answer; a send into a full pipe used to block the engine for ever (a deadlock)."""
+    import threading
+
+    worker = EmbeddingWorker(Settings().model_name, cache_dir)
+    jobs: list[int] = []
+    requests = [[f"item {j}-{i}: a long catalog description " + "with many words " * 8 for i in range(64)] for j in range(8)]
+    sender = threading.Thread(target=lambda: jobs.extend(worker.submit(r) for r in requests), daemon=True)
+    try:
+        sender.start()
+        sender.join(_WAIT_S)
+        assert not sender.is_alive(), "submit blocked"
+        answers = [worker.result(job, timeout_s=_WAIT_S) for job in jobs]
+        assert [a.shape for a in answers] == [(64, 384)] * len(requests)
+    finally:
+        worker.close()
+
+
+def test_the_worker_exits_when_the_engines_process_is_killed(cache_dir):
+    """A flow killed with SIGKILL leaves no worker behind: it reads the end of its pipe."""
+    import subprocess
+    import sys
+
+    code = ("import sys, time\nfrom recsys.items.worker import EmbeddingWorker\n"
+            f"w = EmbeddingWorker('all-MiniLM-L6-v2', {cache_dir!r})\nprint(w.pid, flush=True)\ntime.sleep(600)\n")
+    engine = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        worker_pid = int(engine.stdout.readline())
+        engine.kill()  # while the worker may still be loading its model
+        engine.wait()
+        deadline = time.monotonic() + _WAIT_S
+        while _alive(worker_pid):
+            assert time.monotonic() < deadline, "the worker outlived the engine's process"
+            time.sleep(0.1)
+    finally:
+        engine.kill()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
