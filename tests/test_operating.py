@@ -169,6 +169,51 @@ def test_a_signal_stops_run_in_order_with_one_line_of_totals_and_no_panic(sig, l
 
 
 @pytest.mark.slow
+def test_run_with_the_embedding_worker_applies_new_items_and_their_events_and_stops_it(
+    local_broker, topic_name, tmp_path, children
+):
+    """``--embed-worker`` live: new items' records go to the worker, their events wait and are
+    applied once the vectors are back; SIGTERM stops the flow and its worker within seconds."""
+    from recsys.events import CatalogItem, Event
+
+    prefix = topic_name("worker") + "-"
+    n, flags = _stream(local_broker.bootstrap, prefix, tmp_path)
+    flow = Child([*RECSYS, "run", "--embed-worker", *flags])
+    children.append(flow)
+    flow.wait_for("ready:", READY_TIMEOUT_S)
+    workers = [pid for pid in _child_pids(flow.proc.pid) if b"recsys.items.worker" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert len(workers) == 1, flow.output
+    _wait_applied(local_broker.bootstrap, prefix + "recommendations")
+    producer = KafkaClients.for_bootstrap(local_broker.bootstrap).producer()
+    rounds = 10  # one a second: the worker loads its model beside the flow's start (new items before: in the batch)
+    for r in range(rounds):
+        for j in range(2):
+            item = CatalogItem(f"new-{r}-{j}", title=f"brand new folding bicycle model {r}{j}", category="bikes")
+            producer.send(prefix + "catalog", key=item.item_id.encode(), value=encode(item))
+            event = Event(f"new-e-{r}-{j}", "click", f"new-user-{r}", item.item_id, ts=1_700_000_000_000 + r * 1000 + j)
+            producer.send(prefix + "events", key=event.user_id.encode(), value=encode(event))
+        producer.flush()
+        time.sleep(1.0)
+    producer.close()
+    time.sleep(3.0)  # the last vectors back, the waiting events applied
+    code, took = flow.stop_with(signal.SIGTERM)
+    assert code == 0 and took < STOP_TIMEOUT_S, flow.output
+    assert "panicked" not in flow.output and "Traceback" not in flow.output, flow.output
+    totals = _totals(flow.lines[-1])
+    assert totals["applied"] == n + 2 * rounds and totals["catalog_in"] == 2 * rounds, flow.output
+    assert totals.get("catalog_deferred", 0) >= 2 and totals["catalog_deferred_applied"] == totals["catalog_deferred"]
+    with pytest.raises(ProcessLookupError):  # the worker is gone with the flow
+        os.kill(workers[0], 0)
+
+
+def _child_pids(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except (OSError, ValueError):
+        return []
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_to_the_supervisor_stops_every_shard_and_commits_what_is_done(
     sig, local_broker, topic_name, tmp_path, children
