@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
 
 import numpy as np
 import orjson
@@ -93,6 +94,11 @@ def test_a_new_item_is_embedded_off_the_batch_and_its_event_waits_for_it(tmp_pat
             assert embedder.stats["misses"] == misses
             with Embedder(Settings().model_name, None) as local:
                 np.testing.assert_array_equal(engine.items.vector("boots"), local.embed(["Green hiking boots"])[0])
+            # the worker wrote the engine's own cache (not one of its own): a read of the text is a hit
+            hits = embedder.stats["hits"]
+            embedder.embed(["Green hiking boots"])
+            assert embedder.stats["hits"] == hits + 1 and embedder.stats["misses"] == misses
+            assert not (Path(embedder.cache_path) / Path(embedder.cache_path).name).exists()
         finally:
             engine.close()
 

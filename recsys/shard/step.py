@@ -362,7 +362,9 @@ class Shard:
         self._credit_mark: float | None = None
         if (settings.embed_worker and wait_s > 0 and persistent and not settings.share_signals
                 and isinstance(embedder, Embedder)):
-            self._worker = EmbeddingWorker(settings.model_name, embedder.cache_path, settings.embed_batch_size)
+            # the cache's parent directory, as the engine's embedder was given it: one cache for both
+            cache_dir = None if embedder.cache_path is None else str(Path(embedder.cache_path).parent)
+            self._worker = EmbeddingWorker(settings.model_name, cache_dir, settings.embed_batch_size)
 
     @staticmethod
     def _check_layout(kv: KVStore, settings: Settings) -> None:
