@@ -491,7 +491,8 @@ class ItemSpace:
         """Apply catalog updates; returns how many items got a new vector in the index.
 
         ``vectors``: text -> vector already embedded (by the embedding worker,
-        :mod:`recsys.items.worker`); only the other texts go to the embedder."""
+        :mod:`recsys.items.worker`), used when it holds every text to index (else all are
+        embedded here)."""
         items = list(items)
         changed = {i.item_id for i in self.catalog.upsert(items)}
         latest = {i.item_id: i for i in items}
@@ -506,10 +507,10 @@ class ItemSpace:
         ]
         self.index.remove(to_remove)
         if to_index:
-            known = vectors or {}
-            missing = list(dict.fromkeys(item.text for item in to_index if item.text not in known))
-            embedded = dict(zip(missing, self.embedder.embed(missing, progress=progress))) if missing else {}
-            vecs = np.stack([known[item.text] if item.text in known else embedded[item.text] for item in to_index])
+            if vectors is not None and all(item.text in vectors for item in to_index):
+                vecs = np.stack([vectors[item.text] for item in to_index])
+            else:
+                vecs = self.embedder.embed([item.text for item in to_index], progress=progress)
             self.index.upsert([item.item_id for item in to_index], vecs)
         # keep the row -> category array current for just these items (rows of removed or
         # re-embedded items are never candidates again, so their old entries are harmless)

@@ -93,9 +93,9 @@ def _serve(inbox: Connection, outbox: Connection, model_name: str, cache_dir: st
 class EmbeddingWorker:
     """A process that embeds texts for the engine, one request at a time, in order.
 
-    ``submit`` sends a request and returns its job number; ``ready`` returns, without waiting,
-    every answer that has come back since (job -> vectors, or the worker's error as a string);
-    ``result`` waits for one job. Raises :class:`WorkerGone` once the process is gone.
+    ``submit`` sends a request and returns its job number; ``take`` returns one job's answer
+    if it has come back (the vectors, or the worker's error as a string), without waiting;
+    ``result`` waits for it. Raises :class:`WorkerGone` once the process is gone.
     """
 
     def __init__(self, model_name: str, cache_dir: str | os.PathLike[str] | None, batch_size: int = 64) -> None:
@@ -157,14 +157,11 @@ class EmbeddingWorker:
             if message is None:
                 return
 
-    def ready(self) -> dict[int, np.ndarray | str]:
-        """Every answer available now (none waited for), by job."""
-        while self._sent or not self._started:
-            if not self._poll(0):
-                break
+    def take(self, job: int) -> np.ndarray | str | None:
+        """Job ``job``'s answer if it is back, else None (every answer already written is read)."""
+        while (self._sent or not self._started) and self._poll(0):
             self._read()
-        out, self._answers = self._answers, {}
-        return out
+        return self._answers.pop(job, None)
 
     def result(self, job: int, timeout_s: float | None = None) -> np.ndarray | str:
         """Job ``job``'s answer, waiting for it (``TimeoutError`` after ``timeout_s``)."""

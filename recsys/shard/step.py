@@ -358,7 +358,6 @@ class Shard:
         # (job, records, their texts, their broker append times), in the order sent
         self._deferred: deque[tuple[int | None, list[CatalogItem], list[str], list[int]]] = deque()
         self._deferred_ids: Counter[str] = Counter()  # items with a record in _deferred
-        self._answers: dict[int, object] = {}  # the worker's answers not applied yet
         self._credit_mark: float | None = None
         if (settings.embed_worker and wait_s > 0 and persistent and not settings.share_signals
                 and isinstance(embedder, Embedder)):
@@ -631,14 +630,13 @@ class Shard:
             puts.update(self._apply_embedded(result))
         if catalog_items:
             began = self.clock()
-            now_items = catalog_items
+            now_items, now_ms = catalog_items, catalog_ms
             if self._worker is not None:
-                now_items, deferred = self._defer_catalog(catalog_items, catalog_ms, result)
-                catalog_ms = [ms for ms, later in zip(catalog_ms, deferred) if not later]
+                now_items, now_ms = self._defer_catalog(catalog_items, catalog_ms, result)
             if now_items:
                 self.items.upsert(now_items)
                 self.search.upsert(now_items)  # issue 13
-            result.catalog_applied_ms += catalog_ms
+            result.catalog_applied_ms += now_ms
             for item in catalog_items:  # every record in the state at once, deferred ones too
                 puts[_ITEM_PREFIX + item.item_id.encode()] = encode(item)
             # the catalog was catching up meanwhile: no event's wait for an item runs out for it
@@ -653,40 +651,39 @@ class Shard:
         return events, puts
 
     def _defer_catalog(self, items: list[CatalogItem], appended_ms: list[int],
-                       result: BatchResult) -> tuple[list[CatalogItem], list[bool]]:
+                       result: BatchResult) -> tuple[list[CatalogItem], list[int]]:
         """Send the texts of the records that need the model to the embedding worker; returns
-        the records to apply now, and which of ``items`` were deferred. Deferred: a record whose
-        text the index has no vector for (:meth:`ItemSpace.needs_vector`), and every later record
-        of an item with one deferred (an item's records apply in their order). A new item is not
+        the records to apply now and their broker append times. Deferred: a record whose text
+        the index has no vector for (:meth:`ItemSpace.needs_vector`), and every later record of
+        an item with one deferred (an item's records apply in their order). A new item is not
         in the catalog until its record applies, so its events wait for it in the waiting room;
         an item with a new text keeps its old vector until then. Each record is in the batch's
         write as before, so a crash loses nothing: the next start embeds what the worker had not
         answered."""
-        none = (items, [False] * len(items))
         try:
             if not self._deferred and not self._worker.started():
-                return none  # its model is still loading (a few seconds after start): in the batch
+                return items, appended_ms  # its model is still loading (a few seconds after start): in the batch
         except WorkerGone as exc:
             self._worker_gone(exc)
-            return none
+            return items, appended_ms
         deferred = [bool(self._deferred_ids[item.item_id]) or self.items.needs_vector(item) for item in items]
         later = [item for item, d in zip(items, deferred) if d]
         if not later:
-            return none
+            return items, appended_ms
         texts = list(dict.fromkeys(item.text for item in later if item.available))
         try:
             job = self._worker.submit(texts) if texts else None
         except WorkerGone as exc:
             self._worker_gone(exc)
             self._apply_embedded(result)  # what was deferred before these, first (the credit's put follows)
-            return none
+            return items, appended_ms
         if self._credit_mark is None:
             self._credit_mark = self.clock()
-        appended = [ms for ms, d in zip(appended_ms, deferred) if d]
-        self._deferred.append((job, later, texts, appended))
+        self._deferred.append((job, later, texts, [ms for ms, d in zip(appended_ms, deferred) if d]))
         self._deferred_ids.update(item.item_id for item in later)
         result.counts["catalog_deferred"] += len(later)
-        return [item for item, d in zip(items, deferred) if not d], deferred
+        return ([item for item, d in zip(items, deferred) if not d],
+                [ms for ms, d in zip(appended_ms, deferred) if not d])
 
     def _apply_embedded(self, result: BatchResult) -> dict[bytes, bytes]:
         """Apply, in order, the deferred catalog records whose vectors the worker has sent back
@@ -695,24 +692,22 @@ class Shard:
         now = self.clock()
         credit = now - self._credit_mark if self._credit_mark is not None else 0.0
         self._credit_mark = now
-        if self._worker is not None:
-            try:
-                self._answers.update(self._worker.ready())
-            except WorkerGone as exc:
-                self._worker_gone(exc)
         while self._deferred:
             job, records, texts, appended = self._deferred[0]
-            vectors = None
+            answer = None  # none: the texts are embedded here
             if job is not None and self._worker is not None:
-                if job not in self._answers:
-                    break  # not back yet; the ones after it neither (answered in order)
-                answer = self._answers.pop(job)
-                if isinstance(answer, str):
-                    _log.warning("the embedding worker failed on %d text(s) (%s); embedding them in the batch",
-                                 len(texts), answer)
-                else:
-                    vectors = dict(zip(texts, answer))
+                try:
+                    answer = self._worker.take(job)
+                    if answer is None:
+                        break  # not back yet; the ones after it neither (answered in order)
+                except WorkerGone as exc:
+                    self._worker_gone(exc)  # this record and the ones after it: embedded here
+            if isinstance(answer, str):
+                _log.warning("the embedding worker failed on %d text(s) (%s); embedding them in the batch",
+                             len(texts), answer)
+                answer = None
             self._deferred.popleft()
+            vectors = None if answer is None else dict(zip(texts, answer))
             self.items.upsert(records, vectors=vectors)
             self.search.upsert(records)  # issue 13
             self._deferred_ids.subtract(item.item_id for item in records)
@@ -733,7 +728,6 @@ class Shard:
         answered is, at :meth:`_apply_embedded`)."""
         _log.error("%s; new item text is embedded in the batch from now on (RECSYS_EMBED_WORKER)", exc)
         self._worker = None
-        self._answers.clear()
 
     def _admit(self, events: list[tuple[Envelope, Event]], result: BatchResult, puts: dict[bytes, bytes],
                now_ms: int) -> tuple[dict[str, list[tuple[Envelope, Event]]], Sorted]:
