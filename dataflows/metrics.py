@@ -153,7 +153,7 @@ class FlowMetrics(_Endpoint):
                                     buckets=BATCH_BUCKETS, registry=r)
         self.phase_time = Counter("recsys_batch_phase_seconds",
                                   "Shard time per phase of the step (models, decode, admit, load, score, search, "
-                                  "apply, head, rank, commit), summed over batches", ["phase"], registry=r)
+                                  "apply, rank, head, commit), summed over batches", ["phase"], registry=r)
         for phase in PHASES:
             self.phase_time.labels(phase)  # every phase exported from the start, at 0
         self.latency = Histogram("recsys_event_to_recommendation_seconds",

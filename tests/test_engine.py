@@ -61,6 +61,7 @@ def test_model_version_names_the_head_and_learning_continues_after_restart(tmp_p
     result = engine.process(_envelopes(events[:600]))
     rec = orjson.loads(result.recommendations[0][1])
     assert rec["model_version"] == engine.model_version and "head-" in rec["model_version"]
+    engine.head.publish()  # the step still running in the background: a restart serves it too
     version = engine.head.version
     probe = engine.head.query_vectors([[("i3", "purchase", 0)]], [1])
     engine.close()  # writes the snapshot
@@ -69,6 +70,7 @@ def test_model_version_names_the_head_and_learning_continues_after_restart(tmp_p
     assert restarted.head.version == version  # loaded, not a fresh head
     np.testing.assert_allclose(restarted.head.query_vectors([[("i3", "purchase", 0)]], [1]), probe, rtol=1e-6)
     restarted.process(_envelopes(events[600:], start=600))
+    restarted.head.publish()
     assert restarted.head.version != version  # and it keeps learning
     restarted.close()
 

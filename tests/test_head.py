@@ -215,3 +215,54 @@ def test_head_learns_a_transition_the_frozen_vectors_cannot_express():
     (h1, h2), (c1, c2) = ([p["hr@10"] for p in r["series"][name]] for name in ("head", "content"))
     assert h2 > h1 + 0.03  # it keeps learning over the stream
     assert h2 > c2 + 0.2  # and ends far above the content model (perfect cluster guess: ~0.45)
+
+
+def test_steps_in_the_background_learn_the_same_bits_and_are_served_from_the_next_call_on():
+    vecs, examples = _small_world(n_examples=300)
+    inline, behind = (Head(_config(batch_size=16, max_steps_per_call=2), _lookup(vecs)) for _ in range(2))
+    histories, now, _ = _probe(vecs)
+    for lo in range(0, len(examples), 40):
+        served_before = inline.query_vectors(histories, now)
+        version_before = inline.version
+        inline.learn(examples[lo : lo + 40])
+        stats = behind.learn(examples[lo : lo + 40], background=True)
+        assert stats["loss"] is None  # not known until the steps have run
+        # until the next call, queries read the parameters as they were before this call's steps,
+        # however far the thread has got
+        assert behind.version == version_before
+        assert np.array_equal(behind.query_vectors(histories, now), served_before)
+        behind.wait()
+        assert np.array_equal(behind.query_vectors(histories, now), served_before)
+    behind.publish()
+    assert behind.version == inline.version and inline.version != "head-0"
+    assert np.array_equal(behind.query_vectors(histories, now), inline.query_vectors(histories, now))
+    a, b = inline.state_dict(), behind.state_dict()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]) and a["rng"] == b["rng"]
+    assert a["n_updates"] == b["n_updates"]
+    behind.close()
+    assert behind.learn(examples[:40], background=True)["steps"] > 0  # a closed head starts its thread again
+    behind.close()
+
+
+def test_a_snapshot_taken_while_a_step_runs_holds_the_step():
+    vecs, examples = _small_world(n_examples=300)
+    inline, behind = (Head(_config(batch_size=16), _lookup(vecs)) for _ in range(2))
+    inline.learn(examples[:40])
+    behind.learn(examples[:40], background=True)
+    a, b = inline.state_dict(), behind.state_dict()  # waits for the thread
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]) and a["n_updates"] == b["n_updates"]
+    restored = Head(_config(batch_size=16), _lookup(vecs))
+    restored.load_state_dict(b)
+    assert restored.version == inline.version  # a restored head serves what it learned
+    behind.close()
+
+
+def test_a_background_step_that_fails_raises_at_the_next_call():
+    vecs, examples = _small_world()
+    head = Head(_config(), _lookup(vecs))
+    head._run_steps = lambda inputs: 1 / 0  # a step that fails on the head's thread
+    head.learn([ex for ex in examples if ex.history], background=True)
+    with pytest.raises(ZeroDivisionError):
+        head.publish()
+    assert head.version == "head-0"  # raised once; what is served is unchanged
+    head.close()

@@ -43,6 +43,7 @@ import math
 import os
 import tempfile
 from collections.abc import Callable, Collection, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -132,25 +133,61 @@ class _Towers(nn.Module):
 
 
 class Head:
-    """The learned head; see the module docstring. Not thread-safe: one learner at a time."""
+    """The learned head; see the module docstring. One caller's thread at a time; the steps of
+    ``learn(..., background=True)`` run on the head's own thread (see :meth:`learn`)."""
 
     def __init__(self, config: HeadConfig, vectors: VectorFn) -> None:
         self.config = config
         self._vectors = vectors
-        self._towers = _Towers(config)
+        self._towers = _Towers(config)  # the parameters learned
         self._opt = torch.optim.Adam(self._towers.parameters(), lr=config.lr)
         self._rng = np.random.default_rng(config.seed)
-        self.n_updates = 0
+        self.n_updates = 0  # optimizer steps taken (the last background ones included once waited for)
+        # the parameters queries and scores read: the learned ones, or, once steps have run in the
+        # background, a copy that each later ``learn`` brings up to date (:meth:`_publish`)
+        self._served = self._towers
+        self._served_updates = 0
         self._pop_index: dict[str, int] = {}
         self._pop_ids: list[str] = []
         self._pop_counts = np.zeros(1024, dtype=np.float64)
         self._pop_q = np.zeros(0, dtype=np.float64)  # sampling probabilities, with the CDF below
         self._pop_cdf: np.ndarray | None = None  # cached sampling CDF; None after counts change
+        self._steps: ThreadPoolExecutor | None = None  # one thread for background steps, made on first use
+        self._in_flight: Future | None = None  # the background steps not yet waited for
 
     @property
     def version(self) -> str:
-        """``"head-<optimizer steps so far>"``: changes exactly when the parameters do."""
-        return f"head-{self.n_updates}"
+        """``"head-<optimizer steps in the parameters served>"``: changes exactly when they do."""
+        return f"head-{self._served_updates}"
+
+    def wait(self) -> None:
+        """Return once no step is in flight (re-raising what a background step raised). What
+        queries read does not change: that is :meth:`learn`'s (or :meth:`publish`'s) to do."""
+        job = self._in_flight
+        if job is not None:
+            try:
+                job.result()
+            finally:
+                if self._in_flight is job:
+                    self._in_flight = None
+
+    def publish(self) -> None:
+        """Wait for the steps in flight and serve every step taken so far."""
+        self.wait()
+        if self._served is not self._towers and self._served_updates != self.n_updates:
+            with torch.no_grad():
+                for served, learned in zip(self._served.parameters(), self._towers.parameters()):
+                    served.copy_(learned)
+        self._served_updates = self.n_updates
+
+    def close(self) -> None:
+        """Wait for a step in flight and stop the background thread (a later background step starts another)."""
+        try:
+            self.wait()
+        finally:
+            if self._steps is not None:
+                self._steps.shutdown(wait=True)
+                self._steps = None
 
     # ------------------------------------------------------------------ features
 
@@ -194,9 +231,10 @@ class Head:
         t = torch.from_numpy
         return t(mat), t(idx), t(types), t(rank), t(age_h), t(mask), pos
 
-    def _query(self, mat, idx, types, rank, age_h, mask) -> torch.Tensor:
+    @staticmethod
+    def _query(towers: _Towers, mat, idx, types, rank, age_h, mask) -> torch.Tensor:
         # F.embedding: the same gather as mat[idx], ~10x faster than advanced indexing on CPU
-        return self._towers.query(F.embedding(idx, mat), types, rank, age_h, mask)
+        return towers.query(F.embedding(idx, mat), types, rank, age_h, mask)
 
     # ------------------------------------------------------------------ serving
 
@@ -209,7 +247,7 @@ class Head:
             return np.zeros((0, self.config.dim), dtype=np.float32)
         mat, idx, types, rank, age_h, mask, _ = self._features(histories, now_ts)
         with torch.no_grad():
-            return self._query(mat, idx, types, rank, age_h, mask).numpy().astype(np.float32, copy=False)
+            return self._query(self._served, mat, idx, types, rank, age_h, mask).numpy().astype(np.float32, copy=False)
 
     def score(self, histories: Sequence[History], now_ts: Sequence[int],
               candidate_ids: Sequence[Sequence[str]]) -> list[np.ndarray]:
@@ -221,7 +259,7 @@ class Head:
         extra = [c for cands in candidate_ids for c in cands]
         mat, idx, types, rank, age_h, mask, pos = self._features(histories, now_ts, extra)
         with torch.no_grad():
-            q = self._query(mat, idx, types, rank, age_h, mask).numpy()
+            q = self._query(self._served, mat, idx, types, rank, age_h, mask).numpy()
         m = mat.numpy()
         return [m[[pos[c] for c in cands]] @ q[r] if len(cands) else np.zeros(0, np.float32)
                 for r, cands in enumerate(candidate_ids)]
@@ -246,14 +284,23 @@ class Head:
             self._pop_cdf = np.cumsum(self._pop_q)
         return self._pop_cdf
 
-    def learn(self, examples: Sequence[Example]) -> dict[str, Any]:
+    def learn(self, examples: Sequence[Example], *, background: bool = False) -> dict[str, Any]:
         """One bounded round of training; returns ``{"steps", "loss" (mean, None if no step), "examples"}``.
 
         Examples of weight 0 (search) are skipped; the others count toward the popularity that
         negatives are drawn from. Those with a history are trained on in the given order, in
         micro-batches of ``batch_size``; beyond ``max_steps_per_call * batch_size`` of them a
         deterministic random subset (kept in order) is used. Inputs are not modified.
+
+        Every call first serves the steps of the calls before it (:meth:`publish`). With
+        ``background`` the steps' inputs (negatives, vectors, padded tensors) are made here and
+        the steps themselves (forward, backward, Adam: ~2/3 of a step's time, in torch, which
+        lets go of the interpreter) run on this head's own thread, and ``loss`` is None; queries
+        and scores read the parameters as they were before them until the next call (or
+        :meth:`publish`). What is served therefore changes at the same calls however long the
+        thread takes, and the learned parameters are bit for bit those of steps run inline.
         """
+        self.publish()
         cfg = self.config
         weighted = [ex for ex in examples if EVENT_WEIGHTS.get(ex.target_type, 0.0) > 0]
         if weighted:
@@ -263,10 +310,22 @@ class Head:
         if len(train) > cap:
             keep = np.sort(self._rng.choice(len(train), size=cap, replace=False))
             train = [train[i] for i in keep.tolist()]
-        losses = [self._step(train[lo : lo + cfg.batch_size]) for lo in range(0, len(train), cfg.batch_size)]
+        inputs = [self._step_inputs(train[lo : lo + cfg.batch_size]) for lo in range(0, len(train), cfg.batch_size)]
+        if background and inputs:
+            if self._steps is None:
+                self._steps = ThreadPoolExecutor(max_workers=1, thread_name_prefix="head-step")
+            if self._served is self._towers:  # from now on the thread changes the learned copy only
+                self._served = copy.deepcopy(self._towers)
+            self._in_flight = self._steps.submit(self._run_steps, inputs)
+            return {"steps": len(inputs), "loss": None, "examples": len(train)}
+        losses = self._run_steps(inputs)
+        self.publish()
         return {"steps": len(losses), "loss": float(np.mean(losses)) if losses else None, "examples": len(train)}
 
-    def _step(self, batch: list[Example]) -> float:
+    def _step_inputs(self, batch: list[Example]) -> tuple:
+        """Everything one optimizer step needs that is not a parameter: the negatives (this
+        head's generator), the vectors (the caller's ``vectors``, read here, on the caller's
+        thread) and the padded tensors."""
         cfg = self.config
         cdf = self._sampling_cdf()
         draws = np.searchsorted(cdf, self._rng.random(cfg.n_neg) * cdf[-1], side="right")
@@ -280,13 +339,18 @@ class Head:
         cand_at = {c: j for j, c in enumerate(candidates)}
         labels = torch.tensor([cand_at[ex.target] for ex in batch])
         weights = torch.tensor([EVENT_WEIGHTS[ex.target_type] for ex in batch], dtype=torch.float32)
+        return mat, idx, types, rank, age_h, mask, cand_rows, log_q, labels, weights
 
-        q = self._query(mat, idx, types, rank, age_h, mask)
-        logits = q @ mat.index_select(0, cand_rows).T / cfg.temperature - log_q
+    def _run_steps(self, inputs: list[tuple]) -> list[float]:
+        return [self._step(*step) for step in inputs]
+
+    def _step(self, mat, idx, types, rank, age_h, mask, cand_rows, log_q, labels, weights) -> float:
+        q = self._query(self._towers, mat, idx, types, rank, age_h, mask)
+        logits = q @ mat.index_select(0, cand_rows).T / self.config.temperature - log_q
         loss = (F.cross_entropy(logits, labels, reduction="none") * weights).sum() / weights.sum()
         self._opt.zero_grad(set_to_none=True)
         loss.backward()
-        nn.utils.clip_grad_norm_(self._towers.parameters(), cfg.clip_norm)
+        nn.utils.clip_grad_norm_(self._towers.parameters(), self.config.clip_norm)
         self._opt.step()
         self.n_updates += 1
         return float(loss.detach())
@@ -295,6 +359,7 @@ class Head:
 
     def state_dict(self) -> dict[str, Any]:
         """A deep copy of everything that determines future scores and learning."""
+        self.wait()
         n = len(self._pop_ids)
         return {
             "format": _STATE_FORMAT,
@@ -309,11 +374,13 @@ class Head:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output; the config must equal this head's."""
+        self.wait()
         if state.get("format") != _STATE_FORMAT:
             raise ValueError(f"unknown head state format {state.get('format')!r}")
         if state["config"] != asdict(self.config):
             raise ValueError(f"head state has config {state['config']}, this head has {asdict(self.config)}")
         self._towers.load_state_dict(state["model"])
+        self._served = self._towers
         self._opt.load_state_dict(copy.deepcopy(state["optimizer"]))
         self._rng.bit_generator.state = copy.deepcopy(state["rng"])
         self._pop_ids = list(state["pop_ids"])
@@ -322,7 +389,7 @@ class Head:
         self._pop_counts = np.zeros(max(1024, 2 * len(counts)), dtype=np.float64)
         self._pop_counts[: len(counts)] = counts
         self._pop_cdf = None
-        self.n_updates = int(state["n_updates"])
+        self.n_updates = self._served_updates = int(state["n_updates"])
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write :meth:`state_dict` to ``path`` atomically (temporary file, fsync, ``os.replace``)."""

@@ -162,9 +162,10 @@ _ACKNOWLEDGED_OUTPUTS = ("recommendations", "search_results", "dead_letters")
 #: The phases of ``Shard.process`` in order, as ``BatchResult.phase_seconds`` names them:
 #: models (the trainer's newest, between two batches), decode, admit (the waiting room and the
 #: checks), load (user records and outboxes), score (backtests only: the list before the batch),
-#: search, apply (signals, user state, the re-ranker's learning), head (its training step), rank
-#: (candidates, scores, reasons, payloads), commit (the changed signals exported, the sweep, the
-#: one atomic write).
+#: search, apply (signals, user state, the re-ranker's learning), head (its training step's
+#: inputs, after waiting for the step before, if still running; the step itself runs on the
+#: head's thread), rank (candidates, scores, reasons, payloads), commit (the changed signals
+#: exported, the sweep, the one atomic write).
 PHASES = ("models", "decode", "admit", "load", "score", "search", "apply", "head", "rank", "commit")
 
 
@@ -410,6 +411,11 @@ class Shard:
         # state does not hold, which a restart applies and learns again
         if not self._in_batch:
             self.models.save(self, force=True)
+        if self.head is not None:
+            try:
+                self.head.close()
+            except Exception:  # a failed step: the state and the snapshot never held it
+                _log.exception("the head's last training step failed")
         if self._worker is not None:  # records it had not answered are in the state: the next start embeds them
             self._worker.close()
         self.kv.close()
@@ -437,6 +443,7 @@ class Shard:
         """Add or update items (embedding only new or changed text) and persist them."""
         if not items:
             return 0
+        self._head_quiet()
         changed = self.items.upsert(items, progress=progress)
         self.search.upsert(items)  # issue 13
         self.kv.write({_ITEM_PREFIX + i.item_id.encode(): encode(i) for i in items})
@@ -634,6 +641,7 @@ class Shard:
             if self._worker is not None:
                 now_items, now_ms = self._defer_catalog(catalog_items, catalog_ms, result)
             if now_items:
+                self._head_quiet()
                 self.items.upsert(now_items)
                 self.search.upsert(now_items)  # issue 13
             result.catalog_applied_ms += now_ms
@@ -708,6 +716,8 @@ class Shard:
                 answer = None
             self._deferred.popleft()
             vectors = None if answer is None else dict(zip(texts, answer))
+            if vectors is None:
+                self._head_quiet()
             self.items.upsert(records, vectors=vectors)
             self.search.upsert(records)  # issue 13
             self._deferred_ids.subtract(item.item_id for item in records)
@@ -832,13 +842,27 @@ class Shard:
         """The head learns once a full training batch has accumulated (a bounded buffer, so the
         cost per event is fixed however the stream is batched); only newly applied events enter
         it, so a re-delivery is never learned twice (a crash loses the buffer: never learned).
-        Model snapshots are written after the batch's write (:meth:`_committed`)."""
+        Model snapshots are written after the batch's write (:meth:`_committed`).
+
+        The step runs on the head's own thread (``Head.learn(background=True)``): its ~20 ms at
+        256 examples (~2/3 of it in torch, off the interpreter) overlap the batches after it,
+        and the head serves what it learned from the next step's call on (``Head.publish``),
+        so the lists never depend on the thread's timing. The batch's lists are ranked with the
+        head of the step before this one (~256 examples older than before 2026-12-05, when the
+        step ran in the batch's path: the live latency tail's most frequent slow batch).
+        """
         self._pending.extend(examples)
         del self._pending[: -_MAX_PENDING_EXAMPLES]
         if self.head is not None and self.learning and len(self._pending) >= self.head.config.batch_size:
             examples, self._pending = self._pending, []
-            stats = self.head.learn(examples)
+            stats = self.head.learn(examples, background=True)
             counts["head_steps"] += stats["steps"]
+
+    def _head_quiet(self) -> None:
+        """Wait for the head's step in flight: before text is embedded, since a bulk embedding
+        gives torch more threads, and a step that ran on them would not be the same to the bit."""
+        if self.head is not None:
+            self.head.wait()
 
     def _rank_and_emit(self, fresh_users: list[str], by_user: dict[str, list[tuple[Envelope, Event]]],
                        states: dict[str, UserState], outboxes: dict[str, dict[tuple[int, int], tuple[bytes, int]]],
@@ -1226,8 +1250,11 @@ class Shard:
         result.scored.append(ScoredBatch(events, recommended))
 
     def freeze(self) -> None:
-        """Stop all learning from here on (backtest ablation: what learning online adds)."""
+        """Stop all learning from here on (backtest ablation: what learning online adds); the
+        head serves every step it took (the last one ran in the background)."""
         self.learning = False
+        if self.head is not None:
+            self.head.publish()
 
     def recommend_for(
         self, user_ids: list[str], now_ts: int, k: int | None = None, *, explain: bool = True, remember: bool = False

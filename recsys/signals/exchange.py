@@ -721,6 +721,7 @@ class SharedModels:
                 at += 4 * n
             self.head._towers.load_state_dict(tensors)
             self.head.n_updates = int(header["head"]["n_updates"])
+            self.head.publish()  # served from now on
         elif header["head"] is not None:
             at += 4 * sum(math.prod(shape) for _, shape in header["head"]["params"])
         if header["reranker"] is not None and self.reranker is not None:
