@@ -25,14 +25,21 @@ import argparse
 import cProfile
 import os
 import pstats
+import sys
 import tempfile
 import time
+from pathlib import Path
 
-from recsys.events import Envelope, encode
-from recsys.items.embeddings import Embedder
-from recsys.settings import Settings
-from recsys.shard.step import _OUTBOX_PREFIX, Shard
-from recsys.synthetic import generate_catalog, generate_events, generate_visits
+# this tree's code, whatever an editable install in the environment points at (a git worktree
+# sharing another checkout's .venv would otherwise import and measure that checkout's code)
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from recsys.events import Envelope, encode  # noqa: E402
+from recsys.items.embeddings import Embedder  # noqa: E402
+from recsys.settings import Settings  # noqa: E402
+from recsys.shard.step import _OUTBOX_PREFIX, Shard  # noqa: E402
+from recsys.synthetic import generate_catalog, generate_events, generate_visits  # noqa: E402
 
 #: ``--phases``: (label, object path from the engine, method); parts of a phase are indented.
 #: "ranker" is the :class:`recsys.ranking.recommender.Recommender` (unwrapped from search intent).
@@ -141,6 +148,7 @@ def main() -> None:
     overrides = dict(item.split("=", 1) for item in args.set)
     print(f"load average: {os.getloadavg()}; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES') or '(unset)'} "
           "(README, Operating it: the memory allocator)")
+    print(f"code: {ROOT}")
     catalog = generate_catalog(args.items, seed=0)
     Embedder("all-MiniLM-L6-v2", args.embed_cache_dir).embed([c.text for c in catalog], progress=True)
     if args.workload == "visits":

@@ -36,6 +36,10 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# this tree's code, whatever an editable install in the environment points at (a git worktree
+# sharing another checkout's .venv would otherwise import and measure that checkout's code)
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from recsys.events import Envelope, encode  # noqa: E402
 from recsys.items.embeddings import Embedder  # noqa: E402
@@ -95,7 +99,7 @@ def rees46(data: Path, cache: str) -> tuple[str, str, int] | None:
         cmd = [sys.executable, "-m", "recsys_cli", "replay", "--format", "rees46", "--events", str(events),
                "--models", "full-system", "--out", str(Path(tmp) / "out"), "--emit", str(emit),
                "--embed-cache-dir", cache]
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT)})
         out = hashlib.sha256()
         n = 0
         if emit.exists():

@@ -77,9 +77,14 @@ import time
 from collections import deque
 from pathlib import Path
 
-import numpy as np
-import orjson
-from kafka.structs import TopicPartition
+# this tree's code, whatever an editable install in the environment points at (a git worktree
+# sharing another checkout's .venv would otherwise import and measure that checkout's code)
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import orjson  # noqa: E402
+from kafka.structs import TopicPartition  # noqa: E402
 
 from dataflows.kafka_io import (
     KafkaClients,
@@ -129,7 +134,7 @@ class FlowProcess:
     """
 
     def __init__(self, cmd: list[str], *, echo: bool = False) -> None:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}  # the flow runs this tree's code
         self.cmd = cmd
         self.echo = echo
         self.start_t = time.perf_counter()
@@ -1108,6 +1113,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     log(f"machine: {os.cpu_count()} CPUs, load average {results['machine']['loadavg_start']} (1, 5, 15 min); "
         f"GLIBC_TUNABLES={results['machine']['glibc_tunables'] or '(unset)'} (README, Operating it: the memory allocator)")
+    log(f"code: {ROOT} (the flow's too)")
     with tempfile.TemporaryDirectory(prefix="recsys-bench-") as tmp:
         workroot = Path(tmp)
         items = generate_catalog(args.catalog_items, seed=args.seed)
