@@ -41,6 +41,7 @@ def test_a_redelivered_batch_changes_nothing_not_even_the_head(tmp_path, cache, 
     events = generate_events(600, catalog, n_users=30, seed=22)
     batch = _envelopes(events)
     engine.process(batch)
+    engine.head.publish()  # the step the batch started (a re-delivery would serve it: read further)
     version = engine.head.version
     query = engine.head.query_vectors([[("i1", "click", 0), ("i2", "browse", 1)]], [2])
     users = {u: s for u, s in engine.users.get_many(sorted({e.user_id for e in events}), now_ts=0).items()}
@@ -371,3 +372,62 @@ def test_the_visits_workload_keeps_the_history_an_event_finds_stationary(tmp_pat
     # 40 shoppers x 8 events: stationary within the first window already
     assert max(visits) < 1.2 * min(visits), visits
     assert returning[3] > returning[2] + 1 > returning[1] + 2  # one more event per shopper every window
+
+
+def _payloads(results) -> list[bytes]:
+    out = []
+    for result in results:
+        for user_id, payload in result.recommendations:
+            rec = orjson.loads(payload)
+            rec.pop("emitted_at", None)
+            out.append(orjson.dumps(rec, option=orjson.OPT_SORT_KEYS))
+    return out
+
+
+def test_the_lists_do_not_depend_on_how_long_the_heads_thread_takes(tmp_path, cache, catalog):
+    """The head's step runs on its own thread; what it serves changes only at a message count
+    (``_HEAD_PUBLISH_AFTER``), so a step that takes far longer gives the very same lists."""
+    import time
+
+    events = generate_events(3000, catalog, n_users=60, seed=27)
+    sizes = [1, 7, 49, 300, 16, 16, 16, 5, 200, 64, 3]  # live-like small batches and replay-like large ones
+    runs = []
+    for slow in (False, True):
+        engine = Shard.open(_settings(tmp_path / str(slow), cache))
+        engine.upsert_catalog(catalog)
+        if slow:
+            run_steps = engine.head._run_steps
+            engine.head._run_steps = lambda inputs: (time.sleep(0.05), run_steps(inputs))[1]
+        results, at, i = [], 0, 0
+        while at < len(events):
+            n = sizes[i % len(sizes)]
+            results.append(engine.process(_envelopes(events[at : at + n], start=at)))
+            at, i = at + n, i + 1
+        runs.append((_payloads(results), sum(r.counts["head_steps"] for r in results)))
+        engine.close()
+    (fast, fast_steps), (slow, slow_steps) = runs
+    assert fast_steps == slow_steps >= 5 and len(fast) == len(slow) > 1000
+    assert fast == slow
+
+
+def test_the_head_serves_its_step_once_enough_messages_were_read_after_it(tmp_path, cache, catalog):
+    from recsys.shard import step
+
+    engine = Shard.open(_settings(tmp_path, cache))
+    engine.upsert_catalog(catalog)
+    events = generate_events(2000, catalog, n_users=60, seed=28)
+    at = 0
+    while True:  # small batches until one starts a step
+        result = engine.process(_envelopes(events[at : at + 10], start=at))
+        at += 10
+        if result.counts["head_steps"]:
+            break
+    served = engine.head.version
+    read = 0
+    while read + 10 < step._HEAD_PUBLISH_AFTER:
+        engine.process(_envelopes(events[at : at + 10], start=at))
+        at, read = at + 10, read + 10
+        assert engine.head.version == served  # still the head before the step
+    engine.process(_envelopes(events[at : at + 10], start=at))
+    assert engine.head.version != served  # served from the batch that reached the count
+    engine.close()

@@ -122,6 +122,10 @@ class StateLayoutError(RuntimeError):
     """The state directory was written by a different shard layout (``--shards``)."""
 #: Training examples waiting for a head step; older ones are dropped past this (bounded memory).
 _MAX_PENDING_EXAMPLES = 4096
+#: The head serves its background step once this many messages have been read after the batch
+#: that started it (:meth:`Shard._publish_head`): a replay's next batch (hundreds of events), or a
+#: few live batches later (~16 events a batch at 1,000 events/s, ~60 ms: the step takes ~20).
+_HEAD_PUBLISH_AFTER = 64
 #: A shard served by a model trainer looks for a newer snapshot at most this often (one listing).
 MODEL_POLL_S = 0.5
 
@@ -160,12 +164,12 @@ _ACKNOWLEDGED_OUTPUTS = ("recommendations", "search_results", "dead_letters")
 
 
 #: The phases of ``Shard.process`` in order, as ``BatchResult.phase_seconds`` names them:
-#: models (the trainer's newest, between two batches), decode, admit (the waiting room and the
-#: checks), load (user records and outboxes), score (backtests only: the list before the batch),
-#: search, apply (signals, user state, the re-ranker's learning), head (its training step's
-#: inputs, after waiting for the step before, if still running; the step itself runs on the
-#: head's thread), rank (candidates, scores, reasons, payloads), commit (the changed signals
-#: exported, the sweep, the one atomic write).
+#: models (between two batches: the trainer's newest; the head's step from an earlier batch,
+#: :meth:`Shard._publish_head`), decode, admit (the waiting room and the checks), load (user
+#: records and outboxes), score (backtests only: the list before the batch), search, apply
+#: (signals, user state, the re-ranker's learning), head (its training step's inputs; the step
+#: itself runs on the head's thread), rank (candidates, scores, reasons, payloads), commit (the
+#: changed signals exported, the sweep, the one atomic write).
 PHASES = ("models", "decode", "admit", "load", "score", "search", "apply", "head", "rank", "commit")
 
 
@@ -284,6 +288,7 @@ class Shard:
         self.monitor = QualityMonitor()
         self.head: Head | None = None
         self._pending: list[Example] = []  # head training examples not yet learned
+        self._head_behind: int | None = None  # messages read since the head's step in flight started
         if settings.head_enabled:
             import torch
 
@@ -508,6 +513,8 @@ class Shard:
         laps = _Laps(result.phase_seconds)
         if self.served_by_trainer and self._persistent:  # between two batches: the trainer's newest models
             self.poll_model_snapshots()
+            laps.lap("models")
+        if self._head_behind is not None and self._publish_head(len(envelopes)):
             laps.lap("models")
         now_ms = int(self.clock() * 1000)
         if any(env.extra for env in envelopes):
@@ -845,11 +852,12 @@ class Shard:
         Model snapshots are written after the batch's write (:meth:`_committed`).
 
         The step runs on the head's own thread (``Head.learn(background=True)``): its ~20 ms at
-        256 examples (~2/3 of it in torch, off the interpreter) overlap the batches after it,
-        and the head serves what it learned from the next step's call on (``Head.publish``),
-        so the lists never depend on the thread's timing. The batch's lists are ranked with the
-        head of the step before this one (~256 examples older than before 2026-12-05, when the
-        step ran in the batch's path: the live latency tail's most frequent slow batch).
+        256 examples (~2/3 of it in torch, off the interpreter) overlap the batches after it.
+        The head serves it from the batch in which :data:`_HEAD_PUBLISH_AFTER` more messages
+        have been read (:meth:`_publish_head`), so the lists never depend on the thread's
+        timing; the batch that started it is ranked with the head before it (before
+        2026-12-05 the step ran in the batch's path, before its ranking: the live latency tail's
+        most frequent slow batch).
         """
         self._pending.extend(examples)
         del self._pending[: -_MAX_PENDING_EXAMPLES]
@@ -857,6 +865,19 @@ class Shard:
             examples, self._pending = self._pending, []
             stats = self.head.learn(examples, background=True)
             counts["head_steps"] += stats["steps"]
+            self._head_behind = 0 if stats["steps"] else None
+
+    def _publish_head(self, arriving: int) -> bool:
+        """Serve the head's step in flight once :data:`_HEAD_PUBLISH_AFTER` messages have been
+        read after the batch that started it (this batch's included), waiting for it if need
+        be: counted in messages, so what is served never depends on the thread's timing.
+        Returns whether it did."""
+        self._head_behind += arriving
+        if self._head_behind < _HEAD_PUBLISH_AFTER:
+            return False
+        self.head.publish()
+        self._head_behind = None
+        return True
 
     def _head_quiet(self) -> None:
         """Wait for the head's step in flight: before text is embedded, since a bulk embedding
@@ -1255,12 +1276,17 @@ class Shard:
         self.learning = False
         if self.head is not None:
             self.head.publish()
+            self._head_behind = None
 
     def recommend_for(
         self, user_ids: list[str], now_ts: int, k: int | None = None, *, explain: bool = True, remember: bool = False
     ) -> list[list[RecommendedItem]]:
-        """Recommendations for users from committed state. ``remember``: count them as shown,
-        so the re-ranker learns from what these users do next (backtests); else no side effect."""
+        """Recommendations for users from committed state, with every head step learned so far.
+        ``remember``: count them as shown, so the re-ranker learns from what these users do
+        next (backtests); else no side effect."""
+        if self._head_behind is not None:
+            self.head.publish()
+            self._head_behind = None
         states = self.users.get_many(user_ids, now_ts=now_ts)
         ranked = self.recommender.rank([states[u] for u in user_ids], now_ts, k, explain=explain)
         if remember:
