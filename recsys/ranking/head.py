@@ -142,9 +142,9 @@ class Head:
         self._towers = _Towers(config)  # the parameters learned
         self._opt = torch.optim.Adam(self._towers.parameters(), lr=config.lr)
         self._rng = np.random.default_rng(config.seed)
-        self.n_updates = 0  # optimizer steps taken (the last background ones included once waited for)
+        self.n_updates = 0  # optimizer steps taken (a background one counts once it has run)
         # the parameters queries and scores read: the learned ones, or, once steps have run in the
-        # background, a copy that each later ``learn`` brings up to date (:meth:`_publish`)
+        # background, a copy that :meth:`publish` brings up to date (each later ``learn`` first)
         self._served = self._towers
         self._served_updates = 0
         self._pop_index: dict[str, int] = {}
