@@ -145,6 +145,9 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="a setting for the engine (e.g. session_query_items=10), validated as RECSYS_NAME would be")
     args = p.parse_args()
+    if args.events <= args.batch * 5:  # the first five batches warm up and are not timed
+        p.error(f"--events {args.events} leaves nothing to time after the warm-up of 5 batches of {args.batch}: "
+                f"give more than {args.batch * 5}")
     overrides = dict(item.split("=", 1) for item in args.set)
     print(f"load average: {os.getloadavg()}; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES') or '(unset)'} "
           "(README, Operating it: the memory allocator)")
