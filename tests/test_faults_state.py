@@ -258,7 +258,9 @@ def _learning_batches(n_batches: int, per_batch: int = 300) -> list[list[Envelop
 def _models(engine: Shard) -> tuple[str, str]:
     from recsys.shard.snapshots import reranker_to_json
 
-    return engine.head.version, reranker_to_json(engine.reranker)
+    # the steps learned (a snapshot holds them all), not the ones served yet: the last step runs on
+    # the head's thread and is served a few batches later
+    return engine.head.state_dict()["n_updates"], reranker_to_json(engine.reranker)
 
 
 @pytest.mark.parametrize("stop", ["close", "death"])
