@@ -60,6 +60,10 @@ class BacktestModel(Protocol):
         """Absorb ``events``, which are in timestamp order."""
         ...
 
+    # Optional: ``end_of_training()``, called by :func:`leave_last_out` once every training event
+    # was learned and before the held-out users are ranked, for a model that learns in the
+    # background and serves what it learned at points of its own (the full system's head).
+
 
 def _check_inputs(models: Sequence[BacktestModel], events: Sequence[Event], ks: Sequence[int]) -> None:
     names = [m.name for m in models]
@@ -300,6 +304,9 @@ def leave_last_out(
                 m.learn(chunk)
                 timing[m.name]["learn_s"] += time.perf_counter() - t0
             bar.update(len(chunk))
+    for m in models:
+        if hasattr(m, "end_of_training"):
+            m.end_of_training()
 
     # Rank users in batches of similar history length: one call per batch asks for enough
     # items for the longest history; lists are cut back per user, which equals asking each

@@ -29,6 +29,10 @@ class FullSystem:
         self.freeze_after = freeze_after  # ablation: engine.freeze() once this many events were learned
         self._offset = 0
 
+    def end_of_training(self) -> None:
+        """Leave-last-out ranks after the last training event: serve every head step learned."""
+        self.engine.serve_all_learned()
+
     def recommend(self, user_ids: list[str], k: int, now_ts: int) -> list[list[str]]:
         return [[i.item_id for i in items] for items in self.engine.recommend_for(user_ids, now_ts, k, explain=False, remember=True)]
 

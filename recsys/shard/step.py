@@ -122,9 +122,10 @@ class StateLayoutError(RuntimeError):
     """The state directory was written by a different shard layout (``--shards``)."""
 #: Training examples waiting for a head step; older ones are dropped past this (bounded memory).
 _MAX_PENDING_EXAMPLES = 4096
-#: The head serves its background step once this many messages have been read after the batch
-#: that started it (:meth:`Shard._publish_head`): a replay's next batch (hundreds of events), or a
-#: few live batches later (~16 events a batch at 1,000 events/s, ~60 ms: the step takes ~20).
+#: The head serves its background step at the end of the batch that brings the messages read
+#: since the step started (its own batch's included) to this many (:meth:`Shard._publish_head`):
+#: in a replay (hundreds of events a batch) at the end of the batch that started it, live a few
+#: batches later (~16 events a batch at 1,000 events/s, ~60 ms: the step takes ~20).
 _HEAD_PUBLISH_AFTER = 64
 #: A shard served by a model trainer looks for a newer snapshot at most this often (one listing).
 MODEL_POLL_S = 0.5
@@ -164,12 +165,12 @@ _ACKNOWLEDGED_OUTPUTS = ("recommendations", "search_results", "dead_letters")
 
 
 #: The phases of ``Shard.process`` in order, as ``BatchResult.phase_seconds`` names them:
-#: models (between two batches: the trainer's newest; the head's step from an earlier batch,
-#: :meth:`Shard._publish_head`), decode, admit (the waiting room and the checks), load (user
+#: models (the trainer's newest, between two batches), decode, admit (the waiting room and the checks), load (user
 #: records and outboxes), score (backtests only: the list before the batch), search, apply
 #: (signals, user state, the re-ranker's learning), head (its training step's inputs; the step
 #: itself runs on the head's thread), rank (candidates, scores, reasons, payloads), commit (the
-#: changed signals exported, the sweep, the one atomic write).
+#: changed signals exported, the sweep, the one atomic write; then the head's step served, when
+#: due, :meth:`Shard._publish_head`).
 PHASES = ("models", "decode", "admit", "load", "score", "search", "apply", "head", "rank", "commit")
 
 
@@ -289,6 +290,7 @@ class Shard:
         self.head: Head | None = None
         self._pending: list[Example] = []  # head training examples not yet learned
         self._head_behind: int | None = None  # messages read since the head's step in flight started
+        self._batch_messages = 0  # the messages of the batch in progress (for _publish_head)
         if settings.head_enabled:
             import torch
 
@@ -501,6 +503,7 @@ class Shard:
 
     def _process(self, envelopes: list[Envelope]) -> BatchResult:
         self._in_batch = True  # until the batch's write is done (:meth:`_committed`)
+        self._batch_messages = len(envelopes)
         self._stamp += 1
         # without acknowledgements, the caller took the previous batch's outputs (see __init__)
         for output in _ACKNOWLEDGED_OUTPUTS:
@@ -513,8 +516,6 @@ class Shard:
         laps = _Laps(result.phase_seconds)
         if self.served_by_trainer and self._persistent:  # between two batches: the trainer's newest models
             self.poll_model_snapshots()
-            laps.lap("models")
-        if self._head_behind is not None and self._publish_head(len(envelopes)):
             laps.lap("models")
         now_ms = int(self.clock() * 1000)
         if any(env.extra for env in envelopes):
@@ -578,6 +579,8 @@ class Shard:
         the head's step, before the batch's write: a batch that failed in between (a full disk, a
         crash) was in the models but not in the state, and a restart learned it twice."""
         self._in_batch = False
+        if self._head_behind is not None:
+            self._publish_head(self._batch_messages)
         self.models.save(self)
 
     def _covered(self, env: Envelope) -> bool:
@@ -853,9 +856,10 @@ class Shard:
 
         The step runs on the head's own thread (``Head.learn(background=True)``): its ~20 ms at
         256 examples (~2/3 of it in torch, off the interpreter) overlap the batches after it.
-        The head serves it from the batch in which :data:`_HEAD_PUBLISH_AFTER` more messages
-        have been read (:meth:`_publish_head`), so the lists never depend on the thread's
-        timing; the batch that started it is ranked with the head before it (before
+        The head serves it at the end of the batch in which :data:`_HEAD_PUBLISH_AFTER`
+        messages have been read since it started (:meth:`_publish_head`), so the lists never
+        depend on the thread's timing; the batch that started it is ranked with the head before
+        it (before
         2026-12-05 the step ran in the batch's path, before its ranking: the live latency tail's
         most frequent slow batch).
         """
@@ -867,17 +871,16 @@ class Shard:
             counts["head_steps"] += stats["steps"]
             self._head_behind = 0 if stats["steps"] else None
 
-    def _publish_head(self, arriving: int) -> bool:
-        """Serve the head's step in flight once :data:`_HEAD_PUBLISH_AFTER` messages have been
-        read after the batch that started it (this batch's included), waiting for it if need
-        be: counted in messages, so what is served never depends on the thread's timing.
-        Returns whether it did."""
-        self._head_behind += arriving
-        if self._head_behind < _HEAD_PUBLISH_AFTER:
-            return False
-        self.head.publish()
-        self._head_behind = None
-        return True
+    def _publish_head(self, read: int) -> None:
+        """After a batch's write (``read``: its messages): serve the head's step in flight once
+        :data:`_HEAD_PUBLISH_AFTER` messages have been read since it started (the batch that
+        started it included), waiting for it if need be. Counted in messages, so what is served
+        never depends on the thread's timing; at the end of a batch, so what the next batch and
+        a backtest's list before it (``recommend_for``) see is the same."""
+        self._head_behind += read
+        if self._head_behind >= _HEAD_PUBLISH_AFTER:
+            self.head.publish()
+            self._head_behind = None
 
     def _head_quiet(self) -> None:
         """Wait for the head's step in flight: before text is embedded, since a bulk embedding
@@ -1274,6 +1277,11 @@ class Shard:
         """Stop all learning from here on (backtest ablation: what learning online adds); the
         head serves every step it took (the last one ran in the background)."""
         self.learning = False
+        self.serve_all_learned()
+
+    def serve_all_learned(self) -> None:
+        """Serve every head step learned so far, the one on the head's thread included (a
+        backtest's end of training; the frozen ablation), instead of at the message count."""
         if self.head is not None:
             self.head.publish()
             self._head_behind = None
@@ -1281,12 +1289,8 @@ class Shard:
     def recommend_for(
         self, user_ids: list[str], now_ts: int, k: int | None = None, *, explain: bool = True, remember: bool = False
     ) -> list[list[RecommendedItem]]:
-        """Recommendations for users from committed state, with every head step learned so far.
-        ``remember``: count them as shown, so the re-ranker learns from what these users do
-        next (backtests); else no side effect."""
-        if self._head_behind is not None:
-            self.head.publish()
-            self._head_behind = None
+        """Recommendations for users from committed state. ``remember``: count them as shown,
+        so the re-ranker learns from what these users do next (backtests); else no side effect."""
         states = self.users.get_many(user_ids, now_ts=now_ts)
         ranked = self.recommender.rank([states[u] for u in user_ids], now_ts, k, explain=explain)
         if remember:
