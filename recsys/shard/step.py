@@ -165,12 +165,12 @@ _ACKNOWLEDGED_OUTPUTS = ("recommendations", "search_results", "dead_letters")
 
 
 #: The phases of ``Shard.process`` in order, as ``BatchResult.phase_seconds`` names them:
-#: models (the trainer's newest, between two batches), decode, admit (the waiting room and the checks), load (user
-#: records and outboxes), score (backtests only: the list before the batch), search, apply
-#: (signals, user state, the re-ranker's learning), head (its training step's inputs; the step
-#: itself runs on the head's thread), rank (candidates, scores, reasons, payloads), commit (the
-#: changed signals exported, the sweep, the one atomic write; then the head's step served, when
-#: due, :meth:`Shard._publish_head`).
+#: models (the trainer's newest, between two batches), decode, admit (the waiting room and the
+#: checks), load (user records and outboxes), score (backtests only: the list before the batch),
+#: search, apply (signals, user state, the re-ranker's learning), head (its training step's
+#: inputs; the step itself runs on the head's thread), rank (candidates, scores, reasons,
+#: payloads), commit (the changed signals exported, the sweep, the one atomic write; then the
+#: head's step served, when due, :meth:`Shard._publish_head`).
 PHASES = ("models", "decode", "admit", "load", "score", "search", "apply", "head", "rank", "commit")
 
 
