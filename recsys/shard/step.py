@@ -290,7 +290,6 @@ class Shard:
         self.head: Head | None = None
         self._pending: list[Example] = []  # head training examples not yet learned
         self._head_behind: int | None = None  # messages read since the head's step in flight started
-        self._batch_messages = 0  # the messages of the batch in progress (for _publish_head)
         if settings.head_enabled:
             import torch
 
@@ -503,7 +502,7 @@ class Shard:
 
     def _process(self, envelopes: list[Envelope]) -> BatchResult:
         self._in_batch = True  # until the batch's write is done (:meth:`_committed`)
-        self._batch_messages = len(envelopes)
+        read = len(envelopes)  # the messages the batch read (the head's step is served by their count)
         self._stamp += 1
         # without acknowledgements, the caller took the previous batch's outputs (see __init__)
         for output in _ACKNOWLEDGED_OUTPUTS:
@@ -528,7 +527,7 @@ class Shard:
         laps.lap("admit")
         if not by_user:
             self._commit({**puts, **self._unsent_puts()}, waited.deletes)
-            self._committed()
+            self._committed(read)
             laps.lap("commit")
             self.totals.update(counts)
             return result
@@ -568,19 +567,19 @@ class Shard:
         if self.exchange is not None and (message := self.exchange.seal(puts)) is not None:
             result.exchange.append(message)  # issue 11: this batch's signal ops, sealed with it
         self._commit({**puts, **self._unsent_puts()}, [*waited.deletes, *self._sweep(by_user, counts)])
-        self._committed()
+        self._committed(read)
         laps.lap("commit")
         self.totals.update(counts)
         return result
 
-    def _committed(self) -> None:
-        """The batch is in the state: the models may be saved with what they learned from it (at
+    def _committed(self, read: int) -> None:
+        """The batch (``read`` messages) is in the state: the models may be saved with what they learned from it (at
         most every ``head_snapshot_interval_s``). Before 2026-12-04 the snapshot was written after
         the head's step, before the batch's write: a batch that failed in between (a full disk, a
         crash) was in the models but not in the state, and a restart learned it twice."""
         self._in_batch = False
         if self._head_behind is not None:
-            self._publish_head(self._batch_messages)
+            self._publish_head(read)
         self.models.save(self)
 
     def _covered(self, env: Envelope) -> bool:
