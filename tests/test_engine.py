@@ -411,6 +411,29 @@ def test_the_lists_do_not_depend_on_how_long_the_heads_thread_takes(tmp_path, ca
     assert fast == slow
 
 
+def test_a_replay_batch_does_not_wait_for_its_heads_step_to_end(tmp_path, cache, catalog):
+    """A replay-sized batch reaches the message count that serves its own step, but the wait
+    for the step is at the next read of the head, not at the batch's end: the step overlaps
+    the next batch's decoding and loading, and its ranking's other sources."""
+    import threading
+
+    events = generate_events(1200, catalog, n_users=60, seed=29)
+    engine = Shard.open(_settings(tmp_path, cache))
+    engine.upsert_catalog(catalog)
+    release = threading.Event()
+    run_steps = engine.head._run_steps
+    engine.head._run_steps = lambda inputs: (release.wait(30), run_steps(inputs))[1]
+    served = engine.head.version
+    result = engine.process(_envelopes(events[:600]))  # past the count: its step is served
+    assert result.counts["head_steps"] >= 1
+    assert not engine.head._in_flight.done()  # the batch ended while its step was held
+    assert engine.head.version != served
+    release.set()
+    later = engine.process(_envelopes(events[600:], start=600))  # whose ranking reads the head
+    assert later.recommendations
+    engine.close()
+
+
 def test_the_head_serves_its_step_once_enough_messages_were_read_after_it(tmp_path, cache, catalog):
     from recsys.shard import step
 

@@ -244,6 +244,35 @@ def test_steps_in_the_background_learn_the_same_bits_and_are_served_from_the_nex
     behind.close()
 
 
+def test_a_step_served_at_the_next_read_is_waited_for_there_and_not_before():
+    """``serve_at_next_read``: to every reader the step is served at once (its version, then
+    the queries), but the caller waits for the step only when it reads."""
+    import threading
+
+    vecs, examples = _small_world(n_examples=300)
+    inline, behind = (Head(_config(batch_size=16, max_steps_per_call=2), _lookup(vecs)) for _ in range(2))
+    histories, now, _ = _probe(vecs)
+    release = threading.Event()
+    run_steps = behind._run_steps
+    behind._run_steps = lambda inputs: (release.wait(30), run_steps(inputs))[1]  # held until released
+    inline.learn(examples[:40])
+    behind.learn(examples[:40], background=True)
+    before = behind.query_vectors(histories, now)
+    behind.serve_at_next_read()
+    assert not behind._in_flight.done()  # it returned without waiting for the held step
+    assert behind.version == inline.version != "head-0"  # but says the step is served
+    release.set()
+    after = behind.query_vectors(histories, now)  # the first read waits for it and serves it
+    assert np.array_equal(after, inline.query_vectors(histories, now)) and not np.array_equal(after, before)
+    assert behind.version == inline.version
+    behind.learn(examples[40:80], background=True)
+    behind.serve_at_next_read()
+    inline.learn(examples[40:80])
+    assert behind.version == inline.version  # a step that has already run is due all the same
+    assert np.array_equal(behind.query_vectors(histories, now), inline.query_vectors(histories, now))
+    behind.close()
+
+
 def test_a_snapshot_taken_while_a_step_runs_holds_the_step():
     vecs, examples = _small_world(n_examples=300)
     inline, behind = (Head(_config(batch_size=16), _lookup(vecs)) for _ in range(2))

@@ -147,6 +147,9 @@ class Head:
         # background, a copy that :meth:`publish` brings up to date (each later ``learn`` first)
         self._served = self._towers
         self._served_updates = 0
+        # steps to serve from the next read on (:meth:`serve_at_next_read`): None, or the count of
+        # optimizer steps the learned parameters hold once the steps in flight have run
+        self._due: int | None = None
         self._pop_index: dict[str, int] = {}
         self._pop_ids: list[str] = []
         self._pop_counts = np.zeros(1024, dtype=np.float64)
@@ -154,11 +157,13 @@ class Head:
         self._pop_cdf: np.ndarray | None = None  # cached sampling CDF; None after counts change
         self._steps: ThreadPoolExecutor | None = None  # one thread for background steps, made on first use
         self._in_flight: Future | None = None  # the background steps not yet waited for
+        self._learned_after = 0  # n_updates once it has run (set when it starts: the thread moves n_updates)
 
     @property
     def version(self) -> str:
-        """``"head-<optimizer steps in the parameters served>"``: changes exactly when they do."""
-        return f"head-{self._served_updates}"
+        """``"head-<optimizer steps in the parameters served>"``: changes exactly when they do
+        (steps due at the next read count as served: any read serves them first)."""
+        return f"head-{self._served_updates if self._due is None else self._due}"
 
     def wait(self) -> None:
         """Return once no step is in flight (re-raising what a background step raised). What
@@ -179,6 +184,22 @@ class Head:
                 for served, learned in zip(self._served.parameters(), self._towers.parameters()):
                     served.copy_(learned)
         self._served_updates = self.n_updates
+        self._due = None
+
+    def serve_at_next_read(self) -> None:
+        """Serve every step taken so far, as :meth:`publish` does, but wait for the steps in
+        flight only at the next read (a query, a score, or the next :meth:`learn`): to anyone
+        reading, the same parameters from now on (and :attr:`version` says so at once), while
+        the steps go on overlapping whatever the caller does before that read. In a replay the
+        engine serves a step at the end of the batch that started it, and the next batch reads
+        the head only once it ranks: before 2026-12-06 the wait was at the end of the batch."""
+        self._due = self._learned_after if self._in_flight is not None else self.n_updates
+
+    def _serving(self) -> _Towers:
+        """The parameters a read uses: the served copy, brought up to date if steps are due."""
+        if self._due is not None:
+            self.publish()
+        return self._served
 
     def close(self) -> None:
         """Wait for a step in flight and stop the background thread (a later background step starts another)."""
@@ -247,7 +268,7 @@ class Head:
             return np.zeros((0, self.config.dim), dtype=np.float32)
         mat, idx, types, rank, age_h, mask, _ = self._features(histories, now_ts)
         with torch.no_grad():
-            return self._query(self._served, mat, idx, types, rank, age_h, mask).numpy().astype(np.float32, copy=False)
+            return self._query(self._serving(), mat, idx, types, rank, age_h, mask).numpy().astype(np.float32, copy=False)
 
     def score(self, histories: Sequence[History], now_ts: Sequence[int],
               candidate_ids: Sequence[Sequence[str]]) -> list[np.ndarray]:
@@ -259,7 +280,7 @@ class Head:
         extra = [c for cands in candidate_ids for c in cands]
         mat, idx, types, rank, age_h, mask, pos = self._features(histories, now_ts, extra)
         with torch.no_grad():
-            q = self._query(self._served, mat, idx, types, rank, age_h, mask).numpy()
+            q = self._query(self._serving(), mat, idx, types, rank, age_h, mask).numpy()
         m = mat.numpy()
         return [m[[pos[c] for c in cands]] @ q[r] if len(cands) else np.zeros(0, np.float32)
                 for r, cands in enumerate(candidate_ids)]
@@ -316,6 +337,7 @@ class Head:
                 self._steps = ThreadPoolExecutor(max_workers=1, thread_name_prefix="head-step")
             if self._served is self._towers:  # from now on the thread changes the learned copy only
                 self._served = copy.deepcopy(self._towers)
+            self._learned_after = self.n_updates + len(inputs)
             self._in_flight = self._steps.submit(self._run_steps, inputs)
             return {"steps": len(inputs), "loss": None, "examples": len(train)}
         losses = self._run_steps(inputs)
@@ -381,6 +403,7 @@ class Head:
             raise ValueError(f"head state has config {state['config']}, this head has {asdict(self.config)}")
         self._towers.load_state_dict(state["model"])
         self._served = self._towers
+        self._due = None
         self._opt.load_state_dict(copy.deepcopy(state["optimizer"]))
         self._rng.bit_generator.state = copy.deepcopy(state["rng"])
         self._pop_ids = list(state["pop_ids"])

@@ -150,19 +150,6 @@ class Recommender:
                               + np.concatenate(excl_rows + [_NO_ROWS]))
         parts = _Entries()
 
-        # content: one faiss search for the batch (the index holds only recommendable items)
-        queries = self._queries(states, now_ts)
-        queries = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
-        c_scores, c_rows = index.search_rows(queries, cfg.content_candidates, excl_rows)
-        found = c_rows >= 0
-        if found.any():  # scaled to [0.5, 1] per user, from the user's worst hit to the best
-            top = c_scores[:, :1]
-            low = np.take_along_axis(c_scores, np.maximum(found.sum(axis=1) - 1, 0)[:, None], axis=1)
-            with np.errstate(invalid="ignore"):  # rows without hits (-inf) are dropped below
-                norm = 0.5 + 0.5 * (c_scores - low) / np.maximum(top - low, 1e-6)
-            users = np.broadcast_to(np.arange(n)[:, None], c_rows.shape)
-            parts.add(_CONTENT, users[found], c_rows[found], norm[found])
-
         # co-visitation: neighbours of the most recent items, anchors weighted by recency
         self._add_neighbours(parts, _COVISIT, self.covisit, recents, [1.0 / (1 + r) for r in range(cfg.covisit_anchors)])
         # transitions: what came right after the last two items (the last counts double)
@@ -189,6 +176,11 @@ class Recommender:
             t_rows = index.rows([i for i, _ in trending])
             t_vals = np.array([p for _, p in trending], dtype=np.float32) / (trending[0][1] or 1.0)
             parts.add(_TRENDING, np.repeat(np.arange(n), len(t_rows)), np.tile(t_rows, n), np.tile(t_vals, n))
+
+        # content, computed last and placed first (the first source in candidate order): the
+        # learned head is read here only, so a training step still running on the head's thread
+        # overlaps every other source (``Head.serve_at_next_read``)
+        self._add_content(parts, states, now_ts, excl_rows)
 
         batch = parts.group(cap, excl_keys)
         x = batch.features
@@ -229,6 +221,23 @@ class Recommender:
         return out
 
     # ------------------------------------------------------------------ sources
+
+    def _add_content(self, parts: "_Entries", states: list[UserState], now_ts: int, excl_rows: list[np.ndarray]) -> None:
+        """Content entries, first in ``parts``: one faiss search for the batch (the index holds
+        only recommendable items) with each user's query vector, scores scaled to [0.5, 1] per
+        user, from the user's worst hit to the best."""
+        n = len(states)
+        queries = self._queries(states, now_ts)
+        queries = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
+        c_scores, c_rows = self.items.index.search_rows(queries, self.config.content_candidates, excl_rows)
+        found = c_rows >= 0
+        if found.any():
+            top = c_scores[:, :1]
+            low = np.take_along_axis(c_scores, np.maximum(found.sum(axis=1) - 1, 0)[:, None], axis=1)
+            with np.errstate(invalid="ignore"):  # rows without hits (-inf) are dropped below
+                norm = 0.5 + 0.5 * (c_scores - low) / np.maximum(top - low, 1e-6)
+            users = np.broadcast_to(np.arange(n)[:, None], c_rows.shape)
+            parts.add(_CONTENT, users[found], c_rows[found], norm[found], front=True)
 
     def _queries(self, states: list[UserState], now_ts: int) -> np.ndarray:
         """One query vector per user for the frozen index: the learned head's ``B^T A h`` when
@@ -545,13 +554,18 @@ class _Entries:
     def __init__(self) -> None:
         self.parts: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
 
-    def add(self, source: int, users, rows, values, anchors=None, attach_only=None) -> None:
+    def add(self, source: int, users, rows, values, anchors=None, attach_only=None, *, front: bool = False) -> None:
         """``attach_only`` (bool per entry): the entry sets its signal on a candidate that
-        another entry brings, but does not make one by itself."""
+        another entry brings, but does not make one by itself. ``front``: before the sources
+        added so far (a source computed late that comes first in candidate order)."""
         users = np.asarray(users, dtype=np.int64)
         anchors = np.full(len(users), -1, dtype=np.int64) if anchors is None else np.asarray(anchors, dtype=np.int64)
         attach = np.zeros(len(users), dtype=bool) if attach_only is None else np.asarray(attach_only, dtype=bool)
-        self.parts.append((source, users, np.asarray(rows, dtype=np.int64), np.asarray(values, dtype=np.float32), anchors, attach))
+        part = (source, users, np.asarray(rows, dtype=np.int64), np.asarray(values, dtype=np.float32), anchors, attach)
+        if front:
+            self.parts.insert(0, part)
+        else:
+            self.parts.append(part)
 
     def group(self, cap: int, excluded_keys: np.ndarray) -> "_Batch":
         """One row per distinct (user, item): summed values per source column, the earliest

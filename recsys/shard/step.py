@@ -873,12 +873,15 @@ class Shard:
     def _publish_head(self, read: int) -> None:
         """After a batch's write (``read``: its messages): serve the head's step in flight once
         :data:`_HEAD_PUBLISH_AFTER` messages have been read since it started (the batch that
-        started it included), waiting for it if need be. Counted in messages, so what is served
-        never depends on the thread's timing; at the end of a batch, so what the next batch and
-        a backtest's list before it (``recommend_for``) see is the same."""
+        started it included). Counted in messages, so what is served never depends on the
+        thread's timing; at the end of a batch, so what the next batch and a backtest's list
+        before it (``recommend_for``) see is the same. Served from the next read of the head on
+        (``Head.serve_at_next_read``): the wait for the step, if any is left, is there, so the
+        step also overlaps the next batch's decoding, loading and its ranking's other sources
+        (a replay's batch is past the count when its write ends: it waited there before)."""
         self._head_behind += read
         if self._head_behind >= _HEAD_PUBLISH_AFTER:
-            self.head.publish()
+            self.head.serve_at_next_read()
             self._head_behind = None
 
     def _head_quiet(self) -> None:
