@@ -294,4 +294,11 @@ def test_a_background_step_that_fails_raises_at_the_next_call():
     with pytest.raises(ZeroDivisionError):
         head.publish()
     assert head.version == "head-0"  # raised once; what is served is unchanged
+    head.learn([ex for ex in examples if ex.history], background=True)
+    head.serve_at_next_read()
+    assert head.version != "head-0"  # claimed served at once ...
+    histories = [ex.history for ex in examples if ex.history][:3]
+    with pytest.raises(ZeroDivisionError):
+        head.query_vectors(histories, [ex.ts for ex in examples if ex.history][:3])  # ... the read raises
+    assert head.version == "head-0"  # and what is served is unchanged
     head.close()

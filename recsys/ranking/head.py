@@ -177,14 +177,15 @@ class Head:
                     self._in_flight = None
 
     def publish(self) -> None:
-        """Wait for the steps in flight and serve every step taken so far."""
+        """Wait for the steps in flight and serve every step taken so far (a step that failed
+        raises here, and the parameters served stay as they were)."""
+        self._due = None
         self.wait()
         if self._served is not self._towers and self._served_updates != self.n_updates:
             with torch.no_grad():
                 for served, learned in zip(self._served.parameters(), self._towers.parameters()):
                     served.copy_(learned)
         self._served_updates = self.n_updates
-        self._due = None
 
     def serve_at_next_read(self) -> None:
         """Serve every step taken so far, as :meth:`publish` does, but wait for the steps in
@@ -192,7 +193,8 @@ class Head:
         reading, the same parameters from now on (and :attr:`version` says so at once), while
         the steps go on overlapping whatever the caller does before that read. In a replay the
         engine serves a step at the end of the batch that started it, and the next batch reads
-        the head only once it ranks: before 2026-12-06 the wait was at the end of the batch."""
+        the head only once it ranks (until 2026-12-05's thirty-first session the wait was at the
+        end of the batch)."""
         self._due = self._learned_after if self._in_flight is not None else self.n_updates
 
     def _serving(self) -> _Towers:
