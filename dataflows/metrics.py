@@ -152,8 +152,8 @@ class FlowMetrics(_Endpoint):
         self.batch_time = Histogram("recsys_batch_processing_seconds", "Shard time per polled batch",
                                     buckets=BATCH_BUCKETS, registry=r)
         self.phase_time = Counter("recsys_batch_phase_seconds",
-                                  "Shard time per phase of the step (models, decode, admit, load, score, search, "
-                                  "apply, rank, head, commit), summed over batches", ["phase"], registry=r)
+                                  f"Shard time per phase of the step ({', '.join(PHASES)}), summed over batches",
+                                  ["phase"], registry=r)
         for phase in PHASES:
             self.phase_time.labels(phase)  # every phase exported from the start, at 0
         self.latency = Histogram("recsys_event_to_recommendation_seconds",

@@ -858,9 +858,8 @@ class Shard:
         The head serves it at the end of the batch in which :data:`_HEAD_PUBLISH_AFTER`
         messages have been read since it started (:meth:`_publish_head`), so the lists never
         depend on the thread's timing; the batch that started it is ranked with the head before
-        it (before
-        2026-12-05 the step ran in the batch's path, before its ranking: the live latency tail's
-        most frequent slow batch).
+        it (before 2026-12-05 the step ran in the batch's path, before its ranking: the live
+        latency tail's most frequent slow batch).
         """
         self._pending.extend(examples)
         del self._pending[: -_MAX_PENDING_EXAMPLES]
