@@ -100,6 +100,7 @@ def test_an_item_just_seen_that_is_chosen_most_ranks_first_once_learned():
     order = np.argsort(-(x @ (prior + b.weights())), kind="stable")
     assert order.tolist() == list(range(10))
 
+
 def test_the_shown_lists_held_drop_out_of_the_garbage_collectors_view():
     """Tens of thousands of shown lists are held; as objects the collector tracks, every full
     pass rescanned them. Held as plain tuples of strings and an array, they are untracked at
