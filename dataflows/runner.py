@@ -86,6 +86,13 @@ class StopSignals:
         return self
 
     def running(self) -> "StopSignals":
+        """Switch to the orderly stop. A signal received while loading whose
+        ``KeyboardInterrupt`` was dropped raises it again here, before the flow starts: Python
+        runs a handler wherever the main thread is, and an exception raised inside a finalizer
+        (``__del__``, a weakref callback: a library's object collected during the load) is
+        printed as "Exception ignored" and lost (seen in CI: the flow went on to run)."""
+        if self.received is not None:
+            raise KeyboardInterrupt()
         for sig in self.SIGNALS:
             signal.signal(sig, self._request)
         return self

@@ -390,6 +390,40 @@ def test_ctrl_c_while_the_model_loads_is_one_line(local_broker, topic_name, tmp_
     assert flow.lines[-1].startswith("recsys run: stopped by SIGINT before the flow started"), flow.output
 
 
+class _SignalsItselfWhenCollected:
+    """Sends this process ``signum`` from its finalizer and runs on, so that Python runs the
+    signal's handler inside ``__del__``, where an exception it raises is printed and dropped
+    ("Exception ignored in ..."): what a Ctrl-C met in CI, landing while the model loaded and a
+    library's object was collected."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+
+    def __del__(self) -> None:
+        os.kill(os.getpid(), self.signum)
+        for _ in range(1000):  # bytecode after the signal: the handler runs in here
+            pass
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the dropped one, on purpose
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_lost_inside_a_finalizer_while_loading_still_stops_before_the_flow_runs(signum):
+    from dataflows.runner import StopSignals
+
+    previous = {sig: signal.getsignal(sig) for sig in StopSignals.SIGNALS}
+    try:
+        signals = StopSignals().loading()
+        obj = _SignalsItselfWhenCollected(signum)
+        del obj  # the handler's KeyboardInterrupt is raised inside __del__, and dropped there
+        assert signals.received == signal.Signals(signum).name
+        # loading went on as if nothing had happened; the switch to running must not start the flow
+        with pytest.raises(KeyboardInterrupt):
+            signals.running()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 @pytest.mark.parametrize(
     "args, words",
     [
