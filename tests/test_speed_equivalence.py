@@ -587,6 +587,61 @@ def test_ivf_search_by_cell_equals_faiss_search(threads):
         faiss.omp_set_num_threads(before)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_ivf_search_by_products_equals_faiss_search(threads, monkeypatch):
+    """The search by one matrix product per cell gives faiss's own answer bit for bit, through
+    the engine's entry point (given the vectors, from IVF_PRODUCT_MIN_QUERIES queries) and
+    directly: with exact duplicates among the items (tied scores: their queries go to faiss),
+    after removals and re-upserts (cells with holes, labels past the first rows), and with a
+    k larger than a query's cells hold. Queries without ties are answered by the products."""
+    import faiss
+
+    from recsys.items import catalog as C
+
+    rng = np.random.default_rng(10 + threads)
+    centres = rng.normal(size=(40, 384))
+    vecs = centres[rng.integers(0, 40, 6000)] + 0.3 * rng.normal(size=(6000, 384))
+    vecs[5000:5100] = vecs[4000:4100]  # exact duplicates
+    index = C.VectorIndex(384, ivf_threshold=5000)
+    index.upsert([f"i{i}" for i in range(6000)], vecs.astype(np.float32))
+    index.remove([f"i{i}" for i in range(0, 6000, 7)])
+    index.upsert([f"i{i}" for i in range(0, 3000, 14)], vecs[0:3000:14].astype(np.float32) + 0.01)
+    ivf = index._index
+    assert index.approximate and C._products_apply(ivf)
+    to_faiss = []
+    original = faiss.IndexIVFFlat.search_preassigned
+    monkeypatch.setattr(faiss.IndexIVFFlat, "search_preassigned",
+                        lambda self, x, *a, **kw: to_faiss.append(len(x)) or original(self, x, *a, **kw))
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(threads)
+    try:
+        for m in (2, 5, 64, 257, 1000):
+            q = (centres[rng.integers(0, 40, m)] + 0.5 * rng.normal(size=(m, 384))).astype(np.float32)
+            ties = m // 4
+            q[:ties] = vecs[rng.integers(4000, 4100, ties)]  # queries on the duplicates
+            faiss.normalize_L2(q)
+            q[-1] *= 3.0  # a query of another norm (the head's queries are not normalised)
+            for k in (1, 30, 130):
+                want_s, want_i = ivf.search(q, k)
+                to_faiss.clear()
+                for got_s, got_i in (C._faiss_search(ivf, q, k, index._store),
+                                     C._ivf_search_by_products(ivf, index._store, q, k)):
+                    assert np.array_equal(got_i, want_i)
+                    assert got_s.tobytes() == want_s.tobytes()
+                if m >= C.IVF_PRODUCT_MIN_QUERIES:
+                    # at most the tied queries (and a rare near-tie) went to faiss, in both calls
+                    assert sum(to_faiss) <= 2 * (ties + max(1, m // 50)), (m, k, to_faiss)
+        ivf.nprobe = 1  # one cell of ~40 items: fewer than k + the spare candidates
+        q = np.ascontiguousarray(vecs[rng.integers(0, 6000, 100)].astype(np.float32))
+        faiss.normalize_L2(q)
+        want_s, want_i = ivf.search(q, 130)
+        got_s, got_i = C._ivf_search_by_products(ivf, index._store, q, 130)
+        assert (want_i == -1).any() and np.array_equal(got_i, want_i) and got_s.tobytes() == want_s.tobytes()
+        assert ivf.parallel_mode == 0 and faiss.omp_get_max_threads() == threads
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
 def _add_neighbours_reference(rec: Recommender, parts, source, signal, recents, anchor_weights) -> None:
     """``Recommender._add_neighbours`` before the one-pass read (a loop per user and anchor)."""
     names, vals, lengths, owners, slots = [], [], [], [], []

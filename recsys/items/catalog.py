@@ -57,19 +57,28 @@ class _Journal:
         return {item_id for ids in self._entries[at:] for item_id in ids}
 
 
-def _faiss_search(index: faiss.Index, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def _faiss_search(
+    index: faiss.Index, q: np.ndarray, k: int, vectors: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """``index.search``, single-threaded for batches below faiss's BLAS threshold
     (``distance_compute_blas_threshold``: 20 queries in older faiss, 128,000 in 1.15, so in
-    practice always); an inverted file searched cell by cell (:func:`_ivf_search_by_cell`).
+    practice always); an inverted file searched cell by cell (:func:`_ivf_search_by_cell`), and,
+    given ``vectors`` (every label's vector, by label) and at least
+    :data:`IVF_PRODUCT_MIN_QUERIES` queries, with one matrix product per cell
+    (:func:`_ivf_search_by_products`). Each gives faiss's own answer bit for bit.
 
-    Below the threshold faiss scans query by query; measured on the 2-core target, a second
-    OpenMP thread there gives nothing and, when the cores are busy, makes a query 2-20x slower
-    (the threads wait on each other). ``omp_set_num_threads`` only affects parallel regions
-    started by the calling thread.
+    Below the threshold faiss scans query by query, on one thread here: on the 2-core target a
+    second OpenMP thread halves a 1,000-query batch when the other core is idle (107.6 -> 54.0
+    ms, 2026-12-05), but makes a query 2-20x slower when the cores are busy (the threads wait on
+    each other), as they are in a flow (the head's step, Kafka's network thread), and issue 12
+    measures the engine per core. ``omp_set_num_threads`` only affects parallel regions started
+    by the calling thread.
     """
     search = index.search
     if isinstance(index, faiss.IndexIVF) and len(q) > 1:
         search = functools.partial(_ivf_search_by_cell, index)
+        if vectors is not None and len(q) >= IVF_PRODUCT_MIN_QUERIES and _products_apply(index):
+            search = functools.partial(_ivf_search_by_products, index, vectors)
     if len(q) >= faiss.cvar.distance_compute_blas_threshold:
         return search(q, k)
     return _one_thread(search, q, k)
@@ -120,14 +129,7 @@ def _ivf_search_by_cell(index: faiss.IndexIVF, q: np.ndarray, k: int) -> tuple[n
     with the threads started inside ``search_preassigned`` (mode 0 starts them one level up,
     in ``search``).
     """
-    n, nprobe = len(q), min(index.nprobe, index.nlist)
-    slices = min(faiss.omp_get_max_threads(), n)
-    coarse_s = np.empty((n, nprobe), dtype=np.float32)
-    coarse_i = np.empty((n, nprobe), dtype=np.int64)
-    for s in range(slices):  # as IndexIVF::search slices the batch
-        lo, hi = n * s // slices, n * (s + 1) // slices
-        if hi > lo:
-            coarse_s[lo:hi], coarse_i[lo:hi] = _one_thread(index.quantizer.search, q[lo:hi], nprobe)
+    coarse_s, coarse_i = _coarse_assignment(index, q)
     order = np.lexsort(coarse_i[:, ::-1].T)  # by nearest cell, then the next ones
     mode, index.parallel_mode = index.parallel_mode, 3
     try:
@@ -136,6 +138,114 @@ def _ivf_search_by_cell(index: faiss.IndexIVF, q: np.ndarray, k: int) -> tuple[n
         index.parallel_mode = mode
     out_s, out_i = np.empty_like(scores), np.empty_like(ints)
     out_s[order], out_i[order] = scores, ints
+    return out_s, out_i
+
+
+def _coarse_assignment(index: faiss.IndexIVF, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The cells each query probes and their scores, ``(n, nprobe)`` each, as ``IndexIVF::search``
+    computes them: one quantizer call per OpenMP thread's slice of the batch, each on one thread."""
+    n, nprobe = len(q), min(index.nprobe, index.nlist)
+    slices = min(faiss.omp_get_max_threads(), n)
+    coarse_s = np.empty((n, nprobe), dtype=np.float32)
+    coarse_i = np.empty((n, nprobe), dtype=np.int64)
+    for s in range(slices):  # as IndexIVF::search slices the batch
+        lo, hi = n * s // slices, n * (s + 1) // slices
+        if hi > lo:
+            coarse_s[lo:hi], coarse_i[lo:hi] = _one_thread(index.quantizer.search, q[lo:hi], nprobe)
+    return coarse_s, coarse_i
+
+
+#: Batches of at least this many queries take :func:`_ivf_search_by_products` (given the
+#: vectors). Measured at 10k items x 384 dims on one thread: 16 queries 1.0 ms by cell against
+#: 1.8 ms by products, 64 queries 3.2 against 2.9 ms, 1,000 queries 44-53 against 21-25 ms.
+IVF_PRODUCT_MIN_QUERIES = 64
+
+#: How many more than ``k`` candidates each query keeps from the products, so that a
+#: near-tie at its k-th place can still be settled by faiss's own scores.
+_PRODUCT_SPARE = 8
+
+
+def _products_apply(index: faiss.IndexIVF) -> bool:
+    """Whether :func:`_ivf_search_by_products` can read this index: an ``IndexIVFFlat`` over
+    inner products whose lists are faiss's in-memory arrays."""
+    return (
+        isinstance(index, faiss.IndexIVFFlat)
+        and index.metric_type == faiss.METRIC_INNER_PRODUCT
+        and isinstance(faiss.downcast_InvertedLists(index.invlists), faiss.ArrayInvertedLists)
+    )
+
+
+def _ivf_search_by_products(
+    index: faiss.IndexIVFFlat, vectors: np.ndarray, q: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``index.search(q, k)`` for a batch of queries, with one matrix product per probed cell.
+
+    faiss scans query by query: each of the ~800 vectors a query probes at 10k items is read and
+    multiplied on its own (~40 µs a query here, 8 GFLOP/s). Grouped by cell, the queries that
+    probe a cell are multiplied with its vectors in one BLAS product that reads each vector once
+    for all of them; a compiled loop (:func:`recsys.items._kernels.push_products`) keeps each
+    query's ``k`` + :data:`_PRODUCT_SPARE` best. 1,000 queries: 21-25 ms against 44-53 ms by cell
+    (:data:`IVF_PRODUCT_MIN_QUERIES`).
+
+    The answer is faiss's own, bit for bit (``tests/test_speed_equivalence.py``). A product
+    rounds differently from faiss's dot product, by at most ``d * 2**-24 * |q|`` each for unit
+    vectors, so the kept candidates are scored again with faiss's routine
+    (``fvec_inner_products_by_idx``, the one its scan uses), ``vectors[label]`` being the
+    vector stored under each label. A query's answer is taken from them when (a) its k-th exact
+    score beats every candidate not kept by more than both roundings together, so none of them
+    can belong to the top k, and (b) its k-th and (k+1)-th exact scores differ: faiss keeps the
+    first of two equal scores it scans at the k-th place, so that tie depends on the order of
+    its scan. Equal scores inside the top k come in faiss's heap order, the larger label first.
+    Any other query, and one whose cells hold fewer than the candidates kept, is searched by
+    faiss (:func:`_ivf_search_by_cell`'s way, with the cells already assigned).
+    """
+    from recsys.items._kernels import push_products
+
+    n, d = len(q), index.d
+    coarse_s, coarse_i = _coarse_assignment(index, q)
+    nprobe = coarse_i.shape[1]
+    wide = k + _PRODUCT_SPARE
+    heap_s = np.full((n, wide), -np.inf, dtype=np.float32)
+    heap_i = np.full((n, wide), -1, dtype=np.int64)
+    probes = coarse_i.ravel()
+    by_cell = np.argsort(probes, kind="stable")
+    cells = probes[by_cell]
+    starts = np.flatnonzero(np.r_[True, cells[1:] != cells[:-1]])
+    invlists = index.invlists
+    for lo, hi in zip(starts.tolist(), np.r_[starts[1:], len(cells)].tolist()):
+        cell = int(cells[lo])
+        size = invlists.list_size(cell) if cell >= 0 else 0
+        if size == 0:
+            continue
+        # views of faiss's own arrays (ArrayInvertedLists: no copy), read before anything changes them
+        cell_vectors = faiss.rev_swig_ptr(invlists.get_codes(cell), size * d * 4).view(np.float32).reshape(size, d)
+        labels = faiss.rev_swig_ptr(invlists.get_ids(cell), size)
+        owners = by_cell[lo:hi] // nprobe
+        push_products(q[owners] @ cell_vectors.T, owners, labels, heap_s, heap_i)
+    kept = np.maximum(heap_i, 0)
+    exact = np.empty((n, wide), dtype=np.float32)
+    faiss.fvec_inner_products_by_idx(
+        faiss.swig_ptr(exact), faiss.swig_ptr(q), faiss.swig_ptr(vectors), faiss.swig_ptr(kept), d, n, wide
+    )
+    best = np.lexsort((-heap_i, -exact))  # per query: by score, equal scores by label, as faiss's heap orders them
+    exact_sorted = np.take_along_axis(exact, best, axis=1)
+    labels_sorted = np.take_along_axis(heap_i, best, axis=1)
+    # both roundings together, for vectors of norm <= 1 (normalised on the way in), with room to spare
+    margin = 2.5 * d * 2.0**-24 * np.linalg.norm(q, axis=1)
+    settled = (
+        (heap_i[:, 0] >= 0)  # the heap filled: every query has its wide candidates
+        & (exact_sorted[:, k - 1] > heap_s[:, 0] + margin)
+        & (exact_sorted[:, k - 1] != exact_sorted[:, k])
+    )
+    out_s, out_i = exact_sorted[:, :k].copy(), labels_sorted[:, :k].copy()
+    rest = np.flatnonzero(~settled)
+    if len(rest):
+        sub_q, sub_s, sub_i = np.ascontiguousarray(q[rest]), coarse_s[rest], coarse_i[rest]
+        mode, index.parallel_mode = index.parallel_mode, 3
+        try:
+            out_s[rest], out_i[rest] = index.search_preassigned(sub_q, k, sub_i, sub_s)
+        finally:
+            index.parallel_mode = mode
     return out_s, out_i
 
 
@@ -362,7 +472,7 @@ class VectorIndex:
         extra = max((len(ex) for ex in exclude_rows), default=0) if exclude_rows is not None else 0
         fetch = min(k + extra, len(self._to_int))
         rows = np.flatnonzero(valid)
-        scores, ints = _faiss_search(self._index, np.ascontiguousarray(q[valid]), fetch)
+        scores, ints = _faiss_search(self._index, np.ascontiguousarray(q[valid]), fetch, self._store)
         drop = ints < 0
         if extra:
             # one vectorised membership test for every (query, excluded row) pair

@@ -12,7 +12,7 @@ checks that a run with searches compiles nothing more).
 
 >>> from recsys.signals.compile_kernels import compile_kernels, compiled_signatures
 >>> compile_kernels()
-5
+6
 >>> len(compiled_signatures()["recsys.search._kernels.price_closeness"])
 1
 """
@@ -26,6 +26,7 @@ from typing import Callable
 
 #: the modules of compiled loops (numba), each exercised by :func:`compile_kernels`
 KERNEL_MODULES = (
+    "recsys.items._kernels",
     "recsys.ranking._kernels",
     "recsys.search._kernels",
     "recsys.signals._covisit_kernels",
@@ -51,9 +52,10 @@ def compiled_signatures() -> dict[str, set[str]]:
 def compile_kernels() -> int:
     """Run every compiled loop once on a tiny input, with the argument types the engine passes
     (compiling, or loading it from the cache); returns how many structures were exercised (three
-    signals, the ranker's loops and search's)."""
+    signals, the ranker's loops, search's and the inverted file's)."""
     import numpy as np
 
+    from recsys.items._kernels import push_products
     from recsys.ranking._kernels import closest_rows, group_entries
     from recsys.search._kernels import price_closeness
     from recsys.signals.covisitation import CoVisitation
@@ -83,7 +85,9 @@ def compile_kernels() -> int:
     popularity.update("a", 1.0, ts=0)
     popularity.scores(["a", "x"], 1)
     price_closeness(np.ones(1, np.float64), 1.0)
-    return 5
+    heap_s, heap_i = np.full((1, 2), -np.inf, np.float32), np.full((1, 2), -1, np.int64)
+    push_products(np.ones((1, 1), np.float32), one, one, heap_s, heap_i)
+    return 6
 
 
 def compile_kernels_announced(say: Callable[[str], object] = print, after_s: float = 1.0) -> float:
