@@ -180,7 +180,7 @@ def _ivf_search_by_products(
 ) -> tuple[np.ndarray, np.ndarray]:
     """``index.search(q, k)`` for a batch of queries, with one matrix product per probed cell.
 
-    faiss scans query by query: each of the ~800 vectors a query probes at 10k items is read and
+    faiss scans query by query: each of the ~900 vectors a query probes at 10k items is read and
     multiplied on its own (~40 µs a query here, 8 GFLOP/s). Grouped by cell, the queries that
     probe a cell are multiplied with its vectors in one BLAS product that reads each vector once
     for all of them; a compiled loop (:func:`recsys.items._kernels.push_products`) keeps each
@@ -190,8 +190,8 @@ def _ivf_search_by_products(
     The answer is faiss's own, bit for bit (``tests/test_speed_equivalence.py``). A product
     rounds differently from faiss's dot product, by at most ``d * 2**-24 * |q|`` each for unit
     vectors, so the kept candidates are scored again with faiss's routine
-    (``fvec_inner_products_by_idx``, the one its scan uses), ``vectors[label]`` being the
-    vector stored under each label. A query's answer is taken from them when (a) its k-th exact
+    (``fvec_inner_products_by_idx``, whose scores equal its scan's bit for bit: the test checks
+    it), ``vectors[label]`` being the vector stored under each label. A query's answer is taken from them when (a) its k-th exact
     score beats every candidate not kept by more than both roundings together, so none of them
     can belong to the top k, and (b) its k-th and (k+1)-th exact scores differ: faiss keeps the
     first of two equal scores it scans at the k-th place, so that tie depends on the order of
