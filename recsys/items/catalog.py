@@ -131,14 +131,22 @@ def _ivf_search_by_cell(index: faiss.IndexIVF, q: np.ndarray, k: int) -> tuple[n
     """
     coarse_s, coarse_i = _coarse_assignment(index, q)
     order = np.lexsort(coarse_i[:, ::-1].T)  # by nearest cell, then the next ones
-    mode, index.parallel_mode = index.parallel_mode, 3
-    try:
-        scores, ints = index.search_preassigned(np.ascontiguousarray(q[order]), k, coarse_i[order], coarse_s[order])
-    finally:
-        index.parallel_mode = mode
+    scores, ints = _search_preassigned(index, np.ascontiguousarray(q[order]), k, coarse_s[order], coarse_i[order])
     out_s, out_i = np.empty_like(scores), np.empty_like(ints)
     out_s[order], out_i[order] = scores, ints
     return out_s, out_i
+
+
+def _search_preassigned(
+    index: faiss.IndexIVF, q: np.ndarray, k: int, coarse_s: np.ndarray, coarse_i: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """``index.search_preassigned`` in faiss's loop over queries (``parallel_mode`` 3, the threads
+    started inside it; put back after)."""
+    mode, index.parallel_mode = index.parallel_mode, 3
+    try:
+        return index.search_preassigned(q, k, coarse_i, coarse_s)
+    finally:
+        index.parallel_mode = mode
 
 
 def _coarse_assignment(index: faiss.IndexIVF, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -240,12 +248,7 @@ def _ivf_search_by_products(
     out_s, out_i = exact_sorted[:, :k].copy(), labels_sorted[:, :k].copy()
     rest = np.flatnonzero(~settled)
     if len(rest):
-        sub_q, sub_s, sub_i = np.ascontiguousarray(q[rest]), coarse_s[rest], coarse_i[rest]
-        mode, index.parallel_mode = index.parallel_mode, 3
-        try:
-            out_s[rest], out_i[rest] = index.search_preassigned(sub_q, k, sub_i, sub_s)
-        finally:
-            index.parallel_mode = mode
+        out_s[rest], out_i[rest] = _search_preassigned(index, np.ascontiguousarray(q[rest]), k, coarse_s[rest], coarse_i[rest])
     return out_s, out_i
 
 
