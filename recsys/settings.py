@@ -96,6 +96,10 @@ class Settings(BaseSettings):
     popularity_half_life_h: float = 24.0  # decay of "trending"
     covisit_half_life_h: float = 24.0 * 30
     covisit_neighbours: int = Field(50, gt=0)  # co-visitation neighbours kept per item (bounds memory)
+    # issue 12: cells of the inverted file each vector search reads, once the catalog has 5,000 items
+    # or more (faiss nprobe, of ~2*sqrt(items) cells); fewer is faster and can miss candidates: a
+    # quality-for-speed setting, measured in the README (Performance), 16 = the answers before it
+    ivf_nprobe: int = Field(16, gt=0)
     unknown_items: Literal["dead_letter", "admit"] = "dead_letter"
     # issue 12: bounds on the session-neighbour query's work as state grows (each changes the
     # recommendations, so 0 = no bound, the default; recsys/signals/sessions.py)

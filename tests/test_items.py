@@ -305,3 +305,40 @@ def test_the_catalog_names_the_items_changed_since_a_version() -> None:
     catalog.upsert([CatalogItem("a", "Red shoe", available=False)])
     assert catalog.changed_since(v) == {"a", "b", "c"} and catalog.changed_since(catalog.version - 1) == {"a"}
     assert catalog.changed_since(-1) is None and catalog.changed_since(catalog.version + 1) is None
+
+
+def test_the_cells_each_vector_search_reads_are_a_setting(tmp_path, embedder) -> None:
+    """``RECSYS_IVF_NPROBE`` (issue 12: quality for speed, 16 by default) reaches a shard's
+    inverted file. Every cell read gives exact search's answer; fewer cells find less of it; 0
+    is refused, naming the variable."""
+    from recsys.settings import Settings, SettingsError
+    from recsys.shard.step import Shard
+    from recsys.store.kv import MemoryKV
+
+    with pytest.raises(SettingsError, match="RECSYS_IVF_NPROBE: must be > 0, got 0"):
+        Settings.from_env({"RECSYS_IVF_NPROBE": "0"})
+    settings = Settings.from_env({"RECSYS_IVF_NPROBE": "3"}, state_dir=str(tmp_path / "state"))
+    shard = Shard(settings, MemoryKV(), embedder)
+    try:
+        assert shard.items.index.nprobe == 3
+    finally:
+        shard.close()
+
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(30, 32)).astype(np.float32)
+    vecs = centres[rng.integers(30, size=3000)] + 0.3 * rng.normal(size=(3000, 32)).astype(np.float32)
+    ids = [f"v{i}" for i in range(3000)]
+    normed = vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
+    queries = normed[:200] + 0.2 * rng.normal(size=(200, 32)).astype(np.float32)
+    exact = np.argsort(-(queries @ normed.T), axis=1)[:, :10]
+    recall = {}
+    for nprobe in (1, 4, 10_000):  # 10,000: more than the 109 cells, so every one
+        index = VectorIndex(32, ivf_threshold=2000, nprobe=nprobe)
+        index.upsert(ids, vecs)
+        assert index.approximate and index._index.nprobe == nprobe
+        got = index.search(queries, 10)
+        recall[nprobe] = np.mean([len({ids[j] for j in exact[r]} & {i for i, _ in got[r]}) / 10 for r in range(200)])
+    assert recall[10_000] == 1.0
+    assert recall[1] < recall[4] < 1.0
+    with pytest.raises(ValueError, match="nprobe must be > 0, got 0"):
+        VectorIndex(32, nprobe=0)

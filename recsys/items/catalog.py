@@ -268,7 +268,7 @@ class VectorIndex:
     norm. Exact search (``IndexIDMap(IndexFlatIP)``) up to ``ivf_threshold`` items (5k: exact costs
     ~0.1 ms per query per 10k items here); past it the
     index is rebuilt once as an inverted file (``IndexIVFFlat``, ``nlist`` ~ 2*sqrt(n) cells,
-    ``nprobe`` of them searched), which supports removal and re-adding like the flat index but
+    ``nprobe`` of them searched: ``RECSYS_IVF_NPROBE``, 16 by default), which supports removal and re-adding like the flat index but
     scans only a fraction of the catalog: measured here at 68k items x 384 dims, exact search
     costs ~5 ms per query. The vectors themselves are kept in a numpy array (by internal id), so
     reading them never depends on the index type.
@@ -277,6 +277,8 @@ class VectorIndex:
     def __init__(self, dim: int, *, ivf_threshold: int = 5_000, nprobe: int = 16) -> None:
         if dim <= 0:
             raise ValueError(f"dim must be > 0, got {dim}")
+        if nprobe <= 0:
+            raise ValueError(f"nprobe must be > 0, got {nprobe}")
         self.dim = dim
         self.ivf_threshold = ivf_threshold
         self.nprobe = nprobe
@@ -590,11 +592,11 @@ class ItemSpace:
     when possible) once available again.
     """
 
-    def __init__(self, embedder: TextEmbedder, dim: int | None = None) -> None:
+    def __init__(self, embedder: TextEmbedder, dim: int | None = None, *, nprobe: int = 16) -> None:
         self.embedder = embedder
         self.dim = int(dim if dim is not None else embedder.dim)
         self.catalog = Catalog()
-        self.index = VectorIndex(self.dim)
+        self.index = VectorIndex(self.dim, nprobe=nprobe)
         self.category_code: dict[str, int] = {}  # item -> small int per distinct category (ranking signal)
         self._codes: dict[str, int] = {}
         self._category_rows = np.full(0, -1, dtype=np.int64)  # index row -> category code

@@ -215,7 +215,7 @@ class Shard:
         self.learning = True
         self.users = UserStore(kv, ttl_days=settings.state_ttl_days)
         self.embedder = embedder
-        self.items = ItemSpace(embedder)
+        self.items = ItemSpace(embedder, nprobe=settings.ivf_nprobe)
         self.popularity = Popularity(half_life_h=settings.popularity_half_life_h)
         self.covisit = CoVisitation(
             half_life_h=settings.covisit_half_life_h, max_neighbours=settings.covisit_neighbours, window=5
