@@ -98,7 +98,7 @@ class Settings(BaseSettings):
     covisit_neighbours: int = Field(50, gt=0)  # co-visitation neighbours kept per item (bounds memory)
     # issue 12: cells of the inverted file each vector search reads, once the catalog has 5,000 items
     # or more (faiss nprobe, of ~2*sqrt(items) cells); fewer is faster and can miss candidates: a
-    # quality-for-speed setting, measured in the README (Performance), 16 = the answers before it
+    # quality-for-speed setting (both measured: benchmarks/README.md), 16 = the answers before it
     ivf_nprobe: int = Field(16, gt=0)
     unknown_items: Literal["dead_letter", "admit"] = "dead_letter"
     # issue 12: bounds on the session-neighbour query's work as state grows (each changes the

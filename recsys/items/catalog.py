@@ -268,10 +268,10 @@ class VectorIndex:
     norm. Exact search (``IndexIDMap(IndexFlatIP)``) up to ``ivf_threshold`` items (5k: exact costs
     ~0.1 ms per query per 10k items here); past it the
     index is rebuilt once as an inverted file (``IndexIVFFlat``, ``nlist`` ~ 2*sqrt(n) cells,
-    ``nprobe`` of them searched: ``RECSYS_IVF_NPROBE``, 16 by default), which supports removal and re-adding like the flat index but
-    scans only a fraction of the catalog: measured here at 68k items x 384 dims, exact search
-    costs ~5 ms per query. The vectors themselves are kept in a numpy array (by internal id), so
-    reading them never depends on the index type.
+    ``nprobe`` of them searched: ``RECSYS_IVF_NPROBE``, 16 by default), which supports removal
+    and re-adding like the flat index but scans only a fraction of the catalog: measured here at
+    68k items x 384 dims, exact search costs ~5 ms per query. The vectors themselves are kept in
+    a numpy array (by internal id), so reading them never depends on the index type.
     """
 
     def __init__(self, dim: int, *, ivf_threshold: int = 5_000, nprobe: int = 16) -> None:
