@@ -2,7 +2,7 @@
 
 An inverted-file search over a batch of queries computes, for each probed cell, one matrix
 product of the queries that probe it with the cell's vectors (BLAS). This loop keeps, for each
-query, the ``wide`` best of those products in a bounded heap: ~800 products a query at the
+query, the ``wide`` best of those products in a bounded heap: ~900 products a query at the
 benchmark's 10k items, most of them rejected by one comparison with the heap's smallest.
 """
 
