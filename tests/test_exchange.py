@@ -167,7 +167,7 @@ def test_an_erasure_drops_the_users_sessions_at_one_log_position_on_every_shard(
     for shard in shards:
         shard.apply_exchange(log)
     assert shards[0].signal_checksum() == shards[1].signal_checksum()
-    assert all(user not in {s["user"] for s in shard.sessions._sessions.values()} for shard in shards)
+    assert all(user not in {s[0] for s in shard.sessions._sessions.values()} for shard in shards)
     assert any(True for _ in shards[0].kv.iter_prefix(b"ses:"))  # everyone else's sessions are still there
     _close(*shards)
 
@@ -177,11 +177,11 @@ def test_an_offline_erasure_waits_in_the_outbox_for_the_log(tmp_path, embedder, 
     user = next(e.user_id for e in events if partition_for_key(e.user_id.encode(), 2) == 0 and e.item_id)
     sealed = [m for batch in _batches(events, 2, 0) for m in shard.process(batch).exchange]
     shard.apply_exchange(list(enumerate(sealed)))
-    assert user in {s["user"] for s in shard.sessions._sessions.values()}
+    assert user in {s[0] for s in shard.sessions._sessions.values()}
     assert shard.forget([user]) == 1 and len(shard.exchange.pending()) == 1  # `recsys forget --offline`
-    assert user in {s["user"] for s in shard.sessions._sessions.values()}  # not before the log says so
+    assert user in {s[0] for s in shard.sessions._sessions.values()}  # not before the log says so
     shard.apply_exchange([(len(sealed), shard.exchange.pending()[0])])
-    assert user not in {s["user"] for s in shard.sessions._sessions.values()} and shard.exchange.pending() == []
+    assert user not in {s[0] for s in shard.sessions._sessions.values()} and shard.exchange.pending() == []
     _close(shard)
 
 

@@ -79,8 +79,8 @@ def _reference_scores(s: SessionNeighbours, user_ids: list[str], n: int) -> list
     out = []
     for user_id in user_ids:
         slot = s._current.get(user_id)
-        session = s._sessions.get(slot) if slot is not None else None
-        out.append(_score_one_reference(s, slot, session["items"], n) if session else [])
+        items = s._items.get(slot) if slot is not None else None
+        out.append(_score_one_reference(s, slot, items, n) if items is not None else [])
     return out
 
 

@@ -56,7 +56,7 @@ class SearchIntent:
         return getattr(self._inner, name)
 
     def remember(self, user_id: str, key: str, ts: int, item_ids: list[str]) -> None:
-        self._answers[user_id] = (key, ts, item_ids)
+        self._answers[user_id] = (key, ts, tuple(item_ids))
         self._answers.move_to_end(user_id)
         if len(self._answers) > self.max_users:
             self._answers.popitem(last=False)

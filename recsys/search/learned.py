@@ -244,12 +244,15 @@ class SearchWindows:
         self.follow_events = follow_events
         self.follow_ms = follow_ms
         self.max_users = max_users
-        self._open: OrderedDict[str, list] = OrderedDict()
+        # user -> (key, query, ts, events left, first item or None): tuples, replaced on each
+        # change, so that the collector stops visiting them (a tuple of strings and ints is
+        # untracked by the first collection that sees it; a list never is)
+        self._open: OrderedDict[str, tuple] = OrderedDict()
         self._dirty: set[str] = set()
 
     def open(self, user_id: str, key: str, query: str, ts: int) -> None:
         self._open.pop(user_id, None)
-        self._open[user_id] = [key, query, ts, self.follow_events, None]  # None: no item engaged yet
+        self._open[user_id] = (key, query, ts, self.follow_events, None)  # None: no item engaged yet
         self._dirty.add(user_id)
         while len(self._open) > self.max_users:
             old, _ = self._open.popitem(last=False)
@@ -280,15 +283,15 @@ class SearchWindows:
             del self._open[user_id]
             self._dirty.add(user_id)
             return None
-        window[3] = left - 1
-        if window[3] <= 0:
-            del self._open[user_id]
-        self._dirty.add(user_id)
         weight = ENGAGEMENTS.get(event_type)
+        engaged = first if weight is None or item_id is None or first is not None else item_id
+        if left - 1 <= 0:
+            del self._open[user_id]
+        else:
+            self._open[user_id] = (key, query, opened, left - 1, engaged)
+        self._dirty.add(user_id)
         if weight is None or item_id is None:
             return None
-        if first is None:
-            window[4:] = [item_id]
         return key, query, weight, first
 
     def forget_user(self, user_id: str) -> list[bytes]:
@@ -310,4 +313,4 @@ class SearchWindows:
         self._dirty.clear()
         for key, value in kv.iter_prefix(WINDOW_PREFIX):
             if value:
-                self._open[key[len(WINDOW_PREFIX):].decode()] = list(orjson.loads(value))
+                self._open[key[len(WINDOW_PREFIX):].decode()] = tuple(orjson.loads(value))

@@ -278,7 +278,7 @@ class Search:
         self._weights = self.config.weight_vector()
         self.reranker = SearchReranker(self._weights, seed=self.config.seed)
         #: user -> (candidate ids, their signals) of their last search, until an engagement teaches the re-ranker
-        self._shown: OrderedDict[str, tuple[list[str], np.ndarray]] = OrderedDict()
+        self._shown: OrderedDict[str, tuple[tuple[str, ...], np.ndarray]] = OrderedDict()
         #: (user_id, search ts) -> the head's query for the user's state before the batch (step only)
         self._head_queries: dict[tuple[str, int], np.ndarray] = {}
         #: engagements in a search window: credited to the query, or not (another product)
@@ -473,7 +473,7 @@ class Search:
 
     def _remember(self, user_id: str, c: _Candidates, keep: np.ndarray) -> None:
         rows = np.flatnonzero(keep)
-        self._shown[user_id] = ([c.ids[j] for j in rows.tolist()], c.x[rows])
+        self._shown[user_id] = (tuple([c.ids[j] for j in rows.tolist()]), c.x[rows])
         self._shown.move_to_end(user_id)
         if len(self._shown) > 50_000:  # bounded: a user who never engages is forgotten
             self._shown.popitem(last=False)

@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections import OrderedDict, deque
+from array import array
+from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -84,12 +85,22 @@ class SessionNeighbours:
 
     def _reset(self) -> None:
         self._seq = 0  # applied events so far: the only clock of this structure
-        # slot -> session: owner, session key, last event ts, items (item -> seq when first added,
-        # negated once the item's postings pushed this session out), newest interaction last
-        self._sessions: dict[int, dict] = {}
+        # slot -> session: (owner, session key, last event ts), a tuple replaced when its ts moves;
+        # and slot -> its items (item -> seq when first added, negated once the item's postings
+        # pushed this session out), newest interaction last. Apart, so that neither is an object
+        # the collector visits per session: a tuple of strings and ints and a dict of strings
+        # to ints are both untracked (one dict per session holding both was ~22 ms a full pass
+        # at 200,000 sessions; benchmarks/README.md, "The collector's full passes and the state
+        # the engine keeps")
+        self._sessions: dict[int, tuple[str, str | None, int]] = {}
+        self._items: dict[int, dict[str, int]] = {}
         self._lru: OrderedDict[int, None] = OrderedDict()  # slots, least recently active first
         self._current: dict[str, int] = {}  # user -> slot of their latest session
-        self._postings: dict[str, deque[int]] = {}  # item -> slots, most recent last
+        # item -> slots, most recent last. An array of machine ints, not a deque of Python ints:
+        # the collector's full passes visit every element of a deque (~45 ms a pass with 10,000
+        # items x 500 postings), and an array has none to visit (benchmarks/README.md, "The
+        # collector's full passes and the state the engine keeps")
+        self._postings: dict[str, array] = {}
         # item -> small int code and back, for voting with numpy (every posted item has one)
         self._code: dict[str, int] = {}
         self._names: list[str] = []
@@ -116,15 +127,16 @@ class SessionNeighbours:
         slot = self._current.get(user_id)
         session = self._sessions.get(slot) if slot is not None else None
         if session is not None and (
-            (session_id is not None and session["key"] != session_id)
-            or (session_id is None and (session["key"] is not None or ts - session["ts"] > self.session_gap_ms))
+            (session_id is not None and session[1] != session_id)
+            or (session_id is None and (session[1] is not None or ts - session[2] > self.session_gap_ms))
         ):
             session = None
         if session is None:
             slot = self._new_slot()
-            session = self._sessions[slot] = {"user": user_id, "key": session_id, "ts": ts, "items": {}}
+            session = self._sessions[slot] = (user_id, session_id, ts)
+            self._items[slot] = {}
             self._current[user_id] = slot
-        items: dict[str, int] = session["items"]
+        items = self._items[slot]
         if item_id in items:  # seen in this session: move to the newest position, keep its posting
             items[item_id] = items.pop(item_id)
         else:
@@ -134,7 +146,8 @@ class SessionNeighbours:
                 oldest = next(iter(items))
                 if items.pop(oldest) > 0:
                     self._unpost(oldest, slot)
-        session["ts"] = max(session["ts"], ts)
+        if ts > session[2]:
+            self._sessions[slot] = (session[0], session[1], ts)
         self._active[slot] = self._seq
         self._length[slot] = len(items)
         self._hold(slot, items)
@@ -151,22 +164,23 @@ class SessionNeighbours:
             self._grow(slot)
             return slot
         slot, _ = self._lru.popitem(last=False)  # full: the least recently active session goes
-        old = self._sessions.pop(slot)
-        for item, seq in old["items"].items():
+        user = self._sessions.pop(slot)[0]
+        for item, seq in self._items.pop(slot).items():
             if seq > 0:
                 self._unpost(item, slot)
-        if self._current.get(old["user"]) == slot:
-            del self._current[old["user"]]
+        if self._current.get(user) == slot:
+            del self._current[user]
         return slot
 
     def _post(self, item_id: str, slot: int) -> None:
         postings = self._postings.get(item_id)
         if postings is None:
-            postings = self._postings[item_id] = deque(maxlen=self.sample_size)
+            postings = self._postings[item_id] = array("q")
             self._intern(item_id)
         elif len(postings) == self.sample_size:  # the oldest session falls out of this item's list
             pushed = postings[0]
-            items = self._sessions[pushed]["items"]
+            del postings[0]
+            items = self._items[pushed]
             items[item_id] = -abs(items[item_id])
             self._dirty.add(pushed)
         postings.append(slot)
@@ -200,10 +214,10 @@ class SessionNeighbours:
         """Erase every session of ``user_id`` (the right to be forgotten): their postings,
         votes and records go, their slots are reused. Returns the keys to delete from the
         store in the same write as the rest of the erasure."""
-        slots = sorted(slot for slot, s in self._sessions.items() if s["user"] == user_id)
+        slots = sorted(slot for slot, s in self._sessions.items() if s[0] == user_id)
         for slot in slots:
-            session = self._sessions.pop(slot)
-            for item, seq in session["items"].items():
+            del self._sessions[slot]
+            for item, seq in self._items.pop(slot).items():
                 if seq > 0:
                     self._unpost(item, slot)
             self._lru.pop(slot, None)
@@ -261,10 +275,9 @@ class SessionNeighbours:
         owners, lengths, own = [], [], []
         for u, user_id in enumerate(user_ids):
             slot = self._current.get(user_id)
-            session = self._sessions.get(slot) if slot is not None else None
-            if not session:
+            if slot is None or slot not in self._sessions:
                 continue
-            query = list(session["items"])[-max_len:]
+            query = list(self._items[slot])[-max_len:]
             lists += map(get, query, itertools.repeat(()))
             owners.append(u)
             lengths.append(len(query))
@@ -306,9 +319,7 @@ class SessionNeighbours:
         postings = self._postings.get(item_id, default)
         if len(postings) <= self.postings_scanned:
             return postings
-        recent = list(itertools.islice(reversed(postings), self.postings_scanned))
-        recent.reverse()
-        return recent
+        return postings[-self.postings_scanned :]
 
     # ------------------------------------------------------------------ persistence
 
@@ -321,7 +332,7 @@ class SessionNeighbours:
         for slot in sorted(self._dirty):
             s = self._sessions.get(slot)
             if s is not None:
-                record = [s["user"], s["key"], s["ts"], int(self._active[slot]), list(s["items"].items())]
+                record = [s[0], s[1], s[2], int(self._active[slot]), list(self._items[slot].items())]
                 out[SESSION_PREFIX + str(slot).encode()] = orjson.dumps(record)
         out[_META_KEY] = orjson.dumps({"seq": self._seq})
         self._dirty.clear()
@@ -345,18 +356,19 @@ class SessionNeighbours:
             slot = int(key[len(SESSION_PREFIX) :])
             user, session_key, ts, active, items = orjson.loads(value)
             self._grow(slot)
-            self._sessions[slot] = {"user": user, "key": session_key, "ts": ts, "items": {i: s for i, s in items}}
+            self._sessions[slot] = (user, session_key, ts)
+            self._items[slot] = {i: s for i, s in items}
             self._active[slot] = active
             self._length[slot] = len(items)
             by_activity.append((active, slot))
             adds.extend((seq, slot, item) for item, seq in items if seq > 0)
             for item, _seq in items:  # also items no longer posted: their sessions still vote
                 self._intern(item)
-            self._hold(slot, self._sessions[slot]["items"])
+            self._hold(slot, self._items[slot])
         self._next_slot = max(self._sessions, default=-1) + 1
         self._free = [slot for slot in range(self._next_slot) if slot not in self._sessions]  # sorted: a heap
         for active, slot in sorted(by_activity):
             self._lru[slot] = None
-            self._current[self._sessions[slot]["user"]] = slot  # the user's latest session wins
+            self._current[self._sessions[slot][0]] = slot  # the user's latest session wins
         for _seq, slot, item in sorted(adds):
             self._post(item, slot)
