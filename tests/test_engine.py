@@ -322,6 +322,26 @@ def test_the_engine_benchmark_prints_its_windows_and_phases(tmp_path):
     assert all(float(r) <= float(w) for r, w in zip(rows["rank"], rows["whole step (CPU)"]))
 
 
+def test_the_collector_benchmark_prints_its_pauses_and_one_full_pass(tmp_path):
+    """``benchmarks/gc_pauses.py --search-share`` (benchmarks/README.md, "The collector's full
+    passes and the state the engine keeps") on a tiny mixed workload: the batch times, the
+    objects the collector tracks with the references they hold, and one full pass over them."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "benchmarks/gc_pauses.py", "--items", "300", "--users", "200",
+                          "--events", "1500", "--batch", "20", "--search-share", "0.2",
+                          "--embed-cache-dir", str(tmp_path / "emb")],
+                         cwd=root, capture_output=True, text=True, timeout=300, check=True).stdout
+    assert re.search(r"^freeze on, batches of 20: Shard.process p50 [0-9.]+ ms", out, re.M)
+    tracked = re.search(r"objects tracked by the collector at the end: ([0-9,]+), holding ([0-9,]+) references", out)
+    assert tracked and int(tracked[1].replace(",", "")) > 0
+    assert re.search(r"one full pass at the end: [0-9.]+ ms \(median of 3\)", out)
+
+
 def test_an_open_engine_keeps_blas_on_one_thread(tmp_path, cache):
     """A second BLAS thread only spins between the ranker's products, on the core the Kafka
     client and other shards need (recsys/threads.py): opening an engine limits numpy's OpenBLAS

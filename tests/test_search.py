@@ -592,7 +592,8 @@ def test_what_search_keeps_per_shopper_between_batches_is_out_of_the_collector_s
     every full pass of Python's collector visited each id: ~80 ms a pass at the bounds, the
     live stream standing still meanwhile (benchmarks/README.md, "The collector's full passes
     and the state the engine keeps"). Held as tuples of strings and numbers (and arrays) they
-    are untracked by the first pass that sees them, and still answer the same."""
+    are untracked by the first pass that sees them; a window still counts the events left and
+    keeps the shopper's first choice, and an engagement still teaches the re-ranker."""
     import gc
 
     stream = Stream(engine)
