@@ -284,15 +284,13 @@ class SearchWindows:
             self._dirty.add(user_id)
             return None
         weight = ENGAGEMENTS.get(event_type)
-        engaged = first if weight is None or item_id is None or first is not None else item_id
+        engagement = weight is not None and item_id is not None
         if left - 1 <= 0:
             del self._open[user_id]
-        else:
-            self._open[user_id] = (key, query, opened, left - 1, engaged)
+        else:  # the first engagement becomes the window's first choice
+            self._open[user_id] = (key, query, opened, left - 1, item_id if engagement and first is None else first)
         self._dirty.add(user_id)
-        if weight is None or item_id is None:
-            return None
-        return key, query, weight, first
+        return (key, query, weight, first) if engagement else None
 
     def forget_user(self, user_id: str) -> list[bytes]:
         """Drop a user's window (an erasure); the key to delete with it."""
