@@ -737,6 +737,60 @@ def test_associations_survive_a_restart_and_a_redelivered_batch_is_not_learned_t
     again.close()
 
 
+def test_a_restarted_shard_answers_the_queries_it_has_seen_without_the_query_model(tmp_path, cache):
+    """The query vectors the model made are written with the batch that made them and read back
+    at start-up: the same vectors, bit for bit, and no model call for a query seen before the
+    restart (each call is ~6-9 CPU-ms in the batch's path). A new query still reaches the model."""
+    settings = _settings(tmp_path, cache)
+    eng = Shard.open(settings)
+    eng.upsert_catalog(CATALOG)
+    stream = Stream(eng)
+    stream.events(("search", "s1", "blue tent"), ("search", "s2", "coffee mug"))
+    made = {text: vec.copy() for text, vec in eng.search.encoder._cache.items()}
+    assert len(made) == 2 and eng.search.encoder.stats["calls"] >= 1
+    eng.close()
+
+    again = Shard.open(settings)
+    again.upsert_catalog(CATALOG)
+    encoder = again.search.encoder
+    assert list(encoder._cache) == list(made)  # oldest first, as they were made
+    assert all(np.array_equal(encoder._cache[text], vec) for text, vec in made.items())
+    stream.engine = again
+    assert ids(stream.search("s3", "blue tent"))[0] == "tent-blue"
+    assert encoder.stats["calls"] == 0 and encoder.stats["hits"] >= 1
+    stream.search("s3", "gas stove")
+    assert encoder.stats["calls"] == 1
+    again.close()
+
+
+def test_the_query_vectors_stored_are_a_ring_of_the_last_ones_made():
+    """Bounded: the store holds the last ``capacity`` vectors made, one key per slot, and a
+    restart keeps counting where the stored ones end (so the next vector overwrites the oldest)."""
+    from recsys.search.semantic import QV_PREFIX, QueryEncoder
+    from recsys.store.kv import MemoryKV
+
+    def embed(texts):
+        return np.array([[len(t), 1.0] for t in texts], dtype=np.float32)
+
+    kv = MemoryKV()
+    enc = QueryEncoder(embed, capacity=3)
+    for text in ("a", "bb", "ccc", "dddd", "eeeee"):
+        enc.encode_many([text])
+        kv.write(enc.export_dirty())
+    assert len(list(kv.iter_prefix(QV_PREFIX))) == 3
+    again = QueryEncoder(embed, capacity=3)
+    again.load(kv)
+    assert list(again._cache) == ["ccc", "dddd", "eeeee"]
+    again.encode_many(["ffffff"])  # the sixth made: the slot of "ccc", the oldest stored
+    kv.write(again.export_dirty())
+    third = QueryEncoder(embed, capacity=3)
+    third.load(kv)
+    assert list(third._cache) == ["dddd", "eeeee", "ffffff"]
+    kv.write({QV_PREFIX + b"\x00\x00\x00\x00": b"\x01\x00"})
+    with pytest.raises(ValueError, match="too short"):
+        QueryEncoder(embed, capacity=3).load(kv)
+
+
 def test_learned_associations_do_not_depend_on_how_two_partitions_interleave(tmp_path, cache):
     """One process reading two partitions sees each user's events in order, but how the two
     users' events interleave depends on the consumer's fetches and differs after a restart (the

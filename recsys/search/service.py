@@ -313,9 +313,11 @@ class Search:
         out.update(self.windows.export_dirty())
         out.update(self.reranker.export_dirty())
         out.update(self.outbox.export_dirty())
+        out.update(self.encoder.export_dirty())
         return out
 
     def load(self, kv: KVStore) -> None:
+        self.encoder.load(kv)
         self.outbox.load(kv)
         self.associations.load(kv)
         self.windows.load(kv)
