@@ -765,7 +765,8 @@ def test_a_restarted_shard_answers_the_queries_it_has_seen_without_the_query_mod
 
 def test_the_query_vectors_stored_are_a_ring_of_the_last_ones_made():
     """Bounded: the store holds the last ``capacity`` vectors made, one key per slot, and a
-    restart keeps counting where the stored ones end (so the next vector overwrites the oldest)."""
+    restart keeps counting where the stored ones end (so the next vector overwrites the oldest);
+    a vector made by another model is never read."""
     from recsys.search.semantic import QV_PREFIX, QueryEncoder
     from recsys.store.kv import MemoryKV
 
@@ -786,6 +787,11 @@ def test_the_query_vectors_stored_are_a_ring_of_the_last_ones_made():
     third = QueryEncoder(embed, capacity=3)
     third.load(kv)
     assert list(third._cache) == ["dddd", "eeeee", "ffffff"]
+    other = QueryEncoder(embed, capacity=3, model="another-model")
+    other.load(kv)  # made by another model: none read, the count goes on
+    assert len(other._cache) == 0
+    other.encode_many(["g"])
+    assert list(other.export_dirty()) == [QV_PREFIX + (6 % 3).to_bytes(4, "big")]
     kv.write({QV_PREFIX + b"\x00\x00\x00\x00": b"\x01\x00"})
     with pytest.raises(ValueError, match="too short"):
         QueryEncoder(embed, capacity=3).load(kv)

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 #: Query vectors in the shard's store (:meth:`QueryEncoder.export_dirty`): ``b"qv:"`` + slot.
 QV_PREFIX = b"qv:"
-_QV_HEAD = struct.Struct("<QI")  # the vector's sequence number, the text's length in bytes
+_QV_HEAD = struct.Struct("<QHI")  # the vector's sequence number, the model tag's and the text's lengths in bytes
 
 
 def query_embedder(embedder: Any) -> Callable[[list[str]], np.ndarray]:
@@ -63,7 +63,9 @@ class QueryEncoder:
     with the very vectors it used before, where a vector encoded again in another batch of
     queries can differ in its last bits (padding changes the shapes). What the store keeps is
     the order vectors were made in, not the in-memory order of use: after a restart the cache
-    holds the last ``capacity`` made, the rest is encoded again when asked.
+    holds the last ``capacity`` made, the rest is encoded again when asked. Each record names
+    the model that made it (``model``: the item embedder's ``model_id``, its weights'
+    fingerprint); a restart with another model (``RECSYS_MODEL_NAME``) reads none of them.
 
     >>> from recsys.store.kv import MemoryKV
     >>> calls = []
@@ -78,9 +80,10 @@ class QueryEncoder:
     ([1.0, 1.0], [1.0, 1.0], 1)
     """
 
-    def __init__(self, embed: Callable[[list[str]], np.ndarray], capacity: int = 10_000) -> None:
+    def __init__(self, embed: Callable[[list[str]], np.ndarray], capacity: int = 10_000, *, model: str = "") -> None:
         self._embed = embed
         self.capacity = capacity
+        self.model = model
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self.stats = {"hits": 0, "misses": 0, "calls": 0, "encode_s": 0.0}
         self._made = 0  # vectors made so far, those loaded included: the next one's sequence number
@@ -113,36 +116,46 @@ class QueryEncoder:
 
     def export_dirty(self) -> dict[bytes, bytes]:
         """The vectors made since the last export, each in its slot of the ring (see the class):
-        ``b"qv:" + slot`` (4 bytes, big-endian) -> sequence number and text length
-        (``<QI``), the text (UTF-8), the vector (float32); clears them."""
+        ``b"qv:" + slot`` (4 bytes, big-endian) -> sequence number, the lengths of the model tag
+        and the text (``<QHI``), the model tag and the text (UTF-8), the vector (float32); clears them."""
         out = {}
+        model = self.model.encode()
         for slot, (made, text, vec) in self._unsaved.items():
             raw = text.encode()
-            out[QV_PREFIX + slot.to_bytes(4, "big")] = _QV_HEAD.pack(made, len(raw)) + raw + vec.astype(np.float32).tobytes()
+            out[QV_PREFIX + slot.to_bytes(4, "big")] = (_QV_HEAD.pack(made, len(model), len(raw)) + model + raw
+                                                        + vec.astype(np.float32).tobytes())
         self._unsaved.clear()
         return out
 
     def load(self, kv: KVStore) -> None:
-        """Put back the vectors stored by :meth:`export_dirty`, the last ``capacity`` made, oldest
-        first (the least recently used); a record that cannot be read names its key."""
-        stored = []
+        """Put back the vectors stored by :meth:`export_dirty` by this encoder's model, the last
+        ``capacity`` made, oldest first (the least recently used); the count goes on after every
+        stored one, so the next vector made overwrites the oldest. A record that cannot be read
+        names its key."""
+        stored, last = [], -1
+        model = self.model.encode()
         for key, value in kv.iter_prefix(QV_PREFIX):
             if len(value) < _QV_HEAD.size:
                 raise ValueError(f"stored query vector {key!r}: {len(value)} bytes, too short for its header")
-            made, n = _QV_HEAD.unpack_from(value)
-            end = _QV_HEAD.size + n
+            made, n_model, n_text = _QV_HEAD.unpack_from(value)
+            start = _QV_HEAD.size + n_model
+            end = start + n_text
+            if len(value) < end or (len(value) - end) % 4:
+                raise ValueError(f"stored query vector {key!r}: {len(value)} bytes, not a header, a model tag "
+                                 f"of {n_model} bytes, a text of {n_text} and float32s")
+            last = max(last, made)
+            if value[_QV_HEAD.size:start] != model:
+                continue  # made by another model: never read, overwritten in its turn
             try:
-                text = value[_QV_HEAD.size:end].decode()
+                text = value[start:end].decode()
             except UnicodeDecodeError as exc:
                 raise ValueError(f"stored query vector {key!r}: its text is not UTF-8 ({exc})") from None
-            if (len(value) - end) % 4:
-                raise ValueError(f"stored query vector {key!r}: {len(value) - end} bytes of vector, not float32s")
             stored.append((made, text, np.frombuffer(value, dtype=np.float32, offset=end).copy()))
         stored.sort(key=lambda record: record[0])
         for _made, text, vec in stored[max(0, len(stored) - self.capacity):] if self.capacity > 0 else ():
             self._cache[text] = vec
             self._cache.move_to_end(text)
-        self._made = stored[-1][0] + 1 if stored else 0
+        self._made = last + 1
 
     def __call__(self, text: str) -> np.ndarray:
         vec = self._cache.get(text)

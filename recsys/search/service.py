@@ -261,7 +261,9 @@ class Search:
         self.head = head
         self.clock = clock
         self.lexical = LexicalIndex()
-        self.encoder = QueryEncoder(query_embedder(items.embedder), self.config.query_cache)
+        # the query vectors are kept across restarts, each tagged with the model that made it
+        self.encoder = QueryEncoder(query_embedder(items.embedder), self.config.query_cache,
+                                    model=str(getattr(items.embedder, "model_id", type(items.embedder).__name__)))
         #: normalised query text -> its candidates before the shopper (_Base), LRU; in memory
         #: only (a restart starts empty), each entry checked against the catalog's and the
         #: indexes' versions on use and caught up with what changed since (_refresh)
