@@ -123,7 +123,7 @@ class QueryEncoder:
         for slot, (made, text, vec) in self._unsaved.items():
             raw = text.encode()
             out[QV_PREFIX + slot.to_bytes(4, "big")] = (_QV_HEAD.pack(made, len(model), len(raw)) + model + raw
-                                                        + vec.astype(np.float32).tobytes())
+                                                        + vec.tobytes())  # float32: as encode_many and __call__ keep them
         self._unsaved.clear()
         return out
 

@@ -126,11 +126,12 @@ class SessionNeighbours:
         self._seq += 1
         slot = self._current.get(user_id)
         session = self._sessions.get(slot) if slot is not None else None
-        if session is not None and (
-            (session_id is not None and session[1] != session_id)
-            or (session_id is None and (session[1] is not None or ts - session[2] > self.session_gap_ms))
-        ):
-            session = None
+        if session is not None:
+            _owner, key, last_ts = session
+            if (session_id is not None and key != session_id) or (
+                session_id is None and (key is not None or ts - last_ts > self.session_gap_ms)
+            ):
+                session = None
         if session is None:
             slot = self._new_slot()
             session = self._sessions[slot] = (user_id, session_id, ts)
@@ -146,8 +147,9 @@ class SessionNeighbours:
                 oldest = next(iter(items))
                 if items.pop(oldest) > 0:
                     self._unpost(oldest, slot)
-        if ts > session[2]:
-            self._sessions[slot] = (session[0], session[1], ts)
+        owner, key, last_ts = session
+        if ts > last_ts:
+            self._sessions[slot] = (owner, key, ts)
         self._active[slot] = self._seq
         self._length[slot] = len(items)
         self._hold(slot, items)
@@ -164,7 +166,7 @@ class SessionNeighbours:
             self._grow(slot)
             return slot
         slot, _ = self._lru.popitem(last=False)  # full: the least recently active session goes
-        user = self._sessions.pop(slot)[0]
+        user, _key, _ts = self._sessions.pop(slot)
         for item, seq in self._items.pop(slot).items():
             if seq > 0:
                 self._unpost(item, slot)
@@ -214,7 +216,7 @@ class SessionNeighbours:
         """Erase every session of ``user_id`` (the right to be forgotten): their postings,
         votes and records go, their slots are reused. Returns the keys to delete from the
         store in the same write as the rest of the erasure."""
-        slots = sorted(slot for slot, s in self._sessions.items() if s[0] == user_id)
+        slots = sorted(slot for slot, (owner, _key, _ts) in self._sessions.items() if owner == user_id)
         for slot in slots:
             del self._sessions[slot]
             for item, seq in self._items.pop(slot).items():
@@ -332,7 +334,7 @@ class SessionNeighbours:
         for slot in sorted(self._dirty):
             s = self._sessions.get(slot)
             if s is not None:
-                record = [s[0], s[1], s[2], int(self._active[slot]), list(self._items[slot].items())]
+                record = [*s, int(self._active[slot]), list(self._items[slot].items())]  # owner, key, ts, ...
                 out[SESSION_PREFIX + str(slot).encode()] = orjson.dumps(record)
         out[_META_KEY] = orjson.dumps({"seq": self._seq})
         self._dirty.clear()
@@ -369,6 +371,7 @@ class SessionNeighbours:
         self._free = [slot for slot in range(self._next_slot) if slot not in self._sessions]  # sorted: a heap
         for active, slot in sorted(by_activity):
             self._lru[slot] = None
-            self._current[self._sessions[slot][0]] = slot  # the user's latest session wins
+            owner, _key, _ts = self._sessions[slot]
+            self._current[owner] = slot  # the user's latest session wins
         for _seq, slot, item in sorted(adds):
             self._post(item, slot)
