@@ -4,7 +4,8 @@
 
 Measures: encode/decode of a user with a 50-item history and a 384-d interest vector
 (target: round trip well under 50 µs), UserState.apply, Popularity.update/top over 100k items,
-CoVisitation.update.
+CoVisitation.update, and ``Popularity.top`` once per batch of a stream over 10k, 100k and 1M
+items (from its pool, against every item decayed).
 """
 
 from __future__ import annotations
@@ -83,6 +84,34 @@ def main() -> None:
             cov._apply()
 
     print(f"CoVisitation.update  {per_op_us(cov_update, 20_000):7.2f} µs/op  (window 5, 50 neighbours)")
+    trending()
+
+
+def trending(batch: int = 32, calls: int = 2000) -> None:
+    """``Popularity.top(30)`` as the ranker asks it, once per batch of ``batch`` events whose
+    items are drawn Zipf(1.1) from the catalog, against the same answer computed over every
+    item (``_top_of(None, ...)``: ``top`` before its pool, 2026-12-06); the answers are compared."""
+    rng = np.random.default_rng(0)
+    for n_items in (10_000, 100_000, 1_000_000):
+        pop = Popularity(half_life_h=24)
+        ts = 1_700_000_000_000
+        for x in rng.zipf(1.1, 2 * n_items) % n_items:
+            ts += 50
+            pop.update(f"item-{x}", 1.0, ts)
+        pooled = every = 0.0
+        for _ in range(calls):
+            for x in rng.zipf(1.1, batch) % n_items:
+                ts += 50
+                pop.update(f"item-{x}", 1.0, ts)
+            t = timeit.default_timer()
+            got = pop.top(30, ts)
+            pooled += timeit.default_timer() - t
+            t = timeit.default_timer()
+            want = pop._top_of(None, 30, 0, ts, frozenset())
+            every += timeit.default_timer() - t
+            assert got == want, "the pool's answer differs from every item's"
+        print(f"Popularity.top(30) every {batch} events, {n_items:>9,} items ({len(pop):,} seen): "
+              f"{pooled / calls * 1e6:6.0f} µs/call (every item: {every / calls * 1e6:6.0f})")
 
 
 if __name__ == "__main__":

@@ -138,6 +138,64 @@ def test_popularity_top_breaks_mass_ties_by_id():
     assert p.top(3, now_ts=0, exclude={"i0000"}) == [("z", 2.0), ("i0001", 1.0), ("i0002", 1.0)]
 
 
+def _top_of_every_item(p: Popularity, n: int, now_ts: int, exclude: set[str]) -> list[tuple[str, float]]:
+    """``Popularity.top`` as it was before the pool (2026-12-06): every item decayed, the whole
+    order sorted, the same floats (``score * exp2(-dt / half_life)``)."""
+    m = len(p)
+    dt = np.maximum(now_ts - p._ref[:m], 0).astype(np.float64)
+    eff = p._score[:m] * np.exp2(-dt / p._half_life_ms)
+    ranked = sorted((j for j in range(m) if eff[j] > 0 and p._ids[j] not in exclude), key=lambda j: (-eff[j], p._ids[j]))
+    return [(p._ids[j], float(eff[j])) for j in ranked[:n]]
+
+
+def test_popularity_top_from_its_pool_is_the_top_of_every_item_float_for_float(kv, monkeypatch):
+    """``top`` decays a pool of candidates, not every item; its answers must be those of every
+    item decayed, bit for bit, through the pool's cuts (thousands of items), late events, times
+    before the items' reference times, exclusions, mass ties and a reload."""
+    rng = random.Random(11)
+    p = Popularity(half_life_h=2.0, initial_capacity=8)
+    every = subset = 0  # answers over every item; answers over a pool smaller than the items
+    top_of = Popularity._top_of
+
+    def counted(self, slots, *args):  # noqa: ANN001, ANN002
+        nonlocal every, subset
+        every += slots is None
+        subset += slots is not None and len(slots) < len(self)
+        return top_of(self, slots, *args)
+
+    monkeypatch.setattr(Popularity, "_top_of", counted)
+    now, calls = 0, 0
+    for step in range(120):
+        for _ in range(rng.choice([5, 50, 400])):
+            now += rng.randrange(0, 60_000)
+            late = rng.random() < 0.1
+            r = rng.random()  # a long tail, a popular few, and a hot set
+            item = f"i{rng.randrange(6000)}" if r < 0.4 else f"i{int(rng.paretovariate(0.8)) % 6000}" if r < 0.9 else f"t{rng.randrange(40)}"
+            p.update(item, rng.choice([1.0, 2.0, 4.0, 8.0]), ts=now - (rng.randrange(0, 5 * H) if late else 0))
+        if step % 7 == 3:  # equal scores at one time: ties the keys cannot tell apart
+            for i in range(rng.randrange(1, 300)):
+                p.update(f"tie{i}", 1.0, ts=now)
+        if step == 60:  # a reload renumbers the slots and rebuilds the pool
+            kv.write(p.export_dirty())
+            p = Popularity(half_life_h=2.0)
+            p.load(kv)
+        for _ in range(3):
+            at = now + rng.choice([0, -rng.randrange(0, 3 * H), rng.randrange(0, 48 * H)])
+            n = rng.choice([1, 10, 30, 60, 200])
+            exclude = set(rng.sample(p._ids, min(len(p), rng.choice([0, 3, 100])))) | {"unknown"}
+            assert p.top(n, at, exclude) == _top_of_every_item(p, n, at, exclude)
+            calls += 1
+    assert len(p) > 2000
+    assert every < calls / 4 and subset - every > calls / 2, f"{every} / {subset} of {calls}"
+    # more than the pool holds: every item decayed, and the pool grows for the next such ask
+    exclude = set(p._ids[:50])
+    assert p.top(3000, now, exclude) == _top_of_every_item(p, 3000, now, exclude)
+    p.update("i1", 1.0, ts=now)
+    before = every
+    assert p.top(3000, now, exclude) == _top_of_every_item(p, 3000, now, exclude)
+    assert every == before
+
+
 def test_popularity_export_and_load_reproduce_identical_scores(kv):
     rng = random.Random(1)
     p = Popularity(half_life_h=3.0)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import struct
 from typing import TYPE_CHECKING
 
@@ -33,13 +34,34 @@ if TYPE_CHECKING:
 POP_PREFIX = b"pop:"
 _POP_RECORD = struct.Struct("<dq")  # score at ref time, ref time (epoch ms)
 
+#: :meth:`Popularity.top` reads a pool of the items most likely to lead, not every item: the
+#: pool is cut back to its best ``keep`` once it holds four times as many. ``keep`` starts at
+#: ``_POOL_KEEP`` and grows to twice the largest answer asked for (with the excluded items
+#: counted), up to ``_POOL_KEEP_MAX``.
+_POOL_KEEP = 256
+_POOL_KEEP_MAX = 1 << 16
+#: Slack, in powers of two, between an item's key and its decayed score as computed: the key's
+#: and the score's rounding are ~1e-12 of this at epoch-millisecond times.
+_KEY_SLACK = 1e-6
+
 
 class Popularity:
     """Time-decayed popularity ("trending") per item, in event time.
 
     Per item: a score valid at a reference time (the newest event seen for it) and that
-    time; everything else is decayed lazily on read. Scores and times sit in numpy arrays so
-    ``top`` over ~100k items is one vectorised decay plus an ``argpartition`` (~1-2 ms).
+    time; everything else is decayed lazily on read. Scores and times sit in numpy arrays.
+
+    ``top`` decays only a pool of candidates, not every item. Every item decays at the same
+    rate, so its decayed score at any time ``t`` (after its reference time) is ``2 ** (key -
+    t / half_life)`` with ``key = log2(score) + ref / half_life``, which changes only when the
+    item gets an event. The pool holds every item whose key is above a floor (an item whose
+    event lifts its key above the floor joins it; a full pool keeps its ``_POOL_KEEP`` best
+    keys and raises the floor to the best key it let go). No item outside the pool can score
+    more than ``2 ** (floor - t / half_life)``: when the pool's answer ends above that, it is
+    the answer over every item, the same floats; else ``top`` decays every item as before
+    (and refills the pool). ``top(30)`` once per 32 events of a Zipf stream
+    (``benchmarks/state_codec.py``): 101 -> 79 µs a call at 10k items, 537 -> 130 µs at 100k,
+    5.1 ms -> 166 µs at 1M; ``update`` pays ~0.1-0.3 µs more.
 
     >>> p = Popularity(half_life_h=24.0)
     >>> p.update("x", 8.0, ts=1_000); p.update("y", 1.0, ts=1_000)
@@ -57,6 +79,11 @@ class Popularity:
         self._ref = np.zeros(cap, dtype=np.int64)
         self._dirty: set[str] = set()
         self._generation = 0  # bumped by load(), which renumbers the slots
+        # top()'s pool: slots (a list, and a flag per slot) and the floor above which every key is in it
+        self._pool: list[int] = []
+        self._pooled = np.zeros(cap, dtype=bool)
+        self._floor = -math.inf
+        self._keep = _POOL_KEEP
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -69,6 +96,7 @@ class Popularity:
         if i == len(self._score):  # grow by doubling: amortised O(1) inserts
             self._score = np.concatenate([self._score, np.zeros(i, dtype=np.float64)])
             self._ref = np.concatenate([self._ref, np.zeros(i, dtype=np.int64)])
+            self._pooled = np.concatenate([self._pooled, np.zeros(i, dtype=bool)])
         self._index[item_id] = i
         self._ids.append(item_id)
         self._score[i] = 0.0
@@ -88,11 +116,16 @@ class Popularity:
         score = float(self._score[i])
         if ts >= ref:
             score = score * decay_factor(ts - ref, self._half_life_ms) + weight
-            self._ref[i] = ts
+            self._ref[i] = ref = ts
         else:
             score += weight * decay_factor(ref - ts, self._half_life_ms)
         self._score[i] = score
         self._dirty.add(item_id)
+        if not self._pooled[i] and score > 0 and math.log2(score) + ref / self._half_life_ms > self._floor:
+            self._pooled[i] = True
+            self._pool.append(i)
+            if len(self._pool) > 4 * self._keep:
+                self._cut_pool(np.asarray(self._pool, dtype=np.int64))
 
     def score(self, item_id: str, now_ts: int) -> float:
         """The item's score decayed to ``now_ts`` (0.0 for an unseen item)."""
@@ -134,30 +167,76 @@ class Popularity:
         if n <= 0 or m == 0:
             return []
         exclude = exclude or frozenset()
-        dt = np.maximum(now_ts - self._ref[:m], 0).astype(np.float64)
-        eff = self._score[:m] * np.exp2(-dt / self._half_life_ms)
+        excluded = sum(1 for x in exclude if x in self._index)
+        pool = np.asarray(self._pool, dtype=np.int64)
+        out = self._top_of(pool, n, excluded, now_ts, exclude)
+        if self._floor == -math.inf:  # every item that scores is in the pool
+            return out
+        if len(out) == n and out[-1][1] > 0:
+            # the best any item outside the pool can score, against the pool's last answer
+            if self._floor + _KEY_SLACK < math.log2(out[-1][1]) + now_ts / self._half_life_ms:
+                return out
+        self._keep = min(max(self._keep, 2 * (n + excluded)), _POOL_KEEP_MAX)
+        self._cut_pool(np.arange(m), every=True)
+        return self._top_of(None, n, excluded, now_ts, exclude)
+
+    def _top_of(self, slots: np.ndarray | None, n: int, excluded: int, now_ts: int,
+                exclude: set[str] | frozenset[str]) -> list[tuple[str, float]]:
+        """:meth:`top` among these slots (None: every item)."""
+        score, ref = (self._score[: len(self._ids)], self._ref[: len(self._ids)]) if slots is None else \
+            (self._score[slots], self._ref[slots])
+        m = len(score)
+        if m == 0:
+            return []
+        dt = np.maximum(now_ts - ref, 0).astype(np.float64)
+        eff = score * np.exp2(-dt / self._half_life_ms)
         # Enough headroom that excluded items cannot push wanted ones out of the cut.
-        k = min(m, n + sum(1 for x in exclude if x in self._index))
-        ids = self._ids
+        k = min(m, n + excluded)
+        if slots is None:
+            name = self._ids.__getitem__
+        else:
+            at, ids = slots.tolist(), self._ids
+            name = lambda j: ids[at[j]]  # noqa: E731
         if k < m:
             cut = np.argpartition(-eff, k - 1)[:k]  # cut[k-1] is the k-th best; all better are in cut
             threshold = eff[cut[k - 1]]
             above = cut[eff[cut] > threshold].tolist()
             tied = np.flatnonzero(eff == threshold).tolist()
             if len(above) + len(tied) > k:  # ties at the cut: the smallest ids win, whatever the order
-                tied = heapq.nsmallest(k - len(above), tied, key=ids.__getitem__)
+                tied = heapq.nsmallest(k - len(above), tied, key=name)
             cand = above + tied
         else:
             cand = list(range(m))
-        ranked = sorted((j for j in cand if eff[j] > 0), key=lambda j: (-eff[j], ids[j]))
+        ranked = sorted((j for j in cand if eff[j] > 0), key=lambda j: (-eff[j], name(j)))
         out: list[tuple[str, float]] = []
         for j in ranked:
-            if ids[j] in exclude:
+            item_id = name(j)
+            if item_id in exclude:
                 continue
-            out.append((ids[j], float(eff[j])))
+            out.append((item_id, float(eff[j])))
             if len(out) == n:
                 break
         return out
+
+    def _cut_pool(self, slots: np.ndarray, *, every: bool = False) -> None:
+        """Make the pool the best keys of ``slots`` (as many as the pool keeps): of the pool
+        (the floor rises to the best key left out, if higher), or of ``every`` slot (the floor
+        becomes it)."""
+        keep = self._keep
+        with np.errstate(divide="ignore"):  # log2(0) = -inf: an item that scores nothing
+            keys = np.log2(np.maximum(self._score[slots], 0.0)) + self._ref[slots] / self._half_life_ms
+        if every:
+            self._pooled[:] = False
+        else:
+            self._pooled[slots] = False
+        floor = -math.inf
+        if len(slots) > keep:
+            order = np.argpartition(-keys, keep - 1)
+            floor = float(keys[order[keep:]].max())
+            slots = slots[order[:keep]]
+        self._floor = floor if every else max(self._floor, floor)
+        self._pooled[slots] = True
+        self._pool = slots.tolist()
 
     def export_dirty(self) -> dict[bytes, bytes]:
         """Records changed since the last export, ``b"pop:"+id -> (score, ref_ts)``; clears them."""
@@ -188,3 +267,5 @@ class Popularity:
         self._ref = np.zeros(cap, dtype=np.int64)
         self._score[: len(scores)] = scores
         self._ref[: len(refs)] = refs
+        self._pooled = np.zeros(cap, dtype=bool)
+        self._cut_pool(np.arange(len(scores)), every=True)
