@@ -60,8 +60,8 @@ class Popularity:
     more than ``2 ** (floor - t / half_life)``: when the pool's answer ends above that, it is
     the answer over every item, the same floats; else ``top`` decays every item as before
     (and refills the pool). ``top(30)`` once per 32 events of a Zipf stream
-    (``benchmarks/state_codec.py``): 101 -> 79 µs a call at 10k items, 537 -> 130 µs at 100k,
-    5.1 ms -> 166 µs at 1M; ``update`` pays ~0.1-0.3 µs more.
+    (``benchmarks/state_codec.py``): 98 -> 71 µs a call at 10k items, 562 -> 111 µs at 100k,
+    5.0 ms -> 128 µs at 1M; ``update`` pays ~0.1-0.3 µs more.
 
     >>> p = Popularity(half_life_h=24.0)
     >>> p.update("x", 8.0, ts=1_000); p.update("y", 1.0, ts=1_000)
@@ -192,28 +192,25 @@ class Popularity:
         eff = score * np.exp2(-dt / self._half_life_ms)
         # Enough headroom that excluded items cannot push wanted ones out of the cut.
         k = min(m, n + excluded)
-        if slots is None:
-            name = self._ids.__getitem__
-        else:
-            at, ids = slots.tolist(), self._ids
-            name = lambda j: ids[at[j]]  # noqa: E731
+        ids = self._ids
         if k < m:
             cut = np.argpartition(-eff, k - 1)[:k]  # cut[k-1] is the k-th best; all better are in cut
             threshold = eff[cut[k - 1]]
             above = cut[eff[cut] > threshold].tolist()
             tied = np.flatnonzero(eff == threshold).tolist()
             if len(above) + len(tied) > k:  # ties at the cut: the smallest ids win, whatever the order
+                name = ids.__getitem__ if slots is None else (lambda j: ids[slots[j]])
                 tied = heapq.nsmallest(k - len(above), tied, key=name)
-            cand = above + tied
+            cand = np.array(above + tied, dtype=np.int64)
         else:
-            cand = list(range(m))
-        ranked = sorted((j for j in cand if eff[j] > 0), key=lambda j: (-eff[j], name(j)))
+            cand = np.arange(m)
+        cand = cand[eff[cand] > 0]
+        names = [ids[j] for j in (cand if slots is None else slots[cand]).tolist()]
         out: list[tuple[str, float]] = []
-        for j in ranked:
-            item_id = name(j)
+        for value, item_id in sorted(zip(eff[cand].tolist(), names), key=lambda t: (-t[0], t[1])):
             if item_id in exclude:
                 continue
-            out.append((item_id, float(eff[j])))
+            out.append((item_id, value))
             if len(out) == n:
                 break
         return out
