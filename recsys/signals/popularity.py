@@ -55,8 +55,8 @@ class Popularity:
     rate, so its decayed score at any time ``t`` (after its reference time) is ``2 ** (key -
     t / half_life)`` with ``key = log2(score) + ref / half_life``, which changes only when the
     item gets an event. The pool holds every item whose key is above a floor (an item whose
-    event lifts its key above the floor joins it; a full pool keeps its ``_POOL_KEEP`` best
-    keys and raises the floor to the best key it let go). No item outside the pool can score
+    event lifts its key above the floor joins it; a full pool keeps its best keys and raises
+    the floor to the best key it let go). No item outside the pool can score
     more than ``2 ** (floor - t / half_life)``: when the pool's answer ends above that, it is
     the answer over every item, the same floats; else ``top`` decays every item as before
     (and refills the pool). ``top(30)`` once per 32 events of a Zipf stream
