@@ -606,7 +606,7 @@ def test_what_search_keeps_per_shopper_between_batches_is_out_of_the_collector_s
     windows = engine.search.windows._open
     answers = engine.search.on_answer.__self__._answers
     assert len(shown) == 5 and len(windows) == 6 and len(answers) >= 5  # s0's shown list was used and dropped
-    assert all(len(ids) > 3 for ids, _ in shown.values())
+    assert all(len(ids) > 3 for ids, *_ in shown.values())
     assert not [user for user, held in shown.items() if gc.is_tracked(held) or gc.is_tracked(held[0])]
     assert not [user for user, window in windows.items() if gc.is_tracked(window)]
     assert not [user for user, answer in answers.items() if gc.is_tracked(answer)]

@@ -279,8 +279,10 @@ class Search:
         self.outbox = SearchOutbox()  # answers as first emitted, for re-delivered searches
         self._weights = self.config.weight_vector()
         self.reranker = SearchReranker(self._weights, seed=self.config.seed)
-        #: user -> (candidate ids, their signals) of their last search, until an engagement teaches the re-ranker
-        self._shown: OrderedDict[str, tuple[tuple[str, ...], np.ndarray]] = OrderedDict()
+        #: user -> (candidate ids, their signals, which were eligible) of their last search, until an
+        #: engagement teaches the re-ranker (:meth:`_shown_lesson`); tuples of strings and arrays,
+        #: untracked by the garbage collector (tests/test_search.py)
+        self._shown: OrderedDict[str, tuple[tuple[str, ...], np.ndarray, np.ndarray]] = OrderedDict()
         #: (user_id, search ts) -> the head's query for the user's state before the batch (step only)
         self._head_queries: dict[tuple[str, int], np.ndarray] = {}
         #: engagements in a search window: credited to the query, or not (another product)
@@ -435,12 +437,25 @@ class Search:
             self.associations.learn_at(key, event.item_id, weight, event.ts, tie)
         if not answers:  # the first choice, credited for findability: no lesson on ranking text matches
             return
-        shown = self._shown.pop(event.user_id, None)
-        if shown is not None and event.item_id in shown[0]:
+        lesson = self._shown_lesson(event.user_id, event.item_id)
+        if lesson is not None:
             if self.record_rerank is None:
-                self.reranker.learn(shown[1], shown[0].index(event.item_id))
-            elif share and (rows := self.reranker.sample(shown[1], shown[0].index(event.item_id))) is not None:
+                self.reranker.learn(*lesson)
+            elif share and (rows := self.reranker.sample(*lesson)) is not None:
                 self.record_rerank(rows)  # sharing: every shard learns the step from the exchange log
+
+    def _shown_lesson(self, user_id: str, item_id: str) -> tuple[np.ndarray, int] | None:
+        """Forget what ``user_id`` was last shown; if ``item_id`` was among its eligible
+        candidates, the re-ranker's lesson: their signals and the item's position among them."""
+        shown = self._shown.pop(user_id, None)
+        if shown is None:
+            return None
+        ids, x, keep = shown
+        rows = np.flatnonzero(keep)
+        kept = [ids[j] for j in rows.tolist()]
+        if item_id not in kept:
+            return None
+        return x[rows], kept.index(item_id)
 
     def credits(self, query: str, item_id: str, first: str | None = None) -> bool:
         """Whether an engagement with ``item_id`` after searching ``query`` is an answer to it
@@ -476,8 +491,12 @@ class Search:
         return float(vec @ base.qvec) >= self.config.min_semantic
 
     def _remember(self, user_id: str, c: _Candidates, keep: np.ndarray) -> None:
-        rows = np.flatnonzero(keep)
-        self._shown[user_id] = (tuple([c.ids[j] for j in rows.tolist()]), c.x[rows])
+        """What the user was shown: the eligible candidates and their signals, for the
+        re-ranker's lesson at their next credited engagement (:meth:`_shown_lesson`). Kept as
+        the candidates are, ``keep`` beside them: most searches are never followed by such an
+        engagement, so the eligible rows are taken out then, not at every search. The ids as a
+        tuple (copied in C), which the collector stops tracking (see :attr:`_shown`)."""
+        self._shown[user_id] = (tuple(c.ids), c.x, keep)
         self._shown.move_to_end(user_id)
         if len(self._shown) > 50_000:  # bounded: a user who never engages is forgotten
             self._shown.popitem(last=False)
@@ -826,11 +845,12 @@ class Search:
                     if (code := self._label_code.get(name)) is not None:
                         share[code] = w / total
                 x[:, col] = share[labels[:, k]]
-        is_bought = [item_id in bought for item_id in ids]
-        if any(is_bought):
+        # membership of each candidate in the user's few bought and seen items, tested in C (map)
+        is_bought = np.fromiter(map(bought.__contains__, ids), dtype=bool, count=len(ids))
+        if is_bought.any():
             x[:, _COL["bought"]] = is_bought
-            x[:, _COL["rebuy"]] = [rebuy if b else 0.0 for b in is_bought]
-        x[:, _COL["seen"]] = [not b and item_id in seen for b, item_id in zip(is_bought, ids)]
+            x[:, _COL["rebuy"]] = np.where(is_bought, rebuy, 0.0)
+        x[:, _COL["seen"]] = ~is_bought & np.fromiter(map(seen.__contains__, ids), dtype=bool, count=len(ids))
         if median:  # the C library's log and exp per candidate, as math's (recsys/search/_kernels.py)
             x[:, _COL["price"]] = price_closeness(cand_prices, float(median))
 
