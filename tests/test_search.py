@@ -614,6 +614,30 @@ def test_what_search_keeps_per_shopper_between_batches_is_out_of_the_collector_s
     assert engine.search.reranker.examples > 0 and "s0" not in shown
 
 
+def test_an_engagement_teaches_the_re_ranker_the_eligible_candidates_with_its_position_among_them(engine, monkeypatch):
+    """A search keeps every candidate it ranked with their signals and which were eligible
+    (found by a retriever or learned for the query); the eligible ones are taken out only when
+    the shopper's next engagement is credited to the query (few searches are), and the re-ranker
+    learns from exactly those rows, the engaged item at its place among them. The list is then
+    forgotten: a second engagement teaches nothing more."""
+    stream = Stream(engine)
+    search = engine.search
+    stream.search("s1", "camping tent")
+    ids, x, keep = search._shown["s1"]
+    assert len(ids) == len(x) == len(keep) and keep.any() and not keep.all()  # some candidates are not eligible
+    eligible = [item_id for item_id, k in zip(ids, keep.tolist()) if k]
+    lessons = []
+    learn = search.reranker.learn
+    monkeypatch.setattr(search.reranker, "learn", lambda rows, positive: lessons.append((rows.copy(), positive)) or learn(rows, positive))
+    stream.events(("purchase", "s1", "tent-blue"))
+    ((rows, positive),) = lessons
+    np.testing.assert_array_equal(rows, x[keep])
+    assert eligible[positive] == "tent-blue"
+    assert "s1" not in search._shown
+    stream.events(("purchase", "s1", "tent-green"))
+    assert len(lessons) == 1
+
+
 def test_engagements_outside_the_window_teach_nothing(engine):
     stream = Stream(engine)
     stream.events(("search", "s1", "picnic set"), *[("browse", "s1", "stove")] * 5, ("purchase", "s1", "x9"))
