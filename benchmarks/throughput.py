@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/throughput.py [--mode both|max|latency|longrun|sharing] [--events 100000]
         [--latency-events 30000] [--rate 1000] [--new-items 20] [--catalog-items 10000] [--partitions 2]
         [--users 20000] [--out results.json] [--profile DIR] [--flow-args "--poll-max-records 500"]
+        [--search-share 0.2 [--distinct-queries N [--zipf-s 1.0]]]
 
 Everything runs on this machine: the real Kafka-protocol broker (Tansu, :class:`LocalBroker`),
 the real flow as a child process (``python -m recsys_cli run``), synthetic data
@@ -27,6 +28,12 @@ the real flow as a child process (``python -m recsys_cli run``), synthetic data
    its heap is frozen out of the collector's view and the collector is off meanwhile, since a
    240 ms collection of this process's heap once held its producer back and was counted as the
    flow's latency).
+   Searches (issue 13): with ``--search-share`` that share of the offered events are searches,
+   timed from their append to their search result's ``emitted_at`` as well; their queries are
+   the default stream's (two title words: 144 distinct, so nearly every query is cached after
+   the first second), or with ``--distinct-queries N`` drawn from N queries by a Zipf law of
+   exponent ``--zipf-s`` (a shop's long tail, where many searches are a query's first and the
+   query model runs in the batch's path); the share of first queries is printed.
    New items: during the latency run ``--new-items`` (20) brand-new catalog items are
    published to ``catalog``, each a near-twin of a known item; a shopper never seen before
    clicks the known twin right after (and again 0.1, 0.25, 0.5 s later: the two topics are
@@ -704,7 +711,13 @@ def run_latency(args, items, catalog_path: Path, cache_dir: str, base: Settings,
     all_events = generate_events(n_latency, items, n_users=args.users, seed=args.seed + 1, start_ts=start_ts)
     warmup, events = all_events[:WARMUP_EVENTS], all_events[WARMUP_EVENTS:]
     if args.search_share:  # issue 13: the mixed workload, searches answered by the same step
-        events = with_searches(events, items, args.search_share, seed=args.seed + 2)
+        events = with_searches(events, items, args.search_share, seed=args.seed + 2,
+                               distinct_queries=args.distinct_queries, zipf_s=args.zipf_s)
+        queries = [ev.query for ev in events if ev.type == "search"]
+        firsts = len(dict.fromkeys(queries))
+        log(f"[latency] searches: {len(queries)}, {firsts} distinct queries ("
+            f"{'the default stream' if args.distinct_queries is None else f'Zipf s={args.zipf_s} over {args.distinct_queries}'}"
+            f"); {firsts / max(len(queries), 1):.0%} of the searches are a query's first")
     load_before = loadavg()
     log(f"\n[latency] {len(events)} events offered at {args.rate:.0f}/s, {len(items)} items, {args.users} users, "
         f"{args.partitions} partitions; load average {load_before}")
@@ -786,6 +799,8 @@ def run_latency(args, items, catalog_path: Path, cache_dir: str, base: Settings,
         "flow_totals": flow.stopped_line,
         "new_item_to_recommended_ms": new_items,
         "search_share": args.search_share,
+        "distinct_queries": args.distinct_queries,
+        "zipf_s": args.zipf_s,
         "searches": sum(1 for ev in events if ev.type == "search"),
         "search_results": len(search_envs),
         "latency_ms_search": _trigger_pcts(measured, search_envs) if search_envs else {},
@@ -1072,6 +1087,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=1000.0, help="events/s offered in the latency run")
     p.add_argument("--search-share", type=float, default=0.0,
                    help="latency run: share of the offered events that are searches (issue 13's mixed workload: 0.2)")
+    p.add_argument("--distinct-queries", type=int, default=None,
+                   help="with --search-share: draw the queries from this many distinct ones by a Zipf law "
+                        "(--zipf-s) instead of the default stream's 144, as a shop's long tail of queries")
+    p.add_argument("--zipf-s", type=float, default=1.0, help="with --distinct-queries: the Zipf exponent over query rank")
     p.add_argument("--new-items", type=int, default=20,
                    help="latency run: new catalog items published during the stream, timed to their first recommendation")
     p.add_argument("--import-items", type=int, default=0,
@@ -1098,6 +1117,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="sharing: a third run per round, sharing on with the model trainer (--model-trainer)")
     p.add_argument("--verbose", "-v", action="store_true", help="echo the flow's output")
     args = p.parse_args(argv)
+    if args.distinct_queries is not None and (args.distinct_queries < 1 or not args.search_share):
+        p.error(f"--distinct-queries {args.distinct_queries}: give a positive number, with --search-share")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
