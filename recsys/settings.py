@@ -86,8 +86,9 @@ class Settings(BaseSettings):
     model_name: str = "all-MiniLM-L6-v2"  # the packaged model, or any sentence-transformers path
     embed_cache_dir: str = "var/embeddings"
     embed_batch_size: int = Field(64, gt=0)
-    # new item text embedded by a process of its own, off the batch's path (recsys/items/worker.py);
-    # live runs on persistent state only, not with shared signals, admitted unknown items or a wait of 0
+    # new item text and new search queries embedded by a process of its own, off the batch's path
+    # (recsys/items/worker.py); live runs on persistent state only, not with shared signals,
+    # admitted unknown items or a wait of 0
     embed_worker: bool = False
     catalog_file: str | None = None  # JSONL of catalog items loaded at start-up
     # --- recommendations ---

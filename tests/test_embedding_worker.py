@@ -78,6 +78,43 @@ def test_the_worker_answers_in_order_with_the_vectors_the_engine_would_compute(c
     assert answers[2].shape == (0, 384)
 
 
+_LONG = "a very long query about blue dome tents for four people with poles and pegs"
+
+
+def test_queries_queued_at_the_worker_share_one_model_call_and_items_keep_their_own(cache_dir):
+    """Query requests (``cached=False``) that queued while the worker was busy are answered from
+    one model call, each with its own rows; an item's request after them gets a call of its own,
+    through the embedding cache; answers come back in the order sent."""
+    worker = EmbeddingWorker(Settings().model_name, cache_dir)
+    try:
+        worker.result(worker.submit(["warm up"], cached=False), timeout_s=_WAIT_S)
+        os.kill(worker.pid, signal.SIGSTOP)  # the requests below queue in the pipe meanwhile
+        try:
+            # a short query padded beside a long one is not the vector it has alone (in its last bits,
+            # on this machine): equal to the rows of the texts together, the two shared a call
+            jobs = [worker.submit(["tent"], cached=False), worker.submit([_LONG, "kettle"], cached=False),
+                    worker.submit(["Wool socks, grey"]), worker.submit(["enamel mug"], cached=False)]
+            deadline = time.monotonic() + 5
+            while not worker._outgoing.empty():  # the sender thread has written every request
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            time.sleep(0.1)
+        finally:
+            os.kill(worker.pid, signal.SIGCONT)
+        answers = [worker.result(job, timeout_s=_WAIT_S) for job in jobs]
+    finally:
+        worker.close()
+    with Embedder(Settings().model_name, None) as local:
+        together = local.embed(["tent", _LONG, "kettle"])
+        np.testing.assert_array_equal(answers[0], together[:1])
+        np.testing.assert_array_equal(answers[1], together[1:])
+        np.testing.assert_array_equal(answers[2], local.embed(["Wool socks, grey"]))
+        np.testing.assert_array_equal(answers[3], local.embed(["enamel mug"]))
+    with Embedder(Settings().model_name, cache_dir) as cached:  # the item's text is in the cache, the queries' are not
+        cached.embed(["Wool socks, grey", "tent"])
+        assert cached.stats["hits"] == 1 and cached.stats["misses"] == 1
+
+
 def test_a_new_item_is_embedded_off_the_batch_and_its_event_waits_for_it(tmp_path, cache_dir):
     with Embedder(Settings().model_name, cache_dir) as embedder:
         engine = _open(_settings(tmp_path, cache_dir, embed_worker=True), embedder)
@@ -163,6 +200,82 @@ def test_a_dead_worker_is_reported_and_the_engine_embeds_in_the_batch(tmp_path, 
             assert out.counts["applied"] == 1 and out.counts["catalog_deferred_applied"] == 1
         finally:
             engine.close()
+
+
+def _search(offset: int, event_id: str, user: str, query: str, ts: int = 1_000) -> Envelope:
+    return Envelope("events", 0, offset, user.encode(), encode(Event(event_id, "search", user, None, ts=ts, query=query)), ts)
+
+
+def _until_answered(engine: Shard) -> list:
+    """Empty batches (the flow's timer) until a search result comes out; their results."""
+    results = []
+    deadline = time.monotonic() + _WAIT_S
+    while not any(r.search_results for r in results):
+        assert time.monotonic() < deadline, f"no search answered within {_WAIT_S} s"
+        time.sleep(0.02)
+        results.append(engine.process([]))
+    return results
+
+
+def test_a_new_query_is_encoded_off_the_batch_and_only_its_search_and_its_shoppers_later_events_wait(tmp_path, cache_dir):
+    """Issue 13: a search whose query the engine has no vector for is not answered in the batch
+    that brings it: the worker encodes the query while the batch goes on without the model (the
+    other shopper is recommended at once), the search and its shopper's later events wait, and
+    the first batch after the vector came back answers the search, then applies the click. The
+    vector is the one the engine would have made itself, bit for bit."""
+    with Embedder(Settings().model_name, cache_dir) as embedder:
+        engine = _open(_settings(tmp_path, cache_dir, embed_worker=True), embedder)
+        try:
+            _started(engine)
+            asked = Event("s1", "search", "u1", None, ts=1_000, query="red tent for camping")
+            text = engine.search.unencoded_query(asked)
+            assert text is not None and engine.search.encoder.stats["calls"] == 0
+            os.kill(engine._worker.pid, signal.SIGSTOP)  # no answer before the batch is done
+            try:
+                first = engine.process([_search(0, "s1", "u1", asked.query), _event(1, "c1", "u1", "tent"),
+                                        _event(2, "c2", "u2", "kettle")])
+            finally:
+                os.kill(engine._worker.pid, signal.SIGCONT)
+            assert first.counts["queries_to_worker"] == 1 and first.counts["waited"] == 2
+            assert not first.search_results and [user for user, _ in first.recommendations] == ["u2"]
+            assert engine.search.encoder.stats["calls"] == 0  # no model call in the engine's process
+            later = _until_answered(engine)
+            ((user, payload),) = [answer for r in later for answer in r.search_results]
+            answer = orjson.loads(payload)
+            assert user == "u1" and answer["trigger_event_id"] == "s1" and answer["items"][0]["item_id"] == "tent"
+            assert [u for r in later for u, _ in r.recommendations] == ["u1"]  # the click, after the search
+            assert sum(r.counts["applied"] for r in later) == 2
+            with Embedder(Settings().model_name, None) as local:
+                np.testing.assert_array_equal(engine.search.encoder(text), local.embed([text])[0])
+            # the query is known now: the next search for it is answered in its own batch
+            again = engine.process([_search(3, "s2", "u3", asked.query)])
+            assert len(again.search_results) == 1 and again.counts["queries_to_worker"] == 0
+        finally:
+            engine.close()
+
+
+def test_a_search_waiting_for_its_query_at_a_crash_is_answered_once_after_the_restart(tmp_path, cache_dir):
+    """The worker's jobs are not state, the parked search is: after a restart it is released at
+    the first batch and its query encoded there, answered once."""
+    settings = _settings(tmp_path, cache_dir, embed_worker=True)
+    with Embedder(Settings().model_name, cache_dir) as embedder:
+        engine = _open(settings, embedder)
+        _started(engine)
+        first = engine.process([_search(0, "s1", "u1", "steel kettle please")])
+        assert not first.search_results and first.counts["waited"] == 1
+        engine._worker._process.kill()  # dies before its answer was read; the engine is dropped unclosed
+        engine.kv.close()
+        restarted = Shard(settings.model_copy(update={"embed_worker": False}), RocksKV(settings.state_dir), embedder)
+        try:
+            out = restarted.process([])
+            ((user, payload),) = out.search_results
+            assert user == "u1" and orjson.loads(payload)["trigger_event_id"] == "s1"
+            assert not restarted.process([]).search_results
+            # a re-delivered copy (Bytewax's offsets were not committed) is answered from the outbox
+            again = restarted.process([_search(0, "s1", "u1", "steel kettle please")])
+            assert [p for _, p in again.search_results] == [payload]
+        finally:
+            restarted.close()
 
 
 def test_replays_and_in_memory_engines_never_use_the_worker(tmp_path, cache_dir):

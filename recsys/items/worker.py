@@ -1,4 +1,4 @@
-"""New item text embedded in a process of its own, off the stream's path (``RECSYS_EMBED_WORKER``).
+"""New item and query text embedded in a process of its own, off the stream's path (``RECSYS_EMBED_WORKER``).
 
 A catalog record that brings text the index has no vector for needs the sentence-transformer:
 ~12 ms of one core for one short text (compute-bound: the model's matrix products), ~20 ms with
@@ -13,8 +13,14 @@ other core, and answers each request with the vectors (the embedding cache is sh
 
 The engine (:class:`recsys.shard.step.Shard`) sends the texts at the batch that decodes their
 catalog records and applies those records at the first batch that starts after the answer came
-back; see its ``_defer_catalog``. This module is only the process and its pipe, in the order
-requests were sent (one process, one request at a time, so answers come back in that order).
+back; see its ``_defer_catalog``. It sends the new queries of a batch's searches the same way,
+without the embedding cache (``cached=False``), and answers those searches at the first batch
+after their vectors came back; see its ``_queries_off_path``. This module is only the process
+and its pipe, in the order requests were sent (one process, so answers come back in that
+order). Query requests queued behind one another are answered from one model call: a call costs
+about the same for one short text as for several (on one thread it reads the model's ~42 MB of
+weights, 6-9 ms), and a worker that fell behind a busy stream catches up instead of answering
+each batch late (benchmarks/README.md, "new queries off the batch's path").
 
 A worker that dies (killed, out of memory) is noticed at the next read: :class:`WorkerGone`,
 and the engine embeds what was outstanding itself, as before the worker existed.
@@ -45,7 +51,9 @@ class WorkerGone(RuntimeError):
 
 def _serve(inbox: Connection, outbox: Connection, model_name: str, cache_dir: str | None, batch_size: int) -> None:
     """The worker process: one :class:`~recsys.items.embeddings.Embedder` on one thread, each
-    request ``(job, texts)`` answered with ``(job, vectors, None)`` or ``(job, None, error)``."""
+    request ``(job, texts, cached)`` answered with ``(job, vectors, None)`` or ``(job, None,
+    error)``. ``cached`` False (search queries): the same model without the embedding cache, as
+    :func:`recsys.search.semantic.query_embedder` calls it in the engine's process."""
     # Ctrl-C, or a SIGTERM to the process group, is for the engine: it stops in order and
     # closes this process (the engine's process gone, the next read here ends it as well)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -57,6 +65,8 @@ def _serve(inbox: Connection, outbox: Connection, model_name: str, cache_dir: st
     try:
         embedder = Embedder(model_name, cache_dir, batch_size=batch_size, num_threads=1)
         embedder.warm()
+        uncached = Embedder(model_name, None, batch_size=batch_size, num_threads=1)
+        uncached._model = embedder._load()  # one model in memory
     except Exception as exc:  # noqa: BLE001 - the parent reports it
         embedder, error = None, f"{type(exc).__name__}: {exc}"
     else:
@@ -72,22 +82,47 @@ def _serve(inbox: Connection, outbox: Connection, model_name: str, cache_dir: st
     try:
         while True:
             try:
-                message = inbox.recv()
+                messages = [inbox.recv()]
+                # queries queued behind one another share a model call: a call costs about the same
+                # for one short text as for several (reading the model's weights), and a worker that
+                # fell behind a busy stream catches up instead of answering each batch late
+                while messages[-1] is not None and messages[-1][2] is False and inbox.poll(0):
+                    messages.append(inbox.recv())
             except (EOFError, OSError):  # the engine's process is gone
                 return
-            if message is None:
-                return
-            job, texts = message
-            try:
-                answer = (job, embedder.embed(texts), None)
-            except Exception as exc:  # noqa: BLE001 - the parent reports it and embeds itself
-                answer = (job, None, f"{type(exc).__name__}: {exc}")
-            try:
-                outbox.send(answer)
-            except OSError:  # the engine's process is gone
+            stop = messages[-1] is None
+            if stop:
+                messages.pop()
+            # in order: the queries drained together in one call, an item's texts (the last one
+            # drained, if any) in a call of its own, with the cache
+            queries = [m for m in messages if m[2] is False]
+            answers = _answer(uncached, queries) if queries else []
+            if len(queries) < len(messages):
+                answers += _answer(embedder, messages[len(queries):])
+            for answer in answers:
+                try:
+                    outbox.send(answer)
+                except OSError:  # the engine's process is gone
+                    return
+            if stop:
                 return
     finally:
         embedder.close()
+
+
+def _answer(embedder: Any, requests: list[tuple[int, list[str], bool]]) -> list[tuple[int, Any, str | None]]:
+    """One model call for the requests' texts together; each request answered with its own rows
+    (or every one with the error)."""
+    texts = [t for _, request_texts, _ in requests for t in request_texts]
+    try:
+        vectors = embedder.embed(texts)
+    except Exception as exc:  # noqa: BLE001 - the parent reports it and embeds itself
+        return [(job, None, f"{type(exc).__name__}: {exc}") for job, _, _ in requests]
+    out, at = [], 0
+    for job, request_texts, _ in requests:
+        out.append((job, vectors[at : at + len(request_texts)], None))
+        at += len(request_texts)
+    return out
 
 
 class EmbeddingWorker:
@@ -138,12 +173,14 @@ class EmbeddingWorker:
         """Requests sent whose answers have not been handed out yet."""
         return len(self._sent) + len(self._answers)
 
-    def submit(self, texts: list[str]) -> int:
+    def submit(self, texts: list[str], *, cached: bool = True) -> int:
+        """Send ``texts`` to be embedded; returns the job number. ``cached`` False: without the
+        embedding cache (search queries: arbitrary text, which must not grow the item cache)."""
         if self._process.poll() is not None:
             raise WorkerGone(f"the embedding worker (pid {self.pid}) is gone: exit code {self._process.returncode}")
         job = self._next_job
         self._next_job += 1
-        self._outgoing.put((job, list(texts)))
+        self._outgoing.put((job, list(texts), cached))
         self._sent.append(job)
         return job
 

@@ -105,6 +105,19 @@ class QueryEncoder:
         for text, vec in zip(missing, vecs):
             self._put(text, vec.copy())
 
+    def __contains__(self, text: str) -> bool:
+        """Whether ``text``'s vector is cached (looked up without counting a hit)."""
+        return text in self._cache
+
+    def put_many(self, texts: list[str], vectors: np.ndarray) -> None:
+        """Vectors the query model made elsewhere for ``texts`` (the embedding worker, in one
+        call, as :meth:`encode_many` would here), cached as if made here; a text cached
+        meanwhile keeps its vector."""
+        self.stats["calls"] += 1
+        for text, vec in zip(texts, np.asarray(vectors, dtype=np.float32)):
+            if text not in self._cache:
+                self._put(text, vec.copy())
+
     def _put(self, text: str, vec: np.ndarray) -> None:
         self.stats["misses"] += 1
         self._cache[text] = vec

@@ -407,6 +407,15 @@ class Search:
                     self.learn_event(event, share=shared is None or not shared(env))
         return out
 
+    def unencoded_query(self, event: Event) -> str | None:
+        """The text the query model would read for a search ``event`` whose vector is not cached
+        (None: not a search this service answers, or its vector is cached), for the embedding
+        worker (``RECSYS_EMBED_WORKER``: new queries encoded off the batch's path)."""
+        if not self.respond or event.type != "search" or not event.query:
+            return None
+        text = _query_text(event.query)
+        return None if text in self.encoder else text
+
     def forget_user(self, user_id: str) -> list[bytes]:
         """An erasure: drop the user's open search window (it holds their last query), what
         they were last shown and their stored search results; returns the stored keys to

@@ -366,6 +366,10 @@ class Shard:
         self._deferred: deque[tuple[int | None, list[CatalogItem], list[str], list[int]]] = deque()
         self._deferred_ids: Counter[str] = Counter()  # items with a record in _deferred
         self._credit_mark: float | None = None
+        # issue 13: new search queries encoded by the worker too (_queries_off_path): its jobs
+        # (job -> the texts), and the texts asked and not answered (their searches wait)
+        self._query_jobs: dict[int, list[str]] = {}
+        self._query_pending: set[str] = set()
         if (settings.embed_worker and wait_s > 0 and persistent and not settings.share_signals
                 and isinstance(embedder, Embedder)):
             # the cache's parent directory, as the engine's embedder was given it: one cache for both
@@ -745,8 +749,62 @@ class Shard:
     def _worker_gone(self, exc: WorkerGone) -> None:
         """The worker died: from now on new item text is embedded in the batch (what it had not
         answered is, at :meth:`_apply_embedded`)."""
-        _log.error("%s; new item text is embedded in the batch from now on (RECSYS_EMBED_WORKER)", exc)
+        _log.error("%s; new item and query text is embedded in the batch from now on (RECSYS_EMBED_WORKER)", exc)
         self._worker = None
+        self._query_jobs.clear()  # their searches are released at the next sort: encoded in the batch
+        self._query_pending.clear()
+
+    def _queries_off_path(self, events: list[tuple[Envelope, Event]], result: BatchResult) -> Callable[[Event], bool] | None:
+        """Issue 13: the batch's new search queries are encoded by the embedding worker, off the
+        batch's path, as new item text is (``RECSYS_EMBED_WORKER``). Without it every event of a
+        batch waits for the query model (~6-9 ms a call on one thread, memory-bound on its
+        weights: on a long tail of queries two thirds of a live batch; benchmarks/README.md,
+        "new queries off the batch's path"). A search whose query was sent waits in the waiting
+        room, its user's later events behind it, and is answered at the first batch after the
+        vector came back, on its user's state as it was before it; the other users' events go on
+        at once. Returns the waiting room's test (None: nothing waits for a query).
+
+        The vectors come back into the query encoder's cache as if made here: the same model on
+        one thread, a batch's new queries in one call (queries queued at the worker share its
+        call, so a vector may differ from the one made here in its last bits, as a query encoded
+        with other texts does anyway). A search still waiting when its time
+        is up (``RECSYS_UNKNOWN_ITEM_WAIT_S``), after a restart (the worker's jobs are not
+        state), or once the worker is gone is released and its query encoded in the batch.
+        Not while the worker still loads its model (a few seconds after start)."""
+        search = self.search
+        if self._worker is None or not search.respond:
+            return None
+        try:
+            for job, texts in list(self._query_jobs.items()):  # answers back since the last batch
+                answer = self._worker.take(job)
+                if answer is None:
+                    continue
+                del self._query_jobs[job]
+                self._query_pending.difference_update(texts)
+                if isinstance(answer, str):  # released below; encoded in the batch
+                    _log.warning("the embedding worker failed on %d quer%s (%s); encoding them in the batch",
+                                 len(texts), "y" if len(texts) == 1 else "ies", answer)
+                    continue
+                search.encoder.put_many(texts, answer)
+            if self._worker.started():
+                committed = self.watermarks
+                parked = self.waiting.positions
+                fresh = list(dict.fromkeys(
+                    text for env, event in events
+                    if env.offset > committed.get((env.topic, env.partition), -1)
+                    and (env.topic, env.partition, env.offset) not in parked
+                    and (text := search.unencoded_query(event)) is not None and text not in self._query_pending))
+                if fresh:
+                    self._query_jobs[self._worker.submit(fresh, cached=False)] = fresh
+                    self._query_pending.update(fresh)
+                    result.counts["queries_to_worker"] += len(fresh)
+        except WorkerGone as exc:
+            self._worker_gone(exc)
+            return None
+        if not self._query_pending:
+            return None
+        pending = self._query_pending
+        return lambda event: (text := search.unencoded_query(event)) is not None and text in pending
 
     def _admit(self, events: list[tuple[Envelope, Event]], result: BatchResult, puts: dict[bytes, bytes],
                now_ms: int) -> tuple[dict[str, list[tuple[Envelope, Event]]], Sorted]:
@@ -755,7 +813,8 @@ class Shard:
         counts = result.counts
         # validate against the catalog, group by user (keeping each user's order)
         # issue 10: events for items not in the catalog yet wait for it (recsys/shard/waiting.py)
-        waited = self.waiting.sort(events, self.items.catalog, self.watermarks)
+        encoding = self._queries_off_path(events, result) if self._worker is not None else None
+        waited = self.waiting.sort(events, self.items.catalog, self.watermarks, encoding)
         events = waited.ready
         puts.update(waited.puts)
         if waited.parked:

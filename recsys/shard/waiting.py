@@ -7,6 +7,11 @@ the item arrives, or dead-lettered as an unknown item once it has waited ``wait_
 (``RECSYS_UNKNOWN_ITEM_WAIT_S``). Each user's events keep their order: while one of a user's
 events waits, the user's later events wait behind it.
 
+Search events wait here too when their query is being encoded by the embedding worker
+(``RECSYS_EMBED_WORKER``; ``sort``'s ``encoding``): the user's later events wait behind the
+search, so it is still answered on the user's state before it, and one whose time is up is
+released, not dead-lettered (the engine encodes its query itself).
+
 Crash safety: parked events live in the engine's RocksDB (``wait:<topic>:<partition>:<offset>``
 -> the raw message and its deadline), written and deleted in the batch's one atomic write. So a
 parked event survives a crash although Bytewax has moved its source offset on, and a
@@ -113,8 +118,13 @@ class WaitingRoom:
         return {CREDIT_KEY: repr(self.credit).encode()}
 
     def sort(self, events: list[tuple[Envelope, Event]], known: Container[str],
-             committed: dict[tuple[str, int], int]) -> Sorted:
-        """Release what the catalog now knows, expire what waited too long, park what must wait."""
+             committed: dict[tuple[str, int], int], encoding: Callable[[Event], bool] | None = None) -> Sorted:
+        """Release what the catalog now knows, expire what waited too long, park what must wait.
+
+        ``encoding(event)`` True: a search whose query the embedding worker is encoding
+        (``RECSYS_EMBED_WORKER``); it waits for the vector like an event for its item, its
+        user's later events behind it, and once its time is up it is released all the same
+        (the engine then encodes the query itself) instead of being dead-lettered."""
         out = Sorted()
         if self.wait_s <= 0 and not self.positions:
             out.ready = events
@@ -123,6 +133,8 @@ class WaitingRoom:
         for user, queue in list(self.queues.items()):
             while queue:
                 env, event, deadline = queue[0]
+                if encoding is not None and encoding(event) and now < deadline and self.wait_s > 0:
+                    break
                 if event.item_id is None or event.item_id in known:
                     out.ready.append((env, event))
                     out.released.add((env.topic, env.partition, env.offset))
@@ -140,7 +152,8 @@ class WaitingRoom:
             if pos in self.positions:
                 continue  # a re-delivered copy of a parked event
             unknown = event.item_id is not None and event.item_id not in known
-            if event.user_id in self.queues or (unknown and env.offset > committed.get((env.topic, env.partition), -1)):
+            waits = unknown or (encoding is not None and encoding(event))
+            if event.user_id in self.queues or (waits and env.offset > committed.get((env.topic, env.partition), -1)):
                 self._park(out, env, event, now + self.wait_s)
             elif unknown:
                 out.expired.append((env, event))  # re-delivered after it was dead-lettered
