@@ -164,9 +164,13 @@ class FlowMetrics(_Endpoint):
                                   buckets=LATENCY_BUCKETS, registry=r)
         self.users = Gauge("recsys_state_users", "Users in state (counted at start, plus users first seen since)", registry=r)
         self.state_bytes = Gauge("recsys_state_size_bytes", "Size on disk of the state directory (RocksDB, models)", registry=r)
-        self.waiting = Gauge("recsys_waiting_events", "Events waiting for their catalog item", registry=r)
+        self.waiting = Gauge("recsys_waiting_events", "Events waiting for their catalog item, or for their search's "
+                             "query vector from the embedding worker (and their user's later events)", registry=r)
         self.deferred = Gauge("recsys_catalog_records_deferred",
                               "Catalog records waiting for the embedding worker's vectors (RECSYS_EMBED_WORKER)", registry=r)
+        self.queries = Gauge("recsys_queries_at_worker",
+                             "Search queries the embedding worker is encoding; their searches wait (RECSYS_EMBED_WORKER)",
+                             registry=r)
         self.items = Gauge("recsys_catalog_items", "Items in the catalog", registry=r)
         self.search_cache = Counter(
             "recsys_search_cache", "Search's cache look-ups by outcome (each search, and each engagement checked "
@@ -313,6 +317,7 @@ class FlowMetrics(_Endpoint):
         now = self.clock()
         self.waiting.set(len(engine.waiting))
         self.deferred.set(engine.deferred_records)
+        self.queries.set(engine.queries_at_worker)
         self.items.set(len(engine.items.catalog))
         self._count_search_caches(engine)
         self.hit_rate.set(engine.monitor.hit_rate)

@@ -273,7 +273,7 @@ def _engine_data(tmp_path):
 
     search = SimpleNamespace(base_stats={"hits": 0, "refreshed": 0, "misses": 0},
                              encoder=SimpleNamespace(stats={"hits": 0, "misses": 0}))
-    return SimpleNamespace(waiting=[], deferred_records=0, items=SimpleNamespace(catalog={"i1": 1}), monitor=SimpleNamespace(hit_rate=0.25),
+    return SimpleNamespace(waiting=[], deferred_records=0, queries_at_worker=0, items=SimpleNamespace(catalog={"i1": 1}), monitor=SimpleNamespace(hit_rate=0.25),
                            reranker=SimpleNamespace(examples=3), head=None, users=SimpleNamespace(count=lambda: 7),
                            search=search)
 

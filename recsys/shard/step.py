@@ -742,6 +742,11 @@ class Shard:
         return self.waiting.credit_catalog(credit) if credit > 0 else {}
 
     @property
+    def queries_at_worker(self) -> int:
+        """Search queries sent to the embedding worker and not answered yet (their searches wait)."""
+        return len(self._query_pending)
+
+    @property
     def deferred_records(self) -> int:
         """Catalog records waiting for the embedding worker's vectors."""
         return sum(len(records) for _, records, _, _ in self._deferred)
