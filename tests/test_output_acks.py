@@ -280,6 +280,30 @@ def test_a_crash_before_the_sink_flushed_loses_no_list_of_an_event_that_waited_f
     assert delivered == sent, "the waited event's list was lost"
 
 
+def test_a_crash_before_the_sink_flushed_loses_no_answer_of_a_search_that_waited_behind_its_users_item(memory_broker, tmp_path):
+    """The same for a search: a shopper's search waits behind their event for an item not yet in
+    the catalog (a user's events keep their order), and is answered when the item arrives.
+    Before 2026-12-06 that answer was not kept unsent (the search, below the watermark by then,
+    was taken for a re-delivered one), so a crash before the sink flushed it lost it."""
+    catalog = generate_catalog(40, seed=17)
+    late = catalog.pop()
+    early = Event(event_id="early", type="click", user_id="u", item_id=late.item_id, ts=1_700_000_000_000)
+    query = f"{late.title.split()[0]} {late.category or ''}".strip()
+    asked = Event(event_id="asked", type="search", user_id="u", item_id=None, ts=1_700_000_001_000, query=query)
+
+    def announce(engine: Shard) -> None:
+        deadline = time.monotonic() + 60
+        while engine.totals.get("waited", 0) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.0)
+        produce_records(memory_broker, "catalog", [(late.item_id.encode(), encode(late))])
+
+    sent, delivered = _crash_then_restart(memory_broker, tmp_path, catalog, [early, asked], "found", crash_at=1,
+                                          snapshot_interval_s=0.2, during=announce, unknown_item_wait_s=60.0)
+    assert [r["trigger_event_id"] for r in sent] == ["asked"]
+    assert delivered == sent, "the waited search's answer was lost"
+
+
 def test_a_crash_before_the_sink_flushed_loses_no_dead_letter_of_an_event_whose_wait_ran_out(memory_broker, tmp_path):
     """The same for the dead letter of an event whose item never came: it is emitted when the
     wait runs out, long after Bytewax committed the event's offset; a crash before the dead

@@ -638,6 +638,36 @@ def test_an_engagement_teaches_the_re_ranker_the_eligible_candidates_with_its_po
     assert len(lessons) == 1
 
 
+def test_a_search_that_waited_behind_its_shoppers_unknown_item_is_answered_as_a_new_search(engine):
+    """A shopper clicks an item the catalog has not delivered yet, then searches: both wait in
+    the waiting room (the search behind the click, in the shopper's order) while another
+    shopper's event moves the partition's watermark past them; the item arrives and both are
+    released. Before 2026-12-06 the search, below the watermark by then, was taken for a
+    re-delivered one: answered, but not kept in the search outbox (a re-delivery after a crash
+    would have answered it again from a later state), not kept unsent (no re-delivery brings
+    back an event the waiting room held, so a crash before the sink had it lost the answer),
+    and no search window opened (what the shopper chose next taught the query nothing)."""
+    engine.expect_acknowledgements("search_results")
+    ts = 1_700_000_000_000
+
+    def at(offset: int, event: Event) -> Envelope:
+        return Envelope("events", 0, offset, event.user_id.encode(), encode(event), event.ts)
+
+    first = engine.process([at(0, Event("c1", "click", "u1", "boots", ts)),
+                            at(1, Event("s1", "search", "u1", None, ts + 1_000, query="camping tent")),
+                            at(2, Event("c2", "click", "u2", "stove", ts + 2_000))])
+    assert first.counts["waited"] == 2 and not first.search_results and first.counts["applied"] == 1
+    boots = CatalogItem("boots", "Green hiking boots", category="Footwear/Hiking", brand="Alpina", price=80.0)
+    second = engine.process([Envelope("catalog", 0, 0, b"boots", encode(boots), ts + 3_000)])
+    ((user, payload),) = second.search_results
+    assert user == "u1" and second.counts["applied"] == 2
+    assert engine.search.outbox.get("u1", 0, 1, "s1") == payload  # a re-delivery re-emits these bytes
+    unsent = [orjson.loads(raw) for _, raw in engine.kv.iter_prefix(b"unsent:search_results:")]
+    assert [entry for batch in unsent for entry in batch] == [["u1", payload.decode()]]
+    engine.process([at(3, Event("p1", "purchase", "u1", "tent-blue", ts + 4_000))])
+    assert "tent-blue" in engine.search.associations.weights(query_key("camping tent"))
+
+
 def test_engagements_outside_the_window_teach_nothing(engine):
     stream = Stream(engine)
     stream.events(("search", "s1", "picnic set"), *[("browse", "s1", "stove")] * 5, ("purchase", "s1", "x9"))

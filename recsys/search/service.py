@@ -41,7 +41,7 @@ import functools
 import itertools
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -341,7 +341,8 @@ class Search:
 
     def step(self, by_user: dict[str, list[tuple[Envelope, Event]]], states: dict[str, UserState],
              committed: dict[tuple[str, int], int], now_ms: int, model_version: str,
-             shared: Callable[[Envelope], bool] | None = None) -> list[tuple[str, bytes]]:
+             shared: Callable[[Envelope], bool] | None = None, released: Container[tuple[str, int, int]] = (),
+             on_released: Callable[[str, bytes], None] | None = None) -> list[tuple[str, bytes]]:
         """Answer every search of a batch and learn from its newly applied events.
 
         ``states`` are the users as committed before this batch (a search is ranked without
@@ -352,11 +353,15 @@ class Search:
         Returns ``(user_id, SearchResult JSON)`` per search event. ``shared(envelope)`` True
         (issue 11): the exchange log holds that event's associations already (a wiped shard
         re-reading its partition); its user's window follows it, no association is recorded.
+        ``released``: positions of events the engine's waiting room held and lets go now: below
+        the watermark (later events moved it on meanwhile), yet never applied, so new; each such
+        search's answer also goes to ``on_released(user_id, payload)`` (no re-delivery brings it
+        back: the engine keeps it until the sink acknowledges it).
         """
         try:
             if self.respond:
                 self._prepare(by_user, states)
-            return self._step(by_user, states, committed, now_ms, model_version, shared)
+            return self._step(by_user, states, committed, now_ms, model_version, shared, released, on_released)
         finally:
             self._head_queries.clear()  # only for this batch's states (SearchIntent ranks on later ones)
 
@@ -377,11 +382,13 @@ class Search:
 
     def _step(self, by_user: dict[str, list[tuple[Envelope, Event]]], states: dict[str, UserState],
               committed: dict[tuple[str, int], int], now_ms: int, model_version: str,
-              shared: Callable[[Envelope], bool] | None) -> list[tuple[str, bytes]]:
+              shared: Callable[[Envelope], bool] | None, released: Container[tuple[str, int, int]],
+              on_released: Callable[[str, bytes], None] | None) -> list[tuple[str, bytes]]:
         out: list[tuple[str, bytes]] = []
         for user_id, events in by_user.items():
             for env, event in events:
-                new = env.offset > committed.get((env.topic, env.partition), -1)
+                held = (env.topic, env.partition, env.offset) in released
+                new = held or env.offset > committed.get((env.topic, env.partition), -1)
                 if event.type == "search" and event.query:
                     if new and self.observer is not None:
                         self.observer(event, states[user_id])
@@ -400,6 +407,8 @@ class Search:
                     payload = encode(result)
                     if new:
                         self.outbox.put(user_id, env.partition, env.offset, event.event_id, payload)
+                        if held and on_released is not None:
+                            on_released(user_id, payload)
                         if self.on_answer is not None:
                             self.on_answer(user_id, _query_key(event.query), event.ts, [i.item_id for i in ranked.items])
                     out.append((user_id, payload))

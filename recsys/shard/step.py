@@ -103,7 +103,7 @@ _OFFSET_RESET_PREFIX = b"rst:"  # rst:<topic>:<partition> -> "<old>><new>": the 
 _UNSENT_PREFIX = b"unsent:"
 #: The field of an unsent output compared with its user's erasure time: a list of an event at or
 #: before the erasure, or a dead letter refused before it, is not sent again (``Shard.unsent``).
-_UNSENT_TIME_FIELD = {"recommendations": "event_ts", "dead_letters": "failed_at"}
+_UNSENT_TIME_FIELD = {"recommendations": "event_ts", "search_results": "event_ts", "dead_letters": "failed_at"}
 _LAYOUT_KEY = b"meta:shard"  # "<shard>/<shards>" of the process that wrote this state
 #: A dead letter's key: the refused message's key, cut to this many bytes (ids are <= 256 chars).
 _DEAD_LETTER_KEY_BYTES = 1024
@@ -549,8 +549,10 @@ class Shard:
             laps.lap("score")
 
         # issue 13: answer the batch's searches from the state before it; learn from its new events
-        result.search_results = self.search.step(by_user, states, self.watermarks, now_ms, self.model_version,
-                                                 shared=self._covered if self.exchange is not None else None)
+        result.search_results = self.search.step(
+            by_user, states, self.watermarks, now_ms, self.model_version,
+            shared=self._covered if self.exchange is not None else None, released=waited.released,
+            on_released=lambda user_id, payload: self._keep_unsent("search_results", user_id, payload))
         counts["search_results"] += len(result.search_results)
         laps.lap("search")
 
