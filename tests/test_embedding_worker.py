@@ -222,7 +222,8 @@ def test_a_new_query_is_encoded_off_the_batch_and_only_its_search_and_its_shoppe
     that brings it: the worker encodes the query while the batch goes on without the model (the
     other shopper is recommended at once), the search and its shopper's later events wait, and
     the first batch after the vector came back answers the search, then applies the click. The
-    vector is the one the engine would have made itself, bit for bit."""
+    vector is the one the engine would have made itself, bit for bit. A batch that holds only the
+    searching shopper's own events encodes in the batch: no one else would wait."""
     with Embedder(Settings().model_name, cache_dir) as embedder:
         engine = _open(_settings(tmp_path, cache_dir, embed_worker=True), embedder)
         try:
@@ -248,8 +249,14 @@ def test_a_new_query_is_encoded_off_the_batch_and_only_its_search_and_its_shoppe
             with Embedder(Settings().model_name, None) as local:
                 np.testing.assert_array_equal(engine.search.encoder(text), local.embed([text])[0])
             # the query is known now: the next search for it is answered in its own batch
-            again = engine.process([_search(3, "s2", "u3", asked.query)])
+            again = engine.process([_search(3, "s2", "u3", asked.query), _event(4, "c3", "u2", "tent")])
             assert len(again.search_results) == 1 and again.counts["queries_to_worker"] == 0
+            # a new query in a batch of its shopper's own events (a quiet stream) keeps no one else
+            # waiting: encoded in the batch, sooner than the worker's round trip and the next batch
+            calls = engine.search.encoder.stats["calls"]
+            alone = engine.process([_search(5, "s3", "u4", "blue kettle for tea"), _event(6, "c4", "u4", "kettle")])
+            assert len(alone.search_results) == 1 and alone.counts["queries_to_worker"] == 0
+            assert alone.counts["applied"] == 2 and engine.search.encoder.stats["calls"] == calls + 1
         finally:
             engine.close()
 
@@ -261,8 +268,8 @@ def test_a_search_waiting_for_its_query_at_a_crash_is_answered_once_after_the_re
     with Embedder(Settings().model_name, cache_dir) as embedder:
         engine = _open(settings, embedder)
         _started(engine)
-        first = engine.process([_search(0, "s1", "u1", "steel kettle please")])
-        assert not first.search_results and first.counts["waited"] == 1
+        first = engine.process([_search(0, "s1", "u1", "steel kettle please"), _event(1, "c1", "u2", "kettle")])
+        assert not first.search_results and first.counts["waited"] == 1 and first.counts["applied"] == 1
         engine._worker._process.kill()  # dies before its answer was read; the engine is dropped unclosed
         engine.kv.close()
         restarted = Shard(settings.model_copy(update={"embed_worker": False}), RocksKV(settings.state_dir), embedder)
@@ -272,7 +279,7 @@ def test_a_search_waiting_for_its_query_at_a_crash_is_answered_once_after_the_re
             assert user == "u1" and orjson.loads(payload)["trigger_event_id"] == "s1"
             assert not restarted.process([]).search_results
             # a re-delivered copy (Bytewax's offsets were not committed) is answered from the outbox
-            again = restarted.process([_search(0, "s1", "u1", "steel kettle please")])
+            again = restarted.process([_search(0, "s1", "u1", "steel kettle please"), _event(1, "c1", "u2", "kettle")])
             assert [p for _, p in again.search_results] == [payload]
         finally:
             restarted.close()
