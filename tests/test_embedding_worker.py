@@ -261,6 +261,34 @@ def test_a_new_query_is_encoded_off_the_batch_and_only_its_search_and_its_shoppe
             engine.close()
 
 
+def test_a_search_waits_for_a_slow_worker_no_longer_than_the_query_bound(tmp_path, cache_dir):
+    """A wait for a query only saves the batch the model's time: with the worker stopped, the
+    search is answered once ``QUERY_WAIT_S`` has passed, its query encoded in the batch, and the
+    worker's late answer changes nothing."""
+    from recsys.shard.step import QUERY_WAIT_S
+
+    with Embedder(Settings().model_name, cache_dir) as embedder:
+        engine = _open(_settings(tmp_path, cache_dir, embed_worker=True), embedder)
+        try:
+            _started(engine)
+            os.kill(engine._worker.pid, signal.SIGSTOP)
+            try:
+                first = engine.process([_search(0, "s1", "u1", "green kettle for tea"), _event(1, "c1", "u2", "kettle")])
+                assert first.counts["waited"] == 1 and not first.search_results
+                time.sleep(QUERY_WAIT_S + 0.05)
+                answered = engine.process([])
+                assert len(answered.search_results) == 1 and engine.search.encoder.stats["calls"] == 1
+            finally:
+                os.kill(engine._worker.pid, signal.SIGCONT)
+            deadline = time.monotonic() + _WAIT_S
+            while engine.queries_at_worker:  # the late answer is taken, and dropped: the query is cached
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+                assert not engine.process([]).search_results
+        finally:
+            engine.close()
+
+
 def test_a_search_waiting_for_its_query_at_a_crash_is_answered_once_after_the_restart(tmp_path, cache_dir):
     """The worker's jobs are not state, the parked search is: after a restart it is released at
     the first batch and its query encoded there, answered once."""

@@ -100,6 +100,14 @@ _OFFSET_RESET_PREFIX = b"rst:"  # rst:<topic>:<partition> -> "<old>><new>": the 
 #: (a list whose trigger waited for its catalog item, the dead letter of an event whose wait ran
 #: out: Bytewax committed the event's offset long before), kept until acknowledged; the next life
 #: sends what is left again before its first batch (``Shard.unsent``, ``dataflows.live``).
+#: The longest a search waits for the embedding worker to encode its query (``RECSYS_EMBED_WORKER``):
+#: then it is answered with its query encoded in the batch, as without the worker. The worker's
+#: call takes 6-9 ms and the next batch picks its answer up, so this rarely cuts a wait short; it
+#: bounds the ones behind a bulk import, whose item texts keep the worker busy for seconds
+#: (without it a search waited up to ``RECSYS_UNKNOWN_ITEM_WAIT_S``, 2 s). 50 ms was tried too:
+#: no better tail, the runs' spread on this 2-core box being larger (benchmarks/README.md, "new
+#: queries off the batch's path").
+QUERY_WAIT_S = 0.2
 _UNSENT_PREFIX = b"unsent:"
 #: The field of an unsent output compared with its user's erasure time: a list of an event at or
 #: before the erasure, or a dead letter refused before it, is not sent again (``Shard.unsent``).
@@ -771,12 +779,13 @@ class Shard:
         vector came back, on its user's state as it was before it; the other users' events go on
         at once. Returns the waiting room's test (None: nothing waits for a query).
 
+        A search waits :data:`QUERY_WAIT_S` at most: a wait for a query only saves the batch the
+        model's time, so past that the search is answered with its query encoded in the batch.
         The vectors come back into the query encoder's cache as if made here: the same model on
         one thread, a batch's new queries in one call (queries queued at the worker share its
         call, so a vector may differ from the one made here in its last bits, as a query encoded
-        with other texts does anyway). A search still waiting when its time
-        is up (``RECSYS_UNKNOWN_ITEM_WAIT_S``), after a restart (the worker's jobs are not
-        state), or once the worker is gone is released and its query encoded in the batch.
+        with other texts does anyway). A search still waiting after a restart (the worker's jobs
+        are not state), or once the worker is gone, is released too.
         Not while the worker still loads its model (a few seconds after start)."""
         search = self.search
         if self._worker is None or not search.respond:
@@ -825,7 +834,7 @@ class Shard:
         # validate against the catalog, group by user (keeping each user's order)
         # issue 10: events for items not in the catalog yet wait for it (recsys/shard/waiting.py)
         encoding = self._queries_off_path(events, result) if self._worker is not None else None
-        waited = self.waiting.sort(events, self.items.catalog, self.watermarks, encoding)
+        waited = self.waiting.sort(events, self.items.catalog, self.watermarks, encoding, QUERY_WAIT_S)
         events = waited.ready
         puts.update(waited.puts)
         if waited.parked:

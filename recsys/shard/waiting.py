@@ -118,13 +118,15 @@ class WaitingRoom:
         return {CREDIT_KEY: repr(self.credit).encode()}
 
     def sort(self, events: list[tuple[Envelope, Event]], known: Container[str],
-             committed: dict[tuple[str, int], int], encoding: Callable[[Event], bool] | None = None) -> Sorted:
+             committed: dict[tuple[str, int], int], encoding: Callable[[Event], bool] | None = None,
+             query_wait_s: float = 0.0) -> Sorted:
         """Release what the catalog now knows, expire what waited too long, park what must wait.
 
         ``encoding(event)`` True: a search whose query the embedding worker is encoding
         (``RECSYS_EMBED_WORKER``); it waits for the vector like an event for its item, its
-        user's later events behind it, and once its time is up it is released all the same
-        (the engine then encodes the query itself) instead of being dead-lettered."""
+        user's later events behind it, but for ``query_wait_s`` at most (a wait for a query
+        only saves the batch the model's time), and once its time is up it is released all the
+        same (the engine then encodes the query itself) instead of being dead-lettered."""
         out = Sorted()
         if self.wait_s <= 0 and not self.positions:
             out.ready = events
@@ -152,9 +154,9 @@ class WaitingRoom:
             if pos in self.positions:
                 continue  # a re-delivered copy of a parked event
             unknown = event.item_id is not None and event.item_id not in known
-            waits = unknown or (encoding is not None and encoding(event))
-            if event.user_id in self.queues or (waits and env.offset > committed.get((env.topic, env.partition), -1)):
-                self._park(out, env, event, now + self.wait_s)
+            for_query = not unknown and encoding is not None and encoding(event)
+            if event.user_id in self.queues or ((unknown or for_query) and env.offset > committed.get((env.topic, env.partition), -1)):
+                self._park(out, env, event, now + (min(query_wait_s, self.wait_s) if for_query else self.wait_s))
             elif unknown:
                 out.expired.append((env, event))  # re-delivered after it was dead-lettered
             else:
