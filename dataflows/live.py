@@ -233,8 +233,8 @@ def resend_unsent(engine: Shard, clients: Any, settings: Settings) -> int:
     """Send again what an earlier life emitted that its sinks never had acknowledged and no
     re-delivery brings back (``Shard.unsent``: lists of events that waited for their item,
     answers of searches that waited, dead letters of waits that ran out), wait for the broker to
-    acknowledge them, then drop them
-    from state; before any event. Returns how many (copies of delivered ones are identical)."""
+    acknowledge them, then drop them from state; before any event. Returns how many (copies of
+    delivered ones are identical)."""
     topics = {"recommendations": settings.recommendations_topic, "search_results": settings.search_results_topic,
               "dead_letters": settings.dead_letters_topic}
     sent = sum(produce_records(clients, topics[output], records) for output, records in engine.unsent().items())

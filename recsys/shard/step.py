@@ -96,10 +96,6 @@ _OUTBOX_PREFIX = b"o:"
 #: (:func:`dataflows.runner.check_state_against_recovery`).
 _POSITION_PREFIX = b"pos:"
 _OFFSET_RESET_PREFIX = b"rst:"  # rst:<topic>:<partition> -> "<old>><new>": the last source move absorbed
-#: ``unsent:<output>:<stamp>`` -> ``[[key, payload], ...]``: outputs no re-delivery can bring back
-#: (a list whose trigger waited for its catalog item, the dead letter of an event whose wait ran
-#: out: Bytewax committed the event's offset long before), kept until acknowledged; the next life
-#: sends what is left again before its first batch (``Shard.unsent``, ``dataflows.live``).
 #: The longest a search waits for the embedding worker to encode its query (``RECSYS_EMBED_WORKER``):
 #: then it is answered with its query encoded in the batch, as without the worker. The worker's
 #: call takes 6-9 ms and the next batch picks its answer up, so this rarely cuts a wait short; it
@@ -108,6 +104,11 @@ _OFFSET_RESET_PREFIX = b"rst:"  # rst:<topic>:<partition> -> "<old>><new>": the 
 #: no better tail, the runs' spread on this 2-core box being larger (benchmarks/README.md, "new
 #: queries off the batch's path").
 QUERY_WAIT_S = 0.2
+#: ``unsent:<output>:<stamp>`` -> ``[[key, payload], ...]``: outputs no re-delivery can bring back
+#: (a list whose trigger waited for its catalog item, the answer of a search that waited, the dead
+#: letter of an event whose wait ran out: Bytewax committed the event's offset long before), kept
+#: until acknowledged; the next life sends what is left again before its first batch
+#: (``Shard.unsent``, ``dataflows.live``).
 _UNSENT_PREFIX = b"unsent:"
 #: The field of an unsent output compared with its user's erasure time: a list of an event at or
 #: before the erasure, or a dead letter refused before it, is not sent again (``Shard.unsent``).
