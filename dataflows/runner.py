@@ -16,6 +16,7 @@ import pickle
 import shutil
 import signal
 import sqlite3
+import sys
 import threading
 from collections.abc import Mapping
 from datetime import datetime, timedelta
@@ -79,10 +80,13 @@ class StopSignals:
     def __init__(self) -> None:
         self.requested = threading.Event()
         self.received: str | None = None
+        self._unraisable_hook: Any = None  # Python's, while loading() has its own in place
 
     def loading(self) -> "StopSignals":
         for sig in self.SIGNALS:
             signal.signal(sig, self._interrupt)
+        if self._unraisable_hook is None:
+            self._unraisable_hook, sys.unraisablehook = sys.unraisablehook, self._unraisable
         return self
 
     def running(self) -> "StopSignals":
@@ -91,11 +95,22 @@ class StopSignals:
         runs a handler wherever the main thread is, and an exception raised inside a finalizer
         (``__del__``, a weakref callback: a library's object collected during the load) is
         printed as "Exception ignored" and lost (seen in CI: the flow went on to run)."""
+        if self._unraisable_hook is not None:
+            sys.unraisablehook, self._unraisable_hook = self._unraisable_hook, None
         if self.received is not None:
             raise KeyboardInterrupt()
         for sig in self.SIGNALS:
             signal.signal(sig, self._request)
         return self
+
+    def _unraisable(self, unraisable: Any) -> None:
+        """While loading: the ``KeyboardInterrupt`` of a signal that landed inside a finalizer is
+        not printed ("Exception ignored in ...", a traceback an operator's Ctrl-C should not
+        show: seen in CI); :meth:`running` stops the run for it. Anything else goes to Python's
+        hook as before."""
+        if issubclass(unraisable.exc_type, KeyboardInterrupt) and self.received is not None:
+            return
+        self._unraisable_hook(unraisable)
 
     def _interrupt(self, signum: int, _frame: object) -> None:
         self.received = signal.Signals(signum).name
