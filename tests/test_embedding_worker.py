@@ -313,6 +313,30 @@ def test_a_search_waiting_for_its_query_at_a_crash_is_answered_once_after_the_re
             restarted.close()
 
 
+def test_a_search_parked_at_a_crash_and_redelivered_in_the_restarts_first_batch_is_answered_once(tmp_path, cache_dir):
+    """A real restart re-delivers the parked search in its first batch, the batch that releases
+    it: one answer (before 2026-12-06 the copy was answered too, 1 ms after it; found by the
+    crash test with the embedding worker, tests/test_crash_search.py)."""
+    settings = _settings(tmp_path, cache_dir, embed_worker=True)
+    batch = [_search(0, "s1", "u1", "steel kettle please"), _event(1, "c1", "u2", "kettle"), _event(2, "c2", "u1", "kettle")]
+    with Embedder(Settings().model_name, cache_dir) as embedder:
+        engine = _open(settings, embedder)
+        _started(engine)
+        first = engine.process(batch)
+        assert not first.search_results and first.counts["waited"] == 2 and first.counts["applied"] == 1
+        engine._worker._process.kill()
+        engine.kv.close()
+        restarted = Shard(settings.model_copy(update={"embed_worker": False}), RocksKV(settings.state_dir), embedder)
+        try:
+            out = restarted.process(batch)  # Bytewax's offsets were not committed: the batch again
+            assert [orjson.loads(p)["trigger_event_id"] for _, p in out.search_results] == ["s1"]
+            assert out.counts["applied"] == 2  # the search and u1's click behind it, once each
+            u1 = restarted.users.get_many(["u1"], now_ts=1_000)["u1"]
+            assert [item for item, _, _ in u1.history] == ["kettle"]  # the click once (the search keeps no item)
+        finally:
+            restarted.close()
+
+
 def test_replays_and_in_memory_engines_never_use_the_worker(tmp_path, cache_dir):
     from recsys.store.kv import MemoryKV
 

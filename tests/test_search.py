@@ -668,6 +668,35 @@ def test_a_search_that_waited_behind_its_shoppers_unknown_item_is_answered_as_a_
     assert "tent-blue" in engine.search.associations.weights(query_key("camping tent"))
 
 
+def test_a_search_behind_an_unknown_item_at_a_crash_is_answered_once_by_the_restarts_first_batch(tmp_path, cache):
+    """The same wait, then a crash: the restart's first batch re-delivers the parked click and
+    search (Bytewax's offsets were not committed) and brings the item. The parked ones are
+    released, the copies dropped: one answer, one click. Before 2026-12-06 the copies went to
+    the batch too (the release had taken their positions out of the parked set first): the
+    search was answered twice."""
+    ts = 1_700_000_000_000
+
+    def at(offset: int, event: Event) -> Envelope:
+        return Envelope("events", 0, offset, event.user_id.encode(), encode(event), event.ts)
+
+    batch = [at(0, Event("c1", "click", "u1", "boots", ts)), at(1, Event("s1", "search", "u1", None, ts + 1_000, query="camping tent")),
+             at(2, Event("c2", "click", "u2", "stove", ts + 2_000))]
+    settings = _settings(tmp_path, cache)
+    first = Shard.open(settings)
+    first.upsert_catalog(CATALOG)
+    assert first.process(batch).counts["waited"] == 2
+    first.kv.close()  # a crash: the engine is dropped unclosed
+    restarted = Shard.open(settings)
+    try:
+        boots = CatalogItem("boots", "Green hiking boots", category="Footwear/Hiking", brand="Alpina", price=80.0)
+        out = restarted.process([Envelope("catalog", 0, 0, b"boots", encode(boots), ts + 3_000), *batch])
+        assert [orjson.loads(p)["trigger_event_id"] for _, p in out.search_results] == ["s1"]
+        u1 = restarted.users.get_many(["u1"], now_ts=ts + 3_000)["u1"]
+        assert [item for item, _, _ in u1.history] == ["boots"]
+    finally:
+        restarted.close()
+
+
 def test_engagements_outside_the_window_teach_nothing(engine):
     stream = Stream(engine)
     stream.events(("search", "s1", "picnic set"), *[("browse", "s1", "stove")] * 5, ("purchase", "s1", "x9"))

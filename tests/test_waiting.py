@@ -33,6 +33,31 @@ def test_a_parked_event_survives_a_restart_and_is_released_when_its_item_arrives
     kv.close()
 
 
+def test_a_copy_redelivered_in_the_batch_that_releases_its_parked_event_is_dropped(tmp_path):
+    """After a crash, Bytewax re-delivers a parked event in the restart's first batch, the batch
+    that releases it (its item has arrived, its time is up, or its search's query is no longer
+    being encoded). Before 2026-12-06 the release took its position out of the parked set first,
+    so the copy went to ``ready`` too: a search answered twice (found by the crash test with the
+    embedding worker, tests/test_crash_search.py), an event handed to apply twice."""
+    now = [100.0]
+    kv = RocksKV(tmp_path / "db")
+    room = WaitingRoom(kv, wait_s=5.0, clock=lambda: now[0])
+    click, search = Event("e1", "click", "u", "new", ts=1), Event("q1", "search", "v", None, ts=1, query="steel kettle")
+    waiting = room.sort([_env(click, 3), _env(search, 4)], known=set(), committed={}, encoding=lambda e: e.type == "search",
+                        query_wait_s=0.2)
+    assert waiting.parked == 2
+    kv.write(waiting.puts, waiting.deletes)
+    kv.close()
+
+    kv = RocksKV(tmp_path / "db")  # the restart: no query is being encoded now, and the item has come
+    room = WaitingRoom(kv, wait_s=5.0, clock=lambda: now[0])
+    first = room.sort([_env(click, 3), _env(search, 4)], known={"new"}, committed={("events", 0): 4},
+                      encoding=lambda e: False, query_wait_s=0.2)
+    assert [e.event_id for _, e in first.ready] == ["e1", "q1"]
+    assert first.released == {("events", 0, 3), ("events", 0, 4)} and len(room) == 0
+    kv.close()
+
+
 def test_a_users_later_events_wait_behind_and_the_unknown_one_expires_after_the_bound(tmp_path):
     now = [0.0]
     room = WaitingRoom(RocksKV(tmp_path / "db"), wait_s=2.0, clock=lambda: now[0])

@@ -132,6 +132,9 @@ class WaitingRoom:
             out.ready = events
             return out
         now = self.now()
+        # positions released or expired by this call: a re-delivered copy in the same batch (a
+        # restart's first batch) is dropped like a copy of a still parked event
+        gone: set[Position] = set()
         for user, queue in list(self.queues.items()):
             while queue:
                 env, event, deadline = queue[0]
@@ -146,12 +149,13 @@ class WaitingRoom:
                     break
                 queue.pop(0)
                 self.positions.discard((env.topic, env.partition, env.offset))
+                gone.add((env.topic, env.partition, env.offset))
                 out.deletes.append(_key((env.topic, env.partition, env.offset)))
             if not queue:
                 del self.queues[user]
         for env, event in events:
             pos = (env.topic, env.partition, env.offset)
-            if pos in self.positions:
+            if pos in self.positions or pos in gone:
                 continue  # a re-delivered copy of a parked event
             unknown = event.item_id is not None and event.item_id not in known
             for_query = not unknown and encoding is not None and encoding(event)
