@@ -218,6 +218,11 @@ class _Progress:
     def __call__(self) -> int:
         return sum(self.by_partition())
 
+    def triggers(self) -> set[str]:
+        """The trigger event ids seen so far (after reading what has come since)."""
+        self.by_partition()
+        return {trigger for seen in self._seen for _, trigger in seen}
+
     def caught_up(self) -> int:
         """Like calling it, after reading what is already there (a few polls at most)."""
         last, n = -1, self()

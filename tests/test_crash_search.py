@@ -19,15 +19,25 @@ recommendations, and restarted until it finishes. Afterwards:
   ``recsys/search/outbox.py``), schema-valid;
 - nothing was dead-lettered.
 
-Cost: four ``recsys run`` starts (each ~10-20 s to ``ready:`` on a loaded box, the model load)
-and a small stream; the helpers come from ``tests/test_crash_recovery.py``.
+The second test does the same to a live run (no ``--stop-at-end``) with ``--embed-worker`` and
+a long tail of queries, killed while queries are at the worker (its docstring). It found a
+defect, fixed 2026-12-06: a restart's first batch re-delivered a parked search and released it
+too, and both were answered (``tests/test_waiting.py``).
+
+Cost: four ``recsys run`` starts each (each ~10-20 s to ``ready:`` on a loaded box, the model
+load) and a small stream, ~80 s for both; the helpers come from ``tests/test_crash_recovery.py``.
 """
 
 from __future__ import annotations
 
+import base64
+import os
+import signal
+import threading
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -36,10 +46,12 @@ import pytest
 from test_crash_recovery import _Child, _distinct_by_partition, _Progress, _run_args, _users
 
 from dataflows.kafka_io import KafkaClients, consume_all, ensure_topics, produce_records
+from dataflows.shards import summed_totals
 from recsys.events import Event, encode
 from recsys.schemas import validate
 from recsys.search.learned import ASSOC_PREFIX, WINDOW_PREFIX
 from recsys.settings import Settings
+from recsys.shard.waiting import WAIT_PREFIX
 from recsys.store.kv import RocksKV
 from recsys.synthetic import generate_catalog, generate_events, with_searches
 
@@ -54,12 +66,13 @@ KILL_AT = (0.3, 0.65)
 PROGRESS_TIMEOUT_S = 60.0
 
 
-def _stream(seed: int) -> tuple[list, list[Event]]:
+def _stream(seed: int, distinct_queries: int | None = None) -> tuple[list, list[Event]]:
     """Synthetic events with a search inserted before about ``SEARCH_SHARE`` of them (same user,
-    same time): the engagement that follows teaches the query's association."""
+    same time): the engagement that follows teaches the query's association. ``distinct_queries``:
+    queries from a long tail (``with_searches``) instead of the catalog's 144 two-word ones."""
     catalog = generate_catalog(N_ITEMS, seed=seed)
     events = generate_events(N_EVENTS, catalog, n_users=N_USERS, seed=seed + 1)
-    mixed = with_searches(events, catalog, SEARCH_SHARE, seed=seed + 2)
+    mixed = with_searches(events, catalog, SEARCH_SHARE, seed=seed + 2, distinct_queries=distinct_queries)
     out: list[Event] = []
     for original, maybe in zip(events, mixed):
         if maybe.type == "search":
@@ -86,86 +99,105 @@ def _answers(clients: KafkaClients, topic: str) -> tuple[dict[str, set[bytes]], 
     return groups, len(records)
 
 
-def _args(settings: Settings, catalog_file: Path) -> list[str]:
-    return [*_run_args(settings, catalog_file, 1), "--search-results-topic", settings.search_results_topic]
+def _args(settings: Settings, catalog_file: Path, *, live_with_worker: bool = False) -> list[str]:
+    args = [*_run_args(settings, catalog_file, 1), "--search-results-topic", settings.search_results_topic]
+    if live_with_worker:  # no end: the waiting room is on, and with it the embedding worker
+        args = [a for a in args if a != "--stop-at-end"] + ["--embed-worker"]
+    return args
 
 
-def test_sigkilled_run_with_searches_keeps_learned_search_signals_and_answers_each_search_once(local_broker, tmp_path):
-    t0 = time.monotonic()
-    catalog, events = _stream(seed=31)
-    searches = {e.event_id for e in events if e.type == "search"}
-    assert len(searches) > 0.1 * N_EVENTS
-    catalog_file = tmp_path / "catalog.jsonl"
-    catalog_file.write_bytes(b"\n".join(encode(c) for c in catalog) + b"\n")
-    prefix = f"crash-search-{uuid.uuid4().hex[:8]}-"
+class _Setup:
+    """The stream in the broker, the catalog file, and a reference and a crash run's settings."""
 
-    def settings(name: str) -> Settings:
-        return Settings(
-            bootstrap_servers=local_broker.bootstrap, events_topic=prefix + "events", catalog_topic=prefix + "catalog",
-            recommendations_topic=f"{prefix}{name}-recommendations", dead_letters_topic=f"{prefix}{name}-dead-letters",
-            search_results_topic=f"{prefix}{name}-search-results", embed_cache_dir=str(tmp_path / "embeddings"),
-            state_dir=str(tmp_path / name / "state"), recovery_dir=str(tmp_path / name / "recovery"),
-        )
+    def __init__(self, bootstrap: str, tmp_path: Path, events: list[Event], catalog: list, tag: str,
+                 produce: bool = True) -> None:
+        self.events, self.tmp_path = events, tmp_path
+        self.searches = {e.event_id for e in events if e.type == "search"}
+        assert len(self.searches) > 0.1 * N_EVENTS
+        self.catalog_file = tmp_path / "catalog.jsonl"
+        self.catalog_file.write_bytes(b"\n".join(encode(c) for c in catalog) + b"\n")
+        prefix = f"{tag}-{uuid.uuid4().hex[:8]}-"
 
-    ref, crash = settings("ref"), settings("crash")
-    clients = KafkaClients(ref)
-    ensure_topics(clients, {ref.events_topic: PARTITIONS, ref.catalog_topic: 1, **{
-        t: p for s in (ref, crash) for t, p in ((s.recommendations_topic, PARTITIONS), (s.dead_letters_topic, 1),
-                                                (s.search_results_topic, PARTITIONS))}})
-    assert produce_records(clients, ref.events_topic, ((e.user_id, encode(e)) for e in events)) == len(events)
+        def settings(name: str) -> Settings:
+            return Settings(
+                bootstrap_servers=bootstrap, events_topic=prefix + "events", catalog_topic=prefix + "catalog",
+                recommendations_topic=f"{prefix}{name}-recommendations", dead_letters_topic=f"{prefix}{name}-dead-letters",
+                search_results_topic=f"{prefix}{name}-search-results", embed_cache_dir=str(tmp_path / "embeddings"),
+                state_dir=str(tmp_path / name / "state"), recovery_dir=str(tmp_path / name / "recovery"),
+            )
 
-    # --- the uninterrupted reference (it embeds the catalog into the cache both runs share)
-    child = _Child(_args(ref, catalog_file), tmp_path / "ref.log", tmp_path)
-    try:
-        child.wait_ready()
-        assert child.wait_exit() == 0, child.output()[-3000:]
-    finally:
-        child.close()
-    ref_s = time.monotonic() - t0
-    ref_total = sum(_distinct_by_partition(clients, ref.recommendations_topic))
+        self.ref, self.crash = settings("ref"), settings("crash")
+        self.clients = KafkaClients(self.ref)
+        ensure_topics(self.clients, {self.ref.events_topic: PARTITIONS, self.ref.catalog_topic: 1, **{
+            t: p for s in (self.ref, self.crash) for t, p in ((s.recommendations_topic, PARTITIONS), (s.dead_letters_topic, 1),
+                                                               (s.search_results_topic, PARTITIONS))}})
+        if produce:
+            self.produce()
 
-    # --- the crash run: SIGKILL each life once its output passes the next mark, restart
-    t1 = time.monotonic()
-    log = tmp_path / "crash.log"
+    def produce(self) -> None:
+        """The whole stream into the events topic."""
+        records = ((e.user_id, encode(e)) for e in self.events)
+        assert produce_records(self.clients, self.ref.events_topic, records) == len(self.events)
+
+    def reference(self) -> int:
+        """The uninterrupted ``--stop-at-end`` run, without the worker (it embeds the catalog into
+        the cache both runs share); returns its distinct recommendations."""
+        child = _Child(_args(self.ref, self.catalog_file), self.tmp_path / "ref.log", self.tmp_path)
+        try:
+            child.wait_ready()
+            assert child.wait_exit() == 0, child.output()[-3000:]
+        finally:
+            child.close()
+        return sum(_distinct_by_partition(self.clients, self.ref.recommendations_topic))
+
+
+def _kill_at_marks(args: list[str], log: Path, progress: _Progress, total: int, *,
+                   also: Callable[[], bool] = lambda: True, on_ready: Callable[[], None] = lambda: None,
+                   before_kill: Callable[[int], None] = lambda pid: None, after_kill: Callable[[], None] = lambda: None,
+                   timeout_s: float = PROGRESS_TIMEOUT_S) -> list[int]:
+    """One life per mark of :data:`KILL_AT`: SIGKILLed once ``progress`` (distinct outputs of a
+    topic) has passed that fraction of ``total`` and ``also()`` holds; returns the counts at the
+    kills. ``on_ready`` runs once each life is ready, ``before_kill(pid)`` just before each kill,
+    ``after_kill`` after it (the state is no one's then)."""
     kills: list[int] = []
-    progress = _Progress(clients, crash.recommendations_topic, PARTITIONS)
-    try:
-        for fraction in KILL_AT:
-            child = _Child(_args(crash, catalog_file), log, tmp_path)
-            try:
-                ready_s = child.wait_ready()
-                mark = max(int(fraction * ref_total), progress.caught_up() + 1)
-                while (n := progress()) < mark:
-                    if child.proc.poll() is not None:
-                        pytest.fail(f"crash run exited ({child.proc.returncode}) at {n} of {mark}:\n{child.output()[-3000:]}")
-                    if time.monotonic() - child.started > ready_s + PROGRESS_TIMEOUT_S:
-                        pytest.fail(f"crash run reached only {n} of {mark} recommendations in {PROGRESS_TIMEOUT_S} s")
-                    time.sleep(0.05)
-                assert child.sigkill(), f"the crash run finished before kill {len(kills) + 1}"
-                kills.append(progress.caught_up())
-            finally:
-                child.close()
-    finally:
-        progress.close()
-    child = _Child(_args(crash, catalog_file), log, tmp_path)
-    try:
-        child.wait_ready()
-        assert child.wait_exit() == 0, child.output()[-3000:]
-    finally:
-        child.close()
-    crash_s = time.monotonic() - t1
+    for fraction in KILL_AT:
+        child = _Child(args, log, log.parent)
+        try:
+            ready_s = child.wait_ready()
+            on_ready()
+            mark = max(int(fraction * total), progress.caught_up() + 1)
+            while (n := progress()) < mark or not also():
+                if child.proc.poll() is not None:
+                    pytest.fail(f"crash run exited ({child.proc.returncode}) at {n} of {mark}:\n{child.output()[-3000:]}")
+                if time.monotonic() - child.started > ready_s + timeout_s:
+                    pytest.fail(f"crash run reached only {n} of {mark} (and {also.__doc__ or 'its condition'}: "
+                                f"{also()}) in {timeout_s} s:\n{child.output()[-3000:]}")
+                time.sleep(0.05)
+            before_kill(child.proc.pid)
+            assert child.sigkill(), f"the crash run finished before kill {len(kills) + 1}"
+            kills.append(progress.caught_up())
+        finally:
+            child.close()
+        after_kill()
+    return kills
 
+
+def _check_crash_run(setup: _Setup, kills: list[int], total: int, label: str, timings: str) -> None:
+    """What both crash tests prove (the module docstring): no dead letters, one distinct answer
+    per search (copies byte-identical, schema-valid), the reference's search signals and users.
+    ``kills``: the crash run's progress at its kills, of ``total``."""
+    clients, ref, crash, searches = setup.clients, setup.ref, setup.crash, setup.searches
     ref_answers, _ = _answers(clients, ref.search_results_topic)
     crash_answers, crash_records = _answers(clients, crash.search_results_topic)
     copies = crash_records - len(crash_answers)
-    print(f"\ncrash test with searches: {len(events)} events, {len(searches)} searches; reference {ref_s:.1f}s, "
-          f"crash run {crash_s:.1f}s, kills at {kills} of {ref_total} distinct recommendations; "
-          f"search results {crash_records} records, {len(crash_answers)} distinct, {copies} re-emitted")
+    print(f"\n{label}: {len(setup.events)} events, {len(searches)} searches; {timings}, kills at {kills} of "
+          f"{total}; search results {crash_records} records, {len(crash_answers)} distinct, "
+          f"{copies} re-emitted")
 
     # both kills were real, the first with output still to come; the last life can emit its last
     # batches between passing its mark and the kill (2,000 events are few batches), as the main
     # crash test allows (tests/test_crash_recovery.py)
-    assert len(kills) == len(KILL_AT) and kills[0] < kills[1] <= ref_total and kills[0] < ref_total, kills
+    assert len(kills) == len(KILL_AT) and kills[0] < kills[1] <= total and kills[0] < total, kills
     assert consume_all(clients, ref.dead_letters_topic, timeout_s=30) == []
     assert consume_all(clients, crash.dead_letters_topic, timeout_s=30) == []
 
@@ -199,3 +231,151 @@ def test_sigkilled_run_with_searches_keeps_learned_search_signals_and_answers_ea
         assert (g.interest is None) == (w.interest is None), uid
         if w.interest is not None:
             assert np.allclose(g.interest, w.interest, rtol=1e-5, atol=1e-6), uid
+
+
+def test_sigkilled_run_with_searches_keeps_learned_search_signals_and_answers_each_search_once(local_broker, tmp_path):
+    t0 = time.monotonic()
+    catalog, events = _stream(seed=31)
+    setup = _Setup(local_broker.bootstrap, tmp_path, events, catalog, "crash-search")
+    ref_total = setup.reference()
+    ref_s = time.monotonic() - t0
+
+    # --- the crash run: SIGKILL each life once its output passes the next mark, restart
+    t1 = time.monotonic()
+    args = _args(setup.crash, setup.catalog_file)
+    progress = _Progress(setup.clients, setup.crash.recommendations_topic, PARTITIONS)
+    try:
+        kills = _kill_at_marks(args, tmp_path / "crash.log", progress, ref_total)
+    finally:
+        progress.close()
+    child = _Child(args, tmp_path / "crash.log", tmp_path)
+    try:
+        child.wait_ready()
+        assert child.wait_exit() == 0, child.output()[-3000:]
+    finally:
+        child.close()
+    _check_crash_run(setup, kills, ref_total, "crash test with searches (kills in distinct recommendations)",
+                     f"reference {ref_s:.1f}s, crash run {time.monotonic() - t1:.1f}s")
+
+
+def _parked_searches(state_dir: str) -> int:
+    """Search events parked in the waiting room of a stopped run's state (``wait:`` records)."""
+    kv = RocksKV(str(Path(state_dir) / "rocks"))
+    try:
+        return sum(orjson.loads(base64.b64decode(orjson.loads(raw)[4])).get("type") == "search"
+                   for _, raw in kv.iter_prefix(WAIT_PREFIX))
+    finally:
+        kv.close()
+
+
+#: The worker test's stream, events/s (~40 s of stream): each life's worker loads its own model,
+#: a few seconds after the flow's ``ready:``, and must still find new queries to encode before
+#: the next mark.
+WORKER_TEST_RATE = 60.0
+
+
+def test_sigkilled_live_run_with_the_embedding_worker_answers_each_search_once_and_loses_no_event(local_broker, tmp_path):
+    """The same crash test for a live run (no ``--stop-at-end``) with ``--embed-worker`` and a
+    long tail of queries (nearly every search a query's first), its stream produced while a
+    life runs: new queries go to the worker and their searches wait in the waiting room, their
+    shoppers' later events behind them, in state. Each life is SIGKILLed (the worker with it)
+    once its search results pass the mark *and* its metrics say queries are at the worker; the
+    last life runs until every shopper's last event has its recommendation, then stops with
+    SIGTERM. The outcome must be the worker-less ``--stop-at-end`` reference's (run last, on
+    the whole stream): the same users, the same learned search signals, one distinct answer per
+    search. Before each kill the worker is stopped (SIGSTOP, a busy worker) and the kill waits
+    for events waiting on the metrics, so searches are parked in the state the kill leaves:
+    counted, at least one a kill."""
+    from test_metrics_endpoint import _free_port_pair, scrape
+    from test_operating import _child_pids
+
+    t0 = time.monotonic()
+    catalog, events = _stream(seed=37, distinct_queries=4 * N_EVENTS)
+    setup = _Setup(local_broker.bootstrap, tmp_path, events, catalog, "crash-worker", produce=False)
+    last_of_user = set({e.user_id: e.event_id for e in events}.values())
+    port = _free_port_pair()
+    args = [*_args(setup.crash, setup.catalog_file, live_with_worker=True), "--metrics-port", str(port)]
+
+    def gauge(name: str) -> float:
+        try:
+            return scrape(f"http://127.0.0.1:{port}/metrics").get((name, ()), 0.0)
+        except OSError:  # not serving yet
+            return 0.0
+
+    def queries_at_worker() -> bool:
+        """the flow's queries at the worker > 0 (its worker has started)"""
+        return gauge("recsys_queries_at_worker") > 0
+
+    parked: list[int] = []
+    # the stream flows while a life runs, from its ready: (not while the flow is down, so each
+    # life's worker, loading beside it, still finds much of the stream to encode queries for)
+    flowing = threading.Event()
+
+    def paced() -> Iterator[tuple[str, bytes]]:
+        for event in events:
+            flowing.wait()
+            time.sleep(1 / WORKER_TEST_RATE)
+            yield event.user_id, encode(event)
+
+    producer = threading.Thread(target=produce_records, args=(setup.clients, setup.ref.events_topic, paced()), daemon=True)
+
+    def stream() -> None:
+        flowing.set()
+        if producer.ident is None:
+            producer.start()
+
+    workers: list[int] = []
+
+    def stop_the_worker(pid: int) -> None:
+        """SIGSTOP the flow's worker (a busy worker): once the answers it wrote before are taken
+        (0.3 s), a search whose query is sent to it waits unanswered for up to 0.2 s
+        (``QUERY_WAIT_S``); the flow is killed at the first scrape that shows events waiting."""
+        workers[:] = [c for c in _child_pids(pid) if b"recsys.items.worker" in Path(f"/proc/{c}/cmdline").read_bytes()]
+        for worker in workers:
+            os.kill(worker, signal.SIGSTOP)
+        time.sleep(0.3)
+        deadline = time.monotonic() + 10.0
+        while gauge("recsys_waiting_events") == 0 and time.monotonic() < deadline:
+            time.sleep(0.005)
+
+    def after_kill() -> None:
+        flowing.clear()
+        for worker in workers:  # a stopped process never reads the end of its pipe: ours to kill
+            os.kill(worker, signal.SIGKILL)
+        parked.append(_parked_searches(setup.crash.state_dir))
+
+    searches = _Progress(setup.clients, setup.crash.search_results_topic, PARTITIONS)
+    recommendations = _Progress(setup.clients, setup.crash.recommendations_topic, PARTITIONS)
+    try:
+        kills = _kill_at_marks(args, tmp_path / "crash.log", searches, len(setup.searches), also=queries_at_worker,
+                               on_ready=stream, before_kill=stop_the_worker, after_kill=after_kill,
+                               timeout_s=len(events) / WORKER_TEST_RATE + PROGRESS_TIMEOUT_S)
+        child = _Child(args, tmp_path / "crash.log", tmp_path)
+        try:
+            ready_s = child.wait_ready()
+            stream()
+            while not (answered := recommendations.triggers()).issuperset(last_of_user):
+                if child.proc.poll() is not None:
+                    pytest.fail(f"crash run exited ({child.proc.returncode}):\n{child.output()[-3000:]}")
+                if time.monotonic() - child.started > ready_s + len(events) / WORKER_TEST_RATE + PROGRESS_TIMEOUT_S:
+                    pytest.fail(f"{len(last_of_user - answered)} shoppers' last events unanswered:\n{child.output()[-3000:]}")
+                time.sleep(0.05)
+            os.kill(child.proc.pid, signal.SIGTERM)  # stops in order: the batch done is committed
+            assert child.wait_exit() == 0, child.output()[-3000:]
+        finally:
+            child.close()
+    finally:
+        searches.close()
+        recommendations.close()
+    producer.join(timeout=60)
+    assert not producer.is_alive()
+    crash_s = time.monotonic() - t0
+    t1 = time.monotonic()
+    setup.reference()
+    output = (tmp_path / "crash.log").read_text(errors="replace")
+    totals = summed_totals(line for line in output.splitlines() if line.startswith("stopped:"))
+    _check_crash_run(setup, kills, len(setup.searches), "crash test with the embedding worker (kills in distinct search results)",
+                     f"crash run {crash_s:.1f}s, reference {time.monotonic() - t1:.1f}s, searches parked at the kills "
+                     f"{parked}, queries to the worker in the last life {totals.get('queries_to_worker', 0)}")
+    assert "Traceback" not in output and "panicked" not in output, output[-3000:]
+    assert all(parked), f"no search was waiting for its query at a kill ({parked})"
