@@ -98,12 +98,18 @@ class _Progress:
 
 
 def bootstrap_catalog(engine: Shard, clients: KafkaClientFactory, topic: str, *, dead_letters_topic: str | None,
-                      recommendations_topic: str, chunk: int = 1000,
+                      recommendations_topic: str, search_results_topic: str | None = None, chunk: int = 1000,
                       progress_every_s: float = PROGRESS_EVERY_S) -> Bootstrapped:
     """Apply the catalog topic up to its high watermark to ``engine``; returns what was read.
     A long bootstrap says how far it is every ``progress_every_s`` (:class:`_Progress`).
     ``dead_letters_topic`` None: refused records are counted, not sent (the model trainer reads
     the catalog beside the shards, which dead-letter them).
+
+    A record can release events that waited in the engine's state for it (a restart's
+    bootstrap: events parked before a crash, searches behind them): their recommendations and
+    search results are sent here, to ``recommendations_topic`` and ``search_results_topic``
+    (None: the engine answers no searches). Before 2026-12-06 such search results were
+    dropped.
 
     Raises ``TimeoutError`` when a partition makes no progress (and reports no high watermark)
     for ``HIGHWATER_TIMEOUT_S``.
@@ -117,8 +123,9 @@ def bootstrap_catalog(engine: Shard, clients: KafkaClientFactory, topic: str, *,
     # them: a crash before it leaves them to be sent again at the restart (dataflows.live.resend_unsent),
     # which reads the refused records again but refuses none twice (recsys.shard.step.Shard._dead_letter)
     sends = dead_letters_topic is not None  # the trainer's read sends nothing: nothing to keep for it
+    acknowledged = ("recommendations", "dead_letters", *(("search_results",) if search_results_topic else ()))
     if sends:
-        engine.expect_acknowledgements("recommendations", "dead_letters")
+        engine.expect_acknowledgements(*acknowledged)
     try:
         tps = [TopicPartition(topic, p) for p in _partitions(clients, consumer, topic)]
         consumer.assign(tps)
@@ -144,12 +151,14 @@ def bootstrap_catalog(engine: Shard, clients: KafkaClientFactory, topic: str, *,
                 last_stamp = result.stamp
                 records += len(batch)
                 dead += len(result.dead_letters)
-                if result.dead_letters or result.recommendations:
+                if result.dead_letters or result.recommendations or result.search_results:
                     producer = producer or clients.producer()
                     for key, value in result.dead_letters if sends else ():
                         producer.send(dead_letters_topic, key=key.encode() if key else None, value=value)
                     for key, value in result.recommendations:
                         producer.send(recommendations_topic, key=key.encode(), value=value)
+                    for key, value in result.search_results if search_results_topic else ():
+                        producer.send(search_results_topic, key=key.encode(), value=value)
                 total = sum(max(0, ends[tp] - starts[tp]) for tp in tps) if len(ends) == len(tps) else None
                 progress.update(records, total)
             if len(ends) == len(tps) and all(consumer.position(tp) >= ends[tp] for tp in tps):
@@ -162,8 +171,8 @@ def bootstrap_catalog(engine: Shard, clients: KafkaClientFactory, topic: str, *,
         if producer is not None:
             producer.flush()  # outputs are acknowledged before the offsets below move on
         if last_stamp is not None and sends:
-            engine.acknowledge(last_stamp, "recommendations")
-            engine.acknowledge(last_stamp, "dead_letters")
+            for output in acknowledged:
+                engine.acknowledge(last_stamp, output)
         # Last: the offsets, so that a crash before this line only means reading again.
         engine.kv.write({_boot_key(topic, tp.partition): str(ends[tp]).encode() for tp in tps})
         return Bootstrapped(topic, records, dead, {tp.partition: ends[tp] for tp in tps}, time.monotonic() - started)

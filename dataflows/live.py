@@ -287,7 +287,8 @@ def live_flow(
     # Opened here, not lazily in the worker: the bootstrap needs it before the sources start.
     engine = engine if engine is not None else shard_factory(settings, clients=clients)()
     boot = bootstrap_catalog(engine, clients, settings.catalog_topic, dead_letters_topic=settings.dead_letters_topic,
-                             recommendations_topic=settings.recommendations_topic)
+                             recommendations_topic=settings.recommendations_topic,
+                             search_results_topic=settings.search_results_topic if engine.search.respond else None)
     report(boot)
     resend_unsent(engine, clients, settings)
     # issue 13: the query model now, not on the first search (seconds, with every event behind

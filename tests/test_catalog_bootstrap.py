@@ -173,3 +173,41 @@ def test_a_long_catalog_bootstrap_says_how_far_it_is(memory_broker, tmp_path, ca
         assert "records of 'catalog' applied (" not in capsys.readouterr().out  # short: no progress line
     finally:
         engine.close()
+
+
+def test_answers_released_by_the_restarts_catalog_bootstrap_are_sent_with_its_other_outputs(memory_broker, tmp_path):
+    """A search waits in state behind its shopper's click on an item the catalog has not
+    delivered; the flow stops (a crash); the item's record arrives. The restart's catalog
+    bootstrap applies the record, which releases the click and the search: their answers are
+    the bootstrap's to send. Before 2026-12-06 it sent the recommendations and dead letters it
+    caused, not the search results: the answer was lost (found by the crash test with the
+    embedding worker, tests/test_crash_search.py, where a search also waits for its query)."""
+    from dataflows.catalog_table import bootstrap_catalog
+    from recsys.events import CatalogItem, Envelope
+    from recsys.settings import Settings
+    from recsys.shard.step import Shard
+
+    ensure_topics(memory_broker, {"catalog": 1, "dead": 1, "recs": 1, "search": 1})
+    settings = Settings(state_dir=str(tmp_path / "state"), embed_cache_dir=str(tmp_path / "emb"))
+    ts = 1_700_000_000_000
+    tent = CatalogItem("tent", "Red dome tent", category="Camping")
+    boots = CatalogItem("boots", "Green hiking boots", category="Footwear/Hiking")
+    click, search = Event("c1", "click", "u1", "boots", ts), Event("s1", "search", "u1", None, ts + 1, query="camping tent")
+    engine = Shard.open(settings)
+    engine.upsert_catalog([tent])
+    first = engine.process([Envelope("events", 0, i, b"u1", encode(e), e.ts) for i, e in enumerate((click, search))])
+    assert first.counts["waited"] == 2 and not first.search_results
+    engine.kv.close()  # a crash: the engine is dropped unclosed
+
+    produce_records(memory_broker, "catalog", [(b"boots", encode(boots))])
+    restarted = Shard.open(settings)
+    try:
+        boot = bootstrap_catalog(restarted, memory_broker, "catalog", dead_letters_topic="dead", recommendations_topic="recs",
+                                 search_results_topic="search")
+        assert boot.records == 1 and len(restarted.waiting) == 0
+        (answer,) = [orjson.loads(r.value) for r in consume_all(memory_broker, "search")]
+        assert answer["trigger_event_id"] == "s1" and answer["items"]
+        assert [orjson.loads(r.value)["trigger_event_id"] for r in consume_all(memory_broker, "recs")] == ["s1"]
+        assert not list(restarted.kv.iter_prefix(b"unsent:"))  # delivered: nothing left to send again
+    finally:
+        restarted.close()
