@@ -171,6 +171,8 @@ class FlowMetrics(_Endpoint):
         self.queries = Gauge("recsys_queries_at_worker",
                              "Search queries the embedding worker is encoding; their searches wait (RECSYS_EMBED_WORKER)",
                              registry=r)
+        self.queries_sent = Counter("recsys_queries_to_worker", "Search queries sent to the embedding worker, their "
+                                    "searches waiting for the vectors (RECSYS_EMBED_WORKER)", registry=r)
         self.items = Gauge("recsys_catalog_items", "Items in the catalog", registry=r)
         self.search_cache = Counter(
             "recsys_search_cache", "Search's cache look-ups by outcome (each search, and each engagement checked "
@@ -285,6 +287,7 @@ class FlowMetrics(_Endpoint):
         self.applied.inc(counts.get("applied", 0))
         self.recs_out.inc(len(result.recommendations))
         self.drifts.inc(counts.get("drift_detected", 0))
+        self.queries_sent.inc(counts.get("queries_to_worker", 0))
         for _, payload in result.dead_letters:
             self.dead.labels(reason_class(orjson.loads(payload).get("reason", ""))).inc()
         for user_id, _ in result.recommendations:
