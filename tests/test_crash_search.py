@@ -31,13 +31,14 @@ load) and a small stream, ~80 s for both; the helpers come from ``tests/test_cra
 from __future__ import annotations
 
 import base64
+import dataclasses
 import os
 import signal
 import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +48,7 @@ from test_crash_recovery import _Child, _distinct_by_partition, _Progress, _run_
 
 from dataflows.kafka_io import KafkaClients, consume_all, ensure_topics, produce_records
 from dataflows.shards import summed_totals
-from recsys.events import Event, encode
+from recsys.events import CatalogItem, Event, encode
 from recsys.schemas import validate
 from recsys.search.learned import ASSOC_PREFIX, WINDOW_PREFIX
 from recsys.settings import Settings
@@ -66,19 +67,35 @@ KILL_AT = (0.3, 0.65)
 PROGRESS_TIMEOUT_S = 60.0
 
 
-def _stream(seed: int, distinct_queries: int | None = None) -> tuple[list, list[Event]]:
+def _stream(seed: int, distinct_queries: int | None = None, new_items: int = 0) -> tuple[list, list[Event], dict[int, CatalogItem]]:
     """Synthetic events with a search inserted before about ``SEARCH_SHARE`` of them (same user,
     same time): the engagement that follows teaches the query's association. ``distinct_queries``:
-    queries from a long tail (``with_searches``) instead of the catalog's 144 two-word ones."""
-    catalog = generate_catalog(N_ITEMS, seed=seed)
+    queries from a long tail (``with_searches``) instead of the catalog's 144 two-word ones.
+
+    Returns the catalog file's items, the events, and ``new_items`` more items to announce on
+    the catalog topic during the stream (position in the events -> the item, sent just before
+    that event, the first to name it; spread evenly over the stream, earlier events naming them
+    moved to known items)."""
+    catalog = generate_catalog(N_ITEMS + new_items, seed=seed)
+    known = catalog[:N_ITEMS]
     events = generate_events(N_EVENTS, catalog, n_users=N_USERS, seed=seed + 1)
+    from_position = {item.item_id: (j + 1) * N_EVENTS // (new_items + 1) for j, item in enumerate(catalog[N_ITEMS:])}
+    events = [e if from_position.get(e.item_id, -1) <= i else dataclasses.replace(e, item_id=known[i % N_ITEMS].item_id)
+              for i, e in enumerate(events)]
+    for item_id, i in from_position.items():  # each new item named from its position on
+        events[i] = dataclasses.replace(events[i], item_id=item_id)
     mixed = with_searches(events, catalog, SEARCH_SHARE, seed=seed + 2, distinct_queries=distinct_queries)
     out: list[Event] = []
     for original, maybe in zip(events, mixed):
         if maybe.type == "search":
             out.append(maybe)
         out.append(original)
-    return catalog, out
+    announce: dict[int, CatalogItem] = {}
+    first = {item.item_id: item for item in catalog[N_ITEMS:]}
+    for i, event in enumerate(out):
+        if event.item_id in first:
+            announce[i] = first.pop(event.item_id)
+    return known, out, announce
 
 
 def _signals(state_dir: str) -> dict[bytes, object]:
@@ -203,7 +220,7 @@ def _check_crash_run(setup: _Setup, kills: list[int], total: int, label: str, ti
 
     # every search answered, exactly one distinct answer each; copies are identical bytes
     assert set(ref_answers) == searches
-    assert set(crash_answers) == searches
+    assert set(crash_answers) == searches, f"not answered: {sorted(searches - set(crash_answers))}, unknown: {sorted(set(crash_answers) - searches)}"
     differing = {e: v for e, v in crash_answers.items() if len(v) > 1}
     assert not differing, f"{len(differing)} searches answered with different bytes, e.g. {next(iter(differing.items()))}"
     for event_id in list(crash_answers)[:50]:
@@ -235,7 +252,7 @@ def _check_crash_run(setup: _Setup, kills: list[int], total: int, label: str, ti
 
 def test_sigkilled_run_with_searches_keeps_learned_search_signals_and_answers_each_search_once(local_broker, tmp_path):
     t0 = time.monotonic()
-    catalog, events = _stream(seed=31)
+    catalog, events, _ = _stream(seed=31)
     setup = _Setup(local_broker.bootstrap, tmp_path, events, catalog, "crash-search")
     ref_total = setup.reference()
     ref_s = time.monotonic() - t0
@@ -258,16 +275,18 @@ def test_sigkilled_run_with_searches_keeps_learned_search_signals_and_answers_ea
                      f"reference {ref_s:.1f}s, crash run {time.monotonic() - t1:.1f}s")
 
 
-def _parked_searches(state_dir: str) -> int:
-    """Search events parked in the waiting room of a stopped run's state (``wait:`` records)."""
+def _parked(state_dir: str) -> dict[str, int]:
+    """Events parked in the waiting room of a stopped run's state (``wait:`` records), by type."""
     kv = RocksKV(str(Path(state_dir) / "rocks"))
     try:
-        return sum(orjson.loads(base64.b64decode(orjson.loads(raw)[4])).get("type") == "search"
-                   for _, raw in kv.iter_prefix(WAIT_PREFIX))
+        types = [orjson.loads(base64.b64decode(orjson.loads(raw)[4])).get("type") for _, raw in kv.iter_prefix(WAIT_PREFIX)]
     finally:
         kv.close()
+    return {t: types.count(t) for t in sorted(set(types))}
 
 
+#: Items the worker test announces on the catalog topic during its stream (the worker embeds them).
+NEW_ITEMS = 24
 #: The worker test's stream, events/s (~40 s of stream): each life's worker loads its own model,
 #: a few seconds after the flow's ``ready:``, and must still find new queries to encode before
 #: the next mark.
@@ -275,26 +294,30 @@ WORKER_TEST_RATE = 60.0
 
 
 def test_sigkilled_live_run_with_the_embedding_worker_answers_each_search_once_and_loses_no_event(local_broker, tmp_path):
-    """The same crash test for a live run (no ``--stop-at-end``) with ``--embed-worker`` and a
-    long tail of queries (nearly every search a query's first), its stream produced while a
-    life runs: new queries go to the worker and their searches wait in the waiting room, their
-    shoppers' later events behind them, in state. Each life is SIGKILLed (the worker with it)
+    """The same crash test for a live run (no ``--stop-at-end``) with ``--embed-worker``, a long
+    tail of queries (nearly every search a query's first) and new items announced on the
+    catalog topic through the stream, produced while a life runs: new queries and new items'
+    text go to the worker, and searches and events for those items wait in the waiting room,
+    their shoppers' later events behind them, in state. Each life is SIGKILLed (the worker with it)
     once its search results pass the mark *and* its metrics say queries are at the worker; the
     last life runs until every shopper's last event has its recommendation, then stops with
     SIGTERM. The outcome must be the worker-less ``--stop-at-end`` reference's (run last, on
     the whole stream): the same users, the same learned search signals, one distinct answer per
     search. Before each kill the worker is stopped (SIGSTOP, a busy worker) and the kill waits
-    for events waiting on the metrics, so searches are parked in the state the kill leaves:
-    counted, at least one a kill."""
+    for the flow to send it a query, so a search is parked in the state the kill leaves: the
+    parked events are counted, at least one search a kill."""
     from test_metrics_endpoint import _free_port_pair, scrape
     from test_operating import _child_pids
 
     t0 = time.monotonic()
-    catalog, events = _stream(seed=37, distinct_queries=4 * N_EVENTS)
+    catalog, events, announce = _stream(seed=37, distinct_queries=4 * N_EVENTS, new_items=NEW_ITEMS)
     setup = _Setup(local_broker.bootstrap, tmp_path, events, catalog, "crash-worker", produce=False)
     last_of_user = set({e.user_id: e.event_id for e in events}.values())
     port = _free_port_pair()
-    args = [*_args(setup.crash, setup.catalog_file, live_with_worker=True), "--metrics-port", str(port)]
+    # a 100 ms fetch wait: batches of several shoppers at this rate (a search alone in its batch
+    # with its shopper's own events is encoded there: no one else would wait for it)
+    args = [*_args(setup.crash, setup.catalog_file, live_with_worker=True), "--metrics-port", str(port),
+            "--fetch-max-wait-ms", "100"]
 
     def gauge(name: str) -> float:
         try:
@@ -302,22 +325,29 @@ def test_sigkilled_live_run_with_the_embedding_worker_answers_each_search_once_a
         except OSError:  # not serving yet
             return 0.0
 
-    def queries_at_worker() -> bool:
-        """the flow's queries at the worker > 0 (its worker has started)"""
-        return gauge("recsys_queries_at_worker") > 0
+    def queries_to_worker() -> float:
+        """the flow sent the worker a query (this life's count)"""
+        return gauge("recsys_queries_to_worker_total")
 
-    parked: list[int] = []
+    parked: list[dict[str, int]] = []
     # the stream flows while a life runs, from its ready: (not while the flow is down, so each
     # life's worker, loading beside it, still finds much of the stream to encode queries for)
     flowing = threading.Event()
 
-    def paced() -> Iterator[tuple[str, bytes]]:
-        for event in events:
-            flowing.wait()
-            time.sleep(1 / WORKER_TEST_RATE)
-            yield event.user_id, encode(event)
+    def produce() -> None:
+        producer = setup.clients.producer()
+        try:
+            for i, event in enumerate(events):
+                flowing.wait()
+                time.sleep(1 / WORKER_TEST_RATE)
+                if (item := announce.get(i)) is not None:  # a new item, just before its first event
+                    producer.send(setup.ref.catalog_topic, key=item.item_id.encode(), value=encode(item))
+                producer.send(setup.ref.events_topic, key=event.user_id.encode(), value=encode(event))
+            producer.flush()
+        finally:
+            producer.close()
 
-    producer = threading.Thread(target=produce_records, args=(setup.clients, setup.ref.events_topic, paced()), daemon=True)
+    producer = threading.Thread(target=produce, daemon=True)
 
     def stream() -> None:
         flowing.set()
@@ -327,27 +357,28 @@ def test_sigkilled_live_run_with_the_embedding_worker_answers_each_search_once_a
     workers: list[int] = []
 
     def stop_the_worker(pid: int) -> None:
-        """SIGSTOP the flow's worker (a busy worker): once the answers it wrote before are taken
-        (0.3 s), a search whose query is sent to it waits unanswered for up to 0.2 s
-        (``QUERY_WAIT_S``); the flow is killed at the first scrape that shows events waiting."""
+        """SIGSTOP the flow's worker (a busy worker), then wait 0.3 s (the answers it wrote before
+        are taken) and until the flow sends it another query: the flow is killed at the first
+        scrape that counts one more query sent to it, so that query's search is parked (a search waits for its query 0.2 s at most,
+        ``QUERY_WAIT_S``), and new items' records it was sent are unanswered."""
         workers[:] = [c for c in _child_pids(pid) if b"recsys.items.worker" in Path(f"/proc/{c}/cmdline").read_bytes()]
         for worker in workers:
             os.kill(worker, signal.SIGSTOP)
         time.sleep(0.3)
-        deadline = time.monotonic() + 10.0
-        while gauge("recsys_waiting_events") == 0 and time.monotonic() < deadline:
+        before, deadline = queries_to_worker(), time.monotonic() + 10.0
+        while queries_to_worker() <= before and time.monotonic() < deadline:
             time.sleep(0.005)
 
     def after_kill() -> None:
         flowing.clear()
         for worker in workers:  # a stopped process never reads the end of its pipe: ours to kill
             os.kill(worker, signal.SIGKILL)
-        parked.append(_parked_searches(setup.crash.state_dir))
+        parked.append(_parked(setup.crash.state_dir))
 
     searches = _Progress(setup.clients, setup.crash.search_results_topic, PARTITIONS)
     recommendations = _Progress(setup.clients, setup.crash.recommendations_topic, PARTITIONS)
     try:
-        kills = _kill_at_marks(args, tmp_path / "crash.log", searches, len(setup.searches), also=queries_at_worker,
+        kills = _kill_at_marks(args, tmp_path / "crash.log", searches, len(setup.searches), also=lambda: queries_to_worker() > 0,
                                on_ready=stream, before_kill=stop_the_worker, after_kill=after_kill,
                                timeout_s=len(events) / WORKER_TEST_RATE + PROGRESS_TIMEOUT_S)
         child = _Child(args, tmp_path / "crash.log", tmp_path)
@@ -375,7 +406,7 @@ def test_sigkilled_live_run_with_the_embedding_worker_answers_each_search_once_a
     output = (tmp_path / "crash.log").read_text(errors="replace")
     totals = summed_totals(line for line in output.splitlines() if line.startswith("stopped:"))
     _check_crash_run(setup, kills, len(setup.searches), "crash test with the embedding worker (kills in distinct search results)",
-                     f"crash run {crash_s:.1f}s, reference {time.monotonic() - t1:.1f}s, searches parked at the kills "
+                     f"crash run {crash_s:.1f}s, reference {time.monotonic() - t1:.1f}s, events parked at the kills "
                      f"{parked}, queries to the worker in the last life {totals.get('queries_to_worker', 0)}")
     assert "Traceback" not in output and "panicked" not in output, output[-3000:]
-    assert all(parked), f"no search was waiting for its query at a kill ({parked})"
+    assert all(p.get("search") for p in parked), f"no search was waiting for its query at a kill ({parked})"
