@@ -10,14 +10,14 @@ items it refers to. Catalog records that arrive later race with events; an event
 not known yet waits for the catalog to catch up (``RECSYS_UNKNOWN_ITEM_WAIT_S``, in the engine).
 
 Crash safety. What the bootstrap read is committed before the flow starts: the items in the
-engine's atomic RocksDB writes, the dead letters (and any recommendation released by it)
-flushed to Kafka, and last the next offset to read per partition, under
+engine's atomic RocksDB writes, the dead letters (and any recommendation or search result of
+events it released: :class:`OutputsBeforeTheFlow`) flushed to Kafka, and last the next offset to read per partition, under
 ``catalog-boot:<topic>:<partition>`` in the same RocksDB. The catalog source keeps its offsets in
 Bytewax recovery as before, starting at ``max(recovery offset, bootstrap end)``. After a crash
 the next bootstrap reads again from the stored offset to the new high watermark: records the
 last run's flow already applied are applied again, which changes nothing (an upsert of the same
 item; its embedding is cached). A bad one is not refused again: its dead letter, and any
-recommendation the bootstrap released, stay in the engine's state until the flush acknowledged
+output of what the bootstrap released, stay in the engine's state until the flush acknowledged
 them, and a restart sends what a crash left there again, the bytes first sent. Reading from the
 stored offset rather than from Bytewax's recovery offset keeps this module out of Bytewax's
 private recovery format.
@@ -97,6 +97,58 @@ class _Progress:
         print(f"catalog: {done:,} of {total:,} records of {self.topic!r} applied ({rate:,.0f}/s{left})", flush=True)
 
 
+class OutputsBeforeTheFlow:
+    """Sends what :meth:`Shard.process` returns when it is called before the flow starts (the
+    catalog bootstrap, the exchange catch-up), then flushes and acknowledges it.
+
+    Such a call can release or expire events that waited in the engine's state for their item
+    (or searches that waited for their query) across a restart: their recommendations, search
+    results and dead letters come out of it, and no re-delivery brings them back. The engine
+    keeps them unsent in its state until :meth:`close` has the broker acknowledge them, so a
+    crash before then leaves them to the next start (``dataflows.live.resend_unsent``). A topic
+    given as None is not sent to (the model trainer's bootstrap: the shards dead-letter the
+    catalog's bad records; a search results topic when the engine answers no searches).
+    Before 2026-12-06 the bootstrap sent only recommendations and dead letters, and the
+    exchange catch-up sent nothing: what they released was lost."""
+
+    def __init__(self, engine: Shard, clients: KafkaClientFactory, *, recommendations_topic: str | None,
+                 dead_letters_topic: str | None, search_results_topic: str | None) -> None:
+        self.engine, self.clients = engine, clients
+        topics = {"recommendations": recommendations_topic, "dead_letters": dead_letters_topic,
+                  "search_results": search_results_topic}
+        self.topics = {output: topic for output, topic in topics.items() if topic}
+        if self.topics:
+            engine.expect_acknowledgements(*self.topics)
+        self._producer: Any = None
+        self._last_stamp: int | None = None
+
+    def send(self, result: Any) -> None:
+        """One ``BatchResult``'s outputs to their topics (not waited for: :meth:`close` does)."""
+        self._last_stamp = result.stamp
+        for output, topic in self.topics.items():
+            for key, value in getattr(result, output):
+                self._producer = self._producer or self.clients.producer()
+                self._producer.send(topic, key=key.encode() if key else None, value=value)
+
+    def close(self) -> None:
+        """Flush (the broker acknowledges every send), then let the engine forget them."""
+        if self._producer is not None:
+            try:
+                self._producer.flush()
+            finally:
+                self.abandon()
+        if self._last_stamp is not None:
+            for output in self.topics:
+                self.engine.acknowledge(self._last_stamp, output)
+
+    def abandon(self) -> None:
+        """Close without waiting (a failed read): what was sent stays unsent in the engine's
+        state, for the next start."""
+        if self._producer is not None:
+            producer, self._producer = self._producer, None
+            producer.close(timeout=0)
+
+
 def bootstrap_catalog(engine: Shard, clients: KafkaClientFactory, topic: str, *, dead_letters_topic: str | None,
                       recommendations_topic: str, search_results_topic: str | None = None, chunk: int = 1000,
                       progress_every_s: float = PROGRESS_EVERY_S) -> Bootstrapped:
@@ -116,16 +168,14 @@ def bootstrap_catalog(engine: Shard, clients: KafkaClientFactory, topic: str, *,
     """
     started = time.monotonic()
     consumer = clients.consumer()
-    producer = None
     records = dead = 0
-    last_stamp = None
-    # its outputs stay in the engine's state until the flush below has the broker acknowledge
+    # its outputs stay in the engine's state until the flush at the end has the broker acknowledge
     # them: a crash before it leaves them to be sent again at the restart (dataflows.live.resend_unsent),
     # which reads the refused records again but refuses none twice (recsys.shard.step.Shard._dead_letter)
     sends = dead_letters_topic is not None  # the trainer's read sends nothing: nothing to keep for it
-    acknowledged = ("recommendations", "dead_letters", *(("search_results",) if search_results_topic else ()))
-    if sends:
-        engine.expect_acknowledgements(*acknowledged)
+    outputs = OutputsBeforeTheFlow(engine, clients, dead_letters_topic=dead_letters_topic,
+                                   recommendations_topic=recommendations_topic if sends else None,
+                                   search_results_topic=search_results_topic if sends else None)
     try:
         tps = [TopicPartition(topic, p) for p in _partitions(clients, consumer, topic)]
         consumer.assign(tps)
@@ -148,17 +198,9 @@ def bootstrap_catalog(engine: Shard, clients: KafkaClientFactory, topic: str, *,
             if batch:
                 last_progress = time.monotonic()
                 result = engine.process(batch)
-                last_stamp = result.stamp
                 records += len(batch)
                 dead += len(result.dead_letters)
-                if result.dead_letters or result.recommendations or result.search_results:
-                    producer = producer or clients.producer()
-                    for key, value in result.dead_letters if sends else ():
-                        producer.send(dead_letters_topic, key=key.encode() if key else None, value=value)
-                    for key, value in result.recommendations:
-                        producer.send(recommendations_topic, key=key.encode(), value=value)
-                    for key, value in result.search_results if search_results_topic else ():
-                        producer.send(search_results_topic, key=key.encode(), value=value)
+                outputs.send(result)
                 total = sum(max(0, ends[tp] - starts[tp]) for tp in tps) if len(ends) == len(tps) else None
                 progress.update(records, total)
             if len(ends) == len(tps) and all(consumer.position(tp) >= ends[tp] for tp in tps):
@@ -168,18 +210,13 @@ def bootstrap_catalog(engine: Shard, clients: KafkaClientFactory, topic: str, *,
                     f"catalog bootstrap: no progress reading {topic!r} from {clients.bootstrap} for "
                     f"{HIGHWATER_TIMEOUT_S:.0f} s (read {records} records)"
                 )
-        if producer is not None:
-            producer.flush()  # outputs are acknowledged before the offsets below move on
-        if last_stamp is not None and sends:
-            for output in acknowledged:
-                engine.acknowledge(last_stamp, output)
+        outputs.close()  # outputs are acknowledged before the offsets below move on
         # Last: the offsets, so that a crash before this line only means reading again.
         engine.kv.write({_boot_key(topic, tp.partition): str(ends[tp]).encode() for tp in tps})
         return Bootstrapped(topic, records, dead, {tp.partition: ends[tp] for tp in tps}, time.monotonic() - started)
     finally:
         consumer.close()
-        if producer is not None:
-            producer.close()
+        outputs.abandon()
 
 
 def record_read_after_orderly_stop(engine: Shard, topic: str) -> int:

@@ -26,7 +26,7 @@ from typing import Any
 
 from bytewax.dataflow import Dataflow
 
-from dataflows.catalog_table import ResumeAtLeast, bootstrap_catalog, report
+from dataflows.catalog_table import OutputsBeforeTheFlow, ResumeAtLeast, bootstrap_catalog, report
 from dataflows.flow import Ticking, build_flow
 from dataflows.kafka_io import (
     HIGHWATER_TIMEOUT_S,
@@ -177,6 +177,9 @@ def catch_up_exchange(engine: Shard, clients: Any, settings: Settings, loaded: S
     start = engine.exchange.position + 1
     consumer = clients.consumer(auto_offset_reset="none")
     read = 0
+    outputs = OutputsBeforeTheFlow(engine, clients, recommendations_topic=settings.recommendations_topic,
+                                   dead_letters_topic=settings.dead_letters_topic,
+                                   search_results_topic=settings.search_results_topic if engine.search.respond else None)
     try:
         consumer.assign([tp])
         log_start = consumer.beginning_offsets([tp])[tp]
@@ -193,7 +196,9 @@ def catch_up_exchange(engine: Shard, clients: Any, settings: Settings, loaded: S
                 end = consumer.highwater(tp)  # the end as first seen: later records come through the flow
             records = [r for r in records if end is None or r.offset < end]
             if records:
-                engine.process([_envelope(r) for r in records])
+                # what it releases from the waiting room (a wait that ran out while the shard was
+                # down, the shopper's later events behind it) is sent from here
+                outputs.send(engine.process([_envelope(r) for r in records]))
                 read += len(records)
             if end is not None and consumer.position(tp) >= end:
                 break
@@ -201,8 +206,10 @@ def catch_up_exchange(engine: Shard, clients: Any, settings: Settings, loaded: S
             if waited > timeout_s or (end is None and waited > HIGHWATER_TIMEOUT_S):
                 raise TimeoutError(f"exchange topic {topic!r} on {clients.bootstrap}: read {read} records from offset "
                                    f"{start} but not to its end (high watermark {end}) within {waited:.0f} s")
+        outputs.close()
     finally:
         consumer.close()
+        outputs.abandon()
     puts: dict[bytes, bytes] = {}
     engine.exchange.resume_numbering(puts)
     if puts:
