@@ -11,8 +11,8 @@ not known yet waits for the catalog to catch up (``RECSYS_UNKNOWN_ITEM_WAIT_S``,
 
 Crash safety. What the bootstrap read is committed before the flow starts: the items in the
 engine's atomic RocksDB writes, the dead letters (and any recommendation or search result of
-events it released: :class:`OutputsBeforeTheFlow`) flushed to Kafka, and last the next offset to read per partition, under
-``catalog-boot:<topic>:<partition>`` in the same RocksDB. The catalog source keeps its offsets in
+events it released: :class:`OutputsBeforeTheFlow`) flushed to Kafka, and last the next
+offset to read per partition, under ``catalog-boot:<topic>:<partition>`` in the same RocksDB. The catalog source keeps its offsets in
 Bytewax recovery as before, starting at ``max(recovery offset, bootstrap end)``. After a crash
 the next bootstrap reads again from the stored offset to the new high watermark: records the
 last run's flow already applied are applied again, which changes nothing (an upsert of the same
