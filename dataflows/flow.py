@@ -185,13 +185,15 @@ class ShardStep:
                 out.extend(Out("exchange", origin, m) for m in self.engine.exchange.pending())
         # Kafka sources send Envelopes (the runtime's batch is the engine's batch); the replay
         # source sends pre-cut batches as single items, processed one by one; the timer's ticks
-        # call the engine with no data only while events wait for their catalog item.
+        # call the engine with no data only while events wait (for their catalog item, or their
+        # search's query vector) or catalog records wait for the embedding worker's vectors.
         if batch and isinstance(batch[0], list):
             batches = batch
         else:
             envelopes = [e for e in batch if not isinstance(e, Tick)]
             ticked = len(envelopes) < len(batch)
-            batches = [envelopes] if envelopes or (ticked and len(self.engine.waiting)) else []
+            waiting = ticked and (len(self.engine.waiting) or self.engine.deferred_records)
+            batches = [envelopes] if envelopes or waiting else []
             if ticked and self.observer is not None:
                 self.observer.tick(self.engine)
         for envelopes in batches:

@@ -337,6 +337,31 @@ def test_a_search_parked_at_a_crash_and_redelivered_in_the_restarts_first_batch_
             restarted.close()
 
 
+def test_the_flows_timer_applies_a_new_item_the_worker_embedded_while_the_stream_is_idle(tmp_path, cache_dir):
+    """A new item's record alone, then nothing: the flow's timer calls the engine until the
+    worker's vectors are applied, so the item becomes recommendable and searchable without
+    waiting for the next event. Before 2026-12-06 the timer called it only while events waited
+    in the waiting room: the record stayed deferred until something else arrived."""
+    from dataflows.flow import TICK, ShardStep
+
+    settings = _settings(tmp_path, cache_dir, embed_worker=True)
+    with Embedder(Settings().model_name, cache_dir) as embedder:
+        engine = _open(settings, embedder)
+        try:
+            _started(engine)
+            step = ShardStep(lambda: engine)
+            step([_catalog(0, "lamp", "Brass desk lamp with a green shade")])
+            assert engine.deferred_records == 1 and "lamp" not in engine.items.catalog
+            deadline = time.monotonic() + _WAIT_S
+            while "lamp" not in engine.items.catalog:  # the timer's ticks, and nothing else
+                assert time.monotonic() < deadline, "the deferred record was never applied"
+                step([TICK])
+                time.sleep(0.02)
+            assert engine.deferred_records == 0 and engine.items.index.row("lamp") >= 0
+        finally:
+            engine.close()
+
+
 def test_replays_and_in_memory_engines_never_use_the_worker(tmp_path, cache_dir):
     from recsys.store.kv import MemoryKV
 
