@@ -697,6 +697,33 @@ def test_a_search_behind_an_unknown_item_at_a_crash_is_answered_once_by_the_rest
         restarted.close()
 
 
+def test_an_answered_search_redelivered_while_its_shoppers_next_event_waits_is_answered_once(tmp_path, cache):
+    """A shopper searches (answered) and clicks an item the catalog has not delivered (parked);
+    a crash; the restart re-delivers both. The search's copy re-emits its stored answer, the
+    same bytes. Before 2026-12-06 the copy waited behind the parked click, was released with it
+    and taken for a new search: answered a second time, from a later state."""
+    ts = 1_700_000_000_000
+
+    def at(offset: int, event: Event) -> Envelope:
+        return Envelope("events", 0, offset, event.user_id.encode(), encode(event), event.ts)
+
+    batch = [at(0, Event("s1", "search", "u1", None, ts, query="camping tent")), at(1, Event("c1", "click", "u1", "boots", ts + 1_000))]
+    settings = _settings(tmp_path, cache)
+    first = Shard.open(settings)
+    first.upsert_catalog(CATALOG)
+    ((_, answer),) = first.process(batch).search_results
+    first.kv.close()  # a crash before Bytewax committed the batch's offsets
+    restarted = Shard.open(settings)
+    try:
+        again = restarted.process(batch)
+        boots = CatalogItem("boots", "Green hiking boots", category="Footwear/Hiking", brand="Alpina", price=80.0)
+        later = restarted.process([Envelope("catalog", 0, 0, b"boots", encode(boots), ts + 3_000)])
+        assert [p for _, p in again.search_results + later.search_results] == [answer]
+        assert later.counts["applied"] == 1  # the click, released
+    finally:
+        restarted.close()
+
+
 def test_engagements_outside_the_window_teach_nothing(engine):
     stream = Stream(engine)
     stream.events(("search", "s1", "picnic set"), *[("browse", "s1", "stove")] * 5, ("purchase", "s1", "x9"))

@@ -73,10 +73,32 @@ def test_a_users_later_events_wait_behind_and_the_unknown_one_expires_after_the_
     assert len(room) == 0 and len(done.deletes) == 2
 
 
-def test_an_unknown_item_event_below_the_watermark_was_dead_lettered_before_and_is_again_at_once(tmp_path):
+def test_a_copy_of_an_unknown_item_event_processed_before_is_not_refused_again(tmp_path):
+    """At or below the last offset its partition processed, and not parked: it was dead-lettered
+    before, and that dead letter was kept until acknowledged. Before 2026-12-06 it was
+    dead-lettered again at once, with a new ``failed_at``; a copy above the engine's watermark
+    (the partition's last event was the one that expired) was even parked and refused again."""
     room = WaitingRoom(RocksKV(tmp_path / "db"), wait_s=2.0, clock=lambda: 0.0)
     out = room.sort([_env(Event("e1", "click", "u", "nope", ts=1), 4)], known=set(), committed={("events", 0): 7})
-    assert [e.event_id for _, e in out.expired] == ["e1"] and len(room) == 0
+    assert out.expired == [] and out.refused_before == 1 and len(room) == 0
+    last = room.sort([_env(Event("e2", "click", "u", "nope", ts=1), 7)], known=set(), committed={("events", 0): 7})
+    assert last.expired == [] and last.parked == 0 and last.refused_before == 1
+
+
+def test_a_copy_of_an_applied_event_goes_on_even_while_its_user_has_an_event_waiting(tmp_path):
+    """A restart re-delivers a shopper's search that was answered and an event of theirs parked
+    after it. The copy goes on to the engine (which re-emits the stored answer) instead of
+    waiting behind the parked event: released with it, it was taken for a new search and
+    answered a second time (before 2026-12-06)."""
+    now = [0.0]
+    room = WaitingRoom(RocksKV(tmp_path / "db"), wait_s=2.0, clock=lambda: now[0])
+    search, click = Event("s1", "search", "u", None, ts=1, query="tent"), Event("c1", "click", "u", "new", ts=2)
+    first = room.sort([_env(search, 3), _env(click, 4)], known=set(), committed={})
+    assert [e.event_id for _, e in first.ready] == ["s1"] and first.parked == 1
+    again = room.sort([_env(search, 3), _env(click, 4)], known=set(), committed={("events", 0): 4})
+    assert [e.event_id for _, e in again.ready] == ["s1"] and again.parked == 0 and again.released == set()
+    released = room.sort([], known={"new"}, committed={("events", 0): 4})
+    assert [e.event_id for _, e in released.ready] == ["c1"] and released.released == {("events", 0, 4)}
 
 
 def test_no_wait_passes_events_through_unchanged(tmp_path):

@@ -835,11 +835,14 @@ class Shard:
         # validate against the catalog, group by user (keeping each user's order)
         # issue 10: events for items not in the catalog yet wait for it (recsys/shard/waiting.py)
         encoding = self._queries_off_path(events, result) if self._worker is not None else None
-        waited = self.waiting.sort(events, self.items.catalog, self.watermarks, encoding, QUERY_WAIT_S)
+        # what earlier batches processed (read): an event at or below it is a re-delivered copy
+        waited = self.waiting.sort(events, self.items.catalog, self._processed_before, encoding, QUERY_WAIT_S)
         events = waited.ready
         puts.update(waited.puts)
         if waited.parked:
             counts["waited"] += waited.parked
+        if waited.refused_before:
+            counts["redelivered_skipped"] += waited.refused_before
         for env, event in waited.expired:
             if self.tombstones and self._erased_before(event):
                 counts["forgotten_dropped"] += 1  # an erased user's data is never published again

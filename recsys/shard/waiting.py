@@ -15,9 +15,10 @@ released, not dead-lettered (the engine encodes its query itself).
 Crash safety: parked events live in the engine's RocksDB (``wait:<topic>:<partition>:<offset>``
 -> the raw message and its deadline), written and deleted in the batch's one atomic write. So a
 parked event survives a crash although Bytewax has moved its source offset on, and a
-re-delivered copy of a parked event is dropped here. An unknown-item event at or below the
-partition's committed watermark that is not parked was dead-lettered before (the partition is
-read in order): it is dead-lettered again at once (at-least-once, like every output).
+re-delivered copy of a parked event is dropped here. Any other copy (at or below the last offset
+its partition had processed) was applied, and goes on to the engine, which skips it, or was
+dead-lettered, and is dropped: its dead letter was kept until its sink acknowledged it, so it
+is not refused again (before 2026-12-06 it was, with a new ``failed_at``).
 
 Time is the engine's clock (wall time) less the time the engine spent applying catalog records
 (embedding new items, indexing them for search): while it does, the catalog is catching up, and
@@ -76,6 +77,7 @@ class Sorted:
     puts: dict[bytes, bytes] = field(default_factory=dict)
     deletes: list[bytes] = field(default_factory=list)
     parked: int = 0
+    refused_before: int = 0  # re-delivered copies of messages dead-lettered before: dropped
 
 
 class WaitingRoom:
@@ -122,7 +124,8 @@ class WaitingRoom:
              query_wait_s: float = 0.0) -> Sorted:
         """Release what the catalog now knows, expire what waited too long, park what must wait.
 
-        ``encoding(event)`` True: a search whose query the embedding worker is encoding
+        ``committed``: the last offset per partition processed before this batch; an event at or
+        below it is a re-delivered copy. ``encoding(event)`` True: a search whose query the embedding worker is encoding
         (``RECSYS_EMBED_WORKER``); it waits for the vector like an event for its item, its
         user's later events behind it, but for ``query_wait_s`` at most (a wait for a query
         only saves the batch the model's time), and once its time is up it is released all the
@@ -158,11 +161,20 @@ class WaitingRoom:
             if pos in self.positions or pos in gone:
                 continue  # a re-delivered copy of a parked event
             unknown = event.item_id is not None and event.item_id not in known
+            if env.offset <= committed.get((env.topic, env.partition), -1):
+                # a re-delivered copy of a message processed before, not parked now: applied
+                # (the engine skips it, re-emitting what it stored), or dead-lettered, whose dead
+                # letter was kept until acknowledged: not refused again (before 2026-12-06 it
+                # was, with a new failed_at; and a copy of an applied event was parked behind
+                # its user's later waiting event, then released as new: a search answered twice)
+                if unknown:
+                    out.refused_before += 1
+                else:
+                    out.ready.append((env, event))
+                continue
             for_query = not unknown and encoding is not None and encoding(event)
-            if event.user_id in self.queues or ((unknown or for_query) and env.offset > committed.get((env.topic, env.partition), -1)):
+            if event.user_id in self.queues or unknown or for_query:
                 self._park(out, env, event, now + (min(query_wait_s, self.wait_s) if for_query else self.wait_s))
-            elif unknown:
-                out.expired.append((env, event))  # re-delivered after it was dead-lettered
             else:
                 out.ready.append((env, event))
         return out
