@@ -804,7 +804,7 @@ class Shard:
                     continue
                 search.encoder.put_many(texts, answer)
             if self._worker.started():
-                committed = self.watermarks
+                committed = self._processed_before  # copies of messages processed before: not new
                 parked = self.waiting.positions
                 asking = [(event.user_id, text) for env, event in events
                           if env.offset > committed.get((env.topic, env.partition), -1)
