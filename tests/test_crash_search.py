@@ -187,8 +187,8 @@ def _kill_at_marks(args: list[str], log: Path, progress: _Progress, total: int, 
                 if child.proc.poll() is not None:
                     pytest.fail(f"crash run exited ({child.proc.returncode}) at {n} of {mark}:\n{child.output()[-3000:]}")
                 if time.monotonic() - child.started > ready_s + timeout_s:
-                    pytest.fail(f"crash run reached only {n} of {mark} (and {also.__doc__ or 'its condition'}: "
-                                f"{also()}) in {timeout_s} s:\n{child.output()[-3000:]}")
+                    pytest.fail(f"crash run reached only {n} of {mark} (its other condition: {also()}) "
+                                f"in {timeout_s} s:\n{child.output()[-3000:]}")
                 time.sleep(0.05)
             before_kill(child.proc.pid)
             assert child.sigkill(), f"the crash run finished before kill {len(kills) + 1}"
@@ -326,7 +326,7 @@ def test_sigkilled_live_run_with_the_embedding_worker_answers_each_search_once_a
             return 0.0
 
     def queries_to_worker() -> float:
-        """the flow sent the worker a query (this life's count)"""
+        """Search queries this life has sent to the worker."""
         return gauge("recsys_queries_to_worker_total")
 
     parked: list[dict[str, int]] = []

@@ -125,11 +125,12 @@ class WaitingRoom:
         """Release what the catalog now knows, expire what waited too long, park what must wait.
 
         ``committed``: the last offset per partition processed before this batch; an event at or
-        below it is a re-delivered copy. ``encoding(event)`` True: a search whose query the embedding worker is encoding
-        (``RECSYS_EMBED_WORKER``); it waits for the vector like an event for its item, its
-        user's later events behind it, but for ``query_wait_s`` at most (a wait for a query
-        only saves the batch the model's time), and once its time is up it is released all the
-        same (the engine then encodes the query itself) instead of being dead-lettered."""
+        below it is a re-delivered copy. ``encoding(event)`` True: a search whose query the
+        embedding worker is encoding (``RECSYS_EMBED_WORKER``); it waits for the vector like an
+        event for its item, its user's later events behind it, but for ``query_wait_s`` at most
+        (a wait for a query only saves the batch the model's time), and once its time is up it
+        is released all the same (the engine then encodes the query itself) instead of being
+        dead-lettered."""
         out = Sorted()
         if self.wait_s <= 0 and not self.positions:
             out.ready = events
