@@ -173,6 +173,8 @@ def catch_up_exchange(engine: Shard, clients: Any, settings: Settings, loaded: S
 
     topic = settings.exchange_topic
     ensure_topics(clients, {topic: 1})  # one partition: one total order
+    if engine.search.respond:  # what the catch-up releases may include answers to searches
+        ensure_search_results_topic(clients, settings)
     tp = TopicPartition(topic, 0)
     start = engine.exchange.position + 1
     consumer = clients.consumer(auto_offset_reset="none")
@@ -293,6 +295,9 @@ def live_flow(
     clients = clients if clients is not None else KafkaClients(settings)
     # Opened here, not lazily in the worker: the bootstrap needs it before the sources start.
     engine = engine if engine is not None else shard_factory(settings, clients=clients)()
+    # before the catalog bootstrap and the re-send below: what they send may include answers to
+    # searches that waited in state (a restart on a new --search-results-topic failed here before)
+    ensure_search_results_topic(clients, settings)
     boot = bootstrap_catalog(engine, clients, settings.catalog_topic, dead_letters_topic=settings.dead_letters_topic,
                              recommendations_topic=settings.recommendations_topic,
                              search_results_topic=settings.search_results_topic if engine.search.respond else None)
@@ -321,9 +326,6 @@ def live_flow(
     # erasure requests: every shard reads the whole control topic; a missing topic only means
     # none was ever sent, so it is created (one partition keeps requests in order)
     ensure_topics(clients, {settings.control_topic: 1})
-    # answers to search events (issue 13): created like the events topic when missing, so a
-    # deployment from before search gains the topic instead of failing its first search
-    ensure_topics(clients, {settings.search_results_topic: _partitions_of(clients, settings.events_topic)})
     # resumed no earlier than what the engine committed with the requests' effects: a recovery
     # directory from before the flow had one input holds no control offsets (dataflows.flow.Inputs)
     requests = KafkaSource.from_settings(clients, settings.control_topic, settings, consumers=consumers)
@@ -359,6 +361,15 @@ def live_flow(
         exchange_out=exchange_out,
         shard_factory=lambda: engine,
     )
+
+
+def ensure_search_results_topic(clients: Any, settings: Settings) -> None:
+    """Create the search-results topic (issue 13) when it is missing, with the events topic's
+    partition count: a deployment from before search, or one restarted with another
+    ``--search-results-topic``, gains it instead of failing its first answer. Called before
+    anything is sent at start (the exchange catch-up, the catalog bootstrap, the re-send of
+    unsent outputs), since those may send answers to searches that waited in state."""
+    ensure_topics(clients, {settings.search_results_topic: _partitions_of(clients, settings.events_topic)})
 
 
 def _partitions_of(clients: Any, topic: str) -> int:

@@ -211,3 +211,51 @@ def test_answers_released_by_the_restarts_catalog_bootstrap_are_sent_with_its_ot
         assert not list(restarted.kv.iter_prefix(b"unsent:"))  # delivered: nothing left to send again
     finally:
         restarted.close()
+
+
+def test_a_restart_whose_search_results_topic_is_new_sends_the_answers_its_bootstrap_releases(memory_broker, tmp_path):
+    """A search waits in state behind its shopper's click on an item not yet in the catalog; the
+    flow stops; the item's record arrives; the operator restarts it with another search-results
+    topic (``--search-results-topic``), which does not exist yet. ``live_flow`` creates that topic
+    when it is missing, but before 2026-12-06 (forty-second session) only after the catalog
+    bootstrap and the re-send of unsent outputs: the bootstrap's answer to the search was sent to
+    a topic that did not exist, and the start failed, every time (a broker without auto-create;
+    the flow's producers never auto-create)."""
+    from dataflows.live import live_flow
+    from dataflows.runner import run
+    from recsys.events import CatalogItem, Envelope
+    from recsys.settings import Settings
+    from recsys.shard.step import Shard
+
+    settings = Settings(state_dir=str(tmp_path / "state"), recovery_dir=str(tmp_path / "recovery"),
+                        embed_cache_dir=str(tmp_path / "emb"), stop_at_end=True)
+    ensure_topics(memory_broker, {settings.events_topic: 1, settings.catalog_topic: 1,
+                                  settings.recommendations_topic: 1, settings.dead_letters_topic: 1,
+                                  settings.search_results_topic: 1})
+    ts = 1_700_000_000_000
+    tent = CatalogItem("tent", "Red dome tent", category="Camping")
+    boots = CatalogItem("boots", "Green hiking boots", category="Footwear/Hiking")
+    click, search = Event("c1", "click", "u1", "boots", ts), Event("s1", "search", "u1", None, ts + 1, query="camping tent")
+    produce_records(memory_broker, settings.catalog_topic, [(b"tent", encode(tent))])
+    produce_records(memory_broker, settings.events_topic, [(b"u1", encode(click)), (b"u1", encode(search))])
+    first_life = Shard.open(settings.replace(stop_at_end=False))  # a live run: the two events wait for "boots"
+    first_life.upsert_catalog([tent])
+    first = first_life.process([Envelope(settings.events_topic, 0, i, b"u1", encode(e), e.ts)
+                                for i, e in enumerate((click, search))])
+    assert first.counts["waited"] == 2 and not first.search_results
+    first_life.kv.close()  # a crash: the engine is dropped unclosed
+
+    produce_records(memory_broker, settings.catalog_topic, [(b"boots", encode(boots))])
+    renamed = settings.replace(search_results_topic="shop-search")
+    engine = Shard.open(renamed)
+    try:
+        run(live_flow(renamed, memory_broker, engine=engine), recovery_dir=renamed.recovery_dir, snapshot_interval_s=1.0)
+        # the flow then reads the two events again from offset 0 (the first life's engine was
+        # driven by hand, with no Bytewax recovery), skips them and re-sends the stored answer:
+        # a copy of the same bytes, as after any crash
+        (value,) = {r.value for r in consume_all(memory_broker, "shop-search")}
+        answer = orjson.loads(value)
+        assert answer["trigger_event_id"] == "s1" and answer["items"]
+        assert not list(engine.kv.iter_prefix(b"unsent:"))  # delivered: nothing left to send again
+    finally:
+        engine.close()

@@ -561,3 +561,39 @@ def test_what_the_exchange_catch_up_releases_from_the_waiting_room_is_sent(tmp_p
         assert not list(restarted.kv.iter_prefix(b"unsent:"))  # delivered: nothing left to send again
     finally:
         _close(restarted)
+
+
+def test_the_exchange_catch_up_creates_a_missing_search_results_topic_before_sending_an_answer(tmp_path, embedder, catalog, events):  # noqa: F811
+    """As above, with a search waiting behind the event for the missing item, and a restart on a
+    search-results topic that does not exist yet (renamed, or deleted while the shard was down).
+    The catch-up releases the search and sends its answer; before 2026-12-06 (forty-second
+    session) the topic was created only later, by the flow, so the send failed and so did every
+    start after it."""
+    now = [1_000.0]
+    settings = _settings(state_dir=str(tmp_path / "s0"), shards=2, shard=0, share_signals=True).replace(
+        unknown_items="dead_letter", unknown_item_wait_s=2.0, exchange_topic=TOPIC,
+        dead_letters_topic="dead", recommendations_topic="recs", search_results_topic="search")
+    shard = Shard(settings, RocksKV(str(tmp_path / "s0" / "rocks")), embedder, clock=lambda: now[0])
+    shard.upsert_catalog(catalog)
+    ts = events[0].ts
+    late = Event("late", "click", "u-late", "late-item", ts)
+    search = Event("s1", "search", "u-late", None, ts + 1, query=catalog[0].title)
+    out = shard.process([Envelope("events", 0, i, b"u-late", encode(e), e.ts) for i, e in enumerate((late, search))])
+    assert out.counts["waited"] == 2 and not out.search_results
+    shard.kv.close()  # a crash
+
+    broker = InMemoryBroker()
+    for name in ("dead", "recs"):  # no "search" topic
+        broker.create_topic(name, 1)
+    others = _open(tmp_path, embedder, catalog, "s1", shard=1)
+    _published(broker, [(i, m) for i, m in enumerate(m for b in _batches(events, 2, 1) for m in others.process(b).exchange)])
+    _close(others)
+    now[0] += 10.0  # down for longer than the wait
+    restarted = Shard(settings, RocksKV(str(tmp_path / "s0" / "rocks")), embedder, clock=lambda: now[0])
+    try:
+        assert catch_up_exchange(restarted, broker, settings) > 0 and len(restarted.waiting) == 0
+        (answer,) = [orjson.loads(r.value) for r in consume_all(broker, "search")]
+        assert answer["trigger_event_id"] == "s1" and answer["items"]
+        assert not list(restarted.kv.iter_prefix(b"unsent:"))  # delivered: nothing left to send again
+    finally:
+        _close(restarted)
