@@ -363,6 +363,18 @@ def live_flow(
     )
 
 
+def flow_topics(settings: Settings, engine: Shard) -> tuple[set[str], set[str]]:
+    """The Kafka topics :func:`live_flow` reads and writes for this engine, as ``(reads,
+    writes)`` (what :func:`dataflows.runner.check_recovery_topics` compares a recovery directory
+    with; keep it in step with the sources and sinks below)."""
+    reads = {settings.events_topic, settings.catalog_topic, settings.control_topic}
+    writes = {settings.recommendations_topic, settings.dead_letters_topic, settings.search_results_topic}
+    if engine.exchange is not None:
+        reads.add(settings.exchange_topic)
+        writes.add(settings.exchange_topic)
+    return reads, writes
+
+
 def ensure_search_results_topic(clients: Any, settings: Settings) -> None:
     """Create the search-results topic (issue 13) when it is missing, with the events topic's
     partition count: a deployment from before search, or one restarted with another

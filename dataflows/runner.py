@@ -209,6 +209,67 @@ def recovered_offsets(recovery_dir: str | None) -> dict[tuple[str, int], int]:
     return out
 
 
+class RecoveryTopicsError(RuntimeError):
+    """The recovery directory resumes a topic this flow does not read or write (renamed by a
+    topic setting, or sharing switched off): Bytewax would stop at its first step with "Key
+    StateKey(...) is not in this worker's routing map"."""
+
+
+def recovered_topics(recovery_dir: str | None) -> tuple[set[str], set[str]]:
+    """The Kafka topics a recovery directory holds states of, as ``(read, written)``: the source
+    partitions (``<topic>#<partition>``, :class:`dataflows.kafka_io.KafkaSource`) and the sinks'
+    producers (``<topic>-producer``, :class:`dataflows.kafka_io.KafkaSink`) of the executions
+    Bytewax resumes from (every snapshot before the resume epoch, as :func:`recovered_offsets`
+    reads them; a sink's state is None, but its key is routed all the same)."""
+    if not recovery_dir or not Path(recovery_dir).is_dir():
+        return set(), set()
+    executions, frontiers, keys = [], {}, []
+    for db in sorted(Path(recovery_dir).glob("*.sqlite3")):
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            executions += con.execute("SELECT ex_num, worker_count, resume_epoch FROM exs").fetchall()
+            for ex, worker, front in con.execute("SELECT ex_num, worker_index, worker_frontier FROM fronts"):
+                frontiers[(ex, worker)] = max(front, frontiers.get((ex, worker), front))
+            keys += con.execute("SELECT state_key, snap_epoch FROM snaps").fetchall()
+        finally:
+            con.close()
+    if not executions:
+        return set(), set()
+    ex, workers, resume = max(executions)
+    resume_epoch = min(max(resume, frontiers.get((ex, w), resume)) for w in range(workers))
+    read, written = set(), set()
+    for key, epoch in keys:
+        if epoch >= resume_epoch:
+            continue
+        topic, sep, partition = key.rpartition("#")
+        if sep and partition.isdigit():
+            read.add(topic)
+        elif key.endswith("-producer"):
+            written.add(key[: -len("-producer")])
+    return read, written
+
+
+def check_recovery_topics(recovery_dir: str | None, *, reads: set[str], writes: set[str], state_dir: str) -> None:
+    """Refuse to start, naming the topic and what to do, when the recovery directory resumes a
+    topic this flow does not read (``reads``) or write (``writes``): a topic setting changed
+    since it was written (e.g. ``--search-results-topic``). Bytewax resumes each input and
+    output by its topic's name and would stop with a bare "not in this worker's routing map",
+    at every start (seen 2026-12-06, forty-second session, restarting on a renamed output)."""
+    read, written = recovered_topics(recovery_dir)
+    gone = [f"read {t!r}" for t in sorted(read - reads)] + [f"wrote to {t!r}" for t in sorted(written - writes)]
+    if not gone:
+        return
+    raise RecoveryTopicsError(
+        f"the recovery directory {recovery_dir} was written by a flow that {' and '.join(gone)}, which this one "
+        f"does not (it reads {', '.join(map(repr, sorted(reads)))}; writes {', '.join(map(repr, sorted(writes)))}). "
+        f"Bytewax resumes each input and output by its topic's name, so it cannot resume that directory. If a topic "
+        f"was renamed, start with its old name (the topic flags, or RECSYS_*_TOPIC), or move {recovery_dir} aside: "
+        f"the state in {state_dir} records what was processed, so the flow then reads its input topics again from "
+        f"their first offset, skips what it had applied (nothing is applied twice) and sends again what no sink had "
+        f"acknowledged."
+    )
+
+
 def _plain_unpickle(data: bytes) -> object:
     """Bytewax pickles snapshots; ours are plain ints. Refuse anything that names a class, so
     reading a recovery file never runs code."""

@@ -147,10 +147,12 @@ def _run_one(settings: Settings, clients, signals) -> int:
     until the input ends or a signal asks for an orderly stop; prints one ``stopped:`` line."""
     from dataflows.catalog_table import record_read_after_orderly_stop
     from dataflows.kafka_io import BrokerUnavailableError, OffsetResetError
-    from dataflows.live import live_flow, settle_heap, shard_factory
+    from dataflows.live import flow_topics, live_flow, settle_heap, shard_factory
     from dataflows.metrics import MetricsPortError
     from dataflows.runner import (
+        RecoveryTopicsError,
         StateBehindRecoveryError,
+        check_recovery_topics,
         check_state_against_recovery,
         run,
     )
@@ -173,7 +175,9 @@ def _run_one(settings: Settings, clients, signals) -> int:
         check_state_against_recovery(
             engine.positions, settings.recovery_dir, state_dir=settings.state_dir, legacy_watermarks=engine.watermarks
         )
-    except StateBehindRecoveryError as exc:
+        reads, writes = flow_topics(settings, engine)  # before the flow's start-up reads send anything
+        check_recovery_topics(settings.recovery_dir, reads=reads, writes=writes, state_dir=settings.state_dir)
+    except (StateBehindRecoveryError, RecoveryTopicsError) as exc:
         engine.close()
         fail("run", str(exc))
     grown: list[str] = []  # a topic gained partitions this process should read: stop in order, start again

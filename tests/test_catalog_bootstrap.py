@@ -216,7 +216,8 @@ def test_answers_released_by_the_restarts_catalog_bootstrap_are_sent_with_its_ot
 def test_a_restart_whose_search_results_topic_is_new_sends_the_answers_its_bootstrap_releases(memory_broker, tmp_path):
     """A search waits in state behind its shopper's click on an item not yet in the catalog; the
     flow stops; the item's record arrives; the operator restarts it with another search-results
-    topic (``--search-results-topic``), which does not exist yet. ``live_flow`` creates that topic
+    topic (``--search-results-topic``), which does not exist yet, and a new recovery directory
+    (``recsys run`` refuses a renamed topic on the old one: tests/test_pipeline.py). ``live_flow`` creates that topic
     when it is missing, but before 2026-12-06 (forty-second session) only after the catalog
     bootstrap and the re-send of unsent outputs: the bootstrap's answer to the search was sent to
     a topic that did not exist, and the start failed, every time (a broker without auto-create;

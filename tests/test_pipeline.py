@@ -162,3 +162,47 @@ def test_two_shards_split_the_users_and_each_sees_the_whole_catalog(memory_broke
     last_event = {e.user_id: e.event_id for e in events}
     assert {(r["user_id"], r["trigger_event_id"]) for r in recs} >= set(last_event.items())
     assert all(validate("recommendation", r) == [] for r in recs)
+
+
+def test_a_restart_whose_topic_settings_no_longer_match_the_recovery_directory_is_refused_by_name(memory_broker, tmp_path, catalog, embed_cache):
+    """Bytewax resumes each input and output by its topic's name: a flow restarted with a renamed
+    topic (``--search-results-topic`` here) on the same recovery directory stopped in Bytewax,
+    at every start, with "Key StateKey("search-results-producer") is not in this worker's
+    routing map" (seen in an operator run on 2026-12-06, forty-second session). ``recsys run``
+    now checks first and refuses naming the topic and the two ways on; the second, moving the
+    recovery directory aside, is run here: the restart reads the events again from their first
+    offset and applies none of them twice."""
+    from dataflows.live import flow_topics
+    from dataflows.runner import RecoveryTopicsError, check_recovery_topics, recovered_topics
+
+    events = generate_events(400, catalog, n_users=40, seed=8)
+    settings = _settings(tmp_path, embed_cache)
+    first = _run_pipeline(memory_broker, settings, catalog, events)
+    read, written = recovered_topics(settings.recovery_dir)
+    assert read == {settings.events_topic, settings.catalog_topic, settings.control_topic}
+    assert settings.recommendations_topic in written and written <= {settings.recommendations_topic, settings.dead_letters_topic,
+                                                                     settings.search_results_topic}
+    engine = Shard.open(settings)
+    try:
+        reads, writes = flow_topics(settings, engine)
+        check_recovery_topics(settings.recovery_dir, reads=reads, writes=writes, state_dir=settings.state_dir)  # as written: fine
+        renamed = settings.replace(recommendations_topic="shop-recs")
+        with pytest.raises(RecoveryTopicsError) as refused:
+            reads, writes = flow_topics(renamed, engine)
+            check_recovery_topics(renamed.recovery_dir, reads=reads, writes=writes, state_dir=renamed.state_dir)
+        message = str(refused.value)
+        assert f"wrote to {settings.recommendations_topic!r}" in message and "'shop-recs'" in message
+        assert "start with its old name" in message and "move" in message
+    finally:
+        engine.close()
+
+    # the second way on: the recovery directory moved aside
+    moved = settings.replace(recommendations_topic="shop-recs", recovery_dir=str(tmp_path / "recovery-2"))
+    ensure_topics(memory_broker, {"shop-recs": 2})
+    engine = Shard.open(moved)
+    try:
+        run(live_flow(moved, memory_broker, engine=engine), recovery_dir=moved.recovery_dir, snapshot_interval_s=1.0)
+        assert engine.totals["applied"] == 0 and engine.totals["dead_letters"] == 0  # nothing applied or refused twice
+        assert engine.totals["redelivered_skipped"] == first["totals"]["events_in"]  # the bad messages' copies too
+    finally:
+        engine.close()
