@@ -525,13 +525,17 @@ def test_a_temporary_file_left_by_a_killed_writer_is_cleared_and_never_loaded(tm
     assert newest_snapshot(tmp_path, TOPIC).position == 3
 
 
-def test_what_the_exchange_catch_up_releases_from_the_waiting_room_is_sent(tmp_path, embedder, catalog, events):  # noqa: F811
-    """A sharing shard crashes while an event waits for its catalog item and a later click of
+@pytest.mark.parametrize("behind", ["click", "search"])
+def test_what_the_exchange_catch_up_releases_from_the_waiting_room_is_sent(tmp_path, embedder, catalog, events, behind):  # noqa: F811
+    """A sharing shard crashes while an event waits for its catalog item and a later event of
     the same shopper waits behind it; it stays down longer than the wait (2 s). At its restart
     the exchange catch-up, the first thing to run, finds the wait over: the event is
-    dead-lettered as an unknown item and the click is applied and recommended for. Those
-    outputs are the catch-up's to send. Before 2026-12-06 it dropped them: the dead letter and
-    the recommendation were lost, the click applied all the same."""
+    dead-lettered as an unknown item and the one behind it applied (a click: recommended for; a
+    search: answered). Those outputs are the catch-up's to send. Before 2026-12-06 it dropped
+    them: the dead letter and the recommendation were lost, the click applied all the same.
+    ``search``: the search-results topic does not exist yet (deleted while the shard was down,
+    or renamed with a new recovery directory); until the forty-second session (2026-12-06) it
+    was created only later, by the flow, so the answer's send failed, and so did every start."""
     now = [1_000.0]
     settings = _settings(state_dir=str(tmp_path / "s0"), shards=2, shard=0, share_signals=True).replace(
         unknown_items="dead_letter", unknown_item_wait_s=2.0, exchange_topic=TOPIC,
@@ -540,13 +544,14 @@ def test_what_the_exchange_catch_up_releases_from_the_waiting_room_is_sent(tmp_p
     shard.upsert_catalog(catalog)
     ts = events[0].ts
     late = Event("late", "click", "u-late", "late-item", ts)
-    after = Event("after", "click", "u-late", catalog[0].item_id, ts + 1)
+    after = (Event("after", "click", "u-late", catalog[0].item_id, ts + 1) if behind == "click"
+             else Event("after", "search", "u-late", None, ts + 1, query=catalog[0].title))
     out = shard.process([Envelope("events", 0, i, b"u-late", encode(e), e.ts) for i, e in enumerate((late, after))])
-    assert out.counts["waited"] == 2 and not out.dead_letters and not out.recommendations
+    assert out.counts["waited"] == 2 and not out.dead_letters and not out.recommendations and not out.search_results
     shard.kv.close()  # a crash
 
     broker = InMemoryBroker()
-    for name in ("dead", "recs", "search"):
+    for name in ("dead", "recs", "search") if behind == "click" else ("dead", "recs"):
         broker.create_topic(name, 1)
     others = _open(tmp_path, embedder, catalog, "s1", shard=1)  # the other shard published meanwhile
     _published(broker, [(i, m) for i, m in enumerate(m for b in _batches(events, 2, 1) for m in others.process(b).exchange)])
@@ -557,43 +562,8 @@ def test_what_the_exchange_catch_up_releases_from_the_waiting_room_is_sent(tmp_p
         assert catch_up_exchange(restarted, broker, settings) > 0 and len(restarted.waiting) == 0
         (letter,) = [orjson.loads(r.value) for r in consume_all(broker, "dead")]
         assert "unknown item 'late-item'" in letter["reason"] and letter["source"]["offset"] == 0
-        assert [orjson.loads(r.value)["trigger_event_id"] for r in consume_all(broker, "recs")] == ["after"]
-        assert not list(restarted.kv.iter_prefix(b"unsent:"))  # delivered: nothing left to send again
-    finally:
-        _close(restarted)
-
-
-def test_the_exchange_catch_up_creates_a_missing_search_results_topic_before_sending_an_answer(tmp_path, embedder, catalog, events):  # noqa: F811
-    """As above, with a search waiting behind the event for the missing item, and a restart on a
-    search-results topic that does not exist yet (renamed, or deleted while the shard was down).
-    The catch-up releases the search and sends its answer; before 2026-12-06 (forty-second
-    session) the topic was created only later, by the flow, so the send failed and so did every
-    start after it."""
-    now = [1_000.0]
-    settings = _settings(state_dir=str(tmp_path / "s0"), shards=2, shard=0, share_signals=True).replace(
-        unknown_items="dead_letter", unknown_item_wait_s=2.0, exchange_topic=TOPIC,
-        dead_letters_topic="dead", recommendations_topic="recs", search_results_topic="search")
-    shard = Shard(settings, RocksKV(str(tmp_path / "s0" / "rocks")), embedder, clock=lambda: now[0])
-    shard.upsert_catalog(catalog)
-    ts = events[0].ts
-    late = Event("late", "click", "u-late", "late-item", ts)
-    search = Event("s1", "search", "u-late", None, ts + 1, query=catalog[0].title)
-    out = shard.process([Envelope("events", 0, i, b"u-late", encode(e), e.ts) for i, e in enumerate((late, search))])
-    assert out.counts["waited"] == 2 and not out.search_results
-    shard.kv.close()  # a crash
-
-    broker = InMemoryBroker()
-    for name in ("dead", "recs"):  # no "search" topic
-        broker.create_topic(name, 1)
-    others = _open(tmp_path, embedder, catalog, "s1", shard=1)
-    _published(broker, [(i, m) for i, m in enumerate(m for b in _batches(events, 2, 1) for m in others.process(b).exchange)])
-    _close(others)
-    now[0] += 10.0  # down for longer than the wait
-    restarted = Shard(settings, RocksKV(str(tmp_path / "s0" / "rocks")), embedder, clock=lambda: now[0])
-    try:
-        assert catch_up_exchange(restarted, broker, settings) > 0 and len(restarted.waiting) == 0
-        (answer,) = [orjson.loads(r.value) for r in consume_all(broker, "search")]
-        assert answer["trigger_event_id"] == "s1" and answer["items"]
+        sent = consume_all(broker, "recs" if behind == "click" else "search")
+        assert [orjson.loads(r.value)["trigger_event_id"] for r in sent] == ["after"]
         assert not list(restarted.kv.iter_prefix(b"unsent:"))  # delivered: nothing left to send again
     finally:
         _close(restarted)
