@@ -363,13 +363,14 @@ def live_flow(
     )
 
 
-def flow_topics(settings: Settings, engine: Shard) -> tuple[set[str], set[str]]:
-    """The Kafka topics :func:`live_flow` reads and writes for this engine, as ``(reads,
+def flow_topics(settings: Settings) -> tuple[set[str], set[str]]:
+    """The Kafka topics :func:`live_flow` reads and writes with these settings, as ``(reads,
     writes)`` (what :func:`dataflows.runner.check_recovery_topics` compares a recovery directory
-    with; keep it in step with the sources and sinks below)."""
+    with, before the engine opens; keep it in step with the sources and sinks above; a live
+    engine has the exchange exactly when ``share_signals`` is on)."""
     reads = {settings.events_topic, settings.catalog_topic, settings.control_topic}
     writes = {settings.recommendations_topic, settings.dead_letters_topic, settings.search_results_topic}
-    if engine.exchange is not None:
+    if settings.share_signals:
         reads.add(settings.exchange_topic)
         writes.add(settings.exchange_topic)
     return reads, writes

@@ -170,17 +170,15 @@ class StateBehindRecoveryError(RuntimeError):
     the flow would skip those messages for good."""
 
 
-def recovered_offsets(recovery_dir: str | None) -> dict[tuple[str, int], int]:
-    """``(topic, partition) -> next offset`` that Bytewax will resume each Kafka source
-    partition from, read from its SQLite recovery partitions; ``{}`` when there is nothing to
-    resume. Mirrors Bytewax 0.21's own resume query: the resume epoch is the smallest frontier
-    of the last execution's workers, and each state is its newest snapshot before that epoch.
-    Only integer source states named ``<topic>#<partition>`` (:class:`KafkaSource`) are kept."""
+def _resumed_snapshots(recovery_dir: str | None) -> dict[tuple[str, str], list[tuple[int, bytes | None]]]:
+    """``(step_id, state_key) -> [(epoch, serialised state), ...]`` of the snapshots Bytewax 0.21
+    resumes from, read from its SQLite recovery partitions (``{}`` when there is nothing to
+    resume). Mirrors its own resume query: the resume epoch is the smallest frontier of the last
+    execution's workers, and only snapshots before it count."""
     if not recovery_dir or not Path(recovery_dir).is_dir():
         return {}
-    dbs = sorted(Path(recovery_dir).glob("*.sqlite3"))
     executions, frontiers, snaps = [], {}, {}
-    for db in dbs:
+    for db in sorted(Path(recovery_dir).glob("*.sqlite3")):
         con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
         try:
             executions += con.execute("SELECT ex_num, worker_count, resume_epoch FROM exs").fetchall()
@@ -194,12 +192,18 @@ def recovered_offsets(recovery_dir: str | None) -> dict[tuple[str, int], int]:
         return {}
     ex, workers, resume = max(executions)
     resume_epoch = min(max(resume, frontiers.get((ex, w), resume)) for w in range(workers))
+    resumed = {at: [v for v in versions if v[0] < resume_epoch] for at, versions in snaps.items()}
+    return {at: versions for at, versions in resumed.items() if versions}
+
+
+def recovered_offsets(recovery_dir: str | None) -> dict[tuple[str, int], int]:
+    """``(topic, partition) -> next offset`` that Bytewax will resume each Kafka source
+    partition from (:func:`_resumed_snapshots`: each state's newest snapshot before the resume
+    epoch); ``{}`` when there is nothing to resume. Only integer source states named
+    ``<topic>#<partition>`` (:class:`KafkaSource`) are kept."""
     out: dict[tuple[str, int], int] = {}
-    for (_step, key), versions in snaps.items():
-        before = [v for v in versions if v[0] < resume_epoch]
-        if not before:
-            continue
-        ser = max(before)[1]
+    for (_step, key), versions in _resumed_snapshots(recovery_dir).items():
+        ser = max(versions)[1]
         topic, sep, partition = key.rpartition("#")
         if ser is None or not sep or not partition.isdigit():
             continue
@@ -218,36 +222,16 @@ class RecoveryTopicsError(RuntimeError):
 def recovered_topics(recovery_dir: str | None) -> tuple[set[str], set[str]]:
     """The Kafka topics a recovery directory holds states of, as ``(read, written)``: the source
     partitions (``<topic>#<partition>``, :class:`dataflows.kafka_io.KafkaSource`) and the sinks'
-    producers (``<topic>-producer``, :class:`dataflows.kafka_io.KafkaSink`) of the executions
-    Bytewax resumes from (every snapshot before the resume epoch, as :func:`recovered_offsets`
-    reads them; a sink's state is None, but its key is routed all the same)."""
-    if not recovery_dir or not Path(recovery_dir).is_dir():
-        return set(), set()
-    executions, frontiers, keys = [], {}, []
-    for db in sorted(Path(recovery_dir).glob("*.sqlite3")):
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-        try:
-            executions += con.execute("SELECT ex_num, worker_count, resume_epoch FROM exs").fetchall()
-            for ex, worker, front in con.execute("SELECT ex_num, worker_index, worker_frontier FROM fronts"):
-                frontiers[(ex, worker)] = max(front, frontiers.get((ex, worker), front))
-            keys += con.execute("SELECT state_key, snap_epoch FROM snaps").fetchall()
-        finally:
-            con.close()
-    if not executions:
-        return set(), set()
-    ex, workers, resume = max(executions)
-    resume_epoch = min(max(resume, frontiers.get((ex, w), resume)) for w in range(workers))
+    producers (``<topic>-producer``, :class:`dataflows.kafka_io.KafkaSink`) that Bytewax resumes
+    (:func:`_resumed_snapshots`; a sink's state is None, but its key is routed all the same)."""
     read, written = set(), set()
-    for key, epoch in keys:
-        if epoch >= resume_epoch:
-            continue
+    for _step, key in _resumed_snapshots(recovery_dir):
         topic, sep, partition = key.rpartition("#")
         if sep and partition.isdigit():
             read.add(topic)
         elif key.endswith("-producer"):
             written.add(key[: -len("-producer")])
     return read, written
-
 
 def check_recovery_topics(recovery_dir: str | None, *, reads: set[str], writes: set[str], state_dir: str) -> None:
     """Refuse to start, naming the topic and what to do, when the recovery directory resumes a

@@ -163,6 +163,11 @@ def _run_one(settings: Settings, clients, signals) -> int:
     from recsys.store.kv import StoreCorruptionError, StoreOpenError, StoreWriteError
 
     settings = settings.for_shard()
+    reads, writes = flow_topics(settings)  # before the engine opens: the exchange catch-up may send
+    try:
+        check_recovery_topics(settings.recovery_dir, reads=reads, writes=writes, state_dir=settings.state_dir)
+    except RecoveryTopicsError as exc:
+        fail("run", str(exc))
     print(f"loading the model and state from {settings.state_dir} (Ctrl-C aborts) ...", flush=True)
     try:
         engine = shard_factory(settings)()
@@ -175,9 +180,7 @@ def _run_one(settings: Settings, clients, signals) -> int:
         check_state_against_recovery(
             engine.positions, settings.recovery_dir, state_dir=settings.state_dir, legacy_watermarks=engine.watermarks
         )
-        reads, writes = flow_topics(settings, engine)  # before the flow's start-up reads send anything
-        check_recovery_topics(settings.recovery_dir, reads=reads, writes=writes, state_dir=settings.state_dir)
-    except (StateBehindRecoveryError, RecoveryTopicsError) as exc:
+    except StateBehindRecoveryError as exc:
         engine.close()
         fail("run", str(exc))
     grown: list[str] = []  # a topic gained partitions this process should read: stop in order, start again

@@ -184,11 +184,11 @@ def test_a_restart_whose_topic_settings_no_longer_match_the_recovery_directory_i
                                                                      settings.search_results_topic}
     engine = Shard.open(settings)
     try:
-        reads, writes = flow_topics(settings, engine)
+        reads, writes = flow_topics(settings)
         check_recovery_topics(settings.recovery_dir, reads=reads, writes=writes, state_dir=settings.state_dir)  # as written: fine
         renamed = settings.replace(recommendations_topic="shop-recs")
         with pytest.raises(RecoveryTopicsError) as refused:
-            reads, writes = flow_topics(renamed, engine)
+            reads, writes = flow_topics(renamed)
             check_recovery_topics(renamed.recovery_dir, reads=reads, writes=writes, state_dir=renamed.state_dir)
         message = str(refused.value)
         assert f"wrote to {settings.recommendations_topic!r}" in message and "'shop-recs'" in message
