@@ -296,7 +296,8 @@ def live_flow(
     # Opened here, not lazily in the worker: the bootstrap needs it before the sources start.
     engine = engine if engine is not None else shard_factory(settings, clients=clients)()
     # before the catalog bootstrap and the re-send below: what they send may include answers to
-    # searches that waited in state (a restart on a new --search-results-topic failed here before)
+    # searches that waited in state (until 2026-12-06 a restart after the topic was deleted, or
+    # renamed with a new recovery directory, failed here, at every start)
     ensure_search_results_topic(clients, settings)
     boot = bootstrap_catalog(engine, clients, settings.catalog_topic, dead_letters_topic=settings.dead_letters_topic,
                              recommendations_topic=settings.recommendations_topic,

@@ -217,11 +217,11 @@ def test_a_restart_whose_search_results_topic_is_new_sends_the_answers_its_boots
     """A search waits in state behind its shopper's click on an item not yet in the catalog; the
     flow stops; the item's record arrives; the operator restarts it with another search-results
     topic (``--search-results-topic``), which does not exist yet, and a new recovery directory
-    (``recsys run`` refuses a renamed topic on the old one: tests/test_pipeline.py). ``live_flow`` creates that topic
-    when it is missing, but before 2026-12-06 (forty-second session) only after the catalog
-    bootstrap and the re-send of unsent outputs: the bootstrap's answer to the search was sent to
-    a topic that did not exist, and the start failed, every time (a broker without auto-create;
-    the flow's producers never auto-create)."""
+    (``recsys run`` refuses a renamed topic on the old one: tests/test_pipeline.py).
+    ``live_flow`` creates that topic when it is missing, but before 2026-12-06 (forty-second
+    session) only after the catalog bootstrap and the re-send of unsent outputs: the bootstrap's
+    answer to the search was sent to a topic that did not exist, and the start failed, every
+    time (a broker without auto-create; the flow's producers never auto-create)."""
     from dataflows.live import live_flow
     from dataflows.runner import run
     from recsys.events import CatalogItem, Envelope

@@ -166,7 +166,8 @@ def test_two_shards_split_the_users_and_each_sees_the_whole_catalog(memory_broke
 
 def test_a_restart_whose_topic_settings_no_longer_match_the_recovery_directory_is_refused_by_name(memory_broker, tmp_path, catalog, embed_cache):
     """Bytewax resumes each input and output by its topic's name: a flow restarted with a renamed
-    topic (``--search-results-topic`` here) on the same recovery directory stopped in Bytewax,
+    topic (``--search-results-topic`` in the operator run that found it, the recommendations
+    topic here) on the same recovery directory stopped in Bytewax,
     at every start, with "Key StateKey("search-results-producer") is not in this worker's
     routing map" (seen in an operator run on 2026-12-06, forty-second session). ``recsys run``
     now checks first and refuses naming the topic and the two ways on; the second, moving the
@@ -182,19 +183,15 @@ def test_a_restart_whose_topic_settings_no_longer_match_the_recovery_directory_i
     assert read == {settings.events_topic, settings.catalog_topic, settings.control_topic}
     assert settings.recommendations_topic in written and written <= {settings.recommendations_topic, settings.dead_letters_topic,
                                                                      settings.search_results_topic}
-    engine = Shard.open(settings)
-    try:
-        reads, writes = flow_topics(settings)
-        check_recovery_topics(settings.recovery_dir, reads=reads, writes=writes, state_dir=settings.state_dir)  # as written: fine
-        renamed = settings.replace(recommendations_topic="shop-recs")
-        with pytest.raises(RecoveryTopicsError) as refused:
-            reads, writes = flow_topics(renamed)
-            check_recovery_topics(renamed.recovery_dir, reads=reads, writes=writes, state_dir=renamed.state_dir)
-        message = str(refused.value)
-        assert f"wrote to {settings.recommendations_topic!r}" in message and "'shop-recs'" in message
-        assert "start with its old name" in message and "move" in message
-    finally:
-        engine.close()
+    reads, writes = flow_topics(settings)
+    check_recovery_topics(settings.recovery_dir, reads=reads, writes=writes, state_dir=settings.state_dir)  # as written: fine
+    renamed = settings.replace(recommendations_topic="shop-recs")
+    reads, writes = flow_topics(renamed)
+    with pytest.raises(RecoveryTopicsError) as refused:
+        check_recovery_topics(renamed.recovery_dir, reads=reads, writes=writes, state_dir=renamed.state_dir)
+    message = str(refused.value)
+    assert f"wrote to {settings.recommendations_topic!r}" in message and "'shop-recs'" in message
+    assert "start with its old name" in message and "move" in message
 
     # the second way on: the recovery directory moved aside
     moved = settings.replace(recommendations_topic="shop-recs", recovery_dir=str(tmp_path / "recovery-2"))
