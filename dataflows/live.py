@@ -367,8 +367,9 @@ def live_flow(
 def flow_topics(settings: Settings) -> tuple[set[str], set[str]]:
     """The Kafka topics :func:`live_flow` reads and writes with these settings, as ``(reads,
     writes)`` (what :func:`dataflows.runner.check_recovery_topics` compares a recovery directory
-    with, before the engine opens; keep it in step with the sources and sinks above; a live
-    engine has the exchange exactly when ``share_signals`` is on)."""
+    with, before the engine opens; a live engine has the exchange exactly when
+    ``share_signals`` is on). Keep it in step with the sources and sinks above: a test walks the
+    built graph and compares (``tests/test_pipeline.py``)."""
     reads = {settings.events_topic, settings.catalog_topic, settings.control_topic}
     writes = {settings.recommendations_topic, settings.dead_letters_topic, settings.search_results_topic}
     if settings.share_signals:

@@ -203,3 +203,47 @@ def test_a_restart_whose_topic_settings_no_longer_match_the_recovery_directory_i
         assert engine.totals["redelivered_skipped"] == first["totals"]["events_in"]  # the bad messages' copies too
     finally:
         engine.close()
+
+
+def _kafka_topics(source_or_sink) -> set[str]:
+    """The topics a (wrapped) source or sink of the live flow reads or writes: through
+    ``Inputs.sources``, ``Watched``/``ResumeAtLeast``'s ``inner``, ``StoppableSource``/``Ticking``'s
+    ``source``, down to each ``KafkaSource``/``KafkaSink``."""
+    from dataflows.kafka_io import KafkaSink, KafkaSource
+
+    if isinstance(source_or_sink, (KafkaSource, KafkaSink)):
+        return {source_or_sink.topic}
+    found: set[str] = set()
+    for inner in getattr(source_or_sink, "sources", ()):
+        found |= _kafka_topics(inner)
+    for name in ("inner", "source"):
+        if (inner := getattr(source_or_sink, name, None)) is not None:
+            found |= _kafka_topics(inner)
+    return found
+
+
+@pytest.mark.parametrize("share", [False, True], ids=["one", "sharing"])
+def test_the_topics_checked_against_recovery_are_those_the_live_flow_reads_and_writes(memory_broker, tmp_path, embed_cache, share):
+    """``flow_topics`` restates what ``live_flow`` builds, for the recovery check before the
+    engine opens: walked out of the built graph, the two must agree."""
+    from dataflows.live import flow_topics
+
+    settings = _settings(tmp_path, embed_cache, share_signals=share, exchange_snapshot_dir=None)
+    ensure_topics(memory_broker, {settings.events_topic: 2, settings.catalog_topic: 1, settings.recommendations_topic: 2,
+                                  settings.dead_letters_topic: 1})
+    engine = Shard.open(settings)
+    try:
+        flow = live_flow(settings, memory_broker, engine=engine)
+        reads, writes = set(), set()
+        steps = list(flow.substeps)
+        while steps:
+            step = steps.pop()
+            steps += getattr(step, "substeps", [])
+            if (source := getattr(step, "source", None)) is not None:
+                reads |= _kafka_topics(source)
+            if (sink := getattr(step, "sink", None)) is not None:
+                writes |= _kafka_topics(sink)
+    finally:
+        engine.close()
+    assert (reads, writes) == flow_topics(settings)
+    assert (settings.exchange_topic in reads) is share
