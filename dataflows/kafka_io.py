@@ -231,6 +231,31 @@ def part_name(topic: str, partition: int) -> str:
     return f"{topic}#{partition}"
 
 
+def sink_part_name(topic: str) -> str:
+    """Bytewax partition key of a :class:`KafkaSink`'s one producer.
+
+    >>> sink_part_name("recommendations")
+    'recommendations-producer'
+    """
+    return f"{topic}-producer"
+
+
+def topic_of_part(name: str) -> tuple[str, int | None] | None:
+    """The topic a Bytewax partition key of this module names: ``(topic, partition)`` for a
+    source's (:func:`part_name`), ``(topic, None)`` for a sink's (:func:`sink_part_name`), None
+    for any other key (what reads a recovery directory tells them apart with).
+
+    >>> topic_of_part("events#3"), topic_of_part("search-results-producer"), topic_of_part("x")
+    (('events', 3), ('search-results', None), None)
+    """
+    topic, sep, partition = name.rpartition("#")
+    if sep and partition.isdigit():
+        return topic, int(partition)
+    if name.endswith("-producer"):
+        return name[: -len("-producer")], None
+    return None
+
+
 def _partition_of(name: str) -> int:
     return int(name.rsplit("#", 1)[1])
 
@@ -894,7 +919,7 @@ class KafkaSink(FixedPartitionedSink[tuple[Key, bytes], None]):
         self.ordered = ordered
 
     def list_parts(self) -> list[str]:
-        return [f"{self.topic}-producer"]  # one producer; its own partitioner spreads by key
+        return [sink_part_name(self.topic)]  # one producer; its own partitioner spreads by key
 
     def build_part(self, step_id: str, for_part: str, resume_state: None) -> _KafkaSinkPartition:
         overrides = {"max_in_flight_requests_per_connection": 1} if self.ordered else {}

@@ -28,6 +28,8 @@ from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.testing import run_main
 
+from dataflows.kafka_io import topic_of_part
+
 
 def recovery_config(recovery_dir: str | None) -> RecoveryConfig | None:
     """Initialise the recovery directory on first use; None switches recovery off."""
@@ -204,12 +206,12 @@ def recovered_offsets(recovery_dir: str | None) -> dict[tuple[str, int], int]:
     out: dict[tuple[str, int], int] = {}
     for (_step, key), versions in _resumed_snapshots(recovery_dir).items():
         ser = max(versions)[1]
-        topic, sep, partition = key.rpartition("#")
-        if ser is None or not sep or not partition.isdigit():
+        part = topic_of_part(key)
+        if ser is None or part is None or part[1] is None:
             continue
         state = _plain_unpickle(ser)
         if isinstance(state, int) and not isinstance(state, bool):
-            out[(topic, int(partition))] = state
+            out[(part[0], part[1])] = state
     return out
 
 
@@ -226,12 +228,10 @@ def recovered_topics(recovery_dir: str | None) -> tuple[set[str], set[str]]:
     (:func:`_resumed_snapshots`; a sink's state is None, but its key is routed all the same)."""
     read, written = set(), set()
     for _step, key in _resumed_snapshots(recovery_dir):
-        topic, sep, partition = key.rpartition("#")
-        if sep and partition.isdigit():
-            read.add(topic)
-        elif key.endswith("-producer"):
-            written.add(key[: -len("-producer")])
+        if (part := topic_of_part(key)) is not None:
+            (written if part[1] is None else read).add(part[0])
     return read, written
+
 
 def check_recovery_topics(recovery_dir: str | None, *, reads: set[str], writes: set[str], state_dir: str) -> None:
     """Refuse to start, naming the topic and what to do, when the recovery directory resumes a
