@@ -285,16 +285,22 @@ def live_flow(
     :class:`dataflows.kafka_io.PartitionWatch`). ``recsys run`` stops in order there and starts
     again; without it the line is logged.
     """
-    from dataflows.runner import StopSignals, stoppable
+    from dataflows.runner import StopSignals, bytewax_run_recovery_dir, stoppable
 
+    recovery_dir = None
     if settings is None and stop is None and threading.current_thread() is threading.main_thread():
         # built by `python -m bytewax.run dataflows.live:live_flow`: Ctrl-C and SIGTERM stop
         # in order there too, instead of through a Rust panic (dataflows/runner.py)
         stop = StopSignals().running().requested
+        recovery_dir = bytewax_run_recovery_dir()  # its -r, checked below as `recsys run` checks its own
     settings = settings or Settings.from_env(os.environ).for_shard()
     clients = clients if clients is not None else KafkaClients(settings)
+    if recovery_dir is not None:
+        _check_recovery_or_exit(settings, recovery_dir)
     # Opened here, not lazily in the worker: the bootstrap needs it before the sources start.
     engine = engine if engine is not None else shard_factory(settings, clients=clients)()
+    if recovery_dir is not None:
+        _check_recovery_or_exit(settings, recovery_dir, engine=engine)
     # before the catalog bootstrap and the re-send below: what they send may include answers to
     # searches that waited in state (until 2026-12-06 a restart after the topic was deleted, or
     # renamed with a new recovery directory, failed here, at every start)
@@ -362,6 +368,33 @@ def live_flow(
         exchange_out=exchange_out,
         shard_factory=lambda: engine,
     )
+
+
+def _check_recovery_or_exit(settings: Settings, recovery_dir: str, *, engine: Any = None) -> None:
+    """Under Bytewax's own runner, the checks ``recsys run`` makes against its recovery directory
+    (:func:`dataflows.runner.check_recovery_topics` before the engine opens, with ``engine``
+    :func:`dataflows.runner.check_state_against_recovery`): refused, one line on stderr and exit
+    status 1. Until 2026-12-06 (forty-third session) that runner started without them: a state
+    directory lost beside its recovery directory skipped every message below the recovered
+    offsets for good, silently, and a renamed topic stopped in Bytewax's "routing map" panic."""
+    from dataflows.runner import RecoveryTopicsError, StateBehindRecoveryError, check_recovery_topics, check_state_against_recovery
+
+    try:
+        if engine is None:
+            reads, writes = flow_topics(settings)
+            check_recovery_topics(recovery_dir, reads=reads, writes=writes, state_dir=settings.state_dir)
+        else:
+            check_state_against_recovery(engine.positions, recovery_dir, state_dir=settings.state_dir,
+                                         legacy_watermarks=engine.watermarks)
+    except (RecoveryTopicsError, StateBehindRecoveryError) as exc:
+        message = str(exc)
+        if engine is not None:
+            engine.close()
+            # `recsys run --rebuild-state` deletes RECSYS_RECOVERY_DIR, which need not be this -r
+            message += (f" Under Bytewax's runner, rebuild by deleting both directories and initialising {recovery_dir} "
+                        f"again (`python -m bytewax.recovery {recovery_dir} 1`).")
+        print(f"python -m bytewax.run dataflows.live:live_flow: {message}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
 
 
 def flow_topics(settings: Settings) -> tuple[set[str], set[str]]:

@@ -172,6 +172,20 @@ class StateBehindRecoveryError(RuntimeError):
     the flow would skip those messages for good."""
 
 
+def bytewax_run_recovery_dir() -> str | None:
+    """The recovery directory this process was given by ``python -m bytewax.run ... -r DIR`` (or
+    its ``BYTEWAX_RECOVERY_DIRECTORY``); None when Bytewax's runner did not start this process, or
+    started it without recovery. Read with the runner's own parser, from the same ``sys.argv`` it
+    parsed a moment before, so the two cannot disagree."""
+    main = sys.modules.get("__main__")
+    if getattr(getattr(main, "__spec__", None), "name", None) != "bytewax.run":
+        return None
+    from bytewax.run import _parse_args  # private, but the one definition of that command line
+
+    found = _parse_args().recovery_directory
+    return None if found is None else str(found)
+
+
 def _resumed_snapshots(recovery_dir: str | None) -> dict[tuple[str, str], list[tuple[int, bytes | None]]]:
     """``(step_id, state_key) -> [(epoch, serialised state), ...]`` of the snapshots Bytewax 0.21
     resumes from, read from its SQLite recovery partitions (``{}`` when there is nothing to

@@ -113,6 +113,55 @@ def test_bytewax_run_entry_point_runs_the_live_flow(local_broker, topic_name, tm
     assert {orjson.loads(r.value)["user_id"] for r in recs} == {e.user_id for e in events}
 
 
+def test_the_bytewax_runner_checks_its_recovery_directory_as_recsys_run_does(local_broker, topic_name, tmp_path):
+    """Under `python -m bytewax.run ... -r DIR` (the README's second way to run the flow) the
+    flow started without the two checks `recsys run` makes against its recovery directory:
+    with a renamed topic it stopped in Bytewax's "not in this worker's routing map" panic, and
+    with its state directory lost it resumed at the recovered offsets and skipped every message
+    below them for good, exit status 0 (seen 2026-12-06, forty-third session). Now both are
+    refused before anything is read, by name, as under `recsys run`."""
+    from bytewax.recovery import init_db_dir
+
+    prefix = topic_name("bwr") + "-"
+    events, catalog_file = _published_stream(local_broker.bootstrap, prefix, tmp_path, partitions=1, seed=4, n_users=10)
+    recovery = tmp_path / "recovery"
+    recovery.mkdir()
+    init_db_dir(recovery, 1)
+    env = {
+        **os.environ,
+        "RECSYS_BOOTSTRAP_SERVERS": local_broker.bootstrap,
+        "RECSYS_EVENTS_TOPIC": prefix + "events",
+        "RECSYS_CATALOG_TOPIC": prefix + "catalog",
+        "RECSYS_RECOMMENDATIONS_TOPIC": prefix + "recommendations",
+        "RECSYS_DEAD_LETTERS_TOPIC": prefix + "dead-letters",
+        "RECSYS_STATE_DIR": str(tmp_path / "state"),
+        "RECSYS_EMBED_CACHE_DIR": str(tmp_path / "emb"),
+        "RECSYS_CATALOG_FILE": str(catalog_file),
+        "RECSYS_STOP_AT_END": "true",
+        "HF_HUB_OFFLINE": "1",
+    }
+    command = [sys.executable, "-m", "bytewax.run", "dataflows.live:live_flow", "-r", str(recovery), "-s", "1", "-b", "0"]
+
+    def runner(**changed: str) -> subprocess.CompletedProcess:
+        return subprocess.run(command, env={**env, **changed}, cwd=ROOT, timeout=300, capture_output=True, text=True)
+
+    first = runner()
+    assert first.returncode == 0, first.stderr
+    recs = consume_all(KafkaClients.for_bootstrap(local_broker.bootstrap), prefix + "recommendations")
+    assert {orjson.loads(r.value)["user_id"] for r in recs} == {e.user_id for e in events}
+
+    renamed = runner(RECSYS_RECOMMENDATIONS_TOPIC=prefix + "shop-recs")
+    assert renamed.returncode == 1
+    assert f"wrote to {prefix + 'recommendations'!r}" in renamed.stderr and "start with its old name" in renamed.stderr
+    assert "routing map" not in renamed.stderr and "Traceback" not in renamed.stderr
+
+    lost = runner(RECSYS_STATE_DIR=str(tmp_path / "state-lost"))
+    assert lost.returncode == 1, lost.stderr
+    assert f"{prefix}events[0] resumes at offset {len(events)}, the state has processed nothing" in lost.stderr
+    assert f"python -m bytewax.recovery {recovery} 1" in lost.stderr and "Traceback" not in lost.stderr
+    assert runner().returncode == 0  # the directories that belong together still start
+
+
 def test_run_with_two_processes_splits_the_users_between_two_shards(local_broker, topic_name, tmp_path):
     """`recsys run --processes 2`: two shard processes, each with its own partition, users, state."""
     prefix = topic_name("sh") + "-"
