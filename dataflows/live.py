@@ -263,6 +263,19 @@ def settle_heap() -> None:
     gc.freeze()
 
 
+def ready_engine(engine: Shard, say: Callable[[str], object]) -> None:
+    """What a flow does with its opened engine before it reads anything, under `recsys run` and
+    under Bytewax's own runner alike: the embedding model warmed (a new catalog item then embeds
+    in milliseconds), the engine's compiled loops loaded, or compiled once on a new machine
+    (~20 s on 2 cores, announced through ``say``), before the first batch instead of in it, and
+    the heap settled (:func:`settle_heap`)."""
+    from recsys.signals.compile_kernels import compile_kernels_announced
+
+    engine.embedder.warm()
+    compile_kernels_announced(say)
+    settle_heap()  # the model is loaded now: keep it out of the collector's full passes
+
+
 def live_flow(
     settings: Settings | None = None, clients: Any = None, engine: Shard | None = None, stop: Any = None,
     on_partitions_added: Callable[[str], object] | None = None,
@@ -288,7 +301,8 @@ def live_flow(
     from dataflows.runner import StopSignals, bytewax_run_recovery_dir, stoppable
 
     recovery_dir = None
-    if settings is None and stop is None and threading.current_thread() is threading.main_thread():
+    from_runner = settings is None and stop is None and threading.current_thread() is threading.main_thread()
+    if from_runner:
         # built by `python -m bytewax.run dataflows.live:live_flow`: Ctrl-C and SIGTERM stop
         # in order there too, instead of through a Rust panic (dataflows/runner.py)
         stop = StopSignals().running().requested
@@ -299,8 +313,10 @@ def live_flow(
         _check_recovery_or_exit(settings, recovery_dir)
     # Opened here, not lazily in the worker: the bootstrap needs it before the sources start.
     engine = engine if engine is not None else shard_factory(settings, clients=clients)()
-    if recovery_dir is not None:
-        _check_recovery_or_exit(settings, recovery_dir, engine=engine)
+    if from_runner:
+        if recovery_dir is not None:
+            _check_recovery_or_exit(settings, recovery_dir, engine=engine)
+        ready_engine(engine, lambda line: print(line, flush=True))  # `recsys run` does this before it calls here
     # before the catalog bootstrap and the re-send below: what they send may include answers to
     # searches that waited in state (until 2026-12-06 a restart after the topic was deleted, or
     # renamed with a new recovery directory, failed here, at every start)

@@ -147,7 +147,7 @@ def _run_one(settings: Settings, clients, signals) -> int:
     until the input ends or a signal asks for an orderly stop; prints one ``stopped:`` line."""
     from dataflows.catalog_table import record_read_after_orderly_stop
     from dataflows.kafka_io import BrokerUnavailableError, OffsetResetError
-    from dataflows.live import flow_topics, live_flow, settle_heap, shard_factory
+    from dataflows.live import flow_topics, live_flow, ready_engine, shard_factory
     from dataflows.metrics import MetricsPortError
     from dataflows.runner import (
         RecoveryTopicsError,
@@ -159,7 +159,6 @@ def _run_one(settings: Settings, clients, signals) -> int:
     from recsys.shard.snapshots import ModelSnapshotError
     from recsys.shard.step import StateLayoutError
     from recsys.items.embeddings import EmbeddingModelError
-    from recsys.signals.compile_kernels import compile_kernels_announced
     from recsys.store.kv import StoreCorruptionError, StoreOpenError, StoreWriteError
 
     settings = settings.for_shard()
@@ -193,9 +192,7 @@ def _run_one(settings: Settings, clients, signals) -> int:
         signals.requested.set()
 
     try:
-        engine.embedder.warm()  # new catalog items then embed in milliseconds
-        compile_kernels_announced(lambda line: print(line, flush=True))  # not in the first batch
-        settle_heap()  # the model is loaded now: keep it out of the collector's full passes
+        ready_engine(engine, lambda line: print(line, flush=True))  # the model warm, the loops compiled: not in the first batch
         flow = live_flow(settings, clients, engine=engine, stop=signals.requested, on_partitions_added=partitions_added)
         signals.running()  # from here on a signal ends the input; the epoch is committed
     except MetricsPortError as exc:
