@@ -88,13 +88,12 @@ def _published_stream(bootstrap: str, prefix: str, tmp_path: Path, *, partitions
     return events, catalog_file
 
 
-def test_bytewax_run_entry_point_runs_the_live_flow(local_broker, topic_name, tmp_path):
-    """`python -m bytewax.run dataflows.live:live_flow` with settings from the environment."""
-    prefix = topic_name("bw") + "-"
-    events, catalog_file = _published_stream(local_broker.bootstrap, prefix, tmp_path, partitions=1, seed=3, n_users=20)
-    env = {
+def _runner_env(bootstrap: str, prefix: str, tmp_path: Path, catalog_file: Path) -> dict[str, str]:
+    """Settings for `python -m bytewax.run dataflows.live:live_flow` (from RECSYS_* variables):
+    the topics of :func:`_published_stream`, state under ``tmp_path``, stop at the end of input."""
+    return {
         **os.environ,
-        "RECSYS_BOOTSTRAP_SERVERS": local_broker.bootstrap,
+        "RECSYS_BOOTSTRAP_SERVERS": bootstrap,
         "RECSYS_EVENTS_TOPIC": prefix + "events",
         "RECSYS_CATALOG_TOPIC": prefix + "catalog",
         "RECSYS_RECOMMENDATIONS_TOPIC": prefix + "recommendations",
@@ -105,6 +104,13 @@ def test_bytewax_run_entry_point_runs_the_live_flow(local_broker, topic_name, tm
         "RECSYS_STOP_AT_END": "true",
         "HF_HUB_OFFLINE": "1",
     }
+
+
+def test_bytewax_run_entry_point_runs_the_live_flow(local_broker, topic_name, tmp_path):
+    """`python -m bytewax.run dataflows.live:live_flow` with settings from the environment."""
+    prefix = topic_name("bw") + "-"
+    events, catalog_file = _published_stream(local_broker.bootstrap, prefix, tmp_path, partitions=1, seed=3, n_users=20)
+    env = _runner_env(local_broker.bootstrap, prefix, tmp_path, catalog_file)
     subprocess.run(
         [sys.executable, "-m", "bytewax.run", "dataflows.live:live_flow"], env=env, cwd=ROOT, check=True, timeout=300,
         capture_output=True,
@@ -127,19 +133,7 @@ def test_the_bytewax_runner_checks_its_recovery_directory_as_recsys_run_does(loc
     recovery = tmp_path / "recovery"
     recovery.mkdir()
     init_db_dir(recovery, 1)
-    env = {
-        **os.environ,
-        "RECSYS_BOOTSTRAP_SERVERS": local_broker.bootstrap,
-        "RECSYS_EVENTS_TOPIC": prefix + "events",
-        "RECSYS_CATALOG_TOPIC": prefix + "catalog",
-        "RECSYS_RECOMMENDATIONS_TOPIC": prefix + "recommendations",
-        "RECSYS_DEAD_LETTERS_TOPIC": prefix + "dead-letters",
-        "RECSYS_STATE_DIR": str(tmp_path / "state"),
-        "RECSYS_EMBED_CACHE_DIR": str(tmp_path / "emb"),
-        "RECSYS_CATALOG_FILE": str(catalog_file),
-        "RECSYS_STOP_AT_END": "true",
-        "HF_HUB_OFFLINE": "1",
-    }
+    env = _runner_env(local_broker.bootstrap, prefix, tmp_path, catalog_file)
     command = [sys.executable, "-m", "bytewax.run", "dataflows.live:live_flow", "-r", str(recovery), "-s", "1", "-b", "0"]
 
     def runner(**changed: str) -> subprocess.CompletedProcess:
