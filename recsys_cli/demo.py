@@ -311,6 +311,22 @@ def format_search_result(payload: bytes) -> str:
     return f"search by user {res['user_id']} for {res['query']!r}: {items}"
 
 
+def format_dead_letter(payload: bytes) -> str:
+    """One dead letter (schema v1 or v2) in a line: where the message was read, why it was
+    refused, and the start of what it held (the whole message is in ``payload_b64``).
+
+    >>> dead = {"schema_version": 2, "reason": "field 'item_id': missing", "payload_size": 16,
+    ...         "source": {"topic": "events", "partition": 3, "offset": 1042}, "payload_preview": '{"type":"click"}'}
+    >>> print(format_dead_letter(orjson.dumps(dead)))
+    dead letter from events[3] offset 1042: field 'item_id': missing; message (16 bytes): {"type":"click"}
+    """
+    dead = orjson.loads(payload)
+    src = dead["source"]
+    size = f" ({dead['payload_size']:,} bytes)" if "payload_size" in dead else ""
+    return (f"dead letter from {src['topic']}[{src['partition']}] offset {src['offset']}: {dead['reason']}; "
+            f"message{size}: {dead['payload_preview']}")
+
+
 def format_reason(n: int, reason: str, width: int = 96) -> str:
     """One dead-letter reason of the summary, whole, wrapped at word boundaries.
 

@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 
 import orjson
 
@@ -393,14 +394,21 @@ def cmd_produce(args: argparse.Namespace) -> int:
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
-    """Print the recommendations topic readably (any other topic raw), from its beginning."""
+    """Print a topic from its beginning: recommendations, search results and dead letters
+    readably, one line each (``--raw``: as they are); any other topic as it is."""
+    from recsys_cli.demo import format_dead_letter, format_recommendation, format_search_result
+
     settings = settings_or_fail("tail", args)
     topic = args.topic or settings.recommendations_topic
     _require_broker(settings, "tail", (topic,))
 
     from dataflows.kafka_io import KafkaClients
 
-    readable = topic == settings.recommendations_topic
+    readable = None if args.raw else {
+        settings.recommendations_topic: format_recommendation,
+        settings.search_results_topic: format_search_result,
+        settings.dead_letters_topic: format_dead_letter,
+    }.get(topic)
     consumer = KafkaClients(settings).consumer()
     try:
         return _tail(consumer, topic, readable, args)
@@ -412,7 +420,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
         consumer.close()
 
 
-def _tail(consumer, topic: str, readable: bool, args: argparse.Namespace) -> int:
+def _tail(consumer, topic: str, readable: Callable[[bytes], str] | None, args: argparse.Namespace) -> int:
     """Print from the beginning with one consumer (each poll continues where the last ended):
     to the end of each partition as first seen, or on and on with ``--follow``; at most
     ``--max`` records."""
@@ -428,7 +436,7 @@ def _tail(consumer, topic: str, readable: bool, args: argparse.Namespace) -> int
             for r in records:
                 if not args.follow and tp in ends and r.offset >= ends[tp]:
                     continue
-                print(_readable(r.value) if readable else (r.value or b"").decode("utf-8", "replace"), flush=True)
+                print(_readable(r.value, readable), flush=True)
                 printed += 1
                 if args.max and printed >= args.max:
                     return 0
@@ -440,13 +448,15 @@ def _tail(consumer, topic: str, readable: bool, args: argparse.Namespace) -> int
                 return 0
 
 
-def _readable(payload: bytes | None) -> str:
-    from recsys_cli.demo import format_recommendation
-
-    try:
-        return format_recommendation(payload or b"")
-    except (orjson.JSONDecodeError, KeyError, TypeError):  # not a recommendation: shown as it is
-        return (payload or b"").decode("utf-8", "replace")
+def _readable(payload: bytes | None, formatter: Callable[[bytes], str] | None) -> str:
+    """``payload`` through ``formatter``; as it is without one, or when it is not what the
+    formatter reads (a record another producer wrote to the topic)."""
+    if formatter is not None:
+        try:
+            return formatter(payload or b"")
+        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+            pass
+    return (payload or b"").decode("utf-8", "replace")
 
 
 # --------------------------------------------------------------------------- forget
@@ -544,10 +554,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_produce)
 
     p = sub.add_parser("tail", help=cmd_tail.__doc__)
-    add_cli_flags(p, only=(*CONNECTION_SETTINGS, "recommendations_topic"))
+    add_cli_flags(p, only=(*CONNECTION_SETTINGS, "recommendations_topic", "search_results_topic", "dead_letters_topic"))
     p.add_argument("--topic", default=None,
-                   help="print this topic's records raw instead (e.g. dead-letters); default: the "
-                        "recommendations topic, printed readably")
+                   help="print this topic instead of the recommendations topic; the search results and dead "
+                        "letters topics are printed readably too, any other topic as it is")
+    p.add_argument("--raw", action="store_true",
+                   help="print every record as it is (JSON, one a line: for jq and the like)")
     p.add_argument("--follow", "-f", action="store_true",
                    help="keep printing new records as they arrive, until Ctrl-C (default: stop at the end)")
     p.add_argument("--max", type=non_negative_int, default=0, metavar="N",

@@ -245,6 +245,30 @@ def _send(bootstrap: str, topic: str, values: list[bytes], partition: int | None
     producer.close()
 
 
+def test_tail_prints_search_results_and_dead_letters_readably_and_raw_on_request(local_broker, topic_name, capsys):
+    """Dead letters were printed as their raw JSON (up to ~350 KB of base64 each) and search
+    results as theirs; each is now one line, whatever the topic is named, and ``--raw`` prints
+    any topic as it is."""
+    from recsys.events import DeadLetter, RecommendedItem, SearchResult, SourcePosition
+
+    searches, dead = topic_name("found"), topic_name("dead")
+    ensure_topics(local_broker.bootstrap, {searches: 1, dead: 1})
+    found = SearchResult("u1", "tea", (RecommendedItem("i1", 2.0, "matches 'tea'"),), False, "q1", "search-2", 1, 2)
+    refused = DeadLetter(b'{"type":"hover"}' + b" " * 300_000, "field 'type': unknown event type 'hover'",
+                         SourcePosition("events", 3, 1042))
+    _send(local_broker.bootstrap, searches, [encode(found), b"not json"])
+    _send(local_broker.bootstrap, dead, [encode(refused)])
+    flags = ["--search-results-topic", searches, "--dead-letters-topic", dead, "--bootstrap-servers", local_broker.bootstrap]
+    assert main(["tail", "--topic", searches, *flags]) == 0
+    assert capsys.readouterr().out.splitlines() == ["search by user u1 for 'tea': i1 [matches 'tea']", "not json"]
+    assert main(["tail", "--topic", dead, *flags]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "dead letter from events[3] offset 1042: field 'type': unknown event type 'hover'; message (300,016 bytes): "
+        + ('{"type":"hover"}' + " " * 184)]
+    assert main(["tail", "--topic", searches, "--raw", *flags]) == 0
+    assert capsys.readouterr().out.splitlines() == [encode(found).decode(), "not json"]
+
+
 def _tail(bootstrap: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "recsys_cli", "tail", "--bootstrap-servers", bootstrap, *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=timeout)
@@ -314,7 +338,8 @@ def test_produce_and_tail_help_list_only_connection_and_topic_flags():
     produce = set(_options(_help("produce")))
     tail = set(_options(_help("tail")))
     assert produce == connection | {"--help", "--events-topic", "--catalog-topic", "--catalog", "--topic", "--rate"}
-    assert tail == connection | {"--help", "--recommendations-topic", "--topic", "--follow", "--max"}
+    assert tail == connection | {"--help", "--recommendations-topic", "--search-results-topic", "--dead-letters-topic",
+                                 "--topic", "--raw", "--follow", "--max"}
 
 
 def test_every_flag_of_tail_and_broker_has_help_text():
