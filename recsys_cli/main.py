@@ -1,4 +1,4 @@
-"""``recsys`` command line: run the live flow, start a local broker, produce, tail, demo, replay.
+"""``recsys`` command line: run the live flow, start a local broker, produce, tail, search, demo, replay.
 
 Every subcommand that talks to Kafka takes the settings flags (``--bootstrap-servers``,
 ``--events-topic``, ...; see ``recsys run --help``), each also readable from its ``RECSYS_*``
@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import time
+import uuid
 from collections.abc import Callable
 
 import orjson
@@ -70,8 +71,12 @@ def _require_broker(settings: Settings, command: str, topics: tuple[str, ...] = 
     missing = [t for t in topics if t not in existing]
     if missing:
         names = ", ".join(repr(t) for t in missing)
-        hint = ("create them (recsys run --create-topics creates the four topics) or name existing ones "
-                "with the topic flags" if command == "run" else "check the topic name (--topic / the topic flags)")
+        hint = {
+            "run": "create them (recsys run --create-topics creates the four topics) or name existing ones with the "
+                   "topic flags",
+            "search": "start the flow first (recsys run; it creates the search-results topic, and --create-topics the "
+                      "others) or name existing topics with the topic flags",
+        }.get(command, "check the topic name (--topic / the topic flags)")
         others = sorted(t for t in existing if not t.startswith("_"))
         known = ", ".join(others[:8]) + (f" and {len(others) - 8} more" if len(others) > 8 else "") if others else "none"
         fail(command, f"topic {names} does not exist on {settings.bootstrap_servers} (it has: {known}); {hint}")
@@ -459,6 +464,80 @@ def _readable(payload: bytes | None, formatter: Callable[[bytes], str] | None) -
     return (payload or b"").decode("utf-8", "replace")
 
 
+# --------------------------------------------------------------------------- search
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    """Search as a shopper: send one search event to the events topic and print the answer the
+    running flow sends to the search-results topic (ranked items, reasons, and how long it took)."""
+    from kafka.structs import TopicPartition
+
+    from dataflows.kafka_io import KafkaClients
+    from recsys.events import Event, encode
+
+    settings = settings_or_fail("search", args)
+    query = " ".join(args.query.split())
+    if not query:
+        fail("search", "the query is empty: give the words a shopper would type")
+    topic = settings.search_results_topic
+    _require_broker(settings, "search", (settings.events_topic, topic))
+    clients = KafkaClients(settings)
+    consumer = clients.consumer()
+    try:
+        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        consumer.assign(tps)
+        consumer.seek_to_end(*tps)
+        for tp in tps:  # resolved now, before the search goes out: its answer lies past these offsets
+            consumer.position(tp)
+        event_id = f"recsys-search-{uuid.uuid4().hex[:12]}"
+        sent_ms, start = int(time.time() * 1000), time.perf_counter()
+        search = Event(event_id, "search", args.user, None, sent_ms, session_id=args.session, query=query)
+        producer = clients.producer()
+        try:
+            producer.send(settings.events_topic, key=args.user.encode(), value=encode(search))
+            producer.flush(timeout=args.timeout)
+        finally:
+            producer.close()
+        deadline = start + args.timeout
+        while time.perf_counter() < deadline:
+            for records in consumer.poll(timeout_ms=100).values():
+                for r in records:
+                    answer = _answer_to(r.value, event_id)
+                    if answer is not None:
+                        took = (time.perf_counter() - start) * 1000
+                        print(format_search_answer(answer, took, answer["emitted_at"] - sent_ms), flush=True)
+                        return 0
+    finally:
+        consumer.close()
+    fail("search", f"no answer on {topic!r} within {args.timeout:g} s: is a flow (recsys run) reading "
+                   f"{settings.events_topic!r} on {settings.bootstrap_servers}? The search ({event_id}) was sent: a flow "
+                   f"that reads it later answers it then (recsys tail --topic {topic})")
+
+
+def _answer_to(payload: bytes | None, event_id: str) -> dict | None:
+    """The search result in ``payload`` when it answers ``event_id``."""
+    try:
+        answer = orjson.loads(payload or b"")
+    except orjson.JSONDecodeError:
+        return None
+    return answer if isinstance(answer, dict) and answer.get("trigger_event_id") == event_id else None
+
+
+def format_search_answer(answer: dict, took_ms: float, emitted_after_ms: int) -> str:
+    """A search result as ``recsys search`` prints it: a head line, then one line per item.
+
+    >>> print(format_search_answer({"user_id": "u1", "query": "tea", "no_match": False, "model_version": "search-2",
+    ...     "items": [{"item_id": "i1", "score": 2.5, "reason": "matches 'tea'"}]}, 41.6, 37))
+    search by u1 for 'tea' (search-2): 1 item, answered in 42 ms (emitted 37 ms after the search was sent)
+       1. i1  2.50  matches 'tea'
+    """
+    items = answer["items"]
+    head = (f"search by {answer['user_id']} for {answer['query']!r} ({answer['model_version']}): "
+            f"{'no match' if answer['no_match'] else f'{len(items)} item' + ('s' if len(items) != 1 else '')}, "
+            f"answered in {took_ms:.0f} ms (emitted {emitted_after_ms} ms after the search was sent)")
+    return "\n".join([head, *(f"{n:>4}. {i['item_id']}  {i['score']:.2f}  {i['reason']}" for n, i in enumerate(items, 1))])
+
+
 # --------------------------------------------------------------------------- forget
 
 
@@ -565,6 +644,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max", type=non_negative_int, default=0, metavar="N",
                    help="stop after N records (default 0: no limit)")
     p.set_defaults(func=cmd_tail)
+
+    p = sub.add_parser("search", help=cmd_search.__doc__)
+    add_cli_flags(p, only=(*CONNECTION_SETTINGS, "events_topic", "search_results_topic"))
+    p.add_argument("query", help="what the shopper types, e.g. 'blue tent'")
+    p.add_argument("--user", required=True, help="the shopper's user_id: the answer is ranked for them")
+    p.add_argument("--session", default=None, help="the shopper's session_id (default: none)")
+    p.add_argument("--timeout", type=positive_float, default=10.0,
+                   help="seconds to wait for the answer (default 10; the first search after a start loads the query model)")
+    p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("forget", help=cmd_forget.__doc__)
     add_cli_flags(p)

@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import orjson
 import pytest
 
 from dataflows.kafka_io import KafkaClients, consume_all, ensure_topics
@@ -166,6 +167,37 @@ def test_a_signal_stops_run_in_order_with_one_line_of_totals_and_no_panic(sig, l
     assert len(stopped) == 1, flow.output
     assert _totals(stopped[0])["applied"] == n
     assert flow.lines[-1] == stopped[0]  # the totals are the last word
+
+
+@pytest.mark.slow
+def test_search_prints_the_answer_the_running_flow_sends_and_names_what_is_missing_without_one(
+        local_broker, topic_name, tmp_path, children):
+    """`recsys search QUERY --user U`: one search event in, the flow's answer to it printed (a
+    head line, then one line per item with its reason); with no flow reading, one line after
+    ``--timeout`` that says what to check."""
+    prefix = topic_name("ask") + "-"
+    _, flags = _stream(local_broker.bootstrap, prefix, tmp_path)
+    answers = prefix + "search-results"
+    flow = Child([*RECSYS, "run", *flags, "--search-results-topic", answers])
+    children.append(flow)
+    flow.wait_for("ready:", READY_TIMEOUT_S)
+    ask = [*RECSYS, "search", "coffee", "--user", "u1", "--bootstrap-servers", local_broker.bootstrap,
+           "--events-topic", prefix + "events", "--search-results-topic", answers]
+    done = subprocess.run([*ask, "--timeout", "60"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    head, *items = done.stdout.splitlines()
+    assert head.startswith("search by u1 for 'coffee' (") and "answered in" in head, head
+    sent = [orjson.loads(r.value) for r in consume_all(KafkaClients.for_bootstrap(local_broker.bootstrap), answers)]
+    assert len(sent) == 1 and sent[0]["trigger_event_id"].startswith("recsys-search-")  # its answer, and no other
+    assert [line.split()[1] for line in items] == [i["item_id"] for i in sent[0]["items"]]
+    assert "matches 'coffee'" in items[0], items  # the catalog's coffees first (their titles hold the word)
+    code, _ = flow.stop_with(signal.SIGTERM)
+    assert code == 0, flow.output
+    late = subprocess.run([*ask, "--timeout", "2"], capture_output=True, text=True, timeout=60)
+    assert late.returncode == 1 and late.stdout == ""
+    assert late.stderr.startswith(f"recsys search: no answer on {answers!r} within 2 s: is a flow (recsys run) reading "
+                                  f"{prefix + 'events'!r}"), late.stderr
+    assert len(late.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.slow
@@ -482,6 +514,9 @@ def test_tail_of_a_missing_topic_is_one_line_naming_the_topic(local_broker):
     done = _recsys("tail", "--topic", "no-such-topic-anywhere", "--bootstrap-servers", local_broker.bootstrap)
     line = _one_line_failure(done, "'no-such-topic-anywhere'", "does not exist", local_broker.bootstrap)
     assert "kafka_io" not in line and "ensure_topics" not in line  # not a Python function: a fix an operator can make
+    done = _recsys("search", "tea", "--user", "u1", "--search-results-topic", "no-such-answers-anywhere",
+                   "--bootstrap-servers", local_broker.bootstrap)  # the flow creates that topic at its start
+    _one_line_failure(done, "'no-such-answers-anywhere'", "does not exist", "start the flow first")
 
 
 def test_broker_on_a_port_in_use_is_one_line():

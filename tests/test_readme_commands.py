@@ -88,6 +88,7 @@ PLANS: dict[str, Plan] = {
     "recsys produce FILE [--catalog] [--rate N]": Plan(how="synopsis", needs="stream"),
     "recsys tail [-f] [--topic T] [--max N]": Plan(how="synopsis", needs="stream"),
     "recsys demo": Plan(" --help", expect="usage: recsys demo"),
+    "recsys search QUERY --user U": Plan(how="help"),
     "recsys replay ...": Plan(how="help"),
     "recsys run": Plan(needs="stream", slow=True, expect="stopped: "),
     "recsys run --create-topics": Plan(needs="stream", slow=True, expect="stopped: "),
