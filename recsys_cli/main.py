@@ -470,15 +470,23 @@ def _readable(payload: bytes | None, formatter: Callable[[bytes], str] | None) -
 def cmd_search(args: argparse.Namespace) -> int:
     """Search as a shopper: send one search event to the events topic and print the answer the
     running flow sends to the search-results topic (ranked items, reasons, and how long it took)."""
+    from kafka.errors import KafkaError
     from kafka.structs import TopicPartition
 
     from dataflows.kafka_io import KafkaClients
-    from recsys.events import Event, encode
+    from recsys.events import DecodeError, Event, decode_event, encode
 
     settings = settings_or_fail("search", args)
     query = " ".join(args.query.split())
     if not query:
         fail("search", "the query is empty: give the words a shopper would type")
+    event_id = f"recsys-search-{uuid.uuid4().hex[:12]}"
+    sent_ms = int(time.time() * 1000)
+    payload = encode(Event(event_id, "search", args.user, None, sent_ms, session_id=args.session, query=query))
+    try:  # what the flow would dead-letter is refused here, with the same reason
+        decode_event(payload, settings.max_message_bytes)
+    except DecodeError as exc:
+        fail("search", f"the flow would refuse this search: {exc}")
     topic = settings.search_results_topic
     _require_broker(settings, "search", (settings.events_topic, topic))
     clients = KafkaClients(settings)
@@ -489,13 +497,14 @@ def cmd_search(args: argparse.Namespace) -> int:
         consumer.seek_to_end(*tps)
         for tp in tps:  # resolved now, before the search goes out: its answer lies past these offsets
             consumer.position(tp)
-        event_id = f"recsys-search-{uuid.uuid4().hex[:12]}"
-        sent_ms, start = int(time.time() * 1000), time.perf_counter()
-        search = Event(event_id, "search", args.user, None, sent_ms, session_id=args.session, query=query)
+        start = time.perf_counter()
         producer = clients.producer()
         try:
-            producer.send(settings.events_topic, key=args.user.encode(), value=encode(search))
+            producer.send(settings.events_topic, key=args.user.encode(), value=payload)
             producer.flush(timeout=args.timeout)
+        except KafkaError as exc:  # the broker went away since the check
+            fail("search", f"the search was not sent to {settings.events_topic!r} on {settings.bootstrap_servers}: "
+                           f"{type(exc).__name__}: {exc}")
         finally:
             producer.close()
         deadline = start + args.timeout
