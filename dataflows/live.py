@@ -276,6 +276,48 @@ def ready_engine(engine: Shard, say: Callable[[str], object]) -> None:
     settle_heap()  # the model is loaded now: keep it out of the collector's full passes
 
 
+def finish_flow(engine: Shard, settings: Settings, *, in_order: bool) -> None:
+    """What a flow does with its engine once Bytewax has returned, under `recsys run` and under
+    Bytewax's own runner alike: one line of totals (with sharing, the global signals' checksum
+    first); after a stop in order (every batch committed) the shared models checkpointed, so a
+    restart learns no exchange message again, and the catalog's read position recorded for the
+    next bootstrap; then the engine closed, which saves the head and the re-ranker (not after a
+    batch that failed before its write)."""
+    from dataflows.catalog_table import record_read_after_orderly_stop
+
+    totals = {"events_in": 0, "applied": 0, **engine.totals}  # also when nothing came in
+    if engine.exchange is not None:  # issue 11: equal on every shard that applied the same log
+        print(f"global signals: sha256={engine.signal_checksum()} at exchange position {engine.exchange.position}",
+              flush=True)
+    print("stopped: " + ", ".join(f"{k}={v}" for k, v in sorted(totals.items())), flush=True)
+    try:
+        if in_order:
+            engine.checkpoint_shared_models()  # issue 11: a restart learns no exchange message again
+            record_read_after_orderly_stop(engine, settings.catalog_topic)  # the next bootstrap starts here
+    finally:
+        engine.close()
+
+
+def _finish_at_exit(engine: Shard, settings: Settings) -> None:
+    """Under Bytewax's own runner, :func:`finish_flow` once the runner has returned (at the
+    interpreter's exit: the runner calls nothing after the flow), in order unless an exception
+    reached the top (a panic, a second Ctrl-C). Until 2026-12-06 (forty-third session) nothing
+    closed the engine there: the head and re-ranker learned since their last periodic snapshot
+    (``RECSYS_HEAD_SNAPSHOT_INTERVAL_S``) were lost at every stop, though the state had the
+    events that taught them, and no line said the flow had stopped."""
+    import atexit
+
+    failed: list[BaseException] = []
+    previous = sys.excepthook
+
+    def noted(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        failed.append(value)
+        previous(kind, value, tb)
+
+    sys.excepthook = noted
+    atexit.register(lambda: finish_flow(engine, settings, in_order=not failed))
+
+
 def live_flow(
     settings: Settings | None = None, clients: Any = None, engine: Shard | None = None, stop: Any = None,
     on_partitions_added: Callable[[str], object] | None = None,
@@ -317,6 +359,7 @@ def live_flow(
         if recovery_dir is not None:
             _check_recovery_or_exit(settings, recovery_dir, engine=engine)
         ready_engine(engine, lambda line: print(line, flush=True))  # `recsys run` does this before it calls here
+        _finish_at_exit(engine, settings)  # and `recsys run` this after Bytewax returns
     # before the catalog bootstrap and the re-send below: what they send may include answers to
     # searches that waited in state (until 2026-12-06 a restart after the topic was deleted, or
     # renamed with a new recovery directory, failed here, at every start)

@@ -151,9 +151,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _run_one(settings: Settings, clients, signals) -> int:
     """Load the engine (a signal aborts at once), check it against recovery, then run the flow
     until the input ends or a signal asks for an orderly stop; prints one ``stopped:`` line."""
-    from dataflows.catalog_table import record_read_after_orderly_stop
     from dataflows.kafka_io import BrokerUnavailableError, OffsetResetError
-    from dataflows.live import flow_topics, live_flow, ready_engine, shard_factory
+    from dataflows.live import finish_flow, flow_topics, live_flow, ready_engine, shard_factory
     from dataflows.metrics import MetricsPortError
     from dataflows.runner import (
         RecoveryTopicsError,
@@ -255,15 +254,7 @@ def _run_one(settings: Settings, clients, signals) -> int:
         else:
             abrupt = True
     finally:
-        totals = {"events_in": 0, "applied": 0, **engine.totals}  # also when nothing came in
-        if engine.exchange is not None:  # issue 11: equal on every shard that applied the same log
-            print(f"global signals: sha256={engine.signal_checksum()} at exchange position {engine.exchange.position}",
-                  flush=True)
-        print("stopped: " + ", ".join(f"{k}={v}" for k, v in sorted(totals.items())), flush=True)
-        if in_order:
-            engine.checkpoint_shared_models()  # issue 11: a restart learns no exchange message again
-            record_read_after_orderly_stop(engine, settings.catalog_topic)  # the next bootstrap starts here
-        engine.close()
+        finish_flow(engine, settings, in_order=in_order)  # the totals; after a stop in order, checkpoints
     if failure:
         fail("run", failure)
     if abrupt:

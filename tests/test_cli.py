@@ -107,16 +107,27 @@ def _runner_env(bootstrap: str, prefix: str, tmp_path: Path, catalog_file: Path)
 
 
 def test_bytewax_run_entry_point_runs_the_live_flow(local_broker, topic_name, tmp_path):
-    """`python -m bytewax.run dataflows.live:live_flow` with settings from the environment."""
+    """`python -m bytewax.run dataflows.live:live_flow` with settings from the environment, to the
+    end of its input and its engine closed."""
     prefix = topic_name("bw") + "-"
-    events, catalog_file = _published_stream(local_broker.bootstrap, prefix, tmp_path, partitions=1, seed=3, n_users=20)
+    events, catalog_file = _published_stream(local_broker.bootstrap, prefix, tmp_path, partitions=1, seed=3, n_users=200)
     env = _runner_env(local_broker.bootstrap, prefix, tmp_path, catalog_file)
-    subprocess.run(
+    done = subprocess.run(
         [sys.executable, "-m", "bytewax.run", "dataflows.live:live_flow"], env=env, cwd=ROOT, check=True, timeout=300,
-        capture_output=True,
+        capture_output=True, text=True,
     )
     recs = consume_all(KafkaClients.for_bootstrap(local_broker.bootstrap), prefix + "recommendations")
     assert {orjson.loads(r.value)["user_id"] for r in recs} == {e.user_id for e in events}
+    # what `recsys run` does after its flow (since 2026-12-06, forty-third session): one line of
+    # totals, and the engine closed, which saves the head as it learned to the last event (before,
+    # nothing closed it: what it learned since its last periodic snapshot was lost at every stop)
+    from dataflows.shards import parse_totals
+
+    stopped = [line for line in done.stdout.splitlines() if line.startswith("stopped: ")]
+    assert len(stopped) == 1, done.stdout
+    totals = parse_totals(stopped[0])
+    assert totals["applied"] == len(events) and totals["head_steps"] > 0, stopped
+    assert (tmp_path / "state" / "models" / f"models-head-{totals['head_steps']}.pt").is_file()
 
 
 def test_the_bytewax_runner_checks_its_recovery_directory_as_recsys_run_does(local_broker, topic_name, tmp_path):

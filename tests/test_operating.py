@@ -614,6 +614,7 @@ def test_a_signal_stops_the_flow_under_the_bytewax_runner_in_order(sig, local_br
     code, took = flow.stop_with(sig)
     assert code == 0 and took < STOP_TIMEOUT_S, flow.output
     assert "panicked" not in flow.output and "Traceback" not in flow.output, flow.output
+    assert flow.lines[-1].startswith("stopped: ") and _totals(flow.lines[-1])["applied"] > 0, flow.output  # as `recsys run`
 
 
 # ----------------------------------------------------------------------------- the broker goes away
