@@ -136,6 +136,48 @@ class BrokerUnavailableError(ConnectionError):
     """No Kafka broker answered at the bootstrap servers."""
 
 
+#: How long a start waits for the first broker answer before saying there is none. The client's
+#: own default is 30 s of silence; a reachable broker answers in milliseconds.
+BROKER_PROBE_TIMEOUT_S = 5.0
+
+
+class BrokerCheckError(RuntimeError):
+    """What :func:`check_broker` found wrong, in one sentence an operator can act on."""
+
+
+def check_broker(settings: Settings, topics: tuple[str, ...] = (), *, timeout_s: float, missing_hint: str) -> None:
+    """Raise :class:`BrokerCheckError` unless a broker answers within ``timeout_s`` and has every
+    topic in ``topics`` (``missing_hint``: what to do about a missing one). The check at the start
+    of every command (``recsys run``, ``produce``, ...) and of the flow under Bytewax's own runner:
+    a broker that is down is said in seconds, not after the client's 30 s of silence and a
+    traceback."""
+    from kafka.errors import KafkaError
+
+    timeout_ms = int(timeout_s * 1000)
+    try:
+        probe = KafkaClients(settings).consumer(bootstrap_timeout_ms=timeout_ms, request_timeout_ms=timeout_ms)
+    except BrokerUnavailableError:
+        raise BrokerCheckError(
+            f"no Kafka broker answered at {settings.bootstrap_servers} within {timeout_s:.0f} s: start one (recsys "
+            f"broker) or point --bootstrap-servers / RECSYS_BOOTSTRAP_SERVERS at yours") from None
+    except KafkaError as exc:
+        raise BrokerCheckError(f"could not connect to {settings.bootstrap_servers}: {exc}; check the connection "
+                               f"settings (--security-protocol, --sasl-*, --ssl-cafile)") from None
+    try:
+        existing = probe.topics()
+    except KafkaError as exc:
+        raise BrokerCheckError(f"the broker at {settings.bootstrap_servers} did not list its topics: {exc}") from None
+    finally:
+        probe.close()
+    missing = [t for t in topics if t not in existing]
+    if missing:
+        names = ", ".join(repr(t) for t in missing)
+        others = sorted(t for t in existing if not t.startswith("_"))
+        known = ", ".join(others[:8]) + (f" and {len(others) - 8} more" if len(others) > 8 else "") if others else "none"
+        raise BrokerCheckError(f"topic {names} does not exist on {settings.bootstrap_servers} (it has: {known}); "
+                               f"{missing_hint}")
+
+
 def _connect(make: Any, bootstrap: str, opts: dict[str, Any]) -> Any:
     from kafka.errors import KafkaTimeoutError
 

@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from bytewax.dataflow import Dataflow
 
@@ -351,6 +351,8 @@ def live_flow(
         recovery_dir = bytewax_run_recovery_dir()  # its -r, checked below as `recsys run` checks its own
     settings = settings or Settings.from_env(os.environ).for_shard()
     clients = clients if clients is not None else KafkaClients(settings)
+    if from_runner:  # `recsys run` checks these before it calls here
+        _check_broker_or_exit(settings)
     if recovery_dir is not None:
         _check_recovery_or_exit(settings, recovery_dir)
     # Opened here, not lazily in the worker: the bootstrap needs it before the sources start.
@@ -429,6 +431,29 @@ def live_flow(
     )
 
 
+def _refuse_under_runner(message: str) -> NoReturn:
+    """One line on stderr and exit status 1: how the flow refuses to start under Bytewax's own
+    runner (``recsys run`` says ``recsys run: ...``)."""
+    print(f"python -m bytewax.run dataflows.live:live_flow: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(1)
+
+
+def _check_broker_or_exit(settings: Settings) -> None:
+    """Under Bytewax's own runner, the check ``recsys run`` makes first: a broker answers and has
+    the topics the flow needs (the search-results and control topics it creates itself). Until
+    2026-12-06 (forty-third session) a broker that was down was found after the model had loaded
+    (~30 s), in a traceback."""
+    from dataflows.kafka_io import BROKER_PROBE_TIMEOUT_S, BrokerCheckError, check_broker
+
+    needed = (settings.events_topic, settings.catalog_topic, settings.recommendations_topic, settings.dead_letters_topic)
+    try:
+        check_broker(settings, needed, timeout_s=BROKER_PROBE_TIMEOUT_S,
+                     missing_hint="create them (`recsys run --create-topics` creates the four topics) or name existing "
+                                  "ones with the RECSYS_*_TOPIC variables")
+    except BrokerCheckError as exc:
+        _refuse_under_runner(str(exc))
+
+
 def _check_recovery_or_exit(settings: Settings, recovery_dir: str, *, engine: Any = None) -> None:
     """Under Bytewax's own runner, the checks ``recsys run`` makes against its recovery directory
     (:func:`dataflows.runner.check_recovery_topics` before the engine opens, with ``engine``
@@ -452,8 +477,7 @@ def _check_recovery_or_exit(settings: Settings, recovery_dir: str, *, engine: An
             # `recsys run --rebuild-state` deletes RECSYS_RECOVERY_DIR, which need not be this -r
             message += (f" Under Bytewax's runner, rebuild by deleting both directories and initialising {recovery_dir} "
                         f"again (`python -m bytewax.recovery {recovery_dir} 1`).")
-        print(f"python -m bytewax.run dataflows.live:live_flow: {message}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
+        _refuse_under_runner(message)
 
 
 def flow_topics(settings: Settings) -> tuple[set[str], set[str]]:

@@ -29,9 +29,6 @@ from recsys_cli.argtypes import (
     tcp_port,
 )
 
-#: How long a command waits for the first broker answer before saying there is none. The
-#: client's own default is 30 s of silence; a reachable broker answers in milliseconds.
-BROKER_PROBE_TIMEOUT_S = 5.0
 #: The settings flags of commands that only connect and name topics (produce, tail).
 CONNECTION_SETTINGS = ("bootstrap_servers", "security_protocol", "sasl_mechanism", "sasl_username",
                        "sasl_password", "ssl_cafile")
@@ -46,40 +43,20 @@ def _require_dirs(settings: Settings, command: str, *names: str) -> None:
 
 
 def _require_broker(settings: Settings, command: str, topics: tuple[str, ...] = ()) -> None:
-    """Fail in one line unless a broker answers within :data:`BROKER_PROBE_TIMEOUT_S` and
-    has every topic in ``topics``."""
-    from kafka.errors import KafkaError
+    """Fail in one line unless a broker answers within ``dataflows.kafka_io.BROKER_PROBE_TIMEOUT_S``
+    and has every topic in ``topics`` (:func:`dataflows.kafka_io.check_broker`)."""
+    from dataflows.kafka_io import BROKER_PROBE_TIMEOUT_S, BrokerCheckError, check_broker
 
-    from dataflows.kafka_io import BrokerUnavailableError, KafkaClients
-
-    clients = KafkaClients(settings)
-    timeout_ms = int(BROKER_PROBE_TIMEOUT_S * 1000)
+    hint = {
+        "run": "create them (recsys run --create-topics creates the four topics) or name existing ones with the "
+               "topic flags",
+        "search": "start the flow first (recsys run; it creates the search-results topic, and --create-topics the "
+                  "others) or name existing topics with the topic flags",
+    }.get(command, "check the topic name (--topic / the topic flags)")
     try:
-        probe = clients.consumer(bootstrap_timeout_ms=timeout_ms, request_timeout_ms=timeout_ms)
-    except BrokerUnavailableError:
-        fail(command, f"no Kafka broker answered at {settings.bootstrap_servers} within {BROKER_PROBE_TIMEOUT_S:.0f} s: "
-                      "start one (recsys broker) or point --bootstrap-servers / RECSYS_BOOTSTRAP_SERVERS at yours")
-    except KafkaError as exc:
-        fail(command, f"could not connect to {settings.bootstrap_servers}: {exc}; check the connection settings "
-                      "(--security-protocol, --sasl-*, --ssl-cafile)")
-    try:
-        existing = probe.topics()
-    except KafkaError as exc:
-        fail(command, f"the broker at {settings.bootstrap_servers} did not list its topics: {exc}")
-    finally:
-        probe.close()
-    missing = [t for t in topics if t not in existing]
-    if missing:
-        names = ", ".join(repr(t) for t in missing)
-        hint = {
-            "run": "create them (recsys run --create-topics creates the four topics) or name existing ones with the "
-                   "topic flags",
-            "search": "start the flow first (recsys run; it creates the search-results topic, and --create-topics the "
-                      "others) or name existing topics with the topic flags",
-        }.get(command, "check the topic name (--topic / the topic flags)")
-        others = sorted(t for t in existing if not t.startswith("_"))
-        known = ", ".join(others[:8]) + (f" and {len(others) - 8} more" if len(others) > 8 else "") if others else "none"
-        fail(command, f"topic {names} does not exist on {settings.bootstrap_servers} (it has: {known}); {hint}")
+        check_broker(settings, topics, timeout_s=BROKER_PROBE_TIMEOUT_S, missing_hint=hint)
+    except BrokerCheckError as exc:
+        fail(command, str(exc))
 
 
 # --------------------------------------------------------------------------- run

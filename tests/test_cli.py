@@ -155,6 +155,7 @@ def test_the_bytewax_runner_checks_its_recovery_directory_as_recsys_run_does(loc
     recs = consume_all(KafkaClients.for_bootstrap(local_broker.bootstrap), prefix + "recommendations")
     assert {orjson.loads(r.value)["user_id"] for r in recs} == {e.user_id for e in events}
 
+    ensure_topics(local_broker.bootstrap, {prefix + "shop-recs": 1})  # the new name exists (else that is said first)
     renamed = runner(RECSYS_RECOMMENDATIONS_TOPIC=prefix + "shop-recs")
     assert renamed.returncode == 1
     assert f"wrote to {prefix + 'recommendations'!r}" in renamed.stderr and "start with its old name" in renamed.stderr

@@ -353,6 +353,24 @@ def test_no_broker_is_said_within_10_s_in_one_line_and_nothing_is_ready(command)
     assert "ready" not in done.stdout
 
 
+def test_no_broker_under_the_bytewax_runner_is_said_within_10_s_in_one_line(tmp_path):
+    """`python -m bytewax.run dataflows.live:live_flow` makes `recsys run`'s first check too: until
+    2026-12-06 (forty-third session) it loaded the model first and said "no Kafka broker answered"
+    ~30 s later, in a traceback."""
+    port = _free_port()  # nothing listens there
+    env = {**os.environ, "RECSYS_BOOTSTRAP_SERVERS": f"{HOST}:{port}", "RECSYS_STATE_DIR": str(tmp_path / "state"),
+           "RUST_BACKTRACE": "0"}
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "bytewax.run", "dataflows.live:live_flow"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    took = time.monotonic() - start
+    line = _one_line_failure(done, "python -m bytewax.run dataflows.live:live_flow: no Kafka broker answered",
+                             f"{HOST}:{port}")
+    assert took < 10, f"took {took:.1f} s: {line}"
+    assert done.stdout == ""  # nothing loaded, nothing stopped
+    assert not (tmp_path / "state").exists()
+
+
 def _tmpfs(where: Path, options: str, needed_for: str) -> Iterator[Path]:
     """A tmpfs mounted at ``where`` with ``options`` while the test runs (mounting needs root:
     the test is skipped where that is refused)."""
