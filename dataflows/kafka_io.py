@@ -141,6 +141,12 @@ class BrokerUnavailableError(ConnectionError):
 BROKER_PROBE_TIMEOUT_S = 5.0
 
 
+def required_topics(settings: Settings) -> tuple[str, ...]:
+    """The topics that must exist before the flow starts: what it reads, and the two outputs it
+    has always needed (the search-results and control topics it creates when missing)."""
+    return settings.events_topic, settings.catalog_topic, settings.recommendations_topic, settings.dead_letters_topic
+
+
 class BrokerCheckError(RuntimeError):
     """What :func:`check_broker` found wrong, in one sentence an operator can act on."""
 

@@ -354,12 +354,12 @@ def live_flow(
     if from_runner:  # `recsys run` checks these before it calls here
         _check_broker_or_exit(settings)
     if recovery_dir is not None:
-        _check_recovery_or_exit(settings, recovery_dir)
+        _check_recovery_topics_or_exit(settings, recovery_dir)
     # Opened here, not lazily in the worker: the bootstrap needs it before the sources start.
     engine = engine if engine is not None else shard_factory(settings, clients=clients)()
     if from_runner:
         if recovery_dir is not None:
-            _check_recovery_or_exit(settings, recovery_dir, engine=engine)
+            _check_state_or_exit(settings, recovery_dir, engine)
         ready_engine(engine, lambda line: print(line, flush=True))  # `recsys run` does this before it calls here
         _finish_at_exit(engine, settings)  # and `recsys run` this after Bytewax returns
     # before the catalog bootstrap and the re-send below: what they send may include answers to
@@ -443,41 +443,45 @@ def _check_broker_or_exit(settings: Settings) -> None:
     the topics the flow needs (the search-results and control topics it creates itself). Until
     2026-12-06 (forty-third session) a broker that was down was found after the model had loaded
     (~30 s), in a traceback."""
-    from dataflows.kafka_io import BROKER_PROBE_TIMEOUT_S, BrokerCheckError, check_broker
+    from dataflows.kafka_io import BROKER_PROBE_TIMEOUT_S, BrokerCheckError, check_broker, required_topics
 
-    needed = (settings.events_topic, settings.catalog_topic, settings.recommendations_topic, settings.dead_letters_topic)
     try:
-        check_broker(settings, needed, timeout_s=BROKER_PROBE_TIMEOUT_S,
+        check_broker(settings, required_topics(settings), timeout_s=BROKER_PROBE_TIMEOUT_S,
                      missing_hint="create them (`recsys run --create-topics` creates the four topics) or name existing "
                                   "ones with the RECSYS_*_TOPIC variables")
     except BrokerCheckError as exc:
         _refuse_under_runner(str(exc))
 
 
-def _check_recovery_or_exit(settings: Settings, recovery_dir: str, *, engine: Any = None) -> None:
-    """Under Bytewax's own runner, the checks ``recsys run`` makes against its recovery directory
-    (:func:`dataflows.runner.check_recovery_topics` before the engine opens, with ``engine``
-    :func:`dataflows.runner.check_state_against_recovery`): refused, one line on stderr and exit
-    status 1. Until 2026-12-06 (forty-third session) that runner started without them: a state
-    directory lost beside its recovery directory skipped every message below the recovered
-    offsets for good, silently, and a renamed topic stopped in Bytewax's "routing map" panic."""
-    from dataflows.runner import RecoveryTopicsError, StateBehindRecoveryError, check_recovery_topics, check_state_against_recovery
+def _check_recovery_topics_or_exit(settings: Settings, recovery_dir: str) -> None:
+    """Under Bytewax's own runner, before the engine opens, the check ``recsys run`` makes first
+    against its recovery directory (:func:`dataflows.runner.check_recovery_topics`): refused in
+    one line, exit status 1. Until 2026-12-06 (forty-third session) that runner started without
+    it, and a renamed topic stopped in Bytewax's "routing map" panic at every start."""
+    from dataflows.runner import RecoveryTopicsError, check_recovery_topics
+
+    reads, writes = flow_topics(settings)
+    try:
+        check_recovery_topics(recovery_dir, reads=reads, writes=writes, state_dir=settings.state_dir)
+    except RecoveryTopicsError as exc:
+        _refuse_under_runner(str(exc))
+
+
+def _check_state_or_exit(settings: Settings, recovery_dir: str, engine: Shard) -> None:
+    """Under Bytewax's own runner, once the engine is open, ``recsys run``'s second check
+    (:func:`dataflows.runner.check_state_against_recovery`): refused in one line, exit status 1,
+    the engine closed. Until 2026-12-06 a state directory lost beside its recovery directory
+    skipped every message below the recovered offsets for good, silently."""
+    from dataflows.runner import StateBehindRecoveryError, check_state_against_recovery
 
     try:
-        if engine is None:
-            reads, writes = flow_topics(settings)
-            check_recovery_topics(recovery_dir, reads=reads, writes=writes, state_dir=settings.state_dir)
-        else:
-            check_state_against_recovery(engine.positions, recovery_dir, state_dir=settings.state_dir,
-                                         legacy_watermarks=engine.watermarks)
-    except (RecoveryTopicsError, StateBehindRecoveryError) as exc:
-        message = str(exc)
-        if engine is not None:
-            engine.close()
-            # `recsys run --rebuild-state` deletes RECSYS_RECOVERY_DIR, which need not be this -r
-            message += (f" Under Bytewax's runner, rebuild by deleting both directories and initialising {recovery_dir} "
-                        f"again (`python -m bytewax.recovery {recovery_dir} 1`).")
-        _refuse_under_runner(message)
+        check_state_against_recovery(engine.positions, recovery_dir, state_dir=settings.state_dir,
+                                     legacy_watermarks=engine.watermarks)
+    except StateBehindRecoveryError as exc:
+        engine.close()
+        # `recsys run --rebuild-state` deletes RECSYS_RECOVERY_DIR, which need not be this -r
+        _refuse_under_runner(f"{exc} Under Bytewax's runner, rebuild by deleting both directories and initialising "
+                             f"{recovery_dir} again (`python -m bytewax.recovery {recovery_dir} 1`).")
 
 
 def flow_topics(settings: Settings) -> tuple[set[str], set[str]]:

@@ -79,6 +79,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         check_shards,
         default_topics,
         ensure_topics,
+        required_topics,
     )
 
     _require_dirs(settings, "run", "state_dir", "recovery_dir", "embed_cache_dir",
@@ -95,10 +96,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.create_topics:
         _require_broker(settings, "run")
         ensure_topics(clients, default_topics(settings, max(args.partitions, args.processes)))
-    # the topics it reads, and the two outputs it has always needed; the search-results and
-    # control topics are created by the flow when missing (dataflows/live.py)
-    _require_broker(settings, "run", (settings.events_topic, settings.catalog_topic,
-                                      settings.recommendations_topic, settings.dead_letters_topic))
+    _require_broker(settings, "run", required_topics(settings))
     if max(args.processes, settings.shards) > 1:
         try:
             check_shards(clients, settings.events_topic, max(args.processes, settings.shards))
