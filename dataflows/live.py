@@ -340,15 +340,19 @@ def live_flow(
     :class:`dataflows.kafka_io.PartitionWatch`). ``recsys run`` stops in order there and starts
     again; without it the line is logged.
     """
-    from dataflows.runner import StopSignals, bytewax_run_recovery_dir, stoppable
+    from dataflows.runner import (StopSignals, bytewax_run_args, bytewax_run_layout_error, bytewax_run_recovery_dir,
+                                  stoppable)
 
     recovery_dir = None
     from_runner = settings is None and stop is None and threading.current_thread() is threading.main_thread()
     if from_runner:
+        runner = bytewax_run_args()
+        if (layout_error := bytewax_run_layout_error(runner)) is not None:  # -w 2 or -a: before anything else
+            _refuse_under_runner(layout_error)
         # built by `python -m bytewax.run dataflows.live:live_flow`: Ctrl-C and SIGTERM stop
         # in order there too, instead of through a Rust panic (dataflows/runner.py)
         stop = StopSignals().running().requested
-        recovery_dir = bytewax_run_recovery_dir()  # its -r, checked below as `recsys run` checks its own
+        recovery_dir = bytewax_run_recovery_dir(runner)  # its -r, checked below as `recsys run` checks its own
     settings = settings or Settings.from_env(os.environ).for_shard()
     clients = clients if clients is not None else KafkaClients(settings)
     if from_runner:  # `recsys run` checks these before it calls here

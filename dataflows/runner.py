@@ -11,6 +11,7 @@ read the catalog.
 
 from __future__ import annotations
 
+import argparse
 import io
 import pickle
 import shutil
@@ -172,18 +173,46 @@ class StateBehindRecoveryError(RuntimeError):
     the flow would skip those messages for good."""
 
 
-def bytewax_run_recovery_dir() -> str | None:
-    """The recovery directory this process was given by ``python -m bytewax.run ... -r DIR`` (or
-    its ``BYTEWAX_RECOVERY_DIRECTORY``); None when Bytewax's runner did not start this process, or
-    started it without recovery. Read with the runner's own parser, from the same ``sys.argv`` it
-    parsed a moment before, so the two cannot disagree."""
+def bytewax_run_args() -> argparse.Namespace | None:
+    """The command line of ``python -m bytewax.run`` that started this process (with its
+    ``BYTEWAX_*`` variables); None when Bytewax's runner did not start it. Read with the
+    runner's own parser, from the same ``sys.argv`` it parsed a moment before, so the two cannot
+    disagree."""
     main = sys.modules.get("__main__")
     if getattr(getattr(main, "__spec__", None), "name", None) != "bytewax.run":
         return None
     from bytewax.run import _parse_args  # private, but the one definition of that command line
 
-    found = _parse_args().recovery_directory
+    return _parse_args()
+
+
+def bytewax_run_recovery_dir(args: argparse.Namespace | None) -> str | None:
+    """The recovery directory of Bytewax's runner command line ``args`` (its ``-r``); None
+    without one, or without ``args``."""
+    found = None if args is None else args.recovery_directory
     return None if found is None else str(found)
+
+
+def bytewax_run_layout_error(args: argparse.Namespace | None) -> str | None:
+    """Why Bytewax's runner command line ``args`` cannot run the live flow, or None: the flow
+    is one worker in one process. More workers a process (``-w``) would call the one engine from
+    a thread each, and it is not made to be shared between threads; more processes in a Bytewax
+    cluster (``-a``) would each read a share of the catalog topic, and on one machine open one
+    state directory. Scale-out is ``recsys run --processes N``: independent shards, each such a
+    flow (module docstring)."""
+    if args is None:
+        return None
+    how = ("the flow runs one worker in one process; leave that out, and scale out with `recsys run --processes N` "
+           "(or one `recsys run --shards N --shard i` a process)")
+    workers = args.workers_per_process or 1
+    if workers > 1:
+        return (f"-w {workers} would run {workers} workers in this process, each calling the one engine from a thread "
+                f"of its own, and the engine is not made to be shared between threads: {how}")
+    processes = [a for a in (args.addresses or "").split(";") if a.strip()]
+    if len(processes) > 1:
+        return (f"-a names {len(processes)} processes of one Bytewax cluster, which would each read a share of the "
+                f"catalog topic (and on one machine open one state directory): {how}")
+    return None
 
 
 def _resumed_snapshots(recovery_dir: str | None) -> dict[tuple[str, str], list[tuple[int, bytes | None]]]:

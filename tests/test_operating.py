@@ -371,6 +371,29 @@ def test_no_broker_under_the_bytewax_runner_is_said_within_10_s_in_one_line(tmp_
     assert not (tmp_path / "state").exists()
 
 
+@pytest.mark.parametrize("flags, extra_env, named", [
+    (["-w", "2"], {}, "-w 2 would run 2 workers"),
+    ([], {"BYTEWAX_WORKERS_PER_PROCESS": "3"}, "-w 3 would run 3 workers"),
+    (["-i", "0", "-a", f"{HOST}:2101;{HOST}:2102"], {}, "-a names 2 processes"),
+])
+def test_more_than_one_worker_under_the_bytewax_runner_is_refused_in_one_line(tmp_path, flags, extra_env, named):
+    """The flow is one worker in one process (dataflows/runner.py): its engine is one object,
+    not made to be called from two threads, and a Bytewax cluster's processes would each read a
+    share of the catalog. Until 2026-12-06 (forty-fourth session) `-w 2` ran two workers on one
+    engine, each calling it from its own thread with the partitions it was given (seen with a
+    probe in the step: two thread ids, batches of 1,000 at once), and `-a` was not looked at.
+    Refused first, before the broker is asked (none listens here) or anything loads."""
+    port = _free_port()  # nothing listens there: the refusal must come before the broker check
+    env = {**os.environ, "RECSYS_BOOTSTRAP_SERVERS": f"{HOST}:{port}", "RECSYS_STATE_DIR": str(tmp_path / "state"),
+           "RUST_BACKTRACE": "0", **extra_env}
+    done = subprocess.run([sys.executable, "-m", "bytewax.run", *flags, "dataflows.live:live_flow"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    line = _one_line_failure(done, "python -m bytewax.run dataflows.live:live_flow: ", named)
+    assert "recsys run --processes N" in line, line
+    assert done.stdout == ""
+    assert not (tmp_path / "state").exists()
+
+
 def _tmpfs(where: Path, options: str, needed_for: str) -> Iterator[Path]:
     """A tmpfs mounted at ``where`` with ``options`` while the test runs (mounting needs root:
     the test is skipped where that is refused)."""
