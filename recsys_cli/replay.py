@@ -134,7 +134,8 @@ def build_baselines(names: list[str], engine, repeat_items: set[str], seed: int,
     from recsys.backtest.trained_baselines import BPRMFBaseline
 
     def vectors(item_ids: list[str]):
-        return engine.items.index.vectors(item_ids)
+        # a zero row for an item the catalog lacks (admitted without text): content leaves it out
+        return engine.items.index.vectors_or_zero(item_ids)
 
     factories = {
         "popularity": lambda: PopularityBaseline(repeat_items=repeat_items),
@@ -228,6 +229,10 @@ def run_replay(args: argparse.Namespace) -> int:
         print(f"  skipped {n} row(s): {reason}", flush=True)
     for example in ds.examples[:5]:
         print(f"    e.g. {example}", flush=True)
+    if lacking := ds.items_not_in_catalog():
+        print(f"  {len(lacking)} item(s) the events name are not in the catalog (e.g. {lacking[0]!r}): the full "
+              f"system admits them without text, as RECSYS_UNKNOWN_ITEMS=admit does live; content-based models "
+              f"cannot recommend them", flush=True)
 
     # heavy imports (torch via the engine) only once the arguments and the data are good
     from dataflows.live import settle_heap

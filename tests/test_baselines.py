@@ -227,6 +227,27 @@ def test_content_model_asks_a_vector_function_once_per_batch_for_new_items_only(
     assert set(m.recommend(["u"], k=3, now_ts=5)[0]) == {"i1", "i2", "i5"}
 
 
+def test_content_model_leaves_out_items_its_function_has_no_vector_for():
+    """A zero row from the vector function means no vector: an item the catalog lacks (a replay
+    admits such items without text). Until 2026-12-06 (forty-fourth session) the replay's
+    function raised KeyError for them, and `recsys replay --models content` stopped in a
+    traceback on any log naming an item its catalog lacks; a zero row would have been indexed,
+    and ranked above every item less like the shopper than nothing."""
+    known = {"a": [1.0, 0.0], "b": [0.9, 0.1], "c": [-1.0, 0.0]}
+    calls = []
+
+    def vectors(ids):
+        calls.append(list(ids))
+        return np.asarray([known.get(i, [0.0, 0.0]) for i in ids], dtype=np.float32)
+
+    m = ContentBaseline(vectors, fill_half_life_h=None)
+    m.learn([ev(0, "u", "a"), ev(1, "v", "x"), ev(2, "v", "b"), ev(3, "w", "c")])
+    m.learn([ev(4, "v", "x")])  # asked once: it has no vector now, nor later
+    assert calls == [["a", "x", "b", "c"]]
+    assert m.recommend(["u"], k=3, now_ts=5) == [["a", "b", "c"]]
+    assert m.recommend(["v"], k=3, now_ts=5) == [["a", "b", "c"]]  # who touched it too
+
+
 def test_river_mf_personalises_against_popularity():
     # g2 items are more popular overall; "me" only ever touches g1 items (the first two of them),
     # so g1 items should fill most of me's top 4, where popularity alone would put none

@@ -466,7 +466,10 @@ class ContentBaseline(_Baseline):
 
     ``vectors`` is either a dict item id -> vector (every key is recommendable from the start,
     even before anyone touches it) or a callable mapping a list of new item ids to an
-    ``(n, d)`` array, called once per ``learn`` batch for items first seen there. The user's
+    ``(n, d)`` array, called once per ``learn`` batch for items first seen there. A zero row (or
+    vector) means there is none: an item without text, such as one a replay admits because its
+    catalog lacks it. Such an item is never recommended by content, adds nothing to a profile,
+    and is not asked for again. The user's
     vector averages their last ``history`` item vectors with weights halving every
     ``half_life_h`` hours back from their latest event. All users of a ``recommend`` call are
     searched in one faiss query (exact ``IndexFlatIP``; ``hnsw_m`` switches to approximate
@@ -498,6 +501,7 @@ class ContentBaseline(_Baseline):
         self._index: Any = None  # faiss index, built at the first vectors (dimension known then)
         self._row_item: list[int] = []  # faiss row -> item index
         self._item_row: dict[int, int] = {}
+        self._no_vector: set[int] = set()  # items whose vector was a zero row
         self._matrix: list[np.ndarray] = []  # rows, for the user vectors
         self._history: dict[str, deque[tuple[int, int]]] = {}  # user -> (row, ts)
         if callable(vectors):
@@ -519,7 +523,10 @@ class ContentBaseline(_Baseline):
                 self._index = faiss.IndexFlatIP(d)
         for item_id, row in zip(item_ids, mat):
             idx = self._items.add(item_id)
-            if idx in self._item_row:
+            if idx in self._item_row or idx in self._no_vector:
+                continue
+            if not row.any():  # no vector: nothing to find it by, nothing it says about a shopper
+                self._no_vector.add(idx)
                 continue
             self._item_row[idx] = len(self._row_item)
             self._row_item.append(idx)
@@ -532,7 +539,8 @@ class ContentBaseline(_Baseline):
         if self._fn is not None:
             new = list(dict.fromkeys(
                 ev.item_id for ev in events
-                if ev.item_id is not None and self._items.pos.get(ev.item_id) not in self._item_row
+                if ev.item_id is not None and (idx := self._items.pos.get(ev.item_id)) not in self._item_row
+                and idx not in self._no_vector
             ))
             if new:
                 self._add_vectors(new, self._fn(new))

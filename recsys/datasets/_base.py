@@ -68,6 +68,18 @@ class Dataset:
         }
 
 
+    def items_not_in_catalog(self) -> list[str]:
+        """The item ids the events name that the catalog lacks, sorted (a replay admits them
+        without text).
+
+        >>> Dataset("tiny", [Event("t:1", "click", "u", "i2", 1), Event("t:2", "click", "u", "i1", 2)],
+        ...         [CatalogItem("i1", "item i1")]).items_not_in_catalog()
+        ['i2']
+        """
+        known = {c.item_id for c in self.catalog}
+        return sorted({e.item_id for e in self.events if e.item_id is not None and e.item_id not in known})
+
+
 def _iso(ts: int | None) -> str | None:
     return None if ts is None else datetime.fromtimestamp(ts / 1000, UTC).isoformat().replace("+00:00", "Z")
 
