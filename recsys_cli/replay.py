@@ -186,11 +186,13 @@ def _check_args(args: argparse.Namespace) -> None:
     query_log = getattr(args, "task", "recommend") == "search" and getattr(args, "query_log", None)
     if args.format != "completejourney" and not args.events and not query_log:  # a query log is its own input
         raise SystemExit(f"recsys replay: --events PATH is required for --format {args.format}")
-    for flag, path in (("--events", args.events), ("--catalog", args.catalog)):
+    for flag, path in (("--events", args.events), ("--catalog", args.catalog), ("--query-log", query_log or None)):
         if path is None or (flag == "--events" and args.format == "completejourney" and path == "-"):
             continue
         if not os.path.exists(path):
             raise SystemExit(f"recsys replay: {flag} {path}: no such file or directory; check the path")
+        if os.path.isdir(path) and flag == "--query-log":
+            raise SystemExit(f"recsys replay: {flag} {path} is a directory; it reads one CSV file")
         if os.path.isdir(path) and (flag == "--catalog" or args.format not in DIRECTORY_FORMATS):
             raise SystemExit(f"recsys replay: {flag} {path} is a directory; --format {args.format} reads a file here")
     # the report is written after the whole backtest, the state and embeddings from its start:
@@ -229,6 +231,12 @@ def run_replay(args: argparse.Namespace) -> int:
         print(f"  skipped {n} row(s): {reason}", flush=True)
     for example in ds.examples[:5]:
         print(f"    e.g. {example}", flush=True)
+    if not ds.events:  # nothing to measure: no report of zeros, as if each model had been measured
+        skipped = sum(ds.skipped.values())
+        raise SystemExit(f"recsys replay: no event to replay in --events {args.events}"
+                         + (f" ({skipped} row(s) skipped, above)" if skipped else " (it holds no rows)")
+                         + f"; check the file, --format {args.format}"
+                         + (" and --map" if args.format == "csv" else "") + (" and --limit" if args.limit else ""))
     if lacking := ds.items_not_in_catalog():
         print(f"  {len(lacking)} item(s) the events name are not in the catalog (e.g. {lacking[0]!r}): the full "
               f"system admits them without text, as RECSYS_UNKNOWN_ITEMS=admit does live; content-based models "

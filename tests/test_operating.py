@@ -551,6 +551,50 @@ def test_a_wrong_argument_or_file_is_one_line(args, words, tmp_path):
     _one_line_failure(_recsys(*args, timeout=60), *words)
 
 
+def test_a_replay_with_no_event_to_replay_is_one_line_and_writes_no_report(tmp_path):
+    """An empty event file, or one whose every row is refused (a wrong --format or --map reads
+    like that), has nothing to measure. Until 2026-12-06 (forty-fourth session) the replay wrote
+    a report and a metrics.json of zeros for every model, as if each had been measured and
+    found useless."""
+    empty, refused = tmp_path / "empty.jsonl", tmp_path / "refused.jsonl"
+    empty.write_text("")
+    refused.write_text('not json\n{"event_id": "e1", "type": "teleport", "user_id": "u", "ts": 1, "item_id": "i"}\n')
+    for events, words in ((empty, ["no event to replay", str(empty)]),
+                          (refused, ["no event to replay", str(refused), "2 row(s) skipped", "--format jsonl"])):
+        out = tmp_path / f"out-{events.stem}"
+        done = _recsys("replay", "--format", "jsonl", "--events", str(events), "--models", "popularity", "--out", str(out))
+        # stderr also holds the load's progress bar ("empty.jsonl: 0 rows [...]"): the rest is one line
+        done.stderr = "\n".join(line for line in done.stderr.splitlines() if " rows [" not in line)
+        _one_line_failure(done, *words)
+        assert not (out / "metrics.json").exists()
+
+
+def test_a_query_log_that_cannot_be_read_or_holds_no_search_is_one_line(tmp_path):
+    """`recsys replay --task search --query-log FILE`, a shop's own search log: until 2026-12-06
+    (forty-fourth session) a missing file, a directory, a column the log lacks and a mapping
+    without a required field each stopped in a Python traceback, and a log with no search (or
+    none with an engaged item: nothing to score) wrote a report of zeros."""
+    log, header_only = tmp_path / "log.csv", tmp_path / "header.csv"
+    log.write_text("uid,q,qt,item,et\nu1,red shoe,1000,i9,5000\n")
+    header_only.write_text("uid,q,qt,item,et\n")
+    mapped = ["--map", "user_id=uid", "--map", "query=q", "--map", "query_ts=qt"]
+    cases = [
+        ([str(tmp_path / "nope.csv"), *mapped], ["--query-log", "nope.csv", "no such file"]),
+        ([str(tmp_path), *mapped], ["--query-log", "is a directory"]),
+        ([str(log), "--map", "user_id=user", "--map", "query=q", "--map", "query_ts=qt"],
+         ["cannot read --query-log", "lacks column(s) ['user']"]),
+        ([str(log), "--map", "query=q"], ["cannot read --query-log", "missing column name(s)", "--map FIELD=COLUMN"]),
+        ([str(header_only), *mapped], ["no search to replay in --query-log", "header.csv"]),
+        ([str(log), *mapped], ["no search in --query-log", "has an engaged item", "--map item_id=COLUMN"]),
+    ]
+    for i, (args, words) in enumerate(cases):
+        out = tmp_path / f"out{i}"
+        done = _recsys("replay", "--task", "search", "--query-log", *args, "--out", str(out))
+        done.stderr = "\n".join(line for line in done.stderr.splitlines() if " rows [" not in line)  # progress
+        _one_line_failure(done, *words)
+        assert not (out / "metrics.json").exists()
+
+
 def test_tail_of_a_missing_topic_is_one_line_naming_the_topic(local_broker):
     done = _recsys("tail", "--topic", "no-such-topic-anywhere", "--bootstrap-servers", local_broker.bootstrap)
     line = _one_line_failure(done, "'no-such-topic-anywhere'", "does not exist", local_broker.bootstrap)
