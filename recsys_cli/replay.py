@@ -198,7 +198,11 @@ def _check_args(args: argparse.Namespace) -> None:
     # the report is written after the whole backtest, the state and embeddings from its start:
     # a directory that cannot be written is refused now, not by a traceback at the end
     embed_cache_dir = args.embed_cache_dir or settings_or_fail("replay").embed_cache_dir
-    require_writable("replay", {"--out": args.out, "--state-dir": args.state_dir, "--embed-cache-dir": embed_cache_dir})
+    if args.emit and os.path.isdir(args.emit):
+        raise SystemExit(f"recsys replay: --emit {args.emit} is a directory; give a file for the recommendations")
+    emit_dir = os.path.dirname(os.path.abspath(args.emit)) if args.emit else None  # opened once the engine has loaded
+    require_writable("replay", {"--out": args.out, "--state-dir": args.state_dir, "--embed-cache-dir": embed_cache_dir,
+                                f"--emit {args.emit}: its directory": emit_dir})
 
 
 def run_replay(args: argparse.Namespace) -> int:

@@ -417,14 +417,19 @@ def read_only_disk(tmp_path) -> Iterator[Path]:
     (["run"], "--state-dir"), (["run"], "--recovery-dir"), (["run"], "--embed-cache-dir"),
     (["trainer"], "--state-dir"),
     (["replay", "--format", "jsonl", "--events", "README.md", "--models", "popularity"], "--out"),
-], ids=["run-state", "run-recovery", "run-embeddings", "trainer-state", "replay-out"])
+    (["replay", "--format", "jsonl", "--events", "README.md", "--models", "full-system"], "--emit"),
+], ids=["run-state", "run-recovery", "run-embeddings", "trainer-state", "replay-out", "replay-emit"])
 def test_a_directory_that_cannot_be_written_is_refused_in_one_line_before_anything_loads(
         command, flag, read_only_disk, tmp_path):
     """A read-only volume (or a directory of another user) under the state, the recovery store,
     the embedding cache or a backtest's report: each ended in a traceback, `recsys run` after
-    loading the model, `recsys replay` after the whole backtest. Now one line, before loading."""
+    loading the model, `recsys replay` after the whole backtest. Now one line, before loading.
+    `--emit FILE` (the replay's recommendations) was opened after the engine had loaded the
+    catalog, in a traceback, until 2026-12-06 (forty-fourth session)."""
     where = read_only_disk / "here"
     args = [*command, flag, str(where)]
+    if flag == "--emit":
+        args += ["--out", str(tmp_path / "out")]
     if command[0] != "replay":  # the other directories writable; refused before the broker is asked
         args += ["--bootstrap-servers", f"{HOST}:{_free_port()}"]
         for other in ("--state-dir", "--recovery-dir", "--embed-cache-dir"):
