@@ -10,6 +10,7 @@ so a replay survives a crash like the live flow.
 from __future__ import annotations
 
 import itertools
+import signal
 import time
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -91,11 +92,18 @@ def replay_full_system(
     model_name: str = "full-system",
     on_recommendations: Callable[[list[tuple[str | None, bytes]]], None] | None = None,
     progress: bool = True,
+    stop_on_signals: bool = False,
 ) -> dict[str, int]:
     """Run the live graph over ``events`` with ``engine`` (evaluate mode) feeding ``scorer``.
 
     Returns the outputs' counts and ``scoring_s``, the seconds the scorer took (the metrics);
-    the engine's own time per phase is in ``engine.phase_totals``."""
+    the engine's own time per phase is in ``engine.phase_totals``.
+
+    ``stop_on_signals`` (the main thread only: ``recsys replay``): Ctrl-C or SIGTERM ends the
+    replay's input at the next batch, as the live flow's stop does (:class:`dataflows.runner.StopSignals`;
+    an interrupt raised inside the run would come back as Bytewax's panic, its backtrace on
+    stderr), and then raises ``KeyboardInterrupt``: a replay cut short measured nothing. The
+    signal handlers in place before are put back."""
     counts: dict[str, Any] = {"recommendations": 0, "dead_letters": 0, "scoring_s": 0.0}
     bar = tqdm(total=len(events), disable=not progress, desc="replay (bytewax)", unit="ev", mininterval=1.0)
 
@@ -114,14 +122,27 @@ def replay_full_system(
     def dead(items: list[tuple[str | None, bytes]]) -> None:
         counts["dead_letters"] += len(items)
 
+    stop = None
+    if stop_on_signals:
+        from dataflows.runner import StopSignals, stoppable
+
+        before = {sig: signal.getsignal(sig) for sig in StopSignals.SIGNALS}
+        stop = StopSignals().running().requested
     flow = build_flow(
         "recsys_replay",
-        events=ReplaySource(events, batch_size),
+        events=ReplaySource(events, batch_size) if stop is None else stoppable(ReplaySource(events, batch_size), stop),
         recommendations=CallbackSink(recs),
         dead_letters=CallbackSink(dead),
         scored=CallbackSink(scored),
         shard_factory=lambda: engine,
     )
-    run_main(flow)
+    try:
+        run_main(flow)
+    finally:
+        if stop is not None:
+            for sig, handler in before.items():
+                signal.signal(sig, handler)
     bar.close()
+    if stop is not None and stop.is_set():
+        raise KeyboardInterrupt()
     return counts

@@ -659,6 +659,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"recsys {args.command}: interrupted", file=sys.stderr, flush=True)
         return 130
+    except RuntimeError as exc:  # a Bytewax flow (a replay) returns the interrupt wrapped in its own error
+        if not _interrupted(exc):
+            raise
+        print(f"recsys {args.command}: interrupted", file=sys.stderr, flush=True)
+        return 130
     finally:
         for sig, handler in previous.items():
             if handler is not None:

@@ -343,6 +343,7 @@ def run_replay(args: argparse.Namespace) -> int:
                     done = replay_full_system(
                         shard_engine, events, scorer, batch_size=args.batch_size,
                         on_recommendations=(lambda items: emitted.writelines(v + b"\n" for _, v in items)) if emitted else None,
+                        stop_on_signals=True,  # Ctrl-C: "interrupted" in one line, not Bytewax's panic
                     )
                     counts = {k: counts.get(k, 0) + v for k, v in done.items()}
                     phases.update(shard_engine.phase_totals)

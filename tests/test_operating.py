@@ -691,6 +691,28 @@ def test_ctrl_c_in_the_demo_stops_the_flow_once_in_order_and_the_broker(children
         os.kill(tansu_pid, 0)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_during_a_replay_is_one_line(sig, tmp_path, children):
+    """Ctrl-C (or SIGTERM) while `recsys replay` runs the Bytewax replay: until 2026-12-06
+    (forty-fourth session) the interrupt, raised inside the flow's step, came back wrapped in
+    Bytewax's "error calling `mapper`" and the replay ended in a traceback with status 1."""
+    catalog = generate_catalog(50, seed=21)
+    events_file, catalog_file = tmp_path / "events.jsonl", tmp_path / "catalog.jsonl"
+    events_file.write_bytes(b"\n".join(encode(e) for e in generate_events(60_000, catalog, n_users=500, seed=22)) + b"\n")
+    catalog_file.write_bytes(b"\n".join(encode(c) for c in catalog) + b"\n")
+    replay = Child([*RECSYS, "replay", "--events", str(events_file), "--catalog", str(catalog_file),
+                    "--models", "full-system", "--batch-size", "100", "--embed-cache-dir", str(tmp_path / "emb"),
+                    "--out", str(tmp_path / "out")])
+    children.append(replay)
+    replay.wait_for("replay (bytewax)", READY_TIMEOUT_S)
+    time.sleep(1.5)
+    code, took = replay.stop_with(sig)
+    assert code == 130 and took < STOP_TIMEOUT_S, replay.output
+    assert "Traceback" not in replay.output and "panicked" not in replay.output, replay.output
+    assert replay.lines[-1] == "recsys replay: interrupted", replay.output
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_stops_the_flow_under_the_bytewax_runner_in_order(sig, local_broker, topic_name, tmp_path, children):
