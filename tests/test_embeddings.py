@@ -165,3 +165,41 @@ def test_loading_the_model_prints_no_progress_bar_of_its_own(tmp_path: Path, cap
     out, err = capfd.readouterr()
     assert "Loading weights" not in out + err and "it/s" not in err, err
     assert hf_logging.is_progress_bar_enabled()  # the process's own choice is left as it was
+
+
+def test_an_interrupt_as_the_cache_closes_leaves_the_embedder_closable(tmp_path: Path, monkeypatch) -> None:
+    """A signal's KeyboardInterrupt lands between two lines of Python: after the cache's close
+    and before the handle was dropped, `recsys run` stopped by SIGTERM while the catalog was
+    being embedded, then closing the engine closed the cache again: `DbClosedError`, a
+    traceback instead of the one-line stop (until 2026-12-06, forty-fourth session)."""
+    from rocksdict import Rdict
+
+    import recsys.items.embeddings as embeddings
+
+    class InterruptedAtClose:
+        """The cache, with a signal arriving just as its close returns."""
+
+        def __init__(self, *args, **kwargs) -> None:
+            self._db = Rdict(*args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self._db, name)
+
+        def __getitem__(self, key):
+            return self._db[key]
+
+        def __setitem__(self, key, value) -> None:
+            self._db[key] = value
+
+        def close(self) -> None:
+            self._db.close()
+            raise KeyboardInterrupt()
+
+    emb = Embedder(cache_dir=tmp_path / "cache")
+    monkeypatch.setattr(embeddings, "Rdict", InterruptedAtClose)
+    with pytest.raises(KeyboardInterrupt):
+        emb.embed(["a wool sock"])
+    emb.close()  # nothing left open: no second close
+    monkeypatch.undo()
+    assert emb.embed(["a wool sock"]).shape == (1, 384)  # the cache opens again, and answers
+    emb.close()

@@ -249,8 +249,7 @@ class Embedder:
         try:
             yield
         finally:
-            self._db.close()
-            self._db = None
+            self._close_cache()
 
     # ----------------------------------------------------------------- embedding
 
@@ -412,10 +411,16 @@ class Embedder:
 
     def close(self) -> None:
         """Close the cache (the model, if loaded, is simply dropped)."""
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+        self._close_cache()
         self._model = None
+
+    def _close_cache(self) -> None:
+        """The handle dropped before it is closed: a signal's KeyboardInterrupt raised as the
+        close returns (Ctrl-C or SIGTERM while a catalog embeds) leaves nothing for the next
+        close to close again (RocksDB's `DbClosedError`, until 2026-12-06)."""
+        db, self._db = self._db, None
+        if db is not None:
+            db.close()
 
     def __enter__(self) -> "Embedder":
         return self
