@@ -42,6 +42,13 @@ _PR_SET_PDEATHSIG = 1
 STOP_GRACE_S = 30.0
 #: The exit status of a shard stopped before its flow started (`recsys run` while loading).
 INTERRUPTED = 130
+#: ... and the statuses such a stop ends with: 130, or death by SIGINT. CPython (3.11, 3.12)
+#: ends a `python -m` process, as each shard is, by re-raising SIGINT at exit when a
+#: KeyboardInterrupt ever left code run by `exec` of a string, even one caught later (a sticky
+#: flag; a script run by path exits 130 all the same): a signal landing in such code while the
+#: model loads, a library's generated code for instance. Seen once in ~30 stops timed across the
+#: load; the supervisor then exited 254 (-2), a failure, until 2026-12-06.
+STOPPED_WHILE_LOADING = (INTERRUPTED, -signal.SIGINT)
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
@@ -180,7 +187,7 @@ def run_shards(settings: Settings, processes: int, *, emit: Callable[[str], None
                         say(f"[{shard.name}] still running {STOP_GRACE_S:.0f} s after the stop: killed")
                         shard.proc.kill()
                     continue
-                if stopping.is_set() and codes[shard.index] == INTERRUPTED:
+                if stopping.is_set() and codes[shard.index] in STOPPED_WHILE_LOADING:
                     codes[shard.index] = 0  # stopped while loading, as asked
                 if codes[shard.index] != 0 and not stopping.is_set():
                     say(f"[{shard.name}] exited with status {codes[shard.index]}: stopping the other shards")
