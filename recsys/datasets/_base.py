@@ -67,7 +67,6 @@ class Dataset:
             "examples": list(self.examples),
         }
 
-
     def items_not_in_catalog(self) -> list[str]:
         """The item ids the events name that the catalog lacks, sorted (a replay admits them
         without text).
