@@ -243,8 +243,8 @@ def run_replay(args: argparse.Namespace) -> int:
                          + (" and --map" if args.format == "csv" else "") + (" and --limit" if args.limit else ""))
     if lacking := ds.items_not_in_catalog():
         print(f"  {len(lacking)} item(s) the events name are not in the catalog (e.g. {lacking[0]!r}): the full "
-              f"system admits them without text, as RECSYS_UNKNOWN_ITEMS=admit does live; content-based models "
-              f"cannot recommend them", flush=True)
+              f"system admits them as it meets them, titled by their id, as RECSYS_UNKNOWN_ITEMS=admit does live; "
+              f"the baselines that read item text have none for them", flush=True)
 
     # heavy imports (torch via the engine) only once the arguments and the data are good
     from dataflows.live import settle_heap
