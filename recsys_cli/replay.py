@@ -244,7 +244,7 @@ def run_replay(args: argparse.Namespace) -> int:
     if lacking := ds.items_not_in_catalog():
         print(f"  {len(lacking)} item(s) the events name are not in the catalog (e.g. {lacking[0]!r}): the full "
               f"system admits them as it meets them, titled by their id, as RECSYS_UNKNOWN_ITEMS=admit does live; "
-              f"the baselines that read item text have none for them", flush=True)
+              f"the content baseline has no vector for them", flush=True)
 
     # heavy imports (torch via the engine) only once the arguments and the data are good
     from dataflows.live import settle_heap
