@@ -994,6 +994,15 @@ class ProduceError(RuntimeError):
                          f"({type(cause).__name__}: {cause})")
 
 
+class ProduceInterrupted(KeyboardInterrupt):
+    """:func:`produce_records` stopped by Ctrl-C or SIGTERM: the first ``sent`` records were
+    handed to the producer, and its close sent them before this was raised; none after them."""
+
+    def __init__(self, topic: str, sent: int) -> None:
+        self.topic, self.sent = topic, sent
+        super().__init__(f"{sent} records sent to {topic!r} before the stop")
+
+
 def produce_records(
     clients: KafkaClientFactory,
     topic: str,
@@ -1006,7 +1015,8 @@ def produce_records(
     Pacing sleeps to keep the i-th record at or after ``i / rate`` seconds from the start,
     so bursts after a slow step are caught up rather than lost. A record over the producer's
     largest request raises, or with ``too_large(value, error)`` is handed to it, unsent and
-    uncounted, and the rest go on. Sends the broker never acknowledges raise :class:`ProduceError`.
+    uncounted, and the rest go on. Sends the broker never acknowledges raise :class:`ProduceError`;
+    a stop (``KeyboardInterrupt``) raises :class:`ProduceInterrupted`, with the count sent.
     """
     from kafka.errors import KafkaError, MessageSizeTooLargeError
 
@@ -1038,6 +1048,8 @@ def produce_records(
                 futures = []
         producer.flush(timeout=PRODUCE_FLUSH_TIMEOUT_S)
         _raise_failures(futures)
+    except KeyboardInterrupt:  # what was handed to the producer is still sent: the close below flushes it
+        raise ProduceInterrupted(topic, count) from None
     except KafkaError as exc:
         if isinstance(exc, MessageSizeTooLargeError):
             raise

@@ -326,6 +326,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
 
     at = [0]  # the line being sent
     refused: list[int] = []
+    yielded = [0, 0, 0]  # records handed out, the line of the last one, the line of the one before
 
     def records():
         with open(args.file, "rb") as fh:
@@ -337,6 +338,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
                     key = orjson.loads(line).get(key_field)
                 except (orjson.JSONDecodeError, AttributeError):
                     key = None  # still sent: the flow dead-letters it with a reason
+                yielded[:] = [yielded[0] + 1, at[0], yielded[1]]
                 yield (str(key).encode() if key is not None else None, line)
 
     def too_large(value: bytes, _exc: Exception) -> None:  # the broker would refuse it too: named, skipped
@@ -346,11 +348,18 @@ def cmd_produce(args: argparse.Namespace) -> int:
         print(f"recsys produce: line {at[0]} of {args.file}: {len(value):,} bytes, larger than the largest record the "
               f"producer sends (max_request_size {KafkaProducer.DEFAULT_CONFIG['max_request_size']:,} bytes); not sent", file=sys.stderr)
 
-    from dataflows.kafka_io import ProduceError
+    from dataflows.kafka_io import ProduceError, ProduceInterrupted
 
     start = time.perf_counter()
     try:
         n = produce_records(KafkaClients(settings), topic, records(), rate=args.rate, too_large=too_large)
+    except ProduceInterrupted as exc:  # Ctrl-C or SIGTERM: say where to go on from
+        # the last record handed out was sent (or refused) unless the stop came between its read and its send
+        through = yielded[1] if exc.sent + len(refused) == yielded[0] else yielded[2]
+        sent = f"lines 1-{through} of {args.file} were sent" if through else f"no line of {args.file} was sent"
+        fail("produce", f"interrupted: {sent} ({exc.sent} records to {topic!r}), the lines after them were not; to "
+                        f"send the rest: tail -n +{through + 1} {args.file} > rest.jsonl, then recsys produce rest.jsonl",
+             130)
     except ProduceError as exc:  # the broker went away: kafka-python gives up after its timeouts (60-120 s)
         fail("produce", f"the broker at {settings.bootstrap_servers} stopped answering (by line {at[0]} of "
                         f"{args.file}): {exc}. Which records are missing is not known line by line: check with "

@@ -289,6 +289,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_a_stopped_produce_says_how_far_it_sent_and_the_topic_holds_exactly_that(local_broker, topic_name, tmp_path,
+                                                                                  children):
+    """SIGTERM to `recsys produce FILE --rate N` part way: until 2026-12-06 (forty-fourth session)
+    it said only "recsys produce: interrupted", and an operator could not tell where to go on.
+    Now one line says through which line of the file the records were sent (the producer's
+    close sends what it was handed), and the topic holds exactly those lines."""
+    topic = topic_name("stopped-produce")
+    ensure_topics(local_broker.bootstrap, {topic: 2})
+    lines = [encode(e) for e in generate_events(400, generate_catalog(20, seed=3), n_users=20, seed=4)]
+    lines.insert(5, b"")  # an empty line is skipped, not counted, and still numbered
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    produce = Child([*RECSYS, "produce", str(path), "--topic", topic, "--rate", "100",
+                     "--bootstrap-servers", local_broker.bootstrap])
+    children.append(produce)
+    time.sleep(2.5)  # ~100 records out of 400
+    code, _ = produce.stop_with(signal.SIGTERM)
+    assert code == 130, produce.output
+    said = re.search(rf"recsys produce: interrupted: lines 1-(\d+) of {re.escape(str(path))} were sent \((\d+) records "
+                     rf"to {re.escape(repr(topic))}\), the lines after them were not; to send the rest: "
+                     rf"tail -n \+(\d+) ", produce.lines[-1])
+    assert said, produce.output
+    through, sent, rest = (int(g) for g in said.groups())
+    assert 0 < sent < 400 and rest == through + 1
+    assert sent == sum(1 for line in lines[:through] if line)
+    on_topic = consume_all(KafkaClients.for_bootstrap(local_broker.bootstrap), topic)
+    assert sorted(r.value for r in on_topic) == sorted(line for line in lines[:through] if line)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_to_recsys_broker_stops_the_broker_process_too(sig, children):
     port = _free_port()
