@@ -12,6 +12,8 @@ read the catalog.
 from __future__ import annotations
 
 import argparse
+import errno
+import fcntl
 import io
 import pickle
 import shutil
@@ -343,10 +345,31 @@ def check_state_against_recovery(
     )
 
 
+def open_elsewhere(path: Path) -> list[Path]:
+    """The RocksDB databases under ``path`` that another process has open: RocksDB holds an
+    ``fcntl`` lock on a database's ``LOCK`` file for as long as it is open, which a test lock
+    taken here, and released at once, runs into."""
+    held = []
+    for lock in sorted(path.rglob("LOCK")) if path.is_dir() else ():
+        try:
+            with open(lock, "r+b") as fh:
+                fcntl.lockf(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when fh closes
+        except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EAGAIN):
+                held.append(lock.parent)
+    return held
+
+
 def wipe_for_rebuild(state_dir: str, recovery_dir: str | None) -> list[str]:
     """Delete the state and recovery directories so the next start replays every topic from its
     earliest offset into fresh state (``recsys run --rebuild-state``); returns what was removed.
-    Refuses a directory that holds the working directory or the home directory."""
+    Refuses a directory that holds the working directory or the home directory, and a state
+    directory a running flow has open (until 2026-12-06 it deleted that flow's directories and
+    ran beside it from the earliest offsets, sending every recommendation again)."""
+    for d in (state_dir, recovery_dir):
+        if d and (held := open_elsewhere(Path(d).resolve())):
+            raise ValueError(f"--rebuild-state: {held[0]} is open in another process (its RocksDB lock is held): stop "
+                             f"the `recsys run` on {state_dir} first; nothing was deleted")
     removed = []
     for d in (state_dir, recovery_dir):
         if not d:

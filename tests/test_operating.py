@@ -823,7 +823,7 @@ def test_a_broker_gone_while_the_catalog_is_read_at_start_is_one_line(topic_name
     assert flow.lines[-1].startswith(f"recsys run: no Kafka broker answered at {broker.bootstrap}"), flow.output
 
 
-def test_a_second_run_on_the_same_state_directory_is_one_line(local_broker, topic_name, tmp_path, children):
+def test_a_second_run_or_a_rebuild_on_the_same_state_directory_is_one_line(local_broker, topic_name, tmp_path, children):
     """Two ``recsys run`` on one state directory (an operator's slip): RocksDB lets one process in,
     and the second ended in a traceback around ``StoreOpenError``. Now one line naming the
     directory and what to do; the first runs on."""
@@ -838,6 +838,18 @@ def test_a_second_run_on_the_same_state_directory_is_one_line(local_broker, topi
     assert "Traceback" not in second.output, second.output
     assert second.lines[-1].startswith(f"recsys run: the state directory {tmp_path / 'state'} is in use by another "
                                        f"process"), second.output
+    assert first.proc.poll() is None, first.output
+    # --rebuild-state deletes the state and recovery directories before it opens anything: until
+    # 2026-12-06 (forty-fourth session) it deleted the running flow's, then ran beside it from the
+    # earliest offsets (every recommendation sent again), and one of the two failed at its stop
+    before = sorted(p.name for p in (tmp_path / "state").iterdir())
+    third = Child([*RECSYS, "run", *flags, "--rebuild-state"])
+    children.append(third)
+    assert third.proc.wait(timeout=READY_TIMEOUT_S) == 1, third.output
+    assert "Traceback" not in third.output, third.output
+    assert third.lines[-1].startswith("recsys run: --rebuild-state: "), third.output
+    assert "is open in another process" in third.lines[-1] and "nothing was deleted" in third.lines[-1], third.output
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == before
     assert first.proc.poll() is None, first.output
 
 
