@@ -28,7 +28,7 @@ from pathlib import Path
 
 import orjson
 
-from recsys_cli.argtypes import settings_or_fail, positive_float, positive_int
+from recsys_cli.argtypes import fail, positive_float, positive_int, settings_or_fail
 
 DEMO_DIR = Path("var/demo")
 
@@ -85,6 +85,11 @@ def run_demo(args: argparse.Namespace) -> int:
     from recsys_cli.local_broker import LocalBroker, _free_port
 
     base = settings_or_fail("demo")
+    from dataflows.runner import open_elsewhere
+
+    if held := open_elsewhere((DEMO_DIR / "state").resolve()):  # a demo's flow runs on them: not deleted under it
+        fail("demo", f"another recsys demo is running ({held[0]} is open in another process); wait for it to end or "
+                     f"stop it, then run this one; nothing was deleted")
     for sub in ("state", "recovery"):
         shutil.rmtree(DEMO_DIR / sub, ignore_errors=True)
     DEMO_DIR.mkdir(parents=True, exist_ok=True)

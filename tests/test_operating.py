@@ -742,6 +742,24 @@ def test_a_signal_during_a_replay_is_one_line(sig, tmp_path, children):
     assert not (tmp_path / "out" / "metrics.json").exists()
 
 
+def test_a_second_demo_while_one_runs_is_one_line_and_leaves_the_first_alone(children):
+    """`recsys demo` starts from empty state and recovery directories (var/demo): until 2026-12-06
+    (forty-fourth session) a second demo deleted the running one's directories under its flow,
+    and ran its own flow on the same paths."""
+    first = Child([*RECSYS, "demo", "--events", "400", "--rate", "50"])
+    children.append(first)
+    first.wait_for("[5/5] streaming", READY_TIMEOUT_S)
+    state = ROOT / "var" / "demo" / "state"
+    before = sorted(p.name for p in state.rglob("*"))
+    second = _recsys("demo", "--events", "400", timeout=120)
+    line = _one_line_failure(second, "recsys demo: ", "another recsys demo is running", str(state))
+    assert "nothing was deleted" in line, line
+    assert set(before) <= {p.name for p in state.rglob("*")}  # the first demo's files are all still there
+    assert first.proc.poll() is None, first.output
+    code, _ = first.stop_with(signal.SIGTERM)
+    assert code == 130, first.output
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_stops_the_flow_under_the_bytewax_runner_in_order(sig, local_broker, topic_name, tmp_path, children):
