@@ -198,6 +198,11 @@ def _check_args(args: argparse.Namespace) -> None:
     # the report is written after the whole backtest, the state and embeddings from its start:
     # a directory that cannot be written is refused now, not by a traceback at the end
     embed_cache_dir = args.embed_cache_dir or settings_or_fail("replay").embed_cache_dir
+    if args.state_dir and os.path.isdir(args.state_dir) and os.listdir(args.state_dir):
+        # not deleted here: a slip of the path (a live flow's state) would lose that state
+        raise SystemExit(f"recsys replay: --state-dir {args.state_dir} already holds files (an earlier replay's "
+                         f"state, or a live flow's): a backtest starts from empty state, or it would score what it has "
+                         f"already learned; give a new or empty directory")
     if args.emit and os.path.isdir(args.emit):
         raise SystemExit(f"recsys replay: --emit {args.emit} is a directory; give a file for the recommendations")
     emit_dir = os.path.dirname(os.path.abspath(args.emit)) if args.emit else None  # opened once the engine has loaded
@@ -284,7 +289,9 @@ def run_replay(args: argparse.Namespace) -> int:
     trainer = share and (args.trainer if args.trainer is not None else settings.model_trainer)
 
     def open_engine(evaluate: bool, shard: int = 0, variant: str = "full-system", role: str = "shard") -> Shard:
-        shard_settings = settings.replace(shards=args.shards, shard=shard).for_shard()
+        # on disk, each engine its own directory: an ablation and a trainer run beside the full system
+        own = os.path.join(settings.state_dir, variant.replace("/", "-") + ("-trainer" if role == "trainer" else ""))
+        shard_settings = settings.replace(shards=args.shards, shard=shard, state_dir=own).for_shard()
         if share and variant == "full-system":  # the trainer's engine trains the shared models itself
             shard_settings = shard_settings.replace(share_signals=True, model_trainer=trainer and role == "shard")
         if variant == "full-system/no-head":

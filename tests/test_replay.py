@@ -150,6 +150,31 @@ def test_replay_of_events_naming_items_the_catalog_lacks_says_so_and_scores_ever
         assert set(metrics["models"]) >= {"popularity", "content", "full-system"}
 
 
+def test_a_replay_on_disk_scores_as_in_memory_and_refuses_a_state_directory_that_holds_state(tmp_path, stream, capsys):
+    """`--state-dir DIR` keeps a replay's state in RocksDB instead of memory (for logs larger
+    than memory). Until 2026-12-06 (forty-fourth session): every engine of the replay opened DIR
+    itself, so an ablation row beside the full system stopped in RocksDB's "lock hold by current
+    process"; and a second replay on the same DIR started from the first one's state, which
+    already held every event it was about to score (HR@10 0.98 against 0.02 on the operator run's
+    file), silently."""
+    catalog, events, cache = stream
+    events_file, catalog_file = tmp_path / "events.jsonl", tmp_path / "catalog.jsonl"
+    events_file.write_bytes(b"\n".join(encode(e) for e in events) + b"\n")
+    catalog_file.write_bytes(b"\n".join(encode(c) for c in catalog) + b"\n")
+    args = ["replay", "--format", "jsonl", "--events", str(events_file), "--catalog", str(catalog_file),
+            "--models", "popularity,full-system,full-system/no-head", "--embed-cache-dir", cache]
+    runs = {}
+    for name, extra in (("memory", []), ("disk", ["--state-dir", str(tmp_path / "state")])):
+        assert main(args + extra + ["--out", str(tmp_path / name)]) == 0
+        runs[name] = json.loads((tmp_path / name / "metrics.json").read_text())["models"]
+    assert runs["disk"] == runs["memory"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:
+        main(args + ["--state-dir", str(tmp_path / "state"), "--out", str(tmp_path / "again")])
+    assert "--state-dir" in str(refused.value) and "already holds" in str(refused.value), refused.value
+    assert not (tmp_path / "again" / "metrics.json").exists()
+
+
 # ---- issue 14: scoring depth is a property of the measurement, not of the model
 
 
