@@ -157,12 +157,7 @@ def test_a_replay_on_disk_scores_as_in_memory_and_refuses_a_state_directory_that
     process"; and a second replay on the same DIR started from the first one's state, which
     already held every event it was about to score (HR@10 0.98 against 0.02 on the operator run's
     file), silently."""
-    catalog, events, cache = stream
-    events_file, catalog_file = tmp_path / "events.jsonl", tmp_path / "catalog.jsonl"
-    events_file.write_bytes(b"\n".join(encode(e) for e in events) + b"\n")
-    catalog_file.write_bytes(b"\n".join(encode(c) for c in catalog) + b"\n")
-    args = ["replay", "--format", "jsonl", "--events", str(events_file), "--catalog", str(catalog_file),
-            "--models", "popularity,full-system,full-system/no-head", "--embed-cache-dir", cache]
+    args = _write_fixture(tmp_path, stream) + ["--models", "popularity,full-system,full-system/no-head"]
     runs = {}
     for name, extra in (("memory", []), ("disk", ["--state-dir", str(tmp_path / "state")])):
         assert main(args + extra + ["--out", str(tmp_path / name)]) == 0
