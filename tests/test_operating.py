@@ -746,7 +746,7 @@ def test_a_second_demo_while_one_runs_is_one_line_and_leaves_the_first_alone(chi
     """`recsys demo` starts from empty state and recovery directories (var/demo): until 2026-12-06
     (forty-fourth session) a second demo deleted the running one's directories under its flow,
     and ran its own flow on the same paths."""
-    first = Child([*RECSYS, "demo", "--events", "400", "--rate", "50"])
+    first = Child([*RECSYS, "demo", "--events", "400", "--rate", "20"])  # ~20 s of streaming: still running below
     children.append(first)
     first.wait_for("[5/5] streaming", READY_TIMEOUT_S)
     state = ROOT / "var" / "demo" / "state"
