@@ -297,14 +297,14 @@ def test_a_stopped_produce_says_how_far_it_sent_and_the_topic_holds_exactly_that
     close sends what it was handed), and the topic holds exactly those lines."""
     topic = topic_name("stopped-produce")
     ensure_topics(local_broker.bootstrap, {topic: 2})
-    lines = [encode(e) for e in generate_events(400, generate_catalog(20, seed=3), n_users=20, seed=4)]
+    lines = [encode(e) for e in generate_events(1000, generate_catalog(20, seed=3), n_users=20, seed=4)]
     lines.insert(5, b"")  # an empty line is skipped, not counted, and still numbered
     path = tmp_path / "events.jsonl"
     path.write_bytes(b"\n".join(lines) + b"\n")
     produce = Child([*RECSYS, "produce", str(path), "--topic", topic, "--rate", "100",
                      "--bootstrap-servers", local_broker.bootstrap])
     children.append(produce)
-    time.sleep(2.5)  # ~100 records out of 400
+    time.sleep(4.0)  # a second or two to start, then ~100 records a second, of 1,000 (10 s)
     code, _ = produce.stop_with(signal.SIGTERM)
     assert code == 130, produce.output
     said = re.search(rf"recsys produce: interrupted: lines 1-(\d+) of {re.escape(str(path))} were sent \((\d+) records "
@@ -312,7 +312,7 @@ def test_a_stopped_produce_says_how_far_it_sent_and_the_topic_holds_exactly_that
                      rf"tail -n \+(\d+) ", produce.lines[-1])
     assert said, produce.output
     through, sent, rest = (int(g) for g in said.groups())
-    assert 0 < sent < 400 and rest == through + 1
+    assert 0 < sent < 1000 and rest == through + 1
     assert sent == sum(1 for line in lines[:through] if line)
     on_topic = consume_all(KafkaClients.for_bootstrap(local_broker.bootstrap), topic)
     assert sorted(r.value for r in on_topic) == sorted(line for line in lines[:through] if line)
