@@ -79,7 +79,8 @@ def add_parser(sub) -> None:
     p.add_argument("--map", action="append", default=[], metavar="FIELD=COLUMN", help="csv: column mapping (repeat)")
     p.add_argument("--emit", default=None, metavar="FILE",
                    help="also compute the live output recommendations and write them to FILE (JSONL); slower")
-    p.add_argument("--state-dir", default=None, help="keep replay state in RocksDB here (default: in memory)")
+    p.add_argument("--state-dir", default=None, help="keep replay state in RocksDB here, each engine in a directory of its own under it (default: in "
+                        "memory); a new or empty directory: a backtest starts from nothing")
     p.add_argument("--embed-cache-dir", default=None, help="embedding cache (default: RECSYS_EMBED_CACHE_DIR or var/embeddings)")
     p.add_argument("--out", required=True, help="output directory")
     # issue 13: the search backtest on derived queries (recsys/search/replay.py)
