@@ -326,7 +326,6 @@ def cmd_produce(args: argparse.Namespace) -> int:
 
     at = [0]  # the line being sent
     refused: list[int] = []
-    yielded = [0, 0, 0]  # records handed out, the line of the last one, the line of the one before
 
     def records():
         with open(args.file, "rb") as fh:
@@ -338,7 +337,6 @@ def cmd_produce(args: argparse.Namespace) -> int:
                     key = orjson.loads(line).get(key_field)
                 except (orjson.JSONDecodeError, AttributeError):
                     key = None  # still sent: the flow dead-letters it with a reason
-                yielded[:] = [yielded[0] + 1, at[0], yielded[1]]
                 yield (str(key).encode() if key is not None else None, line)
 
     def too_large(value: bytes, _exc: Exception) -> None:  # the broker would refuse it too: named, skipped
@@ -354,8 +352,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
     try:
         n = produce_records(KafkaClients(settings), topic, records(), rate=args.rate, too_large=too_large)
     except ProduceInterrupted as exc:  # Ctrl-C or SIGTERM: say where to go on from
-        # the last record handed out was sent (or refused) unless the stop came between its read and its send
-        through = yielded[1] if exc.sent + len(refused) == yielded[0] else yielded[2]
+        through = _line_of_record(args.file, exc.sent + len(refused))  # the records sent, and those refused
         sent = f"lines 1-{through} of {args.file} were sent" if through else f"no line of {args.file} was sent"
         fail("produce", f"interrupted: {sent} ({exc.sent} records to {topic!r}), the lines after them were not; to "
                         f"send the rest: tail -n +{through + 1} {args.file} > rest.jsonl, then recsys produce rest.jsonl",
@@ -371,6 +368,19 @@ def cmd_produce(args: argparse.Namespace) -> int:
               f"{', ...' if len(refused) > 10 else ''})", file=sys.stderr)
         return 1
     return 0
+
+
+def _line_of_record(path: str, n: int) -> int:
+    """The line of ``path`` that holds its ``n``-th record (empty lines hold none); 0 for none."""
+    if n <= 0:
+        return 0
+    with open(path, "rb") as fh:
+        for number, line in enumerate(fh, start=1):
+            if line.rstrip(b"\n"):
+                n -= 1
+                if n == 0:
+                    return number
+    return number
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
@@ -665,11 +675,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print(f"recsys {args.command}: interrupted", file=sys.stderr, flush=True)
-        return 130
-    except RuntimeError as exc:  # a Bytewax flow (a replay) returns the interrupt wrapped in its own error
-        if not _interrupted(exc):
+    except (KeyboardInterrupt, RuntimeError) as exc:  # a Bytewax flow (a replay) wraps the interrupt in its error
+        if isinstance(exc, RuntimeError) and not _interrupted(exc):
             raise
         print(f"recsys {args.command}: interrupted", file=sys.stderr, flush=True)
         return 130

@@ -19,7 +19,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from recsys_cli.argtypes import settings_or_fail, require_writable
 
@@ -211,6 +211,15 @@ def _check_args(args: argparse.Namespace) -> None:
                                 f"--emit {args.emit}: its directory": emit_dir})
 
 
+def _refuse_nothing_to_replay(what: str, flag: str, path: str, ds, check: str) -> NoReturn:
+    """A file with no ``what`` left to replay (empty, or every row refused: the reasons are
+    printed above) is refused in one line: a report of zeros would read as if each model had
+    been measured."""
+    skipped = sum(ds.skipped.values())
+    held = f"{skipped} row(s) skipped, above" if skipped else "it holds no rows"
+    raise SystemExit(f"recsys replay: no {what} to replay in {flag} {path} ({held}); {check}")
+
+
 def run_replay(args: argparse.Namespace) -> int:
     ks = _parse_ks(args.k, args.protocol)
     names = _parse_models(args.models)
@@ -221,8 +230,23 @@ def run_replay(args: argparse.Namespace) -> int:
     mapping = dict(m.split("=", 1) for m in args.map) if args.map else None
     if args.task == "search" and args.query_log:  # issue 13: a real search log, not an event log
         from recsys.search import replay as search_replay
+        from recsys.search.querylog import load_query_log
 
-        search_replay.run_query_log(args, settings_or_fail("replay").replace(
+        try:
+            ds, targets = load_query_log(args.query_log, mapping, args.catalog, limit=args.limit, progress=True)
+        except (ValueError, OSError) as exc:  # a wrong file, header or mapping: the loader names it
+            raise SystemExit(f"recsys replay: cannot read --query-log {args.query_log}: {exc}") from None
+        for reason, n in sorted(ds.skipped.items()):
+            print(f"  skipped {n} row(s): {reason}", flush=True)
+        print(f"query log: {len(ds.events)} events, {len(targets)} searches with an engaged item, "
+              f"{len(ds.catalog)} items", flush=True)
+        if not ds.events:
+            _refuse_nothing_to_replay("search", "--query-log", args.query_log, ds, "check the file and its --map FIELD=COLUMN")
+        if not targets:
+            raise SystemExit(f"recsys replay: no search in --query-log {args.query_log} has an engaged item to score "
+                             f"({len(ds.events)} searches); map the item and its time with --map item_id=COLUMN "
+                             f"--map ts=COLUMN")
+        search_replay.run_query_log(args, ds, targets, settings_or_fail("replay").replace(
             unknown_items="admit", state_ttl_days=36_500.0, state_dir=args.state_dir or "var/replay-state", recovery_dir=None,
             **({"embed_cache_dir": args.embed_cache_dir} if args.embed_cache_dir else {})),
             "recsys replay " + " ".join(shlex.quote(a) for a in sys.argv[2:]))
@@ -241,12 +265,9 @@ def run_replay(args: argparse.Namespace) -> int:
         print(f"  skipped {n} row(s): {reason}", flush=True)
     for example in ds.examples[:5]:
         print(f"    e.g. {example}", flush=True)
-    if not ds.events:  # nothing to measure: no report of zeros, as if each model had been measured
-        skipped = sum(ds.skipped.values())
-        raise SystemExit(f"recsys replay: no event to replay in --events {args.events}"
-                         + (f" ({skipped} row(s) skipped, above)" if skipped else " (it holds no rows)")
-                         + f"; check the file, --format {args.format}"
-                         + (" and --map" if args.format == "csv" else "") + (" and --limit" if args.limit else ""))
+    if not ds.events:
+        _refuse_nothing_to_replay("event", "--events", args.events, ds, f"check the file, --format {args.format}"
+                                  + (" and --map" if args.format == "csv" else "") + (" and --limit" if args.limit else ""))
     if lacking := ds.items_not_in_catalog():
         print(f"  {len(lacking)} item(s) the events name are not in the catalog (e.g. {lacking[0]!r}): the full "
               f"system admits them as it meets them, titled by their id, as RECSYS_UNKNOWN_ITEMS=admit does live; "

@@ -242,30 +242,12 @@ def run(args: Any, ds: Any, settings: Any, command: str) -> dict[str, Any]:
     return result
 
 
-def run_query_log(args: Any, settings: Any, command: str) -> dict[str, Any]:
-    """``recsys replay --task search --query-log FILE``: score the engaged item of each logged search."""
+def run_query_log(args: Any, ds: Any, targets: dict[str, str], settings: Any, command: str) -> dict[str, Any]:
+    """``recsys replay --task search --query-log FILE``: score the engaged item of each logged
+    search (``ds``, ``targets``: :func:`recsys.search.querylog.load_query_log`'s)."""
     from recsys.backtest.report import write_report
-    from recsys.search.querylog import load_query_log
     from recsys.shard.step import Shard
 
-    mapping = dict(m.split("=", 1) for m in args.map) if args.map else None
-    try:
-        ds, targets = load_query_log(args.query_log, mapping, args.catalog, limit=args.limit, progress=True)
-    except (ValueError, OSError) as exc:  # a wrong file, header or mapping: the loader names it
-        raise SystemExit(f"recsys replay: cannot read --query-log {args.query_log}: {exc}") from None
-    for reason, n in sorted(ds.skipped.items()):
-        print(f"  skipped {n} row(s): {reason}", flush=True)
-    print(f"query log: {len(ds.events)} events, {len(targets)} searches with an engaged item, "
-          f"{len(ds.catalog)} items", flush=True)
-    if not ds.events:  # nothing to measure: no report of zeros, as if each mode had been measured
-        skipped = sum(ds.skipped.values())
-        raise SystemExit(f"recsys replay: no search to replay in --query-log {args.query_log}"
-                         + (f" ({skipped} row(s) skipped, above)" if skipped else " (it holds no rows)")
-                         + "; check the file and its --map FIELD=COLUMN")
-    if not targets:
-        raise SystemExit(f"recsys replay: no search in --query-log {args.query_log} has an engaged item to score "
-                         f"({len(ds.events)} searches); map the item and its time with --map item_id=COLUMN "
-                         f"--map ts=COLUMN")
     engine = Shard.open(settings.replace(search_k=10), in_memory=args.state_dir is None, emit=False)
     try:
         engine.upsert_catalog(ds.catalog, progress=True)
