@@ -320,8 +320,9 @@ def _partitions(clients: KafkaClientFactory, consumer: Any, topic: str) -> list[
 
 
 def _envelope(r: Any) -> Envelope:
-    # a tombstone (None value) becomes b"", which decoding dead-letters as an empty message
-    return Envelope(r.topic, r.partition, r.offset, r.key, r.value if r.value is not None else b"", r.timestamp)
+    # a tombstone keeps its None value: on the catalog it withdraws its item, elsewhere it is
+    # dead-lettered as an empty message (recsys.shard.step.Shard._decode)
+    return Envelope(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp)
 
 
 # ------------------------------------------------------------------------------ source

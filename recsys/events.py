@@ -254,7 +254,7 @@ class Envelope:
     partition: int
     offset: int
     key: bytes | None
-    value: bytes
+    value: bytes | None  # None: a tombstone (a record with a null value; on the compacted catalog, a deletion)
     timestamp_ms: int = 0  # broker append time (LogAppendTime or CreateTime)
     extra: dict[str, Any] = field(default_factory=dict)  # control envelopes: OFFSETS_RESET_FROM/_TO
 
@@ -266,7 +266,9 @@ class Envelope:
 # --------------------------------------------------------------------------- decoding
 
 
-def _loads(raw: bytes, max_bytes: int) -> dict[str, Any]:
+def _loads(raw: bytes | None, max_bytes: int) -> dict[str, Any]:
+    if raw is None:
+        raise DecodeError("payload: empty message (a tombstone: its value is null)")
     if not isinstance(raw, (bytes, bytearray, memoryview)):
         raise DecodeError(f"payload: expected bytes, got {type(raw).__name__}")
     if len(raw) > max_bytes:

@@ -168,6 +168,29 @@ def test_an_items_later_records_apply_after_its_deferred_one_in_order(tmp_path, 
             engine.close()
 
 
+def test_a_tombstone_for_an_item_still_at_the_worker_withdraws_it_once_it_applies(tmp_path, cache_dir):
+    with Embedder(Settings().model_name, cache_dir) as embedder:
+        engine = _open(_settings(tmp_path, cache_dir, embed_worker=True), embedder)
+        try:
+            _started(engine)
+            os.kill(engine._worker.pid, signal.SIGSTOP)  # no answer before the tombstone's batch
+            try:
+                engine.process([_catalog(0, "boots", "Green hiking boots", price=80.0)])
+                engine.process([Envelope("catalog", 0, 1, b"boots", None, 1_000)])
+            finally:
+                os.kill(engine._worker.pid, signal.SIGCONT)
+            deadline = time.monotonic() + _WAIT_S
+            while engine.deferred_records:
+                assert time.monotonic() < deadline, "the deferred records were not applied"
+                time.sleep(0.02)
+                engine.process([])
+            boots = engine.items.catalog.get("boots")
+            assert (boots.title, boots.price, boots.available) == ("Green hiking boots", 80.0, False)
+            assert not engine.items.recommendable("boots")
+        finally:
+            engine.close()
+
+
 def test_a_record_the_worker_had_not_answered_is_in_the_state_after_a_crash(tmp_path, cache_dir):
     settings = _settings(tmp_path, cache_dir, embed_worker=True)
     with Embedder(Settings().model_name, cache_dir) as embedder:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import orjson
 import pytest
@@ -127,6 +129,46 @@ def test_unavailable_items_are_never_recommended(tmp_path, cache, catalog):
     assert result.recommendations  # else the loop below proves nothing
     for _, payload in result.recommendations:
         assert popular not in [i["item_id"] for i in orjson.loads(payload)["items"]]
+    engine.close()
+
+
+def test_a_catalog_tombstone_withdraws_its_item_as_an_unavailable_record_does(tmp_path, cache, catalog):
+    """A null value on the (compacted) catalog topic deletes its key: the item is withdrawn,
+    keeps its title for the histories that name it, and stays withdrawn after a restart; no
+    dead letter. A tombstone for an item never seen changes nothing; one without a key names
+    no item and is dead-lettered with that reason."""
+    settings = _settings(tmp_path, cache)
+    engine = Shard.open(settings)
+    engine.upsert_catalog(catalog)
+    events = generate_events(400, catalog, n_users=10, seed=24)
+    engine.process(_envelopes(events))
+    popular = engine.popularity.top(5, events[-1].ts)[0][0]
+    tombstones = [Envelope("catalog", 0, 0, popular.encode(), None, 0),
+                  Envelope("catalog", 0, 1, b"never-seen", None, 0),
+                  Envelope("catalog", 0, 2, None, None, 0)]
+    result = engine.process(tombstones + _envelopes(events[:50], start=400))
+    assert result.recommendations  # else the loop below proves nothing
+    for _, payload in result.recommendations:
+        assert popular not in [i["item_id"] for i in orjson.loads(payload)["items"]]
+    letters = [orjson.loads(d) for _, d in result.dead_letters]
+    assert [(d["source"]["offset"], d["reason"]) for d in letters] == [
+        (2, "payload: a tombstone (null value) without a key: it names no item to withdraw")]
+    withdrawn = dataclasses.replace(next(c for c in catalog if c.item_id == popular), available=False)
+    assert engine.items.catalog.get(popular) == withdrawn
+    assert "never-seen" not in engine.items.catalog
+    engine.close()
+    again = Shard.open(settings)  # the withdrawal is in the state
+    assert again.items.catalog.get(popular) == withdrawn
+    again.close()
+
+
+def test_a_tombstone_after_its_items_record_in_one_batch_withdraws_it(tmp_path, cache):
+    engine = Shard.open(_settings(tmp_path, cache))
+    new = CatalogItem("t-new", "organic green tea leaves", category="tea")
+    engine.process([Envelope("catalog", 0, 0, b"t-new", encode(new), 0), Envelope("catalog", 0, 1, b"t-new", None, 0)])
+    assert engine.items.catalog.get("t-new").title == new.title and not engine.items.recommendable("t-new")
+    engine.process([Envelope("catalog", 0, 2, b"t-new", encode(new), 0)])  # sent again: back
+    assert engine.items.recommendable("t-new")
     engine.close()
 
 

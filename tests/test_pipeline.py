@@ -247,3 +247,37 @@ def test_the_topics_checked_against_recovery_are_those_the_live_flow_reads_and_w
         engine.close()
     assert (reads, writes) == flow_topics(settings)
     assert (settings.exchange_topic in reads) is share
+
+
+@pytest.mark.parametrize("where", ["memory", "real broker"])
+def test_a_catalog_tombstone_withdraws_the_item_from_the_next_run_on(where, request, tmp_path, catalog, embed_cache):
+    """A shop deletes an item from its compacted catalog topic the Kafka way, with a record
+    whose value is null: the flow withdraws it (never recommended again) instead of
+    dead-lettering the tombstone as an empty message and recommending the item on."""
+    if where == "memory":
+        clients, settings = request.getfixturevalue("memory_broker"), _settings(tmp_path, embed_cache)
+    else:
+        prefix = request.getfixturevalue("topic_name")("tomb") + "-"
+        settings = _settings(tmp_path, embed_cache, prefix=prefix, bootstrap_servers=request.getfixturevalue("local_broker").bootstrap)
+        clients = KafkaClients(settings)
+    ensure_topics(clients, {settings.events_topic: 2, settings.catalog_topic: 1, settings.recommendations_topic: 2, settings.dead_letters_topic: 1})
+    produce_records(clients, settings.catalog_topic, ((c.item_id.encode(), encode(c)) for c in catalog))
+    events = generate_events(1200, catalog, n_users=60, seed=8)
+    produce_records(clients, settings.events_topic, [(e.user_id.encode(), encode(e)) for e in events[:600]])
+    engine = Shard.open(settings)
+    run(live_flow(settings, clients, engine=engine), recovery_dir=settings.recovery_dir, snapshot_interval_s=1.0)
+    popular = engine.popularity.top(1, events[599].ts)[0][0]
+    engine.close()
+    first = consume_all(clients, settings.recommendations_topic, timeout_s=30)
+    assert any(popular in [i["item_id"] for i in orjson.loads(r.value)["items"]] for r in first)  # else this proves nothing
+    produce_records(clients, settings.catalog_topic, [(popular.encode(), None)])
+    produce_records(clients, settings.events_topic, [(e.user_id.encode(), encode(e)) for e in events[600:]])
+    engine = Shard.open(settings)
+    run(live_flow(settings, clients, engine=engine), recovery_dir=settings.recovery_dir, snapshot_interval_s=1.0)
+    assert not engine.items.recommendable(popular) and engine.items.catalog.get(popular).title
+    engine.close()
+    second = {e.event_id for e in events[600:]}
+    later = [r for r in consume_all(clients, settings.recommendations_topic, timeout_s=30)
+             if orjson.loads(r.value)["trigger_event_id"] in second]
+    assert later and not [r for r in later if popular in [i["item_id"] for i in orjson.loads(r.value)["items"]]]
+    assert consume_all(clients, settings.dead_letters_topic, timeout_s=5) == []

@@ -97,7 +97,7 @@ class InMemoryBroker:
         with self._cond:
             parts = self._topic(topic).partitions
             return [
-                Envelope(topic, p, off, r.key, r.value if r.value is not None else b"", r.timestamp)
+                Envelope(topic, p, off, r.key, r.value, r.timestamp)
                 for p, log in enumerate(parts)
                 for off, r in enumerate(log)
             ]

@@ -26,7 +26,7 @@ import logging
 import time
 from collections import Counter, deque
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Container
 
@@ -636,11 +636,13 @@ class Shard:
         for env in envelopes:
             try:
                 if env.topic == exchange_topic:
-                    exchanged.append((env.offset, env.value))
+                    exchanged.append((env.offset, b"" if env.value is None else env.value))
                 elif env.topic == catalog_topic:
                     counts["catalog_in"] += 1
-                    catalog_items.append(decode_catalog_item(env.value, max_bytes))
-                    catalog_ms.append(env.timestamp_ms)
+                    item = decode_catalog_item(env.value, max_bytes) if env.value is not None else self._withdrawal(env, catalog_items)
+                    if item is not None:
+                        catalog_items.append(item)
+                        catalog_ms.append(env.timestamp_ms)
                 elif env.topic == control_topic:
                     counts["control_in"] += 1
                     controls.append((env, decode_control(env.value, max_bytes)))
@@ -681,6 +683,23 @@ class Shard:
         for env, message in controls:
             self._apply_control(env, message, now_ms, result)
         return events, puts
+
+    def _withdrawal(self, env: Envelope, pending: list[CatalogItem]) -> CatalogItem | None:
+        """A catalog tombstone (a null value: Kafka's deletion of its key from the compacted
+        topic) as the record it means: the item's latest record, unavailable. It keeps its
+        title, so histories and reasons that name it still read well, and a record sent again
+        brings it back. None for an item never seen (nothing to withdraw); a tombstone without
+        a key names no item and is refused."""
+        if env.key is None:
+            raise DecodeError("payload: a tombstone (null value) without a key: it names no item to withdraw")
+        try:
+            item_id = env.key.decode("utf-8")
+        except UnicodeDecodeError:
+            raise DecodeError(f"key: a tombstone's key is not UTF-8 text, so it names no item ({env.key[:40]!r})") from None
+        deferred = (item for _, later, _, _ in reversed(self._deferred) for item in reversed(later))
+        latest = next((item for item in (*reversed(pending), *deferred) if item.item_id == item_id),
+                      None) or self.items.catalog.get(item_id)
+        return None if latest is None else replace(latest, available=False)
 
     def _defer_catalog(self, items: list[CatalogItem], appended_ms: list[int],
                        result: BatchResult) -> tuple[list[CatalogItem], list[int]]:
@@ -1288,7 +1307,7 @@ class Shard:
         if not released and env.offset <= self._processed_before.get((env.topic, env.partition), -1):
             result.counts["redelivered_skipped"] += 1
             return
-        letter = DeadLetter(payload=env.value, reason=reason, source=env.position, failed_at=now_ms)
+        letter = DeadLetter(payload=b"" if env.value is None else env.value, reason=reason, source=env.position, failed_at=now_ms)
         # the key is bounded like the payload: a poison message's key must not outgrow the request
         key = env.key[:_DEAD_LETTER_KEY_BYTES].decode("utf-8", "replace") if env.key else None
         payload = encode(letter)
