@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import orjson
 
+from recsys.files import compression_of, open_input
 from recsys.settings import Settings, add_cli_flags
 from recsys_cli.argtypes import (
     Parser,
@@ -326,13 +327,15 @@ def cmd_produce(args: argparse.Namespace) -> int:
 
     at = [0]  # the line being sent
     refused: list[int] = []
+    yielded = [0]  # records handed to the producer (or refused as too large)
 
     def records():
-        with open(args.file, "rb") as fh:
+        with open_input(args.file) as fh:  # gzip, bzip2 and xz read as plain JSONL
             for at[0], line in enumerate(fh, start=1):
                 line = line.rstrip(b"\n")
                 if not line:
                     continue
+                yielded[0] += 1
                 try:
                     key = orjson.loads(line).get(key_field)
                 except (orjson.JSONDecodeError, AttributeError):
@@ -354,9 +357,15 @@ def cmd_produce(args: argparse.Namespace) -> int:
     except ProduceInterrupted as exc:  # Ctrl-C or SIGTERM: say where to go on from
         through = _line_of_record(args.file, exc.sent + len(refused))  # the records sent, and those refused
         sent = f"lines 1-{through} of {args.file} were sent" if through else f"no line of {args.file} was sent"
+        rest = f"tail -n +{through + 1} {args.file}"
+        if cat := {"gzip": "zcat", "bzip2": "bzcat", "xz": "xzcat"}.get(compression_of(args.file) or ""):
+            rest = f"{cat} {args.file} | tail -n +{through + 1}"
         fail("produce", f"interrupted: {sent} ({exc.sent} records to {topic!r}), the lines after them were not; to "
-                        f"send the rest: tail -n +{through + 1} {args.file} > rest.jsonl, then recsys produce rest.jsonl",
-             130)
+                        f"send the rest: {rest} > rest.jsonl, then recsys produce rest.jsonl", 130)
+    except ValueError as exc:  # a damaged compressed file (or zstd): what came before the damage was sent
+        sent = yielded[0] - len(refused)
+        fail("produce", f"{exc}; " + (f"the {sent} record(s) before it were sent to {topic!r}, nothing after it"
+                                      if sent else "nothing was sent"))
     except ProduceError as exc:  # the broker went away: kafka-python gives up after its timeouts (60-120 s)
         fail("produce", f"the broker at {settings.bootstrap_servers} stopped answering (by line {at[0]} of "
                         f"{args.file}): {exc}. Which records are missing is not known line by line: check with "
@@ -374,7 +383,7 @@ def _line_of_record(path: str, n: int) -> int:
     """The line of ``path`` that holds its ``n``-th record (empty lines hold none); 0 for none."""
     if n <= 0:
         return 0
-    with open(path, "rb") as fh:
+    with open_input(path) as fh:
         for number, line in enumerate(fh, start=1):
             if line.rstrip(b"\n"):
                 n -= 1

@@ -21,6 +21,7 @@ from typing import Any
 from tqdm import tqdm
 
 from recsys.events import CatalogItem, DecodeError, Event
+from recsys.files import open_input, plain_name
 
 #: How many example lines each skip reason keeps: enough to find the pattern in the file,
 #: few enough that a file full of bad rows does not keep a million strings alive.
@@ -140,8 +141,8 @@ def csv_rows(
     skipped as ``"truncated row"``, rows with more as ``"extra fields"``; blank lines are
     ignored. Raises :class:`ValueError` when a ``required`` column is absent from the header.
     """
-    source = os.path.basename(path)
-    with open(path, newline="", encoding="utf-8", errors="replace") as fh:
+    source = plain_name(path)
+    with open_input(path, text=True, newline="", encoding="utf-8", errors="replace") as fh:
         reader = csv.reader(fh, delimiter=delimiter)
         header = next(reader, None)
         if header is None:

@@ -28,6 +28,7 @@ from recsys.datasets._base import (
     id_catalog,
 )
 from recsys.events import DecodeError, Event, event_from_dict
+from recsys.files import open_input, plain_name
 
 NAME = "diginetica"
 VIEWS_FILES = ("sample_train-item-views.csv", "train-item-views.csv")
@@ -52,7 +53,7 @@ def _paths(events_path: str) -> tuple[str, str | None]:
 
 
 def _read_categories(path: str) -> dict[str, str]:
-    with open(path, newline="", encoding="utf-8") as fh:
+    with open_input(path, text=True, newline="", encoding="utf-8") as fh:
         reader = csv.reader(fh, delimiter=";")
         next(reader, None)
         return {row[0].strip(): f"category {row[1].strip()}" for row in reader if len(row) == 2}
@@ -69,7 +70,7 @@ def _read(
     progress: bool,
 ) -> None:
     """Append one file's events; ``cols`` maps session/user/item/timeframe/eventdate(/order) to headers."""
-    source = os.path.basename(path)
+    source = plain_name(path)
     rows = csv_rows(
         path, delimiter=";", required=tuple(cols.values()), skips=skips, limit=limit, progress=progress, desc=source
     )

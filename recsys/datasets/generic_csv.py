@@ -39,6 +39,7 @@ from recsys.events import (
     catalog_item_from_dict,
     event_from_dict,
 )
+from recsys.files import plain_name
 
 _COLUMN_KEYS = ("user_id", "item_id", "ts", "type", "session_id", "price", "quantity", "query")
 _OPTION_KEYS = ("ts_unit", "default_type", "type_map", "delimiter", "name")
@@ -85,7 +86,7 @@ def load_csv(
     cols = {k: mapping[k] for k in _COLUMN_KEYS if mapping.get(k)}
     default_type = mapping.get("default_type", "click")
     type_map: dict[str, str] = mapping.get("type_map") or {}
-    source = os.path.basename(events_path)
+    source = plain_name(events_path)
     name = mapping.get("name") or os.path.splitext(source)[0]
     skips = SkipLog()
     events: list[Event] = []
@@ -140,7 +141,7 @@ def load_csv(
 def _read_catalog(path: str, delimiter: str, skips: SkipLog) -> list[CatalogItem]:
     if path.endswith(".jsonl"):
         return load_jsonl_catalog(path, skips)
-    source = os.path.basename(path)
+    source = plain_name(path)
     out: list[CatalogItem] = []
     rows = csv_rows(
         path, delimiter=delimiter, required=("item_id", "title"), skips=skips, limit=None, progress=False, desc=source

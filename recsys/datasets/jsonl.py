@@ -29,6 +29,7 @@ from recsys.events import (
     decode_event,
     encode,
 )
+from recsys.files import open_input, plain_name
 
 _CHUNK = 10_000  # records encoded per write: big enough to amortise the call, small in memory
 
@@ -47,10 +48,10 @@ def load_jsonl(
     ``invalid payload``); blank lines are ignored. ``limit`` caps the event lines read.
     """
     skips = SkipLog()
-    source = os.path.basename(events_path)
+    source = plain_name(events_path)
     events: list[Event] = []
     read = 0
-    with open(events_path, "rb") as fh:
+    with open_input(events_path) as fh:
         for line_no, raw in enumerate(tqdm(fh, desc=source, unit=" rows", disable=not progress), start=1):
             raw = raw.strip()
             if not raw:
@@ -69,9 +70,9 @@ def load_jsonl(
 
 def load_jsonl_catalog(path: str, skips: SkipLog, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[CatalogItem]:
     """Catalog items from a JSONL file, one per line; refused lines go to ``skips``."""
-    source = os.path.basename(path)
+    source = plain_name(path)
     catalog: list[CatalogItem] = []
-    with open(path, "rb") as fh:
+    with open_input(path) as fh:
         for line_no, raw in enumerate(fh, start=1):
             raw = raw.strip()
             if not raw:

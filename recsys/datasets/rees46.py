@@ -14,8 +14,6 @@ with the price of its latest row.
 
 from __future__ import annotations
 
-import os
-
 from recsys.datasets._base import (
     Dataset,
     SkipLog,
@@ -25,6 +23,7 @@ from recsys.datasets._base import (
     parse_float,
 )
 from recsys.events import CatalogItem, DecodeError, Event, event_from_dict
+from recsys.files import plain_name
 
 NAME = "rees46"
 EVENT_TYPES = {"view": "browse", "cart": "add_to_cart", "purchase": "purchase"}
@@ -44,7 +43,7 @@ def catalog_title(item_id: str, category_code: str, brand: str) -> str:
 def load_rees46(events_path: str, *, limit: int | None = None, progress: bool = False) -> Dataset:
     """Load a REES46 CSV file (``events_path``) into events and a catalog."""
     skips = SkipLog()
-    source = os.path.basename(events_path)
+    source = plain_name(events_path)
     events: list[Event] = []
     # product -> (ts, line, category_id, category_code, brand, price) of its latest row
     products: dict[str, tuple[int, int, str, str, str, float | None]] = {}

@@ -16,6 +16,7 @@ import os
 
 from recsys.datasets._base import Dataset, SkipLog, csv_rows, finish, id_catalog
 from recsys.events import DecodeError, Event, event_from_dict
+from recsys.files import plain_name
 
 NAME = "yoochoose"
 _COLUMNS = ("SessionId", "ItemId", "Time")
@@ -37,7 +38,7 @@ def load_yoochoose(events_path: str, *, limit: int | None = None, progress: bool
     skips = SkipLog()
     events: list[Event] = []
     for path in _files(events_path):
-        source = os.path.basename(path)
+        source = plain_name(path)
         stem = os.path.splitext(source)[0]
         rows = csv_rows(
             path, delimiter="\t", required=_COLUMNS, skips=skips, limit=limit, progress=progress, desc=source

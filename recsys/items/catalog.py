@@ -20,13 +20,13 @@ import functools
 import itertools
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Protocol
 
 import faiss
 import numpy as np
 
 from recsys.events import CatalogItem, DecodeError, decode_catalog_item
+from recsys.files import open_input
 
 #: How many versions back :meth:`Catalog.changed_since` and :meth:`VectorIndex.changed_since` can
 #: always answer (they keep between this many and twice as many).
@@ -682,10 +682,11 @@ class ItemSpace:
 def read_catalog_file(path: str | os.PathLike[str]) -> list[CatalogItem]:
     """Catalog items from a JSONL file, one item per line (blank lines skipped).
 
-    A bad line raises :class:`~recsys.events.DecodeError` naming the file and line number.
+    A bad line raises :class:`~recsys.events.DecodeError` naming the file and line number; the
+    file may be gzip, bzip2 or xz (:func:`recsys.files.open_input`).
     """
     items: list[CatalogItem] = []
-    with Path(path).open("rb") as fh:
+    with open_input(path) as fh:
         for lineno, line in enumerate(fh, start=1):
             line = line.strip()
             if not line:

@@ -26,13 +26,13 @@ has only what it learns from the log's own engagements to go on.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from recsys.datasets._base import Dataset, SkipLog, csv_rows, id_catalog
 from recsys.datasets.generic_csv import ts_parser
 from recsys.datasets.jsonl import load_jsonl_catalog
 from recsys.events import EVENT_TYPES, Event
+from recsys.files import plain_name
 
 _COLUMNS = ("user_id", "query", "query_ts", "item_id", "ts", "type")
 _OPTIONS = ("ts_unit", "default_type", "delimiter")
@@ -55,7 +55,7 @@ def load_query_log(path: str, mapping: dict[str, Any] | None, catalog_path: str 
     to_ms = ts_parser(mapping.get("ts_unit", "ms"))
     col = {k: mapping[k] for k in _COLUMNS if mapping.get(k)}
     skips = SkipLog()
-    source = os.path.basename(path)
+    source = plain_name(path)
     events: list[Event] = []
     targets: dict[str, str] = {}
     rows = csv_rows(path, delimiter=mapping.get("delimiter", ","), required=tuple(col[k] for k in _REQUIRED),
