@@ -80,7 +80,11 @@ def shard_factory(settings: Settings, *, evaluate: bool = False, in_memory: bool
                 engine.close()
                 raise
         if settings.catalog_file:
-            engine.upsert_catalog(read_catalog_file(settings.catalog_file), progress=True)
+            try:
+                engine.upsert_catalog(read_catalog_file(settings.catalog_file), progress=True)
+            except BaseException:  # a bad file (CatalogFileError), a signal: the state closed in order
+                engine.close()
+                raise
         settle_heap()
         return engine
 

@@ -85,6 +85,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     _require_dirs(settings, "run", "state_dir", "recovery_dir", "embed_cache_dir",
                   *(("exchange_snapshot_dir",) if settings.share_signals else ()))
+    if settings.catalog_file and not os.path.isfile(settings.catalog_file):  # before the model loads
+        why = "is a directory" if os.path.isdir(settings.catalog_file) else "no such file"
+        fail("run", f"--catalog-file / RECSYS_CATALOG_FILE {settings.catalog_file}: {why}; give a JSONL file of "
+                    f"catalog items (gzip, bzip2 or xz too), one per line")
     clients = KafkaClients(settings)
     if args.rebuild_state:  # before any shard starts: under --processes N this wipes every shard's
         from dataflows.runner import wipe_for_rebuild
@@ -137,6 +141,7 @@ def _run_one(settings: Settings, clients, signals) -> int:
         check_state_against_recovery,
         run,
     )
+    from recsys.items.catalog import CatalogFileError
     from recsys.shard.snapshots import ModelSnapshotError
     from recsys.shard.step import StateLayoutError
     from recsys.items.embeddings import EmbeddingModelError
@@ -153,6 +158,8 @@ def _run_one(settings: Settings, clients, signals) -> int:
         engine = shard_factory(settings)()
     except (StateLayoutError, StoreCorruptionError, ModelSnapshotError) as exc:
         fail("run", str(exc))
+    except CatalogFileError as exc:
+        fail("run", f"--catalog-file / RECSYS_CATALOG_FILE: {exc}; nothing was read from Kafka")
     except StoreOpenError as exc:
         fail("run", _in_use(exc, f"the state directory {settings.state_dir} is in use by another process ({exc}); stop "
                                  f"the other `recsys run` on it, or give this one its own --state-dir and --recovery-dir"))

@@ -9,6 +9,7 @@ children here are started that way, as an operator's ``recsys run &`` would be.
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import os
 import queue
 import re
@@ -467,6 +468,32 @@ def test_a_directory_that_cannot_be_written_is_refused_in_one_line_before_anythi
     done = _recsys(*args, timeout=60)
     _one_line_failure(done, f"{flag}", str(where), "Read-only file system", "can write")
     assert "loading" not in done.stdout
+
+
+@pytest.mark.slow
+def test_a_catalog_file_that_cannot_be_read_is_refused_in_one_line(local_broker, topic_name, tmp_path):
+    """`recsys run --catalog-file FILE` (RECSYS_CATALOG_FILE): until 2026-12-06 (forty-fifth
+    session) a missing file, a directory, a bad line and a damaged gzip file each ended in a
+    Python traceback, after the model had loaded. Now one line naming the file (and the line):
+    a path that is no file before anything loads, what is wrong inside it once it is read."""
+    prefix = topic_name("catfile") + "-"
+    _, flags = _stream(local_broker.bootstrap, prefix, tmp_path, n_users=3)
+    at = flags.index("--catalog-file") + 1
+    good = Path(flags[at])
+    bad_line, damaged = tmp_path / "bad.jsonl", tmp_path / "damaged.jsonl.gz"
+    bad_line.write_bytes(good.read_bytes() + b'{"item_id": "x"}\n')
+    packed = gzip.compress(good.read_bytes())
+    damaged.write_bytes(packed[: len(packed) // 2])
+    for path, words, loads in (
+        (tmp_path / "nope.jsonl", ["--catalog-file", "nope.jsonl: no such file"], False),
+        (tmp_path, ["--catalog-file", f"{tmp_path}: is a directory"], False),
+        (bad_line, ["--catalog-file", f"{bad_line}, line 31: field 'title': missing"], True),
+        (damaged, ["--catalog-file", f"{damaged}: the gzip file is damaged or cut short after"], True),
+    ):
+        flags[at] = str(path)
+        done = _recsys("run", *flags, "--stop-at-end", timeout=180)
+        _one_line_failure(done, *words)
+        assert ("loading" in done.stdout) == loads and "ready" not in done.stdout, done.stdout
 
 
 def test_a_state_directory_that_is_a_file_is_refused_in_one_line(tmp_path):

@@ -679,20 +679,31 @@ class ItemSpace:
         return item_id in self.catalog
 
 
-def read_catalog_file(path: str | os.PathLike[str]) -> list[CatalogItem]:
-    """Catalog items from a JSONL file, one item per line (blank lines skipped).
+class CatalogFileError(DecodeError):
+    """A catalog file that cannot be read: missing, not a file, damaged, or with a bad line."""
 
-    A bad line raises :class:`~recsys.events.DecodeError` naming the file and line number; the
-    file may be gzip, bzip2 or xz (:func:`recsys.files.open_input`).
+
+def read_catalog_file(path: str | os.PathLike[str]) -> list[CatalogItem]:
+    """Catalog items from a JSONL file, one item per line (blank lines skipped); the file may
+    be gzip, bzip2 or xz (:func:`recsys.files.open_input`).
+
+    Whatever stops the read raises :class:`CatalogFileError` naming the file, and for a bad
+    line its number and what is wrong with it.
     """
     items: list[CatalogItem] = []
-    with open_input(path) as fh:
-        for lineno, line in enumerate(fh, start=1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                items.append(decode_catalog_item(line))
-            except DecodeError as exc:
-                raise DecodeError(f"{path}, line {lineno}: {exc}") from None
+    try:
+        with open_input(path) as fh:
+            for lineno, line in enumerate(fh, start=1):
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    items.append(decode_catalog_item(line))
+                except DecodeError as exc:
+                    raise CatalogFileError(f"{path}, line {lineno}: {exc}") from None
+    except CatalogFileError:
+        raise
+    except (OSError, ValueError) as exc:  # missing, a directory, unreadable, damaged, zstd
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise CatalogFileError(why if str(path) in why else f"{path}: {why}") from None
     return items
