@@ -281,3 +281,33 @@ def test_a_catalog_tombstone_withdraws_the_item_from_the_next_run_on(where, requ
              if orjson.loads(r.value)["trigger_event_id"] in second]
     assert later and not [r for r in later if popular in [i["item_id"] for i in orjson.loads(r.value)["items"]]]
     assert consume_all(clients, settings.dead_letters_topic, timeout_s=5) == []
+
+
+@pytest.mark.parametrize("codec", ["gzip", "snappy", "lz4", "zstd"])
+def test_events_and_catalog_from_a_producer_that_compresses_are_read(codec, local_broker, tmp_path, catalog, embed_cache, topic_name):
+    """A shop's producers often compress (`compression.type`: lz4 and zstd are common defaults).
+    Until 2026-12-06 (forty-fifth session) kafka-python had no library to read lz4, zstd or
+    snappy batches: the flow stopped at its first poll (`UnsupportedCodecError`) and every
+    restart stopped the same way."""
+    from kafka import KafkaProducer
+
+    prefix = topic_name("codec") + "-"
+    settings = _settings(tmp_path, embed_cache, prefix=prefix, bootstrap_servers=local_broker.bootstrap)
+    clients = KafkaClients(settings)
+    ensure_topics(clients, {settings.events_topic: 2, settings.catalog_topic: 1, settings.recommendations_topic: 2, settings.dead_letters_topic: 1})
+    events = generate_events(300, catalog, n_users=30, seed=9)
+    producer = KafkaProducer(bootstrap_servers=local_broker.bootstrap, compression_type=codec, linger_ms=5)
+    for c in catalog:
+        producer.send(settings.catalog_topic, key=c.item_id.encode(), value=encode(c))
+    for e in events:
+        producer.send(settings.events_topic, key=e.user_id.encode(), value=encode(e))
+    producer.flush()
+    producer.close()
+    engine = Shard.open(settings)
+    run(live_flow(settings, clients, engine=engine), recovery_dir=settings.recovery_dir, snapshot_interval_s=1.0)
+    totals = dict(engine.totals)
+    engine.close()
+    assert (totals["catalog_in"], totals["events_in"], totals["applied"]) == (len(catalog), len(events), len(events))
+    last = {e.user_id: e.event_id for e in events}
+    triggers = {orjson.loads(r.value)["trigger_event_id"] for r in consume_all(clients, settings.recommendations_topic, timeout_s=30)}
+    assert set(last.values()) <= triggers
