@@ -43,6 +43,20 @@ def test_readme_documents_every_setting():
     assert missing == []
 
 
+def test_readme_says_why_each_dependency_is_there():
+    """Every package pyproject.toml installs (the test extra too) has a row in the README's
+    "Dependencies and why" table (crc32c had none until 2026-12-06)."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    names = [re.match(r"[A-Za-z0-9_.-]+", spec).group(0).lower() for spec in
+             project["dependencies"] + [d for extra in project["optional-dependencies"].values() for d in extra]]
+    table = (ROOT / "README.md").read_text().split("## Dependencies and why", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1].lower() for line in table.splitlines() if line.startswith("| ")]
+    missing = [name for name in names if not any(re.search(rf"(^|[\s,]){re.escape(name)}([\s,(]|$)", row) for row in rows)]
+    assert len(names) > 20 and missing == []
+
+
 #: Placeholders the README is drafted with before measured figures replace them.
 PLACEHOLDERS = ("DEMO_SUMMARY", "BENCHMARK_FIGURES", "THROUGHPUT_TABLE", "ENGINE_FIGURE", "HEAD_COST",
                 "BACKTEST_TABLES", "CJ_SPEED", "CJ_FULL", "SETTINGS_TABLE", "LEFT_FOR_LATER")
