@@ -442,7 +442,7 @@ def _tail(consumer, topic: str, readable: Callable[[bytes], str] | None, args: a
             for r in records:
                 if not args.follow and tp in ends and r.offset >= ends[tp]:
                     continue
-                print(_readable(r.value, readable), flush=True)
+                print(_readable(r.value, readable) if r.value is not None else _tombstone(r.key), flush=True)
                 printed += 1
                 if args.max and printed >= args.max:
                     return 0
@@ -452,6 +452,16 @@ def _tail(consumer, topic: str, readable: Callable[[bytes], str] | None, args: a
                     ends[tp] = hw
             if len(ends) == len(tps) and all(consumer.position(tp) >= ends[tp] for tp in tps):
                 return 0
+
+
+def _tombstone(key: bytes | None) -> str:
+    """A record with a null value, as ``recsys tail`` prints it (on the catalog: a withdrawal).
+
+    >>> _tombstone(b"i7")
+    "(tombstone: key 'i7', value null)"
+    """
+    shown = "none" if key is None else repr(key.decode("utf-8", "replace"))
+    return f"(tombstone: key {shown}, value null)"
 
 
 def _readable(payload: bytes | None, formatter: Callable[[bytes], str] | None) -> str:

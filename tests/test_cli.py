@@ -71,6 +71,20 @@ def test_tail_prints_recommendations_readably(local_broker, topic_name, capsys):
     assert "user u1 (after e1, blend-v1): i9 0.50 [trending]" in out
 
 
+def test_tail_names_a_tombstone_instead_of_printing_an_empty_line(local_broker, topic_name, capsys):
+    """A record with a null value (on the catalog topic, an item withdrawn) printed as an empty
+    line until 2026-12-06."""
+    topic = topic_name("catalog")
+    ensure_topics(local_broker.bootstrap, {topic: 1})
+    producer = KafkaClients.for_bootstrap(local_broker.bootstrap).producer()
+    producer.send(topic, key=b"i7", value=b'{"item_id": "i7", "title": "Lamp"}')
+    producer.send(topic, key=b"i7", value=None)
+    producer.flush()
+    producer.close()
+    assert main(["tail", "--topic", topic, "--bootstrap-servers", local_broker.bootstrap]) == 0
+    assert capsys.readouterr().out.splitlines() == ['{"item_id": "i7", "title": "Lamp"}', "(tombstone: key 'i7', value null)"]
+
+
 def _published_stream(bootstrap: str, prefix: str, tmp_path: Path, *, partitions: int, seed: int, n_users: int):
     """A catalog file and the four ``prefix``-ed topics, with synthetic events keyed by user in
     ``<prefix>events`` (``partitions`` partitions); returns the events and the catalog file."""
