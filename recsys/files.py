@@ -67,6 +67,16 @@ def plain_name(path: str | os.PathLike[str]) -> str:
     return next((name[: -len(s)] for s in SUFFIXES if name.endswith(s) and len(name) > len(s)), name)
 
 
+def find_file(directory: str | os.PathLike[str], name: str) -> str | None:
+    """The path of ``name`` in ``directory``, or of it compressed (``name.gz``, ``.bz2``, ...);
+    None when neither is there."""
+    for candidate in (name, *(name + suffix for suffix in SUFFIXES)):
+        path = os.path.join(directory, candidate)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
 @contextmanager
 def open_input(path: str | os.PathLike[str], *, text: bool = False, encoding: str = "utf-8",
                errors: str = "strict", newline: str | None = None) -> Iterator[IO[Any]]:

@@ -86,6 +86,25 @@ def test_every_log_format_reads_the_same_compressed_as_plain(kind, tmp_path):
     assert read_catalog_file(_compressed(Path(items), kind)) == read_catalog_file(items) == catalog  # --catalog-file
 
 
+def test_a_diginetica_folder_of_compressed_files_is_found_and_read_as_the_plain_one(tmp_path):
+    """DIGINETICA is given as a folder whose files are found by name: their compressed forms
+    (`train-item-views.csv.gz`, ...) were not looked for."""
+    files = {
+        "train-item-views.csv": "session_id;user_id;item_id;timeframe;eventdate\n1;NA;81766;526309;2016-05-09\n"
+                                "1;NA;31331;1031018;2016-05-09\n2;7;81766;1000;2016-05-10\n",
+        "train-purchases.csv": "sessionId;userId;timeframe;eventdate;ordernumber;itemId\n2;7;2000;2016-05-10;16421;31331\n",
+        "product-categories.csv": "itemId;categoryId\n81766;1096\n31331;12\n",
+    }
+    plain, packed = tmp_path / "plain", tmp_path / "packed"
+    plain.mkdir(), packed.mkdir()
+    for name, text in files.items():
+        (plain / name).write_text(text)
+        (packed / (name + ".gz")).write_bytes(gzip.compress(text.encode()))
+    expected = load_dataset("diginetica", str(plain))
+    assert [e.type for e in expected.events].count("purchase") == 1 and expected.catalog[0].category == "category 1096"
+    _same(load_dataset("diginetica", str(packed)), expected)
+
+
 def _jsonl(tmp_path: Path, catalog) -> tuple[str, str]:
     events, items = tmp_path / "ev.jsonl", tmp_path / "cat.jsonl"
     events.write_bytes(b"\n".join(encode(e) for e in generate_events(300, catalog, n_users=20, seed=2)) + b"\n")

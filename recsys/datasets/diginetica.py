@@ -28,7 +28,7 @@ from recsys.datasets._base import (
     id_catalog,
 )
 from recsys.events import DecodeError, Event, event_from_dict
-from recsys.files import open_input, plain_name
+from recsys.files import find_file, open_input, plain_name
 
 NAME = "diginetica"
 VIEWS_FILES = ("sample_train-item-views.csv", "train-item-views.csv")
@@ -39,17 +39,14 @@ _ANONYMOUS = {"", "NA"}
 
 def _paths(events_path: str) -> tuple[str, str | None]:
     if os.path.isdir(events_path):
-        for name in VIEWS_FILES:
-            if os.path.exists(os.path.join(events_path, name)):
-                views = os.path.join(events_path, name)
-                break
-        else:
-            raise ValueError(f"{events_path}: no views file (looked for {', '.join(VIEWS_FILES)})")
+        views = next((found for name in VIEWS_FILES if (found := find_file(events_path, name))), None)
+        if views is None:
+            raise ValueError(f"{events_path}: no views file (looked for {', '.join(VIEWS_FILES)}, or one of them .gz, "
+                             f".bz2 or .xz)")
         directory = events_path
     else:
         views, directory = events_path, os.path.dirname(events_path)
-    purchases = os.path.join(directory, PURCHASES_FILE)
-    return views, purchases if os.path.exists(purchases) else None
+    return views, find_file(directory, PURCHASES_FILE)
 
 
 def _read_categories(path: str) -> dict[str, str]:
@@ -120,6 +117,6 @@ def load_diginetica(
             "order": "ordernumber",
         }
         _read(purchases, "purchases", "purchase", buy_cols, events, skips, limit, progress)
-    cat_file = catalog_path or os.path.join(os.path.dirname(views), CATEGORIES_FILE)
-    categories = _read_categories(cat_file) if os.path.exists(cat_file) else {}
+    cat_file = catalog_path or find_file(os.path.dirname(views), CATEGORIES_FILE)
+    categories = _read_categories(cat_file) if cat_file and os.path.exists(cat_file) else {}
     return finish(NAME, events, skips, limit, lambda kept: id_catalog(kept, categories))
