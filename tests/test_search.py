@@ -1039,6 +1039,23 @@ def test_with_search_in_history_a_recent_query_enters_the_next_recommendations(t
     assert lists[False][1] != "bag-down"
 
 
+def test_an_item_withdrawn_after_a_search_is_not_brought_back_into_recommendations_by_it(tmp_path, cache):
+    """The search's answer is kept for the recommendations of its open window; an item withdrawn
+    since (a tombstone, or "available": false) must not come back through it: until 2026-12-06
+    (forty-fifth session) it did, as "you searched '...'"."""
+    eng = Shard.open(_settings(tmp_path, cache, search_in_history=True), in_memory=True)
+    eng.upsert_catalog([*CATALOG, CatalogItem("bag-synth", "Synthetic sleeping bag", category="Camping/Sleeping bags")])
+    stream = Stream(eng)
+    stream.events(*[("click", "u1", "coffee"), ("click", "u1", "mug")] * 2)
+    assert ids(stream.search("u1", "sleeping bag"))[:2] == ["bag-down", "bag-synth"]
+    assert "bag-down" in [i.item_id for i in eng.recommend_for(["u1"], stream.ts)[0]]  # else this proves nothing
+    eng.process([Envelope("catalog", 0, 0, b"bag-down", None, stream.ts)])  # withdrawn
+    stream.events(("browse", "u1", "coffee"))  # the window is still open
+    recs = {i.item_id: i.reason for i in eng.recommend_for(["u1"], stream.ts)[0]}
+    assert "bag-down" not in recs and recs["bag-synth"] == "you searched 'sleeping bag'"
+    eng.close()
+
+
 # --------------------------------------------------------------------------- a batch's searches at once
 
 

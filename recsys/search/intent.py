@@ -62,7 +62,8 @@ class SearchIntent:
             self._answers.popitem(last=False)
 
     def intent(self, state: UserState, now_ts: int) -> list[str]:
-        """The open search's top items for this user (empty without an open window)."""
+        """The open search's top items for this user (empty without an open window), less those
+        the user saw or bought and those withdrawn since the search was answered."""
         window = self.search.windows.open_window(state.user_id, now_ts)
         if window is None:
             return []
@@ -73,8 +74,8 @@ class SearchIntent:
         else:
             ids = [i.item_id for i in self.search.rank(query, state, now_ts).items]
             self.remember(state.user_id, key, ts, ids)
-        excluded = self._inner.excluded(state)
-        return [i for i in ids if i not in excluded][: self.slots]
+        excluded, recommendable = self._inner.excluded(state), self._inner.items.recommendable
+        return [i for i in ids if i not in excluded and recommendable(i)][: self.slots]
 
     def rank(self, states: list[UserState], now_ts: int, k: int | None = None, *, explain: bool = True) -> list:
         ranked = self._inner.rank(states, now_ts, k, explain=explain)
