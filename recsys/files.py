@@ -29,11 +29,12 @@ from __future__ import annotations
 
 import bz2
 import gzip
+import io
 import lzma
 import os
 import zlib
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import IO, Any
 
 #: First bytes of each compressed format read here, and of zstd (refused, with a hint).
@@ -44,10 +45,15 @@ MAGIC: tuple[tuple[bytes, str], ...] = (
     (b"\x28\xb5\x2f\xfd", "zstd"),
 )
 
+#: The UTF-8 byte order mark.
+BOM = b"\xef\xbb\xbf"
+
 #: File name endings of compressed files (dropped to name a log after its file).
 SUFFIXES = (".gz", ".gzip", ".bz2", ".xz", ".zst")
 
-_OPENERS: dict[str, Any] = {"gzip": gzip.open, "bzip2": bz2.open, "xz": lzma.open}
+_DECOMPRESSORS: dict[str, Any] = {"gzip": lambda raw: gzip.GzipFile(fileobj=raw, mode="rb"),
+                                   "bzip2": lambda raw: bz2.BZ2File(raw, "rb"),
+                                   "xz": lambda raw: lzma.LZMAFile(raw, "rb")}
 
 
 class DamagedFileError(ValueError):
@@ -57,7 +63,10 @@ class DamagedFileError(ValueError):
 def compression_of(path: str | os.PathLike[str]) -> str | None:
     """``"gzip"``, ``"bzip2"``, ``"xz"`` or ``"zstd"`` by the file's first bytes; None: plain."""
     with open(path, "rb") as fh:
-        head = fh.read(6)
+        return _kind(fh.read(6))
+
+
+def _kind(head: bytes) -> str | None:
     return next((kind for magic, kind in MAGIC if head.startswith(magic)), None)
 
 
@@ -81,25 +90,31 @@ def find_file(directory: str | os.PathLike[str], name: str) -> str | None:
 def open_input(path: str | os.PathLike[str], *, text: bool = False, encoding: str = "utf-8",
                errors: str = "strict", newline: str | None = None) -> Iterator[IO[Any]]:
     """``path`` opened for reading, decompressed if it is gzip, bzip2 or xz (bytes, or text
-    with ``text=True`` and the given ``encoding``, ``errors`` and ``newline``)."""
-    kind = compression_of(path)
-    if kind == "zstd":
-        raise ValueError(f"{path}: a zstd-compressed file, which this reader cannot open; decompress it first "
-                         f"(zstd -d {path}) or compress it with gzip instead")
-    if kind is None:
-        with open(path, "r" if text else "rb", **({"encoding": encoding, "errors": errors, "newline": newline} if text else {})) as fh:
-            yield fh
-        return
-    opener = _OPENERS[kind]
-    with opener(path, "rt" if text else "rb", **({"encoding": encoding, "errors": errors, "newline": newline} if text else {})) as fh:
-        lines = _Counted(fh)
+    with ``text=True`` and the given ``encoding``, ``errors`` and ``newline``). The file is
+    opened once and its first bytes looked at without being read, so a pipe (``/dev/stdin``,
+    ``<(zcat ...)``) loses nothing. A UTF-8 byte order mark (what Excel and Notepad write first)
+    is skipped, so the first line reads as the others."""
+    with ExitStack() as stack:
+        raw = stack.enter_context(open(path, "rb"))
+        kind = _kind(raw.peek(6)[:6])
+        if kind == "zstd":
+            raise ValueError(f"{path}: a zstd-compressed file, which this reader cannot open; decompress it first "
+                             f"(zstd -d {path}) or compress it with gzip instead")
+        binary = raw if kind is None else stack.enter_context(_DECOMPRESSORS[kind](raw))
+        counted = None
         try:
-            yield lines
+            if binary.peek(3)[:3] == BOM:
+                binary.read(3)
+            fh = (stack.enter_context(io.TextIOWrapper(binary, encoding=encoding, errors=errors, newline=newline))
+                  if text else binary)
+            if kind is not None:
+                fh = counted = _Counted(fh)
+            yield fh
         except (EOFError, OSError, zlib.error, lzma.LZMAError) as exc:
-            if isinstance(exc, OSError) and not isinstance(exc, gzip.BadGzipFile) and exc.errno is not None:
-                raise  # a disk's error, not the stream's
-            raise DamagedFileError(f"{path}: the {kind} file is damaged or cut short after {lines.read:,} line(s) "
-                                   f"({exc})") from None
+            if kind is None or (isinstance(exc, OSError) and not isinstance(exc, gzip.BadGzipFile) and exc.errno is not None):
+                raise  # a plain file's, or a disk's error: not the stream's
+            raise DamagedFileError(f"{path}: the {kind} file is damaged or cut short after "
+                                   f"{counted.read if counted else 0:,} line(s) ({exc})") from None
 
 
 class _Counted:

@@ -105,6 +105,37 @@ def test_a_diginetica_folder_of_compressed_files_is_found_and_read_as_the_plain_
     _same(load_dataset("diginetica", str(packed)), expected)
 
 
+def test_a_pipe_loses_nothing_and_a_byte_order_mark_costs_no_line(tmp_path):
+    """The first bytes are looked at without being read: until the compressed readers were
+    given a second look (2026-12-06), the file was opened twice, and a pipe (`--events
+    /dev/stdin`, `<(zcat ...)`) lost its first buffer's worth of lines. A UTF-8 byte order mark
+    (Excel's "CSV UTF-8", Notepad) cost a JSONL file its first event and hid a quoted first
+    column of a CSV header."""
+    events, _ = _jsonl(tmp_path, generate_catalog(30, seed=1))
+    code = ("import sys; from recsys.datasets import load_dataset; "
+            "ds = load_dataset('jsonl', '/dev/stdin'); print(len(ds.events), sum(ds.skipped.values()))")
+    for feed in (Path(events).read_bytes(), gzip.compress(Path(events).read_bytes())):
+        done = subprocess.run([sys.executable, "-c", code], input=feed, cwd=ROOT, capture_output=True, timeout=120)
+        assert done.stdout.split() == [b"300", b"0"], done.stderr[-2000:]
+
+    marked = tmp_path / "marked.jsonl"
+    marked.write_bytes(b"\xef\xbb\xbf" + Path(events).read_bytes())
+    assert load_dataset("jsonl", str(marked)).events == load_dataset("jsonl", events).events
+    shop = tmp_path / "excel.csv"
+    shop.write_bytes(b"\xef\xbb\xbf" + b'"user","item","ts"\r\n"u1","i1","1700000000000"\r\n')
+    ds = load_dataset("csv", str(shop), mapping={"user_id": "user", "item_id": "item", "ts": "ts"})
+    assert [(e.user_id, e.item_id, e.ts) for e in ds.events] == [("u1", "i1", 1700000000000)]
+
+
+def test_a_compressed_jsonl_catalog_beside_a_csv_log_is_read_as_jsonl(tmp_path):
+    shop = tmp_path / "shop.csv"
+    shop.write_text(SHOP_CSV)
+    items = tmp_path / "items.jsonl"
+    items.write_text('{"item_id": "i1", "title": "Red lamp"}\n{"item_id": "i2", "title": "Blue mug"}\n')
+    ds = load_dataset("csv", str(shop), str(_compressed(items, "gzip")), mapping=SHOP_MAP)
+    assert {c.item_id: c.title for c in ds.catalog} == {"i1": "Red lamp", "i2": "Blue mug"}
+
+
 def _jsonl(tmp_path: Path, catalog) -> tuple[str, str]:
     events, items = tmp_path / "ev.jsonl", tmp_path / "cat.jsonl"
     events.write_bytes(b"\n".join(encode(e) for e in generate_events(300, catalog, n_users=20, seed=2)) + b"\n")

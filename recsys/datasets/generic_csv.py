@@ -139,9 +139,9 @@ def load_csv(
 
 
 def _read_catalog(path: str, delimiter: str, skips: SkipLog) -> list[CatalogItem]:
-    if path.endswith(".jsonl"):
-        return load_jsonl_catalog(path, skips)
     source = plain_name(path)
+    if source.lower().endswith((".jsonl", ".json")):  # compressed too: events.jsonl.gz
+        return load_jsonl_catalog(path, skips)
     out: list[CatalogItem] = []
     rows = csv_rows(
         path, delimiter=delimiter, required=("item_id", "title"), skips=skips, limit=None, progress=False, desc=source
