@@ -60,6 +60,11 @@ def positive_float(text: str) -> float:
     return _checked(text, float, lambda v: math.isfinite(v) and v > 0, "a number > 0")
 
 
+def share(text: str) -> float:
+    """A fraction from 0 to 1."""
+    return _checked(text, float, lambda v: 0 <= v <= 1, "a number from 0 to 1")
+
+
 def tcp_port(text: str) -> int:
     """A TCP port, 1-65535."""
     return _checked(text, int, lambda v: 1 <= v <= 65535, "a port number 1-65535")

@@ -21,7 +21,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, NoReturn
 
-from recsys_cli.argtypes import settings_or_fail, require_writable
+from recsys_cli.argtypes import non_negative_int, positive_float, require_writable, settings_or_fail, share
 
 BASELINES = ("popularity", "recent_popularity", "recently_seen", "most_bought", "covisitation", "session_knn",
              "itemknn", "transitions", "content", "river_biased_mf", "bpr_mf", "sasrec")
@@ -45,14 +45,14 @@ def add_parser(sub) -> None:
     p.add_argument("--models", default="all",
                    help=f"all (every model but {', '.join(NOT_IN_ALL)}; most_bought only where the catalog has "
                         f"repeat-purchase items), all+sasrec, or a comma list of: {', '.join(ALL_MODELS)}")
-    p.add_argument("--retrain-every", type=float, default=24.0, metavar="HOURS",
+    p.add_argument("--retrain-every", type=positive_float, default=24.0, metavar="HOURS",
                    help="prequential: batch-trained baselines (bpr_mf, sasrec) retrain from everything seen "
                         "so far every HOURS of event time (default 24: the nightly job)")
-    p.add_argument("--warmup-share", type=float, default=0.5,
+    p.add_argument("--warmup-share", type=share, default=0.5,
                    help="full-system/frozen: share of the (training) stream learned before all learning stops")
     p.add_argument("--include-history", action="store_true", help="leave-last-out: rank the whole catalog")
     p.add_argument("--target", default="next", choices=("next", "next_purchase"), help="prequential target")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--limit", type=int, default=None, help="only the first N events (by time)")
     p.add_argument("--batch-size", type=int, default=500, help="events per replay batch")
     p.add_argument("--shards", type=int, default=1,
@@ -106,10 +106,11 @@ def _parse_ks(text: str | None, protocol: str) -> tuple[int, ...]:
 def _parse_models(text: str) -> list[str]:
     if text in ("all", "all+sasrec"):
         return [n for n in ALL_MODELS if n not in NOT_IN_ALL or text == "all+sasrec"]
-    names = [n.strip() for n in text.split(",") if n.strip()]
+    names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))  # each once, in order
     unknown = [n for n in names if n not in ALL_MODELS]
-    if unknown:
-        raise SystemExit(f"recsys replay: unknown model(s) {unknown}; choose from {', '.join(ALL_MODELS)}")
+    if unknown or not names:
+        what = f"unknown model(s) {unknown}" if unknown else f"no model named in --models {text!r}"
+        raise SystemExit(f"recsys replay: {what}; choose from {', '.join(ALL_MODELS)}")
     return names
 
 
@@ -181,6 +182,16 @@ def _check_args(args: argparse.Namespace) -> None:
         raise SystemExit(f"recsys replay: --trainer-publish-messages must be >= 1, got {args.trainer_publish_messages}")
     if args.trainer_publish_lag < 0:
         raise SystemExit(f"recsys replay: --trainer-publish-lag must be >= 0, got {args.trainer_publish_lag}")
+    if getattr(args, "task", "recommend") == "search":
+        from recsys.events import EVENT_TYPES
+
+        if not 0 < args.search_sample <= 1:
+            raise SystemExit(f"recsys replay: --search-sample must be a fraction above 0, at most 1, got {args.search_sample:g}")
+        targets = [t.strip() for t in args.search_targets.split(",") if t.strip()]
+        if not targets or (wrong := [t for t in targets if t not in EVENT_TYPES or t == "search"]):
+            raise SystemExit(f"recsys replay: --search-targets {args.search_targets!r}: expected a comma list of event "
+                             f"types out of {', '.join(t for t in EVENT_TYPES if t != 'search')}"
+                             + (f" ({', '.join(map(repr, wrong))} is not one)" if targets else ""))
     bad_maps = [m for m in args.map if "=" not in m]
     if bad_maps:
         raise SystemExit(f"recsys replay: --map expects FIELD=COLUMN, got {bad_maps[0]!r}")
@@ -206,9 +217,18 @@ def _check_args(args: argparse.Namespace) -> None:
                          f"already learned; give a new or empty directory")
     if args.emit and os.path.isdir(args.emit):
         raise SystemExit(f"recsys replay: --emit {args.emit} is a directory; give a file for the recommendations")
+    for flag, path in (("--events", args.events), ("--catalog", args.catalog), ("--query-log", query_log or None)):
+        if args.emit and path and os.path.isfile(path) and os.path.exists(args.emit) and os.path.samefile(args.emit, path):
+            raise SystemExit(f"recsys replay: --emit {args.emit} is the {flag} file: writing the recommendations there "
+                             f"would overwrite it; give another file")
     emit_dir = os.path.dirname(os.path.abspath(args.emit)) if args.emit else None  # opened once the engine has loaded
     require_writable("replay", {"--out": args.out, "--state-dir": args.state_dir, "--embed-cache-dir": embed_cache_dir,
                                 f"--emit {args.emit}: its directory": emit_dir})
+
+
+#: Epoch milliseconds of 1973-03-03: a log whose every time is earlier was most likely written
+#: in epoch seconds (1e11 seconds is the year 5138).
+SECONDS_LOOK_LIKE_MS = 100_000_000_000
 
 
 def _refuse_nothing_to_replay(what: str, flag: str, path: str, ds, check: str) -> NoReturn:
@@ -268,6 +288,10 @@ def run_replay(args: argparse.Namespace) -> int:
     if not ds.events:
         _refuse_nothing_to_replay("event", "--events", args.events, ds, f"check the file, --format {args.format}"
                                   + (" and --map" if args.format == "csv" else "") + (" and --limit" if args.limit else ""))
+    if (latest := max(e.ts for e in ds.events)) < SECONDS_LOOK_LIKE_MS:
+        print(f"  note: every event time is before 1973-03-03 (the latest, {latest}, read as epoch milliseconds); if "
+              f"the log's times are epoch seconds, every decay and time window runs 1,000 times too slow: "
+              + ("--map ts_unit=s" if args.format == "csv" else "give milliseconds"), flush=True)
     if lacking := ds.items_not_in_catalog():
         print(f"  {len(lacking)} item(s) the events name are not in the catalog (e.g. {lacking[0]!r}): the full "
               f"system admits them as it meets them, titled by their id, as RECSYS_UNKNOWN_ITEMS=admit does live; "
@@ -298,7 +322,10 @@ def run_replay(args: argparse.Namespace) -> int:
     if args.task == "search":  # issue 13
         from recsys.search import replay as search_replay
 
-        search_replay.run(args, ds, settings, command)
+        try:
+            search_replay.run(args, ds, settings, command)
+        except search_replay.NothingToScore as exc:
+            raise SystemExit(f"recsys replay: {exc}; no report written") from None
         return 0
     if args.models in ("all", "all+sasrec") and not repeat_items:
         names = [n for n in names if n != "most_bought"]  # nothing can be bought again here
@@ -423,6 +450,16 @@ def run_replay(args: argparse.Namespace) -> int:
     result["seed"] = args.seed
     result["protocol"] = args.protocol
     engine.close()
+    if not result.get("scored"):  # a report of zeros would read as if every model had been measured and failed
+        if args.protocol == "leave-last-out":
+            why = "no user has an event before their last one, which leave-last-out holds out"
+        elif args.target == "next_purchase":
+            why = ("no add-to-cart or purchase event to score with --target next_purchase"
+                   + (" (every row took the default type: map the type column, --map type=COLUMN)"
+                      if args.format == "csv" and not (mapping or {}).get("type") else ""))
+        else:
+            why = "no user has an event after their first one"
+        raise SystemExit(f"recsys replay: nothing to score in --events {args.events}: {why}; no report written")
     paths = write_report(result, args.out, title=f"Backtest: {ds.name} ({args.protocol})", command=command, dataset=ds.name)
     print(Path(args.out, "report.md").read_text(), flush=True)
     print("wrote " + ", ".join(str(p) for p in paths), flush=True)

@@ -656,6 +656,96 @@ def test_a_query_log_that_cannot_be_read_or_holds_no_search_is_one_line(tmp_path
         assert not (out / "metrics.json").exists()
 
 
+def _shop_csv(path: Path, rows: list[str], header: str = "user,item,ts,type") -> Path:
+    path.write_text("\n".join([header, *rows]) + "\n")
+    return path
+
+
+CSV_MAP = ["--format", "csv", "--map", "user_id=user", "--map", "item_id=item", "--map", "ts=ts"]
+
+
+def test_replay_flags_and_mappings_that_cannot_work_are_one_line(tmp_path):
+    """Found by an operator's probe on 2026-12-06 (forty-fifth session): each of these was a
+    Python traceback (a negative --seed after the whole backtest, --retrain-every 0 after the
+    model loaded, a --warmup-share of -1 a RecursionError, repeated --models, a delimiter that is
+    not one character, --map type_map=... from the command line), a silent no-op (--warmup-share
+    5, --search-targets with a typo), an empty run (--models ,), or lost data (--emit naming the
+    event file overwrote it)."""
+    log = _shop_csv(tmp_path / "log.csv", [f"u{i % 3},i{i % 5},{1_700_000_000_000 + 60_000 * i},click" for i in range(30)])
+    before = log.read_bytes()
+    out = str(tmp_path / "out")
+    base = ["--events", str(log), *CSV_MAP, "--models", "popularity", "--out", out]
+    cases = [
+        (["--seed", "-1"], ["argument --seed", "a whole number >= 0", "'-1'"]),
+        (["--retrain-every", "0"], ["argument --retrain-every", "a number > 0"]),
+        (["--retrain-every", "nan"], ["argument --retrain-every", "a number > 0"]),
+        (["--warmup-share", "-1"], ["argument --warmup-share", "a number from 0 to 1"]),
+        (["--warmup-share", "5"], ["argument --warmup-share", "a number from 0 to 1"]),
+        (["--models", ","], ["no model named in --models ','"]),
+        (["--emit", str(log)], ["--emit", "is the --events file", "overwrite"]),
+        (["--task", "search", "--search-targets", "clik"], ["--search-targets 'clik'", "'clik' is not one"]),
+        (["--task", "search", "--search-sample", "0"], ["--search-sample must be a fraction above 0"]),
+        (["--map", "delimiter=;;"], ["cannot read --events", "mapping['delimiter']: ';;' is not one character", "delimiter=tab"]),
+        (["--map", "type_map=view"], ["cannot read --events", "mapping['type_map']: 'view' is not a list of THEIRS:OURS"]),
+        (["--map", "type_map=view:look"], ["cannot read --events", "mapping['type_map']: 'look' is not one of"]),
+    ]
+    for args, words in cases:
+        done = _recsys("replay", *base, *args, timeout=120)
+        done.stderr = "\n".join(line for line in done.stderr.splitlines() if " rows [" not in line)  # progress
+        _one_line_failure(done, *words)
+        assert "loaded" not in done.stdout and not Path(out, "metrics.json").exists()
+    assert log.read_bytes() == before
+
+
+def test_a_csv_log_read_the_way_an_operator_writes_its_mapping(tmp_path):
+    """A tab-separated log with `--map delimiter=tab` (or `'delimiter=\\t'`, as typed in a shell)
+    and raw event types mapped with `--map type_map=view:browse,buy:purchase`; a quote opened and
+    never closed is named by its line instead of a traceback (csv's field limit)."""
+    from recsys.datasets import load_dataset
+
+    tsv = tmp_path / "log.tsv"
+    tsv.write_text("user\titem\tts\tkind\nu1\ti1\t1700000000000\tview\nu1\ti2\t1700000001000\tbuy\n")
+    for delimiter in ("tab", "\\t"):
+        ds = load_dataset("csv", str(tsv), mapping={"user_id": "user", "item_id": "item", "ts": "ts", "type": "kind",
+                                                    "delimiter": delimiter, "type_map": "view:browse,buy:purchase"})
+        assert [(e.type, e.item_id) for e in ds.events] == [("browse", "i1"), ("purchase", "i2")] and not ds.skipped
+    rows = [f"u{i},i{i},{1_700_000_000_000 + i},click" for i in range(6000)]
+    rows[10] = 'u10,"i10,1700000000010,click'
+    done = _recsys("replay", "--events", str(_shop_csv(tmp_path / "quote.csv", rows)), *CSV_MAP, "--models", "popularity",
+                   "--out", str(tmp_path / "out"), timeout=120)
+    done.stderr = "\n".join(line for line in done.stderr.splitlines() if " rows [" not in line)
+    _one_line_failure(done, "cannot read --events", "the row from line 12 on cannot be read", "a quote opened there")
+
+
+@pytest.mark.slow
+def test_a_replay_that_scores_nothing_is_one_line_and_writes_no_report(tmp_path):
+    """A replay can load events and still have nothing to score: --target next_purchase on a log
+    whose every row took the default type, leave-last-out when every user has one event, a
+    search backtest whose catalog has no category to derive a query from. Until 2026-12-06 each
+    wrote a report of zeros (every metric 0.0000, exit status 0), as if each model had been
+    measured and found useless. A log whose times look like epoch seconds is named."""
+    clicks = _shop_csv(tmp_path / "clicks.csv", [f"u{i % 3},i{i % 5},{1_700_000_000_000 + 60_000 * i}" for i in range(30)],
+                       header="user,item,ts")
+    singles = _shop_csv(tmp_path / "singles.csv", [f"u{i},i{i},{1_700_000_000_000 + i},click" for i in range(3)])
+    cases = [
+        ([str(clicks), "--target", "next_purchase"], ["nothing to score", "--target next_purchase", "--map type=COLUMN"]),
+        ([str(singles), "--protocol", "leave-last-out"], ["nothing to score", "no user has an event before their last one"]),
+        ([str(clicks), "--task", "search", "--search-targets", "click"],
+         ["no search to derive from --events", "no catalog item has a category", "no report written"]),
+    ]
+    for i, (args, words) in enumerate(cases):
+        out = tmp_path / f"out{i}"
+        done = _recsys("replay", "--events", *args, *CSV_MAP, "--models", "popularity", "--out", str(out), timeout=180)
+        done.stderr = "\n".join(line for line in done.stderr.splitlines() if not re.search(r"%\||/s\]$", line))  # progress bars
+        _one_line_failure(done, *words)
+        assert not (out / "metrics.json").exists()
+    seconds = _shop_csv(tmp_path / "seconds.csv", [f"u{i % 3},i{i % 5},{1_700_000_000 + 60 * i},click" for i in range(30)])
+    done = _recsys("replay", "--events", str(seconds), *CSV_MAP, "--models", "popularity", "--out", str(tmp_path / "s"),
+                   timeout=180)
+    assert done.returncode == 0, done.stderr
+    assert "note: every event time is before 1973-03-03" in done.stdout and "--map ts_unit=s" in done.stdout
+
+
 def test_tail_of_a_missing_topic_is_one_line_naming_the_topic(local_broker):
     done = _recsys("tail", "--topic", "no-such-topic-anywhere", "--bootstrap-servers", local_broker.bootstrap)
     line = _one_line_failure(done, "'no-such-topic-anywhere'", "does not exist", local_broker.bootstrap)

@@ -153,17 +153,23 @@ def csv_rows(
             raise ValueError(f"{path}: header {header} lacks column(s) {missing}")
         width = len(header)
         read = 0
-        for row in tqdm(reader, desc=desc, unit=" rows", disable=not progress, mininterval=1.0):
-            if not row:
-                continue
-            if limit is not None and read >= limit:
-                break
-            read += 1
-            if len(row) != width:
-                kind = "truncated row" if len(row) < width else "extra fields"
-                skips.add(kind, reader.line_num, source, f"{len(row)} of {width} fields")
-                continue
-            yield reader.line_num, dict(zip(header, row))
+        ended = reader.line_num  # the line the last row read ended on
+        try:
+            for row in tqdm(reader, desc=desc, unit=" rows", disable=not progress, mininterval=1.0):
+                ended = reader.line_num
+                if not row:
+                    continue
+                if limit is not None and read >= limit:
+                    break
+                read += 1
+                if len(row) != width:
+                    kind = "truncated row" if len(row) < width else "extra fields"
+                    skips.add(kind, reader.line_num, source, f"{len(row)} of {width} fields")
+                    continue
+                yield reader.line_num, dict(zip(header, row))
+        except csv.Error as exc:  # a quote opened and never closed swallows the lines after it
+            raise ValueError(f"{path}: the row from line {ended + 1} on cannot be read ({exc}): a quote opened "
+                             f"there and never closed?") from None
 
 
 def parse_float(text: str) -> float | None:

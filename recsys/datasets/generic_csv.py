@@ -7,8 +7,10 @@
 - ``ts_unit``: ``"ms"`` (default), ``"s"`` (may have a fraction) or ``"iso"`` (ISO 8601;
   no offset or a trailing ``UTC``/``Z`` means UTC);
 - ``default_type``: the event type of every row when there is no ``type`` column
-  (default ``"click"``); ``type_map``: raw type values to ours (``{"view": "browse"}``);
-- ``delimiter`` (default ``","``); ``name`` (default: the file's stem).
+  (default ``"click"``); ``type_map``: raw type values to ours (``{"view": "browse"}``, or on
+  the command line ``--map type_map=view:browse,buy:purchase``);
+- ``delimiter`` (default ``","``; one character, ``tab`` or ``\\t`` for a tab); ``name``
+  (default: the file's stem).
 
 Event ids are ``<name>:<line number>``. ``catalog_path`` may be a JSONL catalog (``.jsonl``)
 or a CSV whose header uses our field names (``item_id,title,description,category,brand,price``);
@@ -69,7 +71,39 @@ def _check_mapping(mapping: dict[str, Any] | None) -> dict[str, Any]:
     default_type = mapping.get("default_type", "click")
     if default_type not in EVENT_TYPES:
         raise ValueError(f"mapping['default_type']: {default_type!r} is not one of {', '.join(EVENT_TYPES)}")
-    return mapping
+    return {**mapping, **csv_options(mapping)}
+
+
+def csv_options(mapping: dict[str, Any]) -> dict[str, Any]:
+    r"""``delimiter`` and ``type_map`` as the reader takes them, from a mapping written in Python
+    or on the command line (``--map delimiter=tab``, ``--map 'delimiter=\\t'``,
+    ``--map type_map=view:browse,buy:purchase``).
+
+    >>> csv_options({"delimiter": "tab", "type_map": "view:browse, buy:purchase"})
+    {'delimiter': '\t', 'type_map': {'view': 'browse', 'buy': 'purchase'}}
+    """
+    out: dict[str, Any] = {}
+    if "delimiter" in mapping:
+        delimiter = {"tab": "\t", "\\t": "\t"}.get(mapping["delimiter"], mapping["delimiter"])
+        if not isinstance(delimiter, str) or len(delimiter) != 1:
+            raise ValueError(f"mapping['delimiter']: {mapping['delimiter']!r} is not one character (a tab: "
+                             f"delimiter=tab)")
+        out["delimiter"] = delimiter
+    if "type_map" in mapping:
+        type_map = mapping["type_map"]
+        if isinstance(type_map, str):
+            pairs = [p.split(":", 1) for p in type_map.split(",") if p.strip()]
+            if not pairs or any(len(p) != 2 or not p[0].strip() for p in pairs):
+                raise ValueError(f"mapping['type_map']: {type_map!r} is not a list of THEIRS:OURS pairs like "
+                                 f"view:browse,buy:purchase")
+            type_map = {theirs.strip(): ours.strip() for theirs, ours in pairs}
+        if not isinstance(type_map, dict):
+            raise ValueError(f"mapping['type_map']: expected pairs like view:browse,buy:purchase, got {type_map!r}")
+        wrong = sorted({ours for ours in type_map.values() if ours not in EVENT_TYPES})
+        if wrong:
+            raise ValueError(f"mapping['type_map']: {', '.join(map(repr, wrong))} is not one of {', '.join(EVENT_TYPES)}")
+        out["type_map"] = type_map
+    return out
 
 
 def load_csv(

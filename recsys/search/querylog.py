@@ -29,7 +29,7 @@ from __future__ import annotations
 from typing import Any
 
 from recsys.datasets._base import Dataset, SkipLog, csv_rows, id_catalog
-from recsys.datasets.generic_csv import ts_parser
+from recsys.datasets.generic_csv import csv_options, ts_parser
 from recsys.datasets.jsonl import load_jsonl_catalog
 from recsys.events import EVENT_TYPES, Event
 from recsys.files import plain_name
@@ -52,6 +52,7 @@ def load_query_log(path: str, mapping: dict[str, Any] | None, catalog_path: str 
     default_type = mapping.get("default_type", "click")
     if default_type not in EVENT_TYPES or default_type == "search":
         raise ValueError(f"query log mapping['default_type']: {default_type!r} is not an engagement type")
+    mapping.update(csv_options(mapping))  # delimiter=tab as for --format csv
     to_ms = ts_parser(mapping.get("ts_unit", "ms"))
     col = {k: mapping[k] for k in _COLUMNS if mapping.get(k)}
     skips = SkipLog()

@@ -214,6 +214,10 @@ def add_arguments(parser: Any) -> None:
                              "OUT/search_features.npz (for benchmarks/search_weights.py)")
 
 
+class NothingToScore(ValueError):
+    """The events give no search to score (no query could be derived)."""
+
+
 def run(args: Any, ds: Any, settings: Any, command: str) -> dict[str, Any]:
     """``recsys replay --task search``: derive the searches, replay, write metrics.json + report."""
     from recsys.backtest.report import write_report
@@ -225,6 +229,10 @@ def run(args: Any, ds: Any, settings: Any, command: str) -> dict[str, Any]:
     events, targets = derive_searches(ds.events, queries, types=types, sample=args.search_sample)
     print(f"derived {len(targets)} searches ({len(queries)} items with a query; targets {types}, "
           f"sample {args.search_sample})", flush=True)
+    if not targets:  # a report of zeros would read as if search had been measured
+        raise NothingToScore(f"no search to derive from --events {args.events}: "
+                             + ("no catalog item has a category to build a query from (give a --catalog with categories)"
+                                if not queries else f"no event of type {', '.join(types)} names an item with a query"))
     engine = Shard.open(settings.replace(search_k=10), in_memory=args.state_dir is None, emit=False)
     try:
         engine.upsert_catalog(ds.catalog, progress=True)
