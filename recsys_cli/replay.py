@@ -53,7 +53,9 @@ def add_parser(sub) -> None:
     p.add_argument("--include-history", action="store_true", help="leave-last-out: rank the whole catalog")
     p.add_argument("--target", default="next", choices=("next", "next_purchase"), help="prequential target")
     p.add_argument("--seed", type=non_negative_int, default=0)
-    p.add_argument("--limit", type=int, default=None, help="only the first N events (by time)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="only the first N rows of the log as it is written (then in time order: a log written newest "
+                        "first keeps its newest N)")
     p.add_argument("--batch-size", type=int, default=500, help="events per replay batch")
     p.add_argument("--shards", type=int, default=1,
                    help="prequential: replay the full system as N shards (users split as Kafka would split "
@@ -288,6 +290,10 @@ def run_replay(args: argparse.Namespace) -> int:
     if not ds.events:
         _refuse_nothing_to_replay("event", "--events", args.events, ds, f"check the file, --format {args.format}"
                                   + (" and --map" if args.format == "csv" else "") + (" and --limit" if args.limit else ""))
+    if args.catalog and not ds.catalog:  # every line refused: a wrong file, or a wrong --format for it
+        _refuse_nothing_to_replay("catalog item", "--catalog", args.catalog, ds,
+                                  "it should hold JSONL items with item_id and title (or, with --format csv, a CSV with "
+                                  "those columns)")
     if (latest := max(e.ts for e in ds.events)) < SECONDS_LOOK_LIKE_MS:
         print(f"  note: every event time is before 1973-03-03 (the latest, {latest}, read as epoch milliseconds); if "
               f"the log's times are epoch seconds, every decay and time window runs 1,000 times too slow: "
@@ -361,7 +367,9 @@ def run_replay(args: argparse.Namespace) -> int:
         retrain_every_h=args.retrain_every if args.protocol == "prequential" else None,
         cache_key=f"{ds.name}-{args.protocol}-{args.limit or 'all'}-{len(ds.events)}-seed{args.seed}",
     )
-    catalog_size = len(ds.catalog) or None
+    # coverage's denominator: every item the replay can show, a partial --catalog's and the events'
+    # (each once: a catalog file may name an item twice)
+    catalog_size = len({c.item_id for c in ds.catalog} | {e.item_id for e in ds.events if e.item_id is not None}) or None
     freeze_after = int(args.warmup_share * len(ds.events))
 
     def ablation(variant: str) -> dict:

@@ -746,6 +746,38 @@ def test_a_replay_that_scores_nothing_is_one_line_and_writes_no_report(tmp_path)
     assert "note: every event time is before 1973-03-03" in done.stdout and "--map ts_unit=s" in done.stdout
 
 
+def test_a_partial_or_refused_catalog_and_fractional_quantities_are_read_as_meant(tmp_path):
+    """A --catalog that names only some of the log's items (the README supports it) gave a
+    coverage of 700%: its denominator was the catalog's lines. A catalog whose every line is
+    refused let the replay run on with no item text; a quantity written "2.0" (pandas, for an
+    integer column with blanks) cost the row."""
+    import orjson
+
+    from recsys.datasets import load_dataset
+
+    log = _shop_csv(tmp_path / "log.csv", [f"u{i % 6},i{i % 14},{1_700_000_000_000 + 60_000 * i},click" for i in range(60)])
+    partial = tmp_path / "partial.jsonl"
+    partial.write_text('{"item_id": "i1", "title": "Red lamp"}\n{"item_id": "i1", "title": "Red lamp"}\n')
+    out = tmp_path / "out"
+    done = _recsys("replay", "--events", str(log), *CSV_MAP, "--catalog", str(partial), "--models", "popularity,recently_seen",
+                   "--out", str(out), timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    models = orjson.loads((out / "metrics.json").read_bytes())["models"]
+    assert all(0 < m["coverage@10"] <= 1 for m in models.values()), models
+
+    refused = tmp_path / "refused.jsonl"
+    refused.write_text('{"item_id": "i1", "name": "Red lamp"}\n')
+    done = _recsys("replay", "--events", str(log), *CSV_MAP, "--catalog", str(refused), "--models", "popularity",
+                   "--out", str(tmp_path / "out2"), timeout=180)
+    done.stderr = "\n".join(line for line in done.stderr.splitlines() if not re.search(r"%\||/s\]$", line))
+    _one_line_failure(done, "no catalog item to replay in --catalog", "refused.jsonl", "item_id and title")
+
+    qty = _shop_csv(tmp_path / "qty.csv", ["u1,i1,1700000000000,purchase,2.0", "u1,i2,1700000001000,purchase,",
+                                           "u1,i3,1700000002000,purchase,1"], header="user,item,ts,type,qty")
+    ds = load_dataset("csv", str(qty), mapping={"user_id": "user", "item_id": "item", "ts": "ts", "type": "type", "quantity": "qty"})
+    assert [e.quantity for e in ds.events] == [2, None, 1] and not ds.skipped
+
+
 def test_tail_of_a_missing_topic_is_one_line_naming_the_topic(local_broker):
     done = _recsys("tail", "--topic", "no-such-topic-anywhere", "--bootstrap-servers", local_broker.bootstrap)
     line = _one_line_failure(done, "'no-such-topic-anywhere'", "does not exist", local_broker.bootstrap)

@@ -156,8 +156,8 @@ def load_csv(
             if "price" in cols:
                 obj["price"] = parse_float(row[cols["price"]])
             if "quantity" in cols:
-                qty = row[cols["quantity"]].strip()
-                obj["quantity"] = int(qty) if qty else None
+                qty = row[cols["quantity"]].strip()  # "2.0" too: what pandas writes for a column with blanks
+                obj["quantity"] = int(qty) if qty.isdigit() else (float(qty) if qty else None)
         except ValueError:
             skips.add("bad number", line, source, f"price/quantity not a number in {row!r}")
             continue
