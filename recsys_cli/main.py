@@ -307,6 +307,8 @@ def cmd_broker(args: argparse.Namespace) -> int:
     if port_in_use(args.port):
         fail("broker", f"port {args.port} on {HOST} is already in use (another broker?); stop that process "
                        "or start this one with another --port")
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # under nohup it stays ignored
+        signal.signal(signal.SIGHUP, _raise_interrupt)  # its terminal closed: stop the broker, not leave it orphaned
     try:
         with LocalBroker(port=args.port) as broker:
             print(f"broker ready on {broker.bootstrap} (pid {broker.pid}); Ctrl-C to stop", flush=True)
@@ -327,11 +329,20 @@ def cmd_produce(args: argparse.Namespace) -> int:
         fail("produce", f"no such file: {args.file!r}; give the path of a JSONL file (one record per line)")
     if not os.path.isfile(args.file):
         fail("produce", f"{args.file!r} is not a file; give the path of a JSONL file (one record per line)")
-    topic = args.topic or (settings.catalog_topic if args.catalog else settings.events_topic)
-    key_field = "item_id" if args.catalog else "user_id"
+    if args.topic == "":
+        fail("produce", "--topic is empty (an unset shell variable?); name the topic, or leave the flag out", 2)
+    topic = args.topic if args.topic is not None else (settings.catalog_topic if args.catalog else settings.events_topic)
+    catalog = args.catalog or topic == settings.catalog_topic
+    key_field = "item_id" if catalog else "user_id"
     _require_broker(settings, "produce", (topic,))
     from dataflows.kafka_io import KafkaClients, produce_records
+    from recsys.events import DecodeError, decode_catalog_item, decode_event
 
+    # each line read as the flow will read it: on the events topic one it refuses is still sent (the
+    # flow dead-letters it with its reason), on the catalog it is not (a record replaces the item's
+    # last one: on the compacted topic a bad one would take the item's place); other topics as they are
+    check = decode_catalog_item if catalog else decode_event if topic == settings.events_topic else None
+    invalid: list[tuple[int, str]] = []
     at = [0]  # the line being sent
     refused: list[int] = []
     yielded = [0]  # records handed to the producer (or refused as too large)
@@ -339,9 +350,16 @@ def cmd_produce(args: argparse.Namespace) -> int:
     def records():
         with open_input(args.file) as fh:  # gzip, bzip2 and xz read as plain JSONL
             for at[0], line in enumerate(fh, start=1):
-                line = line.rstrip(b"\n")
+                line = line.rstrip(b"\r\n")
                 if not line:
                     continue
+                if check is not None:
+                    try:
+                        check(line, settings.max_message_bytes)
+                    except DecodeError as exc:
+                        invalid.append((at[0], str(exc)))
+                        if catalog:
+                            continue
                 yielded[0] += 1
                 try:
                     key = orjson.loads(line).get(key_field)
@@ -362,7 +380,8 @@ def cmd_produce(args: argparse.Namespace) -> int:
     try:
         n = produce_records(KafkaClients(settings), topic, records(), rate=args.rate, too_large=too_large)
     except ProduceInterrupted as exc:  # Ctrl-C or SIGTERM: say where to go on from
-        through = _line_of_record(args.file, exc.sent + len(refused))  # the records sent, and those refused
+        held_back = len(invalid) if catalog else 0  # lines not sent as records
+        through = _line_of_record(args.file, exc.sent + len(refused) + held_back)  # the records sent, and those refused
         sent = f"lines 1-{through} of {args.file} were sent" if through else f"no line of {args.file} was sent"
         rest = f"tail -n +{through + 1} {args.file}"
         if cat := {"gzip": "zcat", "bzip2": "bzcat", "xz": "xzcat"}.get(compression_of(args.file) or ""):
@@ -379,11 +398,17 @@ def cmd_produce(args: argparse.Namespace) -> int:
                         f"`recsys tail --topic {topic}` before sending again")
     took = time.perf_counter() - start
     print(f"produced {n} records to {topic!r} in {took:.1f}s ({n / max(took, 1e-9):.0f}/s)")
+    if invalid:
+        what = "catalog items" if catalog else "events"
+        fate = ("not sent: on the catalog a record takes the item's place (on the compacted topic for good)" if catalog
+                else "sent: the flow dead-letters them with these reasons")
+        shown = "; ".join(f"line {line}: {why}" for line, why in invalid[:3])
+        print(f"recsys produce: {len(invalid)} line(s) of {args.file} are not {what} ({shown}"
+              f"{'; ...' if len(invalid) > 3 else ''}); {fate}", file=sys.stderr)
     if refused:
         print(f"recsys produce: {len(refused)} line(s) not sent, too large (lines {', '.join(map(str, refused[:10]))}"
               f"{', ...' if len(refused) > 10 else ''})", file=sys.stderr)
-        return 1
-    return 0
+    return 1 if invalid or refused else 0
 
 
 def _line_of_record(path: str, n: int) -> int:
@@ -392,7 +417,7 @@ def _line_of_record(path: str, n: int) -> int:
         return 0
     with open_input(path) as fh:
         for number, line in enumerate(fh, start=1):
-            if line.rstrip(b"\n"):
+            if line.rstrip(b"\r\n"):
                 n -= 1
                 if n == 0:
                     return number
@@ -405,7 +430,9 @@ def cmd_tail(args: argparse.Namespace) -> int:
     from recsys_cli.demo import format_dead_letter, format_recommendation, format_search_result
 
     settings = settings_or_fail("tail", args)
-    topic = args.topic or settings.recommendations_topic
+    if args.topic == "":
+        fail("tail", "--topic is empty (an unset shell variable?); name the topic, or leave the flag out", 2)
+    topic = args.topic if args.topic is not None else settings.recommendations_topic
     _require_broker(settings, "tail", (topic,))
 
     from dataflows.kafka_io import KafkaClients
@@ -470,7 +497,7 @@ def _readable(payload: bytes | None, formatter: Callable[[bytes], str] | None) -
     if formatter is not None:
         try:
             return formatter(payload or b"")
-        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError):  # "score": "0.9"
             pass
     return (payload or b"").decode("utf-8", "replace")
 
@@ -508,16 +535,17 @@ def cmd_search(args: argparse.Namespace) -> int:
         consumer.seek_to_end(*tps)
         for tp in tps:  # resolved now, before the search goes out: its answer lies past these offsets
             consumer.position(tp)
-        start = time.perf_counter()
         producer = clients.producer()
+        start, sent_at_ms = time.perf_counter(), int(time.time() * 1000)  # the event's ts was taken before the checks
         try:
             producer.send(settings.events_topic, key=args.user.encode(), value=payload)
             producer.flush(timeout=args.timeout)
-        except KafkaError as exc:  # the broker went away since the check
-            fail("search", f"the search was not sent to {settings.events_topic!r} on {settings.bootstrap_servers}: "
-                           f"{type(exc).__name__}: {exc}")
+        except KafkaError as exc:  # the broker went away since the check, or is slower than --timeout
+            fail("search", f"the broker at {settings.bootstrap_servers} did not confirm the search on "
+                           f"{settings.events_topic!r} within {args.timeout:g} s ({type(exc).__name__}: {exc}); it may "
+                           f"still arrive: a flow answers it then (recsys tail --topic {topic})")
         finally:
-            producer.close()
+            producer.close(timeout=2)  # a broker gone for good: do not wait out kafka-python's 120 s
         deadline = start + args.timeout
         while time.perf_counter() < deadline:
             for records in consumer.poll(timeout_ms=100).values():
@@ -525,7 +553,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                     answer = _answer_to(r.value, event_id)
                     if answer is not None:
                         took = (time.perf_counter() - start) * 1000
-                        print(format_search_answer(answer, took, answer["emitted_at"] - sent_ms), flush=True)
+                        print(format_search_answer(answer, took, answer["emitted_at"] - sent_at_ms), flush=True)
                         return 0
     finally:
         consumer.close()
@@ -564,9 +592,16 @@ def format_search_answer(answer: dict, took_ms: float, emitted_after_ms: int) ->
 def cmd_forget(args: argparse.Namespace) -> int:
     """Erase shoppers (right to be forgotten): send forget_user requests to the control topic,
     which every running shard applies; or, with --offline, erase them from a stopped flow's state."""
-    from recsys.control import ControlMessage, encode_control, user_hash
+    from recsys.control import ControlMessage, decode_control, encode_control, user_hash
+    from recsys.events import DecodeError
 
     settings = settings_or_fail("forget", args)
+    for user_id in args.user_ids:  # what a flow would dead-letter is refused here: no erasure is claimed for it
+        try:
+            decode_control(encode_control(ControlMessage("forget_user", user_id)), settings.max_message_bytes)
+        except DecodeError as exc:
+            fail("forget", f"user id {user_id[:40]!r}{'...' if len(user_id) > 40 else ''}: {exc}; nothing was sent "
+                           f"or erased", 2)
     if args.offline:
         from recsys.shard.offline import forget_offline
         from recsys.store.kv import StoreOpenError
@@ -582,13 +617,17 @@ def cmd_forget(args: argparse.Namespace) -> int:
             print(f"forget: {stored.state_dir}: {held} of {len(set(args.user_ids))} held here ({how})", flush=True)
         where = "state " + ", ".join(str(stored.state_dir) for stored, _ in done)
     else:
-        from dataflows.kafka_io import KafkaClients, ensure_topics, produce_records
+        from dataflows.kafka_io import KafkaClients, ProduceError, ensure_topics, produce_records
 
         _require_broker(settings, "forget")
         clients = KafkaClients(settings)
         ensure_topics(clients, {settings.control_topic: 1})
         records = ((u.encode(), encode_control(ControlMessage("forget_user", u))) for u in args.user_ids)
-        produce_records(clients, settings.control_topic, records)
+        try:
+            produce_records(clients, settings.control_topic, records)
+        except ProduceError as exc:  # the broker went away: which requests got in is not known one by one
+            fail("forget", f"the broker at {settings.bootstrap_servers} stopped answering: {exc}. Send the same "
+                           f"forget again once it answers (an erasure applied twice changes nothing)")
         where = f"topic {settings.control_topic!r}"
     for user_id in args.user_ids:  # the audit line: the id's hash, never the id
         print(f"forget_user user_sha256={user_hash(user_id)} -> {where}", flush=True)
@@ -706,6 +745,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"recsys {args.command}: interrupted", file=sys.stderr, flush=True)
         return 130
+    except BrokenPipeError:  # `recsys tail | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        return 0
+    except Exception as exc:
+        if type(exc).__name__ != "BrokerUnavailableError":  # dataflows.kafka_io's, not imported for every command
+            raise
+        print(f"recsys {args.command}: {exc}", file=sys.stderr, flush=True)  # gone between the check and the client
+        return 1
     finally:
         for sig, handler in previous.items():
             if handler is not None:

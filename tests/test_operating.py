@@ -778,6 +778,87 @@ def test_a_partial_or_refused_catalog_and_fractional_quantities_are_read_as_mean
     assert [e.quantity for e in ds.events] == [2, None, 1] and not ds.skipped
 
 
+def test_tail_into_head_ends_quietly_and_a_record_it_cannot_format_is_printed_as_it_is(local_broker, topic_name):
+    """Found by an operator's probe on 2026-12-06 (forty-fifth session): `recsys tail | head -1`
+    ended in a BrokenPipeError traceback, exit 1; a recommendation another producer wrote with a
+    string score stopped every later tail of the topic (ValueError in the formatter)."""
+    topic = topic_name("recs")
+    ensure_topics(local_broker.bootstrap, {topic: 1})
+    odd = b'{"user_id": "u0", "items": [{"item_id": "i1", "score": "0.93", "reason": "x"}], "trigger_event_id": "e0", ' \
+          b'"model_version": "v", "event_ts": 1, "emitted_at": 2}'
+    rec = {"schema_version": 1, "user_id": "u1", "items": [{"item_id": "i9", "score": 0.5, "reason": "trending"}],
+           "trigger_event_id": "e1", "model_version": "blend-v1", "event_ts": 1, "emitted_at": 2}
+    producer = KafkaClients.for_bootstrap(local_broker.bootstrap).producer()
+    producer.send(topic, key=b"u0", value=odd)
+    for _ in range(3000):
+        producer.send(topic, key=b"u1", value=orjson.dumps(rec))
+    producer.flush()
+    producer.close()
+    tail = subprocess.Popen([*RECSYS, "tail", "--recommendations-topic", topic, "--bootstrap-servers", local_broker.bootstrap],
+                            cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = tail.stdout.readline()
+    tail.stdout.close()  # as `head -1` does
+    code = tail.wait(timeout=60)
+    err = tail.stderr.read().decode()
+    assert first.rstrip(b"\n") == odd  # not formattable: as it is
+    assert code == 0 and "Traceback" not in err, err
+
+
+def test_produce_forget_and_tail_refuse_what_the_flow_would_refuse(local_broker, topic_name, tmp_path):
+    """`recsys produce --catalog` of an events file sent every line, exit 0: each a dead letter,
+    keyed by item id, so on the compacted catalog the item's record was lost. `recsys forget ''`
+    printed its audit line for an erasure the flow then refused. `--topic ''` (an unset shell
+    variable) silently meant the default topic."""
+    prefix = topic_name("pf") + "-"
+    topics = {prefix + "events": 1, prefix + "catalog": 1}
+    ensure_topics(local_broker.bootstrap, topics)
+    flags = ["--bootstrap-servers", local_broker.bootstrap, "--events-topic", prefix + "events", "--catalog-topic", prefix + "catalog"]
+    catalog = generate_catalog(3, seed=1)
+    events = [encode(e) for e in generate_events(4, catalog, n_users=2, seed=2)]
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(b"\n".join([*events[:2], b'{"event_id": "x", "type": "hover"}', *events[2:]]) + b"\n")
+    done = _recsys("produce", str(path), "--catalog", *flags)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "5 line(s) of" in done.stderr and "are not catalog items (line 1: field 'title': missing" in done.stderr, done.stderr
+    assert "not sent" in done.stderr and consume_all(KafkaClients.for_bootstrap(local_broker.bootstrap), prefix + "catalog") == []
+    done = _recsys("produce", str(path), *flags)
+    assert done.returncode == 1 and "1 line(s) of" in done.stderr and "line 3: field 'type': unknown event type 'hover'" in done.stderr
+    assert "sent: the flow dead-letters them" in done.stderr
+    assert len(consume_all(KafkaClients.for_bootstrap(local_broker.bootstrap), prefix + "events")) == 5
+
+    _one_line_failure(_recsys("forget", "", *flags), "forget", "user id ''", "empty string", "nothing was sent")
+    _one_line_failure(_recsys("forget", "u" * 300, *flags), "longer than 256 characters", "nothing was sent")
+    _one_line_failure(_recsys("produce", str(path), "--topic", "", *flags), "--topic is empty")
+    _one_line_failure(_recsys("tail", "--topic", "", "--bootstrap-servers", local_broker.bootstrap), "--topic is empty")
+
+
+def test_a_closed_terminal_stops_the_local_broker_it_started(children):
+    """SIGHUP (the terminal of `recsys broker` closed) killed the wrapper and left Tansu running,
+    orphaned, on the port: the next `recsys broker --port P` was refused, "already in use"."""
+    port = _free_port()
+    broker = Child([*RECSYS, "broker", "--port", str(port)])
+    children.append(broker)
+    ready = broker.wait_for("broker ready", 60)
+    tansu = int(re.search(r"\(pid (\d+)\)", ready).group(1))
+    code, _ = broker.stop_with(signal.SIGHUP, timeout_s=30)
+    assert code == 0 and "broker stopped" in broker.output, broker.output
+    deadline = time.monotonic() + 10
+    while _alive(tansu) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(tansu)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is gone
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def test_tail_of_a_missing_topic_is_one_line_naming_the_topic(local_broker):
     done = _recsys("tail", "--topic", "no-such-topic-anywhere", "--bootstrap-servers", local_broker.bootstrap)
     line = _one_line_failure(done, "'no-such-topic-anywhere'", "does not exist", local_broker.bootstrap)

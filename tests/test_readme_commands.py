@@ -252,6 +252,8 @@ def test_readme_command_runs_as_written(command, plan, tmp_path, request):
         values = {"FILE": str(tmp_path / "events.jsonl"), "N": "2000", "T": env["RECSYS_RECOMMENDATIONS_TOPIC"]}
         for full in (False, True):
             line = _expand(command, full, values)
+            if " --catalog" in line:  # a catalog file for the catalog (an events file's lines are refused there)
+                line = line.replace(values["FILE"], env["RECSYS_CATALOG_FILE"])
             if " -f" in line:  # follows until stopped (its --max N is more than the topic holds)
                 _run_until_signal(line, cwd=cwd, env=env, first_line="user ")
             else:
