@@ -749,7 +749,9 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
         return 0
     except Exception as exc:
-        if type(exc).__name__ != "BrokerUnavailableError":  # dataflows.kafka_io's, not imported for every command
+        from dataflows.kafka_io import BrokerUnavailableError  # here: a command that never uses Kafka does not import it
+
+        if not isinstance(exc, BrokerUnavailableError):
             raise
         print(f"recsys {args.command}: {exc}", file=sys.stderr, flush=True)  # gone between the check and the client
         return 1
