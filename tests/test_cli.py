@@ -85,6 +85,22 @@ def test_tail_names_a_tombstone_instead_of_printing_an_empty_line(local_broker, 
     assert capsys.readouterr().out.splitlines() == ['{"item_id": "i7", "title": "Lamp"}', "(tombstone: key 'i7', value null)"]
 
 
+def test_a_broker_gone_between_the_check_and_the_client_is_one_line(monkeypatch, capsys):
+    """The start's check found the broker; it was gone when the command made its client (an
+    operator's probe froze it in between, 2026-12-06): a traceback ending in
+    BrokerUnavailableError, now the error's own line."""
+    import recsys_cli.main as cli
+    from dataflows import kafka_io
+
+    def gone(*_args, **_kw):
+        raise kafka_io.BrokerUnavailableError("no Kafka broker answered at 127.0.0.1:1 (is it running? ...)")
+
+    monkeypatch.setattr(cli, "_require_broker", lambda *a, **kw: None)  # the check passed
+    monkeypatch.setattr(kafka_io.KafkaClients, "consumer", gone)  # then the broker went away
+    assert main(["tail", "--bootstrap-servers", "127.0.0.1:1"]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == ["recsys tail: no Kafka broker answered at 127.0.0.1:1 (is it running? ...)"]
+
+
 def _published_stream(bootstrap: str, prefix: str, tmp_path: Path, *, partitions: int, seed: int, n_users: int):
     """A catalog file and the four ``prefix``-ed topics, with synthetic events keyed by user in
     ``<prefix>events`` (``partitions`` partitions); returns the events and the catalog file."""
