@@ -162,6 +162,13 @@ def test_forget_offline_refuses_a_directory_without_flow_state(tmp_path, cache, 
         _cli_forget_offline(tmp_path / "typo", cache)
     assert exit_.value.code == 1
     assert "no flow state under" in capsys.readouterr().err and not (tmp_path / "typo").exists()
+    # an empty rocks directory holds no database: until 2026-12-06 one was created there, and the
+    # command reported "0 of 1 held here", exit 0 (an operator's probe)
+    (tmp_path / "empty" / "rocks").mkdir(parents=True)
+    with pytest.raises(SystemExit) as exit_:
+        _cli_forget_offline(tmp_path / "empty", cache)
+    assert exit_.value.code == 1 and "no flow state under" in capsys.readouterr().err
+    assert list((tmp_path / "empty" / "rocks").iterdir()) == []
 
 
 def test_forget_offline_of_a_sharing_state_goes_through_the_exchange_without_the_flag(tmp_path, cache):

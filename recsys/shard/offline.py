@@ -39,11 +39,16 @@ class StoredShard:
 
 def state_dirs(state_dir: str | Path) -> list[Path]:
     """The directories under ``state_dir`` that hold a flow's RocksDB: ``state_dir`` itself and
-    its ``shard-<i>`` subdirectories, in shard order."""
+    its ``shard-<i>`` subdirectories, in shard order. A ``rocks`` directory without RocksDB's
+    ``CURRENT`` file holds no database (an empty one would be created by opening it)."""
     base = Path(state_dir)
-    found = [base] if (base / "rocks").is_dir() else []
+
+    def holds(d: Path) -> bool:
+        return (d / "rocks" / "CURRENT").is_file()
+
+    found = [base] if holds(base) else []
     if base.is_dir():
-        shards = [(int(m.group(1)), d) for d in base.iterdir() if (m := _SHARD_DIR.fullmatch(d.name)) and (d / "rocks").is_dir()]
+        shards = [(int(m.group(1)), d) for d in base.iterdir() if (m := _SHARD_DIR.fullmatch(d.name)) and holds(d)]
         found += [d for _, d in sorted(shards)]
     return found
 
