@@ -296,6 +296,27 @@ def test_generic_csv_counts_bad_rows_by_reason(tmp_path: Path) -> None:
     assert ds.examples[2].startswith("invalid field 'type' at line 6 of shop.csv: field 'type': unknown event type 'hover'")
 
 
+def test_rows_that_are_not_utf8_are_skipped_by_name_not_merged(tmp_path: Path) -> None:
+    """A Latin-1 export read as UTF-8 had its odd bytes replaced by U+FFFD, so the items thé, thè
+    and thê all became one item, without a word (an operator's probe, 2026-12-06)."""
+    path = tmp_path / "latin1.csv"
+    path.write_bytes("user,item,ts\nu1,thé,1000\nu1,thè,2000\nu2,tea,3000\nu2,thê,4000\n".encode("latin-1"))
+    ds = load_dataset("csv", str(path), mapping={"user_id": "user", "item_id": "item", "ts": "ts"})
+    assert [e.item_id for e in ds.events] == ["tea"] and ds.skipped == {"not UTF-8 text": 3}
+    assert ds.examples[0] == ("not UTF-8 text at line 2 of latin1.csv: byte b'\\xe9' (Latin-1 or cp1252? convert the "
+                              "file: iconv -f cp1252 -t utf-8)")
+
+
+def test_a_query_log_time_out_of_range_is_a_skipped_row(tmp_path: Path) -> None:
+    from recsys.search.querylog import load_query_log
+
+    log = tmp_path / "log.csv"
+    log.write_text("uid,q,qt,item,et\nu1,tent,inf,i9,5000\nu2,tent,1700000000000,i9,1700000001000\nu3,tent,1e20,i9,\n")
+    mapping = {"user_id": "uid", "query": "q", "query_ts": "qt", "item_id": "item", "ts": "et"}
+    ds, targets = load_query_log(str(log), mapping)
+    assert ds.skipped == {"bad query time": 2} and list(targets) == ["querylog:3:s"]
+
+
 def test_generic_csv_default_type_and_seconds(tmp_path: Path) -> None:
     path = tmp_path / "clicks.tsv"
     path.write_text("sid\titem\tt\n7\ta\t1700000000.5\n8\tb\t1700000001\n")

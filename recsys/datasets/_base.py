@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -22,6 +23,9 @@ from tqdm import tqdm
 
 from recsys.events import CatalogItem, DecodeError, Event
 from recsys.files import open_input, plain_name
+
+#: A byte that is not UTF-8, as ``errors="surrogateescape"`` keeps it.
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")
 
 #: How many example lines each skip reason keeps: enough to find the pattern in the file,
 #: few enough that a file full of bad rows does not keep a million strings alive.
@@ -142,7 +146,9 @@ def csv_rows(
     ignored. Raises :class:`ValueError` when a ``required`` column is absent from the header.
     """
     source = plain_name(path)
-    with open_input(path, text=True, newline="", encoding="utf-8", errors="replace") as fh:
+    # undecodable bytes kept as lone surrogates, so that a row holding any is told apart: replaced
+    # by U+FFFD, distinct ids in another encoding (thé, thè) merged into one without a word
+    with open_input(path, text=True, newline="", encoding="utf-8", errors="surrogateescape") as fh:
         reader = csv.reader(fh, delimiter=delimiter)
         header = next(reader, None)
         if header is None:
@@ -165,6 +171,11 @@ def csv_rows(
                 if len(row) != width:
                     kind = "truncated row" if len(row) < width else "extra fields"
                     skips.add(kind, reader.line_num, source, f"{len(row)} of {width} fields")
+                    continue
+                if _NOT_UTF8.search(joined := "\x1f".join(row)):
+                    bad = _NOT_UTF8.search(joined).group().encode("utf-8", "surrogateescape")
+                    skips.add("not UTF-8 text", reader.line_num, source, f"byte {bad!r} (Latin-1 or cp1252? convert "
+                                                                         f"the file: iconv -f cp1252 -t utf-8)")
                     continue
                 yield reader.line_num, dict(zip(header, row))
         except csv.Error as exc:  # a quote opened and never closed swallows the lines after it

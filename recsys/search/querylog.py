@@ -31,7 +31,7 @@ from typing import Any
 from recsys.datasets._base import Dataset, SkipLog, csv_rows, id_catalog
 from recsys.datasets.generic_csv import csv_options, ts_parser
 from recsys.datasets.jsonl import load_jsonl_catalog
-from recsys.events import EVENT_TYPES, Event
+from recsys.events import EVENT_TYPES, MAX_TS_MS, Event
 from recsys.files import plain_name
 
 _COLUMNS = ("user_id", "query", "query_ts", "item_id", "ts", "type")
@@ -68,7 +68,9 @@ def load_query_log(path: str, mapping: dict[str, Any] | None, catalog_path: str 
             continue
         try:
             qts = to_ms(raw_qt)
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, OverflowError):  # "inf" too
+            qts = -1
+        if not 0 <= qts <= MAX_TS_MS:  # a time no event can have (ts_unit=s on milliseconds: the year 55,000)
             skips.add("bad query time", line, source, raw_qt)
             continue
         sid = f"querylog:{line}:s"
@@ -82,7 +84,9 @@ def load_query_log(path: str, mapping: dict[str, Any] | None, catalog_path: str 
             continue
         try:
             ets = to_ms(row.get(col["ts"], "")) if "ts" in col and row.get(col["ts"], "").strip() else qts + 1
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, OverflowError):
+            ets = -1
+        if not 0 <= ets <= MAX_TS_MS:
             skips.add("bad engagement time", line, source)
             continue
         events.append(Event(f"querylog:{line}:e", etype, user, item, max(ets, qts + 1)))  # type: ignore[arg-type]
