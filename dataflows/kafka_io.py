@@ -319,6 +319,17 @@ def _partitions(clients: KafkaClientFactory, consumer: Any, topic: str) -> list[
     return sorted(parts)
 
 
+def connection_count(consumer: Any) -> int | None:
+    """How many broker connections a kafka-python consumer holds open now: 0 while no broker
+    answers (kafka-python keeps retrying without a word); None if the client does not say
+    (``KafkaConsumer.metrics()`` is documented as an unstable interface)."""
+    try:
+        count = (consumer.metrics() or {}).get("consumer-metrics", {}).get("connection-count")
+    except Exception:  # noqa: BLE001 - a figure for a status line, never a reason to stop
+        return None
+    return None if count is None else int(count)
+
+
 def _envelope(r: Any) -> Envelope:
     # a tombstone keeps its None value: on the catalog it withdraws its item, elsewhere it is
     # dead-lettered as an empty message (recsys.shard.step.Shard._decode)
@@ -446,14 +457,8 @@ class _SharedConsumer:
         return self.consumer.position(tp)
 
     def connections(self) -> int | None:
-        """How many broker connections the consumer holds open now: 0 while no broker answers
-        (kafka-python keeps retrying without a word); None if the client does not say
-        (``KafkaConsumer.metrics()`` is documented as an unstable interface)."""
-        try:
-            count = (self.consumer.metrics() or {}).get("consumer-metrics", {}).get("connection-count")
-        except Exception:  # noqa: BLE001 - a figure for the status line, never a reason to stop
-            return None
-        return None if count is None else int(count)
+        """How many broker connections the consumer holds open now (:func:`connection_count`)."""
+        return connection_count(self.consumer)
 
 
 class PartitionWatch:

@@ -444,7 +444,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
     }.get(topic)
     consumer = KafkaClients(settings).consumer()
     try:
-        return _tail(consumer, topic, readable, args)
+        return _tail(consumer, topic, readable, args, settings.bootstrap_servers)
     except KeyboardInterrupt:
         if args.follow:  # Ctrl-C is how a follow ends
             return 0
@@ -453,19 +453,39 @@ def cmd_tail(args: argparse.Namespace) -> int:
         consumer.close()
 
 
-def _tail(consumer, topic: str, readable: Callable[[bytes], str] | None, args: argparse.Namespace) -> int:
+#: How long ``recsys tail`` waits without a record before it says so: a plain tail, short of
+#: the topic's end, stops in one line; ``--follow`` says once that it has no broker connection.
+TAIL_SILENCE_S = 30.0
+
+
+def _tail(consumer, topic: str, readable: Callable[[bytes], str] | None, args: argparse.Namespace,
+          bootstrap: str) -> int:
     """Print from the beginning with one consumer (each poll continues where the last ended):
     to the end of each partition as first seen, or on and on with ``--follow``; at most
-    ``--max`` records."""
+    ``--max`` records. A broker that stops answering is said, not waited for in silence."""
     from kafka.structs import TopicPartition
+
+    from dataflows.kafka_io import connection_count
 
     tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
     consumer.assign(tps)
     consumer.seek_to_beginning(*tps)
     ends: dict[TopicPartition, int] = {}
     printed = 0
+    heard, said = time.monotonic(), False
     while True:
-        for tp, records in sorted(consumer.poll(timeout_ms=200).items()):
+        polled = consumer.poll(timeout_ms=200)
+        if any(polled.values()):
+            heard, said = time.monotonic(), False
+        silent = time.monotonic() - heard
+        if silent >= TAIL_SILENCE_S and not args.follow:
+            fail("tail", f"no record from {topic!r} for {silent:.0f} s before its end ({printed} printed): is the broker "
+                         f"at {bootstrap} up? Run again once it answers")
+        if silent >= TAIL_SILENCE_S and not said and connection_count(consumer) == 0:
+            print(f"recsys tail: no broker connection for {silent:.0f} s (is {bootstrap} up?); still following",
+                  file=sys.stderr, flush=True)
+            said = True
+        for tp, records in sorted(polled.items()):
             for r in records:
                 if not args.follow and tp in ends and r.offset >= ends[tp]:
                     continue

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import orjson
+import pytest
 
 from dataflows.kafka_io import (
     KafkaClients,
@@ -99,6 +100,34 @@ def test_a_broker_gone_between_the_check_and_the_client_is_one_line(monkeypatch,
     monkeypatch.setattr(kafka_io.KafkaClients, "consumer", gone)  # then the broker went away
     assert main(["tail", "--bootstrap-servers", "127.0.0.1:1"]) == 1
     assert capsys.readouterr().err.strip().splitlines() == ["recsys tail: no Kafka broker answered at 127.0.0.1:1 (is it running? ...)"]
+
+
+def test_a_plain_tail_whose_broker_stops_answering_says_so_instead_of_waiting_for_ever(monkeypatch, capsys):
+    """A broker frozen after the start's check (an operator's probe, 2026-12-06): `recsys tail`
+    never reached the topic's end and waited, silent, for ever. Now, after TAIL_SILENCE_S without
+    a record, one line; the broker is our own, frozen and thawed by its pid."""
+    import argparse
+
+    import recsys_cli.main as cli
+    from recsys_cli.local_broker import LocalBroker
+
+    monkeypatch.setattr(cli, "TAIL_SILENCE_S", 2.0)
+    with LocalBroker() as broker:
+        ensure_topics(broker.bootstrap, {"recs": 1})
+        consumer = KafkaClients.for_bootstrap(broker.bootstrap).consumer()
+        assert consumer.partitions_for_topic("recs") == {0}  # known before the broker freezes
+        os.kill(broker.pid, signal.SIGSTOP)
+        try:
+            start = time.monotonic()
+            with pytest.raises(SystemExit) as stopped:
+                cli._tail(consumer, "recs", None, argparse.Namespace(follow=False, max=0), broker.bootstrap)
+            took = time.monotonic() - start
+        finally:
+            os.kill(broker.pid, signal.SIGCONT)
+            consumer.close()
+    assert stopped.value.code == 1 and 2.0 <= took < 20
+    assert capsys.readouterr().err.strip() == (f"recsys tail: no record from 'recs' for 2 s before its end (0 printed): is "
+                                               f"the broker at {broker.bootstrap} up? Run again once it answers")
 
 
 def _published_stream(bootstrap: str, prefix: str, tmp_path: Path, *, partitions: int, seed: int, n_users: int):
