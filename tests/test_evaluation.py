@@ -242,6 +242,21 @@ def test_write_report_writes_contract_json_markdown_and_valid_pngs(tmp_path):
             assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
 
 
+def test_a_report_written_where_an_earlier_one_was_leaves_none_of_its_plots(tmp_path):
+    """An --out directory used again kept the earlier run's plots (its @5 series, its phases)
+    beside the new report, where they passed for this run's (an operator's probe, 2026-12-06)."""
+    from recsys.backtest.report import write_report
+
+    events = random_stream(400)
+    first = prequential([PopularityBaseline()], events, ks=(5,), progress=False, dataset="synthetic")
+    write_report(first, tmp_path, title="first", command="recsys replay ...")
+    assert (tmp_path / "series_hr_5.png").exists()
+    second = prequential([PopularityBaseline()], events, ks=(10,), progress=False, dataset="synthetic")
+    paths = write_report(second, tmp_path, title="second", command="recsys replay ... --k 10")
+    on_disk = {p.name for p in tmp_path.iterdir()}
+    assert on_disk == {p.name for p in paths} and "series_hr_5.png" not in on_disk and "series_hr_10.png" in on_disk
+
+
 def test_report_markdown_bolds_the_best_model_per_column_and_states_the_protocol(tmp_path):
     from recsys.backtest.report import write_report
 

@@ -252,6 +252,8 @@ def write_report(
     written = [out / "metrics.json"]
     written[0].write_bytes(orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS))
 
+    for stale in [*out.glob("series_*.png"), out / "phases.png", out / "per_type.png", out / "slices.png"]:
+        stale.unlink(missing_ok=True)  # an earlier report's plots, in a directory used again, would pass for this one's
     plots: list[Path] = []
     primary = _primary_metric(result)
     ks = sorted(result.get("ks") or [])
