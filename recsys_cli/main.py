@@ -531,7 +531,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from kafka.errors import KafkaError
     from kafka.structs import TopicPartition
 
-    from dataflows.kafka_io import KafkaClients
+    from dataflows.kafka_io import KafkaClients, connection_count
     from recsys.events import DecodeError, Event, decode_event, encode
 
     settings = settings_or_fail("search", args)
@@ -575,8 +575,13 @@ def cmd_search(args: argparse.Namespace) -> int:
                         took = (time.perf_counter() - start) * 1000
                         print(format_search_answer(answer, took, answer["emitted_at"] - sent_at_ms), flush=True)
                         return 0
+        lost = connection_count(consumer) == 0  # the broker, not the flow, is what went away
     finally:
         consumer.close()
+    if lost:
+        fail("search", f"no answer on {topic!r} within {args.timeout:g} s, and no connection to the broker at "
+                       f"{settings.bootstrap_servers} now: is it up? The search ({event_id}) was sent: a flow answers "
+                       f"it once the broker is back (recsys tail --topic {topic})")
     fail("search", f"no answer on {topic!r} within {args.timeout:g} s: is a flow (recsys run) reading "
                    f"{settings.events_topic!r} on {settings.bootstrap_servers}? The search ({event_id}) was sent: a flow "
                    f"that reads it later answers it then (recsys tail --topic {topic})")

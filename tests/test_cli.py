@@ -130,6 +130,23 @@ def test_a_plain_tail_whose_broker_stops_answering_says_so_instead_of_waiting_fo
                                                f"the broker at {broker.bootstrap} up? Run again once it answers")
 
 
+def test_a_search_whose_broker_dies_while_it_waits_names_the_broker_not_the_flow(capsys):
+    """`recsys search` sent its search, then the broker died (an operator's probe, 2026-12-06):
+    it asked whether a flow was running. Our own broker, killed by its pid."""
+    import threading
+
+    from recsys_cli.local_broker import LocalBroker
+
+    with LocalBroker() as broker:
+        ensure_topics(broker.bootstrap, {"events": 1, "search-results": 1})
+        threading.Timer(4.0, lambda: os.kill(broker.pid, signal.SIGKILL)).start()  # the search is out by then
+        with pytest.raises(SystemExit) as stopped:
+            main(["search", "tent", "--user", "u1", "--timeout", "10", "--bootstrap-servers", broker.bootstrap])
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert stopped.value.code == 1
+    assert f"and no connection to the broker at {broker.bootstrap} now: is it up? The search" in line, line
+
+
 def _published_stream(bootstrap: str, prefix: str, tmp_path: Path, *, partitions: int, seed: int, n_users: int):
     """A catalog file and the four ``prefix``-ed topics, with synthetic events keyed by user in
     ``<prefix>events`` (``partitions`` partitions); returns the events and the catalog file."""
