@@ -408,6 +408,9 @@ def cmd_produce(args: argparse.Namespace) -> int:
     if refused:
         print(f"recsys produce: {len(refused)} line(s) not sent, too large (lines {', '.join(map(str, refused[:10]))}"
               f"{', ...' if len(refused) > 10 else ''})", file=sys.stderr)
+    if n == 0 and not invalid and not refused:
+        print(f"recsys produce: {args.file} holds no record (every line is blank); nothing was sent", file=sys.stderr)
+        return 1
     return 1 if invalid or refused else 0
 
 

@@ -829,6 +829,10 @@ def test_produce_forget_and_tail_refuse_what_the_flow_would_refuse(local_broker,
     _one_line_failure(_recsys("forget", "", *flags), "forget", "user id ''", "empty string", "nothing was sent")
     _one_line_failure(_recsys("forget", "u" * 300, *flags), "longer than 256 characters", "nothing was sent")
     _one_line_failure(_recsys("produce", str(path), "--topic", "", *flags), "--topic is empty")
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("\n\n")
+    done = _recsys("produce", str(blank), *flags)  # "produced 0 records", exit 0, until 2026-12-06
+    assert done.returncode == 1 and done.stderr.strip() == f"recsys produce: {blank} holds no record (every line is blank); nothing was sent"
     _one_line_failure(_recsys("tail", "--topic", "", "--bootstrap-servers", local_broker.bootstrap), "--topic is empty")
 
 
