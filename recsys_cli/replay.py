@@ -260,6 +260,8 @@ def run_replay(args: argparse.Namespace) -> int:
             raise SystemExit(f"recsys replay: cannot read --query-log {args.query_log}: {exc}") from None
         for reason, n in sorted(ds.skipped.items()):
             print(f"  skipped {n} row(s): {reason}", flush=True)
+        for example in ds.examples[:5]:  # which rows, as for an event log
+            print(f"    e.g. {example}", flush=True)
         print(f"query log: {len(ds.events)} events, {len(targets)} searches with an engaged item, "
               f"{len(ds.catalog)} items", flush=True)
         if not ds.events:

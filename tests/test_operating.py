@@ -648,6 +648,11 @@ def test_a_query_log_that_cannot_be_read_or_holds_no_search_is_one_line(tmp_path
         ([str(header_only), *mapped], ["no search to replay in --query-log", "header.csv"]),
         ([str(log), *mapped], ["no search in --query-log", "has an engaged item", "--map item_id=COLUMN"]),
     ]
+    bad_rows = tmp_path / "bad_rows.csv"
+    bad_rows.write_text("uid,q,qt,item,et\nu1,tent,inf,i9,5000\n")
+    done = _recsys("replay", "--task", "search", "--query-log", str(bad_rows), *mapped, "--out", str(tmp_path / "o"))
+    assert "skipped 1 row(s): bad query time" in done.stdout and "e.g. bad query time at line 2 of bad_rows.csv: inf" \
+        in done.stdout, done.stdout  # which row, as for an event log (only the count until 2026-12-06)
     for i, (args, words) in enumerate(cases):
         out = tmp_path / f"out{i}"
         done = _recsys("replay", "--task", "search", "--query-log", *args, "--out", str(out))
