@@ -307,6 +307,20 @@ def test_rows_that_are_not_utf8_are_skipped_by_name_not_merged(tmp_path: Path) -
                               "file: iconv -f cp1252 -t utf-8)")
 
 
+def test_a_csv_read_with_the_wrong_time_unit_or_delimiter_says_which_to_give(tmp_path: Path) -> None:
+    """Every row "bad ts", or a header that "lacks" the columns it has: the message now names the
+    --map that reads them (an operator's probe, 2026-12-06)."""
+    iso = tmp_path / "iso.csv"
+    iso.write_text("user,item,ts\nu1,i1,2024-01-01T00:00:02Z\n")
+    ds = load_dataset("csv", str(iso), mapping={"user_id": "user", "item_id": "item", "ts": "ts"})
+    assert ds.examples == ["bad ts at line 2 of iso.csv: '2024-01-01T00:00:02Z' (a date and time: --map ts_unit=iso)"]
+    semi = tmp_path / "semi.csv"
+    semi.write_text("user;item;ts\nu1;i1;1000\n")
+    with pytest.raises(ValueError, match=r"lacks column\(s\) \['user', 'item', 'ts'\] \(it looks separated by ';': with "
+                                         r"--format csv, --map delimiter=;\)"):
+        load_dataset("csv", str(semi), mapping={"user_id": "user", "item_id": "item", "ts": "ts"})
+
+
 def test_a_query_log_time_out_of_range_is_a_skipped_row(tmp_path: Path) -> None:
     from recsys.search.querylog import load_query_log
 

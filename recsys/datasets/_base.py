@@ -156,7 +156,10 @@ def csv_rows(
         header = [h.strip().lstrip("\ufeff") for h in header]
         missing = [c for c in required if c not in header]
         if missing:
-            raise ValueError(f"{path}: header {header} lacks column(s) {missing}")
+            other = next((d for d in (";", "\t", "|", ",") if d != delimiter and len(header) == 1 and d in header[0]), None)
+            hint = (f" (it looks separated by {other!r}: with --format csv, --map delimiter="
+                    f"{'tab' if other == chr(9) else other})" if other else "")
+            raise ValueError(f"{path}: header {header} lacks column(s) {missing}{hint}")
         width = len(header)
         read = 0
         ended = reader.line_num  # the line the last row read ended on

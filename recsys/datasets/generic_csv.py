@@ -20,6 +20,7 @@ without one the catalog is ids only (``item <id>``).
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -47,6 +48,10 @@ _COLUMN_KEYS = ("user_id", "item_id", "ts", "type", "session_id", "price", "quan
 _OPTION_KEYS = ("ts_unit", "default_type", "type_map", "delimiter", "name")
 _REQUIRED = ("user_id", "item_id", "ts")
 _CATALOG_FIELDS = ("item_id", "title", "description", "category", "brand", "price")
+
+
+#: A time written as a date (``2024-01-01``, ``2024-01-01T10:00:00Z``, ``2024-01-01 10:00 UTC``).
+_LOOKS_ISO = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
 def ts_parser(unit: str) -> Callable[[str], int]:
@@ -116,7 +121,8 @@ def load_csv(
 ) -> Dataset:
     """Load a delimited event log described by ``mapping`` (see the module docstring)."""
     mapping = _check_mapping(mapping)
-    parse_ts = ts_parser(mapping.get("ts_unit", "ms"))
+    unit = mapping.get("ts_unit", "ms")
+    parse_ts = ts_parser(unit)
     cols = {k: mapping[k] for k in _COLUMN_KEYS if mapping.get(k)}
     default_type = mapping.get("default_type", "click")
     type_map: dict[str, str] = mapping.get("type_map") or {}
@@ -137,7 +143,9 @@ def load_csv(
         try:
             ts = parse_ts(row[cols["ts"]].strip())
         except (ValueError, OverflowError):
-            skips.add("bad ts", line, source, repr(row[cols["ts"]]))
+            raw_ts = row[cols["ts"]].strip()
+            hint = " (a date and time: --map ts_unit=iso)" if unit != "iso" and _LOOKS_ISO.match(raw_ts) else ""
+            skips.add("bad ts", line, source, repr(row[cols["ts"]]) + hint)
             continue
         obj: dict[str, Any] = {
             "event_id": f"{name}:{line}",
