@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import orjson
@@ -46,13 +46,23 @@ def _ignore_sigint() -> None:  # pragma: no cover - runs in the child
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _sighup(handler: signal.Handlers) -> Callable[[], None]:
+    """A child's SIGHUP as a terminal session (SIG_DFL) or nohup (SIG_IGN) leaves it, whatever
+    this process inherited (a CI run under nohup ignores it)."""
+    def set_it() -> None:  # pragma: no cover - runs in the child
+        _ignore_sigint()
+        signal.signal(signal.SIGHUP, handler)
+    return set_it
+
+
 class Child:
     """A command as a child process; its merged output read line by line in a thread."""
 
-    def __init__(self, args: list[str], *, background: bool = True, env: dict[str, str] | None = None) -> None:
+    def __init__(self, args: list[str], *, background: bool = True, env: dict[str, str] | None = None,
+                 preexec: Callable[[], None] | None = None) -> None:
         self.proc = subprocess.Popen(
             args, cwd=ROOT, env={**_env(), **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-            preexec_fn=_ignore_sigint if background else None,
+            preexec_fn=preexec or (_ignore_sigint if background else None),
             start_new_session=not background,  # a foreground job: its own process group, as a terminal makes it
         )
         self.lines: list[str] = []
@@ -843,9 +853,18 @@ def test_produce_forget_and_tail_refuse_what_the_flow_would_refuse(local_broker,
 
 def test_a_closed_terminal_stops_the_local_broker_it_started(children):
     """SIGHUP (the terminal of `recsys broker` closed) killed the wrapper and left Tansu running,
-    orphaned, on the port: the next `recsys broker --port P` was refused, "already in use"."""
+    orphaned, on the port: the next `recsys broker --port P` was refused, "already in use". Under
+    nohup (SIGHUP ignored) the broker runs on, as nohup means."""
     port = _free_port()
-    broker = Child([*RECSYS, "broker", "--port", str(port)])
+    kept = Child([*RECSYS, "broker", "--port", str(port)], preexec=_sighup(signal.SIG_IGN))
+    children.append(kept)
+    kept.wait_for("broker ready", 60)
+    kept.proc.send_signal(signal.SIGHUP)
+    time.sleep(1.0)
+    assert kept.proc.poll() is None, kept.output
+    assert kept.stop_with(signal.SIGTERM, timeout_s=30)[0] == 0
+
+    broker = Child([*RECSYS, "broker", "--port", str(port)], preexec=_sighup(signal.SIG_DFL))
     children.append(broker)
     ready = broker.wait_for("broker ready", 60)
     tansu = int(re.search(r"\(pid (\d+)\)", ready).group(1))
