@@ -175,8 +175,8 @@ def csv_rows(
                     kind = "truncated row" if len(row) < width else "extra fields"
                     skips.add(kind, reader.line_num, source, f"{len(row)} of {width} fields")
                     continue
-                if _NOT_UTF8.search(joined := "\x1f".join(row)):
-                    bad = _NOT_UTF8.search(joined).group().encode("utf-8", "surrogateescape")
+                if (odd := _NOT_UTF8.search("\x1f".join(row))) is not None:
+                    bad = odd.group().encode("utf-8", "surrogateescape")
                     skips.add("not UTF-8 text", reader.line_num, source, f"byte {bad!r} (Latin-1 or cp1252? convert "
                                                                          f"the file: iconv -f cp1252 -t utf-8)")
                     continue
