@@ -535,7 +535,9 @@ def test_a_shard_that_dies_of_sigint_after_a_stop_while_loading_counts_as_stoppe
 
     def emit(line: str) -> None:
         relayed.append(line)
-        if sum("loading the model" in seen for seen in relayed) == 2:  # both loading: the operator's stop
+        # both loading: the operator's one stop (on this very line only, not on every later one:
+        # a SIGTERM per relayed line reached a shard twice, and it said it stopped twice)
+        if "loading the model" in line and sum("loading the model" in seen for seen in relayed) == 2:
             os.kill(os.getpid(), signals.SIGTERM)
 
     assert shards.run_shards(Settings(), 2, emit=emit) == 0, relayed
