@@ -60,6 +60,23 @@ def positive_float(text: str) -> float:
     return _checked(text, float, lambda v: math.isfinite(v) and v > 0, "a number > 0")
 
 
+#: The slowest pace a ``--rate`` takes: one record a ~12 days. Slower, the wait before the second
+#: record (1 / rate seconds) is longer than ``time.sleep`` can wait (OverflowError at ~1e-9).
+SLOWEST_RATE = 1e-6
+
+
+def per_second(text: str) -> float:
+    """Records (or events) per second: a finite number >= :data:`SLOWEST_RATE`.
+
+    >>> per_second("1e-300")
+    Traceback (most recent call last):
+    ...
+    argparse.ArgumentTypeError: expected records per second >= 1e-06 (one a ~12 days), got '1e-300'
+    """
+    return _checked(text, float, lambda v: math.isfinite(v) and v >= SLOWEST_RATE,
+                    f"records per second >= {SLOWEST_RATE:g} (one a ~12 days)")
+
+
 def share(text: str) -> float:
     """A fraction from 0 to 1."""
     return _checked(text, float, lambda v: 0 <= v <= 1, "a number from 0 to 1")

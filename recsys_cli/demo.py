@@ -28,7 +28,7 @@ from pathlib import Path
 
 import orjson
 
-from recsys_cli.argtypes import fail, positive_float, positive_int, settings_or_fail
+from recsys_cli.argtypes import fail, per_second, positive_int, settings_or_fail
 
 DEMO_DIR = Path("var/demo")
 
@@ -47,7 +47,7 @@ BAD_MESSAGES: list[tuple[bytes | None, bytes]] = [
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="run the whole pipeline on a local broker with demo data")
     p.add_argument("--events", type=positive_int, default=20_000, help="demo events to stream")
-    p.add_argument("--rate", type=positive_float, default=2_000.0, help="events per second offered (> 0)")
+    p.add_argument("--rate", type=per_second, default=2_000.0, help="events per second offered (at least 1e-06)")
     p.add_argument("--partitions", type=positive_int, default=2, help="partitions of the events topic")
     p.add_argument("--show", type=int, default=8, help="recommendations to print while streaming")
     p.set_defaults(func=run_demo)

@@ -23,6 +23,7 @@ from recsys_cli.argtypes import (
     Parser,
     fail,
     non_negative_int,
+    per_second,
     positive_float,
     positive_int,
     require_writable,
@@ -715,8 +716,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="JSONL file, one record per line")
     p.add_argument("--catalog", action="store_true", help="the file holds catalog items (default: events)")
     p.add_argument("--topic", default=None, help="send to this topic instead of the events (or catalog) topic")
-    p.add_argument("--rate", type=positive_float, default=None,
-                   help="records per second, > 0 (default: as fast as possible)")
+    p.add_argument("--rate", type=per_second, default=None,
+                   help="records per second, at least 1e-06 (default: as fast as possible)")
     p.set_defaults(func=cmd_produce)
 
     p = sub.add_parser("tail", help=cmd_tail.__doc__)

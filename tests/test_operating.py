@@ -611,11 +611,13 @@ def test_a_signal_lost_inside_a_finalizer_while_loading_still_stops_before_the_f
         (["replay", "--events", "tests", "--out", "OUT"], ["--events", "is a directory", "--format jsonl"]),
         (["replay", "--format", "rees46", "--events", "pyproject.toml", "--out", "OUT"], ["lacks column", "--format rees46"]),
         (["replay", "--limit", "-5", "--format", "completejourney", "--out", "OUT"], ["--limit", "-5"]),
-        (["produce", "--rate", "0", "README.md"], ["--rate", "'0'", "> 0"]),
+        (["produce", "--rate", "0", "README.md"], ["--rate", "'0'", ">= 1e-06"]),
+        # a pace so slow that its first wait overflowed time.sleep: a traceback after the first record
+        (["produce", "--rate", "1e-300", "README.md"], ["--rate", "'1e-300'", ">= 1e-06"]),
         (["produce", "no/such/events.jsonl"], ["no such file", "no/such/events.jsonl"]),
     ],
     ids=["replay-missing-path", "replay-directory-for-a-file", "replay-wrong-csv-columns", "replay-negative-limit",
-         "produce-rate-0", "produce-missing-file"],
+         "produce-rate-0", "produce-rate-too-slow", "produce-missing-file"],
 )
 def test_a_wrong_argument_or_file_is_one_line(args, words, tmp_path):
     args = [str(tmp_path / "out") if a == "OUT" else a for a in args]
