@@ -33,6 +33,12 @@ NOT_IN_ALL = ("sasrec",)
 FORMATS = ("jsonl", "rees46", "diginetica", "yoochoose", "completejourney", "csv")
 #: Formats whose --events may be a directory (of the dataset's files).
 DIRECTORY_FORMATS = ("diginetica", "yoochoose", "completejourney")
+#: Flags (by their ``dest``) that only ``--task recommend`` reads: ``--task search`` scores
+#: every search mode side by side, over the whole log, one engine, nothing emitted.
+RECOMMEND_ONLY = ("models", "protocol", "target", "retrain_every", "warmup_share", "include_history", "seed",
+                  "shards", "share", "exchange_lag", "trainer", "trainer_publish_messages", "trainer_publish_lag", "emit")
+#: And those only ``--task search`` reads.
+SEARCH_ONLY = ("search_sample", "search_targets", "query_log", "search_features")
 
 
 def add_parser(sub) -> None:
@@ -41,7 +47,7 @@ def add_parser(sub) -> None:
     p.add_argument("--format", default="jsonl", choices=FORMATS)
     p.add_argument("--catalog", default=None, help="catalog file (JSONL items; format-specific otherwise)")
     p.add_argument("--protocol", default="prequential", choices=("prequential", "leave-last-out"))
-    p.add_argument("--k", default=None, help="cut-offs, e.g. 10 or 10,20 (default 10,20; leave-last-out 10,50)")
+    p.add_argument("--k", default=None, help="cut-offs, e.g. 10 or 10,20 (default 10,20; leave-last-out 10,50; --task search 10)")
     p.add_argument("--models", default="all",
                    help=f"all (every model but {', '.join(NOT_IN_ALL)}; most_bought only where the catalog has "
                         f"repeat-purchase items), all+sasrec, or a comma list of: {', '.join(ALL_MODELS)}")
@@ -90,12 +96,15 @@ def add_parser(sub) -> None:
     from recsys.search.replay import add_arguments as add_search_arguments
 
     add_search_arguments(p)
-    p.set_defaults(func=run_replay)
+    # what each task leaves unread, with its default: given otherwise, it is refused (_check_args)
+    p.set_defaults(func=run_replay, unused_by_task={
+        "search": {dest: p.get_default(dest) for dest in RECOMMEND_ONLY},
+        "recommend": {dest: p.get_default(dest) for dest in SEARCH_ONLY}})
 
 
-def _parse_ks(text: str | None, protocol: str) -> tuple[int, ...]:
+def _parse_ks(text: str | None, protocol: str, task: str = "recommend") -> tuple[int, ...]:
     if text is None:
-        return (10, 50) if protocol == "leave-last-out" else (10, 20)
+        return (10,) if task == "search" else (10, 50) if protocol == "leave-last-out" else (10, 20)
     try:
         ks = tuple(sorted({int(x) for x in text.split(",") if x.strip()}))
     except ValueError:
@@ -194,6 +203,15 @@ def _check_args(args: argparse.Namespace) -> None:
             raise SystemExit(f"recsys replay: --search-targets {args.search_targets!r}: expected a comma list of event "
                              f"types out of {', '.join(t for t in EVENT_TYPES if t != 'search')}"
                              + (f" ({', '.join(map(repr, wrong))} is not one)" if targets else ""))
+    task = getattr(args, "task", "recommend")
+    unused = [dest for dest, default in getattr(args, "unused_by_task", {}).get(task, {}).items()
+              if getattr(args, dest) != default]
+    if unused:  # until 2026-12-07 such a flag was read by nothing, and the report looked as if it had been
+        flags = ", ".join("--" + dest.replace("_", "-") for dest in unused)
+        raise SystemExit(f"recsys replay: {flags} {'does' if len(unused) == 1 else 'do'} nothing with --task {task}"
+                         + (" (it scores every search mode side by side at the --k cut-offs; default 10)"
+                            if task == "search" else " (a --task search flag)") + "; leave it out"
+                         + (" or add --task search" if task == "recommend" else ""))
     bad_maps = [m for m in args.map if "=" not in m]
     if bad_maps:
         raise SystemExit(f"recsys replay: --map expects FIELD=COLUMN, got {bad_maps[0]!r}")
@@ -243,9 +261,12 @@ def _refuse_nothing_to_replay(what: str, flag: str, path: str, ds, check: str) -
 
 
 def run_replay(args: argparse.Namespace) -> int:
-    ks = _parse_ks(args.k, args.protocol)
+    ks = _parse_ks(args.k, args.protocol, args.task)
     names = _parse_models(args.models)
     _check_args(args)
+    if args.shards > 1 and not any(n.startswith("full-system") for n in names):
+        raise SystemExit(f"recsys replay: --shards {args.shards} splits the full system's replay, and --models "
+                         f"{args.models!r} names no full-system model; leave --shards out or add full-system")
 
     from recsys.datasets import load_dataset
 
@@ -273,7 +294,7 @@ def run_replay(args: argparse.Namespace) -> int:
         search_replay.run_query_log(args, ds, targets, settings_or_fail("replay").replace(
             unknown_items="admit", state_ttl_days=36_500.0, state_dir=args.state_dir or "var/replay-state", recovery_dir=None,
             **({"embed_cache_dir": args.embed_cache_dir} if args.embed_cache_dir else {})),
-            "recsys replay " + " ".join(shlex.quote(a) for a in sys.argv[2:]))
+            "recsys replay " + " ".join(shlex.quote(a) for a in sys.argv[2:]), ks)
         return 0
     command = "recsys replay " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 2 else "recsys replay"
 
@@ -331,7 +352,7 @@ def run_replay(args: argparse.Namespace) -> int:
         from recsys.search import replay as search_replay
 
         try:
-            search_replay.run(args, ds, settings, command)
+            search_replay.run(args, ds, settings, command, ks)
         except search_replay.NothingToScore as exc:
             raise SystemExit(f"recsys replay: {exc}; no report written") from None
         return 0

@@ -702,6 +702,11 @@ def test_replay_flags_and_mappings_that_cannot_work_are_one_line(tmp_path):
         (["--emit", str(log)], ["--emit", "is the --events file", "overwrite"]),
         (["--task", "search", "--search-targets", "clik"], ["--search-targets 'clik'", "'clik' is not one"]),
         (["--task", "search", "--search-sample", "0"], ["--search-sample must be a fraction above 0"]),
+        # a flag the task does not read: until 2026-12-07 read by nothing, the report as if it had been
+        (["--task", "search"], ["--models does nothing with --task search", "leave it out"]),
+        (["--shards", "2"], ["--shards 2 splits the full system's replay", "'popularity' names no full-system"]),
+        (["--search-sample", "0.5", "--query-log", str(log)],
+         ["--search-sample, --query-log do nothing with --task recommend", "add --task search"]),
         (["--map", "delimiter=;;"], ["cannot read --events", "mapping['delimiter']: ';;' is not one character", "delimiter=tab"]),
         (["--map", "type_map=view"], ["cannot read --events", "mapping['type_map']: 'view' is not a list of THEIRS:OURS"]),
         (["--map", "type_map=view:look"], ["cannot read --events", "mapping['type_map']: 'look' is not one of"]),

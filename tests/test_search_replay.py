@@ -36,7 +36,7 @@ def test_the_replay_scores_every_derived_search_in_every_mode(tmp_path):
                                       types=("purchase", "add_to_cart"))
     engine = Shard.open(Settings(embed_cache_dir=str(tmp_path / "emb"), unknown_items="admit"), in_memory=True, emit=False)
     engine.upsert_catalog(catalog)
-    result = replay_search(engine, events, targets, k=10, batch_size=200, progress=False)
+    result = replay_search(engine, events, targets, ks=(10,), batch_size=200, progress=False)
     engine.close()
     assert result["scored"] == len(targets) > 20
     assert set(result["models"]) == set(MODES)
@@ -79,3 +79,12 @@ def test_a_real_query_log_with_id_only_items_is_scored_and_learned_from(tmp_path
     # ids only: text retrieval finds nothing, the learned associations find the engaged items
     assert metrics["models"]["bm25"]["hr@10"] == 0.0
     assert metrics["models"]["full"]["hr@10"] > 0.9
+
+    # --k names the cut-offs (until 2026-12-07 it was read by nothing here: always @10)
+    code = main(["replay", "--task", "search", "--query-log", str(log), "--map", "user_id=who", "--map", "query=what",
+                 "--map", "query_ts=when", "--map", "item_id=item", "--map", "ts=at", "--k", "1,10",
+                 "--embed-cache-dir", str(tmp_path / "emb"), "--out", str(tmp_path / "out-k")])
+    assert code == 0
+    at_k = json.loads((tmp_path / "out-k" / "metrics.json").read_text())
+    assert at_k["ks"] == [1, 10] and at_k["models"]["full"]["hr@10"] == metrics["models"]["full"]["hr@10"]
+    assert at_k["models"]["full"]["hr@1"] < at_k["models"]["full"]["hr@10"]  # half the queries have two answers

@@ -103,14 +103,14 @@ class SearchScorer:
     """The observer the replay hands to :class:`recsys.search.Search`: ranks every mode at each
     derived search and scores it against the item engaged after it."""
 
-    def __init__(self, search: Any, targets: dict[str, str], k: int = 10, modes: tuple[str, ...] = MODES,
-                 *, keep_features: bool = False) -> None:
+    def __init__(self, search: Any, targets: dict[str, str], ks: tuple[int, ...] = (10,),
+                 modes: tuple[str, ...] = MODES, *, keep_features: bool = False) -> None:
         self.search = search
         #: ``keep_features``: per scored search, the eligible candidates' signals, the target's
         #: row (-1: not a candidate), the id order for ties and the slices (:meth:`features`)
         self.kept: list[tuple[np.ndarray, np.ndarray, int, int, tuple[str, ...]]] | None = [] if keep_features else None
         self.targets = targets
-        self.k = k
+        self.ks = tuple(sorted(set(ks)))  # each mode ranks the deepest cut-off once; the others read its head
         self.modes = modes
         self.sums: dict[str, dict[str, Counter]] = defaultdict(lambda: defaultdict(Counter))
         self.query_seen: Counter = Counter()
@@ -123,7 +123,7 @@ class SearchScorer:
             return
         start = time.perf_counter()
         seen: list[tuple[list[str], np.ndarray]] = []
-        ranked = self.search.rank_modes(event.query, state, event.ts, self.k, self.modes, user_id=event.user_id,
+        ranked = self.search.rank_modes(event.query, state, event.ts, self.ks[-1], self.modes, user_id=event.user_id,
                                         on_candidates=None if self.kept is None else lambda i, x: seen.append((i, x)))
         self.rank_s += time.perf_counter() - start
         self.n += 1
@@ -138,10 +138,10 @@ class SearchScorer:
             self.kept.append((x.astype(np.float32), order.astype(np.int32),
                               ids.index(target) if target in ids else -1, event.ts, slices))
         self.query_seen[key] += 1
-        k = self.k
         for mode, items in ranked.items():
-            values = {f"hr@{k}": hr_at_k(items, {target}, k), f"ndcg@{k}": ndcg_at_k(items, {target}, k),
-                      f"mrr@{k}": mrr_at_k(items, {target}, k)}
+            values = {name: v for k in self.ks for name, v in (
+                (f"hr@{k}", hr_at_k(items, {target}, k)), (f"ndcg@{k}", ndcg_at_k(items, {target}, k)),
+                (f"mrr@{k}", mrr_at_k(items, {target}, k)))}
             for s in slices:
                 acc = self.sums[mode][s]
                 acc["n"] += 1
@@ -168,17 +168,17 @@ class SearchScorer:
         models = {m: {name: v / s["all"]["n"] for name, v in s["all"].items() if name != "n"} for m, s in self.sums.items()}
         slices = {m: {sl: {**{name: v / acc["n"] for name, v in acc.items() if name != "n"}, "n": acc["n"]}
                       for sl, acc in s.items() if sl != "all"} for m, s in self.sums.items()}
-        return {"models": models, "slices": slices, "scored": self.n, "ks": [self.k],
+        return {"models": models, "slices": slices, "scored": self.n, "ks": list(self.ks),
                 "rank_ms_per_search_all_modes": 1000 * self.rank_s / max(self.n, 1)}
 
 
-def replay_search(engine: Any, events: list[Event], targets: dict[str, str], *, k: int = 10,
+def replay_search(engine: Any, events: list[Event], targets: dict[str, str], *, ks: tuple[int, ...] = (10,),
                   batch_size: int = 500, progress: bool = True, features: str | None = None) -> dict[str, Any]:
     """Run ``events`` (with derived searches) through ``engine.process``, scoring every search;
     ``features``: also write every search's candidates and signals there (``.npz``)."""
     from recsys.backtest.system import FullSystem
 
-    scorer = SearchScorer(engine.search, targets, k, keep_features=features is not None)
+    scorer = SearchScorer(engine.search, targets, ks, keep_features=features is not None)
     engine.search.observer = scorer
     engine.search.respond = False  # the scorer ranks; the engine's own answer would be the "full" mode again
     model = FullSystem(engine, batch_size=batch_size)
@@ -218,8 +218,9 @@ class NothingToScore(ValueError):
     """The events give no search to score (no query could be derived)."""
 
 
-def run(args: Any, ds: Any, settings: Any, command: str) -> dict[str, Any]:
-    """``recsys replay --task search``: derive the searches, replay, write metrics.json + report."""
+def run(args: Any, ds: Any, settings: Any, command: str, ks: tuple[int, ...] = (10,)) -> dict[str, Any]:
+    """``recsys replay --task search``: derive the searches, replay, write metrics.json + report
+    (HR, NDCG and MRR at each cut-off of ``ks``)."""
     from recsys.backtest.report import write_report
     from recsys.shard.step import Shard
 
@@ -233,12 +234,12 @@ def run(args: Any, ds: Any, settings: Any, command: str) -> dict[str, Any]:
         raise NothingToScore(f"no search to derive from --events {args.events}: "
                              + ("no catalog item has a category to build a query from (give a --catalog with categories)"
                                 if not queries else f"no event of type {', '.join(types)} names an item with a query"))
-    engine = Shard.open(settings.replace(search_k=10), in_memory=args.state_dir is None, emit=False)
+    engine = Shard.open(settings.replace(search_k=max(ks)), in_memory=args.state_dir is None, emit=False)
     try:
         engine.upsert_catalog(ds.catalog, progress=True)
         os.makedirs(args.out, exist_ok=True)
         features = os.path.join(args.out, "search_features.npz") if getattr(args, "search_features", False) else None
-        result = replay_search(engine, events, targets, k=10, batch_size=args.batch_size, features=features)
+        result = replay_search(engine, events, targets, ks=ks, batch_size=args.batch_size, features=features)
     finally:
         engine.close()
     result.update(protocol="search (derived queries)", dataset=ds.name, exclude_history=False, note=PROTOCOL_NOTE,
@@ -250,16 +251,17 @@ def run(args: Any, ds: Any, settings: Any, command: str) -> dict[str, Any]:
     return result
 
 
-def run_query_log(args: Any, ds: Any, targets: dict[str, str], settings: Any, command: str) -> dict[str, Any]:
+def run_query_log(args: Any, ds: Any, targets: dict[str, str], settings: Any, command: str,
+                  ks: tuple[int, ...] = (10,)) -> dict[str, Any]:
     """``recsys replay --task search --query-log FILE``: score the engaged item of each logged
     search (``ds``, ``targets``: :func:`recsys.search.querylog.load_query_log`'s)."""
     from recsys.backtest.report import write_report
     from recsys.shard.step import Shard
 
-    engine = Shard.open(settings.replace(search_k=10), in_memory=args.state_dir is None, emit=False)
+    engine = Shard.open(settings.replace(search_k=max(ks)), in_memory=args.state_dir is None, emit=False)
     try:
         engine.upsert_catalog(ds.catalog, progress=True)
-        result = replay_search(engine, ds.events, targets, k=10, batch_size=args.batch_size)
+        result = replay_search(engine, ds.events, targets, ks=ks, batch_size=args.batch_size)
     finally:
         engine.close()
     note = "logged searches and the item engaged after each"
