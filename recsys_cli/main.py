@@ -650,7 +650,10 @@ def cmd_forget(args: argparse.Namespace) -> int:
 
         _require_broker(settings, "forget")
         clients = KafkaClients(settings)
-        ensure_topics(clients, {settings.control_topic: 1})
+        if ensure_topics(clients, {settings.control_topic: 1}):  # a slip of the name would be an erasure no flow reads
+            print(f"recsys forget: note: topic {settings.control_topic!r} did not exist on {settings.bootstrap_servers}: "
+                  f"created it. A flow applies this erasure only if it reads that topic (its --control-topic, "
+                  f"RECSYS_CONTROL_TOPIC); one started later reads it from its start", file=sys.stderr, flush=True)
         records = ((u.encode(), encode_control(ControlMessage("forget_user", u))) for u in args.user_ids)
         try:
             produce_records(clients, settings.control_topic, records)

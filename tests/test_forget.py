@@ -254,3 +254,18 @@ def test_a_dead_letter_left_unsent_is_not_sent_again_after_its_shoppers_erasure(
         assert [key for key, _ in left] == ["bystander"], left
     finally:
         restarted.close()
+
+
+def test_a_forget_that_creates_its_control_topic_says_so(local_broker, kafka_clients, topic_name, capsys):
+    """``recsys forget`` onto a control topic no flow ever made (a slip of the flag or of
+    ``RECSYS_CONTROL_TOPIC``) created the topic and reported the erasure as sent, and no flow would
+    ever apply it. It still sends (a flow started later reads the topic from its start), and now
+    says the topic is new; a topic that exists gets no such note."""
+    topic = topic_name("contrl")
+    flags = ["--bootstrap-servers", local_broker.bootstrap, "--control-topic", topic]
+    assert cli_main(["forget", VICTIM, *flags]) == 0
+    err = capsys.readouterr().err
+    assert f"topic {topic!r} did not exist" in err and "created it" in err and "RECSYS_CONTROL_TOPIC" in err, err
+    assert cli_main(["forget", "someone-else", *flags]) == 0
+    assert "did not exist" not in capsys.readouterr().err
+    assert len(consume_all(kafka_clients, topic, timeout_s=30)) == 2
