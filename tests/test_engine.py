@@ -172,6 +172,22 @@ def test_a_tombstone_after_its_items_record_in_one_batch_withdraws_it(tmp_path, 
     engine.close()
 
 
+def test_a_catalog_record_keyed_otherwise_than_its_item_is_applied_and_counted(tmp_path, cache):
+    """The catalog topic is compacted by key: a record keyed by something else than its
+    ``item_id`` (a SKU, a row id) is never removed by the item's tombstone, so a rebuilt flow
+    would read it back. It is applied, as any shard reads the whole catalog, and counted
+    (``catalog_key_mismatch``), as events keyed otherwise are (``key_mismatch``); a record
+    without a key (a topic that is not compacted) is not counted."""
+    engine = Shard.open(_settings(tmp_path, cache))
+    items = [CatalogItem(f"t{i}", f"green tea variety {i}", category="tea") for i in range(3)]
+    result = engine.process([Envelope("catalog", 0, 0, b"t0", encode(items[0]), 0),
+                             Envelope("catalog", 0, 1, b"sku-77", encode(items[1]), 0),
+                             Envelope("catalog", 0, 2, None, encode(items[2]), 0)])
+    assert result.counts["catalog_key_mismatch"] == 1 and not result.dead_letters
+    assert all(engine.items.recommendable(item.item_id) for item in items)
+    engine.close()
+
+
 def test_feedback_weights_order_purchase_over_cart_over_click_over_browse(tmp_path, cache, catalog):
     engine = Shard.open(_settings(tmp_path, cache))
     engine.upsert_catalog(catalog)

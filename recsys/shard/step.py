@@ -640,6 +640,10 @@ class Shard:
                 elif env.topic == catalog_topic:
                     counts["catalog_in"] += 1
                     item = decode_catalog_item(env.value, max_bytes) if env.value is not None else self._withdrawal(env, catalog_items)
+                    if item is not None and env.key is not None and env.key != item.item_id.encode():
+                        # applied (every shard reads the whole catalog: nothing splits), and counted: on
+                        # the compacted topic a tombstone keyed by item_id would not remove this record
+                        counts["catalog_key_mismatch"] += 1
                     if item is not None:
                         catalog_items.append(item)
                         catalog_ms.append(env.timestamp_ms)
