@@ -66,6 +66,10 @@ MAX_NESTING = 16
 #: formatting characters (ALM, LRM, RLM, LRE..RLO, LRI..PDI): invisible, they make two ids look
 #: alike in logs and tools, or reorder what an operator reads (U+202E), and NUL ends C strings.
 _FORBIDDEN_IN_IDS = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+#: control characters (C0, DEL, C1) in display text (a title, category, brand, query): each becomes
+#: a space. They have no glyph, and shown to a shopper in a reason or printed by ``recsys tail`` an
+#: escape sequence recolours or clears the terminal and a newline forges a line of its own.
+_CONTROL_IN_TEXT = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
 #: Latest accepted event time, 9999-12-31T23:59:59.999Z: past it, times are producer bugs and
@@ -278,6 +282,11 @@ def _loads(raw: bytes | None, max_bytes: int) -> dict[str, Any]:
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
+        try:  # orjson names a byte that is not UTF-8 as "surrogates not allowed", whatever the byte
+            bytes(raw).decode("utf-8")
+        except UnicodeDecodeError as bad:
+            raise DecodeError(f"payload: not UTF-8 text (byte 0x{bad.object[bad.start]:02x} at offset {bad.start}); "
+                              f"JSON messages are UTF-8") from None
         raise DecodeError(f"payload: malformed or truncated JSON ({exc})") from None
     if not isinstance(obj, dict):
         raise DecodeError(f"payload: expected a JSON object, got {type(obj).__name__}")
@@ -296,6 +305,22 @@ def _str(obj: dict[str, Any], name: str, *, required: bool, max_len: int = _MAX_
         raise DecodeError(f"field '{name}': empty string")
     if len(value) > max_len:
         raise DecodeError(f"field '{name}': longer than {max_len} characters")
+    return value
+
+
+def _display_text(obj: dict[str, Any], name: str, *, required: bool, max_len: int) -> str | None:
+    """Text shown to shoppers and operators: a string as :func:`_str` checks it, each control
+    character replaced by a space (until 2026-12-07 they reached the reasons as they were); a
+    required one must keep a visible character.
+
+    >>> _display_text({"title": "Lamp\\n\\x1b[31mRED"}, "title", required=True, max_len=99)
+    'Lamp  [31mRED'
+    """
+    value = _str(obj, name, required=required, max_len=max_len)
+    if value is not None and _CONTROL_IN_TEXT.search(value) is not None:
+        value = _CONTROL_IN_TEXT.sub(" ", value)
+    if required and value is not None and not value.strip():
+        raise DecodeError(f"field '{name}': blank (only spaces or control characters)")
     return value
 
 
@@ -379,7 +404,7 @@ def event_from_dict(obj: dict[str, Any]) -> Event:
     event_id = _id(obj, "event_id", required=True)
     user_id = _id(obj, "user_id", required=True)
     item_id = _id(obj, "item_id", required=etype != "search")
-    query = _str(obj, "query", required=False, max_len=1_000)
+    query = _display_text(obj, "query", required=False, max_len=1_000)
     if etype == "search" and not query:
         raise DecodeError("field 'query': missing (required for search events)")
     ts = parse_ts(obj.get("ts"))
@@ -399,10 +424,10 @@ def event_from_dict(obj: dict[str, Any]) -> Event:
 def catalog_item_from_dict(obj: dict[str, Any]) -> CatalogItem:
     """Validate a parsed JSON object as a :class:`CatalogItem` (``catalog_item.v1.json``)."""
     item_id = _id(obj, "item_id", required=True)
-    title = _str(obj, "title", required=True, max_len=_MAX_TEXT_LEN)
+    title = _display_text(obj, "title", required=True, max_len=_MAX_TEXT_LEN)
     description = _str(obj, "description", required=False, max_len=_MAX_TEXT_LEN)
-    category = _str(obj, "category", required=False, max_len=1_000)
-    brand = _str(obj, "brand", required=False, max_len=1_000)
+    category = _display_text(obj, "category", required=False, max_len=1_000)
+    brand = _display_text(obj, "brand", required=False, max_len=1_000)
     price = _number(obj, "price")
     available = obj.get("available", True)
     if not isinstance(available, bool):

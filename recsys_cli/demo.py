@@ -303,17 +303,33 @@ def summarize(events, recs, dead, searches=()) -> dict:
     }
 
 
+#: Control characters (C0, DEL, C1) and the line and paragraph separators, as the escapes Python
+#: writes for them: what a record holds is printed as one line, and as text, never as terminal
+#: commands (an escape sequence in a producer's message recoloured or cleared the screen of
+#: whoever ran ``recsys tail`` until 2026-12-07, and a newline forged a line of its own).
+_AS_ESCAPES = {c: repr(chr(c))[1:-1] for c in (*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029)}
+
+
+def one_line(text: str) -> str:
+    r"""``text`` with every control character escaped.
+
+    >>> print(one_line("lamp\n\x1b[2Jfake line\r"))
+    lamp\n\x1b[2Jfake line\r
+    """
+    return text.translate(_AS_ESCAPES)
+
+
 def format_recommendation(payload: bytes) -> str:
     rec = orjson.loads(payload)
     head = f"user {rec['user_id']} (after {rec['trigger_event_id']}, {rec['model_version']}):"
     items = "; ".join(f"{i['item_id']} {i['score']:.2f} [{i['reason']}]" for i in rec["items"][:5])
-    return f"{head} {items}"
+    return one_line(f"{head} {items}")
 
 
 def format_search_result(payload: bytes) -> str:
     res = orjson.loads(payload)
     items = "; ".join(f"{i['item_id']} [{i['reason']}]" for i in res["items"][:3]) or "no match"
-    return f"search by user {res['user_id']} for {res['query']!r}: {items}"
+    return one_line(f"search by user {res['user_id']} for {res['query']!r}: {items}")
 
 
 def format_dead_letter(payload: bytes) -> str:
@@ -328,8 +344,8 @@ def format_dead_letter(payload: bytes) -> str:
     dead = orjson.loads(payload)
     src = dead["source"]
     size = f" ({dead['payload_size']:,} bytes)" if "payload_size" in dead else ""
-    return (f"dead letter from {src['topic']}[{src['partition']}] offset {src['offset']}: {dead['reason']}; "
-            f"message{size}: {dead['payload_preview']}")
+    return one_line(f"dead letter from {src['topic']}[{src['partition']}] offset {src['offset']}: {dead['reason']}; "
+                    f"message{size}: {dead['payload_preview']}")
 
 
 def format_reason(n: int, reason: str, width: int = 96) -> str:

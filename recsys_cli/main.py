@@ -493,7 +493,8 @@ def _tail(consumer, topic: str, readable: Callable[[bytes], str] | None, args: a
             for r in records:
                 if not args.follow and tp in ends and r.offset >= ends[tp]:
                     continue
-                print(_readable(r.value, readable) if r.value is not None else _tombstone(r.key), flush=True)
+                print(_readable(r.value, readable, raw=args.raw) if r.value is not None else _tombstone(r.key),
+                      flush=True)
                 printed += 1
                 if args.max and printed >= args.max:
                     return 0
@@ -515,15 +516,19 @@ def _tombstone(key: bytes | None) -> str:
     return f"(tombstone: key {shown}, value null)"
 
 
-def _readable(payload: bytes | None, formatter: Callable[[bytes], str] | None) -> str:
+def _readable(payload: bytes | None, formatter: Callable[[bytes], str] | None, *, raw: bool = False) -> str:
     """``payload`` through ``formatter``; as it is without one, or when it is not what the
-    formatter reads (a record another producer wrote to the topic)."""
+    formatter reads (a record another producer wrote to the topic); one line either way, its
+    control characters escaped (``--raw`` prints records as they are)."""
+    from recsys_cli.demo import one_line
+
     if formatter is not None:
         try:
             return formatter(payload or b"")
         except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError):  # "score": "0.9"
             pass
-    return (payload or b"").decode("utf-8", "replace")
+    text = (payload or b"").decode("utf-8", "replace")
+    return text if raw else one_line(text)
 
 
 # --------------------------------------------------------------------------- search

@@ -357,6 +357,30 @@ def test_tail_prints_search_results_and_dead_letters_readably_and_raw_on_request
     assert capsys.readouterr().out.splitlines() == [encode(found).decode(), "not json"]
 
 
+def test_tail_prints_what_a_hostile_producer_wrote_as_text_never_as_terminal_commands(local_broker, topic_name, capsys):
+    """A dead letter's preview holds whatever a producer sent, and any topic may hold records
+    written by another producer: their escape sequences cleared and recoloured the terminal of
+    whoever ran ``recsys tail``, and a newline or carriage return forged a line (found by an
+    operator's probe, 2026-12-07). Each record is now one line, its control characters escaped;
+    ``--raw`` still prints records as they are."""
+    from recsys.events import DeadLetter, SourcePosition
+
+    dead, other = topic_name("dead"), topic_name("other")
+    ensure_topics(local_broker.bootstrap, {dead: 1, other: 1})
+    hostile = b"\x1b[31mRED\x1b[0m line1\nFAKE: dead letter from events[0] offset 1: all good\r\x1b]0;pwned\x07"
+    _send(local_broker.bootstrap, dead, [encode(DeadLetter(hostile, "payload: malformed or truncated JSON",
+                                                          SourcePosition("events", 0, 7)))])
+    _send(local_broker.bootstrap, other, [hostile])
+    flags = ["--dead-letters-topic", dead, "--bootstrap-servers", local_broker.bootstrap]
+    for topic in (dead, other):
+        assert main(["tail", "--topic", topic, *flags]) == 0
+        out = capsys.readouterr().out
+        assert len(out.splitlines()) == 1 and not any(c in out.rstrip("\n") for c in "\x1b\r\n\x07"), repr(out)
+        assert "\\x1b[31mRED\\x1b[0m line1\\nFAKE: dead letter" in out, out
+    assert main(["tail", "--topic", other, "--raw", *flags]) == 0
+    assert capsys.readouterr().out == hostile.decode() + "\n"
+
+
 def _tail(bootstrap: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "recsys_cli", "tail", "--bootstrap-servers", bootstrap, *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=timeout)

@@ -173,9 +173,14 @@ def valid_events(draw: st.DrawFn) -> dict[str, Any]:
     return obj
 
 
+#: A character a title must hold: not white space, not a control character (recsys.events).
+VISIBLE = re.compile("[^\\s\x00-\x1f\x7f-\x9f]")
+
+
 @st.composite
 def valid_catalog_items(draw: st.DrawFn) -> dict[str, Any]:
-    obj: dict[str, Any] = {"item_id": draw(IDS), "title": draw(text_up_to(10_000, min_size=1))}
+    title = draw(text_up_to(10_000, min_size=1))
+    obj: dict[str, Any] = {"item_id": draw(IDS), "title": title if VISIBLE.search(title) else "x" + title}
     _put_optional(draw, obj, "description", text_up_to(10_000))
     _put_optional(draw, obj, "category", text_up_to(1000))
     _put_optional(draw, obj, "brand", text_up_to(1000))
@@ -431,6 +436,8 @@ ITEM = {"item_id": "i9", "title": "Shoe"}
 REFUSED_ITEMS = {
     "missing title": {"item_id": "i9"},
     "empty title": {**ITEM, "title": ""},
+    "blank title": {**ITEM, "title": "   "},
+    "title of control characters": {**ITEM, "title": "\x00\x1b\x85"},
     "title of 10001 characters": {**ITEM, "title": "t" * 10_001},
     "brand of 1001 characters": {**ITEM, "brand": "b" * 1001},
     "null available": {**ITEM, "available": None},
@@ -475,6 +482,34 @@ def test_a_number_too_large_for_a_double_is_refused_before_either_check() -> Non
     with pytest.raises(DecodeError, match="malformed"):
         decode_event(b'{"event_id":"e","type":"click","user_id":"u","item_id":"i","ts":1e400}')
     assert validate("event", {**CLICK, "ts": float("inf")}) != []
+
+
+def test_a_message_that_is_not_utf8_is_named_so() -> None:
+    """orjson calls any byte that is not UTF-8 "surrogates not allowed"; the reason names the
+    byte instead (a producer that wrote Latin-1 or UTF-16)."""
+    for raw, byte in ((b"\xff\xfe\x00garbage", "0xff at offset 0"),
+                      ('{"event_id":"e","type":"click","user_id":"u","item_id":"caf\u00e9","ts":1}'.encode("latin-1"),
+                       "0xe9 at offset 59"),
+                      ('{"event_id":"e"}'.encode("utf-16"), "0xff at offset 0")):
+        with pytest.raises(DecodeError, match=f"payload: not UTF-8 text \\(byte {byte}\\); JSON messages are UTF-8"):
+            decode_event(raw)
+    with pytest.raises(DecodeError, match="malformed or truncated JSON"):  # UTF-8, not JSON
+        decode_event("{\"event_id\": \"é".encode())
+
+
+def test_control_characters_in_display_text_are_read_as_spaces() -> None:
+    """A title, category, brand or query is shown to shoppers (reasons, search results) and
+    printed to operators: its control characters are spaces (until 2026-12-07 an escape sequence
+    in a title recoloured the terminal of whoever read the recommendations); a title left with no
+    visible character is refused like an empty one."""
+    item = decode_catalog_item(orjson.dumps({**ITEM, "title": "Lamp\n\x1b[31mRED\x07", "category": "a\tb",
+                                              "brand": "x\x85y", "description": "para one\n\npara two"}))
+    assert (item.title, item.category, item.brand) == ("Lamp  [31mRED ", "a b", "x y")
+    assert item.description == "para one\n\npara two"  # not shown in reasons: kept as written
+    search = decode_event(orjson.dumps({**SEARCH, "query": "bagels\n\x1b[2J"}))
+    assert search.query == "bagels  [2J"
+    with pytest.raises(DecodeError, match=r"field 'title': blank \(only spaces or control characters\)"):
+        decode_catalog_item(orjson.dumps({**ITEM, "title": " \x00\x01 "}))
 
 
 @settings(max_examples=200, deadline=None)
