@@ -352,7 +352,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
         with open_input(args.file) as fh:  # gzip, bzip2 and xz read as plain JSONL
             for at[0], line in enumerate(fh, start=1):
                 line = line.rstrip(b"\r\n")
-                if not line:
+                if not line.strip():  # blank, or only spaces and tabs: no record (these were sent until 2026-12-07)
                     continue
                 if check is not None:
                     try:
@@ -399,6 +399,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
                         f"`recsys tail --topic {topic}` before sending again")
     took = time.perf_counter() - start
     print(f"produced {n} records to {topic!r} in {took:.1f}s ({n / max(took, 1e-9):.0f}/s)")
+    invalid = [(line, why) for line, why in invalid if line not in refused]  # those are named below, not sent
     if invalid:
         what = "catalog items" if catalog else "events"
         fate = ("not sent: on the catalog a record takes the item's place (on the compacted topic for good)" if catalog
@@ -421,7 +422,7 @@ def _line_of_record(path: str, n: int) -> int:
         return 0
     with open_input(path) as fh:
         for number, line in enumerate(fh, start=1):
-            if line.rstrip(b"\r\n"):
+            if line.strip():
                 n -= 1
                 if n == 0:
                     return number

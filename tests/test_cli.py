@@ -357,6 +357,27 @@ def test_tail_prints_search_results_and_dead_letters_readably_and_raw_on_request
     assert capsys.readouterr().out.splitlines() == [encode(found).decode(), "not json"]
 
 
+def test_produce_skips_lines_of_spaces_and_does_not_call_a_line_too_large_sent(local_broker, topic_name, tmp_path, capsys):
+    """A line of spaces or tabs was sent (and dead-lettered by the flow) where an empty line is
+    skipped; a line both refused by the flow's decoder and too large to send was listed as "sent:
+    the flow dead-letters them" and, in the next line, as not sent (an operator's probe,
+    2026-12-07)."""
+    events_topic = topic_name("events")
+    ensure_topics(local_broker.bootstrap, {events_topic: 1})
+    events = [encode(e) for e in generate_events(2, generate_catalog(5, seed=1), n_users=2, seed=2)]
+    oversized = orjson.dumps({"event_id": "big", "type": "click", "user_id": "u1", "item_id": "i1", "ts": 1,
+                              "context": {"pad": "x" * 200_000}})  # over the flow's 64 KiB: refused, sent
+    too_large = b'{"user_id": "u1", "pad": "' + b"x" * 2_000_000 + b'"}'  # over the producer's 1 MiB: not sent
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(b"\n".join([events[0], b"   ", b"\t", oversized, too_large, events[1]]) + b"\n")
+    assert main(["produce", str(path), "--events-topic", events_topic, "--bootstrap-servers", local_broker.bootstrap]) == 1
+    err = capsys.readouterr().err
+    assert "1 line(s) of" in err and "(line 4: payload: oversized message" in err and "line 5:" not in err, err
+    assert "1 line(s) not sent, too large (lines 5)" in err, err
+    assert [r.value for r in consume_all(KafkaClients.for_bootstrap(local_broker.bootstrap), events_topic)] == \
+        [events[0], oversized, events[1]]
+
+
 def test_tail_prints_what_a_hostile_producer_wrote_as_text_never_as_terminal_commands(local_broker, topic_name, capsys):
     """A dead letter's preview holds whatever a producer sent, and any topic may hold records
     written by another producer: their escape sequences cleared and recoloured the terminal of
