@@ -31,6 +31,21 @@ from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSetti
 ENV_PREFIX = "RECSYS_"
 
 
+#: The characters of a Kafka topic name (Kafka's ``Topic.validate``).
+_TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]+")
+
+
+def topic_name_error(name: str) -> str | None:
+    """Why Kafka would refuse ``name`` as a topic's name (None: it would not).
+
+    >>> topic_name_error("my events")
+    "'my events' is not a Kafka topic name (1-249 of a-z, A-Z, 0-9, '.', '_', '-')"
+    """
+    if len(name) > 249 or name in (".", "..") or not _TOPIC_NAME.fullmatch(name):
+        return f"{name!r} is not a Kafka topic name (1-249 of a-z, A-Z, 0-9, '.', '_', '-')"
+    return None
+
+
 class SettingsError(ValueError):
     """A setting with a value of the wrong type or out of range; names the variable."""
 
@@ -190,6 +205,19 @@ class Settings(BaseSettings):
         if value == "" and type(None) in get_args(cls.model_fields[info.field_name].annotation):
             return None
         return value
+
+    @field_validator("events_topic", "catalog_topic", "recommendations_topic", "dead_letters_topic", "exchange_topic",
+                     "control_topic", "search_results_topic")
+    @classmethod
+    def _topic_name(cls, name: str) -> str:
+        """A name Kafka takes for a topic: 1-249 of ``a-z A-Z 0-9 . _ -``, not ``.`` or ``..``
+        (until 2026-12-07 an empty ``RECSYS_EVENTS_TOPIC=`` or a name with a space got as far as
+        the broker, which answered in its own words)."""
+        if not name:
+            raise ValueError("empty (an unset shell variable?); name the topic, or leave the setting out")
+        if (wrong := topic_name_error(name)) is not None:
+            raise ValueError(wrong)
+        return name
 
     @field_validator("metrics_port")
     @classmethod

@@ -851,6 +851,7 @@ def test_produce_forget_and_tail_refuse_what_the_flow_would_refuse(local_broker,
     _one_line_failure(_recsys("forget", "", *flags), "forget", "user id ''", "empty string", "nothing was sent")
     _one_line_failure(_recsys("forget", "u" * 300, *flags), "longer than 256 characters", "nothing was sent")
     _one_line_failure(_recsys("produce", str(path), "--topic", "", *flags), "--topic is empty")
+    _one_line_failure(_recsys("produce", str(path), "--topic", "my events", *flags), "--topic 'my events' is not a Kafka topic name")
     blank = tmp_path / "blank.jsonl"
     blank.write_text("\n\n")
     done = _recsys("produce", str(blank), *flags)  # "produced 0 records", exit 0, until 2026-12-06

@@ -82,8 +82,10 @@ def test_constructing_settings_never_reads_os_environ(monkeypatch):
 
 
 def test_an_empty_variable_unsets_an_optional_setting_only():
-    s = Settings.from_env({"RECSYS_RECOVERY_DIR": "", "RECSYS_METRICS_PORT": "", "RECSYS_EVENTS_TOPIC": ""})
-    assert (s.recovery_dir, s.metrics_port, s.events_topic) == (None, None, "")
+    s = Settings.from_env({"RECSYS_RECOVERY_DIR": "", "RECSYS_METRICS_PORT": ""})
+    assert (s.recovery_dir, s.metrics_port) == (None, None)
+    with pytest.raises(SettingsError, match="^RECSYS_EVENTS_TOPIC: empty"):  # kept as "" until 2026-12-07
+        Settings.from_env({"RECSYS_EVENTS_TOPIC": ""})
 
 
 def test_replace_validates_the_copy_and_leaves_the_original():
@@ -111,6 +113,20 @@ def test_a_variable_that_is_not_a_setting_is_refused_naming_the_nearest(env, mes
     with pytest.raises(SettingsError) as info:
         Settings.from_env({**env, "RECSYS_TOP_K": "7", "PATH": "/usr/bin", "RECSYSTEM": "x"})
     assert str(info.value) == message
+
+
+@pytest.mark.parametrize("env, words", [
+    # until 2026-12-07 an empty name or one with a space reached the broker, which answered in its own words
+    ({"RECSYS_EVENTS_TOPIC": ""}, ["RECSYS_EVENTS_TOPIC", "empty (an unset shell variable?)"]),
+    ({"RECSYS_DEAD_LETTERS_TOPIC": "dead letters"}, ["RECSYS_DEAD_LETTERS_TOPIC", "'dead letters' is not a Kafka topic name"]),
+    ({"RECSYS_CONTROL_TOPIC": ".."}, ["RECSYS_CONTROL_TOPIC", "'..' is not a Kafka topic name"]),
+    ({"RECSYS_CATALOG_TOPIC": "c" * 250}, ["RECSYS_CATALOG_TOPIC", "is not a Kafka topic name (1-249"]),
+])
+def test_a_topic_name_kafka_would_refuse_is_a_bad_setting(env, words):
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env(env)
+    assert all(w in str(info.value) for w in words), str(info.value)
+    assert Settings.from_env({"RECSYS_EVENTS_TOPIC": "shop.events_v2-eu"}).events_topic == "shop.events_v2-eu"
 
 
 def test_what_kubernetes_or_docker_links_set_for_a_service_named_recsys_is_left_alone():
