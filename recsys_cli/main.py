@@ -575,8 +575,9 @@ def cmd_search(args: argparse.Namespace) -> int:
             producer.send(settings.events_topic, key=args.user.encode(), value=payload)
             producer.flush(timeout=args.timeout)
         except KafkaError as exc:  # the broker went away since the check, or is slower than --timeout
+            said = str(exc) if str(exc).startswith(type(exc).__name__) else f"{type(exc).__name__}: {exc}"  # kafka-python's own
             fail("search", f"the broker at {settings.bootstrap_servers} did not confirm the search on "
-                           f"{settings.events_topic!r} within {args.timeout:g} s ({type(exc).__name__}: {exc}); it may "
+                           f"{settings.events_topic!r} within {args.timeout:g} s ({said}); it may "
                            f"still arrive: a flow answers it then (recsys tail --topic {topic})")
         finally:
             producer.close(timeout=2)  # a broker gone for good: do not wait out kafka-python's 120 s
