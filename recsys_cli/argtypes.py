@@ -50,6 +50,20 @@ def positive_int(text: str) -> int:
     return _checked(text, int, lambda v: v >= 1, "a whole number >= 1")
 
 
+def int_from(low: int, high: int):  # noqa: ANN201 - an argparse type
+    """A whole number from ``low`` to ``high``: ``type=int_from(1, 64)``.
+
+    >>> int_from(1, 64)("65")
+    Traceback (most recent call last):
+    ...
+    argparse.ArgumentTypeError: expected a whole number from 1 to 64, got '65'
+    """
+    def parse(text: str) -> int:
+        return _checked(text, int, lambda v: low <= v <= high, f"a whole number from {low} to {high}")
+
+    return parse
+
+
 def non_negative_int(text: str) -> int:
     """A whole number >= 0."""
     return _checked(text, int, lambda v: v >= 0, "a whole number >= 0")
