@@ -81,6 +81,11 @@ def test_forget_erases_every_key_holding_the_user_and_they_come_back_as_new(tmp_
     assert result.counts["forgotten"] == 1
     audit = [r.getMessage() for r in caplog.records if r.name == "recsys.audit"]
     assert audit and user_hash(VICTIM) in audit[0] and VICTIM not in audit[0]
+    assert int(audit[0].rpartition("keys_deleted=")[2]) >= 3, audit  # their record, outbox and sessions
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="recsys.audit"):  # nothing of theirs was held: it says 0, not 4
+        engine.process([_control("never-seen-user", 1, erased_at)])
+    assert [r.getMessage().rpartition("keys_deleted=")[2] for r in caplog.records if r.name == "recsys.audit"] == ["0"]
     assert engine.shown.get(VICTIM) is None
     blank = engine.recommend_for(["never-seen"], erased_at)[0]
     assert engine.recommend_for([VICTIM], erased_at)[0] == blank
