@@ -53,12 +53,14 @@ class SettingsError(ValueError):
 class Settings(BaseSettings):
     """Every setting, validated on construction (a bad one raises :class:`SettingsError`)."""
 
-    model_config = SettingsConfigDict(frozen=True, env_prefix=ENV_PREFIX, protected_namespaces=())
+    # allow_inf_nan=False: no setting takes inf or nan (until 2026-12-07 RECSYS_SNAPSHOT_INTERVAL_S=inf
+    # crashed the flow after it loaded, and a nan status interval switched the status line off unsaid)
+    model_config = SettingsConfigDict(frozen=True, env_prefix=ENV_PREFIX, protected_namespaces=(), allow_inf_nan=False)
 
     # --- Kafka connection (kafka-python client options) ---
     bootstrap_servers: str = "127.0.0.1:9092"
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: str | None = None  # PLAIN, SCRAM-SHA-256, SCRAM-SHA-512
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER", "GSSAPI"] | None = None
     sasl_username: str | None = None
     sasl_password: str | None = None
     ssl_cafile: str | None = None
@@ -69,7 +71,7 @@ class Settings(BaseSettings):
     dead_letters_topic: str = "dead-letters"
     # --- consumption ---
     poll_max_records: int = Field(1000, gt=0)  # records per poll per partition: the batch the flow coalesces
-    fetch_max_wait_ms: int = 20  # broker-side wait for data; bounds idle latency
+    fetch_max_wait_ms: int = Field(20, ge=0, le=10_000)  # broker-side wait for data; bounds idle latency
     # catalog records one batch of the running flow takes at most: a bulk import of new text is
     # embedded a slice at a time (~3 ms an item here), the events behind it served between slices
     catalog_poll_max_records: int = Field(64, gt=0)
@@ -96,7 +98,7 @@ class Settings(BaseSettings):
     recovery_dir: str | None = "var/recovery"  # Bytewax recovery snapshots; None disables
     snapshot_interval_s: float = Field(2.0, gt=0)  # Bytewax epoch length = offset snapshot interval
     history_len: int = Field(50, gt=0)  # recent events kept per user
-    state_ttl_days: float = 90.0  # users idle longer than this are evicted on next touch/sweep
+    state_ttl_days: float = Field(90.0, gt=0)  # users idle longer than this are evicted on next touch/sweep
     # --- embeddings ---
     model_name: str = "all-MiniLM-L6-v2"  # the packaged model, or any sentence-transformers path
     embed_cache_dir: str = "var/embeddings"
@@ -107,10 +109,10 @@ class Settings(BaseSettings):
     embed_worker: bool = False
     catalog_file: str | None = None  # JSONL of catalog items loaded at start-up
     # --- recommendations ---
-    top_k: int = Field(10, gt=0)
-    interest_half_life_h: float = 24.0 * 7  # decay of the user interest vector and counts
-    popularity_half_life_h: float = 24.0  # decay of "trending"
-    covisit_half_life_h: float = 24.0 * 30
+    top_k: int = Field(10, gt=0, le=1_000)
+    interest_half_life_h: float = Field(24.0 * 7, gt=0)  # decay of the user interest vector and counts
+    popularity_half_life_h: float = Field(24.0, gt=0)  # decay of "trending"
+    covisit_half_life_h: float = Field(24.0 * 30, gt=0)
     covisit_neighbours: int = Field(50, gt=0)  # co-visitation neighbours kept per item (bounds memory)
     # issue 12: cells of the inverted file each vector search reads, once the catalog has 5,000 items
     # or more (faiss nprobe, of ~2*sqrt(items) cells); fewer is faster and can miss candidates: a
@@ -125,8 +127,8 @@ class Settings(BaseSettings):
     # --- learning ---
     head_enabled: bool = True  # the learned head over frozen vectors (off: interest vector retrieval)
     head_steps_per_batch: int = Field(1, gt=0)  # optimizer steps per polled batch: bounds training cost
-    head_lr: float = 1e-3
-    head_snapshot_interval_s: float = 30.0  # versioned head + re-ranker snapshots in state_dir/models
+    head_lr: float = Field(1e-3, gt=0)
+    head_snapshot_interval_s: float = Field(30.0, ge=0)  # versioned head + re-ranker snapshots in state_dir/models
     seed: int = 0
     # --- issue 10 metrics/bootstrap ---
     unknown_item_wait_s: float = Field(2.0, ge=0)  # an event for an item not in the catalog yet waits this long for it, then is dead-lettered
@@ -150,7 +152,7 @@ class Settings(BaseSettings):
     rerank_enabled: bool = True  # the online re-ranker learns from what users did next (off: the hand-set blend only)
     # --- issue 13 search ---
     search_results_topic: str = "search-results"  # output topic of answers to `search` events
-    search_k: int = 10  # items per search result
+    search_k: int = Field(10, gt=0, le=1_000)  # items per search result
     search_personalise: bool = True  # re-rank search results for the shopper (off: the ablation)
     search_attribution: Literal["first+match", "match", "all"] = "first+match"  # engagements credited to a search's query: first+match|match|all (recsys/search/service.py)
     # queries whose candidates before the shopper (BM25 and vector-search answers, the merged
@@ -232,6 +234,23 @@ class Settings(BaseSettings):
         if seconds <= 0:
             raise ValueError("must be > 0 (--quiet switches the status line off)")
         return seconds
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _servers(cls, servers: str) -> str:
+        """``host:port`` pairs, comma-separated (an empty one said "no Kafka broker answered at  ")."""
+        for server in servers.split(","):
+            host, _, port = server.strip().rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"expected HOST:PORT[,HOST:PORT...], got {servers!r}")
+        return servers
+
+    @model_validator(mode="after")
+    def _trainer_needs_sharing(self) -> "Settings":
+        if self.model_trainer and not self.share_signals:  # ignored, unsaid, until 2026-12-07
+            raise SettingsError(f"{self.env_var('model_trainer')}=true needs {self.env_var('share_signals')}=true "
+                                f"(--model-trainer trains the models the shards share; give --share-signals too)")
+        return self
 
     @model_validator(mode="after")
     def _shard_in_range(self) -> "Settings":
@@ -337,7 +356,7 @@ def _one_line(exc: ValidationError) -> str:
         key, op = _BOUNDS[kind]
         return f"{var}: must be {op} {ctx[key]}, got {value}"
     if kind == "literal_error":
-        return f"{var}: expected one of {get_args(Settings.model_fields[name].annotation)}, got {value!r}"
+        return f"{var}: expected one of {get_args(_scalar(Settings.model_fields[name].annotation))}, got {value!r}"
     if kind == "value_error":
         return f"{var}: {ctx['error']}"
     return f"{var}: {err['msg']}, got {value!r}"

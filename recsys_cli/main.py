@@ -161,6 +161,8 @@ def _run_one(settings: Settings, clients, signals) -> int:
         fail("run", str(exc))
     except CatalogFileError as exc:
         fail("run", f"--catalog-file / RECSYS_CATALOG_FILE: {exc}; nothing was read from Kafka")
+    except EmbeddingModelError as exc:  # a start-up catalog file is embedded here: a traceback above it until 2026-12-07
+        fail("run", str(exc))
     except StoreOpenError as exc:
         fail("run", _in_use(exc, f"the state directory {settings.state_dir} is in use by another process ({exc}); stop "
                                  f"the other `recsys run` on it, or give this one its own --state-dir and --recovery-dir"))

@@ -504,6 +504,11 @@ def test_a_catalog_file_that_cannot_be_read_is_refused_in_one_line(local_broker,
         done = _recsys("run", *flags, "--stop-at-end", timeout=180)
         _one_line_failure(done, *words)
         assert ("loading" in done.stdout) == loads and "ready" not in done.stdout, done.stdout
+    # a model that cannot be loaded, met while the start-up catalog is embedded: its own good line
+    # came under a 28-line traceback until 2026-12-07 (an operator's probe)
+    flags[at] = str(good)
+    done = _recsys("run", *flags, "--model-name", "no-such-model", "--stop-at-end", timeout=180)
+    _one_line_failure(done, "RECSYS_MODEL_NAME='no-such-model': no such model directory")
 
 
 def test_a_state_directory_that_is_a_file_is_refused_in_one_line(tmp_path):

@@ -116,6 +116,40 @@ def test_a_variable_that_is_not_a_setting_is_refused_naming_the_nearest(env, mes
 
 
 @pytest.mark.parametrize("env, words", [
+    # each passed the check until 2026-12-07 (an operator's probe), then crashed the flow after it
+    # loaded (a division by a half-life of 0, an infinite epoch), or was blamed on the broker (a
+    # negative fetch wait), or changed what the flow does without a word (a nan status interval,
+    # an empty search answer for search_k 0, a trainer without sharing)
+    ({"RECSYS_INTEREST_HALF_LIFE_H": "0"}, ["RECSYS_INTEREST_HALF_LIFE_H", "must be > 0"]),
+    ({"RECSYS_POPULARITY_HALF_LIFE_H": "-5"}, ["RECSYS_POPULARITY_HALF_LIFE_H", "must be > 0"]),
+    ({"RECSYS_COVISIT_HALF_LIFE_H": "0"}, ["RECSYS_COVISIT_HALF_LIFE_H", "must be > 0"]),
+    ({"RECSYS_STATE_TTL_DAYS": "-1"}, ["RECSYS_STATE_TTL_DAYS", "must be > 0"]),
+    ({"RECSYS_HEAD_LR": "nan"}, ["RECSYS_HEAD_LR", "finite"]),
+    ({"RECSYS_SNAPSHOT_INTERVAL_S": "inf"}, ["RECSYS_SNAPSHOT_INTERVAL_S", "finite"]),
+    ({"RECSYS_STATUS_INTERVAL_S": "nan"}, ["RECSYS_STATUS_INTERVAL_S", "finite"]),
+    ({"RECSYS_FETCH_MAX_WAIT_MS": "-100"}, ["RECSYS_FETCH_MAX_WAIT_MS", "must be >= 0"]),
+    ({"RECSYS_FETCH_MAX_WAIT_MS": "10000000"}, ["RECSYS_FETCH_MAX_WAIT_MS", "must be <= 10000"]),
+    ({"RECSYS_SEARCH_K": "0"}, ["RECSYS_SEARCH_K", "must be > 0"]),
+    ({"RECSYS_TOP_K": "1000000000"}, ["RECSYS_TOP_K", "must be <= 1000"]),
+    ({"RECSYS_SASL_MECHANISM": "bogus"}, ["RECSYS_SASL_MECHANISM", "PLAIN"]),
+    ({"RECSYS_BOOTSTRAP_SERVERS": ""}, ["RECSYS_BOOTSTRAP_SERVERS", "expected HOST:PORT"]),
+    ({"RECSYS_BOOTSTRAP_SERVERS": "kafka"}, ["RECSYS_BOOTSTRAP_SERVERS", "expected HOST:PORT", "'kafka'"]),
+    ({"RECSYS_MODEL_TRAINER": "true"}, ["RECSYS_MODEL_TRAINER=true needs RECSYS_SHARE_SIGNALS=true"]),
+])
+def test_a_value_the_flow_cannot_run_with_is_a_bad_setting(env, words):
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env(env)
+    assert all(w in str(info.value) for w in words), str(info.value)
+
+
+def test_the_bounds_leave_every_documented_value_alone():
+    s = Settings.from_env({"RECSYS_FETCH_MAX_WAIT_MS": "0", "RECSYS_BOOTSTRAP_SERVERS": "kafka-0:9092,[::1]:9093",
+                           "RECSYS_HEAD_SNAPSHOT_INTERVAL_S": "0", "RECSYS_SASL_MECHANISM": "SCRAM-SHA-512",
+                           "RECSYS_MODEL_TRAINER": "true", "RECSYS_SHARE_SIGNALS": "true", "RECSYS_TOP_K": "1000"})
+    assert (s.fetch_max_wait_ms, s.top_k, s.model_trainer) == (0, 1000, True)
+
+
+@pytest.mark.parametrize("env, words", [
     # until 2026-12-07 an empty name or one with a space reached the broker, which answered in its own words
     ({"RECSYS_EVENTS_TOPIC": ""}, ["RECSYS_EVENTS_TOPIC", "empty (an unset shell variable?)"]),
     ({"RECSYS_DEAD_LETTERS_TOPIC": "dead letters"}, ["RECSYS_DEAD_LETTERS_TOPIC", "'dead letters' is not a Kafka topic name"]),
