@@ -59,6 +59,10 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
         pass
 
 
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def parse_totals(line: str) -> dict[str, int]:
     """``"stopped: a=1, b=2"`` -> ``{"a": 1, "b": 2}``.
 
@@ -88,14 +92,17 @@ class Shard:
     their totals add up). ``module``: what it runs (``dataflows.trainer`` for the model trainer,
     index -1)."""
 
-    def __init__(self, index: int, settings: Settings, emit: Callable[[str], None], module: str = "recsys_cli") -> None:
+    def __init__(self, index: int, settings: Settings, emit: Callable[[str], None], module: str = "recsys_cli",
+                 emit_err: Callable[[str], None] | None = None) -> None:
         self.index = index
         self.name = "trainer" if index < 0 else f"shard {index}"
         env = {**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1", "RUST_BACKTRACE": "0"}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", module, *(["run"] if module == "recsys_cli" else [])],
             stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
+            # its stderr (status lines, one-line errors) to the supervisor's stderr: until 2026-12-07 both
+            # went to stdout, and whoever watched the supervisor's stderr for errors saw none
+            stderr=subprocess.PIPE,
             text=True,
             bufsize=1,
             env=env,
@@ -106,8 +113,11 @@ class Shard:
         self.stopped_lines: list[str] = []
         self.ready = threading.Event()
         self._emit = emit
+        self._emit_err = emit_err if emit_err is not None else _to_stderr
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
+        self._err_reader = threading.Thread(target=self._read_err, daemon=True)
+        self._err_reader.start()
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -121,6 +131,11 @@ class Shard:
             self._emit(f"[{self.name}] {line}")
         self.ready.set()  # ended (maybe before ready): wake whoever waits
 
+    def _read_err(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            self._emit_err(f"[{self.name}] {raw.rstrip(chr(10))}")
+
     def interrupt(self) -> None:
         # SIGTERM, not SIGINT: a shard started from a background job inherits an ignored
         # SIGINT; either way `recsys run` ends its input, commits the epoch and exits
@@ -130,11 +145,15 @@ class Shard:
     def wait(self, timeout_s: float | None = None) -> int:
         code = self.proc.wait(timeout_s)
         self._reader.join(5.0)
+        self._err_reader.join(5.0)
         return code
 
 
-def run_shards(settings: Settings, processes: int, *, emit: Callable[[str], None] = print) -> int:
-    """Run ``processes`` shards of ``settings`` until they all stop; returns the exit status."""
+def run_shards(settings: Settings, processes: int, *, emit: Callable[[str], None] = print,
+               emit_err: Callable[[str], None] | None = None) -> int:
+    """Run ``processes`` shards of ``settings`` until they all stop; returns the exit status.
+    Each shard's stdout lines go to ``emit``, its stderr lines to ``emit_err`` (default: this
+    process's stderr), prefixed ``[shard i]``."""
     if processes < 2:
         raise ValueError(f"run_shards needs at least 2 processes, got {processes}")
     if settings.shards != 1:
@@ -146,9 +165,13 @@ def run_shards(settings: Settings, processes: int, *, emit: Callable[[str], None
             emit(line)
             sys.stdout.flush()
 
-    shards = [Shard(i, settings.replace(shards=processes, shard=i), say) for i in range(processes)]
+    def say_err(line: str) -> None:
+        with lock:
+            (emit_err or _to_stderr)(line)
+
+    shards = [Shard(i, settings.replace(shards=processes, shard=i), say, emit_err=say_err) for i in range(processes)]
     # issue 11 train/serve split: one trainer beside the shards trains the shared models (dataflows/trainer.py)
-    trainer = (Shard(-1, settings.replace(shards=processes), say, module="dataflows.trainer")
+    trainer = (Shard(-1, settings.replace(shards=processes), say, module="dataflows.trainer", emit_err=say_err)
                if settings.share_signals and settings.model_trainer else None)
     stopping = threading.Event()
     stop_at: list[float] = []

@@ -572,8 +572,8 @@ def test_a_shard_that_dies_of_sigint_after_a_stop_while_loading_counts_as_stoppe
     monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
 
     class LoadingShard(shards.Shard):
-        def __init__(self, index, settings, emit, module="recsys_cli"):
-            super().__init__(index, settings, emit, module="loading_shard")
+        def __init__(self, index, settings, emit, module="recsys_cli", emit_err=None):
+            super().__init__(index, settings, emit, module="loading_shard", emit_err=emit_err)
 
     monkeypatch.setattr(shards, "Shard", LoadingShard)
     relayed: list[str] = []
@@ -588,6 +588,25 @@ def test_a_shard_that_dies_of_sigint_after_a_stop_while_loading_counts_as_stoppe
     assert shards.run_shards(Settings(), 2, emit=emit) == 0, relayed
     assert sum("stopped by SIGTERM before the flow started" in line for line in relayed) == 2, relayed
     assert relayed[-1] == "stopped: ", relayed
+
+
+def test_the_supervisor_relays_a_shards_stderr_to_its_stderr(tmp_path, monkeypatch, capfd):
+    """The status lines and one-line errors of `recsys run` are on stderr; under `--processes N`
+    every shard's stderr went to the supervisor's stdout, so whoever watched the supervisor's
+    stderr for errors saw none (an operator's probe, 2026-12-07)."""
+    from dataflows.shards import Shard
+    from recsys.settings import Settings
+
+    (tmp_path / "speaks_on_both.py").write_text(
+        "import sys\nprint('ready: 1 items', flush=True)\nprint('status: 10 events/s', file=sys.stderr, flush=True)\n"
+        "print('recsys run: it went wrong', file=sys.stderr, flush=True)\nprint('stopped: applied=1', flush=True)\n")
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    relayed: list[str] = []
+    shard = Shard(3, Settings(), relayed.append, module="speaks_on_both")
+    assert shard.wait(30) == 0
+    assert relayed == ["[shard 3] ready: 1 items", "[shard 3] stopped: applied=1"]
+    err = capfd.readouterr().err.splitlines()
+    assert err == ["[shard 3] status: 10 events/s", "[shard 3] recsys run: it went wrong"], err
 
 
 def test_the_supervisor_adds_up_every_start_of_a_shard(tmp_path, monkeypatch):
