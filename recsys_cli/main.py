@@ -66,6 +66,9 @@ def _require_broker(settings: Settings, command: str, topics: tuple[str, ...] = 
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the live dataflow in this process until stopped (or the input ends with --stop-at-end)."""
+    if args.processes > 1 and (getattr(args, "shard", None) is not None or getattr(args, "shards", None) is not None):
+        # before the settings check, which named RECSYS_SHARD and RECSYS_SHARDS, set by nobody (--shard 1 alone)
+        fail("run", "--processes starts every shard itself: do not combine it with --shards/--shard", 2)
     settings = settings_or_fail("run", args)
     if args.processes > 1 and settings.shards != 1:
         fail("run", "--processes starts every shard itself: do not combine it with --shards/--shard", 2)

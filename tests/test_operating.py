@@ -948,6 +948,7 @@ print(f"HEAVY={','.join(heavy)} SECONDS={time.perf_counter() - start:.2f}")
         ["run", "--top-k", "0"],
         ["run", "--processes", "0"],
         ["run", "--processes", "two"],
+        ["run", "--processes", "2", "--shard", "1"],  # named RECSYS_SHARD=1, RECSYS_SHARDS=1 until 2026-12-07
         ["demo", "--rate", "0"],
         ["demo", "--events", "-1"],
         ["demo", "--partitions", "65"],  # accepted until 2026-12-07: 5,000 streamed for minutes without a recommendation
