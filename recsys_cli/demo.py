@@ -28,7 +28,14 @@ from pathlib import Path
 
 import orjson
 
-from recsys_cli.argtypes import fail, int_from, non_negative_int, per_second, positive_int, settings_or_fail
+from recsys_cli.argtypes import (
+    fail,
+    int_from,
+    non_negative_int,
+    per_second,
+    positive_int,
+    settings_or_fail,
+)
 
 DEMO_DIR = Path("var/demo")
 
