@@ -262,6 +262,8 @@ def _refuse_nothing_to_replay(what: str, flag: str, path: str, ds, check: str) -
 
 def run_replay(args: argparse.Namespace) -> int:
     ks = _parse_ks(args.k, args.protocol, args.task)
+    if args.task == "search" and ks[-1] > 1_000:  # the engine answers a search with RECSYS_SEARCH_K items, at most 1,000
+        raise SystemExit(f"recsys replay: --k {args.k}: a search is answered with at most 1000 items; give cut-offs up to 1000")
     names = _parse_models(args.models)
     _check_args(args)
     if args.shards > 1 and not any(n.startswith("full-system") for n in names):

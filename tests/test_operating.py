@@ -709,6 +709,7 @@ def test_replay_flags_and_mappings_that_cannot_work_are_one_line(tmp_path):
         (["--task", "search", "--search-sample", "0"], ["--search-sample must be a fraction above 0"]),
         # a flag the task does not read: until 2026-12-07 read by nothing, the report as if it had been
         (["--task", "search"], ["--models does nothing with --task search", "leave it out"]),
+        (["--task", "search", "--k", "5000"], ["--k 5000: a search is answered with at most 1000 items"]),
         (["--shards", "2"], ["--shards 2 splits the full system's replay", "'popularity' names no full-system"]),
         (["--search-sample", "0.5", "--query-log", str(log)],
          ["--search-sample, --query-log do nothing with --task recommend", "add --task search"]),
