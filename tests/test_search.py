@@ -221,6 +221,20 @@ def test_a_new_catalog_item_is_found_by_its_words_after_the_upsert(engine):
     assert ids(answer)[0] == "hammock" and answer["items"][0]["reason"] == "matches 'hammock'"
 
 
+def test_words_of_any_script_are_matched_whole(engine):
+    """Until 2026-12-07 a token was a run of a-z and 0-9 after accents were dropped: Cyrillic and
+    Japanese titles held no word at all (a search found them, if at all, by meaning), and ``ø``
+    split Danish words, so ``øl`` (beer) matched items with an ``l`` (an operator's probe)."""
+    stream = Stream(engine)
+    items = [CatalogItem("tea-ru", "Чай чёрный", category="Чай"), CatalogItem("tea-jp", "緑茶 ティーバッグ"),
+             CatalogItem("beer-dk", "Øl fra Ærø"), CatalogItem("milk-l", "Milk 1 l")]
+    engine.process([Envelope("catalog", 0, i, item.item_id.encode(), encode(item), 0) for i, item in enumerate(items)])
+    for query, item, word in (("чай", "tea-ru", "чаи"), ("緑茶", "tea-jp", "緑茶"), ("øl", "beer-dk", "øl")):
+        answer = stream.search("u1", query)
+        assert ids(answer)[0] == item and answer["items"][0]["reason"] == f"matches '{word}'", (query, answer)
+    assert not any(i["reason"].startswith("matches") for i in stream.search("u1", "øl")["items"][1:]), "øl is not l"
+
+
 def test_a_repeated_query_sees_a_new_item(engine):
     # the query's retrieval answers are cached; they must be dropped when the catalog changes
     stream = Stream(engine)

@@ -3,7 +3,8 @@
 One tokeniser for item text and queries, so both meet in the same vocabulary:
 
 - Unicode NFKD, accents dropped, lower case (``"Crème Brûlée"`` -> ``"creme brulee"``);
-- every run of non-alphanumeric characters separates tokens (``"t-shirt/XL"`` -> 3 tokens);
+- every run of characters that are not letters or digits (of any script) separates tokens
+  (``"t-shirt/XL"`` -> 3 tokens; ``"Чай чёрный"`` -> 2, ``"Smørrebrød"`` -> 1);
 - a few English stop words dropped, and a light plural fold (``tents`` -> ``tent``,
   ``boxes`` -> ``box``; not ``glass``), applied the same way on both sides;
 - :func:`query_key`: the sorted distinct tokens, so ``"tent blue"`` and ``"Blue tents"`` are
@@ -12,6 +13,8 @@ One tokeniser for item text and queries, so both meet in the same vocabulary:
 
 >>> tokenize("Crème Brûlée, 2 x 100g Tents!")
 ['creme', 'brulee', '2', 'x', '100g', 'tent']
+>>> tokenize("Чай чёрный, Smørrebrød, 緑茶")
+['чаи', 'черныи', 'smørrebrød', '緑茶']
 >>> query_key("Blue  TENTS") == query_key("tent blue")
 True
 >>> Vocabulary(["tent", "tennis", "sleeping", "bag"]).repair(["slepping", "tnet", "bga", "zzzzzz"])
@@ -30,7 +33,10 @@ import numpy as np
 from rapidfuzz import process
 from rapidfuzz.distance import DamerauLevenshtein
 
-_SPLIT = re.compile(r"[^0-9a-z]+")
+#: What separates tokens: every run of characters that are neither letters nor digits, in any script
+#: (until 2026-12-07 ``[^0-9a-z]``: Cyrillic, Greek and CJK words were no tokens at all, and ``ø``,
+#: ``æ``, ``ß`` split Danish and German words, so ``øl`` matched ``l``). ASCII text splits as before.
+_SPLIT = re.compile(r"[\W_]+")
 #: Words that carry no product meaning in a shop query; kept tiny on purpose (``"for men"`` is
 #: a real distinction on some catalogs, so only articles and glue words go).
 STOP_WORDS = frozenset({"a", "an", "and", "the", "of", "for", "with", "in", "on", "to", "or", "by"})
