@@ -743,6 +743,19 @@ def test_a_csv_log_read_the_way_an_operator_writes_its_mapping(tmp_path):
                    "--out", str(tmp_path / "out"), timeout=120)
     done.stderr = "\n".join(line for line in done.stderr.splitlines() if " rows [" not in line)
     _one_line_failure(done, "cannot read --events", "the row from line 12 on cannot be read", "a quote opened there")
+    # the same slip in a short file: the quote swallowed the rows after it, without a word, exit 0
+    # (an operator's probe, 2026-12-07); and a long field with no quote in it is not blamed on one
+    from recsys.datasets import load_dataset
+
+    mapping = {"user_id": "user", "item_id": "item", "ts": "ts", "type": "type"}
+    short = _shop_csv(tmp_path / "short.csv", ["u1,i1,1700000000000,click", 'u3,"i3,1700000004000,click',
+                                                "u4,i4,1700000005000,click", "u5,i5,1700000006000,click"])
+    with pytest.raises(ValueError, match=r"the row from line 3 to line 5 has 2 of 4 fields, one of them running over "
+                                         r"lines: a quote opened at line 3 and never closed\?"):
+        load_dataset("csv", str(short), mapping=mapping)
+    long_field = _shop_csv(tmp_path / "long.csv", ["u1,i1,1700000000000,click", "u2," + "i" * 200_000 + ",1700000000001,click"])
+    with pytest.raises(ValueError, match=r"the row from line 3 on cannot be read .*: a field longer than a log's fields are$"):
+        load_dataset("csv", str(long_field), mapping=mapping)
 
 
 @pytest.mark.slow

@@ -165,12 +165,19 @@ def csv_rows(
         ended = reader.line_num  # the line the last row read ended on
         try:
             for row in tqdm(reader, desc=desc, unit=" rows", disable=not progress, mininterval=1.0):
-                ended = reader.line_num
+                began, ended = ended + 1, reader.line_num
                 if not row:
                     continue
                 if limit is not None and read >= limit:
                     break
                 read += 1
+                if len(row) != width and ended > began and any("\n" in field or "\r" in field for field in row):
+                    # a quoted field that ran over lines into a row of the wrong width: a quote never
+                    # closed swallowed the rows after it (until 2026-12-07 one "truncated row" skip said so
+                    # only when over 128 KiB were swallowed; below that the rows were lost unsaid)
+                    raise ValueError(f"{path}: the row from line {began} to line {ended} has {len(row)} of {width} "
+                                     f"fields, one of them running over lines: a quote opened at line {began} and "
+                                     f"never closed? The rows after it were read into that field")
                 if len(row) != width:
                     kind = "truncated row" if len(row) < width else "extra fields"
                     skips.add(kind, reader.line_num, source, f"{len(row)} of {width} fields")
@@ -182,8 +189,18 @@ def csv_rows(
                     continue
                 yield reader.line_num, dict(zip(header, row))
         except csv.Error as exc:  # a quote opened and never closed swallows the lines after it
-            raise ValueError(f"{path}: the row from line {ended + 1} on cannot be read ({exc}): a quote opened "
-                             f"there and never closed?") from None
+            why = ("a quote opened there and never closed?" if '"' in _line_at(path, ended + 1) else
+                   "a field longer than a log's fields are")  # no quote to blame (until 2026-12-07 it was blamed)
+            raise ValueError(f"{path}: the row from line {ended + 1} on cannot be read ({exc}): {why}") from None
+
+
+def _line_at(path: str, number: int) -> str:
+    """The first 1 MiB of line ``number`` of ``path`` (1-based), as text ('' past the end)."""
+    with open_input(path, text=True, newline="", encoding="utf-8", errors="replace") as fh:
+        for at, line in enumerate(fh, start=1):
+            if at == number:
+                return line[: 1 << 20]
+    return ""
 
 
 def parse_float(text: str) -> float | None:
