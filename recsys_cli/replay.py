@@ -212,6 +212,15 @@ def _check_args(args: argparse.Namespace) -> None:
                          + (" (it scores every search mode side by side at the --k cut-offs; default 10)"
                             if task == "search" else " (a --task search flag)") + "; leave it out"
                          + (" or add --task search" if task == "recommend" else ""))
+    if task == "search" and getattr(args, "query_log", None):  # the log is the searches: nothing is derived
+        derived = {dest: default for dest, default in args.unused_by_task.get("recommend", {}).items()
+                   if dest != "query_log"}
+        ignored = [f"--{dest.replace('_', '-')}" for dest, default in derived.items() if getattr(args, dest) != default]
+        ignored += [flag for flag, given in (("--events", args.events), ("--format", args.format != "jsonl")) if given]
+        if ignored:  # read by nothing until 2026-12-07
+            raise SystemExit(f"recsys replay: {', '.join(ignored)} {'does' if len(ignored) == 1 else 'do'} nothing with "
+                             f"--query-log (the log holds the searches and what was engaged after each, CSV); leave "
+                             f"{'it' if len(ignored) == 1 else 'them'} out")
     bad_maps = [m for m in args.map if "=" not in m]
     if bad_maps:
         raise SystemExit(f"recsys replay: --map expects FIELD=COLUMN, got {bad_maps[0]!r}")

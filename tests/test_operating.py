@@ -725,6 +725,19 @@ def test_replay_flags_and_mappings_that_cannot_work_are_one_line(tmp_path):
     assert log.read_bytes() == before
 
 
+def test_a_search_sample_that_chose_nothing_says_so(tmp_path):
+    """`--search-sample 0.0001` over a few purchases derives no search; the refusal said no
+    purchase names an item with a query, which was false (a search probe, 2026-12-07)."""
+    log = _shop_csv(tmp_path / "buys.csv", [f"u{i % 4},i{i % 3},{1_700_000_000_000 + 60_000 * i},purchase" for i in range(20)])
+    catalog = tmp_path / "catalog.jsonl"
+    catalog.write_text("".join(f'{{"item_id": "i{i}", "title": "item {i}", "category": "tea/green"}}\n' for i in range(3)))
+    done = _recsys("replay", "--task", "search", "--events", str(log), *CSV_MAP, "--map", "type=type", "--catalog",
+                   str(catalog), "--search-sample", "0.0001", "--out", str(tmp_path / "out"), timeout=180)
+    done.stderr = "\n".join(line for line in done.stderr.splitlines() if " rows [" not in line)
+    _one_line_failure(done, "--search-sample 0.0001 chose none of the 20 event(s) of type purchase with a query",
+                      "give a larger sample")
+
+
 def test_a_csv_log_read_the_way_an_operator_writes_its_mapping(tmp_path):
     """A tab-separated log with `--map delimiter=tab` (or `'delimiter=\\t'`, as typed in a shell)
     and raw event types mapped with `--map type_map=view:browse,buy:purchase`; a quote opened and

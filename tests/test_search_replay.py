@@ -88,3 +88,37 @@ def test_a_real_query_log_with_id_only_items_is_scored_and_learned_from(tmp_path
     at_k = json.loads((tmp_path / "out-k" / "metrics.json").read_text())
     assert at_k["ks"] == [1, 10] and at_k["models"]["full"]["hr@10"] == metrics["models"]["full"]["hr@10"]
     assert at_k["models"]["full"]["hr@1"] < at_k["models"]["full"]["hr@10"]  # half the queries have two answers
+
+
+def test_a_query_log_row_the_flow_would_refuse_is_skipped_by_name(tmp_path):
+    """A logged search whose user id the flow refuses (an invisible U+200E) was kept by the
+    loader, refused by the engine, and vanished: "1 searches with an engaged item", then none
+    scored, a report of nothing, exit 0 (a search probe, 2026-12-07). It is now skipped by
+    name, as `--format csv` skips it; a skipped engagement says its search is still replayed."""
+    from recsys.search.querylog import load_query_log
+
+    log = tmp_path / "log.csv"
+    log.write_text("uid,q,qt,item,et,kind\n"
+                   "u1\u200e,tent,1700000000000,i1,1700000001000,click\n"
+                   "u2,tent,1700000002000,i1,1700000003000,click\n"
+                   "u3,tent,1700000004000,i1,1700000005000,buy\n")
+    mapping = {"user_id": "uid", "query": "q", "query_ts": "qt", "item_id": "item", "ts": "et", "type": "kind"}
+    ds, targets = load_query_log(str(log), mapping)
+    assert sorted(e.user_id for e in ds.events) == ["u2", "u2", "u3"] and list(targets.values()) == ["i1"]
+    assert ds.skipped == {"invalid field 'user_id'": 1, "unknown engagement type": 1}, ds.skipped
+    assert any("U+200E" in e and "line 2" in e for e in ds.examples), ds.examples
+    assert any("'buy' (the search is replayed, not scored)" in e for e in ds.examples), ds.examples
+
+
+def test_flags_a_query_log_replay_does_not_read_are_refused(tmp_path, capsys):
+    """`--query-log` holds the searches: `--search-sample`, `--search-targets`, `--events` and
+    `--format` were read by nothing, the report as if they had been (a search probe, 2026-12-07)."""
+    log = tmp_path / "log.csv"
+    log.write_text("uid,q,qt\nu1,tent,1700000000000\n")
+    base = ["replay", "--task", "search", "--query-log", str(log), "--out", str(tmp_path / "out")]
+    for extra, named in ((["--search-sample", "0.5"], "--search-sample does"),
+                         (["--search-targets", "click", "--events", str(log)], "--search-targets, --events do")):
+        with pytest.raises(SystemExit) as stop:
+            main([*base, *extra])
+        assert f"recsys replay: {named} nothing with --query-log" in str(stop.value), stop.value
+    assert not (tmp_path / "out").exists()

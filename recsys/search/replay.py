@@ -231,9 +231,13 @@ def run(args: Any, ds: Any, settings: Any, command: str, ks: tuple[int, ...] = (
     print(f"derived {len(targets)} searches ({len(queries)} items with a query; targets {types}, "
           f"sample {args.search_sample})", flush=True)
     if not targets:  # a report of zeros would read as if search had been measured
+        eligible = sum(e.type in types and e.item_id in queries for e in ds.events)
         raise NothingToScore(f"no search to derive from --events {args.events}: "
                              + ("no catalog item has a category to build a query from (give a --catalog with categories)"
-                                if not queries else f"no event of type {', '.join(types)} names an item with a query"))
+                                if not queries else
+                                f"--search-sample {args.search_sample:g} chose none of the {eligible} event(s) of type "
+                                f"{', '.join(types)} with a query; give a larger sample" if eligible else
+                                f"no event of type {', '.join(types)} names an item with a query"))
     engine = Shard.open(settings.replace(search_k=max(ks)), in_memory=args.state_dir is None, emit=False)
     try:
         engine.upsert_catalog(ds.catalog, progress=True)
