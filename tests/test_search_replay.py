@@ -79,6 +79,7 @@ def test_a_real_query_log_with_id_only_items_is_scored_and_learned_from(tmp_path
     # ids only: text retrieval finds nothing, the learned associations find the engaged items
     assert metrics["models"]["bm25"]["hr@10"] == 0.0
     assert metrics["models"]["full"]["hr@10"] > 0.9
+    assert "- scored searches: 60" in (out / "report.md").read_text()  # "scored recommendations" until 2026-12-07
 
     # --k names the cut-offs (until 2026-12-07 it was read by nothing here: always @10)
     code = main(["replay", "--task", "search", "--query-log", str(log), "--map", "user_id=who", "--map", "query=what",

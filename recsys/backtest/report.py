@@ -283,7 +283,8 @@ def write_report(
     facts.append(f"- exclude_history: {result.get('exclude_history')}")
     if result.get("exclusion"):
         facts.append(f"- exclusion: {result['exclusion']}")
-    for key, label in (("events", "events"), ("scored", "scored recommendations"), ("catalog_size", "catalog size"),
+    scored = "scored searches" if str(result.get("protocol", "")).startswith("search") else "scored recommendations"
+    for key, label in (("events", "events"), ("scored", scored), ("catalog_size", "catalog size"),
                        ("batch_size", "batch size"), ("held_out_users", "held-out users")):
         if result.get(key) is not None:
             facts.append(f"- {label}: {result[key]}")

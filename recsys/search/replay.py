@@ -226,7 +226,7 @@ def run(args: Any, ds: Any, settings: Any, command: str, ks: tuple[int, ...] = (
 
     queries = (completejourney_queries(args.events, ds.catalog) if ds.name == "completejourney"
                else category_queries(ds.catalog))
-    types = tuple(t.strip() for t in args.search_targets.split(","))
+    types = tuple(dict.fromkeys(t.strip() for t in args.search_targets.split(",") if t.strip()))  # each once
     events, targets = derive_searches(ds.events, queries, types=types, sample=args.search_sample)
     print(f"derived {len(targets)} searches ({len(queries)} items with a query; targets {types}, "
           f"sample {args.search_sample})", flush=True)
