@@ -313,18 +313,28 @@ def cmd_broker(args: argparse.Namespace) -> int:
     if port_in_use(args.port):
         fail("broker", f"port {args.port} on {HOST} is already in use (another broker?); stop that process "
                        "or start this one with another --port")
-    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # under nohup it stays ignored
+    hangup = signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN  # under nohup it stays ignored
+    if hangup:
         signal.signal(signal.SIGHUP, _raise_interrupt)  # its terminal closed: stop the broker, not leave it orphaned
+    # once the broker runs, a stop is a flag the loop reads (a list: a handler must not take a lock the
+    # code it interrupts may hold), not a KeyboardInterrupt raised wherever the loop is: one raised inside
+    # Popen.poll after it took its lock left the lock held, and the stop's wait for the broker blocked
+    # for ever (a CI run, 2026-12-07)
+    stop: list[int] = []
     try:
         with LocalBroker(port=args.port) as broker:
+            for sig in (signal.SIGINT, signal.SIGTERM, *([signal.SIGHUP] if hangup else [])):
+                signal.signal(sig, lambda signum, _frame: stop.append(signum))
             print(f"broker ready on {broker.bootstrap} (pid {broker.pid}); Ctrl-C to stop", flush=True)
-            while broker.running:
-                time.sleep(0.5)
-            fail("broker", f"the broker process exited on its own; its output ends: {broker.log_tail(3)!r}")
+            while broker.running and not stop:
+                time.sleep(0.2)
+            if not stop:
+                fail("broker", f"the broker process exited on its own; its output ends: {broker.log_tail(3)!r}")
     except LocalBrokerError as exc:
         fail("broker", str(exc).splitlines()[0])
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (main): the with block stopped the broker
-        print("broker stopped", flush=True)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (main) while it started: the with block stopped the broker
+        pass
+    print("broker stopped", flush=True)
     return 0
 
 
