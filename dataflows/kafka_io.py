@@ -140,6 +140,11 @@ class BrokerUnavailableError(ConnectionError):
 #: own default is 30 s of silence; a reachable broker answers in milliseconds.
 BROKER_PROBE_TIMEOUT_S = 5.0
 
+#: How long any client this module makes waits for its first broker answer (kafka-python's
+#: ``bootstrap_timeout_ms``; its default is 30 s). The probe above runs first, but a broker that
+#: goes away after it, while ``recsys run`` loads, was said 33 s later (forty-seventh session).
+CLIENT_BOOTSTRAP_TIMEOUT_MS = 10_000
+
 
 def required_topics(settings: Settings) -> tuple[str, ...]:
     """The topics that must exist before the flow starts: what it reads, and the two outputs it
@@ -246,6 +251,7 @@ class KafkaClients:
             "auto_offset_reset": "earliest",  # a resume offset past retention re-reads rather than skips
             "fetch_max_wait_ms": self.settings.fetch_max_wait_ms,
             "max_poll_records": self.settings.poll_max_records,
+            "bootstrap_timeout_ms": CLIENT_BOOTSTRAP_TIMEOUT_MS,
             **overrides,
         }
         return _connect(KafkaConsumer, self.bootstrap, opts)
@@ -260,6 +266,7 @@ class KafkaClients:
             # a recommendation is ~1 KB: the 16 KB default holds a dozen, so the sender woke up
             # (and the flush waited) once per dozen; 256 KB batches a whole polled batch
             "batch_size": PRODUCER_BATCH_BYTES,
+            "bootstrap_timeout_ms": CLIENT_BOOTSTRAP_TIMEOUT_MS,
             **overrides,
         }
         return _connect(KafkaProducer, self.bootstrap, opts)  # no serializers: keys and values are bytes
@@ -267,7 +274,8 @@ class KafkaClients:
     def admin(self, **overrides: Any) -> Any:
         from kafka import KafkaAdminClient
 
-        return _connect(KafkaAdminClient, self.bootstrap, {**self.settings.kafka_options(), **overrides})
+        return _connect(KafkaAdminClient, self.bootstrap, {**self.settings.kafka_options(),
+                                                            "bootstrap_timeout_ms": CLIENT_BOOTSTRAP_TIMEOUT_MS, **overrides})
 
 
 def part_name(topic: str, partition: int) -> str:
