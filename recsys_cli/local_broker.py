@@ -16,13 +16,17 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import ctypes
+import os
 import re
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 __all__ = ["LocalBroker", "LocalBrokerError", "main", "port_in_use"]
@@ -31,6 +35,30 @@ HOST = "127.0.0.1"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")  # the broker colours its log lines
 #: How long stop() waits after SIGTERM before SIGKILL.
 TERM_GRACE_S = 1.0
+
+
+#: Linux's ``prctl`` option: the signal a process gets when the thread that started it ends.
+PR_SET_PDEATHSIG = 1
+
+
+def _dies_with_this_process() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the broker SIGKILLed when the process starting it ends, however
+    it ends: without it, a ``kill -9`` of ``recsys broker`` or of the demo left Tansu running,
+    orphaned, on its port (until 2026-12-07). SIGKILL because Tansu ignores SIGTERM while a client
+    is connected; its storage is memory, lost at any stop. Linux only (elsewhere None: no such
+    guard). The signal follows the *thread* that forks, so it is only asked for from the main
+    thread, which lives as long as the process."""
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)  # loaded here: the child only makes the two calls
+    parent = os.getpid()
+
+    def preexec() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the call above: nobody to follow
+            os._exit(1)
+
+    return preexec
 
 
 class LocalBrokerError(RuntimeError):
@@ -128,7 +156,7 @@ class LocalBroker:
                 # its own session: a terminal's Ctrl-C reaches the owner only, which stops its
                 # clients first and then the broker (stop()), not all of them at once
                 self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                                              start_new_session=True)
+                                              start_new_session=True, preexec_fn=_dies_with_this_process())
             atexit.register(self.stop)
             try:
                 self._wait_ready()

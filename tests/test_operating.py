@@ -359,6 +359,34 @@ def test_a_signal_to_recsys_broker_stops_the_broker_process_too(sig, children):
         _kill_if(tansu_pid, f"tcp://{HOST}:{port}")
 
 
+def _gone(pid: int) -> bool:
+    """Whether ``pid`` has exited (a zombie no one has reaped yet counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def test_a_killed_recsys_broker_takes_its_broker_process_with_it(children):
+    """``kill -9`` of ``recsys broker`` (or of the demo, or of a test session, that started one):
+    until 2026-12-07 (forty-seventh session) the Tansu process ran on, orphaned, holding its port
+    until someone found its pid. It now dies with the process that started it."""
+    port = _free_port()
+    broker = Child([*RECSYS, "broker", "--port", str(port)])
+    children.append(broker)
+    ready = broker.wait_for("broker ready", 60)
+    tansu_pid = int(ready.split("(pid ")[1].split(")")[0])
+    try:
+        broker.kill()
+        deadline = time.monotonic() + 5
+        while not _gone(tansu_pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _gone(tansu_pid), f"the Tansu process (pid {tansu_pid}) outlived the recsys broker that started it"
+        assert not _listening(port)
+    finally:
+        _kill_if(tansu_pid, f"tcp://{HOST}:{port}")
+
+
 def _kill_if(pid: int, marker: str) -> None:
     """SIGKILL ``pid`` only if it is still the process we started (its command line names ``marker``)."""
     try:
