@@ -296,6 +296,10 @@ def run_replay(args: argparse.Namespace) -> int:
             print(f"    e.g. {example}", flush=True)
         print(f"query log: {len(ds.events)} events, {len(targets)} searches with an engaged item, "
               f"{len(ds.catalog)} items", flush=True)
+        if args.catalog and (absent := search_replay.engaged_not_in_catalog(ds, targets)):
+            # until 2026-12-07 these were misses like any other, unsaid
+            print(f"  {absent} of {len(targets)} scored searches engaged an item --catalog {args.catalog} lacks: it is "
+                  f"admitted at its engagement, after the search, so no model can rank it (a miss for each)", flush=True)
         if not ds.events:
             _refuse_nothing_to_replay("search", "--query-log", args.query_log, ds, "check the file and its --map FIELD=COLUMN")
         if not targets:

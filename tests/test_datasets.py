@@ -331,6 +331,32 @@ def test_a_query_log_time_out_of_range_is_a_skipped_row(tmp_path: Path) -> None:
     assert ds.skipped == {"bad query time": 2} and list(targets) == ["querylog:3:s"]
 
 
+def test_a_query_log_row_the_flow_would_refuse_or_that_cannot_be_scored_is_skipped_by_name(tmp_path: Path) -> None:
+    """Until 2026-12-07 (forty-seventh session) a query over 1,000 characters was cut to its first
+    1,000 (the flow refuses such a search), an engagement logged before its search was moved to
+    1 ms after it and scored, both without a word, and a tab-separated log read with the default
+    delimiter was told to use ``--format csv``, which a query log does not take."""
+    from recsys.search.querylog import load_query_log
+
+    log = tmp_path / "log.csv"
+    log.write_text("uid,q,qt,item,et\n"
+                   f"u1,{'tent ' * 250},1000,i9,5000\n"  # 1,250 characters
+                   "u2,tent,9000,i9,4000\n"  # engaged 5 s before the search
+                   "u3,tent,9000,i9,9000\n"  # the same millisecond: 1 ms after it, scored
+                   "u4,tent,9000,i9,9500\n")
+    mapping = {"user_id": "uid", "query": "q", "query_ts": "qt", "item_id": "item", "ts": "et"}
+    ds, targets = load_query_log(str(log), mapping)
+    assert ds.skipped == {"invalid field 'query'": 1, "engagement before its search": 1}, ds.skipped
+    assert sorted(targets) == ["querylog:4:s", "querylog:5:s"]
+    assert [e.user_id for e in ds.events if e.type == "search"] == ["u2", "u3", "u4"]  # u2's search is replayed
+    assert {e.user_id: e.ts for e in ds.events if e.type == "click"} == {"u3": 9001, "u4": 9500}
+    assert any("engagement before its search at line 3 of log.csv" in x and "not scored" in x for x in ds.examples)
+    tsv = tmp_path / "log.tsv"
+    tsv.write_text("uid\tq\tqt\nu1\ttent\t1000\n")
+    with pytest.raises(ValueError, match=r"\(it looks separated by '\\t': --map delimiter=tab\)$"):
+        load_query_log(str(tsv), mapping)
+
+
 def test_generic_csv_default_type_and_seconds(tmp_path: Path) -> None:
     path = tmp_path / "clicks.tsv"
     path.write_text("sid\titem\tt\n7\ta\t1700000000.5\n8\tb\t1700000001\n")

@@ -111,6 +111,25 @@ def test_a_query_log_row_the_flow_would_refuse_is_skipped_by_name(tmp_path):
     assert any("'buy' (the search is replayed, not scored)" in e for e in ds.examples), ds.examples
 
 
+def test_a_query_log_whose_engaged_items_its_catalog_lacks_says_how_many(tmp_path, capsys):
+    """With ``--catalog``, an engaged item the catalog lacks is admitted only at its engagement,
+    after its search: a miss for every model. Until 2026-12-07 (forty-seventh session) nothing
+    said how many of the misses were of that kind."""
+    log = tmp_path / "log.csv"
+    log.write_text("uid,q,qt,item,et\n"
+                   "u1,red shoes,1000,i1,2000\nu2,red shoes,3000,i2,4000\nu3,tent,5000,gone,6000\n")
+    catalog = tmp_path / "catalog.jsonl"
+    catalog.write_text('{"item_id": "i1", "title": "Red shoes"}\n{"item_id": "i2", "title": "Red shoes, wide"}\n')
+    out = tmp_path / "out"
+    code = main(["replay", "--task", "search", "--query-log", str(log), "--map", "user_id=uid", "--map", "query=q",
+                 "--map", "query_ts=qt", "--map", "item_id=item", "--map", "ts=et", "--catalog", str(catalog),
+                 "--embed-cache-dir", str(tmp_path / "emb"), "--out", str(out)])
+    assert code == 0
+    said = capsys.readouterr().out
+    assert f"1 of 3 scored searches engaged an item --catalog {catalog} lacks" in said, said
+    assert json.loads((out / "metrics.json").read_text())["engaged_not_in_catalog"] == 1
+
+
 def test_flags_a_query_log_replay_does_not_read_are_refused(tmp_path, capsys):
     """`--query-log` holds the searches: `--search-sample`, `--search-targets`, `--events` and
     `--format` were read by nothing, the report as if they had been (a search probe, 2026-12-07)."""

@@ -138,8 +138,11 @@ def csv_rows(
     limit: int | None,
     progress: bool,
     desc: str,
+    delimiter_flag: str = "with --format csv, --map delimiter=",
 ) -> Iterator[tuple[int, dict[str, str]]]:
     """Yield ``(line number, {column: value})`` for each well-formed data row of a CSV file.
+    ``delimiter_flag``: how the caller's command sets another delimiter, for the hint given when
+    the header looks separated by one.
 
     Line numbers count from 1 at the header. Rows with fewer fields than the header are
     skipped as ``"truncated row"``, rows with more as ``"extra fields"``; blank lines are
@@ -157,7 +160,7 @@ def csv_rows(
         missing = [c for c in required if c not in header]
         if missing:
             other = next((d for d in (";", "\t", "|", ",") if d != delimiter and len(header) == 1 and d in header[0]), None)
-            hint = (f" (it looks separated by {other!r}: with --format csv, --map delimiter="
+            hint = (f" (it looks separated by {other!r}: {delimiter_flag}"
                     f"{'tab' if other == chr(9) else other})" if other else "")
             raise ValueError(f"{path}: header {header} lacks column(s) {missing}{hint}")
         width = len(header)

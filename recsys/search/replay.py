@@ -255,6 +255,13 @@ def run(args: Any, ds: Any, settings: Any, command: str, ks: tuple[int, ...] = (
     return result
 
 
+def engaged_not_in_catalog(ds: Any, targets: dict[str, str]) -> int:
+    """How many of a query log's scored searches (``targets``) engaged an item its catalog lacks:
+    each is a miss for every model, since the item is admitted only at its engagement."""
+    known = {item.item_id for item in ds.catalog}
+    return sum(1 for item in targets.values() if item not in known)
+
+
 def run_query_log(args: Any, ds: Any, targets: dict[str, str], settings: Any, command: str,
                   ks: tuple[int, ...] = (10,)) -> dict[str, Any]:
     """``recsys replay --task search --query-log FILE``: score the engaged item of each logged
@@ -270,7 +277,8 @@ def run_query_log(args: Any, ds: Any, targets: dict[str, str], settings: Any, co
         engine.close()
     note = "logged searches and the item engaged after each"
     result.update(protocol="search (query log)", dataset=ds.name, exclude_history=False, note=note,
-                  catalog_size=len(ds.catalog), batch_size=args.batch_size, skipped=dict(ds.skipped))
+                  catalog_size=len(ds.catalog), batch_size=args.batch_size, skipped=dict(ds.skipped),
+                  engaged_not_in_catalog=engaged_not_in_catalog(ds, targets))
     paths = write_report(result, args.out, title=f"Search backtest: {args.query_log} ({note})", command=command,
                          dataset=ds.name)
     print(open(os.path.join(args.out, "report.md"), encoding="utf-8").read(), flush=True)
