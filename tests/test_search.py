@@ -600,6 +600,25 @@ def test_an_id_only_item_becomes_findable_by_the_query_people_choose_it_after(en
     assert answer["items"][0]["reason"] == "often chosen after searching 'Set picnic'"
 
 
+def test_a_misspelt_query_finds_what_people_choose_after_the_query_it_repairs_to(engine):
+    """Typo repair reached BM25 only: the learned associations were looked up under the query as
+    typed, so until 2026-12-07 (forty-seventh session) an item found by what people choose after
+    "camping stove" was not found for "campign stvoe". A query with its own learned items keeps
+    them. (Repair reads the catalog's words: a misspelt query of words no item has is not
+    repaired.)"""
+    stream = Stream(engine)
+    assert "x9" not in ids(stream.search("u0", "campign stvoe"))
+    for n in range(3):
+        stream.events(("search", f"s{n}", "camping stove"), ("click", f"s{n}", "x9"), ("purchase", f"s{n}", "x9"))
+    answer = stream.search("u9", "campign stvoe")  # two typos: "camping stove" after repair
+    reasons = {i["item_id"]: i["reason"] for i in answer["items"]}
+    assert reasons.get("x9") == "often chosen after searching 'camping stove'", answer
+    for n in range(3):  # the misspelt query's own choices, once it has some, are its own
+        stream.events(("search", f"t{n}", "campign stvoe"), ("click", f"t{n}", "coffee"), ("purchase", f"t{n}", "coffee"))
+    reasons = {i["item_id"]: i["reason"] for i in stream.search("u8", "campign stvoe")["items"]}
+    assert reasons.get("coffee") == "often chosen after searching 'campign stvoe'" and "x9" not in reasons, reasons
+
+
 def test_what_search_keeps_per_shopper_between_batches_is_out_of_the_collector_s_view(engine):
     """Per shopper, search keeps what they were last shown (~250 candidate ids at 10,000 items,
     up to 50,000 shoppers), their open search window and their last answer. Held as lists,

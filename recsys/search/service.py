@@ -221,6 +221,25 @@ class _Candidates:
     semantic_hit: np.ndarray  # bool (n,): from the vector search and above min_semantic
     tokens: list[str]  # repaired query tokens known to BM25
     no_match: bool
+    learned_from: str | None = None  # the repaired query whose learned items were taken (None: the query's own)
+
+
+def _repaired_key(base: _Base) -> str | None:
+    """The learned associations' key of the query as typo repair reads it, when repair changed
+    it and every word of it is known to BM25 after repair (a query with a word nothing matches is
+    not read as another query); else None.
+
+    >>> from types import SimpleNamespace as B
+    >>> _repaired_key(B(key="tnet", known=["tent"])), _repaired_key(B(key="tent", known=["tent"]))
+    ('tent', None)
+    >>> _repaired_key(B(key="tnet xyzzy", known=["tent"])) is None  # xyzzy: no word of the catalog
+    True
+    """
+    typed = base.key.split()
+    repaired = sorted(set(base.known))
+    if len(repaired) != len(typed) or repaired == typed:
+        return None
+    return " ".join(repaired)
 
 
 def _prices(items: Sequence[CatalogItem]) -> np.ndarray:
@@ -759,7 +778,13 @@ class Search:
             for item_id, _t, _ts in state.history:
                 if item_id not in top and (j := pos(item_id)) >= 0 and (score := lexical.score_at(j)) > 0:
                     extra[item_id] = score / lexical.best
-        learned = self.associations.weights(base.key)
+        learned, learned_from = self.associations.weights(base.key), None
+        if not learned and (repaired := _repaired_key(base)) is not None:
+            # a query never engaged after, typed with a typo ("tnet"): the items learned for the
+            # query it repairs to ("tent"). Until 2026-12-07 only BM25 saw the repair, and an item
+            # with no text to match was not found for a misspelt query however often it was chosen
+            learned = self.associations.weights(repaired)
+            learned_from = repaired if learned else None
         if not lexical.top and not extra and not base.any_semantic and not learned:
             return _Candidates([], np.zeros((0, len(FEATURES))), np.zeros(0, bool), np.zeros(0, bool), base.known, True)
         known_items = self.items.catalog.items
@@ -812,7 +837,7 @@ class Search:
         x[:, _COL["popular"]] = pop / pop.max() if n and pop.max() > 0 else 0.0
         if state is not None and cfg.personalise:
             self._personal(x, ids, vecs, labels, prices, state, now_ts)
-        return _Candidates(ids, x, lex_hit, sem_hit, base.known, False)
+        return _Candidates(ids, x, lex_hit, sem_hit, base.known, False, learned_from)
 
     def _personal(self, x: np.ndarray, ids: list[str], vecs: np.ndarray, labels: np.ndarray,
                   cand_prices: np.ndarray, state: UserState, now_ts: int) -> None:
@@ -896,7 +921,7 @@ class Search:
             matched = [t for t in dict.fromkeys(c.tokens) if t in words]
             return f"matches '{' '.join(matched) or q}'"
         if cause == "learned":
-            return f"often chosen after searching '{q}'"
+            return f"often chosen after searching '{c.learned_from or q}'"
         if cause == "popular":
             return f"popular for '{q}'"
         if cause in ("bought", "rebuy"):
