@@ -235,6 +235,21 @@ def test_words_of_any_script_are_matched_whole(engine):
     assert not any(i["reason"].startswith("matches") for i in stream.search("u1", "øl")["items"][1:]), "øl is not l"
 
 
+def test_marks_that_spell_a_word_are_kept_as_part_of_it():
+    """Until 2026-12-07 (forty-seventh session) every combining mark was dropped as an accent and
+    split words as punctuation does: Japanese voicing marks went (``ガム``, gum, read as ``カム``),
+    Devanagari and Thai words fell apart at their vowel signs (``चाय``, tea, into ``च`` and ``य``).
+    Latin, Greek and Cyrillic accents are still dropped."""
+    from recsys.search.text import tokenize
+
+    assert tokenize("ガム") == ["ガム"] and tokenize("カム") == ["カム"]
+    assert tokenize("चाय") == ["चाय"] and tokenize("हिन्दी") == ["हिन्दी"]
+    assert tokenize("ชาเขียว") == ["ชาเขียว"]
+    assert tokenize("김치") == ["김치"]
+    assert tokenize("Crème brûlée, Ελληνικός καφές") == ["creme", "brulee", "ελληνικος", "καφες"]
+    assert tokenize("ｶﾞﾑ") == tokenize("ガム")  # half-width kana, composed: the same word
+
+
 def test_a_repeated_query_sees_a_new_item(engine):
     # the query's retrieval answers are cached; they must be dropped when the catalog changes
     stream = Stream(engine)

@@ -2,8 +2,9 @@
 
 One tokeniser for item text and queries, so both meet in the same vocabulary:
 
-- Unicode NFKD, accents dropped, lower case (``"Crème Brûlée"`` -> ``"creme brulee"``);
-- every run of characters that are not letters or digits (of any script) separates tokens
+- Unicode NFKD, accents dropped (the marks that spell a word in its script kept: Indic vowel
+  signs, Thai marks, kana voicing), lower case (``"Crème Brûlée"`` -> ``"creme brulee"``);
+- every run of characters that are not letters, digits or marks (of any script) separates tokens
   (``"t-shirt/XL"`` -> 3 tokens; ``"Чай чёрный"`` -> 2, ``"Smørrebrød"`` -> 1);
 - a few English stop words dropped, and a light plural fold (``tents`` -> ``tent``,
   ``boxes`` -> ``box``; not ``glass``), applied the same way on both sides;
@@ -30,13 +31,16 @@ import unicodedata
 from collections.abc import Iterable
 
 import numpy as np
+import regex
 from rapidfuzz import process
 from rapidfuzz.distance import DamerauLevenshtein
 
 #: What separates tokens: every run of characters that are neither letters nor digits, in any script
 #: (until 2026-12-07 ``[^0-9a-z]``: Cyrillic, Greek and CJK words were no tokens at all, and ``ø``,
 #: ``æ``, ``ß`` split Danish and German words, so ``øl`` matched ``l``). ASCII text splits as before.
-_SPLIT = re.compile(r"[\W_]+")
+#: Marks (``\p{M}``: a Devanagari vowel sign, a Thai tone mark) are part of their word; until
+#: 2026-12-07 they split it (the ``regex`` module: the standard ``re`` has no Unicode categories).
+_SPLIT = regex.compile(r"[^\p{L}\p{N}\p{M}]+")
 #: Words that carry no product meaning in a shop query; kept tiny on purpose (``"for men"`` is
 #: a real distinction on some catalogs, so only articles and glue words go).
 STOP_WORDS = frozenset({"a", "an", "and", "the", "of", "for", "with", "in", "on", "to", "or", "by"})
@@ -54,10 +58,27 @@ TYPO_MIN_LEN = 4
 MAX_TYPO_REPAIRS = 4
 
 
+#: Combining marks that spell a word rather than accent it, kept by :func:`normalize`: the
+#: vowel signs, viramas and nuktas of the Indic scripts, Thai, Lao, Tibetan, Myanmar, Khmer and
+#: Balinese marks, and the kana voicing marks (``ガ`` is ``カ`` with one; ``ガム`` is gum, ``カム`` a
+#: cam). Until 2026-12-07 every combining mark was dropped, as Latin accents are.
+_SPELLING_MARKS = re.compile("[\u0900-\u0dff\u0e00-\u0fff\u1000-\u109f\u1780-\u17ff\u1b00-\u1bff"
+                             "\ua8e0-\ua8ff\u3099\u309a]")
+
+
 def normalize(text: str) -> str:
-    """Lower-case ASCII-folded text (accents removed); other characters kept."""
+    """Lower-case text with accents removed (``Crème`` -> ``creme``, ``чёрный`` -> ``черныи``),
+    compatibility forms folded (``ｶﾞﾑ`` -> ``ガム``) and the marks that spell a word in its script
+    kept (:data:`_SPELLING_MARKS`); other characters as they are.
+
+    >>> normalize("Crème Brûlée"), normalize("ｶﾞﾑ"), normalize("चाय")
+    ('creme brulee', 'ガム', 'चाय')
+    """
+    if text.isascii():
+        return text.lower()
     decomposed = unicodedata.normalize("NFKD", text)
-    return "".join(c for c in decomposed if not unicodedata.combining(c)).lower()
+    kept = "".join(c for c in decomposed if not unicodedata.combining(c) or _SPELLING_MARKS.match(c))
+    return unicodedata.normalize("NFC", kept).lower()
 
 
 def _fold(token: str) -> str:
