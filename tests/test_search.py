@@ -250,6 +250,25 @@ def test_marks_that_spell_a_word_are_kept_as_part_of_it():
     assert tokenize("ｶﾞﾑ") == tokenize("ガム")  # half-width kana, composed: the same word
 
 
+def test_chinese_and_japanese_text_without_spaces_is_matched_by_character_pairs(engine):
+    """Chinese and Japanese write words without spaces between them: until 2026-12-07
+    (forty-seventh session) a title's whole run was one token, so ``緑茶`` (green tea) did not
+    match ``緑茶ティーバッグ`` (green-tea tea bags) and ``牛奶`` (milk) not ``纯牛奶``. Runs of Han,
+    kana and Hangul are read as overlapping pairs of characters (as Lucene's CJK analyser does),
+    on items and queries alike; other words of the same text stay whole."""
+    from recsys.search.text import tokenize
+
+    assert tokenize("緑茶ティーバッグ 100g") == ["緑茶", "茶テ", "ティ", "ィー", "ーバ", "バッ", "ッグ", "100g"]
+    assert tokenize("茶") == ["茶"] and tokenize("iPhone用ケース") == ["iphone", "用ケ", "ケー", "ース"]
+    stream = Stream(engine)
+    items = [CatalogItem("tea-bags", "緑茶ティーバッグ"), CatalogItem("milk-cn", "纯牛奶 250ml"),
+             CatalogItem("coffee-jp", "ブラックコーヒー")]
+    engine.process([Envelope("catalog", 0, i, item.item_id.encode(), encode(item), 0) for i, item in enumerate(items)])
+    for query, item in (("緑茶", "tea-bags"), ("牛奶", "milk-cn"), ("コーヒー", "coffee-jp")):
+        answer = stream.search("u1", query)
+        assert ids(answer)[0] == item and answer["items"][0]["reason"].startswith("matches '"), (query, answer)
+
+
 def test_a_repeated_query_sees_a_new_item(engine):
     # the query's retrieval answers are cached; they must be dropped when the catalog changes
     stream = Stream(engine)

@@ -62,7 +62,12 @@ from recsys.search.lexical import LexicalIndex, item_tokens
 from recsys.search.outbox import SearchOutbox
 from recsys.search.rerank import SearchReranker
 from recsys.search.semantic import QueryEncoder, query_embedder
-from recsys.search.text import MAX_TOKENLESS_CHARS, query_key, query_tokens
+from recsys.search.text import (
+    MAX_TOKENLESS_CHARS,
+    display_tokens,
+    query_key,
+    query_tokens,
+)
 
 if TYPE_CHECKING:
     from recsys.items.catalog import ItemSpace
@@ -919,7 +924,7 @@ class Search:
                 tokens = item_tokens(item) if item is not None else []
             words = set(tokens)
             matched = [t for t in dict.fromkeys(c.tokens) if t in words]
-            return f"matches '{' '.join(matched) or q}'"
+            return f"matches '{display_tokens(matched) or q}'"
         if cause == "learned":
             return f"often chosen after searching '{c.learned_from or q}'"
         if cause == "popular":

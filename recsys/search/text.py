@@ -4,7 +4,9 @@ One tokeniser for item text and queries, so both meet in the same vocabulary:
 
 - Unicode NFKD, accents dropped (the marks that spell a word in its script kept: Indic vowel
   signs, Thai marks, kana voicing), lower case (``"Crème Brûlée"`` -> ``"creme brulee"``);
-- every run of characters that are not letters, digits or marks (of any script) separates tokens
+- every run of characters that are not letters, digits or marks (of any script) separates tokens,
+  and runs of Han, kana and Hangul, written without spaces, are read as overlapping character
+  pairs (``"緑茶ティー"`` -> ``緑茶 茶テ ティ ィー``);
   (``"t-shirt/XL"`` -> 3 tokens; ``"Чай чёрный"`` -> 2, ``"Smørrebrød"`` -> 1);
 - a few English stop words dropped, and a light plural fold (``tents`` -> ``tent``,
   ``boxes`` -> ``box``; not ``glass``), applied the same way on both sides;
@@ -92,11 +94,59 @@ def _fold(token: str) -> str:
     return token
 
 
+#: Runs of the scripts written without spaces between words (Han, kana, with the prolonged sound
+#: mark and the iteration mark, and Hangul, whose words carry their particles): read as
+#: overlapping pairs of characters, as Lucene's CJK analyser reads them, since a dictionary of
+#: words is not at hand. Until 2026-12-07 a run was one token, and ``緑茶`` did not match
+#: ``緑茶ティーバッグ``.
+_CJK_RUN = regex.compile(r"[\p{Han}\p{Hiragana}\p{Katakana}\p{Hangul}\u30fc\u3005]+")
+
+
+def _pieces(token: str) -> list[str]:
+    """A token as search reads it: whole, or with its CJK runs as overlapping character pairs (a
+    run of one character as itself).
+
+    >>> _pieces("緑茶ティー"), _pieces("iphone用ケース"), _pieces("tent")
+    (['緑茶', '茶テ', 'ティ', 'ィー'], ['iphone', '用ケ', 'ケー', 'ース'], ['tent'])
+    """
+    if token.isascii():
+        return [token]
+    out, pos = [], 0
+    for run in _CJK_RUN.finditer(token):
+        if run.start() > pos:
+            out.append(token[pos:run.start()])
+        text = run.group()
+        out.extend([text] if len(text) == 1 else [text[i:i + 2] for i in range(len(text) - 1)])
+        pos = run.end()
+    if pos < len(token):
+        out.append(token[pos:])
+    return out
+
+
 def tokenize(text: str | None) -> list[str]:
     """Search tokens of a text, in order (duplicates kept: BM25 counts them)."""
     if not text:
         return []
-    return [_fold(t) for t in _SPLIT.split(normalize(text)) if t and t not in STOP_WORDS]
+    if text.isascii():
+        return [_fold(t) for t in _SPLIT.split(text.lower()) if t and t not in STOP_WORDS]
+    return [_fold(p) for t in _SPLIT.split(normalize(text)) if t and t not in STOP_WORDS for p in _pieces(t)]
+
+
+def display_tokens(tokens: list[str]) -> str:
+    """Tokens as a reason shows them: space-separated, with overlapping CJK pairs joined back
+    into their run (``コー ーヒ ヒー`` -> ``コーヒー``).
+
+    >>> display_tokens(["コー", "ーヒ", "ヒー"]), display_tokens(["blue", "tent"]), display_tokens(["緑茶", "100g"])
+    ('コーヒー', 'blue tent', '緑茶 100g')
+    """
+    words: list[str] = []
+    for token in tokens:
+        if (words and len(token) == 2 and _CJK_RUN.fullmatch(token) and len(words[-1]) >= 2
+                and _CJK_RUN.fullmatch(words[-1]) and words[-1][-1] == token[0]):
+            words[-1] += token[1]
+        else:
+            words.append(token)
+    return " ".join(words)
 
 
 #: How much of a query search reads: its first this many tokens (retrieval, typo repair, the
