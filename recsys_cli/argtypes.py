@@ -107,6 +107,17 @@ def fail(command: str, message: str, status: int = 1) -> NoReturn:
     raise SystemExit(status)
 
 
+def check_topic_flag(command: str, topic: str | None) -> None:
+    """``--topic`` of ``produce`` and ``tail``: absent (None, the settings' topic) or a name Kafka
+    takes; an empty one (an unset shell variable) or another one refused in one line, status 2."""
+    from recsys.settings import topic_name_error
+
+    if topic == "":
+        fail(command, "--topic is empty (an unset shell variable?); name the topic, or leave the flag out", 2)
+    if topic is not None and (wrong := topic_name_error(topic)) is not None:
+        fail(command, f"--topic {wrong}", 2)
+
+
 def settings_or_fail(command: str, args: argparse.Namespace | None = None):  # noqa: ANN201 - Settings, imported here to keep this module light
     """The settings the environment (``RECSYS_*``) and, when given, the parsed setting flags
     give, or one line naming the bad variable or flag."""

@@ -18,9 +18,10 @@ from collections.abc import Callable
 import orjson
 
 from recsys.files import compression_of, open_input
-from recsys.settings import Settings, add_cli_flags, topic_name_error
+from recsys.settings import Settings, add_cli_flags
 from recsys_cli.argtypes import (
     Parser,
+    check_topic_flag,
     fail,
     non_negative_int,
     per_second,
@@ -345,10 +346,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
         fail("produce", f"no such file: {args.file!r}; give the path of a JSONL file (one record per line)")
     if not os.path.isfile(args.file):
         fail("produce", f"{args.file!r} is not a file; give the path of a JSONL file (one record per line)")
-    if args.topic == "":
-        fail("produce", "--topic is empty (an unset shell variable?); name the topic, or leave the flag out", 2)
-    if args.topic is not None and (wrong := topic_name_error(args.topic)) is not None:
-        fail("produce", f"--topic {wrong}", 2)
+    check_topic_flag("produce", args.topic)
     topic = args.topic if args.topic is not None else (settings.catalog_topic if args.catalog else settings.events_topic)
     catalog = args.catalog or topic == settings.catalog_topic
     key_field = "item_id" if catalog else "user_id"
@@ -452,10 +450,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
     from recsys_cli.demo import format_dead_letter, format_recommendation, format_search_result
 
     settings = settings_or_fail("tail", args)
-    if args.topic == "":
-        fail("tail", "--topic is empty (an unset shell variable?); name the topic, or leave the flag out", 2)
-    if args.topic is not None and (wrong := topic_name_error(args.topic)) is not None:
-        fail("tail", f"--topic {wrong}", 2)
+    check_topic_flag("tail", args.topic)
     topic = args.topic if args.topic is not None else settings.recommendations_topic
     _require_broker(settings, "tail", (topic,))
 
