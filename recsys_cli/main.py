@@ -8,12 +8,14 @@ environment variable.
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import signal
 import sys
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import orjson
 
@@ -564,9 +566,9 @@ def cmd_search(args: argparse.Namespace) -> int:
         fail("search", "the query is empty: give the words a shopper would type")
     event_id = f"recsys-search-{uuid.uuid4().hex[:12]}"
     sent_ms = int(time.time() * 1000)
-    payload = encode(Event(event_id, "search", args.user, None, sent_ms, session_id=args.session, query=query))
     try:  # what the flow would dead-letter is refused here, with the same reason
-        decode_event(payload, settings.max_message_bytes)
+        decode_event(encode(Event(event_id, "search", args.user, None, sent_ms, session_id=args.session, query=query)),
+                     settings.max_message_bytes)
     except DecodeError as exc:
         fail("search", f"the flow would refuse this search: {exc}")
     topic = settings.search_results_topic
@@ -574,6 +576,19 @@ def cmd_search(args: argparse.Namespace) -> int:
     clients = KafkaClients(settings)
     consumer = clients.consumer()
     try:
+        newest = newest_event_time(consumer, settings.events_topic)
+        ts = sent_ms
+        if newest is not None and sent_ms - newest > settings.state_ttl_days * 86_400_000:
+            # a replayed log (the demo's is from 2017): a search stamped now would move the flow's
+            # clock years ahead, and its expiry sweep would delete every shopper idle since (until
+            # 2026-12-07 one `recsys search` against the demo's flow deleted 226 of 228 shoppers)
+            ts = newest + 1
+            when = datetime.datetime.fromtimestamp(newest / 1000, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
+            print(f"recsys search: the newest event on {settings.events_topic!r} is from {when} UTC, more than "
+                  f"RECSYS_STATE_TTL_DAYS={settings.state_ttl_days:g} days ago (a replayed log?): the search is stamped "
+                  f"then, not now, so that the flow's clock does not jump ahead and expire every shopper",
+                  file=sys.stderr, flush=True)
+        payload = encode(Event(event_id, "search", args.user, None, ts, session_id=args.session, query=query))
         tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
         consumer.assign(tps)
         consumer.seek_to_end(*tps)
@@ -610,6 +625,34 @@ def cmd_search(args: argparse.Namespace) -> int:
     fail("search", f"no answer on {topic!r} within {args.timeout:g} s: is a flow (recsys run) reading "
                    f"{settings.events_topic!r} on {settings.bootstrap_servers}? The search ({event_id}) was sent: a flow "
                    f"that reads it later answers it then (recsys tail --topic {topic})")
+
+
+def newest_event_time(consumer: Any, topic: str, wait_s: float = 1.0) -> int | None:
+    """The newest event time among the last record of each partition of ``topic`` (None when the
+    topic is empty or none of those records is an event), read with ``consumer`` (reassigned)."""
+    from kafka.structs import TopicPartition
+
+    from recsys.events import DecodeError, decode_event
+
+    tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+    ends, starts = consumer.end_offsets(tps), consumer.beginning_offsets(tps)
+    held = [tp for tp in tps if ends[tp] > starts[tp]]
+    if not held:
+        return None
+    consumer.assign(held)
+    for tp in held:
+        consumer.seek(tp, ends[tp] - 1)
+    newest, pending, deadline = None, set(held), time.monotonic() + wait_s
+    while pending and time.monotonic() < deadline:
+        for tp, records in consumer.poll(timeout_ms=100).items():
+            pending.discard(tp)
+            for r in records:
+                try:
+                    ts = decode_event(r.value or b"").ts
+                except DecodeError:
+                    continue
+                newest = ts if newest is None else max(newest, ts)
+    return newest
 
 
 def _answer_to(payload: bytes | None, event_id: str) -> dict | None:

@@ -198,12 +198,14 @@ def test_search_prints_the_answer_the_running_flow_sends_and_names_what_is_missi
     flow = Child([*RECSYS, "run", *flags, "--search-results-topic", answers])
     children.append(flow)
     flow.wait_for("ready:", READY_TIMEOUT_S)
-    ask = [*RECSYS, "search", "coffee", "--user", "u1", "--bootstrap-servers", local_broker.bootstrap,
+    # a shopper with no history: the answer is the catalog's (u1, searching at the stream's time since
+    # 2026-12-07, not years after it, is shown what they just looked at first)
+    ask = [*RECSYS, "search", "coffee", "--user", "new-shopper", "--bootstrap-servers", local_broker.bootstrap,
            "--events-topic", prefix + "events", "--search-results-topic", answers]
     done = subprocess.run([*ask, "--timeout", "60"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     head, *items = done.stdout.splitlines()
-    assert head.startswith("search by u1 for 'coffee' (") and "answered in" in head, head
+    assert head.startswith("search by new-shopper for 'coffee' (") and "answered in" in head, head
     sent = [orjson.loads(r.value) for r in consume_all(KafkaClients.for_bootstrap(local_broker.bootstrap), answers)]
     assert len(sent) == 1 and sent[0]["trigger_event_id"].startswith("recsys-search-")  # its answer, and no other
     assert [line.split()[1] for line in items] == [i["item_id"] for i in sent[0]["items"]]
@@ -212,9 +214,43 @@ def test_search_prints_the_answer_the_running_flow_sends_and_names_what_is_missi
     assert code == 0, flow.output
     late = subprocess.run([*ask, "--timeout", "2"], capture_output=True, text=True, timeout=60)
     assert late.returncode == 1 and late.stdout == ""
-    assert late.stderr.startswith(f"recsys search: no answer on {answers!r} within 2 s: is a flow (recsys run) reading "
-                                  f"{prefix + 'events'!r}"), late.stderr
-    assert len(late.stderr.strip().splitlines()) == 1
+    note, said = late.stderr.strip().splitlines()  # the synthetic log is from 2023: the note on its time, then why
+    assert note.startswith(f"recsys search: the newest event on {prefix + 'events'!r} is from 2023-"), note
+    assert said.startswith(f"recsys search: no answer on {answers!r} within 2 s: is a flow (recsys run) reading "
+                           f"{prefix + 'events'!r}"), late.stderr
+
+
+def test_a_search_into_a_replayed_log_is_stamped_at_the_log_s_time_not_now(local_broker, topic_name):
+    """`recsys search` stamped its event with the wall clock. Against a flow fed a replayed log
+    (the demo's is from 2017) that moved the flow's clock years ahead, and its expiry sweep
+    deleted every shopper idle since: 226 of 228 after one search (a newcomer's probe,
+    2026-12-07). Such a search is now stamped just after the log's newest event, and says so."""
+    from recsys.events import Event
+
+    events, answers = topic_name("old") + "-events", topic_name("old") + "-answers"
+    ensure_topics(local_broker.bootstrap, {events: 2, answers: 1})
+    producer = KafkaClients.for_bootstrap(local_broker.bootstrap).producer()
+    old = [Event(f"e{i}", "click", f"u{i}", "i1", ts=1_483_271_606_000 + i * 1000) for i in range(4)]  # January 2017
+    for e in old:
+        producer.send(events, key=e.user_id.encode(), value=encode(e))
+    producer.send(events, key=b"u9", value=b"not json")  # the last record of its partition: not an event
+    producer.flush()
+    producer.close()
+    ask = ["search", "tent", "--user", "u7", "--bootstrap-servers", local_broker.bootstrap, "--events-topic", events,
+           "--search-results-topic", answers, "--timeout", "1"]
+    done = _recsys(*ask)
+    assert done.returncode == 1 and "no answer" in done.stderr  # no flow reads it
+    assert f"the newest event on {events!r} is from 2017-01-01 11:53 UTC" in done.stderr, done.stderr
+    sent = [orjson.loads(r.value) for r in consume_all(KafkaClients.for_bootstrap(local_broker.bootstrap), events)
+            if r.key == b"u7"]
+    assert [(e["type"], e["ts"]) for e in sent] == [("search", old[-1].ts + 1)]
+    recent = topic_name("new") + "-events"  # a live stream: stamped now
+    ensure_topics(local_broker.bootstrap, {recent: 1})
+    before = int(time.time() * 1000)
+    done = _recsys(*ask[:6], "--events-topic", recent, *ask[8:])
+    assert "newest event" not in done.stderr, done.stderr
+    sent = [orjson.loads(r.value) for r in consume_all(KafkaClients.for_bootstrap(local_broker.bootstrap), recent)]
+    assert len(sent) == 1 and before <= sent[0]["ts"] <= int(time.time() * 1000)
 
 
 @pytest.mark.slow
