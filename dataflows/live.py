@@ -455,7 +455,7 @@ def _check_broker_or_exit(settings: Settings) -> None:
 
     try:
         check_broker(settings, required_topics(settings), timeout_s=BROKER_PROBE_TIMEOUT_S,
-                     missing_hint="create them (`recsys run --create-topics` creates the four topics) or name existing "
+                     missing_hint="create them (`recsys run --create-topics` creates them) or name existing "
                                   "ones with the RECSYS_*_TOPIC variables")
     except BrokerCheckError as exc:
         _refuse_under_runner(str(exc))

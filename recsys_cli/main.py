@@ -53,7 +53,7 @@ def _require_broker(settings: Settings, command: str, topics: tuple[str, ...] = 
     from dataflows.kafka_io import BROKER_PROBE_TIMEOUT_S, BrokerCheckError, check_broker
 
     hint = {
-        "run": "create them (recsys run --create-topics creates the four topics) or name existing ones with the "
+        "run": "create them (recsys run --create-topics creates them) or name existing ones with the "
                "topic flags",
         "search": "start the flow first (recsys run; it creates the search-results topic, and --create-topics the "
                   "others) or name existing topics with the topic flags",
@@ -759,7 +759,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help=cmd_run.__doc__)
     add_cli_flags(p)
-    p.add_argument("--create-topics", action="store_true", help="create the four topics if missing")
+    p.add_argument("--create-topics", action="store_true", help="create the topics the flow reads and writes if missing (events, catalog, recommendations, dead-letters, search-results; the flow creates the control topic itself)")
     p.add_argument("--partitions", type=positive_int, default=2, help="partitions for created topics")
     p.add_argument("--rebuild-state", action="store_true",
                    help="delete the state and recovery directories first, then replay every topic from its "

@@ -93,6 +93,7 @@ PLANS: dict[str, Plan] = {
     "recsys run": Plan(needs="stream", slow=True, expect="stopped: "),
     "recsys run --create-topics": Plan(needs="stream", slow=True, expect="stopped: "),
     "recsys produce var/demo/catalog.jsonl --catalog": Plan(cwd="tmp", needs="stream", expect="produced 30 records"),
+    "recsys produce var/demo/events.jsonl": Plan(cwd="tmp", needs="stream", expect="produced 120 records"),
     "recsys tail -f --max 20": Plan(needs="stream", expect="user "),
     "mkdir -p var/recovery": Plan(cwd="tmp"),
     "python -m bytewax.recovery var/recovery 1": Plan(cwd="tmp", before=("mkdir -p var/recovery",)),
@@ -185,6 +186,7 @@ def stream(request, tmp_path, topic_name):
     catalog_file.parent.mkdir(parents=True)
     catalog_file.write_bytes(b"\n".join(encode(c) for c in catalog) + b"\n")
     (tmp_path / "events.jsonl").write_bytes(b"\n".join(encode(e) for e in events) + b"\n")
+    (tmp_path / "var" / "demo" / "events.jsonl").write_bytes(b"\n".join(encode(e) for e in events) + b"\n")
     topics = {name: prefix + name for name in ("events", "catalog", "recommendations", "dead-letters")}
     ensure_topics(broker.bootstrap, {topics["events"]: 4, topics["catalog"]: 1, topics["recommendations"]: 2,
                                      topics["dead-letters"]: 1})
