@@ -889,8 +889,16 @@ class KafkaSource(FixedPartitionedSource[Envelope, int]):
         )
 
 
-def _no_partitions(topic: str, n: int, shard: int, shards: int) -> str:
-    return (f"topic {topic!r} has {n} partition(s): shard {shard} of {shards} would read none; "
+def _no_partitions(topic: str, n: int, first: int, shards: int, last: int | None = None) -> str:
+    """Shards ``first`` to ``last`` (``first`` alone when None) read no partition of ``topic``.
+
+    >>> _no_partitions("events", 2, 2, 4, 3)[:60]
+    "topic 'events' has 2 partition(s): shards 2 and 3 of 4 would"
+    """
+    last = first if last is None else last
+    which = (f"shard {first}" if last == first else f"shards {first} and {last}" if last == first + 1
+             else f"shards {first} to {last}")
+    return (f"topic {topic!r} has {n} partition(s): {which} of {shards} would read none; "
             f"give the topic at least {shards} partitions (a multiple of the shard count)")
 
 
@@ -902,8 +910,8 @@ def check_shards(clients: KafkaClientFactory, topic: str, shards: int) -> None:
         n = len(_partitions(clients, consumer, topic))
     finally:
         consumer.close()
-    if n < shards:
-        raise ValueError(_no_partitions(topic, n, n, shards))
+    if n < shards:  # each of the shards from n on (until 2026-12-07 only shard n was named)
+        raise ValueError(_no_partitions(topic, n, n, shards, shards - 1))
 
 
 # -------------------------------------------------------------------------------- sink

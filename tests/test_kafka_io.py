@@ -271,6 +271,10 @@ def test_a_shard_reads_only_its_partitions_and_a_shard_without_one_is_refused(cl
     check_shards(clients, topic, 4)
     with pytest.raises(ValueError, match=f"{topic!r} has 4 partition.*at least 5 partitions"):
         check_shards(clients, topic, 5)
+    with pytest.raises(ValueError, match="shards 4 and 5 of 6 would read none"):  # every idle shard named
+        check_shards(clients, topic, 6)
+    with pytest.raises(ValueError, match="shards 4 to 6 of 7 would read none"):
+        check_shards(clients, topic, 7)
     with pytest.raises(ValueError, match="shard 4 of 5 would read none"):
         KafkaSource(clients, topic, shard=4, shards=5).list_parts()
     with pytest.raises(ValueError, match="shard 2 of 2"):
