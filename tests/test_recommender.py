@@ -7,6 +7,7 @@ under test here); signals are the real ones, fed by a generated stream.
 from __future__ import annotations
 
 import random
+import re
 import zlib
 
 import numpy as np
@@ -127,16 +128,28 @@ def test_a_repeat_purchase_item_may_come_back():
 
 
 def test_reasons_name_real_evidence():
+    """Each reason names an item of the shopper's history, and what they did with it: until
+    2026-12-07 (forty-seventh session) a content reason said "you viewed" of an item bought."""
     rec, states, now = _world(learned=True)
     titles = {i.title: i.item_id for i in rec.items.catalog.items.values()}
+    did = {"purchase": "bought", "add_to_cart": "put in your cart"}
+    verbs = set()
     for state, (items, _) in zip(states.values(), rec.rank(list(states.values()), now)):
         history = {item for item, _, _ in state.history}
         bought = {item for item, etype, _ in state.history if etype == "purchase"}
+        latest = {item: etype for item, etype, _ in state.history}  # each item's latest event type
         for item in items:
             reason = item.reason
             for lead in ("similar to ", "viewed together with ", "bought together with ", "often chosen right after "):
                 if reason.startswith(lead):
-                    anchor = titles[reason[len(lead):].split(" you viewed")[0]]
+                    if lead == "similar to ":
+                        title, verb = re.fullmatch(r"similar to (.+) you (viewed|bought|put in your cart) \(similarity [0-9.]+\)",
+                                                   reason).groups()
+                        anchor = titles[title]
+                        assert verb == did.get(latest[anchor], "viewed"), (reason, latest[anchor])
+                        verbs.add(verb)
+                    else:
+                        anchor = titles[reason[len(lead):]]
                     assert anchor in history, reason
                     if lead == "bought together with ":
                         assert anchor in bought
@@ -150,6 +163,7 @@ def test_reasons_name_real_evidence():
                     assert item.item_id in state.purchased and rec.items.catalog.get(item.item_id).repeat_purchase
                     continue
                 assert reason in ("trending", "matches your interests", "you viewed this recently", "you bought this before"), reason
+    assert len(verbs) >= 2, verbs  # the world's histories hold views and purchases: both are named
 
 
 def test_ties_keep_the_candidate_order():

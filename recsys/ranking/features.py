@@ -33,7 +33,7 @@ class Feature:
 #: lift it fast enough: Complete Journey HR@10 0.026 vs 0.032 at 1.0 on 100k events).
 TABLE: tuple[Feature, ...] = (
     Feature("content", "faiss search with the user's query vector (the head's, else the decayed interest)", 1.0,
-            "similar to <history item> you viewed (similarity s) / matches your interests"),
+            "similar to <history item> you viewed / bought / put in your cart (similarity s) / matches your interests"),
     Feature("covisit", "co-visitation neighbours of the user's 3 most recent distinct items", 1.2,
             "bought together with <item> / viewed together with <item>"),
     Feature("trending", "time-decayed popularity", 1.0, "trending"),

@@ -421,8 +421,9 @@ class Recommender:
                     out[pos] = "matches your interests"
                 elif anchor == item_id:
                     out[pos] = "you bought this before" if item_id in states[u].purchased else "you viewed this recently"
-                else:
-                    out[pos] = f"similar to {titles.get(anchor) or title(anchor)} you viewed (similarity {sim:.2f})"
+                else:  # named by what the shopper did with it (until 2026-12-07 "viewed" whatever it was)
+                    done = _DID.get(next((t for it, t in recents[u] if it == anchor), ""), "viewed")
+                    out[pos] = f"similar to {titles.get(anchor) or title(anchor)} you {done} (similarity {sim:.2f})"
             else:
                 out[pos] = "trending"
         return out
@@ -487,6 +488,11 @@ class Recommender:
 
 #: Titles ``Recommender._title`` remembers before starting over (a bound on its memory).
 _MAX_TITLES = 100_000
+
+
+#: What a content reason says the shopper did with the history item it names, by the event type
+#: of their latest event on it ("similar to <item> you bought"); any other type: "viewed".
+_DID = {"purchase": "bought", "add_to_cart": "put in your cart"}
 
 
 def _recent_distinct(history: list[tuple[str, str, int]], n: int) -> list[tuple[str, str]]:
