@@ -115,7 +115,8 @@ def run_demo(args: argparse.Namespace) -> int:
     embedder = Embedder(base.model_name, base.embed_cache_dir, batch_size=base.embed_batch_size)
     texts = [item.text for item in read_catalog_file(str(catalog_path))]
     embedder.embed(texts, progress=True)
-    print(f"      {embedder.stats}", flush=True)
+    stats = embedder.stats  # until 2026-12-07 printed as the dict it is
+    print(f"      {stats['misses']} texts embedded now, {stats['hits']} from the cache", flush=True)
     embedder.close()
 
     print("[3/5] starting the local Kafka-protocol broker on 127.0.0.1 ...", flush=True)
@@ -246,6 +247,7 @@ def _follow(args, settings, clients, flow_proc, consume_all, done, produced) -> 
     engine's loops, made the summary say 0 recommendations.)"""
 
     shown, last_count, stable_since, sent_at = 0, -1, None, None
+    said, changed_at, printed_at = -1, 0.0, 0.0  # the count last printed, when it last changed, when printed
     recs = []
     while True:
         time.sleep(1.0)
@@ -253,7 +255,15 @@ def _follow(args, settings, clients, flow_proc, consume_all, done, produced) -> 
         while shown < min(len(recs), args.show):
             print("      " + format_recommendation(recs[shown].value), flush=True)
             shown += 1
-        print(f"      ... {len(recs)} recommendations so far", flush=True)
+        # a new count, or a reminder every 5 s of an unchanged one (until 2026-12-07 the same line
+        # each second while the flow finished: it looked stuck)
+        now = time.time()
+        if len(recs) != said or now - printed_at >= 5:
+            still = f" (none new for {now - changed_at:.0f} s)" if len(recs) == said else ""
+            print(f"      ... {len(recs)} recommendations so far{still}", flush=True)
+            if len(recs) != said:
+                said, changed_at = len(recs), now
+            printed_at = now
         if flow_proc.poll() is not None:
             print("dataflow stopped unexpectedly", file=sys.stderr)
             return 1
