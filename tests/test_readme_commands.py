@@ -89,6 +89,8 @@ PLANS: dict[str, Plan] = {
     "recsys tail [-f] [--topic T] [--max N]": Plan(how="synopsis", needs="stream"),
     "recsys demo": Plan(" --help", expect="usage: recsys demo"),
     "recsys search QUERY --user U": Plan(how="help"),
+    "recsys forget USER_ID... [--offline]": Plan(how="help"),
+    "recsys trainer": Plan(how="help"),
     "recsys replay ...": Plan(how="help"),
     "recsys run": Plan(needs="stream", slow=True, expect="stopped: "),
     "recsys run --create-topics": Plan(needs="stream", slow=True, expect="stopped: "),
