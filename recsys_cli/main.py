@@ -822,12 +822,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def given_options(argv: list[str] | None) -> frozenset[str]:
+    """The ``dest`` of every option the command line gives, whatever its value (the parser once
+    more, every default suppressed): how ``replay`` refuses a flag its task does not read even
+    when it is given its default (``--task search --models all``)."""
+    parser = build_parser()
+    parsers = [parser]
+    while parsers:
+        p = parsers.pop()
+        for action in p._actions:  # argparse has no public walk over its actions
+            if isinstance(action, argparse._SubParsersAction):
+                parsers.extend(action.choices.values())
+            else:
+                action.default = argparse.SUPPRESS
+        p._defaults.clear()
+    return frozenset(vars(parser.parse_args(argv)))
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RUST_BACKTRACE", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
+    if args.command == "replay":
+        args.given = given_options(argv)
     # SIGTERM stops every command the way Ctrl-C does (a command with an orderly stop, such as
     # `run`, installs its own handlers); SIGINT is set explicitly because a process started in
     # the background inherits it ignored.

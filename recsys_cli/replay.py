@@ -204,8 +204,12 @@ def _check_args(args: argparse.Namespace) -> None:
                              f"types out of {', '.join(t for t in EVENT_TYPES if t != 'search')}"
                              + (f" ({', '.join(map(repr, wrong))} is not one)" if targets else ""))
     task = getattr(args, "task", "recommend")
-    unused = [dest for dest, default in getattr(args, "unused_by_task", {}).get(task, {}).items()
-              if getattr(args, dest) != default]
+    given = getattr(args, "given", None)  # the options on the command line (None: called without main)
+
+    def set_(dest: str, default: object) -> bool:  # given, even at its default (until 2026-12-07: a value not the default)
+        return dest in given if given is not None else getattr(args, dest) != default
+
+    unused = [dest for dest, default in getattr(args, "unused_by_task", {}).get(task, {}).items() if set_(dest, default)]
     if unused:  # until 2026-12-07 such a flag was read by nothing, and the report looked as if it had been
         flags = ", ".join("--" + dest.replace("_", "-") for dest in unused)
         raise SystemExit(f"recsys replay: {flags} {'does' if len(unused) == 1 else 'do'} nothing with --task {task}"
@@ -215,8 +219,9 @@ def _check_args(args: argparse.Namespace) -> None:
     if task == "search" and getattr(args, "query_log", None):  # the log is the searches: nothing is derived
         derived = {dest: default for dest, default in args.unused_by_task.get("recommend", {}).items()
                    if dest != "query_log"}
-        ignored = [f"--{dest.replace('_', '-')}" for dest, default in derived.items() if getattr(args, dest) != default]
-        ignored += [flag for flag, given in (("--events", args.events), ("--format", args.format != "jsonl")) if given]
+        ignored = [f"--{dest.replace('_', '-')}" for dest, default in derived.items() if set_(dest, default)]
+        ignored += [flag for flag, dest, default in (("--events", "events", None), ("--format", "format", "jsonl"))
+                    if set_(dest, default)]
         if ignored:  # read by nothing until 2026-12-07
             raise SystemExit(f"recsys replay: {', '.join(ignored)} {'does' if len(ignored) == 1 else 'do'} nothing with "
                              f"--query-log (the log holds the searches and what was engaged after each, CSV); leave "

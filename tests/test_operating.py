@@ -800,6 +800,11 @@ def test_replay_flags_and_mappings_that_cannot_work_are_one_line(tmp_path):
         _one_line_failure(done, *words)
         assert "loaded" not in done.stdout and not Path(out, "metrics.json").exists()
     assert log.read_bytes() == before
+    # given at its default, a flag the task does not read is refused too (until 2026-12-07 only
+    # another value was: `--task search --protocol prequential` ran, as if it had been read)
+    done = _recsys("replay", "--task", "search", "--events", str(log), *CSV_MAP, "--protocol", "prequential",
+                   "--out", out, timeout=120)
+    _one_line_failure(done, "--protocol does nothing with --task search")
 
 
 def test_a_search_sample_that_chose_nothing_says_so(tmp_path):
