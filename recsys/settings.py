@@ -193,8 +193,16 @@ class Settings(BaseSettings):
         (:data:`PLATFORM_VARIABLES`)."""
         _refuse_unknown_variables(environ)
         values = _MappingEnvSource(cls, environ)()
-        values.update({name: value for name, value in overrides.items() if value is not None})
-        return cls(**values)
+        flags = {name: value for name, value in overrides.items() if value is not None}
+        values.update(flags)
+        try:
+            return cls(**values)
+        except SettingsError as exc:  # a value given as a flag is named as that flag (until 2026-12-07 as its variable)
+            said = str(exc)
+            for name in flags:
+                if said.startswith(var := cls.env_var(name) + ":"):
+                    raise SettingsError(f"--{name.replace('_', '-')}:{said[len(var):]}") from None
+            raise
 
     def replace(self, **changes: Any) -> "Settings":
         """A copy with ``changes``, validated like any new settings."""

@@ -66,6 +66,17 @@ def test_a_flag_beats_its_variable_which_beats_the_default():
     assert (s.top_k, s.head_enabled, s.search_k, s.history_len) == (7, False, 3, Settings().history_len)
 
 
+def test_a_bad_value_is_named_as_it_was_given_a_flag_or_a_variable():
+    """Until 2026-12-07 (forty-seventh session) ``--head-lr nan`` was refused as
+    ``RECSYS_HEAD_LR``, a variable the operator had not set."""
+    parser = argparse.ArgumentParser()
+    add_cli_flags(parser)
+    with pytest.raises(SettingsError, match=r"^--head-lr: .*finite number, got nan$"):
+        settings_from_args(parser.parse_args(["--head-lr", "nan"]), {})
+    with pytest.raises(SettingsError, match=r"^RECSYS_TOP_K: must be > 0, got 0$"):  # the variable, the flag left out
+        settings_from_args(parser.parse_args(["--head-lr", "0.1"]), {"RECSYS_TOP_K": "0"})
+
+
 def test_only_lists_just_those_flags():
     parser = argparse.ArgumentParser()
     add_cli_flags(parser, only=("bootstrap_servers", "metrics_port"))
