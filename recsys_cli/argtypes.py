@@ -26,9 +26,27 @@ from pathlib import Path
 from typing import NoReturn
 
 
+class DefaultsHelp(argparse.HelpFormatter):
+    """Help that shows each option's default where its text does not already say it (until
+    2026-12-07 only the settings' flags did: ``recsys demo --help`` gave no defaults), and not
+    for a default of None or False (an option off unless given)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if (not action.option_strings or "default" in text or action.default in (None, False)
+                or action.default is argparse.SUPPRESS):
+            return action.help
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+
+
 class Parser(argparse.ArgumentParser):
     """An ``ArgumentParser`` whose refusals are one line (no usage block), exit status 2:
-    ``recsys replay: argument --k: expected ... (see recsys replay --help)``."""
+    ``recsys replay: argument --k: expected ... (see recsys replay --help)``; its help shows the
+    options' defaults (:class:`DefaultsHelp`), its subcommands' too."""
+
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003 - ArgumentParser's own
+        kwargs.setdefault("formatter_class", DefaultsHelp)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")

@@ -44,9 +44,11 @@ SEARCH_ONLY = ("search_sample", "search_targets", "query_log", "search_features"
 def add_parser(sub) -> None:
     p = sub.add_parser("replay", help="backtest on an event file: full system and baselines side by side")
     p.add_argument("--events", default=None, help="event file or folder (optional for completejourney)")
-    p.add_argument("--format", default="jsonl", choices=FORMATS)
+    p.add_argument("--format", default="jsonl", choices=FORMATS, help="the event log's format (csv: with --map)")
     p.add_argument("--catalog", default=None, help="catalog file (JSONL items; format-specific otherwise)")
-    p.add_argument("--protocol", default="prequential", choices=("prequential", "leave-last-out"))
+    p.add_argument("--protocol", default="prequential", choices=("prequential", "leave-last-out"),
+                   help="prequential: each event predicted before it is learned; leave-last-out: each user's last "
+                        "event held out")
     p.add_argument("--k", default=None, help="cut-offs, e.g. 10 or 10,20 (default 10,20; leave-last-out 10,50; --task search 10)")
     p.add_argument("--models", default="all",
                    help=f"all (every model but {', '.join(NOT_IN_ALL)}; most_bought only where the catalog has "
@@ -58,7 +60,8 @@ def add_parser(sub) -> None:
                    help="full-system/frozen: share of the (training) stream learned before all learning stops")
     p.add_argument("--include-history", action="store_true", help="leave-last-out: rank the whole catalog")
     p.add_argument("--target", default="next", choices=("next", "next_purchase"), help="prequential target")
-    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0,
+                   help="seed of the baselines that draw at random and of the margins' bootstrap")
     p.add_argument("--limit", type=int, default=None,
                    help="only the first N rows of the log as it is written (then in time order: a log written newest "
                         "first keeps its newest N)")

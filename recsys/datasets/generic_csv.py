@@ -66,7 +66,8 @@ def ts_parser(unit: str) -> Callable[[str], int]:
 
 def _check_mapping(mapping: dict[str, Any] | None) -> dict[str, Any]:
     if not mapping:
-        raise ValueError(f"format 'csv' needs a mapping with at least {', '.join(_REQUIRED)}")
+        raise ValueError(f"format 'csv' needs a mapping with at least {', '.join(_REQUIRED)} (--map FIELD=COLUMN, e.g. "
+                         f"--map user_id=visitor --map item_id=sku --map ts=time)")
     unknown = sorted(set(mapping) - set(_COLUMN_KEYS) - set(_OPTION_KEYS))
     if unknown:
         raise ValueError(f"mapping: unknown key(s) {unknown} (known: {', '.join(_COLUMN_KEYS + _OPTION_KEYS)})")
