@@ -47,8 +47,33 @@ INTERRUPTED = 130
 #: KeyboardInterrupt ever left code run by `exec` of a string, even one caught later (a sticky
 #: flag; a script run by path exits 130 all the same): a signal landing in such code while the
 #: model loads, a library's generated code for instance. Seen once in ~30 stops timed across the
-#: load; the supervisor then exited 254 (-2), a failure, until 2026-12-06.
-STOPPED_WHILE_LOADING = (INTERRUPTED, -signal.SIGINT)
+#: load; the supervisor then exited 254 (-2), a failure, until 2026-12-06. And death by SIGTERM:
+#: the supervisor's stop reached a shard in its first second, before `recsys run` installed its
+#: handlers (the supervisor exited 241, -15, and an empty `stopped: ` line, until 2026-12-07).
+STOPPED_WHILE_LOADING = (INTERRUPTED, -signal.SIGINT, -signal.SIGTERM)
+
+
+def exit_status(code: int) -> int:
+    """A child's return code as a shell gives it: 128 + N for death by signal N (Popen's -N).
+
+    >>> exit_status(-9), exit_status(2), exit_status(0)
+    (137, 2, 0)
+    """
+    return 128 - code if code < 0 else code
+
+
+def how_it_ended(code: int) -> str:
+    """``exited with status 2`` / ``was killed by SIGKILL``.
+
+    >>> how_it_ended(-9), how_it_ended(3)
+    ('was killed by SIGKILL', 'exited with status 3')
+    """
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with status {code}"
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
@@ -175,8 +200,11 @@ def run_shards(settings: Settings, processes: int, *, emit: Callable[[str], None
                if settings.share_signals and settings.model_trainer else None)
     stopping = threading.Event()
     stop_at: list[float] = []
+    received: list[str] = []  # the signal that asked for the stop (none: a shard failed)
 
-    def stop(*_: object) -> None:
+    def stop(signum: int | None = None, *_: object) -> None:
+        if signum is not None and not received:
+            received.append(signal.Signals(signum).name)
         if not stop_at:
             stop_at.append(time.monotonic())
         stopping.set()
@@ -213,11 +241,17 @@ def run_shards(settings: Settings, processes: int, *, emit: Callable[[str], None
                 if stopping.is_set() and codes[shard.index] in STOPPED_WHILE_LOADING:
                     codes[shard.index] = 0  # stopped while loading, as asked
                 if codes[shard.index] != 0 and not stopping.is_set():
-                    say(f"[{shard.name}] exited with status {codes[shard.index]}: stopping the other shards")
+                    # on stderr, where the shards' own errors go (stdout until 2026-12-07)
+                    say_err(f"[{shard.name}] {how_it_ended(codes[shard.index])}: stopping the other shards")
                     stop()
+        failed = [exit_status(code) for code in codes.values() if code != 0]
+        if received and not failed and not any(shard.stopped_lines for shard in shards):
+            # every shard stopped before its flow ran: as one `recsys run` says it (until 2026-12-07
+            # an empty `stopped: ` line and status 0)
+            say_err(f"recsys run: stopped by {received[0]} before the flow started; no event was read from Kafka")
+            return INTERRUPTED
         totals = summed_totals(line for shard in shards for line in shard.stopped_lines)
         say("stopped: " + ", ".join(f"{k}={v}" for k, v in sorted(totals.items())))
-        failed = [code for code in codes.values() if code != 0]
         return failed[0] if failed else 0
     finally:
         for sig, handler in previous.items():

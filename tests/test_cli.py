@@ -585,9 +585,74 @@ def test_a_shard_that_dies_of_sigint_after_a_stop_while_loading_counts_as_stoppe
         if "loading the model" in line and sum("loading the model" in seen for seen in relayed) == 2:
             os.kill(os.getpid(), signals.SIGTERM)
 
-    assert shards.run_shards(Settings(), 2, emit=emit) == 0, relayed
+    said: list[str] = []
+    # stopped as asked, before any flow ran: 130 and the line one `recsys run` gives (until
+    # 2026-12-07 status 0 and an empty "stopped: " line)
+    assert shards.run_shards(Settings(), 2, emit=emit, emit_err=said.append) == 130, relayed
     assert sum("stopped by SIGTERM before the flow started" in line for line in relayed) == 2, relayed
-    assert relayed[-1] == "stopped: ", relayed
+    assert not any(line.startswith("stopped:") for line in relayed), relayed
+    assert said == ["recsys run: stopped by SIGTERM before the flow started; no event was read from Kafka"], said
+
+
+def _fake_shards(tmp_path, monkeypatch, module: str, source: str) -> None:
+    """``run_shards`` starts ``python -m module`` (the ``source`` written to ``tmp_path``) as each shard."""
+    from dataflows import shards
+
+    (tmp_path / f"{module}.py").write_text(source)
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+
+    class FakeShard(shards.Shard):
+        def __init__(self, index, settings, emit, module_="recsys_cli", emit_err=None, **kw):
+            super().__init__(index, settings, emit, module=module, emit_err=emit_err)
+
+    monkeypatch.setattr(shards, "Shard", FakeShard)
+
+
+def test_a_stop_that_reaches_a_shard_before_its_handlers_counts_as_stopped(tmp_path, monkeypatch):
+    """The supervisor's SIGTERM reached a shard in its first second, before `recsys run` installed
+    its handlers: the shard died of it (-15), and the supervisor exited 241 with an empty
+    "stopped: " line (an operator's probe, 2026-12-07). Here each shard is still importing."""
+    import signal as signals
+
+    from dataflows import shards
+    from recsys.settings import Settings
+
+    _fake_shards(tmp_path, monkeypatch, "bare_shard", "import time\nprint('loading the model ...', flush=True)\ntime.sleep(60)\n")
+    relayed: list[str] = []
+
+    def emit(line: str) -> None:
+        relayed.append(line)
+        if sum("loading the model" in seen for seen in relayed) == 2 and "loading the model" in line:
+            os.kill(os.getpid(), signals.SIGTERM)
+
+    said: list[str] = []
+    assert shards.run_shards(Settings(), 2, emit=emit, emit_err=said.append) == 130, (relayed, said)
+    assert said == ["recsys run: stopped by SIGTERM before the flow started; no event was read from Kafka"], said
+
+
+def test_a_shard_killed_by_a_signal_is_said_on_stderr_and_the_supervisor_exits_as_a_shell_would(tmp_path, monkeypatch):
+    """A shard (or the trainer) killed with kill -9: "[shard 0] exited with status -9" on stdout,
+    the supervisor's status 247 (-9), until 2026-12-07. Now on stderr, by its signal's name, and
+    128 + 9, as a shell says it."""
+    from dataflows import shards
+    from recsys.settings import Settings
+
+    _fake_shards(tmp_path, monkeypatch, "dying_shard", (
+        "import os, signal, sys, time\n"
+        "def stop(*_):\n"
+        "    print('stopped: applied=1', flush=True)\n"
+        "    sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        "print('ready: 1 items', flush=True)\n"
+        "time.sleep(1.0)\n"
+        "if os.environ['RECSYS_SHARD'] == '0':\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "time.sleep(60)\n"))
+    relayed: list[str] = []
+    said: list[str] = []
+    assert shards.run_shards(Settings(), 2, emit=relayed.append, emit_err=said.append) == 137, (relayed, said)
+    assert said == ["[shard 0] was killed by SIGKILL: stopping the other shards"], said
+    assert relayed[-1] == "stopped: applied=1", relayed  # shard 1 stopped in order
 
 
 def test_the_supervisor_relays_a_shards_stderr_to_its_stderr(tmp_path, monkeypatch, capfd):
