@@ -235,11 +235,11 @@ class SnapshotObserver:
 
     def batch(self, engine: Shard, envelopes: list, result: Any, seconds: float) -> None:
         self.inner.batch(engine, envelopes, result, seconds)
-        self.writer.maybe_write(engine.kv)
+        self.writer.maybe_write(engine.kv, erased_at=engine.exchange.erased_at)
 
     def tick(self, engine: Shard) -> None:
         self.inner.tick(engine)
-        self.writer.maybe_write(engine.kv)
+        self.writer.maybe_write(engine.kv, erased_at=engine.exchange.erased_at)
 
 
 def resend_unsent(engine: Shard, clients: Any, settings: Settings) -> int:

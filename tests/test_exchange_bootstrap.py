@@ -284,6 +284,49 @@ def test_the_writer_cuts_at_most_one_snapshot_per_interval_across_shards_and_kee
     assert dict(read_records(kept[-1][1])[1]) == {b"pop:i": b"4"}
 
 
+def test_an_erasure_reaches_the_snapshot_files_at_once(tmp_path):
+    """The exchange snapshots hold every shard's sessions, user ids included. Until 2026-12-07
+    (forty-seventh session) one written before an erasure stayed until three newer ones had been
+    written (15 minutes at least at the default interval; for ever once the flow stopped). Now a
+    writer whose shard applied an erasure (``erased_at``, its log position) writes one at once,
+    interval or not, and deletes every older one; another shard's writer finds it and only deletes."""
+    kv = MemoryKV()
+    now = [1000.0]
+    writers = [SnapshotWriter(tmp_path, TOPIC, 60, origin=o, clock=lambda: now[0]) for o in (0, 1)]
+    for position in range(1, 4):
+        kv.write({b"x:pos": str(position).encode(), b"ses:s1": f'["victim", {position}]'.encode()})
+        now[0] += 61
+        for _, path in list_snapshots(tmp_path, TOPIC):
+            os.utime(path, (time.time() - 61, time.time() - 61))
+        writers[0].maybe_write(kv, wait=True)
+    assert [p for p, _ in list_snapshots(tmp_path, TOPIC)] == [1, 2, 3]
+    kv.write({b"x:pos": b"4"}, [b"ses:s1"])  # the erasure's message applied at position 4
+    assert not writers[1].maybe_write(kv, wait=True)  # not due: the interval has not passed
+    assert writers[1].maybe_write(kv, wait=True, erased_at=4)  # due at once: the erasure
+    assert [p for p, _ in list_snapshots(tmp_path, TOPIC)] == [4]
+    assert read_records(list_snapshots(tmp_path, TOPIC)[0][1])[1] == []  # nothing of the victim
+    assert not writers[0].maybe_write(kv, wait=True, erased_at=4)  # shard 0: its files are gone already
+    assert [p for p, _ in list_snapshots(tmp_path, TOPIC)] == [4]
+
+
+def test_the_exchange_keeps_where_it_applied_an_erasure(tmp_path, embedder, catalog, events):  # noqa: F811
+    """What the writer above is handed: the log position of the newest erasure a shard applied,
+    written with the batch, so that a restart still deletes what a crash left behind."""
+    from recsys.signals.exchange import ERASED_AT_KEY
+
+    log, shards = _log_of_two_shards(tmp_path, embedder, catalog, events)
+    try:
+        user = next(e.user_id for e in events if e.item_id)
+        assert shards[1].exchange.erased_at == -1
+        for message in shards[0].process([_forget(user, 0)]).exchange:
+            log.append((len(log), message))
+        shards[1].apply_exchange(log)
+        assert shards[1].exchange.erased_at == len(log) - 1  # the erasure's message, the last published
+        assert shards[1].kv.get(ERASED_AT_KEY) == str(len(log) - 1).encode()  # written with the batch
+    finally:
+        _close(*shards)
+
+
 def test_shared_prefixes_cover_every_global_signal_once():
     assert set(SIGNAL_PREFIXES) <= set(shared_prefixes()) and len(set(shared_prefixes())) == len(shared_prefixes())
 

@@ -136,6 +136,10 @@ _ZLIB_LEVEL = 1
 #: number applied from that origin; ``xs`` -> this shard's next sequence number to seal;
 #: ``xo:<seq>`` -> a sealed message of this shard not yet seen back in the log (the outbox).
 POSITION_KEY = b"x:pos"
+#: The log position of the newest message holding an erasure this shard applied: the exchange
+#: snapshots older than it still hold the erased user's sessions, and are deleted once one at or
+#: past it exists (:class:`recsys.signals.snapshot.SnapshotWriter`). Local, not a shared record.
+ERASED_AT_KEY = b"x:erased"
 APPLIED_PREFIX = b"x:a:"
 SEQ_KEY = b"x:seq"
 OUTBOX_PREFIX = b"x:o:"
@@ -319,6 +323,8 @@ class SignalExchange:
         self.window = max(covisit.window, transitions.window)  # the history either update reads
         raw = kv.get(POSITION_KEY)
         self.position = -1 if raw is None else int(raw)
+        raw = kv.get(ERASED_AT_KEY)
+        self.erased_at = -1 if raw is None else int(raw)  # see ERASED_AT_KEY
         self.applied = {int(k[len(APPLIED_PREFIX):]): int(v) for k, v in kv.iter_prefix(APPLIED_PREFIX)}
         raw = kv.get(SEQ_KEY)
         self.next_seq = 1 if raw is None else int(raw)
@@ -455,6 +461,9 @@ class SignalExchange:
             if not fresh:
                 continue  # published twice (an outbox re-send): once is enough
             self.apply_ops(message.ops, deletes)
+            if any(op[3] == FORGET_OP for op in message.ops):
+                self.erased_at = position
+                puts[ERASED_AT_KEY] = str(position).encode()
             if self.models is not None:
                 self.models.learn(position, raw, message, puts, deletes)
             self.applied[message.origin] = message.seq

@@ -335,6 +335,7 @@ class SnapshotWriter:
         self._last = clock()  # the first one after a full interval: a start is no moment to pause
         self._thread: threading.Thread | None = None
         self.written: list[SnapshotInfo] = []
+        self._erasure_done = -1  # the newest erasure position whose older snapshots are deleted
         self.failures = 0
         self.read_s = 0.0  # time spent in the caller's thread reading the records (the pause)
 
@@ -349,9 +350,17 @@ class SnapshotWriter:
             return False
         return True
 
-    def maybe_write(self, kv: KVStore, *, wait: bool = False, force: bool = False) -> bool:
+    def maybe_write(self, kv: KVStore, *, wait: bool = False, force: bool = False, erased_at: int = -1) -> bool:
         """Start a snapshot when one is due (see the class); ``wait``: finish it before returning;
-        ``force``: due or not (after one being written; still none at a position one already has)."""
+        ``force``: due or not (after one being written; still none at a position one already has).
+
+        ``erased_at``: the log position of the newest erasure the shard applied
+        (``SignalExchange.erased_at``). The snapshots before it hold the erased user's sessions:
+        one at or past it is written now, whatever the interval, and every older one deleted
+        (until 2026-12-07 they stayed until three newer ones had been written, at least 15
+        minutes at the default interval, and for ever once the flow stopped)."""
+        if erased_at > self._erasure_done and self._erase_before(erased_at):
+            force = force or not (self._thread is not None and self._thread.is_alive())
         if force:
             self.close()
         elif not self.due():
@@ -365,18 +374,33 @@ class SnapshotWriter:
         if newest := list_snapshots(self.directory, self.topic):
             if newest[-1][0] >= position:
                 return False  # one at this position (or later) exists
-        self._thread = threading.Thread(target=self._write, args=(position, applied, records),
+        self._thread = threading.Thread(target=self._write, args=(position, applied, records, erased_at),
                                         name="exchange-snapshot", daemon=True)
         self._thread.start()
         if wait:
             self.close()
         return True
 
-    def _write(self, position: int, applied: dict[int, int], records: list[tuple[bytes, bytes]]) -> None:
+    def _erase_before(self, erased_at: int) -> bool:
+        """Delete the snapshots before ``erased_at`` if one at or past it exists (another shard's,
+        or this one's last); True when none does yet, and this writer must write one."""
+        held = list_snapshots(self.directory, self.topic)
+        if not held or held[-1][0] < erased_at:
+            return True
+        for position, old in held:
+            if position < erased_at:
+                old.unlink(missing_ok=True)
+        self._erasure_done = erased_at
+        return False
+
+    def _write(self, position: int, applied: dict[int, int], records: list[tuple[bytes, bytes]],
+               erased_at: int = -1) -> None:
         try:
             self.written.append(write_file(self.directory, self.topic, position, applied, records, origin=self.origin))
             for _, old in list_snapshots(self.directory, self.topic)[:-self.keep]:
                 old.unlink(missing_ok=True)
+            if erased_at > self._erasure_done:
+                self._erase_before(erased_at)
             # a temporary file left by a writer killed part-way (an hour old: not one being written)
             for stale in self.directory.glob(f".{self.topic}.*{SUFFIX}.*.tmp"):
                 if time.time() - stale.stat().st_mtime > 3600:
