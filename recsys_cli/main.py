@@ -209,6 +209,9 @@ def _run_one(settings: Settings, clients, signals) -> int:
         engine.close()
         raise
     shard = f" (shard {settings.shard} of {settings.shards})" if settings.shards > 1 else ""
+    if (why := engine.embed_worker_off_because) is not None:
+        print(f"embedding worker: off, {why}; new items and queries are embedded in the batch (RECSYS_EMBED_WORKER)",
+              file=sys.stderr, flush=True)
     print(
         f"ready: {len(engine.items.catalog)} items, {engine.users.count()} users in state; "
         f"reading {settings.events_topic!r}{shard} + {settings.catalog_topic!r} from {settings.bootstrap_servers}",

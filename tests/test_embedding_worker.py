@@ -63,6 +63,28 @@ def _started(engine: Shard) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.parametrize("overrides, why", [
+    ({"share_signals": True}, "not with --share-signals yet"),
+    ({"unknown_items": "admit"}, "not with --unknown-items admit"),
+    ({"stop_at_end": True}, "not with --stop-at-end"),
+    ({"unknown_item_wait_s": 0.0}, "not with RECSYS_UNKNOWN_ITEM_WAIT_S=0"),
+])
+def test_an_embedding_worker_asked_for_where_none_can_run_says_why(tmp_path, cache_dir, overrides, why):
+    """``--embed-worker`` with settings it does not run with was ignored without a word until
+    2026-12-07 (an operator's probe): the engine now says why, and `recsys run` prints it."""
+    embedder = Embedder(Settings().model_name, cache_dir)
+    engine = _open(_settings(tmp_path, cache_dir, embed_worker=True, **overrides), embedder)
+    try:
+        assert engine._worker is None and why in engine.embed_worker_off_because
+    finally:
+        engine.close()
+    engine = _open(_settings(tmp_path, cache_dir, **overrides), embedder)  # not asked for: nothing to say
+    try:
+        assert engine.embed_worker_off_because is None
+    finally:
+        engine.close()
+
+
 def test_the_worker_answers_in_order_with_the_vectors_the_engine_would_compute(cache_dir):
     texts = [["Blue trail running shoes"], ["Cast iron skillet", "Wool socks, grey"], []]
     worker = EmbeddingWorker(Settings().model_name, cache_dir)

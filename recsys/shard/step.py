@@ -385,6 +385,23 @@ class Shard:
             cache_dir = None if embedder.cache_path is None else str(Path(embedder.cache_path).parent)
             self._worker = EmbeddingWorker(settings.model_name, cache_dir, settings.embed_batch_size)
 
+    @property
+    def embed_worker_off_because(self) -> str | None:
+        """Why ``RECSYS_EMBED_WORKER`` asked for a worker and none runs (None: it runs, or was
+        not asked for): what ``recsys run`` says at start (until 2026-12-07 nothing did)."""
+        s = self.settings
+        if not s.embed_worker or self._worker is not None:
+            return None
+        if s.share_signals:
+            return "not with --share-signals yet"
+        if s.unknown_items == "admit":
+            return "not with --unknown-items admit (an event never waits for its item)"
+        if s.stop_at_end:
+            return "not with --stop-at-end (a replay of the topics embeds in the batch)"
+        if s.unknown_item_wait_s <= 0:
+            return "not with RECSYS_UNKNOWN_ITEM_WAIT_S=0 (an event never waits for its item)"
+        return "not with this state (in memory, or an embedder without a cache)"
+
     @staticmethod
     def _check_layout(kv: KVStore, settings: Settings) -> None:
         """Refuse state written under another shard count: users belong to shards by partition,
