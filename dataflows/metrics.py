@@ -162,7 +162,8 @@ class FlowMetrics(_Endpoint):
         self.new_item = Histogram("recsys_new_item_recommendable_seconds",
                                   "Broker append of a catalog record -> the item recommendable (indexed)",
                                   buckets=LATENCY_BUCKETS, registry=r)
-        self.users = Gauge("recsys_state_users", "Users in state (counted at start, plus users first seen since)", registry=r)
+        self.users = Gauge("recsys_state_users", "Users in state (counted at start, plus users first seen since, less "
+                           "those swept or erased since)", registry=r)
         self.state_bytes = Gauge("recsys_state_size_bytes", "Size on disk of the state directory (RocksDB, models)", registry=r)
         self.waiting = Gauge("recsys_waiting_events", "Events waiting for their catalog item, or for their search's "
                              "query vector from the embedding worker (and their user's later events)", registry=r)
@@ -298,8 +299,8 @@ class FlowMetrics(_Endpoint):
                 self._samples.append(latency)
         self._interval_events += counts.get("events_in", 0)
         self._interval_dead += len(result.dead_letters)
-        if self._users is not None:
-            self._users += result.new_users
+        if self._users is not None:  # until 2026-12-07 the sweep's and erasures' deletions were not taken off
+            self._users += result.new_users - counts.get("swept_users", 0) - counts.get("forgotten_users", 0)
         self.tick(engine)
 
     def _slow_batch(self, records: int, result: BatchResult, seconds: float, now: float) -> None:

@@ -314,6 +314,49 @@ def test_search_s_caches_are_counted_by_outcome(tmp_path):
     engine.close()
 
 
+def test_the_users_gauge_takes_off_the_users_swept_and_erased(tmp_path):
+    """``recsys_state_users`` added the users first seen and never took any off: the expiry
+    sweep's and the erasures' deletions left it growing until a restart counted again (an
+    operator's probe, 2026-12-07). An erasure of a user the state never held takes nothing off."""
+    import orjson
+
+    from recsys.events import CatalogItem, Envelope, Event
+    from recsys.shard.step import Shard
+
+    day = 86_400_000
+    engine = Shard.open(Settings(state_dir=str(tmp_path / "state"), embed_cache_dir=str(tmp_path / "emb"),
+                                 head_enabled=False, state_ttl_days=1.0))
+    engine.upsert_catalog([CatalogItem("tent", "Blue dome tent"), CatalogItem("mug", "Enamel coffee mug")])
+    metrics = FlowMetrics(Settings(state_dir=str(tmp_path), quiet=True))
+    offset = iter(range(1000))
+
+    def batch(*envs: Envelope) -> None:
+        metrics.batch(engine, list(envs), engine.process(list(envs)), 0.01)
+
+    def click(user: str, ts: int) -> Envelope:
+        ev = Event(f"e{user}{ts}", "click", user, "tent", ts)
+        return Envelope("events", 0, next(offset), user.encode(), encode(ev), ts)
+
+    def forget(user: str) -> Envelope:
+        return Envelope("control", 0, next(offset), None, orjson.dumps({"type": "forget_user", "user_id": user}),
+                        1_800_000_000_000)
+
+    def users() -> float:
+        return next(s.value for f in metrics.registry.collect() for s in f.samples if s.name == "recsys_state_users")
+
+    try:
+        metrics.tick(engine)
+        batch(*(click(u, 1_700_000_000_000) for u in ("u1", "u2", "u3")))
+        assert users() == 3 == engine.users.count()
+        batch(forget("u1"), forget("nobody"))
+        assert users() == 2 == engine.users.count()
+        for _ in range(3):  # two days later: the sweep's pass deletes u2 and u3
+            batch(click("u4", 1_700_000_000_000 + 2 * day))
+        assert users() == engine.users.count() == 1
+    finally:
+        engine.close()
+
+
 @pytest.mark.parametrize("quiet", [False, True])
 def test_a_status_line_every_interval_on_stderr_unless_quiet(tmp_path, quiet):
     import io

@@ -1296,6 +1296,7 @@ class Shard:
             return
         puts: dict[bytes, bytes] = {}
         source = f"{env.topic}:{env.partition}:{env.offset}"
+        held = self.kv.get(user_key(message.user_id)) is not None  # a user of this state, not just a request
         # issue 11: a wiped shard re-reading the control topic erases again, but its op is in the log already
         deletes = self._erase(message.user_id, env.timestamp_ms or now_ms, source, puts, share=not self._covered(env))
         self._advance_watermark(env, puts)
@@ -1304,7 +1305,8 @@ class Shard:
             if (sealed := self.exchange.seal(puts)) is not None:
                 result.exchange.append(sealed)  # issue 11: the sessions go at the op's log position
         self._commit(puts, deletes)
-        counts["forgotten"] += 1
+        counts["forgotten"] += 1  # requests
+        counts["forgotten_users"] += held  # users this state held (until 2026-12-07 only requests were counted)
 
     def _erased_before(self, event: Event) -> bool:
         """Whether ``event``'s user was erased at or after the event's time."""
