@@ -287,10 +287,11 @@ def _parked(state_dir: str) -> dict[str, int]:
 
 #: Items the worker test announces on the catalog topic during its stream (the worker embeds them).
 NEW_ITEMS = 24
-#: The worker test's stream, events/s (~40 s of stream): each life's worker loads its own model,
-#: a few seconds after the flow's ``ready:``, and must still find new queries to encode before
-#: the next mark.
-WORKER_TEST_RATE = 60.0
+#: The worker test's stream, events/s (~24 s of stream; 60/s, ~40 s, until 2026-12-07, when the
+#: suite neared CI's 25 minutes): each life's worker loads its own model, a few seconds after the
+#: flow's ``ready:``, and must still find new queries to encode before the next mark (~7 s of
+#: stream between marks at this rate; nearly every search's query is new).
+WORKER_TEST_RATE = 100.0
 
 
 def test_sigkilled_live_run_with_the_embedding_worker_answers_each_search_once_and_loses_no_event(local_broker, tmp_path):
