@@ -452,6 +452,18 @@ def _recsys(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run([*RECSYS, *args], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
+def _recsys_many(*commands: list[str], timeout: float = 180) -> list[subprocess.CompletedProcess]:
+    """:func:`_recsys` of each of ``commands``, all at once (independent refusals: the suite waits
+    for their starts once, not once each), in order."""
+    procs = [subprocess.Popen([*RECSYS, *args], cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for args in commands]
+    done = []
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=timeout)
+        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+    return done
+
+
 def test_no_broker_is_said_within_10_s_in_one_line_and_nothing_is_ready():
     """``run``, ``trainer``, ``tail`` and ``produce`` with no broker at their address: each says
     so in one line within 10 s. The four run at once (each mostly waits for the 5 s probe), so
@@ -572,21 +584,23 @@ def test_a_catalog_file_that_cannot_be_read_is_refused_in_one_line(local_broker,
     bad_line.write_bytes(good.read_bytes() + b'{"item_id": "x"}\n')
     packed = gzip.compress(good.read_bytes())
     damaged.write_bytes(packed[: len(packed) // 2])
-    for path, words, loads in (
+    cases = (
         (tmp_path / "nope.jsonl", ["--catalog-file", "nope.jsonl: no such file"], False),
         (tmp_path, ["--catalog-file", f"{tmp_path}: is a directory"], False),
         (bad_line, ["--catalog-file", f"{bad_line}, line 31: field 'title': missing"], True),
         (damaged, ["--catalog-file", f"{damaged}: the gzip file is damaged or cut short after"], True),
-    ):
-        flags[at] = str(path)
-        done = _recsys("run", *flags, "--stop-at-end", timeout=180)
-        _one_line_failure(done, *words)
-        assert ("loading" in done.stdout) == loads and "ready" not in done.stdout, done.stdout
+    )
+    # each its own state directory: they run at once, and one state lets one process in
+    commands = [["run", *flags[:at], str(path), *flags[at + 1:], "--stop-at-end", "--state-dir", str(tmp_path / f"s{i}"),
+                 "--recovery-dir", str(tmp_path / f"r{i}")] for i, (path, _, _) in enumerate(cases)]
     # a model that cannot be loaded, met while the start-up catalog is embedded: its own good line
     # came under a 28-line traceback until 2026-12-07 (an operator's probe)
-    flags[at] = str(good)
-    done = _recsys("run", *flags, "--model-name", "no-such-model", "--stop-at-end", timeout=180)
-    _one_line_failure(done, "RECSYS_MODEL_NAME='no-such-model': no such model directory")
+    commands.append(["run", *flags, "--model-name", "no-such-model", "--stop-at-end"])
+    runs = _recsys_many(*commands)
+    for (_, words, loads), done in zip(cases, runs):
+        _one_line_failure(done, *words)
+        assert ("loading" in done.stdout) == loads and "ready" not in done.stdout, done.stdout
+    _one_line_failure(runs[-1], "RECSYS_MODEL_NAME='no-such-model': no such model directory")
 
 
 def test_a_state_directory_that_is_a_file_is_refused_in_one_line(tmp_path):
@@ -748,12 +762,12 @@ def test_a_query_log_that_cannot_be_read_or_holds_no_search_is_one_line(tmp_path
     done = _recsys("replay", "--task", "search", "--query-log", str(bad_rows), *mapped, "--out", str(tmp_path / "o"))
     assert "skipped 1 row(s): bad query time" in done.stdout and "e.g. bad query time at line 2 of bad_rows.csv: inf" \
         in done.stdout, done.stdout  # which row, as for an event log (only the count until 2026-12-06)
-    for i, (args, words) in enumerate(cases):
-        out = tmp_path / f"out{i}"
-        done = _recsys("replay", "--task", "search", "--query-log", *args, "--out", str(out))
+    runs = _recsys_many(*(["replay", "--task", "search", "--query-log", *args, "--out", str(tmp_path / f"out{i}")]
+                          for i, (args, _) in enumerate(cases)))
+    for i, ((_, words), done) in enumerate(zip(cases, runs)):
         done.stderr = "\n".join(line for line in done.stderr.splitlines() if " rows [" not in line)  # progress
         _one_line_failure(done, *words)
-        assert not (out / "metrics.json").exists()
+        assert not (tmp_path / f"out{i}" / "metrics.json").exists()
 
 
 def _shop_csv(path: Path, rows: list[str], header: str = "user,item,ts,type") -> Path:
@@ -795,8 +809,7 @@ def test_replay_flags_and_mappings_that_cannot_work_are_one_line(tmp_path):
         (["--map", "type_map=view"], ["cannot read --events", "mapping['type_map']: 'view' is not a list of THEIRS:OURS"]),
         (["--map", "type_map=view:look"], ["cannot read --events", "mapping['type_map']: 'look' is not one of"]),
     ]
-    for args, words in cases:
-        done = _recsys("replay", *base, *args, timeout=120)
+    for (_, words), done in zip(cases, _recsys_many(*(["replay", *base, *args] for args, _ in cases))):
         done.stderr = "\n".join(line for line in done.stderr.splitlines() if " rows [" not in line)  # progress
         _one_line_failure(done, *words)
         assert "loaded" not in done.stdout and not Path(out, "metrics.json").exists()
@@ -870,16 +883,16 @@ def test_a_replay_that_scores_nothing_is_one_line_and_writes_no_report(tmp_path)
         ([str(clicks), "--task", "search", "--search-targets", "click"],
          ["no search to derive from --events", "no catalog item has a category", "no report written"]),
     ]
-    for i, (args, words) in enumerate(cases):
-        out = tmp_path / f"out{i}"
-        models = [] if "search" in args else ["--models", "popularity"]  # --task search ranks every search mode
-        done = _recsys("replay", "--events", *args, *CSV_MAP, *models, "--out", str(out), timeout=180)
+    seconds = _shop_csv(tmp_path / "seconds.csv", [f"u{i % 3},i{i % 5},{1_700_000_000 + 60 * i},click" for i in range(30)])
+    # --task search ranks every search mode: no --models
+    runs = _recsys_many(*(["replay", "--events", *args, *CSV_MAP, *([] if "search" in args else ["--models", "popularity"]),
+                           "--out", str(tmp_path / f"out{i}")] for i, (args, _) in enumerate(cases)),
+                        ["replay", "--events", str(seconds), *CSV_MAP, "--models", "popularity", "--out", str(tmp_path / "s")])
+    for i, ((_, words), done) in enumerate(zip(cases, runs)):
         done.stderr = "\n".join(line for line in done.stderr.splitlines() if not re.search(r"%\||/s\]$", line))  # progress bars
         _one_line_failure(done, *words)
-        assert not (out / "metrics.json").exists()
-    seconds = _shop_csv(tmp_path / "seconds.csv", [f"u{i % 3},i{i % 5},{1_700_000_000 + 60 * i},click" for i in range(30)])
-    done = _recsys("replay", "--events", str(seconds), *CSV_MAP, "--models", "popularity", "--out", str(tmp_path / "s"),
-                   timeout=180)
+        assert not (tmp_path / f"out{i}" / "metrics.json").exists()
+    done = runs[-1]
     assert done.returncode == 0, done.stderr
     assert "note: every event time is before 1973-03-03" in done.stdout and "--map ts_unit=s" in done.stdout
 
