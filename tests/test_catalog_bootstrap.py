@@ -63,7 +63,9 @@ def _totals(stdout: str) -> dict[str, int]:
 @pytest.mark.parametrize("processes", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_a_fresh_start_on_topics_with_data_dead_letters_no_event_as_unknown_item(local_broker, topic_name, tmp_path, processes):
     prefix = topic_name("boot") + "-"
-    _, events = _publish_catalog_then_events(local_broker.bootstrap, prefix, partitions=2)
+    # 600 events (2,000 until 2026-12-07, read 20 a batch: 20 s) name 190-odd of the 200 items
+    _, events = _publish_catalog_then_events(local_broker.bootstrap, prefix, partitions=2, n_events=600)
+    assert len({e.item_id for e in events}) > 150
     done = _run(local_broker.bootstrap, prefix, tmp_path, "--processes", str(processes))
     assert done.returncode == 0, done.stdout + done.stderr
     dead = consume_all(KafkaClients.for_bootstrap(local_broker.bootstrap), prefix + "dead-letters")
