@@ -758,8 +758,9 @@ def run_latency(args, items, catalog_path: Path, cache_dir: str, base: Settings,
             log(f"[latency] this benchmark's own garbage collector while offering: {own_pauses['collections']} "
                 f"collections, longest {own_pauses['longest_ms']:.1f} ms ({own_pauses['over_10ms']} over 10 ms)")
             log(f"[latency] offered {n} events in {produce_s:.1f} s ({n / produce_s:.0f}/s achieved)")
-            n_recs = _wait_for_recommendations(clients, s.recommendations_topic, n_warm + 1, flow, QUIET_S, args.max_wait_s)
-            log(f"[latency] {n_recs} recommendations, none new for {QUIET_S:.0f} s: stopping the flow (SIGINT)")
+            n_recs = _wait_for_recommendations(clients, s.recommendations_topic, n_warm + 1, flow, args.quiet_s,
+                                               args.max_wait_s)
+            log(f"[latency] {n_recs} recommendations, none new for {args.quiet_s:g} s: stopping the flow (SIGINT)")
             hwm_before_stop = flow.vm_hwm_kib
             cpu_offered = flow.cpu_s() - cpu_at_start  # the flow's CPU while the stream was offered and drained
             wall_offered = time.perf_counter() - t0
@@ -1104,6 +1105,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--flow-args", type=shlex.split, default=[], help="extra flags for `recsys run`, one quoted string")
     p.add_argument("--profile", default=None, metavar="DIR", help="run the flow under cProfile; .prof files go here")
     p.add_argument("--max-wait-s", type=float, default=900.0, help="give up on a run after this long")
+    p.add_argument("--quiet-s", type=float, default=QUIET_S,
+                   help="latency: the stream counts as drained after this long without a new recommendation (default %(default)s)")
     p.add_argument("--out", default=None, help="write all figures as JSON here")
     p.add_argument("--longrun-events", type=int, default=1_000_000, help="longrun: events in all")
     p.add_argument("--longrun-users", type=int, default=500_000, help="longrun: distinct users")

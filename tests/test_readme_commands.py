@@ -107,15 +107,15 @@ PLANS: dict[str, Plan] = {
         Plan(" --help", expect="usage:"),
     ".venv/bin/python benchmarks/throughput.py --out runs/bench.json": Plan(" --help", expect="usage:"),
     ".venv/bin/python benchmarks/throughput.py --mode latency --search-share 0.2": Plan(
-        " --latency-events 300 --rate 300 --catalog-items 200 --users 200 --new-items 0", slow=True,
+        " --latency-events 300 --rate 300 --catalog-items 200 --users 200 --new-items 0 --quiet-s 1", slow=True,
         expect="search append -> search result emitted_at"),
     # searches from a long tail of queries (issue 13): most of them a query's first, the model in the batch's path
     ".venv/bin/python benchmarks/throughput.py --mode latency --search-share 0.2 --distinct-queries 20000": Plan(
-        " --latency-events 300 --rate 300 --catalog-items 200 --users 200 --new-items 0", slow=True,
+        " --latency-events 300 --rate 300 --catalog-items 200 --users 200 --new-items 0 --quiet-s 1", slow=True,
         expect="of the searches are a query's first"),
     # the inputs' epoch-clock drift (README, Performance): 300 s at 20 events/s there
     ".venv/bin/python benchmarks/throughput.py --mode latency --rate 20 --latency-events 6000 --new-items 0": Plan(
-        " --latency-events 100 --rate 200 --catalog-items 200 --users 200", slow=True,
+        " --latency-events 100 --rate 200 --catalog-items 200 --users 200 --quiet-s 1", slow=True,
         expect="a batch; by phase (ms a batch): "),  # printed after "the events partitions were polled"
     # the broker hop alone (a second of records at a low rate: the script as written, briefly)
     ".venv/bin/python benchmarks/transport_floor.py": Plan(
