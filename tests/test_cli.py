@@ -232,12 +232,17 @@ def test_the_bytewax_runner_checks_its_recovery_directory_as_recsys_run_does(loc
     assert {orjson.loads(r.value)["user_id"] for r in recs} == {e.user_id for e in events}
 
     ensure_topics(local_broker.bootstrap, {prefix + "shop-recs": 1})  # the new name exists (else that is said first)
-    renamed = runner(RECSYS_RECOMMENDATIONS_TOPIC=prefix + "shop-recs")
+    # the two refusals at once: each refuses before it reads or writes anything
+    refusing = [subprocess.Popen(command, env={**env, **changed}, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True)
+                for changed in ({"RECSYS_RECOMMENDATIONS_TOPIC": prefix + "shop-recs"},
+                                {"RECSYS_STATE_DIR": str(tmp_path / "state-lost")})]
+    outputs = [p.communicate(timeout=300) for p in refusing]
+    renamed, lost = (subprocess.CompletedProcess(p.args, p.returncode, out, err) for p, (out, err) in zip(refusing, outputs))
     assert renamed.returncode == 1
     assert f"wrote to {prefix + 'recommendations'!r}" in renamed.stderr and "start with its old name" in renamed.stderr
     assert "routing map" not in renamed.stderr and "Traceback" not in renamed.stderr
 
-    lost = runner(RECSYS_STATE_DIR=str(tmp_path / "state-lost"))
     assert lost.returncode == 1, lost.stderr
     assert f"{prefix}events[0] resumes at offset {len(events)}, the state has processed nothing" in lost.stderr
     assert f"python -m bytewax.recovery {recovery} 1" in lost.stderr and "Traceback" not in lost.stderr
