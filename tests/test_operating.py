@@ -1267,19 +1267,18 @@ def test_a_second_run_or_a_rebuild_on_the_same_state_directory_is_one_line(local
     first = Child([*RECSYS, "run", *flags])
     children.append(first)
     first.wait_for("ready:", READY_TIMEOUT_S)
-    second = Child([*RECSYS, "run", *flags])
-    children.append(second)
+    # --rebuild-state deletes the state and recovery directories before it opens anything: until
+    # 2026-12-06 (forty-fourth session) it deleted the running flow's, then ran beside it from the
+    # earliest offsets (every recommendation sent again), and one of the two failed at its stop
+    before = sorted(p.name for p in (tmp_path / "state").iterdir())
+    second = Child([*RECSYS, "run", *flags])  # the two refused at once
+    third = Child([*RECSYS, "run", *flags, "--rebuild-state"])
+    children.extend([second, third])
     assert second.proc.wait(timeout=READY_TIMEOUT_S) == 1, second.output
     assert "Traceback" not in second.output, second.output
     assert second.lines[-1].startswith(f"recsys run: the state directory {tmp_path / 'state'} is in use by another "
                                        f"process"), second.output
     assert first.proc.poll() is None, first.output
-    # --rebuild-state deletes the state and recovery directories before it opens anything: until
-    # 2026-12-06 (forty-fourth session) it deleted the running flow's, then ran beside it from the
-    # earliest offsets (every recommendation sent again), and one of the two failed at its stop
-    before = sorted(p.name for p in (tmp_path / "state").iterdir())
-    third = Child([*RECSYS, "run", *flags, "--rebuild-state"])
-    children.append(third)
     assert third.proc.wait(timeout=READY_TIMEOUT_S) == 1, third.output
     assert "Traceback" not in third.output, third.output
     assert third.lines[-1].startswith("recsys run: --rebuild-state: "), third.output
