@@ -638,6 +638,8 @@ def newest_event_time(consumer: Any, topic: str, wait_s: float = 1.0) -> int | N
     from recsys.events import DecodeError, decode_event
 
     tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+    # the local Tansu broker's end_offsets() is the last batch's base offset + 1 (kafka_io's
+    # _read_highwater): the first fetch from end - 1 then holds that whole batch, whose newest is taken
     ends, starts = consumer.end_offsets(tps), consumer.beginning_offsets(tps)
     held = [tp for tp in tps if ends[tp] > starts[tp]]
     if not held:

@@ -198,6 +198,23 @@ class _Laps:
         self._at = now
 
 
+def _no_embed_worker(s: Settings, cached_state: bool) -> str | None:
+    """Why no embedding worker can run with these settings (None: one can): only where an event
+    can wait for its item (the waiting room), on persistent state with a cached embedder, and not
+    with shared signals (their hold for the catalog is not measured with it)."""
+    if s.share_signals:
+        return "not with --share-signals yet"
+    if s.unknown_items == "admit":
+        return "not with --unknown-items admit (an event never waits for its item)"
+    if s.stop_at_end:
+        return "not with --stop-at-end (a replay of the topics embeds in the batch)"
+    if s.unknown_item_wait_s <= 0:
+        return "not with RECSYS_UNKNOWN_ITEM_WAIT_S=0 (an event never waits for its item)"
+    if not cached_state:
+        return "not with this state (in memory, or an embedder without a cache)"
+    return None
+
+
 class Shard:
     """User state, global signals, items and the recommender behind one ``process`` call."""
 
@@ -379,28 +396,14 @@ class Shard:
         # (job -> the texts), and the texts asked and not answered (their searches wait)
         self._query_jobs: dict[int, list[str]] = {}
         self._query_pending: set[str] = set()
-        if (settings.embed_worker and wait_s > 0 and persistent and not settings.share_signals
-                and isinstance(embedder, Embedder)):
+        #: why ``RECSYS_EMBED_WORKER`` asked for a worker and none runs (None: it runs, or was not
+        #: asked for): what ``recsys run`` says at start (until 2026-12-07 nothing did)
+        self.embed_worker_off_because = (_no_embed_worker(settings, persistent and isinstance(embedder, Embedder))
+                                         if settings.embed_worker else None)
+        if settings.embed_worker and self.embed_worker_off_because is None:
             # the cache's parent directory, as the engine's embedder was given it: one cache for both
             cache_dir = None if embedder.cache_path is None else str(Path(embedder.cache_path).parent)
             self._worker = EmbeddingWorker(settings.model_name, cache_dir, settings.embed_batch_size)
-
-    @property
-    def embed_worker_off_because(self) -> str | None:
-        """Why ``RECSYS_EMBED_WORKER`` asked for a worker and none runs (None: it runs, or was
-        not asked for): what ``recsys run`` says at start (until 2026-12-07 nothing did)."""
-        s = self.settings
-        if not s.embed_worker or self._worker is not None:
-            return None
-        if s.share_signals:
-            return "not with --share-signals yet"
-        if s.unknown_items == "admit":
-            return "not with --unknown-items admit (an event never waits for its item)"
-        if s.stop_at_end:
-            return "not with --stop-at-end (a replay of the topics embeds in the batch)"
-        if s.unknown_item_wait_s <= 0:
-            return "not with RECSYS_UNKNOWN_ITEM_WAIT_S=0 (an event never waits for its item)"
-        return "not with this state (in memory, or an embedder without a cache)"
 
     @staticmethod
     def _check_layout(kv: KVStore, settings: Settings) -> None:
