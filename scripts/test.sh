@@ -1,8 +1,28 @@
 #!/usr/bin/env bash
 # Set everything up, then run the whole test suite (in-memory broker and a real local
 # Kafka-protocol broker started by the test session on 127.0.0.1).
+#
+# Two passes, each with the arguments given: first every test not marked `serial`, spread over
+# the machine's cores (pytest-xdist, at most 4 workers, each with its own local broker); then
+# the `serial` ones (they start flows, brokers or workers, or time what those do) one at a time,
+# as their time limits assume. With -m or -n among the arguments, one pass, as given.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-exec .venv/bin/python -m pytest "$@"
+pytest=(.venv/bin/python -m pytest)
+for arg in "$@"; do
+  case "$arg" in
+    -m|-m*|-n|-n*|--numprocesses*) exec "${pytest[@]}" "$@" ;;
+  esac
+done
+first=0 second=0
+"${pytest[@]}" -n auto --maxprocesses 4 -m "not serial" "$@" || first=$?
+echo "---- the serial tests, one at a time"
+"${pytest[@]}" -m serial "$@" || second=$?
+# 5: no test selected in that pass (a run of some files only)
+if [ "$first" -eq 5 ] && [ "$second" -eq 5 ]; then exit 5; fi
+for rc in "$first" "$second"; do
+  if [ "$rc" -ne 0 ] && [ "$rc" -ne 5 ]; then exit "$rc"; fi
+done
+exit 0

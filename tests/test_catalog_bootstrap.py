@@ -25,6 +25,8 @@ from dataflows.kafka_io import KafkaClients, consume_all, ensure_topics, produce
 from recsys.events import Event, encode
 from recsys.synthetic import generate_catalog, generate_events
 
+pytestmark = pytest.mark.serial
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

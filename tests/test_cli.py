@@ -22,6 +22,8 @@ from recsys.events import encode
 from recsys.synthetic import generate_catalog, generate_events
 from recsys_cli.main import main
 
+pytestmark = pytest.mark.serial
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

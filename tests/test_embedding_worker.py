@@ -19,6 +19,8 @@ from recsys.settings import Settings
 from recsys.shard.step import Shard
 from recsys.store.kv import RocksKV
 
+pytestmark = pytest.mark.serial
+
 _WAIT_S = 60.0  # the worker loads the model (a few seconds) before its first answer
 
 

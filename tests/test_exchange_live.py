@@ -17,6 +17,8 @@ from recsys.events import encode
 from recsys.signals.exchange import decode_message
 from recsys.synthetic import generate_catalog, generate_events
 
+pytestmark = pytest.mark.serial
+
 
 @pytest.mark.slow
 def test_two_sharing_shard_processes_end_with_identical_signal_checksums(local_broker, topic_name, tmp_path, children):

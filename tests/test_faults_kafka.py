@@ -27,6 +27,8 @@ from recsys.settings import Settings
 from recsys.shard.step import Shard
 from recsys.synthetic import generate_catalog, generate_events
 
+pytestmark = pytest.mark.serial
+
 
 @pytest.fixture(scope="module")
 def catalog():

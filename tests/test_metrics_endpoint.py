@@ -25,6 +25,8 @@ from recsys.events import encode
 from recsys.settings import Settings
 from recsys.synthetic import generate_catalog, generate_events
 
+pytestmark = pytest.mark.serial
+
 ROOT = Path(__file__).resolve().parents[1]
 BAD = [b"not json", b'{"event_id": "b", "type": "hover", "user_id": "u-bad", "item_id": "i1", "ts": 1}',
        b'{"event_id": "c", "type": "click", "user_id": "u-bad", "ts": 1}']

@@ -30,6 +30,8 @@ from recsys.events import encode
 from recsys.synthetic import generate_catalog, generate_events
 from recsys_cli.local_broker import HOST
 
+pytestmark = pytest.mark.serial
+
 ROOT = Path(__file__).resolve().parents[1]
 RECSYS = [sys.executable, "-m", "recsys_cli"]
 #: Generous for a busy 2-core machine: loading torch and the model takes 10-20 s there.

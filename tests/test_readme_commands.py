@@ -30,6 +30,8 @@ from dataflows.kafka_io import KafkaClients, ensure_topics
 from recsys.events import encode
 from recsys.synthetic import generate_catalog, generate_events
 
+pytestmark = pytest.mark.serial
+
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 PROGRAMS = ("bash", "recsys", "python", ".venv/bin/python", "mkdir")

@@ -39,6 +39,8 @@ from recsys.signals.trainer import (
 from recsys.store.kv import MemoryKV, RocksKV
 from recsys.synthetic import generate_catalog, generate_events
 
+pytestmark = pytest.mark.serial
+
 TOPIC = "signal-exchange"
 
 
