@@ -139,11 +139,27 @@ def test_a_search_whose_broker_dies_while_it_waits_names_the_broker_not_the_flow
 
     from recsys_cli.local_broker import LocalBroker
 
+    from kafka.structs import TopicPartition
+
     with LocalBroker() as broker:
         ensure_topics(broker.bootstrap, {"events": 1, "search-results": 1})
-        threading.Timer(4.0, lambda: os.kill(broker.pid, signal.SIGKILL)).start()  # the search is out by then
+
+        def kill_once_the_search_is_out() -> None:
+            watcher = KafkaClients.for_bootstrap(broker.bootstrap).consumer()
+            try:
+                events = TopicPartition("events", 0)
+                while watcher.end_offsets([events])[events] < 1:
+                    time.sleep(0.05)
+            finally:
+                watcher.close()
+            os.kill(broker.pid, signal.SIGKILL)
+
+        killer = threading.Thread(target=kill_once_the_search_is_out, daemon=True)
+        killer.start()
         with pytest.raises(SystemExit) as stopped:
-            main(["search", "tent", "--user", "u1", "--timeout", "10", "--bootstrap-servers", broker.bootstrap])
+            main(["search", "tent", "--user", "u1", "--timeout", "4", "--bootstrap-servers", broker.bootstrap])
+        killer.join(timeout=5)
+        assert not killer.is_alive()
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert stopped.value.code == 1
     assert f"and no connection to the broker at {broker.bootstrap} now: is it up? The search" in line, line
