@@ -412,10 +412,23 @@ class TrainerMetrics(_Endpoint):
     >>> m = TrainerMetrics(Settings()); m.observe(position=9, log_end=15, published=7, published_at=100.0, now=103.5)
     >>> m.value("recsys_trainer_lag_records"), m.value("recsys_trainer_published_model_age_seconds")
     (5.0, 3.5)
+
+    Every ``RECSYS_STATUS_INTERVAL_S`` (unless ``--quiet``) :meth:`observe` writes a status line to
+    ``status`` (stderr), as a shard does (until 2026-12-07 a running trainer said nothing between
+    ``ready:`` and ``stopped:``):
+
+    >>> import io
+    >>> out = io.StringIO(); m = TrainerMetrics(Settings(status_interval_s=10), status=out, clock=lambda: 100.0)
+    >>> m.learned.inc(1200); m.observe(position=4811, log_end=4900, published=4800, published_at=105.0, now=110.0)
+    >>> print(out.getvalue().strip())
+    status: 120 messages/s learned, exchange position 4811, lag 88, models x4800 published 5 s ago
     """
 
-    def __init__(self, settings: Settings, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, settings: Settings, *, status: TextIO | None = sys.stderr,
+                 clock: Callable[[], float] = time.time) -> None:
         self.settings, self.clock = settings, clock
+        self._status = None if settings.quiet else status
+        self._interval_started, self._interval_learned = clock(), 0.0
         self.registry = r = CollectorRegistry()
         ProcessCollector(namespace="recsys", registry=r)
         self.position = Gauge("recsys_trainer_learned_offset",
@@ -452,6 +465,22 @@ class TrainerMetrics(_Endpoint):
         self.published.set(published)
         if published_at is not None:
             self.published_age.set(max(now - published_at, 0.0))
+        if self._status is not None and now - self._interval_started >= self.settings.status_interval_s:
+            self._status.write(self.status_line(now) + "\n")
+            self._status.flush()
+
+    def status_line(self, now: float) -> str:
+        """The trainer's numbers now, with its learning rate over the interval since the last line
+        (which this starts anew)."""
+        learned = self.value("recsys_trainer_messages_learned_total") or 0.0
+        rate = (learned - self._interval_learned) / max(now - self._interval_started, 1e-9)
+        self._interval_started, self._interval_learned = now, learned
+        published, age = (self.value(f"recsys_trainer_published_model_{k}") for k in ("offset", "age_seconds"))
+        models = ("no models published yet" if published is None or published < 0 or age is None or age != age
+                  else f"models x{published:.0f} published {age:.0f} s ago")
+        position, lag = (self.value(f"recsys_trainer_{k}") for k in ("learned_offset", "lag_records"))
+        return (f"status: {rate:.0f} messages/s learned, exchange position {position:.0f}, "
+                f"lag {lag or 0:.0f}, {models}")
 
     def value(self, name: str) -> float | None:
         """The current value of one of this registry's series (for tests and the status line)."""

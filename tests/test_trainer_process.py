@@ -294,7 +294,8 @@ def test_a_shard_served_by_the_trainer_exposes_the_version_it_serves_and_its_age
 def test_recsys_trainer_runs_the_trainer_on_the_broker_as_the_compose_service_does(
         local_broker, topic_name, tmp_path, embedder, catalog, log, whole, children):  # noqa: F811
     """`recsys trainer` (docker-compose.yml's trainer service), on the real local broker: it learns the
-    log, serves its metrics on RECSYS_METRICS_PORT + RECSYS_SHARDS, and on SIGTERM publishes the
+    log, serves its metrics on RECSYS_METRICS_PORT + RECSYS_SHARDS, says where it stands in a status
+    line every RECSYS_STATUS_INTERVAL_S, and on SIGTERM publishes the
     models of the whole log and exits 0. A bad catalog record is the shards' to dead-letter: the
     trainer sends none (it sent one more copy at every start before 2026-12-04)."""
     prefix = topic_name("trainer") + "-"
@@ -309,7 +310,7 @@ def test_recsys_trainer_runs_the_trainer_on_the_broker_as_the_compose_service_do
     trainer = Child([*RECSYS, "trainer", "--bootstrap-servers", local_broker.bootstrap, "--catalog-topic", prefix + "catalog",
                      "--exchange-topic", prefix + "exchange", "--exchange-snapshot-dir", str(tmp_path / "snaps"),
                      "--state-dir", str(tmp_path / "state"), "--embed-cache-dir", str(Path(embedder.cache_path).parent),
-                     "--dead-letters-topic", prefix + "dead"],
+                     "--dead-letters-topic", prefix + "dead", "--status-interval-s", "0.2"],
                     env=env)
     children.append(trainer)
     trainer.wait_for("ready: model trainer", READY_TIMEOUT_S)
@@ -321,9 +322,15 @@ def test_recsys_trainer_runs_the_trainer_on_the_broker_as_the_compose_service_do
         return samples["recsys_trainer_learned_offset"]
 
     _wait_for(lambda: learned() == len(log) - 1, 120)
+    # its status line says so too (until 2026-12-07 nothing between ready: and stopped:)
+    deadline = time.monotonic() + 30
+    while f"exchange position {len(log) - 1}, lag 0, " not in trainer.wait_for("status: ", deadline - time.monotonic()):
+        pass
     code, _ = trainer.stop_with(signal.SIGTERM, timeout_s=60)
     assert code == 0, trainer.output
     assert f"trainer_learned={len(log) - 1}," in trainer.output and "trainer_state_snapshots=1" in trainer.output
+    status = [line for line in trainer.lines if line.startswith("status: ")]
+    assert all(" messages/s learned, exchange position " in line for line in status), status
     assert consume_all(clients, prefix + "dead", timeout_s=5) == []
     engine = _shard(embedder, catalog, 1, trainer=True)
     engine.load_models(read_model_snapshot(newest_model_snapshot(tmp_path / "snaps", prefix + "exchange").path)[1])
