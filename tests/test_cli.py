@@ -137,9 +137,9 @@ def test_a_search_whose_broker_dies_while_it_waits_names_the_broker_not_the_flow
     it asked whether a flow was running. Our own broker, killed by its pid."""
     import threading
 
-    from recsys_cli.local_broker import LocalBroker
-
     from kafka.structs import TopicPartition
+
+    from recsys_cli.local_broker import LocalBroker
 
     with LocalBroker() as broker:
         ensure_topics(broker.bootstrap, {"events": 1, "search-results": 1})
