@@ -42,7 +42,7 @@ from dataflows.kafka_io import (
 from dataflows.metrics import FlowMetrics, Watched
 from recsys.items.catalog import read_catalog_file
 from recsys.settings import Settings
-from recsys.shard.step import Shard, StateLayoutError
+from recsys.shard.step import Shard, StateLayoutError, check_state_layout
 from recsys.signals.exchange import POSITION_KEY
 from recsys.signals.snapshot import (
     SnapshotError,
@@ -71,6 +71,8 @@ def shard_factory(settings: Settings, *, evaluate: bool = False, in_memory: bool
     def build() -> Shard:
         sharing = settings.share_signals and not in_memory and not evaluate
         kafka = (clients if clients is not None else KafkaClients(settings)) if sharing else None
+        if not in_memory:
+            check_state_layout(settings)  # before anything is read into, or written to, the directory
         loaded = load_exchange_snapshot(settings, kafka) if sharing else None
         engine = Shard.open(settings, evaluate=evaluate, in_memory=in_memory)
         if sharing and engine.exchange is not None:

@@ -534,3 +534,25 @@ def test_the_head_serves_its_step_once_enough_messages_were_read_after_it(tmp_pa
     engine.process(_envelopes(events[at : at + 10], start=at))
     assert engine.head.version != served  # served from the end of the batch that reached the count
     engine.close()
+
+
+def test_a_start_on_state_written_under_another_process_count_is_refused_before_it_is_touched(tmp_path):
+    """`--processes 1` -> `2` on the same directories (a day-2 operator's probe, 2026-12-07): each
+    shard opened an empty ``shard-<i>`` state beside the one-process state, and applied and answered
+    every event again; back to one process, the old state went on as if nothing happened."""
+    from dataflows.live import shard_factory
+    from recsys.shard.step import StateLayoutError
+
+    one = Settings(state_dir=str(tmp_path / "one"), embed_cache_dir=str(tmp_path / "emb"), head_enabled=False)
+    Shard.open(one).close()
+    with pytest.raises(StateLayoutError, match=r"written by one process.*shard 1 of 2.*Keep --processes/--shards 1,"):
+        shard_factory(one.replace(shards=2, shard=1).for_shard())()
+    assert not (tmp_path / "one" / "shard-1").exists()
+
+    two = one.replace(state_dir=str(tmp_path / "two"))
+    for shard in range(2):
+        Shard.open(two.replace(shards=2, shard=shard).for_shard()).close()
+    shard_factory(two.replace(shards=2, shard=0).for_shard())().close()  # the same layout starts
+    with pytest.raises(StateLayoutError, match=r"written by 2 shard processes \(shard-0, shard-1\).*--shards 2,"):
+        shard_factory(two)()
+    assert not (tmp_path / "two" / "rocks").exists()

@@ -129,6 +129,42 @@ if not AUDIT_LOG.handlers:
 
 class StateLayoutError(RuntimeError):
     """The state directory was written by a different shard layout (``--shards``)."""
+
+
+def check_state_layout(settings: Settings) -> None:
+    """Refuse to start one process on a state directory that shard processes wrote, or a shard on
+    one that a single process wrote (``settings`` as :meth:`Settings.for_shard` gives them: one
+    process keeps ``<state_dir>/rocks``, shard ``i`` of ``N`` ``<state_dir>/shard-<i>/rocks``).
+    :meth:`Shard._check_layout` sees only the directory it opens, so until 2026-12-07 going
+    from ``--processes 1`` to ``2`` on the same directories opened two empty states beside the
+    old one: every event was applied again and every answer sent again, in other bytes.
+
+    >>> import tempfile
+    >>> base = Path(tempfile.mkdtemp()); (base / "rocks").mkdir(); (base / "rocks" / "CURRENT").touch()
+    >>> check_state_layout(Settings(state_dir=str(base)))  # one process on a one-process state
+    >>> check_state_layout(Settings(state_dir=str(base), shards=2, shard=1).for_shard())
+    Traceback (most recent call last):
+    ...
+    recsys.shard.step.StateLayoutError: the state in ... was written by one process (its rocks directory), and this process is shard 1 of 2 (...shard-1): a new shard count moves users between shards, and this shard would start from nothing and apply every event again. Keep --processes/--shards 1, or start from new state and recovery directories.
+    """
+    def holds(d: Path) -> bool:  # a RocksDB there (recsys.shard.offline.state_dirs reads it alike)
+        return (d / "rocks" / "CURRENT").is_file()
+
+    here = Path(settings.state_dir)
+    if settings.shards > 1 and here.name == f"shard-{settings.shard}" and holds(here.parent):
+        raise StateLayoutError(
+            f"the state in {here.parent} was written by one process (its rocks directory), and this process is "
+            f"shard {settings.shard} of {settings.shards} ({here}): a new shard count moves users between shards, "
+            f"and this shard would start from nothing and apply every event again. Keep --processes/--shards 1, "
+            f"or start from new state and recovery directories.")
+    if settings.shards == 1 and here.is_dir():
+        shards = sorted(d.name for d in here.iterdir() if d.name.startswith("shard-") and holds(d))
+        if shards:
+            raise StateLayoutError(
+                f"the state in {here} was written by {len(shards)} shard processes ({', '.join(shards)}), and this "
+                f"is one process: a new shard count moves users between shards, and this process would start "
+                f"from nothing and apply every event again. Keep --processes/--shards {len(shards)}, or start from "
+                f"new state and recovery directories.")
 #: Training examples waiting for a head step; older ones are dropped past this (bounded memory).
 _MAX_PENDING_EXAMPLES = 4096
 #: The head serves its background step at the end of the batch that brings the messages read
