@@ -226,15 +226,22 @@ def _resumed_snapshots(recovery_dir: str | None) -> dict[tuple[str, str], list[t
         return {}
     executions, frontiers, snaps = [], {}, {}
     for db in sorted(Path(recovery_dir).glob("*.sqlite3")):
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
         try:
-            executions += con.execute("SELECT ex_num, worker_count, resume_epoch FROM exs").fetchall()
-            for ex, worker, front in con.execute("SELECT ex_num, worker_index, worker_frontier FROM fronts"):
-                frontiers[(ex, worker)] = max(front, frontiers.get((ex, worker), front))
-            for step, key, epoch, ser in con.execute("SELECT step_id, state_key, snap_epoch, ser_change FROM snaps"):
-                snaps.setdefault((step, key), []).append((epoch, ser))
-        finally:
-            con.close()
+            con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+            try:
+                executions += con.execute("SELECT ex_num, worker_count, resume_epoch FROM exs").fetchall()
+                for ex, worker, front in con.execute("SELECT ex_num, worker_index, worker_frontier FROM fronts"):
+                    frontiers[(ex, worker)] = max(front, frontiers.get((ex, worker), front))
+                for step, key, epoch, ser in con.execute("SELECT step_id, state_key, snap_epoch, ser_change FROM snaps"):
+                    snaps.setdefault((step, key), []).append((epoch, ser))
+            finally:
+                con.close()
+        except sqlite3.DatabaseError as exc:  # a traceback until 2026-12-07 (a day-2 operator's probe)
+            raise RecoveryStoreError(
+                f"the recovery directory {recovery_dir} holds {db.name}, which is not a Bytewax recovery store Bytewax "
+                f"could resume from ({exc}): it was damaged, truncated or replaced. Move {recovery_dir} aside (the state "
+                f"records what was applied: the flow then reads its inputs again from their first offset and applies "
+                f"nothing twice), or start again with --rebuild-state") from None
     if not executions:
         return {}
     ex, workers, resume = max(executions)
@@ -264,6 +271,11 @@ class RecoveryTopicsError(RuntimeError):
     """The recovery directory resumes a topic this flow does not read or write (renamed by a
     topic setting, or sharing switched off): Bytewax would stop at its first step with "Key
     StateKey(...) is not in this worker's routing map"."""
+
+
+class RecoveryStoreError(RecoveryTopicsError):
+    """A file of the recovery directory is not a recovery store SQLite can read (damaged,
+    truncated, empty): refused like a recovery directory for other topics, in one line."""
 
 
 def recovered_topics(recovery_dir: str | None) -> tuple[set[str], set[str]]:

@@ -8,6 +8,7 @@ invalid message lands in dead letters with a reason and its source coordinates.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import orjson
 import pytest
@@ -311,3 +312,26 @@ def test_events_and_catalog_from_a_producer_that_compresses_are_read(codec, loca
     last = {e.user_id: e.event_id for e in events}
     triggers = {orjson.loads(r.value)["trigger_event_id"] for r in consume_all(clients, settings.recommendations_topic, timeout_s=30)}
     assert set(last.values()) <= triggers
+
+
+@pytest.mark.parametrize("damage", ["empty", "junk", "truncated"])
+def test_a_damaged_recovery_store_is_refused_in_one_line_naming_the_file(memory_broker, tmp_path, embed_cache, catalog,
+                                                                         damage):
+    """An empty, overwritten or half-truncated ``part-0.sqlite3`` (a day-2 operator's probe,
+    2026-12-07) ended ``recsys run`` in a traceback through the recovery check ("no such table:
+    exs", "file is not a database", "database disk image is malformed"); now one refusal that
+    names the file and the two ways on, as for a recovery directory of other topics."""
+    from dataflows.live import flow_topics
+    from dataflows.runner import RecoveryTopicsError, check_recovery_topics
+
+    settings = _settings(tmp_path, embed_cache)
+    _run_pipeline(memory_broker, settings, catalog, generate_events(200, catalog, n_users=20, seed=9))
+    (store,) = sorted(Path(settings.recovery_dir).glob("*.sqlite3"))
+    whole = store.read_bytes()
+    store.write_bytes({"empty": b"", "junk": b"not a database" * 100, "truncated": whole[:len(whole) // 2]}[damage])
+    reads, writes = flow_topics(settings)
+    with pytest.raises(RecoveryTopicsError) as refused:
+        check_recovery_topics(settings.recovery_dir, reads=reads, writes=writes, state_dir=settings.state_dir)
+    message = str(refused.value)
+    assert f"the recovery directory {settings.recovery_dir} holds {store.name}, which is not a Bytewax recovery" in message
+    assert "--rebuild-state" in message and "\n" not in message
