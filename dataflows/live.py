@@ -83,7 +83,7 @@ def shard_factory(settings: Settings, *, evaluate: bool = False, in_memory: bool
                 raise
         if settings.catalog_file:
             try:
-                engine.upsert_catalog(read_catalog_file(settings.catalog_file), progress=True)
+                engine.upsert_catalog_file(read_catalog_file(settings.catalog_file), progress=True)
             except BaseException:  # a bad file (CatalogFileError), a signal: the state closed in order
                 engine.close()
                 raise

@@ -556,3 +556,40 @@ def test_a_start_on_state_written_under_another_process_count_is_refused_before_
     with pytest.raises(StateLayoutError, match=r"written by 2 shard processes \(shard-0, shard-1\).*--shards 2,"):
         shard_factory(two)()
     assert not (tmp_path / "two" / "rocks").exists()
+
+
+def test_the_start_up_catalog_file_applies_only_records_new_or_changed_since_it_last_gave_them(tmp_path):
+    """A catalog file left in the settings (docker-compose's RECSYS_CATALOG_FILE) was applied over
+    the state at every start (a day-2 operator's probe, 2026-12-07): an item withdrawn on the
+    catalog topic since came back available. Now a record the file gave before is not applied
+    again; a record that changed in the file, or a new one, is."""
+    from dataflows.live import shard_factory
+
+    catalog = generate_catalog(12, seed=5)
+    file = tmp_path / "catalog.jsonl"
+
+    def write(items: list[CatalogItem]) -> None:
+        file.write_bytes(b"\n".join(encode(i) for i in items) + b"\n")
+
+    def stored(engine: Shard, item_id: str) -> dict:
+        return orjson.loads(engine.kv.get(b"item:" + item_id.encode()))
+
+    write(catalog)
+    settings = Settings(state_dir=str(tmp_path / "state"), embed_cache_dir=str(tmp_path / "emb"), head_enabled=False,
+                        catalog_file=str(file))
+    engine = shard_factory(settings)()
+    first = catalog[0].item_id
+    assert stored(engine, first)["available"] is True
+    engine.upsert_catalog([dataclasses.replace(catalog[0], available=False)])  # withdrawn, as the catalog topic says
+    engine.close()
+
+    engine = shard_factory(settings)()  # the same file: withdrawn it stays
+    assert stored(engine, first)["available"] is False
+    engine.close()
+
+    write([*catalog, dataclasses.replace(catalog[1], price=123.0), CatalogItem("new-item", "a new item")])
+    engine = shard_factory(settings)()  # changed and new records are applied, the rest not
+    assert stored(engine, catalog[1].item_id)["price"] == 123.0
+    assert stored(engine, "new-item")["title"] == "a new item"
+    assert stored(engine, first)["available"] is False
+    engine.close()

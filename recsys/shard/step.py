@@ -89,6 +89,8 @@ from recsys.threads import one_blas_thread
 _log = logging.getLogger(__name__)
 
 _ITEM_PREFIX = b"item:"
+#: item id -> digest of the record the start-up catalog file last gave for it (:meth:`Shard.upsert_catalog_file`)
+_FILE_ITEM_PREFIX = b"catfile:"
 _WATERMARK_PREFIX = b"wm:"
 _OUTBOX_PREFIX = b"o:"
 #: ``pos:<topic>:<partition>`` -> the last offset processed, whatever became of the message
@@ -523,6 +525,22 @@ class Shard:
         self.search.upsert(items)  # issue 13
         self.kv.write({_ITEM_PREFIX + i.item_id.encode(): encode(i) for i in items})
         return changed
+
+    def upsert_catalog_file(self, items: list[CatalogItem], *, progress: bool = False) -> int:
+        """The start-up catalog file (``RECSYS_CATALOG_FILE``): apply its records that are new to this
+        state or changed since the file last gave them; returns how many. A record the file gave
+        before is not applied again: the catalog topic may have changed that item since (until
+        2026-12-07 a file left in the settings put every item back as the file had it at every
+        start, a withdrawn item available again, an old price back; a day-2 operator's probe)."""
+        import hashlib
+
+        digests = {i.item_id: hashlib.blake2b(encode(i), digest_size=16).digest() for i in items}
+        given = {i: self.kv.get(_FILE_ITEM_PREFIX + i.encode()) for i in digests}
+        fresh = [i for i in items if given[i.item_id] != digests[i.item_id]]
+        if fresh:
+            self.upsert_catalog(fresh, progress=progress)
+            self.kv.write({_FILE_ITEM_PREFIX + i.item_id.encode(): digests[i.item_id] for i in fresh})
+        return len(fresh)
 
     # ------------------------------------------------------------------ the step
 
