@@ -96,6 +96,7 @@ from kafka.structs import TopicPartition  # noqa: E402
 from dataflows.kafka_io import (
     KafkaClients,
     consume_all,
+    default_topic_configs,
     default_topics,
     ensure_topics,
     produce_records,
@@ -306,7 +307,7 @@ def start_broker(partitions: int, settings: Settings) -> tuple[LocalBroker, Kafk
     broker = LocalBroker().start()
     s = settings.replace(bootstrap_servers=broker.bootstrap)
     clients = KafkaClients(s)
-    ensure_topics(clients, default_topics(s, partitions))
+    ensure_topics(clients, default_topics(s, partitions), configs=default_topic_configs(s))
     return broker, clients, s
 
 

@@ -1130,10 +1130,20 @@ def default_topics(settings: Settings, partitions: int) -> dict[str, int]:
     }
 
 
+def default_topic_configs(settings: Settings) -> dict[str, dict[str, str]]:
+    """Topic configs :func:`default_topics` are created with: the catalog compacted (the latest
+    record of every item kept for ever, as docker-compose.yml creates it; until 2026-12-07 `recsys
+    run --create-topics` made it an ordinary topic, whose retention would delete items a rebuilt
+    state or a new shard then never learns)."""
+    return {settings.catalog_topic: {"cleanup.policy": "compact"}}
+
+
 def ensure_topics(
-    target: KafkaClientFactory | str, topics: Mapping[str, int], *, replication_factor: int = 1
+    target: KafkaClientFactory | str, topics: Mapping[str, int], *, replication_factor: int = 1,
+    configs: Mapping[str, Mapping[str, str]] | None = None,
 ) -> list[str]:
-    """Create the missing ``{topic: partitions}``; existing topics are left as they are.
+    """Create the missing ``{topic: partitions}`` (with ``configs[topic]``, if given); existing
+    topics are left as they are.
 
     ``target`` is a bootstrap string or a :class:`KafkaClientFactory` (real, or the test broker:
     both hand out an admin client).
@@ -1151,7 +1161,8 @@ def ensure_topics(
             if name in existing:
                 continue
             try:
-                admin.create_topics([NewTopic(name, num_partitions=n, replication_factor=replication_factor)])
+                admin.create_topics([NewTopic(name, num_partitions=n, replication_factor=replication_factor,
+                                              topic_configs=dict((configs or {}).get(name, {})))])
                 created.append(name)
             except TopicAlreadyExistsError:  # created concurrently: fine
                 pass

@@ -89,6 +89,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from dataflows.kafka_io import (
         KafkaClients,
         consume_all,
+        default_topic_configs,
         default_topics,
         ensure_topics,
         produce_records,
@@ -131,7 +132,7 @@ def run_demo(args: argparse.Namespace) -> int:
         )
         clients = KafkaClients(settings)
 
-        ensure_topics(clients, default_topics(settings, args.partitions))
+        ensure_topics(clients, default_topics(settings, args.partitions), configs=default_topic_configs(settings))
         print(f"      broker {broker.bootstrap} (pid {broker.pid}); topics created", flush=True)
 
         print("[4/5] starting the dataflow (recsys run) ...", flush=True)

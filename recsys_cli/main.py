@@ -85,6 +85,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from dataflows.kafka_io import (
         KafkaClients,
         check_shards,
+        default_topic_configs,
         default_topics,
         ensure_topics,
         required_topics,
@@ -107,7 +108,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"rebuild: removed {', '.join(removed) or 'nothing'}; replaying every topic from its earliest offset", flush=True)
     if args.create_topics:
         _require_broker(settings, "run")
-        ensure_topics(clients, default_topics(settings, max(args.partitions, args.processes)))
+        ensure_topics(clients, default_topics(settings, max(args.partitions, args.processes)),
+                      configs=default_topic_configs(settings))
     _require_broker(settings, "run", required_topics(settings))
     if max(args.processes, settings.shards) > 1:
         try:

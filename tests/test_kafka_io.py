@@ -538,3 +538,18 @@ def test_partition_watch_reads_kafka_pythons_cached_metadata_without_a_request(l
         assert len(said) == 1
     finally:
         shared.leave(TopicPartition(topic, 0))
+
+
+def test_the_topics_a_run_creates_have_the_catalog_compacted(memory_broker, local_broker, topic_name):
+    """`recsys run --create-topics` (and the demo) created the catalog as an ordinary topic, whose
+    retention deletes old item records (a day-2 operator's probe, 2026-12-07); docker-compose.yml
+    creates it compacted, and so do they now. The real local broker takes the config."""
+    from dataflows.kafka_io import default_topic_configs, default_topics, ensure_topics
+    from recsys.settings import Settings
+
+    settings = Settings(catalog_topic="shop-catalog")
+    created = ensure_topics(memory_broker, default_topics(settings, 2), configs=default_topic_configs(settings))
+    assert "shop-catalog" in created and memory_broker.topic_configs["shop-catalog"] == {"cleanup.policy": "compact"}
+    assert memory_broker.topic_configs[settings.events_topic] == {}
+    real = settings.replace(catalog_topic=topic_name("catalog"), events_topic=topic_name("events"))
+    assert real.catalog_topic in ensure_topics(local_broker.bootstrap, default_topics(real, 2), configs=default_topic_configs(real))

@@ -60,6 +60,7 @@ class InMemoryBroker:
             raise ValueError(f"default_partitions must be > 0, got {default_partitions}")
         self.default_partitions = default_partitions
         self._topics: dict[str, _Topic] = {}
+        self.topic_configs: dict[str, dict[str, str]] = {}  # what ``create_topics`` was given (not acted on)
         self._cond = threading.Condition()
         self._round_robin = itertools.count()
         self.bootstrap = f"memory://{id(self):x}"
@@ -159,6 +160,7 @@ class MemoryAdmin:
     def create_topics(self, new_topics: list[Any]) -> None:
         for topic in new_topics:
             self._broker.create_topic(topic.name, topic.num_partitions)
+            self._broker.topic_configs[topic.name] = dict(topic.topic_configs or {})
 
     def close(self) -> None:
         pass
