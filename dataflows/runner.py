@@ -357,6 +357,41 @@ def check_state_against_recovery(
     )
 
 
+def start_notes(processed: Mapping[tuple[str, int], int], recovery_dir: str | None, *, reads: set[str], events: str,
+                ignore: set[str] = frozenset()) -> list[str]:
+    """Lines ``recsys run`` prints at start when the state and the recovery directory go together
+    in a way that is allowed but costs something, said nowhere until 2026-12-07 (a day-2
+    operator's probe): nothing to resume while the state has applied events (the recovery
+    directory lost or moved aside: the inputs are read again from their first offset), and
+    positions for topics this flow does not read while its ``events`` topic has none (a renamed
+    or mirrored events topic: what it holds is new to the state). ``processed``: the engine's
+    positions; ``ignore``: topics not to name (the signal exchange).
+
+    >>> notes = start_notes({("evA", 0): 99, ("catalog", 0): 9}, None, reads={"evB", "catalog"}, events="evB")
+    >>> notes[0][:70]
+    'recovery: no recovery directory is set while the state has applied eve'
+    >>> notes[1]
+    "the state holds positions in 'evA', which this flow does not read, and none in 'evB', which it reads from its first offset: if 'evB' holds the events of 'evA' (a renamed or mirrored topic), they are applied again (only a short window of recent event ids per shopper is recognised as a repeat)"
+    >>> start_notes({("evB", 0): 99}, None, reads={"evB"}, events="evB")[1:]  # the recovery note alone
+    []
+    """
+    notes = []
+    held = {t for t, _ in processed} - set(ignore)
+    if held and not recovered_offsets(recovery_dir):
+        where = f"{recovery_dir} holds nothing to resume" if recovery_dir else "no recovery directory is set"
+        notes.append(f"recovery: {where} while the state has applied events: the inputs are read again from their "
+                     f"first offset, what the state applied is skipped, and answers it kept for a re-delivery may be "
+                     f"sent again, byte for byte")
+    gone = sorted(held - reads)
+    if gone and events not in held:
+        was = ", ".join(map(repr, gone))
+        notes.append(f"the state holds positions in {was}, which this flow does not read, and none in {events!r}, which "
+                     f"it reads from its first offset: if {events!r} holds the events of {was} (a renamed or mirrored "
+                     f"topic), they are applied again (only a short window of recent event ids per shopper is "
+                     f"recognised as a repeat)")
+    return notes
+
+
 def open_elsewhere(path: Path) -> list[Path]:
     """The RocksDB databases under ``path`` that another process has open: RocksDB holds an
     ``fcntl`` lock on a database's ``LOCK`` file for as long as it is open, which a test lock

@@ -149,6 +149,7 @@ def _run_one(settings: Settings, clients, signals) -> int:
         check_recovery_topics,
         check_state_against_recovery,
         run,
+        start_notes,
     )
     from recsys.items.catalog import CatalogFileError
     from recsys.shard.snapshots import ModelSnapshotError
@@ -181,6 +182,9 @@ def _run_one(settings: Settings, clients, signals) -> int:
     except StateBehindRecoveryError as exc:
         engine.close()
         fail("run", str(exc))
+    for note in start_notes(engine.positions, settings.recovery_dir, reads=reads, events=settings.events_topic,
+                            ignore={settings.exchange_topic}):
+        print(note, flush=True)
     grown: list[str] = []  # a topic gained partitions this process should read: stop in order, start again
 
     def partitions_added(line: str) -> None:

@@ -420,3 +420,35 @@ def test_state_rolled_back_behind_the_recovery_offsets_is_refused(local_broker, 
     with pytest.raises(SystemExit):
         _cli(settings, catalog_file)
     assert f"{settings.events_topic}[0] resumes at offset 300, the state has processed up to 199" in capsys.readouterr().err
+
+
+def test_a_start_without_recovery_or_on_a_renamed_events_topic_says_what_it_will_read_again(
+    local_broker, tmp_path, embed_cache, catalog, topic_name, capsys
+):
+    """A recovery directory lost (or moved aside, as the refusals advise), and an events topic
+    renamed with it (a day-2 operator's probe, 2026-12-07): both started without a word, reading
+    the inputs again from their first offset; the renamed topic's events were applied again."""
+    import shutil
+
+    settings = _settings(local_broker, tmp_path, embed_cache, topic_name("aside") + "-")
+    clients = KafkaClients(settings)
+    _topics(clients, settings)
+    catalog_file = _catalog_file(tmp_path, catalog)
+    events = generate_events(200, catalog, n_users=20, seed=41)
+    produce_records(clients, settings.events_topic, _records(events))
+    assert _cli(settings, catalog_file) == 0
+    assert "recovery:" not in capsys.readouterr().out  # a first start: nothing applied, nothing to say
+
+    shutil.move(settings.recovery_dir, tmp_path / "recovery-aside")
+    assert _cli(settings, catalog_file) == 0
+    out = capsys.readouterr().out
+    assert f"recovery: {settings.recovery_dir} holds nothing to resume while the state has applied events" in out
+    assert _stopped_totals(out).get("applied", 0) == 0
+
+    renamed = settings.replace(events_topic=topic_name("aside-renamed"), recovery_dir=str(tmp_path / "recovery-2"))
+    ensure_topics(clients, {renamed.events_topic: 1})
+    produce_records(clients, renamed.events_topic, _records(events[:50]))
+    assert _cli(renamed, catalog_file) == 0
+    out = capsys.readouterr().out
+    assert (f"the state holds positions in {settings.events_topic!r}, which this flow does not read, and none in "
+            f"{renamed.events_topic!r}, which it reads from its first offset") in out
