@@ -902,9 +902,11 @@ def _no_partitions(topic: str, n: int, first: int, shards: int, last: int | None
             f"give the topic at least {shards} partitions (a multiple of the shard count)")
 
 
-def check_shards(clients: KafkaClientFactory, topic: str, shards: int) -> None:
+def check_shards(clients: KafkaClientFactory, topic: str, shards: int) -> str | None:
     """Raise ``ValueError`` (naming the topic) unless every one of ``shards`` shards gets a
-    partition of ``topic``: checked before any shard loads its model."""
+    partition of ``topic``: checked before any shard loads its model. Returns a warning when the
+    partitions do not divide evenly between the shards (users are spread by partition: some shards
+    get more of them; until 2026-12-07 nothing was said), else None."""
     consumer = clients.consumer()
     try:
         n = len(_partitions(clients, consumer, topic))
@@ -912,6 +914,11 @@ def check_shards(clients: KafkaClientFactory, topic: str, shards: int) -> None:
         consumer.close()
     if n < shards:  # each of the shards from n on (until 2026-12-07 only shard n was named)
         raise ValueError(_no_partitions(topic, n, n, shards, shards - 1))
+    if n % shards:
+        counts = [len(range(i, n, shards)) for i in range(shards)]
+        return (f"{topic!r} has {n} partitions for {shards} shards: shards read {'/'.join(map(str, counts))} of them "
+                f"(users are spread by partition, so some shards get more of them); give it a multiple of {shards}")
+    return None
 
 
 # -------------------------------------------------------------------------------- sink

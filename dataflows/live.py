@@ -472,7 +472,8 @@ def _check_recovery_topics_or_exit(settings: Settings, recovery_dir: str) -> Non
 
     reads, writes = flow_topics(settings)
     try:
-        check_recovery_topics(recovery_dir, reads=reads, writes=writes, state_dir=settings.state_dir)
+        check_recovery_topics(recovery_dir, reads=reads, writes=writes, state_dir=settings.state_dir,
+                              exchange_topic=settings.exchange_topic)
     except RecoveryTopicsError as exc:
         _refuse_under_runner(str(exc))
 

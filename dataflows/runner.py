@@ -290,7 +290,8 @@ def recovered_topics(recovery_dir: str | None) -> tuple[set[str], set[str]]:
     return read, written
 
 
-def check_recovery_topics(recovery_dir: str | None, *, reads: set[str], writes: set[str], state_dir: str) -> None:
+def check_recovery_topics(recovery_dir: str | None, *, reads: set[str], writes: set[str], state_dir: str,
+                          exchange_topic: str | None = None) -> None:
     """Refuse to start, naming the topic and what to do, when the recovery directory resumes a
     topic this flow does not read (``reads``) or write (``writes``): a topic setting changed
     since it was written (e.g. ``--search-results-topic``). Bytewax resumes each input and
@@ -300,6 +301,8 @@ def check_recovery_topics(recovery_dir: str | None, *, reads: set[str], writes: 
     gone = [f"read {t!r}" for t in sorted(read - reads)] + [f"wrote to {t!r}" for t in sorted(written - writes)]
     if not gone:
         return
+    if exchange_topic is not None and exchange_topic in read - reads:  # not named until 2026-12-07
+        gone[0] += " (the signal exchange: that flow ran with --share-signals, which this one does not)"
     raise RecoveryTopicsError(
         f"the recovery directory {recovery_dir} was written by a flow that {' and '.join(gone)}, which this one "
         f"does not (it reads {', '.join(map(repr, sorted(reads)))}; writes {', '.join(map(repr, sorted(writes)))}). "

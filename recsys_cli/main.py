@@ -113,9 +113,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     _require_broker(settings, "run", required_topics(settings))
     if max(args.processes, settings.shards) > 1:
         try:
-            check_shards(clients, settings.events_topic, max(args.processes, settings.shards))
+            uneven = check_shards(clients, settings.events_topic, max(args.processes, settings.shards))
         except ValueError as exc:
             fail("run", str(exc))
+        if uneven:
+            print(f"recsys run: note: {uneven}", file=sys.stderr, flush=True)
     if args.processes > 1:  # N shard processes (dataflows/shards.py), each running this command
         from dataflows.shards import run_shards
 
@@ -160,7 +162,8 @@ def _run_one(settings: Settings, clients, signals) -> int:
     settings = settings.for_shard()
     reads, writes = flow_topics(settings)  # before the engine opens: the exchange catch-up may send
     try:
-        check_recovery_topics(settings.recovery_dir, reads=reads, writes=writes, state_dir=settings.state_dir)
+        check_recovery_topics(settings.recovery_dir, reads=reads, writes=writes, state_dir=settings.state_dir,
+                              exchange_topic=settings.exchange_topic)
     except RecoveryTopicsError as exc:
         fail("run", str(exc))
     print(f"loading the model and state from {settings.state_dir} (Ctrl-C aborts) ...", flush=True)

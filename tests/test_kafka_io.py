@@ -268,7 +268,11 @@ def test_a_shard_reads_only_its_partitions_and_a_shard_without_one_is_refused(cl
     assert KafkaSource(clients, topic).list_parts() == [part_name(topic, p) for p in range(4)]
     assert KafkaSource(clients, topic, shard=1, shards=2).list_parts() == [part_name(topic, 1), part_name(topic, 3)]
     assert KafkaSource(clients, topic, shard=0, shards=3).list_parts() == [part_name(topic, 0), part_name(topic, 3)]
-    check_shards(clients, topic, 4)
+    assert check_shards(clients, topic, 4) is None and check_shards(clients, topic, 2) is None
+    # uneven: said (until 2026-12-07 nothing was; a day-2 operator's probe)
+    assert check_shards(clients, topic, 3) == (f"{topic!r} has 4 partitions for 3 shards: shards read 2/1/1 of them (users "
+                                               f"are spread by partition, so some shards get more of them); give it a "
+                                               f"multiple of 3")
     with pytest.raises(ValueError, match=f"{topic!r} has 4 partition.*at least 5 partitions"):
         check_shards(clients, topic, 5)
     with pytest.raises(ValueError, match="shards 4 and 5 of 6 would read none"):  # every idle shard named

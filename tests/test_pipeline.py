@@ -335,3 +335,20 @@ def test_a_damaged_recovery_store_is_refused_in_one_line_naming_the_file(memory_
     message = str(refused.value)
     assert f"the recovery directory {settings.recovery_dir} holds {store.name}, which is not a Bytewax recovery" in message
     assert "--rebuild-state" in message and "\n" not in message
+
+
+def test_a_recovery_directory_of_a_sharing_flow_refused_without_sharing_names_share_signals(monkeypatch):
+    """`--share-signals` switched off on a sharing flow's directories was refused as if a topic had
+    been renamed, and `--share-signals` was named nowhere (a day-2 operator's probe, 2026-12-07).
+    What the recovery directory resumes is given here (reading it is tested above)."""
+    from dataflows import runner
+    from dataflows.live import flow_topics
+
+    settings = Settings()
+    reads, writes = flow_topics(settings)
+    monkeypatch.setattr(runner, "recovered_topics", lambda _: ({*reads, settings.exchange_topic}, set(writes)))
+    with pytest.raises(runner.RecoveryTopicsError) as refused:
+        runner.check_recovery_topics("var/recovery", reads=reads, writes=writes, state_dir="var/state",
+                                     exchange_topic=settings.exchange_topic)
+    assert (f"written by a flow that read {settings.exchange_topic!r} (the signal exchange: that flow ran with "
+            f"--share-signals, which this one does not)") in str(refused.value)
