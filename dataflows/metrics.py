@@ -157,7 +157,7 @@ class FlowMetrics(_Endpoint):
         for phase in PHASES:
             self.phase_time.labels(phase)  # every phase exported from the start, at 0
         self.latency = Histogram("recsys_event_to_recommendation_seconds",
-                                 "Broker append of a user's last event in a batch -> its recommendation",
+                                 "Broker append of a user's last event in a batch -> its recommendation (fresh ones; not re-emissions)",
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.new_item = Histogram("recsys_new_item_recommendable_seconds",
                                   "Broker append of a catalog record -> the item recommendable (indexed)",
@@ -291,7 +291,10 @@ class FlowMetrics(_Endpoint):
         self.queries_sent.inc(counts.get("queries_to_worker", 0))
         for _, payload in result.dead_letters:
             self.dead.labels(reason_class(orjson.loads(payload).get("reason", ""))).inc()
-        for user_id, _ in result.recommendations:
+        # fresh answers only: the re-emitted lists come last (their triggers were read again, so
+        # their append time is the first read's; until 2026-12-07 they were timed from it)
+        fresh = result.recommendations[:len(result.recommendations) - counts.get("reemitted", 0)]
+        for user_id, _ in fresh:
             appended = last_append.get(user_id.encode())
             if appended:  # producers key events by user: the trigger is the user's last event here
                 latency = max(now_ms - appended, 0) / 1000

@@ -1096,7 +1096,7 @@ class Shard:
         for user_id in dict.fromkeys(u for u, _ in reemit):
             if _OUTBOX_PREFIX + user_id.encode() not in puts:
                 puts[_OUTBOX_PREFIX + user_id.encode()] = encode_outbox(outboxes[user_id], acknowledged=-1)
-        result.recommendations.extend(reemit)
+        result.recommendations.extend(reemit)  # last: the metrics time all but these counts["reemitted"]
         counts["recommendations"] += len(result.recommendations)
         counts["reemitted"] += len(reemit)
 
