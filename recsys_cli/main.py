@@ -108,6 +108,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"rebuild: removed {', '.join(removed) or 'nothing'}; replaying every topic from its earliest offset", flush=True)
     if args.create_topics:
         _require_broker(settings, "run")
+        _check_recovery_before_creating(settings, args.processes)
         ensure_topics(clients, default_topics(settings, max(args.partitions, args.processes)),
                       configs=default_topic_configs(settings))
     _require_broker(settings, "run", required_topics(settings))
@@ -137,6 +138,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     if status == RESTART:
         _start_again()
     return status
+
+
+def _check_recovery_before_creating(settings: Settings, processes: int) -> None:
+    """The recovery check each shard makes at start (:func:`_run_one`), made before `--create-topics`
+    creates anything: a run it refuses creates no topic (until 2026-12-07 a renamed output topic was
+    created, then the run refused; a day-2 operator's probe)."""
+    from dataflows.live import flow_topics
+    from dataflows.runner import RecoveryTopicsError, check_recovery_topics
+
+    shards = ([settings.replace(shards=processes, shard=i).for_shard() for i in range(processes)] if processes > 1
+              else [settings.for_shard()])
+    for shard in shards:
+        reads, writes = flow_topics(shard)
+        try:
+            check_recovery_topics(shard.recovery_dir, reads=reads, writes=writes, state_dir=shard.state_dir,
+                                  exchange_topic=shard.exchange_topic)
+        except RecoveryTopicsError as exc:
+            fail("run", str(exc))
 
 
 def _run_one(settings: Settings, clients, signals) -> int:

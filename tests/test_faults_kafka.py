@@ -452,3 +452,27 @@ def test_a_start_without_recovery_or_on_a_renamed_events_topic_says_what_it_will
     out = capsys.readouterr().out
     assert (f"the state holds positions in {settings.events_topic!r}, which this flow does not read, and none in "
             f"{renamed.events_topic!r}, which it reads from its first offset") in out
+
+
+def test_a_run_with_create_topics_that_its_recovery_check_refuses_creates_no_topic(
+    local_broker, tmp_path, embed_cache, catalog, topic_name, capsys
+):
+    """A renamed output topic with --create-topics (a day-2 operator's probe, 2026-12-07): the topic
+    was created, then the run refused by the recovery check; the check now comes first."""
+    settings = _settings(local_broker, tmp_path, embed_cache, topic_name("create") + "-")
+    clients = KafkaClients(settings)
+    _topics(clients, settings)
+    catalog_file = _catalog_file(tmp_path, catalog)
+    produce_records(clients, settings.events_topic, _records(generate_events(100, catalog, n_users=10, seed=43)))
+    assert _cli(settings, catalog_file) == 0
+    renamed = settings.replace(recommendations_topic=topic_name("create-renamed"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:
+        _cli(renamed, catalog_file, "--create-topics")
+    assert refused.value.code == 1
+    assert f"wrote to {settings.recommendations_topic!r}" in capsys.readouterr().err
+    admin = clients.admin()
+    try:
+        assert renamed.recommendations_topic not in admin.list_topics()
+    finally:
+        admin.close()
