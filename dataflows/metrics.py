@@ -92,9 +92,21 @@ class _Endpoint:
     settings: Settings
     registry: CollectorRegistry
     server: Any
+    _status: TextIO | None  # where status lines go (None: --quiet)
+    _interval_started: float  # when the status line's interval began
 
     def _port_offset(self) -> int:
         raise NotImplementedError
+
+    def status_line(self, now: float) -> str:
+        """The status line for the interval that ends ``now`` (which it starts anew)."""
+        raise NotImplementedError
+
+    def _status_if_due(self, now: float) -> None:
+        """Write the status line once ``RECSYS_STATUS_INTERVAL_S`` has passed since the last."""
+        if self._status is not None and now - self._interval_started >= self.settings.status_interval_s:
+            self._status.write(self.status_line(now) + "\n")
+            self._status.flush()
 
     @property
     def port(self) -> int | None:
@@ -349,9 +361,7 @@ class FlowMetrics(_Endpoint):
             self.state_bytes.set(_dir_bytes(Path(self.settings.state_dir)))
         if self._users is not None:
             self.users.set(self._users)
-        if self._status is not None and now - self._interval_started >= self.settings.status_interval_s:
-            self._status.write(self.status_line(now) + "\n")
-            self._status.flush()
+        self._status_if_due(now)
 
     def _count_search_caches(self, engine: Shard) -> None:
         """Search's cache counts since the last tick into ``recsys_search_cache_total``."""
@@ -468,9 +478,7 @@ class TrainerMetrics(_Endpoint):
         self.published.set(published)
         if published_at is not None:
             self.published_age.set(max(now - published_at, 0.0))
-        if self._status is not None and now - self._interval_started >= self.settings.status_interval_s:
-            self._status.write(self.status_line(now) + "\n")
-            self._status.flush()
+        self._status_if_due(now)
 
     def status_line(self, now: float) -> str:
         """The trainer's numbers now, with its learning rate over the interval since the last line

@@ -108,7 +108,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"rebuild: removed {', '.join(removed) or 'nothing'}; replaying every topic from its earliest offset", flush=True)
     if args.create_topics:
         _require_broker(settings, "run")
-        _check_recovery_before_creating(settings, args.processes)
+        for shard in range(args.processes) if args.processes > 1 else (None,):
+            _checked_recovery(settings.for_shard() if shard is None else
+                              settings.replace(shards=args.processes, shard=shard).for_shard())
         ensure_topics(clients, default_topics(settings, max(args.partitions, args.processes)),
                       configs=default_topic_configs(settings))
     _require_broker(settings, "run", required_topics(settings))
@@ -140,34 +142,32 @@ def cmd_run(args: argparse.Namespace) -> int:
     return status
 
 
-def _check_recovery_before_creating(settings: Settings, processes: int) -> None:
-    """The recovery check each shard makes at start (:func:`_run_one`), made before `--create-topics`
-    creates anything: a run it refuses creates no topic (until 2026-12-07 a renamed output topic was
-    created, then the run refused; a day-2 operator's probe)."""
+def _checked_recovery(settings: Settings) -> tuple[set[str], set[str]]:
+    """Refuse in one line a recovery directory written for other topics (``settings``: one shard's,
+    :meth:`Settings.for_shard`); returns the topics the flow reads and writes. Each shard checks at
+    start (:func:`_run_one`), and ``--create-topics`` checks every shard first, so that a run it
+    refuses creates no topic (until 2026-12-07 a renamed output topic was created, then the run
+    refused; a day-2 operator's probe)."""
     from dataflows.live import flow_topics
     from dataflows.runner import RecoveryTopicsError, check_recovery_topics
 
-    shards = ([settings.replace(shards=processes, shard=i).for_shard() for i in range(processes)] if processes > 1
-              else [settings.for_shard()])
-    for shard in shards:
-        reads, writes = flow_topics(shard)
-        try:
-            check_recovery_topics(shard.recovery_dir, reads=reads, writes=writes, state_dir=shard.state_dir,
-                                  exchange_topic=shard.exchange_topic)
-        except RecoveryTopicsError as exc:
-            fail("run", str(exc))
+    reads, writes = flow_topics(settings)
+    try:
+        check_recovery_topics(settings.recovery_dir, reads=reads, writes=writes, state_dir=settings.state_dir,
+                              exchange_topic=settings.exchange_topic)
+    except RecoveryTopicsError as exc:
+        fail("run", str(exc))
+    return reads, writes
 
 
 def _run_one(settings: Settings, clients, signals) -> int:
     """Load the engine (a signal aborts at once), check it against recovery, then run the flow
     until the input ends or a signal asks for an orderly stop; prints one ``stopped:`` line."""
     from dataflows.kafka_io import BrokerUnavailableError, OffsetResetError
-    from dataflows.live import finish_flow, flow_topics, live_flow, ready_engine, shard_factory
+    from dataflows.live import finish_flow, live_flow, ready_engine, shard_factory
     from dataflows.metrics import MetricsPortError
     from dataflows.runner import (
-        RecoveryTopicsError,
         StateBehindRecoveryError,
-        check_recovery_topics,
         check_state_against_recovery,
         run,
         start_notes,
@@ -179,12 +179,7 @@ def _run_one(settings: Settings, clients, signals) -> int:
     from recsys.store.kv import StoreCorruptionError, StoreOpenError, StoreWriteError
 
     settings = settings.for_shard()
-    reads, writes = flow_topics(settings)  # before the engine opens: the exchange catch-up may send
-    try:
-        check_recovery_topics(settings.recovery_dir, reads=reads, writes=writes, state_dir=settings.state_dir,
-                              exchange_topic=settings.exchange_topic)
-    except RecoveryTopicsError as exc:
-        fail("run", str(exc))
+    reads, writes = _checked_recovery(settings)  # before the engine opens: the exchange catch-up may send
     print(f"loading the model and state from {settings.state_dir} (Ctrl-C aborts) ...", flush=True)
     try:
         engine = shard_factory(settings)()

@@ -178,6 +178,18 @@ def _stopped_totals(out: str) -> dict[str, int]:
     return {k: int(v) for k, v in (kv.split("=") for kv in line.removeprefix("stopped: ").split(", ") if kv)}
 
 
+def _ran_once(local_broker, tmp_path: Path, embed_cache: str, catalog, prefix: str, events: list) -> tuple:
+    """The four topics (events on one partition), ``events`` produced and one ``recsys run
+    --stop-at-end`` over them, in this process; returns ``(settings, clients, catalog_file)``."""
+    settings = _settings(local_broker, tmp_path, embed_cache, prefix)
+    clients = KafkaClients(settings)
+    _topics(clients, settings)
+    catalog_file = _catalog_file(tmp_path, catalog)
+    produce_records(clients, settings.events_topic, _records(events))
+    assert _cli(settings, catalog_file) == 0
+    return settings, clients, catalog_file
+
+
 def _recreate(clients: KafkaClients, topic: str, partitions: int) -> None:
     import time
 
@@ -203,12 +215,8 @@ def test_a_partition_whose_log_lost_the_recovered_offset_stops_the_flow_until_to
     # a log end below the flow's position counts as loss once it has lasted 2 s (a new leader's
     # lagging high watermark does not); the three runs that find one here wait 0.2 s instead
     monkeypatch.setattr(kafka_io, "OFFSET_LOSS_CONFIRM_S", 0.2)
-    settings = _settings(local_broker, tmp_path, embed_cache, topic_name("lost") + "-")
-    clients = KafkaClients(settings)
-    _topics(clients, settings)
-    catalog_file = _catalog_file(tmp_path, catalog)
-    produce_records(clients, settings.events_topic, _records(generate_events(300, catalog, n_users=30, seed=21)))
-    assert _cli(settings, catalog_file) == 0
+    settings, clients, catalog_file = _ran_once(local_broker, tmp_path, embed_cache, catalog, topic_name("lost") + "-",
+                                                generate_events(300, catalog, n_users=30, seed=21))
     assert _stopped_totals(capsys.readouterr().out)["applied"] == 300
 
     # the topic is re-created (or the broker lost its data) and holds 100 new events
@@ -430,13 +438,9 @@ def test_a_start_without_recovery_or_on_a_renamed_events_topic_says_what_it_will
     the inputs again from their first offset; the renamed topic's events were applied again."""
     import shutil
 
-    settings = _settings(local_broker, tmp_path, embed_cache, topic_name("aside") + "-")
-    clients = KafkaClients(settings)
-    _topics(clients, settings)
-    catalog_file = _catalog_file(tmp_path, catalog)
     events = generate_events(200, catalog, n_users=20, seed=41)
-    produce_records(clients, settings.events_topic, _records(events))
-    assert _cli(settings, catalog_file) == 0
+    settings, clients, catalog_file = _ran_once(local_broker, tmp_path, embed_cache, catalog, topic_name("aside") + "-",
+                                                events)
     assert "recovery:" not in capsys.readouterr().out  # a first start: nothing applied, nothing to say
 
     shutil.move(settings.recovery_dir, tmp_path / "recovery-aside")
@@ -459,12 +463,8 @@ def test_a_run_with_create_topics_that_its_recovery_check_refuses_creates_no_top
 ):
     """A renamed output topic with --create-topics (a day-2 operator's probe, 2026-12-07): the topic
     was created, then the run refused by the recovery check; the check now comes first."""
-    settings = _settings(local_broker, tmp_path, embed_cache, topic_name("create") + "-")
-    clients = KafkaClients(settings)
-    _topics(clients, settings)
-    catalog_file = _catalog_file(tmp_path, catalog)
-    produce_records(clients, settings.events_topic, _records(generate_events(100, catalog, n_users=10, seed=43)))
-    assert _cli(settings, catalog_file) == 0
+    settings, clients, catalog_file = _ran_once(local_broker, tmp_path, embed_cache, catalog, topic_name("create") + "-",
+                                                generate_events(100, catalog, n_users=10, seed=43))
     renamed = settings.replace(recommendations_topic=topic_name("create-renamed"))
     capsys.readouterr()
     with pytest.raises(SystemExit) as refused:

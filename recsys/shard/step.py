@@ -22,6 +22,7 @@ Shape of one batch::
 from __future__ import annotations
 
 import gc
+import hashlib
 import logging
 import time
 from collections import Counter, deque
@@ -69,6 +70,7 @@ from recsys.ranking.reranker import (
 from recsys.search import Search, SearchConfig  # issue 13
 from recsys.search.intent import SearchIntent
 from recsys.settings import Settings
+from recsys.shard.offline import state_dirs
 from recsys.shard.outbox import (
     decode_outbox,
     encode_outbox,
@@ -149,18 +151,15 @@ def check_state_layout(settings: Settings) -> None:
     ...
     recsys.shard.step.StateLayoutError: the state in ... was written by one process (its rocks directory), and this process is shard 1 of 2 (...shard-1): a new shard count moves users between shards, and this shard would start from nothing and apply every event again. Keep --processes/--shards 1, or start from new state and recovery directories.
     """
-    def holds(d: Path) -> bool:  # a RocksDB there (recsys.shard.offline.state_dirs reads it alike)
-        return (d / "rocks" / "CURRENT").is_file()
-
     here = Path(settings.state_dir)
-    if settings.shards > 1 and here.name == f"shard-{settings.shard}" and holds(here.parent):
+    if settings.shards > 1 and here.name == f"shard-{settings.shard}" and here.parent in state_dirs(here.parent):
         raise StateLayoutError(
             f"the state in {here.parent} was written by one process (its rocks directory), and this process is "
             f"shard {settings.shard} of {settings.shards} ({here}): a new shard count moves users between shards, "
             f"and this shard would start from nothing and apply every event again. Keep --processes/--shards 1, "
             f"or start from new state and recovery directories.")
-    if settings.shards == 1 and here.is_dir():
-        shards = sorted(d.name for d in here.iterdir() if d.name.startswith("shard-") and holds(d))
+    if settings.shards == 1:
+        shards = [d.name for d in state_dirs(here) if d != here]
         if shards:
             raise StateLayoutError(
                 f"the state in {here} was written by {len(shards)} shard processes ({', '.join(shards)}), and this "
@@ -532,8 +531,6 @@ class Shard:
         before is not applied again: the catalog topic may have changed that item since (until
         2026-12-07 a file left in the settings put every item back as the file had it at every
         start, a withdrawn item available again, an old price back; a day-2 operator's probe)."""
-        import hashlib
-
         digests = {i.item_id: hashlib.blake2b(encode(i), digest_size=16).digest() for i in items}
         given = {i: self.kv.get(_FILE_ITEM_PREFIX + i.encode()) for i in digests}
         fresh = [i for i in items if given[i.item_id] != digests[i.item_id]]
