@@ -70,7 +70,6 @@ from recsys.ranking.reranker import (
 from recsys.search import Search, SearchConfig  # issue 13
 from recsys.search.intent import SearchIntent
 from recsys.settings import Settings
-from recsys.shard.offline import state_dirs
 from recsys.shard.outbox import (
     decode_outbox,
     encode_outbox,
@@ -151,15 +150,18 @@ def check_state_layout(settings: Settings) -> None:
     ...
     recsys.shard.step.StateLayoutError: the state in ... was written by one process (its rocks directory), and this process is shard 1 of 2 (...shard-1): a new shard count moves users between shards, and this shard would start from nothing and apply every event again. Keep --processes/--shards 1, or start from new state and recovery directories.
     """
+    def holds(d: Path) -> bool:  # a RocksDB there, as recsys.shard.offline.state_dirs reads it (it imports
+        return (d / "rocks" / "CURRENT").is_file()  # this module: calling it here would make an import circle)
+
     here = Path(settings.state_dir)
-    if settings.shards > 1 and here.name == f"shard-{settings.shard}" and here.parent in state_dirs(here.parent):
+    if settings.shards > 1 and here.name == f"shard-{settings.shard}" and holds(here.parent):
         raise StateLayoutError(
             f"the state in {here.parent} was written by one process (its rocks directory), and this process is "
             f"shard {settings.shard} of {settings.shards} ({here}): a new shard count moves users between shards, "
             f"and this shard would start from nothing and apply every event again. Keep --processes/--shards 1, "
             f"or start from new state and recovery directories.")
-    if settings.shards == 1:
-        shards = [d.name for d in state_dirs(here) if d != here]
+    if settings.shards == 1 and here.is_dir():
+        shards = sorted(d.name for d in here.iterdir() if d.name.startswith("shard-") and holds(d))
         if shards:
             raise StateLayoutError(
                 f"the state in {here} was written by {len(shards)} shard processes ({', '.join(shards)}), and this "
