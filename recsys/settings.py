@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import importlib.util
 import re
 import types
 from pathlib import Path
@@ -33,6 +34,8 @@ ENV_PREFIX = "RECSYS_"
 
 #: The characters of a Kafka topic name (Kafka's ``Topic.validate``).
 _TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]+")
+#: optional settings whose value may be the word "none" itself (see Settings._empty_is_none)
+_LITERAL_NONE_OK = frozenset({"sasl_username", "sasl_password"})
 
 
 def topic_name_error(name: str) -> str | None:
@@ -76,7 +79,7 @@ class Settings(BaseSettings):
     # embedded a slice at a time (~3 ms an item here), the events behind it served between slices
     catalog_poll_max_records: int = Field(64, gt=0)
     max_message_bytes: int = Field(64 * 1024, gt=0)  # larger messages are dead-lettered as oversized
-    stop_at_end: bool = False  # stop at the high watermark seen at start (demo, replay, bench)
+    stop_at_end: bool = False  # stop at the high watermark seen at start (a run that ends: benchmarks, tests)
     # --- scale-out: N independent processes, each owning the events partitions p % N == shard ---
     shards: int = 1
     shard: int = 0
@@ -211,10 +214,31 @@ class Settings(BaseSettings):
     @field_validator("*", mode="before")
     @classmethod
     def _empty_is_none(cls, value: Any, info: ValidationInfo) -> Any:
-        """An empty value unsets an optional setting (``RECSYS_RECOVERY_DIR=`` disables recovery)."""
-        if value == "" and type(None) in get_args(cls.model_fields[info.field_name].annotation):
+        """An empty value, or ``none`` in any case, unsets an optional setting
+        (``RECSYS_RECOVERY_DIR=`` or ``RECSYS_RECOVERY_DIR=none`` disables recovery). Until 2026-12-07
+        ``none`` was taken as it was: a recovery directory named ``./None``, and a metrics port
+        refused as not a number, although the README said "None disables". The SASL user name and
+        password are taken as given (a password may be the word)."""
+        if (isinstance(value, str) and (value == "" or (value.lower() == "none" and info.field_name not in _LITERAL_NONE_OK))
+                and type(None) in get_args(cls.model_fields[info.field_name].annotation)):
             return None
         return value
+
+    @field_validator("sasl_mechanism")
+    @classmethod
+    def _sasl_mechanism_this_client_can_use(cls, mechanism: str | None) -> str | None:
+        """Only the mechanisms a user name and password are enough for, plus GSSAPI where the
+        ``gssapi`` package is installed (until 2026-12-07 OAUTHBEARER and GSSAPI were accepted here
+        and failed when the client connected: OAUTHBEARER needs a token provider object, which no
+        setting can give)."""
+        if mechanism == "OAUTHBEARER":
+            raise ValueError("OAUTHBEARER needs a token provider, which this program cannot be given; use PLAIN, "
+                             "SCRAM-SHA-256 or SCRAM-SHA-512 (with --sasl-username and --sasl-password)")
+        if mechanism == "GSSAPI" and importlib.util.find_spec("gssapi") is None:
+            raise ValueError("GSSAPI (Kerberos) needs the Python package gssapi, which is not installed "
+                             "(pip install gssapi, and a Kerberos ticket for this process); or use PLAIN, "
+                             "SCRAM-SHA-256 or SCRAM-SHA-512")
+        return mechanism
 
     @field_validator("events_topic", "catalog_topic", "recommendations_topic", "dead_letters_topic", "exchange_topic",
                      "control_topic", "search_results_topic")

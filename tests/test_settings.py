@@ -99,6 +99,38 @@ def test_an_empty_variable_unsets_an_optional_setting_only():
         Settings.from_env({"RECSYS_EVENTS_TOPIC": ""})
 
 
+@pytest.mark.parametrize("word", ["None", "none", "NONE"])
+def test_none_unsets_an_optional_setting_as_the_settings_table_says(word):
+    # until 2026-12-07 a recovery directory named ./None, and a metrics port refused as not an int
+    s = Settings.from_env({"RECSYS_RECOVERY_DIR": word, "RECSYS_METRICS_PORT": word, "RECSYS_CATALOG_FILE": word,
+                           "RECSYS_EXCHANGE_SNAPSHOT_DIR": word})
+    assert (s.recovery_dir, s.metrics_port, s.catalog_file, s.exchange_snapshot_dir) == (None, None, None, None)
+    parser = argparse.ArgumentParser()
+    add_cli_flags(parser)
+    assert settings_from_args(parser.parse_args(["--recovery-dir", word]), {}).recovery_dir is None
+
+
+def test_the_word_none_is_a_sasl_user_name_or_password_as_given():
+    s = Settings.from_env({"RECSYS_SASL_USERNAME": "none", "RECSYS_SASL_PASSWORD": "None"})
+    assert (s.sasl_username, s.sasl_password) == ("none", "None")
+
+
+def test_a_sasl_mechanism_the_client_cannot_be_configured_for_is_refused_at_once():
+    # until 2026-12-07 accepted here, and failing when the client connected: no setting gives a token provider
+    with pytest.raises(SettingsError, match="^RECSYS_SASL_MECHANISM: OAUTHBEARER needs a token provider"):
+        Settings.from_env({"RECSYS_SASL_MECHANISM": "OAUTHBEARER"})
+    assert Settings.from_env({"RECSYS_SASL_MECHANISM": "SCRAM-SHA-512"}).kafka_options()["sasl_mechanism"] == "SCRAM-SHA-512"
+
+
+def test_gssapi_is_refused_naming_the_package_it_needs_where_that_is_missing():
+    import importlib.util
+
+    if importlib.util.find_spec("gssapi") is not None:
+        pytest.skip("gssapi is installed here: GSSAPI is accepted")
+    with pytest.raises(SettingsError, match="GSSAPI .*needs the Python package gssapi"):
+        Settings.from_env({"RECSYS_SASL_MECHANISM": "GSSAPI"})
+
+
 def test_replace_validates_the_copy_and_leaves_the_original():
     s = Settings(top_k=5)
     assert s.replace(top_k=6).top_k == 6 and s.top_k == 5
