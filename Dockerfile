@@ -35,7 +35,8 @@ USER recsys
 VOLUME ["/data/state", "/data/recovery", "/data/embeddings", "/data/exchange-snapshots"]
 ENV RECSYS_STATE_DIR=/data/state \
     RECSYS_RECOVERY_DIR=/data/recovery \
-    RECSYS_EMBED_CACHE_DIR=/data/embeddings
+    RECSYS_EMBED_CACHE_DIR=/data/embeddings \
+    RECSYS_EXCHANGE_SNAPSHOT_DIR=/data/exchange-snapshots
 
 ENTRYPOINT ["recsys"]
 CMD ["run"]

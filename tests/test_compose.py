@@ -82,6 +82,18 @@ def test_every_recsys_variable_in_the_dockerfile_is_a_real_setting() -> None:
     assert set(re.findall(r"\bRECSYS_[A-Z0-9_]+", DOCKERFILE.read_text())) - SETTING_VARS == set()
 
 
+def test_every_volume_of_the_image_is_where_a_directory_setting_points_and_back() -> None:
+    """A plain ``docker run`` of the image keeps each directory the program writes on a volume
+    the non-root user owns (until 2026-12-07 the image declared /data/exchange-snapshots but set
+    no RECSYS_EXCHANGE_SNAPSHOT_DIR: a sharing run wrote to /app/var, root's, and was refused)."""
+    text = DOCKERFILE.read_text().replace("\\\n", " ")
+    volumes = set(re.findall(r'"(/[^"]+)"', re.search(r"^VOLUME \[(.*)\]", text, re.M).group(1)))
+    env = dict(re.findall(r"\b(RECSYS_[A-Z0-9_]+)=(\S+)", text))
+    directories = {Settings.env_var(name) for name in Settings.model_fields if name.endswith("_dir")}
+    assert {value for var, value in env.items() if var in directories} == volumes
+    assert directories - set(env) == set(), "a directory setting the image leaves at its default (under /app)"
+
+
 def test_compose_settings_are_accepted_by_settings_from_env(compose: dict[str, Any]) -> None:
     settings = Settings.from_env(environment(compose["services"]["recsys"]))
     assert settings.bootstrap_servers == "kafka:9092"
