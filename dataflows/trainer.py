@@ -85,7 +85,7 @@ def open_trainer(settings: Settings, clients: Any, *, log_start: int | None = No
     trainer's models parted from an uninterrupted one's."""
     ts = trainer_settings(settings)
     if not ts.exchange_snapshot_dir:
-        raise SystemExit("the model trainer publishes to RECSYS_EXCHANGE_SNAPSHOT_DIR: set it (the shards read it)")
+        raise SystemExit("recsys trainer: the model trainer publishes to RECSYS_EXCHANGE_SNAPSHOT_DIR: set it (the shards read it)")
     own_embedder = embedder is None
     if own_embedder:
         from recsys.items.embeddings import Embedder
@@ -104,7 +104,7 @@ def open_trainer(settings: Settings, clients: Any, *, log_start: int | None = No
         try:
             loaded = bootstrap_state(kv, ts.exchange_snapshot_dir, ts.exchange_topic, log_start=log_start)
         except SnapshotError as exc:
-            raise SystemExit(f"trainer: state snapshot of {ts.state_dir}: {exc}") from exc
+            raise SystemExit(f"recsys trainer: state snapshot of {ts.state_dir}: {exc}") from exc
     except BaseException:
         if kv is not None:
             kv.close()
@@ -130,7 +130,7 @@ def gap_message(settings: Settings, position: int, log_start: int) -> str:
     snaps = (f"no trainer state snapshot ({state_snapshot_topic(topic)}.*.snapshot) is in {ts.exchange_snapshot_dir}"
              if newest is None else f"the newest trainer state snapshot there is at position {newest.position}")
     where = "its state is blank" if position < 0 else f"its state ({ts.state_dir}) has learned the log up to position {position}"
-    return (f"trainer: exchange topic {topic!r} starts at offset {log_start}, but the trainer needs it from "
+    return (f"recsys trainer: exchange topic {topic!r} starts at offset {log_start}, but the trainer needs it from "
             f"{position + 1} ({where}): records {position + 1}..{log_start - 1} were deleted (retention), and {snaps}. "
             f"A running trainer writes one every RECSYS_EXCHANGE_SNAPSHOT_INTERVAL_S={settings.exchange_snapshot_interval_s:g} s "
             f"and at its stop; keep the log longer than that, or put one at position >= {log_start - 1} there and start again")

@@ -159,12 +159,12 @@ def _start_flow(settings) -> subprocess.Popen:
     while time.time() < deadline:
         line = proc.stdout.readline()
         if not line:
-            raise SystemExit(f"dataflow exited before it was ready (exit code {proc.wait()})")
+            raise SystemExit(f"recsys demo: the dataflow exited before it was ready (exit code {proc.wait()}); its last lines are above")
         print("      flow: " + line.rstrip(), flush=True)
         if line.startswith("ready"):
             threading.Thread(target=_echo, args=(proc,), daemon=True).start()
             return proc
-    raise SystemExit("dataflow did not become ready within 300 s")
+    raise SystemExit("recsys demo: the dataflow did not become ready within 300 s (a busy machine? its lines are above)")
 
 
 def _echo(proc: subprocess.Popen) -> None:

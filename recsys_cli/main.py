@@ -589,14 +589,14 @@ def cmd_search(args: argparse.Namespace) -> int:
     settings = settings_or_fail("search", args)
     query = " ".join(args.query.split())
     if not query:
-        fail("search", "the query is empty: give the words a shopper would type")
+        fail("search", "the query is empty: give the words a shopper would type", 2)
     event_id = f"recsys-search-{uuid.uuid4().hex[:12]}"
     sent_ms = int(time.time() * 1000)
     try:  # what the flow would dead-letter is refused here, with the same reason
         decode_event(encode(Event(event_id, "search", args.user, None, sent_ms, session_id=args.session, query=query)),
                      settings.max_message_bytes)
     except DecodeError as exc:
-        fail("search", f"the flow would refuse this search: {exc}")
+        fail("search", f"the flow would refuse this search: {exc}", 2)
     topic = settings.search_results_topic
     _require_broker(settings, "search", (settings.events_topic, topic))
     clients = KafkaClients(settings)

@@ -21,7 +21,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, NoReturn
 
-from recsys_cli.argtypes import non_negative_int, positive_float, require_writable, settings_or_fail, share
+from recsys_cli.argtypes import fail, non_negative_int, positive_float, require_writable, settings_or_fail, share
 
 BASELINES = ("popularity", "recent_popularity", "recently_seen", "most_bought", "covisitation", "session_knn",
              "itemknn", "transitions", "content", "river_biased_mf", "bpr_mf", "sasrec")
@@ -111,9 +111,9 @@ def _parse_ks(text: str | None, protocol: str, task: str = "recommend") -> tuple
     try:
         ks = tuple(sorted({int(x) for x in text.split(",") if x.strip()}))
     except ValueError:
-        raise SystemExit(f"recsys replay: --k expects whole numbers like 10 or 10,20, got {text!r}") from None
+        fail("replay", f"--k expects whole numbers like 10 or 10,20, got {text!r}", 2)
     if not ks or ks[0] < 1:
-        raise SystemExit(f"recsys replay: --k must be positive, got {text!r}")
+        fail("replay", f"--k must be positive, got {text!r}", 2)
     return ks
 
 
@@ -181,13 +181,13 @@ def _sasrec(repeat_items: set[str], seed: int, retrain_every_h: float | None, ca
 def _check_args(args: argparse.Namespace) -> None:
     """Refuse wrong arguments in one line, before anything heavy is imported or read."""
     if args.limit is not None and args.limit < 1:
-        raise SystemExit(f"recsys replay: --limit must be a whole number >= 1, got {args.limit}")
+        fail("replay", f"--limit must be a whole number >= 1, got {args.limit}", 2)
     if args.batch_size < 1:
-        raise SystemExit(f"recsys replay: --batch-size must be a whole number >= 1, got {args.batch_size}")
+        fail("replay", f"--batch-size must be a whole number >= 1, got {args.batch_size}", 2)
     if args.shards < 1 or (args.shards > 1 and args.protocol != "prequential"):
         raise SystemExit("recsys replay: --shards N needs N >= 1, and N > 1 only with --protocol prequential")
     if args.exchange_lag < 1:
-        raise SystemExit(f"recsys replay: --exchange-lag must be a whole number >= 1, got {args.exchange_lag}")
+        fail("replay", f"--exchange-lag must be a whole number >= 1, got {args.exchange_lag}", 2)
     if args.share and (args.protocol != "prequential" or args.emit):
         raise SystemExit("recsys replay: --share runs only with --protocol prequential and without --emit")
     if args.trainer and (args.share is False or args.shards < 1 or args.protocol != "prequential"):

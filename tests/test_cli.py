@@ -712,3 +712,16 @@ def test_the_supervisor_adds_up_every_start_of_a_shard(tmp_path, monkeypatch):
     assert shard.wait(30) == 0
     assert summed_totals(shard.stopped_lines) == {"applied": 5, "events_in": 6}
     assert relayed[0] == "[shard 0] ready: 1 items" and len(relayed) == 5
+
+
+@pytest.mark.parametrize("query", ["", "   ", "tea " * 20_000], ids=["empty", "blank", "oversized"])
+def test_a_search_the_flow_would_refuse_exits_2_before_any_broker_call(query, capsys):
+    """An argument refused on its own exits 2, as `recsys forget ""` does (until 2026-12-07 these
+    exited 1); no broker is running here, and none is asked."""
+    from recsys_cli.main import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["search", query, "--user", "u1", "--bootstrap-servers", "127.0.0.1:9"])
+    said = capsys.readouterr().err.strip().splitlines()
+    assert exited.value.code == 2 and len(said) == 1 and said[0].startswith("recsys search: "), said
+    assert ("query is empty" in said[0]) == (not query.strip())

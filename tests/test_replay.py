@@ -221,3 +221,15 @@ def test_ablation_rows_run_beside_the_full_system_and_margins_carry_bootstrap_in
     assert "95% bootstrap interval" in report and "| full-system/frozen |" in report
     assert "What each part adds" in report
     assert "## Fallback" in report and "| recently_seen |" in report
+
+
+@pytest.mark.parametrize("args", [["--k", "abc"], ["--k", "0"], ["--limit", "0"], ["--batch-size", "0"],
+                                  ["--exchange-lag", "0"]], ids=" ".join)
+def test_one_refused_argument_exits_2_as_the_parsers_refusals_do(args, capsys):
+    """The README's exit statuses: 2 for an argument refused on its own (until 2026-12-07 these
+    five exited 1, like the checks of what several arguments ask for together)."""
+    with pytest.raises(SystemExit) as exited:
+        main(["replay", *args, "--out", "never-written"])
+    said = capsys.readouterr().err.strip().splitlines()
+    assert exited.value.code == 2 and len(said) == 1 and said[0].startswith(f"recsys replay: {args[0]}"), said
+    assert not Path("never-written").exists()
