@@ -43,6 +43,24 @@ def test_readme_documents_every_setting():
     assert missing == []
 
 
+def test_readme_metrics_table_names_every_metric_the_code_exports():
+    """Every metric family a shard or the model trainer serves has a row in the README's
+    "Metrics" table (prometheus-client's own ``recsys_process_*`` are named there as a group;
+    the trainer's counters and the served-model gauges had none until 2026-12-07)."""
+    from dataflows.metrics import FlowMetrics, TrainerMetrics
+
+    table = (ROOT / "README.md").read_text().split("### Metrics", 1)[1].split("\n#", 1)[0]
+    documented = set(re.findall(r"`(recsys_[a-z0-9_]+)", table))
+    families = set()
+    for registry in (FlowMetrics(Settings(), status=None).registry, TrainerMetrics(Settings()).registry):
+        for family in registry.collect():
+            name = family.name + ("_total" if family.type == "counter" else "")
+            if not name.startswith("recsys_process_") or name == "recsys_process_resident_memory_bytes":
+                families.add(name)
+    assert len(families) > 30
+    assert sorted(families - documented) == []
+
+
 def test_readme_says_why_each_dependency_is_there():
     """Every package pyproject.toml installs (the test extra too) has a row in the README's
     "Dependencies and why" table (crc32c had none until 2026-12-06)."""
