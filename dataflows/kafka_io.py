@@ -96,6 +96,17 @@ PARTITION_CHECK_S = 10.0
 METADATA_MAX_AGE_MS = 60_000
 #: How long a partition may take to report its high watermark.
 HIGHWATER_TIMEOUT_S = 15.0
+#: A shared consumer whose polls have returned no record for this long while the broker reports
+#: records past its position (and it is connected) raises its fetch wait, :data:`FETCH_WAIT_STEP`
+#: times, up to :data:`MAX_FETCH_WAIT_MS`: the broker takes longer than the wait to read them and
+#: answers every fetch empty. The local Tansu broker's memory storage does once a partition holds
+#: tens of thousands of small record batches (a 20 ms fetch got nothing for minutes after ~80,000;
+#: 100 ms got records in 0.15 s); until 2026-12-07 the flow then read nothing for good, its status
+#: line saying only ``0 events/s, lag N``. A broker that answers as soon as it has records (Apache
+#: Kafka) never gets here.
+DRY_FETCH_S = 3.0
+FETCH_WAIT_STEP = 4
+MAX_FETCH_WAIT_MS = 5_000
 #: How long a log end below the flow's position must persist before it counts as data loss:
 #: a new partition leader can report a lagging high watermark for a moment after an election.
 OFFSET_LOSS_CONFIRM_S = 2.0
@@ -378,17 +389,23 @@ class _SharedConsumer:
 
     def __init__(self, clients: KafkaClientFactory, *, poll_max_records: int, fetch_max_wait_ms: int,
                  release: Callable[["_SharedConsumer"], None]) -> None:
-        # "none": an offset out of range raises instead of being reset silently (kafka-python's
-        # "earliest" re-read from the log start, where the engine skipped what it thought it had)
-        self.consumer: Any = clients.consumer(
-            fetch_max_wait_ms=fetch_max_wait_ms, max_poll_records=poll_max_records, auto_offset_reset="none",
-            metadata_max_age_ms=METADATA_MAX_AGE_MS,  # partitions added to a topic seen within a minute (PartitionWatch)
-        )
+        self._clients = clients
+        self.fetch_max_wait_ms = fetch_max_wait_ms  # raised when the broker answers every fetch empty (DRY_FETCH_S)
+        self.consumer: Any = self._open_consumer(poll_max_records)
+        self._dry_since: float | None = None  # polls empty while the broker reports records past the position
         self._max = poll_max_records
         self._buffers: dict[TopicPartition, list[Any]] = {}
         self._lost: set[TopicPartition] = set()  # out of range, until their owner seeks
         self._release = release
         self.polled_at = float("-inf")  # time.monotonic() of the last poll that returned nothing
+
+    def _open_consumer(self, poll_max_records: int) -> Any:
+        # "none": an offset out of range raises instead of being reset silently (kafka-python's
+        # "earliest" re-read from the log start, where the engine skipped what it thought it had)
+        return self._clients.consumer(
+            fetch_max_wait_ms=self.fetch_max_wait_ms, max_poll_records=poll_max_records, auto_offset_reset="none",
+            metadata_max_age_ms=METADATA_MAX_AGE_MS,  # partitions added to a topic seen within a minute (PartitionWatch)
+        )
 
     def holds(self, tp: TopicPartition) -> bool:
         return tp in self._buffers
@@ -435,6 +452,50 @@ class _SharedConsumer:
             buffer = self._buffers.get(tp)
             if buffer is not None:  # None: left since the fetch
                 buffer.extend(records)
+        if got:
+            self._dry_since = None
+        elif not building:
+            self._check_dry(self.polled_at)
+
+    def _behind(self) -> dict[TopicPartition, int]:
+        """The partitions whose log (as the last fetch reported it) holds records past the fetch
+        position, with how many."""
+        out = {}
+        for tp in self._buffers:
+            if tp not in self._lost and (hw := self.consumer.highwater(tp)) is not None:
+                if (ahead := hw - self.consumer.position(tp)) > 0:
+                    out[tp] = ahead
+        return out
+
+    def _check_dry(self, now: float) -> None:
+        """After an empty poll: raise the fetch wait once polls have come back empty for
+        :data:`DRY_FETCH_S` while the broker, connected, reports records past the position."""
+        if self.fetch_max_wait_ms >= MAX_FETCH_WAIT_MS or not (behind := self._behind()):
+            self._dry_since = None
+            return
+        if self._dry_since is None:
+            self._dry_since = now
+            return
+        if now - self._dry_since < DRY_FETCH_S or not connection_count(self.consumer):
+            return  # a broker that went away is the status line's to report, not a slow read
+        old, before = self.consumer, self.fetch_max_wait_ms
+        self.fetch_max_wait_ms = min(before * FETCH_WAIT_STEP, MAX_FETCH_WAIT_MS) if before > 0 else FETCH_WAIT_STEP
+        positions = {tp: old.position(tp) for tp in self._buffers}
+        self.consumer = self._open_consumer(self._max)
+        self.consumer.assign(list(positions))
+        for tp, offset in positions.items():  # what is buffered lies below these offsets
+            self.consumer.seek(tp, offset)
+        old.close()
+        self._dry_since = None
+        named = ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(behind)[:3]) + (
+            f" and {len(behind) - 3} more" if len(behind) > 3 else "")
+        log.warning(
+            "%s: the broker at %s answered every fetch empty for %.0f s while its log holds %d record(s) past the "
+            "flow's position: it takes longer than the fetch wait (%d ms, RECSYS_FETCH_MAX_WAIT_MS) to read them (the "
+            "local Tansu broker's memory storage does once a partition holds tens of thousands of small batches); "
+            "fetching with a wait of %d ms from now on",
+            named, self._clients.bootstrap, DRY_FETCH_S, sum(behind.values()), before, self.fetch_max_wait_ms,
+        )
 
     def take(self, tp: TopicPartition, n: int) -> list[Any]:
         """Up to ``n`` buffered records of ``tp``, oldest first."""

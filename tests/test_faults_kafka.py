@@ -476,3 +476,42 @@ def test_a_run_with_create_topics_that_its_recovery_check_refuses_creates_no_top
         assert renamed.recommendations_topic not in admin.list_topics()
     finally:
         admin.close()
+
+
+# ------------------------------------------------- a broker slower to read than the fetch wait
+
+
+def test_a_broker_that_answers_every_fetch_empty_gets_a_longer_wait_and_the_flow_reads_on(
+    local_broker, tmp_path, embed_cache, catalog, topic_name
+):
+    """Tansu's memory storage takes longer to read a partition of many small record batches than
+    a short fetch wait, and answers every fetch empty: until 2026-12-07 the flow then read nothing
+    for good (a soak probe at 400 events/s: from ~6 minutes on, `0 events/s, lag 159924` for ever;
+    here 8,000 one-record batches and a 1 ms wait do the same in seconds). Now the shared consumer
+    raises its wait once polls come back empty while the log holds records past its position, and
+    says so; the run reads everything."""
+    import subprocess
+    import sys
+
+    settings = _settings(local_broker, tmp_path, embed_cache, topic_name("slowread") + "-", fetch_max_wait_ms=1)
+    clients = KafkaClients(settings)
+    _topics(clients, settings)
+    produce_records(clients, settings.catalog_topic, [(c.item_id.encode(), encode(c)) for c in catalog])
+    events = generate_events(8_000, catalog, n_users=200, seed=31)
+    one_by_one = clients.producer(linger_ms=0, batch_size=1)  # every record a batch of its own
+    try:
+        for e in events:
+            one_by_one.send(settings.events_topic, key=e.user_id.encode(), value=encode(e))
+        one_by_one.flush()
+    finally:
+        one_by_one.close()
+    flags = [f"--{name.replace('_', '-')}={getattr(settings, name)}" for name in (
+        "bootstrap_servers", "events_topic", "catalog_topic", "recommendations_topic", "dead_letters_topic",
+        "state_dir", "recovery_dir", "embed_cache_dir", "fetch_max_wait_ms", "poll_max_records")]
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "recsys_cli", "run", "--stop-at-end", "--quiet", *flags],
+                          capture_output=True, text=True, timeout=150, env=env)  # on the old code: killed here
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"applied={len(events)}," in done.stdout, done.stdout[-2000:]
+    raised = [line for line in done.stderr.splitlines() if "answered every fetch empty" in line]
+    assert raised and "fetching with a wait of 4 ms" in raised[0], done.stderr[-3000:]
