@@ -195,3 +195,31 @@ def test_the_catalog_time_credited_to_waits_survives_a_restart_and_the_bound_sti
     result = engine.process([])
     assert len(result.dead_letters) == 1 and b"unknown item 'never'" in result.dead_letters[0][1]
     engine.close()
+
+
+def test_the_time_between_a_bulk_imports_slices_does_not_run_out_a_wait_but_a_trickle_does(tmp_path, embedder):
+    """A catalog probe: 20,000 new items into a running flow, clicks on them 5 s later, 179 of 200
+    dead-lettered after 27-40 s of wall time, their items still on the topic. Only the upserts'
+    own time was credited; each slice's ranking, commit and fetch (here 0.4 s between slices of 64)
+    ran the clock. Full slices mean more is on the topic: the time up to the next slice is import
+    time too. Fewer records than a slice (a trickle of price changes) stop the clock only for their
+    upserts, so an event for an item that never comes still runs out."""
+    now = [1_000.0]
+    engine = _import_shard(tmp_path, embedder, now)
+    slice_ = engine.settings.catalog_poll_max_records
+    ids = [f"bulk-{i}" for i in range(12 * slice_)]
+    engine.process([Envelope("events", 0, 0, b"u", encode(Event("e0", "click", "u", ids[-1], ts=_TS)), _TS)])
+    dead = 0
+    for b in range(12):  # 12 slices, 0.64 s of embedding each, 0.4 s between them: ~4.8 s outside upserts
+        now[0] += 0.4
+        dead += len(engine.process(_catalog(ids[b * slice_:(b + 1) * slice_], b * slice_)).dead_letters)
+    assert dead == 0 and engine.totals["valid_events"] == 1 and len(engine.waiting) == 0
+
+    engine.process([Envelope("events", 0, 1, b"v", encode(Event("e1", "click", "v", "never", ts=_TS + 1)), _TS + 1)])
+    for b in range(8):  # a trickle: two records a batch, 0.4 s apart: 3.2 s outside upserts (the first 0.4 s
+        # follows the import's last full slice, and is credited)
+        now[0] += 0.4
+        result = engine.process(_catalog([f"price-{b}-a", f"price-{b}-b"], len(ids) + 2 * b))
+        dead += len(result.dead_letters)
+    assert dead == 1
+    engine.close()

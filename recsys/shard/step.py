@@ -107,6 +107,14 @@ _OFFSET_RESET_PREFIX = b"rst:"  # rst:<topic>:<partition> -> "<old>><new>": the 
 #: no better tail, the runs' spread on this 2-core box being larger (benchmarks/README.md, "new
 #: queries off the batch's path").
 QUERY_WAIT_S = 0.2
+#: A bulk catalog import: a batch that brings a full catalog slice (``catalog_poll_max_records``
+#: records) leaves more on the topic, so the time until the next batch's catalog records, if it
+#: comes within this many seconds, is import time too and stops the unknown-item wait's clock,
+#: not just the upserts' own time: until 2026-12-07 each slice's ranking, commit and fetch ran the
+#: clock, and events for the items of a 20,000-item import (a catalog probe) were dead-lettered
+#: after 27-40 s of wall time, their items still on the topic. A trickle of catalog changes
+#: (fewer than a slice a batch) stops it only for their upserts, as before.
+IMPORT_GAP_S = 1.0
 #: ``unsent:<output>:<stamp>`` -> ``[[key, payload], ...]``: outputs no re-delivery can bring back
 #: (a list whose trigger waited for its catalog item, the answer of a search that waited, the dead
 #: letter of an event whose wait ran out: Bytewax committed the event's offset long before), kept
@@ -431,6 +439,9 @@ class Shard:
         self._deferred: deque[tuple[int | None, list[CatalogItem], list[str], list[int]]] = deque()
         self._deferred_ids: Counter[str] = Counter()  # items with a record in _deferred
         self._credit_mark: float | None = None
+        # the end of the last batch's catalog upserts when that batch brought a full catalog slice
+        # (a bulk import under way: see IMPORT_GAP_S)
+        self._import_mark: float | None = None
         # issue 13: new search queries encoded by the worker too (_queries_off_path): its jobs
         # (job -> the texts), and the texts asked and not answered (their searches wait)
         self._query_jobs: dict[int, list[str]] = {}
@@ -751,7 +762,12 @@ class Shard:
             for item in catalog_items:  # every record in the state at once, deferred ones too
                 puts[_ITEM_PREFIX + item.item_id.encode()] = encode(item)
             # the catalog was catching up meanwhile: no event's wait for an item runs out for it
-            puts.update(self.waiting.credit_catalog(self.clock() - began))
+            end = self.clock()
+            credit = end - began
+            if self._import_mark is not None and 0 <= began - self._import_mark <= IMPORT_GAP_S:
+                credit += began - self._import_mark  # still importing: the time since the last full slice too
+            self._import_mark = end if counts["catalog_in"] >= self.settings.catalog_poll_max_records else None
+            puts.update(self.waiting.credit_catalog(credit))
         # after the batch's catalog records: a held exchange message may be waiting for one of them
         if exchanged or self._exchange_held:  # committed at once with its log position (recsys/signals/exchange.py)
             counts["exchange_applied"] += self.apply_exchange(exchanged)
