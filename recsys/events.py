@@ -65,11 +65,19 @@ MAX_NESTING = 16
 #: ids (event, user, item, session) with control characters (NUL, C0, DEL, C1) or bidirectional
 #: formatting characters (ALM, LRM, RLM, LRE..RLO, LRI..PDI): invisible, they make two ids look
 #: alike in logs and tools, or reorder what an operator reads (U+202E), and NUL ends C strings.
-_FORBIDDEN_IN_IDS = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+#: Zero-width characters (ZWSP, ZWNJ, ZWJ, word joiner, BOM) too, since 2026-12-07: ``i\u200b5``
+#: was an item of its own that printed as ``i5``.
+_FORBIDDEN_IN_IDS = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u202a-\u202e\u2060\u2066-\u2069\ufeff]")
 #: control characters (C0, DEL, C1) in display text (a title, category, brand, query): each becomes
 #: a space. They have no glyph, and shown to a shopper in a reason or printed by ``recsys tail`` an
-#: escape sequence recolours or clears the terminal and a newline forges a line of its own.
-_CONTROL_IN_TEXT = re.compile("[\x00-\x1f\x7f-\x9f]")
+#: escape sequence recolours or clears the terminal and a newline forges a line of its own. The
+#: bidirectional embeddings, overrides and isolates (U+202A-U+202E, U+2066-U+2069) too, since
+#: 2026-12-07: a title with U+202E reversed the rest of every reason and `tail` line that showed
+#: it. (The marks LRM, RLM and ALM, which mixed right-to-left text needs, are kept.)
+_CONTROL_IN_TEXT = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+#: A required display text must hold a character outside these: spaces, controls, and the
+#: invisible formatting characters (a title of two zero-width spaces read as blank in a reason).
+_BLANK_TEXT = re.compile("[\\s\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]*")
 
 
 #: Latest accepted event time, 9999-12-31T23:59:59.999Z: past it, times are producer bugs and
@@ -289,7 +297,7 @@ def _loads(raw: bytes | None, max_bytes: int) -> dict[str, Any]:
                               f"JSON messages are UTF-8") from None
         raise DecodeError(f"payload: malformed or truncated JSON ({exc})") from None
     if not isinstance(obj, dict):
-        raise DecodeError(f"payload: expected a JSON object, got {type(obj).__name__}")
+        raise DecodeError(f"payload: expected a JSON object, got {json_type(obj)}")
     return obj
 
 
@@ -300,7 +308,7 @@ def _str(obj: dict[str, Any], name: str, *, required: bool, max_len: int = _MAX_
             raise DecodeError(f"field '{name}': missing")
         return None
     if not isinstance(value, str):
-        raise DecodeError(f"field '{name}': expected a string, got {type(value).__name__}")
+        raise DecodeError(f"field '{name}': expected a string, got {json_type(value)}")
     if required and not value:
         raise DecodeError(f"field '{name}': empty string")
     if len(value) > max_len:
@@ -319,8 +327,8 @@ def _display_text(obj: dict[str, Any], name: str, *, required: bool, max_len: in
     value = _str(obj, name, required=required, max_len=max_len)
     if value is not None and _CONTROL_IN_TEXT.search(value) is not None:
         value = _CONTROL_IN_TEXT.sub(" ", value)
-    if required and value is not None and not value.strip():
-        raise DecodeError(f"field '{name}': blank (only spaces or control characters)")
+    if required and value is not None and _BLANK_TEXT.fullmatch(value) is not None:
+        raise DecodeError(f"field '{name}': blank (only spaces, control or invisible characters)")
     return value
 
 
@@ -334,13 +342,29 @@ def _id(obj: dict[str, Any], name: str, *, required: bool) -> str | None:
     return value
 
 
+_JSON_TYPES = ((bool, "a boolean"), (int, "a number"), (float, "a number"), (str, "a string"), (list, "an array"),
+               (dict, "an object"))
+
+
+def json_type(value: Any) -> str:
+    """What a parsed JSON value is, in JSON's words (until 2026-12-07 refusals named Python's:
+    ``got NoneType``, ``got list``).
+
+    >>> json_type(None), json_type([1]), json_type("x"), json_type(True), json_type(2.5)
+    ('null', 'an array', 'a string', 'a boolean', 'a number')
+    """
+    if value is None:
+        return "null"
+    return next((name for kind, name in _JSON_TYPES if isinstance(value, kind)), type(value).__name__)
+
+
 def _nested(obj: dict[str, Any], name: str) -> dict[str, Any] | None:
     """An optional JSON object nested at most :data:`MAX_NESTING` levels deep."""
     value = obj.get(name)
     if value is None:
         return None
     if not isinstance(value, dict):
-        raise DecodeError(f"field '{name}': expected an object, got {type(value).__name__}")
+        raise DecodeError(f"field '{name}': expected an object, got {json_type(value)}")
     level, depth = [value], 1
     while level:
         level = [v for x in level for v in (x.values() if isinstance(x, dict) else x) if isinstance(v, (dict, list))]
@@ -389,7 +413,7 @@ def parse_ts(value: Any) -> int:
         return ts
     if value is None:
         raise DecodeError("field 'ts': missing")
-    raise DecodeError(f"field 'ts': expected epoch milliseconds or an RFC 3339 string, got {type(value).__name__}")
+    raise DecodeError(f"field 'ts': expected epoch milliseconds or an RFC 3339 string, got {json_type(value)}")
 
 
 def event_from_dict(obj: dict[str, Any]) -> Event:
@@ -431,8 +455,12 @@ def catalog_item_from_dict(obj: dict[str, Any]) -> CatalogItem:
     price = _number(obj, "price")
     available = obj.get("available", True)
     if not isinstance(available, bool):
-        raise DecodeError(f"field 'available': expected a boolean, got {type(available).__name__}")
+        raise DecodeError(f"field 'available': expected a boolean, got {json_type(available)}")
     attributes = _nested(obj, "attributes")
+    if attributes is not None and not isinstance(again := attributes.get("repeat_purchase"), (bool, type(None))):
+        # until 2026-12-07 read with bool(): "false", "0" and "no" marked the item bought again
+        raise DecodeError(f"field 'attributes.repeat_purchase': expected true or false, got {json_type(again)} "
+                          f"({str(again)[:20]!r})")
     return CatalogItem(item_id, title, description, category, brand, price, available, attributes)  # type: ignore[arg-type]
 
 

@@ -508,8 +508,28 @@ def test_control_characters_in_display_text_are_read_as_spaces() -> None:
     assert item.description == "para one\n\npara two"  # not shown in reasons: kept as written
     search = decode_event(orjson.dumps({**SEARCH, "query": "bagels\n\x1b[2J"}))
     assert search.query == "bagels  [2J"
-    with pytest.raises(DecodeError, match=r"field 'title': blank \(only spaces or control characters\)"):
+    with pytest.raises(DecodeError, match=r"field 'title': blank \(only spaces, control or invisible characters\)"):
         decode_catalog_item(orjson.dumps({**ITEM, "title": " \x00\x01 "}))
+
+
+def test_bidirectional_overrides_in_shown_text_become_spaces_and_invisible_titles_are_blank() -> None:
+    """A catalog probe: a title with U+202E (right-to-left override) reached every reason and
+    `recsys tail` line as it was, reversing what followed it on the terminal; a title of two zero-width
+    spaces passed as not blank; an item id with a zero-width space was an item of its own that
+    printed like another. The marks that mixed right-to-left text needs (RLM) are kept."""
+    item = decode_catalog_item(orjson.dumps({**ITEM, "title": "\u202eevil gnihtemos\u2066x\u2069",
+                                              "brand": "\u05e9\u05dc\u05d5\u05dd\u200f 2"}))
+    assert item.title == " evil gnihtemos x " and item.brand == "\u05e9\u05dc\u05d5\u05dd\u200f 2"
+    for invisible in ("\u200b\u200b", " \ufeff ", "\u2060", "\u202e"):
+        raw = {**ITEM, "title": invisible}
+        with pytest.raises(DecodeError, match=r"field 'title': blank"):
+            decode_catalog_item(orjson.dumps(raw))
+        assert validate("catalog_item", raw) != []
+    for item_id in ("i\u200b5", "\ufeffi5", "i\u20605"):
+        raw = {**ITEM, "item_id": item_id}
+        with pytest.raises(DecodeError, match=r"field 'item_id': contains the control or bidirectional character U\+"):
+            decode_catalog_item(orjson.dumps(raw))
+        assert validate("catalog_item", raw) != []
 
 
 @settings(max_examples=200, deadline=None)
@@ -717,3 +737,25 @@ def test_a_recommendation_encodes_to_the_bytes_of_its_dict() -> None:
                 Recommendation("u2", (), "e2", "m", 0, 0)):
         assert encode(rec) == orjson.dumps(rec.to_dict())
         assert recommendation_from_dict(orjson.loads(encode(rec))) == rec
+
+
+@pytest.mark.parametrize("again", ["false", "0", "no", 0, 1, [], {}])
+def test_repeat_purchase_of_another_type_than_true_false_or_null_is_refused_by_both(again) -> None:
+    """A catalog probe: ``"repeat_purchase": "false"`` was read with bool() as true, and the item
+    came back to a shopper who had bought it, explained "you buy this often"."""
+    raw = orjson.dumps({"item_id": "rp", "title": "Coffee beans", "attributes": {"repeat_purchase": again}})
+    with pytest.raises(DecodeError, match=r"^field 'attributes.repeat_purchase': expected true or false, got "):
+        decode_catalog_item(raw)
+    assert validate("catalog_item", orjson.loads(raw)) != []
+    for fine, marked in ((True, True), (False, False), (None, False)):
+        raw = orjson.dumps({"item_id": "rp", "title": "Coffee beans", "attributes": {"repeat_purchase": fine}})
+        assert decode_catalog_item(raw).repeat_purchase is marked and validate("catalog_item", orjson.loads(raw)) == []
+
+
+def test_a_refusal_names_json_types_not_pythons() -> None:
+    with pytest.raises(DecodeError, match=r"^field 'available': expected a boolean, got null$"):
+        decode_catalog_item(b'{"item_id": "a", "title": "t", "available": null}')
+    with pytest.raises(DecodeError, match=r"^payload: expected a JSON object, got an array$"):
+        decode_catalog_item(b"[1, 2]")
+    with pytest.raises(DecodeError, match=r"^field 'user_id': expected a string, got a number$"):
+        decode_event(b'{"event_id": "e", "type": "click", "user_id": 7, "item_id": "i", "ts": 1}')
