@@ -200,6 +200,9 @@ class FlowMetrics(_Endpoint):
                               "Share of recent shown lists whose next event hit them (the quality monitor's rolling mean)",
                               registry=r)
         self.drifts = Counter("recsys_quality_drifts", "Drops of the hit rate detected (ADWIN)", registry=r)
+        self.key_mismatches = Counter(
+            "recsys_key_mismatches", "Records keyed otherwise than their user_id (events) or item_id (catalog), "
+            "applied in one process (events with shards are dead-lettered)", ["topic"], registry=r)
         # issue 11: the shared models this shard serves (a trainer's snapshot, or trained here from the log)
         self.served_offset = Gauge("recsys_served_model_offset",
                                    "Exchange log position of the shared models served (their version x<offset>; "
@@ -225,6 +228,7 @@ class FlowMetrics(_Endpoint):
         self._interval_started = clock()
         self._interval_events = 0
         self._interval_dead = 0
+        self._interval_mismatched = 0  # records keyed otherwise than their id since the last status line
         self._dead_total = 0
         self._samples: deque[float] = deque(maxlen=STATUS_SAMPLES)
         self._slow_logged_at = float("-inf")
@@ -301,6 +305,12 @@ class FlowMetrics(_Endpoint):
         self.recs_out.inc(len(result.recommendations))
         self.drifts.inc(counts.get("drift_detected", 0))
         self.queries_sent.inc(counts.get("queries_to_worker", 0))
+        # until 2026-12-07 only the totals at stop said so: a catalog record keyed by another item's id
+        # replaces that item's record when the compacted topic is compacted
+        for count, topic in (("key_mismatch", self.settings.events_topic), ("catalog_key_mismatch", catalog_topic)):
+            if n := counts.get(count, 0):
+                self.key_mismatches.labels(topic).inc(n)
+                self._interval_mismatched += n
         for _, payload in result.dead_letters:
             self.dead.labels(reason_class(orjson.loads(payload).get("reason", ""))).inc()
         # fresh answers only: the re-emitted lists come last (their triggers were read again, so
@@ -374,6 +384,11 @@ class FlowMetrics(_Endpoint):
                 self.search_cache.labels(*key).inc(grew)
             self._search_seen[key] = total
 
+    def _mismatch_note(self) -> str:
+        n = self._interval_mismatched
+        return (f", {n} record{'s' if n != 1 else ''} keyed otherwise than {'their' if n != 1 else 'its'} user_id / "
+                f"item_id (applied; recsys_key_mismatches_total)") if n else ""
+
     def status_line(self, now: float) -> str:
         """The numbers of the interval since the last line; starts the next interval."""
         took = max(now - self._interval_started, 1e-9)
@@ -381,8 +396,8 @@ class FlowMetrics(_Endpoint):
         self._dead_total += self._interval_dead
         line = (f"status: {self._interval_events / took:.0f} events/s, lag {sum(self._lags.values())}, "
                 f"p99 {p99} (append -> recommendation), {self._interval_dead} dead letters ({self._dead_total} in all), "
-                f"{len(self._samples)} recommendations timed{self._broker_note(now)}")
-        self._interval_started, self._interval_events, self._interval_dead = now, 0, 0
+                f"{len(self._samples)} recommendations timed{self._mismatch_note()}{self._broker_note(now)}")
+        self._interval_started, self._interval_events, self._interval_dead, self._interval_mismatched = now, 0, 0, 0
         self._samples.clear()
         return line
 

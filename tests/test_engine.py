@@ -618,3 +618,26 @@ def test_re_emitted_lists_are_not_timed_as_fresh_answers(tmp_path, cache, catalo
     assert again.counts["reemitted"] == 6 and len(metrics._samples) == 6, metrics._samples
     assert max(metrics._samples) < 1.0
     engine.close()
+
+
+def test_records_keyed_otherwise_than_their_id_are_counted_by_topic_and_said_in_the_status_line(tmp_path, cache,
+                                                                                                catalog):
+    """A catalog probe: a record keyed by another item's id was applied and only the totals at stop
+    said so (on the compacted topic it replaces that item's record at compaction). Each batch now
+    counts them in ``recsys_key_mismatches_total{topic}`` and the next status line says how many."""
+    from dataflows.metrics import FlowMetrics
+
+    engine = Shard.open(_settings(tmp_path, cache, head_enabled=False))
+    engine.upsert_catalog(catalog)
+    other = catalog[0].item_id.encode()
+    event = generate_events(1, catalog, n_users=1, seed=5)[0]
+    batch = [Envelope("catalog", 0, 0, other, encode(CatalogItem("renamed", "a lamp")), 5),
+             Envelope("catalog", 0, 1, other, encode(CatalogItem("renamed-2", "a chair")), 5),
+             Envelope("events", 0, 0, b"someone-else", encode(event), event.ts)]
+    metrics = FlowMetrics(Settings(), status=None, clock=lambda: 100.0)
+    metrics.batch(engine, batch, engine.process(batch), 0.001)
+    assert metrics.key_mismatches.labels("catalog")._value.get() == 2
+    assert metrics.key_mismatches.labels("events")._value.get() == 1
+    assert "3 records keyed otherwise than their user_id / item_id" in metrics.status_line(110.0)
+    assert "keyed otherwise" not in metrics.status_line(120.0)  # said for its interval only
+    engine.close()
