@@ -162,6 +162,11 @@ class Settings(BaseSettings):
     # list) are kept in memory, least recently used dropped; each is caught up with every catalog
     # change (Search._refresh), so answers never depend on it. ~50-150 kB an entry (BM25's hits) at 10k items
     search_query_cache: int = Field(1_000, ge=0)
+    # shoppers whose last search's candidates and signals are kept for the search re-ranker's lesson
+    # at their next engagement (~30 kB each at 10k items, ~300 candidates x 11 float64 signals: up
+    # to ~1.4 GiB at 50,000); the re-ranker is off in the live score (SearchConfig.rerank), so 0
+    # only stops its learning, never changes an answer (recsys/search/service.py, Search._remember)
+    search_shown_users: int = Field(50_000, ge=0)
     search_in_history: bool = True  # a recent search's top items enter the user's next recommendations (recsys/search/intent.py)
 
     @classmethod

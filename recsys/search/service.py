@@ -117,6 +117,8 @@ class SearchConfig:
     max_queries: int = 100_000
     max_items_per_query: int = 50
     query_cache: int = 10_000  # query vectors kept (LRU)
+    # shoppers whose last search is kept for the re-ranker's lesson (Search._remember; Settings.search_shown_users)
+    shown_users: int = 50_000
     # normalised queries whose candidates before the shopper are kept (LRU, in memory): the
     # BM25 and vector-search answers, the merged candidate list with its catalog entries,
     # vector rows and lexical signal (Search._base). After a catalog change an entry is caught
@@ -538,9 +540,11 @@ class Search:
         the candidates are, ``keep`` beside them: most searches are never followed by such an
         engagement, so the eligible rows are taken out then, not at every search. The ids as a
         tuple (copied in C), which the collector stops tracking (see :attr:`_shown`)."""
+        if self.config.shown_users <= 0:
+            return
         self._shown[user_id] = (tuple(c.ids), c.x, keep)
         self._shown.move_to_end(user_id)
-        if len(self._shown) > 50_000:  # bounded: a user who never engages is forgotten
+        if len(self._shown) > self.config.shown_users:  # bounded: a user who never engages is forgotten
             self._shown.popitem(last=False)
 
     def _scores(self, x: np.ndarray) -> np.ndarray:

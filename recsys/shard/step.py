@@ -404,7 +404,8 @@ class Shard:
         # issue 13: search (recsys/search); its learned associations commit with the other signals
         self.search = Search(self.items, self.popularity, SearchConfig(k=settings.search_k, personalise=settings.search_personalise,
                                                                         attribution=settings.search_attribution,
-                                                                        retrieval_cache=settings.search_query_cache),
+                                                                        retrieval_cache=settings.search_query_cache,
+                                                                        shown_users=settings.search_shown_users),
                              head=self.head, clock=clock)
         self.search.upsert(list(self.items.catalog.items.values()))
         self.search.load(kv)
