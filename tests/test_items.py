@@ -210,6 +210,20 @@ def test_load_jsonl_reads_items_and_names_the_bad_line(tmp_path: Path) -> None:
         read_catalog_file(bad)
 
 
+def test_a_catalog_file_refusal_names_several_bad_lines_and_counts_them_all(tmp_path: Path) -> None:
+    """A catalog probe: ``--catalog-file`` stopped at the first bad line, so each fix cost another
+    start and model load. The refusal names the first five and says how many there are."""
+    bad = tmp_path / "bad.jsonl"
+    lines = ['{"item_id": "ok", "title": "A"}'] + [f'{{"item_id": "b{n}"}}' for n in range(7)] + ['{"item_id": "ok2", "title": "B"}', "[1]"]
+    bad.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DecodeError) as refused:
+        read_catalog_file(bad)
+    said = str(refused.value)
+    assert said.startswith(f"{bad}, line 2: field 'title': missing; line 3: ")
+    assert said.count("; line ") == 4 and "line 6: " in said and "line 7: " not in said
+    assert said.endswith("(8 bad lines in all)")
+
+
 def test_large_index_switches_to_ivf_and_keeps_upsert_remove_and_quality():
     rng = np.random.default_rng(7)
     centres = rng.normal(size=(20, 32)).astype(np.float32)

@@ -683,14 +683,21 @@ class CatalogFileError(DecodeError):
     """A catalog file that cannot be read: missing, not a file, damaged, or with a bad line."""
 
 
+#: Bad lines of a catalog file named in its refusal (the count says how many more there are).
+BAD_LINES_NAMED = 5
+
+
 def read_catalog_file(path: str | os.PathLike[str]) -> list[CatalogItem]:
     """Catalog items from a JSONL file, one item per line (blank lines skipped); the file may
     be gzip, bzip2 or xz (:func:`recsys.files.open_input`).
 
-    Whatever stops the read raises :class:`CatalogFileError` naming the file, and for a bad
-    line its number and what is wrong with it.
+    Whatever stops the read raises :class:`CatalogFileError` naming the file, and for bad
+    lines the first :data:`BAD_LINES_NAMED` numbers with what is wrong with each, and how many
+    there are (until 2026-12-07 the first one only: each fix cost another start and model load).
     """
     items: list[CatalogItem] = []
+    bad: list[str] = []
+    n_bad = 0
     try:
         with open_input(path) as fh:
             for lineno, line in enumerate(fh, start=1):
@@ -700,10 +707,13 @@ def read_catalog_file(path: str | os.PathLike[str]) -> list[CatalogItem]:
                 try:
                     items.append(decode_catalog_item(line))
                 except DecodeError as exc:
-                    raise CatalogFileError(f"{path}, line {lineno}: {exc}") from None
-    except CatalogFileError:
-        raise
+                    n_bad += 1
+                    if len(bad) < BAD_LINES_NAMED:
+                        bad.append(f"line {lineno}: {exc}")
     except (OSError, ValueError) as exc:  # missing, a directory, unreadable, damaged, zstd
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise CatalogFileError(why if str(path) in why else f"{path}: {why}") from None
+    if bad:
+        more = f" ({n_bad} bad lines in all)" if n_bad > len(bad) else ""
+        raise CatalogFileError(f"{path}, " + "; ".join(bad) + more)
     return items
