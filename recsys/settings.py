@@ -160,7 +160,7 @@ class Settings(BaseSettings):
     search_attribution: Literal["first+match", "match", "all"] = "first+match"  # engagements credited to a search's query: first+match|match|all (recsys/search/service.py)
     # queries whose candidates before the shopper (BM25 and vector-search answers, the merged
     # list) are kept in memory, least recently used dropped; each is caught up with every catalog
-    # change (Search._refresh), so answers never depend on it. ~50-150 kB an entry (BM25's hits) at 10k items
+    # change (Search._refresh), so answers never depend on it. ~60-80 kB an entry (most of it BM25's hits) at 10k items
     search_query_cache: int = Field(1_000, ge=0)
     # shoppers whose last search's candidates and signals are kept for the search re-ranker's lesson
     # at their next engagement (~30 kB each at 10k items, ~300 candidates x 11 float64 signals: up
