@@ -59,14 +59,20 @@ from recsys.store.kv import RocksKV
 TICK_INTERVAL_S = 0.25
 
 
-def shard_factory(settings: Settings, *, evaluate: bool = False, in_memory: bool = False, clients: Any = None):
+def shard_factory(settings: Settings, *, evaluate: bool = False, in_memory: bool = False, clients: Any = None,
+                  check: Callable[[Shard], None] | None = None):
     """A zero-argument callable that opens the engine and loads the start-up catalog file.
 
     With sharing (issue 11) on a persistent state it also bootstraps the exchange: a blank
     state is first loaded from the newest snapshot of the shared records, then the exchange
     log is read from the state's position + 1 to its end (:func:`catch_up_exchange`; Kafka
     through ``clients``, default real clients from ``settings``), or the start is refused
-    (:class:`ExchangeBootstrapError`) when retention deleted what the state needs."""
+    (:class:`ExchangeBootstrapError`) when retention deleted what the state needs.
+
+    ``check(engine)``: called once the state is open, before the catch-up reads, applies or
+    sends anything (``recsys run``'s check of the state against the recovery offsets: until
+    2026-12-07 the catch-up ran first, said what it had applied, and then the start was refused);
+    what it raises closes the engine and goes to the caller."""
 
     def build() -> Shard:
         sharing = settings.share_signals and not in_memory and not evaluate
@@ -75,6 +81,12 @@ def shard_factory(settings: Settings, *, evaluate: bool = False, in_memory: bool
             check_state_layout(settings)  # before anything is read into, or written to, the directory
         loaded = load_exchange_snapshot(settings, kafka) if sharing else None
         engine = Shard.open(settings, evaluate=evaluate, in_memory=in_memory)
+        if check is not None:
+            try:
+                check(engine)
+            except BaseException:
+                engine.close()
+                raise
         if sharing and engine.exchange is not None:
             try:
                 catch_up_exchange(engine, kafka, settings, loaded)

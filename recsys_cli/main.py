@@ -181,8 +181,16 @@ def _run_one(settings: Settings, clients, signals) -> int:
     settings = settings.for_shard()
     reads, writes = _checked_recovery(settings)  # before the engine opens: the exchange catch-up may send
     print(f"loading the model and state from {settings.state_dir} (Ctrl-C aborts) ...", flush=True)
+
+    def against_recovery(engine: Any) -> None:  # before the exchange catch-up applies or sends anything
+        check_state_against_recovery(
+            engine.positions, settings.recovery_dir, state_dir=settings.state_dir, legacy_watermarks=engine.watermarks
+        )
+
     try:
-        engine = shard_factory(settings)()
+        engine = shard_factory(settings, check=against_recovery)()
+    except StateBehindRecoveryError as exc:
+        fail("run", str(exc))
     except (StateLayoutError, StoreCorruptionError, ModelSnapshotError) as exc:
         fail("run", str(exc))
     except CatalogFileError as exc:
@@ -192,13 +200,6 @@ def _run_one(settings: Settings, clients, signals) -> int:
     except StoreOpenError as exc:
         fail("run", _in_use(exc, f"the state directory {settings.state_dir} is in use by another process ({exc}); stop "
                                  f"the other `recsys run` on it, or give this one its own --state-dir and --recovery-dir"))
-    try:
-        check_state_against_recovery(
-            engine.positions, settings.recovery_dir, state_dir=settings.state_dir, legacy_watermarks=engine.watermarks
-        )
-    except StateBehindRecoveryError as exc:
-        engine.close()
-        fail("run", str(exc))
     for note in start_notes(engine.positions, settings.recovery_dir, reads=reads, events=settings.events_topic,
                             ignore={settings.exchange_topic}):
         print(note, flush=True)

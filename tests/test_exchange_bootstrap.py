@@ -539,6 +539,35 @@ def test_a_shard_behind_the_log_start_moves_onto_a_newer_snapshot_and_keeps_its_
     _close(shards[0])
 
 
+def test_a_start_the_check_refuses_is_refused_before_the_catch_up_applies_anything(tmp_path, embedder, catalog, events):  # noqa: F811
+    """`recsys run` checks the state against the recovery offsets: until 2026-12-07 it did so after
+    the exchange catch-up had read the log, applied it to the state (and sent what that released),
+    and said so, then refused the start. The check now runs once the state is open, before it."""
+    from dataflows.live import shard_factory
+
+    log, shards = _log_of_two_shards(tmp_path, embedder, catalog, events)
+    shards[1].apply_exchange(log[: len(log) // 4])
+    position = shards[1].exchange.position
+    broker = RetainedBroker(log_start=0)
+    _published(broker, log)
+    settings = shards[1].settings.replace(exchange_topic=TOPIC, exchange_snapshot_dir=str(tmp_path / "snaps"),
+                                          embed_cache_dir=str(tmp_path / "emb"))
+    _close(shards[1])
+    seen = []
+
+    def refuse(engine) -> None:
+        seen.append(engine.exchange.position)
+        raise RuntimeError("the state is behind the recovery offsets")
+
+    with pytest.raises(RuntimeError, match="behind the recovery offsets"):
+        shard_factory(settings, clients=broker, check=refuse)()
+    assert seen == [position]  # checked before the catch-up moved it
+    engine = shard_factory(settings, clients=broker)()  # closed in order: the state opens again, unchanged till now
+    assert engine.exchange.position == len(log) - 1  # and catches up when the start goes on
+    engine.close()
+    _close(shards[0])
+
+
 def test_a_shard_behind_the_log_start_without_a_covering_snapshot_is_refused(tmp_path, embedder, catalog, events):  # noqa: F811
     log, shards = _log_of_two_shards(tmp_path, embedder, catalog, events)
     behind, cut = len(log) // 4, len(log) // 2
