@@ -65,16 +65,19 @@ MAX_NESTING = 16
 #: ids (event, user, item, session) with control characters (NUL, C0, DEL, C1) or bidirectional
 #: formatting characters (ALM, LRM, RLM, LRE..RLO, LRI..PDI): invisible, they make two ids look
 #: alike in logs and tools, or reorder what an operator reads (U+202E), and NUL ends C strings.
-#: Zero-width characters (ZWSP, ZWNJ, ZWJ, word joiner, BOM) too, since 2026-12-07: ``i\u200b5``
-#: was an item of its own that printed as ``i5``.
-_FORBIDDEN_IN_IDS = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u202a-\u202e\u2060\u2066-\u2069\ufeff]")
+#: The invisible zero-width space, word joiner and byte order mark too, since 2026-12-07: ``i\u200b5``
+#: was an item of its own that printed as ``i5``. (Not ZWNJ and ZWJ, U+200C and U+200D: Persian,
+#: Urdu and Indic words and emoji sequences are spelled with them.)
+_FORBIDDEN_IN_IDS = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b\u200e\u200f\u202a-\u202e\u2060\u2066-\u2069\ufeff]")
 #: control characters (C0, DEL, C1) in display text (a title, category, brand, query): each becomes
 #: a space. They have no glyph, and shown to a shopper in a reason or printed by ``recsys tail`` an
-#: escape sequence recolours or clears the terminal and a newline forges a line of its own. The
-#: bidirectional embeddings, overrides and isolates (U+202A-U+202E, U+2066-U+2069) too, since
-#: 2026-12-07: a title with U+202E reversed the rest of every reason and `tail` line that showed
-#: it. (The marks LRM, RLM and ALM, which mixed right-to-left text needs, are kept.)
-_CONTROL_IN_TEXT = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+#: escape sequence recolours or clears the terminal and a newline forges a line of its own.
+_CONTROL_IN_TEXT = re.compile("[\x00-\x1f\x7f-\x9f]")
+#: The bidirectional embeddings, overrides and isolates (U+202A-U+202E, U+2066-U+2069) in display
+#: text are taken out, since 2026-12-07: a title with U+202E reversed the rest of every reason and
+#: `tail` line that showed it, beyond the title. (The marks LRM, RLM and ALM, which mixed
+#: right-to-left text needs, are kept; the text reads in its own direction without the others.)
+_BIDI_IN_TEXT = re.compile("[\u202a-\u202e\u2066-\u2069]")
 #: A required display text must hold a character outside these: spaces, controls, and the
 #: invisible formatting characters (a title of two zero-width spaces read as blank in a reason).
 _BLANK_TEXT = re.compile("[\\s\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]*")
@@ -148,8 +151,9 @@ class CatalogItem:
 
     @property
     def repeat_purchase(self) -> bool:
-        """Items such as groceries that people buy again; these stay recommendable."""
-        return bool((self.attributes or {}).get("repeat_purchase", False))
+        """Items such as groceries that people buy again; these stay recommendable. Only ``true``
+        counts (until 2026-12-07 any truthy value did: ``"false"`` too, in a state stored then)."""
+        return (self.attributes or {}).get("repeat_purchase") is True
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"item_id": self.item_id, "title": self.title, "available": self.available}
@@ -327,6 +331,8 @@ def _display_text(obj: dict[str, Any], name: str, *, required: bool, max_len: in
     value = _str(obj, name, required=required, max_len=max_len)
     if value is not None and _CONTROL_IN_TEXT.search(value) is not None:
         value = _CONTROL_IN_TEXT.sub(" ", value)
+    if value is not None and _BIDI_IN_TEXT.search(value) is not None:
+        value = _BIDI_IN_TEXT.sub("", value)
     if required and value is not None and _BLANK_TEXT.fullmatch(value) is not None:
         raise DecodeError(f"field '{name}': blank (only spaces, control or invisible characters)")
     return value
@@ -338,7 +344,8 @@ def _id(obj: dict[str, Any], name: str, *, required: bool) -> str | None:
     if value is not None:
         bad = _FORBIDDEN_IN_IDS.search(value)
         if bad is not None:
-            raise DecodeError(f"field '{name}': contains the control or bidirectional character U+{ord(bad.group()):04X}")
+            raise DecodeError(f"field '{name}': contains the control, bidirectional or invisible character "
+                              f"U+{ord(bad.group()):04X}")
     return value
 
 
@@ -443,6 +450,23 @@ def event_from_dict(obj: dict[str, Any]) -> Event:
         raise DecodeError(f"field 'quantity': {quantity:.3g} is above the limit of {MAX_QUANTITY}")
     context = _nested(obj, "context")
     return Event(event_id, etype, user_id, item_id, ts, session_id, query, price, quantity, context)  # type: ignore[arg-type]
+
+
+def stored_catalog_item(obj: dict[str, Any]) -> CatalogItem:
+    """A catalog record this program stored (it was accepted then): read with today's rules when
+    it passes them, else as it was stored, so that a rule added since (2026-12-07: the type of
+    ``attributes.repeat_purchase``, invisible ids and titles) never stops a state from opening.
+
+    >>> stored_catalog_item({"item_id": "a", "title": "Tea", "attributes": {"repeat_purchase": "false"}}).repeat_purchase
+    False
+    """
+    try:
+        return catalog_item_from_dict(obj)
+    except DecodeError:
+        attributes = obj.get("attributes")
+        return CatalogItem(str(obj["item_id"]), str(obj.get("title") or obj["item_id"]), obj.get("description"),
+                           obj.get("category"), obj.get("brand"), obj.get("price"), obj.get("available", True) is not False,
+                           attributes if isinstance(attributes, dict) else None)
 
 
 def catalog_item_from_dict(obj: dict[str, Any]) -> CatalogItem:

@@ -641,3 +641,22 @@ def test_records_keyed_otherwise_than_their_id_are_counted_by_topic_and_said_in_
     assert "3 records keyed otherwise than their user_id / item_id" in metrics.status_line(110.0)
     assert "keyed otherwise" not in metrics.status_line(120.0)  # said for its interval only
     engine.close()
+
+
+def test_a_state_holding_records_a_newer_rule_refuses_still_opens_with_them(tmp_path, cache, catalog):
+    """A code review of 2026-12-07: the catalog rules added that day (repeat_purchase a boolean, no
+    zero-width space in an id, a title of invisible characters blank) made a state stored before
+    unloadable, every stored item being decoded again at start. Stored records are read as stored."""
+    settings = _settings(tmp_path, cache, head_enabled=False)
+    engine = Shard.open(settings)
+    engine.upsert_catalog(catalog)
+    engine.kv.write({b"item:tea-str": orjson.dumps({"item_id": "tea-str", "title": "Green tea",
+                                                    "attributes": {"repeat_purchase": "false"}}),
+                     "item:i\u200b5".encode(): orjson.dumps({"item_id": "i\u200b5", "title": "Lamp"}),
+                     b"item:blank": orjson.dumps({"item_id": "blank", "title": "\u200b\u200b"})})
+    engine.close()
+    engine = Shard.open(settings)  # a DecodeError here before
+    known = engine.items.catalog.items
+    assert {"tea-str", "i\u200b5", "blank"} <= set(known) and len(known) == len(catalog) + 3
+    assert known["tea-str"].repeat_purchase is False  # "false" is not true (bool("false") was)
+    engine.close()

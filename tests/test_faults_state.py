@@ -177,8 +177,8 @@ _CLICK = b'{"event_id": "h1", "type": "purchase", "user_id": "u-h", "item_id": "
 HOSTILE = {
     "price 1e308": (_CLICK + b', "price": 1e308}', "field 'price': 1e+308 is above the limit of 1e+12"),
     "quantity of 300 digits": (_CLICK + b', "quantity": ' + b"9" * 300 + b"}", "field 'quantity': 1e+300 is above the limit of 1000000"),
-    "NUL in user_id": (_CLICK.replace(b'"u-h"', b'"u\\u0000h"') + b"}", "field 'user_id': contains the control or bidirectional character U+0000"),
-    "right-to-left override in item_id": (_CLICK.replace(b'"i1"', '"i\u202e1"'.encode()) + b"}", "field 'item_id': contains the control or bidirectional character U+202E"),
+    "NUL in user_id": (_CLICK.replace(b'"u-h"', b'"u\\u0000h"') + b"}", "field 'user_id': contains the control, bidirectional or invisible character U+0000"),
+    "right-to-left override in item_id": (_CLICK.replace(b'"i1"', '"i\u202e1"'.encode()) + b"}", "field 'item_id': contains the control, bidirectional or invisible character U+202E"),
     "context nested 500 deep": (_CLICK + b', "context": ' + b'{"a": ' * 500 + b"1" + b"}" * 500 + b"}", "field 'context': nested deeper than 16 levels"),
 }
 

@@ -223,3 +223,101 @@ def test_the_time_between_a_bulk_imports_slices_does_not_run_out_a_wait_but_a_tr
         dead += len(result.dead_letters)
     assert dead == 1
     engine.close()
+
+
+def test_a_parked_event_a_newer_rule_refuses_at_restart_is_dead_lettered_not_dropped(tmp_path, embedder):
+    """A code review of 2026-12-07: a parked event that no longer decoded at a restart (a rule
+    added since, a smaller RECSYS_MAX_MESSAGE_BYTES) was skipped without a word, neither applied
+    nor dead-lettered, and its key stayed in the state for good. It is dead-lettered at the first
+    batch, with the reason, and its key deleted."""
+    import base64
+
+    import orjson
+
+    from recsys.shard.waiting import WAIT_PREFIX, _key
+
+    now = [1_000.0]
+    engine = _import_shard(tmp_path, embedder, now)
+    raw = b'{"event_id": "e9", "type": "click", "user_id": "u\\u200bx", "item_id": "later", "ts": 1700000000000}'
+    parked = ["events", 0, 7, base64.b64encode(b"ux").decode(), base64.b64encode(raw).decode(), _TS, now[0] + 2.0]
+    engine.kv.write({_key(("events", 0, 7)): orjson.dumps(parked)})  # as an older release parked it
+    engine.close()
+    engine = _import_shard(tmp_path, embedder, now)
+    result = engine.process([])
+    ((_, letter),) = result.dead_letters
+    reason = orjson.loads(letter)["reason"]
+    assert reason.startswith("field 'user_id': contains the control, bidirectional or invisible character U+200B")
+    assert "refused at a restart" in reason
+    assert list(engine.kv.iter_prefix(WAIT_PREFIX)) == []
+    engine.close()
+
+
+def test_a_feed_of_full_slices_of_known_items_does_not_stop_the_wait_for_an_item_that_never_comes(tmp_path, embedder):
+    """A code review of 2026-12-07: the gap credit stopped the clock for any stream of full catalog
+    slices, a price feed of known items too, so an event for a mistyped item waited for as long
+    as the feed ran (and its user's later events behind it). Only slices that bring new items
+    are an import the event may be waiting for."""
+    now = [1_000.0]
+    engine = _import_shard(tmp_path, embedder, now)
+    slice_ = engine.settings.catalog_poll_max_records
+    ids = [f"known-{i}" for i in range(slice_)]
+    engine.process(_catalog(ids, 0))
+    engine.process([Envelope("events", 0, 0, b"u", encode(Event("e0", "click", "u", "never", ts=_TS)), _TS)])
+    dead = 0
+    for b in range(8):  # the same items again and again (new prices), full slices 0.4 s apart: 3.2 s
+        now[0] += 0.4
+        dead += len(engine.process(_catalog(ids, slice_ * (b + 1))).dead_letters)
+    assert dead == 1
+    engine.close()
+
+
+class _AnsweringWorker:
+    """An embedding worker that answers each job at the batch after the one that sent it."""
+
+    def __init__(self, embedder) -> None:
+        self._embedder, self._jobs, self._asked = embedder, {}, set()
+
+    def started(self) -> bool:
+        return True
+
+    def submit(self, texts, *, cached=True) -> int:
+        self._jobs[len(self._jobs)] = texts
+        return len(self._jobs) - 1
+
+    def close(self) -> None:
+        pass
+
+    def take(self, job):
+        if job not in self._asked:
+            self._asked.add(job)
+            return None
+        return self._embedder.embed(self._jobs[job])
+
+
+def test_with_the_embedding_worker_the_waiting_clock_never_runs_backwards(tmp_path, embedder):
+    """A code review of 2026-12-07: with the embedding worker, whose path credits all the time from
+    its mark while records are deferred, the bulk import's gap credit (and each slice's upserts)
+    were credited a second time: over 22.5 s of wall time the waiting clock moved -19 s. Each
+    interval is credited once now: the clock stands still during the import, never goes back,
+    and runs again after it."""
+    now = [1_000.0]
+    engine = _import_shard(tmp_path, embedder, now)
+    engine._worker = _AnsweringWorker(embedder)
+    slice_ = engine.settings.catalog_poll_max_records
+    ids = [f"w-{i}" for i in range(10 * slice_)]
+    engine.process([Envelope("events", 0, 0, b"u", encode(Event("e0", "click", "u", ids[-1], ts=_TS)), _TS)])
+    clocks = [engine.waiting.now()]
+    for b in range(10):
+        now[0] += 0.4
+        assert engine.process(_catalog(ids[b * slice_:(b + 1) * slice_], b * slice_)).dead_letters == []
+        clocks.append(engine.waiting.now())
+    for _ in range(3):  # the worker's last answers
+        now[0] += 0.4
+        engine.process([])
+        clocks.append(engine.waiting.now())
+    assert all(b >= a - 1e-9 for a, b in zip(clocks, clocks[1:])), clocks
+    assert engine.totals["valid_events"] == 1  # released when its item came
+    now[0] += 1.0
+    engine.process([])
+    assert engine.waiting.now() - clocks[-1] >= 0.99  # and the clock runs again
+    engine.close()

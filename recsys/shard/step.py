@@ -50,10 +50,10 @@ from recsys.events import (
     Event,
     Recommendation,
     RecommendedItem,
-    catalog_item_from_dict,
     decode_catalog_item,
     decode_event,
     encode,
+    stored_catalog_item,
 )
 from recsys.feedback import EVENT_WEIGHTS, MS_PER_DAY
 from recsys.items.catalog import ItemSpace
@@ -108,12 +108,14 @@ _OFFSET_RESET_PREFIX = b"rst:"  # rst:<topic>:<partition> -> "<old>><new>": the 
 #: queries off the batch's path").
 QUERY_WAIT_S = 0.2
 #: A bulk catalog import: a batch that brings a full catalog slice (``catalog_poll_max_records``
-#: records) leaves more on the topic, so the time until the next batch's catalog records, if it
-#: comes within this many seconds, is import time too and stops the unknown-item wait's clock,
-#: not just the upserts' own time: until 2026-12-07 each slice's ranking, commit and fetch ran the
-#: clock, and events for the items of a 20,000-item import (a catalog probe) were dead-lettered
-#: after 27-40 s of wall time, their items still on the topic. A trickle of catalog changes
-#: (fewer than a slice a batch) stops it only for their upserts, as before.
+#: records) with items new to the catalog leaves more on the topic, maybe the item an event waits
+#: for, so the time until the next batch's new items, if it comes within this many seconds, is
+#: import time too and stops the unknown-item wait's clock, not just the upserts' own time: until
+#: 2026-12-07 each slice's ranking, commit and fetch ran the clock, and events for the items of a
+#: 20,000-item import (a catalog probe) were dead-lettered after 27-40 s of wall time, their items
+#: still on the topic. A trickle of catalog changes (fewer than a slice a batch), and a feed of
+#: changes to known items however large (prices, stock), stop it only for their upserts: an event
+#: for an item that never comes still runs out.
 IMPORT_GAP_S = 1.0
 #: ``unsent:<output>:<stamp>`` -> ``[[key, payload], ...]``: outputs no re-delivery can bring back
 #: (a list whose trigger waited for its catalog item, the answer of a search that waited, the dead
@@ -347,7 +349,8 @@ class Shard:
         self._left_unsent = dict(kv.iter_prefix(_UNSENT_PREFIX))
         self._unsent: dict[str, list[int]] = {output: [] for output in _ACKNOWLEDGED_OUTPUTS}
         self._batch_unsent: dict[str, list[list[str | None]]] = {}
-        stored_items = [catalog_item_from_dict(orjson.loads(v)) for _, v in kv.iter_prefix(_ITEM_PREFIX)]
+        # read as stored: a rule added since must not stop the state from opening (tests/test_engine.py)
+        stored_items = [stored_catalog_item(orjson.loads(v)) for _, v in kv.iter_prefix(_ITEM_PREFIX)]
         if stored_items:
             self.items.upsert(stored_items)
         # Online re-ranking: the blend learns from what users did after what we showed them;
@@ -752,6 +755,9 @@ class Shard:
             puts.update(self._apply_embedded(result))
         if catalog_items:
             began = self.clock()
+            worker_crediting = self._credit_mark is not None  # _apply_embedded credits all time from its mark
+            known = self.items.catalog.items
+            brought_new = any(item.item_id not in known for item in catalog_items)
             now_items, now_ms = catalog_items, catalog_ms
             if self._worker is not None:
                 now_items, now_ms = self._defer_catalog(catalog_items, catalog_ms, result)
@@ -762,12 +768,17 @@ class Shard:
             result.catalog_applied_ms += now_ms
             for item in catalog_items:  # every record in the state at once, deferred ones too
                 puts[_ITEM_PREFIX + item.item_id.encode()] = encode(item)
-            # the catalog was catching up meanwhile: no event's wait for an item runs out for it
+            # the catalog was catching up meanwhile: no event's wait for an item runs out for it.
+            # What the embedding worker's path credits (all time from its mark) is not credited
+            # here again (the wait's clock ran backwards under a bulk import with the worker)
             end = self.clock()
-            credit = end - began
-            if self._import_mark is not None and 0 <= began - self._import_mark <= IMPORT_GAP_S:
-                credit += began - self._import_mark  # still importing: the time since the last full slice too
-            self._import_mark = end if counts["catalog_in"] >= self.settings.catalog_poll_max_records else None
+            mark = self._credit_mark
+            credit = (end if mark is None else min(end, max(mark, began))) - began
+            if (not worker_crediting and self._import_mark is not None
+                    and 0 <= began - self._import_mark <= IMPORT_GAP_S):
+                credit += began - self._import_mark  # a bulk import of new items: the time since its last slice too
+            full = counts["catalog_in"] >= self.settings.catalog_poll_max_records
+            self._import_mark = end if full and brought_new else None
             puts.update(self.waiting.credit_catalog(credit))
         # after the batch's catalog records: a held exchange message may be waiting for one of them
         if exchanged or self._exchange_held:  # committed at once with its log position (recsys/signals/exchange.py)
@@ -956,6 +967,8 @@ class Shard:
             counts["waited"] += waited.parked
         if waited.refused_before:
             counts["redelivered_skipped"] += waited.refused_before
+        for env, reason in waited.unreadable:
+            self._dead_letter(result, env, reason, now_ms, released=True)
         for env, event in waited.expired:
             if self.tombstones and self._erased_before(event):
                 counts["forgotten_dropped"] += 1  # an erased user's data is never published again

@@ -21,7 +21,8 @@ dead-lettered, and is dropped: its dead letter was kept until its sink acknowled
 is not refused again (before 2026-12-06 it was, with a new ``failed_at``).
 
 Time is the engine's clock (wall time) less the time the engine spent applying catalog records
-(embedding new items, indexing them for search): while it does, the catalog is catching up, and
+(embedding new items, indexing them for search; during a bulk import of new items, the time
+between its slices too: ``IMPORT_GAP_S`` in recsys/shard/step.py): while it does, the catalog is catching up, and
 an event waiting for an item further on in a bulk import must not run out of time because the
 import ahead of its item is being embedded (the operator's run that found it: 5,000 new items
 and 800 events for them, 478 dead-lettered at ~3.4 s of embedding per 1,000 items). That credit
@@ -78,6 +79,9 @@ class Sorted:
     deletes: list[bytes] = field(default_factory=list)
     parked: int = 0
     refused_before: int = 0  # re-delivered copies of messages dead-lettered before: dropped
+    #: parked events a restart could not decode again (a rule added since they were parked): each
+    #: with the reason, to dead-letter; their keys are in ``deletes``
+    unreadable: list[tuple[Envelope, str]] = field(default_factory=list)
 
 
 class WaitingRoom:
@@ -91,13 +95,16 @@ class WaitingRoom:
         # user -> [(envelope, event, deadline)], oldest first
         self.queues: dict[str, list[tuple[Envelope, Event, float]]] = {}
         self.positions: set[Position] = set()
+        self._unreadable: list[tuple[Envelope, str]] = []
         for _, raw in kv.iter_prefix(WAIT_PREFIX):
             topic, partition, offset, key, value, ts, deadline = orjson.loads(raw)
             env = Envelope(topic, partition, offset, base64.b64decode(key) if key is not None else None,
                            base64.b64decode(value), ts)
             try:
                 event = decode_event(env.value, max_message_bytes)
-            except DecodeError:  # it decoded when parked; a changed limit must not stop start-up
+            except DecodeError as exc:  # it decoded when parked; a changed limit or rule must not stop
+                # start-up, nor drop it unsaid (until 2026-12-07 it was skipped, its key kept for good)
+                self._unreadable.append((env, f"{exc} (refused at a restart: a rule newer than when it was parked)"))
                 continue
             self.queues.setdefault(event.user_id, []).append((env, event, deadline))
             self.positions.add((topic, partition, offset))
@@ -132,6 +139,9 @@ class WaitingRoom:
         is released all the same (the engine then encodes the query itself) instead of being
         dead-lettered."""
         out = Sorted()
+        if self._unreadable:
+            out.unreadable, self._unreadable = self._unreadable, []
+            out.deletes.extend(_key((env.topic, env.partition, env.offset)) for env, _ in out.unreadable)
         if self.wait_s <= 0 and not self.positions:
             out.ready = events
             return out
