@@ -104,9 +104,16 @@ HIGHWATER_TIMEOUT_S = 15.0
 #: 100 ms got records in 0.15 s); until 2026-12-07 the flow then read nothing for good, its status
 #: line saying only ``0 events/s, lag N``. A broker that answers as soon as it has records (Apache
 #: Kafka) never gets here.
+#: The raised wait stays until the flow restarts: on that broker the partitions only grow, and a
+#: wait stepped back down would stall again. A leader away for seconds (a rolling restart of a
+#: Kafka cluster) while the flow lags can raise it once too.
 DRY_FETCH_S = 3.0
 FETCH_WAIT_STEP = 4
 MAX_FETCH_WAIT_MS = 5_000
+#: How often, at most, an empty poll looks at the partitions' positions for that: kafka-python's
+#: ``position()`` scans the whole assignment (0.4 ms at 16 partitions, 5 ms at 64, measured by a
+#: code review of 2026-12-07), too much for every empty poll of an idle flow.
+DRY_CHECK_INTERVAL_S = 0.5
 #: How long a log end below the flow's position must persist before it counts as data loss:
 #: a new partition leader can report a lagging high watermark for a moment after an election.
 OFFSET_LOSS_CONFIRM_S = 2.0
@@ -391,8 +398,10 @@ class _SharedConsumer:
                  release: Callable[["_SharedConsumer"], None]) -> None:
         self._clients = clients
         self.fetch_max_wait_ms = fetch_max_wait_ms  # raised when the broker answers every fetch empty (DRY_FETCH_S)
+        self._configured_wait_ms = fetch_max_wait_ms
         self.consumer: Any = self._open_consumer(poll_max_records)
         self._dry_since: float | None = None  # polls empty while the broker reports records past the position
+        self._dry_checked = float("-inf")  # time.monotonic() of the last look (DRY_CHECK_INTERVAL_S)
         self._max = poll_max_records
         self._buffers: dict[TopicPartition, list[Any]] = {}
         self._lost: set[TopicPartition] = set()  # out of range, until their owner seeks
@@ -454,7 +463,8 @@ class _SharedConsumer:
                 buffer.extend(records)
         if got:
             self._dry_since = None
-        elif not building:
+        elif not building and self.polled_at - self._dry_checked >= DRY_CHECK_INTERVAL_S:
+            self._dry_checked = self.polled_at
             self._check_dry(self.polled_at)
 
     def _behind(self) -> dict[TopicPartition, int]:
@@ -463,7 +473,8 @@ class _SharedConsumer:
         out = {}
         for tp in self._buffers:
             if tp not in self._lost and (hw := self.consumer.highwater(tp)) is not None:
-                if (ahead := hw - self.consumer.position(tp)) > 0:
+                position = self.consumer.position(tp, timeout_ms=0)  # never waits on a reset or validation
+                if position is not None and (ahead := hw - position) > 0:
                     out[tp] = ahead
         return out
 
@@ -478,23 +489,32 @@ class _SharedConsumer:
             return
         if now - self._dry_since < DRY_FETCH_S or not connection_count(self.consumer):
             return  # a broker that went away is the status line's to report, not a slow read
-        old, before = self.consumer, self.fetch_max_wait_ms
-        self.fetch_max_wait_ms = min(before * FETCH_WAIT_STEP, MAX_FETCH_WAIT_MS) if before > 0 else FETCH_WAIT_STEP
-        positions = {tp: old.position(tp) for tp in self._buffers}
-        self.consumer = self._open_consumer(self._max)
-        self.consumer.assign(list(positions))
-        for tp, offset in positions.items():  # what is buffered lies below these offsets
-            self.consumer.seek(tp, offset)
-        old.close()
+        old, before, dry_s = self.consumer, self.fetch_max_wait_ms, now - self._dry_since
         self._dry_since = None
+        positions = {tp: old.position(tp, timeout_ms=0) for tp in self._buffers}
+        if any(offset is None for offset in positions.values()):
+            return  # a position being reset or validated: looked at again later
+        self.fetch_max_wait_ms = min(before * FETCH_WAIT_STEP, MAX_FETCH_WAIT_MS) if before > 0 else FETCH_WAIT_STEP
+        try:
+            fresh = self._open_consumer(self._max)
+        except Exception as exc:  # noqa: BLE001 - the broker went away meanwhile: keep reading as before
+            self.fetch_max_wait_ms = before
+            log.warning("could not open a consumer with a longer fetch wait (%s); reading on with %d ms", exc, before)
+            return
+        fresh.assign(list(positions))
+        for tp, offset in positions.items():  # what is buffered lies below these offsets
+            fresh.seek(tp, offset)
+        self.consumer = fresh
+        old.close()
         named = ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(behind)[:3]) + (
             f" and {len(behind) - 3} more" if len(behind) > 3 else "")
         log.warning(
             "%s: the broker at %s answered every fetch empty for %.0f s while its log holds %d record(s) past the "
-            "flow's position: it takes longer than the fetch wait (%d ms, RECSYS_FETCH_MAX_WAIT_MS) to read them (the "
-            "local Tansu broker's memory storage does once a partition holds tens of thousands of small batches); "
-            "fetching with a wait of %d ms from now on",
-            named, self._clients.bootstrap, DRY_FETCH_S, sum(behind.values()), before, self.fetch_max_wait_ms,
+            "flow's position: it takes longer than the fetch wait (%d ms; RECSYS_FETCH_MAX_WAIT_MS is %d) to read them "
+            "(the local Tansu broker's memory storage does once a partition holds tens of thousands of small batches; "
+            "so does a partition leader away for seconds); fetching with a wait of %d ms from now on, until a restart",
+            named, self._clients.bootstrap, dry_s, sum(behind.values()), before, self._configured_wait_ms,
+            self.fetch_max_wait_ms,
         )
 
     def take(self, tp: TopicPartition, n: int) -> list[Any]:

@@ -557,3 +557,110 @@ def test_the_topics_a_run_creates_have_the_catalog_compacted(memory_broker, loca
     assert memory_broker.topic_configs[settings.events_topic] == {}
     real = settings.replace(catalog_topic=topic_name("catalog"), events_topic=topic_name("events"))
     assert real.catalog_topic in ensure_topics(local_broker.bootstrap, default_topics(real, 2), configs=default_topic_configs(real))
+
+
+# ---------------------------------------------- a broker slower to read than the fetch wait (unit)
+
+
+class _ScriptedConsumer:
+    """A kafka-python-like consumer whose polls, high watermarks and connections the test sets."""
+
+    opened: list["_ScriptedConsumer"] = []
+
+    def __init__(self, **config) -> None:
+        self.config, self.records, self.hw, self.positions = config, {}, {}, {}
+        self.connections, self.closed, self.position_calls = 2, False, 0
+        _ScriptedConsumer.opened.append(self)
+
+    def assign(self, tps) -> None:
+        for tp in tps:
+            self.positions.setdefault(tp, 0)
+
+    def seek(self, tp, offset) -> None:
+        self.positions[tp] = offset
+
+    def poll(self, timeout_ms=0, max_records=None):
+        out, self.records = self.records, {}
+        for tp, records in out.items():
+            self.positions[tp] = records[-1].offset + 1
+        return out
+
+    def highwater(self, tp):
+        return self.hw.get(tp)
+
+    def position(self, tp, timeout_ms=None):
+        self.position_calls += 1
+        return self.positions[tp]
+
+    def metrics(self):
+        return {"consumer-metrics": {"connection-count": self.connections}}
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class _ScriptedClients:
+    bootstrap = "127.0.0.1:1"
+
+    def consumer(self, **config):
+        return _ScriptedConsumer(**config)
+
+
+def _dry_consumer(monkeypatch, wait_ms: int = 20):
+    from dataflows import kafka_io
+
+    clock = [100.0]
+    monkeypatch.setattr(kafka_io.time, "monotonic", lambda: clock[0])
+    _ScriptedConsumer.opened = []
+    shared = kafka_io._SharedConsumer(_ScriptedClients(), poll_max_records=500, fetch_max_wait_ms=wait_ms,
+                                      release=lambda _: None)
+    tp = TopicPartition("events", 0)
+    shared.join(tp, 10)
+    return shared, tp, clock
+
+
+def _polls(shared, clock, seconds: float, step: float = 0.05) -> None:
+    for _ in range(int(seconds / step)):
+        clock[0] += step
+        shared.poll()
+
+
+def test_polls_empty_while_the_log_holds_more_raise_the_fetch_wait_keeping_positions_and_buffers(monkeypatch):
+    from dataflows.kafka_io import DRY_FETCH_S
+
+    shared, tp, clock = _dry_consumer(monkeypatch)
+    first = shared.consumer
+    first.records = {tp: [_Rec(tp, 10), _Rec(tp, 11)]}
+    shared.poll()
+    first.hw[tp] = 500  # the broker says 488 more are there, and answers every fetch empty
+    _polls(shared, clock, DRY_FETCH_S - 0.2)
+    assert shared.consumer is first and shared.fetch_max_wait_ms == 20
+    _polls(shared, clock, 0.8)
+    assert shared.consumer is not first and first.closed and shared.fetch_max_wait_ms == 80
+    assert shared.consumer.config["fetch_max_wait_ms"] == 80 and shared.consumer.positions == {tp: 12}
+    assert [r.offset for r in shared.take(tp, 10)] == [10, 11]  # what was buffered is handed out still
+    assert first.position_calls <= 2 * (DRY_FETCH_S + 0.6) / 0.5 + 2  # looked at twice a second, not every poll
+
+
+def test_a_caught_up_idle_consumer_or_one_without_a_broker_keeps_its_wait(monkeypatch):
+    shared, tp, clock = _dry_consumer(monkeypatch)
+    consumer = shared.consumer
+    consumer.hw[tp] = 10  # at the end of the log: empty polls are an idle stream
+    _polls(shared, clock, 10.0)
+    assert shared.consumer is consumer and shared.fetch_max_wait_ms == 20
+    consumer.hw[tp], consumer.connections = 900, 0  # more on the log, but no broker now: the status line says so
+    _polls(shared, clock, 10.0)
+    assert shared.consumer is consumer and shared.fetch_max_wait_ms == 20
+    consumer.connections = 2
+    consumer.records = {tp: [_Rec(tp, 10)]}  # records keep coming: a healthy broker, however far behind
+    for _ in range(100):
+        clock[0] += 0.05
+        consumer.records = {tp: [_Rec(tp, consumer.positions[tp])]}
+        shared.poll()
+        shared.take(tp, 10)
+    assert shared.consumer is consumer and shared.fetch_max_wait_ms == 20
+
+
+class _Rec:
+    def __init__(self, tp, offset) -> None:
+        self.topic, self.partition, self.offset = tp.topic, tp.partition, offset

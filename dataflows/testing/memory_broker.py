@@ -272,7 +272,7 @@ class MemoryConsumer:
         for tp, end in ends.items():
             self.seek(tp, end)
 
-    def position(self, partition: TopicPartition) -> int:
+    def position(self, partition: TopicPartition, timeout_ms: int | None = None) -> int:
         self._check(partition)
         return self._positions[partition]
 
