@@ -224,7 +224,7 @@ class Settings(BaseSettings):
         ``none`` was taken as it was: a recovery directory named ``./None``, and a metrics port
         refused as not a number, although the README said "None disables". The SASL user name and
         password are taken as given (a password may be the word)."""
-        if (isinstance(value, str) and (value == "" or (value.lower() == "none" and info.field_name not in _LITERAL_NONE_OK))
+        if (isinstance(value, str) and (value == "" or (value.strip().lower() == "none" and info.field_name not in _LITERAL_NONE_OK))
                 and type(None) in get_args(cls.model_fields[info.field_name].annotation)):
             return None
         return value
@@ -419,6 +419,9 @@ def add_cli_flags(parser: Any, only: tuple[str, ...] | None = None) -> None:
         if kind is bool:
             # --x / --no-x: a setting that defaults to true can be switched off too
             parser.add_argument(flag, dest=name, default=None, action=argparse.BooleanOptionalAction, help=helptext)
+        elif kind in (int, float) and type(None) in get_args(field.annotation):
+            # an optional number takes `none` too (--metrics-port none), checked by the settings
+            parser.add_argument(flag, dest=name, default=None, help=helptext)
         elif kind in (int, float):
             parser.add_argument(flag, dest=name, default=None, type=kind, help=helptext)
         else:

@@ -124,7 +124,7 @@ def _parse_models(text: str) -> list[str]:
     unknown = [n for n in names if n not in ALL_MODELS]
     if unknown or not names:
         what = f"unknown model(s) {unknown}" if unknown else f"no model named in --models {text!r}"
-        raise SystemExit(f"recsys replay: {what}; choose from {', '.join(ALL_MODELS)}")
+        fail("replay", f"{what}; choose from {', '.join(ALL_MODELS)}", 2)
     return names
 
 
@@ -193,19 +193,19 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.trainer and (args.share is False or args.shards < 1 or args.protocol != "prequential"):
         raise SystemExit("recsys replay: --trainer needs sharing (--shards N, --protocol prequential)")
     if args.trainer_publish_messages is not None and args.trainer_publish_messages < 1:
-        raise SystemExit(f"recsys replay: --trainer-publish-messages must be >= 1, got {args.trainer_publish_messages}")
+        fail("replay", f"--trainer-publish-messages must be >= 1, got {args.trainer_publish_messages}", 2)
     if args.trainer_publish_lag < 0:
-        raise SystemExit(f"recsys replay: --trainer-publish-lag must be >= 0, got {args.trainer_publish_lag}")
+        fail("replay", f"--trainer-publish-lag must be >= 0, got {args.trainer_publish_lag}", 2)
     if getattr(args, "task", "recommend") == "search":
         from recsys.events import EVENT_TYPES
 
         if not 0 < args.search_sample <= 1:
-            raise SystemExit(f"recsys replay: --search-sample must be a fraction above 0, at most 1, got {args.search_sample:g}")
+            fail("replay", f"--search-sample must be a fraction above 0, at most 1, got {args.search_sample:g}", 2)
         targets = [t.strip() for t in args.search_targets.split(",") if t.strip()]
         if not targets or (wrong := [t for t in targets if t not in EVENT_TYPES or t == "search"]):
-            raise SystemExit(f"recsys replay: --search-targets {args.search_targets!r}: expected a comma list of event "
-                             f"types out of {', '.join(t for t in EVENT_TYPES if t != 'search')}"
-                             + (f" ({', '.join(map(repr, wrong))} is not one)" if targets else ""))
+            fail("replay", f"--search-targets {args.search_targets!r}: expected a comma list of event "
+                           f"types out of {', '.join(t for t in EVENT_TYPES if t != 'search')}"
+                           + (f" ({', '.join(map(repr, wrong))} is not one)" if targets else ""), 2)
     task = getattr(args, "task", "recommend")
     given = getattr(args, "given", None)  # the options on the command line (None: called without main)
 
@@ -231,7 +231,7 @@ def _check_args(args: argparse.Namespace) -> None:
                              f"{'it' if len(ignored) == 1 else 'them'} out")
     bad_maps = [m for m in args.map if "=" not in m]
     if bad_maps:
-        raise SystemExit(f"recsys replay: --map expects FIELD=COLUMN, got {bad_maps[0]!r}")
+        fail("replay", f"--map expects FIELD=COLUMN, got {bad_maps[0]!r}", 2)
     query_log = getattr(args, "task", "recommend") == "search" and getattr(args, "query_log", None)
     if args.format != "completejourney" and not args.events and not query_log:  # a query log is its own input
         raise SystemExit(f"recsys replay: --events PATH is required for --format {args.format}")

@@ -224,12 +224,16 @@ def test_ablation_rows_run_beside_the_full_system_and_margins_carry_bootstrap_in
 
 
 @pytest.mark.parametrize("args", [["--k", "abc"], ["--k", "0"], ["--limit", "0"], ["--batch-size", "0"],
-                                  ["--exchange-lag", "0"]], ids=" ".join)
+                                  ["--exchange-lag", "0"], ["--models", "nope"], ["--trainer-publish-messages", "0"],
+                                  ["--trainer-publish-lag", "-1"], ["--map", "nocolumn"],
+                                  ["--search-sample", "0", "--task", "search"],
+                                  ["--search-targets", "x", "--task", "search"]], ids=" ".join)
 def test_one_refused_argument_exits_2_as_the_parsers_refusals_do(args, capsys):
     """The README's exit statuses: 2 for an argument refused on its own (until 2026-12-07 these
     five exited 1, like the checks of what several arguments ask for together)."""
     with pytest.raises(SystemExit) as exited:
         main(["replay", *args, "--out", "never-written"])
     said = capsys.readouterr().err.strip().splitlines()
-    assert exited.value.code == 2 and len(said) == 1 and said[0].startswith(f"recsys replay: {args[0]}"), said
+    assert exited.value.code == 2 and len(said) == 1 and said[0].startswith("recsys replay: "), said
+    assert args[0] in said[0] or "unknown model" in said[0], said
     assert not Path("never-written").exists()

@@ -1263,3 +1263,15 @@ def test_keeping_no_shown_candidates_saves_their_memory_and_changes_no_answer(tm
         assert (engine.search.reranker.examples > 0) == bool(shown_users)
         engine.close()
     assert len(answers[0]) == 8 and answers[0] == answers[50_000]
+
+
+def test_an_item_spreading_enormous_text_over_many_attributes_is_indexed_up_to_a_total():
+    """Each string attribute is a part of its own: a code review found 45 KB of words spread
+    over a hundred attribute values indexed whole. An item is read up to 1,024 tokens in all."""
+    from recsys.search.lexical import LexicalIndex
+
+    attributes = {f"a{n}": " ".join(f"x{n}y{m}" for m in range(100)) for n in range(100)}
+    index = LexicalIndex()
+    index.upsert([CatalogItem("wide", title="wide lamp", attributes=attributes)])
+    assert len(index.docs["wide"]) == 1_024 and len(index.vocabulary.words) <= 1_024
+    assert [i for i, _ in index.search(["lamp"], 5)] == ["wide"]

@@ -81,7 +81,7 @@ def test_only_lists_just_those_flags():
     parser = argparse.ArgumentParser()
     add_cli_flags(parser, only=("bootstrap_servers", "metrics_port"))
     args = parser.parse_args(["--metrics-port", "9100"])
-    assert vars(args) == {"bootstrap_servers": None, "metrics_port": 9100}
+    assert vars(args) == {"bootstrap_servers": None, "metrics_port": "9100"}  # the settings check reads it (or `none`)
     with pytest.raises(SystemExit):
         parser.parse_args(["--top-k", "3"])
 
@@ -108,6 +108,10 @@ def test_none_unsets_an_optional_setting_as_the_settings_table_says(word):
     parser = argparse.ArgumentParser()
     add_cli_flags(parser)
     assert settings_from_args(parser.parse_args(["--recovery-dir", word]), {}).recovery_dir is None
+    assert settings_from_args(parser.parse_args(["--metrics-port", f" {word}"]), {}).metrics_port is None
+    assert settings_from_args(parser.parse_args(["--metrics-port", "9100"]), {}).metrics_port == 9100
+    with pytest.raises(SettingsError, match="^--metrics-port: "):
+        settings_from_args(parser.parse_args(["--metrics-port", "ninety"]), {})
 
 
 def test_the_word_none_is_a_sasl_user_name_or_password_as_given():

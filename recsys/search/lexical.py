@@ -56,12 +56,15 @@ from recsys.search.text import Vocabulary, tokenize
 #: new typo query searched the vocabulary they filled for 8 s. The shared logs' texts are far
 #: shorter: nothing they index changed.
 MAX_PART_TOKENS = 256
+#: ... and an item up to this many in all (its attributes are parts of their own: 45 KB of words
+#: spread over a hundred attribute values would pass the cap above).
+MAX_ITEM_TOKENS = 1_024
 
 
 def item_tokens(item: CatalogItem) -> list[str]:
     """What BM25 sees of an item: title, brand, category and description tokens, and string
     attribute values (``attributes`` such as colour or material); numbers and flags skipped;
-    each part up to its first :data:`MAX_PART_TOKENS` tokens."""
+    each part up to its first :data:`MAX_PART_TOKENS` tokens, the item up to :data:`MAX_ITEM_TOKENS`."""
     parts = [item.title, item.brand, item.category, item.description]
     for value in (item.attributes or {}).values():
         if isinstance(value, str):
@@ -69,6 +72,8 @@ def item_tokens(item: CatalogItem) -> list[str]:
     tokens: list[str] = []
     for part in parts:
         tokens.extend(tokenize(part)[:MAX_PART_TOKENS])
+        if len(tokens) >= MAX_ITEM_TOKENS:
+            return tokens[:MAX_ITEM_TOKENS]
     return tokens
 
 
