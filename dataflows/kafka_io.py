@@ -400,7 +400,8 @@ class _SharedConsumer:
         self.fetch_max_wait_ms = fetch_max_wait_ms  # raised when the broker answers every fetch empty (DRY_FETCH_S)
         self._configured_wait_ms = fetch_max_wait_ms
         self.consumer: Any = self._open_consumer(poll_max_records)
-        self._dry_since: float | None = None  # polls empty while the broker reports records past the position
+        # partition -> since when its polls brought nothing while the broker reported records past its position
+        self._dry_since: dict[TopicPartition, float] = {}
         self._dry_checked = float("-inf")  # time.monotonic() of the last look (DRY_CHECK_INTERVAL_S)
         self._max = poll_max_records
         self._buffers: dict[TopicPartition, list[Any]] = {}
@@ -456,16 +457,16 @@ class _SharedConsumer:
         except OffsetOutOfRangeError as exc:  # the broker says so: below the log start or past its end
             self._lost |= (_named_partitions(exc) & self._buffers.keys()) or set(self._buffers)
             return
-        self.polled_at = float("-inf") if got else time.monotonic()
+        now = time.monotonic()
+        self.polled_at = float("-inf") if got else now
         for tp, records in got.items():
             buffer = self._buffers.get(tp)
             if buffer is not None:  # None: left since the fetch
                 buffer.extend(records)
-        if got:
-            self._dry_since = None
-        elif not building and self.polled_at - self._dry_checked >= DRY_CHECK_INTERVAL_S:
-            self._dry_checked = self.polled_at
-            self._check_dry(self.polled_at)
+            self._dry_since.pop(tp, None)
+        if not building and now - self._dry_checked >= DRY_CHECK_INTERVAL_S:
+            self._dry_checked = now
+            self._check_dry(now)
 
     def _behind(self) -> dict[TopicPartition, int]:
         """The partitions whose log (as the last fetch reported it) holds records past the fetch
@@ -479,18 +480,25 @@ class _SharedConsumer:
         return out
 
     def _check_dry(self, now: float) -> None:
-        """After an empty poll: raise the fetch wait once polls have come back empty for
-        :data:`DRY_FETCH_S` while the broker, connected, reports records past the position."""
-        if self.fetch_max_wait_ms >= MAX_FETCH_WAIT_MS or not (behind := self._behind()):
-            self._dry_since = None
+        """Raise the fetch wait once a partition's polls have brought nothing for :data:`DRY_FETCH_S`
+        while the broker, connected, reports records past its position (per partition: a soak
+        probe saw the flow read half its rate for ~40 s, one partition or the other answering,
+        before both went dry)."""
+        if self.fetch_max_wait_ms >= MAX_FETCH_WAIT_MS:
+            self._dry_since.clear()
             return
-        if self._dry_since is None:
-            self._dry_since = now
-            return
-        if now - self._dry_since < DRY_FETCH_S or not connection_count(self.consumer):
+        behind = self._behind()
+        for tp in [tp for tp in self._dry_since if tp not in behind]:
+            del self._dry_since[tp]
+        for tp in behind:
+            self._dry_since.setdefault(tp, now)
+        starved = {tp: n for tp, n in behind.items() if now - self._dry_since[tp] >= DRY_FETCH_S}
+        if not starved or not connection_count(self.consumer):
             return  # a broker that went away is the status line's to report, not a slow read
-        old, before, dry_s = self.consumer, self.fetch_max_wait_ms, now - self._dry_since
-        self._dry_since = None
+        old, before = self.consumer, self.fetch_max_wait_ms
+        dry_s = max(now - self._dry_since[tp] for tp in starved)
+        behind = starved
+        self._dry_since.clear()
         positions = {tp: old.position(tp, timeout_ms=0) for tp in self._buffers}
         if any(offset is None for offset in positions.values()):
             return  # a position being reset or validated: looked at again later
