@@ -114,6 +114,8 @@ MAX_FETCH_WAIT_MS = 5_000
 #: ``position()`` scans the whole assignment (0.4 ms at 16 partitions, 5 ms at 64, measured by a
 #: code review of 2026-12-07), too much for every empty poll of an idle flow.
 DRY_CHECK_INTERVAL_S = 0.5
+#: Fewer polls than this in a window say nothing either way (a flow busy with long batches).
+DRY_MIN_POLLS = 10
 #: How long a log end below the flow's position must persist before it counts as data loss:
 #: a new partition leader can report a lagging high watermark for a moment after an election.
 OFFSET_LOSS_CONFIRM_S = 2.0
@@ -400,8 +402,9 @@ class _SharedConsumer:
         self.fetch_max_wait_ms = fetch_max_wait_ms  # raised when the broker answers every fetch empty (DRY_FETCH_S)
         self._configured_wait_ms = fetch_max_wait_ms
         self.consumer: Any = self._open_consumer(poll_max_records)
-        # partition -> since when its polls brought nothing while the broker reported records past its position
-        self._dry_since: dict[TopicPartition, float] = {}
+        # partition -> [since, polls, polls that brought it records], counted while the broker
+        # reports records past its position (a window reset whenever it does not)
+        self._dry: dict[TopicPartition, list[float]] = {}
         self._dry_checked = float("-inf")  # time.monotonic() of the last look (DRY_CHECK_INTERVAL_S)
         self._max = poll_max_records
         self._buffers: dict[TopicPartition, list[Any]] = {}
@@ -463,7 +466,10 @@ class _SharedConsumer:
             buffer = self._buffers.get(tp)
             if buffer is not None:  # None: left since the fetch
                 buffer.extend(records)
-            self._dry_since.pop(tp, None)
+        if not building:
+            for tp, window in self._dry.items():
+                window[1] += 1
+                window[2] += tp in got
         if not building and now - self._dry_checked >= DRY_CHECK_INTERVAL_S:
             self._dry_checked = now
             self._check_dry(now)
@@ -480,25 +486,39 @@ class _SharedConsumer:
         return out
 
     def _check_dry(self, now: float) -> None:
-        """Raise the fetch wait once a partition's polls have brought nothing for :data:`DRY_FETCH_S`
-        while the broker, connected, reports records past its position (per partition: a soak
-        probe saw the flow read half its rate for ~40 s, one partition or the other answering,
-        before both went dry)."""
+        """Raise the fetch wait once, for :data:`DRY_FETCH_S`, fewer than an eighth of a partition's
+        polls (at least :data:`DRY_MIN_POLLS`) brought it records while the broker, connected,
+        reported records past its position. Per partition, and not only for polls all empty: a
+        soak probe saw the flow read half its rate for ~40 s, one partition or the other
+        answering, before both went dry; in CI a first raise (1 -> 4 ms) left a few fetches in many
+        answered, and the run crawled. A healthy broker with records waiting answers most polls (a
+        poll hands out one partition's records or a few: eight busy partitions get an eighth each)."""
         if self.fetch_max_wait_ms >= MAX_FETCH_WAIT_MS:
-            self._dry_since.clear()
+            self._dry.clear()
             return
         behind = self._behind()
-        for tp in [tp for tp in self._dry_since if tp not in behind]:
-            del self._dry_since[tp]
+        for tp in [tp for tp in self._dry if tp not in behind]:
+            del self._dry[tp]
+        if behind and not connection_count(self.consumer):  # a broker that went away is the status line's to
+            for tp in behind:  # report, not a slow read: its polls say nothing, the windows start again
+                self._dry[tp] = [now, 0, 0]
+            return
         for tp in behind:
-            self._dry_since.setdefault(tp, now)
-        starved = {tp: n for tp, n in behind.items() if now - self._dry_since[tp] >= DRY_FETCH_S}
-        if not starved or not connection_count(self.consumer):
-            return  # a broker that went away is the status line's to report, not a slow read
+            self._dry.setdefault(tp, [now, 0, 0])
+        starved = {tp: n for tp, n in behind.items()
+                   if now - self._dry[tp][0] >= DRY_FETCH_S and self._dry[tp][1] >= DRY_MIN_POLLS
+                   and self._dry[tp][2] * 8 < self._dry[tp][1]}
+        for tp, window in self._dry.items():  # a window that said nothing starts again
+            if tp not in starved and now - window[0] >= DRY_FETCH_S:
+                window[:] = [now, 0, 0]
+        if not starved:
+            return
         old, before = self.consumer, self.fetch_max_wait_ms
-        dry_s = max(now - self._dry_since[tp] for tp in starved)
+        dry_s = max(now - self._dry[tp][0] for tp in starved)
+        answered = sum(self._dry[tp][2] for tp in starved)
+        asked = sum(self._dry[tp][1] for tp in starved)
         behind = starved
-        self._dry_since.clear()
+        self._dry.clear()
         positions = {tp: old.position(tp, timeout_ms=0) for tp in self._buffers}
         if any(offset is None for offset in positions.values()):
             return  # a position being reset or validated: looked at again later
@@ -517,11 +537,12 @@ class _SharedConsumer:
         named = ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(behind)[:3]) + (
             f" and {len(behind) - 3} more" if len(behind) > 3 else "")
         log.warning(
-            "%s: the broker at %s answered every fetch empty for %.0f s while its log holds %d record(s) past the "
+            "%s: the broker at %s answered %d of %d polls empty for %.0f s while its log holds %d record(s) past the "
             "flow's position: it takes longer than the fetch wait (%d ms; RECSYS_FETCH_MAX_WAIT_MS is %d) to read them "
             "(the local Tansu broker's memory storage does once a partition holds tens of thousands of small batches; "
             "so does a partition leader away for seconds); fetching with a wait of %d ms from now on, until a restart",
-            named, self._clients.bootstrap, dry_s, sum(behind.values()), before, self._configured_wait_ms,
+            named, self._clients.bootstrap, asked - answered, asked, dry_s, sum(behind.values()), before,
+            self._configured_wait_ms,
             self.fetch_max_wait_ms,
         )
 
