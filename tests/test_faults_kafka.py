@@ -510,7 +510,7 @@ def test_a_broker_that_answers_every_fetch_empty_gets_a_longer_wait_and_the_flow
         "state_dir", "recovery_dir", "embed_cache_dir", "fetch_max_wait_ms", "poll_max_records")]
     env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-m", "recsys_cli", "run", "--stop-at-end", "--quiet", *flags],
-                          capture_output=True, text=True, timeout=300, env=env)  # on the old code: killed here
+                          capture_output=True, text=True, timeout=240, env=env)  # the old code: killed here (below pytest-timeout)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"applied={len(events)}," in done.stdout, done.stdout[-2000:]
     raised = [line for line in done.stderr.splitlines() if " polls empty for " in line]
