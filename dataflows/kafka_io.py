@@ -511,14 +511,16 @@ class _SharedConsumer:
         for tp, window in self._dry.items():  # a window that said nothing starts again
             if tp not in starved and now - window[0] >= DRY_FETCH_S:
                 window[:] = [now, 0, 0]
-        if not starved:
-            return
+        if starved:
+            windows = {tp: self._dry[tp] for tp in starved}
+            self._dry.clear()
+            self._raise_wait(starved, windows, now)
+
+    def _raise_wait(self, starved: dict[TopicPartition, int], windows: dict[TopicPartition, list[float]],
+                    now: float) -> None:
+        """Reopen the consumer with a :data:`FETCH_WAIT_STEP` times longer fetch wait, at the same
+        positions (what is buffered lies below them), and say so once."""
         old, before = self.consumer, self.fetch_max_wait_ms
-        dry_s = max(now - self._dry[tp][0] for tp in starved)
-        answered = sum(self._dry[tp][2] for tp in starved)
-        asked = sum(self._dry[tp][1] for tp in starved)
-        behind = starved
-        self._dry.clear()
         positions = {tp: old.position(tp, timeout_ms=0) for tp in self._buffers}
         if any(offset is None for offset in positions.values()):
             return  # a position being reset or validated: looked at again later
@@ -530,20 +532,20 @@ class _SharedConsumer:
             log.warning("could not open a consumer with a longer fetch wait (%s); reading on with %d ms", exc, before)
             return
         fresh.assign(list(positions))
-        for tp, offset in positions.items():  # what is buffered lies below these offsets
+        for tp, offset in positions.items():
             fresh.seek(tp, offset)
         self.consumer = fresh
         old.close()
-        named = ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(behind)[:3]) + (
-            f" and {len(behind) - 3} more" if len(behind) > 3 else "")
+        asked, answered = (sum(int(w[k]) for w in windows.values()) for k in (1, 2))
+        named = ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(starved)[:3]) + (
+            f" and {len(starved) - 3} more" if len(starved) > 3 else "")
         log.warning(
             "%s: the broker at %s answered %d of %d polls empty for %.0f s while its log holds %d record(s) past the "
             "flow's position: it takes longer than the fetch wait (%d ms; RECSYS_FETCH_MAX_WAIT_MS is %d) to read them "
             "(the local Tansu broker's memory storage does once a partition holds tens of thousands of small batches; "
             "so does a partition leader away for seconds); fetching with a wait of %d ms from now on, until a restart",
-            named, self._clients.bootstrap, asked - answered, asked, dry_s, sum(behind.values()), before,
-            self._configured_wait_ms,
-            self.fetch_max_wait_ms,
+            named, self._clients.bootstrap, asked - answered, asked, max(now - w[0] for w in windows.values()),
+            sum(starved.values()), before, self._configured_wait_ms, self.fetch_max_wait_ms,
         )
 
     def take(self, tp: TopicPartition, n: int) -> list[Any]:

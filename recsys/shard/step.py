@@ -768,18 +768,10 @@ class Shard:
             result.catalog_applied_ms += now_ms
             for item in catalog_items:  # every record in the state at once, deferred ones too
                 puts[_ITEM_PREFIX + item.item_id.encode()] = encode(item)
-            # the catalog was catching up meanwhile: no event's wait for an item runs out for it.
-            # What the embedding worker's path credits (all time from its mark) is not credited
-            # here again (the wait's clock ran backwards under a bulk import with the worker)
-            end = self.clock()
-            mark = self._credit_mark
-            credit = (end if mark is None else min(end, max(mark, began))) - began
-            if (not worker_crediting and self._import_mark is not None
-                    and 0 <= began - self._import_mark <= IMPORT_GAP_S):
-                credit += began - self._import_mark  # a bulk import of new items: the time since its last slice too
-            full = counts["catalog_in"] >= self.settings.catalog_poll_max_records
-            self._import_mark = end if full and brought_new else None
-            puts.update(self.waiting.credit_catalog(credit))
+            # the catalog was catching up meanwhile: no event's wait for an item runs out for it
+            full_slice = counts["catalog_in"] >= self.settings.catalog_poll_max_records
+            puts.update(self.waiting.credit_catalog(self._catalog_credit(began, worker_crediting,
+                                                                         full_slice and brought_new)))
         # after the batch's catalog records: a held exchange message may be waiting for one of them
         if exchanged or self._exchange_held:  # committed at once with its log position (recsys/signals/exchange.py)
             counts["exchange_applied"] += self.apply_exchange(exchanged)
@@ -788,6 +780,20 @@ class Shard:
         for env, message in controls:
             self._apply_control(env, message, now_ms, result)
         return events, puts
+
+    def _catalog_credit(self, began: float, worker_crediting: bool, importing: bool) -> float:
+        """Seconds of this batch's catalog work (from ``began``) that stop the unknown-item wait's
+        clock: the upserts, less what the embedding worker's path credits (all time from its mark:
+        credited twice, the clock ran backwards), plus, during a bulk import of new items, the time
+        since its last slice (:data:`IMPORT_GAP_S`). ``importing``: this batch brought a full slice
+        of new items, so the time until the next batch's is import time too."""
+        end = self.clock()
+        mark = self._credit_mark
+        credit = (end if mark is None else min(end, max(mark, began))) - began
+        if not worker_crediting and self._import_mark is not None and 0 <= began - self._import_mark <= IMPORT_GAP_S:
+            credit += began - self._import_mark
+        self._import_mark = end if importing else None
+        return credit
 
     def _withdrawal(self, env: Envelope, pending: list[CatalogItem]) -> CatalogItem | None:
         """A catalog tombstone (a null value: Kafka's deletion of its key from the compacted
