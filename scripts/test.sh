@@ -3,9 +3,10 @@
 # Kafka-protocol broker started by the test session on 127.0.0.1).
 #
 # Two passes, each with the arguments given: first every test not marked `serial`, spread over
-# the machine's cores (pytest-xdist, at most 4 workers, each with its own local broker); then
-# the `serial` ones (they start flows, brokers or workers, or time what those do) one at a time,
-# as their time limits assume. With -m or -n among the arguments, one pass, as given.
+# the machine's cores (pytest-xdist, at most 4 workers, each with its own local broker), those
+# that start flows, brokers or workers (`processes`) among them; then the `serial` ones (they time
+# what they do, or use the demo's var/demo) one at a time, as their time limits assume. With -m
+# or -n among the arguments, one pass, as given.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

@@ -25,7 +25,7 @@ from dataflows.kafka_io import KafkaClients, consume_all, ensure_topics, produce
 from recsys.events import Event, encode
 from recsys.synthetic import generate_catalog, generate_events
 
-pytestmark = pytest.mark.serial
+pytestmark = pytest.mark.processes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,6 +89,7 @@ def _wait_for(predicate, timeout_s: float, what: str):
     raise AssertionError(f"no {what} within {timeout_s} s")
 
 
+@pytest.mark.serial
 def test_an_event_waits_for_its_late_catalog_item_and_an_unknown_one_is_dead_lettered_after_the_bound(
         local_broker, topic_name, tmp_path):
     """Live (no --stop-at-end): an event whose item's catalog record comes 0.5 s later is applied;

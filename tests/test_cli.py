@@ -22,7 +22,7 @@ from recsys.events import encode
 from recsys.synthetic import generate_catalog, generate_events
 from recsys_cli.main import main
 
-pytestmark = pytest.mark.serial
+pytestmark = pytest.mark.processes
 
 ROOT = Path(__file__).resolve().parents[1]
 

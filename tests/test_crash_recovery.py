@@ -64,7 +64,7 @@ from recsys.store.kv import RocksKV
 from recsys.store.users import USER_PREFIX, UserState, decode_user
 from recsys.synthetic import generate_catalog, generate_events
 
-pytestmark = [pytest.mark.slow, pytest.mark.serial]
+pytestmark = [pytest.mark.slow, pytest.mark.processes]
 
 N_EVENTS = 10_000
 N_USERS = 500

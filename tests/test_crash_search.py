@@ -56,7 +56,7 @@ from recsys.shard.waiting import WAIT_PREFIX
 from recsys.store.kv import RocksKV
 from recsys.synthetic import generate_catalog, generate_events, with_searches
 
-pytestmark = [pytest.mark.slow, pytest.mark.serial]
+pytestmark = [pytest.mark.slow, pytest.mark.processes]
 
 N_EVENTS = 2_000
 N_USERS = 100

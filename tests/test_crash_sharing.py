@@ -76,7 +76,7 @@ from recsys.signals.sessions import SessionNeighbours
 from recsys.store.kv import MemoryKV
 from recsys.store.users import UserState
 
-pytestmark = [pytest.mark.slow, pytest.mark.serial]
+pytestmark = [pytest.mark.slow, pytest.mark.processes]
 
 N_EVENTS = 6_000
 N_USERS = 300

@@ -19,7 +19,7 @@ from recsys.settings import Settings
 from recsys.shard.step import Shard
 from recsys.store.kv import RocksKV
 
-pytestmark = pytest.mark.serial
+pytestmark = pytest.mark.processes
 
 _WAIT_S = 60.0  # the worker loads the model (a few seconds) before its first answer
 

@@ -407,7 +407,7 @@ def _drained(bootstrap: str, topic: str, quiet_s: float = 4, timeout_s: float = 
 
 
 @pytest.mark.slow
-@pytest.mark.serial
+@pytest.mark.processes
 def test_a_shard_started_late_from_a_snapshot_ends_with_the_others_checksum_live(local_broker, topic_name, tmp_path, children):  # noqa: F811
     prefix = topic_name("boot") + "-"
     _, flags = _stream(local_broker.bootstrap, prefix, tmp_path, n_users=40)
@@ -441,7 +441,7 @@ def test_a_shard_started_late_from_a_snapshot_ends_with_the_others_checksum_live
 
 
 @pytest.mark.slow
-@pytest.mark.serial
+@pytest.mark.processes
 def test_a_shard_wiped_mid_run_restarts_from_the_newest_snapshot_and_ends_with_the_others_checksum_live(
         local_broker, topic_name, tmp_path, children):  # noqa: F811
     """Two sharing shard processes on the real local broker; shard 1 is killed (SIGKILL) and its state

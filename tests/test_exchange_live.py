@@ -17,7 +17,7 @@ from recsys.events import encode
 from recsys.signals.exchange import decode_message
 from recsys.synthetic import generate_catalog, generate_events
 
-pytestmark = pytest.mark.serial
+pytestmark = pytest.mark.processes
 
 
 @pytest.mark.slow

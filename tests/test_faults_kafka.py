@@ -28,7 +28,7 @@ from recsys.settings import Settings
 from recsys.shard.step import Shard
 from recsys.synthetic import generate_catalog, generate_events
 
-pytestmark = pytest.mark.serial
+pytestmark = pytest.mark.processes
 
 
 @pytest.fixture(scope="module")
@@ -481,6 +481,7 @@ def test_a_run_with_create_topics_that_its_recovery_check_refuses_creates_no_top
 # ------------------------------------------------- a broker slower to read than the fetch wait
 
 
+@pytest.mark.serial
 def test_a_broker_that_answers_every_fetch_empty_gets_a_longer_wait_and_the_flow_reads_on(
     local_broker, tmp_path, embed_cache, catalog, topic_name
 ):

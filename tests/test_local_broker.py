@@ -23,7 +23,7 @@ from dataflows.kafka_io import (
 from dataflows.testing.memory_broker import InMemoryBroker
 from recsys_cli.local_broker import LocalBroker, LocalBrokerError
 
-pytestmark = [pytest.mark.broker, pytest.mark.serial]
+pytestmark = [pytest.mark.broker, pytest.mark.processes]
 
 
 def _pid_alive(pid: int) -> bool:

@@ -25,7 +25,7 @@ from recsys.events import encode
 from recsys.settings import Settings
 from recsys.synthetic import generate_catalog, generate_events
 
-pytestmark = pytest.mark.serial
+pytestmark = pytest.mark.processes
 
 ROOT = Path(__file__).resolve().parents[1]
 BAD = [b"not json", b'{"event_id": "b", "type": "hover", "user_id": "u-bad", "item_id": "i1", "ts": 1}',
@@ -76,6 +76,7 @@ def test_every_metric_is_named_recsys_thing_unit_with_help_text():
         assert family.documentation, family.name
 
 
+@pytest.mark.serial
 def test_a_watched_partition_reports_the_time_between_its_polls():
     from bytewax.inputs import StatefulSourcePartition
 

@@ -30,7 +30,7 @@ from recsys.events import encode
 from recsys.synthetic import generate_catalog, generate_events
 from recsys_cli.local_broker import HOST
 
-pytestmark = pytest.mark.serial
+pytestmark = pytest.mark.processes
 
 ROOT = Path(__file__).resolve().parents[1]
 RECSYS = [sys.executable, "-m", "recsys_cli"]
@@ -162,6 +162,7 @@ def _wait_applied(bootstrap: str, topic: str, timeout_s: float = 60) -> None:
 # ----------------------------------------------------------------------------- defects 3 and 4: stops
 
 
+@pytest.mark.serial
 @pytest.mark.slow
 def test_a_signal_stops_run_in_order_with_one_line_of_totals_and_no_panic(local_broker, topic_name, tmp_path, children):
     """SIGINT to one ``recsys run``, SIGTERM to another: each stops in order with one line of
@@ -255,6 +256,7 @@ def test_a_search_into_a_replayed_log_is_stamped_at_the_log_s_time_not_now(local
     assert len(sent) == 1 and before <= sent[0]["ts"] <= int(time.time() * 1000)
 
 
+@pytest.mark.serial
 @pytest.mark.slow
 def test_run_with_the_embedding_worker_applies_new_items_and_their_events_and_stops_it(
     local_broker, topic_name, tmp_path, children
@@ -300,6 +302,7 @@ def _child_pids(pid: int) -> list[int]:
         return []
 
 
+@pytest.mark.serial
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_to_the_supervisor_stops_every_shard_and_commits_what_is_done(
@@ -373,6 +376,7 @@ def test_a_stopped_produce_says_how_far_it_sent_and_the_topic_holds_exactly_that
     assert sorted(r.value for r in on_topic) == sorted(line for line in lines[:through] if line)
 
 
+@pytest.mark.serial
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_to_recsys_broker_stops_the_broker_process_too(sig, children):
     port = _free_port()
@@ -466,6 +470,7 @@ def _recsys_many(*commands: list[str], timeout: float = 180) -> list[subprocess.
     return done
 
 
+@pytest.mark.serial
 def test_no_broker_is_said_within_10_s_in_one_line_and_nothing_is_ready():
     """``run``, ``trainer``, ``tail`` and ``produce`` with no broker at their address: each says
     so in one line within 10 s. The four run at once (each mostly waits for the 5 s probe), so
@@ -485,6 +490,7 @@ def test_no_broker_is_said_within_10_s_in_one_line_and_nothing_is_ready():
         assert "ready" not in done.stdout, name
 
 
+@pytest.mark.serial
 def test_no_broker_under_the_bytewax_runner_is_said_within_10_s_in_one_line(tmp_path):
     """`python -m bytewax.run dataflows.live:live_flow` makes `recsys run`'s first check too: until
     2026-12-06 (forty-third session) it loaded the model first and said "no Kafka broker answered"
@@ -612,6 +618,7 @@ def test_a_state_directory_that_is_a_file_is_refused_in_one_line(tmp_path):
     _one_line_failure(done, "--state-dir", "it is a file, not a directory")
 
 
+@pytest.mark.serial
 @pytest.mark.slow
 def test_ctrl_c_while_the_model_loads_is_one_line(local_broker, topic_name, tmp_path, children):
     prefix = topic_name("load") + "-"
@@ -1091,6 +1098,7 @@ print(f"HEAVY={','.join(heavy)} SECONDS={time.perf_counter() - start:.2f}")
     ],
     ids=lambda a: " ".join(a),
 )
+@pytest.mark.serial
 def test_a_bad_argument_is_refused_before_anything_heavy_is_imported(args):
     start = time.monotonic()
     done = subprocess.run([sys.executable, "-c", _PROBE, *args], cwd=ROOT, env=_env(), capture_output=True, text=True,
@@ -1103,6 +1111,7 @@ def test_a_bad_argument_is_refused_before_anything_heavy_is_imported(args):
     assert len(lines) == 1 and lines[0].startswith("recsys "), done.stderr
 
 
+@pytest.mark.serial
 @pytest.mark.slow
 def test_ctrl_c_in_the_demo_stops_the_flow_once_in_order_and_the_broker(children):
     """A terminal's Ctrl-C reaches the whole foreground process group: the demo alone must act
@@ -1126,6 +1135,7 @@ def test_ctrl_c_in_the_demo_stops_the_flow_once_in_order_and_the_broker(children
         os.kill(tansu_pid, 0)
 
 
+@pytest.mark.serial
 def test_a_signal_during_a_replay_is_one_line(tmp_path, children):
     """Ctrl-C (SIGINT to one replay) or SIGTERM (to another, at the same time) while `recsys
     replay` runs the Bytewax replay: until 2026-12-06 (forty-fourth session) the interrupt, raised
@@ -1152,6 +1162,7 @@ def test_a_signal_during_a_replay_is_one_line(tmp_path, children):
         assert not (tmp_path / f"out-{sig.name}" / "metrics.json").exists()
 
 
+@pytest.mark.serial
 def test_a_second_demo_while_one_runs_is_one_line_and_leaves_the_first_alone(children):
     """`recsys demo` starts from empty state and recovery directories (var/demo): until 2026-12-06
     (forty-fourth session) a second demo deleted the running one's directories under its flow,
@@ -1170,6 +1181,7 @@ def test_a_second_demo_while_one_runs_is_one_line_and_leaves_the_first_alone(chi
     assert code == 130, first.output
 
 
+@pytest.mark.serial
 @pytest.mark.slow
 def test_a_signal_stops_the_flow_under_the_bytewax_runner_in_order(local_broker, topic_name, tmp_path, children):
     """`python -m bytewax.run dataflows.live:live_flow` (settings from RECSYS_* variables): SIGTERM
@@ -1236,6 +1248,7 @@ def test_a_broker_gone_under_a_running_flow_is_said_in_its_status_lines(topic_na
     assert connections() == 0  # the metric says it too
 
 
+@pytest.mark.serial
 @pytest.mark.slow  # ~40 s: kafka-python gives up on a broker after 30 s
 def test_a_broker_gone_while_the_catalog_is_read_at_start_is_one_line(topic_name, tmp_path, children):
     """Pull the broker away while ``recsys run`` loads: the catalog read before the flow (the

@@ -30,7 +30,7 @@ from dataflows.kafka_io import KafkaClients, ensure_topics
 from recsys.events import encode
 from recsys.synthetic import generate_catalog, generate_events
 
-pytestmark = pytest.mark.serial
+pytestmark = pytest.mark.processes
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -170,6 +170,8 @@ def test_every_readme_command_has_a_plan():
 def _params():
     for command, plan in PLANS.items():
         marks = [pytest.mark.slow] if plan.slow else []
+        if command == "bash scripts/demo.sh":  # var/demo in the repository: one demo at a time (serial)
+            marks.append(pytest.mark.serial)
         if plan.needs == "data":
             marks.append(pytest.mark.data)
         yield pytest.param(command, plan, marks=marks, id=command[:90])

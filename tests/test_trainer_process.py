@@ -39,7 +39,7 @@ from recsys.signals.trainer import (
 from recsys.store.kv import MemoryKV, RocksKV
 from recsys.synthetic import generate_catalog, generate_events
 
-pytestmark = pytest.mark.serial
+pytestmark = pytest.mark.processes
 
 TOPIC = "signal-exchange"
 
