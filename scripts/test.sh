@@ -11,6 +11,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# numba's loops compiled once, into their cache, before any test runs (as the image does at build):
+# on a fresh clone every process that started before the first wrote it compiled them all again
+# (~26 s of CPU each), several at once in the first minute of the first pass
+.venv/bin/python -m recsys.signals.compile_kernels
 pytest=(.venv/bin/python -m pytest)
 for arg in "$@"; do
   case "$arg" in
