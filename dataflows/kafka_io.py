@@ -32,6 +32,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol
 
@@ -119,6 +120,20 @@ DRY_MIN_POLLS = 10
 #: How long a log end below the flow's position must persist before it counts as data loss:
 #: a new partition leader can report a lagging high watermark for a moment after an election.
 OFFSET_LOSS_CONFIRM_S = 2.0
+
+
+@dataclass(slots=True)
+class _DryWindow:
+    """One partition's polls since ``since`` (``time.monotonic()``) while the broker reported
+    records past its position, and how many of them brought it records."""
+
+    since: float
+    polls: int = 0
+    hits: int = 0
+
+    def starved(self, now: float) -> bool:
+        """For :data:`DRY_FETCH_S`, at least :data:`DRY_MIN_POLLS` polls, fewer than an eighth with records."""
+        return now - self.since >= DRY_FETCH_S and self.polls >= DRY_MIN_POLLS and self.hits * 8 < self.polls
 
 
 class UnknownTopicError(LookupError):
@@ -402,9 +417,9 @@ class _SharedConsumer:
         self.fetch_max_wait_ms = fetch_max_wait_ms  # raised when the broker answers every fetch empty (DRY_FETCH_S)
         self._configured_wait_ms = fetch_max_wait_ms
         self.consumer: Any = self._open_consumer(poll_max_records)
-        # partition -> [since, polls, polls that brought it records], counted while the broker
-        # reports records past its position (a window reset whenever it does not)
-        self._dry: dict[TopicPartition, list[float]] = {}
+        # partition -> its polls, counted while the broker reports records past its position (a
+        # window dropped whenever it does not)
+        self._dry: dict[TopicPartition, _DryWindow] = {}
         self._dry_checked = float("-inf")  # time.monotonic() of the last look (DRY_CHECK_INTERVAL_S)
         self._max = poll_max_records
         self._buffers: dict[TopicPartition, list[Any]] = {}
@@ -468,8 +483,8 @@ class _SharedConsumer:
                 buffer.extend(records)
         if not building:
             for tp, window in self._dry.items():
-                window[1] += 1
-                window[2] += tp in got
+                window.polls += 1
+                window.hits += tp in got
         if not building and now - self._dry_checked >= DRY_CHECK_INTERVAL_S:
             self._dry_checked = now
             self._check_dry(now)
@@ -501,22 +516,20 @@ class _SharedConsumer:
             del self._dry[tp]
         if behind and not connection_count(self.consumer):  # a broker that went away is the status line's to
             for tp in behind:  # report, not a slow read: its polls say nothing, the windows start again
-                self._dry[tp] = [now, 0, 0]
+                self._dry[tp] = _DryWindow(now)
             return
         for tp in behind:
-            self._dry.setdefault(tp, [now, 0, 0])
-        starved = {tp: n for tp, n in behind.items()
-                   if now - self._dry[tp][0] >= DRY_FETCH_S and self._dry[tp][1] >= DRY_MIN_POLLS
-                   and self._dry[tp][2] * 8 < self._dry[tp][1]}
+            self._dry.setdefault(tp, _DryWindow(now))
+        starved = {tp: n for tp, n in behind.items() if self._dry[tp].starved(now)}
         for tp, window in self._dry.items():  # a window that said nothing starts again
-            if tp not in starved and now - window[0] >= DRY_FETCH_S:
-                window[:] = [now, 0, 0]
+            if tp not in starved and now - window.since >= DRY_FETCH_S:
+                self._dry[tp] = _DryWindow(now)
         if starved:
             windows = {tp: self._dry[tp] for tp in starved}
             self._dry.clear()
             self._raise_wait(starved, windows, now)
 
-    def _raise_wait(self, starved: dict[TopicPartition, int], windows: dict[TopicPartition, list[float]],
+    def _raise_wait(self, starved: dict[TopicPartition, int], windows: dict[TopicPartition, _DryWindow],
                     now: float) -> None:
         """Reopen the consumer with a :data:`FETCH_WAIT_STEP` times longer fetch wait, at the same
         positions (what is buffered lies below them), and say so once."""
@@ -536,7 +549,7 @@ class _SharedConsumer:
             fresh.seek(tp, offset)
         self.consumer = fresh
         old.close()
-        asked, answered = (sum(int(w[k]) for w in windows.values()) for k in (1, 2))
+        asked, answered = sum(w.polls for w in windows.values()), sum(w.hits for w in windows.values())
         named = ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(starved)[:3]) + (
             f" and {len(starved) - 3} more" if len(starved) > 3 else "")
         log.warning(
@@ -544,7 +557,7 @@ class _SharedConsumer:
             "flow's position: it takes longer than the fetch wait (%d ms; RECSYS_FETCH_MAX_WAIT_MS is %d) to read them "
             "(the local Tansu broker's memory storage does once a partition holds tens of thousands of small batches; "
             "so does a partition leader away for seconds); fetching with a wait of %d ms from now on, until a restart",
-            named, self._clients.bootstrap, asked - answered, asked, max(now - w[0] for w in windows.values()),
+            named, self._clients.bootstrap, asked - answered, asked, max(now - w.since for w in windows.values()),
             sum(starved.values()), before, self._configured_wait_ms, self.fetch_max_wait_ms,
         )
 

@@ -78,13 +78,14 @@ class Plan:
     cwd: str = "root"  # or "tmp"
     needs: str = ""  # "stream": the local broker with topics and data; "data": ../shared/data
     slow: bool = False
+    serial: bool = False  # run alone (scripts/test.sh's second pass): it times itself or uses var/demo
     expect: str = ""  # a line the output must contain
     before: tuple[str, ...] = ()  # README lines run first, in the same folder (the lines above it)
 
 
 _SMALL_REPLAY = " --limit 300 --out {tmp}/out"
 PLANS: dict[str, Plan] = {
-    "bash scripts/demo.sh": Plan(" --events 300 --rate 500", slow=True, expect="==== summary ===="),
+    "bash scripts/demo.sh": Plan(" --events 300 --rate 500", slow=True, serial=True, expect="==== summary ===="),
     "bash scripts/test.sh": Plan(" -q -p no:cacheprovider tests/test_settings.py", expect="passed"),
     "recsys broker --port 9092": Plan(how="signal"),
     "recsys produce FILE [--catalog] [--rate N]": Plan(how="synopsis", needs="stream"),
@@ -170,7 +171,7 @@ def test_every_readme_command_has_a_plan():
 def _params():
     for command, plan in PLANS.items():
         marks = [pytest.mark.slow] if plan.slow else []
-        if command == "bash scripts/demo.sh":  # var/demo in the repository: one demo at a time (serial)
+        if plan.serial:
             marks.append(pytest.mark.serial)
         if plan.needs == "data":
             marks.append(pytest.mark.data)
