@@ -162,6 +162,30 @@ def test_forget_offline_reaches_every_shard_of_a_multi_process_state(tmp_path, c
     assert "shard-0: 1 of 1 held here (shard 0 of 2)" in out and "shard-1: 1 of 1 held here (shard 1 of 2)" in out
 
 
+def test_forget_offline_without_the_flows_embedding_cache_is_refused_and_embeds_nothing(tmp_path, cache, monkeypatch, capsys):
+    # opening the state indexes its catalog again from the cached vectors: until 2026-12-07 an
+    # erasure run without the flow's --embed-cache-dir embedded the whole catalog with the model,
+    # into a new ./var/embeddings wherever the operator ran it (minutes, for a real catalog)
+    settings = _settings(tmp_path, cache)
+    engine = _open(settings)
+    engine.process(_envs(_history([VICTIM, "keep"])))
+    engine.close()
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.delenv("RECSYS_EMBED_CACHE_DIR", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["forget", VICTIM, "--offline", "--state-dir", settings.state_dir, "--no-head-enabled"])
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert "no embedding cache at var/embeddings" in err and "--embed-cache-dir" in err
+    assert list(work.iterdir()) == [] and _raw_hits(settings.state_dir, VICTIM.encode())  # nothing done
+    # the flow's cache given: erased
+    assert cli_main(["forget", VICTIM, "--offline", "--state-dir", settings.state_dir, "--embed-cache-dir", cache,
+                     "--no-head-enabled"]) == 0
+    assert _raw_hits(settings.state_dir, VICTIM.encode()) == [] and list(work.iterdir()) == []
+
+
 def test_forget_offline_refuses_a_directory_without_flow_state(tmp_path, cache, capsys):
     with pytest.raises(SystemExit) as exit_:
         _cli_forget_offline(tmp_path / "typo", cache)

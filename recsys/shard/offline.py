@@ -35,6 +35,7 @@ class StoredShard:
     shard: int
     shards: int
     shared: bool
+    holds_items: bool = False  # catalog items, which the engine indexes again when it opens
 
 
 def state_dirs(state_dir: str | Path) -> list[Path]:
@@ -55,21 +56,26 @@ def state_dirs(state_dir: str | Path) -> list[Path]:
 
 def stored_shard(path: Path) -> StoredShard:
     """Read a state directory's layout and whether it shares signals, without opening the engine."""
-    from recsys.shard.step import _LAYOUT_KEY  # the key Shard.open checks the layout by
+    from recsys.shard.step import _ITEM_PREFIX, _LAYOUT_KEY  # the keys Shard.open reads them by
 
     kv = RocksKV(str(path / "rocks"))
     try:
         layout, shared = kv.get(_LAYOUT_KEY), kv.get(SEQ_KEY) is not None
+        holds_items = next(iter(kv.iter_prefix(_ITEM_PREFIX)), None) is not None
     finally:
         kv.close()
     shard, _, shards = (layout or b"0/1").decode().partition("/")
-    return StoredShard(path, int(shard), int(shards), shared)
+    return StoredShard(path, int(shard), int(shards), shared, holds_items)
 
 
 def forget_offline(settings: Settings, user_ids: list[str]) -> list[tuple[StoredShard, int]]:
     """Erase ``user_ids`` from every shard state under ``settings.state_dir`` (the flow must be
     stopped); returns each shard with the number of those users it held. Raises
-    FileNotFoundError when there is no flow state there."""
+    FileNotFoundError when there is no flow state there, or when the state holds catalog items and
+    there is no embedding cache at ``settings.embed_cache_dir``: the engine indexes its items again
+    when it opens, from their cached vectors, and without them it would embed the whole catalog
+    with the model, into a new cache wherever the command ran (until 2026-12-07 it did: minutes
+    and a ``./var/embeddings`` of the catalog's size, for an erasure that reads no vector)."""
     from recsys.shard.step import Shard
 
     found = state_dirs(settings.state_dir)
@@ -77,9 +83,15 @@ def forget_offline(settings: Settings, user_ids: list[str]) -> list[tuple[Stored
         raise FileNotFoundError(
             f"no flow state under {settings.state_dir} (neither {settings.state_dir}/rocks nor "
             f"{settings.state_dir}/shard-<i>/rocks): give the --state-dir the flow ran with")
+    shards = [stored_shard(path) for path in found]
+    if any(stored.holds_items for stored in shards) and not Path(settings.embed_cache_dir).is_dir():
+        raise FileNotFoundError(
+            f"no embedding cache at {settings.embed_cache_dir}, and the state under {settings.state_dir} holds "
+            f"catalog items, which opening it indexes again from their cached vectors: give the "
+            f"--embed-cache-dir (RECSYS_EMBED_CACHE_DIR) the flow ran with (an empty directory there "
+            f"embeds the whole catalog again, with the model)")
     out = []
-    for path in found:
-        stored = stored_shard(path)
+    for path, stored in zip(found, shards):
         # the shard's own identity: its exchange origin and sequence, and the layout check
         shard_settings = settings.replace(state_dir=str(path), shard=stored.shard, shards=stored.shards,
                                           share_signals=stored.shared or settings.share_signals)
