@@ -111,6 +111,28 @@ def test_a_query_log_row_the_flow_would_refuse_is_skipped_by_name(tmp_path):
     assert any("'buy' (the search is replayed, not scored)" in e for e in ds.examples), ds.examples
 
 
+def test_a_query_log_row_logged_twice_is_replayed_and_scored_once(tmp_path):
+    """An export that wrote a row twice (the same shopper, query, times, item and type) gave two
+    searches and two engagements: the item learned from twice and its search scored twice (noted
+    2026-12-06, fixed 2026-12-07). The copy is skipped by name, saying which line it repeats; a
+    row that differs in any mapped column (here the engagement time) is a search of its own."""
+    from recsys.search.querylog import load_query_log
+
+    log = tmp_path / "log.csv"
+    log.write_text("uid,q,qt,item,et,note\n"
+                   "u1,tent,1700000000000,i1,1700000001000,a\n"
+                   "u1,tent,1700000000000,i1,1700000001000,b\n"  # differs only in a column not mapped
+                   "u1, tent ,1700000000000,i1,1700000001000,a\n"  # the same once stripped, as it is read
+                   "u1,tent,1700000000000,i1,1700000002000,a\n"
+                   "u2,tent,1700000003000,,,a\n"
+                   "u2,tent,1700000003000,,,a\n")
+    mapping = {"user_id": "uid", "query": "q", "query_ts": "qt", "item_id": "item", "ts": "et"}
+    ds, targets = load_query_log(str(log), mapping)
+    assert len(targets) == 2 and [e.type for e in ds.events].count("search") == 3
+    assert ds.skipped == {"duplicate row": 3}, ds.skipped
+    assert "duplicate row at line 3 of log.csv: the same as line 2" in ds.examples, ds.examples
+
+
 def test_a_query_log_whose_engaged_items_its_catalog_lacks_says_how_many(tmp_path, capsys):
     """With ``--catalog``, an engaged item the catalog lacks is admitted only at its engagement,
     after its search: a miss for every model. Until 2026-12-07 (forty-seventh session) nothing

@@ -8,7 +8,8 @@ Columns, named by ``--map FIELD=COLUMN`` (``recsys replay --task search --query-
 - ``type`` (optional column; else ``default_type``, default ``click``): the engagement's type;
 - ``ts_unit`` (``ms``, ``s`` or ``iso``, as for ``--format csv``), ``delimiter``.
 
-Each row becomes a ``search`` event at ``query_ts`` and, with an item, an engagement event at
+A row whose mapped fields repeat an earlier row's (an export that wrote it twice) is skipped as a
+``duplicate row``. Each row becomes a ``search`` event at ``query_ts`` and, with an item, an engagement event at
 ``ts`` (at least 1 ms after the search: one logged in the same millisecond, or the same second
 with ``ts_unit=s``, is moved there). Rows with a missing field or a bad time are skipped and
 counted, as are rows the flow would refuse (an id with a control character, a query over 1,000
@@ -64,7 +65,15 @@ def load_query_log(path: str, mapping: dict[str, Any] | None, catalog_path: str 
     targets: dict[str, str] = {}
     rows = csv_rows(path, delimiter=mapping.get("delimiter", ","), required=tuple(col[k] for k in _REQUIRED),
                     skips=skips, limit=limit, progress=progress, desc="query log", delimiter_flag="--map delimiter=")
+    seen: dict[int, int] = {}  # the hash of a row's mapped fields, as read -> its first line (a
+    # hash, not the fields: ~100 bytes a row; two distinct rows collide once in ~10^12 row pairs)
     for line, row in rows:
+        # an export that wrote a row twice: one search, engaged once (until 2026-12-07 replayed,
+        # learned from and scored twice)
+        fields = hash(tuple(row.get(name, "").strip() for name in col.values()))
+        if (first := seen.setdefault(fields, line)) != line:
+            skips.add("duplicate row", line, source, f"the same as line {first}")
+            continue
         user, query, raw_qt = (row.get(col[k], "").strip() for k in _REQUIRED)
         if not user or not query:
             skips.add("missing user or query", line, source)
