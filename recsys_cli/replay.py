@@ -501,6 +501,7 @@ def run_replay(args: argparse.Namespace) -> int:
     }
     result["dataset"] = ds.name
     result["dataset_stats"] = {k: v for k, v in stats.items() if k not in ("examples",)}
+    result["_skip_examples"] = stats["examples"]  # for report.md, beside dataset_stats' counts
     result["seed"] = args.seed
     result["protocol"] = args.protocol
     engine.close()

@@ -150,6 +150,31 @@ def test_replay_of_events_naming_items_the_catalog_lacks_says_so_and_scores_ever
         assert set(metrics["models"]) >= {"popularity", "content", "full-system"}
 
 
+def test_the_report_says_which_rows_of_the_events_and_the_catalog_were_skipped(tmp_path, stream):
+    """report.md is what people read and keep; until 2026-12-07 the rows a replay skipped (a bad
+    event, a catalog line refused) were printed while it ran and counted in metrics.json's
+    dataset_stats, but report.md said nothing of them: a report of 1,500 events read the same
+    whether 3 or 3,000 rows had been refused."""
+    catalog, events, cache = stream
+    events_file, catalog_file = tmp_path / "events.jsonl", tmp_path / "catalog.jsonl"
+    events_file.write_bytes(b"\n".join(encode(e) for e in events) + b"\nnot json\n")
+    catalog_file.write_bytes(b"\n".join(encode(c) for c in catalog) + b'\n{"item_id": "", "title": "no id"}\n')
+    out = tmp_path / "out"
+    assert main(["replay", "--format", "jsonl", "--events", str(events_file), "--catalog", str(catalog_file),
+                 "--models", "popularity", "--embed-cache-dir", cache, "--out", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert "## Rows skipped (2)" in report, report
+    assert "| invalid payload | 1 |" in report and "| invalid field 'item_id' | 1 |" in report
+    assert f"line {len(events) + 1} of events.jsonl" in report and f"line {len(catalog) + 1} of catalog.jsonl" in report
+    assert json.loads((out / "metrics.json").read_text())["dataset_stats"]["skipped"] == 2
+    # a replay that skipped nothing says so in one line
+    clean = tmp_path / "clean.jsonl"
+    clean.write_bytes(b"\n".join(encode(e) for e in events) + b"\n")
+    assert main(["replay", "--format", "jsonl", "--events", str(clean), "--models", "popularity",
+                 "--embed-cache-dir", cache, "--out", str(tmp_path / "clean")]) == 0
+    assert "- rows skipped: none" in (tmp_path / "clean" / "report.md").read_text()
+
+
 def test_a_replay_on_disk_scores_as_in_memory_and_refuses_a_state_directory_that_holds_state(tmp_path, stream, capsys):
     """`--state-dir DIR` keeps a replay's state in RocksDB instead of memory (for logs larger
     than memory). Until 2026-12-06 (forty-fourth session): every engine of the replay opened DIR

@@ -131,6 +131,11 @@ def test_a_query_log_row_logged_twice_is_replayed_and_scored_once(tmp_path):
     assert len(targets) == 2 and [e.type for e in ds.events].count("search") == 3
     assert ds.skipped == {"duplicate row": 3}, ds.skipped
     assert "duplicate row at line 3 of log.csv: the same as line 2" in ds.examples, ds.examples
+    out = tmp_path / "out"
+    assert main(["replay", "--task", "search", "--query-log", str(log), *(f"--map={k}={v}" for k, v in mapping.items()),
+                 "--embed-cache-dir", str(tmp_path / "emb"), "--out", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert "## Rows skipped (3)" in report and "| duplicate row | 3 |" in report, report
 
 
 def test_a_query_log_whose_engaged_items_its_catalog_lacks_says_how_many(tmp_path, capsys):

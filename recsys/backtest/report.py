@@ -202,6 +202,16 @@ def _ablation_section(ablations: dict[str, dict[str, dict[str, Any]]]) -> list[s
     return lines
 
 
+def _skipped_section(counts: dict[str, int], examples: list[str]) -> list[str]:
+    """The rows of the input files (events, catalog, query log) the replay skipped, by reason, with
+    the first examples the loader kept (each names its line and file)."""
+    lines = ["", f"## Rows skipped ({sum(counts.values())})", "", "| reason | rows |", "|---|---:|"]
+    lines += [f"| {reason} | {n} |" for reason, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+    if examples:
+        lines += ["", "Examples (the first few of each reason):", ""] + [f"- {example}" for example in examples]
+    return lines
+
+
 def _fallback_section(fallback: dict[str, dict[str, Any]]) -> list[str]:
     """How often each baseline had nothing of its own for a user it knew (popularity filled)."""
     if not fallback:
@@ -288,6 +298,11 @@ def write_report(
                        ("batch_size", "batch size"), ("held_out_users", "held-out users")):
         if result.get(key) is not None:
             facts.append(f"- {label}: {result[key]}")
+    # the rows the loader refused (until 2026-12-07 in metrics.json only): "skipped" (search
+    # replays) or the dataset's stats (recommendation replays); absent when the caller gave neither
+    skipped = result["skipped"] if "skipped" in result else (result.get("dataset_stats") or {}).get("skipped_by_reason")
+    if skipped is not None and not skipped:
+        facts.append("- rows skipped: none")
     if result.get("seconds") is not None:
         rate = result.get("events_per_s")
         facts.append(f"- wall time: {result['seconds']:.2f} s" + (f" ({rate:,.0f} events/s)" if rate else ""))
@@ -297,6 +312,8 @@ def write_report(
     md += _margin_section(result.get("margins") or {})
     md += _ablation_section(result.get("ablation_margins") or {})
     md += _fallback_section(result.get("fallback") or {})
+    if skipped:
+        md += _skipped_section(skipped, result.get("_skip_examples") or [])
     timing = result.get("timing") or {}
     if timing:
         md += ["", "## Time per model (s)", ""]
