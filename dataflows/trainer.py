@@ -26,13 +26,16 @@ and its age) are served on ``RECSYS_METRICS_PORT + RECSYS_SHARDS`` when the port
 
 from __future__ import annotations
 
+import datetime
+import fcntl
 import os
 import signal
+import socket
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import IO, Any, Callable, NamedTuple
 
 from kafka.structs import TopicPartition
 
@@ -157,13 +160,53 @@ class _Hold:
         return False
 
 
+#: The file in ``RECSYS_EXCHANGE_SNAPSHOT_DIR`` a running trainer holds locked (its pid, host and start inside).
+PUBLISHER_LOCK = "trainer.lock"
+
+
+def publisher_lock(directory: str) -> IO[str]:
+    """Hold ``directory``'s :data:`PUBLISHER_LOCK` (``flock``, released by the kernel when the
+    process ends, a ``kill -9`` included); SystemExit naming the holder when another trainer holds
+    it. One trainer per deployment: until 2026-12-07 a second one (its own state directory, the
+    same snapshot directory) started, learned the same log and published beside the first."""
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    handle = open(path / PUBLISHER_LOCK, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "its pid not yet written"
+        handle.close()
+        raise SystemExit(f"recsys trainer: another model trainer publishes to {directory} ({holder}); one trainer per "
+                         f"deployment: stop that one first, or give this one its deployment's own "
+                         f"--exchange-snapshot-dir (RECSYS_EXCHANGE_SNAPSHOT_DIR)") from None
+    handle.seek(0)
+    handle.truncate()
+    since = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {since}\n")
+    handle.flush()
+    return handle
+
+
 def run_trainer(settings: Settings, clients: Any = None, stop: threading.Event | None = None,
                 emit: Callable[[str], None] = print, *, embedder: Any = None, metrics: TrainerMetrics | None = None) -> int:
     """Train until ``stop`` is set, then drain the log to its end as seen then, publish, return 0.
 
     ``embedder``: one already loaded (tests; default: the settings' model, closed at the end);
     ``metrics``: where its gauges go (default: a :class:`TrainerMetrics`, served when
-    ``RECSYS_METRICS_PORT`` is set)."""
+    ``RECSYS_METRICS_PORT`` is set). Refused (SystemExit) while another trainer publishes to the
+    same ``RECSYS_EXCHANGE_SNAPSHOT_DIR`` (:func:`publisher_lock`), before anything is read."""
+    lock = publisher_lock(settings.exchange_snapshot_dir) if settings.exchange_snapshot_dir else None
+    try:
+        return _run_trainer(settings, clients, stop, emit, embedder=embedder, metrics=metrics)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _run_trainer(settings: Settings, clients: Any, stop: threading.Event | None, emit: Callable[[str], None], *,
+                 embedder: Any, metrics: TrainerMetrics | None) -> int:
     clients = clients if clients is not None else KafkaClients(settings)
     stop = stop if stop is not None else threading.Event()
     own_metrics = metrics is None

@@ -765,6 +765,10 @@ def cmd_trainer(args: argparse.Namespace) -> int:
     (one per deployment, with the shards' settings; `run --processes N --model-trainer` starts it itself)."""
     settings = settings_or_fail("trainer", args)
     _require_dirs(settings, "trainer", "state_dir", "embed_cache_dir", "exchange_snapshot_dir")
+    from dataflows.trainer import publisher_lock
+
+    if settings.exchange_snapshot_dir:  # another trainer publishing there: said now, not after the broker's checks
+        publisher_lock(settings.exchange_snapshot_dir).close()  # (run_trainer holds it from its start to its end)
     _require_broker(settings, "trainer", (settings.catalog_topic,))
     from dataflows.metrics import MetricsPortError
     from dataflows.trainer import run_until_signalled

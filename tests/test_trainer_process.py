@@ -360,6 +360,44 @@ def test_a_second_trainer_on_a_state_directory_in_use_is_one_line(local_broker, 
     assert trainer.lines[-1].startswith("recsys trainer: its state directory is in use by another process"), trainer.output
 
 
+def test_a_second_trainer_publishing_to_the_same_snapshot_directory_is_refused(
+        local_broker, tmp_path, embedder, catalog, log, children):  # noqa: F811
+    """One trainer per deployment: until 2026-12-07 a second one with a state directory of its own
+    and the same RECSYS_EXCHANGE_SNAPSHOT_DIR started, learned the same log and published beside
+    the first (twice the training, and which snapshot the shards served was a race). It is refused
+    now, in this process and from another, before it reads or writes anything, naming the holder;
+    once the first has stopped, a trainer starts there again."""
+    import os
+
+    broker = _broker(log, catalog)
+    first = _trainer_settings(tmp_path, "first", trainer_publish_s=3600.0)
+    metrics, stop, lines, runner = _trainer_thread(first, broker, embedder)
+    second = _trainer_settings(tmp_path, "second")
+    try:
+        _wait_for(lambda: any(line.startswith("ready: model trainer") for line in lines))
+        asked_to_stop = threading.Event()
+        asked_to_stop.set()  # were it not refused, it would learn the log and return
+        with pytest.raises(SystemExit) as refused:
+            run_trainer(second, broker, asked_to_stop, emit=lines.append, embedder=embedder)
+        said = str(refused.value)
+        assert said.startswith(f"recsys trainer: another model trainer publishes to {first.exchange_snapshot_dir} "
+                               f"(pid {os.getpid()} on "), said
+        assert not (tmp_path / "second").exists()
+        other = Child([*RECSYS, "trainer", "--bootstrap-servers", local_broker.bootstrap, "--exchange-snapshot-dir",
+                       first.exchange_snapshot_dir, "--state-dir", str(tmp_path / "third")],
+                      env={"RECSYS_SHARE_SIGNALS": "true"})
+        children.append(other)
+        assert other.proc.wait(timeout=READY_TIMEOUT_S) == 1, other.output
+        assert other.lines[-1].startswith(f"recsys trainer: another model trainer publishes to {first.exchange_snapshot_dir} "
+                                          f"(pid {os.getpid()} on "), other.output
+        assert "Traceback" not in other.output and not (tmp_path / "third" / "trainer").exists()
+    finally:
+        stop.set()
+        runner.join(60)
+    assert not runner.is_alive()
+    assert _stopped(_run_to_end(second, broker, embedder=embedder))["trainer_position"] == len(log) - 1
+
+
 # ---------------------------------------------------------------- a restart while a message is held
 
 
