@@ -269,6 +269,31 @@ def test_chinese_and_japanese_text_without_spaces_is_matched_by_character_pairs(
         assert ids(answer)[0] == item and answer["items"][0]["reason"].startswith("matches '"), (query, answer)
 
 
+def test_a_one_character_chinese_or_japanese_query_finds_the_items_whose_words_hold_it(engine):
+    """One character is a whole word in Chinese and Japanese (茶 tea, 米 rice, 包 bag), and
+    shoppers search for it alone. Items' runs were read as character pairs only, so until
+    2026-12-07 the query ``茶`` matched no title with a longer run (``緑茶ティーバッグ``, ``紅茶``;
+    noted 2026-12-06). Items now also index each character of a run (Lucene's CJK bigrams with
+    ``outputUnigrams``); a query of two or more characters still reads pairs only, so ``紅茶``
+    (black tea) does not match ``緑茶`` (green tea)."""
+    from recsys.search.lexical import item_tokens
+    from recsys.search.text import query_tokens
+
+    assert item_tokens(CatalogItem("t", "紅茶 100g")) == ["紅茶", "紅", "茶", "100g"]
+    stream = Stream(engine)
+    items = [CatalogItem("green-tea", "緑茶ティーバッグ"), CatalogItem("black-tea", "紅茶"),
+             CatalogItem("coffee-jp", "ブラックコーヒー"), CatalogItem("tent", "Blue tent")]
+    engine.process([Envelope("catalog", 0, i, item.item_id.encode(), encode(item), 0) for i, item in enumerate(items)])
+    found = dict(engine.search.lexical.search(query_tokens("茶"), 10))
+    assert set(found) == {"green-tea", "black-tea"} and found["black-tea"] > found["green-tea"], found
+    assert dict(engine.search.lexical.search(query_tokens("紅茶"), 10)).keys() == {"black-tea"}
+    answer = stream.search("u1", "茶")
+    assert answer["items"][0] == {**answer["items"][0], "item_id": "black-tea", "reason": "matches '茶'"}, answer
+    answer = stream.search("u1", "紅茶")
+    assert ids(answer)[0] == "black-tea" and not any(
+        i["reason"].startswith("matches") for i in answer["items"] if i["item_id"] == "green-tea"), answer
+
+
 def test_a_repeated_query_sees_a_new_item(engine):
     # the query's retrieval answers are cached; they must be dropped when the catalog changes
     stream = Stream(engine)

@@ -62,7 +62,8 @@ MAX_ITEM_TOKENS = 1_024
 
 
 def item_tokens(item: CatalogItem) -> list[str]:
-    """What BM25 sees of an item: title, brand, category and description tokens, and string
+    """What BM25 sees of an item: title, brand, category and description tokens (with each
+    character of a CJK run beside its pairs: :func:`recsys.search.text.tokenize`), and string
     attribute values (``attributes`` such as colour or material); numbers and flags skipped;
     each part up to its first :data:`MAX_PART_TOKENS` tokens, the item up to :data:`MAX_ITEM_TOKENS`."""
     parts = [item.title, item.brand, item.category, item.description]
@@ -71,7 +72,7 @@ def item_tokens(item: CatalogItem) -> list[str]:
             parts.append(value)
     tokens: list[str] = []
     for part in parts:
-        tokens.extend(tokenize(part)[:MAX_PART_TOKENS])
+        tokens.extend(tokenize(part, unigrams=True)[:MAX_PART_TOKENS])
         if len(tokens) >= MAX_ITEM_TOKENS:
             return tokens[:MAX_ITEM_TOKENS]
     return tokens

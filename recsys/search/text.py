@@ -102,12 +102,15 @@ def _fold(token: str) -> str:
 _CJK_RUN = regex.compile(r"[\p{Han}\p{Hiragana}\p{Katakana}\p{Hangul}\u30fc\u3005]+")
 
 
-def _pieces(token: str) -> list[str]:
+def _pieces(token: str, unigrams: bool = False) -> list[str]:
     """A token as search reads it: whole, or with its CJK runs as overlapping character pairs (a
-    run of one character as itself).
+    run of one character as itself); ``unigrams``: each character of a longer run too, after its
+    pairs (what an item's text indexes, so that a query of one character finds the words holding it).
 
     >>> _pieces("緑茶ティー"), _pieces("iphone用ケース"), _pieces("tent")
     (['緑茶', '茶テ', 'ティ', 'ィー'], ['iphone', '用ケ', 'ケー', 'ース'], ['tent'])
+    >>> _pieces("紅茶", unigrams=True)
+    ['紅茶', '紅', '茶']
     """
     if token.isascii():
         return [token]
@@ -117,19 +120,26 @@ def _pieces(token: str) -> list[str]:
             out.append(token[pos:run.start()])
         text = run.group()
         out.extend([text] if len(text) == 1 else [text[i:i + 2] for i in range(len(text) - 1)])
+        if unigrams and len(text) > 1:
+            out.extend(text)
         pos = run.end()
     if pos < len(token):
         out.append(token[pos:])
     return out
 
 
-def tokenize(text: str | None) -> list[str]:
-    """Search tokens of a text, in order (duplicates kept: BM25 counts them)."""
+def tokenize(text: str | None, *, unigrams: bool = False) -> list[str]:
+    """Search tokens of a text, in order (duplicates kept: BM25 counts them). ``unigrams`` (an
+    item's text, not a query): also each character of a CJK run of two or more (:func:`_pieces`).
+    One character is a whole word in Chinese and Japanese (茶 tea, 米 rice), searched alone: until
+    2026-12-07 items indexed pairs only, and such a query matched no longer run. A query of two or
+    more characters still reads pairs only (Lucene's CJK bigrams with ``outputUnigrams`` on the
+    index side), so ``紅茶`` does not match ``緑茶``."""
     if not text:
         return []
     if text.isascii():
         return [_fold(t) for t in _SPLIT.split(text.lower()) if t and t not in STOP_WORDS]
-    return [_fold(p) for t in _SPLIT.split(normalize(text)) if t and t not in STOP_WORDS for p in _pieces(t)]
+    return [_fold(p) for t in _SPLIT.split(normalize(text)) if t and t not in STOP_WORDS for p in _pieces(t, unigrams)]
 
 
 def display_tokens(tokens: list[str]) -> str:
