@@ -96,6 +96,11 @@ RFC3339_DATE_TIME = re.compile(
 )
 
 
+#: The shape of :data:`RFC3339_DATE_TIME` with any four-digit year: a time that is well formed but
+#: out of the accepted range gets a reason saying so.
+_ANY_YEAR_DATE_TIME = re.compile(r"([0-9]{4})" + RFC3339_DATE_TIME.pattern[RFC3339_DATE_TIME.pattern.index(")-") + 1:])
+
+
 class DecodeError(ValueError):
     """A message that cannot become a typed record; the text is the dead-letter reason."""
 
@@ -409,6 +414,12 @@ def parse_ts(value: Any) -> int:
         return int(value)
     if isinstance(value, str):
         if RFC3339_DATE_TIME.fullmatch(value) is None:
+            if (shaped := _ANY_YEAR_DATE_TIME.fullmatch(value)) is not None:  # well formed, out of range:
+                # said so (until 2026-12-07 "not an RFC 3339 time", which it is)
+                year = int(shaped.group(1))
+                raise DecodeError(f"field 'ts': {value[:40]!r} is " + (
+                    "before 1971-01-01, the earliest a time string may give (epoch milliseconds reach 1970)"
+                    if year < 1971 else "after 9998-12-31, the latest a time string may give"))
             raise DecodeError(f"field 'ts': not an RFC 3339 time ({value[:40]!r})")
         try:
             dt = datetime.fromisoformat(value.replace("Z", "+00:00").replace("t", "T"))
@@ -435,9 +446,11 @@ def event_from_dict(obj: dict[str, Any]) -> Event:
     event_id = _id(obj, "event_id", required=True)
     user_id = _id(obj, "user_id", required=True)
     item_id = _id(obj, "item_id", required=etype != "search")
-    query = _display_text(obj, "query", required=False, max_len=1_000)
-    if etype == "search" and not query:
+    if etype == "search" and obj.get("query") is None:
         raise DecodeError("field 'query': missing (required for search events)")
+    # a search's query needs a visible character, as a title does (until 2026-12-07 one of spaces
+    # was answered "no match" and an empty one said to be missing); another event's is not read
+    query = _display_text(obj, "query", required=etype == "search", max_len=1_000)
     ts = parse_ts(obj.get("ts"))
     session_id = _id(obj, "session_id", required=False)
     price = _number(obj, "price")

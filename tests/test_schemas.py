@@ -512,6 +512,36 @@ def test_control_characters_in_display_text_are_read_as_spaces() -> None:
         decode_catalog_item(orjson.dumps({**ITEM, "title": " \x00\x01 "}))
 
 
+def test_a_search_whose_query_is_blank_is_refused_by_decoder_and_schema_alike() -> None:
+    """A search for nothing: until 2026-12-07 a query of spaces (or only control characters, read
+    as spaces) was accepted by the flow, answered "no match" and counted as a search, where
+    `recsys search` refused the same query (an operator's probe); and an empty query was said to
+    be "missing". Refused now like a blank title, with the reason naming what is wrong."""
+    for query, reason in (("   ", "blank"), ("\x00\t\u200b", "blank"), ("", "empty string")):
+        obj = {**SEARCH, "query": query}
+        with pytest.raises(DecodeError, match=rf"^field 'query': {reason}"):
+            decode_event(orjson.dumps(obj))
+        assert validate("event", obj) != [], query
+    with pytest.raises(DecodeError, match=r"^field 'query': missing \(required for search events\)$"):
+        decode_event(orjson.dumps({k: v for k, v in SEARCH.items() if k != "query"}))
+    for fine in (" tent ", "\u200btent"):  # a visible character is enough, as for titles
+        assert decode_event(orjson.dumps({**SEARCH, "query": fine})).query and validate("event", {**SEARCH, "query": fine}) == []
+    # on an event that is not a search the query is not read: a blank one changes nothing
+    assert decode_event(orjson.dumps({**CLICK, "query": "   "})).type == "click" and validate("event", {**CLICK, "query": "   "}) == []
+
+
+def test_an_rfc_3339_time_before_the_accepted_range_says_so() -> None:
+    """Until 2026-12-07 a well-formed time before 1971 (the schema's pattern starts there) was
+    refused as "not an RFC 3339 time", which it is: the reason now says it is out of range, as an
+    epoch-millisecond time out of range says."""
+    for ts in ("1970-01-01T00:00:00Z", "0000-01-01T00:00:00Z", "1969-12-31T23:59:59.999+00:00"):
+        with pytest.raises(DecodeError, match=rf"^field 'ts': {re.escape(repr(ts))} is before 1971-01-01, the earliest "):
+            decode_event(orjson.dumps({**CLICK, "ts": ts}))
+        assert validate("event", {**CLICK, "ts": ts}) != []
+    with pytest.raises(DecodeError, match=r"^field 'ts': not an RFC 3339 time \('2019-10-01 00:00:01Z'\)$"):
+        decode_event(orjson.dumps({**CLICK, "ts": "2019-10-01 00:00:01Z"}))
+
+
 def test_bidirectional_overrides_in_shown_text_become_spaces_and_invisible_titles_are_blank() -> None:
     """A catalog probe: a title with U+202E (right-to-left override) reached every reason and
     `recsys tail` line as it was, reversing what followed it on the terminal; a title of two zero-width
