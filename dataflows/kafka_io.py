@@ -29,6 +29,7 @@ builds real kafka-python clients from :class:`recsys.settings.Settings`;
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -220,7 +221,8 @@ def check_broker(settings: Settings, topics: tuple[str, ...] = (), *, timeout_s:
         names = ", ".join(repr(t) for t in missing)
         others = sorted(t for t in existing if not t.startswith("_"))
         known = ", ".join(others[:8]) + (f" and {len(others) - 8} more" if len(others) > 8 else "") if others else "none"
-        raise BrokerCheckError(f"topic {names} does not exist on {settings.bootstrap_servers} (it has: {known}); "
+        exist = "topics {} do not exist" if len(missing) > 1 else "topic {} does not exist"
+        raise BrokerCheckError(f"{exist.format(names)} on {settings.bootstrap_servers} (it has: {known}); "
                                f"{missing_hint}")
 
 
@@ -1068,12 +1070,36 @@ class Acknowledgement:
         return f"Acknowledgement({self.stamp})"
 
 
+#: While an epoch's sends wait for the broker's acknowledgement, the sink says so on stderr every
+#: this many seconds: the wait holds the flow's one thread (for up to the producer's delivery
+#: timeout), and with it every status line; until 2026-12-07 a broker gone under a busy flow was
+#: that silent.
+FLUSH_NOTE_S = 10.0
+
+
 class _KafkaSinkPartition(StatefulSinkPartition[tuple[Key, bytes], None]):
-    def __init__(self, producer: Any, topic: str) -> None:
+    def __init__(self, producer: Any, topic: str, bootstrap: str = "?") -> None:
         self._producer = producer
         self._topic = topic
+        self._bootstrap = bootstrap
         self._pending: list[Any] = []
         self._acknowledgement: Acknowledgement | None = None  # the last one written, not yet done
+
+    def _flush(self) -> None:
+        """``producer.flush()``, saying every :data:`FLUSH_NOTE_S` while the broker has not
+        acknowledged everything sent (kafka-python's flush may be called again after a timeout)."""
+        from kafka.errors import KafkaTimeoutError
+
+        began = time.monotonic()
+        while True:
+            try:
+                self._producer.flush(timeout=FLUSH_NOTE_S)
+                return
+            except KafkaTimeoutError:
+                unacknowledged = sum(not f.is_done for f in self._pending)
+                print(f"sink: waiting {time.monotonic() - began:.0f} s for the broker at {self._bootstrap} to "
+                      f"acknowledge {unacknowledged} record{'s' if unacknowledged != 1 else ''} sent to {self._topic!r} "
+                      f"(is it up?); nothing of this epoch is committed until it does", file=sys.stderr, flush=True)
 
     def write_batch(self, items: list[tuple[Key, bytes]]) -> None:
         send = self._producer.send
@@ -1086,7 +1112,7 @@ class _KafkaSinkPartition(StatefulSinkPartition[tuple[Key, bytes], None]):
     def snapshot(self) -> None:
         # Bytewax snapshots every partition at the end of an epoch, before it commits the epoch
         # (which moves the source offsets on): everything sent so far must be acknowledged now.
-        self._producer.flush()
+        self._flush()
         pending, self._pending = self._pending, []
         _raise_failures(pending)  # nothing is silently dropped
         if self._acknowledgement is not None:  # everything written before it is delivered
@@ -1125,7 +1151,7 @@ class KafkaSink(FixedPartitionedSink[tuple[Key, bytes], None]):
 
     def build_part(self, step_id: str, for_part: str, resume_state: None) -> _KafkaSinkPartition:
         overrides = {"max_in_flight_requests_per_connection": 1} if self.ordered else {}
-        return _KafkaSinkPartition(self.clients.producer(**overrides), self.topic)
+        return _KafkaSinkPartition(self.clients.producer(**overrides), self.topic, getattr(self.clients, "bootstrap", "?"))
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -681,3 +681,53 @@ def test_a_partition_starved_while_another_answers_raises_the_fetch_wait(monkeyp
 class _Rec:
     def __init__(self, tp, offset) -> None:
         self.topic, self.partition, self.offset = tp.topic, tp.partition, offset
+
+
+# ------------------------------------------------------------------ the sink while the broker is gone
+
+
+@pytest.mark.broker
+@pytest.mark.processes
+def test_while_the_broker_does_not_acknowledge_an_epochs_sends_the_sink_says_so(tmp_path, capsys, monkeypatch):
+    """At an epoch's end the sink waits for the broker to acknowledge what the batches sent. With
+    the broker gone under a busy flow that wait held the flow's one thread for up to the producer's
+    delivery timeout (120 s) in silence: no status line, no "no broker connection" (an operator's
+    probe, 2026-12-07). It says now, every ``FLUSH_NOTE_S``, how long it has waited and for what."""
+    import dataflows.kafka_io as kafka_io
+    from dataflows.kafka_io import _KafkaSinkPartition
+    from recsys_cli.local_broker import LocalBroker
+
+    monkeypatch.setattr(kafka_io, "FLUSH_NOTE_S", 0.5, raising=False)
+    broker = LocalBroker().start()
+    try:
+        clients = KafkaClients.for_bootstrap(broker.bootstrap)
+        ensure_topics(clients, {"acked": 1})
+        # the flow's producer, but giving up a send after 3 s (the default waits 120 s), so the wait ends here
+        sink = _KafkaSinkPartition(clients.producer(delivery_timeout_ms=3_000, request_timeout_ms=1_000), "acked")
+        sink._bootstrap = broker.bootstrap  # KafkaSink.build_part gives its clients'
+        sink.write_batch([(b"k", b"first")])
+        sink.snapshot()  # acknowledged: nothing said
+        assert "waiting" not in capsys.readouterr().err
+    finally:
+        broker.stop()
+    sink.write_batch([(b"k", b"second")])
+    failed: list[BaseException] = []
+
+    def flush() -> None:
+        try:
+            sink.snapshot()
+        except BaseException as exc:  # the producer closed under it, below
+            failed.append(exc)
+
+    waiting = threading.Thread(target=flush, daemon=True)
+    waiting.start()
+    deadline = time.monotonic() + 20
+    said = ""
+    while "waiting" not in said and time.monotonic() < deadline:
+        time.sleep(0.2)
+        said += capsys.readouterr().err
+    waiting.join(20)
+    assert not waiting.is_alive() and failed, "the flush should end once the producer gave up its sends"
+    said += capsys.readouterr().err
+    assert f"for the broker at {broker.bootstrap} to acknowledge 1 record sent to 'acked'" in said, said
+    assert said.startswith("sink: waiting ") and "(is it up?)" in said, said
