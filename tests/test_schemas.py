@@ -68,10 +68,6 @@ def assert_agree(name: str, obj: Any) -> None:
     assert accepted == (not errors), f"decoder {'accepted' if accepted else 'refused: ' + reason}; schema errors {errors}; object {obj!r}"
 
 
-def is_integral_float(value: Any) -> bool:
-    return isinstance(value, float) and value.is_integer()
-
-
 # --------------------------------------------------------------------------- strategies
 
 ABSENT = object()
@@ -133,6 +129,8 @@ BAD_TS_STRINGS = st.sampled_from(
         "2019-10-01T24:00:00Z",
         "2019-10-01T00:00:01+24:00",
         "0000-10-01T00:00:01Z",
+        "2019-10-01 00:00:01Z",  # ISO 8601 forms that are not RFC 3339: a space, no colon in the offset
+        "2019-10-01T00:00:01+0000",
         "2019-10-01T00:00:01Z\n",  # a trailing newline: Python's `$` would let it through
         "\u0661\u0669-10-01T00:00:01Z",  # Arabic-Indic digits: `\d` would let them through
     ]
@@ -361,7 +359,8 @@ def test_inputs_allow_unknown_fields_and_outputs_do_not(name: str, open_to_unkno
 @settings(max_examples=400, deadline=None)
 @given(EVENT_OBJECTS)
 def test_decoder_accepts_an_event_exactly_when_the_schema_validates_it(obj: dict[str, Any]) -> None:
-    assume(not is_integral_float(obj.get("quantity")))  # known difference, see the xfail below
+    # an integral float quantity (2.0) was a known difference until the decoder read it as the
+    # integer JSON Schema counts it as: it is generated too now
     assert_agree("event", obj)
 
 
