@@ -105,7 +105,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             removed = wipe_for_rebuild(settings.for_shard().state_dir, settings.for_shard().recovery_dir)
         except ValueError as exc:
             fail("run", str(exc))
-        print(f"rebuild: removed {', '.join(removed) or 'nothing'}; replaying every topic from its earliest offset", flush=True)
+        # what the replay emits goes out again (noted 2026-12-07; until then the line did not say so)
+        print(f"rebuild: removed {', '.join(removed) or 'nothing'}; replaying every topic from its earliest offset "
+              f"(what the replay emits is sent again: a recommendation list per shopper per batch, the answers to the "
+              f"replayed searches and the dead letters of the replayed bad records, with their old event times)",
+              flush=True)
     if args.create_topics:
         _require_broker(settings, "run")
         for shard in range(args.processes) if args.processes > 1 else (None,):

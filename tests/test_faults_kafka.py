@@ -290,7 +290,8 @@ def test_state_behind_the_recovery_offsets_is_refused_and_rebuild_state_restores
 
     capsys.readouterr()
     assert _cli(settings, catalog_file, "--rebuild-state") == 0
-    assert "rebuild: removed" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "rebuild: removed" in said and "what the replay emits is sent again" in said, said
     assert _users(settings.state_dir) == reference
     assert _cli(settings, catalog_file) == 0  # and it starts normally again
 
