@@ -90,15 +90,12 @@ MAX_TS_MS = 253_402_300_799_999
 #: RFC 3339 date-time (the JSON Schema ``date-time`` format), stricter than ISO 8601 as accepted
 #: by ``datetime.fromisoformat``; ASCII digits only, upper-case ``Z``, no leap second, years
 #: 1971-9998 (so that every offset keeps the time inside 0..MAX_TS_MS).
-RFC3339_DATE_TIME = re.compile(
-    r"(197[1-9]|19[89][0-9]|[2-8][0-9]{3}|9[0-8][0-9]{2}|99[0-8][0-9]|999[0-8])-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])[Tt]([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]"
-    r"(\.[0-9]+)?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])"
-)
-
-
-#: The shape of :data:`RFC3339_DATE_TIME` with any four-digit year: a time that is well formed but
-#: out of the accepted range gets a reason saying so.
-_ANY_YEAR_DATE_TIME = re.compile(r"([0-9]{4})" + RFC3339_DATE_TIME.pattern[RFC3339_DATE_TIME.pattern.index(")-") + 1:])
+_AFTER_THE_YEAR = (r"-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])[Tt]([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]"
+                   r"(\.[0-9]+)?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])")
+RFC3339_DATE_TIME = re.compile(r"(197[1-9]|19[89][0-9]|[2-8][0-9]{3}|9[0-8][0-9]{2}|99[0-8][0-9]|999[0-8])" + _AFTER_THE_YEAR)
+#: The same with any four-digit year: a time that is well formed but out of the accepted range
+#: gets a reason that says so.
+_ANY_YEAR_DATE_TIME = re.compile(r"([0-9]{4})" + _AFTER_THE_YEAR)
 
 
 class DecodeError(ValueError):

@@ -716,7 +716,7 @@ def test_while_the_broker_does_not_acknowledge_an_epochs_sends_the_sink_says_so(
     def flush() -> None:
         try:
             sink.snapshot()
-        except BaseException as exc:  # the producer closed under it, below
+        except BaseException as exc:  # the send given up after 3 s: the failure raised
             failed.append(exc)
 
     waiting = threading.Thread(target=flush, daemon=True)
