@@ -26,22 +26,20 @@ and its age) are served on ``RECSYS_METRICS_PORT + RECSYS_SHARDS`` when the port
 
 from __future__ import annotations
 
-import datetime
-import fcntl
 import os
 import signal
-import socket
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import IO, Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 from kafka.structs import TopicPartition
 
 from dataflows.catalog_table import Bootstrapped, bootstrap_catalog
 from dataflows.kafka_io import KafkaClients, _envelope, _partitions, ensure_topics
 from dataflows.metrics import TrainerMetrics
+from dataflows.trainer_lock import publisher_lock
 from recsys.items.catalog import read_catalog_file
 from recsys.settings import Settings
 from recsys.shard.step import Shard
@@ -158,35 +156,6 @@ class _Hold:
               f"{self.wait_s:g} s ({', '.join(items[:5])}); learned with zero vectors", file=sys.stderr, flush=True)
         self.gave_up += len(items)
         return False
-
-
-#: The file in ``RECSYS_EXCHANGE_SNAPSHOT_DIR`` a running trainer holds locked (its pid, host and start inside).
-PUBLISHER_LOCK = "trainer.lock"
-
-
-def publisher_lock(directory: str) -> IO[str]:
-    """Hold ``directory``'s :data:`PUBLISHER_LOCK` (``flock``, released by the kernel when the
-    process ends, a ``kill -9`` included); SystemExit naming the holder when another trainer holds
-    it. One trainer per deployment: until 2026-12-07 a second one (its own state directory, the
-    same snapshot directory) started, learned the same log and published beside the first."""
-    path = Path(directory)
-    path.mkdir(parents=True, exist_ok=True)
-    handle = open(path / PUBLISHER_LOCK, "a+", encoding="utf-8")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "its pid not yet written"
-        handle.close()
-        raise SystemExit(f"recsys trainer: another model trainer publishes to {directory} ({holder}); one trainer per "
-                         f"deployment: stop that one first, or give this one its deployment's own "
-                         f"--exchange-snapshot-dir (RECSYS_EXCHANGE_SNAPSHOT_DIR)") from None
-    handle.seek(0)
-    handle.truncate()
-    since = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {since}\n")
-    handle.flush()
-    return handle
 
 
 def run_trainer(settings: Settings, clients: Any = None, stop: threading.Event | None = None,

@@ -771,7 +771,7 @@ def cmd_trainer(args: argparse.Namespace) -> int:
     (one per deployment, with the shards' settings; `run --processes N --model-trainer` starts it itself)."""
     settings = settings_or_fail("trainer", args)
     _require_dirs(settings, "trainer", "state_dir", "embed_cache_dir", "exchange_snapshot_dir")
-    from dataflows.trainer import publisher_lock
+    from dataflows.trainer_lock import publisher_lock  # the standard library only: the engine comes after the broker's check
 
     if settings.exchange_snapshot_dir:  # another trainer publishing there: said now, not after the broker's checks
         publisher_lock(settings.exchange_snapshot_dir).close()  # (run_trainer holds it from its start to its end)

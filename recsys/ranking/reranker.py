@@ -47,7 +47,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from river import drift, stats, utils
+from river import stats, utils
 
 from recsys.ranking.features import FAMILIAR, FEATURES
 
@@ -218,7 +218,12 @@ class QualityMonitor:
 
     def __init__(self, window: int = 1000, delta: float = 0.002):
         self.rolling = utils.Rolling(stats.Mean, window_size=window)
-        self.adwin = drift.ADWIN(delta=delta)
+        # imported here: river.drift's package imports its datasets, and with them scikit-learn and
+        # scipy.stats (~1 s), which a process that never builds an engine (a refusal before the
+        # broker's check, `recsys search`, a popularity replay) need not pay
+        from river.drift import ADWIN
+
+        self.adwin = ADWIN(delta=delta)
         self.n = 0
         self.changes = 0  # any change ADWIN saw
         self.drifts = 0  # drops in the hit rate
