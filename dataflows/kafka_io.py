@@ -1151,7 +1151,7 @@ class KafkaSink(FixedPartitionedSink[tuple[Key, bytes], None]):
 
     def build_part(self, step_id: str, for_part: str, resume_state: None) -> _KafkaSinkPartition:
         overrides = {"max_in_flight_requests_per_connection": 1} if self.ordered else {}
-        return _KafkaSinkPartition(self.clients.producer(**overrides), self.topic, getattr(self.clients, "bootstrap", "?"))
+        return _KafkaSinkPartition(self.clients.producer(**overrides), self.topic, self.clients.bootstrap)
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -271,7 +271,8 @@ def _run_one(settings: Settings, clients, signals) -> int:
                        f"device) and run again; the restart resumes from the last snapshot")
         elif (kafka := _kafka_error(exc)) is not None:  # e.g. sends the broker never acknowledged (120 s)
             # kafka-python's errors name their class already (until 2026-12-07 "KafkaError: KafkaError: ...")
-            detail = str(kafka) if str(kafka).startswith(type(kafka).__name__) else f"{type(kafka).__name__}: {kafka}"
+            said = str(kafka)
+            detail = said if said.startswith(type(kafka).__name__) else f"{type(kafka).__name__}: {said}"
             failure = (f"Kafka at {settings.bootstrap_servers}: {detail}. Nothing is lost: run again (once the "
                        f"broker answers, if it does not now); the restart resumes from the last snapshot")
         elif not _interrupted(exc):

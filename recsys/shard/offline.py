@@ -35,7 +35,7 @@ class StoredShard:
     shard: int
     shards: int
     shared: bool
-    holds_items: bool = False  # catalog items, which the engine indexes again when it opens
+    holds_items: bool  # catalog items, which the engine indexes again when it opens
 
 
 def state_dirs(state_dir: str | Path) -> list[Path]:
