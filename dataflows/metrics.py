@@ -152,6 +152,8 @@ class FlowMetrics(_Endpoint):
         self.catalog_in = Counter("recsys_catalog_records_in", "Catalog records read by the flow (after the bootstrap)", registry=r)
         self.applied = Counter("recsys_events_applied", "Events applied to user state", registry=r)
         self.recs_out = Counter("recsys_recommendations_out", "Recommendations emitted", registry=r)
+        self.kept_back = Counter("recsys_outputs_sent_before_rebuild", "Outputs a --rebuild-state replay kept back: "
+                                 "lists, search answers and dead letters the wiped state had delivered", registry=r)
         self.dead = Counter("recsys_dead_letters", "Messages dead-lettered, by reason class", ["reason"], registry=r)
         self.lag = Gauge("recsys_consumer_lag_records", "High watermark minus next offset to read, per input partition",
                          ["topic", "partition"], registry=r)
@@ -303,6 +305,7 @@ class FlowMetrics(_Endpoint):
         self.catalog_in.inc(counts.get("catalog_in", 0))
         self.applied.inc(counts.get("applied", 0))
         self.recs_out.inc(len(result.recommendations))
+        self.kept_back.inc(counts.get("sent_before_rebuild", 0))
         self.drifts.inc(counts.get("drift_detected", 0))
         self.queries_sent.inc(counts.get("queries_to_worker", 0))
         # until 2026-12-07 only the totals at stop said so: a catalog record keyed by another item's id

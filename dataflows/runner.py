@@ -431,3 +431,70 @@ def wipe_for_rebuild(state_dir: str, recovery_dir: str | None) -> list[str]:
             shutil.rmtree(path)
             removed.append(str(path))
     return removed
+
+
+def sent_before_rebuild(state_dir: str, recovery_dir: str | None) -> tuple[dict[tuple[str, int], int], list[str]]:
+    """What a rebuild must not send again, read before :func:`wipe_for_rebuild` deletes it:
+    ``(topic, partition) -> offset`` below which every output a message triggered was
+    delivered, and the stores that could not be read (their partitions' outputs are sent again).
+
+    The offsets are the recovery stores' resume offsets (:func:`recovered_offsets`; Bytewax
+    commits an epoch's source offsets only after its sinks flushed what the epoch sent): the
+    directory's own, and each shard's (``shard-<i>``), the lowest where two read one partition
+    (the catalog). Marks that an earlier rebuild left in the state and its replay had not yet
+    passed (a rebuild stopped or killed part-way, then rebuilt again) count too, the higher of
+    the two."""
+    marks: dict[tuple[str, int], int] = {}
+    unread: list[str] = []
+    if recovery_dir:
+        root = Path(recovery_dir)
+        for store in [root, *sorted(root.glob("shard-*"))] if root.is_dir() else ():
+            try:
+                offsets = recovered_offsets(str(store))
+            except Exception:  # noqa: BLE001 - a damaged store (RecoveryStoreError, a bad pickle): said, not fatal
+                unread.append(str(store))
+                continue
+            for at, offset in offsets.items():
+                marks[at] = min(offset, marks.get(at, offset))
+    root = Path(state_dir)
+    for rocks in [root / "rocks", *sorted(root.glob("shard-*/rocks"))] if root.is_dir() else ():
+        if not (rocks / "CURRENT").is_file():
+            continue
+        try:
+            earlier = _earlier_marks(rocks)
+        except Exception:  # noqa: BLE001 - a damaged state (often why it is rebuilt): its marks are lost, said
+            unread.append(str(rocks))
+            continue
+        for at, offset in earlier.items():
+            marks[at] = max(offset, marks.get(at, offset))
+    return marks, unread
+
+
+def _earlier_marks(rocks: Path) -> dict[tuple[str, int], int]:
+    from recsys.shard.outbox import SENT_BEFORE_PREFIX, load_offsets
+    from recsys.store.kv import RocksKV
+
+    kv = RocksKV(str(rocks), verify=False)
+    try:
+        return load_offsets(kv, SENT_BEFORE_PREFIX)
+    finally:
+        kv.close()
+
+
+def mark_sent_before(state_dir: str, marks: Mapping[tuple[str, int], int], *, events_topic: str,
+                     shards: int = 1, shard: int = 0) -> None:
+    """Record ``marks`` (:func:`sent_before_rebuild`) in the fresh state at ``state_dir`` (one
+    shard's, :meth:`recsys.settings.Settings.for_shard`), which the rebuilt flow then opens:
+    of ``events_topic``, only the partitions the shard reads (``p % shards == shard``)."""
+    from recsys.shard.outbox import write_sent_before
+    from recsys.store.kv import RocksKV
+
+    own = {(t, p): o for (t, p), o in marks.items() if t != events_topic or p % shards == shard}
+    if not own:
+        return
+    Path(state_dir).mkdir(parents=True, exist_ok=True)
+    kv = RocksKV(str(Path(state_dir) / "rocks"), verify=False)
+    try:
+        write_sent_before(kv, own)
+    finally:
+        kv.close()

@@ -99,17 +99,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                     f"catalog items (gzip, bzip2 or xz too), one per line")
     clients = KafkaClients(settings)
     if args.rebuild_state:  # before any shard starts: under --processes N this wipes every shard's
-        from dataflows.runner import wipe_for_rebuild
-
-        try:
-            removed = wipe_for_rebuild(settings.for_shard().state_dir, settings.for_shard().recovery_dir)
-        except ValueError as exc:
-            fail("run", str(exc))
-        # what the replay emits goes out again (noted 2026-12-07; until then the line did not say so)
-        print(f"rebuild: removed {', '.join(removed) or 'nothing'}; replaying every topic from its earliest offset "
-              f"(what the replay emits is sent again: a recommendation list per shopper per batch, the answers to the "
-              f"replayed searches and the dead letters of the replayed bad records, with their old event times)",
-              flush=True)
+        _rebuild(settings, args.processes)
     if args.create_topics:
         _require_broker(settings, "run")
         for shard in range(args.processes) if args.processes > 1 else (None,):
@@ -144,6 +134,44 @@ def cmd_run(args: argparse.Namespace) -> int:
     if status == RESTART:
         _start_again()
     return status
+
+
+def _rebuild(settings: Settings, processes: int) -> None:
+    """``recsys run --rebuild-state``: read what was sent (:func:`dataflows.runner.sent_before_rebuild`),
+    delete the state and recovery directories, and record those marks in each shard's fresh
+    state, so that the replay applies and ranks every message again and sends nothing its first
+    life delivered (until 2026-12-07 it sent every list, search answer and dead letter again)."""
+    from dataflows.runner import mark_sent_before, sent_before_rebuild, wipe_for_rebuild
+
+    here = settings.for_shard()
+    try:
+        marks, unread = sent_before_rebuild(here.state_dir, here.recovery_dir)
+        removed = wipe_for_rebuild(here.state_dir, here.recovery_dir)
+    except ValueError as exc:
+        fail("run", str(exc))
+    # the exchange's records trigger no output of the shard's own
+    marks = {at: offset for at, offset in marks.items() if offset > 0 and at[0] != settings.exchange_topic}
+    if processes > 1:  # each shard's own directory, as the shard processes will open it
+        for shard in range(processes):
+            mark_sent_before(settings.replace(shards=processes, shard=shard).for_shard().state_dir, marks,
+                             events_topic=settings.events_topic, shards=processes, shard=shard)
+    else:
+        mark_sent_before(here.state_dir, marks, events_topic=settings.events_topic, shards=here.shards,
+                         shard=here.shard)
+    if marks:
+        named = [f"{t}[{p}] < {o}" for (t, p), o in sorted(marks.items())]
+        below = ", ".join(named[:8]) + (f" and {len(named) - 8} more" if len(named) > 8 else "")
+        sent = (f"what was sent before is not sent again: below the recovery offsets ({below}) each message is "
+                f"applied and ranked, and its list, search answer or dead letter kept back; from there on the "
+                f"replay sends as a live run does")
+    else:
+        sent = ("no recovery offsets were found, so what the replay emits is sent again: a recommendation list per "
+                "shopper per batch, the answers to the replayed searches and the dead letters of the replayed bad "
+                "records, with their old event times")
+    if unread:
+        sent += f" ({', '.join(unread)} could not be read: the outputs of the partitions only they knew are sent again)"
+    print(f"rebuild: removed {', '.join(removed) or 'nothing'}; replaying every topic from its earliest offset; "
+          f"{sent}", flush=True)
 
 
 def _checked_recovery(settings: Settings) -> tuple[set[str], set[str]]:

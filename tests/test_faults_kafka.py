@@ -146,6 +146,7 @@ def _main(main, settings: Settings, catalog_file: Path, *extra: str) -> int:
         "--catalog-topic", settings.catalog_topic,
         "--recommendations-topic", settings.recommendations_topic,
         "--dead-letters-topic", settings.dead_letters_topic,
+        "--search-results-topic", settings.search_results_topic,
         "--state-dir", settings.state_dir,
         "--recovery-dir", str(settings.recovery_dir),
         "--embed-cache-dir", settings.embed_cache_dir,
@@ -262,22 +263,51 @@ def test_a_partition_whose_log_lost_the_recovered_offset_stops_the_flow_until_to
 # ------------------------------------------------------------------ defect 5: state behind recovery
 
 
+def _with_searches_and_garbage(events: list, tag: str) -> list[tuple[bytes | None, bytes]]:
+    """``events`` as records, with a search before every 50th (its user, a catalog word) and a
+    line that is not JSON after every 100th: outputs of all three kinds."""
+    out: list[tuple[bytes | None, bytes]] = []
+    for i, e in enumerate(events):
+        if i % 50 == 0:
+            search = type(e)(f"{tag}-s{i}", "search", e.user_id, None, e.ts - 1, query="fresh basil")
+            out.append((e.user_id.encode(), encode(search)))
+        out.append((e.user_id.encode(), encode(e)))
+        if i % 100 == 99:
+            out.append((e.user_id.encode(), b"{not json " + tag.encode() + str(i).encode()))
+    return out
+
+
+def _two_partitions_and_catalog(local_broker, tmp_path: Path, embed_cache: str, catalog, prefix: str) -> tuple:
+    """The topics (events on two partitions, search results too) and the catalog on its topic;
+    returns ``(settings, clients, catalog_file)``."""
+    settings = _settings(local_broker, tmp_path, embed_cache, prefix, search_results_topic=prefix + "search-results")
+    clients = KafkaClients(settings)
+    _topics(clients, settings, events_partitions=2)
+    produce_records(clients, settings.catalog_topic, [(c.item_id.encode(), encode(c)) for c in catalog])
+    return settings, clients, _catalog_file(tmp_path, catalog)
+
+
+def _output_counts(clients: KafkaClients, settings: Settings) -> dict[str, int]:
+    return {name: len(consume_all(clients, topic, timeout_s=30)) for name, topic in (
+        ("recommendations", settings.recommendations_topic), ("dead_letters", settings.dead_letters_topic),
+        ("search_results", settings.search_results_topic))}
+
+
 @pytest.mark.slow
 def test_state_behind_the_recovery_offsets_is_refused_and_rebuild_state_restores_it(
     local_broker, tmp_path, embed_cache, catalog, topic_name, capsys
 ):
     import shutil
 
-    settings = _settings(local_broker, tmp_path, embed_cache, topic_name("behind") + "-")
-    clients = KafkaClients(settings)
-    _topics(clients, settings, events_partitions=2)
-    catalog_file = _catalog_file(tmp_path, catalog)
-    produce_records(clients, settings.catalog_topic, [(c.item_id.encode(), encode(c)) for c in catalog])
+    settings, clients, catalog_file = _two_partitions_and_catalog(local_broker, tmp_path, embed_cache, catalog,
+                                                                  topic_name("behind") + "-")
     events = generate_events(400, catalog, n_users=40, seed=31)
-    produce_records(clients, settings.events_topic, _records(events))
+    produce_records(clients, settings.events_topic, _with_searches_and_garbage(events, "a"))
     assert _cli(settings, catalog_file) == 0
     reference = _users(settings.state_dir)
     assert len(reference) == 40
+    sent = _output_counts(clients, settings)
+    assert sent["dead_letters"] == 4 and sent["search_results"] == 8 and sent["recommendations"] > 40, sent
 
     shutil.rmtree(Path(settings.state_dir) / "rocks")  # the state is lost; the recovery is not
     capsys.readouterr()
@@ -291,9 +321,102 @@ def test_state_behind_the_recovery_offsets_is_refused_and_rebuild_state_restores
     capsys.readouterr()
     assert _cli(settings, catalog_file, "--rebuild-state") == 0
     said = capsys.readouterr().out
-    assert "rebuild: removed" in said and "what the replay emits is sent again" in said, said
+    assert "rebuild: removed" in said and "what was sent before is not sent again" in said, said
+    assert f"{settings.events_topic}[0] < " in said and f"{settings.events_topic}[1] < " in said, said
     assert _users(settings.state_dir) == reference
-    assert _cli(settings, catalog_file) == 0  # and it starts normally again
+    # nothing the first life delivered is sent again (until 2026-12-07 every output was: twice the lists)
+    assert _output_counts(clients, settings) == sent
+    assert _stopped_totals(said)["sent_before_rebuild"] >= sent["dead_letters"] + sent["search_results"] + 40
+    # and it starts normally again, sending what comes next
+    produce_records(clients, settings.events_topic, _with_searches_and_garbage(events[:100], "b"))
+    assert _cli(settings, catalog_file) == 0
+    after = _output_counts(clients, settings)
+    assert after["dead_letters"] == sent["dead_letters"] + 1 and after["search_results"] == sent["search_results"] + 2
+    assert after["recommendations"] > sent["recommendations"]
+
+
+@pytest.mark.slow
+def test_a_rebuild_killed_part_way_and_started_again_sends_nothing_twice_and_loses_nothing(
+    local_broker, tmp_path, embed_cache, catalog, topic_name, capsys
+):
+    """``recsys run --rebuild-state`` SIGKILLed while its replay of a long partition is still
+    below the first life's offsets (a short partition's new events already answered), then
+    started again without the flag: the marks of what the first life delivered survive the kill
+    (written in the fresh state before the flow starts, forgotten only in the write that passes
+    them), so no list, search answer or dead letter of the first life is sent twice, and every
+    shopper with a new event gets the list it triggered."""
+    import os
+    import re
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from dataflows.kafka_io import partition_for_key
+
+    settings, clients, catalog_file = _two_partitions_and_catalog(local_broker, tmp_path, embed_cache, catalog,
+                                                                  topic_name("rebuildkill") + "-")
+    pool = generate_events(12_000, catalog, n_users=300, seed=51)
+    side = [[e for e in pool if partition_for_key(e.user_id.encode(), 2) == p] for p in (0, 1)]
+    old, new = side[0][:5000] + side[1][:100], side[1][100:700]
+    old_records = _with_searches_and_garbage(old, "old")
+    produce_records(clients, settings.events_topic, old_records)
+    assert _cli(settings, catalog_file) == 0
+    first = {name: consume_all(clients, getattr(settings, f"{name}_topic"), timeout_s=30)
+             for name in ("recommendations", "dead_letters", "search_results")}
+    produce_records(clients, settings.events_topic, _records(new))
+    new_ids = {e.event_id for e in new}
+    # the rebuild, as its own process, killed part-way through the first life's events (its
+    # metrics say how far it is; the long partition is read first, before any new event)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = [sys.executable, "-m", "recsys_cli", *_main(lambda argv: argv, settings, catalog_file), "--rebuild-state",
+            "--metrics-port", str(port)]
+    log = tmp_path / "rebuild.log"
+    with log.open("wb") as out:
+        child = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        applied, deadline = 0.0, time.monotonic() + 180
+        while applied < 1000 and child.poll() is None and time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1) as page:
+                    text = page.read().decode()
+                applied = float(re.search(r"^recsys_events_applied_total (\S+)$", text, re.M).group(1))
+            except (OSError, AttributeError):  # not serving yet
+                time.sleep(0.05)
+        running = child.poll() is None
+        if running:
+            os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    said = log.read_text()
+    assert running and 1000 <= applied < len(old), f"not killed part-way ({applied:.0f} applied):\n{said[-3000:]}"
+    assert "what was sent before is not sent again" in said, said[-3000:]
+
+    capsys.readouterr()
+    assert _cli(settings, catalog_file) == 0  # started again on what the killed rebuild left
+    totals = _stopped_totals(capsys.readouterr().out)
+    # the kill landed below the first life's offsets, and the marks held after it
+    assert totals["sent_before_rebuild"] > 0, totals
+
+    records = consume_all(clients, settings.recommendations_topic, timeout_s=30)
+    old_ids = {orjson.loads(v)["event_id"] for _, v in old_records if not v.startswith(b"{not json")}
+    again = [r.value for r in records if orjson.loads(r.value)["trigger_event_id"] in old_ids]
+    assert sorted(again) == sorted(r.value for r in first["recommendations"])  # none of the first life's twice
+    assert len(consume_all(clients, settings.dead_letters_topic, timeout_s=30)) == len(first["dead_letters"])
+    assert len(consume_all(clients, settings.search_results_topic, timeout_s=30)) == len(first["search_results"])
+    lists: dict[str, set[bytes]] = {}
+    for r in records:
+        if (trigger := orjson.loads(r.value)["trigger_event_id"]) in new_ids:
+            lists.setdefault(trigger, set()).add(r.value)
+    last_new = {e.user_id: e.event_id for e in new}
+    assert set(last_new.values()) <= set(lists), "a shopper's last new event got no list"
+    assert all(len(copies) == 1 for copies in lists.values()), "a list sent twice in other bytes"
 
 
 # ------------------------------------------------------------------ keys that are not the user

@@ -15,6 +15,7 @@ The same holds for search answers, and for lists whose trigger waited for its ca
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable
@@ -347,3 +348,82 @@ def test_a_crash_in_the_catalog_bootstrap_loses_no_dead_letter_and_sends_none_tw
     sent, delivered = _crash_then_restart(memory_broker, tmp_path, catalog, events, "dead", crash_at=1)
     assert [d["source"]["offset"] for d in sent] == [20]
     assert delivered == sent, "the bootstrap's dead letter was lost or sent again differently"
+
+
+def test_a_rebuilt_state_sends_nothing_below_its_marks_ranks_as_before_and_forgets_them(tmp_path):
+    """The engine's side of ``recsys run --rebuild-state`` (the whole command, killed part-way
+    too, is in tests/test_faults_kafka.py): below the marks the rebuild recorded, each message is
+    applied and ranked but its list, search answer or dead letter is kept back; from the mark on
+    the lists are the ones a rebuild that sent everything would send (the re-ranker learned from
+    the kept-back lists alike), and the write that passes a mark forgets it. A topic re-created
+    under a rebuilt state (its offsets going backwards) takes its mark with it."""
+    from dataflows.runner import mark_sent_before
+    from recsys.events import OFFSETS_RESET_FROM, OFFSETS_RESET_TO, Envelope
+    from recsys.shard.outbox import SENT_BEFORE_PREFIX
+
+    catalog = generate_catalog(40, seed=13)
+    events = [Event(event_id=f"e{i}", type="click", user_id=f"u{i % 7}", item_id=catalog[(3 * i) % 40].item_id,
+                    ts=1_700_000_000_000 + 1000 * i) for i in range(120)]
+    records = [encode(e) for e in events]
+    records[10] = b"{not json"  # a bad record below the mark, one above it
+    records[100] = b"{not json either"
+    records[20] = encode(Event("s20", "search", "u3", None, events[20].ts, query="backpack"))
+    records[90] = encode(Event("s90", "search", "u3", None, events[90].ts, query="backpack"))
+    envelopes = [Envelope("events", 0, i, f"u{i % 7}".encode(), r, 1_700_000_000_000 + 1000 * i)
+                 for i, r in enumerate(records)]
+
+    def lives(state: str, marks: dict) -> tuple[list, Shard]:
+        settings = Settings(state_dir=str(tmp_path / state), embed_cache_dir=str(tmp_path / "emb"),
+                            head_snapshot_interval_s=3600)
+        mark_sent_before(settings.state_dir, marks, events_topic="events")
+        engine = Shard.open(settings)
+        engine.upsert_catalog(catalog)
+        return [engine.process(envelopes[i : i + 10]) for i in range(0, 120, 10)], engine
+
+    plain, reference = lives("plain", {})
+    rebuilt, engine = lives("rebuilt", {("events", 0): 60})
+    for before, after in zip(plain[:6], rebuilt[:6]):  # below the mark: nothing out, all counted
+        assert not after.recommendations and not after.search_results and not after.dead_letters
+        assert after.counts["sent_before_rebuild"] == (len(before.recommendations) + len(before.search_results)
+                                                       + len(before.dead_letters)) > 0
+    for before, after in zip(plain[6:], rebuilt[6:]):  # from the mark on: the same lists, answers, refusals
+        def items(result):
+            return [(orjson.loads(p)["user_id"], [i["item_id"] for i in orjson.loads(p)["items"]])
+                    for _, p in [*result.recommendations, *result.search_results]]
+        assert items(after) == items(before) and len(after.dead_letters) == len(before.dead_letters)
+    assert sum(len(r.dead_letters) for r in rebuilt) == 1 and sum(len(r.search_results) for r in rebuilt) == 1
+    assert list(engine.kv.iter_prefix(SENT_BEFORE_PREFIX)) == []  # passed: forgotten
+    engine.close()
+    reference.close()
+
+    # a topic re-created before the mark was passed: the new log's messages are answered
+    settings = Settings(state_dir=str(tmp_path / "recreated"), embed_cache_dir=str(tmp_path / "emb"),
+                        head_snapshot_interval_s=3600)
+    mark_sent_before(settings.state_dir, {("events", 0): 500}, events_topic="events")
+    engine = Shard.open(settings)
+    engine.upsert_catalog(catalog)
+    assert not engine.process(envelopes[:30]).recommendations
+    reset = Envelope("events", 0, -1, None, b"", extra={OFFSETS_RESET_FROM: 30, OFFSETS_RESET_TO: 0})
+    renamed = [Envelope("events", 0, i, e.key, encode(dataclasses.replace(events[i], event_id=f"new{i}")), e.timestamp_ms)
+               for i, e in enumerate(envelopes[30:40])]
+    assert engine.process([reset, *renamed]).recommendations
+    assert list(engine.kv.iter_prefix(SENT_BEFORE_PREFIX)) == []
+    engine.close()
+
+
+def test_what_a_rebuild_goes_by_when_its_recovery_store_is_damaged_and_an_earlier_rebuild_left_marks(tmp_path):
+    """``sent_before_rebuild`` reads the recovery store's resume offsets and the marks an earlier,
+    unfinished rebuild left in the state (the higher wins); a damaged store is named, not fatal
+    (a rebuild is how one recovers from it); a shard's fresh state gets its own partitions' marks."""
+    from dataflows.runner import mark_sent_before, sent_before_rebuild
+
+    state, recovery = tmp_path / "state", tmp_path / "recovery"
+    mark_sent_before(str(state), {("events", 0): 500, ("events", 1): 7, ("catalog", 0): 40}, events_topic="events")
+    (recovery / "shard-1").mkdir(parents=True)
+    (recovery / "part-0.sqlite3").write_bytes(b"not a database, truncated")
+    marks, unread = sent_before_rebuild(str(state), str(recovery))
+    assert marks == {("events", 0): 500, ("events", 1): 7, ("catalog", 0): 40}
+    assert unread == [str(recovery)]
+    # a shard's marks: only its own events partitions (p % shards == shard), every catalog one
+    mark_sent_before(str(tmp_path / "shard-1"), marks, events_topic="events", shards=2, shard=1)
+    assert sent_before_rebuild(str(tmp_path / "shard-1"), None) == ({("events", 1): 7, ("catalog", 0): 40}, [])

@@ -368,7 +368,8 @@ class Search:
     def step(self, by_user: dict[str, list[tuple[Envelope, Event]]], states: dict[str, UserState],
              committed: dict[tuple[str, int], int], now_ms: int, model_version: str,
              shared: Callable[[Envelope], bool] | None = None, released: Container[tuple[str, int, int]] = (),
-             on_released: Callable[[str, bytes], None] | None = None) -> list[tuple[str, bytes]]:
+             on_released: Callable[[str, bytes], None] | None = None,
+             sent_before: Callable[[Envelope], bool] | None = None) -> list[tuple[str, bytes]]:
         """Answer every search of a batch and learn from its newly applied events.
 
         ``states`` are the users as committed before this batch (a search is ranked without
@@ -382,12 +383,15 @@ class Search:
         ``released``: positions of events the engine's waiting room held and lets go now: below
         the watermark (later events moved it on meanwhile), yet never applied, so new; each such
         search's answer also goes to ``on_released(user_id, payload)`` (no re-delivery brings it
-        back: the engine keeps it until the sink acknowledges it).
+        back: the engine keeps it until the sink acknowledges it). ``sent_before(envelope)`` True:
+        that search's answer was delivered before ``recsys run --rebuild-state`` wiped the state;
+        it is ranked as if answered (what shoppers do after it is learned alike), and not sent.
         """
         try:
             if self.respond:
                 self._prepare(by_user, states)
-            return self._step(by_user, states, committed, now_ms, model_version, shared, released, on_released)
+            return self._step(by_user, states, committed, now_ms, model_version, shared, released, on_released,
+                              sent_before)
         finally:
             self._head_queries.clear()  # only for this batch's states (SearchIntent ranks on later ones)
 
@@ -409,7 +413,8 @@ class Search:
     def _step(self, by_user: dict[str, list[tuple[Envelope, Event]]], states: dict[str, UserState],
               committed: dict[tuple[str, int], int], now_ms: int, model_version: str,
               shared: Callable[[Envelope], bool] | None, released: Container[tuple[str, int, int]],
-              on_released: Callable[[str, bytes], None] | None) -> list[tuple[str, bytes]]:
+              on_released: Callable[[str, bytes], None] | None,
+              sent_before: Callable[[Envelope], bool] | None) -> list[tuple[str, bytes]]:
         out: list[tuple[str, bytes]] = []
         for user_id, events in by_user.items():
             for env, event in events:
@@ -422,10 +427,17 @@ class Search:
                         self.windows.open(user_id, _query_key(event.query), event.query, event.ts)
                     if not self.respond:
                         continue
+                    kept_back = sent_before is not None and sent_before(env)
+                    if not new and kept_back:
+                        continue
                     if not new and (stored := self.outbox.get(user_id, env.partition, env.offset, event.event_id)) is not None:
                         out.append((user_id, stored))
                         continue
                     ranked = self.rank(event.query, states[user_id], event.ts, user_id=user_id if new else None)
+                    if kept_back:
+                        if self.on_answer is not None:
+                            self.on_answer(user_id, _query_key(event.query), event.ts, [i.item_id for i in ranked.items])
+                        continue
                     result = SearchResult(
                         user_id, event.query, tuple(ranked.items), ranked.no_match, event.event_id,
                         f"{self.version} ({model_version})", event.ts, max(now_ms, int(self.clock() * 1000)),

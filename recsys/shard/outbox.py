@@ -5,7 +5,9 @@
   bytes emitted the first time (``stamp``: the batch that last emitted them, see below);
 - per-partition **offsets** (watermarks, positions) stored as ``<prefix><topic>:<partition>``;
 - the surgery a source move (an offset reset) needs: a user record or an outbox without one
-  partition's entries.
+  partition's entries;
+- the offsets below which a rebuilt state's outputs were sent before its rebuild
+  (:data:`SENT_BEFORE_PREFIX`, :func:`write_sent_before`).
 
 Which entries are kept. A list is in doubt from the batch that emitted it until the sink has had
 it acknowledged: the Kafka sink sends without waiting and its producer flushes (every send
@@ -81,6 +83,31 @@ def decode_outbox(raw: bytes) -> dict[tuple[int, int], tuple[bytes, int]]:
     if at != len(raw):
         raise ValueError(f"outbox: {len(raw)} bytes, but its entries take {at}")
     return out
+
+
+#: ``sent:<topic>:<partition>`` -> the offset below which every output a message triggered was
+#: delivered before ``recsys run --rebuild-state`` wiped the state (the recovery store's resume
+#: offset: Bytewax commits an epoch's source offsets only after its sinks flushed what the epoch
+#: sent). The rebuilt state applies and ranks those messages again and sends nothing for them;
+#: a mark goes in the batch's write that takes the partition's position past it. Until
+#: 2026-12-07 a rebuild sent every list, search answer and dead letter again (216 lists on a
+#: topic became 432).
+SENT_BEFORE_PREFIX = b"sent:"
+
+
+def offset_key(prefix: bytes, topic: str, partition: int) -> bytes:
+    """``<prefix><topic>:<partition>``, as :func:`load_offsets` reads it back."""
+    return prefix + f"{topic}:{partition}".encode()
+
+
+def write_sent_before(kv: KVStore, marks: dict[tuple[str, int], int]) -> None:
+    """Record ``(topic, partition) -> offset`` marks (:data:`SENT_BEFORE_PREFIX`) in a fresh state.
+
+    >>> from recsys.store.kv import MemoryKV
+    >>> kv = MemoryKV(); write_sent_before(kv, {("events", 1): 400}); load_offsets(kv, SENT_BEFORE_PREFIX)
+    {('events', 1): 400}
+    """
+    kv.write({offset_key(SENT_BEFORE_PREFIX, t, p): str(o).encode() for (t, p), o in marks.items()})
 
 
 def load_offsets(kv: KVStore, prefix: bytes) -> dict[tuple[str, int], int]:

@@ -71,9 +71,11 @@ from recsys.search import Search, SearchConfig  # issue 13
 from recsys.search.intent import SearchIntent
 from recsys.settings import Settings
 from recsys.shard.outbox import (
+    SENT_BEFORE_PREFIX,
     decode_outbox,
     encode_outbox,
     load_offsets,
+    offset_key,
     outbox_without,
     user_without,
 )
@@ -316,6 +318,9 @@ class Shard:
             topic, _, partition = key[len(_WATERMARK_PREFIX) :].decode().rpartition(":")
             self.watermarks[(topic, int(partition))] = int(value)
         self.positions = load_offsets(kv, _POSITION_PREFIX)  # (topic, partition) -> last offset processed
+        # a rebuilt state (`recsys run --rebuild-state`): below these offsets the wiped state's
+        # outputs were delivered; their messages are applied and ranked, nothing is sent for them
+        self._sent_before = load_offsets(kv, SENT_BEFORE_PREFIX)
         self._processed_before: dict[tuple[str, int], int] = {}  # the positions before the current batch
         self._in_batch = False  # a batch began and its write is not done (it failed, if still so)
         # erased users: id hash -> erasure time (events older than that are dropped)
@@ -649,7 +654,8 @@ class Shard:
         result.search_results = self.search.step(
             by_user, states, self.watermarks, now_ms, self.model_version,
             shared=self._covered if self.exchange is not None else None, released=waited.released,
-            on_released=lambda user_id, payload: self._keep_unsent("search_results", user_id, payload))
+            on_released=lambda user_id, payload: self._keep_unsent("search_results", user_id, payload),
+            sent_before=self._search_sent_before(waited.released, counts) if self._sent_before else None)
         counts["search_results"] += len(result.search_results)
         laps.lap("search")
 
@@ -1119,6 +1125,9 @@ class Shard:
             for user_id, (items, shown) in zip(fresh_users, ranked):
                 self.shown.put(user_id, shown)
                 env, trigger = by_user[user_id][-1]
+                if self._sent_before and self._sent_before_rebuild(env, released):
+                    counts["sent_before_rebuild"] += 1  # ranked (the re-ranker learns from it), not sent
+                    continue
                 payload = encode(self._recommendation(user_id, items, trigger, now_ms))
                 result.recommendations.append((user_id, payload))
                 box = outboxes.setdefault(user_id, {})
@@ -1237,6 +1246,8 @@ class Shard:
         puts.update(self.transitions.export_dirty())
         puts.update(self.sessions.export_dirty())
         puts.update(self.search.export_dirty())  # issue 13
+        if self._sent_before:
+            deletes = [*deletes, *self._passed_marks()]
         if puts or deletes:
             self.kv.write(puts, deletes)
 
@@ -1294,7 +1305,9 @@ class Shard:
                                 puts = {}
                         self.kv.write(puts)
                 self.watermarks.pop((env.topic, env.partition), None)
-                self.kv.write({}, [_WATERMARK_PREFIX + tag])
+                # a rebuild's mark of the old log means nothing in the new one either
+                self._sent_before.pop((env.topic, env.partition), None)
+                self.kv.write({}, [_WATERMARK_PREFIX + tag, SENT_BEFORE_PREFIX + tag])
                 if self.exchange is not None:  # issue 11: the old offsets' coverage means nothing either
                     self.exchange.uncover(env.topic, env.partition)
             if not done:
@@ -1413,6 +1426,30 @@ class Shard:
         return (self.settings.shards > 1 and self.settings.shard != 0
                 and env.topic in (self.settings.catalog_topic, self.settings.control_topic))
 
+    def _sent_before_rebuild(self, env: Envelope, released: Container[tuple[str, int, int]] = ()) -> bool:
+        """Whether what ``env`` triggers was delivered before ``recsys run --rebuild-state`` wiped
+        the state (:data:`recsys.shard.outbox.SENT_BEFORE_PREFIX`). An event the waiting room
+        lets go now (``released``) is not: it may have waited past the wipe, never answered."""
+        bound = self._sent_before.get((env.topic, env.partition))
+        return bound is not None and env.offset < bound and (env.topic, env.partition, env.offset) not in released
+
+    def _search_sent_before(self, released: Container[tuple[str, int, int]], counts: Counter) -> Callable[[Envelope], bool]:
+        """:meth:`_sent_before_rebuild` for the search service, counting what it keeps back."""
+        def sent(env: Envelope) -> bool:
+            if self._sent_before_rebuild(env, released):
+                counts["sent_before_rebuild"] += 1
+                return True
+            return False
+        return sent
+
+    def _passed_marks(self) -> list[bytes]:
+        """The rebuild's marks the positions have passed (every message below them processed),
+        forgotten; their keys to delete in this batch's write."""
+        passed = [at for at, bound in self._sent_before.items() if self.positions.get(at, -1) >= bound - 1]
+        for at in passed:
+            del self._sent_before[at]
+        return [offset_key(SENT_BEFORE_PREFIX, *at) for at in passed]
+
     def _dead_letter(self, result: BatchResult, env: Envelope, reason: str, now_ms: int, *, released: bool = False) -> None:
         """Refuse the message at ``env``, once. Its dead letter is kept unsent until its sink
         acknowledges it (:data:`_UNSENT_PREFIX`), so a restart sends those a crash left in doubt,
@@ -1423,6 +1460,9 @@ class Shard:
         waited for its catalog item, whose offset was committed long ago."""
         if not released and env.offset <= self._processed_before.get((env.topic, env.partition), -1):
             result.counts["redelivered_skipped"] += 1
+            return
+        if self._sent_before and not released and self._sent_before_rebuild(env):
+            result.counts["sent_before_rebuild"] += 1
             return
         letter = DeadLetter(payload=b"" if env.value is None else env.value, reason=reason, source=env.position, failed_at=now_ms)
         # the key is bounded like the payload: a poison message's key must not outgrow the request
