@@ -264,14 +264,23 @@ class FlowMetrics(_Endpoint):
         return float(sum(counts)) if counts else float("nan")
 
     def _broker_note(self, now: float) -> str:
-        """``", no broker connection for N s (...)"`` while every input consumer reports none."""
+        """``", no broker connection for N s (...)"`` while every input consumer reports none; the
+        first line that finds none says "since the last status line" (until 2026-12-07 it said
+        "for 0 s", though the connection may have gone up to a status interval before).
+
+        >>> m = FlowMetrics(Settings(bootstrap_servers="127.0.0.1:9")); m.watch_connections(lambda: 0)
+        >>> m._broker_note(100.0), m._broker_note(110.0)
+        (', no broker connection since the last status line (is 127.0.0.1:9 up?)', ', no broker connection for 10 s (is 127.0.0.1:9 up?)')
+        """
         counts = [probe() for probe in self._connection_probes]
         if not counts or any(c is None or c > 0 for c in counts):
             self._unreachable_since = None
             return ""
+        up = f"(is {self.settings.bootstrap_servers} up?)"
         if self._unreachable_since is None:
             self._unreachable_since = now
-        return f", no broker connection for {now - self._unreachable_since:.0f} s (is {self.settings.bootstrap_servers} up?)"
+            return f", no broker connection since the last status line {up}"
+        return f", no broker connection for {now - self._unreachable_since:.0f} s {up}"
 
     def polled(self, topic: str, seconds: float) -> None:
         """The time since the partition's last poll (``_WatchedPartition``)."""
