@@ -64,7 +64,7 @@ from recsys.search.rerank import SearchReranker
 from recsys.search.semantic import QueryEncoder, query_embedder
 from recsys.search.text import (
     MAX_TOKENLESS_CHARS,
-    display_tokens,
+    as_typed,
     query_key,
     query_tokens,
 )
@@ -940,7 +940,7 @@ class Search:
                 tokens = item_tokens(item) if item is not None else []
             words = set(tokens)
             matched = [t for t in dict.fromkeys(c.tokens) if t in words]
-            return f"matches '{display_tokens(matched) or q}'"
+            return f"matches '{as_typed(q, matched) or q}'"
         if cause == "learned":
             return f"often chosen after searching '{c.learned_from or q}'"
         if cause == "popular":

@@ -27,6 +27,7 @@ True
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 import re
 import unicodedata
@@ -140,6 +141,33 @@ def tokenize(text: str | None, *, unigrams: bool = False) -> list[str]:
     if text.isascii():
         return [_fold(t) for t in _SPLIT.split(text.lower()) if t and t not in STOP_WORDS]
     return [_fold(p) for t in _SPLIT.split(normalize(text)) if t and t not in STOP_WORDS for p in _pieces(t, unigrams)]
+
+
+@functools.lru_cache(maxsize=4096)
+def _typed(query: str) -> dict[str, str]:
+    """``token -> the word of ``query`` it came from``, for the words that give one token (a
+    CJK run gives pairs, shown by :func:`display_tokens` instead)."""
+    typed: dict[str, str] = {}
+    for word in _SPLIT.split(query):
+        pieces = tokenize(word)
+        if len(pieces) == 1:
+            typed.setdefault(pieces[0], word)
+    return typed
+
+
+def as_typed(query: str, tokens: list[str]) -> str:
+    """Matched query ``tokens`` as a reason shows them: each as the shopper typed its word, not
+    as search reads it (until 2026-12-07 reasons showed the folded, accent-free tokens: ``matches
+    'чаи'`` for ``чай``, ``'grocery fluid milk product'`` for ``products``); a token the query
+    did not hold as typed (typo repair's word) as it is; CJK pairs joined back into their run.
+
+    >>> as_typed("Grocery fluid milk PRODUCTS", ["grocery", "milk", "product"])
+    'Grocery milk PRODUCTS'
+    >>> as_typed("чай, crème", ["чаи", "creme"]), as_typed("tnet", ["tent"]), as_typed("コーヒー", ["コー", "ーヒ"])
+    ('чай crème', 'tent', 'コーヒ')
+    """
+    typed = _typed(query)
+    return display_tokens(list(dict.fromkeys(typed.get(t, t) for t in tokens)))
 
 
 def display_tokens(tokens: list[str]) -> str:
