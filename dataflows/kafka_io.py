@@ -1163,6 +1163,23 @@ class KafkaSink(FixedPartitionedSink[tuple[Key, bytes], None]):
 PRODUCE_FLUSH_TIMEOUT_S = 150.0
 
 
+def kafka_error_text(exc: BaseException) -> str:
+    """A kafka-python error as one readable phrase, its class named once: its errors word
+    themselves in three ways (``KafkaTimeoutError: Timeout ...``, ``[Error 59]
+    UnknownProducerIdError: None``, a bare message), and until 2026-12-07 the second read
+    ``UnknownProducerIdError: [Error 59] UnknownProducerIdError: None`` in a stop line.
+
+    >>> from kafka.errors import KafkaConnectionError, KafkaTimeoutError, UnknownProducerIdError
+    >>> kafka_error_text(UnknownProducerIdError()), kafka_error_text(UnknownProducerIdError("fenced"))
+    ('[Error 59] UnknownProducerIdError', '[Error 59] UnknownProducerIdError: fenced')
+    >>> kafka_error_text(KafkaTimeoutError("Timeout after 1 s")), kafka_error_text(KafkaConnectionError("refused"))
+    ('KafkaTimeoutError: Timeout after 1 s', 'KafkaConnectionError: refused')
+    """
+    said = str(exc).removesuffix(": None")
+    name = type(exc).__name__
+    return said if name in said else f"{name}: {said}" if said else name
+
+
 class ProduceError(RuntimeError):
     """Sends of :func:`produce_records` the broker never acknowledged (it went away, most often):
     ``acknowledged`` of the ``sent`` records are in the topic. Which ones is not known record by
@@ -1171,7 +1188,7 @@ class ProduceError(RuntimeError):
     def __init__(self, topic: str, sent: int, acknowledged: int, cause: Exception) -> None:
         self.topic, self.sent, self.acknowledged = topic, sent, acknowledged
         super().__init__(f"{acknowledged} of the {sent} records sent to {topic!r} were acknowledged "
-                         f"({type(cause).__name__}: {cause})")
+                         f"({kafka_error_text(cause)})")
 
 
 class ProduceInterrupted(KeyboardInterrupt):

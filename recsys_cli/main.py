@@ -195,7 +195,7 @@ def _checked_recovery(settings: Settings) -> tuple[set[str], set[str]]:
 def _run_one(settings: Settings, clients, signals) -> int:
     """Load the engine (a signal aborts at once), check it against recovery, then run the flow
     until the input ends or a signal asks for an orderly stop; prints one ``stopped:`` line."""
-    from dataflows.kafka_io import BrokerUnavailableError, OffsetResetError
+    from dataflows.kafka_io import BrokerUnavailableError, OffsetResetError, kafka_error_text
     from dataflows.live import finish_flow, live_flow, ready_engine, shard_factory
     from dataflows.metrics import MetricsPortError
     from dataflows.runner import (
@@ -298,10 +298,8 @@ def _run_one(settings: Settings, clients, signals) -> int:
             failure = (f"{unwritable}. The batch was not committed and nothing is lost: make room (or fix the "
                        f"device) and run again; the restart resumes from the last snapshot")
         elif (kafka := _kafka_error(exc)) is not None:  # e.g. sends the broker never acknowledged (120 s)
-            # kafka-python's errors name their class already (until 2026-12-07 "KafkaError: KafkaError: ...")
-            said = str(kafka)
-            detail = said if said.startswith(type(kafka).__name__) else f"{type(kafka).__name__}: {said}"
-            failure = (f"Kafka at {settings.bootstrap_servers}: {detail}. Nothing is lost: run again (once the "
+            # its class named once (until 2026-12-07 "KafkaError: KafkaError: ...")
+            failure = (f"Kafka at {settings.bootstrap_servers}: {kafka_error_text(kafka)}. Nothing is lost: run again (once the "
                        f"broker answers, if it does not now); the restart resumes from the last snapshot")
         elif not _interrupted(exc):
             raise
@@ -619,7 +617,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from kafka.errors import KafkaError
     from kafka.structs import TopicPartition
 
-    from dataflows.kafka_io import KafkaClients, connection_count
+    from dataflows.kafka_io import KafkaClients, connection_count, kafka_error_text
     from recsys.events import DecodeError, Event, decode_event, encode
 
     settings = settings_or_fail("search", args)
@@ -662,9 +660,8 @@ def cmd_search(args: argparse.Namespace) -> int:
             producer.send(settings.events_topic, key=args.user.encode(), value=payload)
             producer.flush(timeout=args.timeout)
         except KafkaError as exc:  # the broker went away since the check, or is slower than --timeout
-            said = str(exc) if str(exc).startswith(type(exc).__name__) else f"{type(exc).__name__}: {exc}"  # kafka-python's own
             fail("search", f"the broker at {settings.bootstrap_servers} did not confirm the search on "
-                           f"{settings.events_topic!r} within {args.timeout:g} s ({said}); it may "
+                           f"{settings.events_topic!r} within {args.timeout:g} s ({kafka_error_text(exc)}); it may "
                            f"still arrive: a flow answers it then (recsys tail --topic {topic})")
         finally:
             producer.close(timeout=2)  # a broker gone for good: do not wait out kafka-python's 120 s
