@@ -213,6 +213,20 @@ def test_a_long_query_is_read_up_to_its_first_tokens_so_it_cannot_hold_the_batch
     assert read and max(len(text) for text in read) <= 64, [len(t) for t in read]
 
 
+def test_a_search_a_producer_sent_twice_is_answered_once(engine):
+    """A producer's retry of a search (its ``event_id`` again, at a new offset) is absorbed as
+    any duplicate is: until 2026-12-07 it was answered again (an operator's probe: 200 events
+    sent again, 24 searches among them, 24 answers), in the same batch or a later one."""
+    search = Event("q1", "search", "u1", None, 1_700_000_000_000, query="tent")
+    click = Event("c1", "click", "u1", "tent-blue", 1_700_000_060_000)
+    first = engine.process([Envelope("events", 0, 0, b"u1", encode(search), search.ts),
+                            Envelope("events", 0, 1, b"u1", encode(search), search.ts)])  # twice in one batch
+    assert len(first.search_results) == 1
+    again = engine.process([Envelope("events", 0, 2, b"u1", encode(click), click.ts),
+                            Envelope("events", 0, 3, b"u1", encode(search), search.ts)])  # and in a later one
+    assert again.search_results == [] and again.counts["duplicates"] == 1
+
+
 def test_a_new_catalog_item_is_found_by_its_words_after_the_upsert(engine):
     stream = Stream(engine)
     assert "hammock" not in {i for i in ids(stream.search("u1", "hammock"))}

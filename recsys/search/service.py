@@ -417,9 +417,16 @@ class Search:
               sent_before: Callable[[Envelope], bool] | None) -> list[tuple[str, bytes]]:
         out: list[tuple[str, bytes]] = []
         for user_id, events in by_user.items():
+            state, ids = states[user_id], set()
             for env, event in events:
                 held = (env.topic, env.partition, env.offset) in released
                 new = held or env.offset > committed.get((env.topic, env.partition), -1)
+                if new and (state.is_duplicate(event.event_id) or event.event_id in ids):
+                    # a producer's retry (its event id applied already, or earlier in this batch): the
+                    # engine absorbs it; until 2026-12-07 a search was answered again, and an event
+                    # learned from twice here (an operator's probe)
+                    continue
+                ids.add(event.event_id)
                 if event.type == "search" and event.query:
                     if new and self.observer is not None:
                         self.observer(event, states[user_id])
