@@ -60,6 +60,7 @@ class Bootstrapped:
     dead_letters: int
     ends: dict[int, int]
     seconds: float
+    kept_back: int = 0  # refusals sent before a rebuild, not sent again (recsys run --rebuild-state)
 
     def parts(self) -> dict[str, int]:
         """``{"catalog#0": end, ...}``: the floor of each catalog source partition."""
@@ -168,7 +169,7 @@ def bootstrap_catalog(engine: Shard, clients: KafkaClientFactory, topic: str, *,
     """
     started = time.monotonic()
     consumer = clients.consumer()
-    records = dead = 0
+    records = dead = kept = 0
     # its outputs stay in the engine's state until the flush at the end has the broker acknowledge
     # them: a crash before it leaves them to be sent again at the restart (dataflows.live.resend_unsent),
     # which reads the refused records again but refuses none twice (recsys.shard.step.Shard._dead_letter)
@@ -200,6 +201,7 @@ def bootstrap_catalog(engine: Shard, clients: KafkaClientFactory, topic: str, *,
                 result = engine.process(batch)
                 records += len(batch)
                 dead += len(result.dead_letters)
+                kept += result.counts.get("sent_before_rebuild", 0)
                 outputs.send(result)
                 total = sum(max(0, ends[tp] - starts[tp]) for tp in tps) if len(ends) == len(tps) else None
                 progress.update(records, total)
@@ -213,7 +215,8 @@ def bootstrap_catalog(engine: Shard, clients: KafkaClientFactory, topic: str, *,
         outputs.close()  # outputs are acknowledged before the offsets below move on
         # Last: the offsets, so that a crash before this line only means reading again.
         engine.kv.write({_boot_key(topic, tp.partition): str(ends[tp]).encode() for tp in tps})
-        return Bootstrapped(topic, records, dead, {tp.partition: ends[tp] for tp in tps}, time.monotonic() - started)
+        return Bootstrapped(topic, records, dead, {tp.partition: ends[tp] for tp in tps}, time.monotonic() - started,
+                            kept)
     finally:
         consumer.close()
         outputs.abandon()
@@ -258,4 +261,6 @@ def report(boot: Bootstrapped) -> None:
     """One line on stdout (the shard supervisor relays it) saying what the bootstrap read."""
     ends = ", ".join(f"{p}:{end}" for p, end in sorted(boot.ends.items()))
     print(f"catalog: {boot.records} records of {boot.topic!r} applied up to the high watermark ({ends}) "
-          f"in {boot.seconds:.1f}s, before any event; {boot.dead_letters} dead-lettered", file=sys.stdout, flush=True)
+          f"in {boot.seconds:.1f}s, before any event; {boot.dead_letters} dead-lettered"
+          + (f" ({boot.kept_back} more refused, sent before the rebuild)" if boot.kept_back else ""),
+          file=sys.stdout, flush=True)

@@ -1163,6 +1163,38 @@ class KafkaSink(FixedPartitionedSink[tuple[Key, bytes], None]):
 PRODUCE_FLUSH_TIMEOUT_S = 150.0
 
 
+def log_ends(clients: KafkaClientFactory, parts: Iterable[tuple[str, int]],
+             timeout_s: float = HIGHWATER_TIMEOUT_S) -> dict[tuple[str, int], int]:
+    """Each partition's log end now, of those the broker lists (a topic or partition it does not
+    list is left out: asked for by offset, the local broker would create it). The high watermark
+    of a fetch from the log start, as ``_KafkaPartition._bounds`` reads it (end_offsets() is off
+    by a batch on the local broker). Raises ``TimeoutError`` after ``timeout_s`` without one."""
+    wanted = sorted(set(parts))
+    consumer = clients.consumer(max_poll_records=1, auto_offset_reset="none")
+    try:
+        listed = {t: consumer.partitions_for_topic(t) or set() for t in {t for t, _ in wanted}}
+        tps = [TopicPartition(t, p) for t, p in wanted if p in listed[t]]
+        if not tps:
+            return {}
+        consumer.assign(tps)
+        for tp, start in consumer.beginning_offsets(tps).items():
+            consumer.seek(tp, start)
+        ends: dict[tuple[str, int], int] = {}
+        deadline = time.monotonic() + timeout_s
+        while True:
+            for tp in tps:
+                if (hw := consumer.highwater(tp)) is not None:
+                    ends[(tp.topic, tp.partition)] = hw
+            if len(ends) == len(tps):
+                return ends
+            if time.monotonic() > deadline:
+                missing = ", ".join(f"{tp.topic}[{tp.partition}]" for tp in tps if (tp.topic, tp.partition) not in ends)
+                raise TimeoutError(f"no log end for {missing} from {clients.bootstrap} within {timeout_s:.0f} s")
+            consumer.poll(timeout_ms=50, max_records=1)
+    finally:
+        consumer.close()
+
+
 def kafka_error_text(exc: BaseException) -> str:
     """A kafka-python error as one readable phrase, its class named once: its errors word
     themselves in three ways (``KafkaTimeoutError: Timeout ...``, ``[Error 59]

@@ -397,6 +397,7 @@ def live_flow(
     # that search waiting); BM25 is current after every catalog upsert
     engine.search.warm_up()
     metrics = FlowMetrics(settings)
+    metrics.kept_back.inc(engine.totals.get("sent_before_rebuild", 0))  # the bootstrap's, before the flow's
     metrics.tick(engine)  # gauges filled before the first scrape
     if (url := metrics.serve()) is not None:
         print(f"metrics: {url}", flush=True)

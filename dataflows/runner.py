@@ -22,6 +22,7 @@ import sqlite3
 import sys
 import threading
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -433,68 +434,151 @@ def wipe_for_rebuild(state_dir: str, recovery_dir: str | None) -> list[str]:
     return removed
 
 
-def sent_before_rebuild(state_dir: str, recovery_dir: str | None) -> tuple[dict[tuple[str, int], int], list[str]]:
-    """What a rebuild must not send again, read before :func:`wipe_for_rebuild` deletes it:
-    ``(topic, partition) -> offset`` below which every output a message triggered was
-    delivered, and the stores that could not be read (their partitions' outputs are sent again).
+@dataclass
+class RebuildMarks:
+    """What ``recsys run --rebuild-state`` carries from the state and recovery directories it
+    wipes into the fresh state (:func:`sent_before_rebuild`, :func:`mark_sent_before`)."""
 
-    The offsets are the recovery stores' resume offsets (:func:`recovered_offsets`; Bytewax
+    #: ``(topic, partition) -> offset`` below which every output a message triggered was delivered
+    marks: dict[tuple[str, int], int] = field(default_factory=dict)
+    #: the events the wiped state held waiting for their item (never answered); None: not known
+    waiting: set[tuple[str, int, int]] | None = None
+    #: the wiped state's outputs its sinks never acknowledged (``unsent:`` records), to send at start
+    unsent: dict[bytes, bytes] = field(default_factory=dict)
+    #: the stores and states that could not be read
+    unread: list[str] = field(default_factory=list)
+
+    def drop_past(self, log_ends: Mapping[tuple[str, int], int]) -> list[str]:
+        """Drop the marks of partitions that no longer exist or whose log now ends below them
+        (the topic was re-created, or a broker lost its records): what such a log holds now is
+        new, and is sent. Until 2026-12-07 (an operator's probe) the rebuild that the "log ends at
+        offset ..." refusal advises kept every answer for the new records back. Returns a note per
+        mark dropped.
+
+        >>> m = RebuildMarks(marks={("ev", 0): 277, ("ev", 1): 40, ("gone", 0): 5})
+        >>> m.drop_past({("ev", 0): 83, ("ev", 1): 40}), m.marks
+        (['ev[0] (its log ends at 83)', 'gone[0] (no such partition now)'], {('ev', 1): 40})
+        """
+        notes = []
+        for at, mark in sorted(self.marks.items()):
+            end = log_ends.get(at)
+            if end is None or end < mark:
+                notes.append(f"{at[0]}[{at[1]}] ({'no such partition now' if end is None else f'its log ends at {end}'})")
+                del self.marks[at]
+        return notes
+
+
+def sent_before_rebuild(state_dir: str, recovery_dir: str | None) -> RebuildMarks:
+    """What a rebuild must not send again, and what it must, read before :func:`wipe_for_rebuild`
+    deletes it.
+
+    The marks are the recovery stores' resume offsets (:func:`recovered_offsets`; Bytewax
     commits an epoch's source offsets only after its sinks flushed what the epoch sent): the
     directory's own, and each shard's (``shard-<i>``), the lowest where two read one partition
-    (the catalog). Marks that an earlier rebuild left in the state and its replay had not yet
-    passed (a rebuild stopped or killed part-way, then rebuilt again) count too, the higher of
-    the two."""
-    marks: dict[tuple[str, int], int] = {}
-    unread: list[str] = []
+    (the catalog). Marks that an earlier rebuild left in the state count too (a rebuild killed
+    part-way, then rebuilt again), the higher of the two. From the state (the directory's own
+    and each shard's, when they can be read): the events it held waiting for their catalog item,
+    whose answers were never sent however far below a mark they lie, and the outputs its sinks
+    never acknowledged, which a plain restart would have sent and the rebuilt flow sends at its
+    start instead. Until 2026-12-07 (an operator's probe) a mark the replay had passed was
+    deleted before Bytewax committed an epoch past it, and a dead letter sent for an event whose
+    wait ran out was sent again."""
+    out = RebuildMarks()
     if recovery_dir:
         root = Path(recovery_dir)
         for store in [root, *sorted(root.glob("shard-*"))] if root.is_dir() else ():
             try:
                 offsets = recovered_offsets(str(store))
             except Exception:  # noqa: BLE001 - a damaged store (RecoveryStoreError, a bad pickle): said, not fatal
-                unread.append(str(store))
+                out.unread.append(str(store))
                 continue
             for at, offset in offsets.items():
-                marks[at] = min(offset, marks.get(at, offset))
+                out.marks[at] = min(offset, out.marks.get(at, offset))
     root = Path(state_dir)
-    for rocks in [root / "rocks", *sorted(root.glob("shard-*/rocks"))] if root.is_dir() else ():
-        if not (rocks / "CURRENT").is_file():
-            continue
+    states = [d for d in [root / "rocks", *sorted(root.glob("shard-*/rocks"))] if (d / "CURRENT").is_file()]
+    waiting: set[tuple[str, int, int]] | None = set() if states else None  # no state at all: not known
+    for rocks in states:
         try:
-            earlier = _earlier_marks(rocks)
-        except Exception:  # noqa: BLE001 - a damaged state (often why it is rebuilt): its marks are lost, said
-            unread.append(str(rocks))
+            earlier, held, unsent = _read_wiped_state(rocks)
+        except Exception:  # noqa: BLE001 - a damaged state (often why it is rebuilt): what it held is not known, said
+            out.unread.append(str(rocks))
+            waiting = None
             continue
         for at, offset in earlier.items():
-            marks[at] = max(offset, marks.get(at, offset))
-    return marks, unread
+            out.marks[at] = max(offset, out.marks.get(at, offset))
+        if waiting is not None:
+            waiting |= held
+        for key, value in unsent.items():
+            while key in out.unsent:  # two shards' stamps alike: the next free one
+                head, _, stamp = key.rpartition(b":")
+                key = head + b":" + b"%020d" % (int(stamp) + 1)
+            out.unsent[key] = value
+    out.waiting = waiting
+    return out
 
 
-def _earlier_marks(rocks: Path) -> dict[tuple[str, int], int]:
+def _replayed_left_out(unsent: dict[bytes, bytes], marks: Mapping[tuple[str, int], int]) -> dict[bytes, bytes]:
+    """The unsent outputs less the dead letters of messages at or past their partition's mark:
+    the replay reads and refuses those again (in the wiped state their batches' epoch was never
+    committed), and sends that refusal.
+
+    >>> import orjson
+    >>> letters = [[None, orjson.dumps({"source": {"topic": "ev", "partition": 0, "offset": o}}).decode()] for o in (5, 9)]
+    >>> kept = _replayed_left_out({b"unsent:dead_letters:1": orjson.dumps(letters)}, {("ev", 0): 8})
+    >>> [orjson.loads(p)["source"]["offset"] for _, p in orjson.loads(kept[b"unsent:dead_letters:1"])]
+    [5]
+    """
+    import orjson
+
+    out = {}
+    for key, raw in unsent.items():
+        entries = orjson.loads(raw)
+        if key.split(b":")[1] == b"dead_letters":
+            def below(payload: str) -> bool:
+                src = orjson.loads(payload)["source"]
+                return src["offset"] < marks.get((src["topic"], src["partition"]), 0)
+            entries = [[k, payload] for k, payload in entries if below(payload)]
+        if entries:
+            out[key] = orjson.dumps(entries)
+    return out
+
+
+def _read_wiped_state(rocks: Path) -> tuple[dict[tuple[str, int], int], set[tuple[str, int, int]], dict[bytes, bytes]]:
+    """An old state's rebuild marks, waiting positions and unsent outputs."""
     from recsys.shard.outbox import SENT_BEFORE_PREFIX, load_offsets
+    from recsys.shard.step import UNSENT_PREFIX
+    from recsys.shard.waiting import WAIT_PREFIX
     from recsys.store.kv import RocksKV
 
     kv = RocksKV(str(rocks), verify=False)
     try:
-        return load_offsets(kv, SENT_BEFORE_PREFIX)
+        waiting = set()
+        for key, _ in kv.iter_prefix(WAIT_PREFIX):
+            topic, partition, offset = key[len(WAIT_PREFIX):].decode().rsplit(":", 2)
+            waiting.add((topic, int(partition), int(offset)))
+        return load_offsets(kv, SENT_BEFORE_PREFIX), waiting, dict(kv.iter_prefix(UNSENT_PREFIX))
     finally:
         kv.close()
 
 
-def mark_sent_before(state_dir: str, marks: Mapping[tuple[str, int], int], *, events_topic: str,
-                     shards: int = 1, shard: int = 0) -> None:
-    """Record ``marks`` (:func:`sent_before_rebuild`) in the fresh state at ``state_dir`` (one
-    shard's, :meth:`recsys.settings.Settings.for_shard`), which the rebuilt flow then opens:
-    of ``events_topic``, only the partitions the shard reads (``p % shards == shard``)."""
+def mark_sent_before(state_dir: str, carried: RebuildMarks, *, events_topic: str, shards: int = 1, shard: int = 0,
+                     unsent: bool = True) -> None:
+    """Record what :func:`sent_before_rebuild` read in the fresh state at ``state_dir`` (one
+    shard's, :meth:`recsys.settings.Settings.for_shard`), which the rebuilt flow then opens: of
+    ``events_topic``'s marks, only the partitions the shard reads (``p % shards == shard``); the
+    unsent outputs when ``unsent`` (one shard takes them all: any shard's sinks can send them)."""
     from recsys.shard.outbox import write_sent_before
     from recsys.store.kv import RocksKV
 
-    own = {(t, p): o for (t, p), o in marks.items() if t != events_topic or p % shards == shard}
-    if not own:
+    own = {(t, p): o for (t, p), o in carried.marks.items() if t != events_topic or p % shards == shard}
+    left = _replayed_left_out(carried.unsent, carried.marks) if unsent else {}
+    if not own and not left:
         return
     Path(state_dir).mkdir(parents=True, exist_ok=True)
     kv = RocksKV(str(Path(state_dir) / "rocks"), verify=False)
     try:
-        write_sent_before(kv, own)
+        write_sent_before(kv, own, carried.waiting)
+        if left:
+            kv.write(left)
     finally:
         kv.close()

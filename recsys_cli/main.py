@@ -99,7 +99,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                     f"catalog items (gzip, bzip2 or xz too), one per line")
     clients = KafkaClients(settings)
     if args.rebuild_state:  # before any shard starts: under --processes N this wipes every shard's
-        _rebuild(settings, args.processes)
+        _rebuild(settings, args.processes, clients)
     if args.create_topics:
         _require_broker(settings, "run")
         for shard in range(args.processes) if args.processes > 1 else (None,):
@@ -136,28 +136,36 @@ def cmd_run(args: argparse.Namespace) -> int:
     return status
 
 
-def _rebuild(settings: Settings, processes: int) -> None:
+def _rebuild(settings: Settings, processes: int, clients) -> None:
     """``recsys run --rebuild-state``: read what was sent (:func:`dataflows.runner.sent_before_rebuild`),
-    delete the state and recovery directories, and record those marks in each shard's fresh
-    state, so that the replay applies and ranks every message again and sends nothing its first
-    life delivered (until 2026-12-07 it sent every list, search answer and dead letter again)."""
+    check its marks against the logs as they are now, delete the state and recovery
+    directories, and record what was read in each shard's fresh state, so that the replay
+    applies and ranks every message again and sends nothing its first life delivered (until
+    2026-12-07 it sent every list, search answer and dead letter again)."""
+    from dataflows.kafka_io import log_ends
     from dataflows.runner import mark_sent_before, sent_before_rebuild, wipe_for_rebuild
 
+    _require_broker(settings, "run")  # before anything is deleted: the marks are checked against the logs
     here = settings.for_shard()
+    carried = sent_before_rebuild(here.state_dir, here.recovery_dir)
+    # the exchange's records trigger no output of the shard's own
+    carried.marks = {at: o for at, o in carried.marks.items() if o > 0 and at[0] != settings.exchange_topic}
     try:
-        marks, unread = sent_before_rebuild(here.state_dir, here.recovery_dir)
+        dropped = carried.drop_past(log_ends(clients, carried.marks))
+    except TimeoutError as exc:
+        fail("run", f"--rebuild-state: {exc}; is the broker up? Nothing was deleted")
+    try:
         removed = wipe_for_rebuild(here.state_dir, here.recovery_dir)
     except ValueError as exc:
         fail("run", str(exc))
-    # the exchange's records trigger no output of the shard's own
-    marks = {at: offset for at, offset in marks.items() if offset > 0 and at[0] != settings.exchange_topic}
     if processes > 1:  # each shard's own directory, as the shard processes will open it
         for shard in range(processes):
-            mark_sent_before(settings.replace(shards=processes, shard=shard).for_shard().state_dir, marks,
-                             events_topic=settings.events_topic, shards=processes, shard=shard)
+            mark_sent_before(settings.replace(shards=processes, shard=shard).for_shard().state_dir, carried,
+                             events_topic=settings.events_topic, shards=processes, shard=shard, unsent=shard == 0)
     else:
-        mark_sent_before(here.state_dir, marks, events_topic=settings.events_topic, shards=here.shards,
+        mark_sent_before(here.state_dir, carried, events_topic=settings.events_topic, shards=here.shards,
                          shard=here.shard)
+    marks = carried.marks
     if marks:
         named = [f"{t}[{p}] < {o}" for (t, p), o in sorted(marks.items())]
         below = ", ".join(named[:8]) + (f" and {len(named) - 8} more" if len(named) > 8 else "")
@@ -168,8 +176,16 @@ def _rebuild(settings: Settings, processes: int) -> None:
         sent = ("no recovery offsets were found, so what the replay emits is sent again: a recommendation list per "
                 "shopper per batch, the answers to the replayed searches and the dead letters of the replayed bad "
                 "records, with their old event times")
-    if unread:
-        sent += f" ({', '.join(unread)} could not be read: the outputs of the partitions only they knew are sent again)"
+    if dropped:
+        sent += (f"; {', '.join(dropped)}: the log holds fewer records than the flow had read (re-created, or its "
+                 f"records lost), so what it holds now is new and sent")
+    if carried.waiting:
+        sent += f"; {len(carried.waiting)} events that waited for their catalog item are answered when let go"
+    if carried.unsent:
+        sent += "; what the sinks had not had acknowledged is sent first"
+    if carried.unread:
+        sent += (f" ({', '.join(carried.unread)} could not be read: the outputs only they knew of are sent again, "
+                 f"and so is the answer to an event that waited for its item)")
     print(f"rebuild: removed {', '.join(removed) or 'nothing'}; replaying every topic from its earliest offset; "
           f"{sent}", flush=True)
 

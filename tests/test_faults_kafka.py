@@ -259,6 +259,20 @@ def test_a_partition_whose_log_lost_the_recovered_offset_stops_the_flow_until_to
     assert _cli(settings, catalog_file) == 0
     assert _stopped_totals(capsys.readouterr().out)["applied"] == 10
 
+    # or rebuild, as the refusal also says: the old marks lie past the new log's end, so what it
+    # holds is answered (until 2026-12-07 every answer below the old offsets was kept back)
+    _recreate(clients, settings.events_topic, 1)
+    produce_records(clients, settings.events_topic, _records(fresh[:20]))
+    with pytest.raises(SystemExit):
+        _cli(settings, catalog_file)
+    lists = len(consume_all(clients, settings.recommendations_topic, timeout_s=30))
+    capsys.readouterr()
+    assert _cli(settings, catalog_file, "--rebuild-state") == 0
+    said = capsys.readouterr().out
+    assert f"{settings.events_topic}[0] (its log ends at 20)" in said, said
+    assert _stopped_totals(said)["recommendations"] > 0 and "sent_before_rebuild" not in said, said
+    assert len(consume_all(clients, settings.recommendations_topic, timeout_s=30)) > lists
+
 
 # ------------------------------------------------------------------ defect 5: state behind recovery
 

@@ -350,80 +350,112 @@ def test_a_crash_in_the_catalog_bootstrap_loses_no_dead_letter_and_sends_none_tw
     assert delivered == sent, "the bootstrap's dead letter was lost or sent again differently"
 
 
-def test_a_rebuilt_state_sends_nothing_below_its_marks_ranks_as_before_and_forgets_them(tmp_path):
+def test_a_rebuilt_state_sends_nothing_below_its_marks_but_what_waited_and_ranks_as_before(tmp_path):
     """The engine's side of ``recsys run --rebuild-state`` (the whole command, killed part-way
     too, is in tests/test_faults_kafka.py): below the marks the rebuild recorded, each message is
-    applied and ranked but its list, search answer or dead letter is kept back; from the mark on
-    the lists are the ones a rebuild that sent everything would send (the re-ranker learned from
-    the kept-back lists alike), and the write that passes a mark forgets it. A topic re-created
-    under a rebuilt state (its offsets going backwards) takes its mark with it."""
-    from dataflows.runner import mark_sent_before
-    from recsys.events import OFFSETS_RESET_FROM, OFFSETS_RESET_TO, Envelope
+    applied and ranked but its list, search answer or dead letter is kept back, the answer to an
+    event the wiped state had let go after a wait too (until 2026-12-07 every event let go was
+    answered again: an operator's probe), while the events it still held waiting are answered;
+    from the mark on the lists are the ones a rebuild that sent everything would send (the
+    re-ranker learned from the kept-back lists alike). The marks stay in the state once passed
+    (a rebuild killed then rebuilt again reads them); a topic re-created under a rebuilt state
+    (its offsets going backwards) takes its mark with it."""
+    from dataflows.runner import RebuildMarks, mark_sent_before
+    from recsys.events import OFFSETS_RESET_FROM, OFFSETS_RESET_TO, CatalogItem, Envelope
     from recsys.shard.outbox import SENT_BEFORE_PREFIX
 
     catalog = generate_catalog(40, seed=13)
     events = [Event(event_id=f"e{i}", type="click", user_id=f"u{i % 7}", item_id=catalog[(3 * i) % 40].item_id,
                     ts=1_700_000_000_000 + 1000 * i) for i in range(120)]
+    events[5] = Event("e5", "click", "u-late", "late-item", events[5].ts)  # waits for its item, let go at offset 10-19
     records = [encode(e) for e in events]
     records[10] = b"{not json"  # a bad record below the mark, one above it
     records[100] = b"{not json either"
     records[20] = encode(Event("s20", "search", "u3", None, events[20].ts, query="backpack"))
     records[90] = encode(Event("s90", "search", "u3", None, events[90].ts, query="backpack"))
-    envelopes = [Envelope("events", 0, i, f"u{i % 7}".encode(), r, 1_700_000_000_000 + 1000 * i)
-                 for i, r in enumerate(records)]
+    envelopes = [Envelope("events", 0, i, e.user_id.encode(), r, e.ts) for i, (e, r) in enumerate(zip(events, records))]
+    late = CatalogItem("late-item", "Late backpack", category="bags")
+    batches = [envelopes[i : i + 10] for i in range(0, 120, 10)]
+    batches[1].append(Envelope("catalog", 0, 0, b"late-item", encode(late), events[19].ts))
 
-    def lives(state: str, marks: dict) -> tuple[list, Shard]:
+    def life(state: str, carried: RebuildMarks | None) -> tuple[list, Shard]:
         settings = Settings(state_dir=str(tmp_path / state), embed_cache_dir=str(tmp_path / "emb"),
-                            head_snapshot_interval_s=3600)
-        mark_sent_before(settings.state_dir, marks, events_topic="events")
+                            head_snapshot_interval_s=3600, unknown_item_wait_s=3600)
+        if carried is not None:
+            mark_sent_before(settings.state_dir, carried, events_topic="events")
         engine = Shard.open(settings)
         engine.upsert_catalog(catalog)
-        return [engine.process(envelopes[i : i + 10]) for i in range(0, 120, 10)], engine
+        return [engine.process(batch) for batch in batches], engine
 
-    plain, reference = lives("plain", {})
-    rebuilt, engine = lives("rebuilt", {("events", 0): 60})
+    def triggers(result) -> list[str]:
+        return [orjson.loads(p)["trigger_event_id"] for _, p in result.recommendations]
+
+    def items(result) -> list:
+        return [(orjson.loads(p)["user_id"], [i["item_id"] for i in orjson.loads(p)["items"]])
+                for _, p in [*result.recommendations, *result.search_results]]
+
+    plain, reference = life("plain", None)
+    assert "e5" in triggers(plain[1])  # answered once its item came
+    rebuilt, engine = life("rebuilt", RebuildMarks(marks={("events", 0): 60}, waiting=set()))
     for before, after in zip(plain[:6], rebuilt[:6]):  # below the mark: nothing out, all counted
         assert not after.recommendations and not after.search_results and not after.dead_letters
         assert after.counts["sent_before_rebuild"] == (len(before.recommendations) + len(before.search_results)
                                                        + len(before.dead_letters)) > 0
     for before, after in zip(plain[6:], rebuilt[6:]):  # from the mark on: the same lists, answers, refusals
-        def items(result):
-            return [(orjson.loads(p)["user_id"], [i["item_id"] for i in orjson.loads(p)["items"]])
-                    for _, p in [*result.recommendations, *result.search_results]]
         assert items(after) == items(before) and len(after.dead_letters) == len(before.dead_letters)
     assert sum(len(r.dead_letters) for r in rebuilt) == 1 and sum(len(r.search_results) for r in rebuilt) == 1
-    assert list(engine.kv.iter_prefix(SENT_BEFORE_PREFIX)) == []  # passed: forgotten
+    assert list(engine.kv.iter_prefix(SENT_BEFORE_PREFIX)) == [(b"sent:events:0", b"60")]  # kept once passed
     engine.close()
     reference.close()
+
+    # the events the wiped state still held waiting were never answered: they are, below the mark
+    waited, engine = life("waited", RebuildMarks(marks={("events", 0): 60}, waiting={("events", 0, 5), ("events", 0, 15)}))
+    assert sorted(triggers(waited[1])) == ["e15", "e5"] and not any(r.recommendations for r in waited[2:6])
+    engine.close()
 
     # a topic re-created before the mark was passed: the new log's messages are answered
     settings = Settings(state_dir=str(tmp_path / "recreated"), embed_cache_dir=str(tmp_path / "emb"),
                         head_snapshot_interval_s=3600)
-    mark_sent_before(settings.state_dir, {("events", 0): 500}, events_topic="events")
+    mark_sent_before(settings.state_dir, RebuildMarks(marks={("events", 0): 500}), events_topic="events")
     engine = Shard.open(settings)
     engine.upsert_catalog(catalog)
-    assert not engine.process(envelopes[:30]).recommendations
-    reset = Envelope("events", 0, -1, None, b"", extra={OFFSETS_RESET_FROM: 30, OFFSETS_RESET_TO: 0})
-    renamed = [Envelope("events", 0, i, e.key, encode(dataclasses.replace(events[i], event_id=f"new{i}")), e.timestamp_ms)
+    assert not engine.process(envelopes[30:60]).recommendations
+    reset = Envelope("events", 0, -1, None, b"", extra={OFFSETS_RESET_FROM: 60, OFFSETS_RESET_TO: 0})
+    renamed = [Envelope("events", 0, i, e.key, encode(dataclasses.replace(events[30 + i], event_id=f"new{i}")), e.timestamp_ms)
                for i, e in enumerate(envelopes[30:40])]
     assert engine.process([reset, *renamed]).recommendations
     assert list(engine.kv.iter_prefix(SENT_BEFORE_PREFIX)) == []
     engine.close()
 
 
-def test_what_a_rebuild_goes_by_when_its_recovery_store_is_damaged_and_an_earlier_rebuild_left_marks(tmp_path):
-    """``sent_before_rebuild`` reads the recovery store's resume offsets and the marks an earlier,
-    unfinished rebuild left in the state (the higher wins); a damaged store is named, not fatal
-    (a rebuild is how one recovers from it); a shard's fresh state gets its own partitions' marks."""
-    from dataflows.runner import mark_sent_before, sent_before_rebuild
+def test_what_a_rebuild_carries_from_a_damaged_recovery_store_and_a_readable_state(tmp_path):
+    """``sent_before_rebuild`` reads the recovery store's resume offsets and, from the old state,
+    the marks an earlier rebuild left (the higher wins), the events it held waiting and the
+    outputs its sinks never acknowledged (less the dead letters of messages the replay refuses
+    again); a damaged store is named, not fatal (a rebuild is how one recovers from it)."""
+    from dataflows.runner import RebuildMarks, mark_sent_before, sent_before_rebuild
+    from recsys.shard.outbox import load_offsets, load_waiting_at_rebuild, SENT_BEFORE_PREFIX
+    from recsys.store.kv import RocksKV
 
     state, recovery = tmp_path / "state", tmp_path / "recovery"
-    mark_sent_before(str(state), {("events", 0): 500, ("events", 1): 7, ("catalog", 0): 40}, events_topic="events")
+    mark_sent_before(str(state), RebuildMarks(marks={("events", 0): 500, ("events", 1): 7, ("catalog", 0): 40}),
+                     events_topic="events")
+    letters = [[None, orjson.dumps({"source": {"topic": "events", "partition": 0, "offset": o}}).decode()] for o in (3, 900)]
+    kv = RocksKV(state / "rocks")
+    kv.write({b"wait:events:1:00000000000000000004": b"{}", b"unsent:dead_letters:00000000000000000001": orjson.dumps(letters)})
+    kv.close()
     (recovery / "shard-1").mkdir(parents=True)
     (recovery / "part-0.sqlite3").write_bytes(b"not a database, truncated")
-    marks, unread = sent_before_rebuild(str(state), str(recovery))
-    assert marks == {("events", 0): 500, ("events", 1): 7, ("catalog", 0): 40}
-    assert unread == [str(recovery)]
-    # a shard's marks: only its own events partitions (p % shards == shard), every catalog one
-    mark_sent_before(str(tmp_path / "shard-1"), marks, events_topic="events", shards=2, shard=1)
-    assert sent_before_rebuild(str(tmp_path / "shard-1"), None) == ({("events", 1): 7, ("catalog", 0): 40}, [])
+    carried = sent_before_rebuild(str(state), str(recovery))
+    assert carried.marks == {("events", 0): 500, ("events", 1): 7, ("catalog", 0): 40}
+    assert carried.waiting == {("events", 1, 4)} and carried.unread == [str(recovery)]
+    # a shard's fresh state: its own events partitions' marks (p % shards == shard), every catalog one
+    mark_sent_before(str(tmp_path / "shard-1"), carried, events_topic="events", shards=2, shard=1)
+    kv = RocksKV(tmp_path / "shard-1" / "rocks")
+    assert load_offsets(kv, SENT_BEFORE_PREFIX) == {("events", 1): 7, ("catalog", 0): 40}
+    assert load_waiting_at_rebuild(kv) == {("events", 1, 4)}
+    kept = orjson.loads(kv.get(b"unsent:dead_letters:00000000000000000001"))
+    assert [orjson.loads(p)["source"]["offset"] for _, p in kept] == [3]  # offset 900: refused again by the replay
+    kv.close()
+    # no state at all: what waited is not known
+    assert sent_before_rebuild(str(tmp_path / "none"), None) == RebuildMarks()

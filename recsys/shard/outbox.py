@@ -36,6 +36,7 @@ True
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable
 
 import orjson
 
@@ -88,11 +89,18 @@ def decode_outbox(raw: bytes) -> dict[tuple[int, int], tuple[bytes, int]]:
 #: ``sent:<topic>:<partition>`` -> the offset below which every output a message triggered was
 #: delivered before ``recsys run --rebuild-state`` wiped the state (the recovery store's resume
 #: offset: Bytewax commits an epoch's source offsets only after its sinks flushed what the epoch
-#: sent). The rebuilt state applies and ranks those messages again and sends nothing for them;
-#: a mark goes in the batch's write that takes the partition's position past it. Until
-#: 2026-12-07 a rebuild sent every list, search answer and dead letter again (216 lists on a
-#: topic became 432).
+#: sent). The rebuilt state applies and ranks those messages again and sends nothing for them.
+#: A mark stays in the state once the replay has passed it (only an offset reset takes it): a
+#: rebuild killed part-way and rebuilt again before Bytewax had committed an epoch past it finds
+#: it there. Until 2026-12-07 a rebuild sent every list, search answer and dead letter again
+#: (216 lists on a topic became 432).
 SENT_BEFORE_PREFIX = b"sent:"
+#: The positions ``[[topic, partition, offset], ...]`` of the events the wiped state still held
+#: waiting for their catalog item (:mod:`recsys.shard.waiting`): never answered, so sent however
+#: far below a mark they lie. Absent when the wiped state could not be read (or there was none):
+#: then an event that waits again in the replay is answered when let go, and the others below a
+#: mark are kept back.
+REBUILD_WAITING_KEY = b"meta:rebuild-waiting"
 
 
 def offset_key(prefix: bytes, topic: str, partition: int) -> bytes:
@@ -100,14 +108,26 @@ def offset_key(prefix: bytes, topic: str, partition: int) -> bytes:
     return prefix + f"{topic}:{partition}".encode()
 
 
-def write_sent_before(kv: KVStore, marks: dict[tuple[str, int], int]) -> None:
-    """Record ``(topic, partition) -> offset`` marks (:data:`SENT_BEFORE_PREFIX`) in a fresh state.
+def write_sent_before(kv: KVStore, marks: dict[tuple[str, int], int],
+                      waiting: Iterable[tuple[str, int, int]] | None = None) -> None:
+    """Record ``(topic, partition) -> offset`` marks (:data:`SENT_BEFORE_PREFIX`) in a fresh state,
+    and the wiped state's waiting events (:data:`REBUILD_WAITING_KEY`; None: not known).
 
     >>> from recsys.store.kv import MemoryKV
-    >>> kv = MemoryKV(); write_sent_before(kv, {("events", 1): 400}); load_offsets(kv, SENT_BEFORE_PREFIX)
-    {('events', 1): 400}
+    >>> kv = MemoryKV(); write_sent_before(kv, {("events", 1): 400}, [("events", 1, 7)])
+    >>> load_offsets(kv, SENT_BEFORE_PREFIX), load_waiting_at_rebuild(kv)
+    ({('events', 1): 400}, {('events', 1, 7)})
     """
-    kv.write({offset_key(SENT_BEFORE_PREFIX, t, p): str(o).encode() for (t, p), o in marks.items()})
+    puts = {offset_key(SENT_BEFORE_PREFIX, t, p): str(o).encode() for (t, p), o in marks.items()}
+    if waiting is not None:
+        puts[REBUILD_WAITING_KEY] = orjson.dumps(sorted(waiting))
+    kv.write(puts)
+
+
+def load_waiting_at_rebuild(kv: KVStore) -> set[tuple[str, int, int]] | None:
+    """:data:`REBUILD_WAITING_KEY` as a set of positions; None when not recorded."""
+    raw = kv.get(REBUILD_WAITING_KEY)
+    return None if raw is None else {(t, p, o) for t, p, o in orjson.loads(raw)}
 
 
 def load_offsets(kv: KVStore, prefix: bytes) -> dict[tuple[str, int], int]:

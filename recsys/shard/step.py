@@ -75,7 +75,7 @@ from recsys.shard.outbox import (
     decode_outbox,
     encode_outbox,
     load_offsets,
-    offset_key,
+    load_waiting_at_rebuild,
     outbox_without,
     user_without,
 )
@@ -125,6 +125,7 @@ IMPORT_GAP_S = 1.0
 #: until acknowledged; the next life sends what is left again before its first batch
 #: (``Shard.unsent``, ``dataflows.live``).
 _UNSENT_PREFIX = b"unsent:"
+UNSENT_PREFIX = _UNSENT_PREFIX  # what `recsys run --rebuild-state` carries into the fresh state (dataflows/runner.py)
 #: The field of an unsent output compared with its user's erasure time: a list of an event at or
 #: before the erasure, or a dead letter refused before it, is not sent again (``Shard.unsent``).
 _UNSENT_TIME_FIELD = {"recommendations": "event_ts", "search_results": "event_ts", "dead_letters": "failed_at"}
@@ -320,7 +321,10 @@ class Shard:
         self.positions = load_offsets(kv, _POSITION_PREFIX)  # (topic, partition) -> last offset processed
         # a rebuilt state (`recsys run --rebuild-state`): below these offsets the wiped state's
         # outputs were delivered; their messages are applied and ranked, nothing is sent for them
+        # (but for the events it still held waiting); the marks passed are let go here, in memory
         self._sent_before = load_offsets(kv, SENT_BEFORE_PREFIX)
+        self._waiting_at_rebuild = load_waiting_at_rebuild(kv) if self._sent_before else None
+        self._let_go_of_passed_marks()
         self._processed_before: dict[tuple[str, int], int] = {}  # the positions before the current batch
         self._in_batch = False  # a batch began and its write is not done (it failed, if still so)
         # erased users: id hash -> erasure time (events older than that are dropped)
@@ -1125,7 +1129,7 @@ class Shard:
             for user_id, (items, shown) in zip(fresh_users, ranked):
                 self.shown.put(user_id, shown)
                 env, trigger = by_user[user_id][-1]
-                if self._sent_before and self._sent_before_rebuild(env, released):
+                if self._sent_before and self._sent_before_rebuild(env, (env.topic, env.partition, env.offset) in released):
                     counts["sent_before_rebuild"] += 1  # ranked (the re-ranker learns from it), not sent
                     continue
                 payload = encode(self._recommendation(user_id, items, trigger, now_ms))
@@ -1247,7 +1251,7 @@ class Shard:
         puts.update(self.sessions.export_dirty())
         puts.update(self.search.export_dirty())  # issue 13
         if self._sent_before:
-            deletes = [*deletes, *self._passed_marks()]
+            self._let_go_of_passed_marks()
         if puts or deletes:
             self.kv.write(puts, deletes)
 
@@ -1426,29 +1430,35 @@ class Shard:
         return (self.settings.shards > 1 and self.settings.shard != 0
                 and env.topic in (self.settings.catalog_topic, self.settings.control_topic))
 
-    def _sent_before_rebuild(self, env: Envelope, released: Container[tuple[str, int, int]] = ()) -> bool:
+    def _sent_before_rebuild(self, env: Envelope, released: bool = False) -> bool:
         """Whether what ``env`` triggers was delivered before ``recsys run --rebuild-state`` wiped
-        the state (:data:`recsys.shard.outbox.SENT_BEFORE_PREFIX`). An event the waiting room
-        lets go now (``released``) is not: it may have waited past the wipe, never answered."""
+        the state (:data:`recsys.shard.outbox.SENT_BEFORE_PREFIX`): below its partition's mark,
+        and not among the events the wiped state held waiting for their item
+        (:data:`recsys.shard.outbox.REBUILD_WAITING_KEY`), never answered. When those are not
+        known, an event the waiting room lets go now (``released``) is taken for one of them.
+        Until 2026-12-07 (an operator's probe) every event let go was sent, and so a dead
+        letter the first life had sent for an event whose wait ran out was sent again."""
         bound = self._sent_before.get((env.topic, env.partition))
-        return bound is not None and env.offset < bound and (env.topic, env.partition, env.offset) not in released
+        if bound is None or env.offset >= bound:
+            return False
+        if self._waiting_at_rebuild is None:
+            return not released
+        return (env.topic, env.partition, env.offset) not in self._waiting_at_rebuild
 
     def _search_sent_before(self, released: Container[tuple[str, int, int]], counts: Counter) -> Callable[[Envelope], bool]:
         """:meth:`_sent_before_rebuild` for the search service, counting what it keeps back."""
         def sent(env: Envelope) -> bool:
-            if self._sent_before_rebuild(env, released):
+            if self._sent_before_rebuild(env, (env.topic, env.partition, env.offset) in released):
                 counts["sent_before_rebuild"] += 1
                 return True
             return False
         return sent
 
-    def _passed_marks(self) -> list[bytes]:
-        """The rebuild's marks the positions have passed (every message below them processed),
-        forgotten; their keys to delete in this batch's write."""
-        passed = [at for at, bound in self._sent_before.items() if self.positions.get(at, -1) >= bound - 1]
-        for at in passed:
+    def _let_go_of_passed_marks(self) -> None:
+        """Stop checking the rebuild's marks the positions have passed (every message below them
+        processed). They stay in the state (:data:`recsys.shard.outbox.SENT_BEFORE_PREFIX`)."""
+        for at in [at for at, bound in self._sent_before.items() if self.positions.get(at, -1) >= bound - 1]:
             del self._sent_before[at]
-        return [offset_key(SENT_BEFORE_PREFIX, *at) for at in passed]
 
     def _dead_letter(self, result: BatchResult, env: Envelope, reason: str, now_ms: int, *, released: bool = False) -> None:
         """Refuse the message at ``env``, once. Its dead letter is kept unsent until its sink
@@ -1461,7 +1471,7 @@ class Shard:
         if not released and env.offset <= self._processed_before.get((env.topic, env.partition), -1):
             result.counts["redelivered_skipped"] += 1
             return
-        if self._sent_before and not released and self._sent_before_rebuild(env):
+        if self._sent_before and self._sent_before_rebuild(env, released):
             result.counts["sent_before_rebuild"] += 1
             return
         letter = DeadLetter(payload=b"" if env.value is None else env.value, reason=reason, source=env.position, failed_at=now_ms)
