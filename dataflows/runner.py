@@ -494,12 +494,13 @@ def sent_before_rebuild(state_dir: str, recovery_dir: str | None) -> RebuildMark
                 continue
             for at, offset in offsets.items():
                 out.marks[at] = min(offset, out.marks.get(at, offset))
+    recovered = dict(out.marks)
     root = Path(state_dir)
     states = [d for d in [root / "rocks", *sorted(root.glob("shard-*/rocks"))] if (d / "CURRENT").is_file()]
     waiting: set[tuple[str, int, int]] | None = set() if states else None  # no state at all: not known
     for rocks in states:
         try:
-            earlier, held, unsent = _read_wiped_state(rocks)
+            earlier, held, unsent = _read_wiped_state(rocks, recovered)
         except Exception:  # noqa: BLE001 - a damaged state (often why it is rebuilt): what it held is not known, said
             out.unread.append(str(rocks))
             waiting = None
@@ -543,22 +544,36 @@ def _replayed_left_out(unsent: dict[bytes, bytes], marks: Mapping[tuple[str, int
     return out
 
 
-def _read_wiped_state(rocks: Path) -> tuple[dict[tuple[str, int], int], set[tuple[str, int, int]], dict[bytes, bytes]]:
-    """An old state's rebuild marks, waiting positions and unsent outputs."""
-    from recsys.shard.outbox import SENT_BEFORE_PREFIX, load_offsets
+def _read_wiped_state(rocks: Path, recovered: Mapping[tuple[str, int], int]) -> tuple[
+        dict[tuple[str, int], int], set[tuple[str, int, int]], dict[bytes, bytes]]:
+    """An old state's rebuild marks, waiting positions and unsent outputs. The waiting positions
+    are its waiting room's, and, when it was itself rebuilt, those its rebuild was told of that
+    its replay had not answered in a committed epoch (:func:`_not_answered`)."""
+    from recsys.shard.outbox import SENT_BEFORE_PREFIX, load_offsets, load_waiting_at_rebuild
     from recsys.shard.step import UNSENT_PREFIX
     from recsys.shard.waiting import WAIT_PREFIX
     from recsys.store.kv import RocksKV
 
     kv = RocksKV(str(rocks), verify=False)
     try:
-        waiting = set()
+        waiting = _not_answered(load_waiting_at_rebuild(kv) or set(), recovered)
         for key, _ in kv.iter_prefix(WAIT_PREFIX):
             topic, partition, offset = key[len(WAIT_PREFIX):].decode().rsplit(":", 2)
             waiting.add((topic, int(partition), int(offset)))
         return load_offsets(kv, SENT_BEFORE_PREFIX), waiting, dict(kv.iter_prefix(UNSENT_PREFIX))
     finally:
         kv.close()
+
+
+def _not_answered(told: set[tuple[str, int, int]], recovered: Mapping[tuple[str, int], int]) -> set[tuple[str, int, int]]:
+    """Of the waiting events an earlier rebuild was told of, those its replay had not answered
+    in an epoch Bytewax committed (at or past the recovery offset of their partition): a rebuild
+    killed before it reached them, then rebuilt again, answers them.
+
+    >>> sorted(_not_answered({("ev", 0, 5), ("ev", 0, 50), ("ev", 1, 5)}, {("ev", 0): 40}))
+    [('ev', 0, 50), ('ev', 1, 5)]
+    """
+    return {(t, p, o) for t, p, o in told if o >= recovered.get((t, p), 0)}
 
 
 def mark_sent_before(state_dir: str, carried: RebuildMarks, *, events_topic: str, shards: int = 1, shard: int = 0,

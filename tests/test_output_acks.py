@@ -430,8 +430,8 @@ def test_a_rebuilt_state_sends_nothing_below_its_marks_but_what_waited_and_ranks
 
 def test_what_a_rebuild_carries_from_a_damaged_recovery_store_and_a_readable_state(tmp_path):
     """``sent_before_rebuild`` reads the recovery store's resume offsets and, from the old state,
-    the marks an earlier rebuild left (the higher wins), the events it held waiting and the
-    outputs its sinks never acknowledged (less the dead letters of messages the replay refuses
+    the marks an earlier rebuild left (the higher wins), the events it held waiting (and those its
+    own rebuild was told of and had not answered) and the outputs its sinks never acknowledged (less the dead letters of messages the replay refuses
     again); a damaged store is named, not fatal (a rebuild is how one recovers from it)."""
     from dataflows.runner import RebuildMarks, mark_sent_before, sent_before_rebuild
     from recsys.shard.outbox import load_offsets, load_waiting_at_rebuild, SENT_BEFORE_PREFIX
@@ -442,18 +442,19 @@ def test_what_a_rebuild_carries_from_a_damaged_recovery_store_and_a_readable_sta
                      events_topic="events")
     letters = [[None, orjson.dumps({"source": {"topic": "events", "partition": 0, "offset": o}}).decode()] for o in (3, 900)]
     kv = RocksKV(state / "rocks")
-    kv.write({b"wait:events:1:00000000000000000004": b"{}", b"unsent:dead_letters:00000000000000000001": orjson.dumps(letters)})
+    kv.write({b"wait:events:1:00000000000000000004": b"{}", b"unsent:dead_letters:00000000000000000001": orjson.dumps(letters),
+              b"meta:rebuild-waiting": b'[["events", 0, 600]]'})  # told by its own rebuild, not yet answered
     kv.close()
     (recovery / "shard-1").mkdir(parents=True)
     (recovery / "part-0.sqlite3").write_bytes(b"not a database, truncated")
     carried = sent_before_rebuild(str(state), str(recovery))
     assert carried.marks == {("events", 0): 500, ("events", 1): 7, ("catalog", 0): 40}
-    assert carried.waiting == {("events", 1, 4)} and carried.unread == [str(recovery)]
+    assert carried.waiting == {("events", 1, 4), ("events", 0, 600)} and carried.unread == [str(recovery)]
     # a shard's fresh state: its own events partitions' marks (p % shards == shard), every catalog one
     mark_sent_before(str(tmp_path / "shard-1"), carried, events_topic="events", shards=2, shard=1)
     kv = RocksKV(tmp_path / "shard-1" / "rocks")
     assert load_offsets(kv, SENT_BEFORE_PREFIX) == {("events", 1): 7, ("catalog", 0): 40}
-    assert load_waiting_at_rebuild(kv) == {("events", 1, 4)}
+    assert load_waiting_at_rebuild(kv) == {("events", 1, 4), ("events", 0, 600)}
     kept = orjson.loads(kv.get(b"unsent:dead_letters:00000000000000000001"))
     assert [orjson.loads(p)["source"]["offset"] for _, p in kept] == [3]  # offset 900: refused again by the replay
     kv.close()
