@@ -15,6 +15,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -920,6 +921,26 @@ def given_options(argv: list[str] | None) -> frozenset[str]:
     return frozenset(vars(parser.parse_args(argv)))
 
 
+def _replay_left(args: argparse.Namespace, started: float) -> str:
+    """What an interrupted ``recsys replay`` left in ``--out`` (the report is written at the end):
+    until 2026-12-07 nothing said that an earlier run's report was still there (an operator's probe).
+
+    >>> import tempfile; out = tempfile.mkdtemp()
+    >>> _replay_left(argparse.Namespace(command="replay", out=out), time.time())
+    '; no report written'
+    >>> _ = open(os.path.join(out, "report.md"), "w").close(); os.utime(os.path.join(out, "report.md"), (0, 86400))
+    >>> _replay_left(argparse.Namespace(command="replay", out=out), time.time()).split(" (")[0] == f"; no report written: {out} still holds an earlier run's"
+    True
+    """
+    if args.command != "replay":
+        return ""
+    report = Path(args.out) / "report.md"
+    if report.is_file() and (written := report.stat().st_mtime) < started:
+        when = datetime.datetime.fromtimestamp(written).strftime("%Y-%m-%d %H:%M")
+        return f"; no report written: {args.out} still holds an earlier run's (report.md of {when})"
+    return "; no report written"
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RUST_BACKTRACE", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -934,12 +955,13 @@ def main(argv: list[str] | None = None) -> int:
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    started = time.time()
     try:
         return int(args.func(args) or 0)
     except (KeyboardInterrupt, RuntimeError) as exc:  # a Bytewax flow (a replay) wraps the interrupt in its error
         if isinstance(exc, RuntimeError) and not _interrupted(exc):
             raise
-        print(f"recsys {args.command}: interrupted", file=sys.stderr, flush=True)
+        print(f"recsys {args.command}: interrupted{_replay_left(args, started)}", file=sys.stderr, flush=True)
         return 130
     except BrokenPipeError:  # `recsys tail | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit

@@ -1159,7 +1159,7 @@ def test_a_signal_during_a_replay_is_one_line(tmp_path, children):
         code, took = replay.stop_with(sig)
         assert code == 130 and took < STOP_TIMEOUT_S, f"{sig.name}: {replay.output}"
         assert "Traceback" not in replay.output and "panicked" not in replay.output, replay.output
-        assert replay.lines[-1] == "recsys replay: interrupted", replay.output
+        assert replay.lines[-1] == "recsys replay: interrupted; no report written", replay.output
         assert not (tmp_path / f"out-{sig.name}" / "metrics.json").exists()
 
 
