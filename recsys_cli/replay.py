@@ -277,6 +277,12 @@ def _refuse_nothing_to_replay(what: str, flag: str, path: str, ds, check: str) -
     raise SystemExit(f"recsys replay: no {what} to replay in {flag} {path} ({held}); {check}")
 
 
+def _note(args: argparse.Namespace, text: str) -> None:
+    """A caveat about the input: on stdout now, and in the report (``input_notes``)."""
+    print(f"  note: {text}", flush=True)
+    args.input_notes.append(text)
+
+
 def run_replay(args: argparse.Namespace) -> int:
     ks = _parse_ks(args.k, args.protocol, args.task)
     if args.task == "search" and ks[-1] > 1_000:  # the engine answers a search with RECSYS_SEARCH_K items, at most 1,000
@@ -304,10 +310,11 @@ def run_replay(args: argparse.Namespace) -> int:
             print(f"    e.g. {example}", flush=True)
         print(f"query log: {len(ds.events)} events, {len(targets)} searches with an engaged item, "
               f"{len(ds.catalog)} items", flush=True)
+        args.input_notes = []
         if args.catalog and (absent := search_replay.engaged_not_in_catalog(ds, targets)):
-            # until 2026-12-07 these were misses like any other, unsaid
-            print(f"  {absent} of {len(targets)} scored searches engaged an item --catalog {args.catalog} lacks: it is "
-                  f"admitted at its engagement, after the search, so no model can rank it (a miss for each)", flush=True)
+            # until 2026-12-07 these were misses like any other, unsaid (then, until later that day, said here only)
+            _note(args, f"{absent} of {len(targets)} scored searches engaged an item --catalog {args.catalog} lacks: it "
+                        f"is admitted at its engagement, after the search, so no model can rank it (a miss for each)")
         if not ds.events:
             _refuse_nothing_to_replay("search", "--query-log", args.query_log, ds, "check the file and its --map FIELD=COLUMN")
         if not targets:
@@ -340,14 +347,16 @@ def run_replay(args: argparse.Namespace) -> int:
         _refuse_nothing_to_replay("catalog item", "--catalog", args.catalog, ds,
                                   "it should hold JSONL items with item_id and title (or, with --format csv, a CSV with "
                                   "those columns)")
+    # said on stdout and in report.md and metrics.json ("input_notes"; until 2026-12-07 on stdout only)
+    args.input_notes = []
     if (latest := max(e.ts for e in ds.events)) < SECONDS_LOOK_LIKE_MS:
-        print(f"  note: every event time is before 1973-03-03 (the latest, {latest}, read as epoch milliseconds); if "
-              f"the log's times are epoch seconds, every decay and time window runs 1,000 times too slow: "
-              + ("--map ts_unit=s" if args.format == "csv" else "give milliseconds"), flush=True)
+        _note(args, f"every event time is before 1973-03-03 (the latest, {latest}, read as epoch milliseconds); if "
+                    f"the log's times are epoch seconds, every decay and time window runs 1,000 times too slow: "
+                    + ("--map ts_unit=s" if args.format == "csv" else "give milliseconds"))
     if lacking := ds.items_not_in_catalog():
-        print(f"  {len(lacking)} item(s) the events name are not in the catalog (e.g. {lacking[0]!r}): the full "
-              f"system admits them as it meets them, titled by their id, as RECSYS_UNKNOWN_ITEMS=admit does live; "
-              f"the content baseline has no vector for them", flush=True)
+        _note(args, f"{len(lacking)} item(s) the events name are not in the catalog (e.g. {lacking[0]!r}): the full "
+                    f"system admits them as it meets them, titled by their id, as RECSYS_UNKNOWN_ITEMS=admit does "
+                    f"live; the content baseline has no vector for them")
 
     # heavy imports (torch via the engine) only once the arguments and the data are good
     from dataflows.live import settle_heap
@@ -502,6 +511,7 @@ def run_replay(args: argparse.Namespace) -> int:
     result["dataset"] = ds.name
     result["dataset_stats"] = {k: v for k, v in stats.items() if k not in ("examples",)}
     result["_skip_examples"] = stats["examples"]  # for report.md, beside dataset_stats' counts
+    result["input_notes"] = args.input_notes
     result["seed"] = args.seed
     result["protocol"] = args.protocol
     engine.close()

@@ -148,6 +148,9 @@ def test_replay_of_events_naming_items_the_catalog_lacks_says_so_and_scores_ever
         assert repr(touched[0]) in said  # an example, by name
         metrics = json.loads((out / "metrics.json").read_text())
         assert set(metrics["models"]) >= {"popularity", "content", "full-system"}
+        # and in what is kept (until 2026-12-07 on stdout only: an operator's probe)
+        assert any("3 item(s) the events name" in note for note in metrics["input_notes"]), metrics["input_notes"]
+        assert "## Notes on the input" in (report := (out / "report.md").read_text()) and "3 item(s)" in report
 
 
 def test_the_report_says_which_rows_of_the_events_and_the_catalog_were_skipped(tmp_path, stream):

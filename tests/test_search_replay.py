@@ -155,6 +155,7 @@ def test_a_query_log_whose_engaged_items_its_catalog_lacks_says_how_many(tmp_pat
     said = capsys.readouterr().out
     assert f"1 of 3 scored searches engaged an item --catalog {catalog} lacks" in said, said
     assert json.loads((out / "metrics.json").read_text())["engaged_not_in_catalog"] == 1
+    assert "1 of 3 scored searches engaged an item" in (out / "report.md").read_text()  # kept, not only said
 
 
 def test_flags_a_query_log_replay_does_not_read_are_refused(tmp_path, capsys):

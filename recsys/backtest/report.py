@@ -306,7 +306,10 @@ def write_report(
     if result.get("seconds") is not None:
         rate = result.get("events_per_s")
         facts.append(f"- wall time: {result['seconds']:.2f} s" + (f" ({rate:,.0f} events/s)" if rate else ""))
-    md += facts + ["", "## Metrics (best per column in bold)", ""]
+    md += facts
+    if result.get("input_notes"):  # caveats the loader found (until 2026-12-07 on stdout only)
+        md += ["", "## Notes on the input", ""] + [f"- {note}" for note in result["input_notes"]]
+    md += ["", "## Metrics (best per column in bold)", ""]
     models = data["models"]
     md += _table(models, metric_columns(models), first="model", bold_best=True)
     md += _margin_section(result.get("margins") or {})

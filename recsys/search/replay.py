@@ -248,7 +248,8 @@ def run(args: Any, ds: Any, settings: Any, command: str, ks: tuple[int, ...] = (
         engine.close()
     result.update(protocol="search (derived queries)", dataset=ds.name, exclude_history=False, note=PROTOCOL_NOTE,
                   targets=list(types), sample=args.search_sample, catalog_size=len(ds.catalog), batch_size=args.batch_size,
-                  skipped=dict(ds.skipped), _skip_examples=list(ds.examples))
+                  skipped=dict(ds.skipped), _skip_examples=list(ds.examples),
+                  input_notes=list(getattr(args, "input_notes", [])))
     paths = write_report(result, args.out, title=f"Search backtest: {ds.name} ({PROTOCOL_NOTE})", command=command,
                          dataset=ds.name)
     print(open(os.path.join(args.out, "report.md"), encoding="utf-8").read(), flush=True)
@@ -279,7 +280,7 @@ def run_query_log(args: Any, ds: Any, targets: dict[str, str], settings: Any, co
     note = "logged searches and the item engaged after each"
     result.update(protocol="search (query log)", dataset=ds.name, exclude_history=False, note=note,
                   catalog_size=len(ds.catalog), batch_size=args.batch_size, skipped=dict(ds.skipped),
-                  _skip_examples=list(ds.examples),
+                  _skip_examples=list(ds.examples), input_notes=list(getattr(args, "input_notes", [])),
                   engaged_not_in_catalog=engaged_not_in_catalog(ds, targets))
     paths = write_report(result, args.out, title=f"Search backtest: {args.query_log} ({note})", command=command,
                          dataset=ds.name)
