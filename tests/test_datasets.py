@@ -314,6 +314,17 @@ def test_a_csv_read_with_the_wrong_time_unit_or_delimiter_says_which_to_give(tmp
     iso.write_text("user,item,ts\nu1,i1,2024-01-01T00:00:02Z\n")
     ds = load_dataset("csv", str(iso), mapping={"user_id": "user", "item_id": "item", "ts": "ts"})
     assert ds.examples == ["bad ts at line 2 of iso.csv: '2024-01-01T00:00:02Z' (a date and time: --map ts_unit=iso)"]
+    # milliseconds read as seconds, microseconds as milliseconds: until 2026-12-07 "not a valid
+    # epoch-millisecond time (1569888000000000)", a number 1,000 times what the file holds
+    ms = tmp_path / "ms.csv"
+    ms.write_text("user,item,ts\nu1,i1,1569888000000\n")
+    ds = load_dataset("csv", str(ms), mapping={"user_id": "user", "item_id": "item", "ts": "ts", "ts_unit": "s"})
+    assert ds.examples == ["bad ts at line 2 of ms.csv: '1569888000000' is past the year 9999 as epoch seconds "
+                           "(epoch milliseconds, it seems: drop --map ts_unit=s)"]
+    us = tmp_path / "us.csv"
+    us.write_text("user,item,ts\nu1,i1,1569888000000000\n")
+    ds = load_dataset("csv", str(us), mapping={"user_id": "user", "item_id": "item", "ts": "ts"})
+    assert "(epoch microseconds, it seems: give milliseconds" in ds.examples[0], ds.examples
     semi = tmp_path / "semi.csv"
     semi.write_text("user;item;ts\nu1;i1;1000\n")
     with pytest.raises(ValueError, match=r"lacks column\(s\) \['user', 'item', 'ts'\] \(it looks separated by ';': with "

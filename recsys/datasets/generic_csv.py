@@ -36,6 +36,7 @@ from recsys.datasets._base import (
 from recsys.datasets.jsonl import load_jsonl_catalog
 from recsys.events import (
     EVENT_TYPES,
+    MAX_TS_MS,
     CatalogItem,
     DecodeError,
     Event,
@@ -147,6 +148,12 @@ def load_csv(
             raw_ts = row[cols["ts"]].strip()
             hint = " (a date and time: --map ts_unit=iso)" if unit != "iso" and _LOOKS_ISO.match(raw_ts) else ""
             skips.add("bad ts", line, source, repr(row[cols["ts"]]) + hint)
+            continue
+        if ts > MAX_TS_MS and ts // 1000 <= MAX_TS_MS:  # a unit too small by 1,000: said (until 2026-12-07 not)
+            hint = "epoch milliseconds, it seems: drop --map ts_unit=s" if unit == "s" else \
+                   "epoch microseconds, it seems: give milliseconds (or --map ts_unit=iso)"
+            read_as = "seconds" if unit == "s" else "milliseconds"
+            skips.add("bad ts", line, source, f"{row[cols['ts']]!r} is past the year 9999 as epoch {read_as} ({hint})")
             continue
         obj: dict[str, Any] = {
             "event_id": f"{name}:{line}",
