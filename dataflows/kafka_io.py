@@ -770,15 +770,8 @@ class _KafkaPartition(StatefulSourcePartition[Envelope, int]):
             probe.assign([self._tp])
             log_start = probe.beginning_offsets([self._tp])[self._tp]
             probe.seek(self._tp, log_start)
-            deadline = time.monotonic() + HIGHWATER_TIMEOUT_S
             try:
-                while (end := probe.highwater(self._tp)) is None:  # from a fetch: see _read_highwater
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(
-                            f"no high watermark for {self._tp.topic}[{self._tp.partition}] from {self._bootstrap} "
-                            f"within {HIGHWATER_TIMEOUT_S:.0f} s"
-                        )
-                    probe.poll(timeout_ms=50, max_records=1)
+                end = _fetched_highwaters(probe, [self._tp], HIGHWATER_TIMEOUT_S, self._bootstrap)[self._tp]
             except OffsetOutOfRangeError:
                 end = None
         finally:
@@ -1179,20 +1172,28 @@ def log_ends(clients: KafkaClientFactory, parts: Iterable[tuple[str, int]],
         consumer.assign(tps)
         for tp, start in consumer.beginning_offsets(tps).items():
             consumer.seek(tp, start)
-        ends: dict[tuple[str, int], int] = {}
-        deadline = time.monotonic() + timeout_s
-        while True:
-            for tp in tps:
-                if (hw := consumer.highwater(tp)) is not None:
-                    ends[(tp.topic, tp.partition)] = hw
-            if len(ends) == len(tps):
-                return ends
-            if time.monotonic() > deadline:
-                missing = ", ".join(f"{tp.topic}[{tp.partition}]" for tp in tps if (tp.topic, tp.partition) not in ends)
-                raise TimeoutError(f"no log end for {missing} from {clients.bootstrap} within {timeout_s:.0f} s")
-            consumer.poll(timeout_ms=50, max_records=1)
+        ends = _fetched_highwaters(consumer, tps, timeout_s, clients.bootstrap)
+        return {(tp.topic, tp.partition): end for tp, end in ends.items()}
     finally:
         consumer.close()
+
+
+def _fetched_highwaters(consumer: Any, tps: list[TopicPartition], timeout_s: float, bootstrap: str) -> dict[TopicPartition, int]:
+    """The high watermark of each of ``tps`` (assigned to ``consumer``, positioned where its fetches
+    may start) from the consumer's fetches, polling one record at a time until every partition
+    has reported one (the records polled are dropped); ``TimeoutError`` after ``timeout_s``."""
+    ends: dict[TopicPartition, int] = {}
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for tp in tps:
+            if (hw := consumer.highwater(tp)) is not None:
+                ends[tp] = hw
+        if len(ends) == len(tps):
+            return ends
+        if time.monotonic() > deadline:
+            missing = ", ".join(f"{tp.topic}[{tp.partition}]" for tp in tps if tp not in ends)
+            raise TimeoutError(f"no high watermark for {missing} from {bootstrap} within {timeout_s:.0f} s")
+        consumer.poll(timeout_ms=50, max_records=1)
 
 
 def kafka_error_text(exc: BaseException) -> str:

@@ -36,11 +36,14 @@ def user_disjoint_chunks(events: Iterable[Event], max_size: int = 1000) -> Itera
     chunk: list[Event] = []
     user_ts: dict[str, int] = {}
     for piece in _pieces(events):
-        clash = any(user_ts.get(e.user_id, e.ts) != e.ts for e in piece)
+        clash = False
+        for e in piece:
+            seen = user_ts.get(e.user_id)
+            clash = clash or (seen is not None and seen != e.ts)
         if chunk and (clash or (len(chunk) >= max_size and piece[0].user_id not in user_ts)):
             yield chunk
             chunk, user_ts = [], {}
-        chunk.extend(piece)
+        chunk += piece
         for e in piece:
             user_ts[e.user_id] = e.ts
     if chunk:
@@ -62,6 +65,10 @@ def _pieces(events: Iterable[Event]) -> Iterator[list[Event]]:
 
 def _split_run(run: list[Event]) -> Iterator[list[Event]]:
     last = {e.user_id: i for i, e in enumerate(run)}
+    if len(last) == len(run):  # no user twice (most runs): every event a piece
+        for e in run:
+            yield [e]
+        return
     start = reach = 0
     for i, e in enumerate(run):
         reach = max(reach, last[e.user_id])
