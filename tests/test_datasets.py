@@ -332,6 +332,26 @@ def test_a_csv_read_with_the_wrong_time_unit_or_delimiter_says_which_to_give(tmp
         load_dataset("csv", str(semi), mapping={"user_id": "user", "item_id": "item", "ts": "ts"})
 
 
+def test_a_fixed_format_file_with_another_delimiter_is_told_to_read_as_csv(tmp_path: Path) -> None:
+    """A YooChoose file written with commas was told ``with --format csv, --map delimiter=,``: a
+    flag of another format, whose value is its default (an operator's probe, 2026-12-07). The
+    fixed formats say which delimiter they read and how to read this file instead."""
+    comma = tmp_path / "clicks.txt"
+    comma.write_text("SessionId,Time,ItemId\n1,1400000000,a\n")
+    with pytest.raises(ValueError) as raised:
+        load_dataset("yoochoose", str(comma))
+    said = str(raised.value)
+    assert "delimiter=," not in said, said
+    assert said.endswith("(it looks separated by ',': --format yoochoose reads tab-separated files; convert this "
+                         "one, or read it with --format csv and --map FIELD=COLUMN for its columns)"), said
+    semi = tmp_path / "events.csv"
+    semi.write_text("event_time;event_type;product_id;user_id;user_session\n")
+    with pytest.raises(ValueError, match=r"\(it looks separated by ';': --format rees46 reads comma-separated files; "
+                                         r"convert this one, or read it with --format csv and --map delimiter=; and "
+                                         r"--map FIELD=COLUMN for its columns\)$"):
+        load_dataset("rees46", str(semi))
+
+
 def test_a_query_log_time_out_of_range_is_a_skipped_row(tmp_path: Path) -> None:
     from recsys.search.querylog import load_query_log
 

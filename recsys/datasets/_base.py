@@ -129,6 +129,9 @@ def finish(
     return Dataset(name, events, catalog(events), skips.counts, skips.examples)
 
 
+_SEPARATED = {",": "comma-separated", ";": "semicolon-separated", "\t": "tab-separated", "|": "pipe-separated"}
+
+
 def csv_rows(
     path: str | os.PathLike[str],
     *,
@@ -139,10 +142,12 @@ def csv_rows(
     progress: bool,
     desc: str,
     delimiter_flag: str = "with --format csv, --map delimiter=",
+    fixed_format: str | None = None,
 ) -> Iterator[tuple[int, dict[str, str]]]:
     """Yield ``(line number, {column: value})`` for each well-formed data row of a CSV file.
     ``delimiter_flag``: how the caller's command sets another delimiter, for the hint given when
-    the header looks separated by one.
+    the header looks separated by one; ``fixed_format``: the ``--format`` of a reader whose
+    delimiter cannot be set (the hint then says to read the file with ``--format csv``).
 
     Line numbers count from 1 at the header. Rows with fewer fields than the header are
     skipped as ``"truncated row"``, rows with more as ``"extra fields"``; blank lines are
@@ -160,8 +165,15 @@ def csv_rows(
         missing = [c for c in required if c not in header]
         if missing:
             other = next((d for d in (";", "\t", "|", ",") if d != delimiter and len(header) == 1 and d in header[0]), None)
-            hint = (f" (it looks separated by {other!r}: {delimiter_flag}"
-                    f"{'tab' if other == chr(9) else other})" if other else "")
+            as_flag = "tab" if other == "\t" else other
+            if not other:
+                hint = ""
+            elif fixed_format:  # until 2026-12-07 told "with --format csv, --map delimiter=," for a comma
+                hint = (f" (it looks separated by {other!r}: --format {fixed_format} reads {_SEPARATED[delimiter]} "
+                        f"files; convert this one, or read it with --format csv and "
+                        + ("" if other == "," else f"--map delimiter={as_flag} and ") + "--map FIELD=COLUMN for its columns)")
+            else:
+                hint = f" (it looks separated by {other!r}: {delimiter_flag}{as_flag})"
             raise ValueError(f"{path}: header {header} lacks column(s) {missing}{hint}")
         width = len(header)
         read = 0

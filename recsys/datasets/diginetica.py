@@ -69,7 +69,8 @@ def _read(
     """Append one file's events; ``cols`` maps session/user/item/timeframe/eventdate(/order) to headers."""
     source = plain_name(path)
     rows = csv_rows(
-        path, delimiter=";", required=tuple(cols.values()), skips=skips, limit=limit, progress=progress, desc=source
+        path, delimiter=";", required=tuple(cols.values()), skips=skips, limit=limit, progress=progress, desc=source,
+        fixed_format=NAME,
     )
     for line, row in rows:
         session = row[cols["session"]].strip()

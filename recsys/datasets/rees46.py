@@ -48,7 +48,8 @@ def load_rees46(events_path: str, *, limit: int | None = None, progress: bool = 
     # product -> (ts, line, category_id, category_code, brand, price) of its latest row
     products: dict[str, tuple[int, int, str, str, str, float | None]] = {}
     rows = csv_rows(
-        events_path, delimiter=",", required=_COLUMNS, skips=skips, limit=limit, progress=progress, desc=NAME
+        events_path, delimiter=",", required=_COLUMNS, skips=skips, limit=limit, progress=progress, desc=NAME,
+        fixed_format=NAME,
     )
     for line, row in rows:
         raw_type = row["event_type"]

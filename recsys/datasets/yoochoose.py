@@ -41,7 +41,8 @@ def load_yoochoose(events_path: str, *, limit: int | None = None, progress: bool
         source = plain_name(path)
         stem = os.path.splitext(source)[0]
         rows = csv_rows(
-            path, delimiter="\t", required=_COLUMNS, skips=skips, limit=limit, progress=progress, desc=source
+            path, delimiter="\t", required=_COLUMNS, skips=skips, limit=limit, progress=progress, desc=source,
+            fixed_format=NAME,
         )
         for line, row in rows:
             session = row["SessionId"].strip()
