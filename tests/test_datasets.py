@@ -388,6 +388,24 @@ def test_a_query_log_row_the_flow_would_refuse_or_that_cannot_be_scored_is_skipp
         load_query_log(str(tsv), mapping)
 
 
+def test_a_query_log_maps_its_own_engagement_types(tmp_path: Path) -> None:
+    """A query log's raw engagement types (``view``, ``buy``) were all skipped as unknown: the
+    query log took no ``type_map``, where ``--format csv`` does (an operator's probe, 2026-12-07)."""
+    from recsys.search.querylog import load_query_log
+
+    log = tmp_path / "log.csv"
+    log.write_text("uid,q,qt,item,et,kind\nu1,tent,1000,i9,5000,view\nu2,tent,2000,i8,6000,buy\n"
+                   "u3,tent,3000,i7,7000,wishlist\n")
+    mapping = {"user_id": "uid", "query": "q", "query_ts": "qt", "item_id": "item", "ts": "et", "type": "kind",
+               "type_map": "view:click,buy:purchase"}
+    ds, targets = load_query_log(str(log), mapping)
+    assert {e.user_id: e.type for e in ds.events if e.type != "search"} == {"u1": "click", "u2": "purchase"}
+    assert sorted(targets.values()) == ["i8", "i9"]
+    assert ds.skipped == {"unknown engagement type": 1}, ds.skipped  # wishlist: not in the map, still named
+    with pytest.raises(ValueError, match=r"type_map.*'basket' is not one of"):
+        load_query_log(str(log), {**mapping, "type_map": "buy:basket"})
+
+
 def test_generic_csv_default_type_and_seconds(tmp_path: Path) -> None:
     path = tmp_path / "clicks.tsv"
     path.write_text("sid\titem\tt\n7\ta\t1700000000.5\n8\tb\t1700000001\n")
