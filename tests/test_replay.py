@@ -153,6 +153,35 @@ def test_replay_of_events_naming_items_the_catalog_lacks_says_so_and_scores_ever
         assert "## Notes on the input" in (report := (out / "report.md").read_text()) and "3 item(s)" in report
 
 
+def test_a_replay_says_how_many_events_repeat_an_earlier_one_exactly(tmp_path, stream, capsys):
+    """An event CSV whose export wrote rows twice was replayed and scored twice without a word (an
+    operator's probe, 2026-12-07), where the query-log reader skips such rows. A log may hold
+    genuine repeats (REES46's same-second views), so they are replayed as before, and counted under
+    "Notes on the input", with an example by line."""
+    catalog, events, cache = stream
+    rows = ["user,item,kind,ts"] + [f"{e.user_id},{e.item_id},{e.type},{e.ts}" for e in events if e.item_id]
+    rows[5:5] = [rows[3], rows[4]]  # lines 6 and 7 repeat lines 4 and 5
+    log = tmp_path / "log.csv"
+    log.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    assert main(["replay", "--format", "csv", "--events", str(log), "--map", "user_id=user", "--map", "item_id=item",
+                 "--map", "type=kind", "--map", "ts=ts", "--models", "popularity", "--embed-cache-dir", cache,
+                 "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    note = ("2 event(s) repeat an earlier one exactly (shopper, item, type, time and every other field; e.g. log:6 "
+            "repeats log:4): each is replayed and scored as it comes")
+    assert note in said, said
+    assert any(note in n for n in json.loads((out / "metrics.json").read_text())["input_notes"])
+    assert note in (out / "report.md").read_text()
+    # a log without repeats has no such note
+    clean = tmp_path / "clean.csv"
+    clean.write_text("\n".join(rows[:5] + rows[7:]) + "\n")
+    assert main(["replay", "--format", "csv", "--events", str(clean), "--map", "user_id=user", "--map", "item_id=item",
+                 "--map", "type=kind", "--map", "ts=ts", "--models", "popularity", "--embed-cache-dir", cache,
+                 "--out", str(tmp_path / "clean")]) == 0
+    assert "repeat an earlier one exactly" not in capsys.readouterr().out
+
+
 def test_the_report_says_which_rows_of_the_events_and_the_catalog_were_skipped(tmp_path, stream):
     """report.md is what people read and keep; until 2026-12-07 the rows a replay skipped (a bad
     event, a catalog line refused) were printed while it ran and counted in metrics.json's

@@ -19,6 +19,7 @@ from datetime import UTC, date, datetime
 from operator import attrgetter
 from typing import Any
 
+import orjson
 from tqdm import tqdm
 
 from recsys.events import CatalogItem, DecodeError, Event
@@ -71,6 +72,30 @@ class Dataset:
             "skipped_by_reason": dict(self.skipped.most_common()),
             "examples": list(self.examples),
         }
+
+    def repeated_events(self) -> tuple[int, tuple[str, str] | None]:
+        """How many events repeat an earlier one in every field but the id (an export that wrote a
+        row twice, or a log's genuine same-time repeats), and the first such pair of ids
+        ``(repeat, original)``. Events with one id are not counted: the engine takes those once.
+
+        >>> Dataset("t", [Event("t:2", "click", "u", "i", 5), Event("t:3", "click", "u", "i", 5),
+        ...               Event("t:4", "click", "u", "i", 6)], []).repeated_events()
+        (1, ('t:3', 't:2'))
+        """
+        count, example = 0, None
+        seen: dict[tuple[Any, ...], str] = {}
+        current_ts = None
+        for e in self.events:  # sorted by time: a repeat has its original's time, so one time's set at once
+            if e.ts != current_ts:
+                seen.clear()
+                current_ts = e.ts
+            key = (e.type, e.user_id, e.item_id, e.session_id, e.query, e.price, e.quantity,
+                   orjson.dumps(e.context, option=orjson.OPT_SORT_KEYS) if e.context else None)
+            first = seen.setdefault(key, e.event_id)
+            if first != e.event_id:
+                count += 1
+                example = example or (e.event_id, first)
+        return count, example
 
     def items_not_in_catalog(self) -> list[str]:
         """The item ids the events name that the catalog lacks, sorted (a replay admits them
