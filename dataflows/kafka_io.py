@@ -9,7 +9,8 @@ builds real kafka-python clients from :class:`recsys.settings.Settings`;
   topic's Kafka partitions (``"events#0"``, ...). Manual ``assign`` + ``seek`` to the resume
   offset (Bytewax recovery stores it), non-blocking batched polls; yields
   :class:`recsys.events.Envelope`. No consumer groups, no commits. A worker's partitions share
-  one consumer (:class:`SharedConsumers`; across topics when the sources share one).
+  one consumer (:class:`SharedConsumers`; across topics when the sources share one and poll as
+  many records at a time: the live flow's catalog has one of its own).
 - :class:`KafkaSink` — a Bytewax ``FixedPartitionedSink`` of ``(key, value)``; sends are flushed
   and checked at every epoch snapshot, before Bytewax commits the epoch (at-least-once); an
   :class:`Acknowledgement` in the stream is acknowledged there, once everything before it is.
@@ -651,9 +652,10 @@ class PartitionWatch:
 class SharedConsumers:
     """Hands each partition built on a worker the one :class:`_SharedConsumer` of that worker
     (thread) and client settings. Give the same object to every :class:`KafkaSource` of a flow
-    (:func:`dataflows.live.live_flow` does): then a process reads all its partitions (events,
-    catalog, control, exchange) through one consumer. A source given none shares one among its
-    own partitions. ``--processes N``: each process builds its own flow, so its own consumer.
+    (:func:`dataflows.live.live_flow` does): then a process reads its partitions through one
+    consumer per poll size (the events, control and exchange partitions through one; the catalog,
+    polled ``RECSYS_CATALOG_POLL_MAX_RECORDS`` at a time, through a second). A source given none
+    shares one among its own partitions. ``--processes N``: each process builds its own flow, so its own consumer.
 
     A partition built again while the first one of that name is still open (a test building a
     resumed partition beside the old one) gets a consumer of its own: one consumer cannot read

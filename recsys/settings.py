@@ -129,7 +129,7 @@ class Settings(BaseSettings):
     session_vote_items: int = Field(0, ge=0)  # each neighbour session votes for its last N items (0: all it holds)
     # --- learning ---
     head_enabled: bool = True  # the learned head over frozen vectors (off: interest vector retrieval)
-    head_steps_per_batch: int = Field(1, gt=0)  # optimizer steps per polled batch: bounds training cost
+    head_steps_per_batch: int = Field(1, gt=0)  # at most this many steps each time the head trains (once 256 examples queued)
     head_lr: float = Field(1e-3, gt=0)
     head_snapshot_interval_s: float = Field(30.0, ge=0)  # versioned head + re-ranker snapshots in state_dir/models
     seed: int = 0
