@@ -957,6 +957,33 @@ def test_associations_survive_a_restart_and_a_redelivered_batch_is_not_learned_t
     again.close()
 
 
+def test_an_item_admitted_without_text_is_found_after_a_restart_by_what_was_learned_for_it(tmp_path, cache):
+    """With ``unknown_items=admit`` an item the events name before the catalog does is admitted
+    with its id for a title. Until 2026-12-07 (an operator's probe) it was admitted in memory
+    only: after a restart the catalog no longer held it, and the query learned for it answered
+    nothing until some shopper's event named it again, though its association had survived."""
+    settings = _settings(tmp_path, cache, unknown_items="admit")
+    eng = Shard.open(settings)
+    eng.upsert_catalog(CATALOG)
+    stream = Stream(eng)
+    stream.events(("search", "g1", "lemonade"), ("purchase", "g1", "x100"))
+    stream.events(("search", "g2", "lemonade"), ("purchase", "g2", "x100"))
+    assert ids(stream.search("g3", "lemonade"))[0] == "x100"
+    eng.close()
+
+    again = Shard.open(settings)  # no catalog record of x100 anywhere: only the state's
+    assert "x100" in again.items.catalog
+    stream.engine = again
+    answer = stream.search("g4", "lemonade")
+    assert ids(answer)[0] == "x100" and answer["items"][0]["reason"] == "often chosen after searching 'lemonade'"
+    # a catalog record given later wins, restart or not
+    again.upsert_catalog([CatalogItem("x100", "Fresh lemonade, 1 l", category="Grocery/Drinks")])
+    again.close()
+    third = Shard.open(settings)
+    assert third.items.catalog.items["x100"].title == "Fresh lemonade, 1 l"
+    third.close()
+
+
 def test_a_restarted_shard_answers_the_queries_it_has_seen_without_the_query_model(tmp_path, cache):
     """The query vectors the model made are written with the batch that made them and read back
     at start-up: the same vectors, bit for bit, and no model call for a query seen before the
