@@ -755,7 +755,8 @@ SEARCH_RESULTS = st.builds(
     model_version=st.text(),
     event_ts=st.integers(-(2**63), 2**63 - 1),
     emitted_at=st.integers(0, 2**63 - 1),
-)
+).map(lambda r: dataclasses.replace(r, no_match=not r.items))  # the engine's rule, which the schema holds it to
+
 
 
 def test_search_result_schema_lists_exactly_what_to_dict_emits() -> None:
@@ -776,6 +777,15 @@ def test_every_search_result_encodes_to_a_valid_search_result(result: SearchResu
 @given(SEARCH_RESULTS)
 def test_a_search_result_survives_encode_and_search_result_from_dict(result: SearchResult) -> None:
     assert search_result_from_dict(orjson.loads(encode(result))) == result
+
+
+def test_a_search_result_with_no_item_says_no_match_and_one_with_items_does_not() -> None:
+    """What the engine emits since 2026-12-07 (an empty answer with ``no_match: false`` before)."""
+    empty = SearchResult("u", "tent", (), True, "e", "m", 0, 0).to_dict()
+    one = SearchResult("u", "tent", (RecommendedItem("i", 1.0, "r"),), False, "e", "m", 0, 0).to_dict()
+    assert validate("search_result", empty) == [] and validate("search_result", one) == []
+    assert validate("search_result", {**empty, "no_match": False}) != []
+    assert validate("search_result", {**one, "no_match": True}) != []
 
 
 def test_a_search_result_missing_its_query_is_refused() -> None:

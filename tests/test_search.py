@@ -984,6 +984,20 @@ def test_an_item_admitted_without_text_is_found_after_a_restart_by_what_was_lear
     third.close()
 
 
+def test_an_answer_with_no_item_to_show_says_no_match(engine):
+    """A query whose only candidates are learned items that were then withdrawn was answered
+    ``items: []`` with ``no_match: false`` (an operator's probe, 2026-12-07), against the
+    schema's "empty when no_match is true"; ``recsys search`` printed "0 items"."""
+    stream = Stream(engine)
+    stream.events(("search", "k1", "zzgadget"), ("purchase", "k1", "x9"))
+    assert ids(stream.search("k2", "zzgadget")) == ["x9"]
+    engine.upsert_catalog([CatalogItem("x9", "item x9", available=False)])
+    answer = stream.search("k3", "zzgadget")
+    assert answer["items"] == [] and answer["no_match"] is True, answer
+    assert validate("search_result", answer) == []
+    assert validate("search_result", {**answer, "no_match": False}) != []  # the schema says so too
+
+
 def test_a_restarted_shard_answers_the_queries_it_has_seen_without_the_query_model(tmp_path, cache):
     """The query vectors the model made are written with the batch that made them and read back
     at start-up: the same vectors, bit for bit, and no model call for a query seen before the

@@ -588,7 +588,9 @@ class Search:
         causes = self._causes(cands.x[order])
         items = [RecommendedItem(cands.ids[j], round(float(scores[j]), 6), self._reason(query, cands, j, state, cause))
                  for j, cause in zip(order, causes)]
-        return Ranked(items, no_match=False)
+        # nothing left to show (every candidate withdrawn or excluded) is no match to the shopper: until
+        # 2026-12-07 answered ``items: []`` with ``no_match: false``, against the schema
+        return Ranked(items, no_match=not items)
 
     def rank_modes(self, query: str, state: UserState | None, now_ts: int, k: int, modes: Sequence[str] = MODES,
                    *, user_id: str | None = None,
