@@ -91,6 +91,21 @@ def test_tokens_are_normalised_accent_free_and_plural_folded():
     assert query_key("running shoes trail") == query_key("Trail  Running Shoe")
 
 
+def test_a_word_is_a_stop_word_as_written_not_once_its_accents_are_gone():
+    """``thé`` (tea) lost its accent first and was then dropped as the English ``the``: a French
+    shop's query ``thé`` matched nothing, and its items' ``thé`` was not indexed (an operator's
+    probe, 2026-12-07). Stop words are the English glue words as written; ``The`` still goes."""
+    assert tokenize("Thé vert à la menthe") == ["the", "vert", "a", "la", "menthe"]
+    assert tokenize("The crème of the crop") == ["creme", "crop"]
+    assert tokenize("ｶﾞﾑ ½ ﬁsh") == ["ガム", "1", "2", "fish"]  # compatibility forms folded as before
+
+
+def test_a_french_query_for_tea_finds_the_tea(engine):
+    engine.upsert_catalog([CatalogItem("tea", "Thé vert à la menthe", category="Épicerie/Thé")])
+    answer = Stream(engine).search("u1", "thé")
+    assert ids(answer)[:1] == ["tea"] and answer["items"][0]["reason"] == "matches 'thé'", answer
+
+
 def test_typo_repair_finds_the_closest_catalog_word_and_leaves_far_words_alone():
     vocab = Vocabulary(["tent", "sleeping", "bag", "stove", "coffee"])
     assert vocab.repair(["tnet", "sleping", "cofee", "stvoe", "zzzzzz"]) == ["tent", "sleeping", "coffee", "stove", "zzzzzz"]

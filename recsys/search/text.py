@@ -140,7 +140,11 @@ def tokenize(text: str | None, *, unigrams: bool = False) -> list[str]:
         return []
     if text.isascii():
         return [_fold(t) for t in _SPLIT.split(text.lower()) if t and t not in STOP_WORDS]
-    return [_fold(p) for t in _SPLIT.split(normalize(text)) if t and t not in STOP_WORDS for p in _pieces(t, unigrams)]
+    # a stop word as written, before its accents go: until 2026-12-07 after, and French ``thé`` (tea)
+    # was dropped as ``the``. The words are split where normalize's would be (NFKC folds the same
+    # compatibility forms; the marks it keeps never separate words), then each is normalised.
+    return [_fold(p) for w in _SPLIT.split(unicodedata.normalize("NFKC", text).lower()) if w and w not in STOP_WORDS
+            for t in _SPLIT.split(normalize(w)) if t for p in _pieces(t, unigrams)]
 
 
 @functools.lru_cache(maxsize=4096)
