@@ -686,7 +686,12 @@ def cmd_search(args: argparse.Namespace) -> int:
         while time.perf_counter() < deadline:
             for records in consumer.poll(timeout_ms=100).values():
                 for r in records:
-                    answer = _answer_to(r.value, event_id)
+                    try:
+                        answer = _answer_to(r.value, event_id)
+                    except ValueError as exc:
+                        fail("search", f"the record on {topic!r} that answers the search ({event_id}) is {exc}, not a "
+                                       f"search result: is {topic!r} the flow's search-results topic "
+                                       f"(--search-results-topic, RECSYS_SEARCH_RESULTS_TOPIC)?")
                     if answer is not None:
                         took = (time.perf_counter() - start) * 1000
                         print(format_search_answer(answer, took, answer["emitted_at"] - sent_at_ms), flush=True)
@@ -734,12 +739,26 @@ def newest_event_time(consumer: Any, topic: str, wait_s: float = 1.0) -> int | N
 
 
 def _answer_to(payload: bytes | None, event_id: str) -> dict | None:
-    """The search result in ``payload`` when it answers ``event_id``."""
+    """The search result in ``payload`` when it answers ``event_id``; :class:`ValueError` naming
+    what it is when it answers ``event_id`` but is no search result: a search triggers a
+    recommendation list too, so ``--search-results-topic recommendations`` finds one (until
+    2026-12-07 a ``KeyError: 'query'`` traceback; an operator's probe).
+
+    >>> _answer_to(b'{"trigger_event_id": "e1", "query": "tea", "items": [], "no_match": true}', "e1")["query"]
+    'tea'
+    >>> _answer_to(b'{"trigger_event_id": "e1", "items": []}', "e1")
+    Traceback (most recent call last):
+    ValueError: a recommendation list
+    """
     try:
         answer = orjson.loads(payload or b"")
     except orjson.JSONDecodeError:
         return None
-    return answer if isinstance(answer, dict) and answer.get("trigger_event_id") == event_id else None
+    if not isinstance(answer, dict) or answer.get("trigger_event_id") != event_id:
+        return None
+    if not {"query", "items", "no_match"} <= answer.keys():
+        raise ValueError("a recommendation list" if "items" in answer else "not a search result")
+    return answer
 
 
 def format_search_answer(answer: dict, took_ms: float, emitted_after_ms: int) -> str:

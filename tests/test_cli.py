@@ -17,6 +17,7 @@ from dataflows.kafka_io import (
     consume_all,
     ensure_topics,
     partition_for_key,
+    produce_records,
 )
 from recsys.events import encode
 from recsys.synthetic import generate_catalog, generate_events
@@ -163,6 +164,42 @@ def test_a_search_whose_broker_dies_while_it_waits_names_the_broker_not_the_flow
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert stopped.value.code == 1
     assert f"and no connection to the broker at {broker.bootstrap} now: is it up? The search" in line, line
+
+
+def test_a_search_read_from_the_recommendations_topic_says_which_topic_to_give(local_broker, topic_name, capsys):
+    """A search triggers a recommendation list too; ``recsys search --search-results-topic
+    recommendations`` found that list and ended in a ``KeyError: 'query'`` traceback (an
+    operator's probe, 2026-12-07). A thread stands in for the flow: it answers the search event
+    with a recommendation on the topic given."""
+    import threading
+
+    events, recs = topic_name("events"), topic_name("recs")
+    ensure_topics(local_broker.bootstrap, {events: 1, recs: 1})
+    clients = KafkaClients.for_bootstrap(local_broker.bootstrap)
+
+    def answer_with_a_list() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            sent = consume_all(clients, events)
+            if sent:
+                trigger = orjson.loads(sent[0].value)["event_id"]
+                list_ = {"schema_version": 1, "user_id": "u1", "items": [], "trigger_event_id": trigger,
+                         "model_version": "m", "event_ts": 0, "emitted_at": 0}
+                produce_records(clients, recs, [(b"u1", orjson.dumps(list_))])
+                return
+            time.sleep(0.1)
+
+    flow = threading.Thread(target=answer_with_a_list, daemon=True)
+    flow.start()
+    with pytest.raises(SystemExit) as stopped:
+        main(["search", "tent", "--user", "u1", "--timeout", "30", "--bootstrap-servers", local_broker.bootstrap,
+              "--events-topic", events, "--search-results-topic", recs])
+    flow.join(timeout=5)
+    assert stopped.value.code == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith(f"recsys search: the record on {recs!r} that answers the search (recsys-search-") and \
+        line.endswith(f") is a recommendation list, not a search result: is {recs!r} the flow's search-results topic "
+                      f"(--search-results-topic, RECSYS_SEARCH_RESULTS_TOPIC)?"), line
 
 
 def _published_stream(bootstrap: str, prefix: str, tmp_path: Path, *, partitions: int, seed: int, n_users: int):
