@@ -139,6 +139,26 @@ def test_typos_accents_and_word_order_do_not_change_the_answer(engine):
     assert ids(stream.search("u1", "CREME BRULEE"))[0] == "creme"
 
 
+def test_a_query_that_is_an_item_id_finds_that_item_first(engine):
+    """A SKU typed into the search box (an operator's probe, 2026-12-07: ids were not searched at
+    all, and ``sku-777`` found nothing). Only an available item, only the whole query."""
+    engine.upsert_catalog([CatalogItem("sku-777", "Folding camp chair", category="Camping/Furniture")])
+    stream = Stream(engine)
+    answer = stream.search("u1", " sku-777 ")
+    assert ids(answer)[0] == "sku-777" and answer["items"][0]["reason"] == "item id 'sku-777'", answer
+    assert answer["no_match"] is False and validate("search_result", answer) == []
+    assert [i["score"] for i in answer["items"]] == sorted((i["score"] for i in answer["items"]), reverse=True)
+    assert ids(stream.search("u1", "tent-blue"))[0] == "tent-blue"  # its words match too: listed once
+    assert ids(stream.search("u1", "tent-blue")).count("tent-blue") == 1
+    assert not any(i["reason"].startswith("item id") for i in stream.search("u1", "sku-777 chair")["items"])  # not the whole query
+    # the search replay ranks it so for the system's modes, as live; its baselines do not
+    modes = engine.search.rank_modes("sku-777", None, stream.ts, 10)
+    assert all(modes[m][:1] == ["sku-777"] for m in ("no-personal", "full", "full+rerank")), modes
+    assert "sku-777" not in modes["bm25"] + modes["semantic"], modes
+    engine.upsert_catalog([CatalogItem("sku-777", "Folding camp chair", available=False)])
+    assert "sku-777" not in ids(stream.search("u1", "sku-777"))
+
+
 def test_a_query_that_matches_nothing_says_no_match(engine):
     answer = Stream(engine).search("u1", "qzxv wplkj")
     assert answer["no_match"] is True and answer["items"] == []

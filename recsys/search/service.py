@@ -104,6 +104,8 @@ ATTRIBUTIONS = ("first+match", "match", "all")
 #: (``full`` as configured; ``full+rerank``: the default weights plus the learned re-ranker's
 #: correction, measured whether or not ``SearchConfig.rerank`` puts it in the live score).
 MODES = ("bm25", "semantic", "bm25+semantic", "popular-matches", "no-personal", "full", "full+rerank")
+#: The modes that are the system (with or without personalisation), not a baseline.
+_SYSTEM_MODES = frozenset({"no-personal", "full", "full+rerank"})
 
 
 @dataclass(frozen=True)
@@ -578,29 +580,43 @@ class Search:
         ``user_id``: remember the candidates, so the re-ranker learns from what the user picks."""
         k = self.config.k if k is None else k
         cands = self.candidates(query, state, now_ts)
-        if cands.no_match:
-            return Ranked([], no_match=True)
-        keep = self._eligible(cands)
-        if user_id is not None:
-            self._remember(user_id, cands, keep)
-        scores = self._scores(cands.x)
-        order = _top(scores, cands.ids, keep, k)
-        causes = self._causes(cands.x[order])
-        items = [RecommendedItem(cands.ids[j], round(float(scores[j]), 6), self._reason(query, cands, j, state, cause))
-                 for j, cause in zip(order, causes)]
+        items: list[RecommendedItem] = []
+        if not cands.no_match:
+            keep = self._eligible(cands)
+            if user_id is not None:
+                self._remember(user_id, cands, keep)
+            scores = self._scores(cands.x)
+            order = _top(scores, cands.ids, keep, k)
+            causes = self._causes(cands.x[order])
+            items = [RecommendedItem(cands.ids[j], round(float(scores[j]), 6), self._reason(query, cands, j, state, cause))
+                     for j, cause in zip(order, causes)]
+        if (exact := self._item_named(query)) is not None and (not items or items[0].item_id != exact):
+            # a query that is an item's id (a SKU typed into the search box) finds that item first; until
+            # 2026-12-07 ids were not searched at all (an operator's probe)
+            rest = [i for i in items if i.item_id != exact][: k - 1]
+            best = rest[0].score + 1.0 if rest else 1.0
+            items = [RecommendedItem(exact, round(best, 6), f"item id {exact!r}"), *rest]
         # nothing left to show (every candidate withdrawn or excluded) is no match to the shopper: until
         # 2026-12-07 answered ``items: []`` with ``no_match: false``, against the schema
         return Ranked(items, no_match=not items)
+
+    def _item_named(self, query: str) -> str | None:
+        """The available item whose id is ``query`` as typed (spaces around it aside), if any."""
+        item_id = query.strip()
+        return item_id if item_id and self.items.catalog.is_recommendable(item_id) else None
 
     def rank_modes(self, query: str, state: UserState | None, now_ts: int, k: int, modes: Sequence[str] = MODES,
                    *, user_id: str | None = None,
                    on_candidates: Callable[[list[str], np.ndarray], None] | None = None) -> dict[str, list[str]]:
         """Item ids per ranking mode (:data:`MODES`) from one candidate set: the search replay.
         ``user_id``: remember the candidates for the re-ranker, as a live search does;
-        ``on_candidates``: called with the eligible candidates' ids and signals (offline fits)."""
+        ``on_candidates``: called with the eligible candidates' ids and signals (offline fits). The
+        system's modes (``no-personal``, ``full``, ``full+rerank``) put an item whose id is the
+        query first, as :meth:`rank` does live; the baselines do not."""
         cands = self.candidates(query, state, now_ts)
         if cands.no_match:
-            return {m: [] for m in modes}
+            exact = self._item_named(query)
+            return {m: [exact] if exact is not None and m in _SYSTEM_MODES else [] for m in modes}
         if user_id is not None:
             self._remember(user_id, cands, self._eligible(cands))
         if on_candidates is not None:
@@ -628,6 +644,9 @@ class Search:
                 raise ValueError(f"unknown search mode {mode!r}; known: {MODES}")
             order = np.lexsort((ids, -score))
             out[mode] = [cands.ids[j] for j in order if keep[j]][:k]
+        if (exact := self._item_named(query)) is not None:
+            for mode in _SYSTEM_MODES.intersection(out):
+                out[mode] = [exact, *(i for i in out[mode] if i != exact)][:k]
         return out
 
     @staticmethod
