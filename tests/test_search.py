@@ -1004,10 +1004,14 @@ def test_an_item_admitted_without_text_is_found_after_a_restart_by_what_was_lear
     stream.events(("search", "g1", "lemonade"), ("purchase", "g1", "x100"))
     stream.events(("search", "g2", "lemonade"), ("purchase", "g2", "x100"))
     assert ids(stream.search("g3", "lemonade"))[0] == "x100"
+    first_life = eng.search.lexical.docs.get("x100")
     eng.close()
 
     again = Shard.open(settings)  # no catalog record of x100 anywhere: only the state's
     assert "x100" in again.items.catalog
+    # search reads it as the first life did (the restart upserts the stored catalog into search),
+    # so a window's engagements are credited alike before and after
+    assert again.search.lexical.docs.get("x100") == first_life == ["item", "x100"]
     stream.engine = again
     answer = stream.search("g4", "lemonade")
     assert ids(answer)[0] == "x100" and answer["items"][0]["reason"] == "often chosen after searching 'lemonade'"

@@ -539,6 +539,8 @@ class Shard:
         if missing:
             admitted = [CatalogItem(i, title=f"item {i}") for i in missing]
             self.items.upsert(admitted)
+            if (search := getattr(self, "search", None)) is not None:  # (built after the exchange, which takes all then)
+                search.upsert(admitted)  # as the restart will (see _admit)
             # kept in the state, as this shard's own admissions are (a restart reads the log on from
             # past this message); written before the message's position, so a crash between reads it again
             self.kv.write({_ITEM_PREFIX + item.item_id.encode(): encode(item) for item in admitted})
@@ -1011,6 +1013,9 @@ class Shard:
                     continue
                 admitted = CatalogItem(event.item_id, title=f"item {event.item_id}")
                 self.items.upsert([admitted])
+                # search reads it as it reads an id-only catalog's items (and as a restart, which upserts
+                # the stored catalog into search, will); until 2026-12-07 search did not see it
+                self.search.upsert([admitted])
                 # in the state with the batch, as a catalog record is: until 2026-12-07 in memory only,
                 # and after a restart what was learned for the item (a query, co-visits) led nowhere
                 puts[_ITEM_PREFIX + event.item_id.encode()] = encode(admitted)
