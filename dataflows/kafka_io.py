@@ -655,7 +655,8 @@ class SharedConsumers:
     (:func:`dataflows.live.live_flow` does): then a process reads its partitions through one
     consumer per poll size (the events, control and exchange partitions through one; the catalog,
     polled ``RECSYS_CATALOG_POLL_MAX_RECORDS`` at a time, through a second). A source given none
-    shares one among its own partitions. ``--processes N``: each process builds its own flow, so its own consumer.
+    shares one among its own partitions. ``--processes N``: each process builds its own flow, so
+    its own consumers.
 
     A partition built again while the first one of that name is still open (a test building a
     resumed partition beside the old one) gets a consumer of its own: one consumer cannot read

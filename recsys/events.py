@@ -532,8 +532,9 @@ def recommendation_from_dict(obj: dict[str, Any]) -> Recommendation:
 class SearchResult:
     """Ranked items for one ``search`` event (``schemas/search_result.v1.json``, topic
     ``search-results``). ``no_match``: nothing to show, ``items`` empty (nothing in the catalog
-    matched the query, or every match is withdrawn); when false, ``items`` holds at least one. Times as in :class:`Recommendation`: the search's event time and the wall
-    clock at emission, epoch milliseconds."""
+    matched the query, or every match is withdrawn); when false, ``items`` holds at least one.
+    Times as in :class:`Recommendation`: the search's event time and the wall clock at emission,
+    epoch milliseconds."""
 
     user_id: str
     query: str

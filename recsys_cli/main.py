@@ -757,7 +757,7 @@ def _answer_to(payload: bytes | None, event_id: str) -> dict | None:
     if not isinstance(answer, dict) or answer.get("trigger_event_id") != event_id:
         return None
     if not {"query", "items", "no_match"} <= answer.keys():
-        raise ValueError("a recommendation list" if "items" in answer else "not a search result")
+        raise ValueError("a recommendation list" if "items" in answer else "a record of another kind")
     return answer
 
 
