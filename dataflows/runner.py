@@ -483,6 +483,8 @@ def sent_before_rebuild(state_dir: str, recovery_dir: str | None) -> RebuildMark
     start instead. Until 2026-12-07 (an operator's probe) a mark the replay had passed was
     deleted before Bytewax committed an epoch past it, and a dead letter sent for an event whose
     wait ran out was sent again."""
+    from recsys.shard.step import unsent_key, unsent_key_parts
+
     out = RebuildMarks()
     if recovery_dir:
         root = Path(recovery_dir)
@@ -511,8 +513,8 @@ def sent_before_rebuild(state_dir: str, recovery_dir: str | None) -> RebuildMark
             waiting |= held
         for key, value in unsent.items():
             while key in out.unsent:  # two shards' stamps alike: the next free one
-                head, _, stamp = key.rpartition(b":")
-                key = head + b":" + b"%020d" % (int(stamp) + 1)
+                output, stamp = unsent_key_parts(key)
+                key = unsent_key(output, stamp + 1)
             out.unsent[key] = value
     out.waiting = waiting
     return out
@@ -531,10 +533,12 @@ def _replayed_left_out(unsent: dict[bytes, bytes], marks: Mapping[tuple[str, int
     """
     import orjson
 
+    from recsys.shard.step import unsent_key_parts
+
     out = {}
     for key, raw in unsent.items():
         entries = orjson.loads(raw)
-        if key.split(b":")[1] == b"dead_letters":
+        if unsent_key_parts(key)[0] == "dead_letters":
             def below(payload: str) -> bool:
                 src = orjson.loads(payload)["source"]
                 return src["offset"] < marks.get((src["topic"], src["partition"]), 0)
@@ -551,15 +555,12 @@ def _read_wiped_state(rocks: Path, recovered: Mapping[tuple[str, int], int]) -> 
     its replay had not answered in a committed epoch (:func:`_not_answered`)."""
     from recsys.shard.outbox import SENT_BEFORE_PREFIX, load_offsets, load_waiting_at_rebuild
     from recsys.shard.step import UNSENT_PREFIX
-    from recsys.shard.waiting import WAIT_PREFIX
+    from recsys.shard.waiting import parked_positions
     from recsys.store.kv import RocksKV
 
     kv = RocksKV(str(rocks), verify=False)
     try:
-        waiting = _not_answered(load_waiting_at_rebuild(kv) or set(), recovered)
-        for key, _ in kv.iter_prefix(WAIT_PREFIX):
-            topic, partition, offset = key[len(WAIT_PREFIX):].decode().rsplit(":", 2)
-            waiting.add((topic, int(partition), int(offset)))
+        waiting = _not_answered(load_waiting_at_rebuild(kv) or set(), recovered) | parked_positions(kv)
         return load_offsets(kv, SENT_BEFORE_PREFIX), waiting, dict(kv.iter_prefix(UNSENT_PREFIX))
     finally:
         kv.close()

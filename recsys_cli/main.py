@@ -137,9 +137,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     return status
 
 
-def _rebuild(settings: Settings, processes: int, clients) -> None:
+def _rebuild(settings: Settings, processes: int, clients: Any) -> None:
     """``recsys run --rebuild-state``: read what was sent (:func:`dataflows.runner.sent_before_rebuild`),
-    check its marks against the logs as they are now, delete the state and recovery
+    check its marks against the logs as they are now (through ``clients``, the run's
+    :class:`dataflows.kafka_io.KafkaClients`), delete the state and recovery
     directories, and record what was read in each shard's fresh state, so that the replay
     applies and ranks every message again and sends nothing its first life delivered (until
     2026-12-07 it sent every list, search answer and dead letter again)."""

@@ -124,8 +124,7 @@ IMPORT_GAP_S = 1.0
 #: letter of an event whose wait ran out: Bytewax committed the event's offset long before), kept
 #: until acknowledged; the next life sends what is left again before its first batch
 #: (``Shard.unsent``, ``dataflows.live``).
-_UNSENT_PREFIX = b"unsent:"
-UNSENT_PREFIX = _UNSENT_PREFIX  # what `recsys run --rebuild-state` carries into the fresh state (dataflows/runner.py)
+UNSENT_PREFIX = b"unsent:"  # also what `recsys run --rebuild-state` carries into the fresh state (dataflows/runner.py)
 #: The field of an unsent output compared with its user's erasure time: a list of an event at or
 #: before the erasure, or a dead letter refused before it, is not sent again (``Shard.unsent``).
 _UNSENT_TIME_FIELD = {"recommendations": "event_ts", "search_results": "event_ts", "dead_letters": "failed_at"}
@@ -353,9 +352,9 @@ class Shard:
         self._stamp = time.time_ns()
         self._acknowledged = dict.fromkeys(_ACKNOWLEDGED_OUTPUTS, self._stamp)  # per output
         self._acknowledging: set[str] = set()
-        # an earlier life's unacknowledged unsent outputs (_UNSENT_PREFIX), for ``unsent``; this
+        # an earlier life's unacknowledged unsent outputs (UNSENT_PREFIX), for ``unsent``; this
         # life's: the stamps written per output, and the batch's own
-        self._left_unsent = dict(kv.iter_prefix(_UNSENT_PREFIX))
+        self._left_unsent = dict(kv.iter_prefix(UNSENT_PREFIX))
         self._unsent: dict[str, list[int]] = {output: [] for output in _ACKNOWLEDGED_OUTPUTS}
         self._batch_unsent: dict[str, list[list[str | None]]] = {}
         # read as stored: a rule added since must not stop the state from opening (tests/test_engine.py)
@@ -537,13 +536,20 @@ class Shard:
         catalog = self.items.catalog
         missing = [i for i in dict.fromkeys(item_ids) if i not in catalog]
         if missing:
-            admitted = [CatalogItem(i, title=f"item {i}") for i in missing]
-            self.items.upsert(admitted)
-            if (search := getattr(self, "search", None)) is not None:  # (built after the exchange, which takes all then)
-                search.upsert(admitted)  # as the restart will (see _admit)
-            # kept in the state, as this shard's own admissions are (a restart reads the log on from
-            # past this message); written before the message's position, so a crash between reads it again
-            self.kv.write({_ITEM_PREFIX + item.item_id.encode(): encode(item) for item in admitted})
+            # written at once, before the message's position: a crash between reads the message again
+            self.kv.write(self._admit_placeholders(missing))
+
+    def _admit_placeholders(self, item_ids: list[str]) -> dict[bytes, bytes]:
+        """Admit items the catalog lacks, titled by their id (``unknown_items=admit``), into the
+        item index and search (which reads them as it reads an id-only catalog's items, as the
+        restart that upserts the stored catalog into search will); returns their state records,
+        kept as a catalog record is. Until 2026-12-07 they were admitted in memory only, and after
+        a restart what was learned for them (a query, co-visits) led nowhere."""
+        admitted = [CatalogItem(i, title=f"item {i}") for i in item_ids]
+        self.items.upsert(admitted)
+        if (search := getattr(self, "search", None)) is not None:  # None: the exchange's catch-up at start,
+            search.upsert(admitted)  # before search is built from the whole catalog
+        return {_ITEM_PREFIX + item.item_id.encode(): encode(item) for item in admitted}
 
     # ------------------------------------------------------------------ catalog
 
@@ -575,7 +581,7 @@ class Shard:
 
     def expect_acknowledgements(self, *outputs: str) -> None:
         """The ``outputs`` (of :data:`_ACKNOWLEDGED_OUTPUTS`; all if none named) of a batch are
-        kept (the outboxes; :data:`_UNSENT_PREFIX`) until :meth:`acknowledge` is called with its
+        kept (the outboxes; :data:`UNSENT_PREFIX`) until :meth:`acknowledge` is called with its
         stamp (or a later one): for sinks that deliver them later than ``process`` returns (the
         Kafka sink: at its producer's flush, once per epoch)."""
         unknown = set(outputs) - set(_ACKNOWLEDGED_OUTPUTS)
@@ -593,7 +599,7 @@ class Shard:
         # after the last batch, and what stays would be sent again by the next start
         stamps, done = self._unsent[output], []
         while stamps and stamps[0] <= stamp:
-            done.append(_unsent_key(output, stamps.pop(0)))
+            done.append(unsent_key(output, stamps.pop(0)))
         if done:
             try:
                 self.kv.write({}, done)
@@ -1011,14 +1017,7 @@ class Shard:
                 if not admit_unknown:
                     self._dead_letter(result, env, f"field 'item_id': unknown item {event.item_id!r} (not in the catalog)", now_ms)
                     continue
-                admitted = CatalogItem(event.item_id, title=f"item {event.item_id}")
-                self.items.upsert([admitted])
-                # search reads it as it reads an id-only catalog's items (and as a restart, which upserts
-                # the stored catalog into search, will); until 2026-12-07 search did not see it
-                self.search.upsert([admitted])
-                # in the state with the batch, as a catalog record is: until 2026-12-07 in memory only,
-                # and after a restart what was learned for the item (a query, co-visits) led nowhere
-                puts[_ITEM_PREFIX + event.item_id.encode()] = encode(admitted)
+                puts.update(self._admit_placeholders([event.item_id]))  # in the state with the batch
             by_user.setdefault(event.user_id, []).append((env, event))
         counts["valid_events"] += sum(len(v) for v in by_user.values())
         return by_user, waited
@@ -1134,7 +1133,7 @@ class Shard:
         """Rank for every user with a newly applied event (coalesced per batch), each list into
         the user's outbox (written with the batch) and the result, re-emissions after them.
         A list whose trigger waited for its item (``released``) is also kept as unsent until
-        acknowledged (:data:`_UNSENT_PREFIX`)."""
+        acknowledged (:data:`UNSENT_PREFIX`)."""
         counts = result.counts
         if fresh_users and self.emit:
             now_ts = max(by_user[u][-1][1].ts for u in fresh_users)
@@ -1475,7 +1474,7 @@ class Shard:
 
     def _dead_letter(self, result: BatchResult, env: Envelope, reason: str, now_ms: int, *, released: bool = False) -> None:
         """Refuse the message at ``env``, once. Its dead letter is kept unsent until its sink
-        acknowledges it (:data:`_UNSENT_PREFIX`), so a restart sends those a crash left in doubt,
+        acknowledges it (:data:`UNSENT_PREFIX`), so a restart sends those a crash left in doubt,
         with the bytes first sent. A message re-delivered after a crash (at or below its
         partition's position committed before this batch) was refused by that earlier batch:
         nothing again (its refusal would carry another ``failed_at``; before 2026-12-04 every
@@ -1507,19 +1506,19 @@ class Shard:
 
     def _keep_unsent(self, output: str, key: str | None, payload: bytes) -> None:
         """Keep an output no re-delivery can bring back until its sink acknowledges it
-        (:data:`_UNSENT_PREFIX`); only for outputs whose sink acknowledges at all."""
+        (:data:`UNSENT_PREFIX`); only for outputs whose sink acknowledges at all."""
         if output in self._acknowledging:
             self._batch_unsent.setdefault(output, []).append([key, payload.decode()])
 
     def unsent(self) -> dict[str, list[tuple[str | None, bytes]]]:
         """What an earlier life emitted and its sinks never acknowledged, of the outputs no
-        re-delivery brings back (:data:`_UNSENT_PREFIX`), per output, in emission order; a list
+        re-delivery brings back (:data:`UNSENT_PREFIX`), per output, in emission order; a list
         of a user erased since, or a dead letter of a message keyed by them refused before the
         erasure (it holds their event), is left out. The flow sends them again before its first
         batch, then calls :meth:`drop_unsent`."""
         out: dict[str, list[tuple[str | None, bytes]]] = {}
-        for key, raw in sorted(self._left_unsent.items(), key=lambda kv: kv[0].rsplit(b":", 1)[1]):
-            output = key[len(_UNSENT_PREFIX):].split(b":")[0].decode()
+        for key, raw in sorted(self._left_unsent.items(), key=lambda kv: unsent_key_parts(kv[0])[1]):
+            output = unsent_key_parts(key)[0]
             for out_key, payload in orjson.loads(raw):
                 erased_at = self.tombstones.get(user_hash(out_key)) if out_key is not None else None
                 when = _UNSENT_TIME_FIELD.get(output)
@@ -1537,7 +1536,7 @@ class Shard:
     def _unsent_puts(self) -> dict[bytes, bytes]:
         """This batch's unsent outputs under its stamp, for the batch's write (deleted by
         :meth:`acknowledge`)."""
-        puts = {_unsent_key(output, self._stamp): orjson.dumps(entries) for output, entries in self._batch_unsent.items()}
+        puts = {unsent_key(output, self._stamp): orjson.dumps(entries) for output, entries in self._batch_unsent.items()}
         for output in self._batch_unsent:
             self._unsent[output].append(self._stamp)
         self._batch_unsent = {}
@@ -1598,8 +1597,19 @@ class Shard:
             return
 
 
-def _unsent_key(output: str, stamp: int) -> bytes:
-    return _UNSENT_PREFIX + f"{output}:{stamp:020d}".encode()
+def unsent_key(output: str, stamp: int) -> bytes:
+    """The state key of one batch's unsent outputs (:data:`UNSENT_PREFIX`).
+
+    >>> unsent_key_parts(unsent_key("dead_letters", 7))
+    ('dead_letters', 7)
+    """
+    return UNSENT_PREFIX + f"{output}:{stamp:020d}".encode()
+
+
+def unsent_key_parts(key: bytes) -> tuple[str, int]:
+    """``(output, stamp)`` of an :func:`unsent_key`."""
+    output, _, stamp = key[len(UNSENT_PREFIX):].decode().rpartition(":")
+    return output, int(stamp)
 
 
 @contextmanager

@@ -66,6 +66,21 @@ def _key(pos: Position) -> bytes:
     return WAIT_PREFIX + f"{topic}:{partition}:{offset:020d}".encode()
 
 
+def parked_positions(kv: KVStore) -> set[Position]:
+    """The positions of the events parked in ``kv``, from their keys alone (``recsys run
+    --rebuild-state`` reads a wiped state's).
+
+    >>> from recsys.store.kv import MemoryKV
+    >>> kv = MemoryKV(); kv.write({_key(("ev:a", 1, 42)): b"{}"}); parked_positions(kv)
+    {('ev:a', 1, 42)}
+    """
+    out: set[Position] = set()
+    for key, _ in kv.iter_prefix(WAIT_PREFIX):
+        topic, partition, offset = key[len(WAIT_PREFIX):].decode().rsplit(":", 2)
+        out.add((topic, int(partition), int(offset)))
+    return out
+
+
 @dataclass
 class Sorted:
     """One batch's events after the waiting room: ``ready`` to apply (released ones first, each
