@@ -5,8 +5,9 @@ One message type today, ``schemas/control.v1.json``::
     {"type": "forget_user", "user_id": "u42"}
 
 asks every shard to erase a shopper (the right to be forgotten): the user record, the outbox
-of past recommendations, their session postings, the dedup window and the in-memory "last
-shown" entry. What stays is a *tombstone* under ``fg:<id hash>`` (SHA-256 of the id, no other
+of past recommendations, their session postings, the dedup window, the in-memory "last
+shown" entry, and what search learned from them (their engagements after a query, the query
+texts they typed). What stays is a *tombstone* under ``fg:<id hash>`` (SHA-256 of the id, no other
 personal data) holding when the erasure happened, so that an event of that user that is
 older than the erasure (re-delivered, or still queued in ``events`` when the request came)
 never brings them back; a newer event starts a new, empty user.

@@ -51,6 +51,7 @@ class SearchIntent:
         #: user -> (query key, search ts, answer item ids): the last emitted answer per user
         self._answers: OrderedDict[str, tuple[str, int, list[str]]] = OrderedDict()
         search.on_answer = self.remember
+        search.on_forget = self.forget
 
     def __getattr__(self, name: str) -> Any:  # everything but rank: the recommender's
         return getattr(self._inner, name)
@@ -60,6 +61,10 @@ class SearchIntent:
         self._answers.move_to_end(user_id)
         if len(self._answers) > self.max_users:
             self._answers.popitem(last=False)
+
+    def forget(self, user_id: str) -> None:
+        """The user's search state went (an erasure, a sweep): their last answer goes too."""
+        self._answers.pop(user_id, None)
 
     def intent(self, state: UserState, now_ts: int) -> list[str]:
         """The open search's top items for this user (empty without an open window), less those

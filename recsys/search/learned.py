@@ -39,6 +39,11 @@ changed records (``b"sqa:" + key``; the open windows under ``b"sqw:" + user``) f
 engine's one atomic write per batch, ``load(kv)`` restores them, and the engine only feeds
 events above the committed watermark, so a re-delivered event is never learned twice.
 
+**Erasure.** Each engagement credited is also noted in the shopper's :class:`SearchTrail`, so that
+erasing them takes it back (:meth:`QueryAssociations.unlearn`): the query's weights become those
+it would hold had it never been learned: exactly, as the average is taken in event time, unless
+learning it had pushed the query's oldest engagement out (which weighed 1e-8 at most).
+
 >>> a = QueryAssociations(rate=0.5)
 >>> a.learn("tent", "t1", 1.0); a.learn("tent", "t2", 1.0)
 >>> a.top("tent", 5)
@@ -48,6 +53,8 @@ events above the committed watermark, so a re-delivered event is never learned t
 from __future__ import annotations
 
 import bisect
+import hashlib
+import struct
 import zlib
 from collections import OrderedDict
 from typing import TYPE_CHECKING
@@ -61,6 +68,8 @@ if TYPE_CHECKING:
 
 ASSOC_PREFIX = b"sqa:"
 WINDOW_PREFIX = b"sqw:"
+#: Per shopper, what search holds of them (:class:`SearchTrail`): ``b"sqt:" + user + b"\\0"`` + a record.
+TRAIL_PREFIX = b"sqt:"
 #: Events of the same user after a search that can still be attributed to it.
 FOLLOW_EVENTS = 5
 #: ... and the time after the search within which they must fall (event time).
@@ -134,6 +143,35 @@ class QueryAssociations:
             old, _ = self._engaged.popitem(last=False)
             self._forget(old)
             self._dirty.add(old)
+
+    def unlearn(self, key: str, item_id: str, weight: float, ts: int, tie: int) -> bool:
+        """Take one engagement back (an erasure of the shopper who made it): ``learn_at``'s
+        arguments. The query's weights become those it would hold had the engagement never been
+        learned, as long as it is among the query's last :data:`KEEP_ENGAGEMENTS` (an older one was
+        dropped already, and so is not held: False). A query left with no engagement goes, its
+        record with it (its key is the query's words)."""
+        engaged = self._engaged.get(key)
+        if not engaged:
+            return False
+        record = (int(ts), int(tie), item_id, float(weight))
+        at = bisect.bisect_left(engaged, record)
+        if at == len(engaged) or engaged[at] != record:
+            return False
+        del engaged[at]
+        self._counts[key] -= 1
+        self._items.pop(key, None)
+        self._dirty.add(key)
+        if not engaged and key not in self._legacy:
+            del self._engaged[key]
+            self._forget(key)
+        return True
+
+    def may_hold(self, key: str, ts: int, tie: int, item_id: str, weight: float) -> bool:
+        """Whether this engagement can still be among the query's (False: the query holds its
+        :data:`KEEP_ENGAGEMENTS` newer ones, so it was dropped and never comes back). True for a
+        query not held: its ops may not have been applied yet (an exchange log)."""
+        engaged = self._engaged.get(key)
+        return not engaged or len(engaged) < self.keep or (int(ts), int(tie), item_id, float(weight)) >= engaged[0]
 
     def last_ts(self, key: str) -> int:
         """Event time of the query's latest engagement kept (0: none)."""
@@ -312,3 +350,76 @@ class SearchWindows:
         for key, value in kv.iter_prefix(WINDOW_PREFIX):
             if value:
                 self._open[key[len(WINDOW_PREFIX):].decode()] = tuple(orjson.loads(value))
+
+
+#: A trail record's key after its user's prefix: ``b"e"`` + event time (8 bytes, big-endian) +
+#: tie-break (4 bytes) + item (an engagement credited to a query); ``b"q"`` + 8 bytes of the
+#: BLAKE2b of a query text (a query the shopper typed, as the query model read it).
+_ENGAGED, _TYPED = b"e", b"q"
+_TS_TIE = struct.Struct(">qI")
+
+
+def trail_prefix(user_id: str) -> bytes:
+    """The prefix of a user's trail records. Ids hold no NUL (the decoder refuses control
+    characters), so no other user's records share it."""
+    return TRAIL_PREFIX + user_id.encode() + b"\0"
+
+
+class SearchTrail:
+    """Per shopper, what search took from them: each engagement credited to a query (the
+    query key, event time, tie-break, item and weight that :meth:`QueryAssociations.learn_at`
+    was given) and each query text they typed (as the query model read it: the key of its
+    vector in the :class:`recsys.search.semantic.QueryEncoder` ring). The associations and the
+    ring hold no user id; this is the link an erasure follows to take the engagements back
+    (:meth:`QueryAssociations.unlearn`) and the texts out of the ring. Written with the batch
+    (one record per engagement or distinct text: appended, never read on the event path) and
+    deleted with the user: by an erasure, or by the sweep of users idle past
+    ``RECSYS_STATE_TTL_DAYS`` (which takes nothing back: the link alone goes).
+
+    >>> from recsys.store.kv import MemoryKV
+    >>> trail, kv = SearchTrail(), MemoryKV()
+    >>> trail.typed("u1", "blue tent"); trail.credited("u1", "blue tent", 5, 7, "t1", 1.0)
+    >>> kv.write(trail.export_dirty())
+    >>> texts, engaged, keys = trail.read(kv, "u1")
+    >>> texts, engaged, len(keys)
+    (['blue tent'], [('blue tent', 5, 7, 't1', 1.0)], 2)
+    """
+
+    def __init__(self) -> None:
+        self._dirty: dict[bytes, bytes] = {}
+
+    def typed(self, user_id: str, text: str) -> None:
+        raw = text.encode()
+        self._dirty[trail_prefix(user_id) + _TYPED + hashlib.blake2b(raw, digest_size=8).digest()] = raw
+
+    def credited(self, user_id: str, key: str, ts: int, tie: int, item_id: str, weight: float) -> None:
+        record = trail_prefix(user_id) + _ENGAGED + _TS_TIE.pack(int(ts), int(tie)) + item_id.encode()
+        self._dirty[record] = orjson.dumps([key, int(ts), int(tie), item_id, float(weight)])
+
+    def export_dirty(self) -> dict[bytes, bytes]:
+        out, self._dirty = self._dirty, {}
+        return out
+
+    def read(self, kv: KVStore, user_id: str) -> tuple[list[str], list[tuple[str, int, int, str, float]], list[bytes]]:
+        """The user's ``(texts typed, engagements credited, record keys)``, stored or not yet
+        exported (those are dropped here: the caller deletes the keys)."""
+        prefix = trail_prefix(user_id)
+        records = dict(kv.iter_prefix(prefix))
+        for key in [k for k in self._dirty if k.startswith(prefix)]:
+            records[key] = self._dirty.pop(key)
+        texts, engaged = [], []
+        for key, value in records.items():
+            if key[len(prefix):len(prefix) + 1] == _TYPED:
+                texts.append(value.decode())
+            else:
+                q, ts, tie, item_id, weight = orjson.loads(value)
+                engaged.append((q, int(ts), int(tie), item_id, float(weight)))
+        return texts, engaged, list(records)
+
+    def keys(self, kv: KVStore, user_id: str) -> list[bytes]:
+        """The keys of the user's stored records, those not exported yet dropped (their sweep:
+        the records go, nothing is taken back)."""
+        prefix = trail_prefix(user_id)
+        for key in [k for k in self._dirty if k.startswith(prefix)]:
+            del self._dirty[key]
+        return [key for key, _ in kv.iter_prefix(prefix)]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import struct
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -88,6 +88,7 @@ class QueryEncoder:
         self.stats = {"hits": 0, "misses": 0, "calls": 0, "encode_s": 0.0}
         self._made = 0  # vectors made so far, those loaded included: the next one's sequence number
         self._unsaved: dict[int, tuple[int, str, np.ndarray]] = {}  # slot -> (sequence, text, vector)
+        self._slot_text: dict[int, str] = {}  # slot -> the text its record holds (stored or unsaved): for erasures
 
     def warm_up(self) -> None:
         """Load the model now (a first query would otherwise pay the import and the load, seconds)."""
@@ -124,8 +125,23 @@ class QueryEncoder:
         if len(self._cache) > self.capacity:
             self._cache.popitem(last=False)
         if self.capacity > 0:
-            self._unsaved[self._made % self.capacity] = (self._made, text, vec)
+            slot = self._made % self.capacity
+            self._unsaved[slot] = (self._made, text, vec)
+            self._slot_text[slot] = text
         self._made += 1
+
+    def forget(self, texts: Iterable[str]) -> list[bytes]:
+        """An erasure: these query texts leave the cache and the ring, wherever they are; returns
+        the ring records to delete (their slots stay empty until the ring comes round to them)."""
+        gone = set(texts)
+        for text in gone:
+            self._cache.pop(text, None)
+        deletes = []
+        for slot in [s for s, text in self._slot_text.items() if text in gone]:
+            del self._slot_text[slot]
+            self._unsaved.pop(slot, None)
+            deletes.append(QV_PREFIX + slot.to_bytes(4, "big"))
+        return deletes
 
     def export_dirty(self) -> dict[bytes, bytes]:
         """The vectors made since the last export, each in its slot of the ring (see the class):
@@ -146,6 +162,7 @@ class QueryEncoder:
         stored one, so the next vector made overwrites the oldest. A record that cannot be read
         names its key."""
         stored, last = [], -1
+        self._slot_text.clear()
         model = self.model.encode()
         for key, value in kv.iter_prefix(QV_PREFIX):
             if len(value) < _QV_HEAD.size:
@@ -157,12 +174,15 @@ class QueryEncoder:
                 raise ValueError(f"stored query vector {key!r}: {len(value)} bytes, not a header, a model tag "
                                  f"of {n_model} bytes, a text of {n_text} and float32s")
             last = max(last, made)
-            if value[_QV_HEAD.size:start] != model:
-                continue  # made by another model: never read, overwritten in its turn
+            slot = int.from_bytes(key[len(QV_PREFIX):], "big")
+            if value[_QV_HEAD.size:start] != model:  # made by another model: never read, overwritten in its turn
+                self._slot_text[slot] = value[start:end].decode(errors="replace")  # an erasure still finds it
+                continue
             try:
                 text = value[start:end].decode()
             except UnicodeDecodeError as exc:
                 raise ValueError(f"stored query vector {key!r}: its text is not UTF-8 ({exc})") from None
+            self._slot_text[slot] = text
             stored.append((made, text, np.frombuffer(value, dtype=np.float32, offset=end).copy()))
         stored.sort(key=lambda record: record[0])
         for _made, text, vec in stored[max(0, len(stored) - self.capacity):] if self.capacity > 0 else ():

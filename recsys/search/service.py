@@ -57,7 +57,7 @@ from recsys.events import (
 )
 from recsys.feedback import EVENT_WEIGHTS
 from recsys.search._kernels import price_closeness
-from recsys.search.learned import QueryAssociations, SearchWindows, tie_break
+from recsys.search.learned import QueryAssociations, SearchTrail, SearchWindows, tie_break
 from recsys.search.lexical import LexicalIndex, item_tokens
 from recsys.search.outbox import SearchOutbox
 from recsys.search.rerank import SearchReranker
@@ -65,6 +65,7 @@ from recsys.search.semantic import QueryEncoder, query_embedder
 from recsys.search.text import (
     MAX_TOKENLESS_CHARS,
     as_typed,
+    clear_caches,
     display_tokens,
     query_key,
     query_tokens,
@@ -314,6 +315,7 @@ class Search:
         )
         self.windows = SearchWindows()
         self.outbox = SearchOutbox()  # answers as first emitted, for re-delivered searches
+        self.trail = SearchTrail()  # per shopper, what the above learned from them (for erasures)
         self._weights = self.config.weight_vector()
         self.reranker = SearchReranker(self._weights, seed=self.config.seed)
         #: user -> (candidate ids, their signals, which were eligible) of their last search, until an
@@ -338,6 +340,9 @@ class Search:
         self.record_association: Callable[[str, str, float, int, int], None] | None = None
         #: the same for the re-ranker's steps (:meth:`recsys.signals.exchange.SignalExchange.record_search_step`)
         self.record_rerank: Callable[[np.ndarray], None] | None = None
+        #: Called with the user id when a user's search state goes (:meth:`forget_user`), for what
+        #: others keep of it in memory (:class:`recsys.search.intent.SearchIntent`'s last answers).
+        self.on_forget: Callable[[str], None] | None = None
 
     # ------------------------------------------------------------------ state
 
@@ -355,6 +360,7 @@ class Search:
         out.update(self.reranker.export_dirty())
         out.update(self.outbox.export_dirty())
         out.update(self.encoder.export_dirty())
+        out.update(self.trail.export_dirty())
         return out
 
     def load(self, kv: KVStore) -> None:
@@ -443,6 +449,7 @@ class Search:
                         self.observer(event, states[user_id])
                     if new:
                         self.windows.open(user_id, _query_key(event.query), event.query, event.ts)
+                        self.trail.typed(user_id, _query_text(event.query))  # the text its vector is kept under
                     if not self.respond:
                         continue
                     kept_back = sent_before is not None and sent_before(env)
@@ -481,12 +488,38 @@ class Search:
         text = _query_text(event.query)
         return None if text in self.encoder else text
 
-    def forget_user(self, user_id: str) -> list[bytes]:
-        """An erasure: drop the user's open search window (it holds their last query), what
-        they were last shown and their stored search results; returns the stored keys to
-        delete in the erasure's write."""
+    def forget_user(self, user_id: str, kv: KVStore | None = None) -> list[bytes]:
+        """The user's own search state goes (the sweep of an idle user; an erasure does more,
+        :meth:`erase_user`): their open search window (it holds their last query), what they
+        were last shown, their stored search results and, given the store ``kv``, their trail
+        (:class:`~recsys.search.learned.SearchTrail`); returns the stored keys to delete in the
+        caller's write. What search learned from them stays."""
         self._shown.pop(user_id, None)
-        return [*self.windows.forget_user(user_id), *self.outbox.forget_user(user_id)]
+        if self.on_forget is not None:
+            self.on_forget(user_id)
+        trail = self.trail.keys(kv, user_id) if kv is not None else []
+        return [*self.windows.forget_user(user_id), *self.outbox.forget_user(user_id), *trail]
+
+    def erase_user(self, user_id: str, kv: KVStore, *, unlearn: bool = True) -> tuple[list[bytes], list[tuple]]:
+        """An erasure (the right to be forgotten): :meth:`forget_user`, and search takes back what
+        it learned from the shopper, read from their trail. Their query texts leave the query
+        vectors (cache and stored ring) and the candidates cache; their engagements leave the
+        associations (:meth:`~recsys.search.learned.QueryAssociations.unlearn`), here when
+        ``unlearn``, else on every shard when the exchange log brings back the erasure's op.
+        Returns the stored keys to delete and the engagements, ``(query key, event time,
+        tie-break, item, weight)``, that the associations may still hold."""
+        texts, engaged, trail = self.trail.read(kv, user_id)
+        deletes = [*self.forget_user(user_id), *trail, *self.encoder.forget(texts)]
+        for text in texts:
+            self._base_cache.pop(text, None)
+        _query_text.cache_clear()  # these hold the last 4,096 queries typed, in memory
+        _query_key.cache_clear()
+        clear_caches()
+        held = [e for e in engaged if self.associations.may_hold(*e)]
+        if unlearn:
+            for key, ts, tie, item_id, weight in held:
+                self.associations.unlearn(key, item_id, weight, ts, tie)
+        return deletes, held
 
     def learn_event(self, event: Event, *, share: bool = True) -> None:
         """Attribute one non-search event to its user's open search window, if any: an
@@ -504,6 +537,7 @@ class Search:
             return
         self.credit_counts["credited"] += 1
         tie = tie_break(event.event_id)  # the associations' order among equal times
+        self.trail.credited(event.user_id, key, event.ts, tie, event.item_id, weight)  # an erasure takes it back
         if self.record_association is not None:  # sharing: learned when the exchange log brings it back
             if share:  # else the log holds it already (issue 11: a wiped shard re-reading its events)
                 self.record_association(key, event.item_id, weight, event.ts, tie)

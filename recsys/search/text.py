@@ -147,6 +147,11 @@ def tokenize(text: str | None, *, unigrams: bool = False) -> list[str]:
             for t in _SPLIT.split(normalize(w)) if t for p in _pieces(t, unigrams)]
 
 
+def clear_caches() -> None:
+    """Empty the memoised per-query results (an erasure: they hold what shoppers typed)."""
+    _typed.cache_clear()
+
+
 @functools.lru_cache(maxsize=4096)
 def _typed(query: str) -> dict[str, str]:
     """``token -> the word of ``query`` it came from``, for the words that give one token (a

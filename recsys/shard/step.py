@@ -1261,7 +1261,14 @@ class Shard:
         puts.update(self.covisit.export_dirty())
         puts.update(self.transitions.export_dirty())
         puts.update(self.sessions.export_dirty())
-        puts.update(self.search.export_dirty())  # issue 13
+        search = self.search.export_dirty()  # issue 13
+        # an empty record is one that went (a query no longer held, a closed window): deleted, as
+        # its key names a query or a user (until 2026-12-08 written empty, the key kept)
+        if gone := [key for key, value in search.items() if not value]:
+            for key in gone:
+                del search[key]
+            deletes = [*deletes, *gone]
+        puts.update(search)
         if self._sent_before:
             self._let_go_of_passed_marks()
         if puts or deletes:
@@ -1360,7 +1367,7 @@ class Shard:
         deletes = []
         for u in doomed:  # what memory holds of the user goes too (the open search window: their last query)
             self.shown.discard(u)
-            deletes += [user_key(u), _OUTBOX_PREFIX + u.encode(), *self.search.forget_user(u)]
+            deletes += [user_key(u), _OUTBOX_PREFIX + u.encode(), *self.search.forget_user(u, self.kv)]
         return deletes
 
     # ------------------------------------------------------------------ erasure
@@ -1373,6 +1380,7 @@ class Shard:
         they were last shown. Written: a tombstone ``fg:<sha256 of id>`` with the erasure time
         (``erased_at_ms``, default now): their events older than that are dropped, newer ones
         start a new user. Each erasure is logged to ``recsys.audit`` with the id's hash only.
+        Search takes back what it learned from them (:meth:`recsys.search.Search.erase_user`).
         Global aggregates (popularity, co-visitation, the head) hold no ids and are kept.
         """
         erased_at = int(self.clock() * 1000) if erased_at_ms is None else erased_at_ms
@@ -1389,14 +1397,16 @@ class Shard:
                share: bool = True) -> list[bytes]:
         """The keys to delete and the tombstone to write (into ``puts``) for one erasure
         (``share`` False: the exchange log holds its op already, none is recorded)."""
+        # what search learned from them: taken back here, or with sharing on every shard at the op's position
+        searched, engaged = self.search.erase_user(user_id, self.kv, unlearn=self.exchange is None)
         if self.exchange is None:
             sessions = self.sessions.forget_user(user_id)
         else:  # issue 11: every shard drops the sessions at the same exchange-log position
             sessions = []
             if share:
-                self.exchange.record_forget(user_id, erased_at)
+                self.exchange.record_forget(user_id, erased_at, engaged)
         deletes = [user_key(user_id), _OUTBOX_PREFIX + user_id.encode(), *sessions,
-                   *self.waiting.forget_user(user_id), *self.search.forget_user(user_id)]
+                   *self.waiting.forget_user(user_id), *searched]
         self.shown.discard(user_id)
         digest = user_hash(user_id)
         erased_at = max(erased_at, self.tombstones.get(digest, 0))

@@ -29,7 +29,10 @@ from the control topic, or ``recsys forget --offline``) does not drop the user's
 its session-neighbour index itself; it seals a :data:`FORGET_OP` op in the erasure's own atomic
 write, and every shard drops them when it applies that op, at the same log position, so the
 session records stay identical (the checksum says so). Every shard reads the control topic and
-publishes the op; applying it again finds nothing to drop.
+publishes the op; applying it again finds nothing to drop. The op is followed by the user's
+search engagements still in the associations (:data:`SEARCH_UNLEARN_OP`, read from the shard's
+per-user :class:`recsys.search.learned.SearchTrail`: only the user's own shard has it), which
+every shard takes back at that position; taken back twice, the second finds nothing.
 
 Learned models through the same log (message version 2, :class:`SharedModels`): each op then
 carries the user's last ``history_len`` history entries (what the head's training example
@@ -86,8 +89,10 @@ event with an item: ``[user_id, session_id, item_id, event_type, ts, history]``,
 being the user's last ``window`` history entries ``[[item, type, ts], ...]`` before the event,
 or ``null`` when the shard was not learning (frozen: only the session memory goes on).
 An erasure's op is ``[user_id, null, null, "forget_user", erased_at, null]``
-(:data:`FORGET_OP`: no event type has that name), and a search association's
-``[query key, null, item_id, "search_learn", weight, null]`` (:data:`SEARCH_OP`), and a search
+(:data:`FORGET_OP`: no event type has that name), each followed by the erased shopper's search
+engagements taken back, ``[query key, [event time, tie-break], item_id, "search_unlearn", weight,
+null]`` (:data:`SEARCH_UNLEARN_OP`, since 2026-12-08), and a search association's
+``[query key, [event time, tie-break], item_id, "search_learn", weight, null]`` (:data:`SEARCH_OP`), and a search
 re-ranker step's ``[null, null, null, "search_rank", [n_rows, base64 of the float64 rows], null]``
 (:data:`SEARCH_RANK_OP`). Every shard must run code that knows them.
 
@@ -154,6 +159,9 @@ FORGET_OP = "forget_user"
 #: SEARCH_OP, weight, None]`` (:meth:`recsys.search.learned.QueryAssociations.learn_at`; ops sealed
 #: before they carried the time have ``None`` there).
 SEARCH_OP = "search_learn"
+#: The event-type field of an erasure's search engagement taken back, right after its :data:`FORGET_OP`:
+#: :data:`SEARCH_OP`'s fields (:meth:`recsys.search.learned.QueryAssociations.unlearn`).
+SEARCH_UNLEARN_OP = "search_unlearn"
 #: The event-type field of a search re-ranker step's op: ``[None, None, None, SEARCH_RANK_OP,
 #: [n_rows, base64 of the float64 rows], None]`` (:meth:`recsys.search.rerank.SearchReranker.learn_rows`).
 SEARCH_RANK_OP = "search_rank"
@@ -416,10 +424,14 @@ class SignalExchange:
         puts[SEQ_KEY] = str(self.next_seq).encode()
         return message
 
-    def record_forget(self, user_id: str, erased_at: int) -> None:
-        """Note an erasure's signal-side effect (drop the user's sessions) as an op, applied by
-        every shard at its log position instead of by this shard now."""
+    def record_forget(self, user_id: str, erased_at: int, engaged: Iterable[tuple] = ()) -> None:
+        """Note an erasure's signal-side effects as ops, applied by every shard at their log
+        position instead of by this shard now: drop the user's sessions, and take back their
+        search engagements ``engaged`` (``(query key, event time, tie-break, item, weight)`` each,
+        :meth:`recsys.search.Search.erase_user`) from the associations."""
         self._ops.append([user_id, None, None, FORGET_OP, erased_at, None])
+        self._ops.extend([key, [ts, tie], item_id, SEARCH_UNLEARN_OP, weight, None]
+                         for key, ts, tie, item_id, weight in engaged)
 
     def resume_numbering(self, puts: dict[bytes, bytes]) -> None:
         """Number the next sealed message after this origin's last one applied from the log:
@@ -483,7 +495,8 @@ class SignalExchange:
     def apply_ops(self, ops: Iterable[Op], deletes: list[bytes] | None = None) -> None:
         """The very signal updates the step makes for each op's event, in order; an erasure's op
         (:data:`FORGET_OP`) drops the user's sessions, their keys added to ``deletes``; a search
-        association's op (:data:`SEARCH_OP`) is learned by the associations, and a search
+        association's op (:data:`SEARCH_OP`) is learned by the associations, and taken back
+        (:data:`SEARCH_UNLEARN_OP`, an erasure's), and a search
         re-ranker step's (:data:`SEARCH_RANK_OP`) by that re-ranker (when shared)."""
         covisit, transitions, popularity, sessions = self.covisit, self.transitions, self.popularity, self.sessions
         n = 0
@@ -499,6 +512,10 @@ class SignalExchange:
                     else:  # a message sealed before ops carried them: after what the query holds
                         self.associations.learn_at(user_id, item_id, ts, self.associations.last_ts(user_id),
                                                    2**32 + self.associations.engagements(user_id))
+                continue
+            if event_type == SEARCH_UNLEARN_OP:
+                if self.associations is not None:
+                    self.associations.unlearn(user_id, item_id, ts, *session_id)
                 continue
             if event_type == FORGET_OP:
                 dropped = sessions.forget_user(user_id)
@@ -521,7 +538,7 @@ _log = logging.getLogger(__name__)
 #: The head's examples waiting for a full training batch (as the unshared step bounds them).
 _MAX_PENDING_EXAMPLES = 4096
 _CHECKPOINT_FORMAT = 1
-_NOT_EVENTS = (FORGET_OP, SEARCH_OP, SEARCH_RANK_OP)  # ops that are no applied event (their history is null anyway)
+_NOT_EVENTS = (FORGET_OP, SEARCH_OP, SEARCH_UNLEARN_OP, SEARCH_RANK_OP)  # ops that are no applied event (their history is null anyway)
 
 
 class SharedModels:
