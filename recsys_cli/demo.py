@@ -377,6 +377,29 @@ def format_dead_letter(payload: bytes) -> str:
                     f"message{size}: {dead['payload_preview']}")
 
 
+def format_by_shape(payload: bytes) -> str:
+    """A record of a topic the settings do not name, formatted by the fields it holds: a dead
+    letter (``reason`` and ``source``), a search result (``query`` and ``items``), a list of
+    recommendations (``items`` and ``trigger_event_id``). Anything else raises ValueError (the
+    caller prints it as it is).
+
+    >>> print(format_by_shape(b'{"user_id": "u1", "query": "tea", "items": []}'))
+    search by user u1 for 'tea': no match
+    >>> format_by_shape(b'{"user_id": "u1"}')
+    Traceback (most recent call last):
+    ValueError: not a recommendation, search result or dead letter
+    """
+    record = orjson.loads(payload)
+    if isinstance(record, dict):
+        if "reason" in record and "source" in record:
+            return format_dead_letter(payload)
+        if "items" in record and "query" in record:
+            return format_search_result(payload)
+        if "items" in record and "trigger_event_id" in record:
+            return format_recommendation(payload)
+    raise ValueError("not a recommendation, search result or dead letter")
+
+
 def format_reason(n: int, reason: str, width: int = 96) -> str:
     """One dead-letter reason of the summary, whole, wrapped at word boundaries.
 

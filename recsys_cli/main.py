@@ -526,8 +526,8 @@ def _line_of_record(path: str, n: int) -> int:
 
 def cmd_tail(args: argparse.Namespace) -> int:
     """Print a topic from its beginning: recommendations, search results and dead letters
-    readably, one line each (``--raw``: as they are); any other topic as it is."""
-    from recsys_cli.demo import format_dead_letter, format_recommendation, format_search_result
+    readably, one line each, whatever the topic (``--raw``: as they are); any other record as it is."""
+    from recsys_cli.demo import format_by_shape, format_dead_letter, format_recommendation, format_search_result
 
     settings = settings_or_fail("tail", args)
     check_topic_flag("tail", args.topic)
@@ -540,7 +540,8 @@ def cmd_tail(args: argparse.Namespace) -> int:
         settings.recommendations_topic: format_recommendation,
         settings.search_results_topic: format_search_result,
         settings.dead_letters_topic: format_dead_letter,
-    }.get(topic)
+    }.get(topic, format_by_shape)  # another topic (until 2026-12-08 printed as it is: `--topic dl2` without
+    # `--dead-letters-topic dl2` printed a dead letter's whole JSON; an operator's probe)
     consumer = KafkaClients(settings).consumer()
     try:
         return _tail(consumer, topic, readable, args, settings.bootstrap_servers)
@@ -892,8 +893,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tail", help=cmd_tail.__doc__)
     add_cli_flags(p, only=(*CONNECTION_SETTINGS, "recommendations_topic", "search_results_topic", "dead_letters_topic"))
     p.add_argument("--topic", default=None,
-                   help="print this topic instead of the recommendations topic; the search results and dead "
-                        "letters topics are printed readably too, any other topic as it is")
+                   help="print this topic instead of the recommendations topic; recommendations, search results "
+                        "and dead letters are printed readably on any topic, any other record as it is")
     p.add_argument("--raw", action="store_true",
                    help="print every record as it is (JSON, one a line: for jq and the like)")
     p.add_argument("--follow", "-f", action="store_true",

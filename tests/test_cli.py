@@ -415,6 +415,13 @@ def test_tail_prints_search_results_and_dead_letters_readably_and_raw_on_request
         + ('{"type":"hover"}' + " " * 184)]
     assert main(["tail", "--topic", searches, "--raw", *flags]) == 0
     assert capsys.readouterr().out.splitlines() == [encode(found).decode(), "not json"]
+    # topics the settings do not name (until 2026-12-08 printed as they are: an operator's probe tailed
+    # `--topic dl2` without `--dead-letters-topic dl2` and read each dead letter's whole JSON)
+    bare = ["--bootstrap-servers", local_broker.bootstrap]
+    assert main(["tail", "--topic", dead, *bare]) == 0
+    assert capsys.readouterr().out.splitlines()[0].startswith("dead letter from events[3] offset 1042: field 'type'")
+    assert main(["tail", "--topic", searches, *bare]) == 0
+    assert capsys.readouterr().out.splitlines() == ["search by user u1 for 'tea': i1 [matches 'tea']", "not json"]
 
 
 def test_produce_skips_lines_of_spaces_and_does_not_call_a_line_too_large_sent(local_broker, topic_name, tmp_path, capsys):
