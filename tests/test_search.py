@@ -712,6 +712,18 @@ def test_an_id_only_item_becomes_findable_by_the_query_people_choose_it_after(en
     assert answer["items"][0]["reason"] == "often chosen after searching 'Set picnic'"
 
 
+def test_an_item_only_learning_brought_is_shown_as_chosen_after_the_query_not_as_popular(engine):
+    """The reason is the largest weighted signal. An id-only item learned from one click after
+    "gift" (3 x 0.0625) and bought by everyone (popularity 0.3 x 1) read ``close to 'gift'`` here
+    (its cosine to "gift", under the 0.4 cut-off, weighs more), and ``popular for 'gift'`` in an
+    operator's probe (2026-12-07), though nothing but the click made it a candidate."""
+    stream = Stream(engine)
+    stream.events(*[("purchase", f"p{n}", "x9") for n in range(6)])
+    stream.events(("search", "s0", "gift"), ("click", "s0", "x9"))
+    reasons = {i["item_id"]: i["reason"] for i in stream.search("u9", "gift")["items"]}
+    assert reasons.get("x9") == "often chosen after searching 'gift'", reasons
+
+
 def test_a_misspelt_query_finds_what_people_choose_after_the_query_it_repairs_to(engine):
     """Typo repair reached BM25 only: the learned associations were looked up under the query as
     typed, so until 2026-12-07 (forty-seventh session) an item found by what people choose after

@@ -1000,8 +1000,15 @@ class Search:
         return [FEATURES[b] if t > 0 else "semantic" for b, t in zip(best, top)]
 
     def _reason(self, query: str, c: _Candidates, j: int, state: UserState | None, cause: str) -> str:
-        """Why candidate ``j`` is shown, from its largest weighted signal ``cause`` (:meth:`_causes`)."""
+        """Why candidate ``j`` is shown, from its largest weighted signal ``cause`` (:meth:`_causes`).
+        A candidate only the learned associations brought (no lexical or semantic match) is
+        shown because shoppers chose it after the query, whichever of its query-side signals
+        weighs most (until 2026-12-08 a weakly learned, popular one read ``popular for 'gift'``, and
+        one under the cosine cut-off ``close to 'gift'``: an operator's probe)."""
         q = query.strip()
+        if cause in ("popular", "semantic") and not c.lexical_hit[j] and not c.semantic_hit[j] \
+                and c.x[j, _COL["learned"]] > 0:
+            cause = "learned"
         if cause == "lexical":
             # the lexical index holds every available item's current tokens (tokenising the
             # item again here was a fifth of a search's cost)
