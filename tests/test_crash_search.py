@@ -9,8 +9,9 @@ the reference; a crash run of the same command on its own directories is SIGKILL
 its recommendations topic holds 30% and then 65% of the reference's distinct
 recommendations, and restarted until it finishes. Afterwards:
 
-- the learned associations (``sqa:``: every query's engagements and counts) and the open search
-  windows (``sqw:``) equal the reference's, record for record (the associations are averaged in
+- the learned associations (``sqa:``: every query's engagements and counts), the open search
+  windows (``sqw:``) and the shoppers' trails (``sqt:``, what an erasure takes back) equal the
+  reference's, record for record (the associations are averaged in
   event time, so the partitions' interleaving, which a restart changes, does not matter);
 - every user holds the same history, purchases, applied offsets, counts and interest;
 - every search of the input has exactly one distinct answer in the crash run's
@@ -50,7 +51,7 @@ from dataflows.kafka_io import KafkaClients, consume_all, ensure_topics, produce
 from dataflows.shards import summed_totals
 from recsys.events import CatalogItem, Event, encode
 from recsys.schemas import validate
-from recsys.search.learned import ASSOC_PREFIX, WINDOW_PREFIX
+from recsys.search.learned import ASSOC_PREFIX, TRAIL_PREFIX, WINDOW_PREFIX
 from recsys.settings import Settings
 from recsys.shard.waiting import WAIT_PREFIX
 from recsys.store.kv import RocksKV
@@ -99,10 +100,13 @@ def _stream(seed: int, distinct_queries: int | None = None, new_items: int = 0) 
 
 
 def _signals(state_dir: str) -> dict[bytes, object]:
-    """The stored search signals: ``sqa:`` associations and ``sqw:`` open windows, decoded."""
+    """The stored search signals: ``sqa:`` associations and ``sqw:`` open windows, decoded, and the
+    shoppers' trails (``sqt:``, what an erasure takes back) as they are."""
     kv = RocksKV(str(Path(state_dir) / "rocks"))
     try:
-        return {k: orjson.loads(v) for prefix in (ASSOC_PREFIX, WINDOW_PREFIX) for k, v in kv.iter_prefix(prefix) if v}
+        signals: dict[bytes, object] = {k: orjson.loads(v) for prefix in (ASSOC_PREFIX, WINDOW_PREFIX)
+                                        for k, v in kv.iter_prefix(prefix) if v}
+        return {**signals, **dict(kv.iter_prefix(TRAIL_PREFIX))}
     finally:
         kv.close()
 
@@ -235,6 +239,9 @@ def _check_crash_run(setup: _Setup, kills: list[int], total: int, label: str, ti
         assert got[key] == want[key], key
     assert {k: v for k, v in got.items() if k.startswith(WINDOW_PREFIX)} == {
         k: v for k, v in want.items() if k.startswith(WINDOW_PREFIX)}
+    # each shopper's trail too: every engagement credited and every text typed, once
+    trail = {k: v for k, v in want.items() if k.startswith(TRAIL_PREFIX)}
+    assert len(trail) > 20 and {k: v for k, v in got.items() if k.startswith(TRAIL_PREFIX)} == trail
 
     # the same users
     want_users, got_users = _users(ref.state_dir), _users(crash.state_dir)
