@@ -7,6 +7,8 @@ link and takes nothing back."""
 
 from __future__ import annotations
 
+import logging
+
 import orjson
 import pytest
 
@@ -79,7 +81,7 @@ def _open(tmp_path, cache, name: str, **kw) -> Shard:
     return engine
 
 
-def test_an_erasure_takes_the_shoppers_engagements_and_query_texts_out_of_search(tmp_path, cache):
+def test_an_erasure_takes_the_shoppers_engagements_and_query_texts_out_of_search(tmp_path, cache, caplog):
     reference = _open(tmp_path, cache, "reference")
     reference.process(_envs(_events(with_victim=False)))
     want = _associations(reference)
@@ -95,7 +97,10 @@ def test_an_erasure_takes_the_shoppers_engagements_and_query_texts_out_of_search
     assert _raw_hits(state, b"lopez") and _raw_hits(state, b"Lopez")  # the key, the ring, the trail, the outbox
 
     engine = _open(tmp_path, cache, "state")
-    assert engine.process([_forget(VICTIM)]).counts["forgotten_users"] == 1
+    with caplog.at_level(logging.INFO, logger="recsys.audit"):
+        assert engine.process([_forget(VICTIM)]).counts["forgotten_users"] == 1
+    (audit,) = [r.getMessage() for r in caplog.records if r.name == "recsys.audit"]
+    assert " search_engagements=2 " in audit, audit  # 'tent' -> tent-blue, the private query -> mug
     # as if the victim had never searched: 'tent' holds the others' engagements only, the private query is gone
     assert _associations(engine) == want
     assert not engine.search.associations.weights("anniversary lopez maria")

@@ -1414,7 +1414,9 @@ class Shard:
         puts[tombstone_key(user_id)] = orjson.dumps({"erased_at": erased_at, "source": source})
         # the keys that held something of theirs (until 2026-12-07 the deletes issued: 4 for a user never seen)
         held = sum(self.kv.get(key) is not None for key in dict.fromkeys(deletes))
-        AUDIT_LOG.info("forget_user user_sha256=%s erased_at=%d source=%s keys_deleted=%d", digest, erased_at, source, held)
+        # search_engagements: those search takes back (with sharing, when the exchange log brings the op back)
+        AUDIT_LOG.info("forget_user user_sha256=%s erased_at=%d source=%s search_engagements=%d keys_deleted=%d",
+                       digest, erased_at, source, len(engaged), held)
         return deletes
 
     def _apply_control(self, env: Envelope, message: ControlMessage, now_ms: int, result: BatchResult) -> None:
