@@ -480,3 +480,51 @@ def _alive(pid: int) -> bool:
             return fh.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
     except FileNotFoundError:
         return False
+
+
+def test_an_erased_shoppers_query_still_at_the_worker_is_not_kept_when_its_vector_comes_back(tmp_path, cache_dir):
+    """The erasure takes the shopper's query texts out of the query vectors (tests/test_forget_search.py).
+    A search of theirs still waiting for its vector at the worker was dropped with their waiting
+    events, but its vector, back after the erasure, was cached and written to the ring (qv:) with
+    the text, linked to no one. It is now let go; another shopper waiting for the same text is
+    answered all the same (encoded in the batch)."""
+    from recsys.control import ControlMessage, encode_control
+    from recsys.search.semantic import QV_PREFIX
+
+    def erase(user: str, offset: int) -> None:
+        erasure = Envelope("control", 0, offset, user.encode(), encode_control(ControlMessage("forget_user", user)), 2_000)
+        assert engine.process([erasure]).counts["forgotten"] == 1
+
+    with Embedder(Settings().model_name, cache_dir) as embedder:
+        engine = _open(_settings(tmp_path, cache_dir, embed_worker=True), embedder)
+        try:
+            _started(engine)
+            texts = [engine.search.unencoded_query(Event("q", "search", "u", None, 1, query=q))
+                     for q in ("gift for maria lopez", "gift for ana silva")]  # what the model reads
+            os.kill(engine._worker.pid, signal.SIGSTOP)  # the vector comes back after the erasure
+            try:
+                parked = engine.process([_search(0, "s1", "victim", "gift for maria lopez"), _event(1, "c1", "u2", "kettle")])
+                assert parked.counts["queries_to_worker"] == 1 and not parked.search_results
+                erase("victim", 0)
+            finally:
+                os.kill(engine._worker.pid, signal.SIGCONT)
+            deadline = time.monotonic() + _WAIT_S
+            while engine.queries_at_worker:
+                assert time.monotonic() < deadline, "the worker did not answer"
+                time.sleep(0.02)
+                engine.process([])
+            stored = [value for _, value in engine.kv.iter_prefix(QV_PREFIX)]
+            assert texts[0] not in engine.search.encoder and not any(b"lopez" in v for v in stored)
+
+            # another shopper waits for the same text as the erased one: answered once the vector is back
+            os.kill(engine._worker.pid, signal.SIGSTOP)
+            try:
+                engine.process([_search(2, "s2", "victim2", "gift for ana silva", ts=3_000), _event(3, "c2", "u2", "kettle", ts=3_000)])
+                engine.process([_search(4, "s3", "u3", "gift for ana silva", ts=4_000), _event(5, "c3", "u2", "kettle", ts=4_000)])
+                erase("victim2", 1)
+            finally:
+                os.kill(engine._worker.pid, signal.SIGCONT)
+            ((user, _),) = [answer for r in _until_answered(engine) for answer in r.search_results]
+            assert user == "u3" and texts[1] in engine.search.encoder  # encoded for u3 (their trail has it)
+        finally:
+            engine.close()

@@ -458,6 +458,8 @@ class Shard:
         # (job -> the texts), and the texts asked and not answered (their searches wait)
         self._query_jobs: dict[int, list[str]] = {}
         self._query_pending: set[str] = set()
+        #: query texts at the worker for an erased shopper's waiting searches: their vectors are let go
+        self._query_withheld: set[str] = set()
         #: why ``RECSYS_EMBED_WORKER`` asked for a worker and none runs (None: it runs, or was not
         #: asked for): what ``recsys run`` says at start (until 2026-12-07 nothing did)
         self.embed_worker_off_because = (_no_embed_worker(settings, persistent and isinstance(embedder, Embedder))
@@ -954,6 +956,10 @@ class Shard:
                     _log.warning("the embedding worker failed on %d quer%s (%s); encoding them in the batch",
                                  len(texts), "y" if len(texts) == 1 else "ies", answer)
                     continue
+                if self._query_withheld:  # an erased shopper's (until 2026-12-08 cached and stored, linked to no one)
+                    kept = [j for j, text in enumerate(texts) if text not in self._query_withheld]
+                    self._query_withheld.difference_update(texts)
+                    texts, answer = [texts[j] for j in kept], [answer[j] for j in kept]
                 search.encoder.put_many(texts, answer)
             if self._worker.started():
                 committed = self._processed_before  # copies of messages processed before: not new
@@ -1399,6 +1405,9 @@ class Shard:
         (``share`` False: the exchange log holds its op already, none is recorded)."""
         # what search learned from them: taken back here, or with sharing on every shard at the op's position
         searched, engaged = self.search.erase_user(user_id, self.kv, unlearn=self.exchange is None)
+        if self._query_pending:  # their waiting searches' texts at the worker: not kept when they come back
+            self._query_withheld.update(text for text in map(self.search.unencoded_query, self.waiting.events_of(user_id))
+                                        if text in self._query_pending)
         if self.exchange is None:
             sessions = self.sessions.forget_user(user_id)
         else:  # issue 11: every shard drops the sessions at the same exchange-log position

@@ -205,6 +205,10 @@ class WaitingRoom:
                 out.ready.append((env, event))
         return out
 
+    def events_of(self, user_id: str) -> list[Event]:
+        """A user's parked events, in their order."""
+        return [event for _env, event, _deadline in self.queues.get(user_id, ())]
+
     def forget_user(self, user_id: str) -> list[bytes]:
         """Drop a user's parked events (an erasure): the keys to delete in the same write."""
         queue = self.queues.pop(user_id, [])
