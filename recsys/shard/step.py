@@ -923,6 +923,7 @@ class Shard:
         self._worker = None
         self._query_jobs.clear()  # their searches are released at the next sort: encoded in the batch
         self._query_pending.clear()
+        self._query_withheld.clear()
 
     def _queries_off_path(self, events: list[tuple[Envelope, Event]], result: BatchResult) -> Callable[[Event], bool] | None:
         """Issue 13: the batch's new search queries are encoded by the embedding worker, off the
