@@ -80,7 +80,7 @@ _CONTROL_IN_TEXT = re.compile("[\x00-\x1f\x7f-\x9f]")
 _BIDI_IN_TEXT = re.compile("[\u202a-\u202e\u2066-\u2069]")
 #: A required display text must hold a character outside these: spaces, controls, and the
 #: invisible formatting characters (a title of two zero-width spaces read as blank in a reason).
-_BLANK_TEXT = re.compile("[\\s\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]*")
+BLANK_TEXT = re.compile("[\\s\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]*")
 
 
 #: Latest accepted event time, 9999-12-31T23:59:59.999Z: past it, times are producer bugs and
@@ -335,7 +335,7 @@ def _display_text(obj: dict[str, Any], name: str, *, required: bool, max_len: in
         value = _CONTROL_IN_TEXT.sub(" ", value)
     if value is not None and _BIDI_IN_TEXT.search(value) is not None:
         value = _BIDI_IN_TEXT.sub("", value)
-    if required and value is not None and _BLANK_TEXT.fullmatch(value) is not None:
+    if required and value is not None and BLANK_TEXT.fullmatch(value) is not None:
         raise DecodeError(f"field '{name}': blank (only spaces, control or invisible characters)")
     return value
 
