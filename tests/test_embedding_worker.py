@@ -526,5 +526,25 @@ def test_an_erased_shoppers_query_still_at_the_worker_is_not_kept_when_its_vecto
                 os.kill(engine._worker.pid, signal.SIGCONT)
             ((user, _),) = [answer for r in _until_answered(engine) for answer in r.search_results]
             assert user == "u3" and texts[1] in engine.search.encoder  # encoded for u3 (their trail has it)
+
+            # a search released by the query-wait bound (answered, its text encoded in the batch) and
+            # its shopper erased while the text is still at the worker (a review found it kept then)
+            from recsys.shard.step import QUERY_WAIT_S
+
+            os.kill(engine._worker.pid, signal.SIGSTOP)
+            try:
+                engine.process([_search(6, "s4", "victim3", "gift for eva novak", ts=5_000), _event(7, "c4", "u2", "kettle", ts=5_000)])
+                time.sleep(QUERY_WAIT_S + 0.05)
+                assert len(engine.process([]).search_results) == 1 and engine.queries_at_worker == 1
+                erase("victim3", 2)
+            finally:
+                os.kill(engine._worker.pid, signal.SIGCONT)
+            deadline = time.monotonic() + _WAIT_S
+            while engine.queries_at_worker:
+                assert time.monotonic() < deadline, "the worker did not answer"
+                time.sleep(0.02)
+                engine.process([])
+            assert not any(b"novak" in value for _, value in engine.kv.iter_prefix(QV_PREFIX))
+            assert not any("novak" in text for text in engine.search.encoder._cache)
         finally:
             engine.close()

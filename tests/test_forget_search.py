@@ -15,7 +15,7 @@ import pytest
 from dataflows.kafka_io import partition_for_key
 from recsys.control import ControlMessage, encode_control
 from recsys.events import CatalogItem, Envelope, Event, encode
-from recsys.search.learned import ASSOC_PREFIX, TRAIL_PREFIX
+from recsys.search.learned import ASSOC_PREFIX, TRAIL_PREFIX, trail_prefix
 from recsys.search.semantic import QV_PREFIX
 from recsys.settings import Settings
 from recsys.shard.step import Shard
@@ -97,6 +97,11 @@ def test_an_erasure_takes_the_shoppers_engagements_and_query_texts_out_of_search
     assert _raw_hits(state, b"lopez") and _raw_hits(state, b"Lopez")  # the key, the ring, the trail, the outbox
 
     engine = _open(tmp_path, cache, "state")
+    # an id the victim's is the start of (through the library: the control topic refuses a NUL) takes nothing
+    # of theirs (until 2026-12-08 their trail's keys started with the id and a NUL; a review)
+    engine.forget([VICTIM + "\x00e"])
+    assert private_key in _associations(engine) and _associations(engine)[b"sqa:tent"]["n"] == want[b"sqa:tent"]["n"] + 1
+    caplog.clear()
     with caplog.at_level(logging.INFO, logger="recsys.audit"):
         assert engine.process([_forget(VICTIM)]).counts["forgotten_users"] == 1
     (audit,) = [r.getMessage() for r in caplog.records if r.name == "recsys.audit"]
@@ -123,7 +128,7 @@ def test_the_sweep_of_an_idle_shopper_drops_the_link_and_takes_nothing_back(tmp_
     engine = _open(tmp_path, cache, "state", state_ttl_days=1.0)
     engine.process(_envs(_events(with_victim=True)))
     learned = _associations(engine)
-    assert [k for k, _ in engine.kv.iter_prefix(TRAIL_PREFIX + VICTIM.encode() + b"\0")]
+    assert [k for k, _ in engine.kv.iter_prefix(trail_prefix(VICTIM))]
     # two days later someone else's event: every shopper above has been idle past the TTL
     result = engine.process(_envs([Event("late", "click", "newcomer", "stove", T0 + 2 * 86_400_000)], start=100))
     assert result.counts["swept_users"] >= 5
@@ -178,7 +183,7 @@ def test_with_shared_signals_every_shard_takes_the_engagements_back_at_the_erasu
 def test_taking_engagements_back_leaves_the_weights_of_never_having_learned_them():
     """``QueryAssociations.unlearn``: learned in any order, some taken back, the query holds exactly
     what learning only the others gives; one the query dropped already (older than its last
-    ``keep``) is not held and cannot be taken back."""
+    ``keep``) is not held: taking it back changes nothing."""
     import random
 
     from recsys.search.learned import QueryAssociations
@@ -201,5 +206,22 @@ def test_taking_engagements_back_leaves_the_weights_of_never_having_learned_them
     small = QueryAssociations(keep=4)
     for n, (ts, tie) in enumerate([(1, 0), (2, 0), (3, 0), (4, 0), (5, 0)]):
         small.learn_at("mug", f"m{n}", 1.0, T0 + ts, tie)
-    assert not small.may_hold("mug", T0 + 1, 0, "m0", 1.0) and small.may_hold("mug", T0 + 2, 0, "m1", 1.0)
     assert not small.unlearn("mug", "m0", 1.0, T0 + 1, 0) and small.unlearn("mug", "m1", 1.0, T0 + 2, 0)
+
+
+def test_records_a_release_before_emptied_are_deleted_at_the_next_commit(tmp_path, cache):
+    """Until 2026-12-08 a query no longer held and a closed search window were written empty, their
+    keys (a query's words, a user id) kept; such records in an older state go at the next commit,
+    so that its signals' checksum equals a state's built without them (a review)."""
+    sums = []
+    for name, empties in (("old", {b"sqa:anniversary lopez maria": b"", b"sqw:" + VICTIM.encode(): b""}), ("new", {})):
+        engine = _open(tmp_path, cache, name)
+        engine.process(_envs(_events(with_victim=False)))
+        engine.kv.write(empties)  # as the release before left them
+        engine.close()
+        engine = _open(tmp_path, cache, name)
+        engine.process(_envs([Event("x1", "click", "other0", "stove", T0 + 10**6)], start=100))
+        assert all(engine.kv.get(key) is None for key in empties)
+        sums.append(engine.signal_checksum())
+        engine.close()
+    assert sums[0] == sums[1]

@@ -68,7 +68,7 @@ if TYPE_CHECKING:
 
 ASSOC_PREFIX = b"sqa:"
 WINDOW_PREFIX = b"sqw:"
-#: Per shopper, what search holds of them (:class:`SearchTrail`): ``b"sqt:" + user + b"\\0"`` + a record.
+#: Per shopper, what search holds of them (:class:`SearchTrail`): :func:`trail_prefix` + a record.
 TRAIL_PREFIX = b"sqt:"
 #: Events of the same user after a search that can still be attributed to it.
 FOLLOW_EVENTS = 5
@@ -166,13 +166,6 @@ class QueryAssociations:
             self._forget(key)
         return True
 
-    def may_hold(self, key: str, ts: int, tie: int, item_id: str, weight: float) -> bool:
-        """Whether this engagement can still be among the query's (False: the query holds its
-        :data:`KEEP_ENGAGEMENTS` newer ones, so it was dropped and never comes back). True for a
-        query not held: its ops may not have been applied yet (an exchange log)."""
-        engaged = self._engaged.get(key)
-        return not engaged or len(engaged) < self.keep or (int(ts), int(tie), item_id, float(weight)) >= engaged[0]
-
     def last_ts(self, key: str) -> int:
         """Event time of the query's latest engagement kept (0: none)."""
         engaged = self._engaged.get(key)
@@ -244,7 +237,8 @@ class QueryAssociations:
         self._items.clear()
         self._dirty.clear()
         for key, value in kv.iter_prefix(ASSOC_PREFIX):
-            if not value:
+            if not value:  # emptied by a release before 2026-12-08: deleted at the next commit
+                self._dirty.add(key[len(ASSOC_PREFIX):].decode())
                 continue
             record = orjson.loads(value)
             name = key[len(ASSOC_PREFIX):].decode()
@@ -350,6 +344,8 @@ class SearchWindows:
         for key, value in kv.iter_prefix(WINDOW_PREFIX):
             if value:
                 self._open[key[len(WINDOW_PREFIX):].decode()] = tuple(orjson.loads(value))
+            else:  # a closed window, emptied by a release before 2026-12-08: deleted at the next commit
+                self._dirty.add(key[len(WINDOW_PREFIX):].decode())
 
 
 #: A trail record's key after its user's prefix: ``b"e"`` + event time (8 bytes, big-endian) +
@@ -360,9 +356,16 @@ _TS_TIE = struct.Struct(">qI")
 
 
 def trail_prefix(user_id: str) -> bytes:
-    """The prefix of a user's trail records. Ids hold no NUL (the decoder refuses control
-    characters), so no other user's records share it."""
-    return TRAIL_PREFIX + user_id.encode() + b"\0"
+    """The prefix of a user's trail records: ``b"sqt:"``, the id's length in UTF-8 bytes (4 bytes,
+    big-endian) and the id, so that no other id's records start with it whatever the ids hold
+    (until 2026-12-08 the id and a NUL: an erasure of ``"u\\x00e"``, which the control topic
+    then took, matched the engagements of ``"u"``; a review).
+
+    >>> trail_prefix("u1")
+    b'sqt:\\x00\\x00\\x00\\x02u1'
+    """
+    raw = user_id.encode()
+    return TRAIL_PREFIX + len(raw).to_bytes(4, "big") + raw
 
 
 class SearchTrail:

@@ -500,26 +500,28 @@ class Search:
         trail = self.trail.keys(kv, user_id) if kv is not None else []
         return [*self.windows.forget_user(user_id), *self.outbox.forget_user(user_id), *trail]
 
-    def erase_user(self, user_id: str, kv: KVStore, *, unlearn: bool = True) -> tuple[list[bytes], list[tuple]]:
+    def erase_user(self, user_id: str, kv: KVStore, *, unlearn: bool = True) -> tuple[list[bytes], list[tuple], list[str]]:
         """An erasure (the right to be forgotten): :meth:`forget_user`, and search takes back what
         it learned from the shopper, read from their trail. Their query texts leave the query
         vectors (cache and stored ring) and the candidates cache; their engagements leave the
         associations (:meth:`~recsys.search.learned.QueryAssociations.unlearn`), here when
         ``unlearn``, else on every shard when the exchange log brings back the erasure's op.
-        Returns the stored keys to delete and the engagements, ``(query key, event time,
-        tie-break, item, weight)``, that the associations may still hold."""
+        Returns the stored keys to delete, the engagements (``(query key, event time, tie-break,
+        item, weight)``; those the associations no longer hold are taken back as nothing) and the
+        query texts (as the query model reads them)."""
         texts, engaged, trail = self.trail.read(kv, user_id)
         deletes = [*self.forget_user(user_id), *trail, *self.encoder.forget(texts)]
-        for text in texts:
-            self._base_cache.pop(text, None)
-        _query_text.cache_clear()  # these hold the last 4,096 queries typed, in memory
-        _query_key.cache_clear()
-        clear_caches()
-        held = [e for e in engaged if self.associations.may_hold(*e)]
+        if texts:  # what holds queries typed, in memory: their candidates, the memos of recent queries
+            for text in texts:
+                self._base_cache.pop(text, None)
+            _query_text.cache_clear()
+            _query_key.cache_clear()
+            clear_caches()
+            self.lexical.vocabulary.forget_repairs()
         if unlearn:
-            for key, ts, tie, item_id, weight in held:
+            for key, ts, tie, item_id, weight in engaged:
                 self.associations.unlearn(key, item_id, weight, ts, tie)
-        return deletes, held
+        return deletes, engaged, texts
 
     def learn_event(self, event: Event, *, share: bool = True) -> None:
         """Attribute one non-search event to its user's open search window, if any: an

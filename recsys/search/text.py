@@ -318,6 +318,10 @@ class Vocabulary:
             out.append(token)
         return out
 
+    def forget_repairs(self) -> None:
+        """Drop the remembered repairs (an erasure: they hold words shoppers typed)."""
+        self._memo.clear()
+
     def _repairable(self, token: str) -> bool:
         return token not in self.words and len(token) >= TYPO_MIN_LEN and not token.isdigit()
 

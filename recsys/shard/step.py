@@ -953,13 +953,14 @@ class Shard:
                     continue
                 del self._query_jobs[job]
                 self._query_pending.difference_update(texts)
+                withheld = self._query_withheld.intersection(texts)  # an erased shopper's (until 2026-12-08
+                self._query_withheld.difference_update(texts)  # cached and stored, linked to no one)
                 if isinstance(answer, str):  # released below; encoded in the batch
                     _log.warning("the embedding worker failed on %d quer%s (%s); encoding them in the batch",
                                  len(texts), "y" if len(texts) == 1 else "ies", answer)
                     continue
-                if self._query_withheld:  # an erased shopper's (until 2026-12-08 cached and stored, linked to no one)
-                    kept = [j for j, text in enumerate(texts) if text not in self._query_withheld]
-                    self._query_withheld.difference_update(texts)
+                if withheld:
+                    kept = [j for j, text in enumerate(texts) if text not in withheld]
                     texts, answer = [texts[j] for j in kept], [answer[j] for j in kept]
                 search.encoder.put_many(texts, answer)
             if self._worker.started():
@@ -1405,10 +1406,11 @@ class Shard:
         """The keys to delete and the tombstone to write (into ``puts``) for one erasure
         (``share`` False: the exchange log holds its op already, none is recorded)."""
         # what search learned from them: taken back here, or with sharing on every shard at the op's position
-        searched, engaged = self.search.erase_user(user_id, self.kv, unlearn=self.exchange is None)
-        if self._query_pending:  # their waiting searches' texts at the worker: not kept when they come back
-            self._query_withheld.update(text for text in map(self.search.unencoded_query, self.waiting.events_of(user_id))
-                                        if text in self._query_pending)
+        searched, engaged, texts = self.search.erase_user(user_id, self.kv, unlearn=self.exchange is None)
+        if self._query_pending:  # their texts still at the worker (searches waiting, or released by the
+            # query-wait bound and answered since): not kept when their vectors come back
+            waiting = (t for t in map(self.search.unencoded_query, self.waiting.events_of(user_id)) if t is not None)
+            self._query_withheld.update(t for t in (*texts, *waiting) if t in self._query_pending)
         if self.exchange is None:
             sessions = self.sessions.forget_user(user_id)
         else:  # issue 11: every shard drops the sessions at the same exchange-log position
@@ -1424,7 +1426,8 @@ class Shard:
         puts[tombstone_key(user_id)] = orjson.dumps({"erased_at": erased_at, "source": source})
         # the keys that held something of theirs (until 2026-12-07 the deletes issued: 4 for a user never seen)
         held = sum(self.kv.get(key) is not None for key in dict.fromkeys(deletes))
-        # search_engagements: those search takes back (with sharing, when the exchange log brings the op back)
+        # search_engagements: those of theirs search learned (taken back where still held; with sharing, when
+        # the exchange log brings the op back)
         AUDIT_LOG.info("forget_user user_sha256=%s erased_at=%d source=%s search_engagements=%d keys_deleted=%d",
                        digest, erased_at, source, len(engaged), held)
         return deletes
