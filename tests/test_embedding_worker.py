@@ -264,6 +264,15 @@ def _until_answered(engine: Shard) -> list:
     return results
 
 
+def _until_worker_idle(engine: Shard) -> None:
+    """Empty batches (the flow's timer) until the worker has answered every query sent to it."""
+    deadline = time.monotonic() + _WAIT_S
+    while engine.queries_at_worker:
+        assert time.monotonic() < deadline, "the worker did not answer"
+        time.sleep(0.02)
+        engine.process([])
+
+
 def test_a_new_query_is_encoded_off_the_batch_and_only_its_search_and_its_shoppers_later_events_wait(tmp_path, cache_dir):
     """Issue 13: a search whose query the engine has no vector for is not answered in the batch
     that brings it: the worker encodes the query while the batch goes on without the model (the
@@ -508,11 +517,7 @@ def test_an_erased_shoppers_query_still_at_the_worker_is_not_kept_when_its_vecto
                 erase("victim", 0)
             finally:
                 os.kill(engine._worker.pid, signal.SIGCONT)
-            deadline = time.monotonic() + _WAIT_S
-            while engine.queries_at_worker:
-                assert time.monotonic() < deadline, "the worker did not answer"
-                time.sleep(0.02)
-                engine.process([])
+            _until_worker_idle(engine)
             stored = [value for _, value in engine.kv.iter_prefix(QV_PREFIX)]
             assert texts[0] not in engine.search.encoder and not any(b"lopez" in v for v in stored)
 
@@ -539,11 +544,7 @@ def test_an_erased_shoppers_query_still_at_the_worker_is_not_kept_when_its_vecto
                 erase("victim3", 2)
             finally:
                 os.kill(engine._worker.pid, signal.SIGCONT)
-            deadline = time.monotonic() + _WAIT_S
-            while engine.queries_at_worker:
-                assert time.monotonic() < deadline, "the worker did not answer"
-                time.sleep(0.02)
-                engine.process([])
+            _until_worker_idle(engine)
             assert not any(b"novak" in value for _, value in engine.kv.iter_prefix(QV_PREFIX))
             assert not any("novak" in text for text in engine.search.encoder._cache)
         finally:

@@ -407,9 +407,7 @@ class SearchTrail:
         """The user's ``(texts typed, engagements credited, record keys)``, stored or not yet
         exported (those are dropped here: the caller deletes the keys)."""
         prefix = trail_prefix(user_id)
-        records = dict(kv.iter_prefix(prefix))
-        for key in [k for k in self._dirty if k.startswith(prefix)]:
-            records[key] = self._dirty.pop(key)
+        records = {**dict(kv.iter_prefix(prefix)), **self._take_unexported(prefix)}
         texts, engaged = [], []
         for key, value in records.items():
             if key[len(prefix):len(prefix) + 1] == _TYPED:
@@ -423,6 +421,9 @@ class SearchTrail:
         """The keys of the user's stored records, those not exported yet dropped (their sweep:
         the records go, nothing is taken back)."""
         prefix = trail_prefix(user_id)
-        for key in [k for k in self._dirty if k.startswith(prefix)]:
-            del self._dirty[key]
+        self._take_unexported(prefix)
         return [key for key, _ in kv.iter_prefix(prefix)]
+
+    def _take_unexported(self, prefix: bytes) -> dict[bytes, bytes]:
+        """The records under ``prefix`` not exported yet, no longer to be exported."""
+        return {key: self._dirty.pop(key) for key in [k for k in self._dirty if k.startswith(prefix)]}
